@@ -1,0 +1,173 @@
+"""Lease values and the validation of peers' leases.
+
+Pure: no I/O. A lease is a key `<prefix>/subnets/<addr>-<len>` whose value is
+flannel's LeaseAttrs JSON:
+
+    {"PublicIP": "192.168.64.3", "PublicIPv6": null, "BackendType": "vxlan",
+     "BackendData": {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}, "NodeID": "..."}
+
+`NodeID` is ours; flannel's decoder ignores unknown fields, so a mixed
+cluster keeps working. A lease without NodeID (written by flanneld) is valid.
+
+`validate_peer` decides whether a lease may be programmed; anything that is
+not clearly usable is refused with a short reason (used as a metric label
+and in `leasectl list`), never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from leaseagent.core.network import NetworkConfig, parse_subnet_key_name
+
+KNOWN_BACKENDS = frozenset({"vxlan", "host-gw", "alloc"})
+MAX_VALUE_BYTES = 64 * 1024
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class LeaseValue:
+    """The attributes flannel keeps in a lease value (plus our NodeID)."""
+
+    public_ip: IPv4Address
+    backend_type: str
+    backend_data: Mapping[str, Any] = field(default_factory=dict)
+    node_id: str | None = None
+
+    @property
+    def vtep_mac(self) -> str | None:
+        mac = self.backend_data.get("VtepMAC")
+        return mac if isinstance(mac, str) else None
+
+    def encode(self) -> bytes:
+        """Encode as flannel does (field order and names kept)."""
+        doc: dict[str, Any] = {
+            "PublicIP": str(self.public_ip),
+            "PublicIPv6": None,
+            "BackendType": self.backend_type,
+        }
+        if self.backend_data:
+            doc["BackendData"] = dict(self.backend_data)
+        if self.node_id is not None:
+            doc["NodeID"] = self.node_id
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class InvalidLease(ValueError):
+    """A lease value or key that cannot be used. `reason` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_lease_value(raw: bytes) -> LeaseValue:
+    """Decode a lease value; raise InvalidLease (reason, detail) on anything odd."""
+    if len(raw) > MAX_VALUE_BYTES:
+        raise InvalidLease("too_large", f"value is {len(raw)} bytes (limit {MAX_VALUE_BYTES})")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidLease("malformed_json", "value is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidLease("malformed_json", "value is not a JSON object")
+    public_ip = doc.get("PublicIP")
+    if not isinstance(public_ip, str):
+        raise InvalidLease("bad_public_ip", f"PublicIP {public_ip!r} is not a string")
+    try:
+        ip = IPv4Address(public_ip)
+    except ValueError:
+        raise InvalidLease("bad_public_ip", f"PublicIP {public_ip!r} is not an IPv4 address") from None
+    backend_type = doc.get("BackendType", "")
+    if not isinstance(backend_type, str):
+        raise InvalidLease("unknown_backend", f"BackendType {backend_type!r} is not a string")
+    backend_data = doc.get("BackendData") or {}
+    if not isinstance(backend_data, dict):
+        raise InvalidLease("bad_backend_data", "BackendData is not a JSON object")
+    node_id = doc.get("NodeID")
+    if node_id is not None and not isinstance(node_id, str):
+        raise InvalidLease("bad_node_id", f"NodeID {node_id!r} is not a string")
+    return LeaseValue(
+        public_ip=ip, backend_type=backend_type, backend_data=backend_data, node_id=node_id
+    )
+
+
+def unusable_ip_reason(ip: IPv4Address) -> str | None:
+    """Why `ip` cannot be a host's PublicIP, or None."""
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_multicast:
+        return "multicast"
+    if ip == IPv4Address("255.255.255.255"):
+        return "broadcast"
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_link_local:
+        return "link-local"
+    return None
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another host's valid lease, as the data plane needs it."""
+
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    backend_type: str
+    vtep_mac: str | None = None
+    node_id: str | None = None
+
+
+def validate_peer(
+    subnet: IPv4Network,
+    value: LeaseValue,
+    *,
+    network: NetworkConfig,
+    own_public_ip: IPv4Address | None,
+) -> Peer:
+    """Check a decoded lease against the network and this host; raise InvalidLease."""
+    why = network.check_subnet(subnet)
+    if why:
+        raise InvalidLease("subnet_outside_network", why)
+    bad_ip = unusable_ip_reason(value.public_ip)
+    if bad_ip:
+        raise InvalidLease("bad_public_ip", f"PublicIP {value.public_ip} is {bad_ip}")
+    if own_public_ip is not None and value.public_ip == own_public_ip:
+        raise InvalidLease("public_ip_is_ours", f"PublicIP {value.public_ip} is this host's")
+    if value.backend_type not in KNOWN_BACKENDS:
+        raise InvalidLease("unknown_backend", f"BackendType {value.backend_type!r} is unknown")
+    mac = value.backend_data.get("VtepMAC")
+    if value.backend_type == "vxlan":
+        if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
+            raise InvalidLease("bad_vtep_mac", f"VtepMAC {mac!r} is not a MAC address")
+        mac_int = int(mac.replace(":", ""), 16)
+        if mac_int == 0 or mac_int & (1 << 40):
+            raise InvalidLease("bad_vtep_mac", f"VtepMAC {mac} is zero or multicast")
+        mac = mac.lower()
+    else:
+        mac = None
+    return Peer(
+        subnet=subnet,
+        public_ip=value.public_ip,
+        backend_type=value.backend_type,
+        vtep_mac=mac,
+        node_id=value.node_id,
+    )
+
+
+def parse_lease_key(key: str, subnets_prefix: str) -> IPv4Network:
+    """The subnet named by a lease key; raise InvalidLease('bad_key') if it does not parse."""
+    if not key.startswith(subnets_prefix):
+        raise InvalidLease("bad_key", f"key {key!r} is not under {subnets_prefix}")
+    try:
+        return parse_subnet_key_name(key[len(subnets_prefix):])
+    except ValueError as exc:
+        raise InvalidLease("bad_key", str(exc)) from None

@@ -1,0 +1,34 @@
+"""The `alloc` backend: a lease and subnet.env, no data path (as flannel's alloc)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Network
+
+from leaseagent.core.lease import Peer
+from leaseagent.core.peers import PeerChanges
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+
+
+class AllocBackend:
+    def __init__(self, settings: DataPlaneSettings) -> None:
+        self._settings = settings
+
+    async def prepare(self) -> BackendAttrs:
+        return BackendAttrs(backend_type="alloc", mtu=self._settings.host.iface_mtu)
+
+    async def start(self, own_subnet: IPv4Network) -> None:
+        return None
+
+    async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
+        self._settings.metrics.dataplane_in_sync.set(1)
+
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
+        return None
+
+    async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        return None

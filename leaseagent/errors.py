@@ -1,0 +1,82 @@
+"""The project's error hierarchy.
+
+Library exceptions (etcd3aio/grpc, pyroute2, OS errors) are translated once,
+at the adapter boundary, into one of these. Everything above the adapters
+catches only these.
+
+    LeaseagentError
+     |-- ConfigError             bad flags/env/config file; not retryable
+     |-- NetworkConfigError      <prefix>/config missing or invalid; retry (an operator may fix it)
+     |-- StoreError
+     |    |-- StoreUnavailable   etcd unreachable or timing out; retryable
+     |    |-- StoreAuthError     TLS/credentials refused; not retryable
+     |    '-- Compacted          a watch asked for history etcd no longer has; re-list
+     |-- Conflict                a fenced write lost (someone else changed the key)
+     |-- SubnetsExhausted        no free subnet in [SubnetMin, SubnetMax]; not retryable
+     |-- LeaseLost               our etcd lease or our key is gone
+     '-- DataPlaneError          netlink refused what we asked; retryable unless said
+"""
+
+from __future__ import annotations
+
+
+class LeaseagentError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    retryable: bool = False
+
+
+class ConfigError(LeaseagentError):
+    """A setting (flag, environment variable, file) is wrong. The message names it."""
+
+
+class NetworkConfigError(LeaseagentError):
+    """The cluster's network config in etcd is missing or invalid."""
+
+    retryable = True
+
+
+class StoreError(LeaseagentError):
+    """Base of lease store failures."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or does not answer in time."""
+
+    retryable = True
+
+
+class StoreAuthError(StoreError):
+    """The store refused our credentials or certificate."""
+
+
+class Compacted(StoreError):
+    """A watch asked for a revision the store has compacted away."""
+
+    retryable = True
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted (compact revision {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+class Conflict(LeaseagentError):
+    """A fenced write lost: the key changed since we read it."""
+
+    retryable = True
+
+
+class SubnetsExhausted(LeaseagentError):
+    """No subnet is free in the configured range."""
+
+
+class LeaseLost(LeaseagentError):
+    """Our etcd lease expired or was revoked, or our key was deleted."""
+
+    retryable = True
+
+
+class DataPlaneError(LeaseagentError):
+    """The kernel refused a change, or a required object is missing."""
+
+    retryable = True

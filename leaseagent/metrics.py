@@ -1,0 +1,73 @@
+"""Every Prometheus metric of the agent, in one place.
+
+One `Metrics` object per agent, each with its own CollectorRegistry, so
+several agents in one test process do not collide. Names follow Prometheus
+conventions: `leaseagent_` prefix, base units in the name, `_total` on
+counters (prometheus-client adds it).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.lease_held = Gauge(
+            "leaseagent_lease_held", "1 while this host holds its subnet lease", registry=r)
+        self.lease_expiry_seconds = Gauge(
+            "leaseagent_lease_expiry_seconds",
+            "Seconds until this host's lease expires if not renewed (reservations: -1)",
+            registry=r)
+        self.lease_changes = Counter(
+            "leaseagent_lease_subnet_changes",
+            "Times this host had to take a different subnet than the one it held",
+            registry=r)
+        self.renewals = Counter(
+            "leaseagent_lease_renewals", "Successful lease keepalives", registry=r)
+        self.renewal_failures = Counter(
+            "leaseagent_lease_renewal_failures", "Failed lease keepalives", registry=r)
+        self.etcd_up = Gauge(
+            "leaseagent_etcd_up", "1 while etcd answers, 0 while it does not", registry=r)
+        self.etcd_request_seconds = Histogram(
+            "leaseagent_etcd_request_duration_seconds", "etcd request latency", ["operation"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r)
+        self.watch_events = Counter(
+            "leaseagent_watch_events", "Lease watch events received", ["type"], registry=r)
+        self.relists = Counter(
+            "leaseagent_watch_relists", "Full re-lists of the lease prefix", ["reason"],
+            registry=r)
+        self.peers = Gauge(
+            "leaseagent_peers", "Valid peer leases known", ["backend"], registry=r)
+        self.invalid_leases = Counter(
+            "leaseagent_invalid_leases_skipped", "Peer leases skipped as invalid", ["reason"],
+            registry=r)
+        self.allocation_attempts = Counter(
+            "leaseagent_allocation_attempts", "Create-if-absent attempts to take a subnet",
+            registry=r)
+        self.allocation_conflicts = Counter(
+            "leaseagent_allocation_conflicts", "Allocation attempts lost to another host",
+            registry=r)
+        self.dataplane_added = Counter(
+            "leaseagent_dataplane_objects_added", "Kernel objects added", ["kind"], registry=r)
+        self.dataplane_removed = Counter(
+            "leaseagent_dataplane_objects_removed", "Kernel objects removed", ["kind"],
+            registry=r)
+        self.drift_repairs = Counter(
+            "leaseagent_dataplane_drift_repairs",
+            "Kernel objects restored after something else removed or changed them", ["kind"],
+            registry=r)
+        self.reconcile_seconds = Histogram(
+            "leaseagent_reconcile_duration_seconds", "Duration of a full data-plane reconcile",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r)
+        self.peer_programming_seconds = Histogram(
+            "leaseagent_peer_programming_seconds",
+            "Time from a peer's lease event arriving to its kernel state being in place",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+            registry=r)
+        self.dataplane_in_sync = Gauge(
+            "leaseagent_dataplane_in_sync", "1 when the kernel matches the peer set", registry=r)

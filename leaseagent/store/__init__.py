@@ -1,0 +1,1 @@
+"""The lease store port (base), its etcd adapter (etcd) and an in-memory fake (memory)."""

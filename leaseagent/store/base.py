@@ -1,0 +1,100 @@
+"""The lease store port: the few etcd v3 operations the agent and leasectl need.
+
+Semantics follow etcd v3 exactly, so the in-memory fake and the etcd
+adapter pass one contract suite (tests/contract):
+
+- every write bumps the store revision by one; a key carries
+  create_revision, mod_revision, version and the id of its etcd lease (0: none);
+- `create` is create-if-absent (compare create_revision == 0) and
+  `replace` is fenced on mod_revision; both return (won, current) where
+  current is the key as it is after the transaction;
+- `watch` yields batches of events from start_revision on and raises
+  Compacted when that revision is no longer kept;
+- an etcd lease that expires or is revoked deletes its keys (delete events).
+
+Errors are the project's (leaseagent.errors), never a library's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0
+
+
+class EventType(Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: EventType
+    key: str
+    revision: int
+    kv: KeyValue | None = None  # set for PUT
+
+
+@dataclass(frozen=True)
+class Listing:
+    items: list[KeyValue]
+    revision: int
+
+
+class LeaseStore(Protocol):
+    """What leaseagent needs of etcd."""
+
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        """All keys under prefix in one range request, with the store revision."""
+        ...
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Unfenced write with no lease: only for operator-owned keys (config)."""
+        ...
+
+    async def create(
+        self, key: str, value: bytes, *, lease: int
+    ) -> tuple[bool, KeyValue | None]: ...
+
+    async def replace(
+        self, key: str, value: bytes, *, mod_revision: int, lease: int
+    ) -> tuple[bool, KeyValue | None]: ...
+
+    async def delete(self, key: str, *, mod_revision: int | None = None) -> bool:
+        """Delete key; fenced on mod_revision when given. True if it was deleted."""
+        ...
+
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        """A new etcd lease: (id, granted ttl)."""
+        ...
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; its TTL after the refresh, 0 or less if it no longer exists."""
+        ...
+
+    async def time_to_live(self, lease_id: int) -> int:
+        """Seconds left on a lease; -1 if it does not exist."""
+        ...
+
+    async def revoke(self, lease_id: int) -> None: ...
+
+    def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Event batches under prefix from start_revision; raises Compacted."""
+        ...
+
+    async def compact(self, revision: int) -> None: ...
+
+    async def close(self) -> None: ...

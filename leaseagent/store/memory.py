@@ -1,0 +1,211 @@
+"""An in-memory LeaseStore that behaves like etcd v3, for fast unit tests.
+
+Kept faithful where the agent depends on it: one revision per write,
+create/mod revisions and versions, lease expiry deleting keys, watch from a
+revision with history and compaction (Compacted when the start revision is
+compacted), and unavailability (`set_available(False)` makes every call
+raise StoreUnavailable, like a partition). Time comes from an injected clock
+so TTL tests need no sleeping: call `expire_leases()` after moving it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+
+from leaseagent.errors import Compacted, StoreUnavailable
+from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
+
+MIN_TTL = 2  # etcd's minimum lease TTL is about this
+
+
+@dataclass
+class _Lease:
+    ttl: int
+    expires_at: float
+    keys: set[str] = field(default_factory=set)
+
+
+class MemoryStore:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._kv: dict[str, KeyValue] = {}
+        self._revision = 1
+        self._compacted = 0
+        self._history: list[WatchEvent] = []
+        self._leases: dict[int, _Lease] = {}
+        self._lease_ids = itertools.count(0x1000)
+        self._changed = asyncio.Condition()
+        self._available = True
+        self.requests = 0  # every call made, for request-count tests
+
+    # --- test controls ------------------------------------------------------
+
+    def set_available(self, available: bool) -> None:
+        self._available = available
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    async def expire_leases(self) -> None:
+        """Delete the keys of every lease whose time is up (etcd does this itself)."""
+        now = self._clock()
+        for lease_id in [i for i, lease in self._leases.items() if lease.expires_at <= now]:
+            await self._drop_lease(lease_id)
+
+    # --- internals ----------------------------------------------------------
+
+    def _check(self) -> None:
+        self.requests += 1
+        if not self._available:
+            raise StoreUnavailable("memory store: unavailable (test partition)")
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _write(self, key: str, value: bytes, lease: int) -> KeyValue:
+        self._revision += 1
+        old = self._kv.get(key)
+        if old is not None and old.lease and old.lease in self._leases:
+            self._leases[old.lease].keys.discard(key)
+        kv = KeyValue(
+            key=key,
+            value=value,
+            create_revision=old.create_revision if old else self._revision,
+            mod_revision=self._revision,
+            version=old.version + 1 if old else 1,
+            lease=lease,
+        )
+        self._kv[key] = kv
+        if lease:
+            self._leases[lease].keys.add(key)
+        self._history.append(WatchEvent(EventType.PUT, key, self._revision, kv))
+        return kv
+
+    def _remove(self, key: str) -> None:
+        self._revision += 1
+        old = self._kv.pop(key)
+        if old.lease and old.lease in self._leases:
+            self._leases[old.lease].keys.discard(key)
+        self._history.append(WatchEvent(EventType.DELETE, key, self._revision))
+
+    def _check_lease(self, lease: int) -> None:
+        if lease and lease not in self._leases:
+            from leaseagent.errors import LeaseLost
+
+            raise LeaseLost(f"lease {lease:x} not found")
+
+    async def _drop_lease(self, lease_id: int) -> None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return
+        for key in sorted(lease.keys):
+            if key in self._kv:
+                self._remove(key)
+        await self._notify()
+
+    # --- LeaseStore ---------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        self._check()
+        return self._kv.get(key)
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        self._check()
+        items = [kv for k, kv in sorted(self._kv.items()) if k.startswith(prefix)]
+        return Listing(items=items, revision=self._revision)
+
+    async def put(self, key: str, value: bytes) -> None:
+        self._check()
+        self._write(key, value, 0)
+        await self._notify()
+
+    async def create(self, key: str, value: bytes, *, lease: int) -> tuple[bool, KeyValue | None]:
+        self._check()
+        if key in self._kv:
+            return False, self._kv[key]
+        self._check_lease(lease)
+        kv = self._write(key, value, lease)
+        await self._notify()
+        return True, kv
+
+    async def replace(
+        self, key: str, value: bytes, *, mod_revision: int, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        self._check()
+        current = self._kv.get(key)
+        if current is None or current.mod_revision != mod_revision:
+            return False, current
+        self._check_lease(lease)
+        kv = self._write(key, value, lease)
+        await self._notify()
+        return True, kv
+
+    async def delete(self, key: str, *, mod_revision: int | None = None) -> bool:
+        self._check()
+        current = self._kv.get(key)
+        if current is None or (mod_revision is not None and current.mod_revision != mod_revision):
+            return False
+        self._remove(key)
+        await self._notify()
+        return True
+
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        self._check()
+        ttl = max(ttl, MIN_TTL)
+        lease_id = next(self._lease_ids)
+        self._leases[lease_id] = _Lease(ttl=ttl, expires_at=self._clock() + ttl)
+        return lease_id, ttl
+
+    async def keepalive(self, lease_id: int) -> int:
+        self._check()
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.expires_at <= self._clock():
+            await self._drop_lease(lease_id)
+            return 0
+        lease.expires_at = self._clock() + lease.ttl
+        return lease.ttl
+
+    async def time_to_live(self, lease_id: int) -> int:
+        self._check()
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return -1
+        return max(0, int(lease.expires_at - self._clock()))
+
+    async def revoke(self, lease_id: int) -> None:
+        self._check()
+        await self._drop_lease(lease_id)
+
+    async def compact(self, revision: int) -> None:
+        self._check()
+        self._compacted = max(self._compacted, revision)
+        self._history = [e for e in self._history if e.revision > revision]
+
+    async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        self._check()
+        if start_revision <= self._compacted:
+            raise Compacted(self._compacted)
+        next_rev = start_revision
+        while True:
+            if not self._available:
+                raise StoreUnavailable("memory store: watch stream lost (test partition)")
+            if next_rev <= self._compacted:
+                raise Compacted(self._compacted)
+            batch = [
+                e for e in self._history if e.revision >= next_rev and e.key.startswith(prefix)
+            ]
+            next_rev = self._revision + 1
+            if batch:
+                yield [replace(e) for e in batch]
+                continue
+            async with self._changed:
+                await self._changed.wait()
+
+    async def close(self) -> None:
+        return None
