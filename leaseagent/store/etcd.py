@@ -175,7 +175,7 @@ class EtcdStore:
             targets,
             rpc_max_attempts=2,
             tls_server_name=tls_server_name,
-            **tls,
+            **tls,  # type: ignore[arg-type]
         )
         await client.connect()
         store = cls(client, settings)
@@ -198,6 +198,10 @@ class EtcdStore:
     @property
     def _kvs(self) -> Any:
         return self._client.kv
+
+    @property
+    def _leases(self) -> Any:
+        return self._client.lease
 
     async def _call(self, what: str, coro: Any) -> Any:
         try:
@@ -264,12 +268,12 @@ class EtcdStore:
         return bool(resp.succeeded and resp.responses[0].response_delete_range.deleted)
 
     async def grant(self, ttl: int) -> tuple[int, int]:
-        resp = await self._call("lease grant", self._client.lease.grant(ttl, timeout=self._timeout))
+        resp = await self._call("lease grant", self._leases.grant(ttl, timeout=self._timeout))
         return int(resp.ID), int(resp.TTL)
 
     async def keepalive(self, lease_id: int) -> int:
         async def once() -> int:
-            stream = self._client.lease.keep_alive(lease_id)
+            stream = self._leases.keep_alive(lease_id)
             try:
                 async for resp in stream:
                     return int(resp.TTL)
@@ -282,14 +286,14 @@ class EtcdStore:
     async def time_to_live(self, lease_id: int) -> int:
         resp = await self._call(
             f"ttl of lease {lease_id:x}",
-            self._client.lease.time_to_live(lease_id, timeout=self._timeout),
+            self._leases.time_to_live(lease_id, timeout=self._timeout),
         )
         return int(resp.TTL)
 
     async def revoke(self, lease_id: int) -> None:
         try:
             await self._call(f"revoke lease {lease_id:x}",
-                             self._client.lease.revoke(lease_id, timeout=self._timeout))
+                             self._leases.revoke(lease_id, timeout=self._timeout))
         except LeaseLost:
             return
 
@@ -297,7 +301,8 @@ class EtcdStore:
         await self._call("compact", self._kvs.compact(revision, timeout=self._timeout))
 
     async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        stream = self._client.watch.watch(
+        watch: Any = self._client.watch
+        stream: Any = watch.watch(
             prefix, prefix_range_end(prefix), start_revision=start_revision
         )
         try:
@@ -318,13 +323,13 @@ class EtcdStore:
         except (etcd3aio.EtcdError, grpc.aio.AioRpcError) as exc:
             raise _translate(exc, f"watch {prefix}") from exc
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     async def close(self) -> None:
         if self._refresher is not None:
             try:
                 await self._refresher.__aexit__(None, None, None)
-            except Exception:  # noqa: BLE001 - closing; the token dies with the channel anyway
+            except Exception:
                 pass
         await self._client.close()
 

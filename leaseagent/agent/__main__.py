@@ -1,0 +1,5 @@
+import sys
+
+from leaseagent.agent.main import main
+
+sys.exit(main())

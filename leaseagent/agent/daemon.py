@@ -1,0 +1,344 @@
+"""The daemon: a straight start-up line, then a few supervised tasks.
+
+    connect to etcd -> wait for a valid <prefix>/config -> resolve this host
+    -> backend.prepare() (device, VtepMAC, MTU) -> acquire the lease
+    -> write subnet.env -> backend.start(subnet) -> first complete list
+    -> backend.sync(peers) -> READY=1
+    then tasks: hold (keepalive, take back a lost lease), watch (peers),
+    backend.run (resync, drift repair), watchdog; the first task to fail
+    stops the agent with a clear message and exit status 1.
+
+Faults (DESIGN.md §5): etcd unreachable leaves the kernel as it is and is
+retried with capped jittered backoff, logged once per state change; stopping
+never removes kernel state; --release-on-exit revokes the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from leaseagent.agent.files import read_text_if_exists, write_atomic
+from leaseagent.agent.leasing import Leasing, OwnLease
+from leaseagent.agent.logs import StateLog
+from leaseagent.agent.notify import sd_notify, watchdog_interval
+from leaseagent.agent.retry import store_retrying
+from leaseagent.agent.watching import LeaseWatcher
+from leaseagent.config import AgentConfig
+from leaseagent.core.lease import LeaseValue
+from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.peers import PeerChanges
+from leaseagent.core.subnetenv import SubnetEnv, previous_subnet
+from leaseagent.dataplane import BACKENDS
+from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
+from leaseagent.errors import LeaseLost, NetworkConfigError, StoreUnavailable
+from leaseagent.metrics import Metrics
+from leaseagent.store.base import KeyValue, LeaseStore
+
+log = logging.getLogger("leaseagent")
+
+
+async def wait_for_network_config(store: LeaseStore, prefix: str, states: StateLog
+                                  ) -> NetworkConfig:
+    """Read and validate <prefix>/config, waiting (logged once per reason) until it is usable."""
+    key = f"{prefix}/config"
+
+    def on_retry(exc: BaseException) -> None:
+        if isinstance(exc, StoreUnavailable):
+            states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
+                       level=logging.WARNING)
+        else:
+            states.set("netconfig", str(exc), "waiting for a usable network config: %s", exc,
+                       level=logging.WARNING)
+
+    retrying = store_retrying(
+        cap=5.0, on_retry=on_retry, retry_on=(StoreUnavailable, NetworkConfigError))
+    async for attempt in retrying:
+        with attempt:
+            kv = await store.get(key)
+            if kv is None:
+                raise NetworkConfigError(f"{key} is missing")
+            try:
+                network = parse_network_config(kv.value)
+            except NetworkConfigError as exc:
+                raise NetworkConfigError(f"{key}: {exc}") from None
+            if network.backend_type not in BACKENDS:
+                raise NetworkConfigError(
+                    f"{key}: Backend.Type={network.backend_type!r} is not supported "
+                    f"(supported: {', '.join(sorted(BACKENDS))})")
+            states.set("etcd", "up", "etcd reachable")
+            return network
+    raise AssertionError("unreachable")
+
+
+async def resolve_host(cfg: AgentConfig, backend_type: str) -> HostInfo:
+    """This host's underlay interface and PublicIP (alloc needs no interface)."""
+    if backend_type == "alloc" and cfg.public_ip is not None and cfg.iface is None:
+        return HostInfo(public_ip=cfg.public_ip)
+    from leaseagent.dataplane.host import resolve_host as resolve
+
+    return await resolve(cfg.iface, str(cfg.public_ip) if cfg.public_ip else None)
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: LeaseStore,
+        *,
+        metrics: Metrics | None = None,
+        notify: Callable[[str], object] = sd_notify,
+        host: HostInfo | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self._notify = notify
+        self._host = host
+        self._rng = rng or random.Random()
+        self.states = StateLog(log)
+        self.own: OwnLease | None = None
+        self.network: NetworkConfig | None = None
+        self.backend: DataPlane | None = None
+        self.leasing: Leasing | None = None
+        self.watcher: LeaseWatcher | None = None
+        self.mtu = 0
+        self.subnet_env_written = False
+        self._own_events: asyncio.Queue[KeyValue | None] = asyncio.Queue()
+
+    # --- readiness, for /readyz --------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        if self.own is None:
+            return "no lease held yet"
+        if not self.subnet_env_written:
+            return "subnet.env not written yet"
+        if self.watcher is None or not self.watcher.synced.is_set():
+            return "peer list not complete yet"
+        sample = self.metrics.registry.get_sample_value
+        if sample("leaseagent_lease_held") != 1:
+            return "lease not held (lost; taking it back)"
+        if sample("leaseagent_dataplane_in_sync") != 1:
+            return "data plane not in sync"
+        return None
+
+    # --- start-up ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.network = network = await wait_for_network_config(self.store, cfg.prefix, self.states)
+        log.info("network %s, /%d subnets in %s-%s, backend %s", network.network,
+                 network.subnet_len, network.subnet_min, network.subnet_max, network.backend_type)
+        host = self._host or await resolve_host(cfg, network.backend_type)
+        settings = DataPlaneSettings(
+            network=network, host=host, state_dir=cfg.state_dir, metrics=self.metrics,
+            route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
+        self.backend = backend = BACKENDS[network.backend_type](settings)
+        attrs = await backend.prepare()
+        self.mtu = attrs.mtu
+        value = LeaseValue(public_ip=host.public_ip, backend_type=attrs.backend_type,
+                           backend_data=dict(attrs.backend_data), node_id=cfg.node_id)
+        self.leasing = leasing = Leasing(
+            self.store, prefix=cfg.prefix, network=network, value=value, ttl=cfg.lease_ttl,
+            metrics=self.metrics, rng=self._rng)
+        previous = None
+        old_env = read_text_if_exists(cfg.subnet_file)
+        if old_env:
+            previous = previous_subnet(old_env)
+        own = None
+        async for attempt in store_retrying(cap=5.0, on_retry=self._etcd_down):
+            with attempt:
+                own = await leasing.acquire(previous=previous)
+        assert own is not None
+        self._etcd_up()
+        await self._take(own, first=True)
+        self.watcher = LeaseWatcher(
+            self.store, subnets_prefix=leasing.subnets_prefix, network=network,
+            own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
+            metrics=self.metrics, on_peers=self._on_peers, on_own=self._own_events.put_nowait)
+
+    async def _take(self, own: OwnLease, *, first: bool) -> None:
+        """Adopt `own`: subnet.env, the backend's own address, metrics, one log line."""
+        assert self.network is not None and self.backend is not None
+        changed = self.own is not None and self.own.subnet != own.subnet
+        self.own = own
+        self.metrics.lease_held.set(1)
+        self.metrics.lease_expiry_seconds.set(-1 if own.reservation else own.ttl)
+        env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu)
+        write_atomic(self.cfg.subnet_file, env.render().encode(), mode=0o644)
+        self.subnet_env_written = True
+        await self.backend.start(own.subnet)
+        if first or changed:
+            log.info("lease acquired: %s (%s)%s; subnet.env written to %s", own.subnet, own.how,
+                     "" if own.reservation else f", ttl {own.ttl}s", self.cfg.subnet_file)
+        if changed and self.watcher is not None:
+            self.watcher.request_relist("own_subnet_changed")
+
+    async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
+        assert self.backend is not None and self.watcher is not None
+        peers = self.watcher.table.peers
+        if full:
+            await self.backend.sync(peers)
+        else:
+            await self.backend.update(changes, peers)
+            self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
+        total = len(changes.added) + len(changes.changed) + len(changes.removed)
+        if total > 20:
+            log.info("peers: %d added, %d changed, %d removed (%d in all)", len(changes.added),
+                     len(changes.changed), len(changes.removed), len(peers))
+        else:
+            for p in changes.added:
+                log.info("peer added: %s at %s", p.subnet, p.public_ip)
+            for p in changes.changed:
+                log.info("peer changed: %s at %s", p.subnet, p.public_ip)
+            for p in changes.removed:
+                log.info("peer removed: %s", p.subnet)
+
+    def _etcd_down(self, exc: BaseException) -> None:
+        self.metrics.etcd_up.set(0)
+        self.states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
+                        level=logging.WARNING)
+
+    def _etcd_up(self) -> None:
+        self.metrics.etcd_up.set(1)
+        if self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None:
+            # A stream that lived through the outage may be half-open: list again.
+            self.watcher.request_relist("etcd_recovered")
+
+    # --- holding the lease ----------------------------------------------------------
+
+    def _own_event_says_lost(self, kv: KeyValue | None) -> str | None:
+        own = self.own
+        if own is None:
+            return None
+        if kv is None:
+            return "our key was deleted"
+        if kv.value != own.value or kv.lease != own.lease_id:
+            return "our key was overwritten"
+        self.own = replace(own, mod_revision=kv.mod_revision)
+        return None
+
+    async def hold(self) -> None:
+        assert self.leasing is not None
+        last_renewal = time.monotonic()
+        while True:
+            own = self.own
+            assert own is not None
+            interval = max(0.5, own.ttl / 3) if not own.reservation else None
+            why: str | None = None
+            try:
+                kv = await asyncio.wait_for(self._own_events.get(), interval)
+                why = self._own_event_says_lost(kv)
+            except TimeoutError:
+                try:
+                    await self._renew(own)
+                    last_renewal = time.monotonic()
+                except LeaseLost as exc:
+                    why = str(exc)
+            if not own.reservation:
+                self.metrics.lease_expiry_seconds.set(
+                    max(0.0, own.ttl - (time.monotonic() - last_renewal)))
+            if why is None:
+                continue
+            self.metrics.lease_held.set(0)
+            log.warning("lease on %s lost: %s; taking it back", own.subnet, why)
+            new = None
+            async for attempt in store_retrying(cap=5.0, on_retry=self._etcd_down):
+                with attempt:
+                    new = await self.leasing.reclaim(own, why)
+            assert new is not None
+            self._etcd_up()
+            await self._take(new, first=False)
+            last_renewal = time.monotonic()
+            if new.subnet == own.subnet:
+                log.info("lease on %s taken back", new.subnet)
+
+    async def _renew(self, own: OwnLease) -> None:
+        assert self.leasing is not None
+        failed = False
+
+        def on_retry(exc: BaseException) -> None:
+            nonlocal failed
+            failed = True
+            self.metrics.renewal_failures.inc()
+            self._etcd_down(exc)
+
+        # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it is gone).
+        async for attempt in store_retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
+            with attempt:
+                await self.leasing.keepalive(own)
+        self.metrics.renewals.inc()
+        self._etcd_up()
+        if failed:
+            log.info("lease on %s renewed after failures", own.subnet)
+
+    # --- the supervised run ---------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            await asyncio.Event().wait()
+            return
+        while True:
+            self._notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start up, serve until `stop` is set; raise if a task fails."""
+        await self.start()
+        assert self.watcher is not None and self.backend is not None
+        watcher, backend = self.watcher, self.backend
+        tasks: dict[asyncio.Task[None], str] = {}
+
+        def spawn(name: str, coro: Awaitable[None]) -> None:
+            tasks[asyncio.ensure_future(coro)] = name
+
+        spawn("watch", watcher.run())
+        spawn("hold", self.hold())
+        spawn("watchdog", self._watchdog())
+        synced = asyncio.ensure_future(watcher.synced.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({synced, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            self._check_tasks(tasks)
+            if synced.done():
+                spawn("dataplane", backend.run(lambda: watcher.table.peers))
+                self._notify("READY=1")
+                log.info("ready: %d peers programmed", len(watcher.table))
+                await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+                self._check_tasks(tasks)
+        finally:
+            for task in (synced, stopping, *tasks):
+                task.cancel()
+            await asyncio.gather(synced, stopping, *tasks, return_exceptions=True)
+
+    @staticmethod
+    def _check_tasks(tasks: dict[asyncio.Task[None], str]) -> None:
+        for task, name in tasks.items():
+            if task.done() and not task.cancelled():
+                exc = task.exception()
+                if exc is not None:
+                    raise RuntimeError(f"task {name} failed: {exc}") from exc
+                raise RuntimeError(f"task {name} ended unexpectedly")
+
+    async def shutdown(self) -> None:
+        """Stop without touching kernel state; revoke the lease only if asked to."""
+        self._notify("STOPPING=1")
+        if self.backend is not None:
+            with contextlib.suppress(Exception):
+                await self.backend.close()
+        own = self.own
+        if self.cfg.release_on_exit and own is not None and not own.reservation:
+            try:
+                await asyncio.wait_for(self.store.revoke(own.lease_id), 5)
+                log.info("lease on %s released", own.subnet)
+            except Exception as exc:
+                log.warning("could not release the lease on %s: %s", own.subnet, exc)
+        elif own is not None:
+            log.info("stopping; keeping the lease on %s for the restart", own.subnet)

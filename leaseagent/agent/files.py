@@ -1,0 +1,53 @@
+"""Files the agent writes: subnet.env and state, atomically and never through a symlink.
+
+Atomic: a temp file in the same directory, fsync, rename over the target,
+fsync the directory. A symlink planted at the target path is refused (an
+attacker with write access to the directory could otherwise point our
+root-owned write elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from leaseagent.errors import ConfigError
+
+
+def refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symlink; refusing to write through it")
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file, never a part."""
+    refuse_symlink(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_text_if_exists(path: Path) -> str | None:
+    try:
+        refuse_symlink(path)
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None

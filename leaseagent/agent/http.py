@@ -1,0 +1,74 @@
+"""/metrics, /healthz and /readyz, served from the agent's own event loop.
+
+Served by asyncio itself (not prometheus-client's thread server) on purpose:
+an answer from /healthz then proves the event loop is turning, which a
+server thread would not. /readyz is 200 only while the lease is held,
+subnet.env is written and the data plane is in sync; otherwise 503 with the
+reason in the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from leaseagent.metrics import Metrics
+
+MAX_REQUEST_LINE = 8192
+
+
+class ServedAgent(Protocol):
+    metrics: Metrics
+
+    def not_ready_reason(self) -> str | None: ...
+
+
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _handle(agent: ServedAgent, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
+    try:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        parts = line.decode("latin-1").split()
+        # Drain headers so the client sees a clean close.
+        while True:
+            header = await asyncio.wait_for(reader.readline(), 5)
+            if header in (b"\r\n", b"\n", b""):
+                break
+        if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            writer.write(_response("405 Method Not Allowed", b"only GET\n"))
+            return
+        path = parts[1].split("?", 1)[0]
+        if path == "/metrics":
+            writer.write(_response("200 OK", generate_latest(agent.metrics.registry),
+                                   CONTENT_TYPE_LATEST))
+        elif path == "/healthz":
+            writer.write(_response("200 OK", b"ok\n"))
+        elif path == "/readyz":
+            reason = agent.not_ready_reason()
+            if reason is None:
+                writer.write(_response("200 OK", b"ready\n"))
+            else:
+                writer.write(_response("503 Service Unavailable", f"{reason}\n".encode()))
+        else:
+            writer.write(_response("404 Not Found", b"not found\n"))
+    except (TimeoutError, ConnectionError, UnicodeDecodeError):
+        return
+    finally:
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+
+async def serve_metrics(agent: ServedAgent, host: str, port: int) -> asyncio.Server:
+    return await asyncio.start_server(
+        lambda r, w: _handle(agent, r, w), host, port, limit=MAX_REQUEST_LINE)

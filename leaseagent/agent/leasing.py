@@ -1,0 +1,234 @@
+"""Acquiring this host's subnet lease and taking it back when it is lost.
+
+Order of acquisition (first that works wins):
+ 1. a lease that already names this host (same PublicIP and NodeID, attached
+    to an etcd lease): taken over by a transaction fenced on its mod_revision,
+    re-attached to our new etcd lease; the old etcd lease is then revoked;
+ 2. a reservation for this PublicIP (a key with no etcd lease): used as is,
+    never given a TTL (its value is updated, fenced, to publish our
+    BackendData);
+ 3. the subnet of a previous subnet.env, with create-if-absent;
+ 4. a random free subnet (among all free ones), create-if-absent; a lost race
+    moves on to another candidate after a short jitter, never exits.
+An empty range raises SubnetsExhausted naming the network and the count.
+
+Every write is a transaction: create-if-absent, or fenced on the mod_revision
+we read. Because etcd3aio retries a txn on UNAVAILABLE, a "lost" txn may in
+fact be our own earlier success: `_is_ours` compares the key as it is now
+with exactly what we wrote (our value, which carries our NodeID, and our
+etcd lease id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network
+
+from leaseagent.core.allocation import candidates
+from leaseagent.core.lease import InvalidLease, LeaseValue, decode_lease_value, parse_lease_key
+from leaseagent.core.network import NetworkConfig, subnet_key_name
+from leaseagent.errors import LeaseLost, SubnetsExhausted
+from leaseagent.metrics import Metrics
+from leaseagent.store.base import KeyValue, LeaseStore
+
+log = logging.getLogger("leaseagent.leasing")
+
+ATTEMPTS_PER_LISTING = 8
+
+
+@dataclass(frozen=True)
+class OwnLease:
+    subnet: IPv4Network
+    key: str
+    value: bytes
+    lease_id: int  # 0 for a reservation
+    ttl: int
+    mod_revision: int
+    how: str
+
+    @property
+    def reservation(self) -> bool:
+        return self.lease_id == 0
+
+
+class Leasing:
+    def __init__(
+        self,
+        store: LeaseStore,
+        *,
+        prefix: str,
+        network: NetworkConfig,
+        value: LeaseValue,
+        ttl: int,
+        metrics: Metrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self.subnets_prefix = f"{prefix}/subnets/"
+        self._network = network
+        self._value = value
+        self.value_bytes = value.encode()
+        self._ttl = ttl
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self.transactions = 0  # create/replace txns sent, for the efficiency figures
+
+    def key_for(self, subnet: IPv4Network) -> str:
+        return self.subnets_prefix + subnet_key_name(subnet)
+
+    def _is_ours(self, kv: KeyValue | None, lease_id: int) -> bool:
+        return kv is not None and kv.value == self.value_bytes and kv.lease == lease_id
+
+    async def _grant(self) -> tuple[int, int]:
+        return await self._store.grant(self._ttl)
+
+    async def _revoke_quietly(self, lease_id: int) -> None:
+        try:
+            await self._store.revoke(lease_id)
+        except Exception as exc:
+            log.debug("could not revoke etcd lease %x: %s", lease_id, exc)
+
+    async def _create(self, subnet: IPv4Network, lease_id: int, ttl: int, how: str
+                      ) -> OwnLease | None:
+        key = self.key_for(subnet)
+        self._metrics.allocation_attempts.inc()
+        self.transactions += 1
+        won, current = await self._store.create(key, self.value_bytes, lease=lease_id)
+        if won or self._is_ours(current, lease_id):
+            assert current is not None
+            return OwnLease(subnet, key, self.value_bytes, lease_id, ttl, current.mod_revision, how)
+        self._metrics.allocation_conflicts.inc()
+        return None
+
+    async def acquire(self, *, previous: IPv4Network | None = None) -> OwnLease:
+        """Take a subnet for this host (see the module docstring for the order)."""
+        lease_id, ttl = await self._grant()
+        try:
+            own = await self._acquire_with(lease_id, ttl, previous)
+        except BaseException:
+            await self._revoke_quietly(lease_id)
+            raise
+        if own.reservation:
+            await self._revoke_quietly(lease_id)
+        return own
+
+    async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None
+                            ) -> OwnLease:
+        while True:
+            listing = await self._store.list_prefix(self.subnets_prefix)
+            taken: set[IPv4Network] = set()
+            named: list[tuple[IPv4Network, KeyValue]] = []
+            reserved: list[tuple[IPv4Network, KeyValue]] = []
+            for kv in listing.items:
+                try:
+                    subnet = parse_lease_key(kv.key, self.subnets_prefix)
+                except InvalidLease:
+                    continue
+                taken.add(subnet)
+                try:
+                    value = decode_lease_value(kv.value)
+                except InvalidLease:
+                    continue
+                if value.public_ip != self._value.public_ip:
+                    continue
+                if self._network.check_subnet(subnet) is not None:
+                    continue
+                if kv.lease == 0:
+                    reserved.append((subnet, kv))
+                elif value.node_id == self._value.node_id:
+                    named.append((subnet, kv))
+
+            for subnet, kv in named:
+                self.transactions += 1
+                won, current = await self._store.replace(
+                    kv.key, self.value_bytes, mod_revision=kv.mod_revision, lease=lease_id)
+                if won or self._is_ours(current, lease_id):
+                    assert current is not None
+                    if kv.lease != lease_id:
+                        await self._revoke_quietly(kv.lease)
+                    return OwnLease(subnet, kv.key, self.value_bytes, lease_id, ttl,
+                                    current.mod_revision, "took over this host's lease")
+
+            for subnet, kv in reserved:
+                if kv.value == self.value_bytes:
+                    return OwnLease(subnet, kv.key, kv.value, 0, 0, kv.mod_revision,
+                                    "reservation")
+                self.transactions += 1
+                won, current = await self._store.replace(
+                    kv.key, self.value_bytes, mod_revision=kv.mod_revision, lease=0)
+                if won or self._is_ours(current, 0):
+                    assert current is not None
+                    return OwnLease(subnet, kv.key, self.value_bytes, 0, 0,
+                                    current.mod_revision, "reservation")
+
+            if previous is not None and self._network.in_range(previous) and previous not in taken:
+                own = await self._create(previous, lease_id, ttl, "previous subnet.env")
+                if own is not None:
+                    return own
+                taken.add(previous)
+            previous = None
+
+            in_range = sum(1 for s in taken if self._network.in_range(s))
+            pool = candidates(self._network, taken, self._rng)
+            tried = 0
+            for subnet in pool:
+                own = await self._create(subnet, lease_id, ttl, "allocated")
+                if own is not None:
+                    return own
+                tried += 1
+                if tried >= ATTEMPTS_PER_LISTING:
+                    break
+                # Lost a race: someone else starts now too; spread out a little.
+                await asyncio.sleep(self._rng.uniform(0, 0.02))
+            if tried == 0:
+                raise SubnetsExhausted(
+                    f"no free subnet in network {self._network.network} "
+                    f"(range {self._network.subnet_min}-{self._network.subnet_max}): "
+                    f"all {self._network.capacity} subnets are taken ({in_range} leases)"
+                )
+
+    async def reclaim(self, own: OwnLease, why: str) -> OwnLease:
+        """Our lease or key is gone: take the same subnet back, else a new one.
+
+        Never overwrites a key someone else holds: create-if-absent only.
+        """
+        if own.reservation:
+            current = await self._store.get(own.key)
+            if current is not None and current.lease == 0 and self._is_ours(current, 0):
+                return replace(own, mod_revision=current.mod_revision)
+            log.error("reservation %s is gone (%s); acquiring a subnet anew", own.subnet, why)
+            return await self.acquire()
+        lease_id, ttl = await self._grant()
+        try:
+            taken_back = await self._create(own.subnet, lease_id, ttl, "taken back")
+        except BaseException:
+            await self._revoke_quietly(lease_id)
+            raise
+        if taken_back is not None:
+            if own.lease_id != lease_id:
+                await self._revoke_quietly(own.lease_id)
+            return taken_back
+        await self._revoke_quietly(lease_id)
+        holder = await self._store.get(own.key)
+        who = "unknown"
+        if holder is not None:
+            try:
+                other = decode_lease_value(holder.value)
+                who = f"PublicIP {other.public_ip} (node {other.node_id or '?'})"
+            except InvalidLease:
+                who = "an invalid lease value"
+        log.error(
+            "SUBNET LOST: our lease on %s was lost (%s) and %s holds it now; "
+            "taking a new subnet", own.subnet, why, who)
+        self._metrics.lease_changes.inc()
+        return await self.acquire()
+
+    async def keepalive(self, own: OwnLease) -> int:
+        """Renew; the remaining TTL. Raises LeaseLost when the etcd lease is gone."""
+        ttl = await self._store.keepalive(own.lease_id)
+        if ttl <= 0:
+            raise LeaseLost(f"etcd lease {own.lease_id:x} expired or was revoked")
+        return ttl

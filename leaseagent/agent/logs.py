@@ -1,0 +1,57 @@
+"""Logging set-up (text or JSON lines) and a helper that logs state changes only once.
+
+The agent logs one line per state change (lease acquired/lost, etcd up/down,
+peer added/removed, drift repaired), never one per retry attempt:
+`StateLog.set(topic, state, msg)` logs only when `state` differs from the
+last state logged for `topic`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # etcd3aio logs a warning with a traceback per failed attempt; we report state changes.
+    logging.getLogger("etcd3aio").setLevel(logging.CRITICAL)
+    logging.getLogger("pyroute2").setLevel(logging.ERROR)
+
+
+class StateLog:
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._last: dict[str, object] = {}
+
+    def set(self, topic: str, state: object, msg: str, *args: object,
+            level: int = logging.INFO) -> bool:
+        if self._last.get(topic, object()) == state:
+            return False
+        self._last[topic] = state
+        self._logger.log(level, msg, *args)
+        return True

@@ -1,0 +1,71 @@
+"""`leaseagent`: the command line entry point of the daemon.
+
+Exit status: 0 after SIGTERM/SIGINT; 2 for a configuration error (flag,
+variable, unreadable file); 1 for a fatal runtime error (range exhausted,
+etcd refused our credentials, a task died). Errors are one line on stderr,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from leaseagent.agent.daemon import Agent
+from leaseagent.agent.logs import setup_logging
+from leaseagent.config import AgentConfig, parse_agent_config
+from leaseagent.errors import ConfigError, LeaseagentError
+from leaseagent.store.etcd import EtcdStore
+
+log = logging.getLogger("leaseagent")
+
+
+async def serve(cfg: AgentConfig) -> None:
+    store = await EtcdStore.connect(cfg.etcd)
+    agent = Agent(cfg, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics_server = None
+    try:
+        if cfg.metrics_addr is not None:
+            from leaseagent.agent.http import serve_metrics
+
+            metrics_server = await serve_metrics(agent, *cfg.metrics_addr)
+        await agent.run(stop)
+    finally:
+        await agent.shutdown()
+        if metrics_server is not None:
+            metrics_server.close()
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_agent_config(args)
+    except ConfigError as exc:
+        print(f"leaseagent: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_format)
+    try:
+        asyncio.run(serve(cfg))
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
+    except LeaseagentError as exc:
+        log.error("fatal: %s", exc)
+        return 1
+    except RuntimeError as exc:
+        log.error("fatal: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Agent and leasectl settings: flags, LEASEAGENT_* environment variables, validated once.
+
+Every flag `--some-name` can also be given as `LEASEAGENT_SOME_NAME`; a flag
+on the command line wins. Errors are ConfigError with a one-line message
+naming the flag (or variable) and the bad value. Secrets are only ever read
+from files (`--etcd-password-file`): there is no flag that takes a password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from leaseagent.errors import ConfigError
+from leaseagent.store.etcd import EtcdSettings, parse_endpoints
+
+DEFAULT_PREFIX = "/coreos.com/network"
+DEFAULT_SUBNET_FILE = Path("/run/leaseagent/subnet.env")
+DEFAULT_STATE_DIR = Path("/var/lib/leaseagent")
+DEFAULT_LEASE_TTL = 24 * 3600
+MIN_LEASE_TTL = 2  # etcd refuses less
+
+
+def env_name(flag: str) -> str:
+    return "LEASEAGENT_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+class _EnvDefaults:
+    """Fills argparse defaults from LEASEAGENT_* variables, remembering where each came from."""
+
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+        self._parser = parser
+        self._environ = environ
+
+    def add(self, flag: str, *, default: object = None, flag_type: str = "str", **kw: object) -> None:
+        value: object = default
+        raw = self._environ.get(env_name(flag))
+        if raw is not None and raw != "":
+            if flag_type == "bool":
+                low = raw.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    value = True
+                elif low in ("0", "false", "no", "off"):
+                    value = False
+                else:
+                    raise ConfigError(f"{env_name(flag)}={raw!r}: must be true or false")
+            else:
+                value = raw
+        if flag_type == "bool":
+            self._parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                      default=value, **kw)  # type: ignore[arg-type]
+        else:
+            self._parser.add_argument(flag, default=value, **kw)  # type: ignore[arg-type]
+
+
+def add_etcd_arguments(env: _EnvDefaults) -> None:
+    env.add("--etcd-endpoints", default="http://127.0.0.1:2379",
+            help="comma-separated etcd URLs (http:// or https://); fails over between them")
+    env.add("--etcd-prefix", default=DEFAULT_PREFIX, help="etcd key prefix (flannel's)")
+    env.add("--etcd-cafile", help="CA certificate file for https:// endpoints")
+    env.add("--etcd-certfile", help="client certificate file")
+    env.add("--etcd-keyfile", help="client key file")
+    env.add("--etcd-username", help="etcd user name")
+    env.add("--etcd-password-file", help="file holding the etcd password (never a flag)")
+    env.add("--etcd-timeout", default="5", help="seconds an etcd request may take")
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _positive_float(flag: str, raw: object) -> float:
+    try:
+        value = float(str(raw))
+    except ValueError:
+        raise ConfigError(f"{flag}={raw!r}: not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{flag}={raw!r}: must be positive")
+    return value
+
+
+def etcd_settings(ns: argparse.Namespace) -> EtcdSettings:
+    parse_endpoints(ns.etcd_endpoints)  # validate early, with the flag's name
+    prefix = str(ns.etcd_prefix)
+    if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
+        raise ConfigError(f"--etcd-prefix={prefix!r}: must start with / and not end with /")
+    if ns.etcd_password_file and not ns.etcd_username:
+        raise ConfigError("--etcd-password-file needs --etcd-username")
+    return EtcdSettings(
+        endpoints=ns.etcd_endpoints,
+        cafile=_path(ns.etcd_cafile),
+        certfile=_path(ns.etcd_certfile),
+        keyfile=_path(ns.etcd_keyfile),
+        username=ns.etcd_username or None,
+        password_file=_path(ns.etcd_password_file),
+        timeout=_positive_float("--etcd-timeout", ns.etcd_timeout),
+    )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    etcd: EtcdSettings
+    prefix: str
+    iface: str | None
+    public_ip: IPv4Address | None
+    subnet_file: Path
+    state_dir: Path
+    lease_ttl: int
+    release_on_exit: bool
+    node_id: str
+    metrics_addr: tuple[str, int] | None
+    log_level: str
+    log_format: str
+    route_protocol: int
+    resync_interval: float
+
+
+def default_node_id() -> str:
+    try:
+        machine_id = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine_id = ""
+    return machine_id or socket.gethostname()
+
+
+def _parse_hostport(flag: str, raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag}={raw!r}: must be HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leaseagent",
+        description="Per-host subnet lease in etcd, subnet.env for dockerd, and the data plane "
+        "to every other host. Every flag may also be set as LEASEAGENT_<FLAG_NAME>.",
+    )
+    env = _EnvDefaults(parser, environ)
+    add_etcd_arguments(env)
+    env.add("--iface", help="underlay interface, by name or IP (default: that of the default route)")
+    env.add("--public-ip", help="IPv4 address published to peers (default: the interface's first)")
+    env.add("--subnet-file", default=str(DEFAULT_SUBNET_FILE), help="where to write subnet.env")
+    env.add("--state-dir", default=str(DEFAULT_STATE_DIR), help="where to keep state (VtepMAC)")
+    env.add("--lease-ttl", default=str(DEFAULT_LEASE_TTL), help="lease TTL in seconds")
+    env.add("--release-on-exit", default=False, flag_type="bool",
+            help="revoke the lease when stopping (default: keep it for the restart)")
+    env.add("--node-id", help="stable id of this host (default: /etc/machine-id, else hostname)")
+    env.add("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz (default: off)")
+    env.add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    env.add("--log-format", default="text", choices=["text", "json"])
+    env.add("--route-protocol", default="76",
+            help="rtnetlink protocol number marking the routes this agent owns")
+    env.add("--resync-interval", default="30", help="seconds between full data-plane resyncs")
+    return parser
+
+
+def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> AgentConfig:
+    environ = os.environ if environ is None else environ
+    ns = agent_parser(environ).parse_args(list(argv))
+    etcd = etcd_settings(ns)
+    try:
+        ttl = int(ns.lease_ttl)
+    except ValueError:
+        raise ConfigError(f"--lease-ttl={ns.lease_ttl!r}: not a whole number of seconds") from None
+    if ttl < MIN_LEASE_TTL:
+        raise ConfigError(f"--lease-ttl={ttl}: must be at least {MIN_LEASE_TTL} seconds (etcd's floor)")
+    public_ip = None
+    if ns.public_ip:
+        try:
+            public_ip = IPv4Address(ns.public_ip)
+        except ValueError:
+            raise ConfigError(f"--public-ip={ns.public_ip!r}: not an IPv4 address") from None
+    try:
+        route_protocol = int(ns.route_protocol)
+    except ValueError:
+        route_protocol = -1
+    if not 5 <= route_protocol <= 255:
+        raise ConfigError(f"--route-protocol={ns.route_protocol!r}: must be a number from 5 to 255")
+    node_id = ns.node_id or default_node_id()
+    if any(c.isspace() for c in node_id) or len(node_id) > 253:
+        raise ConfigError(f"--node-id={node_id!r}: must be at most 253 characters, no spaces")
+    return AgentConfig(
+        etcd=etcd,
+        prefix=str(ns.etcd_prefix),
+        iface=ns.iface or None,
+        public_ip=public_ip,
+        subnet_file=Path(ns.subnet_file),
+        state_dir=Path(ns.state_dir),
+        lease_ttl=ttl,
+        release_on_exit=bool(ns.release_on_exit),
+        node_id=node_id,
+        metrics_addr=_parse_hostport("--metrics-addr", ns.metrics_addr) if ns.metrics_addr else None,
+        log_level=ns.log_level,
+        log_format=ns.log_format,
+        route_protocol=route_protocol,
+        resync_interval=_positive_float("--resync-interval", ns.resync_interval),
+    )

@@ -1,0 +1,34 @@
+"""Shared fixtures: a real etcd per test module (and a fresh one on demand)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from etcd_server import EtcdServer, make_etcd, remove  # noqa: E402
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    """A fresh etcd for one test, stopped and removed afterwards."""
+    server = make_etcd()
+    try:
+        server.start()
+        yield server
+    finally:
+        remove(server)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (network namespaces)")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
