@@ -1,0 +1,281 @@
+"""`leasectl`: read and manage the cluster's subnet leases in etcd.
+
+    leasectl list [--json | --output table|wide|json]
+    leasectl show SUBNET
+    leasectl config get
+    leasectl config set FILE        (validated first; a bad file leaves etcd untouched)
+    leasectl reserve SUBNET --public-ip IP
+    leasectl release SUBNET
+
+Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
+line on stderr with a non-zero exit (1: the operation failed, 2: bad usage
+or configuration), never a traceback.
+
+`list` costs one range request for all keys plus one TimeToLive per distinct
+etcd lease, sent concurrently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from leaseagent.config import _EnvDefaults, add_etcd_arguments, etcd_settings
+from leaseagent.core.lease import (
+    InvalidLease,
+    LeaseValue,
+    decode_lease_value,
+    parse_lease_key,
+    validate_peer,
+)
+from leaseagent.core.network import NetworkConfig, parse_network_config, subnet_key_name
+from leaseagent.errors import ConfigError, LeaseagentError, NetworkConfigError
+from leaseagent.store.base import KeyValue, LeaseStore
+from leaseagent.store.etcd import EtcdStore
+
+LIST_FIELDS = ("subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in",
+               "reservation", "valid", "error")
+
+
+class UsageError(LeaseagentError):
+    """Bad arguments: exit status 2."""
+
+
+async def load_network(store: LeaseStore, prefix: str) -> NetworkConfig | None:
+    kv = await store.get(f"{prefix}/config")
+    if kv is None:
+        return None
+    try:
+        return parse_network_config(kv.value)
+    except NetworkConfigError:
+        return None
+
+
+def describe(kv: KeyValue, *, subnets_prefix: str, network: NetworkConfig | None,
+             expires_in: int | None) -> dict[str, Any]:
+    """One row of `list`: the lease as leasectl shows it, valid or not."""
+    row: dict[str, Any] = {
+        "subnet": kv.key[len(subnets_prefix):],
+        "public_ip": None,
+        "backend": None,
+        "vtep_mac": None,
+        "node_id": None,
+        "expires_in": expires_in if kv.lease else None,
+        "reservation": kv.lease == 0,
+        "valid": False,
+        "error": None,
+    }
+    try:
+        subnet = parse_lease_key(kv.key, subnets_prefix)
+        row["subnet"] = str(subnet)
+        value = decode_lease_value(kv.value)
+        row.update(public_ip=str(value.public_ip), backend=value.backend_type or None,
+                   vtep_mac=value.vtep_mac, node_id=value.node_id)
+        if kv.lease == 0 and value.node_id is None and not value.backend_data:
+            raise InvalidLease("unclaimed", f"reserved for {value.public_ip}; not claimed yet")
+        if network is not None:
+            validate_peer(subnet, value, network=network, own_public_ip=None)
+        row["valid"] = True
+    except InvalidLease as exc:
+        row["error"] = exc.detail
+    return row
+
+
+async def list_rows(store: LeaseStore, prefix: str) -> list[dict[str, Any]]:
+    subnets_prefix = f"{prefix}/subnets/"
+    network = await load_network(store, prefix)
+    listing = await store.list_prefix(subnets_prefix)
+    lease_ids = sorted({kv.lease for kv in listing.items if kv.lease})
+    ttls = await asyncio.gather(*(store.time_to_live(i) for i in lease_ids))
+    ttl_of = dict(zip(lease_ids, ttls, strict=True))
+    return [
+        describe(kv, subnets_prefix=subnets_prefix, network=network,
+                 expires_in=max(ttl_of.get(kv.lease, -1), 0))
+        for kv in listing.items
+    ]
+
+
+def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
+    cols = ["subnet", "public_ip", "backend", "expires_in", "status"]
+    if wide:
+        cols = ["subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in", "status"]
+    heads = {c: c.upper().replace("_", " ") for c in cols}
+    lines = []
+    for row in rows:
+        cells = dict(row)
+        if row["reservation"]:
+            cells["expires_in"] = "reserved"
+        elif row["expires_in"] is not None:
+            cells["expires_in"] = f"{row['expires_in']}s"
+        cells["status"] = "ok" if row["valid"] else f"INVALID: {row['error']}"
+        lines.append({c: "-" if cells.get(c) is None else str(cells[c]) for c in cols})
+    widths = {c: max([len(heads[c])] + [len(line[c]) for line in lines]) for c in cols}
+    out = ["  ".join(heads[c].ljust(widths[c]) for c in cols).rstrip()]
+    out += ["  ".join(line[c].ljust(widths[c]) for c in cols).rstrip() for line in lines]
+    return "\n".join(out)
+
+
+def parse_subnet_arg(text: str) -> IPv4Network:
+    try:
+        if "/" not in text and "-" in text:
+            text = text.replace("-", "/")
+        return IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise UsageError(f"SUBNET {text!r} is not an IPv4 network ({exc})") from None
+
+
+async def cmd_list(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+    rows = await list_rows(store, prefix)
+    output = "json" if args.json else args.output
+    if output == "json":
+        print(json.dumps([{k: r[k] for k in LIST_FIELDS} for r in rows], indent=2))
+    else:
+        print(format_table(rows, wide=output == "wide"))
+    return 0
+
+
+async def cmd_show(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+    subnet = parse_subnet_arg(args.subnet)
+    subnets_prefix = f"{prefix}/subnets/"
+    kv = await store.get(subnets_prefix + subnet_key_name(subnet))
+    if kv is None:
+        raise LeaseagentError(f"no lease for {subnet}")
+    ttl = await store.time_to_live(kv.lease) if kv.lease else None
+    row = describe(kv, subnets_prefix=subnets_prefix, network=await load_network(store, prefix),
+                   expires_in=max(ttl, 0) if ttl is not None else None)
+    row.update(key=kv.key, etcd_lease=f"{kv.lease:x}" if kv.lease else None,
+               create_revision=kv.create_revision, mod_revision=kv.mod_revision,
+               value=kv.value.decode(errors="replace"))
+    print(json.dumps(row, indent=2))
+    return 0
+
+
+async def cmd_config(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+    key = f"{prefix}/config"
+    if args.config_cmd == "get":
+        kv = await store.get(key)
+        if kv is None:
+            raise LeaseagentError(f"{key} is not set")
+        print(kv.value.decode(errors="replace"))
+        return 0
+    raw, network = args.config_data
+    await store.put(key, raw)
+    print(f"{key} set: network {network.network}, /{network.subnet_len} subnets, "
+          f"backend {network.backend_type}")
+    return 0
+
+
+async def cmd_reserve(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+    subnet = parse_subnet_arg(args.subnet)
+    try:
+        public_ip = IPv4Address(args.public_ip)
+    except ValueError:
+        raise UsageError(f"--public-ip {args.public_ip!r} is not an IPv4 address") from None
+    network = await load_network(store, prefix)
+    if network is None:
+        raise LeaseagentError(f"{prefix}/config is missing or invalid; set it first")
+    why = network.check_subnet(subnet)
+    if why:
+        raise UsageError(why)
+    key = f"{prefix}/subnets/{subnet_key_name(subnet)}"
+    value = LeaseValue(public_ip=public_ip, backend_type=network.backend_type).encode()
+    won, current = await store.create(key, value, lease=0)
+    if not won:
+        assert current is not None
+        try:
+            holder = str(decode_lease_value(current.value).public_ip)
+        except InvalidLease:
+            holder = "an invalid lease"
+        raise LeaseagentError(f"{subnet} is already taken by {holder}; release it first")
+    print(f"reserved {subnet} for {public_ip}")
+    return 0
+
+
+async def cmd_release(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+    subnet = parse_subnet_arg(args.subnet)
+    key = f"{prefix}/subnets/{subnet_key_name(subnet)}"
+    kv = await store.get(key)
+    if kv is None:
+        raise LeaseagentError(f"no lease for {subnet}")
+    if not await store.delete(key, mod_revision=kv.mod_revision):
+        raise LeaseagentError(f"{subnet} changed while releasing it; try again")
+    note = "" if kv.lease == 0 else " (a running agent holding it will take it back)"
+    print(f"released {subnet}{note}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
+            "reserve": cmd_reserve, "release": cmd_release}
+
+
+def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leasectl", description="Inspect and manage leaseagent's "
+                                     "subnet leases in etcd.")
+    add_etcd_arguments(_EnvDefaults(parser, environ))
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", help="list all leases, valid or not")
+    p.add_argument("--json", action="store_true", help="same as --output json")
+    p.add_argument("--output", "-o", choices=["table", "wide", "json"], default="table")
+    p = sub.add_parser("show", help="one lease in detail (JSON)")
+    p.add_argument("subnet")
+    p = sub.add_parser("config", help="get or set the network config")
+    csub = p.add_subparsers(dest="config_cmd", required=True, metavar="get|set")
+    csub.add_parser("get", help="print <prefix>/config")
+    cset = csub.add_parser("set", help="validate FILE and write it to <prefix>/config")
+    cset.add_argument("file", help="JSON file, or - for standard input")
+    p = sub.add_parser("reserve", help="reserve SUBNET for the host with --public-ip (no TTL)")
+    p.add_argument("subnet")
+    p.add_argument("--public-ip", required=True)
+    p = sub.add_parser("release", help="delete the lease or reservation of SUBNET")
+    p.add_argument("subnet")
+    return parser
+
+
+def read_config_file(name: str) -> tuple[bytes, NetworkConfig]:
+    """Read and validate a config file before anything talks to etcd."""
+    try:
+        raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {name}: {exc.strerror}") from None
+    try:
+        return raw, parse_network_config(raw)
+    except NetworkConfigError as exc:
+        raise UsageError(f"{name}: {exc}; etcd left unchanged") from None
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = etcd_settings(args)
+    store = await EtcdStore.connect(settings)
+    try:
+        return await COMMANDS[args.cmd](store, str(args.etcd_prefix), args)
+    finally:
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser(dict(os.environ)).parse_args(argv)
+        if args.cmd == "config" and args.config_cmd == "set":
+            args.config_data = read_config_file(args.file)
+        return asyncio.run(run(args))
+    except (UsageError, ConfigError) as exc:
+        print(f"leasectl: error: {exc}", file=sys.stderr)
+        return 2
+    except LeaseagentError as exc:
+        print(f"leasectl: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The agent against a real etcd (alloc backend: no kernel needed).
+
+Each test starts etcd (tests/etcd_server.py) and agents as real processes,
+and stops them by PID whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from ipaddress import IPv4Interface
+
+from conftest import PREFIX, put_config
+
+ALLOC_30 = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.30.0",
+            "Backend": {"Type": "alloc"}}
+ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
+
+
+def leases(etcd) -> dict[str, dict]:
+    """key -> {value, lease} as etcd has them (etcdctl, JSON output)."""
+    out = json.loads(etcd.etcdctl("get", "--prefix", f"{PREFIX}/subnets/", "-w", "json"))
+    import base64
+
+    res = {}
+    for kv in out.get("kvs", []):
+        key = base64.b64decode(kv["key"]).decode()
+        res[key] = {"value": json.loads(base64.b64decode(kv["value"])), "lease": kv.get("lease", 0)}
+    return res
+
+
+def key_of(subnet_line: str) -> str:
+    net = IPv4Interface(subnet_line).network
+    return f"{PREFIX}/subnets/{net.network_address}-{net.prefixlen}"
+
+
+def test_thirty_agents_at_once_get_distinct_subnets_and_the_31st_fails(etcd, agents):
+    put_config(etcd, ALLOC_30)
+    fleet = [agents(f"h{i}", f"10.200.0.{i + 1}", metrics_port=None) for i in range(30)]
+    started = time.monotonic()
+    for agent in fleet:
+        agent.start(metrics=True)
+    subnets = [agent.wait_subnet(timeout=60) for agent in fleet]
+    elapsed = time.monotonic() - started
+    assert len(set(subnets)) == 30
+    held = leases(etcd)
+    assert len(held) == 30
+    for agent, subnet in zip(fleet, subnets, strict=True):
+        assert held[key_of(subnet)]["value"]["PublicIP"] == agent.public_ip
+    attempts = sum(agent.metric("leaseagent_allocation_attempts_total") or 0 for agent in fleet)
+    conflicts = sum(agent.metric("leaseagent_allocation_conflicts_total") or 0 for agent in fleet)
+    print(f"\n30 agents held distinct leases {elapsed:.2f}s after start; "
+          f"{attempts / 30:.2f} create txns per acquisition ({int(conflicts)} lost races)")
+
+    extra = agents("h31", "10.200.0.31").start()
+    assert extra.wait_exit(30) == 1
+    log = extra.log()
+    assert "no free subnet in network 10.6.0.0/16" in log
+    assert "all 30 subnets are taken" in log
+    assert "Traceback" not in log
+
+
+def test_restart_after_sigkill_takes_back_the_same_subnet(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1").start()
+    first = a.wait_subnet()
+    a.kill()
+    a.subnet_file.unlink()  # not by subnet.env: by the lease naming this host
+    a.start()
+    assert a.wait_subnet() == first
+    a.wait_log("took over this host's lease")
+    assert len(leases(etcd)) == 1
+
+
+def test_sigterm_keeps_the_lease_and_release_on_exit_revokes_it(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1").start()
+    b = agents("b", "10.200.0.2", extra=["--release-on-exit"]).start()
+    key_a, key_b = key_of(a.wait_subnet()), key_of(b.wait_subnet())
+    a.wait_log("ready:")
+    b.wait_log("ready:")
+    a.signal(signal.SIGTERM)
+    b.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0 and b.wait_exit() == 0
+    held = leases(etcd)
+    assert key_a in held
+    assert key_b not in held
+
+
+def test_subnet_env_is_what_flannel_writes(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1").start()
+    subnet = IPv4Interface(a.wait_subnet())
+    assert a.subnet_file.read_text() == (
+        "FLANNEL_NETWORK=10.6.0.0/16\n"
+        f"FLANNEL_SUBNET={subnet.network.network_address + 1}/24\n"
+        "FLANNEL_MTU=1500\n"
+        "FLANNEL_IPMASQ=false\n"
+    )
+    assert a.subnet_file.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_stopped_agents_key_expires_and_the_others_see_it_removed(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1", ttl=3).start()
+    b = agents("b", "10.200.0.2", ttl=3).start()
+    a.wait_subnet()
+    subnet_b = str(IPv4Interface(b.wait_subnet()).network)
+    a.wait_log(f"peer added: {subnet_b}")
+    b.kill()  # no keepalive any more, lease not revoked
+    waited = a.wait_log(f"peer removed: {subnet_b}", timeout=10)
+    print(f"\nexpired peer removed {waited:.2f}s after its agent was killed (ttl 3s)")
+    assert key_of(str(IPv4Interface(b.subnet_file.read_text().split("FLANNEL_SUBNET=")[1].split()[0])))\
+        not in leases(etcd)
+
+
+def test_a_reservation_is_honoured_and_keeps_no_ttl_after_restart(etcd, agents):
+    put_config(etcd, ALLOC)
+    from leasectl_run import leasectl
+
+    assert leasectl(etcd, "reserve", "10.6.77.0/24", "--public-ip", "10.200.0.7").returncode == 0
+    a = agents("a", "10.200.0.7").start()
+    assert a.wait_subnet() == "10.6.77.1/24"
+    a.wait_log("(reservation)")
+    key = f"{PREFIX}/subnets/10.6.77.0-24"
+    assert leases(etcd)[key]["lease"] == 0
+    assert leases(etcd)[key]["value"]["NodeID"] == "a"
+    a.kill()
+    a.start()
+    assert a.wait_subnet() == "10.6.77.1/24"
+    time.sleep(0.5)
+    assert leases(etcd)[key]["lease"] == 0
+    assert len(leases(etcd)) == 1
+
+
+def test_missing_then_invalid_then_valid_config_is_waited_for_and_logged_once(etcd, agents):
+    a = agents("a", "10.200.0.1").start()
+    a.wait_log(f"waiting for a usable network config: {PREFIX}/config is missing")
+    put_config(etcd, {"Network": "10.6.0.0/16", "SubnetLen": 31})
+    a.wait_log("SubnetLen=31: must be at most 30")
+    time.sleep(1.5)
+    assert a.log().count("SubnetLen=31") == 1
+    assert a.log().count("config is missing") == 1
+    put_config(etcd, ALLOC)
+    assert a.wait_subnet().startswith("10.6.")
+
+
+def test_malformed_peer_data_is_skipped_and_counted(etcd, agents):
+    put_config(etcd, ALLOC)
+    bad = {
+        "10.6.200.0-24": "not json",
+        "10.6.201.0-24": json.dumps({"PublicIP": "127.0.0.1", "BackendType": "alloc"}),
+        "10.7.1.0-24": json.dumps({"PublicIP": "10.200.9.9", "BackendType": "alloc"}),
+        "10.6.202.0-24": json.dumps({"PublicIP": "10.200.9.8", "BackendType": "udp"}),
+        "10.6.203.5-24": json.dumps({"PublicIP": "10.200.9.7", "BackendType": "alloc"}),
+    }
+    for name, value in bad.items():
+        etcd.etcdctl("put", f"{PREFIX}/subnets/{name}", value)
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.204.0-24",
+                 json.dumps({"PublicIP": "10.200.9.6", "BackendType": "alloc"}))
+    a = agents("a", "10.200.0.1").start(metrics=True)
+    a.wait_subnet()
+    a.wait_log("ready: 1 peers")
+    counts = {
+        reason: a.metric("leaseagent_invalid_leases_skipped_total", f'reason="{reason}"')
+        for reason in ("malformed_json", "bad_public_ip", "subnet_outside_network",
+                       "unknown_backend", "bad_key")
+    }
+    assert counts == dict.fromkeys(counts, 1.0)
+    # A later bad write is counted once more; the agent is still serving.
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.200.0-24", "{still not json")
+    deadline = time.monotonic() + 5
+    while a.metric("leaseagent_invalid_leases_skipped_total", 'reason="malformed_json"') != 2.0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert a.http("/healthz")[0] == 200
+    assert "Traceback" not in a.log()
+
+
+def test_compaction_during_a_watch_misses_no_add_or_remove(etcd, agents):
+    put_config(etcd, ALLOC)
+    peer = {"BackendType": "alloc"}
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.100.0-24", json.dumps({**peer, "PublicIP": "10.200.9.1"}))
+    a = agents("a", "10.200.0.1", ttl=30).start(metrics=True)
+    a.wait_subnet()
+    a.wait_log("ready: 1 peers")
+    # Freeze the agent, break its watch stream (restart etcd), change the leases
+    # and compact the history it would need; then let it run again.
+    a.signal(signal.SIGSTOP)
+    try:
+        etcd.stop()
+        etcd.start()
+        etcd.etcdctl("del", f"{PREFIX}/subnets/10.6.100.0-24")
+        etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.101.0-24", json.dumps({**peer, "PublicIP": "10.200.9.2"}))
+        rev = json.loads(etcd.etcdctl("get", "/", "-w", "json"))["header"]["revision"]
+        etcd.etcdctl("compact", str(rev))
+    finally:
+        a.signal(signal.SIGCONT)
+    a.wait_log("peer removed: 10.6.100.0/24", timeout=20)
+    a.wait_log("peer added: 10.6.101.0/24", timeout=20)
+    relisted = a.metric("leaseagent_watch_relists_total", 'reason="compacted"')
+    assert relisted is not None and relisted >= 1
+    # And the watch works again afterwards.
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.102.0-24", json.dumps({**peer, "PublicIP": "10.200.9.3"}))
+    a.wait_log("peer added: 10.6.102.0/24")
+
+
+def test_a_revoked_lease_is_taken_back(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1", ttl=30).start()
+    subnet = a.wait_subnet()
+    a.wait_log("ready:")
+    lease_id = leases(etcd)[key_of(subnet)]["lease"]
+    etcd.etcdctl("lease", "revoke", format(lease_id, "x"))
+    a.wait_log("taken back")
+    held = leases(etcd)
+    assert held[key_of(subnet)]["value"]["NodeID"] == "a"
+    assert held[key_of(subnet)]["lease"] not in (0, lease_id)
+    assert a.wait_subnet() == subnet
+
+
+def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1", ttl=30).start(metrics=True)
+    subnet = a.wait_subnet()
+    a.wait_log("ready:")
+    key = key_of(subnet)
+    intruder = json.dumps({"PublicIP": "10.200.0.99", "BackendType": "alloc", "NodeID": "other"})
+    # Another host writes over our key (as flanneld's blind Put does).
+    etcd.etcdctl("put", key, intruder)
+    a.wait_log("SUBNET LOST")
+    deadline = time.monotonic() + 10
+    while a.wait_subnet() == subnet:
+        assert time.monotonic() < deadline, "subnet.env was not rewritten"
+        time.sleep(0.05)
+    held = leases(etcd)
+    assert held[key]["value"]["NodeID"] == "other"
+    assert held[key_of(a.wait_subnet())]["value"]["NodeID"] == "a"
+    assert a.metric("leaseagent_lease_subnet_changes_total") == 1.0
