@@ -216,7 +216,8 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
 
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leasectl", description="Inspect and manage leaseagent's "
+    parser = argparse.ArgumentParser(prog="leasectl", allow_abbrev=False,
+                                     description="Inspect and manage leaseagent's "
                                      "subnet leases in etcd.")
     add_etcd_arguments(_EnvDefaults(parser, environ))
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")

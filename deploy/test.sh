@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set everything up (deploy/setup.sh), then run the whole test suite:
+# ruff, mypy, and pytest (unit, contract, integration against a real etcd,
+# end-to-end in network namespaces). Run as root on Debian 12 / Ubuntu 24.04.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/setup.sh
+echo "== ruff"
+.venv/bin/ruff check leaseagent tests
+echo "== mypy"
+.venv/bin/mypy
+echo "== pytest"
+.venv/bin/pytest -q -p no:cacheprovider "$@"
