@@ -2,7 +2,8 @@
 # Set up a fresh Debian 12 / Ubuntu 24.04 machine (as root) to run leaseagent,
 # its lab and its tests: Debian packages (no recommends) and a venv at .venv
 # with the package and the exact versions of deploy/constraints.txt.
-# Idempotent: a second run only checks.
+# Idempotent: a second run only checks. `setup.sh --test` adds what only the
+# test suite needs (promtool, systemd-analyze, shellcheck, openssl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 pkgs=(etcd-server etcd-client iproute2 iputils-ping python3 python3-venv ca-certificates)
+if [ "${1:-}" = "--test" ]; then
+    pkgs+=(prometheus systemd shellcheck openssl)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,6 +24,7 @@ class AgentProc:
     ttl: int = 10
     extra: list[str] = field(default_factory=list)
     metrics_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,7 +51,8 @@ class AgentProc:
         if self.metrics_port is not None:
             args += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env})
         return self
 
     def wait_subnet(self, timeout: float = 20.0) -> str:

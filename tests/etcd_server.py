@@ -38,7 +38,7 @@ class EtcdServer:
         etcd = shutil.which("etcd")
         if etcd is None:
             raise RuntimeError("etcd not found on PATH (install Debian's etcd-server)")
-        log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 - closed by the child's end
+        log = open(self.data_dir / "etcd.log", "ab")
         self.proc = subprocess.Popen(
             [
                 etcd,

@@ -25,6 +25,8 @@ log = logging.getLogger("leaseagent")
 async def serve(cfg: AgentConfig) -> None:
     store = await EtcdStore.connect(cfg.etcd)
     agent = Agent(cfg, store)
+    latency = agent.metrics.etcd_request_seconds
+    store.observer = lambda op, seconds: latency.labels(operation=op).observe(seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,6 +6,10 @@
     leasectl config set FILE        (validated first; a bad file leaves etcd untouched)
     leasectl reserve SUBNET --public-ip IP
     leasectl release SUBNET
+    leasectl docker-opts [-f SUBNET_ENV] [-d OUT|-] [-i] [-c] [-k KEY] [-m] [--daemon-json]
+
+`docker-opts` needs no etcd: it turns subnet.env into Docker's options the
+way flannel's mk-docker-opts.sh does.
 
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
 line on stderr with a non-zero exit (1: the operation failed, 2: bad usage
@@ -27,7 +31,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from leaseagent.agent.files import write_atomic
 from leaseagent.config import _EnvDefaults, add_etcd_arguments, etcd_settings
+from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
 from leaseagent.core.lease import (
     InvalidLease,
     LeaseValue,
@@ -36,6 +42,7 @@ from leaseagent.core.lease import (
     validate_peer,
 )
 from leaseagent.core.network import NetworkConfig, parse_network_config, subnet_key_name
+from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.errors import ConfigError, LeaseagentError, NetworkConfigError
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.etcd import EtcdStore
@@ -211,6 +218,32 @@ async def cmd_release(store: LeaseStore, prefix: str, args: argparse.Namespace) 
     return 0
 
 
+def cmd_docker_opts(args: argparse.Namespace) -> int:
+    try:
+        env = parse_subnet_env(Path(args.subnet_file).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LeaseagentError(f"cannot read {args.subnet_file}: {exc}") from None
+    if not env.get("FLANNEL_SUBNET"):
+        raise LeaseagentError(f"{args.subnet_file} has no FLANNEL_SUBNET")
+    if args.daemon_json:
+        text = render_daemon_json(env)
+    else:
+        individual, combined = args.individual, args.combined
+        if not individual and not combined:
+            individual = combined = True
+        text = render_docker_env(env, individual=individual, combined=combined,
+                                 combined_key=args.key, existing=os.environ.get(args.key, ""),
+                                 ipmasq=not args.no_ipmasq)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        try:
+            write_atomic(Path(args.output), text.encode(), mode=0o644)
+        except (OSError, ConfigError) as exc:
+            raise LeaseagentError(f"cannot write {args.output}: {exc}") from None
+    return 0
+
+
 COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release}
 
@@ -236,6 +269,15 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--public-ip", required=True)
     p = sub.add_parser("release", help="delete the lease or reservation of SUBNET")
     p.add_argument("subnet")
+    p = sub.add_parser("docker-opts", help="Docker options from subnet.env (as mk-docker-opts.sh)")
+    p.add_argument("-f", "--subnet-file", default=os.environ.get(
+        "LEASEAGENT_SUBNET_FILE", "/run/leaseagent/subnet.env"))
+    p.add_argument("-d", "--output", default="/run/docker_opts.env", help="file to write, - for stdout")
+    p.add_argument("-i", "--individual", action="store_true", help="DOCKER_OPT_* variables")
+    p.add_argument("-c", "--combined", action="store_true", help="the combined DOCKER_OPTS variable")
+    p.add_argument("-k", "--key", default="DOCKER_OPTS", help="name of the combined variable")
+    p.add_argument("-m", "--no-ipmasq", action="store_true", help="never emit --ip-masq")
+    p.add_argument("--daemon-json", action="store_true", help="a daemon.json fragment instead")
     return parser
 
 
@@ -263,6 +305,8 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(dict(os.environ)).parse_args(argv)
+        if args.cmd == "docker-opts":
+            return cmd_docker_opts(args)
         if args.cmd == "config" and args.config_cmd == "set":
             args.config_data = read_config_file(args.file)
         return asyncio.run(run(args))

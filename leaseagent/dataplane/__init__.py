@@ -6,7 +6,11 @@ from collections.abc import Callable
 
 from leaseagent.dataplane.alloc import AllocBackend
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings
+from leaseagent.dataplane.hostgw import HostGwBackend
+from leaseagent.dataplane.vxlan import VxlanBackend
 
 BACKENDS: dict[str, Callable[[DataPlaneSettings], DataPlane]] = {
     "alloc": AllocBackend,
+    "vxlan": VxlanBackend,
+    "host-gw": HostGwBackend,
 }

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,8 @@ class EtcdStore:
         self._timeout = settings.timeout
         self._refresher: Any = None
         self.endpoint_count = 0
+        # Told (operation, seconds) after every request, e.g. for a latency histogram.
+        self.observer: Callable[[str, float], None] | None = None
 
     @classmethod
     async def connect(cls, settings: EtcdSettings) -> EtcdStore:
@@ -204,10 +207,14 @@ class EtcdStore:
         return self._client.lease
 
     async def _call(self, what: str, coro: Any) -> Any:
+        started = time.perf_counter()
         try:
             return await asyncio.wait_for(coro, self._timeout)
         except (etcd3aio.EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, what) from exc
+        finally:
+            if self.observer is not None:
+                self.observer(what.split(" ", 1)[0], time.perf_counter() - started)
 
     async def get(self, key: str) -> KeyValue | None:
         resp = await self._call(f"get {key}", self._kvs.get(key, timeout=self._timeout))
@@ -268,7 +275,7 @@ class EtcdStore:
         return bool(resp.succeeded and resp.responses[0].response_delete_range.deleted)
 
     async def grant(self, ttl: int) -> tuple[int, int]:
-        resp = await self._call("lease grant", self._leases.grant(ttl, timeout=self._timeout))
+        resp = await self._call("grant", self._leases.grant(ttl, timeout=self._timeout))
         return int(resp.ID), int(resp.TTL)
 
     async def keepalive(self, lease_id: int) -> int:
@@ -281,11 +288,11 @@ class EtcdStore:
             finally:
                 stream.cancel()
 
-        return int(await self._call(f"keepalive of lease {lease_id:x}", once()))
+        return int(await self._call(f"keepalive lease {lease_id:x}", once()))
 
     async def time_to_live(self, lease_id: int) -> int:
         resp = await self._call(
-            f"ttl of lease {lease_id:x}",
+            f"ttl lease {lease_id:x}",
             self._leases.time_to_live(lease_id, timeout=self._timeout),
         )
         return int(resp.TTL)

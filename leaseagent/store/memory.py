@@ -3,9 +3,18 @@
 Kept faithful where the agent depends on it: one revision per write,
 create/mod revisions and versions, lease expiry deleting keys, watch from a
 revision with history and compaction (Compacted when the start revision is
-compacted), and unavailability (`set_available(False)` makes every call
-raise StoreUnavailable, like a partition). Time comes from an injected clock
+below the compact revision, as etcd), and unavailability
+(`set_available(False)` makes every call raise StoreUnavailable, like a
+partition, and ends open watch streams). Time comes from an injected clock
 so TTL tests need no sleeping: call `expire_leases()` after moving it.
+
+etcd details mirrored (checked by tests/contract against a real etcd):
+- revoking or expiring a lease deletes all its keys in one transaction, so
+  their delete events share one revision;
+- compaction at R keeps revision R itself: a watch may start at R, and
+  compacting at or below the compact revision, or above the current
+  revision, is an error;
+- a watch from a future revision waits for that revision.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
-from leaseagent.errors import Compacted, StoreUnavailable
+from leaseagent.errors import Compacted, LeaseLost, StoreError, StoreUnavailable
 from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
 
 MIN_TTL = 2  # etcd's minimum lease TTL is about this
@@ -38,7 +47,7 @@ class MemoryStore:
         self._history: list[WatchEvent] = []
         self._leases: dict[int, _Lease] = {}
         self._lease_ids = itertools.count(0x1000)
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
         self._available = True
         self.requests = 0  # every call made, for request-count tests
 
@@ -46,6 +55,7 @@ class MemoryStore:
 
     def set_available(self, available: bool) -> None:
         self._available = available
+        self._wake()  # a blocked watcher notices the partition at once
 
     @property
     def revision(self) -> int:
@@ -64,9 +74,13 @@ class MemoryStore:
         if not self._available:
             raise StoreUnavailable("memory store: unavailable (test partition)")
 
+    def _wake(self) -> None:
+        """Wake every watcher; each waits on the Event current when it went to sleep."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self._wake()
 
     def _write(self, key: str, value: bytes, lease: int) -> KeyValue:
         self._revision += 1
@@ -87,8 +101,9 @@ class MemoryStore:
         self._history.append(WatchEvent(EventType.PUT, key, self._revision, kv))
         return kv
 
-    def _remove(self, key: str) -> None:
-        self._revision += 1
+    def _remove(self, key: str, *, new_revision: bool = True) -> None:
+        if new_revision:
+            self._revision += 1
         old = self._kv.pop(key)
         if old.lease and old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
@@ -96,17 +111,18 @@ class MemoryStore:
 
     def _check_lease(self, lease: int) -> None:
         if lease and lease not in self._leases:
-            from leaseagent.errors import LeaseLost
-
             raise LeaseLost(f"lease {lease:x} not found")
 
     async def _drop_lease(self, lease_id: int) -> None:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return
-        for key in sorted(lease.keys):
-            if key in self._kv:
-                self._remove(key)
+        keys = sorted(k for k in lease.keys if k in self._kv)
+        if not keys:
+            return
+        self._revision += 1  # one txn for all of them, as etcd's lessor does
+        for key in keys:
+            self._remove(key, new_revision=False)
         await self._notify()
 
     # --- LeaseStore ---------------------------------------------------------
@@ -184,28 +200,33 @@ class MemoryStore:
 
     async def compact(self, revision: int) -> None:
         self._check()
-        self._compacted = max(self._compacted, revision)
-        self._history = [e for e in self._history if e.revision > revision]
+        if revision <= self._compacted:
+            raise StoreError("memory store: required revision has been compacted")
+        if revision > self._revision:
+            raise StoreError("memory store: required revision is a future revision")
+        self._compacted = revision
+        # etcd keeps revision `revision` itself (the newest version of each key
+        # at or below it), so history from there on stays watchable.
+        self._history = [e for e in self._history if e.revision >= revision]
 
     async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
         self._check()
-        if start_revision <= self._compacted:
-            raise Compacted(self._compacted)
-        next_rev = start_revision
+        # etcd: start_revision 0 means "from the next write on".
+        next_rev = start_revision if start_revision > 0 else self._revision + 1
         while True:
             if not self._available:
                 raise StoreUnavailable("memory store: watch stream lost (test partition)")
-            if next_rev <= self._compacted:
+            if next_rev < self._compacted:
                 raise Compacted(self._compacted)
+            changed = self._changed
             batch = [
                 e for e in self._history if e.revision >= next_rev and e.key.startswith(prefix)
             ]
-            next_rev = self._revision + 1
+            next_rev = max(next_rev, self._revision + 1)
             if batch:
                 yield [replace(e) for e in batch]
                 continue
-            async with self._changed:
-                await self._changed.wait()
+            await changed.wait()
 
     async def close(self) -> None:
         return None

@@ -1,0 +1,80 @@
+"""Resolve this host's underlay interface and PublicIP (`--iface`, `--public-ip`).
+
+flannel's rules, with clear errors instead of its fallbacks:
+
+- `--iface` names an interface, or is an IPv4 address of one (then that
+  address is also the PublicIP unless `--public-ip` says otherwise).
+  Without it: the interface of the IPv4 default route (main table).
+- `--public-ip` defaults to the first IPv4 address of the interface. A
+  given one is not required to be local (a host behind 1:1 NAT advertises
+  its outside address, as with flannel); host-gw checks that itself.
+
+Every failure is a one-line ConfigError naming the flag and the value.
+Talks to the kernel only through leaseagent.dataplane.netlink.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from leaseagent.dataplane.base import HostInfo
+from leaseagent.dataplane.netlink import Link, Netlink
+from leaseagent.errors import ConfigError
+
+
+def _parse_ip(flag: str, value: str) -> IPv4Address | None:
+    try:
+        return IPv4Address(value)
+    except ValueError:
+        if flag == "--public-ip":
+            raise ConfigError(f"--public-ip {value!r}: not an IPv4 address") from None
+        return None
+
+
+async def resolve_host(
+    iface: str | None, public_ip: str | None, *, netns: str | None = None
+) -> HostInfo:
+    """HostInfo from the flags; raise ConfigError with a one-line message."""
+    nl = await Netlink.open(netns)
+    try:
+        return await _resolve(nl, iface, public_ip)
+    finally:
+        nl.close()
+
+
+async def _resolve(nl: Netlink, iface: str | None, public_ip: str | None) -> HostInfo:
+    where = f" in netns {nl.netns}" if nl.netns else ""
+    link: Link | None
+    iface_ip: IPv4Address | None = None
+    if iface is None:
+        index = await nl.default_route_ifindex()
+        if index is None:
+            raise ConfigError(f"no IPv4 default route{where} to pick the interface; pass --iface")
+        link = await nl.link_by_index(index)
+        if link is None:
+            raise ConfigError(f"the default route's interface (index {index}) vanished; retry")
+    else:
+        iface_ip = _parse_ip("--iface", iface)
+        if iface_ip is not None:
+            owners = [idx for idx, addr in await nl.ipv4_addresses() if addr.ip == iface_ip]
+            if not owners:
+                raise ConfigError(f"--iface {iface}: no interface{where} has this address")
+            link = await nl.link_by_index(owners[0])
+        else:
+            link = await nl.link_by_name(iface)
+        if link is None:
+            raise ConfigError(f"--iface {iface}: no such interface{where}")
+
+    if public_ip is not None:
+        ip = _parse_ip("--public-ip", public_ip)
+        assert ip is not None
+    elif iface_ip is not None:
+        ip = iface_ip
+    else:
+        addresses = await nl.ipv4_addresses(link.index)
+        if not addresses:
+            raise ConfigError(
+                f"interface {link.name} has no IPv4 address; add one or pass --public-ip"
+            )
+        ip = addresses[0][1].ip
+    return HostInfo(public_ip=ip, iface=link.name, iface_index=link.index, iface_mtu=link.mtu)

@@ -1,0 +1,348 @@
+"""The reconcile engine shared by the kernel backends (vxlan, host-gw).
+
+A backend subclasses `ReconcilingBackend` and supplies policy: how to plan
+a peer (`_plan_peer`), what of the kernel it owns (`_current`), how to make
+its device ready (`_ensure_ready`), and which netlink events concern it
+(`_drift_kind`). This module supplies the mechanics, identical for both:
+
+- `sync(peers)`: level-triggered. Plan the whole peer set, dump what we own,
+  apply `core.plan.diff` (removals first: route -> neighbour -> FDB; then
+  additions: neighbour -> FDB -> route). Marks the backend synced; nothing
+  is ever removed before the first sync.
+- `update(changes, peers)`: incremental, no table dump. The last applied
+  plan is kept per peer subnet (`_programmed`), so a changed or removed
+  peer's old objects are known; a reference count keeps an object that
+  another peer still needs (two leases with one VtepMAC share an FDB entry).
+  It converges to what `sync` would produce; `run` heals any divergence.
+- `run(get_peers)`: two tasks. A netlink event watcher and a resync loop.
+  The watcher looks at every broadcast: one of our routes, neighbour or FDB
+  entries deleted or changed by someone else is queued for a *targeted*
+  repair (re-replace exactly that object from the last applied plan: no
+  table dump, so it is back in milliseconds at any scale); our device gone,
+  down or changed, or the underlay changing, asks for a *full* resync (device
+  first, then a level-triggered sync). Events caused by our own requests
+  carry our socket's port id and are ignored. Bursts are debounced a few ms.
+  A full resync also runs every resync_seconds +-20%, which catches what no
+  event tells (and FDB changes, which the kernel broadcasts with port id 0).
+  Everything a run-triggered pass adds or removes is counted as a drift
+  repair: peer changes reach us through `update`, so a difference found
+  afterwards is drift by definition.
+- `close()`: closes sockets. Never removes peer state or the device
+  (DESIGN.md §4.9: a restart must not break connectivity).
+
+One asyncio.Lock serialises sync, update and resync: a sync's dump and its
+diff must not interleave with an update's changes.
+
+Per-object refusals by the kernel never raise: they are logged (one line
+per pass), `dataplane_in_sync` drops to 0 and the next resync retries.
+DataPlaneError is raised only when the data plane as a whole cannot work
+(no socket, device cannot be created).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from ipaddress import IPv4Network
+from itertools import chain
+
+from prometheus_client import Counter as PromCounter
+
+from leaseagent.core.lease import Peer
+from leaseagent.core.peers import PeerChanges
+from leaseagent.core.plan import MAIN_TABLE, KernelObject, PlanDiff, diff, flatten
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+from leaseagent.dataplane.netlink import (
+    Action,
+    Failure,
+    Netlink,
+    NetlinkEvent,
+    NetlinkEvents,
+    objects_by_kind,
+)
+from leaseagent.errors import DataPlaneError
+
+log = logging.getLogger(__name__)
+
+# Collect a burst of events (a device deletion brings several) into one resync.
+DEBOUNCE_SECONDS = 0.01
+RESYNC_JITTER = 0.2
+# Retry delays after a failed resync or a broken event socket.
+RETRY_MIN_SECONDS = 0.1
+RETRY_MAX_SECONDS = 5.0
+
+
+class ReconcilingBackend:
+    """Mechanics of a kernel backend; subclasses provide the policy hooks."""
+
+    backend_type = ""
+
+    def __init__(self, settings: DataPlaneSettings, *, rng: random.Random | None = None) -> None:
+        self._settings = settings
+        self._metrics = settings.metrics
+        self._rng = rng or random.Random()
+        self._nl: Netlink | None = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._own_subnet: IPv4Network | None = None
+        self._synced = False
+        # The last applied plan: per peer subnet, its objects; how many peers
+        # need each object; each object by its kernel identity (core.plan key).
+        self._programmed: dict[IPv4Network, frozenset[KernelObject]] = {}
+        self._refs: Counter[KernelObject] = Counter()
+        self._by_key: dict[tuple[object, ...], KernelObject] = {}
+        # Work the event watcher hands to the resync loop.
+        self._pending_repairs: set[tuple[object, ...]] = set()
+        self._full_resync_needed = False
+
+    # -- policy hooks ----------------------------------------------------------
+
+    async def prepare(self) -> BackendAttrs:
+        raise NotImplementedError
+
+    async def start(self, own_subnet: IPv4Network) -> None:
+        raise NotImplementedError
+
+    def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
+        """The objects `peer` needs (using device indexes known right now)."""
+        raise NotImplementedError
+
+    async def _current(self, nl: Netlink) -> set[KernelObject]:
+        """What the kernel has of ours."""
+        raise NotImplementedError
+
+    async def _ensure_ready(self, nl: Netlink) -> bool:
+        """Repair the backend's device/address if needed; True if something was repaired."""
+        return False
+
+    async def _refresh(self, nl: Netlink) -> None:
+        """Re-read host facts the plan depends on (called before each full sync)."""
+
+    def _drift_kind(self, event: NetlinkEvent) -> str | None:
+        """The kind of drift `event` reveals (it is not ours), or None to ignore it."""
+        host = self._settings.host
+        if (
+            event.kind == "route"
+            and event.protocol == self._settings.route_protocol
+            and event.table == MAIN_TABLE
+            and (event.deleted or event.sender)  # a change by someone else, or any removal
+        ):
+            return "route"
+        if event.kind == "link" and host.iface_index and event.ifindex == host.iface_index:
+            # Underlay down/up or gone: the kernel drops routes through it silently.
+            return "link"
+        return None
+
+    # -- the DataPlane protocol ------------------------------------------------
+
+    async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
+        async with self._lock:
+            nl = await self._netlink()
+            await self._full_sync(nl, peers, repair=False)
+
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
+        if not changes:
+            return
+        async with self._lock:
+            nl = await self._netlink()
+            affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+            old: set[KernelObject] = set()
+            new: set[KernelObject] = set()
+            for subnet in affected:
+                before = self._programmed.pop(subnet, frozenset())
+                old |= before
+                self._refs.subtract(before)
+                for obj in before:
+                    if self._refs[obj] <= 0:
+                        del self._refs[obj]
+                        self._by_key.pop(obj.key, None)
+                peer = peers.get(subnet)
+                if peer is not None and subnet != self._own_subnet:
+                    after = self._plan_peer(peer)
+                    self._programmed[subnet] = after
+                    self._refs.update(after)
+                    self._by_key.update((obj.key, obj) for obj in after)
+                    new |= after
+            to_add, to_remove = diff(new, old)
+            # An object another (unaffected) peer still needs stays; nothing goes
+            # before the first full sync has shown which peers are really gone.
+            if self._synced:
+                to_remove = tuple(o for o in to_remove if o not in self._refs)
+            else:
+                to_remove = ()
+            failures = await self._apply(nl, PlanDiff(to_add, to_remove), repair=False)
+            if failures:
+                self._metrics.dataplane_in_sync.set(0)
+
+    async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
+        watcher = asyncio.create_task(self._watch_events(), name="dataplane-events")
+        resyncer = asyncio.create_task(self._resync_loop(get_peers), name="dataplane-resync")
+        try:
+            done, _ = await asyncio.wait({watcher, resyncer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise DataPlaneError("data-plane task ended unexpectedly")
+        finally:
+            for task in (watcher, resyncer):
+                task.cancel()
+            await asyncio.gather(watcher, resyncer, return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+
+    # -- mechanics ---------------------------------------------------------------
+
+    async def _netlink(self) -> Netlink:
+        if self._nl is None:
+            self._nl = await Netlink.open(self._settings.netns)
+        return self._nl
+
+    async def _full_sync(
+        self, nl: Netlink, peers: Mapping[IPv4Network, Peer], *, repair: bool
+    ) -> None:
+        started = time.monotonic()
+        await self._refresh(nl)
+        plan = {
+            subnet: self._plan_peer(peer)
+            for subnet, peer in peers.items()
+            if subnet != self._own_subnet
+        }
+        desired = flatten(plan)
+        current = await self._current(nl)
+        failures = await self._apply(nl, diff(desired, current), repair=repair)
+        self._programmed = plan
+        self._refs = Counter(chain.from_iterable(plan.values()))
+        self._by_key = {obj.key: obj for obj in desired}
+        self._synced = True
+        self._metrics.dataplane_in_sync.set(0 if failures else 1)
+        self._metrics.reconcile_seconds.observe(time.monotonic() - started)
+
+    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
+        protocol = self._settings.route_protocol
+        removed, failed_rm = await nl.apply(Action.REMOVE, changes.to_remove, protocol=protocol)
+        added, failed_add = await nl.apply(Action.REPLACE, changes.to_add, protocol=protocol)
+        self._count(self._metrics.dataplane_removed, removed)
+        self._count(self._metrics.dataplane_added, added)
+        if repair:
+            self._count(self._metrics.drift_repairs, chain(added, removed))
+            if added or removed:
+                log.info(
+                    "data plane drift repaired: %s restored, %s removed",
+                    objects_by_kind(added) or "nothing", objects_by_kind(removed) or "nothing",
+                )
+        failures = failed_rm + failed_add
+        if failures:
+            log.warning(
+                "data plane: %d of %d changes refused by the kernel (retried at next resync); "
+                "first: %s",
+                len(failures), len(changes.to_add) + len(changes.to_remove), failures[0].error,
+            )
+        return failures
+
+    @staticmethod
+    def _count(counter: PromCounter, objects: Iterable[KernelObject]) -> None:
+        for kind, n in objects_by_kind(objects).items():
+            counter.labels(kind=kind).inc(n)
+
+    async def _resync(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
+        async with self._lock:
+            nl = await self._netlink()
+            if await self._ensure_ready(nl):
+                self._metrics.drift_repairs.labels(kind="device").inc()
+            if self._synced:
+                await self._full_sync(nl, get_peers(), repair=True)
+
+    async def _repair(self, keys: set[tuple[object, ...]]) -> None:
+        """Put back the named objects of the last applied plan (no dump)."""
+        async with self._lock:
+            objects = [self._by_key[k] for k in keys if k in self._by_key]
+            if not objects:
+                return
+            nl = await self._netlink()
+            ordered = diff(objects, ()).to_add  # neighbour -> FDB -> route
+            if await self._apply(nl, PlanDiff(ordered, ()), repair=True):
+                self._metrics.dataplane_in_sync.set(0)
+
+    async def _resync_loop(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
+        retry = RETRY_MIN_SECONDS
+        while True:
+            period = self._settings.resync_seconds
+            timeout = period * self._rng.uniform(1 - RESYNC_JITTER, 1 + RESYNC_JITTER)
+            periodic = False
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.sleep(DEBOUNCE_SECONDS)
+            except TimeoutError:
+                periodic = True
+            # Cleared before the pass: an event during it triggers another one.
+            self._wake.clear()
+            full = periodic or self._full_resync_needed
+            keys, self._pending_repairs = self._pending_repairs, set()
+            self._full_resync_needed = False
+            try:
+                if full:
+                    await self._resync(get_peers)
+                else:
+                    await self._repair(keys)
+            except DataPlaneError as exc:
+                self._metrics.dataplane_in_sync.set(0)
+                log.warning("data plane resync failed (retrying in %.1fs): %s", retry, exc)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_SECONDS)
+                self._full_resync_needed = True
+                self._wake.set()
+            else:
+                retry = RETRY_MIN_SECONDS
+
+    def _note_event(self, event: NetlinkEvent) -> None:
+        """Queue the work an event of someone else calls for, and wake the loop."""
+        kind = self._drift_kind(event)
+        if kind is None:
+            return
+        obj = event.obj
+        if kind in ("route", "neighbour", "fdb") and obj is not None:
+            ours = self._by_key.get(obj.key)
+            if ours is None or (not event.deleted and ours == obj):
+                return  # not ours to restore, or someone re-added exactly ours
+            self._pending_repairs.add(obj.key)
+        else:
+            self._full_resync_needed = True
+        log.debug("netlink event %s: %s drift", event, kind)
+        self._wake.set()
+
+    async def _watch_events(self) -> None:
+        retry = RETRY_MIN_SECONDS
+        first = True
+        while True:
+            try:
+                events = await NetlinkEvents.open(self._settings.netns)
+            except DataPlaneError as exc:
+                log.warning("cannot watch netlink events (retrying in %.1fs): %s", retry, exc)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_SECONDS)
+                continue
+            if not first:
+                # Whatever happened while we were deaf is found by a full resync.
+                self._full_resync_needed = True
+                self._wake.set()
+            first = False
+            try:
+                nl = await self._netlink()
+                own_port = nl.port_id
+                while True:
+                    for event in await events.receive():
+                        if not (event.sender and event.sender == own_port):
+                            self._note_event(event)
+                    retry = RETRY_MIN_SECONDS
+            except DataPlaneError as exc:
+                log.warning("netlink event socket lost, reopening: %s", exc)
+            finally:
+                events.close()
+            await asyncio.sleep(retry)
+            retry = min(retry * 2, RETRY_MAX_SECONDS)

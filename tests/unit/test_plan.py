@@ -1,0 +1,150 @@
+"""Desired kernel objects from peers, and the diff against the kernel (pure)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from leaseagent.core.lease import Peer
+from leaseagent.core.plan import (
+    Fdb,
+    Neighbour,
+    Route,
+    diff,
+    flatten,
+    plan_host_gw,
+    plan_vxlan,
+    vxlan_options,
+)
+from leaseagent.errors import NetworkConfigError
+
+VX = 10  # vxlan device index
+UL = 2  # underlay index
+OWN = IPv4Network("10.5.1.0/24")
+
+
+def vx_peer(n: int, mac: str | None = None, ip: str | None = None) -> Peer:
+    return Peer(
+        subnet=IPv4Network(f"10.5.{n}.0/24"),
+        public_ip=IPv4Address(ip or f"192.168.0.{n}"),
+        backend_type="vxlan",
+        vtep_mac=mac or f"02:00:00:00:00:{n:02x}",
+    )
+
+
+def gw_peer(n: int) -> Peer:
+    return Peer(IPv4Network(f"10.5.{n}.0/24"), IPv4Address(f"192.168.0.{n}"), "host-gw")
+
+
+def by_subnet(*peers: Peer) -> dict[IPv4Network, Peer]:
+    return {p.subnet: p for p in peers}
+
+
+def test_vxlan_peer_gets_neighbour_fdb_and_onlink_route() -> None:
+    plan = plan_vxlan(OWN, by_subnet(vx_peer(2)), vxlan_index=VX, underlay_index=UL)
+    assert plan[IPv4Network("10.5.2.0/24")] == {
+        Neighbour(VX, IPv4Address("10.5.2.0"), "02:00:00:00:00:02"),
+        Fdb(VX, "02:00:00:00:00:02", IPv4Address("192.168.0.2")),
+        Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.5.2.0"), VX, onlink=True),
+    }
+
+
+def test_own_subnet_and_foreign_backends_are_not_planned() -> None:
+    peers = by_subnet(vx_peer(1), gw_peer(3), Peer(IPv4Network("10.5.4.0/24"),
+                                                    IPv4Address("192.168.0.4"), "vxlan"))
+    plan = plan_vxlan(OWN, peers, vxlan_index=VX, underlay_index=UL)
+    assert OWN not in plan
+    assert flatten(plan) == frozenset()
+
+
+def test_direct_routing_uses_plain_route_only_for_directly_connected_peers() -> None:
+    near, far = vx_peer(2), vx_peer(3, ip="172.16.0.3")
+    lan = IPv4Network("192.168.0.0/24")
+    plan = plan_vxlan(
+        OWN, by_subnet(near, far), vxlan_index=VX, underlay_index=UL,
+        direct_routing=True, is_direct=lambda ip: ip in lan,
+    )
+    assert plan[near.subnet] == {Route(near.subnet, near.public_ip, UL)}
+    assert len(plan[far.subnet]) == 3
+
+
+def test_direct_routing_off_ignores_the_predicate() -> None:
+    plan = plan_vxlan(OWN, by_subnet(vx_peer(2)), vxlan_index=VX, underlay_index=UL,
+                      is_direct=lambda ip: True)
+    assert len(plan[IPv4Network("10.5.2.0/24")]) == 3
+
+
+def test_host_gw_plans_one_route_per_host_gw_peer() -> None:
+    plan = plan_host_gw(OWN, by_subnet(gw_peer(2), vx_peer(3), gw_peer(1)), underlay_index=UL)
+    assert flatten(plan) == {
+        Route(IPv4Network("10.5.2.0/24"), IPv4Address("192.168.0.2"), UL)
+    }
+
+
+def test_diff_adds_missing_and_removes_stale_in_dependency_order() -> None:
+    desired = flatten(plan_vxlan(OWN, by_subnet(vx_peer(2)), vxlan_index=VX, underlay_index=UL))
+    stale = flatten(plan_vxlan(OWN, by_subnet(vx_peer(9)), vxlan_index=VX, underlay_index=UL))
+    to_add, to_remove = diff(desired, stale)
+    assert [o.kind for o in to_add] == ["neighbour", "fdb", "route"]
+    assert [o.kind for o in to_remove] == ["route", "neighbour", "fdb"]
+    assert set(to_add) == desired and set(to_remove) == stale
+
+
+def test_diff_of_equal_sets_is_empty() -> None:
+    desired = flatten(plan_vxlan(OWN, by_subnet(vx_peer(2), vx_peer(3)),
+                                 vxlan_index=VX, underlay_index=UL))
+    assert diff(desired, set(desired)) == ((), ())
+
+
+def test_route_with_same_dst_but_other_gateway_is_a_replace() -> None:
+    dst = IPv4Network("10.5.2.0/24")
+    want = Route(dst, IPv4Address("10.5.2.0"), VX, onlink=True)
+    have = Route(dst, IPv4Address("192.168.0.2"), UL)
+    assert diff({want}, {have}) == ((want,), ())
+
+
+def test_route_with_other_metric_is_removed() -> None:
+    dst = IPv4Network("10.5.2.0/24")
+    want = Route(dst, IPv4Address("10.5.2.0"), VX, onlink=True)
+    extra = Route(dst, IPv4Address("10.5.2.0"), VX, onlink=True, metric=5)
+    assert diff({want}, {want, extra}) == ((), (extra,))
+
+
+def test_neighbour_with_new_mac_is_a_replace() -> None:
+    want = Neighbour(VX, IPv4Address("10.5.2.0"), "02:00:00:00:00:aa")
+    have = Neighbour(VX, IPv4Address("10.5.2.0"), "02:00:00:00:00:bb")
+    assert diff({want}, {have}) == ((want,), ())
+
+
+def test_fdb_with_new_remote_adds_new_and_removes_old() -> None:
+    want = Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.7"))
+    have = Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.2"))
+    assert diff({want}, {have}) == ((want,), (have,))
+
+
+def test_peer_change_of_mac_and_ip_replaces_neighbour_and_swaps_fdb() -> None:
+    old = flatten(plan_vxlan(OWN, by_subnet(vx_peer(2)), vxlan_index=VX, underlay_index=UL))
+    moved = vx_peer(2, mac="02:00:00:00:00:ff", ip="192.168.0.99")
+    new = flatten(plan_vxlan(OWN, by_subnet(moved), vxlan_index=VX, underlay_index=UL))
+    to_add, to_remove = diff(new, old)
+    assert {o.kind for o in to_add} == {"neighbour", "fdb"}
+    assert [o.kind for o in to_remove] == ["fdb"]
+
+
+def test_vxlan_options_defaults_and_mtu() -> None:
+    opts = vxlan_options({"Type": "vxlan"})
+    assert (opts.vni, opts.port, opts.direct_routing, opts.device_name) == (
+        1, 8472, False, "flannel.1")
+    assert opts.mtu_for(1500) == 1450
+    custom = vxlan_options({"VNI": 42, "Port": 4789, "MTU": 1400, "DirectRouting": True})
+    assert (custom.device_name, custom.port, custom.mtu_for(9000), custom.direct_routing) == (
+        "flannel.42", 4789, 1400, True)
+
+
+@pytest.mark.parametrize("backend", [
+    {"VNI": "1"}, {"VNI": 1 << 24}, {"Port": -1}, {"DirectRouting": "yes"}, {"MTU": 20},
+])
+def test_vxlan_options_refuse_bad_values_naming_the_field(backend: dict[str, object]) -> None:
+    with pytest.raises(NetworkConfigError, match=f"Backend.{next(iter(backend))}"):
+        vxlan_options(backend)
