@@ -138,6 +138,9 @@ def _parse_hostport(flag: str, raw: str) -> tuple[str, int]:
 def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leaseagent",
+        # No prefix matching: `--etcd-password SECRET` must be an error, not a
+        # silent `--etcd-password-file SECRET` whose "cannot read" message logs it.
+        allow_abbrev=False,
         description="Per-host subnet lease in etcd, subnet.env for dockerd, and the data plane "
         "to every other host. Every flag may also be set as LEASEAGENT_<FLAG_NAME>.",
     )

@@ -230,10 +230,14 @@ class Agent:
         while True:
             own = self.own
             assert own is not None
-            interval = max(0.5, own.ttl / 3) if not own.reservation else None
+            # Renew every TTL/3 counted from the last renewal, however many
+            # events about our own key arrive in between.
+            wait = None
+            if not own.reservation:
+                wait = max(0.0, last_renewal + max(0.5, own.ttl / 3) - time.monotonic())
             why: str | None = None
             try:
-                kv = await asyncio.wait_for(self._own_events.get(), interval)
+                kv = await asyncio.wait_for(self._own_events.get(), wait)
                 why = self._own_event_says_lost(kv)
             except TimeoutError:
                 try:

@@ -220,6 +220,14 @@ class Leasing:
                 who = f"PublicIP {other.public_ip} (node {other.node_id or '?'})"
             except InvalidLease:
                 who = "an invalid lease value"
+                other = None
+            if (other is not None and other.public_ip == self._value.public_ip
+                    and other.node_id is not None and other.node_id == self._value.node_id):
+                # Still this host's key (a false alarm, e.g. a keepalive that failed
+                # while the etcd lease lived on): acquire takes it over, fenced.
+                log.warning("lease on %s is still this host's (%s); taking it over",
+                            own.subnet, why)
+                return await self.acquire(previous=own.subnet)
         log.error(
             "SUBNET LOST: our lease on %s was lost (%s) and %s holds it now; "
             "taking a new subnet", own.subnet, why, who)

@@ -27,7 +27,7 @@ from leaseagent.core.network import NetworkConfig, parse_subnet_key_name
 
 KNOWN_BACKENDS = frozenset({"vxlan", "host-gw", "alloc"})
 MAX_VALUE_BYTES = 64 * 1024
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # used with fullmatch: `$` admits a "\n"
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ def decode_lease_value(raw: bytes) -> LeaseValue:
         raise InvalidLease("too_large", f"value is {len(raw)} bytes (limit {MAX_VALUE_BYTES})")
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: a deeply nested array/object fits well under the size limit.
         raise InvalidLease("malformed_json", "value is not valid JSON") from None
     if not isinstance(doc, dict):
         raise InvalidLease("malformed_json", "value is not a JSON object")
@@ -146,7 +147,7 @@ def validate_peer(
         raise InvalidLease("unknown_backend", f"BackendType {value.backend_type!r} is unknown")
     mac = value.backend_data.get("VtepMAC")
     if value.backend_type == "vxlan":
-        if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
+        if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
             raise InvalidLease("bad_vtep_mac", f"VtepMAC {mac!r} is not a MAC address")
         mac_int = int(mac.replace(":", ""), 16)
         if mac_int == 0 or mac_int & (1 << 40):

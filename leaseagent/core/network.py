@@ -111,7 +111,7 @@ def parse_network_config(raw: bytes | str) -> NetworkConfig:
     """Decode and validate `<prefix>/config`; raise NetworkConfigError naming the bad field."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise NetworkConfigError(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise NetworkConfigError("must be a JSON object")

@@ -1,0 +1,383 @@
+"""One contract for the lease store, run against MemoryStore and a real etcd.
+
+Whatever the agent's unit tests learn from the fake must hold on etcd: every
+test here runs twice (the `subject` fixture) and must pass on both.
+
+One etcd serves the whole module (one per test would dominate the run time);
+each test works under a fresh key prefix, and revisions are only ever
+compared relative to one another, so tests cannot see each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+from etcd_server import EtcdServer, make_etcd, remove
+
+from leaseagent.errors import Compacted, LeaseLost, StoreError, StoreUnavailable
+from leaseagent.store.base import EventType, LeaseStore, WatchEvent
+from leaseagent.store.etcd import EtcdSettings, EtcdStore
+from leaseagent.store.memory import MemoryStore
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Subject:
+    """A store under test plus what differs in driving it: time."""
+
+    name: str
+    store: LeaseStore
+    prefix: str
+    clock: FakeClock | None = None
+
+    @property
+    def memory(self) -> MemoryStore:
+        assert isinstance(self.store, MemoryStore)
+        return self.store
+
+
+@pytest.fixture(scope="module")
+def etcd_server() -> Iterator[EtcdServer]:
+    server = make_etcd()
+    try:
+        server.start()
+        yield server
+    finally:
+        remove(server)
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
+    prefix = f"/contract/{uuid.uuid4().hex[:12]}/"
+    if request.param == "memory":
+        clock = FakeClock()
+        yield Subject("memory", MemoryStore(clock=clock), prefix, clock)
+        return
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    store = await EtcdStore.connect(EtcdSettings(endpoints=server.url, timeout=5.0))
+    try:
+        yield Subject("etcd", store, prefix)
+    finally:
+        await store.close()
+
+
+async def current_revision(s: Subject) -> int:
+    return (await s.store.list_prefix(s.prefix)).revision
+
+
+async def collect(stream: AsyncIterator[list[WatchEvent]], count: int, *, within: float = 5.0
+                  ) -> list[WatchEvent]:
+    """The first `count` events of a watch (batching may differ between stores)."""
+    events: list[WatchEvent] = []
+    try:
+        async with asyncio.timeout(within):
+            async for batch in stream:
+                events.extend(batch)
+                if len(events) >= count:
+                    break
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    return events
+
+
+def summary(events: list[WatchEvent]) -> list[tuple[EventType, str, int, bytes | None]]:
+    return [(e.type, e.key, e.revision, e.kv.value if e.kv else None) for e in events]
+
+
+# --- keys -------------------------------------------------------------------------
+
+
+async def test_get_and_put(subject: Subject) -> None:
+    store, key = subject.store, subject.prefix + "config"
+    assert await store.get(key) is None
+
+    await store.put(key, b"one")
+    first = await store.get(key)
+    assert first is not None
+    assert (first.key, first.value, first.version, first.lease) == (key, b"one", 1, 0)
+    assert first.create_revision == first.mod_revision == await current_revision(subject)
+
+    await store.put(key, b"two")
+    second = await store.get(key)
+    assert second is not None
+    assert (second.value, second.version) == (b"two", 2)
+    assert second.create_revision == first.create_revision
+    assert second.mod_revision == first.mod_revision + 1
+
+
+async def test_list_prefix_returns_only_the_prefix_sorted_with_the_current_revision(
+    subject: Subject,
+) -> None:
+    store, p = subject.store, subject.prefix
+    await store.put(p + "subnets/10.5.2.0-24", b"b")
+    await store.put(p + "subnets/10.5.1.0-24", b"a")
+    await store.put(p + "subnetsX", b"sibling")  # shares the string prefix minus the slash
+    await store.put(p + "config", b"c")
+
+    listing = await store.list_prefix(p + "subnets/")
+
+    assert [(kv.key, kv.value) for kv in listing.items] == [
+        (p + "subnets/10.5.1.0-24", b"a"),
+        (p + "subnets/10.5.2.0-24", b"b"),
+    ]
+    config = await store.get(p + "config")
+    assert config is not None
+    assert listing.revision == config.mod_revision  # the store's, not the newest listed key's
+    assert (await store.list_prefix(p + "nothing/")).items == []
+    assert (await store.list_prefix(p + "nothing/")).revision == listing.revision
+
+
+async def test_create_if_absent_wins_once_and_returns_the_current_key_on_loss(
+    subject: Subject,
+) -> None:
+    store, key = subject.store, subject.prefix + "subnets/10.5.1.0-24"
+
+    won, kv = await store.create(key, b"first", lease=0)
+    assert won
+    assert kv is not None and kv.value == b"first" and kv.version == 1
+
+    lost, current = await store.create(key, b"second", lease=0)
+    assert not lost
+    assert current == kv
+    assert await store.get(key) == kv
+
+
+async def test_replace_is_fenced_on_mod_revision(subject: Subject) -> None:
+    store, key = subject.store, subject.prefix + "subnets/10.5.1.0-24"
+    assert await store.replace(key, b"x", mod_revision=1, lease=0) == (False, None)
+    _, kv = await store.create(key, b"v1", lease=0)
+    assert kv is not None
+    await store.put(key, b"v2")  # someone else writes in between
+    stale = kv.mod_revision
+
+    won, current = await store.replace(key, b"mine", mod_revision=stale, lease=0)
+    assert not won
+    assert current is not None and current.value == b"v2"
+
+    won, new = await store.replace(key, b"mine", mod_revision=current.mod_revision, lease=0)
+    assert won
+    assert new is not None
+    assert (new.value, new.version, new.create_revision) == (b"mine", 3, kv.create_revision)
+    assert new.mod_revision == current.mod_revision + 1
+    assert await store.get(key) == new
+
+
+async def test_delete_with_and_without_mod_revision(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    await store.put(p + "a", b"1")
+    assert await store.delete(p + "a")
+    assert await store.get(p + "a") is None
+    assert not await store.delete(p + "a")
+
+    await store.put(p + "b", b"1")
+    kv = await store.get(p + "b")
+    assert kv is not None
+    assert not await store.delete(p + "b", mod_revision=kv.mod_revision - 1)
+    assert await store.get(p + "b") == kv
+    assert await store.delete(p + "b", mod_revision=kv.mod_revision)
+    assert await store.get(p + "b") is None
+    assert not await store.delete(p + "b", mod_revision=kv.mod_revision)
+
+
+# --- etcd leases -------------------------------------------------------------------
+
+
+async def test_grant_keepalive_time_to_live(subject: Subject) -> None:
+    store = subject.store
+    lease_id, ttl = await store.grant(30)
+    assert lease_id != 0
+    assert ttl == 30
+    assert 0 < await store.time_to_live(lease_id) <= 30
+    assert await store.keepalive(lease_id) == 30
+
+    _, short_ttl = await store.grant(1)
+    assert short_ttl == 2  # etcd's floor
+
+
+async def test_revoke_deletes_attached_keys_and_the_lease_is_gone(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    lease_id, _ = await store.grant(30)
+    _, kv = await store.create(p + "a", b"1", lease=lease_id)
+    assert kv is not None and kv.lease == lease_id
+    await store.put(p + "unleased", b"stays")
+
+    await store.revoke(lease_id)
+
+    assert await store.get(p + "a") is None
+    assert await store.get(p + "unleased") is not None
+    assert await store.time_to_live(lease_id) == -1
+    assert await store.keepalive(lease_id) <= 0
+    await store.revoke(lease_id)  # revoking twice is harmless
+
+
+async def test_writes_with_a_revoked_lease_raise_lease_lost(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    lease_id, _ = await store.grant(30)
+    await store.revoke(lease_id)
+    with pytest.raises(LeaseLost):
+        await store.create(p + "a", b"1", lease=lease_id)
+    assert await store.get(p + "a") is None
+
+    await store.put(p + "b", b"1")
+    kv = await store.get(p + "b")
+    assert kv is not None
+    with pytest.raises(LeaseLost):
+        await store.replace(p + "b", b"2", mod_revision=kv.mod_revision, lease=lease_id)
+    assert await store.get(p + "b") == kv
+    # A txn whose compare fails never looks at the lease.
+    assert await store.create(p + "b", b"2", lease=lease_id) == (False, kv)
+
+
+async def test_revoking_a_lease_deletes_its_keys_in_one_revision(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    lease_id, _ = await store.grant(30)
+    await store.create(p + "b", b"1", lease=lease_id)
+    await store.create(p + "a", b"2", lease=lease_id)
+    start = await current_revision(subject) + 1
+
+    await store.revoke(lease_id)
+
+    events = await collect(store.watch(p, start_revision=start), 2)
+    assert summary(events) == [
+        (EventType.DELETE, p + "a", start, None),
+        (EventType.DELETE, p + "b", start, None),
+    ]
+    assert await current_revision(subject) == start
+
+
+async def test_lease_expiry_deletes_keys(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    lease_id, ttl = await store.grant(2)
+    await store.create(p + "a", b"1", lease=lease_id)
+    await store.put(p + "unleased", b"stays")
+
+    if subject.clock is not None:
+        subject.clock.now += ttl - 1
+        await subject.memory.expire_leases()
+        assert await store.get(p + "a") is not None  # not yet
+        subject.clock.now += 1
+        await subject.memory.expire_leases()
+    else:
+        deadline = time.monotonic() + ttl + 4  # etcd checks expiry twice a second
+        for _ in range(100):
+            if await store.get(p + "a") is None or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+
+    assert await store.get(p + "a") is None
+    assert await store.get(p + "unleased") is not None
+    assert await store.time_to_live(lease_id) == -1
+    assert await store.keepalive(lease_id) <= 0
+
+
+# --- watch -------------------------------------------------------------------------
+
+
+async def test_watch_from_a_revision_yields_puts_and_deletes_in_order(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    await store.put(p + "before", b"old")
+    start = await current_revision(subject) + 1
+    await store.put(p + "a", b"1")
+    await store.put(subject.prefix.rstrip("/") + "-outside", b"not watched")
+    await store.put(p + "a", b"2")
+    await store.delete(p + "a")
+    await store.put(p + "b", b"3")
+
+    events = await collect(store.watch(p, start_revision=start), 4)
+
+    assert summary(events) == [
+        (EventType.PUT, p + "a", start, b"1"),
+        (EventType.PUT, p + "a", start + 2, b"2"),
+        (EventType.DELETE, p + "a", start + 3, None),
+        (EventType.PUT, p + "b", start + 4, b"3"),
+    ]
+    second = events[1].kv
+    assert second is not None
+    assert (second.create_revision, second.mod_revision, second.version) == (start, start + 2, 2)
+
+
+async def test_watch_delivers_writes_made_after_it_started(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    start = await current_revision(subject) + 1
+    watching = asyncio.create_task(collect(store.watch(p, start_revision=start), 2))
+    await asyncio.sleep(0.2)  # the stream is open and waiting
+    await store.put(p + "a", b"1")
+    await store.delete(p + "a")
+    events = await watching
+    assert summary(events) == [
+        (EventType.PUT, p + "a", start, b"1"),
+        (EventType.DELETE, p + "a", start + 1, None),
+    ]
+
+
+async def test_watch_from_a_future_revision_skips_what_comes_before(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    start = await current_revision(subject) + 2
+    watching = asyncio.create_task(collect(store.watch(p, start_revision=start), 1))
+    await asyncio.sleep(0.2)
+    await store.put(p + "a", b"skipped")
+    await store.put(p + "a", b"seen")
+    events = await watching
+    assert summary(events) == [(EventType.PUT, p + "a", start, b"seen")]
+
+
+async def test_watch_from_a_compacted_revision_raises_compacted(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    start = await current_revision(subject) + 1
+    await store.put(p + "a", b"1")
+    await store.put(p + "a", b"2")
+    compact_at = await current_revision(subject)
+    await store.put(p + "a", b"3")
+    await store.compact(compact_at)
+
+    with pytest.raises(Compacted) as err:
+        await collect(store.watch(p, start_revision=start), 1)
+    assert err.value.compact_revision == compact_at
+
+    # The compact revision itself is kept: a watch may resume from there.
+    events = await collect(store.watch(p, start_revision=compact_at), 2)
+    assert summary(events) == [
+        (EventType.PUT, p + "a", compact_at, b"2"),
+        (EventType.PUT, p + "a", compact_at + 1, b"3"),
+    ]
+
+
+async def test_compacting_an_old_or_future_revision_is_an_error(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    await store.put(p + "a", b"1")
+    now = await current_revision(subject)
+    await store.compact(now)
+    with pytest.raises(StoreError):
+        await store.compact(now)
+    with pytest.raises(StoreError):
+        await store.compact(now + 100)
+
+
+# --- fake-only controls ------------------------------------------------------------
+
+
+async def test_memory_partition_ends_a_blocked_watch(subject: Subject) -> None:
+    if subject.clock is None:
+        pytest.skip("a MemoryStore control; etcd partitions are tested in tests/integration")
+    store = subject.memory
+    watching = asyncio.create_task(
+        collect(store.watch(subject.prefix, start_revision=store.revision + 1), 1, within=2)
+    )
+    await asyncio.sleep(0.05)  # blocked, waiting for a write
+    store.set_available(False)
+    with pytest.raises(StoreUnavailable):
+        await watching
+    store.set_available(True)
+    assert await store.get(subject.prefix + "x") is None
