@@ -42,6 +42,8 @@ from leaseagent.store.base import KeyValue, LeaseStore
 
 log = logging.getLogger("leaseagent")
 
+RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to revoke the lease
+
 
 async def wait_for_network_config(store: LeaseStore, prefix: str, states: StateLog
                                   ) -> NetworkConfig:
@@ -295,7 +297,18 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start up, serve until `stop` is set; raise if a task fails."""
-        await self.start()
+        # A stop during start-up (etcd unreachable, config missing) must not wait for it.
+        starting = asyncio.ensure_future(self.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                return
+        starting.result()
         assert self.watcher is not None and self.backend is not None
         watcher, backend = self.watcher, self.backend
         tasks: dict[asyncio.Task[None], str] = {}
@@ -331,6 +344,11 @@ class Agent:
                     raise RuntimeError(f"task {name} failed: {exc}") from exc
                 raise RuntimeError(f"task {name} ended unexpectedly")
 
+    async def _revoke_retrying(self, lease_id: int) -> None:
+        async for attempt in store_retrying(cap=1.0):
+            with attempt:
+                await self.store.revoke(lease_id)
+
     async def shutdown(self) -> None:
         """Stop without touching kernel state; revoke the lease only if asked to."""
         self._notify("STOPPING=1")
@@ -340,9 +358,12 @@ class Agent:
         own = self.own
         if self.cfg.release_on_exit and own is not None and not own.reservation:
             try:
-                await asyncio.wait_for(self.store.revoke(own.lease_id), 5)
+                # Retried for a few seconds: a revoke sent during a leader election or to a
+                # member that just died times out, and one try would leave the lease behind.
+                await asyncio.wait_for(self._revoke_retrying(own.lease_id), RELEASE_SECONDS)
                 log.info("lease on %s released", own.subnet)
             except Exception as exc:
-                log.warning("could not release the lease on %s: %s", own.subnet, exc)
+                log.warning("could not release the lease on %s: %s", own.subnet,
+                            exc or "etcd did not answer in time")
         elif own is not None:
             log.info("stopping; keeping the lease on %s for the restart", own.subnet)

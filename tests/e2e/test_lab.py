@@ -1,0 +1,130 @@
+"""End to end: hosts, etcd and containers in network namespaces, real agents.
+
+What a user of the cluster sees: every container reaches a container on every
+other host; a new host is reachable within 2 s of its lease appearing; a dead
+host whose lease is gone leaves nothing behind in its peers' kernels within
+2 s; restarting an agent drops no packet across hosts.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from leaseagent.lab import Container, Host, Lab, parse_ping_summary
+
+CONVERGE = 2.0  # seconds: the promise for joins and removals
+
+
+@pytest.mark.root
+def test_all_pairs_reach_with_vxlan(vxlan_lab: Lab) -> None:
+    reach = vxlan_lab.wait_reachable(timeout=10)
+    assert reach.all_ok, "\n" + reach.format()
+    assert len(reach.cells) == 3 * 2 * 2
+    for host in vxlan_lab.hosts.values():
+        assert host.mtu == 1450  # underlay 1500 - 50, as subnet.env says
+
+
+@pytest.mark.root
+def test_all_pairs_reach_with_host_gw(hostgw_lab: Lab) -> None:
+    reach = hostgw_lab.wait_reachable(timeout=10)
+    assert reach.all_ok, "\n" + reach.format()
+    assert len(reach.cells) == 3 * 2 * 2
+
+
+def _pairs_with(lab: Lab, host: Host) -> list[tuple[Container, Host]]:
+    return [(c, h) for (c, h) in lab.pairs() if h is host or c in host.containers]
+
+
+@pytest.mark.root
+def test_new_host_reachable_within_2s_of_its_lease(vxlan_lab: Lab) -> None:
+    lab = vxlan_lab
+    host = lab.add_host(containers=1)
+    try:
+        assert host.subnet_seen_at is not None
+        pairs = _pairs_with(lab, host)
+        # Short ping waits so a miss costs 0.2 s, not 1 s, of the 2 s budget.
+        deadline = host.subnet_seen_at + CONVERGE
+        reach = lab.reachability(pairs, wait=0.2)
+        while not reach.all_ok and time.monotonic() < deadline:
+            reach = lab.reachability(pairs, wait=0.2)
+        took = time.monotonic() - host.subnet_seen_at
+        assert reach.all_ok, f"after {took:.2f}s:\n{reach.format()}"
+        print(f"new host reachable from all {took:.2f}s after its lease appeared")
+    finally:
+        lab.remove_host(host)
+        # Or its peers would keep it until the TTL runs out, and the next test's
+        # new host (same index, same address) would start from that.
+        lab.delete_lease(host)
+
+
+@pytest.mark.root
+def test_dead_host_leaves_nothing_in_peers_within_2s(vxlan_lab: Lab) -> None:
+    lab = vxlan_lab
+    victim = lab.add_host(containers=1)
+    try:
+        assert lab.wait_reachable(timeout=5).all_ok
+        value = lab.lease_value(victim)
+        assert value is not None
+        mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]
+        assert victim.subnet is not None
+        subnet = victim.subnet.network
+        others = [h for h in lab.hosts.values() if h is not victim]
+        for h in others:
+            assert len(lab.kernel_entries(h, subnet, mac)) == 3, h.name  # route, neigh, fdb
+
+        lab.kill_agent(victim, signal.SIGKILL)
+        lab.delete_lease(victim)
+        gone_at = time.monotonic()
+        left = {h.name: lab.kernel_entries(h, subnet, mac) for h in others}
+        while any(left.values()) and time.monotonic() < gone_at + CONVERGE:
+            time.sleep(0.05)
+            left = {h.name: lab.kernel_entries(h, subnet, mac) for h in others}
+        assert not any(left.values()), left
+        print(f"dead host's entries gone {time.monotonic() - gone_at:.2f}s after its lease")
+    finally:
+        lab.remove_host(victim)
+    assert lab.wait_reachable(timeout=5).all_ok
+
+
+@pytest.mark.root
+def test_agent_restart_loses_no_packet(vxlan_lab: Lab) -> None:
+    lab = vxlan_lab
+    a, b = lab.hosts[1], lab.hosts[2]
+    interval, window = 0.05, 5.0
+    ping = lab.ping_background(a.containers[0].ns, b.containers[0].ip,
+                               count=int(window / interval), interval=interval)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        for host in (a, b):  # the sender's side (routes to b) and the receiver's
+            lab.stop_agent(host)
+            lab.start_agent(host)
+            lab.wait_ready(host, timeout=10)
+        restarts = time.monotonic() - started
+        assert ping.poll() is None, "restarts took longer than the ping window"
+        out, _ = ping.communicate(timeout=window + 5)
+    finally:
+        if ping.poll() is None:
+            ping.kill()
+            ping.wait()
+    sent, received = parse_ping_summary(out)
+    assert sent > 0 and received == sent, out
+    print(f"2 agent restarts ({restarts:.1f}s, stop to ready) under ping -i {interval}: "
+          f"{sent} sent, {received} received")
+
+
+def test_lab_owns_only_names_of_its_own_shape() -> None:
+    lab = Lab("demo")
+    for ns in ("la-demo-ul", "la-demo-etcd", "la-demo-h12", "la-demo-c3-1"):
+        assert lab.owns(ns), ns
+    for ns in ("la-demo2-h1", "la-demo-h1x", "la-demo-foo", "x-la-demo-h1", "la-dem-h1"):
+        assert not lab.owns(ns), ns
+
+
+def test_ping_summary_is_parsed() -> None:
+    out = "--- 10.244.3.2 ping statistics ---\n80 packets transmitted, 79 received, 1% packet loss"
+    assert parse_ping_summary(out) == (80, 79)
+    assert parse_ping_summary("connect: Network is unreachable") == (0, 0)
