@@ -307,7 +307,8 @@ class Agent:
             if not starting.done():
                 starting.cancel()
                 await asyncio.gather(starting, return_exceptions=True)
-                return
+        if starting.cancelled():
+            return
         starting.result()
         assert self.watcher is not None and self.backend is not None
         watcher, backend = self.watcher, self.backend

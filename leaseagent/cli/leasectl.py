@@ -6,6 +6,8 @@
     leasectl config set FILE        (validated first; a bad file leaves etcd untouched)
     leasectl reserve SUBNET --public-ip IP
     leasectl release SUBNET
+    leasectl watch [--output table|json]
+    leasectl doctor [--json] [--iface IF] [--public-ip IP] [--subnet-file F] [--state-dir D]
     leasectl docker-opts [-f SUBNET_ENV] [-d OUT|-] [-i] [-c] [-k KEY] [-m] [--daemon-json]
 
 `docker-opts` needs no etcd: it turns subnet.env into Docker's options the
@@ -14,6 +16,13 @@ way flannel's mk-docker-opts.sh does.
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
 line on stderr with a non-zero exit (1: the operation failed, 2: bad usage
 or configuration), never a traceback.
+
+`watch` prints one line per lease event (added, changed, removed, expired) as
+it happens, flushed at once; status lines (listed, etcd lost) go to stderr.
+Ctrl-C or SIGTERM ends it with status 0. See leaseagent.cli.watching.
+
+`doctor` compares what etcd says this host should have with this host's
+kernel and files; read-only. See leaseagent.cli.doctor.
 
 `list` costs one range request for all keys plus one TimeToLive per distinct
 etcd lease, sent concurrently.
@@ -25,13 +34,17 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from leaseagent.agent.files import write_atomic
+from leaseagent.cli import doctor
+from leaseagent.cli.watching import LeaseEvent, lease_events
 from leaseagent.config import _EnvDefaults, add_etcd_arguments, etcd_settings
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
 from leaseagent.core.lease import (
@@ -47,6 +60,7 @@ from leaseagent.errors import ConfigError, LeaseagentError, NetworkConfigError
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.etcd import EtcdStore
 
+WATCH_FIELDS = ("subnet", "public_ip", "backend", "node_id", "valid", "error")
 LIST_FIELDS = ("subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in",
                "reservation", "valid", "error")
 
@@ -218,6 +232,84 @@ async def cmd_release(store: LeaseStore, prefix: str, args: argparse.Namespace) 
     return 0
 
 
+def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
+    status = "ok" if row["valid"] else f"INVALID: {row['error']}"
+    cells = [time.strftime("%H:%M:%S", time.localtime(when)), event]
+    cells += ["-" if row[k] is None else str(row[k]) for k in ("subnet", "public_ip", "backend",
+                                                                 "node_id")]
+    cells.append(status)
+    return "".join(c.ljust(w) for c, w in zip(cells, WATCH_WIDTHS, strict=False)).rstrip()
+
+
+WATCH_WIDTHS = (10, 9, 20, 17, 9, 24, 0)
+WATCH_HEADS = ("TIME", "EVENT", "SUBNET", "PUBLIC IP", "BACKEND", "NODE ID", "STATUS")
+
+
+async def _print_events(store: LeaseStore, prefix: str, *, output: str) -> None:
+    subnets_prefix = f"{prefix}/subnets/"
+    network = await load_network(store, prefix)
+    relisted = False
+
+    def on_listed(count: int, revision: int, reason: str) -> None:
+        nonlocal relisted
+        if reason == "start":
+            note = f"watching {count} leases under {subnets_prefix} from revision {revision + 1}"
+        else:
+            relisted = True
+            note = f"listed again ({reason}): {count} leases; changes since follow"
+        print(f"leasectl: {note}", file=sys.stderr, flush=True)
+
+    def on_unavailable(exc: BaseException) -> None:
+        print(f"leasectl: {exc}; retrying", file=sys.stderr, flush=True)
+
+    if output == "table":
+        print("".join(h.ljust(w) for h, w in zip(WATCH_HEADS, WATCH_WIDTHS, strict=True)).rstrip(),
+              flush=True)
+    event: LeaseEvent
+    async for event in lease_events(store, subnets_prefix, on_listed=on_listed,
+                                    on_unavailable=on_unavailable):
+        if relisted:  # the network config may have changed while we were away
+            network, relisted = await load_network(store, prefix), False
+        row = describe(event.kv, subnets_prefix=subnets_prefix, network=network, expires_in=None)
+        if output == "json":
+            doc = {"event": event.kind, **{k: row[k] for k in WATCH_FIELDS}}
+            print(json.dumps(doc), flush=True)
+        else:
+            print(format_watch_line(event.kind, row, when=time.time()), flush=True)
+
+
+async def cmd_watch(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    printer = asyncio.create_task(_print_events(store, prefix, output=args.output))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (printer, stopper):
+            task.cancel()
+        await asyncio.gather(printer, stopper, return_exceptions=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if printer in done and not printer.cancelled():
+        printer.result()  # an error that is not retried: one line, exit 1
+    return 0
+
+
+async def cmd_doctor(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+    report = await doctor.examine(store, prefix, args.doctor_settings)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            print(problem.text)
+        if report.ok:
+            print(f"ok: {report.summary}")
+    return 0 if report.ok else 1
+
+
 def cmd_docker_opts(args: argparse.Namespace) -> int:
     try:
         env = parse_subnet_env(Path(args.subnet_file).read_text())
@@ -245,7 +337,8 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
-            "reserve": cmd_reserve, "release": cmd_release}
+            "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
+            "doctor": cmd_doctor}
 
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
@@ -269,6 +362,12 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--public-ip", required=True)
     p = sub.add_parser("release", help="delete the lease or reservation of SUBNET")
     p.add_argument("subnet")
+    p = sub.add_parser("watch", help="stream lease events (added, changed, removed, expired)")
+    p.add_argument("--output", "-o", choices=["table", "json"], default="table",
+                   help="a table line or a JSON object per event")
+    p = sub.add_parser("doctor", help="compare etcd's view of this host with its kernel and files")
+    p.add_argument("--json", action="store_true", help='{"ok": ..., "problems": [...]}')
+    doctor.add_host_arguments(_EnvDefaults(p, environ))
     p = sub.add_parser("docker-opts", help="Docker options from subnet.env (as mk-docker-opts.sh)")
     p.add_argument("-f", "--subnet-file", default=os.environ.get(
         "LEASEAGENT_SUBNET_FILE", "/run/leaseagent/subnet.env"))
@@ -278,7 +377,23 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p.add_argument("-k", "--key", default="DOCKER_OPTS", help="name of the combined variable")
     p.add_argument("-m", "--no-ipmasq", action="store_true", help="never emit --ip-masq")
     p.add_argument("--daemon-json", action="store_true", help="a daemon.json fragment instead")
+    _accept_etcd_flags_after_command(parser, [*sub.choices.values(), *csub.choices.values()])
     return parser
+
+
+def _accept_etcd_flags_after_command(parser: argparse.ArgumentParser,
+                                     subparsers: Sequence[argparse.ArgumentParser]) -> None:
+    """`leasectl doctor --etcd-endpoints URL` works as well as `leasectl --etcd-endpoints URL
+    doctor`: operators paste the agent's flags after the command. SUPPRESS as default
+    keeps the value (or LEASEAGENT_* variable) given before the command when the flag
+    is not repeated after it."""
+    etcd_actions = [a for a in parser._actions if a.dest.startswith("etcd_")]
+    for sub in subparsers:
+        # As on the main parser: `--etcd-password SECRET` must not match --etcd-password-file.
+        sub.allow_abbrev = False
+        for action in etcd_actions:
+            sub.add_argument(*action.option_strings, dest=action.dest,
+                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def read_config_file(name: str) -> tuple[bytes, NetworkConfig]:
@@ -309,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_docker_opts(args)
         if args.cmd == "config" and args.config_cmd == "set":
             args.config_data = read_config_file(args.file)
+        if args.cmd == "doctor":
+            args.doctor_settings = doctor.settings_from(args)
         return asyncio.run(run(args))
     except (UsageError, ConfigError) as exc:
         print(f"leasectl: error: {exc}", file=sys.stderr)
@@ -319,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        # stdout's reader is gone (`leasectl watch | head`): nothing more to say, and
+        # Python's flush at exit must not complain about it either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 

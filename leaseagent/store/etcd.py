@@ -15,8 +15,11 @@ Quirks of etcd3aio 0.3.0 handled here:
   `create`/`replace` get the key as it is after the txn (read in the failure
   branch of the same txn) and check whether the winner is in fact them;
 - a watch from a compacted revision yields one response with
-  compact_revision set (and canceled) and then blocks forever: we raise
-  Compacted on that response;
+  compact_revision set (and canceled): we raise Compacted on it;
+- its watch helper logs a line per reconnect, leaks a task per dead stream
+  and may resume past unsent events: `watch` here drives the raw stream
+  itself, resumes from the last revision it saw, and probes a silent stream
+  with a progress request (half-open detection);
 - its LeaseKeepalive helper shows a lost lease only through a flag and logs a
   traceback per failed attempt, so `keepalive` here is one request on the
   raw stream, bounded by a timeout; the agent drives the loop;
@@ -56,6 +59,10 @@ from leaseagent.errors import (
 from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
 
 DEFAULT_TIMEOUT = 5.0
+# A watch silent this long (at least 2 x the timeout) is asked for a progress report.
+WATCH_PROBE_AFTER = 5.0
+# A lost watch stream is resumed this many times in a row before the caller must list again.
+WATCH_RESUMES = 3
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,10 @@ def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
             return StoreAuthError(f"etcd refused {what}: {detail}")
         return StoreError(f"etcd error during {what}: {detail}")
     return StoreError(f"etcd error during {what}: {exc}")
+
+
+def _as_bytes(data: str | bytes) -> bytes:
+    return data.encode() if isinstance(data, str) else data
 
 
 def _kv(pb: Any) -> KeyValue:
@@ -308,12 +319,71 @@ class EtcdStore:
         await self._call("compact", self._kvs.compact(revision, timeout=self._timeout))
 
     async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        watch: Any = self._client.watch
-        stream: Any = watch.watch(
-            prefix, prefix_range_end(prefix), start_revision=start_revision
+        """Event batches from start_revision on; a lost stream is resumed where it stopped.
+
+        etcd3aio's helper is not used: it logs a line per reconnect, leaks its
+        request-iterator task every time a stream dies, and resumes from the
+        header revision of a `created` response (which can skip events). Here
+        the stream is resumed from the last event's revision + 1 (or a progress
+        report's) up to WATCH_RESUMES times in a row, then StoreUnavailable
+        tells the caller to list again; Compacted when the history is gone.
+        """
+        next_revision = start_revision
+        failures = 0
+        while True:
+            try:
+                async for events, revision in self._watch_stream(prefix, next_revision):
+                    failures = 0
+                    next_revision = max(next_revision, revision + 1)
+                    if events:
+                        yield events
+            except StoreUnavailable:
+                failures += 1
+                if failures > WATCH_RESUMES:
+                    raise
+                await asyncio.sleep(0.1 * failures)
+
+    async def _watch_stream(self, prefix: str, start_revision: int
+                            ) -> AsyncIterator[tuple[list[WatchEvent], int]]:
+        """One stream: (events, revision seen up to) per response.
+
+        A stream silent for WATCH_PROBE_AFTER seconds (at least twice the
+        timeout) is asked for a progress report; no answer within the timeout
+        (a member paused, or the connection half-open) raises StoreUnavailable
+        instead of waiting for gRPC keepalive to notice.
+        """
+        from etcd3aio._protobuf import WatchCreateRequest
+        from etcd3aio.proto.etcd.api.etcdserverpb.rpc_pb2 import (
+            WatchProgressRequest,
+            WatchRequest,
         )
+
+        service: Any = self._client.watch
+        call: Any = service._stub.Watch(metadata=service._metadata or None)
+        read: asyncio.Future[Any] | None = None
+        probe_after = max(WATCH_PROBE_AFTER, 2 * self._timeout)
         try:
-            async for resp in stream:
+            await asyncio.wait_for(call.write(WatchRequest(create_request=WatchCreateRequest(
+                key=prefix.encode(), range_end=_as_bytes(prefix_range_end(prefix)),
+                start_revision=start_revision))), self._timeout)
+            probing = False
+            while True:
+                if read is None:
+                    read = asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({read}, timeout=self._timeout if probing else probe_after)
+                if not done:
+                    if probing:
+                        raise StoreUnavailable(
+                            f"etcd did not answer on the watch of {prefix} within "
+                            f"{self._timeout:g}s (member paused or connection half-open)")
+                    await asyncio.wait_for(
+                        call.write(WatchRequest(progress_request=WatchProgressRequest())),
+                        self._timeout)
+                    probing = True
+                    continue
+                resp, read, probing = read.result(), None, False
+                if resp is grpc.aio.EOF:
+                    raise StoreUnavailable(f"etcd ended the watch stream of {prefix}")
                 if resp.compact_revision > 0:
                     raise Compacted(int(resp.compact_revision))
                 if resp.canceled:
@@ -326,11 +396,18 @@ class EtcdStore:
                     else:
                         events.append(WatchEvent(EventType.DELETE, kv.key, kv.mod_revision))
                 if events:
-                    yield events
-        except (etcd3aio.EtcdError, grpc.aio.AioRpcError) as exc:
+                    seen = max(e.revision for e in events)
+                elif resp.created:
+                    seen = 0  # says where etcd is now, not what it has sent us
+                else:
+                    seen = int(resp.header.revision)  # a progress report: all sent up to here
+                yield events, seen
+        except (etcd3aio.EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, f"watch {prefix}") from exc
         finally:
-            await stream.aclose()
+            if read is not None:
+                read.cancel()
+            call.cancel()
 
     async def close(self) -> None:
         if self._refresher is not None:
