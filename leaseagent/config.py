@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import NoReturn
 
 from leaseagent.errors import ConfigError
 from leaseagent.store.etcd import EtcdSettings, parse_endpoints
@@ -24,6 +25,18 @@ DEFAULT_SUBNET_FILE = Path("/run/leaseagent/subnet.env")
 DEFAULT_STATE_DIR = Path("/var/lib/leaseagent")
 DEFAULT_LEASE_TTL = 24 * 3600
 MIN_LEASE_TTL = 2  # etcd refuses less
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without echoing values it does not know: a mistyped flag may be
+    followed by a secret (`--etcd-password hunter2`), which must not reach a log."""
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [t.split("=", 1)[0] for t in message[len(prefix):].split() if t.startswith("-")]
+            message = prefix + (" ".join(flags) if flags else "(values not shown)")
+        super().error(message)
 
 
 def env_name(flag: str) -> str:
@@ -136,7 +149,7 @@ def _parse_hostport(flag: str, raw: str) -> tuple[str, int]:
 
 
 def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="leaseagent",
         # No prefix matching: `--etcd-password SECRET` must be an error, not a
         # silent `--etcd-password-file SECRET` whose "cannot read" message logs it.

@@ -45,7 +45,7 @@ from typing import Any
 from leaseagent.agent.files import write_atomic
 from leaseagent.cli import doctor
 from leaseagent.cli.watching import LeaseEvent, lease_events
-from leaseagent.config import _EnvDefaults, add_etcd_arguments, etcd_settings
+from leaseagent.config import Parser, _EnvDefaults, add_etcd_arguments, etcd_settings
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
 from leaseagent.core.lease import (
     InvalidLease,
@@ -232,6 +232,10 @@ async def cmd_release(store: LeaseStore, prefix: str, args: argparse.Namespace) 
     return 0
 
 
+WATCH_WIDTHS = (10, 9, 20, 17, 9, 24, 0)
+WATCH_HEADS = ("TIME", "EVENT", "SUBNET", "PUBLIC IP", "BACKEND", "NODE ID", "STATUS")
+
+
 def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
     status = "ok" if row["valid"] else f"INVALID: {row['error']}"
     cells = [time.strftime("%H:%M:%S", time.localtime(when)), event]
@@ -239,10 +243,6 @@ def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
                                                                  "node_id")]
     cells.append(status)
     return "".join(c.ljust(w) for c, w in zip(cells, WATCH_WIDTHS, strict=False)).rstrip()
-
-
-WATCH_WIDTHS = (10, 9, 20, 17, 9, 24, 0)
-WATCH_HEADS = ("TIME", "EVENT", "SUBNET", "PUBLIC IP", "BACKEND", "NODE ID", "STATUS")
 
 
 async def _print_events(store: LeaseStore, prefix: str, *, output: str) -> None:
@@ -342,7 +342,7 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
 
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leasectl", allow_abbrev=False,
+    parser = Parser(prog="leasectl", allow_abbrev=False,
                                      description="Inspect and manage leaseagent's "
                                      "subnet leases in etcd.")
     add_etcd_arguments(_EnvDefaults(parser, environ))

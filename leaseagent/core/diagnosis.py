@@ -1,0 +1,290 @@
+"""What `leasectl doctor` finds wrong: etcd's view of a host against what the host has.
+
+Pure: no I/O. The caller (leaseagent.cli.doctor) reads etcd, the kernel
+(through the netlink adapter) and the files, and hands plain facts to the
+functions here; each returns a list of `Problem`s, empty when all is well.
+
+A Problem has a `kind` (missing, stale, wrong, device, lease, subnet.env,
+state), the `object` it is about and a `detail`; `text` is the one line an
+operator reads, e.g.
+
+    missing route 10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink (peer 10.250.0.12)
+    stale neighbour 10.5.9.0 lladdr 0a:..:01 dev flannel.1 (no valid lease holds 10.5.9.0/24)
+    subnet.env FLANNEL_SUBNET=10.5.4.1/24 but the lease is 10.5.3.0/24
+
+Kernel objects are compared exactly as the agent's reconcile does
+(leaseagent.core.plan.diff): an object the plan wants but the kernel lacks is
+missing; one whose identity (plan `key`) the kernel has with other
+attributes is wrong; one of ours no plan wants is stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from leaseagent.core.lease import LeaseValue, Peer
+from leaseagent.core.plan import KernelObject, Neighbour, Route, VxlanOptions, diff
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    object: str
+    detail: str
+    text: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "object": self.object, "detail": self.detail}
+
+
+def problem(kind: str, obj: str, detail: str = "", *, text: str | None = None) -> Problem:
+    """A Problem whose line is `<kind> <object> (<detail>)` unless `text` says otherwise."""
+    if text is None:
+        text = f"{kind} {obj}" + (f" ({detail})" if detail else "")
+    return Problem(kind, obj, detail, text)
+
+
+# ------------------------------------------------------------------ kernel objects
+
+
+def render_object(obj: KernelObject, names: Mapping[int, str]) -> str:
+    """An object as iproute2 would show it: `route 10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink`."""
+
+    def dev(index: int) -> str:
+        return names.get(index, f"if{index}")
+
+    if isinstance(obj, Route):
+        text = f"route {obj.dst}"
+        if obj.gateway is not None:
+            text += f" via {obj.gateway}"
+        if obj.ifindex:
+            text += f" dev {dev(obj.ifindex)}"
+        if obj.onlink:
+            text += " onlink"
+        if obj.metric:
+            text += f" metric {obj.metric}"
+        return text
+    if isinstance(obj, Neighbour):
+        return f"neighbour {obj.dst} lladdr {obj.lladdr} dev {dev(obj.ifindex)}"
+    return f"fdb {obj.lladdr} dst {obj.dst} dev {dev(obj.ifindex)}"
+
+
+def _peer_label(peer: Peer) -> str:
+    label = f"peer {peer.public_ip}"
+    return label + (f", node {peer.node_id}" if peer.node_id else "")
+
+
+def compare_objects(
+    plan: Mapping[IPv4Network, frozenset[KernelObject]],
+    current: Iterable[KernelObject],
+    *,
+    peers: Mapping[IPv4Network, Peer],
+    names: Mapping[int, str],
+) -> list[Problem]:
+    """Missing, wrong and stale objects: the per-peer `plan` against what the kernel has of ours."""
+    owner: dict[KernelObject, Peer] = {}
+    for subnet, objects in plan.items():
+        for obj in objects:
+            if subnet in peers:
+                owner.setdefault(obj, peers[subnet])
+    desired = [obj for objects in plan.values() for obj in objects]
+    current_set = set(current)
+    current_by_key = {obj.key: obj for obj in current_set}
+    to_add, to_remove = diff(desired, current_set)
+    out: list[Problem] = []
+    for obj in to_add:
+        peer = owner.get(obj)
+        label = _peer_label(peer) if peer else ""
+        there = current_by_key.get(obj.key)
+        if there is None:
+            out.append(problem("missing", render_object(obj, names), label))
+        else:
+            want = render_object(obj, names)
+            out.append(problem(
+                "wrong", render_object(there, names), f"want {want}" + (f"; {label}" if label else "")))
+    for obj in to_remove:
+        out.append(problem("stale", render_object(obj, names), _stale_reason(obj, peers)))
+    return out
+
+
+def _stale_reason(obj: KernelObject, peers: Mapping[IPv4Network, Peer]) -> str:
+    if isinstance(obj, Route):
+        if obj.dst in peers:
+            return f"not what the lease of {obj.dst} needs"
+        return f"no valid lease holds {obj.dst}"
+    if isinstance(obj, Neighbour):
+        held = [s for s in peers if s.network_address == obj.dst]
+        return f"not what the lease of {held[0]} needs" if held else \
+            f"no valid lease holds a subnet at {obj.dst}"
+    macs = {p.vtep_mac for p in peers.values() if p.vtep_mac}
+    return "no valid lease has this VtepMAC at this address" if obj.lladdr in macs else \
+        "no valid lease has this VtepMAC"
+
+
+# ------------------------------------------------------------------ the vxlan device
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the kernel says about the backend's device."""
+
+    name: str
+    index: int
+    kind: str | None
+    up: bool
+    mac: str | None
+    mtu: int
+    addresses: tuple[IPv4Interface, ...] = ()
+    vni: int | None = None
+    port: int | None = None
+    local: IPv4Address | None = None
+    link: int | None = None
+    learning: bool | None = None
+
+
+def check_vxlan_device(
+    dev: DeviceFacts | None,
+    *,
+    options: VxlanOptions,
+    public_ip: IPv4Address,
+    underlay_index: int,
+    underlay_mtu: int,
+    own_subnet: IPv4Network | None,
+    lease_mac: str | None,
+    stored_mac: str | None,
+    state_file: str,
+) -> list[Problem]:
+    """The device flannel.<VNI>: exists, is vxlan as configured, up, MAC, MTU, its /32."""
+    name = options.device_name
+    if dev is None:
+        return [problem("missing", f"device {name}",
+                        "no device means no route, neighbour or FDB entry to any peer")]
+    out: list[Problem] = []
+    if dev.kind != "vxlan":
+        return [problem("device", name, f"is a {dev.kind or 'plain'} device, not vxlan",
+                        text=f"device {name} is a {dev.kind or 'plain'} device, not vxlan")]
+    expect: list[tuple[str, Any, Any]] = [
+        ("VNI", dev.vni, options.vni),
+        ("port", dev.port, options.port),
+        ("local address", dev.local, public_ip),
+        ("learning", dev.learning, False),
+    ]
+    if underlay_index:
+        expect.append(("underlay link", dev.link, underlay_index))
+    for what, have, want in expect:
+        if have != want:
+            out.append(problem("device", name, f"{what} is {have}, want {want}",
+                               text=f"device {name} {what} is {have}, want {want}"))
+    if not dev.up:
+        out.append(problem("device", name, "is down", text=f"device {name} is down"))
+    mac = (dev.mac or "").lower()
+    if lease_mac is not None and mac != lease_mac.lower():
+        out.append(problem("device", name, f"MAC {mac} but the lease's VtepMAC is {lease_mac}",
+                           text=f"device {name} MAC {mac} but the lease's VtepMAC is {lease_mac}"))
+    if stored_mac is None:
+        out.append(problem("state", state_file, "missing (the VtepMAC is not kept across restarts)",
+                           text=f"state {state_file} missing: the VtepMAC would not survive "
+                           "a deleted device"))
+    elif stored_mac.lower() != mac:
+        out.append(problem("state", state_file, f"holds {stored_mac} but device {name} has {mac}",
+                           text=f"state {state_file} holds {stored_mac} but device {name} has {mac}"))
+    want_mtu = options.mtu_for(underlay_mtu)
+    if dev.mtu != want_mtu:
+        out.append(problem("device", name, f"MTU {dev.mtu}, want {want_mtu}",
+                           text=f"device {name} MTU {dev.mtu}, want {want_mtu} "
+                           f"(underlay MTU {underlay_mtu} - 50)"
+                           if options.mtu is None else
+                           f"device {name} MTU {dev.mtu}, want Backend.MTU {want_mtu}"))
+    if own_subnet is not None:
+        want_addr = IPv4Interface((own_subnet.network_address, 32))
+        if want_addr not in dev.addresses:
+            out.append(problem("missing", f"address {want_addr} dev {name}", "this host's subnet"))
+        for addr in dev.addresses:
+            if addr != want_addr:
+                out.append(problem("stale", f"address {addr} dev {name}",
+                                   f"only {want_addr} belongs there"))
+    return out
+
+
+# ------------------------------------------------------------------ lease and subnet.env
+
+
+def first_address(subnet: IPv4Network) -> IPv4Interface:
+    """FLANNEL_SUBNET for a lease: its first usable address / its length."""
+    return IPv4Interface((int(subnet.network_address) + 1, subnet.prefixlen))
+
+
+def pick_own_lease(
+    ours: Mapping[IPv4Network, LeaseValue],
+    *,
+    public_ip: IPv4Address,
+    env_subnet: IPv4Network | None,
+    holder_of_env_subnet: LeaseValue | None,
+) -> tuple[IPv4Network | None, list[Problem]]:
+    """This host's lease among the leases naming its PublicIP (`ours`).
+
+    The one subnet.env names wins; several is a problem (one of them is a
+    leftover that holds a subnet for nothing).
+    """
+    out: list[Problem] = []
+    if not ours:
+        detail = "the agent holds no subnet"
+        if env_subnet is not None and holder_of_env_subnet is not None:
+            detail += (f"; {env_subnet} of subnet.env is held by "
+                       f"{holder_of_env_subnet.public_ip}")
+        elif env_subnet is not None:
+            detail += f"; {env_subnet} of subnet.env is free"
+        out.append(problem("lease", str(public_ip), detail,
+                           text=f"lease missing: no lease in etcd names PublicIP {public_ip} "
+                           f"({detail})"))
+        return None, out
+    own = env_subnet if env_subnet in ours else sorted(ours)[0]
+    if len(ours) > 1:
+        others = ", ".join(str(s) for s in sorted(ours) if s != own)
+        out.append(problem("lease", str(public_ip), f"also holds {others}",
+                           text=f"lease duplicate: PublicIP {public_ip} holds {own} and also "
+                           f"{others}"))
+    return own, out
+
+
+def check_subnet_env(
+    env: Mapping[str, str] | None,
+    *,
+    path: str,
+    network: IPv4Network,
+    subnet: IPv4Network | None,
+    mtu: int | None,
+    mtu_source: str,
+) -> list[Problem]:
+    """subnet.env against the lease (FLANNEL_NETWORK, FLANNEL_SUBNET) and the device (MTU)."""
+    if env is None:
+        return [problem("subnet.env", path, "missing",
+                        text=f"subnet.env {path} is missing or unreadable")]
+    out: list[Problem] = []
+
+    def mismatch(name: str, have: str | None, want: str) -> None:
+        shown = f"{name}={have}" if have is not None else f"{name} (absent)"
+        out.append(problem("subnet.env", shown, f"but {want}",
+                           text=f"subnet.env {shown} but {want}"))
+
+    if env.get("FLANNEL_NETWORK") != str(network):
+        mismatch("FLANNEL_NETWORK", env.get("FLANNEL_NETWORK"), f"the network is {network}")
+    if subnet is not None and env.get("FLANNEL_SUBNET") != str(first_address(subnet)):
+        mismatch("FLANNEL_SUBNET", env.get("FLANNEL_SUBNET"),
+                 f"the lease is {subnet} (want {first_address(subnet)})")
+    if mtu is not None and env.get("FLANNEL_MTU") != str(mtu):
+        mismatch("FLANNEL_MTU", env.get("FLANNEL_MTU"), f"{mtu_source} has MTU {mtu}")
+    return out
+
+
+def env_subnet(env: Mapping[str, str] | None) -> IPv4Network | None:
+    """The lease subnet FLANNEL_SUBNET names, or None."""
+    if not env or not env.get("FLANNEL_SUBNET"):
+        return None
+    try:
+        return IPv4Interface(env["FLANNEL_SUBNET"]).network
+    except ValueError:
+        return None

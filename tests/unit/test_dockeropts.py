@@ -1,0 +1,92 @@
+"""Docker options from subnet.env, byte for byte as flannel's mk-docker-opts.sh writes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from leaseagent.core.dockeropts import docker_options, render_daemon_json, render_docker_env
+from leaseagent.core.subnetenv import parse_subnet_env
+
+ENV = {"FLANNEL_NETWORK": "10.5.0.0/16", "FLANNEL_SUBNET": "10.5.34.1/24",
+       "FLANNEL_MTU": "1450", "FLANNEL_IPMASQ": "false"}
+MASQ = {**ENV, "FLANNEL_IPMASQ": "true"}
+
+
+def test_default_is_individual_and_combined_exactly_as_mk_docker_opts():
+    assert render_docker_env(ENV) == (
+        'DOCKER_OPT_BIP="--bip=10.5.34.1/24"\n'
+        'DOCKER_OPT_MTU="--mtu=1450"\n'
+        'DOCKER_OPTS=" --bip=10.5.34.1/24 --mtu=1450 "\n'
+    )
+
+
+def test_ipmasq_true_adds_ip_masq_false_in_name_order():
+    # bash's `compgen -v` sorts names: BIP < IPMASQ < MTU, and DOCKER_OPTS follows that order.
+    assert render_docker_env(MASQ) == (
+        'DOCKER_OPT_BIP="--bip=10.5.34.1/24"\n'
+        'DOCKER_OPT_IPMASQ="--ip-masq=false"\n'
+        'DOCKER_OPT_MTU="--mtu=1450"\n'
+        'DOCKER_OPTS=" --bip=10.5.34.1/24 --ip-masq=false --mtu=1450 "\n'
+    )
+    assert list(docker_options(MASQ)) == ["DOCKER_OPT_BIP", "DOCKER_OPT_IPMASQ", "DOCKER_OPT_MTU"]
+
+
+def test_no_ipmasq_flag_drops_it():
+    assert "ip-masq" not in render_docker_env(MASQ, ipmasq=False)
+
+
+def test_individual_only():
+    assert render_docker_env(ENV, individual=True, combined=False) == (
+        'DOCKER_OPT_BIP="--bip=10.5.34.1/24"\n'
+        'DOCKER_OPT_MTU="--mtu=1450"\n'
+    )
+
+
+def test_combined_only_with_own_key_and_existing_value():
+    assert render_docker_env(ENV, individual=False, combined=True) == (
+        'DOCKER_OPTS=" --bip=10.5.34.1/24 --mtu=1450 "\n')
+    assert render_docker_env(ENV, individual=False, combined=True, combined_key="DOCKER_NET",
+                             existing="--debug") == (
+        'DOCKER_NET="--debug --bip=10.5.34.1/24 --mtu=1450 "\n')
+
+
+def test_daemon_json():
+    assert json.loads(render_daemon_json(ENV)) == {"bip": "10.5.34.1/24", "mtu": 1450}
+    assert json.loads(render_daemon_json(MASQ)) == {"bip": "10.5.34.1/24", "mtu": 1450,
+                                                    "ip-masq": False}
+
+
+def test_subnet_env_as_the_agent_writes_it_round_trips():
+    text = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.34.1/24\nFLANNEL_MTU=1450\n" \
+           "FLANNEL_IPMASQ=false\n"
+    assert parse_subnet_env(text) == ENV
+
+
+def _leasectl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "leaseagent.cli.leasectl", *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_leasectl_docker_opts_as_a_process(tmp_path: Path):
+    subnet_env = tmp_path / "subnet.env"
+    subnet_env.write_text("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.34.1/24\n"
+                          "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    out = tmp_path / "docker_opts.env"
+    result = _leasectl("docker-opts", "-f", str(subnet_env), "-d", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == render_docker_env(parse_subnet_env(subnet_env.read_text()))
+    assert out.stat().st_mode & 0o777 == 0o644
+    stdout = _leasectl("docker-opts", "-f", str(subnet_env), "-d", "-", "-c", "-k", "OPTS", "-m")
+    assert stdout.stdout == 'OPTS=" --bip=10.5.34.1/24 --mtu=1450 "\n'
+
+
+def test_leasectl_docker_opts_missing_file_is_one_line(tmp_path: Path):
+    result = _leasectl("docker-opts", "-f", str(tmp_path / "nope.env"), "-d", "-")
+    assert result.returncode == 1
+    assert result.stderr.startswith("leasectl: error: cannot read ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -1,0 +1,117 @@
+"""deploy/install.sh: shellcheck-clean, idempotent, files where and as they should be.
+
+Installs into a temporary --root with --no-venv (creating the venv would
+download the dependencies); the real system is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[2]
+SCRIPT = REPO / "deploy" / "install.sh"
+SCRIPTS = [SCRIPT, REPO / "deploy" / "vagrant" / "provision.sh", REPO / "deploy" / "vagrant" / "check.sh"]
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, ...]]:
+    """Every path under root: (mode, link target or content hash)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        mode = stat.filemode(st.st_mode)
+        if path.is_symlink():
+            out[str(path.relative_to(root))] = (mode, str(path.readlink()))
+        elif path.is_file():
+            out[str(path.relative_to(root))] = (mode, hashlib.sha256(path.read_bytes()).hexdigest())
+        else:
+            out[str(path.relative_to(root))] = (mode,)
+    return out
+
+
+def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), "--root", str(root), "--no-venv", *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_clean(script: Path):
+    result = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout
+
+
+def test_twice_gives_the_same_tree_with_the_right_modes(tmp_path: Path):
+    first = install(tmp_path, "--docker")
+    assert first.returncode == 0, first.stderr
+    tree = snapshot(tmp_path)
+    second = install(tmp_path, "--docker")
+    assert second.returncode == 0, second.stderr
+    assert snapshot(tmp_path) == tree
+
+    assert tree["etc/systemd/system/leaseagent.service"][0] == "-rw-r--r--"
+    assert (tmp_path / "etc/systemd/system/leaseagent.service").read_bytes() == \
+        (REPO / "systemd/leaseagent.service").read_bytes()
+    assert tree["etc/systemd/system/docker.service.d/leaseagent.conf"][0] == "-rw-r--r--"
+    assert tree["etc/default/leaseagent"][0] == "-rw-r--r--"
+    assert tree["etc/leaseagent"] == ("drwx------",)
+    assert tree["usr/local/bin/leaseagent"] == ("lrwxrwxrwx", "/opt/leaseagent/bin/leaseagent")
+    assert tree["usr/local/bin/leasectl"] == ("lrwxrwxrwx", "/opt/leaseagent/bin/leasectl")
+    assert "opt" not in {p.split("/")[0] for p in tree}  # --no-venv
+
+
+def test_operator_settings_are_kept_and_credentials_dir_tightened(tmp_path: Path):
+    assert install(tmp_path).returncode == 0
+    default = tmp_path / "etc/default/leaseagent"
+    default.write_text("LEASEAGENT_ETCD_ENDPOINTS=http://10.0.0.9:2379\n")
+    (tmp_path / "etc/leaseagent").chmod(0o755)
+    assert install(tmp_path).returncode == 0
+    assert default.read_text() == "LEASEAGENT_ETCD_ENDPOINTS=http://10.0.0.9:2379\n"
+    assert stat.S_IMODE((tmp_path / "etc/leaseagent").stat().st_mode) == 0o700
+
+
+def test_docker_drop_in_only_with_the_flag(tmp_path: Path):
+    assert install(tmp_path).returncode == 0
+    assert not (tmp_path / "etc/systemd/system/docker.service.d").exists()
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path):
+    bad = install(tmp_path, "--wheel", str(tmp_path / "nope.whl"))
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [f"install.sh: --wheel {tmp_path}/nope.whl: no such file"]
+    missing_root = install(tmp_path / "nowhere")
+    assert missing_root.returncode == 1 and "no such directory" in missing_root.stderr
+    unknown = install(tmp_path, "--frobnicate")
+    assert unknown.returncode == 2 and "unknown argument: --frobnicate" in unknown.stderr
+
+
+def test_vagrantfile_is_valid(tmp_path: Path):
+    """`vagrant validate` when Vagrant is installed, else `ruby -c`, else skip.
+
+    Runs on a copy, so Vagrant's .vagrant/ state lands in tmp_path, not in deploy/.
+    """
+    project = tmp_path / "deploy"
+    project.mkdir()
+    shutil.copy(REPO / "deploy" / "Vagrantfile", project / "Vagrantfile")
+    shutil.copytree(REPO / "deploy" / "vagrant", project / "vagrant")
+    if shutil.which("vagrant"):
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
+               "VAGRANT_HOME": str(tmp_path / "vagrant.d"), "VAGRANT_CHECKPOINT_DISABLE": "1"}
+        for hosts in ("3", "5"):
+            result = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=project,
+                                    env={**env, "LEASEAGENT_HOSTS": hosts},
+                                    capture_output=True, text=True, timeout=300, check=False)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert f"host{hosts}:" in result.stdout
+    elif shutil.which("ruby"):
+        result = subprocess.run(["ruby", "-c", str(project / "Vagrantfile")],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+    else:
+        pytest.skip("neither vagrant nor ruby installed")
