@@ -1,0 +1,100 @@
+"""leasectl doctor's pure comparison (leaseagent.core.diagnosis)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+from leaseagent.core.diagnosis import (
+    DeviceFacts,
+    check_subnet_env,
+    check_vxlan_device,
+    compare_objects,
+    pick_own_lease,
+)
+from leaseagent.core.lease import LeaseValue, Peer
+from leaseagent.core.plan import Route, VxlanOptions, plan_vxlan
+
+NAMES = {2: "eth0", 5: "flannel.1"}
+MAC = "0a:00:00:00:00:01"
+
+
+def _peers() -> dict[IPv4Network, Peer]:
+    p = Peer(IPv4Network("10.5.3.0/24"), IPv4Address("10.250.0.12"), "vxlan", vtep_mac=MAC,
+             node_id="h2")
+    return {p.subnet: p}
+
+
+def _plan(peers):
+    return plan_vxlan(IPv4Network("10.5.1.0/24"), peers, vxlan_index=5, underlay_index=2)
+
+
+def test_a_kernel_that_matches_the_plan_has_no_problem():
+    peers = _peers()
+    plan = _plan(peers)
+    current = [obj for objs in plan.values() for obj in objs]
+    assert compare_objects(plan, current, peers=peers, names=NAMES) == []
+
+
+def test_a_missing_route_is_named_with_its_peer():
+    peers = _peers()
+    plan = _plan(peers)
+    current = [obj for objs in plan.values() for obj in objs if not isinstance(obj, Route)]
+    problems = compare_objects(plan, current, peers=peers, names=NAMES)
+    assert [p.text for p in problems] == [
+        "missing route 10.5.3.0/24 via 10.5.3.0 dev flannel.1 onlink (peer 10.250.0.12, node h2)"]
+
+
+def test_a_route_of_ours_for_a_subnet_nobody_holds_is_stale():
+    peers = _peers()
+    plan = _plan(peers)
+    stray = Route(IPv4Network("10.5.9.0/24"), IPv4Address("10.5.9.0"), 5, onlink=True)
+    current = [obj for objs in plan.values() for obj in objs] + [stray]
+    problems = compare_objects(plan, current, peers=peers, names=NAMES)
+    assert len(problems) == 1
+    assert problems[0].kind == "stale"
+    assert "no valid lease holds 10.5.9.0/24" in problems[0].text
+
+
+def test_device_with_wrong_mac_and_mtu_and_a_missing_address():
+    dev = DeviceFacts(name="flannel.1", index=5, kind="vxlan", up=True, mac="0a:00:00:00:00:99",
+                      mtu=1400, addresses=(), vni=1, port=8472, local=IPv4Address("10.250.0.11"),
+                      link=2, learning=False)
+    problems = check_vxlan_device(
+        dev, options=VxlanOptions(), public_ip=IPv4Address("10.250.0.11"), underlay_index=2,
+        underlay_mtu=1500, own_subnet=IPv4Network("10.5.1.0/24"), lease_mac=MAC,
+        stored_mac="0a:00:00:00:00:99", state_file="/var/lib/leaseagent/vtep-mac")
+    texts = " | ".join(p.text for p in problems)
+    assert "MAC 0a:00:00:00:00:99 but the lease's VtepMAC is 0a:00:00:00:00:01" in texts
+    assert "MTU 1400, want 1450" in texts
+    assert "missing address 10.5.1.0/32 dev flannel.1" in texts
+
+
+def test_no_device_is_one_problem():
+    problems = check_vxlan_device(
+        None, options=VxlanOptions(), public_ip=IPv4Address("10.250.0.11"), underlay_index=2,
+        underlay_mtu=1500, own_subnet=None, lease_mac=None, stored_mac=None, state_file="x")
+    assert [p.kind for p in problems] == ["missing"]
+
+
+def test_subnet_env_against_the_lease():
+    env = {"FLANNEL_NETWORK": "10.5.0.0/16", "FLANNEL_SUBNET": "10.5.4.1/24", "FLANNEL_MTU": "1450"}
+    problems = check_subnet_env(env, path="/run/x", network=IPv4Network("10.5.0.0/16"),
+                                subnet=IPv4Network("10.5.3.0/24"), mtu=1450, mtu_source="device")
+    assert [p.text for p in problems] == [
+        "subnet.env FLANNEL_SUBNET=10.5.4.1/24 but the lease is 10.5.3.0/24 (want 10.5.3.1/24)"]
+    assert check_subnet_env({**env, "FLANNEL_SUBNET": "10.5.3.1/24"}, path="/run/x",
+                            network=IPv4Network("10.5.0.0/16"), subnet=IPv4Network("10.5.3.0/24"),
+                            mtu=1450, mtu_source="device") == []
+
+
+def test_own_lease_prefers_the_subnet_env_one_and_reports_duplicates():
+    value = LeaseValue(public_ip=IPv4Address("10.250.0.11"), backend_type="vxlan")
+    ours = {IPv4Network("10.5.3.0/24"): value, IPv4Network("10.5.7.0/24"): value}
+    own, problems = pick_own_lease(ours, public_ip=IPv4Address("10.250.0.11"),
+                                   env_subnet=IPv4Network("10.5.7.0/24"), holder_of_env_subnet=None)
+    assert own == IPv4Network("10.5.7.0/24")
+    assert len(problems) == 1 and "also 10.5.3.0/24" in problems[0].text
+    own, problems = pick_own_lease({}, public_ip=IPv4Address("10.250.0.11"),
+                                   env_subnet=IPv4Network("10.5.7.0/24"), holder_of_env_subnet=None)
+    assert own is None and "lease missing" in problems[0].text
+    assert "10.5.7.0/24 of subnet.env is free" in problems[0].text
