@@ -238,3 +238,15 @@ def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents):
     assert held[key]["value"]["NodeID"] == "other"
     assert held[key_of(a.wait_subnet())]["value"]["NodeID"] == "a"
     assert a.metric("leaseagent_lease_subnet_changes_total") == 1.0
+
+
+def test_sigterm_while_waiting_for_etcd_exits_promptly(etcd, agents):
+    etcd.stop()
+    a = agents("a", "10.200.0.1").start()
+    time.sleep(1.5)
+    a.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert a.wait_exit(5) == 0
+    assert time.monotonic() - started < 3
+    assert "Traceback" not in a.log()
+    assert a.log().count("etcd unreachable") == 1
