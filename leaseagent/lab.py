@@ -49,7 +49,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -217,6 +217,18 @@ def parse_ping_summary(text: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{labels}': value}; comments skipped."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value)
+    return out
+
+
 def list_namespaces() -> list[str]:
     out = run(["ip", "netns", "list"])
     return [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -256,6 +268,7 @@ class Lab:
         state_root: Path = STATE_ROOT,
         agent_args: Sequence[str] = (),
         agent_command: Sequence[str] | None = None,
+        host_agent_args: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         if not _NAME_RE.match(name):
             raise LabError(f"lab name {name!r}: use 1-12 lowercase letters or digits")
@@ -265,6 +278,10 @@ class Lab:
         self.backend = backend
         self.lease_ttl = lease_ttl
         self.agent_args = list(agent_args)
+        # Extra flags for one host's agent (by host index), after `agent_args`, so
+        # e.g. a second --lease-ttl wins for that host; read at each start_agent.
+        self.host_agent_args: dict[int, list[str]] = {
+            i: list(a) for i, a in (host_agent_args or {}).items()}
         # Lets the lab's own parts be exercised with a stand-in agent.
         self.agent_command = list(agent_command) if agent_command else None
         self.dir = state_root / name
@@ -523,6 +540,7 @@ class Lab:
             "--log-level", "info",
             "--log-format", "text",
             *self.agent_args,
+            *self.host_agent_args.get(host.index, ()),
         ]
 
     def start_agent(self, host: Host) -> int:
@@ -601,6 +619,93 @@ class Lab:
             found += [f"fdb {line}" for line in run(["bridge", "-n", ns, "fdb", "show"])
                       .splitlines() if line.lower().startswith(vtep_mac.lower())]
         return found
+
+    # ---------------------------------------------------------------- faults
+
+    def etcd_pid(self) -> int | None:
+        """PID of the lab's etcd if it is running (checked against its start time)."""
+        return self._read_pid_file(self.dir / "etcd.pid")
+
+    def stop_etcd(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the lab's etcd (by its recorded PID) and wait until it has exited; its
+        data dir stays, so `start_etcd` brings the same cluster back."""
+        self._stop_pid_file(self.dir / "etcd.pid", first=sig, grace=10)
+
+    def start_etcd(self, *, timeout: float = 30) -> None:
+        """Start the lab's etcd again on its data dir; returns once it is healthy.
+        etcd extends every lease by its full TTL when it starts (lessor promotion), so
+        a stop longer than the TTL expires nobody."""
+        if self.etcd_pid() is not None:
+            raise LabError("etcd already running")
+        self._start_etcd(timeout=timeout)
+
+    def pause_etcd(self) -> None:
+        """SIGSTOP etcd: connections stay open and unanswered (a hung server)."""
+        pid = self.etcd_pid()
+        if pid is None:
+            raise LabError("etcd is not running")
+        os.kill(pid, signal.SIGSTOP)
+
+    def resume_etcd(self) -> None:
+        """SIGCONT etcd (harmless if it was not paused)."""
+        pid = self.etcd_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+
+    def cut_etcd(self, host: Host) -> None:
+        """Cut `host` off from etcd (and nothing else: the underlay to its peers stays):
+        a blackhole route to etcd's address in the host's namespace, so every packet
+        to etcd is dropped and new connections fail. `heal_etcd` removes it."""
+        run(["ip", "-n", host.ns, "route", "replace", "blackhole", f"{ETCD_IP}/32"])
+
+    def heal_etcd(self, host: Host) -> None:
+        run(["ip", "-n", host.ns, "route", "del", "blackhole", f"{ETCD_IP}/32"], check=False)
+
+    def http_get(self, host: Host, path: str, *, timeout: float = 2) -> tuple[int, str]:
+        """(status, body) of GET http://METRICS_ADDR<path> from inside the host's
+        namespace; status 0 if nothing answered."""
+        probe = ("import sys, urllib.request as u, urllib.error as e\n"
+                 "try:\n r = u.urlopen(sys.argv[1], timeout=float(sys.argv[2]))\n"
+                 " print(r.status); sys.stdout.write(r.read().decode())\n"
+                 "except e.HTTPError as x:\n print(x.code); sys.stdout.write(x.read().decode())\n"
+                 "except Exception as x:\n print(0); sys.stdout.write(str(x))\n")
+        proc = subprocess.run(
+            ["ip", "netns", "exec", host.ns, sys.executable, "-c", probe,
+             f"http://{METRICS_ADDR}{path}", str(timeout)],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+            timeout=timeout + 10,
+        )
+        status, _, body = proc.stdout.partition("\n")
+        try:
+            return int(status), body
+        except ValueError:
+            return 0, proc.stderr
+
+    def metrics(self, host: Host) -> dict[str, float]:
+        """The agent's /metrics as {'name{labels}': value} (empty if it did not answer)."""
+        status, body = self.http_get(host, "/metrics")
+        if status != 200:
+            return {}
+        return parse_metrics(body)
+
+    def kernel_state(self, host: Host) -> dict[str, list[str]]:
+        """Everything the data plane owns in `host`'s kernel, as sorted text lines:
+        routes of the agent's protocol, neighbours and FDB entries of flannel.*
+        devices, and the devices' addresses: for before/after comparisons."""
+        ns = host.ns
+        devs = [line.split(":")[1].strip().split("@")[0]
+                for line in run(["ip", "-n", ns, "-o", "link", "show", "type", "vxlan"])
+                .splitlines()]
+        state = {
+            "route": sorted(run(["ip", "-n", ns, "route", "show", "proto", "76"]).splitlines()),
+            "neigh": [], "fdb": [], "addr": [],
+        }
+        for dev in devs:
+            state["neigh"] += run(["ip", "-n", ns, "neigh", "show", "dev", dev]).splitlines()
+            state["fdb"] += run(["bridge", "-n", ns, "fdb", "show", "dev", dev]).splitlines()
+            state["addr"] += run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", dev]
+                                 ).splitlines()
+        return {k: sorted(v) for k, v in state.items()}
 
     # ---------------------------------------------------------------- bridge + containers
 

@@ -20,10 +20,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
-from leaseagent.agent.files import read_text_if_exists, write_atomic
+from leaseagent.agent.files import read_text_if_exists, refuse_symlink, write_atomic
 from leaseagent.agent.leasing import Leasing, OwnLease
 from leaseagent.agent.logs import StateLog
 from leaseagent.agent.notify import sd_notify, watchdog_interval
@@ -45,8 +45,8 @@ log = logging.getLogger("leaseagent")
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to revoke the lease
 
 
-async def wait_for_network_config(store: LeaseStore, prefix: str, states: StateLog
-                                  ) -> NetworkConfig:
+async def wait_for_network_config(store: LeaseStore, prefix: str, states: StateLog, *,
+                                  backends: Mapping[str, object] = BACKENDS) -> NetworkConfig:
     """Read and validate <prefix>/config, waiting (logged once per reason) until it is usable."""
     key = f"{prefix}/config"
 
@@ -69,10 +69,10 @@ async def wait_for_network_config(store: LeaseStore, prefix: str, states: StateL
                 network = parse_network_config(kv.value)
             except NetworkConfigError as exc:
                 raise NetworkConfigError(f"{key}: {exc}") from None
-            if network.backend_type not in BACKENDS:
+            if network.backend_type not in backends:
                 raise NetworkConfigError(
                     f"{key}: Backend.Type={network.backend_type!r} is not supported "
-                    f"(supported: {', '.join(sorted(BACKENDS))})")
+                    f"(supported: {', '.join(sorted(backends))})")
             states.set("etcd", "up", "etcd reachable")
             return network
     raise AssertionError("unreachable")
@@ -97,8 +97,11 @@ class Agent:
         notify: Callable[[str], object] = sd_notify,
         host: HostInfo | None = None,
         rng: random.Random | None = None,
+        backends: Mapping[str, Callable[[DataPlaneSettings], DataPlane]] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Backend type -> constructor; tests inject e.g. a recording data plane.
+        self._backends = BACKENDS if backends is None else backends
         self.store = store
         self.metrics = metrics or Metrics()
         self._notify = notify
@@ -112,7 +115,8 @@ class Agent:
         self.watcher: LeaseWatcher | None = None
         self.mtu = 0
         self.subnet_env_written = False
-        self._own_events: asyncio.Queue[KeyValue | None] = asyncio.Queue()
+        # (our key as seen, or None if absent; the revision it was seen at)
+        self._own_events: asyncio.Queue[tuple[KeyValue | None, int]] = asyncio.Queue()
 
     # --- readiness, for /readyz --------------------------------------------------
 
@@ -134,14 +138,19 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.cfg
-        self.network = network = await wait_for_network_config(self.store, cfg.prefix, self.states)
+        # Before anything is taken in etcd: a symlink planted at a path we write as root
+        # is refused (write_atomic checks again at each write).
+        for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir):
+            refuse_symlink(path)
+        self.network = network = await wait_for_network_config(
+            self.store, cfg.prefix, self.states, backends=self._backends)
         log.info("network %s, /%d subnets in %s-%s, backend %s", network.network,
                  network.subnet_len, network.subnet_min, network.subnet_max, network.backend_type)
         host = self._host or await resolve_host(cfg, network.backend_type)
         settings = DataPlaneSettings(
             network=network, host=host, state_dir=cfg.state_dir, metrics=self.metrics,
             route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
-        self.backend = backend = BACKENDS[network.backend_type](settings)
+        self.backend = backend = self._backends[network.backend_type](settings)
         attrs = await backend.prepare()
         self.mtu = attrs.mtu
         value = LeaseValue(public_ip=host.public_ip, backend_type=attrs.backend_type,
@@ -163,7 +172,8 @@ class Agent:
         self.watcher = LeaseWatcher(
             self.store, subnets_prefix=leasing.subnets_prefix, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
-            metrics=self.metrics, on_peers=self._on_peers, on_own=self._own_events.put_nowait)
+            metrics=self.metrics, on_peers=self._on_peers,
+            on_own=lambda kv, rev: self._own_events.put_nowait((kv, rev)))
 
     async def _take(self, own: OwnLease, *, first: bool) -> None:
         """Adopt `own`: subnet.env, the backend's own address, metrics, one log line."""
@@ -215,9 +225,15 @@ class Agent:
 
     # --- holding the lease ----------------------------------------------------------
 
-    def _own_event_says_lost(self, kv: KeyValue | None) -> str | None:
+    def _own_event_says_lost(self, kv: KeyValue | None, revision: int) -> str | None:
         own = self.own
         if own is None:
+            return None
+        if revision < own.mod_revision:
+            # Seen before our latest write of the key (a watch catching up after an
+            # outage, the expiry we already took the key back from): stale news. Acting
+            # on it would take the key over again, and the echo of that write would
+            # arrive stale in turn: a loop.
             return None
         if kv is None:
             return "our key was deleted"
@@ -239,8 +255,8 @@ class Agent:
                 wait = max(0.0, last_renewal + max(0.5, own.ttl / 3) - time.monotonic())
             why: str | None = None
             try:
-                kv = await asyncio.wait_for(self._own_events.get(), wait)
-                why = self._own_event_says_lost(kv)
+                kv, revision = await asyncio.wait_for(self._own_events.get(), wait)
+                why = self._own_event_says_lost(kv, revision)
             except TimeoutError:
                 try:
                     await self._renew(own)

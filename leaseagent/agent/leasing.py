@@ -9,7 +9,8 @@ Order of acquisition (first that works wins):
     BackendData);
  3. the subnet of a previous subnet.env, with create-if-absent;
  4. a random free subnet (among all free ones), create-if-absent; a lost race
-    moves on to another candidate after a short jitter, never exits.
+    lists again after a short jitter and picks anew (a stale listing's next
+    candidate is likely taken by a rival too), never exits.
 An empty range raises SubnetsExhausted naming the network and the count.
 
 Every write is a transaction: create-if-absent, or fenced on the mod_revision
@@ -27,7 +28,7 @@ import random
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 
-from leaseagent.core.allocation import candidates
+from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.lease import InvalidLease, LeaseValue, decode_lease_value, parse_lease_key
 from leaseagent.core.network import NetworkConfig, subnet_key_name
 from leaseagent.errors import LeaseLost, SubnetsExhausted
@@ -36,7 +37,8 @@ from leaseagent.store.base import KeyValue, LeaseStore
 
 log = logging.getLogger("leaseagent.leasing")
 
-ATTEMPTS_PER_LISTING = 8
+# Upper bound of the pause before listing again after a lost allocation race.
+RETRY_JITTER_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Leasing:
         ttl: int,
         metrics: Metrics,
         rng: random.Random | None = None,
+        choose: Chooser = candidates,
     ) -> None:
         self._store = store
         self.subnets_prefix = f"{prefix}/subnets/"
@@ -74,6 +77,7 @@ class Leasing:
         self._ttl = ttl
         self._metrics = metrics
         self._rng = rng or random.Random()
+        self._choose = choose  # the allocation policy (the benchmark swaps in flannel's)
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
 
     def key_for(self, subnet: IPv4Network) -> str:
@@ -172,23 +176,22 @@ class Leasing:
             previous = None
 
             in_range = sum(1 for s in taken if self._network.in_range(s))
-            pool = candidates(self._network, taken, self._rng)
-            tried = 0
-            for subnet in pool:
-                own = await self._create(subnet, lease_id, ttl, "allocated")
-                if own is not None:
-                    return own
-                tried += 1
-                if tried >= ATTEMPTS_PER_LISTING:
-                    break
-                # Lost a race: someone else starts now too; spread out a little.
-                await asyncio.sleep(self._rng.uniform(0, 0.02))
-            if tried == 0:
+            pool = self._choose(self._network, taken, self._rng)
+            pick = next(pool, None)
+            if pick is None:
                 raise SubnetsExhausted(
                     f"no free subnet in network {self._network.network} "
                     f"(range {self._network.subnet_min}-{self._network.subnet_max}): "
                     f"all {self._network.capacity} subnets are taken ({in_range} leases)"
                 )
+            own = await self._create(pick, lease_id, ttl, "allocated")
+            if own is not None:
+                return own
+            # Lost a race: others start now too. The other candidates of this
+            # listing are stale (a starter's next pick is likely taken by one
+            # of its rivals), so list again (a read, no transaction) after a
+            # jitter that spreads the losers out so they see each other's picks.
+            await asyncio.sleep(self._rng.uniform(0, RETRY_JITTER_SECONDS))
 
     async def reclaim(self, own: OwnLease, why: str) -> OwnLease:
         """Our lease or key is gone: take the same subnet back, else a new one.

@@ -8,7 +8,9 @@ again and diffed against the table: no add or remove is ever missed, and
 nothing is removed on a partial view.
 
 Invalid leases are skipped, counted once per key version and logged once.
-Events on this host's own key go to `on_own` (the lease holder decides).
+Events on this host's own key go to `on_own` (the lease holder decides),
+with the revision they were seen at (the event's, or the listing's), so the
+holder can ignore news older than its own last write of the key.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from leaseagent.store.base import EventType, KeyValue, LeaseStore, WatchEvent
 log = logging.getLogger("leaseagent.watching")
 
 OnPeers = Callable[[PeerChanges, bool, float], Awaitable[None]]
-OnOwn = Callable[[KeyValue | None], None]
+OnOwn = Callable[[KeyValue | None, int], None]
 
 
 class LeaseWatcher:
@@ -73,6 +75,11 @@ class LeaseWatcher:
     def _decode(self, kv: KeyValue) -> Peer | None:
         try:
             subnet = parse_lease_key(kv.key, self._prefix)
+            own_key = self._own_key()
+            if own_key is not None and subnet == self._subnet_of(own_key):
+                # Another key naming our subnet (e.g. `<ours>-24&fd00::-64` or `-024`):
+                # programming it would route our own subnet to someone else.
+                raise InvalidLease("own_subnet", f"key {kv.key} names this host's subnet {subnet}")
             return validate_peer(
                 subnet, decode_lease_value(kv.value),
                 network=self._network, own_public_ip=self._own_ip)
@@ -89,7 +96,7 @@ class LeaseWatcher:
         except InvalidLease:
             return None
 
-    async def _apply_listing(self, items: list[KeyValue]) -> None:
+    async def _apply_listing(self, items: list[KeyValue], revision: int) -> None:
         started = time.perf_counter()
         own_key = self._own_key()
         snapshot: dict[IPv4Network, Peer] = {}
@@ -97,7 +104,7 @@ class LeaseWatcher:
         for kv in items:
             present.add(kv.key)
             if kv.key == own_key:
-                self._on_own(kv)
+                self._on_own(kv, revision)
                 continue
             peer = self._decode(kv)
             if peer is not None:
@@ -105,7 +112,7 @@ class LeaseWatcher:
         for key in [k for k in self._invalid_seen if k not in present]:
             del self._invalid_seen[key]
         if own_key is not None and own_key not in present:
-            self._on_own(None)
+            self._on_own(None, revision)
         changes = self.table.replace(snapshot)
         self._update_gauges()
         await self._on_peers(changes, True, started)
@@ -125,7 +132,7 @@ class LeaseWatcher:
         for ev in batch:
             self._metrics.watch_events.labels(type=ev.type.value).inc()
             if ev.key == own_key:
-                self._on_own(ev.kv if ev.type is EventType.PUT else None)
+                self._on_own(ev.kv if ev.type is EventType.PUT else None, ev.revision)
                 continue
             subnet = self._subnet_of(ev.key)
             if ev.type is EventType.DELETE or ev.kv is None:
@@ -155,7 +162,7 @@ class LeaseWatcher:
                     listing = await self._store.list_prefix(self._prefix)
             assert listing is not None
             self._relist.clear()
-            await self._apply_listing(listing.items)
+            await self._apply_listing(listing.items, listing.revision)
             consume = asyncio.create_task(self._consume(listing.revision + 1))
             wait_relist = asyncio.create_task(self._relist.wait())
             try:

@@ -12,10 +12,13 @@ pool, two of k concurrent starters collide with probability ~k^2/(2F).
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from ipaddress import IPv4Network
 
 from leaseagent.core.network import NetworkConfig
+
+# (network, taken subnets, rng) -> free subnets in the order to try them.
+Chooser = Callable[[NetworkConfig, Collection[IPv4Network], random.Random], Iterator[IPv4Network]]
 
 
 def free_subnets(network: NetworkConfig, taken: Collection[IPv4Network]) -> list[IPv4Network]:

@@ -33,7 +33,7 @@ route never points at a neighbour that is not there yet.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, NamedTuple
 
@@ -46,7 +46,14 @@ DEFAULT_VNI = 1
 DEFAULT_PORT = 8472  # flannel's default, the Linux kernel's original VXLAN port
 
 
-@dataclass(frozen=True)
+# The objects are hashed and compared tens of thousands of times per sync
+# (sets, diffs, the per-peer plan); ipaddress's __hash__/__eq__ are Python
+# code, so each object computes an identity of plain ints and strings once
+# (`_ident`) and its hash from that; equality compares identities, which
+# are equal exactly when all fields are.
+
+
+@dataclass(frozen=True, eq=False)
 class Route:
     """An IPv4 unicast route in the main table, carrying our protocol number."""
 
@@ -55,6 +62,21 @@ class Route:
     ifindex: int
     onlink: bool = False
     metric: int = 0
+    _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ident = (0, int(self.dst.network_address), self.dst.prefixlen,
+                 int(self.gateway) if self.gateway is not None else -1,
+                 self.ifindex, self.onlink, self.metric)
+        object.__setattr__(self, "_ident", ident)
+        object.__setattr__(self, "_hash", hash(ident))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Route) and self._ident == other._ident
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -63,13 +85,26 @@ class Route:
     kind = "route"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Neighbour:
     """A permanent IPv4 neighbour (ARP) entry."""
 
     ifindex: int
     dst: IPv4Address
     lladdr: str
+    _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ident = (1, self.ifindex, int(self.dst), self.lladdr)
+        object.__setattr__(self, "_ident", ident)
+        object.__setattr__(self, "_hash", hash(ident))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Neighbour) and self._ident == other._ident
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -78,13 +113,26 @@ class Neighbour:
     kind = "neighbour"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Fdb:
     """A permanent bridge FDB entry on a vxlan device: MAC -> remote VTEP."""
 
     ifindex: int
     lladdr: str
     dst: IPv4Address
+    _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ident = (2, self.ifindex, self.lladdr, int(self.dst))
+        object.__setattr__(self, "_ident", ident)
+        object.__setattr__(self, "_hash", hash(ident))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fdb) and self._ident == other._ident
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -220,6 +268,19 @@ def flatten(plan: PeerPlan) -> frozenset[KernelObject]:
     return frozenset(out)
 
 
+def _ordered(objects: Iterable[KernelObject], order: Mapping[str, int]) -> tuple[KernelObject, ...]:
+    """Grouped by kind in `order`; within a kind by identity (deterministic, no
+    ipaddress comparisons: this runs over every object of a 5,000-peer sync)."""
+    groups: list[list[KernelObject]] = [[] for _ in order]
+    for obj in objects:
+        groups[order[obj.kind]].append(obj)
+    out: list[KernelObject] = []
+    for group in groups:
+        group.sort(key=lambda o: o._ident)
+        out.extend(group)
+    return tuple(out)
+
+
 def diff(desired: Iterable[KernelObject], current: Iterable[KernelObject]) -> PlanDiff:
     """What to add (by replace) and what to remove to turn `current` into `desired`.
 
@@ -227,11 +288,12 @@ def diff(desired: Iterable[KernelObject], current: Iterable[KernelObject]) -> Pl
     operation; an object in `current` whose key no object in `desired` has is
     removed. So a route to the same dst with another gateway is only replaced.
     """
-    desired_set = frozenset(desired)
-    current_set = frozenset(current)
-    desired_keys = {obj.key for obj in desired_set}
-    to_add = [obj for obj in desired_set - current_set]
-    to_remove = [obj for obj in current_set - desired_set if obj.key not in desired_keys]
-    to_add.sort(key=lambda o: (_ADD_ORDER[o.kind], o.key))
-    to_remove.sort(key=lambda o: (_REMOVE_ORDER[o.kind], o.key))
-    return PlanDiff(tuple(to_add), tuple(to_remove))
+    desired_set = desired if isinstance(desired, (set, frozenset)) else frozenset(desired)
+    current_set = current if isinstance(current, (set, frozenset)) else frozenset(current)
+    stale = current_set - desired_set
+    to_remove: list[KernelObject] = []
+    if stale:
+        desired_keys = {obj.key for obj in desired_set}
+        to_remove = [obj for obj in stale if obj.key not in desired_keys]
+    return PlanDiff(_ordered(desired_set - current_set, _ADD_ORDER),
+                    _ordered(to_remove, _REMOVE_ORDER))

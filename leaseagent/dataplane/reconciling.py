@@ -334,11 +334,11 @@ class ReconcilingBackend:
             first = False
             try:
                 nl = await self._netlink()
-                own_port = nl.port_id
+                # Echoes of our own requests are dropped unparsed (by port id).
+                own_ports = nl.port_ids
                 while True:
-                    for event in await events.receive():
-                        if not (event.sender and event.sender == own_port):
-                            self._note_event(event)
+                    for event in await events.receive(ignore=own_ports):
+                        self._note_event(event)
                     retry = RETRY_MIN_SECONDS
             except DataPlaneError as exc:
                 log.warning("netlink event socket lost, reopening: %s", exc)

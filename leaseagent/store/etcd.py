@@ -23,6 +23,8 @@ Quirks of etcd3aio 0.3.0 handled here:
 - its LeaseKeepalive helper shows a lost lease only through a flag and logs a
   traceback per failed attempt, so `keepalive` here is one request on the
   raw stream, bounded by a timeout; the agent drives the loop;
+- gRPC's reconnect backoff (up to 120 s by default) is capped at 1 s, so a
+  member that returns after an outage is used again within about a second;
 - endpoints are given to gRPC as an `ipv4:` target (round robin over
   members); URLs are parsed here, names resolved to IPv4 addresses, and
   https:// switches TLS on.
@@ -35,6 +37,7 @@ which gRPC's round robin moves on to another member.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -42,6 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+# gRPC's C core otherwise prints its own multi-line reports to stderr (a TLS
+# handshake failure, for one); our errors are one line, translated below.
+# Read once, when grpc is first imported: hence before the imports.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import etcd3aio
 import grpc
@@ -59,6 +67,12 @@ from leaseagent.errors import (
 from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
 
 DEFAULT_TIMEOUT = 5.0
+# A member that is back is reconnected to within about a second (see connect()).
+RECONNECT_BACKOFF_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 # A watch silent this long (at least 2 x the timeout) is asked for a progress report.
 WATCH_PROBE_AFTER = 5.0
 # A lost watch stream is resumed this many times in a row before the caller must list again.
@@ -119,9 +133,34 @@ def _read_file(path: Path, flag: str) -> bytes:
         raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from None
 
 
+# What gRPC reports when the TLS handshake fails on a certificate: not a transient
+# outage but a setting to fix, so not retried (the agent stops with the reason).
+_SERVER_CERT_REFUSED = ("CERTIFICATE_VERIFY_FAILED", "unable to get local issuer certificate")
+_CLIENT_CERT_REFUSED = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
+                        "TSI_DATA_CORRUPTED", "CERTIFICATE_UNKNOWN")
+
+
+def _tls_refused(detail: str, what: str) -> StoreAuthError | None:
+    if any(s in detail for s in _SERVER_CERT_REFUSED):
+        return StoreAuthError(f"TLS handshake with etcd failed during {what}: the server's "
+                              f"certificate does not verify against --etcd-cafile")
+    if any(s in detail for s in _CLIENT_CERT_REFUSED):
+        return StoreAuthError(f"TLS handshake with etcd failed during {what}: etcd refused our "
+                              f"client certificate (check --etcd-certfile and --etcd-keyfile)")
+    return None
+
+
 def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
     if isinstance(exc, (etcd3aio.EtcdUnauthenticatedError, etcd3aio.EtcdPermissionDeniedError)):
         return StoreAuthError(f"etcd refused {what}: {exc}")
+    tls = _tls_refused(str(exc), what)
+    if tls is None and isinstance(exc, grpc.aio.AioRpcError):
+        tls = _tls_refused(exc.details() or "", what)
+    if tls is not None:
+        return tls
+    if "authentication failed" in str(exc) or (
+            isinstance(exc, grpc.aio.AioRpcError) and "authentication failed" in (exc.details() or "")):
+        return StoreAuthError(f"etcd refused {what}: wrong user name or password")
     if isinstance(exc, (etcd3aio.EtcdConnectionError, etcd3aio.EtcdTransientError)):
         return StoreUnavailable(f"etcd unavailable during {what}: {exc}")
     if isinstance(exc, TimeoutError):
@@ -191,6 +230,10 @@ class EtcdStore:
             tls_server_name=tls_server_name,
             **tls,  # type: ignore[arg-type]
         )
+        # gRPC's default reconnect backoff grows to 120 s: after an outage of a few
+        # seconds a member that is back stays unused for seconds more. etcd3aio has no
+        # parameter for channel options, so they go on its manager before connect().
+        client._manager.grpc_options.extend(RECONNECT_BACKOFF_OPTIONS)
         await client.connect()
         store = cls(client, settings)
         store.endpoint_count = len(targets)
@@ -352,18 +395,16 @@ class EtcdStore:
         (a member paused, or the connection half-open) raises StoreUnavailable
         instead of waiting for gRPC keepalive to notice.
         """
-        from etcd3aio._protobuf import WatchCreateRequest
-        from etcd3aio.proto.etcd.api.etcdserverpb.rpc_pb2 import (
-            WatchProgressRequest,
-            WatchRequest,
-        )
+        from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2
+
+        pb: Any = rpc_pb2  # generated code: no stubs for the watch messages
 
         service: Any = self._client.watch
         call: Any = service._stub.Watch(metadata=service._metadata or None)
         read: asyncio.Future[Any] | None = None
         probe_after = max(WATCH_PROBE_AFTER, 2 * self._timeout)
         try:
-            await asyncio.wait_for(call.write(WatchRequest(create_request=WatchCreateRequest(
+            await asyncio.wait_for(call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
                 key=prefix.encode(), range_end=_as_bytes(prefix_range_end(prefix)),
                 start_revision=start_revision))), self._timeout)
             probing = False
@@ -377,7 +418,7 @@ class EtcdStore:
                             f"etcd did not answer on the watch of {prefix} within "
                             f"{self._timeout:g}s (member paused or connection half-open)")
                     await asyncio.wait_for(
-                        call.write(WatchRequest(progress_request=WatchProgressRequest())),
+                        call.write(pb.WatchRequest(progress_request=pb.WatchProgressRequest())),
                         self._timeout)
                     probing = True
                     continue
