@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh --test
 echo "== ruff"
-.venv/bin/ruff check leaseagent tests
+.venv/bin/ruff check leaseagent tests bench
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

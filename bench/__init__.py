@@ -1,0 +1,1 @@
+"""Benchmarks of leaseagent against their references (`python -m bench`; docs/benchmarks.md)."""

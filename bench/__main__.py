@@ -1,0 +1,256 @@
+"""The benchmark suite: `sudo .venv/bin/python -m bench` (or `bash bench/run.sh`).
+
+Prints a table and writes JSON (--json). Each timing is taken next to its
+reference in the same run and reported as a ratio; absolute times are noted
+for the record only (machines are noisy). See docs/benchmarks.md.
+
+    join        the agent starting into N peers (leases in etcd, vxlan) until all
+                3N kernel objects are in place / READY, vs `ip -batch` + `bridge
+                -batch` programming the same objects into a fresh namespace
+    events      a lease put/deleted until its entries are in/out of the kernel,
+                p50/p99 with N and with --small-peers peers, vs the same event
+                reaching a bare etcd watcher
+    allocation  --agents in-process Leasing instances acquiring at once from a
+                /16 of /24s: time and txns per acquisition, vs flannel's policy
+    footprint   RSS, CPU and wake-ups of the agent holding N peers, idle
+    etcd        requests at start and per hour idle, watch streams (etcd /metrics)
+
+Needs root (namespaces), etcd and iproute2. Everything it makes (two
+namespaces, etcd, the agent, files under /dev/shm) is removed at exit, also
+on failure or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.env import KernelProbe, World
+from leaseagent.store.etcd import EtcdSettings, EtcdStore
+
+TARGETS = {
+    "join_rate_ratio": 0.5,
+    "event_p99_ms": 20.0,
+    "txn_per_acquisition": 1.3,
+    "rss_mib": 60.0,
+    "idle_cpu_percent": 1.0,
+}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "memory_gib": round(mem / 2**30, 1), "python": platform.python_version()}
+
+
+async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "parameters": vars(args).copy(),
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    world.start_etcd()
+    store = await EtcdStore.connect(EtcdSettings(endpoints=world.endpoint, timeout=30))
+    probe = KernelProbe()
+    probe.start()
+    agent = None
+    try:
+        n = args.peers
+        await scenarios.put_network_config(store)
+        t = time.perf_counter()
+        await scenarios.put_peers(store, 1, n)
+        print(f"  {n} leases put in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+
+        join, agent, metrics_port, start_cost = await scenarios.join(
+            world, probe, n, limit=args.timeout)
+        results["join"] = join
+        print(f"  join: {join['start_to_objects_s']:.2f}s to all objects", file=sys.stderr)
+
+        results["footprint"], idle_cost = await scenarios.footprint(
+            world, agent, metrics_port, idle=args.idle)
+        results["etcd"] = scenarios.summarize_etcd(start_cost, idle_cost, args.idle)
+
+        first_event_peer = n + 10
+        results["events_large"] = await scenarios.events(
+            store, probe, count=args.events, first=first_event_peer, present=n)
+        print(f"  events with {n} peers: {_brief(results['events_large'])}", file=sys.stderr)
+        small = min(args.small_peers, n)
+        results["shrink"] = await scenarios.shrink(store, probe, to=small, n=n,
+                                                   limit=args.timeout)
+        results["events_small"] = await scenarios.events(
+            store, probe, count=args.events, first=first_event_peer + args.events, present=small)
+        print(f"  events with {small} peers: {_brief(results['events_small'])}", file=sys.stderr)
+        if not agent.alive():
+            raise RuntimeError(f"the agent died; see {agent.log}")
+        agent.stop()
+
+        rounds: dict[str, list[dict[str, Any]]] = {"leaseagent": [], "flannel": []}
+        for r in range(args.alloc_rounds):
+            order = ("leaseagent", "flannel") if r % 2 == 0 else ("flannel", "leaseagent")
+            for strategy in order:
+                rounds[strategy].append(await scenarios.allocation(
+                    world, agents=args.agents, strategy=strategy, round_no=r))
+        results["allocation"] = {
+            s: {
+                "rounds": rs,
+                "seconds": sum(x["seconds"] for x in rs) / len(rs),
+                "txn_per_acquisition": sum(x["txn_per_acquisition"] for x in rs) / len(rs),
+            }
+            for s, rs in rounds.items()
+        }
+        print("  allocation done", file=sys.stderr)
+    except BaseException:
+        if agent is not None and agent.log.exists():
+            tail = agent.log.read_text().splitlines()[-20:]
+            print("bench: the agent's log ends with:\n  " + "\n  ".join(tail), file=sys.stderr)
+        raise
+    finally:
+        await probe.stop()
+        await store.close()
+    return results
+
+
+def _brief(e: dict[str, Any]) -> str:
+    return (f"p50 {e['p50_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms, "
+            f"{e['timeouts']} of {e['events']} timed out")
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        text = f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    else:
+        text = str(v)
+    return f"{text}{unit}"
+
+
+def table(results: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    j = results["join"]
+    ref = j["reference"]
+    ok = j["rate_ratio"] >= TARGETS["join_rate_ratio"]
+    rows.append((f"join {j['peers']} peers: programming rate", _fmt(j["agent_rate"], "/s"),
+                 f"ip -batch {_fmt(ref['rate'], '/s')}", _fmt(j["rate_ratio"]),
+                 ">= 0.5", "met" if ok else "NOT met"))
+    rows.append(("join: start -> all objects", _fmt(j["start_to_objects_s"], " s"),
+                 f"ip -batch {_fmt(ref['seconds'], ' s')}",
+                 _fmt(j["start_to_objects_vs_reference"]), "-", "-"))
+    rows.append(("join: start -> READY", _fmt(j["start_to_ready_s"], " s"), "-", "-", "-", "-"))
+    for key in ("events_large", "events_small"):
+        e = results[key]
+        for q in ("p50", "p99"):
+            value = e[f"{q}_ms"]
+            target = "<= 20 ms" if q == "p99" else "-"
+            met = "-"
+            if q == "p99":
+                met = "met" if value <= TARGETS["event_p99_ms"] and not e["timeouts"] else "NOT met"
+            rows.append((f"event {q}, {e['peers_present']} peers ({e['events']} ev)",
+                         _fmt(value, " ms"), f"etcd watch {_fmt(e[f'reference_{q}_ms'], ' ms')}",
+                         _fmt(e[f"{q}_ratio"]), target, met))
+    s = results["shrink"]
+    rows.append((f"remove {s['removed_peers']} peers at once", _fmt(s["until_kernel_clean_s"], " s"),
+                 "-", "-", "-", "-"))
+    a = results["allocation"]
+    ours, flannel = a["leaseagent"], a["flannel"]
+    agents = ours["rounds"][0]["agents"]
+    rows.append((f"allocation, {agents} agents: txn/acquisition",
+                 _fmt(ours["txn_per_acquisition"]),
+                 f"flannel {_fmt(flannel['txn_per_acquisition'])}",
+                 _fmt(ours["txn_per_acquisition"] / flannel["txn_per_acquisition"]),
+                 "<= 1.3",
+                 "met" if ours["txn_per_acquisition"] <= TARGETS["txn_per_acquisition"]
+                 else "NOT met"))
+    rows.append((f"allocation, {agents} agents: total time", _fmt(ours["seconds"], " s"),
+                 f"flannel {_fmt(flannel['seconds'], ' s')}",
+                 _fmt(ours["seconds"] / flannel["seconds"]), "-", "-"))
+    f = results["footprint"]
+    rows.append((f"RSS with {j['peers']} peers", _fmt(f["rss_mib"], " MiB"),
+                 f"bare python+imports {_fmt(f['python_baseline_rss_mib'], ' MiB')}; "
+                 "flannel requests 50",
+                 _fmt(f["rss_mib"] / f["flannel_request_mib"]), "<= 60 MiB",
+                 "met" if f["rss_mib"] <= TARGETS["rss_mib"] else "NOT met"))
+    rows.append((f"idle CPU ({_fmt(f['idle_seconds'])} s)", _fmt(f["cpu_percent"], " %"), "-",
+                 "-", "< 1 %",
+                 "met" if f["cpu_percent"] < TARGETS["idle_cpu_percent"] else "NOT met"))
+    mean = f["mean_full_reconcile_s"]
+    rows.append(("periodic full resync pass (every ~30 s)", _fmt(mean, " s"), "-", "-",
+                 "-", _fmt(mean / 30 * 100 if mean else None, " % of a core")))
+    rows.append(("idle wake-ups", _fmt(f["wakeups_per_s"], "/s"), "-", "-", "no busy loop",
+                 "met" if f["wakeups_per_s"] < 50 else "NOT met"))
+    e = results["etcd"]
+    rows.append(("etcd unary requests at start", _fmt(e["unary_requests_at_start"]),
+                 f"{_fmt(e['range_requests_at_start'])} Range", "-", "one list", "-"))
+    rows.append(("etcd unary requests per hour idle", _fmt(e["unary_requests_per_hour_idle"]),
+                 "-", "-", "-", "-"))
+    rows.append(("etcd watch streams / watchers", f"{_fmt(e['watch_streams'])} / "
+                 f"{_fmt(e['watchers'])}", "-", "-", "1", "-"))
+    header = ("figure", "value", "reference", "ratio", "target", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    m = results["machine"]
+    lines.insert(0, f"machine: {m['nproc']} cores, {m['cpu']}, {m['memory_gib']} GiB, "
+                    f"Linux {m['kernel']}, Python {m['python']}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", type=int, default=5000, help="peers for join/footprint/events")
+    p.add_argument("--small-peers", type=int, default=100, help="peers for the second event run")
+    p.add_argument("--events", type=int, default=1000, help="events per event run")
+    p.add_argument("--agents", type=int, default=250, help="concurrent allocating agents")
+    p.add_argument("--alloc-rounds", type=int, default=3, help="rounds per allocation policy")
+    p.add_argument("--idle", type=float, default=40.0,
+                   help="seconds of idle measurement (40 covers one periodic resync, every 30 s +-20%%)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds any phase may take")
+    p.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (network namespaces)", file=sys.stderr)
+        return 2
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    world = World()
+    try:
+        world.build()
+        results = asyncio.run(run(args, world))
+    finally:
+        problems = world.close()
+        for p in problems:
+            print(f"bench: cleanup: {p}", file=sys.stderr)
+    args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table(results))
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The five measurements, each taken side by side with its reference in one run.
+
+Every function returns a plain dict (JSON-ready). Timings use
+time.perf_counter(); kernel arrival times come from the KernelProbe's
+rtnetlink broadcasts, so they are when the kernel had the object, not when
+the agent thought it was done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Collection, Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from bench.env import (
+    HOST_IP,
+    NETWORK,
+    PREFIX,
+    KernelProbe,
+    Proc,
+    World,
+    free_port,
+    lease_key,
+    lease_value,
+    peer_ip,
+    peer_mac,
+    peer_subnet,
+    proc_sample,
+    sh,
+)
+from leaseagent.agent.leasing import Leasing
+from leaseagent.core.allocation import candidates, free_subnets
+from leaseagent.core.lease import LeaseValue
+from leaseagent.core.network import NetworkConfig, network_config_from_dict
+from leaseagent.metrics import Metrics
+from leaseagent.store.base import EventType
+from leaseagent.store.etcd import EtcdSettings, EtcdStore
+
+# -- etcd contents ---------------------------------------------------------------
+
+
+async def put_network_config(store: EtcdStore) -> None:
+    config = {"Network": str(NETWORK), "SubnetLen": 24,
+              "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
+    await store.put(f"{PREFIX}/config", json.dumps(config).encode())
+
+
+async def _bounded(coros: Iterator[Any], width: int = 200) -> None:
+    pending: set[asyncio.Future[Any]] = set()
+    for coro in coros:
+        pending.add(asyncio.ensure_future(coro))
+        if len(pending) >= width:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for d in done:
+                d.result()
+    if pending:
+        for d in await asyncio.gather(*pending):
+            del d
+
+
+async def put_peers(store: EtcdStore, first: int, last: int) -> None:
+    await _bounded(store.put(lease_key(peer_subnet(i)), lease_value(i).encode())
+                   for i in range(first, last + 1))
+
+
+async def delete_peers(store: EtcdStore, first: int, last: int) -> None:
+    await _bounded(store.delete(lease_key(peer_subnet(i))) for i in range(first, last + 1))
+
+
+def _all_present(n: int) -> Any:
+    return lambda c: c["route"] >= n and c["neighbour"] >= n and c["fdb"] >= n
+
+
+# -- 1. join at scale --------------------------------------------------------------
+
+
+def reference_batch(world: World, n: int, *, own: IPv4Network) -> dict[str, Any]:
+    """iproute2 programming the same 3n objects into the fresh reference namespace."""
+    ns = world.ref_ns
+    sh("ip", "-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local",
+       str(HOST_IP), "dev", "eth0", "dstport", "8472", "nolearning")
+    sh("ip", "-n", ns, "addr", "add", f"{own.network_address}/32", "dev", "flannel.1")
+    sh("ip", "-n", ns, "link", "set", "flannel.1", "up")
+    neigh, fdb, route = [], [], []
+    for i in range(1, n + 1):
+        sub, mac = peer_subnet(i), peer_mac(i)
+        gw = sub.network_address
+        neigh.append(f"neigh replace {gw} lladdr {mac} dev flannel.1 nud permanent\n")
+        fdb.append(f"fdb append {mac} dev flannel.1 dst {peer_ip(i)} self permanent\n")
+        route.append(f"route replace {sub} via {gw} dev flannel.1 onlink proto 76\n")
+    files = []
+    for name, lines in (("neigh", neigh), ("fdb", fdb), ("route", route)):
+        path = world.dir / f"ref-{name}.batch"
+        path.write_text("".join(lines))
+        files.append(path)
+    started = time.perf_counter()
+    sh("ip", "-n", ns, "-batch", str(files[0]))
+    sh("bridge", "-n", ns, "-batch", str(files[1]))
+    sh("ip", "-n", ns, "-batch", str(files[2]))
+    elapsed = time.perf_counter() - started
+    count = len(sh("ip", "-n", ns, "route", "show", "proto", "76").splitlines())
+    if count != n:
+        raise RuntimeError(f"reference: {count} routes after ip -batch, expected {n}")
+    return {"objects": 3 * n, "seconds": elapsed, "rate": 3 * n / elapsed}
+
+
+class ReadyListener:
+    """A NOTIFY_SOCKET for the agent: timestamps READY=1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        self._sock.bind(str(path))
+        self.ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        try:
+            data = self._sock.recv(4096)
+        except BlockingIOError:
+            return
+        if b"READY=1" in data and not self.ready.done():
+            self.ready.set_result(time.perf_counter())
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+def agent_metric(port: int, name: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def join(world: World, probe: KernelProbe, n: int, *, limit: float
+               ) -> tuple[dict[str, Any], Proc, int, dict[str, float]]:
+    """Start the agent into n peers; time objects in place and READY."""
+    reference = reference_batch(world, n, own=peer_subnet(n + 1))
+    ready = ReadyListener(world.dir / "notify.sock")
+    metrics_port = free_port()
+    agent = world.agent(extra_env={"NOTIFY_SOCKET": str(ready.path)}, metrics_port=metrics_port)
+    before = world.etcd_metrics()
+    all_in = probe.wait_counts(_all_present(n))
+    started = time.perf_counter()
+    agent.start()
+    try:
+        in_place = await asyncio.wait_for(asyncio.shield(all_in), limit)
+        ready_at = await asyncio.wait_for(asyncio.shield(ready.ready), limit)
+    except TimeoutError:
+        kernel = {
+            "routes": len(sh("ip", "route", "show", "proto", "76").splitlines()),
+            "neighbours": len(sh("ip", "neigh", "show", "nud", "permanent").splitlines()),
+            "fdb": len(sh("bridge", "fdb", "show", "dev", "flannel.1").splitlines()),
+        }
+        tail = "".join(agent.log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"agent did not program {n} peers within {limit}s "
+                           f"(probe saw {probe.counts}, kernel has {kernel}); agent log:\n"
+                           f"{tail}") from None
+    finally:
+        ready.close()
+    after_ready = world.etcd_metrics()
+    assert probe.first_at is not None
+    programming = in_place - probe.first_at
+    result = {
+        "peers": n,
+        "objects": 3 * n,
+        "start_to_objects_s": in_place - started,
+        "start_to_ready_s": ready_at - started,
+        "start_to_first_object_s": probe.first_at - started,
+        "programming_s": programming,
+        "agent_rate": 3 * n / programming,
+        "reference": reference,
+        "rate_ratio": (3 * n / programming) / reference["rate"],
+        "start_to_objects_vs_reference": (in_place - started) / reference["seconds"],
+    }
+    start_cost = _etcd_delta(before, after_ready)
+    return result, agent, metrics_port, start_cost
+
+
+def _etcd_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(before) | set(after)
+            if after.get(k, 0.0) != before.get(k, 0.0)}
+
+
+# -- 2. event latency ---------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def events(store: EtcdStore, probe: KernelProbe, *, count: int, first: int,
+                 present: int, limit: float = 5.0) -> dict[str, Any]:
+    """`count` events (put, delete, put, ...) of fresh peers numbered from `first`;
+    agent latency = put sent -> last of its 3 objects in (or out of) the kernel;
+    reference = put sent -> the same event reaching a bare etcd watcher here."""
+    listing = await store.list_prefix(f"{PREFIX}/subnets/")
+    seen: dict[tuple[str, EventType], float] = {}
+    arrived = asyncio.Event()
+
+    async def watch() -> None:
+        async for batch in store.watch(f"{PREFIX}/subnets/", start_revision=listing.revision + 1):
+            now = time.perf_counter()
+            for ev in batch:
+                seen[(ev.key, ev.type)] = now
+            arrived.set()
+
+    watcher = asyncio.create_task(watch())
+    agent_ms: list[float] = []
+    ref_ms: list[float] = []
+    failures = 0
+    try:
+        # Two unrecorded warm-up events first: the reference watch stream's
+        # first event would otherwise carry its set-up.
+        for j in range(count + 2):
+            i = first + j // 2
+            sub, mac = peer_subnet(i), peer_mac(i)
+            deleted = j % 2 == 1
+            key = lease_key(sub)
+            futs = [probe.wait_object("route", deleted, sub),
+                    probe.wait_object("neighbour", deleted, sub.network_address),
+                    probe.wait_object("fdb", deleted, mac)]
+            etype = EventType.DELETE if deleted else EventType.PUT
+            t0 = time.perf_counter()
+            if deleted:
+                await store.delete(key)
+            else:
+                await store.put(key, lease_value(i).encode())
+            try:
+                done = await asyncio.wait_for(asyncio.gather(*futs), limit)
+            except TimeoutError:
+                failures += j >= 2
+                continue
+            if j >= 2:
+                agent_ms.append((max(done) - t0) * 1000)
+            deadline = time.perf_counter() + limit
+            while (key, etype) not in seen and time.perf_counter() < deadline:
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), 1.0)
+                except TimeoutError:
+                    pass
+            if (key, etype) in seen and j >= 2:
+                ref_ms.append((seen[(key, etype)] - t0) * 1000)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    p50, p99 = _percentile(agent_ms, 50), _percentile(agent_ms, 99)
+    r50, r99 = _percentile(ref_ms, 50), _percentile(ref_ms, 99)
+    return {
+        "peers_present": present, "events": count, "timeouts": failures,
+        "p50_ms": p50, "p99_ms": p99, "max_ms": max(agent_ms, default=float("nan")),
+        "reference_p50_ms": r50, "reference_p99_ms": r99,
+        "p50_ratio": p50 / r50 if r50 else float("nan"),
+        "p99_ratio": p99 / r99 if r99 else float("nan"),
+    }
+
+
+async def shrink(store: EtcdStore, probe: KernelProbe, *, to: int, n: int, limit: float
+                 ) -> dict[str, Any]:
+    """Delete peers to+1..n; time until the kernel holds exactly `to` peers again."""
+    gone = probe.wait_counts(lambda c: c["route"] <= to and c["neighbour"] <= to
+                             and c["fdb"] <= to)
+    started = time.perf_counter()
+    await delete_peers(store, to + 1, n)
+    sent = time.perf_counter()
+    done = await asyncio.wait_for(gone, limit)
+    return {"removed_peers": n - to, "delete_requests_s": sent - started,
+            "until_kernel_clean_s": done - started}
+
+
+# -- 3. allocation under contention ----------------------------------------------------
+
+
+def flannel_candidates(network: NetworkConfig, taken: Collection[IPv4Network],
+                       rng: random.Random) -> Iterator[IPv4Network]:
+    """flannel's policy: a random one of the first 100 free subnets (in address order)."""
+    free = free_subnets(network, taken)[:100]
+    rng.shuffle(free)
+    return iter(free)
+
+
+async def allocation(world: World, *, agents: int, strategy: str, round_no: int
+                     ) -> dict[str, Any]:
+    network = network_config_from_dict({"Network": "10.10.0.0/16", "SubnetLen": 24})
+    choose = candidates if strategy == "leaseagent" else flannel_candidates
+    prefix = f"/bench-alloc/{strategy}{round_no}"
+    metrics = Metrics()
+    settings = EtcdSettings(endpoints=world.endpoint, timeout=30)
+    stores = await asyncio.gather(*(EtcdStore.connect(settings) for _ in range(agents)))
+    ranges = 0
+
+    def observe(op: str, _seconds: float) -> None:
+        nonlocal ranges
+        if op in ("list", "range", "list_prefix"):
+            ranges += 1
+
+    for s in stores:
+        s.observer = observe
+    leasings = [
+        Leasing(store, prefix=prefix, network=network, ttl=300, metrics=metrics,
+                rng=random.Random(round_no * 100_003 + k), choose=choose,
+                value=LeaseValue(public_ip=IPv4Address(int(HOST_IP) + 1000 + k),
+                                 backend_type="vxlan",
+                                 backend_data={"VNI": 1, "VtepMAC": peer_mac(50_000 + k)},
+                                 node_id=f"alloc-{k}"))
+        for k, store in enumerate(stores)
+    ]
+    try:
+        started = time.perf_counter()
+        owns = await asyncio.gather(*(lg.acquire() for lg in leasings))
+        elapsed = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(s.close() for s in stores), return_exceptions=True)
+    subnets = {o.subnet for o in owns}
+    if len(subnets) != agents:
+        raise RuntimeError(f"{strategy}: {agents} agents hold only {len(subnets)} subnets")
+    txns = sum(lg.transactions for lg in leasings)
+    return {"strategy": strategy, "agents": agents, "capacity": network.capacity,
+            "seconds": elapsed, "transactions": txns, "txn_per_acquisition": txns / agents,
+            "lists": ranges}
+
+
+# -- 4. footprint and 5. etcd cost at steady state ----------------------------------------
+
+
+async def footprint(world: World, agent: Proc, metrics_port: int, *, idle: float
+                    ) -> tuple[dict[str, Any], dict[str, float]]:
+    await asyncio.sleep(1.0)
+    reconciles = "leaseagent_reconcile_duration_seconds"
+    r0 = (agent_metric(metrics_port, reconciles + "_sum") or 0.0,
+          agent_metric(metrics_port, reconciles + "_count") or 0.0)
+    s0, m0 = proc_sample(agent.pid), world.etcd_metrics()
+    await asyncio.sleep(idle)
+    s1, m1 = proc_sample(agent.pid), world.etcd_metrics()
+    r1 = (agent_metric(metrics_port, reconciles + "_sum") or 0.0,
+          agent_metric(metrics_port, reconciles + "_count") or 0.0)
+    switches = (s1["voluntary"] + s1["involuntary"]) - (s0["voluntary"] + s0["involuntary"])
+    resync_count = r1[1] - r0[1]
+    resync_sum = r1[0] - r0[0]
+    baseline = python_baseline_rss(world)
+    return {
+        "rss_mib": s1["rss"] / 2**20,
+        "threads": s1["threads"],
+        "idle_seconds": idle,
+        "cpu_percent": (s1["cpu"] - s0["cpu"]) / idle * 100,
+        "wakeups_per_s": switches / idle,
+        "voluntary_per_s": (s1["voluntary"] - s0["voluntary"]) / idle,
+        "periodic_reconciles_in_window": resync_count,
+        "mean_full_reconcile_s": resync_sum / resync_count if resync_count else None,
+        "python_baseline_rss_mib": baseline / 2**20,
+        "flannel_request_mib": 50.0,
+    }, _etcd_delta(m0, m1)
+
+
+def python_baseline_rss(world: World) -> float:
+    """RSS of an interpreter that only imported the agent's modules (the floor)."""
+    code = ("import leaseagent.agent.main, leaseagent.agent.daemon, leaseagent.store.etcd, "
+            "leaseagent.dataplane.vxlan, time; print('ok', flush=True); time.sleep(30)")
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        return proc_sample(proc.pid)["rss"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def summarize_etcd(start: dict[str, float], idle: dict[str, float], idle_s: float
+                   ) -> dict[str, Any]:
+    def handled(d: dict[str, float], method: str) -> float:
+        return d.get(f"grpc_server_handled_total:{method}", 0.0)
+
+    def started(d: dict[str, float], method: str) -> float:
+        return d.get(f"grpc_server_started_total:{method}", 0.0)
+
+    unary = ("Range", "Txn", "Put", "DeleteRange", "LeaseGrant", "LeaseRevoke",
+             "LeaseTimeToLive")
+    at_start = {m: handled(start, m) for m in unary if handled(start, m)}
+    at_start["Watch streams opened"] = started(start, "Watch")
+    at_start["LeaseKeepAlive streams opened"] = started(start, "LeaseKeepAlive")
+    per_hour = {m: handled(idle, m) * 3600 / idle_s for m in unary if handled(idle, m)}
+    per_hour["Watch streams opened"] = started(idle, "Watch") * 3600 / idle_s
+    return {
+        "requests_at_start": at_start,
+        "unary_requests_at_start": sum(handled(start, m) for m in unary),
+        "range_requests_at_start": handled(start, "Range"),
+        "watch_streams": start.get("etcd_debugging_mvcc_watch_stream_total", 0.0),
+        "watchers": start.get("etcd_debugging_mvcc_watcher_total", 0.0),
+        "unary_requests_per_hour_idle": sum(handled(idle, m) for m in unary) * 3600 / idle_s,
+        "requests_per_hour_idle": per_hour,
+    }

@@ -1,0 +1,55 @@
+"""The benchmark suite at reduced size: it runs, prints its table, writes JSON, cleans up.
+
+No timing is asserted (machines are noisy; docs/benchmarks.md has the
+figures of a full run). Runs `python -m bench` as a subprocess: the suite
+moves its own process into a namespace, which must not happen to pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd (Debian etcd-server)"),
+]
+
+
+def _bench_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.startswith("lbench")}
+
+
+def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
+    before = _bench_namespaces()
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--peers", "200", "--small-peers", "20",
+         "--events", "50", "--agents", "20", "--alloc-rounds", "1", "--idle", "2",
+         "--timeout", "30", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in ("programming rate", "event p99", "txn/acquisition", "RSS", "idle CPU",
+                   "etcd unary requests at start"):
+        assert figure in proc.stdout, proc.stdout
+    results = json.loads(out.read_text())
+    assert results["join"]["objects"] == 600
+    assert results["join"]["reference"]["objects"] == 600
+    assert results["events_large"]["events"] == 50
+    assert results["events_large"]["timeouts"] == 0
+    assert results["events_small"]["peers_present"] == 20
+    assert {r["agents"] for r in results["allocation"]["leaseagent"]["rounds"]} == {20}
+    assert results["footprint"]["rss_mib"] > 0
+    assert results["etcd"]["range_requests_at_start"] >= 1
+    assert _bench_namespaces() == before  # its namespaces are gone
