@@ -36,7 +36,7 @@ from bench.env import (
     proc_sample,
     sh,
 )
-from leaseagent.agent.leasing import Leasing
+from leaseagent.agent.leasing import CANDIDATES_PER_TXN, Leasing
 from leaseagent.core.allocation import candidates, free_subnets
 from leaseagent.core.lease import LeaseValue
 from leaseagent.core.network import NetworkConfig, network_config_from_dict
@@ -315,6 +315,8 @@ async def allocation(world: World, *, agents: int, strategy: str, round_no: int
     leasings = [
         Leasing(store, prefix=prefix, network=network, ttl=300, metrics=metrics,
                 rng=random.Random(round_no * 100_003 + k), choose=choose,
+                # flannel sends one create per candidate.
+                candidates_per_txn=CANDIDATES_PER_TXN if strategy == "leaseagent" else 1,
                 value=LeaseValue(public_ip=IPv4Address(int(HOST_IP) + 1000 + k),
                                  backend_type="vxlan",
                                  backend_data={"VNI": 1, "VtepMAC": peer_mac(50_000 + k)},

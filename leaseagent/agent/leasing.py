@@ -8,9 +8,11 @@ Order of acquisition (first that works wins):
     never given a TTL (its value is updated, fenced, to publish our
     BackendData);
  3. the subnet of a previous subnet.env, with create-if-absent;
- 4. a random free subnet (among all free ones), create-if-absent; a lost race
-    lists again after a short jitter and picks anew (a stale listing's next
-    candidate is likely taken by a rival too), never exits.
+ 4. a random free subnet (among all free ones): CANDIDATES_PER_TXN random free
+    subnets go into one transaction that creates the first of them still
+    absent, so a host that loses the race for its first pick usually wins its
+    second in the same round trip; if all are gone it lists again after a
+    short jitter and picks anew; it never exits because of a race.
 An empty range raises SubnetsExhausted naming the network and the count.
 
 Every write is a transaction: create-if-absent, or fenced on the mod_revision
@@ -39,6 +41,7 @@ log = logging.getLogger("leaseagent.leasing")
 
 # Upper bound of the pause before listing again after a lost allocation race.
 RETRY_JITTER_SECONDS = 0.1
+CANDIDATES_PER_TXN = 8
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Leasing:
         metrics: Metrics,
         rng: random.Random | None = None,
         choose: Chooser = candidates,
+        candidates_per_txn: int = CANDIDATES_PER_TXN,
     ) -> None:
         self._store = store
         self.subnets_prefix = f"{prefix}/subnets/"
@@ -78,6 +82,7 @@ class Leasing:
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._choose = choose  # the allocation policy (the benchmark swaps in flannel's)
+        self._per_txn = max(1, candidates_per_txn)
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
 
     def key_for(self, subnet: IPv4Network) -> str:
@@ -106,6 +111,20 @@ class Leasing:
             return OwnLease(subnet, key, self.value_bytes, lease_id, ttl, current.mod_revision, how)
         self._metrics.allocation_conflicts.inc()
         return None
+
+    async def _create_first(self, subnets: list[IPv4Network], lease_id: int, ttl: int
+                            ) -> OwnLease | None:
+        if len(subnets) == 1:
+            return await self._create(subnets[0], lease_id, ttl, "allocated")
+        by_key = {self.key_for(s): s for s in subnets}
+        self._metrics.allocation_attempts.inc()
+        self.transactions += 1
+        created = await self._store.create_first(list(by_key), self.value_bytes, lease=lease_id)
+        if created is None or created.key not in by_key:
+            self._metrics.allocation_conflicts.inc()
+            return None
+        return OwnLease(by_key[created.key], created.key, self.value_bytes, lease_id, ttl,
+                        created.mod_revision, "allocated")
 
     async def acquire(self, *, previous: IPv4Network | None = None) -> OwnLease:
         """Take a subnet for this host (see the module docstring for the order)."""
@@ -177,14 +196,14 @@ class Leasing:
 
             in_range = sum(1 for s in taken if self._network.in_range(s))
             pool = self._choose(self._network, taken, self._rng)
-            pick = next(pool, None)
-            if pick is None:
+            picks = [s for _, s in zip(range(self._per_txn), pool, strict=False)]
+            if not picks:
                 raise SubnetsExhausted(
                     f"no free subnet in network {self._network.network} "
                     f"(range {self._network.subnet_min}-{self._network.subnet_max}): "
                     f"all {self._network.capacity} subnets are taken ({in_range} leases)"
                 )
-            own = await self._create(pick, lease_id, ttl, "allocated")
+            own = await self._create_first(picks, lease_id, ttl)
             if own is not None:
                 return own
             # Lost a race: others start now too. The other candidates of this

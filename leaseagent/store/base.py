@@ -7,7 +7,8 @@ adapter pass one contract suite (tests/contract):
   create_revision, mod_revision, version and the id of its etcd lease (0: none);
 - `create` is create-if-absent (compare create_revision == 0) and
   `replace` is fenced on mod_revision; both return (won, current) where
-  current is the key as it is after the transaction;
+  current is the key as it is after the transaction; `create_first` creates
+  the first absent key of several candidates in one transaction;
 - `watch` yields batches of events from start_revision on and raises
   Compacted when that revision is no longer kept;
 - an etcd lease that expires or is revoked deletes its keys (delete events).
@@ -17,7 +18,7 @@ Errors are the project's (leaseagent.errors), never a library's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -68,6 +69,17 @@ class LeaseStore(Protocol):
     async def create(
         self, key: str, value: bytes, *, lease: int
     ) -> tuple[bool, KeyValue | None]: ...
+
+    async def create_first(
+        self, keys: Sequence[str], value: bytes, *, lease: int
+    ) -> KeyValue | None:
+        """Create the first of `keys` that does not exist, in one transaction.
+
+        Returns the key created, or None when every key exists. Never creates
+        two: if one of `keys` already carries `lease` (a retried transaction
+        that had in fact been applied) that key is returned and nothing is written.
+        """
+        ...
 
     async def replace(
         self, key: str, value: bytes, *, mod_revision: int, lease: int

@@ -304,6 +304,51 @@ class EtcdStore:
         compare = self._kvs.txn_compare_create_revision(key, 0)
         return await self._txn(f"create {key}", compare, key, value, lease)
 
+    async def create_first(
+        self, keys: Sequence[str], value: bytes, *, lease: int
+    ) -> KeyValue | None:
+        """One txn: guard, then a chain of nested txns "if k_i is absent put it, else next".
+
+        The guard (no candidate carries our lease yet) makes a txn that etcd3aio
+        retried after it had been applied fall to the failure branch, which reads
+        the candidates back, instead of creating a second key (nested txns and
+        LEASE compares: etcd 3.3 and newer).
+        """
+        from etcd3aio._protobuf import Compare, RequestOp, TxnRequest
+
+        if not keys:
+            return None
+        kv = self._kvs
+        chain: TxnRequest | None = None
+        for key in reversed(keys):
+            chain = TxnRequest(
+                compare=[kv.txn_compare_create_revision(key, 0)],
+                success=[kv.txn_op_put(key, value, lease=lease), kv.txn_op_get(key)],
+                failure=[RequestOp(request_txn=chain)] if chain is not None else [],
+            )
+        assert chain is not None
+        guard = [Compare(result=Compare.NOT_EQUAL, target=Compare.LEASE, key=key.encode(),
+                         lease=lease) for key in keys] if lease else []
+        resp = await self._call(
+            f"create-first {keys[0]}",
+            kv.txn(guard, [RequestOp(request_txn=chain)], [kv.txn_op_get(key) for key in keys],
+                   timeout=self._timeout),
+        )
+        if not resp.succeeded:
+            for op in resp.responses:
+                for found in op.response_range.kvs:
+                    if found.lease == lease:
+                        return _kv(found)
+            return None
+        level = resp.responses[0].response_txn
+        while True:
+            if level.succeeded:
+                got = level.responses[1].response_range.kvs
+                return _kv(got[0]) if got else None
+            if not level.responses:
+                return None
+            level = level.responses[0].response_txn
+
     async def replace(
         self, key: str, value: bytes, *, mod_revision: int, lease: int
     ) -> tuple[bool, KeyValue | None]:

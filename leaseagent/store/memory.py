@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from leaseagent.errors import Compacted, LeaseLost, StoreError, StoreUnavailable
@@ -149,6 +149,21 @@ class MemoryStore:
         kv = self._write(key, value, lease)
         await self._notify()
         return True, kv
+
+    async def create_first(
+        self, keys: Sequence[str], value: bytes, *, lease: int
+    ) -> KeyValue | None:
+        self._check()
+        for key in keys:
+            if lease and key in self._kv and self._kv[key].lease == lease:
+                return self._kv[key]
+        for key in keys:
+            if key not in self._kv:
+                self._check_lease(lease)
+                kv = self._write(key, value, lease)
+                await self._notify()
+                return kv
+        return None
 
     async def replace(
         self, key: str, value: bytes, *, mod_revision: int, lease: int

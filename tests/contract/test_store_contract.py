@@ -154,6 +154,38 @@ async def test_create_if_absent_wins_once_and_returns_the_current_key_on_loss(
     assert await store.get(key) == kv
 
 
+async def test_create_first_creates_the_first_absent_key_only(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    lease, _ = await store.grant(30)
+    other, _ = await store.grant(30)
+    await store.create(p + "a", b"theirs", lease=other)
+    created = await store.create_first([p + "a", p + "b", p + "c"], b"ours", lease=lease)
+    assert created is not None and created.key == p + "b" and created.lease == lease
+    assert await store.get(p + "c") is None
+    assert (await store.get(p + "a")).value == b"theirs"  # type: ignore[union-attr]
+
+
+async def test_create_first_never_creates_a_second_key_for_the_same_lease(subject: Subject) -> None:
+    # What a txn retried after it was applied looks like: one candidate is already ours.
+    store, p = subject.store, subject.prefix
+    lease, _ = await store.grant(30)
+    first = await store.create_first([p + "a", p + "b"], b"ours", lease=lease)
+    again = await store.create_first([p + "a", p + "b"], b"ours", lease=lease)
+    assert first is not None and again is not None and again.key == first.key == p + "a"
+    assert await store.get(p + "b") is None
+
+
+async def test_create_first_returns_none_when_all_exist(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    lease, _ = await store.grant(30)
+    other, _ = await store.grant(30)
+    for name in ("a", "b"):
+        await store.create(p + name, b"theirs", lease=other)
+    before = await current_revision(subject)
+    assert await store.create_first([p + "a", p + "b"], b"ours", lease=lease) is None
+    assert await current_revision(subject) == before
+
+
 async def test_replace_is_fenced_on_mod_revision(subject: Subject) -> None:
     store, key = subject.store, subject.prefix + "subnets/10.5.1.0-24"
     assert await store.replace(key, b"x", mod_revision=1, lease=0) == (False, None)
