@@ -1,0 +1,52 @@
+"""Fixtures for the fault scenarios: a 3-member etcd cluster and agent processes on it.
+
+Everything started here is stopped by PID in a finalizer (agents first, then
+the etcd members) and its temp dirs removed, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from agentproc import AgentProc
+from etcd_cluster import EtcdCluster
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A fresh 3-member etcd cluster on 127.0.0.1, removed afterwards."""
+    cluster = EtcdCluster(3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="leaseagent-faults-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def cluster_agents(etcd_cluster: EtcdCluster, workdir: Path
+                   ) -> Iterator[Callable[..., AgentProc]]:
+    """Factory of agent processes given all three endpoints (or `endpoints=`)."""
+    made: list[AgentProc] = []
+
+    def make(name: str, public_ip: str, **kw: object) -> AgentProc:
+        kw.setdefault("endpoints", etcd_cluster.endpoints)
+        agent = AgentProc(workdir=workdir, name=name, public_ip=public_ip,
+                          **kw)  # type: ignore[arg-type]
+        made.append(agent)
+        return agent
+
+    try:
+        yield make
+    finally:
+        for agent in made:
+            agent.stop()

@@ -1,0 +1,88 @@
+"""Helpers shared by the fault scenarios: the network config, and checks of etcd's leases."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from ipaddress import IPv4Interface
+
+from agentproc import AgentProc
+from etcd_cluster import EtcdCluster
+
+PREFIX = "/coreos.com/network"
+SUBNETS = f"{PREFIX}/subnets/"
+ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.200.0",
+         "Backend": {"Type": "alloc"}}
+
+# LEASEAGENT_FULL=1 runs the long variants (documented in docs/reliability.md).
+FULL = os.environ.get("LEASEAGENT_FULL", "") not in ("", "0")
+
+
+def put_config(cluster: EtcdCluster, config: dict[str, object]) -> None:
+    cluster.etcdctl("put", f"{PREFIX}/config", json.dumps(config))
+
+
+def key_of(subnet_line: str) -> str:
+    net = IPv4Interface(subnet_line).network
+    return f"{SUBNETS}{net.network_address}-{net.prefixlen}"
+
+
+def subnet_of_env(agent: AgentProc) -> str | None:
+    if not agent.subnet_file.exists():
+        return None
+    for line in agent.subnet_file.read_text().splitlines():
+        if line.startswith("FLANNEL_SUBNET="):
+            return line.split("=", 1)[1]
+    return None
+
+
+def public_ips(cluster: EtcdCluster) -> dict[str, str]:
+    """lease key -> PublicIP, for every key under the subnets prefix."""
+    out = {}
+    for key, (value, _) in cluster.get_prefix(SUBNETS).items():
+        out[key] = json.loads(value)["PublicIP"]
+    return out
+
+
+def check_no_lease_lost_or_duplicated(cluster: EtcdCluster, running: Iterable[AgentProc],
+                                      everyone: Iterable[AgentProc]) -> int:
+    """Every running agent's subnet.env subnet is held in etcd by its PublicIP, no two keys
+    share a PublicIP, and no agent ever logged SUBNET LOST. Returns the number of keys."""
+    held = public_ips(cluster)
+    ips = list(held.values())
+    assert len(ips) == len(set(ips)), f"two keys share a PublicIP: {held}"
+    for agent in running:
+        line = subnet_of_env(agent)
+        assert line is not None, f"{agent.name} has no subnet.env"
+        assert held.get(key_of(line)) == agent.public_ip, (
+            f"{agent.name} ({agent.public_ip}) believes it holds {line}; etcd: {held}")
+    for agent in everyone:
+        assert "SUBNET LOST" not in agent.log(), f"{agent.name}:\n{agent.log()}"
+        check_clean_log(agent.name, agent.log())
+    return len(held)
+
+
+def wait_until(what: str, cond: Callable[[], bool], timeout: float, step: float = 0.05) -> float:
+    """Seconds until cond() holds; AssertionError naming `what` after `timeout`."""
+    start = time.monotonic()
+    while True:
+        if cond():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(step)
+
+
+def renewals(agent: AgentProc) -> float:
+    try:
+        return agent.metric("leaseagent_lease_renewals_total") or 0.0
+    except OSError:
+        return -1.0
+
+
+def check_clean_log(name: str, log: str) -> None:
+    """No traceback and no asyncio leak reports (one line per error, DESIGN §5)."""
+    for bad in ("Traceback", "Task was destroyed", "never retrieved"):
+        assert bad not in log, f"{name} logged {bad!r}:\n{log}"
