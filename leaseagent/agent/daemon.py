@@ -23,7 +23,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
-from leaseagent.agent.files import read_text_if_exists, refuse_symlink, write_atomic
 from leaseagent.agent.leasing import Leasing, OwnLease
 from leaseagent.agent.logs import StateLog
 from leaseagent.agent.notify import sd_notify, watchdog_interval
@@ -37,6 +36,7 @@ from leaseagent.core.subnetenv import SubnetEnv, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
 from leaseagent.errors import LeaseLost, NetworkConfigError, StoreUnavailable
+from leaseagent.files import read_text_if_exists, refuse_symlink, write_atomic
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import KeyValue, LeaseStore
 

@@ -42,7 +42,6 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from leaseagent.agent.files import write_atomic
 from leaseagent.cli import doctor
 from leaseagent.cli.watching import LeaseEvent, lease_events
 from leaseagent.config import Parser, _EnvDefaults, add_etcd_arguments, etcd_settings
@@ -57,6 +56,7 @@ from leaseagent.core.lease import (
 from leaseagent.core.network import NetworkConfig, parse_network_config, subnet_key_name
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.errors import ConfigError, LeaseagentError, NetworkConfigError
+from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.etcd import EtcdStore
 

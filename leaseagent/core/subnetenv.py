@@ -7,7 +7,7 @@ flanneld (WriteSubnetFile) writes, in this order:
     FLANNEL_MTU=1450
     FLANNEL_IPMASQ=false
 
-Pure: the atomic write lives in leaseagent.agent.files.
+Pure: the atomic write lives in leaseagent.files.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ leaseagent.dataplane.reconciling; this module is policy.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -38,7 +37,8 @@ from leaseagent.core.plan import KernelObject, plan_vxlan_peer, vxlan_options
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.netlink import Link, Netlink, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
-from leaseagent.errors import DataPlaneError
+from leaseagent.errors import ConfigError, DataPlaneError
+from leaseagent.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +78,11 @@ def load_vtep_mac(state_dir: Path) -> str | None:
 
 
 def store_vtep_mac(state_dir: Path, mac: str) -> None:
-    """Write the VtepMAC atomically (temp file, fsync, rename, fsync the directory)."""
+    """Write the VtepMAC atomically, never through a planted symlink."""
     path = state_dir / VTEP_MAC_FILE
-    tmp = state_dir / f".{VTEP_MAC_FILE}.{os.getpid()}.tmp"
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(mac + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
+        write_atomic(path, (mac + "\n").encode(), mode=0o644)
+    except (OSError, ConfigError) as exc:
         raise DataPlaneError(f"cannot store the VtepMAC in {path}: {exc}") from exc
 
 
