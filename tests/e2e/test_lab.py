@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from leaseagent.lab import Container, Host, Lab, parse_ping_summary
+from leaseagent.lab import Container, Host, Lab, parse_ping_summary, run
 
 CONVERGE = 2.0  # seconds: the promise for joins and removals
 
@@ -114,6 +114,48 @@ def test_agent_restart_loses_no_packet(vxlan_lab: Lab) -> None:
     assert sent > 0 and received == sent, out
     print(f"2 agent restarts ({restarts:.1f}s, stop to ready) under ping -i {interval}: "
           f"{sent} sent, {received} received")
+
+
+@pytest.mark.root
+def test_start_removes_what_vanished_while_down_and_leaves_foreign_routes(vxlan_lab: Lab) -> None:
+    """DESIGN §4.5: entries of peers that vanished while the agent was down, and a
+    stale route with our protocol, are gone after the first complete list; a
+    route of another protocol is left alone."""
+    lab = vxlan_lab
+    target, gateway_host = lab.hosts[1], lab.hosts[2]
+    victim = lab.add_host(containers=1)
+    stale, foreign = "10.244.250.0/24", "10.244.251.0/24"
+    try:
+        assert lab.wait_reachable(timeout=5).all_ok
+        value = lab.lease_value(victim)
+        assert value is not None and victim.subnet is not None
+        mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]
+        subnet = victim.subnet.network
+        lab.stop_agent(target)  # SIGTERM: its kernel state stays as it was
+        lab.kill_agent(victim, signal.SIGKILL)
+        lab.delete_lease(victim)  # the peer vanishes while target's agent is down
+        via = str(gateway_host.public_ip)
+        run(["ip", "-n", target.ns, "route", "add", stale, "via", via, "proto", "76"])
+        run(["ip", "-n", target.ns, "route", "add", foreign, "via", via, "proto", "static"])
+        assert len(lab.kernel_entries(target, subnet, mac)) == 3  # still there while down
+
+        started = time.monotonic()
+        lab.start_agent(target)
+        lab.wait_ready(target, timeout=10)
+        routes = run(["ip", "-n", target.ns, "route", "show"])
+        assert lab.kernel_entries(target, subnet, mac) == []
+        assert stale not in routes
+        assert foreign in routes
+        print(f"stale and vanished entries gone by READY, {time.monotonic() - started:.2f}s "
+              "after start; foreign route kept")
+    finally:
+        run(["ip", "-n", target.ns, "route", "del", foreign], check=False)
+        run(["ip", "-n", target.ns, "route", "del", stale], check=False)
+        if not lab.agent_alive(target):
+            lab.start_agent(target)
+            lab.wait_ready(target, timeout=10)
+        lab.remove_host(victim)
+    assert lab.wait_reachable(timeout=5).all_ok
 
 
 def test_lab_owns_only_names_of_its_own_shape() -> None:
