@@ -31,6 +31,10 @@ class Metrics:
             "leaseagent_lease_renewal_failures", "Failed lease keepalives", registry=r)
         self.etcd_up = Gauge(
             "leaseagent_etcd_up", "1 while etcd answers, 0 while it does not", registry=r)
+        self.etcd_endpoint = Gauge(
+            "leaseagent_etcd_endpoint_info",
+            "1 for the etcd member that answered the agent last (its client URL and id)",
+            ["endpoint", "member"], registry=r)
         self.etcd_request_seconds = Histogram(
             "leaseagent_etcd_request_duration_seconds", "etcd request latency", ["operation"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from leaseagent.agent.daemon import Agent
 from leaseagent.agent.logs import setup_logging
 from leaseagent.config import AgentConfig, parse_agent_config
 from leaseagent.errors import ConfigError, LeaseagentError
+from leaseagent.metrics import Metrics
 from leaseagent.store.etcd import EtcdStore
 
 log = logging.getLogger("leaseagent")
@@ -27,6 +29,7 @@ async def serve(cfg: AgentConfig) -> None:
     agent = Agent(cfg, store)
     latency = agent.metrics.etcd_request_seconds
     store.observer = lambda op, seconds: latency.labels(operation=op).observe(seconds)
+    store.on_member = _endpoint_tracker(store, agent.metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,6 +46,30 @@ async def serve(cfg: AgentConfig) -> None:
         if metrics_server is not None:
             metrics_server.close()
         await store.close()
+
+
+def _endpoint_tracker(store: EtcdStore, metrics: Metrics) -> Callable[[int], None]:
+    """Keep leaseagent_etcd_endpoint_info on the member answering us (looked up once per change)."""
+    names: dict[int, str] = {}
+    pending: set[asyncio.Task[None]] = set()
+
+    async def show(member: int) -> None:
+        if member not in names:
+            try:
+                names.update(await store.member_endpoints())
+            except LeaseagentError:
+                return  # shown at the next change
+        if store.member_id == member:
+            metrics.etcd_endpoint.clear()
+            metrics.etcd_endpoint.labels(endpoint=names.get(member, "?"),
+                                         member=f"{member:x}").set(1)
+
+    def changed(member: int) -> None:
+        task = asyncio.get_running_loop().create_task(show(member))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,6 +205,9 @@ class EtcdStore:
         self.endpoint_count = 0
         # Told (operation, seconds) after every request, e.g. for a latency histogram.
         self.observer: Callable[[str, float], None] | None = None
+        # Told the member id whenever the member answering us changes.
+        self.member_id = 0
+        self.on_member: Callable[[int], None] | None = None
 
     @classmethod
     async def connect(cls, settings: EtcdSettings) -> EtcdStore:
@@ -263,12 +266,26 @@ class EtcdStore:
     async def _call(self, what: str, coro: Any) -> Any:
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(coro, self._timeout)
+            result = await asyncio.wait_for(coro, self._timeout)
+            # Every etcd response names the member that served it: which
+            # endpoint we are on now, for the operator (a metric).
+            member = getattr(getattr(result, "header", None), "member_id", 0)
+            if member and member != self.member_id:
+                self.member_id = member
+                if self.on_member is not None:
+                    self.on_member(member)
+            return result
         except (etcd3aio.EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, what) from exc
         finally:
             if self.observer is not None:
                 self.observer(what.split(" ", 1)[0], time.perf_counter() - started)
+
+    async def member_endpoints(self) -> dict[int, str]:
+        """Member id -> its first client URL, from the cluster's member list."""
+        cluster: Any = self._client.cluster
+        resp = await self._call("members", cluster.member_list(timeout=self._timeout))
+        return {int(m.ID): (list(m.clientURLs) or [m.name])[0] for m in resp.members}
 
     async def get(self, key: str) -> KeyValue | None:
         resp = await self._call(f"get {key}", self._kvs.get(key, timeout=self._timeout))

@@ -1,0 +1,71 @@
+"""Metrics on a live lab agent: promtool accepts them, and each family moves when its
+event happens (a peer joins; a route is deleted by hand and repaired)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from leaseagent.lab import Lab, run
+
+
+def _wait(what: str, check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.mark.root
+def test_metric_families_move_with_their_events(vxlan_lab: Lab) -> None:
+    lab = vxlan_lab
+    watcher = lab.hosts[1]
+    before = lab.metrics(watcher)
+    assert before['leaseagent_lease_held'] == 1
+    assert before['leaseagent_etcd_up'] == 1
+    assert any(k.startswith("leaseagent_etcd_endpoint_info{") for k in before), sorted(before)
+    peers_key = 'leaseagent_peers{backend="vxlan"}'
+
+    joiner = lab.add_host(containers=1)
+    try:
+        after = _wait("the new peer in the metrics", lambda: (
+            m if (m := lab.metrics(watcher)).get(peers_key, 0) == before[peers_key] + 1 else None))
+
+        def grew(name: str) -> bool:
+            return after.get(name, 0) > before.get(name, 0)
+
+        assert grew('leaseagent_watch_events_total{type="put"}')
+        assert grew('leaseagent_dataplane_objects_added_total{kind="route"}')
+        assert grew('leaseagent_dataplane_objects_added_total{kind="neighbour"}')
+        assert grew('leaseagent_dataplane_objects_added_total{kind="fdb"}')
+        assert grew("leaseagent_peer_programming_seconds_count")
+        assert after["leaseagent_lease_renewals_total"] >= before["leaseagent_lease_renewals_total"]
+
+        assert joiner.subnet is not None
+        subnet = str(joiner.subnet.network)
+        repairs = 'leaseagent_dataplane_drift_repairs_total{kind="route"}'
+        run(["ip", "-n", watcher.ns, "route", "del", subnet])
+        _wait("the route back", lambda: subnet in run(["ip", "-n", watcher.ns, "route", "show"]),
+              timeout=1.0 + 1.0)  # 1 s promise, plus a second of margin for a busy machine
+        repaired = _wait("the repair counted", lambda: (
+            m if (m := lab.metrics(watcher)).get(repairs, 0) > before.get(repairs, 0) else None))
+        assert repaired[repairs] >= 1
+    finally:
+        lab.remove_host(joiner)
+        lab.delete_lease(joiner)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) missing")
+def test_promtool_accepts_a_vxlan_agents_metrics(vxlan_lab: Lab) -> None:
+    status, text = vxlan_lab.http_get(vxlan_lab.hosts[1], "/metrics")
+    assert status == 200
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
