@@ -17,6 +17,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import NoReturn
 
+from leaseagent.dataplane.base import DEFAULT_ROUTE_PROTOCOL
 from leaseagent.errors import ConfigError
 from leaseagent.store.etcd import EtcdSettings, parse_endpoints
 
@@ -148,6 +149,35 @@ def _parse_hostport(flag: str, raw: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def add_host_arguments(env: _EnvDefaults) -> None:
+    """The flags that say how the agent sees this host (shared with `leasectl doctor`)."""
+    env.add("--iface", help="underlay interface, by name or IP (default: that of the default route)")
+    env.add("--public-ip", help="IPv4 address published to peers (default: the interface's first)")
+    env.add("--subnet-file", default=str(DEFAULT_SUBNET_FILE), help="where to write subnet.env")
+    env.add("--state-dir", default=str(DEFAULT_STATE_DIR), help="where to keep state (VtepMAC)")
+    env.add("--route-protocol", default=str(DEFAULT_ROUTE_PROTOCOL),
+            help="rtnetlink protocol number marking the routes this agent owns")
+
+
+def parse_public_ip(raw: str | None) -> IPv4Address | None:
+    if not raw:
+        return None
+    try:
+        return IPv4Address(raw)
+    except ValueError:
+        raise ConfigError(f"--public-ip={raw!r}: not an IPv4 address") from None
+
+
+def parse_route_protocol(raw: object) -> int:
+    try:
+        protocol = int(str(raw))
+    except ValueError:
+        protocol = -1
+    if not 5 <= protocol <= 255:
+        raise ConfigError(f"--route-protocol={raw!r}: must be a number from 5 to 255")
+    return protocol
+
+
 def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = Parser(
         prog="leaseagent",
@@ -159,10 +189,7 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     env = _EnvDefaults(parser, environ)
     add_etcd_arguments(env)
-    env.add("--iface", help="underlay interface, by name or IP (default: that of the default route)")
-    env.add("--public-ip", help="IPv4 address published to peers (default: the interface's first)")
-    env.add("--subnet-file", default=str(DEFAULT_SUBNET_FILE), help="where to write subnet.env")
-    env.add("--state-dir", default=str(DEFAULT_STATE_DIR), help="where to keep state (VtepMAC)")
+    add_host_arguments(env)
     env.add("--lease-ttl", default=str(DEFAULT_LEASE_TTL), help="lease TTL in seconds")
     env.add("--release-on-exit", default=False, flag_type="bool",
             help="revoke the lease when stopping (default: keep it for the restart)")
@@ -170,8 +197,6 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     env.add("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz (default: off)")
     env.add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     env.add("--log-format", default="text", choices=["text", "json"])
-    env.add("--route-protocol", default="76",
-            help="rtnetlink protocol number marking the routes this agent owns")
     env.add("--resync-interval", default="30", help="seconds between full data-plane resyncs")
     return parser
 
@@ -186,18 +211,8 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         raise ConfigError(f"--lease-ttl={ns.lease_ttl!r}: not a whole number of seconds") from None
     if ttl < MIN_LEASE_TTL:
         raise ConfigError(f"--lease-ttl={ttl}: must be at least {MIN_LEASE_TTL} seconds (etcd's floor)")
-    public_ip = None
-    if ns.public_ip:
-        try:
-            public_ip = IPv4Address(ns.public_ip)
-        except ValueError:
-            raise ConfigError(f"--public-ip={ns.public_ip!r}: not an IPv4 address") from None
-    try:
-        route_protocol = int(ns.route_protocol)
-    except ValueError:
-        route_protocol = -1
-    if not 5 <= route_protocol <= 255:
-        raise ConfigError(f"--route-protocol={ns.route_protocol!r}: must be a number from 5 to 255")
+    public_ip = parse_public_ip(ns.public_ip)
+    route_protocol = parse_route_protocol(ns.route_protocol)
     node_id = ns.node_id or default_node_id()
     if any(c.isspace() for c in node_id) or len(node_id) > 253:
         raise ConfigError(f"--node-id={node_id!r}: must be at most 253 characters, no spaces")

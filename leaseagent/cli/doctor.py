@@ -29,7 +29,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from leaseagent.config import DEFAULT_STATE_DIR, DEFAULT_SUBNET_FILE, _EnvDefaults
+from leaseagent.config import parse_public_ip, parse_route_protocol
 from leaseagent.core.diagnosis import (
     DeviceFacts,
     Problem,
@@ -51,8 +51,8 @@ from leaseagent.core.lease import (
 from leaseagent.core.network import NetworkConfig, parse_network_config, subnet_key_name
 from leaseagent.core.plan import KernelObject, VxlanOptions, plan_host_gw, plan_vxlan, vxlan_options
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.dataplane.base import DEFAULT_ROUTE_PROTOCOL, HostInfo
-from leaseagent.errors import ConfigError, NetworkConfigError
+from leaseagent.dataplane.base import HostInfo
+from leaseagent.errors import NetworkConfigError
 from leaseagent.store.base import LeaseStore
 
 VTEP_MAC_FILE = "vtep-mac"  # leaseagent.dataplane.vxlan keeps the VtepMAC there
@@ -66,29 +66,10 @@ class DoctorSettings:
     route_protocol: int
 
 
-def add_host_arguments(env: _EnvDefaults) -> None:
-    """The agent's host flags, with the same LEASEAGENT_* variables and defaults."""
-    env.add("--iface", help="underlay interface, by name or IP (default: that of the default route)")
-    env.add("--public-ip", help="this host's PublicIP (default: the interface's first address)")
-    env.add("--subnet-file", default=str(DEFAULT_SUBNET_FILE), help="the agent's subnet.env")
-    env.add("--state-dir", default=str(DEFAULT_STATE_DIR), help="the agent's state dir (VtepMAC)")
-    env.add("--route-protocol", default=str(DEFAULT_ROUTE_PROTOCOL),
-            help="rtnetlink protocol number on the agent's routes")
-
-
 def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     """Validate the host flags; ConfigError names the bad one."""
-    try:
-        protocol = int(ns.route_protocol)
-    except ValueError:
-        protocol = -1
-    if not 5 <= protocol <= 255:
-        raise ConfigError(f"--route-protocol={ns.route_protocol!r}: must be a number from 5 to 255")
-    if ns.public_ip:
-        try:
-            IPv4Address(ns.public_ip)
-        except ValueError:
-            raise ConfigError(f"--public-ip={ns.public_ip!r}: not an IPv4 address") from None
+    protocol = parse_route_protocol(ns.route_protocol)
+    parse_public_ip(ns.public_ip)
     return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
                           subnet_file=Path(ns.subnet_file), state_dir=Path(ns.state_dir),
                           route_protocol=protocol)

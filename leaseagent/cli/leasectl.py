@@ -44,7 +44,13 @@ from typing import Any
 
 from leaseagent.cli import doctor
 from leaseagent.cli.watching import LeaseEvent, lease_events
-from leaseagent.config import Parser, _EnvDefaults, add_etcd_arguments, etcd_settings
+from leaseagent.config import (
+    Parser,
+    _EnvDefaults,
+    add_etcd_arguments,
+    add_host_arguments,
+    etcd_settings,
+)
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
 from leaseagent.core.lease import (
     InvalidLease,
@@ -367,7 +373,7 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                    help="a table line or a JSON object per event")
     p = sub.add_parser("doctor", help="compare etcd's view of this host with its kernel and files")
     p.add_argument("--json", action="store_true", help='{"ok": ..., "problems": [...]}')
-    doctor.add_host_arguments(_EnvDefaults(p, environ))
+    add_host_arguments(_EnvDefaults(p, environ))
     p = sub.add_parser("docker-opts", help="Docker options from subnet.env (as mk-docker-opts.sh)")
     p.add_argument("-f", "--subnet-file", default=os.environ.get(
         "LEASEAGENT_SUBNET_FILE", "/run/leaseagent/subnet.env"))

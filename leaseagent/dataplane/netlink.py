@@ -187,25 +187,21 @@ class Netlink:
             raise _error("cannot list links", exc) from exc
 
     async def link_by_name(self, name: str) -> Link | None:
-        try:
-            msgs = await self._ipr.link("get", ifname=name)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise _error(f"cannot read link {name}", exc) from exc
-        except OSError as exc:
-            raise _error(f"cannot read link {name}", exc) from exc
-        return _link_from_msg(msgs[0]) if msgs else None
+        return await self._link_get(name, ifname=name)
 
     async def link_by_index(self, index: int) -> Link | None:
+        return await self._link_get(str(index), index=index)
+
+    async def _link_get(self, label: str, **query: object) -> Link | None:
+        """The link `query` names, or None when there is no such link."""
         try:
-            msgs = await self._ipr.link("get", index=index)
+            msgs = await self._ipr.link("get", **query)
         except NetlinkError as exc:
             if exc.code in (errno.ENODEV, errno.ENOENT):
                 return None
-            raise _error(f"cannot read link {index}", exc) from exc
+            raise _error(f"cannot read link {label}", exc) from exc
         except OSError as exc:
-            raise _error(f"cannot read link {index}", exc) from exc
+            raise _error(f"cannot read link {label}", exc) from exc
         return _link_from_msg(msgs[0]) if msgs else None
 
     async def create_vxlan(
