@@ -259,7 +259,7 @@ class Agent:
                 why = self._own_event_says_lost(kv, revision)
             except TimeoutError:
                 try:
-                    await self._renew(own)
+                    await self._renew(own, last_renewal=last_renewal)
                     last_renewal = time.monotonic()
                 except LeaseLost as exc:
                     why = str(exc)
@@ -281,7 +281,7 @@ class Agent:
             if new.subnet == own.subnet:
                 log.info("lease on %s taken back", new.subnet)
 
-    async def _renew(self, own: OwnLease) -> None:
+    async def _renew(self, own: OwnLease, *, last_renewal: float) -> None:
         assert self.leasing is not None
         failed = False
 
@@ -289,6 +289,9 @@ class Agent:
             nonlocal failed
             failed = True
             self.metrics.renewal_failures.inc()
+            # While etcd is away the lease keeps running down: show it.
+            self.metrics.lease_expiry_seconds.set(
+                max(0.0, own.ttl - (time.monotonic() - last_renewal)))
             self._etcd_down(exc)
 
         # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it is gone).
