@@ -17,8 +17,9 @@ deploy/lab down --name demo >/dev/null 2>&1 || true
 if [ "$keep" = 0 ]; then
     trap 'deploy/lab down --name demo' EXIT
 fi
+# `up` prints the leases (leasectl list) and the cross-host ping matrix; it
+# exits non-zero unless every pair reaches.
 deploy/lab up --name demo --hosts 3 --containers 2 "${args[@]}"
-deploy/lab status --name demo
 if [ "$keep" = 1 ]; then
     echo "lab 'demo' left running: deploy/lab status --name demo; deploy/lab down --name demo"
 fi
