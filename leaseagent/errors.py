@@ -11,7 +11,6 @@ catches only these.
      |    |-- StoreUnavailable   etcd unreachable or timing out; retryable
      |    |-- StoreAuthError     TLS/credentials refused; not retryable
      |    '-- Compacted          a watch asked for history etcd no longer has; re-list
-     |-- Conflict                a fenced write lost (someone else changed the key)
      |-- SubnetsExhausted        no free subnet in [SubnetMin, SubnetMax]; not retryable
      |-- LeaseLost               our etcd lease or our key is gone
      '-- DataPlaneError          netlink refused what we asked; retryable unless said
@@ -58,12 +57,6 @@ class Compacted(StoreError):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"revision compacted (compact revision {compact_revision})")
         self.compact_revision = compact_revision
-
-
-class Conflict(LeaseagentError):
-    """A fenced write lost: the key changed since we read it."""
-
-    retryable = True
 
 
 class SubnetsExhausted(LeaseagentError):

@@ -1,7 +1,7 @@
 """Retry policy for store calls: capped, jittered exponential backoff (tenacity).
 
-Only retryable errors (StoreUnavailable, Conflict, LeaseLost is *not* among
-them) are retried; everything else propagates at once. `on_retry` is told of
+Only the errors named in `retry_on` (by default StoreUnavailable) are retried;
+everything else (LeaseLost, StoreAuthError, ...) propagates at once. `on_retry` is told of
 every failed attempt so the caller can keep metrics and log a state change
 once, never a line per attempt.
 """

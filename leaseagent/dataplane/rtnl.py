@@ -420,10 +420,5 @@ def neighbour_dump_request(family: int) -> bytes:
     return _NDMSG.pack(family, 0, 0, 0, 0)
 
 
-def route_matches(body: bytes, *, protocol: int, table: int) -> bool:
-    """Cheap pre-filter on fixed rtmsg offsets (the table may also be an attribute)."""
-    return body[5] == protocol and (body[4] == table or body[4] == 252)  # 252: RT_TABLE_COMPAT
-
-
 def neighbour_ifindex(body: bytes) -> int:
     return int(_NDMSG.unpack_from(body, 0)[1])

@@ -202,7 +202,6 @@ class EtcdStore:
         self._settings = settings
         self._timeout = settings.timeout
         self._refresher: Any = None
-        self.endpoint_count = 0
         # Told (operation, seconds) after every request, e.g. for a latency histogram.
         self.observer: Callable[[str, float], None] | None = None
         # Told the member id whenever the member answering us changes.
@@ -239,7 +238,6 @@ class EtcdStore:
         client._manager.grpc_options.extend(RECONNECT_BACKOFF_OPTIONS)
         await client.connect()
         store = cls(client, settings)
-        store.endpoint_count = len(targets)
         if settings.username:
             if settings.password_file is None:
                 raise ConfigError("--etcd-username needs --etcd-password-file")
@@ -519,8 +517,3 @@ class EtcdStore:
             except Exception:
                 pass
         await self._client.close()
-
-
-def connect_settings_from(endpoints: Sequence[str]) -> EtcdSettings:
-    """Settings for plain-http endpoints (tests and the lab)."""
-    return EtcdSettings(endpoints=",".join(endpoints))
