@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up (deploy/setup.sh), then run the whole test suite:
-# ruff, mypy, and pytest (unit, contract, integration against a real etcd,
+# ruff, mypy, import-linter, and pytest (unit, contract, integration against a real etcd,
 # end-to-end in network namespaces). Run as root on Debian 12 / Ubuntu 24.04.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +9,7 @@ echo "== ruff"
 .venv/bin/ruff check leaseagent tests bench
 echo "== mypy"
 .venv/bin/mypy
+echo "== import-linter (layering)"
+.venv/bin/lint-imports --no-cache
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
