@@ -67,10 +67,27 @@ class LeaseWatcher:
         self._relist = asyncio.Event()
         self._relist_reason = "requested"
         self._invalid_seen: dict[str, tuple[int, str]] = {}
+        # Which key the table's peer for a subnet came from. Two keys can name one
+        # subnet (`10.5.3.0-24` and `10.5.3.0-24&fd00::-64`): the oldest wins, the
+        # others are skipped as duplicates, and deleting one never removes the other's peer.
+        self._key_for: dict[IPv4Network, str] = {}
+        self._duplicates: dict[IPv4Network, set[str]] = {}
 
     def request_relist(self, reason: str) -> None:
         self._relist_reason = reason
         self._relist.set()
+
+    def _skip(self, kv: KeyValue, exc: InvalidLease) -> None:
+        """Count and log an invalid lease once per version of its key."""
+        if self._invalid_seen.get(kv.key, (0, ""))[0] != kv.mod_revision:
+            self._invalid_seen[kv.key] = (kv.mod_revision, exc.reason)
+            self._metrics.invalid_leases.labels(reason=exc.reason).inc()
+            log.warning("skipping invalid lease %s: %s", kv.key, exc.detail)
+
+    def _duplicate(self, kv: KeyValue, subnet: IPv4Network, holder: str) -> None:
+        self._duplicates.setdefault(subnet, set()).add(kv.key)
+        self._skip(kv, InvalidLease("duplicate_subnet",
+                                    f"{subnet} is already held under key {holder}"))
 
     def _decode(self, kv: KeyValue) -> Peer | None:
         try:
@@ -84,10 +101,7 @@ class LeaseWatcher:
                 subnet, decode_lease_value(kv.value),
                 network=self._network, own_public_ip=self._own_ip)
         except InvalidLease as exc:
-            if self._invalid_seen.get(kv.key, (0, ""))[0] != kv.mod_revision:
-                self._invalid_seen[kv.key] = (kv.mod_revision, exc.reason)
-                self._metrics.invalid_leases.labels(reason=exc.reason).inc()
-                log.warning("skipping invalid lease %s: %s", kv.key, exc.detail)
+            self._skip(kv, exc)
             return None
 
     def _subnet_of(self, key: str) -> IPv4Network | None:
@@ -100,15 +114,21 @@ class LeaseWatcher:
         started = time.perf_counter()
         own_key = self._own_key()
         snapshot: dict[IPv4Network, Peer] = {}
+        self._key_for, self._duplicates = {}, {}
         present = set()
-        for kv in items:
+        for kv in sorted(items, key=lambda kv: (kv.create_revision, kv.key)):
             present.add(kv.key)
             if kv.key == own_key:
                 self._on_own(kv, revision)
                 continue
             peer = self._decode(kv)
-            if peer is not None:
-                snapshot[peer.subnet] = peer
+            if peer is None:
+                continue
+            if peer.subnet in snapshot:
+                self._duplicate(kv, peer.subnet, self._key_for[peer.subnet])
+                continue
+            snapshot[peer.subnet] = peer
+            self._key_for[peer.subnet] = kv.key
         for key in [k for k in self._invalid_seen if k not in present]:
             del self._invalid_seen[key]
         if own_key is not None and own_key not in present:
@@ -138,17 +158,34 @@ class LeaseWatcher:
             if ev.type is EventType.DELETE or ev.kv is None:
                 self._invalid_seen.pop(ev.key, None)
                 if subnet is not None:
-                    changes.extend(self.table.remove(subnet))
+                    changes.extend(self._forget(subnet, ev.key))
                 continue
             peer = self._decode(ev.kv)
-            if peer is not None:
+            holder = self._key_for.get(subnet) if subnet is not None else None
+            if peer is not None and holder not in (None, ev.key):
+                assert holder is not None
+                self._duplicate(ev.kv, peer.subnet, holder)
+            elif peer is not None:
                 changes.extend(self.table.put(peer))
+                self._key_for[peer.subnet] = ev.key
             elif subnet is not None:
                 # A valid peer turned invalid: stop programming it.
-                changes.extend(self.table.remove(subnet))
+                changes.extend(self._forget(subnet, ev.key))
         if changes:
             self._update_gauges()
             await self._on_peers(changes, False, started)
+
+    def _forget(self, subnet: IPv4Network, key: str) -> PeerChanges:
+        """`key` no longer gives a valid peer for `subnet`: drop the peer if it came from it."""
+        others = self._duplicates.get(subnet, set())
+        others.discard(key)
+        if self._key_for.get(subnet) != key:
+            return PeerChanges()
+        del self._key_for[subnet]
+        if others:
+            # A skipped duplicate may be valid now that the holder is gone: a list decides.
+            self.request_relist("duplicate_released")
+        return self.table.remove(subnet)
 
     async def _consume(self, start_revision: int) -> None:
         async for batch in self._store.watch(self._prefix, start_revision=start_revision):

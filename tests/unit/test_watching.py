@@ -1,0 +1,80 @@
+"""LeaseWatcher against the in-memory store: one peer per subnet whatever the key names."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+from leaseagent.agent.watching import LeaseWatcher
+from leaseagent.core.network import parse_network_config
+from leaseagent.core.peers import PeerChanges
+from leaseagent.metrics import Metrics
+from leaseagent.store.memory import MemoryStore
+
+PREFIX = "/coreos.com/network/subnets/"
+NETWORK = parse_network_config(b'{"Network": "10.5.0.0/16", "Backend": {"Type": "alloc"}}')
+SUBNET = IPv4Network("10.5.3.0/24")
+
+
+def lease(ip: str) -> bytes:
+    return json.dumps({"PublicIP": ip, "BackendType": "alloc"}).encode()
+
+
+async def until(check, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+async def start(store: MemoryStore) -> tuple[LeaseWatcher, Metrics, asyncio.Task[None]]:
+    metrics = Metrics()
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        return None
+
+    watcher = LeaseWatcher(
+        store, subnets_prefix=PREFIX, network=NETWORK, own_public_ip=IPv4Address("10.250.0.1"),
+        own_key=lambda: PREFIX + "10.5.1.0-24", metrics=metrics, on_peers=on_peers,
+        on_own=lambda kv, rev: None)
+    task = asyncio.create_task(watcher.run())
+    await until(watcher.synced.is_set)
+    return watcher, metrics, task
+
+
+def holder_ip(watcher: LeaseWatcher) -> str | None:
+    peer = watcher.table.peers.get(SUBNET)
+    return str(peer.public_ip) if peer else None
+
+
+async def test_a_second_key_for_a_listed_subnet_is_a_skipped_duplicate() -> None:
+    store = MemoryStore()
+    await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
+    await store.put(PREFIX + "10.5.3.0-24&fd00:5:3::-64", lease("10.250.0.9"))
+    watcher, metrics, task = await start(store)
+    try:
+        assert holder_ip(watcher) == "10.250.0.3"  # the older key
+        assert metrics.registry.get_sample_value(
+            "leaseagent_invalid_leases_skipped_total", {"reason": "duplicate_subnet"}) == 1
+        # Deleting the duplicate must not take the holder's peer away.
+        await store.delete(PREFIX + "10.5.3.0-24&fd00:5:3::-64")
+        await asyncio.sleep(0.05)
+        assert holder_ip(watcher) == "10.250.0.3"
+    finally:
+        task.cancel()
+
+
+async def test_a_duplicate_written_later_is_skipped_and_takes_over_when_the_holder_goes() -> None:
+    store = MemoryStore()
+    await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
+    watcher, metrics, task = await start(store)
+    try:
+        await store.put(PREFIX + "10.5.3.0-024", lease("10.250.0.9"))
+        await until(lambda: metrics.registry.get_sample_value(
+            "leaseagent_invalid_leases_skipped_total", {"reason": "duplicate_subnet"}) == 1)
+        assert holder_ip(watcher) == "10.250.0.3"
+        await store.delete(PREFIX + "10.5.3.0-24")
+        # The holder is gone; a re-list finds the remaining key valid.
+        await until(lambda: holder_ip(watcher) == "10.250.0.9")
+    finally:
+        task.cancel()
