@@ -122,11 +122,24 @@ async def list_rows(store: LeaseStore, prefix: str) -> list[dict[str, Any]]:
     lease_ids = sorted({kv.lease for kv in listing.items if kv.lease})
     ttls = await asyncio.gather(*(store.time_to_live(i) for i in lease_ids))
     ttl_of = dict(zip(lease_ids, ttls, strict=True))
-    return [
+    rows = [
         describe(kv, subnets_prefix=subnets_prefix, network=network,
                  expires_in=max(ttl_of.get(kv.lease, -1), 0))
         for kv in listing.items
     ]
+    # As the agents do: two keys naming one subnet, the older one holds it.
+    holder: dict[str, str] = {}
+    by_age = sorted(zip(listing.items, rows, strict=True),
+                    key=lambda pair: (pair[0].create_revision, pair[0].key))
+    for kv, row in by_age:
+        if not row["valid"]:
+            continue
+        if row["subnet"] in holder:
+            row.update(valid=False, error=f"duplicate: {row['subnet']} is held under key "
+                       f"{holder[row['subnet']]}")
+        else:
+            holder[row["subnet"]] = kv.key
+    return rows
 
 
 def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:

@@ -81,3 +81,15 @@ def test_errors_are_one_line_without_traceback(etcd):
     assert "etcd" in one_line_error(leasectl(etcd, "--etcd-timeout", "2", "list"))
     assert "--etcd-endpoints" in one_line_error(leasectl(etcd, "--etcd-endpoints", "ftp://x", "list"))
     assert "not an IPv4 network" in one_line_error(leasectl(etcd, "show", "10.6.9.3/24"))
+
+
+def test_list_marks_a_second_key_for_one_subnet_as_a_duplicate(etcd):
+    put_config(etcd, ALLOC)
+    value = json.dumps({"PublicIP": "10.200.0.3", "BackendType": "alloc", "NodeID": "a"})
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.3.0-24", value)
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.3.0-24&fd00:6:3::-64",
+                 json.dumps({"PublicIP": "10.200.0.9", "BackendType": "alloc", "NodeID": "b"}))
+    rows = json.loads(leasectl(etcd, "list", "--json").stdout)
+    assert [(r["public_ip"], r["valid"]) for r in rows] == [("10.200.0.3", True),
+                                                           ("10.200.0.9", False)]
+    assert rows[1]["error"] == f"duplicate: 10.6.3.0/24 is held under key {PREFIX}/subnets/10.6.3.0-24"
