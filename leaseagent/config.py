@@ -64,6 +64,9 @@ class _EnvDefaults:
                 else:
                     raise ConfigError(f"{env_name(flag)}={raw!r}: must be true or false")
             else:
+                choices = kw.get("choices")
+                if isinstance(choices, list) and raw not in choices:
+                    raise ConfigError(f"{env_name(flag)}={raw!r}: must be one of {', '.join(choices)}")
                 value = raw
         if flag_type == "bool":
             self._parser.add_argument(flag, action=argparse.BooleanOptionalAction,

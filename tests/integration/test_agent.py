@@ -250,3 +250,17 @@ def test_sigterm_while_waiting_for_etcd_exits_promptly(etcd, agents):
     assert time.monotonic() - started < 3
     assert "Traceback" not in a.log()
     assert a.log().count("etcd unreachable") == 1
+
+
+def test_json_logs_are_one_object_per_line_and_state_changes_are_logged_once(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1", ttl=3, extra=["--log-format", "json"]).start()
+    a.wait_subnet()
+    a.wait_log("ready:")
+    time.sleep(2.5)  # a few renewals: none of them logs a line
+    records = [json.loads(line) for line in a.log().splitlines() if line.strip()]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    messages = [r["msg"] for r in records]
+    assert sum(m.startswith("lease acquired:") for m in messages) == 1
+    assert sum(m == "etcd reachable" for m in messages) == 1
+    assert not any("renew" in m for m in messages)

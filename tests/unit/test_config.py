@@ -172,3 +172,8 @@ def test_a_password_in_the_environment_is_not_picked_up() -> None:
     cfg = parse(env={"LEASEAGENT_ETCD_PASSWORD": "hunter2"})
     assert "hunter2" not in repr(cfg)
     assert cfg.etcd.password_file is None
+
+
+def test_an_environment_value_outside_a_flags_choices_is_refused_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="LEASEAGENT_LOG_LEVEL='verbose': must be one of debug"):
+        parse_agent_config([], {"LEASEAGENT_LOG_LEVEL": "verbose"})
