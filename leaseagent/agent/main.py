@@ -39,7 +39,12 @@ async def serve(cfg: AgentConfig) -> None:
         if cfg.metrics_addr is not None:
             from leaseagent.agent.http import serve_metrics
 
-            metrics_server = await serve_metrics(agent, *cfg.metrics_addr)
+            try:
+                metrics_server = await serve_metrics(agent, *cfg.metrics_addr)
+            except OSError as exc:
+                host, port = cfg.metrics_addr
+                raise ConfigError(f"--metrics-addr {host}:{port}: cannot listen: "
+                                  f"{exc.strerror or exc}") from None
         await agent.run(stop)
     finally:
         await agent.shutdown()
@@ -93,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    except Exception as exc:
+        # Nothing should get here; if it does, one line (the traceback at debug level).
+        log.error("fatal: unexpected %s: %s", type(exc).__name__, exc)
+        log.debug("traceback", exc_info=True)
+        return 1
     return 0
 
 

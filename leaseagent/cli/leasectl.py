@@ -459,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Python's flush at exit must not complain about it either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        # Nothing should get here; if it does, still one line and no traceback.
+        print(f"leasectl: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
