@@ -110,3 +110,14 @@ def test_promtool_accepts_a_live_agents_metrics(etcd, agents):
                    "leaseagent_dataplane_drift_repairs_total"):
         base = family.removesuffix("_total")
         assert f"# TYPE {family} " in text or f"# TYPE {base} " in text, family
+
+
+def test_a_metrics_address_in_use_is_a_one_line_configuration_error(etcd, agents):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        a = agents("a", "10.200.0.1", metrics_port=busy.getsockname()[1]).start()
+        assert a.wait_exit(15) == 2
+    log = a.log()
+    assert "--metrics-addr 127.0.0.1:" in log and "cannot listen" in log
+    assert "Traceback" not in log
