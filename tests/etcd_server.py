@@ -6,6 +6,7 @@ Used by the fixtures in tests/conftest.py. The process is stopped by PID
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -106,3 +107,10 @@ def make_etcd() -> EtcdServer:
 def remove(server: EtcdServer) -> None:
     server.stop()
     shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+PREFIX = "/coreos.com/network"
+
+
+def put_config(etcd: EtcdServer, config: dict[str, object], prefix: str = PREFIX) -> None:
+    etcd.etcdctl("put", f"{prefix}/config", json.dumps(config))

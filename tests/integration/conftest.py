@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from agentproc import AgentProc
-from etcd_server import EtcdServer
-
-PREFIX = "/coreos.com/network"
-
-
-def put_config(etcd: EtcdServer, config: dict[str, object], prefix: str = PREFIX) -> None:
-    etcd.etcdctl("put", f"{prefix}/config", json.dumps(config))
+from etcd_server import PREFIX, EtcdServer, put_config  # noqa: F401 - re-exported for old imports
 
 
 @pytest.fixture

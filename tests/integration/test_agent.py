@@ -11,7 +11,7 @@ import signal
 import time
 from ipaddress import IPv4Interface
 
-from conftest import PREFIX, put_config
+from etcd_server import PREFIX, put_config
 
 ALLOC_30 = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.30.0",
             "Backend": {"Type": "alloc"}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import PREFIX, put_config
+from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}

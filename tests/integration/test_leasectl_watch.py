@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import PREFIX, put_config
-from etcd_server import EtcdServer
+from etcd_server import PREFIX, EtcdServer, put_config
 
 from leaseagent.cli.watching import lease_events
 from leaseagent.store.memory import MemoryStore

@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import put_config
+from etcd_server import put_config
 
 from leaseagent.agent.notify import sd_notify
 

