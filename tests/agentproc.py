@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from etcd_server import free_port
+from etcd_server import free_port, stop_process
+
+
+@contextmanager
+def agent_factory(workdir: Path, endpoints: str) -> Iterator[Callable[..., AgentProc]]:
+    """make(name, public_ip, **AgentProc fields) -> AgentProc; all stopped by PID at the end."""
+    made: list[AgentProc] = []
+
+    def make(name: str, public_ip: str, **kw: Any) -> AgentProc:
+        kw.setdefault("endpoints", endpoints)
+        agent = AgentProc(workdir=workdir, name=name, public_ip=public_ip, **kw)
+        made.append(agent)
+        return agent
+
+    try:
+        yield make
+    finally:
+        for agent in made:
+            agent.stop()
 
 
 @dataclass
@@ -104,16 +124,8 @@ class AgentProc:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # in case a test paused it
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def kill(self) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProc
+from agentproc import AgentProc, agent_factory
 from etcd_cluster import EtcdCluster
 
 
@@ -36,17 +36,5 @@ def workdir() -> Iterator[Path]:
 def cluster_agents(etcd_cluster: EtcdCluster, workdir: Path
                    ) -> Iterator[Callable[..., AgentProc]]:
     """Factory of agent processes given all three endpoints (or `endpoints=`)."""
-    made: list[AgentProc] = []
-
-    def make(name: str, public_ip: str, **kw: object) -> AgentProc:
-        kw.setdefault("endpoints", etcd_cluster.endpoints)
-        agent = AgentProc(workdir=workdir, name=name, public_ip=public_ip,
-                          **kw)  # type: ignore[arg-type]
-        made.append(agent)
-        return agent
-
-    try:
+    with agent_factory(workdir, etcd_cluster.endpoints) as make:
         yield make
-    finally:
-        for agent in made:
-            agent.stop()

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProc
-from etcd_server import PREFIX, EtcdServer, put_config  # noqa: F401 - re-exported for old imports
+from agentproc import AgentProc, agent_factory
+from etcd_server import EtcdServer
 
 
 @pytest.fixture
@@ -20,16 +20,5 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def agents(etcd: EtcdServer, workdir: Path) -> Iterator[Callable[..., AgentProc]]:
     """Factory of agent processes; every one is stopped by PID at the end."""
-    made: list[AgentProc] = []
-
-    def make(name: str, public_ip: str, **kw: object) -> AgentProc:
-        agent = AgentProc(workdir=workdir, name=name, endpoints=etcd.url, public_ip=public_ip,
-                          **kw)  # type: ignore[arg-type]
-        made.append(agent)
-        return agent
-
-    try:
+    with agent_factory(workdir, etcd.url) as make:
         yield make
-    finally:
-        for agent in made:
-            agent.stop()
