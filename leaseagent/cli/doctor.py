@@ -75,6 +75,10 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
                           route_protocol=protocol)
 
 
+def _invalid_config(key: str, exc: NetworkConfigError) -> Problem:
+    return problem("etcd", key, str(exc), text=f"network config {key} is invalid: {exc}")
+
+
 @dataclass
 class Report:
     problems: list[Problem] = field(default_factory=list)
@@ -123,8 +127,7 @@ async def examine(store: LeaseStore, prefix: str, settings: DoctorSettings) -> R
     try:
         network = parse_network_config(kv.value)
     except NetworkConfigError as exc:
-        report.problems.append(problem("etcd", key, str(exc),
-                                       text=f"network config {key} is invalid: {exc}"))
+        report.problems.append(_invalid_config(key, exc))
         return report
 
     host = await _host(settings, network)
@@ -174,8 +177,7 @@ async def examine(store: LeaseStore, prefix: str, settings: DoctorSettings) -> R
         try:
             options = vxlan_options(network.backend)
         except NetworkConfigError as exc:
-            report.problems.append(problem("etcd", key, str(exc),
-                                           text=f"network config {key} is invalid: {exc}"))
+            report.problems.append(_invalid_config(key, exc))
             return report
         mtu, mtu_source, checked = await _check_vxlan(
             report, settings, host=host, options=options, own_subnet=own_subnet,
