@@ -135,6 +135,7 @@ class AgentConfig:
     log_format: str
     route_protocol: int
     resync_interval: float
+    docker_opts_file: Path | None = None
 
 
 def default_node_id() -> str:
@@ -200,6 +201,8 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     env.add("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz (default: off)")
     env.add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     env.add("--log-format", default="text", choices=["text", "json"])
+    env.add("--docker-opts-file",
+            help="also write Docker's options here, as `leasectl docker-opts` does (default: off)")
     env.add("--resync-interval", default="30", help="seconds between full data-plane resyncs")
     return parser
 
@@ -234,4 +237,5 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         log_format=ns.log_format,
         route_protocol=route_protocol,
         resync_interval=_positive_float("--resync-interval", ns.resync_interval),
+        docker_opts_file=Path(ns.docker_opts_file) if ns.docker_opts_file else None,
     )

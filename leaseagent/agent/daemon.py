@@ -29,10 +29,11 @@ from leaseagent.agent.notify import sd_notify, watchdog_interval
 from leaseagent.agent.retry import store_retrying
 from leaseagent.agent.watching import LeaseWatcher
 from leaseagent.config import AgentConfig
+from leaseagent.core.dockeropts import render_docker_env
 from leaseagent.core.lease import LeaseValue
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.peers import PeerChanges
-from leaseagent.core.subnetenv import SubnetEnv, previous_subnet
+from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
 from leaseagent.errors import LeaseLost, NetworkConfigError, StoreUnavailable
@@ -140,7 +141,8 @@ class Agent:
         cfg = self.cfg
         # Before anything is taken in etcd: a symlink planted at a path we write as root
         # is refused (write_atomic checks again at each write).
-        for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir):
+        for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir,
+                     *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
             refuse_symlink(path)
         self.network = network = await wait_for_network_config(
             self.store, cfg.prefix, self.states, backends=self._backends)
@@ -182,8 +184,12 @@ class Agent:
         self.own = own
         self.metrics.lease_held.set(1)
         self.metrics.lease_expiry_seconds.set(-1 if own.reservation else own.ttl)
-        env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu)
-        write_atomic(self.cfg.subnet_file, env.render().encode(), mode=0o644)
+        env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu).render()
+        write_atomic(self.cfg.subnet_file, env.encode(), mode=0o644)
+        if self.cfg.docker_opts_file is not None:
+            # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
+            docker_env = render_docker_env(parse_subnet_env(env))
+            write_atomic(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
         self.subnet_env_written = True
         await self.backend.start(own.subnet)
         if first or changed:

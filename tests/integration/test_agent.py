@@ -220,11 +220,14 @@ def test_a_revoked_lease_is_taken_back(etcd, agents):
     assert a.wait_subnet() == subnet
 
 
-def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents):
+def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents, workdir):
     put_config(etcd, ALLOC)
-    a = agents("a", "10.200.0.1", ttl=30).start(metrics=True)
+    docker_opts = workdir / "docker_opts.env"
+    a = agents("a", "10.200.0.1", ttl=30,
+               extra=["--docker-opts-file", str(docker_opts)]).start(metrics=True)
     subnet = a.wait_subnet()
     a.wait_log("ready:")
+    assert f'DOCKER_OPT_BIP="--bip={subnet}"' in docker_opts.read_text()
     key = key_of(subnet)
     intruder = json.dumps({"PublicIP": "10.200.0.99", "BackendType": "alloc", "NodeID": "other"})
     # Another host writes over our key (as flanneld's blind Put does).
@@ -238,6 +241,10 @@ def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents):
     assert held[key]["value"]["NodeID"] == "other"
     assert held[key_of(a.wait_subnet())]["value"]["NodeID"] == "a"
     assert a.metric("leaseagent_lease_subnet_changes_total") == 1.0
+    # Docker's options moved with subnet.env.
+    assert docker_opts.read_text() == (
+        f'DOCKER_OPT_BIP="--bip={a.wait_subnet()}"\nDOCKER_OPT_MTU="--mtu=1500"\n'
+        f'DOCKER_OPTS=" --bip={a.wait_subnet()} --mtu=1500 "\n')
 
 
 def test_sigterm_while_waiting_for_etcd_exits_promptly(etcd, agents):
