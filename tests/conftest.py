@@ -14,15 +14,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from etcd_server import EtcdServer, make_etcd, remove
 
 
-@pytest.fixture
-def etcd() -> Iterator[EtcdServer]:
-    """A fresh etcd for one test, stopped and removed afterwards."""
+def _running_etcd() -> Iterator[EtcdServer]:
     server = make_etcd()
     try:
         server.start()
         yield server
     finally:
         remove(server)
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    """A fresh etcd for one test, stopped and removed afterwards."""
+    yield from _running_etcd()
+
+
+@pytest.fixture(scope="module")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd shared by a module's tests (each works under its own key prefix)."""
+    yield from _running_etcd()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

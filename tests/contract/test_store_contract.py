@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from etcd_server import EtcdServer, make_etcd, remove
+from etcd_server import EtcdServer
 
 from leaseagent.errors import Compacted, LeaseLost, StoreError, StoreUnavailable
 from leaseagent.store.base import EventType, LeaseStore, WatchEvent
@@ -46,16 +46,6 @@ class Subject:
     def memory(self) -> MemoryStore:
         assert isinstance(self.store, MemoryStore)
         return self.store
-
-
-@pytest.fixture(scope="module")
-def etcd_server() -> Iterator[EtcdServer]:
-    server = make_etcd()
-    try:
-        server.start()
-        yield server
-    finally:
-        remove(server)
 
 
 @pytest.fixture(params=["memory", "etcd"])
