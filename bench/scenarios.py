@@ -38,7 +38,7 @@ from bench.env import (
 )
 from leaseagent.agent.leasing import CANDIDATES_PER_TXN, Leasing
 from leaseagent.core.allocation import candidates, free_subnets
-from leaseagent.core.lease import LeaseValue
+from leaseagent.core.leases import KeyLayout, LeaseValue
 from leaseagent.core.network import NetworkConfig, network_config_from_dict
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType
@@ -50,7 +50,7 @@ from leaseagent.store.etcd import EtcdSettings, EtcdStore
 async def put_network_config(store: EtcdStore) -> None:
     config = {"Network": str(NETWORK), "SubnetLen": 24,
               "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
-    await store.put(f"{PREFIX}/config", json.dumps(config).encode())
+    await store.put(KeyLayout(PREFIX).config_key, json.dumps(config).encode())
 
 
 async def _bounded(coros: Iterator[Any], width: int = 200) -> None:
@@ -209,12 +209,13 @@ async def events(store: EtcdStore, probe: KernelProbe, *, count: int, first: int
     """`count` events (put, delete, put, ...) of fresh peers numbered from `first`;
     agent latency = put sent -> last of its 3 objects in (or out of) the kernel;
     reference = put sent -> the same event reaching a bare etcd watcher here."""
-    listing = await store.list_prefix(f"{PREFIX}/subnets/")
+    subnets = KeyLayout(PREFIX).subnets_prefix
+    listing = await store.list_prefix(subnets)
     seen: dict[tuple[str, EventType], float] = {}
     arrived = asyncio.Event()
 
     async def watch() -> None:
-        async for batch in store.watch(f"{PREFIX}/subnets/", start_revision=listing.revision + 1):
+        async for batch in store.watch(subnets, start_revision=listing.revision + 1):
             now = time.perf_counter()
             for ev in batch:
                 seen[(ev.key, ev.type)] = now
@@ -313,7 +314,7 @@ async def allocation(world: World, *, agents: int, strategy: str, round_no: int
     for s in stores:
         s.observer = observe
     leasings = [
-        Leasing(store, prefix=prefix, network=network, ttl=300, metrics=metrics,
+        Leasing(store, layout=KeyLayout(prefix), network=network, ttl=300, metrics=metrics,
                 rng=random.Random(round_no * 100_003 + k), choose=choose,
                 # flannel sends one create per candidate.
                 candidates_per_txn=CANDIDATES_PER_TXN if strategy == "leaseagent" else 1,

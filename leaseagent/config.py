@@ -17,11 +17,11 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import NoReturn
 
-from leaseagent.dataplane.base import DEFAULT_ROUTE_PROTOCOL
+from leaseagent.core.leases import DEFAULT_PREFIX
+from leaseagent.dataplane.base import DEFAULT_RESYNC_SECONDS, DEFAULT_ROUTE_PROTOCOL
 from leaseagent.errors import ConfigError
-from leaseagent.store.etcd import EtcdSettings, parse_endpoints
+from leaseagent.store.settings import DEFAULT_ENDPOINTS, DEFAULT_TIMEOUT, EtcdSettings, parse_endpoints
 
-DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_SUBNET_FILE = Path("/run/leaseagent/subnet.env")
 DEFAULT_STATE_DIR = Path("/var/lib/leaseagent")
 DEFAULT_LEASE_TTL = 24 * 3600
@@ -76,7 +76,7 @@ class _EnvDefaults:
 
 
 def add_etcd_arguments(env: _EnvDefaults) -> None:
-    env.add("--etcd-endpoints", default="http://127.0.0.1:2379",
+    env.add("--etcd-endpoints", default=DEFAULT_ENDPOINTS,
             help="comma-separated etcd URLs (http:// or https://); fails over between them")
     env.add("--etcd-prefix", default=DEFAULT_PREFIX, help="etcd key prefix (flannel's)")
     env.add("--etcd-cafile", help="CA certificate file for https:// endpoints")
@@ -84,7 +84,7 @@ def add_etcd_arguments(env: _EnvDefaults) -> None:
     env.add("--etcd-keyfile", help="client key file")
     env.add("--etcd-username", help="etcd user name")
     env.add("--etcd-password-file", help="file holding the etcd password (never a flag)")
-    env.add("--etcd-timeout", default="5", help="seconds an etcd request may take")
+    env.add("--etcd-timeout", default=f"{DEFAULT_TIMEOUT:g}", help="seconds an etcd request may take")
 
 
 def _path(value: str | None) -> Path | None:
@@ -203,7 +203,8 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     env.add("--log-format", default="text", choices=["text", "json"])
     env.add("--docker-opts-file",
             help="also write Docker's options here, as `leasectl docker-opts` does (default: off)")
-    env.add("--resync-interval", default="30", help="seconds between full data-plane resyncs")
+    env.add("--resync-interval", default=f"{DEFAULT_RESYNC_SECONDS:g}",
+            help="seconds between full data-plane resyncs")
     return parser
 
 

@@ -14,6 +14,9 @@ catches only these.
      |-- SubnetsExhausted        no free subnet in [SubnetMin, SubnetMax]; not retryable
      |-- LeaseLost               our etcd lease or our key is gone
      '-- DataPlaneError          netlink refused what we asked; retryable unless said
+
+    InvalidLease (a ValueError)  one lease in etcd cannot be used; never leaves the
+                                 core: judging a listing turns it into a verdict
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from __future__ import annotations
 
 class LeaseagentError(Exception):
     """Base of every error the project raises on purpose."""
-
-    retryable: bool = False
 
 
 class ConfigError(LeaseagentError):
@@ -32,8 +33,6 @@ class ConfigError(LeaseagentError):
 class NetworkConfigError(LeaseagentError):
     """The cluster's network config in etcd is missing or invalid."""
 
-    retryable = True
-
 
 class StoreError(LeaseagentError):
     """Base of lease store failures."""
@@ -42,8 +41,6 @@ class StoreError(LeaseagentError):
 class StoreUnavailable(StoreError):
     """The store cannot be reached or does not answer in time."""
 
-    retryable = True
-
 
 class StoreAuthError(StoreError):
     """The store refused our credentials or certificate."""
@@ -51,8 +48,6 @@ class StoreAuthError(StoreError):
 
 class Compacted(StoreError):
     """A watch asked for a revision the store has compacted away."""
-
-    retryable = True
 
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"revision compacted (compact revision {compact_revision})")
@@ -66,10 +61,16 @@ class SubnetsExhausted(LeaseagentError):
 class LeaseLost(LeaseagentError):
     """Our etcd lease expired or was revoked, or our key was deleted."""
 
-    retryable = True
-
 
 class DataPlaneError(LeaseagentError):
     """The kernel refused a change, or a required object is missing."""
 
-    retryable = True
+
+class InvalidLease(ValueError):
+    """A lease key or value that cannot be used. `reason` is a short label (metrics,
+    `leasectl list`), `detail` one line for a person."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail

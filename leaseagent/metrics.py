@@ -4,11 +4,59 @@ One `Metrics` object per agent, each with its own CollectorRegistry, so
 several agents in one test process do not collide. Names follow Prometheus
 conventions: `leaseagent_` prefix, base units in the name, `_total` on
 counters (prometheus-client adds it).
+
+Metrics are exported from state, never read back as state. The agent's own
+events are counted here directly; the data plane's are read at scrape time
+from the backend's `status` (leaseagent.dataplane.base.DataPlaneStatus), which
+the agent hands to `export_dataplane`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from leaseagent.dataplane.base import DataPlaneStatus
+
+OBJECT_KINDS = ("route", "neighbour", "fdb")
+
+
+class _DataPlaneCollector(Collector):
+    """The data plane's status as metric families, read at each scrape."""
+
+    def __init__(self, status: Callable[[], DataPlaneStatus | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        status = self._status()
+        if status is None:
+            return
+        yield GaugeMetricFamily("leaseagent_dataplane_in_sync",
+                                "1 when the kernel matches the peer set",
+                                value=1 if status.in_sync else 0)
+        for name, doc, counts, kinds in (
+            ("leaseagent_dataplane_objects_added", "Kernel objects added", status.added,
+             OBJECT_KINDS),
+            ("leaseagent_dataplane_objects_removed", "Kernel objects removed", status.removed,
+             OBJECT_KINDS),
+            ("leaseagent_dataplane_drift_repairs",
+             "Kernel objects restored after something else removed or changed them",
+             status.repairs, (*OBJECT_KINDS, "device")),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind in sorted({*kinds, *counts}):
+                family.add_metric([kind], counts.get(kind, 0))
+            yield family
+        durations = status.reconciles
+        buckets = [(str(bound), count) for bound, count in zip(durations.buckets, durations.counts,
+                                                                 strict=True)]
+        buckets.append(("+Inf", durations.count))
+        yield HistogramMetricFamily("leaseagent_reconcile_duration_seconds",
+                                    "Duration of a full data-plane reconcile",
+                                    buckets=buckets, sum_value=durations.total)
 
 
 class Metrics:
@@ -55,23 +103,14 @@ class Metrics:
         self.allocation_conflicts = Counter(
             "leaseagent_allocation_conflicts", "Allocation attempts lost to another host",
             registry=r)
-        self.dataplane_added = Counter(
-            "leaseagent_dataplane_objects_added", "Kernel objects added", ["kind"], registry=r)
-        self.dataplane_removed = Counter(
-            "leaseagent_dataplane_objects_removed", "Kernel objects removed", ["kind"],
-            registry=r)
-        self.drift_repairs = Counter(
-            "leaseagent_dataplane_drift_repairs",
-            "Kernel objects restored after something else removed or changed them", ["kind"],
-            registry=r)
-        self.reconcile_seconds = Histogram(
-            "leaseagent_reconcile_duration_seconds", "Duration of a full data-plane reconcile",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=r)
         self.peer_programming_seconds = Histogram(
             "leaseagent_peer_programming_seconds",
             "Time from a peer's lease event arriving to its kernel state being in place",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
             registry=r)
-        self.dataplane_in_sync = Gauge(
-            "leaseagent_dataplane_in_sync", "1 when the kernel matches the peer set", registry=r)
+        self._dataplane: DataPlaneStatus | None = None
+        r.register(_DataPlaneCollector(lambda: self._dataplane))
+
+    def export_dataplane(self, status: DataPlaneStatus) -> None:
+        """Export the data plane's status (read at each scrape) from now on."""
+        self._dataplane = status

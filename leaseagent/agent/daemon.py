@@ -8,9 +8,14 @@
     backend.run (resync, drift repair), watchdog; the first task to fail
     stops the agent with a clear message and exit status 1.
 
-Faults (DESIGN.md §5): etcd unreachable leaves the kernel as it is and is
-retried with capped jittered backoff, logged once per state change; stopping
-never removes kernel state; --release-on-exit revokes the lease.
+Faults (docs/architecture.md, "Fault rules"): etcd unreachable leaves the
+kernel as it is and is retried with capped jittered backoff
+(leaseagent.retrying), logged once per state change; stopping never removes
+kernel state; --release-on-exit revokes the lease.
+
+Readiness (/readyz) is decided from state: the lease held, subnet.env
+written, the first complete listing applied, and the data plane's own
+status (`backend.status.in_sync`); metrics are exported from the same state.
 """
 
 from __future__ import annotations
@@ -26,19 +31,18 @@ from dataclasses import replace
 from leaseagent.agent.leasing import Leasing, OwnLease
 from leaseagent.agent.logs import StateLog
 from leaseagent.agent.notify import sd_notify, watchdog_interval
-from leaseagent.agent.retry import store_retrying
 from leaseagent.agent.watching import LeaseWatcher
 from leaseagent.config import AgentConfig
 from leaseagent.core.dockeropts import render_docker_env
-from leaseagent.core.lease import LeaseValue
+from leaseagent.core.leases import KeyLayout, LeaseValue, PeerChanges
 from leaseagent.core.network import NetworkConfig, parse_network_config
-from leaseagent.core.peers import PeerChanges
 from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
 from leaseagent.errors import LeaseLost, NetworkConfigError, StoreUnavailable
 from leaseagent.files import read_text_if_exists, refuse_symlink, write_atomic
 from leaseagent.metrics import Metrics
+from leaseagent.retrying import retrying
 from leaseagent.store.base import KeyValue, LeaseStore
 
 log = logging.getLogger("leaseagent")
@@ -46,10 +50,10 @@ log = logging.getLogger("leaseagent")
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to revoke the lease
 
 
-async def wait_for_network_config(store: LeaseStore, prefix: str, states: StateLog, *,
+async def wait_for_network_config(store: LeaseStore, layout: KeyLayout, states: StateLog, *,
                                   backends: Mapping[str, object] = BACKENDS) -> NetworkConfig:
     """Read and validate <prefix>/config, waiting (logged once per reason) until it is usable."""
-    key = f"{prefix}/config"
+    key = layout.config_key
 
     def on_retry(exc: BaseException) -> None:
         if isinstance(exc, StoreUnavailable):
@@ -59,9 +63,8 @@ async def wait_for_network_config(store: LeaseStore, prefix: str, states: StateL
             states.set("netconfig", str(exc), "waiting for a usable network config: %s", exc,
                        level=logging.WARNING)
 
-    retrying = store_retrying(
-        cap=5.0, on_retry=on_retry, retry_on=(StoreUnavailable, NetworkConfigError))
-    async for attempt in retrying:
+    async for attempt in retrying(on_retry=on_retry,
+                                  retry_on=(StoreUnavailable, NetworkConfigError)):
         with attempt:
             kv = await store.get(key)
             if kv is None:
@@ -109,7 +112,9 @@ class Agent:
         self._host = host
         self._rng = rng or random.Random()
         self.states = StateLog(log)
+        self.layout = KeyLayout(cfg.prefix)
         self.own: OwnLease | None = None
+        self.lease_held = False  # False while a lost lease is being taken back
         self.network: NetworkConfig | None = None
         self.backend: DataPlane | None = None
         self.leasing: Leasing | None = None
@@ -128,12 +133,16 @@ class Agent:
             return "subnet.env not written yet"
         if self.watcher is None or not self.watcher.synced.is_set():
             return "peer list not complete yet"
-        sample = self.metrics.registry.get_sample_value
-        if sample("leaseagent_lease_held") != 1:
+        if not self.lease_held:
             return "lease not held (lost; taking it back)"
-        if sample("leaseagent_dataplane_in_sync") != 1:
-            return "data plane not in sync"
+        if self.backend is None or not self.backend.status.in_sync:
+            error = self.backend.status.last_error if self.backend is not None else None
+            return "data plane not in sync" + (f": {error}" if error else "")
         return None
+
+    def _set_lease_held(self, held: bool) -> None:
+        self.lease_held = held
+        self.metrics.lease_held.set(1 if held else 0)
 
     # --- start-up ------------------------------------------------------------------
 
@@ -145,34 +154,35 @@ class Agent:
                      *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
             refuse_symlink(path)
         self.network = network = await wait_for_network_config(
-            self.store, cfg.prefix, self.states, backends=self._backends)
+            self.store, self.layout, self.states, backends=self._backends)
         log.info("network %s, /%d subnets in %s-%s, backend %s", network.network,
                  network.subnet_len, network.subnet_min, network.subnet_max, network.backend_type)
         host = self._host or await resolve_host(cfg, network.backend_type)
         settings = DataPlaneSettings(
-            network=network, host=host, state_dir=cfg.state_dir, metrics=self.metrics,
+            network=network, host=host, state_dir=cfg.state_dir,
             route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
         self.backend = backend = self._backends[network.backend_type](settings)
+        self.metrics.export_dataplane(backend.status)
         attrs = await backend.prepare()
         self.mtu = attrs.mtu
         value = LeaseValue(public_ip=host.public_ip, backend_type=attrs.backend_type,
                            backend_data=dict(attrs.backend_data), node_id=cfg.node_id)
         self.leasing = leasing = Leasing(
-            self.store, prefix=cfg.prefix, network=network, value=value, ttl=cfg.lease_ttl,
+            self.store, layout=self.layout, network=network, value=value, ttl=cfg.lease_ttl,
             metrics=self.metrics, rng=self._rng)
         previous = None
         old_env = read_text_if_exists(cfg.subnet_file)
         if old_env:
             previous = previous_subnet(old_env)
         own = None
-        async for attempt in store_retrying(cap=5.0, on_retry=self._etcd_down):
+        async for attempt in retrying(on_retry=self._etcd_down):
             with attempt:
                 own = await leasing.acquire(previous=previous)
         assert own is not None
         self._etcd_up()
         await self._take(own, first=True)
         self.watcher = LeaseWatcher(
-            self.store, subnets_prefix=leasing.subnets_prefix, network=network,
+            self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
             metrics=self.metrics, on_peers=self._on_peers,
             on_own=lambda kv, rev: self._own_events.put_nowait((kv, rev)))
@@ -182,7 +192,7 @@ class Agent:
         assert self.network is not None and self.backend is not None
         changed = self.own is not None and self.own.subnet != own.subnet
         self.own = own
-        self.metrics.lease_held.set(1)
+        self._set_lease_held(True)
         self.metrics.lease_expiry_seconds.set(-1 if own.reservation else own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu).render()
         write_atomic(self.cfg.subnet_file, env.encode(), mode=0o644)
@@ -200,7 +210,7 @@ class Agent:
 
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
-        peers = self.watcher.table.peers
+        peers = self.watcher.book.peers
         if full:
             await self.backend.sync(peers)
         else:
@@ -274,10 +284,10 @@ class Agent:
                     max(0.0, own.ttl - (time.monotonic() - last_renewal)))
             if why is None:
                 continue
-            self.metrics.lease_held.set(0)
+            self._set_lease_held(False)
             log.warning("lease on %s lost: %s; taking it back", own.subnet, why)
             new = None
-            async for attempt in store_retrying(cap=5.0, on_retry=self._etcd_down):
+            async for attempt in retrying(on_retry=self._etcd_down):
                 with attempt:
                     new = await self.leasing.reclaim(own, why)
             assert new is not None
@@ -301,7 +311,7 @@ class Agent:
             self._etcd_down(exc)
 
         # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it is gone).
-        async for attempt in store_retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
+        async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
             with attempt:
                 await self.leasing.keepalive(own)
         self.metrics.renewals.inc()
@@ -351,9 +361,9 @@ class Agent:
             await asyncio.wait({synced, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             self._check_tasks(tasks)
             if synced.done():
-                spawn("dataplane", backend.run(lambda: watcher.table.peers))
+                spawn("dataplane", backend.run(lambda: watcher.book.peers))
                 self._notify("READY=1")
-                log.info("ready: %d peers programmed", len(watcher.table))
+                log.info("ready: %d peers programmed", len(watcher.book))
                 await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
                 self._check_tasks(tasks)
         finally:
@@ -371,7 +381,7 @@ class Agent:
                 raise RuntimeError(f"task {name} ended unexpectedly")
 
     async def _revoke_retrying(self, lease_id: int) -> None:
-        async for attempt in store_retrying(cap=1.0):
+        async for attempt in retrying(cap=1.0):
             with attempt:
                 await self.store.revoke(lease_id)
 

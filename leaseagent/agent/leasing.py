@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 
 from leaseagent.core.allocation import Chooser, candidates
-from leaseagent.core.lease import InvalidLease, LeaseValue, decode_lease_value, parse_lease_key
-from leaseagent.core.network import NetworkConfig, subnet_key_name
-from leaseagent.errors import LeaseLost, SubnetsExhausted
+from leaseagent.core.leases import KeyLayout, LeaseValue, decode_lease_value, judge
+from leaseagent.core.network import NetworkConfig
+from leaseagent.errors import InvalidLease, LeaseLost, SubnetsExhausted
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import KeyValue, LeaseStore
 
@@ -64,7 +64,7 @@ class Leasing:
         self,
         store: LeaseStore,
         *,
-        prefix: str,
+        layout: KeyLayout,
         network: NetworkConfig,
         value: LeaseValue,
         ttl: int,
@@ -74,7 +74,7 @@ class Leasing:
         candidates_per_txn: int = CANDIDATES_PER_TXN,
     ) -> None:
         self._store = store
-        self.subnets_prefix = f"{prefix}/subnets/"
+        self.layout = layout
         self._network = network
         self._value = value
         self.value_bytes = value.encode()
@@ -86,7 +86,7 @@ class Leasing:
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
 
     def key_for(self, subnet: IPv4Network) -> str:
-        return self.subnets_prefix + subnet_key_name(subnet)
+        return self.layout.lease_key(subnet)
 
     def _is_ours(self, kv: KeyValue | None, lease_id: int) -> bool:
         return kv is not None and kv.value == self.value_bytes and kv.lease == lease_id
@@ -141,28 +141,24 @@ class Leasing:
     async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None
                             ) -> OwnLease:
         while True:
-            listing = await self._store.list_prefix(self.subnets_prefix)
-            taken: set[IPv4Network] = set()
+            listing = await self._store.list_prefix(self.layout.subnets_prefix)
+            # Decoded by the lease layer (no network: a reservation carries no backend
+            # data yet, so it would not pass as a peer; it only has to fit the network).
+            verdicts = judge(listing.items, layout=self.layout, network=None).verdicts
+            by_key = {kv.key: kv for kv in listing.items}
+            taken = {v.subnet for v in verdicts.values() if v.subnet is not None}
             named: list[tuple[IPv4Network, KeyValue]] = []
             reserved: list[tuple[IPv4Network, KeyValue]] = []
-            for kv in listing.items:
-                try:
-                    subnet = parse_lease_key(kv.key, self.subnets_prefix)
-                except InvalidLease:
-                    continue
-                taken.add(subnet)
-                try:
-                    value = decode_lease_value(kv.value)
-                except InvalidLease:
-                    continue
-                if value.public_ip != self._value.public_ip:
+            for verdict in verdicts.values():
+                value, subnet = verdict.value, verdict.subnet
+                if value is None or subnet is None or value.public_ip != self._value.public_ip:
                     continue
                 if self._network.check_subnet(subnet) is not None:
                     continue
-                if kv.lease == 0:
-                    reserved.append((subnet, kv))
+                if verdict.reservation:
+                    reserved.append((subnet, by_key[verdict.key]))
                 elif value.node_id == self._value.node_id:
-                    named.append((subnet, kv))
+                    named.append((subnet, by_key[verdict.key]))
 
             for subnet, kv in named:
                 self.transactions += 1

@@ -3,18 +3,18 @@
 Run on a host with the agent's host flags (`--iface`, `--public-ip`,
 `--subnet-file`, `--state-dir`, `--route-protocol`, or the same LEASEAGENT_*
 variables, e.g. from /etc/default/leaseagent), so it sees the host as that
-agent does. It gathers facts and leaves the verdicts to the pure
-leaseagent.core.diagnosis:
+agent does. It decides nothing on its own:
 
-- etcd: the network config; this host's lease, found by its PublicIP (as
-  resolve_host picks it) and the subnet in subnet.env; the valid peers,
-  decided exactly as the agent's watcher decides (leaseagent.core.lease);
-- the kernel, through the netlink adapter's dump functions only (never a
-  change): for vxlan the device flannel.<VNI> (kind, VNI, port, local,
-  underlay, learning, up, MAC, MTU, its /32), and the routes carrying our
-  route protocol, the permanent neighbours and FDB entries on that device,
-  against core.plan's desired set; for host-gw the routes;
-- files: subnet.env (network, subnet, MTU) and <state-dir>/vtep-mac.
+- etcd: the listing is judged by the lease layer (leaseagent.core.leases),
+  the same rule the agent's watcher applies: first as nobody, to find the
+  leases naming this host's PublicIP (the one subnet.env names wins), then
+  as this host (its own key and PublicIP), which gives exactly the peers the
+  agent programs;
+- the kernel: the backend of the network config (leaseagent.dataplane) says
+  what it wants (`spec`) and reads what the kernel has (`observe`), and
+  `core.plan.compare` finds the differences, as the backend's reconcile
+  does; leaseagent.core.diagnosis turns them into lines;
+- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC.
 
 It may run while the agent is running: a peer that joins or leaves during
 the few milliseconds of the check can show as one missing or stale entry.
@@ -23,7 +23,6 @@ the few milliseconds of the check can show as one missing or stale entry.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -31,31 +30,23 @@ from typing import Any
 
 from leaseagent.config import parse_public_ip, parse_route_protocol
 from leaseagent.core.diagnosis import (
-    DeviceFacts,
     Problem,
     check_subnet_env,
-    check_vxlan_device,
-    compare_objects,
+    device_problems,
     env_subnet,
+    object_problems,
     pick_own_lease,
     problem,
+    vtep_mac_problems,
 )
-from leaseagent.core.lease import (
-    InvalidLease,
-    LeaseValue,
-    Peer,
-    decode_lease_value,
-    parse_lease_key,
-    validate_peer,
-)
-from leaseagent.core.network import NetworkConfig, parse_network_config, subnet_key_name
-from leaseagent.core.plan import KernelObject, VxlanOptions, plan_host_gw, plan_vxlan, vxlan_options
+from leaseagent.core.leases import Identity, KeyLayout, Verdict, judge
+from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.plan import compare, flatten, needs_recreate
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.dataplane.base import HostInfo
-from leaseagent.errors import NetworkConfigError
+from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
+from leaseagent.errors import DataPlaneError, NetworkConfigError
 from leaseagent.store.base import LeaseStore
 
-VTEP_MAC_FILE = "vtep-mac"  # leaseagent.dataplane.vxlan keeps the VtepMAC there
 
 @dataclass(frozen=True)
 class DoctorSettings:
@@ -73,10 +64,6 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
                           subnet_file=Path(ns.subnet_file), state_dir=Path(ns.state_dir),
                           route_protocol=protocol)
-
-
-def _invalid_config(key: str, exc: NetworkConfigError) -> Problem:
-    return problem("etcd", key, str(exc), text=f"network config {key} is invalid: {exc}")
 
 
 @dataclass
@@ -99,13 +86,6 @@ def _read_env(path: Path) -> dict[str, str] | None:
         return None
 
 
-def _read_stored_mac(state_dir: Path) -> str | None:
-    try:
-        return (state_dir / VTEP_MAC_FILE).read_text().strip().lower() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 async def _host(settings: DoctorSettings, network: NetworkConfig) -> HostInfo:
     # As the agent does: alloc with --public-ip needs no interface.
     if network.backend_type == "alloc" and settings.public_ip and not settings.iface:
@@ -115,10 +95,27 @@ async def _host(settings: DoctorSettings, network: NetworkConfig) -> HostInfo:
     return await resolve_host(settings.iface, settings.public_ip)
 
 
-async def examine(store: LeaseStore, prefix: str, settings: DoctorSettings) -> Report:
+def _own_lease(report: Report, verdicts: list[Verdict], *, public_ip: IPv4Address,
+               env: dict[str, str] | None, holders: dict[IPv4Network, Verdict]
+               ) -> Verdict | None:
+    """This host's lease among the keys naming its PublicIP (the oldest per subnet)."""
+    ours: dict[IPv4Network, Verdict] = {}
+    for verdict in verdicts:
+        if verdict.subnet is not None:
+            ours.setdefault(verdict.subnet, verdict)
+    from_env = env_subnet(env)
+    holder = holders.get(from_env) if from_env is not None else None
+    own_subnet, found = pick_own_lease(
+        {s: v.value for s, v in ours.items() if v.value is not None}, public_ip=public_ip,
+        env_subnet=from_env, holder_of_env_subnet=holder.value if holder else None)
+    report.problems += found
+    return ours.get(own_subnet) if own_subnet is not None else None
+
+
+async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings) -> Report:
     """Every difference between etcd's view of this host and the host itself."""
     report = Report()
-    key = f"{prefix}/config"
+    key = layout.config_key
     kv = await store.get(key)
     if kv is None:
         report.problems.append(problem("etcd", key, "not set",
@@ -127,148 +124,85 @@ async def examine(store: LeaseStore, prefix: str, settings: DoctorSettings) -> R
     try:
         network = parse_network_config(kv.value)
     except NetworkConfigError as exc:
-        report.problems.append(_invalid_config(key, exc))
+        report.problems.append(problem("etcd", key, str(exc),
+                                       text=f"network config {key} is invalid: {exc}"))
         return report
 
     host = await _host(settings, network)
     env = _read_env(settings.subnet_file)
-    subnets_prefix = f"{prefix}/subnets/"
-    listing = await store.list_prefix(subnets_prefix)
-    decoded: dict[IPv4Network, LeaseValue] = {}
-    for item in listing.items:
-        try:
-            decoded[parse_lease_key(item.key, subnets_prefix)] = decode_lease_value(item.value)
-        except InvalidLease:
-            continue  # nobody's lease; the agent skips it too
-    ours = {s: v for s, v in decoded.items() if v.public_ip == host.public_ip}
-    from_env = env_subnet(env)
-    own_subnet, found = pick_own_lease(
-        ours, public_ip=host.public_ip, env_subnet=from_env,
-        holder_of_env_subnet=decoded.get(from_env) if from_env else None)
-    report.problems += found
-    own_key = subnets_prefix + subnet_key_name(own_subnet) if own_subnet else None
-    own_value = ours.get(own_subnet) if own_subnet else None
-    if own_subnet is not None and own_value is not None:
-        try:
-            validate_peer(own_subnet, own_value, network=network, own_public_ip=None)
-        except InvalidLease as exc:
-            report.problems.append(problem("lease", str(own_subnet), exc.detail,
-                                           text=f"lease {own_subnet} is invalid: {exc.detail}"))
-        if own_value.backend_type != network.backend_type:
-            why = f"BackendType {own_value.backend_type!r}, network is {network.backend_type!r}"
+    listing = await store.list_prefix(layout.subnets_prefix)
+    as_nobody = judge(listing.items, layout=layout, network=network)
+    holders = {subnet: as_nobody.verdicts[k] for subnet, k in as_nobody.holders.items()}
+    own = _own_lease(report, as_nobody.naming(host.public_ip), public_ip=host.public_ip, env=env,
+                     holders=holders)
+    own_subnet = own.subnet if own is not None else None
+    judged = judge(listing.items, layout=layout, network=network,
+                   identity=Identity(public_ip=host.public_ip,
+                                     own_key=own.key if own is not None else None))
+    if own is not None:
+        verdict = judged.verdicts[own.key]
+        if verdict.reason is not None:
+            report.problems.append(problem("lease", str(own_subnet), verdict.detail or "",
+                                           text=f"lease {own_subnet} is invalid: {verdict.detail}"))
+        value = verdict.value
+        if value is not None and value.backend_type != network.backend_type:
+            why = f"BackendType {value.backend_type!r}, network is {network.backend_type!r}"
             report.problems.append(problem("lease", str(own_subnet), why,
                                            text=f"lease {own_subnet} has {why}"))
+    peers = judged.peers
 
-    peers: dict[IPv4Network, Peer] = {}
-    for item in listing.items:
-        if item.key == own_key:
-            continue
-        try:
-            subnet = parse_lease_key(item.key, subnets_prefix)
-            peers[subnet] = validate_peer(subnet, decode_lease_value(item.value),
-                                          network=network, own_public_ip=host.public_ip)
-        except InvalidLease:
-            continue
-
-    checked = 0
-    mtu: int | None = host.iface_mtu
-    mtu_source = f"interface {host.iface}"
-    if network.backend_type == "vxlan":
-        try:
-            options = vxlan_options(network.backend)
-        except NetworkConfigError as exc:
-            report.problems.append(_invalid_config(key, exc))
-            return report
-        mtu, mtu_source, checked = await _check_vxlan(
-            report, settings, host=host, options=options, own_subnet=own_subnet,
-            lease_mac=own_value.vtep_mac if own_value else None, peers=peers)
-    elif network.backend_type == "host-gw":
-        checked = await _check_host_gw(report, settings, host=host, own_subnet=own_subnet,
-                                       peers=peers)
-    report.problems += check_subnet_env(
-        env, path=str(settings.subnet_file), network=network.network, subnet=own_subnet,
-        mtu=mtu, mtu_source=mtu_source)
-    report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}, "
-                      f"{len(peers)} valid peers, {checked} kernel entries as planned")
-    return report
-
-
-async def _check_vxlan(
-    report: Report,
-    settings: DoctorSettings,
-    *,
-    host: HostInfo,
-    options: VxlanOptions,
-    own_subnet: IPv4Network | None,
-    lease_mac: str | None,
-    peers: Mapping[IPv4Network, Peer],
-) -> tuple[int | None, str, int]:
-    """Device and per-peer entries; returns (the MTU subnet.env should carry, its source,
-    how many kernel entries matched the plan)."""
+    from leaseagent.dataplane import BACKENDS
     from leaseagent.dataplane.netlink import Netlink
 
-    nl = await Netlink.open()
+    backend = BACKENDS[network.backend_type](DataPlaneSettings(
+        network=network, host=host, state_dir=settings.state_dir,
+        route_protocol=settings.route_protocol))
     try:
-        links = await nl.links()
-        names = {link.index: link.name for link in links}
-        link = next((lk for lk in links if lk.name == options.device_name), None)
-        dev = None
-        if link is not None:
-            addresses = tuple(addr for _, addr in await nl.ipv4_addresses(link.index))
-            info = link.vxlan
-            dev = DeviceFacts(
-                name=link.name, index=link.index, kind=link.kind, up=link.up, mac=link.address,
-                mtu=link.mtu, addresses=addresses,
-                vni=info.vni if info else None, port=info.port if info else None,
-                local=info.local if info else None, link=info.link if info else None,
-                learning=info.learning if info else None)
-        report.problems += check_vxlan_device(
-            dev, options=options, public_ip=host.public_ip, underlay_index=host.iface_index,
-            underlay_mtu=host.iface_mtu, own_subnet=own_subnet, lease_mac=lease_mac,
-            stored_mac=_read_stored_mac(settings.state_dir),
-            state_file=str(settings.state_dir / VTEP_MAC_FILE))
-        if dev is None or dev.kind != "vxlan":
-            return options.mtu_for(host.iface_mtu), "the vxlan device (as configured)", 0
-        direct: tuple[IPv4Network, ...] = ()
-        if options.direct_routing and host.iface_index:
-            direct = tuple(a.network for _, a in await nl.ipv4_addresses(host.iface_index))
-        plan = plan_vxlan(own_subnet, peers, vxlan_index=dev.index,
-                          underlay_index=host.iface_index,
-                          direct_routing=options.direct_routing,
-                          is_direct=lambda ip: any(ip in net for net in direct))
-        current: set[KernelObject] = set(await nl.routes(protocol=settings.route_protocol))
-        current |= await nl.neighbours(dev.index)
-        current |= await nl.fdb(dev.index, own_mac=(dev.mac or "").lower())
+        observed = await backend.observe()
+        spec = backend.spec(own_subnet, peers)
     finally:
-        nl.close()
-    report.problems += compare_objects(plan, current, peers=peers, names=names)
-    planned = {obj for objects in plan.values() for obj in objects}
-    return dev.mtu, f"device {dev.name}", len(planned & current)
+        await backend.close()
+    comparison = compare(spec, observed)
+    mtu = spec.devices[0].mtu if spec.devices else host.iface_mtu
+    mtu_source = f"device {spec.devices[0].name}" if spec.devices else f"interface {host.iface}"
+    mtu_note = ""
+    if network.backend_type == "vxlan":
+        from leaseagent.core.backends import VxlanOptions
+        from leaseagent.dataplane.vxlan import VTEP_MAC_FILE, load_vtep_mac
 
-
-async def _check_host_gw(
-    report: Report,
-    settings: DoctorSettings,
-    *,
-    host: HostInfo,
-    own_subnet: IPv4Network | None,
-    peers: Mapping[IPv4Network, Peer],
-) -> int:
-    from leaseagent.dataplane.netlink import Netlink
-
+        assert isinstance(network.options, VxlanOptions)
+        mtu_note = (f"underlay MTU {host.iface_mtu} - 50" if network.options.mtu is None
+                    else "Backend.MTU")
+        device = observed.devices.get(network.options.device_name)
+        if device is not None and device.kind == "vxlan":
+            lease_mac = own.value.vtep_mac if own is not None and own.value is not None else None
+            try:
+                stored = load_vtep_mac(settings.state_dir)
+            except DataPlaneError:
+                stored = None
+            report.problems += vtep_mac_problems(
+                device=device.name, device_mac=device.mac, lease_mac=lease_mac, stored_mac=stored,
+                state_file=str(settings.state_dir / VTEP_MAC_FILE))
+    report.problems += device_problems(comparison.devices, mtu_note=mtu_note)
     nl = await Netlink.open()
     try:
         names = {link.index: link.name for link in await nl.links()}
-        addresses = {a.ip for _, a in await nl.ipv4_addresses(host.iface_index)}
-        current: set[KernelObject] = set(await nl.routes(protocol=settings.route_protocol))
+        if network.backend_type == "host-gw" and host.iface_index:
+            addresses = {a.ip for _, a in await nl.ipv4_addresses(host.iface_index)}
+            if host.public_ip not in addresses:
+                report.problems.append(problem(
+                    "host", str(host.public_ip), f"not an address of {host.iface}",
+                    text=f"host-gw: PublicIP {host.public_ip} is not an address of {host.iface}; "
+                    "peers cannot route to it"))
     finally:
         nl.close()
-    if host.public_ip not in addresses:
-        report.problems.append(problem(
-            "host", str(host.public_ip), f"not an address of {host.iface}",
-            text=f"host-gw: PublicIP {host.public_ip} is not an address of {host.iface}; "
-            "peers cannot route to it"))
-    plan = plan_host_gw(own_subnet, peers, underlay_index=host.iface_index)
-    report.problems += compare_objects(plan, current, peers=peers, names=names)
-    planned = {obj for objects in plan.values() for obj in objects}
-    return len(planned & current)
+    if not needs_recreate(comparison.devices):  # no device: no entries could be on it
+        report.problems += object_problems(comparison.objects, plan=spec.objects,
+                                           current=observed.objects, peers=peers, names=names)
+    report.problems += check_subnet_env(
+        env, path=str(settings.subnet_file), network=network.network, subnet=own_subnet,
+        mtu=mtu, mtu_source=mtu_source)
+    matched = len(flatten(spec.objects) & observed.objects)
+    report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}, "
+                      f"{len(peers)} valid peers, {matched} kernel entries as planned")
+    return report

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from leaseagent.cli import doctor
-from leaseagent.cli.watching import LeaseEvent, lease_events
+from leaseagent.cli.watching import ADDED, CHANGED, LeaseEvent, lease_events
 from leaseagent.config import (
     Parser,
     _EnvDefaults,
@@ -52,16 +52,10 @@ from leaseagent.config import (
     etcd_settings,
 )
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
-from leaseagent.core.lease import (
-    InvalidLease,
-    LeaseValue,
-    decode_lease_value,
-    parse_lease_key,
-    validate_peer,
-)
-from leaseagent.core.network import NetworkConfig, parse_network_config, subnet_key_name
+from leaseagent.core.leases import KeyLayout, LeaseValue, Verdict, decode_lease_value, judge
+from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.errors import ConfigError, LeaseagentError, NetworkConfigError
+from leaseagent.errors import ConfigError, InvalidLease, LeaseagentError, NetworkConfigError
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.etcd import EtcdStore
@@ -75,8 +69,8 @@ class UsageError(LeaseagentError):
     """Bad arguments: exit status 2."""
 
 
-async def load_network(store: LeaseStore, prefix: str) -> NetworkConfig | None:
-    kv = await store.get(f"{prefix}/config")
+async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | None:
+    kv = await store.get(layout.config_key)
     if kv is None:
         return None
     try:
@@ -85,61 +79,31 @@ async def load_network(store: LeaseStore, prefix: str) -> NetworkConfig | None:
         return None
 
 
-def describe(kv: KeyValue, *, subnets_prefix: str, network: NetworkConfig | None,
-             expires_in: int | None) -> dict[str, Any]:
-    """One row of `list`: the lease as leasectl shows it, valid or not."""
-    row: dict[str, Any] = {
-        "subnet": kv.key[len(subnets_prefix):],
-        "public_ip": None,
-        "backend": None,
-        "vtep_mac": None,
-        "node_id": None,
-        "expires_in": expires_in if kv.lease else None,
-        "reservation": kv.lease == 0,
-        "valid": False,
-        "error": None,
+def row_of(verdict: Verdict, layout: KeyLayout, *, expires_in: int | None) -> dict[str, Any]:
+    """One row of `list` (and `show`, `watch`): a key as the lease layer judged it."""
+    value = verdict.value
+    return {
+        "subnet": str(verdict.subnet) if verdict.subnet is not None else layout.name_of(verdict.key),
+        "public_ip": str(value.public_ip) if value is not None else None,
+        "backend": (value.backend_type or None) if value is not None else None,
+        "vtep_mac": value.vtep_mac if value is not None else None,
+        "node_id": value.node_id if value is not None else None,
+        "expires_in": expires_in if verdict.lease else None,
+        "reservation": verdict.reservation,
+        "valid": verdict.valid,
+        "error": verdict.detail,
     }
-    try:
-        subnet = parse_lease_key(kv.key, subnets_prefix)
-        row["subnet"] = str(subnet)
-        value = decode_lease_value(kv.value)
-        row.update(public_ip=str(value.public_ip), backend=value.backend_type or None,
-                   vtep_mac=value.vtep_mac, node_id=value.node_id)
-        if kv.lease == 0 and value.node_id is None and not value.backend_data:
-            raise InvalidLease("unclaimed", f"reserved for {value.public_ip}; not claimed yet")
-        if network is not None:
-            validate_peer(subnet, value, network=network, own_public_ip=None)
-        row["valid"] = True
-    except InvalidLease as exc:
-        row["error"] = exc.detail
-    return row
 
 
-async def list_rows(store: LeaseStore, prefix: str) -> list[dict[str, Any]]:
-    subnets_prefix = f"{prefix}/subnets/"
-    network = await load_network(store, prefix)
-    listing = await store.list_prefix(subnets_prefix)
+async def list_rows(store: LeaseStore, layout: KeyLayout) -> list[dict[str, Any]]:
+    network = await load_network(store, layout)
+    listing = await store.list_prefix(layout.subnets_prefix)
     lease_ids = sorted({kv.lease for kv in listing.items if kv.lease})
     ttls = await asyncio.gather(*(store.time_to_live(i) for i in lease_ids))
     ttl_of = dict(zip(lease_ids, ttls, strict=True))
-    rows = [
-        describe(kv, subnets_prefix=subnets_prefix, network=network,
-                 expires_in=max(ttl_of.get(kv.lease, -1), 0))
-        for kv in listing.items
-    ]
-    # As the agents do: two keys naming one subnet, the older one holds it.
-    holder: dict[str, str] = {}
-    by_age = sorted(zip(listing.items, rows, strict=True),
-                    key=lambda pair: (pair[0].create_revision, pair[0].key))
-    for kv, row in by_age:
-        if not row["valid"]:
-            continue
-        if row["subnet"] in holder:
-            row.update(valid=False, error=f"duplicate: {row['subnet']} is held under key "
-                       f"{holder[row['subnet']]}")
-        else:
-            holder[row["subnet"]] = kv.key
-    return rows
+    verdicts = judge(listing.items, layout=layout, network=network).verdicts
+    return [row_of(verdicts[kv.key], layout, expires_in=max(ttl_of.get(kv.lease, -1), 0))
+            for kv in listing.items]
 
 
 def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
@@ -171,8 +135,8 @@ def parse_subnet_arg(text: str) -> IPv4Network:
         raise UsageError(f"SUBNET {text!r} is not an IPv4 network ({exc})") from None
 
 
-async def cmd_list(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
-    rows = await list_rows(store, prefix)
+async def cmd_list(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
+    rows = await list_rows(store, layout)
     output = "json" if args.json else args.output
     if output == "json":
         print(json.dumps([{k: r[k] for k in LIST_FIELDS} for r in rows], indent=2))
@@ -181,15 +145,18 @@ async def cmd_list(store: LeaseStore, prefix: str, args: argparse.Namespace) -> 
     return 0
 
 
-async def cmd_show(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+async def cmd_show(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
     subnet = parse_subnet_arg(args.subnet)
-    subnets_prefix = f"{prefix}/subnets/"
-    kv = await store.get(subnets_prefix + subnet_key_name(subnet))
+    key = layout.lease_key(subnet)
+    # Judged among every key of the prefix: another key may hold this subnet.
+    listing = await store.list_prefix(layout.subnets_prefix)
+    kv = next((item for item in listing.items if item.key == key), None)
     if kv is None:
         raise LeaseagentError(f"no lease for {subnet}")
     ttl = await store.time_to_live(kv.lease) if kv.lease else None
-    row = describe(kv, subnets_prefix=subnets_prefix, network=await load_network(store, prefix),
-                   expires_in=max(ttl, 0) if ttl is not None else None)
+    verdict = judge(listing.items, layout=layout,
+                    network=await load_network(store, layout)).verdicts[key]
+    row = row_of(verdict, layout, expires_in=max(ttl, 0) if ttl is not None else None)
     row.update(key=kv.key, etcd_lease=f"{kv.lease:x}" if kv.lease else None,
                create_revision=kv.create_revision, mod_revision=kv.mod_revision,
                value=kv.value.decode(errors="replace"))
@@ -197,8 +164,8 @@ async def cmd_show(store: LeaseStore, prefix: str, args: argparse.Namespace) -> 
     return 0
 
 
-async def cmd_config(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
-    key = f"{prefix}/config"
+async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
+    key = layout.config_key
     if args.config_cmd == "get":
         kv = await store.get(key)
         if kv is None:
@@ -212,19 +179,19 @@ async def cmd_config(store: LeaseStore, prefix: str, args: argparse.Namespace) -
     return 0
 
 
-async def cmd_reserve(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
     subnet = parse_subnet_arg(args.subnet)
     try:
         public_ip = IPv4Address(args.public_ip)
     except ValueError:
         raise UsageError(f"--public-ip {args.public_ip!r} is not an IPv4 address") from None
-    network = await load_network(store, prefix)
+    network = await load_network(store, layout)
     if network is None:
-        raise LeaseagentError(f"{prefix}/config is missing or invalid; set it first")
+        raise LeaseagentError(f"{layout.config_key} is missing or invalid; set it first")
     why = network.check_subnet(subnet)
     if why:
         raise UsageError(why)
-    key = f"{prefix}/subnets/{subnet_key_name(subnet)}"
+    key = layout.lease_key(subnet)
     value = LeaseValue(public_ip=public_ip, backend_type=network.backend_type).encode()
     won, current = await store.create(key, value, lease=0)
     if not won:
@@ -238,9 +205,9 @@ async def cmd_reserve(store: LeaseStore, prefix: str, args: argparse.Namespace) 
     return 0
 
 
-async def cmd_release(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+async def cmd_release(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
     subnet = parse_subnet_arg(args.subnet)
-    key = f"{prefix}/subnets/{subnet_key_name(subnet)}"
+    key = layout.lease_key(subnet)
     kv = await store.get(key)
     if kv is None:
         raise LeaseagentError(f"no lease for {subnet}")
@@ -264,15 +231,53 @@ def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
     return "".join(c.ljust(w) for c, w in zip(cells, WATCH_WIDTHS, strict=False)).rstrip()
 
 
-async def _print_events(store: LeaseStore, prefix: str, *, output: str) -> None:
-    subnets_prefix = f"{prefix}/subnets/"
-    network = await load_network(store, prefix)
-    relisted = False
+class _Seen:
+    """The keys `watch` has seen, so each event's key is judged among the keys naming
+    the same subnet (the oldest holds it), as `list` and the agents judge it."""
 
-    def on_listed(count: int, revision: int, reason: str) -> None:
+    def __init__(self, layout: KeyLayout) -> None:
+        self._layout = layout
+        self._kvs: dict[str, KeyValue] = {}
+        self._by_subnet: dict[IPv4Network, set[str]] = {}
+
+    def _subnet(self, key: str) -> IPv4Network | None:
+        try:
+            return self._layout.parse_lease_key(key).ipv4
+        except ValueError:
+            return None
+
+    def verdict(self, kv: KeyValue, network: NetworkConfig | None) -> Verdict:
+        subnet = self._subnet(kv.key)
+        rivals = [self._kvs[k] for k in self._by_subnet.get(subnet, ()) if k != kv.key] \
+            if subnet is not None else []
+        return judge([*rivals, kv], layout=self._layout, network=network).verdicts[kv.key]
+
+    def put(self, kv: KeyValue) -> None:
+        self._kvs[kv.key] = kv
+        subnet = self._subnet(kv.key)
+        if subnet is not None:
+            self._by_subnet.setdefault(subnet, set()).add(kv.key)
+
+    def forget(self, key: str) -> None:
+        self._kvs.pop(key, None)
+        subnet = self._subnet(key)
+        if subnet is not None:
+            self._by_subnet.get(subnet, set()).discard(key)
+
+
+async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) -> None:
+    network = await load_network(store, layout)
+    relisted = False
+    seen = _Seen(layout)
+
+    def on_listed(items: Sequence[KeyValue], revision: int, reason: str) -> None:
         nonlocal relisted
+        count = len(items)
         if reason == "start":
-            note = f"watching {count} leases under {subnets_prefix} from revision {revision + 1}"
+            for kv in items:
+                seen.put(kv)
+            note = (f"watching {count} leases under {layout.subnets_prefix} "
+                    f"from revision {revision + 1}")
         else:
             relisted = True
             note = f"listed again ({reason}): {count} leases; changes since follow"
@@ -285,11 +290,16 @@ async def _print_events(store: LeaseStore, prefix: str, *, output: str) -> None:
         print("".join(h.ljust(w) for h, w in zip(WATCH_HEADS, WATCH_WIDTHS, strict=True)).rstrip(),
               flush=True)
     event: LeaseEvent
-    async for event in lease_events(store, subnets_prefix, on_listed=on_listed,
+    async for event in lease_events(store, layout.subnets_prefix, on_listed=on_listed,
                                     on_unavailable=on_unavailable):
         if relisted:  # the network config may have changed while we were away
-            network, relisted = await load_network(store, prefix), False
-        row = describe(event.kv, subnets_prefix=subnets_prefix, network=network, expires_in=None)
+            network, relisted = await load_network(store, layout), False
+        if event.kind in (ADDED, CHANGED):
+            seen.put(event.kv)
+            row = row_of(seen.verdict(event.kv, network), layout, expires_in=None)
+        else:
+            row = row_of(seen.verdict(event.kv, network), layout, expires_in=None)
+            seen.forget(event.kv.key)
         if output == "json":
             doc = {"event": event.kind, **{k: row[k] for k in WATCH_FIELDS}}
             print(json.dumps(doc), flush=True)
@@ -297,12 +307,12 @@ async def _print_events(store: LeaseStore, prefix: str, *, output: str) -> None:
             print(format_watch_line(event.kind, row, when=time.time()), flush=True)
 
 
-async def cmd_watch(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
+async def cmd_watch(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    printer = asyncio.create_task(_print_events(store, prefix, output=args.output))
+    printer = asyncio.create_task(_print_events(store, layout, output=args.output))
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -317,8 +327,8 @@ async def cmd_watch(store: LeaseStore, prefix: str, args: argparse.Namespace) ->
     return 0
 
 
-async def cmd_doctor(store: LeaseStore, prefix: str, args: argparse.Namespace) -> int:
-    report = await doctor.examine(store, prefix, args.doctor_settings)
+async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
+    report = await doctor.examine(store, layout, args.doctor_settings)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -431,7 +441,7 @@ async def run(args: argparse.Namespace) -> int:
     settings = etcd_settings(args)
     store = await EtcdStore.connect(settings)
     try:
-        return await COMMANDS[args.cmd](store, str(args.etcd_prefix), args)
+        return await COMMANDS[args.cmd](store, KeyLayout(str(args.etcd_prefix)), args)
     finally:
         await store.close()
 

@@ -1,9 +1,10 @@
 """`leasectl watch`: the lease prefix as a stream of added/changed/removed/expired events.
 
-List first (so the current state is known and nothing already there is
-reported), then watch from the list's revision + 1. On compaction or a lost
-stream: list again and diff against what was known, so no change is missed
-and none is reported twice.
+The store layer's list -> watch -> re-list engine (leaseagent.store.watching)
+lists first (so the current state is known and nothing already there is
+reported), then watches from the list's revision + 1. On compaction or a lost
+stream it lists again; the listing is diffed against what was known, so no
+change is missed and none is reported twice.
 
 Removed or expired? A DELETE carries no reason. A key that was attached to
 an etcd lease whose lease no longer exists (TimeToLive answers -1) went
@@ -12,23 +13,20 @@ with its lease: "expired". A key deleted by hand (`leasectl release`,
 was "removed". An agent stopped with --release-on-exit revokes its lease, so
 its key shows as "expired" too: in both cases the host let go of the lease.
 
-`lease_events` yields `LeaseEvent`s; presentation is leasectl's job. Store
-errors other than an unavailable etcd propagate.
+`lease_events` yields `LeaseEvent`s; presentation (and judging each key, by
+the lease layer) is leasectl's job. Store errors other than an unavailable
+etcd propagate.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from leaseagent.errors import Compacted, StoreUnavailable
 from leaseagent.store.base import EventType, KeyValue, LeaseStore
+from leaseagent.store.watching import ListWatch, Snapshot
 
 ADDED, CHANGED, REMOVED, EXPIRED = "added", "changed", "removed", "expired"
-# A lost stream is retried after this long, doubling up to the cap.
-RETRY_FIRST_SECONDS = 0.2
-RETRY_CAP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -75,63 +73,59 @@ async def lease_events(
     store: LeaseStore,
     subnets_prefix: str,
     *,
-    on_listed: Callable[[int, int, str], None] | None = None,
+    on_listed: Callable[[Sequence[KeyValue], int, str], None] | None = None,
     on_unavailable: Callable[[BaseException], None] | None = None,
 ) -> AsyncIterator[LeaseEvent]:
     """Every change under `subnets_prefix` from now on, forever.
 
-    `on_listed(count, revision, reason)` is told after every (re-)list, before the
-    changes it found are yielded; reason is
-    "start", "compacted" or "reconnected". `on_unavailable(exc)` is told when etcd
-    cannot be reached (once per outage; the stream retries by itself).
+    `on_listed(items, revision, reason)` is told after every (re-)list, before the
+    changes it found are yielded; reason is "start", "compacted" or "reconnected".
+    `on_unavailable(exc)` is told when etcd cannot be reached (once per outage; the
+    stream retries by itself).
     """
     known: dict[str, KeyValue] = {}
-    reason = "start"
-    delay = RETRY_FIRST_SECONDS
-    first = True
     outage = False
-    while True:
-        try:
-            listing = await store.list_prefix(subnets_prefix)
-            outage, delay = False, RETRY_FIRST_SECONDS
+
+    def unavailable(exc: BaseException) -> None:
+        nonlocal outage
+        if not outage and on_unavailable is not None:
+            on_unavailable(exc)
+        outage = True
+
+    engine = ListWatch(store, subnets_prefix, on_unavailable=unavailable)
+    async for item in engine.stream():
+        if isinstance(item, Snapshot):
+            outage = False
+            reason = item.reason if item.reason in ("start", "compacted") else "reconnected"
             if on_listed is not None:
-                on_listed(len(listing.items), listing.revision, reason)
-            if not first:
-                puts, gone = diff_listing(known, listing.items)
-                check = _LeaseCheck(store)
-                # `known` follows each reported event, so a failure half-way
-                # through reports neither a change twice nor none at all.
-                for kv in gone:
-                    kind = await check.gone_kind(kv)
-                    del known[kv.key]
-                    yield LeaseEvent(kind, kv, listing.revision)
-                for kind, kv in puts:
-                    known[kv.key] = kv
-                    yield LeaseEvent(kind, kv, kv.mod_revision)
-            first = False
-            known = {kv.key: kv for kv in listing.items}
-            async for batch in store.watch(subnets_prefix, start_revision=listing.revision + 1):
-                check = _LeaseCheck(store)
-                for ev in batch:
-                    if ev.type is EventType.PUT and ev.kv is not None:
-                        kind = CHANGED if ev.key in known else ADDED
-                        known[ev.key] = ev.kv
-                        yield LeaseEvent(kind, ev.kv, ev.revision)
-                        continue
-                    old = known.get(ev.key)
-                    if old is None:
-                        # Every key that exists was listed or put since, so an
-                        # unknown key's delete has nothing to report.
-                        continue
-                    kind = await check.gone_kind(old)
-                    del known[ev.key]
-                    yield LeaseEvent(kind, old, ev.revision)
-            reason = "reconnected"  # the stream ended without an error
-        except Compacted:
-            reason = "compacted"
-        except StoreUnavailable as exc:
-            if not outage and on_unavailable is not None:
-                on_unavailable(exc)
-            outage, reason = True, "reconnected"
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_CAP_SECONDS)
+                on_listed(item.items, item.revision, reason)
+            if item.reason == "start":
+                known = {kv.key: kv for kv in item.items}
+                continue
+            puts, gone = diff_listing(known, item.items)
+            check = _LeaseCheck(store)
+            # `known` follows each reported event, so a failure half-way
+            # through reports neither a change twice nor none at all.
+            for kv in gone:
+                kind = await check.gone_kind(kv)
+                del known[kv.key]
+                yield LeaseEvent(kind, kv, item.revision)
+            for kind, kv in puts:
+                known[kv.key] = kv
+                yield LeaseEvent(kind, kv, kv.mod_revision)
+            continue
+        check = _LeaseCheck(store)
+        for ev in item.events:
+            if ev.type is EventType.PUT and ev.kv is not None:
+                kind = CHANGED if ev.key in known else ADDED
+                known[ev.key] = ev.kv
+                yield LeaseEvent(kind, ev.kv, ev.revision)
+                continue
+            old = known.get(ev.key)
+            if old is None:
+                # Every key that exists was listed or put since, so an
+                # unknown key's delete has nothing to report.
+                continue
+            kind = await check.gone_kind(old)
+            del known[ev.key]
+            yield LeaseEvent(kind, old, ev.revision)

@@ -1,8 +1,10 @@
 """What `leasectl doctor` finds wrong: etcd's view of a host against what the host has.
 
-Pure: no I/O. The caller (leaseagent.cli.doctor) reads etcd, the kernel
-(through the netlink adapter) and the files, and hands plain facts to the
-functions here; each returns a list of `Problem`s, empty when all is well.
+Pure: no I/O. The caller (leaseagent.cli.doctor) judges etcd's listing with
+the lease layer, has the backend observe the kernel and compares the two
+with `core.plan.compare` (as the backend's reconcile does), then hands the
+differences here; each function returns a list of `Problem`s, empty when
+all is well.
 
 A Problem has a `kind` (missing, stale, wrong, device, lease, subnet.env,
 state), the `object` it is about and a `detail`; `text` is the one line an
@@ -12,10 +14,9 @@ operator reads, e.g.
     stale neighbour 10.5.9.0 lladdr 0a:..:01 dev flannel.1 (no valid lease holds 10.5.9.0/24)
     subnet.env FLANNEL_SUBNET=10.5.4.1/24 but the lease is 10.5.3.0/24
 
-Kernel objects are compared exactly as the agent's reconcile does
-(leaseagent.core.plan.diff): an object the plan wants but the kernel lacks is
-missing; one whose identity (plan `key`) the kernel has with other
-attributes is wrong; one of ours no plan wants is stale.
+An object the plan wants but the kernel lacks is missing; one whose identity
+(plan `key`) the kernel has with other attributes is wrong; one of ours no
+plan wants is stale.
 """
 
 from __future__ import annotations
@@ -23,10 +24,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any
 
-from leaseagent.core.lease import LeaseValue, Peer
-from leaseagent.core.plan import KernelObject, Neighbour, Route, VxlanOptions, diff
+from leaseagent.core.backends import VxlanLeaseData
+from leaseagent.core.leases import LeaseValue, Peer
+from leaseagent.core.plan import (
+    ADD_ADDRESS,
+    CREATE,
+    REMOVE_ADDRESS,
+    SET_MTU,
+    DeviceDifference,
+    KernelObject,
+    Neighbour,
+    PlanDiff,
+    Route,
+)
 
 
 @dataclass(frozen=True)
@@ -77,23 +88,23 @@ def _peer_label(peer: Peer) -> str:
     return label + (f", node {peer.node_id}" if peer.node_id else "")
 
 
-def compare_objects(
+def object_problems(
+    changes: PlanDiff,
+    *,
     plan: Mapping[IPv4Network, frozenset[KernelObject]],
     current: Iterable[KernelObject],
-    *,
     peers: Mapping[IPv4Network, Peer],
     names: Mapping[int, str],
 ) -> list[Problem]:
-    """Missing, wrong and stale objects: the per-peer `plan` against what the kernel has of ours."""
+    """Missing, wrong and stale objects: what `core.plan.compare` found between the
+    per-peer `plan` and what the kernel has of ours (`current`)."""
     owner: dict[KernelObject, Peer] = {}
     for subnet, objects in plan.items():
         for obj in objects:
             if subnet in peers:
                 owner.setdefault(obj, peers[subnet])
-    desired = [obj for objects in plan.values() for obj in objects]
-    current_set = set(current)
-    current_by_key = {obj.key: obj for obj in current_set}
-    to_add, to_remove = diff(desired, current_set)
+    current_by_key = {obj.key: obj for obj in current}
+    to_add, to_remove = changes
     out: list[Problem] = []
     for obj in to_add:
         peer = owner.get(obj)
@@ -119,93 +130,50 @@ def _stale_reason(obj: KernelObject, peers: Mapping[IPv4Network, Peer]) -> str:
         held = [s for s in peers if s.network_address == obj.dst]
         return f"not what the lease of {held[0]} needs" if held else \
             f"no valid lease holds a subnet at {obj.dst}"
-    macs = {p.vtep_mac for p in peers.values() if p.vtep_mac}
+    macs = {p.data.vtep_mac for p in peers.values() if isinstance(p.data, VxlanLeaseData)}
     return "no valid lease has this VtepMAC at this address" if obj.lladdr in macs else \
         "no valid lease has this VtepMAC"
 
 
-# ------------------------------------------------------------------ the vxlan device
+# ------------------------------------------------------------------ devices
 
 
-@dataclass(frozen=True)
-class DeviceFacts:
-    """What the kernel says about the backend's device."""
-
-    name: str
-    index: int
-    kind: str | None
-    up: bool
-    mac: str | None
-    mtu: int
-    addresses: tuple[IPv4Interface, ...] = ()
-    vni: int | None = None
-    port: int | None = None
-    local: IPv4Address | None = None
-    link: int | None = None
-    learning: bool | None = None
-
-
-def check_vxlan_device(
-    dev: DeviceFacts | None,
-    *,
-    options: VxlanOptions,
-    public_ip: IPv4Address,
-    underlay_index: int,
-    underlay_mtu: int,
-    own_subnet: IPv4Network | None,
-    lease_mac: str | None,
-    stored_mac: str | None,
-    state_file: str,
-) -> list[Problem]:
-    """The device flannel.<VNI>: exists, is vxlan as configured, up, MAC, MTU, its /32."""
-    name = options.device_name
-    if dev is None:
-        return [problem("missing", f"device {name}",
-                        "no device means no route, neighbour or FDB entry to any peer")]
+def device_problems(differences: Iterable[DeviceDifference], *, mtu_note: str = "") -> list[Problem]:
+    """The differences `core.plan.compare_device` found, as doctor's lines."""
     out: list[Problem] = []
-    if dev.kind != "vxlan":
-        return [problem("device", name, f"is a {dev.kind or 'plain'} device, not vxlan",
-                        text=f"device {name} is a {dev.kind or 'plain'} device, not vxlan")]
-    expect: list[tuple[str, Any, Any]] = [
-        ("VNI", dev.vni, options.vni),
-        ("port", dev.port, options.port),
-        ("local address", dev.local, public_ip),
-        ("learning", dev.learning, False),
-    ]
-    if underlay_index:
-        expect.append(("underlay link", dev.link, underlay_index))
-    for what, have, want in expect:
-        if have != want:
-            out.append(problem("device", name, f"{what} is {have}, want {want}",
-                               text=f"device {name} {what} is {have}, want {want}"))
-    if not dev.up:
-        out.append(problem("device", name, "is down", text=f"device {name} is down"))
-    mac = (dev.mac or "").lower()
+    for d in differences:
+        if d.fix == CREATE:
+            out.append(problem("missing", f"device {d.device}",
+                               "no device means no route, neighbour or FDB entry to any peer"))
+        elif d.fix == ADD_ADDRESS:
+            out.append(problem("missing", f"address {d.want} dev {d.device}", "this host's subnet"))
+        elif d.fix == REMOVE_ADDRESS:
+            out.append(problem("stale", f"address {d.have} dev {d.device}",
+                               "only this host's subnet belongs there"))
+        elif d.fix == SET_MTU and mtu_note:
+            out.append(problem("device", d.device, f"MTU {d.have}, want {d.want}",
+                               text=f"device {d.device} MTU {d.have}, want {d.want} ({mtu_note})"))
+        else:
+            out.append(problem("device", d.device, d.text.removeprefix(f"device {d.device} "),
+                               text=d.text))
+    return out
+
+
+def vtep_mac_problems(*, device: str, device_mac: str | None, lease_mac: str | None,
+                      stored_mac: str | None, state_file: str) -> list[Problem]:
+    """The VtepMAC three ways: the device's, the lease's, the one kept in the state dir."""
+    out: list[Problem] = []
+    mac = (device_mac or "").lower()
     if lease_mac is not None and mac != lease_mac.lower():
-        out.append(problem("device", name, f"MAC {mac} but the lease's VtepMAC is {lease_mac}",
-                           text=f"device {name} MAC {mac} but the lease's VtepMAC is {lease_mac}"))
+        out.append(problem("device", device, f"MAC {mac} but the lease's VtepMAC is {lease_mac}",
+                           text=f"device {device} MAC {mac} but the lease's VtepMAC is {lease_mac}"))
     if stored_mac is None:
         out.append(problem("state", state_file, "missing (the VtepMAC is not kept across restarts)",
                            text=f"state {state_file} missing: the VtepMAC would not survive "
                            "a deleted device"))
     elif stored_mac.lower() != mac:
-        out.append(problem("state", state_file, f"holds {stored_mac} but device {name} has {mac}",
-                           text=f"state {state_file} holds {stored_mac} but device {name} has {mac}"))
-    want_mtu = options.mtu_for(underlay_mtu)
-    if dev.mtu != want_mtu:
-        out.append(problem("device", name, f"MTU {dev.mtu}, want {want_mtu}",
-                           text=f"device {name} MTU {dev.mtu}, want {want_mtu} "
-                           f"(underlay MTU {underlay_mtu} - 50)"
-                           if options.mtu is None else
-                           f"device {name} MTU {dev.mtu}, want Backend.MTU {want_mtu}"))
-    if own_subnet is not None:
-        want_addr = IPv4Interface((own_subnet.network_address, 32))
-        if want_addr not in dev.addresses:
-            out.append(problem("missing", f"address {want_addr} dev {name}", "this host's subnet"))
-        for addr in dev.addresses:
-            if addr != want_addr:
-                out.append(problem("stale", f"address {addr} dev {name}",
-                                   f"only {want_addr} belongs there"))
+        out.append(problem("state", state_file, f"holds {stored_mac} but device {device} has {mac}",
+                           text=f"state {state_file} holds {stored_mac} but device {device} has {mac}"))
     return out
 
 

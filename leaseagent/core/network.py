@@ -4,14 +4,16 @@ Pure: no I/O. `parse_network_config` takes the raw bytes of
 `<prefix>/config` and returns a validated, defaulted `NetworkConfig`, or
 raises `NetworkConfigError` whose message names the field and the value.
 
-flannel's rules, kept exactly (DESIGN.md §1):
+flannel's rules, kept exactly (pkg/subnet/config.go; docs/architecture.md, "Wire contract"):
 - SubnetLen defaults to 24 when Network is /22 or larger, else prefix + 2;
   a Network smaller than /28 is refused when SubnetLen is not given.
 - SubnetLen must be >= prefix + 2 and <= 30.
 - SubnetMin defaults to the second subnet (the first is skipped: its .0 would
   clash with the network address), SubnetMax to the last; both must lie in
   Network and sit on a SubnetLen boundary.
-- Backend.Type defaults to "vxlan" (flannel's code says udp, its docs vxlan).
+- Backend.Type defaults to "vxlan" (flannel's code says udp, its docs vxlan)
+  and must be a type of leaseagent.core.backends, whose options are checked
+  here too: a config this module accepts is one every agent can run.
 
 IPv6 fields are parsed and checked for form, but only IPv4 leases are
 served: `EnableIPv6: true` is refused with a clear message.
@@ -26,9 +28,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from leaseagent.core.backends import DEFAULT_BACKEND, BackendOptions, backend_type
 from leaseagent.errors import NetworkConfigError
-
-DEFAULT_BACKEND = "vxlan"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class NetworkConfig:
     subnet_min: IPv4Address
     subnet_max: IPv4Address
     backend_type: str
+    options: BackendOptions  # the Backend object read by its type's rules (core.backends)
     backend: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -190,35 +192,16 @@ def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
         backend = {}
     if not isinstance(backend, dict):
         raise _field_error("Backend", backend, "must be a JSON object")
-    backend_type = backend.get("Type", DEFAULT_BACKEND)
-    if not isinstance(backend_type, str) or not backend_type:
-        raise _field_error("Backend.Type", backend_type, "must be a non-empty string")
+    type_name = backend.get("Type", DEFAULT_BACKEND)
+    if not isinstance(type_name, str) or not type_name:
+        raise _field_error("Backend.Type", type_name, "must be a non-empty string")
+    kind = backend_type(type_name.lower())
     return NetworkConfig(
         network=network,
         subnet_len=subnet_len,
         subnet_min=subnet_min,
         subnet_max=subnet_max,
-        backend_type=backend_type.lower(),
+        backend_type=kind.name,
         backend=dict(backend),
+        options=kind.parse_options(backend),
     )
-
-
-def subnet_key_name(subnet: IPv4Network) -> str:
-    """The last path element of a lease key: `10.5.34.0-24`."""
-    return f"{subnet.network_address}-{subnet.prefixlen}"
-
-
-def parse_subnet_key_name(name: str) -> IPv4Network:
-    """Parse `10.5.34.0-24` (or the dual-stack `10.5.34.0-24&fd00::-64`; v4 part only).
-
-    Raises ValueError with a message when the name does not parse or is not
-    a network address.
-    """
-    v4 = name.split("&", 1)[0]
-    addr, sep, plen = v4.rpartition("-")
-    if not sep or not plen.isdigit():
-        raise ValueError(f"key name {name!r} is not of the form ADDR-LEN")
-    try:
-        return IPv4Network(f"{addr}/{int(plen)}", strict=True)
-    except ValueError as exc:
-        raise ValueError(f"key name {name!r} is not an IPv4 network: {exc}") from None

@@ -1,11 +1,13 @@
-"""Desired kernel state from the peer set, and its diff against what the kernel has.
+"""Desired kernel state from the peer set, and its comparison with what the kernel has.
 
-Pure: no I/O, no netlink. The backends (leaseagent.dataplane.vxlan, .hostgw)
-call `plan_vxlan` / `plan_host_gw` with the peer set and the interface
-indexes they resolved, read what the kernel holds into the same frozen
-dataclasses, and apply `diff`.
+Pure: no I/O, no netlink. A backend (leaseagent.dataplane) describes what it
+wants as a `BackendSpec` (its devices as `DeviceSpec`s, its per-peer objects
+from `plan_vxlan_peer` / `plan_host_gw_peer`) and reads what the kernel has
+into an `Observation` of the same shapes; `compare` says what differs. The
+backend's reconcile acts on the differences, `leasectl doctor` prints them,
+the tests assert on them: one comparison for all three.
 
-The objects (DESIGN.md §3):
+The objects (docs/architecture.md, "Kernel objects"):
 
 - vxlan, per peer: Neighbour(<subnet .0> -> VtepMAC on the vxlan device),
   Fdb(VtepMAC -> PublicIP on the vxlan device), Route(<subnet> via <subnet .0>
@@ -34,16 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any, NamedTuple
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import NamedTuple
 
-from leaseagent.core.lease import Peer
-from leaseagent.errors import NetworkConfigError
+from leaseagent.core.backends import VxlanLeaseData
+from leaseagent.core.leases import Peer
 
 MAIN_TABLE = 254
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-DEFAULT_VNI = 1
-DEFAULT_PORT = 8472  # flannel's default, the Linux kernel's original VXLAN port
 
 
 # The objects are hashed and compared tens of thousands of times per sync
@@ -157,47 +156,6 @@ class PlanDiff(NamedTuple):
     to_remove: tuple[KernelObject, ...]
 
 
-@dataclass(frozen=True)
-class VxlanOptions:
-    """The vxlan part of the network config's Backend object."""
-
-    vni: int = DEFAULT_VNI
-    port: int = DEFAULT_PORT
-    mtu: int | None = None
-    direct_routing: bool = False
-
-    @property
-    def device_name(self) -> str:
-        return f"flannel.{self.vni}"
-
-    def mtu_for(self, underlay_mtu: int) -> int:
-        return self.mtu if self.mtu is not None else underlay_mtu - VXLAN_OVERHEAD
-
-
-def _int_option(backend: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    value = backend.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise NetworkConfigError(f"Backend.{name}={value!r}: must be an integer in {lo}..{hi}")
-    return value
-
-
-def vxlan_options(backend: Mapping[str, Any]) -> VxlanOptions:
-    """Read VNI, Port, MTU, DirectRouting from Backend; raise NetworkConfigError naming the field."""
-    direct = backend.get("DirectRouting", False)
-    if not isinstance(direct, bool):
-        raise NetworkConfigError(f"Backend.DirectRouting={direct!r}: must be true or false")
-    mtu = _int_option(backend, "MTU", 0, 0, 65535) if "MTU" in backend else None
-    if mtu is not None and mtu < 68:
-        raise NetworkConfigError(f"Backend.MTU={mtu}: must be at least 68 (IPv4 minimum)")
-    return VxlanOptions(
-        # VNI 0 is valid for the kernel but flannel treats 0 as "unset" -> 1.
-        vni=_int_option(backend, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1) or DEFAULT_VNI,
-        port=_int_option(backend, "Port", DEFAULT_PORT, 0, 65535) or DEFAULT_PORT,
-        mtu=mtu,
-        direct_routing=direct,
-    )
-
-
 def plan_vxlan_peer(
     peer: Peer,
     vxlan_index: int,
@@ -207,14 +165,15 @@ def plan_vxlan_peer(
     is_direct: Callable[[IPv4Address], bool],
 ) -> frozenset[KernelObject]:
     """The objects one vxlan peer needs (empty if it cannot be served by vxlan)."""
-    if peer.backend_type != "vxlan" or not peer.vtep_mac:
+    if peer.backend_type != "vxlan" or not isinstance(peer.data, VxlanLeaseData):
         return frozenset()
     if direct_routing and is_direct(peer.public_ip):
         return frozenset({Route(peer.subnet, peer.public_ip, underlay_index)})
     gateway = peer.subnet.network_address
+    mac = peer.data.vtep_mac
     return frozenset({
-        Neighbour(vxlan_index, gateway, peer.vtep_mac),
-        Fdb(vxlan_index, peer.vtep_mac, peer.public_ip),
+        Neighbour(vxlan_index, gateway, mac),
+        Fdb(vxlan_index, mac, peer.public_ip),
         Route(peer.subnet, gateway, vxlan_index, onlink=True),
     })
 
@@ -297,3 +256,154 @@ def diff(desired: Iterable[KernelObject], current: Iterable[KernelObject]) -> Pl
         to_remove = [obj for obj in stale if obj.key not in desired_keys]
     return PlanDiff(_ordered(desired_set - current_set, _ADD_ORDER),
                     _ordered(to_remove, _REMOVE_ORDER))
+
+
+# ------------------------------------------------------------------ devices
+
+
+@dataclass(frozen=True, slots=True)
+class VxlanAttrs:
+    """The vxlan settings of a device (IFLA_VXLAN_*)."""
+
+    vni: int
+    port: int
+    local: IPv4Address | None
+    link: int  # underlay ifindex; 0 when not bound to one
+    learning: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A device as the kernel has it."""
+
+    name: str
+    index: int
+    kind: str | None
+    up: bool
+    mac: str | None
+    mtu: int
+    addresses: tuple[IPv4Interface, ...] = ()
+    vxlan: VxlanAttrs | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """A device as a backend wants it. `mac` None: any (the device keeps its own);
+    `address` None: no address wanted yet (no lease held); `vxlan.link` 0: any."""
+
+    name: str
+    kind: str
+    mtu: int
+    vxlan: VxlanAttrs | None = None
+    mac: str | None = None
+    address: IPv4Interface | None = None
+    up: bool = True
+
+
+# How a difference is put right: the device created or made again (its settings are
+# fixed at creation), or one attribute changed in place.
+CREATE, RECREATE, SET_MTU, SET_MAC, SET_UP, ADD_ADDRESS, REMOVE_ADDRESS = (
+    "create", "recreate", "mtu", "mac", "up", "add-address", "remove-address")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDifference:
+    """One way a device differs from its spec: `what` differs, `have` vs `want`."""
+
+    device: str
+    what: str
+    have: object
+    want: object
+    fix: str
+
+    @property
+    def text(self) -> str:
+        if self.fix == CREATE:
+            return f"device {self.device} is missing"
+        if self.fix == SET_UP:
+            return f"device {self.device} is down"
+        if self.fix == ADD_ADDRESS:
+            return f"address {self.want} missing on device {self.device}"
+        if self.fix == REMOVE_ADDRESS:
+            return f"address {self.have} on device {self.device} does not belong there"
+        return f"device {self.device} {self.what} is {self.have}, want {self.want}"
+
+
+def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDifference]:
+    """Every way `state` differs from `spec`; a missing or wrong-kind device is one
+    difference (nothing else about it matters: it is made anew)."""
+    name = spec.name
+
+    def differ(what: str, have: object, want: object, fix: str) -> DeviceDifference:
+        return DeviceDifference(name, what, have, want, fix)
+
+    if state is None:
+        return [differ("existence", None, spec.kind, CREATE)]
+    if state.kind != spec.kind:
+        return [differ("kind", state.kind or "plain", spec.kind, RECREATE)]
+    out: list[DeviceDifference] = []
+    if spec.vxlan is not None:
+        have = state.vxlan
+        want = spec.vxlan
+        if have is None:
+            return [differ("vxlan settings", None, want, RECREATE)]
+        for what, got, wanted in (("VNI", have.vni, want.vni), ("port", have.port, want.port),
+                                  ("local address", have.local, want.local),
+                                  ("learning", have.learning, want.learning)):
+            if got != wanted:
+                out.append(differ(what, got, wanted, RECREATE))
+        if want.link and have.link != want.link:
+            out.append(differ("underlay link", have.link, want.link, RECREATE))
+    if state.mtu != spec.mtu:
+        out.append(differ("MTU", state.mtu, spec.mtu, SET_MTU))
+    if spec.mac is not None and (state.mac or "").lower() != spec.mac:
+        out.append(differ("MAC", (state.mac or "").lower(), spec.mac, SET_MAC))
+    if spec.up and not state.up:
+        out.append(differ("state", "down", "up", SET_UP))
+    if spec.address is not None:
+        if spec.address not in state.addresses:
+            out.append(differ("address", None, spec.address, ADD_ADDRESS))
+        for addr in state.addresses:
+            if addr != spec.address:
+                out.append(differ("address", addr, None, REMOVE_ADDRESS))
+    return out
+
+
+def needs_recreate(differences: Iterable[DeviceDifference]) -> bool:
+    return any(d.fix in (CREATE, RECREATE) for d in differences)
+
+
+# ------------------------------------------------------------------ a backend's whole state
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything a backend wants in the kernel: its devices and, per peer, its objects."""
+
+    devices: tuple[DeviceSpec, ...] = ()
+    objects: PeerPlan = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the kernel has of a backend: its devices by name (None: absent) and the
+    objects it owns (routes carrying our protocol, permanent entries on its devices)."""
+
+    devices: Mapping[str, DeviceState | None] = field(default_factory=dict)
+    objects: frozenset[KernelObject] = frozenset()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    devices: tuple[DeviceDifference, ...]
+    objects: PlanDiff
+
+    def __bool__(self) -> bool:
+        return bool(self.devices or self.objects.to_add or self.objects.to_remove)
+
+
+def compare(spec: BackendSpec, observed: Observation) -> Comparison:
+    """How the kernel differs from what the backend wants (see `compare_device`, `diff`)."""
+    devices = tuple(d for dev in spec.devices
+                    for d in compare_device(dev, observed.devices.get(dev.name)))
+    return Comparison(devices, diff(flatten(spec.objects), observed.objects))

@@ -6,14 +6,15 @@ import asyncio
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Network
 
-from leaseagent.core.lease import Peer
-from leaseagent.core.peers import PeerChanges
-from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.plan import BackendSpec, Observation
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 
 
 class AllocBackend:
     def __init__(self, settings: DataPlaneSettings) -> None:
         self._settings = settings
+        self.status = DataPlaneStatus()
 
     async def prepare(self) -> BackendAttrs:
         return BackendAttrs(backend_type="alloc", mtu=self._settings.host.iface_mtu)
@@ -22,13 +23,20 @@ class AllocBackend:
         return None
 
     async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
-        self._settings.metrics.dataplane_in_sync.set(1)
+        self.status.in_sync = True
 
     async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
         return None
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         await asyncio.Event().wait()
+
+    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
+             ) -> BackendSpec:
+        return BackendSpec()
+
+    async def observe(self) -> Observation:
+        return Observation()
 
     async def close(self) -> None:
         return None

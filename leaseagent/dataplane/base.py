@@ -1,4 +1,4 @@
-"""The data-plane port: what the control plane asks of a backend.
+"""The data-plane port: what the control plane asks of a backend, and what it reports.
 
 Life cycle, driven by the agent (leaseagent.agent):
 
@@ -10,30 +10,47 @@ Life cycle, driven by the agent (leaseagent.agent):
     task: await dp.run(get_peers)       # periodic resync + netlink drift repair
     await dp.close()                    # stop: never removes peer state
 
+Read-only, for `leasectl doctor` and the tests as much as for reconcile:
+
+    dp.spec(own_subnet, peers)          # pure: what the backend wants (core.plan.BackendSpec)
+    await dp.observe()                  # what the kernel has of it (core.plan.Observation)
+
+and `core.plan.compare(spec, observation)` says what differs. A backend that
+was never prepared (doctor) learns its device from `observe()`.
+
 `sync` is level-triggered: it computes the desired kernel state from the
 whole peer set, reads what the kernel has (only objects the agent owns),
 and applies the difference. `update` may be incremental but must converge
 to the same state. Nothing is removed before the first `sync`.
+
+A backend reports its state in `status` (in sync, last error, what it
+added, removed and repaired, how long reconciles took); it never touches
+metrics. The agent decides readiness from `status` and exports the metrics
+from it (leaseagent.metrics).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
 
-from leaseagent.core.lease import Peer
+from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import NetworkConfig
-from leaseagent.core.peers import PeerChanges
-from leaseagent.metrics import Metrics
+from leaseagent.core.plan import BackendSpec, Observation
 
 # rtnetlink protocol number on every route we add. iproute2's rt_protos names
 # 0-4 (kernel, boot, static), 8-19 and 42 onwards for routing daemons (bird 12,
 # zebra 11, babel 42, bgp 186, isis 187, ospf 188, rip 189, eigrp 192, ...);
 # 0x4c ("L") = 76 is unassigned.
 DEFAULT_ROUTE_PROTOCOL = 76
+DEFAULT_RESYNC_SECONDS = 30.0
+
+# Buckets of the reconcile duration histogram, in seconds.
+RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 @dataclass(frozen=True)
@@ -60,13 +77,44 @@ class DataPlaneSettings:
     network: NetworkConfig
     host: HostInfo
     state_dir: Path
-    metrics: Metrics
     route_protocol: int = DEFAULT_ROUTE_PROTOCOL
-    resync_seconds: float = 30.0
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS
     netns: str | None = None  # for tests and the lab: program another namespace
 
 
+@dataclass
+class Durations:
+    """A histogram's state: how many observations fell at or below each bucket."""
+
+    buckets: tuple[float, ...] = RECONCILE_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * len(RECONCILE_BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+
+@dataclass
+class DataPlaneStatus:
+    """What a backend reports about itself. Counters only grow; kinds are
+    "route", "neighbour", "fdb" and, for repairs, "device"."""
+
+    in_sync: bool = False
+    last_error: str | None = None
+    added: Counter[str] = field(default_factory=Counter)
+    removed: Counter[str] = field(default_factory=Counter)
+    repairs: Counter[str] = field(default_factory=Counter)
+    reconciles: Durations = field(default_factory=Durations)
+
+
 class DataPlane(Protocol):
+    status: DataPlaneStatus
+
     async def prepare(self) -> BackendAttrs: ...
 
     async def start(self, own_subnet: IPv4Network) -> None: ...
@@ -76,5 +124,10 @@ class DataPlane(Protocol):
     async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None: ...
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None: ...
+
+    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
+             ) -> BackendSpec: ...
+
+    async def observe(self) -> Observation: ...
 
     async def close(self) -> None: ...

@@ -1,4 +1,4 @@
-"""The host-gw backend (DESIGN.md §3): one route per peer, no encapsulation.
+"""The host-gw backend: one route per peer, no encapsulation (docs/architecture.md).
 
 Per peer: `<peer subnet> via <peer PublicIP> dev <underlay>`, carrying our
 route protocol number. It only works when every host sits on one L2
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Network
 
-from leaseagent.core.lease import Peer
+from leaseagent.core.leases import Peer
 from leaseagent.core.plan import KernelObject, plan_host_gw_peer
 from leaseagent.dataplane.base import BackendAttrs
 from leaseagent.dataplane.netlink import Netlink

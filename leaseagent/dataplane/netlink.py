@@ -52,7 +52,15 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from leaseagent.core.plan import MAIN_TABLE, Fdb, KernelObject, Neighbour, Route
+from leaseagent.core.plan import (
+    MAIN_TABLE,
+    DeviceState,
+    Fdb,
+    KernelObject,
+    Neighbour,
+    Route,
+    VxlanAttrs,
+)
 from leaseagent.dataplane import rtnl
 from leaseagent.dataplane.rtnl import RtnlSocket
 from leaseagent.errors import DataPlaneError
@@ -73,15 +81,6 @@ def _error(what: str, exc: BaseException) -> DataPlaneError:
 
 
 @dataclass(frozen=True)
-class VxlanInfo:
-    vni: int
-    port: int
-    local: IPv4Address | None
-    link: int
-    learning: bool
-
-
-@dataclass(frozen=True)
 class Link:
     index: int
     name: str
@@ -89,7 +88,7 @@ class Link:
     mtu: int
     address: str | None
     up: bool
-    vxlan: VxlanInfo | None = None
+    vxlan: VxlanAttrs | None = None
 
 
 class Action(Enum):
@@ -126,7 +125,7 @@ def _link_from_msg(msg: Any) -> Link:
     if kind == "vxlan":
         data = info.get("data")
         local = data.get("vxlan_local") if data is not None else None
-        vxlan = VxlanInfo(
+        vxlan = VxlanAttrs(
             vni=int(data.get("vxlan_id") or 0),
             port=int(data.get("vxlan_port") or 0),
             local=IPv4Address(local) if local else None,
@@ -204,6 +203,16 @@ class Netlink:
             raise _error(f"cannot read link {label}", exc) from exc
         return _link_from_msg(msgs[0]) if msgs else None
 
+    async def device_state(self, name: str) -> DeviceState | None:
+        """The device `name` with its IPv4 addresses, or None if there is none."""
+        link = await self.link_by_name(name)
+        if link is None:
+            return None
+        addresses = tuple(addr for _, addr in await self.ipv4_addresses(link.index))
+        return DeviceState(name=link.name, index=link.index, kind=link.kind, up=link.up,
+                           mac=(link.address or "").lower() or None, mtu=link.mtu,
+                           addresses=addresses, vxlan=link.vxlan)
+
     async def create_vxlan(
         self,
         name: str,
@@ -246,10 +255,13 @@ class Netlink:
         except OSError as exc:
             raise _error(f"cannot delete link {index}", exc) from exc
 
-    async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None) -> None:
+    async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
+                       mac: str | None = None) -> None:
         spec: dict[str, Any] = {}
         if mtu is not None:
             spec["mtu"] = mtu
+        if mac is not None:
+            spec["address"] = mac
         if up is not None:
             spec["state"] = "up" if up else "down"
         try:

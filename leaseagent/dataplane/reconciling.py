@@ -1,9 +1,11 @@
 """The reconcile engine shared by the kernel backends (vxlan, host-gw).
 
 A backend subclasses `ReconcilingBackend` and supplies policy: how to plan
-a peer (`_plan_peer`), what of the kernel it owns (`_current`), how to make
-its device ready (`_ensure_ready`), and which netlink events concern it
-(`_drift_kind`). This module supplies the mechanics, identical for both:
+a peer (`_plan_peer`), its devices (`_device_specs`), what of the kernel it
+owns (`_current`, `_observe_devices`), how to make its device ready
+(`_ensure_ready`), and which netlink events concern it (`_drift_kind`). This
+module supplies the mechanics, identical for both, and the read-only
+`spec()`/`observe()` pair (leaseagent.dataplane.base):
 
 - `sync(peers)`: level-triggered. Plan the whole peer set, dump what we own,
   apply `core.plan.diff` (removals first: route -> neighbour -> FDB; then
@@ -27,16 +29,18 @@ its device ready (`_ensure_ready`), and which netlink events concern it
   Everything a run-triggered pass adds or removes is counted as a drift
   repair: peer changes reach us through `update`, so a difference found
   afterwards is drift by definition.
-- `close()`: closes sockets. Never removes peer state or the device
-  (DESIGN.md §4.9: a restart must not break connectivity).
+- `close()`: closes sockets. Never removes peer state or the device (a
+  restart must not break connectivity; docs/architecture.md, "Fault rules").
 
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
 
 Per-object refusals by the kernel never raise: they are logged (one line
-per pass), `dataplane_in_sync` drops to 0 and the next resync retries.
-DataPlaneError is raised only when the data plane as a whole cannot work
-(no socket, device cannot be created).
+per pass), `status.in_sync` turns false with the error in
+`status.last_error`, and the next resync retries. DataPlaneError is raised
+only when the data plane as a whole cannot work (no socket, device cannot be
+created). Failed resyncs and a broken event socket are retried with the
+project's backoff (leaseagent.retrying).
 """
 
 from __future__ import annotations
@@ -46,16 +50,23 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Network
 from itertools import chain
 
-from prometheus_client import Counter as PromCounter
-
-from leaseagent.core.lease import Peer
-from leaseagent.core.peers import PeerChanges
-from leaseagent.core.plan import MAIN_TABLE, KernelObject, PlanDiff, diff, flatten
-from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.plan import (
+    MAIN_TABLE,
+    BackendSpec,
+    DeviceSpec,
+    DeviceState,
+    KernelObject,
+    Observation,
+    PlanDiff,
+    diff,
+    flatten,
+)
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.netlink import (
     Action,
     Failure,
@@ -65,15 +76,13 @@ from leaseagent.dataplane.netlink import (
     objects_by_kind,
 )
 from leaseagent.errors import DataPlaneError
+from leaseagent.retrying import Backoff
 
 log = logging.getLogger(__name__)
 
 # Collect a burst of events (a device deletion brings several) into one resync.
 DEBOUNCE_SECONDS = 0.01
 RESYNC_JITTER = 0.2
-# Retry delays after a failed resync or a broken event socket.
-RETRY_MIN_SECONDS = 0.1
-RETRY_MAX_SECONDS = 5.0
 
 
 class ReconcilingBackend:
@@ -83,7 +92,7 @@ class ReconcilingBackend:
 
     def __init__(self, settings: DataPlaneSettings, *, rng: random.Random | None = None) -> None:
         self._settings = settings
-        self._metrics = settings.metrics
+        self.status = DataPlaneStatus()
         self._rng = rng or random.Random()
         self._nl: Netlink | None = None
         self._lock = asyncio.Lock()
@@ -111,9 +120,17 @@ class ReconcilingBackend:
         """The objects `peer` needs (using device indexes known right now)."""
         raise NotImplementedError
 
+    def _device_specs(self, own_subnet: IPv4Network | None) -> tuple[DeviceSpec, ...]:
+        """The devices the backend wants (none by default)."""
+        return ()
+
     async def _current(self, nl: Netlink) -> set[KernelObject]:
         """What the kernel has of ours."""
         raise NotImplementedError
+
+    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+        """The backend's devices as the kernel has them, by name (None: absent)."""
+        return {}
 
     async def _ensure_ready(self, nl: Netlink) -> bool:
         """Repair the backend's device/address if needed; True if something was repaired."""
@@ -138,6 +155,21 @@ class ReconcilingBackend:
         return None
 
     # -- the DataPlane protocol ------------------------------------------------
+
+    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
+             ) -> BackendSpec:
+        return BackendSpec(
+            devices=self._device_specs(own_subnet),
+            objects={subnet: self._plan_peer(peer) for subnet, peer in peers.items()
+                     if subnet != own_subnet},
+        )
+
+    async def observe(self) -> Observation:
+        async with self._lock:
+            nl = await self._netlink()
+            devices = await self._observe_devices(nl)
+            await self._refresh(nl)
+            return Observation(devices=devices, objects=frozenset(await self._current(nl)))
 
     async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
         async with self._lock:
@@ -176,7 +208,7 @@ class ReconcilingBackend:
                 to_remove = ()
             failures = await self._apply(nl, PlanDiff(to_add, to_remove), repair=False)
             if failures:
-                self._metrics.dataplane_in_sync.set(0)
+                self.status.in_sync = False
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         watcher = asyncio.create_task(self._watch_events(), name="dataplane-events")
@@ -208,29 +240,27 @@ class ReconcilingBackend:
     ) -> None:
         started = time.monotonic()
         await self._refresh(nl)
-        plan = {
-            subnet: self._plan_peer(peer)
-            for subnet, peer in peers.items()
-            if subnet != self._own_subnet
-        }
+        plan = self.spec(self._own_subnet, peers).objects
         desired = flatten(plan)
         current = await self._current(nl)
         failures = await self._apply(nl, diff(desired, current), repair=repair)
-        self._programmed = plan
+        self._programmed = dict(plan)
         self._refs = Counter(chain.from_iterable(plan.values()))
         self._by_key = {obj.key: obj for obj in desired}
         self._synced = True
-        self._metrics.dataplane_in_sync.set(0 if failures else 1)
-        self._metrics.reconcile_seconds.observe(time.monotonic() - started)
+        self.status.in_sync = not failures
+        if not failures:
+            self.status.last_error = None
+        self.status.reconciles.observe(time.monotonic() - started)
 
     async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
         protocol = self._settings.route_protocol
         removed, failed_rm = await nl.apply(Action.REMOVE, changes.to_remove, protocol=protocol)
         added, failed_add = await nl.apply(Action.REPLACE, changes.to_add, protocol=protocol)
-        self._count(self._metrics.dataplane_removed, removed)
-        self._count(self._metrics.dataplane_added, added)
+        self.status.removed.update(objects_by_kind(removed))
+        self.status.added.update(objects_by_kind(added))
         if repair:
-            self._count(self._metrics.drift_repairs, chain(added, removed))
+            self.status.repairs.update(objects_by_kind(chain(added, removed)))
             if added or removed:
                 log.info(
                     "data plane drift repaired: %s restored, %s removed",
@@ -238,6 +268,7 @@ class ReconcilingBackend:
                 )
         failures = failed_rm + failed_add
         if failures:
+            self.status.last_error = str(failures[0].error)
             log.warning(
                 "data plane: %d of %d changes refused by the kernel (retried at next resync); "
                 "first: %s",
@@ -245,16 +276,11 @@ class ReconcilingBackend:
             )
         return failures
 
-    @staticmethod
-    def _count(counter: PromCounter, objects: Iterable[KernelObject]) -> None:
-        for kind, n in objects_by_kind(objects).items():
-            counter.labels(kind=kind).inc(n)
-
     async def _resync(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         async with self._lock:
             nl = await self._netlink()
             if await self._ensure_ready(nl):
-                self._metrics.drift_repairs.labels(kind="device").inc()
+                self.status.repairs["device"] += 1
             if self._synced:
                 await self._full_sync(nl, get_peers(), repair=True)
 
@@ -267,10 +293,10 @@ class ReconcilingBackend:
             nl = await self._netlink()
             ordered = diff(objects, ()).to_add  # neighbour -> FDB -> route
             if await self._apply(nl, PlanDiff(ordered, ()), repair=True):
-                self._metrics.dataplane_in_sync.set(0)
+                self.status.in_sync = False
 
     async def _resync_loop(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
-        retry = RETRY_MIN_SECONDS
+        backoff = Backoff()
         while True:
             period = self._settings.resync_seconds
             timeout = period * self._rng.uniform(1 - RESYNC_JITTER, 1 + RESYNC_JITTER)
@@ -291,14 +317,15 @@ class ReconcilingBackend:
                 else:
                     await self._repair(keys)
             except DataPlaneError as exc:
-                self._metrics.dataplane_in_sync.set(0)
-                log.warning("data plane resync failed (retrying in %.1fs): %s", retry, exc)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX_SECONDS)
+                self.status.in_sync = False
+                self.status.last_error = str(exc)
+                delay = backoff.next_delay()
+                log.warning("data plane resync failed (retrying in %.1fs): %s", delay, exc)
+                await asyncio.sleep(delay)
                 self._full_resync_needed = True
                 self._wake.set()
             else:
-                retry = RETRY_MIN_SECONDS
+                backoff.reset()
 
     def _note_event(self, event: NetlinkEvent) -> None:
         """Queue the work an event of someone else calls for, and wake the loop."""
@@ -317,15 +344,15 @@ class ReconcilingBackend:
         self._wake.set()
 
     async def _watch_events(self) -> None:
-        retry = RETRY_MIN_SECONDS
+        backoff = Backoff()
         first = True
         while True:
             try:
                 events = await NetlinkEvents.open(self._settings.netns)
             except DataPlaneError as exc:
-                log.warning("cannot watch netlink events (retrying in %.1fs): %s", retry, exc)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX_SECONDS)
+                delay = backoff.next_delay()
+                log.warning("cannot watch netlink events (retrying in %.1fs): %s", delay, exc)
+                await asyncio.sleep(delay)
                 continue
             if not first:
                 # Whatever happened while we were deaf is found by a full resync.
@@ -339,10 +366,9 @@ class ReconcilingBackend:
                 while True:
                     for event in await events.receive(ignore=own_ports):
                         self._note_event(event)
-                    retry = RETRY_MIN_SECONDS
+                    backoff.reset()
             except DataPlaneError as exc:
                 log.warning("netlink event socket lost, reopening: %s", exc)
             finally:
                 events.close()
-            await asyncio.sleep(retry)
-            retry = min(retry * 2, RETRY_MAX_SECONDS)
+            await backoff.sleep()

@@ -1,4 +1,4 @@
-"""The vxlan backend (DESIGN.md §3): flannel's VXLAN data plane, kept in sync.
+"""The vxlan backend: flannel's VXLAN data plane, kept in sync (docs/architecture.md).
 
 Per host: a device `flannel.<VNI>` (type vxlan, id VNI, local = PublicIP,
 dev = underlay, dstport = Port (8472), learning off), MTU = underlay MTU - 50
@@ -16,9 +16,11 @@ Whatever is used is written back to the file (atomically: temp file,
 fsync, rename), so a device deleted while the agent is down comes back
 with the same MAC.
 
-Adoption: an existing device whose VNI, port, local address, underlay or
-learning setting differ is deleted and created again (with its MAC); one
-with only another MTU is adjusted in place.
+The device is described by a pure `DeviceSpec` and compared with what the
+kernel has by `core.plan.compare_device`, the same comparison `leasectl
+doctor` prints: an existing device whose VNI, port, local address, underlay
+or learning setting differ is deleted and created again (with its MAC); one
+with another MTU, MAC, state or addresses is adjusted in place.
 
 The mechanics of sync/update/run/close are in
 leaseagent.dataplane.reconciling; this module is policy.
@@ -27,23 +29,36 @@ leaseagent.dataplane.reconciling; this module is policy.
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-from leaseagent.core.lease import Peer
-from leaseagent.core.plan import KernelObject, plan_vxlan_peer, vxlan_options
+from leaseagent.core.backends import VxlanOptions, unicast_mac
+from leaseagent.core.leases import Peer
+from leaseagent.core.plan import (
+    ADD_ADDRESS,
+    REMOVE_ADDRESS,
+    SET_MAC,
+    SET_MTU,
+    SET_UP,
+    DeviceDifference,
+    DeviceSpec,
+    DeviceState,
+    KernelObject,
+    VxlanAttrs,
+    compare_device,
+    needs_recreate,
+    plan_vxlan_peer,
+)
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
-from leaseagent.dataplane.netlink import Link, Netlink, NetlinkEvent
+from leaseagent.dataplane.netlink import Netlink, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.errors import ConfigError, DataPlaneError
 from leaseagent.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-VTEP_MAC_FILE = "vtep-mac"
-_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+VTEP_MAC_FILE = "vtep-mac"  # in the state dir
 
 
 def random_vtep_mac() -> str:
@@ -51,15 +66,6 @@ def random_vtep_mac() -> str:
     octets = bytearray(secrets.token_bytes(6))
     octets[0] = (octets[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
-
-
-def _usable_mac(mac: str | None) -> str | None:
-    if not mac:
-        return None
-    mac = mac.strip().lower()
-    if not _MAC_RE.fullmatch(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
-        return None
-    return mac
 
 
 def load_vtep_mac(state_dir: Path) -> str | None:
@@ -71,7 +77,7 @@ def load_vtep_mac(state_dir: Path) -> str | None:
         return None
     except OSError as exc:
         raise DataPlaneError(f"cannot read the stored VtepMAC {path}: {exc}") from exc
-    mac = _usable_mac(text)
+    mac = unicast_mac(text.strip())
     if mac is None:
         log.warning("ignoring %s: %r is not a unicast MAC address", path, text.strip()[:40])
     return mac
@@ -93,9 +99,11 @@ class VxlanBackend(ReconcilingBackend):
 
     def __init__(self, settings: DataPlaneSettings) -> None:
         super().__init__(settings)
-        # Raises NetworkConfigError naming the bad Backend field.
-        self._options = vxlan_options(settings.network.backend)
-        self._device: Link | None = None
+        options = settings.network.options
+        if not isinstance(options, VxlanOptions):
+            raise ConfigError(f"the vxlan backend cannot run a {settings.network.backend_type} network")
+        self._options = options
+        self._device_index = 0  # 0: no device known yet
         self._mac: str | None = None
         self._direct_networks: tuple[IPv4Network, ...] = ()
 
@@ -110,7 +118,7 @@ class VxlanBackend(ReconcilingBackend):
     async def prepare(self) -> BackendAttrs:
         async with self._lock:
             nl = await self._netlink()
-            await self._ensure_device(nl)
+            await self._converge_device(nl)
             await self._refresh(nl)
         assert self._mac is not None
         return BackendAttrs(
@@ -122,108 +130,96 @@ class VxlanBackend(ReconcilingBackend):
     async def start(self, own_subnet: IPv4Network) -> None:
         async with self._lock:
             self._own_subnet = own_subnet
-            nl = await self._netlink()
-            if self._device is None:
-                await self._ensure_device(nl)
-            await self._configure(nl)
+            await self._converge_device(await self._netlink())
 
     # -- device ----------------------------------------------------------------
 
-    def _mismatch(self, link: Link) -> str | None:
-        """Why an existing device cannot be adopted, or None."""
+    def _device_spec(self, own_subnet: IPv4Network | None) -> DeviceSpec:
         host = self._settings.host
-        info = link.vxlan
-        if link.kind != "vxlan" or info is None:
-            return f"it is a {link.kind or 'plain'} device, not vxlan"
-        if info.vni != self._options.vni:
-            return f"its VNI is {info.vni}, not {self._options.vni}"
-        if info.port != self._options.port:
-            return f"its port is {info.port}, not {self._options.port}"
-        if info.local != host.public_ip:
-            return f"its local address is {info.local}, not {host.public_ip}"
-        if host.iface_index and info.link != host.iface_index:
-            return f"its underlay is link {info.link}, not {host.iface} ({host.iface_index})"
-        if info.learning:
-            return "it has learning on"
-        return None
+        return DeviceSpec(
+            name=self.device_name, kind="vxlan", mtu=self.mtu,
+            vxlan=VxlanAttrs(vni=self._options.vni, port=self._options.port, local=host.public_ip,
+                             link=host.iface_index, learning=False),
+            mac=self._mac,
+            # A /32: no broadcast or subnet route appears.
+            address=IPv4Interface((own_subnet.network_address, 32)) if own_subnet else None,
+        )
 
-    async def _ensure_device(self, nl: Netlink) -> bool:
-        """Adopt or (re)create the device; True if it was created."""
-        name = self.device_name
-        link = await nl.link_by_name(name)
-        why = self._mismatch(link) if link is not None else "it does not exist"
-        if link is not None and why is None:
-            if link.mtu != self.mtu:
-                await nl.set_link(link.index, mtu=self.mtu)
-            self._device = link
-            self._mac = _usable_mac(link.address)
+    def _device_specs(self, own_subnet: IPv4Network | None) -> tuple[DeviceSpec, ...]:
+        return (self._device_spec(own_subnet),)
+
+    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+        state = await nl.device_state(self.device_name)
+        if not self._device_index and state is not None and state.kind == "vxlan":
+            self._device_index = state.index  # never prepared (doctor): plan with this one
+        return {self.device_name: state}
+
+    async def _converge_device(self, nl: Netlink) -> bool:
+        """Make the device what `_device_spec` says: adopt, adjust in place, or (re)create
+        it; True if anything changed. The first time, the device's MAC is adopted."""
+        state = await nl.device_state(self.device_name)
+        spec = self._device_spec(self._own_subnet)
+        differences = compare_device(spec, state)
+        changed = False
+        if needs_recreate(differences):
+            state = await self._create_device(nl, state, differences)
+            differences = compare_device(spec, state)
+            changed = True
+        assert state is not None
+        if self._mac is None:
+            self._mac = unicast_mac(state.mac)
             if self._mac is None:
-                raise DataPlaneError(f"{name} has an unusable MAC {link.address!r}")
-            if load_vtep_mac(self._settings.state_dir) != self._mac:
-                store_vtep_mac(self._settings.state_dir, self._mac)
-            return False
-        reuse = _usable_mac(link.address) if link is not None and link.kind == "vxlan" else None
-        mac = reuse or self._mac or load_vtep_mac(self._settings.state_dir) or random_vtep_mac()
-        if link is not None:
-            log.warning("recreating %s: %s", name, why)
-            await nl.delete_link(link.index)
+                raise DataPlaneError(f"{self.device_name} has an unusable MAC {state.mac!r}")
+        if state.index != self._device_index:
+            changed = changed or bool(self._device_index)
+            self._device_index = state.index
+        for difference in differences:
+            if difference.fix == SET_MTU:
+                await nl.set_link(state.index, mtu=spec.mtu)
+            elif difference.fix == SET_MAC:
+                await nl.set_link(state.index, mac=spec.mac)
+            elif difference.fix == SET_UP:
+                await nl.set_link(state.index, up=True)
+            elif difference.fix == ADD_ADDRESS:
+                assert spec.address is not None
+                await nl.add_address(state.index, spec.address)
+            elif difference.fix == REMOVE_ADDRESS:
+                assert isinstance(difference.have, IPv4Interface)
+                await nl.delete_address(state.index, difference.have)
+            else:
+                continue
+            log.info("%s", difference.text + "; fixed")
+            changed = True
+        if load_vtep_mac(self._settings.state_dir) != self._mac:
+            store_vtep_mac(self._settings.state_dir, self._mac)
+        return changed
+
+    async def _create_device(self, nl: Netlink, state: DeviceState | None,
+                             differences: list[DeviceDifference]) -> DeviceState:
+        """Delete a device that cannot be adopted and create it as specified, keeping a
+        MAC in this order: ours, the old device's, the stored one, a new random one."""
+        name = self.device_name
+        reuse = unicast_mac(state.mac) if state is not None and state.kind == "vxlan" else None
+        mac = self._mac or reuse or load_vtep_mac(self._settings.state_dir) or random_vtep_mac()
+        if state is not None:
+            log.warning("recreating %s: %s", name, "; ".join(d.text for d in differences))
+            await nl.delete_link(state.index)
         else:
             log.info("creating %s (VNI %d, port %d, MAC %s)", name, self._options.vni,
                      self._options.port, mac)
         host = self._settings.host
-        self._device = await nl.create_vxlan(
-            name,
-            vni=self._options.vni,
-            port=self._options.port,
-            local=host.public_ip,
-            link=host.iface_index,
-            mtu=self.mtu,
-            mac=mac,
-        )
+        await nl.create_vxlan(name, vni=self._options.vni, port=self._options.port,
+                              local=host.public_ip, link=host.iface_index, mtu=self.mtu, mac=mac)
         self._mac = mac
-        if load_vtep_mac(self._settings.state_dir) != mac:
-            store_vtep_mac(self._settings.state_dir, mac)
-        return True
-
-    async def _configure(self, nl: Netlink) -> bool:
-        """Own /32 as the only IPv4 address, device up; True if anything changed."""
-        device = self._device
-        if device is None or self._own_subnet is None:
-            return False
-        want = IPv4Interface((self._own_subnet.network_address, 32))
-        changed = False
-        present = [addr for _, addr in await nl.ipv4_addresses(device.index)]
-        for addr in present:
-            if addr != want:
-                await nl.delete_address(device.index, addr)
-                changed = True
-        if want not in present:
-            await nl.add_address(device.index, want)
-            changed = True
-        if not device.up:
-            await nl.set_link(device.index, up=True)
-            self._device = Link(
-                device.index, device.name, device.kind, device.mtu, device.address, True,
-                device.vxlan,
-            )
-            changed = True
-        return changed
+        created = await nl.device_state(name)
+        if created is None:
+            raise DataPlaneError(f"vxlan device {name} vanished right after it was created")
+        return created
 
     async def _ensure_ready(self, nl: Netlink) -> bool:
-        if self._device is None:
+        if not self._device_index:
             return False  # not prepared yet: nothing to repair
-        link = await nl.link_by_name(self.device_name)
-        repaired = False
-        if link is None or link.index != self._device.index or self._mismatch(link) is not None:
-            log.warning("%s was deleted or changed by someone else; recreating it",
-                        self.device_name)
-            await self._ensure_device(nl)
-            repaired = True
-        else:
-            self._device = link
-        if await self._configure(nl):
-            repaired = True
-        return repaired
+        return await self._converge_device(nl)
 
     # -- plan --------------------------------------------------------------------
 
@@ -238,11 +234,11 @@ class VxlanBackend(ReconcilingBackend):
         return any(ip in net for net in self._direct_networks)
 
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
-        if self._device is None:
-            raise DataPlaneError("vxlan backend used before prepare()")
+        if not self._device_index:
+            return frozenset()  # no device (not prepared, or doctor found none): nothing to plan
         return plan_vxlan_peer(
             peer,
-            self._device.index,
+            self._device_index,
             underlay_index=self._settings.host.iface_index,
             direct_routing=self._options.direct_routing,
             is_direct=self._is_direct,
@@ -250,24 +246,22 @@ class VxlanBackend(ReconcilingBackend):
 
     async def _current(self, nl: Netlink) -> set[KernelObject]:
         current: set[KernelObject] = set(await nl.routes(protocol=self._settings.route_protocol))
-        if self._device is not None:
-            current |= await nl.neighbours(self._device.index)
-            current |= await nl.fdb(self._device.index, own_mac=self._mac)
+        if self._device_index:
+            current |= await nl.neighbours(self._device_index)
+            current |= await nl.fdb(self._device_index, own_mac=self._mac)
         return current
 
     def _drift_kind(self, event: NetlinkEvent) -> str | None:
         kind = super()._drift_kind(event)
-        device = self._device
-        if kind is not None or device is None:
+        index = self._device_index
+        if kind is not None or not index:
             return kind
-        if event.kind == "link" and (
-            event.ifindex == device.index or event.ifname == self.device_name
-        ):
-            if event.deleted or event.up is False or event.ifindex != device.index:
+        if event.kind == "link" and (event.ifindex == index or event.ifname == self.device_name):
+            if event.deleted or event.up is False or event.ifindex != index:
                 return "device"
         if (
             event.kind in ("neighbour", "fdb")
-            and event.ifindex == device.index
+            and event.ifindex == index
             and (event.deleted or event.sender)
         ):
             return event.kind

@@ -41,10 +41,8 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 # gRPC's C core otherwise prints its own multi-line reports to stderr (a TLS
 # handshake failure, for one); our errors are one line, translated below.
@@ -64,9 +62,11 @@ from leaseagent.errors import (
     StoreError,
     StoreUnavailable,
 )
+from leaseagent.retrying import Backoff
 from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
+from leaseagent.store.settings import Endpoint, EtcdSettings, parse_endpoints
 
-DEFAULT_TIMEOUT = 5.0
+__all__ = ["EtcdSettings", "EtcdStore"]
 # A member that is back is reconnected to within about a second (see connect()).
 RECONNECT_BACKOFF_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -79,51 +79,12 @@ WATCH_PROBE_AFTER = 5.0
 WATCH_RESUMES = 3
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_endpoints(spec: str) -> list[Endpoint]:
-    """`http://10.0.0.1:2379,https://etcd2:2379` -> endpoints; ConfigError names a bad one."""
-    out: list[Endpoint] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        url = urlsplit(item if "://" in item else f"http://{item}")
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ConfigError(f"--etcd-endpoints: {item!r} is not an http(s)://HOST:PORT URL")
-        try:
-            port = url.port or 2379
-        except ValueError:
-            raise ConfigError(f"--etcd-endpoints: {item!r} has a bad port") from None
-        out.append(Endpoint(host=url.hostname, port=port, tls=url.scheme == "https"))
-    if not out:
-        raise ConfigError("--etcd-endpoints: no endpoint given")
-    if len({e.tls for e in out}) > 1:
-        raise ConfigError("--etcd-endpoints: mix of http:// and https:// endpoints")
-    return out
-
-
 def _resolve(endpoint: Endpoint) -> list[str]:
     try:
         infos = socket.getaddrinfo(endpoint.host, endpoint.port, socket.AF_INET, socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ConfigError(f"--etcd-endpoints: cannot resolve {endpoint.host}: {exc}") from None
     return sorted({f"{info[4][0]}:{endpoint.port}" for info in infos})
-
-
-@dataclass(frozen=True)
-class EtcdSettings:
-    endpoints: str = "http://127.0.0.1:2379"
-    cafile: Path | None = None
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    timeout: float = DEFAULT_TIMEOUT
 
 
 def _read_file(path: Path, flag: str) -> bytes:
@@ -432,19 +393,18 @@ class EtcdStore:
         tells the caller to list again; Compacted when the history is gone.
         """
         next_revision = start_revision
-        failures = 0
+        backoff = Backoff()
         while True:
             try:
                 async for events, revision in self._watch_stream(prefix, next_revision):
-                    failures = 0
+                    backoff.reset()
                     next_revision = max(next_revision, revision + 1)
                     if events:
                         yield events
             except StoreUnavailable:
-                failures += 1
-                if failures > WATCH_RESUMES:
+                if backoff.failures >= WATCH_RESUMES:
                     raise
-                await asyncio.sleep(0.1 * failures)
+                await backoff.sleep()
 
     async def _watch_stream(self, prefix: str, start_revision: int
                             ) -> AsyncIterator[tuple[list[WatchEvent], int]]:

@@ -20,14 +20,15 @@ from typing import Any
 import pytest
 from netns import Underlay, ajson, ash, sh, underlay
 
-from leaseagent.core.lease import Peer
+from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
+from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import network_config_from_dict
+from leaseagent.core.plan import Route, compare
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.host import resolve_host
 from leaseagent.dataplane.hostgw import HostGwBackend
 from leaseagent.dataplane.vxlan import VxlanBackend
 from leaseagent.errors import ConfigError
-from leaseagent.metrics import Metrics
 
 pytestmark = [
     pytest.mark.root,
@@ -37,9 +38,10 @@ pytestmark = [
 NET = {"Network": "10.5.0.0/16"}
 OWN = IPv4Network("10.5.1.0/24")
 PEER_MAC = "02:00:00:00:00:02"
-PEER = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "vxlan", PEER_MAC)
+PEER = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "vxlan",
+            VxlanLeaseData(PEER_MAC))
 FAR_PEER = Peer(IPv4Network("10.5.3.0/24"), IPv4Address("10.99.0.3"), "vxlan",
-                "02:00:00:00:00:03")
+                VxlanLeaseData("02:00:00:00:00:03"))
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ async def make_settings(
     host = await resolve_host("eth0", None, netns=ns)
     config = network_config_from_dict({**NET, "Backend": backend or {"Type": "vxlan"}})
     return DataPlaneSettings(
-        network=config, host=host, state_dir=state_dir, metrics=Metrics(), netns=ns,
+        network=config, host=host, state_dir=state_dir, netns=ns,
         resync_seconds=resync,
     )
 
@@ -143,7 +145,37 @@ async def test_vxlan_kernel_objects_are_as_designed(lab: Underlay, tmp_path: Pat
         # No subnet or broadcast route for our own /32.
         assert not [r for r in await ajson("ip", "-j", "-n", ns, "route", "show", "dev",
                                            "flannel.1") if r["dst"] == "10.5.1.0/24"]
-        assert settings.metrics.dataplane_in_sync._value.get() == 1
+        assert backend.status.in_sync
+    finally:
+        await backend.close()
+
+
+async def test_spec_and_observe_compare_empty_after_sync_and_name_the_drift(
+    lab: Underlay, tmp_path: Path
+) -> None:
+    """The one comparison reconcile and doctor use: nothing after a sync, then exactly
+    what was changed by hand."""
+    ns = lab.hosts[0]
+    settings = await make_settings(ns, tmp_path)
+    peers = peers_of(PEER, FAR_PEER)
+    backend, _ = await started(settings, peers)
+    try:
+        assert not compare(backend.spec(OWN, peers), await backend.observe())
+        await ash("ip", "-n", ns, "route", "del", "10.5.2.0/24")
+        await ash("ip", "-n", ns, "link", "set", "flannel.1", "mtu", "1400")
+        found = compare(backend.spec(OWN, peers), await backend.observe())
+        assert found.objects.to_add == (
+            Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.5.2.0"),
+                  (await link(ns) or {})["ifindex"], onlink=True),)
+        assert found.objects.to_remove == ()
+        assert [d.text for d in found.devices] == ["device flannel.1 MTU is 1400, want 1450"]
+        # A backend that never prepared (as doctor uses it) sees the same.
+        reader = VxlanBackend(settings)
+        try:
+            observed = await reader.observe()  # first: it learns the device from the kernel
+            assert compare(reader.spec(OWN, peers), observed) == found
+        finally:
+            await reader.close()
     finally:
         await backend.close()
 
@@ -171,34 +203,30 @@ async def test_sync_removes_stale_entries_and_leaves_foreign_ones(
         assert fdbs == {(PEER_MAC, "10.99.0.2")}
         foreign = await routes(ns, "static")
         assert [r["dst"] for r in foreign] == ["10.5.8.0/24"]
-        removed = settings.metrics.dataplane_removed
-        assert removed.labels(kind="route")._value.get() == 2
+        assert backend.status.removed["route"] == 2
     finally:
         await backend.close()
 
 
 async def test_update_converges_to_what_sync_produces(lab: Underlay, tmp_path: Path) -> None:
-    from leaseagent.core.peers import PeerTable
-
     ns = lab.hosts[0]
     settings = await make_settings(ns, tmp_path)
-    table = PeerTable()
-    table.replace(peers_of(PEER))
-    backend, _ = await started(settings, dict(table.peers))
+    backend, _ = await started(settings, peers_of(PEER))
     try:
-        moved = Peer(PEER.subnet, IPv4Address("10.99.0.7"), "vxlan", "02:00:00:00:00:77")
-        changes = table.put(FAR_PEER)
-        changes.extend(table.put(moved))
-        await backend.update(changes, table.peers)
+        moved = Peer(PEER.subnet, IPv4Address("10.99.0.7"), "vxlan",
+                     VxlanLeaseData("02:00:00:00:00:77"))
+        peers = peers_of(moved, FAR_PEER)
+        await backend.update(PeerChanges(added=[FAR_PEER], changed=[moved]), peers)
         assert await peer_state(ns) == (
             {"10.5.2.0/24 via 10.5.2.0 dev flannel.1 ['onlink']",
              "10.5.3.0/24 via 10.5.3.0 dev flannel.1 ['onlink']"},
             {("10.5.2.0", "02:00:00:00:00:77"), ("10.5.3.0", "02:00:00:00:00:03")},
             {("02:00:00:00:00:77", "10.99.0.7"), ("02:00:00:00:00:03", "10.99.0.3")},
         )
-        await backend.update(table.remove(FAR_PEER.subnet), table.peers)
+        del peers[FAR_PEER.subnet]
+        await backend.update(PeerChanges(removed=[FAR_PEER]), peers)
         after_update = await peer_state(ns)
-        await backend.sync(table.peers)
+        await backend.sync(peers)
         assert await peer_state(ns) == after_update
         assert len(after_update[0]) == 1
     finally:
@@ -225,9 +253,8 @@ async def test_hand_deleted_route_fdb_and_neighbour_come_back_within_a_second(
         await ash("ip", "-n", ns, "neigh", "del", "10.5.3.0", "dev", "flannel.1")
         await eventually(lambda: _same(ns, want))
 
-        repairs = settings.metrics.drift_repairs
         for kind in ("route", "fdb", "neighbour"):
-            assert repairs.labels(kind=kind)._value.get() >= 1, kind
+            assert backend.status.repairs[kind] >= 1, kind
         assert not runner.done()
     finally:
         runner.cancel()
@@ -265,7 +292,7 @@ async def test_deleted_device_is_recreated_with_same_mac_and_refilled(
         assert dev["address"] == attrs.backend_data["VtepMAC"] and "UP" in dev["flags"]
         addrs = await ajson("ip", "-j", "-4", "-n", ns, "addr", "show", "flannel.1")
         assert [a["local"] for a in addrs[0]["addr_info"]] == ["10.5.1.0"]
-        assert settings.metrics.drift_repairs.labels(kind="device")._value.get() >= 1
+        assert backend.status.repairs["device"] >= 1
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -332,7 +359,8 @@ async def test_direct_routing_uses_underlay_route_for_same_segment(
 ) -> None:
     ns = lab.hosts[0]
     settings = await make_settings(ns, tmp_path, backend={"Type": "vxlan", "DirectRouting": True})
-    far = Peer(IPv4Network("10.5.4.0/24"), IPv4Address("172.16.0.4"), "vxlan", "02:00:00:00:00:04")
+    far = Peer(IPv4Network("10.5.4.0/24"), IPv4Address("172.16.0.4"), "vxlan",
+               VxlanLeaseData("02:00:00:00:00:04"))
     backend, _ = await started(settings, peers_of(PEER, far))
     try:
         rs, neigh, fdbs = await peer_state(ns)
@@ -351,8 +379,8 @@ async def test_host_gw_routes_and_refusal(lab: Underlay, tmp_path: Path) -> None
     attrs = await backend.prepare()
     assert (attrs.backend_type, attrs.mtu) == ("host-gw", 1500)
     await backend.start(OWN)
-    gw = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "host-gw")
-    gw3 = Peer(IPv4Network("10.5.3.0/24"), IPv4Address("10.99.0.3"), "host-gw")
+    gw = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "host-gw", NoLeaseData())
+    gw3 = Peer(IPv4Network("10.5.3.0/24"), IPv4Address("10.99.0.3"), "host-gw", NoLeaseData())
     await backend.sync(peers_of(gw, gw3, FAR_PEER))
     peers = peers_of(gw)
     await backend.sync(peers)
@@ -373,8 +401,7 @@ async def test_host_gw_routes_and_refusal(lab: Underlay, tmp_path: Path) -> None
         await backend.close()
 
     host = await resolve_host("eth0", "10.99.0.50", netns=ns)
-    wrong = DataPlaneSettings(network=settings.network, host=host, state_dir=tmp_path,
-                              metrics=Metrics(), netns=ns)
+    wrong = DataPlaneSettings(network=settings.network, host=host, state_dir=tmp_path, netns=ns)
     with pytest.raises(ConfigError, match="not an address of eth0"):
         await HostGwBackend(wrong).prepare()
 
@@ -413,7 +440,7 @@ async def test_containers_ping_across_vxlan(lab: Underlay, tmp_path: Path) -> No
         for i, backend in enumerate(backends):
             j = 1 - i
             peer = Peer(subnets[j], IPv4Address(lab.ip_of(j)), "vxlan",
-                        attrs[j].backend_data["VtepMAC"])
+                        VxlanLeaseData(attrs[j].backend_data["VtepMAC"]))
             await backend.sync(peers_of(peer))
         out = await ash("ip", "netns", "exec", containers[0], "ping", "-c", "2", "-W", "2",
                         "10.5.2.2", check=False)

@@ -29,7 +29,7 @@ from faultkit import (
     wait_until,
 )
 
-from leaseagent.agent.retry import store_retrying
+from leaseagent.retrying import retrying
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 TTL = 10  # longer than an agent stays frozen
@@ -59,14 +59,14 @@ async def burst(endpoints: str, rng: random.Random, live: set[int]) -> int:
             n = rng.randrange(201, 251)  # outside SubnetMin-SubnetMax: no agent allocates these
             key = f"{SUBNETS}10.6.{n}.0-24"
             if n in live and rng.random() < 0.6:
-                async for attempt in store_retrying(cap=0.5):
+                async for attempt in retrying(cap=0.5):
                     with attempt:
                         await store.delete(key)
                 live.discard(n)
             else:
                 value = {"PublicIP": f"10.210.0.{n}", "BackendType": "alloc",
                          "NodeID": f"fake{n}:{rng.random():.6f}"}
-                async for attempt in store_retrying(cap=0.5):
+                async for attempt in retrying(cap=0.5):
                     with attempt:
                         await store.put(key, json.dumps(value).encode())
                 live.add(n)

@@ -4,7 +4,7 @@ Property-based (hypothesis) against the in-memory store (leaseagent/store/
 memory.py, checked against a real etcd by tests/contract) with an in-process
 agent whose data plane is a recording backend injected through
 `Agent(backends=...)`: every peer it is ever handed is checked by an oracle
-written here, independently of leaseagent.core.lease. Keys and values are
+written here, independently of leaseagent.core.leases. Keys and values are
 generated to be invalid JSON, huge, deeply nested, wrongly typed, misaligned
 or overlapping subnets, outside the network, aliases of this host's own key,
 PublicIPs that are ours or unusable, duplicate VtepMACs, key names that do
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
 from faultkit import FULL, PREFIX, SUBNETS, put_config
@@ -30,9 +31,9 @@ from hypothesis import strategies as st
 from inproc import InProcAgent, make_agent, wait_all
 from leasectl_run import leasectl
 
-from leaseagent.core.lease import Peer
-from leaseagent.core.peers import PeerChanges
-from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+from leaseagent.core.backends import VxlanLeaseData
+from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.store.memory import MemoryStore
 
 NETWORK = IPv4Network("10.5.0.0/16")
@@ -46,10 +47,14 @@ MACS = ["0a:00:00:00:00:01", "0a:00:00:00:00:01", "0A:00:00:00:00:02", "01:00:5e
 
 def oracle(key: str, raw: bytes) -> tuple[IPv4Network, str, str | None] | None:
     """(subnet, PublicIP, VtepMAC) if this lease may be programmed, else None."""
-    name = key[len(SUBNETS):].split("&", 1)[0]  # flannel's dual-stack keys: the v4 part
+    # flannel's key expression (pkg/subnet/subnet.go), anchored at both ends; each part a network.
+    m = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", key[len(SUBNETS):])
+    if m is None:
+        return None
     try:
-        addr, plen = name.split("-")
-        subnet = IPv4Network(f"{addr}/{int(plen) if plen.isdigit() else 'x'}")
+        subnet = IPv4Network(f"{m[1]}/{int(m[2])}")
+        if m[3] is not None:
+            IPv6Network(f"{m[3]}/{int(m[4])}")
     except ValueError:
         return None
     if subnet.prefixlen != 24:
@@ -95,6 +100,7 @@ class RecordingDataPlane:
         self.peers: dict[IPv4Network, Peer] = {}
         self.handed: list[Peer] = []
         self.own: IPv4Network | None = None
+        self.status = DataPlaneStatus()
         RecordingDataPlane.instances.append(self)
 
     async def prepare(self) -> BackendAttrs:
@@ -107,7 +113,7 @@ class RecordingDataPlane:
     async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
         self.handed.extend(peers.values())
         self.peers = dict(peers)
-        self.settings.metrics.dataplane_in_sync.set(1)
+        self.status.in_sync = True
 
     async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
         self.handed.extend(changes.added + changes.changed)
@@ -190,13 +196,16 @@ async def scenario(before: list[tuple[str, bytes]], after: list[tuple[str, bytes
                 assert peer.subnet.subnet_of(NETWORK) and peer.subnet.prefixlen == 24, peer
             listing = (await store.list_prefix(SUBNETS)).items
             want = {}
-            for kv in listing:  # in key order: of two keys naming one subnet, the last wins
+            # Of two keys naming one subnet, the oldest (create revision, then key) wins.
+            for kv in sorted(listing, key=lambda kv: (kv.create_revision, kv.key)):
                 if kv.key == own.key:
                     continue
                 ok = oracle(kv.key, kv.value)
                 if ok is not None and ok[0] != own.subnet:
-                    want[ok[0]] = ok
-            got = {s: (s, str(p.public_ip), p.vtep_mac) for s, p in dp.peers.items()}
+                    want.setdefault(ok[0], ok)
+            got = {s: (s, str(p.public_ip),
+                       p.data.vtep_mac if isinstance(p.data, VxlanLeaseData) else None)
+                   for s, p in dp.peers.items()}
             assert got == want, f"data plane {got} != valid leases {want}"
             sample = ia.agent.metrics.registry.get_sample_value
             skipped = {}

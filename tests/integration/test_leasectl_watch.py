@@ -207,7 +207,7 @@ async def test_relist_after_compaction_reports_each_change_once():
     store = _CompactsOnce(inner, changes)
     reasons: list[str] = []
     stream = lease_events(store, prefix,  # type: ignore[arg-type]
-                          on_listed=lambda n, rev, why: reasons.append(why))
+                          on_listed=lambda items, rev, why: reasons.append(why))
     got = []
     async for event in stream:
         got.append((event.kind, event.kv.key[len(prefix):]))

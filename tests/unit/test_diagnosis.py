@@ -2,30 +2,46 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.diagnosis import (
-    DeviceFacts,
     check_subnet_env,
-    check_vxlan_device,
-    compare_objects,
+    device_problems,
+    object_problems,
     pick_own_lease,
+    vtep_mac_problems,
 )
-from leaseagent.core.lease import LeaseValue, Peer
-from leaseagent.core.plan import Route, VxlanOptions, plan_vxlan
+from leaseagent.core.leases import LeaseValue, Peer
+from leaseagent.core.plan import (
+    DeviceSpec,
+    DeviceState,
+    Route,
+    VxlanAttrs,
+    compare_device,
+    diff,
+    flatten,
+    plan_vxlan,
+)
 
 NAMES = {2: "eth0", 5: "flannel.1"}
 MAC = "0a:00:00:00:00:01"
 
 
 def _peers() -> dict[IPv4Network, Peer]:
-    p = Peer(IPv4Network("10.5.3.0/24"), IPv4Address("10.250.0.12"), "vxlan", vtep_mac=MAC,
+    p = Peer(IPv4Network("10.5.3.0/24"), IPv4Address("10.250.0.12"), "vxlan", VxlanLeaseData(MAC),
              node_id="h2")
     return {p.subnet: p}
 
 
 def _plan(peers):
     return plan_vxlan(IPv4Network("10.5.1.0/24"), peers, vxlan_index=5, underlay_index=2)
+
+
+def compare_objects(plan, current, *, peers, names):
+    """As doctor does: core.plan's diff, then the lines."""
+    return object_problems(diff(flatten(plan), set(current)), plan=plan, current=current,
+                           peers=peers, names=names)
 
 
 def test_a_kernel_that_matches_the_plan_has_no_problem():
@@ -55,25 +71,37 @@ def test_a_route_of_ours_for_a_subnet_nobody_holds_is_stale():
     assert "no valid lease holds 10.5.9.0/24" in problems[0].text
 
 
-def test_device_with_wrong_mac_and_mtu_and_a_missing_address():
-    dev = DeviceFacts(name="flannel.1", index=5, kind="vxlan", up=True, mac="0a:00:00:00:00:99",
-                      mtu=1400, addresses=(), vni=1, port=8472, local=IPv4Address("10.250.0.11"),
-                      link=2, learning=False)
-    problems = check_vxlan_device(
-        dev, options=VxlanOptions(), public_ip=IPv4Address("10.250.0.11"), underlay_index=2,
-        underlay_mtu=1500, own_subnet=IPv4Network("10.5.1.0/24"), lease_mac=MAC,
-        stored_mac="0a:00:00:00:00:99", state_file="/var/lib/leaseagent/vtep-mac")
-    texts = " | ".join(p.text for p in problems)
-    assert "MAC 0a:00:00:00:00:99 but the lease's VtepMAC is 0a:00:00:00:00:01" in texts
-    assert "MTU 1400, want 1450" in texts
+SPEC = DeviceSpec(name="flannel.1", kind="vxlan", mtu=1450,
+                  vxlan=VxlanAttrs(1, 8472, IPv4Address("10.250.0.11"), 2, False),
+                  address=IPv4Interface("10.5.1.0/32"))
+
+
+def test_device_with_wrong_mtu_and_vni_and_a_missing_address():
+    state = DeviceState(name="flannel.1", index=5, kind="vxlan", up=True, mac="0a:00:00:00:00:99",
+                        mtu=1400, vxlan=VxlanAttrs(2, 8472, IPv4Address("10.250.0.11"), 2, False))
+    texts = " | ".join(p.text for p in device_problems(
+        compare_device(SPEC, state), mtu_note="underlay MTU 1500 - 50"))
+    assert "device flannel.1 VNI is 2, want 1" in texts
+    assert "MTU 1400, want 1450 (underlay MTU 1500 - 50)" in texts
     assert "missing address 10.5.1.0/32 dev flannel.1" in texts
 
 
+def test_vtep_mac_three_ways():
+    problems = vtep_mac_problems(device="flannel.1", device_mac="0a:00:00:00:00:99", lease_mac=MAC,
+                                 stored_mac="0a:00:00:00:00:99", state_file="/var/lib/x/vtep-mac")
+    assert [p.text for p in problems] == [
+        "device flannel.1 MAC 0a:00:00:00:00:99 but the lease's VtepMAC is 0a:00:00:00:00:01"]
+
+
 def test_no_device_is_one_problem():
-    problems = check_vxlan_device(
-        None, options=VxlanOptions(), public_ip=IPv4Address("10.250.0.11"), underlay_index=2,
-        underlay_mtu=1500, own_subnet=None, lease_mac=None, stored_mac=None, state_file="x")
+    problems = device_problems(compare_device(SPEC, None))
     assert [p.kind for p in problems] == ["missing"]
+
+
+def test_a_device_of_another_kind_is_one_problem():
+    state = DeviceState(name="flannel.1", index=5, kind="bridge", up=True, mac=MAC, mtu=1450)
+    assert [p.text for p in device_problems(compare_device(SPEC, state))] == [
+        "device flannel.1 kind is bridge, want vxlan"]
 
 
 def test_subnet_env_against_the_lease():

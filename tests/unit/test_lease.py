@@ -10,16 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leaseagent.core.lease import (
+from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
+from leaseagent.core.leases import (
     MAX_VALUE_BYTES,
-    InvalidLease,
+    KeyLayout,
     LeaseValue,
     Peer,
     decode_lease_value,
-    parse_lease_key,
     validate_peer,
 )
 from leaseagent.core.network import parse_network_config
+from leaseagent.errors import InvalidLease
 
 NETWORK = parse_network_config(b'{"Network": "10.5.0.0/16"}')
 OWN_IP = IPv4Address("192.168.64.2")
@@ -145,14 +146,15 @@ def test_a_good_vxlan_peer_is_accepted_with_a_lowercased_mac() -> None:
         SUBNET, vxlan_value(VtepMAC=MAC.upper()), network=NETWORK, own_public_ip=OWN_IP
     )
     assert peer == Peer(
-        subnet=SUBNET, public_ip=IPv4Address("192.168.64.3"), backend_type="vxlan", vtep_mac=MAC
+        subnet=SUBNET, public_ip=IPv4Address("192.168.64.3"), backend_type="vxlan",
+        data=VxlanLeaseData(MAC),
     )
 
 
 def test_a_host_gw_peer_needs_no_mac() -> None:
     value = LeaseValue(public_ip=IPv4Address("192.168.64.3"), backend_type="host-gw")
     peer = validate_peer(SUBNET, value, network=NETWORK, own_public_ip=None)
-    assert peer.vtep_mac is None
+    assert peer.data == NoLeaseData()
     assert peer.backend_type == "host-gw"
 
 
@@ -206,13 +208,13 @@ def test_subnet_outside_the_network_or_of_the_wrong_length_is_refused(subnet: st
 
 
 def test_parse_lease_key() -> None:
-    prefix = "/coreos.com/network/subnets/"
-    assert parse_lease_key(prefix + "10.5.34.0-24", prefix) == SUBNET
-    assert parse_lease_key(prefix + "10.5.34.0-24&fd00:5:34::-64", prefix) == SUBNET
+    layout = KeyLayout("/coreos.com/network")
+    prefix = layout.subnets_prefix
+    assert layout.parse_lease_key(prefix + "10.5.34.0-24").ipv4 == SUBNET
+    assert layout.parse_lease_key(prefix + "10.5.34.0-24&fd00:5:34::-64").ipv4 == SUBNET
     for key in ("/other/subnets/10.5.34.0-24", prefix + "10.5.34.9-24", prefix + "junk"):
-        with pytest.raises(InvalidLease) as err:
-            parse_lease_key(key, prefix)
-        assert err.value.reason == "bad_key"
+        with pytest.raises(ValueError):
+            layout.parse_lease_key(key)
 
 
 # --- property: nothing but InvalidLease escapes --------------------------------

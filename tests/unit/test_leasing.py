@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from leaseagent.agent.leasing import CANDIDATES_PER_TXN, Leasing, OwnLease
-from leaseagent.core.lease import LeaseValue, decode_lease_value
+from leaseagent.core.leases import KeyLayout, LeaseValue, decode_lease_value
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.errors import LeaseLost, SubnetsExhausted
 from leaseagent.metrics import Metrics
@@ -49,7 +49,7 @@ def make_leasing(
     return Leasing(
         store,
         candidates_per_txn=candidates_per_txn,
-        prefix=PREFIX,
+        layout=KeyLayout(PREFIX),
         network=network,
         value=value or lease_value(),
         ttl=TTL,

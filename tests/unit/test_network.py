@@ -11,8 +11,6 @@ import pytest
 
 from leaseagent.core.network import (
     parse_network_config,
-    parse_subnet_key_name,
-    subnet_key_name,
 )
 from leaseagent.errors import NetworkConfigError
 
@@ -255,38 +253,3 @@ def test_in_range_and_check_subnet() -> None:
     assert net.check_subnet(IPv4Network("10.5.9.0/24")) is None  # narrowed range still valid
     assert "not a /24" in (net.check_subnet(IPv4Network("10.5.10.0/25")) or "")
     assert "outside the network" in (net.check_subnet(IPv4Network("10.6.1.0/24")) or "")
-
-
-# --- key names -----------------------------------------------------------------
-
-
-def test_subnet_key_name_round_trips() -> None:
-    subnet = IPv4Network("10.5.34.0/24")
-    assert subnet_key_name(subnet) == "10.5.34.0-24"
-    assert parse_subnet_key_name("10.5.34.0-24") == subnet
-
-
-def test_dual_stack_key_name_yields_the_ipv4_subnet() -> None:
-    assert parse_subnet_key_name("10.5.34.0-24&fd00:5:34::-64") == IPv4Network("10.5.34.0/24")
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "10.5.34.1-24",  # not a network address
-        "10.5.34.0-33",
-        "10.5.34.0",
-        "10.5.34.0-",
-        "-24",
-        "10.5.34.0-2x",
-        "10.5.34.0/24",
-        "fd00:5:34::-64",
-        "",
-        "garbage",
-        "10.5.34.0--24",
-    ],
-)
-def test_misaligned_or_garbage_key_names_raise_value_error(name: str) -> None:
-    with pytest.raises(ValueError) as err:
-        parse_subnet_key_name(name)
-    assert repr(name) in str(err.value)

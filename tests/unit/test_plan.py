@@ -6,7 +6,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from leaseagent.core.lease import Peer
+from leaseagent.core.backends import NoLeaseData, VxlanLeaseData, vxlan_options
+from leaseagent.core.leases import Peer
 from leaseagent.core.plan import (
     Fdb,
     Neighbour,
@@ -15,7 +16,6 @@ from leaseagent.core.plan import (
     flatten,
     plan_host_gw,
     plan_vxlan,
-    vxlan_options,
 )
 from leaseagent.errors import NetworkConfigError
 
@@ -29,12 +29,13 @@ def vx_peer(n: int, mac: str | None = None, ip: str | None = None) -> Peer:
         subnet=IPv4Network(f"10.5.{n}.0/24"),
         public_ip=IPv4Address(ip or f"192.168.0.{n}"),
         backend_type="vxlan",
-        vtep_mac=mac or f"02:00:00:00:00:{n:02x}",
+        data=VxlanLeaseData(mac or f"02:00:00:00:00:{n:02x}"),
     )
 
 
 def gw_peer(n: int) -> Peer:
-    return Peer(IPv4Network(f"10.5.{n}.0/24"), IPv4Address(f"192.168.0.{n}"), "host-gw")
+    return Peer(IPv4Network(f"10.5.{n}.0/24"), IPv4Address(f"192.168.0.{n}"), "host-gw",
+                NoLeaseData())
 
 
 def by_subnet(*peers: Peer) -> dict[IPv4Network, Peer]:
@@ -52,7 +53,8 @@ def test_vxlan_peer_gets_neighbour_fdb_and_onlink_route() -> None:
 
 def test_own_subnet_and_foreign_backends_are_not_planned() -> None:
     peers = by_subnet(vx_peer(1), gw_peer(3), Peer(IPv4Network("10.5.4.0/24"),
-                                                    IPv4Address("192.168.0.4"), "vxlan"))
+                                                    IPv4Address("192.168.0.4"), "vxlan",
+                                                    NoLeaseData()))
     plan = plan_vxlan(OWN, peers, vxlan_index=VX, underlay_index=UL)
     assert OWN not in plan
     assert flatten(plan) == frozenset()

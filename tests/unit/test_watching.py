@@ -7,8 +7,8 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 
 from leaseagent.agent.watching import LeaseWatcher
+from leaseagent.core.leases import KeyLayout, PeerChanges
 from leaseagent.core.network import parse_network_config
-from leaseagent.core.peers import PeerChanges
 from leaseagent.metrics import Metrics
 from leaseagent.store.memory import MemoryStore
 
@@ -34,7 +34,8 @@ async def start(store: MemoryStore) -> tuple[LeaseWatcher, Metrics, asyncio.Task
         return None
 
     watcher = LeaseWatcher(
-        store, subnets_prefix=PREFIX, network=NETWORK, own_public_ip=IPv4Address("10.250.0.1"),
+        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
+        own_public_ip=IPv4Address("10.250.0.1"),
         own_key=lambda: PREFIX + "10.5.1.0-24", metrics=metrics, on_peers=on_peers,
         on_own=lambda kv, rev: None)
     task = asyncio.create_task(watcher.run())
@@ -43,7 +44,7 @@ async def start(store: MemoryStore) -> tuple[LeaseWatcher, Metrics, asyncio.Task
 
 
 def holder_ip(watcher: LeaseWatcher) -> str | None:
-    peer = watcher.table.peers.get(SUBNET)
+    peer = watcher.book.peers.get(SUBNET)
     return str(peer.public_ip) if peer else None
 
 
@@ -74,7 +75,7 @@ async def test_a_duplicate_written_later_is_skipped_and_takes_over_when_the_hold
             "leaseagent_invalid_leases_skipped_total", {"reason": "duplicate_subnet"}) == 1)
         assert holder_ip(watcher) == "10.250.0.3"
         await store.delete(PREFIX + "10.5.3.0-24")
-        # The holder is gone; a re-list finds the remaining key valid.
+        # The holder is gone; the remaining key holds the subnet at once (no re-list).
         await until(lambda: holder_ip(watcher) == "10.250.0.9")
     finally:
         task.cancel()

@@ -1,7 +1,6 @@
-"""Lease values and the validation of peers' leases.
+"""Lease values (flannel's LeaseAttrs JSON) and the checks before a lease is a peer.
 
-Pure: no I/O. A lease is a key `<prefix>/subnets/<addr>-<len>` whose value is
-flannel's LeaseAttrs JSON:
+Pure: no I/O. A lease value is
 
     {"PublicIP": "192.168.64.3", "PublicIPv6": null, "BackendType": "vxlan",
      "BackendData": {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}, "NodeID": "..."}
@@ -9,25 +8,28 @@ flannel's LeaseAttrs JSON:
 `NodeID` is ours; flannel's decoder ignores unknown fields, so a mixed
 cluster keeps working. A lease without NodeID (written by flanneld) is valid.
 
-`validate_peer` decides whether a lease may be programmed; anything that is
-not clearly usable is refused with a short reason (used as a metric label
-and in `leasectl list`), never an exception.
+`decode_lease_value` and `validate_peer` refuse anything that is not clearly
+usable with InvalidLease (a short reason for metrics, a detail for people),
+never another exception: a hostile value in etcd costs one skipped lease.
+What BackendData must hold is the backend type's rule
+(leaseagent.core.backends).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from leaseagent.core.network import NetworkConfig, parse_subnet_key_name
+from leaseagent.core.backends import BACKEND_TYPES, LeaseData
+from leaseagent.errors import InvalidLease
 
-KNOWN_BACKENDS = frozenset({"vxlan", "host-gw", "alloc"})
+if TYPE_CHECKING:
+    from leaseagent.core.network import NetworkConfig
+
 MAX_VALUE_BYTES = 64 * 1024
-_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # used with fullmatch: `$` admits a "\n"
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,6 @@ class LeaseValue:
         if self.node_id is not None:
             doc["NodeID"] = self.node_id
         return json.dumps(doc, separators=(",", ":")).encode()
-
-
-class InvalidLease(ValueError):
-    """A lease value or key that cannot be used. `reason` is a short metric label."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def decode_lease_value(raw: bytes) -> LeaseValue:
@@ -116,14 +109,15 @@ def unusable_ip_reason(ip: IPv4Address) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Peer:
-    """Another host's valid lease, as the data plane needs it."""
+    """Another host's valid lease, as the data plane needs it. `data` is what the
+    backend type reads from BackendData (leaseagent.core.backends)."""
 
     subnet: IPv4Network
     public_ip: IPv4Address
     backend_type: str
-    vtep_mac: str | None = None
+    data: LeaseData
     node_id: str | None = None
 
 
@@ -143,32 +137,13 @@ def validate_peer(
         raise InvalidLease("bad_public_ip", f"PublicIP {value.public_ip} is {bad_ip}")
     if own_public_ip is not None and value.public_ip == own_public_ip:
         raise InvalidLease("public_ip_is_ours", f"PublicIP {value.public_ip} is this host's")
-    if value.backend_type not in KNOWN_BACKENDS:
+    kind = BACKEND_TYPES.get(value.backend_type)
+    if kind is None:
         raise InvalidLease("unknown_backend", f"BackendType {value.backend_type!r} is unknown")
-    mac = value.backend_data.get("VtepMAC")
-    if value.backend_type == "vxlan":
-        if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
-            raise InvalidLease("bad_vtep_mac", f"VtepMAC {mac!r} is not a MAC address")
-        mac_int = int(mac.replace(":", ""), 16)
-        if mac_int == 0 or mac_int & (1 << 40):
-            raise InvalidLease("bad_vtep_mac", f"VtepMAC {mac} is zero or multicast")
-        mac = mac.lower()
-    else:
-        mac = None
     return Peer(
         subnet=subnet,
         public_ip=value.public_ip,
         backend_type=value.backend_type,
-        vtep_mac=mac,
+        data=kind.parse_lease_data(value.backend_data),
         node_id=value.node_id,
     )
-
-
-def parse_lease_key(key: str, subnets_prefix: str) -> IPv4Network:
-    """The subnet named by a lease key; raise InvalidLease('bad_key') if it does not parse."""
-    if not key.startswith(subnets_prefix):
-        raise InvalidLease("bad_key", f"key {key!r} is not under {subnets_prefix}")
-    try:
-        return parse_subnet_key_name(key[len(subnets_prefix):])
-    except ValueError as exc:
-        raise InvalidLease("bad_key", str(exc)) from None

@@ -1,0 +1,378 @@
+"""Judging a listing of `<prefix>/subnets/`: which key is what, decided once for everyone.
+
+Pure: no I/O. The agent's watcher, `leasectl list/show/watch` and `leasectl
+doctor` all call this module, so they cannot disagree about a key.
+
+The rule, per key, oldest first (by create revision, then key name):
+
+1. a key whose name does not parse is INVALID (`bad_key`);
+2. the key this host holds (`Identity.own_key`) is OWN (its own validity is
+   still checked, with no PublicIP excluded, so doctor can report it);
+3. any other key naming this host's subnet is INVALID (`own_subnet`):
+   programming it would route our own subnet to someone else;
+4. a value that does not decode or validate (leaseagent.core.leases.values)
+   is INVALID with that reason (`public_ip_is_ours` when it names this
+   host's PublicIP, `Identity.public_ip`);
+5. otherwise the key is valid; the OLDEST valid key naming a subnet holds
+   it and is a PEER, every younger one is a DUPLICATE (`duplicate_subnet`).
+   Two keys can name one subnet: `10.5.3.0-24` and `10.5.3.0-24&fd00::-64`,
+   or `10.5.3.0-024`.
+
+A key with no etcd lease (lease id 0) is a reservation; that changes nothing
+above (a claimed reservation is a peer like any other).
+
+`judge(items, ...)` applies the rule to a whole listing. `LeaseBook` is its
+incremental form for a watcher: a listing (`reset`) then events one by one
+(`put`, `delete`), each returning the peer changes. It keeps for every key
+only what the rule needs (subnet, age, verdict), so when the key holding a
+subnet goes, the oldest remaining valid key takes over at once, without a
+new listing. A property test checks that any sequence of events ends in the
+same peers as `judge` of the final listing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
+
+from leaseagent.core.leases.keys import KeyLayout
+from leaseagent.core.leases.values import LeaseValue, Peer, decode_lease_value, validate_peer
+from leaseagent.core.network import NetworkConfig
+from leaseagent.errors import InvalidLease
+
+OWN, PEER, DUPLICATE, INVALID = "own", "peer", "duplicate", "invalid"
+
+
+class RawLease(Protocol):
+    """A key as etcd lists it (leaseagent.store.base.KeyValue is one)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def create_revision(self) -> int: ...
+    @property
+    def mod_revision(self) -> int: ...
+    @property
+    def lease(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """This host, as far as judging goes. Both parts are optional: leasectl judges as
+    nobody; doctor knows the PublicIP first and the key it holds after."""
+
+    public_ip: IPv4Address | None = None
+    own_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one key is. `peer` is set for a valid value (PEER, DUPLICATE, a valid OWN);
+    `reason`/`detail` say why a key cannot be used (INVALID, DUPLICATE, an invalid OWN)."""
+
+    key: str
+    status: str
+    subnet: IPv4Network | None
+    create_revision: int
+    mod_revision: int
+    lease: int
+    value: LeaseValue | None = None
+    peer: Peer | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+    @property
+    def reservation(self) -> bool:
+        return self.lease == 0
+
+    @property
+    def valid(self) -> bool:
+        return self.status in (PEER, OWN) and self.reason is None
+
+
+@dataclass
+class Judgement:
+    """Every key's verdict (oldest first), and the peers the agent programs."""
+
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    peers: dict[IPv4Network, Peer] = field(default_factory=dict)
+    holders: dict[IPv4Network, str] = field(default_factory=dict)
+
+    @property
+    def own(self) -> list[Verdict]:
+        return [v for v in self.verdicts.values() if v.status == OWN]
+
+    def naming(self, public_ip: IPv4Address) -> list[Verdict]:
+        """The keys whose value names `public_ip` (whatever their status), oldest first."""
+        return [v for v in self.verdicts.values()
+                if v.value is not None and v.value.public_ip == public_ip]
+
+
+def _age(kv: RawLease) -> tuple[int, str]:
+    return kv.create_revision, kv.key
+
+
+def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
+             identity: Identity) -> Verdict:
+    """Rules 1-4 for one key: OWN, INVALID, or PEER meaning "valid" (rule 5, which key
+    of several holds a subnet, needs the others: see judge and LeaseBook)."""
+
+    def verdict(status: str, subnet: IPv4Network | None, *, value: LeaseValue | None = None,
+                peer: Peer | None = None, error: InvalidLease | None = None) -> Verdict:
+        return Verdict(key=kv.key, status=status, subnet=subnet, create_revision=kv.create_revision,
+                       mod_revision=kv.mod_revision, lease=kv.lease, value=value, peer=peer,
+                       reason=error.reason if error else None,
+                       detail=error.detail if error else None)
+
+    try:
+        subnet = layout.parse_lease_key(kv.key).ipv4
+    except ValueError as exc:
+        return verdict(INVALID, None, error=InvalidLease("bad_key", str(exc)))
+    value: LeaseValue | None = None
+    is_own = kv.key == identity.own_key
+    status = OWN if is_own else PEER
+    try:
+        if not is_own and identity.own_key is not None:
+            try:
+                own_subnet = layout.parse_lease_key(identity.own_key).ipv4
+            except ValueError:
+                own_subnet = None
+            if subnet == own_subnet:
+                raise InvalidLease("own_subnet", f"key {kv.key} names this host's subnet {subnet}")
+        value = decode_lease_value(kv.value)
+        if network is None:
+            return verdict(status, subnet, value=value)
+        peer = validate_peer(subnet, value, network=network,
+                             own_public_ip=None if is_own else identity.public_ip)
+    except InvalidLease as exc:
+        return verdict(OWN if is_own else INVALID, subnet, value=value, error=exc)
+    return verdict(status, subnet, value=value, peer=peer)
+
+
+def _duplicate_of(verdict: Verdict, holder: str) -> Verdict:
+    return Verdict(
+        key=verdict.key, status=DUPLICATE, subnet=verdict.subnet,
+        create_revision=verdict.create_revision, mod_revision=verdict.mod_revision,
+        lease=verdict.lease, value=verdict.value, peer=verdict.peer, reason="duplicate_subnet",
+        detail=f"{verdict.subnet} is already held under key {holder}")
+
+
+def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfig | None,
+          identity: Identity = Identity()) -> Judgement:
+    """The verdict on every key of a listing (see the module docstring for the rule).
+
+    With no network config (`network=None`) values are only decoded: nothing is
+    known to be valid, so there are no peers.
+    """
+    out = Judgement()
+    for kv in sorted(items, key=_age):
+        verdict = classify(kv, layout=layout, network=network, identity=identity)
+        subnet = verdict.subnet
+        if verdict.status == PEER and subnet is not None:
+            holder = out.holders.get(subnet)
+            if holder is not None:
+                verdict = _duplicate_of(verdict, holder)
+            else:
+                out.holders[subnet] = kv.key
+                if verdict.peer is not None:
+                    out.peers[subnet] = verdict.peer
+        out.verdicts[kv.key] = verdict
+    return out
+
+
+@dataclass
+class PeerChanges:
+    """What one listing or event batch changed in the peer set."""
+
+    added: list[Peer] = field(default_factory=list)
+    changed: list[Peer] = field(default_factory=list)
+    removed: list[Peer] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+    def __len__(self) -> int:
+        return len(self.added) + len(self.changed) + len(self.removed)
+
+    def extend(self, other: PeerChanges) -> None:
+        self.added.extend(other.added)
+        self.changed.extend(other.changed)
+        self.removed.extend(other.removed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    subnet: IPv4Network | None
+    age: tuple[int, str]
+    mod_revision: int
+    peer: Peer | None  # set when the key is valid (the holder of its subnet or a duplicate)
+
+
+class LeaseBook:
+    """The incremental form of `judge` for one network and identity.
+
+    `reset(items)` judges a whole listing, `put(kv)`/`delete(key)` one event;
+    each returns the peer changes. After each call `rejected` holds the
+    verdicts of keys newly found unusable (once per version of a key), for a
+    caller that counts and logs them. Every key names one subnet, so an event
+    touches one subnet: the valid keys naming it are kept per subnet, and the
+    oldest is elected holder after every change.
+    """
+
+    def __init__(self, *, layout: KeyLayout, network: NetworkConfig, identity: Identity) -> None:
+        self.layout = layout
+        self.network = network
+        self.identity = identity
+        self._entries: dict[str, _Entry] = {}
+        self._peers: dict[IPv4Network, Peer] = {}
+        self._holders: dict[IPv4Network, str] = {}
+        self._valid: dict[IPv4Network, set[str]] = {}  # valid keys per subnet, holder included
+        self._rejected_at: dict[str, int] = {}  # key -> the mod revision reported
+        self.rejected: list[Verdict] = []
+        self.counts: dict[str, int] = {}  # peers per backend type
+
+    @property
+    def peers(self) -> Mapping[IPv4Network, Peer]:
+        return self._peers
+
+    def holder(self, subnet: IPv4Network) -> str | None:
+        return self._holders.get(subnet)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    # -- whole listings ------------------------------------------------------------
+
+    def reset(self, items: Iterable[RawLease], *, identity: Identity | None = None) -> PeerChanges:
+        """Judge a complete listing; the changes against what the book held."""
+        if identity is not None:
+            self.identity = identity
+        items = list(items)
+        result = judge(items, layout=self.layout, network=self.network, identity=self.identity)
+        self.rejected = []
+        seen: dict[str, int] = {}
+        self._entries, self._valid = {}, {}
+        for kv in items:
+            verdict = result.verdicts[kv.key]
+            valid = verdict.status in (PEER, DUPLICATE) and verdict.peer is not None
+            self._entries[kv.key] = _Entry(verdict.subnet, _age(kv), kv.mod_revision,
+                                           verdict.peer if valid else None)
+            if valid:
+                assert verdict.subnet is not None
+                self._valid.setdefault(verdict.subnet, set()).add(kv.key)
+            if verdict.status in (INVALID, DUPLICATE):
+                seen[kv.key] = kv.mod_revision
+                if self._rejected_at.get(kv.key) != kv.mod_revision:
+                    self.rejected.append(verdict)
+        self._rejected_at = seen
+        changes = PeerChanges()
+        for subnet, old in self._peers.items():
+            if subnet not in result.peers:
+                changes.removed.append(old)
+        for subnet, new in result.peers.items():
+            old_peer = self._peers.get(subnet)
+            if old_peer is None:
+                changes.added.append(new)
+            elif old_peer != new:
+                changes.changed.append(new)
+        self._peers = result.peers
+        self._holders = result.holders
+        self.counts = {}
+        for peer in self._peers.values():
+            self._count(peer, 1)
+        return changes
+
+    # -- events -------------------------------------------------------------------
+
+    def put(self, kv: RawLease) -> PeerChanges:
+        """A key was written (created or changed)."""
+        self.rejected = []
+        verdict = classify(kv, layout=self.layout, network=self.network, identity=self.identity)
+        valid = verdict.status == PEER and verdict.peer is not None
+        self._forget(kv.key)
+        self._entries[kv.key] = _Entry(verdict.subnet, _age(kv), kv.mod_revision,
+                                       verdict.peer if valid else None)
+        if verdict.subnet is None:
+            self._note_rejected(verdict)
+            return PeerChanges()
+        if valid:
+            self._valid.setdefault(verdict.subnet, set()).add(kv.key)
+        changes = self._elect(verdict.subnet)
+        holder = self._holders.get(verdict.subnet)
+        if valid and holder != kv.key:
+            assert holder is not None
+            self._note_rejected(_duplicate_of(verdict, holder))
+        elif verdict.status == INVALID:
+            self._note_rejected(verdict)
+        elif valid:
+            self._rejected_at.pop(kv.key, None)
+        return changes
+
+    def delete(self, key: str) -> PeerChanges:
+        """A key was deleted (by hand, or with its etcd lease)."""
+        self.rejected = []
+        self._rejected_at.pop(key, None)
+        entry = self._entries.get(key)
+        self._forget(key)
+        self._entries.pop(key, None)
+        if entry is None or entry.subnet is None:
+            return PeerChanges()
+        return self._elect(entry.subnet)
+
+    # -- mechanics ----------------------------------------------------------------
+
+    def _note_rejected(self, verdict: Verdict) -> None:
+        if self._rejected_at.get(verdict.key) != verdict.mod_revision:
+            self._rejected_at[verdict.key] = verdict.mod_revision
+            self.rejected.append(verdict)
+
+    def _forget(self, key: str) -> None:
+        entry = self._entries.get(key)
+        if entry is None or entry.subnet is None:
+            return
+        keys = self._valid.get(entry.subnet)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._valid[entry.subnet]
+
+    def _elect(self, subnet: IPv4Network) -> PeerChanges:
+        """Make the oldest valid key naming `subnet` its holder; the change to the peer."""
+        before = self._peers.get(subnet)
+        previous = self._holders.get(subnet)
+        keys = self._valid.get(subnet)
+        if not keys:
+            self._holders.pop(subnet, None)
+            if before is None:
+                return PeerChanges()
+            del self._peers[subnet]
+            self._count(before, -1)
+            return PeerChanges(removed=[before])
+        winner = min(keys, key=lambda k: self._entries[k].age)
+        if previous is not None and previous != winner and previous in keys:
+            # An older key became valid: the previous holder is a duplicate now.
+            entry = self._entries[previous]
+            assert entry.peer is not None
+            self._note_rejected(Verdict(
+                key=previous, status=DUPLICATE, subnet=subnet, create_revision=entry.age[0],
+                mod_revision=entry.mod_revision, lease=0, peer=entry.peer,
+                reason="duplicate_subnet", detail=f"{subnet} is already held under key {winner}"))
+        after = self._entries[winner].peer
+        assert after is not None
+        self._holders[subnet] = winner
+        self._peers[subnet] = after
+        if before is None:
+            self._count(after, 1)
+            return PeerChanges(added=[after])
+        if before != after:
+            self._count(before, -1)
+            self._count(after, 1)
+            return PeerChanges(changed=[after])
+        return PeerChanges()
+
+    def _count(self, peer: Peer, delta: int) -> None:
+        self.counts[peer.backend_type] = self.counts.get(peer.backend_type, 0) + delta

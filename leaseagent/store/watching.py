@@ -1,0 +1,116 @@
+"""Keeping up with a prefix: list, then watch from the list's revision + 1, list again.
+
+The one list -> watch -> re-list engine, used by the agent's lease watcher
+and by `leasectl watch` (flannel pairs its WatchLeases with a lease watcher
+the same way). `ListWatch(store, prefix).stream()` yields, forever:
+
+- `Snapshot(items, revision, reason)`: a complete listing in one range
+  request. `reason` says why it was taken: "start", "compacted" (the watch
+  asked for history etcd no longer keeps), "stream_lost" (etcd went away and
+  the adapter could not resume the stream), "stream_ended", or the reason
+  given to `request_relist` (e.g. the caller knows etcd came back, so a
+  stream that lived through the outage may be half-open);
+- `Events(events)`: a batch of watch events after the latest snapshot.
+
+A consumer that diffs each snapshot against what it knew never misses an
+add or a remove, and never acts on a partial view: nothing is inferred
+from a stream that broke, only from the next complete listing.
+
+Failed listings are retried with the project's policy (leaseagent.retrying);
+`on_unavailable(exc)` is told of every failed attempt (log it once per
+state, not per attempt). Errors other than an unreachable etcd propagate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from leaseagent.errors import Compacted, StoreUnavailable
+from leaseagent.retrying import Backoff, retrying
+from leaseagent.store.base import KeyValue, LeaseStore, Listing, WatchEvent
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    items: list[KeyValue]
+    revision: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Events:
+    events: list[WatchEvent]
+
+
+class ListWatch:
+    def __init__(
+        self,
+        store: LeaseStore,
+        prefix: str,
+        *,
+        on_unavailable: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._on_unavailable = on_unavailable
+        self._relist = asyncio.Event()
+        self._relist_reason = "requested"
+        self._backoff = Backoff()
+
+    def request_relist(self, reason: str) -> None:
+        """List again as soon as the consumer asks for the next item."""
+        self._relist_reason = reason
+        self._relist.set()
+
+    async def _list(self) -> Listing:
+        async for attempt in retrying(on_retry=self._on_unavailable):
+            with attempt:
+                return await self._store.list_prefix(self._prefix)
+        raise AssertionError("unreachable")
+
+    async def stream(self) -> AsyncIterator[Snapshot | Events]:
+        reason = "start"
+        while True:
+            listing = await self._list()
+            self._relist.clear()
+            yield Snapshot(listing.items, listing.revision, reason)
+            watch = self._store.watch(self._prefix, start_revision=listing.revision + 1)
+            try:
+                while True:
+                    if self._relist.is_set():
+                        reason = self._relist_reason
+                        break
+                    batch = await self._next(watch)
+                    if batch is None:
+                        reason = self._relist_reason
+                        break
+                    self._backoff.reset()
+                    yield Events(batch)
+            except StopAsyncIteration:
+                reason = "stream_ended"
+            except Compacted:
+                reason = "compacted"
+            except StoreUnavailable as exc:
+                reason = "stream_lost"
+                if self._on_unavailable is not None:
+                    self._on_unavailable(exc)
+                await self._backoff.sleep()
+            finally:
+                await watch.aclose()  # type: ignore[attr-defined]
+
+    async def _next(self, watch: AsyncIterator[list[WatchEvent]]) -> list[WatchEvent] | None:
+        """The next batch, or None when a re-list was requested first."""
+        nxt = asyncio.ensure_future(anext(watch))
+        relist = asyncio.ensure_future(self._relist.wait())
+        try:
+            await asyncio.wait({nxt, relist}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            relist.cancel()
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+        if nxt.cancelled():
+            return None
+        return nxt.result()

@@ -1,0 +1,247 @@
+"""The one rule that judges a listing, and its incremental form (LeaseBook)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from leaseagent.core.leases import (
+    DUPLICATE,
+    INVALID,
+    OWN,
+    PEER,
+    Identity,
+    KeyLayout,
+    LeaseBook,
+    Peer,
+    PeerChanges,
+    judge,
+)
+from leaseagent.core.network import parse_network_config
+
+LAYOUT = KeyLayout("/coreos.com/network")
+P = LAYOUT.subnets_prefix
+NETWORK = parse_network_config(b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}')
+OWN_IP = IPv4Address("10.250.0.1")
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int = 7
+
+
+def value(ip: str, backend: str = "host-gw") -> bytes:
+    return json.dumps({"PublicIP": ip, "BackendType": backend}).encode()
+
+
+def test_the_oldest_of_two_keys_naming_one_subnet_holds_it() -> None:
+    items = [
+        KV(P + "10.5.34.0-24&fd00::-64", value("10.250.0.9"), 5, 5),
+        KV(P + "10.5.34.0-24", value("10.250.0.3"), 3, 8),
+    ]
+    result = judge(items, layout=LAYOUT, network=NETWORK)
+    subnet = IPv4Network("10.5.34.0/24")
+    assert result.peers[subnet].public_ip == IPv4Address("10.250.0.3")
+    assert result.holders[subnet] == P + "10.5.34.0-24"
+    younger = result.verdicts[P + "10.5.34.0-24&fd00::-64"]
+    assert younger.status == DUPLICATE and not younger.valid
+    assert younger.detail == f"10.5.34.0/24 is already held under key {P}10.5.34.0-24"
+
+
+def test_an_invalid_older_key_does_not_hold_the_subnet() -> None:
+    items = [KV(P + "10.5.3.0-24", b"{", 2, 2), KV(P + "10.5.3.0-024", value("10.250.0.4"), 4, 4)]
+    result = judge(items, layout=LAYOUT, network=NETWORK)
+    assert result.holders[IPv4Network("10.5.3.0/24")] == P + "10.5.3.0-024"
+    assert result.verdicts[P + "10.5.3.0-24"].reason == "malformed_json"
+
+
+def test_own_key_and_keys_naming_the_own_subnet() -> None:
+    own = P + "10.5.1.0-24"
+    items = [
+        KV(own, value(str(OWN_IP)), 2, 2),
+        KV(P + "10.5.1.0-24&fd00::-64", value("10.250.0.5"), 3, 3),
+        KV(P + "10.5.2.0-24", value(str(OWN_IP)), 4, 4),
+    ]
+    result = judge(items, layout=LAYOUT, network=NETWORK,
+                   identity=Identity(public_ip=OWN_IP, own_key=own))
+    assert result.verdicts[own].status == OWN and result.verdicts[own].valid
+    assert result.verdicts[P + "10.5.1.0-24&fd00::-64"].reason == "own_subnet"
+    assert result.verdicts[P + "10.5.2.0-24"].reason == "public_ip_is_ours"
+    assert result.peers == {}
+    assert [v.key for v in result.naming(OWN_IP)] == [own, P + "10.5.2.0-24"]
+
+
+def test_without_a_network_config_values_are_decoded_but_nothing_is_a_peer() -> None:
+    result = judge([KV(P + "10.5.3.0-24", value("10.250.0.3"), 2, 2)], layout=LAYOUT, network=None)
+    verdict = result.verdicts[P + "10.5.3.0-24"]
+    assert verdict.status == PEER and verdict.value is not None and verdict.peer is None
+    assert result.peers == {}
+
+
+def test_bad_key_names_are_invalid() -> None:
+    result = judge([KV(P + "junk", value("10.250.0.3"), 2, 2),
+                    KV(P + "10.5.3.7-24", value("10.250.0.3"), 3, 3)], layout=LAYOUT, network=NETWORK)
+    assert {v.reason for v in result.verdicts.values()} == {"bad_key"}
+    assert all(v.status == INVALID for v in result.verdicts.values())
+
+
+def test_book_promotes_the_next_key_when_the_holder_goes_without_a_listing() -> None:
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
+    book.reset([KV(P + "10.5.3.0-24", value("10.250.0.3"), 2, 2)])
+    changes = book.put(KV(P + "10.5.3.0-024", value("10.250.0.9"), 5, 5))
+    assert not changes
+    assert [v.reason for v in book.rejected] == ["duplicate_subnet"]
+    changes = book.delete(P + "10.5.3.0-24")
+    assert [p.public_ip for p in changes.changed] == [IPv4Address("10.250.0.9")]
+    assert book.holder(IPv4Network("10.5.3.0/24")) == P + "10.5.3.0-024"
+
+
+def test_book_reports_a_rejected_key_once_per_version() -> None:
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
+    book.reset([KV(P + "10.5.3.0-24", b"{", 2, 2)])
+    assert [v.reason for v in book.rejected] == ["malformed_json"]
+    book.reset([KV(P + "10.5.3.0-24", b"{", 2, 2)])
+    assert book.rejected == []
+    book.put(KV(P + "10.5.3.0-24", b"[", 2, 6))
+    assert [v.reason for v in book.rejected] == ["malformed_json"]
+
+
+# --- property: events one by one end where judging the final listing ends ------
+
+KEY_NAMES = ["10.5.3.0-24", "10.5.3.0-024", "10.5.3.0-24&fd00::-64", "10.5.4.0-24",
+             "10.5.4.0-24&fd00:0:0:4::-64", "10.5.1.0-24", "junk", "10.6.0.0-24"]
+VALUES = [value("10.250.0.3"), value("10.250.0.4"), value(str(OWN_IP)), value("10.250.0.5", "alloc"),
+          value("127.0.0.1"), value("10.250.0.6", "udp"), b"{", b"null"]
+
+_op = st.one_of(
+    st.tuples(st.just("put"), st.sampled_from(KEY_NAMES), st.sampled_from(VALUES)),
+    st.tuples(st.just("delete"), st.sampled_from(KEY_NAMES), st.just(b"")),
+)
+
+
+class Etcd:
+    """Just enough of etcd's revision rules for the property."""
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.kvs: dict[str, KV] = {}
+
+    def put(self, key: str, raw: bytes) -> KV:
+        self.revision += 1
+        old = self.kvs.get(key)
+        kv = KV(key, raw, old.create_revision if old else self.revision, self.revision)
+        self.kvs[key] = kv
+        return kv
+
+    def delete(self, key: str) -> bool:
+        if key not in self.kvs:
+            return False
+        self.revision += 1
+        del self.kvs[key]
+        return True
+
+
+def apply_changes(table: dict[IPv4Network, Peer], changes: object) -> None:
+    for peer in changes.removed:  # type: ignore[attr-defined]
+        assert table.pop(peer.subnet) == peer
+    for peer in changes.changed:  # type: ignore[attr-defined]
+        assert peer.subnet in table
+        table[peer.subnet] = peer
+    for peer in changes.added:  # type: ignore[attr-defined]
+        assert peer.subnet not in table
+        table[peer.subnet] = peer
+
+
+@settings(max_examples=400, deadline=None)
+@given(first=st.lists(_op, max_size=6), then=st.lists(_op, max_size=25),
+       own=st.sampled_from([None, "10.5.1.0-24", "10.5.3.0-24"]))
+def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
+    first: list[tuple[str, str, bytes]], then: list[tuple[str, str, bytes]], own: str | None
+) -> None:
+    identity = Identity(public_ip=OWN_IP, own_key=P + own if own else None)
+    etcd = Etcd()
+    for op, name, raw in first:
+        if op == "put":
+            etcd.put(P + name, raw)
+        else:
+            etcd.delete(P + name)
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=identity)
+    table: dict[IPv4Network, Peer] = {}
+    apply_changes(table, book.reset(list(etcd.kvs.values())))
+    for op, name, raw in then:
+        key = P + name
+        if key == identity.own_key:
+            continue  # the watcher hands the own key to the lease holder, not the book
+        if op == "put":
+            apply_changes(table, book.put(etcd.put(key, raw)))
+        elif etcd.delete(key):
+            apply_changes(table, book.delete(key))
+    final = judge(etcd.kvs.values(), layout=LAYOUT, network=NETWORK, identity=identity)
+    assert dict(book.peers) == final.peers
+    assert table == final.peers
+    for subnet in final.peers:
+        assert book.holder(subnet) == final.holders[subnet]
+    assert book.counts.get("host-gw", 0) + book.counts.get("alloc", 0) == len(final.peers)
+
+
+# --- listings diffed against the book ------------------------------------------
+
+
+def listing(*hosts: tuple[int, str]) -> list[KV]:
+    """Leases of 10.5.<n>.0/24 at PublicIP <ip>, each created at revision n."""
+    return [KV(P + f"10.5.{n}.0-24", value(ip), n, n) for n, ip in hosts]
+
+
+def book_with(*hosts: tuple[int, str]) -> LeaseBook:
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
+    book.reset(listing(*hosts))
+    return book
+
+
+def test_first_listing_adds_everything() -> None:
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
+    changes = book.reset(listing((2, "10.250.0.2"), (3, "10.250.0.3")))
+    assert [str(p.subnet) for p in changes.added] == ["10.5.2.0/24", "10.5.3.0/24"]
+    assert not changes.changed and not changes.removed and len(book) == 2
+
+
+def test_a_listing_reports_added_changed_and_removed_against_the_book() -> None:
+    book = book_with((2, "10.250.0.2"), (3, "10.250.0.3"), (4, "10.250.0.4"))
+    changes = book.reset(listing((2, "10.250.0.2"), (3, "10.250.0.99"), (5, "10.250.0.5")))
+    assert [str(p.subnet) for p in changes.added] == ["10.5.5.0/24"]
+    assert [str(p.public_ip) for p in changes.changed] == ["10.250.0.99"]
+    assert [str(p.subnet) for p in changes.removed] == ["10.5.4.0/24"]
+
+
+def test_the_same_listing_again_changes_nothing_and_an_empty_one_removes_all() -> None:
+    book = book_with((2, "10.250.0.2"), (3, "10.250.0.3"))
+    assert not book.reset(listing((2, "10.250.0.2"), (3, "10.250.0.3")))
+    assert len(book.reset([]).removed) == 2 and len(book) == 0
+
+
+def test_put_adds_then_changes_then_is_a_no_op_and_delete_removes_once() -> None:
+    book = book_with()
+    kv = KV(P + "10.5.2.0-24", value("10.250.0.2"), 2, 2)
+    assert len(book.put(kv).added) == 1
+    moved = KV(kv.key, value("10.250.0.7"), 2, 3)
+    assert [str(p.public_ip) for p in book.put(moved).changed] == ["10.250.0.7"]
+    assert not book.put(moved)
+    assert len(book.delete(kv.key).removed) == 1
+    assert not book.delete(kv.key)
+    assert not book.delete(P + "10.5.200.0-24")
+
+
+def test_changes_extend_concatenates() -> None:
+    a, b = book_with((2, "10.250.0.2")).peers.values(), book_with((3, "10.250.0.3")).peers.values()
+    total = PeerChanges()
+    total.extend(PeerChanges(added=list(a)))
+    total.extend(PeerChanges(removed=list(b)))
+    assert len(total) == 2 and total
