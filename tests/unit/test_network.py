@@ -1,4 +1,4 @@
-"""flannel's network-config rules (DESIGN.md §1) and lease key names."""
+"""flannel's network-config rules (docs/architecture.md, "Network config")."""
 
 from __future__ import annotations
 
