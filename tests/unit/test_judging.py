@@ -53,7 +53,7 @@ def test_the_oldest_of_two_keys_naming_one_subnet_holds_it() -> None:
     assert result.holders[subnet] == P + "10.5.34.0-24"
     younger = result.verdicts[P + "10.5.34.0-24&fd00::-64"]
     assert younger.status == DUPLICATE and not younger.valid
-    assert younger.detail == f"10.5.34.0/24 is already held under key {P}10.5.34.0-24"
+    assert younger.detail == f"duplicate: 10.5.34.0/24 is held under key {P}10.5.34.0-24"
 
 
 def test_an_invalid_older_key_does_not_hold_the_subnet() -> None:

@@ -158,7 +158,7 @@ def _duplicate_of(verdict: Verdict, holder: str) -> Verdict:
         key=verdict.key, status=DUPLICATE, subnet=verdict.subnet,
         create_revision=verdict.create_revision, mod_revision=verdict.mod_revision,
         lease=verdict.lease, value=verdict.value, peer=verdict.peer, reason="duplicate_subnet",
-        detail=f"{verdict.subnet} is already held under key {holder}")
+        detail=f"duplicate: {verdict.subnet} is held under key {holder}")
 
 
 def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfig | None,
@@ -360,7 +360,7 @@ class LeaseBook:
             self._note_rejected(Verdict(
                 key=previous, status=DUPLICATE, subnet=subnet, create_revision=entry.age[0],
                 mod_revision=entry.mod_revision, lease=0, peer=entry.peer,
-                reason="duplicate_subnet", detail=f"{subnet} is already held under key {winner}"))
+                reason="duplicate_subnet", detail=f"duplicate: {subnet} is held under key {winner}"))
         after = self._entries[winner].peer
         assert after is not None
         self._holders[subnet] = winner
