@@ -26,6 +26,7 @@ DEFAULT_SUBNET_FILE = Path("/run/leaseagent/subnet.env")
 DEFAULT_STATE_DIR = Path("/var/lib/leaseagent")
 DEFAULT_LEASE_TTL = 24 * 3600
 MIN_LEASE_TTL = 2  # etcd refuses less
+DEFAULT_PEER_HOLD_SECONDS = 5.0
 
 
 class Parser(argparse.ArgumentParser):
@@ -91,13 +92,15 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-def _positive_float(flag: str, raw: object) -> float:
+def _seconds(flag: str, raw: object, *, zero: bool = False) -> float:
+    """A finite number of seconds, positive (or 0 when `zero`); ConfigError names the flag."""
     try:
         value = float(str(raw))
     except ValueError:
         raise ConfigError(f"{flag}={raw!r}: not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{flag}={raw!r}: must be positive")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise ConfigError(f"{flag}={raw!r}: must be a number of seconds"
+                          + (", 0 or more" if zero else " above 0"))
     return value
 
 
@@ -115,7 +118,7 @@ def etcd_settings(ns: argparse.Namespace) -> EtcdSettings:
         keyfile=_path(ns.etcd_keyfile),
         username=ns.etcd_username or None,
         password_file=_path(ns.etcd_password_file),
-        timeout=_positive_float("--etcd-timeout", ns.etcd_timeout),
+        timeout=_seconds("--etcd-timeout", ns.etcd_timeout),
     )
 
 
@@ -136,6 +139,7 @@ class AgentConfig:
     route_protocol: int
     resync_interval: float
     docker_opts_file: Path | None = None
+    peer_hold_time: float = DEFAULT_PEER_HOLD_SECONDS
 
 
 def default_node_id() -> str:
@@ -205,6 +209,9 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             help="also write Docker's options here, as `leasectl docker-opts` does (default: off)")
     env.add("--resync-interval", default=f"{DEFAULT_RESYNC_SECONDS:g}",
             help="seconds between full data-plane resyncs")
+    env.add("--peer-hold-time", default=f"{DEFAULT_PEER_HOLD_SECONDS:g}",
+            help="seconds a peer whose lease vanished keeps its kernel entries in case it comes "
+            "back (0: remove at once); a lease released on purpose is removed at once")
     return parser
 
 
@@ -237,6 +244,7 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         log_level=ns.log_level,
         log_format=ns.log_format,
         route_protocol=route_protocol,
-        resync_interval=_positive_float("--resync-interval", ns.resync_interval),
+        resync_interval=_seconds("--resync-interval", ns.resync_interval),
         docker_opts_file=Path(ns.docker_opts_file) if ns.docker_opts_file else None,
+        peer_hold_time=_seconds("--peer-hold-time", ns.peer_hold_time, zero=True),
     )

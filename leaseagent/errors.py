@@ -13,6 +13,7 @@ catches only these.
      |    '-- Compacted          a watch asked for history etcd no longer has; re-list
      |-- SubnetsExhausted        no free subnet in [SubnetMin, SubnetMax]; not retryable
      |-- LeaseLost               our etcd lease or our key is gone
+     |-- IdentityConflict        another agent with this host's node id and PublicIP holds its key
      '-- DataPlaneError          netlink refused what we asked; retryable unless said
 
     InvalidLease (a ValueError)  one lease in etcd cannot be used; never leaves the
@@ -60,6 +61,15 @@ class SubnetsExhausted(LeaseagentError):
 
 class LeaseLost(LeaseagentError):
     """Our etcd lease expired or was revoked, or our key was deleted."""
+
+
+class IdentityConflict(LeaseagentError):
+    """Another agent with this host's node id and PublicIP holds the key we held: the machine
+    was cloned (same /etc/machine-id) or the agent runs twice. Never fought over."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(detail)
+        self.key = key
 
 
 class DataPlaneError(LeaseagentError):

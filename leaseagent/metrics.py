@@ -65,9 +65,16 @@ class Metrics:
         r = self.registry
         self.lease_held = Gauge(
             "leaseagent_lease_held", "1 while this host holds its subnet lease", registry=r)
-        self.lease_expiry_seconds = Gauge(
-            "leaseagent_lease_expiry_seconds",
-            "Seconds until this host's lease expires if not renewed (reservations: -1)",
+        self.lease_expiry = Gauge(
+            "leaseagent_lease_expiry_timestamp_seconds",
+            "When this host's lease expires unless renewed, as a Unix time (+Inf: a reservation)",
+            registry=r)
+        self.identity_conflict = Gauge(
+            "leaseagent_identity_conflict",
+            "1 while another agent with this host's node id and PublicIP holds its lease",
+            registry=r)
+        self.identity_conflicts = Counter(
+            "leaseagent_identity_conflicts", "Times another agent with this host's identity was found",
             registry=r)
         self.lease_changes = Counter(
             "leaseagent_lease_subnet_changes",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,20 +35,28 @@ from leaseagent.agent.notify import sd_notify, watchdog_interval
 from leaseagent.agent.watching import LeaseWatcher
 from leaseagent.config import AgentConfig
 from leaseagent.core.dockeropts import render_docker_env
-from leaseagent.core.leases import KeyLayout, LeaseValue, PeerChanges
+from leaseagent.core.leases import KeyLayout, LeaseValue, PeerChanges, Verdict, decode_lease_value
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
-from leaseagent.errors import LeaseLost, NetworkConfigError, StoreUnavailable
+from leaseagent.errors import (
+    IdentityConflict,
+    InvalidLease,
+    LeaseLost,
+    NetworkConfigError,
+    StoreUnavailable,
+)
 from leaseagent.files import read_text_if_exists, refuse_symlink, write_atomic
 from leaseagent.metrics import Metrics
-from leaseagent.retrying import retrying
+from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore
 
 log = logging.getLogger("leaseagent")
 
-RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to revoke the lease
+RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
+# While another agent has this host's identity, its key is read at most this far apart.
+CONFLICT_CHECK_SECONDS = 60.0
 
 
 async def wait_for_network_config(store: LeaseStore, layout: KeyLayout, states: StateLog, *,
@@ -121,12 +130,16 @@ class Agent:
         self.watcher: LeaseWatcher | None = None
         self.mtu = 0
         self.subnet_env_written = False
-        # (our key as seen, or None if absent; the revision it was seen at)
-        self._own_events: asyncio.Queue[tuple[KeyValue | None, int]] = asyncio.Queue()
+        # (our key as seen, or None if absent; the revision it was seen at), or a key of a
+        # twin: another agent with this host's identity.
+        self._own_events: asyncio.Queue[tuple[KeyValue | None, int] | Verdict] = asyncio.Queue()
+        self.conflict: str | None = None  # set while another agent has this host's identity
 
     # --- readiness, for /readyz --------------------------------------------------
 
     def not_ready_reason(self) -> str | None:
+        if self.conflict is not None:
+            return f"identity conflict: {self.conflict}"
         if self.own is None:
             return "no lease held yet"
         if not self.subnet_env_written:
@@ -185,7 +198,9 @@ class Agent:
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
             metrics=self.metrics, on_peers=self._on_peers,
-            on_own=lambda kv, rev: self._own_events.put_nowait((kv, rev)))
+            on_own=lambda kv, rev: self._own_events.put_nowait((kv, rev)),
+            node_id=cfg.node_id, on_twin=self._own_events.put_nowait,
+            hold_seconds=cfg.peer_hold_time)
 
     async def _take(self, own: OwnLease, *, first: bool) -> None:
         """Adopt `own`: subnet.env, the backend's own address, metrics, one log line."""
@@ -193,7 +208,7 @@ class Agent:
         changed = self.own is not None and self.own.subnet != own.subnet
         self.own = own
         self._set_lease_held(True)
-        self.metrics.lease_expiry_seconds.set(-1 if own.reservation else own.ttl)
+        self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu).render()
         write_atomic(self.cfg.subnet_file, env.encode(), mode=0o644)
         if self.cfg.docker_opts_file is not None:
@@ -210,7 +225,7 @@ class Agent:
 
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
-        peers = self.watcher.book.peers
+        peers = self.watcher.peers
         if full:
             await self.backend.sync(peers)
         else:
@@ -271,25 +286,29 @@ class Agent:
                 wait = max(0.0, last_renewal + max(0.5, own.ttl / 3) - time.monotonic())
             why: str | None = None
             try:
-                kv, revision = await asyncio.wait_for(self._own_events.get(), wait)
-                why = self._own_event_says_lost(kv, revision)
+                event = await asyncio.wait_for(self._own_events.get(), wait)
+                if isinstance(event, Verdict):
+                    await self._twin_seen(own, event)
+                    continue
+                why = self._own_event_says_lost(*event)
             except TimeoutError:
                 try:
-                    await self._renew(own, last_renewal=last_renewal)
+                    await self._renew(own)
                     last_renewal = time.monotonic()
                 except LeaseLost as exc:
                     why = str(exc)
-            if not own.reservation:
-                self.metrics.lease_expiry_seconds.set(
-                    max(0.0, own.ttl - (time.monotonic() - last_renewal)))
             if why is None:
                 continue
             self._set_lease_held(False)
             log.warning("lease on %s lost: %s; taking it back", own.subnet, why)
             new = None
-            async for attempt in retrying(on_retry=self._etcd_down):
-                with attempt:
-                    new = await self.leasing.reclaim(own, why)
+            try:
+                async for attempt in retrying(on_retry=self._etcd_down):
+                    with attempt:
+                        new = await self.leasing.reclaim(own, why)
+            except IdentityConflict as conflict:
+                await self._sit_out(conflict)
+                continue  # the key is free again: take it back (create-if-absent)
             assert new is not None
             self._etcd_up()
             await self._take(new, first=False)
@@ -297,7 +316,65 @@ class Agent:
             if new.subnet == own.subnet:
                 log.info("lease on %s taken back", new.subnet)
 
-    async def _renew(self, own: OwnLease, *, last_renewal: float) -> None:
+    # --- two agents with one identity ------------------------------------------------
+
+    async def _twin_seen(self, own: OwnLease, twin: Verdict) -> None:
+        """Another key names this host's PublicIP and node id (both agents started at once
+        and took a subnet each): the younger key steps back, the older stays."""
+        assert self.leasing is not None
+        value = twin.value
+        if value is None or self.conflict is not None:
+            return
+        what = (f"another agent with this host's identity (node id {value.node_id}, "
+                f"PublicIP {value.public_ip}) holds {twin.key}")
+        if (twin.create_revision, twin.key) > (own.create_revision, own.key):
+            self.states.set("twin", twin.key, "%s (younger than our %s); it steps back",
+                            what, own.key, level=logging.WARNING)
+            return
+        try:
+            await self.leasing.step_back(own)
+        except StoreUnavailable:
+            pass  # our etcd lease runs out by itself; peers see it go
+        self._set_lease_held(False)
+        await self._sit_out(IdentityConflict(twin.key, f"{what} (older than our {own.key}, "
+                                                       f"which was given up)"))
+
+    async def _sit_out(self, conflict: IdentityConflict) -> None:
+        """Another agent has this host's identity: say so once, stay out of its way, and only
+        read (with a growing, jittered pause, at most CONFLICT_CHECK_SECONDS) until the
+        key it holds is free. The data plane is left as it is."""
+        self.conflict = str(conflict)
+        self.metrics.identity_conflict.set(1)
+        self.metrics.identity_conflicts.inc()
+        log.error("IDENTITY CONFLICT: %s. This agent steps back and changes nothing in etcd "
+                  "until that key is gone. Check whether this machine is a clone of another "
+                  "(same /etc/machine-id: give each host its own --node-id) or whether "
+                  "leaseagent runs twice on this host.", conflict)
+        backoff = Backoff(cap=CONFLICT_CHECK_SECONDS)
+        while True:
+            await backoff.sleep()
+            try:
+                kv = await self.store.get(conflict.key)
+            except StoreUnavailable as exc:
+                self._etcd_down(exc)
+                continue
+            self._etcd_up()
+            if kv is None:
+                break
+            try:
+                if not (self.leasing is not None
+                        and self.leasing.is_twin(decode_lease_value(kv.value))):
+                    break
+            except InvalidLease:
+                break
+        log.warning("identity conflict over: %s is no longer held by a twin; taking our "
+                    "lease back", conflict.key)
+        while not self._own_events.empty():
+            self._own_events.get_nowait()  # what happened meanwhile is stale
+        self.conflict = None
+        self.metrics.identity_conflict.set(0)
+
+    async def _renew(self, own: OwnLease) -> None:
         assert self.leasing is not None
         failed = False
 
@@ -305,16 +382,15 @@ class Agent:
             nonlocal failed
             failed = True
             self.metrics.renewal_failures.inc()
-            # While etcd is away the lease keeps running down: show it.
-            self.metrics.lease_expiry_seconds.set(
-                max(0.0, own.ttl - (time.monotonic() - last_renewal)))
             self._etcd_down(exc)
 
         # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it is gone).
+        ttl = 0
         async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
             with attempt:
-                await self.leasing.keepalive(own)
+                ttl = await self.leasing.keepalive(own)
         self.metrics.renewals.inc()
+        self.metrics.lease_expiry.set(time.time() + ttl)
         self._etcd_up()
         if failed:
             log.info("lease on %s renewed after failures", own.subnet)
@@ -361,7 +437,7 @@ class Agent:
             await asyncio.wait({synced, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             self._check_tasks(tasks)
             if synced.done():
-                spawn("dataplane", backend.run(lambda: watcher.book.peers))
+                spawn("dataplane", backend.run(lambda: watcher.peers))
                 self._notify("READY=1")
                 log.info("ready: %d peers programmed", len(watcher.book))
                 await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
@@ -380,10 +456,11 @@ class Agent:
                     raise RuntimeError(f"task {name} failed: {exc}") from exc
                 raise RuntimeError(f"task {name} ended unexpectedly")
 
-    async def _revoke_retrying(self, lease_id: int) -> None:
+    async def _release_retrying(self, own: OwnLease) -> None:
+        assert self.leasing is not None
         async for attempt in retrying(cap=1.0):
             with attempt:
-                await self.store.revoke(lease_id)
+                await self.leasing.release(own)
 
     async def shutdown(self) -> None:
         """Stop without touching kernel state; revoke the lease only if asked to."""
@@ -392,11 +469,12 @@ class Agent:
             with contextlib.suppress(Exception):
                 await self.backend.close()
         own = self.own
-        if self.cfg.release_on_exit and own is not None and not own.reservation:
+        if (self.cfg.release_on_exit and own is not None and not own.reservation
+                and self.conflict is None):
             try:
                 # Retried for a few seconds: a revoke sent during a leader election or to a
                 # member that just died times out, and one try would leave the lease behind.
-                await asyncio.wait_for(self._revoke_retrying(own.lease_id), RELEASE_SECONDS)
+                await asyncio.wait_for(self._release_retrying(own), RELEASE_SECONDS)
                 log.info("lease on %s released", own.subnet)
             except Exception as exc:
                 log.warning("could not release the lease on %s: %s", own.subnet,

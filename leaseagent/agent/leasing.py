@@ -15,6 +15,14 @@ Order of acquisition (first that works wins):
     short jitter and picks anew; it never exits because of a race.
 An empty range raises SubnetsExhausted naming the network and the count.
 
+A second agent with this host's identity (same PublicIP and NodeID: a cloned
+machine, or the agent started twice) takes the lease over by rule 1 when it
+starts; the first then finds its key held by another etcd lease under its
+own identity and `reclaim` raises IdentityConflict instead of taking it
+back (which would make the two fight, a write each per round trip). The
+agent steps back (leaseagent.agent.daemon) and only reads until the key is
+free again.
+
 Every write is a transaction: create-if-absent, or fenced on the mod_revision
 we read. Because etcd3aio retries a txn on UNAVAILABLE, a "lost" txn may in
 fact be our own earlier success: `_is_ours` compares the key as it is now
@@ -33,7 +41,7 @@ from ipaddress import IPv4Network
 from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.leases import KeyLayout, LeaseValue, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig
-from leaseagent.errors import InvalidLease, LeaseLost, SubnetsExhausted
+from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost, SubnetsExhausted
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import KeyValue, LeaseStore
 
@@ -53,6 +61,7 @@ class OwnLease:
     ttl: int
     mod_revision: int
     how: str
+    create_revision: int = 0
 
     @property
     def reservation(self) -> bool:
@@ -108,7 +117,8 @@ class Leasing:
         won, current = await self._store.create(key, self.value_bytes, lease=lease_id)
         if won or self._is_ours(current, lease_id):
             assert current is not None
-            return OwnLease(subnet, key, self.value_bytes, lease_id, ttl, current.mod_revision, how)
+            return OwnLease(subnet, key, self.value_bytes, lease_id, ttl, current.mod_revision, how,
+                            current.create_revision)
         self._metrics.allocation_conflicts.inc()
         return None
 
@@ -124,7 +134,7 @@ class Leasing:
             self._metrics.allocation_conflicts.inc()
             return None
         return OwnLease(by_key[created.key], created.key, self.value_bytes, lease_id, ttl,
-                        created.mod_revision, "allocated")
+                        created.mod_revision, "allocated", created.create_revision)
 
     async def acquire(self, *, previous: IPv4Network | None = None) -> OwnLease:
         """Take a subnet for this host (see the module docstring for the order)."""
@@ -169,19 +179,20 @@ class Leasing:
                     if kv.lease != lease_id:
                         await self._revoke_quietly(kv.lease)
                     return OwnLease(subnet, kv.key, self.value_bytes, lease_id, ttl,
-                                    current.mod_revision, "took over this host's lease")
+                                    current.mod_revision, "took over this host's lease",
+                                    current.create_revision)
 
             for subnet, kv in reserved:
                 if kv.value == self.value_bytes:
                     return OwnLease(subnet, kv.key, kv.value, 0, 0, kv.mod_revision,
-                                    "reservation")
+                                    "reservation", kv.create_revision)
                 self.transactions += 1
                 won, current = await self._store.replace(
                     kv.key, self.value_bytes, mod_revision=kv.mod_revision, lease=0)
                 if won or self._is_ours(current, 0):
                     assert current is not None
                     return OwnLease(subnet, kv.key, self.value_bytes, 0, 0,
-                                    current.mod_revision, "reservation")
+                                    current.mod_revision, "reservation", current.create_revision)
 
             if previous is not None and self._network.in_range(previous) and previous not in taken:
                 own = await self._create(previous, lease_id, ttl, "previous subnet.env")
@@ -239,18 +250,41 @@ class Leasing:
             except InvalidLease:
                 who = "an invalid lease value"
                 other = None
-            if (other is not None and other.public_ip == self._value.public_ip
-                    and other.node_id is not None and other.node_id == self._value.node_id):
-                # Still this host's key (a false alarm, e.g. a keepalive that failed
-                # while the etcd lease lived on): acquire takes it over, fenced.
+            if holder.lease == own.lease_id and holder.value == own.value:
+                # Still ours (a false alarm, e.g. a keepalive that failed while the etcd
+                # lease lived on): acquire takes it over onto a fresh lease, fenced.
                 log.warning("lease on %s is still this host's (%s); taking it over",
                             own.subnet, why)
                 return await self.acquire(previous=own.subnet)
+            if other is not None and self.is_twin(other):
+                raise IdentityConflict(own.key, (
+                    f"another agent with this host's identity (node id {other.node_id}, "
+                    f"PublicIP {other.public_ip}) holds {own.key} under its own etcd lease "
+                    f"{holder.lease:x}"))
         log.error(
             "SUBNET LOST: our lease on %s was lost (%s) and %s holds it now; "
             "taking a new subnet", own.subnet, why, who)
         self._metrics.lease_changes.inc()
         return await self.acquire()
+
+    def is_twin(self, value: LeaseValue) -> bool:
+        """Whether `value` names this host's identity (PublicIP and NodeID)."""
+        return (value.public_ip == self._value.public_ip and value.node_id is not None
+                and value.node_id == self._value.node_id)
+
+    async def step_back(self, own: OwnLease) -> None:
+        """Give up our key to an older twin: delete it (fenced), revoke our etcd lease."""
+        await self._store.delete(own.key, mod_revision=own.mod_revision)
+        if not own.reservation:
+            await self._revoke_quietly(own.lease_id)
+
+    async def release(self, own: OwnLease) -> None:
+        """Give the lease up on purpose (--release-on-exit): mark the value released (fenced),
+        so peers remove this host at once instead of holding its entries, then revoke."""
+        released = replace(self._value, released=True).encode()
+        await self._store.replace(own.key, released, mod_revision=own.mod_revision,
+                                  lease=own.lease_id)
+        await self._store.revoke(own.lease_id)
 
     async def keepalive(self, own: OwnLease) -> int:
         """Renew; the remaining TTL. Raises LeaseLost when the etcd lease is gone."""

@@ -14,6 +14,16 @@ decides), with the revision they were seen at (the event's, or the
 listing's), so the holder can ignore news older than its own last write.
 When our own subnet changes, or etcd comes back after an outage (a stream
 that lived through it may be half-open), the prefix is listed again.
+
+A peer whose key is deleted, or that a listing no longer has, is held in the
+kernel for `--peer-hold-time` seconds (leaseagent.core.holddown): a lease
+taken back within that time (a mass expiry when a paused etcd resumes) costs
+no packet. `peers` is what the data plane must program: the valid peers
+plus the held ones.
+
+A key naming this host's PublicIP *and* node id that is not ours is a second
+agent with this host's identity (a cloned machine, or the agent started
+twice): `on_twin` is told, once per key version.
 """
 
 from __future__ import annotations
@@ -21,11 +31,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Address
+from collections.abc import Awaitable, Callable, Mapping
+from ipaddress import IPv4Address, IPv4Network
 
 from leaseagent.core.backends import BACKEND_TYPES
-from leaseagent.core.leases import Identity, KeyLayout, LeaseBook, PeerChanges
+from leaseagent.core.holddown import HoldDown
+from leaseagent.core.leases import Identity, KeyLayout, LeaseBook, Peer, PeerChanges, Verdict
 from leaseagent.core.network import NetworkConfig
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, WatchEvent
@@ -35,6 +46,7 @@ log = logging.getLogger("leaseagent.watching")
 
 OnPeers = Callable[[PeerChanges, bool, float], Awaitable[None]]
 OnOwn = Callable[[KeyValue | None, int], None]
+OnTwin = Callable[[Verdict], None]
 
 
 class LeaseWatcher:
@@ -50,10 +62,17 @@ class LeaseWatcher:
         on_peers: OnPeers,
         on_own: OnOwn,
         on_unavailable: Callable[[BaseException], None] | None = None,
+        node_id: str | None = None,
+        on_twin: OnTwin | None = None,
+        hold_seconds: float = 0.0,
     ) -> None:
         self._layout = layout
         self._own_ip = own_public_ip
         self._own_key = own_key
+        self._node_id = node_id
+        self._on_twin = on_twin
+        self.hold = HoldDown(hold_seconds)
+        self._hold_changed = asyncio.Event()
         self._metrics = metrics
         self._on_peers = on_peers
         self._on_own = on_own
@@ -67,11 +86,44 @@ class LeaseWatcher:
     def request_relist(self, reason: str) -> None:
         self._engine.request_relist(reason)
 
+    @property
+    def peers(self) -> Mapping[IPv4Network, Peer]:
+        """What the data plane must program: the valid peers, and the held ones."""
+        if not len(self.hold):
+            return self.book.peers
+        return {**self.hold.held, **self.book.peers}
+
     def _report_rejected(self) -> None:
         for verdict in self.book.rejected:
             assert verdict.reason is not None
+            value = verdict.value
+            if verdict.reason == "released":
+                log.info("peer %s released its lease (%s)", verdict.subnet, verdict.key)
+                continue
+            if (verdict.reason == "public_ip_is_ours" and value is not None
+                    and self._node_id is not None and value.node_id == self._node_id):
+                if self._on_twin is not None:
+                    self._on_twin(verdict)
+                continue
             self._metrics.invalid_leases.labels(reason=verdict.reason).inc()
             log.warning("skipping invalid lease %s: %s", verdict.key, verdict.detail)
+
+    def _held(self, changes: PeerChanges, *, hold_removals: bool) -> PeerChanges:
+        held_before = len(self.hold)
+        out = self.hold.filter(changes, now=time.monotonic(), hold_removals=hold_removals)
+        if len(self.hold) != held_before:
+            self._hold_changed.set()
+        if len(out.removed) != len(changes.removed):
+            now_removed = {peer.subnet for peer in out.removed}
+            held = [peer for peer in changes.removed if peer.subnet not in now_removed]
+            if len(held) > 20:
+                log.info("%d peers gone; their entries are held for %gs in case they come back",
+                         len(held), self.hold.seconds)
+            else:
+                for peer in held:
+                    log.info("peer %s gone; its entries are held for %gs in case it comes back",
+                             peer.subnet, self.hold.seconds)
+        return out
 
     def _update_gauges(self) -> None:
         for backend in BACKEND_TYPES:
@@ -83,8 +135,9 @@ class LeaseWatcher:
         own = [kv for kv in snapshot.items if kv.key == identity.own_key]
         if identity.own_key is not None:
             self._on_own(own[0] if own else None, snapshot.revision)
-        changes = self.book.reset(
-            [kv for kv in snapshot.items if kv.key != identity.own_key], identity=identity)
+        changes = self._held(self.book.reset(
+            [kv for kv in snapshot.items if kv.key != identity.own_key], identity=identity),
+            hold_removals=True)
         self._report_rejected()
         self._update_gauges()
         await self._on_peers(changes, True, started)
@@ -100,15 +153,16 @@ class LeaseWatcher:
                 self._on_own(ev.kv if ev.type is EventType.PUT else None, ev.revision)
                 continue
             if ev.type is EventType.PUT and ev.kv is not None:
-                changes.extend(self.book.put(ev.kv))
+                # A key changed to something that is no peer (invalid, released): at once.
+                changes.extend(self._held(self.book.put(ev.kv), hold_removals=False))
             else:
-                changes.extend(self.book.delete(ev.key))
+                changes.extend(self._held(self.book.delete(ev.key), hold_removals=True))
             self._report_rejected()
         if changes:
             self._update_gauges()
             await self._on_peers(changes, False, started)
 
-    async def run(self) -> None:
+    async def _follow(self) -> None:
         async for item in self._engine.stream():
             if isinstance(item, Snapshot):
                 if item.reason != "start":
@@ -117,3 +171,33 @@ class LeaseWatcher:
                 await self._apply_listing(item)
             else:
                 await self._apply_events(item.events)
+
+    async def _expire_held(self) -> None:
+        """Remove each held peer when its time is up (unless its lease came back)."""
+        while True:
+            self._hold_changed.clear()
+            deadline = self.hold.next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self._hold_changed.wait(), wait)
+                continue
+            except TimeoutError:
+                pass
+            due = self.hold.due(time.monotonic())
+            if due:
+                for peer in due:
+                    log.info("peer %s did not come back within %gs; removing its entries",
+                             peer.subnet, self.hold.seconds)
+                await self._on_peers(PeerChanges(removed=due), False, time.perf_counter())
+
+    async def run(self) -> None:
+        follow = asyncio.ensure_future(self._follow())
+        expire = asyncio.ensure_future(self._expire_held())
+        try:
+            done, _ = await asyncio.wait({follow, expire}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in (follow, expire):
+                task.cancel()
+            await asyncio.gather(follow, expire, return_exceptions=True)

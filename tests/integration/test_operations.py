@@ -100,7 +100,7 @@ def test_promtool_accepts_a_live_agents_metrics(etcd, agents):
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    for family in ("leaseagent_lease_held", "leaseagent_lease_expiry_seconds",
+    for family in ("leaseagent_lease_held", "leaseagent_lease_expiry_timestamp_seconds",
                    "leaseagent_lease_renewals_total", "leaseagent_lease_renewal_failures_total",
                    "leaseagent_etcd_up", "leaseagent_etcd_request_duration_seconds",
                    "leaseagent_watch_events_total", "leaseagent_peers",

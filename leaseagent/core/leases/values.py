@@ -7,6 +7,10 @@ Pure: no I/O. A lease value is
 
 `NodeID` is ours; flannel's decoder ignores unknown fields, so a mixed
 cluster keeps working. A lease without NodeID (written by flanneld) is valid.
+So is `"Released": true`, ours too: an agent stopping with --release-on-exit
+writes it into its value just before it revokes its lease, so peers tell a
+host that left on purpose (removed at once) from a lease that expired (held
+a few seconds in case its owner takes it back; leaseagent.core.holddown).
 
 `decode_lease_value` and `validate_peer` refuse anything that is not clearly
 usable with InvalidLease (a short reason for metrics, a detail for people),
@@ -40,6 +44,7 @@ class LeaseValue:
     backend_type: str
     backend_data: Mapping[str, Any] = field(default_factory=dict)
     node_id: str | None = None
+    released: bool = False
 
     @property
     def vtep_mac(self) -> str | None:
@@ -57,6 +62,8 @@ class LeaseValue:
             doc["BackendData"] = dict(self.backend_data)
         if self.node_id is not None:
             doc["NodeID"] = self.node_id
+        if self.released:
+            doc["Released"] = True
         return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -88,7 +95,8 @@ def decode_lease_value(raw: bytes) -> LeaseValue:
     if node_id is not None and not isinstance(node_id, str):
         raise InvalidLease("bad_node_id", f"NodeID {node_id!r} is not a string")
     return LeaseValue(
-        public_ip=ip, backend_type=backend_type, backend_data=backend_data, node_id=node_id
+        public_ip=ip, backend_type=backend_type, backend_data=backend_data, node_id=node_id,
+        released=doc.get("Released") is True,
     )
 
 
@@ -129,6 +137,8 @@ def validate_peer(
     own_public_ip: IPv4Address | None,
 ) -> Peer:
     """Check a decoded lease against the network and this host; raise InvalidLease."""
+    if value.released:
+        raise InvalidLease("released", "released by its agent (stopping with --release-on-exit)")
     why = network.check_subnet(subnet)
     if why:
         raise InvalidLease("subnet_outside_network", why)

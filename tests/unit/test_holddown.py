@@ -1,0 +1,121 @@
+"""Hold-down of peer removal (pure) and the watcher that applies it (in-memory store)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+from leaseagent.agent.watching import LeaseWatcher
+from leaseagent.core.backends import NoLeaseData
+from leaseagent.core.holddown import HoldDown
+from leaseagent.core.leases import KeyLayout, LeaseValue, Peer, PeerChanges
+from leaseagent.core.network import parse_network_config
+from leaseagent.metrics import Metrics
+from leaseagent.store.memory import MemoryStore
+
+LAYOUT = KeyLayout("/coreos.com/network")
+NETWORK = parse_network_config(b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}')
+
+
+def peer(n: int, ip: str | None = None) -> Peer:
+    return Peer(IPv4Network(f"10.5.{n}.0/24"), IPv4Address(ip or f"10.250.0.{n}"), "host-gw",
+                NoLeaseData())
+
+
+def test_a_removal_is_held_and_due_after_the_hold_time() -> None:
+    hold = HoldDown(5)
+    out = hold.filter(PeerChanges(removed=[peer(2)]), now=100, hold_removals=True)
+    assert not out and dict(hold.held) == {peer(2).subnet: peer(2)}
+    assert hold.due(104.9) == [] and hold.next_deadline() == 105
+    assert hold.due(105) == [peer(2)] and len(hold) == 0
+
+
+def test_a_lease_back_within_the_hold_time_is_nothing_or_a_change() -> None:
+    hold = HoldDown(5)
+    hold.filter(PeerChanges(removed=[peer(2), peer(3)]), now=0, hold_removals=True)
+    out = hold.filter(PeerChanges(added=[peer(2), peer(3, "10.250.0.33"), peer(4)]), now=1,
+                      hold_removals=True)
+    assert out.added == [peer(4)] and out.changed == [peer(3, "10.250.0.33")] and not out.removed
+    assert len(hold) == 0
+
+
+def test_removals_on_purpose_and_a_zero_hold_time_are_not_held() -> None:
+    assert HoldDown(5).filter(PeerChanges(removed=[peer(2)]), now=0,
+                              hold_removals=False).removed == [peer(2)]
+    assert HoldDown(0).filter(PeerChanges(removed=[peer(2)]), now=0,
+                              hold_removals=True).removed == [peer(2)]
+
+
+def value(ip: str, **extra: object) -> bytes:
+    return json.dumps({"PublicIP": ip, "BackendType": "host-gw", **extra}).encode()
+
+
+async def watched(store: MemoryStore, hold: float) -> tuple[LeaseWatcher, list[PeerChanges],
+                                                            asyncio.Task[None]]:
+    seen: list[PeerChanges] = []
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        if changes:
+            seen.append(changes)
+
+    watcher = LeaseWatcher(store, layout=LAYOUT, network=NETWORK,
+                           own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: None,
+                           metrics=Metrics(), on_peers=on_peers, on_own=lambda kv, rev: None,
+                           hold_seconds=hold)
+    task = asyncio.create_task(watcher.run())
+    async with asyncio.timeout(2):
+        await watcher.synced.wait()
+    return watcher, seen, task
+
+
+async def test_a_lease_expired_and_taken_back_reaches_the_data_plane_as_nothing() -> None:
+    store = MemoryStore()
+    key = LAYOUT.lease_key(IPv4Network("10.5.2.0/24"))
+    await store.put(key, value("10.250.0.2"))
+    watcher, seen, task = await watched(store, hold=0.3)
+    try:
+        seen.clear()
+        await store.delete(key)
+        await asyncio.sleep(0.05)
+        assert IPv4Network("10.5.2.0/24") in watcher.peers  # still programmed while held
+        await store.put(key, value("10.250.0.2"))
+        await asyncio.sleep(0.5)
+        assert seen == [] and IPv4Network("10.5.2.0/24") in watcher.peers
+    finally:
+        task.cancel()
+
+
+async def test_a_lease_that_does_not_come_back_is_removed_after_the_hold() -> None:
+    store = MemoryStore()
+    key = LAYOUT.lease_key(IPv4Network("10.5.2.0/24"))
+    await store.put(key, value("10.250.0.2"))
+    watcher, seen, task = await watched(store, hold=0.2)
+    try:
+        seen.clear()
+        await store.delete(key)
+        await asyncio.sleep(0.1)
+        assert seen == []
+        await asyncio.sleep(0.3)
+        assert [str(p.subnet) for c in seen for p in c.removed] == ["10.5.2.0/24"]
+        assert not watcher.peers
+    finally:
+        task.cancel()
+
+
+async def test_a_released_lease_is_removed_at_once() -> None:
+    store = MemoryStore()
+    key = LAYOUT.lease_key(IPv4Network("10.5.2.0/24"))
+    await store.put(key, value("10.250.0.2"))
+    watcher, seen, task = await watched(store, hold=30)
+    try:
+        seen.clear()
+        released = LeaseValue(public_ip=IPv4Address("10.250.0.2"), backend_type="host-gw",
+                              released=True)
+        await store.put(key, released.encode())
+        await store.delete(key)
+        await asyncio.sleep(0.05)
+        assert [str(p.subnet) for c in seen for p in c.removed] == ["10.5.2.0/24"]
+        assert not watcher.peers
+    finally:
+        task.cancel()
