@@ -2,13 +2,18 @@
 
 Every flag `--some-name` can also be given as `LEASEAGENT_SOME_NAME`; a flag
 on the command line wins. Errors are ConfigError with a one-line message
-naming the flag (or variable) and the bad value. Secrets are only ever read
-from files (`--etcd-password-file`): there is no flag that takes a password.
+naming what the operator wrote (the flag, or the variable when that is where
+the value came from) and the bad value. A LEASEAGENT_* variable that sets
+nothing is reported (`unknown_variables`), so a typo in /etc/default/leaseagent
+is not silent. Secrets are only ever read from files (`--etcd-password-file`):
+there is no flag that takes a password. `--help` shows every default and
+variable; a mistyped flag is one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -17,7 +22,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import NoReturn
 
-from leaseagent.core.leases import DEFAULT_PREFIX
+from leaseagent.core.leases import DEFAULT_PREFIX, unusable_ip_reason
 from leaseagent.dataplane.base import DEFAULT_RESYNC_SECONDS, DEFAULT_ROUTE_PROTOCOL
 from leaseagent.errors import ConfigError
 from leaseagent.store.settings import DEFAULT_ENDPOINTS, DEFAULT_TIMEOUT, EtcdSettings, parse_endpoints
@@ -29,16 +34,37 @@ MIN_LEASE_TTL = 2  # etcd refuses less
 DEFAULT_PEER_HOLD_SECONDS = 5.0
 
 
+# Variables that are not flags but are read by our own scripts (deploy/lab, the tests).
+OTHER_VARIABLES = frozenset({"LEASEAGENT_PYTHON", "LEASEAGENT_FULL"})
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse without echoing values it does not know: a mistyped flag may be
-    followed by a secret (`--etcd-password hunter2`), which must not reach a log."""
+    """argparse that says what is wrong in one line, without echoing values it does not
+    know: a mistyped flag may be followed by a secret (`--etcd-password hunter2`), which
+    must not reach a log."""
 
     def error(self, message: str) -> NoReturn:
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
             flags = [t.split("=", 1)[0] for t in message[len(prefix):].split() if t.startswith("-")]
             message = prefix + (" ".join(flags) if flags else "(values not shown)")
-        super().error(message)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
+def new_parser(prog: str, description: str, *, epilog: str | None = None) -> Parser:
+    from leaseagent import __version__
+
+    parser = Parser(
+        prog=prog,
+        # No prefix matching: `--etcd-password SECRET` must be an error, not a
+        # silent `--etcd-password-file SECRET` whose "cannot read" message logs it.
+        allow_abbrev=False,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
 
 
 def env_name(flag: str) -> str:
@@ -46,15 +72,18 @@ def env_name(flag: str) -> str:
 
 
 class _EnvDefaults:
-    """Fills argparse defaults from LEASEAGENT_* variables, remembering where each came from."""
+    """Adds flags whose defaults may come from LEASEAGENT_* variables, and remembers which
+    did, so an error names what the operator wrote: the flag or the variable."""
 
     def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
         self._parser = parser
         self._environ = environ
+        self.from_env: dict[str, str] = {}  # dest -> the variable that set it
 
     def add(self, flag: str, *, default: object = None, flag_type: str = "str", **kw: object) -> None:
         value: object = default
-        raw = self._environ.get(env_name(flag))
+        var = env_name(flag)
+        raw = self._environ.get(var)
         if raw is not None and raw != "":
             if flag_type == "bool":
                 low = raw.strip().lower()
@@ -63,17 +92,47 @@ class _EnvDefaults:
                 elif low in ("0", "false", "no", "off"):
                     value = False
                 else:
-                    raise ConfigError(f"{env_name(flag)}={raw!r}: must be true or false")
+                    raise ConfigError(f"{var}={raw!r}: must be true or false")
             else:
                 choices = kw.get("choices")
                 if isinstance(choices, list) and raw not in choices:
-                    raise ConfigError(f"{env_name(flag)}={raw!r}: must be one of {', '.join(choices)}")
+                    raise ConfigError(f"{var}={raw!r}: must be one of {', '.join(choices)}")
                 value = raw
+            self.from_env[flag.lstrip("-").replace("-", "_")] = var
+        shown = "off" if default is None or default is False else ("on" if default is True else default)
+        kw["help"] = f"{kw.get('help', '')} [default: {shown}; ${var}]".lstrip()
         if flag_type == "bool":
             self._parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                       default=value, **kw)  # type: ignore[arg-type]
         else:
             self._parser.add_argument(flag, default=value, **kw)  # type: ignore[arg-type]
+
+    def note_origins(self, ns: argparse.Namespace, argv: Sequence[str]) -> None:
+        """Record on `ns` which flags were set by a variable (and not on the command line)."""
+        given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+        origins = dict(getattr(ns, "_origins", {}))
+        for dest, var in self.from_env.items():
+            if "--" + dest.replace("_", "-") not in given:
+                origins[dest] = var
+        ns._origins = origins
+
+
+def source(ns: argparse.Namespace, flag: str) -> str:
+    """The name to put in an error about `flag`: the variable if that is where it came from."""
+    return str(getattr(ns, "_origins", {}).get(flag.lstrip("-").replace("-", "_"), flag))
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per LEASEAGENT_* variable that sets nothing (a typo is not silent)."""
+    known = {env_name(opt) for action in agent_parser({})._actions
+             for opt in action.option_strings if opt.startswith("--")} | OTHER_VARIABLES
+    out = []
+    for name in sorted(environ):
+        if name.startswith("LEASEAGENT_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            out.append(f"ignoring {name}: no such setting{hint}")
+    return out
 
 
 def add_etcd_arguments(env: _EnvDefaults) -> None:
@@ -92,25 +151,30 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-def _seconds(flag: str, raw: object, *, zero: bool = False) -> float:
-    """A finite number of seconds, positive (or 0 when `zero`); ConfigError names the flag."""
+def _seconds(name: str, raw: object, *, zero: bool = False) -> float:
+    """A finite number of seconds, positive (or 0 when `zero`); ConfigError names the setting."""
     try:
         value = float(str(raw))
     except ValueError:
-        raise ConfigError(f"{flag}={raw!r}: not a number") from None
+        raise ConfigError(f"{name}={raw!r}: not a number") from None
     if not (value >= 0 if zero else value > 0) or value == float("inf"):
-        raise ConfigError(f"{flag}={raw!r}: must be a number of seconds"
+        raise ConfigError(f"{name}={raw!r}: must be a number of seconds"
                           + (", 0 or more" if zero else " above 0"))
     return value
 
 
 def etcd_settings(ns: argparse.Namespace) -> EtcdSettings:
-    parse_endpoints(ns.etcd_endpoints)  # validate early, with the flag's name
+    try:
+        parse_endpoints(ns.etcd_endpoints)  # validate early, with the setting's name
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--etcd-endpoints", source(ns, "--etcd-endpoints"), 1)
+                          ) from None
     prefix = str(ns.etcd_prefix)
     if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
-        raise ConfigError(f"--etcd-prefix={prefix!r}: must start with / and not end with /")
+        raise ConfigError(f"{source(ns, '--etcd-prefix')}={prefix!r}: must start with / and "
+                          "not end with /")
     if ns.etcd_password_file and not ns.etcd_username:
-        raise ConfigError("--etcd-password-file needs --etcd-username")
+        raise ConfigError(f"{source(ns, '--etcd-password-file')} needs --etcd-username")
     return EtcdSettings(
         endpoints=ns.etcd_endpoints,
         cafile=_path(ns.etcd_cafile),
@@ -118,7 +182,7 @@ def etcd_settings(ns: argparse.Namespace) -> EtcdSettings:
         keyfile=_path(ns.etcd_keyfile),
         username=ns.etcd_username or None,
         password_file=_path(ns.etcd_password_file),
-        timeout=_seconds("--etcd-timeout", ns.etcd_timeout),
+        timeout=_seconds(source(ns, "--etcd-timeout"), ns.etcd_timeout),
     )
 
 
@@ -140,6 +204,7 @@ class AgentConfig:
     resync_interval: float
     docker_opts_file: Path | None = None
     peer_hold_time: float = DEFAULT_PEER_HOLD_SECONDS
+    allow_any_public_ip: bool = False
 
 
 def default_node_id() -> str:
@@ -150,86 +215,114 @@ def default_node_id() -> str:
     return machine_id or socket.gethostname()
 
 
-def _parse_hostport(flag: str, raw: str) -> tuple[str, int]:
+def _parse_hostport(name: str, raw: str) -> tuple[str, int]:
     host, sep, port = raw.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{flag}={raw!r}: must be HOST:PORT")
+        raise ConfigError(f"{name}={raw!r}: must be HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def add_host_arguments(env: _EnvDefaults) -> None:
     """The flags that say how the agent sees this host (shared with `leasectl doctor`)."""
-    env.add("--iface", help="underlay interface, by name or IP (default: that of the default route)")
-    env.add("--public-ip", help="IPv4 address published to peers (default: the interface's first)")
+    env.add("--iface", help="underlay interface, by name or IP (off: that of the default route)")
+    env.add("--public-ip", help="IPv4 address published to peers (off: the interface's first)")
     env.add("--subnet-file", default=str(DEFAULT_SUBNET_FILE), help="where to write subnet.env")
     env.add("--state-dir", default=str(DEFAULT_STATE_DIR), help="where to keep state (VtepMAC)")
     env.add("--route-protocol", default=str(DEFAULT_ROUTE_PROTOCOL),
             help="rtnetlink protocol number marking the routes this agent owns")
 
 
-def parse_public_ip(raw: str | None) -> IPv4Address | None:
+def parse_public_ip(raw: str | None, *, name: str = "--public-ip", allow_any: bool = False
+                    ) -> IPv4Address | None:
+    """--public-ip as an address peers can use (leaseagent.core.leases: the rule they apply)."""
     if not raw:
         return None
     try:
-        return IPv4Address(raw)
+        ip = IPv4Address(raw)
     except ValueError:
-        raise ConfigError(f"--public-ip={raw!r}: not an IPv4 address") from None
+        raise ConfigError(f"{name}={raw!r}: not an IPv4 address") from None
+    why = unusable_ip_reason(ip)
+    if why and not allow_any:
+        raise ConfigError(f"{name}={raw!r}: a {why} address; peers would refuse the lease "
+                          "(with the alloc backend, --allow-any-public-ip publishes it anyway)")
+    return ip
 
 
-def parse_route_protocol(raw: object) -> int:
+def parse_route_protocol(raw: object, *, name: str = "--route-protocol") -> int:
     try:
         protocol = int(str(raw))
     except ValueError:
         protocol = -1
     if not 5 <= protocol <= 255:
-        raise ConfigError(f"--route-protocol={raw!r}: must be a number from 5 to 255")
+        raise ConfigError(f"{name}={raw!r}: must be a number from 5 to 255")
     return protocol
 
 
+AGENT_DESCRIPTION = """\
+Per-host subnet lease in etcd (flannel's format), subnet.env and Docker's options for
+dockerd, and the data plane (vxlan or host-gw) to every other host.
+
+Every flag may also be set as an environment variable LEASEAGENT_<FLAG> (shown
+after each default, e.g. --lease-ttl as $LEASEAGENT_LEASE_TTL); a flag on the
+command line wins. The systemd unit reads them from /etc/default/leaseagent."""
+
+AGENT_EPILOG = """\
+exit status:
+  0  stopped by SIGTERM or SIGINT
+  1  a fatal error at run time (subnet range exhausted, etcd refused our credentials,
+     a task died)
+  2  a configuration error (a flag, variable, file or interface); not worth a restart"""
+
+
 def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="leaseagent",
-        # No prefix matching: `--etcd-password SECRET` must be an error, not a
-        # silent `--etcd-password-file SECRET` whose "cannot read" message logs it.
-        allow_abbrev=False,
-        description="Per-host subnet lease in etcd, subnet.env for dockerd, and the data plane "
-        "to every other host. Every flag may also be set as LEASEAGENT_<FLAG_NAME>.",
-    )
+    parser = new_parser("leaseagent", AGENT_DESCRIPTION, epilog=AGENT_EPILOG)
     env = _EnvDefaults(parser, environ)
     add_etcd_arguments(env)
     add_host_arguments(env)
     env.add("--lease-ttl", default=str(DEFAULT_LEASE_TTL), help="lease TTL in seconds")
     env.add("--release-on-exit", default=False, flag_type="bool",
-            help="revoke the lease when stopping (default: keep it for the restart)")
-    env.add("--node-id", help="stable id of this host (default: /etc/machine-id, else hostname)")
-    env.add("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz (default: off)")
-    env.add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    env.add("--log-format", default="text", choices=["text", "json"])
+            help="give the lease up when stopping (off: keep it for the restart)")
+    env.add("--node-id", help="stable id of this host (off: /etc/machine-id, else the hostname)")
+    env.add("--metrics-addr", help="HOST:PORT for /metrics, /healthz, /readyz")
+    env.add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+            help="least important log level shown")
+    env.add("--log-format", default="text", choices=["text", "json"],
+            help="text lines, or one JSON object per line")
     env.add("--docker-opts-file",
-            help="also write Docker's options here, as `leasectl docker-opts` does (default: off)")
+            help="also write Docker's options here, as `leasectl docker-opts` does")
     env.add("--resync-interval", default=f"{DEFAULT_RESYNC_SECONDS:g}",
             help="seconds between full data-plane resyncs")
     env.add("--peer-hold-time", default=f"{DEFAULT_PEER_HOLD_SECONDS:g}",
             help="seconds a peer whose lease vanished keeps its kernel entries in case it comes "
             "back (0: remove at once); a lease released on purpose is removed at once")
+    env.add("--allow-any-public-ip", default=False, flag_type="bool",
+            help="with the alloc backend, publish --public-ip even if it is loopback, "
+            "link-local, multicast, ... (peers will call the lease invalid)")
+    parser.set_defaults(_env=env)
     return parser
 
 
 def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> AgentConfig:
     environ = os.environ if environ is None else environ
-    ns = agent_parser(environ).parse_args(list(argv))
+    parser = agent_parser(environ)
+    ns = parser.parse_args(list(argv))
+    ns._env.note_origins(ns, argv)
     etcd = etcd_settings(ns)
     try:
         ttl = int(ns.lease_ttl)
     except ValueError:
-        raise ConfigError(f"--lease-ttl={ns.lease_ttl!r}: not a whole number of seconds") from None
+        raise ConfigError(f"{source(ns, '--lease-ttl')}={ns.lease_ttl!r}: not a whole number "
+                          "of seconds") from None
     if ttl < MIN_LEASE_TTL:
-        raise ConfigError(f"--lease-ttl={ttl}: must be at least {MIN_LEASE_TTL} seconds (etcd's floor)")
-    public_ip = parse_public_ip(ns.public_ip)
-    route_protocol = parse_route_protocol(ns.route_protocol)
+        raise ConfigError(f"{source(ns, '--lease-ttl')}={ttl}: must be at least {MIN_LEASE_TTL} "
+                          "seconds (etcd's floor)")
+    allow_any = bool(ns.allow_any_public_ip)
+    public_ip = parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=allow_any)
+    route_protocol = parse_route_protocol(ns.route_protocol, name=source(ns, "--route-protocol"))
     node_id = ns.node_id or default_node_id()
     if any(c.isspace() for c in node_id) or len(node_id) > 253:
-        raise ConfigError(f"--node-id={node_id!r}: must be at most 253 characters, no spaces")
+        raise ConfigError(f"{source(ns, '--node-id')}={node_id!r}: must be at most 253 "
+                          "characters, no spaces")
     return AgentConfig(
         etcd=etcd,
         prefix=str(ns.etcd_prefix),
@@ -240,11 +333,13 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         lease_ttl=ttl,
         release_on_exit=bool(ns.release_on_exit),
         node_id=node_id,
-        metrics_addr=_parse_hostport("--metrics-addr", ns.metrics_addr) if ns.metrics_addr else None,
+        metrics_addr=(_parse_hostport(source(ns, "--metrics-addr"), ns.metrics_addr)
+                      if ns.metrics_addr else None),
         log_level=ns.log_level,
         log_format=ns.log_format,
         route_protocol=route_protocol,
-        resync_interval=_seconds("--resync-interval", ns.resync_interval),
+        resync_interval=_seconds(source(ns, "--resync-interval"), ns.resync_interval),
         docker_opts_file=Path(ns.docker_opts_file) if ns.docker_opts_file else None,
-        peer_hold_time=_seconds("--peer-hold-time", ns.peer_hold_time, zero=True),
+        peer_hold_time=_seconds(source(ns, "--peer-hold-time"), ns.peer_hold_time, zero=True),
+        allow_any_public_ip=allow_any,
     )

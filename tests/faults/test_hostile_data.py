@@ -75,6 +75,8 @@ def oracle(key: str, raw: bytes) -> tuple[IPv4Network, str, str | None] | None:
         return None
     if not isinstance(doc.get("BackendData") or {}, dict):
         return None
+    if not doc.get("BackendData") and doc.get("NodeID") is None:
+        return None  # keys here carry no etcd lease: an unclaimed reservation, nobody there yet
     if doc.get("BackendType") != "vxlan":
         return None if doc.get("BackendType") not in ("alloc", "host-gw") else (subnet, str(ip), None)
     data = doc.get("BackendData")

@@ -107,7 +107,9 @@ def test_lease_ttl_below_etcds_floor_is_refused(ttl: str) -> None:
 
 
 def test_bad_lease_ttl_from_the_environment_is_refused() -> None:
-    assert "--lease-ttl='soon'" in config_error(env={"LEASEAGENT_LEASE_TTL": "soon"})
+    # The error names what the operator wrote: the variable.
+    assert "LEASEAGENT_LEASE_TTL='soon'" in config_error(env={"LEASEAGENT_LEASE_TTL": "soon"})
+    assert "--lease-ttl='2s'" in config_error("--lease-ttl", "2s", env={"LEASEAGENT_LEASE_TTL": "soon"})
 
 
 @pytest.mark.parametrize("ip", ["192.168.64.300", "fd00::1", "host.example", "192.168.64.3/24"])

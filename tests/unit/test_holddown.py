@@ -48,7 +48,8 @@ def test_removals_on_purpose_and_a_zero_hold_time_are_not_held() -> None:
 
 
 def value(ip: str, **extra: object) -> bytes:
-    return json.dumps({"PublicIP": ip, "BackendType": "host-gw", **extra}).encode()
+    # A NodeID: a key with no etcd lease (store.put) and nothing else is an unclaimed reservation.
+    return json.dumps({"PublicIP": ip, "BackendType": "host-gw", "NodeID": ip, **extra}).encode()
 
 
 async def watched(store: MemoryStore, hold: float) -> tuple[LeaseWatcher, list[PeerChanges],
@@ -111,7 +112,7 @@ async def test_a_released_lease_is_removed_at_once() -> None:
     try:
         seen.clear()
         released = LeaseValue(public_ip=IPv4Address("10.250.0.2"), backend_type="host-gw",
-                              released=True)
+                              node_id="10.250.0.2", released=True)
         await store.put(key, released.encode())
         await store.delete(key)
         await asyncio.sleep(0.05)

@@ -14,6 +14,7 @@ from leaseagent.core.leases import (
     INVALID,
     OWN,
     PEER,
+    RESERVED,
     Identity,
     KeyLayout,
     LeaseBook,
@@ -77,6 +78,24 @@ def test_own_key_and_keys_naming_the_own_subnet() -> None:
     assert result.verdicts[P + "10.5.2.0-24"].reason == "public_ip_is_ours"
     assert result.peers == {}
     assert [v.key for v in result.naming(OWN_IP)] == [own, P + "10.5.2.0-24"]
+
+
+def test_an_unclaimed_reservation_is_reserved_and_no_peer_a_claimed_one_is_a_peer() -> None:
+    unclaimed = KV(P + "10.5.3.0-24", value("10.250.0.3"), 2, 2, lease=0)
+    claimed = KV(P + "10.5.4.0-24", json.dumps({"PublicIP": "10.250.0.4", "BackendType": "host-gw",
+                                                "NodeID": "h4"}).encode(), 3, 3, lease=0)
+    result = judge([unclaimed, claimed], layout=LAYOUT, network=NETWORK)
+    first = result.verdicts[unclaimed.key]
+    assert first.status == RESERVED and first.valid and first.reason is None and first.reservation
+    assert list(result.peers) == [IPv4Network("10.5.4.0/24")]
+
+
+def test_a_younger_valid_key_naming_the_same_public_ip_is_named() -> None:
+    items = [KV(P + "10.5.3.0-24", value("10.250.0.3"), 2, 2),
+             KV(P + "10.5.4.0-24", value("10.250.0.3"), 5, 5)]
+    result = judge(items, layout=LAYOUT, network=NETWORK)
+    assert result.same_ip == {P + "10.5.4.0-24": P + "10.5.3.0-24"}
+    assert len(result.peers) == 2  # both still programmed
 
 
 def test_without_a_network_config_values_are_decoded_but_nothing_is_a_peer() -> None:

@@ -18,7 +18,8 @@ SUBNET = IPv4Network("10.5.3.0/24")
 
 
 def lease(ip: str) -> bytes:
-    return json.dumps({"PublicIP": ip, "BackendType": "alloc"}).encode()
+    # A NodeID: a key with no etcd lease (store.put) and nothing else is an unclaimed reservation.
+    return json.dumps({"PublicIP": ip, "BackendType": "alloc", "NodeID": ip}).encode()
 
 
 async def until(check, within: float = 2.0) -> None:  # type: ignore[no-untyped-def]

@@ -17,6 +17,8 @@ from leaseagent.core.leases.judging import (
     INVALID,
     OWN,
     PEER,
+    REASONS,
+    RESERVED,
     Identity,
     Judgement,
     LeaseBook,
@@ -36,8 +38,8 @@ from leaseagent.core.leases.values import (
 )
 
 __all__ = [
-    "DEFAULT_PREFIX", "DUPLICATE", "INVALID", "MAX_VALUE_BYTES", "OWN", "PEER", "Identity",
-    "Judgement", "KeyLayout", "LeaseBook", "LeaseValue", "Peer", "PeerChanges", "RawLease",
-    "SubnetKey", "Verdict", "decode_lease_value", "judge", "key_name", "parse_key_name",
-    "unusable_ip_reason", "validate_peer",
+    "DEFAULT_PREFIX", "DUPLICATE", "INVALID", "MAX_VALUE_BYTES", "OWN", "PEER", "REASONS",
+    "RESERVED", "Identity", "Judgement", "KeyLayout", "LeaseBook", "LeaseValue", "Peer",
+    "PeerChanges", "RawLease", "SubnetKey", "Verdict", "decode_lease_value", "judge", "key_name",
+    "parse_key_name", "unusable_ip_reason", "validate_peer",
 ]

@@ -18,8 +18,14 @@ The rule, per key, oldest first (by create revision, then key name):
    Two keys can name one subnet: `10.5.3.0-24` and `10.5.3.0-24&fd00::-64`,
    or `10.5.3.0-024`.
 
-A key with no etcd lease (lease id 0) is a reservation; that changes nothing
-above (a claimed reservation is a peer like any other).
+A key with no etcd lease (lease id 0) is a reservation. One its host has not
+claimed yet (no BackendData and no NodeID: what `leasectl reserve` writes)
+is RESERVED: no peer (nobody is there yet), and no error either. A claimed
+reservation is judged like any other key.
+
+Two valid keys naming one PublicIP (a leftover, or two agents with one
+identity) are both peers, but `Judgement.same_ip` names the younger with
+the older, for `leasectl list` and the agent to report.
 
 `judge(items, ...)` applies the rule to a whole listing. `LeaseBook` is its
 incremental form for a watcher: a listing (`reset`) then events one by one
@@ -42,7 +48,12 @@ from leaseagent.core.leases.values import LeaseValue, Peer, decode_lease_value, 
 from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import InvalidLease
 
-OWN, PEER, DUPLICATE, INVALID = "own", "peer", "duplicate", "invalid"
+OWN, PEER, DUPLICATE, INVALID, RESERVED = "own", "peer", "duplicate", "invalid", "reserved"
+
+# Every reason a key can be refused for (a metric label each).
+REASONS = ("bad_key", "own_subnet", "malformed_json", "too_large", "bad_public_ip",
+           "public_ip_is_ours", "unknown_backend", "bad_backend_data", "bad_node_id",
+           "subnet_outside_network", "bad_vtep_mac", "duplicate_subnet", "released")
 
 
 class RawLease(Protocol):
@@ -91,7 +102,7 @@ class Verdict:
 
     @property
     def valid(self) -> bool:
-        return self.status in (PEER, OWN) and self.reason is None
+        return self.status in (PEER, OWN, RESERVED) and self.reason is None
 
 
 @dataclass
@@ -101,6 +112,7 @@ class Judgement:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     peers: dict[IPv4Network, Peer] = field(default_factory=dict)
     holders: dict[IPv4Network, str] = field(default_factory=dict)
+    same_ip: dict[str, str] = field(default_factory=dict)  # younger key -> older, one PublicIP
 
     @property
     def own(self) -> list[Verdict]:
@@ -144,6 +156,9 @@ def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
             if subnet == own_subnet:
                 raise InvalidLease("own_subnet", f"key {kv.key} names this host's subnet {subnet}")
         value = decode_lease_value(kv.value)
+        if (not is_own and kv.lease == 0 and not value.backend_data and value.node_id is None
+                and not value.released):
+            return verdict(RESERVED, subnet, value=value)
         if network is None:
             return verdict(status, subnet, value=value)
         peer = validate_peer(subnet, value, network=network,
@@ -181,6 +196,13 @@ def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfi
                 if verdict.peer is not None:
                     out.peers[subnet] = verdict.peer
         out.verdicts[kv.key] = verdict
+    first_of_ip: dict[object, str] = {}
+    for key in out.holders.values():  # oldest first
+        value = out.verdicts[key].value
+        if value is not None:
+            older = first_of_ip.setdefault(value.public_ip, key)
+            if older != key:
+                out.same_ip[key] = older
     return out
 
 
