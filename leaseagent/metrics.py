@@ -9,13 +9,26 @@ Metrics are exported from state, never read back as state. The agent's own
 events are counted here directly; the data plane's are read at scrape time
 from the backend's `status` (leaseagent.dataplane.base.DataPlaneStatus), which
 the agent hands to `export_dataplane`.
+
+No `_created` series (they double the series count and nobody queries them),
+and every labelled counter starts at 0 for each label value it can take
+(`zero`), so `rate()` and `absent()` work before the first event.
+`leaseagent_build_info{version}` and `leaseagent_lease_info{subnet, public_ip,
+node_id, backend}` say which agent and which lease a series belongs to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -59,10 +72,23 @@ class _DataPlaneCollector(Collector):
                                     buckets=buckets, sum_value=durations.total)
 
 
+def zero(metric: Counter | Gauge | Histogram, label: str, values: Iterable[str]) -> None:
+    """Create the series of each label value now, at 0, so it exists before its first event."""
+    for value in values:
+        metric.labels(**{label: value})
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from leaseagent import __version__
+
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        Info("leaseagent_build", "The running agent", registry=r).info({"version": __version__})
+        self._lease_info = Info(
+            "leaseagent_lease", "This host's identity and the subnet it holds", registry=r)
+        self._identity: dict[str, str] = {}
         self.lease_held = Gauge(
             "leaseagent_lease_held", "1 while this host holds its subnet lease", registry=r)
         self.lease_expiry = Gauge(
@@ -117,6 +143,13 @@ class Metrics:
             registry=r)
         self._dataplane: DataPlaneStatus | None = None
         r.register(_DataPlaneCollector(lambda: self._dataplane))
+
+    def set_identity(self, *, public_ip: str, node_id: str, backend: str) -> None:
+        self._identity = {"public_ip": public_ip, "node_id": node_id, "backend": backend}
+        self._lease_info.info({"subnet": "", **self._identity})
+
+    def set_lease(self, *, subnet: str) -> None:
+        self._lease_info.info({"subnet": subnet, **self._identity})
 
     def export_dataplane(self, status: DataPlaneStatus) -> None:
         """Export the data plane's status (read at each scrape) from now on."""

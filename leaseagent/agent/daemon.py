@@ -29,18 +29,29 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
+from leaseagent import __version__
 from leaseagent.agent.leasing import Leasing, OwnLease
-from leaseagent.agent.logs import StateLog
+from leaseagent.agent.logs import StateLog, set_context
 from leaseagent.agent.notify import sd_notify, watchdog_interval
-from leaseagent.agent.watching import LeaseWatcher
+from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
+from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.dockeropts import render_docker_env
-from leaseagent.core.leases import KeyLayout, LeaseValue, PeerChanges, Verdict, decode_lease_value
+from leaseagent.core.leases import (
+    REASONS,
+    KeyLayout,
+    LeaseValue,
+    PeerChanges,
+    Verdict,
+    decode_lease_value,
+    unusable_ip_reason,
+)
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
 from leaseagent.errors import (
+    ConfigError,
     IdentityConflict,
     InvalidLease,
     LeaseLost,
@@ -48,9 +59,9 @@ from leaseagent.errors import (
     StoreUnavailable,
 )
 from leaseagent.files import read_text_if_exists, refuse_symlink, write_atomic
-from leaseagent.metrics import Metrics
+from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
-from leaseagent.store.base import KeyValue, LeaseStore
+from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
 
 log = logging.getLogger("leaseagent")
 
@@ -91,6 +102,36 @@ async def wait_for_network_config(store: LeaseStore, layout: KeyLayout, states: 
     raise AssertionError("unreachable")
 
 
+async def preflight(cfg: AgentConfig) -> HostInfo | None:
+    """Every check that needs no etcd, before the first etcd request: the paths we write
+    (no planted symlink; their directories can be made, which a unit's ProtectSystem=
+    may forbid) and this host's interface and PublicIP (when they do not depend on the
+    backend: alloc with --public-ip needs no interface). ConfigError (exit status 2)
+    names the flag; the resolved host, if any, is returned for the agent to use."""
+    for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir,
+                 *((cfg.docker_opts_file, cfg.docker_opts_file.parent)
+                   if cfg.docker_opts_file else ())):
+        refuse_symlink(path)
+    for flag, directory in (("--subnet-file", cfg.subnet_file.parent),
+                            ("--state-dir", cfg.state_dir),
+                            *((("--docker-opts-file", cfg.docker_opts_file.parent),)
+                              if cfg.docker_opts_file else ())):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot create {directory}: {exc.strerror}") from None
+    if cfg.public_ip is not None and cfg.iface is None:
+        return None  # which interface depends on the backend (alloc needs none)
+    from leaseagent.dataplane.host import resolve_host as resolve
+
+    host = await resolve(cfg.iface, str(cfg.public_ip) if cfg.public_ip else None)
+    why = unusable_ip_reason(host.public_ip)
+    if why and not cfg.allow_any_public_ip:
+        raise ConfigError(f"interface {host.iface}: its first IPv4 address {host.public_ip} is "
+                          f"{why}; peers would refuse it (pass --public-ip)")
+    return host
+
+
 async def resolve_host(cfg: AgentConfig, backend_type: str) -> HostInfo:
     """This host's underlay interface and PublicIP (alloc needs no interface)."""
     if backend_type == "alloc" and cfg.public_ip is not None and cfg.iface is None:
@@ -117,10 +158,17 @@ class Agent:
         self._backends = BACKENDS if backends is None else backends
         self.store = store
         self.metrics = metrics or Metrics()
+        m = self.metrics
+        zero(m.watch_events, "type", (t.value for t in EventType))
+        zero(m.relists, "reason", RELIST_REASONS)
+        zero(m.invalid_leases, "reason", (r for r in REASONS if r != "released"))
+        zero(m.etcd_request_seconds, "operation", OPERATIONS)
+        for backend_name in BACKEND_TYPES:
+            m.peers.labels(backend=backend_name).set(0)
         self._notify = notify
         self._host = host
         self._rng = rng or random.Random()
-        self.states = StateLog(log)
+        self.states = StateLog(log, on_change=self._status)
         self.layout = KeyLayout(cfg.prefix)
         self.own: OwnLease | None = None
         self.lease_held = False  # False while a lost lease is being taken back
@@ -153,6 +201,10 @@ class Agent:
             return "data plane not in sync" + (f": {error}" if error else "")
         return None
 
+    def _status(self, text: str) -> None:
+        """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
+        self._notify("STATUS=" + text.replace("\n", " ")[:200])
+
     def _set_lease_held(self, held: bool) -> None:
         self.lease_held = held
         self.metrics.lease_held.set(1 if held else 0)
@@ -161,8 +213,9 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.cfg
-        # Before anything is taken in etcd: a symlink planted at a path we write as root
-        # is refused (write_atomic checks again at each write).
+        # Before anything is taken in etcd (preflight ran before etcd was asked anything
+        # when started by main; tests may start an Agent directly): a symlink planted at a
+        # path we write as root is refused (write_atomic checks again at each write).
         for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir,
                      *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
             refuse_symlink(path)
@@ -171,6 +224,15 @@ class Agent:
         log.info("network %s, /%d subnets in %s-%s, backend %s", network.network,
                  network.subnet_len, network.subnet_min, network.subnet_max, network.backend_type)
         host = self._host or await resolve_host(cfg, network.backend_type)
+        if network.backend_type != "alloc" and unusable_ip_reason(host.public_ip):
+            raise ConfigError(f"PublicIP {host.public_ip} is {unusable_ip_reason(host.public_ip)}: "
+                              f"peers would refuse it (--allow-any-public-ip is for alloc only)")
+        log.info("leaseagent %s: backend %s, interface %s, PublicIP %s, node id %s, etcd %s",
+                 __version__, network.backend_type, host.iface or "-", host.public_ip, cfg.node_id,
+                 cfg.etcd.endpoints)
+        set_context(public_ip=host.public_ip, node_id=cfg.node_id)
+        self.metrics.set_identity(public_ip=str(host.public_ip), node_id=cfg.node_id,
+                                  backend=network.backend_type)
         settings = DataPlaneSettings(
             network=network, host=host, state_dir=cfg.state_dir,
             route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
@@ -188,6 +250,7 @@ class Agent:
         if old_env:
             previous = previous_subnet(old_env)
         own = None
+        self._status(f"acquiring a lease in {network.network}")
         async for attempt in retrying(on_retry=self._etcd_down):
             with attempt:
                 own = await leasing.acquire(previous=previous)
@@ -217,8 +280,10 @@ class Agent:
             write_atomic(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
         self.subnet_env_written = True
         await self.backend.start(own.subnet)
+        set_context(subnet=own.subnet)
+        self.metrics.set_lease(subnet=str(own.subnet))
         if first or changed:
-            log.info("lease acquired: %s (%s)%s; subnet.env written to %s", own.subnet, own.how,
+            log.info("lease held: %s (%s)%s; subnet.env written to %s", own.subnet, own.how,
                      "" if own.reservation else f", ttl {own.ttl}s", self.cfg.subnet_file)
         if changed and self.watcher is not None:
             self.watcher.request_relist("own_subnet_changed")
@@ -344,6 +409,7 @@ class Agent:
         read (with a growing, jittered pause, at most CONFLICT_CHECK_SECONDS) until the
         key it holds is free. The data plane is left as it is."""
         self.conflict = str(conflict)
+        self._status(f"identity conflict: {conflict}")
         self.metrics.identity_conflict.set(1)
         self.metrics.identity_conflicts.inc()
         log.error("IDENTITY CONFLICT: %s. This agent steps back and changes nothing in etcd "
@@ -439,6 +505,8 @@ class Agent:
             if synced.done():
                 spawn("dataplane", backend.run(lambda: watcher.peers))
                 self._notify("READY=1")
+                assert self.own is not None
+                self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")
                 log.info("ready: %d peers programmed", len(watcher.book))
                 await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
                 self._check_tasks(tasks)

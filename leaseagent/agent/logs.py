@@ -3,7 +3,12 @@
 The agent logs one line per state change (lease acquired/lost, etcd up/down,
 peer added/removed, drift repaired), never one per retry attempt:
 `StateLog.set(topic, state, msg)` logs only when `state` differs from the
-last state logged for `topic`.
+last state logged for `topic`, and hands the line to `on_change` (the agent
+sends it to systemd as STATUS=, so `systemctl status` says what it waits for).
+
+JSON lines carry this host's identity as fields (`public_ip`, `node_id`,
+`subnet`) once known (`set_context`), so a log pipeline can select a host
+without parsing messages.
 """
 
 from __future__ import annotations
@@ -12,7 +17,20 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
+
+# Fields every JSON line carries once known (this host's identity and subnet).
+_CONTEXT: dict[str, str] = {}
+
+
+def set_context(**fields: object) -> None:
+    """Add (or, with None, remove) fields every JSON log line carries."""
+    for name, value in fields.items():
+        if value is None:
+            _CONTEXT.pop(name, None)
+        else:
+            _CONTEXT[name] = str(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,6 +41,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **_CONTEXT,
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
@@ -44,8 +63,10 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 class StateLog:
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger,
+                 on_change: Callable[[str], object] | None = None) -> None:
         self._logger = logger
+        self._on_change = on_change
         self._last: dict[str, object] = {}
 
     def set(self, topic: str, state: object, msg: str, *args: object,
@@ -54,4 +75,6 @@ class StateLog:
             return False
         self._last[topic] = state
         self._logger.log(level, msg, *args)
+        if self._on_change is not None:
+            self._on_change(msg % args if args else msg)
         return True

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 
-from leaseagent.agent.daemon import Agent
+from leaseagent.agent.daemon import Agent, preflight
 from leaseagent.agent.logs import setup_logging
-from leaseagent.config import AgentConfig, parse_agent_config
+from leaseagent.config import AgentConfig, parse_agent_config, unknown_variables
 from leaseagent.errors import ConfigError, LeaseagentError
 from leaseagent.metrics import Metrics
 from leaseagent.store.etcd import EtcdStore
@@ -25,8 +26,9 @@ log = logging.getLogger("leaseagent")
 
 
 async def serve(cfg: AgentConfig) -> None:
+    host = await preflight(cfg)  # local checks first: a bad flag is exit 2 with etcd down too
     store = await EtcdStore.connect(cfg.etcd)
-    agent = Agent(cfg, store)
+    agent = Agent(cfg, store, host=host)
     latency = agent.metrics.etcd_request_seconds
     store.observer = lambda op, seconds: latency.labels(operation=op).observe(seconds)
     store.on_member = _endpoint_tracker(store, agent.metrics)
@@ -42,8 +44,8 @@ async def serve(cfg: AgentConfig) -> None:
             try:
                 metrics_server = await serve_metrics(agent, *cfg.metrics_addr)
             except OSError as exc:
-                host, port = cfg.metrics_addr
-                raise ConfigError(f"--metrics-addr {host}:{port}: cannot listen: "
+                address, port = cfg.metrics_addr
+                raise ConfigError(f"--metrics-addr {address}:{port}: cannot listen: "
                                   f"{exc.strerror or exc}") from None
         await agent.run(stop)
     finally:
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"leaseagent: error: {exc}", file=sys.stderr)
         return 2
+    for warning in unknown_variables(os.environ):
+        print(f"leaseagent: warning: {warning}", file=sys.stderr)
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         asyncio.run(serve(cfg))

@@ -40,13 +40,15 @@ from leaseagent.core.leases import Identity, KeyLayout, LeaseBook, Peer, PeerCha
 from leaseagent.core.network import NetworkConfig
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, WatchEvent
-from leaseagent.store.watching import ListWatch, Snapshot
+from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
 
 log = logging.getLogger("leaseagent.watching")
 
 OnPeers = Callable[[PeerChanges, bool, float], Awaitable[None]]
 OnOwn = Callable[[KeyValue | None, int], None]
 OnTwin = Callable[[Verdict], None]
+# Why the prefix is listed again: the engine's reasons, and the agent's own requests.
+RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed")
 
 
 class LeaseWatcher:

@@ -14,6 +14,9 @@ adapter pass one contract suite (tests/contract):
 - an etcd lease that expires or is revoked deletes its keys (delete events).
 
 Errors are the project's (leaseagent.errors), never a library's.
+
+`OPERATIONS` names the requests an adapter reports to its observer (the
+`operation` label of the etcd latency metric), in an operator's words.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
+
+OPERATIONS = ("get", "list", "put", "create", "allocate", "replace", "delete", "grant",
+              "keepalive", "time-to-live", "revoke", "compact", "members")
 
 
 @dataclass(frozen=True)

@@ -306,7 +306,7 @@ class EtcdStore:
         guard = [Compare(result=Compare.NOT_EQUAL, target=Compare.LEASE, key=key.encode(),
                          lease=lease) for key in keys] if lease else []
         resp = await self._call(
-            f"create-first {keys[0]}",
+            f"allocate {keys[0]}",
             kv.txn(guard, [RequestOp(request_txn=chain)], [kv.txn_op_get(key) for key in keys],
                    timeout=self._timeout),
         )
@@ -367,7 +367,7 @@ class EtcdStore:
 
     async def time_to_live(self, lease_id: int) -> int:
         resp = await self._call(
-            f"ttl lease {lease_id:x}",
+            f"time-to-live lease {lease_id:x}",
             self._leases.time_to_live(lease_id, timeout=self._timeout),
         )
         return int(resp.TTL)

@@ -31,6 +31,9 @@ from leaseagent.errors import Compacted, StoreUnavailable
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore, Listing, WatchEvent
 
+# Why the engine lists again by itself (`Snapshot.reason` past the first, "start").
+ENGINE_REASONS = ("compacted", "stream_lost", "stream_ended")
+
 
 @dataclass(frozen=True)
 class Snapshot:

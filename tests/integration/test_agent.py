@@ -148,17 +148,19 @@ def test_missing_then_invalid_then_valid_config_is_waited_for_and_logged_once(et
 
 def test_malformed_peer_data_is_skipped_and_counted(etcd, agents):
     put_config(etcd, ALLOC)
+    # Written with no etcd lease: each names a NodeID, or it would be an unclaimed
+    # reservation (no peer, and no error either).
     bad = {
         "10.6.200.0-24": "not json",
-        "10.6.201.0-24": json.dumps({"PublicIP": "127.0.0.1", "BackendType": "alloc"}),
-        "10.7.1.0-24": json.dumps({"PublicIP": "10.200.9.9", "BackendType": "alloc"}),
-        "10.6.202.0-24": json.dumps({"PublicIP": "10.200.9.8", "BackendType": "udp"}),
-        "10.6.203.5-24": json.dumps({"PublicIP": "10.200.9.7", "BackendType": "alloc"}),
+        "10.6.201.0-24": json.dumps({"PublicIP": "127.0.0.1", "BackendType": "alloc", "NodeID": "x"}),
+        "10.7.1.0-24": json.dumps({"PublicIP": "10.200.9.9", "BackendType": "alloc", "NodeID": "x"}),
+        "10.6.202.0-24": json.dumps({"PublicIP": "10.200.9.8", "BackendType": "udp", "NodeID": "x"}),
+        "10.6.203.5-24": json.dumps({"PublicIP": "10.200.9.7", "BackendType": "alloc", "NodeID": "x"}),
     }
     for name, value in bad.items():
         etcd.etcdctl("put", f"{PREFIX}/subnets/{name}", value)
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.204.0-24",
-                 json.dumps({"PublicIP": "10.200.9.6", "BackendType": "alloc"}))
+                 json.dumps({"PublicIP": "10.200.9.6", "BackendType": "alloc", "NodeID": "y"}))
     a = agents("a", "10.200.0.1").start(metrics=True)
     a.wait_subnet()
     a.wait_log("ready: 1 peers")
@@ -180,7 +182,7 @@ def test_malformed_peer_data_is_skipped_and_counted(etcd, agents):
 
 def test_compaction_during_a_watch_misses_no_add_or_remove(etcd, agents):
     put_config(etcd, ALLOC)
-    peer = {"BackendType": "alloc"}
+    peer = {"BackendType": "alloc", "NodeID": "x"}  # no etcd lease: a NodeID, or it is a reservation
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.100.0-24", json.dumps({**peer, "PublicIP": "10.200.9.1"}))
     a = agents("a", "10.200.0.1", ttl=30).start(metrics=True)
     a.wait_subnet()
@@ -268,6 +270,6 @@ def test_json_logs_are_one_object_per_line_and_state_changes_are_logged_once(etc
     records = [json.loads(line) for line in a.log().splitlines() if line.strip()]
     assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     messages = [r["msg"] for r in records]
-    assert sum(m.startswith("lease acquired:") for m in messages) == 1
+    assert sum(m.startswith("lease held:") for m in messages) == 1
     assert sum(m == "etcd reachable" for m in messages) == 1
     assert not any("renew" in m for m in messages)
