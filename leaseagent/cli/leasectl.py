@@ -1,21 +1,25 @@
 """`leasectl`: read and manage the cluster's subnet leases in etcd.
 
-    leasectl list [--json | --output table|wide|json]
-    leasectl show SUBNET
+    leasectl list [-o table|wide|json]
+    leasectl show SUBNET|KEY-NAME [-o json|table]
     leasectl config get
-    leasectl config set FILE        (validated first; a bad file leaves etcd untouched)
-    leasectl reserve SUBNET --public-ip IP
-    leasectl release SUBNET
-    leasectl watch [--output table|json]
-    leasectl doctor [--json] [--iface IF] [--public-ip IP] [--subnet-file F] [--state-dir D]
-    leasectl docker-opts [-f SUBNET_ENV] [-d OUT|-] [-i] [-c] [-k KEY] [-m] [--daemon-json]
+    leasectl config set FILE|-      (validated as the agents validate it; a bad file leaves etcd untouched)
+    leasectl reserve SUBNET --public-ip IP [--force]
+    leasectl release SUBNET|KEY-NAME
+    leasectl watch [-o table|json]
+    leasectl doctor [-o text|json] [host flags]
+    leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
+    leasectl completion bash
 
-`docker-opts` needs no etcd: it turns subnet.env into Docker's options the
-way flannel's mk-docker-opts.sh does.
+`docker-opts` and `completion` need no etcd (and do not load its client).
 
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
-line on stderr with a non-zero exit (1: the operation failed, 2: bad usage
-or configuration), never a traceback.
+line on stderr, never a traceback; exit status (also in --help): 0 done,
+1 the operation failed (or doctor found a problem), 2 bad usage or
+configuration, 130 interrupted.
+
+Every key is judged by the lease layer (leaseagent.core.leases), as the
+agents judge it; rows and statuses are leaseagent.cli.presenting's.
 
 `watch` prints one line per lease event (added, changed, removed, expired) as
 it happens, flushed at once; status lines (listed, etcd lost) go to stderr.
@@ -38,35 +42,39 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 from leaseagent.cli import doctor
+from leaseagent.cli.presenting import (
+    LIST_FIELDS,
+    WATCH_FIELDS,
+    SeenKeys,
+    UsageError,
+    format_table,
+    format_watch_line,
+    row_of,
+    rows_of,
+    subnet_of,
+    watch_header,
+)
 from leaseagent.cli.watching import ADDED, CHANGED, LeaseEvent, lease_events
 from leaseagent.config import (
-    Parser,
     _EnvDefaults,
     add_etcd_arguments,
     add_host_arguments,
     etcd_settings,
+    new_parser,
+    unknown_variables,
 )
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
-from leaseagent.core.leases import KeyLayout, LeaseValue, Verdict, decode_lease_value, judge
+from leaseagent.core.leases import KeyLayout, LeaseValue, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.errors import ConfigError, InvalidLease, LeaseagentError, NetworkConfigError
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
-from leaseagent.store.etcd import EtcdStore
-
-WATCH_FIELDS = ("subnet", "public_ip", "backend", "node_id", "valid", "error")
-LIST_FIELDS = ("subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in",
-               "reservation", "valid", "error")
-
-
-class UsageError(LeaseagentError):
-    """Bad arguments: exit status 2."""
 
 
 async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | None:
@@ -79,84 +87,55 @@ async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | 
         return None
 
 
-def row_of(verdict: Verdict, layout: KeyLayout, *, expires_in: int | None) -> dict[str, Any]:
-    """One row of `list` (and `show`, `watch`): a key as the lease layer judged it."""
-    value = verdict.value
-    return {
-        "subnet": str(verdict.subnet) if verdict.subnet is not None else layout.name_of(verdict.key),
-        "public_ip": str(value.public_ip) if value is not None else None,
-        "backend": (value.backend_type or None) if value is not None else None,
-        "vtep_mac": value.vtep_mac if value is not None else None,
-        "node_id": value.node_id if value is not None else None,
-        "expires_in": expires_in if verdict.lease else None,
-        "reservation": verdict.reservation,
-        "valid": verdict.valid,
-        "error": verdict.detail,
-    }
+async def _ttls(store: LeaseStore, items: Sequence[KeyValue]) -> dict[int, int]:
+    lease_ids = sorted({kv.lease for kv in items if kv.lease})
+    ttls = await asyncio.gather(*(store.time_to_live(i) for i in lease_ids))
+    return dict(zip(lease_ids, ttls, strict=True))
 
 
 async def list_rows(store: LeaseStore, layout: KeyLayout) -> list[dict[str, Any]]:
     network = await load_network(store, layout)
     listing = await store.list_prefix(layout.subnets_prefix)
-    lease_ids = sorted({kv.lease for kv in listing.items if kv.lease})
-    ttls = await asyncio.gather(*(store.time_to_live(i) for i in lease_ids))
-    ttl_of = dict(zip(lease_ids, ttls, strict=True))
-    verdicts = judge(listing.items, layout=layout, network=network).verdicts
-    return [row_of(verdicts[kv.key], layout, expires_in=max(ttl_of.get(kv.lease, -1), 0))
-            for kv in listing.items]
+    return rows_of(listing.items, layout, network, await _ttls(store, listing.items))
 
 
-def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
-    cols = ["subnet", "public_ip", "backend", "expires_in", "status"]
-    if wide:
-        cols = ["subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in", "status"]
-    heads = {c: c.upper().replace("_", " ") for c in cols}
-    lines = []
-    for row in rows:
-        cells = dict(row)
-        if row["reservation"]:
-            cells["expires_in"] = "reserved"
-        elif row["expires_in"] is not None:
-            cells["expires_in"] = f"{row['expires_in']}s"
-        cells["status"] = "ok" if row["valid"] else f"INVALID: {row['error']}"
-        lines.append({c: "-" if cells.get(c) is None else str(cells[c]) for c in cols})
-    widths = {c: max([len(heads[c])] + [len(line[c]) for line in lines]) for c in cols}
-    out = ["  ".join(heads[c].ljust(widths[c]) for c in cols).rstrip()]
-    out += ["  ".join(line[c].ljust(widths[c]) for c in cols).rstrip() for line in lines]
-    return "\n".join(out)
-
-
-def parse_subnet_arg(text: str) -> IPv4Network:
-    try:
-        if "/" not in text and "-" in text:
-            text = text.replace("-", "/")
-        return IPv4Network(text, strict=True)
-    except ValueError as exc:
-        raise UsageError(f"SUBNET {text!r} is not an IPv4 network ({exc})") from None
+async def _find(store: LeaseStore, layout: KeyLayout, text: str
+                ) -> tuple[KeyValue, list[KeyValue], NetworkConfig | None]:
+    """The key a SUBNET or KEY-NAME argument names, with the whole listing (to judge it
+    among the others) and the network config. A name that is no subnet may still be a
+    key's name: junk can be shown and released by the name it has."""
+    network = await load_network(store, layout)
+    listing = (await store.list_prefix(layout.subnets_prefix)).items
+    by_key = {kv.key: kv for kv in listing}
+    if layout.subnets_prefix + text in by_key:
+        return by_key[layout.subnets_prefix + text], listing, network
+    subnet = subnet_of(text, network)
+    named = [kv for kv in listing
+             if judge([kv], layout=layout, network=None).verdicts[kv.key].subnet == subnet]
+    if not named:
+        raise LeaseagentError(f"no lease for {subnet}")
+    key = layout.lease_key(subnet)
+    return by_key.get(key, min(named, key=lambda kv: (kv.create_revision, kv.key))), listing, network
 
 
 async def cmd_list(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
     rows = await list_rows(store, layout)
-    output = "json" if args.json else args.output
-    if output == "json":
+    if args.output == "json":
         print(json.dumps([{k: r[k] for k in LIST_FIELDS} for r in rows], indent=2))
     else:
-        print(format_table(rows, wide=output == "wide"))
+        print(format_table(rows, wide=args.output == "wide"))
     return 0
 
 
 async def cmd_show(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
-    subnet = parse_subnet_arg(args.subnet)
-    key = layout.lease_key(subnet)
-    # Judged among every key of the prefix: another key may hold this subnet.
-    listing = await store.list_prefix(layout.subnets_prefix)
-    kv = next((item for item in listing.items if item.key == key), None)
-    if kv is None:
-        raise LeaseagentError(f"no lease for {subnet}")
+    kv, listing, network = await _find(store, layout, args.subnet)
     ttl = await store.time_to_live(kv.lease) if kv.lease else None
-    verdict = judge(listing.items, layout=layout,
-                    network=await load_network(store, layout)).verdicts[key]
-    row = row_of(verdict, layout, expires_in=max(ttl, 0) if ttl is not None else None)
+    result = judge(listing, layout=layout, network=network)
+    row = row_of(result.verdicts[kv.key], layout, expires_in=ttl,
+                 same_ip_as=result.same_ip.get(kv.key))
+    if args.output == "table":
+        print(format_table([row], wide=True))
+        return 0
     row.update(key=kv.key, etcd_lease=f"{kv.lease:x}" if kv.lease else None,
                create_revision=kv.create_revision, mod_revision=kv.mod_revision,
                value=kv.value.decode(errors="replace"))
@@ -180,17 +159,26 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
 
 
 async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
-    subnet = parse_subnet_arg(args.subnet)
+    network = await load_network(store, layout)
+    if network is None:
+        raise LeaseagentError(f"{layout.config_key} is missing or invalid; set it first")
+    subnet = subnet_of(args.subnet, network)
     try:
         public_ip = IPv4Address(args.public_ip)
     except ValueError:
         raise UsageError(f"--public-ip {args.public_ip!r} is not an IPv4 address") from None
-    network = await load_network(store, layout)
-    if network is None:
-        raise LeaseagentError(f"{layout.config_key} is missing or invalid; set it first")
     why = network.check_subnet(subnet)
     if why:
         raise UsageError(why)
+    if not network.in_range(subnet) and not args.force:
+        raise UsageError(f"{subnet} is outside [SubnetMin, SubnetMax] = "
+                         f"[{network.subnet_min}, {network.subnet_max}]; no agent would be "
+                         "given it (--force reserves it anyway)")
+    listing = (await store.list_prefix(layout.subnets_prefix)).items
+    held = judge(listing, layout=layout, network=None).naming(public_ip)
+    if held and not args.force:
+        raise UsageError(f"{public_ip} already has {held[0].subnet} ({held[0].key}); a host uses "
+                         "one subnet (--force reserves a second anyway)")
     key = layout.lease_key(subnet)
     value = LeaseValue(public_ip=public_ip, backend_type=network.backend_type).encode()
     won, current = await store.create(key, value, lease=0)
@@ -206,69 +194,18 @@ async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Names
 
 
 async def cmd_release(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
-    subnet = parse_subnet_arg(args.subnet)
-    key = layout.lease_key(subnet)
-    kv = await store.get(key)
-    if kv is None:
-        raise LeaseagentError(f"no lease for {subnet}")
-    if not await store.delete(key, mod_revision=kv.mod_revision):
-        raise LeaseagentError(f"{subnet} changed while releasing it; try again")
+    kv, _, _ = await _find(store, layout, args.subnet)
+    if not await store.delete(kv.key, mod_revision=kv.mod_revision):
+        raise LeaseagentError(f"{layout.name_of(kv.key)} changed while releasing it; try again")
     note = "" if kv.lease == 0 else " (a running agent holding it will take it back)"
-    print(f"released {subnet}{note}")
+    print(f"released {layout.name_of(kv.key)}{note}")
     return 0
-
-
-WATCH_WIDTHS = (10, 9, 20, 17, 9, 24, 0)
-WATCH_HEADS = ("TIME", "EVENT", "SUBNET", "PUBLIC IP", "BACKEND", "NODE ID", "STATUS")
-
-
-def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
-    status = "ok" if row["valid"] else f"INVALID: {row['error']}"
-    cells = [time.strftime("%H:%M:%S", time.localtime(when)), event]
-    cells += ["-" if row[k] is None else str(row[k]) for k in ("subnet", "public_ip", "backend",
-                                                                 "node_id")]
-    cells.append(status)
-    return "".join(c.ljust(w) for c, w in zip(cells, WATCH_WIDTHS, strict=False)).rstrip()
-
-
-class _Seen:
-    """The keys `watch` has seen, so each event's key is judged among the keys naming
-    the same subnet (the oldest holds it), as `list` and the agents judge it."""
-
-    def __init__(self, layout: KeyLayout) -> None:
-        self._layout = layout
-        self._kvs: dict[str, KeyValue] = {}
-        self._by_subnet: dict[IPv4Network, set[str]] = {}
-
-    def _subnet(self, key: str) -> IPv4Network | None:
-        try:
-            return self._layout.parse_lease_key(key).ipv4
-        except ValueError:
-            return None
-
-    def verdict(self, kv: KeyValue, network: NetworkConfig | None) -> Verdict:
-        subnet = self._subnet(kv.key)
-        rivals = [self._kvs[k] for k in self._by_subnet.get(subnet, ()) if k != kv.key] \
-            if subnet is not None else []
-        return judge([*rivals, kv], layout=self._layout, network=network).verdicts[kv.key]
-
-    def put(self, kv: KeyValue) -> None:
-        self._kvs[kv.key] = kv
-        subnet = self._subnet(kv.key)
-        if subnet is not None:
-            self._by_subnet.setdefault(subnet, set()).add(kv.key)
-
-    def forget(self, key: str) -> None:
-        self._kvs.pop(key, None)
-        subnet = self._subnet(key)
-        if subnet is not None:
-            self._by_subnet.get(subnet, set()).discard(key)
 
 
 async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) -> None:
     network = await load_network(store, layout)
     relisted = False
-    seen = _Seen(layout)
+    seen = SeenKeys(layout)
 
     def on_listed(items: Sequence[KeyValue], revision: int, reason: str) -> None:
         nonlocal relisted
@@ -287,8 +224,7 @@ async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) ->
         print(f"leasectl: {exc}; retrying", file=sys.stderr, flush=True)
 
     if output == "table":
-        print("".join(h.ljust(w) for h, w in zip(WATCH_HEADS, WATCH_WIDTHS, strict=True)).rstrip(),
-              flush=True)
+        print(watch_header(), flush=True)
     event: LeaseEvent
     async for event in lease_events(store, layout.subnets_prefix, on_listed=on_listed,
                                     on_unavailable=on_unavailable):
@@ -329,7 +265,7 @@ async def cmd_watch(store: LeaseStore, layout: KeyLayout, args: argparse.Namespa
 
 async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
     report = await doctor.examine(store, layout, args.doctor_settings)
-    if args.json:
+    if args.output == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
         for problem in report.problems:
@@ -339,6 +275,9 @@ async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
     return 0 if report.ok else 1
 
 
+DOCKER_OPTS_FILE = "/run/docker_opts.env"  # mk-docker-opts.sh's default
+
+
 def cmd_docker_opts(args: argparse.Namespace) -> int:
     try:
         env = parse_subnet_env(Path(args.subnet_file).read_text())
@@ -346,8 +285,9 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
         raise LeaseagentError(f"cannot read {args.subnet_file}: {exc}") from None
     if not env.get("FLANNEL_SUBNET"):
         raise LeaseagentError(f"{args.subnet_file} has no FLANNEL_SUBNET")
-    if args.daemon_json:
+    if args.output == "daemon-json":
         text = render_daemon_json(env)
+        dest = args.dest or "-"  # a fragment to read or merge: shown unless a file is named
     else:
         individual, combined = args.individual, args.combined
         if not individual and not combined:
@@ -355,13 +295,14 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
         text = render_docker_env(env, individual=individual, combined=combined,
                                  combined_key=args.key, existing=os.environ.get(args.key, ""),
                                  ipmasq=not args.no_ipmasq)
-    if args.output == "-":
+        dest = args.dest or DOCKER_OPTS_FILE
+    if dest == "-":
         sys.stdout.write(text)
     else:
         try:
-            write_atomic(Path(args.output), text.encode(), mode=0o644)
+            write_atomic(Path(dest), text.encode(), mode=0o644)
         except (OSError, ConfigError) as exc:
-            raise LeaseagentError(f"cannot write {args.output}: {exc}") from None
+            raise LeaseagentError(f"cannot write {dest}: {exc}") from None
     return 0
 
 
@@ -369,44 +310,98 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
             "doctor": cmd_doctor}
 
+DESCRIPTION = """\
+Inspect and manage leaseagent's subnet leases in etcd (flannel's layout).
+
+The etcd flags may come before or after the command, and from the agent's
+LEASEAGENT_* variables (`set -a; . /etc/default/leaseagent; leasectl list`)."""
+
+EPILOG = """\
+exit status:
+  0    done (doctor: nothing wrong)
+  1    the operation failed: etcd said no, a lease is missing (doctor: a problem found)
+  2    bad usage or configuration (a flag, variable, argument or file); etcd untouched
+  130  interrupted"""
+
+
+def _subparser(sub: Any, name: str, help_text: str, description: str | None = None
+               ) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=description or help_text[:1].upper() + help_text[1:] + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    return parser
+
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
-    parser = Parser(prog="leasectl", allow_abbrev=False,
-                                     description="Inspect and manage leaseagent's "
-                                     "subnet leases in etcd.")
-    add_etcd_arguments(_EnvDefaults(parser, environ))
+    parser = new_parser("leasectl", DESCRIPTION, epilog=EPILOG)
+    envs = [_EnvDefaults(parser, environ)]
+    add_etcd_arguments(envs[0])
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    p = sub.add_parser("list", help="list all leases, valid or not")
-    p.add_argument("--json", action="store_true", help="same as --output json")
-    p.add_argument("--output", "-o", choices=["table", "wide", "json"], default="table")
-    p = sub.add_parser("show", help="one lease in detail (JSON)")
-    p.add_argument("subnet")
-    p = sub.add_parser("config", help="get or set the network config")
+    p = _subparser(sub, "list", "list every lease, valid or not, with its status")
+    p.add_argument("-o", "--output", choices=["table", "wide", "json"], default="table",
+                   help="a table, a wider one (VtepMAC, node id), or JSON [default: table]")
+    p.add_argument("--json", action="store_const", dest="output", const="json",
+                   help="same as -o json")
+    p = _subparser(sub, "show", "one lease in detail",
+                   "One lease in detail. SUBNET may be 10.5.34.0/24, 10.5.34.1/24 (as in\n"
+                   "FLANNEL_SUBNET), 10.5.34.0-24 (its key name) or 10.5.34.0 (the network's\n"
+                   "subnet length); a key that names no subnet by its name.")
+    p.add_argument("subnet", metavar="SUBNET|KEY-NAME")
+    p.add_argument("-o", "--output", choices=["json", "table"], default="json",
+                   help="JSON with the etcd details, or a table row [default: json]")
+    p = _subparser(sub, "config", "get or set the network config (<prefix>/config)")
     csub = p.add_subparsers(dest="config_cmd", required=True, metavar="get|set")
-    csub.add_parser("get", help="print <prefix>/config")
-    cset = csub.add_parser("set", help="validate FILE and write it to <prefix>/config")
-    cset.add_argument("file", help="JSON file, or - for standard input")
-    p = sub.add_parser("reserve", help="reserve SUBNET for the host with --public-ip (no TTL)")
-    p.add_argument("subnet")
-    p.add_argument("--public-ip", required=True)
-    p = sub.add_parser("release", help="delete the lease or reservation of SUBNET")
-    p.add_argument("subnet")
-    p = sub.add_parser("watch", help="stream lease events (added, changed, removed, expired)")
-    p.add_argument("--output", "-o", choices=["table", "json"], default="table",
-                   help="a table line or a JSON object per event")
-    p = sub.add_parser("doctor", help="compare etcd's view of this host with its kernel and files")
-    p.add_argument("--json", action="store_true", help='{"ok": ..., "problems": [...]}')
-    add_host_arguments(_EnvDefaults(p, environ))
-    p = sub.add_parser("docker-opts", help="Docker options from subnet.env (as mk-docker-opts.sh)")
-    p.add_argument("-f", "--subnet-file", default=os.environ.get(
-        "LEASEAGENT_SUBNET_FILE", "/run/leaseagent/subnet.env"))
-    p.add_argument("-d", "--output", default="/run/docker_opts.env", help="file to write, - for stdout")
+    _subparser(csub, "get", "print the network config")
+    cset = _subparser(csub, "set", "validate FILE as the agents do, then write it",
+                      "Validate FILE exactly as every agent validates the network config, then\n"
+                      "write it; a file an agent would refuse leaves etcd untouched (exit 2).")
+    cset.add_argument("file", metavar="FILE", help="JSON file, or - for standard input")
+    p = _subparser(sub, "reserve", "reserve SUBNET for the host with --public-ip (no TTL)",
+                   "Reserve SUBNET for the host with --public-ip: a key with no TTL that only that\n"
+                   "host's agent takes. Refused for a subnet outside [SubnetMin, SubnetMax] or a\n"
+                   "PublicIP that has a subnet already, unless --force.")
+    p.add_argument("subnet", metavar="SUBNET")
+    p.add_argument("--public-ip", required=True, help="the host's PublicIP")
+    p.add_argument("--force", action="store_true",
+                   help="reserve outside [SubnetMin, SubnetMax], or a second subnet for one IP")
+    p = _subparser(sub, "release", "delete the lease or reservation of SUBNET (or a key by name)")
+    p.add_argument("subnet", metavar="SUBNET|KEY-NAME")
+    p = _subparser(sub, "watch", "stream lease events (added, changed, removed, expired)")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table",
+                   help="a table line or a JSON object per event [default: table]")
+    p = _subparser(sub, "doctor", "compare etcd's view of this host with its kernel and files",
+                   "Compare what etcd says this host should have with its kernel and files; read\n"
+                   "only. Give it the agent's host flags or LEASEAGENT_* variables.")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                   help='one line per problem, or {"ok": ..., "problems": [...]} [default: text]')
+    p.add_argument("--json", action="store_const", dest="output", const="json",
+                   help="same as -o json")
+    envs.append(_EnvDefaults(p, environ))
+    add_host_arguments(envs[-1])
+    p = _subparser(sub, "docker-opts", "Docker's options from subnet.env, as mk-docker-opts.sh",
+                   "Docker's options from subnet.env, byte for byte as flannel's mk-docker-opts.sh\n"
+                   "writes them; needs no etcd.")
+    p.add_argument("-f", "--subnet-file", default=environ.get(
+        "LEASEAGENT_SUBNET_FILE", "/run/leaseagent/subnet.env"),
+        help="subnet.env to read [default: /run/leaseagent/subnet.env; $LEASEAGENT_SUBNET_FILE]")
+    p.add_argument("-d", "--dest", metavar="FILE",
+                   help=f"file to write, - for standard output [default: {DOCKER_OPTS_FILE}; "
+                   "with -o daemon-json: standard output]")
+    p.add_argument("-o", "--output", choices=["env", "daemon-json"], default="env",
+                   help="an environment file, or a daemon.json fragment [default: env]")
+    p.add_argument("--daemon-json", action="store_const", dest="output", const="daemon-json",
+                   help="same as -o daemon-json")
     p.add_argument("-i", "--individual", action="store_true", help="DOCKER_OPT_* variables")
     p.add_argument("-c", "--combined", action="store_true", help="the combined DOCKER_OPTS variable")
-    p.add_argument("-k", "--key", default="DOCKER_OPTS", help="name of the combined variable")
+    p.add_argument("-k", "--key", default="DOCKER_OPTS",
+                   help="name of the combined variable [default: DOCKER_OPTS]")
     p.add_argument("-m", "--no-ipmasq", action="store_true", help="never emit --ip-masq")
-    p.add_argument("--daemon-json", action="store_true", help="a daemon.json fragment instead")
+    p = _subparser(sub, "completion", "print a shell completion script (bash)",
+                   "Print a bash completion script for leasectl and leaseagent:\n"
+                   "  leasectl completion bash > /usr/share/bash-completion/completions/leasectl")
+    p.add_argument("shell", choices=["bash"])
     _accept_etcd_flags_after_command(parser, [*sub.choices.values(), *csub.choices.values()])
+    parser.set_defaults(_envs=envs)
     return parser
 
 
@@ -438,6 +433,8 @@ def read_config_file(name: str) -> tuple[bytes, NetworkConfig]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from leaseagent.store.etcd import EtcdStore  # loads grpc: only for commands that need etcd
+
     settings = etcd_settings(args)
     store = await EtcdStore.connect(settings)
     try:
@@ -448,9 +445,22 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser(dict(os.environ)).parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser(dict(os.environ))
+        args = parser.parse_args(argv)
+        for env in args._envs:
+            env.note_origins(args, argv)
+        for warning in unknown_variables(os.environ):
+            print(f"leasectl: warning: {warning}", file=sys.stderr)
         if args.cmd == "docker-opts":
             return cmd_docker_opts(args)
+        if args.cmd == "completion":
+            from leaseagent.cli.completion import bash_completion
+
+            sys.stdout.write(bash_completion())
+            return 0
+        if args.cmd in ("show", "release", "reserve") and "/" in args.subnet:
+            subnet_of(args.subnet, None)  # a CIDR that is wrong is wrong before etcd is asked
         if args.cmd == "config" and args.config_cmd == "set":
             args.config_data = read_config_file(args.file)
         if args.cmd == "doctor":

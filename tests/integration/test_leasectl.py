@@ -9,7 +9,7 @@ from leasectl_run import leasectl
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 FIELDS = ["subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in",
-          "reservation", "valid", "error"]
+          "reservation", "status", "valid", "error"]
 
 
 def one_line_error(result) -> str:
@@ -43,7 +43,7 @@ def test_list_json_shows_every_agents_lease_with_exactly_the_documented_fields(e
 
     table = leasectl(etcd, "list")
     assert table.returncode == 0
-    assert "INVALID: value is not valid JSON" in table.stdout
+    assert "invalid: value is not valid JSON" in table.stdout
     assert all(line.replace(".1/", ".0/") in table.stdout for line in subnets.values())
     wide = leasectl(etcd, "list", "-o", "wide")
     assert "NODE ID" in wide.stdout
@@ -76,11 +76,11 @@ def test_config_set_validates_first_and_leaves_etcd_untouched(etcd, tmp_path):
     assert "cannot read" in one_line_error(missing)
 
 
-def test_errors_are_one_line_without_traceback(etcd):
+def test_errors_are_one_line_without_traceback(etcd):  # etcd stopped: local checks first
     etcd.stop()
     assert "etcd" in one_line_error(leasectl(etcd, "--etcd-timeout", "2", "list"))
     assert "--etcd-endpoints" in one_line_error(leasectl(etcd, "--etcd-endpoints", "ftp://x", "list"))
-    assert "not an IPv4 network" in one_line_error(leasectl(etcd, "show", "10.6.9.3/24"))
+    assert "is not a subnet" in one_line_error(leasectl(etcd, "show", "10.6.9.300/24"))
 
 
 def test_list_marks_a_second_key_for_one_subnet_as_a_duplicate(etcd):
@@ -93,3 +93,78 @@ def test_list_marks_a_second_key_for_one_subnet_as_a_duplicate(etcd):
     assert [(r["public_ip"], r["valid"]) for r in rows] == [("10.200.0.3", True),
                                                            ("10.200.0.9", False)]
     assert rows[1]["error"] == f"duplicate: 10.6.3.0/24 is held under key {PREFIX}/subnets/10.6.3.0-24"
+
+
+def test_list_sorts_numerically_and_says_each_status(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1").start()
+    own = a.wait_subnet().replace(".1/", ".0/")
+    value = {"BackendType": "alloc", "NodeID": "n"}
+    for name, ip in (("10.6.100.0-24", "10.200.0.100"), ("10.6.11.0-24", "10.200.0.11"),
+                     ("10.6.2.0-24", "10.200.0.2"), ("10.6.12.0-24", "10.200.0.2")):
+        etcd.etcdctl("put", f"{PREFIX}/subnets/{name}", json.dumps({**value, "PublicIP": ip}))
+    assert leasectl(etcd, "reserve", "10.6.7.0/24", "--public-ip", "10.200.0.7").returncode == 0
+    etcd.etcdctl("put", f"{PREFIX}/subnets/junk", "x")
+    rows = json.loads(leasectl(etcd, "list", "-o", "json").stdout)
+    subnets = [r["subnet"] for r in rows]
+    expected = sorted({own, "10.6.100.0/24", "10.6.11.0/24", "10.6.2.0/24", "10.6.12.0/24",
+                       "10.6.7.0/24"}, key=lambda s: tuple(int(x) for x in s[:-3].split(".")))
+    assert subnets == [*expected, "junk"]
+    status = {r["subnet"]: (r["status"], r["valid"]) for r in rows}
+    assert status[own] == ("ok", True), rows
+    assert status["10.6.7.0/24"] == ("reserved", True)  # as the agents see it: no error
+    assert status["10.6.2.0/24"] == ("reserved", True)  # written with no etcd lease
+    assert status["10.6.12.0/24"] == ("duplicate", True)  # the younger key of 10.200.0.2
+    assert "PublicIP 10.200.0.2 also holds key" in rows[subnets.index("10.6.12.0/24")]["error"]
+    assert status["junk"] == ("invalid", False)
+
+
+def test_reserve_refuses_a_second_subnet_for_one_ip_or_one_outside_the_range(etcd):
+    put_config(etcd, {"Network": "10.6.0.0/16", "SubnetMin": "10.6.10.0", "Backend": {"Type": "alloc"}})
+    assert leasectl(etcd, "reserve", "10.6.20.0/24", "--public-ip", "10.200.0.9").returncode == 0
+    second = leasectl(etcd, "reserve", "10.6.21.0/24", "--public-ip", "10.200.0.9")
+    assert second.returncode == 2 and "already has 10.6.20.0/24" in one_line_error(second)
+    low = leasectl(etcd, "reserve", "10.6.3.0/24", "--public-ip", "10.200.0.8")
+    assert low.returncode == 2 and "outside [SubnetMin, SubnetMax]" in one_line_error(low)
+    assert leasectl(etcd, "reserve", "10.6.3.0/24", "--public-ip", "10.200.0.8",
+                    "--force").returncode == 0
+    assert leasectl(etcd, "reserve", "10.6.21.0/24", "--public-ip", "10.200.0.9",
+                    "--force").returncode == 0
+
+
+def test_every_form_of_subnet_names_the_same_lease_and_junk_goes_by_its_name(etcd):
+    put_config(etcd, ALLOC)
+    assert leasectl(etcd, "reserve", "10.6.34.1/24", "--public-ip", "10.200.0.34").returncode == 0
+    for form in ("10.6.34.0/24", "10.6.34.1/24", "10.6.34.0-24", "10.6.34.0"):
+        shown = leasectl(etcd, "show", form)
+        assert shown.returncode == 0, (form, shown.stderr)
+        assert json.loads(shown.stdout)["key"] == f"{PREFIX}/subnets/10.6.34.0-24"
+    etcd.etcdctl("put", f"{PREFIX}/subnets/not-a-subnet", "x")
+    shown = json.loads(leasectl(etcd, "show", "not-a-subnet").stdout)
+    assert shown["status"] == "invalid" and shown["key"].endswith("/not-a-subnet")
+    assert leasectl(etcd, "release", "not-a-subnet").returncode == 0
+    assert leasectl(etcd, "release", "10.6.34.1/24").returncode == 0
+    # One mistake, one exit status, whichever command makes it.
+    for command in (["show", "10.6.34.7-24"], ["release", "10.6.34.300/24"],
+                    ["reserve", "10.6.34.300/24", "--public-ip", "10.200.0.3"]):
+        assert leasectl(etcd, *command).returncode == 2, command
+
+
+def test_config_set_refuses_what_the_agents_would_refuse(etcd, tmp_path):
+    for backend, field in (({"Type": "udp"}, "Backend.Type"), ({"Type": "vxlan", "VNI": "x"},
+                                                                "Backend.VNI")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"Network": "10.9.0.0/16", "Backend": backend}))
+        result = leasectl(etcd, "config", "set", str(bad))
+        assert result.returncode == 2 and field in one_line_error(result)
+    assert "is not set" in one_line_error(leasectl(etcd, "config", "get"))
+
+
+def test_version_and_help_show_defaults_variables_and_exit_codes(etcd):
+    version = leasectl(etcd, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("leasectl ")
+    helped = " ".join(leasectl(etcd, "doctor", "--help").stdout.split())
+    assert "[default: /run/leaseagent/subnet.env; $LEASEAGENT_SUBNET_FILE]" in helped
+    assert "exit status:" in helped
+    typo = leasectl(etcd, "list", "--outptu", "json")
+    assert typo.returncode == 2 and one_line_error(typo).endswith("(see leasectl --help)")

@@ -26,7 +26,7 @@ from leaseagent.cli.watching import lease_events
 from leaseagent.store.memory import MemoryStore
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
-JSON_FIELDS = ["event", "subnet", "public_ip", "backend", "node_id", "valid", "error"]
+JSON_FIELDS = ["event", "subnet", "public_ip", "backend", "node_id", "status", "valid", "error"]
 
 
 class Watch:
@@ -104,7 +104,8 @@ def test_json_events_for_agents_and_hand_made_keys(etcd, agents, watching):
     subnet_a = subnet_of(a.wait_subnet())
     ev = w.next_json()
     assert ev == {"event": "added", "subnet": subnet_a, "public_ip": "10.200.0.1",
-                  "backend": "alloc", "node_id": "a", "valid": True, "error": None}
+                  "backend": "alloc", "node_id": "a", "status": "ok", "valid": True,
+                  "error": None}
 
     # By hand: a key appears, changes, goes (no etcd lease: "removed").
     key = f"{PREFIX}/subnets/10.6.200.0-24"
@@ -153,7 +154,7 @@ def test_table_lines_and_ctrl_c(etcd, agents, watching):
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.201.0-24", "{}")
     cells = w.next().split(maxsplit=6)
     assert cells[1:3] == ["added", "10.6.201.0/24"]
-    assert cells[-1].startswith("INVALID: ")
+    assert cells[-1].startswith("invalid: ")
     code, err = w.stop(signal.SIGINT)
     assert code == 0 and "Traceback" not in err, err
 
