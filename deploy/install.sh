@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install leaseagent on a host (as root):
+# Install leaseagent on a host (as root), or take it away again:
 #   /opt/leaseagent/                          a venv holding the package (from a wheel or a source dir)
 #   /usr/local/bin/leaseagent, leasectl       symlinks into that venv
 #   /etc/systemd/system/leaseagent.service    the unit
-#   /etc/systemd/system/docker.service.d/leaseagent.conf   only with --docker
-#   /etc/default/leaseagent                   the example settings, only if there is none yet
+#   /etc/systemd/system/docker.service.d/leaseagent.conf   only with --docker: docker.service's
+#                                             own ExecStart= with $DOCKER_NETWORK_OPTIONS added
+#   /etc/default/leaseagent                   the settings, every line commented, only if there is none
 #   /etc/leaseagent/                          mode 0700, for etcd credentials (files, never flags)
+#   /usr/share/bash-completion/completions/{leasectl,leaseagent}
 #   /usr/share/doc/leaseagent/README.md       what the unit's Documentation= points at
 #
 # Idempotent: a second run leaves the same tree (and never overwrites
@@ -13,18 +15,26 @@
 # runs only when systemd is running and --root is /. Nothing is started or
 # enabled: that is the operator's call (`systemctl enable --now leaseagent`).
 #
-# Usage: install.sh [--root DIR] [--source DIR | --wheel FILE] [--docker] [--no-venv]
-#   --root DIR     install under DIR instead of / (a staging tree or a test); the venv's
-#                  scripts then name DIR in their #! line, so only use it for images
-#                  that are mounted at / later, or with --no-venv
-#   --source DIR   the source tree to install (default: the one holding this script)
-#   --wheel FILE   a built wheel to install instead
-#   --docker       also install the docker.service drop-in
-#   --no-venv      skip the venv (the files and symlinks only)
+# --uninstall stops and disables the unit (when systemd runs here) and removes
+# every file above but the operator's: /etc/default/leaseagent and /etc/leaseagent/
+# stay unless --purge. The kernel state the agent made (device, routes) and its
+# lease in etcd are left alone: see the README, "Uninstall".
 set -euo pipefail
 
+USAGE="usage: install.sh [--root DIR] [--source DIR | --wheel FILE] [--docker] [--no-venv]
+       install.sh --uninstall [--purge] [--root DIR]
+  --root DIR     install under DIR instead of / (a staging tree or a test); the venv's
+                 scripts then name DIR in their #! line, so only use it for images
+                 that are mounted at / later, or with --no-venv
+  --source DIR   the source tree to install (default: the one holding this script)
+  --wheel FILE   a built wheel to install instead
+  --docker       also install the docker.service drop-in
+  --no-venv      skip the venv (the files and symlinks only)
+  --uninstall    remove what install.sh installed (not /etc/default/leaseagent, /etc/leaseagent)
+  --purge        with --uninstall: those two as well"
+
 usage() {
-    echo "usage: install.sh [--root DIR] [--source DIR | --wheel FILE] [--docker] [--no-venv]" >&2
+    echo "$USAGE" >&2
     exit 2
 }
 
@@ -39,6 +49,8 @@ root=/
 wheel=""
 docker=0
 venv=1
+uninstall=0
+purge=0
 
 while [ "$#" -gt 0 ]; do
     case "$1" in
@@ -47,7 +59,9 @@ while [ "$#" -gt 0 ]; do
         --wheel) [ "$#" -ge 2 ] || usage; wheel="$2"; shift 2 ;;
         --docker) docker=1; shift ;;
         --no-venv) venv=0; shift ;;
-        -h|--help) usage ;;
+        --uninstall) uninstall=1; shift ;;
+        --purge) purge=1; shift ;;
+        -h|--help) echo "$USAGE"; exit 0 ;;
         *) echo "install.sh: unknown argument: $1" >&2; usage ;;
     esac
 done
@@ -59,12 +73,41 @@ if [ "$root" = / ] && [ "$(id -u)" != 0 ]; then
 fi
 # Under --root /, "$root/etc" would be "//etc": strip the trailing slash once.
 dest="${root%/}"
+opt=/opt/leaseagent
+live=0
+if [ "$root" = / ] && [ -d /run/systemd/system ]; then
+    live=1
+fi
+dropin="$dest/etc/systemd/system/docker.service.d/leaseagent.conf"
+completions="$dest/usr/share/bash-completion/completions"
+
+if [ "$uninstall" = 1 ]; then
+    if [ "$live" = 1 ] && systemctl cat leaseagent.service >/dev/null 2>&1; then
+        systemctl disable --now leaseagent.service
+    fi
+    rm -f "$dest/usr/local/bin/leaseagent" "$dest/usr/local/bin/leasectl" \
+        "$dest/etc/systemd/system/leaseagent.service" "$dropin" \
+        "$completions/leasectl" "$completions/leaseagent"
+    rmdir "$dest/etc/systemd/system/docker.service.d" 2>/dev/null || true
+    rm -rf "$dest$opt" "$dest/usr/share/doc/leaseagent"
+    if [ "$purge" = 1 ]; then
+        rm -rf "$dest/etc/default/leaseagent" "$dest/etc/leaseagent"
+        kept=""
+    else
+        kept=" (kept: /etc/default/leaseagent, /etc/leaseagent/; --purge removes them)"
+    fi
+    if [ "$live" = 1 ]; then
+        systemctl daemon-reload
+    fi
+    echo "install.sh: uninstalled from $root$kept"
+    exit 0
+fi
+
 [ -f "$source_dir/systemd/leaseagent.service" ] || die "--source $source_dir: not a leaseagent source tree"
 if [ -n "$wheel" ] && [ ! -f "$wheel" ]; then
     die "--wheel $wheel: no such file"
 fi
 
-opt=/opt/leaseagent
 if [ "$venv" = 1 ]; then
     command -v python3 >/dev/null || die "python3 not found (apt-get install --no-install-recommends python3 python3-venv)"
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -83,17 +126,50 @@ if [ "$venv" = 1 ]; then
     fi
 fi
 
+# The command docker.service runs: its unit's ExecStart=, unless a drop-in (not
+# ours) replaces it; the last non-empty one wins, as systemd has it.
+docker_execstart() {
+    local file line value cmd=""
+    for file in "$dest/lib/systemd/system/docker.service" "$dest/usr/lib/systemd/system/docker.service" \
+        "$dest/etc/systemd/system/docker.service" "$dest"/etc/systemd/system/docker.service.d/*.conf; do
+        [ -f "$file" ] || continue
+        [ "$file" = "$dropin" ] && continue
+        while IFS= read -r line; do
+            case "$line" in
+                ExecStart=*) value="${line#ExecStart=}"; [ -z "$value" ] || cmd="$value" ;;
+            esac
+        done <"$file"
+    done
+    echo "$cmd"
+}
+
 install -d -m 0755 "$dest/usr/local/bin" "$dest/etc/systemd/system" "$dest/etc/default" \
-    "$dest/usr/share/doc/leaseagent"
+    "$dest/usr/share/doc/leaseagent" "$completions"
 for cmd in leaseagent leasectl; do
     # Absolute targets without the root prefix: right once the tree is mounted at /.
     ln -sfn "$opt/bin/$cmd" "$dest/usr/local/bin/$cmd"
+    install -m 0644 "$source_dir/deploy/leasectl.bash-completion" "$completions/$cmd"
 done
 install -m 0644 "$source_dir/systemd/leaseagent.service" "$dest/etc/systemd/system/leaseagent.service"
 if [ "$docker" = 1 ]; then
     install -d -m 0755 "$dest/etc/systemd/system/docker.service.d"
-    install -m 0644 "$source_dir/systemd/docker.service.d/leaseagent.conf" \
-        "$dest/etc/systemd/system/docker.service.d/leaseagent.conf"
+    template="$source_dir/systemd/docker.service.d/leaseagent.conf"
+    cmd="$(docker_execstart)"
+    if [ -z "$cmd" ]; then
+        echo "install.sh: no docker.service found; the drop-in assumes Debian's docker.io" >&2
+        install -m 0644 "$template" "$dropin"
+    else
+        case "$cmd" in
+            *"\$DOCKER_NETWORK_OPTIONS"*) ;;
+            *) cmd="$cmd \$DOCKER_NETWORK_OPTIONS" ;;
+        esac
+        tmp="$(mktemp "$dropin.XXXXXX")"
+        # The template with its last line, the ExecStart=, made from docker.service's own.
+        sed '$d' "$template" >"$tmp"
+        printf 'ExecStart=%s\n' "$cmd" >>"$tmp"
+        chmod 0644 "$tmp"
+        mv "$tmp" "$dropin"
+    fi
 fi
 if [ ! -e "$dest/etc/default/leaseagent" ]; then
     install -m 0644 "$source_dir/deploy/leaseagent.default" "$dest/etc/default/leaseagent"
@@ -103,7 +179,7 @@ install -d -m 0700 "$dest/etc/leaseagent"
 chmod 0700 "$dest/etc/leaseagent"
 install -m 0644 "$source_dir/README.md" "$dest/usr/share/doc/leaseagent/README.md"
 
-if [ "$root" = / ] && [ -d /run/systemd/system ]; then
+if [ "$live" = 1 ]; then
     systemctl daemon-reload
 fi
 note=""

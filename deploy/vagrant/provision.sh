@@ -47,16 +47,12 @@ CONF
     network="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["Network"])' \
         /leaseagent/deploy/network-config.json)"
 
-    # Lab-only docker settings, beside install.sh's drop-in (applied after it):
-    # Debian's docker.io has dockerd in /usr/sbin, Docker's own packages in /usr/bin;
-    # and Docker's FORWARD policy is DROP, so container traffic between hosts over
-    # the overlay must be let through (DOCKER-USER is the chain Docker leaves to us).
-    local dockerd
-    dockerd="$(command -v dockerd || echo /usr/sbin/dockerd)"
+    # Lab-only docker settings, beside install.sh's drop-in (which runs docker.service's
+    # own dockerd command with $DOCKER_NETWORK_OPTIONS added): Docker's FORWARD policy
+    # is DROP, so container traffic between hosts over the overlay must be let through
+    # (DOCKER-USER is the chain Docker leaves to us).
     cat >/etc/systemd/system/docker.service.d/zz-vagrant-lab.conf <<CONF
 [Service]
-ExecStart=
-ExecStart=${dockerd} -H fd:// --containerd=/run/containerd/containerd.sock \$DOCKER_OPTS
 ExecStartPost=/bin/sh -c 'iptables -C DOCKER-USER -s ${network} -d ${network} -j ACCEPT 2>/dev/null || iptables -I DOCKER-USER -s ${network} -d ${network} -j ACCEPT'
 CONF
     systemctl daemon-reload

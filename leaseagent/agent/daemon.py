@@ -36,7 +36,7 @@ from leaseagent.agent.notify import sd_notify, watchdog_interval
 from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
 from leaseagent.core.backends import BACKEND_TYPES
-from leaseagent.core.dockeropts import render_docker_env
+from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
@@ -276,7 +276,7 @@ class Agent:
         write_atomic(self.cfg.subnet_file, env.encode(), mode=0o644)
         if self.cfg.docker_opts_file is not None:
             # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
-            docker_env = render_docker_env(parse_subnet_env(env))
+            docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
             write_atomic(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
         self.subnet_env_written = True
         await self.backend.start(own.subnet)

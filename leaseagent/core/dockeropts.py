@@ -6,6 +6,11 @@ Pure. mk-docker-opts.sh writes, for FLANNEL_SUBNET=10.5.34.1/24, FLANNEL_MTU=145
     DOCKER_OPT_MTU="--mtu=1450"
     DOCKER_OPTS=" --bip=10.5.34.1/24 --mtu=1450 "
 
+The agent's own file (`--docker-opts-file`) names the combined variable
+DOCKER_NETWORK_OPTIONS (`mk-docker-opts.sh -k DOCKER_NETWORK_OPTIONS`, as
+flannel's Docker integration does), so the docker.service drop-in adds it to
+dockerd's command line beside the operator's own $DOCKER_OPTS.
+
 Individual variables in name order (bash's `compgen -v`), the combined one
 last, starting from any existing value of the combined key plus a space, each
 option followed by a space. DOCKER_OPT_IPMASQ="--ip-masq=false" appears only
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+
+DOCKER_OPTIONS_KEY = "DOCKER_NETWORK_OPTIONS"  # the combined variable of the agent's file
 
 
 def docker_options(env: Mapping[str, str], *, ipmasq: bool = True) -> dict[str, str]:

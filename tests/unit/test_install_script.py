@@ -64,6 +64,7 @@ def test_twice_gives_the_same_tree_with_the_right_modes(tmp_path: Path):
     assert tree["usr/local/bin/leaseagent"] == ("lrwxrwxrwx", "/opt/leaseagent/bin/leaseagent")
     assert tree["usr/local/bin/leasectl"] == ("lrwxrwxrwx", "/opt/leaseagent/bin/leasectl")
     assert "opt" not in {p.split("/")[0] for p in tree}  # --no-venv
+    assert tree["usr/share/bash-completion/completions/leasectl"][0] == "-rw-r--r--"
 
 
 def test_operator_settings_are_kept_and_credentials_dir_tightened(tmp_path: Path):
@@ -89,6 +90,43 @@ def test_bad_arguments_are_one_line(tmp_path: Path):
     assert missing_root.returncode == 1 and "no such directory" in missing_root.stderr
     unknown = install(tmp_path, "--frobnicate")
     assert unknown.returncode == 2 and "unknown argument: --frobnicate" in unknown.stderr
+    helped = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True,
+                            check=False)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: install.sh")
+
+
+def test_uninstall_removes_what_it_installed_and_keeps_the_operators_files(tmp_path: Path):
+    assert install(tmp_path, "--docker").returncode == 0
+    (tmp_path / "etc/default/leaseagent").write_text("LEASEAGENT_IFACE=eth1\n")
+    gone = install(tmp_path, "--uninstall")
+    assert gone.returncode == 0, gone.stderr
+    left = set(snapshot(tmp_path))
+    assert {"etc/default/leaseagent", "etc/leaseagent"} <= left
+    assert not [p for p in left if "leaseagent" in p and p not in
+                {"etc/default/leaseagent", "etc/leaseagent"}], left
+    assert install(tmp_path, "--uninstall", "--purge").returncode == 0
+    assert not [p for p in snapshot(tmp_path) if "leaseagent" in p]
+
+
+def test_docker_drop_in_keeps_the_installed_dockerd_command(tmp_path: Path):
+    """docker-ce's unit runs /usr/bin/dockerd with its own flags: they all stay."""
+    unit = tmp_path / "lib/systemd/system/docker.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\nExecStart=/usr/bin/dockerd -H fd:// --containerd=/run/c.sock "
+                    "--log-level=warn\n")
+    assert install(tmp_path, "--docker").returncode == 0
+    dropin = (tmp_path / "etc/systemd/system/docker.service.d/leaseagent.conf").read_text()
+    assert dropin.splitlines()[-2:] == [
+        "ExecStart=",
+        "ExecStart=/usr/bin/dockerd -H fd:// --containerd=/run/c.sock --log-level=warn "
+        "$DOCKER_NETWORK_OPTIONS"]
+    assert "EnvironmentFile=/run/leaseagent/docker_opts.env" in dropin
+
+
+def test_the_installed_completion_is_what_leasectl_generates():
+    from leaseagent.cli.completion import bash_completion
+
+    assert (REPO / "deploy" / "leasectl.bash-completion").read_text() == bash_completion()
 
 
 def test_vagrantfile_is_valid(tmp_path: Path):

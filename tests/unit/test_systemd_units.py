@@ -49,13 +49,40 @@ def test_unit_is_notify_with_watchdog_and_hardening():
                        "PrivateTmp": "yes", "SystemCallFilter": "@system-service",
                        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK"}.items():
         assert d[key] == [value], key
-    assert set(d["ReadWritePaths"][0].split()) == {"/run/leaseagent", "/var/lib/leaseagent"}
+    assert set(d["ReadWritePaths"][0].split()) == {"/run/leaseagent", "/run/flannel",
+                                                   "/var/lib/leaseagent"}
+    assert d["RuntimeDirectory"] == ["leaseagent flannel"]  # /run/flannel/subnet.env can be written
     assert "password" not in " ".join(d["ExecStart"]).lower()
 
 
-def test_docker_drop_in_orders_after_the_agent_and_uses_its_options():
+def test_every_setting_comes_from_the_environment_file_and_config_errors_are_not_restarted():
+    d = _directives(SYSTEMD / "leaseagent.service")
+    assert d["ExecStart"] == ["/usr/local/bin/leaseagent"]  # no flag the file could not override
+    # The unit's own defaults are variables set before the file, which wins over them.
+    text = (SYSTEMD / "leaseagent.service").read_text()
+    assert text.index("Environment=LEASEAGENT_METRICS_ADDR") < text.index("EnvironmentFile=")
+    assert d["RestartPreventExitStatus"] == ["2"]
+    assert 0 < int(d["TimeoutStartSec"][0]) <= 600
+
+
+def test_the_shipped_defaults_file_sets_nothing_and_names_only_real_settings():
+    from leaseagent.config import OTHER_VARIABLES, agent_parser, env_name
+
+    known = {env_name(o) for a in agent_parser({})._actions for o in a.option_strings
+             if o.startswith("--")} - OTHER_VARIABLES
+    text = (Path(__file__).parents[2] / "deploy" / "leaseagent.default").read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert all(line.startswith("#") for line in lines), "an active setting is shipped"
+    named = {line.lstrip("#").split("=", 1)[0] for line in lines if "=" in line and
+             line.lstrip("#").startswith("LEASEAGENT_")}
+    assert named and named <= known
+    assert "192.168." not in text
+
+
+def test_docker_drop_in_orders_after_the_agent_and_adds_the_network_options():
     d = _directives(SYSTEMD / "docker.service.d" / "leaseagent.conf")
     assert "leaseagent.service" in d["After"][0]
     assert d["EnvironmentFile"] == ["/run/leaseagent/docker_opts.env"]
     assert d["ExecStart"][0] == ""  # clears the packaged ExecStart first
-    assert "$DOCKER_OPTS" in d["ExecStart"][1]
+    # Debian's docker.io command, the operator's $DOCKER_OPTS kept, ours added.
+    assert d["ExecStart"][1].endswith("$DOCKER_OPTS $DOCKER_NETWORK_OPTIONS")
