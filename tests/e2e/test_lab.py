@@ -75,7 +75,7 @@ def test_dead_host_leaves_nothing_in_peers_within_2s(vxlan_lab: Lab) -> None:
         for h in others:
             assert len(lab.kernel_entries(h, subnet, mac)) == 3, h.name  # route, neigh, fdb
 
-        lab.kill_agent(victim, signal.SIGKILL)
+        lab.stop_agent(victim, sig=signal.SIGKILL)
         lab.delete_lease(victim)
         gone_at = time.monotonic()
         left = {h.name: lab.kernel_entries(h, subnet, mac) for h in others}
@@ -132,7 +132,7 @@ def test_start_removes_what_vanished_while_down_and_leaves_foreign_routes(vxlan_
         mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]
         subnet = victim.subnet.network
         lab.stop_agent(target)  # SIGTERM: its kernel state stays as it was
-        lab.kill_agent(victim, signal.SIGKILL)
+        lab.stop_agent(victim, sig=signal.SIGKILL)
         lab.delete_lease(victim)  # the peer vanishes while target's agent is down
         via = str(gateway_host.public_ip)
         run(["ip", "-n", target.ns, "route", "add", stale, "via", via, "proto", "76"])

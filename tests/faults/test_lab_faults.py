@@ -47,9 +47,10 @@ from ipaddress import IPv4Interface, IPv4Network
 from subprocess import Popen
 
 import pytest
+from labfaults import cut_etcd, heal_etcd, pause_etcd, resume_etcd, start_etcd, stop_etcd
 
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.lab import CONTAINER_NETWORK, ETCD_PREFIX, Host, Lab, parse_ping_summary, run
+from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, parse_ping_summary, run
 
 pytestmark = pytest.mark.root
 
@@ -102,8 +103,7 @@ def built_lab(tag: str, *, hosts: int = 3, containers: int = 1, lease_ttl: int =
         assert reach.all_ok, "\n" + reach.format()
         yield lab
     finally:
-        lab.resume_etcd()  # a SIGSTOPped etcd would not see down's SIGTERM
-        warnings = lab.down()
+        warnings = lab.down()  # SIGCONT before SIGTERM: a paused etcd goes too
         assert not warnings, warnings
 
 
@@ -194,7 +194,7 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
     pings = ring_pings(lab, outage + 12)
     try:
         time.sleep(1)
-        (lab.pause_etcd if pause else lab.stop_etcd)()
+        (pause_etcd if pause else stop_etcd)(lab)
         cut_at = time.monotonic()
         seen_down: set[str] = set()
         readyz: dict[str, set[int]] = {h.name: set() for h in hosts}
@@ -209,9 +209,9 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
         failures = {h.name: metric(lab, h, "leaseagent_lease_renewal_failures_total") or 0
                     for h in hosts}
         if pause:
-            lab.resume_etcd()
+            resume_etcd(lab)
         else:
-            lab.start_etcd()
+            start_etcd(lab)
 
         def recovered() -> bool:
             return all(
@@ -223,7 +223,7 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
                             RECOVERY_BOUND, step=0.1)
         sent, received, outs = ping_totals(pings, timeout=outage + 30)
     finally:
-        lab.resume_etcd()
+        resume_etcd(lab)
         kill_all(pings)
 
     assert seen_down == {h.name for h in hosts}, f"etcd_up never 0 on {seen_down ^ set(readyz)}"
@@ -275,7 +275,7 @@ def test_agent_sigkill_and_restart_keeps_subnet_mac_and_packets() -> None:
             time.sleep(0.5)
             for _ in range(KILL_ROUNDS):
                 started = time.monotonic()
-                lab.kill_agent(victim, signal.SIGKILL)
+                lab.stop_agent(victim, sig=signal.SIGKILL)
                 lab.start_agent(victim)
                 lab.wait_ready(victim, timeout=15)
                 took.append(time.monotonic() - started)
@@ -304,7 +304,7 @@ def test_host_cut_off_past_its_ttl_moves_off_a_taken_subnet_on_heal() -> None:
         old = env_subnet(victim)
         assert old is not None
         key = lab.lease_key(victim)
-        lab.cut_etcd(victim)
+        cut_etcd(lab, victim)
         cut_at = time.monotonic()
         try:
             expired = wait_for(
@@ -323,7 +323,7 @@ def test_host_cut_off_past_its_ttl_moves_off_a_taken_subnet_on_heal() -> None:
             time.sleep(CUT_EXTRA)
             cut_for = time.monotonic() - cut_at
         finally:
-            lab.heal_etcd(victim)
+            heal_etcd(lab, victim)
 
         def moved() -> bool:
             now = env_subnet(victim)
@@ -405,7 +405,7 @@ def test_kernel_drift_storm_is_repaired_every_round() -> None:
         # Still responsive: a new peer (a hand-written lease) appears and goes.
         fake = IPv4Network("10.244.250.0/24")
         assert fake.subnet_of(CONTAINER_NETWORK)
-        key = f"{ETCD_PREFIX}/subnets/10.244.250.0-24"
+        key = lab.keys.lease_key(fake)
         value = {"PublicIP": FAKE_IP, "PublicIPv6": None, "BackendType": "vxlan",
                  "BackendData": {"VNI": 1, "VtepMAC": FAKE_MAC}}
         lab.etcdctl("put", key, json.dumps(value))

@@ -1,0 +1,7 @@
+"""`python -m leaseagent.lab up|status|down`: see leaseagent.lab.cli."""
+
+import sys
+
+from leaseagent.lab.cli import main
+
+sys.exit(main())

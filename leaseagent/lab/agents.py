@@ -1,0 +1,100 @@
+"""The lab's agents: one leaseagent process per host, in the host's namespace.
+
+Its command line (`argv`), starting it (recorded in the host's pid file by
+PID and start time), and waiting for what it promises: subnet.env (the lease
+is in etcd) and /readyz 200 (the data plane is programmed). Each agent's
+metrics address is the same 127.0.0.1 port on its own host's loopback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from ipaddress import IPv4Interface
+
+from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.lab import processes
+from leaseagent.lab.errors import LabError
+from leaseagent.lab.probes import http_get
+from leaseagent.lab.processes import log_tail
+from leaseagent.lab.topology import Host
+
+# Inside each host namespace, so every agent can use the same port.
+METRICS_ADDR = "127.0.0.1:9464"
+
+
+def argv(host: Host, *, command: Sequence[str], endpoints: str, prefix: str, lease_ttl: int,
+         node_id: str, extra: Sequence[str] = ()) -> list[str]:
+    """The agent's command line on `host`; `extra` comes last, so its flags win."""
+    return [
+        *command,
+        "--etcd-endpoints", endpoints,
+        "--etcd-prefix", prefix,
+        "--iface", "eth0",
+        "--public-ip", str(host.public_ip),
+        "--subnet-file", str(host.subnet_file),
+        "--state-dir", str(host.dir / "state"),
+        "--lease-ttl", str(lease_ttl),
+        "--node-id", node_id,
+        "--metrics-addr", METRICS_ADDR,
+        "--log-level", "info",
+        "--log-format", "text",
+        *extra,
+    ]
+
+
+def start(host: Host, agent_argv: Sequence[str]) -> int:
+    """Start the host's agent (appending to its log); returns its PID."""
+    if processes.running(host.pid_file) is not None:
+        raise LabError(f"{host.name}: agent already running")
+    host.dir.mkdir(parents=True, exist_ok=True)
+    return processes.spawn(agent_argv, log_file=host.log_file, ns=host.ns,
+                           pid_file=host.pid_file).pid
+
+
+def running(host: Host) -> processes.Process | None:
+    return processes.running(host.pid_file)
+
+
+def stop(host: Host, *, sig: int, grace: float = 10) -> None:
+    """Send `sig` to the host's agent, SIGKILL after `grace` s; forget its pid file."""
+    proc = processes.running(host.pid_file)
+    if proc is not None:
+        proc.stop(first=sig, grace=grace)
+    host.pid_file.unlink(missing_ok=True)
+
+
+def wait_subnet(host: Host, *, timeout: float = 30) -> None:
+    """Wait for the agent's subnet.env; fill host.subnet / host.mtu from it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            env = parse_subnet_env(host.subnet_file.read_text())
+            host.subnet = IPv4Interface(env["FLANNEL_SUBNET"])
+            host.mtu = int(env["FLANNEL_MTU"])
+            host.subnet_seen_at = time.monotonic()
+            return
+        except (OSError, KeyError, ValueError):
+            pass  # not written yet (the agent renames it into place, so never half)
+        if running(host) is None:
+            raise LabError(f"{host.name}: agent exited before writing {host.subnet_file}:\n"
+                           + log_tail(host.log_file))
+        if time.monotonic() > deadline:
+            raise LabError(f"{host.name}: no {host.subnet_file} after {timeout}s:\n"
+                           + log_tail(host.log_file))
+        time.sleep(0.02)
+
+
+def wait_ready(host: Host, *, timeout: float = 30) -> None:
+    """Wait until the agent's /readyz answers 200 (asked from inside its namespace,
+    where its metrics address lives)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if http_get(host.ns, f"http://{METRICS_ADDR}/readyz", timeout=1)[0] == 200:
+            return
+        if running(host) is None:
+            raise LabError(f"{host.name}: agent exited:\n" + log_tail(host.log_file))
+        if time.monotonic() > deadline:
+            raise LabError(f"{host.name}: not ready after {timeout}s:\n"
+                           + log_tail(host.log_file))
+        time.sleep(0.05)

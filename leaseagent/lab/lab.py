@@ -1,0 +1,298 @@
+"""`Lab`: one lab by name, the face the CLI, the end-to-end tests and the demo use.
+
+It composes the parts (topology, state, etcd, agents, probes, teardown) and
+adds what only the whole knows: the order of `up`, the network config and
+lease keys in etcd, the hosts it has built. Sync API, safe to use from
+pytest fixtures; as a context manager it always calls `down` on exit, also
+when the body raised.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import TracebackType
+
+from leaseagent.core.leases import DEFAULT_PREFIX, KeyLayout
+from leaseagent.lab import agents, netns, probes, teardown
+from leaseagent.lab.commands import tool
+from leaseagent.lab.errors import LabError, LabExists
+from leaseagent.lab.etcd import Etcd
+from leaseagent.lab.probes import Reachability
+from leaseagent.lab.state import STATE_ROOT, StateDir
+from leaseagent.lab.topology import (
+    CONTAINER_NETWORK,
+    ETCD_IP,
+    ETCD_PORTS,
+    Container,
+    Host,
+    Topology,
+)
+
+ETCD_PREFIX = DEFAULT_PREFIX
+BACKENDS = ("vxlan", "host-gw", "alloc")
+
+
+class Lab:
+    """One lab, by name. Build with `up`, query with `reachability`, remove with `down`."""
+
+    def __init__(
+        self,
+        name: str = "lab",
+        *,
+        backend: str = "vxlan",
+        lease_ttl: int = 10,
+        state_root: Path = STATE_ROOT,
+        agent_args: Sequence[str] = (),
+        agent_command: Sequence[str] | None = None,
+        host_agent_args: Mapping[int, Sequence[str]] | None = None,
+    ) -> None:
+        self.topology = Topology(name)  # checks the name: everything below carries it
+        if backend not in BACKENDS:
+            raise LabError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
+        self.name = name
+        self.backend = backend
+        self.lease_ttl = lease_ttl
+        self.agent_args = list(agent_args)
+        # Extra flags for one host's agent (by host index), after `agent_args`, so
+        # e.g. a second --lease-ttl wins for that host; read at each start_agent.
+        self.host_agent_args: dict[int, list[str]] = {
+            i: list(a) for i, a in (host_agent_args or {}).items()}
+        # Lets the lab's own parts be exercised with a stand-in agent.
+        self.agent_command = list(agent_command) if agent_command else None
+        self.state = StateDir(state_root, name)
+        self.dir = self.state.path
+        self.ul_ns = self.topology.ul_ns
+        self.etcd_ns = self.topology.etcd_ns
+        self.etcd = Etcd(self.state.etcd_dir, ns=self.etcd_ns, host=str(ETCD_IP),
+                         ports=[ETCD_PORTS], log_level="info")
+        self.keys = KeyLayout(ETCD_PREFIX)
+        self.hosts: dict[int, Host] = {}
+        self.containers_per_host = 2
+
+    # ---------------------------------------------------------------- naming
+
+    def ns(self, suffix: str) -> str:
+        return self.topology.ns(suffix)
+
+    def owns(self, ns: str) -> bool:
+        """True for exactly the namespace names this lab makes."""
+        return self.topology.owns(ns)
+
+    @property
+    def endpoints(self) -> str:
+        return self.etcd.endpoints
+
+    # ---------------------------------------------------------------- context manager
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.down()
+
+    # ---------------------------------------------------------------- state file
+
+    def _save(self) -> None:
+        self.state.save(name=self.name, backend=self.backend, lease_ttl=self.lease_ttl,
+                        containers_per_host=self.containers_per_host,
+                        hosts=self.hosts.values())
+
+    @classmethod
+    def load(cls, name: str, *, state_root: Path = STATE_ROOT) -> Lab:
+        """The lab `up` built earlier (possibly from another process), from its state file."""
+        lab = cls(name, state_root=state_root)
+        saved = lab.state.load(lab.topology)
+        lab.backend, lab.lease_ttl = saved.backend, saved.lease_ttl
+        lab.containers_per_host = saved.containers_per_host
+        lab.hosts = {h.index: h for h in saved.hosts}
+        lab.etcd.attach()
+        return lab
+
+    # ---------------------------------------------------------------- up
+
+    def up(self, hosts: int = 3, containers: int = 2, *, timeout: float = 30) -> None:
+        """Underlay, etcd, network config, then `hosts` hosts with `containers` each.
+
+        Returns once every host has its bridge and containers; reachability is
+        checked separately (`wait_reachable`), so a test can time it.
+        """
+        if not 1 <= hosts <= 200:
+            raise LabError("hosts: 1..200")
+        if not 0 <= containers <= 200:
+            raise LabError("containers: 0..200")
+        leftovers = self.topology.present()
+        if leftovers or self.state.exists():
+            raise LabExists(
+                f"lab {self.name!r} exists ({', '.join(leftovers) or self.dir}); "
+                f"run: deploy/lab down --name {self.name}"
+            )
+        self.containers_per_host = containers
+        self.state.create()
+        self._save()
+        self.topology.make_underlay()
+        self.etcd.start(timeout=timeout)
+        self._write_network_config()
+        new = [self._make_host(i) for i in range(1, hosts + 1)]
+        for host in new:
+            self.start_agent(host)
+        for host in new:
+            self._wire_containers(host, timeout=timeout)
+
+    def add_host(self, containers: int | None = None, *, timeout: float = 30) -> Host:
+        """One more host (next free index), its agent, bridge and containers."""
+        host = self._make_host(max(self.hosts, default=0) + 1)
+        self.start_agent(host)
+        self._wire_containers(
+            host, count=self.containers_per_host if containers is None else containers,
+            timeout=timeout,
+        )
+        return host
+
+    def _make_host(self, index: int) -> Host:
+        host = self.topology.host(index, self.state.host_dir(index))
+        host.dir.mkdir(parents=True, exist_ok=True)
+        self.hosts[index] = host
+        self._save()
+        self.topology.make_host(host)
+        return host
+
+    def _wire_containers(self, host: Host, *, count: int | None = None,
+                         timeout: float = 30) -> None:
+        """docker0-like bridge from subnet.env (`dockerd --bip=$FLANNEL_SUBNET
+        --mtu=$FLANNEL_MTU`), then `count` containers on it."""
+        self.wait_subnet(host, timeout=timeout)
+        self.topology.make_bridge(host)
+        for j in range(1, (self.containers_per_host if count is None else count) + 1):
+            self.topology.make_container(host, j)
+        self._save()
+
+    def remove_host(self, host: Host) -> None:
+        """Stop the host's agent (SIGKILL: what happens to a host that dies) and delete
+        its namespaces; its lease stays in etcd until TTL or `delete_lease`."""
+        self.stop_agent(host, sig=signal.SIGKILL, grace=5)
+        self.topology.remove_host(host)
+        del self.hosts[host.index]
+        self._save()
+
+    # ---------------------------------------------------------------- etcd contents
+
+    def etcdctl(self, *args: str) -> str:
+        """Run etcdctl (v3 API) against the lab's etcd, from inside the etcd namespace."""
+        return self.etcd.etcdctl(*args, timeout=30)
+
+    def _write_network_config(self) -> None:
+        backend: dict[str, object] = {"Type": self.backend}
+        if self.backend == "vxlan":
+            backend.update({"VNI": 1, "Port": 8472})
+        config = {"Network": str(CONTAINER_NETWORK), "SubnetLen": 24, "Backend": backend}
+        self.etcdctl("put", self.keys.config_key, json.dumps(config))
+
+    def leasectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run leasectl against the lab's etcd (from the etcd namespace, the only one
+        that reaches it besides the hosts)."""
+        argv = [tool("leasectl"), "--etcd-endpoints", self.endpoints,
+                "--etcd-prefix", ETCD_PREFIX, *args]
+        return subprocess.run(netns.exec_argv(self.etcd_ns, argv), capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
+
+    def lease_key(self, host: Host) -> str:
+        if host.subnet is None:
+            raise LabError(f"{host.name} has no lease yet")
+        return self.keys.lease_key(host.subnet.network)
+
+    def lease_value(self, host: Host) -> dict[str, object] | None:
+        out = self.etcdctl("get", self.lease_key(host), "--print-value-only")
+        return json.loads(out) if out.strip() else None
+
+    def delete_lease(self, host: Host) -> None:
+        self.etcdctl("del", self.lease_key(host))
+
+    # ---------------------------------------------------------------- agents
+
+    def agent_argv(self, host: Host) -> list[str]:
+        return agents.argv(
+            host, command=self.agent_command or [tool("leaseagent")], endpoints=self.endpoints,
+            prefix=ETCD_PREFIX, lease_ttl=self.lease_ttl, node_id=f"{self.name}-{host.name}",
+            extra=[*self.agent_args, *self.host_agent_args.get(host.index, ())],
+        )
+
+    def start_agent(self, host: Host) -> int:
+        """Start the host's agent (appending to its log); returns its PID."""
+        return agents.start(host, self.agent_argv(host))
+
+    def stop_agent(self, host: Host, *, sig: int = signal.SIGTERM, grace: float = 10) -> None:
+        """Stop the host's agent by PID and wait until it has exited: SIGTERM (a clean
+        stop that keeps the data plane) unless told, SIGKILL after `grace` s."""
+        agents.stop(host, sig=sig, grace=grace)
+
+    def agent_pid(self, host: Host) -> int | None:
+        proc = agents.running(host)
+        return proc.pid if proc is not None else None
+
+    def agent_alive(self, host: Host) -> bool:
+        return agents.running(host) is not None
+
+    def agents_status(self) -> list[tuple[Host, int | None]]:
+        return [(h, self.agent_pid(h)) for h in self.hosts.values()]
+
+    def wait_subnet(self, host: Host, *, timeout: float = 30) -> None:
+        """Wait for the agent's subnet.env; fill host.subnet / host.mtu from it."""
+        agents.wait_subnet(host, timeout=timeout)
+
+    def wait_ready(self, host: Host, *, timeout: float = 30) -> None:
+        """Wait until the agent's /readyz answers 200."""
+        agents.wait_ready(host, timeout=timeout)
+
+    # ---------------------------------------------------------------- probes
+
+    def ping(self, from_ns: str, to_ip: IPv4Address | str, *, count: int = 1,
+             wait: float = 1) -> bool:
+        return probes.ping(from_ns, to_ip, count=count, wait=wait)
+
+    def ping_background(self, from_ns: str, to_ip: IPv4Address | str, *, count: int,
+                        interval: float) -> subprocess.Popen[str]:
+        return probes.ping_background(from_ns, to_ip, count=count, interval=interval)
+
+    def pairs(self) -> list[tuple[Container, Host]]:
+        """Every container, to the first container of every other host."""
+        return probes.pairs(list(self.hosts.values()))
+
+    def reachability(self, pairs: Sequence[tuple[Container, Host]] | None = None, *,
+                     wait: float = 1) -> Reachability:
+        """One ping per pair (`ping -c 1 -W wait`), all pairs at once."""
+        return probes.reachability(list(self.hosts.values()), pairs, wait=wait)
+
+    def wait_reachable(self, *, timeout: float = 10, wait: float = 1) -> Reachability:
+        """Ping all pairs, re-ping only the failed ones until all reach or `timeout`."""
+        return probes.wait_reachable(list(self.hosts.values()), timeout=timeout, wait=wait)
+
+    def http_get(self, host: Host, path: str, *, timeout: float = 2) -> tuple[int, str]:
+        """(status, body) of GET <the agent's metrics address><path> from inside the
+        host's namespace; status 0 if nothing answered."""
+        return probes.http_get(host.ns, f"http://{agents.METRICS_ADDR}{path}", timeout=timeout)
+
+    def metrics(self, host: Host) -> dict[str, float]:
+        """The agent's /metrics as {'name{labels}': value} (empty if it did not answer)."""
+        status, body = self.http_get(host, "/metrics")
+        return probes.parse_metrics(body) if status == 200 else {}
+
+    def kernel_entries(self, host: Host, peer: IPv4Network, vtep_mac: str | None = None
+                       ) -> list[str]:
+        return probes.kernel_entries(host, peer, vtep_mac)
+
+    def kernel_state(self, host: Host) -> dict[str, list[str]]:
+        return probes.kernel_state(host)
+
+    # ---------------------------------------------------------------- down
+
+    def down(self) -> list[str]:
+        """Remove everything this lab made, also after a crash; returns warnings."""
+        warnings = teardown.down(self.topology, self.state)
+        self.hosts.clear()
+        return warnings

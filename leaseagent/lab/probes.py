@@ -1,0 +1,214 @@
+"""Looking at a running lab: ping, the reachability matrix, HTTP to an agent, metrics,
+and the kernel entries of a host.
+
+Traffic only goes to addresses inside the lab's namespaces: every ping target
+is checked against the underlay (10.250.0.0/24) and the container network
+(10.244.0.0/16), and HTTP goes to an agent's metrics address on the loopback
+of its own host namespace.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from leaseagent.lab import netns
+from leaseagent.lab.commands import run
+from leaseagent.lab.errors import LabError
+from leaseagent.lab.topology import CONTAINER_NETWORK, UNDERLAY, Container, Host, short
+
+_PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
+
+
+def parse_ping_summary(text: str) -> tuple[int, int]:
+    """(transmitted, received) from ping's summary line; (0, 0) if there is none."""
+    m = _PING_RE.search(text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def check_target(ip: IPv4Address | str) -> IPv4Address:
+    """`ip` if it is a lab address; LabError otherwise (the lab sends nothing elsewhere)."""
+    addr = IPv4Address(str(ip))
+    if addr not in CONTAINER_NETWORK and addr not in UNDERLAY:
+        raise LabError(f"{addr} is not a lab address")
+    return addr
+
+
+def _ping_argv(from_ns: str, to_ip: IPv4Address | str, *options: str) -> list[str]:
+    return netns.exec_argv(from_ns, ["ping", "-n", "-q", *options, str(check_target(to_ip))])
+
+
+def ping(from_ns: str, to_ip: IPv4Address | str, *, count: int = 1, wait: float = 1) -> bool:
+    proc = subprocess.run(_ping_argv(from_ns, to_ip, "-c", str(count), "-W", str(wait)),
+                          capture_output=True, stdin=subprocess.DEVNULL, check=False)
+    return proc.returncode == 0
+
+
+def ping_background(from_ns: str, to_ip: IPv4Address | str, *, count: int,
+                    interval: float) -> subprocess.Popen[str]:
+    """`count` pings, one every `interval` s (root may go below 0.2 s); read the
+    outcome with `parse_ping_summary` on its stdout. A count, not a deadline, so
+    the last reply is waited for instead of being counted lost."""
+    return subprocess.Popen(
+        _ping_argv(from_ns, to_ip, "-c", str(count), "-i", str(interval), "-W", "1"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+    )
+
+
+# --------------------------------------------------------------------------- reachability
+
+
+@dataclass(frozen=True)
+class Reachability:
+    """Ping results: rows are source containers, columns are hosts (their first container)."""
+
+    rows: list[Container]
+    columns: list[Host]
+    cells: dict[tuple[str, str], bool]  # (source container ns, target host ns) -> reached
+
+    @property
+    def all_ok(self) -> bool:
+        return all(self.cells.values())
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        return [pair for pair, ok in self.cells.items() if not ok]
+
+    def format(self) -> str:
+        def label(c: Container) -> str:
+            return f"{short(c.ns)} {c.ip}"
+
+        heads = [label(h.containers[0]) for h in self.columns]
+        first = max([len("from \\ to")] + [len(label(c)) for c in self.rows])
+        width = max([4] + [len(h) for h in heads])
+        lines = ["from \\ to".ljust(first) + "  " + "  ".join(h.ljust(width) for h in heads)]
+        for c in self.rows:
+            marks = []
+            for h in self.columns:
+                ok = self.cells.get((c.ns, h.ns))
+                marks.append({None: "-", True: "ok", False: "FAIL"}[ok].ljust(width))
+            lines.append((label(c).ljust(first) + "  " + "  ".join(marks)).rstrip())
+        total, good = len(self.cells), sum(self.cells.values())
+        lines.append(f"{good}/{total} cross-host pairs reachable")
+        return "\n".join(lines)
+
+
+def pairs(hosts: Sequence[Host]) -> list[tuple[Container, Host]]:
+    """Every container, to the first container of every other host."""
+    hosts = [h for h in hosts if h.containers]
+    return [(c, h) for src in hosts for c in src.containers for h in hosts if h is not src]
+
+
+def reachability(hosts: Sequence[Host], todo: Sequence[tuple[Container, Host]] | None = None,
+                 *, wait: float = 1) -> Reachability:
+    """One ping per pair (`ping -c 1 -W wait`), all pairs at once."""
+    todo = pairs(hosts) if todo is None else list(todo)
+    procs = [subprocess.Popen(_ping_argv(c.ns, h.containers[0].ip, "-c", "1", "-W", str(wait)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL)
+             for c, h in todo]
+    cells = {(c.ns, h.ns): p.wait() == 0 for (c, h), p in zip(todo, procs, strict=True)}
+    columns = [h for h in hosts if h.containers]
+    return Reachability(rows=[c for h in columns for c in h.containers], columns=columns,
+                        cells=cells)
+
+
+def wait_reachable(hosts: Sequence[Host], *, timeout: float = 10, wait: float = 1
+                   ) -> Reachability:
+    """Ping all pairs, re-ping only the failed ones until all reach or `timeout`."""
+    deadline = time.monotonic() + timeout
+    result = reachability(hosts, wait=wait)
+    while not result.all_ok and time.monotonic() < deadline:
+        time.sleep(0.05)
+        todo = [(c, h) for (c, h) in pairs(hosts) if not result.cells[(c.ns, h.ns)]]
+        again = reachability(hosts, todo, wait=wait)
+        result = Reachability(rows=result.rows, columns=result.columns,
+                              cells={**result.cells, **again.cells})
+    return result
+
+
+# --------------------------------------------------------------------------- HTTP, metrics
+
+_HTTP_GET = """\
+import sys, urllib.request as u, urllib.error as e
+try:
+    r = u.urlopen(sys.argv[1], timeout=float(sys.argv[2]))
+    print(r.status); sys.stdout.write(r.read().decode())
+except e.HTTPError as x:
+    print(x.code); sys.stdout.write(x.read().decode())
+except Exception as x:
+    print(0); sys.stdout.write(str(x))
+"""
+
+
+def http_get(ns: str, url: str, *, timeout: float = 2) -> tuple[int, str]:
+    """(status, body) of GET `url` from inside namespace `ns`; status 0 if nothing
+    answered."""
+    proc = subprocess.run(
+        netns.exec_argv(ns, [sys.executable, "-c", _HTTP_GET, url, str(timeout)]),
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+        timeout=timeout + 10,
+    )
+    status, _, body = proc.stdout.partition("\n")
+    try:
+        return int(status), body
+    except ValueError:
+        return 0, proc.stderr
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{label="value",...}': value}, labels in the
+    order the text gives them (so keys read as the exposition's lines)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def kernel_entries(host: Host, peer: IPv4Network, vtep_mac: str | None = None) -> list[str]:
+    """What `host`'s kernel holds for a peer: routes to the peer subnet, neighbour
+    entries for its .0 (the vxlan gateway), FDB entries for its VTEP MAC."""
+    ns = host.ns
+    found = [f"route {line}" for line in
+             run(["ip", "-n", ns, "route", "show", "exact", str(peer)]).splitlines()]
+    found += [f"neigh {line}" for line in
+              run(["ip", "-n", ns, "neigh", "show", "to", str(peer.network_address)])
+              .splitlines()]
+    if vtep_mac:
+        found += [f"fdb {line}" for line in run(["bridge", "-n", ns, "fdb", "show"])
+                  .splitlines() if line.lower().startswith(vtep_mac.lower())]
+    return found
+
+
+def kernel_state(host: Host, *, route_protocol: int = 76) -> dict[str, list[str]]:
+    """Everything the data plane owns in `host`'s kernel, as sorted text lines:
+    routes of the agent's protocol, neighbours and FDB entries of its vxlan
+    devices, and the devices' addresses: for before/after comparisons."""
+    ns = host.ns
+    devs = [line.split(":")[1].strip().split("@")[0]
+            for line in run(["ip", "-n", ns, "-o", "link", "show", "type", "vxlan"]).splitlines()]
+    state: dict[str, list[str]] = {
+        "route": run(["ip", "-n", ns, "route", "show", "proto", str(route_protocol)]).splitlines(),
+        "neigh": [], "fdb": [], "addr": [],
+    }
+    for dev in devs:
+        state["neigh"] += run(["ip", "-n", ns, "neigh", "show", "dev", dev]).splitlines()
+        state["fdb"] += run(["bridge", "-n", ns, "fdb", "show", "dev", dev]).splitlines()
+        state["addr"] += run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", dev]).splitlines()
+    return {k: sorted(v) for k, v in state.items()}

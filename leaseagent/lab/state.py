@@ -1,0 +1,104 @@
+"""The lab's state on disk: /run/leaseagent-lab/<name>/.
+
+    state.json          what `up` built: backend, lease TTL, hosts, their subnets and
+                        containers (so `status`, `down`, a test, can pick the lab up
+                        from another process)
+    etcd/m0/            etcd's data, log and pid file (leaseagent.lab.etcd)
+    h<i>/               host i: subnet.env, the agent's log, pid file and state dir
+
+Pid files hold "<pid> <start time>" (leaseagent.lab.processes). `down` finds
+them here: agents first, then etcd. The state dir is <root>/<name> with the
+name checked by the topology, so removing it never removes anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+from leaseagent.files import write_atomic
+from leaseagent.lab.errors import LabError
+from leaseagent.lab.topology import Host, Topology
+
+STATE_ROOT = Path("/run/leaseagent-lab")
+
+
+@dataclass
+class Saved:
+    """What state.json says."""
+
+    backend: str
+    lease_ttl: int
+    containers_per_host: int
+    hosts: list[Host]
+
+
+class StateDir:
+    def __init__(self, root: Path, name: str) -> None:
+        self.path = root / name
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def etcd_dir(self) -> Path:
+        return self.path / "etcd"
+
+    def host_dir(self, index: int) -> Path:
+        return self.path / f"h{index}"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def pid_files(self) -> list[list[Path]]:
+        """Pid files in stopping order: the agents', then etcd's (an agent stopping while
+        etcd goes away would wait on it)."""
+        if not self.path.is_dir():
+            return []
+        return [sorted(self.path.glob("h*/agent.pid")), sorted(self.etcd_dir.glob("*/etcd.pid"))]
+
+    def save(self, *, name: str, backend: str, lease_ttl: int, containers_per_host: int,
+             hosts: Iterable[Host]) -> None:
+        doc = {
+            "name": name,
+            "backend": backend,
+            "lease_ttl": lease_ttl,
+            "containers_per_host": containers_per_host,
+            "hosts": [
+                {
+                    "index": h.index,
+                    "subnet": str(h.subnet) if h.subnet else None,
+                    "mtu": h.mtu,
+                    "containers": [{"index": c.index, "ip": str(c.ip)} for c in h.containers],
+                }
+                for h in hosts
+            ],
+        }
+        write_atomic(self.state_file, (json.dumps(doc, indent=2) + "\n").encode())
+
+    def load(self, topology: Topology) -> Saved:
+        try:
+            doc = json.loads(self.state_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise LabError(f"no lab {topology.name!r} ({self.state_file}: {exc})") from exc
+        hosts = []
+        for h in doc["hosts"]:
+            host = topology.host(h["index"], self.host_dir(h["index"]))
+            host.subnet = IPv4Interface(h["subnet"]) if h["subnet"] else None
+            host.mtu = h["mtu"]
+            host.containers = [topology.container(host, c["index"], IPv4Address(c["ip"]))
+                               for c in h["containers"]]
+            hosts.append(host)
+        return Saved(backend=doc["backend"], lease_ttl=doc["lease_ttl"],
+                     containers_per_host=doc["containers_per_host"], hosts=hosts)

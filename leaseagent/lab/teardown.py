@@ -1,0 +1,58 @@
+"""`down`: remove everything a lab made, from its name alone, also after a crash.
+
+Order: the processes recorded in pid files (agents, then etcd; each checked
+against its start time, so a recycled PID is never hit), then strays found
+inside the lab's namespaces, then the namespaces (containers, hosts, etcd,
+underlay), then the state dir.
+
+A stray is a process in a lab namespace whose command line names the lab's
+state dir (spawned just before a crash, its pid file never written) or that
+is one of the lab's helpers (ping, etcdctl, leasectl); anything else in there
+is reported, not killed, and its namespace lives on until it exits.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from leaseagent.lab import netns, processes
+from leaseagent.lab.processes import Process
+from leaseagent.lab.state import StateDir
+from leaseagent.lab.topology import Topology
+
+# Short-lived programs the lab runs inside its namespaces (argv[0], or argv[1] for a
+# Python console script); `down` may stop them when a crash left them behind.
+HELPERS = frozenset({"ping", "etcdctl", "leasectl"})
+
+
+def down(topology: Topology, state: StateDir) -> list[str]:
+    """Remove the lab; returns warnings (empty when everything went)."""
+    warnings: list[str] = []
+    for group in state.pid_files():
+        procs = [p for f in group if (p := processes.running(f)) is not None]
+        processes.stop(procs, first=signal.SIGTERM, grace=10)
+
+    ours = topology.present()
+    strays: list[Process] = []
+    for ns in ours:
+        for pid in netns.pids(ns):
+            start = processes.start_time(pid)
+            argv = processes.cmdline(pid)
+            if start is None or not argv:
+                continue  # gone meanwhile, or a kernel thread
+            if any(str(state.path) in a for a in argv) or any(
+                Path(a).name in HELPERS for a in argv[:2]
+            ):
+                strays.append(Process(pid, start))
+            else:
+                warnings.append(f"{ns}: pid {pid} ({' '.join(argv)[:80]}) not started by "
+                                "the lab; left running, the namespace lives on until it exits")
+    processes.stop(strays, first=signal.SIGTERM, grace=5)
+
+    for ns in topology.removal_order(ours):
+        problem = netns.delete(ns)
+        if problem is not None:
+            warnings.append(problem)
+    state.remove()
+    return warnings

@@ -1,0 +1,170 @@
+"""What the lab looks like and how it is wired: names, addresses, hosts, containers.
+
+    la-<name>-ul      underlay: bridge ul0 (10.250.0.1/24), one veth port per host and etcd
+    la-<name>-etcd    etcd's namespace: eth0 10.250.0.2/24
+    la-<name>-h<i>    host i: eth0 10.250.0.<10+i>/24, ip_forward on; bridge br0 =
+                      FLANNEL_SUBNET from its agent's subnet.env (what `dockerd --bip`
+                      does), MTU = FLANNEL_MTU
+    la-<name>-c<i>-<j> container j of host i: eth0 on host i's br0, address .<1+j> of the
+                      host's subnet, default route via the bridge (as Pipework does)
+
+Every name carries the lab's name, and `owns` matches the whole shape, so a
+namespace someone else named `la-lab-foo` is never touched. Links are made
+with leaseagent.lab.netns: each veth is created inside one lab namespace with
+its peer placed straight into another, so the root namespace gets nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+from leaseagent.lab import netns
+from leaseagent.lab.commands import run
+from leaseagent.lab.errors import LabError
+
+UNDERLAY = IPv4Network("10.250.0.0/24")
+UNDERLAY_GW = IPv4Address("10.250.0.1")
+ETCD_IP = IPv4Address("10.250.0.2")
+ETCD_PORTS = (2379, 2380)  # client, peer: alone in its namespace, etcd has them free
+HOST_IP_BASE = 10  # host i is 10.250.0.<10+i>
+CONTAINER_NETWORK = IPv4Network("10.244.0.0/16")
+NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
+
+
+@dataclass
+class Container:
+    ns: str
+    ip: IPv4Address
+    index: int
+
+
+@dataclass
+class Host:
+    index: int
+    ns: str
+    public_ip: IPv4Address
+    dir: Path  # its part of the state dir: subnet.env, the agent's pid file, log, state
+    subnet: IPv4Interface | None = None  # FLANNEL_SUBNET: the bridge's address / lease length
+    mtu: int | None = None
+    containers: list[Container] = field(default_factory=list)
+    # time.monotonic() when the lab first saw this host's subnet.env (the agent writes
+    # it right after its lease is in etcd): the start of "how soon do peers reach it".
+    subnet_seen_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"h{self.index}"
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.dir / "subnet.env"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "agent.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "agent.log"
+
+
+def short(ns: str) -> str:
+    """`la-demo-c2-1` -> `c2-1`: the part after the lab prefix, for tables."""
+    return ns.split("-", 2)[2]
+
+
+class Topology:
+    """The namespaces of lab `name`: their names, and building and removing them."""
+
+    def __init__(self, name: str) -> None:
+        if not NAME_RE.match(name):
+            raise LabError(f"lab name {name!r}: use 1-12 lowercase letters or digits")
+        self.name = name
+        self.ul_ns = self.ns("ul")
+        self.etcd_ns = self.ns("etcd")
+
+    # ---------------------------------------------------------------- names
+
+    def ns(self, suffix: str) -> str:
+        return f"la-{self.name}-{suffix}"
+
+    def owns(self, ns: str) -> bool:
+        """True for exactly the namespace names this lab makes."""
+        return re.fullmatch(rf"la-{self.name}-(ul|etcd|h\d+|c\d+-\d+)", ns) is not None
+
+    def present(self) -> list[str]:
+        """This lab's namespaces that exist now."""
+        return [ns for ns in netns.list_namespaces(self.ns("")) if self.owns(ns)]
+
+    @staticmethod
+    def removal_order(namespaces: list[str]) -> list[str]:
+        """Containers, hosts, etcd, underlay: each veth goes with the namespace holding it."""
+        order = {"c": 0, "h": 1, "e": 2, "u": 3}
+        return sorted(namespaces, key=lambda n: order[short(n)[0]])
+
+    def host(self, index: int, dir: Path) -> Host:
+        """The record of host `index` (nothing is built)."""
+        return Host(index=index, ns=self.ns(f"h{index}"),
+                    public_ip=UNDERLAY_GW + HOST_IP_BASE - 1 + index, dir=dir)
+
+    def container(self, host: Host, index: int, ip: IPv4Address) -> Container:
+        return Container(ns=self.ns(f"c{host.index}-{index}"), ip=ip, index=index)
+
+    # ---------------------------------------------------------------- building
+
+    def make_underlay(self) -> None:
+        """The underlay's bridge, and etcd's namespace on it."""
+        netns.add(self.ul_ns)
+        netns.bridge(self.ul_ns, "ul0", address=f"{UNDERLAY_GW}/{UNDERLAY.prefixlen}")
+        self._attach_to_underlay(self.etcd_ns, port="etcd", ip=ETCD_IP)
+
+    def _attach_to_underlay(self, ns: str, *, port: str, ip: IPv4Address) -> None:
+        """New namespace `ns` with eth0 at `ip`, its peer `port` a port of ul0."""
+        netns.add(ns)
+        netns.veth(ns, "eth0", port, peer_ns=self.ul_ns)
+        netns.link_up(self.ul_ns, port, master="ul0")
+        netns.address(ns, "eth0", f"{ip}/{UNDERLAY.prefixlen}")
+        netns.link_up(ns, "eth0")
+        run(["ip", "-n", ns, "route", "add", "default", "via", str(UNDERLAY_GW)])
+
+    def make_host(self, host: Host) -> None:
+        """The host's namespace on the underlay, forwarding on (it routes for its
+        containers)."""
+        if host.public_ip not in UNDERLAY or host.public_ip == UNDERLAY.broadcast_address:
+            raise LabError(f"host {host.index}: no underlay address left")
+        self._attach_to_underlay(host.ns, port=host.name, ip=host.public_ip)
+        netns.enable_forwarding(host.ns)
+
+    def make_bridge(self, host: Host) -> None:
+        """docker0's part: bridge br0 with FLANNEL_SUBNET's address and FLANNEL_MTU."""
+        assert host.subnet is not None and host.mtu is not None
+        netns.bridge(host.ns, "br0", mtu=host.mtu, address=str(host.subnet))
+
+    def make_container(self, host: Host, j: int) -> Container:
+        """Container `j` on the host's bridge: address .<1+j>, default route via br0."""
+        assert host.subnet is not None and host.mtu is not None
+        ip = host.subnet.ip + j  # .1 is the bridge
+        if ip not in host.subnet.network or ip == host.subnet.network.broadcast_address:
+            raise LabError(f"{host.name}: subnet {host.subnet.network} has no room for {j}")
+        c = self.container(host, j, ip)
+        netns.add(c.ns)
+        netns.veth(c.ns, "eth0", f"vc{j}", peer_ns=host.ns)
+        netns.link_up(host.ns, f"vc{j}", master="br0", mtu=host.mtu)
+        netns.link_up(c.ns, "eth0", mtu=host.mtu)
+        netns.address(c.ns, "eth0", f"{ip}/{host.subnet.network.prefixlen}")
+        run(["ip", "-n", c.ns, "route", "add", "default", "via", str(host.subnet.ip)])
+        host.containers.append(c)
+        return c
+
+    def remove_host(self, host: Host) -> None:
+        """Delete the host's and its containers' namespaces."""
+        # The kernel tears a deleted namespace down asynchronously; the underlay port
+        # would linger for a moment and block a new host of the same index. Deleting
+        # one end of the veth removes both, now.
+        run(["ip", "-n", self.ul_ns, "link", "del", host.name], check=False)
+        for c in host.containers:
+            netns.delete(c.ns)
+        netns.delete(host.ns)
