@@ -1,9 +1,13 @@
-"""Run `leaseagent` as a real process for integration tests, and stop it by PID."""
+"""Run `leaseagent` as a real process for integration tests, and stop it by PID.
+
+Started and stopped with leaseagent.lab.processes (by PID and start time;
+SIGCONT, SIGTERM, then SIGKILL).
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
+import signal
 import sys
 import time
 import urllib.error
@@ -14,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etcd_server import free_port, stop_process
+from leaseagent.lab import processes
+from leaseagent.lab.etcd import free_port
+from leaseagent.lab.probes import parse_metrics
 
 
 @contextmanager
@@ -45,7 +51,7 @@ class AgentProc:
     extra: list[str] = field(default_factory=list)
     metrics_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
+    proc: processes.Process | None = None
 
     @property
     def subnet_file(self) -> Path:
@@ -70,9 +76,8 @@ class AgentProc:
         ]
         if self.metrics_port is not None:
             args += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **self.env})
+        self.proc = processes.spawn(args, log_file=self.log_file, env={**os.environ, **self.env},
+                                    new_session=False)
         return self
 
     def wait_subnet(self, timeout: float = 20.0) -> str:
@@ -82,7 +87,7 @@ class AgentProc:
                 for line in self.subnet_file.read_text().splitlines():
                     if line.startswith("FLANNEL_SUBNET="):
                         return line.split("=", 1)[1]
-            if self.proc is not None and self.proc.poll() is not None:
+            if self.proc is not None and not self.proc.alive:
                 raise AssertionError(f"{self.name} exited {self.proc.returncode}: {self.log()}")
             time.sleep(0.05)
         raise AssertionError(f"{self.name}: no subnet.env after {timeout}s: {self.log()}")
@@ -109,27 +114,24 @@ class AgentProc:
 
     def metric(self, name: str, labels: str = "") -> float | None:
         _, text = self.http("/metrics")
-        want = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(want + " "):
-                return float(line.split()[-1])
-        return None
+        return parse_metrics(text).get(f"{name}{{{labels}}}" if labels else name)
 
     def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
+        if self.proc is not None:
+            self.proc.send(sig)
 
     def wait_exit(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        assert code is not None
+        return code
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            self.proc.stop()
         self.proc = None
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            self.proc.stop(first=signal.SIGKILL)
         self.proc = None

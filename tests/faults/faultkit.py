@@ -10,9 +10,13 @@ from ipaddress import IPv4Interface
 
 from agentproc import AgentProc
 from etcd_cluster import EtcdCluster
+from etcd_server import PREFIX
+from etcd_server import put_config as put_config  # the fault tests' one import for it
 
-PREFIX = "/coreos.com/network"
-SUBNETS = f"{PREFIX}/subnets/"
+from leaseagent.core.leases import KeyLayout
+
+KEYS = KeyLayout(PREFIX)
+SUBNETS = KEYS.subnets_prefix
 ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.200.0",
          "Backend": {"Type": "alloc"}}
 
@@ -20,13 +24,8 @@ ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.2
 FULL = os.environ.get("LEASEAGENT_FULL", "") not in ("", "0")
 
 
-def put_config(cluster: EtcdCluster, config: dict[str, object]) -> None:
-    cluster.etcdctl("put", f"{PREFIX}/config", json.dumps(config))
-
-
 def key_of(subnet_line: str) -> str:
-    net = IPv4Interface(subnet_line).network
-    return f"{SUBNETS}{net.network_address}-{net.prefixlen}"
+    return KEYS.lease_key(IPv4Interface(subnet_line).network)
 
 
 def subnet_of_env(agent: AgentProc) -> str | None:
