@@ -1,7 +1,12 @@
 """leaseagent: per-host subnet leases in etcd, and the data plane that wires hosts together.
 
 A flannel-compatible agent: same etcd layout, same subnet.env, same kernel
-objects; see the README and docs/ for what it does better.
+objects; see the README and docs/architecture.md.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("leaseagent")  # pyproject.toml says it, once
+except PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"

@@ -1,8 +1,9 @@
 """Acquiring this host's subnet lease and taking it back when it is lost.
 
 Order of acquisition (first that works wins):
- 1. a lease that already names this host (same PublicIP and NodeID, attached
-    to an etcd lease): taken over by a transaction fenced on its mod_revision,
+ 1. a lease that already names this host (same PublicIP and NodeID, or same
+    PublicIP and no NodeID: flanneld's, from before this host switched), attached
+    to an etcd lease: taken over by a transaction fenced on its mod_revision,
     re-attached to our new etcd lease; the old etcd lease is then revoked;
  2. a reservation for this PublicIP (a key with no etcd lease): used as is,
     never given a TTL (its value is updated, fenced, to publish our
@@ -167,7 +168,7 @@ class Leasing:
                     continue
                 if verdict.reservation:
                     reserved.append((subnet, by_key[verdict.key]))
-                elif value.node_id == self._value.node_id:
+                elif value.node_id in (None, self._value.node_id):
                     named.append((subnet, by_key[verdict.key]))
 
             for subnet, kv in named:

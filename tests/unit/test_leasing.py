@@ -97,6 +97,21 @@ async def test_takes_over_a_lease_with_same_public_ip_and_node_id_and_revokes_th
     assert await store.time_to_live(own.lease_id) > 0
 
 
+async def test_flanneld_lease_of_this_host_is_taken_over_so_a_switch_keeps_the_subnet() -> None:
+    """flanneld wrote this host's lease (its PublicIP, no NodeID) before the switch."""
+    store = MemoryStore()
+    flannel_lease, _ = await store.grant(TTL)
+    flanneld = (b'{"PublicIP":"192.168.64.2","PublicIPv6":null,"BackendType":"vxlan",'
+                b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:99"}}')
+    await store.create(key("10.5.9.0/24"), flanneld, lease=flannel_lease)
+    leasing = make_leasing(store)
+
+    own = await leasing.acquire(previous=IPv4Network("10.5.9.0/24"))
+
+    assert (own.subnet, own.how) == (IPv4Network("10.5.9.0/24"), "took over this host's lease")
+    await assert_holds(store, own, leasing)
+
+
 async def test_takeover_is_fenced_on_mod_revision() -> None:
     """Another host writes the key between our list and our txn: we must not overwrite it."""
 
