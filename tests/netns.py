@@ -4,11 +4,12 @@
 each with `eth0` (a veth into the bridge) holding 10.99.0.<i+1>/24. Only
 addresses inside these namespaces are used; nothing leaves them. Names carry
 a random suffix so parallel runs never collide, and every namespace created
-is deleted by name in a `finally`, also when building or the test fails.
+is deleted by name on the way out, also when building or the test fails.
 
-`sh` runs iproute2 synchronously (fixtures); `ash` is its asyncio twin for
-use inside async tests, where a blocking subprocess would stall the agent
-code under test. `*_json` helpers parse `ip -j`.
+Built with the project's one namespace helper (leaseagent.lab.netns). `sh`
+runs a command synchronously (fixtures); `ash` is its asyncio twin for use
+inside async tests, where a blocking subprocess would stall the agent code
+under test. `ajson` parses `ip -j`.
 """
 
 from __future__ import annotations
@@ -16,20 +17,19 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from leaseagent.lab import netns
+from leaseagent.lab.commands import run
+
 UNDERLAY_PREFIX = "10.99.0"
 
 
 def sh(*args: str, check: bool = True) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
+    return run(args, check=check)
 
 
 async def ash(*args: str, check: bool = True) -> str:
@@ -51,16 +51,17 @@ async def ajson(*args: str) -> Any:
 class Underlay:
     switch: str
     hosts: list[str]
-    created: list[str] = field(default_factory=list)
+    namespaces: netns.Namespaces = field(default_factory=netns.Namespaces)
+
+    @property
+    def created(self) -> list[str]:
+        return self.namespaces.created
 
     def ip_of(self, i: int) -> str:
         return f"{UNDERLAY_PREFIX}.{i + 1}"
 
     def add_namespace(self, name: str) -> str:
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        return name
+        return self.namespaces.add(name)
 
     def add_container(self, host: int, *, gateway: str, address: str) -> str:
         """A "container" namespace behind host `host`: veth `vc<n>` with the
@@ -69,14 +70,13 @@ class Underlay:
         n = len(self.created)
         ns = self.add_namespace(f"{ns_host}c{n}")
         hostdev = f"vc{n}"
-        sh("ip", "-n", ns_host, "link", "add", hostdev, "type", "veth",
-           "peer", "name", "eth0", "netns", ns)
-        sh("ip", "-n", ns_host, "addr", "add", gateway, "dev", hostdev)
-        sh("ip", "-n", ns_host, "link", "set", hostdev, "up")
-        sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        netns.veth(ns_host, hostdev, "eth0", peer_ns=ns)
+        netns.address(ns_host, hostdev, gateway)
+        netns.link_up(ns_host, hostdev)
+        netns.address(ns, "eth0", address)
+        netns.link_up(ns, "eth0")
         sh("ip", "-n", ns, "route", "add", "default", "via", gateway.split("/")[0])
-        sh("ip", "netns", "exec", ns_host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        netns.enable_forwarding(ns_host)
         return ns
 
 
@@ -84,19 +84,14 @@ class Underlay:
 def underlay(n_hosts: int, *, prefix: str = "ladp") -> Iterator[Underlay]:
     tag = secrets.token_hex(3)
     lab = Underlay(switch=f"{prefix}{tag}sw", hosts=[])
-    try:
+    with lab.namespaces:
         lab.add_namespace(lab.switch)
-        sh("ip", "-n", lab.switch, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", lab.switch, "link", "set", "br0", "up")
+        netns.bridge(lab.switch, "br0")
         for i in range(n_hosts):
             host = lab.add_namespace(f"{prefix}{tag}h{i}")
             lab.hosts.append(host)
-            sh("ip", "-n", lab.switch, "link", "add", f"p{i}", "type", "veth",
-               "peer", "name", "eth0", "netns", host)
-            sh("ip", "-n", lab.switch, "link", "set", f"p{i}", "master", "br0", "up")
-            sh("ip", "-n", host, "addr", "add", f"{lab.ip_of(i)}/24", "dev", "eth0")
-            sh("ip", "-n", host, "link", "set", "eth0", "up")
+            netns.veth(lab.switch, f"p{i}", "eth0", peer_ns=host)
+            netns.link_up(lab.switch, f"p{i}", master="br0")
+            netns.address(host, "eth0", f"{lab.ip_of(i)}/24")
+            netns.link_up(host, "eth0")
         yield lab
-    finally:
-        for name in reversed(lab.created):
-            sh("ip", "netns", "del", name, check=False)
