@@ -8,9 +8,11 @@
 - `<tag>r` is the fresh namespace iproute2's `ip -batch` programs for the
   reference: the same eth0 and vxlan device, nothing else.
 
-Only namespace-internal addresses are used; nothing is sent anywhere. Every
-namespace, process (by PID) and directory is removed in `World.close()`,
-which `__main__` runs in a `finally`.
+Namespaces come from the project's one namespace helper (leaseagent.lab.netns),
+etcd from its one launcher (leaseagent.lab.etcd), the agent from
+leaseagent.lab.processes. Only namespace-internal addresses are used; nothing
+is sent anywhere. Every namespace, process (by PID) and directory is removed
+in `World.close()`, which `__main__` runs in a `finally`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -32,7 +30,12 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from leaseagent.core.leases import KeyLayout
 from leaseagent.dataplane import rtnl
+from leaseagent.lab import netns, processes
+from leaseagent.lab.commands import run
+from leaseagent.lab.etcd import Etcd
+from leaseagent.lab.etcd import free_port as free_port  # the bench's metrics ports too
 
 UNDERLAY = IPv4Network("172.31.0.0/16")
 HOST_IP = IPv4Address("172.31.0.1")
@@ -42,16 +45,8 @@ ROUTE_PROTOCOL = 76
 
 
 def sh(*argv: str, check: bool = True, input: str | None = None) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False, input=input)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Run a command (no time limit: `ip -batch` of thousands of objects), its stdout."""
+    return run(argv, check=check, input=input, timeout=None)
 
 
 def peer_subnet(i: int) -> IPv4Network:
@@ -72,17 +67,17 @@ def lease_value(i: int) -> str:
                        "BackendData": {"VNI": 1, "VtepMAC": peer_mac(i)}})
 
 
-def lease_key(subnet: IPv4Network) -> str:
-    return f"{PREFIX}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+lease_key = KeyLayout(PREFIX).lease_key
 
 
-def make_underlay(ns: str) -> None:
-    sh("ip", "netns", "add", ns)
-    sh("ip", "-n", ns, "link", "set", "lo", "up")
-    sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "sw0")
-    sh("ip", "-n", ns, "addr", "add", f"{HOST_IP}/{UNDERLAY.prefixlen}", "dev", "eth0")
-    sh("ip", "-n", ns, "link", "set", "sw0", "up")
-    sh("ip", "-n", ns, "link", "set", "eth0", "up")
+def make_underlay(namespaces: netns.Namespaces, ns: str) -> None:
+    """Namespace `ns` with eth0 on the underlay: a veth whose other end, sw0, stays in
+    `ns` (nothing is plugged into it; the peers are only addresses in leases)."""
+    namespaces.add(ns)
+    netns.veth(ns, "eth0", "sw0")
+    netns.address(ns, "eth0", f"{HOST_IP}/{UNDERLAY.prefixlen}")
+    netns.link_up(ns, "sw0")
+    netns.link_up(ns, "eth0")
 
 
 def enter_netns(ns: str) -> None:
@@ -96,36 +91,29 @@ def enter_netns(ns: str) -> None:
 
 @dataclass
 class Proc:
+    """A process of the bench's (the agent), stopped by PID and start time."""
+
     argv: list[str]
     log: Path
     env: dict[str, str] | None = None
-    popen: subprocess.Popen[bytes] | None = None
+    process: processes.Process | None = None
 
     def start(self) -> int:
-        with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=log, env=self.env,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
-        return self.popen.pid
+        self.process = processes.spawn(self.argv, log_file=self.log, env=self.env)
+        return self.process.pid
 
     @property
     def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
+        assert self.process is not None
+        return self.process.pid
 
     def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+        return self.process is not None and self.process.alive
 
     def stop(self, timeout: float = 10) -> None:
-        if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout)
-        self.popen = None
+        if self.process is not None:
+            self.process.stop(grace=timeout)
+        self.process = None
 
 
 @dataclass
@@ -133,9 +121,9 @@ class World:
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(
         prefix="leaseagent-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)))
-    namespaces: list[str] = field(default_factory=list)
+    namespaces: netns.Namespaces = field(default_factory=netns.Namespaces)
     procs: list[Proc] = field(default_factory=list)
-    client_port: int = 0
+    etcd: Etcd | None = None
 
     @property
     def host_ns(self) -> str:
@@ -147,57 +135,34 @@ class World:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        assert self.etcd is not None
+        return self.etcd.url
 
     def build(self) -> None:
         for ns in (self.host_ns, self.ref_ns):
-            self.namespaces.append(ns)
-            make_underlay(ns)
+            make_underlay(self.namespaces, ns)
         enter_netns(self.host_ns)
 
     def start_etcd(self, timeout: float = 20) -> None:
-        self.client_port, peer_port = free_port(), free_port()
-        peer = f"http://127.0.0.1:{peer_port}"
-        etcd = Proc([
-            shutil.which("etcd") or "etcd", "--name", "bench",
-            "--data-dir", str(self.dir / "etcd"),
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"bench={peer}", "--logger", "zap", "--log-level", "error",
-        ], self.dir / "etcd.log")
-        etcd.start()
-        self.procs.append(etcd)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not etcd.alive():
-                raise RuntimeError(f"etcd exited; see {etcd.log}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as r:
-                    if json.load(r).get("health") in ("true", True):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("etcd did not become healthy")
+        """One etcd member on 127.0.0.1 in the host namespace (this process is in it)."""
+        self.etcd = Etcd(self.dir / "etcd")
+        self.etcd.start(timeout=timeout)
 
     def etcd_metrics(self) -> dict[str, float]:
         """etcd's /metrics: gRPC calls handled/started per method, watch gauges."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(f"{self.endpoint}/metrics", timeout=5) as r:
             text = r.read().decode()
         out: dict[str, float] = {}
-        pattern = re.compile(
-            r'^(grpc_server_(?:handled|started)_total)\{(.*)\} (\S+)$|'
-            r'^(etcd_debugging_mvcc_(?:watch_stream|watcher)_total) (\S+)$')
-        for line in text.splitlines():
-            m = pattern.match(line)
-            if m is None:
-                continue
-            if m.group(4):
-                out[m.group(4)] = float(m.group(5))
-                continue
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-            name = f"{m.group(1)}:{labels.get('grpc_method')}"
-            out[name] = out.get(name, 0.0) + float(m.group(3))
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in ("grpc_server_handled_total", "grpc_server_started_total"):
+                    name = f"{sample.name}:{sample.labels.get('grpc_method')}"
+                    out[name] = out.get(name, 0.0) + sample.value
+                elif sample.name in ("etcd_debugging_mvcc_watch_stream_total",
+                                     "etcd_debugging_mvcc_watcher_total"):
+                    out[sample.name] = sample.value
         return out
 
     def agent(self, *, extra_env: dict[str, str], metrics_port: int) -> Proc:
@@ -221,11 +186,12 @@ class World:
                 proc.stop()
             except Exception as exc:
                 problems.append(f"stopping {proc.argv[0]}: {exc}")
-        for ns in reversed(self.namespaces):
-            r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True,
-                               check=False)
-            if r.returncode != 0:
-                problems.append(f"ip netns del {ns}: {r.stderr.strip()}")
+        if self.etcd is not None:
+            try:
+                self.etcd.close()
+            except Exception as exc:
+                problems.append(f"stopping etcd: {exc}")
+        problems += self.namespaces.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         return problems
 
