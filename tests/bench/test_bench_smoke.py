@@ -33,16 +33,23 @@ def _bench_namespaces() -> set[str]:
 def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     before = _bench_namespaces()
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--peers", "200", "--small-peers", "20",
          "--events", "50", "--agents", "20", "--alloc-rounds", "1", "--idle", "2",
          "--timeout", "30", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the bench then removes its namespaces and processes.
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f"bench still running after 120 s:\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
     for figure in ("programming rate", "event p99", "txn/acquisition", "RSS", "idle CPU",
                    "etcd unary requests at start"):
-        assert figure in proc.stdout, proc.stdout
+        assert figure in stdout, stdout
     results = json.loads(out.read_text())
     assert results["join"]["objects"] == 600
     assert results["join"]["reference"]["objects"] == 600
