@@ -175,6 +175,9 @@ class World:
             "--subnet-file", str(state / "subnet.env"), "--state-dir", str(state),
             "--node-id", "bench-host", "--metrics-addr", f"127.0.0.1:{metrics_port}",
             "--log-level", "info", "--resync-interval", "30",
+            # Deleted leases leave the kernel at once: the event figures measure the data
+            # plane's pace, not the hold-down a vanished lease gets by default.
+            "--peer-hold-time", "0",
         ], self.dir / "agent.log", env={**os.environ, **extra_env})
         self.procs.append(proc)
         return proc

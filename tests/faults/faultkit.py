@@ -82,6 +82,6 @@ def renewals(agent: AgentProc) -> float:
 
 
 def check_clean_log(name: str, log: str) -> None:
-    """No traceback and no asyncio leak reports (one line per error, DESIGN §5)."""
+    """No traceback and no asyncio leak reports (one line per error; docs/architecture.md, "Fault rules")."""
     for bad in ("Traceback", "Task was destroyed", "never retrieved"):
         assert bad not in log, f"{name} logged {bad!r}:\n{log}"
