@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
 
+from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.leases import DEFAULT_PREFIX, KeyLayout
 from leaseagent.lab import agents, netns, probes, teardown
 from leaseagent.lab.commands import tool
@@ -34,7 +35,7 @@ from leaseagent.lab.topology import (
 )
 
 ETCD_PREFIX = DEFAULT_PREFIX
-BACKENDS = ("vxlan", "host-gw", "alloc")
+BACKENDS = tuple(BACKEND_TYPES)  # every type the agents run
 
 
 class Lab:

@@ -137,3 +137,41 @@ def test_bad_flag_is_one_line(lab: Lab) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "leasectl: error: --iface nosuch0: no such interface"], result.stderr
+
+
+def test_two_keys_for_one_subnet_agent_leasectl_and_doctor_agree(lab: Lab) -> None:
+    """One rule for every tool: the older key holds the subnet. The agent programs it,
+    `leasectl list` calls the younger a duplicate of it, doctor finds the host healthy."""
+    host = lab.hosts[1]
+    taken = {h.subnet.network for h in lab.hosts.values() if h.subnet is not None}
+    subnet = next(IPv4Network(f"10.244.{n}.0/24") for n in range(34, 250)
+                  if IPv4Network(f"10.244.{n}.0/24") not in taken)
+    older_key = lab.keys.lease_key(subnet)
+    younger_key = older_key + "&fd00::-64"
+    older = {"PublicIP": "10.250.0.200", "PublicIPv6": None, "BackendType": "vxlan",
+             "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:c8"}, "NodeID": "older"}
+    younger = {**older, "PublicIP": "10.250.0.201", "NodeID": "younger",
+               "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:c9"}}
+    try:
+        lab.etcdctl("put", older_key, json.dumps(older))
+        lab.etcdctl("put", younger_key, json.dumps(younger))
+        deadline = time.monotonic() + 10
+        while len(lab.kernel_entries(host, subnet, "0a:00:00:00:00:c8")) != 3:
+            assert time.monotonic() < deadline, "the agent did not program the older key"
+            time.sleep(0.1)
+        entries = " ".join(lab.kernel_entries(host, subnet, "0a:00:00:00:00:c9"))
+        assert "0a:00:00:00:00:c9" not in entries and "10.250.0.201" not in entries
+
+        rows = json.loads(lab.leasectl("list", "-o", "json").stdout)
+        by_ip = {row["public_ip"]: row for row in rows}
+        assert by_ip["10.250.0.200"]["valid"] is True
+        assert by_ip["10.250.0.201"]["valid"] is False
+        assert by_ip["10.250.0.201"]["status"] == "duplicate"
+        assert by_ip["10.250.0.201"]["error"] == f"duplicate: {subnet} is held under key {older_key}"
+
+        result = wait_healthy(lab, host)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "3 valid peers" in result.stdout
+    finally:
+        lab.etcdctl("del", younger_key)
+        lab.etcdctl("del", older_key)

@@ -85,8 +85,8 @@ def agent_config(workdir: Path, name: str, *, endpoints: str, ttl: int = 30,
 async def make_agent(workdir: Path, name: str, public_ip: str, *, endpoints: str,
                      store: LeaseStore | None = None, ttl: int = 30,
                      backends: Mapping[str, Callable[[DataPlaneSettings], DataPlane]] | None = None,
-                     ) -> InProcAgent:
-    cfg = agent_config(workdir, name, endpoints=endpoints, ttl=ttl)
+                     extra: list[str] | None = None) -> InProcAgent:
+    cfg = agent_config(workdir, name, endpoints=endpoints, ttl=ttl, extra=extra)
     if store is None:
         store = await EtcdStore.connect(EtcdSettings(endpoints=endpoints, timeout=5))
     agent = Agent(cfg, store, host=HostInfo(public_ip=IPv4Address(public_ip)),

@@ -166,8 +166,11 @@ async def scenario(before: list[tuple[str, bytes]], after: list[tuple[str, bytes
     for name, value in before:
         await store.put(SUBNETS + name, value)
     with tempfile.TemporaryDirectory(prefix="leaseagent-hostile-") as d:
+        # No hold-down: deleted keys leave the data plane at once, so what it holds is
+        # exactly the valid leases (the property under test).
         ia: InProcAgent = await make_agent(Path(d), "me", OWN_IP, endpoints="http://127.0.0.1:1",
-                                           store=store, backends={"vxlan": RecordingDataPlane})
+                                           store=store, backends={"vxlan": RecordingDataPlane},
+                                           extra=["--peer-hold-time", "0"])
         ia.start()
         try:
             await wait_all([ia], lambda a: a.ready, timeout=10, what="agent ready")

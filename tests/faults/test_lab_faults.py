@@ -339,7 +339,8 @@ def test_host_cut_off_past_its_ttl_moves_off_a_taken_subnet_on_heal() -> None:
         assert thief["PublicIP"] == FAKE_IP
         victim.subnet = new
         new_value = lab.lease_value(victim)
-        assert new_value is not None and new_value["PublicIP"] == str(victim.public_ip)
+        assert new_value is not None and new_value["PublicIP"] == str(victim.public_ip), \
+            victim.log_file.read_text()[-4000:]
         mac = str(new_value["BackendData"]["VtepMAC"])  # type: ignore[index]
         reached = wait_for("peers to program the victim's new subnet",
                            lambda: all(len(lab.kernel_entries(h, new.network, mac)) == 3
