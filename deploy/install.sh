@@ -5,6 +5,8 @@
 #   /etc/systemd/system/leaseagent.service    the unit
 #   /etc/systemd/system/docker.service.d/leaseagent.conf   only with --docker: docker.service's
 #                                             own ExecStart= with $DOCKER_NETWORK_OPTIONS added
+#   /etc/systemd/system/leaseagent-docker-restart.{path,service}   only with --docker, not
+#                                             enabled: restart docker when the subnet changes
 #   /etc/default/leaseagent                   the settings, every line commented, only if there is none
 #   /etc/leaseagent/                          mode 0700, for etcd credentials (files, never flags)
 #   /usr/share/bash-completion/completions/{leasectl,leaseagent}
@@ -85,8 +87,13 @@ if [ "$uninstall" = 1 ]; then
     if [ "$live" = 1 ] && systemctl cat leaseagent.service >/dev/null 2>&1; then
         systemctl disable --now leaseagent.service
     fi
+    if [ "$live" = 1 ] && systemctl cat leaseagent-docker-restart.path >/dev/null 2>&1; then
+        systemctl disable --now leaseagent-docker-restart.path
+    fi
     rm -f "$dest/usr/local/bin/leaseagent" "$dest/usr/local/bin/leasectl" \
         "$dest/etc/systemd/system/leaseagent.service" "$dropin" \
+        "$dest/etc/systemd/system/leaseagent-docker-restart.path" \
+        "$dest/etc/systemd/system/leaseagent-docker-restart.service" \
         "$completions/leasectl" "$completions/leaseagent"
     rmdir "$dest/etc/systemd/system/docker.service.d" 2>/dev/null || true
     rm -rf "$dest$opt" "$dest/usr/share/doc/leaseagent"
@@ -152,6 +159,10 @@ for cmd in leaseagent leasectl; do
 done
 install -m 0644 "$source_dir/systemd/leaseagent.service" "$dest/etc/systemd/system/leaseagent.service"
 if [ "$docker" = 1 ]; then
+    # The restart hook: installed, not enabled (restarting docker restarts its containers).
+    for hook in leaseagent-docker-restart.path leaseagent-docker-restart.service; do
+        install -m 0644 "$source_dir/systemd/$hook" "$dest/etc/systemd/system/$hook"
+    done
     install -d -m 0755 "$dest/etc/systemd/system/docker.service.d"
     template="$source_dir/systemd/docker.service.d/leaseagent.conf"
     cmd="$(docker_execstart)"

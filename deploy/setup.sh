@@ -2,8 +2,9 @@
 # Set up a fresh Debian 12 / Ubuntu 24.04 machine (as root) to run leaseagent,
 # its lab and its tests: Debian packages (no recommends) and a venv at .venv
 # with the package and the exact versions of deploy/constraints.txt.
-# Idempotent: a second run only checks. `setup.sh --test` adds what only the
-# test suite needs (promtool, systemd-analyze, shellcheck, openssl).
+# Idempotent: a second run only checks. `--test` adds what only the test suite
+# needs (promtool, systemd-analyze, shellcheck, openssl); `--docker` what the
+# Docker lab needs (docker.io, busybox-static, iptables). Flags combine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,9 +14,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 pkgs=(etcd-server etcd-client iproute2 iputils-ping python3 python3-venv ca-certificates)
-if [ "${1:-}" = "--test" ]; then
-    pkgs+=(prometheus systemd shellcheck openssl)
-fi
+for flag in "$@"; do
+    case "$flag" in
+        --test) pkgs+=(prometheus systemd shellcheck openssl) ;;
+        --docker) pkgs+=(docker.io busybox-static iptables) ;;
+        *) echo "setup.sh: unknown argument: $flag (--test, --docker)" >&2; exit 2 ;;
+    esac
+done
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

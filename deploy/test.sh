@@ -4,7 +4,7 @@
 # end-to-end in network namespaces). Run as root on Debian 12 / Ubuntu 24.04.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/setup.sh --test
+bash deploy/setup.sh --test --docker
 echo "== ruff"
 .venv/bin/ruff check leaseagent tests bench
 echo "== mypy"

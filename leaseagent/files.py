@@ -45,6 +45,19 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
+def write_if_changed(path: Path, data: bytes, *, mode: int = 0o644) -> bool:
+    """`write_atomic` unless the file already holds exactly `data` (so a watcher of the
+    file, systemd's PathChanged= say, hears of real changes only); True if written."""
+    try:
+        refuse_symlink(path)
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    write_atomic(path, data, mode=mode)
+    return True
+
+
 def read_text_if_exists(path: Path) -> str | None:
     try:
         refuse_symlink(path)

@@ -58,7 +58,7 @@ from leaseagent.errors import (
     NetworkConfigError,
     StoreUnavailable,
 )
-from leaseagent.files import read_text_if_exists, refuse_symlink, write_atomic
+from leaseagent.files import read_text_if_exists, refuse_symlink, write_if_changed
 from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
@@ -273,11 +273,13 @@ class Agent:
         self._set_lease_held(True)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu).render()
-        write_atomic(self.cfg.subnet_file, env.encode(), mode=0o644)
+        # Written only when they change: a restart hook watching them (systemd's
+        # leaseagent-docker-restart.path) restarts Docker for a real change only.
+        write_if_changed(self.cfg.subnet_file, env.encode(), mode=0o644)
         if self.cfg.docker_opts_file is not None:
             # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
             docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
-            write_atomic(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
+            write_if_changed(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
         self.subnet_env_written = True
         await self.backend.start(own.subnet)
         set_context(subnet=own.subnet)

@@ -17,18 +17,26 @@ import sys
 import time
 from collections.abc import Sequence
 
-from leaseagent.lab.errors import LabError, LabExists
+from leaseagent.lab.errors import DockerError, LabError, LabExists
 from leaseagent.lab.lab import BACKENDS, Lab
 from leaseagent.lab.probes import Reachability
 
 
 def print_status(lab: Lab, *, reach: Reachability | None = None) -> bool:
     """Hosts, `leasectl list` and the reachability matrix; True if all pairs reach."""
-    print(f"lab {lab.name}: backend {lab.backend}, etcd {lab.endpoints} (in {lab.etcd_ns})")
+    print(f"lab {lab.name}: backend {lab.backend}, etcd {lab.endpoints} (in {lab.etcd_ns})"
+          + (", real Docker per host" if lab.docker else ""))
     for host, pid in lab.agents_status():
         state = f"agent pid {pid}" if pid else "agent NOT RUNNING"
         print(f"  {host.name} {host.ns} {host.public_ip}  subnet {host.subnet}  mtu {host.mtu}"
               f"  {state}  log {host.log_file}")
+        if lab.docker:
+            dockerd = lab.dockerd(host)
+            running = dockerd.running()
+            print(f"     dockerd {'pid ' + str(running.pid) if running else 'NOT RUNNING'}: "
+                  f"docker -H unix://{dockerd.socket} ps")
+        for c in host.containers:
+            print(f"     {'container c' + str(c.index) if lab.docker else c.ns}  {c.ip}")
     print("\n$ leasectl list")
     try:
         listing = lab.leasectl("list")
@@ -55,8 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     p_up.add_argument("--lease-ttl", type=int, default=10)
     p_up.add_argument("--timeout", type=float, default=10,
                       help="seconds to wait for all pairs to reach (default 10)")
+    p_up.add_argument("--docker", action="store_true",
+                      help="a real dockerd per host, started on its agent's options, and "
+                      "`docker run` containers (docker.io, busybox-static)")
+    p_up.add_argument("--docker-fallback", action="store_true",
+                      help="with --docker: if dockerd cannot run here, say why in one line "
+                      "and use namespace containers")
     p_status = sub.add_parser("status", help="leasectl list and the reachability matrix")
     p_down = sub.add_parser("down", help="remove everything the lab made (also after a crash)")
+    p_down.add_argument("--purge", action="store_true",
+                        help="also remove the cached container image (/var/cache/leaseagent-lab)")
     for p in (p_up, p_status, p_down):
         p.add_argument("--name", default="lab", help="lab name (default: lab)")
         p.add_argument("-v", "--verbose", action="store_true")
@@ -64,10 +80,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
-    lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl)
+    docker = args.docker
+    if docker and args.docker_fallback:
+        from leaseagent.lab.docker import unavailable
+
+        why = unavailable()
+        if why:
+            print(f"lab: dockerd cannot run here ({why}); using namespace containers")
+            docker = False
+    lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl, docker=docker)
     started = time.monotonic()
     try:
-        lab.up(args.hosts, args.containers)
+        try:
+            lab.up(args.hosts, args.containers)
+        except DockerError as exc:
+            if not args.docker_fallback:
+                raise
+            print(f"lab: dockerd did not start ({str(exc).splitlines()[0]}); "
+                  "using namespace containers")
+            lab.down()
+            lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl)
+            lab.up(args.hosts, args.containers)
     except LabExists:
         raise
     except (LabError, subprocess.SubprocessError) as exc:
@@ -88,6 +121,10 @@ def _down(args: argparse.Namespace) -> int:
     lab = Lab(args.name)
     for warning in lab.down():
         print(f"lab: {warning}", file=sys.stderr)
+    if args.purge:
+        from leaseagent.lab.docker import purge_image_cache
+
+        purge_image_cache()
     left = lab.topology.present()
     if left:
         print(f"lab: still present: {', '.join(left)}", file=sys.stderr)

@@ -13,3 +13,7 @@ class LabError(RuntimeError):
 
 class LabExists(LabError):
     """`up` found namespaces or a state dir of a lab with the same name."""
+
+
+class DockerError(LabError):
+    """A host's dockerd would not start or answer; the message says why (its log's tail)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -19,7 +20,7 @@ from types import TracebackType
 
 from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.leases import DEFAULT_PREFIX, KeyLayout
-from leaseagent.lab import agents, netns, probes, teardown
+from leaseagent.lab import agents, docker, netns, probes, processes, teardown
 from leaseagent.lab.commands import tool
 from leaseagent.lab.errors import LabError, LabExists
 from leaseagent.lab.etcd import Etcd
@@ -51,12 +52,14 @@ class Lab:
         agent_args: Sequence[str] = (),
         agent_command: Sequence[str] | None = None,
         host_agent_args: Mapping[int, Sequence[str]] | None = None,
+        docker: bool = False,
     ) -> None:
         self.topology = Topology(name)  # checks the name: everything below carries it
         if backend not in BACKENDS:
             raise LabError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
         self.name = name
         self.backend = backend
+        self.docker = docker  # a real dockerd per host (leaseagent.lab.docker)
         self.lease_ttl = lease_ttl
         self.agent_args = list(agent_args)
         # Extra flags for one host's agent (by host index), after `agent_args`, so
@@ -102,7 +105,7 @@ class Lab:
     def _save(self) -> None:
         self.state.save(name=self.name, backend=self.backend, lease_ttl=self.lease_ttl,
                         containers_per_host=self.containers_per_host,
-                        hosts=self.hosts.values())
+                        hosts=self.hosts.values(), docker=self.docker)
 
     @classmethod
     def load(cls, name: str, *, state_root: Path = STATE_ROOT) -> Lab:
@@ -111,7 +114,12 @@ class Lab:
         saved = lab.state.load(lab.topology)
         lab.backend, lab.lease_ttl = saved.backend, saved.lease_ttl
         lab.containers_per_host = saved.containers_per_host
+        lab.docker = saved.docker
         lab.hosts = {h.index: h for h in saved.hosts}
+        if lab.docker:
+            for host in lab.hosts.values():
+                for c in host.containers:
+                    c.via = lab.dockerd(host).exec_prefix(f"c{c.index}")
         lab.etcd.attach()
         return lab
 
@@ -166,11 +174,47 @@ class Lab:
     def _wire_containers(self, host: Host, *, count: int | None = None,
                          timeout: float = 30) -> None:
         """docker0-like bridge from subnet.env (`dockerd --bip=$FLANNEL_SUBNET
-        --mtu=$FLANNEL_MTU`), then `count` containers on it."""
+        --mtu=$FLANNEL_MTU`), then `count` containers on it; with Docker, a real
+        dockerd on the agent's options and `docker run` containers."""
         self.wait_subnet(host, timeout=timeout)
-        self.topology.make_bridge(host)
-        for j in range(1, (self.containers_per_host if count is None else count) + 1):
-            self.topology.make_container(host, j)
+        count = self.containers_per_host if count is None else count
+        if self.docker:
+            self._start_docker(host, count, timeout=timeout)
+        else:
+            self.topology.make_bridge(host)
+            for j in range(1, count + 1):
+                self.topology.make_container(host, j)
+        self._save()
+
+    # ---------------------------------------------------------------- Docker
+
+    def dockerd(self, host: Host) -> docker.Dockerd:
+        return docker.Dockerd(host.ns, host.dir)
+
+    def _start_docker(self, host: Host, count: int, *, timeout: float) -> None:
+        """The host's dockerd on the options its agent wrote, the image, the FORWARD
+        rule an operator adds, `count` containers, and the restart hook."""
+        dockerd = self.dockerd(host)
+        deadline = time.monotonic() + timeout
+        while not dockerd.options_file.exists():  # written with subnet.env, before READY
+            if time.monotonic() > deadline:
+                raise LabError(f"{host.name}: the agent wrote no {dockerd.options_file}")
+            time.sleep(0.02)
+        dockerd.start()
+        dockerd.load_image()
+        docker.forward_accept(host.ns, str(CONTAINER_NETWORK))
+        for j in range(1, count + 1):
+            ip = dockerd.run_container(f"c{j}")
+            host.containers.append(self.topology.container(
+                host, j, ip, via=dockerd.exec_prefix(f"c{j}")))
+        processes.spawn(docker.hook_argv(host.ns, host.dir), log_file=host.dir / "docker-hook.log",
+                        pid_file=host.dir / "docker-hook.pid")
+
+    def refresh_containers(self, host: Host, *, timeout: float = 60) -> None:
+        """Read the Docker containers' addresses again (after a dockerd restart moved them)."""
+        dockerd = self.dockerd(host)
+        for c in host.containers:
+            c.ip = dockerd.container_ip(f"c{c.index}", timeout=timeout)
         self._save()
 
     def remove_host(self, host: Host) -> None:
@@ -220,7 +264,8 @@ class Lab:
         return agents.argv(
             host, command=self.agent_command or [tool("leaseagent")], endpoints=self.endpoints,
             prefix=ETCD_PREFIX, lease_ttl=self.lease_ttl, node_id=f"{self.name}-{host.name}",
-            extra=[*self.agent_args, *self.host_agent_args.get(host.index, ())],
+            extra=["--docker-opts-file", str(self.dockerd(host).options_file),
+                   *self.agent_args, *self.host_agent_args.get(host.index, ())],
         )
 
     def start_agent(self, host: Host) -> int:

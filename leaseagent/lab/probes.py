@@ -39,23 +39,29 @@ def check_target(ip: IPv4Address | str) -> IPv4Address:
     return addr
 
 
-def _ping_argv(from_ns: str, to_ip: IPv4Address | str, *options: str) -> list[str]:
-    return netns.exec_argv(from_ns, ["ping", "-n", "-q", *options, str(check_target(to_ip))])
+Source = str | Container  # a namespace, or a container (Docker's too)
 
 
-def ping(from_ns: str, to_ip: IPv4Address | str, *, count: int = 1, wait: float = 1) -> bool:
-    proc = subprocess.run(_ping_argv(from_ns, to_ip, "-c", str(count), "-W", str(wait)),
+def _ping_argv(source: Source, to_ip: IPv4Address | str, *options: str) -> list[str]:
+    argv = ["ping", "-n", "-q", *options, str(check_target(to_ip))]
+    if isinstance(source, Container):
+        return source.exec_argv(argv)
+    return netns.exec_argv(source, argv)
+
+
+def ping(source: Source, to_ip: IPv4Address | str, *, count: int = 1, wait: float = 1) -> bool:
+    proc = subprocess.run(_ping_argv(source, to_ip, "-c", str(count), "-W", str(wait)),
                           capture_output=True, stdin=subprocess.DEVNULL, check=False)
     return proc.returncode == 0
 
 
-def ping_background(from_ns: str, to_ip: IPv4Address | str, *, count: int,
+def ping_background(source: Source, to_ip: IPv4Address | str, *, count: int,
                     interval: float) -> subprocess.Popen[str]:
     """`count` pings, one every `interval` s (root may go below 0.2 s); read the
     outcome with `parse_ping_summary` on its stdout. A count, not a deadline, so
     the last reply is waited for instead of being counted lost."""
     return subprocess.Popen(
-        _ping_argv(from_ns, to_ip, "-c", str(count), "-i", str(interval), "-W", "1"),
+        _ping_argv(source, to_ip, "-c", str(count), "-i", str(interval), "-W", "1"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
     )
 
@@ -108,7 +114,7 @@ def reachability(hosts: Sequence[Host], todo: Sequence[tuple[Container, Host]] |
                  *, wait: float = 1) -> Reachability:
     """One ping per pair (`ping -c 1 -W wait`), all pairs at once."""
     todo = pairs(hosts) if todo is None else list(todo)
-    procs = [subprocess.Popen(_ping_argv(c.ns, h.containers[0].ip, "-c", "1", "-W", str(wait)),
+    procs = [subprocess.Popen(_ping_argv(c, h.containers[0].ip, "-c", "1", "-W", str(wait)),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               stdin=subprocess.DEVNULL)
              for c, h in todo]

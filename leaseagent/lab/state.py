@@ -4,7 +4,9 @@
                         containers (so `status`, `down`, a test, can pick the lab up
                         from another process)
     etcd/m0/            etcd's data, log and pid file (leaseagent.lab.etcd)
-    h<i>/               host i: subnet.env, the agent's log, pid file and state dir
+    h<i>/               host i: subnet.env, the agent's log, pid file and state dir;
+                        with Docker also docker_opts.env, docker.sock, dockerd's data and
+                        exec roots (docker/), its log and pid file, the restart hook's
 
 Pid files hold "<pid> <start time>" (leaseagent.lab.processes). `down` finds
 them here: agents first, then etcd. The state dir is <root>/<name> with the
@@ -35,6 +37,7 @@ class Saved:
     lease_ttl: int
     containers_per_host: int
     hosts: list[Host]
+    docker: bool = False
 
 
 class StateDir:
@@ -62,17 +65,21 @@ class StateDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def pid_files(self) -> list[list[Path]]:
-        """Pid files in stopping order: the agents', then etcd's (an agent stopping while
-        etcd goes away would wait on it)."""
+        """Pid files in stopping order: Docker's restart hooks, dockerd (which stops its
+        containers and containerd), the agents, then etcd (an agent stopping while etcd
+        goes away would wait on it)."""
         if not self.path.is_dir():
             return []
-        return [sorted(self.path.glob("h*/agent.pid")), sorted(self.etcd_dir.glob("*/etcd.pid"))]
+        return [sorted(self.path.glob("h*/docker-hook.pid")),
+                sorted(self.path.glob("h*/dockerd.pid")),
+                sorted(self.path.glob("h*/agent.pid")), sorted(self.etcd_dir.glob("*/etcd.pid"))]
 
     def save(self, *, name: str, backend: str, lease_ttl: int, containers_per_host: int,
-             hosts: Iterable[Host]) -> None:
+             hosts: Iterable[Host], docker: bool = False) -> None:
         doc = {
             "name": name,
             "backend": backend,
+            "docker": docker,
             "lease_ttl": lease_ttl,
             "containers_per_host": containers_per_host,
             "hosts": [
@@ -101,4 +108,5 @@ class StateDir:
                                for c in h["containers"]]
             hosts.append(host)
         return Saved(backend=doc["backend"], lease_ttl=doc["lease_ttl"],
-                     containers_per_host=doc["containers_per_host"], hosts=hosts)
+                     containers_per_host=doc["containers_per_host"], hosts=hosts,
+                     docker=bool(doc.get("docker", False)))

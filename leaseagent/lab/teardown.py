@@ -1,9 +1,12 @@
 """`down`: remove everything a lab made, from its name alone, also after a crash.
 
-Order: the processes recorded in pid files (agents, then etcd; each checked
-against its start time, so a recycled PID is never hit), then strays found
-inside the lab's namespaces, then the namespaces (containers, hosts, etcd,
-underlay), then the state dir.
+Order: the processes recorded in pid files (Docker's restart hooks, dockerd,
+agents, then etcd; each checked against its start time, so a recycled PID is
+never hit), then what a dockerd that died left running (its containers'
+processes, found by container id in their cgroup; its containerd and shims,
+strays in the host namespace), then strays found inside the lab's
+namespaces, then the namespaces (containers, hosts, etcd, underlay), then
+whatever dockerd left mounted under the state dir, then the state dir.
 
 A stray is a process in a lab namespace whose command line names the lab's
 state dir (spawned just before a crash, its pid file never written) or that
@@ -16,7 +19,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from leaseagent.lab import netns, processes
+from leaseagent.lab import docker, netns, processes
 from leaseagent.lab.processes import Process
 from leaseagent.lab.state import StateDir
 from leaseagent.lab.topology import Topology
@@ -31,7 +34,9 @@ def down(topology: Topology, state: StateDir) -> list[str]:
     warnings: list[str] = []
     for group in state.pid_files():
         procs = [p for f in group if (p := processes.running(f)) is not None]
-        processes.stop(procs, first=signal.SIGTERM, grace=10)
+        processes.stop(procs, first=signal.SIGTERM, grace=30)
+    processes.stop(docker.leftover_container_processes(state.path), first=signal.SIGKILL,
+                   grace=5)
 
     ours = topology.present()
     strays: list[Process] = []
@@ -54,5 +59,6 @@ def down(topology: Topology, state: StateDir) -> list[str]:
         problem = netns.delete(ns)
         if problem is not None:
             warnings.append(problem)
+    warnings += docker.unmount_under(state.path)
     state.remove()
     return warnings

@@ -8,6 +8,12 @@
     la-<name>-c<i>-<j> container j of host i: eth0 on host i's br0, address .<1+j> of the
                       host's subnet, default route via the bridge (as Pipework does)
 
+With Docker (`Lab(docker=True)`, leaseagent.lab.docker) there is no br0 and
+no container namespace of the lab's: each host runs a real dockerd (docker0
+from the agent's options) and its containers are Docker's, named c<j>; the
+name la-<name>-c<i>-<j> is then only their label in tables, and a command
+reaches one through `docker exec` (`Container.exec_argv`).
+
 Every name carries the lab's name, and `owns` matches the whole shape, so a
 namespace someone else named `la-lab-foo` is never touched. Links are made
 with leaseagent.lab.netns: each veth is created inside one lab namespace with
@@ -36,9 +42,16 @@ NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
 
 @dataclass
 class Container:
-    ns: str
+    ns: str  # its namespace, or (a Docker container) its label: la-<name>-c<i>-<j>
     ip: IPv4Address
     index: int
+    via: list[str] | None = None  # a Docker container: `docker -H ... exec c<j>`
+
+    def exec_argv(self, argv: list[str]) -> list[str]:
+        """`argv` as run inside the container."""
+        if self.via is not None:
+            return [*self.via, *argv]
+        return netns.exec_argv(self.ns, argv)
 
 
 @dataclass
@@ -110,8 +123,9 @@ class Topology:
         return Host(index=index, ns=self.ns(f"h{index}"),
                     public_ip=UNDERLAY_GW + HOST_IP_BASE - 1 + index, dir=dir)
 
-    def container(self, host: Host, index: int, ip: IPv4Address) -> Container:
-        return Container(ns=self.ns(f"c{host.index}-{index}"), ip=ip, index=index)
+    def container(self, host: Host, index: int, ip: IPv4Address,
+                  via: list[str] | None = None) -> Container:
+        return Container(ns=self.ns(f"c{host.index}-{index}"), ip=ip, index=index, via=via)
 
     # ---------------------------------------------------------------- building
 
@@ -166,5 +180,6 @@ class Topology:
         # one end of the veth removes both, now.
         run(["ip", "-n", self.ul_ns, "link", "del", host.name], check=False)
         for c in host.containers:
-            netns.delete(c.ns)
+            if c.via is None:
+                netns.delete(c.ns)
         netns.delete(host.ns)

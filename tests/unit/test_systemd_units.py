@@ -86,3 +86,18 @@ def test_docker_drop_in_orders_after_the_agent_and_adds_the_network_options():
     assert d["ExecStart"][0] == ""  # clears the packaged ExecStart first
     # Debian's docker.io command, the operator's $DOCKER_OPTS kept, ours added.
     assert d["ExecStart"][1].endswith("$DOCKER_OPTS $DOCKER_NETWORK_OPTIONS")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_docker_restart_hook_verifies_and_watches_the_options_file(tmp_path):
+    for name in ("leaseagent-docker-restart.path", "leaseagent-docker-restart.service"):
+        (tmp_path / name).write_text((SYSTEMD / name).read_text())
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "leaseagent-docker-restart.path")],
+                            capture_output=True, text=True, check=False)
+    problems = [line for line in result.stderr.splitlines() if "leaseagent-docker-restart" in line]
+    assert not problems, result.stderr
+    path = _directives(SYSTEMD / "leaseagent-docker-restart.path")
+    unit = _directives(SYSTEMD / "leaseagent.service")
+    assert path["PathChanged"] == [unit["Environment"][1].split("=", 1)[1]]  # the opts file
+    service = _directives(SYSTEMD / "leaseagent-docker-restart.service")
+    assert service["ExecStart"] == ["/bin/systemctl try-restart docker.service"]
