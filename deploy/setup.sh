@@ -13,11 +13,12 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-pkgs=(etcd-server etcd-client iproute2 iputils-ping python3 python3-venv ca-certificates)
+pkgs=(etcd-server etcd-client iproute2 iputils-ping python3 python3-venv ca-certificates
+      iptables ipset nftables)
 for flag in "$@"; do
     case "$flag" in
         --test) pkgs+=(prometheus systemd shellcheck openssl) ;;
-        --docker) pkgs+=(docker.io busybox-static iptables) ;;
+        --docker) pkgs+=(docker.io busybox-static) ;;
         *) echo "setup.sh: unknown argument: $flag (--test, --docker)" >&2; exit 2 ;;
     esac
 done

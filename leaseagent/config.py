@@ -17,12 +17,13 @@ import difflib
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import NoReturn
 
 from leaseagent.core.leases import DEFAULT_PREFIX, unusable_ip_reason
+from leaseagent.core.rules import TrafficSettings
 from leaseagent.dataplane.base import DEFAULT_RESYNC_SECONDS, DEFAULT_ROUTE_PROTOCOL
 from leaseagent.errors import ConfigError
 from leaseagent.store.settings import DEFAULT_ENDPOINTS, DEFAULT_TIMEOUT, EtcdSettings, parse_endpoints
@@ -205,6 +206,8 @@ class AgentConfig:
     docker_opts_file: Path | None = None
     peer_hold_time: float = DEFAULT_PEER_HOLD_SECONDS
     allow_any_public_ip: bool = False
+    # Which traffic rules; `nftables` comes from the network config (EnableNFTables).
+    traffic: TrafficSettings = field(default_factory=TrafficSettings)
 
 
 def default_node_id() -> str:
@@ -230,6 +233,28 @@ def add_host_arguments(env: _EnvDefaults) -> None:
     env.add("--state-dir", default=str(DEFAULT_STATE_DIR), help="where to keep state (VtepMAC)")
     env.add("--route-protocol", default=str(DEFAULT_ROUTE_PROTOCOL),
             help="rtnetlink protocol number marking the routes this agent owns")
+
+
+def add_traffic_arguments(env: _EnvDefaults) -> None:
+    """The flags that say which traffic rules the agent keeps (shared with `leasectl doctor`,
+    which compares them, and `leasectl cleanup`)."""
+    env.add("--ip-masq", default=False, flag_type="bool",
+            help="masquerade traffic that leaves the cluster network (flannel's --ip-masq); "
+            "subnet.env says FLANNEL_IPMASQ=true and Docker's options --ip-masq=false")
+    env.add("--ip-masq-fully-random-disable", default=False, flag_type="bool",
+            help="masquerade without --random-fully (nftables: fully-random)")
+    env.add("--iptables-forward-rules", default=True, flag_type="bool",
+            help="accept forwarded traffic from and to the cluster network, whatever the FORWARD "
+            "policy (flannel's flag; with nftables too)")
+    env.add("--vxlan-peer-filter", default=True, flag_type="bool",
+            help="vxlan: accept UDP to the VXLAN port only from the current peers' PublicIPs")
+
+
+def traffic_settings(ns: argparse.Namespace, *, nftables: bool) -> TrafficSettings:
+    return TrafficSettings(ip_masq=bool(ns.ip_masq),
+                           random_fully=not ns.ip_masq_fully_random_disable,
+                           forward=bool(ns.iptables_forward_rules),
+                           peer_filter=bool(ns.vxlan_peer_filter), nftables=nftables)
 
 
 def parse_public_ip(raw: str | None, *, name: str = "--public-ip", allow_any: bool = False
@@ -279,6 +304,7 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     env = _EnvDefaults(parser, environ)
     add_etcd_arguments(env)
     add_host_arguments(env)
+    add_traffic_arguments(env)
     env.add("--lease-ttl", default=str(DEFAULT_LEASE_TTL), help="lease TTL in seconds")
     env.add("--release-on-exit", default=False, flag_type="bool",
             help="give the lease up when stopping (off: keep it for the restart)")
@@ -342,4 +368,5 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         docker_opts_file=Path(ns.docker_opts_file) if ns.docker_opts_file else None,
         peer_hold_time=_seconds(source(ns, "--peer-hold-time"), ns.peer_hold_time, zero=True),
         allow_any_public_ip=allow_any,
+        traffic=traffic_settings(ns, nftables=False),
     )

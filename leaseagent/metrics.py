@@ -32,7 +32,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from leaseagent.core.rules import KINDS
 from leaseagent.dataplane.base import DataPlaneStatus
+from leaseagent.dataplane.firewall import RulesStatus
 
 OBJECT_KINDS = ("route", "neighbour", "fdb")
 
@@ -76,6 +78,30 @@ def zero(metric: Counter | Gauge | Histogram, label: str, values: Iterable[str])
     """Create the series of each label value now, at 0, so it exists before its first event."""
     for value in values:
         metric.labels(**{label: value})
+
+
+class _RulesCollector(Collector):
+    """The traffic rules' keeper status as metric families, read at each scrape."""
+
+    def __init__(self, status: Callable[[], RulesStatus | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        status = self._status()
+        if status is None:
+            return
+        yield GaugeMetricFamily("leaseagent_rules_in_sync",
+                                "1 when the traffic rules (masquerade, forward, peer filter) "
+                                "are in place", value=1 if status.in_sync else 0)
+        repairs = CounterMetricFamily("leaseagent_rules_repairs",
+                                      "Traffic rules restored after something else changed them",
+                                      labels=["kind"])
+        for kind in KINDS:
+            repairs.add_metric([kind], status.repairs.get(kind, 0))
+        yield repairs
+        yield CounterMetricFamily("leaseagent_vxlan_peer_filter_dropped_packets",
+                                  "VXLAN packets dropped because they came from no peer",
+                                  value=status.dropped)
 
 
 class Metrics:
@@ -143,6 +169,8 @@ class Metrics:
             registry=r)
         self._dataplane: DataPlaneStatus | None = None
         r.register(_DataPlaneCollector(lambda: self._dataplane))
+        self._rules: RulesStatus | None = None
+        r.register(_RulesCollector(lambda: self._rules))
 
     def set_identity(self, *, public_ip: str, node_id: str, backend: str) -> None:
         self._identity = {"public_ip": public_ip, "node_id": node_id, "backend": backend}
@@ -150,6 +178,10 @@ class Metrics:
 
     def set_lease(self, *, subnet: str) -> None:
         self._lease_info.info({"subnet": subnet, **self._identity})
+
+    def export_rules(self, status: RulesStatus) -> None:
+        """Export the traffic rules' status (read at each scrape) from now on."""
+        self._rules = status
 
     def export_dataplane(self, status: DataPlaneStatus) -> None:
         """Export the data plane's status (read at each scrape) from now on."""

@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 
 from leaseagent import __version__
@@ -35,21 +35,24 @@ from leaseagent.agent.logs import StateLog, set_context
 from leaseagent.agent.notify import sd_notify, watchdog_interval
 from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
-from leaseagent.core.backends import BACKEND_TYPES
+from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
     LeaseValue,
+    Peer,
     PeerChanges,
     Verdict,
     decode_lease_value,
     unusable_ip_reason,
 )
 from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.rules import Ruleset, ruleset
 from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
+from leaseagent.dataplane.firewall import RulesKeeper, firewall, peer_addresses
 from leaseagent.errors import (
     ConfigError,
     IdentityConflict,
@@ -174,6 +177,9 @@ class Agent:
         self.lease_held = False  # False while a lost lease is being taken back
         self.network: NetworkConfig | None = None
         self.backend: DataPlane | None = None
+        self.rules: RulesKeeper | None = None  # traffic rules (leaseagent.dataplane.firewall)
+        self.traffic = cfg.traffic
+        self.vxlan_port: int | None = None
         self.leasing: Leasing | None = None
         self.watcher: LeaseWatcher | None = None
         self.mtu = 0
@@ -199,7 +205,26 @@ class Agent:
         if self.backend is None or not self.backend.status.in_sync:
             error = self.backend.status.last_error if self.backend is not None else None
             return "data plane not in sync" + (f": {error}" if error else "")
+        if self.rules is not None and not self.rules.status.in_sync:
+            error = self.rules.status.last_error
+            return "traffic rules not in place" + (f": {error}" if error else "")
         return None
+
+    def _rules_keeper(self, network: NetworkConfig) -> RulesKeeper | None:
+        """The keeper of the traffic rules (none for alloc: it has no data path)."""
+        if network.backend_type == "alloc":
+            return None
+        self.traffic = replace(self.cfg.traffic, nftables=network.enable_nftables)
+        options = network.options
+        self.vxlan_port = options.port if isinstance(options, VxlanOptions) else None
+        keeper = RulesKeeper(firewall(nftables=self.traffic.nftables))  # ConfigError: missing tool
+        self.metrics.export_rules(keeper.status)
+        return keeper
+
+    def _ruleset(self, peers: Iterable[Peer]) -> Ruleset:
+        assert self.network is not None and self.own is not None
+        return ruleset(self.traffic, network=self.network.network, own_subnet=self.own.subnet,
+                       vxlan_port=self.vxlan_port, peers=peer_addresses(peers))
 
     def _status(self, text: str) -> None:
         """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
@@ -238,6 +263,7 @@ class Agent:
             route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
         self.backend = backend = self._backends[network.backend_type](settings)
         self.metrics.export_dataplane(backend.status)
+        self.rules = self._rules_keeper(network)
         attrs = await backend.prepare()
         self.mtu = attrs.mtu
         value = LeaseValue(public_ip=host.public_ip, backend_type=attrs.backend_type,
@@ -272,7 +298,8 @@ class Agent:
         self.own = own
         self._set_lease_held(True)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
-        env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu).render()
+        env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
+                        ipmasq=self.cfg.traffic.ip_masq).render()
         # Written only when they change: a restart hook watching them (systemd's
         # leaseagent-docker-restart.path) restarts Docker for a real change only.
         write_if_changed(self.cfg.subnet_file, env.encode(), mode=0o644)
@@ -293,6 +320,13 @@ class Agent:
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
         peers = self.watcher.peers
+        if self.rules is not None:
+            # The peer filter admits a new peer before its routes exist: never a window
+            # where its VXLAN traffic is dropped.
+            if full:
+                await self.rules.sync(self._ruleset(peers.values()))
+            else:
+                await self.rules.update_peers(peer_addresses(peers.values()))
         if full:
             await self.backend.sync(peers)
         else:
@@ -506,6 +540,8 @@ class Agent:
             self._check_tasks(tasks)
             if synced.done():
                 spawn("dataplane", backend.run(lambda: watcher.peers))
+                if self.rules is not None:
+                    spawn("rules", self.rules.run())
                 self._notify("READY=1")
                 assert self.own is not None
                 self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")

@@ -23,12 +23,13 @@ the few milliseconds of the check can show as one missing or stale entry.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from leaseagent.config import parse_public_ip, parse_route_protocol
+from leaseagent.config import parse_public_ip, parse_route_protocol, source, traffic_settings
 from leaseagent.core.diagnosis import (
     Problem,
     check_subnet_env,
@@ -39,12 +40,14 @@ from leaseagent.core.diagnosis import (
     problem,
     vtep_mac_problems,
 )
-from leaseagent.core.leases import Identity, KeyLayout, Verdict, judge
+from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.plan import compare, flatten, needs_recreate
+from leaseagent.core.rules import TrafficSettings, ruleset
+from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
-from leaseagent.errors import DataPlaneError, NetworkConfigError
+from leaseagent.errors import ConfigError, DataPlaneError, NetworkConfigError
 from leaseagent.store.base import LeaseStore
 
 
@@ -55,15 +58,17 @@ class DoctorSettings:
     subnet_file: Path
     state_dir: Path
     route_protocol: int
+    traffic: TrafficSettings = field(default_factory=TrafficSettings)
 
 
 def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     """Validate the host flags; ConfigError names the bad one."""
-    protocol = parse_route_protocol(ns.route_protocol)
-    parse_public_ip(ns.public_ip)
+    protocol = parse_route_protocol(ns.route_protocol, name=source(ns, "--route-protocol"))
+    parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=True)
     return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
                           subnet_file=Path(ns.subnet_file), state_dir=Path(ns.state_dir),
-                          route_protocol=protocol)
+                          route_protocol=protocol,
+                          traffic=traffic_settings(ns, nftables=False))
 
 
 @dataclass
@@ -199,10 +204,33 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     if not needs_recreate(comparison.devices):  # no device: no entries could be on it
         report.problems += object_problems(comparison.objects, plan=spec.objects,
                                            current=observed.objects, peers=peers, names=names)
+    if network.backend_type != "alloc":  # alloc keeps no data path, and no traffic rules
+        report.problems += await _check_rules(settings, network, own_subnet, peers)
     report.problems += check_subnet_env(
         env, path=str(settings.subnet_file), network=network.network, subnet=own_subnet,
-        mtu=mtu, mtu_source=mtu_source)
+        mtu=mtu, mtu_source=mtu_source, ipmasq=settings.traffic.ip_masq)
     matched = len(flatten(spec.objects) & observed.objects)
     report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}, "
                       f"{len(peers)} valid peers, {matched} kernel entries as planned")
     return report
+
+
+async def _check_rules(settings: DoctorSettings, network: NetworkConfig,
+                       own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
+                       ) -> list[Problem]:
+    """The traffic rules the agent keeps (same flags, same config) against the firewall:
+    missing, extra or reordered rules, a chain not hooked in first, the peer set."""
+    from leaseagent.core.backends import VxlanOptions
+    from leaseagent.dataplane.firewall import firewall, peer_addresses
+
+    traffic = replace(settings.traffic, nftables=network.enable_nftables)
+    options = network.options
+    wanted = ruleset(traffic, network=network.network, own_subnet=own_subnet,
+                     vxlan_port=options.port if isinstance(options, VxlanOptions) else None,
+                     peers=peer_addresses(peers.values()))
+    try:
+        observed = await firewall(nftables=traffic.nftables).observe()
+    except (ConfigError, DataPlaneError) as exc:
+        return [problem("rule", "firewall", str(exc), text=f"rule check impossible: {exc}")]
+    return [problem("rule", d.chain, d.detail, text=f"rule {d.text}")
+            for d in compare_rules(wanted, observed)]

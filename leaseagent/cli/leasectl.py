@@ -9,9 +9,10 @@
     leasectl watch [-o table|json]
     leasectl doctor [-o text|json] [host flags]
     leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
+    leasectl cleanup [host flags]
     leasectl completion bash
 
-`docker-opts` and `completion` need no etcd (and do not load its client).
+`docker-opts`, `cleanup` and `completion` need no etcd (and do not load its client).
 
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
 line on stderr, never a traceback; exit status (also in --help): 0 done,
@@ -64,6 +65,7 @@ from leaseagent.config import (
     _EnvDefaults,
     add_etcd_arguments,
     add_host_arguments,
+    add_traffic_arguments,
     etcd_settings,
     new_parser,
     unknown_variables,
@@ -378,6 +380,7 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                    help="same as -o json")
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
+    add_traffic_arguments(envs[-1])
     p = _subparser(sub, "docker-opts", "Docker's options from subnet.env, as mk-docker-opts.sh",
                    "Docker's options from subnet.env, byte for byte as flannel's mk-docker-opts.sh\n"
                    "writes them; needs no etcd.")
@@ -396,6 +399,14 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p.add_argument("-k", "--key", default="DOCKER_OPTS",
                    help="name of the combined variable [default: DOCKER_OPTS]")
     p.add_argument("-m", "--no-ipmasq", action="store_true", help="never emit --ip-masq")
+    p = _subparser(sub, "cleanup", "remove what the agent owns on this host (to uninstall)",
+                   "Remove what the agent owns on this host, which it leaves in place when it\n"
+                   "stops: routes with its protocol, its vxlan devices, its traffic rules\n"
+                   "(nftables table, iptables chains, ipset). Stop the agent first. Needs no\n"
+                   "etcd; the lease in etcd stays (leasectl release).")
+    envs.append(_EnvDefaults(p, environ))
+    add_host_arguments(envs[-1])
+    add_traffic_arguments(envs[-1])
     p = _subparser(sub, "completion", "print a shell completion script (bash)",
                    "Print a bash completion script for leasectl and leaseagent:\n"
                    "  leasectl completion bash > /usr/share/bash-completion/completions/leasectl")
@@ -454,6 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"leasectl: warning: {warning}", file=sys.stderr)
         if args.cmd == "docker-opts":
             return cmd_docker_opts(args)
+        if args.cmd == "cleanup":
+            from leaseagent.cli.cleanup import cleanup
+
+            for line in asyncio.run(cleanup(doctor.settings_from(args))) or ["nothing to remove"]:
+                print(line)
+            return 0
         if args.cmd == "completion":
             from leaseagent.cli.completion import bash_completion
 

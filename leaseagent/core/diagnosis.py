@@ -226,6 +226,7 @@ def check_subnet_env(
     subnet: IPv4Network | None,
     mtu: int | None,
     mtu_source: str,
+    ipmasq: bool = False,
 ) -> list[Problem]:
     """subnet.env against the lease (FLANNEL_NETWORK, FLANNEL_SUBNET) and the device (MTU)."""
     if env is None:
@@ -245,6 +246,10 @@ def check_subnet_env(
                  f"the lease is {subnet} (want {first_address(subnet)})")
     if mtu is not None and env.get("FLANNEL_MTU") != str(mtu):
         mismatch("FLANNEL_MTU", env.get("FLANNEL_MTU"), f"{mtu_source} has MTU {mtu}")
+    want_masq = "true" if ipmasq else "false"
+    if env.get("FLANNEL_IPMASQ") != want_masq:
+        mismatch("FLANNEL_IPMASQ", env.get("FLANNEL_IPMASQ"),
+                 f"the agent runs {'with' if ipmasq else 'without'} --ip-masq")
     return out
 
 

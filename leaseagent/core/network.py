@@ -43,6 +43,7 @@ class NetworkConfig:
     backend_type: str
     options: BackendOptions  # the Backend object read by its type's rules (core.backends)
     backend: Mapping[str, Any] = field(default_factory=dict)
+    enable_nftables: bool = False  # flannel's EnableNFTables: traffic rules with nftables
 
     @property
     def subnet_size(self) -> int:
@@ -204,4 +205,5 @@ def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
         backend_type=kind.name,
         backend=dict(backend),
         options=kind.parse_options(backend),
+        enable_nftables=_parse_bool("EnableNFTables", data.get("EnableNFTables", False)),
     )

@@ -154,9 +154,10 @@ class VxlanBackend(ReconcilingBackend):
             self._device_index = state.index  # never prepared (doctor): plan with this one
         return {self.device_name: state}
 
-    async def _converge_device(self, nl: Netlink) -> bool:
+    async def _converge_device(self, nl: Netlink, *, repair: bool = False) -> bool:
         """Make the device what `_device_spec` says: adopt, adjust in place, or (re)create
-        it; True if anything changed. The first time, the device's MAC is adopted."""
+        it; True if anything changed. The first time, the device's MAC is adopted. A
+        `repair` (someone changed the device) is logged at INFO, setting it up at DEBUG."""
         state = await nl.device_state(self.device_name)
         spec = self._device_spec(self._own_subnet)
         differences = compare_device(spec, state)
@@ -188,7 +189,7 @@ class VxlanBackend(ReconcilingBackend):
                 await nl.delete_address(state.index, difference.have)
             else:
                 continue
-            log.info("%s", difference.text + "; fixed")
+            log.log(logging.INFO if repair else logging.DEBUG, "%s; fixed", difference.text)
             changed = True
         if load_vtep_mac(self._settings.state_dir) != self._mac:
             store_vtep_mac(self._settings.state_dir, self._mac)
@@ -219,7 +220,7 @@ class VxlanBackend(ReconcilingBackend):
     async def _ensure_ready(self, nl: Netlink) -> bool:
         if not self._device_index:
             return False  # not prepared yet: nothing to repair
-        return await self._converge_device(nl)
+        return await self._converge_device(nl, repair=True)
 
     # -- plan --------------------------------------------------------------------
 

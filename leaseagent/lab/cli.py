@@ -20,12 +20,15 @@ from collections.abc import Sequence
 from leaseagent.lab.errors import DockerError, LabError, LabExists
 from leaseagent.lab.lab import BACKENDS, Lab
 from leaseagent.lab.probes import Reachability
+from leaseagent.lab.topology import OUTSIDE_IP
 
 
 def print_status(lab: Lab, *, reach: Reachability | None = None) -> bool:
     """Hosts, `leasectl list` and the reachability matrix; True if all pairs reach."""
     print(f"lab {lab.name}: backend {lab.backend}, etcd {lab.endpoints} (in {lab.etcd_ns})"
-          + (", real Docker per host" if lab.docker else ""))
+          + (", real Docker per host" if lab.docker else "")
+          + (", --ip-masq" if lab.ip_masq else "")
+          + (", nftables" if lab.nftables else ", iptables"))
     for host, pid in lab.agents_status():
         state = f"agent pid {pid}" if pid else "agent NOT RUNNING"
         print(f"  {host.name} {host.ns} {host.public_ip}  subnet {host.subnet}  mtu {host.mtu}"
@@ -47,6 +50,11 @@ def print_status(lab: Lab, *, reach: Reachability | None = None) -> bool:
         reach = lab.reachability()
     print("\nreachability (ping -c 1 -W 1, each container -> first container of every other host)")
     print(reach.format())
+    outside = lab.outside()
+    reached = [c for c, ok in outside.items() if ok]
+    print(f"outside host {OUTSIDE_IP} (no route back: masquerade only): reached from "
+          f"{len(reached)}/{len(outside)} containers"
+          + ("" if lab.ip_masq else " (the lab runs without --ip-masq)"))
     return reach.all_ok
 
 
@@ -66,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     p_up.add_argument("--docker", action="store_true",
                       help="a real dockerd per host, started on its agent's options, and "
                       "`docker run` containers (docker.io, busybox-static)")
+    p_up.add_argument("--ip-masq", action="store_true",
+                      help="the agents masquerade traffic that leaves the cluster network")
+    p_up.add_argument("--nftables", action="store_true",
+                      help="traffic rules with nftables (the network config's EnableNFTables)")
     p_up.add_argument("--docker-fallback", action="store_true",
                       help="with --docker: if dockerd cannot run here, say why in one line "
                       "and use namespace containers")
@@ -88,7 +100,8 @@ def _up(args: argparse.Namespace) -> int:
         if why:
             print(f"lab: dockerd cannot run here ({why}); using namespace containers")
             docker = False
-    lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl, docker=docker)
+    lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl, docker=docker,
+              ip_masq=args.ip_masq, nftables=args.nftables)
     started = time.monotonic()
     try:
         try:
@@ -99,7 +112,8 @@ def _up(args: argparse.Namespace) -> int:
             print(f"lab: dockerd did not start ({str(exc).splitlines()[0]}); "
                   "using namespace containers")
             lab.down()
-            lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl)
+            lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl,
+                      ip_masq=args.ip_masq, nftables=args.nftables)
             lab.up(args.hosts, args.containers)
     except LabExists:
         raise

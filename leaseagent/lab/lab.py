@@ -53,6 +53,8 @@ class Lab:
         agent_command: Sequence[str] | None = None,
         host_agent_args: Mapping[int, Sequence[str]] | None = None,
         docker: bool = False,
+        ip_masq: bool = False,
+        nftables: bool = False,
     ) -> None:
         self.topology = Topology(name)  # checks the name: everything below carries it
         if backend not in BACKENDS:
@@ -60,6 +62,8 @@ class Lab:
         self.name = name
         self.backend = backend
         self.docker = docker  # a real dockerd per host (leaseagent.lab.docker)
+        self.ip_masq = ip_masq  # the agents masquerade what leaves the cluster network
+        self.nftables = nftables  # the network config says EnableNFTables
         self.lease_ttl = lease_ttl
         self.agent_args = list(agent_args)
         # Extra flags for one host's agent (by host index), after `agent_args`, so
@@ -105,7 +109,8 @@ class Lab:
     def _save(self) -> None:
         self.state.save(name=self.name, backend=self.backend, lease_ttl=self.lease_ttl,
                         containers_per_host=self.containers_per_host,
-                        hosts=self.hosts.values(), docker=self.docker)
+                        hosts=self.hosts.values(), docker=self.docker, ip_masq=self.ip_masq,
+                        nftables=self.nftables)
 
     @classmethod
     def load(cls, name: str, *, state_root: Path = STATE_ROOT) -> Lab:
@@ -114,7 +119,7 @@ class Lab:
         saved = lab.state.load(lab.topology)
         lab.backend, lab.lease_ttl = saved.backend, saved.lease_ttl
         lab.containers_per_host = saved.containers_per_host
-        lab.docker = saved.docker
+        lab.docker, lab.ip_masq, lab.nftables = saved.docker, saved.ip_masq, saved.nftables
         lab.hosts = {h.index: h for h in saved.hosts}
         if lab.docker:
             for host in lab.hosts.values():
@@ -235,7 +240,10 @@ class Lab:
         backend: dict[str, object] = {"Type": self.backend}
         if self.backend == "vxlan":
             backend.update({"VNI": 1, "Port": 8472})
-        config = {"Network": str(CONTAINER_NETWORK), "SubnetLen": 24, "Backend": backend}
+        config: dict[str, object] = {"Network": str(CONTAINER_NETWORK), "SubnetLen": 24,
+                                     "Backend": backend}
+        if self.nftables:
+            config["EnableNFTables"] = True
         self.etcdctl("put", self.keys.config_key, json.dumps(config))
 
     def leasectl(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -265,6 +273,7 @@ class Lab:
             host, command=self.agent_command or [tool("leaseagent")], endpoints=self.endpoints,
             prefix=ETCD_PREFIX, lease_ttl=self.lease_ttl, node_id=f"{self.name}-{host.name}",
             extra=["--docker-opts-file", str(self.dockerd(host).options_file),
+                   *(["--ip-masq"] if self.ip_masq else []),
                    *self.agent_args, *self.host_agent_args.get(host.index, ())],
         )
 
@@ -313,6 +322,10 @@ class Lab:
                      wait: float = 1) -> Reachability:
         """One ping per pair (`ping -c 1 -W wait`), all pairs at once."""
         return probes.reachability(list(self.hosts.values()), pairs, wait=wait)
+
+    def outside(self, *, wait: float = 1) -> dict[str, bool]:
+        """Which containers reach the outside host (only through masquerade)."""
+        return probes.outside(list(self.hosts.values()), wait=wait)
 
     def wait_reachable(self, *, timeout: float = 10, wait: float = 1) -> Reachability:
         """Ping all pairs, re-ping only the failed ones until all reach or `timeout`."""

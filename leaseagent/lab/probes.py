@@ -20,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Network
 from leaseagent.lab import netns
 from leaseagent.lab.commands import run
 from leaseagent.lab.errors import LabError
-from leaseagent.lab.topology import CONTAINER_NETWORK, UNDERLAY, Container, Host, short
+from leaseagent.lab.topology import CONTAINER_NETWORK, OUTSIDE_IP, UNDERLAY, Container, Host, short
 
 _PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
@@ -122,6 +122,16 @@ def reachability(hosts: Sequence[Host], todo: Sequence[tuple[Container, Host]] |
     columns = [h for h in hosts if h.containers]
     return Reachability(rows=[c for h in columns for c in h.containers], columns=columns,
                         cells=cells)
+
+
+def outside(hosts: Sequence[Host], *, wait: float = 1) -> dict[str, bool]:
+    """Which containers reach the outside host (it has no route back: only a masquerade
+    makes its reply find them); by container label."""
+    todo = [c for h in hosts for c in h.containers]
+    procs = [subprocess.Popen(_ping_argv(c, OUTSIDE_IP, "-c", "1", "-W", str(wait)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL) for c in todo]
+    return {short(c.ns): p.wait() == 0 for c, p in zip(todo, procs, strict=True)}
 
 
 def wait_reachable(hosts: Sequence[Host], *, timeout: float = 10, wait: float = 1

@@ -38,6 +38,8 @@ class Saved:
     containers_per_host: int
     hosts: list[Host]
     docker: bool = False
+    ip_masq: bool = False
+    nftables: bool = False
 
 
 class StateDir:
@@ -75,11 +77,14 @@ class StateDir:
                 sorted(self.path.glob("h*/agent.pid")), sorted(self.etcd_dir.glob("*/etcd.pid"))]
 
     def save(self, *, name: str, backend: str, lease_ttl: int, containers_per_host: int,
-             hosts: Iterable[Host], docker: bool = False) -> None:
+             hosts: Iterable[Host], docker: bool = False, ip_masq: bool = False,
+             nftables: bool = False) -> None:
         doc = {
             "name": name,
             "backend": backend,
             "docker": docker,
+            "ip_masq": ip_masq,
+            "nftables": nftables,
             "lease_ttl": lease_ttl,
             "containers_per_host": containers_per_host,
             "hosts": [
@@ -109,4 +114,6 @@ class StateDir:
             hosts.append(host)
         return Saved(backend=doc["backend"], lease_ttl=doc["lease_ttl"],
                      containers_per_host=doc["containers_per_host"], hosts=hosts,
-                     docker=bool(doc.get("docker", False)))
+                     docker=bool(doc.get("docker", False)),
+                     ip_masq=bool(doc.get("ip_masq", False)),
+                     nftables=bool(doc.get("nftables", False)))

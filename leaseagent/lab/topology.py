@@ -2,6 +2,9 @@
 
     la-<name>-ul      underlay: bridge ul0 (10.250.0.1/24), one veth port per host and etcd
     la-<name>-etcd    etcd's namespace: eth0 10.250.0.2/24
+    la-<name>-out     "outside": eth0 10.250.0.254/24, no agent and no route to the
+                      cluster network (it stands for the internet): a container
+                      reaches it only through masquerade (--ip-masq)
     la-<name>-h<i>    host i: eth0 10.250.0.<10+i>/24, ip_forward on; bridge br0 =
                       FLANNEL_SUBNET from its agent's subnet.env (what `dockerd --bip`
                       does), MTU = FLANNEL_MTU
@@ -34,6 +37,7 @@ from leaseagent.lab.errors import LabError
 UNDERLAY = IPv4Network("10.250.0.0/24")
 UNDERLAY_GW = IPv4Address("10.250.0.1")
 ETCD_IP = IPv4Address("10.250.0.2")
+OUTSIDE_IP = IPv4Address("10.250.0.254")
 ETCD_PORTS = (2379, 2380)  # client, peer: alone in its namespace, etcd has them free
 HOST_IP_BASE = 10  # host i is 10.250.0.<10+i>
 CONTAINER_NETWORK = IPv4Network("10.244.0.0/16")
@@ -98,6 +102,7 @@ class Topology:
         self.name = name
         self.ul_ns = self.ns("ul")
         self.etcd_ns = self.ns("etcd")
+        self.outside_ns = self.ns("out")
 
     # ---------------------------------------------------------------- names
 
@@ -106,7 +111,7 @@ class Topology:
 
     def owns(self, ns: str) -> bool:
         """True for exactly the namespace names this lab makes."""
-        return re.fullmatch(rf"la-{self.name}-(ul|etcd|h\d+|c\d+-\d+)", ns) is not None
+        return re.fullmatch(rf"la-{self.name}-(ul|etcd|out|h\d+|c\d+-\d+)", ns) is not None
 
     def present(self) -> list[str]:
         """This lab's namespaces that exist now."""
@@ -115,7 +120,7 @@ class Topology:
     @staticmethod
     def removal_order(namespaces: list[str]) -> list[str]:
         """Containers, hosts, etcd, underlay: each veth goes with the namespace holding it."""
-        order = {"c": 0, "h": 1, "e": 2, "u": 3}
+        order = {"c": 0, "h": 1, "o": 2, "e": 2, "u": 3}
         return sorted(namespaces, key=lambda n: order[short(n)[0]])
 
     def host(self, index: int, dir: Path) -> Host:
@@ -130,19 +135,23 @@ class Topology:
     # ---------------------------------------------------------------- building
 
     def make_underlay(self) -> None:
-        """The underlay's bridge, and etcd's namespace on it."""
+        """The underlay's bridge, etcd's namespace and the outside host on it."""
         netns.add(self.ul_ns)
         netns.bridge(self.ul_ns, "ul0", address=f"{UNDERLAY_GW}/{UNDERLAY.prefixlen}")
         self._attach_to_underlay(self.etcd_ns, port="etcd", ip=ETCD_IP)
+        # No default route: nothing but the underlay is reachable from it.
+        self._attach_to_underlay(self.outside_ns, port="out", ip=OUTSIDE_IP, default_route=False)
 
-    def _attach_to_underlay(self, ns: str, *, port: str, ip: IPv4Address) -> None:
+    def _attach_to_underlay(self, ns: str, *, port: str, ip: IPv4Address,
+                            default_route: bool = True) -> None:
         """New namespace `ns` with eth0 at `ip`, its peer `port` a port of ul0."""
         netns.add(ns)
         netns.veth(ns, "eth0", port, peer_ns=self.ul_ns)
         netns.link_up(self.ul_ns, port, master="ul0")
         netns.address(ns, "eth0", f"{ip}/{UNDERLAY.prefixlen}")
         netns.link_up(ns, "eth0")
-        run(["ip", "-n", ns, "route", "add", "default", "via", str(UNDERLAY_GW)])
+        if default_route:
+            run(["ip", "-n", ns, "route", "add", "default", "via", str(UNDERLAY_GW)])
 
     def make_host(self, host: Host) -> None:
         """The host's namespace on the underlay, forwarding on (it routes for its

@@ -105,7 +105,8 @@ def test_a_device_of_another_kind_is_one_problem():
 
 
 def test_subnet_env_against_the_lease():
-    env = {"FLANNEL_NETWORK": "10.5.0.0/16", "FLANNEL_SUBNET": "10.5.4.1/24", "FLANNEL_MTU": "1450"}
+    env = {"FLANNEL_NETWORK": "10.5.0.0/16", "FLANNEL_SUBNET": "10.5.4.1/24", "FLANNEL_MTU": "1450",
+           "FLANNEL_IPMASQ": "false"}
     problems = check_subnet_env(env, path="/run/x", network=IPv4Network("10.5.0.0/16"),
                                 subnet=IPv4Network("10.5.3.0/24"), mtu=1450, mtu_source="device")
     assert [p.text for p in problems] == [

@@ -1,0 +1,56 @@
+"""`leasectl cleanup`: remove everything the agent owns on this host, for uninstalling.
+
+What the agent leaves in place when it stops (on purpose: traffic keeps
+flowing across a restart) is removed here, and nothing else:
+
+- every route carrying its route protocol (`--route-protocol`, 76);
+- its vxlan devices (`flannel.<VNI>`, kind vxlan), which takes their
+  neighbour and FDB entries with them;
+- its traffic rules: the nftables table `ip leaseagent`, the iptables chains
+  LEASEAGENT-* with their jumps, the ipset of VXLAN peers (whichever exist).
+
+Stop the agent first (`systemctl disable --now leaseagent`), or it puts them
+back. Needs no etcd. The lease in etcd is not touched: `leasectl release`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from leaseagent.cli.doctor import DoctorSettings
+from leaseagent.core.rules import ObservedRules
+from leaseagent.dataplane.firewall import IptablesFirewall, NftFirewall
+from leaseagent.dataplane.netlink import Action, Netlink
+from leaseagent.errors import ConfigError, DataPlaneError
+
+_DEVICE = re.compile(r"flannel\.\d+")
+
+
+async def cleanup(settings: DoctorSettings) -> list[str]:
+    """Remove what the agent owns here; one line per thing removed."""
+    done: list[str] = []
+    nl = await Netlink.open()
+    try:
+        routes = sorted(await nl.routes(protocol=settings.route_protocol), key=lambda r: str(r.dst))
+        removed, failed = await nl.apply(Action.REMOVE, routes, protocol=settings.route_protocol)
+        done += [f"removed route {r.dst}" for r in removed]
+        done += [f"could not remove route {f.obj}: {f.error}" for f in failed]
+        for link in await nl.links():
+            if link.kind == "vxlan" and _DEVICE.fullmatch(link.name):
+                await nl.delete_link(link.index)
+                done.append(f"removed device {link.name}")
+    finally:
+        nl.close()
+    for fw in (NftFirewall(), IptablesFirewall()):
+        try:
+            observed = await fw.observe()
+        except DataPlaneError:
+            continue  # that tool is not installed: nothing of ours can be there
+        if observed != ObservedRules():
+            try:
+                await fw.remove()
+            except (ConfigError, DataPlaneError) as exc:
+                done.append(f"could not remove the {fw.name} rules: {exc}")
+                continue
+            done.append(f"removed the {fw.name} rules ({', '.join(sorted(observed.chains))})")
+    return done

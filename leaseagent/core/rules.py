@@ -1,0 +1,231 @@
+"""Traffic rules: masquerade, FORWARD accept and the VXLAN peer filter, as pure data.
+
+Pure: no I/O. `ruleset()` computes every rule the agent wants from the
+network config, this host's subnet and its settings; the firewall adapters
+(leaseagent.dataplane.firewall) write it with nftables or iptables and read
+back what is there; `compare()` says what differs, for the agent's repair
+and for `leasectl doctor` alike.
+
+The rules (docs/architecture.md, "Traffic rules"; NET is the cluster network,
+POD this host's subnet):
+
+    chain       rule                                         why
+    postrouting mark 0x4000/0x4000 -> return                 marked by kube-proxy: never NAT twice
+    postrouting POD -> NET return                            container to container: keep the source
+    postrouting NET -> POD return                            into this host's containers: keep it
+    postrouting !NET -> POD return                           to a container from outside: keep it
+    postrouting NET -> !224.0.0.0/4 masquerade               container to the world (not multicast)
+    postrouting !NET -> NET masquerade                       the host itself into the overlay
+    forward     from NET accept; to NET accept               a FORWARD policy of DROP (Docker's)
+                                                             must not cut the overlay
+    input       UDP to the VXLAN port, not from a peer: drop only current peers may inject frames
+
+The masquerade rules are flannel's (pkg/trafficmngr/iptables), in its
+iptables form where its two implementations differ: the mark is matched
+under a mask (`mark & 0x4000 == 0x4000`, its nftables form compares the
+whole mark), and the fourth rule is `! -s NET -d POD` (its nftables form
+says `saddr != POD daddr NET`). `--random-fully` (nftables: `fully-random`)
+unless disabled.
+
+Identity: every rule carries a comment `leaseagent:<name>:<hash of its
+text>`. Reading the chains back yields the comments in order, so a missing,
+extra (anything without our comment), reordered or changed rule is found
+without parsing either tool's output format. The peer filter's addresses are
+a set (nftables) or an ipset (iptables), updated element by element.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+TABLE = "leaseagent"  # nftables: table ip leaseagent
+PEER_SET = "vxlan_peers"  # nftables set name
+IPSET = "leaseagent-vxlan-peers"  # iptables: the ipset's name
+MARK = 0x4000  # kube-proxy's masquerade mark, which flannel's first rule returns on
+MULTICAST = IPv4Network("224.0.0.0/4")
+
+# Our chains: name -> (nftables hook, type, priority), iptables table, iptables chain
+# jumped to from the built-in one.
+CHAINS: dict[str, tuple[str, str, str, str, str]] = {
+    "postrouting": ("postrouting", "nat", "srcnat", "nat", "POSTROUTING"),
+    "forward": ("forward", "filter", "filter", "filter", "FORWARD"),
+    "input": ("input", "filter", "filter", "filter", "INPUT"),
+}
+
+
+def iptables_chain(chain: str) -> str:
+    """Our iptables chain for `chain`: LEASEAGENT-POSTROUTING, ..."""
+    return f"LEASEAGENT-{chain.upper()}"
+
+
+@dataclass(frozen=True)
+class TrafficSettings:
+    """What the operator asked for (flags) and what the network config says."""
+
+    ip_masq: bool = False
+    random_fully: bool = True
+    forward: bool = True
+    peer_filter: bool = True
+    nftables: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    chain: str  # postrouting | forward | input
+    name: str
+    nft: str  # the rule in nft syntax, without its comment
+    iptables: str  # the rule spec in iptables syntax, without -A CHAIN and the comment
+    why: str
+
+    @property
+    def tag(self) -> str:
+        digest = hashlib.sha256(f"{self.nft}|{self.iptables}".encode()).hexdigest()[:10]
+        return f"leaseagent:{self.name}:{digest}"
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Everything wanted, in order per chain. `peer_port`: the VXLAN port the peer filter
+    guards (None: no filter); `peers`: who may send to it."""
+
+    rules: tuple[Rule, ...] = ()
+    peer_port: int | None = None
+    peers: frozenset[IPv4Address] = frozenset()
+
+    def chain(self, name: str) -> list[Rule]:
+        return [r for r in self.rules if r.chain == name]
+
+    @property
+    def chains(self) -> list[str]:
+        """The chains that hold at least one rule, in CHAINS order."""
+        return [c for c in CHAINS if self.chain(c)]
+
+    def tags(self) -> dict[str, list[str]]:
+        return {c: [r.tag for r in self.chain(c)] for c in self.chains}
+
+
+def masquerade_rules(net: IPv4Network, pod: IPv4Network, *, random_fully: bool) -> list[Rule]:
+    nft_masq = "masquerade fully-random" if random_fully else "masquerade"
+    ipt_masq = "-j MASQUERADE --random-fully" if random_fully else "-j MASQUERADE"
+    return [
+        Rule("postrouting", "masq-mark", f"meta mark & {MARK:#010x} == {MARK:#010x} return",
+             f"-m mark --mark {MARK:#x}/{MARK:#x} -j RETURN",
+             "marked by kube-proxy (0x4000): it masquerades it, never twice"),
+        Rule("postrouting", "masq-pod-net", f"ip saddr {pod} ip daddr {net} return",
+             f"-s {pod} -d {net} -j RETURN",
+             "from this host's containers to the cluster: the source stays"),
+        Rule("postrouting", "masq-net-pod", f"ip saddr {net} ip daddr {pod} return",
+             f"-s {net} -d {pod} -j RETURN",
+             "from the cluster to this host's containers: the source stays"),
+        Rule("postrouting", "masq-out-pod", f"ip saddr != {net} ip daddr {pod} return",
+             f"! -s {net} -d {pod} -j RETURN",
+             "from outside to this host's containers (a node that owns the address): "
+             "the source stays"),
+        Rule("postrouting", "masq-net-out", f"ip saddr {net} ip daddr != {MULTICAST} {nft_masq}",
+             f"-s {net} ! -d {MULTICAST} {ipt_masq}",
+             "from the cluster to the world (not multicast): the host's address"),
+        Rule("postrouting", "masq-host-net", f"ip saddr != {net} ip daddr {net} {nft_masq}",
+             f"! -s {net} -d {net} {ipt_masq}",
+             "from the host itself into the cluster: an address of the cluster network"),
+    ]
+
+
+def forward_rules(net: IPv4Network) -> list[Rule]:
+    return [
+        Rule("forward", "fwd-from-net", f"ip saddr {net} accept", f"-s {net} -j ACCEPT",
+             "forwarded from the cluster network: accepted whatever FORWARD's policy"),
+        Rule("forward", "fwd-to-net", f"ip daddr {net} accept", f"-d {net} -j ACCEPT",
+             "forwarded to the cluster network: accepted whatever FORWARD's policy"),
+    ]
+
+
+def peer_filter_rules(port: int) -> list[Rule]:
+    return [Rule("input", "vxlan-peers",
+                 f"udp dport {port} ip saddr != @{PEER_SET} counter drop",
+                 f"-p udp -m udp --dport {port} -m set ! --match-set {IPSET} src -j DROP",
+                 "VXLAN from anyone but a current peer: dropped (VXLAN has no authentication)")]
+
+
+def ruleset(settings: TrafficSettings, *, network: IPv4Network, own_subnet: IPv4Network | None,
+            vxlan_port: int | None, peers: Iterable[IPv4Address] = ()) -> Ruleset:
+    """Every rule wanted. Masquerade needs this host's subnet; the peer filter a VXLAN
+    port (vxlan backend only)."""
+    rules: list[Rule] = []
+    if settings.ip_masq and own_subnet is not None:
+        rules += masquerade_rules(network, own_subnet, random_fully=settings.random_fully)
+    if settings.forward:
+        rules += forward_rules(network)
+    port = vxlan_port if settings.peer_filter else None
+    if port is not None:
+        rules += peer_filter_rules(port)
+    return Ruleset(tuple(rules), port, frozenset(peers) if port is not None else frozenset())
+
+
+# ------------------------------------------------------------------ what is there
+
+
+@dataclass(frozen=True)
+class ObservedRules:
+    """What the firewall has of ours: per chain, the comments of its rules in order (None
+    for a rule that is not ours); whether each chain is hooked in as it should be (for
+    iptables: our jump is the built-in chain's first rule, and the only one); the peer
+    set's members (None: no set)."""
+
+    chains: Mapping[str, list[str | None]] = field(default_factory=dict)
+    hooked: Mapping[str, bool] = field(default_factory=dict)
+    peers: frozenset[IPv4Address] | None = None
+    dropped: int = 0  # packets the peer filter dropped (its counter)
+
+
+# Kinds of difference (a metric label each).
+MISSING, EXTRA, REORDERED, UNHOOKED, PEERS = "missing", "extra", "reordered", "unhooked", "peers"
+KINDS = (MISSING, EXTRA, REORDERED, UNHOOKED, PEERS)
+
+
+@dataclass(frozen=True)
+class RuleDifference:
+    kind: str
+    chain: str
+    detail: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind} {self.detail}"
+
+
+def compare(wanted: Ruleset, observed: ObservedRules) -> list[RuleDifference]:
+    """How the firewall differs from `wanted` (empty: in sync)."""
+    out: list[RuleDifference] = []
+    by_tag = {r.tag: r for r in wanted.rules}
+    for chain in CHAINS:
+        want = [r.tag for r in wanted.chain(chain)]
+        have = list(observed.chains.get(chain, []))
+        if not want and not have:
+            continue
+        if want and not observed.hooked.get(chain, False):
+            out.append(RuleDifference(UNHOOKED, chain, f"chain {chain} is not hooked in (first)"))
+        for tag in want:
+            if tag not in have:
+                out.append(RuleDifference(MISSING, chain, f"rule {by_tag[tag].name} in {chain}: "
+                                          f"{by_tag[tag].iptables}"))
+        for seen in have:
+            if seen not in want:
+                out.append(RuleDifference(EXTRA, chain, f"rule in {chain}: "
+                                          f"{seen or 'not ours (no comment of ours)'}"))
+        ours = [t for t in have if t in want]
+        if ours != [t for t in want if t in have]:
+            out.append(RuleDifference(REORDERED, chain, f"rules of {chain} out of order"))
+    if wanted.peer_port is not None:
+        have_peers = observed.peers or frozenset()
+        if observed.peers is None:
+            out.append(RuleDifference(PEERS, "input", "the peer set is missing"))
+        elif have_peers != wanted.peers:
+            missing = sorted(wanted.peers - have_peers)
+            extra = sorted(have_peers - wanted.peers)
+            out.append(RuleDifference(PEERS, "input", f"peer set: {len(missing)} missing "
+                                      f"({', '.join(map(str, missing[:5]))}), {len(extra)} extra "
+                                      f"({', '.join(map(str, extra[:5]))})"))
+    return out
