@@ -14,6 +14,8 @@ for the record only (machines are noisy). See docs/benchmarks.md.
                 /16 of /24s: time and txns per acquisition, vs flannel's policy
     footprint   RSS, CPU and wake-ups of the agent holding N peers, idle
     etcd        requests at start and per hour idle, watch streams (etcd /metrics)
+    rules       the traffic rules with N peers in the VXLAN peer filter: writing them,
+                one drift check vs the bare iptables-save/ipset/nft calls it makes
 
 Needs root (namespaces), etcd and iproute2. Everything it makes (two
 namespaces, etcd, the agent, files under /dev/shm) is removed at exit, also
@@ -101,6 +103,8 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         if not agent.alive():
             raise RuntimeError(f"the agent died; see {agent.log}")
         agent.stop()
+        results["rules"] = await scenarios.traffic_rules(n)
+        print("  traffic rules done", file=sys.stderr)
 
         rounds: dict[str, list[dict[str, Any]]] = {"leaseagent": [], "flannel": []}
         for r in range(args.alloc_rounds):
@@ -196,6 +200,21 @@ def table(results: dict[str, Any]) -> str:
                  "-", _fmt(mean / 30 * 100 if mean else None, " % of a core")))
     rows.append(("idle wake-ups", _fmt(f["wakeups_per_s"], "/s"), "-", "-", "no busy loop",
                  "met" if f["wakeups_per_s"] < 50 else "NOT met"))
+    r = results["rules"]
+    for name in ("iptables", "nftables"):
+        x = r[name]
+        every = f"every {_fmt(x['interval_s'], ' s')}"
+        if name == "iptables":
+            rows.append((f"{name}: one check ({every}), {r['peers']} peers in the filter",
+                         _fmt(x["check_ms"], " ms"), f"the bare tools {_fmt(x['tools_ms'], ' ms')}",
+                         _fmt(x["check_ratio"]), "-", "-"))
+            every = f"every {_fmt(x['deep_interval_s'], ' s')}"
+        rows.append((f"{name}: one full check ({every}), {r['peers']} peers",
+                     _fmt(x["deep_check_ms"], " ms"),
+                     f"the bare tools {_fmt(x['deep_tools_ms'], ' ms')}",
+                     _fmt(x["deep_check_ratio"]), "-", _fmt(x["core_percent"], " % of a core")))
+        rows.append((f"{name}: write all rules / add one peer", _fmt(x["apply_ms"], " ms"),
+                     f"one peer {_fmt(x['one_peer_ms'], ' ms')}", "-", "-", "-"))
     e = results["etcd"]
     rows.append(("etcd unary requests at start", _fmt(e["unary_requests_at_start"]),
                  f"{_fmt(e['range_requests_at_start'])} Range", "-", "one list", "-"))

@@ -24,6 +24,7 @@ from bench.env import (
     HOST_IP,
     NETWORK,
     PREFIX,
+    UNDERLAY,
     KernelProbe,
     Proc,
     World,
@@ -412,3 +413,68 @@ def summarize_etcd(start: dict[str, float], idle: dict[str, float], idle_s: floa
         "unary_requests_per_hour_idle": sum(handled(idle, m) for m in unary) * 3600 / idle_s,
         "requests_per_hour_idle": per_hour,
     }
+
+
+async def traffic_rules(n: int, *, checks: int = 20) -> dict[str, Any]:
+    """The traffic rules with `n` peers in the VXLAN peer filter, per firewall: writing
+    them all; one check as the keeper makes it between changes (read back + compare;
+    iptables counts the peer set then, every member only every DEEP_CHECK_SECONDS), and
+    one full check, each beside the bare tools it runs (the reference); one peer added;
+    the share of a core the checks take at their intervals. Runs in the bench's
+    namespace after the agent has stopped; removes what it wrote."""
+    from leaseagent.core.rules import IPSET, TABLE, TrafficSettings, compare, ruleset
+    from leaseagent.dataplane.firewall import (
+        DEEP_CHECK_SECONDS,
+        IptablesFirewall,
+        NftFirewall,
+        check_interval,
+    )
+
+    async def tools(argvs: list[list[str]]) -> float:
+        t = time.perf_counter()
+        for argv in argvs:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            await proc.communicate()
+            assert proc.returncode == 0, argv
+        return time.perf_counter() - t
+
+    peers = [IPv4Address(int(UNDERLAY.network_address) + 2 + i) for i in range(n)]
+    out: dict[str, Any] = {"peers": n}
+    for fw in (IptablesFirewall(), NftFirewall()):
+        wanted = ruleset(TrafficSettings(ip_masq=True, nftables=fw.name == "nftables"),
+                         network=NETWORK, own_subnet=peer_subnet(1), vxlan_port=8472, peers=peers)
+        t = time.perf_counter()
+        await fw.apply(wanted)
+        applied = time.perf_counter() - t
+        if fw.name == "iptables":
+            chains = [["iptables-save", "-c", "-t", "nat"], ["iptables-save", "-c", "-t", "filter"]]
+            shallow_tools = [*chains, ["ipset", "list", "-t", IPSET]]
+            deep_tools = [*chains, ["ipset", "list", "-o", "save", IPSET]]
+        else:
+            shallow_tools = deep_tools = [["nft", "-j", "list", "table", "ip", TABLE]]
+        figures: dict[str, list[float]] = {k: [] for k in ("check", "tools", "deep", "deep_tools")}
+        for _ in range(checks):
+            for deep, ours, ref, argvs in ((False, "check", "tools", shallow_tools),
+                                           (True, "deep", "deep_tools", deep_tools)):
+                t = time.perf_counter()
+                assert compare(wanted, await fw.observe(deep=deep)) == []
+                figures[ours].append(time.perf_counter() - t)
+                figures[ref].append(await tools(argvs))
+        t = time.perf_counter()
+        await fw.set_peers([IPv4Address(int(peers[-1]) + 1)], [])
+        one = time.perf_counter() - t
+        await fw.remove()
+        ms = {k: _percentile(v, 50) * 1000 for k, v in figures.items()}
+        interval = check_interval(fw)
+        deep_interval = max(interval, DEEP_CHECK_SECONDS)
+        share = (ms["check"] / interval if fw.name == "iptables" else 0.0) \
+            + ms["deep"] / deep_interval
+        out[fw.name] = {"apply_ms": applied * 1000, "check_ms": ms["check"],
+                        "tools_ms": ms["tools"], "check_ratio": ms["check"] / ms["tools"],
+                        "deep_check_ms": ms["deep"], "deep_tools_ms": ms["deep_tools"],
+                        "deep_check_ratio": ms["deep"] / ms["deep_tools"],
+                        "one_peer_ms": one * 1000, "interval_s": interval,
+                        "deep_interval_s": deep_interval,
+                        "core_percent": share / 1000 * 100}
+    return out

@@ -25,6 +25,7 @@ from typing import NoReturn
 from leaseagent.core.leases import DEFAULT_PREFIX, unusable_ip_reason
 from leaseagent.core.rules import TrafficSettings
 from leaseagent.dataplane.base import DEFAULT_RESYNC_SECONDS, DEFAULT_ROUTE_PROTOCOL
+from leaseagent.dataplane.firewall import DEFAULT_CHECK_SECONDS
 from leaseagent.errors import ConfigError
 from leaseagent.store.settings import DEFAULT_ENDPOINTS, DEFAULT_TIMEOUT, EtcdSettings, parse_endpoints
 
@@ -205,6 +206,7 @@ class AgentConfig:
     resync_interval: float
     docker_opts_file: Path | None = None
     peer_hold_time: float = DEFAULT_PEER_HOLD_SECONDS
+    iptables_resync: float = DEFAULT_CHECK_SECONDS  # iptables: seconds between rule checks
     allow_any_public_ip: bool = False
     # Which traffic rules; `nftables` comes from the network config (EnableNFTables).
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
@@ -318,6 +320,9 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             help="also write Docker's options here, as `leasectl docker-opts` does")
     env.add("--resync-interval", default=f"{DEFAULT_RESYNC_SECONDS:g}",
             help="seconds between full data-plane resyncs")
+    env.add("--iptables-resync", default=f"{DEFAULT_CHECK_SECONDS:g}",
+            help="iptables mode: seconds between checks of the traffic rules (flannel's flag; "
+            "nftables tells of changes and needs none)")
     env.add("--peer-hold-time", default=f"{DEFAULT_PEER_HOLD_SECONDS:g}",
             help="seconds a peer whose lease vanished keeps its kernel entries in case it comes "
             "back (0: remove at once); a lease released on purpose is removed at once")
@@ -367,6 +372,7 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         resync_interval=_seconds(source(ns, "--resync-interval"), ns.resync_interval),
         docker_opts_file=Path(ns.docker_opts_file) if ns.docker_opts_file else None,
         peer_hold_time=_seconds(source(ns, "--peer-hold-time"), ns.peer_hold_time, zero=True),
+        iptables_resync=_seconds(source(ns, "--iptables-resync"), ns.iptables_resync),
         allow_any_public_ip=allow_any,
         traffic=traffic_settings(ns, nftables=False),
     )

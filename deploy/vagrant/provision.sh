@@ -30,7 +30,7 @@ CONF
 provision_host() {
     local etcd_ip="${3:?usage: provision.sh host IP ETCD_IP}"
     local endpoints="http://${etcd_ip}:2379"
-    apt_install python3 python3-venv ca-certificates docker.io iptables busybox-static
+    apt_install python3 python3-venv ca-certificates docker.io iptables ipset busybox-static
     bash /leaseagent/deploy/install.sh --docker --source /leaseagent
 
     # The interface by its address: VirtualBox and libvirt name the private NIC differently.
@@ -43,18 +43,9 @@ CONF
     if ! leasectl --etcd-endpoints "$endpoints" config get >/dev/null 2>&1; then
         leasectl --etcd-endpoints "$endpoints" config set /leaseagent/deploy/network-config.json
     fi
-    local network
-    network="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["Network"])' \
-        /leaseagent/deploy/network-config.json)"
-
-    # Lab-only docker settings, beside install.sh's drop-in (which runs docker.service's
-    # own dockerd command with $DOCKER_NETWORK_OPTIONS added): Docker's FORWARD policy
-    # is DROP, so container traffic between hosts over the overlay must be let through
-    # (DOCKER-USER is the chain Docker leaves to us).
-    cat >/etc/systemd/system/docker.service.d/zz-vagrant-lab.conf <<CONF
-[Service]
-ExecStartPost=/bin/sh -c 'iptables -C DOCKER-USER -s ${network} -d ${network} -j ACCEPT 2>/dev/null || iptables -I DOCKER-USER -s ${network} -d ${network} -j ACCEPT'
-CONF
+    # Docker's FORWARD policy is DROP: the agent's LEASEAGENT-FORWARD chain
+    # (--iptables-forward-rules, on by default) lets the cluster network through.
+    rm -f /etc/systemd/system/docker.service.d/zz-vagrant-lab.conf
     systemctl daemon-reload
     systemctl enable leaseagent.service docker.service
     systemctl restart leaseagent.service

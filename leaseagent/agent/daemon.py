@@ -48,11 +48,11 @@ from leaseagent.core.leases import (
     unusable_ip_reason,
 )
 from leaseagent.core.network import NetworkConfig, parse_network_config
-from leaseagent.core.rules import Ruleset, ruleset
+from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
-from leaseagent.dataplane.firewall import RulesKeeper, firewall, peer_addresses
+from leaseagent.dataplane.firewall import RulesKeeper, firewall
 from leaseagent.errors import (
     ConfigError,
     IdentityConflict,
@@ -178,6 +178,7 @@ class Agent:
         self.network: NetworkConfig | None = None
         self.backend: DataPlane | None = None
         self.rules: RulesKeeper | None = None  # traffic rules (leaseagent.dataplane.firewall)
+        self.admission = PeerAdmission()  # the peer filter's addresses, per change
         self.traffic = cfg.traffic
         self.vxlan_port: int | None = None
         self.leasing: Leasing | None = None
@@ -217,14 +218,15 @@ class Agent:
         self.traffic = replace(self.cfg.traffic, nftables=network.enable_nftables)
         options = network.options
         self.vxlan_port = options.port if isinstance(options, VxlanOptions) else None
-        keeper = RulesKeeper(firewall(nftables=self.traffic.nftables))  # ConfigError: missing tool
+        fw = firewall(nftables=self.traffic.nftables)  # ConfigError: a tool is missing
+        keeper = RulesKeeper(fw, check_seconds=None if fw.watches() else self.cfg.iptables_resync)
         self.metrics.export_rules(keeper.status)
         return keeper
 
     def _ruleset(self, peers: Iterable[Peer]) -> Ruleset:
         assert self.network is not None and self.own is not None
         return ruleset(self.traffic, network=self.network.network, own_subnet=self.own.subnet,
-                       vxlan_port=self.vxlan_port, peers=peer_addresses(peers))
+                       vxlan_port=self.vxlan_port, peers=self.admission.reset(peers))
 
     def _status(self, text: str) -> None:
         """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
@@ -326,7 +328,7 @@ class Agent:
             if full:
                 await self.rules.sync(self._ruleset(peers.values()))
             else:
-                await self.rules.update_peers(peer_addresses(peers.values()))
+                await self.rules.update_peers(*self.admission.apply(changes))
         if full:
             await self.backend.sync(peers)
         else:

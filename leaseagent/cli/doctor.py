@@ -43,7 +43,7 @@ from leaseagent.core.diagnosis import (
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.plan import compare, flatten, needs_recreate
-from leaseagent.core.rules import TrafficSettings, ruleset
+from leaseagent.core.rules import TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
@@ -221,7 +221,7 @@ async def _check_rules(settings: DoctorSettings, network: NetworkConfig,
     """The traffic rules the agent keeps (same flags, same config) against the firewall:
     missing, extra or reordered rules, a chain not hooked in first, the peer set."""
     from leaseagent.core.backends import VxlanOptions
-    from leaseagent.dataplane.firewall import firewall, peer_addresses
+    from leaseagent.dataplane.firewall import firewall
 
     traffic = replace(settings.traffic, nftables=network.enable_nftables)
     options = network.options

@@ -37,9 +37,13 @@ a set (nftables) or an ipset (iptables), updated element by element.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
+
+from leaseagent.core.leases import Peer, PeerChanges
 
 TABLE = "leaseagent"  # nftables: table ip leaseagent
 PEER_SET = "vxlan_peers"  # nftables set name
@@ -106,6 +110,11 @@ class Ruleset:
     def tags(self) -> dict[str, list[str]]:
         return {c: [r.tag for r in self.chain(c)] for c in self.chains}
 
+    @cached_property
+    def peer_texts(self) -> frozenset[str]:
+        """The peers as text, as firewalls list them (made once per ruleset, not per check)."""
+        return frozenset(map(str, self.peers))
+
 
 def masquerade_rules(net: IPv4Network, pod: IPv4Network, *, random_fully: bool) -> list[Rule]:
     nft_masq = "masquerade fully-random" if random_fully else "masquerade"
@@ -142,8 +151,16 @@ def forward_rules(net: IPv4Network) -> list[Rule]:
     ]
 
 
+PEER_FILTER = "vxlan-peers"  # the peer filter's rule name; its counter is the drop count
+
+
+def is_peer_filter(tag: str | None) -> bool:
+    """Whether a rule's tag (its comment) is the peer filter's."""
+    return (tag or "").startswith(f"leaseagent:{PEER_FILTER}:")
+
+
 def peer_filter_rules(port: int) -> list[Rule]:
-    return [Rule("input", "vxlan-peers",
+    return [Rule("input", PEER_FILTER,
                  f"udp dport {port} ip saddr != @{PEER_SET} counter drop",
                  f"-p udp -m udp --dport {port} -m set ! --match-set {IPSET} src -j DROP",
                  "VXLAN from anyone but a current peer: dropped (VXLAN has no authentication)")]
@@ -172,11 +189,13 @@ class ObservedRules:
     """What the firewall has of ours: per chain, the comments of its rules in order (None
     for a rule that is not ours); whether each chain is hooked in as it should be (for
     iptables: our jump is the built-in chain's first rule, and the only one); the peer
-    set's members (None: no set)."""
+    set's members (None: no set, or only counted: a shallow read that skips thousands of
+    elements gives `peer_count` alone)."""
 
     chains: Mapping[str, list[str | None]] = field(default_factory=dict)
     hooked: Mapping[str, bool] = field(default_factory=dict)
-    peers: frozenset[IPv4Address] | None = None
+    peers: frozenset[str] | None = None  # addresses as text: thousands are read per check
+    peer_count: int | None = None  # how many the set holds (None: no set)
     dropped: int = 0  # packets the peer filter dropped (its counter)
 
 
@@ -219,13 +238,73 @@ def compare(wanted: Ruleset, observed: ObservedRules) -> list[RuleDifference]:
         if ours != [t for t in want if t in have]:
             out.append(RuleDifference(REORDERED, chain, f"rules of {chain} out of order"))
     if wanted.peer_port is not None:
+        want_peers = wanted.peer_texts
         have_peers = observed.peers or frozenset()
-        if observed.peers is None:
+        if observed.peers is None and observed.peer_count is None:
             out.append(RuleDifference(PEERS, "input", "the peer set is missing"))
-        elif have_peers != wanted.peers:
-            missing = sorted(wanted.peers - have_peers)
-            extra = sorted(have_peers - wanted.peers)
+        elif observed.peers is None:
+            if observed.peer_count != len(want_peers):
+                out.append(RuleDifference(PEERS, "input", f"peer set: {observed.peer_count} "
+                                          f"members, {len(want_peers)} wanted"))
+        elif have_peers != want_peers:
+            missing = sorted(want_peers - have_peers)
+            extra = sorted(have_peers - want_peers)
             out.append(RuleDifference(PEERS, "input", f"peer set: {len(missing)} missing "
                                       f"({', '.join(map(str, missing[:5]))}), {len(extra)} extra "
                                       f"({', '.join(map(str, extra[:5]))})"))
     return out
+
+
+def admitted(peer: Peer) -> IPv4Address | None:
+    """The address the peer filter admits for `peer`: a vxlan peer's PublicIP."""
+    return peer.public_ip if peer.backend_type == "vxlan" else None
+
+
+def peer_addresses(peers: Iterable[Peer]) -> frozenset[IPv4Address]:
+    """Every address the peer filter admits for `peers`."""
+    return frozenset(ip for p in peers if (ip := admitted(p)) is not None)
+
+
+class PeerAdmission:
+    """The peer filter's addresses, kept per change in time proportional to the change,
+    not to the number of peers (thousands of leases expiring together are thousands of
+    events). Two peers with one PublicIP keep it admitted until both are gone."""
+
+    def __init__(self) -> None:
+        self._of: dict[IPv4Network, IPv4Address] = {}
+        self._uses: Counter[IPv4Address] = Counter()
+
+    def reset(self, peers: Iterable[Peer]) -> frozenset[IPv4Address]:
+        """Start again from the whole peer set; the addresses admitted."""
+        self._of = {p.subnet: ip for p in peers if (ip := admitted(p)) is not None}
+        self._uses = Counter(self._of.values())
+        return self.addresses()
+
+    def apply(self, changes: PeerChanges) -> tuple[set[IPv4Address], set[IPv4Address]]:
+        """Take in one batch of changes; the addresses newly admitted, and those no
+        peer uses any more."""
+        admit: set[IPv4Address] = set()
+        retire: set[IPv4Address] = set()
+
+        def drop(subnet: IPv4Network) -> None:
+            ip = self._of.pop(subnet, None)
+            if ip is not None:
+                self._uses[ip] -= 1
+                if self._uses[ip] <= 0:
+                    del self._uses[ip]
+                    retire.add(ip)
+
+        for p in changes.removed:
+            drop(p.subnet)
+        for p in [*changes.changed, *changes.added]:
+            drop(p.subnet)
+            ip = admitted(p)
+            if ip is not None:
+                self._of[p.subnet] = ip
+                if self._uses[ip] == 0:
+                    admit.add(ip)
+                self._uses[ip] += 1
+        return admit - retire, retire - admit
+
+    def addresses(self) -> frozenset[IPv4Address]:
+        return frozenset(self._uses)

@@ -17,7 +17,10 @@ step per change:
   first rule of its built-in chain, written per table with `iptables-restore
   --noflush` (declaring a chain flushes it, so the whole table's part is one
   commit); the peer set is an ipset (`ipset restore`). iptables has no event
-  stream: `iptables-save` and `ipset list` are read every `check_seconds`.
+  stream: `iptables-save` and the ipset's header (how many members: `ipset list
+  -t`) are read every check interval, every member every DEEP_CHECK_SECONDS:
+  with thousands of peers the listing is most of a check's cost, and a member
+  swapped for another, the count unchanged, is rare enough to wait that long.
 
 Why these tools and not a library: both are the kernel projects' own
 userspace, present wherever the rules can work at all, atomic per call, and
@@ -43,13 +46,13 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Protocol
+from typing import Any, Protocol
 
-from leaseagent.core.leases import Peer
 from leaseagent.core.rules import (
     CHAINS,
     IPSET,
@@ -60,18 +63,23 @@ from leaseagent.core.rules import (
     Ruleset,
     compare,
     iptables_chain,
+    is_peer_filter,
 )
 from leaseagent.errors import ConfigError, DataPlaneError
 from leaseagent.retrying import Backoff
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECK_SECONDS = 2.0  # iptables: how often the chains are read back
+DEFAULT_CHECK_SECONDS = 3.0  # iptables: how often the chains are read back (--iptables-resync)
+WATCHED_CHECK_SECONDS = 30.0  # nftables: events tell of changes; a check now and then anyway
+DEEP_CHECK_SECONDS = 30.0  # how often a check reads every member of the peer set
+RETIRE_DELAY_SECONDS = 0.05  # departed peers leave the filter in batches this far apart
 _JUMP = "leaseagent:jump"
 
 
 async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
-               check: bool = True) -> tuple[int, str, str]:
+               check: bool = True, started: set[int] | None = None) -> tuple[int, str, str]:
+    """Run `argv` (in `netns`); its exit code and output. `started` collects its PID."""
     full = ["ip", "netns", "exec", netns, *argv] if netns else argv
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -79,6 +87,8 @@ async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     except OSError as exc:
         raise DataPlaneError(f"cannot run {argv[0]}: {exc}") from exc
+    if started is not None:
+        started.add(proc.pid)  # `ip netns exec` execs the program: the PID stays
     out, err = await proc.communicate(input.encode() if input is not None else None)
     code = proc.returncode if proc.returncode is not None else -1
     if check and code != 0:
@@ -93,7 +103,13 @@ class Firewall(Protocol):
 
     async def set_peers(self, add: Iterable[IPv4Address], remove: Iterable[IPv4Address]) -> None: ...
 
-    async def observe(self) -> ObservedRules: ...
+    async def observe(self, *, deep: bool = True) -> ObservedRules:
+        """Ours as the firewall has it; not `deep`: the peer set counted, not listed."""
+        ...
+
+    async def dropped(self) -> int:
+        """The peer filter's counter: packets dropped (0 with no filter)."""
+        ...
 
     async def remove(self) -> None: ...
 
@@ -110,9 +126,15 @@ class NftFirewall:
 
     def __init__(self, *, netns: str | None = None) -> None:
         self._netns = netns
+        self.writers: set[int] = set()  # PIDs of our writing `nft`s, to know our own events
 
     def watches(self) -> bool:
         return True
+
+    async def _write(self, script: str) -> None:
+        if len(self.writers) > 64:
+            self.writers.clear()
+        await _run(["nft", "-f", "-"], netns=self._netns, input=script, started=self.writers)
 
     def render(self, wanted: Ruleset) -> str:
         """The whole table in nft syntax (what `nft list table` shows, too)."""
@@ -135,7 +157,7 @@ class NftFirewall:
         script = f"table ip {TABLE}\ndelete table ip {TABLE}\n"
         if wanted.rules:
             script += self.render(wanted)
-        await _run(["nft", "-f", "-"], netns=self._netns, input=script)
+        await self._write(script)
 
     async def set_peers(self, add: Iterable[IPv4Address], remove: Iterable[IPv4Address]) -> None:
         add, remove = sorted(add), sorted(remove)
@@ -145,17 +167,19 @@ class NftFirewall:
         if remove:
             script += f"delete element ip {TABLE} {PEER_SET} {{ {', '.join(map(str, remove))} }}\n"
         if script:
-            await _run(["nft", "-f", "-"], netns=self._netns, input=script)
+            await self._write(script)
 
-    async def observe(self) -> ObservedRules:
-        code, out, _ = await _run(["nft", "-j", "list", "table", "ip", TABLE], netns=self._netns,
-                                  check=False)
+    async def observe(self, *, deep: bool = True) -> ObservedRules:
+        # Always in full (`nft -t` would skip the elements but cannot count them): checks
+        # come on others' changes and every WATCHED_CHECK_SECONDS, not every few seconds.
+        code, out, _ = await _run(["nft", "-j", "list", "table", "ip", TABLE],
+                                  netns=self._netns, check=False)
         if code != 0:
             return ObservedRules()  # no table (flushed, never made)
         items = json.loads(out).get("nftables", [])
         chains: dict[str, list[str | None]] = {}
         hooked: dict[str, bool] = {}
-        peers: frozenset[IPv4Address] | None = None
+        peers: frozenset[str] | None = None
         dropped = 0
         for item in items:
             if "chain" in item:
@@ -168,19 +192,24 @@ class NftFirewall:
                     chains.setdefault(name, [])
             elif "set" in item and item["set"].get("name") == PEER_SET:
                 elems = item["set"].get("elem", [])
-                peers = frozenset(IPv4Address(e) for e in elems if isinstance(e, str))
+                peers = frozenset(e for e in elems if isinstance(e, str))
             elif "rule" in item:
                 rule = item["rule"]
                 chains.setdefault(rule.get("chain", ""), []).append(rule.get("comment"))
-                for expr in rule.get("expr", []):
-                    if "counter" in expr and str(rule.get("comment", "")).startswith(
-                            "leaseagent:vxlan-peers"):
-                        dropped = int(expr["counter"].get("packets", 0))
-        return ObservedRules(chains=chains, hooked=hooked, peers=peers, dropped=dropped)
+                dropped += _nft_dropped(rule)
+        return ObservedRules(chains=chains, hooked=hooked, peers=peers,
+                             peer_count=None if peers is None else len(peers), dropped=dropped)
+
+    async def dropped(self) -> int:
+        code, out, _ = await _run(["nft", "-j", "list", "chain", "ip", TABLE, "input"],
+                                  netns=self._netns, check=False)
+        if code != 0:
+            return 0
+        return sum(_nft_dropped(item["rule"]) for item in json.loads(out).get("nftables", [])
+                   if "rule" in item)
 
     async def remove(self) -> None:
-        await _run(["nft", "-f", "-"], netns=self._netns,
-                   input=f"table ip {TABLE}\ndelete table ip {TABLE}\n")
+        await self._write(f"table ip {TABLE}\ndelete table ip {TABLE}\n")
 
     async def events(self) -> asyncio.subprocess.Process:
         """`nft monitor`, whose every line is a ruleset change somewhere."""
@@ -189,6 +218,14 @@ class NftFirewall:
         return await asyncio.create_subprocess_exec(
             *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
+
+
+def _nft_dropped(rule: dict[str, Any]) -> int:
+    """The packets a rule of `nft -j list` counted, if it is the peer filter."""
+    if not is_peer_filter(rule.get("comment")):
+        return 0
+    return sum(int(e["counter"].get("packets", 0)) for e in rule.get("expr", [])
+               if isinstance(e, dict) and "counter" in e)
 
 
 # ------------------------------------------------------------------ iptables
@@ -240,18 +277,28 @@ class IptablesFirewall:
         _, out, _ = await _run(["iptables-save", "-c", "-t", table], netns=self._netns)
         return _parse_save(out)
 
-    async def _ipset_members(self) -> frozenset[IPv4Address] | None:
+    async def _ipset_count(self) -> int | None:
+        code, out, _ = await _run(["ipset", "list", "-t", IPSET], netns=self._netns, check=False)
+        if code != 0:
+            return None
+        for line in out.splitlines():
+            if line.startswith("Number of entries:"):
+                return int(line.split(":", 1)[1])
+        raise DataPlaneError(f"ipset list -t {IPSET}: no 'Number of entries' line")
+
+    async def _ipset_members(self) -> frozenset[str] | None:
         code, out, _ = await _run(["ipset", "list", "-o", "save", IPSET], netns=self._netns,
                                   check=False)
         if code != 0:
             return None
-        return frozenset(IPv4Address(line.split()[2]) for line in out.splitlines()
-                         if line.startswith(f"add {IPSET} "))
+        prefix = f"add {IPSET} "
+        return frozenset(line[len(prefix):].split(" ", 1)[0] for line in out.splitlines()
+                         if line.startswith(prefix))
 
     async def apply(self, wanted: Ruleset) -> None:
         if wanted.peer_port is not None:
             await _run(["ipset", "create", IPSET, "hash:ip", "-exist"], netns=self._netns)
-            have = await self._ipset_members() or frozenset()
+            have = frozenset(IPv4Address(ip) for ip in await self._ipset_members() or ())
             await self.set_peers(wanted.peers - have, have - wanted.peers)
         for table in ("nat", "filter"):
             saved = await self._save(table)
@@ -285,7 +332,7 @@ class IptablesFirewall:
         if script:
             await _run(["ipset", "restore"], netns=self._netns, input=script)
 
-    async def observe(self) -> ObservedRules:
+    async def observe(self, *, deep: bool = True) -> ObservedRules:
         chains: dict[str, list[str | None]] = {}
         hooked: dict[str, bool] = {}
         dropped = 0
@@ -304,9 +351,17 @@ class IptablesFirewall:
                 if chain == "input":
                     dropped = sum(n for line, n in zip(saved.rules[ours], saved.counts.get(ours, []),
                                                        strict=False)
-                                  if (_comment(line) or "").startswith("leaseagent:vxlan-peers"))
-        return ObservedRules(chains=chains, hooked=hooked, peers=await self._ipset_members(),
+                                  if is_peer_filter(_comment(line)))
+        if deep:
+            peers = await self._ipset_members()
+            count = None if peers is None else len(peers)
+        else:
+            peers, count = None, await self._ipset_count()
+        return ObservedRules(chains=chains, hooked=hooked, peers=peers, peer_count=count,
                              dropped=dropped)
+
+    async def dropped(self) -> int:
+        return (await self.observe(deep=False)).dropped  # what a check reads anyway
 
     async def remove(self) -> None:
         await self.apply(Ruleset())
@@ -334,28 +389,47 @@ class RulesStatus:
     dropped: int = 0  # packets the peer filter dropped (its counter, last read)
 
 
+def check_interval(fw: Firewall) -> float:
+    """How often the keeper reads `fw` back when nothing told it of a change."""
+    return WATCHED_CHECK_SECONDS if fw.watches() else DEFAULT_CHECK_SECONDS
+
+
 class RulesKeeper:
     """Holds `wanted` in place through a Firewall: level-triggered, repaired on drift."""
 
-    def __init__(self, fw: Firewall, *, check_seconds: float = DEFAULT_CHECK_SECONDS) -> None:
+    def __init__(self, fw: Firewall, *, check_seconds: float | None = None) -> None:
         self.fw = fw
         self.status = RulesStatus()
-        self.wanted: Ruleset | None = None
-        self._check_seconds = check_seconds
+        self._base: Ruleset | None = None  # the rules and port of the last sync
+        self._peers: set[IPv4Address] = set()  # the peer set wanted, kept per change
+        self._wanted: Ruleset | None = None  # _base with _peers, made when asked for
+        self._check_seconds = check_interval(fw) if check_seconds is None else check_seconds
         self._counted = 0  # the peer filter's counter as last read (it restarts on a rewrite)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._deep_due = 0.0  # monotonic time of the next full read of the peer set
+        self._retiring: set[IPv4Address] = set()  # departed peers still in the set
+        self._retire = asyncio.Event()
+        self._deep_asked = False  # an event touched the peer set's elements
 
-    async def sync(self, wanted: Ruleset, *, repair: bool = False) -> list[RuleDifference]:
-        """Make the firewall hold `wanted`; the differences found (and fixed)."""
+    async def sync(self, wanted: Ruleset | None = None, *, repair: bool = False,
+                   deep: bool = True) -> list[RuleDifference]:
+        """Make the firewall hold `wanted` (None: what it holds now, with the peers
+        changed since); the differences found (and fixed). Not `deep`: the peer set is
+        counted, not listed, unless a full read is due."""
         async with self._lock:
-            self.wanted = wanted
+            if wanted is not None:
+                self._base, self._peers, self._wanted = wanted, set(wanted.peers), wanted
+            wanted = self.wanted
+            if wanted is None:
+                return []
             try:
-                observed = await self.fw.observe()
-                # A rewrite restarts the firewall's counter: add what it grew by.
-                grew = observed.dropped - self._counted
-                self.status.dropped += grew if grew >= 0 else observed.dropped
-                self._counted = observed.dropped
+                await self._retire_now()
+                deep = deep or time.monotonic() >= self._deep_due
+                observed = await self.fw.observe(deep=deep)
+                if deep:
+                    self._deep_due = time.monotonic() + DEEP_CHECK_SECONDS
+                self._count_drops(observed.dropped)
                 found = compare(wanted, observed)
                 if found:
                     if repair:
@@ -372,22 +446,68 @@ class RulesKeeper:
                 log.warning("traffic rules: %s", exc)
                 return []
 
-    async def update_peers(self, peers: frozenset[IPv4Address]) -> None:
-        """The peer filter's set, element by element (called before routes are added)."""
+    def _count_drops(self, counter: int) -> None:
+        # A rewrite restarts the firewall's counter: add what it grew by.
+        grew = counter - self._counted
+        self.status.dropped += grew if grew >= 0 else counter
+        self._counted = counter
+
+    @property
+    def wanted(self) -> Ruleset | None:
+        """Everything to hold now: the last sync's rules with the current peer set."""
+        if self._wanted is None and self._base is not None:
+            self._wanted = Ruleset(self._base.rules, self._base.peer_port,
+                                   frozenset(self._peers))
+        return self._wanted
+
+    async def update_peers(self, admit: Iterable[IPv4Address],
+                           retire: Iterable[IPv4Address]) -> None:
+        """Change the peer filter's set by element (core.rules.PeerAdmission says which;
+        the cost follows the change, not the number of peers). `admit` is in the set
+        when this returns (it is called before their routes are added); `retire` leaves
+        in one batch a moment later (`run`), so thousands of leases expiring together
+        cost one call, not one each."""
         async with self._lock:
-            wanted = self.wanted
-            if wanted is None or wanted.peer_port is None or peers == wanted.peers:
+            if self._base is None or self._base.peer_port is None:
                 return
-            self.wanted = Ruleset(wanted.rules, wanted.peer_port, peers)
+            admit = set(admit) - self._peers
+            retire = set(retire) & self._peers
+            if not admit and not retire:
+                return
+            self._peers |= admit
+            self._peers -= retire
+            self._wanted = None
+            fresh = admit - self._retiring  # a retiring one is still in the firewall
+            self._retiring = (self._retiring - admit) | retire
+            if self._retiring:
+                self._retire.set()
             try:
-                await self.fw.set_peers(peers - wanted.peers, wanted.peers - peers)
+                await self.fw.set_peers(fresh, [])
             except DataPlaneError as exc:
                 self.status.in_sync, self.status.last_error = False, str(exc)
                 self._wake.set()  # a full sync puts the set right
 
+    async def _retire_now(self) -> None:
+        """Take the departed peers out of the set (under the lock)."""
+        retiring, self._retiring = sorted(self._retiring - self._peers), set()
+        self._retire.clear()
+        if retiring:
+            await self.fw.set_peers([], retiring)
+
+    async def _retire_loop(self) -> None:
+        while True:
+            await self._retire.wait()
+            await asyncio.sleep(RETIRE_DELAY_SECONDS)  # the rest of a burst joins the batch
+            async with self._lock:
+                try:
+                    await self._retire_now()
+                except DataPlaneError as exc:
+                    self.status.in_sync, self.status.last_error = False, str(exc)
+                    self._wake.set()
+
     async def run(self) -> None:
         """Repair drift: at once on nft events, else every check interval."""
-        tasks = [asyncio.create_task(self._poll())]
+        tasks = [asyncio.create_task(self._poll()), asyncio.create_task(self._retire_loop())]
         if isinstance(self.fw, NftFirewall):
             tasks.append(asyncio.create_task(self._monitor(self.fw)))
         try:
@@ -398,15 +518,32 @@ class RulesKeeper:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _poll(self) -> None:
+        """A check when woken or every check interval; between checks, the drop counter
+        is read every DEFAULT_CHECK_SECONDS (with nftables, where checks are rare)."""
+        check_due = time.monotonic() + self._check_seconds
         while True:
+            woken = True
             try:
-                await asyncio.wait_for(self._wake.wait(), self._check_seconds)
+                wait = min(DEFAULT_CHECK_SECONDS, max(0.0, check_due - time.monotonic()))
+                await asyncio.wait_for(self._wake.wait(), wait)
                 await asyncio.sleep(0.02)  # a burst of events, one check
             except TimeoutError:
-                pass
-            self._wake.clear()
-            if self.wanted is not None:
-                await self.sync(self.wanted, repair=True)
+                woken = False
+            if self.wanted is None:  # nothing to hold yet
+                self._wake.clear()
+                check_due = time.monotonic() + self._check_seconds
+                continue
+            if woken or time.monotonic() >= check_due:
+                self._wake.clear()
+                deep, self._deep_asked = self._deep_asked, False
+                await self.sync(repair=True, deep=deep)  # what is wanted then
+                check_due = time.monotonic() + self._check_seconds
+                continue
+            async with self._lock:
+                try:
+                    self._count_drops(await self.fw.dropped())
+                except DataPlaneError as exc:
+                    log.debug("traffic rules: reading the drop counter: %s", exc)
 
     async def _monitor(self, fw: NftFirewall) -> None:
         backoff = Backoff()
@@ -419,9 +556,13 @@ class RulesKeeper:
                 return
             assert proc.stdout is not None
             try:
-                while await proc.stdout.readline():
-                    self._wake.set()
+                changes: list[str] = []
+                while line := await proc.stdout.readline():
                     backoff.reset()
+                    verdict = foreign_change(changes, line.decode(errors="replace"), fw.writers)
+                    if verdict is not None:
+                        self._deep_asked |= verdict
+                        self._wake.set()
             finally:
                 if proc.returncode is None:
                     proc.kill()
@@ -429,7 +570,17 @@ class RulesKeeper:
             await backoff.sleep()  # nft monitor ended: start it again
 
 
-def peer_addresses(peers: Iterable[Peer]) -> frozenset[IPv4Address]:
-    """The PublicIPs the peer filter admits: every vxlan peer's."""
-    return frozenset(p.public_ip for p in peers if p.backend_type == "vxlan")
-
+def foreign_change(changes: list[str], line: str, ours: set[int]) -> bool | None:
+    """Follow `nft monitor`: each transaction's changes, then "# new generation N by
+    process PID (nft)". `changes` collects a transaction's lines. At its end: None if it
+    was ours (a PID in `ours`) or empty, else whether it touched set elements (the peer
+    set then needs a full read)."""
+    if not line.startswith("# new generation"):
+        changes.append(line)
+        return None
+    by = line.partition(" by process ")[2].split(" ", 1)[0]
+    touched = [c for c in changes if c.strip()]
+    changes.clear()
+    if not touched or (by.isdigit() and int(by) in ours):
+        return None
+    return any(" element " in c for c in touched)

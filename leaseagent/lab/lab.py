@@ -197,8 +197,8 @@ class Lab:
         return docker.Dockerd(host.ns, host.dir)
 
     def _start_docker(self, host: Host, count: int, *, timeout: float) -> None:
-        """The host's dockerd on the options its agent wrote, the image, the FORWARD
-        rule an operator adds, `count` containers, and the restart hook."""
+        """The host's dockerd on the options its agent wrote, the image (with nftables,
+        the FORWARD rule an operator adds), `count` containers, and the restart hook."""
         dockerd = self.dockerd(host)
         deadline = time.monotonic() + timeout
         while not dockerd.options_file.exists():  # written with subnet.env, before READY
@@ -207,7 +207,12 @@ class Lab:
             time.sleep(0.02)
         dockerd.start()
         dockerd.load_image()
-        docker.forward_accept(host.ns, str(CONTAINER_NETWORK))
+        if self.nftables:
+            # The agent's nftables accept cannot override the DROP of Docker's
+            # iptables-nft FORWARD chain (docs/architecture.md, "Traffic rules"): the
+            # accept an operator then adds in DOCKER-USER. In iptables mode the agent's
+            # own LEASEAGENT-FORWARD chain lets the overlay through.
+            docker.forward_accept(host.ns, str(CONTAINER_NETWORK))
         for j in range(1, count + 1):
             ip = dockerd.run_container(f"c{j}")
             host.containers.append(self.topology.container(

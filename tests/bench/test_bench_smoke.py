@@ -48,7 +48,8 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
         raise AssertionError(f"bench still running after 120 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
     for figure in ("programming rate", "event p99", "txn/acquisition", "RSS", "idle CPU",
-                   "etcd unary requests at start"):
+                   "etcd unary requests at start", "iptables: one check",
+                   "iptables: one full check", "nftables: one full check"):
         assert figure in stdout, stdout
     results = json.loads(out.read_text())
     assert results["join"]["objects"] == 600
@@ -59,4 +60,6 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     assert {r["agents"] for r in results["allocation"]["leaseagent"]["rounds"]} == {20}
     assert results["footprint"]["rss_mib"] > 0
     assert results["etcd"]["range_requests_at_start"] >= 1
+    assert results["rules"]["peers"] == 200
+    assert {"iptables", "nftables"} <= results["rules"].keys()
     assert _bench_namespaces() == before  # its namespaces are gone

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Interface
@@ -17,7 +19,7 @@ from ipaddress import IPv4Interface
 import pytest
 
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.lab import Host, Lab, run
+from leaseagent.lab import Host, Lab, processes, run
 from leaseagent.lab.docker import unavailable
 
 pytestmark = [pytest.mark.root,
@@ -124,3 +126,44 @@ def _has_docker0(host: Host) -> bool:
     except Exception:
         return False
     return True
+
+
+
+@pytest.fixture(scope="module")
+def masq_docker() -> Iterator[Lab]:
+    why = unavailable()
+    if why:
+        pytest.skip(f"dockerd cannot run here: {why}")
+    lab = Lab(f"dm{os.getpid() % 100000}", docker=True, ip_masq=True)
+    try:
+        lab.up(2, 1)
+        yield lab
+    finally:
+        warnings = lab.down()
+        assert not warnings, warnings
+
+
+def test_with_ip_masq_dockerd_leaves_masquerade_to_the_agent(masq_docker: Lab) -> None:
+    """FLANNEL_IPMASQ=true: Docker's options say --ip-masq=false, the agent masquerades what
+    leaves the cluster network, and a container on another host sees the sender's address."""
+    lab = masq_docker
+    h1, h2 = lab.hosts[1], lab.hosts[2]
+    running = lab.dockerd(h1).running()
+    assert running is not None and "--ip-masq=false" in processes.cmdline(running.pid)
+    assert all(lab.outside().values())
+    c1, c2 = h1.containers[0], h2.containers[0]
+    pid = int(lab.dockerd(h2).docker("inspect", "-f", "{{.State.Pid}}", "c1").strip())
+    listener = subprocess.Popen(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c",
+         "import socket; s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen(); "
+         "s.settimeout(15); c, a = s.accept(); print(a[0])"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        run(c1.exec_argv(["sh", "-c", f"echo hi | nc -w 2 {c2.ip} 7000"]))
+        out, _ = listener.communicate(timeout=20)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    assert out.strip() == str(c1.ip)

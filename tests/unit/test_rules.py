@@ -3,8 +3,11 @@ forward accept, the VXLAN peer filter, and the comparison that finds drift."""
 
 from __future__ import annotations
 
+import random
 from ipaddress import IPv4Address, IPv4Network
 
+from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
+from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.rules import (
     EXTRA,
     MISSING,
@@ -12,8 +15,10 @@ from leaseagent.core.rules import (
     REORDERED,
     UNHOOKED,
     ObservedRules,
+    PeerAdmission,
     TrafficSettings,
     compare,
+    peer_addresses,
     ruleset,
 )
 from leaseagent.dataplane.firewall import NftFirewall
@@ -68,7 +73,8 @@ def test_a_rule_tag_changes_with_its_text() -> None:
 def observed_as_written(wanted: object) -> ObservedRules:
     tags = wanted.tags()  # type: ignore[attr-defined]
     return ObservedRules(chains={c: list(t) for c, t in tags.items()},
-                         hooked=dict.fromkeys(tags, True), peers=wanted.peers)  # type: ignore[attr-defined]
+                         hooked=dict.fromkeys(tags, True),
+                         peers=frozenset(map(str, wanted.peers)))  # type: ignore[attr-defined]
 
 
 def test_compare_finds_nothing_when_the_firewall_holds_what_is_wanted() -> None:
@@ -94,7 +100,7 @@ def test_compare_names_each_kind_of_drift() -> None:
                                              peers=seen.peers))
     assert [d.kind for d in unhooked] == [UNHOOKED]
     stray_peer = compare(wanted, ObservedRules(chains=seen.chains, hooked=seen.hooked,  # type: ignore[arg-type]
-                                               peers=frozenset({IPv4Address("10.250.0.66")})))
+                                               peers=frozenset({"10.250.0.66"})))
     assert [d.kind for d in stray_peer] == [PEERS] and "10.250.0.66" in stray_peer[0].detail
     gone = compare(wanted, ObservedRules())  # type: ignore[arg-type]
     assert {d.kind for d in gone} == {UNHOOKED, MISSING, PEERS}
@@ -106,3 +112,37 @@ def test_the_nft_table_is_one_block_with_the_set_its_chains_and_tagged_rules() -
                            "\t\telements = { 10.250.0.12, 10.250.0.13 }\n")
     assert "\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;" in text
     assert text.count('comment "leaseagent:') == 9
+
+
+def _peer(n: int, ip: int, backend: str = "vxlan") -> Peer:
+    data = VxlanLeaseData("0a:00:00:00:00:01") if backend == "vxlan" else NoLeaseData()
+    return Peer(IPv4Network(f"10.5.{n}.0/24"), IPv4Address(f"10.250.0.{ip}"), backend, data)
+
+
+def test_peer_admission_follows_changes_like_a_recount_of_all_peers() -> None:
+    """Random batches of adds, moves to another PublicIP, backend changes and removals
+    (PublicIPs shared on purpose): after each batch the admitted set is what counting
+    every peer again gives, and what was admitted/retired is exactly the difference."""
+    rng = random.Random(12)
+    admission = PeerAdmission()
+    peers: dict[int, Peer] = {}
+    assert admission.reset([]) == frozenset()
+    for _ in range(400):
+        before = peer_addresses(peers.values())
+        changes = PeerChanges()
+        for n in rng.sample(range(40), rng.randint(1, 6)):
+            backend = rng.choice(["vxlan", "vxlan", "host-gw"])
+            if n in peers and rng.random() < 0.4:
+                changes.removed.append(peers.pop(n))
+            elif n in peers:
+                peers[n] = _peer(n, rng.randint(1, 8), backend)
+                changes.changed.append(peers[n])
+            else:
+                peers[n] = _peer(n, rng.randint(1, 8), backend)
+                changes.added.append(peers[n])
+        admit, retire = admission.apply(changes)
+        after = peer_addresses(peers.values())
+        assert admission.addresses() == after
+        assert admit == after - before
+        assert retire == before - after
+    assert admission.reset(peers.values()) == peer_addresses(peers.values())
