@@ -26,11 +26,11 @@ pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
 
 
-def docker_lab(tag: str, backend: str) -> Iterator[Lab]:
+def docker_lab(tag: str, backend: str = "vxlan", **options: bool) -> Iterator[Lab]:
     why = unavailable()
     if why:
         pytest.skip(f"dockerd cannot run here: {why}")
-    lab = Lab(f"{tag}{os.getpid() % 100000}", backend=backend, docker=True)
+    lab = Lab(f"{tag}{os.getpid() % 100000}", backend=backend, docker=True, **options)
     try:
         lab.up(2, 1)
         yield lab
@@ -131,16 +131,7 @@ def _has_docker0(host: Host) -> bool:
 
 @pytest.fixture(scope="module")
 def masq_docker() -> Iterator[Lab]:
-    why = unavailable()
-    if why:
-        pytest.skip(f"dockerd cannot run here: {why}")
-    lab = Lab(f"dm{os.getpid() % 100000}", docker=True, ip_masq=True)
-    try:
-        lab.up(2, 1)
-        yield lab
-    finally:
-        warnings = lab.down()
-        assert not warnings, warnings
+    yield from docker_lab("dm", ip_masq=True)
 
 
 def test_with_ip_masq_dockerd_leaves_masquerade_to_the_agent(masq_docker: Lab) -> None:

@@ -6,7 +6,8 @@ counted. The real adapters are exercised in tests/e2e/test_traffic_rules.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv4Network
 
 from leaseagent.core.rules import ObservedRules, Ruleset, TrafficSettings, compare, ruleset
@@ -74,6 +75,16 @@ class MemoryFirewall:
         self.held, self.members = None, None
 
 
+@asynccontextmanager
+async def running(keeper: RulesKeeper) -> AsyncIterator[None]:
+    task = asyncio.create_task(keeper.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_new_peer_is_in_the_set_when_update_peers_returns() -> None:
     fw = MemoryFirewall()
     keeper = RulesKeeper(fw)
@@ -90,8 +101,7 @@ async def test_departed_peers_leave_in_one_batch_not_one_call_each() -> None:
     keeper = RulesKeeper(fw, check_seconds=3600)
     everyone = addresses(1000)
     await keeper.sync(wanted(everyone))
-    task = asyncio.create_task(keeper.run())
-    try:
+    async with running(keeper):
         left = set(everyone)
         for peer in sorted(everyone)[:900]:  # 900 leases expire together, one event each
             left.discard(peer)
@@ -101,9 +111,6 @@ async def test_departed_peers_leave_in_one_batch_not_one_call_each() -> None:
         assert fw.members == {str(p) for p in left}
         removals = [c for c in fw.calls if c.startswith("set_peers")]
         assert removals == ["set_peers +0 -900"]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_peer_that_returns_before_its_removal_stays_admitted() -> None:
@@ -111,8 +118,7 @@ async def test_a_peer_that_returns_before_its_removal_stays_admitted() -> None:
     keeper = RulesKeeper(fw, check_seconds=3600)
     everyone = addresses(5)
     await keeper.sync(wanted(everyone))
-    task = asyncio.create_task(keeper.run())
-    try:
+    async with running(keeper):
         back = min(everyone)
         await keeper.update_peers(set(), {back})
         await keeper.update_peers({back}, set())  # back before the batch went out
@@ -120,9 +126,6 @@ async def test_a_peer_that_returns_before_its_removal_stays_admitted() -> None:
         assert fw.members == {str(p) for p in everyone}
         assert not await keeper.sync(wanted(everyone), repair=True)
         assert keeper.status.repairs == {}
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_check_before_the_batch_neither_sees_drift_nor_counts_a_repair() -> None:
