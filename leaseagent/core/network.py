@@ -15,87 +15,158 @@ flannel's rules, kept exactly (pkg/subnet/config.go; docs/architecture.md, "Wire
   and must be a type of leaseagent.core.backends, whose options are checked
   here too: a config this module accepts is one every agent can run.
 
-IPv6 fields are parsed and checked for form, but only IPv4 leases are
-served: `EnableIPv6: true` is refused with a clear message.
+Dual-stack (flannel's `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`,
+`IPv6SubnetMin`, `IPv6SubnetMax`): the same rules with IPv6 numbers (the
+subnet length defaults to /64 for a /62 or larger network, else prefix + 2,
+and is at most /126; a network longer than /124 is too small). IPv4 stays
+mandatory (`EnableIPv4: false` is refused), as in flannel's etcd mode.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from leaseagent.core.backends import DEFAULT_BACKEND, BackendOptions, backend_type
 from leaseagent.errors import NetworkConfigError
 
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
 
 @dataclass(frozen=True)
-class NetworkConfig:
-    """A validated network config with flannel's defaults applied."""
+class SubnetRange:
+    """One family's part of the config: the network, the subnet length and
+    [SubnetMin, SubnetMax] (flannel's rules, the same for both families)."""
 
-    network: IPv4Network
+    network: Network
     subnet_len: int
-    subnet_min: IPv4Address
-    subnet_max: IPv4Address
-    backend_type: str
-    options: BackendOptions  # the Backend object read by its type's rules (core.backends)
-    backend: Mapping[str, Any] = field(default_factory=dict)
-    enable_nftables: bool = False  # flannel's EnableNFTables: traffic rules with nftables
+    subnet_min: Address
+    subnet_max: Address
+
+    @property
+    def bits(self) -> int:
+        return self.network.max_prefixlen
 
     @property
     def subnet_size(self) -> int:
-        return 1 << (32 - self.subnet_len)
+        return 1 << (self.bits - self.subnet_len)
 
     @property
     def capacity(self) -> int:
         """How many subnets [SubnetMin, SubnetMax] holds."""
         return (int(self.subnet_max) - int(self.subnet_min)) // self.subnet_size + 1
 
-    def subnets(self) -> Iterator[IPv4Network]:
-        """Every subnet in [SubnetMin, SubnetMax], in address order."""
-        size = self.subnet_size
-        for base in range(int(self.subnet_min), int(self.subnet_max) + 1, size):
-            yield IPv4Network((base, self.subnet_len))
-
-    def subnet_at(self, index: int) -> IPv4Network:
+    def subnet_at(self, index: int) -> Network:
         """The index-th subnet of the range (0-based)."""
         base = int(self.subnet_min) + index * self.subnet_size
-        return IPv4Network((base, self.subnet_len))
+        return ip_network((base, self.subnet_len), self.bits)
 
-    def in_range(self, subnet: IPv4Network) -> bool:
-        """Whether `subnet` is one this config could hand out."""
+    def subnets(self) -> Iterator[Network]:
+        """Every subnet in [SubnetMin, SubnetMax], in address order."""
+        for index in range(self.capacity):
+            yield self.subnet_at(index)
+
+    def in_range(self, subnet: Network) -> bool:
+        """Whether `subnet` is one this range could hand out."""
         return (
-            subnet.prefixlen == self.subnet_len
-            and self.subnet_min <= subnet.network_address <= self.subnet_max
+            subnet.version == self.network.version
+            and subnet.prefixlen == self.subnet_len
+            and self.subnet_min <= subnet.network_address <= self.subnet_max  # type: ignore[operator]
         )
 
-    def check_subnet(self, subnet: IPv4Network) -> str | None:
-        """Why `subnet` cannot be a lease of this network, or None if it can.
+    def check_subnet(self, subnet: Network) -> str | None:
+        """Why `subnet` cannot be a lease of this range, or None if it can.
 
-        A lease outside [SubnetMin, SubnetMax] but inside Network and aligned is
+        A lease outside [SubnetMin, SubnetMax] but inside the network and aligned is
         accepted: an operator may narrow the range while hosts hold leases.
         """
+        if subnet.version != self.network.version:
+            return f"subnet {subnet} is not an IPv{self.network.version} subnet"
         if subnet.prefixlen != self.subnet_len:
             return f"subnet {subnet} is not a /{self.subnet_len}"
-        if not subnet.subnet_of(self.network):
+        if not subnet.subnet_of(self.network):  # type: ignore[arg-type]
             return f"subnet {subnet} is outside the network {self.network}"
         return None
+
+
+def ip_network(spec: tuple[int, int], bits: int) -> Network:
+    return IPv4Network(spec) if bits == 32 else IPv6Network(spec)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """A validated network config with flannel's defaults applied. `ipv4` is always
+    there (etcd mode needs it, as flannel's does); `ipv6` when EnableIPv6 is true."""
+
+    ipv4: SubnetRange
+    backend_type: str
+    options: BackendOptions  # the Backend object read by its type's rules (core.backends)
+    backend: Mapping[str, Any] = field(default_factory=dict)
+    enable_nftables: bool = False  # flannel's EnableNFTables: traffic rules with nftables
+    ipv6: SubnetRange | None = None
+
+    # The IPv4 range's facts under the names the code used before dual-stack.
+    @property
+    def network(self) -> IPv4Network:
+        assert isinstance(self.ipv4.network, IPv4Network)
+        return self.ipv4.network
+
+    @property
+    def subnet_len(self) -> int:
+        return self.ipv4.subnet_len
+
+    @property
+    def subnet_min(self) -> IPv4Address:
+        assert isinstance(self.ipv4.subnet_min, IPv4Address)
+        return self.ipv4.subnet_min
+
+    @property
+    def subnet_max(self) -> IPv4Address:
+        assert isinstance(self.ipv4.subnet_max, IPv4Address)
+        return self.ipv4.subnet_max
+
+    @property
+    def subnet_size(self) -> int:
+        return self.ipv4.subnet_size
+
+    @property
+    def capacity(self) -> int:
+        return self.ipv4.capacity
+
+    def subnets(self) -> Iterator[IPv4Network]:
+        return self.ipv4.subnets()  # type: ignore[return-value]
+
+    def subnet_at(self, index: int) -> IPv4Network:
+        return self.ipv4.subnet_at(index)  # type: ignore[return-value]
+
+    def in_range(self, subnet: IPv4Network) -> bool:
+        return self.ipv4.in_range(subnet)
+
+    def check_subnet(self, subnet: IPv4Network) -> str | None:
+        return self.ipv4.check_subnet(subnet)
+
+    def check_ipv6_subnet(self, subnet: IPv6Network) -> str | None:
+        """Why `subnet` cannot be this network's IPv6 part of a lease (None: it can)."""
+        if self.ipv6 is None:
+            return "the network config has no IPv6 (EnableIPv6 is not true)"
+        return self.ipv6.check_subnet(subnet)
 
 
 def _field_error(name: str, value: object, why: str) -> NetworkConfigError:
     return NetworkConfigError(f"{name}={json.dumps(value)}: {why}")
 
 
-def _parse_ipv4(name: str, value: object) -> IPv4Address:
+def _parse_address(name: str, value: object, version: int) -> Address:
     if not isinstance(value, str):
-        raise _field_error(name, value, "must be a string holding an IPv4 address")
+        raise _field_error(name, value, f"must be a string holding an IPv{version} address")
     try:
-        return IPv4Address(value)
+        return IPv4Address(value) if version == 4 else IPv6Address(value)
     except ValueError:
-        raise _field_error(name, value, "is not an IPv4 address") from None
+        raise _field_error(name, value, f"is not an IPv{version} address") from None
 
 
 def _parse_int(name: str, value: object) -> int:
@@ -121,72 +192,102 @@ def parse_network_config(raw: bytes | str) -> NetworkConfig:
     return network_config_from_dict(data)
 
 
+@dataclass(frozen=True)
+class _Family:
+    """Where one family's fields are and flannel's limits for them."""
+
+    version: int
+    network: str  # field names
+    subnet_len: str
+    subnet_min: str
+    subnet_max: str
+    max_subnet_len: int  # SubnetLen at most (flannel: /30, /126)
+    smallest_network: int  # a longer Network prefix is too small (flannel: /28, /124)
+    default_len: int  # the default SubnetLen for a large network (/24, /64) ...
+    large_network: int  # ... which is one of this prefix or shorter (/22, /62)
+
+
+_IPV4 = _Family(4, "Network", "SubnetLen", "SubnetMin", "SubnetMax", 30, 28, 24, 22)
+_IPV6 = _Family(6, "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax",
+                126, 124, 64, 62)
+
+
+def _subnet_range(data: Mapping[str, Any], f: _Family) -> SubnetRange:
+    """One family's range with flannel's defaults (pkg/subnet/config.go,
+    CheckNetworkConfig: the same rules for both families, other numbers)."""
+    if f.network not in data:
+        raise NetworkConfigError(f"{f.network} is missing (it is mandatory)")
+    raw_net = data[f.network]
+    if not isinstance(raw_net, str):
+        raise _field_error(f.network, raw_net, f"must be a string holding an IPv{f.version} CIDR")
+    try:
+        network: Network = (IPv4Network(raw_net, strict=True) if f.version == 4
+                            else IPv6Network(raw_net, strict=True))
+    except ValueError as exc:
+        raise _field_error(f.network, raw_net, f"is not an IPv{f.version} CIDR ({exc})") from None
+    bits = network.max_prefixlen
+
+    subnet_len = _parse_int(f.subnet_len, data.get(f.subnet_len, 0))
+    if subnet_len < 0:
+        raise _field_error(f.subnet_len, subnet_len, "must not be negative")
+    if subnet_len > 0:
+        if subnet_len > f.max_subnet_len:
+            raise _field_error(f.subnet_len, subnet_len, f"must be at most {f.max_subnet_len}")
+        if subnet_len < network.prefixlen + 2:
+            raise _field_error(
+                f.subnet_len,
+                subnet_len,
+                f"must be at least the {f.network} prefix + 2 ({network.prefixlen + 2}) "
+                "so the network holds four subnets",
+            )
+    elif network.prefixlen > f.smallest_network:
+        raise _field_error(f.network, raw_net, "is too small; the smallest useful network is "
+                           f"a /{f.smallest_network}")
+    elif network.prefixlen <= f.large_network:
+        subnet_len = f.default_len
+    else:
+        subnet_len = network.prefixlen + 2
+
+    size = 1 << (bits - subnet_len)
+    mask = ((1 << bits) - 1) ^ (size - 1)
+    net_first = int(network.network_address)
+    net_last_subnet = int(network.broadcast_address) + 1 - size
+
+    def bound(name: str, default: int) -> Address:
+        raw = data.get(name)
+        if raw in (None, ""):
+            return ip_network((default, bits), bits).network_address
+        address = _parse_address(name, raw, f.version)
+        if address not in network:
+            raise _field_error(name, raw, f"is not in the {f.network} {network}")
+        return address
+
+    subnet_min = bound(f.subnet_min, net_first + size)
+    subnet_max = bound(f.subnet_max, net_last_subnet)
+    if int(subnet_min) & mask != int(subnet_min):
+        raise _field_error(f.subnet_min, str(subnet_min), f"is not on a /{subnet_len} boundary")
+    if int(subnet_max) & mask != int(subnet_max):
+        raise _field_error(f.subnet_max, str(subnet_max), f"is not on a /{subnet_len} boundary")
+    if int(subnet_min) > int(subnet_max):
+        raise _field_error(f.subnet_min, str(subnet_min), f"is above {f.subnet_max} {subnet_max}")
+    return SubnetRange(network, subnet_len, subnet_min, subnet_max)
+
+
 def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
     """Validate an already decoded config object (see parse_network_config)."""
     enable_v4 = _parse_bool("EnableIPv4", data.get("EnableIPv4", True))
     enable_v6 = _parse_bool("EnableIPv6", data.get("EnableIPv6", False))
-    if "IPv6Network" in data:
+    if not enable_v4:
+        raise _field_error("EnableIPv4", False, "leaseagent (like flannel with etcd) needs "
+                           "IPv4: IPv6-only is not supported")
+    ipv4 = _subnet_range(data, _IPV4)
+    ipv6 = _subnet_range(data, _IPV6) if enable_v6 else None
+    if not enable_v6 and "IPv6Network" in data:
         v6 = data["IPv6Network"]
         try:
-            ipaddress.IPv6Network(v6 if isinstance(v6, str) else "x")
+            IPv6Network(v6 if isinstance(v6, str) else "x")
         except ValueError:
             raise _field_error("IPv6Network", v6, "is not an IPv6 CIDR") from None
-    if enable_v6:
-        raise _field_error("EnableIPv6", True, "IPv6 leases are not supported by leaseagent yet")
-    if not enable_v4:
-        raise _field_error("EnableIPv4", False, "at least IPv4 must be enabled")
-
-    if "Network" not in data:
-        raise NetworkConfigError("Network is missing (it is mandatory)")
-    raw_net = data["Network"]
-    if not isinstance(raw_net, str):
-        raise _field_error("Network", raw_net, "must be a string holding an IPv4 CIDR")
-    try:
-        network = IPv4Network(raw_net, strict=True)
-    except ValueError as exc:
-        raise _field_error("Network", raw_net, f"is not an IPv4 CIDR ({exc})") from None
-
-    subnet_len = _parse_int("SubnetLen", data.get("SubnetLen", 0))
-    if subnet_len < 0:
-        raise _field_error("SubnetLen", subnet_len, "must not be negative")
-    if subnet_len > 0:
-        if subnet_len > 30:
-            raise _field_error("SubnetLen", subnet_len, "must be at most 30")
-        if subnet_len < network.prefixlen + 2:
-            raise _field_error(
-                "SubnetLen",
-                subnet_len,
-                f"must be at least the Network prefix + 2 ({network.prefixlen + 2}) "
-                "so the network holds four subnets",
-            )
-    elif network.prefixlen > 28:
-        raise _field_error("Network", raw_net, "is too small; the smallest useful network is a /28")
-    elif network.prefixlen <= 22:
-        subnet_len = 24
-    else:
-        subnet_len = network.prefixlen + 2
-
-    size = 1 << (32 - subnet_len)
-    mask = (0xFFFFFFFF << (32 - subnet_len)) & 0xFFFFFFFF
-    net_first = int(network.network_address)
-    net_last_subnet = int(network.broadcast_address) + 1 - size
-
-    subnet_min = IPv4Address(net_first + size)
-    if data.get("SubnetMin") not in (None, ""):
-        subnet_min = _parse_ipv4("SubnetMin", data["SubnetMin"])
-        if subnet_min not in network:
-            raise _field_error("SubnetMin", data["SubnetMin"], f"is not in the Network {network}")
-    subnet_max = IPv4Address(net_last_subnet)
-    if data.get("SubnetMax") not in (None, ""):
-        subnet_max = _parse_ipv4("SubnetMax", data["SubnetMax"])
-        if subnet_max not in network:
-            raise _field_error("SubnetMax", data["SubnetMax"], f"is not in the Network {network}")
-    if int(subnet_min) & mask != int(subnet_min):
-        raise _field_error("SubnetMin", str(subnet_min), f"is not on a /{subnet_len} boundary")
-    if int(subnet_max) & mask != int(subnet_max):
-        raise _field_error("SubnetMax", str(subnet_max), f"is not on a /{subnet_len} boundary")
-    if subnet_min > subnet_max:
-        raise _field_error("SubnetMin", str(subnet_min), f"is above SubnetMax {subnet_max}")
 
     backend = data.get("Backend", {})
     if backend is None:
@@ -198,10 +299,8 @@ def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
         raise _field_error("Backend.Type", type_name, "must be a non-empty string")
     kind = backend_type(type_name.lower())
     return NetworkConfig(
-        network=network,
-        subnet_len=subnet_len,
-        subnet_min=subnet_min,
-        subnet_max=subnet_max,
+        ipv4=ipv4,
+        ipv6=ipv6,
         backend_type=kind.name,
         backend=dict(backend),
         options=kind.parse_options(backend),

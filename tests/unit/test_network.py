@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import pytest
@@ -191,13 +191,42 @@ def test_bad_backend_is_refused_naming_it(backend: object) -> None:
         parse_network_config(config(Network="10.5.0.0/16", Backend=backend))
 
 
-def test_enable_ipv6_true_is_refused_clearly() -> None:
-    with pytest.raises(NetworkConfigError) as err:
-        parse_network_config(
-            config(Network="10.5.0.0/16", IPv6Network="fd00:5::/48", EnableIPv6=True)
-        )
-    assert "EnableIPv6=true" in str(err.value)
-    assert "not supported" in str(err.value)
+def test_ipv6_defaults_are_flannels() -> None:
+    """flannel's CheckNetworkConfig: /64 subnets for a /62 or larger network, else
+    prefix + 2; SubnetMin the second subnet, SubnetMax the last."""
+    net = parse_network_config(
+        config(Network="10.5.0.0/16", IPv6Network="fd00:5::/48", EnableIPv6=True))
+    assert net.ipv6 is not None
+    assert net.ipv6.network == IPv6Network("fd00:5::/48")
+    assert net.ipv6.subnet_len == 64
+    assert net.ipv6.subnet_min == IPv6Address("fd00:5:0:1::")
+    assert net.ipv6.subnet_max == IPv6Address("fd00:5:0:ffff::")
+    assert net.ipv6.capacity == 65535
+    small = parse_network_config(
+        config(Network="10.5.0.0/16", IPv6Network="fd00:5::/120", EnableIPv6=True)).ipv6
+    assert small is not None and small.subnet_len == 122 and small.capacity == 3
+    assert parse_network_config(config(Network="10.5.0.0/16")).ipv6 is None
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"IPv6SubnetLen": 127}, "IPv6SubnetLen=127"),
+    ({"IPv6SubnetLen": 49}, "IPv6SubnetLen=49"),
+    ({"IPv6Network": "fd00:5::/125"}, 'IPv6Network="fd00:5::/125"'),
+    ({"IPv6Network": None}, "IPv6Network=null"),
+    ({"IPv6SubnetMin": "fd00:6::"}, 'IPv6SubnetMin="fd00:6::"'),
+    ({"IPv6SubnetMax": "fd00:5:0:1::1"}, 'IPv6SubnetMax="fd00:5:0:1::1"'),
+    ({"IPv6SubnetMin": "10.5.0.0"}, 'IPv6SubnetMin="10.5.0.0"'),
+])
+def test_bad_ipv6_fields_are_refused_naming_them(fields: dict[str, object], named: str) -> None:
+    base: dict[str, object] = {"Network": "10.5.0.0/16", "IPv6Network": "fd00:5::/48",
+                               "EnableIPv6": True}
+    with pytest.raises(NetworkConfigError, match=re.escape(named)):
+        parse_network_config(config(**{**base, **fields}))
+
+
+def test_enable_ipv6_without_an_ipv6_network_is_refused() -> None:
+    with pytest.raises(NetworkConfigError, match="IPv6Network is missing"):
+        parse_network_config(config(Network="10.5.0.0/16", EnableIPv6=True))
 
 
 def test_enable_ipv6_false_with_an_ipv6_network_is_accepted() -> None:

@@ -8,8 +8,8 @@ The rule, per key, oldest first (by create revision, then key name):
 1. a key whose name does not parse is INVALID (`bad_key`);
 2. the key this host holds (`Identity.own_key`) is OWN (its own validity is
    still checked, with no PublicIP excluded, so doctor can report it);
-3. any other key naming this host's subnet is INVALID (`own_subnet`):
-   programming it would route our own subnet to someone else;
+3. any other key naming this host's subnet, IPv4 or IPv6, is INVALID
+   (`own_subnet`): programming it would route our own subnet to someone else;
 4. a value that does not decode or validate (leaseagent.core.leases.values)
    is INVALID with that reason (`public_ip_is_ours` when it names this
    host's PublicIP, `Identity.public_ip`);
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Protocol
 
 from leaseagent.core.leases.keys import KeyLayout
@@ -95,6 +95,7 @@ class Verdict:
     peer: Peer | None = None
     reason: str | None = None
     detail: str | None = None
+    ipv6_subnet: IPv6Network | None = None  # the key's IPv6 part (a dual-stack key)
 
     @property
     def reservation(self) -> bool:
@@ -133,28 +134,34 @@ def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
     """Rules 1-4 for one key: OWN, INVALID, or PEER meaning "valid" (rule 5, which key
     of several holds a subnet, needs the others: see judge and LeaseBook)."""
 
+    ipv6: IPv6Network | None = None
+
     def verdict(status: str, subnet: IPv4Network | None, *, value: LeaseValue | None = None,
                 peer: Peer | None = None, error: InvalidLease | None = None) -> Verdict:
         return Verdict(key=kv.key, status=status, subnet=subnet, create_revision=kv.create_revision,
                        mod_revision=kv.mod_revision, lease=kv.lease, value=value, peer=peer,
                        reason=error.reason if error else None,
-                       detail=error.detail if error else None)
+                       detail=error.detail if error else None, ipv6_subnet=ipv6)
 
     try:
-        subnet = layout.parse_lease_key(kv.key).ipv4
+        named = layout.parse_lease_key(kv.key)
     except ValueError as exc:
         return verdict(INVALID, None, error=InvalidLease("bad_key", str(exc)))
+    subnet, ipv6 = named.ipv4, named.ipv6
     value: LeaseValue | None = None
     is_own = kv.key == identity.own_key
     status = OWN if is_own else PEER
     try:
         if not is_own and identity.own_key is not None:
             try:
-                own_subnet = layout.parse_lease_key(identity.own_key).ipv4
+                own = layout.parse_lease_key(identity.own_key)
             except ValueError:
-                own_subnet = None
-            if subnet == own_subnet:
+                own = None
+            if own is not None and subnet == own.ipv4:
                 raise InvalidLease("own_subnet", f"key {kv.key} names this host's subnet {subnet}")
+            if own is not None and ipv6 is not None and ipv6 == own.ipv6:
+                raise InvalidLease("own_subnet",
+                                   f"key {kv.key} names this host's IPv6 subnet {ipv6}")
         value = decode_lease_value(kv.value)
         if (not is_own and kv.lease == 0 and not value.backend_data and value.node_id is None
                 and not value.released):
@@ -162,7 +169,8 @@ def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
         if network is None:
             return verdict(status, subnet, value=value)
         peer = validate_peer(subnet, value, network=network,
-                             own_public_ip=None if is_own else identity.public_ip)
+                             own_public_ip=None if is_own else identity.public_ip,
+                             ipv6_subnet=ipv6)
     except InvalidLease as exc:
         return verdict(OWN if is_own else INVALID, subnet, value=value, error=exc)
     return verdict(status, subnet, value=value, peer=peer)
@@ -173,7 +181,8 @@ def _duplicate_of(verdict: Verdict, holder: str) -> Verdict:
         key=verdict.key, status=DUPLICATE, subnet=verdict.subnet,
         create_revision=verdict.create_revision, mod_revision=verdict.mod_revision,
         lease=verdict.lease, value=verdict.value, peer=verdict.peer, reason="duplicate_subnet",
-        detail=f"duplicate: {verdict.subnet} is held under key {holder}")
+        detail=f"duplicate: {verdict.subnet} is held under key {holder}",
+        ipv6_subnet=verdict.ipv6_subnet)
 
 
 def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfig | None,
@@ -382,7 +391,8 @@ class LeaseBook:
             self._note_rejected(Verdict(
                 key=previous, status=DUPLICATE, subnet=subnet, create_revision=entry.age[0],
                 mod_revision=entry.mod_revision, lease=0, peer=entry.peer,
-                reason="duplicate_subnet", detail=f"duplicate: {subnet} is held under key {winner}"))
+                reason="duplicate_subnet", detail=f"duplicate: {subnet} is held under key {winner}",
+                ipv6_subnet=entry.peer.ipv6_subnet))
         after = self._entries[winner].peer
         assert after is not None
         self._holders[subnet] = winner

@@ -5,6 +5,11 @@ Pure: no I/O. A lease value is
     {"PublicIP": "192.168.64.3", "PublicIPv6": null, "BackendType": "vxlan",
      "BackendData": {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}, "NodeID": "..."}
 
+and, for a dual-stack lease (flannel's LeaseAttrs, pkg/lease/lease.go, in its
+field order), `"PublicIPv6": "fd00::11"` and `"BackendV6Data": {...}` after
+BackendData: the IPv6 device's VNI and VtepMAC for vxlan. A host without IPv6
+writes `"PublicIPv6": null` and no BackendV6Data.
+
 `NodeID` is ours; flannel's decoder ignores unknown fields, so a mixed
 cluster keeps working. A lease without NodeID (written by flanneld) is valid.
 So is `"Released": true`, ours too: an agent stopping with --release-on-exit
@@ -24,7 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from leaseagent.core.backends import BACKEND_TYPES, LeaseData
@@ -45,6 +50,8 @@ class LeaseValue:
     backend_data: Mapping[str, Any] = field(default_factory=dict)
     node_id: str | None = None
     released: bool = False
+    public_ipv6: IPv6Address | None = None
+    backend_v6_data: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def vtep_mac(self) -> str | None:
@@ -55,11 +62,13 @@ class LeaseValue:
         """Encode as flannel does (field order and names kept)."""
         doc: dict[str, Any] = {
             "PublicIP": str(self.public_ip),
-            "PublicIPv6": None,
+            "PublicIPv6": str(self.public_ipv6) if self.public_ipv6 is not None else None,
             "BackendType": self.backend_type,
         }
         if self.backend_data:
             doc["BackendData"] = dict(self.backend_data)
+        if self.backend_v6_data:
+            doc["BackendV6Data"] = dict(self.backend_v6_data)
         if self.node_id is not None:
             doc["NodeID"] = self.node_id
         if self.released:
@@ -91,24 +100,37 @@ def decode_lease_value(raw: bytes) -> LeaseValue:
     backend_data = doc.get("BackendData") or {}
     if not isinstance(backend_data, dict):
         raise InvalidLease("bad_backend_data", "BackendData is not a JSON object")
+    backend_v6_data = doc.get("BackendV6Data") or {}
+    if not isinstance(backend_v6_data, dict):
+        raise InvalidLease("bad_backend_data", "BackendV6Data is not a JSON object")
+    raw_v6 = doc.get("PublicIPv6")
+    ipv6: IPv6Address | None = None
+    if raw_v6 is not None:
+        if not isinstance(raw_v6, str):
+            raise InvalidLease("bad_public_ip", f"PublicIPv6 {raw_v6!r} is not a string")
+        try:
+            ipv6 = IPv6Address(raw_v6)
+        except ValueError:
+            raise InvalidLease("bad_public_ip",
+                               f"PublicIPv6 {raw_v6!r} is not an IPv6 address") from None
     node_id = doc.get("NodeID")
     if node_id is not None and not isinstance(node_id, str):
         raise InvalidLease("bad_node_id", f"NodeID {node_id!r} is not a string")
     return LeaseValue(
         public_ip=ip, backend_type=backend_type, backend_data=backend_data, node_id=node_id,
-        released=doc.get("Released") is True,
+        released=doc.get("Released") is True, public_ipv6=ipv6, backend_v6_data=backend_v6_data,
     )
 
 
-def unusable_ip_reason(ip: IPv4Address) -> str | None:
-    """Why `ip` cannot be a host's PublicIP, or None."""
+def unusable_ip_reason(ip: IPv4Address | IPv6Address) -> str | None:
+    """Why `ip` cannot be a host's PublicIP (or PublicIPv6), or None."""
     if ip.is_unspecified:
         return "unspecified"
     if ip.is_loopback:
         return "loopback"
     if ip.is_multicast:
         return "multicast"
-    if ip == IPv4Address("255.255.255.255"):
+    if ip.version == 4 and ip == IPv4Address("255.255.255.255"):
         return "broadcast"
     if ip.is_reserved:
         return "reserved"
@@ -127,6 +149,10 @@ class Peer:
     backend_type: str
     data: LeaseData
     node_id: str | None = None
+    # Its IPv6 part, when both it and this network are dual-stack (else all None).
+    ipv6_subnet: IPv6Network | None = None
+    public_ipv6: IPv6Address | None = None
+    data6: LeaseData | None = None
 
 
 def validate_peer(
@@ -135,8 +161,14 @@ def validate_peer(
     *,
     network: NetworkConfig,
     own_public_ip: IPv4Address | None,
+    ipv6_subnet: IPv6Network | None = None,
 ) -> Peer:
-    """Check a decoded lease against the network and this host; raise InvalidLease."""
+    """Check a decoded lease against the network and this host; raise InvalidLease.
+
+    `ipv6_subnet` is the IPv6 part of the key. With an IPv6 network it must be in
+    it and come with a usable PublicIPv6 and the backend's BackendV6Data, or the
+    lease is refused; without one (IPv4-only config) it is ignored. A lease with
+    no IPv6 part is an IPv4-only peer either way (a mixed cluster works)."""
     if value.released:
         raise InvalidLease("released", "released by its agent (stopping with --release-on-exit)")
     why = network.check_subnet(subnet)
@@ -150,10 +182,21 @@ def validate_peer(
     kind = BACKEND_TYPES.get(value.backend_type)
     if kind is None:
         raise InvalidLease("unknown_backend", f"BackendType {value.backend_type!r} is unknown")
-    return Peer(
-        subnet=subnet,
-        public_ip=value.public_ip,
-        backend_type=value.backend_type,
-        data=kind.parse_lease_data(value.backend_data),
-        node_id=value.node_id,
-    )
+    data = kind.parse_lease_data(value.backend_data)
+    if ipv6_subnet is None or network.ipv6 is None:
+        return Peer(subnet, value.public_ip, value.backend_type, data, value.node_id)
+    why = network.check_ipv6_subnet(ipv6_subnet)
+    if why:
+        raise InvalidLease("subnet_outside_network", why)
+    if value.public_ipv6 is None:
+        raise InvalidLease("bad_public_ip", f"names the IPv6 subnet {ipv6_subnet} but has no "
+                           "PublicIPv6")
+    bad_ip = unusable_ip_reason(value.public_ipv6)
+    if bad_ip:
+        raise InvalidLease("bad_public_ip", f"PublicIPv6 {value.public_ipv6} is {bad_ip}")
+    try:
+        data6 = kind.parse_lease_data(value.backend_v6_data)
+    except InvalidLease as exc:
+        raise InvalidLease(exc.reason, f"BackendV6Data: {exc.detail}") from None
+    return Peer(subnet, value.public_ip, value.backend_type, data, value.node_id,
+                ipv6_subnet=ipv6_subnet, public_ipv6=value.public_ipv6, data6=data6)
