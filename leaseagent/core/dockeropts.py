@@ -11,6 +11,10 @@ DOCKER_NETWORK_OPTIONS (`mk-docker-opts.sh -k DOCKER_NETWORK_OPTIONS`, as
 flannel's Docker integration does), so the docker.service drop-in adds it to
 dockerd's command line beside the operator's own $DOCKER_OPTS.
 
+With IPv6 (FLANNEL_IPV6_SUBNET set) Docker also gets `--ipv6
+--fixed-cidr-v6=<FLANNEL_IPV6_SUBNET>` (DOCKER_OPT_IPV6, DOCKER_OPT_FIXED_CIDR_V6):
+ours, since mk-docker-opts.sh has no IPv6 options at all.
+
 Individual variables in name order (bash's `compgen -v`), the combined one
 last, starting from any existing value of the combined key plus a space, each
 option followed by a space. DOCKER_OPT_IPMASQ="--ip-masq=false" appears only
@@ -34,6 +38,9 @@ def docker_options(env: Mapping[str, str], *, ipmasq: bool = True) -> dict[str, 
         opts["DOCKER_OPT_MTU"] = f"--mtu={env['FLANNEL_MTU']}"
     if env.get("FLANNEL_IPMASQ") == "true" and ipmasq:
         opts["DOCKER_OPT_IPMASQ"] = "--ip-masq=false"
+    if env.get("FLANNEL_IPV6_SUBNET"):
+        opts["DOCKER_OPT_IPV6"] = "--ipv6"
+        opts["DOCKER_OPT_FIXED_CIDR_V6"] = f"--fixed-cidr-v6={env['FLANNEL_IPV6_SUBNET']}"
     return dict(sorted(opts.items()))
 
 
@@ -55,7 +62,8 @@ def render_docker_env(
 
 
 def render_daemon_json(env: Mapping[str, str]) -> str:
-    """A daemon.json fragment: {"bip": ..., "mtu": ...} (and "ip-masq" when flannel masquerades)."""
+    """A daemon.json fragment: {"bip": ..., "mtu": ...} (and "ip-masq" when flannel
+    masquerades, "ipv6" and "fixed-cidr-v6" with IPv6)."""
     doc: dict[str, object] = {}
     if env.get("FLANNEL_SUBNET"):
         doc["bip"] = env["FLANNEL_SUBNET"]
@@ -63,4 +71,7 @@ def render_daemon_json(env: Mapping[str, str]) -> str:
         doc["mtu"] = int(env["FLANNEL_MTU"])
     if env.get("FLANNEL_IPMASQ") == "true":
         doc["ip-masq"] = False
+    if env.get("FLANNEL_IPV6_SUBNET"):
+        doc["ipv6"] = True
+        doc["fixed-cidr-v6"] = env["FLANNEL_IPV6_SUBNET"]
     return json.dumps(doc, indent=2) + "\n"

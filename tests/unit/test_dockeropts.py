@@ -54,6 +54,21 @@ def test_combined_only_with_own_key_and_existing_value():
         'DOCKER_NET="--debug --bip=10.5.34.1/24 --mtu=1450 "\n')
 
 
+DUAL = {**ENV, "FLANNEL_IPV6_NETWORK": "fd00:5::/48", "FLANNEL_IPV6_SUBNET": "fd00:5:0:22::1/64"}
+
+
+def test_ipv6_adds_ipv6_and_fixed_cidr_v6_in_name_order():
+    assert render_docker_env(DUAL) == (
+        'DOCKER_OPT_BIP="--bip=10.5.34.1/24"\n'
+        'DOCKER_OPT_FIXED_CIDR_V6="--fixed-cidr-v6=fd00:5:0:22::1/64"\n'
+        'DOCKER_OPT_IPV6="--ipv6"\n'
+        'DOCKER_OPT_MTU="--mtu=1450"\n'
+        'DOCKER_OPTS=" --bip=10.5.34.1/24 --fixed-cidr-v6=fd00:5:0:22::1/64 --ipv6 --mtu=1450 "\n'
+    )
+    assert json.loads(render_daemon_json(DUAL)) == {
+        "bip": "10.5.34.1/24", "mtu": 1450, "ipv6": True, "fixed-cidr-v6": "fd00:5:0:22::1/64"}
+
+
 def test_daemon_json():
     assert json.loads(render_daemon_json(ENV)) == {"bip": "10.5.34.1/24", "mtu": 1450}
     assert json.loads(render_daemon_json(MASQ)) == {"bip": "10.5.34.1/24", "mtu": 1450,
