@@ -8,7 +8,9 @@ adapter pass one contract suite (tests/contract):
 - `create` is create-if-absent (compare create_revision == 0) and
   `replace` is fenced on mod_revision; both return (won, current) where
   current is the key as it is after the transaction; `create_first` creates
-  the first absent key of several candidates in one transaction;
+  the first absent key of several candidates in one transaction; `move`
+  deletes one key (fenced on its mod_revision) and creates another (if
+  absent) in one transaction: one revision, never a moment with neither;
 - `watch` yields batches of events from start_revision on and raises
   Compacted when that revision is no longer kept;
 - an etcd lease that expires or is revoked deletes its keys (delete events).
@@ -26,8 +28,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-OPERATIONS = ("get", "list", "put", "create", "allocate", "replace", "delete", "grant",
-              "keepalive", "time-to-live", "revoke", "compact", "members")
+OPERATIONS = ("get", "list", "put", "create", "allocate", "replace", "move", "delete",
+              "grant", "keepalive", "time-to-live", "revoke", "compact", "members")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,13 @@ class LeaseStore(Protocol):
     async def replace(
         self, key: str, value: bytes, *, mod_revision: int, lease: int
     ) -> tuple[bool, KeyValue | None]: ...
+
+    async def move(
+        self, key: str, *, mod_revision: int, new_key: str, value: bytes, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        """In one transaction, if `key` is still at `mod_revision` and `new_key` does not
+        exist: delete `key` and create `new_key`. (won, `new_key` as it is after)."""
+        ...
 
     async def delete(self, key: str, *, mod_revision: int | None = None) -> bool:
         """Delete key; fenced on mod_revision when given. True if it was deleted."""

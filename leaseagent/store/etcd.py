@@ -334,6 +334,26 @@ class EtcdStore:
                           mod_revision=mod_revision)
         return await self._txn(f"replace {key}", compare, key, value, lease)
 
+    async def move(
+        self, key: str, *, mod_revision: int, new_key: str, value: bytes, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        from etcd3aio._protobuf import Compare
+
+        kv = self._kvs
+        compare = [Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(),
+                           mod_revision=mod_revision),
+                   kv.txn_compare_create_revision(new_key, 0)]
+        resp = await self._call(
+            f"move {key}",
+            kv.txn(compare,
+                   [kv.txn_op_delete(key), kv.txn_op_put(new_key, value, lease=lease),
+                    kv.txn_op_get(new_key)],
+                   [kv.txn_op_get(new_key)], timeout=self._timeout),
+        )
+        ranges = [r.response_range for r in resp.responses if r.HasField("response_range")]
+        current = _kv(ranges[-1].kvs[0]) if ranges and ranges[-1].kvs else None
+        return bool(resp.succeeded), current
+
     async def delete(self, key: str, *, mod_revision: int | None = None) -> bool:
         kv = self._kvs
         if mod_revision is None:

@@ -82,8 +82,10 @@ class MemoryStore:
     async def _notify(self) -> None:
         self._wake()
 
-    def _write(self, key: str, value: bytes, lease: int) -> KeyValue:
-        self._revision += 1
+    def _write(self, key: str, value: bytes, lease: int, *, new_revision: bool = True
+               ) -> KeyValue:
+        if new_revision:
+            self._revision += 1
         old = self._kv.get(key)
         if old is not None and old.lease and old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
@@ -174,6 +176,19 @@ class MemoryStore:
             return False, current
         self._check_lease(lease)
         kv = self._write(key, value, lease)
+        await self._notify()
+        return True, kv
+
+    async def move(
+        self, key: str, *, mod_revision: int, new_key: str, value: bytes, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        self._check()
+        current = self._kv.get(key)
+        if (current is None or current.mod_revision != mod_revision or new_key in self._kv):
+            return False, self._kv.get(new_key)
+        self._check_lease(lease)
+        self._remove(key)  # etcd: one transaction, one revision, the delete event first
+        kv = self._write(new_key, value, lease, new_revision=False)
         await self._notify()
         return True, kv
 

@@ -196,6 +196,35 @@ async def test_replace_is_fenced_on_mod_revision(subject: Subject) -> None:
     assert await store.get(key) == new
 
 
+async def test_move_deletes_and_creates_in_one_revision_fenced(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix + "subnets/"
+    old, new = p + "10.5.1.0-24", p + "10.5.1.0-24&fd00:5:0:1::-64"
+    lease, _ = await store.grant(60)
+    _, kv = await store.create(old, b"v4 only", lease=lease)
+    assert kv is not None
+    start = await current_revision(subject)
+
+    # Fenced on the old key's revision: a stale one moves nothing.
+    assert await store.move(old, mod_revision=kv.mod_revision - 1, new_key=new, value=b"dual",
+                            lease=lease) == (False, None)
+    won, moved = await store.move(old, mod_revision=kv.mod_revision, new_key=new,
+                                  value=b"dual", lease=lease)
+    assert won and moved is not None
+    assert (moved.key, moved.value, moved.lease) == (new, b"dual", lease)
+    assert moved.mod_revision == start + 1  # one revision for both
+    assert await store.get(old) is None
+    events = await collect(store.watch(p, start_revision=start + 1), 2)
+    assert [(e.type, e.key, e.revision) for e in events] == [
+        (EventType.DELETE, old, start + 1), (EventType.PUT, new, start + 1)]
+    # The new key must not exist yet: someone else's is never overwritten.
+    _, again = await store.create(old, b"v4 again", lease=lease)
+    assert again is not None
+    won, current = await store.move(old, mod_revision=again.mod_revision, new_key=new,
+                                    value=b"other", lease=lease)
+    assert not won and current == moved
+    assert await store.get(old) == again
+
+
 async def test_delete_with_and_without_mod_revision(subject: Subject) -> None:
     store, p = subject.store, subject.prefix
     await store.put(p + "a", b"1")
