@@ -16,6 +16,21 @@ Order of acquisition (first that works wins):
     short jitter and picks anew; it never exits because of a race.
 An empty range raises SubnetsExhausted naming the network and the count.
 
+Dual-stack (the network config has IPv6): a lease's key names both subnets
+(`10.5.34.0-24&fd00:5:0:22::-64`). A new lease's IPv6 subnet is the one at
+the same position in the IPv6 range as its IPv4 subnet in the IPv4 range, so
+two hosts that won different IPv4 subnets in etcd (which only guards whole
+key names) can never take the same IPv6 subnet; if that one is taken (a
+flanneld lease picks its IPv6 subnet at random), or the IPv6 range is the
+smaller, a random free one. A lease of this host (rules 1 and 2) whose key
+does not fit the config (no IPv6 part though IPv6 is on, or one though it is
+off) keeps its IPv4 subnet: it is *moved* to the right key in one
+transaction (delete the old key if unchanged + create the new one if absent,
+LeaseStore.move), so no moment exists in which another host could take the
+IPv4 subnet, and nobody is renumbered (flannel deletes such a lease and
+allocates a new IPv4 subnet; pkg/subnet/etcd/local_manager.go,
+isIPv6SubnetConfigCompat).
+
 A second agent with this host's identity (same PublicIP and NodeID: a cloned
 machine, or the agent started twice) takes the lease over by rule 1 when it
 starts; the first then finds its key held by another etcd lease under its
@@ -37,10 +52,10 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
-from leaseagent.core.allocation import Chooser, candidates
-from leaseagent.core.leases import KeyLayout, LeaseValue, decode_lease_value, judge
+from leaseagent.core.allocation import Chooser, candidates, range_candidates
+from leaseagent.core.leases import KeyLayout, LeaseValue, Verdict, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost, SubnetsExhausted
 from leaseagent.metrics import Metrics
@@ -63,6 +78,7 @@ class OwnLease:
     mod_revision: int
     how: str
     create_revision: int = 0
+    ipv6_subnet: IPv6Network | None = None
 
     @property
     def reservation(self) -> bool:
@@ -95,8 +111,71 @@ class Leasing:
         self._per_txn = max(1, candidates_per_txn)
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
 
-    def key_for(self, subnet: IPv4Network) -> str:
-        return self.layout.lease_key(subnet)
+    def key_for(self, subnet: IPv4Network, ipv6: IPv6Network | None = None) -> str:
+        return self.layout.lease_key(subnet, ipv6)
+
+    def _own(self, current: KeyValue, lease_id: int, ttl: int, how: str) -> OwnLease:
+        """Our lease as `current` (the key as etcd has it now) shows it."""
+        named = self.layout.parse_lease_key(current.key)
+        return OwnLease(named.ipv4, current.key, current.value, lease_id, ttl,
+                        current.mod_revision, how, current.create_revision, named.ipv6)
+
+    def _ipv6_for(self, subnet: IPv4Network, taken6: set[IPv6Network],
+                  previous: IPv6Network | None = None) -> IPv6Network | None:
+        """The IPv6 subnet to pair with `subnet` (None without IPv6): `previous` if it fits
+        and is free, else the one at the same position (see the module docstring), else a
+        random free one. SubnetsExhausted when the IPv6 range is full."""
+        six = self._network.ipv6
+        if six is None:
+            return None
+        if previous is not None and six.in_range(previous) and previous not in taken6:
+            return previous
+        v4 = self._network.ipv4
+        index = (int(subnet.network_address) - int(v4.subnet_min)) // v4.subnet_size
+        if six.capacity >= v4.capacity and 0 <= index < six.capacity:
+            paired = six.subnet_at(index)
+            if paired not in taken6:
+                assert isinstance(paired, IPv6Network)
+                return paired
+        for pick in range_candidates(six, taken6, self._rng):
+            assert isinstance(pick, IPv6Network)
+            return pick
+        raise SubnetsExhausted(
+            f"no free IPv6 subnet in {six.network} (range {six.subnet_min}-{six.subnet_max}): "
+            f"all {six.capacity} are taken")
+
+    def _fitting_key(self, verdict: Verdict, taken6: set[IPv6Network]) -> str:
+        """The key this host's lease should have under the config: the same IPv4 subnet,
+        its IPv6 subnet kept if it fits (a new one when IPv6 is on and it has none or a
+        misfit, none when IPv6 is off)."""
+        assert verdict.subnet is not None
+        six = self._network.ipv6
+        if six is None:
+            return self.key_for(verdict.subnet)
+        kept = verdict.ipv6_subnet
+        if kept is not None and six.in_range(kept):
+            return self.key_for(verdict.subnet, kept)
+        return self.key_for(verdict.subnet, self._ipv6_for(verdict.subnet, taken6 - {kept}
+                                                           if kept else taken6))
+
+    async def _rekey(self, kv: KeyValue, new_key: str, lease_id: int) -> KeyValue | None:
+        """Write our value over `kv` (fenced), under `new_key` if it differs (moved in one
+        transaction); the key as it is now if we won (or had already won), else None."""
+        self.transactions += 1
+        if new_key == kv.key:
+            won, current = await self._store.replace(
+                kv.key, self.value_bytes, mod_revision=kv.mod_revision, lease=lease_id)
+        else:
+            won, current = await self._store.move(
+                kv.key, mod_revision=kv.mod_revision, new_key=new_key, value=self.value_bytes,
+                lease=lease_id)
+            if won:
+                log.info("lease %s moved to %s (same IPv4 subnet; the network config's IPv6 "
+                         "changed)", self.layout.name_of(kv.key), self.layout.name_of(new_key))
+        if won or self._is_ours(current, lease_id):
+            assert current is not None
+            return current
+        return None
 
     def _is_ours(self, kv: KeyValue | None, lease_id: int) -> bool:
         return kv is not None and kv.value == self.value_bytes and kv.lease == lease_id
@@ -110,38 +189,41 @@ class Leasing:
         except Exception as exc:
             log.debug("could not revoke etcd lease %x: %s", lease_id, exc)
 
-    async def _create(self, subnet: IPv4Network, lease_id: int, ttl: int, how: str
-                      ) -> OwnLease | None:
-        key = self.key_for(subnet)
+    def _guard(self, key: str) -> str:
+        """What no other key may start with for `key` to be created: its IPv4 part, so a
+        subnet is never leased twice under keys with different IPv6 parts (etcd itself
+        only guards whole key names)."""
+        return self.key_for(self.layout.parse_lease_key(key).ipv4)
+
+    async def _create(self, key: str, lease_id: int, ttl: int, how: str) -> OwnLease | None:
         self._metrics.allocation_attempts.inc()
         self.transactions += 1
-        won, current = await self._store.create(key, self.value_bytes, lease=lease_id)
+        won, current = await self._store.create(key, self.value_bytes, lease=lease_id,
+                                                guard=self._guard(key))
         if won or self._is_ours(current, lease_id):
             assert current is not None
-            return OwnLease(subnet, key, self.value_bytes, lease_id, ttl, current.mod_revision, how,
-                            current.create_revision)
+            return self._own(current, lease_id, ttl, how)
         self._metrics.allocation_conflicts.inc()
         return None
 
-    async def _create_first(self, subnets: list[IPv4Network], lease_id: int, ttl: int
-                            ) -> OwnLease | None:
-        if len(subnets) == 1:
-            return await self._create(subnets[0], lease_id, ttl, "allocated")
-        by_key = {self.key_for(s): s for s in subnets}
+    async def _create_first(self, keys: list[str], lease_id: int, ttl: int) -> OwnLease | None:
+        if len(keys) == 1:
+            return await self._create(keys[0], lease_id, ttl, "allocated")
         self._metrics.allocation_attempts.inc()
         self.transactions += 1
-        created = await self._store.create_first(list(by_key), self.value_bytes, lease=lease_id)
-        if created is None or created.key not in by_key:
+        created = await self._store.create_first(keys, self.value_bytes, lease=lease_id,
+                                                 guards=[self._guard(k) for k in keys])
+        if created is None or created.key not in keys:
             self._metrics.allocation_conflicts.inc()
             return None
-        return OwnLease(by_key[created.key], created.key, self.value_bytes, lease_id, ttl,
-                        created.mod_revision, "allocated", created.create_revision)
+        return self._own(created, lease_id, ttl, "allocated")
 
-    async def acquire(self, *, previous: IPv4Network | None = None) -> OwnLease:
+    async def acquire(self, *, previous: IPv4Network | None = None,
+                      previous_ipv6: IPv6Network | None = None) -> OwnLease:
         """Take a subnet for this host (see the module docstring for the order)."""
         lease_id, ttl = await self._grant()
         try:
-            own = await self._acquire_with(lease_id, ttl, previous)
+            own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6)
         except BaseException:
             await self._revoke_quietly(lease_id)
             raise
@@ -149,8 +231,8 @@ class Leasing:
             await self._revoke_quietly(lease_id)
         return own
 
-    async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None
-                            ) -> OwnLease:
+    async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None,
+                            previous_ipv6: IPv6Network | None) -> OwnLease:
         while True:
             listing = await self._store.list_prefix(self.layout.subnets_prefix)
             # Decoded by the lease layer (no network: a reservation carries no backend
@@ -158,8 +240,9 @@ class Leasing:
             verdicts = judge(listing.items, layout=self.layout, network=None).verdicts
             by_key = {kv.key: kv for kv in listing.items}
             taken = {v.subnet for v in verdicts.values() if v.subnet is not None}
-            named: list[tuple[IPv4Network, KeyValue]] = []
-            reserved: list[tuple[IPv4Network, KeyValue]] = []
+            taken6 = {v.ipv6_subnet for v in verdicts.values() if v.ipv6_subnet is not None}
+            named: list[Verdict] = []
+            reserved: list[Verdict] = []
             for verdict in verdicts.values():
                 value, subnet = verdict.value, verdict.subnet
                 if value is None or subnet is None or value.public_ip != self._value.public_ip:
@@ -167,36 +250,30 @@ class Leasing:
                 if self._network.check_subnet(subnet) is not None:
                     continue
                 if verdict.reservation:
-                    reserved.append((subnet, by_key[verdict.key]))
+                    reserved.append(verdict)
                 elif value.node_id in (None, self._value.node_id):
-                    named.append((subnet, by_key[verdict.key]))
+                    named.append(verdict)
 
-            for subnet, kv in named:
-                self.transactions += 1
-                won, current = await self._store.replace(
-                    kv.key, self.value_bytes, mod_revision=kv.mod_revision, lease=lease_id)
-                if won or self._is_ours(current, lease_id):
-                    assert current is not None
+            for verdict in named:
+                kv = by_key[verdict.key]
+                current = await self._rekey(kv, self._fitting_key(verdict, taken6), lease_id)
+                if current is not None:
                     if kv.lease != lease_id:
                         await self._revoke_quietly(kv.lease)
-                    return OwnLease(subnet, kv.key, self.value_bytes, lease_id, ttl,
-                                    current.mod_revision, "took over this host's lease",
-                                    current.create_revision)
+                    return self._own(current, lease_id, ttl, "took over this host's lease")
 
-            for subnet, kv in reserved:
-                if kv.value == self.value_bytes:
-                    return OwnLease(subnet, kv.key, kv.value, 0, 0, kv.mod_revision,
-                                    "reservation", kv.create_revision)
-                self.transactions += 1
-                won, current = await self._store.replace(
-                    kv.key, self.value_bytes, mod_revision=kv.mod_revision, lease=0)
-                if won or self._is_ours(current, 0):
-                    assert current is not None
-                    return OwnLease(subnet, kv.key, self.value_bytes, 0, 0,
-                                    current.mod_revision, "reservation", current.create_revision)
+            for verdict in reserved:
+                kv = by_key[verdict.key]
+                fitting = self._fitting_key(verdict, taken6)
+                if kv.value == self.value_bytes and fitting == kv.key:
+                    return self._own(kv, 0, 0, "reservation")
+                current = await self._rekey(kv, fitting, 0)
+                if current is not None:
+                    return self._own(current, 0, 0, "reservation")
 
             if previous is not None and self._network.in_range(previous) and previous not in taken:
-                own = await self._create(previous, lease_id, ttl, "previous subnet.env")
+                wanted = self.key_for(previous, self._ipv6_for(previous, taken6, previous_ipv6))
+                own = await self._create(wanted, lease_id, ttl, "previous subnet.env")
                 if own is not None:
                     return own
                 taken.add(previous)
@@ -211,7 +288,13 @@ class Leasing:
                     f"(range {self._network.subnet_min}-{self._network.subnet_max}): "
                     f"all {self._network.capacity} subnets are taken ({in_range} leases)"
                 )
-            own = await self._create_first(picks, lease_id, ttl)
+            keys = []
+            for pick in picks:
+                ipv6 = self._ipv6_for(pick, taken6)
+                keys.append(self.key_for(pick, ipv6))
+                if ipv6 is not None:
+                    taken6.add(ipv6)  # two candidates of one transaction never share one
+            own = await self._create_first(keys, lease_id, ttl)
             if own is not None:
                 return own
             # Lost a race: others start now too. The other candidates of this
@@ -233,7 +316,7 @@ class Leasing:
             return await self.acquire()
         lease_id, ttl = await self._grant()
         try:
-            taken_back = await self._create(own.subnet, lease_id, ttl, "taken back")
+            taken_back = await self._create(own.key, lease_id, ttl, "taken back")
         except BaseException:
             await self._revoke_quietly(lease_id)
             raise
@@ -256,7 +339,7 @@ class Leasing:
                 # lease lived on): acquire takes it over onto a fresh lease, fenced.
                 log.warning("lease on %s is still this host's (%s); taking it over",
                             own.subnet, why)
-                return await self.acquire(previous=own.subnet)
+                return await self.acquire(previous=own.subnet, previous_ipv6=own.ipv6_subnet)
             if other is not None and self.is_twin(other):
                 raise IdentityConflict(own.key, (
                     f"another agent with this host's identity (node id {other.node_id}, "

@@ -75,13 +75,18 @@ class LeaseStore(Protocol):
         ...
 
     async def create(
-        self, key: str, value: bytes, *, lease: int
-    ) -> tuple[bool, KeyValue | None]: ...
+        self, key: str, value: bytes, *, lease: int, guard: str | None = None
+    ) -> tuple[bool, KeyValue | None]:
+        """Create `key` if it does not exist; with `guard`, only if no key starts with
+        `guard` (a lease key's IPv4 part: one subnet, whatever IPv6 part a key adds)."""
+        ...
 
     async def create_first(
-        self, keys: Sequence[str], value: bytes, *, lease: int
+        self, keys: Sequence[str], value: bytes, *, lease: int,
+        guards: Sequence[str] | None = None,
     ) -> KeyValue | None:
-        """Create the first of `keys` that does not exist, in one transaction.
+        """Create the first of `keys` that does not exist (with `guards`, the first whose
+        guard no key starts with), in one transaction.
 
         Returns the key created, or None when every key exists. Never creates
         two: if one of `keys` already carries `lease` (a retried transaction

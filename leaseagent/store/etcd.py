@@ -276,12 +276,23 @@ class EtcdStore:
         current = _kv(ranges[-1].kvs[0]) if ranges and ranges[-1].kvs else None
         return bool(resp.succeeded), current
 
-    async def create(self, key: str, value: bytes, *, lease: int) -> tuple[bool, KeyValue | None]:
-        compare = self._kvs.txn_compare_create_revision(key, 0)
-        return await self._txn(f"create {key}", compare, key, value, lease)
+    def _absent(self, key: str, guard: str | None) -> Any:
+        """A compare that holds when `key` (or, with `guard`, every key under it) does
+        not exist: create_revision == 0 over the range (an empty range compares as 0)."""
+        from etcd3aio._protobuf import Compare
+
+        if guard is None:
+            return self._kvs.txn_compare_create_revision(key, 0)
+        return Compare(result=Compare.EQUAL, target=Compare.CREATE, key=guard.encode(),
+                       range_end=_as_bytes(prefix_range_end(guard)), create_revision=0)
+
+    async def create(self, key: str, value: bytes, *, lease: int, guard: str | None = None
+                     ) -> tuple[bool, KeyValue | None]:
+        return await self._txn(f"create {key}", self._absent(key, guard), key, value, lease)
 
     async def create_first(
-        self, keys: Sequence[str], value: bytes, *, lease: int
+        self, keys: Sequence[str], value: bytes, *, lease: int,
+        guards: Sequence[str] | None = None,
     ) -> KeyValue | None:
         """One txn: guard, then a chain of nested txns "if k_i is absent put it, else next".
 
@@ -296,9 +307,9 @@ class EtcdStore:
             return None
         kv = self._kvs
         chain: TxnRequest | None = None
-        for key in reversed(keys):
+        for key, guard in reversed(list(zip(keys, guards or [None] * len(keys), strict=True))):
             chain = TxnRequest(
-                compare=[kv.txn_compare_create_revision(key, 0)],
+                compare=[self._absent(key, guard)],
                 success=[kv.txn_op_put(key, value, lease=lease), kv.txn_op_get(key)],
                 failure=[RequestOp(request_txn=chain)] if chain is not None else [],
             )

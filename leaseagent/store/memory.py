@@ -143,24 +143,29 @@ class MemoryStore:
         self._write(key, value, 0)
         await self._notify()
 
-    async def create(self, key: str, value: bytes, *, lease: int) -> tuple[bool, KeyValue | None]:
+    def _taken(self, key: str, guard: str | None) -> bool:
+        return key in self._kv if guard is None else any(k.startswith(guard) for k in self._kv)
+
+    async def create(self, key: str, value: bytes, *, lease: int, guard: str | None = None
+                     ) -> tuple[bool, KeyValue | None]:
         self._check()
-        if key in self._kv:
-            return False, self._kv[key]
+        if self._taken(key, guard):
+            return False, self._kv.get(key)
         self._check_lease(lease)
         kv = self._write(key, value, lease)
         await self._notify()
         return True, kv
 
     async def create_first(
-        self, keys: Sequence[str], value: bytes, *, lease: int
+        self, keys: Sequence[str], value: bytes, *, lease: int,
+        guards: Sequence[str] | None = None,
     ) -> KeyValue | None:
         self._check()
         for key in keys:
             if lease and key in self._kv and self._kv[key].lease == lease:
                 return self._kv[key]
-        for key in keys:
-            if key not in self._kv:
+        for key, guard in zip(keys, guards or [None] * len(keys), strict=True):
+            if not self._taken(key, guard):
                 self._check_lease(lease)
                 kv = self._write(key, value, lease)
                 await self._notify()

@@ -196,6 +196,24 @@ async def test_replace_is_fenced_on_mod_revision(subject: Subject) -> None:
     assert await store.get(key) == new
 
 
+async def test_a_guard_refuses_a_create_while_any_key_starts_with_it(subject: Subject) -> None:
+    """A lease key's IPv4 part guards its subnet whatever IPv6 part a key adds."""
+    store, p = subject.store, subject.prefix + "subnets/"
+    guard = p + "10.5.1.0-24"
+    won, _ = await store.create(guard + "&fd00:5:0:1::-64", b"a", lease=0, guard=guard)
+    assert won
+    won, current = await store.create(guard + "&fd00:5:0:9::-64", b"b", lease=0, guard=guard)
+    assert not won and current is None  # the key itself does not exist, its subnet is taken
+    won, _ = await store.create(guard, b"c", lease=0, guard=guard)
+    assert not won
+    won, _ = await store.create(p + "10.5.1.64-26", b"d", lease=0, guard=p + "10.5.1.64-26")
+    assert won  # another subnet (not under the guard)
+    created = await store.create_first(
+        [guard + "&fd00:5:0:2::-64", p + "10.5.2.0-24&fd00:5:0:2::-64"], b"e", lease=0,
+        guards=[guard, p + "10.5.2.0-24"])
+    assert created is not None and created.key == p + "10.5.2.0-24&fd00:5:0:2::-64"
+
+
 async def test_move_deletes_and_creates_in_one_revision_fenced(subject: Subject) -> None:
     store, p = subject.store, subject.prefix + "subnets/"
     old, new = p + "10.5.1.0-24", p + "10.5.1.0-24&fd00:5:0:1::-64"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -272,14 +272,15 @@ class Latency(MemoryStore):
         await asyncio.sleep(0)
         return await super().list_prefix(prefix)
 
-    async def create(self, key: str, value: bytes, *, lease: int) -> tuple[bool, KeyValue | None]:
+    async def create(self, key: str, value: bytes, *, lease: int, guard: str | None = None
+                     ) -> tuple[bool, KeyValue | None]:
         await asyncio.sleep(0)
-        return await super().create(key, value, lease=lease)
+        return await super().create(key, value, lease=lease, guard=guard)
 
-    async def create_first(self, keys: Sequence[str], value: bytes, *, lease: int
-                           ) -> KeyValue | None:
+    async def create_first(self, keys: Sequence[str], value: bytes, *, lease: int,
+                           guards: Sequence[str] | None = None) -> KeyValue | None:
         await asyncio.sleep(0)
-        return await super().create_first(keys, value, lease=lease)
+        return await super().create_first(keys, value, lease=lease, guards=guards)
 
 
 @pytest.mark.parametrize("per_txn", [1, CANDIDATES_PER_TXN])
@@ -385,8 +386,9 @@ async def test_keepalive_raises_lease_lost_once_the_etcd_lease_is_gone() -> None
 class RetriedAfterSuccess(MemoryStore):
     """The txn is applied, then etcd3aio's retry on UNAVAILABLE reports it failed."""
 
-    async def create(self, key: str, value: bytes, *, lease: int) -> tuple[bool, KeyValue | None]:
-        won, current = await super().create(key, value, lease=lease)
+    async def create(self, key: str, value: bytes, *, lease: int, guard: str | None = None
+                     ) -> tuple[bool, KeyValue | None]:
+        won, current = await super().create(key, value, lease=lease, guard=guard)
         assert won
         return False, current
 
@@ -394,6 +396,14 @@ class RetriedAfterSuccess(MemoryStore):
         self, key: str, value: bytes, *, mod_revision: int, lease: int
     ) -> tuple[bool, KeyValue | None]:
         won, current = await super().replace(key, value, mod_revision=mod_revision, lease=lease)
+        assert won
+        return False, current
+
+    async def move(
+        self, key: str, *, mod_revision: int, new_key: str, value: bytes, lease: int
+    ) -> tuple[bool, KeyValue | None]:
+        won, current = await super().move(key, mod_revision=mod_revision, new_key=new_key,
+                                           value=value, lease=lease)
         assert won
         return False, current
 
@@ -430,4 +440,127 @@ async def test_a_takeover_retried_after_success_is_treated_as_won() -> None:
     assert own.subnet == IPv4Network("10.5.9.0/24")
     await assert_holds(store, own, leasing)
     assert await store.time_to_live(old_lease) == -1
+    assert len((await store.list_prefix(SUBNETS)).items) == 1
+
+
+# --- dual-stack -------------------------------------------------------------------
+
+DUAL = parse_network_config(b'{"Network": "10.5.0.0/16", "EnableIPv6": true, '
+                            b'"IPv6Network": "fd00:5::/48"}')
+V4_ONLY_VALUE = lease_value()
+
+
+def dual_value(ip: str = OUR_IP, node: str | None = "node-a") -> LeaseValue:
+    return LeaseValue(public_ip=IPv4Address(ip), backend_type="vxlan",
+                      backend_data={"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:02"}, node_id=node,
+                      public_ipv6=IPv6Address(f"fd00:250::{ip.rsplit('.', 1)[1]}"),
+                      backend_v6_data={"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:06"})
+
+
+async def test_a_dual_stack_lease_pairs_the_ipv6_subnet_at_the_same_position() -> None:
+    store = MemoryStore()
+    leasing = make_leasing(store, network=DUAL, value=dual_value())
+
+    own = await leasing.acquire()
+
+    index = (int(own.subnet.network_address) - int(DUAL.subnet_min)) // DUAL.subnet_size
+    assert DUAL.ipv6 is not None
+    assert own.ipv6_subnet == DUAL.ipv6.subnet_at(index)
+    assert own.key == SUBNETS + f"{own.subnet.network_address}-24&{own.ipv6_subnet.network_address}-64"
+    kv = await store.get(own.key)
+    assert kv is not None and kv.value == leasing.value_bytes
+    assert decode_lease_value(kv.value).public_ipv6 == IPv6Address("fd00:250::2")
+
+
+async def test_concurrent_dual_stack_hosts_never_share_an_ipv6_subnet() -> None:
+    """etcd guards whole key names only: pairing by position keeps IPv6 subnets apart
+    even though 50 hosts pick at once; a flanneld lease's random IPv6 one is avoided."""
+    store = Latency()
+    flanneld_v6 = "fd00:5:0:7::-64"  # sits where 10.5.7.0/24's pair would be
+    await store.put(SUBNETS + "10.5.200.0-24&" + flanneld_v6, dual_value("192.168.66.1").encode())
+    fifty = parse_network_config(b'{"Network": "10.5.0.0/16", "SubnetMin": "10.5.1.0", '
+                                 b'"SubnetMax": "10.5.50.0", "EnableIPv6": true, '
+                                 b'"IPv6Network": "fd00:5::/48"}')
+    hosts = [make_leasing(store, network=fifty, seed=i,
+                          value=dual_value(f"192.168.65.{i + 1}", f"node-{i}")) for i in range(50)]
+    owns = await asyncio.gather(*(h.acquire() for h in hosts))
+    assert len({own.subnet for own in owns}) == 50
+    six = [own.ipv6_subnet for own in owns]
+    assert None not in six and len(set(six)) == 50
+    assert IPv6Network("fd00:5:0:7::/64") not in six
+
+
+@pytest.mark.parametrize("node", ["node-a", None])  # ours, or flanneld's (no NodeID)
+async def test_turning_ipv6_on_moves_this_hosts_lease_keeping_its_ipv4_subnet(
+        node: str | None) -> None:
+    store = MemoryStore()
+    old_lease, _ = await store.grant(TTL)
+    _, old = await store.create(key("10.5.9.0/24"), lease_value(node=node).encode(),
+                                lease=old_lease)
+    assert old is not None
+    leasing = make_leasing(store, network=DUAL, value=dual_value())
+
+    own = await leasing.acquire()
+
+    assert own.subnet == IPv4Network("10.5.9.0/24")
+    assert own.ipv6_subnet == IPv6Network("fd00:5:0:9::/64")  # 10.5.9.0 is index 8 from .1
+    assert own.how == "took over this host's lease"
+    assert await store.get(old.key) is None
+    kv = await store.get(own.key)
+    assert kv is not None and kv.lease == own.lease_id
+    assert kv.mod_revision == old.mod_revision + 1  # delete + create: one revision
+    assert leasing.transactions == 1
+
+
+async def test_turning_ipv6_off_moves_the_lease_to_its_ipv4_only_key() -> None:
+    store = MemoryStore()
+    old_lease, _ = await store.grant(TTL)
+    dual_key = SUBNETS + "10.5.9.0-24&fd00:5:0:9::-64"
+    await store.create(dual_key, dual_value().encode(), lease=old_lease)
+    leasing = make_leasing(store)  # an IPv4-only config
+
+    own = await leasing.acquire()
+
+    assert (own.subnet, own.ipv6_subnet, own.key) == (IPv4Network("10.5.9.0/24"), None,
+                                                      key("10.5.9.0/24"))
+    assert await store.get(dual_key) is None
+
+
+async def test_a_dual_stack_lease_that_fits_is_kept_as_it_is() -> None:
+    store = MemoryStore()
+    old_lease, _ = await store.grant(TTL)
+    dual_key = SUBNETS + "10.5.9.0-24&fd00:5:0:77::-64"  # not the paired one: kept anyway
+    await store.create(dual_key, dual_value().encode(), lease=old_lease)
+
+    own = await make_leasing(store, network=DUAL, value=dual_value()).acquire()
+
+    assert own.key == dual_key and own.ipv6_subnet == IPv6Network("fd00:5:0:77::/64")
+
+
+async def test_a_reservation_gains_an_ipv6_subnet_and_stays_a_reservation() -> None:
+    store = MemoryStore()
+    await store.put(key("10.5.40.0/24"), b'{"PublicIP":"192.168.64.2","PublicIPv6":null,'
+                                         b'"BackendType":"vxlan"}')
+    own = await make_leasing(store, network=DUAL, value=dual_value()).acquire()
+    assert (own.subnet, own.reservation) == (IPv4Network("10.5.40.0/24"), True)
+    assert own.ipv6_subnet is not None
+    kv = await store.get(own.key)
+    assert kv is not None and kv.lease == 0
+    assert await store.get(key("10.5.40.0/24")) is None
+
+
+async def test_the_previous_subnet_env_gives_both_subnets_back() -> None:
+    store = MemoryStore()
+    own = await make_leasing(store, network=DUAL, value=dual_value()).acquire(
+        previous=IPv4Network("10.5.77.0/24"), previous_ipv6=IPv6Network("fd00:5:0:abc::/64"))
+    assert (own.subnet, own.ipv6_subnet, own.how) == (
+        IPv4Network("10.5.77.0/24"), IPv6Network("fd00:5:0:abc::/64"), "previous subnet.env")
+
+
+async def test_a_move_retried_after_success_is_treated_as_won() -> None:
+    store = RetriedAfterSuccess()
+    old_lease, _ = await MemoryStore.grant(store, TTL)
+    await MemoryStore.create(store, key("10.5.9.0/24"), lease_value().encode(), lease=old_lease)
+    own = await make_leasing(store, network=DUAL, value=dual_value()).acquire()
+    assert own.subnet == IPv4Network("10.5.9.0/24") and own.ipv6_subnet is not None
     assert len((await store.list_prefix(SUBNETS)).items) == 1
