@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import NoReturn
 
@@ -208,6 +208,7 @@ class AgentConfig:
     peer_hold_time: float = DEFAULT_PEER_HOLD_SECONDS
     iptables_resync: float = DEFAULT_CHECK_SECONDS  # iptables: seconds between rule checks
     allow_any_public_ip: bool = False
+    public_ipv6: IPv6Address | None = None  # used when the network config has IPv6
     # Which traffic rules; `nftables` comes from the network config (EnableNFTables).
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
 
@@ -231,6 +232,8 @@ def add_host_arguments(env: _EnvDefaults) -> None:
     """The flags that say how the agent sees this host (shared with `leasectl doctor`)."""
     env.add("--iface", help="underlay interface, by name or IP (off: that of the default route)")
     env.add("--public-ip", help="IPv4 address published to peers (off: the interface's first)")
+    env.add("--public-ipv6", help="IPv6 address published to peers when the network config "
+            "has IPv6 (off: the interface's first global one)")
     env.add("--subnet-file", default=str(DEFAULT_SUBNET_FILE), help="where to write subnet.env")
     env.add("--state-dir", default=str(DEFAULT_STATE_DIR), help="where to keep state (VtepMAC)")
     env.add("--route-protocol", default=str(DEFAULT_ROUTE_PROTOCOL),
@@ -259,15 +262,16 @@ def traffic_settings(ns: argparse.Namespace, *, nftables: bool) -> TrafficSettin
                            peer_filter=bool(ns.vxlan_peer_filter), nftables=nftables)
 
 
-def parse_public_ip(raw: str | None, *, name: str = "--public-ip", allow_any: bool = False
-                    ) -> IPv4Address | None:
-    """--public-ip as an address peers can use (leaseagent.core.leases: the rule they apply)."""
+def parse_public_ip(raw: str | None, *, name: str = "--public-ip", allow_any: bool = False,
+                    version: int = 4) -> IPv4Address | IPv6Address | None:
+    """--public-ip (or, version 6, --public-ipv6) as an address peers can use
+    (leaseagent.core.leases: the rule they apply)."""
     if not raw:
         return None
     try:
-        ip = IPv4Address(raw)
+        ip = IPv4Address(raw) if version == 4 else IPv6Address(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: not an IPv4 address") from None
+        raise ConfigError(f"{name}={raw!r}: not an IPv{version} address") from None
     why = unusable_ip_reason(ip)
     if why and not allow_any:
         raise ConfigError(f"{name}={raw!r}: a {why} address; peers would refuse the lease "
@@ -349,6 +353,9 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
                           "seconds (etcd's floor)")
     allow_any = bool(ns.allow_any_public_ip)
     public_ip = parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=allow_any)
+    public_ipv6 = parse_public_ip(ns.public_ipv6, name=source(ns, "--public-ipv6"),
+                                  allow_any=allow_any, version=6)
+    assert not isinstance(public_ip, IPv6Address) and not isinstance(public_ipv6, IPv4Address)
     route_protocol = parse_route_protocol(ns.route_protocol, name=source(ns, "--route-protocol"))
     node_id = ns.node_id or default_node_id()
     if any(c.isspace() for c in node_id) or len(node_id) > 253:
@@ -359,6 +366,7 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         prefix=str(ns.etcd_prefix),
         iface=ns.iface or None,
         public_ip=public_ip,
+        public_ipv6=public_ipv6,
         subnet_file=Path(ns.subnet_file),
         state_dir=Path(ns.state_dir),
         lease_ttl=ttl,

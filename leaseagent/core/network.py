@@ -149,6 +149,14 @@ class NetworkConfig:
     def check_subnet(self, subnet: IPv4Network) -> str | None:
         return self.ipv4.check_subnet(subnet)
 
+    @property
+    def ipv6_network(self) -> IPv6Network | None:
+        """The IPv6Network (None without IPv6)."""
+        if self.ipv6 is None:
+            return None
+        assert isinstance(self.ipv6.network, IPv6Network)
+        return self.ipv6.network
+
     def check_ipv6_subnet(self, subnet: IPv6Network) -> str | None:
         """Why `subnet` cannot be this network's IPv6 part of a lease (None: it can)."""
         if self.ipv6 is None:

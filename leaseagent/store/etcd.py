@@ -307,9 +307,10 @@ class EtcdStore:
             return None
         kv = self._kvs
         chain: TxnRequest | None = None
-        for key, guard in reversed(list(zip(keys, guards or [None] * len(keys), strict=True))):
+        prefixes: Sequence[str | None] = guards or [None] * len(keys)
+        for key, prefix in reversed(list(zip(keys, prefixes, strict=True))):
             chain = TxnRequest(
-                compare=[self._absent(key, guard)],
+                compare=[self._absent(key, prefix)],
                 success=[kv.txn_op_put(key, value, lease=lease), kv.txn_op_get(key)],
                 failure=[RequestOp(request_txn=chain)] if chain is not None else [],
             )

@@ -164,7 +164,8 @@ class MemoryStore:
         for key in keys:
             if lease and key in self._kv and self._kv[key].lease == lease:
                 return self._kv[key]
-        for key, guard in zip(keys, guards or [None] * len(keys), strict=True):
+        prefixes: Sequence[str | None] = guards or [None] * len(keys)
+        for key, guard in zip(keys, prefixes, strict=True):
             if not self._taken(key, guard):
                 self._check_lease(lease)
                 kv = self._write(key, value, lease)
