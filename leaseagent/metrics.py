@@ -19,7 +19,7 @@ node_id, backend}` say which agent and which lease a series belongs to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -81,27 +81,31 @@ def zero(metric: Counter | Gauge | Histogram, label: str, values: Iterable[str])
 
 
 class _RulesCollector(Collector):
-    """The traffic rules' keeper status as metric families, read at each scrape."""
+    """The traffic rules' keepers' status as metric families, read at each scrape. With
+    IPv6 there is a keeper per family; the series are those of one keeper before
+    dual-stack (no family label, which would start new series): in sync when every
+    family is, repairs and drops summed."""
 
-    def __init__(self, status: Callable[[], RulesStatus | None]) -> None:
-        self._status = status
+    def __init__(self, statuses: Callable[[], Mapping[int, RulesStatus]]) -> None:
+        self._statuses = statuses
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        status = self._status()
-        if status is None:
+        statuses = list(self._statuses().values())
+        if not statuses:
             return
         yield GaugeMetricFamily("leaseagent_rules_in_sync",
                                 "1 when the traffic rules (masquerade, forward, peer filter) "
-                                "are in place", value=1 if status.in_sync else 0)
+                                "are in place, for every family",
+                                value=1 if all(s.in_sync for s in statuses) else 0)
         repairs = CounterMetricFamily("leaseagent_rules_repairs",
                                       "Traffic rules restored after something else changed them",
                                       labels=["kind"])
         for kind in KINDS:
-            repairs.add_metric([kind], status.repairs.get(kind, 0))
+            repairs.add_metric([kind], sum(s.repairs.get(kind, 0) for s in statuses))
         yield repairs
         yield CounterMetricFamily("leaseagent_vxlan_peer_filter_dropped_packets",
                                   "VXLAN packets dropped because they came from no peer",
-                                  value=status.dropped)
+                                  value=sum(s.dropped for s in statuses))
 
 
 class Metrics:
@@ -169,7 +173,7 @@ class Metrics:
             registry=r)
         self._dataplane: DataPlaneStatus | None = None
         r.register(_DataPlaneCollector(lambda: self._dataplane))
-        self._rules: RulesStatus | None = None
+        self._rules: dict[int, RulesStatus] = {}  # by family
         r.register(_RulesCollector(lambda: self._rules))
 
     def set_identity(self, *, public_ip: str, node_id: str, backend: str) -> None:
@@ -179,9 +183,10 @@ class Metrics:
     def set_lease(self, *, subnet: str) -> None:
         self._lease_info.info({"subnet": subnet, **self._identity})
 
-    def export_rules(self, status: RulesStatus) -> None:
-        """Export the traffic rules' status (read at each scrape) from now on."""
-        self._rules = status
+    def export_rules(self, status: RulesStatus, *, family: int = 4) -> None:
+        """Export one family's traffic rules' status (read at each scrape) from now on,
+        in place of that family's earlier one."""
+        self._rules[family] = status
 
     def export_dataplane(self, status: DataPlaneStatus) -> None:
         """Export the data plane's status (read at each scrape) from now on."""

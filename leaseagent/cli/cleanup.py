@@ -6,8 +6,10 @@ flowing across a restart) is removed here, and nothing else:
 - every route carrying its route protocol (`--route-protocol`, 76);
 - its vxlan devices (`flannel.<VNI>`, kind vxlan), which takes their
   neighbour and FDB entries with them;
-- its traffic rules: the nftables table `ip leaseagent`, the iptables chains
-  LEASEAGENT-* with their jumps, the ipset of VXLAN peers (whichever exist).
+- its traffic rules of both families: the nftables tables `ip leaseagent` and
+  `ip6 leaseagent`, the iptables and ip6tables chains LEASEAGENT-* with their
+  jumps, the ipsets of VXLAN peers (whichever exist; a host without IPv6 or
+  without one of the tools has none of that kind).
 
 Stop the agent first (`systemctl disable --now leaseagent`), or it puts them
 back. Needs no etcd. The lease in etcd is not touched: `leasectl release`.
@@ -18,8 +20,8 @@ from __future__ import annotations
 import re
 
 from leaseagent.cli.doctor import DoctorSettings
-from leaseagent.core.rules import ObservedRules
-from leaseagent.dataplane.firewall import IptablesFirewall, NftFirewall
+from leaseagent.core.rules import FAMILIES, ObservedRules
+from leaseagent.dataplane.firewall import Firewall, IptablesFirewall, NftFirewall
 from leaseagent.dataplane.netlink import Action, Netlink
 from leaseagent.errors import ConfigError, DataPlaneError
 
@@ -41,7 +43,10 @@ async def cleanup(settings: DoctorSettings) -> list[str]:
                 done.append(f"removed device {link.name}")
     finally:
         nl.close()
-    for fw in (NftFirewall(), IptablesFirewall()):
+    firewalls: list[Firewall] = [kind(family=family) for family in FAMILIES
+                                 for kind in (NftFirewall, IptablesFirewall)]
+    for fw in firewalls:
+        what = f"{fw.family.shown}{fw.name}"  # "nftables", ..., "IPv6 iptables"
         try:
             observed = await fw.observe()
         except DataPlaneError:
@@ -50,7 +55,7 @@ async def cleanup(settings: DoctorSettings) -> list[str]:
             try:
                 await fw.remove()
             except (ConfigError, DataPlaneError) as exc:
-                done.append(f"could not remove the {fw.name} rules: {exc}")
+                done.append(f"could not remove the {what} rules: {exc}")
                 continue
-            done.append(f"removed the {fw.name} rules ({', '.join(sorted(observed.chains))})")
+            done.append(f"removed the {what} rules ({', '.join(sorted(observed.chains))})")
     return done

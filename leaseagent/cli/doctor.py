@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,9 @@ from leaseagent.core.diagnosis import (
     vtep_mac_problems,
 )
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
-from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.network import Network, NetworkConfig, parse_network_config
 from leaseagent.core.plan import compare, flatten, needs_recreate
-from leaseagent.core.rules import TrafficSettings, peer_addresses, ruleset
+from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
@@ -216,21 +216,31 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
 
 
 async def _check_rules(settings: DoctorSettings, network: NetworkConfig,
-                       own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
-                       ) -> list[Problem]:
+                       own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer],
+                       own_ipv6_subnet: IPv6Network | None = None) -> list[Problem]:
     """The traffic rules the agent keeps (same flags, same config) against the firewall:
-    missing, extra or reordered rules, a chain not hooked in first, the peer set."""
+    missing, extra or reordered rules, a chain not hooked in first, the peer set. For
+    each family the config has; an IPv6 problem says so (its object and its line)."""
     from leaseagent.core.backends import VxlanOptions
     from leaseagent.dataplane.firewall import firewall
 
     traffic = replace(settings.traffic, nftables=network.enable_nftables)
     options = network.options
-    wanted = ruleset(traffic, network=network.network, own_subnet=own_subnet,
-                     vxlan_port=options.port if isinstance(options, VxlanOptions) else None,
-                     peers=peer_addresses(peers.values()))
-    try:
-        observed = await firewall(nftables=traffic.nftables).observe()
-    except (ConfigError, DataPlaneError) as exc:
-        return [problem("rule", "firewall", str(exc), text=f"rule check impossible: {exc}")]
-    return [problem("rule", d.chain, d.detail, text=f"rule {d.text}")
-            for d in compare_rules(wanted, observed)]
+    port = options.port if isinstance(options, VxlanOptions) else None
+    families: list[tuple[Network, Network | None]] = [(network.network, own_subnet)]
+    if network.ipv6 is not None:
+        families.append((network.ipv6.network, own_ipv6_subnet))
+    found: list[Problem] = []
+    for net, own in families:
+        shown = FAMILIES[net.version].shown
+        wanted = ruleset(traffic, network=net, own_subnet=own, vxlan_port=port,
+                         peers=peer_addresses(peers.values(), net.version))
+        try:
+            observed = await firewall(nftables=traffic.nftables, family=net.version).observe()
+        except (ConfigError, DataPlaneError) as exc:
+            found.append(problem("rule", f"{shown}firewall", str(exc),
+                                 text=f"{shown}rule check impossible: {exc}"))
+            continue
+        found += [problem("rule", f"{shown}{d.chain}", d.detail, text=f"{shown}rule {d.text}")
+                  for d in compare_rules(wanted, observed)]
+    return found

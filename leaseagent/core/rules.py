@@ -32,6 +32,13 @@ text>`. Reading the chains back yields the comments in order, so a missing,
 extra (anything without our comment), reordered or changed rule is found
 without parsing either tool's output format. The peer filter's addresses are
 a set (nftables) or an ipset (iptables), updated element by element.
+
+Dual-stack: the same rules for the IPv6 network, one ruleset per family
+(`ruleset()` takes the family from the network it is given). A `Family` holds
+all that differs: the nftables family (`table ip6 leaseagent`, `ip6 saddr`),
+the set type, the iptables program (ip6tables), the ipset, the multicast
+range (ff00::/8, as flannel's masqIP6Rules). IPv4's are the names of the
+agent before dual-stack, byte for byte: existing hosts' rules stay ours.
 """
 
 from __future__ import annotations
@@ -41,15 +48,39 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.network import Address, Network
 
-TABLE = "leaseagent"  # nftables: table ip leaseagent
-PEER_SET = "vxlan_peers"  # nftables set name
-IPSET = "leaseagent-vxlan-peers"  # iptables: the ipset's name
+TABLE = "leaseagent"  # nftables: table ip leaseagent, table ip6 leaseagent
+PEER_SET = "vxlan_peers"  # nftables set name (in each family's table)
 MARK = 0x4000  # kube-proxy's masquerade mark, which flannel's first rule returns on
-MULTICAST = IPv4Network("224.0.0.0/4")
+
+
+@dataclass(frozen=True)
+class Family:
+    """All that differs between the IPv4 rules and the IPv6 ones; the rules, the adapters
+    and the keeper are otherwise one code for both."""
+
+    version: int  # 4 | 6
+    nft: str  # the nftables family, which is also the address match's word (ip saddr)
+    address_type: str  # the nftables set's type
+    iptables: str  # the program family: its -save and -restore hold this family's tables
+    ipset: str  # the peer set's ipset name
+    ipset_family: str  # ipset's family option
+    multicast: Network  # never masqueraded (flannel: 224.0.0.0/4, ff00::/8)
+    salt: str  # mixed into each rule's tag: no IPv6 rule shares a tag with an IPv4 one
+    shown: str  # put before "traffic rules" in messages
+
+
+# IPv4's names, salt and messages are those from before dual-stack: existing hosts.
+IPV4 = Family(4, "ip", "ipv4_addr", "iptables", "leaseagent-vxlan-peers", "inet",
+              IPv4Network("224.0.0.0/4"), salt="", shown="")
+IPV6 = Family(6, "ip6", "ipv6_addr", "ip6tables", "leaseagent-vxlan-peers6", "inet6",
+              IPv6Network("ff00::/8"), salt="ipv6|", shown="IPv6 ")
+FAMILIES = {4: IPV4, 6: IPV6}
+IPSET = IPV4.ipset  # the IPv4 peer set's ipset, under its name from before dual-stack
 
 # Our chains: name -> (nftables hook, type, priority), iptables table, iptables chain
 # jumped to from the built-in one.
@@ -83,21 +114,23 @@ class Rule:
     nft: str  # the rule in nft syntax, without its comment
     iptables: str  # the rule spec in iptables syntax, without -A CHAIN and the comment
     why: str
+    family: Family = IPV4
 
     @property
     def tag(self) -> str:
-        digest = hashlib.sha256(f"{self.nft}|{self.iptables}".encode()).hexdigest()[:10]
-        return f"leaseagent:{self.name}:{digest}"
+        text = f"{self.family.salt}{self.nft}|{self.iptables}"
+        return f"leaseagent:{self.name}:{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 @dataclass(frozen=True)
 class Ruleset:
-    """Everything wanted, in order per chain. `peer_port`: the VXLAN port the peer filter
-    guards (None: no filter); `peers`: who may send to it."""
+    """Everything wanted for one family, in order per chain. `peer_port`: the VXLAN port
+    the peer filter guards (None: no filter); `peers`: who may send to it."""
 
     rules: tuple[Rule, ...] = ()
     peer_port: int | None = None
-    peers: frozenset[IPv4Address] = frozenset()
+    peers: frozenset[Address] = frozenset()
+    family: Family = IPV4
 
     def chain(self, name: str) -> list[Rule]:
         return [r for r in self.rules if r.chain == name]
@@ -116,38 +149,41 @@ class Ruleset:
         return frozenset(map(str, self.peers))
 
 
-def masquerade_rules(net: IPv4Network, pod: IPv4Network, *, random_fully: bool) -> list[Rule]:
+def masquerade_rules(net: Network, pod: Network, *, random_fully: bool) -> list[Rule]:
+    f = FAMILIES[net.version]
+    ip, multicast = f.nft, f.multicast
     nft_masq = "masquerade fully-random" if random_fully else "masquerade"
     ipt_masq = "-j MASQUERADE --random-fully" if random_fully else "-j MASQUERADE"
     return [
         Rule("postrouting", "masq-mark", f"meta mark & {MARK:#010x} == {MARK:#010x} return",
              f"-m mark --mark {MARK:#x}/{MARK:#x} -j RETURN",
-             "marked by kube-proxy (0x4000): it masquerades it, never twice"),
-        Rule("postrouting", "masq-pod-net", f"ip saddr {pod} ip daddr {net} return",
+             "marked by kube-proxy (0x4000): it masquerades it, never twice", f),
+        Rule("postrouting", "masq-pod-net", f"{ip} saddr {pod} {ip} daddr {net} return",
              f"-s {pod} -d {net} -j RETURN",
-             "from this host's containers to the cluster: the source stays"),
-        Rule("postrouting", "masq-net-pod", f"ip saddr {net} ip daddr {pod} return",
+             "from this host's containers to the cluster: the source stays", f),
+        Rule("postrouting", "masq-net-pod", f"{ip} saddr {net} {ip} daddr {pod} return",
              f"-s {net} -d {pod} -j RETURN",
-             "from the cluster to this host's containers: the source stays"),
-        Rule("postrouting", "masq-out-pod", f"ip saddr != {net} ip daddr {pod} return",
+             "from the cluster to this host's containers: the source stays", f),
+        Rule("postrouting", "masq-out-pod", f"{ip} saddr != {net} {ip} daddr {pod} return",
              f"! -s {net} -d {pod} -j RETURN",
              "from outside to this host's containers (a node that owns the address): "
-             "the source stays"),
-        Rule("postrouting", "masq-net-out", f"ip saddr {net} ip daddr != {MULTICAST} {nft_masq}",
-             f"-s {net} ! -d {MULTICAST} {ipt_masq}",
-             "from the cluster to the world (not multicast): the host's address"),
-        Rule("postrouting", "masq-host-net", f"ip saddr != {net} ip daddr {net} {nft_masq}",
+             "the source stays", f),
+        Rule("postrouting", "masq-net-out", f"{ip} saddr {net} {ip} daddr != {multicast} {nft_masq}",
+             f"-s {net} ! -d {multicast} {ipt_masq}",
+             "from the cluster to the world (not multicast): the host's address", f),
+        Rule("postrouting", "masq-host-net", f"{ip} saddr != {net} {ip} daddr {net} {nft_masq}",
              f"! -s {net} -d {net} {ipt_masq}",
-             "from the host itself into the cluster: an address of the cluster network"),
+             "from the host itself into the cluster: an address of the cluster network", f),
     ]
 
 
-def forward_rules(net: IPv4Network) -> list[Rule]:
+def forward_rules(net: Network) -> list[Rule]:
+    f = FAMILIES[net.version]
     return [
-        Rule("forward", "fwd-from-net", f"ip saddr {net} accept", f"-s {net} -j ACCEPT",
-             "forwarded from the cluster network: accepted whatever FORWARD's policy"),
-        Rule("forward", "fwd-to-net", f"ip daddr {net} accept", f"-d {net} -j ACCEPT",
-             "forwarded to the cluster network: accepted whatever FORWARD's policy"),
+        Rule("forward", "fwd-from-net", f"{f.nft} saddr {net} accept", f"-s {net} -j ACCEPT",
+             "forwarded from the cluster network: accepted whatever FORWARD's policy", f),
+        Rule("forward", "fwd-to-net", f"{f.nft} daddr {net} accept", f"-d {net} -j ACCEPT",
+             "forwarded to the cluster network: accepted whatever FORWARD's policy", f),
     ]
 
 
@@ -159,17 +195,24 @@ def is_peer_filter(tag: str | None) -> bool:
     return (tag or "").startswith(f"leaseagent:{PEER_FILTER}:")
 
 
-def peer_filter_rules(port: int) -> list[Rule]:
+def peer_filter_rules(port: int, f: Family = IPV4) -> list[Rule]:
     return [Rule("input", PEER_FILTER,
-                 f"udp dport {port} ip saddr != @{PEER_SET} counter drop",
-                 f"-p udp -m udp --dport {port} -m set ! --match-set {IPSET} src -j DROP",
-                 "VXLAN from anyone but a current peer: dropped (VXLAN has no authentication)")]
+                 f"udp dport {port} {f.nft} saddr != @{PEER_SET} counter drop",
+                 f"-p udp -m udp --dport {port} -m set ! --match-set {f.ipset} src -j DROP",
+                 "VXLAN from anyone but a current peer: dropped (VXLAN has no authentication)", f)]
 
 
-def ruleset(settings: TrafficSettings, *, network: IPv4Network, own_subnet: IPv4Network | None,
-            vxlan_port: int | None, peers: Iterable[IPv4Address] = ()) -> Ruleset:
-    """Every rule wanted. Masquerade needs this host's subnet; the peer filter a VXLAN
-    port (vxlan backend only)."""
+def ruleset(settings: TrafficSettings, *, network: Network, own_subnet: Network | None,
+            vxlan_port: int | None, peers: Iterable[Address] = ()) -> Ruleset:
+    """Every rule wanted for the family of `network` (the IPv4 or the IPv6 cluster
+    network). Masquerade needs this host's subnet of that family; the peer filter a
+    VXLAN port (vxlan backend only). ValueError if the addresses mix families: one
+    family's table cannot hold the other's."""
+    f = FAMILIES[network.version]
+    chosen = frozenset(peers)
+    strays = [a for a in (own_subnet, *chosen) if a is not None and a.version != f.version]
+    if strays:
+        raise ValueError(f"IPv{f.version} traffic rules given {strays[0]}")
     rules: list[Rule] = []
     if settings.ip_masq and own_subnet is not None:
         rules += masquerade_rules(network, own_subnet, random_fully=settings.random_fully)
@@ -177,8 +220,8 @@ def ruleset(settings: TrafficSettings, *, network: IPv4Network, own_subnet: IPv4
         rules += forward_rules(network)
     port = vxlan_port if settings.peer_filter else None
     if port is not None:
-        rules += peer_filter_rules(port)
-    return Ruleset(tuple(rules), port, frozenset(peers) if port is not None else frozenset())
+        rules += peer_filter_rules(port, f)
+    return Ruleset(tuple(rules), port, chosen if port is not None else frozenset(), f)
 
 
 # ------------------------------------------------------------------ what is there
@@ -255,36 +298,41 @@ def compare(wanted: Ruleset, observed: ObservedRules) -> list[RuleDifference]:
     return out
 
 
-def admitted(peer: Peer) -> IPv4Address | None:
-    """The address the peer filter admits for `peer`: a vxlan peer's PublicIP."""
-    return peer.public_ip if peer.backend_type == "vxlan" else None
+def admitted(peer: Peer, family: int = 4) -> Address | None:
+    """The address the peer filter of `family` admits for `peer`: a vxlan peer's PublicIP,
+    or its PublicIPv6 (VXLAN over the IPv6 underlay; None for a peer with no IPv6 part)."""
+    if peer.backend_type != "vxlan":
+        return None
+    return peer.public_ip if family == 4 else peer.public_ipv6
 
 
-def peer_addresses(peers: Iterable[Peer]) -> frozenset[IPv4Address]:
-    """Every address the peer filter admits for `peers`."""
-    return frozenset(ip for p in peers if (ip := admitted(p)) is not None)
+def peer_addresses(peers: Iterable[Peer], family: int = 4) -> frozenset[Address]:
+    """Every address the peer filter of `family` admits for `peers`."""
+    return frozenset(ip for p in peers if (ip := admitted(p, family)) is not None)
 
 
 class PeerAdmission:
-    """The peer filter's addresses, kept per change in time proportional to the change,
-    not to the number of peers (thousands of leases expiring together are thousands of
-    events). Two peers with one PublicIP keep it admitted until both are gone."""
+    """One family's peer filter addresses, kept per change in time proportional to the
+    change, not to the number of peers (thousands of leases expiring together are
+    thousands of events). Two peers with one PublicIP keep it admitted until both are
+    gone. A peer is known by its (IPv4) subnet in both families, as the watcher knows it."""
 
-    def __init__(self) -> None:
-        self._of: dict[IPv4Network, IPv4Address] = {}
-        self._uses: Counter[IPv4Address] = Counter()
+    def __init__(self, family: int = 4) -> None:
+        self.family = FAMILIES[family].version
+        self._of: dict[IPv4Network, Address] = {}
+        self._uses: Counter[Address] = Counter()
 
-    def reset(self, peers: Iterable[Peer]) -> frozenset[IPv4Address]:
+    def reset(self, peers: Iterable[Peer]) -> frozenset[Address]:
         """Start again from the whole peer set; the addresses admitted."""
-        self._of = {p.subnet: ip for p in peers if (ip := admitted(p)) is not None}
+        self._of = {p.subnet: ip for p in peers if (ip := admitted(p, self.family)) is not None}
         self._uses = Counter(self._of.values())
         return self.addresses()
 
-    def apply(self, changes: PeerChanges) -> tuple[set[IPv4Address], set[IPv4Address]]:
+    def apply(self, changes: PeerChanges) -> tuple[set[Address], set[Address]]:
         """Take in one batch of changes; the addresses newly admitted, and those no
         peer uses any more."""
-        admit: set[IPv4Address] = set()
-        retire: set[IPv4Address] = set()
+        admit: set[Address] = set()
+        retire: set[Address] = set()
 
         def drop(subnet: IPv4Network) -> None:
             ip = self._of.pop(subnet, None)
@@ -298,7 +346,7 @@ class PeerAdmission:
             drop(p.subnet)
         for p in [*changes.changed, *changes.added]:
             drop(p.subnet)
-            ip = admitted(p)
+            ip = admitted(p, self.family)
             if ip is not None:
                 self._of[p.subnet] = ip
                 if self._uses[ip] == 0:
@@ -306,5 +354,5 @@ class PeerAdmission:
                 self._uses[ip] += 1
         return admit - retire, retire - admit
 
-    def addresses(self) -> frozenset[IPv4Address]:
+    def addresses(self) -> frozenset[Address]:
         return frozenset(self._uses)

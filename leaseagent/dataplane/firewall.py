@@ -32,11 +32,20 @@ of a listing.
 Nothing but our table, our chains, our jumps and our ipset is ever written.
 Commands run in the agent's network namespace (or `netns`, for tests).
 
+Each adapter serves one family (core.rules.Family): IPv4 as before dual-stack
+(`table ip leaseagent`; iptables, ipset leaseagent-vxlan-peers), IPv6 beside
+it with the same chain names (`table ip6 leaseagent`; ip6tables, ipset
+leaseagent-vxlan-peers6 of family inet6). The two never touch each other's
+tables, so one keeper per family holds its own rules: a repair, a rewrite or
+`leasectl cleanup` of one leaves the other as it is.
+
 `RulesKeeper` is level-triggered like the routes: `sync(wanted)` reads what is
 there, compares (core.rules.compare) and rewrites all of ours when anything
 differs; `update_peers` changes the peer set by element; `run` repairs drift
 (on nft events, and every check interval). It never removes rules when it
-stops: traffic keeps flowing across a restart.
+stops: traffic keeps flowing across a restart. Its `nft monitor` follows only
+its own table: the other family's keeper writing (peers coming and going) is
+no change of ours and starts no check.
 """
 
 from __future__ import annotations
@@ -50,14 +59,17 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from dataclasses import replace as replaced
+from ipaddress import ip_address
 from typing import Any, Protocol
 
+from leaseagent.core.network import Address
 from leaseagent.core.rules import (
     CHAINS,
-    IPSET,
+    FAMILIES,
     PEER_SET,
     TABLE,
+    Family,
     ObservedRules,
     RuleDifference,
     Ruleset,
@@ -97,11 +109,12 @@ async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
 
 
 class Firewall(Protocol):
-    name: str
+    name: str  # the tool: nftables | iptables (ip6tables for IPv6)
+    family: Family  # which family's rules it holds
 
     async def apply(self, wanted: Ruleset) -> None: ...
 
-    async def set_peers(self, add: Iterable[IPv4Address], remove: Iterable[IPv4Address]) -> None: ...
+    async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None: ...
 
     async def observe(self, *, deep: bool = True) -> ObservedRules:
         """Ours as the firewall has it; not `deep`: the peer set counted, not listed."""
@@ -118,14 +131,27 @@ class Firewall(Protocol):
         ...
 
 
+def _same_family(fw: Firewall, wanted: Ruleset) -> None:
+    """Refuse a ruleset of the other family: its addresses cannot go into this table."""
+    if wanted.family != fw.family:
+        raise ValueError(f"an IPv{wanted.family.version} ruleset given to the "
+                         f"IPv{fw.family.version} {fw.name} adapter")
+
+
+def _sorted(addresses: Iterable[Address]) -> list[Address]:
+    return sorted(addresses, key=int)  # one family: numeric order is address order
+
+
 # ------------------------------------------------------------------ nftables
 
 
 class NftFirewall:
     name = "nftables"
 
-    def __init__(self, *, netns: str | None = None) -> None:
+    def __init__(self, *, netns: str | None = None, family: int = 4) -> None:
         self._netns = netns
+        self.family = FAMILIES[family]
+        self.table = f"{self.family.nft} {TABLE}"  # ip leaseagent | ip6 leaseagent
         self.writers: set[int] = set()  # PIDs of our writing `nft`s, to know our own events
 
     def watches(self) -> bool:
@@ -138,11 +164,11 @@ class NftFirewall:
 
     def render(self, wanted: Ruleset) -> str:
         """The whole table in nft syntax (what `nft list table` shows, too)."""
-        lines = [f"table ip {TABLE} {{"]
+        lines = [f"table {self.table} {{"]
         if wanted.peer_port is not None:
-            lines += [f"\tset {PEER_SET} {{", "\t\ttype ipv4_addr"]
+            lines += [f"\tset {PEER_SET} {{", f"\t\ttype {self.family.address_type}"]
             if wanted.peers:
-                lines.append(f"\t\telements = {{ {', '.join(map(str, sorted(wanted.peers)))} }}")
+                lines.append(f"\t\telements = {{ {', '.join(map(str, _sorted(wanted.peers)))} }}")
             lines.append("\t}")
         for chain in wanted.chains:
             hook, kind, priority, _, _ = CHAINS[chain]
@@ -154,25 +180,25 @@ class NftFirewall:
         return "\n".join(lines) + "\n"
 
     async def apply(self, wanted: Ruleset) -> None:
-        script = f"table ip {TABLE}\ndelete table ip {TABLE}\n"
+        _same_family(self, wanted)
+        script = f"table {self.table}\ndelete table {self.table}\n"
         if wanted.rules:
             script += self.render(wanted)
         await self._write(script)
 
-    async def set_peers(self, add: Iterable[IPv4Address], remove: Iterable[IPv4Address]) -> None:
-        add, remove = sorted(add), sorted(remove)
+    async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None:
         script = ""
-        if add:
-            script += f"add element ip {TABLE} {PEER_SET} {{ {', '.join(map(str, add))} }}\n"
-        if remove:
-            script += f"delete element ip {TABLE} {PEER_SET} {{ {', '.join(map(str, remove))} }}\n"
+        for verb, addresses in (("add", _sorted(add)), ("delete", _sorted(remove))):
+            if addresses:
+                script += (f"{verb} element {self.table} {PEER_SET} "
+                           f"{{ {', '.join(map(str, addresses))} }}\n")
         if script:
             await self._write(script)
 
     async def observe(self, *, deep: bool = True) -> ObservedRules:
         # Always in full (`nft -t` would skip the elements but cannot count them): checks
         # come on others' changes and every WATCHED_CHECK_SECONDS, not every few seconds.
-        code, out, _ = await _run(["nft", "-j", "list", "table", "ip", TABLE],
+        code, out, _ = await _run(["nft", "-j", "list", "table", self.family.nft, TABLE],
                                   netns=self._netns, check=False)
         if code != 0:
             return ObservedRules()  # no table (flushed, never made)
@@ -201,7 +227,7 @@ class NftFirewall:
                              peer_count=None if peers is None else len(peers), dropped=dropped)
 
     async def dropped(self) -> int:
-        code, out, _ = await _run(["nft", "-j", "list", "chain", "ip", TABLE, "input"],
+        code, out, _ = await _run(["nft", "-j", "list", "chain", self.family.nft, TABLE, "input"],
                                   netns=self._netns, check=False)
         if code != 0:
             return 0
@@ -209,7 +235,7 @@ class NftFirewall:
                    if "rule" in item)
 
     async def remove(self) -> None:
-        await self._write(f"table ip {TABLE}\ndelete table ip {TABLE}\n")
+        await self.apply(Ruleset(family=self.family))
 
     async def events(self) -> asyncio.subprocess.Process:
         """`nft monitor`, whose every line is a ruleset change somewhere."""
@@ -267,38 +293,44 @@ def _comment(line: str) -> str | None:
 class IptablesFirewall:
     name = "iptables"
 
-    def __init__(self, *, netns: str | None = None) -> None:
+    def __init__(self, *, netns: str | None = None, family: int = 4) -> None:
         self._netns = netns
+        self.family = FAMILIES[family]
+        self.ipset = self.family.ipset
 
     def watches(self) -> bool:
         return False
 
     async def _save(self, table: str) -> _Saved:
-        _, out, _ = await _run(["iptables-save", "-c", "-t", table], netns=self._netns)
+        _, out, _ = await _run([f"{self.family.iptables}-save", "-c", "-t", table],
+                               netns=self._netns)
         return _parse_save(out)
 
     async def _ipset_count(self) -> int | None:
-        code, out, _ = await _run(["ipset", "list", "-t", IPSET], netns=self._netns, check=False)
+        code, out, _ = await _run(["ipset", "list", "-t", self.ipset], netns=self._netns,
+                                  check=False)
         if code != 0:
             return None
         for line in out.splitlines():
             if line.startswith("Number of entries:"):
                 return int(line.split(":", 1)[1])
-        raise DataPlaneError(f"ipset list -t {IPSET}: no 'Number of entries' line")
+        raise DataPlaneError(f"ipset list -t {self.ipset}: no 'Number of entries' line")
 
     async def _ipset_members(self) -> frozenset[str] | None:
-        code, out, _ = await _run(["ipset", "list", "-o", "save", IPSET], netns=self._netns,
+        code, out, _ = await _run(["ipset", "list", "-o", "save", self.ipset], netns=self._netns,
                                   check=False)
         if code != 0:
             return None
-        prefix = f"add {IPSET} "
+        prefix = f"add {self.ipset} "
         return frozenset(line[len(prefix):].split(" ", 1)[0] for line in out.splitlines()
                          if line.startswith(prefix))
 
     async def apply(self, wanted: Ruleset) -> None:
+        _same_family(self, wanted)
         if wanted.peer_port is not None:
-            await _run(["ipset", "create", IPSET, "hash:ip", "-exist"], netns=self._netns)
-            have = frozenset(IPv4Address(ip) for ip in await self._ipset_members() or ())
+            await _run(["ipset", "create", self.ipset, "hash:ip", "family", self.family.ipset_family,
+                        "-exist"], netns=self._netns)
+            have = frozenset(ip_address(ip) for ip in await self._ipset_members() or ())
             await self.set_peers(wanted.peers - have, have - wanted.peers)
         for table in ("nat", "filter"):
             saved = await self._save(table)
@@ -321,14 +353,14 @@ class IptablesFirewall:
                 elif exists:
                     lines.append(f"-X {ours}")
             lines.append("COMMIT")
-            await _run(["iptables-restore", "--noflush"], netns=self._netns,
+            await _run([f"{self.family.iptables}-restore", "--noflush"], netns=self._netns,
                        input="\n".join(lines) + "\n")
         if wanted.peer_port is None:
-            await _run(["ipset", "destroy", IPSET], netns=self._netns, check=False)
+            await _run(["ipset", "destroy", self.ipset], netns=self._netns, check=False)
 
-    async def set_peers(self, add: Iterable[IPv4Address], remove: Iterable[IPv4Address]) -> None:
-        script = "".join(f"add {IPSET} {ip} -exist\n" for ip in sorted(add))
-        script += "".join(f"del {IPSET} {ip} -exist\n" for ip in sorted(remove))
+    async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None:
+        script = "".join(f"add {self.ipset} {ip} -exist\n" for ip in _sorted(add))
+        script += "".join(f"del {self.ipset} {ip} -exist\n" for ip in _sorted(remove))
         if script:
             await _run(["ipset", "restore"], netns=self._netns, input=script)
 
@@ -364,18 +396,22 @@ class IptablesFirewall:
         return (await self.observe(deep=False)).dropped  # what a check reads anyway
 
     async def remove(self) -> None:
-        await self.apply(Ruleset())
+        await self.apply(Ruleset(family=self.family))
 
 
-def firewall(*, nftables: bool, netns: str | None = None) -> Firewall:
-    """The adapter for the network config's choice; ConfigError if its program is missing."""
-    programs = ("nft",) if nftables else ("iptables-restore", "iptables-save", "ipset")
+def firewall(*, nftables: bool, family: int = 4, netns: str | None = None) -> Firewall:
+    """The adapter for the network config's choice and `family` (4 | 6); ConfigError
+    naming the program that is missing (ip6tables-restore for IPv6 with iptables)."""
+    f = FAMILIES[family]
+    programs = ("nft",) if nftables else (f"{f.iptables}-restore", f"{f.iptables}-save", "ipset")
     for program in programs:
         if shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
             package = {"nft": "nftables", "ipset": "ipset"}.get(program, "iptables")
-            raise ConfigError(f"traffic rules need {program} (apt-get install "
+            raise ConfigError(f"{f.shown}traffic rules need {program} (apt-get install "
                               f"--no-install-recommends {package})")
-    return NftFirewall(netns=netns) if nftables else IptablesFirewall(netns=netns)
+    if nftables:
+        return NftFirewall(netns=netns, family=family)
+    return IptablesFirewall(netns=netns, family=family)
 
 
 # ------------------------------------------------------------------ the keeper
@@ -401,14 +437,14 @@ class RulesKeeper:
         self.fw = fw
         self.status = RulesStatus()
         self._base: Ruleset | None = None  # the rules and port of the last sync
-        self._peers: set[IPv4Address] = set()  # the peer set wanted, kept per change
+        self._peers: set[Address] = set()  # the peer set wanted, kept per change
         self._wanted: Ruleset | None = None  # _base with _peers, made when asked for
         self._check_seconds = check_interval(fw) if check_seconds is None else check_seconds
         self._counted = 0  # the peer filter's counter as last read (it restarts on a rewrite)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._deep_due = 0.0  # monotonic time of the next full read of the peer set
-        self._retiring: set[IPv4Address] = set()  # departed peers still in the set
+        self._retiring: set[Address] = set()  # departed peers still in the set
         self._retire = asyncio.Event()
         self._deep_asked = False  # an event touched the peer set's elements
 
@@ -435,7 +471,8 @@ class RulesKeeper:
                     if repair:
                         for kind in {d.kind for d in found}:
                             self.status.repairs[kind] += 1
-                        log.warning("traffic rules changed by someone else (%s); restoring them",
+                        log.warning("%straffic rules changed by someone else (%s); restoring "
+                                    "them", self.fw.family.shown,
                                     "; ".join(d.text for d in found[:3]))
                     await self.fw.apply(wanted)
                     self._counted = 0
@@ -443,7 +480,7 @@ class RulesKeeper:
                 return found
             except DataPlaneError as exc:
                 self.status.in_sync, self.status.last_error = False, str(exc)
-                log.warning("traffic rules: %s", exc)
+                log.warning("%straffic rules: %s", self.fw.family.shown, exc)
                 return []
 
     def _count_drops(self, counter: int) -> None:
@@ -456,12 +493,10 @@ class RulesKeeper:
     def wanted(self) -> Ruleset | None:
         """Everything to hold now: the last sync's rules with the current peer set."""
         if self._wanted is None and self._base is not None:
-            self._wanted = Ruleset(self._base.rules, self._base.peer_port,
-                                   frozenset(self._peers))
+            self._wanted = replaced(self._base, peers=frozenset(self._peers))
         return self._wanted
 
-    async def update_peers(self, admit: Iterable[IPv4Address],
-                           retire: Iterable[IPv4Address]) -> None:
+    async def update_peers(self, admit: Iterable[Address], retire: Iterable[Address]) -> None:
         """Change the peer filter's set by element (core.rules.PeerAdmission says which;
         the cost follows the change, not the number of peers). `admit` is in the set
         when this returns (it is called before their routes are added); `retire` leaves
@@ -543,7 +578,8 @@ class RulesKeeper:
                 try:
                     self._count_drops(await self.fw.dropped())
                 except DataPlaneError as exc:
-                    log.debug("traffic rules: reading the drop counter: %s", exc)
+                    log.debug("%straffic rules: reading the drop counter: %s",
+                          self.fw.family.shown, exc)
 
     async def _monitor(self, fw: NftFirewall) -> None:
         backoff = Backoff()
@@ -559,7 +595,8 @@ class RulesKeeper:
                 changes: list[str] = []
                 while line := await proc.stdout.readline():
                     backoff.reset()
-                    verdict = foreign_change(changes, line.decode(errors="replace"), fw.writers)
+                    verdict = foreign_change(changes, line.decode(errors="replace"), fw.writers,
+                                             table=fw.table)
                     if verdict is not None:
                         self._deep_asked |= verdict
                         self._wake.set()
@@ -570,13 +607,17 @@ class RulesKeeper:
             await backoff.sleep()  # nft monitor ended: start it again
 
 
-def foreign_change(changes: list[str], line: str, ours: set[int]) -> bool | None:
+def foreign_change(changes: list[str], line: str, ours: set[int], *, table: str) -> bool | None:
     """Follow `nft monitor`: each transaction's changes, then "# new generation N by
-    process PID (nft)". `changes` collects a transaction's lines. At its end: None if it
-    was ours (a PID in `ours`) or empty, else whether it touched set elements (the peer
-    set then needs a full read)."""
+    process PID (nft)". `changes` collects a transaction's lines that concern `table`
+    ("ip6 leaseagent": every line names its object's family and table after the verb
+    and the kind, `nft flush ruleset` included, which deletes each table by name); what
+    happens in other tables cannot change ours. At a transaction's end: None if it was
+    ours (a PID in `ours`) or left `table` alone, else whether it touched set elements
+    (the peer set then needs a full read)."""
     if not line.startswith("# new generation"):
-        changes.append(line)
+        if " ".join(line.split()[2:4]) == table:
+            changes.append(line)
         return None
     by = line.partition(" by process ")[2].split(" ", 1)[0]
     touched = [c for c in changes if c.strip()]

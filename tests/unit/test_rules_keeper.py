@@ -8,9 +8,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from leaseagent.core.rules import ObservedRules, Ruleset, TrafficSettings, compare, ruleset
+from leaseagent.core.network import Address
+from leaseagent.core.rules import (
+    FAMILIES,
+    ObservedRules,
+    Ruleset,
+    TrafficSettings,
+    compare,
+    ruleset,
+)
 from leaseagent.dataplane.firewall import RETIRE_DELAY_SECONDS, RulesKeeper, foreign_change
 
 NET = IPv4Network("10.5.0.0/16")
@@ -32,7 +40,8 @@ class MemoryFirewall:
 
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, family: int = 4) -> None:
+        self.family = FAMILIES[family]
         self.held: Ruleset | None = None
         self.members: set[str] | None = None
         self.calls: list[str] = []
@@ -45,7 +54,7 @@ class MemoryFirewall:
         self.held = want
         self.members = set(want.peer_texts) if want.peer_port is not None else None
 
-    async def set_peers(self, add: Iterable[IPv4Address], remove: Iterable[IPv4Address]) -> None:
+    async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None:
         add, remove = list(add), list(remove)
         if not add and not remove:
             return
@@ -177,16 +186,89 @@ async def test_a_full_read_is_made_anyway_once_it_is_due() -> None:
 def test_nft_monitor_our_own_transactions_are_ignored_others_wake_the_keeper() -> None:
     changes: list[str] = []
     ours = {4242}
-    lines = ["add element ip leaseagent vxlan_peers { 10.250.0.3 }",
-             "# new generation 7 by process 4242 (nft)"]
-    assert [foreign_change(changes, line, ours) for line in lines] == [None, None]
+
+    def follow(*lines: str) -> list[bool | None]:
+        return [foreign_change(changes, line, ours, table="ip leaseagent") for line in lines]
+
+    assert follow("add element ip leaseagent vxlan_peers { 10.250.0.3 }",
+                  "# new generation 7 by process 4242 (nft)") == [None, None]
     # Someone else flushes a chain of ours: a check, no full read of the set.
-    lines = ["delete rule ip leaseagent postrouting handle 4",
-             "# new generation 8 by process 99 (nft)"]
-    assert [foreign_change(changes, line, ours) for line in lines] == [None, False]
+    assert follow("delete rule ip leaseagent postrouting handle 4",
+                  "# new generation 8 by process 99 (nft)") == [None, False]
     # Someone else deletes a member: a full read of the set.
-    lines = ["delete element ip leaseagent vxlan_peers { 10.250.0.3 }",
-             "# new generation 9 by process 99 (nft)"]
-    assert [foreign_change(changes, line, ours) for line in lines] == [None, True]
+    assert follow("delete element ip leaseagent vxlan_peers { 10.250.0.3 }",
+                  "# new generation 9 by process 99 (nft)") == [None, True]
     # A transaction with nothing in it (e.g. a flush of an empty chain): nothing to do.
-    assert foreign_change(changes, "# new generation 10 by process 99 (nft)", ours) is None
+    assert follow("# new generation 10 by process 99 (nft)") == [None]
+    # `nft flush ruleset` deletes every table by name, ours among them.
+    assert follow("delete rule ip6 leaseagent input handle 6",
+                  "delete table ip6 leaseagent",
+                  "delete chain ip leaseagent forward",
+                  "delete table ip leaseagent",
+                  "# new generation 11 by process 99 (nft)")[-1] is False
+
+
+def test_nft_monitor_the_other_familys_table_and_others_tables_are_not_ours() -> None:
+    """The IPv6 keeper's writes (another PID) and Docker's changes leave the IPv4 keeper
+    asleep; and the other way round."""
+    changes: list[str] = []
+    lines = ["add element ip6 leaseagent vxlan_peers { fd00::3 }",
+             "delete rule ip6 leaseagent postrouting handle 4",
+             "add rule ip filter DOCKER-USER counter return",
+             "add table inet leaseagent",
+             "# new generation 12 by process 99 (nft)"]
+    assert [foreign_change(changes, line, set(), table="ip leaseagent")
+            for line in lines] == [None] * 5
+    assert [foreign_change(changes, line, set(), table="ip6 leaseagent")
+            for line in lines][-1] is True
+
+
+V6_NET = IPv6Network("fd10::/48")
+V6_POD = IPv6Network("fd10:0:0:22::/64")
+
+
+def addresses6(n: int) -> frozenset[IPv6Address]:
+    return frozenset(IPv6Address(f"fd00:99::{i + 1:x}") for i in range(n))
+
+
+async def test_an_ipv6_keeper_holds_its_ruleset_and_its_peer_set_like_ipv4s() -> None:
+    fw = MemoryFirewall(6)
+    keeper = RulesKeeper(fw, check_seconds=3600)
+    want = ruleset(TrafficSettings(ip_masq=True), network=V6_NET, own_subnet=V6_POD,
+                   vxlan_port=8472, peers=addresses6(4))
+    assert await keeper.sync(want) != []  # nothing there yet: written
+    assert keeper.wanted is not None and keeper.wanted.family == FAMILIES[6]
+    async with running(keeper):
+        await keeper.update_peers({IPv6Address("fd00:99::99")}, {IPv6Address("fd00:99::1")})
+        assert fw.members is not None and "fd00:99::99" in fw.members
+        await asyncio.sleep(RETIRE_DELAY_SECONDS * 4)
+        assert "fd00:99::1" not in fw.members
+    assert await keeper.sync(repair=True) == []
+    assert keeper.wanted.family == FAMILIES[6]  # the peers changed, the family stayed
+    assert keeper.status.repairs == {}
+
+
+def test_the_rules_metrics_keep_their_series_and_sum_the_families() -> None:
+    """With a keeper per family: no new series (no family label), in sync only when both
+    are, repairs and drops added up."""
+    from collections import Counter
+
+    from leaseagent.dataplane.firewall import RulesStatus
+    from leaseagent.metrics import Metrics
+
+    metrics = Metrics()
+    v4 = RulesStatus(in_sync=True, repairs=Counter(missing=2), dropped=5)
+    v6 = RulesStatus(in_sync=True, repairs=Counter(missing=1, peers=4), dropped=7)
+    metrics.export_rules(v4)
+    metrics.export_rules(v6, family=6)
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert value("leaseagent_rules_in_sync") == 1
+    assert value("leaseagent_rules_repairs_total", kind="missing") == 3
+    assert value("leaseagent_rules_repairs_total", kind="peers") == 4
+    assert value("leaseagent_vxlan_peer_filter_dropped_packets_total") == 12
+    v6.in_sync = False
+    assert value("leaseagent_rules_in_sync") == 0
+    assert value("leaseagent_rules_in_sync", family="6") is None
