@@ -32,6 +32,7 @@ from leaseagent.errors import InvalidLease, NetworkConfigError
 DEFAULT_BACKEND = "vxlan"
 
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+VXLAN6_OVERHEAD = 70  # outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14 (not flannel's 50: #1781)
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472  # flannel's default, the Linux kernel's original VXLAN port
 
@@ -72,8 +73,17 @@ class VxlanOptions:
     def device_name(self) -> str:
         return f"flannel.{self.vni}"
 
-    def mtu_for(self, underlay_mtu: int) -> int:
-        return self.mtu if self.mtu is not None else underlay_mtu - VXLAN_OVERHEAD
+    @property
+    def device_name6(self) -> str:
+        """The IPv6 device of a dual-stack network (flannel's name)."""
+        return f"flannel-v6.{self.vni}"
+
+    def mtu_for(self, underlay_mtu: int, *, ipv6: bool = False) -> int:
+        """The device MTU: Backend.MTU for both devices when set (as flannel's), else
+        the underlay's less what VXLAN over that family's outer header adds."""
+        if self.mtu is not None:
+            return self.mtu
+        return underlay_mtu - (VXLAN6_OVERHEAD if ipv6 else VXLAN_OVERHEAD)
 
 
 BackendOptions = NoOptions | VxlanOptions

@@ -27,6 +27,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.leases import LeaseValue, Peer
+from leaseagent.core.network import Network
 from leaseagent.core.plan import (
     ADD_ADDRESS,
     CREATE,
@@ -121,16 +122,23 @@ def object_problems(
     return out
 
 
+def _subnet(peer: Peer, version: int) -> Network | None:
+    """The peer's subnet of one family (None: an IPv4-only peer asked for IPv6)."""
+    return peer.subnet if version == 4 else peer.ipv6_subnet
+
+
 def _stale_reason(obj: KernelObject, peers: Mapping[IPv4Network, Peer]) -> str:
     if isinstance(obj, Route):
-        if obj.dst in peers:
+        if any(_subnet(p, obj.dst.version) == obj.dst for p in peers.values()):
             return f"not what the lease of {obj.dst} needs"
         return f"no valid lease holds {obj.dst}"
     if isinstance(obj, Neighbour):
-        held = [s for s in peers if s.network_address == obj.dst]
+        held = [s for p in peers.values() if (s := _subnet(p, obj.dst.version)) is not None
+                and s.network_address == obj.dst]
         return f"not what the lease of {held[0]} needs" if held else \
             f"no valid lease holds a subnet at {obj.dst}"
-    macs = {p.data.vtep_mac for p in peers.values() if isinstance(p.data, VxlanLeaseData)}
+    macs = {data.vtep_mac for p in peers.values() for data in (p.data, p.data6)
+            if isinstance(data, VxlanLeaseData)}
     return "no valid lease has this VtepMAC at this address" if obj.lladdr in macs else \
         "no valid lease has this VtepMAC"
 

@@ -7,19 +7,29 @@ into an `Observation` of the same shapes; `compare` says what differs. The
 backend's reconcile acts on the differences, `leasectl doctor` prints them,
 the tests assert on them: one comparison for all three.
 
-The objects (docs/architecture.md, "Kernel objects"):
+The objects (docs/architecture.md, "Kernel objects"), per family: IPv4 on
+the vxlan device `flannel.<VNI>`, IPv6 (a dual-stack peer, on a host with an
+IPv6 device or underlay address) on `flannel-v6.<VNI>`, as flannel lays them
+out (pkg/backend/vxlan/vxlan_network.go, pkg/backend/route_network.go):
 
-- vxlan, per peer: Neighbour(<subnet .0> -> VtepMAC on the vxlan device),
-  Fdb(VtepMAC -> PublicIP on the vxlan device), Route(<subnet> via <subnet .0>
-  dev vxlan onlink). With DirectRouting and the peer's PublicIP on a directly
-  connected network: only Route(<subnet> via PublicIP dev underlay).
-- host-gw, per peer: Route(<subnet> via PublicIP dev underlay).
+- vxlan, per peer and family: Neighbour(<subnet base> -> VtepMAC on the
+  family's device), Fdb(VtepMAC -> PublicIP / PublicIPv6 on that device),
+  Route(<subnet> via <subnet base> dev <that device> onlink). With
+  DirectRouting and the peer's public address on a directly connected
+  network: only Route(<subnet> via <public address> dev underlay).
+- host-gw, per peer and family: Route(<subnet> via <public address> dev underlay).
+
+So a dual-stack vxlan peer has up to six objects. Peers stay keyed by their
+IPv4 subnet (`PeerPlan`): the IPv6 objects are part of the same peer.
 
 Identity. Each object has a `key`: what the kernel uses to tell two entries
 apart for a *replace* (RTM_NEWROUTE/RTM_NEWNEIGH with NLM_F_REPLACE):
 
-- Route: (dst, metric) in the main table. A route with the same dst but
-  another gateway or device is replaced in place, never removed first.
+- Route: (dst, metric) in the main table of the dst's family. A route with
+  the same dst but another gateway or device is replaced in place, never
+  removed first. An IPv6 route given no metric is stored by the kernel at
+  1024 (IP6_RT_PRIO_USER), so `Route` says so itself: what we plan is what a
+  dump reads back.
 - Neighbour: (ifindex, dst). A new lladdr replaces the entry.
 - Fdb: the whole object (ifindex, lladdr, dst). A vxlan FDB entry may hold
   several remote destinations for one MAC; a stale one is removed on its own
@@ -36,28 +46,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from functools import partial
+from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import NamedTuple
 
-from leaseagent.core.backends import VxlanLeaseData
+from leaseagent.core.backends import LeaseData, VxlanLeaseData
 from leaseagent.core.leases import Peer
+from leaseagent.core.network import Address, Network
 
 MAIN_TABLE = 254
+# The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER).
+IPV6_DEFAULT_METRIC = 1024
+
+Interface = IPv4Interface | IPv6Interface
 
 
 # The objects are hashed and compared tens of thousands of times per sync
 # (sets, diffs, the per-peer plan); ipaddress's __hash__/__eq__ are Python
 # code, so each object computes an identity of plain ints and strings once
 # (`_ident`) and its hash from that; equality compares identities, which
-# are equal exactly when all fields are.
+# are equal exactly when all fields are. Each identity holds the address
+# family (4 or 6): 10.0.0.1 and ::a00:1 are one integer.
 
 
 @dataclass(frozen=True, eq=False)
 class Route:
-    """An IPv4 unicast route in the main table, carrying our protocol number."""
+    """A unicast route (IPv4 or IPv6) in the main table, carrying our protocol number."""
 
-    dst: IPv4Network
-    gateway: IPv4Address | None
+    dst: Network
+    gateway: Address | None
     ifindex: int
     onlink: bool = False
     metric: int = 0
@@ -65,7 +82,9 @@ class Route:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ident = (0, int(self.dst.network_address), self.dst.prefixlen,
+        if self.dst.version == 6 and not self.metric:
+            object.__setattr__(self, "metric", IPV6_DEFAULT_METRIC)
+        ident = (0, self.dst.version, int(self.dst.network_address), self.dst.prefixlen,
                  int(self.gateway) if self.gateway is not None else -1,
                  self.ifindex, self.onlink, self.metric)
         object.__setattr__(self, "_ident", ident)
@@ -86,16 +105,16 @@ class Route:
 
 @dataclass(frozen=True, eq=False)
 class Neighbour:
-    """A permanent IPv4 neighbour (ARP) entry."""
+    """A permanent neighbour entry: ARP (IPv4) or NDP (IPv6)."""
 
     ifindex: int
-    dst: IPv4Address
+    dst: Address
     lladdr: str
     _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ident = (1, self.ifindex, int(self.dst), self.lladdr)
+        ident = (1, self.dst.version, self.ifindex, int(self.dst), self.lladdr)
         object.__setattr__(self, "_ident", ident)
         object.__setattr__(self, "_hash", hash(ident))
 
@@ -114,16 +133,16 @@ class Neighbour:
 
 @dataclass(frozen=True, eq=False)
 class Fdb:
-    """A permanent bridge FDB entry on a vxlan device: MAC -> remote VTEP."""
+    """A permanent bridge FDB entry on a vxlan device: MAC -> remote VTEP (IPv4 or IPv6)."""
 
     ifindex: int
     lladdr: str
-    dst: IPv4Address
+    dst: Address
     _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ident = (2, self.ifindex, self.lladdr, int(self.dst))
+        ident = (2, self.dst.version, self.ifindex, self.lladdr, int(self.dst))
         object.__setattr__(self, "_ident", ident)
         object.__setattr__(self, "_hash", hash(ident))
 
@@ -156,26 +175,68 @@ class PlanDiff(NamedTuple):
     to_remove: tuple[KernelObject, ...]
 
 
+class IPv6Part(NamedTuple):
+    """A dual-stack peer's IPv6 subnet, PublicIPv6 and BackendV6Data."""
+
+    subnet: IPv6Network
+    public_ip: IPv6Address
+    data: LeaseData
+
+
+def ipv6_part(peer: Peer) -> IPv6Part | None:
+    """The peer's IPv6 part, or None for an IPv4-only peer."""
+    if peer.ipv6_subnet is None or peer.public_ipv6 is None or peer.data6 is None:
+        return None
+    return IPv6Part(peer.ipv6_subnet, peer.public_ipv6, peer.data6)
+
+
+def _vxlan_family(
+    subnet: Network,
+    public_ip: Address,
+    data: LeaseData,
+    device_index: int,
+    *,
+    underlay_index: int,
+    direct_routing: bool,
+    is_direct: Callable[[Address], bool],
+) -> tuple[KernelObject, ...]:
+    """One family's objects of a vxlan peer, on that family's device (flannel's
+    layout, the same for both families)."""
+    if not isinstance(data, VxlanLeaseData):
+        return ()
+    if direct_routing and is_direct(public_ip):
+        return (Route(subnet, public_ip, underlay_index),)
+    gateway = subnet.network_address
+    return (
+        Neighbour(device_index, gateway, data.vtep_mac),
+        Fdb(device_index, data.vtep_mac, public_ip),
+        Route(subnet, gateway, device_index, onlink=True),
+    )
+
+
 def plan_vxlan_peer(
     peer: Peer,
     vxlan_index: int,
     *,
     underlay_index: int,
     direct_routing: bool,
-    is_direct: Callable[[IPv4Address], bool],
+    is_direct: Callable[[Address], bool],
+    vxlan6_index: int = 0,
 ) -> frozenset[KernelObject]:
-    """The objects one vxlan peer needs (empty if it cannot be served by vxlan)."""
-    if peer.backend_type != "vxlan" or not isinstance(peer.data, VxlanLeaseData):
+    """The objects one vxlan peer needs (empty if it cannot be served by vxlan):
+    its IPv4 objects, and its IPv6 ones when it is dual-stack and this host has an
+    IPv6 device (`vxlan6_index`, 0: none)."""
+    if peer.backend_type != "vxlan":
         return frozenset()
-    if direct_routing and is_direct(peer.public_ip):
-        return frozenset({Route(peer.subnet, peer.public_ip, underlay_index)})
-    gateway = peer.subnet.network_address
-    mac = peer.data.vtep_mac
-    return frozenset({
-        Neighbour(vxlan_index, gateway, mac),
-        Fdb(vxlan_index, mac, peer.public_ip),
-        Route(peer.subnet, gateway, vxlan_index, onlink=True),
-    })
+    family = partial(_vxlan_family, underlay_index=underlay_index,
+                     direct_routing=direct_routing, is_direct=is_direct)
+    objects = family(peer.subnet, peer.public_ip, peer.data, vxlan_index)
+    if not objects:
+        return frozenset()
+    v6 = ipv6_part(peer)
+    if vxlan6_index and v6 is not None:
+        objects += family(v6.subnet, v6.public_ip, v6.data, vxlan6_index)
+    return frozenset(objects)
 
 
 def plan_vxlan(
@@ -185,24 +246,32 @@ def plan_vxlan(
     vxlan_index: int,
     underlay_index: int,
     direct_routing: bool = False,
-    is_direct: Callable[[IPv4Address], bool] = lambda _ip: False,
+    is_direct: Callable[[Address], bool] = lambda _ip: False,
+    vxlan6_index: int = 0,
 ) -> dict[IPv4Network, frozenset[KernelObject]]:
     """Per peer subnet, the objects the vxlan backend wants in the kernel."""
     return {
         subnet: plan_vxlan_peer(
             peer, vxlan_index,
             underlay_index=underlay_index, direct_routing=direct_routing, is_direct=is_direct,
+            vxlan6_index=vxlan6_index,
         )
         for subnet, peer in peers.items()
         if subnet != own_subnet
     }
 
 
-def plan_host_gw_peer(peer: Peer, underlay_index: int) -> frozenset[KernelObject]:
-    """The one route a host-gw peer needs (empty for a peer of another backend)."""
+def plan_host_gw_peer(peer: Peer, underlay_index: int, *, ipv6: bool = False
+                      ) -> frozenset[KernelObject]:
+    """The routes a host-gw peer needs: IPv4, and IPv6 when it is dual-stack and this
+    host has an IPv6 underlay address (`ipv6`); empty for a peer of another backend."""
     if peer.backend_type != "host-gw":
         return frozenset()
-    return frozenset({Route(peer.subnet, peer.public_ip, underlay_index)})
+    routes = {Route(peer.subnet, peer.public_ip, underlay_index)}
+    v6 = ipv6_part(peer)
+    if ipv6 and v6 is not None:
+        routes.add(Route(v6.subnet, v6.public_ip, underlay_index))
+    return frozenset(routes)
 
 
 def plan_host_gw(
@@ -210,10 +279,11 @@ def plan_host_gw(
     peers: Mapping[IPv4Network, Peer],
     *,
     underlay_index: int,
+    ipv6: bool = False,
 ) -> dict[IPv4Network, frozenset[KernelObject]]:
     """Per peer subnet, the routes the host-gw backend wants in the kernel."""
     return {
-        subnet: plan_host_gw_peer(peer, underlay_index)
+        subnet: plan_host_gw_peer(peer, underlay_index, ipv6=ipv6)
         for subnet, peer in peers.items()
         if subnet != own_subnet
     }
@@ -267,14 +337,15 @@ class VxlanAttrs:
 
     vni: int
     port: int
-    local: IPv4Address | None
+    local: Address | None  # IPv4 for flannel.<VNI>, IPv6 for flannel-v6.<VNI>
     link: int  # underlay ifindex; 0 when not bound to one
     learning: bool
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceState:
-    """A device as the kernel has it."""
+    """A device as the kernel has it. `addresses`: all of them but IPv6 link-local
+    ones (the kernel gives every device one; they are not ours to judge)."""
 
     name: str
     index: int
@@ -282,21 +353,24 @@ class DeviceState:
     up: bool
     mac: str | None
     mtu: int
-    addresses: tuple[IPv4Interface, ...] = ()
+    addresses: tuple[Interface, ...] = ()
     vxlan: VxlanAttrs | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
     """A device as a backend wants it. `mac` None: any (the device keeps its own);
-    `address` None: no address wanted yet (no lease held); `vxlan.link` 0: any."""
+    `address` None: no address wanted yet (no lease held); `vxlan.link` 0: any.
+    `address` is the one address of its family the device may hold; addresses of
+    the other family are left alone (flannel's EnsureV4AddressOnLink and
+    EnsureV6AddressOnLink each look at their own family)."""
 
     name: str
     kind: str
     mtu: int
     vxlan: VxlanAttrs | None = None
     mac: str | None = None
-    address: IPv4Interface | None = None
+    address: Interface | None = None
     up: bool = True
 
 
@@ -364,7 +438,7 @@ def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDi
         if spec.address not in state.addresses:
             out.append(differ("address", None, spec.address, ADD_ADDRESS))
         for addr in state.addresses:
-            if addr != spec.address:
+            if addr.version == spec.address.version and addr != spec.address:
                 out.append(differ("address", addr, None, REMOVE_ADDRESS))
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import BackendSpec, Observation
@@ -19,7 +19,8 @@ class AllocBackend:
     async def prepare(self) -> BackendAttrs:
         return BackendAttrs(backend_type="alloc", mtu=self._settings.host.iface_mtu)
 
-    async def start(self, own_subnet: IPv4Network) -> None:
+    async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
+                    ) -> None:
         return None
 
     async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
@@ -31,8 +32,8 @@ class AllocBackend:
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         await asyncio.Event().wait()
 
-    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
-             ) -> BackendSpec:
+    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
+             own_ipv6: IPv6Network | None = None) -> BackendSpec:
         return BackendSpec()
 
     async def observe(self) -> Observation:

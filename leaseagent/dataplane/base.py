@@ -2,8 +2,9 @@
 
 Life cycle, driven by the agent (leaseagent.agent):
 
-    attrs = await dp.prepare()          # before the lease: device, VtepMAC, MTU
-    await dp.start(own_subnet)          # lease held: own address on the device
+    attrs = await dp.prepare()          # before the lease: devices, VtepMACs, MTU
+    await dp.start(own_subnet, own_ipv6=own_ipv6)
+                                        # lease held: own addresses on the devices
     await dp.sync(peers)                # first complete list: full reconcile,
                                         #   removes entries of vanished peers
     await dp.update(changes, peers)     # each batch of watch events
@@ -12,7 +13,8 @@ Life cycle, driven by the agent (leaseagent.agent):
 
 Read-only, for `leasectl doctor` and the tests as much as for reconcile:
 
-    dp.spec(own_subnet, peers)          # pure: what the backend wants (core.plan.BackendSpec)
+    dp.spec(own_subnet, peers, own_ipv6=own_ipv6)
+                                        # pure: what the backend wants (core.plan.BackendSpec)
     await dp.observe()                  # what the kernel has of it (core.plan.Observation)
 
 and `core.plan.compare(spec, observation)` says what differs. A backend that
@@ -22,6 +24,11 @@ was never prepared (doctor) learns its device from `observe()`.
 whole peer set, reads what the kernel has (only objects the agent owns),
 and applies the difference. `update` may be incremental but must converge
 to the same state. Nothing is removed before the first `sync`.
+
+Dual-stack: the data plane works in IPv6 too when the network config has an
+IPv6 range and this host an IPv6 address to publish (`HostInfo.public_ipv6`;
+`ipv6_enabled` says both); `own_ipv6` is then the IPv6 part of this host's
+lease. Without either, everything is as on an IPv4-only network.
 
 A backend reports its state in `status` (in sync, last error, what it
 added, removed and repaired, how long reconciles took); it never touches
@@ -34,7 +41,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,15 +68,18 @@ class HostInfo:
     iface: str | None = None  # underlay interface; None only for alloc with --public-ip
     iface_index: int = 0
     iface_mtu: int = 1500
+    public_ipv6: IPv6Address | None = None  # PublicIPv6; None: this host publishes no IPv6
 
 
 @dataclass(frozen=True)
 class BackendAttrs:
-    """What a backend publishes in the lease and in subnet.env."""
+    """What a backend publishes in the lease (BackendData, BackendV6Data: flannel's
+    LeaseAttrs) and in subnet.env (FLANNEL_MTU: the smallest MTU of its devices)."""
 
     backend_type: str
     mtu: int
     backend_data: Mapping[str, Any] = field(default_factory=dict)
+    backend_v6_data: Mapping[str, Any] = field(default_factory=dict)  # empty: no IPv6
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,12 @@ class DataPlaneSettings:
     route_protocol: int = DEFAULT_ROUTE_PROTOCOL
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
     netns: str | None = None  # for tests and the lab: program another namespace
+
+    @property
+    def ipv6_enabled(self) -> bool:
+        """Whether the data plane works in IPv6 too: the network has an IPv6 range
+        and this host a PublicIPv6."""
+        return self.network.ipv6 is not None and self.host.public_ipv6 is not None
 
 
 @dataclass
@@ -117,7 +133,8 @@ class DataPlane(Protocol):
 
     async def prepare(self) -> BackendAttrs: ...
 
-    async def start(self, own_subnet: IPv4Network) -> None: ...
+    async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
+                    ) -> None: ...
 
     async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None: ...
 
@@ -125,8 +142,8 @@ class DataPlane(Protocol):
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None: ...
 
-    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
-             ) -> BackendSpec: ...
+    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
+             own_ipv6: IPv6Network | None = None) -> BackendSpec: ...
 
     async def observe(self) -> Observation: ...
 

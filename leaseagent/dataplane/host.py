@@ -1,4 +1,5 @@
-"""Resolve this host's underlay interface and PublicIP (`--iface`, `--public-ip`).
+"""Resolve this host's underlay interface, PublicIP and PublicIPv6 (`--iface`,
+`--public-ip`, `--public-ipv6`).
 
 flannel's rules, with clear errors instead of its fallbacks:
 
@@ -8,6 +9,12 @@ flannel's rules, with clear errors instead of its fallbacks:
 - `--public-ip` defaults to the first IPv4 address of the interface. A
   given one is not required to be local (a host behind 1:1 NAT advertises
   its outside address, as with flannel); host-gw checks that itself.
+- On a dual-stack network (`want_ipv6`), `--public-ipv6` likewise defaults
+  to the interface's first global IPv6 address: not link-local (peers
+  cannot reach it through a router, and flannel's lease cannot say which
+  link), and not still in duplicate address detection or failed it. A given
+  `--public-ipv6` is checked to be an IPv6 address even on an IPv4-only
+  network (a typo is an error either way) but used only on a dual-stack one.
 
 Every failure is a one-line ConfigError naming the flag and the value.
 Talks to the kernel only through leaseagent.dataplane.netlink.
@@ -15,10 +22,12 @@ Talks to the kernel only through leaseagent.dataplane.netlink.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+import socket
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address
 
 from leaseagent.dataplane.base import HostInfo
-from leaseagent.dataplane.netlink import Link, Netlink
+from leaseagent.dataplane.netlink import RT_SCOPE_UNIVERSE, Link, Netlink
 from leaseagent.errors import ConfigError
 
 
@@ -31,15 +40,42 @@ def _parse_ip(flag: str, value: str) -> IPv4Address | None:
         return None
 
 
+def _parse_ipv6(value: str) -> IPv6Address:
+    try:
+        return IPv6Address(value)
+    except ValueError:
+        raise ConfigError(f"--public-ipv6 {value!r}: not an IPv6 address") from None
+
+
 async def resolve_host(
-    iface: str | None, public_ip: str | None, *, netns: str | None = None
+    iface: str | None,
+    public_ip: str | None,
+    *,
+    public_ipv6: str | None = None,
+    want_ipv6: bool = False,
+    netns: str | None = None,
 ) -> HostInfo:
-    """HostInfo from the flags; raise ConfigError with a one-line message."""
+    """HostInfo from the flags; raise ConfigError with a one-line message. With
+    `want_ipv6` (the network is dual-stack) it has a PublicIPv6, or this fails."""
+    given_ipv6 = _parse_ipv6(public_ipv6) if public_ipv6 is not None else None
     nl = await Netlink.open(netns)
     try:
-        return await _resolve(nl, iface, public_ip)
+        host = await _resolve(nl, iface, public_ip)
+        if not want_ipv6:
+            return host
+        return replace(host, public_ipv6=given_ipv6 or await _first_global_ipv6(nl, host))
     finally:
         nl.close()
+
+
+async def _first_global_ipv6(nl: Netlink, host: HostInfo) -> IPv6Address:
+    """The underlay's first usable global-scope IPv6 address."""
+    for addr in await nl.addresses(socket.AF_INET6, index=host.iface_index):
+        if addr.scope == RT_SCOPE_UNIVERSE and addr.usable:
+            assert isinstance(addr.interface.ip, IPv6Address)
+            return addr.interface.ip
+    raise ConfigError(
+        f"interface {host.iface} has no global IPv6 address; add one or pass --public-ipv6")
 
 
 async def _resolve(nl: Netlink, iface: str | None, public_ip: str | None) -> HostInfo:

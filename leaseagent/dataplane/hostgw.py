@@ -1,11 +1,14 @@
-"""The host-gw backend: one route per peer, no encapsulation (docs/architecture.md).
+"""The host-gw backend: one route per peer and family, no encapsulation (docs/architecture.md).
 
-Per peer: `<peer subnet> via <peer PublicIP> dev <underlay>`, carrying our
-route protocol number. It only works when every host sits on one L2
-segment (the PublicIP must be a next hop the kernel can reach directly),
-so `prepare` insists that this host's PublicIP is an address of the
-underlay interface, as flannel does; otherwise peers would route to an
-address that is not ours.
+Per peer: `<peer subnet> via <peer PublicIP> dev <underlay>`, and on a
+dual-stack network with a PublicIPv6, for a dual-stack peer, `<peer IPv6
+subnet> via <peer PublicIPv6> dev <underlay>` (flannel's
+pkg/backend/hostgw, pkg/backend/route_network.go), each carrying our route
+protocol number. It only works when every host sits on one L2 segment (the
+public address must be a next hop the kernel can reach directly), so
+`prepare` insists that this host's PublicIP, and PublicIPv6 when IPv6 is
+on, are addresses of the underlay interface, as flannel does for the
+PublicIP; otherwise peers would route to an address that is not ours.
 
 The kernel drops these routes silently when the underlay goes down; the
 underlay's link events wake a resync (see leaseagent.dataplane.reconciling),
@@ -14,9 +17,8 @@ which puts them back once it is up again.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
-
 from leaseagent.core.leases import Peer
+from leaseagent.core.network import Address
 from leaseagent.core.plan import KernelObject, plan_host_gw_peer
 from leaseagent.dataplane.base import BackendAttrs
 from leaseagent.dataplane.netlink import Netlink
@@ -38,21 +40,22 @@ class HostGwBackend(ReconcilingBackend):
             link = await nl.link_by_index(host.iface_index)
             if link is None:
                 raise ConfigError(f"--iface {host.iface}: the interface no longer exists")
-            addresses = {addr.ip for _, addr in await nl.ipv4_addresses(link.index)}
-        if host.public_ip not in addresses:
-            raise ConfigError(
-                f"host-gw: PublicIP {host.public_ip} is not an address of {host.iface}; "
-                "host-gw needs all hosts on one L2 segment (set --public-ip to an address "
-                "of the interface or use the vxlan backend)"
-            )
+            addresses = {a.interface.ip for a in await nl.addresses(index=link.index)}
+        public: list[tuple[str, Address, str]] = [("PublicIP", host.public_ip, "--public-ip")]
+        if self._settings.ipv6_enabled and host.public_ipv6 is not None:
+            public.append(("PublicIPv6", host.public_ipv6, "--public-ipv6"))
+        for name, ip, flag in public:
+            if ip not in addresses:
+                raise ConfigError(
+                    f"host-gw: {name} {ip} is not an address of {host.iface}; host-gw needs "
+                    f"all hosts on one L2 segment (set {flag} to an address of the interface "
+                    "or use the vxlan backend)"
+                )
         return BackendAttrs(backend_type="host-gw", mtu=link.mtu)
 
-    async def start(self, own_subnet: IPv4Network) -> None:
-        async with self._lock:
-            self._own_subnet = own_subnet
-
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
-        return plan_host_gw_peer(peer, self._settings.host.iface_index)
+        return plan_host_gw_peer(peer, self._settings.host.iface_index,
+                                 ipv6=self._settings.ipv6_enabled)
 
     async def _current(self, nl: Netlink) -> set[KernelObject]:
         return set(await nl.routes(protocol=self._settings.route_protocol))

@@ -9,17 +9,20 @@ given (the agent itself never changes namespace):
   neighbours and FDB entries are replaced/removed in batches (many requests
   per send, acks collected after and matched by sequence number) and dumped
   with a parser that filters on fixed offsets before decoding anything.
-- `NetlinkEvents`: a raw socket bound to the link, neighbour and IPv4 route
-  groups and used for nothing else. Each broadcast carries the netlink port
-  id of the socket whose request caused it; `receive(ignore=...)` drops the
-  echoes of our own requests (both request sockets' ids, `Netlink.port_ids`)
-  from the header alone, so a batch of 15,000 changes costs the watcher
-  almost nothing and is never mistaken for drift.
+- `NetlinkEvents`: a raw socket bound to the link, neighbour (both families
+  and the FDB) and IPv4 and IPv6 route groups and used for nothing else.
+  Each broadcast carries the netlink port id of the socket whose request
+  caused it; `receive(ignore=...)` drops the echoes of our own requests
+  (both request sockets' ids, `Netlink.port_ids`) from the header alone, so
+  a batch of 15,000 changes costs the watcher almost nothing and is never
+  mistaken for drift.
 
 Errors: pyroute2's `NetlinkError` and `OSError` are translated here into
 `leaseagent.errors.DataPlaneError` (`raise ... from exc`); nothing above
 this module sees a pyroute2 type. The kernel objects are the frozen
-dataclasses of `leaseagent.core.plan`.
+dataclasses of `leaseagent.core.plan`, IPv4 or IPv6 alike: every call takes
+and returns both families (a dual-stack host has two vxlan devices and routes
+in both tables).
 
 Quirks of the kernel worth knowing (all checked on Linux 6.x):
 
@@ -29,6 +32,12 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
   remote of an existing MAC; NLM_F_APPEND adds a remote and is idempotent.
 - A deleted device takes its routes with it without RTM_DELROUTE
   notifications; only RTM_DELLINK tells.
+- An IPv6 route added without a metric gets 1024 (core.plan.Route says so).
+- Every device gets an IPv6 link-local address unless IPv6 is off; it is the
+  kernel's, and `device_state` leaves it out.
+- An IPv6 address goes through duplicate address detection (about a second
+  "tentative", unusable as a source) unless added with IFA_F_NODAD. The
+  vxlan device's address is unique by lease, so it is added with NODAD.
 - FDB notifications carry port id 0 whoever caused them.
 - A receive queue overflow (ENOBUFS) loses messages: the event socket is
   then reopened by its user and a full resync finds what was missed.
@@ -46,16 +55,18 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_interface
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from leaseagent.core.network import Address
 from leaseagent.core.plan import (
     MAIN_TABLE,
     DeviceState,
     Fdb,
+    Interface,
     KernelObject,
     Neighbour,
     Route,
@@ -70,6 +81,9 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 IFF_UP = 0x1
 RTN_UNICAST = 1
+RT_SCOPE_UNIVERSE = 0
+IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x02, 0x08, 0x20, 0x40
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _GONE = (errno.ENOENT, errno.ESRCH)
 # Broadcasts of others' changes (and of FDB changes, whoever made them) must
 # not overflow the event socket; SO_RCVBUFFORCE lifts net.core.rmem_max (root).
@@ -78,6 +92,25 @@ _EVENT_RCVBUF = 8 * 1024 * 1024
 
 def _error(what: str, exc: BaseException) -> DataPlaneError:
     return DataPlaneError(f"{what}: {exc}")
+
+
+@dataclass(frozen=True)
+class Addr:
+    """An address of an interface, with what tells whether it can be used."""
+
+    index: int
+    interface: Interface
+    scope: int  # RT_SCOPE_UNIVERSE (global), RT_SCOPE_LINK (253), ...
+    flags: int  # IFA_F_*
+
+    @property
+    def usable(self) -> bool:
+        """Neither still in duplicate address detection, nor failed it, nor deprecated."""
+        return not self.flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED)
+
+    @property
+    def is_ipv6_link_local(self) -> bool:
+        return self.interface.version == 6 and self.interface.ip.is_link_local
 
 
 @dataclass(frozen=True)
@@ -124,11 +157,14 @@ def _link_from_msg(msg: Any) -> Link:
     vxlan = None
     if kind == "vxlan":
         data = info.get("data")
-        local = data.get("vxlan_local") if data is not None else None
+        local4 = data.get("vxlan_local") if data is not None else None
+        local6 = data.get("vxlan_local6") if data is not None else None
+        local: Address | None = (
+            IPv4Address(local4) if local4 else IPv6Address(local6) if local6 else None)
         vxlan = VxlanAttrs(
             vni=int(data.get("vxlan_id") or 0),
             port=int(data.get("vxlan_port") or 0),
-            local=IPv4Address(local) if local else None,
+            local=local,
             link=int(data.get("vxlan_link") or 0),
             learning=bool(data.get("vxlan_learning")),
         )
@@ -204,11 +240,13 @@ class Netlink:
         return _link_from_msg(msgs[0]) if msgs else None
 
     async def device_state(self, name: str) -> DeviceState | None:
-        """The device `name` with its IPv4 addresses, or None if there is none."""
+        """The device `name` with its addresses of both families but IPv6 link-local
+        ones (the kernel's own), or None if there is none."""
         link = await self.link_by_name(name)
         if link is None:
             return None
-        addresses = tuple(addr for _, addr in await self.ipv4_addresses(link.index))
+        addresses = tuple(a.interface for a in await self.addresses(index=link.index)
+                          if not a.is_ipv6_link_local)
         return DeviceState(name=link.name, index=link.index, kind=link.kind, up=link.up,
                            mac=(link.address or "").lower() or None, mtu=link.mtu,
                            addresses=addresses, vxlan=link.vxlan)
@@ -219,17 +257,19 @@ class Netlink:
         *,
         vni: int,
         port: int,
-        local: IPv4Address,
+        local: Address,
         link: int,
         mtu: int,
         mac: str,
     ) -> Link:
+        """A vxlan device whose VTEP is `local`, an IPv4 or an IPv6 address (the
+        outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""
         spec: dict[str, Any] = {
             "ifname": name,
             "kind": "vxlan",
             "vxlan_id": vni,
             "vxlan_port": port,
-            "vxlan_local": str(local),
+            "vxlan_local" if local.version == 4 else "vxlan_local6": str(local),
             "vxlan_learning": 0,
             "mtu": mtu,
             "address": mac,
@@ -271,27 +311,41 @@ class Netlink:
 
     # -- addresses and routes that are not ours -------------------------------
 
-    async def ipv4_addresses(self, index: int | None = None) -> list[tuple[int, IPv4Interface]]:
-        """(ifindex, address/prefix) of every IPv4 address, or those of one link."""
+    async def addresses(self, family: int = socket.AF_UNSPEC, *, index: int | None = None
+                        ) -> list[Addr]:
+        """Every address of `family` (AF_UNSPEC: both), or those of one link."""
         try:
-            msgs = [m async for m in await self._ipr.addr("dump", family=socket.AF_INET)]
+            msgs = [m async for m in await self._ipr.addr("dump", family=family)]
         except (NetlinkError, OSError) as exc:
             raise _error("cannot list addresses", exc) from exc
         out = []
         for m in msgs:
-            if index is None or m["index"] == index:
-                out.append((int(m["index"]), IPv4Interface(f"{m.get('address')}/{m['prefixlen']}")))
+            if m["family"] not in _FAMILIES or (index is not None and m["index"] != index):
+                continue
+            # IFA_FLAGS holds all 32 flag bits; the header's byte only the first 8.
+            flags = m.get("IFA_FLAGS")
+            out.append(Addr(int(m["index"]), ip_interface(f"{m.get('address')}/{m['prefixlen']}"),
+                            int(m["scope"]), int(flags if flags is not None else m["flags"])))
         return out
 
-    async def add_address(self, index: int, address: IPv4Interface) -> None:
+    async def ipv4_addresses(self, index: int | None = None) -> list[tuple[int, IPv4Interface]]:
+        """(ifindex, address/prefix) of every IPv4 address, or those of one link."""
+        return [(a.index, a.interface) for a in await self.addresses(socket.AF_INET, index=index)
+                if isinstance(a.interface, IPv4Interface)]
+
+    async def add_address(self, index: int, address: Interface) -> None:
+        """Add (or keep) `address`; an IPv6 one without duplicate address detection
+        (see the module docstring)."""
+        extra = {"flags": IFA_F_NODAD} if isinstance(address, IPv6Interface) else {}
         try:
             await self._ipr.addr(
-                "replace", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
+                "replace", index=index, address=str(address.ip),
+                prefixlen=address.network.prefixlen, **extra,
             )
         except (NetlinkError, OSError) as exc:
             raise _error(f"cannot add address {address} to link {index}", exc) from exc
 
-    async def delete_address(self, index: int, address: IPv4Interface) -> None:
+    async def delete_address(self, index: int, address: Interface) -> None:
         try:
             await self._ipr.addr(
                 "del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
@@ -332,20 +386,25 @@ class Netlink:
                 raise _error(f"cannot dump {what}", exc) from exc
         raise DataPlaneError(f"cannot dump {what}: interrupted by changes 5 times in a row")
 
-    async def routes(self, *, protocol: int) -> set[Route]:
-        """IPv4 unicast routes of the main table carrying `protocol`."""
+    async def routes(self, *, protocol: int, family: int = socket.AF_UNSPEC) -> set[Route]:
+        """Unicast routes of the main table carrying `protocol`, of one family or
+        (AF_UNSPEC) both: IPv4 and IPv6."""
+        wanted = _FAMILIES if family == socket.AF_UNSPEC else (family,)
         out = set()
-        for _, body in await self._dump(rtnl.RTM_GETROUTE, rtnl.route_dump_request(), "routes"):
-            if body[5] != protocol:
+        dumped = await self._dump(rtnl.RTM_GETROUTE, rtnl.route_dump_request(family), "routes")
+        for _, body in dumped:
+            if body[5] != protocol or body[0] not in wanted:
                 continue
             route, _, table = rtnl.decode_route(body, 0, len(body))
             if route is not None and table == MAIN_TABLE:
                 out.add(route)
         return out
 
-    async def neighbours(self, ifindex: int) -> set[Neighbour]:
-        """Permanent IPv4 neighbour entries of one device (others are the kernel's)."""
-        msgs = await self._dump(rtnl.RTM_GETNEIGH, rtnl.neighbour_dump_request(socket.AF_INET),
+    async def neighbours(self, ifindex: int, *, family: int = socket.AF_UNSPEC
+                         ) -> set[Neighbour]:
+        """Permanent neighbour entries of one device (others are the kernel's), of one
+        family (ARP: AF_INET, NDP: AF_INET6) or (AF_UNSPEC) both."""
+        msgs = await self._dump(rtnl.RTM_GETNEIGH, rtnl.neighbour_dump_request(family),
                                 f"neighbours of link {ifindex}")
         out = set()
         for _, body in msgs:
@@ -357,7 +416,8 @@ class Netlink:
         return out
 
     async def fdb(self, ifindex: int, *, own_mac: str | None = None) -> set[Fdb]:
-        """Permanent, self, unicast-to-IPv4 FDB entries of one vxlan device."""
+        """Permanent, self, unicast FDB entries of one vxlan device (an IPv4 or an IPv6
+        remote, as the device's own family; the all-zeros default entries are not ours)."""
         msgs = await self._dump(rtnl.RTM_GETNEIGH, rtnl.neighbour_dump_request(AF_BRIDGE),
                                 f"FDB of link {ifindex}")
         out = set()
@@ -414,7 +474,7 @@ def _neighbour_event(kind: int, body: bytes, sender: int) -> NetlinkEvent:
         obj: KernelObject | None = (
             Fdb(n.ifindex, n.lladdr, n.dst) if n.dst is not None and n.lladdr else None)
         return NetlinkEvent("fdb", deleted, n.ifindex, sender, obj=obj)
-    if n.family != socket.AF_INET:
+    if n.family not in _FAMILIES:
         return NetlinkEvent("other", deleted, 0, sender)
     obj = Neighbour(n.ifindex, n.dst, n.lladdr) if n.dst is not None else None
     return NetlinkEvent("neighbour", deleted, n.ifindex, sender, obj=obj)
@@ -428,7 +488,7 @@ def event_from_message(kind: int, sender: int, body: bytes) -> NetlinkEvent:
                             ifname=name, up=bool(flags & IFF_UP))
     if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
         deleted = kind == rtnl.RTM_DELROUTE
-        if body[0] != socket.AF_INET:
+        if body[0] not in _FAMILIES:
             return NetlinkEvent("other", deleted, 0, sender)
         route, protocol, table = rtnl.decode_route(body, 0, len(body))
         return NetlinkEvent("route", deleted, route.ifindex if route else 0, sender,
@@ -439,7 +499,8 @@ def event_from_message(kind: int, sender: int, body: bytes) -> NetlinkEvent:
 
 
 class NetlinkEvents:
-    """A socket subscribed to link, neighbour (incl. FDB) and IPv4 route broadcasts."""
+    """A socket subscribed to link, neighbour (both families, and FDB) and IPv4 and IPv6
+    route broadcasts."""
 
     def __init__(self, raw: RtnlSocket) -> None:
         self._raw = raw
@@ -448,7 +509,8 @@ class NetlinkEvents:
     async def open(cls, netns: str | None = None) -> NetlinkEvents:
         try:
             raw = RtnlSocket.open(
-                netns, groups=rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE,
+                netns, groups=(rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE
+                               | rtnl.RTMGRP_IPV6_ROUTE),
                 rcvbuf=_EVENT_RCVBUF)
         except OSError as exc:
             raise _error("cannot subscribe to rtnetlink events", exc) from exc

@@ -1,11 +1,16 @@
 """The reconcile engine shared by the kernel backends (vxlan, host-gw).
 
 A backend subclasses `ReconcilingBackend` and supplies policy: how to plan
-a peer (`_plan_peer`), its devices (`_device_specs`), what of the kernel it
-owns (`_current`, `_observe_devices`), how to make its device ready
-(`_ensure_ready`), and which netlink events concern it (`_drift_kind`). This
-module supplies the mechanics, identical for both, and the read-only
-`spec()`/`observe()` pair (leaseagent.dataplane.base):
+a peer (`_plan_peer`), its devices (`_device_specs`, `_converge_devices`),
+what of the kernel it owns (`_current`, `_observe_devices`), how to make its
+devices ready (`_ensure_ready`), and which netlink events concern it
+(`_drift_kind`). This module supplies the mechanics, identical for both, and
+the read-only `spec()`/`observe()` pair (leaseagent.dataplane.base).
+
+Both address families go through the same mechanics: a dual-stack peer's
+IPv6 objects are in its plan beside its IPv4 ones, routes of both families
+are dumped and watched, and the IPv6 device (vxlan's flannel-v6.<VNI>) is
+one more device. Nothing below depends on the family:
 
 - `sync(peers)`: level-triggered. Plan the whole peer set, dump what we own,
   apply `core.plan.diff` (removals first: route -> neighbour -> FDB; then
@@ -51,7 +56,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from itertools import chain
 
 from leaseagent.core.leases import Peer, PeerChanges
@@ -98,6 +103,7 @@ class ReconcilingBackend:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._own_subnet: IPv4Network | None = None
+        self._own_ipv6: IPv6Network | None = None  # the lease's IPv6 part, when dual-stack
         self._synced = False
         # The last applied plan: per peer subnet, its objects; how many peers
         # need each object; each object by its kernel identity (core.plan key).
@@ -113,16 +119,18 @@ class ReconcilingBackend:
     async def prepare(self) -> BackendAttrs:
         raise NotImplementedError
 
-    async def start(self, own_subnet: IPv4Network) -> None:
-        raise NotImplementedError
-
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         """The objects `peer` needs (using device indexes known right now)."""
         raise NotImplementedError
 
-    def _device_specs(self, own_subnet: IPv4Network | None) -> tuple[DeviceSpec, ...]:
+    def _device_specs(self, own_subnet: IPv4Network | None, own_ipv6: IPv6Network | None
+                      ) -> tuple[DeviceSpec, ...]:
         """The devices the backend wants (none by default)."""
         return ()
+
+    async def _converge_devices(self, nl: Netlink, *, repair: bool = False) -> bool:
+        """Make the backend's devices what `_device_specs` says; True if anything changed."""
+        return False
 
     async def _current(self, nl: Netlink) -> set[KernelObject]:
         """What the kernel has of ours."""
@@ -156,10 +164,20 @@ class ReconcilingBackend:
 
     # -- the DataPlane protocol ------------------------------------------------
 
-    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
-             ) -> BackendSpec:
+    async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
+                    ) -> None:
+        """The lease is held: its subnets give the devices their addresses. `own_ipv6`
+        counts only when the data plane works in IPv6 (DataPlaneSettings.ipv6_enabled)."""
+        async with self._lock:
+            self._own_subnet = own_subnet
+            self._own_ipv6 = own_ipv6 if self._settings.ipv6_enabled else None
+            await self._converge_devices(await self._netlink())
+
+    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
+             own_ipv6: IPv6Network | None = None) -> BackendSpec:
         return BackendSpec(
-            devices=self._device_specs(own_subnet),
+            devices=self._device_specs(
+                own_subnet, own_ipv6 if self._settings.ipv6_enabled else None),
             objects={subnet: self._plan_peer(peer) for subnet, peer in peers.items()
                      if subnet != own_subnet},
         )
@@ -240,7 +258,7 @@ class ReconcilingBackend:
     ) -> None:
         started = time.monotonic()
         await self._refresh(nl)
-        plan = self.spec(self._own_subnet, peers).objects
+        plan = self.spec(self._own_subnet, peers, own_ipv6=self._own_ipv6).objects
         desired = flatten(plan)
         current = await self._current(nl)
         failures = await self._apply(nl, diff(desired, current), repair=repair)

@@ -4,8 +4,11 @@ pyroute2 builds and parses every message through a generic, attribute-by-
 attribute object model and waits for each request's reply; that costs
 ~200 us per kernel object, so 15,000 objects (5,000 vxlan peers) take three
 seconds and a periodic dump of them a second of CPU. The three message
-types the data plane sends in bulk (IPv4 routes, IPv4 neighbours, vxlan FDB
-entries) are small and fixed, so they are packed here with `struct`:
+types the data plane sends in bulk (routes, neighbours and vxlan FDB
+entries, each with an IPv4 or an IPv6 address) are small and fixed, so they
+are packed here with `struct`. The family is the only difference: an
+rtmsg/ndmsg's family byte (AF_INET or AF_INET6; AF_BRIDGE for FDB entries,
+whatever the remote's family) and 4- or 16-byte RTA_DST/RTA_GATEWAY/NDA_DST.
 
 - `RtnlSocket.batch(requests)`: many requests per `send()` (one skb; the
   kernel runs them in order, each under RTNL, synchronously inside the send
@@ -17,6 +20,8 @@ entries) are small and fixed, so they are packed here with `struct`:
   failures (the next resync retries them), never silent successes.
 - `RtnlSocket.dump(...)`: one dump request, messages filtered on fixed
   offsets (family, table, protocol, ifindex) before any attribute is parsed.
+  An AF_UNSPEC dump holds both families and works on a kernel without IPv6,
+  where an AF_INET6 one would be refused.
 - `RtnlSocket.read_events(ignore=...)`: multicast messages whose sender port
   id is ours are dropped from the header alone, so the echoes of a big batch
   cost almost nothing.
@@ -38,8 +43,9 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import MAIN_TABLE, KernelObject, Neighbour, Route
 
 NETLINK_ROUTE = 0
@@ -51,7 +57,8 @@ NLM_F_REPLACE, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x400, 0x800
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE = 0x1, 0x4, 0x40
+# RTMGRP_NEIGH carries neighbours of every family and FDB entries alike.
+RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x4, 0x40, 0x400
 AF_BRIDGE = 7
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 NDA_DST, NDA_LLADDR = 1, 2
@@ -92,6 +99,24 @@ def _mac_str(raw: bytes) -> str:
     return raw.hex(":")
 
 
+def family_of(address: Address | Network) -> int:
+    """AF_INET or AF_INET6, the family byte of a message about `address`."""
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
+
+
+_NETWORKS: dict[int, type[IPv4Network] | type[IPv6Network]] = {
+    socket.AF_INET: IPv4Network, socket.AF_INET6: IPv6Network}
+
+
+def _address(raw: bytes) -> Address | None:
+    """A 4- or 16-byte address attribute; None for any other length."""
+    if len(raw) == 4:
+        return IPv4Address(raw)
+    if len(raw) == 16:
+        return IPv6Address(raw)
+    return None
+
+
 # -- encoding -------------------------------------------------------------------
 
 
@@ -99,7 +124,7 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
     """(message type, flags, body without the nlmsghdr) for replacing/removing `obj`."""
     if isinstance(obj, Route):
         body = _RTMSG.pack(
-            socket.AF_INET, obj.dst.prefixlen, 0, 0, MAIN_TABLE, protocol,
+            family_of(obj.dst), obj.dst.prefixlen, 0, 0, MAIN_TABLE, protocol,
             RT_SCOPE_NOWHERE if remove else RT_SCOPE_UNIVERSE, RTN_UNICAST,
             RTNH_F_ONLINK if obj.onlink else 0,
         )
@@ -114,7 +139,7 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
             return RTM_DELROUTE, 0, body
         return RTM_NEWROUTE, NLM_F_REPLACE | NLM_F_CREATE, body
     if isinstance(obj, Neighbour):
-        body = _NDMSG.pack(socket.AF_INET, obj.ifindex, NUD_PERMANENT, 0, 0)
+        body = _NDMSG.pack(family_of(obj.dst), obj.ifindex, NUD_PERMANENT, 0, 0)
         body += _attr(NDA_DST, obj.dst.packed)
         if remove:
             return RTM_DELNEIGH, 0, body
@@ -155,20 +180,21 @@ def messages(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int
 
 
 def decode_route(data: bytes | memoryview, start: int, end: int) -> tuple[Route | None, int, int]:
-    """(route or None if not IPv4 unicast, protocol, table)."""
+    """(route or None if not IPv4 or IPv6 unicast, protocol, table)."""
     family, dst_len, _, _, table, proto, _, rtype, flags = _RTMSG.unpack_from(data, start)
     attrs = _attrs(data, start + _RTMSG.size, end)
     if RTA_TABLE in attrs:
         table = _U32.unpack(attrs[RTA_TABLE])[0]
-    if family != socket.AF_INET or rtype != RTN_UNICAST:
+    network = _NETWORKS.get(family)
+    if network is None or rtype != RTN_UNICAST:
         return None, proto, table
     dst = attrs.get(RTA_DST)
     gateway = attrs.get(RTA_GATEWAY)
     oif = attrs.get(RTA_OIF)
     priority = attrs.get(RTA_PRIORITY)
     route = Route(
-        dst=IPv4Network((int.from_bytes(dst) if dst else 0, dst_len)),
-        gateway=IPv4Address(gateway) if gateway else None,
+        dst=network((int.from_bytes(dst) if dst else 0, dst_len)),
+        gateway=_address(gateway) if gateway else None,
         ifindex=_U32.unpack(oif)[0] if oif else 0,
         onlink=bool(flags & RTNH_F_ONLINK),
         metric=_U32.unpack(priority)[0] if priority else 0,
@@ -182,7 +208,7 @@ class RawNeighbour:
     ifindex: int
     state: int
     flags: int
-    dst: IPv4Address | None  # None: no IPv4 destination (IPv6 or none)
+    dst: Address | None  # None: no destination address
     lladdr: str
 
 
@@ -193,7 +219,7 @@ def decode_neighbour(data: bytes | memoryview, start: int, end: int) -> RawNeigh
     lladdr = attrs.get(NDA_LLADDR)
     return RawNeighbour(
         family, ifindex, state, flags,
-        IPv4Address(dst) if dst is not None and len(dst) == 4 else None,
+        _address(dst) if dst is not None else None,
         _mac_str(lladdr) if lladdr and lladdr != _ZERO_MAC else "",
     )
 
@@ -412,8 +438,9 @@ class RtnlSocket:
                 return out
 
 
-def route_dump_request() -> bytes:
-    return _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+def route_dump_request(family: int = socket.AF_UNSPEC) -> bytes:
+    """A dump of one family's routes (AF_UNSPEC: every family's)."""
+    return _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def neighbour_dump_request(family: int) -> bytes:

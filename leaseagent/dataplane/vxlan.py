@@ -1,26 +1,47 @@
 """The vxlan backend: flannel's VXLAN data plane, kept in sync (docs/architecture.md).
 
-Per host: a device `flannel.<VNI>` (type vxlan, id VNI, local = PublicIP,
-dev = underlay, dstport = Port (8472), learning off), MTU = underlay MTU - 50
-(or Backend.MTU), address `<own subnet network>/32` (a /32: no broadcast or
-subnet route appears) and a VtepMAC that survives restarts. Per peer:
-permanent neighbour `<subnet .0> lladdr <VtepMAC>`, permanent FDB
-`<VtepMAC> dst <PublicIP>`, route `<subnet> via <subnet .0> onlink`;
-with Backend.DirectRouting and the peer's PublicIP on a network the
-underlay is directly attached to, only `<subnet> via <PublicIP> dev underlay`.
+Per host, one device per address family in use (flannel's
+pkg/backend/vxlan/vxlan.go, device.go):
 
-VtepMAC, in order of preference: the MAC of the existing device (an agent
-restart keeps the device, so peers' neighbour entries stay valid), the one
-in `<state_dir>/vtep-mac`, a fresh random locally administered unicast MAC.
-Whatever is used is written back to the file (atomically: temp file,
-fsync, rename), so a device deleted while the agent is down comes back
-with the same MAC.
+- `flannel.<VNI>` (type vxlan, id VNI, local = PublicIP, dev = underlay,
+  dstport = Port (8472), learning off), MTU = underlay MTU - 50, address
+  `<own subnet base>/32`;
+- on a dual-stack network with a PublicIPv6, also `flannel-v6.<VNI>`: the
+  same VNI and port, local = PublicIPv6, MTU = underlay MTU - 70, address
+  `<own IPv6 subnet base>/128`.
 
-The device is described by a pure `DeviceSpec` and compared with what the
+A host route (/32, /128) as the address: no broadcast or subnet route
+appears. Backend.MTU, when set, is the MTU of both devices (flannel's
+cfg.MTU is also one number for both). FLANNEL_MTU (`BackendAttrs.mtu`) is
+the smallest MTU of the devices in use, so a container's packet fits either
+tunnel.
+
+Why 70 and not flannel's 50 (flannel-io/flannel#1781): VXLAN over IPv6 puts
+an outer IPv6 header (40 bytes, not IPv4's 20) + UDP 8 + VXLAN 8 + the inner
+Ethernet header 14 in front of each packet. flannel subtracts 50 for the IPv6
+device too, so a full-size packet on flannel-v6 exceeds the underlay MTU by 20
+bytes and is dropped or fragmented. We subtract what the encapsulation costs.
+
+Per peer and family: permanent neighbour `<subnet base> lladdr <VtepMAC>`,
+permanent FDB `<VtepMAC> dst <PublicIP>`, route `<subnet> via <subnet base>
+onlink`, all on that family's device, with that family's VtepMAC and public
+address (BackendData, BackendV6Data); with Backend.DirectRouting and the
+peer's public address on a network the underlay is directly attached to,
+only `<subnet> via <public address> dev underlay` (core.plan).
+
+VtepMAC of each device (files `<state_dir>/vtep-mac`, `vtep-mac-v6`), in
+order of preference: the MAC of the existing device (an agent restart keeps
+the device, so peers' neighbour entries stay valid), the one in its file, a
+fresh random locally administered unicast MAC. Whatever is used is written
+back to the file (atomically: temp file, fsync, rename), so a device deleted
+while the agent is down comes back with the same MAC.
+
+Each device is described by a pure `DeviceSpec` and compared with what the
 kernel has by `core.plan.compare_device`, the same comparison `leasectl
 doctor` prints: an existing device whose VNI, port, local address, underlay
 or learning setting differ is deleted and created again (with its MAC); one
-with another MTU, MAC, state or addresses is adjusted in place.
+with another MTU, MAC, state or addresses is adjusted in place. `Vtep` does
+this for one device; both families use it.
 
 The mechanics of sync/update/run/close are in
 leaseagent.dataplane.reconciling; this module is policy.
@@ -30,11 +51,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import ip_interface
 from pathlib import Path
 
 from leaseagent.core.backends import VxlanOptions, unicast_mac
 from leaseagent.core.leases import Peer
+from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
     ADD_ADDRESS,
     REMOVE_ADDRESS,
@@ -44,6 +66,7 @@ from leaseagent.core.plan import (
     DeviceDifference,
     DeviceSpec,
     DeviceState,
+    Interface,
     KernelObject,
     VxlanAttrs,
     compare_device,
@@ -53,12 +76,14 @@ from leaseagent.core.plan import (
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.netlink import Netlink, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
+from leaseagent.dataplane.rtnl import family_of
 from leaseagent.errors import ConfigError, DataPlaneError
 from leaseagent.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 VTEP_MAC_FILE = "vtep-mac"  # in the state dir
+VTEP_MAC_V6_FILE = "vtep-mac-v6"
 
 
 def random_vtep_mac() -> str:
@@ -68,9 +93,9 @@ def random_vtep_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def load_vtep_mac(state_dir: Path) -> str | None:
-    """The VtepMAC stored in state_dir, or None if there is none (or it is garbage)."""
-    path = state_dir / VTEP_MAC_FILE
+def load_vtep_mac(state_dir: Path, name: str = VTEP_MAC_FILE) -> str | None:
+    """The VtepMAC stored in state_dir/name, or None if there is none (or it is garbage)."""
+    path = state_dir / name
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -83,97 +108,73 @@ def load_vtep_mac(state_dir: Path) -> str | None:
     return mac
 
 
-def store_vtep_mac(state_dir: Path, mac: str) -> None:
+def store_vtep_mac(state_dir: Path, mac: str, name: str = VTEP_MAC_FILE) -> None:
     """Write the VtepMAC atomically, never through a planted symlink."""
-    path = state_dir / VTEP_MAC_FILE
+    path = state_dir / name
     try:
         write_atomic(path, (mac + "\n").encode(), mode=0o644)
     except (OSError, ConfigError) as exc:
         raise DataPlaneError(f"cannot store the VtepMAC in {path}: {exc}") from exc
 
 
-class VxlanBackend(ReconcilingBackend):
-    """flannel's vxlan backend, with resync and drift repair."""
+def host_address(subnet: Network) -> Interface:
+    """The device address for a lease: its base address as a host route (/32, /128)."""
+    return ip_interface((subnet.network_address, subnet.max_prefixlen))
 
-    backend_type = "vxlan"
 
-    def __init__(self, settings: DataPlaneSettings) -> None:
-        super().__init__(settings)
-        options = settings.network.options
-        if not isinstance(options, VxlanOptions):
-            raise ConfigError(f"the vxlan backend cannot run a {settings.network.backend_type} network")
-        self._options = options
-        self._device_index = 0  # 0: no device known yet
-        self._mac: str | None = None
-        self._direct_networks: tuple[IPv4Network, ...] = ()
+class Vtep:
+    """One vxlan device of the backend (flannel.<VNI> or flannel-v6.<VNI>): its fixed
+    settings, and the index and MAC it has once made or adopted."""
+
+    def __init__(self, name: str, local: Address, *, vni: int, port: int, link: int, mtu: int,
+                 mac_file: str, state_dir: Path) -> None:
+        self.name = name
+        self.local = local
+        self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, learning=False)
+        self.mtu = mtu
+        self._mac_file = mac_file
+        self._state_dir = state_dir
+        self.index = 0  # 0: no device known yet
+        self.mac: str | None = None
 
     @property
-    def device_name(self) -> str:
-        return self._options.device_name
+    def lease_data(self) -> dict[str, object]:
+        """BackendData (or BackendV6Data) of a lease: flannel's vxlanLeaseAttrs."""
+        assert self.mac is not None
+        return {"VNI": self.attrs.vni, "VtepMAC": self.mac}
 
-    @property
-    def mtu(self) -> int:
-        return self._options.mtu_for(self._settings.host.iface_mtu)
+    def spec(self, own: Network | None) -> DeviceSpec:
+        return DeviceSpec(name=self.name, kind="vxlan", mtu=self.mtu, vxlan=self.attrs,
+                          mac=self.mac, address=host_address(own) if own else None)
 
-    async def prepare(self) -> BackendAttrs:
-        async with self._lock:
-            nl = await self._netlink()
-            await self._converge_device(nl)
-            await self._refresh(nl)
-        assert self._mac is not None
-        return BackendAttrs(
-            backend_type="vxlan",
-            mtu=self.mtu,
-            backend_data={"VNI": self._options.vni, "VtepMAC": self._mac},
-        )
+    async def observe(self, nl: Netlink) -> DeviceState | None:
+        """The device as the kernel has it; a backend that never prepared (doctor)
+        plans with the index found."""
+        state = await nl.device_state(self.name)
+        if not self.index and state is not None and state.kind == "vxlan":
+            self.index = state.index
+        return state
 
-    async def start(self, own_subnet: IPv4Network) -> None:
-        async with self._lock:
-            self._own_subnet = own_subnet
-            await self._converge_device(await self._netlink())
-
-    # -- device ----------------------------------------------------------------
-
-    def _device_spec(self, own_subnet: IPv4Network | None) -> DeviceSpec:
-        host = self._settings.host
-        return DeviceSpec(
-            name=self.device_name, kind="vxlan", mtu=self.mtu,
-            vxlan=VxlanAttrs(vni=self._options.vni, port=self._options.port, local=host.public_ip,
-                             link=host.iface_index, learning=False),
-            mac=self._mac,
-            # A /32: no broadcast or subnet route appears.
-            address=IPv4Interface((own_subnet.network_address, 32)) if own_subnet else None,
-        )
-
-    def _device_specs(self, own_subnet: IPv4Network | None) -> tuple[DeviceSpec, ...]:
-        return (self._device_spec(own_subnet),)
-
-    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
-        state = await nl.device_state(self.device_name)
-        if not self._device_index and state is not None and state.kind == "vxlan":
-            self._device_index = state.index  # never prepared (doctor): plan with this one
-        return {self.device_name: state}
-
-    async def _converge_device(self, nl: Netlink, *, repair: bool = False) -> bool:
-        """Make the device what `_device_spec` says: adopt, adjust in place, or (re)create
-        it; True if anything changed. The first time, the device's MAC is adopted. A
+    async def converge(self, nl: Netlink, own: Network | None, *, repair: bool = False) -> bool:
+        """Make the device what `spec` says: adopt, adjust in place, or (re)create it;
+        True if anything changed. The first time, the device's MAC is adopted. A
         `repair` (someone changed the device) is logged at INFO, setting it up at DEBUG."""
-        state = await nl.device_state(self.device_name)
-        spec = self._device_spec(self._own_subnet)
+        state = await nl.device_state(self.name)
+        spec = self.spec(own)
         differences = compare_device(spec, state)
         changed = False
         if needs_recreate(differences):
-            state = await self._create_device(nl, state, differences)
+            state = await self._create(nl, state, differences)
             differences = compare_device(spec, state)
             changed = True
         assert state is not None
-        if self._mac is None:
-            self._mac = unicast_mac(state.mac)
-            if self._mac is None:
-                raise DataPlaneError(f"{self.device_name} has an unusable MAC {state.mac!r}")
-        if state.index != self._device_index:
-            changed = changed or bool(self._device_index)
-            self._device_index = state.index
+        if self.mac is None:
+            self.mac = unicast_mac(state.mac)
+            if self.mac is None:
+                raise DataPlaneError(f"{self.name} has an unusable MAC {state.mac!r}")
+        if state.index != self.index:
+            changed = changed or bool(self.index)
+            self.index = state.index
         for difference in differences:
             if difference.fix == SET_MTU:
                 await nl.set_link(state.index, mtu=spec.mtu)
@@ -185,79 +186,44 @@ class VxlanBackend(ReconcilingBackend):
                 assert spec.address is not None
                 await nl.add_address(state.index, spec.address)
             elif difference.fix == REMOVE_ADDRESS:
-                assert isinstance(difference.have, IPv4Interface)
+                assert isinstance(difference.have, Interface)
                 await nl.delete_address(state.index, difference.have)
             else:
                 continue
             log.log(logging.INFO if repair else logging.DEBUG, "%s; fixed", difference.text)
             changed = True
-        if load_vtep_mac(self._settings.state_dir) != self._mac:
-            store_vtep_mac(self._settings.state_dir, self._mac)
+        if load_vtep_mac(self._state_dir, self._mac_file) != self.mac:
+            store_vtep_mac(self._state_dir, self.mac, self._mac_file)
         return changed
 
-    async def _create_device(self, nl: Netlink, state: DeviceState | None,
-                             differences: list[DeviceDifference]) -> DeviceState:
+    async def _create(self, nl: Netlink, state: DeviceState | None,
+                      differences: list[DeviceDifference]) -> DeviceState:
         """Delete a device that cannot be adopted and create it as specified, keeping a
         MAC in this order: ours, the old device's, the stored one, a new random one."""
-        name = self.device_name
         reuse = unicast_mac(state.mac) if state is not None and state.kind == "vxlan" else None
-        mac = self._mac or reuse or load_vtep_mac(self._settings.state_dir) or random_vtep_mac()
+        mac = (self.mac or reuse or load_vtep_mac(self._state_dir, self._mac_file)
+               or random_vtep_mac())
         if state is not None:
-            log.warning("recreating %s: %s", name, "; ".join(d.text for d in differences))
+            log.warning("recreating %s: %s", self.name, "; ".join(d.text for d in differences))
             await nl.delete_link(state.index)
         else:
-            log.info("creating %s (VNI %d, port %d, MAC %s)", name, self._options.vni,
-                     self._options.port, mac)
-        host = self._settings.host
-        await nl.create_vxlan(name, vni=self._options.vni, port=self._options.port,
-                              local=host.public_ip, link=host.iface_index, mtu=self.mtu, mac=mac)
-        self._mac = mac
-        created = await nl.device_state(name)
+            log.info("creating %s (VNI %d, port %d, local %s, MAC %s)", self.name,
+                     self.attrs.vni, self.attrs.port, self.local, mac)
+        await nl.create_vxlan(self.name, vni=self.attrs.vni, port=self.attrs.port,
+                              local=self.local, link=self.attrs.link, mtu=self.mtu, mac=mac)
+        self.mac = mac
+        created = await nl.device_state(self.name)
         if created is None:
-            raise DataPlaneError(f"vxlan device {name} vanished right after it was created")
+            raise DataPlaneError(f"vxlan device {self.name} vanished right after it was created")
         return created
 
-    async def _ensure_ready(self, nl: Netlink) -> bool:
-        if not self._device_index:
-            return False  # not prepared yet: nothing to repair
-        return await self._converge_device(nl, repair=True)
-
-    # -- plan --------------------------------------------------------------------
-
-    async def _refresh(self, nl: Netlink) -> None:
-        host = self._settings.host
-        if self._options.direct_routing and host.iface_index:
-            self._direct_networks = tuple(
-                addr.network for _, addr in await nl.ipv4_addresses(host.iface_index)
-            )
-
-    def _is_direct(self, ip: IPv4Address) -> bool:
-        return any(ip in net for net in self._direct_networks)
-
-    def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
-        if not self._device_index:
-            return frozenset()  # no device (not prepared, or doctor found none): nothing to plan
-        return plan_vxlan_peer(
-            peer,
-            self._device_index,
-            underlay_index=self._settings.host.iface_index,
-            direct_routing=self._options.direct_routing,
-            is_direct=self._is_direct,
-        )
-
-    async def _current(self, nl: Netlink) -> set[KernelObject]:
-        current: set[KernelObject] = set(await nl.routes(protocol=self._settings.route_protocol))
-        if self._device_index:
-            current |= await nl.neighbours(self._device_index)
-            current |= await nl.fdb(self._device_index, own_mac=self._mac)
-        return current
-
-    def _drift_kind(self, event: NetlinkEvent) -> str | None:
-        kind = super()._drift_kind(event)
-        index = self._device_index
-        if kind is not None or not index:
-            return kind
-        if event.kind == "link" and (event.ifindex == index or event.ifname == self.device_name):
+    def concerns(self, event: NetlinkEvent) -> str | None:
+        """The drift `event` shows on this device: "device" (gone, down, another one
+        with its name), "neighbour" or "fdb" (an entry on it), or None."""
+        index = self.index
+        if not index:
+            return None
+        if event.kind == "link" and (event.ifindex == index or event.ifname == self.name):
             if event.deleted or event.up is False or event.ifindex != index:
                 return "device"
         if (
@@ -266,4 +232,121 @@ class VxlanBackend(ReconcilingBackend):
             and (event.deleted or event.sender)
         ):
             return event.kind
+        return None
+
+
+class VxlanBackend(ReconcilingBackend):
+    """flannel's vxlan backend, with resync and drift repair, in one or both families."""
+
+    backend_type = "vxlan"
+
+    def __init__(self, settings: DataPlaneSettings) -> None:
+        super().__init__(settings)
+        options = settings.network.options
+        if not isinstance(options, VxlanOptions):
+            raise ConfigError(f"the vxlan backend cannot run a {settings.network.backend_type} network")
+        self._options = options
+        self._v4 = self._vtep(settings.host.public_ip)
+        public_ipv6 = settings.host.public_ipv6 if settings.ipv6_enabled else None
+        self._v6 = self._vtep(public_ipv6) if public_ipv6 is not None else None
+        self._devices = (self._v4,) if self._v6 is None else (self._v4, self._v6)
+        self._direct_networks: tuple[Network, ...] = ()
+
+    def _vtep(self, local: Address) -> Vtep:
+        """The device of `local`'s family: flannel's name, MTU and MAC file for it."""
+        options, host = self._options, self._settings.host
+        ipv6 = local.version == 6
+        return Vtep(
+            options.device_name6 if ipv6 else options.device_name, local,
+            vni=options.vni, port=options.port, link=host.iface_index,
+            mtu=options.mtu_for(host.iface_mtu, ipv6=ipv6),
+            mac_file=VTEP_MAC_V6_FILE if ipv6 else VTEP_MAC_FILE,
+            state_dir=self._settings.state_dir,
+        )
+
+    @property
+    def device_name(self) -> str:
+        return self._v4.name
+
+    def _with_own(self, own_subnet: Network | None, own_ipv6: Network | None
+                  ) -> zip[tuple[Vtep, Network | None]]:
+        """Each device in use with the lease subnet of its family."""
+        return zip(self._devices, (own_subnet, own_ipv6), strict=False)
+
+    async def prepare(self) -> BackendAttrs:
+        async with self._lock:
+            nl = await self._netlink()
+            await self._converge_devices(nl)
+            await self._refresh(nl)
+        return BackendAttrs(
+            backend_type="vxlan",
+            mtu=min(vtep.mtu for vtep in self._devices),
+            backend_data=self._v4.lease_data,
+            backend_v6_data=self._v6.lease_data if self._v6 is not None else {},
+        )
+
+    # -- devices ---------------------------------------------------------------
+
+    def _device_specs(self, own_subnet: Network | None, own_ipv6: Network | None
+                      ) -> tuple[DeviceSpec, ...]:
+        return tuple(vtep.spec(own) for vtep, own in self._with_own(own_subnet, own_ipv6))
+
+    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+        return {vtep.name: await vtep.observe(nl) for vtep in self._devices}
+
+    async def _converge_devices(self, nl: Netlink, *, repair: bool = False) -> bool:
+        changed = False
+        for vtep, own in self._with_own(self._own_subnet, self._own_ipv6):
+            changed = await vtep.converge(nl, own, repair=repair) or changed
+        return changed
+
+    async def _ensure_ready(self, nl: Netlink) -> bool:
+        if not self._v4.index:
+            return False  # not prepared yet: nothing to repair
+        return await self._converge_devices(nl, repair=True)
+
+    # -- plan --------------------------------------------------------------------
+
+    async def _refresh(self, nl: Netlink) -> None:
+        host = self._settings.host
+        if self._options.direct_routing and host.iface_index:
+            self._direct_networks = tuple(
+                a.interface.network for a in await nl.addresses(index=host.iface_index)
+                if not a.is_ipv6_link_local
+            )
+
+    def _is_direct(self, ip: Address) -> bool:
+        # ipaddress does not compare families in `in`: 10.0.0.1 is "in" ::a00:0/120.
+        return any(ip.version == net.version and ip in net for net in self._direct_networks)
+
+    def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
+        if not self._v4.index:
+            return frozenset()  # no device (not prepared, or doctor found none): nothing to plan
+        return plan_vxlan_peer(
+            peer,
+            self._v4.index,
+            underlay_index=self._settings.host.iface_index,
+            direct_routing=self._options.direct_routing,
+            is_direct=self._is_direct,
+            vxlan6_index=self._v6.index if self._v6 is not None else 0,
+        )
+
+    async def _current(self, nl: Netlink) -> set[KernelObject]:
+        # Routes of both families: an IPv6 route of ours left from a dual-stack run
+        # is found (and removed) on an IPv4-only one too.
+        current: set[KernelObject] = set(await nl.routes(protocol=self._settings.route_protocol))
+        for vtep in self._devices:
+            if vtep.index:
+                current |= await nl.neighbours(vtep.index, family=family_of(vtep.local))
+                current |= await nl.fdb(vtep.index, own_mac=vtep.mac)
+        return current
+
+    def _drift_kind(self, event: NetlinkEvent) -> str | None:
+        kind = super()._drift_kind(event)
+        if kind is not None:
+            return kind
+        for vtep in self._devices:
+            kind = vtep.concerns(event)
+            if kind is not None:
+                return kind
         return None

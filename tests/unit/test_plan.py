@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
 
 from leaseagent.core.backends import NoLeaseData, VxlanLeaseData, vxlan_options
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import (
+    ADD_ADDRESS,
+    REMOVE_ADDRESS,
+    DeviceSpec,
+    DeviceState,
     Fdb,
     Neighbour,
     Route,
+    VxlanAttrs,
+    compare_device,
     diff,
     flatten,
     plan_host_gw,
@@ -20,6 +27,7 @@ from leaseagent.core.plan import (
 from leaseagent.errors import NetworkConfigError
 
 VX = 10  # vxlan device index
+VX6 = 11  # the IPv6 vxlan device's index
 UL = 2  # underlay index
 OWN = IPv4Network("10.5.1.0/24")
 
@@ -36,6 +44,15 @@ def vx_peer(n: int, mac: str | None = None, ip: str | None = None) -> Peer:
 def gw_peer(n: int) -> Peer:
     return Peer(IPv4Network(f"10.5.{n}.0/24"), IPv4Address(f"192.168.0.{n}"), "host-gw",
                 NoLeaseData())
+
+
+def dual(peer: Peer, n: int) -> Peer:
+    """`peer` with an IPv6 part: fd00:5:<n>::/64, PublicIPv6 fd00:250::<n>, and for
+    vxlan its IPv6 device's VtepMAC."""
+    data6 = VxlanLeaseData(f"02:00:00:00:06:{n:02x}") if peer.backend_type == "vxlan" \
+        else NoLeaseData()
+    return replace(peer, ipv6_subnet=IPv6Network(f"fd00:5:{n:x}::/64"),
+                   public_ipv6=IPv6Address(f"fd00:250::{n:x}"), data6=data6)
 
 
 def by_subnet(*peers: Peer) -> dict[IPv4Network, Peer]:
@@ -150,3 +167,72 @@ def test_vxlan_options_defaults_and_mtu() -> None:
 def test_vxlan_options_refuse_bad_values_naming_the_field(backend: dict[str, object]) -> None:
     with pytest.raises(NetworkConfigError, match=f"Backend.{next(iter(backend))}"):
         vxlan_options(backend)
+
+
+# ------------------------------------------------------------------ dual-stack
+
+
+def test_dual_stack_vxlan_peer_gets_both_families_on_their_devices() -> None:
+    peer = dual(vx_peer(2), 2)
+    plan = plan_vxlan(OWN, by_subnet(peer), vxlan_index=VX, underlay_index=UL, vxlan6_index=VX6)
+    base6 = IPv6Address("fd00:5:2::")
+    assert plan[peer.subnet] == {
+        Neighbour(VX, IPv4Address("10.5.2.0"), "02:00:00:00:00:02"),
+        Fdb(VX, "02:00:00:00:00:02", IPv4Address("192.168.0.2")),
+        Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.5.2.0"), VX, onlink=True),
+        Neighbour(VX6, base6, "02:00:00:00:06:02"),
+        Fdb(VX6, "02:00:00:00:06:02", IPv6Address("fd00:250::2")),
+        Route(IPv6Network("fd00:5:2::/64"), base6, VX6, onlink=True),
+    }
+    to_add, _ = diff(plan[peer.subnet], ())
+    assert [o.kind for o in to_add] == ["neighbour"] * 2 + ["fdb"] * 2 + ["route"] * 2
+
+
+def test_ipv6_objects_need_both_an_ipv6_device_and_a_dual_stack_peer() -> None:
+    without_device = plan_vxlan(OWN, by_subnet(dual(vx_peer(2), 2)), vxlan_index=VX,
+                                underlay_index=UL)
+    ipv4_only_peer = plan_vxlan(OWN, by_subnet(vx_peer(3)), vxlan_index=VX, underlay_index=UL,
+                                vxlan6_index=VX6)
+    for plan in (without_device, ipv4_only_peer):
+        [objects] = plan.values()
+        assert len(objects) == 3 and all(o.dst.version == 4 for o in objects)
+
+
+def test_ipv6_direct_routing_goes_by_the_peers_public_ipv6() -> None:
+    near = dual(vx_peer(2), 2)
+    lan6 = IPv6Network("fd00:250::/64")
+    plan = plan_vxlan(OWN, by_subnet(near), vxlan_index=VX, underlay_index=UL, vxlan6_index=VX6,
+                      direct_routing=True, is_direct=lambda ip: ip.version == 6 and ip in lan6)
+    v6 = {o for o in plan[near.subnet] if o.dst.version == 6}
+    assert v6 == {Route(IPv6Network("fd00:5:2::/64"), IPv6Address("fd00:250::2"), UL)}
+    assert len(plan[near.subnet] - v6) == 3  # its PublicIP is not on the LAN: encapsulated
+
+
+def test_host_gw_dual_stack_routes_via_the_public_addresses() -> None:
+    peer = dual(gw_peer(2), 2)
+    assert flatten(plan_host_gw(OWN, by_subnet(peer), underlay_index=UL, ipv6=True)) == {
+        Route(IPv4Network("10.5.2.0/24"), IPv4Address("192.168.0.2"), UL),
+        Route(IPv6Network("fd00:5:2::/64"), IPv6Address("fd00:250::2"), UL),
+    }
+    assert len(flatten(plan_host_gw(OWN, by_subnet(peer), underlay_index=UL))) == 1
+
+
+def test_vxlan_mtu_over_ipv6_is_70_less_and_backend_mtu_sets_both() -> None:
+    opts = vxlan_options({"Type": "vxlan"})
+    assert (opts.mtu_for(1500), opts.mtu_for(1500, ipv6=True), opts.device_name6) == (
+        1450, 1430, "flannel-v6.1")
+    fixed = vxlan_options({"MTU": 1400})
+    assert fixed.mtu_for(9000) == fixed.mtu_for(9000, ipv6=True) == 1400
+
+
+def test_a_device_address_is_judged_against_its_own_family_only() -> None:
+    """The IPv6 device keeps an IPv4 address someone gave it, and the IPv4 device an
+    IPv6 one (flannel's Ensure*AddressOnLink each look at one family)."""
+    want = IPv6Interface("fd00:5:1::/128")
+    attrs = VxlanAttrs(1, 8472, IPv6Address("fd00:250::1"), 2, False)
+    spec = DeviceSpec("flannel-v6.1", "vxlan", 1430, attrs, address=want)
+    other = IPv6Interface("fd00:5:9::/128")
+    state = DeviceState("flannel-v6.1", 11, "vxlan", True, None, 1430,
+                        (IPv4Interface("10.1.1.1/32"), other), attrs)
+    assert [(d.fix, d.have, d.want) for d in compare_device(spec, state)] == [
+        (ADD_ADDRESS, None, want), (REMOVE_ADDRESS, other, None)]
