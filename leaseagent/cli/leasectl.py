@@ -43,7 +43,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +112,12 @@ async def _find(store: LeaseStore, layout: KeyLayout, text: str
     if layout.subnets_prefix + text in by_key:
         return by_key[layout.subnets_prefix + text], listing, network
     subnet = subnet_of(text, network)
-    named = [kv for kv in listing
-             if judge([kv], layout=layout, network=None).verdicts[kv.key].subnet == subnet]
+    verdicts = judge(listing, layout=layout, network=None).verdicts
+    named = [kv for kv in listing if subnet in (verdicts[kv.key].subnet,
+                                                  verdicts[kv.key].ipv6_subnet)]
     if not named:
         raise LeaseagentError(f"no lease for {subnet}")
-    key = layout.lease_key(subnet)
-    return by_key.get(key, min(named, key=lambda kv: (kv.create_revision, kv.key))), listing, network
+    return min(named, key=lambda kv: (kv.create_revision, kv.key)), listing, network
 
 
 async def cmd_list(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
@@ -165,6 +165,9 @@ async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Names
     if network is None:
         raise LeaseagentError(f"{layout.config_key} is missing or invalid; set it first")
     subnet = subnet_of(args.subnet, network)
+    if not isinstance(subnet, IPv4Network):
+        raise UsageError(f"SUBNET {args.subnet!r}: name the IPv4 subnet (the IPv6 one goes in "
+                         "--ipv6-subnet)")
     try:
         public_ip = IPv4Address(args.public_ip)
     except ValueError:
@@ -172,6 +175,16 @@ async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Names
     why = network.check_subnet(subnet)
     if why:
         raise UsageError(why)
+    ipv6 = None
+    if args.ipv6_subnet:
+        named6 = subnet_of(args.ipv6_subnet, None) if "/" in args.ipv6_subnet else None
+        if not isinstance(named6, IPv6Network):
+            raise UsageError(f"--ipv6-subnet {args.ipv6_subnet!r}: not an IPv6 subnet "
+                             "(fd00:5:0:22::/64)")
+        why = network.check_ipv6_subnet(named6)
+        if why:
+            raise UsageError(f"--ipv6-subnet {args.ipv6_subnet}: {why}")
+        ipv6 = named6
     if not network.in_range(subnet) and not args.force:
         raise UsageError(f"{subnet} is outside [SubnetMin, SubnetMax] = "
                          f"[{network.subnet_min}, {network.subnet_max}]; no agent would be "
@@ -181,17 +194,25 @@ async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Names
     if held and not args.force:
         raise UsageError(f"{public_ip} already has {held[0].subnet} ({held[0].key}); a host uses "
                          "one subnet (--force reserves a second anyway)")
-    key = layout.lease_key(subnet)
+    taken6 = [v for v in judge(listing, layout=layout, network=None).verdicts.values()
+              if ipv6 is not None and v.ipv6_subnet == ipv6]
+    if taken6:
+        raise LeaseagentError(f"{ipv6} is already taken ({taken6[0].key}); release it first")
+    key = layout.lease_key(subnet, ipv6)
     value = LeaseValue(public_ip=public_ip, backend_type=network.backend_type).encode()
-    won, current = await store.create(key, value, lease=0)
+    # Guarded on the IPv4 part: a subnet held under a dual-stack key is taken too.
+    won, _ = await store.create(key, value, lease=0, guard=layout.lease_key(subnet))
     if not won:
-        assert current is not None
-        try:
-            holder = str(decode_lease_value(current.value).public_ip)
-        except InvalidLease:
-            holder = "an invalid lease"
+        holders = [kv for kv in listing if judge([kv], layout=layout, network=None)
+                   .verdicts[kv.key].subnet == subnet]
+        holder = "another key"
+        if holders:
+            try:
+                holder = str(decode_lease_value(holders[0].value).public_ip)
+            except InvalidLease:
+                holder = "an invalid lease"
         raise LeaseagentError(f"{subnet} is already taken by {holder}; release it first")
-    print(f"reserved {subnet} for {public_ip}")
+    print(f"reserved {subnet}{f' and {ipv6}' if ipv6 else ''} for {public_ip}")
     return 0
 
 
@@ -364,6 +385,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                    "PublicIP that has a subnet already, unless --force.")
     p.add_argument("subnet", metavar="SUBNET")
     p.add_argument("--public-ip", required=True, help="the host's PublicIP")
+    p.add_argument("--ipv6-subnet", metavar="SUBNET6",
+                   help="also its IPv6 subnet (dual-stack; without it the host's agent adds one)")
     p.add_argument("--force", action="store_true",
                    help="reserve outside [SubnetMin, SubnetMax], or a second subnet for one IP")
     p = _subparser(sub, "release", "delete the lease or reservation of SUBNET (or a key by name)")

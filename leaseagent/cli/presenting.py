@@ -18,14 +18,16 @@ and `valid` says whether the agents accept it. Rows sort by subnet address
 SUBNET arguments (`subnet_of`) accept `10.5.34.0/24`, `10.5.34.1/24` (the
 form of FLANNEL_SUBNET), a key name `10.5.34.0-24` (or flannel's dual-stack
 `10.5.34.0-24&fd00::-64`) and, given the network config, `10.5.34.0` with
-the network's subnet length: all name the same subnet.
+the network's subnet length: all name the same subnet. A dual-stack lease
+may also be named by its IPv6 subnet (`fd00:5:0:22::/64`,
+`fd00:5:0:22::1/64`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Any
 
 from leaseagent.core.leases import (
@@ -41,9 +43,10 @@ from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import LeaseagentError
 from leaseagent.store.base import KeyValue
 
-LIST_FIELDS = ("subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in",
-               "reservation", "status", "valid", "error")
-WATCH_FIELDS = ("subnet", "public_ip", "backend", "node_id", "status", "valid", "error")
+LIST_FIELDS = ("subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "vtep_mac",
+               "node_id", "expires_in", "reservation", "status", "valid", "error")
+WATCH_FIELDS = ("subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "node_id",
+                "status", "valid", "error")
 
 
 class UsageError(LeaseagentError):
@@ -83,7 +86,10 @@ def row_of(verdict: Verdict, layout: KeyLayout, *, expires_in: int | None,
         error = f"reserved for {value.public_ip}; not claimed yet"
     return {
         "subnet": str(verdict.subnet) if verdict.subnet is not None else layout.name_of(verdict.key),
+        "ipv6_subnet": str(verdict.ipv6_subnet) if verdict.ipv6_subnet is not None else None,
         "public_ip": str(value.public_ip) if value is not None else None,
+        "public_ipv6": (str(value.public_ipv6) if value is not None and value.public_ipv6
+                        else None),
         "backend": (value.backend_type or None) if value is not None else None,
         "vtep_mac": value.vtep_mac if value is not None else None,
         "node_id": value.node_id if value is not None else None,
@@ -112,9 +118,14 @@ def rows_of(items: Sequence[KeyValue], layout: KeyLayout, network: NetworkConfig
 
 
 def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
-    cols = ["subnet", "public_ip", "backend", "expires_in", "status"]
+    """A table; the IPv6 columns only when some lease has an IPv6 part."""
+    six = any(r["ipv6_subnet"] for r in rows)
+    cols = ["subnet", *(["ipv6_subnet"] if six else []), "public_ip", "backend", "expires_in",
+            "status"]
     if wide:
-        cols = ["subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in", "status"]
+        cols = ["subnet", *(["ipv6_subnet"] if six else []), "public_ip",
+                *(["public_ipv6"] if six else []), "backend", "vtep_mac", "node_id",
+                "expires_in", "status"]
     heads = {c: c.upper().replace("_", " ") for c in cols}
     lines = []
     for row in rows:
@@ -182,9 +193,11 @@ class SeenKeys:
             self._by_subnet.get(subnet, set()).discard(key)
 
 
-def subnet_of(text: str, network: NetworkConfig | None) -> IPv4Network:
+def subnet_of(text: str, network: NetworkConfig | None) -> IPv4Network | IPv6Network:
     """The subnet a SUBNET argument names (see the module docstring); UsageError if none."""
     try:
+        if "/" in text and ":" in text and "&" not in text:
+            return IPv6Interface(text).network  # a dual-stack lease's IPv6 part
         if "/" in text:
             return IPv4Interface(text).network  # 10.5.34.1/24, FLANNEL_SUBNET's form, too
         if "-" in text:

@@ -8,8 +8,8 @@ from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
-FIELDS = ["subnet", "public_ip", "backend", "vtep_mac", "node_id", "expires_in",
-          "reservation", "status", "valid", "error"]
+FIELDS = ["subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "vtep_mac", "node_id",
+          "expires_in", "reservation", "status", "valid", "error"]
 
 
 def one_line_error(result) -> str:
@@ -168,3 +168,40 @@ def test_version_and_help_show_defaults_variables_and_exit_codes(etcd):
     assert "exit status:" in helped
     typo = leasectl(etcd, "list", "--outptu", "json")
     assert typo.returncode == 2 and one_line_error(typo).endswith("(see leasectl --help)")
+
+
+DUAL_VXLAN = {"Network": "10.6.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:6::/48",
+              "Backend": {"Type": "vxlan"}}
+# A lease as flanneld writes it on a dual-stack host (pkg/lease/lease.go's LeaseAttrs).
+FLANNELD_DUAL = ('{"PublicIP":"10.200.0.7","PublicIPv6":"fd00:200::7","BackendType":"vxlan",'
+                 '"BackendData":{"VNI":1,"VtepMAC":"a6:4f:0b:2f:10:07"},'
+                 '"BackendV6Data":{"VNI":1,"VtepMAC":"a6:4f:0b:2f:16:07"}}')
+
+
+def test_dual_stack_leases_show_both_families_and_are_found_by_either(etcd):
+    put_config(etcd, DUAL_VXLAN)
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.7.0-24&fd00:6:0:7::-64", FLANNELD_DUAL)
+    rows = json.loads(leasectl(etcd, "list", "-o", "json").stdout)
+    assert [(r["subnet"], r["ipv6_subnet"], r["public_ip"], r["public_ipv6"], r["status"])
+            for r in rows] == [("10.6.7.0/24", "fd00:6:0:7::/64", "10.200.0.7", "fd00:200::7",
+                                "reserved")]  # put by hand: no etcd lease
+    wide = leasectl(etcd, "list", "-o", "wide").stdout
+    assert "IPV6 SUBNET" in wide and "PUBLIC IPV6" in wide and "fd00:6:0:7::/64" in wide
+    for name in ("fd00:6:0:7::/64", "fd00:6:0:7::1/64", "10.6.7.0/24",
+                 "10.6.7.0-24&fd00:6:0:7::-64"):
+        shown = json.loads(leasectl(etcd, "show", name).stdout)
+        assert shown["key"].endswith("10.6.7.0-24&fd00:6:0:7::-64"), name
+
+    ok = leasectl(etcd, "reserve", "10.6.9.0/24", "--public-ip", "10.200.0.9",
+                  "--ipv6-subnet", "fd00:6:0:9::/64")
+    assert ok.returncode == 0, ok.stderr
+    assert "reserved 10.6.9.0/24 and fd00:6:0:9::/64 for 10.200.0.9" in ok.stdout
+    # One subnet is never reserved twice, whatever IPv6 part the second key would have.
+    again = leasectl(etcd, "reserve", "10.6.7.0/24", "--public-ip", "10.200.0.10")
+    assert "already taken by 10.200.0.7" in one_line_error(again)
+    taken6 = leasectl(etcd, "reserve", "10.6.11.0/24", "--public-ip", "10.200.0.11",
+                      "--ipv6-subnet", "fd00:6:0:9::/64")
+    assert "fd00:6:0:9::/64 is already taken" in one_line_error(taken6)
+    outside = leasectl(etcd, "reserve", "10.6.12.0/24", "--public-ip", "10.200.0.12",
+                       "--ipv6-subnet", "fd00:7::/64")
+    assert "outside the network fd00:6::/48" in one_line_error(outside)

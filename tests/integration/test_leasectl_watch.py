@@ -26,7 +26,8 @@ from leaseagent.cli.watching import lease_events
 from leaseagent.store.memory import MemoryStore
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
-JSON_FIELDS = ["event", "subnet", "public_ip", "backend", "node_id", "status", "valid", "error"]
+JSON_FIELDS = ["event", "subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "node_id",
+               "status", "valid", "error"]
 
 
 class Watch:
@@ -103,9 +104,9 @@ def test_json_events_for_agents_and_hand_made_keys(etcd, agents, watching):
     a = agents("a", "10.200.0.1", ttl=3).start()
     subnet_a = subnet_of(a.wait_subnet())
     ev = w.next_json()
-    assert ev == {"event": "added", "subnet": subnet_a, "public_ip": "10.200.0.1",
-                  "backend": "alloc", "node_id": "a", "status": "ok", "valid": True,
-                  "error": None}
+    assert ev == {"event": "added", "subnet": subnet_a, "ipv6_subnet": None,
+                  "public_ip": "10.200.0.1", "public_ipv6": None, "backend": "alloc",
+                  "node_id": "a", "status": "ok", "valid": True, "error": None}
 
     # By hand: a key appears, changes, goes (no etcd lease: "removed").
     key = f"{PREFIX}/subnets/10.6.200.0-24"
