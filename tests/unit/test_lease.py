@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from leaseagent.core.leases import (
     LeaseValue,
     Peer,
     decode_lease_value,
+    unusable_ip_reason,
     validate_peer,
 )
 from leaseagent.core.network import parse_network_config
@@ -27,6 +28,9 @@ NETWORK = parse_network_config(b'{"Network": "10.5.0.0/16"}')
 OWN_IP = IPv4Address("192.168.64.2")
 SUBNET = IPv4Network("10.5.34.0/24")
 MAC = "c6:d2:32:6f:8f:44"
+DUAL = parse_network_config(b'{"Network": "10.5.0.0/16", "EnableIPv6": true, '
+                            b'"IPv6Network": "fd00:5::/48"}')
+SUBNET6 = IPv6Network("fd00:5:0:22::/64")
 
 
 def vxlan_value(public_ip: str = "192.168.64.3", **backend_data: Any) -> LeaseValue:
@@ -236,6 +240,12 @@ _lease_like = st.fixed_dictionaries(
         )
         | _json_values,
         "NodeID": _json_values,
+        "PublicIPv6": st.one_of(st.ip_addresses(v=6).map(str), st.text(max_size=20),
+                                _json_values),
+        "BackendV6Data": st.fixed_dictionaries(
+            {}, optional={"VtepMAC": st.text(max_size=20) | _json_values, "VNI": _json_values}
+        )
+        | _json_values,
     },
 )
 _raw_values = st.one_of(
@@ -246,15 +256,94 @@ _raw_values = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=_raw_values, subnet=st.sampled_from([SUBNET, IPv4Network("10.6.0.0/24")]))
+@given(raw=_raw_values, subnet=st.sampled_from([SUBNET, IPv4Network("10.6.0.0/24")]),
+       dual=st.booleans(),
+       subnet6=st.sampled_from([None, SUBNET6, IPv6Network("fd00:6::/64")]))
 def test_decode_and_validate_of_arbitrary_bytes_raise_only_invalid_lease(
-    raw: bytes, subnet: IPv4Network
+    raw: bytes, subnet: IPv4Network, dual: bool, subnet6: IPv6Network | None
 ) -> None:
     try:
         value = decode_lease_value(raw)
-        peer = validate_peer(subnet, value, network=NETWORK, own_public_ip=OWN_IP)
+        peer = validate_peer(subnet, value, network=DUAL if dual else NETWORK,
+                             own_public_ip=OWN_IP, ipv6_subnet=subnet6)
     except InvalidLease as exc:
         assert exc.reason in REASONS  # every reason is a known metric label
         return
     assert peer.subnet == subnet
     assert peer.public_ip != OWN_IP
+    if peer.ipv6_subnet is not None:  # only ever a checked IPv6 part
+        assert dual and DUAL.check_ipv6_subnet(peer.ipv6_subnet) is None
+        assert peer.public_ipv6 is not None and unusable_ip_reason(peer.public_ipv6) is None
+
+
+# --- dual-stack ------------------------------------------------------------------
+
+MAC6 = "c6:d2:32:6f:8f:66"
+# flannel's LeaseAttrs (pkg/lease/lease.go) in its field order; a dual-stack vxlan host.
+FLANNELD_DUAL = (b'{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:250::3","BackendType":"vxlan",'
+                 b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"},'
+                 b'"BackendV6Data":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:66"}}')
+
+
+def test_a_dual_stack_value_is_flanneld_s_bytes_and_reads_back() -> None:
+    value = decode_lease_value(FLANNELD_DUAL)
+    assert value.public_ipv6 == IPv6Address("fd00:250::3")
+    assert value.backend_v6_data == {"VNI": 1, "VtepMAC": MAC6}
+    assert value.encode() == FLANNELD_DUAL  # byte for byte: names, order, compact JSON
+    peer = validate_peer(SUBNET, value, network=DUAL, own_public_ip=OWN_IP, ipv6_subnet=SUBNET6)
+    assert (peer.ipv6_subnet, peer.public_ipv6, peer.data6) == (
+        SUBNET6, IPv6Address("fd00:250::3"), VxlanLeaseData(MAC6))
+
+
+_ipv6 = st.ip_addresses(v=6).filter(lambda ip: unusable_ip_reason(ip) is None)
+
+
+@given(v4=st.ip_addresses(v=4), v6=_ipv6 | st.none(), mac=st.sampled_from([MAC, MAC6]),
+       node=st.none() | st.text(min_size=1, max_size=20))
+def test_values_round_trip_with_flannels_field_names(v4, v6, mac, node) -> None:  # type: ignore[no-untyped-def]
+    value = LeaseValue(public_ip=v4, backend_type="vxlan", backend_data={"VNI": 1, "VtepMAC": MAC},
+                       node_id=node, public_ipv6=v6,
+                       backend_v6_data={"VNI": 1, "VtepMAC": mac} if v6 else {})
+    doc = json.loads(value.encode())
+    flannel = ["PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data"]
+    assert [k for k in doc if k in flannel] == [k for k in flannel if k in doc]
+    assert doc["PublicIPv6"] == (str(v6) if v6 else None)  # Go's *ip.IP6: null when absent
+    assert decode_lease_value(value.encode()) == value
+
+
+def test_an_ipv4_only_lease_is_an_ipv4_peer_in_a_dual_stack_network() -> None:
+    peer = validate_peer(SUBNET, vxlan_value(), network=DUAL, own_public_ip=OWN_IP)
+    assert peer.ipv6_subnet is None and peer.public_ipv6 is None and peer.data6 is None
+
+
+def test_the_ipv6_part_is_ignored_without_ipv6_in_the_network() -> None:
+    value = decode_lease_value(FLANNELD_DUAL)
+    peer = validate_peer(SUBNET, value, network=NETWORK, own_public_ip=OWN_IP,
+                         ipv6_subnet=SUBNET6)
+    assert peer.ipv6_subnet is None and peer.data6 is None
+
+
+@pytest.mark.parametrize(("raw", "subnet6", "reason"), [
+    (FLANNELD_DUAL, IPv6Network("fd00:6::/64"), "subnet_outside_network"),
+    (FLANNELD_DUAL, IPv6Network("fd00:5:0:22::/80"), "subnet_outside_network"),
+    (FLANNELD_DUAL.replace(b'"fd00:250::3"', b"null"), SUBNET6, "bad_public_ip"),
+    (FLANNELD_DUAL.replace(b'"fd00:250::3"', b'"fe80::3"'), SUBNET6, "bad_public_ip"),
+    (FLANNELD_DUAL.replace(b'"fd00:250::3"', b'"::1"'), SUBNET6, "bad_public_ip"),
+    (FLANNELD_DUAL.replace(b'"c6:d2:32:6f:8f:66"', b'"ff:ff:ff:ff:ff:ff"'), SUBNET6,
+     "bad_vtep_mac"),
+    (FLANNELD_DUAL.replace(b',"BackendV6Data":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:66"}', b""),
+     SUBNET6, "bad_vtep_mac"),
+])
+def test_a_bad_ipv6_part_makes_the_lease_invalid(raw: bytes, subnet6: IPv6Network,
+                                                 reason: str) -> None:
+    with pytest.raises(InvalidLease) as err:
+        validate_peer(SUBNET, decode_lease_value(raw), network=DUAL, own_public_ip=OWN_IP,
+                      ipv6_subnet=subnet6)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("raw", [b'{"PublicIP":"1.2.3.4","PublicIPv6":"1.2.3.4"}',
+                                 b'{"PublicIP":"1.2.3.4","PublicIPv6":7}',
+                                 b'{"PublicIP":"1.2.3.4","BackendV6Data":[1]}'])
+def test_malformed_ipv6_fields_are_refused(raw: bytes) -> None:
+    assert reason_of(raw) in ("bad_public_ip", "bad_backend_data")
