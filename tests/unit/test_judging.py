@@ -22,7 +22,7 @@ from leaseagent.core.leases import (
     PeerChanges,
     judge,
 )
-from leaseagent.core.network import parse_network_config
+from leaseagent.core.network import NetworkConfig, parse_network_config
 
 LAYOUT = KeyLayout("/coreos.com/network")
 P = LAYOUT.subnets_prefix
@@ -136,9 +136,18 @@ def test_book_reports_a_rejected_key_once_per_version() -> None:
 # --- property: events one by one end where judging the final listing ends ------
 
 KEY_NAMES = ["10.5.3.0-24", "10.5.3.0-024", "10.5.3.0-24&fd00::-64", "10.5.4.0-24",
-             "10.5.4.0-24&fd00:0:0:4::-64", "10.5.1.0-24", "junk", "10.6.0.0-24"]
+             "10.5.4.0-24&fd00:0:0:4::-64", "10.5.1.0-24", "junk", "10.6.0.0-24",
+             "10.5.5.0-24&fd00:0:0:1::-64", "10.5.6.0-24&fd01::-64", "10.5.7.0-24&fd00::-96"]
+DUAL_VALUES = [json.dumps({"PublicIP": "10.250.0.7", "PublicIPv6": "fd00:250::7",
+                           "BackendType": "host-gw"}).encode(),
+               json.dumps({"PublicIP": "10.250.0.8", "PublicIPv6": "fe80::8",
+                           "BackendType": "host-gw"}).encode(),
+               json.dumps({"PublicIP": "10.250.0.9", "PublicIPv6": "10.250.0.9",
+                           "BackendType": "host-gw"}).encode()]
 VALUES = [value("10.250.0.3"), value("10.250.0.4"), value(str(OWN_IP)), value("10.250.0.5", "alloc"),
-          value("127.0.0.1"), value("10.250.0.6", "udp"), b"{", b"null"]
+          value("127.0.0.1"), value("10.250.0.6", "udp"), b"{", b"null", *DUAL_VALUES]
+DUAL = parse_network_config(b'{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}, '
+                            b'"EnableIPv6": true, "IPv6Network": "fd00::/48"}')
 
 _op = st.one_of(
     st.tuples(st.just("put"), st.sampled_from(KEY_NAMES), st.sampled_from(VALUES)),
@@ -181,10 +190,15 @@ def apply_changes(table: dict[IPv4Network, Peer], changes: object) -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(first=st.lists(_op, max_size=6), then=st.lists(_op, max_size=25),
-       own=st.sampled_from([None, "10.5.1.0-24", "10.5.3.0-24"]))
+       own=st.sampled_from([None, "10.5.1.0-24", "10.5.3.0-24", "10.5.1.0-24&fd00:0:0:4::-64"]),
+       network=st.sampled_from([NETWORK, DUAL]))
 def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
-    first: list[tuple[str, str, bytes]], then: list[tuple[str, str, bytes]], own: str | None
+    first: list[tuple[str, str, bytes]], then: list[tuple[str, str, bytes]], own: str | None,
+    network: NetworkConfig,
 ) -> None:
+    """Dual-stack keys and values too: IPv4-only and dual keys for one subnet, a key naming
+    our IPv6 subnet with another IPv4 one, IPv6 parts outside the network, bad PublicIPv6s."""
+    net = network
     identity = Identity(public_ip=OWN_IP, own_key=P + own if own else None)
     etcd = Etcd()
     for op, name, raw in first:
@@ -192,7 +206,7 @@ def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
             etcd.put(P + name, raw)
         else:
             etcd.delete(P + name)
-    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=identity)
+    book = LeaseBook(layout=LAYOUT, network=net, identity=identity)
     table: dict[IPv4Network, Peer] = {}
     apply_changes(table, book.reset(list(etcd.kvs.values())))
     for op, name, raw in then:
@@ -203,8 +217,12 @@ def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
             apply_changes(table, book.put(etcd.put(key, raw)))
         elif etcd.delete(key):
             apply_changes(table, book.delete(key))
-    final = judge(etcd.kvs.values(), layout=LAYOUT, network=NETWORK, identity=identity)
+    final = judge(etcd.kvs.values(), layout=LAYOUT, network=net, identity=identity)
     assert dict(book.peers) == final.peers
+    own6 = LAYOUT.parse_lease_key(identity.own_key).ipv6 if identity.own_key else None
+    for peer in final.peers.values():
+        assert own6 is None or peer.ipv6_subnet != own6  # never our own IPv6 subnet
+        assert peer.ipv6_subnet is None or net is DUAL
     assert table == final.peers
     for subnet in final.peers:
         assert book.holder(subnet) == final.holders[subnet]
@@ -264,3 +282,16 @@ def test_changes_extend_concatenates() -> None:
     total.extend(PeerChanges(added=list(a)))
     total.extend(PeerChanges(removed=list(b)))
     assert len(total) == 2 and total
+
+
+def test_a_key_naming_our_ipv6_subnet_is_ours_to_refuse() -> None:
+    own = P + "10.5.1.0-24&fd00:0:0:1::-64"
+    twin6 = KV(P + "10.5.2.0-24&fd00:0:0:1::-64",
+               json.dumps({"PublicIP": "10.250.0.7", "PublicIPv6": "fd00:250::7",
+                           "BackendType": "host-gw"}).encode(), 3, 3)
+    result = judge([twin6], layout=LAYOUT, network=DUAL,
+                   identity=Identity(public_ip=OWN_IP, own_key=own))
+    verdict = result.verdicts[twin6.key]
+    assert (verdict.status, verdict.reason) == (INVALID, "own_subnet")
+    assert "IPv6 subnet fd00:0:0:1::/64" in (verdict.detail or "")
+    assert result.peers == {}
