@@ -12,8 +12,10 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from netns import Underlay, ajson, ash, sh, underlay
 from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import network_config_from_dict
-from leaseagent.core.plan import Route, compare
+from leaseagent.core.plan import Comparison, Route, compare
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.host import resolve_host
 from leaseagent.dataplane.hostgw import HostGwBackend
@@ -37,6 +39,7 @@ pytestmark = [
 
 NET = {"Network": "10.5.0.0/16"}
 OWN = IPv4Network("10.5.1.0/24")
+OWN6 = IPv6Network("fd00:5:0:1::/64")  # this host's IPv6 subnet on a dual-stack network
 PEER_MAC = "02:00:00:00:00:02"
 PEER = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "vxlan",
             VxlanLeaseData(PEER_MAC))
@@ -55,10 +58,13 @@ def peers_of(*peers: Peer) -> dict[IPv4Network, Peer]:
 
 
 async def make_settings(
-    ns: str, state_dir: Path, *, backend: dict[str, Any] | None = None, resync: float = 30.0
+    ns: str, state_dir: Path, *, backend: dict[str, Any] | None = None, resync: float = 30.0,
+    ipv6: bool = False,
 ) -> DataPlaneSettings:
-    host = await resolve_host("eth0", None, netns=ns)
-    config = network_config_from_dict({**NET, "Backend": backend or {"Type": "vxlan"}})
+    """Settings of host `ns` on NET (with `ipv6`, on NET6 with its PublicIPv6)."""
+    host = await resolve_host("eth0", None, want_ipv6=ipv6, netns=ns)
+    config = network_config_from_dict(
+        {**(NET6 if ipv6 else NET), "Backend": backend or {"Type": "vxlan"}})
     return DataPlaneSettings(
         network=config, host=host, state_dir=state_dir, netns=ns,
         resync_seconds=resync,
@@ -109,11 +115,47 @@ async def peer_state(ns: str) -> tuple[set[str], set[tuple[str, str]], set[tuple
 
 async def started(settings: DataPlaneSettings, peers: dict[IPv4Network, Peer],
                   own: IPv4Network = OWN) -> tuple[VxlanBackend, BackendAttrs]:
+    """A vxlan backend prepared, holding `own` (and OWN6 when dual-stack), synced."""
     backend = VxlanBackend(settings)
     attrs = await backend.prepare()
-    await backend.start(own)
+    await backend.start(own, own_ipv6=OWN6)
     await backend.sync(peers)
     return backend, attrs
+
+
+@asynccontextmanager
+async def running(backend: VxlanBackend, peers: dict[IPv4Network, Peer]
+                  ) -> AsyncIterator[asyncio.Task[None]]:
+    """`backend.run` in the background, subscribed to events; cancelled and the backend
+    closed on the way out."""
+    runner = asyncio.create_task(backend.run(lambda: peers))
+    try:
+        await asyncio.sleep(0.2)  # let run() subscribe
+        yield runner
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await backend.close()
+
+
+def same_as(read: Callable[[str], Awaitable[object]], ns: str, want: object
+            ) -> Callable[[], Awaitable[bool]]:
+    """A check for `eventually`: `read(ns)` is `want` again."""
+    async def check() -> bool:
+        return await read(ns) == want
+    return check
+
+
+async def as_doctor_sees_it(settings: DataPlaneSettings, peers: dict[IPv4Network, Peer], *,
+                            own_ipv6: IPv6Network | None = None) -> Comparison:
+    """The comparison of a backend that never prepared, as doctor uses it: it observes
+    first, learning its devices from the kernel."""
+    reader = VxlanBackend(settings)
+    try:
+        observed = await reader.observe()
+        return compare(reader.spec(OWN, peers, own_ipv6=own_ipv6), observed)
+    finally:
+        await reader.close()
 
 
 async def test_vxlan_kernel_objects_are_as_designed(lab: Underlay, tmp_path: Path) -> None:
@@ -169,13 +211,7 @@ async def test_spec_and_observe_compare_empty_after_sync_and_name_the_drift(
                   (await link(ns) or {})["ifindex"], onlink=True),)
         assert found.objects.to_remove == ()
         assert [d.text for d in found.devices] == ["device flannel.1 MTU is 1400, want 1450"]
-        # A backend that never prepared (as doctor uses it) sees the same.
-        reader = VxlanBackend(settings)
-        try:
-            observed = await reader.observe()  # first: it learns the device from the kernel
-            assert compare(reader.spec(OWN, peers), observed) == found
-        finally:
-            await reader.close()
+        assert await as_doctor_sees_it(settings, peers) == found
     finally:
         await backend.close()
 
@@ -240,30 +276,19 @@ async def test_hand_deleted_route_fdb_and_neighbour_come_back_within_a_second(
     settings = await make_settings(ns, tmp_path)
     peers = peers_of(PEER, FAR_PEER)
     backend, _ = await started(settings, peers)
-    runner = asyncio.create_task(backend.run(lambda: peers))
-    try:
-        await asyncio.sleep(0.2)  # let run() subscribe
-        want = await peer_state(ns)
-
+    async with running(backend, peers) as runner:
+        unchanged = same_as(peer_state, ns, await peer_state(ns))
         await ash("ip", "-n", ns, "route", "del", "10.5.2.0/24")
-        await eventually(lambda: _same(ns, want))
+        await eventually(unchanged)
         await ash("bridge", "-n", ns, "fdb", "del", PEER_MAC, "dev", "flannel.1",
                   "dst", "10.99.0.2")
-        await eventually(lambda: _same(ns, want))
+        await eventually(unchanged)
         await ash("ip", "-n", ns, "neigh", "del", "10.5.3.0", "dev", "flannel.1")
-        await eventually(lambda: _same(ns, want))
+        await eventually(unchanged)
 
         for kind in ("route", "fdb", "neighbour"):
             assert backend.status.repairs[kind] >= 1, kind
         assert not runner.done()
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await backend.close()
-
-
-async def _same(ns: str, want: object) -> bool:
-    return await peer_state(ns) == want
 
 
 async def test_deleted_device_is_recreated_with_same_mac_and_refilled(
@@ -273,9 +298,7 @@ async def test_deleted_device_is_recreated_with_same_mac_and_refilled(
     settings = await make_settings(ns, tmp_path)
     peers = peers_of(PEER, FAR_PEER)
     backend, attrs = await started(settings, peers)
-    runner = asyncio.create_task(backend.run(lambda: peers))
-    try:
-        await asyncio.sleep(0.2)
+    async with running(backend, peers):
         want = await peer_state(ns)
         old = await link(ns)
         assert old is not None
@@ -293,10 +316,6 @@ async def test_deleted_device_is_recreated_with_same_mac_and_refilled(
         addrs = await ajson("ip", "-j", "-4", "-n", ns, "addr", "show", "flannel.1")
         assert [a["local"] for a in addrs[0]["addr_info"]] == ["10.5.1.0"]
         assert backend.status.repairs["device"] >= 1
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await backend.close()
 
 
 async def test_close_leaves_device_and_peer_state(lab: Underlay, tmp_path: Path) -> None:
@@ -456,3 +475,267 @@ def test_namespaces_are_cleaned_up() -> None:
         assert set(names) <= set(sh("ip", "netns", "list").split())
     left = sh("ip", "netns", "list").split()
     assert not set(names) & set(left)
+
+
+# ------------------------------------------------------------------ dual-stack
+#
+# The underlay also carries ULA addresses fd00:250::<i+1>/64, the network
+# fd00:5::/48 gives /64s; every IPv6 address is added `nodad` (no second of
+# duplicate address detection in a fresh namespace).
+
+NET6 = {**NET, "EnableIPv6": True, "IPv6Network": "fd00:5::/48"}
+
+
+@pytest.fixture
+def lab6() -> Iterator[Underlay]:
+    with underlay(3) as topo:
+        for i, ns in enumerate(topo.hosts):
+            sh("ip", "-n", ns, "addr", "add", f"{ip6_of(i)}/64", "dev", "eth0", "nodad")
+        yield topo
+
+
+def ip6_of(i: int) -> str:
+    return f"fd00:250::{i + 1}"
+
+
+def subnet6(n: int) -> IPv6Network:
+    return IPv6Network(f"fd00:5:0:{n}::/64")
+
+
+def dual_peer(n: int, vxlan: bool = True) -> Peer:
+    """Host n-1 of lab6 as a dual-stack peer holding 10.5.<n>.0/24 and fd00:5:0:<n>::/64."""
+    data: VxlanLeaseData | NoLeaseData = (
+        VxlanLeaseData(f"02:00:00:00:00:{n:02x}") if vxlan else NoLeaseData())
+    data6: VxlanLeaseData | NoLeaseData = (
+        VxlanLeaseData(f"02:00:00:00:06:{n:02x}") if vxlan else NoLeaseData())
+    return Peer(IPv4Network(f"10.5.{n}.0/24"), IPv4Address(f"10.99.0.{n}"),
+                "vxlan" if vxlan else "host-gw", data, ipv6_subnet=subnet6(n),
+                public_ipv6=IPv6Address(ip6_of(n - 1)), data6=data6)
+
+
+async def state6(ns: str) -> tuple[set[str], set[tuple[str, str]], set[tuple[str, str]]]:
+    """Our IPv6 routes, permanent neighbours and FDB remotes of flannel-v6.1 (none
+    without the device), as iproute2 shows them."""
+    rs = {f"{r['dst']} via {r.get('gateway')} dev {r['dev']} {r.get('flags', [])}"
+          for r in await ajson("ip", "-j", "-6", "-n", ns, "route", "show", "proto", "76")}
+    if await link(ns, "flannel-v6.1") is None:
+        return rs, set(), set()
+    neigh = {(n["dst"], n["lladdr"])
+             for n in await ajson("ip", "-j", "-6", "-n", ns, "neigh", "show", "dev",
+                                  "flannel-v6.1")
+             if "PERMANENT" in n["state"]}
+    fdbs = {(f["mac"], f["dst"])
+            for f in await ajson("bridge", "-j", "-n", ns, "fdb", "show", "dev", "flannel-v6.1")
+            if f.get("dst")}
+    return rs, neigh, fdbs
+
+
+async def addresses6(ns: str, dev: str) -> list[tuple[str, int]]:
+    addrs = await ajson("ip", "-j", "-6", "-n", ns, "addr", "show", "dev", dev, "scope", "global")
+    # iproute2 leaves an empty object where its scope filter dropped an address.
+    return [(a["local"], a["prefixlen"]) for a in addrs[0]["addr_info"] if a] if addrs else []
+
+
+async def test_dual_stack_vxlan_devices_objects_and_mtu(lab6: Underlay, tmp_path: Path) -> None:
+    ns = lab6.hosts[0]
+    await ash("ip", "-n", ns, "link", "set", "eth0", "mtu", "9000")
+    settings = await make_settings(ns, tmp_path, ipv6=True)
+    peers = peers_of(dual_peer(2), dual_peer(3))
+    backend, attrs = await started(settings, peers)
+    try:
+        mac6 = attrs.backend_v6_data["VtepMAC"]
+        assert attrs.backend_v6_data == {"VNI": 1, "VtepMAC": mac6}
+        assert mac6 != attrs.backend_data["VtepMAC"]
+        assert (tmp_path / "vtep-mac-v6").read_text().strip() == mac6
+        # Each device its family's overhead; FLANNEL_MTU fits both.
+        v4, v6 = await link(ns), await link(ns, "flannel-v6.1")
+        assert v4 is not None and v6 is not None
+        assert (v4["mtu"], v6["mtu"], attrs.mtu) == (9000 - 50, 9000 - 70, 9000 - 70)
+        info = v6["linkinfo"]["info_data"]
+        assert v6["linkinfo"]["info_kind"] == "vxlan"
+        assert (info["id"], info["local6"], info["port"], info["learning"], info["link"]) == (
+            1, "fd00:250::1", 8472, False, "eth0")
+        assert v6["address"] == mac6 and "UP" in v6["flags"]
+        assert await addresses6(ns, "flannel-v6.1") == [("fd00:5:0:1::", 128)]
+
+        assert await state6(ns) == (
+            {"fd00:5:0:2::/64 via fd00:5:0:2:: dev flannel-v6.1 ['onlink']",
+             "fd00:5:0:3::/64 via fd00:5:0:3:: dev flannel-v6.1 ['onlink']"},
+            {("fd00:5:0:2::", "02:00:00:00:06:02"), ("fd00:5:0:3::", "02:00:00:00:06:03")},
+            {("02:00:00:00:06:02", "fd00:250::2"), ("02:00:00:00:06:03", "fd00:250::3")},
+        )
+        rs, neigh, fdbs = await peer_state(ns)  # IPv4 as before, on flannel.1
+        assert len(rs) == len(neigh) == len(fdbs) == 2
+        assert all("10.99.0." in dst for _, dst in fdbs)
+
+        assert not compare(backend.spec(OWN, peers, own_ipv6=OWN6), await backend.observe())
+        assert not await as_doctor_sees_it(settings, peers, own_ipv6=OWN6)
+    finally:
+        await backend.close()
+
+
+async def test_dual_stack_pings_across_vxlan_in_both_families(
+    lab6: Underlay, tmp_path: Path
+) -> None:
+    """Three hosts, a "container" behind each with 10.5.<n>.2 and fd00:5:0:<n>::2; the
+    first reaches the other two over the overlay in IPv4 and IPv6."""
+    containers = []
+    for i, host in enumerate(lab6.hosts):
+        n = i + 1
+        ns = lab6.add_container(i, gateway=f"10.5.{n}.1/24", address=f"10.5.{n}.2/24")
+        hostdev = f"vc{len(lab6.created) - 1}"
+        sh("ip", "-n", host, "addr", "add", f"fd00:5:0:{n}::1/64", "dev", hostdev, "nodad")
+        sh("ip", "-n", ns, "addr", "add", f"fd00:5:0:{n}::2/64", "dev", "eth0", "nodad")
+        sh("ip", "-n", ns, "-6", "route", "add", "default", "via", f"fd00:5:0:{n}::1")
+        sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        containers.append(ns)
+    backends: list[VxlanBackend] = []
+    attrs: list[BackendAttrs] = []
+    try:
+        for i, ns in enumerate(lab6.hosts):
+            backend = VxlanBackend(await make_settings(ns, tmp_path / ns, ipv6=True))
+            backends.append(backend)
+            attrs.append(await backend.prepare())
+            await backend.start(IPv4Network(f"10.5.{i + 1}.0/24"), own_ipv6=subnet6(i + 1))
+        for i, backend in enumerate(backends):
+            peers = [
+                replace(dual_peer(j + 1), data=VxlanLeaseData(attrs[j].backend_data["VtepMAC"]),
+                        data6=VxlanLeaseData(attrs[j].backend_v6_data["VtepMAC"]))
+                for j in range(3) if j != i
+            ]
+            await backend.sync(peers_of(*peers))
+        pings = [ash("ip", "netns", "exec", containers[0], "ping", "-c", "2", "-i", "0.2",
+                     "-W", "2", dst, check=False)
+                 for dst in ("10.5.2.2", "10.5.3.2", "fd00:5:0:2::2", "fd00:5:0:3::2")]
+        for out in await asyncio.gather(*pings):
+            assert " 0% packet loss" in out, out
+    finally:
+        for backend in backends:
+            await backend.close()
+
+
+async def test_dual_stack_drift_ipv6_route_and_device_are_repaired(
+    lab6: Underlay, tmp_path: Path
+) -> None:
+    ns = lab6.hosts[0]
+    peers = peers_of(dual_peer(2), dual_peer(3))
+    backend, attrs = await started(await make_settings(ns, tmp_path, ipv6=True), peers)
+    async with running(backend, peers):
+        want = await state6(ns)
+        unchanged = same_as(state6, ns, want)
+        await ash("ip", "-n", ns, "-6", "route", "del", "fd00:5:0:2::/64")
+        await eventually(unchanged)
+        await ash("ip", "-n", ns, "-6", "neigh", "del", "fd00:5:0:3::", "dev", "flannel-v6.1")
+        await eventually(unchanged)
+        await ash("bridge", "-n", ns, "fdb", "del", "02:00:00:00:06:02", "dev", "flannel-v6.1",
+                  "dst", "fd00:250::2")
+        await eventually(unchanged)
+        for kind in ("route", "neighbour", "fdb"):
+            assert backend.status.repairs[kind] >= 1, kind
+
+        old = await link(ns, "flannel-v6.1")
+        assert old is not None
+        await ash("ip", "-n", ns, "link", "del", "flannel-v6.1")
+
+        async def refilled() -> bool:
+            dev = await link(ns, "flannel-v6.1")
+            return (dev is not None and dev["ifindex"] != old["ifindex"]
+                    and await state6(ns) == want)
+
+        await eventually(refilled, within=2.0)
+        dev = await link(ns, "flannel-v6.1")
+        assert dev is not None and dev["address"] == attrs.backend_v6_data["VtepMAC"]
+        assert await addresses6(ns, "flannel-v6.1") == [("fd00:5:0:1::", 128)]
+        assert backend.status.repairs["device"] >= 1
+        assert not compare(backend.spec(OWN, peers, own_ipv6=OWN6), await backend.observe())
+
+
+async def test_dual_stack_direct_routing_by_family(lab6: Underlay, tmp_path: Path) -> None:
+    """A peer whose PublicIPv6 is on the underlay's IPv6 network is routed to directly
+    in IPv6, whatever its PublicIP (here on no network of ours: encapsulated in IPv4)."""
+    ns = lab6.hosts[0]
+    settings = await make_settings(ns, tmp_path, backend={"Type": "vxlan", "DirectRouting": True},
+                                   ipv6=True)
+    near6 = replace(dual_peer(2), public_ip=IPv4Address("172.16.0.2"))
+    far6 = replace(dual_peer(3), public_ipv6=IPv6Address("fd00:251::3"))
+    backend, _ = await started(settings, peers_of(near6, far6))
+    try:
+        rs6, neigh6, fdb6 = await state6(ns)
+        assert rs6 == {"fd00:5:0:2::/64 via fd00:250::2 dev eth0 []",
+                       "fd00:5:0:3::/64 via fd00:5:0:3:: dev flannel-v6.1 ['onlink']"}
+        assert (neigh6, fdb6) == ({("fd00:5:0:3::", "02:00:00:00:06:03")},
+                                  {("02:00:00:00:06:03", "fd00:251::3")})
+        rs, _, _ = await peer_state(ns)
+        assert rs == {"10.5.2.0/24 via 10.5.2.0 dev flannel.1 ['onlink']",
+                      "10.5.3.0/24 via 10.99.0.3 dev eth0 []"}
+    finally:
+        await backend.close()
+
+
+async def test_ipv6_vtep_mac_survives_device_deletion(lab6: Underlay, tmp_path: Path) -> None:
+    ns = lab6.hosts[0]
+    first = VxlanBackend(await make_settings(ns, tmp_path, ipv6=True))
+    mac6 = (await first.prepare()).backend_v6_data["VtepMAC"]
+    await first.close()
+    await ash("ip", "-n", ns, "link", "del", "flannel-v6.1")
+    second = VxlanBackend(await make_settings(ns, tmp_path, ipv6=True))
+    assert (await second.prepare()).backend_v6_data["VtepMAC"] == mac6
+    await second.close()
+    dev = await link(ns, "flannel-v6.1")
+    assert dev is not None and dev["address"] == mac6
+    assert (tmp_path / "vtep-mac-v6").read_text().strip() == mac6
+
+
+async def test_ipv4_only_network_makes_no_ipv6_device(lab6: Underlay, tmp_path: Path) -> None:
+    ns = lab6.hosts[0]
+    settings = await make_settings(ns, tmp_path)
+    backend, attrs = await started(settings, peers_of(dual_peer(2)))
+    try:
+        assert (attrs.mtu, attrs.backend_v6_data) == (1450, {})
+        assert await link(ns, "flannel-v6.1") is None
+        assert not (tmp_path / "vtep-mac-v6").exists()
+        assert await state6(ns) == (set(), set(), set())
+    finally:
+        await backend.close()
+
+
+async def test_host_gw_dual_stack_routes_and_refusal(lab6: Underlay, tmp_path: Path) -> None:
+    ns = lab6.hosts[0]
+    settings = await make_settings(ns, tmp_path, backend={"Type": "host-gw"}, ipv6=True)
+    backend = HostGwBackend(settings)
+    await backend.prepare()
+    await backend.start(OWN, own_ipv6=OWN6)
+    peers = peers_of(dual_peer(2, vxlan=False), dual_peer(3, vxlan=False))
+    await backend.sync(peers)
+    try:
+        assert (await state6(ns))[0] == {"fd00:5:0:2::/64 via fd00:250::2 dev eth0 []",
+                                         "fd00:5:0:3::/64 via fd00:250::3 dev eth0 []"}
+        assert {r["dst"] for r in await routes(ns)} == {"10.5.2.0/24", "10.5.3.0/24"}
+        assert not compare(backend.spec(OWN, peers, own_ipv6=OWN6), await backend.observe())
+    finally:
+        await backend.close()
+    host = await resolve_host("eth0", None, public_ipv6="fd00:250::50", want_ipv6=True, netns=ns)
+    wrong = replace(settings, host=host)
+    with pytest.raises(ConfigError, match="PublicIPv6 fd00:250::50 is not an address of eth0"):
+        await HostGwBackend(wrong).prepare()
+
+
+async def test_resolve_host_ipv6(lab6: Underlay) -> None:
+    ns = lab6.hosts[1]
+    host = await resolve_host("eth0", None, want_ipv6=True, netns=ns)
+    assert (str(host.public_ip), str(host.public_ipv6)) == ("10.99.0.2", "fd00:250::2")
+    assert (await resolve_host("eth0", None, netns=ns)).public_ipv6 is None
+    given = await resolve_host("eth0", None, public_ipv6="fd00:250::77", want_ipv6=True, netns=ns)
+    assert str(given.public_ipv6) == "fd00:250::77"
+    with pytest.raises(ConfigError, match=r"^--public-ipv6 '10\.0\.0\.1': not an IPv6 address$"):
+        await resolve_host("eth0", None, public_ipv6="10.0.0.1", want_ipv6=True, netns=ns)
+    # An address still in duplicate address detection (made to last a minute here) is
+    # passed over, though listed first (newest first).
+    await ash("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.neigh.eth0.retrans_time_ms=60000")
+    await ash("ip", "-n", ns, "addr", "add", "fd00:250::99/64", "dev", "eth0")
+    assert str((await resolve_host("eth0", None, want_ipv6=True, netns=ns)).public_ipv6) == \
+        "fd00:250::2"
+    await ash("ip", "-n", ns, "addr", "flush", "dev", "eth0", "scope", "global", "to", "fd00::/8")
+    with pytest.raises(ConfigError, match=r"^interface eth0 has no global IPv6 address; add one "
+                       r"or pass --public-ipv6$"):
+        await resolve_host("eth0", None, want_ipv6=True, netns=ns)
