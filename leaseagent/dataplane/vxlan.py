@@ -16,11 +16,13 @@ cfg.MTU is also one number for both). FLANNEL_MTU (`BackendAttrs.mtu`) is
 the smallest MTU of the devices in use, so a container's packet fits either
 tunnel.
 
-Why 70 and not flannel's 50 (flannel-io/flannel#1781): VXLAN over IPv6 puts
-an outer IPv6 header (40 bytes, not IPv4's 20) + UDP 8 + VXLAN 8 + the inner
-Ethernet header 14 in front of each packet. flannel subtracts 50 for the IPv6
-device too, so a full-size packet on flannel-v6 exceeds the underlay MTU by 20
-bytes and is dropped or fragmented. We subtract what the encapsulation costs.
+Why 70 and not flannel's 50: VXLAN over IPv6 puts an outer IPv6 header (40
+bytes, not IPv4's 20) + UDP 8 + VXLAN 8 + the inner Ethernet header 14 in
+front of each packet. flannel subtracts 50 for the IPv6 device too
+(pkg/backend/vxlan/device.go; flannel-io/flannel#1781 asked for the 20 bytes
+and was closed "wontfix"), so a full-size packet on flannel-v6 exceeds the
+underlay MTU by 20 bytes and is dropped or fragmented. We subtract what the
+encapsulation costs; the MTU is local, so a mixed cluster is not affected.
 
 Per peer and family: permanent neighbour `<subnet base> lladdr <VtepMAC>`,
 permanent FDB `<VtepMAC> dst <PublicIP>`, route `<subnet> via <subnet base>
@@ -316,8 +318,7 @@ class VxlanBackend(ReconcilingBackend):
             )
 
     def _is_direct(self, ip: Address) -> bool:
-        # ipaddress does not compare families in `in`: 10.0.0.1 is "in" ::a00:0/120.
-        return any(ip.version == net.version and ip in net for net in self._direct_networks)
+        return any(ip in net for net in self._direct_networks)  # `in` is False across families
 
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         if not self._v4.index:

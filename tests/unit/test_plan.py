@@ -202,7 +202,7 @@ def test_ipv6_direct_routing_goes_by_the_peers_public_ipv6() -> None:
     near = dual(vx_peer(2), 2)
     lan6 = IPv6Network("fd00:250::/64")
     plan = plan_vxlan(OWN, by_subnet(near), vxlan_index=VX, underlay_index=UL, vxlan6_index=VX6,
-                      direct_routing=True, is_direct=lambda ip: ip.version == 6 and ip in lan6)
+                      direct_routing=True, is_direct=lambda ip: ip in lan6)
     v6 = {o for o in plan[near.subnet] if o.dst.version == 6}
     assert v6 == {Route(IPv6Network("fd00:5:2::/64"), IPv6Address("fd00:250::2"), UL)}
     assert len(plan[near.subnet] - v6) == 3  # its PublicIP is not on the LAN: encapsulated
