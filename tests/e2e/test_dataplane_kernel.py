@@ -650,6 +650,33 @@ async def test_dual_stack_drift_ipv6_route_and_device_are_repaired(
         assert not compare(backend.spec(OWN, peers, own_ipv6=OWN6), await backend.observe())
 
 
+async def test_dual_stack_update_converges_to_what_sync_produces(
+    lab6: Underlay, tmp_path: Path
+) -> None:
+    """A peer's IPv6 part moves (new VtepMAC and PublicIPv6), another loses it: the
+    incremental update leaves what a full sync would."""
+    ns = lab6.hosts[0]
+    moving, dropping = dual_peer(2), dual_peer(3)
+    backend, _ = await started(await make_settings(ns, tmp_path, ipv6=True),
+                               peers_of(moving, dropping))
+    try:
+        moved = replace(moving, data6=VxlanLeaseData("02:00:00:00:06:77"),
+                        public_ipv6=IPv6Address("fd00:250::77"))
+        ipv4_only = replace(dropping, ipv6_subnet=None, public_ipv6=None, data6=None)
+        peers = peers_of(moved, ipv4_only)
+        await backend.update(PeerChanges(changed=[moved, ipv4_only]), peers)
+        after_update = await state6(ns), await peer_state(ns)
+        assert after_update[0] == (
+            {"fd00:5:0:2::/64 via fd00:5:0:2:: dev flannel-v6.1 ['onlink']"},
+            {("fd00:5:0:2::", "02:00:00:00:06:77")},
+            {("02:00:00:00:06:77", "fd00:250::77")},
+        )
+        await backend.sync(peers)
+        assert (await state6(ns), await peer_state(ns)) == after_update
+    finally:
+        await backend.close()
+
+
 async def test_dual_stack_direct_routing_by_family(lab6: Underlay, tmp_path: Path) -> None:
     """A peer whose PublicIPv6 is on the underlay's IPv6 network is routed to directly
     in IPv6, whatever its PublicIP (here on no network of ours: encapsulated in IPv4)."""
