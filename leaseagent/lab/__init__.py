@@ -8,6 +8,12 @@
     la-<name>-c<i>-<j> container j of host i: eth0 on host i's br0, address .<1+j> of the
                       host's subnet, default route via the bridge (as Pipework does)
 
+Dual-stack (`Lab(ipv6=True)`, `up --ipv6`): the network config has EnableIPv6
+with IPv6Network fd00:244::/56, the underlay also fd00:250::/64 (host i at
+fd00:250::<10+i>, the IPv4 address's last number as IPv6 digits), br0 also
+FLANNEL_IPV6_SUBNET's first address, each container also ::<1+j> of it, and
+every probe runs per family (`family=4|6`; `ping -6`).
+
 Used by the CLI (`python -m leaseagent.lab up|status|down`, wrapped by
 deploy/lab), by the end-to-end tests (`Lab` as a context manager) and by the
 README's demo. Its etcd launcher and namespace helper also serve the tests'
@@ -31,7 +37,8 @@ that ran `up` was killed:
   file never written) or that is one of the lab's helpers (ping, etcdctl,
   leasectl); anything else in there is reported, not killed.
 - Traffic only goes to addresses inside the lab's namespaces: 10.250.0.0/24
-  on the underlay, 10.244.0.0/16 for containers.
+  and fd00:250::/64 on the underlay, 10.244.0.0/16 and fd00:244::/56 for
+  containers.
 
 Processes are started in their own session, so agents and etcd outlive a CLI
 `up` (the lab keeps running until `down`) and a Ctrl-C at the terminal does
@@ -61,10 +68,18 @@ from leaseagent.lab.errors import LabError, LabExists
 from leaseagent.lab.lab import BACKENDS, ETCD_PREFIX, Lab
 from leaseagent.lab.probes import Reachability, parse_metrics, parse_ping_summary
 from leaseagent.lab.state import STATE_ROOT
-from leaseagent.lab.topology import CONTAINER_NETWORK, ETCD_IP, UNDERLAY, Container, Host
+from leaseagent.lab.topology import (
+    CONTAINER_NETWORK,
+    CONTAINER_NETWORK6,
+    ETCD_IP,
+    UNDERLAY,
+    UNDERLAY6,
+    Container,
+    Host,
+)
 
 __all__ = [
-    "BACKENDS", "CONTAINER_NETWORK", "ETCD_IP", "ETCD_PREFIX", "METRICS_ADDR", "STATE_ROOT",
-    "UNDERLAY", "Container", "Host", "Lab", "LabError", "LabExists", "Reachability",
-    "parse_metrics", "parse_ping_summary", "run", "tool",
+    "BACKENDS", "CONTAINER_NETWORK", "CONTAINER_NETWORK6", "ETCD_IP", "ETCD_PREFIX",
+    "METRICS_ADDR", "STATE_ROOT", "UNDERLAY", "UNDERLAY6", "Container", "Host", "Lab", "LabError",
+    "LabExists", "Reachability", "parse_metrics", "parse_ping_summary", "run", "tool",
 ]

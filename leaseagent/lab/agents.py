@@ -2,15 +2,17 @@
 
 Its command line (`argv`), starting it (recorded in the host's pid file by
 PID and start time), and waiting for what it promises: subnet.env (the lease
-is in etcd) and /readyz 200 (the data plane is programmed). Each agent's
-metrics address is the same 127.0.0.1 port on its own host's loopback.
+is in etcd; in a dual-stack lab with both families' subnets) and /readyz 200
+(the data plane is programmed). Each agent's metrics address is the same
+127.0.0.1 port on its own host's loopback. In a dual-stack lab the command
+line is the same: the agent finds its PublicIPv6 on eth0, as on a real host.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from ipaddress import IPv4Interface
+from collections.abc import Mapping, Sequence
+from ipaddress import IPv4Interface, IPv6Interface
 
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.lab import processes
@@ -64,18 +66,23 @@ def stop(host: Host, *, sig: int, grace: float = 10) -> None:
     host.pid_file.unlink(missing_ok=True)
 
 
-def wait_subnet(host: Host, *, timeout: float = 30) -> None:
-    """Wait for the agent's subnet.env; fill host.subnet / host.mtu from it."""
+def wait_subnet(host: Host, *, timeout: float = 30, ipv6: bool = False) -> None:
+    """Wait for the agent's subnet.env; fill host.subnet / host.mtu (and, if `ipv6`,
+    host.subnet6) from it."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            env = parse_subnet_env(host.subnet_file.read_text())
+            text = host.subnet_file.read_text()
+            env = parse_subnet_env(text)
             host.subnet = IPv4Interface(env["FLANNEL_SUBNET"])
             host.mtu = int(env["FLANNEL_MTU"])
-            host.subnet_seen_at = time.monotonic()
-            return
         except (OSError, KeyError, ValueError):
             pass  # not written yet (the agent renames it into place, so never half)
+        else:
+            if ipv6:
+                host.subnet6 = ipv6_subnet(host, env, text)
+            host.subnet_seen_at = time.monotonic()
+            return
         if running(host) is None:
             raise LabError(f"{host.name}: agent exited before writing {host.subnet_file}:\n"
                            + log_tail(host.log_file))
@@ -83,6 +90,21 @@ def wait_subnet(host: Host, *, timeout: float = 30) -> None:
             raise LabError(f"{host.name}: no {host.subnet_file} after {timeout}s:\n"
                            + log_tail(host.log_file))
         time.sleep(0.02)
+
+
+def ipv6_subnet(host: Host, env: Mapping[str, str], text: str) -> IPv6Interface:
+    """FLANNEL_IPV6_SUBNET of a complete subnet.env. Its absence is final, not a file
+    still being written: the agent writes subnet.env once per lease, with the IPv6
+    lines whenever its network config has EnableIPv6."""
+    value = env.get("FLANNEL_IPV6_SUBNET")
+    try:
+        if value:
+            return IPv6Interface(value)
+    except ValueError:
+        pass
+    raise LabError(f"{host.name}: the network config enables IPv6, but {host.subnet_file} "
+                   f"has no (valid) FLANNEL_IPV6_SUBNET:\n{text.rstrip()}\n"
+                   + log_tail(host.log_file))
 
 
 def wait_ready(host: Host, *, timeout: float = 30) -> None:

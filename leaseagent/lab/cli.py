@@ -2,7 +2,8 @@
 
 `up` builds the lab, waits until every container reaches a container on
 every other host, and prints the lease list and the ping matrix (exit 0 only
-if all pairs reach). `status` prints the same for a running lab. `down`
+if all pairs reach); with `--ipv6` the lab is dual-stack and there is one
+matrix per IP version, all of which must be complete. `status` prints the same for a running lab. `down`
 removes everything the lab made, also after a crash (exit 1 if a namespace
 is left). Needs root; no output beyond these tables and one line per problem.
 """
@@ -15,23 +16,27 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from leaseagent.lab.errors import DockerError, LabError, LabExists
 from leaseagent.lab.lab import BACKENDS, Lab
-from leaseagent.lab.probes import Reachability
-from leaseagent.lab.topology import OUTSIDE_IP
+from leaseagent.lab.probes import OUTSIDE, Reachability
+from leaseagent.lab.topology import CONTAINER_NETWORK6
 
 
-def print_status(lab: Lab, *, reach: Reachability | None = None) -> bool:
-    """Hosts, `leasectl list` and the reachability matrix; True if all pairs reach."""
+def print_status(lab: Lab, *, reach: Mapping[int, Reachability] | None = None) -> bool:
+    """Hosts, `leasectl list` and the reachability matrix of each IP version; True if
+    all pairs reach in every one."""
     print(f"lab {lab.name}: backend {lab.backend}, etcd {lab.endpoints} (in {lab.etcd_ns})"
+          + (f", dual-stack (IPv6 {CONTAINER_NETWORK6})" if lab.ipv6 else "")
           + (", real Docker per host" if lab.docker else "")
           + (", --ip-masq" if lab.ip_masq else "")
           + (", nftables" if lab.nftables else ", iptables"))
     for host, pid in lab.agents_status():
         state = f"agent pid {pid}" if pid else "agent NOT RUNNING"
-        print(f"  {host.name} {host.ns} {host.public_ip}  subnet {host.subnet}  mtu {host.mtu}"
+        public = f"{host.public_ip} {host.public_ipv6}" if lab.ipv6 else f"{host.public_ip}"
+        subnet = f"{host.subnet} {host.subnet6}" if lab.ipv6 else f"{host.subnet}"
+        print(f"  {host.name} {host.ns} {public}  subnet {subnet}  mtu {host.mtu}"
               f"  {state}  log {host.log_file}")
         if lab.docker:
             dockerd = lab.dockerd(host)
@@ -39,7 +44,8 @@ def print_status(lab: Lab, *, reach: Reachability | None = None) -> bool:
             print(f"     dockerd {'pid ' + str(running.pid) if running else 'NOT RUNNING'}: "
                   f"docker -H unix://{dockerd.socket} ps")
         for c in host.containers:
-            print(f"     {'container c' + str(c.index) if lab.docker else c.ns}  {c.ip}")
+            print(f"     {'container c' + str(c.index) if lab.docker else c.ns}  {c.ip}"
+                  + (f"  {c.ip6}" if lab.ipv6 else ""))
     print("\n$ leasectl list")
     try:
         listing = lab.leasectl("list")
@@ -47,15 +53,20 @@ def print_status(lab: Lab, *, reach: Reachability | None = None) -> bool:
     except LabError as exc:  # the lease table is a nicety; the matrix is the verdict
         print(f"({exc})")
     if reach is None:
-        reach = lab.reachability()
-    print("\nreachability (ping -c 1 -W 1, each container -> first container of every other host)")
-    print(reach.format())
-    outside = lab.outside()
-    reached = [c for c, ok in outside.items() if ok]
-    print(f"outside host {OUTSIDE_IP} (no route back: masquerade only): reached from "
-          f"{len(reached)}/{len(outside)} containers"
-          + ("" if lab.ip_masq else " (the lab runs without --ip-masq)"))
-    return reach.all_ok
+        reach = {f: lab.reachability(family=f) for f in lab.families}
+    for family in lab.families:
+        over = "" if family == 4 else " over IPv6"
+        ping = "ping" if family == 4 else "ping -6"
+        print(f"\nreachability{over} ({ping} -c 1 -W 1, each container -> first container of "
+              "every other host)")
+        print(reach[family].format())
+    for family in lab.families:
+        outside = lab.outside(family=family)
+        reached = [c for c, ok in outside.items() if ok]
+        print(f"outside host {OUTSIDE[family]} (no route back: masquerade only): reached from "
+              f"{len(reached)}/{len(outside)} containers"
+              + ("" if lab.ip_masq else " (the lab runs without --ip-masq)"))
+    return all(r.all_ok for r in reach.values())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="the agents masquerade traffic that leaves the cluster network")
     p_up.add_argument("--nftables", action="store_true",
                       help="traffic rules with nftables (the network config's EnableNFTables)")
+    p_up.add_argument("--ipv6", action="store_true",
+                      help=f"dual-stack: IPv6 on the underlay too, the network config's "
+                      f"EnableIPv6 with IPv6Network {CONTAINER_NETWORK6}, containers with both "
+                      "families, a matrix per family")
     p_up.add_argument("--docker-fallback", action="store_true",
                       help="with --docker: if dockerd cannot run here, say why in one line "
                       "and use namespace containers")
@@ -101,7 +116,7 @@ def _up(args: argparse.Namespace) -> int:
             print(f"lab: dockerd cannot run here ({why}); using namespace containers")
             docker = False
     lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl, docker=docker,
-              ip_masq=args.ip_masq, nftables=args.nftables)
+              ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6)
     started = time.monotonic()
     try:
         try:
@@ -113,7 +128,7 @@ def _up(args: argparse.Namespace) -> int:
                   "using namespace containers")
             lab.down()
             lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl,
-                      ip_masq=args.ip_masq, nftables=args.nftables)
+                      ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6)
             lab.up(args.hosts, args.containers)
     except LabExists:
         raise
@@ -123,11 +138,11 @@ def _up(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     built = time.monotonic() - started
-    reach = lab.wait_reachable(timeout=args.timeout)
+    reach = lab.wait_reachable_all(timeout=args.timeout)
+    reached = time.monotonic() - started  # before the status's own probes and leasectl
     ok = print_status(lab, reach=reach)
     print(f"\nbuilt in {built:.1f}s, all pairs "
-          f"{'reachable' if ok else 'NOT reachable'} after "
-          f"{time.monotonic() - started:.1f}s")
+          f"{'reachable' if ok else 'NOT reachable'} after {reached:.1f}s")
     return 0 if ok else 1
 
 

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY
@@ -176,18 +176,26 @@ class Dockerd:
         return self.container_ip(name)
 
     def container_ip(self, name: str, *, timeout: float = 30) -> IPv4Address:
+        return IPv4Address(self._bridge_address(name, "IPAddress", timeout=timeout))
+
+    def container_ip6(self, name: str, *, timeout: float = 30) -> IPv6Address:
+        """Its address in --fixed-cidr-v6 (dockerd on the options of a dual-stack agent)."""
+        return IPv6Address(self._bridge_address(name, "GlobalIPv6Address", timeout=timeout))
+
+    def _bridge_address(self, name: str, key: str, *, timeout: float) -> str:
+        """The container's `key` on Docker's bridge network, as `docker inspect` has it."""
         deadline = time.monotonic() + timeout
         while True:
             out = self.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", name,
                               check=False)
             try:
-                address = json.loads(out)["bridge"]["IPAddress"]
+                address = json.loads(out)["bridge"][key]
                 if address:
-                    return IPv4Address(address)
+                    return str(address)
             except (ValueError, KeyError, TypeError):
                 pass
             if time.monotonic() > deadline:
-                raise LabError(f"container {name} in {self.ns} has no address after {timeout}s")
+                raise LabError(f"container {name} in {self.ns} has no {key} after {timeout}s")
             time.sleep(0.1)
 
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from pathlib import Path
 from types import TracebackType
 
@@ -24,12 +24,14 @@ from leaseagent.lab import agents, docker, netns, probes, processes, teardown
 from leaseagent.lab.commands import tool
 from leaseagent.lab.errors import LabError, LabExists
 from leaseagent.lab.etcd import Etcd
-from leaseagent.lab.probes import Reachability
+from leaseagent.lab.probes import Reachability, Source
 from leaseagent.lab.state import STATE_ROOT, StateDir
 from leaseagent.lab.topology import (
     CONTAINER_NETWORK,
+    CONTAINER_NETWORK6,
     ETCD_IP,
     ETCD_PORTS,
+    Address,
     Container,
     Host,
     Topology,
@@ -55,8 +57,11 @@ class Lab:
         docker: bool = False,
         ip_masq: bool = False,
         nftables: bool = False,
+        ipv6: bool = False,
     ) -> None:
-        self.topology = Topology(name)  # checks the name: everything below carries it
+        # Checks the name: everything below carries it. Knows whether the lab is
+        # dual-stack (`ipv6`): the underlay, hosts and containers then carry IPv6 too.
+        self.topology = Topology(name, ipv6=ipv6)
         if backend not in BACKENDS:
             raise LabError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
         self.name = name
@@ -95,6 +100,16 @@ class Lab:
     def endpoints(self) -> str:
         return self.etcd.endpoints
 
+    @property
+    def ipv6(self) -> bool:
+        """Dual-stack: the network config has EnableIPv6, everything carries IPv6 too."""
+        return self.topology.ipv6
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions the lab's containers speak: (4,) or (4, 6)."""
+        return (4, 6) if self.ipv6 else (4,)
+
     # ---------------------------------------------------------------- context manager
 
     def __enter__(self) -> Lab:
@@ -110,7 +125,7 @@ class Lab:
         self.state.save(name=self.name, backend=self.backend, lease_ttl=self.lease_ttl,
                         containers_per_host=self.containers_per_host,
                         hosts=self.hosts.values(), docker=self.docker, ip_masq=self.ip_masq,
-                        nftables=self.nftables)
+                        nftables=self.nftables, ipv6=self.ipv6)
 
     @classmethod
     def load(cls, name: str, *, state_root: Path = STATE_ROOT) -> Lab:
@@ -215,8 +230,9 @@ class Lab:
             docker.forward_accept(host.ns, str(CONTAINER_NETWORK))
         for j in range(1, count + 1):
             ip = dockerd.run_container(f"c{j}")
+            ip6 = dockerd.container_ip6(f"c{j}") if self.ipv6 else None
             host.containers.append(self.topology.container(
-                host, j, ip, via=dockerd.exec_prefix(f"c{j}")))
+                host, j, ip, via=dockerd.exec_prefix(f"c{j}"), ip6=ip6))
         processes.spawn(docker.hook_argv(host.ns, host.dir), log_file=host.dir / "docker-hook.log",
                         pid_file=host.dir / "docker-hook.pid")
 
@@ -225,6 +241,8 @@ class Lab:
         dockerd = self.dockerd(host)
         for c in host.containers:
             c.ip = dockerd.container_ip(f"c{c.index}", timeout=timeout)
+            if self.ipv6:
+                c.ip6 = dockerd.container_ip6(f"c{c.index}", timeout=timeout)
         self._save()
 
     def remove_host(self, host: Host) -> None:
@@ -241,15 +259,22 @@ class Lab:
         """Run etcdctl (v3 API) against the lab's etcd, from inside the etcd namespace."""
         return self.etcd.etcdctl(*args, timeout=30)
 
-    def _write_network_config(self) -> None:
+    def network_config(self) -> dict[str, object]:
+        """What the lab puts at <prefix>/config: the cluster network, dual-stack with
+        flannel's EnableIPv6 and IPv6Network (/64 subnets by flannel's default)."""
         backend: dict[str, object] = {"Type": self.backend}
         if self.backend == "vxlan":
             backend.update({"VNI": 1, "Port": 8472})
         config: dict[str, object] = {"Network": str(CONTAINER_NETWORK), "SubnetLen": 24,
                                      "Backend": backend}
+        if self.ipv6:
+            config.update({"EnableIPv6": True, "IPv6Network": str(CONTAINER_NETWORK6)})
         if self.nftables:
             config["EnableNFTables"] = True
-        self.etcdctl("put", self.keys.config_key, json.dumps(config))
+        return config
+
+    def _write_network_config(self) -> None:
+        self.etcdctl("put", self.keys.config_key, json.dumps(self.network_config()))
 
     def leasectl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run leasectl against the lab's etcd (from the etcd namespace, the only one
@@ -260,9 +285,12 @@ class Lab:
                               text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
 
     def lease_key(self, host: Host) -> str:
+        """The host's lease key: flannel's dual-stack form (`<ipv4>-<len>&<ipv6>-<len>`)
+        when the host has an IPv6 subnet."""
         if host.subnet is None:
             raise LabError(f"{host.name} has no lease yet")
-        return self.keys.lease_key(host.subnet.network)
+        return self.keys.lease_key(host.subnet.network,
+                                   host.subnet6.network if host.subnet6 else None)
 
     def lease_value(self, host: Host) -> dict[str, object] | None:
         out = self.etcdctl("get", self.lease_key(host), "--print-value-only")
@@ -302,8 +330,9 @@ class Lab:
         return [(h, self.agent_pid(h)) for h in self.hosts.values()]
 
     def wait_subnet(self, host: Host, *, timeout: float = 30) -> None:
-        """Wait for the agent's subnet.env; fill host.subnet / host.mtu from it."""
-        agents.wait_subnet(host, timeout=timeout)
+        """Wait for the agent's subnet.env; fill host.subnet / host.mtu (and host.subnet6
+        in a dual-stack lab) from it."""
+        agents.wait_subnet(host, timeout=timeout, ipv6=self.ipv6)
 
     def wait_ready(self, host: Host, *, timeout: float = 30) -> None:
         """Wait until the agent's /readyz answers 200."""
@@ -311,11 +340,12 @@ class Lab:
 
     # ---------------------------------------------------------------- probes
 
-    def ping(self, from_ns: str, to_ip: IPv4Address | str, *, count: int = 1,
+    def ping(self, from_ns: Source, to_ip: Address | str, *, count: int = 1,
              wait: float = 1) -> bool:
+        """Ping from a namespace or a container (Docker's too); IPv6 with `ping -6`."""
         return probes.ping(from_ns, to_ip, count=count, wait=wait)
 
-    def ping_background(self, from_ns: str, to_ip: IPv4Address | str, *, count: int,
+    def ping_background(self, from_ns: Source, to_ip: Address | str, *, count: int,
                         interval: float) -> subprocess.Popen[str]:
         return probes.ping_background(from_ns, to_ip, count=count, interval=interval)
 
@@ -324,17 +354,29 @@ class Lab:
         return probes.pairs(list(self.hosts.values()))
 
     def reachability(self, pairs: Sequence[tuple[Container, Host]] | None = None, *,
-                     wait: float = 1) -> Reachability:
-        """One ping per pair (`ping -c 1 -W wait`), all pairs at once."""
-        return probes.reachability(list(self.hosts.values()), pairs, wait=wait)
+                     wait: float = 1, family: int = 4) -> Reachability:
+        """One ping per pair (`ping -c 1 -W wait`, over IPv`family`), all pairs at once."""
+        return probes.reachability(list(self.hosts.values()), pairs, wait=wait, family=family)
 
-    def outside(self, *, wait: float = 1) -> dict[str, bool]:
-        """Which containers reach the outside host (only through masquerade)."""
-        return probes.outside(list(self.hosts.values()), wait=wait)
+    def outside(self, *, wait: float = 1, family: int = 4) -> dict[str, bool]:
+        """Which containers reach the outside host over IPv`family` (only through
+        masquerade)."""
+        return probes.outside(list(self.hosts.values()), wait=wait, family=family)
 
-    def wait_reachable(self, *, timeout: float = 10, wait: float = 1) -> Reachability:
-        """Ping all pairs, re-ping only the failed ones until all reach or `timeout`."""
-        return probes.wait_reachable(list(self.hosts.values()), timeout=timeout, wait=wait)
+    def wait_reachable(self, *, timeout: float = 10, wait: float = 1,
+                       family: int = 4) -> Reachability:
+        """Ping all pairs over IPv`family`, re-ping only the failed ones until all reach or
+        `timeout`."""
+        return probes.wait_reachable(list(self.hosts.values()), timeout=timeout, wait=wait,
+                                     family=family)
+
+    def wait_reachable_all(self, *, timeout: float = 10, wait: float = 1
+                           ) -> dict[int, Reachability]:
+        """`wait_reachable` for each of the lab's families, within one `timeout`."""
+        deadline = time.monotonic() + timeout
+        return {f: self.wait_reachable(timeout=max(0.0, deadline - time.monotonic()), wait=wait,
+                                       family=f)
+                for f in self.families}
 
     def http_get(self, host: Host, path: str, *, timeout: float = 2) -> tuple[int, str]:
         """(status, body) of GET <the agent's metrics address><path> from inside the

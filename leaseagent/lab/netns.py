@@ -9,8 +9,8 @@ tests' underlay (tests/netns.py) and the bench (bench/env.py).
   another (`ip -n A link add X type veth peer name Y netns B`) or left beside
   it. The root namespace never holds either end, so deleting the namespaces
   removes every link;
-- `bridge`, `link_up`, `address`, `enable_forwarding`: what building a topology
-  needs besides;
+- `bridge`, `link_up`, `address` (IPv6 ones without DAD), `enable_forwarding`: what
+  building a topology needs besides;
 - `exec_argv` / `run_in`: a command run inside a namespace (`ip netns exec`, which
   execs the program in place, so a PID is the program's own);
 - `Namespaces`: the namespaces one user made, deleted newest first by `close`,
@@ -91,13 +91,18 @@ def bridge(ns: str, name: str, *, mtu: int | None = None, address: str | None = 
 
 
 def address(ns: str, dev: str, cidr: str) -> None:
-    """Add address `cidr` (e.g. 10.0.0.1/24) to `dev`."""
-    run(["ip", "-n", ns, "addr", "add", cidr, "dev", dev])
+    """Add address `cidr` (e.g. 10.0.0.1/24, fd00::1/64) to `dev`. An IPv6 address is
+    added `nodad`: the namespaces' addresses are unique by construction, and a
+    tentative address would stay unusable for a second or more of Duplicate Address
+    Detection."""
+    run(["ip", "-n", ns, "addr", "add", cidr, "dev", dev, *(["nodad"] if ":" in cidr else [])])
 
 
-def enable_forwarding(ns: str) -> None:
-    """IPv4 forwarding on in `ns` (a new namespace starts with it off)."""
-    run_in(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+def enable_forwarding(ns: str, *, ipv6: bool = False) -> None:
+    """IPv4 forwarding (and IPv6's, if `ipv6`) on in `ns` (a new namespace starts with
+    both off)."""
+    run_in(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1",
+                *(["net.ipv6.conf.all.forwarding=1"] if ipv6 else [])])
 
 
 class Namespaces:

@@ -2,9 +2,12 @@
 and the kernel entries of a host.
 
 Traffic only goes to addresses inside the lab's namespaces: every ping target
-is checked against the underlay (10.250.0.0/24) and the container network
-(10.244.0.0/16), and HTTP goes to an agent's metrics address on the loopback
-of its own host namespace.
+is checked against the underlay (10.250.0.0/24, fd00:250::/64) and the
+container network (10.244.0.0/16, fd00:244::/56), and HTTP goes to an agent's
+metrics address on the loopback of its own host namespace.
+
+The matrix and the outside check are per IP version (`family` 4 or 6): the
+same pairs, each container's address of that family, `ping -6` for IPv6.
 """
 
 from __future__ import annotations
@@ -15,12 +18,23 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from leaseagent.lab import netns
 from leaseagent.lab.commands import run
 from leaseagent.lab.errors import LabError
-from leaseagent.lab.topology import CONTAINER_NETWORK, OUTSIDE_IP, UNDERLAY, Container, Host, short
+from leaseagent.lab.topology import (
+    CONTAINER_NETWORK,
+    CONTAINER_NETWORK6,
+    OUTSIDE_IP,
+    OUTSIDE_IP6,
+    UNDERLAY,
+    UNDERLAY6,
+    Address,
+    Container,
+    Host,
+    short,
+)
 
 _PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
@@ -31,10 +45,16 @@ def parse_ping_summary(text: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def check_target(ip: IPv4Address | str) -> IPv4Address:
+# By IP version: the lab's networks (the only ping targets) and its outside host.
+LAB_NETWORKS: dict[int, tuple[IPv4Network | IPv6Network, ...]] = {
+    4: (UNDERLAY, CONTAINER_NETWORK), 6: (UNDERLAY6, CONTAINER_NETWORK6)}
+OUTSIDE: dict[int, Address] = {4: OUTSIDE_IP, 6: OUTSIDE_IP6}
+
+
+def check_target(ip: Address | str) -> Address:
     """`ip` if it is a lab address; LabError otherwise (the lab sends nothing elsewhere)."""
-    addr = IPv4Address(str(ip))
-    if addr not in CONTAINER_NETWORK and addr not in UNDERLAY:
+    addr = ip_address(str(ip))
+    if not any(addr in net for net in LAB_NETWORKS[addr.version]):
         raise LabError(f"{addr} is not a lab address")
     return addr
 
@@ -42,20 +62,21 @@ def check_target(ip: IPv4Address | str) -> IPv4Address:
 Source = str | Container  # a namespace, or a container (Docker's too)
 
 
-def _ping_argv(source: Source, to_ip: IPv4Address | str, *options: str) -> list[str]:
-    argv = ["ping", "-n", "-q", *options, str(check_target(to_ip))]
+def _ping_argv(source: Source, to_ip: Address | str, *options: str) -> list[str]:
+    target = check_target(to_ip)
+    argv = ["ping", *(["-6"] if target.version == 6 else []), "-n", "-q", *options, str(target)]
     if isinstance(source, Container):
         return source.exec_argv(argv)
     return netns.exec_argv(source, argv)
 
 
-def ping(source: Source, to_ip: IPv4Address | str, *, count: int = 1, wait: float = 1) -> bool:
+def ping(source: Source, to_ip: Address | str, *, count: int = 1, wait: float = 1) -> bool:
     proc = subprocess.run(_ping_argv(source, to_ip, "-c", str(count), "-W", str(wait)),
                           capture_output=True, stdin=subprocess.DEVNULL, check=False)
     return proc.returncode == 0
 
 
-def ping_background(source: Source, to_ip: IPv4Address | str, *, count: int,
+def ping_background(source: Source, to_ip: Address | str, *, count: int,
                     interval: float) -> subprocess.Popen[str]:
     """`count` pings, one every `interval` s (root may go below 0.2 s); read the
     outcome with `parse_ping_summary` on its stdout. A count, not a deadline, so
@@ -71,11 +92,13 @@ def ping_background(source: Source, to_ip: IPv4Address | str, *, count: int,
 
 @dataclass(frozen=True)
 class Reachability:
-    """Ping results: rows are source containers, columns are hosts (their first container)."""
+    """Ping results over IP version `family`: rows are source containers, columns are
+    hosts (their first container)."""
 
     rows: list[Container]
     columns: list[Host]
     cells: dict[tuple[str, str], bool]  # (source container ns, target host ns) -> reached
+    family: int = 4
 
     @property
     def all_ok(self) -> bool:
@@ -87,7 +110,7 @@ class Reachability:
 
     def format(self) -> str:
         def label(c: Container) -> str:
-            return f"{short(c.ns)} {c.ip}"
+            return f"{short(c.ns)} {c.address(self.family)}"
 
         heads = [label(h.containers[0]) for h in self.columns]
         first = max([len("from \\ to")] + [len(label(c)) for c in self.rows])
@@ -100,7 +123,8 @@ class Reachability:
                 marks.append({None: "-", True: "ok", False: "FAIL"}[ok].ljust(width))
             lines.append((label(c).ljust(first) + "  " + "  ".join(marks)).rstrip())
         total, good = len(self.cells), sum(self.cells.values())
-        lines.append(f"{good}/{total} cross-host pairs reachable")
+        lines.append(f"{good}/{total} cross-host pairs reachable"
+                     + (" over IPv6" if self.family == 6 else ""))
         return "\n".join(lines)
 
 
@@ -110,41 +134,46 @@ def pairs(hosts: Sequence[Host]) -> list[tuple[Container, Host]]:
     return [(c, h) for src in hosts for c in src.containers for h in hosts if h is not src]
 
 
-def reachability(hosts: Sequence[Host], todo: Sequence[tuple[Container, Host]] | None = None,
-                 *, wait: float = 1) -> Reachability:
-    """One ping per pair (`ping -c 1 -W wait`), all pairs at once."""
-    todo = pairs(hosts) if todo is None else list(todo)
-    procs = [subprocess.Popen(_ping_argv(c, h.containers[0].ip, "-c", "1", "-W", str(wait)),
+def _ping_once(todo: Sequence[tuple[Container, Address]], *, wait: float) -> list[bool]:
+    """One ping per (source, target), all at once; whether each was answered."""
+    procs = [subprocess.Popen(_ping_argv(c, to, "-c", "1", "-W", str(wait)),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               stdin=subprocess.DEVNULL)
-             for c, h in todo]
-    cells = {(c.ns, h.ns): p.wait() == 0 for (c, h), p in zip(todo, procs, strict=True)}
+             for c, to in todo]
+    return [p.wait() == 0 for p in procs]
+
+
+def reachability(hosts: Sequence[Host], todo: Sequence[tuple[Container, Host]] | None = None,
+                 *, wait: float = 1, family: int = 4) -> Reachability:
+    """One ping per pair (`ping -c 1 -W wait`, over IP version `family`), all pairs at
+    once."""
+    todo = pairs(hosts) if todo is None else list(todo)
+    answered = _ping_once([(c, h.containers[0].address(family)) for c, h in todo], wait=wait)
+    cells = {(c.ns, h.ns): ok for (c, h), ok in zip(todo, answered, strict=True)}
     columns = [h for h in hosts if h.containers]
     return Reachability(rows=[c for h in columns for c in h.containers], columns=columns,
-                        cells=cells)
+                        cells=cells, family=family)
 
 
-def outside(hosts: Sequence[Host], *, wait: float = 1) -> dict[str, bool]:
-    """Which containers reach the outside host (it has no route back: only a masquerade
-    makes its reply find them); by container label."""
+def outside(hosts: Sequence[Host], *, wait: float = 1, family: int = 4) -> dict[str, bool]:
+    """Which containers reach the outside host over IP version `family` (it has no route
+    back: only a masquerade makes its reply find them); by container label."""
     todo = [c for h in hosts for c in h.containers]
-    procs = [subprocess.Popen(_ping_argv(c, OUTSIDE_IP, "-c", "1", "-W", str(wait)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              stdin=subprocess.DEVNULL) for c in todo]
-    return {short(c.ns): p.wait() == 0 for c, p in zip(todo, procs, strict=True)}
+    answered = _ping_once([(c, OUTSIDE[family]) for c in todo], wait=wait)
+    return {short(c.ns): ok for c, ok in zip(todo, answered, strict=True)}
 
 
-def wait_reachable(hosts: Sequence[Host], *, timeout: float = 10, wait: float = 1
-                   ) -> Reachability:
+def wait_reachable(hosts: Sequence[Host], *, timeout: float = 10, wait: float = 1,
+                   family: int = 4) -> Reachability:
     """Ping all pairs, re-ping only the failed ones until all reach or `timeout`."""
     deadline = time.monotonic() + timeout
-    result = reachability(hosts, wait=wait)
+    result = reachability(hosts, wait=wait, family=family)
     while not result.all_ok and time.monotonic() < deadline:
         time.sleep(0.05)
         todo = [(c, h) for (c, h) in pairs(hosts) if not result.cells[(c.ns, h.ns)]]
-        again = reachability(hosts, todo, wait=wait)
+        again = reachability(hosts, todo, wait=wait, family=family)
         result = Reachability(rows=result.rows, columns=result.columns,
-                              cells={**result.cells, **again.cells})
+                              cells={**result.cells, **again.cells}, family=family)
     return result
 
 

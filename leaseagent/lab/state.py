@@ -1,8 +1,8 @@
 """The lab's state on disk: /run/leaseagent-lab/<name>/.
 
-    state.json          what `up` built: backend, lease TTL, hosts, their subnets and
-                        containers (so `status`, `down`, a test, can pick the lab up
-                        from another process)
+    state.json          what `up` built: backend, lease TTL, hosts, their subnets (both
+                        families' in a dual-stack lab) and containers (so `status`,
+                        `down`, a test, can pick the lab up from another process)
     etcd/m0/            etcd's data, log and pid file (leaseagent.lab.etcd)
     h<i>/               host i: subnet.env, the agent's log, pid file and state dir;
                         with Docker also docker_opts.env, docker.sock, dockerd's data and
@@ -19,7 +19,7 @@ import json
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 
 from leaseagent.files import write_atomic
@@ -40,6 +40,7 @@ class Saved:
     docker: bool = False
     ip_masq: bool = False
     nftables: bool = False
+    ipv6: bool = False
 
 
 class StateDir:
@@ -78,21 +79,25 @@ class StateDir:
 
     def save(self, *, name: str, backend: str, lease_ttl: int, containers_per_host: int,
              hosts: Iterable[Host], docker: bool = False, ip_masq: bool = False,
-             nftables: bool = False) -> None:
+             nftables: bool = False, ipv6: bool = False) -> None:
         doc = {
             "name": name,
             "backend": backend,
             "docker": docker,
             "ip_masq": ip_masq,
             "nftables": nftables,
+            "ipv6": ipv6,
             "lease_ttl": lease_ttl,
             "containers_per_host": containers_per_host,
             "hosts": [
                 {
                     "index": h.index,
                     "subnet": str(h.subnet) if h.subnet else None,
+                    "subnet6": str(h.subnet6) if h.subnet6 else None,
                     "mtu": h.mtu,
-                    "containers": [{"index": c.index, "ip": str(c.ip)} for c in h.containers],
+                    "containers": [{"index": c.index, "ip": str(c.ip),
+                                    "ip6": str(c.ip6) if c.ip6 else None}
+                                   for c in h.containers],
                 }
                 for h in hosts
             ],
@@ -104,16 +109,22 @@ class StateDir:
             doc = json.loads(self.state_file.read_text())
         except (OSError, ValueError) as exc:
             raise LabError(f"no lab {topology.name!r} ({self.state_file}: {exc})") from exc
+        # Before the hosts: the topology gives them their IPv6 addresses by it.
+        topology.ipv6 = bool(doc.get("ipv6", False))
         hosts = []
         for h in doc["hosts"]:
             host = topology.host(h["index"], self.host_dir(h["index"]))
             host.subnet = IPv4Interface(h["subnet"]) if h["subnet"] else None
+            host.subnet6 = IPv6Interface(h["subnet6"]) if h.get("subnet6") else None
             host.mtu = h["mtu"]
-            host.containers = [topology.container(host, c["index"], IPv4Address(c["ip"]))
-                               for c in h["containers"]]
+            host.containers = [
+                topology.container(host, c["index"], IPv4Address(c["ip"]),
+                                   ip6=IPv6Address(c["ip6"]) if c.get("ip6") else None)
+                for c in h["containers"]]
             hosts.append(host)
         return Saved(backend=doc["backend"], lease_ttl=doc["lease_ttl"],
                      containers_per_host=doc["containers_per_host"], hosts=hosts,
                      docker=bool(doc.get("docker", False)),
                      ip_masq=bool(doc.get("ip_masq", False)),
-                     nftables=bool(doc.get("nftables", False)))
+                     nftables=bool(doc.get("nftables", False)),
+                     ipv6=topology.ipv6)

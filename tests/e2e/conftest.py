@@ -2,8 +2,9 @@
 
 Each fixture builds a lab named after this pytest process (so two runs, or a
 developer's own `deploy/lab up`, never collide) and always takes it down,
-also when the build or a test fails. Skips, rather than fails, when not root
-or when the data plane backend under test is not registered yet.
+also when the build or a test fails. Skips, rather than fails, when not root,
+when the data plane backend under test is not registered yet, or (Docker
+labs) when dockerd cannot run here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from leaseagent.lab import Lab
+from leaseagent.lab.docker import unavailable as docker_unavailable
 
 
 def require(backend: str) -> None:
@@ -27,9 +29,12 @@ def require(backend: str) -> None:
         pytest.skip(f"data plane backend {backend!r} not registered yet")
 
 
-def _built(backend: str, *, tag: str, hosts: int, containers: int) -> Iterator[Lab]:
+def _built(backend: str, *, tag: str, hosts: int, containers: int, ipv6: bool = False,
+           docker: bool = False) -> Iterator[Lab]:
     require(backend)
-    lab = Lab(f"e2e{tag}{os.getpid() % 100000}", backend=backend)
+    if docker and (why := docker_unavailable()):
+        pytest.skip(f"dockerd cannot run here: {why}")
+    lab = Lab(f"e2e{tag}{os.getpid() % 100000}", backend=backend, ipv6=ipv6, docker=docker)
     try:
         lab.up(hosts, containers)
         yield lab
@@ -48,3 +53,22 @@ def vxlan_lab() -> Iterator[Lab]:
 @pytest.fixture
 def hostgw_lab() -> Iterator[Lab]:
     yield from _built("host-gw", tag="g", hosts=3, containers=2)
+
+
+@pytest.fixture(scope="module")
+def vxlan_lab6() -> Iterator[Lab]:
+    """A dual-stack lab (`up --ipv6`): 3 hosts x 2 containers on vxlan."""
+    yield from _built("vxlan", tag="6v", hosts=3, containers=2, ipv6=True)
+
+
+@pytest.fixture(scope="module")
+def hostgw_lab6() -> Iterator[Lab]:
+    """A dual-stack lab (`up --ipv6`): 3 hosts x 2 containers on host-gw."""
+    yield from _built("host-gw", tag="6g", hosts=3, containers=2, ipv6=True)
+
+
+@pytest.fixture(scope="module")
+def docker_lab6() -> Iterator[Lab]:
+    """A dual-stack lab with a real dockerd per host (`up --ipv6 --docker`): 2 hosts x 2
+    containers on vxlan."""
+    yield from _built("vxlan", tag="6d", hosts=2, containers=2, ipv6=True, docker=True)

@@ -8,6 +8,7 @@ host whose lease is gone leaves nothing behind in its peers' kernels within
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -162,6 +163,23 @@ def test_start_removes_what_vanished_while_down_and_leaves_foreign_routes(vxlan_
             lab.wait_ready(target, timeout=10)
         lab.remove_host(victim)
     assert lab.wait_reachable(timeout=5).all_ok
+
+
+@pytest.mark.root
+def test_an_ipv4_lab_carries_no_ipv6_of_its_own(vxlan_lab: Lab) -> None:
+    """Without --ipv6 the lab is what it was: no EnableIPv6 in the network config, no IPv6
+    lines in subnet.env, no global IPv6 address on a host's eth0 or br0, nor in a
+    container (only the kernel's link-local ones)."""
+    lab = vxlan_lab
+    config = json.loads(lab.etcdctl("get", lab.keys.config_key, "--print-value-only"))
+    assert "EnableIPv6" not in config and "IPv6Network" not in config, config
+    for host in lab.hosts.values():
+        assert "IPV6" not in host.subnet_file.read_text()
+        assert host.public_ipv6 is None and host.subnet6 is None
+        assert run(["ip", "-n", host.ns, "-6", "addr", "show", "scope", "global"]) == ""
+        for c in host.containers:
+            assert c.ip6 is None
+            assert run(["ip", "-n", c.ns, "-6", "addr", "show", "scope", "global"]) == ""
 
 
 def test_lab_owns_only_names_of_its_own_shape() -> None:
