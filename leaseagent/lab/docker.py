@@ -12,7 +12,11 @@ writes `--docker-opts-file` (DOCKER_NETWORK_OPTIONS), the docker.service
 drop-in reads that file with EnvironmentFile= and puts `$DOCKER_NETWORK_OPTIONS`
 on dockerd's command line (systemd splits an unquoted `$VAR` into words).
 `network_options` does exactly that with the file; the lab never derives
---bip or --mtu itself.
+--bip or --mtu itself. A dual-stack agent's file adds `--ipv6
+--fixed-cidr-v6=<FLANNEL_IPV6_SUBNET>`: docker0 then gets the subnet's first
+address and each container one Docker derives from its MAC, which the lab
+reads from `docker inspect` (GlobalIPv6Address). The host forwards IPv6
+before dockerd starts, so dockerd does not set ip6tables' FORWARD policy.
 
 The image is Debian's busybox-static (sh, ping, ip, nc, sleep, ...) in a
 tarball made once and cached in /var/cache/leaseagent-lab/, then `docker

@@ -25,7 +25,8 @@ With Docker (`Lab(docker=True)`, leaseagent.lab.docker) there is no br0 and
 no container namespace of the lab's: each host runs a real dockerd (docker0
 from the agent's options) and its containers are Docker's, named c<j>; the
 name la-<name>-c<i>-<j> is then only their label in tables, and a command
-reaches one through `docker exec` (`Container.exec_argv`).
+reaches one through `docker exec` (`Container.exec_argv`). In a dual-stack lab
+their IPv6 addresses are Docker's too (inside --fixed-cidr-v6).
 
 Every name carries the lab's name, and `owns` matches the whole shape, so a
 namespace someone else named `la-lab-foo` is never touched. Links are made
