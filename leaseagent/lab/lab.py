@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import TracebackType
 
@@ -388,8 +388,8 @@ class Lab:
         status, body = self.http_get(host, "/metrics")
         return probes.parse_metrics(body) if status == 200 else {}
 
-    def kernel_entries(self, host: Host, peer: IPv4Network, vtep_mac: str | None = None
-                       ) -> list[str]:
+    def kernel_entries(self, host: Host, peer: IPv4Network | IPv6Network,
+                       vtep_mac: str | None = None) -> list[str]:
         return probes.kernel_entries(host, peer, vtep_mac)
 
     def kernel_state(self, host: Host) -> dict[str, list[str]]:

@@ -226,14 +226,16 @@ def parse_metrics(text: str) -> dict[str, float]:
 # --------------------------------------------------------------------------- kernel
 
 
-def kernel_entries(host: Host, peer: IPv4Network, vtep_mac: str | None = None) -> list[str]:
-    """What `host`'s kernel holds for a peer: routes to the peer subnet, neighbour
-    entries for its .0 (the vxlan gateway), FDB entries for its VTEP MAC."""
-    ns = host.ns
+def kernel_entries(host: Host, peer: IPv4Network | IPv6Network, vtep_mac: str | None = None
+                   ) -> list[str]:
+    """What `host`'s kernel holds for a peer subnet of either family: routes to it,
+    neighbour entries for its first address (the vxlan gateway, .0 or ::), FDB entries
+    for its VTEP MAC (the IPv6 device's own for an IPv6 subnet)."""
+    ns, family = host.ns, f"-{peer.version}"  # iproute2 lists IPv4 unless told
     found = [f"route {line}" for line in
-             run(["ip", "-n", ns, "route", "show", "exact", str(peer)]).splitlines()]
+             run(["ip", "-n", ns, family, "route", "show", "exact", str(peer)]).splitlines()]
     found += [f"neigh {line}" for line in
-              run(["ip", "-n", ns, "neigh", "show", "to", str(peer.network_address)])
+              run(["ip", "-n", ns, family, "neigh", "show", "to", str(peer.network_address)])
               .splitlines()]
     if vtep_mac:
         found += [f"fdb {line}" for line in run(["bridge", "-n", ns, "fdb", "show"])
@@ -244,16 +246,20 @@ def kernel_entries(host: Host, peer: IPv4Network, vtep_mac: str | None = None) -
 def kernel_state(host: Host, *, route_protocol: int = 76) -> dict[str, list[str]]:
     """Everything the data plane owns in `host`'s kernel, as sorted text lines:
     routes of the agent's protocol, neighbours and FDB entries of its vxlan
-    devices, and the devices' addresses: for before/after comparisons."""
+    devices, and the devices' addresses (IPv6 ones too, in a dual-stack lab; an IPv4
+    lab has none): for before/after comparisons."""
     ns = host.ns
     devs = [line.split(":")[1].strip().split("@")[0]
             for line in run(["ip", "-n", ns, "-o", "link", "show", "type", "vxlan"]).splitlines()]
     state: dict[str, list[str]] = {
-        "route": run(["ip", "-n", ns, "route", "show", "proto", str(route_protocol)]).splitlines(),
+        "route": [line for family in ("-4", "-6") for line in run(
+            ["ip", "-n", ns, family, "route", "show", "proto", str(route_protocol)]).splitlines()],
         "neigh": [], "fdb": [], "addr": [],
     }
     for dev in devs:
         state["neigh"] += run(["ip", "-n", ns, "neigh", "show", "dev", dev]).splitlines()
         state["fdb"] += run(["bridge", "-n", ns, "fdb", "show", "dev", dev]).splitlines()
         state["addr"] += run(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", dev]).splitlines()
+        state["addr"] += run(["ip", "-n", ns, "-6", "-o", "addr", "show", "dev", dev, "scope",
+                              "global"]).splitlines()
     return {k: sorted(v) for k, v in state.items()}

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.network import network_config_from_dict
 from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env
 from leaseagent.lab import CONTAINER_NETWORK6, UNDERLAY6, Container, Host, Lab, LabError, run
@@ -42,6 +43,7 @@ from leaseagent.lab.topology import Topology, underlay_ipv6
 
 FAMILIES = (4, 6)
 REACH_TIMEOUT = 10.0  # seconds after `up` for every pair, as `deploy/lab up` waits
+CONVERGE = 2.0  # seconds: the promise for joins and removals (after the hold-down)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -106,6 +108,51 @@ def test_dual_stack_status_shows_both_matrices(vxlan_lab6: Lab) -> None:
     assert "12/12 cross-host pairs reachable\n" in done, done
     assert "12/12 cross-host pairs reachable over IPv6" in done, done
     assert f"outside host {OUTSIDE[6]}" in done, done
+
+
+@pytest.mark.root
+def test_dual_stack_host_joins_and_leaves_in_both_families(vxlan_lab6: Lab) -> None:
+    """A new host is reachable over both families within CONVERGE s of its lease; once
+    it is dead and its lease gone, its IPv6 entries (route, neighbour, FDB on
+    flannel-v6.<VNI>) leave its peers as its IPv4 ones do, after the hold time."""
+    lab = vxlan_lab6
+    host = lab.add_host(containers=1)
+    try:
+        assert host.subnet_seen_at is not None and host.subnet6 is not None
+        pairs = [(c, h) for (c, h) in lab.pairs() if h is host or c in host.containers]
+        deadline = host.subnet_seen_at + CONVERGE
+        for family in FAMILIES:
+            reach = lab.reachability(pairs, wait=0.2, family=family)
+            while not reach.all_ok and time.monotonic() < deadline:
+                reach = lab.reachability(pairs, wait=0.2, family=family)
+            assert reach.all_ok, reach.format()
+        joined = time.monotonic() - host.subnet_seen_at
+        value = lab.lease_value(host)
+        assert value is not None
+        macs = {4: value["BackendData"]["VtepMAC"], 6: value["BackendV6Data"]["VtepMAC"]}  # type: ignore[index]
+        subnets = {4: host.subnet.network, 6: host.subnet6.network}  # type: ignore[union-attr]
+        others = [h for h in lab.hosts.values() if h is not host]
+
+        def entries() -> dict[str, int]:
+            return {f"{h.name} IPv{f}": len(lab.kernel_entries(h, subnets[f], macs[f]))
+                    for h in others for f in FAMILIES}
+
+        assert set(entries().values()) == {3}, entries()  # route, neighbour, FDB
+        lab.remove_host(host)
+        lab.delete_lease(host)  # the dual-stack key
+        gone_at = time.monotonic()
+        while any(entries().values()) and \
+                time.monotonic() < gone_at + DEFAULT_PEER_HOLD_SECONDS + CONVERGE:
+            time.sleep(0.05)
+        assert not any(entries().values()), entries()
+        print(f"\nnew host reachable over both families {joined:.2f}s after its lease; its "
+              f"entries of both gone {time.monotonic() - gone_at:.2f}s after its lease "
+              f"(held {DEFAULT_PEER_HOLD_SECONDS:g}s)")
+    finally:
+        if host.index in lab.hosts:
+            lab.remove_host(host)
+            lab.delete_lease(host)
+    assert all(m.all_ok for m in lab.wait_reachable_all(timeout=5).values())
 
 
 def docker0_ipv6(host: Host) -> list[str]:
