@@ -2,10 +2,11 @@
 
 `up` builds the lab, waits until every container reaches a container on
 every other host, and prints the lease list and the ping matrix (exit 0 only
-if all pairs reach); with `--ipv6` the lab is dual-stack and there is one
-matrix per IP version, all of which must be complete. `status` prints the same for a running lab. `down`
-removes everything the lab made, also after a crash (exit 1 if a namespace
-is left). Needs root; no output beyond these tables and one line per problem.
+if all pairs reach); with `--ipv6` the lab is dual-stack, with one matrix per
+IP version, each of which must be complete. `status` prints the same for a
+running lab. `down` removes everything the lab made, also after a crash (exit
+1 if a namespace is left). Needs root; no output beyond these tables and one
+line per problem.
 """
 
 from __future__ import annotations
