@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from leaseagent import __version__
 from leaseagent.agent.leasing import Leasing, OwnLease
@@ -49,7 +49,12 @@ from leaseagent.core.leases import (
 )
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
-from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env, previous_subnet
+from leaseagent.core.subnetenv import (
+    SubnetEnv,
+    parse_subnet_env,
+    previous_ipv6_subnet,
+    previous_subnet,
+)
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
 from leaseagent.dataplane.firewall import RulesKeeper, firewall
@@ -67,6 +72,16 @@ from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
 
 log = logging.getLogger("leaseagent")
+
+@dataclass(frozen=True)
+class FamilyRules:
+    """One address family's traffic rules: their keeper, and which peers the peer filter
+    admits (leaseagent.core.rules.PeerAdmission, kept per change)."""
+
+    family: int
+    keeper: RulesKeeper
+    admission: PeerAdmission
+
 
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
 # While another agent has this host's identity, its key is read at most this far apart.
@@ -135,13 +150,21 @@ async def preflight(cfg: AgentConfig) -> HostInfo | None:
     return host
 
 
-async def resolve_host(cfg: AgentConfig, backend_type: str) -> HostInfo:
-    """This host's underlay interface and PublicIP (alloc needs no interface)."""
-    if backend_type == "alloc" and cfg.public_ip is not None and cfg.iface is None:
-        return HostInfo(public_ip=cfg.public_ip)
+async def resolve_host(cfg: AgentConfig, network: NetworkConfig,
+                       host: HostInfo | None = None) -> HostInfo:
+    """This host's underlay interface and PublicIP (alloc needs no interface), and its
+    PublicIPv6 when the network config has IPv6. `host`: what preflight found already
+    (it ran before the config was known, so IPv6 may still be missing)."""
+    want_ipv6 = network.ipv6 is not None
+    if host is not None and (host.public_ipv6 is not None or not want_ipv6):
+        return host
+    if network.backend_type == "alloc" and cfg.public_ip is not None and cfg.iface is None:
+        return HostInfo(public_ip=cfg.public_ip, public_ipv6=cfg.public_ipv6)
     from leaseagent.dataplane.host import resolve_host as resolve
 
-    return await resolve(cfg.iface, str(cfg.public_ip) if cfg.public_ip else None)
+    return await resolve(cfg.iface, str(cfg.public_ip) if cfg.public_ip else None,
+                         public_ipv6=str(cfg.public_ipv6) if cfg.public_ipv6 else None,
+                         want_ipv6=want_ipv6)
 
 
 class Agent:
@@ -177,8 +200,8 @@ class Agent:
         self.lease_held = False  # False while a lost lease is being taken back
         self.network: NetworkConfig | None = None
         self.backend: DataPlane | None = None
-        self.rules: RulesKeeper | None = None  # traffic rules (leaseagent.dataplane.firewall)
-        self.admission = PeerAdmission()  # the peer filter's addresses, per change
+        # Traffic rules per address family in use (leaseagent.dataplane.firewall).
+        self.rules: list[FamilyRules] = []
         self.traffic = cfg.traffic
         self.vxlan_port: int | None = None
         self.leasing: Leasing | None = None
@@ -206,27 +229,39 @@ class Agent:
         if self.backend is None or not self.backend.status.in_sync:
             error = self.backend.status.last_error if self.backend is not None else None
             return "data plane not in sync" + (f": {error}" if error else "")
-        if self.rules is not None and not self.rules.status.in_sync:
-            error = self.rules.status.last_error
-            return "traffic rules not in place" + (f": {error}" if error else "")
+        for rules in self.rules:
+            if not rules.keeper.status.in_sync:
+                error = rules.keeper.status.last_error
+                return (f"IPv{rules.family} traffic rules not in place"
+                        + (f": {error}" if error else ""))
         return None
 
-    def _rules_keeper(self, network: NetworkConfig) -> RulesKeeper | None:
-        """The keeper of the traffic rules (none for alloc: it has no data path)."""
+    def _traffic_rules(self, network: NetworkConfig) -> list[FamilyRules]:
+        """A keeper of the traffic rules per family the network uses (none for alloc: it
+        has no data path). ConfigError when a program they need is missing."""
         if network.backend_type == "alloc":
-            return None
+            return []
         self.traffic = replace(self.cfg.traffic, nftables=network.enable_nftables)
         options = network.options
         self.vxlan_port = options.port if isinstance(options, VxlanOptions) else None
-        fw = firewall(nftables=self.traffic.nftables)  # ConfigError: a tool is missing
-        keeper = RulesKeeper(fw, check_seconds=None if fw.watches() else self.cfg.iptables_resync)
-        self.metrics.export_rules(keeper.status)
-        return keeper
+        out = []
+        for family in (4, 6) if network.ipv6 is not None else (4,):
+            fw = firewall(nftables=self.traffic.nftables, family=family)
+            keeper = RulesKeeper(
+                fw, check_seconds=None if fw.watches() else self.cfg.iptables_resync)
+            self.metrics.export_rules(keeper.status, family=family)
+            out.append(FamilyRules(family, keeper, PeerAdmission(family)))
+        return out
 
-    def _ruleset(self, peers: Iterable[Peer]) -> Ruleset:
+    def _ruleset(self, rules: FamilyRules, peers: Iterable[Peer]) -> Ruleset:
+        """Everything `rules`' family wants (the whole peer set counted again)."""
         assert self.network is not None and self.own is not None
-        return ruleset(self.traffic, network=self.network.network, own_subnet=self.own.subnet,
-                       vxlan_port=self.vxlan_port, peers=self.admission.reset(peers))
+        network, own_subnet = (
+            (self.network.network, self.own.subnet) if rules.family == 4
+            else (self.network.ipv6_network, self.own.ipv6_subnet))
+        assert network is not None
+        return ruleset(self.traffic, network=network, own_subnet=own_subnet,
+                       vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
 
     def _status(self, text: str) -> None:
         """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
@@ -250,13 +285,14 @@ class Agent:
             self.store, self.layout, self.states, backends=self._backends)
         log.info("network %s, /%d subnets in %s-%s, backend %s", network.network,
                  network.subnet_len, network.subnet_min, network.subnet_max, network.backend_type)
-        host = self._host or await resolve_host(cfg, network.backend_type)
+        host = await resolve_host(cfg, network, self._host)
         if network.backend_type != "alloc" and unusable_ip_reason(host.public_ip):
             raise ConfigError(f"PublicIP {host.public_ip} is {unusable_ip_reason(host.public_ip)}: "
                               f"peers would refuse it (--allow-any-public-ip is for alloc only)")
-        log.info("leaseagent %s: backend %s, interface %s, PublicIP %s, node id %s, etcd %s",
-                 __version__, network.backend_type, host.iface or "-", host.public_ip, cfg.node_id,
-                 cfg.etcd.endpoints)
+        log.info("leaseagent %s: backend %s, interface %s, PublicIP %s%s, node id %s, etcd %s",
+                 __version__, network.backend_type, host.iface or "-", host.public_ip,
+                 f", PublicIPv6 {host.public_ipv6}" if network.ipv6 is not None else "",
+                 cfg.node_id, cfg.etcd.endpoints)
         set_context(public_ip=host.public_ip, node_id=cfg.node_id)
         self.metrics.set_identity(public_ip=str(host.public_ip), node_id=cfg.node_id,
                                   backend=network.backend_type)
@@ -265,23 +301,23 @@ class Agent:
             route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
         self.backend = backend = self._backends[network.backend_type](settings)
         self.metrics.export_dataplane(backend.status)
-        self.rules = self._rules_keeper(network)
+        self.rules = self._traffic_rules(network)
         attrs = await backend.prepare()
         self.mtu = attrs.mtu
         value = LeaseValue(public_ip=host.public_ip, backend_type=attrs.backend_type,
-                           backend_data=dict(attrs.backend_data), node_id=cfg.node_id)
+                           backend_data=dict(attrs.backend_data), node_id=cfg.node_id,
+                           public_ipv6=host.public_ipv6 if network.ipv6 is not None else None,
+                           backend_v6_data=dict(attrs.backend_v6_data))
         self.leasing = leasing = Leasing(
             self.store, layout=self.layout, network=network, value=value, ttl=cfg.lease_ttl,
             metrics=self.metrics, rng=self._rng)
-        previous = None
-        old_env = read_text_if_exists(cfg.subnet_file)
-        if old_env:
-            previous = previous_subnet(old_env)
+        old_env = read_text_if_exists(cfg.subnet_file) or ""
         own = None
         self._status(f"acquiring a lease in {network.network}")
         async for attempt in retrying(on_retry=self._etcd_down):
             with attempt:
-                own = await leasing.acquire(previous=previous)
+                own = await leasing.acquire(previous=previous_subnet(old_env),
+                                            previous_ipv6=previous_ipv6_subnet(old_env))
         assert own is not None
         self._etcd_up()
         await self._take(own, first=True)
@@ -296,12 +332,13 @@ class Agent:
     async def _take(self, own: OwnLease, *, first: bool) -> None:
         """Adopt `own`: subnet.env, the backend's own address, metrics, one log line."""
         assert self.network is not None and self.backend is not None
-        changed = self.own is not None and self.own.subnet != own.subnet
+        changed = self.own is not None and self.own.key != own.key
         self.own = own
         self._set_lease_held(True)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
-                        ipmasq=self.cfg.traffic.ip_masq).render()
+                        ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
+                        ipv6_subnet=own.ipv6_subnet).render()
         # Written only when they change: a restart hook watching them (systemd's
         # leaseagent-docker-restart.path) restarts Docker for a real change only.
         write_if_changed(self.cfg.subnet_file, env.encode(), mode=0o644)
@@ -310,11 +347,12 @@ class Agent:
             docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
             write_if_changed(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
         self.subnet_env_written = True
-        await self.backend.start(own.subnet)
+        await self.backend.start(own.subnet, own_ipv6=own.ipv6_subnet)
         set_context(subnet=own.subnet)
         self.metrics.set_lease(subnet=str(own.subnet))
         if first or changed:
-            log.info("lease held: %s (%s)%s; subnet.env written to %s", own.subnet, own.how,
+            log.info("lease held: %s%s (%s)%s; subnet.env written to %s", own.subnet,
+                     f" and {own.ipv6_subnet}" if own.ipv6_subnet else "", own.how,
                      "" if own.reservation else f", ttl {own.ttl}s", self.cfg.subnet_file)
         if changed and self.watcher is not None:
             self.watcher.request_relist("own_subnet_changed")
@@ -322,13 +360,13 @@ class Agent:
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
         peers = self.watcher.peers
-        if self.rules is not None:
+        for rules in self.rules:
             # The peer filter admits a new peer before its routes exist: never a window
             # where its VXLAN traffic is dropped.
             if full:
-                await self.rules.sync(self._ruleset(peers.values()))
+                await rules.keeper.sync(self._ruleset(rules, peers.values()))
             else:
-                await self.rules.update_peers(*self.admission.apply(changes))
+                await rules.keeper.update_peers(*rules.admission.apply(changes))
         if full:
             await self.backend.sync(peers)
         else:
@@ -542,8 +580,8 @@ class Agent:
             self._check_tasks(tasks)
             if synced.done():
                 spawn("dataplane", backend.run(lambda: watcher.peers))
-                if self.rules is not None:
-                    spawn("rules", self.rules.run())
+                for rules in self.rules:
+                    spawn(f"rules-ipv{rules.family}", rules.keeper.run())
                 self._notify("READY=1")
                 assert self.own is not None
                 self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")

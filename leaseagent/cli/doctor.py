@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from leaseagent.core.diagnosis import (
 )
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import Network, NetworkConfig, parse_network_config
-from leaseagent.core.plan import compare, flatten, needs_recreate
+from leaseagent.core.plan import DeviceState, compare, flatten, needs_recreate
 from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
@@ -59,13 +59,16 @@ class DoctorSettings:
     state_dir: Path
     route_protocol: int
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
+    public_ipv6: str | None = None
 
 
 def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     """Validate the host flags; ConfigError names the bad one."""
     protocol = parse_route_protocol(ns.route_protocol, name=source(ns, "--route-protocol"))
     parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=True)
+    parse_public_ip(ns.public_ipv6, name=source(ns, "--public-ipv6"), allow_any=True, version=6)
     return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
+                          public_ipv6=ns.public_ipv6 or None,
                           subnet_file=Path(ns.subnet_file), state_dir=Path(ns.state_dir),
                           route_protocol=protocol,
                           traffic=traffic_settings(ns, nftables=False))
@@ -94,10 +97,14 @@ def _read_env(path: Path) -> dict[str, str] | None:
 async def _host(settings: DoctorSettings, network: NetworkConfig) -> HostInfo:
     # As the agent does: alloc with --public-ip needs no interface.
     if network.backend_type == "alloc" and settings.public_ip and not settings.iface:
-        return HostInfo(public_ip=IPv4Address(settings.public_ip))
+        return HostInfo(public_ip=IPv4Address(settings.public_ip),
+                        public_ipv6=IPv6Address(settings.public_ipv6)
+                        if settings.public_ipv6 else None)
     from leaseagent.dataplane.host import resolve_host
 
-    return await resolve_host(settings.iface, settings.public_ip)
+    return await resolve_host(settings.iface, settings.public_ip,
+                              public_ipv6=settings.public_ipv6,
+                              want_ipv6=network.ipv6 is not None)
 
 
 def _own_lease(report: Report, verdicts: list[Verdict], *, public_ip: IPv4Address,
@@ -141,6 +148,7 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     own = _own_lease(report, as_nobody.naming(host.public_ip), public_ip=host.public_ip, env=env,
                      holders=holders)
     own_subnet = own.subnet if own is not None else None
+    own_ipv6 = own.ipv6_subnet if own is not None else None
     judged = judge(listing.items, layout=layout, network=network,
                    identity=Identity(public_ip=host.public_ip,
                                      own_key=own.key if own is not None else None))
@@ -164,55 +172,78 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
         route_protocol=settings.route_protocol))
     try:
         observed = await backend.observe()
-        spec = backend.spec(own_subnet, peers)
+        spec = backend.spec(own_subnet, peers, own_ipv6=own_ipv6)
     finally:
         await backend.close()
     comparison = compare(spec, observed)
-    mtu = spec.devices[0].mtu if spec.devices else host.iface_mtu
-    mtu_source = f"device {spec.devices[0].name}" if spec.devices else f"interface {host.iface}"
-    mtu_note = ""
+    # FLANNEL_MTU is the smallest MTU of the devices in use (the IPv6 one's, over IPv6).
+    smallest = min(spec.devices, key=lambda d: d.mtu) if spec.devices else None
+    mtu = smallest.mtu if smallest is not None else host.iface_mtu
+    mtu_source = f"device {smallest.name}" if smallest is not None else f"interface {host.iface}"
+    mtu_notes: dict[str, str] = {}
     if network.backend_type == "vxlan":
-        from leaseagent.core.backends import VxlanOptions
-        from leaseagent.dataplane.vxlan import VTEP_MAC_FILE, load_vtep_mac
-
-        assert isinstance(network.options, VxlanOptions)
-        mtu_note = (f"underlay MTU {host.iface_mtu} - 50" if network.options.mtu is None
-                    else "Backend.MTU")
-        device = observed.devices.get(network.options.device_name)
-        if device is not None and device.kind == "vxlan":
-            lease_mac = own.value.vtep_mac if own is not None and own.value is not None else None
-            try:
-                stored = load_vtep_mac(settings.state_dir)
-            except DataPlaneError:
-                stored = None
-            report.problems += vtep_mac_problems(
-                device=device.name, device_mac=device.mac, lease_mac=lease_mac, stored_mac=stored,
-                state_file=str(settings.state_dir / VTEP_MAC_FILE))
-    report.problems += device_problems(comparison.devices, mtu_note=mtu_note)
+        report.problems += _vxlan_checks(settings, network, host, own, observed.devices,
+                                         mtu_notes)
+    report.problems += device_problems(comparison.devices, mtu_notes=mtu_notes)
     nl = await Netlink.open()
     try:
         names = {link.index: link.name for link in await nl.links()}
         if network.backend_type == "host-gw" and host.iface_index:
-            addresses = {a.ip for _, a in await nl.ipv4_addresses(host.iface_index)}
-            if host.public_ip not in addresses:
-                report.problems.append(problem(
-                    "host", str(host.public_ip), f"not an address of {host.iface}",
-                    text=f"host-gw: PublicIP {host.public_ip} is not an address of {host.iface}; "
-                    "peers cannot route to it"))
+            addresses = {a.interface.ip for a in await nl.addresses(index=host.iface_index)}
+            for ip in (host.public_ip, host.public_ipv6):
+                if ip is not None and ip not in addresses:
+                    report.problems.append(problem(
+                        "host", str(ip), f"not an address of {host.iface}",
+                        text=f"host-gw: PublicIP {ip} is not an address of {host.iface}; "
+                        "peers cannot route to it"))
     finally:
         nl.close()
     if not needs_recreate(comparison.devices):  # no device: no entries could be on it
         report.problems += object_problems(comparison.objects, plan=spec.objects,
                                            current=observed.objects, peers=peers, names=names)
     if network.backend_type != "alloc":  # alloc keeps no data path, and no traffic rules
-        report.problems += await _check_rules(settings, network, own_subnet, peers)
+        report.problems += await _check_rules(settings, network, own_subnet, peers, own_ipv6)
     report.problems += check_subnet_env(
         env, path=str(settings.subnet_file), network=network.network, subnet=own_subnet,
-        mtu=mtu, mtu_source=mtu_source, ipmasq=settings.traffic.ip_masq)
+        mtu=mtu, mtu_source=mtu_source, ipmasq=settings.traffic.ip_masq,
+        ipv6_network=network.ipv6_network, ipv6_subnet=own_ipv6)
     matched = len(flatten(spec.objects) & observed.objects)
     report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}, "
                       f"{len(peers)} valid peers, {matched} kernel entries as planned")
     return report
+
+
+def _vxlan_checks(settings: DoctorSettings, network: NetworkConfig, host: HostInfo,
+                  own: Verdict | None, devices: Mapping[str, DeviceState | None],
+                  mtu_notes: dict[str, str]) -> list[Problem]:
+    """Each vxlan device's VtepMAC three ways (device, lease, state file); where each
+    device's MTU comes from (into `mtu_notes`)."""
+    from leaseagent.core.backends import VXLAN6_OVERHEAD, VXLAN_OVERHEAD, VxlanOptions
+    from leaseagent.dataplane.vxlan import VTEP_MAC_FILE, VTEP_MAC_V6_FILE, load_vtep_mac
+
+    options = network.options
+    assert isinstance(options, VxlanOptions)
+    value = own.value if own is not None else None
+    families = [(options.device_name, VXLAN_OVERHEAD, VTEP_MAC_FILE,
+                 value.backend_data if value is not None else {})]
+    if network.ipv6 is not None and host.public_ipv6 is not None:
+        families.append((options.device_name6, VXLAN6_OVERHEAD, VTEP_MAC_V6_FILE,
+                         value.backend_v6_data if value is not None else {}))
+    found: list[Problem] = []
+    for name, overhead, state_file, data in families:
+        mtu_notes[name] = (f"underlay MTU {host.iface_mtu} - {overhead}" if options.mtu is None
+                           else "Backend.MTU")
+        device = devices.get(name)
+        if device is None or device.kind != "vxlan":
+            continue
+        lease_mac = data.get("VtepMAC") if isinstance(data.get("VtepMAC"), str) else None
+        try:
+            stored = load_vtep_mac(settings.state_dir, state_file)
+        except DataPlaneError:
+            stored = None
+        found += vtep_mac_problems(device=device.name, device_mac=device.mac, lease_mac=lease_mac,
+                                   stored_mac=stored, state_file=str(settings.state_dir / state_file))
+    return found
 
 
 async def _check_rules(settings: DoctorSettings, network: NetworkConfig,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 
 from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.leases import LeaseValue, Peer
@@ -39,6 +39,7 @@ from leaseagent.core.plan import (
     PlanDiff,
     Route,
 )
+from leaseagent.core.subnetenv import first_address
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,11 @@ def _stale_reason(obj: KernelObject, peers: Mapping[IPv4Network, Peer]) -> str:
 # ------------------------------------------------------------------ devices
 
 
-def device_problems(differences: Iterable[DeviceDifference], *, mtu_note: str = "") -> list[Problem]:
-    """The differences `core.plan.compare_device` found, as doctor's lines."""
+def device_problems(differences: Iterable[DeviceDifference], *,
+                    mtu_notes: Mapping[str, str] | None = None) -> list[Problem]:
+    """The differences `core.plan.compare_device` found, as doctor's lines; `mtu_notes`
+    says per device where its wanted MTU comes from."""
+    notes = mtu_notes or {}
     out: list[Problem] = []
     for d in differences:
         if d.fix == CREATE:
@@ -158,9 +162,10 @@ def device_problems(differences: Iterable[DeviceDifference], *, mtu_note: str = 
         elif d.fix == REMOVE_ADDRESS:
             out.append(problem("stale", f"address {d.have} dev {d.device}",
                                "only this host's subnet belongs there"))
-        elif d.fix == SET_MTU and mtu_note:
+        elif d.fix == SET_MTU and notes.get(d.device):
             out.append(problem("device", d.device, f"MTU {d.have}, want {d.want}",
-                               text=f"device {d.device} MTU {d.have}, want {d.want} ({mtu_note})"))
+                               text=f"device {d.device} MTU {d.have}, want {d.want} "
+                               f"({notes[d.device]})"))
         else:
             out.append(problem("device", d.device, d.text.removeprefix(f"device {d.device} "),
                                text=d.text))
@@ -186,11 +191,6 @@ def vtep_mac_problems(*, device: str, device_mac: str | None, lease_mac: str | N
 
 
 # ------------------------------------------------------------------ lease and subnet.env
-
-
-def first_address(subnet: IPv4Network) -> IPv4Interface:
-    """FLANNEL_SUBNET for a lease: its first usable address / its length."""
-    return IPv4Interface((int(subnet.network_address) + 1, subnet.prefixlen))
 
 
 def pick_own_lease(
@@ -235,8 +235,11 @@ def check_subnet_env(
     mtu: int | None,
     mtu_source: str,
     ipmasq: bool = False,
+    ipv6_network: IPv6Network | None = None,
+    ipv6_subnet: IPv6Network | None = None,
 ) -> list[Problem]:
-    """subnet.env against the lease (FLANNEL_NETWORK, FLANNEL_SUBNET) and the device (MTU)."""
+    """subnet.env against the lease (FLANNEL_NETWORK, FLANNEL_SUBNET and, with IPv6,
+    FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET) and the devices (the smallest MTU)."""
     if env is None:
         return [problem("subnet.env", path, "missing",
                         text=f"subnet.env {path} is missing or unreadable")]
@@ -252,6 +255,19 @@ def check_subnet_env(
     if subnet is not None and env.get("FLANNEL_SUBNET") != str(first_address(subnet)):
         mismatch("FLANNEL_SUBNET", env.get("FLANNEL_SUBNET"),
                  f"the lease is {subnet} (want {first_address(subnet)})")
+    if ipv6_network is None:
+        for name in ("FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET"):
+            if name in env:
+                mismatch(name, env[name], "the network config has no IPv6")
+    else:
+        if env.get("FLANNEL_IPV6_NETWORK") != str(ipv6_network):
+            mismatch("FLANNEL_IPV6_NETWORK", env.get("FLANNEL_IPV6_NETWORK"),
+                     f"the IPv6 network is {ipv6_network}")
+        if ipv6_subnet is not None and env.get("FLANNEL_IPV6_SUBNET") != str(
+                first_address(ipv6_subnet)):
+            mismatch("FLANNEL_IPV6_SUBNET", env.get("FLANNEL_IPV6_SUBNET"),
+                     f"the lease's IPv6 subnet is {ipv6_subnet} "
+                     f"(want {first_address(ipv6_subnet)})")
     if mtu is not None and env.get("FLANNEL_MTU") != str(mtu):
         mismatch("FLANNEL_MTU", env.get("FLANNEL_MTU"), f"{mtu_source} has MTU {mtu}")
     want_masq = "true" if ipmasq else "false"

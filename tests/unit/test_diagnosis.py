@@ -108,7 +108,7 @@ def test_device_with_wrong_mtu_and_vni_and_a_missing_address():
     state = DeviceState(name="flannel.1", index=5, kind="vxlan", up=True, mac="0a:00:00:00:00:99",
                         mtu=1400, vxlan=VxlanAttrs(2, 8472, IPv4Address("10.250.0.11"), 2, False))
     texts = " | ".join(p.text for p in device_problems(
-        compare_device(SPEC, state), mtu_note="underlay MTU 1500 - 50"))
+        compare_device(SPEC, state), mtu_notes={"flannel.1": "underlay MTU 1500 - 50"}))
     assert "device flannel.1 VNI is 2, want 1" in texts
     assert "MTU 1400, want 1450 (underlay MTU 1500 - 50)" in texts
     assert "missing address 10.5.1.0/32 dev flannel.1" in texts
@@ -142,6 +142,22 @@ def test_subnet_env_against_the_lease():
     assert check_subnet_env({**env, "FLANNEL_SUBNET": "10.5.3.1/24"}, path="/run/x",
                             network=IPv4Network("10.5.0.0/16"), subnet=IPv4Network("10.5.3.0/24"),
                             mtu=1450, mtu_source="device") == []
+
+
+def test_subnet_env_ipv6_lines_against_the_lease():
+    env = {"FLANNEL_NETWORK": "10.5.0.0/16", "FLANNEL_SUBNET": "10.5.3.1/24",
+           "FLANNEL_IPV6_NETWORK": "fd00:5::/48", "FLANNEL_IPV6_SUBNET": "fd00:5:0:4::1/64",
+           "FLANNEL_MTU": "1430", "FLANNEL_IPMASQ": "false"}
+    common = {"path": "/run/x", "network": IPv4Network("10.5.0.0/16"),
+              "subnet": IPv4Network("10.5.3.0/24"), "mtu": 1430, "mtu_source": "device"}
+    problems = check_subnet_env(env, **common, ipv6_network=IPv6Network("fd00:5::/48"),
+                                ipv6_subnet=IPv6Network("fd00:5:0:3::/64"))
+    assert [p.text for p in problems] == [
+        "subnet.env FLANNEL_IPV6_SUBNET=fd00:5:0:4::1/64 but the lease's IPv6 subnet is "
+        "fd00:5:0:3::/64 (want fd00:5:0:3::1/64)"]
+    assert [p.text for p in check_subnet_env(env, **common)] == [
+        "subnet.env FLANNEL_IPV6_NETWORK=fd00:5::/48 but the network config has no IPv6",
+        "subnet.env FLANNEL_IPV6_SUBNET=fd00:5:0:4::1/64 but the network config has no IPv6"]
 
 
 def test_own_lease_prefers_the_subnet_env_one_and_reports_duplicates():
