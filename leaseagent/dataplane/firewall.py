@@ -549,7 +549,10 @@ class RulesKeeper:
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
-                task.cancel()
+                # Once only: a second cancel would cut `_monitor`'s own ending short (the
+                # `nft monitor` it kills would never be reaped).
+                if not task.done() and not task.cancelling():
+                    task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _poll(self) -> None:
