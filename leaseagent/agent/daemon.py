@@ -57,7 +57,7 @@ from leaseagent.core.subnetenv import (
 )
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
-from leaseagent.dataplane.firewall import RulesKeeper, firewall
+from leaseagent.dataplane.firewall import Firewall, RulesKeeper, firewall
 from leaseagent.errors import (
     ConfigError,
     IdentityConflict,
@@ -178,10 +178,15 @@ class Agent:
         host: HostInfo | None = None,
         rng: random.Random | None = None,
         backends: Mapping[str, Callable[[DataPlaneSettings], DataPlane]] | None = None,
+        firewalls: Callable[[bool, int], Firewall] | None = None,
     ) -> None:
         self.cfg = cfg
         # Backend type -> constructor; tests inject e.g. a recording data plane.
         self._backends = BACKENDS if backends is None else backends
+        # (nftables, family) -> a firewall; tests that run agents in their own process,
+        # outside any namespace of theirs, inject one that keeps the rules in memory.
+        self._firewalls = firewalls or (
+            lambda nftables, family: firewall(nftables=nftables, family=family))
         self.store = store
         self.metrics = metrics or Metrics()
         m = self.metrics
@@ -232,7 +237,7 @@ class Agent:
         for rules in self.rules:
             if not rules.keeper.status.in_sync:
                 error = rules.keeper.status.last_error
-                return (f"IPv{rules.family} traffic rules not in place"
+                return (f"{rules.keeper.fw.family.shown}traffic rules not in place"
                         + (f": {error}" if error else ""))
         return None
 
@@ -246,7 +251,7 @@ class Agent:
         self.vxlan_port = options.port if isinstance(options, VxlanOptions) else None
         out = []
         for family in (4, 6) if network.ipv6 is not None else (4,):
-            fw = firewall(nftables=self.traffic.nftables, family=family)
+            fw = self._firewalls(self.traffic.nftables, family)
             keeper = RulesKeeper(
                 fw, check_seconds=None if fw.watches() else self.cfg.iptables_resync)
             self.metrics.export_rules(keeper.status, family=family)
@@ -360,13 +365,12 @@ class Agent:
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
         peers = self.watcher.peers
-        for rules in self.rules:
-            # The peer filter admits a new peer before its routes exist: never a window
-            # where its VXLAN traffic is dropped.
-            if full:
-                await rules.keeper.sync(self._ruleset(rules, peers.values()))
-            else:
-                await rules.keeper.update_peers(*rules.admission.apply(changes))
+        # The peer filter admits a new peer before its routes exist: never a window where
+        # its VXLAN traffic is dropped. Both families at once (each may run a program).
+        await asyncio.gather(*(
+            rules.keeper.sync(self._ruleset(rules, peers.values())) if full
+            else rules.keeper.update_peers(*rules.admission.apply(changes))
+            for rules in self.rules))
         if full:
             await self.backend.sync(peers)
         else:

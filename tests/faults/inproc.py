@@ -12,8 +12,10 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
+
+from memory_firewall import MemoryFirewall
 
 from leaseagent.agent.daemon import Agent
 from leaseagent.config import parse_agent_config
@@ -85,12 +87,16 @@ def agent_config(workdir: Path, name: str, *, endpoints: str, ttl: int = 30,
 async def make_agent(workdir: Path, name: str, public_ip: str, *, endpoints: str,
                      store: LeaseStore | None = None, ttl: int = 30,
                      backends: Mapping[str, Callable[[DataPlaneSettings], DataPlane]] | None = None,
-                     extra: list[str] | None = None) -> InProcAgent:
+                     extra: list[str] | None = None,
+                     public_ipv6: str | None = None) -> InProcAgent:
     cfg = agent_config(workdir, name, endpoints=endpoints, ttl=ttl, extra=extra)
     if store is None:
         store = await EtcdStore.connect(EtcdSettings(endpoints=endpoints, timeout=5))
-    agent = Agent(cfg, store, host=HostInfo(public_ip=IPv4Address(public_ip)),
-                  notify=lambda _: None, backends=backends)
+    host = HostInfo(public_ip=IPv4Address(public_ip),
+                    public_ipv6=IPv6Address(public_ipv6) if public_ipv6 else None)
+    # Traffic rules in memory: this process is not in a namespace of the test's own.
+    agent = Agent(cfg, store, host=host, notify=lambda _: None, backends=backends,
+                  firewalls=lambda _nftables, family: MemoryFirewall(family))
     return InProcAgent(agent, store)
 
 

@@ -8,7 +8,10 @@ written here, independently of leaseagent.core.leases. Keys and values are
 generated to be invalid JSON, huge, deeply nested, wrongly typed, misaligned
 or overlapping subnets, outside the network, aliases of this host's own key,
 PublicIPs that are ours or unusable, duplicate VtepMACs, key names that do
-not parse; and the network config with each field wrong in turn.
+not parse; with an IPv4-only and with a dual-stack network config, so the
+same goes for IPv6 parts (outside the IPv6 network, our own IPv6 subnet
+under another key, a missing or unusable PublicIPv6, a bad BackendV6Data);
+and the network config with each field wrong in turn.
 
 Then once against a real etcd with a fixed set: `leasectl list --json`
 shows each as invalid, with the reason.
@@ -22,7 +25,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from faultkit import FULL, PREFIX, SUBNETS, put_config
@@ -40,21 +43,34 @@ NETWORK = IPv4Network("10.5.0.0/16")
 OWN_IP = "10.200.0.1"
 CONFIG = {"Network": str(NETWORK), "SubnetLen": 24, "SubnetMin": "10.5.1.0",
           "SubnetMax": "10.5.20.0", "Backend": {"Type": "vxlan", "VNI": 1}}
+NETWORK6 = IPv6Network("fd00:5::/48")
+DUAL_CONFIG = {**CONFIG, "EnableIPv6": True, "IPv6Network": str(NETWORK6)}
 BAD_IPS = {"0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255", OWN_IP}
 MACS = ["0a:00:00:00:00:01", "0a:00:00:00:00:01", "0A:00:00:00:00:02", "01:00:5e:00:00:01",
         "00:00:00:00:00:00", "zz:zz:zz:zz:zz:zz", "0a:00:00:00:00:03\n", "", None, 7]
 
 
-def oracle(key: str, raw: bytes) -> tuple[IPv4Network, str, str | None] | None:
-    """(subnet, PublicIP, VtepMAC) if this lease may be programmed, else None."""
+def _mac_ok(mac: object) -> bool:
+    if not isinstance(mac, str) or len(mac) != 17 or mac.lower() == "00:00:00:00:00:00":
+        return False
+    try:
+        octets = [int(x, 16) for x in mac.split(":")]
+    except ValueError:
+        return False
+    return len(octets) == 6 and all(len(x) == 2 for x in mac.split(":")) and not octets[0] & 1
+
+
+def oracle(key: str, raw: bytes, dual: bool = False
+           ) -> tuple[IPv4Network, str, str | None, IPv6Network | None] | None:
+    """(subnet, PublicIP, VtepMAC, IPv6 subnet served) if this lease may be programmed,
+    else None."""
     # flannel's key expression (pkg/subnet/subnet.go), anchored at both ends; each part a network.
     m = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", key[len(SUBNETS):])
     if m is None:
         return None
     try:
         subnet = IPv4Network(f"{m[1]}/{int(m[2])}")
-        if m[3] is not None:
-            IPv6Network(f"{m[3]}/{int(m[4])}")
+        subnet6 = IPv6Network(f"{m[3]}/{int(m[4])}") if m[3] is not None else None
     except ValueError:
         return None
     if subnet.prefixlen != 24:
@@ -77,19 +93,33 @@ def oracle(key: str, raw: bytes) -> tuple[IPv4Network, str, str | None] | None:
         return None
     if not doc.get("BackendData") and doc.get("NodeID") is None:
         return None  # keys here carry no etcd lease: an unclaimed reservation, nobody there yet
-    if doc.get("BackendType") != "vxlan":
-        return None if doc.get("BackendType") not in ("alloc", "host-gw") else (subnet, str(ip), None)
+    v6 = doc.get("PublicIPv6")
+    if v6 is not None:
+        try:
+            IPv6Address(v6 if isinstance(v6, str) else "x")
+        except ValueError:
+            return None
+    if not isinstance(doc.get("BackendV6Data") or {}, dict):
+        return None
+    if doc.get("BackendType") not in ("vxlan", "alloc", "host-gw"):
+        return None
+    vxlan = doc.get("BackendType") == "vxlan"
     data = doc.get("BackendData")
     mac = data.get("VtepMAC") if isinstance(data, dict) else None
-    if not isinstance(mac, str) or len(mac) != 17 or mac.lower() in ("00:00:00:00:00:00",):
+    if vxlan and not _mac_ok(mac):
         return None
-    try:
-        octets = [int(x, 16) for x in mac.split(":")]
-    except ValueError:
+    if not dual or subnet6 is None:
+        return subnet, str(ip), mac.lower() if vxlan else None, None  # type: ignore[union-attr]
+    # A dual-stack network and key: the IPv6 part must be right too, or the lease goes.
+    if (subnet6.prefixlen != 64 or not subnet6.subnet_of(NETWORK6) or v6 is None
+            or IPv6Address(v6).is_link_local or IPv6Address(v6).is_loopback
+            or IPv6Address(v6).is_multicast or IPv6Address(v6).is_unspecified
+            or IPv6Address(v6).is_reserved):
         return None
-    if len(octets) != 6 or any(len(x) != 2 for x in mac.split(":")) or octets[0] & 1:
+    data6 = doc.get("BackendV6Data") or {}
+    if vxlan and not _mac_ok(data6.get("VtepMAC")):
         return None
-    return subnet, str(ip), mac.lower()
+    return subnet, str(ip), mac.lower() if vxlan else None, subnet6  # type: ignore[union-attr]
 
 
 class RecordingDataPlane:
@@ -102,15 +132,19 @@ class RecordingDataPlane:
         self.peers: dict[IPv4Network, Peer] = {}
         self.handed: list[Peer] = []
         self.own: IPv4Network | None = None
+        self.own6: IPv6Network | None = None
         self.status = DataPlaneStatus()
         RecordingDataPlane.instances.append(self)
 
     async def prepare(self) -> BackendAttrs:
         return BackendAttrs(backend_type="vxlan", mtu=1450,
-                            backend_data={"VNI": 1, "VtepMAC": "0a:00:00:00:00:ff"})
+                            backend_data={"VNI": 1, "VtepMAC": "0a:00:00:00:00:ff"},
+                            backend_v6_data={"VNI": 1, "VtepMAC": "0a:00:00:00:06:ff"})
 
-    async def start(self, own_subnet: IPv4Network) -> None:
+    async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
+                    ) -> None:
         self.own = own_subnet
+        self.own6 = own_ipv6
 
     async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
         self.handed.extend(peers.values())
@@ -142,6 +176,19 @@ values = st.one_of(
               st.sampled_from(MACS), st.sampled_from(["n1", None, 5, ["x"]])),
     st.builds(lambda ip, data: dumps({"PublicIP": ip, "BackendType": "vxlan", "BackendData": data}),
               ips, st.sampled_from([None, [], "x", 1, {"VtepMAC": ["0a:00:00:00:00:01"]}])),
+    st.builds(lambda ip, v6, bt, mac6: dumps({"PublicIP": ip, "PublicIPv6": v6, "BackendType": bt,
+                                              "BackendData": {"VNI": 1,
+                                                              "VtepMAC": "0a:00:00:00:00:05"},
+                                              "BackendV6Data": {"VNI": 1, "VtepMAC": mac6},
+                                              "NodeID": "n6"}),
+              ips, st.sampled_from(["fd00:250::5", "fd00:250::6", "fe80::5", "::1", "ff02::1",
+                                    "10.200.0.5", "", None, 6, "fd00:250::5 "]),
+              st.sampled_from(["vxlan", "vxlan", "host-gw"]), st.sampled_from(MACS)),
+    st.builds(lambda ip, data6: dumps({"PublicIP": ip, "PublicIPv6": "fd00:250::8",
+                                       "BackendType": "vxlan",
+                                       "BackendData": {"VtepMAC": "0a:00:00:00:00:08"},
+                                       "BackendV6Data": data6}),
+              ips, st.sampled_from([None, [], "x", 1, {}, {"VtepMAC": "0a:00:00:00:06:08"}])),
     st.binary(max_size=64),
     st.sampled_from([b"", b"null", b"[]", b"\"str\"", b"{", b"\xff\xfe", b"[" * 5000 + b"]" * 5000,
                      b"{" + b" " * 70000 + b"}",
@@ -152,17 +199,20 @@ key_names = st.one_of(
     st.integers(0, 40).map(lambda n: f"10.5.{n}.0-24"),
     st.sampled_from(["10.5.3.7-24", "10.5.4.0-23", "10.5.0.0-16", "10.6.1.0-24", "10.5.5.0-024",
                      "10.5.6.0-24&fd00::-64", "10.5.7.0-24-1", "garbage", "", "-", "10.5.8.0_24",
-                     "10.5.9.0-33", "10.5.10.0/24", "0.0.0.0-0", "10.5.11.0-24\n", "10.05.12.0-24"]),
+                     "10.5.9.0-33", "10.5.10.0/24", "0.0.0.0-0", "10.5.11.0-24\n", "10.05.12.0-24",
+                     "10.5.13.0-24&fd00:5:0:13::-64", "10.5.14.0-24&fd00:5:0:13::-64",
+                     "10.5.15.0-24&fd00:6:0:15::-64", "10.5.16.0-24&fd00:5:0:16::-80",
+                     "10.5.17.0-24&FD00:5::-64", "10.5.18.0-24&fd00:5:0:18::1-64"]),
     st.text(max_size=20),
 )
-OWN_ALIASES = ["{}-24&fd00::-64", "{}-024", "{}-24&"]
+OWN_ALIASES = ["{own}-24&fd00::-64", "{own}-024", "{own}-24&", "10.5.19.0-24&{own6}-64"]
 entries = st.lists(st.tuples(key_names, values), max_size=12)
 
 
 async def scenario(before: list[tuple[str, bytes]], after: list[tuple[str, bytes]],
-                   own_alias: int | None, delete_some: int) -> dict[str, int]:
+                   own_alias: int | None, delete_some: int, dual: bool = False) -> dict[str, int]:
     store = MemoryStore()
-    await store.put(f"{PREFIX}/config", dumps(CONFIG))
+    await store.put(f"{PREFIX}/config", dumps(DUAL_CONFIG if dual else CONFIG))
     for name, value in before:
         await store.put(SUBNETS + name, value)
     with tempfile.TemporaryDirectory(prefix="leaseagent-hostile-") as d:
@@ -170,14 +220,18 @@ async def scenario(before: list[tuple[str, bytes]], after: list[tuple[str, bytes
         # exactly the valid leases (the property under test).
         ia: InProcAgent = await make_agent(Path(d), "me", OWN_IP, endpoints="http://127.0.0.1:1",
                                            store=store, backends={"vxlan": RecordingDataPlane},
-                                           extra=["--peer-hold-time", "0"])
+                                           extra=["--peer-hold-time", "0"],
+                                           public_ipv6="fd00:250::1")
         ia.start()
         try:
             await wait_all([ia], lambda a: a.ready, timeout=10, what="agent ready")
             own = ia.agent.own
             assert own is not None
+            own6 = own.ipv6_subnet
+            assert (own6 is not None) == dual
             if own_alias is not None:
-                alias = OWN_ALIASES[own_alias].format(own.subnet.network_address)
+                alias = OWN_ALIASES[own_alias].format(
+                    own=own.subnet.network_address, own6=own6.network_address if own6 else "x")
                 after = [*after, (alias, dumps({"PublicIP": "10.200.0.7", "BackendType": "vxlan",
                                                 "BackendData": {"VtepMAC": "0a:00:00:00:00:07"}}))]
             for name, value in after:
@@ -197,6 +251,7 @@ async def scenario(before: list[tuple[str, bytes]], after: list[tuple[str, bytes
             assert isinstance(dp, RecordingDataPlane)
             for peer in dp.handed:
                 assert peer.subnet != own.subnet, f"our own subnet programmed as a peer: {peer}"
+                assert peer.ipv6_subnet is None or (dual and peer.ipv6_subnet != own6), peer
                 assert str(peer.public_ip) not in BAD_IPS, peer
                 assert peer.subnet.subnet_of(NETWORK) and peer.subnet.prefixlen == 24, peer
             listing = (await store.list_prefix(SUBNETS)).items
@@ -205,11 +260,15 @@ async def scenario(before: list[tuple[str, bytes]], after: list[tuple[str, bytes
             for kv in sorted(listing, key=lambda kv: (kv.create_revision, kv.key)):
                 if kv.key == own.key:
                     continue
-                ok = oracle(kv.key, kv.value)
-                if ok is not None and ok[0] != own.subnet:
+                ok = oracle(kv.key, kv.value, dual)
+                named6 = re.search(r"&([a-f\d:]+)-(\d+)$", kv.key)
+                ours6 = (own6 is not None and named6 is not None
+                         and named6[0] == f"&{own6.network_address}-{own6.prefixlen}")
+                if ok is not None and ok[0] != own.subnet and not ours6:
                     want.setdefault(ok[0], ok)
             got = {s: (s, str(p.public_ip),
-                       p.data.vtep_mac if isinstance(p.data, VxlanLeaseData) else None)
+                       p.data.vtep_mac if isinstance(p.data, VxlanLeaseData) else None,
+                       p.ipv6_subnet)
                    for s, p in dp.peers.items()}
             assert got == want, f"data plane {got} != valid leases {want}"
             sample = ia.agent.metrics.registry.get_sample_value
@@ -230,10 +289,11 @@ TOTALS: dict[str, int] = {"examples": 0}
 
 @settings(max_examples=600 if FULL else 60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(before=entries, after=entries,
-       own_alias=st.none() | st.integers(0, len(OWN_ALIASES) - 1), delete_some=st.integers(0, 3))
+       own_alias=st.none() | st.integers(0, len(OWN_ALIASES) - 1), delete_some=st.integers(0, 3),
+       dual=st.booleans())
 def test_hostile_leases_never_crash_and_never_reach_the_data_plane(before, after, own_alias,
-                                                                   delete_some):
-    skipped = asyncio.run(scenario(before, after, own_alias, delete_some))
+                                                                   delete_some, dual):
+    skipped = asyncio.run(scenario(before, after, own_alias, delete_some, dual))
     TOTALS["examples"] += 1
     for reason, n in skipped.items():
         TOTALS[reason] = TOTALS.get(reason, 0) + n

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from leaseagent.core.network import Address
+from memory_firewall import MemoryFirewall
+
 from leaseagent.core.rules import (
     FAMILIES,
-    ObservedRules,
     Ruleset,
     TrafficSettings,
     compare,
@@ -33,55 +33,6 @@ def addresses(n: int, first: int = 10) -> frozenset[IPv4Address]:
 def wanted(peers: Iterable[IPv4Address]) -> Ruleset:
     return ruleset(TrafficSettings(ip_masq=True), network=NET, own_subnet=POD, vxlan_port=8472,
                    peers=peers)
-
-
-class MemoryFirewall:
-    """What a firewall holds, and every call made to it."""
-
-    name = "memory"
-
-    def __init__(self, family: int = 4) -> None:
-        self.family = FAMILIES[family]
-        self.held: Ruleset | None = None
-        self.members: set[str] | None = None
-        self.calls: list[str] = []
-
-    def watches(self) -> bool:
-        return False
-
-    async def apply(self, want: Ruleset) -> None:
-        self.calls.append("apply")
-        self.held = want
-        self.members = set(want.peer_texts) if want.peer_port is not None else None
-
-    async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None:
-        add, remove = list(add), list(remove)
-        if not add and not remove:
-            return
-        self.calls.append(f"set_peers +{len(add)} -{len(remove)}")
-        assert self.members is not None, "no set to change (like ipset/nft: an error)"
-        self.members |= {str(a) for a in add}
-        self.members -= {str(r) for r in remove}
-
-    async def observe(self, *, deep: bool = True) -> ObservedRules:
-        self.calls.append("observe deep" if deep else "observe shallow")
-        if self.held is None:
-            return ObservedRules()
-        chains: dict[str, list[str | None]] = {
-            c: [r.tag for r in self.held.chain(c)] for c in self.held.chains}
-        hooked = dict.fromkeys(chains, True)
-        if self.members is None:
-            return ObservedRules(chains=chains, hooked=hooked)
-        if deep:
-            return ObservedRules(chains=chains, hooked=hooked, peers=frozenset(self.members),
-                                 peer_count=len(self.members))
-        return ObservedRules(chains=chains, hooked=hooked, peer_count=len(self.members))
-
-    async def dropped(self) -> int:
-        return 0
-
-    async def remove(self) -> None:
-        self.held, self.members = None, None
 
 
 @asynccontextmanager
