@@ -4,7 +4,7 @@ What the agent leaves in place when it stops (on purpose: traffic keeps
 flowing across a restart) is removed here, and nothing else:
 
 - every route carrying its route protocol (`--route-protocol`, 76);
-- its vxlan devices (`flannel.<VNI>`, kind vxlan), which takes their
+- its vxlan devices (`flannel.<VNI>`, `flannel-v6.<VNI>`, kind vxlan), which takes their
   neighbour and FDB entries with them;
 - its traffic rules of both families: the nftables tables `ip leaseagent` and
   `ip6 leaseagent`, the iptables and ip6tables chains LEASEAGENT-* with their
@@ -17,15 +17,12 @@ back. Needs no etcd. The lease in etcd is not touched: `leasectl release`.
 
 from __future__ import annotations
 
-import re
-
 from leaseagent.cli.doctor import DoctorSettings
+from leaseagent.core.backends import VXLAN_DEVICE_NAME
 from leaseagent.core.rules import FAMILIES, ObservedRules
 from leaseagent.dataplane.firewall import Firewall, IptablesFirewall, NftFirewall
 from leaseagent.dataplane.netlink import Action, Netlink
 from leaseagent.errors import ConfigError, DataPlaneError
-
-_DEVICE = re.compile(r"flannel\.\d+")
 
 
 async def cleanup(settings: DoctorSettings) -> list[str]:
@@ -38,7 +35,7 @@ async def cleanup(settings: DoctorSettings) -> list[str]:
         done += [f"removed route {r.dst}" for r in removed]
         done += [f"could not remove route {f.obj}: {f.error}" for f in failed]
         for link in await nl.links():
-            if link.kind == "vxlan" and _DEVICE.fullmatch(link.name):
+            if link.kind == "vxlan" and VXLAN_DEVICE_NAME.fullmatch(link.name):
                 await nl.delete_link(link.index)
                 done.append(f"removed device {link.name}")
     finally:

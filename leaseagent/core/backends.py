@@ -78,6 +78,7 @@ class VxlanOptions:
         """The IPv6 device of a dual-stack network (flannel's name)."""
         return f"flannel-v6.{self.vni}"
 
+
     def mtu_for(self, underlay_mtu: int, *, ipv6: bool = False) -> int:
         """The device MTU: Backend.MTU for both devices when set (as flannel's), else
         the underlay's less what VXLAN over that family's outer header adds."""
@@ -85,6 +86,9 @@ class VxlanOptions:
             return self.mtu
         return underlay_mtu - (VXLAN6_OVERHEAD if ipv6 else VXLAN_OVERHEAD)
 
+
+# Any VNI's device of either family, as device_name and device_name6 make them.
+VXLAN_DEVICE_NAME = re.compile(r"flannel(-v6)?\.\d+")
 
 BackendOptions = NoOptions | VxlanOptions
 
