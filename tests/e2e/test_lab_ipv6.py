@@ -26,7 +26,14 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 
 import pytest
@@ -374,3 +381,36 @@ def test_an_agent_without_ipv6_subnet_fails_up_cleanly() -> None:
     finally:
         assert not lab.down()
     assert not lab.topology.present()
+
+
+# A dual-stack lease exactly as flanneld writes it (pkg/lease/lease.go's LeaseAttrs, in its
+# field order; flannel's vxlan backend's BackendData and BackendV6Data), for a host that
+# runs flanneld: its PublicIPs are the lab's spare underlay addresses .99 / ::99.
+FLANNELD_VALUE = ('{"PublicIP":"10.250.0.99","PublicIPv6":"fd00:250::99","BackendType":"vxlan",'
+                  '"BackendData":{"VNI":1,"VtepMAC":"a6:4f:0b:2f:10:63"},'
+                  '"BackendV6Data":{"VNI":1,"VtepMAC":"a6:4f:0b:2f:16:63"}}')
+
+
+def test_a_flanneld_dual_stack_lease_is_programmed_over_both_families(vxlan_lab6: Lab) -> None:
+    lab = vxlan_lab6
+    v4, v6 = IPv4Network("10.244.250.0/24"), IPv6Network("fd00:244:0:fa::/64")
+    key = lab.keys.lease_key(v4, v6)
+    lab.etcdctl("put", key, FLANNELD_VALUE)
+    try:
+        deadline = time.monotonic() + CONVERGE
+        want = {4: (v4, "a6:4f:0b:2f:10:63"), 6: (v6, "a6:4f:0b:2f:16:63")}
+
+        def programmed() -> dict[str, list[str]]:
+            return {f"{h.name} IPv{f}": lab.kernel_entries(h, subnet, mac)
+                    for h in lab.hosts.values() for f, (subnet, mac) in want.items()}
+
+        while any(len(e) != 3 for e in programmed().values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = programmed()
+        assert all(len(e) == 3 for e in found.values()), found  # route, neighbour, FDB
+        h1 = next(iter(lab.hosts.values()))
+        text = "\n".join(found[f"{h1.name} IPv6"])
+        assert "fd00:244:0:fa::/64 via fd00:244:0:fa:: dev flannel-v6.1" in text
+        assert "dst fd00:250::99" in text  # the FDB entry to its PublicIPv6
+    finally:
+        lab.etcdctl("del", key)
