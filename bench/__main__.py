@@ -16,6 +16,11 @@ for the record only (machines are noisy). See docs/benchmarks.md.
     etcd        requests at start and per hour idle, watch streams (etcd /metrics)
     rules       the traffic rules with N peers in the VXLAN peer filter: writing them,
                 one drift check vs the bare iptables-save/ipset/nft calls it makes
+    dual-stack  join and events again, last, with --dual-peers dual-stack peers (6
+                kernel objects each: both families' neighbour, FDB entry, route)
+                under a fresh prefix, a fresh agent and probe; the reference
+                programs the same 6N objects with ip -batch / ip -6 -batch /
+                bridge -batch into a fresh namespace
 
 Needs root (namespaces), etcd and iproute2. Everything it makes (two
 namespaces, etcd, the agent, files under /dev/shm) is removed at exit, also
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
-from bench.env import KernelProbe, World
+from bench.env import DUAL, KernelProbe, Proc, World, sh
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 TARGETS = {
@@ -67,6 +72,7 @@ def machine() -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
+    began = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(), "parameters": vars(args).copy(),
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     world.start_etcd()
@@ -90,19 +96,14 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
             world, agent, metrics_port, idle=args.idle)
         results["etcd"] = scenarios.summarize_etcd(start_cost, idle_cost, args.idle)
 
-        first_event_peer = n + 10
-        results["events_large"] = await scenarios.events(
-            store, probe, count=args.events, first=first_event_peer, present=n)
-        print(f"  events with {n} peers: {_brief(results['events_large'])}", file=sys.stderr)
-        small = min(args.small_peers, n)
-        results["shrink"] = await scenarios.shrink(store, probe, to=small, n=n,
-                                                   limit=args.timeout)
-        results["events_small"] = await scenarios.events(
-            store, probe, count=args.events, first=first_event_peer + args.events, present=small)
-        print(f"  events with {small} peers: {_brief(results['events_small'])}", file=sys.stderr)
+        results |= await scenarios.event_runs(
+            world, store, probe, n=n, small=min(args.small_peers, n), count=args.events,
+            limit=args.timeout)
+        _report_events(results)
         if not agent.alive():
             raise RuntimeError(f"the agent died; see {agent.log}")
         agent.stop()
+        await probe.stop()
         results["rules"] = await scenarios.traffic_rules(n)
         print("  traffic rules done", file=sys.stderr)
 
@@ -121,20 +122,68 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
             for s, rs in rounds.items()
         }
         print("  allocation done", file=sys.stderr)
+        agent = None
+        if args.dual_peers > 0:
+            results["dual_stack"] = await dual_stack(args, world, store)
     except BaseException:
-        if agent is not None and agent.log.exists():
-            tail = agent.log.read_text().splitlines()[-20:]
-            print("bench: the agent's log ends with:\n  " + "\n  ".join(tail), file=sys.stderr)
+        _log_tail(agent)
         raise
     finally:
         await probe.stop()
         await store.close()
+    results["seconds"] = time.perf_counter() - began
     return results
 
 
-def _brief(e: dict[str, Any]) -> str:
-    return (f"p50 {e['p50_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms, "
-            f"{e['timeouts']} of {e['events']} timed out")
+async def dual_stack(args: argparse.Namespace, world: World, store: EtcdStore
+                     ) -> dict[str, Any]:
+    """Join and events with dual-stack peers: the same host namespace (the IPv4
+    agent has stopped; its flannel.1 is deleted, with every object on it, so this
+    agent starts as that one did), a fresh prefix, agent and probe."""
+    n = args.dual_peers
+    began = time.perf_counter()
+    sh("ip", "link", "del", "flannel.1", check=False)
+    await scenarios.put_network_config(store, DUAL)
+    t = time.perf_counter()
+    await scenarios.put_peers(store, 1, n, DUAL)
+    print(f"  {n} dual-stack leases put in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    probe = KernelProbe()  # after the delete: it counts from zero
+    probe.start()
+    agent = None
+    try:
+        join, agent, _port, _cost = await scenarios.join(
+            world, probe, n, limit=args.timeout, stack=DUAL)
+        print(f"  dual-stack join: {join['start_to_objects_s']:.2f}s to all objects",
+              file=sys.stderr)
+        out: dict[str, Any] = {"join": join}
+        out |= await scenarios.event_runs(
+            world, store, probe, n=n, small=min(args.dual_small_peers, n),
+            count=args.dual_events, limit=args.timeout, stack=DUAL)
+        _report_events(out, DUAL.label)
+        if not agent.alive():
+            raise RuntimeError(f"the dual-stack agent died; see {agent.log}")
+        agent.stop()
+    except BaseException:
+        _log_tail(agent)
+        raise
+    finally:
+        await probe.stop()
+    out["seconds"] = time.perf_counter() - began  # the part's share of the bench's time
+    return out
+
+
+def _log_tail(agent: Proc | None) -> None:
+    if agent is not None and agent.log.exists():
+        tail = agent.log.read_text().splitlines()[-20:]
+        print(f"bench: {agent.log.name} ends with:\n  " + "\n  ".join(tail), file=sys.stderr)
+
+
+def _report_events(part: dict[str, Any], label: str = "") -> None:
+    for key in ("events_large", "events_small"):
+        e = part[key]
+        print(f"  {label}events with {e['peers_present']} peers: p50 {e['p50_ms']:.2f} ms, "
+              f"p99 {e['p99_ms']:.2f} ms, {e['timeouts']} of {e['events']} timed out",
+              file=sys.stderr)
 
 
 def _fmt(v: Any, unit: str = "") -> str:
@@ -147,32 +196,45 @@ def _fmt(v: Any, unit: str = "") -> str:
     return f"{text}{unit}"
 
 
-def table(results: dict[str, Any]) -> str:
-    rows: list[tuple[str, str, str, str, str, str]] = []
-    j = results["join"]
+Row = tuple[str, str, str, str, str, str]
+
+
+def _stack_rows(part: dict[str, Any], label: str = "") -> list[Row]:
+    """Join, event and shrink rows of one run (IPv4, or dual-stack: `label`)."""
+    rows: list[Row] = []
+    j = part["join"]
     ref = j["reference"]
     ok = j["rate_ratio"] >= TARGETS["join_rate_ratio"]
-    rows.append((f"join {j['peers']} peers: programming rate", _fmt(j["agent_rate"], "/s"),
-                 f"ip -batch {_fmt(ref['rate'], '/s')}", _fmt(j["rate_ratio"]),
-                 ">= 0.5", "met" if ok else "NOT met"))
-    rows.append(("join: start -> all objects", _fmt(j["start_to_objects_s"], " s"),
-                 f"ip -batch {_fmt(ref['seconds'], ' s')}",
+    rows.append((f"{label}join {j['peers']} peers: programming rate",
+                 _fmt(j["agent_rate"], "/s"), f"ip -batch {_fmt(ref['rate'], '/s')}",
+                 _fmt(j["rate_ratio"]), ">= 0.5", "met" if ok else "NOT met"))
+    rows.append((f"{label}join: start -> all {j['objects']} objects",
+                 _fmt(j["start_to_objects_s"], " s"), f"ip -batch {_fmt(ref['seconds'], ' s')}",
                  _fmt(j["start_to_objects_vs_reference"]), "-", "-"))
-    rows.append(("join: start -> READY", _fmt(j["start_to_ready_s"], " s"), "-", "-", "-", "-"))
+    rows.append((f"{label}join: start -> READY", _fmt(j["start_to_ready_s"], " s"),
+                 "-", "-", "-", "-"))
     for key in ("events_large", "events_small"):
-        e = results[key]
+        e = part[key]
         for q in ("p50", "p99"):
             value = e[f"{q}_ms"]
             target = "<= 20 ms" if q == "p99" else "-"
             met = "-"
             if q == "p99":
                 met = "met" if value <= TARGETS["event_p99_ms"] and not e["timeouts"] else "NOT met"
-            rows.append((f"event {q}, {e['peers_present']} peers ({e['events']} ev)",
+            rows.append((f"{label}event {q}, {e['peers_present']} peers ({e['events']} ev)",
                          _fmt(value, " ms"), f"etcd watch {_fmt(e[f'reference_{q}_ms'], ' ms')}",
                          _fmt(e[f"{q}_ratio"]), target, met))
-    s = results["shrink"]
-    rows.append((f"remove {s['removed_peers']} peers at once", _fmt(s["until_kernel_clean_s"], " s"),
-                 "-", "-", "-", "-"))
+    s = part["shrink"]
+    rows.append((f"{label}remove {s['removed_peers']} peers at once",
+                 _fmt(s["until_kernel_clean_s"], " s"), "-", "-", "-", "-"))
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = _stack_rows(results)
+    j = results["join"]
+    if "dual_stack" in results:
+        rows += _stack_rows(results["dual_stack"], DUAL.label)
     a = results["allocation"]
     ours, flannel = a["leaseagent"], a["flannel"]
     agents = ours["rounds"][0]["agents"]
@@ -242,6 +304,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--alloc-rounds", type=int, default=3, help="rounds per allocation policy")
     p.add_argument("--idle", type=float, default=40.0,
                    help="seconds of idle measurement (40 covers one periodic resync, every 30 s +-20%%)")
+    p.add_argument("--dual-peers", type=int, default=5000,
+                   help="dual-stack peers for the dual-stack join/events (0: no dual-stack part)")
+    p.add_argument("--dual-small-peers", type=int, default=100,
+                   help="dual-stack peers for the second dual-stack event run")
+    p.add_argument("--dual-events", type=int, default=1000, help="events per dual-stack event run")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any phase may take")
     p.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output file")
     return p.parse_args(argv)

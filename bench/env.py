@@ -1,12 +1,18 @@
-"""The bench's world: two namespaces, an etcd, the agent process, a kernel probe.
+"""The bench's world: its namespaces, an etcd, the agent processes, a kernel probe.
 
 - `<tag>h` is the host under test: `eth0` (a veth whose other end `sw0`
-  stays in the same namespace) holds 172.31.0.1/16, the underlay every
-  peer's PublicIP is on; etcd listens on 127.0.0.1 there; the agent runs
-  there. The bench process itself enters this namespace (setns on its main
-  thread before any other thread exists), so everything it starts is inside.
-- `<tag>r` is the fresh namespace iproute2's `ip -batch` programs for the
-  reference: the same eth0 and vxlan device, nothing else.
+  stays in the same namespace) holds 172.31.0.1/16 and fd31::1/64 (nodad),
+  the underlay every peer's PublicIP (PublicIPv6) is on; etcd listens on
+  127.0.0.1 there; the agents run there, one after the other (the IPv4 one
+  under PREFIX, the dual-stack one under PREFIX6). The bench process itself
+  enters this namespace (setns on its main thread before any other thread
+  exists), so everything it starts is inside.
+- `<tag>r` (and `<tag>r6` for the dual-stack part) are the fresh namespaces
+  iproute2's `ip -batch` programs for the reference: the same eth0 and vxlan
+  device(s), nothing else.
+
+`Stack` holds what differs between the IPv4 and the dual-stack runs: the
+prefix, the lease keys and values, the kernel objects of a peer.
 
 Namespaces come from the project's one namespace helper (leaseagent.lab.netns),
 etcd from its one launcher (leaseagent.lab.etcd), the agent from
@@ -27,10 +33,11 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
+from typing import Any
 
-from leaseagent.core.leases import KeyLayout
+from leaseagent.core.leases import KeyLayout, LeaseValue
 from leaseagent.dataplane import rtnl
 from leaseagent.lab import netns, processes
 from leaseagent.lab.commands import run
@@ -40,8 +47,15 @@ from leaseagent.lab.etcd import free_port as free_port  # the bench's metrics po
 UNDERLAY = IPv4Network("172.31.0.0/16")
 HOST_IP = IPv4Address("172.31.0.1")
 NETWORK = IPv4Network("10.0.0.0/9")  # room for 32,767 /24 leases
+UNDERLAY6 = IPv6Network("fd31::/64")
+HOST_IP6 = IPv6Address("fd31::1")
+NETWORK6 = IPv6Network("fd10::/48")  # room for 65,535 /64 leases
 PREFIX = "/coreos.com/network"
+PREFIX6 = "/bench-dual-stack/network"  # the dual-stack run's own, fresh prefix
 ROUTE_PROTOCOL = 76
+# The probe's kinds of kernel object: IPv4 and IPv6 (suffix 6; an FDB entry is of
+# the family of its remote, `dst`).
+KINDS = ("route", "neighbour", "fdb", "route6", "neighbour6", "fdb6")
 
 
 def sh(*argv: str, check: bool = True, input: str | None = None) -> str:
@@ -58,8 +72,20 @@ def peer_ip(i: int) -> IPv4Address:
     return IPv4Address(int(UNDERLAY.network_address) + 256 + i)
 
 
-def peer_mac(i: int) -> str:
-    return "02:be:" + ":".join(f"{(i >> shift) & 255:02x}" for shift in (24, 16, 8, 0))
+def peer_mac(i: int, *, ipv6: bool = False) -> str:
+    """The i-th peer's VtepMAC (of its IPv6 device: another one, as flannel makes)."""
+    return ("02:b6:" if ipv6 else "02:be:") + ":".join(
+        f"{(i >> shift) & 255:02x}" for shift in (24, 16, 8, 0))
+
+
+def peer_subnet6(i: int) -> IPv6Network:
+    """The i-th peer's IPv6 /64, at the same position in NETWORK6 as its /24 in NETWORK
+    (where the agent pairs them too)."""
+    return IPv6Network((int(NETWORK6.network_address) + (i << 64), 64))
+
+
+def peer_ip6(i: int) -> IPv6Address:
+    return IPv6Address(int(UNDERLAY6.network_address) + 256 + i)
 
 
 def lease_value(i: int) -> str:
@@ -67,15 +93,90 @@ def lease_value(i: int) -> str:
                        "BackendData": {"VNI": 1, "VtepMAC": peer_mac(i)}})
 
 
-lease_key = KeyLayout(PREFIX).lease_key
+@dataclass(frozen=True)
+class Stack:
+    """One run's flavour: IPv4 (3 kernel objects a peer) or dual-stack (6)."""
+
+    label: str  # "" or "dual-stack ": the table's rows start with it
+    prefix: str
+    dual: bool
+    agent_name: str  # its state directory and log under World.dir
+
+    @property
+    def layout(self) -> KeyLayout:
+        return KeyLayout(self.prefix)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return KINDS if self.dual else KINDS[:3]
+
+    @property
+    def per_peer(self) -> int:
+        return len(self.kinds)
+
+    def network_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"Network": str(NETWORK), "SubnetLen": 24,
+                                  "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
+        if self.dual:
+            config |= {"EnableIPv6": True, "IPv6Network": str(NETWORK6), "IPv6SubnetLen": 64}
+        return config
+
+    def key(self, i: int) -> str:
+        return self.layout.lease_key(peer_subnet(i), peer_subnet6(i) if self.dual else None)
+
+    def value(self, i: int) -> bytes:
+        if not self.dual:
+            return lease_value(i).encode()
+        return LeaseValue(public_ip=peer_ip(i), backend_type="vxlan",
+                          backend_data={"VNI": 1, "VtepMAC": peer_mac(i)},
+                          public_ipv6=peer_ip6(i),
+                          backend_v6_data={"VNI": 1, "VtepMAC": peer_mac(i, ipv6=True)}
+                          ).encode()
+
+    def objects(self, i: int) -> list[tuple[str, object]]:
+        """(kind, identity) of the i-th peer's objects, as KernelProbe names them."""
+        sub = peer_subnet(i)
+        out: list[tuple[str, object]] = [
+            ("route", sub), ("neighbour", sub.network_address), ("fdb", peer_mac(i))]
+        if self.dual:
+            sub6 = peer_subnet6(i)
+            out += [("route6", sub6), ("neighbour6", sub6.network_address),
+                    ("fdb6", peer_mac(i, ipv6=True))]
+        return out
+
+    def at_least(self, n: int) -> Callable[[dict[str, int]], bool]:
+        return lambda c: all(c[k] >= n for k in self.kinds)
+
+    def at_most(self, n: int) -> Callable[[dict[str, int]], bool]:
+        return lambda c: all(c[k] <= n for k in self.kinds)
+
+
+IPV4 = Stack(label="", prefix=PREFIX, dual=False, agent_name="agent")
+DUAL = Stack(label="dual-stack ", prefix=PREFIX6, dual=True, agent_name="agent-dual")
+
+
+def own_index(world: World, stack: Stack) -> int | None:
+    """The position of the agent's own /24 as a peer number (peer_subnet(i)), from
+    its subnet.env; None before it wrote one. Event peers skip it."""
+    try:
+        text = (world.dir / stack.agent_name / "subnet.env").read_text()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("FLANNEL_SUBNET="):
+            subnet = IPv4Network(line.split("=", 1)[1].strip(), strict=False)
+            return (int(subnet.network_address) - int(NETWORK.network_address)) >> 8
+    return None
 
 
 def make_underlay(namespaces: netns.Namespaces, ns: str) -> None:
     """Namespace `ns` with eth0 on the underlay: a veth whose other end, sw0, stays in
-    `ns` (nothing is plugged into it; the peers are only addresses in leases)."""
+    `ns` (nothing is plugged into it; the peers are only addresses in leases). The
+    IPv6 address is added nodad, so it is usable (the agent's PublicIPv6) at once."""
     namespaces.add(ns)
     netns.veth(ns, "eth0", "sw0")
     netns.address(ns, "eth0", f"{HOST_IP}/{UNDERLAY.prefixlen}")
+    netns.address(ns, "eth0", f"{HOST_IP6}/{UNDERLAY6.prefixlen}")
     netns.link_up(ns, "sw0")
     netns.link_up(ns, "eth0")
 
@@ -143,6 +244,15 @@ class World:
             make_underlay(self.namespaces, ns)
         enter_netns(self.host_ns)
 
+    def reference_ns(self, stack: Stack) -> str:
+        """The reference namespace of `stack`: `<tag>r`, or for the dual-stack run a
+        fresh `<tag>r6` made now."""
+        if not stack.dual:
+            return self.ref_ns
+        ns = self.ref_ns + "6"
+        make_underlay(self.namespaces, ns)
+        return ns
+
     def start_etcd(self, timeout: float = 20) -> None:
         """One etcd member on 127.0.0.1 in the host namespace (this process is in it)."""
         self.etcd = Etcd(self.dir / "etcd")
@@ -165,12 +275,15 @@ class World:
                     out[sample.name] = sample.value
         return out
 
-    def agent(self, *, extra_env: dict[str, str], metrics_port: int) -> Proc:
-        state = self.dir / "agent"
+    def agent(self, *, extra_env: dict[str, str], metrics_port: int, stack: Stack = IPV4
+              ) -> Proc:
+        """The agent of `stack` (its prefix, state directory and log). A dual-stack
+        agent finds its PublicIPv6 on eth0 (the first global address)."""
+        state = self.dir / stack.agent_name
         state.mkdir(exist_ok=True)
         proc = Proc([
             os.environ.get("BENCH_PYTHON", "") or _python(), "-m", "leaseagent.agent",
-            "--etcd-endpoints", self.endpoint, "--etcd-prefix", PREFIX,
+            "--etcd-endpoints", self.endpoint, "--etcd-prefix", stack.prefix,
             "--iface", "eth0", "--public-ip", str(HOST_IP),
             "--subnet-file", str(state / "subnet.env"), "--state-dir", str(state),
             "--node-id", "bench-host", "--metrics-addr", f"127.0.0.1:{metrics_port}",
@@ -178,7 +291,7 @@ class World:
             # Deleted leases leave the kernel at once: the event figures measure the data
             # plane's pace, not the hold-down a vanished lease gets by default.
             "--peer-hold-time", "0",
-        ], self.dir / "agent.log", env={**os.environ, **extra_env})
+        ], self.dir / f"{stack.agent_name}.log", env={**os.environ, **extra_env})
         self.procs.append(proc)
         return proc
 
@@ -208,21 +321,29 @@ def _python() -> str:
 class KernelProbe:
     """Watches the host namespace's rtnetlink broadcasts and timestamps them.
 
-    Counts our routes (protocol 76), permanent neighbours and permanent FDB
-    entries as they appear, and resolves waiters for one object's arrival
-    or removal. Parses only what it needs.
+    Tracks our routes (protocol 76), permanent neighbours and permanent FDB
+    entries of both families (KINDS) as they come and go, by identity (a
+    route's destination, a neighbour's address, an FDB entry's MAC), so that a
+    replaced object is not counted twice and the deletion of an object it never
+    saw (a deletion's notification no longer says NUD_PERMANENT) is not
+    counted at all; and resolves waiters for one object's arrival or removal,
+    or for counts. Parses only what it needs. Sees only what happens after it
+    was made: a fresh probe counts from zero.
     """
 
     def __init__(self) -> None:
         self._sock = rtnl.RtnlSocket.open(
-            None, groups=rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE, rcvbuf=256 * 1024 * 1024)
-        self.counts = {"route": 0, "neighbour": 0, "fdb": 0}
+            None, groups=rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV6_ROUTE,
+            rcvbuf=256 * 1024 * 1024)
+        self.present: dict[str, set[object]] = {k: set() for k in KINDS}
+        self.counts = {k: 0 for k in KINDS}
         self.first_at: float | None = None
         self.last_at: float | None = None
         self._waiters: dict[tuple[str, bool, object], asyncio.Future[float]] = {}
         self._count_waiters: list[tuple[Callable[[dict[str, int]], bool], asyncio.Future[float]]] \
             = []
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -231,7 +352,10 @@ class KernelProbe:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._sock.close()
+            self._task = None
+        if not self._closed:
+            self._sock.close()
+            self._closed = True
 
     def wait_object(self, kind: str, deleted: bool, ident: object) -> asyncio.Future[float]:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -247,9 +371,16 @@ class KernelProbe:
         return fut
 
     def _note(self, kind: str, deleted: bool, ident: object, now: float) -> None:
-        self.counts[kind] += -1 if deleted else 1
-        if self.first_at is None:
-            self.first_at = now
+        objects = self.present[kind]
+        if deleted:
+            if ident not in objects:
+                return
+            objects.discard(ident)
+        elif ident not in objects:
+            objects.add(ident)
+            if self.first_at is None:
+                self.first_at = now
+        self.counts[kind] = len(objects)
         self.last_at = now
         fut = self._waiters.pop((kind, deleted, ident), None)
         if fut is not None and not fut.done():
@@ -265,16 +396,19 @@ class KernelProbe:
                         continue
                     route, _, _ = rtnl.decode_route(body, 0, len(body))
                     if route is not None:
-                        self._note("route", kind == rtnl.RTM_DELROUTE, route.dst, now)
+                        which = "route6" if route.dst.version == 6 else "route"
+                        self._note(which, kind == rtnl.RTM_DELROUTE, route.dst, now)
                 elif kind in (rtnl.RTM_NEWNEIGH, rtnl.RTM_DELNEIGH):
                     n = rtnl.decode_neighbour(body, 0, len(body))
                     deleted = kind == rtnl.RTM_DELNEIGH
                     # A deletion's notification no longer carries NUD_PERMANENT.
                     if n.dst is None or not (deleted or n.state & rtnl.NUD_PERMANENT):
                         continue
-                    which = "fdb" if n.family == rtnl.AF_BRIDGE else "neighbour"
-                    ident = n.lladdr if which == "fdb" else n.dst
-                    self._note(which, deleted, ident, now)
+                    six = "6" if n.dst.version == 6 else ""
+                    if n.family == rtnl.AF_BRIDGE:
+                        self._note("fdb" + six, deleted, n.lladdr, now)
+                    else:
+                        self._note("neighbour" + six, deleted, n.dst, now)
             if self._count_waiters:
                 keep = []
                 for check, fut in self._count_waiters:
@@ -285,6 +419,31 @@ class KernelProbe:
                     else:
                         keep.append((check, fut))
                 self._count_waiters = keep
+
+
+def kernel_listing(stack: Stack, ns: str | None = None) -> dict[str, list[str]]:
+    """What iproute2 lists in `ns` (None: this namespace) of `stack`'s kinds, sorted
+    lines: our routes, permanent neighbours and FDB remotes on flannel.1 (and
+    flannel-v6.1). The same objects list the same in any namespace."""
+    where = ["-n", ns] if ns is not None else []
+    out: dict[str, list[str]] = {}
+    for six, dev in (("", "flannel.1"), ("6", "flannel-v6.1")):
+        if six and not stack.dual:
+            break
+        family = "-6" if six else "-4"
+        out["route" + six] = sh("ip", *where, family, "route", "show", "proto",
+                                str(ROUTE_PROTOCOL)).splitlines()
+        out["neighbour" + six] = sh("ip", *where, family, "neigh", "show", "dev", dev,
+                                    "nud", "permanent").splitlines()
+        # Only remotes: a device also lists its multicast addresses as "self permanent".
+        out["fdb" + six] = [line for line in sh("bridge", *where, "fdb", "show", "dev", dev)
+                            .splitlines() if " dst " in line]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def kernel_objects(stack: Stack, ns: str | None = None) -> dict[str, int]:
+    """How many objects of each kind `kernel_listing` finds."""
+    return {k: len(v) for k, v in kernel_listing(stack, ns).items()}
 
 
 def proc_sample(pid: int) -> dict[str, float]:

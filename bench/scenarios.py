@@ -1,39 +1,48 @@
-"""The five measurements, each taken side by side with its reference in one run.
+"""The measurements, each taken side by side with its reference in one run.
 
 Every function returns a plain dict (JSON-ready). Timings use
 time.perf_counter(); kernel arrival times come from the KernelProbe's
 rtnetlink broadcasts, so they are when the kernel had the object, not when
-the agent thought it was done.
+the agent thought it was done. Join, events and shrink take a `Stack`: the
+IPv4 run (3 objects a peer) or the dual-stack one (6: both families' neighbour,
+FDB entry and route).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Collection, Iterator
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Callable, Collection, Iterator
+from functools import partial
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
 from bench.env import (
     HOST_IP,
+    HOST_IP6,
+    IPV4,
     NETWORK,
-    PREFIX,
     UNDERLAY,
     KernelProbe,
     Proc,
+    Stack,
     World,
     free_port,
-    lease_key,
-    lease_value,
+    kernel_listing,
+    kernel_objects,
+    own_index,
     peer_ip,
+    peer_ip6,
     peer_mac,
     peer_subnet,
+    peer_subnet6,
     proc_sample,
     sh,
 )
@@ -48,10 +57,8 @@ from leaseagent.store.etcd import EtcdSettings, EtcdStore
 # -- etcd contents ---------------------------------------------------------------
 
 
-async def put_network_config(store: EtcdStore) -> None:
-    config = {"Network": str(NETWORK), "SubnetLen": 24,
-              "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}
-    await store.put(KeyLayout(PREFIX).config_key, json.dumps(config).encode())
+async def put_network_config(store: EtcdStore, stack: Stack = IPV4) -> None:
+    await store.put(stack.layout.config_key, json.dumps(stack.network_config()).encode())
 
 
 async def _bounded(coros: Iterator[Any], width: int = 200) -> None:
@@ -67,50 +74,74 @@ async def _bounded(coros: Iterator[Any], width: int = 200) -> None:
             del d
 
 
-async def put_peers(store: EtcdStore, first: int, last: int) -> None:
-    await _bounded(store.put(lease_key(peer_subnet(i)), lease_value(i).encode())
-                   for i in range(first, last + 1))
+async def put_peers(store: EtcdStore, first: int, last: int, stack: Stack = IPV4) -> None:
+    await _bounded(store.put(stack.key(i), stack.value(i)) for i in range(first, last + 1))
 
 
-async def delete_peers(store: EtcdStore, first: int, last: int) -> None:
-    await _bounded(store.delete(lease_key(peer_subnet(i))) for i in range(first, last + 1))
-
-
-def _all_present(n: int) -> Any:
-    return lambda c: c["route"] >= n and c["neighbour"] >= n and c["fdb"] >= n
+async def delete_peers(store: EtcdStore, first: int, last: int, stack: Stack = IPV4) -> None:
+    await _bounded(store.delete(stack.key(i)) for i in range(first, last + 1))
 
 
 # -- 1. join at scale --------------------------------------------------------------
 
 
-def reference_batch(world: World, n: int, *, own: IPv4Network) -> dict[str, Any]:
-    """iproute2 programming the same 3n objects into the fresh reference namespace."""
-    ns = world.ref_ns
-    sh("ip", "-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local",
-       str(HOST_IP), "dev", "eth0", "dstport", "8472", "nolearning")
-    sh("ip", "-n", ns, "addr", "add", f"{own.network_address}/32", "dev", "flannel.1")
-    sh("ip", "-n", ns, "link", "set", "flannel.1", "up")
-    neigh, fdb, route = [], [], []
-    for i in range(1, n + 1):
-        sub, mac = peer_subnet(i), peer_mac(i)
-        gw = sub.network_address
-        neigh.append(f"neigh replace {gw} lladdr {mac} dev flannel.1 nud permanent\n")
-        fdb.append(f"fdb append {mac} dev flannel.1 dst {peer_ip(i)} self permanent\n")
-        route.append(f"route replace {sub} via {gw} dev flannel.1 onlink proto 76\n")
-    files = []
-    for name, lines in (("neigh", neigh), ("fdb", fdb), ("route", route)):
-        path = world.dir / f"ref-{name}.batch"
+def reference_batch(world: World, n: int, *, own: int, stack: Stack = IPV4) -> dict[str, Any]:
+    """iproute2 programming the same objects as the agent (3n, dual-stack 6n) into a
+    fresh reference namespace with the same vxlan device(s); `own` is the number of
+    the subnet the devices get their address from. The objects are counted after."""
+    ns = world.reference_ns(stack)
+    # Per family: suffix, device, local address, MTU overhead, a peer's subnet,
+    # VtepMAC, PublicIP and the route's metric (an IPv6 route's is 1024 always).
+    families: list[tuple[str, str, IPv4Address | IPv6Address, int,
+                         Callable[[int], IPv4Network | IPv6Network], Callable[[int], str],
+                         Callable[[int], IPv4Address | IPv6Address], str]] = [
+        ("", "flannel.1", HOST_IP, 50, peer_subnet, peer_mac, peer_ip, "")]
+    if stack.dual:
+        families.append(("6", "flannel-v6.1", HOST_IP6, 70, peer_subnet6,
+                         partial(peer_mac, ipv6=True), peer_ip6, " metric 1024"))
+    batches: dict[str, list[str]] = {"neigh": [], "neigh6": [], "fdb": [], "route": [],
+                                     "route6": []}
+    for six, dev, local, overhead, subnet_of, mac_of, ip_of, metric in families:
+        own_subnet = subnet_of(own)
+        sh("ip", "-n", ns, "link", "add", dev, "mtu", str(1500 - overhead), "type", "vxlan",
+           "id", "1", "local", str(local), "dev", "eth0", "dstport", "8472", "nolearning")
+        sh("ip", "-n", ns, "addr", "add",
+           f"{own_subnet.network_address}/{own_subnet.max_prefixlen}", "dev", dev,
+           *(["nodad"] if six else []))
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        for i in range(1, n + 1):
+            sub, mac = subnet_of(i), mac_of(i)
+            gw = sub.network_address
+            batches["neigh" + six].append(
+                f"neigh replace {gw} lladdr {mac} dev {dev} nud permanent\n")
+            batches["fdb"].append(f"fdb append {mac} dev {dev} dst {ip_of(i)} self permanent\n")
+            batches["route" + six].append(
+                f"route replace {sub} via {gw} dev {dev} onlink proto 76{metric}\n")
+    commands = []
+    for name, lines in batches.items():
+        if not lines:
+            continue
+        path = world.dir / f"ref-{stack.agent_name}-{name}.batch"
         path.write_text("".join(lines))
-        files.append(path)
+        program = ["bridge"] if name == "fdb" else ["ip", "-6"] if name.endswith("6") else ["ip"]
+        commands.append([program[0], "-n", ns, *program[1:], "-batch", str(path)])
     started = time.perf_counter()
-    sh("ip", "-n", ns, "-batch", str(files[0]))
-    sh("bridge", "-n", ns, "-batch", str(files[1]))
-    sh("ip", "-n", ns, "-batch", str(files[2]))
+    for argv in commands:
+        sh(*argv)
     elapsed = time.perf_counter() - started
-    count = len(sh("ip", "-n", ns, "route", "show", "proto", "76").splitlines())
-    if count != n:
-        raise RuntimeError(f"reference: {count} routes after ip -batch, expected {n}")
-    return {"objects": 3 * n, "seconds": elapsed, "rate": 3 * n / elapsed}
+    counted = kernel_objects(stack, ns)
+    if any(counted[k] != n for k in stack.kinds):
+        raise RuntimeError(f"reference: {counted} after ip -batch, expected {n} of each")
+    objects = stack.per_peer * n
+    return {"objects": sum(counted.values()), "kernel_objects": counted, "seconds": elapsed,
+            "rate": objects / elapsed, "commands": len(commands), "namespace": ns}
+
+
+def differences(stack: Stack, ns: str) -> dict[str, int]:
+    """Per kind, how many of iproute2's lines differ between this namespace and `ns`
+    (in one and not the other): 0 when the agent made exactly the reference's objects."""
+    ours, theirs = kernel_listing(stack), kernel_listing(stack, ns)
+    return {k: len(set(ours[k]) ^ set(theirs[k])) for k in stack.kinds}
 
 
 class ReadyListener:
@@ -144,26 +175,23 @@ def agent_metric(port: int, name: str) -> float | None:
     return None
 
 
-async def join(world: World, probe: KernelProbe, n: int, *, limit: float
+async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack: Stack = IPV4
                ) -> tuple[dict[str, Any], Proc, int, dict[str, float]]:
-    """Start the agent into n peers; time objects in place and READY."""
-    reference = reference_batch(world, n, own=peer_subnet(n + 1))
-    ready = ReadyListener(world.dir / "notify.sock")
+    """Start the agent of `stack` into n peers; time objects in place and READY."""
+    reference = reference_batch(world, n, own=n + 1, stack=stack)
+    ready = ReadyListener(world.dir / f"{stack.agent_name}-notify.sock")
     metrics_port = free_port()
-    agent = world.agent(extra_env={"NOTIFY_SOCKET": str(ready.path)}, metrics_port=metrics_port)
+    agent = world.agent(extra_env={"NOTIFY_SOCKET": str(ready.path)}, metrics_port=metrics_port,
+                        stack=stack)
     before = world.etcd_metrics()
-    all_in = probe.wait_counts(_all_present(n))
+    all_in = probe.wait_counts(stack.at_least(n))
     started = time.perf_counter()
     agent.start()
     try:
         in_place = await asyncio.wait_for(asyncio.shield(all_in), limit)
         ready_at = await asyncio.wait_for(asyncio.shield(ready.ready), limit)
     except TimeoutError:
-        kernel = {
-            "routes": len(sh("ip", "route", "show", "proto", "76").splitlines()),
-            "neighbours": len(sh("ip", "neigh", "show", "nud", "permanent").splitlines()),
-            "fdb": len(sh("bridge", "fdb", "show", "dev", "flannel.1").splitlines()),
-        }
+        kernel = kernel_objects(stack)
         tail = "".join(agent.log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"agent did not program {n} peers within {limit}s "
                            f"(probe saw {probe.counts}, kernel has {kernel}); agent log:\n"
@@ -171,19 +199,25 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float
     finally:
         ready.close()
     after_ready = world.etcd_metrics()
+    rss = proc_sample(agent.pid)["rss"]
     assert probe.first_at is not None
     programming = in_place - probe.first_at
+    objects = stack.per_peer * n
     result = {
         "peers": n,
-        "objects": 3 * n,
+        "objects": objects,
+        "kernel_objects": kernel_objects(stack),  # iproute2's count, after the timing
+        # Lines of iproute2's listings that differ from the reference namespace's.
+        "differences_from_reference": differences(stack, reference["namespace"]),
         "start_to_objects_s": in_place - started,
         "start_to_ready_s": ready_at - started,
         "start_to_first_object_s": probe.first_at - started,
         "programming_s": programming,
-        "agent_rate": 3 * n / programming,
+        "agent_rate": objects / programming,
         "reference": reference,
-        "rate_ratio": (3 * n / programming) / reference["rate"],
+        "rate_ratio": (objects / programming) / reference["rate"],
         "start_to_objects_vs_reference": (in_place - started) / reference["seconds"],
+        "rss_at_ready_mib": rss / 2**20,
     }
     start_cost = _etcd_delta(before, after_ready)
     return result, agent, metrics_port, start_cost
@@ -206,11 +240,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def events(store: EtcdStore, probe: KernelProbe, *, count: int, first: int,
-                 present: int, limit: float = 5.0) -> dict[str, Any]:
-    """`count` events (put, delete, put, ...) of fresh peers numbered from `first`;
-    agent latency = put sent -> last of its 3 objects in (or out of) the kernel;
-    reference = put sent -> the same event reaching a bare etcd watcher here."""
-    subnets = KeyLayout(PREFIX).subnets_prefix
+                 present: int, limit: float = 5.0, stack: Stack = IPV4,
+                 skip: int | None = None) -> dict[str, Any]:
+    """`count` events (put, delete, put, ...) of fresh peers numbered from `first`
+    (but not `skip`, the agent's own subnet); agent latency = put sent -> last of its
+    3 (dual-stack: 6) objects in (or out of) the kernel; reference = put sent -> the
+    same event reaching a bare etcd watcher here."""
+    numbers = [i for i in itertools.islice(itertools.count(first), count // 2 + 3) if i != skip]
+    subnets = stack.layout.subnets_prefix
     listing = await store.list_prefix(subnets)
     seen: dict[tuple[str, EventType], float] = {}
     arrived = asyncio.Event()
@@ -225,24 +262,22 @@ async def events(store: EtcdStore, probe: KernelProbe, *, count: int, first: int
     watcher = asyncio.create_task(watch())
     agent_ms: list[float] = []
     ref_ms: list[float] = []
+    by_type: dict[EventType, list[float]] = {EventType.PUT: [], EventType.DELETE: []}
     failures = 0
     try:
         # Two unrecorded warm-up events first: the reference watch stream's
         # first event would otherwise carry its set-up.
         for j in range(count + 2):
-            i = first + j // 2
-            sub, mac = peer_subnet(i), peer_mac(i)
+            i = numbers[j // 2]
             deleted = j % 2 == 1
-            key = lease_key(sub)
-            futs = [probe.wait_object("route", deleted, sub),
-                    probe.wait_object("neighbour", deleted, sub.network_address),
-                    probe.wait_object("fdb", deleted, mac)]
+            key = stack.key(i)
+            futs = [probe.wait_object(kind, deleted, ident) for kind, ident in stack.objects(i)]
             etype = EventType.DELETE if deleted else EventType.PUT
             t0 = time.perf_counter()
             if deleted:
                 await store.delete(key)
             else:
-                await store.put(key, lease_value(i).encode())
+                await store.put(key, stack.value(i))
             try:
                 done = await asyncio.wait_for(asyncio.gather(*futs), limit)
             except TimeoutError:
@@ -250,6 +285,7 @@ async def events(store: EtcdStore, probe: KernelProbe, *, count: int, first: int
                 continue
             if j >= 2:
                 agent_ms.append((max(done) - t0) * 1000)
+                by_type[etype].append(agent_ms[-1])
             deadline = time.perf_counter() + limit
             while (key, etype) not in seen and time.perf_counter() < deadline:
                 arrived.clear()
@@ -267,23 +303,40 @@ async def events(store: EtcdStore, probe: KernelProbe, *, count: int, first: int
     return {
         "peers_present": present, "events": count, "timeouts": failures,
         "p50_ms": p50, "p99_ms": p99, "max_ms": max(agent_ms, default=float("nan")),
+        # Puts (a peer admitted to the traffic rules, then its objects) and deletes apart.
+        **{f"{t.value.lower()}_{q}_ms": _percentile(v, int(q[1:]))
+           for t, v in by_type.items() for q in ("p50", "p99")},
         "reference_p50_ms": r50, "reference_p99_ms": r99,
         "p50_ratio": p50 / r50 if r50 else float("nan"),
         "p99_ratio": p99 / r99 if r99 else float("nan"),
     }
 
 
-async def shrink(store: EtcdStore, probe: KernelProbe, *, to: int, n: int, limit: float
-                 ) -> dict[str, Any]:
+async def shrink(store: EtcdStore, probe: KernelProbe, *, to: int, n: int, limit: float,
+                 stack: Stack = IPV4) -> dict[str, Any]:
     """Delete peers to+1..n; time until the kernel holds exactly `to` peers again."""
-    gone = probe.wait_counts(lambda c: c["route"] <= to and c["neighbour"] <= to
-                             and c["fdb"] <= to)
+    gone = probe.wait_counts(stack.at_most(to))
     started = time.perf_counter()
-    await delete_peers(store, to + 1, n)
+    await delete_peers(store, to + 1, n, stack)
     sent = time.perf_counter()
     done = await asyncio.wait_for(gone, limit)
     return {"removed_peers": n - to, "delete_requests_s": sent - started,
             "until_kernel_clean_s": done - started}
+
+
+async def event_runs(world: World, store: EtcdStore, probe: KernelProbe, *, n: int, small: int,
+                     count: int, limit: float, stack: Stack = IPV4) -> dict[str, Any]:
+    """With the agent holding n peers: `count` events; then all but `small` peers
+    deleted at once (timed); then `count` events again. Event peers are numbered from
+    n + 10, past the join's, and skip the agent's own subnet."""
+    skip = own_index(world, stack)
+    first = n + 10
+    large = await events(store, probe, count=count, first=first, present=n, stack=stack,
+                         skip=skip)
+    shrunk = await shrink(store, probe, to=small, n=n, limit=limit, stack=stack)
+    small_events = await events(store, probe, count=count, first=first + count, present=small,
+                                stack=stack, skip=skip)
+    return {"events_large": large, "shrink": shrunk, "events_small": small_events}
 
 
 # -- 3. allocation under contention ----------------------------------------------------

@@ -1,4 +1,5 @@
-"""The benchmark suite at reduced size: it runs, prints its table, writes JSON, cleans up.
+"""The benchmark suite at reduced size: it runs, prints its table, writes JSON, cleans up;
+its IPv4 and dual-stack parts program the kernel objects the reference does (3N, 6N).
 
 No timing is asserted (machines are noisy; docs/benchmarks.md has the
 figures of a full run). Runs `python -m bench` as a subprocess: the suite
@@ -36,7 +37,8 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--peers", "200", "--small-peers", "20",
          "--events", "50", "--agents", "20", "--alloc-rounds", "1", "--idle", "2",
-         "--timeout", "30", "--json", str(out)],
+         "--timeout", "30", "--dual-peers", "200", "--dual-small-peers", "20",
+         "--dual-events", "50", "--json", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -49,11 +51,14 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, stderr[-3000:]
     for figure in ("programming rate", "event p99", "txn/acquisition", "RSS", "idle CPU",
                    "etcd unary requests at start", "iptables: one check",
-                   "iptables: one full check", "nftables: one full check"):
+                   "iptables: one full check", "nftables: one full check",
+                   "dual-stack join 200 peers: programming rate", "dual-stack event p50",
+                   "dual-stack event p99"):
         assert figure in stdout, stdout
     results = json.loads(out.read_text())
     assert results["join"]["objects"] == 600
     assert results["join"]["reference"]["objects"] == 600
+    assert set(results["join"]["differences_from_reference"].values()) == {0}
     assert results["events_large"]["events"] == 50
     assert results["events_large"]["timeouts"] == 0
     assert results["events_small"]["peers_present"] == 20
@@ -62,4 +67,23 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     assert results["etcd"]["range_requests_at_start"] >= 1
     assert results["rules"]["peers"] == 200
     assert {"iptables", "nftables"} <= results["rules"].keys()
+    # Dual-stack: 6 kernel objects a peer (both families' neighbour, FDB entry, route),
+    # the agent's and iproute2's counted in the kernel, and listed alike.
+    dual = results["dual_stack"]
+    kinds = {"route", "neighbour", "fdb", "route6", "neighbour6", "fdb6"}
+    assert dual["join"]["objects"] == 1200
+    assert dual["join"]["reference"]["objects"] == 1200
+    assert dual["join"]["kernel_objects"] == dict.fromkeys(kinds, 200)
+    assert dual["join"]["reference"]["kernel_objects"] == dict.fromkeys(kinds, 200)
+    assert dual["join"]["differences_from_reference"] == dict.fromkeys(kinds, 0)
+    for key in ("agent_rate", "rate_ratio", "start_to_objects_s", "start_to_ready_s"):
+        assert dual["join"][key] > 0
+    for key in ("events_large", "events_small"):
+        assert dual[key]["events"] == 50
+        assert dual[key]["timeouts"] == 0
+        assert dual[key]["p50_ms"] > 0 and dual[key]["p99_ms"] > 0
+        assert dual[key]["reference_p99_ms"] > 0
+    assert dual["events_large"]["peers_present"] == 200
+    assert dual["events_small"]["peers_present"] == 20
+    assert dual["shrink"]["removed_peers"] == 180
     assert _bench_namespaces() == before  # its namespaces are gone
