@@ -17,6 +17,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def world(tmp_path: Path) -> Iterator[dict[str, object]]:
         holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
                                    "sleep", "3600"])
         mnt = f"/proc/{holder.pid}/ns/mnt"
+        # Until unshare has run, the new process is still in our mount namespace: a
+        # mount made then would land on this machine's own /run.
+        deadline = time.monotonic() + 10
+        while os.stat(mnt).st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            assert time.monotonic() < deadline, "unshare --mount did not take effect"
+            time.sleep(0.01)
         for d in PRIVATE_DIRS:
             subprocess.run(["nsenter", f"--mount={mnt}", "mount", "-t", "tmpfs", "tmpfs", d],
                            check=True)
