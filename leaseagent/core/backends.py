@@ -7,7 +7,13 @@ kernel lives in one registry, `BACKEND_TYPES`:
 - how the `Backend` object of the network config is read and checked
   (`parse_options`, raising NetworkConfigError naming the field and value);
 - what a peer's `BackendData` must hold for the peer to be programmed
-  (`parse_lease_data`, raising InvalidLease with a short reason).
+  (`parse_lease_data`, raising InvalidLease with a short reason);
+- which `Backend` keys its options come from (`option_keys`) and which of
+  them a running agent applies in place (`in_place`); a change of any other
+  option rebuilds the backend (leaseagent.core.configchange;
+  docs/architecture.md, "Config changes");
+- what FLANNEL_MTU it gives for an underlay MTU (`mtu`), so `leasectl config
+  set` can tell whether a change makes Docker restart.
 
 The data plane (leaseagent.dataplane.BACKENDS) registers one implementation
 per type under the same names; a unit test checks that the two registries
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from leaseagent.errors import InvalidLease, NetworkConfigError
@@ -157,15 +163,39 @@ def vxlan_lease_data(data: Mapping[str, Any]) -> VxlanLeaseData:
 # ------------------------------------------------------------------ the registry
 
 
+def _underlay_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int:
+    """FLANNEL_MTU of a backend without encapsulation: the underlay's."""
+    return underlay_mtu
+
+
+def _vxlan_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int:
+    """FLANNEL_MTU with vxlan: the smaller MTU of the devices in use."""
+    assert isinstance(options, VxlanOptions)
+    return min(options.mtu_for(underlay_mtu, ipv6=six) for six in ((False, True) if ipv6
+                                                                     else (False,)))
+
+
 @dataclass(frozen=True)
 class BackendType:
     name: str
     parse_options: Callable[[Mapping[str, Any]], BackendOptions]
     parse_lease_data: Callable[[Mapping[str, Any]], LeaseData]
+    # Backend key -> the attribute of the parsed options it sets ("MTU" -> "mtu").
+    option_keys: Mapping[str, str] = field(default_factory=dict)
+    # The keys a running agent applies in place: the backend reconciles to the new
+    # spec with its lease and devices kept. Any other option's change is a rebuild.
+    in_place: frozenset[str] = frozenset()
+    # FLANNEL_MTU for (options, underlay MTU, IPv6 devices too); None: not known here.
+    mtu: Callable[[BackendOptions, int, bool], int] | None = _underlay_mtu
 
 
 BACKEND_TYPES: dict[str, BackendType] = {
-    "vxlan": BackendType("vxlan", vxlan_options, vxlan_lease_data),
+    "vxlan": BackendType(
+        "vxlan", vxlan_options, vxlan_lease_data,
+        option_keys={"VNI": "vni", "Port": "port", "MTU": "mtu", "DirectRouting": "direct_routing"},
+        # VNI names the devices (flannel.<VNI>) and is published in BackendData: a rebuild.
+        in_place=frozenset({"Port", "MTU", "DirectRouting"}),
+        mtu=_vxlan_mtu),
     "host-gw": BackendType("host-gw", _no_options, _no_lease_data),
     "alloc": BackendType("alloc", _no_options, _no_lease_data),
 }

@@ -157,6 +157,20 @@ class NetworkConfig:
         assert isinstance(self.ipv6.network, IPv6Network)
         return self.ipv6.network
 
+    def keeps(self, subnet: IPv4Network) -> bool:
+        """Whether a host holding `subnet` keeps it under this config: inside the network
+        with the subnet length (the acquisition's rule; [SubnetMin, SubnetMax] bounds
+        only new leases). A running agent whose subnet fails this re-leases."""
+        return self.check_subnet(subnet) is None
+
+    def ipv6_part_fits(self, ipv6: IPv6Network | None) -> bool:
+        """Whether a lease key's IPv6 part fits this config: none without IPv6, one in
+        [IPv6SubnetMin, IPv6SubnetMax] with it. A key that does not fit is moved to one
+        that does, its IPv4 subnet kept (leaseagent.agent.leasing)."""
+        if self.ipv6 is None:
+            return ipv6 is None
+        return ipv6 is not None and self.ipv6.in_range(ipv6)
+
     def check_ipv6_subnet(self, subnet: IPv6Network) -> str | None:
         """Why `subnet` cannot be this network's IPv6 part of a lease (None: it can)."""
         if self.ipv6 is None:
