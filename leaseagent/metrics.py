@@ -171,6 +171,24 @@ class Metrics:
             "Time from a peer's lease event arriving to its kernel state being in place",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
             registry=r)
+        # Network config changes (leaseagent.agent.netconfig; docs/architecture.md,
+        # "Config changes").
+        self.config_revision = Gauge(
+            "leaseagent_network_config_revision",
+            "The etcd revision of the network config in force on this host", registry=r)
+        self.config_changes = Counter(
+            "leaseagent_network_config_changes",
+            "Network config changes applied while running, by class (in-place, re-lease, "
+            "rebuild)", ["class"], registry=r)
+        self.config_ignored = Counter(
+            "leaseagent_network_config_ignored",
+            "Network config versions ignored, the last good one kept: invalid, missing (the "
+            "key deleted), unusable (valid, but this host cannot run it)", ["reason"],
+            registry=r)
+        self.config_coalesced = Counter(
+            "leaseagent_network_config_coalesced",
+            "Network config versions passed over for a later one written soon after",
+            registry=r)
         self._dataplane: DataPlaneStatus | None = None
         r.register(_DataPlaneCollector(lambda: self._dataplane))
         self._rules: dict[int, RulesStatus] = {}  # by family
@@ -187,6 +205,10 @@ class Metrics:
         """Export one family's traffic rules' status (read at each scrape) from now on,
         in place of that family's earlier one."""
         self._rules[family] = status
+
+    def drop_rules(self, family: int) -> None:
+        """Stop exporting `family`'s traffic rules (that family is no longer in use)."""
+        self._rules.pop(family, None)
 
     def export_dataplane(self, status: DataPlaneStatus) -> None:
         """Export the data plane's status (read at each scrape) from now on."""

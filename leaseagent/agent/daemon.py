@@ -5,8 +5,16 @@
     -> write subnet.env -> backend.start(subnet) -> first complete list
     -> backend.sync(peers) -> READY=1
     then tasks: hold (keepalive, take back a lost lease), watch (peers),
-    backend.run (resync, drift repair), watchdog; the first task to fail
-    stops the agent with a clear message and exit status 1.
+    backend.run (resync, drift repair), the traffic rules' keepers, config
+    (follow <prefix>/config and apply its changes), watchdog; the first task
+    to fail stops the agent with a clear message and exit status 1.
+
+A network config change is applied by `apply_config` (docs/architecture.md,
+"Config changes"): a new backend instance on the new settings (the old one's
+kernel objects removed first for a rebuild), the lease fitted by the holder
+task (the one writer of our key), subnet.env, the traffic rules' keepers,
+then every lease judged again under the new config. What this host cannot
+run is refused and the last good config put back.
 
 Faults (docs/architecture.md, "Fault rules"): etcd unreachable leaves the
 kernel as it is and is retried with capped jittered backoff
@@ -28,14 +36,21 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from leaseagent import __version__
 from leaseagent.agent.leasing import Leasing, OwnLease
 from leaseagent.agent.logs import StateLog, set_context
+from leaseagent.agent.netconfig import (
+    IGNORED_REASONS,
+    ConfigFollower,
+    wait_for_network_config,
+)
 from leaseagent.agent.notify import sd_notify, watchdog_interval
 from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
+from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
 from leaseagent.core.leases import (
     REASONS,
@@ -47,7 +62,7 @@ from leaseagent.core.leases import (
     decode_lease_value,
     unusable_ip_reason,
 )
-from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.network import NetworkConfig
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
     SubnetEnv,
@@ -56,15 +71,16 @@ from leaseagent.core.subnetenv import (
     previous_subnet,
 )
 from leaseagent.dataplane import BACKENDS
-from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
+from leaseagent.dataplane.base import BackendAttrs, DataPlane, DataPlaneSettings, HostInfo
 from leaseagent.dataplane.firewall import Firewall, RulesKeeper, firewall
 from leaseagent.errors import (
     ConfigError,
+    DataPlaneError,
     IdentityConflict,
     InvalidLease,
     LeaseLost,
-    NetworkConfigError,
     StoreUnavailable,
+    SubnetsExhausted,
 )
 from leaseagent.files import read_text_if_exists, refuse_symlink, write_if_changed
 from leaseagent.metrics import Metrics, zero
@@ -81,6 +97,7 @@ class FamilyRules:
     family: int
     keeper: RulesKeeper
     admission: PeerAdmission
+    nftables: bool = False  # which tool the keeper writes with
 
 
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
@@ -88,36 +105,17 @@ RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the
 CONFLICT_CHECK_SECONDS = 60.0
 
 
-async def wait_for_network_config(store: LeaseStore, layout: KeyLayout, states: StateLog, *,
-                                  backends: Mapping[str, object] = BACKENDS) -> NetworkConfig:
-    """Read and validate <prefix>/config, waiting (logged once per reason) until it is usable."""
-    key = layout.config_key
+@dataclass(frozen=True)
+class Refit:
+    """A request to the lease holder: fit our lease to the network config in force
+    (`Leasing.refit`) and adopt it; `done` gets the lease, or the error."""
 
-    def on_retry(exc: BaseException) -> None:
-        if isinstance(exc, StoreUnavailable):
-            states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
-                       level=logging.WARNING)
-        else:
-            states.set("netconfig", str(exc), "waiting for a usable network config: %s", exc,
-                       level=logging.WARNING)
+    done: asyncio.Future[OwnLease]
 
-    async for attempt in retrying(on_retry=on_retry,
-                                  retry_on=(StoreUnavailable, NetworkConfigError)):
-        with attempt:
-            kv = await store.get(key)
-            if kv is None:
-                raise NetworkConfigError(f"{key} is missing")
-            try:
-                network = parse_network_config(kv.value)
-            except NetworkConfigError as exc:
-                raise NetworkConfigError(f"{key}: {exc}") from None
-            if network.backend_type not in backends:
-                raise NetworkConfigError(
-                    f"{key}: Backend.Type={network.backend_type!r} is not supported "
-                    f"(supported: {', '.join(sorted(backends))})")
-            states.set("etcd", "up", "etcd reachable")
-            return network
-    raise AssertionError("unreachable")
+
+# What the lease holder is told: (the key it was about, as seen or None if absent, the
+# revision it was seen at), a key of a twin, or a refit.
+OwnEvent = tuple[str | None, KeyValue | None, int] | Verdict | Refit
 
 
 async def preflight(cfg: AgentConfig) -> HostInfo | None:
@@ -167,6 +165,11 @@ async def resolve_host(cfg: AgentConfig, network: NetworkConfig,
                          want_ipv6=want_ipv6)
 
 
+def _device_names(backend: DataPlane) -> set[str]:
+    """The names of the devices `backend` wants (none for host-gw and alloc)."""
+    return {device.name for device in backend.spec(None, {}).devices}
+
+
 class Agent:
     def __init__(
         self,
@@ -194,6 +197,8 @@ class Agent:
         zero(m.relists, "reason", RELIST_REASONS)
         zero(m.invalid_leases, "reason", (r for r in REASONS if r != "released"))
         zero(m.etcd_request_seconds, "operation", OPERATIONS)
+        zero(m.config_changes, "class", CLASSES)
+        zero(m.config_ignored, "reason", IGNORED_REASONS)
         for backend_name in BACKEND_TYPES:
             m.peers.labels(backend=backend_name).set(0)
         self._notify = notify
@@ -215,8 +220,18 @@ class Agent:
         self.subnet_env_written = False
         # (our key as seen, or None if absent; the revision it was seen at), or a key of a
         # twin: another agent with this host's identity.
-        self._own_events: asyncio.Queue[tuple[KeyValue | None, int] | Verdict] = asyncio.Queue()
+        self._own_events: asyncio.Queue[OwnEvent] = asyncio.Queue()
         self.conflict: str | None = None  # set while another agent has this host's identity
+        # Keys this agent gave up on purpose (a config change moved it to a new subnet):
+        # news of them as a twin's is stale.
+        self._given_up: set[str] = set()
+        # Held while the backend or the traffic rules are programmed or replaced.
+        self._plane = asyncio.Lock()
+        # The supervised tasks by name (run); a config change replaces some of them.
+        self._tasks: dict[asyncio.Task[None], str] = {}
+        self._tasks_changed = asyncio.Event()
+        self.config_revision = 0  # etcd revision of the network config in force
+        self._mixed: tuple[tuple[str, int], ...] = ()  # peers of other backend types, counted
 
     # --- readiness, for /readyz --------------------------------------------------
 
@@ -241,22 +256,32 @@ class Agent:
                         + (f": {error}" if error else ""))
         return None
 
-    def _traffic_rules(self, network: NetworkConfig) -> list[FamilyRules]:
+    def _traffic_rules(self, network: NetworkConfig,
+                       running: Iterable[FamilyRules] = ()) -> list[FamilyRules]:
         """A keeper of the traffic rules per family the network uses (none for alloc: it
-        has no data path). ConfigError when a program they need is missing."""
+        has no data path): a `running` one where it writes with the same tool, else a new
+        one. ConfigError when a program they need is missing."""
         if network.backend_type == "alloc":
             return []
+        nftables = network.enable_nftables
+        reuse = {(r.nftables, r.family): r for r in running}
+        out = []
+        for family in (4, 6) if network.ipv6 is not None else (4,):
+            rules = reuse.get((nftables, family))
+            if rules is None:
+                fw = self._firewalls(nftables, family)
+                keeper = RulesKeeper(
+                    fw, check_seconds=None if fw.watches() else self.cfg.iptables_resync)
+                rules = FamilyRules(family, keeper, PeerAdmission(family), nftables)
+            out.append(rules)
+        return out
+
+    def _use_network(self, network: NetworkConfig) -> None:
+        """Make `network` the config the agent works with, and what depends on it alone."""
+        self.network = network
         self.traffic = replace(self.cfg.traffic, nftables=network.enable_nftables)
         options = network.options
         self.vxlan_port = options.port if isinstance(options, VxlanOptions) else None
-        out = []
-        for family in (4, 6) if network.ipv6 is not None else (4,):
-            fw = self._firewalls(self.traffic.nftables, family)
-            keeper = RulesKeeper(
-                fw, check_seconds=None if fw.watches() else self.cfg.iptables_resync)
-            self.metrics.export_rules(keeper.status, family=family)
-            out.append(FamilyRules(family, keeper, PeerAdmission(family)))
-        return out
 
     def _ruleset(self, rules: FamilyRules, peers: Iterable[Peer]) -> Ruleset:
         """Everything `rules`' family wants (the whole peer set counted again)."""
@@ -286,8 +311,10 @@ class Agent:
         for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir,
                      *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
             refuse_symlink(path)
-        self.network = network = await wait_for_network_config(
+        network, self.config_revision = await wait_for_network_config(
             self.store, self.layout, self.states, backends=self._backends)
+        self._use_network(network)
+        self.metrics.config_revision.set(self.config_revision)
         log.info("network %s, /%d subnets in %s-%s, backend %s", network.network,
                  network.subnet_len, network.subnet_min, network.subnet_max, network.backend_type)
         host = await resolve_host(cfg, network, self._host)
@@ -301,20 +328,14 @@ class Agent:
         set_context(public_ip=host.public_ip, node_id=cfg.node_id)
         self.metrics.set_identity(public_ip=str(host.public_ip), node_id=cfg.node_id,
                                   backend=network.backend_type)
-        settings = DataPlaneSettings(
-            network=network, host=host, state_dir=cfg.state_dir,
-            route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
-        self.backend = backend = self._backends[network.backend_type](settings)
-        self.metrics.export_dataplane(backend.status)
-        self.rules = self._traffic_rules(network)
+        self._host = host
+        self.backend = backend = self._new_backend(network, host)
+        self._install_rules(self._traffic_rules(network))
         attrs = await backend.prepare()
         self.mtu = attrs.mtu
-        value = LeaseValue(public_ip=host.public_ip, backend_type=attrs.backend_type,
-                           backend_data=dict(attrs.backend_data), node_id=cfg.node_id,
-                           public_ipv6=host.public_ipv6 if network.ipv6 is not None else None,
-                           backend_v6_data=dict(attrs.backend_v6_data))
         self.leasing = leasing = Leasing(
-            self.store, layout=self.layout, network=network, value=value, ttl=cfg.lease_ttl,
+            self.store, layout=self.layout, network=network,
+            value=self._lease_value(network, host, attrs), ttl=cfg.lease_ttl,
             metrics=self.metrics, rng=self._rng)
         old_env = read_text_if_exists(cfg.subnet_file) or ""
         own = None
@@ -330,9 +351,37 @@ class Agent:
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
             metrics=self.metrics, on_peers=self._on_peers,
-            on_own=lambda kv, rev: self._own_events.put_nowait((kv, rev)),
+            # With the key it is about: the holder may have moved our key since.
+            on_own=lambda kv, rev: self._own_events.put_nowait(
+                (self.own.key if self.own else None, kv, rev)),
             node_id=cfg.node_id, on_twin=self._own_events.put_nowait,
             hold_seconds=cfg.peer_hold_time)
+
+    def _new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
+        """A data plane of `network`'s backend type for `host`, its status exported."""
+        cfg = self.cfg
+        settings = DataPlaneSettings(
+            network=network, host=host, state_dir=cfg.state_dir,
+            route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
+        backend = self._backends[network.backend_type](settings)
+        self.metrics.export_dataplane(backend.status)
+        return backend
+
+    def _lease_value(self, network: NetworkConfig, host: HostInfo, attrs: BackendAttrs
+                     ) -> LeaseValue:
+        """What this host publishes in its lease under `network`."""
+        return LeaseValue(public_ip=host.public_ip, backend_type=attrs.backend_type,
+                          backend_data=dict(attrs.backend_data), node_id=self.cfg.node_id,
+                          public_ipv6=host.public_ipv6 if network.ipv6 is not None else None,
+                          backend_v6_data=dict(attrs.backend_v6_data))
+
+    def _install_rules(self, rules: list[FamilyRules]) -> None:
+        """Keep `rules` from now on, their status exported (a family gone is no longer)."""
+        for gone in {r.family for r in self.rules} - {r.family for r in rules}:
+            self.metrics.drop_rules(gone)
+        for r in rules:
+            self.metrics.export_rules(r.keeper.status, family=r.family)
+        self.rules = rules
 
     async def _take(self, own: OwnLease, *, first: bool) -> None:
         """Adopt `own`: subnet.env, the backend's own address, metrics, one log line."""
@@ -365,21 +414,52 @@ class Agent:
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
         peers = self.watcher.peers
-        # The peer filter admits a new peer before its routes exist: never a window where
-        # its VXLAN traffic is dropped. Both families at once (each may run a program).
-        await asyncio.gather(*(
-            rules.keeper.sync(self._ruleset(rules, peers.values())) if full
-            else rules.keeper.update_peers(*rules.admission.apply(changes))
-            for rules in self.rules))
-        if full:
-            await self.backend.sync(peers)
+        async with self._plane:
+            if full:
+                await self._program_all()
+            else:
+                # The peer filter admits a new peer before its routes exist: never a
+                # window where its VXLAN traffic is dropped. Both families at once.
+                await asyncio.gather(*(
+                    rules.keeper.update_peers(*rules.admission.apply(changes))
+                    for rules in self.rules))
+                await self.backend.update(changes, peers)
+                self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
+        self._log_peer_changes(changes, len(peers))
+        self._report_rollout()
+
+    async def _program_all(self) -> None:
+        """Every family's traffic rules and the data plane for the whole peer set, the
+        rules first (their peer filter admits before routes exist). Under `_plane`."""
+        assert self.backend is not None and self.watcher is not None
+        peers = self.watcher.peers
+        await asyncio.gather(*(rules.keeper.sync(self._ruleset(rules, peers.values()))
+                               for rules in self.rules))
+        await self.backend.sync(peers)
+
+    def _report_rollout(self) -> None:
+        """Say when peers run another backend type than this host (a config change that
+        rebuilds is rolling out, or a cluster is mixed): they are not programmed."""
+        assert self.network is not None and self.watcher is not None
+        ours = self.network.backend_type
+        mixed = tuple(sorted((kind, n) for kind, n in self.watcher.book.counts.items()
+                             if kind != ours and n))
+        if mixed == self._mixed:
+            return
+        self._mixed = mixed
+        if mixed:
+            log.warning("backend roll-out: %s peer(s) run %s, this host %s: not programmed "
+                        "until they run %s too", sum(n for _, n in mixed),
+                        " and ".join(kind for kind, _ in mixed), ours, ours)
         else:
-            await self.backend.update(changes, peers)
-            self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
+            log.info("backend roll-out over: every peer runs %s", ours)
+
+    @staticmethod
+    def _log_peer_changes(changes: PeerChanges, count: int) -> None:
         total = len(changes.added) + len(changes.changed) + len(changes.removed)
         if total > 20:
             log.info("peers: %d added, %d changed, %d removed (%d in all)", len(changes.added),
-                     len(changes.changed), len(changes.removed), len(peers))
+                     len(changes.changed), len(changes.removed), count)
         else:
             for p in changes.added:
                 log.info("peer added: %s at %s", p.subnet, p.public_ip)
@@ -401,10 +481,11 @@ class Agent:
 
     # --- holding the lease ----------------------------------------------------------
 
-    def _own_event_says_lost(self, kv: KeyValue | None, revision: int) -> str | None:
+    def _own_event_says_lost(self, key: str | None, kv: KeyValue | None,
+                             revision: int) -> str | None:
         own = self.own
-        if own is None:
-            return None
+        if own is None or key != own.key:
+            return None  # news of a key we held before (a config change moved us)
         if revision < own.mod_revision:
             # Seen before our latest write of the key (a watch catching up after an
             # outage, the expiry we already took the key back from): stale news. Acting
@@ -435,6 +516,10 @@ class Agent:
                 if isinstance(event, Verdict):
                     await self._twin_seen(own, event)
                     continue
+                if isinstance(event, Refit):
+                    if await self._refit(own, event.done):
+                        last_renewal = time.monotonic()
+                    continue
                 why = self._own_event_says_lost(*event)
             except TimeoutError:
                 try:
@@ -461,6 +546,38 @@ class Agent:
             if new.subnet == own.subnet:
                 log.info("lease on %s taken back", new.subnet)
 
+    async def _refit(self, own: OwnLease, done: asyncio.Future[OwnLease]) -> bool:
+        """Fit our lease to the network config in force and adopt it (subnet.env, the
+        backend's own addresses); `done` gets the lease or the error. True if the lease
+        is another one now (a new etcd lease: renewals count from now)."""
+        assert self.leasing is not None and self.network is not None
+        try:
+            new = None
+            async for attempt in retrying(on_retry=self._etcd_down):
+                with attempt:
+                    new = await self.leasing.refit(own)
+            assert new is not None
+            self._etcd_up()
+            if new.subnet != own.subnet:
+                self._given_up.add(own.key)
+                self.metrics.lease_changes.inc()
+                log.error("SUBNET MOVED: %s under the new network config; took %s and gave "
+                          "the old subnet up (restart Docker to use the new one)",
+                          self.network.check_subnet(own.subnet), new.subnet)
+            await self._take(new, first=False)
+        except Exception as exc:  # the lease is as it was (SubnetsExhausted, ...)
+            done.set_exception(exc)
+            return False
+        done.set_result(new)
+        return new.lease_id != own.lease_id
+
+    async def _fitted_lease(self) -> OwnLease:
+        """Have the lease holder (the one writer of our key) fit our lease to the network
+        config in force; the lease once it has."""
+        done: asyncio.Future[OwnLease] = asyncio.get_running_loop().create_future()
+        self._own_events.put_nowait(Refit(done))
+        return await done
+
     # --- two agents with one identity ------------------------------------------------
 
     async def _twin_seen(self, own: OwnLease, twin: Verdict) -> None:
@@ -468,8 +585,9 @@ class Agent:
         and took a subnet each): the younger key steps back, the older stays."""
         assert self.leasing is not None
         value = twin.value
-        if value is None or self.conflict is not None:
-            return
+        if (value is None or self.conflict is not None or twin.key == own.key
+                or twin.key in self._given_up):
+            return  # judged before our key changed (a config change): stale
         what = (f"another agent with this host's identity (node id {value.node_id}, "
                 f"PublicIP {value.public_ip}) holds {twin.key}")
         if (twin.create_revision, twin.key) > (own.create_revision, own.key):
@@ -477,7 +595,7 @@ class Agent:
                             what, own.key, level=logging.WARNING)
             return
         try:
-            await self.leasing.step_back(own)
+            await self.leasing.give_up(own)
         except StoreUnavailable:
             pass  # our etcd lease runs out by itself; peers see it go
         self._set_lease_held(False)
@@ -515,8 +633,13 @@ class Agent:
                 break
         log.warning("identity conflict over: %s is no longer held by a twin; taking our "
                     "lease back", conflict.key)
+        refits = []
         while not self._own_events.empty():
-            self._own_events.get_nowait()  # what happened meanwhile is stale
+            event = self._own_events.get_nowait()  # what happened meanwhile is stale ...
+            if isinstance(event, Refit):
+                refits.append(event)  # ... but a config change still waits to be applied
+        for refit in refits:
+            self._own_events.put_nowait(refit)
         self.conflict = None
         self.metrics.identity_conflict.set(0)
 
@@ -567,44 +690,173 @@ class Agent:
         if starting.cancelled():
             return
         starting.result()
-        assert self.watcher is not None and self.backend is not None
-        watcher, backend = self.watcher, self.backend
-        tasks: dict[asyncio.Task[None], str] = {}
-
-        def spawn(name: str, coro: Awaitable[None]) -> None:
-            tasks[asyncio.ensure_future(coro)] = name
-
-        spawn("watch", watcher.run())
-        spawn("hold", self.hold())
-        spawn("watchdog", self._watchdog())
+        assert self.watcher is not None
+        watcher = self.watcher
+        self._spawn("watch", watcher.run())
+        self._spawn("hold", self.hold())
+        self._spawn("watchdog", self._watchdog())
         synced = asyncio.ensure_future(watcher.synced.wait())
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({synced, stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-            self._check_tasks(tasks)
+            await asyncio.wait({synced, stopping, *self._tasks},
+                               return_when=asyncio.FIRST_COMPLETED)
+            self._check_tasks()
             if synced.done():
-                spawn("dataplane", backend.run(lambda: watcher.peers))
+                self._spawn_dataplane()
                 for rules in self.rules:
-                    spawn(f"rules-ipv{rules.family}", rules.keeper.run())
+                    self._spawn(f"rules-ipv{rules.family}", rules.keeper.run())
+                self._spawn("config", self._config_follower().run())
                 self._notify("READY=1")
                 assert self.own is not None
                 self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")
                 log.info("ready: %d peers programmed", len(watcher.book))
-                await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-                self._check_tasks(tasks)
+                await self._supervise(stopping)
         finally:
-            for task in (synced, stopping, *tasks):
+            tasks = [synced, stopping, *self._tasks]
+            self._tasks.clear()
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(synced, stopping, *tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    @staticmethod
-    def _check_tasks(tasks: dict[asyncio.Task[None], str]) -> None:
-        for task, name in tasks.items():
+    def _spawn(self, name: str, coro: Awaitable[None]) -> None:
+        """Run `coro` as a supervised task named `name` (see `run`)."""
+        self._tasks[asyncio.ensure_future(coro)] = name
+        self._tasks_changed.set()
+
+    def _spawn_dataplane(self) -> None:
+        assert self.backend is not None and self.watcher is not None
+        watcher = self.watcher
+        self._spawn("dataplane", self.backend.run(lambda: watcher.peers))
+
+    async def _stop_task(self, name: str) -> None:
+        """Stop the supervised task `name` (if it runs) on purpose: no failure."""
+        for task, task_name in list(self._tasks.items()):
+            if task_name == name:
+                del self._tasks[task]
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _supervise(self, stopping: asyncio.Future[Literal[True]]) -> None:
+        """Until `stopping`: raise as soon as a task fails or ends (the set of tasks may
+        change meanwhile: a config change replaces the data plane's and the rules')."""
+        while not stopping.done():
+            self._tasks_changed.clear()
+            changed = asyncio.ensure_future(self._tasks_changed.wait())
+            waiting: set[asyncio.Future[Any]] = {stopping, changed, *self._tasks}
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+            self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        for task, name in self._tasks.items():
             if task.done() and not task.cancelled():
                 exc = task.exception()
                 if exc is not None:
                     raise RuntimeError(f"task {name} failed: {exc}") from exc
                 raise RuntimeError(f"task {name} ended unexpectedly")
+
+    # --- network config changes ------------------------------------------------------
+
+    def _config_follower(self) -> ConfigFollower:
+        def current() -> NetworkConfig:
+            assert self.network is not None
+            return self.network
+
+        return ConfigFollower(
+            self.store, self.layout.config_key, current=current,
+            revision=self.config_revision, apply=self.apply_config, backends=self._backends,
+            metrics=self.metrics, on_unavailable=self._etcd_down)
+
+    async def apply_config(self, network: NetworkConfig, change: ConfigChange,
+                           revision: int) -> bool:
+        """Bring this host to `network` (docs/architecture.md, "Config changes"); True once
+        it is in force. One this host cannot run (no PublicIPv6, host-gw off the segment,
+        no free subnet, a missing program) is refused with one ERROR line and the last
+        good config put back."""
+        assert self.network is not None
+        good = self.network
+        try:
+            await self._switch(network, change)
+        except (ConfigError, DataPlaneError, SubnetsExhausted) as exc:
+            self.metrics.config_ignored.labels(reason="unusable").inc()
+            log.error("network config revision %d ignored: this host cannot run it: %s; going "
+                      "back to the last good one", revision, exc)
+            if self.network != good:
+                await self._switch(good, classify(self.network, good))
+            return False
+        self.config_revision = revision
+        self.metrics.config_revision.set(revision)
+        self.metrics.config_changes.labels(change.kind).inc()
+        return True
+
+    async def _switch(self, network: NetworkConfig, change: ConfigChange) -> None:
+        """The steps of a config change (see `apply_config`). Everything that can refuse
+        (PublicIPv6, the programs of the traffic rules, the new backend's prepare) comes
+        before anything is changed."""
+        assert self.watcher is not None
+        host = await resolve_host(self.cfg, network, self._host)
+        rules = self._traffic_rules(network, running=self.rules)
+        async with self.watcher.gate:  # no lease event is judged while our key may change
+            async with self._plane:
+                await self._stop_task("dataplane")
+                try:
+                    attrs = await self._replace_backend(network, host,
+                                                        rebuild=change.kind == REBUILD)
+                finally:
+                    self._spawn_dataplane()
+                self._use_network(network)
+                self._host, self.mtu = host, attrs.mtu
+                assert self.leasing is not None
+                self.leasing.reconfigure(network, self._lease_value(network, host, attrs))
+                self.metrics.set_identity(public_ip=str(host.public_ip),
+                                          node_id=self.cfg.node_id, backend=network.backend_type)
+            await self._fitted_lease()  # subnet.env, Docker's options, the backend's addresses
+            async with self._plane:
+                await self._replace_rules(rules)
+                self.watcher.set_network(network)
+                await self._program_all()  # the peers as known: traffic back at once
+        await self.watcher.relist("config_changed")  # then every lease judged anew
+
+    async def _replace_backend(self, network: NetworkConfig, host: HostInfo, *,
+                               rebuild: bool) -> BackendAttrs:
+        """A new data plane on `network` in place of the running one: prepared first (it
+        adopts the devices it shares with the old one and may refuse to run); for a
+        rebuild the old one's kernel objects are then removed (and a device of the same
+        name put back). Under `_plane`, the old one's run task stopped."""
+        old = self.backend
+        assert old is not None
+        new = self._new_backend(network, host)
+        try:
+            attrs = await new.prepare()
+        except BaseException:
+            self.metrics.export_dataplane(old.status)
+            await new.close()
+            raise
+        if rebuild:
+            await old.remove()
+            if _device_names(old) & _device_names(new):
+                attrs = await new.prepare()
+        await old.close()
+        self.backend = new
+        return attrs
+
+    async def _replace_rules(self, rules: list[FamilyRules]) -> None:
+        """Keep `rules`: a keeper no longer wanted is stopped and its rules removed (IPv6
+        turned off, nftables for iptables, alloc), a new one started. Under `_plane`."""
+        for old in self.rules:
+            if old not in rules:
+                await self._stop_task(f"rules-ipv{old.family}")
+                try:
+                    await old.keeper.fw.remove()
+                except (ConfigError, DataPlaneError) as exc:
+                    log.warning("could not remove the %s%s traffic rules: %s",
+                                old.keeper.fw.family.shown, old.keeper.fw.name, exc)
+        started = [r for r in rules if r not in self.rules]
+        self._install_rules(rules)
+        for new in started:
+            self._spawn(f"rules-ipv{new.family}", new.keeper.run())
 
     async def _release_retrying(self, own: OwnLease) -> None:
         assert self.leasing is not None

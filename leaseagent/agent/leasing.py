@@ -31,6 +31,14 @@ IPv4 subnet, and nobody is renumbered (flannel deletes such a lease and
 allocates a new IPv4 subnet; pkg/subnet/etcd/local_manager.go,
 isIPv6SubnetConfigCompat).
 
+When the network config changes while the agent runs (`reconfigure`, then
+`refit`; docs/architecture.md, "Config changes"), the same rules decide: a
+lease whose IPv4 subnet the new network still holds (`NetworkConfig.keeps`)
+is kept, rewritten or moved to the fitting key; one whose subnet it no
+longer holds is replaced by a new subnet (rules 2 to 4: create-if-absent),
+and only then is the old key given up (deleted, fenced; its etcd lease
+revoked), so the host is never without a lease.
+
 A second agent with this host's identity (same PublicIP and NodeID: a cloned
 machine, or the agent started twice) takes the lease over by rule 1 when it
 starts; the first then finds its key held by another etcd lease under its
@@ -111,6 +119,12 @@ class Leasing:
         self._per_txn = max(1, candidates_per_txn)
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
 
+    def reconfigure(self, network: NetworkConfig, value: LeaseValue) -> None:
+        """From now on, lease under `network` and publish `value` (a config change)."""
+        self._network = network
+        self._value = value
+        self.value_bytes = value.encode()
+
     def key_for(self, subnet: IPv4Network, ipv6: IPv6Network | None = None) -> str:
         return self.layout.lease_key(subnet, ipv6)
 
@@ -153,7 +167,7 @@ class Leasing:
         if six is None:
             return self.key_for(verdict.subnet)
         kept = verdict.ipv6_subnet
-        if kept is not None and six.in_range(kept):
+        if self._network.ipv6_part_fits(kept):
             return self.key_for(verdict.subnet, kept)
         return self.key_for(verdict.subnet, self._ipv6_for(verdict.subnet, taken6 - {kept}
                                                            if kept else taken6))
@@ -247,7 +261,7 @@ class Leasing:
                 value, subnet = verdict.value, verdict.subnet
                 if value is None or subnet is None or value.public_ip != self._value.public_ip:
                     continue
-                if self._network.check_subnet(subnet) is not None:
+                if not self._network.keeps(subnet):
                     continue
                 if verdict.reservation:
                     reserved.append(verdict)
@@ -356,8 +370,34 @@ class Leasing:
         return (value.public_ip == self._value.public_ip and value.node_id is not None
                 and value.node_id == self._value.node_id)
 
-    async def step_back(self, own: OwnLease) -> None:
-        """Give up our key to an older twin: delete it (fenced), revoke our etcd lease."""
+    async def refit(self, own: OwnLease) -> OwnLease:
+        """Our lease under the network config and value in force (`reconfigure`): `own`
+        as it is if it fits; rewritten, or moved to the fitting key (its IPv4 subnet
+        kept), fenced, in one transaction; or, when the network no longer holds its IPv4
+        subnet, a new subnet acquired and then `own` given up. A fenced write that loses
+        leaves `own` as it is: someone changed our key, and the holder sees that and
+        takes it back as after any loss."""
+        if not self._network.keeps(own.subnet):
+            new = await self.acquire()
+            await self.give_up(own)
+            return new
+        listing = await self._store.list_prefix(self.layout.subnets_prefix)
+        verdicts = judge(listing.items, layout=self.layout, network=None).verdicts
+        kv = next((kv for kv in listing.items if kv.key == own.key), None)
+        if kv is None or kv.value != own.value or kv.lease != own.lease_id:
+            return own
+        taken6 = {v.ipv6_subnet for v in verdicts.values() if v.ipv6_subnet is not None}
+        fitting = self._fitting_key(verdicts[own.key], taken6)
+        if fitting == own.key and kv.value == self.value_bytes:
+            return own
+        current = await self._rekey(kv, fitting, own.lease_id)
+        if current is None:
+            return own
+        return self._own(current, own.lease_id, own.ttl, "fitted to the new network config")
+
+    async def give_up(self, own: OwnLease) -> None:
+        """Give our key up: delete it (fenced), revoke its etcd lease. To an older twin, or
+        after a config change gave this host a new subnet."""
         await self._store.delete(own.key, mod_revision=own.mod_revision)
         if not own.reservation:
             await self._revoke_quietly(own.lease_id)

@@ -21,6 +21,16 @@ taken back within that time (a mass expiry when a paused etcd resumes) costs
 no packet. `peers` is what the data plane must program: the valid peers
 plus the held ones.
 
+When the network config changes (`set_network`), the book judges with the
+new config from then on and the prefix is listed again, so every key is
+judged anew; a peer the new config no longer admits (its subnet outside the
+new network, say) is removed like one a listing no longer has: after the
+hold time, so a host moving to a new subnet has its new entries in place
+before its old ones go. `relist()` waits until such a listing is applied.
+`gate` is held while a listing or an event batch is judged and applied: the
+agent takes it while it changes its own key on purpose, so no event is judged
+against a key that is about to change.
+
 A key naming this host's PublicIP *and* node id that is not ours is a second
 agent with this host's identity (a cloned machine, or the agent started
 twice): `on_twin` is told, once per key version.
@@ -34,6 +44,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
+from leaseagent.agent.together import run_together
 from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import Identity, KeyLayout, LeaseBook, Peer, PeerChanges, Verdict
@@ -48,7 +59,7 @@ OnPeers = Callable[[PeerChanges, bool, float], Awaitable[None]]
 OnOwn = Callable[[KeyValue | None, int], None]
 OnTwin = Callable[[Verdict], None]
 # Why the prefix is listed again: the engine's reasons, and the agent's own requests.
-RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed")
+RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "config_changed")
 
 
 class LeaseWatcher:
@@ -80,6 +91,9 @@ class LeaseWatcher:
         self._on_own = on_own
         self.book = LeaseBook(layout=layout, network=network, identity=self._identity())
         self.synced = asyncio.Event()  # set after the first complete list is applied
+        self.gate = asyncio.Lock()
+        self._listings = 0  # complete listings applied so far
+        self._listed = asyncio.Event()  # set each time one is
         self._engine = ListWatch(store, layout.subnets_prefix, on_unavailable=on_unavailable)
 
     def _identity(self) -> Identity:
@@ -87,6 +101,19 @@ class LeaseWatcher:
 
     def request_relist(self, reason: str) -> None:
         self._engine.request_relist(reason)
+
+    def set_network(self, network: NetworkConfig) -> None:
+        """Judge with `network` from now on; list again so every key is judged by it."""
+        self.book.network = network
+        self.request_relist("config_changed")
+
+    async def relist(self, reason: str) -> None:
+        """List again, and return once a listing asked for after this call is applied."""
+        wanted = self._listings + 1
+        self.request_relist(reason)
+        while self._listings < wanted:
+            self._listed.clear()
+            await self._listed.wait()
 
     @property
     def peers(self) -> Mapping[IPv4Network, Peer]:
@@ -144,6 +171,8 @@ class LeaseWatcher:
         self._update_gauges()
         await self._on_peers(changes, True, started)
         self.synced.set()
+        self._listings += 1
+        self._listed.set()
 
     async def _apply_events(self, batch: list[WatchEvent]) -> None:
         started = time.perf_counter()
@@ -166,13 +195,14 @@ class LeaseWatcher:
 
     async def _follow(self) -> None:
         async for item in self._engine.stream():
-            if isinstance(item, Snapshot):
-                if item.reason != "start":
-                    self._metrics.relists.labels(reason=item.reason).inc()
-                    log.info("listing leases again (%s)", item.reason.replace("_", " "))
-                await self._apply_listing(item)
-            else:
-                await self._apply_events(item.events)
+            async with self.gate:
+                if isinstance(item, Snapshot):
+                    if item.reason != "start":
+                        self._metrics.relists.labels(reason=item.reason).inc()
+                        log.info("listing leases again (%s)", item.reason.replace("_", " "))
+                    await self._apply_listing(item)
+                else:
+                    await self._apply_events(item.events)
 
     async def _expire_held(self) -> None:
         """Remove each held peer when its time is up (unless its lease came back)."""
@@ -193,13 +223,4 @@ class LeaseWatcher:
                 await self._on_peers(PeerChanges(removed=due), False, time.perf_counter())
 
     async def run(self) -> None:
-        follow = asyncio.ensure_future(self._follow())
-        expire = asyncio.ensure_future(self._expire_held())
-        try:
-            done, _ = await asyncio.wait({follow, expire}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-        finally:
-            for task in (follow, expire):
-                task.cancel()
-            await asyncio.gather(follow, expire, return_exceptions=True)
+        await run_together(self._follow(), self._expire_held())

@@ -39,5 +39,8 @@ class AllocBackend:
     async def observe(self) -> Observation:
         return Observation()
 
+    async def remove(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None

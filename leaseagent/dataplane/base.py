@@ -11,6 +11,13 @@ Life cycle, driven by the agent (leaseagent.agent):
     task: await dp.run(get_peers)       # periodic resync + netlink drift repair
     await dp.close()                    # stop: never removes peer state
 
+On a network config change (docs/architecture.md, "Config changes") the
+agent closes the running instance and starts a new one on the new settings,
+which adopts the kernel state and reconciles it (in place); for a rebuild
+(another backend type) it first calls
+
+    await dp.remove()                   # the backend's kernel objects and devices, all gone
+
 Read-only, for `leasectl doctor` and the tests as much as for reconcile:
 
     dp.spec(own_subnet, peers, own_ipv6=own_ipv6)
@@ -146,5 +153,7 @@ class DataPlane(Protocol):
              own_ipv6: IPv6Network | None = None) -> BackendSpec: ...
 
     async def observe(self) -> Observation: ...
+
+    async def remove(self) -> None: ...
 
     async def close(self) -> None: ...

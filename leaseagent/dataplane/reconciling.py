@@ -36,6 +36,9 @@ one more device. Nothing below depends on the family:
   afterwards is drift by definition.
 - `close()`: closes sockets. Never removes peer state or the device (a
   restart must not break connectivity; docs/architecture.md, "Fault rules").
+- `remove()`: for a rebuild onto another backend (docs/architecture.md,
+  "Config changes"): every object of ours the kernel has (`_current`), then
+  the devices of `_device_specs`. The instance is done with afterwards.
 
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
@@ -240,6 +243,20 @@ class ReconcilingBackend:
             for task in (watcher, resyncer):
                 task.cancel()
             await asyncio.gather(watcher, resyncer, return_exceptions=True)
+
+    async def remove(self) -> None:
+        async with self._lock:
+            nl = await self._netlink()
+            current = await self._current(nl)
+            await self._apply(nl, diff((), current), repair=False)
+            for spec in self._device_specs(self._own_subnet, self._own_ipv6):
+                state = await nl.device_state(spec.name)
+                if state is not None:
+                    await nl.delete_link(state.index)
+                    log.info("removed %s (the backend is rebuilt)", spec.name)
+            self._programmed, self._refs, self._by_key = {}, Counter(), {}
+            self._synced = False
+            self.status.in_sync = False
 
     async def close(self) -> None:
         if self._nl is not None:

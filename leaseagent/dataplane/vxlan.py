@@ -300,7 +300,21 @@ class VxlanBackend(ReconcilingBackend):
         changed = False
         for vtep, own in self._with_own(self._own_subnet, self._own_ipv6):
             changed = await vtep.converge(nl, own, repair=repair) or changed
+        if self._v6 is None:
+            changed = await self._remove_unused_v6(nl) or changed
         return changed
+
+    async def _remove_unused_v6(self, nl: Netlink) -> bool:
+        """Delete flannel-v6.<VNI> left from a dual-stack run (IPv6 turned off since, in
+        a running agent or across a restart); its neighbour and FDB entries go with it,
+        its routes are ours and go with the next sync. True if it was there."""
+        name = self._options.device_name6
+        state = await nl.device_state(name)
+        if state is None or state.kind != "vxlan":
+            return False
+        log.info("removing %s: the network config has no IPv6 now", name)
+        await nl.delete_link(state.index)
+        return True
 
     async def _ensure_ready(self, nl: Netlink) -> bool:
         if not self._v4.index:

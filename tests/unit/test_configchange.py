@@ -73,7 +73,8 @@ def test_every_field_and_option_is_covered_by_a_case() -> None:
     covered = {c[0] for c in CASES}
     fields = {f.name for f in FIELDS if f.kind != NONE}
     options = {f"Backend.{key}" for kind in BACKEND_TYPES.values() for key in kind.option_keys}
-    assert fields | options <= covered
+    assert fields | options <= covered, (
+        f"add a case to CASES for each of {sorted((fields | options) - covered)}")
 
 
 def test_a_change_has_the_class_of_its_most_disruptive_field() -> None:

@@ -1,0 +1,115 @@
+"""Network config changes applied by running agents (alloc backend: no kernel), real etcd.
+
+The data-plane side (MTU, DirectRouting, vxlan <-> host-gw, pings) is in
+tests/e2e/test_config_changes.py; here the lease side: who keeps, who moves,
+subnet.env, invalid versions ignored, a burst of writes coalesced.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from ipaddress import IPv4Interface, IPv4Network
+
+from etcd_server import PREFIX, put_config
+
+ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.200.0",
+         "Backend": {"Type": "alloc"}}
+
+
+def env_of(agent) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return dict(line.split("=", 1) for line in agent.subnet_file.read_text().splitlines())
+
+
+def wait_until(check, timeout: float = 10.0, what: str = "") -> float:  # type: ignore[no-untyped-def]
+    """Seconds until check() is true."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def revision_of_config(etcd) -> int:  # type: ignore[no-untyped-def]
+    doc = json.loads(etcd.etcdctl("get", f"{PREFIX}/config", "-w", "json"))
+    return int(doc["kvs"][0]["mod_revision"])
+
+
+def test_shrinking_the_network_moves_only_the_host_outside_it(etcd, agents):
+    put_config(etcd, ALLOC)
+    inside = agents("in", "10.200.0.1", extra=["--docker-opts-file", "/dev/null"])
+    outside = agents("out", "10.200.0.2")
+    # Where each starts is up to allocation: reserve the one outside the new network.
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.150.0-24", json.dumps({"PublicIP": "10.200.0.2"}))
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.5.0-24", json.dumps({"PublicIP": "10.200.0.1"}))
+    inside.start(metrics=True)
+    outside.start(metrics=True)
+    assert inside.wait_subnet() == "10.6.5.1/24"
+    assert outside.wait_subnet() == "10.6.150.1/24"
+
+    put_config(etcd, {**ALLOC, "Network": "10.6.0.0/17", "SubnetMax": "10.6.100.0"})
+    took = wait_until(lambda: env_of(outside)["FLANNEL_NETWORK"] == "10.6.0.0/17"
+                      and env_of(inside)["FLANNEL_NETWORK"] == "10.6.0.0/17",
+                      what="both subnet.env on the new network")
+    moved = IPv4Interface(env_of(outside)["FLANNEL_SUBNET"]).network
+    assert moved.subnet_of(IPv4Network("10.6.0.0/17")) and moved != IPv4Network("10.6.5.0/24")
+    assert env_of(inside)["FLANNEL_SUBNET"] == "10.6.5.1/24"
+    outside.wait_log("SUBNET MOVED: 10.6.150.0/24 is outside")
+    assert "SUBNET MOVED" not in inside.log()
+    keys = etcd.etcdctl("get", "--prefix", "--keys-only", f"{PREFIX}/subnets/").split()
+    assert sorted(keys) == sorted([f"{PREFIX}/subnets/10.6.5.0-24",
+                                   f"{PREFIX}/subnets/{moved.network_address}-24"])
+    assert outside.metric("leaseagent_lease_subnet_changes_total") == 1
+    assert inside.metric("leaseagent_lease_subnet_changes_total") == 0
+    for agent in (inside, outside):
+        wait_until(lambda a=agent: a.metric("leaseagent_network_config_changes_total",
+                                            'class="re-lease"') == 1, what="counted")
+        assert agent.metric("leaseagent_network_config_revision") == revision_of_config(etcd)
+        assert "Traceback" not in agent.log()
+    print(f"\nshrink: both subnet.env on the new network {took:.2f}s after the write")
+
+
+def test_an_invalid_config_is_ignored_counted_and_logged_once(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1").start(metrics=True)
+    first = a.wait_subnet()
+    good = revision_of_config(etcd)
+    etcd.etcdctl("put", f"{PREFIX}/config", '{"Network": "10.6.0.0/33"}')
+    a.wait_log("network config revision")
+    wait_until(lambda: a.metric("leaseagent_network_config_ignored_total",
+                                'reason="invalid"') == 1, what="counted")
+    etcd.etcdctl("put", f"{PREFIX}/config", "not json")
+    wait_until(lambda: a.metric("leaseagent_network_config_ignored_total",
+                                'reason="invalid"') == 2, what="counted again")
+    etcd.etcdctl("del", f"{PREFIX}/config")
+    wait_until(lambda: a.metric("leaseagent_network_config_ignored_total",
+                                'reason="missing"') == 1, what="deletion counted")
+    errors = [line for line in a.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 3, errors
+    assert "Network=\"10.6.0.0/33\"" in errors[0] and "keeps running on the last good" in errors[0]
+    assert a.metric("leaseagent_network_config_revision") == good
+    assert env_of(a)["FLANNEL_SUBNET"] == first
+    status, _ = a.http("/readyz")
+    assert status == 200
+    # A good one again: applied.
+    put_config(etcd, {**ALLOC, "Network": "10.6.0.0/15"})
+    wait_until(lambda: env_of(a)["FLANNEL_NETWORK"] == "10.6.0.0/15", what="applied")
+    assert env_of(a)["FLANNEL_SUBNET"] == first
+    assert "Traceback" not in a.log()
+
+
+def test_a_burst_of_writes_is_coalesced_and_the_latest_applied(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1").start(metrics=True)
+    a.wait_subnet()
+    for prefix in range(15, 10, -1):  # five writes, a few ms apart
+        put_config(etcd, {**ALLOC, "Network": f"10.0.0.0/{prefix}", "SubnetMin": "10.6.1.0",
+                          "SubnetMax": "10.6.200.0"})
+    wait_until(lambda: env_of(a)["FLANNEL_NETWORK"] == "10.0.0.0/11", what="the latest")
+    time.sleep(1.0)
+    applied = a.metric("leaseagent_network_config_changes_total", 'class="re-lease"')
+    coalesced = a.metric("leaseagent_network_config_coalesced_total")
+    assert applied is not None and coalesced is not None
+    assert applied + coalesced == 5 and applied <= 2, (applied, coalesced)
+    assert a.metric("leaseagent_network_config_revision") == revision_of_config(etcd)
