@@ -561,9 +561,9 @@ class Agent:
             if new.subnet != own.subnet:
                 self._given_up.add(own.key)
                 self.metrics.lease_changes.inc()
-                log.error("SUBNET MOVED: %s under the new network config; took %s and gave "
-                          "the old subnet up (restart Docker to use the new one)",
-                          self.network.check_subnet(own.subnet), new.subnet)
+                log.error("SUBNET MOVED: %s (a network config change); took %s and gave %s "
+                          "up (restart Docker to use the new subnet)",
+                          self.network.check_subnet(own.subnet), new.subnet, own.subnet)
             await self._take(new, first=False)
         except Exception as exc:  # the lease is as it was (SubnetsExhausted, ...)
             done.set_exception(exc)

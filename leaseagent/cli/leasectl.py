@@ -3,7 +3,10 @@
     leasectl list [-o table|wide|json]
     leasectl show SUBNET|KEY-NAME [-o json|table]
     leasectl config get
-    leasectl config set FILE|-      (validated as the agents validate it; a bad file leaves etcd untouched)
+    leasectl config set [--dry-run] FILE|-
+                                    (validated as the agents validate it; a bad file leaves etcd
+                                    untouched; prints the change's class and which hosts re-lease
+                                    or restart Docker, against the live cluster)
     leasectl reserve SUBNET --public-ip IP [--force]
     leasectl release SUBNET|KEY-NAME
     leasectl watch [-o table|json]
@@ -70,8 +73,9 @@ from leaseagent.config import (
     new_parser,
     unknown_variables,
 )
+from leaseagent.core.configchange import REBUILD, classify, lease_impact
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
-from leaseagent.core.leases import KeyLayout, LeaseValue, decode_lease_value, judge
+from leaseagent.core.leases import PEER, KeyLayout, LeaseValue, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.errors import ConfigError, InvalidLease, LeaseagentError, NetworkConfigError
@@ -154,10 +158,57 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         print(kv.value.decode(errors="replace"))
         return 0
     raw, network = args.config_data
-    await store.put(key, raw)
-    print(f"{key} set: network {network.network}, /{network.subnet_len} subnets, "
-          f"backend {network.backend_type}")
+    current = await store.get(key)
+    listing = (await store.list_prefix(layout.subnets_prefix)).items
+    if not args.dry_run:
+        await store.put(key, raw)
+        print(f"{key} set: network {network.network}, /{network.subnet_len} subnets, "
+              f"backend {network.backend_type}")
+    for line in change_summary(current, network, listing, layout):
+        print(line)
     return 0
+
+
+def change_summary(current: KeyValue | None, new: NetworkConfig, listing: Sequence[KeyValue],
+                   layout: KeyLayout) -> list[str]:
+    """What writing `new` over `current` does to the running cluster: the change's class
+    and fields, then each host that re-leases or restarts Docker (leaseagent.core.
+    configchange, the rule the agents apply)."""
+    old = None
+    if current is not None:
+        try:
+            old = parse_network_config(current.value)
+        except NetworkConfigError:
+            pass
+    if old is None:
+        return ["no valid config in force: agents waiting for one start with this one"]
+    change = classify(old, new)
+    if not change:
+        return ["change: none (the agents read it as the config in force)"]
+    lines = [f"change: {change.kind}"] + [f"  {f.text} ({f.kind})" for f in change.fields]
+    hosts = sorted(((v.subnet, v.value, v.ipv6_subnet)
+                    for v in judge(listing, layout=layout, network=old).verdicts.values()
+                    if v.status == PEER and v.subnet is not None and v.value is not None),
+                   key=lambda host: int(host[0].network_address))
+    affected = 0
+    for subnet, value, ipv6_subnet in hosts:
+        impact = lease_impact(old, new, subnet, ipv6_subnet)
+        what = []
+        if impact.moves is not None:
+            what.append(f"re-leases: takes a new subnet ({impact.moves})")
+        elif impact.rekeys:
+            what.append("re-leases: its key moves, its subnet kept")
+        if change.kind == REBUILD:
+            what.append(f"rebuilds its data plane ({old.backend_type} -> {new.backend_type})")
+        if impact.restart_docker:
+            what.append(f"restart Docker ({', '.join(impact.docker)})")
+        if what:
+            affected += 1
+            node = f", node {value.node_id}" if value.node_id else ""
+            lines.append(f"  {subnet} ({value.public_ip}{node}): " + "; ".join(what))
+    lines.append(f"hosts: {len(hosts)}, {affected} affected as above, the others keep their "
+                 "subnet and Docker's options")
+    return lines
 
 
 async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
@@ -377,8 +428,12 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     _subparser(csub, "get", "print the network config")
     cset = _subparser(csub, "set", "validate FILE as the agents do, then write it",
                       "Validate FILE exactly as every agent validates the network config, then\n"
-                      "write it; a file an agent would refuse leaves etcd untouched (exit 2).")
+                      "write it; a file an agent would refuse leaves etcd untouched (exit 2).\n"
+                      "Then say what the running agents do about it: the change's class (in-place,\n"
+                      "re-lease, rebuild) and which hosts re-lease or must restart Docker.")
     cset.add_argument("file", metavar="FILE", help="JSON file, or - for standard input")
+    cset.add_argument("--dry-run", action="store_true",
+                      help="only print what writing FILE would do to the running cluster")
     p = _subparser(sub, "reserve", "reserve SUBNET for the host with --public-ip (no TTL)",
                    "Reserve SUBNET for the host with --public-ip: a key with no TTL that only that\n"
                    "host's agent takes. Refused for a subnet outside [SubnetMin, SubnetMax] or a\n"

@@ -12,6 +12,8 @@ import time
 from ipaddress import IPv4Interface, IPv4Network
 
 from etcd_server import PREFIX, put_config
+from leasectl_run import leasectl
+from polling import wait_for
 
 ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.200.0",
          "Backend": {"Type": "alloc"}}
@@ -19,16 +21,6 @@ ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.2
 
 def env_of(agent) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return dict(line.split("=", 1) for line in agent.subnet_file.read_text().splitlines())
-
-
-def wait_until(check, timeout: float = 10.0, what: str = "") -> float:  # type: ignore[no-untyped-def]
-    """Seconds until check() is true."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if check():
-            return time.monotonic() - started
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def revision_of_config(etcd) -> int:  # type: ignore[no-untyped-def]
@@ -49,13 +41,14 @@ def test_shrinking_the_network_moves_only_the_host_outside_it(etcd, agents):
     assert outside.wait_subnet() == "10.6.150.1/24"
 
     put_config(etcd, {**ALLOC, "Network": "10.6.0.0/17", "SubnetMax": "10.6.100.0"})
-    took = wait_until(lambda: env_of(outside)["FLANNEL_NETWORK"] == "10.6.0.0/17"
+    took = wait_for(lambda: env_of(outside)["FLANNEL_NETWORK"] == "10.6.0.0/17"
                       and env_of(inside)["FLANNEL_NETWORK"] == "10.6.0.0/17",
-                      what="both subnet.env on the new network")
+                      timeout=10, what="both subnet.env on the new network")
     moved = IPv4Interface(env_of(outside)["FLANNEL_SUBNET"]).network
     assert moved.subnet_of(IPv4Network("10.6.0.0/17")) and moved != IPv4Network("10.6.5.0/24")
     assert env_of(inside)["FLANNEL_SUBNET"] == "10.6.5.1/24"
-    outside.wait_log("SUBNET MOVED: 10.6.150.0/24 is outside")
+    outside.wait_log("SUBNET MOVED: subnet 10.6.150.0/24 is outside the network 10.6.0.0/17 "
+                     f"(a network config change); took {moved} and gave 10.6.150.0/24 up")
     assert "SUBNET MOVED" not in inside.log()
     keys = etcd.etcdctl("get", "--prefix", "--keys-only", f"{PREFIX}/subnets/").split()
     assert sorted(keys) == sorted([f"{PREFIX}/subnets/10.6.5.0-24",
@@ -63,8 +56,8 @@ def test_shrinking_the_network_moves_only_the_host_outside_it(etcd, agents):
     assert outside.metric("leaseagent_lease_subnet_changes_total") == 1
     assert inside.metric("leaseagent_lease_subnet_changes_total") == 0
     for agent in (inside, outside):
-        wait_until(lambda a=agent: a.metric("leaseagent_network_config_changes_total",
-                                            'class="re-lease"') == 1, what="counted")
+        wait_for(lambda a=agent: a.metric("leaseagent_network_config_changes_total",
+                                            'class="re-lease"') == 1, timeout=10, what="counted")
         assert agent.metric("leaseagent_network_config_revision") == revision_of_config(etcd)
         assert "Traceback" not in agent.log()
     print(f"\nshrink: both subnet.env on the new network {took:.2f}s after the write")
@@ -77,14 +70,14 @@ def test_an_invalid_config_is_ignored_counted_and_logged_once(etcd, agents):
     good = revision_of_config(etcd)
     etcd.etcdctl("put", f"{PREFIX}/config", '{"Network": "10.6.0.0/33"}')
     a.wait_log("network config revision")
-    wait_until(lambda: a.metric("leaseagent_network_config_ignored_total",
-                                'reason="invalid"') == 1, what="counted")
+    wait_for(lambda: a.metric("leaseagent_network_config_ignored_total",
+                                'reason="invalid"') == 1, timeout=10, what="counted")
     etcd.etcdctl("put", f"{PREFIX}/config", "not json")
-    wait_until(lambda: a.metric("leaseagent_network_config_ignored_total",
-                                'reason="invalid"') == 2, what="counted again")
+    wait_for(lambda: a.metric("leaseagent_network_config_ignored_total",
+                                'reason="invalid"') == 2, timeout=10, what="counted again")
     etcd.etcdctl("del", f"{PREFIX}/config")
-    wait_until(lambda: a.metric("leaseagent_network_config_ignored_total",
-                                'reason="missing"') == 1, what="deletion counted")
+    wait_for(lambda: a.metric("leaseagent_network_config_ignored_total",
+                                'reason="missing"') == 1, timeout=10, what="deletion counted")
     errors = [line for line in a.log().splitlines() if " ERROR " in line]
     assert len(errors) == 3, errors
     assert "Network=\"10.6.0.0/33\"" in errors[0] and "keeps running on the last good" in errors[0]
@@ -94,7 +87,7 @@ def test_an_invalid_config_is_ignored_counted_and_logged_once(etcd, agents):
     assert status == 200
     # A good one again: applied.
     put_config(etcd, {**ALLOC, "Network": "10.6.0.0/15"})
-    wait_until(lambda: env_of(a)["FLANNEL_NETWORK"] == "10.6.0.0/15", what="applied")
+    wait_for(lambda: env_of(a)["FLANNEL_NETWORK"] == "10.6.0.0/15", timeout=10, what="applied")
     assert env_of(a)["FLANNEL_SUBNET"] == first
     assert "Traceback" not in a.log()
 
@@ -106,10 +99,54 @@ def test_a_burst_of_writes_is_coalesced_and_the_latest_applied(etcd, agents):
     for prefix in range(15, 10, -1):  # five writes, a few ms apart
         put_config(etcd, {**ALLOC, "Network": f"10.0.0.0/{prefix}", "SubnetMin": "10.6.1.0",
                           "SubnetMax": "10.6.200.0"})
-    wait_until(lambda: env_of(a)["FLANNEL_NETWORK"] == "10.0.0.0/11", what="the latest")
+    wait_for(lambda: env_of(a)["FLANNEL_NETWORK"] == "10.0.0.0/11", timeout=10, what="the latest")
     time.sleep(1.0)
     applied = a.metric("leaseagent_network_config_changes_total", 'class="re-lease"')
     coalesced = a.metric("leaseagent_network_config_coalesced_total")
     assert applied is not None and coalesced is not None
     assert applied + coalesced == 5 and applied <= 2, (applied, coalesced)
     assert a.metric("leaseagent_network_config_revision") == revision_of_config(etcd)
+
+
+def test_leasectl_config_set_says_who_re_leases_and_restarts_docker(etcd, agents, tmp_path):
+    put_config(etcd, ALLOC)
+    for ip, subnet in (("10.200.0.1", "10.6.5.0"), ("10.200.0.2", "10.6.150.0")):
+        etcd.etcdctl("put", f"{PREFIX}/subnets/{subnet}-24", json.dumps({"PublicIP": ip}))
+    fleet = [agents(name, ip).start() for name, ip in (("in", "10.200.0.1"),
+                                                        ("out", "10.200.0.2"))]
+    for agent in fleet:
+        agent.wait_subnet()
+    written = revision_of_config(etcd)
+    shrunk = tmp_path / "shrunk.json"
+    shrunk.write_text(json.dumps({**ALLOC, "Network": "10.6.0.0/17", "SubnetMax": "10.6.100.0"}))
+    dry = leasectl(etcd, "config", "set", "--dry-run", str(shrunk))
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [
+        "change: re-lease",
+        "  Network 10.6.0.0/16 -> 10.6.0.0/17 (re-lease)",
+        "  SubnetMax 10.6.200.0 -> 10.6.100.0 (re-lease)",
+        "  10.6.150.0/24 (10.200.0.2, node out): re-leases: takes a new subnet (subnet "
+        "10.6.150.0/24 is outside the network 10.6.0.0/17); restart Docker (FLANNEL_SUBNET)",
+        "hosts: 2, 1 affected as above, the others keep their subnet and Docker's options",
+    ]
+    assert revision_of_config(etcd) == written  # a dry run writes nothing
+
+    retyped = tmp_path / "vxlan.json"
+    retyped.write_text(json.dumps({**ALLOC, "Backend": {"Type": "vxlan"}}))
+    dry = leasectl(etcd, "config", "set", "--dry-run", str(retyped))
+    assert dry.stdout.splitlines()[:2] == ["change: rebuild", "  Backend.Type alloc -> vxlan (rebuild)"]
+    assert ("  10.6.5.0/24 (10.200.0.1, node in): rebuilds its data plane (alloc -> vxlan); "
+            "restart Docker (FLANNEL_MTU)") in dry.stdout.splitlines()
+
+    grown = tmp_path / "grown.json"
+    grown.write_text(json.dumps({**ALLOC, "Network": "10.6.0.0/15"}))
+    done = leasectl(etcd, "config", "set", str(grown))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith("set: network 10.6.0.0/15, /24 subnets, backend alloc")
+    assert lines[1:] == ["change: re-lease", "  Network 10.6.0.0/16 -> 10.6.0.0/15 (re-lease)",
+                         "hosts: 2, 0 affected as above, the others keep their subnet and "
+                         "Docker's options"]
+    again = leasectl(etcd, "config", "set", "--dry-run", str(grown))
+    assert again.stdout.splitlines() == [
+        "change: none (the agents read it as the config in force)"]

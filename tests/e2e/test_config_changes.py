@@ -1,0 +1,343 @@
+"""Network config changes while agents run: 3 hosts, real agents, containers pinging.
+
+One vxlan lab (3 hosts x 1 container) for the module; each test writes a new
+`<prefix>/config` with etcdctl (as any operator tool would) while every
+container pings the next host's container every 20 ms, and measures, from the
+write, the time until every host has converged (what the test checks in each
+host's kernel and files, and `leaseagent_network_config_revision` equal to the
+written revision on every agent) and the pings lost. Each test leaves the lab
+as it found it (vxlan, 3 reachable hosts). The hosts start on fixed subnets
+(10.244.60.0/24, .120.0/24, .180.0/24: a previous subnet.env, the acquisition's
+rule 3), so a shrink to 10.244.0.0/17 moves exactly host 3.
+
+Figures are printed (`pytest -s`) as one line per change:
+`config change <what> (<class>): converged in <s> s, <lost> of <sent> pings lost`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network
+from typing import Any
+
+import pytest
+from polling import wait_for
+
+from leaseagent.lab import Lab, netns, parse_ping_summary, run
+from leaseagent.lab.topology import Host
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
+
+PING_INTERVAL = 0.02
+CONVERGE_SECONDS = 5.0  # the issue's bound, from the write to every host converged
+
+
+class FixedSubnetLab(Lab):
+    """A lab whose host i starts on 10.244.(60*i).0/24 (a previous subnet.env)."""
+
+    def start_agent(self, host: Host) -> int:
+        if not host.subnet_file.exists():
+            host.subnet_file.write_text(f"FLANNEL_NETWORK=10.244.0.0/16\n"
+                                        f"FLANNEL_SUBNET=10.244.{60 * host.index}.1/24\n"
+                                        f"FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+        return super().start_agent(host)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[FixedSubnetLab]:
+    lab = FixedSubnetLab(f"cc{os.getpid() % 100000}", lease_ttl=30)
+    try:
+        lab.up(3, 1)
+        assert lab.wait_reachable(timeout=15).all_ok
+        yield lab
+    finally:
+        warnings = lab.down()
+        assert not warnings, warnings
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def write_config(lab: Lab, config: dict[str, Any]) -> int:
+    """Put `config` with etcdctl; the etcd revision of the write."""
+    lab.etcdctl("put", lab.keys.config_key, json.dumps(config))
+    doc = json.loads(lab.etcdctl("get", lab.keys.config_key, "-w", "json"))
+    return int(doc["kvs"][0]["mod_revision"])
+
+
+def base_config(lab: Lab, **backend: object) -> dict[str, Any]:
+    config = lab.network_config()
+    config["Backend"] = {**config["Backend"], **backend}  # type: ignore[dict-item]
+    return config
+
+
+def env_of(host: Host) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in host.subnet_file.read_text().splitlines())
+
+
+def device_mtu(host: Host, name: str) -> int | None:
+    out = run(["ip", "-n", host.ns, "-o", "link", "show", name], check=False)
+    parts = out.split()
+    return int(parts[parts.index("mtu") + 1]) if "mtu" in parts else None
+
+
+def applied(lab: Lab, revision: int) -> bool:
+    return all(lab.metrics(h).get("leaseagent_network_config_revision") == revision
+               for h in lab.hosts.values())
+
+
+@dataclass
+class Pings:
+    """Every container pings the next host's container until stopped."""
+
+    outcomes: list[str] = field(default_factory=list)
+
+    @property
+    def sent(self) -> int:
+        return sum(parse_ping_summary(o)[0] for o in self.outcomes)
+
+    @property
+    def lost(self) -> int:
+        return sum(s - r for s, r in map(parse_ping_summary, self.outcomes))
+
+
+@contextmanager
+def pinging(lab: Lab, seconds: float) -> Iterator[Pings]:
+    hosts = list(lab.hosts.values())
+    count = int(seconds / PING_INTERVAL)
+    procs = [lab.ping_background(h.containers[0], hosts[(i + 1) % len(hosts)].containers[0].ip,
+                                 count=count, interval=PING_INTERVAL)
+             for i, h in enumerate(hosts)]
+    pings = Pings()
+    try:
+        time.sleep(0.3)  # pinging before the change
+        yield pings
+    finally:
+        pings.outcomes = [p.communicate(timeout=seconds + 30)[0] for p in procs]
+
+
+def report(what: str, kind: str, took: float, pings: Pings) -> None:
+    print(f"\nconfig change {what} ({kind}): converged in {took:.2f} s, "
+          f"{pings.lost} of {pings.sent} pings lost")
+
+
+def change(lab: Lab, config: dict[str, Any], converged: Callable[[], bool], *,
+           what: str, kind: str, seconds: float = 4.0) -> tuple[float, Pings]:
+    """Write `config` while pinging; (seconds from the write until every agent has it in
+    force and `converged()`, the pings)."""
+    with pinging(lab, seconds) as pings:
+        revision = write_config(lab, config)
+        began = time.monotonic()
+        wait_for(lambda: applied(lab, revision) and converged(), timeout=CONVERGE_SECONDS + 5,
+                 what=f"{what}: every host converged")
+        took = time.monotonic() - began
+    report(what, kind, took, pings)
+    assert took < CONVERGE_SECONDS, f"{what}: {took:.2f}s"
+    for host in lab.hosts.values():
+        assert "Traceback" not in host.log_file.read_text()
+    return took, pings
+
+
+# ------------------------------------------------------------------ in place
+
+
+def test_an_mtu_change_reaches_the_devices_and_subnet_env_without_a_restart(
+        lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+    pids = [lab.agent_pid(h) for h in hosts]
+
+    def at(mtu: int) -> Callable[[], bool]:
+        return lambda: all(device_mtu(h, "flannel.1") == mtu
+                           and env_of(h)["FLANNEL_MTU"] == str(mtu) for h in hosts)
+
+    _, pings = change(lab, base_config(lab, MTU=1400), at(1400), what="MTU 1450 -> 1400",
+                      kind="in-place")
+    assert pings.lost == 0
+    for host in hosts:
+        assert lab.metrics(host)['leaseagent_network_config_changes_total{class="in-place"}'] == 1
+    _, pings = change(lab, lab.network_config(), at(1450), what="MTU 1400 -> 1450",
+                      kind="in-place")
+    assert pings.lost == 0
+    assert [lab.agent_pid(h) for h in hosts] == pids  # no restart
+
+
+def test_direct_routing_on_and_off_switches_the_per_peer_objects(lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+    h1, h2 = hosts[0], hosts[1]
+    assert h2.subnet is not None
+    mac = str(lab.lease_value(h2)["BackendData"]["VtepMAC"])  # type: ignore[index]
+
+    def direct() -> bool:
+        entries = lab.kernel_entries(h1, h2.subnet.network, mac)  # type: ignore[union-attr]
+        return (entries == [f"route {h2.subnet.network} via {h2.public_ip} dev eth0 proto 76 "]
+                or entries == [f"route {h2.subnet.network} via {h2.public_ip} dev eth0 proto 76"])
+
+    def overlay() -> bool:
+        entries = lab.kernel_entries(h1, h2.subnet.network, mac)  # type: ignore[union-attr]
+        return (len(entries) == 3 and "dev flannel.1" in entries[0]
+                and any(e.startswith("neigh") for e in entries)
+                and any(e.startswith("fdb") for e in entries))
+
+    assert overlay()
+    _, pings = change(lab, base_config(lab, DirectRouting=True), direct,
+                      what="DirectRouting on", kind="in-place")
+    assert pings.lost == 0
+    _, pings = change(lab, lab.network_config(), overlay, what="DirectRouting off",
+                      kind="in-place")
+    assert pings.lost == 0
+
+
+# ------------------------------------------------------------------ re-lease
+
+
+def test_growing_the_network_keeps_every_subnet_and_every_ping(lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+    before = {h.index: env_of(h)["FLANNEL_SUBNET"] for h in hosts}
+    grown = {**lab.network_config(), "Network": "10.244.0.0/15"}
+    _, pings = change(lab, grown,
+                      lambda: all(env_of(h)["FLANNEL_NETWORK"] == "10.244.0.0/15" for h in hosts),
+                      what="Network /16 -> /15", kind="re-lease")
+    assert pings.lost == 0
+    assert {h.index: env_of(h)["FLANNEL_SUBNET"] for h in hosts} == before
+    for host in hosts:
+        assert "SUBNET MOVED" not in host.log_file.read_text()
+    _, pings = change(lab, lab.network_config(),
+                      lambda: all(env_of(h)["FLANNEL_NETWORK"] == "10.244.0.0/16" for h in hosts),
+                      what="Network /15 -> /16", kind="re-lease")
+    assert pings.lost == 0
+    assert {h.index: env_of(h)["FLANNEL_SUBNET"] for h in hosts} == before
+
+
+def renumber(host: Host) -> None:
+    """What restarting Docker does once subnet.env names a new subnet: docker0 and the
+    containers move to it."""
+    old, new = host.subnet, IPv4Interface(env_of(host)["FLANNEL_SUBNET"])
+    assert old is not None
+    run(["ip", "-n", host.ns, "addr", "del", str(old), "dev", "br0"])
+    netns.address(host.ns, "br0", str(new))
+    for c in host.containers:
+        c.ip = new.ip + c.index
+        run(["ip", "-n", c.ns, "addr", "flush", "dev", "eth0"])
+        netns.address(c.ns, "eth0", f"{c.ip}/{new.network.prefixlen}")
+        run(["ip", "-n", c.ns, "route", "add", "default", "via", str(new.ip)])
+    host.subnet = new
+
+
+def test_shrinking_the_network_moves_only_the_hosts_outside_it(lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+    h1, h2, h3 = hosts
+    before = {h.index: env_of(h)["FLANNEL_SUBNET"] for h in hosts}
+    assert before[3] == "10.244.180.1/24"
+    half = IPv4Network("10.244.0.0/17")
+    shrunk = {**lab.network_config(), "Network": str(half)}
+
+    def moved() -> bool:
+        return IPv4Interface(env_of(h3)["FLANNEL_SUBNET"]).network.subnet_of(half)
+
+    # Pings between the hosts that stay: not one lost.
+    with pinging_between(lab, [(h1, h2), (h2, h1)], 4.0) as pings:
+        revision = write_config(lab, shrunk)
+        began = time.monotonic()
+        took = wait_for(lambda: applied(lab, revision) and moved(), timeout=10,
+                        what="host 3 moved")
+    report("Network /16 -> /17 (host 3 outside)", "re-lease", took, pings)
+    assert took < CONVERGE_SECONDS
+    assert pings.lost == 0
+    assert {h.index: env_of(h)["FLANNEL_SUBNET"] for h in (h1, h2)} == {
+        1: before[1], 2: before[2]}
+    log3 = h3.log_file.read_text()
+    assert "SUBNET MOVED: subnet 10.244.180.0/24 is outside the network 10.244.0.0/17" in log3
+    assert lab.metrics(h3)["leaseagent_lease_subnet_changes_total"] == 1
+    assert all("SUBNET MOVED" not in h.log_file.read_text() for h in (h1, h2))
+    keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
+    assert len(keys) == 3 and not any("10.244.180.0" in k for k in keys)
+
+    # Docker restarted on host 3 (here: its bridge and container renumbered): every pair
+    # reaches every other again.
+    renumber(h3)
+    reach = lab.wait_reachable(timeout=CONVERGE_SECONDS)
+    print(f"host 3 renumbered: all pairs reachable {time.monotonic() - began:.2f} s after the "
+          f"write")
+    assert reach.all_ok, reach.format()
+    # Back to /16: everyone fits, nobody moves.
+    revision = write_config(lab, lab.network_config())
+    wait_for(lambda: applied(lab, revision), timeout=CONVERGE_SECONDS, what="back to /16")
+    assert lab.wait_reachable(timeout=5).all_ok
+
+
+@contextmanager
+def pinging_between(lab: Lab, pairs: list[tuple[Host, Host]], seconds: float
+                    ) -> Iterator[Pings]:
+    count = int(seconds / PING_INTERVAL)
+    procs = [lab.ping_background(a.containers[0], b.containers[0].ip, count=count,
+                                 interval=PING_INTERVAL) for a, b in pairs]
+    pings = Pings()
+    try:
+        time.sleep(0.3)
+        yield pings
+    finally:
+        pings.outcomes = [p.communicate(timeout=seconds + 30)[0] for p in procs]
+
+
+# ------------------------------------------------------------------ rebuild
+
+
+def test_vxlan_to_host_gw_and_back_rebuilds_with_reachability_restored(
+        lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+
+    def reachable() -> bool:
+        return lab.reachability(wait=0.2).all_ok
+
+    def on_host_gw() -> bool:
+        return all(device_mtu(h, "flannel.1") is None for h in hosts) and reachable()
+
+    def on_vxlan() -> bool:
+        return all(device_mtu(h, "flannel.1") == 1450 for h in hosts) and reachable()
+
+    _, pings = change(lab, {**lab.network_config(), "Backend": {"Type": "host-gw"}},
+                      on_host_gw, what="vxlan -> host-gw", kind="rebuild")
+    for host in hosts:
+        value = lab.lease_value(host)
+        assert value is not None and value["BackendType"] == "host-gw"
+        assert env_of(host)["FLANNEL_MTU"] == "1500"
+    lost_there = pings.lost
+    _, pings = change(lab, lab.network_config(), on_vxlan, what="host-gw -> vxlan",
+                      kind="rebuild")
+    for host in hosts:
+        value = lab.lease_value(host)
+        assert value is not None and value["BackendType"] == "vxlan"
+        assert env_of(host)["FLANNEL_MTU"] == "1450"
+        assert lab.metrics(host)['leaseagent_network_config_changes_total{class="rebuild"}'] == 2
+    print(f"rebuild pings lost: {lost_there} (to host-gw), {pings.lost} (back to vxlan)")
+
+
+# ------------------------------------------------------------------ refused
+
+
+def test_an_invalid_config_written_with_etcdctl_is_ignored_and_counted(
+        lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+    good = json.loads(lab.etcdctl("get", lab.keys.config_key, "--print-value-only"))
+    before = {h.index: lab.metrics(h).get(
+        'leaseagent_network_config_ignored_total{reason="invalid"}', 0) for h in hosts}
+    with pinging(lab, 2.0) as pings:
+        lab.etcdctl("put", lab.keys.config_key,
+                    json.dumps({**good, "Backend": {"Type": "vxlan", "MTU": 20}}))
+        wait_for(lambda: all(lab.metrics(h).get(
+            'leaseagent_network_config_ignored_total{reason="invalid"}') == before[h.index] + 1
+            for h in hosts), timeout=5, what="every agent counted it")
+    assert pings.lost == 0
+    for host in hosts:
+        log = host.log_file.read_text()
+        assert log.count("Backend.MTU=20: must be at least 68") == 1
+        assert device_mtu(host, "flannel.1") == 1450
+        assert lab.agent_alive(host)
+    write_config(lab, good)
+    assert lab.wait_reachable(timeout=5).all_ok
