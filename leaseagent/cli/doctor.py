@@ -14,7 +14,13 @@ agent does. It decides nothing on its own:
   what it wants (`spec`) and reads what the kernel has (`observe`), and
   `core.plan.compare` finds the differences, as the backend's reconcile
   does; leaseagent.core.diagnosis turns them into lines;
-- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC.
+- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC;
+- wireguard: the public key three ways (each device's, the lease's PublicKey,
+  the key file's), which WireGuard drives the devices (kernel or wireguard-go),
+  and each peer that was sent packets but never completed a handshake (a key
+  or PSK that does not match the other side's). A peer's PSK that is not the
+  network config's shows as a wrong peer, like any other setting. Run it where
+  the agent runs: wireguard-go's control socket is in /var/run/wireguard.
 
 It may run while the agent is running: a peer that joins or leaves during
 the few milliseconds of the check can show as one missing or stale entry.
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from leaseagent.config import parse_public_ip, parse_route_protocol, source, traffic_settings
+from leaseagent.core.backends import WireguardLeaseData
 from leaseagent.core.diagnosis import (
     Problem,
     check_subnet_env,
@@ -38,7 +45,9 @@ from leaseagent.core.diagnosis import (
     object_problems,
     pick_own_lease,
     problem,
+    stalled_peer_problems,
     vtep_mac_problems,
+    wireguard_key_problems,
 )
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import Network, NetworkConfig, parse_network_config
@@ -47,7 +56,7 @@ from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, rul
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
-from leaseagent.errors import ConfigError, DataPlaneError, NetworkConfigError
+from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
 from leaseagent.store.base import LeaseStore
 
 
@@ -170,9 +179,15 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     backend = BACKENDS[network.backend_type](DataPlaneSettings(
         network=network, host=host, state_dir=settings.state_dir,
         route_protocol=settings.route_protocol))
+    mtu_notes: dict[str, str] = {}
+    driver = ""
     try:
         observed = await backend.observe()
         spec = backend.spec(own_subnet, peers, own_ipv6=own_ipv6)
+        if network.backend_type == "wireguard":
+            report.problems += await _wireguard_checks(backend, settings, network, host, own,
+                                                       observed.devices, peers, mtu_notes)
+            driver = _wireguard_summary(backend, settings)
     finally:
         await backend.close()
     comparison = compare(spec, observed)
@@ -180,7 +195,6 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     smallest = min(spec.devices, key=lambda d: d.mtu) if spec.devices else None
     mtu = smallest.mtu if smallest is not None else host.iface_mtu
     mtu_source = f"device {smallest.name}" if smallest is not None else f"interface {host.iface}"
-    mtu_notes: dict[str, str] = {}
     if network.backend_type == "vxlan":
         report.problems += _vxlan_checks(settings, network, host, own, observed.devices,
                                          mtu_notes)
@@ -208,9 +222,70 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
         mtu=mtu, mtu_source=mtu_source, ipmasq=settings.traffic.ip_masq,
         ipv6_network=network.ipv6_network, ipv6_subnet=own_ipv6)
     matched = len(flatten(spec.objects) & observed.objects)
-    report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}, "
-                      f"{len(peers)} valid peers, {matched} kernel entries as planned")
+    report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}"
+                      f"{driver}, {len(peers)} valid peers, {matched} kernel entries as planned")
     return report
+
+
+async def _wireguard_checks(backend: Any, settings: DoctorSettings, network: NetworkConfig,
+                            host: HostInfo, own: Verdict | None,
+                            devices: Mapping[str, DeviceState | None],
+                            peers: Mapping[IPv4Network, Peer], mtu_notes: dict[str, str]
+                            ) -> list[Problem]:
+    """The public key three ways per device, where each device's MTU comes from, and
+    peers that never completed a handshake."""
+    from leaseagent.core.backends import (
+        WIREGUARD6_OVERHEAD,
+        WIREGUARD_OVERHEAD,
+        WireguardOptions,
+        wireguard_lease_data,
+    )
+    from leaseagent.dataplane.wgkeys import key_path, load_private_key
+
+    options = network.options
+    assert isinstance(options, WireguardOptions)
+    found: list[Problem] = []
+    try:
+        stored = load_private_key(settings.state_dir)
+    except ConfigError as exc:
+        found.append(problem("state", str(key_path(settings.state_dir)), str(exc),
+                             text=f"state {exc}"))
+        stored = None
+    value = own.value if own is not None else None
+    for six in (False, True) if network.ipv6 is not None and host.public_ipv6 else (False,):
+        name = options.device_name_for(ipv6=six)
+        overhead = WIREGUARD6_OVERHEAD if six else WIREGUARD_OVERHEAD
+        mtu_notes[name] = (f"underlay MTU {host.iface_mtu} - {overhead}" if options.mtu is None
+                           else f"Backend.MTU {options.mtu} - {overhead}")
+        device = devices.get(name)
+        if device is None or device.wireguard is None:
+            continue
+        data = (value.backend_v6_data if six else value.backend_data) if value else {}
+        try:
+            lease = wireguard_lease_data(data) if data else None
+        except InvalidLease:
+            lease = None  # the lease check has said so
+        found += wireguard_key_problems(
+            device=name, device_key=device.wireguard.public_key, lease_data=lease,
+            stored_key=stored.public_key if stored else None,
+            state_file=str(key_path(settings.state_dir)))
+    owners = {d.public_key: p for p in peers.values() for d in (p.data, p.data6)
+              if isinstance(d, WireguardLeaseData)}
+    found += stalled_peer_problems(await backend.handshakes(), owners)
+    return found
+
+
+def _wireguard_summary(backend: Any, settings: DoctorSettings) -> str:
+    """`, wireguard-go, public key <key>` for doctor's ok line."""
+    from leaseagent.dataplane.wgkeys import load_private_key
+
+    control = backend.control
+    try:
+        stored = load_private_key(settings.state_dir)
+    except ConfigError:
+        stored = None
+    return (f" ({control.name if control is not None else 'no device'}"
+            f"{f', public key {stored.public_key}' if stored else ''})")
 
 
 def _vxlan_checks(settings: DoctorSettings, network: NetworkConfig, host: HostInfo,

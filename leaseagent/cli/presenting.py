@@ -44,7 +44,7 @@ from leaseagent.errors import LeaseagentError
 from leaseagent.store.base import KeyValue
 
 LIST_FIELDS = ("subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "vtep_mac",
-               "node_id", "expires_in", "reservation", "status", "valid", "error")
+               "public_key", "node_id", "expires_in", "reservation", "status", "valid", "error")
 WATCH_FIELDS = ("subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "node_id",
                 "status", "valid", "error")
 
@@ -92,6 +92,7 @@ def row_of(verdict: Verdict, layout: KeyLayout, *, expires_in: int | None,
                         else None),
         "backend": (value.backend_type or None) if value is not None else None,
         "vtep_mac": value.vtep_mac if value is not None else None,
+        "public_key": value.public_key if value is not None else None,
         "node_id": value.node_id if value is not None else None,
         "expires_in": max(expires_in, 0) if verdict.lease and expires_in is not None else None,
         "reservation": verdict.reservation,
@@ -118,14 +119,16 @@ def rows_of(items: Sequence[KeyValue], layout: KeyLayout, network: NetworkConfig
 
 
 def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
-    """A table; the IPv6 columns only when some lease has an IPv6 part."""
+    """A table; the IPv6 columns only when some lease has an IPv6 part, the public key
+    (wide) only when some lease is a WireGuard one."""
     six = any(r["ipv6_subnet"] for r in rows)
+    keys = any(r.get("public_key") for r in rows)
     cols = ["subnet", *(["ipv6_subnet"] if six else []), "public_ip", "backend", "expires_in",
             "status"]
     if wide:
         cols = ["subnet", *(["ipv6_subnet"] if six else []), "public_ip",
-                *(["public_ipv6"] if six else []), "backend", "vtep_mac", "node_id",
-                "expires_in", "status"]
+                *(["public_ipv6"] if six else []), "backend", "vtep_mac",
+                *(["public_key"] if keys else []), "node_id", "expires_in", "status"]
     heads = {c: c.upper().replace("_", " ") for c in cols}
     lines = []
     for row in rows:

@@ -3,7 +3,7 @@
 Pure: no I/O. Everything that depends on the backend type but not on the
 kernel lives in one registry, `BACKEND_TYPES`:
 
-- which types exist (`vxlan`, `host-gw`, `alloc`);
+- which types exist (`vxlan`, `host-gw`, `wireguard`, `alloc`);
 - how the `Backend` object of the network config is read and checked
   (`parse_options`, raising NetworkConfigError naming the field and value);
 - what a peer's `BackendData` must hold for the peer to be programmed
@@ -13,7 +13,9 @@ kernel lives in one registry, `BACKEND_TYPES`:
   option rebuilds the backend (leaseagent.core.configchange;
   docs/architecture.md, "Config changes");
 - what FLANNEL_MTU it gives for an underlay MTU (`mtu`), so `leasectl config
-  set` can tell whether a change makes Docker restart.
+  set` can tell whether a change makes Docker restart;
+- what its options demand of the rest of the config (`check_network`: today
+  only wireguard's Mode against EnableIPv6).
 
 The data plane (leaseagent.dataplane.BACKENDS) registers one implementation
 per type under the same names; a unit test checks that the two registries
@@ -24,10 +26,24 @@ vxlan (flannel's pkg/backend/vxlan): `{"Type": "vxlan", "VNI": 1, "Port": 8472,
 "MTU": n, "DirectRouting": false}`; flannel treats VNI 0 and Port 0 as unset.
 Its lease data is `{"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}`; a peer needs a
 unicast, non-zero VtepMAC (the VNI is not checked: flannel does not either).
+
+wireguard (flannel's pkg/backend/wireguard): `{"Type": "wireguard", "ListenPort":
+51820, "ListenPortV6": 51821, "PSK": "<base64>", "PersistentKeepaliveInterval": 0,
+"MTU": n, "Mode": "separate"}`, flannel's names and defaults. Its lease data is
+`{"PublicKey": "<base64>", "Port": 51820}` (BackendV6Data likewise, with the IPv6
+device's port); a missing or 0 Port means the receiving host's own ListenPort
+(ListenPortV6), flannel's rule for leases of flannel versions before Port. A peer
+needs a PublicKey that is standard base64 of 32 bytes (wgtypes.ParseKey's rule).
+MTU is flannel's: the MTU of the path the tunnel's packets take (default: the
+underlay's), from which WireGuard's overhead is subtracted for each device; vxlan's
+MTU, in contrast, is the device's own.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +57,19 @@ VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 VXLAN6_OVERHEAD = 70  # outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14 (not flannel's 50: #1781)
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472  # flannel's default, the Linux kernel's original VXLAN port
+
+# WireGuard's overhead per packet on the wire: the outer IP header (20 or 40) + UDP 8 +
+# the data message header 16 (type 4, receiver index 4, counter 8) + the Poly1305 tag 16.
+# Padding (the plaintext is padded to a multiple of 16, but never past the device MTU)
+# costs up to 15 bytes of bandwidth and nothing of the MTU. flannel subtracts 80 for both.
+WIREGUARD_OVERHEAD = 60
+WIREGUARD6_OVERHEAD = 80
+WIREGUARD_PORT = 51820  # flannel's ListenPort default
+WIREGUARD_PORT6 = 51821  # flannel's ListenPortV6 default
+WIREGUARD_DEVICE = "flannel-wg"  # flannel's device names (one per family in Mode separate)
+WIREGUARD_DEVICE6 = "flannel-wg-v6"
+WIREGUARD_MODES = ("separate", "auto", "ipv4", "ipv6")  # flannel's Mode values
+WIREGUARD_KEY_BYTES = 32
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")  # used with fullmatch: `$` admits a "\n"
 
@@ -96,7 +125,52 @@ class VxlanOptions:
 # Any VNI's device of either family, as device_name and device_name6 make them.
 VXLAN_DEVICE_NAME = re.compile(r"flannel(-v6)?\.\d+")
 
-BackendOptions = NoOptions | VxlanOptions
+@dataclass(frozen=True, slots=True)
+class PresharedKey:
+    """A WireGuard preshared key. Shown (str, repr, in a config change's summary or a
+    doctor line) only as a fingerprint: 32 bits of its SHA-256, enough to tell two
+    apart, nothing to recover it from."""
+
+    raw: bytes = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()[:8]
+
+    def __str__(self) -> str:
+        return f"psk:{self.fingerprint}"
+
+    def __repr__(self) -> str:
+        return f"PresharedKey({self.fingerprint})"
+
+
+@dataclass(frozen=True, slots=True)
+class WireguardOptions:
+    """The wireguard part of the network config's Backend object."""
+
+    listen_port: int = WIREGUARD_PORT
+    listen_port_v6: int = WIREGUARD_PORT6
+    psk: PresharedKey | None = None
+    keepalive: int = 0  # PersistentKeepaliveInterval, seconds (0: off)
+    mtu: int | None = None  # flannel's MTU: the path's, before the overhead
+    mode: str = "separate"
+
+    @staticmethod
+    def device_name_for(*, ipv6: bool) -> str:
+        return WIREGUARD_DEVICE6 if ipv6 else WIREGUARD_DEVICE
+
+    def port_for(self, *, ipv6: bool) -> int:
+        """The ListenPort of one family's device."""
+        return self.listen_port_v6 if ipv6 else self.listen_port
+
+    def mtu_for(self, underlay_mtu: int, *, ipv6: bool = False) -> int:
+        """A device's MTU: Backend.MTU (else the underlay's) less what WireGuard adds
+        over that family's outer header (60 over IPv4, 80 over IPv6)."""
+        path = self.mtu if self.mtu is not None else underlay_mtu
+        return path - (WIREGUARD6_OVERHEAD if ipv6 else WIREGUARD_OVERHEAD)
+
+
+BackendOptions = NoOptions | VxlanOptions | WireguardOptions
 
 
 def _int_option(backend: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
@@ -132,6 +206,66 @@ def vxlan_options(backend: Mapping[str, Any]) -> VxlanOptions:
     )
 
 
+def wireguard_key(text: object) -> bytes | None:
+    """A WireGuard key from its base64 text (standard alphabet, padded, 32 bytes, as
+    flannel's wgtypes.ParseKey takes it), or None if `text` is not one."""
+    if not isinstance(text, str) or len(text) != 44:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == WIREGUARD_KEY_BYTES else None
+
+
+def wireguard_options(backend: Mapping[str, Any]) -> WireguardOptions:
+    """ListenPort, ListenPortV6, PSK, PersistentKeepaliveInterval, MTU, Mode from Backend;
+    NetworkConfigError names a bad field (never the PSK's value)."""
+    psk_text = backend.get("PSK", "")
+    psk = None
+    if psk_text != "":  # flannel: an empty PSK is none
+        raw = wireguard_key(psk_text)
+        if raw is None:
+            raise NetworkConfigError("Backend.PSK: must be a WireGuard key, 32 bytes in "
+                                     "base64 (`wg genpsk` makes one)")
+        psk = PresharedKey(raw)
+    mode = backend.get("Mode", "separate")
+    if mode not in WIREGUARD_MODES:
+        raise NetworkConfigError(f"Backend.Mode={mode!r}: must be one of "
+                                 f"{', '.join(WIREGUARD_MODES)}")
+    mtu = None
+    if "MTU" in backend:
+        mtu = _int_option(backend, "MTU", 0, 0, 65535)
+        if mtu < 68 + WIREGUARD6_OVERHEAD:
+            raise NetworkConfigError(f"Backend.MTU={mtu}: must be at least "
+                                     f"{68 + WIREGUARD6_OVERHEAD} (68 inside the tunnel)")
+    return WireguardOptions(
+        # 0 would make the kernel pick a port that no lease could name: refused.
+        listen_port=_int_option(backend, "ListenPort", WIREGUARD_PORT, 1, 65535),
+        listen_port_v6=_int_option(backend, "ListenPortV6", WIREGUARD_PORT6, 1, 65535),
+        psk=psk,
+        keepalive=_int_option(backend, "PersistentKeepaliveInterval", 0, 0, 65535),
+        mtu=mtu,
+        mode=mode,
+    )
+
+
+def check_wireguard_mode(options: BackendOptions, ipv6: bool) -> None:
+    """Mode against EnableIPv6. On an IPv4-only network every mode is flannel's one
+    device, flannel-wg, to each peer's PublicIP, except `ipv6` (flannel would aim at
+    PublicIPv6, which such a network has not). On a dual-stack network only
+    `separate` (one device per family) is run here: auto/ipv4/ipv6 put both families
+    on one device, which leaseagent does not implement."""
+    assert isinstance(options, WireguardOptions)
+    if not ipv6 and options.mode == "ipv6":
+        raise NetworkConfigError('Backend.Mode="ipv6" needs "EnableIPv6": true (it reaches '
+                                 'peers at their PublicIPv6)')
+    if ipv6 and options.mode != "separate":
+        raise NetworkConfigError(f"Backend.Mode={options.mode!r} with EnableIPv6: leaseagent "
+                                 'runs only Mode "separate" on a dual-stack network (a device '
+                                 "per family, flannel's default)")
+
+
 # ------------------------------------------------------------------ lease data
 
 
@@ -145,7 +279,13 @@ class VxlanLeaseData:
     vtep_mac: str  # lowercase, unicast
 
 
-LeaseData = NoLeaseData | VxlanLeaseData
+@dataclass(frozen=True, slots=True)
+class WireguardLeaseData:
+    public_key: str  # base64, as published
+    port: int  # 0: the receiving host's ListenPort (ListenPortV6 for BackendV6Data)
+
+
+LeaseData = NoLeaseData | VxlanLeaseData | WireguardLeaseData
 
 
 def _no_lease_data(data: Mapping[str, Any]) -> NoLeaseData:
@@ -158,6 +298,22 @@ def vxlan_lease_data(data: Mapping[str, Any]) -> VxlanLeaseData:
     if mac is None:
         raise InvalidLease("bad_vtep_mac", f"VtepMAC {raw!r} is not a unicast, non-zero MAC address")
     return VxlanLeaseData(mac)
+
+
+def wireguard_lease_data(data: Mapping[str, Any]) -> WireguardLeaseData:
+    """PublicKey and Port from a wireguard BackendData (or BackendV6Data)."""
+    key = data.get("PublicKey")
+    if wireguard_key(key) is None:
+        shown = key[:60] if isinstance(key, str) else key
+        raise InvalidLease("bad_backend_data",
+                           f"PublicKey {shown!r} is not a WireGuard key (base64 of 32 bytes)")
+    port = data.get("Port", 0)
+    if port is None:
+        port = 0
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidLease("bad_backend_data", f"Port {port!r} is not a UDP port")
+    assert isinstance(key, str)
+    return WireguardLeaseData(key, port)
 
 
 # ------------------------------------------------------------------ the registry
@@ -175,6 +331,13 @@ def _vxlan_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int:
                                                                      else (False,)))
 
 
+def _wireguard_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int:
+    """FLANNEL_MTU with wireguard: the smaller MTU of the devices in use."""
+    assert isinstance(options, WireguardOptions)
+    return min(options.mtu_for(underlay_mtu, ipv6=six) for six in ((False, True) if ipv6
+                                                                     else (False,)))
+
+
 @dataclass(frozen=True)
 class BackendType:
     name: str
@@ -187,6 +350,9 @@ class BackendType:
     in_place: frozenset[str] = frozenset()
     # FLANNEL_MTU for (options, underlay MTU, IPv6 devices too); None: not known here.
     mtu: Callable[[BackendOptions, int, bool], int] | None = _underlay_mtu
+    # A check of the options against the rest of the config, given whether it enables
+    # IPv6: NetworkConfigError if they do not go together. None: nothing to check.
+    check_network: Callable[[BackendOptions, bool], None] | None = None
 
 
 BACKEND_TYPES: dict[str, BackendType] = {
@@ -197,6 +363,16 @@ BACKEND_TYPES: dict[str, BackendType] = {
         in_place=frozenset({"Port", "MTU", "DirectRouting"}),
         mtu=_vxlan_mtu),
     "host-gw": BackendType("host-gw", _no_options, _no_lease_data),
+    "wireguard": BackendType(
+        "wireguard", wireguard_options, wireguard_lease_data,
+        option_keys={"ListenPort": "listen_port", "ListenPortV6": "listen_port_v6",
+                     "PSK": "psk", "PersistentKeepaliveInterval": "keepalive", "MTU": "mtu",
+                     "Mode": "mode"},
+        # The ports are published in BackendData (a new lease value) and Mode shapes
+        # the devices: rebuilds. The PSK, keepalive and MTU are the peers' and devices'
+        # settings, reconciled like any other.
+        in_place=frozenset({"PSK", "PersistentKeepaliveInterval", "MTU"}),
+        mtu=_wireguard_mtu, check_network=check_wireguard_mode),
     "alloc": BackendType("alloc", _no_options, _no_lease_data),
 }
 

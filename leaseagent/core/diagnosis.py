@@ -16,7 +16,11 @@ operator reads, e.g.
 
 An object the plan wants but the kernel lacks is missing; one whose identity
 (plan `key`) the kernel has with other attributes is wrong; one of ours no
-plan wants is stale.
+plan wants is stale. WireGuard peers are shown with their public key, and a
+preshared key only by its fingerprint (`psk:1a2b3c4d`); a wrong peer says
+which of its settings differ, e.g. that its preshared key is not the network
+config's PSK. A peer that was sent packets but never completed a handshake is
+a problem too (`peer`): its key, PSK or endpoint do not match the other side.
 """
 
 from __future__ import annotations
@@ -25,19 +29,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 
-from leaseagent.core.backends import VxlanLeaseData
+from leaseagent.core.backends import VxlanLeaseData, WireguardLeaseData
 from leaseagent.core.leases import LeaseValue, Peer
 from leaseagent.core.network import Network
 from leaseagent.core.plan import (
     ADD_ADDRESS,
     CREATE,
     REMOVE_ADDRESS,
+    RT_SCOPE_LINK,
     SET_MTU,
+    AllowedIP,
     DeviceDifference,
+    Fdb,
     KernelObject,
     Neighbour,
     PlanDiff,
     Route,
+    WgPeer,
 )
 from leaseagent.core.subnetenv import first_address
 
@@ -77,12 +85,50 @@ def render_object(obj: KernelObject, names: Mapping[int, str]) -> str:
             text += f" dev {dev(obj.ifindex)}"
         if obj.onlink:
             text += " onlink"
+        if obj.scope == RT_SCOPE_LINK:
+            text += " scope link"
         if obj.metric:
             text += f" metric {obj.metric}"
         return text
     if isinstance(obj, Neighbour):
         return f"neighbour {obj.dst} lladdr {obj.lladdr} dev {dev(obj.ifindex)}"
-    return f"fdb {obj.lladdr} dst {obj.dst} dev {dev(obj.ifindex)}"
+    if isinstance(obj, Fdb):
+        return f"fdb {obj.lladdr} dst {obj.dst} dev {dev(obj.ifindex)}"
+    if isinstance(obj, AllowedIP):
+        return f"allowed-ip {obj.network} peer {obj.public_key} dev {obj.device}"
+    return f"peer {obj.public_key} dev {obj.device}" + "".join(
+        f" {name} {value}" for name, value in _peer_settings(obj).items())
+
+
+def _peer_settings(peer: WgPeer) -> dict[str, str]:
+    """A WireGuard peer's settings as wg(8) names them (a PSK by its fingerprint)."""
+    out = {"endpoint": _endpoint(peer)}
+    if peer.psk is not None:
+        out["preshared-key"] = str(peer.psk)
+    if peer.keepalive:
+        out["persistent-keepalive"] = str(peer.keepalive)
+    return out
+
+
+def _endpoint(peer: WgPeer) -> str:
+    if peer.endpoint is None:
+        return "(none)"
+    ip, port = peer.endpoint
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _peer_differences(have: WgPeer, want: WgPeer) -> str:
+    """How a WireGuard peer differs from the plan, in words (a PSK never in the clear)."""
+    out = []
+    if have.endpoint != want.endpoint:
+        out.append(f"endpoint {_endpoint(have)}, want {_endpoint(want)}")
+    if have.psk != want.psk:
+        out.append("no preshared key, the network config has a PSK" if have.psk is None
+                   else "a preshared key, the network config has none" if want.psk is None
+                   else f"preshared key {have.psk} is not the network config's PSK ({want.psk})")
+    if have.keepalive != want.keepalive:
+        out.append(f"persistent keepalive {have.keepalive}, want {want.keepalive}")
+    return "; ".join(out)
 
 
 def _peer_label(peer: Peer) -> str:
@@ -114,6 +160,9 @@ def object_problems(
         there = current_by_key.get(obj.key)
         if there is None:
             out.append(problem("missing", render_object(obj, names), label))
+        elif isinstance(there, WgPeer) and isinstance(obj, WgPeer):
+            out.append(problem("wrong", f"peer {obj.public_key} dev {obj.device}",
+                               _peer_differences(there, obj) + (f"; {label}" if label else "")))
         else:
             want = render_object(obj, names)
             out.append(problem(
@@ -129,6 +178,12 @@ def _subnet(peer: Peer, version: int) -> Network | None:
 
 
 def _stale_reason(obj: KernelObject, peers: Mapping[IPv4Network, Peer]) -> str:
+    if isinstance(obj, WgPeer):
+        return "no valid lease has this public key"
+    if isinstance(obj, AllowedIP):
+        if any(_subnet(p, obj.network.version) == obj.network for p in peers.values()):
+            return f"not the key of the lease of {obj.network}"
+        return f"no valid lease holds {obj.network}"
     if isinstance(obj, Route):
         if any(_subnet(p, obj.dst.version) == obj.dst for p in peers.values()):
             return f"not what the lease of {obj.dst} needs"
@@ -172,21 +227,65 @@ def device_problems(differences: Iterable[DeviceDifference], *,
     return out
 
 
+def kept_identity_problems(*, device: str, what: str, lease_field: str, device_value: str,
+                           lease_value: str | None, stored_value: str | None, state_file: str,
+                           if_missing: str) -> list[Problem]:
+    """What a device shows its peers (a VtepMAC, a public key) three ways: the
+    device's, the lease's and the one kept in the state dir."""
+    out: list[Problem] = []
+    if lease_value is not None and device_value != lease_value:
+        detail = f"{what} {device_value} but the lease's {lease_field} is {lease_value}"
+        out.append(problem("device", device, detail, text=f"device {device} {detail}"))
+    if stored_value is None:
+        out.append(problem("state", state_file, f"missing ({if_missing})",
+                           text=f"state {state_file} missing: {if_missing}"))
+    elif stored_value != device_value:
+        detail = f"holds {stored_value} but device {device} has {device_value}"
+        out.append(problem("state", state_file, detail, text=f"state {state_file} {detail}"))
+    return out
+
+
 def vtep_mac_problems(*, device: str, device_mac: str | None, lease_mac: str | None,
                       stored_mac: str | None, state_file: str) -> list[Problem]:
     """The VtepMAC three ways: the device's, the lease's, the one kept in the state dir."""
+    return kept_identity_problems(
+        device=device, what="MAC", lease_field="VtepMAC", device_value=(device_mac or "").lower(),
+        lease_value=lease_mac.lower() if lease_mac is not None else None,
+        stored_value=stored_mac.lower() if stored_mac is not None else None,
+        state_file=state_file, if_missing="the VtepMAC would not survive a deleted device")
+
+
+def wireguard_key_problems(*, device: str, device_key: str | None, lease_data: object,
+                           stored_key: str | None, state_file: str) -> list[Problem]:
+    """The public key three ways: the device's (from its private key), the lease's
+    PublicKey, the key kept in the state dir."""
+    lease_key = lease_data.public_key if isinstance(lease_data, WireguardLeaseData) else None
+    return kept_identity_problems(
+        device=device, what="public key", lease_field="PublicKey",
+        device_value=device_key or "(none)", lease_value=lease_key,
+        stored_value=stored_key, state_file=state_file,
+        if_missing="the next start makes a new key, which every peer must learn")
+
+
+# Sent this much without a handshake ever completing: at least two initiations
+# (148 bytes each, five seconds apart), not a first packet still waiting for one.
+STALLED_TX_BYTES = 2 * 148
+
+
+def stalled_peer_problems(peers: Iterable[tuple[str, str, float, int, int]],
+                          owners: Mapping[str, Peer]) -> list[Problem]:
+    """Peers (device, public key, last handshake, rx bytes, tx bytes) that were sent
+    packets but never completed a handshake: the other side does not take ours."""
     out: list[Problem] = []
-    mac = (device_mac or "").lower()
-    if lease_mac is not None and mac != lease_mac.lower():
-        out.append(problem("device", device, f"MAC {mac} but the lease's VtepMAC is {lease_mac}",
-                           text=f"device {device} MAC {mac} but the lease's VtepMAC is {lease_mac}"))
-    if stored_mac is None:
-        out.append(problem("state", state_file, "missing (the VtepMAC is not kept across restarts)",
-                           text=f"state {state_file} missing: the VtepMAC would not survive "
-                           "a deleted device"))
-    elif stored_mac.lower() != mac:
-        out.append(problem("state", state_file, f"holds {stored_mac} but device {device} has {mac}",
-                           text=f"state {state_file} holds {stored_mac} but device {device} has {mac}"))
+    for device, key, handshake, _rx, tx in peers:
+        if handshake or tx < STALLED_TX_BYTES:
+            continue
+        owner = owners.get(key)
+        label = f" ({_peer_label(owner)})" if owner is not None else ""
+        out.append(problem(
+            "peer", f"{key} dev {device}", f"no handshake, {tx} bytes sent",
+            text=f"peer {key} dev {device}{label}: no handshake completed though {tx} bytes "
+            "were sent: its public key, the PSK or its endpoint do not match the other side"))
     return out
 
 

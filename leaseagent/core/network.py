@@ -320,11 +320,14 @@ def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
     if not isinstance(type_name, str) or not type_name:
         raise _field_error("Backend.Type", type_name, "must be a non-empty string")
     kind = backend_type(type_name.lower())
+    options = kind.parse_options(backend)
+    if kind.check_network is not None:
+        kind.check_network(options, ipv6 is not None)
     return NetworkConfig(
         ipv4=ipv4,
         ipv6=ipv6,
         backend_type=kind.name,
         backend=dict(backend),
-        options=kind.parse_options(backend),
+        options=options,
         enable_nftables=_parse_bool("EnableNFTables", data.get("EnableNFTables", False)),
     )

@@ -18,6 +18,11 @@ out (pkg/backend/vxlan/vxlan_network.go, pkg/backend/route_network.go):
   DirectRouting and the peer's public address on a directly connected
   network: only Route(<subnet> via <public address> dev underlay).
 - host-gw, per peer and family: Route(<subnet> via <public address> dev underlay).
+- wireguard, per peer and family: WgPeer(its PublicKey on the family's device,
+  endpoint <public address>:<Port>, the config's PSK and keepalive) and
+  AllowedIP(<subnet> -> that key). Besides, the backend's own objects: one
+  Route(<network> dev <device> scope link) per family (flannel's
+  wireguard_network.go/device.go), kept under the network's key of the plan.
 
 So a dual-stack vxlan peer has up to six objects. Peers stay keyed by their
 IPv4 subnet (`PeerPlan`): the IPv6 objects are part of the same peer.
@@ -34,6 +39,12 @@ apart for a *replace* (RTM_NEWROUTE/RTM_NEWNEIGH with NLM_F_REPLACE):
 - Fdb: the whole object (ifindex, lladdr, dst). A vxlan FDB entry may hold
   several remote destinations for one MAC; a stale one is removed on its own
   after the new one is appended.
+- WgPeer: (device, public key): WireGuard knows a peer by its key. A new
+  endpoint, PSK or keepalive is set in place; a new key is another peer.
+- AllowedIP: (device, network): a device routes a network to exactly one peer;
+  naming another key for it moves it. Two leases with one key (a host holding a
+  leftover lease) share the WgPeer, as two leases with one VtepMAC share an FDB
+  entry.
 
 Invariants: a peer whose subnet is our own is never planned; peers of another
 backend type are skipped (flannel does the same: a vxlan host does not route
@@ -50,11 +61,18 @@ from functools import partial
 from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import NamedTuple
 
-from leaseagent.core.backends import LeaseData, VxlanLeaseData
+from leaseagent.core.backends import (
+    LeaseData,
+    PresharedKey,
+    VxlanLeaseData,
+    WireguardLeaseData,
+    WireguardOptions,
+)
 from leaseagent.core.leases import Peer
 from leaseagent.core.network import Address, Network
 
 MAIN_TABLE = 254
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 # The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER).
 IPV6_DEFAULT_METRIC = 1024
 
@@ -78,15 +96,21 @@ class Route:
     ifindex: int
     onlink: bool = False
     metric: int = 0
+    # RT_SCOPE_LINK for a route to a device without a gateway (wireguard's network
+    # route, as `ip route add NET dev X` makes it). The kernel keeps no scope for an
+    # IPv6 route (it reads back universe), so an IPv6 route says universe itself.
+    scope: int = RT_SCOPE_UNIVERSE
     _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.dst.version == 6 and not self.metric:
             object.__setattr__(self, "metric", IPV6_DEFAULT_METRIC)
+        if self.dst.version == 6:
+            object.__setattr__(self, "scope", RT_SCOPE_UNIVERSE)
         ident = (0, self.dst.version, int(self.dst.network_address), self.dst.prefixlen,
                  int(self.gateway) if self.gateway is not None else -1,
-                 self.ifindex, self.onlink, self.metric)
+                 self.ifindex, self.onlink, self.metric, self.scope)
         object.__setattr__(self, "_ident", ident)
         object.__setattr__(self, "_hash", hash(ident))
 
@@ -159,13 +183,82 @@ class Fdb:
     kind = "fdb"
 
 
-KernelObject = Route | Neighbour | Fdb
+Endpoint = tuple[Address, int]  # a WireGuard peer's IP address and UDP port
+
+
+@dataclass(frozen=True, eq=False)
+class WgPeer:
+    """A peer of one of our WireGuard devices (by name: a device is addressed by name
+    through its control socket or genetlink). `psk` None: no preshared key."""
+
+    device: str
+    public_key: str  # base64
+    endpoint: Endpoint | None
+    psk: PresharedKey | None = None
+    keepalive: int = 0
+    _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ep = (-1, 0, 0) if self.endpoint is None else (
+            self.endpoint[0].version, int(self.endpoint[0]), self.endpoint[1])
+        ident = (3, self.device, self.public_key, *ep,
+                 self.psk.raw if self.psk is not None else b"", self.keepalive)
+        object.__setattr__(self, "_ident", ident)
+        object.__setattr__(self, "_hash", hash(ident))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WgPeer) and self._ident == other._ident
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("peer", self.device, self.public_key)
+
+    kind = "peer"
+
+
+@dataclass(frozen=True, eq=False)
+class AllowedIP:
+    """A network a WireGuard device routes to (and accepts from) the peer `public_key`."""
+
+    device: str
+    network: Network
+    public_key: str
+    _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ident = (4, self.device, self.network.version, int(self.network.network_address),
+                 self.network.prefixlen, self.public_key)
+        object.__setattr__(self, "_ident", ident)
+        object.__setattr__(self, "_hash", hash(ident))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AllowedIP) and self._ident == other._ident
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("allowed-ip", self.device, self.network)
+
+    kind = "allowed-ip"
+
+
+NetlinkObject = Route | Neighbour | Fdb  # what rtnetlink programs
+WireguardObject = WgPeer | AllowedIP  # what a WireGuard device's configuration holds
+KernelObject = NetlinkObject | WireguardObject
 # Per peer subnet: the objects that peer needs. Backends keep this to undo a
 # peer's objects on an incremental update without dumping kernel tables.
 PeerPlan = Mapping[IPv4Network, frozenset[KernelObject]]
 
-_ADD_ORDER = {"neighbour": 0, "fdb": 1, "route": 2}
-_REMOVE_ORDER = {"route": 0, "neighbour": 1, "fdb": 2}
+# A WireGuard peer exists before a network is routed to it, and goes after.
+_ADD_ORDER = {"neighbour": 0, "fdb": 1, "peer": 2, "allowed-ip": 3, "route": 4}
+_REMOVE_ORDER = {"route": 0, "neighbour": 1, "fdb": 2, "allowed-ip": 3, "peer": 4}
 
 
 class PlanDiff(NamedTuple):
@@ -289,6 +382,32 @@ def plan_host_gw(
     }
 
 
+def plan_wireguard_peer(peer: Peer, options: WireguardOptions, *, ipv4: bool = True,
+                        ipv6: bool = False) -> frozenset[KernelObject]:
+    """A wireguard peer's objects on the devices this host has (`ipv4`: flannel-wg,
+    `ipv6`: flannel-wg-v6): per family, the peer with its endpoint <public address>:
+    <Port> (0: our own ListenPort of that family, flannel's rule) and its subnet as
+    an allowed IP. Empty for a peer of another backend."""
+    if peer.backend_type != "wireguard":
+        return frozenset()
+    families: list[tuple[bool, Network, Address, LeaseData]] = []
+    if ipv4:
+        families.append((False, peer.subnet, peer.public_ip, peer.data))
+    v6 = ipv6_part(peer)
+    if ipv6 and v6 is not None:
+        families.append((True, v6.subnet, v6.public_ip, v6.data))
+    objects: set[KernelObject] = set()
+    for six, subnet, public_ip, data in families:
+        if not isinstance(data, WireguardLeaseData):
+            continue
+        device = options.device_name_for(ipv6=six)
+        port = data.port or options.port_for(ipv6=six)
+        objects.add(WgPeer(device, data.public_key, (public_ip, port), options.psk,
+                           options.keepalive))
+        objects.add(AllowedIP(device, subnet, data.public_key))
+    return frozenset(objects)
+
+
 def flatten(plan: PeerPlan) -> frozenset[KernelObject]:
     """All objects of a per-peer plan as one set."""
     out: set[KernelObject] = set()
@@ -343,6 +462,15 @@ class VxlanAttrs:
 
 
 @dataclass(frozen=True, slots=True)
+class WireguardAttrs:
+    """The settings of a WireGuard device besides its peers. `public_key` None in a
+    spec: any (doctor, which has no key to want)."""
+
+    listen_port: int
+    public_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     """A device as the kernel has it. `addresses`: all of them but IPv6 link-local
     ones (the kernel gives every device one; they are not ours to judge)."""
@@ -355,6 +483,7 @@ class DeviceState:
     mtu: int
     addresses: tuple[Interface, ...] = ()
     vxlan: VxlanAttrs | None = None
+    wireguard: WireguardAttrs | None = None  # None: no WireGuard control answers for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,12 +501,14 @@ class DeviceSpec:
     mac: str | None = None
     address: Interface | None = None
     up: bool = True
+    wireguard: WireguardAttrs | None = None
 
 
 # How a difference is put right: the device created or made again (its settings are
 # fixed at creation), or one attribute changed in place.
 CREATE, RECREATE, SET_MTU, SET_MAC, SET_UP, ADD_ADDRESS, REMOVE_ADDRESS = (
     "create", "recreate", "mtu", "mac", "up", "add-address", "remove-address")
+SET_WIREGUARD = "wireguard"  # its private key or listen port, set in place
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +559,15 @@ def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDi
                 out.append(differ(what, got, wanted, RECREATE))
         if want.link and have.link != want.link:
             out.append(differ("underlay link", have.link, want.link, RECREATE))
+    if spec.wireguard is not None:
+        wg, want_wg = state.wireguard, spec.wireguard
+        if wg is None:
+            return [differ("WireGuard control", None, "answering", RECREATE)]
+        if wg.listen_port != want_wg.listen_port:
+            out.append(differ("listen port", wg.listen_port, want_wg.listen_port,
+                              SET_WIREGUARD))
+        if want_wg.public_key is not None and wg.public_key != want_wg.public_key:
+            out.append(differ("public key", wg.public_key, want_wg.public_key, SET_WIREGUARD))
     if state.mtu != spec.mtu:
         out.append(differ("MTU", state.mtu, spec.mtu, SET_MTU))
     if spec.mac is not None and (state.mac or "").lower() != spec.mac:

@@ -8,9 +8,11 @@ from leaseagent.dataplane.alloc import AllocBackend
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings
 from leaseagent.dataplane.hostgw import HostGwBackend
 from leaseagent.dataplane.vxlan import VxlanBackend
+from leaseagent.dataplane.wireguard import WireguardBackend
 
 BACKENDS: dict[str, Callable[[DataPlaneSettings], DataPlane]] = {
     "alloc": AllocBackend,
     "vxlan": VxlanBackend,
     "host-gw": HostGwBackend,
+    "wireguard": WireguardBackend,
 }

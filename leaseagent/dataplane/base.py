@@ -125,7 +125,7 @@ class Durations:
 @dataclass
 class DataPlaneStatus:
     """What a backend reports about itself. Counters only grow; kinds are
-    "route", "neighbour", "fdb" and, for repairs, "device"."""
+    "route", "neighbour", "fdb", "peer", "allowed-ip" and, for repairs, "device"."""
 
     in_sync: bool = False
     last_error: str | None = None
@@ -133,6 +133,7 @@ class DataPlaneStatus:
     removed: Counter[str] = field(default_factory=Counter)
     repairs: Counter[str] = field(default_factory=Counter)
     reconciles: Durations = field(default_factory=Durations)
+    foreign_peers: int = 0  # peers of another backend type: not programmed, unreachable
 
 
 class DataPlane(Protocol):

@@ -286,6 +286,14 @@ class Netlink:
             raise DataPlaneError(f"vxlan device {name} vanished right after it was created")
         return created
 
+    async def create_link(self, name: str, kind: str) -> None:
+        """A link of `kind` with no settings of its own (a WireGuard device); EOPNOTSUPP
+        when the kernel has no such kind."""
+        try:
+            await self._ipr.link("add", ifname=name, kind=kind)
+        except (NetlinkError, OSError) as exc:
+            raise _error(f"cannot create {kind} device {name}", exc) from exc
+
     async def delete_link(self, index: int) -> None:
         try:
             await self._ipr.link("del", index=index)

@@ -1,11 +1,13 @@
-"""The reconcile engine shared by the kernel backends (vxlan, host-gw).
+"""The reconcile engine shared by the kernel backends (vxlan, host-gw, wireguard).
 
 A backend subclasses `ReconcilingBackend` and supplies policy: how to plan
-a peer (`_plan_peer`), its devices (`_device_specs`, `_converge_devices`),
-what of the kernel it owns (`_current`, `_observe_devices`), how to make its
-devices ready (`_ensure_ready`), and which netlink events concern it
-(`_drift_kind`). This module supplies the mechanics, identical for both, and
-the read-only `spec()`/`observe()` pair (leaseagent.dataplane.base).
+a peer (`_plan_peer`) and what it wants whatever the peers (`_own_objects`),
+its devices (`_device_specs`, `_converge_devices`), what of the kernel it owns
+(`_current`, `_observe_devices`), how to make its devices ready
+(`_ensure_ready`), which netlink events concern it (`_drift_kind`), how
+objects that are not rtnetlink's are written (`_program`) and what else must
+be watched (`_watchers`). This module supplies the mechanics, identical for
+all, and the read-only `spec()`/`observe()` pair (leaseagent.dataplane.base).
 
 Both address families go through the same mechanics: a dual-stack peer's
 IPv6 objects are in its plan beside its IPv4 ones, routes of both families
@@ -40,6 +42,10 @@ one more device. Nothing below depends on the family:
   "Config changes"): every object of ours the kernel has (`_current`), then
   the devices of `_device_specs`. The instance is done with afterwards.
 
+Peers of another backend type are planned nothing (flannel does the same):
+a vxlan host and a wireguard host cannot reach each other. Each is logged once
+(a warning naming both types) and counted in `status.foreign_peers`.
+
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
 
@@ -58,9 +64,10 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from ipaddress import IPv4Network, IPv6Network
 from itertools import chain
+from typing import Any
 
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
@@ -116,6 +123,9 @@ class ReconcilingBackend:
         # Work the event watcher hands to the resync loop.
         self._pending_repairs: set[tuple[object, ...]] = set()
         self._full_resync_needed = False
+        # Peers of another backend type: their subnets, and what was logged of them.
+        self._foreign: set[IPv4Network] = set()
+        self._foreign_logged: set[tuple[IPv4Network, str]] = set()
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -125,6 +135,12 @@ class ReconcilingBackend:
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         """The objects `peer` needs (using device indexes known right now)."""
         raise NotImplementedError
+
+    def _own_objects(self) -> frozenset[KernelObject]:
+        """Objects the backend wants whatever the peers (none by default; wireguard's
+        routes to the network). They sit in the plan under the network's key, which no
+        peer's subnet can equal."""
+        return frozenset()
 
     def _device_specs(self, own_subnet: IPv4Network | None, own_ipv6: IPv6Network | None
                       ) -> tuple[DeviceSpec, ...]:
@@ -149,6 +165,20 @@ class ReconcilingBackend:
 
     async def _refresh(self, nl: Netlink) -> None:
         """Re-read host facts the plan depends on (called before each full sync)."""
+
+    async def _program(self, nl: Netlink, changes: PlanDiff
+                       ) -> tuple[list[KernelObject], list[KernelObject], list[Failure]]:
+        """Make `changes` in the kernel: (removed, added, failures). By default all are
+        rtnetlink objects, removed first, then added (each list already in order)."""
+        protocol = self._settings.route_protocol
+        removed, failed_rm = await nl.apply(Action.REMOVE, changes.to_remove, protocol=protocol)
+        added, failed_add = await nl.apply(Action.REPLACE, changes.to_add, protocol=protocol)
+        return removed, added, failed_rm + failed_add
+
+    def _watchers(self) -> list[Coroutine[Any, Any, None]]:
+        """Tasks `run` keeps beside the netlink watcher and the resync loop (none by
+        default; wireguard polls its devices' peers, of which no event tells)."""
+        return []
 
     def _drift_kind(self, event: NetlinkEvent) -> str | None:
         """The kind of drift `event` reveals (it is not ours), or None to ignore it."""
@@ -178,11 +208,15 @@ class ReconcilingBackend:
 
     def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
              own_ipv6: IPv6Network | None = None) -> BackendSpec:
+        objects = {subnet: self._plan_peer(peer) for subnet, peer in peers.items()
+                   if subnet != own_subnet}
+        own = self._own_objects()
+        if own:
+            objects[self._settings.network.network] = own
         return BackendSpec(
             devices=self._device_specs(
                 own_subnet, own_ipv6 if self._settings.ipv6_enabled else None),
-            objects={subnet: self._plan_peer(peer) for subnet, peer in peers.items()
-                     if subnet != own_subnet},
+            objects=objects,
         )
 
     async def observe(self) -> Observation:
@@ -203,6 +237,7 @@ class ReconcilingBackend:
         async with self._lock:
             nl = await self._netlink()
             affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+            self._note_foreign(affected, peers)
             old: set[KernelObject] = set()
             new: set[KernelObject] = set()
             for subnet in affected:
@@ -232,17 +267,18 @@ class ReconcilingBackend:
                 self.status.in_sync = False
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
-        watcher = asyncio.create_task(self._watch_events(), name="dataplane-events")
-        resyncer = asyncio.create_task(self._resync_loop(get_peers), name="dataplane-resync")
+        tasks = {asyncio.create_task(self._watch_events(), name="dataplane-events"),
+                 asyncio.create_task(self._resync_loop(get_peers), name="dataplane-resync"),
+                 *(asyncio.create_task(coro) for coro in self._watchers())}
         try:
-            done, _ = await asyncio.wait({watcher, resyncer}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
             raise DataPlaneError("data-plane task ended unexpectedly")
         finally:
-            for task in (watcher, resyncer):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(watcher, resyncer, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def remove(self) -> None:
         async with self._lock:
@@ -275,6 +311,8 @@ class ReconcilingBackend:
     ) -> None:
         started = time.monotonic()
         await self._refresh(nl)
+        self._foreign.clear()
+        self._note_foreign(peers, peers)
         plan = self.spec(self._own_subnet, peers, own_ipv6=self._own_ipv6).objects
         desired = flatten(plan)
         current = await self._current(nl)
@@ -288,10 +326,26 @@ class ReconcilingBackend:
             self.status.last_error = None
         self.status.reconciles.observe(time.monotonic() - started)
 
+    def _note_foreign(self, subnets: Iterable[IPv4Network],
+                      peers: Mapping[IPv4Network, Peer]) -> None:
+        """Keep `_foreign` right for `subnets` (peers of another backend type); log each
+        such peer once."""
+        for subnet in subnets:
+            peer = peers.get(subnet)
+            if peer is None or peer.backend_type == self.backend_type:
+                self._foreign.discard(subnet)
+                continue
+            self._foreign.add(subnet)
+            if (subnet, peer.backend_type) not in self._foreign_logged:
+                self._foreign_logged.add((subnet, peer.backend_type))
+                node = f", node {peer.node_id}" if peer.node_id else ""
+                log.warning("peer %s (%s%s) runs the %s backend and this host %s: they cannot "
+                            "reach each other; not programmed", subnet, peer.public_ip, node,
+                            peer.backend_type, self.backend_type)
+        self.status.foreign_peers = len(self._foreign)
+
     async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
-        protocol = self._settings.route_protocol
-        removed, failed_rm = await nl.apply(Action.REMOVE, changes.to_remove, protocol=protocol)
-        added, failed_add = await nl.apply(Action.REPLACE, changes.to_add, protocol=protocol)
+        removed, added, failures = await self._program(nl, changes)
         self.status.removed.update(objects_by_kind(removed))
         self.status.added.update(objects_by_kind(added))
         if repair:
@@ -301,7 +355,6 @@ class ReconcilingBackend:
                     "data plane drift repaired: %s restored, %s removed",
                     objects_by_kind(added) or "nothing", objects_by_kind(removed) or "nothing",
                 )
-        failures = failed_rm + failed_add
         if failures:
             self.status.last_error = str(failures[0].error)
             log.warning(

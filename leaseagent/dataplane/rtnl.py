@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from leaseagent.core.network import Address, Network
-from leaseagent.core.plan import MAIN_TABLE, KernelObject, Neighbour, Route
+from leaseagent.core.plan import MAIN_TABLE, Fdb, KernelObject, Neighbour, Route
 
 NETLINK_ROUTE = 0
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
@@ -125,7 +125,7 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
     if isinstance(obj, Route):
         body = _RTMSG.pack(
             family_of(obj.dst), obj.dst.prefixlen, 0, 0, MAIN_TABLE, protocol,
-            RT_SCOPE_NOWHERE if remove else RT_SCOPE_UNIVERSE, RTN_UNICAST,
+            RT_SCOPE_NOWHERE if remove else obj.scope, RTN_UNICAST,
             RTNH_F_ONLINK if obj.onlink else 0,
         )
         body += _attr(RTA_DST, obj.dst.network_address.packed)
@@ -145,6 +145,8 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
             return RTM_DELNEIGH, 0, body
         body += _attr(NDA_LLADDR, _mac_bytes(obj.lladdr))
         return RTM_NEWNEIGH, NLM_F_REPLACE | NLM_F_CREATE, body
+    if not isinstance(obj, Fdb):
+        raise TypeError(f"not an rtnetlink object: {obj!r}")
     body = _NDMSG.pack(AF_BRIDGE, obj.ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
     body += _attr(NDA_LLADDR, _mac_bytes(obj.lladdr)) + _attr(NDA_DST, obj.dst.packed)
     if remove:
@@ -181,7 +183,7 @@ def messages(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int
 
 def decode_route(data: bytes | memoryview, start: int, end: int) -> tuple[Route | None, int, int]:
     """(route or None if not IPv4 or IPv6 unicast, protocol, table)."""
-    family, dst_len, _, _, table, proto, _, rtype, flags = _RTMSG.unpack_from(data, start)
+    family, dst_len, _, _, table, proto, scope, rtype, flags = _RTMSG.unpack_from(data, start)
     attrs = _attrs(data, start + _RTMSG.size, end)
     if RTA_TABLE in attrs:
         table = _U32.unpack(attrs[RTA_TABLE])[0]
@@ -198,6 +200,7 @@ def decode_route(data: bytes | memoryview, start: int, end: int) -> tuple[Route 
         ifindex=_U32.unpack(oif)[0] if oif else 0,
         onlink=bool(flags & RTNH_F_ONLINK),
         metric=_U32.unpack(priority)[0] if priority else 0,
+        scope=scope,
     )
     return route, proto, table
 
@@ -245,11 +248,11 @@ def _netns_path(netns: str) -> str:
     return netns if netns.startswith("/") else f"/run/netns/{netns}"
 
 
-def _new_socket(netns: str | None) -> socket.socket:
+def _new_socket(netns: str | None, protocol: int = NETLINK_ROUTE) -> socket.socket:
     def make() -> socket.socket:
         return socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
-            NETLINK_ROUTE,
+            protocol,
         )
 
     if netns is None:
@@ -286,7 +289,9 @@ class Request:
 
 
 class RtnlSocket:
-    """One raw NETLINK_ROUTE socket, used from the asyncio loop."""
+    """One raw NETLINK_ROUTE socket, used from the asyncio loop (or, `protocol=`, another
+    netlink protocol with the same request/ack/dump rules: the WireGuard genetlink
+    family, leaseagent.dataplane.wgnetlink)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -298,8 +303,8 @@ class RtnlSocket:
 
     @classmethod
     def open(cls, netns: str | None = None, *, groups: int = 0,
-             rcvbuf: int = 4 * 1024 * 1024) -> RtnlSocket:
-        sock = _new_socket(netns)
+             rcvbuf: int = 4 * 1024 * 1024, protocol: int = NETLINK_ROUTE) -> RtnlSocket:
+        sock = _new_socket(netns, protocol)
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)

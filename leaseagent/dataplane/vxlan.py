@@ -60,11 +60,6 @@ from leaseagent.core.backends import VxlanOptions, unicast_mac
 from leaseagent.core.leases import Peer
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
-    ADD_ADDRESS,
-    REMOVE_ADDRESS,
-    SET_MAC,
-    SET_MTU,
-    SET_UP,
     DeviceDifference,
     DeviceSpec,
     DeviceState,
@@ -76,6 +71,7 @@ from leaseagent.core.plan import (
     plan_vxlan_peer,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+from leaseagent.dataplane.devices import fix_in_place
 from leaseagent.dataplane.netlink import Netlink, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.rtnl import family_of
@@ -177,23 +173,7 @@ class Vtep:
         if state.index != self.index:
             changed = changed or bool(self.index)
             self.index = state.index
-        for difference in differences:
-            if difference.fix == SET_MTU:
-                await nl.set_link(state.index, mtu=spec.mtu)
-            elif difference.fix == SET_MAC:
-                await nl.set_link(state.index, mac=spec.mac)
-            elif difference.fix == SET_UP:
-                await nl.set_link(state.index, up=True)
-            elif difference.fix == ADD_ADDRESS:
-                assert spec.address is not None
-                await nl.add_address(state.index, spec.address)
-            elif difference.fix == REMOVE_ADDRESS:
-                assert isinstance(difference.have, Interface)
-                await nl.delete_address(state.index, difference.have)
-            else:
-                continue
-            log.log(logging.INFO if repair else logging.DEBUG, "%s; fixed", difference.text)
-            changed = True
+        changed = await fix_in_place(nl, state, spec, differences, repair=repair) or changed
         if load_vtep_mac(self._state_dir, self._mac_file) != self.mac:
             store_vtep_mac(self._state_dir, self.mac, self._mac_file)
         return changed

@@ -6,6 +6,17 @@ is in etcd; in a dual-stack lab with both families' subnets) and /readyz 200
 (the data plane is programmed). Each agent's metrics address is the same
 127.0.0.1 port on its own host's loopback. In a dual-stack lab the command
 line is the same: the agent finds its PublicIPv6 on eth0, as on a real host.
+
+Each host has its own /run/wireguard (`host_argv`): wireguard-go, which the
+agent starts for the wireguard backend, puts its control socket in that fixed
+directory, one for all of a machine's namespaces. The agent runs in a private
+mount namespace (`ip netns exec` makes one per command) with the host's own
+directory `<host dir>/wireguard` bound at /run/wireguard; wireguard-go, the
+agent's grandchild, inherits it, and so does every later agent of the host
+(the same directory is bound again), `wg` and `leasectl doctor` run through
+`host_argv` too. The directory /run/wireguard itself is created on the
+machine if missing (an empty mount point); nothing is mounted outside those
+private namespaces.
 """
 
 from __future__ import annotations
@@ -45,12 +56,26 @@ def argv(host: Host, *, command: Sequence[str], endpoints: str, prefix: str, lea
     ]
 
 
+WIREGUARD_RUN_DIR = "/run/wireguard"  # wireguard-go's (/var/run/wireguard), fixed
+
+
+def host_argv(host: Host, argv: Sequence[str]) -> list[str]:
+    """`argv` as run on `host` (inside its network namespace, once the caller adds it),
+    with the host's own /run/wireguard (see the module docstring). The program is
+    exec'd in place: a PID is the program's own."""
+    own = host.dir / "wireguard"
+    own.mkdir(parents=True, exist_ok=True)
+    script = (f'mkdir -p {WIREGUARD_RUN_DIR} && mount --bind "$0" {WIREGUARD_RUN_DIR} '
+              '&& exec "$@"')
+    return ["sh", "-c", script, str(own), *argv]
+
+
 def start(host: Host, agent_argv: Sequence[str]) -> int:
     """Start the host's agent (appending to its log); returns its PID."""
     if processes.running(host.pid_file) is not None:
         raise LabError(f"{host.name}: agent already running")
     host.dir.mkdir(parents=True, exist_ok=True)
-    return processes.spawn(agent_argv, log_file=host.log_file, ns=host.ns,
+    return processes.spawn(host_argv(host, agent_argv), log_file=host.log_file, ns=host.ns,
                            pid_file=host.pid_file).pid
 
 

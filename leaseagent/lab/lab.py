@@ -9,7 +9,9 @@ when the body raised.
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import signal
 import subprocess
 import time
@@ -246,9 +248,11 @@ class Lab:
         self._save()
 
     def remove_host(self, host: Host) -> None:
-        """Stop the host's agent (SIGKILL: what happens to a host that dies) and delete
-        its namespaces; its lease stays in etcd until TTL or `delete_lease`."""
+        """Stop the host's agent (SIGKILL: what happens to a host that dies) and what it
+        started (wireguard-go), and delete its namespaces; its lease stays in etcd until
+        TTL or `delete_lease`."""
         self.stop_agent(host, sig=signal.SIGKILL, grace=5)
+        teardown.stop_strays([host.ns], self.state)
         self.topology.remove_host(host)
         del self.hosts[host.index]
         self._save()
@@ -265,6 +269,10 @@ class Lab:
         backend: dict[str, object] = {"Type": self.backend}
         if self.backend == "vxlan":
             backend.update({"VNI": 1, "Port": 8472})
+        if self.backend == "wireguard":
+            # flannel's defaults (ports 51820/51821, Mode separate) and a PSK of the lab's
+            # own, so the preshared key is always exercised.
+            backend["PSK"] = base64.b64encode(secrets.token_bytes(32)).decode()
         config: dict[str, object] = {"Network": str(CONTAINER_NETWORK), "SubnetLen": 24,
                                      "Backend": backend}
         if self.ipv6:
@@ -275,6 +283,14 @@ class Lab:
 
     def _write_network_config(self) -> None:
         self.etcdctl("put", self.keys.config_key, json.dumps(self.network_config()))
+
+    def host_run(self, host: Host, argv: Sequence[str], *, timeout: float = 30
+                 ) -> subprocess.CompletedProcess[str]:
+        """Run `argv` on `host` as its agent runs: in its namespace, with its own
+        /run/wireguard (`wg show`, `leasectl doctor`)."""
+        return subprocess.run(netns.exec_argv(host.ns, agents.host_argv(host, argv)),
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, check=False)
 
     def leasectl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run leasectl against the lab's etcd (from the etcd namespace, the only one

@@ -10,8 +10,10 @@ whatever dockerd left mounted under the state dir, then the state dir.
 
 A stray is a process in a lab namespace whose command line names the lab's
 state dir (spawned just before a crash, its pid file never written) or that
-is one of the lab's helpers (ping, etcdctl, leasectl); anything else in there
-is reported, not killed, and its namespace lives on until it exits.
+is one of the lab's helpers (ping, etcdctl, leasectl) or wireguard-go (which
+the wireguard backend's agents start and, on purpose, never stop); anything
+else in there is reported, not killed, and its namespace lives on until it
+exits.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from leaseagent.lab.topology import Topology
 
 # Short-lived programs the lab runs inside its namespaces (argv[0], or argv[1] for a
 # Python console script); `down` may stop them when a crash left them behind.
-HELPERS = frozenset({"ping", "etcdctl", "leasectl"})
+HELPERS = frozenset({"ping", "etcdctl", "leasectl", "wireguard-go"})
 
 
 def down(topology: Topology, state: StateDir) -> list[str]:
@@ -39,8 +41,23 @@ def down(topology: Topology, state: StateDir) -> list[str]:
                    grace=5)
 
     ours = topology.present()
+    warnings += stop_strays(ours, state)
+
+    for ns in topology.removal_order(ours):
+        problem = netns.delete(ns)
+        if problem is not None:
+            warnings.append(problem)
+    warnings += docker.unmount_under(state.path)
+    state.remove()
+    return warnings
+
+
+def stop_strays(namespaces: list[str], state: StateDir) -> list[str]:
+    """Stop the lab's processes left in `namespaces` (see the module docstring); warnings
+    for the others, which are left running."""
+    warnings: list[str] = []
     strays: list[Process] = []
-    for ns in ours:
+    for ns in namespaces:
         for pid in netns.pids(ns):
             start = processes.start_time(pid)
             argv = processes.cmdline(pid)
@@ -54,11 +71,4 @@ def down(topology: Topology, state: StateDir) -> list[str]:
                 warnings.append(f"{ns}: pid {pid} ({' '.join(argv)[:80]}) not started by "
                                 "the lab; left running, the namespace lives on until it exits")
     processes.stop(strays, first=signal.SIGTERM, grace=5)
-
-    for ns in topology.removal_order(ours):
-        problem = netns.delete(ns)
-        if problem is not None:
-            warnings.append(problem)
-    warnings += docker.unmount_under(state.path)
-    state.remove()
     return warnings

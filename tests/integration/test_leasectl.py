@@ -8,8 +8,8 @@ from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
-FIELDS = ["subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "vtep_mac", "node_id",
-          "expires_in", "reservation", "status", "valid", "error"]
+FIELDS = ["subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "vtep_mac", "public_key",
+          "node_id", "expires_in", "reservation", "status", "valid", "error"]
 
 
 def one_line_error(result) -> str:

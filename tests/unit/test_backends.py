@@ -16,4 +16,4 @@ def test_every_backend_type_has_an_implementation_and_the_reverse() -> None:
 def test_an_unknown_type_names_the_supported_ones() -> None:
     with pytest.raises(NetworkConfigError) as err:
         backend_type("udp")
-    assert str(err.value) == "Backend.Type='udp': not supported (supported: alloc, host-gw, vxlan)"
+    assert str(err.value) == "Backend.Type='udp': not supported (supported: alloc, host-gw, vxlan, wireguard)"

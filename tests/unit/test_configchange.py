@@ -36,6 +36,13 @@ def with_backend(**options: object) -> dict[str, Any]:
     return {**BASE, "Backend": {"Type": "vxlan", **options}}
 
 
+WG: dict[str, Any] = {**BASE, "Backend": {"Type": "wireguard"}}
+
+
+def with_wireguard(**options: object) -> dict[str, Any]:
+    return {**BASE, "Backend": {"Type": "wireguard", **options}}
+
+
 # (field, old, new, class): every field of FIELDS and every registered option appears.
 CASES = [
     ("Network", BASE, {**BASE, "Network": "10.5.0.0/17"}, RELEASE),
@@ -55,6 +62,13 @@ CASES = [
     ("Backend.Port", BASE, with_backend(Port=4789), IN_PLACE),
     ("Backend.DirectRouting", BASE, with_backend(DirectRouting=True), IN_PLACE),
     ("Backend.VNI", BASE, with_backend(VNI=2), REBUILD),
+    ("Backend.PSK", WG, with_wireguard(PSK="A" * 43 + "="), IN_PLACE),
+    ("Backend.PersistentKeepaliveInterval", WG, with_wireguard(PersistentKeepaliveInterval=25),
+     IN_PLACE),
+    ("Backend.MTU", WG, with_wireguard(MTU=1400), IN_PLACE),
+    ("Backend.ListenPort", WG, with_wireguard(ListenPort=5000), REBUILD),
+    ("Backend.ListenPortV6", WG, with_wireguard(ListenPortV6=5001), REBUILD),
+    ("Backend.Mode", WG, with_wireguard(Mode="auto"), REBUILD),
 ]
 
 

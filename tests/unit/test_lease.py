@@ -175,7 +175,7 @@ def test_own_public_ip_is_refused() -> None:
     assert validation_reason(SUBNET, vxlan_value(str(OWN_IP))) == "public_ip_is_ours"
 
 
-@pytest.mark.parametrize("backend", ["udp", "ipip", "", "VXLAN", "wireguard"])
+@pytest.mark.parametrize("backend", ["udp", "ipip", "", "VXLAN", "ipsec"])
 def test_unknown_backend_is_refused(backend: str) -> None:
     value = LeaseValue(public_ip=IPv4Address("192.168.64.3"), backend_type=backend,
                        backend_data={"VtepMAC": MAC})

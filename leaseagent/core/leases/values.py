@@ -58,6 +58,12 @@ class LeaseValue:
         mac = self.backend_data.get("VtepMAC")
         return mac if isinstance(mac, str) else None
 
+    @property
+    def public_key(self) -> str | None:
+        """A WireGuard lease's PublicKey (the same in BackendV6Data, flannel's one key)."""
+        key = self.backend_data.get("PublicKey")
+        return key if isinstance(key, str) else None
+
     def encode(self) -> bytes:
         """Encode as flannel does (field order and names kept)."""
         doc: dict[str, Any] = {

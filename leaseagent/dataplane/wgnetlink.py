@@ -1,0 +1,314 @@
+"""The kernel's WireGuard, driven through its generic netlink family (`wireguard`).
+
+Where the kernel has the module (Linux 5.6 and later, or the backport), the
+device is a link of kind `wireguard` (made with rtnetlink, as `ip link add
+flannel-wg type wireguard` makes it) and configured with the family's two
+commands (include/uapi/linux/wireguard.h): WG_CMD_GET_DEVICE, a dump whose
+messages each carry part of the peers (a peer's allowed IPs may continue in
+the next message under the same public key), and WG_CMD_SET_DEVICE. The
+messages are packed here with `struct`, as leaseagent.dataplane.rtnl packs
+routes, and sent on the same kind of raw socket (NETLINK_GENERIC), so a set
+of many peers is a few messages, not one request per peer.
+
+The family is found by name with the controller's dump (CTRL_CMD_GETFAMILY);
+asking for it also makes the kernel load the module if it is installed. Its
+absence is how the agent knows to use wireguard-go instead.
+
+Where this was run: the encoding is checked by the unit tests against
+pyroute2's own WireGuard message classes, an independent reading of the same
+header (tests/unit/test_wireguard_codec.py); the machine this backend was
+written on has no WireGuard module, so no kernel device was ever configured
+by it (README, "WireGuard").
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from ipaddress import IPv4Address, IPv6Address, ip_network
+
+from leaseagent.core.backends import PresharedKey
+from leaseagent.core.network import Address, Network
+from leaseagent.core.plan import Endpoint, WgPeer
+from leaseagent.dataplane.rtnl import Request, RtnlSocket
+from leaseagent.dataplane.wgdevice import DeviceConfig, DeviceWrite, PeerState, PeerUpdate
+from leaseagent.dataplane.wgkeys import public_key_of
+from leaseagent.dataplane.wguapi import key_base64
+from leaseagent.errors import DataPlaneError
+
+NETLINK_GENERIC = 16
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
+WG_GENL_NAME = "wireguard"
+WG_GENL_VERSION = 1
+WG_CMD_GET_DEVICE, WG_CMD_SET_DEVICE = 0, 1
+(WGDEVICE_A_IFINDEX, WGDEVICE_A_IFNAME, WGDEVICE_A_PRIVATE_KEY, WGDEVICE_A_PUBLIC_KEY,
+ WGDEVICE_A_FLAGS, WGDEVICE_A_LISTEN_PORT, WGDEVICE_A_FWMARK, WGDEVICE_A_PEERS) = range(1, 9)
+(WGPEER_A_PUBLIC_KEY, WGPEER_A_PRESHARED_KEY, WGPEER_A_FLAGS, WGPEER_A_ENDPOINT,
+ WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, WGPEER_A_LAST_HANDSHAKE_TIME, WGPEER_A_RX_BYTES,
+ WGPEER_A_TX_BYTES, WGPEER_A_ALLOWEDIPS, WGPEER_A_PROTOCOL_VERSION) = range(1, 11)
+WGALLOWEDIP_A_FAMILY, WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = 1, 2, 3
+WGPEER_F_REMOVE_ME, WGPEER_F_REPLACE_ALLOWEDIPS, WGPEER_F_UPDATE_ONLY = 0x1, 0x2, 0x4
+NLA_F_NESTED = 0x8000
+# Peers per WG_CMD_SET_DEVICE message: ~160 bytes each keeps a message near 16 KiB.
+PEERS_PER_MESSAGE = 100
+
+_GENL = struct.Struct("=BBH")  # cmd, version, reserved
+_ATTR = struct.Struct("=HH")
+_U16, _U32, _U64 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("=Q")
+_SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family, port (network order), address
+_SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # family, port, flowinfo, address, scope id
+_TIMESPEC = struct.Struct("=qq")
+_ZERO_KEY = bytes(32)
+
+
+def _attr(kind: int, payload: bytes, *, nested: bool = False) -> bytes:
+    n = 4 + len(payload)
+    return _ATTR.pack(n, kind | (NLA_F_NESTED if nested else 0)) + payload + b"\0" * (-n & 3)
+
+
+def _key(base64_key: str) -> bytes:
+    return base64.b64decode(base64_key)
+
+
+# -- encoding ------------------------------------------------------------------------
+
+
+def sockaddr(endpoint: Endpoint) -> bytes:
+    ip, port = endpoint
+    if ip.version == 4:
+        return _SOCKADDR_IN.pack(socket.AF_INET, port.to_bytes(2, "big"), ip.packed)
+    return _SOCKADDR_IN6.pack(socket.AF_INET6, port.to_bytes(2, "big"), 0, ip.packed, 0)
+
+
+def _allowed_ip(net: Network) -> bytes:
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return _attr(0, _attr(WGALLOWEDIP_A_FAMILY, _U16.pack(family))
+                 + _attr(WGALLOWEDIP_A_IPADDR, net.network_address.packed)
+                 + _attr(WGALLOWEDIP_A_CIDR_MASK, bytes([net.prefixlen])), nested=True)
+
+
+def encode_peer(update: PeerUpdate) -> bytes:
+    """One peer of a WG_CMD_SET_DEVICE (nested, type 0 as wg(8) sends it)."""
+    body = _attr(WGPEER_A_PUBLIC_KEY, _key(update.public_key))
+    flags = (WGPEER_F_REMOVE_ME if update.remove else 0) | (
+        WGPEER_F_REPLACE_ALLOWEDIPS if update.replace_allowed_ips else 0) | (
+        WGPEER_F_UPDATE_ONLY if update.peer is None and not update.remove else 0)
+    body += _attr(WGPEER_A_FLAGS, _U32.pack(flags))
+    peer = update.peer
+    if peer is not None and not update.remove:
+        body += _attr(WGPEER_A_PRESHARED_KEY, peer.psk.raw if peer.psk else _ZERO_KEY)
+        if peer.endpoint is not None:
+            body += _attr(WGPEER_A_ENDPOINT, sockaddr(peer.endpoint))
+        keepalive = update.keepalive if update.keepalive is not None else peer.keepalive
+        body += _attr(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, _U16.pack(keepalive))
+    if update.allowed_ips and not update.remove:
+        body += _attr(WGPEER_A_ALLOWEDIPS, b"".join(_allowed_ip(n) for n in update.allowed_ips),
+                      nested=True)
+    return _attr(0, body, nested=True)
+
+
+def encode_set(device: str, change: DeviceWrite) -> list[bytes]:
+    """WG_CMD_SET_DEVICE bodies (genlmsghdr and attributes) for `change`: the device's
+    settings in the first, at most PEERS_PER_MESSAGE peers in each."""
+    head = _GENL.pack(WG_CMD_SET_DEVICE, WG_GENL_VERSION, 0)
+    head += _attr(WGDEVICE_A_IFNAME, device.encode() + b"\0")
+    first = head
+    if change.private_key is not None:
+        first += _attr(WGDEVICE_A_PRIVATE_KEY, change.private_key)
+    if change.listen_port is not None:
+        first += _attr(WGDEVICE_A_LISTEN_PORT, _U16.pack(change.listen_port))
+    peers = [encode_peer(u) for u in change.peers]
+    bodies = []
+    for start in range(0, max(len(peers), 1), PEERS_PER_MESSAGE):
+        chunk = peers[start:start + PEERS_PER_MESSAGE]
+        body = first if start == 0 else head
+        if chunk:
+            body += _attr(WGDEVICE_A_PEERS, b"".join(chunk), nested=True)
+        bodies.append(body)
+    return bodies
+
+
+def encode_get(device: str) -> bytes:
+    return _GENL.pack(WG_CMD_GET_DEVICE, WG_GENL_VERSION, 0) + _attr(
+        WGDEVICE_A_IFNAME, device.encode() + b"\0")
+
+
+def encode_family_dump() -> bytes:
+    return _GENL.pack(CTRL_CMD_GETFAMILY, 1, 0)
+
+
+# -- decoding ------------------------------------------------------------------------
+
+
+def _attrs(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, bytes]]:
+    """Every attribute in order (repeated types kept: the peers of a nest are all type 0)."""
+    end = len(data) if end is None else end
+    out = []
+    while start + 4 <= end:
+        n, kind = _ATTR.unpack_from(data, start)
+        if n < 4:
+            break
+        out.append((kind & 0x3FFF, data[start + 4:start + n]))
+        start += (n + 3) & ~3
+    return out
+
+
+def _endpoint(raw: bytes) -> Endpoint | None:
+    family = _U16.unpack_from(raw)[0]
+    ip: Address
+    if family == socket.AF_INET and len(raw) >= _SOCKADDR_IN.size:
+        _, port, addr = _SOCKADDR_IN.unpack_from(raw)
+        ip = IPv4Address(addr)
+    elif family == socket.AF_INET6 and len(raw) >= _SOCKADDR_IN6.size:
+        _, port, _, addr, _ = _SOCKADDR_IN6.unpack_from(raw)
+        ip = IPv6Address(addr)
+    else:
+        return None
+    return ip, int.from_bytes(port, "big")
+
+
+def _allowed_ips(raw: bytes) -> list[Network]:
+    out: list[Network] = []
+    for _, nest in _attrs(raw):
+        fields = dict(_attrs(nest))
+        addr, mask = fields.get(WGALLOWEDIP_A_IPADDR), fields.get(WGALLOWEDIP_A_CIDR_MASK)
+        if addr is None or not mask or len(addr) not in (4, 16):
+            continue
+        ip: Address = IPv4Address(addr) if len(addr) == 4 else IPv6Address(addr)
+        out.append(ip_network((ip, mask[0])))
+    return out
+
+
+def decode_device(device: str, bodies: Iterable[bytes]) -> DeviceConfig:
+    """The messages of a WG_CMD_GET_DEVICE dump as one DeviceConfig."""
+    public_key: str | None = None
+    listen_port = 0
+    peers: dict[str, dict[str, object]] = {}
+    for body in bodies:
+        for kind, value in _attrs(body, _GENL.size):
+            if kind == WGDEVICE_A_PRIVATE_KEY and value != _ZERO_KEY:
+                public_key = public_key_of(value)
+            elif kind == WGDEVICE_A_LISTEN_PORT:
+                listen_port = _U16.unpack(value)[0]
+            elif kind == WGDEVICE_A_PEERS:
+                for _, nest in _attrs(value):
+                    _merge_peer(peers, dict(_attrs(nest)))
+    states = tuple(_peer_state(device, key, fields) for key, fields in peers.items())
+    return DeviceConfig(public_key, listen_port, states)
+
+
+def _merge_peer(peers: dict[str, dict[str, object]], attrs: dict[int, bytes]) -> None:
+    raw_key = attrs.get(WGPEER_A_PUBLIC_KEY)
+    if raw_key is None:
+        return
+    key = key_base64(raw_key.hex())
+    fields = peers.setdefault(key, {"allowed_ips": []})
+    for kind, value in attrs.items():
+        if kind == WGPEER_A_ALLOWEDIPS:
+            fields["allowed_ips"] += _allowed_ips(value)  # type: ignore[operator]
+        else:
+            fields[str(kind)] = value
+
+
+def _peer_state(device: str, key: str, fields: dict[str, object]) -> PeerState:
+    def raw(kind: int) -> bytes | None:
+        value = fields.get(str(kind))
+        return value if isinstance(value, bytes) else None
+
+    psk = raw(WGPEER_A_PRESHARED_KEY)
+    endpoint = raw(WGPEER_A_ENDPOINT)
+    keepalive = raw(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL)
+    handshake = raw(WGPEER_A_LAST_HANDSHAKE_TIME)
+    seconds, nanos = _TIMESPEC.unpack(handshake) if handshake else (0, 0)
+    rx, tx = raw(WGPEER_A_RX_BYTES), raw(WGPEER_A_TX_BYTES)
+    peer = WgPeer(device, key, _endpoint(endpoint) if endpoint else None,
+                  PresharedKey(psk) if psk and psk != _ZERO_KEY else None,
+                  _U16.unpack(keepalive)[0] if keepalive else 0)
+    nets: list[Network] = fields["allowed_ips"]  # type: ignore[assignment]
+    return PeerState(peer, tuple(nets), seconds + nanos / 1e9 if seconds else 0.0,
+                     _U64.unpack(rx)[0] if rx else 0, _U64.unpack(tx)[0] if tx else 0)
+
+
+def family_id(bodies: Iterable[bytes]) -> int | None:
+    """The WireGuard family's id in a controller dump, None if it is not there."""
+    for body in bodies:
+        fields = dict(_attrs(body, _GENL.size))
+        if fields.get(CTRL_ATTR_FAMILY_NAME, b"").rstrip(b"\0") == WG_GENL_NAME.encode():
+            ident = fields.get(CTRL_ATTR_FAMILY_ID)
+            return _U16.unpack(ident)[0] if ident else None
+    return None
+
+
+# -- the driver ----------------------------------------------------------------------
+
+
+async def find_family(netns: str | None = None) -> int | None:
+    """The WireGuard genetlink family's id (the module loaded on the way if installed);
+    None when the kernel has no WireGuard."""
+    try:
+        sock = RtnlSocket.open(netns, protocol=NETLINK_GENERIC)
+    except OSError:
+        return None
+    try:
+        return family_id(body for _, body in await sock.dump(GENL_ID_CTRL, encode_family_dump()))
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+class KernelWireguard:
+    """The `WireguardControl` of kernel devices (leaseagent.dataplane.wgdevice).
+    `create_link` makes a link of kind wireguard (rtnetlink, the backend's socket)."""
+
+    name = "kernel"
+    link_kind = "wireguard"
+
+    def __init__(self, family: int, create_link: Callable[[str], Awaitable[None]], *,
+                 netns: str | None = None) -> None:
+        self._family = family
+        self._create_link = create_link
+        self._netns = netns
+        self._sock: RtnlSocket | None = None
+
+    def _socket(self) -> RtnlSocket:
+        if self._sock is None:
+            try:
+                self._sock = RtnlSocket.open(self._netns, protocol=NETLINK_GENERIC)
+            except OSError as exc:
+                raise DataPlaneError(f"cannot open a generic netlink socket: {exc}") from None
+        return self._sock
+
+    async def read(self, device: str) -> DeviceConfig | None:
+        try:
+            dumped = await self._socket().dump(self._family, encode_get(device))
+        except OSError:
+            return None  # no such device, or not a WireGuard one
+        return decode_device(device, (body for _, body in dumped))
+
+    async def write(self, device: str, change: DeviceWrite) -> None:
+        bodies = encode_set(device, change)
+        try:
+            codes = await self._socket().batch([Request(self._family, 0, b) for b in bodies])
+        except OSError as exc:
+            raise DataPlaneError(f"cannot configure {device}: {exc}") from None
+        failed = [c for c in codes if c]
+        if failed:
+            raise DataPlaneError(f"the kernel refused a change of {device} ({len(change.peers)} "
+                                 f"peer operations): {os.strerror(failed[0])}")
+
+    async def create(self, device: str) -> None:
+        await self._create_link(device)
+
+    async def dispose(self, device: str) -> None:
+        return None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
