@@ -36,7 +36,7 @@ from leaseagent.core.rules import KINDS
 from leaseagent.dataplane.base import DataPlaneStatus
 from leaseagent.dataplane.firewall import RulesStatus
 
-OBJECT_KINDS = ("route", "neighbour", "fdb")
+OBJECT_KINDS = ("route", "neighbour", "fdb", "peer", "allowed-ip")  # peer: WireGuard's
 
 
 class _DataPlaneCollector(Collector):
@@ -52,6 +52,9 @@ class _DataPlaneCollector(Collector):
         yield GaugeMetricFamily("leaseagent_dataplane_in_sync",
                                 "1 when the kernel matches the peer set",
                                 value=1 if status.in_sync else 0)
+        yield GaugeMetricFamily("leaseagent_dataplane_foreign_peers",
+                                "Peers of another backend type: not programmed, unreachable "
+                                "from this host", value=status.foreign_peers)
         for name, doc, counts, kinds in (
             ("leaseagent_dataplane_objects_added", "Kernel objects added", status.added,
              OBJECT_KINDS),
