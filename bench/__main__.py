@@ -6,10 +6,16 @@ for the record only (machines are noisy). See docs/benchmarks.md.
 
     join        the agent starting into N peers (leases in etcd, vxlan) until all
                 3N kernel objects are in place / READY, vs `ip -batch` + `bridge
-                -batch` programming the same objects into a fresh namespace
+                -batch` programming the same objects into a fresh namespace; counted
+                from the first object and from the vxlan device's creation; first at
+                --join-sizes (1,000 and 2,000), each beside its own reference, with the
+                agent's RSS after the join and after a periodic resync (bytes per added
+                peer from the smallest to N)
     events      a lease put/deleted until its entries are in/out of the kernel,
                 p50/p99 with N and with --small-peers peers, vs the same event
-                reaching a bare etcd watcher
+                reaching a bare etcd watcher; between the two, all but --small-peers
+                deleted at once, until the kernel is clean, vs a bare watch seeing the
+                last deletion and `ip -batch` removing the same objects
     allocation  --agents in-process Leasing instances acquiring at once from a
                 /16 of /24s: time and txns per acquisition, vs flannel's policy
     footprint   RSS, CPU and wake-ups of the agent holding N peers, idle
@@ -77,28 +83,35 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     world.start_etcd()
     store = await EtcdStore.connect(EtcdSettings(endpoints=world.endpoint, timeout=30))
-    probe = KernelProbe()
-    probe.start()
+    probe: KernelProbe | None = None
     agent = None
     try:
         n = args.peers
         await scenarios.put_network_config(store)
+        # Smaller joins first, each beside its reference, on the first of the leases.
+        sizes = sorted(k for k in args.join_sizes if 0 < k < n)
+        results["join_sizes"] = await scenarios.join_sizes(world, store, sizes,
+                                                           limit=args.timeout)
         t = time.perf_counter()
-        await scenarios.put_peers(store, 1, n)
+        await scenarios.put_peers(store, max(sizes, default=0) + 1, n)
         print(f"  {n} leases put in {time.perf_counter() - t:.1f}s", file=sys.stderr)
 
+        probe = KernelProbe()  # after the smaller joins: it counts from zero
+        probe.start()
         join, agent, metrics_port, start_cost = await scenarios.join(
             world, probe, n, limit=args.timeout)
         results["join"] = join
-        print(f"  join: {join['start_to_objects_s']:.2f}s to all objects", file=sys.stderr)
+        print(f"  join: {join['start_to_objects_s']:.2f}s to all objects, "
+              f"{join['device_to_objects_s']:.3f}s from the device", file=sys.stderr)
 
         results["footprint"], idle_cost = await scenarios.footprint(
             world, agent, metrics_port, idle=args.idle)
         results["etcd"] = scenarios.summarize_etcd(start_cost, idle_cost, args.idle)
+        results["per_peer_bytes"] = per_peer_bytes(results)
 
         results |= await scenarios.event_runs(
             world, store, probe, n=n, small=min(args.small_peers, n), count=args.events,
-            limit=args.timeout)
+            limit=args.timeout, reference_ns=join["reference"]["namespace"])
         _report_events(results)
         if not agent.alive():
             raise RuntimeError(f"the agent died; see {agent.log}")
@@ -129,7 +142,8 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         _log_tail(agent)
         raise
     finally:
-        await probe.stop()
+        if probe is not None:
+            await probe.stop()
         await store.close()
     results["seconds"] = time.perf_counter() - began
     return results
@@ -158,7 +172,8 @@ async def dual_stack(args: argparse.Namespace, world: World, store: EtcdStore
         out: dict[str, Any] = {"join": join}
         out |= await scenarios.event_runs(
             world, store, probe, n=n, small=min(args.dual_small_peers, n),
-            count=args.dual_events, limit=args.timeout, stack=DUAL)
+            count=args.dual_events, limit=args.timeout, stack=DUAL,
+            reference_ns=join["reference"]["namespace"])
         _report_events(out, DUAL.label)
         if not agent.alive():
             raise RuntimeError(f"the dual-stack agent died; see {agent.log}")
@@ -169,6 +184,22 @@ async def dual_stack(args: argparse.Namespace, world: World, store: EtcdStore
     finally:
         await probe.stop()
     out["seconds"] = time.perf_counter() - began  # the part's share of the bench's time
+    return out
+
+
+def per_peer_bytes(results: dict[str, Any]) -> dict[str, Any] | None:
+    """What each peer added to the agent's RSS, from the smallest extra join to the main
+    one: after the join, and after a periodic resync."""
+    sizes = results["join_sizes"]
+    if not sizes:
+        return None
+    small = min(sizes)
+    f, s = results["footprint"], sizes[small]
+    added = results["join"]["peers"] - small
+    out: dict[str, Any] = {"from_peers": small, "to_peers": results["join"]["peers"]}
+    for when in ("after_join", "after_resync"):
+        big = f[f"rss_{when}_mib"]
+        out[when] = (big - s[f"rss_{when}_mib"]) * 2**20 / added if big is not None else None
     return out
 
 
@@ -213,6 +244,7 @@ def _stack_rows(part: dict[str, Any], label: str = "") -> list[Row]:
                  _fmt(j["start_to_objects_vs_reference"]), "-", "-"))
     rows.append((f"{label}join: start -> READY", _fmt(j["start_to_ready_s"], " s"),
                  "-", "-", "-", "-"))
+    rows.append(_device_row(j, label))
     for key in ("events_large", "events_small"):
         e = part[key]
         for q in ("p50", "p99"):
@@ -225,13 +257,28 @@ def _stack_rows(part: dict[str, Any], label: str = "") -> list[Row]:
                          _fmt(value, " ms"), f"etcd watch {_fmt(e[f'reference_{q}_ms'], ' ms')}",
                          _fmt(e[f"{q}_ratio"]), target, met))
     s = part["shrink"]
-    rows.append((f"{label}remove {s['removed_peers']} peers at once",
-                 _fmt(s["until_kernel_clean_s"], " s"), "-", "-", "-", "-"))
+    ref = s.get("reference")
+    rows.append((f"{label}remove {s['removed_peers']} peers at once: until the kernel is clean",
+                 _fmt(s["until_kernel_clean_s"], " s"),
+                 f"ip -batch del {_fmt(ref['seconds'], ' s')}" if ref else "-",
+                 _fmt(s.get("rate_ratio")), "-", "-"))
+    rows.append((f"{label}  ... after a bare etcd watch had the last deletion",
+                 _fmt(s["after_last_deletion_s"], " s"),
+                 f"that watch: {_fmt(s['watch_last_deletion_s'], ' s')}", "-", "-", "-"))
     return rows
 
 
+def _device_row(j: dict[str, Any], label: str = "") -> Row:
+    ok = j["device_rate_ratio"] >= TARGETS["join_rate_ratio"]
+    return (f"{label}join {j['peers']} peers: device -> all {j['objects']} objects",
+            _fmt(j["device_to_objects_s"], " s"),
+            f"ip -batch {_fmt(j['reference']['seconds'], ' s')}", _fmt(j["device_rate_ratio"]),
+            ">= 0.5", "met" if ok else "NOT met")
+
+
 def table(results: dict[str, Any]) -> str:
-    rows = _stack_rows(results)
+    rows = [_device_row(j) for _, j in sorted(results["join_sizes"].items())]
+    rows += _stack_rows(results)
     j = results["join"]
     if "dual_stack" in results:
         rows += _stack_rows(results["dual_stack"], DUAL.label)
@@ -249,11 +296,24 @@ def table(results: dict[str, Any]) -> str:
                  f"flannel {_fmt(flannel['seconds'], ' s')}",
                  _fmt(ours["seconds"] / flannel["seconds"]), "-", "-"))
     f = results["footprint"]
-    rows.append((f"RSS with {j['peers']} peers", _fmt(f["rss_mib"], " MiB"),
-                 f"bare python+imports {_fmt(f['python_baseline_rss_mib'], ' MiB')}; "
-                 "flannel requests 50",
-                 _fmt(f["rss_mib"] / f["flannel_request_mib"]), "<= 60 MiB",
-                 "met" if f["rss_mib"] <= TARGETS["rss_mib"] else "NOT met"))
+    for when, value in (("the join", f["rss_after_join_mib"]),
+                        ("a periodic resync", f["rss_after_resync_mib"])):
+        rows.append((f"RSS with {j['peers']} peers after {when}", _fmt(value, " MiB"),
+                     f"bare python+imports {_fmt(f['python_baseline_rss_mib'], ' MiB')}; "
+                     "flannel requests 50",
+                     _fmt(value / f["flannel_request_mib"] if value else None), "<= 60 MiB",
+                     "-" if value is None else "met" if value <= TARGETS["rss_mib"]
+                     else "NOT met"))
+    for n, sized in sorted(results["join_sizes"].items()):
+        rows.append((f"RSS with {n} peers after the join / a resync",
+                     f"{_fmt(sized['rss_after_join_mib'])} / "
+                     f"{_fmt(sized['rss_after_resync_mib'], ' MiB')}", "-", "-", "-", "-"))
+    per = results.get("per_peer_bytes")
+    if per:
+        rows.append((f"bytes per added peer, {per['from_peers']} -> {per['to_peers']} "
+                     "(after join / resync)",
+                     f"{_fmt(per['after_join'])} / {_fmt(per['after_resync'])}",
+                     "-", "-", "-", "-"))
     rows.append((f"idle CPU ({_fmt(f['idle_seconds'])} s)", _fmt(f["cpu_percent"], " %"), "-",
                  "-", "< 1 %",
                  "met" if f["cpu_percent"] < TARGETS["idle_cpu_percent"] else "NOT met"))
@@ -299,6 +359,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, default=5000, help="peers for join/footprint/events")
     p.add_argument("--small-peers", type=int, default=100, help="peers for the second event run")
+    p.add_argument("--join-sizes", type=lambda v: [int(x) for x in v.split(",") if x],
+                   default=[1000, 2000],
+                   help="smaller joins first, each beside its reference, with the agent's "
+                        "memory after the join and a resync (comma-separated; '' for none)")
     p.add_argument("--events", type=int, default=1000, help="events per event run")
     p.add_argument("--agents", type=int, default=250, help="concurrent allocating agents")
     p.add_argument("--alloc-rounds", type=int, default=3, help="rounds per allocation policy")

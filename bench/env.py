@@ -31,8 +31,8 @@ import shutil
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,9 @@ class Stack:
     prefix: str
     dual: bool
     agent_name: str  # its state directory and log under World.dir
+    # The reference namespace's suffix: "" is `<tag>r`, made with the world; any other
+    # is a fresh `<tag>r<suffix>` made when the stack's reference is programmed.
+    reference: str = ""
 
     @property
     def layout(self) -> KeyLayout:
@@ -113,6 +116,11 @@ class Stack:
     @property
     def per_peer(self) -> int:
         return len(self.kinds)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The agent's vxlan devices (VNI 1), the IPv4 one first."""
+        return ("flannel.1", "flannel-v6.1") if self.dual else ("flannel.1",)
 
     def network_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"Network": str(NETWORK), "SubnetLen": 24,
@@ -152,7 +160,13 @@ class Stack:
 
 
 IPV4 = Stack(label="", prefix=PREFIX, dual=False, agent_name="agent")
-DUAL = Stack(label="dual-stack ", prefix=PREFIX6, dual=True, agent_name="agent-dual")
+DUAL = Stack(label="dual-stack ", prefix=PREFIX6, dual=True, agent_name="agent-dual",
+             reference="6")
+
+
+def ipv4_sized(n: int) -> Stack:
+    """The IPv4 stack of an extra join with n peers: its own agent and reference."""
+    return replace(IPV4, agent_name=f"agent-{n}", reference=f"s{n}")
 
 
 def own_index(world: World, stack: Stack) -> int | None:
@@ -245,11 +259,11 @@ class World:
         enter_netns(self.host_ns)
 
     def reference_ns(self, stack: Stack) -> str:
-        """The reference namespace of `stack`: `<tag>r`, or for the dual-stack run a
-        fresh `<tag>r6` made now."""
-        if not stack.dual:
+        """The reference namespace of `stack`: `<tag>r`, or (the dual-stack run, an extra
+        join size) a fresh `<tag>r<suffix>` made now."""
+        if not stack.reference:
             return self.ref_ns
-        ns = self.ref_ns + "6"
+        ns = self.ref_ns + stack.reference
         make_underlay(self.namespaces, ns)
         return ns
 
@@ -275,10 +289,11 @@ class World:
                     out[sample.name] = sample.value
         return out
 
-    def agent(self, *, extra_env: dict[str, str], metrics_port: int, stack: Stack = IPV4
-              ) -> Proc:
-        """The agent of `stack` (its prefix, state directory and log). A dual-stack
-        agent finds its PublicIPv6 on eth0 (the first global address)."""
+    def agent(self, *, extra_env: dict[str, str], metrics_port: int, stack: Stack = IPV4,
+              resync: float = 30.0, extra_args: Sequence[str] = ()) -> Proc:
+        """The agent of `stack` (its prefix, state directory and log), a full resync every
+        `resync` seconds (+-20 %). A dual-stack agent finds its PublicIPv6 on eth0 (the
+        first global address)."""
         state = self.dir / stack.agent_name
         state.mkdir(exist_ok=True)
         proc = Proc([
@@ -287,10 +302,10 @@ class World:
             "--iface", "eth0", "--public-ip", str(HOST_IP),
             "--subnet-file", str(state / "subnet.env"), "--state-dir", str(state),
             "--node-id", "bench-host", "--metrics-addr", f"127.0.0.1:{metrics_port}",
-            "--log-level", "info", "--resync-interval", "30",
+            "--log-level", "info", "--resync-interval", f"{resync:g}",
             # Deleted leases leave the kernel at once: the event figures measure the data
             # plane's pace, not the hold-down a vanished lease gets by default.
-            "--peer-hold-time", "0",
+            "--peer-hold-time", "0", *extra_args,
         ], self.dir / f"{stack.agent_name}.log", env={**os.environ, **extra_env})
         self.procs.append(proc)
         return proc
@@ -328,17 +343,21 @@ class KernelProbe:
     saw (a deletion's notification no longer says NUD_PERMANENT) is not
     counted at all; and resolves waiters for one object's arrival or removal,
     or for counts. Parses only what it needs. Sees only what happens after it
-    was made: a fresh probe counts from zero.
+    was made: a fresh probe counts from zero. Also timestamps the first
+    RTM_NEWLINK of each device name (`device_at`): when the agent created its
+    vxlan device, where "device -> all objects" is counted from.
     """
 
     def __init__(self) -> None:
         self._sock = rtnl.RtnlSocket.open(
-            None, groups=rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV6_ROUTE,
+            None, groups=(rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE
+                          | rtnl.RTMGRP_IPV6_ROUTE),
             rcvbuf=256 * 1024 * 1024)
         self.present: dict[str, set[object]] = {k: set() for k in KINDS}
         self.counts = {k: 0 for k in KINDS}
         self.first_at: float | None = None
         self.last_at: float | None = None
+        self.device_at: dict[str, float] = {}
         self._waiters: dict[tuple[str, bool, object], asyncio.Future[float]] = {}
         self._count_waiters: list[tuple[Callable[[dict[str, int]], bool], asyncio.Future[float]]] \
             = []
@@ -391,7 +410,11 @@ class KernelProbe:
             events = await self._sock.read_events(frozenset())
             now = time.perf_counter()
             for kind, _pid, body in events:
-                if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
+                if kind == rtnl.RTM_NEWLINK:
+                    name = rtnl.decode_link(body, 0, len(body))[2]
+                    if name is not None:
+                        self.device_at.setdefault(name, now)
+                elif kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
                     if body[5] != ROUTE_PROTOCOL:
                         continue
                     route, _, _ = rtnl.decode_route(body, 0, len(body))
@@ -447,15 +470,17 @@ def kernel_objects(stack: Stack, ns: str | None = None) -> dict[str, int]:
 
 
 def proc_sample(pid: int) -> dict[str, float]:
-    """RSS (bytes), CPU seconds (all threads), context switches (all threads)."""
+    """RSS (bytes; and its anonymous and file-backed parts), CPU seconds, context switches
+    and threads (all threads), open file descriptors."""
     ticks = os.sysconf("SC_CLK_TCK")
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-    rss = 0.0
+    memory = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0, "VmHWM": 0.0}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = float(line.split()[1]) * 1024
+        name = line.split(":", 1)[0]
+        if name in memory:
+            memory[name] = float(line.split()[1]) * 1024
     voluntary = involuntary = 0
     threads = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -468,5 +493,7 @@ def proc_sample(pid: int) -> dict[str, float]:
                     involuntary += int(line.split()[1])
         except FileNotFoundError:
             continue
-    return {"rss": rss, "cpu": cpu, "voluntary": voluntary, "involuntary": involuntary,
-            "threads": threads}
+    return {"rss": memory["VmRSS"], "rss_anon": memory["RssAnon"], "rss_file": memory["RssFile"],
+            "rss_peak": memory["VmHWM"], "cpu": cpu, "voluntary": voluntary,
+            "involuntary": involuntary, "threads": threads,
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}

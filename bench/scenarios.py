@@ -16,9 +16,11 @@ import json
 import random
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -29,12 +31,14 @@ from bench.env import (
     HOST_IP6,
     IPV4,
     NETWORK,
+    ROUTE_PROTOCOL,
     UNDERLAY,
     KernelProbe,
     Proc,
     Stack,
     World,
     free_port,
+    ipv4_sized,
     kernel_listing,
     kernel_objects,
     own_index,
@@ -175,14 +179,15 @@ def agent_metric(port: int, name: str) -> float | None:
     return None
 
 
-async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack: Stack = IPV4
+async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack: Stack = IPV4,
+               resync: float = 30.0, extra_args: Sequence[str] = ()
                ) -> tuple[dict[str, Any], Proc, int, dict[str, float]]:
     """Start the agent of `stack` into n peers; time objects in place and READY."""
     reference = reference_batch(world, n, own=n + 1, stack=stack)
     ready = ReadyListener(world.dir / f"{stack.agent_name}-notify.sock")
     metrics_port = free_port()
     agent = world.agent(extra_env={"NOTIFY_SOCKET": str(ready.path)}, metrics_port=metrics_port,
-                        stack=stack)
+                        stack=stack, resync=resync, extra_args=extra_args)
     before = world.etcd_metrics()
     all_in = probe.wait_counts(stack.at_least(n))
     started = time.perf_counter()
@@ -202,6 +207,10 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
     rss = proc_sample(agent.pid)["rss"]
     assert probe.first_at is not None
     programming = in_place - probe.first_at
+    # From the first vxlan device's creation: the listing, its judging, planning and
+    # the traffic rules count too (the agent makes its device before its lease).
+    device_at = min(probe.device_at[d] for d in stack.devices if d in probe.device_at)
+    from_device = in_place - device_at
     objects = stack.per_peer * n
     result = {
         "peers": n,
@@ -217,10 +226,72 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
         "reference": reference,
         "rate_ratio": (objects / programming) / reference["rate"],
         "start_to_objects_vs_reference": (in_place - started) / reference["seconds"],
+        "start_to_device_s": device_at - started,
+        "device_to_objects_s": from_device,
+        "device_to_first_object_s": probe.first_at - device_at,
+        # The rate counted from the device's creation, as a share of the reference's.
+        "device_rate_ratio": reference["seconds"] / from_device,
         "rss_at_ready_mib": rss / 2**20,
     }
     start_cost = _etcd_delta(before, after_ready)
     return result, agent, metrics_port, start_cost
+
+
+RECONCILES = "leaseagent_reconcile_duration_seconds_count"
+
+
+async def after_resync(agent: Proc, metrics_port: int, *, limit: float) -> dict[str, float]:
+    """Wait for the agent's next full resync pass to end; its memory then (what a pass's
+    table dumps and plans leave behind: the peak glibc keeps counts)."""
+    before = agent_metric(metrics_port, RECONCILES) or 0.0
+    deadline = time.perf_counter() + limit
+    while (agent_metric(metrics_port, RECONCILES) or 0.0) <= before:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"no full resync within {limit}s")
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)
+    return proc_sample(agent.pid)
+
+
+async def join_sizes(world: World, store: EtcdStore, sizes: Sequence[int], *, limit: float,
+                     resync: float = 3.0) -> dict[int, dict[str, Any]]:
+    """The IPv4 join again with each of `sizes` peers (ascending, below the main run's),
+    each beside its own reference: from the device's creation to all objects, and the
+    agent's memory after the join and after its first periodic full resync (every
+    `resync` s here). Each size has its own agent (its lease released when it stops,
+    so the next agent starts as the first did), probe and reference namespace; its
+    device is deleted after (and every object on it). The leases stay for the next."""
+    out: dict[int, dict[str, Any]] = {}
+    have = 0
+    for n in sizes:
+        await put_peers(store, have + 1, n)
+        have = n
+        probe = KernelProbe()
+        probe.start()
+        agent: Proc | None = None
+        try:
+            result, agent, port, _ = await join(world, probe, n, limit=limit,
+                                                stack=ipv4_sized(n), resync=resync,
+                                                extra_args=["--release-on-exit"])
+            await asyncio.sleep(0.5)
+            joined = proc_sample(agent.pid)
+            resynced = await after_resync(agent, port, limit=limit)
+            result |= {"rss_after_join_mib": joined["rss"] / 2**20,
+                       "rss_anon_after_join_mib": joined["rss_anon"] / 2**20,
+                       "rss_after_resync_mib": resynced["rss"] / 2**20,
+                       "rss_anon_after_resync_mib": resynced["rss_anon"] / 2**20,
+                       "resync_interval_s": resync}
+            out[n] = result
+            print(f"  join {n}: {result['device_to_objects_s']:.3f}s from device to all "
+                  f"objects (ip -batch {result['reference']['seconds']:.3f}s), RSS "
+                  f"{result['rss_after_join_mib']:.1f} / {result['rss_after_resync_mib']:.1f}"
+                  f" MiB", file=sys.stderr)
+        finally:
+            if agent is not None:
+                agent.stop()
+            await probe.stop()
+            sh("ip", "link", "del", "flannel.1", check=False)
+    return out
 
 
 def _etcd_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -312,28 +383,104 @@ async def events(store: EtcdStore, probe: KernelProbe, *, count: int, first: int
     }
 
 
+async def _last_deletion(store: EtcdStore, keys: set[str], prefix: str, revision: int) -> float:
+    """When a bare watch of `prefix` from `revision` has seen every key of `keys` deleted."""
+    left = set(keys)
+    async for batch in store.watch(prefix, start_revision=revision):
+        now = time.perf_counter()
+        left.difference_update(ev.key for ev in batch if ev.type is EventType.DELETE)
+        if not left:
+            return now
+    raise RuntimeError("the watch ended")
+
+
+def reference_delete(stack: Stack, ns: str, first: int, last: int) -> dict[str, Any]:
+    """iproute2 removing peers first..last's objects from the reference namespace `ns`
+    (programmed by `reference_batch`), as the agent removes them: routes, then
+    neighbours, then FDB entries, each kind one batch."""
+    families: list[tuple[str, str, Callable[[int], IPv4Network | IPv6Network],
+                         Callable[[int], str], Callable[[int], IPv4Address | IPv6Address]]] = [
+        ("", "flannel.1", peer_subnet, peer_mac, peer_ip)]
+    if stack.dual:
+        families.append(("6", "flannel-v6.1", peer_subnet6, partial(peer_mac, ipv6=True),
+                         peer_ip6))
+    lines: dict[str, list[str]] = {"route": [], "route6": [], "neigh": [], "neigh6": [],
+                                   "fdb": []}
+    for six, dev, subnet_of, mac_of, ip_of in families:
+        for i in range(first, last + 1):
+            sub = subnet_of(i)
+            lines["route" + six].append(f"route del {sub} proto {ROUTE_PROTOCOL}\n")
+            lines["neigh" + six].append(f"neigh del {sub.network_address} dev {dev}\n")
+            lines["fdb"].append(f"fdb del {mac_of(i)} dev {dev} dst {ip_of(i)} self\n")
+    commands = []
+    for name, batch in lines.items():
+        if batch:
+            path = Path(tempfile.mkstemp(prefix=f"ref-del-{name}-", suffix=".batch")[1])
+            path.write_text("".join(batch))
+            program = ["bridge"] if name == "fdb" else ["ip", "-6"] if name.endswith("6") \
+                else ["ip"]
+            commands.append(([program[0], "-n", ns, *program[1:], "-batch", str(path)], path))
+    started = time.perf_counter()
+    for argv, _ in commands:
+        sh(*argv)
+    elapsed = time.perf_counter() - started
+    for _, path in commands:
+        path.unlink()
+    left = kernel_objects(stack, ns)
+    if any(left[k] != first - 1 for k in stack.kinds):
+        raise RuntimeError(f"reference: {left} left after ip -batch del, expected {first - 1}")
+    objects = stack.per_peer * (last - first + 1)
+    return {"objects": objects, "seconds": elapsed, "rate": objects / elapsed}
+
+
 async def shrink(store: EtcdStore, probe: KernelProbe, *, to: int, n: int, limit: float,
-                 stack: Stack = IPV4) -> dict[str, Any]:
-    """Delete peers to+1..n; time until the kernel holds exactly `to` peers again."""
+                 stack: Stack = IPV4, reference_ns: str | None = None) -> dict[str, Any]:
+    """Delete peers to+1..n at once; time until the kernel holds exactly `to` peers again.
+    Beside it: when a bare etcd watch saw the last of the deletions (the agent cannot be
+    done before), and (with `reference_ns`) iproute2 removing the same objects."""
+    prefix = stack.layout.subnets_prefix
+    revision = (await store.list_prefix(prefix)).revision + 1
+    keys = {stack.key(i) for i in range(to + 1, n + 1)}
+    seen = asyncio.ensure_future(_last_deletion(store, keys, prefix, revision))
     gone = probe.wait_counts(stack.at_most(to))
     started = time.perf_counter()
-    await delete_peers(store, to + 1, n, stack)
-    sent = time.perf_counter()
-    done = await asyncio.wait_for(gone, limit)
-    return {"removed_peers": n - to, "delete_requests_s": sent - started,
-            "until_kernel_clean_s": done - started}
+    try:
+        await delete_peers(store, to + 1, n, stack)
+        sent = time.perf_counter()
+        done = await asyncio.wait_for(gone, limit)
+        last_event = await asyncio.wait_for(seen, limit)
+    finally:
+        seen.cancel()
+        await asyncio.gather(seen, return_exceptions=True)
+    objects = stack.per_peer * (n - to)
+    out: dict[str, Any] = {
+        "removed_peers": n - to, "objects": objects, "delete_requests_s": sent - started,
+        "until_kernel_clean_s": done - started,
+        # When a bare watch had every deletion, and how long the kernel took after that.
+        "watch_last_deletion_s": last_event - started,
+        "after_last_deletion_s": done - last_event,
+    }
+    if reference_ns is not None:
+        ref = reference_delete(stack, reference_ns, to + 1, n)
+        out["reference"] = ref
+        # The agent's pace from the first deletion it could see, as a share of iproute2's.
+        out["rate_ratio"] = ref["seconds"] / (done - started)
+    return out
 
 
 async def event_runs(world: World, store: EtcdStore, probe: KernelProbe, *, n: int, small: int,
-                     count: int, limit: float, stack: Stack = IPV4) -> dict[str, Any]:
+                     count: int, limit: float, stack: Stack = IPV4,
+                     reference_ns: str | None = None) -> dict[str, Any]:
     """With the agent holding n peers: `count` events; then all but `small` peers
-    deleted at once (timed); then `count` events again. Event peers are numbered from
+    deleted at once (timed, beside iproute2 removing the same objects from
+    `reference_ns`); then `count` events again. Event peers are numbered from
     n + 10, past the join's, and skip the agent's own subnet."""
     skip = own_index(world, stack)
     first = n + 10
     large = await events(store, probe, count=count, first=first, present=n, stack=stack,
                          skip=skip)
-    shrunk = await shrink(store, probe, to=small, n=n, limit=limit, stack=stack)
+    shrunk = await shrink(store, probe, to=small, n=n, limit=limit, stack=stack,
+                          reference_ns=reference_ns)
     small_events = await events(store, probe, count=count, first=first + count, present=small,
                                 stack=stack, skip=skip)
     return {"events_large": large, "shrink": shrunk, "events_small": small_events}
@@ -413,6 +560,14 @@ async def footprint(world: World, agent: Proc, metrics_port: int, *, idle: float
     baseline = python_baseline_rss(world)
     return {
         "rss_mib": s1["rss"] / 2**20,
+        # At the start of the window (the join done 1 s before) and at its end, after the
+        # window's periodic resync (None if none fell in it).
+        "rss_after_join_mib": s0["rss"] / 2**20,
+        "rss_anon_after_join_mib": s0["rss_anon"] / 2**20,
+        "rss_after_resync_mib": s1["rss"] / 2**20 if resync_count else None,
+        "rss_anon_after_resync_mib": s1["rss_anon"] / 2**20 if resync_count else None,
+        "rss_file_mib": s1["rss_file"] / 2**20,
+        "fds": s1["fds"],
         "threads": s1["threads"],
         "idle_seconds": idle,
         "cpu_percent": (s1["cpu"] - s0["cpu"]) / idle * 100,

@@ -35,7 +35,8 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     before = _bench_namespaces()
     out = tmp_path / "bench.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", "--peers", "200", "--small-peers", "20",
+        [sys.executable, "-m", "bench", "--peers", "200", "--join-sizes", "100",
+         "--small-peers", "20",
          "--events", "50", "--agents", "20", "--alloc-rounds", "1", "--idle", "2",
          "--timeout", "30", "--dual-peers", "200", "--dual-small-peers", "20",
          "--dual-events", "50", "--json", str(out)],
@@ -49,7 +50,8 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError(f"bench still running after 120 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
-    for figure in ("programming rate", "event p99", "txn/acquisition", "RSS", "idle CPU",
+    for figure in ("programming rate", "device -> all", "event p99", "txn/acquisition", "RSS",
+                   "bytes per added peer", "until the kernel is clean", "idle CPU",
                    "etcd unary requests at start", "iptables: one check",
                    "iptables: one full check", "nftables: one full check",
                    "dual-stack join 200 peers: programming rate", "dual-stack event p50",
@@ -59,6 +61,19 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     assert results["join"]["objects"] == 600
     assert results["join"]["reference"]["objects"] == 600
     assert set(results["join"]["differences_from_reference"].values()) == {0}
+    # The smaller join beside its own reference, counted from the device's creation,
+    # with the agent's memory after it and after a periodic resync.
+    small = results["join_sizes"]["100"]
+    assert small["objects"] == 300 and small["reference"]["objects"] == 300
+    assert set(small["differences_from_reference"].values()) == {0}
+    assert small["device_to_objects_s"] > 0 and small["device_rate_ratio"] > 0
+    assert small["rss_after_join_mib"] > 0 and small["rss_after_resync_mib"] > 0
+    assert results["per_peer_bytes"]["from_peers"] == 100
+    assert results["join"]["device_to_objects_s"] > 0
+    # Mass removal beside a bare watch and iproute2 removing the same objects.
+    shrink = results["shrink"]
+    assert shrink["removed_peers"] == 180 and shrink["reference"]["objects"] == 540
+    assert shrink["watch_last_deletion_s"] > 0
     assert results["events_large"]["events"] == 50
     assert results["events_large"]["timeouts"] == 0
     assert results["events_small"]["peers_present"] == 20
