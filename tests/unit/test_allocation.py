@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from ipaddress import IPv4Network
 
@@ -51,3 +52,29 @@ def test_every_free_subnet_can_come_first() -> None:
     rng = random.Random(3)
     firsts = [next(candidates(big, (), rng)) for _ in range(10)]
     assert any(int(s.network_address) > int(big.subnet_at(100).network_address) for s in firsts)
+
+
+class CountingRandom(random.Random):
+    draws = 0
+
+    def randrange(self, *args: int) -> int:  # type: ignore[override]
+        self.draws += 1
+        return super().randrange(*args)
+
+
+def test_candidates_of_a_large_range_are_drawn_not_listed() -> None:
+    """A /9 of /24s (32,767 subnets) with 5,000 taken: the first candidates cost a draw
+    or two each, not a walk over the range; each is free and comes once."""
+    big = parse_network_config(b'{"Network": "10.0.0.0/9", "SubnetLen": 24}')
+    taken = {big.subnet_at(i) for i in range(0, 10_000, 2)}
+    rng = CountingRandom(5)
+    picked = list(itertools.islice(candidates(big, taken, rng), 8))
+    assert len(set(picked)) == 8 and not set(picked) & taken
+    assert rng.draws < 40
+
+
+def test_a_nearly_full_range_still_yields_every_free_subnet_once() -> None:
+    """Draws that keep missing give way to listing what is left."""
+    taken = set(ALL) - {ALL[3], ALL[10], ALL[-1]}
+    picked = list(candidates(NETWORK, taken, random.Random(2)))
+    assert sorted(picked) == sorted([ALL[3], ALL[10], ALL[-1]])
