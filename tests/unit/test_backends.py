@@ -17,3 +17,8 @@ def test_an_unknown_type_names_the_supported_ones() -> None:
     with pytest.raises(NetworkConfigError) as err:
         backend_type("udp")
     assert str(err.value) == "Backend.Type='udp': not supported (supported: alloc, host-gw, vxlan, wireguard)"
+
+
+def test_every_registered_backend_resolves_to_its_class() -> None:
+    for name in BACKENDS:
+        assert callable(BACKENDS[name]), name
