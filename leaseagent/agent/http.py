@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from leaseagent.metrics import Metrics
 

@@ -28,3 +28,21 @@ def test_a_vxlan_agent_does_not_import_the_other_backends() -> None:
     assert "leaseagent.dataplane.vxlan" in loaded
     assert "leaseagent.dataplane.wireguard" not in loaded
     assert not any(m.split(".")[0] == "cryptography" for m in loaded)
+
+
+def test_the_agent_imports_parts_of_pyroute2_and_prometheus_client_not_all() -> None:
+    loaded = _modules_after(AGENT + "import leaseagent.agent.http\n")
+    assert "pyroute2.iproute.linux" in loaded and "prometheus_client.metrics" in loaded
+    for whole_library in ("pyroute2.ndb", "pyroute2.ipdb", "sqlite3", "prometheus_client.gc_collector",
+                          "prometheus_client.bridge"):
+        assert not any(m == whole_library or m.startswith(whole_library + ".") for m in loaded), \
+            whole_library
+
+
+def test_a_lean_package_is_whole_again_when_asked_for_what_its_init_defines() -> None:
+    loaded = _modules_after("import leaseagent\n"
+                            "from pyroute2 import IPRoute, AsyncIPRoute\n"
+                            "from prometheus_client import REGISTRY, generate_latest\n"
+                            "import pyroute2, prometheus_client\n"
+                            "assert pyroute2.__version__ and prometheus_client.Counter\n")
+    assert "pyroute2.ndb" in loaded and "prometheus_client.gc_collector" in loaded
