@@ -231,7 +231,7 @@ class Agent:
         self._tasks: dict[asyncio.Task[None], str] = {}
         self._tasks_changed = asyncio.Event()
         self.config_revision = 0  # etcd revision of the network config in force
-        self._mixed: tuple[tuple[str, int], ...] = ()  # peers of other backend types, counted
+        self._foreign = 0  # peers of another backend type, as last reported
 
     # --- readiness, for /readyz --------------------------------------------------
 
@@ -438,21 +438,21 @@ class Agent:
         await self.backend.sync(peers)
 
     def _report_rollout(self) -> None:
-        """Say when peers run another backend type than this host (a config change that
-        rebuilds is rolling out, or a cluster is mixed): they are not programmed."""
-        assert self.network is not None and self.watcher is not None
-        ours = self.network.backend_type
-        mixed = tuple(sorted((kind, n) for kind, n in self.watcher.book.counts.items()
-                             if kind != ours and n))
-        if mixed == self._mixed:
+        """Say when peers start or stop running another backend type than this host (a
+        rebuild rolling out: they are not programmed meanwhile; the data plane names each
+        one and counts them, `DataPlaneStatus.foreign_peers`)."""
+        assert self.network is not None and self.backend is not None
+        foreign = self.backend.status.foreign_peers
+        if (foreign > 0) == (self._foreign > 0):
+            self._foreign = foreign
             return
-        self._mixed = mixed
-        if mixed:
-            log.warning("backend roll-out: %s peer(s) run %s, this host %s: not programmed "
-                        "until they run %s too", sum(n for _, n in mixed),
-                        " and ".join(kind for kind, _ in mixed), ours, ours)
+        if foreign:
+            log.info("backend roll-out: %d peer(s) run another backend type than this host's "
+                     "%s: not reachable from here until they switch", foreign,
+                     self.network.backend_type)
         else:
-            log.info("backend roll-out over: every peer runs %s", ours)
+            log.info("backend roll-out over: every peer runs %s", self.network.backend_type)
+        self._foreign = foreign
 
     @staticmethod
     def _log_peer_changes(changes: PeerChanges, count: int) -> None:

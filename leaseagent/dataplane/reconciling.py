@@ -15,9 +15,11 @@ are dumped and watched, and the IPv6 device (vxlan's flannel-v6.<VNI>) is
 one more device. Nothing below depends on the family:
 
 - `sync(peers)`: level-triggered. Plan the whole peer set, dump what we own,
-  apply `core.plan.diff` (removals first: route -> neighbour -> FDB; then
-  additions: neighbour -> FDB -> route). Marks the backend synced; nothing
-  is ever removed before the first sync.
+  apply `core.plan.diff`, make before break: additions first (neighbour ->
+  FDB -> route, each a replace or an FDB append), then removals (route ->
+  neighbour -> FDB), so a peer whose objects change (DirectRouting turned
+  on, a new PublicIP) is never without a path in between. Marks the backend
+  synced; nothing is ever removed before the first sync.
 - `update(changes, peers)`: incremental, no table dump. The last applied
   plan is kept per peer subnet (`_programmed`), so a changed or removed
   peer's old objects are known; a reference count keeps an object that
@@ -169,11 +171,11 @@ class ReconcilingBackend:
     async def _program(self, nl: Netlink, changes: PlanDiff
                        ) -> tuple[list[KernelObject], list[KernelObject], list[Failure]]:
         """Make `changes` in the kernel: (removed, added, failures). By default all are
-        rtnetlink objects, removed first, then added (each list already in order)."""
+        rtnetlink objects, added first, then removed (each list already in order)."""
         protocol = self._settings.route_protocol
-        removed, failed_rm = await nl.apply(Action.REMOVE, changes.to_remove, protocol=protocol)
         added, failed_add = await nl.apply(Action.REPLACE, changes.to_add, protocol=protocol)
-        return removed, added, failed_rm + failed_add
+        removed, failed_rm = await nl.apply(Action.REMOVE, changes.to_remove, protocol=protocol)
+        return removed, added, failed_add + failed_rm
 
     def _watchers(self) -> list[Coroutine[Any, Any, None]]:
         """Tasks `run` keeps beside the netlink watcher and the resync loop (none by

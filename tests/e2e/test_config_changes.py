@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from polling import wait_for
+from switching_lab import SwitchingLab, give_containers_ipv6
 
 from leaseagent.lab import Lab, netns, parse_ping_summary, run
 from leaseagent.lab.topology import Host
@@ -38,8 +39,9 @@ PING_INTERVAL = 0.02
 CONVERGE_SECONDS = 5.0  # the issue's bound, from the write to every host converged
 
 
-class FixedSubnetLab(Lab):
-    """A lab whose host i starts on 10.244.(60*i).0/24 (a previous subnet.env)."""
+class FixedSubnetLab(SwitchingLab):
+    """A lab whose host i starts on 10.244.(60*i).0/24 (a previous subnet.env); its
+    underlay carries IPv6 too, but the network config has IPv6 only once `ipv6_on`."""
 
     def start_agent(self, host: Host) -> int:
         if not host.subnet_file.exists():
@@ -51,7 +53,7 @@ class FixedSubnetLab(Lab):
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[FixedSubnetLab]:
-    lab = FixedSubnetLab(f"cc{os.getpid() % 100000}", lease_ttl=30)
+    lab = FixedSubnetLab(f"cc{os.getpid() % 100000}", lease_ttl=30, ipv6=True)
     try:
         lab.up(3, 1)
         assert lab.wait_reachable(timeout=15).all_ok
@@ -108,12 +110,15 @@ class Pings:
 
 
 @contextmanager
-def pinging(lab: Lab, seconds: float) -> Iterator[Pings]:
+def pinging(lab: Lab, seconds: float, pairs: list[tuple[Host, Host]] | None = None
+            ) -> Iterator[Pings]:
+    """Each host of `pairs` (default: every host, to the next one) pings the other's
+    container from its own for `seconds`; the outcome once the block is left."""
     hosts = list(lab.hosts.values())
+    pairs = pairs or [(h, hosts[(i + 1) % len(hosts)]) for i, h in enumerate(hosts)]
     count = int(seconds / PING_INTERVAL)
-    procs = [lab.ping_background(h.containers[0], hosts[(i + 1) % len(hosts)].containers[0].ip,
-                                 count=count, interval=PING_INTERVAL)
-             for i, h in enumerate(hosts)]
+    procs = [lab.ping_background(a.containers[0], b.containers[0].ip, count=count,
+                                 interval=PING_INTERVAL) for a, b in pairs]
     pings = Pings()
     try:
         time.sleep(0.3)  # pinging before the change
@@ -241,9 +246,8 @@ def test_shrinking_the_network_moves_only_the_hosts_outside_it(lab: FixedSubnetL
         return IPv4Interface(env_of(h3)["FLANNEL_SUBNET"]).network.subnet_of(half)
 
     # Pings between the hosts that stay: not one lost.
-    with pinging_between(lab, [(h1, h2), (h2, h1)], 4.0) as pings:
+    with pinging(lab, 4.0, [(h1, h2), (h2, h1)]) as pings:
         revision = write_config(lab, shrunk)
-        began = time.monotonic()
         took = wait_for(lambda: applied(lab, revision) and moved(), timeout=10,
                         what="host 3 moved")
     report("Network /16 -> /17 (host 3 outside)", "re-lease", took, pings)
@@ -260,29 +264,15 @@ def test_shrinking_the_network_moves_only_the_hosts_outside_it(lab: FixedSubnetL
 
     # Docker restarted on host 3 (here: its bridge and container renumbered): every pair
     # reaches every other again.
+    renumbered = time.monotonic()
     renumber(h3)
     reach = lab.wait_reachable(timeout=CONVERGE_SECONDS)
-    print(f"host 3 renumbered: all pairs reachable {time.monotonic() - began:.2f} s after the "
-          f"write")
+    print(f"host 3 renumbered: all pairs reachable {time.monotonic() - renumbered:.2f} s later")
     assert reach.all_ok, reach.format()
     # Back to /16: everyone fits, nobody moves.
     revision = write_config(lab, lab.network_config())
     wait_for(lambda: applied(lab, revision), timeout=CONVERGE_SECONDS, what="back to /16")
     assert lab.wait_reachable(timeout=5).all_ok
-
-
-@contextmanager
-def pinging_between(lab: Lab, pairs: list[tuple[Host, Host]], seconds: float
-                    ) -> Iterator[Pings]:
-    count = int(seconds / PING_INTERVAL)
-    procs = [lab.ping_background(a.containers[0], b.containers[0].ip, count=count,
-                                 interval=PING_INTERVAL) for a, b in pairs]
-    pings = Pings()
-    try:
-        time.sleep(0.3)
-        yield pings
-    finally:
-        pings.outcomes = [p.communicate(timeout=seconds + 30)[0] for p in procs]
 
 
 # ------------------------------------------------------------------ rebuild
@@ -341,3 +331,51 @@ def test_an_invalid_config_written_with_etcdctl_is_ignored_and_counted(
         assert lab.agent_alive(host)
     write_config(lab, good)
     assert lab.wait_reachable(timeout=5).all_ok
+
+
+# ------------------------------------------------------------------ IPv6 on and off
+
+
+def ip6_rules(host: Host) -> str:
+    return run(["ip", "netns", "exec", host.ns, "ip6tables-save"], check=False)
+
+
+def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+    before = {h.index: env_of(h)["FLANNEL_SUBNET"] for h in hosts}
+
+    def dual() -> bool:
+        keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
+        return (sum("&fd00:244:" in k for k in keys) == 3
+                and all(device_mtu(h, "flannel-v6.1") == 1430
+                        and "FLANNEL_IPV6_SUBNET" in env_of(h) for h in hosts))
+
+    lab.ipv6_on = True
+    _, pings = change(lab, lab.network_config(), dual, what="EnableIPv6 on", kind="re-lease")
+    assert pings.lost == 0
+    for host in hosts:
+        env = env_of(host)
+        assert env["FLANNEL_SUBNET"] == before[host.index] and env["FLANNEL_MTU"] == "1430"
+        assert "LEASEAGENT-FORWARD" in ip6_rules(host)
+        lab.wait_subnet(host)  # host.subnet6 from subnet.env
+        give_containers_ipv6(host)
+    reach6 = lab.wait_reachable(timeout=CONVERGE_SECONDS, family=6)
+    assert reach6.all_ok, reach6.format()
+
+    def ipv4_only() -> bool:
+        keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
+        return (len(keys) == 3 and not any("&" in k for k in keys)
+                and all(device_mtu(h, "flannel-v6.1") is None
+                        and "FLANNEL_IPV6_SUBNET" not in env_of(h) for h in hosts))
+
+    lab.ipv6_on = False
+    _, pings = change(lab, lab.network_config(), ipv4_only, what="EnableIPv6 off",
+                      kind="re-lease")
+    assert pings.lost == 0
+    for host in hosts:
+        assert env_of(host)["FLANNEL_SUBNET"] == before[host.index]
+        assert env_of(host)["FLANNEL_MTU"] == "1450"
+        assert "LEASEAGENT" not in ip6_rules(host)
+        state = lab.kernel_state(host)
+        assert not any(":" in line.split()[0] for line in state["route"]), state["route"]
+        assert not any("inet6" in line for line in state["addr"]), state["addr"]

@@ -19,31 +19,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from switching_lab import SwitchingLab, give_containers_ipv6
 
-from leaseagent.lab import Lab, agents, netns, parse_ping_summary, run
-from leaseagent.lab.topology import Host
+from leaseagent.lab import Lab, parse_ping_summary
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
 
 PING_INTERVAL = 0.02
-
-
-class SwitchingLab(Lab):
-    """A dual-stack lab (IPv6 on the underlay) whose network config says EnableIPv6
-    only once `ipv6_on` is set: an IPv4 cluster about to turn IPv6 on."""
-
-    ipv6_on = False
-
-    def network_config(self) -> dict[str, object]:
-        config = super().network_config()
-        if not self.ipv6_on:
-            config.pop("EnableIPv6", None)
-            config.pop("IPv6Network", None)
-        return config
-
-    def wait_subnet(self, host: Host, *, timeout: float = 30) -> None:
-        agents.wait_subnet(host, timeout=timeout, ipv6=self.ipv6_on)
 
 
 @pytest.fixture
@@ -66,17 +49,6 @@ def keys_at(lab: Lab, revision: int) -> list[str]:
 def current_revision(lab: Lab) -> int:
     header = json.loads(lab.etcdctl("get", lab.keys.config_key, "-w", "json"))["header"]
     return int(header["revision"])
-
-
-def give_containers_ipv6(host: Host) -> None:
-    """What `dockerd --ipv6 --fixed-cidr-v6` does once restarted on the new options:
-    docker0 and the containers get addresses of FLANNEL_IPV6_SUBNET."""
-    assert host.subnet6 is not None
-    netns.address(host.ns, "br0", str(host.subnet6))
-    for c in host.containers:
-        c.ip6 = host.subnet6.ip + c.index
-        netns.address(c.ns, "eth0", f"{c.ip6}/{host.subnet6.network.prefixlen}")
-        run(["ip", "-n", c.ns, "-6", "route", "add", "default", "via", str(host.subnet6.ip)])
 
 
 def test_turning_ipv6_on_keeps_every_ipv4_subnet_and_loses_no_ipv4_packet(

@@ -150,3 +150,35 @@ def test_leasectl_config_set_says_who_re_leases_and_restarts_docker(etcd, agents
     again = leasectl(etcd, "config", "set", "--dry-run", str(grown))
     assert again.stdout.splitlines() == [
         "change: none (the agents read it as the config in force)"]
+
+
+def test_turning_ipv6_on_and_off_moves_the_key_and_keeps_the_ipv4_subnet(etcd, agents):
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1", extra=["--public-ipv6", "fd00:200::1"]).start(metrics=True)
+    first = a.wait_subnet()
+    subnet = IPv4Interface(first).network
+    v4_key = f"{PREFIX}/subnets/{subnet.network_address}-24"
+
+    def keys() -> list[str]:
+        return etcd.etcdctl("get", "--prefix", "--keys-only", f"{PREFIX}/subnets/").split()
+
+    assert keys() == [v4_key]
+    put_config(etcd, {**ALLOC, "EnableIPv6": True, "IPv6Network": "fd00:6::/48"})
+    wait_for(lambda: "FLANNEL_IPV6_SUBNET" in env_of(a), timeout=10, what="IPv6 in subnet.env")
+    env = env_of(a)
+    assert env["FLANNEL_SUBNET"] == first and env["FLANNEL_IPV6_NETWORK"] == "fd00:6::/48"
+    (dual_key,) = keys()
+    assert dual_key.startswith(v4_key + "&fd00:6:")
+    value = json.loads(etcd.etcdctl("get", dual_key, "--print-value-only"))
+    assert value["PublicIPv6"] == "fd00:200::1"
+    a.wait_log("moved to")
+
+    put_config(etcd, ALLOC)
+    wait_for(lambda: "FLANNEL_IPV6_SUBNET" not in env_of(a), timeout=10, what="IPv6 gone")
+    assert env_of(a)["FLANNEL_SUBNET"] == first
+    assert keys() == [v4_key]
+    assert json.loads(etcd.etcdctl("get", v4_key, "--print-value-only"))["PublicIPv6"] is None
+    assert a.metric("leaseagent_lease_subnet_changes_total") == 0
+    wait_for(lambda: a.metric("leaseagent_network_config_changes_total",
+                              'class="re-lease"') == 2, timeout=5, what="both counted")
+    assert "Traceback" not in a.log() and " ERROR " not in a.log()
