@@ -198,6 +198,29 @@ def test_direct_routing_on_and_off_switches_the_per_peer_objects(lab: FixedSubne
     assert pings.lost == 0
 
 
+def rules_in(host: Host) -> tuple[bool, bool]:
+    """(our iptables chains there, our nftables table there)."""
+    saved = run(["ip", "netns", "exec", host.ns, "iptables-save"], check=False)
+    table = run(["ip", "netns", "exec", host.ns, "nft", "list", "table", "ip", "leaseagent"],
+                check=False)
+    return "LEASEAGENT-FORWARD" in saved, "chain forward" in table
+
+
+def test_enable_nftables_moves_the_traffic_rules_to_the_other_tool(lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+    assert all(rules_in(h) == (True, False) for h in hosts)
+    _, pings = change(lab, {**lab.network_config(), "EnableNFTables": True},
+                      lambda: all(rules_in(h) == (False, True) for h in hosts),
+                      what="EnableNFTables on", kind="in-place", seconds=2.0)
+    assert pings.lost == 0
+    _, pings = change(lab, lab.network_config(),
+                      lambda: all(rules_in(h) == (True, False) for h in hosts),
+                      what="EnableNFTables off", kind="in-place", seconds=2.0)
+    assert pings.lost == 0
+    for host in hosts:
+        assert lab.metrics(host)["leaseagent_rules_in_sync"] == 1
+
+
 # ------------------------------------------------------------------ re-lease
 
 

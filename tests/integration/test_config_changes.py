@@ -182,3 +182,27 @@ def test_turning_ipv6_on_and_off_moves_the_key_and_keeps_the_ipv4_subnet(etcd, a
     wait_for(lambda: a.metric("leaseagent_network_config_changes_total",
                               'class="re-lease"') == 2, timeout=5, what="both counted")
     assert "Traceback" not in a.log() and " ERROR " not in a.log()
+
+
+def test_a_config_this_host_cannot_run_is_refused_and_the_last_good_one_kept(etcd, agents):
+    put_config(etcd, ALLOC)
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.150.0-24", json.dumps({"PublicIP": "10.200.0.2"}))
+    for i in (1, 2, 3):  # every subnet of the smaller network is someone else's
+        etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.{i}.0-24",
+                     json.dumps({"PublicIP": f"10.200.0.{10 + i}"}))
+    a = agents("a", "10.200.0.2").start(metrics=True)
+    assert a.wait_subnet() == "10.6.150.1/24"
+    good = revision_of_config(etcd)
+    put_config(etcd, {"Network": "10.6.0.0/22", "Backend": {"Type": "alloc"}})
+    wait_for(lambda: a.metric("leaseagent_network_config_ignored_total",
+                              'reason="unusable"') == 1, timeout=10, what="refused")
+    a.wait_log("going back to the last good one")
+    errors = [line for line in a.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "no free subnet in network 10.6.0.0/22" in errors[0], errors
+    assert env_of(a)["FLANNEL_NETWORK"] == "10.6.0.0/16"
+    assert env_of(a)["FLANNEL_SUBNET"] == "10.6.150.1/24"
+    assert a.metric("leaseagent_network_config_revision") == good
+    assert a.metric("leaseagent_lease_subnet_changes_total") == 0
+    status, _ = a.http("/readyz")
+    assert status == 200
+    assert "Traceback" not in a.log()
