@@ -177,23 +177,26 @@ class ConfigFollower:
     # -- applying it -----------------------------------------------------------------
 
     async def _settled(self) -> Version:
-        """The latest version once the key is quiet (or the burst has gone on too long)."""
+        """The latest version once the key is quiet (or the burst has gone on too long).
+        Called with a version pending; only `_offer` sets one."""
         while True:
-            self._wake.clear()
             left = self._first_pending + self._longest - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, min(self._settle, left)))
+                await asyncio.wait_for(self._wake.wait(), min(self._settle, left))
             except TimeoutError:
-                break
-            if left <= self._settle:
-                break
+                break  # quiet
         version, self._pending = self._pending, None
         assert version is not None
         return version
 
     async def _apply_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            while self._pending is None:
+                self._wake.clear()
+                await self._wake.wait()
             await self._handle(await self._settled())
 
     async def _handle(self, version: Version) -> None:
