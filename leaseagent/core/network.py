@@ -25,8 +25,10 @@ mandatory (`EnableIPv4: false` is refused), as in flannel's etcd mode.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
@@ -35,6 +37,28 @@ from leaseagent.errors import NetworkConfigError
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
+
+# Dotted-quad IPv4 text exactly as ipaddress accepts it (each octet 0-255, no leading
+# zero), as a regular expression of four groups. Thousands of leases are read at
+# start-up: their addresses are read from these groups with integer arithmetic
+# (`ipv4_int`), ipaddress's own parser being ~10x slower; any other text goes to
+# ipaddress, which refuses it or reads it, with its own error messages.
+_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+IPV4_TEXT = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
+_IPV4_TEXT = re.compile(IPV4_TEXT)
+
+
+def ipv4_int(a: str, b: str, c: str, d: str) -> int:
+    """The address of four octets matched by IPV4_TEXT."""
+    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+
+
+def ipv4_address(text: str) -> IPv4Address:
+    """`IPv4Address(text)`, the same answers and errors, faster for dotted quads."""
+    match = _IPV4_TEXT.fullmatch(text)
+    if match is None:
+        return IPv4Address(text)
+    return IPv4Address(ipv4_int(*match.groups()))
 
 
 @dataclass(frozen=True)
@@ -84,13 +108,21 @@ class SubnetRange:
         A lease outside [SubnetMin, SubnetMax] but inside the network and aligned is
         accepted: an operator may narrow the range while hosts hold leases.
         """
-        if subnet.version != self.network.version:
-            return f"subnet {subnet} is not an IPv{self.network.version} subnet"
+        version, shift, prefix = self._network_bits
+        if subnet.version != version:
+            return f"subnet {subnet} is not an IPv{version} subnet"
         if subnet.prefixlen != self.subnet_len:
             return f"subnet {subnet} is not a /{self.subnet_len}"
-        if not subnet.subnet_of(self.network):  # type: ignore[arg-type]
+        if int(subnet.network_address) >> shift != prefix:
             return f"subnet {subnet} is outside the network {self.network}"
         return None
+
+    @cached_property
+    def _network_bits(self) -> tuple[int, int, int]:
+        """(version, host bits, the network's prefix as a number): `subnet_of` in
+        integers, as `check_subnet` is asked of every lease of a listing."""
+        shift = self.bits - self.network.prefixlen
+        return self.network.version, shift, int(self.network.network_address) >> shift
 
 
 def ip_network(spec: tuple[int, int], bits: int) -> Network:

@@ -40,10 +40,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Protocol
 
-from leaseagent.core.leases.keys import KeyLayout
+from leaseagent.core.leases.keys import KeyLayout, SubnetKey
 from leaseagent.core.leases.values import LeaseValue, Peer, decode_lease_value, validate_peer
 from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import InvalidLease
@@ -129,6 +130,15 @@ def _age(kv: RawLease) -> tuple[int, str]:
     return kv.create_revision, kv.key
 
 
+@lru_cache(maxsize=8)
+def _own_subnets(layout: KeyLayout, own_key: str) -> SubnetKey | None:
+    """The subnets this host's key names (parsed once, not once per key judged)."""
+    try:
+        return layout.parse_lease_key(own_key)
+    except ValueError:
+        return None
+
+
 def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
              identity: Identity) -> Verdict:
     """Rules 1-4 for one key: OWN, INVALID, or PEER meaning "valid" (rule 5, which key
@@ -153,10 +163,7 @@ def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
     status = OWN if is_own else PEER
     try:
         if not is_own and identity.own_key is not None:
-            try:
-                own = layout.parse_lease_key(identity.own_key)
-            except ValueError:
-                own = None
+            own = _own_subnets(layout, identity.own_key)
             if own is not None and subnet == own.ipv4:
                 raise InvalidLease("own_subnet", f"key {kv.key} names this host's subnet {subnet}")
             if own is not None and ipv6 is not None and ipv6 == own.ipv6:

@@ -28,9 +28,14 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
+from leaseagent.core.network import IPV4_TEXT, ipv4_int
+
 DEFAULT_PREFIX = "/coreos.com/network"
 
 _NAME = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
+# An IPv4 key name as flannel writes it, the address as ipaddress reads it: read with
+# integer arithmetic (core.network.ipv4_int). Anything else takes the general path.
+_PLAIN = re.compile(rf"{IPV4_TEXT}-(\d{{1,3}})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,15 @@ def key_name(ipv4: IPv4Network, ipv6: IPv6Network | None = None) -> str:
 
 def parse_key_name(name: str) -> SubnetKey:
     """The subnet(s) of a key name; ValueError with a message if it is not one."""
+    plain = _PLAIN.fullmatch(name)
+    if plain is not None:
+        # Every lease of an IPv4 network is named so; a listing of thousands is read at
+        # start-up, so no text is parsed twice here (the result is the same).
+        a, b, c, d, length = plain.groups()
+        try:
+            return SubnetKey(IPv4Network((ipv4_int(a, b, c, d), int(length))))
+        except ValueError:
+            pass  # host bits set, a length over 32: said below as for any name
     match = _NAME.fullmatch(name)
     if match is None:
         raise ValueError(f"key name {name!r} is not of the form ADDR-LEN or ADDR-LEN&ADDR6-LEN")

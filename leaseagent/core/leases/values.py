@@ -33,6 +33,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from leaseagent.core.backends import BACKEND_TYPES, LeaseData
+from leaseagent.core.network import ipv4_address
 from leaseagent.errors import InvalidLease
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def decode_lease_value(raw: bytes) -> LeaseValue:
     if not isinstance(public_ip, str):
         raise InvalidLease("bad_public_ip", f"PublicIP {public_ip!r} is not a string")
     try:
-        ip = IPv4Address(public_ip)
+        ip = ipv4_address(public_ip)
     except ValueError:
         raise InvalidLease("bad_public_ip", f"PublicIP {public_ip!r} is not an IPv4 address") from None
     backend_type = doc.get("BackendType", "")
@@ -128,16 +129,34 @@ def decode_lease_value(raw: bytes) -> LeaseValue:
     )
 
 
+# IPv4 ranges a PublicIP may not be in, as (first, last, reason), first match wins:
+# ipaddress's is_unspecified, is_loopback, is_multicast, the broadcast address,
+# is_reserved (240.0.0.0/4), is_link_local. Compared as integers: thousands of leases
+# are judged at start-up, and each property of ipaddress builds networks to compare.
+_UNUSABLE_IPV4 = (
+    (0, 0, "unspecified"),
+    (0x7F000000, 0x7FFFFFFF, "loopback"),
+    (0xE0000000, 0xEFFFFFFF, "multicast"),
+    (0xFFFFFFFF, 0xFFFFFFFF, "broadcast"),
+    (0xF0000000, 0xFFFFFFFF, "reserved"),
+    (0xA9FE0000, 0xA9FEFFFF, "link-local"),
+)
+
+
 def unusable_ip_reason(ip: IPv4Address | IPv6Address) -> str | None:
     """Why `ip` cannot be a host's PublicIP (or PublicIPv6), or None."""
+    if ip.version == 4:
+        number = int(ip)
+        for first, last, reason in _UNUSABLE_IPV4:
+            if first <= number <= last:
+                return reason
+        return None
     if ip.is_unspecified:
         return "unspecified"
     if ip.is_loopback:
         return "loopback"
     if ip.is_multicast:
         return "multicast"
-    if ip.version == 4 and ip == IPv4Address("255.255.255.255"):
-        return "broadcast"
     if ip.is_reserved:
         return "reserved"
     if ip.is_link_local:
