@@ -794,24 +794,33 @@ class Agent:
     async def _switch(self, network: NetworkConfig, change: ConfigChange) -> None:
         """The steps of a config change (see `apply_config`). Everything that can refuse
         (PublicIPv6, the programs of the traffic rules, the new backend's prepare) comes
-        before anything is changed."""
-        assert self.watcher is not None
+        before anything is changed; once the new backend is prepared the agent works with
+        the new config, and a later failure is undone by switching back."""
+        assert self.watcher is not None and self.leasing is not None
         host = await resolve_host(self.cfg, network, self._host)
         rules = self._traffic_rules(network, running=self.rules)
         async with self.watcher.gate:  # no lease event is judged while our key may change
             async with self._plane:
                 await self._stop_task("dataplane")
+                old = self.backend
+                assert old is not None
                 try:
-                    attrs = await self._replace_backend(network, host,
-                                                        rebuild=change.kind == REBUILD)
-                finally:
-                    self._spawn_dataplane()
+                    new, attrs = await self._prepared(network, host)
+                except Exception:
+                    self._spawn_dataplane()  # the old one goes on (not when stopping)
+                    raise
+                self.backend = new
                 self._use_network(network)
                 self._host, self.mtu = host, attrs.mtu
-                assert self.leasing is not None
                 self.leasing.reconfigure(network, self._lease_value(network, host, attrs))
                 self.metrics.set_identity(public_ip=str(host.public_ip),
                                           node_id=self.cfg.node_id, backend=network.backend_type)
+                try:
+                    await self._retire(old, rebuild=change.kind == REBUILD)
+                except Exception:
+                    self._spawn_dataplane()  # the new one runs; apply_config switches back
+                    raise
+                self._spawn_dataplane()
             await self._fitted_lease()  # subnet.env, Docker's options, the backend's addresses
             async with self._plane:
                 await self._replace_rules(rules)
@@ -819,28 +828,29 @@ class Agent:
                 await self._program_all()  # the peers as known: traffic back at once
         await self.watcher.relist("config_changed")  # then every lease judged anew
 
-    async def _replace_backend(self, network: NetworkConfig, host: HostInfo, *,
-                               rebuild: bool) -> BackendAttrs:
-        """A new data plane on `network` in place of the running one: prepared first (it
-        adopts the devices it shares with the old one and may refuse to run); for a
-        rebuild the old one's kernel objects are then removed (and a device of the same
-        name put back). Under `_plane`, the old one's run task stopped."""
-        old = self.backend
-        assert old is not None
+    async def _prepared(self, network: NetworkConfig, host: HostInfo
+                        ) -> tuple[DataPlane, BackendAttrs]:
+        """A data plane on `network`, prepared (it adopts the devices it shares with the
+        running one, and may refuse to run: then nothing has changed)."""
         new = self._new_backend(network, host)
         try:
-            attrs = await new.prepare()
+            return new, await new.prepare()
         except BaseException:
-            self.metrics.export_dataplane(old.status)
+            assert self.backend is not None
+            self.metrics.export_dataplane(self.backend.status)
             await new.close()
             raise
+
+    async def _retire(self, old: DataPlane, *, rebuild: bool) -> None:
+        """Done with `old` (a stopped data plane the new one replaces): for a rebuild its
+        kernel objects and devices removed first (a device of the same name the new one
+        wants is put back by the new one's prepare)."""
+        assert self.backend is not None
         if rebuild:
             await old.remove()
-            if _device_names(old) & _device_names(new):
-                attrs = await new.prepare()
+            if _device_names(old) & _device_names(self.backend):
+                await self.backend.prepare()
         await old.close()
-        self.backend = new
-        return attrs
 
     async def _replace_rules(self, rules: list[FamilyRules]) -> None:
         """Keep `rules`: a keeper no longer wanted is stopped and its rules removed (IPv6
