@@ -22,8 +22,8 @@ no packet. `peers` is what the data plane must program: the valid peers
 plus the held ones.
 
 When the network config changes (`set_network`), the book judges with the
-new config from then on and the prefix is listed again, so every key is
-judged anew; a peer the new config no longer admits (its subnet outside the
+new config from then on and the agent lists the prefix again (`relist`), so
+every key is judged anew; a peer the new config no longer admits (its subnet outside the
 new network, say) is removed like one a listing no longer has: after the
 hold time, so a host moving to a new subnet has its new entries in place
 before its old ones go. `relist()` waits until such a listing is applied.
@@ -103,9 +103,9 @@ class LeaseWatcher:
         self._engine.request_relist(reason)
 
     def set_network(self, network: NetworkConfig) -> None:
-        """Judge with `network` from now on; list again so every key is judged by it."""
+        """Judge with `network` from now on (events at once; `relist` so that every key
+        is judged by it)."""
         self.book.network = network
-        self.request_relist("config_changed")
 
     async def relist(self, reason: str) -> None:
         """List again, and return once a listing asked for after this call is applied."""
