@@ -55,7 +55,7 @@ route never points at a neighbour that is not there yet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
@@ -84,10 +84,33 @@ Interface = IPv4Interface | IPv6Interface
 # code, so each object computes an identity of plain ints and strings once
 # (`_ident`) and its hash from that; equality compares identities, which
 # are equal exactly when all fields are. Each identity holds the address
-# family (4 or 6): 10.0.0.1 and ::a00:1 are one integer.
+# family (4 or 6): 10.0.0.1 and ::a00:1 are one integer. The identity of a
+# route, neighbour or FDB entry is made by one function each (`route_ident`,
+# ...), which the raw rtnetlink reader calls too: a table dump is compared with
+# the plan identity by identity, without an object per entry
+# (leaseagent.dataplane.rtnl). Slots: no instance dict (docs/benchmarks.md).
+
+Ident = tuple[object, ...]
 
 
-@dataclass(frozen=True, eq=False)
+def route_ident(version: int, dst: int, prefixlen: int, gateway: int, ifindex: int,
+                onlink: bool, metric: int, scope: int) -> Ident:
+    """A route's identity (`gateway` -1: none), as the kernel keeps it: an IPv6 route
+    without a metric has 1024, and universe scope whatever it was given."""
+    if version == 6:
+        metric, scope = metric or IPV6_DEFAULT_METRIC, RT_SCOPE_UNIVERSE
+    return (0, version, dst, prefixlen, gateway, ifindex, onlink, metric, scope)
+
+
+def neighbour_ident(version: int, ifindex: int, dst: int, lladdr: str) -> Ident:
+    return (1, version, ifindex, dst, lladdr)
+
+
+def fdb_ident(version: int, ifindex: int, lladdr: str, dst: int) -> Ident:
+    return (2, version, ifindex, lladdr, dst)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
 class Route:
     """A unicast route (IPv4 or IPv6) in the main table, carrying our protocol number."""
 
@@ -104,13 +127,11 @@ class Route:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.dst.version == 6 and not self.metric:
-            object.__setattr__(self, "metric", IPV6_DEFAULT_METRIC)
-        if self.dst.version == 6:
-            object.__setattr__(self, "scope", RT_SCOPE_UNIVERSE)
-        ident = (0, self.dst.version, int(self.dst.network_address), self.dst.prefixlen,
-                 int(self.gateway) if self.gateway is not None else -1,
-                 self.ifindex, self.onlink, self.metric, self.scope)
+        ident = route_ident(self.dst.version, int(self.dst.network_address), self.dst.prefixlen,
+                            int(self.gateway) if self.gateway is not None else -1,
+                            self.ifindex, self.onlink, self.metric, self.scope)
+        object.__setattr__(self, "metric", ident[7])
+        object.__setattr__(self, "scope", ident[8])
         object.__setattr__(self, "_ident", ident)
         object.__setattr__(self, "_hash", hash(ident))
 
@@ -127,7 +148,7 @@ class Route:
     kind = "route"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Neighbour:
     """A permanent neighbour entry: ARP (IPv4) or NDP (IPv6)."""
 
@@ -138,7 +159,7 @@ class Neighbour:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ident = (1, self.dst.version, self.ifindex, int(self.dst), self.lladdr)
+        ident = neighbour_ident(self.dst.version, self.ifindex, int(self.dst), self.lladdr)
         object.__setattr__(self, "_ident", ident)
         object.__setattr__(self, "_hash", hash(ident))
 
@@ -155,7 +176,7 @@ class Neighbour:
     kind = "neighbour"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Fdb:
     """A permanent bridge FDB entry on a vxlan device: MAC -> remote VTEP (IPv4 or IPv6)."""
 
@@ -166,7 +187,7 @@ class Fdb:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ident = (2, self.dst.version, self.ifindex, self.lladdr, int(self.dst))
+        ident = fdb_ident(self.dst.version, self.ifindex, self.lladdr, int(self.dst))
         object.__setattr__(self, "_ident", ident)
         object.__setattr__(self, "_hash", hash(ident))
 
@@ -186,7 +207,7 @@ class Fdb:
 Endpoint = tuple[Address, int]  # a WireGuard peer's IP address and UDP port
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class WgPeer:
     """A peer of one of our WireGuard devices (by name: a device is addressed by name
     through its control socket or genetlink). `psk` None: no preshared key."""
@@ -220,7 +241,7 @@ class WgPeer:
     kind = "peer"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class AllowedIP:
     """A network a WireGuard device routes to (and accepts from) the peer `public_key`."""
 
@@ -438,13 +459,19 @@ def diff(desired: Iterable[KernelObject], current: Iterable[KernelObject]) -> Pl
     """
     desired_set = desired if isinstance(desired, (set, frozenset)) else frozenset(desired)
     current_set = current if isinstance(current, (set, frozenset)) else frozenset(current)
-    stale = current_set - desired_set
+    return diff_found(desired_set, desired_set - current_set, current_set - desired_set)
+
+
+def diff_found(desired: Collection[KernelObject], missing: Iterable[KernelObject],
+               stale: Iterable[KernelObject]) -> PlanDiff:
+    """`diff` once the kernel has been read against `desired`: `missing` are the objects
+    of `desired` it lacks, `stale` those it has that are not in `desired`."""
+    stale = list(stale)
     to_remove: list[KernelObject] = []
     if stale:
-        desired_keys = {obj.key for obj in desired_set}
+        desired_keys = {obj.key for obj in desired}
         to_remove = [obj for obj in stale if obj.key not in desired_keys]
-    return PlanDiff(_ordered(desired_set - current_set, _ADD_ORDER),
-                    _ordered(to_remove, _REMOVE_ORDER))
+    return PlanDiff(_ordered(missing, _ADD_ORDER), _ordered(to_remove, _REMOVE_ORDER))
 
 
 # ------------------------------------------------------------------ devices

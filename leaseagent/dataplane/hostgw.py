@@ -21,7 +21,7 @@ from leaseagent.core.leases import Peer
 from leaseagent.core.network import Address
 from leaseagent.core.plan import KernelObject, plan_host_gw_peer
 from leaseagent.dataplane.base import BackendAttrs
-from leaseagent.dataplane.netlink import Netlink
+from leaseagent.dataplane.netlink import Known, Netlink
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.errors import ConfigError
 
@@ -57,5 +57,5 @@ class HostGwBackend(ReconcilingBackend):
         return plan_host_gw_peer(peer, self._settings.host.iface_index,
                                  ipv6=self._settings.ipv6_enabled)
 
-    async def _current(self, nl: Netlink) -> set[KernelObject]:
-        return set(await nl.routes(protocol=self._settings.route_protocol))
+    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+        return list(await nl.scan_routes(known, protocol=self._settings.route_protocol))

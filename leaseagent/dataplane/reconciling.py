@@ -3,7 +3,7 @@
 A backend subclasses `ReconcilingBackend` and supplies policy: how to plan
 a peer (`_plan_peer`) and what it wants whatever the peers (`_own_objects`),
 its devices (`_device_specs`, `_converge_devices`), what of the kernel it owns
-(`_current`, `_observe_devices`), how to make its devices ready
+(`_scan`, `_observe_devices`), how to make its devices ready
 (`_ensure_ready`), which netlink events concern it (`_drift_kind`), how
 objects that are not rtnetlink's are written (`_program`) and what else must
 be watched (`_watchers`). This module supplies the mechanics, identical for
@@ -14,25 +14,32 @@ IPv6 objects are in its plan beside its IPv4 ones, routes of both families
 are dumped and watched, and the IPv6 device (vxlan's flannel-v6.<VNI>) is
 one more device. Nothing below depends on the family:
 
-- `sync(peers)`: level-triggered. Plan the whole peer set, dump what we own,
-  apply `core.plan.diff`, make before break: additions first (neighbour ->
-  FDB -> route, each a replace or an FDB append), then removals (route ->
-  neighbour -> FDB), so a peer whose objects change (DirectRouting turned
-  on, a new PublicIP) is never without a path in between. Marks the backend
-  synced; nothing is ever removed before the first sync.
+- `sync(peers)`: level-triggered. Plan the whole peer set, read what we own
+  and apply the difference (`core.plan.diff`), make before break: additions
+  first (neighbour -> FDB -> route, each a replace or an FDB append), then
+  removals (route -> neighbour -> FDB), so a peer whose objects change
+  (DirectRouting turned on, a new PublicIP) is never without a path in
+  between. The tables are read as they stream in (`_scan`): each dumped entry
+  is told by its identity, and only one the plan does not hold becomes an
+  object; nothing of a dump is kept. Marks the backend synced; nothing is
+  ever removed before the first sync.
 - `update(changes, peers)`: incremental, no table dump. The last applied
-  plan is kept per peer subnet (`_programmed`), so a changed or removed
-  peer's old objects are known; a reference count keeps an object that
-  another peer still needs (two leases with one VtepMAC share an FDB entry).
-  It converges to what `sync` would produce; `run` heals any divergence.
+  plan is kept small: per peer subnet the peer it was planned from
+  (`_programmed`, the watcher's own object), planned again when it changes
+  or goes, and per object a count of the peers that want it, by hash
+  (`_uses`: an object two peers want, two leases with one VtepMAC share an
+  FDB entry, stays while one does). It converges to what `sync` would
+  produce; `run` heals any divergence.
 - `run(get_peers)`: two tasks. A netlink event watcher and a resync loop.
-  The watcher looks at every broadcast: one of our routes, neighbour or FDB
-  entries deleted or changed by someone else is queued for a *targeted*
-  repair (re-replace exactly that object from the last applied plan: no
-  table dump, so it is back in milliseconds at any scale); our device gone,
-  down or changed, or the underlay changing, asks for a *full* resync (device
-  first, then a level-triggered sync). Events caused by our own requests
-  carry our socket's port id and are ignored. Bursts are debounced a few ms.
+  The watcher looks at every broadcast: one of our routes or FDB entries
+  deleted by someone else is queued for a *targeted* repair (exactly that
+  object put back: no table dump, so it is back in milliseconds at any
+  scale); a deleted neighbour entry (its notification no longer names its
+  MAC) that is not one we are removing ourselves, an entry of ours changed by
+  someone else, our device gone, down or changed, or the underlay changing,
+  asks for a *full* resync (device first, then a level-triggered sync).
+  Events caused by our own requests carry our socket's port id and are
+  ignored. Bursts are debounced a few ms.
   A full resync also runs every resync_seconds +-20%, which catches what no
   event tells (and FDB changes, which the kernel broadcasts with port id 0).
   Everything a run-triggered pass adds or removes is counted as a drift
@@ -41,7 +48,7 @@ one more device. Nothing below depends on the family:
 - `close()`: closes sockets. Never removes peer state or the device (a
   restart must not break connectivity; docs/architecture.md, "Fault rules").
 - `remove()`: for a rebuild onto another backend (docs/architecture.md,
-  "Config changes"): every object of ours the kernel has (`_current`), then
+  "Config changes"): every object of ours the kernel has (`current`), then
   the devices of `_device_specs`. The instance is done with afterwards.
 
 Peers of another backend type are planned nothing (flannel does the same):
@@ -65,8 +72,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from ipaddress import IPv4Network, IPv6Network
 from itertools import chain
 from typing import Any
@@ -77,25 +83,35 @@ from leaseagent.core.plan import (
     BackendSpec,
     DeviceSpec,
     DeviceState,
+    Ident,
     KernelObject,
+    Neighbour,
     Observation,
     PlanDiff,
     diff,
-    flatten,
+    diff_found,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.netlink import (
     Action,
     Failure,
+    Known,
     Netlink,
     NetlinkEvent,
     NetlinkEvents,
+    nothing_known,
     objects_by_kind,
+    read_again,
 )
 from leaseagent.errors import DataPlaneError
 from leaseagent.retrying import Backoff
 
 log = logging.getLogger(__name__)
+
+def _neighbour_key(obj: Neighbour) -> int:
+    """A neighbour entry's key (the kernel's: device and address), hashed."""
+    return hash((obj.ifindex, obj.dst.version, int(obj.dst)))
+
 
 # Collect a burst of events (a device deletion brings several) into one resync.
 DEBOUNCE_SECONDS = 0.01
@@ -117,13 +133,17 @@ class ReconcilingBackend:
         self._own_subnet: IPv4Network | None = None
         self._own_ipv6: IPv6Network | None = None  # the lease's IPv6 part, when dual-stack
         self._synced = False
-        # The last applied plan: per peer subnet, its objects; how many peers
-        # need each object; each object by its kernel identity (core.plan key).
-        self._programmed: dict[IPv4Network, frozenset[KernelObject]] = {}
-        self._refs: Counter[KernelObject] = Counter()
-        self._by_key: dict[tuple[object, ...], KernelObject] = {}
-        # Work the event watcher hands to the resync loop.
-        self._pending_repairs: set[tuple[object, ...]] = set()
+        # The last applied plan, kept small (see the module docstring): per peer subnet
+        # the peer it was planned from; per object hash, how many peers (or the backend
+        # itself) want that object.
+        self._programmed: dict[IPv4Network, Peer] = {}
+        self._uses: dict[int, int] = {}
+        # Neighbour entries being removed by us, by the hash of their key: the kernel
+        # tells of a neighbour's deletion with port id 0 and without its MAC, so our own
+        # removals are told from someone else's by this.
+        self._removing: set[int] = set()
+        # Work the event watcher hands to the resync loop: objects to put back.
+        self._pending_repairs: set[KernelObject] = set()
         self._full_resync_needed = False
         # Peers of another backend type: their subnets, and what was logged of them.
         self._foreign: set[IPv4Network] = set()
@@ -153,8 +173,10 @@ class ReconcilingBackend:
         """Make the backend's devices what `_device_specs` says; True if anything changed."""
         return False
 
-    async def _current(self, nl: Netlink) -> set[KernelObject]:
-        """What the kernel has of ours."""
+    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+        """Read what the kernel has of ours: each entry's identity is told to `known`,
+        and the entries it does not know are returned as objects (Netlink.scan_routes).
+        DumpInterrupted: read again."""
         raise NotImplementedError
 
     async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
@@ -221,12 +243,16 @@ class ReconcilingBackend:
             objects=objects,
         )
 
+    async def current(self, nl: Netlink) -> set[KernelObject]:
+        """Everything of ours the kernel has, as objects."""
+        return set(await read_again(lambda: self._scan(nl, nothing_known)))
+
     async def observe(self) -> Observation:
         async with self._lock:
             nl = await self._netlink()
             devices = await self._observe_devices(nl)
             await self._refresh(nl)
-            return Observation(devices=devices, objects=frozenset(await self._current(nl)))
+            return Observation(devices=devices, objects=frozenset(await self.current(nl)))
 
     async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
         async with self._lock:
@@ -243,25 +269,24 @@ class ReconcilingBackend:
             old: set[KernelObject] = set()
             new: set[KernelObject] = set()
             for subnet in affected:
-                before = self._programmed.pop(subnet, frozenset())
-                old |= before
-                self._refs.subtract(before)
-                for obj in before:
-                    if self._refs[obj] <= 0:
-                        del self._refs[obj]
-                        self._by_key.pop(obj.key, None)
+                before = self._programmed.pop(subnet, None)
+                if before is not None:
+                    # Planned again as it was: what plans depend on besides the peer
+                    # (device indexes) changes only with a full sync, which plans anew.
+                    planned = self._plan_peer(before)
+                    old |= planned
+                    self._count(planned, -1)
                 peer = peers.get(subnet)
                 if peer is not None and subnet != self._own_subnet:
                     after = self._plan_peer(peer)
-                    self._programmed[subnet] = after
-                    self._refs.update(after)
-                    self._by_key.update((obj.key, obj) for obj in after)
+                    self._programmed[subnet] = peer
+                    self._count(after, +1)
                     new |= after
             to_add, to_remove = diff(new, old)
             # An object another (unaffected) peer still needs stays; nothing goes
             # before the first full sync has shown which peers are really gone.
             if self._synced:
-                to_remove = tuple(o for o in to_remove if o not in self._refs)
+                to_remove = tuple(o for o in to_remove if hash(o) not in self._uses)
             else:
                 to_remove = ()
             failures = await self._apply(nl, PlanDiff(to_add, to_remove), repair=False)
@@ -285,14 +310,14 @@ class ReconcilingBackend:
     async def remove(self) -> None:
         async with self._lock:
             nl = await self._netlink()
-            current = await self._current(nl)
+            current = await self.current(nl)
             await self._apply(nl, diff((), current), repair=False)
             for spec in self._device_specs(self._own_subnet, self._own_ipv6):
                 state = await nl.device_state(spec.name)
                 if state is not None:
                     await nl.delete_link(state.index)
                     log.info("removed %s (the backend is rebuilt)", spec.name)
-            self._programmed, self._refs, self._by_key = {}, Counter(), {}
+            self._programmed, self._uses = {}, {}
             self._synced = False
             self.status.in_sync = False
 
@@ -316,17 +341,49 @@ class ReconcilingBackend:
         self._foreign.clear()
         self._note_foreign(peers, peers)
         plan = self.spec(self._own_subnet, peers, own_ipv6=self._own_ipv6).objects
-        desired = flatten(plan)
-        current = await self._current(nl)
-        failures = await self._apply(nl, diff(desired, current), repair=repair)
-        self._programmed = dict(plan)
-        self._refs = Counter(chain.from_iterable(plan.values()))
-        self._by_key = {obj.key: obj for obj in desired}
+        desired = {obj._ident: obj for objects in plan.values() for obj in objects}
+        self._removing.clear()  # echoes of earlier removals have come by now
+        failures = await self._apply(nl, await read_again(lambda: self._compare(nl, desired)),
+                                     repair=repair)
+        self._programmed = {subnet: peer for subnet, peer in peers.items() if subnet in plan}
+        self._uses = {}
+        for objects in plan.values():
+            self._count(objects, +1)
         self._synced = True
         self.status.in_sync = not failures
         if not failures:
             self.status.last_error = None
         self.status.reconciles.observe(time.monotonic() - started)
+
+    async def _compare(self, nl: Netlink, desired: Mapping[Ident, KernelObject]) -> PlanDiff:
+        """How the kernel differs from `desired`, read as it streams in (`_scan`)."""
+        missing = dict(desired)
+
+        def known(ident: Ident) -> bool:
+            if ident in desired:
+                missing.pop(ident, None)
+                return True
+            return False
+
+        stale = await self._scan(nl, known)
+        return diff_found(desired.values(), missing.values(), stale)
+
+    def _count(self, objects: Iterable[KernelObject], delta: int) -> None:
+        """Count `objects` as wanted by one more (delta +1) or one fewer (-1) peer."""
+        uses = self._uses
+        for obj in objects:
+            key = hash(obj)
+            n = uses.get(key, 0) + delta
+            if n > 0:
+                uses[key] = n
+            else:
+                uses.pop(key, None)
+
+    def planned(self) -> Iterator[KernelObject]:
+        """The objects of the last applied plan (planned again from its peers)."""
+        yield from self._own_objects()
+        for peer in self._programmed.values():
+            yield from self._plan_peer(peer)
 
     def _note_foreign(self, subnets: Iterable[IPv4Network],
                       peers: Mapping[IPv4Network, Peer]) -> None:
@@ -347,6 +404,8 @@ class ReconcilingBackend:
         self.status.foreign_peers = len(self._foreign)
 
     async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
+        self._removing.update(_neighbour_key(obj) for obj in changes.to_remove
+                              if isinstance(obj, Neighbour))
         removed, added, failures = await self._program(nl, changes)
         self.status.removed.update(objects_by_kind(removed))
         self.status.added.update(objects_by_kind(added))
@@ -374,10 +433,10 @@ class ReconcilingBackend:
             if self._synced:
                 await self._full_sync(nl, get_peers(), repair=True)
 
-    async def _repair(self, keys: set[tuple[object, ...]]) -> None:
-        """Put back the named objects of the last applied plan (no dump)."""
+    async def _repair(self, objects: set[KernelObject]) -> None:
+        """Put back those of `objects` the last applied plan still holds (no dump)."""
         async with self._lock:
-            objects = [self._by_key[k] for k in keys if k in self._by_key]
+            objects = {obj for obj in objects if hash(obj) in self._uses}
             if not objects:
                 return
             nl = await self._netlink()
@@ -399,13 +458,13 @@ class ReconcilingBackend:
             # Cleared before the pass: an event during it triggers another one.
             self._wake.clear()
             full = periodic or self._full_resync_needed
-            keys, self._pending_repairs = self._pending_repairs, set()
+            repairs, self._pending_repairs = self._pending_repairs, set()
             self._full_resync_needed = False
             try:
                 if full:
                     await self._resync(get_peers)
                 else:
-                    await self._repair(keys)
+                    await self._repair(repairs)
             except DataPlaneError as exc:
                 self.status.in_sync = False
                 self.status.last_error = str(exc)
@@ -424,10 +483,25 @@ class ReconcilingBackend:
             return
         obj = event.obj
         if kind in ("route", "neighbour", "fdb") and obj is not None:
-            ours = self._by_key.get(obj.key)
-            if ours is None or (not event.deleted and ours == obj):
-                return  # not ours to restore, or someone re-added exactly ours
-            self._pending_repairs.add(obj.key)
+            planned = hash(obj) in self._uses
+            if event.deleted and planned:
+                self._pending_repairs.add(obj)  # the notification is the object itself
+            elif event.deleted and isinstance(obj, Neighbour):
+                key = _neighbour_key(obj)
+                if key in self._removing:
+                    self._removing.discard(key)
+                    return  # our own removal (told without its MAC)
+                self._full_resync_needed = True  # someone else's: which of ours, a pass sees
+            elif event.deleted:
+                if kind == "fdb":
+                    return  # not planned: our own removal (told with port id 0), or stale
+                self._full_resync_needed = True  # a route of our protocol, not as planned
+            elif planned or kind == "fdb":
+                # Exactly ours again, or an FDB entry (told with port id 0 whoever made it,
+                # our own echoes too; a foreign remote is for the periodic pass).
+                return
+            else:
+                self._full_resync_needed = True  # one of ours changed by someone else
         else:
             self._full_resync_needed = True
         log.debug("netlink event %s: %s drift", event, kind)

@@ -18,8 +18,12 @@ whatever the remote's family) and 4- or 16-byte RTA_DST/RTA_GATEWAY/NDA_DST.
   socket's receive buffer (an ack skb costs ~1 KiB of it) so acks are never
   dropped; if the kernel still reports ENOBUFS the unanswered requests are
   failures (the next resync retries them), never silent successes.
-- `RtnlSocket.dump(...)`: one dump request, messages filtered on fixed
-  offsets (family, table, protocol, ifindex) before any attribute is parsed.
+- `RtnlSocket.scan(...)`: one dump request, each message handed over as its
+  datagram arrives, to be filtered on fixed offsets (family, table, protocol,
+  ifindex) before any attribute is parsed, and read into an identity
+  (`route_identity`, `neighbour_identity`: the tuple core.plan gives the object)
+  rather than an object: a full sync compares 15,000 dumped entries with its
+  plan without making 15,000 objects or keeping the dump (`dump` keeps it).
   An AF_UNSPEC dump holds both families and works on a kernel without IPv6,
   where an AF_INET6 one would be refused.
 - `RtnlSocket.read_events(ignore=...)`: multicast messages whose sender port
@@ -41,12 +45,22 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from leaseagent.core.network import Address, Network
-from leaseagent.core.plan import MAIN_TABLE, Fdb, KernelObject, Neighbour, Route
+from leaseagent.core.plan import (
+    MAIN_TABLE,
+    Fdb,
+    Ident,
+    KernelObject,
+    Neighbour,
+    Route,
+    fdb_ident,
+    neighbour_ident,
+    route_ident,
+)
 
 NETLINK_ROUTE = 0
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
@@ -83,7 +97,11 @@ _U32 = struct.Struct("=I")
 _ZERO_MAC = b"\0" * 6
 ACK_TRUESIZE = 1024  # receive-buffer bytes one queued ack costs (skb truesize, rounded up)
 MAX_CHUNK = 2048
-_RECV_SIZE = 1 << 20
+# One datagram: the kernel sends a dump's messages in skbs of at most 32 KiB (netlink_dump
+# grows them up to that for a large reader) and every other message alone; iproute2
+# reads into 32 KiB. bytearray(n) writes n zeros, so a larger buffer is resident memory
+# for nothing (it was 1 MiB per socket).
+_RECV_SIZE = 64 * 1024
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -181,28 +199,53 @@ def messages(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int
         offset += (length + 3) & ~3
 
 
-def decode_route(data: bytes | memoryview, start: int, end: int) -> tuple[Route | None, int, int]:
-    """(route or None if not IPv4 or IPv6 unicast, protocol, table)."""
+def _route_parts(data: bytes | memoryview, start: int, end: int
+                 ) -> tuple[int, int, int, int, int, int, int, dict[int, bytes]]:
+    """(family, dst_len, table, protocol, scope, type, flags, attributes) of an rtmsg."""
     family, dst_len, _, _, table, proto, scope, rtype, flags = _RTMSG.unpack_from(data, start)
     attrs = _attrs(data, start + _RTMSG.size, end)
     if RTA_TABLE in attrs:
         table = _U32.unpack(attrs[RTA_TABLE])[0]
+    return family, dst_len, table, proto, scope, rtype, flags, attrs
+
+
+def _u32(raw: bytes | None) -> int:
+    return _U32.unpack(raw)[0] if raw else 0
+
+
+def decode_route(data: bytes | memoryview, start: int, end: int) -> tuple[Route | None, int, int]:
+    """(route or None if not IPv4 or IPv6 unicast, protocol, table)."""
+    family, dst_len, table, proto, scope, rtype, flags, attrs = _route_parts(data, start, end)
     network = _NETWORKS.get(family)
     if network is None or rtype != RTN_UNICAST:
         return None, proto, table
     dst = attrs.get(RTA_DST)
     gateway = attrs.get(RTA_GATEWAY)
-    oif = attrs.get(RTA_OIF)
-    priority = attrs.get(RTA_PRIORITY)
     route = Route(
         dst=network((int.from_bytes(dst) if dst else 0, dst_len)),
         gateway=_address(gateway) if gateway else None,
-        ifindex=_U32.unpack(oif)[0] if oif else 0,
+        ifindex=_u32(attrs.get(RTA_OIF)),
         onlink=bool(flags & RTNH_F_ONLINK),
-        metric=_U32.unpack(priority)[0] if priority else 0,
+        metric=_u32(attrs.get(RTA_PRIORITY)),
         scope=scope,
     )
     return route, proto, table
+
+
+def route_identity(data: bytes | memoryview, start: int, end: int) -> tuple[Ident | None, int]:
+    """(the identity `decode_route` would give the route, or None if it is not IPv4 or
+    IPv6 unicast; table), with no object made: a dump is compared with a plan so."""
+    family, dst_len, table, _, scope, rtype, flags, attrs = _route_parts(data, start, end)
+    if family not in _NETWORKS or rtype != RTN_UNICAST:
+        return None, table
+    dst = attrs.get(RTA_DST)
+    gateway = attrs.get(RTA_GATEWAY)
+    ident = route_ident(
+        4 if family == socket.AF_INET else 6, int.from_bytes(dst) if dst else 0, dst_len,
+        int.from_bytes(gateway) if gateway and len(gateway) in (4, 16) else -1,
+        _u32(attrs.get(RTA_OIF)), bool(flags & RTNH_F_ONLINK), _u32(attrs.get(RTA_PRIORITY)),
+        scope)
+    return ident, table
 
 
 @dataclass(frozen=True)
@@ -225,6 +268,25 @@ def decode_neighbour(data: bytes | memoryview, start: int, end: int) -> RawNeigh
         _address(dst) if dst is not None else None,
         _mac_str(lladdr) if lladdr and lladdr != _ZERO_MAC else "",
     )
+
+
+def neighbour_identity(data: bytes | memoryview, start: int, end: int
+                       ) -> tuple[RawNeighbour, Ident | None]:
+    """The neighbour or FDB entry's header fields (`dst` left None) and the identity
+    `core.plan` gives it (None without a 4- or 16-byte destination or an address):
+    a Neighbour's for an IPv4/IPv6 entry, an Fdb's for AF_BRIDGE."""
+    family, ifindex, state, flags, _ = _NDMSG.unpack_from(data, start)
+    attrs = _attrs(data, start + _NDMSG.size, end)
+    dst = attrs.get(NDA_DST)
+    lladdr = attrs.get(NDA_LLADDR)
+    mac = _mac_str(lladdr) if lladdr and lladdr != _ZERO_MAC else ""
+    raw = RawNeighbour(family, ifindex, state, flags, None, mac)
+    if dst is None or len(dst) not in (4, 16) or not mac:
+        return raw, None
+    version = 4 if len(dst) == 4 else 6
+    if family == AF_BRIDGE:
+        return raw, fdb_ident(version, ifindex, mac, int.from_bytes(dst))
+    return raw, neighbour_ident(version, ifindex, int.from_bytes(dst), mac)
 
 
 def decode_link(data: bytes | memoryview, start: int, end: int) -> tuple[int, int, str | None]:
@@ -388,16 +450,19 @@ class RtnlSocket:
             results.extend(errno.ENOBUFS if a is None else a for a in answers)
         return results
 
-    async def dump(self, kind: int, body: bytes) -> list[tuple[int, bytes]]:
-        """All messages of a dump as (type, message bytes from the body on).
+    async def scan(self, kind: int, body: bytes,
+                   visit: Callable[[int, memoryview, int, int], None]) -> None:
+        """A dump, each message handed to `visit(type, data, start, end)` (its body is
+        data[start:end]) as its datagram arrives: nothing is kept but what `visit`
+        keeps, and `data` is the socket's buffer, good only during the call.
 
         Raises OSError for a refused dump; InterruptedError when the kernel
-        flags the dump as inconsistent (a table changed during it).
+        flags the dump as inconsistent (a table changed during it): what `visit`
+        was told is then not a consistent view, and the caller starts again.
         """
         seq = self._next_seq()
         self._sock.send(_HDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
                         + body)
-        out: list[tuple[int, bytes]] = []
         interrupted = False
         while True:
             data = await self._recv()
@@ -409,13 +474,20 @@ class RtnlSocket:
                 if mkind == NLMSG_DONE:
                     if interrupted:
                         raise InterruptedError(errno.EINTR, "dump interrupted by a change")
-                    return out
+                    return
                 if mkind == NLMSG_ERROR:
                     code = -_ERR.unpack_from(data, start)[0]
                     if code:
                         raise OSError(code, os.strerror(code))
                     continue
-                out.append((mkind, bytes(data[start:end])))
+                visit(mkind, data, start, end)
+
+    async def dump(self, kind: int, body: bytes) -> list[tuple[int, bytes]]:
+        """All messages of a dump as (type, message bytes from the body on); see `scan`."""
+        out: list[tuple[int, bytes]] = []
+        await self.scan(kind, body, lambda mkind, data, start, end: out.append(
+            (mkind, bytes(data[start:end]))))
+        return out
 
     # -- events --------------------------------------------------------------------
 
@@ -452,5 +524,5 @@ def neighbour_dump_request(family: int) -> bytes:
     return _NDMSG.pack(family, 0, 0, 0, 0)
 
 
-def neighbour_ifindex(body: bytes) -> int:
-    return int(_NDMSG.unpack_from(body, 0)[1])
+def neighbour_ifindex(data: bytes | memoryview, start: int = 0) -> int:
+    return int(_NDMSG.unpack_from(data, start)[1])

@@ -72,7 +72,7 @@ from leaseagent.core.plan import (
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.devices import fix_in_place
-from leaseagent.dataplane.netlink import Netlink, NetlinkEvent
+from leaseagent.dataplane.netlink import Known, Netlink, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.rtnl import family_of
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -326,15 +326,17 @@ class VxlanBackend(ReconcilingBackend):
             vxlan6_index=self._v6.index if self._v6 is not None else 0,
         )
 
-    async def _current(self, nl: Netlink) -> set[KernelObject]:
+    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
         # Routes of both families: an IPv6 route of ours left from a dual-stack run
         # is found (and removed) on an IPv4-only one too.
-        current: set[KernelObject] = set(await nl.routes(protocol=self._settings.route_protocol))
+        found: list[KernelObject] = []
+        found += await nl.scan_routes(known, protocol=self._settings.route_protocol)
         for vtep in self._devices:
             if vtep.index:
-                current |= await nl.neighbours(vtep.index, family=family_of(vtep.local))
-                current |= await nl.fdb(vtep.index, own_mac=vtep.mac)
-        return current
+                found += await nl.scan_neighbours(known, vtep.index,
+                                                  family=family_of(vtep.local))
+                found += await nl.scan_fdb(known, vtep.index, own_mac=vtep.mac)
+        return found
 
     def _drift_kind(self, event: NetlinkEvent) -> str | None:
         kind = super()._drift_kind(event)

@@ -78,7 +78,7 @@ from leaseagent.core.plan import (
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.devices import fix_in_place
-from leaseagent.dataplane.netlink import Action, Failure, Netlink, NetlinkEvent
+from leaseagent.dataplane.netlink import Action, Failure, Known, Netlink, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.vxlan import host_address
 from leaseagent.dataplane.wgdevice import (
@@ -303,14 +303,15 @@ class WireguardBackend(ReconcilingBackend):
                   None, d.index, scope=RT_SCOPE_LINK)
             for d in self._devices if d.index)
 
-    async def _current(self, nl: Netlink) -> set[KernelObject]:
-        current: set[KernelObject] = set(await nl.routes(protocol=self._settings.route_protocol))
+    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+        found: list[KernelObject] = []
+        found += await nl.scan_routes(known, protocol=self._settings.route_protocol)
         control = await self._driver(nl)
         for device in self._devices:
             config = await control.read(device.name) if device.index else None
             if config is not None:
-                current |= config.objects()
-        return current
+                found += (obj for obj in config.objects() if not known(obj._ident))
+        return found
 
     # -- programming -------------------------------------------------------------------
 
@@ -385,7 +386,7 @@ class WireguardBackend(ReconcilingBackend):
     async def _check_peers(self, nl: Netlink) -> None:
         control = await self._driver(nl)
         wanted: dict[str, set[KernelObject]] = {d.name: set() for d in self._devices}
-        for obj in self._by_key.values():
+        for obj in self.planned():
             if isinstance(obj, WIREGUARD_OBJECTS) and obj.device in wanted:
                 wanted[obj.device].add(obj)
         for device in self._devices:
@@ -398,7 +399,7 @@ class WireguardBackend(ReconcilingBackend):
             to_add, to_remove = diff(wanted[device.name], config.objects())
             if to_remove:
                 self._full_resync_needed = True
-            self._pending_repairs.update(o.key for o in to_add)
+            self._pending_repairs.update(to_add)
             if to_add or to_remove:
                 log.debug("WireGuard drift on %s: %d to restore, %d not ours", device.name,
                           len(to_add), len(to_remove))
