@@ -47,10 +47,18 @@ from ipaddress import IPv4Address, IPv4Network
 from leaseagent.agent.together import run_together
 from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.holddown import HoldDown
-from leaseagent.core.leases import Identity, KeyLayout, LeaseBook, Peer, PeerChanges, Verdict
+from leaseagent.core.leases import (
+    Identity,
+    KeyLayout,
+    LeaseBook,
+    Peer,
+    PeerChanges,
+    PendingChanges,
+    Verdict,
+)
 from leaseagent.core.network import NetworkConfig
 from leaseagent.metrics import Metrics
-from leaseagent.store.base import EventType, KeyValue, LeaseStore, WatchEvent
+from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
 
 log = logging.getLogger("leaseagent.watching")
@@ -78,6 +86,7 @@ class LeaseWatcher:
         node_id: str | None = None,
         on_twin: OnTwin | None = None,
         hold_seconds: float = 0.0,
+        first: Listing | None = None,
     ) -> None:
         self._layout = layout
         self._own_ip = own_public_ip
@@ -94,7 +103,15 @@ class LeaseWatcher:
         self.gate = asyncio.Lock()
         self._listings = 0  # complete listings applied so far
         self._listed = asyncio.Event()  # set each time one is
-        self._engine = ListWatch(store, layout.subnets_prefix, on_unavailable=on_unavailable)
+        # Judged but not programmed yet (see `_program`): the changes, folded; how many
+        # listings they hold (a listing makes the next pass a full one); when the oldest
+        # arrived.
+        self._pending = PendingChanges()
+        self._pending_listings = 0
+        self._pending_since: float | None = None
+        self._work = asyncio.Event()
+        self._engine = ListWatch(store, layout.subnets_prefix, on_unavailable=on_unavailable,
+                                 first=first)
 
     def _identity(self) -> Identity:
         return Identity(public_ip=self._own_ip, own_key=self._own_key())
@@ -158,7 +175,7 @@ class LeaseWatcher:
         for backend in BACKEND_TYPES:
             self._metrics.peers.labels(backend=backend).set(self.book.counts.get(backend, 0))
 
-    async def _apply_listing(self, snapshot: Snapshot) -> None:
+    def _apply_listing(self, snapshot: Snapshot) -> None:
         started = time.perf_counter()
         identity = self._identity()
         own = [kv for kv in snapshot.items if kv.key == identity.own_key]
@@ -169,15 +186,12 @@ class LeaseWatcher:
             hold_removals=True)
         self._report_rejected()
         self._update_gauges()
-        await self._on_peers(changes, True, started)
-        self.synced.set()
-        self._listings += 1
-        self._listed.set()
+        self._queue(changes, started, listing=True)
 
-    async def _apply_events(self, batch: list[WatchEvent]) -> None:
+    def _apply_events(self, batch: list[WatchEvent]) -> None:
         started = time.perf_counter()
         own_key = self._own_key()  # the book learns a new one at the re-list that follows
-        changes = PeerChanges()
+        changes = PendingChanges()
         for ev in batch:
             self._metrics.watch_events.labels(type=ev.type.value).inc()
             if ev.key == own_key:
@@ -185,13 +199,41 @@ class LeaseWatcher:
                 continue
             if ev.type is EventType.PUT and ev.kv is not None:
                 # A key changed to something that is no peer (invalid, released): at once.
-                changes.extend(self._held(self.book.put(ev.kv), hold_removals=False))
+                changes.add(self._held(self.book.put(ev.kv), hold_removals=False))
             else:
-                changes.extend(self._held(self.book.delete(ev.key), hold_removals=True))
+                changes.add(self._held(self.book.delete(ev.key), hold_removals=True))
             self._report_rejected()
         if changes:
             self._update_gauges()
-            await self._on_peers(changes, False, started)
+            self._queue(changes.take(), started)
+
+    def _queue(self, changes: PeerChanges, started: float, *, listing: bool = False) -> None:
+        """Hand judged changes to `_program` (a listing makes its next pass a full one)."""
+        self._pending.add(changes)
+        self._pending_listings += listing
+        if self._pending_since is None:
+            self._pending_since = started
+        self._work.set()
+
+    async def _program(self) -> None:
+        """Program what was judged, everything gathered since the last pass at once: while
+        the data plane works on one pass, the stream is judged on and the next gathers
+        (a mass expiry, a partition's end), instead of a pass per watch response. A pass
+        holding a listing is a full one (level-triggered: it programs the whole peer set,
+        whatever the changes say)."""
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            changes, listings, started = (self._pending.take(), self._pending_listings,
+                                          self._pending_since or time.perf_counter())
+            self._pending_listings, self._pending_since = 0, None
+            if not changes and not listings:
+                continue
+            await self._on_peers(changes, listings > 0, started)
+            if listings:
+                self.synced.set()
+                self._listings += listings
+                self._listed.set()
 
     async def _follow(self) -> None:
         async for item in self._engine.stream():
@@ -200,9 +242,10 @@ class LeaseWatcher:
                     if item.reason != "start":
                         self._metrics.relists.labels(reason=item.reason).inc()
                         log.info("listing leases again (%s)", item.reason.replace("_", " "))
-                    await self._apply_listing(item)
+                    self._apply_listing(item)
                 else:
-                    await self._apply_events(item.events)
+                    self._apply_events(item.events)
+            del item  # a listing is not kept while the stream waits
 
     async def _expire_held(self) -> None:
         """Remove each held peer when its time is up (unless its lease came back)."""
@@ -220,7 +263,7 @@ class LeaseWatcher:
                 for peer in due:
                     log.info("peer %s did not come back within %gs; removing its entries",
                              peer.subnet, self.hold.seconds)
-                await self._on_peers(PeerChanges(removed=due), False, time.perf_counter())
+                self._queue(PeerChanges(removed=due), time.perf_counter())
 
     async def run(self) -> None:
-        await run_together(self._follow(), self._expire_held())
+        await run_together(self._follow(), self._expire_held(), self._program())

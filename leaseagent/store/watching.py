@@ -5,7 +5,9 @@ and by `leasectl watch` (flannel pairs its WatchLeases with a lease watcher
 the same way). `ListWatch(store, prefix).stream()` yields, forever:
 
 - `Snapshot(items, revision, reason)`: a complete listing in one range
-  request. `reason` says why it was taken: "start", "compacted" (the watch
+  request (the first may be one the caller made already: `first`, e.g. the
+  agent's acquisition of its lease, so start-up lists the prefix once). `reason`
+  says why it was taken: "start", "compacted" (the watch
   asked for history etcd no longer keeps), "stream_lost" (etcd went away and
   the adapter could not resume the stream), "stream_ended", or the reason
   given to `request_relist` (e.g. the caller knows etcd came back, so a
@@ -14,7 +16,9 @@ the same way). `ListWatch(store, prefix).stream()` yields, forever:
 
 A consumer that diffs each snapshot against what it knew never misses an
 add or a remove, and never acts on a partial view: nothing is inferred
-from a stream that broke, only from the next complete listing.
+from a stream that broke, only from the next complete listing. The engine
+keeps no listing while it watches (a consumer should not either: 5,000 keys
+are ~2 MiB).
 
 Failed listings are retried with the project's policy (leaseagent.retrying);
 `on_unavailable(exc)` is told of every failed attempt (log it once per
@@ -54,10 +58,12 @@ class ListWatch:
         prefix: str,
         *,
         on_unavailable: Callable[[BaseException], None] | None = None,
+        first: Listing | None = None,
     ) -> None:
         self._store = store
         self._prefix = prefix
         self._on_unavailable = on_unavailable
+        self._first = first
         self._relist = asyncio.Event()
         self._relist_reason = "requested"
         self._backoff = Backoff()
@@ -76,10 +82,12 @@ class ListWatch:
     async def stream(self) -> AsyncIterator[Snapshot | Events]:
         reason = "start"
         while True:
-            listing = await self._list()
+            listing, self._first = self._first or await self._list(), None
             self._relist.clear()
-            yield Snapshot(listing.items, listing.revision, reason)
-            watch = self._store.watch(self._prefix, start_revision=listing.revision + 1)
+            revision = listing.revision
+            yield Snapshot(listing.items, revision, reason)
+            del listing  # applied by now: not kept while watching
+            watch = self._store.watch(self._prefix, start_revision=revision + 1)
             try:
                 while True:
                     if self._relist.is_set():

@@ -80,3 +80,36 @@ async def test_a_duplicate_written_later_is_skipped_and_takes_over_when_the_hold
         await until(lambda: holder_ip(watcher) == "10.250.0.9")
     finally:
         task.cancel()
+
+
+async def test_a_slow_data_plane_gets_the_changes_gathered_and_ends_in_the_book_peers() -> None:
+    """While one pass is being programmed the stream is judged on: 60 additions and 40
+    removals arriving during slow passes are programmed in a few passes, and what was
+    programmed is the book's peer set (docs/benchmarks.md, mass removal)."""
+    store = MemoryStore()
+    programmed: dict[IPv4Network, object] = {}
+    passes: list[int] = []
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        passes.append(len(changes))
+        await asyncio.sleep(0.05)  # a busy data plane
+        for p in changes.removed:
+            programmed.pop(p.subnet, None)
+        for p in [*changes.added, *changes.changed]:
+            programmed[p.subnet] = p
+
+    watcher = LeaseWatcher(
+        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
+        own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: None, metrics=Metrics(),
+        on_peers=on_peers, on_own=lambda kv, rev: None)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await until(watcher.synced.is_set)
+        for i in range(10, 70):
+            await store.put(f"{PREFIX}10.5.{i}.0-24", lease(f"10.250.1.{i}"))
+        for i in range(10, 50):
+            await store.delete(f"{PREFIX}10.5.{i}.0-24")
+        await until(lambda: programmed == dict(watcher.peers) and len(programmed) == 20)
+        assert len(passes) < 10, passes
+    finally:
+        task.cancel()

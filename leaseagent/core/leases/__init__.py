@@ -23,6 +23,7 @@ from leaseagent.core.leases.judging import (
     Judgement,
     LeaseBook,
     PeerChanges,
+    PendingChanges,
     RawLease,
     Verdict,
     judge,
@@ -40,6 +41,6 @@ from leaseagent.core.leases.values import (
 __all__ = [
     "DEFAULT_PREFIX", "DUPLICATE", "INVALID", "MAX_VALUE_BYTES", "OWN", "PEER", "REASONS",
     "RESERVED", "Identity", "Judgement", "KeyLayout", "LeaseBook", "LeaseValue", "Peer",
-    "PeerChanges", "RawLease", "SubnetKey", "Verdict", "decode_lease_value", "judge", "key_name",
-    "parse_key_name", "unusable_ip_reason", "validate_peer",
+    "PeerChanges", "PendingChanges", "RawLease", "SubnetKey", "Verdict", "decode_lease_value",
+    "judge", "key_name", "parse_key_name", "unusable_ip_reason", "validate_peer",
 ]

@@ -224,7 +224,8 @@ def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfi
 
 @dataclass
 class PeerChanges:
-    """What one listing or event batch changed in the peer set."""
+    """What one listing or event batch changed in the peer set (a subnet in one list at
+    most: several changes of one subnet are folded, `PendingChanges`)."""
 
     added: list[Peer] = field(default_factory=list)
     changed: list[Peer] = field(default_factory=list)
@@ -240,6 +241,61 @@ class PeerChanges:
         self.added.extend(other.added)
         self.changed.extend(other.changed)
         self.removed.extend(other.removed)
+
+    def then(self, later: PeerChanges) -> PeerChanges:
+        """These changes and then `later`, as one (see `PendingChanges`)."""
+        pending = PendingChanges()
+        pending.add(self)
+        pending.add(later)
+        return pending.take()
+
+
+_ADDED, _CHANGED, _REMOVED = 0, 1, 2
+
+
+class PendingChanges:
+    """Peer changes gathered until they are programmed, folded per subnet into their net
+    effect, so that programming them at once ends where programming each in turn would
+    (a property test checks): an addition then a removal is nothing (it was never
+    programmed), a removal then an addition is a change, an addition then a change an
+    addition of the latest peer, a change then a removal a removal. A watcher gathers
+    while the data plane is busy: thousands of leases expiring together are programmed
+    in a few passes, not one by one. Each `add` costs its own length."""
+
+    def __init__(self) -> None:
+        self._net: dict[IPv4Network, tuple[int, Peer]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._net)
+
+    def __len__(self) -> int:
+        return len(self._net)
+
+    def add(self, changes: PeerChanges) -> None:
+        for how, peers in ((_REMOVED, changes.removed), (_ADDED, changes.added),
+                           (_CHANGED, changes.changed)):
+            for peer in peers:
+                self._fold(how, peer)
+
+    def _fold(self, how: int, peer: Peer) -> None:
+        before = self._net.get(peer.subnet)
+        if before is not None:
+            was = before[0]
+            if how == _REMOVED and was == _ADDED:
+                del self._net[peer.subnet]
+                return
+            if how != _REMOVED:
+                how = _ADDED if was == _ADDED else _CHANGED
+        self._net[peer.subnet] = (how, peer)
+
+    def take(self) -> PeerChanges:
+        """Everything gathered, as changes; nothing is pending afterwards."""
+        out = PeerChanges()
+        lists = (out.added, out.changed, out.removed)
+        for how, peer in self._net.values():
+            lists[how].append(peer)
+        self._net = {}
+        return out
 
 
 @dataclass(frozen=True, slots=True)
