@@ -40,24 +40,26 @@ another private key or port, or a device that does not answer, starts one too
 (the device is then set right or made anew). At start the full sync removes
 the peers of hosts that vanished while the agent was down.
 
-Priming. When a write replaces a peer's key (the host rotated its key; a
-restart with a new key file), the new peer is written with a 1 s keepalive,
-then with its own: WireGuard sends a keepalive when one is turned on, which
-starts the handshake now, rather than at the other side's next attempt (it
-retries every 5 s; until then its packets wait, or are lost).
+Priming. A peer that an event adds (a host joined, or rotated its key) is
+written with a 1 s keepalive, then with its own: WireGuard sends a keepalive
+when one is turned on, which starts the handshake now. The other host has
+most likely tried first, before this host knew its key, and was ignored; it
+tries again only 5 s later (REKEY_TIMEOUT), and its packets wait (or are
+lost) until then. A full sync primes only a replaced key: an agent starting
+into 1,000 peers sends no 1,000 handshakes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from leaseagent.core.backends import WireguardOptions
-from leaseagent.core.leases import Peer
+from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import Network
 from leaseagent.core.plan import (
     RT_SCOPE_LINK,
@@ -134,6 +136,7 @@ class WireguardBackend(ReconcilingBackend):
             for six in families)
         self._key: PrivateKey | None = None  # prepare's; doctor has none (wants any key)
         self._control: WireguardControl | None = None
+        self._events = False  # programming an update (peers' events): prime what it adds
 
     @property
     def control(self) -> WireguardControl | None:
@@ -152,6 +155,13 @@ class WireguardBackend(ReconcilingBackend):
             backend_data=v4.lease_data(key.public_key),
             backend_v6_data=v6[0].lease_data(key.public_key) if v6 else {},
         )
+
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
+        self._events = True
+        try:
+            await super().update(changes, peers)
+        finally:
+            self._events = False
 
     async def handshakes(self) -> list[tuple[str, str, float, int, int]]:
         """Each peer's (device, public key, last handshake, rx bytes, tx bytes), for
@@ -261,6 +271,10 @@ class WireguardBackend(ReconcilingBackend):
             assert self._key is not None
             await control.write(device.name, DeviceWrite(private_key=self._key.raw,
                                                           listen_port=device.listen_port))
+            if difference.what == "public key" and difference.have is not None:
+                # A new key on a device that had one: its sessions end here (a rotation).
+                log.info("%s now has public key %s (was %s)", device.name, difference.want,
+                         difference.have)
             return True
 
         return await fix_in_place(nl, state, spec, differences, repair=repair,
@@ -343,8 +357,8 @@ class WireguardBackend(ReconcilingBackend):
                            add: Sequence[KernelObject], remove: Sequence[KernelObject]) -> None:
         """One write of a device's peer changes (and, after priming, a second)."""
         replaced = any(isinstance(o, WgPeer) for o in remove)
-        prime = frozenset(o.public_key for o in add if isinstance(o, WgPeer)) if replaced \
-            else frozenset()
+        prime = frozenset(o.public_key for o in add if isinstance(o, WgPeer)) \
+            if replaced or self._events else frozenset()
         taken = any(isinstance(o, AllowedIP) for o in remove)
         current = await control.read(device) if taken else None
         ops = updates(add, remove, current=current, prime=prime)
