@@ -342,7 +342,7 @@ class Agent:
         self._status(f"acquiring a lease in {network.network}")
         async for attempt in retrying(on_retry=self._etcd_down):
             with attempt:
-                own = await leasing.acquire(previous=previous_subnet(old_env),
+                own = await leasing.acquire(keep_listing=True, previous=previous_subnet(old_env),
                                             previous_ipv6=previous_ipv6_subnet(old_env))
         assert own is not None
         self._etcd_up()
@@ -355,7 +355,7 @@ class Agent:
             on_own=lambda kv, rev: self._own_events.put_nowait(
                 (self.own.key if self.own else None, kv, rev)),
             node_id=cfg.node_id, on_twin=self._own_events.put_nowait,
-            hold_seconds=cfg.peer_hold_time)
+            hold_seconds=cfg.peer_hold_time, first=leasing.take_listing())
 
     def _new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
         """A data plane of `network`'s backend type for `host`, its status exported."""

@@ -67,7 +67,7 @@ from leaseagent.core.leases import KeyLayout, LeaseValue, Verdict, decode_lease_
 from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost, SubnetsExhausted
 from leaseagent.metrics import Metrics
-from leaseagent.store.base import KeyValue, LeaseStore
+from leaseagent.store.base import KeyValue, LeaseStore, Listing
 
 log = logging.getLogger("leaseagent.leasing")
 
@@ -118,6 +118,8 @@ class Leasing:
         self._choose = choose  # the allocation policy (the benchmark swaps in flannel's)
         self._per_txn = max(1, candidates_per_txn)
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
+        self._listing: Listing | None = None  # see take_listing
+        self._listing_names: set[str] = set()  # its keys that name this host
 
     def reconfigure(self, network: NetworkConfig, value: LeaseValue) -> None:
         """From now on, lease under `network` and publish `value` (a config change)."""
@@ -233,31 +235,70 @@ class Leasing:
         return self._own(created, lease_id, ttl, "allocated")
 
     async def acquire(self, *, previous: IPv4Network | None = None,
-                      previous_ipv6: IPv6Network | None = None) -> OwnLease:
-        """Take a subnet for this host (see the module docstring for the order)."""
+                      previous_ipv6: IPv6Network | None = None,
+                      keep_listing: bool = False) -> OwnLease:
+        """Take a subnet for this host (see the module docstring for the order).
+        `keep_listing`: keep the listing it chose by, for `take_listing`."""
         lease_id, ttl = await self._grant()
         try:
-            own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6)
+            own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6, keep_listing)
         except BaseException:
+            self._listing = None
             await self._revoke_quietly(lease_id)
             raise
+        if self._listing_names - {own.key}:
+            # A key of ours it names was moved or another is a twin's: what the listing
+            # says of it is stale now, so the watcher lists afresh.
+            self._listing = None
         if own.reservation:
             await self._revoke_quietly(lease_id)
         return own
 
+    def take_listing(self) -> Listing | None:
+        """The listing the last `acquire(keep_listing=True)` chose by, once: the lease
+        watcher starts from it, so start-up lists the prefix once (its own key, created
+        after, comes as the watch's first event). None when the acquisition moved a key
+        of this host's or the listing holds another key naming it (what it says of those
+        is stale, and a key naming this host is judged a twin's)."""
+        listing, self._listing = self._listing, None
+        return listing
+
+    def _survey(self, items: list[KeyValue]
+                ) -> tuple[set[IPv4Network], set[IPv6Network], list[Verdict]]:
+        """The subnets the keys name (IPv4, IPv6), and the verdicts, oldest first, on the
+        keys whose value may name this host's PublicIP: only those are decoded (by the
+        lease layer, with no network: a reservation carries no backend data yet, so it
+        would not pass as a peer; it only has to fit the network). A value names our
+        PublicIP only if its text does, unless JSON escapes spell it out."""
+        needle = str(self._value.public_ip).encode()
+        taken: set[IPv4Network] = set()
+        taken6: set[IPv6Network] = set()
+        ours = []
+        for kv in items:
+            try:
+                named = self.layout.parse_lease_key(kv.key)
+            except ValueError:
+                continue
+            taken.add(named.ipv4)
+            if named.ipv6 is not None:
+                taken6.add(named.ipv6)
+            if needle in kv.value or b"\\u" in kv.value:
+                ours.append(kv)
+        verdicts = judge(ours, layout=self.layout, network=None).verdicts
+        return taken, taken6, list(verdicts.values())
+
     async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None,
-                            previous_ipv6: IPv6Network | None) -> OwnLease:
+                            previous_ipv6: IPv6Network | None, keep_listing: bool) -> OwnLease:
         while True:
             listing = await self._store.list_prefix(self.layout.subnets_prefix)
-            # Decoded by the lease layer (no network: a reservation carries no backend
-            # data yet, so it would not pass as a peer; it only has to fit the network).
-            verdicts = judge(listing.items, layout=self.layout, network=None).verdicts
+            taken, taken6, verdicts = self._survey(listing.items)
+            self._listing = listing if keep_listing else None
+            self._listing_names = {v.key for v in verdicts if v.value is not None
+                                   and v.value.public_ip == self._value.public_ip}
             by_key = {kv.key: kv for kv in listing.items}
-            taken = {v.subnet for v in verdicts.values() if v.subnet is not None}
-            taken6 = {v.ipv6_subnet for v in verdicts.values() if v.ipv6_subnet is not None}
             named: list[Verdict] = []
             reserved: list[Verdict] = []
-            for verdict in verdicts.values():
+            for verdict in verdicts:
                 value, subnet = verdict.value, verdict.subnet
                 if value is None or subnet is None or value.public_ip != self._value.public_ip:
                     continue

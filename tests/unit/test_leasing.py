@@ -564,3 +564,48 @@ async def test_a_move_retried_after_success_is_treated_as_won() -> None:
     own = await make_leasing(store, network=DUAL, value=dual_value()).acquire()
     assert own.subnet == IPv4Network("10.5.9.0/24") and own.ipv6_subnet is not None
     assert len((await store.list_prefix(SUBNETS)).items) == 1
+
+
+# --- the listing the lease watcher starts from ------------------------------------------
+
+
+async def test_the_listing_an_acquisition_chose_by_is_kept_once_for_the_watcher() -> None:
+    store = MemoryStore()
+    await store.put(key("10.5.3.0/24"), lease_value("192.168.64.3", "node-b").encode())
+    leasing = make_leasing(store)
+    own = await leasing.acquire(keep_listing=True)
+    listing = leasing.take_listing()
+    assert listing is not None and [kv.key for kv in listing.items] == [key("10.5.3.0/24")]
+    assert (await held_by(store, str(own.subnet))).mod_revision > listing.revision
+    assert leasing.take_listing() is None
+    await leasing.acquire()
+    assert leasing.take_listing() is None  # only when asked for
+
+
+async def test_a_taken_over_key_keeps_the_listing_a_moved_one_drops_it() -> None:
+    store = MemoryStore()
+    old_lease, _ = await store.grant(TTL)
+    await store.create(key("10.5.9.0/24"), lease_value().encode(), lease=old_lease)
+    same = make_leasing(store)
+    assert (await same.acquire(keep_listing=True)).key == key("10.5.9.0/24")
+    assert same.take_listing() is not None  # its own key is left out of the listing
+    # IPv6 turned on: the key moves; the listing still has the old one, which names this
+    # host and would be judged a twin's.
+    moved = make_leasing(store, network=DUAL, value=dual_value())
+    own = await moved.acquire(keep_listing=True)
+    assert own.key != key("10.5.9.0/24")
+    assert moved.take_listing() is None
+
+
+async def test_a_lease_naming_this_host_with_json_escapes_is_still_found() -> None:
+    """Only values whose text holds our PublicIP are decoded; one spelling it with \\u
+    escapes is decoded too, and taken over as any lease of this host."""
+    store = MemoryStore()
+    old_lease, _ = await store.grant(TTL)
+    escaped = "".join(f"\\u{ord(c):04x}" for c in OUR_IP)
+    value = ('{"PublicIP":"' + escaped + '","BackendType":"vxlan",'
+             '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:02"},"NodeID":"node-a"}')
+    await store.create(key("10.5.9.0/24"), value.encode(), lease=old_lease)
+    own = await make_leasing(store).acquire()
+    assert own.subnet == IPv4Network("10.5.9.0/24")
+    assert own.how == "took over this host's lease"
