@@ -16,7 +16,7 @@ absence is how the agent knows to use wireguard-go instead.
 
 Where this was run: the encoding is checked by the unit tests against
 pyroute2's own WireGuard message classes, an independent reading of the same
-header (tests/unit/test_wireguard_codec.py); the machine this backend was
+header (tests/unit/test_wireguard_units.py); the machine this backend was
 written on has no WireGuard module, so no kernel device was ever configured
 by it (README, "WireGuard").
 """
@@ -24,6 +24,7 @@ by it (README, "WireGuard").
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import socket
 import struct
@@ -34,7 +35,13 @@ from leaseagent.core.backends import PresharedKey
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import Endpoint, WgPeer
 from leaseagent.dataplane.rtnl import Request, RtnlSocket
-from leaseagent.dataplane.wgdevice import DeviceConfig, DeviceWrite, PeerState, PeerUpdate
+from leaseagent.dataplane.wgdevice import (
+    DeviceConfig,
+    DeviceWrite,
+    PeerState,
+    PeerUpdate,
+    Snapshot,
+)
 from leaseagent.dataplane.wgkeys import public_key_of
 from leaseagent.dataplane.wguapi import key_base64
 from leaseagent.errors import DataPlaneError
@@ -290,6 +297,17 @@ class KernelWireguard:
         except OSError:
             return None  # no such device, or not a WireGuard one
         return decode_device(device, (body for _, body in dumped))
+
+    async def snapshot(self, device: str) -> Snapshot | None:
+        """The counters sit inside each peer's attributes: the fingerprint is taken from
+        the decoded configuration (a parse per poll, unlike wireguard-go's)."""
+        config = await self.read(device)
+        if config is None:
+            return None
+        stable = repr(sorted((p.peer._ident, p.allowed_ips) for p in config.peers))
+        fingerprint = hashlib.sha256(
+            f"{config.public_key} {config.listen_port} {stable}".encode()).digest()
+        return Snapshot(fingerprint, lambda: config)
 
     async def write(self, device: str, change: DeviceWrite) -> None:
         bodies = encode_set(device, change)
