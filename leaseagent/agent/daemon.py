@@ -419,23 +419,24 @@ class Agent:
                 await self._program_all()
             else:
                 # The peer filter admits a new peer before its routes exist: never a
-                # window where its VXLAN traffic is dropped. Both families at once.
-                await asyncio.gather(*(
+                # window where its VXLAN traffic is dropped. Both families at once, their
+                # processes running while the data plane plans (`ready`).
+                await self.backend.update(changes, peers, ready=asyncio.gather(*(
                     rules.keeper.update_peers(*rules.admission.apply(changes))
-                    for rules in self.rules))
-                await self.backend.update(changes, peers)
+                    for rules in self.rules)))
                 self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
         self._log_peer_changes(changes, len(peers))
         self._report_rollout()
 
     async def _program_all(self) -> None:
         """Every family's traffic rules and the data plane for the whole peer set, the
-        rules first (their peer filter admits before routes exist). Under `_plane`."""
+        rules first (their peer filter admits before routes exist): their processes run
+        while the data plane plans and reads the kernel, and it changes nothing before
+        they are done (`ready`). Under `_plane`."""
         assert self.backend is not None and self.watcher is not None
         peers = self.watcher.peers
-        await asyncio.gather(*(rules.keeper.sync(self._ruleset(rules, peers.values()))
-                               for rules in self.rules))
-        await self.backend.sync(peers)
+        await self.backend.sync(peers, ready=asyncio.gather(*(
+            rules.keeper.sync(self._ruleset(rules, peers.values())) for rules in self.rules)))
 
     def _report_rollout(self) -> None:
         """Say when peers start or stop running another backend type than this host (a

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Network, IPv6Network
 
 from leaseagent.core.leases import Peer, PeerChanges
@@ -23,11 +23,16 @@ class AllocBackend:
                     ) -> None:
         return None
 
-    async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
+    async def sync(self, peers: Mapping[IPv4Network, Peer], *,
+                   ready: Awaitable[object] | None = None) -> None:
+        if ready is not None:
+            await ready
         self.status.in_sync = True
 
-    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
-        return None
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer], *,
+                     ready: Awaitable[object] | None = None) -> None:
+        if ready is not None:
+            await ready
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         await asyncio.Event().wait()

@@ -5,9 +5,10 @@ Life cycle, driven by the agent (leaseagent.agent):
     attrs = await dp.prepare()          # before the lease: devices, VtepMACs, MTU
     await dp.start(own_subnet, own_ipv6=own_ipv6)
                                         # lease held: own addresses on the devices
-    await dp.sync(peers)                # first complete list: full reconcile,
+    await dp.sync(peers, ready=...)     # first complete list: full reconcile,
                                         #   removes entries of vanished peers
-    await dp.update(changes, peers)     # each batch of watch events
+    await dp.update(changes, peers, ready=...)
+                                        # each pass of watch events
     task: await dp.run(get_peers)       # periodic resync + netlink drift repair
     await dp.close()                    # stop: never removes peer state
 
@@ -30,7 +31,10 @@ was never prepared (doctor) learns its device from `observe()`.
 `sync` is level-triggered: it computes the desired kernel state from the
 whole peer set, reads what the kernel has (only objects the agent owns),
 and applies the difference. `update` may be incremental but must converge
-to the same state. Nothing is removed before the first `sync`.
+to the same state. Nothing is removed before the first `sync`. Both await
+`ready` (when given) after planning and before changing anything: the agent
+passes its traffic rules' admission of new peers, which must be in place
+before their routes, and whose processes so run while the plan is made.
 
 Dual-stack: the data plane works in IPv6 too when the network config has an
 IPv6 range and this host an IPv6 address to publish (`HostInfo.public_ipv6`;
@@ -46,7 +50,7 @@ from it (leaseagent.metrics).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -144,9 +148,11 @@ class DataPlane(Protocol):
     async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
                     ) -> None: ...
 
-    async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None: ...
+    async def sync(self, peers: Mapping[IPv4Network, Peer], *,
+                   ready: Awaitable[object] | None = None) -> None: ...
 
-    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None: ...
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer], *,
+                     ready: Awaitable[object] | None = None) -> None: ...
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None: ...
 

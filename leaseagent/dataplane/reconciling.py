@@ -72,7 +72,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from ipaddress import IPv4Network, IPv6Network
 from itertools import chain
 from typing import Any
@@ -87,6 +87,7 @@ from leaseagent.core.plan import (
     KernelObject,
     Neighbour,
     Observation,
+    PeerPlan,
     PlanDiff,
     diff,
     diff_found,
@@ -107,6 +108,12 @@ from leaseagent.errors import DataPlaneError
 from leaseagent.retrying import Backoff
 
 log = logging.getLogger(__name__)
+
+async def _done(ready: Awaitable[object] | None) -> None:
+    """Wait for `ready` (see DataPlane.sync), if there is one."""
+    if ready is not None:
+        await ready
+
 
 def _neighbour_key(obj: Neighbour) -> int:
     """A neighbour entry's key (the kernel's: device and address), hashed."""
@@ -254,44 +261,61 @@ class ReconcilingBackend:
             await self._refresh(nl)
             return Observation(devices=devices, objects=frozenset(await self.current(nl)))
 
-    async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
+    async def sync(self, peers: Mapping[IPv4Network, Peer], *,
+                   ready: Awaitable[object] | None = None) -> None:
         async with self._lock:
-            nl = await self._netlink()
-            await self._full_sync(nl, peers, repair=False)
+            started = time.monotonic()
+            try:
+                nl = await self._netlink()
+                plan, changes = await self._full_plan(nl, peers)
+            finally:
+                await _done(ready)
+            await self._full_apply(nl, peers, plan, changes, repair=False, started=started)
 
-    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer], *,
+                     ready: Awaitable[object] | None = None) -> None:
         if not changes:
+            await _done(ready)
             return
         async with self._lock:
-            nl = await self._netlink()
-            affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
-            self._note_foreign(affected, peers)
-            old: set[KernelObject] = set()
-            new: set[KernelObject] = set()
-            for subnet in affected:
-                before = self._programmed.pop(subnet, None)
-                if before is not None:
-                    # Planned again as it was: what plans depend on besides the peer
-                    # (device indexes) changes only with a full sync, which plans anew.
-                    planned = self._plan_peer(before)
-                    old |= planned
-                    self._count(planned, -1)
-                peer = peers.get(subnet)
-                if peer is not None and subnet != self._own_subnet:
-                    after = self._plan_peer(peer)
-                    self._programmed[subnet] = peer
-                    self._count(after, +1)
-                    new |= after
-            to_add, to_remove = diff(new, old)
-            # An object another (unaffected) peer still needs stays; nothing goes
-            # before the first full sync has shown which peers are really gone.
-            if self._synced:
-                to_remove = tuple(o for o in to_remove if hash(o) not in self._uses)
-            else:
-                to_remove = ()
-            failures = await self._apply(nl, PlanDiff(to_add, to_remove), repair=False)
+            try:
+                nl = await self._netlink()
+                to_change = self._plan_update(changes, peers)
+            finally:
+                await _done(ready)
+            failures = await self._apply(nl, to_change, repair=False)
             if failures:
                 self.status.in_sync = False
+
+    def _plan_update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> PlanDiff:
+        """What `update` changes in the kernel; `_programmed` and `_uses` say the plan
+        with the changes from now on."""
+        affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+        self._note_foreign(affected, peers)
+        old: set[KernelObject] = set()
+        new: set[KernelObject] = set()
+        for subnet in affected:
+            before = self._programmed.pop(subnet, None)
+            if before is not None:
+                # Planned again as it was: what plans depend on besides the peer
+                # (device indexes) changes only with a full sync, which plans anew.
+                planned = self._plan_peer(before)
+                old |= planned
+                self._count(planned, -1)
+            peer = peers.get(subnet)
+            if peer is not None and subnet != self._own_subnet:
+                after = self._plan_peer(peer)
+                self._programmed[subnet] = peer
+                self._count(after, +1)
+                new |= after
+        to_add, to_remove = diff(new, old)
+        # An object another (unaffected) peer still needs stays; nothing goes
+        # before the first full sync has shown which peers are really gone.
+        if self._synced:
+            to_remove = tuple(o for o in to_remove if hash(o) not in self._uses)
+        else:
+            to_remove = ()
+        return PlanDiff(to_add, to_remove)
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         tasks = {asyncio.create_task(self._watch_events(), name="dataplane-events"),
@@ -333,18 +357,27 @@ class ReconcilingBackend:
             self._nl = await Netlink.open(self._settings.netns)
         return self._nl
 
-    async def _full_sync(
-        self, nl: Netlink, peers: Mapping[IPv4Network, Peer], *, repair: bool
-    ) -> None:
+    async def _full_sync(self, nl: Netlink, peers: Mapping[IPv4Network, Peer], *,
+                         repair: bool) -> None:
         started = time.monotonic()
+        plan, changes = await self._full_plan(nl, peers)
+        await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
+
+    async def _full_plan(self, nl: Netlink, peers: Mapping[IPv4Network, Peer]
+                         ) -> tuple[PeerPlan, PlanDiff]:
+        """A full sync's plan, and how the kernel differs from it (nothing changed yet)."""
         await self._refresh(nl)
         self._foreign.clear()
         self._note_foreign(peers, peers)
         plan = self.spec(self._own_subnet, peers, own_ipv6=self._own_ipv6).objects
         desired = {obj._ident: obj for objects in plan.values() for obj in objects}
         self._removing.clear()  # echoes of earlier removals have come by now
-        failures = await self._apply(nl, await read_again(lambda: self._compare(nl, desired)),
-                                     repair=repair)
+        return plan, await read_again(lambda: self._compare(nl, desired))
+
+    async def _full_apply(self, nl: Netlink, peers: Mapping[IPv4Network, Peer], plan: PeerPlan,
+                          changes: PlanDiff, *, repair: bool, started: float) -> None:
+        """Make the changes of a full sync and keep its plan."""
+        failures = await self._apply(nl, changes, repair=repair)
         self._programmed = {subnet: peer for subnet, peer in peers.items() if subnet in plan}
         self._uses = {}
         for objects in plan.values():

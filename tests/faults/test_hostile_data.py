@@ -24,7 +24,7 @@ import json
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
@@ -146,12 +146,18 @@ class RecordingDataPlane:
         self.own = own_subnet
         self.own6 = own_ipv6
 
-    async def sync(self, peers: Mapping[IPv4Network, Peer]) -> None:
+    async def sync(self, peers: Mapping[IPv4Network, Peer], *,
+                   ready: Awaitable[object] | None = None) -> None:
+        if ready is not None:
+            await ready
         self.handed.extend(peers.values())
         self.peers = dict(peers)
         self.status.in_sync = True
 
-    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer], *,
+                     ready: Awaitable[object] | None = None) -> None:
+        if ready is not None:
+            await ready
         self.handed.extend(changes.added + changes.changed)
         self.peers = dict(peers)
 
