@@ -20,7 +20,7 @@ above them (the plan, the comparison, doctor) is one code:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,6 +60,24 @@ class DeviceConfig:
         return next((p for p in self.peers if p.peer.public_key == public_key), None)
 
 
+class Snapshot:
+    """A device's configuration as read, parsed only when asked for (`config`), with a
+    fingerprint of everything but its counters (handshake times, bytes): the same
+    fingerprint twice means the same configuration, so a poll of an unchanged device
+    with 1,000 peers costs a hash, not a parse."""
+
+    def __init__(self, fingerprint: bytes, parse: Callable[[], DeviceConfig]) -> None:
+        self.fingerprint = fingerprint
+        self._parse = parse
+        self._config: DeviceConfig | None = None
+
+    @property
+    def config(self) -> DeviceConfig:
+        if self._config is None:
+            self._config = self._parse()
+        return self._config
+
+
 @dataclass(frozen=True)
 class PeerUpdate:
     """One peer's part of a write. `peer` set: create or update it (endpoint, PSK,
@@ -93,6 +111,10 @@ class WireguardControl(Protocol):
 
     async def read(self, device: str) -> DeviceConfig | None:
         """The device's configuration; None when nothing answers for it."""
+        ...
+
+    async def snapshot(self, device: str) -> Snapshot | None:
+        """The device's configuration, parsed on demand (`read` is its `config`)."""
         ...
 
     async def write(self, device: str, change: DeviceWrite) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -51,7 +52,14 @@ from pathlib import Path
 from leaseagent.core.backends import PresharedKey
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import Endpoint, WgPeer
-from leaseagent.dataplane.wgdevice import DeviceConfig, DeviceWrite, PeerState, PeerUpdate, endpoint_text
+from leaseagent.dataplane.wgdevice import (
+    DeviceConfig,
+    DeviceWrite,
+    PeerState,
+    PeerUpdate,
+    Snapshot,
+    endpoint_text,
+)
 from leaseagent.dataplane.wgkeys import public_key_of
 from leaseagent.errors import DataPlaneError
 
@@ -64,6 +72,8 @@ START_TIMEOUT = 10.0
 EXIT_TIMEOUT = 5.0
 _ZERO_KEY = "0" * 64
 _ENV_DROPPED = ("LOG_LEVEL", "WG_PROCESS_FOREGROUND", "WG_TUN_FD", "WG_UAPI_FD")
+# The lines of a `get` answer that change with traffic alone.
+_COUNTERS = ("last_handshake_time_", "rx_bytes=", "tx_bytes=")
 
 
 def key_hex(base64_key: str) -> str:
@@ -265,6 +275,10 @@ class WireguardGo:
         return UapiSocket(self._dir / f"{device}.sock")
 
     async def read(self, device: str) -> DeviceConfig | None:
+        snap = await self.snapshot(device)
+        return snap.config if snap is not None else None
+
+    async def snapshot(self, device: str) -> Snapshot | None:
         sock = self.socket(device)
         if not sock.path.exists():
             return None
@@ -272,7 +286,9 @@ class WireguardGo:
             answer = await sock.request(b"get=1\n\n")
         except DataPlaneError:
             return None  # a socket left by a process that is gone, or going
-        return parse_get(device, answer)
+        stable = "\n".join(line for line in answer.split("\n") if not line.startswith(_COUNTERS))
+        return Snapshot(hashlib.sha256(stable.encode()).digest(),
+                        lambda: parse_get(device, answer))
 
     async def write(self, device: str, change: DeviceWrite) -> None:
         answer = await self.socket(device).request(encode_set(change))

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -137,6 +137,9 @@ class WireguardBackend(ReconcilingBackend):
         self._key: PrivateKey | None = None  # prepare's; doctor has none (wants any key)
         self._control: WireguardControl | None = None
         self._events = False  # programming an update (peers' events): prime what it adds
+        # Per device, the fingerprint (Snapshot) of the configuration last found as
+        # planned; forgotten whenever anything is applied (the plan or the device moved).
+        self._found_clean: dict[str, bytes] = {}
 
     @property
     def control(self) -> WireguardControl | None:
@@ -156,10 +159,11 @@ class WireguardBackend(ReconcilingBackend):
             backend_v6_data=v6[0].lease_data(key.public_key) if v6 else {},
         )
 
-    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> None:
+    async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer], *,
+                     ready: Awaitable[object] | None = None) -> None:
         self._events = True
         try:
-            await super().update(changes, peers)
+            await super().update(changes, peers, ready=ready)
         finally:
             self._events = False
 
@@ -404,7 +408,10 @@ class WireguardBackend(ReconcilingBackend):
             if isinstance(obj, WIREGUARD_OBJECTS) and obj.device in wanted:
                 wanted[obj.device].add(obj)
         for device in self._devices:
-            config = await control.read(device.name) if device.index else None
+            snap = await control.snapshot(device.name) if device.index else None
+            if snap is not None and self._found_clean.get(device.name) == snap.fingerprint:
+                continue  # as found last time, which was as planned: no parse, no compare
+            config = snap.config if snap is not None else None
             if config is None or config.listen_port != device.listen_port or (
                     self._key is not None and config.public_key != self._key.public_key):
                 self._full_resync_needed = True  # the device itself: set right or made anew
@@ -418,4 +425,10 @@ class WireguardBackend(ReconcilingBackend):
                 log.debug("WireGuard drift on %s: %d to restore, %d not ours", device.name,
                           len(to_add), len(to_remove))
                 self._wake.set()
+            elif snap is not None:
+                self._found_clean[device.name] = snap.fingerprint
+
+    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
+        self._found_clean.clear()
+        return await super()._apply(nl, changes, repair=repair)
 
