@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from leaseagent import __version__
-from leaseagent.agent.leasing import Leasing, OwnLease
+from leaseagent.agent.leasing import CANDIDATES_PER_TXN, Leasing, OwnLease
 from leaseagent.agent.logs import StateLog, set_context
 from leaseagent.agent.netconfig import (
     IGNORED_REASONS,
@@ -49,6 +49,7 @@ from leaseagent.agent.netconfig import (
 from leaseagent.agent.notify import sd_notify, watchdog_interval
 from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
+from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
@@ -182,8 +183,12 @@ class Agent:
         rng: random.Random | None = None,
         backends: Mapping[str, Callable[[DataPlaneSettings], DataPlane]] | None = None,
         firewalls: Callable[[bool, int], Firewall] | None = None,
+        choose: Chooser = candidates,
+        candidates_per_txn: int = CANDIDATES_PER_TXN,
     ) -> None:
         self.cfg = cfg
+        # The allocation policy (Leasing's): the cluster benchmark swaps in flannel's.
+        self._choose, self._per_txn = choose, candidates_per_txn
         # Backend type -> constructor; tests inject e.g. a recording data plane.
         self._backends = BACKENDS if backends is None else backends
         # (nftables, family) -> a firewall; tests that run agents in their own process,
@@ -336,7 +341,8 @@ class Agent:
         self.leasing = leasing = Leasing(
             self.store, layout=self.layout, network=network,
             value=self._lease_value(network, host, attrs), ttl=cfg.lease_ttl,
-            metrics=self.metrics, rng=self._rng)
+            metrics=self.metrics, rng=self._rng, choose=self._choose,
+            candidates_per_txn=self._per_txn)
         old_env = read_text_if_exists(cfg.subnet_file) or ""
         own = None
         self._status(f"acquiring a lease in {network.network}")
