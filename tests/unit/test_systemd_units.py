@@ -50,8 +50,11 @@ def test_unit_is_notify_with_watchdog_and_hardening():
                        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK"}.items():
         assert d[key] == [value], key
     assert set(d["ReadWritePaths"][0].split()) == {"/run/leaseagent", "/run/flannel",
-                                                   "/var/lib/leaseagent"}
-    assert d["RuntimeDirectory"] == ["leaseagent flannel"]  # /run/flannel/subnet.env can be written
+                                                   "/run/wireguard", "/var/lib/leaseagent"}
+    # /run/flannel/subnet.env can be written; wireguard-go can make its control socket
+    assert d["RuntimeDirectory"] == ["leaseagent flannel wireguard"]
+    # wireguard-go opens /dev/net/tun, and no other device is reachable
+    assert d["DevicePolicy"] == ["closed"] and d["DeviceAllow"] == ["/dev/net/tun rw"]
     assert "password" not in " ".join(d["ExecStart"]).lower()
 
 
