@@ -1,0 +1,625 @@
+"""Cluster scale: H simulated hosts against one 3-member etcd cluster, and flannel's pattern beside.
+
+    python -m bench.cluster [--hosts 250,500,1000] [--workers 4] [--steady 30]
+                            [--restart-spread 10] [--limit 150] [--json FILE]
+
+Each host is a real `Agent` (alloc backend: a lease and subnet.env, no data
+path) with its own `EtcdStore` (its own gRPC channel, its own etcd lease and
+watch), run in-process: `--workers` processes hold H/workers agents each on
+one event loop. The agents never touch the machine's firewall (alloc keeps
+no traffic rules; the firewall factory they get refuses to make one) nor
+its kernel. etcd is a fresh 3-member cluster on 127.0.0.1 per run, from
+the project's one launcher (leaseagent.lab.etcd).
+
+A run (one H, one pattern) has three phases, each measured from the
+members' own /metrics and /proc:
+ 1. cold start: every host starts in the same instant; done when every host
+    holds a lease and its watcher has every other host as a peer (H-1);
+ 2. steady state: `--steady` seconds of nothing happening;
+ 3. cluster-wide restart: every agent stopped (the lease kept, as a restart
+    keeps it) and started again after a random pause in [0, --restart-spread]
+    seconds (the fleet's restarts spread out; the agent has no start-up jitter
+    of its own); done when every new agent holds its lease and sees H-1
+    peers, then "settled" when every watcher has been delivered the last
+    write of the restart (flannel's pattern has a backlog there).
+
+The two patterns, in the same harness, on the same code path:
+ - `leaseagent`: the agent as it is;
+ - `flannel`: flannel's etcd v3 registry (pkg/subnet/etcd/registry.go):
+   allocation random among the first 100 free subnets, one candidate per
+   transaction (bench.scenarios.flannel_candidates); one LeaseTimeToLive
+   request per lease of every listing (getSubnets), and per PUT event of the
+   watch (parseSubnetWatchResponse), sent one after the other before the
+   listing or the event is used, as flannel does; and a second listing with
+   its TimeToLives at start (flannel lists in tryAcquireLease and again in
+   WatchLeases' reset; the agent reuses its acquisition's listing).
+
+Workers are driven over stdin/stdout (one JSON object a line); every worker
+and etcd member is stopped by PID in a `finally`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import flannel_candidates
+from leaseagent.agent.daemon import Agent
+from leaseagent.config import parse_agent_config
+from leaseagent.core.leases import KeyLayout
+from leaseagent.dataplane.base import HostInfo
+from leaseagent.errors import StoreError
+from leaseagent.lab.etcd import Etcd
+from leaseagent.store.base import EventType
+from leaseagent.store.etcd import EtcdSettings, EtcdStore
+
+PREFIX = "/bench-cluster/network"
+# 2,047 /24s: room for 1,000 hosts, and flannel's "first 100 free" stays cheap to list.
+NETWORK_CONFIG = {"Network": "10.0.0.0/13", "SubnetLen": 24, "Backend": {"Type": "alloc"}}
+UNDERLAY_BASE = int(IPv4Address("172.20.0.0"))
+PATTERNS = ("leaseagent", "flannel")
+UNARY = ("Range", "Txn", "Put", "DeleteRange", "LeaseGrant", "LeaseRevoke", "LeaseTimeToLive")
+STREAMS = ("Watch", "LeaseKeepAlive")
+log = logging.getLogger("bench.cluster")
+
+
+# -- the worker: H/W agents on one event loop ------------------------------------------
+
+
+def _refuse_firewall(_nftables: bool, _family: int) -> Any:
+    raise RuntimeError("the cluster bench runs alloc agents: no traffic rules, no firewall")
+
+
+class PatternStore:
+    """An EtcdStore as the agent uses it, with what the pattern adds: flannel's TimeToLive
+    per listed lease and per PUT event. Counts them, and keeps the revision of the last
+    event its watch delivered (a watcher is settled once that reaches the last write)."""
+
+    def __init__(self, store: Any, *, flannel: bool) -> None:
+        self._store = store
+        self._flannel = flannel
+        self._listings = 0
+        self.ttl_requests = 0
+        self.ttl_errors = 0
+        self.delivered = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def _time_to_live(self, lease: int) -> None:
+        if not lease:
+            return
+        self.ttl_requests += 1
+        try:
+            await self._store.time_to_live(lease)
+        except StoreError:
+            self.ttl_errors += 1  # flannel logs it and goes on (getSubnets: "Could not read ttl")
+
+    async def list_prefix(self, prefix: str) -> Any:
+        listing = await self._store.list_prefix(prefix)
+        if self._flannel:
+            self._listings += 1
+            rounds = [listing]
+            if self._listings == 1:  # WatchLeases' reset lists again at start
+                rounds.append(await self._store.list_prefix(prefix))
+            for each in rounds:
+                for kv in each.items:
+                    await self._time_to_live(kv.lease)
+        self.delivered = max(self.delivered, listing.revision)
+        return listing
+
+    async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[Any]:
+        async for batch in self._store.watch(prefix, start_revision=start_revision):
+            if self._flannel:
+                for event in batch:
+                    if event.type is EventType.PUT and event.kv is not None:
+                        await self._time_to_live(event.kv.lease)
+            if batch:
+                self.delivered = max(self.delivered, batch[-1].revision)
+            yield batch
+
+
+@dataclass
+class Host:
+    index: int
+    name: str
+    public_ip: IPv4Address
+    store: PatternStore | None = None
+    agent: Any = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    started_at: float = 0.0  # wall clock, when this incarnation began
+    converged_at: float | None = None
+    settled_at: float | None = None
+    ttl_requests: int = 0  # of incarnations gone
+    error: str | None = None
+    pending: bool = True  # not (re)started yet: what it holds is not this phase's
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.hosts_total = int(spec["hosts"])
+        self.flannel = spec["pattern"] == "flannel"
+        self.dir = Path(spec["dir"])
+        self.rng = random.Random(int(spec["seed"]))
+        self.hosts = [Host(i, f"h{i}", IPv4Address(UNDERLAY_BASE + 1 + i))
+                      for i in range(spec["first"], spec["first"] + spec["count"])]
+
+    def _config(self, host: Host) -> Any:
+        return parse_agent_config([
+            "--etcd-endpoints", self.spec["endpoints"], "--etcd-prefix", PREFIX,
+            "--etcd-timeout", str(self.spec["etcd_timeout"]),
+            "--subnet-file", str(self.dir / f"{host.name}.env"),
+            "--state-dir", str(self.dir / f"{host.name}.state"),
+            "--node-id", host.name, "--public-ip", str(host.public_ip),
+            "--allow-any-public-ip"], environ={})
+
+    async def boot(self, host: Host, *, delay: float = 0.0) -> None:
+        """Start (again) after `delay` s: a fresh store and agent, as a process would."""
+        await asyncio.sleep(delay)
+        host.started_at = time.time()
+        host.converged_at = host.settled_at = None
+        cfg = self._config(host)
+        raw = await EtcdStore.connect(EtcdSettings(endpoints=self.spec["endpoints"],
+                                                   timeout=self.spec["etcd_timeout"]))
+        host.store = PatternStore(raw, flannel=self.flannel)
+        policy: dict[str, Any] = (
+            {"choose": flannel_candidates, "candidates_per_txn": 1} if self.flannel else {})
+        host.stop = asyncio.Event()
+        host.agent = Agent(cfg, host.store, host=HostInfo(public_ip=host.public_ip),  # type: ignore[arg-type]
+                           notify=lambda _: None, firewalls=_refuse_firewall,
+                           rng=random.Random(self.rng.random()), **policy)
+        host.task = asyncio.ensure_future(host.agent.run(host.stop))
+        host.pending = False
+
+    async def halt(self, host: Host) -> None:
+        """Stop as a restart does: the lease kept (no --release-on-exit)."""
+        host.stop.set()
+        if host.task is not None:
+            await asyncio.gather(host.task, return_exceptions=True)
+        if host.agent is not None:
+            await host.agent.shutdown()
+        if host.store is not None:
+            host.ttl_requests += host.store.ttl_requests
+            await host.store.close()
+        host.task = host.agent = host.store = None
+
+    async def restart(self, host: Host, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self.halt(host)
+        await self.boot(host)
+
+    def spawn(self, host: Host, step: Any) -> None:
+        """Run a host's start or restart; a failure is the host's error, reported."""
+        host.pending = True
+
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                host.error = f"{host.name}: {task.exception()!r}"
+
+        asyncio.ensure_future(step).add_done_callback(done)
+
+    def _check(self, settle_at: int | None) -> None:
+        now = time.time()
+        for h in self.hosts:
+            a = h.agent
+            if h.task is not None and h.task.done() and h.error is None:
+                exc = h.task.exception() if not h.task.cancelled() else None
+                h.error = f"{h.name} stopped: {exc!r}"
+            if a is None or h.pending:
+                continue
+            if (h.converged_at is None and a.own is not None and a.watcher is not None
+                    and len(a.watcher.peers) == self.hosts_total - 1):
+                h.converged_at = now
+            if (settle_at is not None and h.settled_at is None and h.converged_at is not None
+                    and h.store is not None and h.store.delivered >= settle_at):
+                h.settled_at = now
+
+    async def wait(self, until: float, *, settle_at: int | None = None) -> None:
+        """Until every host converged (and settled, if asked), or wall clock `until`."""
+        while time.time() < until:
+            self._check(settle_at)
+            done = all(h.converged_at is not None and not h.pending
+                       and (settle_at is None or h.settled_at is not None)
+                       for h in self.hosts)
+            if done or any(h.error for h in self.hosts):
+                return
+            await asyncio.sleep(0.1)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "started": [h.started_at for h in self.hosts],
+            "converged": [h.converged_at for h in self.hosts],
+            "settled": [h.settled_at for h in self.hosts],
+            "subnets": [str(h.agent.own.subnet) if h.agent is not None and h.agent.own
+                        else None for h in self.hosts],
+            "ttl_requests": sum(h.ttl_requests + (h.store.ttl_requests if h.store else 0)
+                                for h in self.hosts),
+            "ttl_errors": sum(h.store.ttl_errors for h in self.hosts if h.store),
+            "transactions": sum(h.agent.leasing.transactions for h in self.hosts
+                                if h.agent is not None and h.agent.leasing is not None),
+            "errors": [h.error for h in self.hosts if h.error][:5],
+        }
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        _say({"ready": len(self.hosts)})
+        try:
+            while line := await reader.readline():
+                cmd = json.loads(line)
+                at, limit = float(cmd.get("at", 0)), float(cmd.get("limit", 0))
+                if cmd["do"] == "start":
+                    await asyncio.sleep(max(0.0, at - time.time()))
+                    for h in self.hosts:
+                        self.spawn(h, self.boot(h))
+                    await asyncio.sleep(0)
+                    await self.wait(at + limit)
+                elif cmd["do"] == "restart":
+                    await asyncio.sleep(max(0.0, at - time.time()))
+                    spread = float(cmd["spread"])
+                    for h in self.hosts:
+                        self.spawn(h, self.restart(h, self.rng.uniform(0, spread)))
+                    await asyncio.sleep(0)
+                    await self.wait(at + limit)
+                elif cmd["do"] == "settle":
+                    await self.wait(at + limit, settle_at=int(cmd["revision"]))
+                elif cmd["do"] == "stop":
+                    break
+                _say(self.report())
+        finally:
+            await asyncio.gather(*(self.halt(h) for h in self.hosts), return_exceptions=True)
+            _say({"stopped": True})
+
+
+def _say(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def worker_main(spec_text: str) -> None:
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    raise_fd_limit()
+    asyncio.run(Worker(json.loads(spec_text)).serve())
+
+
+def raise_fd_limit() -> int:
+    """The soft open-file limit raised to the hard one (each agent holds a gRPC
+    connection to every member; etcd members inherit the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# -- the driver: etcd, workers, phases, figures -----------------------------------------
+
+
+@dataclass
+class WorkerProc:
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"worker {self.proc.pid} exited ({self.proc.poll()}):\n{tail}")
+        return dict(json.loads(line))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.send({"do": "stop"})
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def member_sample(etcd: Etcd) -> list[dict[str, float]]:
+    """Per member: the counters of its /metrics we report, CPU seconds and RSS from /proc."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = []
+    tick = os.sysconf("SC_CLK_TCK")
+    for m in etcd.members:
+        with urllib.request.urlopen(f"{m.url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        sample: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name in ("grpc_server_handled_total", "grpc_server_started_total",
+                              "grpc_server_msg_received_total", "grpc_server_msg_sent_total"):
+                    key = f"{s.name}:{s.labels.get('grpc_method')}"
+                    sample[key] = sample.get(key, 0.0) + s.value
+                elif s.name.startswith(("etcd_network_client_grpc", "etcd_network_peer_",
+                                        "etcd_debugging_mvcc_", "etcd_mvcc_db_total_size")) \
+                        and not s.name.endswith(("_bucket", "_count", "_sum")):
+                    sample[s.name] = sample.get(s.name, 0.0) + s.value
+        pid = m.pid
+        assert pid is not None
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        sample["cpu_seconds"] = (int(stat[11]) + int(stat[12])) / tick
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                sample["rss_bytes"] = int(line.split()[1]) * 1024
+        sample["at"] = time.monotonic()
+        out.append(sample)
+    return out
+
+
+GAUGES = ("rss_bytes", "etcd_debugging_mvcc_watcher_total", "etcd_debugging_mvcc_watch_stream_total",
+          "etcd_debugging_mvcc_keys_total", "etcd_mvcc_db_total_size_in_bytes",
+          "etcd_debugging_mvcc_db_total_size_in_bytes", "etcd_debugging_mvcc_pending_events_total")
+
+
+def delta(before: list[dict[str, float]], after: list[dict[str, float]]) -> dict[str, Any]:
+    """A phase's cost, summed over the members (gauges: their value at the end)."""
+    seconds = after[0]["at"] - before[0]["at"]
+    total: dict[str, float] = {}
+    for b, a in zip(before, after, strict=True):
+        for k, v in a.items():
+            if k == "at":
+                continue
+            total[k] = total.get(k, 0.0) + (v if k in GAUGES else v - b.get(k, 0.0))
+
+    def by_method(name: str) -> dict[str, float]:
+        return {k.split(":", 1)[1]: v for k, v in total.items()
+                if k.startswith(name + ":") and v}
+
+    return {
+        "seconds": seconds,
+        "unary_requests": {m: v for m, v in by_method("grpc_server_handled_total").items()
+                           if m in UNARY},
+        "streams_opened": {m: v for m, v in by_method("grpc_server_started_total").items()
+                           if m in STREAMS},
+        "stream_msgs_received": {m: v for m, v in by_method("grpc_server_msg_received_total")
+                                 .items() if m in STREAMS},
+        "stream_msgs_sent": {m: v for m, v in by_method("grpc_server_msg_sent_total").items()
+                             if m in STREAMS},
+        "client_bytes_received": total.get("etcd_network_client_grpc_received_bytes_total", 0),
+        "client_bytes_sent": total.get("etcd_network_client_grpc_sent_bytes_total", 0),
+        "peer_bytes_sent": total.get("etcd_network_peer_sent_bytes_total", 0),
+        "watch_events_sent": total.get("etcd_debugging_mvcc_events_total", 0),
+        "slow_watchers": total.get("etcd_debugging_mvcc_slow_watcher_total", 0),
+        "watchers": total.get("etcd_debugging_mvcc_watcher_total", 0),
+        "cpu_seconds": total.get("cpu_seconds", 0),
+        "cpu_percent_of_a_core": total.get("cpu_seconds", 0) / seconds * 100 if seconds else 0,
+        "rss_mib": total.get("rss_bytes", 0) / 2**20,
+        "rss_mib_per_member": [m["rss_bytes"] / 2**20 for m in after],
+        "db_mib": (total.get("etcd_mvcc_db_total_size_in_bytes", 0)) / 2**20 / len(after),
+    }
+
+
+def _times(report: list[dict[str, Any]], since: float, key: str) -> dict[str, Any]:
+    """From the workers' reports: how many hosts reached `key`, and when (s after `since`;
+    per host also from its own start)."""
+    at = [t for r in report for t in r[key]]
+    started = [t for r in report for t in r["started"]]
+    reached = [t for t in at if t is not None]
+    own = sorted(t - s for t, s in zip(at, started, strict=True) if t is not None)
+    out: dict[str, Any] = {"hosts": len(at), "reached": len(reached)}
+    if reached:
+        out["all_s" if len(reached) == len(at) else "last_of_reached_s"] = max(reached) - since
+        out["per_host_p50_s"] = statistics.median(own)
+        out["per_host_max_s"] = own[-1]
+    return out
+
+
+@dataclass
+class Run:
+    hosts: int
+    pattern: str
+    workers: int
+    dir: Path
+    steady: float
+    spread: float
+    limit: float
+    etcd_timeout: float
+    seed: int = 1
+    procs: list[WorkerProc] = field(default_factory=list)
+    etcd: Etcd | None = None
+
+    def _all(self, cmd: dict[str, Any]) -> list[dict[str, Any]]:
+        for w in self.procs:
+            w.send(cmd)
+        return [w.answer() for w in self.procs]
+
+    def execute(self) -> dict[str, Any]:
+        self.etcd = Etcd(self.dir / "etcd", 3)
+        self.etcd.start()
+        self.etcd.etcdctl("put", KeyLayout(PREFIX).config_key, json.dumps(NETWORK_CONFIG))
+        per = -(-self.hosts // self.workers)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        for k in range(self.workers):
+            first, count = k * per, min(per, self.hosts - k * per)
+            if count <= 0:
+                break
+            wdir = self.dir / f"w{k}"
+            wdir.mkdir()
+            spec = {"hosts": self.hosts, "pattern": self.pattern, "dir": str(wdir),
+                    "first": first, "count": count, "endpoints": self.etcd.endpoints,
+                    "seed": self.seed * 1000 + k, "etcd_timeout": self.etcd_timeout}
+            logf = self.dir / f"w{k}.log"
+            with logf.open("w") as errs:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bench.cluster", "--worker", json.dumps(spec)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs, text=True,
+                    env=env)
+            self.procs.append(WorkerProc(proc, logf))
+        for w in self.procs:
+            w.answer()  # imported and listening
+        out: dict[str, Any] = {"hosts": self.hosts, "pattern": self.pattern,
+                               "workers": len(self.procs)}
+        idle0 = member_sample(self.etcd)
+        time.sleep(2)
+        s0 = member_sample(self.etcd)
+        out["etcd_before"] = delta(idle0, s0)
+
+        at = time.time() + 0.5
+        rep = self._all({"do": "start", "at": at, "limit": self.limit})
+        s1 = member_sample(self.etcd)
+        out["cold"] = {"converged": _times(rep, at, "converged"), **self._counts(rep),
+                       "etcd": delta(s0, s1)}
+        if out["cold"]["converged"]["reached"] < self.hosts:
+            out["stopped_after"] = "cold"
+            return out
+        time.sleep(self.steady)
+        s2 = member_sample(self.etcd)
+        out["steady"] = {"etcd": delta(s1, s2)}
+
+        at = time.time() + 0.5
+        rep = self._all({"do": "restart", "at": at, "spread": self.spread,
+                         "limit": self.limit + self.spread})
+        converged = _times(rep, at, "converged")
+        revision = int(json.loads(self.etcd.etcdctl(
+            "endpoint", "status", "-w", "json", urls=[self.etcd.url]))[0]["Status"]["header"]
+            ["revision"])
+        rep = self._all({"do": "settle", "revision": revision, "at": time.time(),
+                         "limit": self.limit})
+        s3 = member_sample(self.etcd)
+        out["restart"] = {"converged": converged, "settled": _times(rep, at, "settled"),
+                          **self._counts(rep), "etcd": delta(s2, s3)}
+        return out
+
+    def _counts(self, rep: list[dict[str, Any]]) -> dict[str, Any]:
+        subnets = [s for r in rep for s in r["subnets"] if s is not None]
+        return {"distinct_subnets": len(set(subnets)), "leases": len(subnets),
+                "ttl_requests_by_agents": sum(r["ttl_requests"] for r in rep),
+                "ttl_errors": sum(r["ttl_errors"] for r in rep),
+                "transactions": sum(r["transactions"] for r in rep),
+                "errors": [e for r in rep for e in r["errors"]][:5]}
+
+    def close(self) -> None:
+        for w in self.procs:
+            w.stop()
+        if self.etcd is not None:
+            self.etcd.close()
+
+
+def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
+            limit: float, etcd_timeout: float = 10.0) -> dict[str, Any]:
+    """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
+    base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{hosts}-",
+                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout)
+    try:
+        return run.execute()
+    finally:
+        run.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- figures ----------------------------------------------------------------------------
+
+
+def per_host(result: dict[str, Any], phase: str) -> dict[str, float]:
+    """A phase's etcd cost divided by the hosts."""
+    e = result[phase]["etcd"]
+    h = result["hosts"]
+    return {
+        "unary_requests": sum(e["unary_requests"].values()) / h,
+        "ttl_requests": e["unary_requests"].get("LeaseTimeToLive", 0) / h,
+        "range_requests": e["unary_requests"].get("Range", 0) / h,
+        "client_bytes": (e["client_bytes_received"] + e["client_bytes_sent"]) / h,
+        "watch_events": e["watch_events_sent"] / h,
+        "cpu_seconds": e["cpu_seconds"] / h,
+    }
+
+
+def summary_lines(results: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in results:
+        cold = r["cold"]
+        c = cold["converged"]
+        head = f"H={r['hosts']} {r['pattern']}:"
+        if c["reached"] < c["hosts"]:
+            lines.append(f"{head} cold start: only {c['reached']}/{c['hosts']} hosts converged "
+                         f"in the limit (last at {c.get('last_of_reached_s', 0):.1f} s); "
+                         f"{sum(cold['etcd']['unary_requests'].values()):.0f} unary requests, "
+                         f"errors {cold['errors']}")
+            continue
+        lines.append(
+            f"{head} cold start all converged {c['all_s']:.1f} s "
+            f"(distinct subnets {cold['distinct_subnets']}/{r['hosts']}), "
+            f"per host {_fmt(per_host(r, 'cold'))}, etcd CPU {cold['etcd']['cpu_seconds']:.1f} s, "
+            f"RSS {cold['etcd']['rss_mib']:.0f} MiB (3 members)")
+        st = r["steady"]["etcd"]
+        lines.append(f"{head} steady {st['seconds']:.0f} s: unary {sum(st['unary_requests'].values()):.0f}, "
+                     f"watch msgs in {sum(st['stream_msgs_received'].values()):.0f}, "
+                     f"etcd CPU {st['cpu_percent_of_a_core']:.1f} % of a core")
+        rs = r["restart"]
+        lines.append(
+            f"{head} restart all converged {rs['converged'].get('all_s', float('nan')):.1f} s, "
+            f"settled {rs['settled'].get('all_s', float('nan')):.1f} s "
+            f"({rs['settled']['reached']}/{r['hosts']}), per host {_fmt(per_host(r, 'restart'))}, "
+            f"etcd CPU {rs['etcd']['cpu_seconds']:.1f} s")
+    return lines
+
+
+def _fmt(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:,.1f}" for k, v in d.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.split("\n")[0])
+    p.add_argument("--hosts", default="250,500,1000", help="H values, comma-separated")
+    p.add_argument("--patterns", default=",".join(PATTERNS))
+    p.add_argument("--workers", type=int, default=4, help="agent processes")
+    p.add_argument("--steady", type=float, default=30.0, help="steady-state seconds")
+    p.add_argument("--restart-spread", type=float, default=10.0,
+                   help="each agent restarts after a random pause in [0, this] s")
+    p.add_argument("--limit", type=float, default=150.0,
+                   help="longest wait for a phase (s); a run that does not converge stops")
+    p.add_argument("--etcd-timeout", type=float, default=10.0, help="each agent's --etcd-timeout")
+    p.add_argument("--json", type=Path, default=Path("bench-cluster.json"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+    limit = raise_fd_limit()
+    results = []
+    for hosts in (int(h) for h in args.hosts.split(",")):
+        for pattern in args.patterns.split(","):
+            print(f"H={hosts} {pattern}: running (fd limit {limit})", file=sys.stderr, flush=True)
+            results.append(run_one(hosts=hosts, pattern=pattern, workers=args.workers,
+                                   steady=args.steady, spread=args.restart_spread,
+                                   limit=args.limit, etcd_timeout=args.etcd_timeout))
+            args.json.write_text(json.dumps(results, indent=1))
+            for line in summary_lines(results[-1:]):
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
