@@ -19,6 +19,7 @@ node_id, backend}` say which agent and which lease a series belongs to.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client.metrics import (
@@ -114,6 +115,22 @@ class _RulesCollector(Collector):
                                   value=sum(s.dropped for s in statuses))
 
 
+class _AsyncioCollector(Collector):
+    """How many asyncio tasks the scraping event loop holds, counted at each scrape (the
+    agent scrapes from its own loop: leaseagent.agent.http). A count that only grows
+    is a leak; the soak benchmark (bench/soak.py) watches it. Nothing when scraped
+    outside a running loop."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            tasks = asyncio.all_tasks()
+        except RuntimeError:  # no running loop
+            return
+        yield GaugeMetricFamily("leaseagent_asyncio_tasks",
+                                "asyncio tasks alive in the agent's event loop (the scrape's "
+                                "own included)", value=len(tasks))
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         from leaseagent import __version__
@@ -199,6 +216,7 @@ class Metrics:
         r.register(_DataPlaneCollector(lambda: self._dataplane))
         self._rules: dict[int, RulesStatus] = {}  # by family
         r.register(_RulesCollector(lambda: self._rules))
+        r.register(_AsyncioCollector())
 
     def set_identity(self, *, public_ip: str, node_id: str, backend: str) -> None:
         self._identity = {"public_ip": public_ip, "node_id": node_id, "backend": backend}
