@@ -49,10 +49,17 @@ from typing import Any
 # Read once, when grpc is first imported: hence before the imports.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import etcd3aio
 import grpc
 import grpc.aio
-from etcd3aio import Etcd3Client, prefix_range_end
+from etcd3aio.client import Etcd3Client
+from etcd3aio.errors import (
+    EtcdConnectionError,
+    EtcdError,
+    EtcdPermissionDeniedError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+)
+from etcd3aio.kv import prefix_range_end
 
 from leaseagent.errors import (
     Compacted,
@@ -112,7 +119,7 @@ def _tls_refused(detail: str, what: str) -> StoreAuthError | None:
 
 
 def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
-    if isinstance(exc, (etcd3aio.EtcdUnauthenticatedError, etcd3aio.EtcdPermissionDeniedError)):
+    if isinstance(exc, (EtcdUnauthenticatedError, EtcdPermissionDeniedError)):
         return StoreAuthError(f"etcd refused {what}: {exc}")
     tls = _tls_refused(str(exc), what)
     if tls is None and isinstance(exc, grpc.aio.AioRpcError):
@@ -122,7 +129,7 @@ def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
     if "authentication failed" in str(exc) or (
             isinstance(exc, grpc.aio.AioRpcError) and "authentication failed" in (exc.details() or "")):
         return StoreAuthError(f"etcd refused {what}: wrong user name or password")
-    if isinstance(exc, (etcd3aio.EtcdConnectionError, etcd3aio.EtcdTransientError)):
+    if isinstance(exc, (EtcdConnectionError, EtcdTransientError)):
         return StoreUnavailable(f"etcd unavailable during {what}: {exc}")
     if isinstance(exc, TimeoutError):
         return StoreUnavailable(f"etcd did not answer {what} in time")
@@ -234,7 +241,7 @@ class EtcdStore:
                 if self.on_member is not None:
                     self.on_member(member)
             return result
-        except (etcd3aio.EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, what) from exc
         finally:
             if self.observer is not None:
@@ -495,7 +502,7 @@ class EtcdStore:
                 else:
                     seen = int(resp.header.revision)  # a progress report: all sent up to here
                 yield events, seen
-        except (etcd3aio.EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, f"watch {prefix}") from exc
         finally:
             if read is not None:

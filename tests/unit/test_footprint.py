@@ -39,10 +39,31 @@ def test_the_agent_imports_parts_of_pyroute2_and_prometheus_client_not_all() -> 
             whole_library
 
 
+def test_the_agent_does_not_import_importlib_metadata() -> None:
+    # Its version is read from METADATA (leaseagent.imports.installed_version), and
+    # etcd3aio's __init__, which asks importlib.metadata for its own, does not run.
+    loaded = _modules_after(AGENT + "import leaseagent.store.etcd\n")
+    assert "etcd3aio.client" in loaded
+    assert "importlib.metadata" not in loaded and "zipfile" not in loaded
+
+
+def test_installed_version_answers_as_importlib_metadata() -> None:
+    from importlib.metadata import version
+
+    from leaseagent.imports import installed_version
+
+    for name in ("leaseagent", "grpcio", "prometheus-client", "prometheus_client", "etcd3aio"):
+        assert installed_version(name) == version(name)
+    assert installed_version("no-such-distribution-here") is None
+
+
 def test_a_lean_package_is_whole_again_when_asked_for_what_its_init_defines() -> None:
     loaded = _modules_after("import leaseagent\n"
                             "from pyroute2 import IPRoute, AsyncIPRoute\n"
                             "from prometheus_client import REGISTRY, generate_latest\n"
-                            "import pyroute2, prometheus_client\n"
-                            "assert pyroute2.__version__ and prometheus_client.Counter\n")
+                            "from etcd3aio import Lock\n"
+                            "import pyroute2, prometheus_client, etcd3aio\n"
+                            "assert pyroute2.__version__ and prometheus_client.Counter\n"
+                            "assert etcd3aio.__version__\n")
     assert "pyroute2.ndb" in loaded and "prometheus_client.gc_collector" in loaded
+    assert "etcd3aio.concurrency" in loaded
