@@ -77,6 +77,7 @@ from ipaddress import IPv4Network, IPv6Network
 from itertools import chain
 from typing import Any
 
+from leaseagent import memory
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
     MAIN_TABLE,
@@ -267,10 +268,10 @@ class ReconcilingBackend:
             started = time.monotonic()
             try:
                 nl = await self._netlink()
-                plan, changes = await self._full_plan(nl, peers)
-            finally:
+            except BaseException:
                 await _done(ready)
-            await self._full_apply(nl, peers, plan, changes, repair=False, started=started)
+                raise
+            await self._full_sync(nl, peers, repair=False, ready=ready, started=started)
 
     async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer], *,
                      ready: Awaitable[object] | None = None) -> None:
@@ -358,10 +359,20 @@ class ReconcilingBackend:
         return self._nl
 
     async def _full_sync(self, nl: Netlink, peers: Mapping[IPv4Network, Peer], *,
-                         repair: bool) -> None:
-        started = time.monotonic()
-        plan, changes = await self._full_plan(nl, peers)
+                         repair: bool, ready: Awaitable[object] | None = None,
+                         started: float | None = None) -> None:
+        """Plan the whole peer set, compare with the kernel, then (once `ready` is done)
+        make the changes; `started` is when the caller began (for the pass's duration)."""
+        started = time.monotonic() if started is None else started
+        try:
+            plan, changes = await self._full_plan(nl, peers)
+        finally:
+            await _done(ready)
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
+        # The pass's dumps, plan and changes were its peak: what glibc keeps of them
+        # would stay in the RSS until the next pass (leaseagent.memory).
+        del plan, changes
+        memory.trim()
 
     async def _full_plan(self, nl: Netlink, peers: Mapping[IPv4Network, Peer]
                          ) -> tuple[PeerPlan, PlanDiff]:
