@@ -55,7 +55,7 @@ def summary(sizes: list[int], runs: list[dict[int, dict[str, Any]]]) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description="The agent's memory after a join and a resync.")
     p.add_argument("--sizes", default="1000,5000", help="comma-separated peer counts")
     p.add_argument("--rounds", type=int, default=1, help="times the sizes are joined")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any phase may take")

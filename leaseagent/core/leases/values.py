@@ -209,7 +209,9 @@ def validate_peer(
         raise InvalidLease("unknown_backend", f"BackendType {value.backend_type!r} is unknown")
     data = kind.parse_lease_data(value.backend_data)
     if ipv6_subnet is None or network.ipv6 is None:
-        return Peer(subnet, value.public_ip, value.backend_type, data, value.node_id)
+        # The registry's name, equal to the lease's text: one string for every peer
+        # instead of each lease's own decoded copy.
+        return Peer(subnet, value.public_ip, kind.name, data, value.node_id)
     why = network.check_ipv6_subnet(ipv6_subnet)
     if why:
         raise InvalidLease("subnet_outside_network", why)
@@ -223,5 +225,5 @@ def validate_peer(
         data6 = kind.parse_lease_data(value.backend_v6_data)
     except InvalidLease as exc:
         raise InvalidLease(exc.reason, f"BackendV6Data: {exc.detail}") from None
-    return Peer(subnet, value.public_ip, value.backend_type, data, value.node_id,
+    return Peer(subnet, value.public_ip, kind.name, data, value.node_id,
                 ipv6_subnet=ipv6_subnet, public_ipv6=value.public_ipv6, data6=data6)
