@@ -87,6 +87,7 @@ from leaseagent.files import read_text_if_exists, refuse_symlink, write_if_chang
 from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
+from leaseagent.waiting import within
 
 log = logging.getLogger("leaseagent")
 
@@ -519,7 +520,7 @@ class Agent:
                 wait = max(0.0, last_renewal + max(0.5, own.ttl / 3) - time.monotonic())
             why: str | None = None
             try:
-                event = await asyncio.wait_for(self._own_events.get(), wait)
+                event = await within(self._own_events.get(), wait)
                 if isinstance(event, Verdict):
                     await self._twin_seen(own, event)
                     continue
@@ -893,7 +894,7 @@ class Agent:
             try:
                 # Retried for a few seconds: a revoke sent during a leader election or to a
                 # member that just died times out, and one try would leave the lease behind.
-                await asyncio.wait_for(self._release_retrying(own), RELEASE_SECONDS)
+                await within(self._release_retrying(own), RELEASE_SECONDS)
                 log.info("lease on %s released", own.subnet)
             except Exception as exc:
                 log.warning("could not release the lease on %s: %s", own.subnet,

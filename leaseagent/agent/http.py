@@ -16,6 +16,7 @@ from typing import Protocol
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from leaseagent.metrics import Metrics
+from leaseagent.waiting import within
 
 MAX_REQUEST_LINE = 8192
 
@@ -37,11 +38,11 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
 async def _handle(agent: ServedAgent, reader: asyncio.StreamReader,
                   writer: asyncio.StreamWriter) -> None:
     try:
-        line = await asyncio.wait_for(reader.readline(), 5)
+        line = await within(reader.readline(), 5)
         parts = line.decode("latin-1").split()
         # Drain headers so the client sees a clean close.
         while True:
-            header = await asyncio.wait_for(reader.readline(), 5)
+            header = await within(reader.readline(), 5)
             if header in (b"\r\n", b"\n", b""):
                 break
         if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):

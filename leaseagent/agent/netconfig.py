@@ -41,6 +41,7 @@ from leaseagent.metrics import Metrics
 from leaseagent.retrying import retrying
 from leaseagent.store.base import EventType, KeyValue, LeaseStore
 from leaseagent.store.watching import ListWatch, Snapshot
+from leaseagent.waiting import within
 
 log = logging.getLogger("leaseagent.netconfig")
 
@@ -185,7 +186,7 @@ class ConfigFollower:
                 break
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), min(self._settle, left))
+                await within(self._wake.wait(), min(self._settle, left))
             except TimeoutError:
                 break  # quiet
         version, self._pending = self._pending, None

@@ -60,6 +60,7 @@ from leaseagent.core.network import NetworkConfig
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
+from leaseagent.waiting import within
 
 log = logging.getLogger("leaseagent.watching")
 
@@ -254,7 +255,7 @@ class LeaseWatcher:
             deadline = self.hold.next_deadline()
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                await asyncio.wait_for(self._hold_changed.wait(), wait)
+                await within(self._hold_changed.wait(), wait)
                 continue
             except TimeoutError:
                 pass

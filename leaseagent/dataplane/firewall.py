@@ -79,6 +79,7 @@ from leaseagent.core.rules import (
 )
 from leaseagent.errors import ConfigError, DataPlaneError
 from leaseagent.retrying import Backoff
+from leaseagent.waiting import within
 
 log = logging.getLogger(__name__)
 
@@ -563,7 +564,7 @@ class RulesKeeper:
             woken = True
             try:
                 wait = min(DEFAULT_CHECK_SECONDS, max(0.0, check_due - time.monotonic()))
-                await asyncio.wait_for(self._wake.wait(), wait)
+                await within(self._wake.wait(), wait)
                 await asyncio.sleep(0.02)  # a burst of events, one check
             except TimeoutError:
                 woken = False

@@ -107,6 +107,7 @@ from leaseagent.dataplane.netlink import (
 )
 from leaseagent.errors import DataPlaneError
 from leaseagent.retrying import Backoff
+from leaseagent.waiting import within
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +496,7 @@ class ReconcilingBackend:
             timeout = period * self._rng.uniform(1 - RESYNC_JITTER, 1 + RESYNC_JITTER)
             periodic = False
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await within(self._wake.wait(), timeout)
                 await asyncio.sleep(DEBOUNCE_SECONDS)
             except TimeoutError:
                 periodic = True

@@ -62,6 +62,7 @@ from leaseagent.dataplane.wgdevice import (
 )
 from leaseagent.dataplane.wgkeys import public_key_of
 from leaseagent.errors import DataPlaneError
+from leaseagent.waiting import within
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class UapiSocket:
     async def request(self, data: bytes) -> str:
         """Send one request, read its whole answer (up to the empty line)."""
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await within(
                 asyncio.open_unix_connection(str(self.path), limit=1 << 24), REQUEST_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise DataPlaneError(f"wireguard-go control socket {self.path}: "
@@ -196,7 +197,7 @@ class UapiSocket:
                                  ) from None
         try:
             writer.write(data)
-            answer = await asyncio.wait_for(reader.readuntil(b"\n\n"), REQUEST_TIMEOUT)
+            answer = await within(reader.readuntil(b"\n\n"), REQUEST_TIMEOUT)
         except (OSError, TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError) as exc:
             raise DataPlaneError(f"wireguard-go control socket {self.path}: "
@@ -313,7 +314,7 @@ class WireguardGo:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
-            out, _ = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
+            out, _ = await within(proc.communicate(), START_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             raise DataPlaneError(f"cannot start {WIREGUARD_GO} {device}: {exc}") from None
         if proc.returncode != 0:

@@ -72,6 +72,7 @@ from leaseagent.errors import (
 from leaseagent.retrying import Backoff
 from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
 from leaseagent.store.settings import Endpoint, EtcdSettings, parse_endpoints
+from leaseagent.waiting import within
 
 __all__ = ["EtcdSettings", "EtcdStore"]
 # A member that is back is reconnected to within about a second (see connect()).
@@ -213,7 +214,7 @@ class EtcdStore:
             password_text = password.decode().rstrip("\r\n")
             try:
                 store._refresher = client.token_refresher(settings.username, password_text)
-                await asyncio.wait_for(store._refresher.__aenter__(), store._timeout)
+                await within(store._refresher.__aenter__(), store._timeout)
             except BaseException as exc:
                 await client.close()
                 if isinstance(exc, asyncio.CancelledError):
@@ -232,7 +233,7 @@ class EtcdStore:
     async def _call(self, what: str, coro: Any) -> Any:
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(coro, self._timeout)
+            result = await within(coro, self._timeout)
             # Every etcd response names the member that served it: which
             # endpoint we are on now, for the operator (a metric).
             member = getattr(getattr(result, "header", None), "member_id", 0)
@@ -463,7 +464,7 @@ class EtcdStore:
         read: asyncio.Future[Any] | None = None
         probe_after = max(WATCH_PROBE_AFTER, 2 * self._timeout)
         try:
-            await asyncio.wait_for(call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
+            await within(call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
                 key=prefix.encode(), range_end=_as_bytes(prefix_range_end(prefix)),
                 start_revision=start_revision))), self._timeout)
             probing = False
@@ -476,7 +477,7 @@ class EtcdStore:
                         raise StoreUnavailable(
                             f"etcd did not answer on the watch of {prefix} within "
                             f"{self._timeout:g}s (member paused or connection half-open)")
-                    await asyncio.wait_for(
+                    await within(
                         call.write(pb.WatchRequest(progress_request=pb.WatchProgressRequest())),
                         self._timeout)
                     probing = True
