@@ -38,7 +38,7 @@ same peers as `judge` of the final listing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
@@ -200,17 +200,11 @@ def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfi
     known to be valid, so there are no peers.
     """
     out = Judgement()
-    for kv in sorted(items, key=_age):
-        verdict = classify(kv, layout=layout, network=network, identity=identity)
-        subnet = verdict.subnet
-        if verdict.status == PEER and subnet is not None:
-            holder = out.holders.get(subnet)
-            if holder is not None:
-                verdict = _duplicate_of(verdict, holder)
-            else:
-                out.holders[subnet] = kv.key
-                if verdict.peer is not None:
-                    out.peers[subnet] = verdict.peer
+    for kv, verdict in _elected(items, layout=layout, network=network, identity=identity):
+        if verdict.status == PEER and verdict.subnet is not None:
+            out.holders[verdict.subnet] = kv.key
+            if verdict.peer is not None:
+                out.peers[verdict.subnet] = verdict.peer
         out.verdicts[kv.key] = verdict
     first_of_ip: dict[object, str] = {}
     for key in out.holders.values():  # oldest first
@@ -220,6 +214,25 @@ def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfi
             if older != key:
                 out.same_ip[key] = older
     return out
+
+
+def _elected(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfig | None,
+             identity: Identity) -> Iterator[tuple[RawLease, Verdict]]:
+    """Each key with its verdict, oldest first: rules 1-4 (`classify`), then rule 5 (a
+    valid key is a PEER, the holder of its subnet, if it is the first naming it, else a
+    DUPLICATE). One at a time: a caller that keeps only part of a verdict (LeaseBook)
+    never holds thousands of them, with their decoded values, at once."""
+    holders: dict[IPv4Network, str] = {}
+    for kv in sorted(items, key=_age):
+        verdict = classify(kv, layout=layout, network=network, identity=identity)
+        subnet = verdict.subnet
+        if verdict.status == PEER and subnet is not None:
+            holder = holders.get(subnet)
+            if holder is not None:
+                verdict = _duplicate_of(verdict, holder)
+            else:
+                holders[subnet] = kv.key
+        yield kv, verdict
 
 
 @dataclass
@@ -349,13 +362,19 @@ class LeaseBook:
         """Judge a complete listing; the changes against what the book held."""
         if identity is not None:
             self.identity = identity
-        items = list(items)
-        result = judge(items, layout=self.layout, network=self.network, identity=self.identity)
         self.rejected = []
         seen: dict[str, int] = {}
         self._entries, self._valid = {}, {}
-        for kv in items:
-            verdict = result.verdicts[kv.key]
+        peers: dict[IPv4Network, Peer] = {}
+        holders: dict[IPv4Network, str] = {}
+        # judge's rule, a verdict at a time (what `judge` would return is not kept: with
+        # thousands of keys, their verdicts and decoded values were the start-up's peak).
+        for kv, verdict in _elected(items, layout=self.layout, network=self.network,
+                                    identity=self.identity):
+            if verdict.status == PEER and verdict.subnet is not None:
+                holders[verdict.subnet] = kv.key
+                if verdict.peer is not None:
+                    peers[verdict.subnet] = verdict.peer
             valid = verdict.status in (PEER, DUPLICATE) and verdict.peer is not None
             self._entries[kv.key] = _Entry(verdict.subnet, kv.create_revision, kv.mod_revision,
                                            verdict.peer if valid else None)
@@ -369,16 +388,16 @@ class LeaseBook:
         self._rejected_at = seen
         changes = PeerChanges()
         for subnet, old in self._peers.items():
-            if subnet not in result.peers:
+            if subnet not in peers:
                 changes.removed.append(old)
-        for subnet, new in result.peers.items():
+        for subnet, new in peers.items():
             old_peer = self._peers.get(subnet)
             if old_peer is None:
                 changes.added.append(new)
             elif old_peer != new:
                 changes.changed.append(new)
-        self._peers = result.peers
-        self._holders = result.holders
+        self._peers = peers
+        self._holders = holders
         self.counts = {}
         for peer in self._peers.values():
             self._count(peer, 1)
