@@ -513,14 +513,18 @@ class Netlink:
         Failure and the rest go on.
         """
         remove = action is Action.REMOVE
-        requests = [
-            rtnl.Request(*rtnl.encode_object(obj, remove=remove, protocol=protocol))
-            for obj in objects
-        ]
+        # Encoded a send's worth at a time: 15,000 requests made at once (a join of
+        # 5,000 peers) were ~3 MiB more at the join's peak, which the allocator keeps.
+        step = self._raw.chunk
+        codes: list[int] = []
         try:
-            codes = await self._raw.batch(requests)
+            for first in range(0, len(objects), step):
+                codes += await self._raw.batch([
+                    rtnl.Request(*rtnl.encode_object(obj, remove=remove, protocol=protocol))
+                    for obj in objects[first:first + step]
+                ])
         except OSError as exc:
-            error = _error(f"{action.value} of {len(requests)} objects", exc)
+            error = _error(f"{action.value} of {len(objects)} objects", exc)
             return [], [Failure(action, obj, error) for obj in objects]
         done: list[KernelObject] = []
         failures: list[Failure] = []
