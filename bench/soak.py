@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -203,9 +204,15 @@ class Soak:
         self.samples.append(s)
         return s
 
-    async def sampling(self) -> None:
+    async def sampling(self, *, report_every: float = 60.0) -> None:
+        reported = time.perf_counter()
         while True:
-            await self.sample()
+            s = await self.sample()
+            if time.perf_counter() - reported >= report_every:
+                reported = time.perf_counter()
+                print(f"  soak: {s['events']:,} events, RSS {s['rss_mib']:.1f} MiB, "
+                      f"{s['fds']} fds, {s['tasks']} tasks, {s['threads']} threads",
+                      file=sys.stderr)
             await asyncio.sleep(self.sizes.sample_interval)
 
     async def start_agent(self) -> dict[str, Any]:
@@ -414,6 +421,13 @@ def rss_trend(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     growth = by_events["slope"] * span
     noise = by_events["residual_sd"]
     quarter = max(1, len(window) // 4)
+    # A leak keeps its slope; memory climbing to a plateau (a new peak the allocator
+    # keeps) does not: the slope of each half of the window, apart.
+    middle = (window[0]["events"] + window[-1]["events"]) / 2
+    halves = [[s for s in window if s["events"] < middle], [s for s in window
+                                                            if s["events"] >= middle]]
+    half_slopes = [fit([s["events"] / 10_000 for s in h], [s["rss_mib"] for s in h])["slope"]
+                   if len(h) >= 3 else None for h in halves]
     return {
         "samples": len(window), "from_events": window[0]["events"],
         "to_events": window[-1]["events"], "hours": (window[-1]["t"] - window[0]["t"]) / 3600,
@@ -422,6 +436,8 @@ def rss_trend(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "growth_over_window_mib": growth, "residual_sd_mib": noise,
         "residual_spread_mib": by_events["residual_spread"],
         "rss_min_mib": min(rss), "rss_max_mib": max(rss),
+        "first_half_mib_per_10k_events": half_slopes[0],
+        "second_half_mib_per_10k_events": half_slopes[1],
         "first_quarter_mean_mib": statistics.fmean(rss[:quarter]),
         "last_quarter_mean_mib": statistics.fmean(rss[-quarter:]),
         # The smallest slope this window could tell from its noise.
@@ -480,6 +496,8 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
         await store.close()
+        if args.agent_log is not None and soak.agent is not None and soak.agent.log.exists():
+            shutil.copyfile(soak.agent.log, args.agent_log)
     return results
 
 
@@ -510,6 +528,10 @@ def table(results: dict[str, Any]) -> str:
                      f"noise: residual sd {_fmt(r['residual_sd_mib'], ' MiB')}, "
                      f"spread {_fmt(r['residual_spread_mib'], ' MiB')}",
                      f"detectable {_fmt(r['detectable_mib_per_10k_events'])} MiB/10k"))
+        rows.append(("RSS slope, first / second half of the window",
+                     f"{_fmt(r['first_half_mib_per_10k_events'])} / "
+                     f"{_fmt(r['second_half_mib_per_10k_events'])} MiB / 10k events",
+                     "a leak keeps its slope", "-"))
         rows.append(("RSS in the window: min / max",
                      f"{_fmt(r['rss_min_mib'])} / {_fmt(r['rss_max_mib'], ' MiB')}",
                      f"quarters {_fmt(r['first_quarter_mean_mib'])} -> "
@@ -574,6 +596,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "kernel's convergence may take")
     p.add_argument("--seed", type=int, default=d.seed, help="the churn's random seed")
     p.add_argument("--json", type=Path, default=Path("soak-results.json"), help="output file")
+    p.add_argument("--agent-log", type=Path, help="keep a copy of the agent's log here")
     args = p.parse_args(argv)
     if not args.peers + 100 <= args.pool <= MAX_POOL:
         p.error(f"--pool must be between --peers + 100 and {MAX_POOL}")
