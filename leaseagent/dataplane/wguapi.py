@@ -77,6 +77,22 @@ _ENV_DROPPED = ("LOG_LEVEL", "WG_PROCESS_FOREGROUND", "WG_TUN_FD", "WG_UAPI_FD")
 _COUNTERS = ("last_handshake_time_", "rx_bytes=", "tx_bytes=")
 
 
+def fingerprint(answer: str) -> bytes:
+    """A `get` answer's configuration, hashed: without the lines that change with
+    traffic alone, and with the peers' blocks sorted, since wireguard-go lists its
+    peers in no fixed order (a Go map's)."""
+    body, trailer, _ = answer.rstrip("\n").rpartition("\nerrno=")  # after the last peer
+    if not trailer:
+        body = answer
+    device, *peers = body.split("\npublic_key=")
+    digest = hashlib.sha256()
+    for block in [device, *sorted(peers)]:
+        digest.update(b"\0")
+        digest.update("\n".join(line for line in block.split("\n")
+                                if not line.startswith(_COUNTERS)).encode())
+    return digest.digest()
+
+
 def key_hex(base64_key: str) -> str:
     return base64.b64decode(base64_key).hex()
 
@@ -287,9 +303,7 @@ class WireguardGo:
             answer = await sock.request(b"get=1\n\n")
         except DataPlaneError:
             return None  # a socket left by a process that is gone, or going
-        stable = "\n".join(line for line in answer.split("\n") if not line.startswith(_COUNTERS))
-        return Snapshot(hashlib.sha256(stable.encode()).digest(),
-                        lambda: parse_get(device, answer))
+        return Snapshot(fingerprint(answer), lambda: parse_get(device, answer))
 
     async def write(self, device: str, change: DeviceWrite) -> None:
         answer = await self.socket(device).request(encode_set(change))

@@ -403,10 +403,7 @@ class WireguardBackend(ReconcilingBackend):
 
     async def _check_peers(self, nl: Netlink) -> None:
         control = await self._driver(nl)
-        wanted: dict[str, set[KernelObject]] = {d.name: set() for d in self._devices}
-        for obj in self.planned():
-            if isinstance(obj, WIREGUARD_OBJECTS) and obj.device in wanted:
-                wanted[obj.device].add(obj)
+        wanted: dict[str, set[KernelObject]] | None = None  # the plan's, when first needed
         for device in self._devices:
             snap = await control.snapshot(device.name) if device.index else None
             if snap is not None and self._found_clean.get(device.name) == snap.fingerprint:
@@ -417,6 +414,11 @@ class WireguardBackend(ReconcilingBackend):
                 self._full_resync_needed = True  # the device itself: set right or made anew
                 self._wake.set()
                 continue
+            if wanted is None:
+                wanted = {d.name: set() for d in self._devices}
+                for obj in self.planned():
+                    if isinstance(obj, WIREGUARD_OBJECTS) and obj.device in wanted:
+                        wanted[obj.device].add(obj)
             to_add, to_remove = diff(wanted[device.name], config.objects())
             if to_remove:
                 self._full_resync_needed = True

@@ -46,7 +46,7 @@ from leaseagent.dataplane.wgdevice import (
     updates,
 )
 from leaseagent.dataplane.wgkeys import KEY_FILE, PrivateKey, load_or_create_private_key, load_private_key
-from leaseagent.dataplane.wguapi import encode_set, parse_get
+from leaseagent.dataplane.wguapi import encode_set, fingerprint, parse_get
 from leaseagent.errors import ConfigError, InvalidLease, NetworkConfigError
 
 KEY1 = PrivateKey(bytes([0x48] * 32))
@@ -482,3 +482,26 @@ def test_doctor_checks_the_public_key_three_ways() -> None:
         f"device flannel-wg public key {PUB1} but the lease's PublicKey is {PUB2}"]
     assert wireguard_key_problems(device=DEV, device_key=PUB1, lease_data=None, stored_key=None,
                                   state_file="k")[0].text.startswith("state k missing")
+
+
+def _get_answer(peers: list[tuple[str, str, int]]) -> str:
+    """A wireguard-go `get` answer: (public key hex, endpoint, rx bytes) per peer."""
+    lines = ["private_key=" + "11" * 32, "listen_port=51820"]
+    for key, endpoint, rx in peers:
+        lines += [f"public_key={key}", "preshared_key=" + "00" * 32, "protocol_version=1",
+                  f"endpoint={endpoint}", f"last_handshake_time_sec={rx // 7}",
+                  "last_handshake_time_nsec=0", f"tx_bytes={rx * 2}", f"rx_bytes={rx}",
+                  "persistent_keepalive_interval=0", "allowed_ip=10.5.1.0/24"]
+    return "\n".join([*lines, "errno=0"]) + "\n\n"
+
+
+def test_the_fingerprint_ignores_peer_order_and_counters_but_not_the_configuration() -> None:
+    a, b = "aa" * 32, "bb" * 32
+    one = _get_answer([(a, "192.0.2.1:51820", 0), (b, "192.0.2.2:51820", 0)])
+    # wireguard-go lists its peers in no fixed order; traffic moves the counters
+    other_order = _get_answer([(b, "192.0.2.2:51820", 900), (a, "192.0.2.1:51820", 70)])
+    moved = _get_answer([(a, "192.0.2.1:51820", 0), (b, "192.0.2.3:51820", 0)])
+    swapped = _get_answer([(a, "192.0.2.2:51820", 0), (b, "192.0.2.1:51820", 0)])
+    assert fingerprint(one) == fingerprint(other_order)
+    assert fingerprint(one) != fingerprint(moved)
+    assert fingerprint(one) != fingerprint(swapped)
