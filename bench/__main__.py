@@ -27,8 +27,14 @@ for the record only (machines are noisy). See docs/benchmarks.md.
                 under a fresh prefix, a fresh agent and probe; the reference
                 programs the same 6N objects with ip -batch / ip -6 -batch /
                 bridge -batch into a fresh namespace
+    wireguard   (bench/wireguard.py) the agent starting into --wireguard-peers
+                wireguard peers (wireguard-go) vs `wg setconf` of the same peers, and
+                its idle CPU with them; then two lab hosts on vxlan and on wireguard:
+                iperf3 container to container (and the underlay alone), key rotations
+                under pings, peers removed by hand until back
 
-Needs root (namespaces), etcd and iproute2. Everything it makes (two
+Needs root (namespaces), etcd and iproute2 (and wireguard-go, wg, iperf3 for
+the wireguard part). Everything it makes (two
 namespaces, etcd, the agent, files under /dev/shm) is removed at exit, also
 on failure or SIGTERM.
 """
@@ -47,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios
+from bench import scenarios, wireguard
 from bench.env import DUAL, KernelProbe, Proc, World, sh
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
@@ -138,6 +144,11 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         agent = None
         if args.dual_peers > 0:
             results["dual_stack"] = await dual_stack(args, world, store)
+        if args.wireguard_peers > 0 or args.throughput_seconds > 0:
+            results["wireguard"] = await wireguard.run(
+                world, store, peers=args.wireguard_peers, idle=args.wireguard_idle,
+                seconds=args.throughput_seconds, rotations=args.rotations,
+                removals=args.removals, limit=args.timeout)
     except BaseException:
         _log_tail(agent)
         raise
@@ -337,6 +348,8 @@ def table(results: dict[str, Any]) -> str:
                      _fmt(x["deep_check_ratio"]), "-", _fmt(x["core_percent"], " % of a core")))
         rows.append((f"{name}: write all rules / add one peer", _fmt(x["apply_ms"], " ms"),
                      f"one peer {_fmt(x['one_peer_ms'], ' ms')}", "-", "-", "-"))
+    if "wireguard" in results:
+        rows += wireguard.rows(results["wireguard"], _fmt)
     e = results["etcd"]
     rows.append(("etcd unary requests at start", _fmt(e["unary_requests_at_start"]),
                  f"{_fmt(e['range_requests_at_start'])} Range", "-", "one list", "-"))
@@ -373,6 +386,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dual-small-peers", type=int, default=100,
                    help="dual-stack peers for the second dual-stack event run")
     p.add_argument("--dual-events", type=int, default=1000, help="events per dual-stack event run")
+    p.add_argument("--wireguard-peers", type=int, default=1000,
+                   help="wireguard peers for the wireguard join (0: none)")
+    p.add_argument("--wireguard-idle", type=float, default=10.0,
+                   help="seconds the wireguard agent idles with them (its CPU)")
+    p.add_argument("--throughput-seconds", type=float, default=5.0,
+                   help="iperf3 run per backend between two lab hosts; 0: no lab part "
+                        "(throughput, rotations, removals)")
+    p.add_argument("--rotations", type=int, default=5, help="key rotations under pings")
+    p.add_argument("--removals", type=int, default=5, help="peers removed by hand, timed")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any phase may take")
     p.add_argument("--json", type=Path, default=Path("bench-results.json"), help="output file")
     return p.parse_args(argv)

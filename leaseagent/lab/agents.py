@@ -9,9 +9,9 @@ line is the same: the agent finds its PublicIPv6 on eth0, as on a real host.
 
 Each host has its own /run/wireguard (`host_argv`): wireguard-go, which the
 agent starts for the wireguard backend, puts its control socket in that fixed
-directory, one for all of a machine's namespaces. The agent runs in a private
-mount namespace (`ip netns exec` makes one per command) with the host's own
-directory `<host dir>/wireguard` bound at /run/wireguard; wireguard-go, the
+directory, one for all of a machine's namespaces. The agent runs in a mount
+namespace of its own (`unshare --mount`, mounts slave to the machine's) with
+the host's own directory `<host dir>/wireguard` bound at /run/wireguard; wireguard-go, the
 agent's grandchild, inherits it, and so does every later agent of the host
 (the same directory is bound again), `wg` and `leasectl doctor` run through
 `host_argv` too. The directory /run/wireguard itself is created on the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Interface, IPv6Interface
+from pathlib import Path
 
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.lab import processes
@@ -59,15 +60,20 @@ def argv(host: Host, *, command: Sequence[str], endpoints: str, prefix: str, lea
 WIREGUARD_RUN_DIR = "/run/wireguard"  # wireguard-go's (/var/run/wireguard), fixed
 
 
-def host_argv(host: Host, argv: Sequence[str]) -> list[str]:
-    """`argv` as run on `host` (inside its network namespace, once the caller adds it),
-    with the host's own /run/wireguard (see the module docstring). The program is
-    exec'd in place: a PID is the program's own."""
-    own = host.dir / "wireguard"
+def own_wireguard_dir_argv(own: Path, argv: Sequence[str]) -> list[str]:
+    """`argv` in a mount namespace of its own with the directory `own` at /run/wireguard
+    (mounts made there go nowhere else). The program is exec'd in place: a PID is the
+    program's own."""
     own.mkdir(parents=True, exist_ok=True)
     script = (f'mkdir -p {WIREGUARD_RUN_DIR} && mount --bind "$0" {WIREGUARD_RUN_DIR} '
               '&& exec "$@"')
-    return ["sh", "-c", script, str(own), *argv]
+    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script, str(own), *argv]
+
+
+def host_argv(host: Host, argv: Sequence[str]) -> list[str]:
+    """`argv` as run on `host` (inside its network namespace, once the caller adds it),
+    with the host's own /run/wireguard (see the module docstring)."""
+    return own_wireguard_dir_argv(host.dir / "wireguard", argv)
 
 
 def start(host: Host, agent_argv: Sequence[str]) -> int:
