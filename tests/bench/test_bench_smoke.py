@@ -39,25 +39,34 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
          "--small-peers", "20",
          "--events", "50", "--agents", "20", "--alloc-rounds", "1", "--idle", "2",
          "--timeout", "30", "--dual-peers", "200", "--dual-small-peers", "20",
-         "--dual-events", "50", "--json", str(out)],
+         "--dual-events", "50", "--wireguard-peers", "50", "--wireguard-idle", "1",
+         "--throughput-seconds", "1", "--rotations", "1", "--removals", "1",
+         "--json", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         # SIGTERM, not SIGKILL: the bench then removes its namespaces and processes.
         proc.terminate()
         stdout, stderr = proc.communicate(timeout=60)
-        raise AssertionError(f"bench still running after 120 s:\n{stderr[-3000:]}") from None
+        raise AssertionError(f"bench still running after 240 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
     for figure in ("programming rate", "device -> all", "event p99", "txn/acquisition", "RSS",
                    "bytes per added peer", "until the kernel is clean", "idle CPU",
                    "etcd unary requests at start", "iptables: one check",
                    "iptables: one full check", "nftables: one full check",
                    "dual-stack join 200 peers: programming rate", "dual-stack event p50",
-                   "dual-stack event p99"):
+                   "dual-stack event p99", "wireguard join 50 peers: device -> all peers",
+                   "throughput container -> container, wireguard-go", "key rotation",
+                   "peer removed by hand"):
         assert figure in stdout, stdout
     results = json.loads(out.read_text())
+    wg = results["wireguard"]
+    assert wg["join"]["peers"] == 50 and wg["join"]["reference"]["peers"] == 50
+    assert wg["lab"]["throughput"]["wireguard"]["bits_per_second"] > 0
+    assert wg["lab"]["throughput"]["vxlan"]["bits_per_second"] > 0
+    assert len(wg["lab"]["rotations"]) == 1 and len(wg["lab"]["removals_ms"]) == 1
     assert results["join"]["objects"] == 600
     assert results["join"]["reference"]["objects"] == 600
     assert set(results["join"]["differences_from_reference"].values()) == {0}
