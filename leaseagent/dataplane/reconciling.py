@@ -88,7 +88,6 @@ from leaseagent.core.plan import (
     KernelObject,
     Neighbour,
     Observation,
-    PeerPlan,
     PlanDiff,
     diff,
     diff_found,
@@ -241,16 +240,30 @@ class ReconcilingBackend:
 
     def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
              own_ipv6: IPv6Network | None = None) -> BackendSpec:
-        objects = {subnet: self._plan_peer(peer) for subnet, peer in peers.items()
-                   if subnet != own_subnet}
-        own = self._own_objects()
-        if own:
-            objects[self._settings.network.network] = own
         return BackendSpec(
             devices=self._device_specs(
                 own_subnet, own_ipv6 if self._settings.ipv6_enabled else None),
-            objects=objects,
+            objects=dict(self._peer_plans(own_subnet, peers)),
         )
+
+    def _peer_plans(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
+                    ) -> Iterator[tuple[IPv4Network, frozenset[KernelObject]]]:
+        """The plan, a peer at a time: each peer's subnet (but ours) with its objects,
+        then the backend's own objects under the network's key (if any)."""
+        for subnet, peer in peers.items():
+            if subnet != own_subnet:
+                yield subnet, self._plan_peer(peer)
+        own = self._own_objects()
+        if own:
+            yield self._settings.network.network, own
+
+    def _planned_again(self, key: IPv4Network, peers: Mapping[IPv4Network, Peer]
+                       ) -> frozenset[KernelObject]:
+        """The objects `_peer_plans` gave under `key`."""
+        if key == self._settings.network.network and key not in peers:
+            return self._own_objects()
+        peer = peers.get(key)
+        return self._plan_peer(peer) if peer is not None else frozenset()
 
     async def current(self, nl: Netlink) -> set[KernelObject]:
         """Everything of ours the kernel has, as objects."""
@@ -376,32 +389,46 @@ class ReconcilingBackend:
         memory.trim()
 
     async def _full_plan(self, nl: Netlink, peers: Mapping[IPv4Network, Peer]
-                         ) -> tuple[PeerPlan, PlanDiff]:
-        """A full sync's plan, and how the kernel differs from it (nothing changed yet)."""
+                         ) -> tuple[dict[int, int], PlanDiff]:
+        """A full sync's counts of wanting peers per object (`_uses` once applied), and how
+        the kernel differs from the plan (nothing changed yet).
+
+        The plan is made a peer at a time and only each object's identity is kept, with
+        the key it was planned under: the objects the kernel lacks are planned again
+        after the tables were read (usually none but at a join), and all of them only
+        when the kernel holds some that are not planned. With 5,000 peers the 15,000
+        objects, their per-peer sets and a second index of them were the largest part
+        of every pass's peak, which the allocator keeps."""
         await self._refresh(nl)
         self._foreign.clear()
         self._note_foreign(peers, peers)
-        plan = self.spec(self._own_subnet, peers, own_ipv6=self._own_ipv6).objects
-        desired = {obj._ident: obj for objects in plan.values() for obj in objects}
+        desired: dict[Ident, IPv4Network] = {}
+        uses: dict[int, int] = {}
+        for key, objects in self._peer_plans(self._own_subnet, peers):
+            for obj in objects:
+                desired[obj._ident] = key
+                uses[hash(obj)] = uses.get(hash(obj), 0) + 1
         self._removing.clear()  # echoes of earlier removals have come by now
-        return plan, await read_again(lambda: self._compare(nl, desired))
+        return uses, await read_again(lambda: self._compare(nl, peers, desired))
 
-    async def _full_apply(self, nl: Netlink, peers: Mapping[IPv4Network, Peer], plan: PeerPlan,
-                          changes: PlanDiff, *, repair: bool, started: float) -> None:
-        """Make the changes of a full sync and keep its plan."""
+    async def _full_apply(self, nl: Netlink, peers: Mapping[IPv4Network, Peer],
+                          uses: dict[int, int], changes: PlanDiff, *, repair: bool,
+                          started: float) -> None:
+        """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
         failures = await self._apply(nl, changes, repair=repair)
-        self._programmed = {subnet: peer for subnet, peer in peers.items() if subnet in plan}
-        self._uses = {}
-        for objects in plan.values():
-            self._count(objects, +1)
+        self._programmed = {subnet: peer for subnet, peer in peers.items()
+                            if subnet != self._own_subnet}
+        self._uses = uses
         self._synced = True
         self.status.in_sync = not failures
         if not failures:
             self.status.last_error = None
         self.status.reconciles.observe(time.monotonic() - started)
 
-    async def _compare(self, nl: Netlink, desired: Mapping[Ident, KernelObject]) -> PlanDiff:
-        """How the kernel differs from `desired`, read as it streams in (`_scan`)."""
+    async def _compare(self, nl: Netlink, peers: Mapping[IPv4Network, Peer],
+                       desired: Mapping[Ident, IPv4Network]) -> PlanDiff:
+        """How the kernel differs from the plan whose identities `desired` holds (with
+        the key each was planned under), read as it streams in (`_scan`)."""
         missing = dict(desired)
 
         def known(ident: Ident) -> bool:
@@ -411,7 +438,14 @@ class ReconcilingBackend:
             return False
 
         stale = await self._scan(nl, known)
-        return diff_found(desired.values(), missing.values(), stale)
+        to_add = [obj for key in dict.fromkeys(missing.values())
+                  for obj in self._planned_again(key, peers) if obj._ident in missing]
+        missing.clear()
+        planned: list[KernelObject] = []
+        if stale:  # which of them another object replaces: the whole plan's keys
+            planned = [obj for _key, objects in self._peer_plans(self._own_subnet, peers)
+                       for obj in objects]
+        return diff_found(planned, to_add, stale)
 
     def _count(self, objects: Iterable[KernelObject], delta: int) -> None:
         """Count `objects` as wanted by one more (delta +1) or one fewer (-1) peer."""
