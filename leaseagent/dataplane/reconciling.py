@@ -426,9 +426,11 @@ class ReconcilingBackend:
         self.status.reconciles.observe(time.monotonic() - started)
 
     async def _compare(self, nl: Netlink, peers: Mapping[IPv4Network, Peer],
-                       desired: Mapping[Ident, IPv4Network]) -> PlanDiff:
+                       desired: dict[Ident, IPv4Network]) -> PlanDiff:
         """How the kernel differs from the plan whose identities `desired` holds (with
-        the key each was planned under), read as it streams in (`_scan`)."""
+        the key each was planned under), read as it streams in (`_scan`). When the
+        kernel has none of them (a join), `desired` is emptied once the tables are read:
+        every object is planned again, and 15,000 identities are not held beside them."""
         missing = dict(desired)
 
         def known(ident: Ident) -> bool:
@@ -437,9 +439,16 @@ class ReconcilingBackend:
                 return True
             return False
 
-        stale = await self._scan(nl, known)
-        to_add = [obj for key in dict.fromkeys(missing.values())
-                  for obj in self._planned_again(key, peers) if obj._ident in missing]
+        stale = await self._scan(nl, known)  # read_again's retries come from in here
+        lacking = dict.fromkeys(missing.values())
+        everything = len(missing) == len(desired)
+        if everything:
+            missing.clear()
+            desired.clear()
+        # Two peers may plan one object: it is added once (dict.fromkeys, by identity).
+        to_add = list(dict.fromkeys(obj for key in lacking
+                                    for obj in self._planned_again(key, peers)
+                                    if everything or obj._ident in missing))
         missing.clear()
         planned: list[KernelObject] = []
         if stale:  # which of them another object replaces: the whole plan's keys

@@ -269,6 +269,31 @@ async def test_update_converges_to_what_sync_produces(lab: Underlay, tmp_path: P
         await backend.close()
 
 
+async def test_an_object_two_peers_plan_is_added_once_and_kept_while_one_wants_it(
+        lab: Underlay, tmp_path: Path) -> None:
+    # Two leases naming one host (a leftover beside its new key): one VtepMAC and
+    # PublicIP, so one FDB entry for both. A join plans it twice and adds it once; it
+    # stays while either peer wants it.
+    ns = lab.hosts[0]
+    settings = await make_settings(ns, tmp_path)
+    twin = Peer(FAR_PEER.subnet, PEER.public_ip, "vxlan", VxlanLeaseData(PEER_MAC))
+    peers = peers_of(PEER, twin)
+    backend, _ = await started(settings, peers)
+    try:
+        assert backend.status.in_sync
+        rs, _neighbours, fs = await peer_state(ns)
+        assert len(rs) == 2 and fs == {(PEER_MAC, "10.99.0.2")}
+        del peers[twin.subnet]
+        await backend.update(PeerChanges(removed=[twin]), peers)
+        assert (await peer_state(ns))[2] == {(PEER_MAC, "10.99.0.2")}
+        await backend.sync(peers)
+        assert backend.status.in_sync and len((await peer_state(ns))[0]) == 1
+        await backend.update(PeerChanges(removed=[PEER]), {})
+        assert (await peer_state(ns))[2] == set()
+    finally:
+        await backend.close()
+
+
 async def test_hand_deleted_route_fdb_and_neighbour_come_back_within_a_second(
     lab: Underlay, tmp_path: Path
 ) -> None:
