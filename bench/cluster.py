@@ -222,11 +222,12 @@ class Worker:
         now = time.time()
         for h in self.hosts:
             a = h.agent
-            if h.task is not None and h.task.done() and h.error is None:
-                exc = h.task.exception() if not h.task.cancelled() else None
-                h.error = f"{h.name} stopped: {exc!r}"
             if a is None or h.pending:
                 continue
+            if h.task is not None and h.task.done() and not h.stop.is_set() and h.error is None:
+                exc = h.task.exception() if not h.task.cancelled() else None
+                h.error = f"{h.name} stopped: {exc!r}"
+
             if (h.converged_at is None and a.own is not None and a.watcher is not None
                     and len(a.watcher.peers) == self.hosts_total - 1):
                 h.converged_at = now
@@ -252,6 +253,8 @@ class Worker:
             "settled": [h.settled_at for h in self.hosts],
             "subnets": [str(h.agent.own.subnet) if h.agent is not None and h.agent.own
                         else None for h in self.hosts],
+            "peers": [len(h.agent.watcher.peers) if h.agent is not None and h.agent.watcher
+                      else 0 for h in self.hosts],
             "ttl_requests": sum(h.ttl_requests + (h.store.ttl_requests if h.store else 0)
                                 for h in self.hosts),
             "ttl_errors": sum(h.store.ttl_errors for h in self.hosts if h.store),
@@ -377,6 +380,16 @@ def member_sample(etcd: Etcd) -> list[dict[str, float]]:
     return out
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (the agents' workers), from /proc."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(stat[11]) + int(stat[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 GAUGES = ("rss_bytes", "etcd_debugging_mvcc_watcher_total", "etcd_debugging_mvcc_watch_stream_total",
           "etcd_debugging_mvcc_keys_total", "etcd_mvcc_db_total_size_in_bytes",
           "etcd_debugging_mvcc_db_total_size_in_bytes", "etcd_debugging_mvcc_pending_events_total")
@@ -428,6 +441,9 @@ def _times(report: list[dict[str, Any]], since: float, key: str) -> dict[str, An
     reached = [t for t in at if t is not None]
     own = sorted(t - s for t, s in zip(at, started, strict=True) if t is not None)
     out: dict[str, Any] = {"hosts": len(at), "reached": len(reached)}
+    peers = [n for r in report for n in r.get("peers", ())]
+    if peers:  # how far the hosts got: the share of the other hosts each sees, on average
+        out["peers_seen_mean_share"] = statistics.mean(peers) / max(1, len(peers) - 1)
     if reached:
         out["all_s" if len(reached) == len(at) else "last_of_reached_s"] = max(reached) - since
         out["per_host_p50_s"] = statistics.median(own)
@@ -480,22 +496,23 @@ class Run:
             w.answer()  # imported and listening
         out: dict[str, Any] = {"hosts": self.hosts, "pattern": self.pattern,
                                "workers": len(self.procs)}
+        pids = [w.proc.pid for w in self.procs]
         idle0 = member_sample(self.etcd)
         time.sleep(2)
-        s0 = member_sample(self.etcd)
+        s0, c0 = member_sample(self.etcd), cpu_seconds(pids)
         out["etcd_before"] = delta(idle0, s0)
 
         at = time.time() + 0.5
         rep = self._all({"do": "start", "at": at, "limit": self.limit})
-        s1 = member_sample(self.etcd)
+        s1, c1 = member_sample(self.etcd), cpu_seconds(pids)
         out["cold"] = {"converged": _times(rep, at, "converged"), **self._counts(rep),
-                       "etcd": delta(s0, s1)}
+                       "etcd": delta(s0, s1), "agents_cpu_seconds": c1 - c0}
         if out["cold"]["converged"]["reached"] < self.hosts:
             out["stopped_after"] = "cold"
             return out
         time.sleep(self.steady)
-        s2 = member_sample(self.etcd)
-        out["steady"] = {"etcd": delta(s1, s2)}
+        s2, c2 = member_sample(self.etcd), cpu_seconds(pids)
+        out["steady"] = {"etcd": delta(s1, s2), "agents_cpu_seconds": c2 - c1}
 
         at = time.time() + 0.5
         rep = self._all({"do": "restart", "at": at, "spread": self.spread,
@@ -506,9 +523,10 @@ class Run:
             ["revision"])
         rep = self._all({"do": "settle", "revision": revision, "at": time.time(),
                          "limit": self.limit})
-        s3 = member_sample(self.etcd)
+        s3, c3 = member_sample(self.etcd), cpu_seconds(pids)
         out["restart"] = {"converged": converged, "settled": _times(rep, at, "settled"),
-                          **self._counts(rep), "etcd": delta(s2, s3)}
+                          **self._counts(rep), "etcd": delta(s2, s3),
+                          "agents_cpu_seconds": c3 - c2}
         return out
 
     def _counts(self, rep: list[dict[str, Any]]) -> dict[str, Any]:
@@ -543,16 +561,21 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
 
 
 def per_host(result: dict[str, Any], phase: str) -> dict[str, float]:
-    """A phase's etcd cost divided by the hosts."""
+    """A phase's etcd cost divided by the hosts. etcd's CPU is counted above its idle
+    rate (the steady state's, else the one before the start: raft heartbeats and the
+    like, ~4 % of a core here, which a short phase would otherwise hide the trend in)."""
     e = result[phase]["etcd"]
     h = result["hosts"]
+    idle = result.get("steady", result["etcd_before"])["etcd"] if "steady" in result \
+        else result["etcd_before"]
+    idle_rate = idle["cpu_seconds"] / idle["seconds"]
     return {
         "unary_requests": sum(e["unary_requests"].values()) / h,
         "ttl_requests": e["unary_requests"].get("LeaseTimeToLive", 0) / h,
         "range_requests": e["unary_requests"].get("Range", 0) / h,
         "client_bytes": (e["client_bytes_received"] + e["client_bytes_sent"]) / h,
         "watch_events": e["watch_events_sent"] / h,
-        "cpu_seconds": e["cpu_seconds"] / h,
+        "cpu_ms": max(0.0, e["cpu_seconds"] - idle_rate * e["seconds"]) / h * 1000,
     }
 
 
@@ -564,7 +587,8 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
         head = f"H={r['hosts']} {r['pattern']}:"
         if c["reached"] < c["hosts"]:
             lines.append(f"{head} cold start: only {c['reached']}/{c['hosts']} hosts converged "
-                         f"in the limit (last at {c.get('last_of_reached_s', 0):.1f} s); "
+                         f"in the limit (last at {c.get('last_of_reached_s', 0):.1f} s; each sees "
+                         f"{c.get('peers_seen_mean_share', 0):.0%} of the others on average); "
                          f"{sum(cold['etcd']['unary_requests'].values()):.0f} unary requests, "
                          f"errors {cold['errors']}")
             continue
@@ -586,6 +610,88 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares a + b*H through (H, per-host value) points (two at least)."""
+    n = len(points)
+    mh = sum(h for h, _ in points) / n
+    mv = sum(v for _, v in points) / n
+    b = sum((h - mh) * (v - mv) for h, v in points) / sum((h - mh) ** 2 for h, _ in points)
+    return mv - b * mh, b
+
+
+EXTRAPOLATED = ("unary_requests", "ttl_requests", "watch_events", "client_bytes", "cpu_ms")
+
+
+def cpu_costs(results: list[dict[str, Any]]) -> tuple[float, float]:
+    """etcd CPU (ms, above idle, the members together) per watch event sent and per unary
+    request: least squares without intercept over every phase that completed, both
+    patterns (flannel's phases are mostly TimeToLives, ours mostly watch events)."""
+    rows = [(p["watch_events"], p["unary_requests"], p["cpu_ms"])
+            for r in results for phase in ("cold", "restart")
+            if phase in r and r[phase]["converged"]["reached"] == r["hosts"]
+            for p in (per_host(r, phase),)]
+    see = sum(e * e for e, _, _ in rows)
+    suu = sum(u * u for _, u, _ in rows)
+    seu = sum(e * u for e, u, _ in rows)
+    sec = sum(e * c for e, _, c in rows)
+    suc = sum(u * c for _, u, c in rows)
+    det = see * suu - seu * seu
+    if not rows or det == 0:
+        return 0.0, 0.0
+    return (sec * suu - suc * seu) / det, (suc * see - sec * seu) / det
+
+
+def extrapolate(results: list[dict[str, Any]], sizes: tuple[int, ...] = (5_000, 10_000)
+                ) -> dict[str, Any]:
+    """Per pattern and phase, each per-host count fitted as a + b*H over the H that
+    completed the phase (counts that grow with the cluster make b > 0, a total of
+    O(H^2)), and predicted per host and in total at `sizes`; etcd's CPU from those
+    counts at the fitted cost per event and per request (`cpu_costs`); etcd's RSS per
+    host (all three members) as the slope of their RSS after the cold start over H."""
+    per_event, per_request = cpu_costs(results)
+    out: dict[str, Any] = {"etcd_cpu_ms_per_watch_event": per_event,
+                           "etcd_cpu_ms_per_unary_request": per_request}
+    for pattern in PATTERNS:
+        mine = [r for r in results if r["pattern"] == pattern]
+        for phase in ("cold", "restart"):
+            done = [r for r in mine if phase in r
+                    and r[phase]["converged"]["reached"] == r["hosts"]]
+            if len(done) < 2:
+                continue
+            row: dict[str, Any] = {"measured_at": sorted({r["hosts"] for r in done})}
+            for what in EXTRAPOLATED:
+                a, b = fit([(r["hosts"], per_host(r, phase)[what]) for r in done])
+                row[what] = {"per_host_fit": [a, b], **{
+                    str(h): {"per_host": a + b * h, "total": (a + b * h) * h} for h in sizes}}
+            for h in map(str, sizes):
+                cpu = (per_event * row["watch_events"][h]["per_host"]
+                       + per_request * row["unary_requests"][h]["per_host"])
+                row["cpu_ms"][h] = {"per_host": cpu, "total": cpu * int(h)}
+            out[f"{pattern} {phase}"] = row
+        colds = [r for r in mine if r["cold"]["converged"]["reached"] == r["hosts"]]
+        if len({r["hosts"] for r in colds}) >= 2:  # the marginal cost: the slope over H
+            _, slope = fit([(r["hosts"], r["cold"]["etcd"]["rss_mib"]) for r in colds])
+            out[f"{pattern} etcd_rss_mib_per_host"] = slope
+    return out
+
+
+def extrapolation_lines(ex: dict[str, Any], sizes: tuple[int, ...] = (5_000, 10_000)
+                        ) -> list[str]:
+    lines = []
+    for name, row in ex.items():
+        if name.startswith("etcd_cpu"):
+            lines.append(f"{name}: {row:.4f}")
+            continue
+        if not isinstance(row, dict):
+            lines.append(f"{name}: {row * 1024:.1f} KiB (3 members together)")
+            continue
+        for h in sizes:
+            lines.append(f"{name} at H={h:,} (fit over H={row['measured_at']}): " + ", ".join(
+                f"{what} {row[what][str(h)]['per_host']:,.1f}/host = "
+                f"{row[what][str(h)]['total']:,.3g} total" for what in EXTRAPOLATED))
+    return lines
+
+
 def _fmt(d: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:,.1f}" for k, v in d.items())
 
@@ -602,8 +708,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="longest wait for a phase (s); a run that does not converge stops")
     p.add_argument("--etcd-timeout", type=float, default=10.0, help="each agent's --etcd-timeout")
     p.add_argument("--json", type=Path, default=Path("bench-cluster.json"))
+    p.add_argument("--report", type=Path, nargs="+",
+                   help="print the figures of the JSON files this wrote, together; no run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.report:
+        results = []
+        for path in args.report:
+            got = json.loads(path.read_text())
+            results += got["runs"] if isinstance(got, dict) else got
+        results.sort(key=lambda r: (r["hosts"], PATTERNS.index(r["pattern"])))
+        for line in summary_lines(results):
+            print(line)
+        for line in extrapolation_lines(extrapolate(results)):
+            print(line)
+        return 0
     if args.worker:
         worker_main(args.worker)
         return 0
@@ -618,7 +737,16 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(results, indent=1))
             for line in summary_lines(results[-1:]):
                 print(line, flush=True)
+    report(results, args.json)
     return 0
+
+
+def report(results: list[dict[str, Any]], path: Path) -> None:
+    """The extrapolation, printed and kept in the JSON beside the runs."""
+    ex = extrapolate(results)
+    for line in extrapolation_lines(ex):
+        print(line, flush=True)
+    path.write_text(json.dumps({"runs": results, "extrapolation": ex}, indent=1))
 
 
 if __name__ == "__main__":
