@@ -171,12 +171,18 @@ class ReadyListener:
         self._sock.close()
 
 
-def agent_metric(port: int, name: str) -> float | None:
+def agent_metric(port: int, name: str, *, summed: bool = False) -> float | None:
+    """The agent's metric `name` (its first series; with `summed`, all its series added:
+    a labelled counter's total)."""
+    total: float | None = None
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    return None
+                value = float(line.rsplit(" ", 1)[1])
+                if not summed:
+                    return value
+                total = (total or 0.0) + value
+    return total
 
 
 async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack: Stack = IPV4,

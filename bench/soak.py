@@ -189,7 +189,8 @@ class Soak:
     began: float = field(default_factory=time.perf_counter)
 
     async def _metric(self, name: str) -> float | None:
-        return await asyncio.to_thread(agent_metric, self.port, name)
+        """The agent's metric `name`, all its series added."""
+        return await asyncio.to_thread(agent_metric, self.port, name, summed=True)
 
     async def sample(self) -> dict[str, Any]:
         assert self.agent is not None
