@@ -88,10 +88,14 @@ def _refuse_firewall(_nftables: bool, _family: int) -> Any:
     raise RuntimeError("the cluster bench runs alloc agents: no traffic rules, no firewall")
 
 
+SUBNETS = KeyLayout(PREFIX).subnets_prefix
+
+
 class PatternStore:
     """An EtcdStore as the agent uses it, with what the pattern adds: flannel's TimeToLive
     per listed lease and per PUT event. Counts them, and keeps the revision of the last
-    event its watch delivered (a watcher is settled once that reaches the last write)."""
+    listing or event of the subnets it delivered (a watcher is settled once that reaches
+    the last write; the config watch's listing and events do not count)."""
 
     def __init__(self, store: Any, *, flannel: bool) -> None:
         self._store = store
@@ -115,6 +119,8 @@ class PatternStore:
 
     async def list_prefix(self, prefix: str) -> Any:
         listing = await self._store.list_prefix(prefix)
+        if prefix != SUBNETS:
+            return listing
         if self._flannel:
             self._listings += 1
             rounds = [listing]
@@ -128,6 +134,9 @@ class PatternStore:
 
     async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[Any]:
         async for batch in self._store.watch(prefix, start_revision=start_revision):
+            if prefix != SUBNETS:
+                yield batch
+                continue
             if self._flannel:
                 for event in batch:
                     if event.type is EventType.PUT and event.kv is not None:
