@@ -378,6 +378,10 @@ class ReconcilingBackend:
         """Plan the whole peer set, compare with the kernel, then (once `ready` is done)
         make the changes; `started` is when the caller began (for the pass's duration)."""
         started = time.monotonic() if started is None else started
+        # The peer set as it is now: the caller's mapping (the watcher's own) keeps
+        # changing while the pass awaits, and what it gains meanwhile comes to `update`
+        # after this pass, which must then find it not yet programmed.
+        peers = {subnet: peer for subnet, peer in peers.items() if subnet != self._own_subnet}
         try:
             plan, changes = await self._full_plan(nl, peers)
         finally:
@@ -416,8 +420,7 @@ class ReconcilingBackend:
                           started: float) -> None:
         """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
         failures = await self._apply(nl, changes, repair=repair)
-        self._programmed = {subnet: peer for subnet, peer in peers.items()
-                            if subnet != self._own_subnet}
+        self._programmed = dict(peers)
         self._uses = uses
         self._synced = True
         self.status.in_sync = not failures

@@ -269,6 +269,32 @@ async def test_update_converges_to_what_sync_produces(lab: Underlay, tmp_path: P
         await backend.close()
 
 
+async def test_a_peer_the_watcher_adds_during_a_full_sync_is_programmed_by_its_update(
+        lab: Underlay, tmp_path: Path) -> None:
+    # The agent hands the data plane the watcher's own peer map. A peer that arrives
+    # while a full sync awaits (here: while it waits for the traffic rules, `ready`) is
+    # in that map before the pass ends, and comes to `update` after it: the pass must
+    # not count it as programmed, or its update finds nothing to add (seen in the lab:
+    # a host that joined just as another finished its first sync was never reached).
+    ns = lab.hosts[0]
+    settings = await make_settings(ns, tmp_path)
+    backend = VxlanBackend(settings)
+    await backend.prepare()
+    await backend.start(OWN)
+    peers = peers_of(PEER)
+
+    async def rules_then_a_new_peer() -> None:
+        peers[FAR_PEER.subnet] = FAR_PEER
+
+    try:
+        await backend.sync(peers, ready=rules_then_a_new_peer())
+        await backend.update(PeerChanges(added=[FAR_PEER]), peers)
+        assert (await peer_state(ns))[0] == {"10.5.2.0/24 via 10.5.2.0 dev flannel.1 ['onlink']",
+                                             "10.5.3.0/24 via 10.5.3.0 dev flannel.1 ['onlink']"}
+    finally:
+        await backend.close()
+
+
 async def test_an_object_two_peers_plan_is_added_once_and_kept_while_one_wants_it(
         lab: Underlay, tmp_path: Path) -> None:
     # Two leases naming one host (a leftover beside its new key): one VtepMAC and
