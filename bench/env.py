@@ -491,7 +491,7 @@ def proc_sample(pid: int) -> dict[str, float]:
                     voluntary += int(line.split()[1])
                 elif line.startswith("nonvoluntary_ctxt_switches:"):
                     involuntary += int(line.split()[1])
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
             continue
     return {"rss": memory["VmRSS"], "rss_anon": memory["RssAnon"], "rss_file": memory["RssFile"],
             "rss_peak": memory["VmHWM"], "cpu": cpu, "voluntary": voluntary,

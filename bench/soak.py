@@ -476,6 +476,8 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         churn = Churn(present=sizes.peers, pool=sizes.pool,
                       skip=own_index(world, IPV4), seed=sizes.seed)
         results["churn"] = await soak.churn(churn)
+        if sampler.done():
+            sampler.result()  # it failed: the agent died, or its /proc could not be read
         results["churn"]["full_resyncs"] = (await soak._metric(RECONCILES) or 0.0) - reconciles
         print(f"  soak: {results['churn']['events']} events in "
               f"{results['churn']['seconds']:.0f}s", file=sys.stderr)
