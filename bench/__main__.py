@@ -42,19 +42,17 @@ on failure or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import scenarios, wireguard
-from bench.env import DUAL, KernelProbe, Proc, World, sh
+from bench.env import DUAL, KernelProbe, Proc, World, as_bench_process, in_world, render_table, sh
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 TARGETS = {
@@ -357,15 +355,8 @@ def table(results: dict[str, Any]) -> str:
                  "-", "-", "-", "-"))
     rows.append(("etcd watch streams / watchers", f"{_fmt(e['watch_streams'])} / "
                  f"{_fmt(e['watchers'])}", "-", "-", "1", "-"))
-    header = ("figure", "value", "reference", "ratio", "target", "")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(6)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    m = results["machine"]
-    lines.insert(0, f"machine: {m['nproc']} cores, {m['cpu']}, {m['memory_gib']} GiB, "
-                    f"Linux {m['kernel']}, Python {m['python']}")
-    return "\n".join(lines)
+    return render_table(("figure", "value", "reference", "ratio", "target", ""), rows,
+                        results["machine"])
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -402,22 +393,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (network namespaces)", file=sys.stderr)
+    if not as_bench_process("bench"):
         return 2
-
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    world = World()
-    try:
-        world.build()
-        results = asyncio.run(run(args, world))
-    finally:
-        problems = world.close()
-        for p in problems:
-            print(f"bench: cleanup: {p}", file=sys.stderr)
+    results = in_world("bench", lambda world: run(args, world))
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table(results))
     print(f"\nJSON: {args.json}")

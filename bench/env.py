@@ -28,14 +28,16 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from leaseagent.core.leases import KeyLayout, LeaseValue
 from leaseagent.dataplane import rtnl
@@ -43,6 +45,8 @@ from leaseagent.lab import netns, processes
 from leaseagent.lab.commands import run
 from leaseagent.lab.etcd import Etcd
 from leaseagent.lab.etcd import free_port as free_port  # the bench's metrics ports too
+
+T = TypeVar("T")
 
 UNDERLAY = IPv4Network("172.31.0.0/16")
 HOST_IP = IPv4Address("172.31.0.1")
@@ -497,3 +501,45 @@ def proc_sample(pid: int) -> dict[str, float]:
             "rss_peak": memory["VmHWM"], "cpu": cpu, "voluntary": voluntary,
             "involuntary": involuntary, "threads": threads,
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+# -- a benchmark as a process ---------------------------------------------------------
+
+
+def as_bench_process(name: str) -> bool:
+    """Ready this process to run benchmark `name`: False (with one line) when not root;
+    else SIGTERM raises SystemExit, so every World is removed on the way out."""
+    if os.geteuid() != 0:
+        print(f"{name}: needs root (network namespaces)", file=sys.stderr)
+        return False
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return True
+
+
+def in_world(name: str, run: Callable[[World], Coroutine[Any, Any, T]]) -> T:
+    """`run(world)` in a fresh World under asyncio; the World removed afterwards, also
+    on failure or SIGTERM, and what could not be removed said (prefixed `name`)."""
+    world = World()
+    try:
+        world.build()
+        return asyncio.run(run(world))
+    finally:
+        for problem in world.close():
+            print(f"{name}: cleanup: {problem}", file=sys.stderr)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                 machine: dict[str, Any]) -> str:
+    """A benchmark's figures as aligned columns under a line naming the machine."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(0, f"machine: {machine['nproc']} cores, {machine['cpu']}, "
+                    f"{machine['memory_gib']} GiB, Linux {machine['kernel']}, "
+                    f"Python {machine['python']}")
+    return "\n".join(lines)

@@ -15,17 +15,15 @@ under PYTHONDONTWRITEBYTECODE) keeps ~1.4 MiB more. See docs/benchmarks.md, "Mem
 from __future__ import annotations
 
 import argparse
-import asyncio
 import compileall
 import json
 import os
-import signal
 import sys
 from typing import Any
 
 import leaseagent
 from bench import scenarios
-from bench.env import World
+from bench.env import World, as_bench_process, in_world
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 
@@ -60,25 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="times the sizes are joined")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any phase may take")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0:
-        print("bench.memory: needs root (network namespaces)", file=sys.stderr)
+    if not as_bench_process("bench.memory"):
         return 2
-
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
     sizes = sorted(int(s) for s in args.sizes.split(",") if s)
     compileall.compile_dir(os.path.dirname(leaseagent.__file__), quiet=1)
-    runs = []
-    for _ in range(args.rounds):
-        world = World()
-        try:
-            world.build()
-            runs.append(asyncio.run(join(world, sizes, args.timeout)))
-        finally:
-            for problem in world.close():
-                print(f"bench.memory: cleanup: {problem}", file=sys.stderr)
+    runs = [in_world("bench.memory", lambda world: join(world, sizes, args.timeout))
+            for _ in range(args.rounds)]
     results = summary(sizes, runs)
     print(json.dumps(results, indent=1))
     for r in results["rounds"]:

@@ -32,10 +32,8 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -52,7 +50,9 @@ from bench.env import (
     UNDERLAY,
     Proc,
     World,
+    as_bench_process,
     free_port,
+    in_world,
     kernel_listing,
     kernel_objects,
     own_index,
@@ -60,6 +60,7 @@ from bench.env import (
     peer_mac,
     peer_subnet,
     proc_sample,
+    render_table,
     sh,
 )
 from bench.scenarios import (
@@ -561,15 +562,7 @@ def table(results: dict[str, Any]) -> str:
                  + ", extra " + "/".join(str(k["extra"][x]) for x in kinds),
                  "equal" if k["equal"] and all(k["objects"][x] == k["peers"] for x in kinds)
                  else "DIFFERENT"))
-    header = ("figure", "value", "beside", "")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    lines = ["  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    m = results["machine"]
-    lines.insert(0, f"machine: {m['nproc']} cores, {m['cpu']}, {m['memory_gib']} GiB, "
-                    f"Linux {m['kernel']}, Python {m['python']}")
-    return "\n".join(lines)
+    return render_table(("figure", "value", "beside", ""), rows, results["machine"])
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -608,22 +601,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0:
-        print("soak: needs root (network namespaces)", file=sys.stderr)
+    if not as_bench_process("soak"):
         return 2
-
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    world = World()
-    try:
-        world.build()
-        results = asyncio.run(run(args, world))
-    finally:
-        problems = world.close()
-        for p in problems:
-            print(f"soak: cleanup: {p}", file=sys.stderr)
+    results = in_world("soak", lambda world: run(args, world))
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table(results))
     print(f"\nJSON: {args.json}")
