@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
@@ -69,6 +70,15 @@ OnOwn = Callable[[KeyValue | None, int], None]
 OnTwin = Callable[[Verdict], None]
 # Why the prefix is listed again: the engine's reasons, and the agent's own requests.
 RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "config_changed")
+# A burst (a mass expiry, the end of a partition) is BURST_CHANGES watch responses with
+# changes within BURST_SECONDS; a pass in one waits BURST_GATHER_SECONDS first, so the
+# stream is read on and the pass takes more than the change or two a response brings.
+# Changes that come one at a time (a host joining, a client that writes after seeing the
+# last change programmed) are programmed at once. 4,900 deletions at once: the kernel
+# clean 1.74 s after a bare watch had the last of them before, 0.46-0.72 s with this.
+BURST_CHANGES = 3
+BURST_SECONDS = 0.005
+BURST_GATHER_SECONDS = 0.01
 
 
 class LeaseWatcher:
@@ -110,6 +120,7 @@ class LeaseWatcher:
         self._pending = PendingChanges()
         self._pending_listings = 0
         self._pending_since: float | None = None
+        self._queued_at: deque[float] = deque(maxlen=BURST_CHANGES)  # the last few _queue()s
         self._work = asyncio.Event()
         self._engine = ListWatch(store, layout.subnets_prefix, on_unavailable=on_unavailable,
                                  first=first)
@@ -214,6 +225,7 @@ class LeaseWatcher:
         self._pending_listings += listing
         if self._pending_since is None:
             self._pending_since = started
+        self._queued_at.append(time.monotonic())
         self._work.set()
 
     async def _program(self) -> None:
@@ -224,6 +236,8 @@ class LeaseWatcher:
         whatever the changes say)."""
         while True:
             await self._work.wait()
+            if self._in_burst():
+                await asyncio.sleep(BURST_GATHER_SECONDS)
             self._work.clear()
             changes, listings, started = (self._pending.take(), self._pending_listings,
                                           self._pending_since or time.perf_counter())
@@ -235,6 +249,11 @@ class LeaseWatcher:
                 self.synced.set()
                 self._listings += listings
                 self._listed.set()
+
+    def _in_burst(self) -> bool:
+        queued = self._queued_at
+        return (len(queued) == BURST_CHANGES
+                and time.monotonic() - queued[0] < BURST_SECONDS)
 
     async def _follow(self) -> None:
         async for item in self._engine.stream():

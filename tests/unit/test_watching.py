@@ -6,6 +6,7 @@ import asyncio
 import json
 from ipaddress import IPv4Address, IPv4Network
 
+from leaseagent.agent import watching
 from leaseagent.agent.watching import LeaseWatcher
 from leaseagent.core.leases import KeyLayout, PeerChanges
 from leaseagent.core.network import parse_network_config
@@ -111,5 +112,36 @@ async def test_a_slow_data_plane_gets_the_changes_gathered_and_ends_in_the_book_
             await store.delete(f"{PREFIX}10.5.{i}.0-24")
         await until(lambda: programmed == dict(watcher.peers) and len(programmed) == 20)
         assert len(passes) < 10, passes
+    finally:
+        task.cancel()
+
+
+async def test_a_burst_of_changes_is_programmed_in_gathered_passes_even_by_a_fast_data_plane(
+        ) -> None:
+    """A mass expiry brings a change a watch response, faster than one a pass: once
+    changes come in a burst (BURST_CHANGES within BURST_SECONDS) a pass waits a moment so
+    it takes many (4,900 deletions: 1.74 s -> 0.46-0.72 s after a bare watch, benchmarks).
+    A change that comes alone is not held back."""
+    store = MemoryStore()
+    passes: list[int] = []
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        passes.append(len(changes))  # a fast data plane: no await at all
+
+    watcher = LeaseWatcher(
+        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
+        own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: None, metrics=Metrics(),
+        on_peers=on_peers, on_own=lambda kv, rev: None)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await until(watcher.synced.is_set)
+        passes.clear()
+        for i in range(10, 210):
+            await store.put(f"{PREFIX}10.5.{i}.0-24", lease(f"10.250.1.{i}"))
+            await asyncio.sleep(0)  # a watch response at a time, as etcd sends them
+        await until(lambda: sum(passes) == 200)
+        assert len(passes) < 50, passes
+        await asyncio.sleep(2 * watching.BURST_SECONDS)
+        assert not watcher._in_burst()  # a lone change later is programmed at once
     finally:
         task.cancel()
