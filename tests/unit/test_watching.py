@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Network
 
 from leaseagent.agent import watching
@@ -43,6 +44,15 @@ async def start(store: MemoryStore) -> tuple[LeaseWatcher, Metrics, asyncio.Task
     task = asyncio.create_task(watcher.run())
     await until(watcher.synced.is_set)
     return watcher, metrics, task
+
+
+def watcher_of(store: MemoryStore,
+               on_peers: Callable[[PeerChanges, bool, float], Awaitable[None]]) -> LeaseWatcher:
+    """A watcher with no key of its own, handing its passes to `on_peers`."""
+    return LeaseWatcher(
+        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
+        own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: None, metrics=Metrics(),
+        on_peers=on_peers, on_own=lambda kv, rev: None)
 
 
 def holder_ip(watcher: LeaseWatcher) -> str | None:
@@ -99,10 +109,7 @@ async def test_a_slow_data_plane_gets_the_changes_gathered_and_ends_in_the_book_
         for p in [*changes.added, *changes.changed]:
             programmed[p.subnet] = p
 
-    watcher = LeaseWatcher(
-        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
-        own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: None, metrics=Metrics(),
-        on_peers=on_peers, on_own=lambda kv, rev: None)
+    watcher = watcher_of(store, on_peers)
     task = asyncio.create_task(watcher.run())
     try:
         await until(watcher.synced.is_set)
@@ -128,10 +135,7 @@ async def test_a_burst_of_changes_is_programmed_in_gathered_passes_even_by_a_fas
     async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
         passes.append(len(changes))  # a fast data plane: no await at all
 
-    watcher = LeaseWatcher(
-        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
-        own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: None, metrics=Metrics(),
-        on_peers=on_peers, on_own=lambda kv, rev: None)
+    watcher = watcher_of(store, on_peers)
     task = asyncio.create_task(watcher.run())
     try:
         await until(watcher.synced.is_set)
