@@ -64,17 +64,21 @@ def _complete(module: ModuleType) -> ModuleType:
     return module
 
 
+def _normalized(distribution: str) -> str:
+    """A distribution's name as its .dist-info directory spells it (PEP 503, with _)."""
+    return re.sub(r"[-_.]+", "_", distribution).lower()
+
+
 def installed_version(name: str) -> str | None:
     """The version of installed distribution `name`, or None if it is not installed."""
-    wanted = re.sub(r"[-_.]+", "_", name).lower()
+    wanted = _normalized(name)
     for entry in sys.path:
         try:
             names = os.listdir(entry or ".")
         except OSError:
             continue
         for found in names:
-            if not found.endswith(".dist-info") or \
-                    re.sub(r"[-_.]+", "_", found.split("-")[0]).lower() != wanted:
+            if not found.endswith(".dist-info") or _normalized(found.split("-")[0]) != wanted:
                 continue
             try:
                 with open(os.path.join(entry or ".", found, "METADATA"), encoding="utf-8") as f:
