@@ -3,12 +3,15 @@
 Atomic: a temp file in the same directory, fsync, rename over the target,
 fsync the directory. A symlink planted at the target path is refused (an
 attacker with write access to the directory could otherwise point our
-root-owned write elsewhere).
+root-owned write elsewhere), and so is anything at the target that is not a
+regular file: the rename would replace a device node such as /dev/null, a
+directory or a socket with our file.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -20,9 +23,32 @@ def refuse_symlink(path: Path) -> None:
         raise ConfigError(f"{path} is a symlink; refusing to write through it")
 
 
+def refuse_non_regular(path: Path) -> None:
+    """ConfigError unless `path` is absent or a regular file (not a symlink, device node,
+    directory, FIFO or socket): the one check before any file of ours is replaced."""
+    refuse_symlink(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is {_kind(st.st_mode)}, not a regular file; refusing to write over it")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never a part."""
-    refuse_symlink(path)
+    refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -48,8 +74,8 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 def write_if_changed(path: Path, data: bytes, *, mode: int = 0o644) -> bool:
     """`write_atomic` unless the file already holds exactly `data` (so a watcher of the
     file, systemd's PathChanged= say, hears of real changes only); True if written."""
+    refuse_non_regular(path)
     try:
-        refuse_symlink(path)
         if path.read_bytes() == data:
             return False
     except OSError:

@@ -42,3 +42,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+_HOST_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+
+
+@pytest.fixture(autouse=True)
+def _host_devices_untouched() -> Iterator[None]:
+    """No test may replace a device node of the host (a writer pointed at /dev/null once
+    renamed a regular file over it): each test fails if one is no longer a device."""
+    yield
+    import stat
+    for dev in _HOST_DEVICES:
+        mode = os.lstat(dev).st_mode
+        assert stat.S_ISCHR(mode), f"{dev} is no longer a character device after this test"

@@ -83,7 +83,12 @@ from leaseagent.errors import (
     StoreUnavailable,
     SubnetsExhausted,
 )
-from leaseagent.files import read_text_if_exists, refuse_symlink, write_if_changed
+from leaseagent.files import (
+    read_text_if_exists,
+    refuse_non_regular,
+    refuse_symlink,
+    write_if_changed,
+)
 from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
@@ -126,10 +131,11 @@ async def preflight(cfg: AgentConfig) -> HostInfo | None:
     may forbid) and this host's interface and PublicIP (when they do not depend on the
     backend: alloc with --public-ip needs no interface). ConfigError (exit status 2)
     names the flag; the resolved host, if any, is returned for the agent to use."""
-    for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir,
-                 *((cfg.docker_opts_file, cfg.docker_opts_file.parent)
-                   if cfg.docker_opts_file else ())):
+    for path in (cfg.subnet_file.parent, cfg.state_dir,
+                 *((cfg.docker_opts_file.parent,) if cfg.docker_opts_file else ())):
         refuse_symlink(path)
+    for path in (cfg.subnet_file, *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
+        refuse_non_regular(path)
     for flag, directory in (("--subnet-file", cfg.subnet_file.parent),
                             ("--state-dir", cfg.state_dir),
                             *((("--docker-opts-file", cfg.docker_opts_file.parent),)
@@ -314,9 +320,10 @@ class Agent:
         # Before anything is taken in etcd (preflight ran before etcd was asked anything
         # when started by main; tests may start an Agent directly): a symlink planted at a
         # path we write as root is refused (write_atomic checks again at each write).
-        for path in (cfg.subnet_file, cfg.subnet_file.parent, cfg.state_dir,
-                     *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
+        for path in (cfg.subnet_file.parent, cfg.state_dir):
             refuse_symlink(path)
+        for path in (cfg.subnet_file, *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
+            refuse_non_regular(path)
         network, self.config_revision = await wait_for_network_config(
             self.store, self.layout, self.states, backends=self._backends)
         self._use_network(network)

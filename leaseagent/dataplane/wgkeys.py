@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from leaseagent.core.backends import wireguard_key
 from leaseagent.errors import ConfigError
-from leaseagent.files import refuse_symlink, write_atomic
+from leaseagent.files import refuse_non_regular, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_private_key(state_dir: Path) -> PrivateKey | None:
     """The key kept in the state dir, or None if there is none. ConfigError for a
     symlink or a file that holds no key; a file others may read is made 0600."""
     path = key_path(state_dir)
-    refuse_symlink(path)
+    refuse_non_regular(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

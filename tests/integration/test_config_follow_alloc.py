@@ -28,9 +28,10 @@ def revision_of_config(etcd) -> int:  # type: ignore[no-untyped-def]
     return int(doc["kvs"][0]["mod_revision"])
 
 
-def test_shrinking_the_network_moves_only_the_host_outside_it(etcd, agents):
+def test_shrinking_the_network_moves_only_the_host_outside_it(etcd, agents, workdir):
     put_config(etcd, ALLOC)
-    inside = agents("in", "10.200.0.1", extra=["--docker-opts-file", "/dev/null"])
+    docker_opts = workdir / "in.docker_opts.env"
+    inside = agents("in", "10.200.0.1", extra=["--docker-opts-file", str(docker_opts)])
     outside = agents("out", "10.200.0.2")
     # Where each starts is up to allocation: reserve the one outside the new network.
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.150.0-24", json.dumps({"PublicIP": "10.200.0.2"}))
@@ -47,6 +48,7 @@ def test_shrinking_the_network_moves_only_the_host_outside_it(etcd, agents):
     moved = IPv4Interface(env_of(outside)["FLANNEL_SUBNET"]).network
     assert moved.subnet_of(IPv4Network("10.6.0.0/17")) and moved != IPv4Network("10.6.5.0/24")
     assert env_of(inside)["FLANNEL_SUBNET"] == "10.6.5.1/24"
+    assert "--bip=10.6.5.1/24" in docker_opts.read_text()
     outside.wait_log("SUBNET MOVED: subnet 10.6.150.0/24 is outside the network 10.6.0.0/17 "
                      f"(a network config change); took {moved} and gave 10.6.150.0/24 up")
     assert "SUBNET MOVED" not in inside.log()
