@@ -82,7 +82,8 @@ start_daemons() {
         mkdir -p "$pool_dir"
         virsh -c qemu:///system pool-define-as leaseagent dir --target "$pool_dir" >/dev/null
     fi
-    if ! virsh -c qemu:///system pool-info leaseagent | grep -q '^State: *running'; then
+    # (Read whole: grep -q closing the pipe early would fail the test under pipefail.)
+    if ! grep -q '^State: *running' <<<"$(virsh -c qemu:///system pool-info leaseagent)"; then
         virsh -c qemu:///system pool-start leaseagent >/dev/null
     fi
 }
@@ -121,7 +122,10 @@ up() {
     start_daemons
     local start
     start=$(date +%s)
-    vagrant_in_ns up --provider=libvirt
+    # --no-parallel: in parallel, vagrant-libvirt 0.11.2 defined the host domains here
+    # and then did nothing for minutes (none started, nothing logged); one VM after
+    # another is what was measured.
+    vagrant_in_ns up --provider=libvirt --no-parallel
     echo "lab.sh: vagrant up took $(( $(date +%s) - start )) s"
 }
 
@@ -137,7 +141,14 @@ check() {
 down() {
     if [ -e "/run/netns/$ns" ] && [ -n "$(live_pid /run/libvirtd.pid)" ]; then
         vagrant_in_ns destroy -f || echo "lab.sh: vagrant destroy failed; stopping what is left by PID" >&2
-        local net
+        # Domains vagrant no longer knows (a `vagrant up` killed half-way leaves them
+        # defined, without network interfaces): the Vagrantfile's names only.
+        local dom net
+        for dom in $(virsh -c qemu:///system list --all --name | grep -E '^deploy_(etcd|host[0-9]+)$' || true); do
+            echo "lab.sh: removing leftover domain $dom" >&2
+            virsh -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
+            virsh -c qemu:///system undefine "$dom" --remove-all-storage >/dev/null 2>&1 || true
+        done
         for net in leaseagent-lab leaseagent-mgmt; do
             virsh -c qemu:///system net-destroy "$net" >/dev/null 2>&1 || true
             virsh -c qemu:///system net-undefine "$net" >/dev/null 2>&1 || true
