@@ -204,6 +204,7 @@ class Agent:
             lambda nftables, family: firewall(nftables=nftables, family=family))
         self.store = store
         self.metrics = metrics or Metrics()
+        self.metrics.export_readiness(lambda: self.not_ready_reason() is None)
         m = self.metrics
         zero(m.watch_events, "type", (t.value for t in EventType))
         zero(m.relists, "reason", RELIST_REASONS)
@@ -404,6 +405,7 @@ class Agent:
         self.own = own
         self._set_lease_held(True)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
+        self.metrics.lease_ttl.set(math.inf if own.reservation else own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
                         ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
                         ipv6_subnet=own.ipv6_subnet).render()
