@@ -53,6 +53,7 @@ from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
+from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
@@ -310,8 +311,9 @@ class Agent:
                        vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
 
     def _status(self, text: str) -> None:
-        """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
-        self._notify("STATUS=" + text.replace("\n", " ")[:200])
+        """What the agent is doing, for `systemctl status` (STATUS=, one line: escaped, so
+        a name from etcd cannot add a line such as READY=1 or MAINPID= to the message)."""
+        self._notify("STATUS=" + escaped(text)[:200])
 
     def _set_lease_held(self, held: bool) -> None:
         self.lease_held = held

@@ -43,10 +43,11 @@ Network = IPv4Network | IPv6Network
 # zero), as a regular expression of four groups. Thousands of leases are read at
 # start-up: their addresses are read from these groups with integer arithmetic
 # (`ipv4_int`), ipaddress's own parser being ~10x slower; any other text goes to
-# ipaddress, which refuses it or reads it, with its own error messages.
+# ipaddress, which refuses it or reads it, with its own error messages. Compile it with
+# re.ASCII: `\d` alone also matches other scripts' digits.
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4_TEXT = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
-_IPV4_TEXT = re.compile(IPV4_TEXT)
+_IPV4_TEXT = re.compile(IPV4_TEXT, re.ASCII)  # ASCII digits only (int() reads any script's)
 
 
 def ipv4_int(a: str, b: str, c: str, d: str) -> int:
