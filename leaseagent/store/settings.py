@@ -51,7 +51,7 @@ def parse_endpoints(spec: str) -> list[Endpoint]:
             port = url.port or 2379
         except ValueError:
             raise ConfigError(f"--etcd-endpoints: {item!r} has a bad port") from None
-        out.append(Endpoint(host=url.hostname, port=port, tls=url.scheme == "https"))
+        out.append(Endpoint(host=hostname, port=port, tls=url.scheme == "https"))
     if not out:
         raise ConfigError("--etcd-endpoints: no endpoint given")
     if len({e.tls for e in out}) > 1:
