@@ -58,6 +58,7 @@ from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
+from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
@@ -211,6 +212,7 @@ class Agent:
             lambda nftables, family: firewall(nftables=nftables, family=family))
         self.store = store
         self.metrics = metrics or Metrics()
+        self.metrics.export_readiness(lambda: self.not_ready_reason() is None)
         m = self.metrics
         zero(m.watch_events, "type", (t.value for t in EventType))
         zero(m.relists, "reason", RELIST_REASONS)
@@ -227,6 +229,10 @@ class Agent:
         self.layout = KeyLayout(cfg.prefix)
         self.own: OwnLease | None = None
         self.lease_held = False  # False while a lost lease is being taken back
+        # When our etcd lease runs out unless renewed, by this host's clock (loop time), and
+        # whether it has: etcd unreachable past it (leaseagent_lease_held drops to 0).
+        self._lease_runs_out = math.inf
+        self._lease_ran_out = False
         self.network: NetworkConfig | None = None
         self.backend: DataPlane | None = None
         # Traffic rules per address family in use (leaseagent.dataplane.firewall).
@@ -317,8 +323,9 @@ class Agent:
                        vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
 
     def _status(self, text: str) -> None:
-        """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
-        text = text.replace("\n", " ")[:200]
+        """What the agent is doing, for `systemctl status` (STATUS=, one line: escaped, so
+        a name from etcd cannot add a line such as READY=1 or MAINPID= to the message)."""
+        text = escaped(text)[:200]
         self._status_text = text
         self._notify("STATUS=" + text)
 
@@ -355,7 +362,7 @@ class Agent:
             self._notify("READY=1")
             self.ready_sent = True
         text = self.summary()
-        if text != self._status_text:
+        if escaped(text)[:200] != self._status_text:  # as `_status` sends it
             self._status(text)
 
     async def _readiness(self) -> None:
@@ -368,7 +375,29 @@ class Agent:
 
     def _set_lease_held(self, held: bool) -> None:
         self.lease_held = held
-        self.metrics.lease_held.set(1 if held else 0)
+        self._show_lease_held()
+
+    def _show_lease_held(self) -> None:
+        """leaseagent_lease_held: 1 while the lease is held, also by its TTL (an etcd
+        outage longer than the TTL since the last renewal: it can no longer be held)."""
+        self.metrics.lease_held.set(1 if self.lease_held and not self._lease_ran_out else 0)
+
+    def _lease_renewed(self, own: OwnLease, *, at: float, ttl: int) -> None:
+        """Our etcd lease holds for `ttl` seconds from loop time `at` (a grant or renewal
+        sent then)."""
+        self._lease_runs_out = math.inf if own.reservation else at + ttl
+        self._lease_ran_out = False
+        self._show_lease_held()
+
+    def _ran_out(self, own: OwnLease) -> None:
+        """No renewal reached etcd within the TTL: the lease is gone by our clock (etcd
+        may hand the subnet to another host). The kernel stays as it is; the holder takes
+        the lease back when etcd answers."""
+        self._lease_ran_out = True
+        self._show_lease_held()
+        log.warning("lease on %s ran out by this host's clock (not renewed within its %ds "
+                    "TTL); keeping the data plane, taking it back when etcd answers",
+                    own.subnet, own.ttl)
 
     # --- start-up ------------------------------------------------------------------
 
@@ -422,6 +451,8 @@ class Agent:
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
             metrics=self.metrics, on_peers=self._on_peers,
+            # The watch is often the first to find etcd gone (renewals may be hours apart).
+            on_unavailable=self._etcd_down, on_listed=lambda: self._etcd_up(listed=True),
             # With the key it is about: the holder may have moved our key since.
             on_own=lambda kv, rev: self._own_events.put_nowait(
                 (self.own.key if self.own else None, kv, rev)),
@@ -460,7 +491,9 @@ class Agent:
         changed = self.own is not None and self.own.key != own.key
         self.own = own
         self._set_lease_held(True)
+        self._lease_renewed(own, at=asyncio.get_running_loop().time(), ttl=own.ttl)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
+        self.metrics.lease_ttl.set(math.inf if own.reservation else own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
                         ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
                         ipv6_subnet=own.ipv6_subnet).render()
@@ -547,9 +580,12 @@ class Agent:
         self.states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
                         level=logging.WARNING)
 
-    def _etcd_up(self) -> None:
+    def _etcd_up(self, *, listed: bool = False) -> None:
+        """etcd answered; `listed`: with a complete listing of the leases (nothing to
+        list again)."""
         self.metrics.etcd_up.set(1)
-        if self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None:
+        if (self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None
+                and not listed):
             # A stream that lived through the outage may be half-open: list again.
             self.watcher.request_relist("etcd_recovered")
 
@@ -729,10 +765,20 @@ class Agent:
 
         # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it is gone).
         ttl = 0
-        async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
-            with attempt:
-                ttl = await self.leasing.keepalive(own)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        runs_out = (loop.call_at(self._lease_runs_out, self._ran_out, own)
+                    if math.isfinite(self._lease_runs_out) else None)
+        try:
+            async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
+                with attempt:
+                    sent = loop.time()
+                    ttl = await self.leasing.keepalive(own)
+        finally:
+            if runs_out is not None:
+                runs_out.cancel()
         self.metrics.renewals.inc()
+        self._lease_renewed(own, at=sent, ttl=ttl)
         self.metrics.lease_expiry.set(time.time() + ttl)
         self._etcd_up()
         if failed:

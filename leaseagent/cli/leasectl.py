@@ -75,6 +75,7 @@ from leaseagent.config import (
 )
 from leaseagent.core.configchange import REBUILD, classify, lease_impact
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
+from leaseagent.core.escaping import escaped, escaped_lines
 from leaseagent.core.leases import PEER, KeyLayout, LeaseValue, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.subnetenv import parse_subnet_env
@@ -155,7 +156,7 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         kv = await store.get(key)
         if kv is None:
             raise LeaseagentError(f"{key} is not set")
-        print(kv.value.decode(errors="replace"))
+        print(escaped_lines(kv.value.decode(errors="replace")))
         return 0
     raw, network = args.config_data
     current = await store.get(key)
@@ -165,7 +166,7 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         print(f"{key} set: network {network.network}, /{network.subnet_len} subnets, "
               f"backend {network.backend_type}")
     for line in change_summary(current, network, listing, layout):
-        print(line)
+        print(escaped(line))
     return 0
 
 
@@ -272,7 +273,7 @@ async def cmd_release(store: LeaseStore, layout: KeyLayout, args: argparse.Names
     if not await store.delete(kv.key, mod_revision=kv.mod_revision):
         raise LeaseagentError(f"{layout.name_of(kv.key)} changed while releasing it; try again")
     note = "" if kv.lease == 0 else " (a running agent holding it will take it back)"
-    print(f"released {layout.name_of(kv.key)}{note}")
+    print(f"released {escaped(layout.name_of(kv.key))}{note}")
     return 0
 
 
@@ -295,7 +296,7 @@ async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) ->
         print(f"leasectl: {note}", file=sys.stderr, flush=True)
 
     def on_unavailable(exc: BaseException) -> None:
-        print(f"leasectl: {exc}; retrying", file=sys.stderr, flush=True)
+        print(f"leasectl: {escaped(exc)}; retrying", file=sys.stderr, flush=True)
 
     if output == "table":
         print(watch_header(), flush=True)
@@ -343,9 +344,9 @@ async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         print(json.dumps(report.to_json(), indent=2))
     else:
         for problem in report.problems:
-            print(problem.text)
+            print(escaped(problem.text))
         if report.ok:
-            print(f"ok: {report.summary}")
+            print(f"ok: {escaped(report.summary)}")
     return 0 if report.ok else 1
 
 
@@ -564,10 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.doctor_settings = doctor.settings_from(args)
         return asyncio.run(run(args))
     except (UsageError, ConfigError) as exc:
-        print(f"leasectl: error: {exc}", file=sys.stderr)
+        print(f"leasectl: error: {escaped(exc)}", file=sys.stderr)
         return 2
     except LeaseagentError as exc:
-        print(f"leasectl: error: {exc}", file=sys.stderr)
+        print(f"leasectl: error: {escaped(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -578,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:
         # Nothing should get here; if it does, still one line and no traceback.
-        print(f"leasectl: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"leasectl: error: unexpected {type(exc).__name__}: {escaped(exc)}", file=sys.stderr)
         return 1
 
 

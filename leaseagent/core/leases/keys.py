@@ -14,7 +14,9 @@ Where we are stricter than that expression (and so refuse, as invalid, a
 name flannel would accept): the whole name must match (flannel does not
 anchor the start), and each part must be a network address (no host bits).
 flannel never writes such names; an operator's typo is reported instead of
-guessed at. Leading zeros in a length (`10.5.1.0-024`) are accepted, as
+guessed at. Digits are ASCII digits only, as Go's `\\d` (Python's `\\d` and
+`int()` also take other scripts' digits: such a name is invalid).
+Leading zeros in a length (`10.5.1.0-024`) are accepted, as
 flannel's ParseUint does; such a key names the same subnet as `-24`, which
 is why judging a listing must decide which of two keys holds a subnet
 (leaseagent.core.leases.judging).
@@ -32,10 +34,12 @@ from leaseagent.core.network import IPV4_TEXT, ipv4_int
 
 DEFAULT_PREFIX = "/coreos.com/network"
 
-_NAME = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
+# re.ASCII: Go's \d is [0-9]; Python's would also take other scripts' digits (U+0661...),
+# which int() reads as numbers, so a key flannel ignores would name a subnet here.
+_NAME = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", re.ASCII)
 # An IPv4 key name as flannel writes it, the address as ipaddress reads it: read with
 # integer arithmetic (core.network.ipv4_int). Anything else takes the general path.
-_PLAIN = re.compile(rf"{IPV4_TEXT}-(\d{{1,3}})")
+_PLAIN = re.compile(rf"{IPV4_TEXT}-(\d{{1,3}})", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
