@@ -21,9 +21,14 @@ kernel as it is and is retried with capped jittered backoff
 (leaseagent.retrying), logged once per state change; stopping never removes
 kernel state; --release-on-exit revokes the lease.
 
-Readiness (/readyz) is decided from state: the lease held, subnet.env
-written, the first complete listing applied, and the data plane's own
-status (`backend.status.in_sync`); metrics are exported from the same state.
+Readiness (/readyz, READY=1, STATUS=) is decided from state, in one place
+(`not_ready_reason`): the lease held, subnet.env written, the first complete
+listing applied, the data plane's own status (`backend.status.in_sync`) and
+every family's traffic rules in place (a rule that cannot be written names
+the command and what the tool or kernel said). READY=1 is sent the first
+time all of that holds, not merely once the start-up line is done; from then
+on STATUS= tells the current state and peer count (`_report`). Metrics are
+exported from the same state.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ class FamilyRules:
 
 
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
+# How often readiness is looked at once started (STATUS=, READY=1): it is cheap (state only).
+READINESS_SECONDS = 0.5
 # While another agent has this host's identity, its key is read at most this far apart.
 CONFLICT_CHECK_SECONDS = 60.0
 
@@ -219,7 +226,7 @@ class Agent:
         self._notify = notify
         self._host = host
         self._rng = rng or random.Random()
-        self.states = StateLog(log, on_change=self._status)
+        self.states = StateLog(log, on_change=self._on_state_change)
         self.layout = KeyLayout(cfg.prefix)
         self.own: OwnLease | None = None
         self.lease_held = False  # False while a lost lease is being taken back
@@ -251,6 +258,10 @@ class Agent:
         self._tasks_changed = asyncio.Event()
         self.config_revision = 0  # etcd revision of the network config in force
         self._foreign = 0  # peers of another backend type, as last reported
+        self.ready_sent = False  # READY=1 went to systemd (once: the start is over)
+        self._reporting = False  # the start-up line is done: `_report` owns STATUS=
+        self._status_text = ""  # the last STATUS= sent
+        self._not_ready: str | None = "starting"  # the reason last reported
 
     # --- readiness, for /readyz --------------------------------------------------
 
@@ -315,7 +326,53 @@ class Agent:
     def _status(self, text: str) -> None:
         """What the agent is doing, for `systemctl status` (STATUS=, one line: escaped, so
         a name from etcd cannot add a line such as READY=1 or MAINPID= to the message)."""
-        self._notify("STATUS=" + escaped(text)[:200])
+        text = escaped(text)[:200]
+        self._status_text = text
+        self._notify("STATUS=" + text)
+
+    def _on_state_change(self, text: str) -> None:
+        """A state change StateLog logged: STATUS= says it during the start-up; after it,
+        the summary (which holds etcd's state as well) says what is."""
+        if self._reporting:
+            self._report()
+        else:
+            self._status(text)
+
+    def summary(self) -> str:
+        """One line for STATUS=: ready or why not, the lease, the current peer count."""
+        reason = self.not_ready_reason()
+        peers = len(self.watcher.peers) if self.watcher is not None else 0
+        lease = f"lease {self.own.subnet}" if self.own is not None else "no lease"
+        etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
+        if reason is None:
+            return f"ready: {lease}, {peers} peers{etcd}"
+        return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
+
+    def _report(self) -> None:
+        """Readiness to systemd and the log, from state: READY=1 the first time the agent
+        is ready; a line when it stops or starts being ready; STATUS= when it changes."""
+        reason = self.not_ready_reason()
+        if reason != self._not_ready:
+            peers = len(self.watcher.peers) if self.watcher is not None else 0
+            if reason is None:
+                log.info("ready: %d peers programmed", peers)
+            else:
+                log.warning("not ready: %s", reason)
+            self._not_ready = reason
+        if reason is None and not self.ready_sent:
+            self._notify("READY=1")
+            self.ready_sent = True
+        text = self.summary()
+        if escaped(text)[:200] != self._status_text:  # as `_status` sends it
+            self._status(text)
+
+    async def _readiness(self) -> None:
+        """Report readiness (`_report`) every READINESS_SECONDS: the data plane's and the
+        rules' keepers change their state in their own tasks."""
+        self._reporting = True
+        while True:
+            self._report()
+            await asyncio.sleep(READINESS_SECONDS)
 
     def _set_lease_held(self, held: bool) -> None:
         self.lease_held = held
@@ -503,6 +560,8 @@ class Agent:
                 self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
         self._log_peer_changes(changes, len(peers))
         self._report_rollout()
+        if self._reporting:
+            self._report()  # the peer count in STATUS= at once
 
     async def _program_all(self) -> None:
         """Every family's traffic rules and the data plane for the whole peer set, the
@@ -796,10 +855,7 @@ class Agent:
                 for rules in self.rules:
                     self._spawn(f"rules-ipv{rules.family}", rules.keeper.run())
                 self._spawn("config", self._config_follower().run())
-                self._notify("READY=1")
-                assert self.own is not None
-                self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")
-                log.info("ready: %d peers programmed", len(watcher.book))
+                self._spawn("readiness", self._readiness())  # READY=1 once all holds
                 await self._supervise(stopping)
         finally:
             tasks = [synced, stopping, *self._tasks]

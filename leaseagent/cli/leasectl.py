@@ -481,6 +481,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
+    envs[-1].add("--metrics-addr", help="the agent's HOST:PORT (as it was given): ask its "
+                 "/readyz whether it is ready, and why not")
     p = _subparser(sub, "docker-opts", "Docker's options from subnet.env, as mk-docker-opts.sh",
                    "Docker's options from subnet.env, byte for byte as flannel's mk-docker-opts.sh\n"
                    "writes them; needs no etcd.")
