@@ -35,7 +35,13 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
-from leaseagent.config import parse_public_ip, parse_route_protocol, source, traffic_settings
+from leaseagent.config import (
+    interface_choice,
+    parse_public_ip,
+    parse_route_protocol,
+    source,
+    traffic_settings,
+)
 from leaseagent.core.backends import WireguardLeaseData
 from leaseagent.core.diagnosis import (
     Problem,
@@ -55,14 +61,14 @@ from leaseagent.core.plan import DeviceState, compare, flatten, needs_recreate
 from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
+from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoice
 from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
 from leaseagent.store.base import LeaseStore
 
 
 @dataclass(frozen=True)
 class DoctorSettings:
-    iface: str | None
+    iface: InterfaceChoice
     public_ip: str | None
     subnet_file: Path
     state_dir: Path
@@ -76,7 +82,7 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     protocol = parse_route_protocol(ns.route_protocol, name=source(ns, "--route-protocol"))
     parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=True)
     parse_public_ip(ns.public_ipv6, name=source(ns, "--public-ipv6"), allow_any=True, version=6)
-    return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
+    return DoctorSettings(iface=interface_choice(ns), public_ip=ns.public_ip or None,
                           public_ipv6=ns.public_ipv6 or None,
                           subnet_file=Path(ns.subnet_file), state_dir=Path(ns.state_dir),
                           route_protocol=protocol,
