@@ -269,7 +269,7 @@ def default_node_id() -> str:
     return machine_id or socket.gethostname()
 
 
-def _parse_hostport(name: str, raw: str) -> tuple[str, int]:
+def parse_hostport(name: str, raw: str) -> tuple[str, int]:
     host, sep, port = raw.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{name}={raw!r}: must be HOST:PORT")
@@ -622,7 +622,7 @@ def _flanneld_settings(ns: argparse.Namespace) -> dict[str, object]:
         if not 0 < port < 65536:
             raise ConfigError(f"{name}={port}: not a TCP port")
         addr = (str(ns.healthz_ip or "0.0.0.0"), port)
-        if ns.metrics_addr and _parse_hostport("--metrics-addr", ns.metrics_addr) != addr:
+        if ns.metrics_addr and parse_hostport("--metrics-addr", ns.metrics_addr) != addr:
             raise ConfigError(f"{name}={port} and --metrics-addr={ns.metrics_addr}: one HTTP "
                               "server serves /healthz and /metrics; give one of them")
         out["metrics_addr"] = addr
@@ -682,7 +682,7 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         lease_ttl=ttl,
         release_on_exit=bool(ns.release_on_exit),
         node_id=node_id,
-        metrics_addr=(_parse_hostport(source(ns, "--metrics-addr"), ns.metrics_addr)
+        metrics_addr=(parse_hostport(source(ns, "--metrics-addr"), ns.metrics_addr)
                       if ns.metrics_addr else None),
         log_level=ns.log_level,
         log_format=ns.log_format,
