@@ -69,6 +69,7 @@ from leaseagent.core.leases import (
     decode_lease_value,
     unusable_ip_reason,
 )
+from leaseagent.core.monitoring import MetricsTarget, published_address
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
@@ -447,6 +448,7 @@ class Agent:
         assert own is not None
         self._etcd_up()
         await self._take(own, first=True)
+        await self._publish_metrics_target(host)
         self.watcher = LeaseWatcher(
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
@@ -458,6 +460,33 @@ class Agent:
                 (self.own.key if self.own else None, kv, rev)),
             node_id=cfg.node_id, on_twin=self._own_events.put_nowait,
             hold_seconds=cfg.peer_hold_time, first=leasing.take_listing())
+
+    async def _publish_metrics_target(self, host: HostInfo) -> None:
+        """Say in etcd where this agent's /metrics is, for `leasectl prometheus-targets`
+        (leaseagent.core.monitoring): written only when it differs; a stale entry of
+        this node is removed when the address is not one another host could scrape."""
+        cfg = self.cfg
+        key = self.layout.metrics_key(cfg.node_id)
+        address = (published_address(*cfg.metrics_addr, host.public_ip)
+                   if cfg.metrics_addr is not None else None)
+        value = (MetricsTarget(node_id=cfg.node_id, address=address,
+                               public_ip=str(host.public_ip)).encode()
+                 if address is not None else None)
+        async for attempt in retrying(on_retry=self._etcd_down):
+            with attempt:
+                current = await self.store.get(key)
+                if value is not None and (current is None or current.value != value):
+                    await self.store.put(key, value)
+                    log.info("metrics address %s published at %s", address, key)
+                elif value is None and current is not None:
+                    await self.store.delete(key, mod_revision=current.mod_revision)
+                    log.info("metrics address no longer published (%s is not reachable "
+                             "from other hosts): %s deleted", "--metrics-addr", key)
+
+    async def _withdraw_metrics_target(self) -> None:
+        """This host leaves on purpose (--release-on-exit): it is no longer a target."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.delete(self.layout.metrics_key(self.cfg.node_id))
 
     def _new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
         """A data plane of `network`'s backend type for `host`, its status exported."""
@@ -1005,6 +1034,7 @@ class Agent:
                 # member that just died times out, and one try would leave the lease behind.
                 await within(self._release_retrying(own), RELEASE_SECONDS)
                 log.info("lease on %s released", own.subnet)
+                await within(self._withdraw_metrics_target(), RELEASE_SECONDS)
             except Exception as exc:
                 log.warning("could not release the lease on %s: %s", own.subnet,
                             exc or "etcd did not answer in time")

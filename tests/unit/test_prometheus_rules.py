@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,20 @@ def test_the_scrape_config_is_valid(tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(config)
     result = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_targets_service_verifies_and_writes_the_file_the_scrape_job_reads(tmp_path: Path
+                                                                               ) -> None:
+    unit = (DIR / "leasectl-prometheus-targets.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    targets_file = re.search(r"- files:\n\s+- (\S+)", SCRAPE.read_text())
+    assert targets_file is not None and exec_start.endswith(f" {targets_file.group(1)}")
+    bindir = Path(sys.executable).parent
+    target = tmp_path / "leasectl-prometheus-targets.service"
+    target.write_text(unit.replace("/usr/local/bin/", f"{bindir}/")
+                      .replace("WantedBy=multi-user.target", ""))
+    result = subprocess.run(["systemd-analyze", "verify", str(target)], capture_output=True,
+                            text=True, check=False)
+    problems = [line for line in result.stderr.splitlines() if target.name in line]
+    assert not problems, result.stderr
