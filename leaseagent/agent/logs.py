@@ -84,6 +84,10 @@ class StateLog:
         self._on_change = on_change
         self._last: dict[str, object] = {}
 
+    def get(self, topic: str) -> object:
+        """The state last logged for `topic` (None if none was)."""
+        return self._last.get(topic)
+
     def set(self, topic: str, state: object, msg: str, *args: object,
             level: int = logging.INFO) -> bool:
         if self._last.get(topic, object()) == state:

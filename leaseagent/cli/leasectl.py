@@ -10,6 +10,7 @@
     leasectl reserve SUBNET --public-ip IP [--force]
     leasectl release SUBNET|KEY-NAME
     leasectl watch [-o table|json]
+    leasectl prometheus-targets FILE|- [--once]
     leasectl doctor [-o text|json] [host flags]
     leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
     leasectl cleanup [host flags]
@@ -45,7 +46,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from leaseagent.cli.presenting import (
     subnet_of,
     watch_header,
 )
+from leaseagent.cli.targets import check_writable, keep_targets
 from leaseagent.cli.watching import ADDED, CHANGED, LeaseEvent, lease_events
 from leaseagent.config import (
     _EnvDefaults,
@@ -320,11 +322,22 @@ async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) ->
 
 
 async def cmd_watch(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
+    return await _until_stopped(_print_events(store, layout, output=args.output))
+
+
+async def cmd_prometheus_targets(store: LeaseStore, layout: KeyLayout,
+                                 args: argparse.Namespace) -> int:
+    path = None if args.file == "-" else Path(args.file)
+    return await _until_stopped(keep_targets(store, layout, path, once=args.once))
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None]) -> int:
+    """Run `work` until it ends or SIGINT/SIGTERM: 0, or its error (one line, exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    printer = asyncio.create_task(_print_events(store, layout, output=args.output))
+    printer = asyncio.create_task(work)
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -384,7 +397,7 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "prometheus-targets": cmd_prometheus_targets}
 
 DESCRIPTION = """\
 Inspect and manage leaseagent's subnet leases in etcd (flannel's layout).
@@ -456,6 +469,14 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p = _subparser(sub, "watch", "stream lease events (added, changed, removed, expired)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table",
                    help="a table line or a JSON object per event [default: table]")
+    p = _subparser(sub, "prometheus-targets",
+                   "write Prometheus file_sd JSON of every agent's metrics address, kept current",
+                   "Write every agent's published metrics address (<prefix>/metrics/) to FILE as\n"
+                   "Prometheus file_sd JSON, with the labels node and public_ip; then watch etcd\n"
+                   "and rewrite FILE (atomically, only when it changes) as agents come and go,\n"
+                   "until SIGINT/SIGTERM. - writes to standard output.")
+    p.add_argument("file", metavar="FILE", help="the file_sd file, or - for standard output")
+    p.add_argument("--once", action="store_true", help="write it once and exit")
     p = _subparser(sub, "doctor", "compare etcd's view of this host with its kernel and files",
                    "Compare what etcd says this host should have with its kernel and files; read\n"
                    "only. Give it the agent's host flags or LEASEAGENT_* variables.")
@@ -466,6 +487,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
+    envs[-1].add("--metrics-addr", help="the agent's HOST:PORT (as it was given): ask its "
+                 "/readyz whether it is ready, and why not")
     p = _subparser(sub, "docker-opts", "Docker's options from subnet.env, as mk-docker-opts.sh",
                    "Docker's options from subnet.env, byte for byte as flannel's mk-docker-opts.sh\n"
                    "writes them; needs no etcd.")
@@ -589,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.no_host_check:
                 for line in asyncio.run(check_against_this_host(args.config_data[1])):
                     print(f"leasectl: {line}", file=sys.stderr)
+        if args.cmd == "prometheus-targets" and args.file != "-":
+            check_writable(Path(args.file))  # before etcd is asked anything
         if args.cmd == "doctor":
             args.doctor_settings = doctor.settings_from(args)
         return asyncio.run(run(args))

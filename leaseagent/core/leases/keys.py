@@ -3,6 +3,9 @@
     <prefix>/config                              the network config (JSON)
     <prefix>/subnets/<ipv4>-<len>                an IPv4 lease
     <prefix>/subnets/<ipv4>-<len>&<ipv6>-<len>   a dual-stack lease
+    <prefix>/metrics/<node id>                   ours: where a host's agent serves /metrics
+                                                 (leaseagent.core.monitoring); flanneld reads
+                                                 only <prefix>/config and <prefix>/subnets
 
 flannel names a lease `MakeSubnetKey` and reads it back with the regular
 expression `(\\d+\\.\\d+.\\d+.\\d+)-(\\d+)(?:&([a-f\\d:]+)-(\\d+))?$`
@@ -104,6 +107,13 @@ class KeyLayout:
     @property
     def subnets_prefix(self) -> str:
         return f"{self.prefix}/subnets/"
+
+    @property
+    def metrics_prefix(self) -> str:
+        return f"{self.prefix}/metrics/"
+
+    def metrics_key(self, node_id: str) -> str:
+        return self.metrics_prefix + node_id
 
     def lease_key(self, ipv4: IPv4Network, ipv6: IPv6Network | None = None) -> str:
         return self.subnets_prefix + key_name(ipv4, ipv6)
