@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -167,7 +168,9 @@ async def agent_problems(addr: tuple[str, int]) -> list[Problem]:
         finally:
             writer.close()
     except (OSError, TimeoutError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer in time"
+        # asyncio's connect error says "Connect call failed (...)": the errno says what.
+        why = (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
+               else "no answer in time")
         return [problem("agent", shown, why,
                         text=f"agent: {shown}: {why} (is leaseagent running?)")]
     head, _, body = answer.decode("utf-8", "replace").partition("\r\n\r\n")

@@ -99,6 +99,9 @@ def test_every_dashboard_query_parses_and_returns_data(lab: Lab) -> None:
         if not lab.prometheus_server.query(concrete):  # a parse error raises LabError
             empty.append((title, concrete))
     assert empty == []
+    # The host variable's label_values(up{job="leaseagent"}, node), as Grafana asks for it.
+    nodes = lab.prometheus_server.api("label/node/values", **{"match[]": 'up{job="leaseagent"}'})
+    assert sorted(nodes) == sorted(f"{lab.name}-{h.name}" for h in lab.hosts.values())
 
 
 @pytest.mark.root
