@@ -21,9 +21,14 @@ kernel as it is and is retried with capped jittered backoff
 (leaseagent.retrying), logged once per state change; stopping never removes
 kernel state; --release-on-exit revokes the lease.
 
-Readiness (/readyz) is decided from state: the lease held, subnet.env
-written, the first complete listing applied, and the data plane's own
-status (`backend.status.in_sync`); metrics are exported from the same state.
+Readiness (/readyz, READY=1, STATUS=) is decided from state, in one place
+(`not_ready_reason`): the lease held, subnet.env written, the first complete
+listing applied, the data plane's own status (`backend.status.in_sync`) and
+every family's traffic rules in place (a rule that cannot be written names
+the command and what the tool or kernel said). READY=1 is sent the first
+time all of that holds, not merely once the start-up line is done; from then
+on STATUS= tells the current state and peer count (`_report`). Metrics are
+exported from the same state.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
+from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
@@ -64,6 +70,7 @@ from leaseagent.core.leases import (
     decode_lease_value,
     unusable_ip_reason,
 )
+from leaseagent.core.monitoring import MetricsTarget, published_address
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
@@ -112,6 +119,8 @@ class FamilyRules:
 # The files the agent writes (the `file` label of their metrics) and the flag naming each.
 FILES = {"subnet.env": "--subnet-file", "docker_opts.env": "--docker-opts-file"}
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
+# How often readiness is looked at once started (STATUS=, READY=1): it is cheap (state only).
+READINESS_SECONDS = 0.5
 # While another agent has this host's identity, its key is read at most this far apart.
 CONFLICT_CHECK_SECONDS = 60.0
 
@@ -150,7 +159,7 @@ async def preflight(cfg: AgentConfig) -> HostInfo | None:
             raise ConfigError(f"{flag}: cannot create {directory}: {exc.strerror}") from None
         # A read-only or full file system is found now, not after a lease is taken.
         check_writable(directory, flag)
-    if cfg.public_ip is not None and cfg.iface is None:
+    if cfg.public_ip is not None and not cfg.iface:
         return None  # which interface depends on the backend (alloc needs none)
     from leaseagent.dataplane.host import resolve_host as resolve
 
@@ -170,7 +179,7 @@ async def resolve_host(cfg: AgentConfig, network: NetworkConfig,
     want_ipv6 = network.ipv6 is not None
     if host is not None and (host.public_ipv6 is not None or not want_ipv6):
         return host
-    if network.backend_type == "alloc" and cfg.public_ip is not None and cfg.iface is None:
+    if network.backend_type == "alloc" and cfg.public_ip is not None and not cfg.iface:
         return HostInfo(public_ip=cfg.public_ip, public_ipv6=cfg.public_ipv6)
     from leaseagent.dataplane.host import resolve_host as resolve
 
@@ -210,6 +219,7 @@ class Agent:
             lambda nftables, family: firewall(nftables=nftables, family=family))
         self.store = store
         self.metrics = metrics or Metrics()
+        self.metrics.export_readiness(lambda: self.not_ready_reason() is None)
         m = self.metrics
         zero(m.watch_events, "type", (t.value for t in EventType))
         zero(m.relists, "reason", RELIST_REASONS)
@@ -224,7 +234,7 @@ class Agent:
         self._notify = notify
         self._host = host
         self._rng = rng or random.Random()
-        self.states = StateLog(log, on_change=self._status)
+        self.states = StateLog(log, on_change=self._on_state_change)
         self.layout = KeyLayout(cfg.prefix)
         self.own: OwnLease | None = None
         self.lease_held = False  # False while a lost lease is being taken back
@@ -262,6 +272,10 @@ class Agent:
         self._tasks_changed = asyncio.Event()
         self.config_revision = 0  # etcd revision of the network config in force
         self._foreign = 0  # peers of another backend type, as last reported
+        self.ready_sent = False  # READY=1 went to systemd (once: the start is over)
+        self._reporting = False  # the start-up line is done: `_report` owns STATUS=
+        self._status_text = ""  # the last STATUS= sent
+        self._not_ready: str | None = "starting"  # the reason last reported
 
     # --- readiness, for /readyz --------------------------------------------------
 
@@ -324,8 +338,57 @@ class Agent:
                        vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
 
     def _status(self, text: str) -> None:
-        """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
-        self._notify("STATUS=" + text.replace("\n", " ")[:200])
+        """What the agent is doing, for `systemctl status` (STATUS=, one line: escaped, so
+        a name from etcd cannot add a line such as READY=1 or MAINPID= to the message)."""
+        text = escaped(text)[:200]
+        self._status_text = text
+        self._notify("STATUS=" + text)
+
+    def _on_state_change(self, text: str) -> None:
+        """A state change StateLog logged: STATUS= says it during the start-up; after it,
+        the summary (which holds etcd's state as well) says what is."""
+        if self._reporting:
+            self._report()
+        else:
+            self._status(text)
+
+    def summary(self) -> str:
+        """One line for STATUS=: ready or why not, the lease, the current peer count."""
+        reason = self.not_ready_reason()
+        peers = len(self.watcher.peers) if self.watcher is not None else 0
+        lease = f"lease {self.own.subnet}" if self.own is not None else "no lease"
+        etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
+        if self.files_error is not None:
+            etcd += f"; {self.files_error} (retrying)"
+        if reason is None:
+            return f"ready: {lease}, {peers} peers{etcd}"
+        return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
+
+    def _report(self) -> None:
+        """Readiness to systemd and the log, from state: READY=1 the first time the agent
+        is ready; a line when it stops or starts being ready; STATUS= when it changes."""
+        reason = self.not_ready_reason()
+        if reason != self._not_ready:
+            peers = len(self.watcher.peers) if self.watcher is not None else 0
+            if reason is None:
+                log.info("ready: %d peers programmed", peers)
+            else:
+                log.warning("not ready: %s", reason)
+            self._not_ready = reason
+        if reason is None and not self.ready_sent:
+            self._notify("READY=1")
+            self.ready_sent = True
+        text = self.summary()
+        if escaped(text)[:200] != self._status_text:  # as `_status` sends it
+            self._status(text)
+
+    async def _readiness(self) -> None:
+        """Report readiness (`_report`) every READINESS_SECONDS: the data plane's and the
+        rules' keepers change their state in their own tasks."""
+        self._reporting = True
+        while True:
+            self._report()
+            await asyncio.sleep(READINESS_SECONDS)
 
     def _set_lease_held(self, held: bool) -> None:
         self.lease_held = held
@@ -401,6 +464,7 @@ class Agent:
         assert own is not None
         self._etcd_up()
         await self._take(own, first=True)
+        await self._publish_metrics_target(host)
         self.watcher = LeaseWatcher(
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
@@ -412,6 +476,33 @@ class Agent:
                 (self.own.key if self.own else None, kv, rev)),
             node_id=cfg.node_id, on_twin=self._own_events.put_nowait,
             hold_seconds=cfg.peer_hold_time, first=leasing.take_listing())
+
+    async def _publish_metrics_target(self, host: HostInfo) -> None:
+        """Say in etcd where this agent's /metrics is, for `leasectl prometheus-targets`
+        (leaseagent.core.monitoring): written only when it differs; a stale entry of
+        this node is removed when the address is not one another host could scrape."""
+        cfg = self.cfg
+        key = self.layout.metrics_key(cfg.node_id)
+        address = (published_address(*cfg.metrics_addr, host.public_ip)
+                   if cfg.metrics_addr is not None else None)
+        value = (MetricsTarget(node_id=cfg.node_id, address=address,
+                               public_ip=str(host.public_ip)).encode()
+                 if address is not None else None)
+        async for attempt in retrying(on_retry=self._etcd_down):
+            with attempt:
+                current = await self.store.get(key)
+                if value is not None and (current is None or current.value != value):
+                    await self.store.put(key, value)
+                    log.info("metrics address %s published at %s", address, key)
+                elif value is None and current is not None:
+                    await self.store.delete(key, mod_revision=current.mod_revision)
+                    log.info("metrics address no longer published (%s is not reachable "
+                             "from other hosts): %s deleted", "--metrics-addr", key)
+
+    async def _withdraw_metrics_target(self) -> None:
+        """This host leaves on purpose (--release-on-exit): it is no longer a target."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.delete(self.layout.metrics_key(self.cfg.node_id))
 
     def _new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
         """A data plane of `network`'s backend type for `host`, its status exported."""
@@ -447,6 +538,7 @@ class Agent:
         self._set_lease_held(True)
         self._lease_renewed(own, at=asyncio.get_running_loop().time(), ttl=own.ttl)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
+        self.metrics.lease_ttl.set(math.inf if own.reservation else own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
                         ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
                         ipv6_subnet=own.ipv6_subnet).render()
@@ -529,6 +621,8 @@ class Agent:
                 self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
         self._log_peer_changes(changes, len(peers))
         self._report_rollout()
+        if self._reporting:
+            self._report()  # the peer count in STATUS= at once
 
     async def _program_all(self) -> None:
         """Every family's traffic rules and the data plane for the whole peer set, the
@@ -629,10 +723,14 @@ class Agent:
             own = self.own
             assert own is not None
             # Renew every TTL/3 counted from the last renewal, however many
-            # events about our own key arrive in between.
+            # events about our own key arrive in between; with flanneld's
+            # --subnet-lease-renew-margin, also at least that long before expiry.
             wait = None
             if not own.reservation:
-                wait = max(0.0, last_renewal + max(0.5, own.ttl / 3) - time.monotonic())
+                interval = own.ttl / 3
+                if self.cfg.renew_margin is not None:
+                    interval = min(interval, own.ttl - self.cfg.renew_margin)
+                wait = max(0.0, last_renewal + max(0.5, interval) - time.monotonic())
             why: str | None = None
             try:
                 event = await within(self._own_events.get(), wait)
@@ -840,10 +938,7 @@ class Agent:
                 for rules in self.rules:
                     self._spawn(f"rules-ipv{rules.family}", rules.keeper.run())
                 self._spawn("config", self._config_follower().run())
-                self._notify("READY=1")
-                assert self.own is not None
-                self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")
-                log.info("ready: %d peers programmed", len(watcher.book))
+                self._spawn("readiness", self._readiness())  # READY=1 once all holds
                 await self._supervise(stopping)
         finally:
             tasks = [synced, stopping, *self._tasks]
@@ -1027,6 +1122,7 @@ class Agent:
                 # member that just died times out, and one try would leave the lease behind.
                 await within(self._release_retrying(own), RELEASE_SECONDS)
                 log.info("lease on %s released", own.subnet)
+                await within(self._withdraw_metrics_target(), RELEASE_SECONDS)
             except Exception as exc:
                 log.warning("could not release the lease on %s: %s", own.subnet,
                             exc or "etcd did not answer in time")
