@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -169,7 +170,9 @@ async def agent_problems(addr: tuple[str, int]) -> list[Problem]:
         finally:
             writer.close()
     except (OSError, TimeoutError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer in time"
+        # asyncio's connect error says "Connect call failed (...)": the errno says what.
+        why = (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
+               else "no answer in time")
         return [problem("agent", shown, why,
                         text=f"agent: {shown}: {why} (is leaseagent running?)")]
     head, _, body = answer.decode("utf-8", "replace").partition("\r\n\r\n")
@@ -240,6 +243,12 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     finally:
         await backend.close()
     comparison = compare(spec, observed)
+    for subnet, route in spec.skipped.items():  # the agent skips them too (core.plan)
+        peer = peers[subnet]
+        report.problems.append(problem(
+            "lease", str(subnet), f"overlaps {route.text}",
+            text=f"lease {subnet} ({peer.public_ip}) overlaps this host's {route.text}, which is "
+            "not the agent's: not programmed here; fix the lease or the host"))
     # FLANNEL_MTU is the smallest MTU of the devices in use (the IPv6 one's, over IPv6).
     smallest = min(spec.devices, key=lambda d: d.mtu) if spec.devices else None
     mtu = smallest.mtu if smallest is not None else host.iface_mtu
