@@ -18,6 +18,24 @@ from pathlib import Path
 from leaseagent.errors import ConfigError
 
 
+def exposure(path: Path, *, secret: bool) -> list[str]:
+    """What lets a user other than root and us change `path` (its owner, write bits for
+    its group or others) or, when `secret`, read it (read bits for others): each as a
+    few words for a message, none when it is kept as it should be. Follows symlinks
+    (what is read is the target). OSError if it cannot be examined."""
+    st = path.stat()
+    out = []
+    if st.st_uid not in (0, os.geteuid()):
+        out.append(f"owned by uid {st.st_uid}, not root")
+    if st.st_mode & stat.S_IWOTH:
+        out.append("writable by others")
+    if st.st_mode & stat.S_IWGRP:
+        out.append("writable by its group")
+    if secret and st.st_mode & stat.S_IROTH:
+        out.append("readable by others")
+    return out
+
+
 def refuse_symlink(path: Path) -> None:
     if path.is_symlink():
         raise ConfigError(f"{path} is a symlink; refusing to write through it")

@@ -70,7 +70,7 @@ from leaseagent.core.leases import (
     unusable_ip_reason,
 )
 from leaseagent.core.monitoring import MetricsTarget, published_address
-from leaseagent.core.network import NetworkConfig
+from leaseagent.core.network import NetworkConfig, host_overlap
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
     SubnetEnv,
@@ -91,6 +91,7 @@ from leaseagent.errors import (
     SubnetsExhausted,
 )
 from leaseagent.files import (
+    exposure,
     read_text_if_exists,
     refuse_non_regular,
     refuse_symlink,
@@ -99,6 +100,7 @@ from leaseagent.files import (
 from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
+from leaseagent.store.settings import check_credential_files
 from leaseagent.waiting import within
 
 log = logging.getLogger("leaseagent")
@@ -153,6 +155,14 @@ async def preflight(cfg: AgentConfig) -> HostInfo | None:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{flag}: cannot create {directory}: {exc.strerror}") from None
+    # The state dir holds what identifies this host (VtepMAC, WireGuard's private key):
+    # another user who may write in it could plant or swap them.
+    problems = exposure(cfg.state_dir, secret=False)
+    if problems:
+        raise ConfigError(f"--state-dir: {cfg.state_dir} is {', '.join(problems)}; make it "
+                          "root's and mode 0700 or 0755")
+    for warning in check_credential_files(cfg.etcd):
+        log.warning("%s", warning)
     if cfg.public_ip is not None and not cfg.iface:
         return None  # which interface depends on the backend (alloc needs none)
     from leaseagent.dataplane.host import resolve_host as resolve
@@ -169,7 +179,20 @@ async def resolve_host(cfg: AgentConfig, network: NetworkConfig,
                        host: HostInfo | None = None) -> HostInfo:
     """This host's underlay interface and PublicIP (alloc needs no interface), and its
     PublicIPv6 when the network config has IPv6. `host`: what preflight found already
-    (it ran before the config was known, so IPv6 may still be missing)."""
+    (it ran before the config was known, so IPv6 may still be missing). ConfigError if
+    the Network holds one of this host's addresses or its underlay network."""
+    resolved = await _resolve_host(cfg, network, host)
+    # A Network that holds this host's own addresses would take its underlay (and etcd)
+    # into the overlay: refused here, at start (exit 2) and on a config change (ignored).
+    why = host_overlap(network, resolved.own_addresses())
+    if why:
+        raise ConfigError(f"{why}: a lease there would route this host's own traffic into "
+                          "the overlay; choose a Network apart from the hosts' networks")
+    return resolved
+
+
+async def _resolve_host(cfg: AgentConfig, network: NetworkConfig,
+                        host: HostInfo | None) -> HostInfo:
     want_ipv6 = network.ipv6 is not None
     if host is not None and (host.public_ipv6 is not None or not want_ipv6):
         return host
