@@ -51,7 +51,7 @@ def test_no_ipmasq_in_subnet_env_gives_no_ip_masq_option():
 
 
 def test_an_ipmasq_value_other_than_true_or_false_is_the_scripts_error_unless_m():
-    with pytest.raises(ValueError, match="^Invalid value of FLANNEL_IPMASQ: yes$"):
+    with pytest.raises(ValueError, match=r"^Invalid value of FLANNEL_IPMASQ: yes$"):
         render_docker_env({**ENV, "FLANNEL_IPMASQ": "yes"})
     assert render_docker_env({**ENV, "FLANNEL_IPMASQ": "yes"}, ipmasq=False) == (
         'DOCKER_OPT_BIP="--bip=10.5.34.1/24"\n'
