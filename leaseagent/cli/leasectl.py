@@ -382,9 +382,12 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
         individual, combined = args.individual, args.combined
         if not individual and not combined:
             individual = combined = True
-        text = render_docker_env(env, individual=individual, combined=combined,
-                                 combined_key=args.key, existing=os.environ.get(args.key, ""),
-                                 ipmasq=not args.no_ipmasq)
+        try:
+            text = render_docker_env(env, individual=individual, combined=combined,
+                                     combined_key=args.key, existing=os.environ.get(args.key, ""),
+                                     ipmasq=not args.no_ipmasq)
+        except ValueError as exc:
+            raise LeaseagentError(f"{args.subnet_file}: {exc}") from None
         dest = args.dest or DOCKER_OPTS_FILE
     if dest == "-":
         sys.stdout.write(text)
