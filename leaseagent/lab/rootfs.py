@@ -1,0 +1,175 @@
+"""The systemd lab's cached pieces: a Debian root filesystem and a wheelhouse.
+
+Both are built once and kept under /var/cache/leaseagent-lab/ (outside the
+repository), each in a directory named by a hash of what goes into it, so a
+second run reuses them and a change of recipe builds a new one beside the old.
+
+- The root filesystem (`rootfs()`): Debian bookworm by `debootstrap
+  --variant=minbase`, with systemd as init and what the README's install steps
+  and Docker need (`PACKAGES`), from the mirror of the machine's own apt
+  source. /etc/machine-id is left empty, so each host booted from it gets its
+  own (systemd-nspawn hands the container its --uuid). Built in a
+  `<dir>.partial` directory and renamed when complete: an interrupted build is
+  started over, never used. Hosts never write to it: each boots an overlay of
+  it (leaseagent.lab.machines).
+- The wheelhouse (`wheelhouse(source)`): every wheel `pip install` of the
+  source tree needs (its dependencies at the versions of
+  deploy/constraints.txt, and the build backend), made with `pip wheel` by the
+  machine's pip, so a host installs from it with no network (PIP_NO_INDEX=1,
+  PIP_FIND_LINKS=<dir>). Keyed by the hash of pyproject.toml and the
+  constraints.
+
+`python -m leaseagent.lab.rootfs` builds both and prints their paths and the
+time each took.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from leaseagent.lab.commands import run, tool
+from leaseagent.lab.errors import LabError
+
+log = logging.getLogger("leaseagent.lab")
+
+CACHE = Path("/var/cache/leaseagent-lab")
+SUITE = "bookworm"
+# systemd as PID 1, what the README's install steps need (python3-venv, iptables,
+# ipset, ca-certificates), Docker as Debian ships it, busybox-static for the
+# containers' image, iputils-ping and procps for the checks.
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "iproute2", "iputils-ping", "procps",
+            "python3", "python3-venv", "ca-certificates", "iptables", "ipset", "kmod",
+            "docker.io", "busybox-static")
+# Bump when the build steps below change what ends up in the tree.
+RECIPE = "3"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+def apt_mirror(sources: Sequence[Path] = (Path("/etc/apt/sources.list"),
+                                          Path("/etc/apt/sources.list.d"))) -> str:
+    """The first Debian mirror apt is configured with (one-line or deb822 sources), else
+    deb.debian.org."""
+    files: list[Path] = []
+    for path in sources:
+        files += sorted(path.glob("*")) if path.is_dir() else [path]
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) >= 3 and words[0] == "deb" and words[2].startswith(SUITE):
+                url = words[2 if words[1].startswith("[") else 1]
+                if "security" not in url and url.startswith("http"):
+                    return url.rstrip("/")
+            m = re.match(r"URIs:\s*(\S+)", line)
+            if m and "security" not in m.group(1) and f"Suites: {SUITE}" in text:
+                return m.group(1).rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def rootfs_key(mirror: str) -> str:
+    return hashlib.sha256(
+        "\n".join([RECIPE, SUITE, mirror, *PACKAGES]).encode()).hexdigest()[:16]
+
+
+def rootfs(*, cache: Path = CACHE, mirror: str | None = None) -> Path:
+    """The cached root filesystem, built first if there is none (several minutes)."""
+    mirror = mirror or apt_mirror()
+    target = cache / f"rootfs-{SUITE}-{rootfs_key(mirror)}"
+    if (target / "etc" / "os-release").exists():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    log.info("building the hosts' root filesystem (debootstrap %s from %s) in %s",
+             SUITE, mirror, target)
+    try:
+        run([tool("debootstrap"), "--variant=minbase", f"--include={','.join(PACKAGES)}",
+             SUITE, str(partial), mirror], timeout=1800)
+    except LabError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise LabError(f"debootstrap failed (is {mirror} reachable?): "
+                       f"{str(exc).splitlines()[-1][-300:]}") from exc
+    _prepare(partial)
+    partial.rename(target)
+    log.info("root filesystem built in %.0fs", time.monotonic() - started)
+    return target
+
+
+def _prepare(tree: Path) -> None:
+    """What every host's first boot needs from the image, the same for all of them."""
+    # Empty: systemd takes the container's --uuid as this boot's machine id and keeps it.
+    (tree / "etc" / "machine-id").write_text("")
+    (tree / "var" / "lib" / "dbus" / "machine-id").unlink(missing_ok=True)
+    # Nothing talks to a package mirror from a lab host.
+    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+        link = tree / "etc" / "systemd" / "system" / "timers.target.wants" / unit
+        link.unlink(missing_ok=True)
+    # The lab writes the host's network setup itself; no getty on the console.
+    (tree / "etc" / "systemd" / "system" / "console-getty.service").symlink_to("/dev/null")
+    shutil.rmtree(tree / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+    (tree / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True)
+
+
+def wheelhouse(source: Path, *, cache: Path = CACHE) -> Path:
+    """A directory of wheels from which `pip install <source>` runs with no index."""
+    pyproject = (source / "pyproject.toml").read_bytes()
+    constraints_file = source / "deploy" / "constraints.txt"
+    constraints = constraints_file.read_bytes()
+    key = hashlib.sha256(pyproject + b"\0" + constraints).hexdigest()[:16]
+    target = cache / f"wheels-{key}"
+    if (target / ".complete").exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    started = time.monotonic()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    try:
+        # The build backend (pip's isolated build fetches it), then the dependencies.
+        backend = re.findall(rb'requires\s*=\s*\[([^\]]*)\]', pyproject)
+        build_reqs = [r.decode() for r in re.findall(rb'"([^"]+)"', backend[0])] if backend else []
+        run([*pip, "wheel", "-w", str(target), "-c", str(constraints_file), *build_reqs,
+             "wheel"], timeout=600)
+        run([*pip, "wheel", "-w", str(target), "-c", str(constraints_file), str(source)],
+            timeout=600)
+    except LabError:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    # The project's own wheel goes: the host builds it from its source tree.
+    for own in target.glob("leaseagent-*.whl"):
+        own.unlink()
+    (target / ".complete").write_text("")
+    log.info("wheelhouse built in %.0fs", time.monotonic() - started)
+    return target
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="lab: %(message)s")
+    if os.geteuid() != 0:
+        print("lab: needs root (debootstrap)", file=sys.stderr)
+        return 2
+    source = Path(argv[0]) if argv else Path(__file__).resolve().parents[2]
+    try:
+        started = time.monotonic()
+        print(rootfs(), f"({time.monotonic() - started:.0f}s)")
+        started = time.monotonic()
+        print(wheelhouse(source), f"({time.monotonic() - started:.0f}s)")
+    except LabError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
