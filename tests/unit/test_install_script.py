@@ -120,7 +120,8 @@ def test_docker_drop_in_keeps_the_installed_dockerd_command(tmp_path: Path):
         "ExecStart=",
         "ExecStart=/usr/bin/dockerd -H fd:// --containerd=/run/c.sock --log-level=warn "
         "$DOCKER_NETWORK_OPTIONS"]
-    assert "EnvironmentFile=/run/leaseagent/docker_opts.env" in dropin
+    assert "EnvironmentFile=-/run/leaseagent/docker_opts.env" in dropin
+    assert not [line for line in dropin.splitlines() if line.startswith("Requires=")]
 
 
 def test_the_installed_completion_is_what_leasectl_generates():

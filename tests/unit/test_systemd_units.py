@@ -43,8 +43,9 @@ def test_unit_is_notify_with_watchdog_and_hardening():
     assert d["Restart"] == ["always"]
     assert int(d["WatchdogSec"][0]) > 0
     assert d["EnvironmentFile"] == ["-/etc/default/leaseagent"]
-    assert d["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
-    assert d["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
+    # iptables' set match needs CAP_NET_RAW (tests/e2e/test_unit_capabilities.py).
+    assert d["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
+    assert d["AmbientCapabilities"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "SystemCallFilter": "@system-service",
                        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK"}.items():
@@ -84,11 +85,50 @@ def test_the_shipped_defaults_file_sets_nothing_and_names_only_real_settings():
 
 def test_docker_drop_in_orders_after_the_agent_and_adds_the_network_options():
     d = _directives(SYSTEMD / "docker.service.d" / "leaseagent.conf")
-    assert "leaseagent.service" in d["After"][0]
-    assert d["EnvironmentFile"] == ["/run/leaseagent/docker_opts.env"]
+    assert d["After"] == ["leaseagent.service"]
+    # Docker starts without the options file too (its own default bridge): an agent not
+    # configured, failed or not ready yet never keeps Docker down.
+    assert d["EnvironmentFile"] == ["-/run/leaseagent/docker_opts.env"]
     assert d["ExecStart"][0] == ""  # clears the packaged ExecStart first
     # Debian's docker.io command, the operator's $DOCKER_OPTS kept, ours added.
     assert d["ExecStart"][1].endswith("$DOCKER_OPTS $DOCKER_NETWORK_OPTIONS")
+
+
+def test_docker_never_depends_on_the_agent():
+    """Nothing that stops or restarts Docker with the agent (Requires=, BindsTo=, PartOf=:
+    a restart, crash, watchdog kill or exit 2 of the agent would take the containers
+    down), nor that starts the agent with Docker (Wants=, Requires=: a `systemctl restart
+    docker` would wait for an unconfigured agent, a socket-activated Docker would start a
+    failed one again and again)."""
+    d = _directives(SYSTEMD / "docker.service.d" / "leaseagent.conf")
+    for key in ("Requires", "Requisite", "BindsTo", "PartOf", "Wants", "Upholds",
+                "PropagatesReloadTo", "PropagatesStopTo", "StopPropagatedFrom"):
+        assert key not in d, key
+    unit = _directives(SYSTEMD / "leaseagent.service")
+    for key in ("RequiredBy", "BoundBy", "ConsistsOf", "PropagatesStopTo",
+                "PropagatesReloadTo", "OnFailure"):
+        assert key not in unit, key
+    assert unit["Before"] == ["docker.service"]  # the same order, said from both sides
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_docker_drop_in_verifies_on_a_docker_service(tmp_path):
+    """systemd-analyze reads docker.service with the drop-in beside it (a stand-in for
+    docker.io's unit: its ExecStart= and socket) and finds nothing wrong in the drop-in."""
+    units = tmp_path / "units"
+    (units / "docker.service.d").mkdir(parents=True)
+    true = shutil.which("true")
+    (units / "docker.service").write_text(
+        f"[Unit]\nDescription=stand-in\n[Service]\nType=notify\nExecStart={true}\n")
+    dropin = (SYSTEMD / "docker.service.d" / "leaseagent.conf").read_text()
+    dropin = dropin.replace("/usr/sbin/dockerd", true)
+    (units / "docker.service.d" / "leaseagent.conf").write_text(dropin)
+    result = subprocess.run(["systemd-analyze", "verify", str(units / "docker.service")],
+                            capture_output=True, text=True, check=False,
+                            env={"SYSTEMD_UNIT_PATH": f"{units}:", "PATH": "/usr/bin:/bin"})
+    problems = [line for line in result.stderr.splitlines()
+                if "leaseagent.conf" in line or "docker.service:" in line]
+    assert not problems, result.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
