@@ -45,7 +45,6 @@ import logging
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -55,7 +54,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-from leaseagent.lab import docker, machines, netns, rootfs, teardown
+from leaseagent.lab import docker, machines, rootfs, teardown
 from leaseagent.lab.errors import LabError, LabExists
 from leaseagent.lab.etcd import Etcd
 from leaseagent.lab.machines import Machine
@@ -69,7 +68,6 @@ SOURCE = Path(__file__).resolve().parents[2]
 README_SECTION = "## Install on a real host"
 SOURCE_IN_HOST = "/usr/src/leaseagent"  # where the README clones the repository
 WHEELS_IN_HOST = "/var/cache/leaseagent/wheels"
-IMAGE_IN_HOST = "/var/cache/leaseagent-lab/busybox.tar"
 ETCD_URL = f"http://{ETCD_IP}:{ETCD_PORTS[0]}"
 # The README's example values -> the lab's.
 SUBSTITUTIONS = (
@@ -83,6 +81,8 @@ WATCHDOG_DROPIN = ("/etc/systemd/system/leaseagent.service.d/lab-watchdog.conf",
                    f"# deploy/lab hosts: a short watchdog for its SIGSTOP check\n"
                    f"[Service]\nWatchdogSec={WATCHDOG_SEC}\n")
 CONTAINERS = ("c1", "c2")
+# pip without an index, from the wheelhouse: what the README says an offline host sets.
+OFFLINE = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS_IN_HOST}
 DEFAULT_NAME = "hosts"
 
 
@@ -116,10 +116,10 @@ def install_steps(readme: Path = SOURCE / "README.md") -> list[Step]:
     """The fenced blocks of README.md's "Install on a real host" (up to its first
     subsection), in order."""
     text = readme.read_text()
-    start = text.find(f"\n{README_SECTION}\n")
-    if start < 0:
+    start = re.search(rf"^{re.escape(README_SECTION)}$", text, flags=re.M)
+    if start is None:
         raise LabError(f"{readme}: no section {README_SECTION!r}")
-    section = text[start + 1:]
+    section = text[start.start():]
     end = re.search(r"\n##+ ", section[len(README_SECTION):])
     if end:
         section = section[: len(README_SECTION) + end.start()]
@@ -227,21 +227,17 @@ class HostLab:
         started = time.monotonic()
         image = rootfs.rootfs()
         wheels = rootfs.wheelhouse(SOURCE)
-        tarball = docker.image_tarball()
         self.timing.rootfs = time.monotonic() - started
         self.state.create()
-        (self.state.path / "kind").write_text("hosts\n")
+        self._save(image, wheels, hosts)
         self.topology.make_underlay()
         self.etcd.start(timeout=30)
         for i in range(1, hosts + 1):
             host = self.topology.host(i, self.state.host_dir(i))
             host.dir.mkdir(parents=True)
-            self.hosts[i] = host
             self.topology.make_host(host, forwarding=False)
-            m = Machine(name=f"{self.name}-h{i}", ns=host.ns, dir=host.dir, rootfs=image,
-                        binds_ro=[(wheels, WHEELS_IN_HOST)])
-            self.machines[i] = m
-            self._stage(m, tarball)
+            m = self._machine(host, image, wheels)
+            self._stage(m)
         boot_started = time.monotonic()
         for m in self.machines.values():
             m.start()
@@ -256,17 +252,47 @@ class HostLab:
                 f.result()
         self.timing.up = time.monotonic() - started
 
-    def _stage(self, m: Machine, tarball: Path) -> None:
+    def _machine(self, host: Host, image: Path, wheels: Path) -> Machine:
+        m = Machine(name=f"{self.name}-{host.name}", ns=host.ns, dir=host.dir, rootfs=image,
+                    binds_ro=[(wheels, WHEELS_IN_HOST)])
+        self.hosts[host.index] = host
+        self.machines[host.index] = m
+        return m
+
+    @property
+    def _state_file(self) -> Path:
+        return self.state.path / "hosts.json"
+
+    def _save(self, image: Path, wheels: Path, hosts: int) -> None:
+        self._state_file.write_text(json.dumps(
+            {"kind": "systemd hosts", "rootfs": str(image), "wheels": str(wheels),
+             "hosts": hosts}) + "\n")
+
+    @classmethod
+    def load(cls, name: str = DEFAULT_NAME, *, state_root: Path = STATE_ROOT) -> HostLab:
+        """The lab `up` built (possibly in another process)."""
+        lab = cls(name, state_root=state_root)
+        try:
+            doc = json.loads(lab._state_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise LabError(f"no systemd lab {name!r} ({lab._state_file}: {exc})") from exc
+        for i in range(1, int(doc["hosts"]) + 1):
+            lab._machine(lab.topology.host(i, lab.state.host_dir(i)), Path(doc["rootfs"]),
+                         Path(doc["wheels"]))
+        lab.etcd.attach()
+        return lab
+
+    def _stage(self, m: Machine) -> None:
         """What the lab puts on a host's disk before its first boot: the source tree
-        where the README clones it, the containers' image, the watchdog drop-in."""
+        where the README clones it, its name, the watchdog drop-in."""
         dest = m.root_upper(SOURCE_IN_HOST)
         for rel in source_files():
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(SOURCE / rel, target, follow_symlinks=False)
-        image = m.root_upper(IMAGE_IN_HOST)
-        image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(tarball, image)
+        # The image has the build machine's; a host's name is its machine's.
+        m.root_upper("/etc/hostname").parent.mkdir(parents=True, exist_ok=True)
+        m.root_upper("/etc/hostname").write_text(f"{m.name}\n")
         path, content = WATCHDOG_DROPIN
         dropin = m.root_upper(path)
         dropin.parent.mkdir(parents=True, exist_ok=True)
@@ -280,9 +306,13 @@ class HostLab:
             if step.once and i != 1:
                 continue
             log.info("h%d: README step %d", i, step.number)
-            out = m.sh(step.script, timeout=timeout)
+            out = m.sh(step.script, timeout=timeout, env={**OFFLINE, "LEASEAGENT_ETCD_ENDPOINTS": ETCD_URL})  # DEVHACK
             log.debug("h%d: step %d:\n%s", i, step.number, out)
-        m.sh(f"docker import {IMAGE_IN_HOST} {docker.IMAGE} >/dev/null")
+        # The image: the host's own busybox-static, as leaseagent.lab.docker makes it.
+        applets = " ".join(docker.APPLETS)
+        m.sh("img=$(mktemp -d) && mkdir \"$img/bin\" && cp /bin/busybox \"$img/bin/\" && "
+             f"for a in {applets}; do ln -s busybox \"$img/bin/$a\"; done && "
+             f"tar -C \"$img\" -c . | docker import - {docker.IMAGE} >/dev/null && rm -r \"$img\"")
         for c in CONTAINERS:
             m.exec(["docker", "run", "-d", "--restart", "always", "--stop-timeout", "1",
                     "--name", c, "--hostname", f"h{i}-{c}", docker.IMAGE, "sleep", "1000000000"])
@@ -555,4 +585,3 @@ def check(lab: HostLab, names: Sequence[str] | None = None) -> list[Result]:
     return results
 
 
-__all__ = ["CHECKS", "HostLab", "Result", "Step", "check", "install_steps", "signal"]

@@ -89,11 +89,13 @@ def hierarchies() -> list[Path]:
 class Machine:
     """One systemd-booted host: its paths, nspawn command line, life cycle and commands."""
 
-    def __init__(self, *, name: str, ns: str, dir: Path, rootfs: Path) -> None:
+    def __init__(self, *, name: str, ns: str, dir: Path, rootfs: Path,
+                 binds_ro: Sequence[tuple[Path, str]] = ()) -> None:
         self.name = name  # the machine's name: lab name and host, e.g. "hosts-h1"
         self.ns = ns
         self.dir = dir
         self.rootfs = rootfs
+        self.binds_ro = list(binds_ro)  # (outside, inside): read-only in the machine
         self.uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"leaseagent-lab:{name}")
 
     # ---------------------------------------------------------------- paths
@@ -114,6 +116,11 @@ class Machine:
     def docker_dir(self) -> Path:
         return self.dir / "var-lib-docker"
 
+    def root_upper(self, path: str) -> Path:
+        """Where `path` of the machine is in its overlay's upper layer: a file put there
+        before the first boot is the machine's own, the cached root stays untouched."""
+        return self.dir / "upper" / path.lstrip("/")
+
     def cgroups(self) -> list[Path]:
         return [h / CGROUP_PARENT / self.name for h in hierarchies()]
 
@@ -127,6 +134,7 @@ class Machine:
             "--capability=all", "--system-call-filter=add_key keyctl bpf",
             "--register=no", "--keep-unit", "--console=pipe",
             f"--bind={self.docker_dir}:/var/lib/docker",
+            *(f"--bind-ro={outside}:{inside}" for outside, inside in self.binds_ro),
         ]
 
     def _mount_root(self) -> None:
@@ -248,7 +256,7 @@ class Machine:
                 from exc
         if check and r.returncode != 0:
             raise LabError(f"{self.name}: {' '.join(argv)}: exit {r.returncode}: "
-                           f"{(r.stderr or r.stdout).strip()[-2000:]}")
+                           f"{(r.stdout + r.stderr).strip()[-2000:]}")
         return r
 
     def sh(self, script: str, *, check: bool = True, timeout: float = 60,
@@ -281,8 +289,9 @@ def remove_leftovers(name: str, dir: Path) -> list[str]:
         cg = hierarchy / CGROUP_PARENT / name
         if cg.is_dir():
             # The container's systemd made cgroups below ours: deepest first.
-            for sub in sorted((p for p in cg.rglob("*") if p.is_dir()),
-                              key=lambda p: len(p.parts), reverse=True) + [cg]:
+            subs = sorted((p for p in cg.rglob("*") if p.is_dir()),
+                          key=lambda p: len(p.parts), reverse=True)
+            for sub in [*subs, cg]:
                 try:
                     sub.rmdir()
                 except OSError as exc:
@@ -297,3 +306,18 @@ def remove_leftovers(name: str, dir: Path) -> list[str]:
                 f.unlink()
             propagate.rmdir()
     return warnings
+
+
+def inits(state_path: Path) -> list[Process]:
+    """The inits of the machines whose nspawn a pid file under `state_path` records."""
+    found = []
+    for pid_file in sorted(state_path.glob("h*/machine.pid")):
+        proc = processes.running(pid_file)
+        if proc is None:
+            continue
+        with contextlib.suppress(OSError):
+            for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                start = processes.start_time(int(child))
+                if start is not None:
+                    found.append(Process(int(child), start))
+    return found

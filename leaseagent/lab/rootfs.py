@@ -14,8 +14,9 @@ second run reuses them and a change of recipe builds a new one beside the old.
   it (leaseagent.lab.machines).
 - The wheelhouse (`wheelhouse(source)`): every wheel `pip install` of the
   source tree needs (its dependencies at the versions of
-  deploy/constraints.txt, and the build backend), made with `pip wheel` by the
-  machine's pip, so a host installs from it with no network (PIP_NO_INDEX=1,
+  deploy/constraints.txt, and the build backend), made by the README's own
+  command (`pip wheel ... setuptools wheel <source>`, "Install on a real
+  host", step 1), so a host installs from it with no network (PIP_NO_INDEX=1,
   PIP_FIND_LINKS=<dir>). Keyed by the hash of pyproject.toml and the
   constraints.
 
@@ -65,21 +66,32 @@ def apt_mirror(sources: Sequence[Path] = (Path("/etc/apt/sources.list"),
             text = path.read_text()
         except OSError:
             continue
-        for line in text.splitlines():
-            words = line.split()
-            if len(words) >= 3 and words[0] == "deb" and words[2].startswith(SUITE):
-                url = words[2 if words[1].startswith("[") else 1]
-                if "security" not in url and url.startswith("http"):
-                    return url.rstrip("/")
-            m = re.match(r"URIs:\s*(\S+)", line)
-            if m and "security" not in m.group(1) and f"Suites: {SUITE}" in text:
-                return m.group(1).rstrip("/")
+        for url, suites in _sources(text):
+            if SUITE in suites and "security" not in url and url.startswith("http"):
+                return url.rstrip("/")
     return DEFAULT_MIRROR
 
 
-def rootfs_key(mirror: str) -> str:
+def _sources(text: str) -> list[tuple[str, list[str]]]:
+    """(URL, suites) of each deb source: one-line `deb [options] URL suite ...` entries
+    and deb822 paragraphs (Types: deb, URIs:, Suites:)."""
+    found = []
+    for line in text.splitlines():
+        words = re.sub(r"\[[^\]]*\]", "", line.split("#")[0]).split()
+        if len(words) >= 3 and words[0] == "deb":
+            found.append((words[1], [words[2]]))
+    for paragraph in re.split(r"\n\s*\n", text):
+        fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", paragraph, flags=re.M))
+        if "deb" in fields.get("Types", "").split():
+            for url in fields.get("URIs", "").split():
+                found.append((url, fields.get("Suites", "").split()))
+    return found
+
+
+def rootfs_key(mirror: str, packages: Sequence[str] = PACKAGES) -> str:
+    """What names a built root filesystem: the recipe, suite, mirror and packages."""
     return hashlib.sha256(
-        "\n".join([RECIPE, SUITE, mirror, *PACKAGES]).encode()).hexdigest()[:16]
+        "\n".join([RECIPE, SUITE, mirror, *packages]).encode()).hexdigest()[:16]
 
 
 def rootfs(*, cache: Path = CACHE, mirror: str | None = None) -> Path:
@@ -134,21 +146,14 @@ def wheelhouse(source: Path, *, cache: Path = CACHE) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     started = time.monotonic()
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # The README's offline install (step 1): the build backend and every dependency.
+    argv = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "wheel",
+            "-w", str(target), "-c", str(constraints_file), "setuptools", "wheel", str(source)]
     try:
-        # The build backend (pip's isolated build fetches it), then the dependencies.
-        backend = re.findall(rb'requires\s*=\s*\[([^\]]*)\]', pyproject)
-        build_reqs = [r.decode() for r in re.findall(rb'"([^"]+)"', backend[0])] if backend else []
-        run([*pip, "wheel", "-w", str(target), "-c", str(constraints_file), *build_reqs,
-             "wheel"], timeout=600)
-        run([*pip, "wheel", "-w", str(target), "-c", str(constraints_file), str(source)],
-            timeout=600)
+        run(argv, timeout=600)
     except LabError:
         shutil.rmtree(target, ignore_errors=True)
         raise
-    # The project's own wheel goes: the host builds it from its source tree.
-    for own in target.glob("leaseagent-*.whl"):
-        own.unlink()
     (target / ".complete").write_text("")
     log.info("wheelhouse built in %.0fs", time.monotonic() - started)
     return target
