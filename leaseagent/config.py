@@ -221,7 +221,7 @@ def default_node_id() -> str:
     return machine_id or socket.gethostname()
 
 
-def _parse_hostport(name: str, raw: str) -> tuple[str, int]:
+def parse_hostport(name: str, raw: str) -> tuple[str, int]:
     host, sep, port = raw.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{name}={raw!r}: must be HOST:PORT")
@@ -372,7 +372,7 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         lease_ttl=ttl,
         release_on_exit=bool(ns.release_on_exit),
         node_id=node_id,
-        metrics_addr=(_parse_hostport(source(ns, "--metrics-addr"), ns.metrics_addr)
+        metrics_addr=(parse_hostport(source(ns, "--metrics-addr"), ns.metrics_addr)
                       if ns.metrics_addr else None),
         log_level=ns.log_level,
         log_format=ns.log_format,

@@ -131,6 +131,24 @@ class _AsyncioCollector(Collector):
                                 "own included)", value=len(tasks))
 
 
+class _ReadyCollector(Collector):
+    """Whether /readyz would answer 200 now, asked of the agent at each scrape (the same
+    decision, leaseagent.agent.daemon.Agent.not_ready_reason), so a Prometheus needs no
+    probe of its own to alert on an agent that is up but not ready."""
+
+    def __init__(self, ready: Callable[[], Callable[[], bool] | None]) -> None:
+        self._ready = ready
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = self._ready()
+        if ready is None:
+            return
+        yield GaugeMetricFamily("leaseagent_ready",
+                                "1 while /readyz answers 200 (lease held, subnet.env written, "
+                                "data plane and traffic rules in place, no identity conflict)",
+                                value=1 if ready() else 0)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         from leaseagent import __version__
@@ -147,6 +165,10 @@ class Metrics:
         self.lease_expiry = Gauge(
             "leaseagent_lease_expiry_timestamp_seconds",
             "When this host's lease expires unless renewed, as a Unix time (+Inf: a reservation)",
+            registry=r)
+        self.lease_ttl = Gauge(
+            "leaseagent_lease_ttl_seconds",
+            "The TTL of this host's lease; it is renewed every TTL/3 (+Inf: a reservation)",
             registry=r)
         self.identity_conflict = Gauge(
             "leaseagent_identity_conflict",
@@ -217,6 +239,8 @@ class Metrics:
         self._rules: dict[int, RulesStatus] = {}  # by family
         r.register(_RulesCollector(lambda: self._rules))
         r.register(_AsyncioCollector())
+        self._ready: Callable[[], bool] | None = None
+        r.register(_ReadyCollector(lambda: self._ready))
 
     def set_identity(self, *, public_ip: str, node_id: str, backend: str) -> None:
         self._identity = {"public_ip": public_ip, "node_id": node_id, "backend": backend}
@@ -233,6 +257,10 @@ class Metrics:
     def drop_rules(self, family: int) -> None:
         """Stop exporting `family`'s traffic rules (that family is no longer in use)."""
         self._rules.pop(family, None)
+
+    def export_readiness(self, ready: Callable[[], bool]) -> None:
+        """Export `ready()` (asked at each scrape) as leaseagent_ready from now on."""
+        self._ready = ready
 
     def export_dataplane(self, status: DataPlaneStatus) -> None:
         """Export the data plane's status (read at each scrape) from now on."""

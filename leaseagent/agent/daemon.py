@@ -21,9 +21,14 @@ kernel as it is and is retried with capped jittered backoff
 (leaseagent.retrying), logged once per state change; stopping never removes
 kernel state; --release-on-exit revokes the lease.
 
-Readiness (/readyz) is decided from state: the lease held, subnet.env
-written, the first complete listing applied, and the data plane's own
-status (`backend.status.in_sync`); metrics are exported from the same state.
+Readiness (/readyz, READY=1, STATUS=) is decided from state, in one place
+(`not_ready_reason`): the lease held, subnet.env written, the first complete
+listing applied, the data plane's own status (`backend.status.in_sync`) and
+every family's traffic rules in place (a rule that cannot be written names
+the command and what the tool or kernel said). READY=1 is sent the first
+time all of that holds, not merely once the start-up line is done; from then
+on STATUS= tells the current state and peer count (`_report`). Metrics are
+exported from the same state.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
+from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
@@ -63,6 +69,7 @@ from leaseagent.core.leases import (
     decode_lease_value,
     unusable_ip_reason,
 )
+from leaseagent.core.monitoring import MetricsTarget, published_address
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
@@ -108,6 +115,8 @@ class FamilyRules:
 
 
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
+# How often readiness is looked at once started (STATUS=, READY=1): it is cheap (state only).
+READINESS_SECONDS = 0.5
 # While another agent has this host's identity, its key is read at most this far apart.
 CONFLICT_CHECK_SECONDS = 60.0
 
@@ -204,6 +213,7 @@ class Agent:
             lambda nftables, family: firewall(nftables=nftables, family=family))
         self.store = store
         self.metrics = metrics or Metrics()
+        self.metrics.export_readiness(lambda: self.not_ready_reason() is None)
         m = self.metrics
         zero(m.watch_events, "type", (t.value for t in EventType))
         zero(m.relists, "reason", RELIST_REASONS)
@@ -216,10 +226,14 @@ class Agent:
         self._notify = notify
         self._host = host
         self._rng = rng or random.Random()
-        self.states = StateLog(log, on_change=self._status)
+        self.states = StateLog(log, on_change=self._on_state_change)
         self.layout = KeyLayout(cfg.prefix)
         self.own: OwnLease | None = None
         self.lease_held = False  # False while a lost lease is being taken back
+        # When our etcd lease runs out unless renewed, by this host's clock (loop time), and
+        # whether it has: etcd unreachable past it (leaseagent_lease_held drops to 0).
+        self._lease_runs_out = math.inf
+        self._lease_ran_out = False
         self.network: NetworkConfig | None = None
         self.backend: DataPlane | None = None
         # Traffic rules per address family in use (leaseagent.dataplane.firewall).
@@ -244,6 +258,10 @@ class Agent:
         self._tasks_changed = asyncio.Event()
         self.config_revision = 0  # etcd revision of the network config in force
         self._foreign = 0  # peers of another backend type, as last reported
+        self.ready_sent = False  # READY=1 went to systemd (once: the start is over)
+        self._reporting = False  # the start-up line is done: `_report` owns STATUS=
+        self._status_text = ""  # the last STATUS= sent
+        self._not_ready: str | None = "starting"  # the reason last reported
 
     # --- readiness, for /readyz --------------------------------------------------
 
@@ -306,12 +324,81 @@ class Agent:
                        vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
 
     def _status(self, text: str) -> None:
-        """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
-        self._notify("STATUS=" + text.replace("\n", " ")[:200])
+        """What the agent is doing, for `systemctl status` (STATUS=, one line: escaped, so
+        a name from etcd cannot add a line such as READY=1 or MAINPID= to the message)."""
+        text = escaped(text)[:200]
+        self._status_text = text
+        self._notify("STATUS=" + text)
+
+    def _on_state_change(self, text: str) -> None:
+        """A state change StateLog logged: STATUS= says it during the start-up; after it,
+        the summary (which holds etcd's state as well) says what is."""
+        if self._reporting:
+            self._report()
+        else:
+            self._status(text)
+
+    def summary(self) -> str:
+        """One line for STATUS=: ready or why not, the lease, the current peer count."""
+        reason = self.not_ready_reason()
+        peers = len(self.watcher.peers) if self.watcher is not None else 0
+        lease = f"lease {self.own.subnet}" if self.own is not None else "no lease"
+        etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
+        if reason is None:
+            return f"ready: {lease}, {peers} peers{etcd}"
+        return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
+
+    def _report(self) -> None:
+        """Readiness to systemd and the log, from state: READY=1 the first time the agent
+        is ready; a line when it stops or starts being ready; STATUS= when it changes."""
+        reason = self.not_ready_reason()
+        if reason != self._not_ready:
+            peers = len(self.watcher.peers) if self.watcher is not None else 0
+            if reason is None:
+                log.info("ready: %d peers programmed", peers)
+            else:
+                log.warning("not ready: %s", reason)
+            self._not_ready = reason
+        if reason is None and not self.ready_sent:
+            self._notify("READY=1")
+            self.ready_sent = True
+        text = self.summary()
+        if escaped(text)[:200] != self._status_text:  # as `_status` sends it
+            self._status(text)
+
+    async def _readiness(self) -> None:
+        """Report readiness (`_report`) every READINESS_SECONDS: the data plane's and the
+        rules' keepers change their state in their own tasks."""
+        self._reporting = True
+        while True:
+            self._report()
+            await asyncio.sleep(READINESS_SECONDS)
 
     def _set_lease_held(self, held: bool) -> None:
         self.lease_held = held
-        self.metrics.lease_held.set(1 if held else 0)
+        self._show_lease_held()
+
+    def _show_lease_held(self) -> None:
+        """leaseagent_lease_held: 1 while the lease is held, also by its TTL (an etcd
+        outage longer than the TTL since the last renewal: it can no longer be held)."""
+        self.metrics.lease_held.set(1 if self.lease_held and not self._lease_ran_out else 0)
+
+    def _lease_renewed(self, own: OwnLease, *, at: float, ttl: int) -> None:
+        """Our etcd lease holds for `ttl` seconds from loop time `at` (a grant or renewal
+        sent then)."""
+        self._lease_runs_out = math.inf if own.reservation else at + ttl
+        self._lease_ran_out = False
+        self._show_lease_held()
+
+    def _ran_out(self, own: OwnLease) -> None:
+        """No renewal reached etcd within the TTL: the lease is gone by our clock (etcd
+        may hand the subnet to another host). The kernel stays as it is; the holder takes
+        the lease back when etcd answers."""
+        self._lease_ran_out = True
+        self._show_lease_held()
+        log.warning("lease on %s ran out by this host's clock (not renewed within its %ds "
+                    "TTL); keeping the data plane, taking it back when etcd answers",
+                    own.subnet, own.ttl)
 
     # --- start-up ------------------------------------------------------------------
 
@@ -361,15 +448,45 @@ class Agent:
         assert own is not None
         self._etcd_up()
         await self._take(own, first=True)
+        await self._publish_metrics_target(host)
         self.watcher = LeaseWatcher(
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
             metrics=self.metrics, on_peers=self._on_peers,
+            # The watch is often the first to find etcd gone (renewals may be hours apart).
+            on_unavailable=self._etcd_down, on_listed=lambda: self._etcd_up(listed=True),
             # With the key it is about: the holder may have moved our key since.
             on_own=lambda kv, rev: self._own_events.put_nowait(
                 (self.own.key if self.own else None, kv, rev)),
             node_id=cfg.node_id, on_twin=self._own_events.put_nowait,
             hold_seconds=cfg.peer_hold_time, first=leasing.take_listing())
+
+    async def _publish_metrics_target(self, host: HostInfo) -> None:
+        """Say in etcd where this agent's /metrics is, for `leasectl prometheus-targets`
+        (leaseagent.core.monitoring): written only when it differs; a stale entry of
+        this node is removed when the address is not one another host could scrape."""
+        cfg = self.cfg
+        key = self.layout.metrics_key(cfg.node_id)
+        address = (published_address(*cfg.metrics_addr, host.public_ip)
+                   if cfg.metrics_addr is not None else None)
+        value = (MetricsTarget(node_id=cfg.node_id, address=address,
+                               public_ip=str(host.public_ip)).encode()
+                 if address is not None else None)
+        async for attempt in retrying(on_retry=self._etcd_down):
+            with attempt:
+                current = await self.store.get(key)
+                if value is not None and (current is None or current.value != value):
+                    await self.store.put(key, value)
+                    log.info("metrics address %s published at %s", address, key)
+                elif value is None and current is not None:
+                    await self.store.delete(key, mod_revision=current.mod_revision)
+                    log.info("metrics address no longer published (%s is not reachable "
+                             "from other hosts): %s deleted", "--metrics-addr", key)
+
+    async def _withdraw_metrics_target(self) -> None:
+        """This host leaves on purpose (--release-on-exit): it is no longer a target."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.delete(self.layout.metrics_key(self.cfg.node_id))
 
     def _new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
         """A data plane of `network`'s backend type for `host`, its status exported."""
@@ -403,7 +520,9 @@ class Agent:
         changed = self.own is not None and self.own.key != own.key
         self.own = own
         self._set_lease_held(True)
+        self._lease_renewed(own, at=asyncio.get_running_loop().time(), ttl=own.ttl)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
+        self.metrics.lease_ttl.set(math.inf if own.reservation else own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
                         ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
                         ipv6_subnet=own.ipv6_subnet).render()
@@ -441,6 +560,8 @@ class Agent:
                 self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
         self._log_peer_changes(changes, len(peers))
         self._report_rollout()
+        if self._reporting:
+            self._report()  # the peer count in STATUS= at once
 
     async def _program_all(self) -> None:
         """Every family's traffic rules and the data plane for the whole peer set, the
@@ -488,9 +609,12 @@ class Agent:
         self.states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
                         level=logging.WARNING)
 
-    def _etcd_up(self) -> None:
+    def _etcd_up(self, *, listed: bool = False) -> None:
+        """etcd answered; `listed`: with a complete listing of the leases (nothing to
+        list again)."""
         self.metrics.etcd_up.set(1)
-        if self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None:
+        if (self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None
+                and not listed):
             # A stream that lived through the outage may be half-open: list again.
             self.watcher.request_relist("etcd_recovered")
 
@@ -670,10 +794,20 @@ class Agent:
 
         # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it is gone).
         ttl = 0
-        async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
-            with attempt:
-                ttl = await self.leasing.keepalive(own)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        runs_out = (loop.call_at(self._lease_runs_out, self._ran_out, own)
+                    if math.isfinite(self._lease_runs_out) else None)
+        try:
+            async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
+                with attempt:
+                    sent = loop.time()
+                    ttl = await self.leasing.keepalive(own)
+        finally:
+            if runs_out is not None:
+                runs_out.cancel()
         self.metrics.renewals.inc()
+        self._lease_renewed(own, at=sent, ttl=ttl)
         self.metrics.lease_expiry.set(time.time() + ttl)
         self._etcd_up()
         if failed:
@@ -721,10 +855,7 @@ class Agent:
                 for rules in self.rules:
                     self._spawn(f"rules-ipv{rules.family}", rules.keeper.run())
                 self._spawn("config", self._config_follower().run())
-                self._notify("READY=1")
-                assert self.own is not None
-                self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")
-                log.info("ready: %d peers programmed", len(watcher.book))
+                self._spawn("readiness", self._readiness())  # READY=1 once all holds
                 await self._supervise(stopping)
         finally:
             tasks = [synced, stopping, *self._tasks]
@@ -903,6 +1034,7 @@ class Agent:
                 # member that just died times out, and one try would leave the lease behind.
                 await within(self._release_retrying(own), RELEASE_SECONDS)
                 log.info("lease on %s released", own.subnet)
+                await within(self._withdraw_metrics_target(), RELEASE_SECONDS)
             except Exception as exc:
                 log.warning("could not release the lease on %s: %s", own.subnet,
                             exc or "etcd did not answer in time")

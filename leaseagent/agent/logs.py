@@ -6,6 +6,11 @@ peer added/removed, drift repaired), never one per retry attempt:
 last state logged for `topic`, and hands the line to `on_change` (the agent
 sends it to systemd as STATUS=, so `systemctl status` says what it waits for).
 
+Every text line is one line whatever it holds: the message is escaped
+(leaseagent.core.escaping), so a key name or NodeID from etcd with a newline
+or an ESC in it cannot forge a line or drive the reader's terminal. JSON
+lines are escaped by json.dumps.
+
 JSON lines carry this host's identity as fields (`public_ip`, `node_id`,
 `subnet`) once known (`set_context`), so a log pipeline can select a host
 without parsing messages.
@@ -19,6 +24,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from leaseagent.core.escaping import escaped
 
 # Fields every JSON line carries once known (this host's identity and subnet).
 _CONTEXT: dict[str, str] = {}
@@ -48,12 +55,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class TextFormatter(logging.Formatter):
+    """`time LEVEL message`, the message escaped (a traceback, ours, follows as is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escaped(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -68,6 +83,10 @@ class StateLog:
         self._logger = logger
         self._on_change = on_change
         self._last: dict[str, object] = {}
+
+    def get(self, topic: str) -> object:
+        """The state last logged for `topic` (None if none was)."""
+        return self._last.get(topic)
 
     def set(self, topic: str, state: object, msg: str, *args: object,
             level: int = logging.INFO) -> bool:

@@ -94,6 +94,7 @@ class LeaseWatcher:
         on_peers: OnPeers,
         on_own: OnOwn,
         on_unavailable: Callable[[BaseException], None] | None = None,
+        on_listed: Callable[[], None] | None = None,
         node_id: str | None = None,
         on_twin: OnTwin | None = None,
         hold_seconds: float = 0.0,
@@ -109,6 +110,7 @@ class LeaseWatcher:
         self._metrics = metrics
         self._on_peers = on_peers
         self._on_own = on_own
+        self._on_listed = on_listed
         self.book = LeaseBook(layout=layout, network=network, identity=self._identity())
         self.synced = asyncio.Event()  # set after the first complete list is applied
         self.gate = asyncio.Lock()
@@ -199,6 +201,8 @@ class LeaseWatcher:
         self._report_rejected()
         self._update_gauges()
         self._queue(changes, started, listing=True)
+        if self._on_listed is not None:
+            self._on_listed()
 
     def _apply_events(self, batch: list[WatchEvent]) -> None:
         started = time.perf_counter()
@@ -215,8 +219,9 @@ class LeaseWatcher:
             else:
                 changes.add(self._held(self.book.delete(ev.key), hold_removals=True))
             self._report_rejected()
+        # The counts change with no change to program too (a removal held down).
+        self._update_gauges()
         if changes:
-            self._update_gauges()
             self._queue(changes.take(), started)
 
     def _queue(self, changes: PeerChanges, started: float, *, listing: bool = False) -> None:

@@ -15,6 +15,9 @@ agent does. It decides nothing on its own:
   `core.plan.compare` finds the differences, as the backend's reconcile
   does; leaseagent.core.diagnosis turns them into lines;
 - files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC;
+- the agent (with `--metrics-addr`, as the unit sets it): its /readyz, whose
+  reason when it is not ready names what fails (a traffic rule that cannot be
+  written: the command and what the tool or kernel said);
 - wireguard: the public key three ways (each device's, the lease's PublicKey,
   the key file's), which WireGuard drives the devices (kernel or wireguard-go),
   and each peer that was sent packets but never completed a handshake (a key
@@ -29,13 +32,20 @@ the few milliseconds of the check can show as one missing or stale entry.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
-from leaseagent.config import parse_public_ip, parse_route_protocol, source, traffic_settings
+from leaseagent.config import (
+    parse_hostport,
+    parse_public_ip,
+    parse_route_protocol,
+    source,
+    traffic_settings,
+)
 from leaseagent.core.backends import WireguardLeaseData
 from leaseagent.core.diagnosis import (
     Problem,
@@ -58,6 +68,7 @@ from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
 from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
 from leaseagent.store.base import LeaseStore
+from leaseagent.waiting import within
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class DoctorSettings:
     route_protocol: int
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
     public_ipv6: str | None = None
+    metrics_addr: tuple[str, int] | None = None  # the agent's, to ask its /readyz
 
 
 def settings_from(ns: argparse.Namespace) -> DoctorSettings:
@@ -76,7 +88,10 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     protocol = parse_route_protocol(ns.route_protocol, name=source(ns, "--route-protocol"))
     parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=True)
     parse_public_ip(ns.public_ipv6, name=source(ns, "--public-ipv6"), allow_any=True, version=6)
+    metrics = getattr(ns, "metrics_addr", None)
     return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
+                          metrics_addr=parse_hostport(source(ns, "--metrics-addr"), metrics)
+                          if metrics else None,
                           public_ipv6=ns.public_ipv6 or None,
                           subnet_file=Path(ns.subnet_file), state_dir=Path(ns.state_dir),
                           route_protocol=protocol,
@@ -133,9 +148,40 @@ def _own_lease(report: Report, verdicts: list[Verdict], *, public_ip: IPv4Addres
     return ours.get(own_subnet) if own_subnet is not None else None
 
 
+READYZ_TIMEOUT = 5.0  # seconds for the agent's /readyz to answer
+
+
+async def agent_problems(addr: tuple[str, int]) -> list[Problem]:
+    """The agent's own word on whether it is ready (GET /readyz at its metrics address):
+    nothing when it is, else one problem with its reason, or saying it did not answer."""
+    host, port = addr
+    shown = f"http://{host}:{port}/readyz"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    try:
+        reader, writer = await within(asyncio.open_connection(host, port), READYZ_TIMEOUT)
+        try:
+            writer.write(b"GET /readyz HTTP/1.0\r\nHost: leaseagent\r\n\r\n")
+            answer = await within(reader.read(), READYZ_TIMEOUT)  # it closes when done
+        finally:
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer in time"
+        return [problem("agent", shown, why,
+                        text=f"agent: {shown}: {why} (is leaseagent running?)")]
+    head, _, body = answer.decode("utf-8", "replace").partition("\r\n\r\n")
+    status = head.split(" ", 2)[1] if head.count(" ") >= 1 else "?"
+    if status == "200":
+        return []
+    reason = body.strip() or f"HTTP {status}"
+    return [problem("agent", shown, reason, text=f"agent not ready: {reason}")]
+
+
 async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings) -> Report:
     """Every difference between etcd's view of this host and the host itself."""
     report = Report()
+    if settings.metrics_addr is not None:
+        report.problems += await agent_problems(settings.metrics_addr)
     key = layout.config_key
     kv = await store.get(key)
     if kv is None:

@@ -10,6 +10,7 @@
     leasectl reserve SUBNET --public-ip IP [--force]
     leasectl release SUBNET|KEY-NAME
     leasectl watch [-o table|json]
+    leasectl prometheus-targets FILE|- [--once]
     leasectl doctor [-o text|json] [host flags]
     leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
     leasectl cleanup [host flags]
@@ -45,7 +46,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from leaseagent.cli.presenting import (
     subnet_of,
     watch_header,
 )
+from leaseagent.cli.targets import check_writable, keep_targets
 from leaseagent.cli.watching import ADDED, CHANGED, LeaseEvent, lease_events
 from leaseagent.config import (
     _EnvDefaults,
@@ -75,6 +77,7 @@ from leaseagent.config import (
 )
 from leaseagent.core.configchange import REBUILD, classify, lease_impact
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
+from leaseagent.core.escaping import escaped, escaped_lines
 from leaseagent.core.leases import PEER, KeyLayout, LeaseValue, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.subnetenv import parse_subnet_env
@@ -155,7 +158,7 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         kv = await store.get(key)
         if kv is None:
             raise LeaseagentError(f"{key} is not set")
-        print(kv.value.decode(errors="replace"))
+        print(escaped_lines(kv.value.decode(errors="replace")))
         return 0
     raw, network = args.config_data
     current = await store.get(key)
@@ -165,7 +168,7 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         print(f"{key} set: network {network.network}, /{network.subnet_len} subnets, "
               f"backend {network.backend_type}")
     for line in change_summary(current, network, listing, layout):
-        print(line)
+        print(escaped(line))
     return 0
 
 
@@ -272,7 +275,7 @@ async def cmd_release(store: LeaseStore, layout: KeyLayout, args: argparse.Names
     if not await store.delete(kv.key, mod_revision=kv.mod_revision):
         raise LeaseagentError(f"{layout.name_of(kv.key)} changed while releasing it; try again")
     note = "" if kv.lease == 0 else " (a running agent holding it will take it back)"
-    print(f"released {layout.name_of(kv.key)}{note}")
+    print(f"released {escaped(layout.name_of(kv.key))}{note}")
     return 0
 
 
@@ -295,7 +298,7 @@ async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) ->
         print(f"leasectl: {note}", file=sys.stderr, flush=True)
 
     def on_unavailable(exc: BaseException) -> None:
-        print(f"leasectl: {exc}; retrying", file=sys.stderr, flush=True)
+        print(f"leasectl: {escaped(exc)}; retrying", file=sys.stderr, flush=True)
 
     if output == "table":
         print(watch_header(), flush=True)
@@ -318,11 +321,22 @@ async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) ->
 
 
 async def cmd_watch(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
+    return await _until_stopped(_print_events(store, layout, output=args.output))
+
+
+async def cmd_prometheus_targets(store: LeaseStore, layout: KeyLayout,
+                                 args: argparse.Namespace) -> int:
+    path = None if args.file == "-" else Path(args.file)
+    return await _until_stopped(keep_targets(store, layout, path, once=args.once))
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None]) -> int:
+    """Run `work` until it ends or SIGINT/SIGTERM: 0, or its error (one line, exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    printer = asyncio.create_task(_print_events(store, layout, output=args.output))
+    printer = asyncio.create_task(work)
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -343,9 +357,9 @@ async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         print(json.dumps(report.to_json(), indent=2))
     else:
         for problem in report.problems:
-            print(problem.text)
+            print(escaped(problem.text))
         if report.ok:
-            print(f"ok: {report.summary}")
+            print(f"ok: {escaped(report.summary)}")
     return 0 if report.ok else 1
 
 
@@ -382,7 +396,7 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "prometheus-targets": cmd_prometheus_targets}
 
 DESCRIPTION = """\
 Inspect and manage leaseagent's subnet leases in etcd (flannel's layout).
@@ -449,6 +463,14 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     p = _subparser(sub, "watch", "stream lease events (added, changed, removed, expired)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table",
                    help="a table line or a JSON object per event [default: table]")
+    p = _subparser(sub, "prometheus-targets",
+                   "write Prometheus file_sd JSON of every agent's metrics address, kept current",
+                   "Write every agent's published metrics address (<prefix>/metrics/) to FILE as\n"
+                   "Prometheus file_sd JSON, with the labels node and public_ip; then watch etcd\n"
+                   "and rewrite FILE (atomically, only when it changes) as agents come and go,\n"
+                   "until SIGINT/SIGTERM. - writes to standard output.")
+    p.add_argument("file", metavar="FILE", help="the file_sd file, or - for standard output")
+    p.add_argument("--once", action="store_true", help="write it once and exit")
     p = _subparser(sub, "doctor", "compare etcd's view of this host with its kernel and files",
                    "Compare what etcd says this host should have with its kernel and files; read\n"
                    "only. Give it the agent's host flags or LEASEAGENT_* variables.")
@@ -459,6 +481,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
+    envs[-1].add("--metrics-addr", help="the agent's HOST:PORT (as it was given): ask its "
+                 "/readyz whether it is ready, and why not")
     p = _subparser(sub, "docker-opts", "Docker's options from subnet.env, as mk-docker-opts.sh",
                    "Docker's options from subnet.env, byte for byte as flannel's mk-docker-opts.sh\n"
                    "writes them; needs no etcd.")
@@ -558,14 +582,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             subnet_of(args.subnet, None)  # a CIDR that is wrong is wrong before etcd is asked
         if args.cmd == "config" and args.config_cmd == "set":
             args.config_data = read_config_file(args.file)
+        if args.cmd == "prometheus-targets" and args.file != "-":
+            check_writable(Path(args.file))  # before etcd is asked anything
         if args.cmd == "doctor":
             args.doctor_settings = doctor.settings_from(args)
         return asyncio.run(run(args))
     except (UsageError, ConfigError) as exc:
-        print(f"leasectl: error: {exc}", file=sys.stderr)
+        print(f"leasectl: error: {escaped(exc)}", file=sys.stderr)
         return 2
     except LeaseagentError as exc:
-        print(f"leasectl: error: {exc}", file=sys.stderr)
+        print(f"leasectl: error: {escaped(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -576,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:
         # Nothing should get here; if it does, still one line and no traceback.
-        print(f"leasectl: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"leasectl: error: unexpected {type(exc).__name__}: {escaped(exc)}", file=sys.stderr)
         return 1
 
 

@@ -12,7 +12,9 @@ leasectl shows what the agents do. Its `status` is one of
     released    its agent gave it up (--release-on-exit); gone any moment
     invalid     cannot be used; `error` says why
 
-and `valid` says whether the agents accept it. Rows sort by subnet address
+and `valid` says whether the agents accept it. Rows hold what etcd holds; the
+text forms (tables, watch lines) show every cell escaped (leaseagent.core.
+escaping): a key name or NodeID cannot break a line or drive the terminal. Rows sort by subnet address
 (numerically), then key; keys that name no subnet come last.
 
 SUBNET arguments (`subnet_of`) accept `10.5.34.0/24`, `10.5.34.1/24` (the
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Any
 
+from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     DUPLICATE,
     INVALID,
@@ -138,7 +141,7 @@ def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
         elif row["expires_in"] is not None:
             cells["expires_in"] = f"{row['expires_in']}s"
         cells["status"] = row["status"] + (f": {row['error']}" if row["error"] else "")
-        lines.append({c: "-" if cells.get(c) is None else str(cells[c]) for c in cols})
+        lines.append({c: "-" if cells.get(c) is None else escaped(cells[c]) for c in cols})
     widths = {c: max([len(heads[c])] + [len(line[c]) for line in lines]) for c in cols}
     out = ["  ".join(heads[c].ljust(widths[c]) for c in cols).rstrip()]
     out += ["  ".join(line[c].ljust(widths[c]) for c in cols).rstrip() for line in lines]
@@ -156,9 +159,9 @@ def watch_header() -> str:
 def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
     status = row["status"] + (f": {row['error']}" if row["error"] else "")
     cells = [time.strftime("%H:%M:%S", time.localtime(when)), event]
-    cells += ["-" if row[k] is None else str(row[k]) for k in ("subnet", "public_ip", "backend",
-                                                                 "node_id")]
-    cells.append(status)
+    cells += ["-" if row[k] is None else escaped(row[k]) for k in ("subnet", "public_ip", "backend",
+                                                                     "node_id")]
+    cells.append(escaped(status))
     return "".join(c.ljust(w) for c, w in zip(cells, WATCH_WIDTHS, strict=False)).rstrip()
 
 

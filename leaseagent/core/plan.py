@@ -486,6 +486,7 @@ class VxlanAttrs:
     local: Address | None  # IPv4 for flannel.<VNI>, IPv6 for flannel-v6.<VNI>
     link: int  # underlay ifindex; 0 when not bound to one
     learning: bool
+    gbp: bool = False  # the Group Based Policy extension (IFLA_VXLAN_GBP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,7 +582,8 @@ def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDi
             return [differ("vxlan settings", None, want, RECREATE)]
         for what, got, wanted in (("VNI", have.vni, want.vni), ("port", have.port, want.port),
                                   ("local address", have.local, want.local),
-                                  ("learning", have.learning, want.learning)):
+                                  ("learning", have.learning, want.learning),
+                                  ("GBP", have.gbp, want.gbp)):
             if got != wanted:
                 out.append(differ(what, got, wanted, RECREATE))
         if want.link and have.link != want.link:

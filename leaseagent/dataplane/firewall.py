@@ -475,7 +475,9 @@ class RulesKeeper:
                     # text, lines and set were ~1.3 MiB that glibc kept (leaseagent.memory).
                     memory.trim()
                 if found:
-                    if repair:
+                    # After a failed write the differences are that failure's, not someone
+                    # else's doing: neither a repair nor a warning of its own.
+                    if repair and self.status.last_error is None:
                         for kind in {d.kind for d in found}:
                             self.status.repairs[kind] += 1
                         log.warning("%straffic rules changed by someone else (%s); restoring "
@@ -483,12 +485,30 @@ class RulesKeeper:
                                     "; ".join(d.text for d in found[:3]))
                     await self.fw.apply(wanted)
                     self._counted = 0
+                if self.status.last_error is not None:
+                    log.info("%straffic rules in place again", self.fw.family.shown)
                 self.status.in_sync, self.status.last_error = True, None
                 return found
             except DataPlaneError as exc:
-                self.status.in_sync, self.status.last_error = False, str(exc)
-                log.warning("%straffic rules: %s", self.fw.family.shown, exc)
+                self._failed(exc)
                 return []
+
+    def _failed(self, exc: DataPlaneError) -> None:
+        """A write or read of the rules failed (`exc` names the command and what the tool
+        or the kernel said): not in sync, and one ERROR line per new error, not one per
+        retry."""
+        if str(exc) != self.status.last_error:
+            log.error("%straffic rules cannot be applied: %s (retrying every %gs)",
+                      self.fw.family.shown, exc, self.retry_seconds)
+        self.status.in_sync, self.status.last_error = False, str(exc)
+
+    @property
+    def retry_seconds(self) -> float:
+        """How soon the next check comes: the check interval, or DEFAULT_CHECK_SECONDS at
+        most while the rules are not in place (nftables checks rarely when all is well)."""
+        if self.status.in_sync:
+            return self._check_seconds
+        return min(self._check_seconds, DEFAULT_CHECK_SECONDS)
 
     def _count_drops(self, counter: int) -> None:
         # A rewrite restarts the firewall's counter: add what it grew by.
@@ -526,7 +546,7 @@ class RulesKeeper:
             try:
                 await self.fw.set_peers(fresh, [])
             except DataPlaneError as exc:
-                self.status.in_sync, self.status.last_error = False, str(exc)
+                self._failed(exc)
                 self._wake.set()  # a full sync puts the set right
 
     async def _retire_now(self) -> None:
@@ -544,7 +564,7 @@ class RulesKeeper:
                 try:
                     await self._retire_now()
                 except DataPlaneError as exc:
-                    self.status.in_sync, self.status.last_error = False, str(exc)
+                    self._failed(exc)
                     self._wake.set()
 
     async def run(self) -> None:
@@ -565,7 +585,7 @@ class RulesKeeper:
     async def _poll(self) -> None:
         """A check when woken or every check interval; between checks, the drop counter
         is read every DEFAULT_CHECK_SECONDS (with nftables, where checks are rare)."""
-        check_due = time.monotonic() + self._check_seconds
+        check_due = time.monotonic() + self.retry_seconds
         while True:
             woken = True
             try:
@@ -576,13 +596,13 @@ class RulesKeeper:
                 woken = False
             if self.wanted is None:  # nothing to hold yet
                 self._wake.clear()
-                check_due = time.monotonic() + self._check_seconds
+                check_due = time.monotonic() + self.retry_seconds
                 continue
             if woken or time.monotonic() >= check_due:
                 self._wake.clear()
                 deep, self._deep_asked = self._deep_asked, False
                 await self.sync(repair=True, deep=deep)  # what is wanted then
-                check_due = time.monotonic() + self._check_seconds
+                check_due = time.monotonic() + self.retry_seconds
                 continue
             async with self._lock:
                 try:

@@ -198,6 +198,7 @@ def _link_from_msg(msg: Any) -> Link:
             local=local,
             link=int(data.get("vxlan_link") or 0),
             learning=bool(data.get("vxlan_learning")),
+            gbp=data.get("vxlan_gbp") is not None,
         )
     return Link(
         index=int(msg["index"]),
@@ -292,6 +293,8 @@ class Netlink:
         link: int,
         mtu: int,
         mac: str,
+        learning: bool = False,
+        gbp: bool = False,
     ) -> Link:
         """A vxlan device whose VTEP is `local`, an IPv4 or an IPv6 address (the
         outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""
@@ -301,12 +304,14 @@ class Netlink:
             "vxlan_id": vni,
             "vxlan_port": port,
             "vxlan_local" if local.version == 4 else "vxlan_local6": str(local),
-            "vxlan_learning": 0,
+            "vxlan_learning": int(learning),
             "mtu": mtu,
             "address": mac,
         }
         if link:
             spec["vxlan_link"] = link
+        if gbp:
+            spec["vxlan_gbp"] = True
         try:
             await self._ipr.link("add", **spec)
         except (NetlinkError, OSError) as exc:

@@ -64,8 +64,10 @@ def oracle(key: str, raw: bytes, dual: bool = False
            ) -> tuple[IPv4Network, str, str | None, IPv6Network | None] | None:
     """(subnet, PublicIP, VtepMAC, IPv6 subnet served) if this lease may be programmed,
     else None."""
-    # flannel's key expression (pkg/subnet/subnet.go), anchored at both ends; each part a network.
-    m = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", key[len(SUBNETS):])
+    # flannel's key expression (pkg/subnet/subnet.go), anchored at both ends; each part a
+    # network; Go's \d is ASCII.
+    m = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", key[len(SUBNETS):],
+                     re.ASCII)
     if m is None:
         return None
     try:

@@ -87,10 +87,10 @@ def test_every_option_of_flannels_documentation() -> None:
 @pytest.mark.parametrize(("backend", "message"), [
     ({"PSK": "not-a-key"}, "Backend.PSK: must be a WireGuard key"),
     ({"PSK": base64.b64encode(b"x" * 31).decode()}, "Backend.PSK: must be a WireGuard key"),
-    ({"ListenPort": 0}, "Backend.ListenPort=0: must be an integer in 1..65535"),
+    ({"ListenPort": 0}, "Backend.ListenPort=0: must be a whole JSON number in 1..65535"),
     ({"ListenPortV6": 70000}, "Backend.ListenPortV6=70000"),
     ({"PersistentKeepaliveInterval": 2.5}, "Backend.PersistentKeepaliveInterval=2.5"),
-    ({"Mode": "both"}, "Backend.Mode='both': must be one of separate, auto, ipv4, ipv6"),
+    ({"Mode": "both"}, 'Backend.Mode="both": must be one of separate, auto, ipv4, ipv6'),
     ({"MTU": 100}, "Backend.MTU=100: must be at least 148"),
     ({"Mode": "ipv6"}, 'Backend.Mode="ipv6" needs "EnableIPv6": true'),
 ])

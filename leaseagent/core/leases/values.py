@@ -180,6 +180,24 @@ class Peer:
     data6: LeaseData | None = None
 
 
+def check_placement(subnet: IPv4Network, value: LeaseValue, *, network: NetworkConfig,
+                    ipv6_subnet: IPv6Network | None = None) -> None:
+    """The part of a lease's rules that a reservation (no etcd lease, no backend data
+    yet) must pass too: its subnet inside the network with the network's subnet length
+    (and its IPv6 part, when the network has IPv6, in the IPv6 network), its PublicIP
+    usable. InvalidLease says which failed."""
+    why = network.check_subnet(subnet)
+    if why:
+        raise InvalidLease("subnet_outside_network", why)
+    bad_ip = unusable_ip_reason(value.public_ip)
+    if bad_ip:
+        raise InvalidLease("bad_public_ip", f"PublicIP {value.public_ip} is {bad_ip}")
+    if ipv6_subnet is not None and network.ipv6 is not None:
+        why = network.check_ipv6_subnet(ipv6_subnet)
+        if why:
+            raise InvalidLease("subnet_outside_network", why)
+
+
 def validate_peer(
     subnet: IPv4Network,
     value: LeaseValue,
@@ -196,12 +214,7 @@ def validate_peer(
     no IPv6 part is an IPv4-only peer either way (a mixed cluster works)."""
     if value.released:
         raise InvalidLease("released", "released by its agent (stopping with --release-on-exit)")
-    why = network.check_subnet(subnet)
-    if why:
-        raise InvalidLease("subnet_outside_network", why)
-    bad_ip = unusable_ip_reason(value.public_ip)
-    if bad_ip:
-        raise InvalidLease("bad_public_ip", f"PublicIP {value.public_ip} is {bad_ip}")
+    check_placement(subnet, value, network=network)
     if own_public_ip is not None and value.public_ip == own_public_ip:
         raise InvalidLease("public_ip_is_ours", f"PublicIP {value.public_ip} is this host's")
     kind = BACKEND_TYPES.get(value.backend_type)
