@@ -67,13 +67,12 @@ log = logging.getLogger("leaseagent.lab")
 SOURCE = Path(__file__).resolve().parents[2]
 README_SECTION = "## Install on a real host"
 SOURCE_IN_HOST = "/usr/src/leaseagent"  # where the README clones the repository
-WHEELS_IN_HOST = "/var/cache/leaseagent/wheels"
+WHEELS_IN_HOST = "/var/cache/leaseagent/wheels"  # unless the README names a wheelhouse
 ETCD_URL = f"http://{ETCD_IP}:{ETCD_PORTS[0]}"
 # The README's example values -> the lab's.
 SUBSTITUTIONS = (
     ("http://10.0.0.10:2379", ETCD_URL),
     ("LEASEAGENT_IFACE=eth1", "LEASEAGENT_IFACE=eth0"),
-    ("/path/to/wheels", WHEELS_IN_HOST),
 )
 # The lab's one change to the shipped unit: the watchdog fires in seconds, not 30.
 WATCHDOG_SEC = 5
@@ -81,8 +80,7 @@ WATCHDOG_DROPIN = ("/etc/systemd/system/leaseagent.service.d/lab-watchdog.conf",
                    f"# deploy/lab hosts: a short watchdog for its SIGSTOP check\n"
                    f"[Service]\nWatchdogSec={WATCHDOG_SEC}\n")
 CONTAINERS = ("c1", "c2")
-# pip without an index, from the wheelhouse: what the README says an offline host sets.
-OFFLINE = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS_IN_HOST}
+
 DEFAULT_NAME = "hosts"
 
 
@@ -112,6 +110,23 @@ class Step:
         return "\n".join(lines) + "\n"
 
 
+WHEELHOUSE_RE = re.compile(r"install\.sh\b.*--wheelhouse[= ](\S+)")
+
+
+def offline(steps: Sequence[Step]) -> tuple[str, dict[str, str]]:
+    """Where the hosts find the wheelhouse, and the environment of the steps.
+
+    The README's offline install (`install.sh --wheelhouse DIR`) names DIR: the
+    lab bind-mounts its wheelhouse there and the steps need nothing more. A
+    README without one gets pip's own variables (PIP_NO_INDEX, PIP_FIND_LINKS).
+    """
+    for step in steps:
+        m = WHEELHOUSE_RE.search(step.text)
+        if m:
+            return m.group(1), {}
+    return WHEELS_IN_HOST, {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS_IN_HOST}
+
+
 def install_steps(readme: Path = SOURCE / "README.md") -> list[Step]:
     """The fenced blocks of README.md's "Install on a real host" (up to its first
     subsection), in order."""
@@ -124,12 +139,17 @@ def install_steps(readme: Path = SOURCE / "README.md") -> list[Step]:
     if end:
         section = section[: len(README_SECTION) + end.start()]
     blocks = re.findall(r"^( *)```[a-z]*\n(.*?)^\1```", section, flags=re.S | re.M)
+    texts = ["\n".join(line[len(indent):] if line.startswith(indent) else line
+                       for line in body.splitlines()) for indent, body in blocks]
+    has_offline = any(WHEELHOUSE_RE.search(t) for t in texts)
     steps = []
-    for i, (indent, body) in enumerate(blocks, 1):
-        lines = [line[len(indent):] if line.startswith(indent) else line
-                 for line in body.splitlines()]
-        block = "\n".join(lines)
-        skipped = [line for line in lines if line.lstrip().startswith(("apt-get", "git clone"))]
+    for i, block in enumerate(texts, 1):
+        lines = block.splitlines()
+        if has_offline and re.search(r"install\.sh\b", block) and not WHEELHOUSE_RE.search(block):
+            skipped = lines  # the online install: the hosts take the offline one
+        else:
+            skipped = [line for line in lines
+                       if line.lstrip().startswith(("apt-get", "git clone"))]
         steps.append(Step(i, block, once="leasectl config set" in block, skipped=skipped))
     if not steps:
         raise LabError(f"{readme}: no commands in {README_SECTION!r}")
@@ -254,7 +274,7 @@ class HostLab:
 
     def _machine(self, host: Host, image: Path, wheels: Path) -> Machine:
         m = Machine(name=f"{self.name}-{host.name}", ns=host.ns, dir=host.dir, rootfs=image,
-                    binds_ro=[(wheels, WHEELS_IN_HOST)])
+                    binds_ro=[(wheels, offline(self.steps)[0])])
         self.hosts[host.index] = host
         self.machines[host.index] = m
         return m
@@ -306,7 +326,7 @@ class HostLab:
             if step.once and i != 1:
                 continue
             log.info("h%d: README step %d", i, step.number)
-            out = m.sh(step.script, timeout=timeout, env={**OFFLINE, "LEASEAGENT_ETCD_ENDPOINTS": ETCD_URL})  # DEVHACK
+            out = m.sh(step.script, timeout=timeout, env=offline(self.steps)[1])
             log.debug("h%d: step %d:\n%s", i, step.number, out)
         # The image: the host's own busybox-static, as leaseagent.lab.docker makes it.
         applets = " ".join(docker.APPLETS)
@@ -428,6 +448,17 @@ def check_cross_host(lab: HostLab) -> str:
     return f"{len(result)}/{len(result)} host pairs, container to container"
 
 
+def check_status_line(lab: HostLab) -> str:
+    """Each agent's STATUS= (`systemctl status`) counts every other host as a peer."""
+    want = len(lab.machines) - 1
+    texts = {i: lab.unit(i, "leaseagent", "StatusText")["StatusText"] for i in lab.machines}
+    wrong = {i: t for i, t in texts.items()
+             if not (m := re.search(r"\b(\d+) peers?\b", t)) or int(m.group(1)) != want}
+    if wrong:
+        raise LabError(f"STATUS= does not say {want} peers: {wrong}")
+    return f"{texts[1]!r} (and so on every host)"
+
+
 def check_restart(lab: HostLab, *, duration: float = 8.0, interval: float = 0.02) -> str:
     """A ping flood both ways between h1 and h2 across `systemctl restart leaseagent` on h1."""
     m1 = lab.machines[1]
@@ -446,6 +477,8 @@ def check_restart(lab: HostLab, *, duration: float = 8.0, interval: float = 0.02
     started = time.monotonic()
     m1.exec(["systemctl", "restart", "leaseagent"], timeout=120)
     restarted = time.monotonic() - started
+    if any(proc.poll() is not None for proc in floods.values()):
+        raise LabError(f"a ping flood ended before the restart did ({restarted:.1f}s)")
     lost = {}
     for pair, proc in floods.items():
         out, _ = proc.communicate(timeout=duration + 60)
@@ -521,16 +554,31 @@ def check_config_error(lab: HostLab) -> str:
             raise LabError("Docker did not keep running")
         if lab.containers_state(1) != containers:
             raise LabError("containers restarted")
-        sent, received = lab.ping(2, CONTAINERS[0], lab.container_ip(1, CONTAINERS[0]),
-                                  count=3, interval=0.2)
-        if received != sent:
-            raise LabError(f"h2 -> h1 while the agent is down: {received}/{sent}")
+        if 2 in lab.machines:
+            sent, received = lab.ping(2, CONTAINERS[0], lab.container_ip(1, CONTAINERS[0]),
+                                      count=3, interval=0.2)
+            if received != sent:
+                raise LabError(f"h2 -> h1 while the agent is down: {received}/{sent}")
+        # Docker stopped, then started by its socket (a docker command): the failed agent
+        # stays as it is.
+        m1.exec(["systemctl", "stop", "docker.service"], timeout=120)
+        m1.exec(["docker", "ps", "-q"], timeout=120)
+        time.sleep(3)
+        if lab.unit(1, "docker", "ActiveState")["ActiveState"] != "active":
+            raise LabError("docker ps did not start Docker through its socket")
+        again = lab.unit(1, "leaseagent", "ExecMainStatus", "ActiveState", "NRestarts")
+        if again != state:
+            raise LabError(f"Docker's socket activation started the failed agent: {state} -> "
+                           f"{again}")
     finally:
         m1.sh(f"sed -i '/^{bad}$/d' /etc/default/leaseagent")
         m1.exec(["systemctl", "reset-failed", "leaseagent"], check=False)
         m1.exec(["systemctl", "start", "leaseagent"], timeout=120)
-    return (f"{bad}: exit 2, failed, not restarted (also after `docker ps`); Docker, its "
-            f"containers and the overlay kept running; journal: {error.strip()[:160]}")
+    _wait("h1: containers back", lambda: all(
+        s[0] != "not running" for s in lab.containers_state(1).values()), timeout=60)
+    return (f"{bad}: exit 2, failed, not restarted; Docker, its containers and the overlay "
+            "kept running; Docker stopped and socket-activated by `docker ps` left the agent "
+            f"failed; journal: {error.strip()[:160]}")
 
 
 def check_reboot(lab: HostLab) -> str:
@@ -560,6 +608,7 @@ def check_reboot(lab: HostLab) -> str:
 CHECKS: tuple[tuple[str, Callable[[HostLab], str]], ...] = (
     ("forward policy", check_forward_policy),
     ("cross-host pings", check_cross_host),
+    ("status line", check_status_line),
     ("restart, 0 pings lost", check_restart),
     ("watchdog", check_watchdog),
     ("config error", check_config_error),

@@ -27,12 +27,14 @@ time each took.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
 import shutil
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,9 +148,15 @@ def wheelhouse(source: Path, *, cache: Path = CACHE) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     started = time.monotonic()
-    # The README's offline install (step 1): the build backend and every dependency.
+    if importlib.util.find_spec("pip") is None:
+        raise LabError(f"{sys.executable} has no pip to make the wheelhouse with (run the lab "
+                       "from the repository's .venv: bash deploy/setup.sh)")
+    # As the README makes one ("Installing offline"): the source tree's wheel with its
+    # dependencies, and what building the source tree needs (its build-system requires,
+    # and wheel).
+    build = tomllib.loads(pyproject.decode())["build-system"]["requires"]
     argv = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "wheel",
-            "-w", str(target), "-c", str(constraints_file), "setuptools", "wheel", str(source)]
+            "-w", str(target), "-c", str(constraints_file), str(source), *build, "wheel"]
     try:
         run(argv, timeout=600)
     except LabError:

@@ -16,24 +16,52 @@ from leaseagent.lab.hostlab import (
     apt_packages,
     check_packages,
     install_steps,
+    offline,
 )
+from leaseagent.lab.machines import Machine
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_the_lab_runs_every_line_of_the_readme_but_apt_get_and_git_clone():
+    """Skipped: `apt-get` and `git clone` lines, and, where the README has an offline
+    install (`install.sh --wheelhouse DIR`), the online install's block. install.sh
+    runs exactly once, every other line as the README has it but for the lab's values."""
     steps = install_steps(README)
     assert len(steps) >= 5
-    skipped = [line for s in steps for line in s.skipped]
-    assert [line.split()[0] for line in skipped] == ["apt-get", "git"]
+    installs = []
     for step in steps:
         ran = step.script.splitlines()
         assert len(ran) == len(step.text.splitlines())
+        online_block = "install.sh" in step.text and "--wheelhouse" not in step.text
         for line, original in zip(ran, step.text.splitlines(), strict=True):
             if original in step.skipped:
                 assert line.startswith("#")
+                assert original.split()[0] in ("apt-get", "git") or (
+                    online_block and "--wheelhouse" in README.read_text()), original
             else:
                 assert line == _substituted(original)
+                if "deploy/install.sh" in line:
+                    installs.append(line)
+    assert len(installs) == 1, installs
+
+
+def test_the_offline_install_names_where_the_wheelhouse_goes(tmp_path: Path):
+    readme = tmp_path / "README.md"
+    readme.write_text("## Install on a real host\n\n```\napt-get install -y python3\n"
+                      "/usr/src/leaseagent/deploy/install.sh --docker\nleaseagent --version\n```\n\n"
+                      "offline:\n\n```\n/usr/src/leaseagent/deploy/install.sh --docker "
+                      "--wheelhouse /srv/wheels\nleaseagent --version\n```\n")
+    steps = install_steps(readme)
+    assert steps[0].skipped == steps[0].text.splitlines()
+    assert steps[1].skipped == []
+    assert offline(steps) == ("/srv/wheels", {})
+    # Without an offline install in the README: pip's own variables.
+    readme.write_text("## Install on a real host\n\n```\n/usr/src/leaseagent/deploy/install.sh\n```\n")
+    steps = install_steps(readme)
+    assert steps[0].skipped == []
+    path, env = offline(steps)
+    assert env == {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": path}
 
 
 def _substituted(line: str) -> str:
@@ -47,8 +75,6 @@ def test_each_substitution_meets_its_example_in_the_readme():
     placeholder silently: each one must occur."""
     text = "\n".join(s.text for s in install_steps(README))
     for example, _ in SUBSTITUTIONS:
-        if example == "/path/to/wheels":
-            continue  # the offline install's, in prose
         assert example in text, example
     script = "\n".join(s.script for s in install_steps(README))
     assert f"LEASEAGENT_ETCD_ENDPOINTS={ETCD_URL}" in script
@@ -105,3 +131,21 @@ def test_the_root_filesystems_cache_key_follows_what_goes_in():
     assert rootfs.rootfs_key("http://a/debian") == key
     assert rootfs.rootfs_key("http://b/debian") != key
     assert rootfs.rootfs_key("http://a/debian", (*rootfs.PACKAGES, "nftables")) != key
+
+
+def test_nspawn_gets_what_a_host_needs_here(tmp_path: Path):
+    m = Machine(name="hosts-h1", ns="la-hosts-h1", dir=tmp_path / "h1", rootfs=tmp_path / "fs",
+                binds_ro=[(tmp_path / "wheels", "/var/cache/leaseagent/wheels")])
+    argv = m.argv()
+    for flag in ("--boot", "--capability=all", "--system-call-filter=add_key keyctl bpf",
+                 "--register=no", "--keep-unit", "--network-namespace-path=/run/netns/la-hosts-h1",
+                 f"--directory={tmp_path / 'h1' / 'root'}",
+                 f"--bind={tmp_path / 'h1' / 'var-lib-docker'}:/var/lib/docker",
+                 f"--bind-ro={tmp_path / 'wheels'}:/var/cache/leaseagent/wheels"):
+        assert flag in argv, flag
+    # Its own machine id (the agent's node id), the same after a reboot, another host's
+    # differs.
+    again = Machine(name="hosts-h1", ns="x", dir=tmp_path, rootfs=tmp_path)
+    other = Machine(name="hosts-h2", ns="x", dir=tmp_path, rootfs=tmp_path)
+    assert f"--uuid={m.uuid}" in argv and again.uuid == m.uuid != other.uuid
+    assert m.root_upper("/etc/hostname") == tmp_path / "h1" / "upper" / "etc" / "hostname"
