@@ -14,11 +14,12 @@ second run reuses them and a change of recipe builds a new one beside the old.
   it (leaseagent.lab.machines).
 - The wheelhouse (`wheelhouse(source)`): every wheel `pip install` of the
   source tree needs (its dependencies at the versions of
-  deploy/constraints.txt, and the build backend), made by the README's own
-  command (`pip wheel ... setuptools wheel <source>`, "Install on a real
-  host", step 1), so a host installs from it with no network (PIP_NO_INDEX=1,
-  PIP_FIND_LINKS=<dir>). Keyed by the hash of pyproject.toml and the
-  constraints.
+  deploy/constraints.txt, and the build backend), made as the README makes
+  one ("Installing offline": `pip wheel -c <constraints> <source> <build
+  requires> wheel`), so a host installs from it with no network (`install.sh
+  --wheelhouse DIR`). Keyed by the hash of pyproject.toml and the
+  constraints (the source tree's own wheel in it may be older than the tree:
+  install.sh builds the tree itself, it never takes that wheel).
 
 `python -m leaseagent.lab.rootfs` builds both and prints their paths and the
 time each took.
