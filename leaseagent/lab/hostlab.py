@@ -46,7 +46,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -220,8 +219,18 @@ class HostLab:
         self.hosts: dict[int, Host] = {}
         self.machines: dict[int, Machine] = {}
         self.timing = Timing()
-        self.steps = install_steps()
-        self._lock = threading.Lock()
+        self._steps: list[Step] | None = None
+
+    @property
+    def steps(self) -> list[Step]:
+        """The README's install steps (read when first needed: `down` needs no README)."""
+        if self._steps is None:
+            self._steps = install_steps()
+        return self._steps
+
+    @steps.setter
+    def steps(self, steps: list[Step]) -> None:
+        self._steps = steps
 
     def __enter__(self) -> HostLab:
         return self
