@@ -251,7 +251,7 @@ class HostLab:
         leftovers = self.topology.present()
         if leftovers or self.state.exists():
             raise LabExists(f"lab {self.name!r} exists ({', '.join(leftovers) or self.state.path}); "
-                            f"run: deploy/lab down --name {self.name}")
+                            f"run: deploy/lab hosts down --name {self.name}")
         check_packages(self.steps)
         started = time.monotonic()
         image = rootfs.rootfs()
@@ -265,7 +265,7 @@ class HostLab:
             host = self.topology.host(i, self.state.host_dir(i))
             host.dir.mkdir(parents=True)
             self.topology.make_host(host, forwarding=False)
-            m = self._machine(host, image, wheels)
+            m = self._machine(host, image, wheels, offline(self.steps)[0])
             self._stage(m)
         boot_started = time.monotonic()
         for m in self.machines.values():
@@ -281,9 +281,9 @@ class HostLab:
                 f.result()
         self.timing.up = time.monotonic() - started
 
-    def _machine(self, host: Host, image: Path, wheels: Path) -> Machine:
+    def _machine(self, host: Host, image: Path, wheels: Path, wheels_in_host: str) -> Machine:
         m = Machine(name=f"{self.name}-{host.name}", ns=host.ns, dir=host.dir, rootfs=image,
-                    binds_ro=[(wheels, offline(self.steps)[0])])
+                    binds_ro=[(wheels, wheels_in_host)])
         self.hosts[host.index] = host
         self.machines[host.index] = m
         return m
@@ -295,7 +295,7 @@ class HostLab:
     def _save(self, image: Path, wheels: Path, hosts: int) -> None:
         self._state_file.write_text(json.dumps(
             {"kind": "systemd hosts", "rootfs": str(image), "wheels": str(wheels),
-             "hosts": hosts}) + "\n")
+             "wheels_in_host": offline(self.steps)[0], "hosts": hosts}) + "\n")
 
     @classmethod
     def load(cls, name: str = DEFAULT_NAME, *, state_root: Path = STATE_ROOT) -> HostLab:
@@ -307,7 +307,7 @@ class HostLab:
             raise LabError(f"no systemd lab {name!r} ({lab._state_file}: {exc})") from exc
         for i in range(1, int(doc["hosts"]) + 1):
             lab._machine(lab.topology.host(i, lab.state.host_dir(i)), Path(doc["rootfs"]),
-                         Path(doc["wheels"]))
+                         Path(doc["wheels"]), doc["wheels_in_host"])
         lab.etcd.attach()
         return lab
 
