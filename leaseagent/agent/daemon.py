@@ -153,7 +153,7 @@ async def preflight(cfg: AgentConfig) -> HostInfo | None:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{flag}: cannot create {directory}: {exc.strerror}") from None
-    if cfg.public_ip is not None and cfg.iface is None:
+    if cfg.public_ip is not None and not cfg.iface:
         return None  # which interface depends on the backend (alloc needs none)
     from leaseagent.dataplane.host import resolve_host as resolve
 
@@ -173,7 +173,7 @@ async def resolve_host(cfg: AgentConfig, network: NetworkConfig,
     want_ipv6 = network.ipv6 is not None
     if host is not None and (host.public_ipv6 is not None or not want_ipv6):
         return host
-    if network.backend_type == "alloc" and cfg.public_ip is not None and cfg.iface is None:
+    if network.backend_type == "alloc" and cfg.public_ip is not None and not cfg.iface:
         return HostInfo(public_ip=cfg.public_ip, public_ipv6=cfg.public_ipv6)
     from leaseagent.dataplane.host import resolve_host as resolve
 
@@ -645,10 +645,14 @@ class Agent:
             own = self.own
             assert own is not None
             # Renew every TTL/3 counted from the last renewal, however many
-            # events about our own key arrive in between.
+            # events about our own key arrive in between; with flanneld's
+            # --subnet-lease-renew-margin, also at least that long before expiry.
             wait = None
             if not own.reservation:
-                wait = max(0.0, last_renewal + max(0.5, own.ttl / 3) - time.monotonic())
+                interval = own.ttl / 3
+                if self.cfg.renew_margin is not None:
+                    interval = min(interval, own.ttl - self.cfg.renew_margin)
+                wait = max(0.0, last_renewal + max(0.5, interval) - time.monotonic())
             why: str | None = None
             try:
                 event = await within(self._own_events.get(), wait)

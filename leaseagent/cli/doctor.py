@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from leaseagent.config import (
+    interface_choice,
     parse_hostport,
     parse_public_ip,
     parse_route_protocol,
@@ -65,7 +67,7 @@ from leaseagent.core.plan import DeviceState, compare, flatten, needs_recreate
 from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
+from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoice
 from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
 from leaseagent.store.base import LeaseStore
 from leaseagent.waiting import within
@@ -73,7 +75,7 @@ from leaseagent.waiting import within
 
 @dataclass(frozen=True)
 class DoctorSettings:
-    iface: str | None
+    iface: InterfaceChoice
     public_ip: str | None
     subnet_file: Path
     state_dir: Path
@@ -89,7 +91,7 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=True)
     parse_public_ip(ns.public_ipv6, name=source(ns, "--public-ipv6"), allow_any=True, version=6)
     metrics = getattr(ns, "metrics_addr", None)
-    return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
+    return DoctorSettings(iface=interface_choice(ns), public_ip=ns.public_ip or None,
                           metrics_addr=parse_hostport(source(ns, "--metrics-addr"), metrics)
                           if metrics else None,
                           public_ipv6=ns.public_ipv6 or None,
@@ -166,7 +168,9 @@ async def agent_problems(addr: tuple[str, int]) -> list[Problem]:
         finally:
             writer.close()
     except (OSError, TimeoutError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer in time"
+        # asyncio's connect error says "Connect call failed (...)": the errno says what.
+        why = (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
+               else "no answer in time")
         return [problem("agent", shown, why,
                         text=f"agent: {shown}: {why} (is leaseagent running?)")]
     head, _, body = answer.decode("utf-8", "replace").partition("\r\n\r\n")

@@ -65,6 +65,7 @@ from leaseagent.cli.presenting import (
     watch_header,
 )
 from leaseagent.cli.targets import check_writable, keep_targets
+from leaseagent.cli.unitenv import host_environment
 from leaseagent.cli.watching import ADDED, CHANGED, LeaseEvent, lease_events
 from leaseagent.config import (
     _EnvDefaults,
@@ -402,7 +403,9 @@ DESCRIPTION = """\
 Inspect and manage leaseagent's subnet leases in etcd (flannel's layout).
 
 The etcd flags may come before or after the command, and from the agent's
-LEASEAGENT_* variables (`set -a; . /etc/default/leaseagent; leasectl list`)."""
+LEASEAGENT_* variables: those of this shell, else what the installed unit gives the
+agent (/etc/systemd/system/leaseagent.service's Environment=, then
+/etc/default/leaseagent), so a root shell on an agent's host needs none."""
 
 EPILOG = """\
 exit status:
@@ -559,11 +562,13 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        parser = build_parser(dict(os.environ))
+        # The unit's settings (its defaults, /etc/default/leaseagent) under this shell's.
+        environ = host_environment(os.environ)
+        parser = build_parser(environ)
         args = parser.parse_args(argv)
         for env in args._envs:
             env.note_origins(args, argv)
-        for warning in unknown_variables(os.environ):
+        for warning in unknown_variables(environ):
             print(f"leasectl: warning: {warning}", file=sys.stderr)
         if args.cmd == "docker-opts":
             return cmd_docker_opts(args)

@@ -72,6 +72,29 @@ RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 
 
 @dataclass(frozen=True)
+class InterfaceChoice:
+    """How the underlay interface is found (flanneld's flags, tried in its order): each
+    `--iface` (a name or an address of one) in turn, the first that matches winning;
+    then each `--iface-regex`, matched against the interfaces' IPv4 addresses, then
+    their names; then the interface `--iface-can-reach` is routed through. None
+    given: the interface of the default route."""
+
+    names: tuple[str, ...] = ()
+    regexes: tuple[str, ...] = ()
+    can_reach: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.regexes or self.can_reach)
+
+    @property
+    def text(self) -> str:
+        """The flags as given, for messages."""
+        return " ".join([*(f"--iface {n}" for n in self.names),
+                         *(f"--iface-regex {r}" for r in self.regexes),
+                         *([f"--iface-can-reach {self.can_reach}"] if self.can_reach else [])])
+
+
+@dataclass(frozen=True)
 class HostInfo:
     """This host as the data plane sees it."""
 

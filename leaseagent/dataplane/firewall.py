@@ -84,7 +84,7 @@ from leaseagent.waiting import within
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECK_SECONDS = 3.0  # iptables: how often the chains are read back (--iptables-resync)
+DEFAULT_CHECK_SECONDS = 5.0  # iptables: seconds between reads of the chains (--iptables-resync, flanneld's 5)
 WATCHED_CHECK_SECONDS = 30.0  # nftables: events tell of changes; a check now and then anyway
 DEEP_CHECK_SECONDS = 30.0  # how often a check reads every member of the peer set
 RETIRE_DELAY_SECONDS = 0.05  # departed peers leave the filter in batches this far apart

@@ -58,7 +58,14 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv6Address,
+    IPv6Interface,
+    ip_address,
+    ip_interface,
+)
 from typing import Any, TypeVar
 
 from pyroute2.iproute.linux import AsyncIPRoute
@@ -416,6 +423,26 @@ class Netlink:
             for hop in m.get("multipath") or ():
                 if hop.get("oif"):
                     return int(hop["oif"])
+        return None
+
+    async def route_to(self, destination: Address) -> tuple[int, Address | None] | None:
+        """The output interface and preferred source address the kernel picks for
+        `destination` (`ip route get`), or None if it has no route to it."""
+        family = socket.AF_INET if destination.version == 4 else socket.AF_INET6
+        try:
+            got = await self._ipr.route("get", dst=str(destination), family=family)
+            msgs = list(got) if isinstance(got, (list, tuple)) else [m async for m in got]
+        except NetlinkError as exc:
+            if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                return None
+            raise _error(f"cannot look up the route to {destination}", exc) from exc
+        except OSError as exc:
+            raise _error(f"cannot look up the route to {destination}", exc) from exc
+        for m in msgs:
+            oif = m.get("RTA_OIF") or m.get("oif")
+            if oif:
+                src = m.get("RTA_PREFSRC") or m.get("prefsrc")
+                return int(oif), ip_address(src) if src else None
         return None
 
     # -- the objects we own ----------------------------------------------------

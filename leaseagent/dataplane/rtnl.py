@@ -450,6 +450,27 @@ class RtnlSocket:
             results.extend(errno.ENOBUFS if a is None else a for a in answers)
         return results
 
+    def request_message(self, kind: int, body: bytes) -> tuple[int, bytes]:
+        """(sequence number, bytes) of a plain request of `kind` (no dump, no ack asked)."""
+        seq = self._next_seq()
+        return seq, _HDR.pack(16 + len(body), kind, NLM_F_REQUEST, seq, 0) + body
+
+    async def get(self, kind: int, body: bytes) -> bytes:
+        """One request answered by one message (not a dump): the answer's body (from after
+        the netlink header). OSError with the kernel's errno when it refuses (ENOENT: no
+        such object)."""
+        seq, message = self.request_message(kind, body)
+        self._sock.send(message)
+        while True:
+            data = await self._recv()
+            for mkind, _flags, mseq, _pid, start, end in messages(data):
+                if mseq != seq:
+                    continue
+                if mkind == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(data, start)[0] or errno.EPROTO
+                    raise OSError(code, os.strerror(code))
+                return bytes(data[start:end])
+
     async def scan(self, kind: int, body: bytes,
                    visit: Callable[[int, memoryview, int, int], None]) -> None:
         """A dump, each message handed to `visit(type, data, start, end)` (its body is

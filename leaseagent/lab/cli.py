@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,13 @@ def print_status(lab: Lab, *, reach: Mapping[int, Reachability] | None = None) -
           + (", real Docker per host" if lab.docker else "")
           + (", --ip-masq" if lab.ip_masq else "")
           + (", nftables" if lab.nftables else ", iptables"))
+    if lab.prometheus:
+        try:
+            url = lab.prometheus_server.url
+        except LabError as exc:
+            url = f"not running ({exc})"
+        print(f"  prometheus {url}  (scrapes every host; rules deploy/prometheus/"
+              f"leaseagent-rules.yml; in {lab.topology.prometheus_ns})")
     for host, pid in lab.agents_status():
         state = f"agent pid {pid}" if pid else "agent NOT RUNNING"
         public = f"{host.public_ip} {host.public_ipv6}" if lab.ipv6 else f"{host.public_ip}"
@@ -94,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"dual-stack: IPv6 on the underlay too, the network config's "
                       f"EnableIPv6 with IPv6Network {CONTAINER_NETWORK6}, containers with both "
                       "families, a matrix per family")
+    p_up.add_argument("--prometheus", action=argparse.BooleanOptionalAction, default=None,
+                      help="a real Prometheus (Debian's prometheus) scraping every host with "
+                      "the shipped alert rules, its URL printed (default: on when "
+                      "`prometheus` is installed)")
     p_up.add_argument("--docker-fallback", action="store_true",
                       help="with --docker: if dockerd cannot run here, say why in one line "
                       "and use namespace containers")
@@ -126,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _up(args: argparse.Namespace) -> int:
     docker = args.docker
+    prometheus = args.prometheus
+    if prometheus is None:
+        prometheus = shutil.which("prometheus", path=os.environ.get("PATH", "")
+                                  + ":/usr/sbin:/usr/bin") is not None
+        if not prometheus:
+            print("lab: no prometheus installed (Debian: apt-get install prometheus); "
+                  "running without one")
     if docker and args.docker_fallback:
         from leaseagent.lab.docker import unavailable
 
@@ -134,7 +153,8 @@ def _up(args: argparse.Namespace) -> int:
             print(f"lab: dockerd cannot run here ({why}); using namespace containers")
             docker = False
     lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl, docker=docker,
-              ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6)
+              ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6,
+              prometheus=prometheus)
     started = time.monotonic()
     try:
         try:
@@ -146,7 +166,8 @@ def _up(args: argparse.Namespace) -> int:
                   "using namespace containers")
             lab.down()
             lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl,
-                      ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6)
+                      ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6,
+                      prometheus=prometheus)
             lab.up(args.hosts, args.containers)
     except LabExists:
         raise

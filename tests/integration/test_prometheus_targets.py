@@ -6,6 +6,7 @@ own. An agent that publishes its address is scraped for real in the namespace la
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -119,3 +120,32 @@ def test_a_path_that_cannot_be_the_file_is_one_line_and_exit_2(etcd, workdir, na
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert str(workdir / name) in result.stderr
 
+
+
+async def test_an_agent_publishes_where_its_metrics_are_and_withdraws_it_on_release(
+        etcd, workdir) -> None:
+    """An agent on 0.0.0.0 publishes its PublicIP with the port (in this process: the
+    address is published, nothing listens); stopping with --release-on-exit deletes the
+    key with the lease. (A plain stop keeps it: the lab's stopped agent stays a target and
+    its LeaseagentDown fires, tests/e2e/test_prometheus_lab.py.)"""
+    from faults.inproc import make_agent, wait_all
+
+    put_config(etcd, ALLOC)
+    agent = (await make_agent(workdir, "pub", "10.200.0.7", endpoints=etcd.url,
+                              extra=["--metrics-addr", "0.0.0.0:9643"])).start()
+    try:
+        await wait_all([agent], lambda a: a.ready, timeout=20, what="the agent ready")
+        kv = await agent.store.get(LAYOUT.metrics_key("pub"))
+        assert kv is not None and kv.lease == 0  # no TTL: it outlives a long outage
+        assert json.loads(kv.value) == {"Address": "10.200.0.7:9643", "NodeID": "pub",
+                                        "PublicIP": "10.200.0.7"}
+    finally:
+        store = agent.store
+        agent.stop.set()
+        if agent.task is not None:
+            await asyncio.gather(agent.task, return_exceptions=True)
+        await agent.agent.shutdown()  # --release-on-exit (make_agent's)
+    try:
+        assert await store.get(LAYOUT.metrics_key("pub")) is None
+    finally:
+        await store.close()

@@ -5,10 +5,11 @@ name is one the agent exports; the scrape config passes `promtool check config`.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +91,25 @@ def test_promtool_unit_tests_pass() -> None:
 
 
 @needs_promtool
-def test_promtool_finds_a_broken_expectation() -> None:
-    """The unit tests can fail: the same tests against rules whose LeaseagentDown waits
-    ten minutes do."""
-    broken = RULES.read_text().replace("expr: up{job=\"leaseagent\"} == 0\n        for: 30s",
-                                       "expr: up{job=\"leaseagent\"} == 0\n        for: 10m")
-    assert broken != RULES.read_text()
-    scratch = Path(tempfile.mkdtemp(prefix="leaseagent-rules-"))
-    try:
-        (scratch / RULES.name).write_text(broken)
-        shutil.copy(TESTS, scratch / TESTS.name)
-        result = _promtool("test", "rules", TESTS.name, cwd=scratch)
-    finally:
-        shutil.rmtree(scratch)
+def test_promtool_finds_a_broken_expectation(tmp_path: Path) -> None:
+    """The unit tests can fail: LeaseagentDown's own test fails against rules whose
+    LeaseagentDown waits ten minutes."""
+    rules = RULES.read_text()
+    broken = rules.replace('expr: up{job="leaseagent"} == 0\n        for: 30s',
+                           'expr: up{job="leaseagent"} == 0\n        for: 10m')
+    assert broken != rules
+    (tmp_path / RULES.name).write_text(broken)
+    text = TESTS.read_text()
+    header = text[:text.index("tests:\n") + len("tests:\n")]
+    start = text.index("- name: an agent that stays down\n")
+    end = text.index("\n- name: ", start + 1)
+    (tmp_path / TESTS.name).write_text(header + text[start:end] + "\n")
+    result = _promtool("test", "rules", TESTS.name, cwd=tmp_path)
     assert result.returncode != 0
     assert "LeaseagentDown" in result.stdout + result.stderr
+    (tmp_path / RULES.name).write_text(rules)  # and the same test passes on the real rules
+    result = _promtool("test", "rules", TESTS.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_alert_is_tested_firing_and_quiet() -> None:
@@ -169,3 +174,54 @@ def test_the_scrape_config_is_valid(tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(config)
     result = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_targets_service_verifies_and_writes_the_file_the_scrape_job_reads(tmp_path: Path
+                                                                               ) -> None:
+    unit = (DIR / "leasectl-prometheus-targets.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    targets_file = re.search(r"- files:\n\s+- (\S+)", SCRAPE.read_text())
+    assert targets_file is not None and exec_start.endswith(f" {targets_file.group(1)}")
+    bindir = Path(sys.executable).parent
+    target = tmp_path / "leasectl-prometheus-targets.service"
+    target.write_text(unit.replace("/usr/local/bin/", f"{bindir}/")
+                      .replace("WantedBy=multi-user.target", ""))
+    result = subprocess.run(["systemd-analyze", "verify", str(target)], capture_output=True,
+                            text=True, check=False)
+    problems = [line for line in result.stderr.splitlines() if target.name in line]
+    assert not problems, result.stderr
+
+
+DASHBOARD = DIR.parent / "grafana" / "leaseagent-dashboard.json"
+
+
+def test_the_dashboard_is_laid_out_and_asks_only_for_what_exists() -> None:
+    """Every panel on the Prometheus data source variable, with a query; no two panels
+    overlap; every agent metric a query names is exported, every recorded series is
+    recorded by the rules. (That each query parses and returns data: the lab's
+    Prometheus, tests/e2e/test_prometheus_lab.py.)"""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        mine = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
+                for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+    exported = _exported_names()
+    recorded = {rule["record"] for rule in _rules() if "record" in rule}
+    exprs = [t["expr"] for p in panels if p["type"] != "row" for t in p["targets"]]
+    for panel in (p for p in panels if p["type"] != "row"):
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+    names = {n for e in exprs for n in re.findall(r"\bleaseagent_[a-z0-9_]+", e)}
+    records = {n for e in exprs for n in re.findall(r"\bleaseagent:[a-z0-9_:]+", e)}
+    assert names - exported == set()
+    assert records and records - recorded == set()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["node"]["definition"] == 'label_values(up{job="leaseagent"}, node)'

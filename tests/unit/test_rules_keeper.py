@@ -251,7 +251,7 @@ async def test_rules_that_cannot_be_written_are_an_error_naming_the_command_not_
         assert keeper.retry_seconds <= DEFAULT_CHECK_SECONDS
         lines = [r.getMessage() for r in caplog.records]
         assert [m for m in lines if "cannot be applied" in m] == [
-            f"traffic rules cannot be applied: {fw.refuse} (retrying every 3s)"]
+            f"traffic rules cannot be applied: {fw.refuse} (retrying every {DEFAULT_CHECK_SECONDS:g}s)"]
         assert not [m for m in lines if "someone else" in m]
 
         caplog.clear()
