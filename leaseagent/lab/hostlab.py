@@ -19,9 +19,10 @@ the host as they stand, with three kinds of exceptions, all listed here:
   and the wheelhouse, replaced by the lab's (`SUBSTITUTIONS`);
 - the network config, "once per cluster", runs on host 1 only.
 
-The wheelhouse (leaseagent.lab.rootfs) is bind-mounted read-only where the
-README's offline install reads it; the hosts have no network but the lab's
-underlay. The lab adds one drop-in of its own, WatchdogSec=5 instead of the
+The hosts have no network but the lab's underlay: they take the README's
+offline install (`install.sh --wheelhouse DIR`), and the online one's block is
+left out in full; the lab's wheelhouse (leaseagent.lab.rootfs) is
+bind-mounted read-only at that DIR. The lab adds one drop-in of its own, WatchdogSec=5 instead of the
 unit's 30, so the watchdog check takes seconds; and its containers: the
 busybox image (`docker import`) and `docker run --restart always`.
 
@@ -66,7 +67,6 @@ log = logging.getLogger("leaseagent.lab")
 SOURCE = Path(__file__).resolve().parents[2]
 README_SECTION = "## Install on a real host"
 SOURCE_IN_HOST = "/usr/src/leaseagent"  # where the README clones the repository
-WHEELS_IN_HOST = "/var/cache/leaseagent/wheels"  # unless the README names a wheelhouse
 ETCD_URL = f"http://{ETCD_IP}:{ETCD_PORTS[0]}"
 # The README's example values -> the lab's.
 SUBSTITUTIONS = (
@@ -112,18 +112,15 @@ class Step:
 WHEELHOUSE_RE = re.compile(r"install\.sh\b.*--wheelhouse[= ](\S+)")
 
 
-def offline(steps: Sequence[Step]) -> tuple[str, dict[str, str]]:
-    """Where the hosts find the wheelhouse, and the environment of the steps.
-
-    The README's offline install (`install.sh --wheelhouse DIR`) names DIR: the
-    lab bind-mounts its wheelhouse there and the steps need nothing more. A
-    README without one gets pip's own variables (PIP_NO_INDEX, PIP_FIND_LINKS).
-    """
+def wheelhouse_dir(steps: Sequence[Step]) -> str:
+    """Where the README's offline install (`install.sh --wheelhouse DIR`) reads the
+    wheels: the lab bind-mounts its wheelhouse there (its hosts have no network)."""
     for step in steps:
         m = WHEELHOUSE_RE.search(step.text)
         if m:
-            return m.group(1), {}
-    return WHEELS_IN_HOST, {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELS_IN_HOST}
+            return m.group(1)
+    raise LabError("README's install steps have no offline install (install.sh --wheelhouse "
+                   "DIR), and the lab's hosts have no network")
 
 
 def install_steps(readme: Path = SOURCE / "README.md") -> list[Step]:
@@ -265,7 +262,7 @@ class HostLab:
             host = self.topology.host(i, self.state.host_dir(i))
             host.dir.mkdir(parents=True)
             self.topology.make_host(host, forwarding=False)
-            m = self._machine(host, image, wheels, offline(self.steps)[0])
+            m = self._machine(host, image, wheels, wheelhouse_dir(self.steps))
             self._stage(m)
         boot_started = time.monotonic()
         for m in self.machines.values():
@@ -295,7 +292,7 @@ class HostLab:
     def _save(self, image: Path, wheels: Path, hosts: int) -> None:
         self._state_file.write_text(json.dumps(
             {"kind": "systemd hosts", "rootfs": str(image), "wheels": str(wheels),
-             "wheels_in_host": offline(self.steps)[0], "hosts": hosts}) + "\n")
+             "wheels_in_host": wheelhouse_dir(self.steps), "hosts": hosts}) + "\n")
 
     @classmethod
     def load(cls, name: str = DEFAULT_NAME, *, state_root: Path = STATE_ROOT) -> HostLab:
@@ -335,7 +332,7 @@ class HostLab:
             if step.once and i != 1:
                 continue
             log.info("h%d: README step %d", i, step.number)
-            out = m.sh(step.script, timeout=timeout, env=offline(self.steps)[1])
+            out = m.sh(step.script, timeout=timeout)
             log.debug("h%d: step %d:\n%s", i, step.number, out)
         # The image: the host's own busybox-static, as leaseagent.lab.docker makes it.
         applets = " ".join(docker.APPLETS)
@@ -466,6 +463,22 @@ def check_status_line(lab: HostLab) -> str:
     if wrong:
         raise LabError(f"STATUS= does not say {want} peers: {wrong}")
     return f"{texts[1]!r} (and so on every host)"
+
+
+def check_journal(lab: HostLab) -> str:
+    """The agent's journal lines carry the journal's timestamp only (not a second one of
+    the agent's own)."""
+    stamped = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d")
+    for i in lab.machines:
+        lines = lab.machines[i].exec(["journalctl", "-u", "leaseagent", "-o", "cat", "-n", "50",
+                                      "_COMM=leaseagent"]).stdout.splitlines()
+        if not lines:
+            raise LabError(f"h{i}: no journal lines of the agent")
+        twice = [line for line in lines if stamped.match(line)]
+        if twice:
+            raise LabError(f"h{i}: {len(twice)}/{len(lines)} journal lines carry a timestamp "
+                           f"of their own, e.g. {twice[0][:100]!r}")
+    return f"one timestamp per line (the journal's), e.g. {lines[-1][:80]!r}"
 
 
 def check_restart(lab: HostLab, *, duration: float = 8.0, interval: float = 0.02) -> str:
@@ -617,6 +630,7 @@ CHECKS: tuple[tuple[str, Callable[[HostLab], str]], ...] = (
     ("forward policy", check_forward_policy),
     ("cross-host pings", check_cross_host),
     ("status line", check_status_line),
+    ("journal", check_journal),
     ("restart, 0 pings lost", check_restart),
     ("watchdog", check_watchdog),
     ("config error", check_config_error),

@@ -55,7 +55,8 @@ def run_check(lab: HostLab, name: str) -> str:
 
 def test_checks_are_all_here():
     assert [name for name, _ in CHECKS] == [
-        "forward policy", "cross-host pings", "status line", "restart, 0 pings lost", "watchdog",
+        "forward policy", "cross-host pings", "status line", "journal", "restart, 0 pings lost",
+        "watchdog",
         "config error", "reboot"]
 
 
@@ -85,6 +86,10 @@ def test_containers_reach_across_hosts(host_lab: HostLab):
 
 def test_status_line_counts_every_peer(host_lab: HostLab):
     run_check(host_lab, "status line")
+
+
+def test_journal_lines_carry_one_timestamp(host_lab: HostLab):
+    run_check(host_lab, "journal")
 
 
 def test_agent_restart_loses_no_ping_and_stops_no_container(host_lab: HostLab):

@@ -16,7 +16,7 @@ from leaseagent.lab.hostlab import (
     apt_packages,
     check_packages,
     install_steps,
-    offline,
+    wheelhouse_dir,
 )
 from leaseagent.lab.machines import Machine
 
@@ -37,8 +37,7 @@ def test_the_lab_runs_every_line_of_the_readme_but_apt_get_and_git_clone():
         for line, original in zip(ran, step.text.splitlines(), strict=True):
             if original in step.skipped:
                 assert line.startswith("#")
-                assert original.split()[0] in ("apt-get", "git") or (
-                    online_block and "--wheelhouse" in README.read_text()), original
+                assert original.split()[0] in ("apt-get", "git") or online_block, original
             else:
                 assert line == _substituted(original)
                 if "deploy/install.sh" in line:
@@ -55,13 +54,11 @@ def test_the_offline_install_names_where_the_wheelhouse_goes(tmp_path: Path):
     steps = install_steps(readme)
     assert steps[0].skipped == steps[0].text.splitlines()
     assert steps[1].skipped == []
-    assert offline(steps) == ("/srv/wheels", {})
-    # Without an offline install in the README: pip's own variables.
+    assert wheelhouse_dir(steps) == "/srv/wheels"
+    # Without an offline install the lab cannot install its hosts: it says so.
     readme.write_text("## Install on a real host\n\n```\n/usr/src/leaseagent/deploy/install.sh\n```\n")
-    steps = install_steps(readme)
-    assert steps[0].skipped == []
-    path, env = offline(steps)
-    assert env == {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": path}
+    with pytest.raises(LabError, match="no offline install"):
+        wheelhouse_dir(install_steps(readme))
 
 
 def _substituted(line: str) -> str:
