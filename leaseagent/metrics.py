@@ -59,6 +59,10 @@ class _DataPlaneCollector(Collector):
         yield GaugeMetricFamily("leaseagent_dataplane_foreign_peers",
                                 "Peers of another backend type: not programmed, unreachable "
                                 "from this host", value=status.foreign_peers)
+        yield GaugeMetricFamily("leaseagent_dataplane_conflicting_peers",
+                                "Peers whose subnet overlaps a route or address of this host "
+                                "that is not the agent's: not programmed",
+                                value=len(status.conflicting_peers))
         for name, doc, counts, kinds in (
             ("leaseagent_dataplane_objects_added", "Kernel objects added", status.added,
              OBJECT_KINDS),
@@ -234,6 +238,18 @@ class Metrics:
             "leaseagent_network_config_coalesced",
             "Network config versions passed over for a later one written soon after",
             registry=r)
+        # The files the agent writes (subnet.env, Docker's options; leaseagent.agent.daemon).
+        self.files_in_sync = Gauge(
+            "leaseagent_files_in_sync",
+            "1 when every file the agent writes holds what it should (checked every resync "
+            "period)", registry=r)
+        self.file_write_failures = Counter(
+            "leaseagent_file_write_failures", "Failed writes of a file the agent keeps "
+            "(retried; the lease and the data plane are kept)", ["file"], registry=r)
+        self.file_repairs = Counter(
+            "leaseagent_file_repairs",
+            "Files the agent keeps written again after something else removed or changed them",
+            ["file"], registry=r)
         self._dataplane: DataPlaneStatus | None = None
         r.register(_DataPlaneCollector(lambda: self._dataplane))
         self._rules: dict[int, RulesStatus] = {}  # by family

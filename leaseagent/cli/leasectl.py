@@ -80,11 +80,12 @@ from leaseagent.core.configchange import REBUILD, classify, lease_impact
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
 from leaseagent.core.escaping import escaped, escaped_lines
 from leaseagent.core.leases import PEER, KeyLayout, LeaseValue, decode_lease_value, judge
-from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.network import NetworkConfig, host_overlap, parse_network_config
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.errors import ConfigError, InvalidLease, LeaseagentError, NetworkConfigError
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
+from leaseagent.store.settings import check_credential_files
 
 
 async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | None:
@@ -381,9 +382,12 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
         individual, combined = args.individual, args.combined
         if not individual and not combined:
             individual = combined = True
-        text = render_docker_env(env, individual=individual, combined=combined,
-                                 combined_key=args.key, existing=os.environ.get(args.key, ""),
-                                 ipmasq=not args.no_ipmasq)
+        try:
+            text = render_docker_env(env, individual=individual, combined=combined,
+                                     combined_key=args.key, existing=os.environ.get(args.key, ""),
+                                     ipmasq=not args.no_ipmasq)
+        except ValueError as exc:
+            raise LeaseagentError(f"{args.subnet_file}: {exc}") from None
         dest = args.dest or DOCKER_OPTS_FILE
     if dest == "-":
         sys.stdout.write(text)
@@ -446,11 +450,16 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     cset = _subparser(csub, "set", "validate FILE as the agents do, then write it",
                       "Validate FILE exactly as every agent validates the network config, then\n"
                       "write it; a file an agent would refuse leaves etcd untouched (exit 2).\n"
+                      "A Network holding an address or the network of this host's default-route\n"
+                      "interface is refused too (the agents check their own interfaces).\n"
                       "Then say what the running agents do about it: the change's class (in-place,\n"
                       "re-lease, rebuild) and which hosts re-lease or must restart Docker.")
     cset.add_argument("file", metavar="FILE", help="JSON file, or - for standard input")
     cset.add_argument("--dry-run", action="store_true",
                       help="only print what writing FILE would do to the running cluster")
+    cset.add_argument("--no-host-check", action="store_true",
+                      help="do not refuse a Network that holds this host's addresses (leasectl "
+                      "runs on a machine outside the cluster; every agent checks its own)")
     p = _subparser(sub, "reserve", "reserve SUBNET for the host with --public-ip (no TTL)",
                    "Reserve SUBNET for the host with --public-ip: a key with no TTL that only that\n"
                    "host's agent takes. Refused for a subnet outside [SubnetMin, SubnetMax] or a\n"
@@ -548,10 +557,31 @@ def read_config_file(name: str) -> tuple[bytes, NetworkConfig]:
         raise UsageError(f"{name}: {exc}; etcd left unchanged") from None
 
 
+async def check_against_this_host(network: NetworkConfig) -> list[str]:
+    """Refuse (UsageError) a Network that holds an address or the network of the host
+    leasectl runs on, as its default-route interface has them: the one thing an agent
+    there would refuse that only a host can judge (core.network.host_overlap). What was
+    checked, as notes; a host with no default route is not checked (said so)."""
+    from leaseagent.dataplane.host import resolve_host
+
+    try:
+        host = await resolve_host(None, None)
+    except (ConfigError, LeaseagentError) as exc:
+        return [f"note: Network not checked against this host's addresses ({exc})"]
+    why = host_overlap(network, host.own_addresses(public_ip=f"an address of {host.iface}"))
+    if why:
+        raise UsageError(f"{why} (checked on this host, interface {host.iface}); agents there "
+                         "would refuse it; etcd left unchanged (--no-host-check if leasectl runs "
+                         "outside the cluster)")
+    return []
+
+
 async def run(args: argparse.Namespace) -> int:
     from leaseagent.store.etcd import EtcdStore  # loads grpc: only for commands that need etcd
 
     settings = etcd_settings(args)
+    for warning in check_credential_files(settings):
+        print(f"leasectl: warning: {warning}", file=sys.stderr)
     store = await EtcdStore.connect(settings)
     try:
         return await COMMANDS[args.cmd](store, KeyLayout(str(args.etcd_prefix)), args)
@@ -587,6 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             subnet_of(args.subnet, None)  # a CIDR that is wrong is wrong before etcd is asked
         if args.cmd == "config" and args.config_cmd == "set":
             args.config_data = read_config_file(args.file)
+            if not args.no_host_check:
+                for line in asyncio.run(check_against_this_host(args.config_data[1])):
+                    print(f"leasectl: {line}", file=sys.stderr)
         if args.cmd == "prometheus-targets" and args.file != "-":
             check_writable(Path(args.file))  # before etcd is asked anything
         if args.cmd == "doctor":

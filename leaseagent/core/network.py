@@ -20,13 +20,19 @@ Dual-stack (flannel's `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`,
 subnet length defaults to /64 for a /62 or larger network, else prefix + 2,
 and is at most /126; a network longer than /124 is too small). IPv4 stays
 mandatory (`EnableIPv4: false` is refused), as in flannel's etcd mode.
+
+Stricter than flannel: a Network (either family) that is every address
+(0.0.0.0/0, ::/0) or holds loopback, link-local, multicast or reserved
+addresses is refused (`special_range`). Whether a Network holds a host's own
+addresses can only be judged on a host: `host_overlap`, which the agent asks
+of its own addresses and leasectl of the host it runs on.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -125,6 +131,54 @@ class SubnetRange:
         integers, as `check_subnet` is asked of every lease of a listing."""
         shift = self.bits - self.network.prefixlen
         return self.network.version, shift, int(self.network.network_address) >> shift
+
+
+# Ranges a Network may not hold any part of, with why (flannel accepts them all): a lease
+# there would route loopback, link-local or multicast traffic, or every address, into the
+# overlay. 0.0.0.0/0 and ::/0 hold all of them.
+_SPECIAL: tuple[tuple[Network, str], ...] = (
+    (IPv4Network("0.0.0.0/8"), "holds 0.0.0.0/8 (\"this network\", never a destination)"),
+    (IPv4Network("127.0.0.0/8"), "holds loopback addresses (127.0.0.0/8)"),
+    (IPv4Network("169.254.0.0/16"), "holds link-local addresses (169.254.0.0/16)"),
+    (IPv4Network("224.0.0.0/4"), "holds multicast addresses (224.0.0.0/4)"),
+    (IPv4Network("240.0.0.0/4"), "holds reserved and broadcast addresses (240.0.0.0/4)"),
+    (IPv6Network("::/128"), "holds the unspecified address ::"),
+    (IPv6Network("::1/128"), "holds the loopback address ::1"),
+    (IPv6Network("fe80::/10"), "holds link-local addresses (fe80::/10)"),
+    (IPv6Network("ff00::/8"), "holds multicast addresses (ff00::/8)"),
+)
+
+
+def special_range(network: Network) -> str | None:
+    """Why `network` cannot be a cluster Network (every address, loopback, link-local,
+    multicast, reserved), or None."""
+    if network.prefixlen == 0:
+        return "is every address; the overlay would take the hosts' own traffic"
+    for special, why in _SPECIAL:
+        if special.version == network.version and network.overlaps(special):
+            return why
+    return None
+
+
+def host_overlap(config: NetworkConfig, host: Iterable[tuple[Address | Network, str]]
+                 ) -> str | None:
+    """Why `config` cannot run on a host, judged against the host's own addresses and
+    networks (`host`: each with what it is, e.g. "PublicIP" or "the network of eth0"):
+    a Network (IPv4 or IPv6) that holds one of them, or overlaps one, would send the
+    hosts' own traffic (etcd's included) into the overlay. None: it can."""
+    for family in (config.ipv4, config.ipv6):
+        if family is None:
+            continue
+        net = family.network
+        for item, what in host:
+            if item.version != net.version:
+                continue
+            if isinstance(item, IPv4Address | IPv6Address):
+                if item in net:
+                    return f"Network {net} holds {item}, {what}"
+            elif net.overlaps(item):
+                return f"Network {net} overlaps {item}, {what}"
+    return None
 
 
 def ip_network(spec: tuple[int, int], bits: int) -> Network:
@@ -304,6 +358,9 @@ def _subnet_range(data: Mapping[str, Any], f: _Family) -> SubnetRange:
     except ValueError as exc:
         raise _field_error(f.network, raw_net, f"is not an IPv{f.version} CIDR ({exc})") from None
     bits = network.max_prefixlen
+    why = special_range(network)
+    if why:
+        raise _field_error(f.network, raw_net, why)
 
     subnet_len = _parse_int(f.subnet_len, data.get(f.subnet_len) or 0)  # null: 0, unset
     if subnet_len < 0:

@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,6 +103,25 @@ class HostInfo:
     iface_index: int = 0
     iface_mtu: int = 1500
     public_ipv6: IPv6Address | None = None  # PublicIPv6; None: this host publishes no IPv6
+    # The underlay interface's addresses with their prefixes (both families): the
+    # networks a cluster Network must stay out of (core.network.host_overlap).
+    underlay: tuple[IPv4Interface | IPv6Interface, ...] = ()
+
+    def own_addresses(self, *, public_ip: str = "this host's PublicIP"
+                      ) -> list[tuple[IPv4Address | IPv6Address | IPv4Network | IPv6Network,
+                                      str]]:
+        """This host's addresses and underlay networks, each with what it is (`public_ip`:
+        what to call the PublicIP): what a cluster Network may not hold
+        (core.network.host_overlap)."""
+        out: list[tuple[IPv4Address | IPv6Address | IPv4Network | IPv6Network, str]] = [
+            (self.public_ip, public_ip)]
+        if self.public_ipv6 is not None:
+            out.append((self.public_ipv6, "this host's PublicIPv6"))
+        for address in self.underlay:
+            if address.network.prefixlen < address.network.max_prefixlen and \
+                    not address.ip.is_link_local:
+                out.append((address.network, f"the network of {self.iface} ({address})"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -161,6 +180,9 @@ class DataPlaneStatus:
     repairs: Counter[str] = field(default_factory=Counter)
     reconciles: Durations = field(default_factory=Durations)
     foreign_peers: int = 0  # peers of another backend type: not programmed, unreachable
+    # Peers whose subnet would take over a route or address of this host that is not
+    # ours (core.plan.host_conflict): not programmed, each with what it overlaps.
+    conflicting_peers: dict[IPv4Network, str] = field(default_factory=dict)
 
 
 class DataPlane(Protocol):

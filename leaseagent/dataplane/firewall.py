@@ -14,7 +14,9 @@ step per change:
   reload) is seen at once.
 - `IptablesFirewall` (otherwise): our own chains LEASEAGENT-POSTROUTING (nat),
   LEASEAGENT-FORWARD and LEASEAGENT-INPUT (filter), each jumped to from the
-  first rule of its built-in chain, written per table with `iptables-restore
+  first rule of its built-in chain (in FORWARD, the first after Docker's
+  DOCKER-USER jump, so the operator's rules there still apply:
+  core.rules.jump_index), written per table with `iptables-restore
   --noflush` (declaring a chain flushes it, so the whole table's part is one
   commit); the peer set is an ipset (`ipset restore`). iptables has no event
   stream: `iptables-save` and the ipset's header (how many members: `ipset list
@@ -77,6 +79,7 @@ from leaseagent.core.rules import (
     compare,
     iptables_chain,
     is_peer_filter,
+    jump_index,
 )
 from leaseagent.errors import ConfigError, DataPlaneError
 from leaseagent.retrying import Backoff
@@ -287,6 +290,15 @@ def _parse_save(text: str) -> _Saved:
     return saved
 
 
+def _jump_target(line: str) -> str | None:
+    """The chain an `iptables-save` rule jumps to (`-j X` or `-g X`), None if none."""
+    words = line.split()
+    for flag in ("-j", "-g"):
+        if flag in words[:-1]:
+            return words[words.index(flag) + 1]
+    return None
+
+
 def _comment(line: str) -> str | None:
     m = _COMMENT.search(line)
     return m.group(1) if m and m.group(1).startswith("leaseagent:") else None
@@ -347,11 +359,16 @@ class IptablesFirewall:
                     lines.append(f":{ours} - [0:0]")  # declared: created, or flushed
                 for rule in rules:
                     lines.append(f'-A {ours} -m comment --comment "{rule.tag}" {rule.iptables}')
+                others: list[str | None] = []
                 for line in saved.rules.get(builtin, []):
                     if line.endswith(f"-j {ours}"):
                         lines.append("-D" + line[2:])
+                    else:
+                        others.append(_jump_target(line))
                 if rules:
-                    lines.append(f'-I {builtin} 1 -m comment --comment "{_JUMP}:{chain}" -j {ours}')
+                    at = jump_index(builtin, others) + 1
+                    lines.append(f'-I {builtin} {at} -m comment --comment "{_JUMP}:{chain}" '
+                                 f"-j {ours}")
                 elif exists:
                     lines.append(f"-X {ours}")
             lines.append("COMMIT")
@@ -379,9 +396,11 @@ class IptablesFirewall:
                 if ours not in saved.rules:
                     continue
                 chains[chain] = [_comment(line) for line in saved.rules[ours]]
-                jumps = [i for i, line in enumerate(saved.rules.get(builtin, []))
-                         if line.endswith(f"-j {ours}")]
-                hooked[chain] = jumps == [0]
+                builtin_rules = saved.rules.get(builtin, [])
+                jumps = [i for i, line in enumerate(builtin_rules) if line.endswith(f"-j {ours}")]
+                others = [_jump_target(line) for line in builtin_rules
+                          if not line.endswith(f"-j {ours}")]
+                hooked[chain] = jumps == [jump_index(builtin, others)]
                 if chain == "input":
                     dropped = sum(n for line, n in zip(saved.rules[ours], saved.counts.get(ours, []),
                                                        strict=False)

@@ -169,4 +169,6 @@ async def _resolve(nl: Netlink, iface: str | None, public_ip: str | None) -> Hos
                 f"interface {link.name} has no IPv4 address; add one or pass --public-ip"
             )
         ip = addresses[0][1].ip
-    return HostInfo(public_ip=ip, iface=link.name, iface_index=link.index, iface_mtu=link.mtu)
+    underlay = tuple(a.interface for a in await nl.addresses(index=link.index))
+    return HostInfo(public_ip=ip, iface=link.name, iface_index=link.index, iface_mtu=link.mtu,
+                    underlay=underlay)

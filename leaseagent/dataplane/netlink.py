@@ -76,6 +76,7 @@ from leaseagent.core.plan import (
     MAIN_TABLE,
     DeviceState,
     Fdb,
+    HostRoute,
     Ident,
     Interface,
     KernelObject,
@@ -187,6 +188,8 @@ class NetlinkEvent:
     protocol: int | None = None
     table: int | None = None
     obj: KernelObject | None = None  # the route/neighbour/FDB entry, as core.plan models it
+    # A route event as a route or address of the host (rtnl.host_route): whoever made it.
+    host_route: HostRoute | None = None
 
 
 def _link_from_msg(msg: Any) -> Link:
@@ -458,16 +461,23 @@ class Netlink:
             raise _error(f"cannot dump {what}", exc) from exc
 
     async def scan_routes(self, known: Known, *, protocol: int,
-                          family: int = socket.AF_UNSPEC) -> list[Route]:
+                          family: int = socket.AF_UNSPEC,
+                          others: Callable[[HostRoute], None] | None = None) -> list[Route]:
         """Unicast routes of the main table carrying `protocol`, of one family or
         (AF_UNSPEC) both, read as a full sync wants them: `known` is asked each one's
         identity (core.plan.route_ident) and only those it does not know are decoded
-        and returned. DumpInterrupted: read again."""
+        and returned. `others` is handed, from the same dump, every other route of the
+        main table and every address of this host (rtnl.host_route): what a peer's
+        subnet must not take over. DumpInterrupted: read again."""
         wanted = _FAMILIES if family == socket.AF_UNSPEC else (family,)
         unknown: list[Route] = []
 
         def visit(_kind: int, data: memoryview, start: int, end: int) -> None:
             if data[start + 5] != protocol or data[start] not in wanted:
+                if others is not None and data[start] in wanted:
+                    host = rtnl.host_route(data, start, end)
+                    if host is not None:
+                        others(host)
                 return
             ident, table = rtnl.route_identity(data, start, end)
             if ident is None or table != MAIN_TABLE or known(ident):
@@ -594,7 +604,8 @@ def event_from_message(kind: int, sender: int, body: bytes) -> NetlinkEvent:
             return NetlinkEvent("other", deleted, 0, sender)
         route, protocol, table = rtnl.decode_route(body, 0, len(body))
         return NetlinkEvent("route", deleted, route.ifindex if route else 0, sender,
-                            protocol=protocol, table=table, obj=route)
+                            protocol=protocol, table=table, obj=route,
+                            host_route=rtnl.host_route(body, 0, len(body)))
     if kind in (rtnl.RTM_NEWNEIGH, rtnl.RTM_DELNEIGH):
         return _neighbour_event(kind, body, sender)
     return NetlinkEvent("other", False, 0, sender)

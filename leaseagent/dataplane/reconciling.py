@@ -84,13 +84,17 @@ from leaseagent.core.plan import (
     BackendSpec,
     DeviceSpec,
     DeviceState,
+    HostRoute,
     Ident,
     KernelObject,
     Neighbour,
     Observation,
     PlanDiff,
+    Route,
+    cluster_relevant,
     diff,
     diff_found,
+    host_conflict,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.netlink import (
@@ -156,6 +160,12 @@ class ReconcilingBackend:
         # Peers of another backend type: their subnets, and what was logged of them.
         self._foreign: set[IPv4Network] = set()
         self._foreign_logged: set[tuple[IPv4Network, str]] = set()
+        # This host's routes and addresses that are not ours and overlap the cluster
+        # network, from the last complete route dump (None: not read yet), and the
+        # peers they keep from being programmed (logged once each).
+        self._host_routes: tuple[HostRoute, ...] | None = None
+        self._dumped_routes: tuple[HostRoute, ...] = ()
+        self._conflicts_logged: set[tuple[IPv4Network, HostRoute]] = set()
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -240,11 +250,74 @@ class ReconcilingBackend:
 
     def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
              own_ipv6: IPv6Network | None = None) -> BackendSpec:
+        skipped = self._conflicting(peers)
+        allowed = {s: p for s, p in peers.items() if s not in skipped}
         return BackendSpec(
             devices=self._device_specs(
                 own_subnet, own_ipv6 if self._settings.ipv6_enabled else None),
-            objects=dict(self._peer_plans(own_subnet, peers)),
+            objects=dict(self._peer_plans(own_subnet, allowed)),
+            skipped=skipped,
         )
+
+    # -- this host's own routes and addresses ------------------------------------
+    async def _scan_routes(self, nl: Netlink, known: Known) -> list[Route]:
+        """Our routes (see Netlink.scan_routes), and from the same dump the host's other
+        routes and addresses that overlap the cluster network (`_dumped_routes`, for
+        `host_conflict`): every backend's `_scan` reads routes through here."""
+        seen: list[HostRoute] = []
+        routes = await nl.scan_routes(known, protocol=self._settings.route_protocol,
+                                      others=seen.append)
+        self._dumped_routes = cluster_relevant(seen, self._networks())
+        return routes
+
+    def _networks(self) -> list[IPv4Network | IPv6Network]:
+        networks: list[IPv4Network | IPv6Network] = [self._settings.network.network]
+        if self._settings.ipv6_enabled and self._settings.network.ipv6_network is not None:
+            networks.append(self._settings.network.ipv6_network)
+        return networks
+
+    def _note_host_route(self, route: HostRoute, *, deleted: bool) -> bool:
+        """A route or address of someone else came or went (a netlink event): from now
+        on peers are judged with it, at once (a lease arriving next must not replace a
+        route just added), and a full pass plans them all again. True if it matters."""
+        if self._host_routes is None or not cluster_relevant((route,), self._networks()):
+            return False
+        routes = [r for r in self._host_routes if r != route]
+        if not deleted:
+            routes.append(route)
+        self._host_routes = tuple(routes)
+        return True
+
+    async def _read_host_routes(self, nl: Netlink) -> None:
+        """Read the host's routes once, before anything is planned (later passes use
+        their own dump's)."""
+        if self._host_routes is None:
+            await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
+            self._host_routes = self._dumped_routes
+
+    def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, HostRoute]:
+        """The peers whose subnet would take over a route or address of this host
+        (core.plan.host_conflict), each logged once; `status.conflicting_peers` says
+        them all."""
+        routes = self._host_routes or ()
+        out: dict[IPv4Network, HostRoute] = {}
+        if routes:
+            for subnet, peer in peers.items():
+                route = host_conflict(peer, routes)
+                if route is not None:
+                    out[subnet] = route
+                    self._log_conflict(peer, route)
+        self.status.conflicting_peers = {s: r.text for s, r in out.items()}
+        return out
+
+    def _log_conflict(self, peer: Peer, route: HostRoute) -> None:
+        if (peer.subnet, route) in self._conflicts_logged:
+            return
+        self._conflicts_logged.add((peer.subnet, route))
+        node = f", node {peer.node_id}" if peer.node_id else ""
+        log.error("peer %s (%s%s) not programmed: its subnet overlaps this host's %s, which "
+                  "is not the agent's; fix the lease or the host", peer.subnet, peer.public_ip,
+                  node, route.text)
 
     def _peer_plans(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
                     ) -> Iterator[tuple[IPv4Network, frozenset[KernelObject]]]:
@@ -274,7 +347,9 @@ class ReconcilingBackend:
             nl = await self._netlink()
             devices = await self._observe_devices(nl)
             await self._refresh(nl)
-            return Observation(devices=devices, objects=frozenset(await self.current(nl)))
+            objects = frozenset(await self.current(nl))
+            self._host_routes = self._dumped_routes  # what `spec` judges peers by now
+            return Observation(devices=devices, objects=objects)
 
     async def sync(self, peers: Mapping[IPv4Network, Peer], *,
                    ready: Awaitable[object] | None = None) -> None:
@@ -295,6 +370,7 @@ class ReconcilingBackend:
         async with self._lock:
             try:
                 nl = await self._netlink()
+                await self._read_host_routes(nl)
                 to_change = self._plan_update(changes, peers)
             finally:
                 await _done(ready)
@@ -318,7 +394,14 @@ class ReconcilingBackend:
                 old |= planned
                 self._count(planned, -1)
             peer = peers.get(subnet)
-            if peer is not None and subnet != self._own_subnet:
+            conflict = host_conflict(peer, self._host_routes or ()) if peer is not None else None
+            if conflict is not None:
+                assert peer is not None
+                self._log_conflict(peer, conflict)
+                self.status.conflicting_peers[subnet] = conflict.text
+            else:
+                self.status.conflicting_peers.pop(subnet, None)
+            if peer is not None and subnet != self._own_subnet and conflict is None:
                 after = self._plan_peer(peer)
                 self._programmed[subnet] = peer
                 self._count(after, +1)
@@ -383,9 +466,18 @@ class ReconcilingBackend:
         # after this pass, which must then find it not yet programmed.
         peers = {subnet: peer for subnet, peer in peers.items() if subnet != self._own_subnet}
         try:
+            await self._read_host_routes(nl)
+            skipped = self._conflicting(peers)
+            peers = {subnet: peer for subnet, peer in peers.items() if subnet not in skipped}
             plan, changes = await self._full_plan(nl, peers)
         finally:
             await _done(ready)
+        if self._dumped_routes != self._host_routes:
+            # The host's routes changed since the last pass: plan again with them (a peer
+            # may conflict now, or no longer), level-triggered like everything else.
+            self._host_routes = self._dumped_routes
+            self._full_resync_needed = True
+            self._wake.set()
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
         # The pass's dumps, plan and changes were its peak: what glibc keeps of them
         # would stay in the RSS until the next pass (leaseagent.memory).
@@ -569,6 +661,11 @@ class ReconcilingBackend:
 
     def _note_event(self, event: NetlinkEvent) -> None:
         """Queue the work an event of someone else calls for, and wake the loop."""
+        if (event.host_route is not None and event.protocol != self._settings.route_protocol
+                and self._note_host_route(event.host_route, deleted=event.deleted)):
+            self._full_resync_needed = True
+            self._wake.set()
+            return
         kind = self._drift_kind(event)
         if kind is None:
             return

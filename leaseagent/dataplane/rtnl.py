@@ -53,6 +53,7 @@ from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
     MAIN_TABLE,
     Fdb,
+    HostRoute,
     Ident,
     KernelObject,
     Neighbour,
@@ -230,6 +231,32 @@ def decode_route(data: bytes | memoryview, start: int, end: int) -> tuple[Route 
         scope=scope,
     )
     return route, proto, table
+
+
+RTN_LOCAL = 2
+LOCAL_TABLE = 255
+RT_SCOPE_LINK = 253
+
+
+def host_route(data: bytes | memoryview, start: int, end: int) -> HostRoute | None:
+    """A route of the main table (unicast) or an address of this host (the local
+    table's RTN_LOCAL entries: one per address), as a HostRoute; None for anything
+    else (broadcast, multicast, other tables, unreachable routes)."""
+    family, dst_len, table, _, scope, rtype, _, attrs = _route_parts(data, start, end)
+    network = _NETWORKS.get(family)
+    if network is None:
+        return None
+    local = table == LOCAL_TABLE and rtype == RTN_LOCAL
+    if not local and (table != MAIN_TABLE or rtype != RTN_UNICAST):
+        return None
+    dst = attrs.get(RTA_DST)
+    try:
+        prefix = network((int.from_bytes(dst) if dst else 0, dst_len))
+    except ValueError:
+        return None
+    return HostRoute(prefix, connected=not local and scope == RT_SCOPE_LINK
+                     and RTA_GATEWAY not in attrs, address=local,
+                     ifindex=_u32(attrs.get(RTA_OIF)))
 
 
 def route_identity(data: bytes | memoryview, start: int, end: int) -> tuple[Ident | None, int]:

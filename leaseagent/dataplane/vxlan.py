@@ -337,7 +337,7 @@ class VxlanBackend(ReconcilingBackend):
         # Routes of both families: an IPv6 route of ours left from a dual-stack run
         # is found (and removed) on an IPv4-only one too.
         found: list[KernelObject] = []
-        found += await nl.scan_routes(known, protocol=self._settings.route_protocol)
+        found += await self._scan_routes(nl, known)
         for vtep in self._devices:
             if vtep.index:
                 found += await nl.scan_neighbours(known, vtep.index,

@@ -323,7 +323,7 @@ class WireguardBackend(ReconcilingBackend):
 
     async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
         found: list[KernelObject] = []
-        found += await nl.scan_routes(known, protocol=self._settings.route_protocol)
+        found += await self._scan_routes(nl, known)
         control = await self._driver(nl)
         for device in self._devices:
             config = await control.read(device.name) if device.index else None

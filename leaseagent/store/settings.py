@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from leaseagent.errors import ConfigError
+from leaseagent.files import exposure
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 DEFAULT_TIMEOUT = 5.0
@@ -57,6 +58,37 @@ def parse_endpoints(spec: str) -> list[Endpoint]:
     if len({e.tls for e in out}) > 1:
         raise ConfigError("--etcd-endpoints: mix of http:// and https:// endpoints")
     return out
+
+
+def check_credential_files(settings: EtcdSettings) -> list[str]:
+    """The files that hold credentials, as kept on disk. Refused (ConfigError, one line
+    naming the flag and the path): a password file another user can read or change
+    (ours alone: flannel has no such file; keep it 0600 or 0640, root's). Warned (the
+    lines returned): a CA, certificate or key file another user can change, or a key
+    file others can read (flannel accepts them, so a flannel user's files keep working)."""
+    warnings: list[str] = []
+    if settings.password_file is not None:
+        try:
+            problems = exposure(settings.password_file, secret=True)
+        except OSError:
+            problems = []  # unreadable or missing: said when it is read
+        if problems:
+            raise ConfigError(f"--etcd-password-file: {settings.password_file} is "
+                              f"{', '.join(problems)}; keep it root's and mode 0600")
+    for flag, path, secret in (("--etcd-cafile", settings.cafile, False),
+                               ("--etcd-certfile", settings.certfile, False),
+                               ("--etcd-keyfile", settings.keyfile, True)):
+        if path is None:
+            continue
+        try:
+            problems = exposure(path, secret=secret)
+        except OSError:
+            continue
+        if problems:
+            warnings.append(f"{flag}: {path} is {', '.join(problems)}; another user could "
+                            + ("read the key or " if "readable by others" in problems else "")
+                            + "replace it (keep it root's, mode 0600 for a key)")
+    return warnings
 
 
 @dataclass(frozen=True)

@@ -245,8 +245,9 @@ def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents, workd
     assert a.metric("leaseagent_lease_subnet_changes_total") == 1.0
     # Docker's options moved with subnet.env.
     assert docker_opts.read_text() == (
-        f'DOCKER_OPT_BIP="--bip={a.wait_subnet()}"\nDOCKER_OPT_MTU="--mtu=1500"\n'
-        f'DOCKER_NETWORK_OPTIONS=" --bip={a.wait_subnet()} --mtu=1500 "\n')
+        f'DOCKER_OPT_BIP="--bip={a.wait_subnet()}"\nDOCKER_OPT_IPMASQ="--ip-masq=true"\n'
+        f'DOCKER_OPT_MTU="--mtu=1500"\n'
+        f'DOCKER_NETWORK_OPTIONS=" --bip={a.wait_subnet()} --ip-masq=true --mtu=1500"\n')
 
 
 def test_sigterm_while_waiting_for_etcd_exits_promptly(etcd, agents):
