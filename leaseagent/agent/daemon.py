@@ -88,6 +88,7 @@ from leaseagent.errors import (
     IdentityConflict,
     InvalidLease,
     LeaseLost,
+    StoreError,
     StoreUnavailable,
     SubnetsExhausted,
 )
@@ -511,16 +512,20 @@ class Agent:
         value = (MetricsTarget(node_id=cfg.node_id, address=address,
                                public_ip=str(host.public_ip)).encode()
                  if address is not None else None)
-        async for attempt in retrying(on_retry=self._etcd_down):
-            with attempt:
-                current = await self.store.get(key)
-                if value is not None and (current is None or current.value != value):
-                    await self.store.put(key, value)
-                    log.info("metrics address %s published at %s", address, key)
-                elif value is None and current is not None:
-                    await self.store.delete(key, mod_revision=current.mod_revision)
-                    log.info("metrics address no longer published (%s is not reachable "
-                             "from other hosts): %s deleted", "--metrics-addr", key)
+        try:
+            async for attempt in retrying(on_retry=self._etcd_down):
+                with attempt:
+                    current = await self.store.get(key)
+                    if value is not None and (current is None or current.value != value):
+                        await self.store.put(key, value)
+                        log.info("metrics address %s published at %s", address, key)
+                    elif value is None and current is not None:
+                        await self.store.delete(key, mod_revision=current.mod_revision)
+                        log.info("metrics address no longer published (%s is not reachable "
+                                 "from other hosts): %s deleted", "--metrics-addr", key)
+        except StoreError as exc:  # e.g. an etcd role that only grants <prefix>/subnets/
+            log.warning("metrics address not published at %s: %s (Prometheus discovery "
+                        "will not find this host)", key, exc)
 
     async def _withdraw_metrics_target(self) -> None:
         """This host leaves on purpose (--release-on-exit): it is no longer a target."""

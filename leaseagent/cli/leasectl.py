@@ -117,6 +117,10 @@ async def list_rows(store: LeaseStore, layout: KeyLayout, *, route_protocol: obj
                     ) -> list[dict[str, Any]]:
     network = await load_network(store, layout)
     listing = await store.list_prefix(layout.subnets_prefix)
+    for kv in listing.oversize:
+        print(f"leasectl: warning: {escaped(kv.key)}: its value is too large to receive "
+              f"(over gRPC's 4 MiB message limit); an invalid lease (too_large), not listed",
+              file=sys.stderr)
     routes = await this_host_routes(network, route_protocol) if route_protocol else ()
     return rows_of(listing.items, layout, network, await _ttls(store, listing.items),
                    host_routes=routes)
