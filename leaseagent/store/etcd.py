@@ -35,6 +35,13 @@ Quirks of etcd3aio 0.3.0 handled here:
   members); URLs are parsed here, names resolved to IPv4 addresses, and
   https:// switches TLS on.
 
+A listing is taken in pages (`list_prefix`: a range request with a limit,
+each continuing after the last key, all at the first page's revision): gRPC
+receives at most 4 MiB in one message, which a large cluster or large lease
+values exceed. A page over it is asked for again with fewer keys; a single
+value over it is skipped and named (`Listing.oversize`). A watch response over
+it cannot be received either: the watch ends and the caller lists again.
+
 Every call has a deadline (`timeout`), so a member that holds the
 connection open without answering (SIGSTOP) costs a bounded wait, after
 which gRPC's round robin moves on to another member.
@@ -47,6 +54,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +89,10 @@ from leaseagent.store.settings import Endpoint, EtcdSettings, parse_endpoints
 from leaseagent.waiting import within
 
 __all__ = ["EtcdSettings", "EtcdStore"]
+# Keys per range request of a listing (`list_prefix`): ~200 KB of flannel's lease values.
+LIST_PAGE_KEYS = 1000
+# A listing whose revision is compacted away between its pages is started again this often.
+LIST_RESTARTS = 3
 # A member that is back is reconnected to within about a second (see connect()).
 RECONNECT_BACKOFF_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -126,8 +138,10 @@ def _tls_refused(detail: str, what: str) -> StoreAuthError | None:
 
 
 # What gRPC reports (status INTERNAL) for a stream the server reset as it shut down (etcd
-# stopped with SIGTERM, `systemctl restart etcd`): an outage, not an error of ours.
-_STREAM_RESET = ("RST_STREAM", "Stream removed", "GOAWAY")
+# stopped with SIGTERM, `systemctl restart etcd`), and gRPC core's own "Internal error from
+# Core" (seen once on a config watch during a compaction test): an outage or a transport
+# hiccup, not an error of ours, so retried like one.
+_STREAM_RESET = ("RST_STREAM", "Stream removed", "GOAWAY", "Internal error from Core")
 
 
 def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
@@ -183,6 +197,28 @@ def _wrong_password(exc: BaseException) -> bool:
     return "authentication failed" in _details(exc)
 
 
+class _ListAgain(StoreUnavailable):
+    """The watch cannot go on where it is (a response too large to receive): the caller
+    lists again (a listing skips the large value) and watches from there."""
+
+
+def _code(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status of a translated error's cause (or of the error itself)."""
+    for e in (exc, exc.__cause__):
+        if isinstance(e, grpc.aio.AioRpcError):
+            return e.code()
+    return None
+
+
+def _too_large(exc: BaseException) -> bool:
+    """A response over gRPC's receive limit (4 MiB by default)."""
+    return _code(exc) is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _compacted(exc: BaseException) -> bool:
+    return "required revision has been compacted" in _details(exc.__cause__ or exc)
+
+
 def _as_bytes(data: str | bytes) -> bytes:
     return data.encode() if isinstance(data, str) else data
 
@@ -205,6 +241,7 @@ class EtcdStore:
         self._client = client
         self._settings = settings
         self._timeout = settings.timeout
+        self.page = LIST_PAGE_KEYS  # keys per range request of a listing
         # (user, password) with auth on; a token is asked for at connect and again whenever
         # etcd refuses it (`_call`); the generation counts the tokens had so far.
         self._credentials: tuple[str, str] | None = None
@@ -348,11 +385,49 @@ class EtcdStore:
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def list_prefix(self, prefix: str) -> Listing:
-        resp = await self._call(
-            f"list {prefix}",
-            lambda: self._kvs.get(prefix, prefix_range_end(prefix), timeout=self._timeout),
-        )
-        return Listing(items=[_kv(kv) for kv in resp.kvs], revision=resp.header.revision)
+        """The prefix in pages of at most `self.page` keys, all read at the revision of the
+        first page (one consistent view, as one range request would give): a listing of
+        any size stays under gRPC's 4 MiB receive limit. A page over the limit (large
+        values) is asked for again with half as many keys, down to one; a single key over
+        it is listed in `oversize` (its metadata only). The history of the first page's
+        revision compacted away meanwhile: listed again from the start."""
+        for _ in range(LIST_RESTARTS):
+            try:
+                return await self._list_pages(prefix)
+            except StoreError as exc:
+                if not _compacted(exc):
+                    raise
+        return await self._list_pages(prefix)
+
+    async def _list_pages(self, prefix: str) -> Listing:
+        end = _as_bytes(prefix_range_end(prefix))
+        start, revision = prefix.encode(), 0
+        items: list[KeyValue] = []
+        oversize: list[KeyValue] = []
+        limit = self.page
+        while True:
+            try:
+                resp = await self._call(f"list {prefix}", partial(
+                    self._kvs.get, start, end, revision=revision, limit=limit,
+                    timeout=self._timeout))
+            except StoreError as exc:
+                if not _too_large(exc):
+                    raise
+                if limit > 1:
+                    limit = max(1, limit // 2)
+                    continue
+                resp = await self._call(f"list {prefix}", partial(
+                    self._kvs.get, start, end, revision=revision, limit=1, keys_only=True,
+                    timeout=self._timeout))
+                oversize.extend(_kv(kv) for kv in resp.kvs)
+            else:
+                items.extend(_kv(kv) for kv in resp.kvs)
+                limit = min(self.page, limit * 2)
+            if not revision:
+                revision = int(resp.header.revision)
+            if not resp.more or not resp.kvs:
+                return Listing(items=items, revision=revision, oversize=oversize)
+            start = bytes(resp.kvs[-1].key) + b"\0"  # the next key after the last one
 
     async def put(self, key: str, value: bytes) -> None:
         await self._call(f"put {key}", lambda: self._kvs.put(key, value, timeout=self._timeout))
@@ -530,6 +605,8 @@ class EtcdStore:
                     next_revision = max(next_revision, revision + 1)
                     if events:
                         yield events
+            except _ListAgain:
+                raise  # resumed, the stream would bring the same response again
             except StoreUnavailable:
                 if backoff.failures >= WATCH_RESUMES:
                     raise
@@ -599,6 +676,9 @@ class EtcdStore:
                     seen = int(resp.header.revision)  # a progress report: all sent up to here
                 yield events, seen
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            if _too_large(exc):
+                raise _ListAgain(f"a watch response on {prefix} was over gRPC's receive "
+                                 f"limit (a value over 4 MiB): listing again") from exc
             raise _translate(exc, f"watch {prefix}") from exc
         finally:
             if read is not None:

@@ -196,7 +196,8 @@ def test_the_tools_stay_inside_the_units_syscall_filter_and_address_families(
         host_ns: str, tmp_path: Path) -> None:
     """Every system call and socket family the agent's firewall code and the iptables,
     ipset and nft it runs use is one the unit's SystemCallFilter= and
-    RestrictAddressFamilies= allow: the sandbox does not break them."""
+    RestrictAddressFamilies= allow, and none maps memory writable and executable
+    (MemoryDenyWriteExecute=): the sandbox does not break them."""
     traces = []
     for tool in ("iptables", "nftables"):
         trace = tmp_path / f"{tool}.trace"
@@ -216,3 +217,10 @@ def test_the_tools_stay_inside_the_units_syscall_filter_and_address_families(
     assert calls - allowed_syscalls(unit_setting("SystemCallFilter")) == set()
     assert families <= set(unit_setting("RestrictAddressFamilies").split()), families
     assert {"AF_INET", "AF_NETLINK"} <= families  # the set match's raw socket, netlink
+    # MemoryDenyWriteExecute=yes: no mapping is ever writable and executable at once.
+    assert unit_setting("MemoryDenyWriteExecute") == "yes"
+    for trace in traces:
+        both = [line for line in trace.read_text().splitlines()
+                if line.split(None, 1)[-1].startswith(("mmap(", "mprotect(", "pkey_mprotect("))
+                and "PROT_WRITE" in line and "PROT_EXEC" in line]
+        assert not both, both[:3]
