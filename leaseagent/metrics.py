@@ -238,6 +238,18 @@ class Metrics:
             "leaseagent_network_config_coalesced",
             "Network config versions passed over for a later one written soon after",
             registry=r)
+        # The files the agent writes (subnet.env, Docker's options; leaseagent.agent.daemon).
+        self.files_in_sync = Gauge(
+            "leaseagent_files_in_sync",
+            "1 when every file the agent writes holds what it should (checked every resync "
+            "period)", registry=r)
+        self.file_write_failures = Counter(
+            "leaseagent_file_write_failures", "Failed writes of a file the agent keeps "
+            "(retried; the lease and the data plane are kept)", ["file"], registry=r)
+        self.file_repairs = Counter(
+            "leaseagent_file_repairs",
+            "Files the agent keeps written again after something else removed or changed them",
+            ["file"], registry=r)
         self._dataplane: DataPlaneStatus | None = None
         r.register(_DataPlaneCollector(lambda: self._dataplane))
         self._rules: dict[int, RulesStatus] = {}  # by family

@@ -41,6 +41,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from leaseagent import __version__
@@ -87,10 +88,12 @@ from leaseagent.errors import (
     IdentityConflict,
     InvalidLease,
     LeaseLost,
+    StoreError,
     StoreUnavailable,
     SubnetsExhausted,
 )
 from leaseagent.files import (
+    check_writable,
     exposure,
     read_text_if_exists,
     refuse_non_regular,
@@ -116,6 +119,8 @@ class FamilyRules:
     nftables: bool = False  # which tool the keeper writes with
 
 
+# The files the agent writes (the `file` label of their metrics) and the flag naming each.
+FILES = {"subnet.env": "--subnet-file", "docker_opts.env": "--docker-opts-file"}
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
 # How often readiness is looked at once started (STATUS=, READY=1): it is cheap (state only).
 READINESS_SECONDS = 0.5
@@ -155,6 +160,8 @@ async def preflight(cfg: AgentConfig) -> HostInfo | None:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{flag}: cannot create {directory}: {exc.strerror}") from None
+        # A read-only or full file system is found now, not after a lease is taken.
+        check_writable(directory, flag)
     # The state dir holds what identifies this host (VtepMAC, WireGuard's private key):
     # another user who may write in it could plant or swap them.
     problems = exposure(cfg.state_dir, secret=False)
@@ -244,6 +251,8 @@ class Agent:
         zero(m.etcd_request_seconds, "operation", OPERATIONS)
         zero(m.config_changes, "class", CLASSES)
         zero(m.config_ignored, "reason", IGNORED_REASONS)
+        zero(m.file_write_failures, "file", FILES)
+        zero(m.file_repairs, "file", FILES)
         for backend_name in BACKEND_TYPES:
             m.peers.labels(backend=backend_name).set(0)
         self._notify = notify
@@ -267,10 +276,16 @@ class Agent:
         self.watcher: LeaseWatcher | None = None
         self.mtu = 0
         self.subnet_env_written = False
+        # What each file the agent writes must hold (FILES' names -> path, content), kept
+        # there by `_keep_files`; why the last write of them failed, if it did.
+        self._files: dict[str, tuple[Path, bytes]] = {}
+        self.files_error: str | None = None
         # (our key as seen, or None if absent; the revision it was seen at), or a key of a
         # twin: another agent with this host's identity.
         self._own_events: asyncio.Queue[OwnEvent] = asyncio.Queue()
         self.conflict: str | None = None  # set while another agent has this host's identity
+        self.etcd_reachable = True  # as last found (leaseagent_etcd_up)
+        self._probe: asyncio.Future[None] | None = None  # asks etcd while it is down
         # Keys this agent gave up on purpose (a config change moved it to a new subnet):
         # news of them as a twin's is stale.
         self._given_up: set[str] = set()
@@ -367,6 +382,8 @@ class Agent:
         peers = len(self.watcher.peers) if self.watcher is not None else 0
         lease = f"lease {self.own.subnet}" if self.own is not None else "no lease"
         etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
+        if self.files_error is not None:
+            etcd += f"; {self.files_error} (retrying)"
         if reason is None:
             return f"ready: {lease}, {peers} peers{etcd}"
         return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
@@ -495,16 +512,20 @@ class Agent:
         value = (MetricsTarget(node_id=cfg.node_id, address=address,
                                public_ip=str(host.public_ip)).encode()
                  if address is not None else None)
-        async for attempt in retrying(on_retry=self._etcd_down):
-            with attempt:
-                current = await self.store.get(key)
-                if value is not None and (current is None or current.value != value):
-                    await self.store.put(key, value)
-                    log.info("metrics address %s published at %s", address, key)
-                elif value is None and current is not None:
-                    await self.store.delete(key, mod_revision=current.mod_revision)
-                    log.info("metrics address no longer published (%s is not reachable "
-                             "from other hosts): %s deleted", "--metrics-addr", key)
+        try:
+            async for attempt in retrying(on_retry=self._etcd_down):
+                with attempt:
+                    current = await self.store.get(key)
+                    if value is not None and (current is None or current.value != value):
+                        await self.store.put(key, value)
+                        log.info("metrics address %s published at %s", address, key)
+                    elif value is None and current is not None:
+                        await self.store.delete(key, mod_revision=current.mod_revision)
+                        log.info("metrics address no longer published (%s is not reachable "
+                                 "from other hosts): %s deleted", "--metrics-addr", key)
+        except StoreError as exc:  # e.g. an etcd role that only grants <prefix>/subnets/
+            log.warning("metrics address not published at %s: %s (Prometheus discovery "
+                        "will not find this host)", key, exc)
 
     async def _withdraw_metrics_target(self) -> None:
         """This host leaves on purpose (--release-on-exit): it is no longer a target."""
@@ -549,13 +570,13 @@ class Agent:
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
                         ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
                         ipv6_subnet=own.ipv6_subnet).render()
-        # Written only when they change: a restart hook watching them (systemd's
-        # leaseagent-docker-restart.path) restarts Docker for a real change only.
-        write_if_changed(self.cfg.subnet_file, env.encode(), mode=0o644)
+        files = {"subnet.env": (self.cfg.subnet_file, env.encode())}
         if self.cfg.docker_opts_file is not None:
             # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
             docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
-            write_if_changed(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
+            files["docker_opts.env"] = (self.cfg.docker_opts_file, docker_env.encode())
+        self._files = files
+        self._write_files(start=first)
         self.subnet_env_written = True
         await self.backend.start(own.subnet, own_ipv6=own.ipv6_subnet)
         set_context(subnet=own.subnet)
@@ -566,6 +587,51 @@ class Agent:
                      "" if own.reservation else f", ttl {own.ttl}s", self.cfg.subnet_file)
         if changed and self.watcher is not None:
             self.watcher.request_relist("own_subnet_changed")
+
+    def _write_files(self, *, start: bool = False, repair: bool = False) -> None:
+        """Make each file hold what it must, written only when it does not (a restart hook
+        watching them, systemd's leaseagent-docker-restart.path, restarts Docker for a
+        real change only). At start a failure is a ConfigError (exit 2) naming the path
+        and the OS error; later it is reported (log once, metrics, STATUS=) and retried
+        by `_keep_files`: the lease and the data plane are kept. `repair`: a write puts
+        back what something else removed or changed."""
+        errors = []
+        for name, (path, data) in self._files.items():
+            try:
+                written = write_if_changed(path, data, mode=0o644)
+            except (OSError, ConfigError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                if start:
+                    raise ConfigError(f"{FILES[name]}: cannot write {path}: {why}") from None
+                self.metrics.file_write_failures.labels(file=name).inc()
+                errors.append(f"cannot write {path}: {why}")
+                continue
+            if written and repair:
+                self.metrics.file_repairs.labels(file=name).inc()
+                log.warning("%s %s was missing or changed; written again", name, path)
+        error = "; ".join(errors) or None
+        if error is not None:
+            self.states.set("files", error, "%s (retrying; the lease and the data plane are kept)",
+                            error, level=logging.WARNING)
+        elif self.files_error is not None:
+            self.states.set("files", None, "%s written again", ", ".join(
+                str(path) for path, _ in self._files.values()))
+        self.files_error = error
+        self.metrics.files_in_sync.set(0 if error else 1)
+
+    async def _keep_files(self) -> None:
+        """Level-triggered like the routes: every resync period each file is checked and
+        put back if it was removed or changed; a failed write is retried sooner (capped,
+        jittered backoff up to the resync period)."""
+        period = self.cfg.resync_interval
+        backoff = Backoff(cap=period)
+        while True:
+            if self.files_error is None:
+                backoff.reset()
+                await asyncio.sleep(period)
+            else:
+                await backoff.sleep()
+            self._write_files(repair=self.files_error is None)
 
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
@@ -628,13 +694,30 @@ class Agent:
                 log.info("peer removed: %s", p.subnet)
 
     def _etcd_down(self, exc: BaseException) -> None:
+        self.etcd_reachable = False
         self.metrics.etcd_up.set(0)
         self.states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
                         level=logging.WARNING)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_etcd())
+
+    async def _probe_etcd(self) -> None:
+        """While etcd is down, ask it (one key, capped jittered backoff) until it answers:
+        whoever found it down may not ask again soon (a watch resumed in the adapter, a
+        renewal hours away), and etcd_up must say when it is back."""
+        backoff = Backoff()
+        while not self.etcd_reachable:
+            await backoff.sleep()
+            try:
+                await self.store.get(self.layout.config_key)
+            except StoreUnavailable:
+                continue
+            self._etcd_up()
 
     def _etcd_up(self, *, listed: bool = False) -> None:
         """etcd answered; `listed`: with a complete listing of the leases (nothing to
         list again)."""
+        self.etcd_reachable = True
         self.metrics.etcd_up.set(1)
         if (self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None
                 and not listed):
@@ -871,6 +954,7 @@ class Agent:
         self._spawn("watch", watcher.run())
         self._spawn("hold", self.hold())
         self._spawn("watchdog", self._watchdog())
+        self._spawn("files", self._keep_files())
         synced = asyncio.ensure_future(watcher.synced.wait())
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -926,6 +1010,8 @@ class Agent:
         for task, name in self._tasks.items():
             if task.done() and not task.cancelled():
                 exc = task.exception()
+                if isinstance(exc, ConfigError):
+                    raise exc  # a setting to fix (a password changed in etcd): exit 2
                 if exc is not None:
                     raise RuntimeError(f"task {name} failed: {exc}") from exc
                 raise RuntimeError(f"task {name} ended unexpectedly")
@@ -1050,6 +1136,9 @@ class Agent:
     async def shutdown(self) -> None:
         """Stop without touching kernel state; revoke the lease only if asked to."""
         self._notify("STOPPING=1")
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 await self.backend.close()

@@ -111,6 +111,7 @@ class LeaseWatcher:
         self._on_peers = on_peers
         self._on_own = on_own
         self._on_listed = on_listed
+        self._oversize: dict[str, int] = {}  # keys too large to fetch, as last reported
         self.book = LeaseBook(layout=layout, network=network, identity=self._identity())
         self.synced = asyncio.Event()  # set after the first complete list is applied
         self.gate = asyncio.Lock()
@@ -168,6 +169,17 @@ class LeaseWatcher:
             self._metrics.invalid_leases.labels(reason=verdict.reason).inc()
             log.warning("skipping invalid lease %s: %s", verdict.key, verdict.detail)
 
+    def _report_oversize(self, oversize: list[KeyValue]) -> None:
+        """Keys a listing could not fetch (a value over gRPC's receive limit): skipped like
+        any invalid lease (too_large), counted and logged once per version of the key."""
+        seen = {kv.key: kv.mod_revision for kv in oversize}
+        for kv in oversize:
+            if self._oversize.get(kv.key) != kv.mod_revision:
+                self._metrics.invalid_leases.labels(reason="too_large").inc()
+                log.warning("skipping invalid lease %s: its value is too large to receive "
+                            "(over gRPC's 4 MiB message limit)", kv.key)
+        self._oversize = seen
+
     def _held(self, changes: PeerChanges, *, hold_removals: bool) -> PeerChanges:
         held_before = len(self.hold)
         out = self.hold.filter(changes, now=time.monotonic(), hold_removals=hold_removals)
@@ -199,6 +211,7 @@ class LeaseWatcher:
             [kv for kv in snapshot.items if kv.key != identity.own_key], identity=identity),
             hold_removals=True)
         self._report_rejected()
+        self._report_oversize(snapshot.oversize)
         self._update_gauges()
         self._queue(changes, started, listing=True)
         if self._on_listed is not None:

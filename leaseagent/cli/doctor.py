@@ -14,7 +14,8 @@ agent does. It decides nothing on its own:
   what it wants (`spec`) and reads what the kernel has (`observe`), and
   `core.plan.compare` finds the differences, as the backend's reconcile
   does; leaseagent.core.diagnosis turns them into lines;
-- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC;
+- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC; whether
+  the directories of subnet.env and the state can be written (read-only, full);
 - the agent (with `--metrics-addr`, as the unit sets it): its /readyz, whose
   reason when it is not ready names what fails (a traffic rule that cannot be
   written: the command and what the tool or kernel said);
@@ -69,6 +70,7 @@ from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoice
 from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
+from leaseagent.files import unwritable_reason
 from leaseagent.store.base import LeaseStore
 
 if TYPE_CHECKING:
@@ -290,6 +292,14 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
         env, path=str(settings.subnet_file), network=network.network, subnet=own_subnet,
         mtu=mtu, mtu_source=mtu_source, ipmasq=settings.traffic.ip_masq,
         ipv6_network=network.ipv6_network, ipv6_subnet=own_ipv6)
+    for what, directory in (("subnet.env", settings.subnet_file.parent),
+                            ("state", settings.state_dir)):
+        unwritable = unwritable_reason(directory) if directory.is_dir() else None
+        if unwritable is not None:
+            report.problems.append(problem(
+                "files", str(directory), unwritable,
+                text=f"{what} directory {directory} cannot be written: {unwritable} (the agent "
+                "keeps retrying; it cannot start so)"))
     matched = len(flatten(spec.objects) & observed.objects)
     report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}"
                       f"{driver}, {len(peers)} valid peers, {matched} kernel entries as planned")

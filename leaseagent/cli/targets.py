@@ -18,7 +18,7 @@ again, so no change is missed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from leaseagent.core.escaping import escaped
@@ -37,8 +37,7 @@ def _note(text: str) -> None:
 class Targets:
     """The published targets by key, as the listing and events say."""
 
-    def __init__(self, layout: KeyLayout, *, note: Callable[[str], None] = _note) -> None:
-        self._layout = layout
+    def __init__(self, *, note: Callable[[str], None] = _note) -> None:
         self._note = note
         self.by_key: dict[str, MetricsTarget] = {}
         self._refused: set[tuple[str, int]] = set()  # (key, mod_revision) reported
@@ -55,7 +54,7 @@ class Targets:
     def delete(self, key: str) -> None:
         self.by_key.pop(key, None)
 
-    def reset(self, items: list[KeyValue]) -> None:
+    def reset(self, items: Iterable[KeyValue]) -> None:
         self.by_key = {}
         for kv in items:
             self.put(kv)
@@ -75,8 +74,12 @@ def check_writable(path: Path) -> None:
 async def keep_targets(store: LeaseStore, layout: KeyLayout, path: Path | None, *,
                        once: bool = False) -> None:
     """Write the targets to `path` (None: standard output) after every change; with
-    `once`, after the first listing only, then return."""
-    targets = Targets(layout)
+    `once`, from one listing (one attempt: an unreachable etcd is an error), then return."""
+    targets = Targets()
+    if once:
+        targets.reset((await store.list_prefix(layout.metrics_prefix)).items)
+        _write(targets, path)
+        return
     outage = False
 
     def unavailable(exc: BaseException) -> None:
@@ -96,16 +99,18 @@ async def keep_targets(store: LeaseStore, layout: KeyLayout, path: Path | None, 
                     targets.put(ev.kv)
                 else:
                     targets.delete(ev.key)
-        text = targets.render()
-        if path is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        else:
-            try:
-                written = write_if_changed(path, text.encode(), mode=0o644)
-            except OSError as exc:
-                raise LeaseagentError(f"cannot write {path}: {exc.strerror or exc}") from None
-            if written:
-                _note(f"{len(targets.by_key)} targets written to {path}")
-        if once:
-            return
+        _write(targets, path)
+
+
+def _write(targets: Targets, path: Path | None) -> None:
+    text = targets.render()
+    if path is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        written = write_if_changed(path, text.encode(), mode=0o644)
+    except OSError as exc:
+        raise LeaseagentError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if written:
+        _note(f"{len(targets.by_key)} targets written to {path}")

@@ -668,7 +668,17 @@ def host_conflict(peer: Peer, routes: Collection[HostRoute]) -> HostRoute | None
     leaseagent; programming the peer replaces it (docs/flannel.md, "Migration")."""
     if not routes:
         return None
-    for subnet, public in ((peer.subnet, peer.public_ip), (peer.ipv6_subnet, peer.public_ipv6)):
+    return subnet_conflict((peer.subnet, peer.ipv6_subnet), routes,
+                           publics=(peer.public_ip, peer.public_ipv6))
+
+
+def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRoute], *,
+                    publics: Iterable[Address | None] = ()) -> HostRoute | None:
+    """`host_conflict` for bare subnets (a reservation's, say); `publics`: the public
+    address of the host holding each subnet, in the same order, if known."""
+    known = list(publics)
+    for i, subnet in enumerate(subnets):
+        public = known[i] if i < len(known) else None
         if subnet is None:
             continue
         for route in routes:

@@ -61,7 +61,16 @@ One job per module:
     forward    the forwarder from 127.0.0.1 into a lab namespace (`python -m`)
     teardown   `down`, from the lab's name alone
     commands   `run` and `tool`
-    cli        `up|status|down` (`__main__` runs it)
+    cli        `up|status|down`, and `hosts ...` (`__main__` runs it)
+
+The systemd lab (`deploy/lab hosts up|check|down|run`) reuses the topology,
+etcd, state and teardown with hosts booted by systemd-nspawn instead of
+agent processes:
+
+    rootfs     the cached Debian root filesystem (debootstrap) and wheelhouse
+    machines   one nspawn host: cgroups, overlay root, boot, reboot, commands inside
+    hostlab    `HostLab`: the README's install steps run in each host, the checks
+    hostcli    `hosts up|check|down|run`
 
 Fault injection (etcd stopped, paused or cut off, agents killed) is the
 tests' own (tests/labfaults.py), built on `Lab.etcd` and `Lab.stop_agent`.

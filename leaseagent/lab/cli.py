@@ -116,6 +116,23 @@ def _parser() -> argparse.ArgumentParser:
     for p in (p_up, p_status, p_down):
         p.add_argument("--name", default="lab", help="lab name (default: lab)")
         p.add_argument("-v", "--verbose", action="store_true")
+    p_hosts = sub.add_parser("hosts", help="the systemd lab: hosts booted by systemd-nspawn, "
+                             "installed by the README's steps (`hosts up|check|down`)")
+    hosts_sub = p_hosts.add_subparsers(dest="hosts_command", required=True)
+    h_up = hosts_sub.add_parser("up", help="build the rootfs (cached), boot and install the "
+                                "hosts, start their containers")
+    h_up.add_argument("--hosts", type=int, default=3)
+    h_check = hosts_sub.add_parser("check", help="cross-host pings, restart, watchdog, config "
+                                   "error, reboot; exit 0 only if all pass")
+    h_check.add_argument("--only", action="append", metavar="CHECK",
+                         help="run only this check (repeatable)")
+    h_down = hosts_sub.add_parser("down", help="power the hosts off and remove everything")
+    h_run = hosts_sub.add_parser("run", help="up, check, down (down also on failure)")
+    h_run.add_argument("--hosts", type=int, default=3)
+    h_run.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    for p in (h_up, h_check, h_down, h_run):
+        p.add_argument("--name", default="hosts", help="lab name (default: hosts)")
+        p.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -192,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lab: needs root (network namespaces)", file=sys.stderr)
         return 2
     try:
+        if args.command == "hosts":
+            from leaseagent.lab.hostcli import hosts
+
+            return hosts(args)
         if args.command == "up":
             return _up(args)
         if args.command == "status":

@@ -9,7 +9,10 @@
                         targets writer, the forwarder)
     h<i>/               host i: subnet.env, the agent's log, pid file and state dir;
                         with Docker also docker_opts.env, docker.sock, dockerd's data and
-                        exec roots (docker/), its log and pid file, the restart hook's
+                        exec roots (docker/), its log and pid file, the restart hook's;
+                        in the systemd lab (leaseagent.lab.hostlab) the machine's pid
+                        file and console log, its overlay (upper/, work/, root/) and
+                        its /var/lib/docker (var-lib-docker/)
 
 Pid files hold "<pid> <start time>" (leaseagent.lab.processes). `down` finds
 them here: agents first, then etcd. The state dir is <root>/<name> with the
@@ -75,13 +78,15 @@ class StateDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def pid_files(self) -> list[list[Path]]:
-        """Pid files in stopping order: the lab's Prometheus and its helpers, Docker's
+        """Pid files in stopping order: the systemd lab's machines (whose poweroff stops
+        their agents and dockerd), the lab's Prometheus and its helpers, Docker's
         restart hooks, dockerd (which stops its
         containers and containerd), the agents, then etcd (an agent stopping while etcd
         goes away would wait on it)."""
         if not self.path.is_dir():
             return []
-        return [[self.path / "prometheus" / name for name in PROMETHEUS_PID_FILES],
+        return [sorted(self.path.glob("h*/machine.pid")),
+                [self.path / "prometheus" / name for name in PROMETHEUS_PID_FILES],
                 sorted(self.path.glob("h*/docker-hook.pid")),
                 sorted(self.path.glob("h*/dockerd.pid")),
                 sorted(self.path.glob("h*/agent.pid")), sorted(self.etcd_dir.glob("*/etcd.pid"))]

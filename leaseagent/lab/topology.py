@@ -208,13 +208,15 @@ class Topology:
         if default_route:
             run(["ip", "-n", ns, "route", "add", "default", "via", str(UNDERLAY_GW)])
 
-    def make_host(self, host: Host) -> None:
+    def make_host(self, host: Host, *, forwarding: bool = True) -> None:
         """The host's namespace on the underlay, forwarding on (it routes for its
-        containers)."""
+        containers) unless told: in the systemd lab Docker turns it on, and sets its
+        FORWARD policy to DROP when it does."""
         if host.public_ip not in UNDERLAY or host.public_ip == UNDERLAY.broadcast_address:
             raise LabError(f"host {host.index}: no underlay address left")
         self._attach_to_underlay(host.ns, port=host.name, ip=host.public_ip)
-        netns.enable_forwarding(host.ns, ipv6=self.ipv6)
+        if forwarding:
+            netns.enable_forwarding(host.ns, ipv6=self.ipv6)
 
     def make_bridge(self, host: Host) -> None:
         """docker0's part: bridge br0 with FLANNEL_SUBNET's address and FLANNEL_MTU (and

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from leaseagent.errors import Compacted, StoreUnavailable
 from leaseagent.retrying import Backoff, retrying
@@ -44,6 +44,7 @@ class Snapshot:
     items: list[KeyValue]
     revision: int
     reason: str
+    oversize: list[KeyValue] = field(default_factory=list)  # as in Listing
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class ListWatch:
             listing, self._first = self._first or await self._list(), None
             self._relist.clear()
             revision = listing.revision
-            yield Snapshot(listing.items, revision, reason)
+            yield Snapshot(listing.items, revision, reason, listing.oversize)
             del listing  # applied by now: not kept while watching
             watch = self._store.watch(self._prefix, start_revision=revision + 1)
             try:

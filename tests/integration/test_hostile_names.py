@@ -113,3 +113,22 @@ def test_reservations_are_judged_like_leases(etcd, agents):
     assert got not in (held, "10.9.1.0/24", "10.6.240.0/20")
     assert "overlaps a lease" in nine.log()
     assert holder.subnet_file.read_text().count(f"FLANNEL_SUBNET={held.replace('.0/', '.1/')}") == 1
+
+
+def test_a_lease_whose_public_ip_is_inside_the_network_is_invalid(etcd, agents):
+    """Found while trying more of the same kind: a PublicIP inside the cluster network
+    (the overlay carrying its own underlay: a route loop) was a valid peer."""
+    put_config(etcd, ALLOC)
+    watcher = agents("w", "10.200.0.1").start(metrics=True)
+    watcher.wait_subnet()
+    etcd.etcdctl("put", SUBNETS + "10.6.60.0-24", _value("10.6.61.7", "n", BackendData={}))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not watcher.metric(
+            "leaseagent_invalid_leases_skipped_total", 'reason="bad_public_ip"'):
+        time.sleep(0.1)
+    assert watcher.metric("leaseagent_invalid_leases_skipped_total", 'reason="bad_public_ip"') == 1
+    assert watcher.metric("leaseagent_peers", 'backend="alloc"') == 0
+    rows = {r["subnet"]: r for r in json.loads(leasectl(etcd, "list", "--json").stdout)}
+    row = rows["10.6.60.0/24"]
+    assert row["valid"] is False
+    assert row["error"] == "PublicIP 10.6.61.7 is inside the cluster network 10.6.0.0/16"

@@ -149,3 +149,14 @@ async def test_an_agent_publishes_where_its_metrics_are_and_withdraws_it_on_rele
         assert await store.get(LAYOUT.metrics_key("pub")) is None
     finally:
         await store.close()
+
+
+def test_once_without_etcd_is_one_line_and_exit_1(workdir) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "leaseagent.cli.leasectl", "--etcd-endpoints",
+         "http://127.0.0.1:1", "--etcd-timeout", "1", "prometheus-targets", "--once",
+         str(workdir / "targets.json")],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not (workdir / "targets.json").exists()
