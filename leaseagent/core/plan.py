@@ -661,7 +661,13 @@ def host_conflict(peer: Peer, routes: Collection[HostRoute]) -> HostRoute | None
     `cluster_relevant` kept, usually none, so this costs nothing per peer then."""
     if not routes:
         return None
-    for subnet in (peer.subnet, peer.ipv6_subnet):
+    return subnet_conflict((peer.subnet, peer.ipv6_subnet), routes)
+
+
+def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRoute]
+                    ) -> HostRoute | None:
+    """`host_conflict` for bare subnets (a reservation's, say)."""
+    for subnet in subnets:
         if subnet is None:
             continue
         for route in routes:
