@@ -55,6 +55,7 @@ from leaseagent.core.diagnosis import (
     check_subnet_env,
     device_problems,
     env_subnet,
+    gateway_problems,
     object_problems,
     pick_own_lease,
     problem,
@@ -265,7 +266,10 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     try:
         names = {link.index: link.name for link in await nl.links()}
         if network.backend_type == "host-gw" and host.iface_index:
-            addresses = {a.interface.ip for a in await nl.addresses(index=host.iface_index)}
+            interfaces = [a.interface for a in await nl.addresses(index=host.iface_index)]
+            report.problems += gateway_problems(
+                peers, on_link=[i.network for i in interfaces], iface=host.iface or "?")
+            addresses = {i.ip for i in interfaces}
             for ip in (host.public_ip, host.public_ipv6):
                 if ip is not None and ip not in addresses:
                     report.problems.append(problem(
