@@ -110,7 +110,7 @@ from leaseagent.dataplane.netlink import (
 )
 from leaseagent.errors import DataPlaneError
 from leaseagent.retrying import Backoff
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger(__name__)
 
@@ -416,18 +416,9 @@ class ReconcilingBackend:
         return PlanDiff(to_add, to_remove)
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
-        tasks = {asyncio.create_task(self._watch_events(), name="dataplane-events"),
-                 asyncio.create_task(self._resync_loop(get_peers), name="dataplane-resync"),
-                 *(asyncio.create_task(coro) for coro in self._watchers())}
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-            raise DataPlaneError("data-plane task ended unexpectedly")
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await first_to_end(self._watch_events(), self._resync_loop(get_peers),
+                           *self._watchers())
+        raise DataPlaneError("data-plane task ended unexpectedly")
 
     async def remove(self) -> None:
         async with self._lock:
