@@ -384,6 +384,9 @@ class Agent:
         etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
         if self.files_error is not None:
             etcd += f"; {self.files_error} (retrying)"
+        refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+        if refused:
+            etcd += f"; {refused} peer(s) refused by the kernel (unreachable)"
         if reason is None:
             return f"ready: {lease}, {peers} peers{etcd}"
         return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
@@ -394,7 +397,11 @@ class Agent:
         reason = self.not_ready_reason()
         if reason != self._not_ready:
             peers = len(self.watcher.peers) if self.watcher is not None else 0
-            if reason is None:
+            refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+            if reason is None and refused:
+                log.info("ready: %d peers programmed, %d refused by the kernel (see the "
+                         "warnings above: unreachable from this host)", peers - refused, refused)
+            elif reason is None:
                 log.info("ready: %d peers programmed", peers)
             else:
                 log.warning("not ready: %s", reason)

@@ -14,9 +14,11 @@
     leasectl doctor [-o text|json] [host flags]
     leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
     leasectl cleanup [host flags]
+    leasectl cleanup --flannel [host flags]     (flanneld's leftovers; reads etcd)
     leasectl completion bash
 
-`docker-opts`, `cleanup` and `completion` need no etcd (and do not load its client).
+`docker-opts`, `cleanup` (without --flannel) and `completion` need no etcd (and do not
+load its client).
 
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
 line on stderr, never a traceback; exit status (also in --help): 0 done,
@@ -74,6 +76,7 @@ from leaseagent.config import (
     add_traffic_arguments,
     etcd_settings,
     new_parser,
+    parse_route_protocol,
     unknown_variables,
 )
 from leaseagent.core.configchange import REBUILD, classify, lease_impact
@@ -81,8 +84,16 @@ from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
 from leaseagent.core.escaping import escaped, escaped_lines
 from leaseagent.core.leases import PEER, KeyLayout, LeaseValue, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig, host_overlap, parse_network_config
+from leaseagent.core.plan import HostRoute, cluster_relevant, subnet_conflict
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.errors import ConfigError, InvalidLease, LeaseagentError, NetworkConfigError
+from leaseagent.dataplane.base import DEFAULT_ROUTE_PROTOCOL
+from leaseagent.errors import (
+    ConfigError,
+    DataPlaneError,
+    InvalidLease,
+    LeaseagentError,
+    NetworkConfigError,
+)
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.settings import check_credential_files
@@ -105,14 +116,17 @@ async def _ttls(store: LeaseStore, items: Sequence[KeyValue]) -> dict[int, int]:
     return dict(zip(lease_ids, ttls, strict=True))
 
 
-async def list_rows(store: LeaseStore, layout: KeyLayout) -> list[dict[str, Any]]:
+async def list_rows(store: LeaseStore, layout: KeyLayout, *, route_protocol: object = None
+                    ) -> list[dict[str, Any]]:
     network = await load_network(store, layout)
     listing = await store.list_prefix(layout.subnets_prefix)
     for kv in listing.oversize:
         print(f"leasectl: warning: {escaped(kv.key)}: its value is too large to receive "
               f"(over gRPC's 4 MiB message limit); an invalid lease (too_large), not listed",
               file=sys.stderr)
-    return rows_of(listing.items, layout, network, await _ttls(store, listing.items))
+    routes = await this_host_routes(network, route_protocol) if route_protocol else ()
+    return rows_of(listing.items, layout, network, await _ttls(store, listing.items),
+                   host_routes=routes)
 
 
 async def _find(store: LeaseStore, layout: KeyLayout, text: str
@@ -135,7 +149,7 @@ async def _find(store: LeaseStore, layout: KeyLayout, text: str
 
 
 async def cmd_list(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
-    rows = await list_rows(store, layout)
+    rows = await list_rows(store, layout, route_protocol=args.route_protocol)
     if args.output == "json":
         print(json.dumps([{k: r[k] for k in LIST_FIELDS} for r in rows], indent=2))
     else:
@@ -246,6 +260,12 @@ async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Names
         if why:
             raise UsageError(f"--ipv6-subnet {args.ipv6_subnet}: {why}")
         ipv6 = named6
+    conflict = subnet_conflict((subnet, ipv6),
+                               await this_host_routes(network, args.route_protocol))
+    if conflict is not None and not args.force:
+        raise UsageError(f"{subnet} overlaps this host's {conflict.text}, which is not the "
+                         "agent's: its agent would not program the subnet (--force reserves "
+                         "it anyway)")
     if not network.in_range(subnet) and not args.force:
         raise UsageError(f"{subnet} is outside [SubnetMin, SubnetMax] = "
                          f"[{network.subnet_min}, {network.subnet_max}]; no agent would be "
@@ -351,6 +371,18 @@ async def _until_stopped(work: Coroutine[Any, Any, None]) -> int:
     return 0
 
 
+async def cmd_cleanup_flannel(store: LeaseStore, layout: KeyLayout,
+                              args: argparse.Namespace) -> int:
+    """`cleanup --flannel`: remove the flanneld leftovers doctor names, nothing else."""
+    from leaseagent.dataplane import leftovers
+
+    report = await doctor.examine(store, layout, args.doctor_settings)
+    lines = await leftovers.remove(report.leftovers) or ["nothing of flanneld's to remove"]
+    for line in lines:
+        print(escaped(line))
+    return 1 if any(line.startswith("could not") for line in lines) else 0
+
+
 async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
     report = await doctor.examine(store, layout, args.doctor_settings)
     if args.output == "json":
@@ -397,7 +429,8 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
+COMMANDS = {"cleanup": cmd_cleanup_flannel, "list": cmd_list, "show": cmd_show,
+            "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
             "doctor": cmd_doctor, "prometheus-targets": cmd_prometheus_targets}
 
@@ -425,12 +458,47 @@ def _subparser(sub: Any, name: str, help_text: str, description: str | None = No
     return parser
 
 
+def _route_protocol_argument(p: argparse.ArgumentParser, environ: dict[str, str]) -> None:
+    p.add_argument("--route-protocol", default=environ.get("LEASEAGENT_ROUTE_PROTOCOL",
+                                                           str(DEFAULT_ROUTE_PROTOCOL)),
+                   help="the agent's route protocol: its routes are not this host's own "
+                   "[default: 76; $LEASEAGENT_ROUTE_PROTOCOL]")
+
+
+async def this_host_routes(network: NetworkConfig | None, protocol: object
+                           ) -> tuple[HostRoute, ...]:
+    """The routes and addresses of the host leasectl runs on that overlap the cluster
+    network and are not the agent's (`protocol`), read as the agents read theirs
+    (core.plan.cluster_relevant); none when the kernel cannot be asked."""
+    if network is None:
+        return ()
+    from leaseagent.dataplane.netlink import Netlink
+
+    ours = parse_route_protocol(protocol)
+    seen: list[HostRoute] = []
+    try:
+        nl = await Netlink.open()
+    except (DataPlaneError, OSError):
+        return ()
+    try:
+        await nl.scan_routes(lambda _ident: True, protocol=ours, others=seen.append)
+    except (DataPlaneError, OSError):
+        return ()
+    finally:
+        nl.close()
+    networks: list[IPv4Network | IPv6Network] = [network.network]
+    if network.ipv6_network is not None:
+        networks.append(network.ipv6_network)
+    return cluster_relevant(seen, networks)
+
+
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     parser = new_parser("leasectl", DESCRIPTION, epilog=EPILOG)
     envs = [_EnvDefaults(parser, environ)]
     add_etcd_arguments(envs[0])
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = _subparser(sub, "list", "list every lease, valid or not, with its status")
+    _route_protocol_argument(p, environ)
     p.add_argument("-o", "--output", choices=["table", "wide", "json"], default="table",
                    help="a table, a wider one (VtepMAC, node id), or JSON [default: table]")
     p.add_argument("--json", action="store_const", dest="output", const="json",
@@ -460,14 +528,17 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                       "runs on a machine outside the cluster; every agent checks its own)")
     p = _subparser(sub, "reserve", "reserve SUBNET for the host with --public-ip (no TTL)",
                    "Reserve SUBNET for the host with --public-ip: a key with no TTL that only that\n"
-                   "host's agent takes. Refused for a subnet outside [SubnetMin, SubnetMax] or a\n"
-                   "PublicIP that has a subnet already, unless --force.")
+                   "host's agent takes. Refused for a subnet outside [SubnetMin, SubnetMax], a\n"
+                   "PublicIP that has a subnet already, or a subnet over a route or address of\n"
+                   "the host leasectl runs on (its agent would not program it), unless --force.")
     p.add_argument("subnet", metavar="SUBNET")
     p.add_argument("--public-ip", required=True, help="the host's PublicIP")
     p.add_argument("--ipv6-subnet", metavar="SUBNET6",
                    help="also its IPv6 subnet (dual-stack; without it the host's agent adds one)")
     p.add_argument("--force", action="store_true",
-                   help="reserve outside [SubnetMin, SubnetMax], or a second subnet for one IP")
+                   help="reserve outside [SubnetMin, SubnetMax], a second subnet for one IP, or "
+                   "a subnet over a route or address of this host")
+    _route_protocol_argument(p, environ)
     p = _subparser(sub, "release", "delete the lease or reservation of SUBNET (or a key by name)")
     p.add_argument("subnet", metavar="SUBNET|KEY-NAME")
     p = _subparser(sub, "watch", "stream lease events (added, changed, removed, expired)")
@@ -516,6 +587,10 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                    "stops: routes with its protocol, its vxlan devices, its traffic rules\n"
                    "(nftables table, iptables chains, ipset). Stop the agent first. Needs no\n"
                    "etcd; the lease in etcd stays (leasectl release).")
+    p.add_argument("--flannel", action="store_true",
+                   help="instead, remove what flanneld left (its iptables chains and rules, "
+                   "nftables tables, devices and routes the agent does not use): run it with "
+                   "the agent running and ready; reads the network config and leases from etcd")
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
@@ -600,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"leasectl: warning: {warning}", file=sys.stderr)
         if args.cmd == "docker-opts":
             return cmd_docker_opts(args)
+        if args.cmd == "cleanup" and args.flannel:
+            args.doctor_settings = doctor.settings_from(args)
+            return asyncio.run(run(args))
         if args.cmd == "cleanup":
             from leaseagent.cli.cleanup import cleanup
 

@@ -11,7 +11,8 @@ Three hosts with real agents, a real etcd, real kernels (vxlan and host-gw):
 - a foreign route (proto static) on one host and an address on another, both inside
   the cluster Network, and leases whose subnets cover them: each host skips exactly
   the lease that overlaps its own route or address (log once, metric
-  `leaseagent_dataplane_conflicting_peers`, `leasectl doctor`), the other hosts
+  `leaseagent_dataplane_conflicting_peers`, `leasectl doctor`, `leasectl list` run
+  there says `conflict`, `leasectl reserve` there refuses the subnet), the other hosts
   program it; the host's route and address are untouched; deleting the leases
   removes what was programmed and breaks nothing.
 """
@@ -80,6 +81,11 @@ def _value(ip: str, backend: str, mac: str) -> str:
     data = {"VNI": 1, "VtepMAC": mac} if backend == "vxlan" else {}
     return json.dumps({"PublicIP": ip, "PublicIPv6": None, "BackendType": backend,
                        "BackendData": data, "NodeID": "planted"})
+
+
+def _leasectl(lab: Lab, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
+    return lab.host_run(host, [tool("leasectl"), "--etcd-endpoints", lab.endpoints,
+                               "--etcd-prefix", lab.keys.prefix, *args])
 
 
 def _doctor(lab: Lab, host: Host) -> subprocess.CompletedProcess[str]:
@@ -180,6 +186,14 @@ def test_a_lease_over_a_hosts_own_route_or_address_is_skipped_there_only(lab: La
         doc = _doctor(lab, h1)
         assert doc.returncode == 1, doc.stdout + doc.stderr
         assert f"lease {ROUTED} (10.250.0.98) overlaps this host's route {ROUTED}" in doc.stdout
+        # leasectl list on h1 says it; on h3 the same key is what it is (no etcd lease).
+        for h, status in ((h1, "conflict"), (h3, "reserved")):  # planted with no etcd lease
+            listed = _leasectl(lab, h, "list", "--json")
+            assert listed.returncode == 0, listed.stderr
+            row = next(r for r in json.loads(listed.stdout) if r["subnet"] == ROUTED)
+            assert row["status"] == status and row["valid"] is True, row
+            if status == "conflict":
+                assert row["error"].startswith(f"overlaps this host's route {ROUTED}")
         # Gone again: the programmed entries go, the host's own stay, nothing breaks.
         for subnet in (ROUTED, ADDRESSED):
             lab.etcdctl("del", lab.keys.subnets_prefix + subnet.replace("/", "-"))
@@ -191,6 +205,12 @@ def test_a_lease_over_a_hosts_own_route_or_address_is_skipped_there_only(lab: La
         assert _route(lab, h1, ROUTED) == before[ROUTED]
         assert _route(lab, h2, ADDRESSED) == before[ADDRESSED]
         assert lab.wait_reachable(timeout=10).all_ok
+        # `leasectl reserve` on h1 refuses the subnet over its route; on h3 it may.
+        refused = _leasectl(lab, h1, "reserve", ROUTED, "--public-ip", "10.250.0.55")
+        assert refused.returncode == 2
+        assert f"overlaps this host's route {ROUTED}" in refused.stderr.strip(), refused.stderr
+        assert _leasectl(lab, h3, "reserve", ROUTED, "--public-ip", "10.250.0.55").returncode == 0
+        assert _leasectl(lab, h3, "release", ROUTED).returncode == 0
     finally:
         lab.host_run(h1, ["ip", "route", "del", ROUTED, "proto", "static"])
         lab.host_run(h2, ["ip", "link", "del", "hostile0"])
