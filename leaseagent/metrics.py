@@ -54,8 +54,14 @@ class _DataPlaneCollector(Collector):
         if status is None:
             return
         yield GaugeMetricFamily("leaseagent_dataplane_in_sync",
-                                "1 when the kernel matches the peer set",
+                                "1 when the kernel has this host's own objects and those of "
+                                "every peer it accepts (refused peers are counted apart)",
                                 value=1 if status.in_sync else 0)
+        yield GaugeMetricFamily("leaseagent_dataplane_refused_peers",
+                                "Peers some of whose kernel objects the kernel refused (host-gw: "
+                                "a PublicIP that is no gateway on the link): unreachable from "
+                                "this host, retried at every resync",
+                                value=len(status.refused_peers))
         yield GaugeMetricFamily("leaseagent_dataplane_foreign_peers",
                                 "Peers of another backend type: not programmed, unreachable "
                                 "from this host", value=status.foreign_peers)

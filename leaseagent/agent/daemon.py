@@ -104,7 +104,7 @@ from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
 from leaseagent.store.settings import check_credential_files
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent")
 
@@ -384,6 +384,9 @@ class Agent:
         etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
         if self.files_error is not None:
             etcd += f"; {self.files_error} (retrying)"
+        refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+        if refused:
+            etcd += f"; {refused} peer(s) refused by the kernel (unreachable)"
         if reason is None:
             return f"ready: {lease}, {peers} peers{etcd}"
         return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
@@ -394,7 +397,11 @@ class Agent:
         reason = self.not_ready_reason()
         if reason != self._not_ready:
             peers = len(self.watcher.peers) if self.watcher is not None else 0
-            if reason is None:
+            refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+            if reason is None and refused:
+                log.info("ready: %d peers programmed, %d refused by the kernel (see the "
+                         "warnings above: unreachable from this host)", peers - refused, refused)
+            elif reason is None:
                 log.info("ready: %d peers programmed", peers)
             else:
                 log.warning("not ready: %s", reason)
@@ -937,18 +944,9 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Start up, serve until `stop` is set; raise if a task fails."""
         # A stop during start-up (etcd unreachable, config missing) must not wait for it.
-        starting = asyncio.ensure_future(self.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not starting.done():
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-        if starting.cancelled():
+        which, _ = await first_to_end(self.start(), stop.wait())
+        if which == 1:
             return
-        starting.result()
         assert self.watcher is not None
         watcher = self.watcher
         self._spawn("watch", watcher.run())

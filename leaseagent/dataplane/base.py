@@ -184,6 +184,11 @@ class DataPlaneStatus:
     # address of this host that is not ours (core.plan.host_conflict), or they claim
     # what this host or another peer holds (vxlan: a VtepMAC).
     conflicting_peers: dict[IPv4Network, str] = field(default_factory=dict)
+    # Peers some of whose objects the kernel refused at the last attempt (host-gw: a
+    # gateway not on the link), each with what was refused and why: unreachable from
+    # this host, retried at every resync. They do not make the data plane out of sync:
+    # `in_sync` is about this host's own objects and every other peer's.
+    refused_peers: dict[IPv4Network, str] = field(default_factory=dict)
 
 
 class DataPlane(Protocol):

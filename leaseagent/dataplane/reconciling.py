@@ -58,9 +58,14 @@ a vxlan host and a wireguard host cannot reach each other. Each is logged once
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
 
-Per-object refusals by the kernel never raise: they are logged (one line
-per pass), `status.in_sync` turns false with the error in
-`status.last_error`, and the next resync retries. DataPlaneError is raised
+Per-object refusals by the kernel never raise, and the next resync retries
+them. A refused object of a peer's (host-gw: its PublicIP is no gateway on
+the link) is that peer's problem: the peer goes to `status.refused_peers`
+with what was refused and why, logged once per peer and reason, and the
+data plane stays in sync for the others (one broken peer must not make every
+host unready). A refused object of this host's own (or a stale one's
+removal) is logged (one line per pass), turns `status.in_sync` false with
+the error in `status.last_error`. DataPlaneError is raised
 only when the data plane as a whole cannot work (no socket, device cannot be
 created). Failed resyncs and a broken event socket are retried with the
 project's backoff (leaseagent.retrying).
@@ -78,6 +83,7 @@ from itertools import chain
 from typing import Any
 
 from leaseagent import memory
+from leaseagent.core.diagnosis import render_object
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
     MAIN_TABLE,
@@ -110,7 +116,7 @@ from leaseagent.dataplane.netlink import (
 )
 from leaseagent.errors import DataPlaneError
 from leaseagent.retrying import Backoff
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +421,10 @@ class ReconcilingBackend:
                 to_change = self._plan_update(changes, peers)
             finally:
                 await _done(ready)
-            failures = await self._apply(nl, to_change, repair=False)
+            affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+            failures = await self._apply(nl, to_change, repair=False, peers={
+                k: self._programmed[k] for k in affected if k in self._programmed},
+                decided=affected)
             if failures:
                 self.status.in_sync = False
 
@@ -461,18 +470,9 @@ class ReconcilingBackend:
         return PlanDiff(to_add, to_remove)
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
-        tasks = {asyncio.create_task(self._watch_events(), name="dataplane-events"),
-                 asyncio.create_task(self._resync_loop(get_peers), name="dataplane-resync"),
-                 *(asyncio.create_task(coro) for coro in self._watchers())}
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-            raise DataPlaneError("data-plane task ended unexpectedly")
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await first_to_end(self._watch_events(), self._resync_loop(get_peers),
+                           *self._watchers())
+        raise DataPlaneError("data-plane task ended unexpectedly")
 
     async def remove(self) -> None:
         async with self._lock:
@@ -556,7 +556,8 @@ class ReconcilingBackend:
                           uses: dict[int, int], changes: PlanDiff, *, repair: bool,
                           started: float) -> None:
         """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
-        failures = await self._apply(nl, changes, repair=repair)
+        failures = await self._apply(nl, changes, repair=repair, peers=self._programmed_of(peers),
+                                     decided=None)
         self._programmed = dict(peers)
         self._uses = uses
         self._synced = True
@@ -631,7 +632,58 @@ class ReconcilingBackend:
                             peer.backend_type, self.backend_type)
         self.status.foreign_peers = len(self._foreign)
 
-    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
+    def _programmed_of(self, peers: Mapping[IPv4Network, Peer]) -> Mapping[IPv4Network, Peer]:
+        """Of `peers`, those a plan gives objects (not our own subnet, not a peer of another
+        backend type or one in conflict with this host's routes)."""
+        return {k: p for k, p in peers.items()
+                if k != self._own_subnet and k not in self._foreign
+                and k not in self.status.conflicting_peers}
+
+    def _sort_refusals(self, failures: list[Failure], peers: Mapping[IPv4Network, Peer],
+                       decided: Iterable[IPv4Network] | None) -> list[Failure]:
+        """Put the refusals of `peers`' objects in `status.refused_peers` (which peer,
+        what, why; logged once per peer and reason) and return the others (this host's
+        own). `decided`: the peers this pass tried all of (None: every peer, so the
+        others are not refused any more); the rest keep their entries."""
+        by_peer: dict[IPv4Network, str] = {}
+        own: list[Failure] = []
+        if failures:
+            owner: dict[KernelObject, IPv4Network] = {}
+            for key, peer in peers.items():
+                for obj in self._plan_peer(peer):
+                    owner.setdefault(obj, key)
+            for failure in failures:
+                owned = owner.get(failure.obj)
+                if owned is None:
+                    own.append(failure)
+                else:
+                    key = owned
+                    host = self._settings.host
+                    shown = render_object(failure.obj, {host.iface_index: host.iface or "?"})
+                    why = str(failure.error).rsplit(": ", 1)[-1]  # the kernel's strerror
+                    by_peer.setdefault(key, f"{shown} ({why})")
+        refused = self.status.refused_peers
+        if decided is None:
+            before = dict(refused)
+            refused.clear()
+        else:
+            before = {key: refused.pop(key) for key in decided if key in refused}
+        refused.update(by_peer)
+        for key, why in by_peer.items():
+            if before.get(key) != why:
+                log.warning("peer %s (%s) cannot be programmed: the kernel refused %s; it is "
+                            "unreachable from this host, retried at every resync (the other "
+                            "peers are not affected)", key, peers[key].public_ip, why)
+        for key in before.keys() - by_peer.keys():
+            if key in peers:
+                log.info("peer %s programmed now (the kernel took what it refused)", key)
+        return own
+
+    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool,
+                     peers: Mapping[IPv4Network, Peer] | None = None,
+                     decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
+        """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
+        objects of `peers` in a pass that tried `decided`)."""
         self._removing.update(_neighbour_key(obj) for obj in changes.to_remove
                               if isinstance(obj, Neighbour))
         removed, added, failures = await self._program(nl, changes)
@@ -644,6 +696,7 @@ class ReconcilingBackend:
                     "data plane drift repaired: %s restored, %s removed",
                     objects_by_kind(added) or "nothing", objects_by_kind(removed) or "nothing",
                 )
+        failures = self._sort_refusals(failures, peers or {}, decided)
         if failures:
             self.status.last_error = str(failures[0].error)
             log.warning(
@@ -669,7 +722,8 @@ class ReconcilingBackend:
                 return
             nl = await self._netlink()
             ordered = diff(objects, ()).to_add  # neighbour -> FDB -> route
-            if await self._apply(nl, PlanDiff(ordered, ()), repair=True):
+            if await self._apply(nl, PlanDiff(ordered, ()), repair=True,
+                                 peers=self._programmed, decided=()):
                 self.status.in_sync = False
 
     async def _resync_loop(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:

@@ -138,8 +138,10 @@ def _tls_refused(detail: str, what: str) -> StoreAuthError | None:
 
 
 # What gRPC reports (status INTERNAL) for a stream the server reset as it shut down (etcd
-# stopped with SIGTERM, `systemctl restart etcd`): an outage, not an error of ours.
-_STREAM_RESET = ("RST_STREAM", "Stream removed", "GOAWAY")
+# stopped with SIGTERM, `systemctl restart etcd`), and gRPC core's own "Internal error from
+# Core" (seen once on a config watch during a compaction test): an outage or a transport
+# hiccup, not an error of ours, so retried like one.
+_STREAM_RESET = ("RST_STREAM", "Stream removed", "GOAWAY", "Internal error from Core")
 
 
 def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
