@@ -97,6 +97,7 @@ from leaseagent.errors import (
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.settings import check_credential_files
+from leaseagent.waiting import first_to_end
 
 
 async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | None:
@@ -362,18 +363,11 @@ async def _until_stopped(work: Coroutine[Any, Any, None]) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    printer = asyncio.create_task(work)
-    stopper = asyncio.create_task(stop.wait())
     try:
-        done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await first_to_end(work, stop.wait())  # an error that is not retried: one line, exit 1
     finally:
-        for task in (printer, stopper):
-            task.cancel()
-        await asyncio.gather(printer, stopper, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    if printer in done and not printer.cancelled():
-        printer.result()  # an error that is not retried: one line, exit 1
     return 0
 
 
