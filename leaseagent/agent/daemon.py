@@ -106,7 +106,7 @@ from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
 from leaseagent.store.settings import check_credential_files
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent")
 
@@ -959,18 +959,9 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Start up, serve until `stop` is set; raise if a task fails."""
         # A stop during start-up (etcd unreachable, config missing) must not wait for it.
-        starting = asyncio.ensure_future(self.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not starting.done():
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-        if starting.cancelled():
+        which, _ = await first_to_end(self.start(), stop.wait())
+        if which == 1:
             return
-        starting.result()
         assert self.watcher is not None
         watcher = self.watcher
         self._spawn("watch", watcher.run())

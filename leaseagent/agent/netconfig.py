@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from leaseagent.agent.logs import StateLog
-from leaseagent.agent.together import run_together
 from leaseagent.core.configchange import ConfigChange, classify
 from leaseagent.core.leases import KeyLayout
 from leaseagent.core.network import NetworkConfig, parse_network_config
@@ -41,7 +40,7 @@ from leaseagent.metrics import Metrics
 from leaseagent.retrying import retrying
 from leaseagent.store.base import EventType, KeyValue, LeaseStore
 from leaseagent.store.watching import ListWatch, Snapshot
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent.netconfig")
 
@@ -134,7 +133,7 @@ class ConfigFollower:
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
-        await run_together(self._follow(), self._apply_loop())
+        await first_to_end(self._follow(), self._apply_loop())
 
     # -- following the key -----------------------------------------------------------
 

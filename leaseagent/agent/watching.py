@@ -45,7 +45,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
-from leaseagent.agent.together import run_together
 from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import (
@@ -61,7 +60,7 @@ from leaseagent.core.network import NetworkConfig
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent.watching")
 
@@ -304,4 +303,4 @@ class LeaseWatcher:
                 self._queue(PeerChanges(removed=due), time.perf_counter())
 
     async def run(self) -> None:
-        await run_together(self._follow(), self._expire_held(), self._program())
+        await first_to_end(self._follow(), self._expire_held(), self._program())

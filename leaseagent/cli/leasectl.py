@@ -14,9 +14,11 @@
     leasectl doctor [-o text|json] [host flags]
     leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
     leasectl cleanup [host flags]
+    leasectl cleanup --flannel [host flags]     (flanneld's leftovers; reads etcd)
     leasectl completion bash
 
-`docker-opts`, `cleanup` and `completion` need no etcd (and do not load its client).
+`docker-opts`, `cleanup` (without --flannel) and `completion` need no etcd (and do not
+load its client).
 
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
 line on stderr, never a traceback; exit status (also in --help): 0 done,
@@ -95,6 +97,7 @@ from leaseagent.errors import (
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.settings import check_credential_files
+from leaseagent.waiting import first_to_end
 
 
 async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | None:
@@ -360,19 +363,24 @@ async def _until_stopped(work: Coroutine[Any, Any, None]) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    printer = asyncio.create_task(work)
-    stopper = asyncio.create_task(stop.wait())
     try:
-        done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await first_to_end(work, stop.wait())  # an error that is not retried: one line, exit 1
     finally:
-        for task in (printer, stopper):
-            task.cancel()
-        await asyncio.gather(printer, stopper, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    if printer in done and not printer.cancelled():
-        printer.result()  # an error that is not retried: one line, exit 1
     return 0
+
+
+async def cmd_cleanup_flannel(store: LeaseStore, layout: KeyLayout,
+                              args: argparse.Namespace) -> int:
+    """`cleanup --flannel`: remove the flanneld leftovers doctor names, nothing else."""
+    from leaseagent.dataplane import leftovers
+
+    report = await doctor.examine(store, layout, args.doctor_settings)
+    lines = await leftovers.remove(report.leftovers) or ["nothing of flanneld's to remove"]
+    for line in lines:
+        print(escaped(line))
+    return 1 if any(line.startswith("could not") for line in lines) else 0
 
 
 async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
@@ -421,7 +429,8 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
+COMMANDS = {"cleanup": cmd_cleanup_flannel, "list": cmd_list, "show": cmd_show,
+            "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
             "doctor": cmd_doctor, "prometheus-targets": cmd_prometheus_targets}
 
@@ -578,6 +587,10 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                    "stops: routes with its protocol, its vxlan devices, its traffic rules\n"
                    "(nftables table, iptables chains, ipset). Stop the agent first. Needs no\n"
                    "etcd; the lease in etcd stays (leasectl release).")
+    p.add_argument("--flannel", action="store_true",
+                   help="instead, remove what flanneld left (its iptables chains and rules, "
+                   "nftables tables, devices and routes the agent does not use): run it with "
+                   "the agent running and ready; reads the network config and leases from etcd")
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
@@ -662,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"leasectl: warning: {warning}", file=sys.stderr)
         if args.cmd == "docker-opts":
             return cmd_docker_opts(args)
+        if args.cmd == "cleanup" and args.flannel:
+            args.doctor_settings = doctor.settings_from(args)
+            return asyncio.run(run(args))
         if args.cmd == "cleanup":
             from leaseagent.cli.cleanup import cleanup
 

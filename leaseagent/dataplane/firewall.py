@@ -113,6 +113,16 @@ async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
     return code, out.decode(), err.decode()
 
 
+run_tool = _run  # for the other adapters of this package that run the same tools
+
+
+async def iptables_save(program: str, table: str, *, netns: str | None = None
+                        ) -> dict[str, list[str]]:
+    """`<program>-save -t <table>`: each chain's rules in order, as `-A CHAIN ...` lines."""
+    _, out, _ = await _run([f"{program}-save", "-t", table], netns=netns)
+    return _parse_save(out).rules
+
+
 class Firewall(Protocol):
     name: str  # the tool: nftables | iptables (ip6tables for IPv6)
     family: Family  # which family's rules it holds

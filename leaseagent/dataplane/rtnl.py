@@ -47,7 +47,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
@@ -254,9 +254,12 @@ def host_route(data: bytes | memoryview, start: int, end: int) -> HostRoute | No
         prefix = network((int.from_bytes(dst) if dst else 0, dst_len))
     except ValueError:
         return None
+    gateway = attrs.get(RTA_GATEWAY)
     return HostRoute(prefix, connected=not local and scope == RT_SCOPE_LINK
                      and RTA_GATEWAY not in attrs, address=local,
-                     ifindex=_u32(attrs.get(RTA_OIF)))
+                     ifindex=_u32(attrs.get(RTA_OIF)),
+                     gateway=ip_address(bytes(gateway)) if gateway and len(gateway) in (4, 16)
+                     else None)
 
 
 def route_identity(data: bytes | memoryview, start: int, end: int) -> tuple[Ident | None, int]:

@@ -34,10 +34,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from leaseagent.errors import Compacted, StoreError, StoreUnavailable
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore, Listing, WatchEvent
+from leaseagent.waiting import first_to_end
 
 # Why the engine lists again by itself (`Snapshot.reason` past the first, "start").
 ENGINE_REASONS = ("compacted", "stream_lost", "stream_ended")
@@ -123,15 +125,6 @@ class ListWatch:
 
     async def _next(self, watch: AsyncIterator[list[WatchEvent]]) -> list[WatchEvent] | None:
         """The next batch, or None when a re-list was requested first."""
-        nxt = asyncio.ensure_future(anext(watch))
-        relist = asyncio.ensure_future(self._relist.wait())
-        try:
-            await asyncio.wait({nxt, relist}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            relist.cancel()
-            if not nxt.done():
-                nxt.cancel()
-                await asyncio.gather(nxt, return_exceptions=True)
-        if nxt.cancelled():
-            return None
-        return nxt.result()
+        # A batch that arrived in the same step as the request is returned, not lost.
+        which, batch = await first_to_end(anext(watch), self._relist.wait())
+        return cast("list[WatchEvent]", batch) if which == 0 else None
