@@ -66,8 +66,9 @@ class _DataPlaneCollector(Collector):
                                 "Peers of another backend type: not programmed, unreachable "
                                 "from this host", value=status.foreign_peers)
         yield GaugeMetricFamily("leaseagent_dataplane_conflicting_peers",
-                                "Peers whose subnet overlaps a route or address of this host "
-                                "that is not the agent's: not programmed",
+                                "Peers not programmed here: their subnet overlaps a route or "
+                                "address of this host that is not the agent's, or they claim "
+                                "this host's or another peer's VtepMAC",
                                 value=len(status.conflicting_peers))
         for name, doc, counts, kinds in (
             ("leaseagent_dataplane_objects_added", "Kernel objects added", status.added,

@@ -248,12 +248,12 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     finally:
         await backend.close()
     comparison = compare(spec, observed)
-    for subnet, route in spec.skipped.items():  # the agent skips them too (core.plan)
+    for subnet, why in spec.skipped.items():  # the agent skips them too (dataplane)
         peer = peers[subnet]
         report.problems.append(problem(
-            "lease", str(subnet), f"overlaps {route.text}",
-            text=f"lease {subnet} ({peer.public_ip}) overlaps this host's {route.text}, which is "
-            "not the agent's: not programmed here; fix the lease or the host"))
+            "lease", str(subnet), why,
+            text=f"lease {subnet} ({peer.public_ip}) not programmed here: {why}; fix the lease "
+            "or the host"))
     # FLANNEL_MTU is the smallest MTU of the devices in use (the IPv6 one's, over IPv6).
     smallest = min(spec.devices, key=lambda d: d.mtu) if spec.devices else None
     mtu = smallest.mtu if smallest is not None else host.iface_mtu

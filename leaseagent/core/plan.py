@@ -696,12 +696,13 @@ def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRo
 @dataclass(frozen=True)
 class BackendSpec:
     """Everything a backend wants in the kernel: its devices and, per peer, its objects.
-    `skipped`: the peers it will not program because their subnet would take over a
-    route or address of this host (`host_conflict`), with that route or address."""
+    `skipped`: the peers it will not program here, with why: their subnet would take
+    over a route or address of this host (`host_conflict`), or they claim what this
+    host or another peer holds (vxlan: a VtepMAC)."""
 
     devices: tuple[DeviceSpec, ...] = ()
     objects: PeerPlan = field(default_factory=dict)
-    skipped: Mapping[IPv4Network, HostRoute] = field(default_factory=dict)
+    skipped: Mapping[IPv4Network, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

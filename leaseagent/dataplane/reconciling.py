@@ -171,7 +171,10 @@ class ReconcilingBackend:
         # peers they keep from being programmed (logged once each).
         self._host_routes: tuple[HostRoute, ...] | None = None
         self._dumped_routes: tuple[HostRoute, ...] = ()
-        self._conflicts_logged: set[tuple[IPv4Network, HostRoute]] = set()
+        self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
+        # What only one host may hold (vxlan: a VtepMAC), claimed by the programmed
+        # peers: claim -> (its holder's address, the peer's subnet). See `_claims`.
+        self._claimed: dict[str, tuple[str, IPv4Network]] = {}
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -301,29 +304,67 @@ class ReconcilingBackend:
             await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
             self._host_routes = self._dumped_routes
 
-    def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, HostRoute]:
-        """The peers whose subnet would take over a route or address of this host
-        (core.plan.host_conflict), each logged once; `status.conflicting_peers` says
-        them all."""
-        routes = self._host_routes or ()
-        out: dict[IPv4Network, HostRoute] = {}
-        if routes:
-            for subnet, peer in peers.items():
-                route = host_conflict(peer, routes)
-                if route is not None:
-                    out[subnet] = route
-                    self._log_conflict(peer, route)
-        self.status.conflicting_peers = {s: r.text for s, r in out.items()}
+    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
+        """What `peer` claims that only one host may hold, each with the address that
+        holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
+        with another host's VtepMAC would route its subnet to that host's VTEP, and give
+        that host an FDB entry for its own MAC)."""
+        return ()
+
+    def _own_claims(self) -> frozenset[str]:
+        """The claims this host holds itself (vxlan: its devices' MACs)."""
+        return frozenset()
+
+    def _conflict(self, peer: Peer, claimed: Mapping[str, tuple[str, IPv4Network]],
+                  own: frozenset[str]) -> str | None:
+        """Why `peer` must not be programmed here (None: it may): its subnet over a route
+        or address of this host (core.plan.host_conflict), or a claim of this host's or
+        of another programmed peer with another holder (`claimed`)."""
+        route = host_conflict(peer, self._host_routes or ())
+        if route is not None:
+            return f"its subnet overlaps this host's {route.text}, which is not the agent's"
+        for claim, holder in self._claims(peer):
+            if claim in own:
+                return f"it has {claim}, this host's own"
+            other = claimed.get(claim)
+            if other is not None and other[0] != holder and other[1] != peer.subnet:
+                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
+        return None
+
+    def _claim(self, peer: Peer, claimed: dict[str, tuple[str, IPv4Network]]) -> None:
+        for claim, holder in self._claims(peer):
+            claimed.setdefault(claim, (holder, peer.subnet))
+
+    def _unclaim(self, peer: Peer) -> None:
+        for claim, _holder in self._claims(peer):
+            if self._claimed.get(claim, (None, None))[1] == peer.subnet:
+                del self._claimed[claim]
+
+    def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, str]:
+        """The peers that must not be programmed here (`_conflict`, the first of the
+        peer set holding a claim), each logged once; `status.conflicting_peers` says
+        them all. Leaves `_claimed` as the allowed peers claim."""
+        out: dict[IPv4Network, str] = {}
+        claimed: dict[str, tuple[str, IPv4Network]] = {}
+        own = self._own_claims()
+        for subnet, peer in peers.items():
+            why = self._conflict(peer, claimed, own)
+            if why is not None:
+                out[subnet] = why
+                self._log_conflict(peer, why)
+            else:
+                self._claim(peer, claimed)
+        self._claimed = claimed
+        self.status.conflicting_peers = out
         return out
 
-    def _log_conflict(self, peer: Peer, route: HostRoute) -> None:
-        if (peer.subnet, route) in self._conflicts_logged:
+    def _log_conflict(self, peer: Peer, why: str) -> None:
+        if (peer.subnet, why) in self._conflicts_logged:
             return
-        self._conflicts_logged.add((peer.subnet, route))
+        self._conflicts_logged.add((peer.subnet, why))
         node = f", node {peer.node_id}" if peer.node_id else ""
-        log.error("peer %s (%s%s) not programmed: its subnet overlaps this host's %s, which "
-                  "is not the agent's; fix the lease or the host", peer.subnet, peer.public_ip,
-                  node, route.text)
+        log.error("peer %s (%s%s) not programmed: %s; fix the lease or the host",
+                  peer.subnet, peer.public_ip, node, why)
 
     def _peer_plans(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
                     ) -> Iterator[tuple[IPv4Network, frozenset[KernelObject]]]:
@@ -391,26 +432,30 @@ class ReconcilingBackend:
         """What `update` changes in the kernel; `_programmed` and `_uses` say the plan
         with the changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+        own = self._own_claims()
         self._note_foreign(affected, peers)
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
         for subnet in affected:
             before = self._programmed.pop(subnet, None)
             if before is not None:
+                self._unclaim(before)
                 # Planned again as it was: what plans depend on besides the peer
                 # (device indexes) changes only with a full sync, which plans anew.
                 planned = self._plan_peer(before)
                 old |= planned
                 self._count(planned, -1)
             peer = peers.get(subnet)
-            conflict = host_conflict(peer, self._host_routes or ()) if peer is not None else None
+            conflict = (self._conflict(peer, self._claimed, own) if peer is not None
+                        else None)
             if conflict is not None:
                 assert peer is not None
                 self._log_conflict(peer, conflict)
-                self.status.conflicting_peers[subnet] = conflict.text
+                self.status.conflicting_peers[subnet] = conflict
             else:
                 self.status.conflicting_peers.pop(subnet, None)
             if peer is not None and subnet != self._own_subnet and conflict is None:
+                self._claim(peer, self._claimed)
                 after = self._plan_peer(peer)
                 self._programmed[subnet] = peer
                 self._count(after, +1)
