@@ -87,7 +87,9 @@ from leaseagent.errors import (
     DataPlaneError,
     IdentityConflict,
     InvalidLease,
+    LeaseagentError,
     LeaseLost,
+    StoreAuthError,
     StoreError,
     StoreUnavailable,
     SubnetsExhausted,
@@ -285,6 +287,7 @@ class Agent:
         self._own_events: asyncio.Queue[OwnEvent] = asyncio.Queue()
         self.conflict: str | None = None  # set while another agent has this host's identity
         self.etcd_reachable = True  # as last found (leaseagent_etcd_up)
+        self.etcd_refusal: str | None = None  # why etcd refuses to list the leases, if it does
         self._probe: asyncio.Future[None] | None = None  # asks etcd while it is down
         # Keys this agent gave up on purpose (a config change moved it to a new subnet):
         # news of them as a twin's is stale.
@@ -384,6 +387,8 @@ class Agent:
         etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
         if self.files_error is not None:
             etcd += f"; {self.files_error} (retrying)"
+        if self.etcd_refusal is not None:
+            etcd += f"; {self.etcd_refusal} (retrying)"
         refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
         if refused:
             etcd += f"; {refused} peer(s) refused by the kernel (unreachable)"
@@ -701,6 +706,13 @@ class Agent:
                 log.info("peer removed: %s", p.subnet)
 
     def _etcd_down(self, exc: BaseException) -> None:
+        if isinstance(exc, StoreAuthError):
+            # etcd answers but refuses (a permission revoked): not an outage. The lease
+            # watcher retries its listing; what is programmed stays.
+            self.etcd_refusal = str(exc)
+            self.states.set("etcd-refusal", "refused", "%s (retrying; the data plane "
+                            "is kept as it is)", exc, level=logging.WARNING)
+            return
         self.etcd_reachable = False
         self.metrics.etcd_up.set(0)
         self.states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
@@ -717,8 +729,8 @@ class Agent:
             await backoff.sleep()
             try:
                 await self.store.get(self.layout.config_key)
-            except StoreUnavailable:
-                continue
+            except LeaseagentError:
+                continue  # also a refusal (StoreAuthError): the supervised tasks report it
             self._etcd_up()
 
     def _etcd_up(self, *, listed: bool = False) -> None:
@@ -726,6 +738,9 @@ class Agent:
         list again)."""
         self.etcd_reachable = True
         self.metrics.etcd_up.set(1)
+        if listed and self.etcd_refusal is not None:
+            self.etcd_refusal = None
+            self.states.set("etcd-refusal", None, "etcd lists the leases again")
         if (self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None
                 and not listed):
             # A stream that lived through the outage may be half-open: list again.
