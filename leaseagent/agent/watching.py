@@ -73,8 +73,8 @@ RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "conf
 # changes within BURST_SECONDS; a pass in one waits BURST_GATHER_SECONDS first, so the
 # stream is read on and the pass takes more than the change or two a response brings.
 # Changes that come one at a time (a host joining, a client that writes after seeing the
-# last change programmed) are programmed at once. 4,900 deletions at once: the kernel
-# clean 1.74 s after a bare watch had the last of them before, 0.46-0.72 s with this.
+# last change programmed) are programmed at once (figures: docs/benchmarks.md, "Mass
+# removal").
 BURST_CHANGES = 3
 BURST_SECONDS = 0.005
 BURST_GATHER_SECONDS = 0.01

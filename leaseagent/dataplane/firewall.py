@@ -500,8 +500,8 @@ class RulesKeeper:
                 found = compare(wanted, observed)
                 del observed
                 if deep:
-                    # A full read listed every peer of the set: with 5,000 of them its
-                    # text, lines and set were ~1.3 MiB that glibc kept (leaseagent.memory).
+                    # A full read listed every peer of the set: its text, lines and set
+                    # are freed now, and glibc would keep their pages (leaseagent.memory).
                     memory.trim()
                 if found:
                     # After a failed write the differences are that failure's, not someone

@@ -101,7 +101,7 @@ MAX_CHUNK = 2048
 # One datagram: the kernel sends a dump's messages in skbs of at most 32 KiB (netlink_dump
 # grows them up to that for a large reader) and every other message alone; iproute2
 # reads into 32 KiB. bytearray(n) writes n zeros, so a larger buffer is resident memory
-# for nothing (it was 1 MiB per socket).
+# for nothing.
 _RECV_SIZE = 64 * 1024
 
 
