@@ -9,7 +9,8 @@ tmpfs, a read-only bind mount of a temp dir) and unmounts in a finalizer:
   reported (metrics, STATUS=, one log line, `leasectl doctor`), the lease is renewed meanwhile; once
   there is room the file is back within the resync period;
 - subnet.env and docker_opts.env deleted (docker_opts.env with its directory) or
-  changed: put back within the resync period; never written when unchanged (same inode across several periods).
+  changed: put back within the resync period; never written when unchanged (same
+  inode across several periods).
 """
 
 from __future__ import annotations
