@@ -12,6 +12,13 @@
 #   /usr/share/bash-completion/completions/{leasectl,leaseagent}
 #   /usr/share/doc/leaseagent/README.md       what the unit's Documentation= points at
 #
+# Offline: --wheelhouse DIR installs from the wheels in DIR alone and never asks a
+# package index (PIP_NO_INDEX, PIP_FIND_LINKS: pip's own variables, which its build of
+# the source tree obeys too); DIR needs the package's dependencies as pinned in
+# deploy/constraints.txt, and to build this source tree setuptools and wheel (or give
+# --wheel). When pip cannot install, one line says what it could not find (the rest of
+# pip's words are kept in a file the line names).
+#
 # Idempotent: a second run leaves the same tree (and never overwrites
 # /etc/default/leaseagent, which is the operator's). `systemctl daemon-reload`
 # runs only when systemd is running and --root is /. Nothing is started or
@@ -23,13 +30,14 @@
 # lease in etcd are left alone: see the README, "Uninstall".
 set -euo pipefail
 
-USAGE="usage: install.sh [--root DIR] [--source DIR | --wheel FILE] [--docker] [--no-venv]
+USAGE="usage: install.sh [--root DIR] [--source DIR | --wheel FILE] [--wheelhouse DIR] [--docker] [--no-venv]
        install.sh --uninstall [--purge] [--root DIR]
   --root DIR     install under DIR instead of / (a staging tree or a test); the venv's
                  scripts then name DIR in their #! line, so only use it for images
                  that are mounted at / later, or with --no-venv
   --source DIR   the source tree to install (default: the one holding this script)
   --wheel FILE   a built wheel to install instead
+  --wheelhouse DIR  install offline: every wheel from DIR, no package index asked
   --docker       also install the docker.service drop-in
   --no-venv      skip the venv (the files and symlinks only)
   --uninstall    remove what install.sh installed (not /etc/default/leaseagent, /etc/leaseagent)
@@ -49,6 +57,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source_dir="$(dirname "$here")"
 root=/
 wheel=""
+wheelhouse=""
 docker=0
 venv=1
 uninstall=0
@@ -59,6 +68,7 @@ while [ "$#" -gt 0 ]; do
         --root|--prefix) [ "$#" -ge 2 ] || usage; root="$2"; shift 2 ;;
         --source) [ "$#" -ge 2 ] || usage; source_dir="$2"; shift 2 ;;
         --wheel) [ "$#" -ge 2 ] || usage; wheel="$2"; shift 2 ;;
+        --wheelhouse) [ "$#" -ge 2 ] || usage; wheelhouse="$2"; shift 2 ;;
         --docker) docker=1; shift ;;
         --no-venv) venv=0; shift ;;
         --uninstall) uninstall=1; shift ;;
@@ -114,6 +124,28 @@ fi
 if [ -n "$wheel" ] && [ ! -f "$wheel" ]; then
     die "--wheel $wheel: no such file"
 fi
+if [ -n "$wheelhouse" ]; then
+    [ -d "$wheelhouse" ] || die "--wheelhouse $wheelhouse: no such directory"
+    wheelhouse="$(cd "$wheelhouse" && pwd)"
+fi
+
+# pip install "$@" into the venv; on failure one line saying what pip could not get.
+pip_install() {
+    local log missing
+    log="$(mktemp "${TMPDIR:-/tmp}/leaseagent-install-pip.XXXXXX")"
+    if "${pip[@]}" "$@" 2>"$log"; then
+        rm -f "$log"
+        return 0
+    fi
+    # pip says "No matching distribution found for NAME" for what it could not get.
+    missing="$(sed -n 's/.*No matching distribution found for \(.*\)$/\1/p' "$log" | tail -1)"
+    if [ -n "$missing" ] && [ -n "$wheelhouse" ]; then
+        die "$missing is not in the wheelhouse $wheelhouse (offline install: it needs every wheel of deploy/constraints.txt's dependencies, and setuptools and wheel to build the source; README, \"Installing offline\"; pip's words: $log)"
+    elif [ -n "$missing" ]; then
+        die "pip could not get $missing from the package index (offline? give --wheelhouse DIR; README, \"Installing offline\"; pip's words: $log)"
+    fi
+    die "pip install failed: $(grep -v '^ *$' "$log" | tail -1) (pip's words: $log)"
+}
 
 if [ "$venv" = 1 ]; then
     command -v python3 >/dev/null || die "python3 not found (apt-get install --no-install-recommends python3 python3-venv)"
@@ -123,13 +155,19 @@ if [ "$venv" = 1 ]; then
         python3 -m venv "$dest$opt"
     fi
     pip=("$dest$opt/bin/pip" install -q --disable-pip-version-check)
+    if [ -n "$wheelhouse" ]; then
+        # As variables too: pip's build of the source tree (its own pip, for setuptools)
+        # reads them, and a pip.conf naming an index does not win over them.
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS="$wheelhouse"
+        pip+=(--no-index --find-links "$wheelhouse")
+    fi
     if [ -f "$source_dir/deploy/constraints.txt" ]; then
         pip+=(-c "$source_dir/deploy/constraints.txt")
     fi
     if [ -n "$wheel" ]; then
-        "${pip[@]}" "$wheel"
+        pip_install "$wheel"
     else
-        "${pip[@]}" "$source_dir"
+        pip_install "$source_dir"
     fi
 fi
 

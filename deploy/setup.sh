@@ -3,7 +3,8 @@
 # its lab and its tests: Debian packages (no recommends) and a venv at .venv
 # with the package and the exact versions of deploy/constraints.txt.
 # Idempotent: a second run only checks. `--test` adds what only the test suite
-# needs (promtool, systemd-analyze, shellcheck, openssl, wg, tcpdump, iperf3);
+# needs (promtool, systemd-analyze, shellcheck, openssl, wg, tcpdump, iperf3, and
+# debootstrap and systemd-nspawn for the systemd lab);
 # `--docker` what the Docker lab needs (docker.io, busybox-static). Flags combine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ pkgs=(etcd-server etcd-client iproute2 iputils-ping python3 python3-venv ca-cert
       iptables ipset nftables wireguard-go)
 for flag in "$@"; do
     case "$flag" in
-        --test) pkgs+=(prometheus systemd shellcheck openssl wireguard-tools tcpdump iperf3) ;;
+        --test) pkgs+=(prometheus systemd shellcheck openssl wireguard-tools tcpdump iperf3
+                       debootstrap systemd-container) ;;
         --docker) pkgs+=(docker.io busybox-static) ;;
         *) echo "setup.sh: unknown argument: $flag (--test, --docker)" >&2; exit 2 ;;
     esac

@@ -18,6 +18,24 @@ from pathlib import Path
 from leaseagent.errors import ConfigError
 
 
+def exposure(path: Path, *, secret: bool) -> list[str]:
+    """What lets a user other than root and us change `path` (its owner, write bits for
+    its group or others) or, when `secret`, read it (read bits for others): each as a
+    few words for a message, none when it is kept as it should be. Follows symlinks
+    (what is read is the target). OSError if it cannot be examined."""
+    st = path.stat()
+    out = []
+    if st.st_uid not in (0, os.geteuid()):
+        out.append(f"owned by uid {st.st_uid}, not root")
+    if st.st_mode & stat.S_IWOTH:
+        out.append("writable by others")
+    if st.st_mode & stat.S_IWGRP:
+        out.append("writable by its group")
+    if secret and st.st_mode & stat.S_IROTH:
+        out.append("readable by others")
+    return out
+
+
 def refuse_symlink(path: Path) -> None:
     if path.is_symlink():
         raise ConfigError(f"{path} is a symlink; refusing to write through it")
@@ -44,6 +62,50 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+PROBE_BYTES = 4096  # one block: what the smallest file we write takes on disk
+
+
+def check_writable(directory: Path, flag: str) -> None:
+    """ConfigError naming `flag`, `directory` and the OS error unless a file of
+    PROBE_BYTES can be made, written, synced and removed there (a read-only file
+    system, a full disk or quota, no permission): found before a lease is taken."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".leaseagent-probe.", dir=directory)
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write in {directory}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write in {directory}: {exc.strerror or exc}") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def unwritable_reason(directory: Path) -> str | None:
+    """Why a file could not be written in `directory` now (read-only file system, no
+    space, no permission), read from the file system without writing; None if it could.
+    For `leasectl doctor`, which changes nothing; the agent probes (`check_writable`)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if st.f_flag & os.ST_RDONLY:
+        return "Read-only file system"
+    if st.f_bavail * st.f_frsize < PROBE_BYTES:
+        return "No space left on device"
+    if st.f_files and not st.f_favail:
+        return "No free inodes"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "Permission denied"
+    return None
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:

@@ -54,11 +54,22 @@ class _DataPlaneCollector(Collector):
         if status is None:
             return
         yield GaugeMetricFamily("leaseagent_dataplane_in_sync",
-                                "1 when the kernel matches the peer set",
+                                "1 when the kernel has this host's own objects and those of "
+                                "every peer it accepts (refused peers are counted apart)",
                                 value=1 if status.in_sync else 0)
+        yield GaugeMetricFamily("leaseagent_dataplane_refused_peers",
+                                "Peers some of whose kernel objects the kernel refused (host-gw: "
+                                "a PublicIP that is no gateway on the link): unreachable from "
+                                "this host, retried at every resync",
+                                value=len(status.refused_peers))
         yield GaugeMetricFamily("leaseagent_dataplane_foreign_peers",
                                 "Peers of another backend type: not programmed, unreachable "
                                 "from this host", value=status.foreign_peers)
+        yield GaugeMetricFamily("leaseagent_dataplane_conflicting_peers",
+                                "Peers not programmed here: their subnet overlaps a route or "
+                                "address of this host that is not the agent's, or they claim "
+                                "this host's or another peer's VtepMAC",
+                                value=len(status.conflicting_peers))
         for name, doc, counts, kinds in (
             ("leaseagent_dataplane_objects_added", "Kernel objects added", status.added,
              OBJECT_KINDS),
@@ -131,6 +142,24 @@ class _AsyncioCollector(Collector):
                                 "own included)", value=len(tasks))
 
 
+class _ReadyCollector(Collector):
+    """Whether /readyz would answer 200 now, asked of the agent at each scrape (the same
+    decision, leaseagent.agent.daemon.Agent.not_ready_reason), so a Prometheus needs no
+    probe of its own to alert on an agent that is up but not ready."""
+
+    def __init__(self, ready: Callable[[], Callable[[], bool] | None]) -> None:
+        self._ready = ready
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = self._ready()
+        if ready is None:
+            return
+        yield GaugeMetricFamily("leaseagent_ready",
+                                "1 while /readyz answers 200 (lease held, subnet.env written, "
+                                "data plane and traffic rules in place, no identity conflict)",
+                                value=1 if ready() else 0)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         from leaseagent import __version__
@@ -147,6 +176,10 @@ class Metrics:
         self.lease_expiry = Gauge(
             "leaseagent_lease_expiry_timestamp_seconds",
             "When this host's lease expires unless renewed, as a Unix time (+Inf: a reservation)",
+            registry=r)
+        self.lease_ttl = Gauge(
+            "leaseagent_lease_ttl_seconds",
+            "The TTL of this host's lease; it is renewed every TTL/3 (+Inf: a reservation)",
             registry=r)
         self.identity_conflict = Gauge(
             "leaseagent_identity_conflict",
@@ -212,11 +245,25 @@ class Metrics:
             "leaseagent_network_config_coalesced",
             "Network config versions passed over for a later one written soon after",
             registry=r)
+        # The files the agent writes (subnet.env, Docker's options; leaseagent.agent.daemon).
+        self.files_in_sync = Gauge(
+            "leaseagent_files_in_sync",
+            "1 when every file the agent writes holds what it should (checked every resync "
+            "period)", registry=r)
+        self.file_write_failures = Counter(
+            "leaseagent_file_write_failures", "Failed writes of a file the agent keeps "
+            "(retried; the lease and the data plane are kept)", ["file"], registry=r)
+        self.file_repairs = Counter(
+            "leaseagent_file_repairs",
+            "Files the agent keeps written again after something else removed or changed them",
+            ["file"], registry=r)
         self._dataplane: DataPlaneStatus | None = None
         r.register(_DataPlaneCollector(lambda: self._dataplane))
         self._rules: dict[int, RulesStatus] = {}  # by family
         r.register(_RulesCollector(lambda: self._rules))
         r.register(_AsyncioCollector())
+        self._ready: Callable[[], bool] | None = None
+        r.register(_ReadyCollector(lambda: self._ready))
 
     def set_identity(self, *, public_ip: str, node_id: str, backend: str) -> None:
         self._identity = {"public_ip": public_ip, "node_id": node_id, "backend": backend}
@@ -233,6 +280,10 @@ class Metrics:
     def drop_rules(self, family: int) -> None:
         """Stop exporting `family`'s traffic rules (that family is no longer in use)."""
         self._rules.pop(family, None)
+
+    def export_readiness(self, ready: Callable[[], bool]) -> None:
+        """Export `ready()` (asked at each scrape) as leaseagent_ready from now on."""
+        self._ready = ready
 
     def export_dataplane(self, status: DataPlaneStatus) -> None:
         """Export the data plane's status (read at each scrape) from now on."""

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from leaseagent.core.network import Address
 from leaseagent.core.rules import FAMILIES, ObservedRules, Ruleset
+from leaseagent.errors import DataPlaneError
 
 
 class MemoryFirewall:
@@ -22,12 +23,17 @@ class MemoryFirewall:
         self.held: Ruleset | None = None
         self.members: set[str] | None = None
         self.calls: list[str] = []
+        # While set, a write fails with this (the real adapters' DataPlaneError: the command
+        # and what the tool said) and changes nothing, as one iptables-restore commit.
+        self.refuse: str | None = None
 
     def watches(self) -> bool:
         return False
 
     async def apply(self, want: Ruleset) -> None:
         self.calls.append("apply")
+        if self.refuse is not None:
+            raise DataPlaneError(self.refuse)
         self.held = want
         self.members = set(want.peer_texts) if want.peer_port is not None else None
 

@@ -21,9 +21,14 @@ kernel as it is and is retried with capped jittered backoff
 (leaseagent.retrying), logged once per state change; stopping never removes
 kernel state; --release-on-exit revokes the lease.
 
-Readiness (/readyz) is decided from state: the lease held, subnet.env
-written, the first complete listing applied, and the data plane's own
-status (`backend.status.in_sync`); metrics are exported from the same state.
+Readiness (/readyz, READY=1, STATUS=) is decided from state, in one place
+(`not_ready_reason`): the lease held, subnet.env written, the first complete
+listing applied, the data plane's own status (`backend.status.in_sync`) and
+every family's traffic rules in place (a rule that cannot be written names
+the command and what the tool or kernel said). READY=1 is sent the first
+time all of that holds, not merely once the start-up line is done; from then
+on STATUS= tells the current state and peer count (`_report`). Metrics are
+exported from the same state.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from leaseagent import __version__
@@ -53,6 +59,7 @@ from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
+from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
@@ -63,7 +70,8 @@ from leaseagent.core.leases import (
     decode_lease_value,
     unusable_ip_reason,
 )
-from leaseagent.core.network import NetworkConfig
+from leaseagent.core.monitoring import MetricsTarget, published_address
+from leaseagent.core.network import NetworkConfig, host_overlap
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
     SubnetEnv,
@@ -79,11 +87,16 @@ from leaseagent.errors import (
     DataPlaneError,
     IdentityConflict,
     InvalidLease,
+    LeaseagentError,
     LeaseLost,
+    StoreAuthError,
+    StoreError,
     StoreUnavailable,
     SubnetsExhausted,
 )
 from leaseagent.files import (
+    check_writable,
+    exposure,
     read_text_if_exists,
     refuse_non_regular,
     refuse_symlink,
@@ -92,7 +105,8 @@ from leaseagent.files import (
 from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
-from leaseagent.waiting import within
+from leaseagent.store.settings import check_credential_files
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent")
 
@@ -107,7 +121,11 @@ class FamilyRules:
     nftables: bool = False  # which tool the keeper writes with
 
 
+# The files the agent writes (the `file` label of their metrics) and the flag naming each.
+FILES = {"subnet.env": "--subnet-file", "docker_opts.env": "--docker-opts-file"}
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
+# How often readiness is looked at once started (STATUS=, READY=1): it is cheap (state only).
+READINESS_SECONDS = 0.5
 # While another agent has this host's identity, its key is read at most this far apart.
 CONFLICT_CHECK_SECONDS = 60.0
 
@@ -144,7 +162,17 @@ async def preflight(cfg: AgentConfig) -> HostInfo | None:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{flag}: cannot create {directory}: {exc.strerror}") from None
-    if cfg.public_ip is not None and cfg.iface is None:
+        # A read-only or full file system is found now, not after a lease is taken.
+        check_writable(directory, flag)
+    # The state dir holds what identifies this host (VtepMAC, WireGuard's private key):
+    # another user who may write in it could plant or swap them.
+    problems = exposure(cfg.state_dir, secret=False)
+    if problems:
+        raise ConfigError(f"--state-dir: {cfg.state_dir} is {', '.join(problems)}; make it "
+                          "root's and mode 0700 or 0755")
+    for warning in check_credential_files(cfg.etcd):
+        log.warning("%s", warning)
+    if cfg.public_ip is not None and not cfg.iface:
         return None  # which interface depends on the backend (alloc needs none)
     from leaseagent.dataplane.host import resolve_host as resolve
 
@@ -160,11 +188,24 @@ async def resolve_host(cfg: AgentConfig, network: NetworkConfig,
                        host: HostInfo | None = None) -> HostInfo:
     """This host's underlay interface and PublicIP (alloc needs no interface), and its
     PublicIPv6 when the network config has IPv6. `host`: what preflight found already
-    (it ran before the config was known, so IPv6 may still be missing)."""
+    (it ran before the config was known, so IPv6 may still be missing). ConfigError if
+    the Network holds one of this host's addresses or its underlay network."""
+    resolved = await _resolve_host(cfg, network, host)
+    # A Network that holds this host's own addresses would take its underlay (and etcd)
+    # into the overlay: refused here, at start (exit 2) and on a config change (ignored).
+    why = host_overlap(network, resolved.own_addresses())
+    if why:
+        raise ConfigError(f"{why}: a lease there would route this host's own traffic into "
+                          "the overlay; choose a Network apart from the hosts' networks")
+    return resolved
+
+
+async def _resolve_host(cfg: AgentConfig, network: NetworkConfig,
+                        host: HostInfo | None) -> HostInfo:
     want_ipv6 = network.ipv6 is not None
     if host is not None and (host.public_ipv6 is not None or not want_ipv6):
         return host
-    if network.backend_type == "alloc" and cfg.public_ip is not None and cfg.iface is None:
+    if network.backend_type == "alloc" and cfg.public_ip is not None and not cfg.iface:
         return HostInfo(public_ip=cfg.public_ip, public_ipv6=cfg.public_ipv6)
     from leaseagent.dataplane.host import resolve_host as resolve
 
@@ -204,6 +245,7 @@ class Agent:
             lambda nftables, family: firewall(nftables=nftables, family=family))
         self.store = store
         self.metrics = metrics or Metrics()
+        self.metrics.export_readiness(lambda: self.not_ready_reason() is None)
         m = self.metrics
         zero(m.watch_events, "type", (t.value for t in EventType))
         zero(m.relists, "reason", RELIST_REASONS)
@@ -211,15 +253,21 @@ class Agent:
         zero(m.etcd_request_seconds, "operation", OPERATIONS)
         zero(m.config_changes, "class", CLASSES)
         zero(m.config_ignored, "reason", IGNORED_REASONS)
+        zero(m.file_write_failures, "file", FILES)
+        zero(m.file_repairs, "file", FILES)
         for backend_name in BACKEND_TYPES:
             m.peers.labels(backend=backend_name).set(0)
         self._notify = notify
         self._host = host
         self._rng = rng or random.Random()
-        self.states = StateLog(log, on_change=self._status)
+        self.states = StateLog(log, on_change=self._on_state_change)
         self.layout = KeyLayout(cfg.prefix)
         self.own: OwnLease | None = None
         self.lease_held = False  # False while a lost lease is being taken back
+        # When our etcd lease runs out unless renewed, by this host's clock (loop time), and
+        # whether it has: etcd unreachable past it (leaseagent_lease_held drops to 0).
+        self._lease_runs_out = math.inf
+        self._lease_ran_out = False
         self.network: NetworkConfig | None = None
         self.backend: DataPlane | None = None
         # Traffic rules per address family in use (leaseagent.dataplane.firewall).
@@ -230,10 +278,17 @@ class Agent:
         self.watcher: LeaseWatcher | None = None
         self.mtu = 0
         self.subnet_env_written = False
+        # What each file the agent writes must hold (FILES' names -> path, content), kept
+        # there by `_keep_files`; why the last write of them failed, if it did.
+        self._files: dict[str, tuple[Path, bytes]] = {}
+        self.files_error: str | None = None
         # (our key as seen, or None if absent; the revision it was seen at), or a key of a
         # twin: another agent with this host's identity.
         self._own_events: asyncio.Queue[OwnEvent] = asyncio.Queue()
         self.conflict: str | None = None  # set while another agent has this host's identity
+        self.etcd_reachable = True  # as last found (leaseagent_etcd_up)
+        self.etcd_refusal: str | None = None  # why etcd refuses to list the leases, if it does
+        self._probe: asyncio.Future[None] | None = None  # asks etcd while it is down
         # Keys this agent gave up on purpose (a config change moved it to a new subnet):
         # news of them as a twin's is stale.
         self._given_up: set[str] = set()
@@ -244,6 +299,10 @@ class Agent:
         self._tasks_changed = asyncio.Event()
         self.config_revision = 0  # etcd revision of the network config in force
         self._foreign = 0  # peers of another backend type, as last reported
+        self.ready_sent = False  # READY=1 went to systemd (once: the start is over)
+        self._reporting = False  # the start-up line is done: `_report` owns STATUS=
+        self._status_text = ""  # the last STATUS= sent
+        self._not_ready: str | None = "starting"  # the reason last reported
 
     # --- readiness, for /readyz --------------------------------------------------
 
@@ -306,12 +365,92 @@ class Agent:
                        vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
 
     def _status(self, text: str) -> None:
-        """What the agent is doing, for `systemctl status` (STATUS=, one line)."""
-        self._notify("STATUS=" + text.replace("\n", " ")[:200])
+        """What the agent is doing, for `systemctl status` (STATUS=, one line: escaped, so
+        a name from etcd cannot add a line such as READY=1 or MAINPID= to the message)."""
+        text = escaped(text)[:200]
+        self._status_text = text
+        self._notify("STATUS=" + text)
+
+    def _on_state_change(self, text: str) -> None:
+        """A state change StateLog logged: STATUS= says it during the start-up; after it,
+        the summary (which holds etcd's state as well) says what is."""
+        if self._reporting:
+            self._report()
+        else:
+            self._status(text)
+
+    def summary(self) -> str:
+        """One line for STATUS=: ready or why not, the lease, the current peer count."""
+        reason = self.not_ready_reason()
+        peers = len(self.watcher.peers) if self.watcher is not None else 0
+        lease = f"lease {self.own.subnet}" if self.own is not None else "no lease"
+        etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
+        if self.files_error is not None:
+            etcd += f"; {self.files_error} (retrying)"
+        if self.etcd_refusal is not None:
+            etcd += f"; {self.etcd_refusal} (retrying)"
+        refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+        if refused:
+            etcd += f"; {refused} peer(s) refused by the kernel (unreachable)"
+        if reason is None:
+            return f"ready: {lease}, {peers} peers{etcd}"
+        return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
+
+    def _report(self) -> None:
+        """Readiness to systemd and the log, from state: READY=1 the first time the agent
+        is ready; a line when it stops or starts being ready; STATUS= when it changes."""
+        reason = self.not_ready_reason()
+        if reason != self._not_ready:
+            peers = len(self.watcher.peers) if self.watcher is not None else 0
+            refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+            if reason is None and refused:
+                log.info("ready: %d peers programmed, %d refused by the kernel (see the "
+                         "warnings above: unreachable from this host)", peers - refused, refused)
+            elif reason is None:
+                log.info("ready: %d peers programmed", peers)
+            else:
+                log.warning("not ready: %s", reason)
+            self._not_ready = reason
+        if reason is None and not self.ready_sent:
+            self._notify("READY=1")
+            self.ready_sent = True
+        text = self.summary()
+        if escaped(text)[:200] != self._status_text:  # as `_status` sends it
+            self._status(text)
+
+    async def _readiness(self) -> None:
+        """Report readiness (`_report`) every READINESS_SECONDS: the data plane's and the
+        rules' keepers change their state in their own tasks."""
+        self._reporting = True
+        while True:
+            self._report()
+            await asyncio.sleep(READINESS_SECONDS)
 
     def _set_lease_held(self, held: bool) -> None:
         self.lease_held = held
-        self.metrics.lease_held.set(1 if held else 0)
+        self._show_lease_held()
+
+    def _show_lease_held(self) -> None:
+        """leaseagent_lease_held: 1 while the lease is held, also by its TTL (an etcd
+        outage longer than the TTL since the last renewal: it can no longer be held)."""
+        self.metrics.lease_held.set(1 if self.lease_held and not self._lease_ran_out else 0)
+
+    def _lease_renewed(self, own: OwnLease, *, at: float, ttl: int) -> None:
+        """Our etcd lease holds for `ttl` seconds from loop time `at` (a grant or renewal
+        sent then)."""
+        self._lease_runs_out = math.inf if own.reservation else at + ttl
+        self._lease_ran_out = False
+        self._show_lease_held()
+
+    def _ran_out(self, own: OwnLease) -> None:
+        """No renewal reached etcd within the TTL: the lease is gone by our clock (etcd
+        may hand the subnet to another host). The kernel stays as it is; the holder takes
+        the lease back when etcd answers."""
+        self._lease_ran_out = True
+        self._show_lease_held()
+        log.warning("lease on %s ran out by this host's clock (not renewed within its %ds "
+                    "TTL); keeping the data plane, taking it back when etcd answers",
+                    own.subnet, own.ttl)
 
     # --- start-up ------------------------------------------------------------------
 
@@ -361,15 +500,49 @@ class Agent:
         assert own is not None
         self._etcd_up()
         await self._take(own, first=True)
+        await self._publish_metrics_target(host)
         self.watcher = LeaseWatcher(
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: self.own.key if self.own else None,
             metrics=self.metrics, on_peers=self._on_peers,
+            # The watch is often the first to find etcd gone (renewals may be hours apart).
+            on_unavailable=self._etcd_down, on_listed=lambda: self._etcd_up(listed=True),
             # With the key it is about: the holder may have moved our key since.
             on_own=lambda kv, rev: self._own_events.put_nowait(
                 (self.own.key if self.own else None, kv, rev)),
             node_id=cfg.node_id, on_twin=self._own_events.put_nowait,
             hold_seconds=cfg.peer_hold_time, first=leasing.take_listing())
+
+    async def _publish_metrics_target(self, host: HostInfo) -> None:
+        """Say in etcd where this agent's /metrics is, for `leasectl prometheus-targets`
+        (leaseagent.core.monitoring): written only when it differs; a stale entry of
+        this node is removed when the address is not one another host could scrape."""
+        cfg = self.cfg
+        key = self.layout.metrics_key(cfg.node_id)
+        address = (published_address(*cfg.metrics_addr, host.public_ip)
+                   if cfg.metrics_addr is not None else None)
+        value = (MetricsTarget(node_id=cfg.node_id, address=address,
+                               public_ip=str(host.public_ip)).encode()
+                 if address is not None else None)
+        try:
+            async for attempt in retrying(on_retry=self._etcd_down):
+                with attempt:
+                    current = await self.store.get(key)
+                    if value is not None and (current is None or current.value != value):
+                        await self.store.put(key, value)
+                        log.info("metrics address %s published at %s", address, key)
+                    elif value is None and current is not None:
+                        await self.store.delete(key, mod_revision=current.mod_revision)
+                        log.info("metrics address no longer published (%s is not reachable "
+                                 "from other hosts): %s deleted", "--metrics-addr", key)
+        except StoreError as exc:  # e.g. an etcd role that only grants <prefix>/subnets/
+            log.warning("metrics address not published at %s: %s (Prometheus discovery "
+                        "will not find this host)", key, exc)
+
+    async def _withdraw_metrics_target(self) -> None:
+        """This host leaves on purpose (--release-on-exit): it is no longer a target."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.delete(self.layout.metrics_key(self.cfg.node_id))
 
     def _new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
         """A data plane of `network`'s backend type for `host`, its status exported."""
@@ -403,17 +576,19 @@ class Agent:
         changed = self.own is not None and self.own.key != own.key
         self.own = own
         self._set_lease_held(True)
+        self._lease_renewed(own, at=asyncio.get_running_loop().time(), ttl=own.ttl)
         self.metrics.lease_expiry.set(math.inf if own.reservation else time.time() + own.ttl)
+        self.metrics.lease_ttl.set(math.inf if own.reservation else own.ttl)
         env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
                         ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
                         ipv6_subnet=own.ipv6_subnet).render()
-        # Written only when they change: a restart hook watching them (systemd's
-        # leaseagent-docker-restart.path) restarts Docker for a real change only.
-        write_if_changed(self.cfg.subnet_file, env.encode(), mode=0o644)
+        files = {"subnet.env": (self.cfg.subnet_file, env.encode())}
         if self.cfg.docker_opts_file is not None:
             # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
             docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
-            write_if_changed(self.cfg.docker_opts_file, docker_env.encode(), mode=0o644)
+            files["docker_opts.env"] = (self.cfg.docker_opts_file, docker_env.encode())
+        self._files = files
+        self._write_files(start=first)
         self.subnet_env_written = True
         await self.backend.start(own.subnet, own_ipv6=own.ipv6_subnet)
         set_context(subnet=own.subnet)
@@ -424,6 +599,51 @@ class Agent:
                      "" if own.reservation else f", ttl {own.ttl}s", self.cfg.subnet_file)
         if changed and self.watcher is not None:
             self.watcher.request_relist("own_subnet_changed")
+
+    def _write_files(self, *, start: bool = False, repair: bool = False) -> None:
+        """Make each file hold what it must, written only when it does not (a restart hook
+        watching them, systemd's leaseagent-docker-restart.path, restarts Docker for a
+        real change only). At start a failure is a ConfigError (exit 2) naming the path
+        and the OS error; later it is reported (log once, metrics, STATUS=) and retried
+        by `_keep_files`: the lease and the data plane are kept. `repair`: a write puts
+        back what something else removed or changed."""
+        errors = []
+        for name, (path, data) in self._files.items():
+            try:
+                written = write_if_changed(path, data, mode=0o644)
+            except (OSError, ConfigError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                if start:
+                    raise ConfigError(f"{FILES[name]}: cannot write {path}: {why}") from None
+                self.metrics.file_write_failures.labels(file=name).inc()
+                errors.append(f"cannot write {path}: {why}")
+                continue
+            if written and repair:
+                self.metrics.file_repairs.labels(file=name).inc()
+                log.warning("%s %s was missing or changed; written again", name, path)
+        error = "; ".join(errors) or None
+        if error is not None:
+            self.states.set("files", error, "%s (retrying; the lease and the data plane are kept)",
+                            error, level=logging.WARNING)
+        elif self.files_error is not None:
+            self.states.set("files", None, "%s written again", ", ".join(
+                str(path) for path, _ in self._files.values()))
+        self.files_error = error
+        self.metrics.files_in_sync.set(0 if error else 1)
+
+    async def _keep_files(self) -> None:
+        """Level-triggered like the routes: every resync period each file is checked and
+        put back if it was removed or changed; a failed write is retried sooner (capped,
+        jittered backoff up to the resync period)."""
+        period = self.cfg.resync_interval
+        backoff = Backoff(cap=period)
+        while True:
+            if self.files_error is None:
+                backoff.reset()
+                await asyncio.sleep(period)
+            else:
+                await backoff.sleep()
+            self._write_files(repair=self.files_error is None)
 
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
@@ -441,6 +661,8 @@ class Agent:
                 self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
         self._log_peer_changes(changes, len(peers))
         self._report_rollout()
+        if self._reporting:
+            self._report()  # the peer count in STATUS= at once
 
     async def _program_all(self) -> None:
         """Every family's traffic rules and the data plane for the whole peer set, the
@@ -484,13 +706,43 @@ class Agent:
                 log.info("peer removed: %s", p.subnet)
 
     def _etcd_down(self, exc: BaseException) -> None:
+        if isinstance(exc, StoreAuthError):
+            # etcd answers but refuses (a permission revoked): not an outage. The lease
+            # watcher retries its listing; what is programmed stays.
+            self.etcd_refusal = str(exc)
+            self.states.set("etcd-refusal", "refused", "%s (retrying; the data plane "
+                            "is kept as it is)", exc, level=logging.WARNING)
+            return
+        self.etcd_reachable = False
         self.metrics.etcd_up.set(0)
         self.states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
                         level=logging.WARNING)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_etcd())
 
-    def _etcd_up(self) -> None:
+    async def _probe_etcd(self) -> None:
+        """While etcd is down, ask it (one key, capped jittered backoff) until it answers:
+        whoever found it down may not ask again soon (a watch resumed in the adapter, a
+        renewal hours away), and etcd_up must say when it is back."""
+        backoff = Backoff()
+        while not self.etcd_reachable:
+            await backoff.sleep()
+            try:
+                await self.store.get(self.layout.config_key)
+            except LeaseagentError:
+                continue  # also a refusal (StoreAuthError): the supervised tasks report it
+            self._etcd_up()
+
+    def _etcd_up(self, *, listed: bool = False) -> None:
+        """etcd answered; `listed`: with a complete listing of the leases (nothing to
+        list again)."""
+        self.etcd_reachable = True
         self.metrics.etcd_up.set(1)
-        if self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None:
+        if listed and self.etcd_refusal is not None:
+            self.etcd_refusal = None
+            self.states.set("etcd-refusal", None, "etcd lists the leases again")
+        if (self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None
+                and not listed):
             # A stream that lived through the outage may be half-open: list again.
             self.watcher.request_relist("etcd_recovered")
 
@@ -521,10 +773,14 @@ class Agent:
             own = self.own
             assert own is not None
             # Renew every TTL/3 counted from the last renewal, however many
-            # events about our own key arrive in between.
+            # events about our own key arrive in between; with flanneld's
+            # --subnet-lease-renew-margin, also at least that long before expiry.
             wait = None
             if not own.reservation:
-                wait = max(0.0, last_renewal + max(0.5, own.ttl / 3) - time.monotonic())
+                interval = own.ttl / 3
+                if self.cfg.renew_margin is not None:
+                    interval = min(interval, own.ttl - self.cfg.renew_margin)
+                wait = max(0.0, last_renewal + max(0.5, interval) - time.monotonic())
             why: str | None = None
             try:
                 event = await within(self._own_events.get(), wait)
@@ -670,10 +926,20 @@ class Agent:
 
         # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it is gone).
         ttl = 0
-        async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
-            with attempt:
-                ttl = await self.leasing.keepalive(own)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        runs_out = (loop.call_at(self._lease_runs_out, self._ran_out, own)
+                    if math.isfinite(self._lease_runs_out) else None)
+        try:
+            async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
+                with attempt:
+                    sent = loop.time()
+                    ttl = await self.leasing.keepalive(own)
+        finally:
+            if runs_out is not None:
+                runs_out.cancel()
         self.metrics.renewals.inc()
+        self._lease_renewed(own, at=sent, ttl=ttl)
         self.metrics.lease_expiry.set(time.time() + ttl)
         self._etcd_up()
         if failed:
@@ -693,23 +959,15 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Start up, serve until `stop` is set; raise if a task fails."""
         # A stop during start-up (etcd unreachable, config missing) must not wait for it.
-        starting = asyncio.ensure_future(self.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not starting.done():
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-        if starting.cancelled():
+        which, _ = await first_to_end(self.start(), stop.wait())
+        if which == 1:
             return
-        starting.result()
         assert self.watcher is not None
         watcher = self.watcher
         self._spawn("watch", watcher.run())
         self._spawn("hold", self.hold())
         self._spawn("watchdog", self._watchdog())
+        self._spawn("files", self._keep_files())
         synced = asyncio.ensure_future(watcher.synced.wait())
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -721,10 +979,7 @@ class Agent:
                 for rules in self.rules:
                     self._spawn(f"rules-ipv{rules.family}", rules.keeper.run())
                 self._spawn("config", self._config_follower().run())
-                self._notify("READY=1")
-                assert self.own is not None
-                self._status(f"ready: lease {self.own.subnet}, {len(watcher.book)} peers")
-                log.info("ready: %d peers programmed", len(watcher.book))
+                self._spawn("readiness", self._readiness())  # READY=1 once all holds
                 await self._supervise(stopping)
         finally:
             tasks = [synced, stopping, *self._tasks]
@@ -768,6 +1023,8 @@ class Agent:
         for task, name in self._tasks.items():
             if task.done() and not task.cancelled():
                 exc = task.exception()
+                if isinstance(exc, ConfigError):
+                    raise exc  # a setting to fix (a password changed in etcd): exit 2
                 if exc is not None:
                     raise RuntimeError(f"task {name} failed: {exc}") from exc
                 raise RuntimeError(f"task {name} ended unexpectedly")
@@ -892,6 +1149,9 @@ class Agent:
     async def shutdown(self) -> None:
         """Stop without touching kernel state; revoke the lease only if asked to."""
         self._notify("STOPPING=1")
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 await self.backend.close()
@@ -903,6 +1163,7 @@ class Agent:
                 # member that just died times out, and one try would leave the lease behind.
                 await within(self._release_retrying(own), RELEASE_SECONDS)
                 log.info("lease on %s released", own.subnet)
+                await within(self._withdraw_metrics_target(), RELEASE_SECONDS)
             except Exception as exc:
                 log.warning("could not release the lease on %s: %s", own.subnet,
                             exc or "etcd did not answer in time")

@@ -63,7 +63,14 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
 from leaseagent.core.allocation import Chooser, candidates, range_candidates
-from leaseagent.core.leases import KeyLayout, LeaseValue, Verdict, decode_lease_value, judge
+from leaseagent.core.leases import (
+    DUPLICATE,
+    KeyLayout,
+    LeaseValue,
+    Verdict,
+    decode_lease_value,
+    judge,
+)
 from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost, SubnetsExhausted
 from leaseagent.metrics import Metrics
@@ -287,6 +294,27 @@ class Leasing:
         verdicts = judge(ours, layout=self.layout, network=None).verdicts
         return taken, taken6, list(verdicts.values())
 
+    def _reservation_usable(self, verdict: Verdict, items: list[KeyValue]) -> bool:
+        """Whether a reservation naming this host is one the lease layer calls valid
+        among the keys naming its subnet (it may overlap another host's lease:
+        core.leases.judging, rule 5). Scans the listing: only for a reservation of ours."""
+        rivals = [kv for kv in items if kv.key != verdict.key and self._names(kv, verdict.subnet)]
+        if not rivals:
+            return True
+        kv = next(kv for kv in items if kv.key == verdict.key)
+        judged = judge([kv, *rivals], layout=self.layout, network=self._network).verdicts[kv.key]
+        if judged.status == DUPLICATE:
+            log.error("reservation %s for this host overlaps a lease (%s): not taken",
+                      verdict.key, judged.detail)
+            return False
+        return True
+
+    def _names(self, kv: KeyValue, subnet: IPv4Network | None) -> bool:
+        try:
+            return self.layout.parse_lease_key(kv.key).ipv4 == subnet
+        except ValueError:
+            return False
+
     async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None,
                             previous_ipv6: IPv6Network | None, keep_listing: bool) -> OwnLease:
         while True:
@@ -305,7 +333,8 @@ class Leasing:
                 if not self._network.keeps(subnet):
                     continue
                 if verdict.reservation:
-                    reserved.append(verdict)
+                    if self._reservation_usable(verdict, listing.items):
+                        reserved.append(verdict)
                 elif value.node_id in (None, self._value.node_id):
                     named.append(verdict)
 

@@ -45,7 +45,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
-from leaseagent.agent.together import run_together
 from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import (
@@ -61,7 +60,7 @@ from leaseagent.core.network import NetworkConfig
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent.watching")
 
@@ -74,8 +73,8 @@ RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "conf
 # changes within BURST_SECONDS; a pass in one waits BURST_GATHER_SECONDS first, so the
 # stream is read on and the pass takes more than the change or two a response brings.
 # Changes that come one at a time (a host joining, a client that writes after seeing the
-# last change programmed) are programmed at once. 4,900 deletions at once: the kernel
-# clean 1.74 s after a bare watch had the last of them before, 0.46-0.72 s with this.
+# last change programmed) are programmed at once (figures: docs/benchmarks.md, "Mass
+# removal").
 BURST_CHANGES = 3
 BURST_SECONDS = 0.005
 BURST_GATHER_SECONDS = 0.01
@@ -94,6 +93,7 @@ class LeaseWatcher:
         on_peers: OnPeers,
         on_own: OnOwn,
         on_unavailable: Callable[[BaseException], None] | None = None,
+        on_listed: Callable[[], None] | None = None,
         node_id: str | None = None,
         on_twin: OnTwin | None = None,
         hold_seconds: float = 0.0,
@@ -109,6 +109,8 @@ class LeaseWatcher:
         self._metrics = metrics
         self._on_peers = on_peers
         self._on_own = on_own
+        self._on_listed = on_listed
+        self._oversize: dict[str, int] = {}  # keys too large to fetch, as last reported
         self.book = LeaseBook(layout=layout, network=network, identity=self._identity())
         self.synced = asyncio.Event()  # set after the first complete list is applied
         self.gate = asyncio.Lock()
@@ -166,6 +168,17 @@ class LeaseWatcher:
             self._metrics.invalid_leases.labels(reason=verdict.reason).inc()
             log.warning("skipping invalid lease %s: %s", verdict.key, verdict.detail)
 
+    def _report_oversize(self, oversize: list[KeyValue]) -> None:
+        """Keys a listing could not fetch (a value over gRPC's receive limit): skipped like
+        any invalid lease (too_large), counted and logged once per version of the key."""
+        seen = {kv.key: kv.mod_revision for kv in oversize}
+        for kv in oversize:
+            if self._oversize.get(kv.key) != kv.mod_revision:
+                self._metrics.invalid_leases.labels(reason="too_large").inc()
+                log.warning("skipping invalid lease %s: its value is too large to receive "
+                            "(over gRPC's 4 MiB message limit)", kv.key)
+        self._oversize = seen
+
     def _held(self, changes: PeerChanges, *, hold_removals: bool) -> PeerChanges:
         held_before = len(self.hold)
         out = self.hold.filter(changes, now=time.monotonic(), hold_removals=hold_removals)
@@ -197,8 +210,11 @@ class LeaseWatcher:
             [kv for kv in snapshot.items if kv.key != identity.own_key], identity=identity),
             hold_removals=True)
         self._report_rejected()
+        self._report_oversize(snapshot.oversize)
         self._update_gauges()
         self._queue(changes, started, listing=True)
+        if self._on_listed is not None:
+            self._on_listed()
 
     def _apply_events(self, batch: list[WatchEvent]) -> None:
         started = time.perf_counter()
@@ -215,8 +231,9 @@ class LeaseWatcher:
             else:
                 changes.add(self._held(self.book.delete(ev.key), hold_removals=True))
             self._report_rejected()
+        # The counts change with no change to program too (a removal held down).
+        self._update_gauges()
         if changes:
-            self._update_gauges()
             self._queue(changes.take(), started)
 
     def _queue(self, changes: PeerChanges, started: float, *, listing: bool = False) -> None:
@@ -286,4 +303,4 @@ class LeaseWatcher:
                 self._queue(PeerChanges(removed=due), time.perf_counter())
 
     async def run(self) -> None:
-        await run_together(self._follow(), self._expire_held(), self._program())
+        await first_to_end(self._follow(), self._expire_held(), self._program())

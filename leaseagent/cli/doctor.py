@@ -14,7 +14,11 @@ agent does. It decides nothing on its own:
   what it wants (`spec`) and reads what the kernel has (`observe`), and
   `core.plan.compare` finds the differences, as the backend's reconcile
   does; leaseagent.core.diagnosis turns them into lines;
-- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC;
+- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC; whether
+  the directories of subnet.env and the state can be written (read-only, full);
+- the agent (with `--metrics-addr`, as the unit sets it): its /readyz, whose
+  reason when it is not ready names what fails (a traffic rule that cannot be
+  written: the command and what the tool or kernel said);
 - wireguard: the public key three ways (each device's, the lease's PublicKey,
   the key file's), which WireGuard drives the devices (kernel or wireguard-go),
   and each peer that was sent packets but never completed a handshake (a key
@@ -29,19 +33,29 @@ the few milliseconds of the check can show as one missing or stale entry.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from leaseagent.config import parse_public_ip, parse_route_protocol, source, traffic_settings
+from leaseagent.config import (
+    interface_choice,
+    parse_hostport,
+    parse_public_ip,
+    parse_route_protocol,
+    source,
+    traffic_settings,
+)
 from leaseagent.core.backends import WireguardLeaseData
 from leaseagent.core.diagnosis import (
     Problem,
     check_subnet_env,
     device_problems,
     env_subnet,
+    gateway_problems,
     object_problems,
     pick_own_lease,
     problem,
@@ -55,20 +69,26 @@ from leaseagent.core.plan import DeviceState, compare, flatten, needs_recreate
 from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
+from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoice
 from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
+from leaseagent.files import unwritable_reason
 from leaseagent.store.base import LeaseStore
+
+if TYPE_CHECKING:
+    from leaseagent.dataplane.leftovers import Leftover
+from leaseagent.waiting import within
 
 
 @dataclass(frozen=True)
 class DoctorSettings:
-    iface: str | None
+    iface: InterfaceChoice
     public_ip: str | None
     subnet_file: Path
     state_dir: Path
     route_protocol: int
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
     public_ipv6: str | None = None
+    metrics_addr: tuple[str, int] | None = None  # the agent's, to ask its /readyz
 
 
 def settings_from(ns: argparse.Namespace) -> DoctorSettings:
@@ -76,7 +96,10 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
     protocol = parse_route_protocol(ns.route_protocol, name=source(ns, "--route-protocol"))
     parse_public_ip(ns.public_ip, name=source(ns, "--public-ip"), allow_any=True)
     parse_public_ip(ns.public_ipv6, name=source(ns, "--public-ipv6"), allow_any=True, version=6)
-    return DoctorSettings(iface=ns.iface or None, public_ip=ns.public_ip or None,
+    metrics = getattr(ns, "metrics_addr", None)
+    return DoctorSettings(iface=interface_choice(ns), public_ip=ns.public_ip or None,
+                          metrics_addr=parse_hostport(source(ns, "--metrics-addr"), metrics)
+                          if metrics else None,
                           public_ipv6=ns.public_ipv6 or None,
                           subnet_file=Path(ns.subnet_file), state_dir=Path(ns.state_dir),
                           route_protocol=protocol,
@@ -87,6 +110,7 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
 class Report:
     problems: list[Problem] = field(default_factory=list)
     summary: str = ""
+    leftovers: list[Leftover] = field(default_factory=list)  # flanneld's, each also a problem
 
     @property
     def ok(self) -> bool:
@@ -133,9 +157,42 @@ def _own_lease(report: Report, verdicts: list[Verdict], *, public_ip: IPv4Addres
     return ours.get(own_subnet) if own_subnet is not None else None
 
 
+READYZ_TIMEOUT = 5.0  # seconds for the agent's /readyz to answer
+
+
+async def agent_problems(addr: tuple[str, int]) -> list[Problem]:
+    """The agent's own word on whether it is ready (GET /readyz at its metrics address):
+    nothing when it is, else one problem with its reason, or saying it did not answer."""
+    host, port = addr
+    shown = f"http://{host}:{port}/readyz"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    try:
+        reader, writer = await within(asyncio.open_connection(host, port), READYZ_TIMEOUT)
+        try:
+            writer.write(b"GET /readyz HTTP/1.0\r\nHost: leaseagent\r\n\r\n")
+            answer = await within(reader.read(), READYZ_TIMEOUT)  # it closes when done
+        finally:
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        # asyncio's connect error says "Connect call failed (...)": the errno says what.
+        why = (os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
+               else "no answer in time")
+        return [problem("agent", shown, why,
+                        text=f"agent: {shown}: {why} (is leaseagent running?)")]
+    head, _, body = answer.decode("utf-8", "replace").partition("\r\n\r\n")
+    status = head.split(" ", 2)[1] if head.count(" ") >= 1 else "?"
+    if status == "200":
+        return []
+    reason = body.strip() or f"HTTP {status}"
+    return [problem("agent", shown, reason, text=f"agent not ready: {reason}")]
+
+
 async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings) -> Report:
     """Every difference between etcd's view of this host and the host itself."""
     report = Report()
+    if settings.metrics_addr is not None:
+        report.problems += await agent_problems(settings.metrics_addr)
     key = layout.config_key
     kv = await store.get(key)
     if kv is None:
@@ -191,6 +248,12 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     finally:
         await backend.close()
     comparison = compare(spec, observed)
+    for subnet, why in spec.skipped.items():  # the agent skips them too (dataplane)
+        peer = peers[subnet]
+        report.problems.append(problem(
+            "lease", str(subnet), why,
+            text=f"lease {subnet} ({peer.public_ip}) not programmed here: {why}; fix the lease "
+            "or the host"))
     # FLANNEL_MTU is the smallest MTU of the devices in use (the IPv6 one's, over IPv6).
     smallest = min(spec.devices, key=lambda d: d.mtu) if spec.devices else None
     mtu = smallest.mtu if smallest is not None else host.iface_mtu
@@ -203,7 +266,10 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     try:
         names = {link.index: link.name for link in await nl.links()}
         if network.backend_type == "host-gw" and host.iface_index:
-            addresses = {a.interface.ip for a in await nl.addresses(index=host.iface_index)}
+            interfaces = [a.interface for a in await nl.addresses(index=host.iface_index)]
+            report.problems += gateway_problems(
+                peers, on_link=[i.network for i in interfaces], iface=host.iface or "?")
+            addresses = {i.ip for i in interfaces}
             for ip in (host.public_ip, host.public_ipv6):
                 if ip is not None and ip not in addresses:
                     report.problems.append(problem(
@@ -217,10 +283,27 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
                                            current=observed.objects, peers=peers, names=names)
     if network.backend_type != "alloc":  # alloc keeps no data path, and no traffic rules
         report.problems += await _check_rules(settings, network, own_subnet, peers, own_ipv6)
+    from leaseagent.dataplane import leftovers
+
+    report.leftovers = await leftovers.find(
+        ours={d.name for d in spec.devices},
+        networks=[network.network, *([network.ipv6.network] if network.ipv6 else [])],
+        leased={*peers, *(p.ipv6_subnet for p in peers.values() if p.ipv6_subnet),
+                *(s for s in (own_subnet, own_ipv6) if s is not None)})
+    report.problems += [problem("flanneld", x.name, x.what, text=x.text)
+                        for x in report.leftovers]
     report.problems += check_subnet_env(
         env, path=str(settings.subnet_file), network=network.network, subnet=own_subnet,
         mtu=mtu, mtu_source=mtu_source, ipmasq=settings.traffic.ip_masq,
         ipv6_network=network.ipv6_network, ipv6_subnet=own_ipv6)
+    for what, directory in (("subnet.env", settings.subnet_file.parent),
+                            ("state", settings.state_dir)):
+        unwritable = unwritable_reason(directory) if directory.is_dir() else None
+        if unwritable is not None:
+            report.problems.append(problem(
+                "files", str(directory), unwritable,
+                text=f"{what} directory {directory} cannot be written: {unwritable} (the agent "
+                "keeps retrying; it cannot start so)"))
     matched = len(flatten(spec.objects) & observed.objects)
     report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}"
                       f"{driver}, {len(peers)} valid peers, {matched} kernel entries as planned")

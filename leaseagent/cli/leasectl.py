@@ -10,12 +10,15 @@
     leasectl reserve SUBNET --public-ip IP [--force]
     leasectl release SUBNET|KEY-NAME
     leasectl watch [-o table|json]
+    leasectl prometheus-targets FILE|- [--once]
     leasectl doctor [-o text|json] [host flags]
     leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
     leasectl cleanup [host flags]
+    leasectl cleanup --flannel [host flags]     (flanneld's leftovers; reads etcd)
     leasectl completion bash
 
-`docker-opts`, `cleanup` and `completion` need no etcd (and do not load its client).
+`docker-opts`, `cleanup` (without --flannel) and `completion` need no etcd (and do not
+load its client).
 
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
 line on stderr, never a traceback; exit status (also in --help): 0 done,
@@ -45,8 +48,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from collections.abc import Coroutine, Sequence
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,8 @@ from leaseagent.cli.presenting import (
     subnet_of,
     watch_header,
 )
+from leaseagent.cli.targets import check_writable, keep_targets
+from leaseagent.cli.unitenv import host_environment
 from leaseagent.cli.watching import ADDED, CHANGED, LeaseEvent, lease_events
 from leaseagent.config import (
     _EnvDefaults,
@@ -71,16 +76,28 @@ from leaseagent.config import (
     add_traffic_arguments,
     etcd_settings,
     new_parser,
+    parse_route_protocol,
     unknown_variables,
 )
 from leaseagent.core.configchange import REBUILD, classify, lease_impact
 from leaseagent.core.dockeropts import render_daemon_json, render_docker_env
+from leaseagent.core.escaping import escaped, escaped_lines
 from leaseagent.core.leases import PEER, KeyLayout, LeaseValue, decode_lease_value, judge
-from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.network import NetworkConfig, host_overlap, parse_network_config
+from leaseagent.core.plan import HostRoute, cluster_relevant, subnet_conflict
 from leaseagent.core.subnetenv import parse_subnet_env
-from leaseagent.errors import ConfigError, InvalidLease, LeaseagentError, NetworkConfigError
+from leaseagent.dataplane.base import DEFAULT_ROUTE_PROTOCOL
+from leaseagent.errors import (
+    ConfigError,
+    DataPlaneError,
+    InvalidLease,
+    LeaseagentError,
+    NetworkConfigError,
+)
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
+from leaseagent.store.settings import check_credential_files
+from leaseagent.waiting import first_to_end
 
 
 async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | None:
@@ -99,10 +116,17 @@ async def _ttls(store: LeaseStore, items: Sequence[KeyValue]) -> dict[int, int]:
     return dict(zip(lease_ids, ttls, strict=True))
 
 
-async def list_rows(store: LeaseStore, layout: KeyLayout) -> list[dict[str, Any]]:
+async def list_rows(store: LeaseStore, layout: KeyLayout, *, route_protocol: object = None
+                    ) -> list[dict[str, Any]]:
     network = await load_network(store, layout)
     listing = await store.list_prefix(layout.subnets_prefix)
-    return rows_of(listing.items, layout, network, await _ttls(store, listing.items))
+    for kv in listing.oversize:
+        print(f"leasectl: warning: {escaped(kv.key)}: its value is too large to receive "
+              f"(over gRPC's 4 MiB message limit); an invalid lease (too_large), not listed",
+              file=sys.stderr)
+    routes = await this_host_routes(network, route_protocol) if route_protocol else ()
+    return rows_of(listing.items, layout, network, await _ttls(store, listing.items),
+                   host_routes=routes)
 
 
 async def _find(store: LeaseStore, layout: KeyLayout, text: str
@@ -125,7 +149,7 @@ async def _find(store: LeaseStore, layout: KeyLayout, text: str
 
 
 async def cmd_list(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
-    rows = await list_rows(store, layout)
+    rows = await list_rows(store, layout, route_protocol=args.route_protocol)
     if args.output == "json":
         print(json.dumps([{k: r[k] for k in LIST_FIELDS} for r in rows], indent=2))
     else:
@@ -155,7 +179,7 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         kv = await store.get(key)
         if kv is None:
             raise LeaseagentError(f"{key} is not set")
-        print(kv.value.decode(errors="replace"))
+        print(escaped_lines(kv.value.decode(errors="replace")))
         return 0
     raw, network = args.config_data
     current = await store.get(key)
@@ -165,7 +189,7 @@ async def cmd_config(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         print(f"{key} set: network {network.network}, /{network.subnet_len} subnets, "
               f"backend {network.backend_type}")
     for line in change_summary(current, network, listing, layout):
-        print(line)
+        print(escaped(line))
     return 0
 
 
@@ -236,6 +260,12 @@ async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Names
         if why:
             raise UsageError(f"--ipv6-subnet {args.ipv6_subnet}: {why}")
         ipv6 = named6
+    conflict = subnet_conflict((subnet, ipv6),
+                               await this_host_routes(network, args.route_protocol))
+    if conflict is not None and not args.force:
+        raise UsageError(f"{subnet} overlaps this host's {conflict.text}, which is not the "
+                         "agent's: its agent would not program the subnet (--force reserves "
+                         "it anyway)")
     if not network.in_range(subnet) and not args.force:
         raise UsageError(f"{subnet} is outside [SubnetMin, SubnetMax] = "
                          f"[{network.subnet_min}, {network.subnet_max}]; no agent would be "
@@ -272,7 +302,7 @@ async def cmd_release(store: LeaseStore, layout: KeyLayout, args: argparse.Names
     if not await store.delete(kv.key, mod_revision=kv.mod_revision):
         raise LeaseagentError(f"{layout.name_of(kv.key)} changed while releasing it; try again")
     note = "" if kv.lease == 0 else " (a running agent holding it will take it back)"
-    print(f"released {layout.name_of(kv.key)}{note}")
+    print(f"released {escaped(layout.name_of(kv.key))}{note}")
     return 0
 
 
@@ -295,7 +325,7 @@ async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) ->
         print(f"leasectl: {note}", file=sys.stderr, flush=True)
 
     def on_unavailable(exc: BaseException) -> None:
-        print(f"leasectl: {exc}; retrying", file=sys.stderr, flush=True)
+        print(f"leasectl: {escaped(exc)}; retrying", file=sys.stderr, flush=True)
 
     if output == "table":
         print(watch_header(), flush=True)
@@ -318,23 +348,39 @@ async def _print_events(store: LeaseStore, layout: KeyLayout, *, output: str) ->
 
 
 async def cmd_watch(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
+    return await _until_stopped(_print_events(store, layout, output=args.output))
+
+
+async def cmd_prometheus_targets(store: LeaseStore, layout: KeyLayout,
+                                 args: argparse.Namespace) -> int:
+    path = None if args.file == "-" else Path(args.file)
+    return await _until_stopped(keep_targets(store, layout, path, once=args.once))
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None]) -> int:
+    """Run `work` until it ends or SIGINT/SIGTERM: 0, or its error (one line, exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    printer = asyncio.create_task(_print_events(store, layout, output=args.output))
-    stopper = asyncio.create_task(stop.wait())
     try:
-        done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await first_to_end(work, stop.wait())  # an error that is not retried: one line, exit 1
     finally:
-        for task in (printer, stopper):
-            task.cancel()
-        await asyncio.gather(printer, stopper, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    if printer in done and not printer.cancelled():
-        printer.result()  # an error that is not retried: one line, exit 1
     return 0
+
+
+async def cmd_cleanup_flannel(store: LeaseStore, layout: KeyLayout,
+                              args: argparse.Namespace) -> int:
+    """`cleanup --flannel`: remove the flanneld leftovers doctor names, nothing else."""
+    from leaseagent.dataplane import leftovers
+
+    report = await doctor.examine(store, layout, args.doctor_settings)
+    lines = await leftovers.remove(report.leftovers) or ["nothing of flanneld's to remove"]
+    for line in lines:
+        print(escaped(line))
+    return 1 if any(line.startswith("could not") for line in lines) else 0
 
 
 async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
@@ -343,9 +389,9 @@ async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
         print(json.dumps(report.to_json(), indent=2))
     else:
         for problem in report.problems:
-            print(problem.text)
+            print(escaped(problem.text))
         if report.ok:
-            print(f"ok: {report.summary}")
+            print(f"ok: {escaped(report.summary)}")
     return 0 if report.ok else 1
 
 
@@ -366,9 +412,12 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
         individual, combined = args.individual, args.combined
         if not individual and not combined:
             individual = combined = True
-        text = render_docker_env(env, individual=individual, combined=combined,
-                                 combined_key=args.key, existing=os.environ.get(args.key, ""),
-                                 ipmasq=not args.no_ipmasq)
+        try:
+            text = render_docker_env(env, individual=individual, combined=combined,
+                                     combined_key=args.key, existing=os.environ.get(args.key, ""),
+                                     ipmasq=not args.no_ipmasq)
+        except ValueError as exc:
+            raise LeaseagentError(f"{args.subnet_file}: {exc}") from None
         dest = args.dest or DOCKER_OPTS_FILE
     if dest == "-":
         sys.stdout.write(text)
@@ -377,18 +426,51 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
             write_atomic(Path(dest), text.encode(), mode=0o644)
         except (OSError, ConfigError) as exc:
             raise LeaseagentError(f"cannot write {dest}: {exc}") from None
+    if args.output == "env":
+        # mk-docker-opts.sh's last step, after writing: a route to the subnet through a
+        # gateway means the subnet is routed elsewhere, and Docker's bridge would clash.
+        try:
+            subnet = IPv4Interface(env["FLANNEL_SUBNET"]).network
+        except ValueError:
+            raise LeaseagentError(f"{args.subnet_file}: FLANNEL_SUBNET="
+                                  f"{env['FLANNEL_SUBNET']!r} is not an IPv4 address/length"
+                                  ) from None
+        found = asyncio.run(_gateway_route_to(subnet))
+        if found is not None:
+            raise LeaseagentError(f"the routing table already routes {found.dst} via "
+                                  f"{found.gateway} (mk-docker-opts.sh's check)")
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
+async def _gateway_route_to(subnet: IPv4Network) -> HostRoute | None:
+    """A main-table route to exactly `subnet` with a gateway, if this host has one."""
+    import socket
+
+    from leaseagent.dataplane.netlink import Netlink
+
+    found: list[HostRoute] = []
+    nl = await Netlink.open()
+    try:
+        # Protocol 0 is no route's: every route of the table reaches `others`.
+        await nl.scan_routes(lambda _: True, protocol=0, family=socket.AF_INET,
+                             others=found.append)
+    finally:
+        nl.close()
+    return next((r for r in found if r.dst == subnet and r.gateway is not None), None)
+
+
+COMMANDS = {"cleanup": cmd_cleanup_flannel, "list": cmd_list, "show": cmd_show,
+            "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
-            "doctor": cmd_doctor}
+            "doctor": cmd_doctor, "prometheus-targets": cmd_prometheus_targets}
 
 DESCRIPTION = """\
 Inspect and manage leaseagent's subnet leases in etcd (flannel's layout).
 
 The etcd flags may come before or after the command, and from the agent's
-LEASEAGENT_* variables (`set -a; . /etc/default/leaseagent; leasectl list`)."""
+LEASEAGENT_* variables: those of this shell, else what the installed unit gives the
+agent (/etc/systemd/system/leaseagent.service's Environment=, then
+/etc/default/leaseagent), so a root shell on an agent's host needs none."""
 
 EPILOG = """\
 exit status:
@@ -406,12 +488,47 @@ def _subparser(sub: Any, name: str, help_text: str, description: str | None = No
     return parser
 
 
+def _route_protocol_argument(p: argparse.ArgumentParser, environ: dict[str, str]) -> None:
+    p.add_argument("--route-protocol", default=environ.get("LEASEAGENT_ROUTE_PROTOCOL",
+                                                           str(DEFAULT_ROUTE_PROTOCOL)),
+                   help="the agent's route protocol: its routes are not this host's own "
+                   "[default: 76; $LEASEAGENT_ROUTE_PROTOCOL]")
+
+
+async def this_host_routes(network: NetworkConfig | None, protocol: object
+                           ) -> tuple[HostRoute, ...]:
+    """The routes and addresses of the host leasectl runs on that overlap the cluster
+    network and are not the agent's (`protocol`), read as the agents read theirs
+    (core.plan.cluster_relevant); none when the kernel cannot be asked."""
+    if network is None:
+        return ()
+    from leaseagent.dataplane.netlink import Netlink
+
+    ours = parse_route_protocol(protocol)
+    seen: list[HostRoute] = []
+    try:
+        nl = await Netlink.open()
+    except (DataPlaneError, OSError):
+        return ()
+    try:
+        await nl.scan_routes(lambda _ident: True, protocol=ours, others=seen.append)
+    except (DataPlaneError, OSError):
+        return ()
+    finally:
+        nl.close()
+    networks: list[IPv4Network | IPv6Network] = [network.network]
+    if network.ipv6_network is not None:
+        networks.append(network.ipv6_network)
+    return cluster_relevant(seen, networks)
+
+
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     parser = new_parser("leasectl", DESCRIPTION, epilog=EPILOG)
     envs = [_EnvDefaults(parser, environ)]
     add_etcd_arguments(envs[0])
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = _subparser(sub, "list", "list every lease, valid or not, with its status")
+    _route_protocol_argument(p, environ)
     p.add_argument("-o", "--output", choices=["table", "wide", "json"], default="table",
                    help="a table, a wider one (VtepMAC, node id), or JSON [default: table]")
     p.add_argument("--json", action="store_const", dest="output", const="json",
@@ -429,26 +546,42 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     cset = _subparser(csub, "set", "validate FILE as the agents do, then write it",
                       "Validate FILE exactly as every agent validates the network config, then\n"
                       "write it; a file an agent would refuse leaves etcd untouched (exit 2).\n"
+                      "A Network holding an address or the network of this host's default-route\n"
+                      "interface is refused too (the agents check their own interfaces).\n"
                       "Then say what the running agents do about it: the change's class (in-place,\n"
                       "re-lease, rebuild) and which hosts re-lease or must restart Docker.")
     cset.add_argument("file", metavar="FILE", help="JSON file, or - for standard input")
     cset.add_argument("--dry-run", action="store_true",
                       help="only print what writing FILE would do to the running cluster")
+    cset.add_argument("--no-host-check", action="store_true",
+                      help="do not refuse a Network that holds this host's addresses (leasectl "
+                      "runs on a machine outside the cluster; every agent checks its own)")
     p = _subparser(sub, "reserve", "reserve SUBNET for the host with --public-ip (no TTL)",
                    "Reserve SUBNET for the host with --public-ip: a key with no TTL that only that\n"
-                   "host's agent takes. Refused for a subnet outside [SubnetMin, SubnetMax] or a\n"
-                   "PublicIP that has a subnet already, unless --force.")
+                   "host's agent takes. Refused for a subnet outside [SubnetMin, SubnetMax], a\n"
+                   "PublicIP that has a subnet already, or a subnet over a route or address of\n"
+                   "the host leasectl runs on (its agent would not program it), unless --force.")
     p.add_argument("subnet", metavar="SUBNET")
     p.add_argument("--public-ip", required=True, help="the host's PublicIP")
     p.add_argument("--ipv6-subnet", metavar="SUBNET6",
                    help="also its IPv6 subnet (dual-stack; without it the host's agent adds one)")
     p.add_argument("--force", action="store_true",
-                   help="reserve outside [SubnetMin, SubnetMax], or a second subnet for one IP")
+                   help="reserve outside [SubnetMin, SubnetMax], a second subnet for one IP, or "
+                   "a subnet over a route or address of this host")
+    _route_protocol_argument(p, environ)
     p = _subparser(sub, "release", "delete the lease or reservation of SUBNET (or a key by name)")
     p.add_argument("subnet", metavar="SUBNET|KEY-NAME")
     p = _subparser(sub, "watch", "stream lease events (added, changed, removed, expired)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table",
                    help="a table line or a JSON object per event [default: table]")
+    p = _subparser(sub, "prometheus-targets",
+                   "write Prometheus file_sd JSON of every agent's metrics address, kept current",
+                   "Write every agent's published metrics address (<prefix>/metrics/) to FILE as\n"
+                   "Prometheus file_sd JSON, with the labels node and public_ip; then watch etcd\n"
+                   "and rewrite FILE (atomically, only when it changes) as agents come and go,\n"
+                   "until SIGINT/SIGTERM. - writes to standard output.")
+    p.add_argument("file", metavar="FILE", help="the file_sd file, or - for standard output")
+    p.add_argument("--once", action="store_true", help="write it once and exit")
     p = _subparser(sub, "doctor", "compare etcd's view of this host with its kernel and files",
                    "Compare what etcd says this host should have with its kernel and files; read\n"
                    "only. Give it the agent's host flags or LEASEAGENT_* variables.")
@@ -459,6 +592,8 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
+    envs[-1].add("--metrics-addr", help="the agent's HOST:PORT (as it was given): ask its "
+                 "/readyz whether it is ready, and why not")
     p = _subparser(sub, "docker-opts", "Docker's options from subnet.env, as mk-docker-opts.sh",
                    "Docker's options from subnet.env, byte for byte as flannel's mk-docker-opts.sh\n"
                    "writes them; needs no etcd.")
@@ -482,6 +617,10 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                    "stops: routes with its protocol, its vxlan devices, its traffic rules\n"
                    "(nftables table, iptables chains, ipset). Stop the agent first. Needs no\n"
                    "etcd; the lease in etcd stays (leasectl release).")
+    p.add_argument("--flannel", action="store_true",
+                   help="instead, remove what flanneld left (its iptables chains and rules, "
+                   "nftables tables, devices and routes the agent does not use): run it with "
+                   "the agent running and ready; reads the network config and leases from etcd")
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
@@ -521,10 +660,31 @@ def read_config_file(name: str) -> tuple[bytes, NetworkConfig]:
         raise UsageError(f"{name}: {exc}; etcd left unchanged") from None
 
 
+async def check_against_this_host(network: NetworkConfig) -> list[str]:
+    """Refuse (UsageError) a Network that holds an address or the network of the host
+    leasectl runs on, as its default-route interface has them: the one thing an agent
+    there would refuse that only a host can judge (core.network.host_overlap). What was
+    checked, as notes; a host with no default route is not checked (said so)."""
+    from leaseagent.dataplane.host import resolve_host
+
+    try:
+        host = await resolve_host(None, None)
+    except (ConfigError, LeaseagentError) as exc:
+        return [f"note: Network not checked against this host's addresses ({exc})"]
+    why = host_overlap(network, host.own_addresses(public_ip=f"an address of {host.iface}"))
+    if why:
+        raise UsageError(f"{why} (checked on this host, interface {host.iface}); agents there "
+                         "would refuse it; etcd left unchanged (--no-host-check if leasectl runs "
+                         "outside the cluster)")
+    return []
+
+
 async def run(args: argparse.Namespace) -> int:
     from leaseagent.store.etcd import EtcdStore  # loads grpc: only for commands that need etcd
 
     settings = etcd_settings(args)
+    for warning in check_credential_files(settings):
+        print(f"leasectl: warning: {warning}", file=sys.stderr)
     store = await EtcdStore.connect(settings)
     try:
         return await COMMANDS[args.cmd](store, KeyLayout(str(args.etcd_prefix)), args)
@@ -535,14 +695,19 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        parser = build_parser(dict(os.environ))
+        # The unit's settings (its defaults, /etc/default/leaseagent) under this shell's.
+        environ = host_environment(os.environ)
+        parser = build_parser(environ)
         args = parser.parse_args(argv)
         for env in args._envs:
             env.note_origins(args, argv)
-        for warning in unknown_variables(os.environ):
+        for warning in unknown_variables(environ):
             print(f"leasectl: warning: {warning}", file=sys.stderr)
         if args.cmd == "docker-opts":
             return cmd_docker_opts(args)
+        if args.cmd == "cleanup" and args.flannel:
+            args.doctor_settings = doctor.settings_from(args)
+            return asyncio.run(run(args))
         if args.cmd == "cleanup":
             from leaseagent.cli.cleanup import cleanup
 
@@ -558,14 +723,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             subnet_of(args.subnet, None)  # a CIDR that is wrong is wrong before etcd is asked
         if args.cmd == "config" and args.config_cmd == "set":
             args.config_data = read_config_file(args.file)
+            if not args.no_host_check:
+                for line in asyncio.run(check_against_this_host(args.config_data[1])):
+                    print(f"leasectl: {line}", file=sys.stderr)
+        if args.cmd == "prometheus-targets" and args.file != "-":
+            check_writable(Path(args.file))  # before etcd is asked anything
         if args.cmd == "doctor":
             args.doctor_settings = doctor.settings_from(args)
         return asyncio.run(run(args))
     except (UsageError, ConfigError) as exc:
-        print(f"leasectl: error: {exc}", file=sys.stderr)
+        print(f"leasectl: error: {escaped(exc)}", file=sys.stderr)
         return 2
     except LeaseagentError as exc:
-        print(f"leasectl: error: {exc}", file=sys.stderr)
+        print(f"leasectl: error: {escaped(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -576,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:
         # Nothing should get here; if it does, still one line and no traceback.
-        print(f"leasectl: error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"leasectl: error: unexpected {type(exc).__name__}: {escaped(exc)}", file=sys.stderr)
         return 1
 
 

@@ -10,9 +10,13 @@ leasectl shows what the agents do. Its `status` is one of
                 its PublicIP (both programmed: a leftover, or two agents with one
                 identity)
     released    its agent gave it up (--release-on-exit); gone any moment
+    conflict    valid, but its subnet covers a route or address of the host leasectl
+                runs on that is not the agent's: that host's agent does not program it
     invalid     cannot be used; `error` says why
 
-and `valid` says whether the agents accept it. Rows sort by subnet address
+and `valid` says whether the agents accept it. Rows hold what etcd holds; the
+text forms (tables, watch lines) show every cell escaped (leaseagent.core.
+escaping): a key name or NodeID cannot break a line or drive the terminal. Rows sort by subnet address
 (numerically), then key; keys that name no subnet come last.
 
 SUBNET arguments (`subnet_of`) accept `10.5.34.0/24`, `10.5.34.1/24` (the
@@ -26,10 +30,11 @@ may also be named by its IPv6 subnet (`fd00:5:0:22::/64`,
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Any
 
+from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     DUPLICATE,
     INVALID,
@@ -40,6 +45,7 @@ from leaseagent.core.leases import (
     parse_key_name,
 )
 from leaseagent.core.network import NetworkConfig
+from leaseagent.core.plan import HostRoute, host_conflict
 from leaseagent.errors import LeaseagentError
 from leaseagent.store.base import KeyValue
 
@@ -103,8 +109,11 @@ def row_of(verdict: Verdict, layout: KeyLayout, *, expires_in: int | None,
 
 
 def rows_of(items: Sequence[KeyValue], layout: KeyLayout, network: NetworkConfig | None,
-            ttl_of: dict[int, int]) -> list[dict[str, Any]]:
-    """Every key of a listing, judged as one, in subnet order."""
+            ttl_of: dict[int, int], *, host_routes: Collection[HostRoute] = ()
+            ) -> list[dict[str, Any]]:
+    """Every key of a listing, judged as one, in subnet order. `host_routes`: the routes
+    and addresses of the host leasectl runs on (not the agent's): a valid lease over one
+    is shown `conflict` (its agent here does not program it; core.plan.host_conflict)."""
     result = judge(items, layout=layout, network=network)
 
     def order(kv: KeyValue) -> tuple[int, int, int, str]:
@@ -113,9 +122,18 @@ def rows_of(items: Sequence[KeyValue], layout: KeyLayout, network: NetworkConfig
             return (1, 0, 0, kv.key)
         return (0, int(subnet.network_address), subnet.prefixlen, kv.key)
 
-    return [row_of(result.verdicts[kv.key], layout, expires_in=ttl_of.get(kv.lease, -1),
-                   same_ip_as=result.same_ip.get(kv.key))
-            for kv in sorted(items, key=order)]
+    rows = []
+    for kv in sorted(items, key=order):
+        verdict = result.verdicts[kv.key]
+        row = row_of(verdict, layout, expires_in=ttl_of.get(kv.lease, -1),
+                     same_ip_as=result.same_ip.get(kv.key))
+        conflict = host_conflict(verdict.peer, host_routes) if verdict.peer else None
+        if conflict is not None and row["status"] in ("ok", "reserved"):
+            row["status"] = "conflict"
+            row["error"] = (f"overlaps this host's {conflict.text}, not the agent's: not "
+                            "programmed on this host")
+        rows.append(row)
+    return rows
 
 
 def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
@@ -138,7 +156,7 @@ def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
         elif row["expires_in"] is not None:
             cells["expires_in"] = f"{row['expires_in']}s"
         cells["status"] = row["status"] + (f": {row['error']}" if row["error"] else "")
-        lines.append({c: "-" if cells.get(c) is None else str(cells[c]) for c in cols})
+        lines.append({c: "-" if cells.get(c) is None else escaped(cells[c]) for c in cols})
     widths = {c: max([len(heads[c])] + [len(line[c]) for line in lines]) for c in cols}
     out = ["  ".join(heads[c].ljust(widths[c]) for c in cols).rstrip()]
     out += ["  ".join(line[c].ljust(widths[c]) for c in cols).rstrip() for line in lines]
@@ -156,9 +174,9 @@ def watch_header() -> str:
 def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
     status = row["status"] + (f": {row['error']}" if row["error"] else "")
     cells = [time.strftime("%H:%M:%S", time.localtime(when)), event]
-    cells += ["-" if row[k] is None else str(row[k]) for k in ("subnet", "public_ip", "backend",
-                                                                 "node_id")]
-    cells.append(status)
+    cells += ["-" if row[k] is None else escaped(row[k]) for k in ("subnet", "public_ip", "backend",
+                                                                     "node_id")]
+    cells.append(escaped(status))
     return "".join(c.ljust(w) for c, w in zip(cells, WATCH_WIDTHS, strict=False)).rstrip()
 
 

@@ -22,8 +22,14 @@ per type under the same names; a unit test checks that the two registries
 name the same types. Adding a backend type: its options and lease data
 here, its implementation in leaseagent.dataplane, one line in each registry.
 
-vxlan (flannel's pkg/backend/vxlan): `{"Type": "vxlan", "VNI": 1, "Port": 8472,
-"MTU": n, "DirectRouting": false}`; flannel treats VNI 0 and Port 0 as unset.
+vxlan (flannel's pkg/backend/vxlan, VXLANConfig): `{"Type": "vxlan", "VNI": 1,
+"Port": 8472, "MTU": n, "GBP": false, "Learning": false, "DirectRouting": false}`.
+VNI 0 is VNI 0 (flannel.0: flannel's default of 1 applies only when VNI is absent
+or null); Port 0 is the kernel's default port, 8472. MTU is flannel's: the MTU of
+the path the encapsulated packets take (default: the underlay's), from which the
+VXLAN overhead is subtracted for the device (so Backend.MTU 1500 makes a 1450
+device and FLANNEL_MTU=1450, as flanneld does). GBP and Learning are the kernel
+device's flags (IFLA_VXLAN_GBP, IFLA_VXLAN_LEARNING) as flannel sets them.
 Its lease data is `{"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}`; a peer needs a
 unicast, non-zero VtepMAC (the VNI is not checked: flannel does not either).
 
@@ -35,8 +41,10 @@ device's port); a missing or 0 Port means the receiving host's own ListenPort
 (ListenPortV6), flannel's rule for leases of flannel versions before Port. A peer
 needs a PublicKey that is standard base64 of 32 bytes (wgtypes.ParseKey's rule).
 MTU is flannel's: the MTU of the path the tunnel's packets take (default: the
-underlay's), from which WireGuard's overhead is subtracted for each device; vxlan's
-MTU, in contrast, is the device's own.
+underlay's), from which WireGuard's overhead is subtracted for each device, as for vxlan.
+
+Every Backend object is read as Go reads it into the type's struct (leaseagent.core
+.gojson, leaseagent.core.network): field names ignoring case, null as "not given".
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,8 +110,10 @@ class VxlanOptions:
 
     vni: int = DEFAULT_VNI
     port: int = DEFAULT_PORT
-    mtu: int | None = None
+    mtu: int | None = None  # flannel's MTU: the path's, before the overhead
     direct_routing: bool = False
+    gbp: bool = False  # VXLAN Group Based Policy extension (IFLA_VXLAN_GBP)
+    learning: bool = False  # the device learns source MACs (IFLA_VXLAN_LEARNING)
 
     @property
     def device_name(self) -> str:
@@ -115,11 +126,10 @@ class VxlanOptions:
 
 
     def mtu_for(self, underlay_mtu: int, *, ipv6: bool = False) -> int:
-        """The device MTU: Backend.MTU for both devices when set (as flannel's), else
-        the underlay's less what VXLAN over that family's outer header adds."""
-        if self.mtu is not None:
-            return self.mtu
-        return underlay_mtu - (VXLAN6_OVERHEAD if ipv6 else VXLAN_OVERHEAD)
+        """The device MTU: Backend.MTU (else the underlay's) less what VXLAN over that
+        family's outer header adds (flannel: MTU - 50 for both devices)."""
+        path = self.mtu if self.mtu is not None else underlay_mtu
+        return path - (VXLAN6_OVERHEAD if ipv6 else VXLAN_OVERHEAD)
 
 
 # Any VNI's device of either family, as device_name and device_name6 make them.
@@ -173,17 +183,37 @@ class WireguardOptions:
 BackendOptions = NoOptions | VxlanOptions | WireguardOptions
 
 
+def _shown(value: object) -> str:
+    return json.dumps(value)
+
+
 def _int_option(backend: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    value = backend.get(name, default)
+    """An integer field; absent or null: `default` (Go leaves the field as it was)."""
+    value = backend.get(name)
+    if value is None:
+        return default
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise NetworkConfigError(f"Backend.{name}={value!r}: must be an integer in {lo}..{hi}")
+        raise NetworkConfigError(f"Backend.{name}={_shown(value)}: must be a whole JSON "
+                                 f"number in {lo}..{hi} (not a string)")
     return value
 
 
 def _bool_option(backend: Mapping[str, Any], name: str) -> bool:
-    value = backend.get(name, False)
+    value = backend.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
-        raise NetworkConfigError(f"Backend.{name}={value!r}: must be true or false")
+        raise NetworkConfigError(f"Backend.{name}={_shown(value)}: must be true or false "
+                                 "(not a string)")
+    return value
+
+
+def _string_option(backend: Mapping[str, Any], name: str, default: str) -> str:
+    value = backend.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise NetworkConfigError(f"Backend.{name}={_shown(value)}: must be a string")
     return value
 
 
@@ -191,18 +221,29 @@ def _no_options(backend: Mapping[str, Any]) -> NoOptions:
     return NoOptions()
 
 
+VXLAN_MIN_MTU = 68 + VXLAN_OVERHEAD  # the device keeps IPv4's minimum, 68
+
+
 def vxlan_options(backend: Mapping[str, Any]) -> VxlanOptions:
-    """VNI, Port, MTU, DirectRouting from Backend; NetworkConfigError names a bad field."""
+    """VNI, Port, MTU, GBP, Learning, DirectRouting from Backend (flannel's VXLANConfig,
+    keys by their flannel names); NetworkConfigError names a bad field."""
     direct = _bool_option(backend, "DirectRouting")
-    mtu = _int_option(backend, "MTU", 0, 0, 65535) if "MTU" in backend else None
-    if mtu is not None and mtu < 68:
-        raise NetworkConfigError(f"Backend.MTU={mtu}: must be at least 68 (IPv4 minimum)")
+    mtu = None
+    if backend.get("MTU") is not None:
+        # flanneld takes any int: 0 gives FLANNEL_MTU=-50, 100 a device below IPv4's minimum.
+        mtu = _int_option(backend, "MTU", 0, 0, 65535)
+        if mtu < VXLAN_MIN_MTU:
+            raise NetworkConfigError(f"Backend.MTU={mtu}: must be at least {VXLAN_MIN_MTU} "
+                                     f"(the path's MTU; the device gets {VXLAN_OVERHEAD} less)")
     return VxlanOptions(
-        # VNI 0 is valid for the kernel but flannel treats 0 as "unset" -> 1.
-        vni=_int_option(backend, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1) or DEFAULT_VNI,
+        # VNI 0 is VNI 0 (flanneld makes flannel.0); absent or null is flannel's 1.
+        vni=_int_option(backend, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1),
+        # Port 0: flanneld leaves IFLA_VXLAN_PORT out and the kernel uses 8472.
         port=_int_option(backend, "Port", DEFAULT_PORT, 0, 65535) or DEFAULT_PORT,
         mtu=mtu,
         direct_routing=direct,
+        gbp=_bool_option(backend, "GBP"),
+        learning=_bool_option(backend, "Learning"),
     )
 
 
@@ -221,7 +262,7 @@ def wireguard_key(text: object) -> bytes | None:
 def wireguard_options(backend: Mapping[str, Any]) -> WireguardOptions:
     """ListenPort, ListenPortV6, PSK, PersistentKeepaliveInterval, MTU, Mode from Backend;
     NetworkConfigError names a bad field (never the PSK's value)."""
-    psk_text = backend.get("PSK", "")
+    psk_text = _string_option(backend, "PSK", "")
     psk = None
     if psk_text != "":  # flannel: an empty PSK is none
         raw = wireguard_key(psk_text)
@@ -229,12 +270,12 @@ def wireguard_options(backend: Mapping[str, Any]) -> WireguardOptions:
             raise NetworkConfigError("Backend.PSK: must be a WireGuard key, 32 bytes in "
                                      "base64 (`wg genpsk` makes one)")
         psk = PresharedKey(raw)
-    mode = backend.get("Mode", "separate")
+    mode = _string_option(backend, "Mode", "separate")
     if mode not in WIREGUARD_MODES:
-        raise NetworkConfigError(f"Backend.Mode={mode!r}: must be one of "
+        raise NetworkConfigError(f"Backend.Mode={_shown(mode)}: must be one of "
                                  f"{', '.join(WIREGUARD_MODES)}")
     mtu = None
-    if "MTU" in backend:
+    if backend.get("MTU") is not None:
         mtu = _int_option(backend, "MTU", 0, 0, 65535)
         if mtu < 68 + WIREGUARD6_OVERHEAD:
             raise NetworkConfigError(f"Backend.MTU={mtu}: must be at least "
@@ -358,9 +399,11 @@ class BackendType:
 BACKEND_TYPES: dict[str, BackendType] = {
     "vxlan": BackendType(
         "vxlan", vxlan_options, vxlan_lease_data,
-        option_keys={"VNI": "vni", "Port": "port", "MTU": "mtu", "DirectRouting": "direct_routing"},
+        option_keys={"VNI": "vni", "Port": "port", "MTU": "mtu", "DirectRouting": "direct_routing",
+                     "GBP": "gbp", "Learning": "learning"},
         # VNI names the devices (flannel.<VNI>) and is published in BackendData: a rebuild.
-        in_place=frozenset({"Port", "MTU", "DirectRouting"}),
+        # GBP and Learning are fixed at the device's creation: it is made again in place.
+        in_place=frozenset({"Port", "MTU", "DirectRouting", "GBP", "Learning"}),
         mtu=_vxlan_mtu),
     "host-gw": BackendType("host-gw", _no_options, _no_lease_data),
     "wireguard": BackendType(

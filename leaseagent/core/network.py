@@ -20,18 +20,25 @@ Dual-stack (flannel's `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`,
 subnet length defaults to /64 for a /62 or larger network, else prefix + 2,
 and is at most /126; a network longer than /124 is too small). IPv4 stays
 mandatory (`EnableIPv4: false` is refused), as in flannel's etcd mode.
+
+Stricter than flannel: a Network (either family) that is every address
+(0.0.0.0/0, ::/0) or holds loopback, link-local, multicast or reserved
+addresses is refused (`special_range`). Whether a Network holds a host's own
+addresses can only be judged on a host: `host_overlap`, which the agent asks
+of its own addresses and leasectl of the host it runs on.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from leaseagent.core import gojson
 from leaseagent.core.backends import DEFAULT_BACKEND, BackendOptions, backend_type
 from leaseagent.errors import NetworkConfigError
 
@@ -42,10 +49,11 @@ Network = IPv4Network | IPv6Network
 # zero), as a regular expression of four groups. Thousands of leases are read at
 # start-up: their addresses are read from these groups with integer arithmetic
 # (`ipv4_int`), ipaddress's own parser being ~10x slower; any other text goes to
-# ipaddress, which refuses it or reads it, with its own error messages.
+# ipaddress, which refuses it or reads it, with its own error messages. Compile it with
+# re.ASCII: `\d` alone also matches other scripts' digits.
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4_TEXT = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
-_IPV4_TEXT = re.compile(IPV4_TEXT)
+_IPV4_TEXT = re.compile(IPV4_TEXT, re.ASCII)  # ASCII digits only (int() reads any script's)
 
 
 def ipv4_int(a: str, b: str, c: str, d: str) -> int:
@@ -123,6 +131,54 @@ class SubnetRange:
         integers, as `check_subnet` is asked of every lease of a listing."""
         shift = self.bits - self.network.prefixlen
         return self.network.version, shift, int(self.network.network_address) >> shift
+
+
+# Ranges a Network may not hold any part of, with why (flannel accepts them all): a lease
+# there would route loopback, link-local or multicast traffic, or every address, into the
+# overlay. 0.0.0.0/0 and ::/0 hold all of them.
+_SPECIAL: tuple[tuple[Network, str], ...] = (
+    (IPv4Network("0.0.0.0/8"), "holds 0.0.0.0/8 (\"this network\", never a destination)"),
+    (IPv4Network("127.0.0.0/8"), "holds loopback addresses (127.0.0.0/8)"),
+    (IPv4Network("169.254.0.0/16"), "holds link-local addresses (169.254.0.0/16)"),
+    (IPv4Network("224.0.0.0/4"), "holds multicast addresses (224.0.0.0/4)"),
+    (IPv4Network("240.0.0.0/4"), "holds reserved and broadcast addresses (240.0.0.0/4)"),
+    (IPv6Network("::/128"), "holds the unspecified address ::"),
+    (IPv6Network("::1/128"), "holds the loopback address ::1"),
+    (IPv6Network("fe80::/10"), "holds link-local addresses (fe80::/10)"),
+    (IPv6Network("ff00::/8"), "holds multicast addresses (ff00::/8)"),
+)
+
+
+def special_range(network: Network) -> str | None:
+    """Why `network` cannot be a cluster Network (every address, loopback, link-local,
+    multicast, reserved), or None."""
+    if network.prefixlen == 0:
+        return "is every address; the overlay would take the hosts' own traffic"
+    for special, why in _SPECIAL:
+        if special.version == network.version and network.overlaps(special):
+            return why
+    return None
+
+
+def host_overlap(config: NetworkConfig, host: Iterable[tuple[Address | Network, str]]
+                 ) -> str | None:
+    """Why `config` cannot run on a host, judged against the host's own addresses and
+    networks (`host`: each with what it is, e.g. "PublicIP" or "the network of eth0"):
+    a Network (IPv4 or IPv6) that holds one of them, or overlaps one, would send the
+    hosts' own traffic (etcd's included) into the overlay. None: it can."""
+    for family in (config.ipv4, config.ipv6):
+        if family is None:
+            continue
+        net = family.network
+        for item, what in host:
+            if item.version != net.version:
+                continue
+            if isinstance(item, IPv4Address | IPv6Address):
+                if item in net:
+                    return f"Network {net} holds {item}, {what}"
+            elif net.overlaps(item):
+                return f"Network {net} overlaps {item}, {what}"
+    return None
 
 
 def ip_network(spec: tuple[int, int], bits: int) -> Network:
@@ -211,37 +267,59 @@ class NetworkConfig:
 
 
 def _field_error(name: str, value: object, why: str) -> NetworkConfigError:
-    return NetworkConfigError(f"{name}={json.dumps(value)}: {why}")
+    return NetworkConfigError(f"{name}={json.dumps(gojson.plain(value))}: {why}")
 
 
 def _parse_address(name: str, value: object, version: int) -> Address:
+    """An address as flannel's ip.IP4 / ip.IP6 decode it (Go's net.ParseIP): an IPv4
+    field also takes the IPv4-mapped IPv6 form ("::ffff:10.5.1.0")."""
     if not isinstance(value, str):
         raise _field_error(name, value, f"must be a string holding an IPv{version} address")
     try:
-        return IPv4Address(value) if version == 4 else IPv6Address(value)
+        if version == 6:
+            return IPv6Address(value)
+        if ":" in value:
+            mapped = IPv6Address(value).ipv4_mapped
+            if mapped is not None:
+                return mapped
+        return IPv4Address(value)
     except ValueError:
         raise _field_error(name, value, f"is not an IPv{version} address") from None
 
 
 def _parse_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _field_error(name, value, "must be an integer")
+        raise _field_error(name, value, "must be a whole JSON number (not a string, not a "
+                           "fraction)")
     return value
 
 
-def _parse_bool(name: str, value: object) -> bool:
+def _parse_bool(name: str, value: object, default: bool) -> bool:
+    """A bool field; null leaves the default, as in Go."""
+    if value is None:
+        return default
     if not isinstance(value, bool):
-        raise _field_error(name, value, "must be true or false")
+        raise _field_error(name, value, "must be true or false (not a string)")
     return value
+
+
+# subnet.Config's fields (pkg/subnet/config.go); BackendType is `json:"-"`, never read.
+CONFIG_FIELDS = ("EnableIPv4", "EnableIPv6", "EnableNFTables", "Network", "IPv6Network",
+                 "SubnetMin", "SubnetMax", "IPv6SubnetMin", "IPv6SubnetMax", "SubnetLen",
+                 "IPv6SubnetLen", "Backend")
 
 
 def parse_network_config(raw: bytes | str) -> NetworkConfig:
-    """Decode and validate `<prefix>/config`; raise NetworkConfigError naming the bad field."""
+    """Decode and validate `<prefix>/config`; raise NetworkConfigError naming the bad field.
+
+    The JSON is read as flanneld's Go decoder reads it (leaseagent.core.gojson): keys
+    match field names ignoring case, the last of a repeated key counts, unknown keys
+    are ignored, null leaves a plain field at its default."""
     try:
-        data = json.loads(raw)
+        data = gojson.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise NetworkConfigError(f"not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
+    if not isinstance(data, gojson.JsonObject):
         raise NetworkConfigError("must be a JSON object")
     return network_config_from_dict(data)
 
@@ -280,8 +358,11 @@ def _subnet_range(data: Mapping[str, Any], f: _Family) -> SubnetRange:
     except ValueError as exc:
         raise _field_error(f.network, raw_net, f"is not an IPv{f.version} CIDR ({exc})") from None
     bits = network.max_prefixlen
+    why = special_range(network)
+    if why:
+        raise _field_error(f.network, raw_net, why)
 
-    subnet_len = _parse_int(f.subnet_len, data.get(f.subnet_len, 0))
+    subnet_len = _parse_int(f.subnet_len, data.get(f.subnet_len) or 0)  # null: 0, unset
     if subnet_len < 0:
         raise _field_error(f.subnet_len, subnet_len, "must not be negative")
     if subnet_len > 0:
@@ -308,10 +389,15 @@ def _subnet_range(data: Mapping[str, Any], f: _Family) -> SubnetRange:
     net_last_subnet = int(network.broadcast_address) + 1 - size
 
     def bound(name: str, default: int) -> Address:
-        raw = data.get(name)
-        if raw in (None, ""):
+        """SubnetMin/SubnetMax as flannel reads them: absent or the zero address means
+        the default; "" is an error (net.ParseIP("")); null is an error for IPv4
+        (ip.IP4 is handed "null") and the default for IPv6 (a nil *ip.IP6)."""
+        if name not in data or (data[name] is None and f.version == 6):
             return ip_network((default, bits), bits).network_address
+        raw = data[name]
         address = _parse_address(name, raw, f.version)
+        if int(address) == 0:
+            return ip_network((default, bits), bits).network_address
         if address not in network:
             raise _field_error(name, raw, f"is not in the {f.network} {network}")
         return address
@@ -327,10 +413,11 @@ def _subnet_range(data: Mapping[str, Any], f: _Family) -> SubnetRange:
     return SubnetRange(network, subnet_len, subnet_min, subnet_max)
 
 
-def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
+def network_config_from_dict(obj: gojson.JsonObject | Mapping[str, Any]) -> NetworkConfig:
     """Validate an already decoded config object (see parse_network_config)."""
-    enable_v4 = _parse_bool("EnableIPv4", data.get("EnableIPv4", True))
-    enable_v6 = _parse_bool("EnableIPv6", data.get("EnableIPv6", False))
+    data = gojson.struct_fields(obj, CONFIG_FIELDS)
+    enable_v4 = _parse_bool("EnableIPv4", data.get("EnableIPv4"), True)
+    enable_v6 = _parse_bool("EnableIPv6", data.get("EnableIPv6"), False)
     if not enable_v4:
         raise _field_error("EnableIPv4", False, "leaseagent (like flannel with etcd) needs "
                            "IPv4: IPv6-only is not supported")
@@ -343,15 +430,7 @@ def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
         except ValueError:
             raise _field_error("IPv6Network", v6, "is not an IPv6 CIDR") from None
 
-    backend = data.get("Backend", {})
-    if backend is None:
-        backend = {}
-    if not isinstance(backend, dict):
-        raise _field_error("Backend", backend, "must be a JSON object")
-    type_name = backend.get("Type", DEFAULT_BACKEND)
-    if not isinstance(type_name, str) or not type_name:
-        raise _field_error("Backend.Type", type_name, "must be a non-empty string")
-    kind = backend_type(type_name.lower())
+    kind, backend = _backend(data)
     options = kind.parse_options(backend)
     if kind.check_network is not None:
         kind.check_network(options, ipv6 is not None)
@@ -359,7 +438,29 @@ def network_config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
         ipv4=ipv4,
         ipv6=ipv6,
         backend_type=kind.name,
-        backend=dict(backend),
+        backend=backend,
         options=options,
-        enable_nftables=_parse_bool("EnableNFTables", data.get("EnableNFTables", False)),
+        enable_nftables=_parse_bool("EnableNFTables", data.get("EnableNFTables"), False),
     )
+
+
+def _backend(data: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The backend type and its fields (Type first, then the type's own, by their
+    flannel names) as flanneld reads Backend: its Type from `struct {Type string}`
+    (matched ignoring case, its value lower-cased), then the type's own struct.
+
+    No Backend at all: flanneld's code runs udp (its docs say vxlan); leaseagent runs
+    vxlan (docs/flannel.md). A Backend that is null, or has no Type, or an empty one:
+    flanneld stops ("unknown backend type"), and so is it refused here."""
+    if "Backend" not in data:
+        return backend_type(DEFAULT_BACKEND), {"Type": DEFAULT_BACKEND}
+    raw = data["Backend"]
+    if not gojson.is_object(raw):
+        raise _field_error("Backend", gojson.plain(raw), "must be a JSON object with a Type")
+    type_name = gojson.struct_fields(raw, ("Type",)).get("Type")
+    if not isinstance(type_name, str) or not type_name:
+        raise _field_error("Backend.Type", type_name, "must be a backend type's name "
+                           '(e.g. "vxlan"); flanneld too refuses a Backend without one')
+    kind = backend_type(type_name.lower())
+    fields = gojson.struct_fields(raw, kind.option_keys)
+    return kind, {"Type": type_name, **{k: gojson.plain(v) for k, v in fields.items()}}

@@ -46,7 +46,10 @@ apart for a *replace* (RTM_NEWROUTE/RTM_NEWNEIGH with NLM_F_REPLACE):
   leftover lease) share the WgPeer, as two leases with one VtepMAC share an FDB
   entry.
 
-Invariants: a peer whose subnet is our own is never planned; peers of another
+Invariants: a peer whose subnet would take over a route or address of this
+host that is not ours (`host_conflict`: the underlay's connected route, a VPN
+route, another interface's address) is never planned, whatever the backend
+and family; a peer whose subnet is our own is never planned; peers of another
 backend type are skipped (flannel does the same: a vxlan host does not route
 to a host-gw lease and vice versa); order of application is fixed by `diff`:
 removals route -> neighbour -> FDB, additions neighbour -> FDB -> route, so a
@@ -486,6 +489,7 @@ class VxlanAttrs:
     local: Address | None  # IPv4 for flannel.<VNI>, IPv6 for flannel-v6.<VNI>
     link: int  # underlay ifindex; 0 when not bound to one
     learning: bool
+    gbp: bool = False  # the Group Based Policy extension (IFLA_VXLAN_GBP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,7 +585,8 @@ def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDi
             return [differ("vxlan settings", None, want, RECREATE)]
         for what, got, wanted in (("VNI", have.vni, want.vni), ("port", have.port, want.port),
                                   ("local address", have.local, want.local),
-                                  ("learning", have.learning, want.learning)):
+                                  ("learning", have.learning, want.learning),
+                                  ("GBP", have.gbp, want.gbp)):
             if got != wanted:
                 out.append(differ(what, got, wanted, RECREATE))
         if want.link and have.link != want.link:
@@ -617,12 +622,87 @@ def needs_recreate(differences: Iterable[DeviceDifference]) -> bool:
 # ------------------------------------------------------------------ a backend's whole state
 
 
+@dataclass(frozen=True, slots=True)
+class HostRoute:
+    """A route or address of this host that is not ours (another protocol than our route
+    protocol, or an address: a local-table route): what a peer's subnet must not cover.
+    `connected`: a route with no gateway in link scope (the hosts on that link are
+    reached directly, so a subnet inside it would take their traffic too)."""
+
+    dst: Network
+    connected: bool = False
+    address: bool = False
+    ifindex: int = 0  # its device (for the message)
+    gateway: Address | None = None  # its gateway, if it has one
+
+    @property
+    def text(self) -> str:
+        on = f" (link {self.ifindex})" if self.ifindex else ""
+        if self.address:
+            return f"address {self.dst.network_address}{on}"
+        return f"{'connected route' if self.connected else 'route'} {self.dst}{on}"
+
+
+def cluster_relevant(routes: Iterable[HostRoute], networks: Iterable[Network]
+                     ) -> tuple[HostRoute, ...]:
+    """The host routes that overlap a cluster network (the rest can never conflict with
+    a valid lease: it lies inside the network). Default routes never conflict: every
+    more specific route overrides them, which is how routing works."""
+    nets = list(networks)
+    return tuple(r for r in routes if r.dst.prefixlen > 0
+                 and any(n.version == r.dst.version and n.overlaps(r.dst) for n in nets))
+
+
+def host_conflict(peer: Peer, routes: Collection[HostRoute]) -> HostRoute | None:
+    """The route or address of this host that `peer`'s subnets (IPv4 and, when it has
+    one, IPv6) would take over, or None. A subnet conflicts with a host route inside it
+    (or equal: programming it would replace that route) and with a connected route that
+    holds it (the hosts on that link are reached directly). A broader route with a
+    gateway is no conflict: the subnet's own route is more specific. `routes`: those
+    `cluster_relevant` kept, usually none, so this costs nothing per peer then.
+
+    No conflict: a route to exactly the peer's subnet through the gateway flanneld (or
+    this agent, under another route protocol) uses for that peer: the subnet's base
+    address (vxlan: `via <subnet base> dev flannel.<VNI> onlink`) or the peer's public
+    address (host-gw). It is the peer's route, left by flanneld on a host switching to
+    leaseagent; programming the peer replaces it (docs/flannel.md, "Migration")."""
+    if not routes:
+        return None
+    return subnet_conflict((peer.subnet, peer.ipv6_subnet), routes,
+                           publics=(peer.public_ip, peer.public_ipv6))
+
+
+def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRoute], *,
+                    publics: Iterable[Address | None] = ()) -> HostRoute | None:
+    """`host_conflict` for bare subnets (a reservation's, say); `publics`: the public
+    address of the host holding each subnet, in the same order, if known."""
+    known = list(publics)
+    for i, subnet in enumerate(subnets):
+        public = known[i] if i < len(known) else None
+        if subnet is None:
+            continue
+        for route in routes:
+            dst = route.dst
+            if dst.version != subnet.version:
+                continue
+            if dst == subnet and route.gateway is not None and route.gateway in (
+                    subnet.network_address, public):
+                continue
+            if dst.subnet_of(subnet) or (route.connected and subnet.subnet_of(dst)):  # type: ignore[arg-type]
+                return route
+    return None
+
+
 @dataclass(frozen=True)
 class BackendSpec:
-    """Everything a backend wants in the kernel: its devices and, per peer, its objects."""
+    """Everything a backend wants in the kernel: its devices and, per peer, its objects.
+    `skipped`: the peers it will not program here, with why: their subnet would take
+    over a route or address of this host (`host_conflict`), or they claim what this
+    host or another peer holds (vxlan: a VtepMAC)."""
 
     devices: tuple[DeviceSpec, ...] = ()
     objects: PeerPlan = field(default_factory=dict)
+    skipped: Mapping[IPv4Network, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

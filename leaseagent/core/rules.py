@@ -96,6 +96,22 @@ def iptables_chain(chain: str) -> str:
     return f"LEASEAGENT-{chain.upper()}"
 
 
+# Jumps that stay ahead of ours in a built-in chain (iptables). Docker's DOCKER-USER is
+# "the place for a host's own rules" (Docker's docs): Docker keeps its jump first in
+# FORWARD, and an operator's DROP there must see container traffic before our ACCEPT
+# does. With nftables no order is needed: our forward chain is a base chain of its own,
+# and a drop in any base chain of the hook (iptables-nft's FORWARD among them) is final.
+AHEAD_OF_OURS: dict[str, tuple[str, ...]] = {"FORWARD": ("DOCKER-USER",)}
+
+
+def jump_index(builtin: str, targets: list[str | None]) -> int:
+    """Where our jump belongs (0-based) in the built-in chain `builtin` whose other rules
+    jump to `targets` in order (None: a rule that is no jump): right after the last jump
+    that stays ahead of ours, else first."""
+    ahead = AHEAD_OF_OURS.get(builtin, ())
+    return max((i + 1 for i, target in enumerate(targets) if target in ahead), default=0)
+
+
 @dataclass(frozen=True)
 class TrafficSettings:
     """What the operator asked for (flags) and what the network config says."""
@@ -231,11 +247,14 @@ def ruleset(settings: TrafficSettings, *, network: Network, own_subnet: Network 
 class ObservedRules:
     """What the firewall has of ours: per chain, the comments of its rules in order (None
     for a rule that is not ours); whether each chain is hooked in as it should be (for
-    iptables: our jump is the built-in chain's first rule, and the only one); the peer
+    iptables: our jump is the built-in chain's first rule, or the first after Docker's
+    DOCKER-USER jump, and the only one); the peer
     set's members (None: no set, or only counted: a shallow read that skips thousands of
     elements gives `peer_count` alone)."""
 
     chains: Mapping[str, list[str | None]] = field(default_factory=dict)
+    # iptables: our jump is in its place (jump_index: first, or right after DOCKER-USER's)
+    # and the only one; nftables: the chain is a base chain of the right hook.
     hooked: Mapping[str, bool] = field(default_factory=dict)
     peers: frozenset[str] | None = None  # addresses as text: thousands are read per check
     peer_count: int | None = None  # how many the set holds (None: no set)
@@ -268,7 +287,8 @@ def compare(wanted: Ruleset, observed: ObservedRules) -> list[RuleDifference]:
         if not want and not have:
             continue
         if want and not observed.hooked.get(chain, False):
-            out.append(RuleDifference(UNHOOKED, chain, f"chain {chain} is not hooked in (first)"))
+            out.append(RuleDifference(UNHOOKED, chain, f"chain {chain} is not hooked in (first, "
+                                      "or right after DOCKER-USER)"))
         for tag in want:
             if tag not in have:
                 out.append(RuleDifference(MISSING, chain, f"rule {by_tag[tag].name} in {chain}: "

@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,6 +72,29 @@ RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 
 
 @dataclass(frozen=True)
+class InterfaceChoice:
+    """How the underlay interface is found (flanneld's flags, tried in its order): each
+    `--iface` (a name or an address of one) in turn, the first that matches winning;
+    then each `--iface-regex`, matched against the interfaces' IPv4 addresses, then
+    their names; then the interface `--iface-can-reach` is routed through. None
+    given: the interface of the default route."""
+
+    names: tuple[str, ...] = ()
+    regexes: tuple[str, ...] = ()
+    can_reach: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.regexes or self.can_reach)
+
+    @property
+    def text(self) -> str:
+        """The flags as given, for messages."""
+        return " ".join([*(f"--iface {n}" for n in self.names),
+                         *(f"--iface-regex {r}" for r in self.regexes),
+                         *([f"--iface-can-reach {self.can_reach}"] if self.can_reach else [])])
+
+
+@dataclass(frozen=True)
 class HostInfo:
     """This host as the data plane sees it."""
 
@@ -80,6 +103,25 @@ class HostInfo:
     iface_index: int = 0
     iface_mtu: int = 1500
     public_ipv6: IPv6Address | None = None  # PublicIPv6; None: this host publishes no IPv6
+    # The underlay interface's addresses with their prefixes (both families): the
+    # networks a cluster Network must stay out of (core.network.host_overlap).
+    underlay: tuple[IPv4Interface | IPv6Interface, ...] = ()
+
+    def own_addresses(self, *, public_ip: str = "this host's PublicIP"
+                      ) -> list[tuple[IPv4Address | IPv6Address | IPv4Network | IPv6Network,
+                                      str]]:
+        """This host's addresses and underlay networks, each with what it is (`public_ip`:
+        what to call the PublicIP): what a cluster Network may not hold
+        (core.network.host_overlap)."""
+        out: list[tuple[IPv4Address | IPv6Address | IPv4Network | IPv6Network, str]] = [
+            (self.public_ip, public_ip)]
+        if self.public_ipv6 is not None:
+            out.append((self.public_ipv6, "this host's PublicIPv6"))
+        for address in self.underlay:
+            if address.network.prefixlen < address.network.max_prefixlen and \
+                    not address.ip.is_link_local:
+                out.append((address.network, f"the network of {self.iface} ({address})"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -138,6 +180,15 @@ class DataPlaneStatus:
     repairs: Counter[str] = field(default_factory=Counter)
     reconciles: Durations = field(default_factory=Durations)
     foreign_peers: int = 0  # peers of another backend type: not programmed, unreachable
+    # Peers not programmed here, with why: their subnet would take over a route or
+    # address of this host that is not ours (core.plan.host_conflict), or they claim
+    # what this host or another peer holds (vxlan: a VtepMAC).
+    conflicting_peers: dict[IPv4Network, str] = field(default_factory=dict)
+    # Peers some of whose objects the kernel refused at the last attempt (host-gw: a
+    # gateway not on the link), each with what was refused and why: unreachable from
+    # this host, retried at every resync. They do not make the data plane out of sync:
+    # `in_sync` is about this host's own objects and every other peer's.
+    refused_peers: dict[IPv4Network, str] = field(default_factory=dict)
 
 
 class DataPlane(Protocol):

@@ -14,7 +14,9 @@ step per change:
   reload) is seen at once.
 - `IptablesFirewall` (otherwise): our own chains LEASEAGENT-POSTROUTING (nat),
   LEASEAGENT-FORWARD and LEASEAGENT-INPUT (filter), each jumped to from the
-  first rule of its built-in chain, written per table with `iptables-restore
+  first rule of its built-in chain (in FORWARD, the first after Docker's
+  DOCKER-USER jump, so the operator's rules there still apply:
+  core.rules.jump_index), written per table with `iptables-restore
   --noflush` (declaring a chain flushes it, so the whole table's part is one
   commit); the peer set is an ipset (`ipset restore`). iptables has no event
   stream: `iptables-save` and the ipset's header (how many members: `ipset list
@@ -77,6 +79,7 @@ from leaseagent.core.rules import (
     compare,
     iptables_chain,
     is_peer_filter,
+    jump_index,
 )
 from leaseagent.errors import ConfigError, DataPlaneError
 from leaseagent.retrying import Backoff
@@ -84,7 +87,7 @@ from leaseagent.waiting import within
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECK_SECONDS = 3.0  # iptables: how often the chains are read back (--iptables-resync)
+DEFAULT_CHECK_SECONDS = 5.0  # iptables: seconds between reads of the chains (--iptables-resync, flanneld's 5)
 WATCHED_CHECK_SECONDS = 30.0  # nftables: events tell of changes; a check now and then anyway
 DEEP_CHECK_SECONDS = 30.0  # how often a check reads every member of the peer set
 RETIRE_DELAY_SECONDS = 0.05  # departed peers leave the filter in batches this far apart
@@ -108,6 +111,16 @@ async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
     if check and code != 0:
         raise DataPlaneError(f"{' '.join(argv[:3])}: {err.decode().strip() or f'exit {code}'}")
     return code, out.decode(), err.decode()
+
+
+run_tool = _run  # for the other adapters of this package that run the same tools
+
+
+async def iptables_save(program: str, table: str, *, netns: str | None = None
+                        ) -> dict[str, list[str]]:
+    """`<program>-save -t <table>`: each chain's rules in order, as `-A CHAIN ...` lines."""
+    _, out, _ = await _run([f"{program}-save", "-t", table], netns=netns)
+    return _parse_save(out).rules
 
 
 class Firewall(Protocol):
@@ -287,6 +300,15 @@ def _parse_save(text: str) -> _Saved:
     return saved
 
 
+def _jump_target(line: str) -> str | None:
+    """The chain an `iptables-save` rule jumps to (`-j X` or `-g X`), None if none."""
+    words = line.split()
+    for flag in ("-j", "-g"):
+        if flag in words[:-1]:
+            return words[words.index(flag) + 1]
+    return None
+
+
 def _comment(line: str) -> str | None:
     m = _COMMENT.search(line)
     return m.group(1) if m and m.group(1).startswith("leaseagent:") else None
@@ -347,11 +369,16 @@ class IptablesFirewall:
                     lines.append(f":{ours} - [0:0]")  # declared: created, or flushed
                 for rule in rules:
                     lines.append(f'-A {ours} -m comment --comment "{rule.tag}" {rule.iptables}')
+                others: list[str | None] = []
                 for line in saved.rules.get(builtin, []):
                     if line.endswith(f"-j {ours}"):
                         lines.append("-D" + line[2:])
+                    else:
+                        others.append(_jump_target(line))
                 if rules:
-                    lines.append(f'-I {builtin} 1 -m comment --comment "{_JUMP}:{chain}" -j {ours}')
+                    at = jump_index(builtin, others) + 1
+                    lines.append(f'-I {builtin} {at} -m comment --comment "{_JUMP}:{chain}" '
+                                 f"-j {ours}")
                 elif exists:
                     lines.append(f"-X {ours}")
             lines.append("COMMIT")
@@ -379,9 +406,11 @@ class IptablesFirewall:
                 if ours not in saved.rules:
                     continue
                 chains[chain] = [_comment(line) for line in saved.rules[ours]]
-                jumps = [i for i, line in enumerate(saved.rules.get(builtin, []))
-                         if line.endswith(f"-j {ours}")]
-                hooked[chain] = jumps == [0]
+                builtin_rules = saved.rules.get(builtin, [])
+                jumps = [i for i, line in enumerate(builtin_rules) if line.endswith(f"-j {ours}")]
+                others = [_jump_target(line) for line in builtin_rules
+                          if not line.endswith(f"-j {ours}")]
+                hooked[chain] = jumps == [jump_index(builtin, others)]
                 if chain == "input":
                     dropped = sum(n for line, n in zip(saved.rules[ours], saved.counts.get(ours, []),
                                                        strict=False)
@@ -471,11 +500,13 @@ class RulesKeeper:
                 found = compare(wanted, observed)
                 del observed
                 if deep:
-                    # A full read listed every peer of the set: with 5,000 of them its
-                    # text, lines and set were ~1.3 MiB that glibc kept (leaseagent.memory).
+                    # A full read listed every peer of the set: its text, lines and set
+                    # are freed now, and glibc would keep their pages (leaseagent.memory).
                     memory.trim()
                 if found:
-                    if repair:
+                    # After a failed write the differences are that failure's, not someone
+                    # else's doing: neither a repair nor a warning of its own.
+                    if repair and self.status.last_error is None:
                         for kind in {d.kind for d in found}:
                             self.status.repairs[kind] += 1
                         log.warning("%straffic rules changed by someone else (%s); restoring "
@@ -483,12 +514,30 @@ class RulesKeeper:
                                     "; ".join(d.text for d in found[:3]))
                     await self.fw.apply(wanted)
                     self._counted = 0
+                if self.status.last_error is not None:
+                    log.info("%straffic rules in place again", self.fw.family.shown)
                 self.status.in_sync, self.status.last_error = True, None
                 return found
             except DataPlaneError as exc:
-                self.status.in_sync, self.status.last_error = False, str(exc)
-                log.warning("%straffic rules: %s", self.fw.family.shown, exc)
+                self._failed(exc)
                 return []
+
+    def _failed(self, exc: DataPlaneError) -> None:
+        """A write or read of the rules failed (`exc` names the command and what the tool
+        or the kernel said): not in sync, and one ERROR line per new error, not one per
+        retry."""
+        if str(exc) != self.status.last_error:
+            log.error("%straffic rules cannot be applied: %s (retrying every %gs)",
+                      self.fw.family.shown, exc, self.retry_seconds)
+        self.status.in_sync, self.status.last_error = False, str(exc)
+
+    @property
+    def retry_seconds(self) -> float:
+        """How soon the next check comes: the check interval, or DEFAULT_CHECK_SECONDS at
+        most while the rules are not in place (nftables checks rarely when all is well)."""
+        if self.status.in_sync:
+            return self._check_seconds
+        return min(self._check_seconds, DEFAULT_CHECK_SECONDS)
 
     def _count_drops(self, counter: int) -> None:
         # A rewrite restarts the firewall's counter: add what it grew by.
@@ -526,7 +575,7 @@ class RulesKeeper:
             try:
                 await self.fw.set_peers(fresh, [])
             except DataPlaneError as exc:
-                self.status.in_sync, self.status.last_error = False, str(exc)
+                self._failed(exc)
                 self._wake.set()  # a full sync puts the set right
 
     async def _retire_now(self) -> None:
@@ -544,7 +593,7 @@ class RulesKeeper:
                 try:
                     await self._retire_now()
                 except DataPlaneError as exc:
-                    self.status.in_sync, self.status.last_error = False, str(exc)
+                    self._failed(exc)
                     self._wake.set()
 
     async def run(self) -> None:
@@ -565,7 +614,7 @@ class RulesKeeper:
     async def _poll(self) -> None:
         """A check when woken or every check interval; between checks, the drop counter
         is read every DEFAULT_CHECK_SECONDS (with nftables, where checks are rare)."""
-        check_due = time.monotonic() + self._check_seconds
+        check_due = time.monotonic() + self.retry_seconds
         while True:
             woken = True
             try:
@@ -576,13 +625,13 @@ class RulesKeeper:
                 woken = False
             if self.wanted is None:  # nothing to hold yet
                 self._wake.clear()
-                check_due = time.monotonic() + self._check_seconds
+                check_due = time.monotonic() + self.retry_seconds
                 continue
             if woken or time.monotonic() >= check_due:
                 self._wake.clear()
                 deep, self._deep_asked = self._deep_asked, False
                 await self.sync(repair=True, deep=deep)  # what is wanted then
-                check_due = time.monotonic() + self._check_seconds
+                check_due = time.monotonic() + self.retry_seconds
                 continue
             async with self._lock:
                 try:

@@ -4,8 +4,16 @@
 flannel's rules, with clear errors instead of its fallbacks:
 
 - `--iface` names an interface, or is an IPv4 address of one (then that
-  address is also the PublicIP unless `--public-ip` says otherwise).
-  Without it: the interface of the IPv4 default route (main table).
+  address is also the PublicIP unless `--public-ip` says otherwise). Given
+  several times, each is tried in order and the first that matches wins (an
+  interface that exists and has an IPv4 address, or the PublicIP is given),
+  as flanneld does; then each `--iface-regex` (Python's `re.search`, the
+  same as Go's RE2 for the patterns RE2 accepts), first against every
+  interface's IPv4 addresses in index order (a matching address is the
+  default PublicIP), then against their names; then `--iface-can-reach`:
+  the interface the kernel routes that address through, its preferred
+  source address the default PublicIP (`ip route get`). None of them
+  given: the interface of the IPv4 default route (main table).
 - `--public-ip` defaults to the first IPv4 address of the interface. A
   given one is not required to be local (a host behind 1:1 NAT advertises
   its outside address, as with flannel); host-gw checks that itself.
@@ -22,11 +30,12 @@ Talks to the kernel only through leaseagent.dataplane.netlink.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from leaseagent.dataplane.base import HostInfo
+from leaseagent.dataplane.base import HostInfo, InterfaceChoice
 from leaseagent.dataplane.netlink import RT_SCOPE_UNIVERSE, Link, Netlink
 from leaseagent.errors import ConfigError
 
@@ -48,7 +57,7 @@ def _parse_ipv6(value: str) -> IPv6Address:
 
 
 async def resolve_host(
-    iface: str | None,
+    iface: InterfaceChoice | str | None,
     public_ip: str | None,
     *,
     public_ipv6: str | None = None,
@@ -58,9 +67,10 @@ async def resolve_host(
     """HostInfo from the flags; raise ConfigError with a one-line message. With
     `want_ipv6` (the network is dual-stack) it has a PublicIPv6, or this fails."""
     given_ipv6 = _parse_ipv6(public_ipv6) if public_ipv6 is not None else None
+    choice = InterfaceChoice(names=(iface,)) if isinstance(iface, str) else iface
     nl = await Netlink.open(netns)
     try:
-        host = await _resolve(nl, iface, public_ip)
+        host = await _choose(nl, choice or InterfaceChoice(), public_ip)
         if not want_ipv6:
             return host
         return replace(host, public_ipv6=given_ipv6 or await _first_global_ipv6(nl, host))
@@ -76,6 +86,52 @@ async def _first_global_ipv6(nl: Netlink, host: HostInfo) -> IPv6Address:
             return addr.interface.ip
     raise ConfigError(
         f"interface {host.iface} has no global IPv6 address; add one or pass --public-ipv6")
+
+
+async def _choose(nl: Netlink, choice: InterfaceChoice, public_ip: str | None) -> HostInfo:
+    """The first interface `choice` matches, in flanneld's order; one ConfigError
+    naming every flag tried and why each did not match."""
+    if not choice:
+        return await _resolve(nl, None, public_ip)
+    misses: list[str] = []
+    for name in choice.names:
+        try:
+            return await _resolve(nl, name, public_ip)
+        except ConfigError as exc:
+            misses.append(str(exc))
+    links = sorted(await nl.links(), key=lambda link: link.index)
+    for pattern in choice.regexes:
+        regex = re.compile(pattern)
+        for link in links:
+            for _, addr in await nl.ipv4_addresses(link.index):
+                if regex.search(str(addr.ip)):
+                    return await _resolve(nl, str(addr.ip), public_ip)
+        for link in links:
+            if regex.search(link.name):
+                try:
+                    return await _resolve(nl, link.name, public_ip)
+                except ConfigError as exc:
+                    misses.append(str(exc))
+                    break
+        else:
+            misses.append(f"--iface-regex {pattern}: matches no interface's IPv4 address "
+                          "or name")
+    if choice.can_reach:
+        found = await nl.route_to(ip_address(choice.can_reach))
+        if found is None:
+            misses.append(f"--iface-can-reach {choice.can_reach}: no route to it")
+        else:
+            index, src = found
+            routed = await nl.link_by_index(index)
+            if routed is not None:
+                host = await _resolve(nl, routed.name, public_ip)
+                if public_ip is None and isinstance(src, IPv4Address):
+                    host = replace(host, public_ip=src)
+                return host
+            misses.append(f"--iface-can-reach {choice.can_reach}: its interface vanished")
+    if len(misses) == 1:
+        raise ConfigError(misses[0])
+    raise ConfigError("no interface matches " + "; ".join(misses))
 
 
 async def _resolve(nl: Netlink, iface: str | None, public_ip: str | None) -> HostInfo:
@@ -113,4 +169,6 @@ async def _resolve(nl: Netlink, iface: str | None, public_ip: str | None) -> Hos
                 f"interface {link.name} has no IPv4 address; add one or pass --public-ip"
             )
         ip = addresses[0][1].ip
-    return HostInfo(public_ip=ip, iface=link.name, iface_index=link.index, iface_mtu=link.mtu)
+    underlay = tuple(a.interface for a in await nl.addresses(index=link.index))
+    return HostInfo(public_ip=ip, iface=link.name, iface_index=link.index, iface_mtu=link.mtu,
+                    underlay=underlay)

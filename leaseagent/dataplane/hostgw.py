@@ -58,4 +58,4 @@ class HostGwBackend(ReconcilingBackend):
                                  ipv6=self._settings.ipv6_enabled)
 
     async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
-        return list(await nl.scan_routes(known, protocol=self._settings.route_protocol))
+        return list(await self._scan_routes(nl, known))

@@ -42,8 +42,8 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
 - A receive queue overflow (ENOBUFS) loses messages: the event socket is
   then reopened by its user and a full resync finds what was missed.
 
-Performance (5,000 peers = 15,000 objects, 2 cores): `apply` ~10 us per
-object (was ~200 us with one pyroute2 request per object). A full sync reads
+Performance: `apply` sends its requests in batches (rtnl), not one pyroute2
+request and reply per object (figures: docs/benchmarks.md). A full sync reads
 the tables with `scan_*`: each entry is told to the caller by its identity as
 its datagram arrives, and only an entry the caller does not know becomes an
 object, so comparing 15,000 entries with a plan makes no objects and keeps no
@@ -58,7 +58,14 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv6Address,
+    IPv6Interface,
+    ip_address,
+    ip_interface,
+)
 from typing import Any, TypeVar
 
 from pyroute2.iproute.linux import AsyncIPRoute
@@ -69,6 +76,7 @@ from leaseagent.core.plan import (
     MAIN_TABLE,
     DeviceState,
     Fdb,
+    HostRoute,
     Ident,
     Interface,
     KernelObject,
@@ -180,6 +188,8 @@ class NetlinkEvent:
     protocol: int | None = None
     table: int | None = None
     obj: KernelObject | None = None  # the route/neighbour/FDB entry, as core.plan models it
+    # A route event as a route or address of the host (rtnl.host_route): whoever made it.
+    host_route: HostRoute | None = None
 
 
 def _link_from_msg(msg: Any) -> Link:
@@ -198,6 +208,7 @@ def _link_from_msg(msg: Any) -> Link:
             local=local,
             link=int(data.get("vxlan_link") or 0),
             learning=bool(data.get("vxlan_learning")),
+            gbp=data.get("vxlan_gbp") is not None,
         )
     return Link(
         index=int(msg["index"]),
@@ -292,6 +303,8 @@ class Netlink:
         link: int,
         mtu: int,
         mac: str,
+        learning: bool = False,
+        gbp: bool = False,
     ) -> Link:
         """A vxlan device whose VTEP is `local`, an IPv4 or an IPv6 address (the
         outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""
@@ -301,12 +314,14 @@ class Netlink:
             "vxlan_id": vni,
             "vxlan_port": port,
             "vxlan_local" if local.version == 4 else "vxlan_local6": str(local),
-            "vxlan_learning": 0,
+            "vxlan_learning": int(learning),
             "mtu": mtu,
             "address": mac,
         }
         if link:
             spec["vxlan_link"] = link
+        if gbp:
+            spec["vxlan_gbp"] = True
         try:
             await self._ipr.link("add", **spec)
         except (NetlinkError, OSError) as exc:
@@ -413,6 +428,26 @@ class Netlink:
                     return int(hop["oif"])
         return None
 
+    async def route_to(self, destination: Address) -> tuple[int, Address | None] | None:
+        """The output interface and preferred source address the kernel picks for
+        `destination` (`ip route get`), or None if it has no route to it."""
+        family = socket.AF_INET if destination.version == 4 else socket.AF_INET6
+        try:
+            got = await self._ipr.route("get", dst=str(destination), family=family)
+            msgs = list(got) if isinstance(got, (list, tuple)) else [m async for m in got]
+        except NetlinkError as exc:
+            if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                return None
+            raise _error(f"cannot look up the route to {destination}", exc) from exc
+        except OSError as exc:
+            raise _error(f"cannot look up the route to {destination}", exc) from exc
+        for m in msgs:
+            oif = m.get("RTA_OIF") or m.get("oif")
+            if oif:
+                src = m.get("RTA_PREFSRC") or m.get("prefsrc")
+                return int(oif), ip_address(src) if src else None
+        return None
+
     # -- the objects we own ----------------------------------------------------
 
     async def _scan(self, kind: int, body: bytes, what: str,
@@ -426,16 +461,23 @@ class Netlink:
             raise _error(f"cannot dump {what}", exc) from exc
 
     async def scan_routes(self, known: Known, *, protocol: int,
-                          family: int = socket.AF_UNSPEC) -> list[Route]:
+                          family: int = socket.AF_UNSPEC,
+                          others: Callable[[HostRoute], None] | None = None) -> list[Route]:
         """Unicast routes of the main table carrying `protocol`, of one family or
         (AF_UNSPEC) both, read as a full sync wants them: `known` is asked each one's
         identity (core.plan.route_ident) and only those it does not know are decoded
-        and returned. DumpInterrupted: read again."""
+        and returned. `others` is handed, from the same dump, every other route of the
+        main table and every address of this host (rtnl.host_route): what a peer's
+        subnet must not take over. DumpInterrupted: read again."""
         wanted = _FAMILIES if family == socket.AF_UNSPEC else (family,)
         unknown: list[Route] = []
 
         def visit(_kind: int, data: memoryview, start: int, end: int) -> None:
             if data[start + 5] != protocol or data[start] not in wanted:
+                if others is not None and data[start] in wanted:
+                    host = rtnl.host_route(data, start, end)
+                    if host is not None:
+                        others(host)
                 return
             ident, table = rtnl.route_identity(data, start, end)
             if ident is None or table != MAIN_TABLE or known(ident):
@@ -513,8 +555,8 @@ class Netlink:
         Failure and the rest go on.
         """
         remove = action is Action.REMOVE
-        # Encoded a send's worth at a time: 15,000 requests made at once (a join of
-        # 5,000 peers) were ~3 MiB more at the join's peak, which the allocator keeps.
+        # Encoded a send's worth at a time: all of a join's requests made at once would
+        # raise its peak memory, which the allocator keeps after.
         step = self._raw.chunk
         codes: list[int] = []
         try:
@@ -562,7 +604,8 @@ def event_from_message(kind: int, sender: int, body: bytes) -> NetlinkEvent:
             return NetlinkEvent("other", deleted, 0, sender)
         route, protocol, table = rtnl.decode_route(body, 0, len(body))
         return NetlinkEvent("route", deleted, route.ifindex if route else 0, sender,
-                            protocol=protocol, table=table, obj=route)
+                            protocol=protocol, table=table, obj=route,
+                            host_route=rtnl.host_route(body, 0, len(body)))
     if kind in (rtnl.RTM_NEWNEIGH, rtnl.RTM_DELNEIGH):
         return _neighbour_event(kind, body, sender)
     return NetlinkEvent("other", False, 0, sender)

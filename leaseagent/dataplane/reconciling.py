@@ -58,9 +58,14 @@ a vxlan host and a wireguard host cannot reach each other. Each is logged once
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
 
-Per-object refusals by the kernel never raise: they are logged (one line
-per pass), `status.in_sync` turns false with the error in
-`status.last_error`, and the next resync retries. DataPlaneError is raised
+Per-object refusals by the kernel never raise, and the next resync retries
+them. A refused object of a peer's (host-gw: its PublicIP is no gateway on
+the link) is that peer's problem: the peer goes to `status.refused_peers`
+with what was refused and why, logged once per peer and reason, and the
+data plane stays in sync for the others (one broken peer must not make every
+host unready). A refused object of this host's own (or a stale one's
+removal) is logged (one line per pass), turns `status.in_sync` false with
+the error in `status.last_error`. DataPlaneError is raised
 only when the data plane as a whole cannot work (no socket, device cannot be
 created). Failed resyncs and a broken event socket are retried with the
 project's backoff (leaseagent.retrying).
@@ -78,19 +83,24 @@ from itertools import chain
 from typing import Any
 
 from leaseagent import memory
+from leaseagent.core.diagnosis import render_object
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
     MAIN_TABLE,
     BackendSpec,
     DeviceSpec,
     DeviceState,
+    HostRoute,
     Ident,
     KernelObject,
     Neighbour,
     Observation,
     PlanDiff,
+    Route,
+    cluster_relevant,
     diff,
     diff_found,
+    host_conflict,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.netlink import (
@@ -106,7 +116,7 @@ from leaseagent.dataplane.netlink import (
 )
 from leaseagent.errors import DataPlaneError
 from leaseagent.retrying import Backoff
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +166,15 @@ class ReconcilingBackend:
         # Peers of another backend type: their subnets, and what was logged of them.
         self._foreign: set[IPv4Network] = set()
         self._foreign_logged: set[tuple[IPv4Network, str]] = set()
+        # This host's routes and addresses that are not ours and overlap the cluster
+        # network, from the last complete route dump (None: not read yet), and the
+        # peers they keep from being programmed (logged once each).
+        self._host_routes: tuple[HostRoute, ...] | None = None
+        self._dumped_routes: tuple[HostRoute, ...] = ()
+        self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
+        # What only one host may hold (vxlan: a VtepMAC), claimed by the programmed
+        # peers: claim -> (its holder's address, the peer's subnet). See `_claims`.
+        self._claimed: dict[str, tuple[str, IPv4Network]] = {}
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -240,11 +259,112 @@ class ReconcilingBackend:
 
     def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
              own_ipv6: IPv6Network | None = None) -> BackendSpec:
+        skipped = self._conflicting(peers)
+        allowed = {s: p for s, p in peers.items() if s not in skipped}
         return BackendSpec(
             devices=self._device_specs(
                 own_subnet, own_ipv6 if self._settings.ipv6_enabled else None),
-            objects=dict(self._peer_plans(own_subnet, peers)),
+            objects=dict(self._peer_plans(own_subnet, allowed)),
+            skipped=skipped,
         )
+
+    # -- this host's own routes and addresses ------------------------------------
+    async def _scan_routes(self, nl: Netlink, known: Known) -> list[Route]:
+        """Our routes (see Netlink.scan_routes), and from the same dump the host's other
+        routes and addresses that overlap the cluster network (`_dumped_routes`, for
+        `host_conflict`): every backend's `_scan` reads routes through here."""
+        seen: list[HostRoute] = []
+        routes = await nl.scan_routes(known, protocol=self._settings.route_protocol,
+                                      others=seen.append)
+        self._dumped_routes = cluster_relevant(seen, self._networks())
+        return routes
+
+    def _networks(self) -> list[IPv4Network | IPv6Network]:
+        networks: list[IPv4Network | IPv6Network] = [self._settings.network.network]
+        if self._settings.ipv6_enabled and self._settings.network.ipv6_network is not None:
+            networks.append(self._settings.network.ipv6_network)
+        return networks
+
+    def _note_host_route(self, route: HostRoute, *, deleted: bool) -> bool:
+        """A route or address of someone else came or went (a netlink event): from now
+        on peers are judged with it, at once (a lease arriving next must not replace a
+        route just added), and a full pass plans them all again. True if it matters."""
+        if self._host_routes is None or not cluster_relevant((route,), self._networks()):
+            return False
+        routes = [r for r in self._host_routes if r != route]
+        if not deleted:
+            routes.append(route)
+        self._host_routes = tuple(routes)
+        return True
+
+    async def _read_host_routes(self, nl: Netlink) -> None:
+        """Read the host's routes once, before anything is planned (later passes use
+        their own dump's)."""
+        if self._host_routes is None:
+            await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
+            self._host_routes = self._dumped_routes
+
+    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
+        """What `peer` claims that only one host may hold, each with the address that
+        holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
+        with another host's VtepMAC would route its subnet to that host's VTEP, and give
+        that host an FDB entry for its own MAC)."""
+        return ()
+
+    def _own_claims(self) -> frozenset[str]:
+        """The claims this host holds itself (vxlan: its devices' MACs)."""
+        return frozenset()
+
+    def _conflict(self, peer: Peer, claimed: Mapping[str, tuple[str, IPv4Network]],
+                  own: frozenset[str]) -> str | None:
+        """Why `peer` must not be programmed here (None: it may): its subnet over a route
+        or address of this host (core.plan.host_conflict), or a claim of this host's or
+        of another programmed peer with another holder (`claimed`)."""
+        route = host_conflict(peer, self._host_routes or ())
+        if route is not None:
+            return f"its subnet overlaps this host's {route.text}, which is not the agent's"
+        for claim, holder in self._claims(peer):
+            if claim in own:
+                return f"it has {claim}, this host's own"
+            other = claimed.get(claim)
+            if other is not None and other[0] != holder and other[1] != peer.subnet:
+                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
+        return None
+
+    def _claim(self, peer: Peer, claimed: dict[str, tuple[str, IPv4Network]]) -> None:
+        for claim, holder in self._claims(peer):
+            claimed.setdefault(claim, (holder, peer.subnet))
+
+    def _unclaim(self, peer: Peer) -> None:
+        for claim, _holder in self._claims(peer):
+            if self._claimed.get(claim, (None, None))[1] == peer.subnet:
+                del self._claimed[claim]
+
+    def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, str]:
+        """The peers that must not be programmed here (`_conflict`, the first of the
+        peer set holding a claim), each logged once; `status.conflicting_peers` says
+        them all. Leaves `_claimed` as the allowed peers claim."""
+        out: dict[IPv4Network, str] = {}
+        claimed: dict[str, tuple[str, IPv4Network]] = {}
+        own = self._own_claims()
+        for subnet, peer in peers.items():
+            why = self._conflict(peer, claimed, own)
+            if why is not None:
+                out[subnet] = why
+                self._log_conflict(peer, why)
+            else:
+                self._claim(peer, claimed)
+        self._claimed = claimed
+        self.status.conflicting_peers = out
+        return out
+
+    def _log_conflict(self, peer: Peer, why: str) -> None:
+        if (peer.subnet, why) in self._conflicts_logged:
+            return
+        self._conflicts_logged.add((peer.subnet, why))
+        node = f", node {peer.node_id}" if peer.node_id else ""
+        log.error("peer %s (%s%s) not programmed: %s; fix the lease or the host",
+                  peer.subnet, peer.public_ip, node, why)
 
     def _peer_plans(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
                     ) -> Iterator[tuple[IPv4Network, frozenset[KernelObject]]]:
@@ -274,7 +394,9 @@ class ReconcilingBackend:
             nl = await self._netlink()
             devices = await self._observe_devices(nl)
             await self._refresh(nl)
-            return Observation(devices=devices, objects=frozenset(await self.current(nl)))
+            objects = frozenset(await self.current(nl))
+            self._host_routes = self._dumped_routes  # what `spec` judges peers by now
+            return Observation(devices=devices, objects=objects)
 
     async def sync(self, peers: Mapping[IPv4Network, Peer], *,
                    ready: Awaitable[object] | None = None) -> None:
@@ -295,10 +417,14 @@ class ReconcilingBackend:
         async with self._lock:
             try:
                 nl = await self._netlink()
+                await self._read_host_routes(nl)
                 to_change = self._plan_update(changes, peers)
             finally:
                 await _done(ready)
-            failures = await self._apply(nl, to_change, repair=False)
+            affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+            failures = await self._apply(nl, to_change, repair=False, peers={
+                k: self._programmed[k] for k in affected if k in self._programmed},
+                decided=affected)
             if failures:
                 self.status.in_sync = False
 
@@ -306,19 +432,30 @@ class ReconcilingBackend:
         """What `update` changes in the kernel; `_programmed` and `_uses` say the plan
         with the changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+        own = self._own_claims()
         self._note_foreign(affected, peers)
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
         for subnet in affected:
             before = self._programmed.pop(subnet, None)
             if before is not None:
+                self._unclaim(before)
                 # Planned again as it was: what plans depend on besides the peer
                 # (device indexes) changes only with a full sync, which plans anew.
                 planned = self._plan_peer(before)
                 old |= planned
                 self._count(planned, -1)
             peer = peers.get(subnet)
-            if peer is not None and subnet != self._own_subnet:
+            conflict = (self._conflict(peer, self._claimed, own) if peer is not None
+                        else None)
+            if conflict is not None:
+                assert peer is not None
+                self._log_conflict(peer, conflict)
+                self.status.conflicting_peers[subnet] = conflict
+            else:
+                self.status.conflicting_peers.pop(subnet, None)
+            if peer is not None and subnet != self._own_subnet and conflict is None:
+                self._claim(peer, self._claimed)
                 after = self._plan_peer(peer)
                 self._programmed[subnet] = peer
                 self._count(after, +1)
@@ -333,18 +470,9 @@ class ReconcilingBackend:
         return PlanDiff(to_add, to_remove)
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
-        tasks = {asyncio.create_task(self._watch_events(), name="dataplane-events"),
-                 asyncio.create_task(self._resync_loop(get_peers), name="dataplane-resync"),
-                 *(asyncio.create_task(coro) for coro in self._watchers())}
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-            raise DataPlaneError("data-plane task ended unexpectedly")
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await first_to_end(self._watch_events(), self._resync_loop(get_peers),
+                           *self._watchers())
+        raise DataPlaneError("data-plane task ended unexpectedly")
 
     async def remove(self) -> None:
         async with self._lock:
@@ -383,9 +511,18 @@ class ReconcilingBackend:
         # after this pass, which must then find it not yet programmed.
         peers = {subnet: peer for subnet, peer in peers.items() if subnet != self._own_subnet}
         try:
+            await self._read_host_routes(nl)
+            skipped = self._conflicting(peers)
+            peers = {subnet: peer for subnet, peer in peers.items() if subnet not in skipped}
             plan, changes = await self._full_plan(nl, peers)
         finally:
             await _done(ready)
+        if self._dumped_routes != self._host_routes:
+            # The host's routes changed since the last pass: plan again with them (a peer
+            # may conflict now, or no longer), level-triggered like everything else.
+            self._host_routes = self._dumped_routes
+            self._full_resync_needed = True
+            self._wake.set()
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
         # The pass's dumps, plan and changes were its peak: what glibc keeps of them
         # would stay in the RSS until the next pass (leaseagent.memory).
@@ -419,7 +556,8 @@ class ReconcilingBackend:
                           uses: dict[int, int], changes: PlanDiff, *, repair: bool,
                           started: float) -> None:
         """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
-        failures = await self._apply(nl, changes, repair=repair)
+        failures = await self._apply(nl, changes, repair=repair, peers=self._programmed_of(peers),
+                                     decided=None)
         self._programmed = dict(peers)
         self._uses = uses
         self._synced = True
@@ -494,7 +632,58 @@ class ReconcilingBackend:
                             peer.backend_type, self.backend_type)
         self.status.foreign_peers = len(self._foreign)
 
-    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
+    def _programmed_of(self, peers: Mapping[IPv4Network, Peer]) -> Mapping[IPv4Network, Peer]:
+        """Of `peers`, those a plan gives objects (not our own subnet, not a peer of another
+        backend type or one in conflict with this host's routes)."""
+        return {k: p for k, p in peers.items()
+                if k != self._own_subnet and k not in self._foreign
+                and k not in self.status.conflicting_peers}
+
+    def _sort_refusals(self, failures: list[Failure], peers: Mapping[IPv4Network, Peer],
+                       decided: Iterable[IPv4Network] | None) -> list[Failure]:
+        """Put the refusals of `peers`' objects in `status.refused_peers` (which peer,
+        what, why; logged once per peer and reason) and return the others (this host's
+        own). `decided`: the peers this pass tried all of (None: every peer, so the
+        others are not refused any more); the rest keep their entries."""
+        by_peer: dict[IPv4Network, str] = {}
+        own: list[Failure] = []
+        if failures:
+            owner: dict[KernelObject, IPv4Network] = {}
+            for key, peer in peers.items():
+                for obj in self._plan_peer(peer):
+                    owner.setdefault(obj, key)
+            for failure in failures:
+                owned = owner.get(failure.obj)
+                if owned is None:
+                    own.append(failure)
+                else:
+                    key = owned
+                    host = self._settings.host
+                    shown = render_object(failure.obj, {host.iface_index: host.iface or "?"})
+                    why = str(failure.error).rsplit(": ", 1)[-1]  # the kernel's strerror
+                    by_peer.setdefault(key, f"{shown} ({why})")
+        refused = self.status.refused_peers
+        if decided is None:
+            before = dict(refused)
+            refused.clear()
+        else:
+            before = {key: refused.pop(key) for key in decided if key in refused}
+        refused.update(by_peer)
+        for key, why in by_peer.items():
+            if before.get(key) != why:
+                log.warning("peer %s (%s) cannot be programmed: the kernel refused %s; it is "
+                            "unreachable from this host, retried at every resync (the other "
+                            "peers are not affected)", key, peers[key].public_ip, why)
+        for key in before.keys() - by_peer.keys():
+            if key in peers:
+                log.info("peer %s programmed now (the kernel took what it refused)", key)
+        return own
+
+    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool,
+                     peers: Mapping[IPv4Network, Peer] | None = None,
+                     decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
+        """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
+        objects of `peers` in a pass that tried `decided`)."""
         self._removing.update(_neighbour_key(obj) for obj in changes.to_remove
                               if isinstance(obj, Neighbour))
         removed, added, failures = await self._program(nl, changes)
@@ -507,6 +696,7 @@ class ReconcilingBackend:
                     "data plane drift repaired: %s restored, %s removed",
                     objects_by_kind(added) or "nothing", objects_by_kind(removed) or "nothing",
                 )
+        failures = self._sort_refusals(failures, peers or {}, decided)
         if failures:
             self.status.last_error = str(failures[0].error)
             log.warning(
@@ -532,7 +722,8 @@ class ReconcilingBackend:
                 return
             nl = await self._netlink()
             ordered = diff(objects, ()).to_add  # neighbour -> FDB -> route
-            if await self._apply(nl, PlanDiff(ordered, ()), repair=True):
+            if await self._apply(nl, PlanDiff(ordered, ()), repair=True,
+                                 peers=self._programmed, decided=()):
                 self.status.in_sync = False
 
     async def _resync_loop(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
@@ -569,6 +760,11 @@ class ReconcilingBackend:
 
     def _note_event(self, event: NetlinkEvent) -> None:
         """Queue the work an event of someone else calls for, and wake the loop."""
+        if (event.host_route is not None and event.protocol != self._settings.route_protocol
+                and self._note_host_route(event.host_route, deleted=event.deleted)):
+            self._full_resync_needed = True
+            self._wake.set()
+            return
         kind = self._drift_kind(event)
         if kind is None:
             return

@@ -47,12 +47,13 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
     MAIN_TABLE,
     Fdb,
+    HostRoute,
     Ident,
     KernelObject,
     Neighbour,
@@ -100,7 +101,7 @@ MAX_CHUNK = 2048
 # One datagram: the kernel sends a dump's messages in skbs of at most 32 KiB (netlink_dump
 # grows them up to that for a large reader) and every other message alone; iproute2
 # reads into 32 KiB. bytearray(n) writes n zeros, so a larger buffer is resident memory
-# for nothing (it was 1 MiB per socket).
+# for nothing.
 _RECV_SIZE = 64 * 1024
 
 
@@ -230,6 +231,35 @@ def decode_route(data: bytes | memoryview, start: int, end: int) -> tuple[Route 
         scope=scope,
     )
     return route, proto, table
+
+
+RTN_LOCAL = 2
+LOCAL_TABLE = 255
+RT_SCOPE_LINK = 253
+
+
+def host_route(data: bytes | memoryview, start: int, end: int) -> HostRoute | None:
+    """A route of the main table (unicast) or an address of this host (the local
+    table's RTN_LOCAL entries: one per address), as a HostRoute; None for anything
+    else (broadcast, multicast, other tables, unreachable routes)."""
+    family, dst_len, table, _, scope, rtype, _, attrs = _route_parts(data, start, end)
+    network = _NETWORKS.get(family)
+    if network is None:
+        return None
+    local = table == LOCAL_TABLE and rtype == RTN_LOCAL
+    if not local and (table != MAIN_TABLE or rtype != RTN_UNICAST):
+        return None
+    dst = attrs.get(RTA_DST)
+    try:
+        prefix = network((int.from_bytes(dst) if dst else 0, dst_len))
+    except ValueError:
+        return None
+    gateway = attrs.get(RTA_GATEWAY)
+    return HostRoute(prefix, connected=not local and scope == RT_SCOPE_LINK
+                     and RTA_GATEWAY not in attrs, address=local,
+                     ifindex=_u32(attrs.get(RTA_OIF)),
+                     gateway=ip_address(bytes(gateway)) if gateway and len(gateway) in (4, 16)
+                     else None)
 
 
 def route_identity(data: bytes | memoryview, start: int, end: int) -> tuple[Ident | None, int]:
@@ -449,6 +479,27 @@ class RtnlSocket:
                     pending -= 1
             results.extend(errno.ENOBUFS if a is None else a for a in answers)
         return results
+
+    def request_message(self, kind: int, body: bytes) -> tuple[int, bytes]:
+        """(sequence number, bytes) of a plain request of `kind` (no dump, no ack asked)."""
+        seq = self._next_seq()
+        return seq, _HDR.pack(16 + len(body), kind, NLM_F_REQUEST, seq, 0) + body
+
+    async def get(self, kind: int, body: bytes) -> bytes:
+        """One request answered by one message (not a dump): the answer's body (from after
+        the netlink header). OSError with the kernel's errno when it refuses (ENOENT: no
+        such object)."""
+        seq, message = self.request_message(kind, body)
+        self._sock.send(message)
+        while True:
+            data = await self._recv()
+            for mkind, _flags, mseq, _pid, start, end in messages(data):
+                if mseq != seq:
+                    continue
+                if mkind == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(data, start)[0] or errno.EPROTO
+                    raise OSError(code, os.strerror(code))
+                return bytes(data[start:end])
 
     async def scan(self, kind: int, body: bytes,
                    visit: Callable[[int, memoryview, int, int], None]) -> None:

@@ -4,15 +4,18 @@ Per host, one device per address family in use (flannel's
 pkg/backend/vxlan/vxlan.go, device.go):
 
 - `flannel.<VNI>` (type vxlan, id VNI, local = PublicIP, dev = underlay,
-  dstport = Port (8472), learning off), MTU = underlay MTU - 50, address
+  dstport = Port (8472), learning off unless Backend.Learning, the GBP extension
+  when Backend.GBP), MTU = (Backend.MTU or the underlay MTU) - 50, address
   `<own subnet base>/32`;
 - on a dual-stack network with a PublicIPv6, also `flannel-v6.<VNI>`: the
-  same VNI and port, local = PublicIPv6, MTU = underlay MTU - 70, address
+  same VNI and port, local = PublicIPv6, MTU = (Backend.MTU or the underlay
+  MTU) - 70, address
   `<own IPv6 subnet base>/128`.
 
 A host route (/32, /128) as the address: no broadcast or subnet route
-appears. Backend.MTU, when set, is the MTU of both devices (flannel's
-cfg.MTU is also one number for both). FLANNEL_MTU (`BackendAttrs.mtu`) is
+appears. Backend.MTU, when set, is flannel's: the MTU of the path under both
+devices, each device taking its overhead off it (flannel's cfg.MTU - 50).
+FLANNEL_MTU (`BackendAttrs.mtu`) is
 the smallest MTU of the devices in use, so a container's packet fits either
 tunnel.
 
@@ -40,8 +43,8 @@ while the agent is down comes back with the same MAC.
 
 Each device is described by a pure `DeviceSpec` and compared with what the
 kernel has by `core.plan.compare_device`, the same comparison `leasectl
-doctor` prints: an existing device whose VNI, port, local address, underlay
-or learning setting differ is deleted and created again (with its MAC); one
+doctor` prints: an existing device whose VNI, port, local address, underlay,
+learning or GBP setting differ is deleted and created again (with its MAC); one
 with another MTU, MAC, state or addresses is adjusted in place. `Vtep` does
 this for one device; both families use it.
 
@@ -56,7 +59,7 @@ import secrets
 from ipaddress import ip_interface
 from pathlib import Path
 
-from leaseagent.core.backends import VxlanOptions, unicast_mac
+from leaseagent.core.backends import VxlanLeaseData, VxlanOptions, unicast_mac
 from leaseagent.core.leases import Peer
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
@@ -125,10 +128,12 @@ class Vtep:
     settings, and the index and MAC it has once made or adopted."""
 
     def __init__(self, name: str, local: Address, *, vni: int, port: int, link: int, mtu: int,
-                 mac_file: str, state_dir: Path) -> None:
+                 mac_file: str, state_dir: Path, learning: bool = False,
+                 gbp: bool = False) -> None:
         self.name = name
         self.local = local
-        self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, learning=False)
+        self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, learning=learning,
+                                gbp=gbp)
         self.mtu = mtu
         self._mac_file = mac_file
         self._state_dir = state_dir
@@ -192,7 +197,8 @@ class Vtep:
             log.info("creating %s (VNI %d, port %d, local %s, MAC %s)", self.name,
                      self.attrs.vni, self.attrs.port, self.local, mac)
         await nl.create_vxlan(self.name, vni=self.attrs.vni, port=self.attrs.port,
-                              local=self.local, link=self.attrs.link, mtu=self.mtu, mac=mac)
+                              local=self.local, link=self.attrs.link, mtu=self.mtu, mac=mac,
+                              learning=self.attrs.learning, gbp=self.attrs.gbp)
         self.mac = mac
         created = await nl.device_state(self.name)
         if created is None:
@@ -244,6 +250,7 @@ class VxlanBackend(ReconcilingBackend):
             mtu=options.mtu_for(host.iface_mtu, ipv6=ipv6),
             mac_file=VTEP_MAC_V6_FILE if ipv6 else VTEP_MAC_FILE,
             state_dir=self._settings.state_dir,
+            learning=options.learning, gbp=options.gbp,
         )
 
     @property
@@ -314,6 +321,17 @@ class VxlanBackend(ReconcilingBackend):
     def _is_direct(self, ip: Address) -> bool:
         return any(ip in net for net in self._direct_networks)  # `in` is False across families
 
+    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
+        out = []
+        if isinstance(peer.data, VxlanLeaseData):
+            out.append((f"VtepMAC {peer.data.vtep_mac}", str(peer.public_ip)))
+        if isinstance(peer.data6, VxlanLeaseData) and peer.public_ipv6 is not None:
+            out.append((f"VtepMAC {peer.data6.vtep_mac}", str(peer.public_ipv6)))
+        return tuple(out)
+
+    def _own_claims(self) -> frozenset[str]:
+        return frozenset(f"VtepMAC {vtep.mac}" for vtep in self._devices if vtep.mac)
+
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         if not self._v4.index:
             return frozenset()  # no device (not prepared, or doctor found none): nothing to plan
@@ -330,7 +348,7 @@ class VxlanBackend(ReconcilingBackend):
         # Routes of both families: an IPv6 route of ours left from a dual-stack run
         # is found (and removed) on an IPv4-only one too.
         found: list[KernelObject] = []
-        found += await nl.scan_routes(known, protocol=self._settings.route_protocol)
+        found += await self._scan_routes(nl, known)
         for vtep in self._devices:
             if vtep.index:
                 found += await nl.scan_neighbours(known, vtep.index,

@@ -10,9 +10,15 @@ messages are packed here with `struct`, as leaseagent.dataplane.rtnl packs
 routes, and sent on the same kind of raw socket (NETLINK_GENERIC), so a set
 of many peers is a few messages, not one request per peer.
 
-The family is found by name with the controller's dump (CTRL_CMD_GETFAMILY);
-asking for it also makes the kernel load the module if it is installed. Its
-absence is how the agent knows to use wireguard-go instead.
+The family is found by name: a CTRL_CMD_GETFAMILY request carrying
+CTRL_ATTR_FAMILY_NAME "wireguard", not a dump. Only that form makes the kernel
+load the module when it is installed but not loaded yet (genetlink's
+ctrl_getfamily calls request_module("net-pf-16-proto-16-family-wireguard"),
+which the module's alias answers; a dump lists the families already there and
+loads nothing: on a stock Debian kernel the agent then fell back to
+wireguard-go). The kernel runs modprobe itself, so the unit's
+ProtectKernelModules= does not stop it. ENOENT (no such family, none
+installed) is how the agent knows to use wireguard-go instead.
 
 Where this was run: the encoding is checked by the unit tests against
 pyroute2's own WireGuard message classes, an independent reading of the same
@@ -145,8 +151,10 @@ def encode_get(device: str) -> bytes:
         WGDEVICE_A_IFNAME, device.encode() + b"\0")
 
 
-def encode_family_dump() -> bytes:
-    return _GENL.pack(CTRL_CMD_GETFAMILY, 1, 0)
+def encode_family_request(name: str) -> bytes:
+    """CTRL_CMD_GETFAMILY for one family by name (which loads its module on demand)."""
+    return _GENL.pack(CTRL_CMD_GETFAMILY, 1, 0) + _attr(CTRL_ATTR_FAMILY_NAME,
+                                                        name.encode() + b"\0")
 
 
 # -- decoding ------------------------------------------------------------------------
@@ -241,28 +249,28 @@ def _peer_state(device: str, key: str, fields: dict[str, object]) -> PeerState:
                      _U64.unpack(rx)[0] if rx else 0, _U64.unpack(tx)[0] if tx else 0)
 
 
-def family_id(bodies: Iterable[bytes]) -> int | None:
-    """The WireGuard family's id in a controller dump, None if it is not there."""
-    for body in bodies:
-        fields = dict(_attrs(body, _GENL.size))
-        if fields.get(CTRL_ATTR_FAMILY_NAME, b"").rstrip(b"\0") == WG_GENL_NAME.encode():
-            ident = fields.get(CTRL_ATTR_FAMILY_ID)
-            return _U16.unpack(ident)[0] if ident else None
-    return None
+def family_id(body: bytes, name: str = WG_GENL_NAME) -> int | None:
+    """The id in the controller's answer about family `name`, None if it is not that."""
+    fields = dict(_attrs(body, _GENL.size))
+    if fields.get(CTRL_ATTR_FAMILY_NAME, b"").rstrip(b"\0") != name.encode():
+        return None
+    ident = fields.get(CTRL_ATTR_FAMILY_ID)
+    return _U16.unpack(ident)[0] if ident else None
 
 
 # -- the driver ----------------------------------------------------------------------
 
 
-async def find_family(netns: str | None = None) -> int | None:
-    """The WireGuard genetlink family's id (the module loaded on the way if installed);
-    None when the kernel has no WireGuard."""
+async def find_family(netns: str | None = None, *, name: str = WG_GENL_NAME) -> int | None:
+    """The id of the generic netlink family `name` (WireGuard's unless told), its module
+    loaded by the kernel on the way if installed; None when the kernel has no such
+    family (ENOENT) or no generic netlink."""
     try:
         sock = RtnlSocket.open(netns, protocol=NETLINK_GENERIC)
     except OSError:
         return None
     try:
-        return family_id(body for _, body in await sock.dump(GENL_ID_CTRL, encode_family_dump()))
+        return family_id(await sock.get(GENL_ID_CTRL, encode_family_request(name)), name)
     except OSError:
         return None
     finally:

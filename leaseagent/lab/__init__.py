@@ -7,6 +7,8 @@
                       `dockerd --bip` does), MTU = FLANNEL_MTU
     la-<name>-c<i>-<j> container j of host i: eth0 on host i's br0, address .<1+j> of the
                       host's subnet, default route via the bridge (as Pipework does)
+    la-<name>-prom    with `Lab(prometheus=True)`: Prometheus at 10.250.0.3:9090 scraping
+                      every host's agent, reached from 127.0.0.1:<port> by a forwarder
 
 Dual-stack (`Lab(ipv6=True)`, `up --ipv6`): the network config has EnableIPv6
 with IPv6Network fd00:244::/56, the underlay also fd00:250::/64 (host i at
@@ -24,8 +26,9 @@ Invariants, so that `down` is safe to run at any time, even after the process
 that ran `up` was killed:
 
 - Everything the lab makes carries its name: namespace names match
-  `la-<name>-(ul|etcd|h<i>|c<i>-<j>)`, and `down` touches no other namespace.
-- The root namespace gets nothing: each veth pair is created inside one lab
+  `la-<name>-(ul|etcd|out|prom|h<i>|c<i>-<j>)`, and `down` touches no other namespace.
+- The root namespace gets nothing (but a listening socket on 127.0.0.1, the
+  Prometheus forwarder's): each veth pair is created inside one lab
   namespace with its peer placed straight into another (`ip -n A link add ...
   peer name X netns B`), so deleting the lab's namespaces removes every link.
 - Every process the lab starts (etcd, agents) is recorded in a pid file under
@@ -54,9 +57,20 @@ One job per module:
     etcd       the etcd launcher: one member or a cluster, in a namespace or not
     agents     the agents' command line, start, waiting for subnet.env and /readyz
     probes     ping, the reachability matrix, HTTP, metrics, kernel entries
+    prometheus the lab's Prometheus, its targets writer and forwarder; its HTTP API
+    forward    the forwarder from 127.0.0.1 into a lab namespace (`python -m`)
     teardown   `down`, from the lab's name alone
     commands   `run` and `tool`
-    cli        `up|status|down` (`__main__` runs it)
+    cli        `up|status|down`, and `hosts ...` (`__main__` runs it)
+
+The systemd lab (`deploy/lab hosts up|check|down|run`) reuses the topology,
+etcd, state and teardown with hosts booted by systemd-nspawn instead of
+agent processes:
+
+    rootfs     the cached Debian root filesystem (debootstrap) and wheelhouse
+    machines   one nspawn host: cgroups, overlay root, boot, reboot, commands inside
+    hostlab    `HostLab`: the README's install steps run in each host, the checks
+    hostcli    `hosts up|check|down|run`
 
 Fault injection (etcd stopped, paused or cut off, agents killed) is the
 tests' own (tests/labfaults.py), built on `Lab.etcd` and `Lab.stop_agent`.

@@ -4,7 +4,8 @@ Its command line (`argv`), starting it (recorded in the host's pid file by
 PID and start time), and waiting for what it promises: subnet.env (the lease
 is in etcd; in a dual-stack lab with both families' subnets) and /readyz 200
 (the data plane is programmed). Each agent's metrics address is the same
-127.0.0.1 port on its own host's loopback. In a dual-stack lab the command
+port on every address of its own host (the lab asks on its loopback, the
+lab's Prometheus on its PublicIP). In a dual-stack lab the command
 line is the same: the agent finds its PublicIPv6 on eth0, as on a real host.
 
 Each host has its own /run/wireguard (`host_argv`): wireguard-go, which the
@@ -33,8 +34,12 @@ from leaseagent.lab.probes import http_get
 from leaseagent.lab.processes import log_tail
 from leaseagent.lab.topology import Host
 
-# Inside each host namespace, so every agent can use the same port.
+# Inside each host namespace, so every agent can use the same port. The agents listen
+# on every address of their host (METRICS_BIND), so the lab's Prometheus scrapes them
+# over the underlay at <PublicIP>:9464, the address each publishes in etcd
+# (leaseagent.core.monitoring); the lab itself asks on the host's loopback.
 METRICS_ADDR = "127.0.0.1:9464"
+METRICS_BIND = "0.0.0.0:9464"
 
 
 def argv(host: Host, *, command: Sequence[str], endpoints: str, prefix: str, lease_ttl: int,
@@ -50,7 +55,7 @@ def argv(host: Host, *, command: Sequence[str], endpoints: str, prefix: str, lea
         "--state-dir", str(host.dir / "state"),
         "--lease-ttl", str(lease_ttl),
         "--node-id", node_id,
-        "--metrics-addr", METRICS_ADDR,
+        "--metrics-addr", METRICS_BIND,
         "--log-level", "info",
         "--log-format", "text",
         *extra,

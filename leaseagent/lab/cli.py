@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,13 @@ def print_status(lab: Lab, *, reach: Mapping[int, Reachability] | None = None) -
           + (", real Docker per host" if lab.docker else "")
           + (", --ip-masq" if lab.ip_masq else "")
           + (", nftables" if lab.nftables else ", iptables"))
+    if lab.prometheus:
+        try:
+            url = lab.prometheus_server.url
+        except LabError as exc:
+            url = f"not running ({exc})"
+        print(f"  prometheus {url}  (scrapes every host; rules deploy/prometheus/"
+              f"leaseagent-rules.yml; in {lab.topology.prometheus_ns})")
     for host, pid in lab.agents_status():
         state = f"agent pid {pid}" if pid else "agent NOT RUNNING"
         public = f"{host.public_ip} {host.public_ipv6}" if lab.ipv6 else f"{host.public_ip}"
@@ -94,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"dual-stack: IPv6 on the underlay too, the network config's "
                       f"EnableIPv6 with IPv6Network {CONTAINER_NETWORK6}, containers with both "
                       "families, a matrix per family")
+    p_up.add_argument("--prometheus", action=argparse.BooleanOptionalAction, default=None,
+                      help="a real Prometheus (Debian's prometheus) scraping every host with "
+                      "the shipped alert rules, its URL printed (default: on when "
+                      "`prometheus` is installed)")
     p_up.add_argument("--docker-fallback", action="store_true",
                       help="with --docker: if dockerd cannot run here, say why in one line "
                       "and use namespace containers")
@@ -104,11 +116,35 @@ def _parser() -> argparse.ArgumentParser:
     for p in (p_up, p_status, p_down):
         p.add_argument("--name", default="lab", help="lab name (default: lab)")
         p.add_argument("-v", "--verbose", action="store_true")
+    p_hosts = sub.add_parser("hosts", help="the systemd lab: hosts booted by systemd-nspawn, "
+                             "installed by the README's steps (`hosts up|check|down`)")
+    hosts_sub = p_hosts.add_subparsers(dest="hosts_command", required=True)
+    h_up = hosts_sub.add_parser("up", help="build the rootfs (cached), boot and install the "
+                                "hosts, start their containers")
+    h_up.add_argument("--hosts", type=int, default=3)
+    h_check = hosts_sub.add_parser("check", help="cross-host pings, restart, watchdog, config "
+                                   "error, reboot; exit 0 only if all pass")
+    h_check.add_argument("--only", action="append", metavar="CHECK",
+                         help="run only this check (repeatable)")
+    h_down = hosts_sub.add_parser("down", help="power the hosts off and remove everything")
+    h_run = hosts_sub.add_parser("run", help="up, check, down (down also on failure)")
+    h_run.add_argument("--hosts", type=int, default=3)
+    h_run.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    for p in (h_up, h_check, h_down, h_run):
+        p.add_argument("--name", default="hosts", help="lab name (default: hosts)")
+        p.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
 def _up(args: argparse.Namespace) -> int:
     docker = args.docker
+    prometheus = args.prometheus
+    if prometheus is None:
+        prometheus = shutil.which("prometheus", path=os.environ.get("PATH", "")
+                                  + ":/usr/sbin:/usr/bin") is not None
+        if not prometheus:
+            print("lab: no prometheus installed (Debian: apt-get install prometheus); "
+                  "running without one")
     if docker and args.docker_fallback:
         from leaseagent.lab.docker import unavailable
 
@@ -117,7 +153,8 @@ def _up(args: argparse.Namespace) -> int:
             print(f"lab: dockerd cannot run here ({why}); using namespace containers")
             docker = False
     lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl, docker=docker,
-              ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6)
+              ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6,
+              prometheus=prometheus)
     started = time.monotonic()
     try:
         try:
@@ -129,7 +166,8 @@ def _up(args: argparse.Namespace) -> int:
                   "using namespace containers")
             lab.down()
             lab = Lab(args.name, backend=args.backend, lease_ttl=args.lease_ttl,
-                      ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6)
+                      ip_masq=args.ip_masq, nftables=args.nftables, ipv6=args.ipv6,
+                      prometheus=prometheus)
             lab.up(args.hosts, args.containers)
     except LabExists:
         raise
@@ -171,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lab: needs root (network namespaces)", file=sys.stderr)
         return 2
     try:
+        if args.command == "hosts":
+            from leaseagent.lab.hostcli import hosts
+
+            return hosts(args)
         if args.command == "up":
             return _up(args)
         if args.command == "status":

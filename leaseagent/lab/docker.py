@@ -265,17 +265,22 @@ def leftover_container_processes(state_path: Path) -> list[processes.Process]:
     return found
 
 
-def unmount_under(path: Path) -> list[str]:
-    """Unmount everything mounted at or below `path` (dockerd bind-mounts its data root,
-    mounts each container's /dev/shm and network namespace file), deepest first."""
-    warnings = []
+def mounted_under(path: Path) -> list[str]:
+    """Mount points at or below `path`."""
     prefix = str(path).rstrip("/") + "/"
     mounts = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         target = line.split()[1].encode().decode("unicode_escape")
         if target.startswith(prefix):
             mounts.append(target)
-    for target in sorted(set(mounts), key=len, reverse=True):
+    return sorted(set(mounts), key=len, reverse=True)
+
+
+def unmount_under(path: Path) -> list[str]:
+    """Unmount everything mounted at or below `path` (dockerd bind-mounts its data root,
+    mounts each container's /dev/shm and network namespace file), deepest first."""
+    warnings = []
+    for target in mounted_under(path):
         done = subprocess.run(["umount", target], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             lazy = subprocess.run(["umount", "-l", target], capture_output=True, text=True,

@@ -27,6 +27,7 @@ from leaseagent.lab.commands import tool
 from leaseagent.lab.errors import LabError, LabExists
 from leaseagent.lab.etcd import Etcd
 from leaseagent.lab.probes import Reachability, Source
+from leaseagent.lab.prometheus import LabPrometheus
 from leaseagent.lab.state import STATE_ROOT, StateDir
 from leaseagent.lab.topology import (
     CONTAINER_NETWORK,
@@ -60,6 +61,7 @@ class Lab:
         ip_masq: bool = False,
         nftables: bool = False,
         ipv6: bool = False,
+        prometheus: bool = False,
     ) -> None:
         # Checks the name: everything below carries it. Knows whether the lab is
         # dual-stack (`ipv6`): the underlay, hosts and containers then carry IPv6 too.
@@ -86,6 +88,11 @@ class Lab:
         self.etcd = Etcd(self.state.etcd_dir, ns=self.etcd_ns, host=str(ETCD_IP),
                          ports=[ETCD_PORTS], log_level="info")
         self.keys = KeyLayout(ETCD_PREFIX)
+        # A real Prometheus scraping every host (leaseagent.lab.prometheus).
+        self.prometheus = prometheus
+        self.prometheus_server = LabPrometheus(
+            self.dir / "prometheus", ns=self.topology.prometheus_ns,
+            endpoints=self.etcd.endpoints, prefix=ETCD_PREFIX)
         self.hosts: dict[int, Host] = {}
         self.containers_per_host = 2
 
@@ -127,7 +134,7 @@ class Lab:
         self.state.save(name=self.name, backend=self.backend, lease_ttl=self.lease_ttl,
                         containers_per_host=self.containers_per_host,
                         hosts=self.hosts.values(), docker=self.docker, ip_masq=self.ip_masq,
-                        nftables=self.nftables, ipv6=self.ipv6)
+                        nftables=self.nftables, ipv6=self.ipv6, prometheus=self.prometheus)
 
     @classmethod
     def load(cls, name: str, *, state_root: Path = STATE_ROOT) -> Lab:
@@ -137,6 +144,7 @@ class Lab:
         lab.backend, lab.lease_ttl = saved.backend, saved.lease_ttl
         lab.containers_per_host = saved.containers_per_host
         lab.docker, lab.ip_masq, lab.nftables = saved.docker, saved.ip_masq, saved.nftables
+        lab.prometheus = saved.prometheus
         lab.hosts = {h.index: h for h in saved.hosts}
         if lab.docker:
             for host in lab.hosts.values():
@@ -169,6 +177,10 @@ class Lab:
         self.topology.make_underlay()
         self.etcd.start(timeout=timeout)
         self._write_network_config()
+        if self.prometheus:
+            # Before the hosts: each is discovered as its agent publishes its address.
+            self.topology.make_prometheus_ns()
+            self.prometheus_server.start(timeout=timeout)
         new = [self._make_host(i) for i in range(1, hosts + 1)]
         for host in new:
             self.start_agent(host)
@@ -249,9 +261,12 @@ class Lab:
 
     def remove_host(self, host: Host) -> None:
         """Stop the host's agent (SIGKILL: what happens to a host that dies) and what it
-        started (wireguard-go), and delete its namespaces; its lease stays in etcd until
-        TTL or `delete_lease`."""
+        started (wireguard-go), delete its published metrics address and its namespaces;
+        its lease stays in etcd until TTL or `delete_lease`."""
         self.stop_agent(host, sig=signal.SIGKILL, grace=5)
+        # Decommissioned, as an operator would: no longer a Prometheus target (its
+        # metrics key has no TTL; leaseagent.core.monitoring).
+        self.etcdctl("del", self.keys.metrics_key(self.node_id(host)))
         teardown.stop_strays([host.ns], self.state)
         self.topology.remove_host(host)
         del self.hosts[host.index]
@@ -317,10 +332,14 @@ class Lab:
 
     # ---------------------------------------------------------------- agents
 
+    def node_id(self, host: Host) -> str:
+        """The host's agent's --node-id: unique across labs sharing a machine."""
+        return f"{self.name}-{host.name}"
+
     def agent_argv(self, host: Host) -> list[str]:
         return agents.argv(
             host, command=self.agent_command or [tool("leaseagent")], endpoints=self.endpoints,
-            prefix=ETCD_PREFIX, lease_ttl=self.lease_ttl, node_id=f"{self.name}-{host.name}",
+            prefix=ETCD_PREFIX, lease_ttl=self.lease_ttl, node_id=self.node_id(host),
             extra=["--docker-opts-file", str(self.dockerd(host).options_file),
                    *(["--ip-masq"] if self.ip_masq else []),
                    *self.agent_args, *self.host_agent_args.get(host.index, ())],

@@ -4,9 +4,15 @@
                         families' in a dual-stack lab) and containers (so `status`,
                         `down`, a test, can pick the lab up from another process)
     etcd/m0/            etcd's data, log and pid file (leaseagent.lab.etcd)
+    prometheus/         the lab's Prometheus (leaseagent.lab.prometheus): its config,
+                        data, the targets file, logs and pid files (Prometheus, the
+                        targets writer, the forwarder)
     h<i>/               host i: subnet.env, the agent's log, pid file and state dir;
                         with Docker also docker_opts.env, docker.sock, dockerd's data and
-                        exec roots (docker/), its log and pid file, the restart hook's
+                        exec roots (docker/), its log and pid file, the restart hook's;
+                        in the systemd lab (leaseagent.lab.hostlab) the machine's pid
+                        file and console log, its overlay (upper/, work/, root/) and
+                        its /var/lib/docker (var-lib-docker/)
 
 Pid files hold "<pid> <start time>" (leaseagent.lab.processes). `down` finds
 them here: agents first, then etcd. The state dir is <root>/<name> with the
@@ -26,6 +32,9 @@ from leaseagent.files import write_atomic
 from leaseagent.lab.errors import LabError
 from leaseagent.lab.topology import Host, Topology
 
+# leaseagent.lab.prometheus's, in stopping order (named here: that module starts them)
+PROMETHEUS_PID_FILES = ("forward.pid", "prometheus.pid", "targets.pid")
+
 STATE_ROOT = Path("/run/leaseagent-lab")
 
 
@@ -41,6 +50,7 @@ class Saved:
     ip_masq: bool = False
     nftables: bool = False
     ipv6: bool = False
+    prometheus: bool = False
 
 
 class StateDir:
@@ -68,18 +78,22 @@ class StateDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def pid_files(self) -> list[list[Path]]:
-        """Pid files in stopping order: Docker's restart hooks, dockerd (which stops its
+        """Pid files in stopping order: the systemd lab's machines (whose poweroff stops
+        their agents and dockerd), the lab's Prometheus and its helpers, Docker's
+        restart hooks, dockerd (which stops its
         containers and containerd), the agents, then etcd (an agent stopping while etcd
         goes away would wait on it)."""
         if not self.path.is_dir():
             return []
-        return [sorted(self.path.glob("h*/docker-hook.pid")),
+        return [sorted(self.path.glob("h*/machine.pid")),
+                [self.path / "prometheus" / name for name in PROMETHEUS_PID_FILES],
+                sorted(self.path.glob("h*/docker-hook.pid")),
                 sorted(self.path.glob("h*/dockerd.pid")),
                 sorted(self.path.glob("h*/agent.pid")), sorted(self.etcd_dir.glob("*/etcd.pid"))]
 
     def save(self, *, name: str, backend: str, lease_ttl: int, containers_per_host: int,
              hosts: Iterable[Host], docker: bool = False, ip_masq: bool = False,
-             nftables: bool = False, ipv6: bool = False) -> None:
+             nftables: bool = False, ipv6: bool = False, prometheus: bool = False) -> None:
         doc = {
             "name": name,
             "backend": backend,
@@ -87,6 +101,7 @@ class StateDir:
             "ip_masq": ip_masq,
             "nftables": nftables,
             "ipv6": ipv6,
+            "prometheus": prometheus,
             "lease_ttl": lease_ttl,
             "containers_per_host": containers_per_host,
             "hosts": [
@@ -127,4 +142,4 @@ class StateDir:
                      docker=bool(doc.get("docker", False)),
                      ip_masq=bool(doc.get("ip_masq", False)),
                      nftables=bool(doc.get("nftables", False)),
-                     ipv6=topology.ipv6)
+                     ipv6=topology.ipv6, prometheus=bool(doc.get("prometheus", False)))

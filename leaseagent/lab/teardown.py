@@ -1,12 +1,13 @@
 """`down`: remove everything a lab made, from its name alone, also after a crash.
 
-Order: the processes recorded in pid files (Docker's restart hooks, dockerd,
-agents, then etcd; each checked against its start time, so a recycled PID is
+Order: the processes recorded in pid files (the systemd lab's machines, Docker's
+restart hooks, dockerd, agents, then etcd; each checked against its start time, so a recycled PID is
 never hit), then what a dockerd that died left running (its containers'
 processes, found by container id in their cgroup; its containerd and shims,
 strays in the host namespace), then strays found inside the lab's
 namespaces, then the namespaces (containers, hosts, etcd, underlay), then
-whatever dockerd left mounted under the state dir, then the state dir.
+the machines' roots and cgroups, whatever dockerd left mounted under the state
+dir, then the state dir (only once nothing is mounted in it).
 
 A stray is a process in a lab namespace whose command line names the lab's
 state dir (spawned just before a crash, its pid file never written) or that
@@ -21,7 +22,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from leaseagent.lab import docker, netns, processes
+from leaseagent.lab import docker, machines, netns, processes
 from leaseagent.lab.processes import Process
 from leaseagent.lab.state import StateDir
 from leaseagent.lab.topology import Topology
@@ -34,9 +35,12 @@ HELPERS = frozenset({"ping", "etcdctl", "leasectl", "wireguard-go"})
 def down(topology: Topology, state: StateDir) -> list[str]:
     """Remove the lab; returns warnings (empty when everything went)."""
     warnings: list[str] = []
+    # A machine's init outlives a SIGKILLed nspawn: known before, killed after.
+    inits = machines.inits(state.path)
     for group in state.pid_files():
         procs = [p for f in group if (p := processes.running(f)) is not None]
         processes.stop(procs, first=signal.SIGTERM, grace=30)
+    processes.stop(inits, first=signal.SIGKILL, grace=5)
     processes.stop(docker.leftover_container_processes(state.path), first=signal.SIGKILL,
                    grace=5)
 
@@ -47,8 +51,14 @@ def down(topology: Topology, state: StateDir) -> list[str]:
         problem = netns.delete(ns)
         if problem is not None:
             warnings.append(problem)
+    for machine_dir in sorted(state.path.glob("h*/machine.pid")):
+        warnings += machines.remove_leftovers(f"{topology.name}-{machine_dir.parent.name}",
+                                              machine_dir.parent)
     warnings += docker.unmount_under(state.path)
-    state.remove()
+    if docker.mounted_under(state.path):
+        warnings.append(f"{state.path} left in place: something is still mounted in it")
+    else:
+        state.remove()
     return warnings
 
 

@@ -2,6 +2,9 @@
 
     la-<name>-ul      underlay: bridge ul0 (10.250.0.1/24), one veth port per host and etcd
     la-<name>-etcd    etcd's namespace: eth0 10.250.0.2/24
+    la-<name>-prom    Prometheus's (only with `Lab(prometheus=True)`, `up --prometheus`):
+                      eth0 10.250.0.3/24; it scrapes every host's agent on the underlay
+                      (leaseagent.lab.prometheus)
     la-<name>-out     "outside": eth0 10.250.0.254/24, no agent and no route to the
                       cluster network (it stands for the internet): a container
                       reaches it only through masquerade (--ip-masq)
@@ -48,6 +51,7 @@ from leaseagent.lab.errors import LabError
 UNDERLAY = IPv4Network("10.250.0.0/24")
 UNDERLAY_GW = IPv4Address("10.250.0.1")
 ETCD_IP = IPv4Address("10.250.0.2")
+PROMETHEUS_IP = IPv4Address("10.250.0.3")
 OUTSIDE_IP = IPv4Address("10.250.0.254")
 ETCD_PORTS = (2379, 2380)  # client, peer: alone in its namespace, etcd has them free
 HOST_IP_BASE = 10  # host i is 10.250.0.<10+i>
@@ -139,6 +143,7 @@ class Topology:
         self.ul_ns = self.ns("ul")
         self.etcd_ns = self.ns("etcd")
         self.outside_ns = self.ns("out")
+        self.prometheus_ns = self.ns("prom")
 
     # ---------------------------------------------------------------- names
 
@@ -147,7 +152,7 @@ class Topology:
 
     def owns(self, ns: str) -> bool:
         """True for exactly the namespace names this lab makes."""
-        return re.fullmatch(rf"la-{self.name}-(ul|etcd|out|h\d+|c\d+-\d+)", ns) is not None
+        return re.fullmatch(rf"la-{self.name}-(ul|etcd|out|prom|h\d+|c\d+-\d+)", ns) is not None
 
     def present(self) -> list[str]:
         """This lab's namespaces that exist now."""
@@ -156,7 +161,7 @@ class Topology:
     @staticmethod
     def removal_order(namespaces: list[str]) -> list[str]:
         """Containers, hosts, etcd, underlay: each veth goes with the namespace holding it."""
-        order = {"c": 0, "h": 1, "o": 2, "e": 2, "u": 3}
+        order = {"c": 0, "h": 1, "o": 2, "e": 2, "p": 2, "u": 3}
         return sorted(namespaces, key=lambda n: order[short(n)[0]])
 
     def host(self, index: int, dir: Path) -> Host:
@@ -182,6 +187,12 @@ class Topology:
         # No default route: nothing but the underlay is reachable from it.
         self._attach_to_underlay(self.outside_ns, port="out", ip=OUTSIDE_IP, default_route=False)
 
+    def make_prometheus_ns(self) -> None:
+        """Prometheus's namespace on the underlay (no default route: it scrapes the hosts
+        and asks etcd, all on the underlay)."""
+        self._attach_to_underlay(self.prometheus_ns, port="prom", ip=PROMETHEUS_IP,
+                                 default_route=False)
+
     def _attach_to_underlay(self, ns: str, *, port: str, ip: IPv4Address,
                             default_route: bool = True) -> None:
         """New namespace `ns` with eth0 at `ip` (and at its IPv6 twin in a dual-stack
@@ -197,13 +208,15 @@ class Topology:
         if default_route:
             run(["ip", "-n", ns, "route", "add", "default", "via", str(UNDERLAY_GW)])
 
-    def make_host(self, host: Host) -> None:
+    def make_host(self, host: Host, *, forwarding: bool = True) -> None:
         """The host's namespace on the underlay, forwarding on (it routes for its
-        containers)."""
+        containers) unless told: in the systemd lab Docker turns it on, and sets its
+        FORWARD policy to DROP when it does."""
         if host.public_ip not in UNDERLAY or host.public_ip == UNDERLAY.broadcast_address:
             raise LabError(f"host {host.index}: no underlay address left")
         self._attach_to_underlay(host.ns, port=host.name, ip=host.public_ip)
-        netns.enable_forwarding(host.ns, ipv6=self.ipv6)
+        if forwarding:
+            netns.enable_forwarding(host.ns, ipv6=self.ipv6)
 
     def make_bridge(self, host: Host) -> None:
         """docker0's part: bridge br0 with FLANNEL_SUBNET's address and FLANNEL_MTU (and

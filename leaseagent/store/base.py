@@ -24,7 +24,7 @@ Errors are the project's (leaseagent.errors), never a library's.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -59,6 +59,9 @@ class WatchEvent:
 class Listing:
     items: list[KeyValue]
     revision: int
+    # Keys whose value is too large to receive (over gRPC's 4 MiB message limit): their
+    # metadata, value empty. Skipped by every reader, and reported.
+    oversize: list[KeyValue] = field(default_factory=list)
 
 
 class LeaseStore(Protocol):
@@ -67,7 +70,9 @@ class LeaseStore(Protocol):
     async def get(self, key: str) -> KeyValue | None: ...
 
     async def list_prefix(self, prefix: str) -> Listing:
-        """All keys under prefix in one range request, with the store revision."""
+        """All keys under prefix at one revision (the store's at the first request), in as
+        many range requests as it takes; a key whose value cannot be received is in
+        `oversize` instead of `items`."""
         ...
 
     async def put(self, key: str, value: bytes) -> None:

@@ -3,7 +3,13 @@
     etcd3aio / grpc exception                  -> ours
     EtcdConnectionError, EtcdTransientError,
     TimeoutError, AioRpcError UNAVAILABLE/
-    DEADLINE_EXCEEDED                          -> StoreUnavailable (retryable)
+    DEADLINE_EXCEEDED, INTERNAL of a stream
+    reset by a member shutting down            -> StoreUnavailable (retryable)
+    "invalid auth token", "revision of auth
+    store is old" (a token lost in an etcd
+    restart or expired)                        -> authenticate again, send again
+                                                  (a watch: resume on the new token)
+    "authentication failed" (wrong password)   -> ConfigError (exit 2)
     EtcdUnauthenticatedError,
     EtcdPermissionDeniedError                  -> StoreAuthError
     "requested lease not found"                -> LeaseLost
@@ -29,6 +35,14 @@ Quirks of etcd3aio 0.3.0 handled here:
   members); URLs are parsed here, names resolved to IPv4 addresses, and
   https:// switches TLS on.
 
+A listing is taken in pages (`list_prefix`: a range request with a limit,
+each continuing after the last key, all at the first page's revision): gRPC
+receives at most 4 MiB in one message, which a large cluster or large lease
+values exceed. A page over it is asked for again with fewer keys; a single
+value over it is skipped and named (`Listing.oversize`). A watch response over
+it cannot be received either: the watch raises TooLarge (not resumed: it would
+bring the same response again) and the caller lists again.
+
 Every call has a deadline (`timeout`), so a member that holds the
 connection open without answering (SIGSTOP) costs a bounded wait, after
 which gRPC's round robin moves on to another member.
@@ -40,7 +54,8 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +83,7 @@ from leaseagent.errors import (
     StoreAuthError,
     StoreError,
     StoreUnavailable,
+    TooLarge,
 )
 from leaseagent.retrying import Backoff
 from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
@@ -75,6 +91,10 @@ from leaseagent.store.settings import Endpoint, EtcdSettings, parse_endpoints
 from leaseagent.waiting import within
 
 __all__ = ["EtcdSettings", "EtcdStore"]
+# Keys per range request of a listing (`list_prefix`): ~200 KB of flannel's lease values.
+LIST_PAGE_KEYS = 1000
+# A listing whose revision is compacted away between its pages is started again this often.
+LIST_RESTARTS = 3
 # A member that is back is reconnected to within about a second (see connect()).
 RECONNECT_BACKOFF_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -119,6 +139,13 @@ def _tls_refused(detail: str, what: str) -> StoreAuthError | None:
     return None
 
 
+# What gRPC reports (status INTERNAL) for a stream the server reset as it shut down (etcd
+# stopped with SIGTERM, `systemctl restart etcd`), and gRPC core's own "Internal error from
+# Core" (seen once on a config watch during a compaction test): an outage or a transport
+# hiccup, not an error of ours, so retried like one.
+_STREAM_RESET = ("RST_STREAM", "Stream removed", "GOAWAY", "Internal error from Core")
+
+
 def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
     if isinstance(exc, (EtcdUnauthenticatedError, EtcdPermissionDeniedError)):
         return StoreAuthError(f"etcd refused {what}: {exc}")
@@ -127,8 +154,7 @@ def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
         tls = _tls_refused(exc.details() or "", what)
     if tls is not None:
         return tls
-    if "authentication failed" in str(exc) or (
-            isinstance(exc, grpc.aio.AioRpcError) and "authentication failed" in (exc.details() or "")):
+    if _wrong_password(exc):
         return StoreAuthError(f"etcd refused {what}: wrong user name or password")
     if isinstance(exc, (EtcdConnectionError, EtcdTransientError)):
         return StoreUnavailable(f"etcd unavailable during {what}: {exc}")
@@ -140,12 +166,54 @@ def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
         if "lease not found" in detail:
             return LeaseLost(f"etcd: {detail}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.CANCELLED):
+                    grpc.StatusCode.CANCELLED) or (
+                code is grpc.StatusCode.INTERNAL and any(s in detail for s in _STREAM_RESET)):
             return StoreUnavailable(f"etcd unavailable during {what}: {detail}")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return StoreAuthError(f"etcd refused {what}: {detail}")
         return StoreError(f"etcd error during {what}: {detail}")
     return StoreError(f"etcd error during {what}: {exc}")
+
+
+def _details(exc: BaseException) -> str:
+    detail = str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        detail += " " + (exc.details() or "")
+    return detail
+
+
+# What etcd says of a token it no longer knows (a simple token lost in a restart or past
+# --auth-token-ttl, an expired JWT), of a token older than a change of users or roles,
+# and of a request with no token at all: a new token is the cure (etcd's own client
+# re-authenticates on the first two).
+_TOKEN_PROBLEMS = ("invalid auth token", "revision of auth store is old",
+                   "user name is empty")
+
+
+def _token_problem(exc: BaseException) -> bool:
+    detail = _details(exc)
+    return any(p in detail for p in _TOKEN_PROBLEMS)
+
+
+def _wrong_password(exc: BaseException) -> bool:
+    return "authentication failed" in _details(exc)
+
+
+def _code(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status of a translated error's cause (or of the error itself)."""
+    for e in (exc, exc.__cause__):
+        if isinstance(e, grpc.aio.AioRpcError):
+            return e.code()
+    return None
+
+
+def _too_large(exc: BaseException) -> bool:
+    """A response over gRPC's receive limit (4 MiB by default)."""
+    return _code(exc) is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _compacted(exc: BaseException) -> bool:
+    return "required revision has been compacted" in _details(exc.__cause__ or exc)
 
 
 def _as_bytes(data: str | bytes) -> bytes:
@@ -170,7 +238,12 @@ class EtcdStore:
         self._client = client
         self._settings = settings
         self._timeout = settings.timeout
-        self._refresher: Any = None
+        self.page = LIST_PAGE_KEYS  # keys per range request of a listing
+        # (user, password) with auth on; a token is asked for at connect and again whenever
+        # etcd refuses it (`_call`); the generation counts the tokens had so far.
+        self._credentials: tuple[str, str] | None = None
+        self._auth_lock = asyncio.Lock()
+        self._auth_generation = 0
         # Told (operation, seconds) after every request, e.g. for a latency histogram.
         self.observer: Callable[[str, float], None] | None = None
         # Told the member id whenever the member answering us changes.
@@ -209,17 +282,22 @@ class EtcdStore:
         store = cls(client, settings)
         if settings.username:
             if settings.password_file is None:
-                raise ConfigError("--etcd-username needs --etcd-password-file")
-            password = _read_file(settings.password_file, "--etcd-password-file")
-            password_text = password.decode().rstrip("\r\n")
-            try:
-                store._refresher = client.token_refresher(settings.username, password_text)
-                await within(store._refresher.__aenter__(), store._timeout)
-            except BaseException as exc:
                 await client.close()
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                raise _translate(exc, f"authentication as {settings.username!r}") from None
+                raise ConfigError("--etcd-username needs --etcd-password-file")
+            try:
+                password = _read_file(settings.password_file, "--etcd-password-file")
+            except ConfigError:
+                await client.close()
+                raise
+            store._credentials = (settings.username, password.decode().rstrip("\r\n"))
+            try:
+                await store._authenticate()
+            except StoreUnavailable:
+                pass  # etcd is not up yet: the first request it refuses for want of a token
+                # authenticates (`_call`), as without auth the agent waits for etcd
+            except BaseException:
+                await client.close()
+                raise
         return store
 
     @property
@@ -230,50 +308,133 @@ class EtcdStore:
     def _leases(self) -> Any:
         return self._client.lease
 
-    async def _call(self, what: str, coro: Any) -> Any:
+    async def _call(self, what: str, make: Callable[[], Awaitable[Any]]) -> Any:
+        """`make()`'s request, bounded by the timeout, errors translated; a request refused
+        for its auth token (lost in an etcd restart, expired) is sent again once after
+        authenticating anew."""
         started = time.perf_counter()
         try:
-            result = await within(coro, self._timeout)
-            # Every etcd response names the member that served it: which
-            # endpoint we are on now, for the operator (a metric).
-            member = getattr(getattr(result, "header", None), "member_id", 0)
-            if member and member != self.member_id:
-                self.member_id = member
-                if self.on_member is not None:
-                    self.on_member(member)
-            return result
+            for attempt in (1, 2):
+                generation = self._auth_generation
+                try:
+                    result = await within(make(), self._timeout)
+                except (EtcdError, grpc.aio.AioRpcError) as exc:
+                    if attempt == 2 or not self._token_refused(exc):
+                        raise
+                    await self._authenticate(generation)
+                    continue
+                # Every etcd response names the member that served it: which
+                # endpoint we are on now, for the operator (a metric).
+                member = getattr(getattr(result, "header", None), "member_id", 0)
+                if member and member != self.member_id:
+                    self.member_id = member
+                    if self.on_member is not None:
+                        self.on_member(member)
+                return result
+            raise AssertionError("unreachable")
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _translate(exc, what) from exc
         finally:
             if self.observer is not None:
                 self.observer(what.split(" ", 1)[0], time.perf_counter() - started)
 
+    def _token_refused(self, exc: BaseException) -> bool:
+        """etcd refused our auth token, not our credentials: simple tokens are lost when
+        etcd restarts and expire after --auth-token-ttl unused; JWTs expire. Before the
+        first token (etcd was down at connect) any refusal: the request went without one
+        (as the client certificate's user, or as nobody)."""
+        if self._credentials is None:
+            return False
+        if self._auth_generation == 0:
+            return isinstance(exc, (EtcdUnauthenticatedError, EtcdPermissionDeniedError)) or (
+                _token_problem(exc))
+        return _token_problem(exc)
+
+    async def _authenticate(self, generation: int | None = None) -> None:
+        """Get a token for our user and send it from now on. With `generation`: only if no
+        other request has authenticated since that generation (one re-authentication for
+        the requests refused together). A wrong password is a ConfigError (exit 2)."""
+        assert self._credentials is not None
+        name, password = self._credentials
+        async with self._auth_lock:
+            if generation is not None and generation != self._auth_generation:
+                return
+            try:
+                auth: Any = self._client.auth
+                auth.set_token(None)  # etcd refuses Authenticate with a stale token too
+                resp = await within(auth.authenticate(name, password), self._timeout)
+            except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+                error = _translate(exc, f"authentication as {name!r}")
+                if _wrong_password(exc):
+                    raise ConfigError(f"--etcd-password-file: {error}") from None
+                raise error from None
+            self._client.set_token(resp.token)
+            self._auth_generation += 1
+
     async def member_endpoints(self) -> dict[int, str]:
         """Member id -> its first client URL, from the cluster's member list."""
         cluster: Any = self._client.cluster
-        resp = await self._call("members", cluster.member_list(timeout=self._timeout))
+        resp = await self._call("members", lambda: cluster.member_list(timeout=self._timeout))
         return {int(m.ID): (list(m.clientURLs) or [m.name])[0] for m in resp.members}
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._call(f"get {key}", self._kvs.get(key, timeout=self._timeout))
+        resp = await self._call(f"get {key}", lambda: self._kvs.get(key, timeout=self._timeout))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def list_prefix(self, prefix: str) -> Listing:
-        resp = await self._call(
-            f"list {prefix}",
-            self._kvs.get(prefix, prefix_range_end(prefix), timeout=self._timeout),
-        )
-        return Listing(items=[_kv(kv) for kv in resp.kvs], revision=resp.header.revision)
+        """The prefix in pages of at most `self.page` keys, all read at the revision of the
+        first page (one consistent view, as one range request would give): a listing of
+        any size stays under gRPC's 4 MiB receive limit. A page over the limit (large
+        values) is asked for again with half as many keys, down to one; a single key over
+        it is listed in `oversize` (its metadata only). The history of the first page's
+        revision compacted away meanwhile: listed again from the start."""
+        for _ in range(LIST_RESTARTS):
+            try:
+                return await self._list_pages(prefix)
+            except StoreError as exc:
+                if not _compacted(exc):
+                    raise
+        return await self._list_pages(prefix)
+
+    async def _list_pages(self, prefix: str) -> Listing:
+        end = _as_bytes(prefix_range_end(prefix))
+        start, revision = prefix.encode(), 0
+        items: list[KeyValue] = []
+        oversize: list[KeyValue] = []
+        limit = self.page
+        while True:
+            try:
+                resp = await self._call(f"list {prefix}", partial(
+                    self._kvs.get, start, end, revision=revision, limit=limit,
+                    timeout=self._timeout))
+            except StoreError as exc:
+                if not _too_large(exc):
+                    raise
+                if limit > 1:
+                    limit = max(1, limit // 2)
+                    continue
+                resp = await self._call(f"list {prefix}", partial(
+                    self._kvs.get, start, end, revision=revision, limit=1, keys_only=True,
+                    timeout=self._timeout))
+                oversize.extend(_kv(kv) for kv in resp.kvs)
+            else:
+                items.extend(_kv(kv) for kv in resp.kvs)
+                limit = min(self.page, limit * 2)
+            if not revision:
+                revision = int(resp.header.revision)
+            if not resp.more or not resp.kvs:
+                return Listing(items=items, revision=revision, oversize=oversize)
+            start = bytes(resp.kvs[-1].key) + b"\0"  # the next key after the last one
 
     async def put(self, key: str, value: bytes) -> None:
-        await self._call(f"put {key}", self._kvs.put(key, value, timeout=self._timeout))
+        await self._call(f"put {key}", lambda: self._kvs.put(key, value, timeout=self._timeout))
 
     async def _txn(self, what: str, compare: Any, key: str, value: bytes, lease: int
                    ) -> tuple[bool, KeyValue | None]:
         kv = self._kvs
         resp = await self._call(
             what,
-            kv.txn(
+            lambda: kv.txn(
                 [compare],
                 [kv.txn_op_put(key, value, lease=lease), kv.txn_op_get(key)],
                 [kv.txn_op_get(key)],
@@ -327,7 +488,7 @@ class EtcdStore:
                          lease=lease) for key in keys] if lease else []
         resp = await self._call(
             f"allocate {keys[0]}",
-            kv.txn(guard, [RequestOp(request_txn=chain)], [kv.txn_op_get(key) for key in keys],
+            lambda: kv.txn(guard, [RequestOp(request_txn=chain)], [kv.txn_op_get(key) for key in keys],
                    timeout=self._timeout),
         )
         if not resp.succeeded:
@@ -365,7 +526,7 @@ class EtcdStore:
                    kv.txn_compare_create_revision(new_key, 0)]
         resp = await self._call(
             f"move {key}",
-            kv.txn(compare,
+            lambda: kv.txn(compare,
                    [kv.txn_op_delete(key), kv.txn_op_put(new_key, value, lease=lease),
                     kv.txn_op_get(new_key)],
                    [kv.txn_op_get(new_key)], timeout=self._timeout),
@@ -377,7 +538,7 @@ class EtcdStore:
     async def delete(self, key: str, *, mod_revision: int | None = None) -> bool:
         kv = self._kvs
         if mod_revision is None:
-            resp = await self._call(f"delete {key}", kv.delete(key, timeout=self._timeout))
+            resp = await self._call(f"delete {key}", lambda: kv.delete(key, timeout=self._timeout))
             return bool(resp.deleted)
         from etcd3aio._protobuf import Compare
 
@@ -385,12 +546,12 @@ class EtcdStore:
                           mod_revision=mod_revision)
         resp = await self._call(
             f"delete {key}",
-            kv.txn([compare], [kv.txn_op_delete(key)], [], timeout=self._timeout),
+            lambda: kv.txn([compare], [kv.txn_op_delete(key)], [], timeout=self._timeout),
         )
         return bool(resp.succeeded and resp.responses[0].response_delete_range.deleted)
 
     async def grant(self, ttl: int) -> tuple[int, int]:
-        resp = await self._call("grant", self._leases.grant(ttl, timeout=self._timeout))
+        resp = await self._call("grant", lambda: self._leases.grant(ttl, timeout=self._timeout))
         return int(resp.ID), int(resp.TTL)
 
     async def keepalive(self, lease_id: int) -> int:
@@ -403,24 +564,24 @@ class EtcdStore:
             finally:
                 stream.cancel()
 
-        return int(await self._call(f"keepalive lease {lease_id:x}", once()))
+        return int(await self._call(f"keepalive lease {lease_id:x}", once))
 
     async def time_to_live(self, lease_id: int) -> int:
         resp = await self._call(
             f"time-to-live lease {lease_id:x}",
-            self._leases.time_to_live(lease_id, timeout=self._timeout),
+            lambda: self._leases.time_to_live(lease_id, timeout=self._timeout),
         )
         return int(resp.TTL)
 
     async def revoke(self, lease_id: int) -> None:
         try:
             await self._call(f"revoke lease {lease_id:x}",
-                             self._leases.revoke(lease_id, timeout=self._timeout))
+                             lambda: self._leases.revoke(lease_id, timeout=self._timeout))
         except LeaseLost:
             return
 
     async def compact(self, revision: int) -> None:
-        await self._call("compact", self._kvs.compact(revision, timeout=self._timeout))
+        await self._call("compact", lambda: self._kvs.compact(revision, timeout=self._timeout))
 
     async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
         """Event batches from start_revision on; a lost stream is resumed where it stopped.
@@ -460,6 +621,7 @@ class EtcdStore:
         pb: Any = rpc_pb2  # generated code: no stubs for the watch messages
 
         service: Any = self._client.watch
+        generation = self._auth_generation
         call: Any = service._stub.Watch(metadata=service._metadata or None)
         read: asyncio.Future[Any] | None = None
         probe_after = max(WATCH_PROBE_AFTER, 2 * self._timeout)
@@ -488,6 +650,11 @@ class EtcdStore:
                 if resp.compact_revision > 0:
                     raise Compacted(int(resp.compact_revision))
                 if resp.canceled:
+                    if self._credentials is not None and any(
+                            p in resp.cancel_reason for p in _TOKEN_PROBLEMS):
+                        # Our token is gone (etcd restarted, or it expired): a new one,
+                        # and the caller resumes the stream with it.
+                        await self._authenticate(generation)
                     raise StoreUnavailable(f"etcd canceled the watch: {resp.cancel_reason}")
                 events = []
                 for ev in resp.events:
@@ -504,6 +671,9 @@ class EtcdStore:
                     seen = int(resp.header.revision)  # a progress report: all sent up to here
                 yield events, seen
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
+            if _too_large(exc):
+                raise TooLarge(f"a watch response on {prefix} was over gRPC's receive "
+                                 f"limit (a value over 4 MiB): listing again") from exc
             raise _translate(exc, f"watch {prefix}") from exc
         finally:
             if read is not None:
@@ -511,9 +681,4 @@ class EtcdStore:
             call.cancel()
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            try:
-                await self._refresher.__aexit__(None, None, None)
-            except Exception:
-                pass
         await self._client.close()

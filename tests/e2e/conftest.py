@@ -10,6 +10,7 @@ labs) when dockerd cannot run here.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -30,11 +31,14 @@ def require(backend: str) -> None:
 
 
 def _built(backend: str, *, tag: str, hosts: int, containers: int, ipv6: bool = False,
-           docker: bool = False) -> Iterator[Lab]:
+           docker: bool = False, prometheus: bool = False) -> Iterator[Lab]:
     require(backend)
     if docker and (why := docker_unavailable()):
         pytest.skip(f"dockerd cannot run here: {why}")
-    lab = Lab(f"e2e{tag}{os.getpid() % 100000}", backend=backend, ipv6=ipv6, docker=docker)
+    if prometheus and shutil.which("prometheus") is None:
+        pytest.skip("prometheus (Debian: prometheus) missing")
+    lab = Lab(f"e2e{tag}{os.getpid() % 100000}", backend=backend, ipv6=ipv6, docker=docker,
+              prometheus=prometheus)
     try:
         lab.up(hosts, containers)
         yield lab
@@ -48,6 +52,12 @@ def vxlan_lab() -> Iterator[Lab]:
     """3 hosts x 2 containers on vxlan, shared by the tests of a module: each test
     leaves it with the same 3 healthy hosts it found."""
     yield from _built("vxlan", tag="v", hosts=3, containers=2)
+
+
+@pytest.fixture(scope="module")
+def prometheus_lab() -> Iterator[Lab]:
+    """3 hosts x 1 container on vxlan with the lab's Prometheus (`up --prometheus`)."""
+    yield from _built("vxlan", tag="p", hosts=3, containers=1, prometheus=True)
 
 
 @pytest.fixture

@@ -424,6 +424,41 @@ async def test_mismatched_device_is_recreated_keeping_its_mac(
     assert dev["address"] == attrs.backend_data["VtepMAC"] == "02:aa:00:00:00:01"
 
 
+async def test_flannel_vxlan_options_gbp_learning_and_mtu_reach_the_device(
+    lab: Underlay, tmp_path: Path
+) -> None:
+    """Backend {"GBP": true, "Learning": true, "MTU": 1400} as flanneld makes the device:
+    the GBP extension and learning on, MTU 1400 - 50; an existing device with GBP or
+    learning off is made again (keeping its MAC); peers are programmed as usual."""
+    ns = lab.hosts[0]
+    await ash("ip", "-n", ns, "link", "add", "flannel.1", "address", "02:aa:00:00:00:07",
+              "type", "vxlan", "id", "1", "dstport", "8472", "local", "10.99.0.1",
+              "dev", "eth0", "nolearning")
+    settings = await make_settings(ns, tmp_path, backend={
+        "Type": "vxlan", "gbp": True, "Learning": True, "MTU": 1400})
+    backend, attrs = await started(settings, peers_of(PEER))
+    try:
+        dev = await link(ns)
+        assert dev is not None
+        info = dev["linkinfo"]["info_data"]
+        assert info.get("gbp") is True and info["learning"] is True, info
+        assert dev["mtu"] == 1350 and attrs.mtu == 1350
+        assert dev["address"] == "02:aa:00:00:00:07"
+        _, neigh, fdbs = await peer_state(ns)
+        assert neigh == {("10.5.2.0", PEER_MAC)} and fdbs == {(PEER_MAC, "10.99.0.2")}
+        assert not await as_doctor_sees_it(settings, peers_of(PEER))
+    finally:
+        await backend.close()
+    # Back to flannel's defaults: both flags off again.
+    plain = await make_settings(ns, tmp_path)
+    backend, _ = await started(plain, peers_of(PEER))
+    await backend.close()
+    dev = await link(ns)
+    assert dev is not None
+    info = dev["linkinfo"]["info_data"]
+    assert not info.get("gbp") and info["learning"] is False and dev["mtu"] == 1450
+
+
 async def test_direct_routing_uses_underlay_route_for_same_segment(
     lab: Underlay, tmp_path: Path
 ) -> None:
@@ -474,6 +509,31 @@ async def test_host_gw_routes_and_refusal(lab: Underlay, tmp_path: Path) -> None
     wrong = DataPlaneSettings(network=settings.network, host=host, state_dir=tmp_path, netns=ns)
     with pytest.raises(ConfigError, match="not an address of eth0"):
         await HostGwBackend(wrong).prepare()
+
+
+async def test_peer_counts_follow_a_full_sync(lab: Underlay, tmp_path: Path) -> None:
+    """foreign_peers and refused_peers tell what is true after each full sync: a peer of
+    another backend type, or one whose gateway is not on the link (refused, the data
+    plane still in sync for the rest), that a listing no longer has is no longer
+    counted."""
+    ns = lab.hosts[0]
+    backend = HostGwBackend(await make_settings(ns, tmp_path, backend={"Type": "host-gw"}))
+    await backend.prepare()
+    await backend.start(OWN)
+    gw = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "host-gw", NoLeaseData())
+    off_link = Peer(IPv4Network("10.5.4.0/24"), IPv4Address("192.0.2.77"), "host-gw",
+                    NoLeaseData())
+    try:
+        await backend.sync(peers_of(gw, off_link, FAR_PEER))  # FAR_PEER runs vxlan
+        status = backend.status
+        assert (status.foreign_peers, list(status.refused_peers)) == (1, [off_link.subnet])
+        assert "Network is unreachable" in status.refused_peers[off_link.subnet]
+        assert status.in_sync, status.last_error
+        assert {r["dst"] for r in await routes(ns)} == {"10.5.2.0/24"}
+        await backend.sync(peers_of(gw))
+        assert (status.foreign_peers, status.refused_peers, status.in_sync) == (0, {}, True)
+    finally:
+        await backend.close()
 
 
 async def test_resolve_host(lab: Underlay) -> None:

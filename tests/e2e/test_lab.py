@@ -8,6 +8,7 @@ host whose lease is gone leaves nothing behind in its peers' kernels within
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.lab import Container, Host, Lab, parse_ping_summary, run
+from leaseagent.lab.topology import CONTAINER_NETWORK
 
 CONVERGE = 2.0  # seconds: the promise for joins and removals (after the hold-down)
 
@@ -131,9 +133,14 @@ def test_start_removes_what_vanished_while_down_and_leaves_foreign_routes(vxlan_
     lab = vxlan_lab
     target, gateway_host = lab.hosts[1], lab.hosts[2]
     victim = lab.add_host(containers=1)
-    stale, foreign = "10.244.250.0/24", "10.244.251.0/24"
+    stale = foreign = ""
     try:
         assert lab.wait_reachable(timeout=5).all_ok
+        # Two /24s no host of the lab holds (fixed ones clashed with a host's lease: the
+        # route add failed with "File exists").
+        held = {h.subnet.network for h in lab.hosts.values() if h.subnet is not None}
+        stale, foreign = (str(n) for n in itertools.islice(
+            (n for n in CONTAINER_NETWORK.subnets(new_prefix=24) if n not in held), 250, 252))
         value = lab.lease_value(victim)
         assert value is not None and victim.subnet is not None
         mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]
@@ -156,8 +163,9 @@ def test_start_removes_what_vanished_while_down_and_leaves_foreign_routes(vxlan_
         print(f"stale and vanished entries gone by READY, {time.monotonic() - started:.2f}s "
               "after start; foreign route kept")
     finally:
-        run(["ip", "-n", target.ns, "route", "del", foreign], check=False)
-        run(["ip", "-n", target.ns, "route", "del", stale], check=False)
+        for added in (foreign, stale):
+            if added:
+                run(["ip", "-n", target.ns, "route", "del", added], check=False)
         if not lab.agent_alive(target):
             lab.start_agent(target)
             lab.wait_ready(target, timeout=10)

@@ -28,8 +28,11 @@ from leaseagent.lab.topology import OUTSIDE_IP
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
 
-# Repair deadlines the issue sets (nftables: events; iptables: a check every 2 s).
+# Repair deadlines the issue sets (nftables: events; iptables: a check every
+# --iptables-resync seconds). The default is flanneld's 5 s; the lab's agents check
+# every IPTABLES_RESYNC s so the bound holds with a margin for the repair itself.
 REPAIR_BOUND = {"nftables": 1.0, "iptables": 5.0}
+IPTABLES_RESYNC = "3"
 INTRUDER_INDEX = 90  # its namespace is la-<lab>-h90: a lab name, so `down` removes it
 
 
@@ -37,6 +40,7 @@ INTRUDER_INDEX = 90  # its namespace is la-<lab>-h90: a lab name, so `down` remo
 def rules_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     mode = request.param
     lab = Lab(f"tr{mode[0]}{os.getpid() % 100000}", ip_masq=True, nftables=mode == "nftables",
+              agent_args=["--iptables-resync", IPTABLES_RESYNC],
               host_agent_args={2: ["--no-vxlan-peer-filter"]})
     try:
         lab.up(2, 1)
@@ -289,3 +293,49 @@ def test_doctor_names_a_missing_rule_and_cleanup_removes_everything(rules_lab: L
     finally:
         lab.start_agent(host)
         lab.wait_ready(host, timeout=20)
+
+
+def test_an_operators_docker_user_rule_keeps_its_effect(rules_lab: Lab) -> None:
+    """Docker's DOCKER-USER chain is where a host's own policy goes (Docker's docs): a
+    DROP there must stop container traffic whatever our forward rules accept. With
+    iptables our jump sits right after DOCKER-USER's (also after a check and a repair of
+    ours); with nftables our base chain's accept never overrides a drop in iptables-nft's
+    FORWARD. Docker itself is not needed: its chain and jump are made as it makes them."""
+    lab = rules_lab
+    h1, h2 = lab.hosts[1], lab.hosts[2]
+    c1, c2 = h1.containers[0], h2.containers[0]
+
+    def ipt(*args: str, check: bool = True) -> str:
+        return run(["ip", "netns", "exec", h1.ns, "iptables", *args], check=check)
+
+    repairs_before = repairs(lab, h1)
+    ipt("-N", "DOCKER-USER")
+    ipt("-A", "DOCKER-USER", "-s", str(c2.ip), "-d", str(c1.ip), "-p", "icmp", "--icmp-type",
+        "echo-request", "-j", "DROP")
+    ipt("-A", "DOCKER-USER", "-j", "RETURN")
+    ipt("-I", "FORWARD", "-j", "DOCKER-USER")  # Docker keeps its jump first
+    try:
+        time.sleep(float(IPTABLES_RESYNC) + 1)  # a check of ours has seen it
+        assert not lab.ping(c2.ns, c1.ip, count=3, wait=1), "DOCKER-USER's DROP was bypassed"
+        assert lab.ping(c1.ns, c2.ip, count=1, wait=2)  # the other direction is not dropped
+        assert source_seen(c1.ns, c2.ns, c1.ip) == str(c2.ip)  # nor is TCP
+        assert repairs(lab, h1) == repairs_before and not differences(lab, h1)
+        if mode(lab) == "iptables":
+            # A repair of ours puts the jump back after DOCKER-USER's, not first.
+            ipt("-D", "FORWARD", "1" if ipt("-S", "FORWARD").splitlines()[1].endswith(
+                "-j LEASEAGENT-FORWARD") else "2")
+            start = time.monotonic()
+            while differences(lab, h1):
+                assert time.monotonic() - start < REPAIR_BOUND["iptables"] + 2, "not repaired"
+                time.sleep(0.05)
+            jumps = [line.split("-j ")[-1].split()[0] for line in ipt("-S", "FORWARD").splitlines()
+                     if " -j " in line]
+            assert jumps[:2] == ["DOCKER-USER", "LEASEAGENT-FORWARD"], jumps
+            assert not lab.ping(c2.ns, c1.ip, count=2, wait=1)
+        print(f"\n{mode(lab)}: DOCKER-USER's DROP holds; FORWARD: "
+              + " | ".join(ipt("-S", "FORWARD").splitlines()[1:]))
+    finally:
+        ipt("-D", "FORWARD", "-j", "DOCKER-USER", check=False)
+        ipt("-F", "DOCKER-USER", check=False)
+        ipt("-X", "DOCKER-USER", check=False)
+    assert lab.wait_reachable(timeout=10).all_ok

@@ -145,3 +145,82 @@ def test_wireguard_go_makes_its_device_with_the_units_capabilities(host_ns: str)
             proc.kill()
             proc.wait()
         Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
+
+
+def unit_setting(key: str) -> str:
+    values = [line.partition("=")[2] for line in UNIT.read_text().splitlines()
+              if line.partition("=")[0] == key]
+    assert len(values) == 1, (key, values)
+    return values[0]
+
+
+def allowed_syscalls(filter_set: str) -> set[str]:
+    """The system calls systemd's SystemCallFilter= set lets through (its groups expanded,
+    as systemd-analyze lists them)."""
+    listing = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True,
+                             text=True, check=True).stdout
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            current = line.strip()
+            groups[current] = []
+        elif line.strip() and not line.strip().startswith("#") and current is not None:
+            groups[current].append(line.strip())
+
+    def expand(name: str) -> set[str]:
+        return set().union(*(expand(i) if i.startswith("@") else {i} for i in groups[name]))
+
+    return expand(filter_set)
+
+
+def traced_calls(trace: Path) -> tuple[set[str], set[str]]:
+    """(system calls, socket address families) in an `strace -f` output file."""
+    calls: set[str] = set()
+    families: set[str] = set()
+    for line in trace.read_text().splitlines():
+        words = line.split(None, 1)
+        if len(words) < 2 or not words[0].isdigit():
+            continue
+        name, paren, rest = words[1].partition("(")
+        if paren and name.replace("_", "").isalnum():
+            calls.add(name)
+            if name == "socket":
+                families.add(rest.split(",", 1)[0])
+    return calls, families
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or shutil.which("systemd-analyze") is None,
+                    reason="needs strace and systemd-analyze")
+def test_the_tools_stay_inside_the_units_syscall_filter_and_address_families(
+        host_ns: str, tmp_path: Path) -> None:
+    """Every system call and socket family the agent's firewall code and the iptables,
+    ipset and nft it runs use is one the unit's SystemCallFilter= and
+    RestrictAddressFamilies= allow, and none maps memory writable and executable
+    (MemoryDenyWriteExecute=): the sandbox does not break them."""
+    traces = []
+    for tool in ("iptables", "nftables"):
+        trace = tmp_path / f"{tool}.trace"
+        result = subprocess.run(
+            ["ip", "netns", "exec", host_ns, "strace", "-f", "-qq", "-o", str(trace),
+             *only(unit_capabilities()), sys.executable, "-c", APPLY, tool],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        traces.append(trace)
+    calls: set[str] = set()
+    families: set[str] = set()
+    for trace in traces:
+        more_calls, more_families = traced_calls(trace)
+        calls |= more_calls
+        families |= more_families
+    assert "setns" not in calls and "mount" not in calls  # the trace began inside the namespace
+    assert calls - allowed_syscalls(unit_setting("SystemCallFilter")) == set()
+    assert families <= set(unit_setting("RestrictAddressFamilies").split()), families
+    assert {"AF_INET", "AF_NETLINK"} <= families  # the set match's raw socket, netlink
+    # MemoryDenyWriteExecute=yes: no mapping is ever writable and executable at once.
+    assert unit_setting("MemoryDenyWriteExecute") == "yes"
+    for trace in traces:
+        both = [line for line in trace.read_text().splitlines()
+                if line.split(None, 1)[-1].startswith(("mmap(", "mprotect(", "pkey_mprotect("))
+                and "PROT_WRITE" in line and "PROT_EXEC" in line]
+        assert not both, both[:3]

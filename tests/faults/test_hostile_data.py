@@ -64,8 +64,10 @@ def oracle(key: str, raw: bytes, dual: bool = False
            ) -> tuple[IPv4Network, str, str | None, IPv6Network | None] | None:
     """(subnet, PublicIP, VtepMAC, IPv6 subnet served) if this lease may be programmed,
     else None."""
-    # flannel's key expression (pkg/subnet/subnet.go), anchored at both ends; each part a network.
-    m = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", key[len(SUBNETS):])
+    # flannel's key expression (pkg/subnet/subnet.go), anchored at both ends; each part a
+    # network; Go's \d is ASCII.
+    m = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", key[len(SUBNETS):],
+                     re.ASCII)
     if m is None:
         return None
     try:
@@ -85,8 +87,8 @@ def oracle(key: str, raw: bytes, dual: bool = False
     except Exception:
         return None
     if (not isinstance(doc, dict) or str(ip) in BAD_IPS or ip.is_loopback or ip.is_multicast
-            or ip.is_reserved or ip.is_link_local or ip.is_unspecified):
-        return None
+            or ip.is_reserved or ip.is_link_local or ip.is_unspecified or ip in NETWORK):
+        return None  # a PublicIP inside the cluster network: the overlay would carry itself
     if doc.get("NodeID") is not None and not isinstance(doc.get("NodeID"), str):
         return None
     if not isinstance(doc.get("BackendData") or {}, dict):
@@ -114,7 +116,7 @@ def oracle(key: str, raw: bytes, dual: bool = False
     if (subnet6.prefixlen != 64 or not subnet6.subnet_of(NETWORK6) or v6 is None
             or IPv6Address(v6).is_link_local or IPv6Address(v6).is_loopback
             or IPv6Address(v6).is_multicast or IPv6Address(v6).is_unspecified
-            or IPv6Address(v6).is_reserved):
+            or IPv6Address(v6).is_reserved or IPv6Address(v6) in NETWORK6):
         return None
     data6 = doc.get("BackendV6Data") or {}
     if vxlan and not _mac_ok(data6.get("VtepMAC")):
@@ -173,7 +175,7 @@ def dumps(doc: object) -> bytes:
 
 
 ips = st.sampled_from([*sorted(BAD_IPS), "10.200.0.2", "10.200.0.3", "192.168.1.1", "1.2.3",
-                       "", "10.200.0.2 "]) | st.integers() | st.none()
+                       "", "10.200.0.2 ", "10.5.9.9"]) | st.integers() | st.none()
 values = st.one_of(
     st.builds(lambda ip, bt, mac, node: dumps({"PublicIP": ip, "BackendType": bt,
                                                "BackendData": {"VNI": 1, "VtepMAC": mac},
@@ -188,7 +190,7 @@ values = st.one_of(
                                               "BackendV6Data": {"VNI": 1, "VtepMAC": mac6},
                                               "NodeID": "n6"}),
               ips, st.sampled_from(["fd00:250::5", "fd00:250::6", "fe80::5", "::1", "ff02::1",
-                                    "10.200.0.5", "", None, 6, "fd00:250::5 "]),
+                                    "10.200.0.5", "", None, 6, "fd00:250::5 ", "fd00:5::9"]),
               st.sampled_from(["vxlan", "vxlan", "host-gw"]), st.sampled_from(MACS)),
     st.builds(lambda ip, data6: dumps({"PublicIP": ip, "PublicIPv6": "fd00:250::8",
                                        "BackendType": "vxlan",

@@ -121,3 +121,35 @@ def test_a_metrics_address_in_use_is_a_one_line_configuration_error(etcd, agents
     log = a.log()
     assert "--metrics-addr 127.0.0.1:" in log and "cannot listen" in log
     assert "Traceback" not in log
+
+
+def test_status_tells_the_current_peer_count_as_peers_join_and_leave(etcd, agents, tmp_path):
+    """STATUS= (what `systemctl status` shows) follows the peers: it said "0 peers" for
+    ever once sent at READY=1."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        put_config(etcd, ALLOC)
+        agents("a", "10.200.0.1", env={"NOTIFY_SOCKET": str(path)}).start()
+
+        def status_until(ending: str, timeout: float = 20) -> list[str]:
+            seen: list[str] = []
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                msg = _receive(sock, max(0.01, deadline - time.monotonic()))
+                if msg is None:
+                    break
+                seen += [m for m in msg.splitlines() if m.startswith("STATUS=")]
+                if seen and seen[-1].startswith("STATUS=ready: lease 10.6.") \
+                        and seen[-1].endswith(ending):
+                    return seen
+            raise AssertionError(f"no STATUS= ending {ending!r} within {timeout} s: {seen}")
+
+        status_until(", 0 peers")
+        b = agents("b", "10.200.0.2").start()
+        status_until(", 1 peers")
+        c = agents("c", "10.200.0.3", extra=["--release-on-exit"]).start()
+        status_until(", 2 peers")
+        c.stop()  # releases its lease: gone from a's peers at once
+        status_until(", 1 peers")
+        assert b.proc is not None and b.proc.alive

@@ -3,6 +3,7 @@
 etcd runs from the harness in tests/etcd_cluster.py (one member here) on
 https://127.0.0.1:PORT with --client-cert-auth. Auth: a root user, and a user
 `leaseagent` whose role may only readwrite the prefix /coreos.com/network/.
+`short_token_etcd`: the same with --auth-token-ttl 1 (tokens expire between uses).
 Passwords go to etcdctl on stdin, never on a command line. Everything is
 stopped by PID and removed afterwards, also when a test fails.
 """
@@ -40,13 +41,12 @@ class SecureEtcd:
         return ["--etcd-username", "leaseagent", "--etcd-password-file", str(self.password_file)]
 
 
-@pytest.fixture
-def secure_etcd() -> Iterator[SecureEtcd]:
+def _secure_etcd(extra_args: list[str]) -> Iterator[SecureEtcd]:
     d = Path(tempfile.mkdtemp(prefix="leaseagent-pki-"))
     pki = make_pki(d)
     tls = TlsFiles(ca=pki.ca, cert=pki.server[0], key=pki.server[1],
                    client_cert=pki.root[0], client_key=pki.root[1])
-    cluster = EtcdCluster(1, tls=tls)
+    cluster = EtcdCluster(1, tls=tls, extra_args=extra_args)
     try:
         cluster.start()
         password = secrets.token_urlsafe(18)
@@ -68,3 +68,19 @@ def secure_etcd() -> Iterator[SecureEtcd]:
         import shutil
 
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def secure_etcd() -> Iterator[SecureEtcd]:
+    yield from _secure_etcd([])
+
+
+# Simple tokens unused this long expire (etcd's default is 300 s): shorter than the
+# agents' renewal interval, so every renewal finds its token gone.
+TOKEN_TTL = 1
+
+
+@pytest.fixture
+def short_token_etcd() -> Iterator[SecureEtcd]:
+    """secure_etcd with --auth-token-ttl TOKEN_TTL."""
+    yield from _secure_etcd(["--auth-token-ttl", str(TOKEN_TTL)])

@@ -62,6 +62,8 @@ CASES = [
     ("Backend.Port", BASE, with_backend(Port=4789), IN_PLACE),
     ("Backend.DirectRouting", BASE, with_backend(DirectRouting=True), IN_PLACE),
     ("Backend.VNI", BASE, with_backend(VNI=2), REBUILD),
+    ("Backend.GBP", BASE, with_backend(GBP=True), IN_PLACE),
+    ("Backend.Learning", BASE, with_backend(Learning=True), IN_PLACE),
     ("Backend.PSK", WG, with_wireguard(PSK="A" * 43 + "="), IN_PLACE),
     ("Backend.PersistentKeepaliveInterval", WG, with_wireguard(PersistentKeepaliveInterval=25),
      IN_PLACE),
@@ -102,8 +104,9 @@ def test_a_change_has_the_class_of_its_most_disruptive_field() -> None:
     {**BASE, "SubnetLen": 24},  # the default, written out
     {**BASE, "SubnetMin": "10.5.1.0", "SubnetMax": "10.5.255.0"},
     with_backend(VNI=1, Port=8472),  # flannel's defaults
-    with_backend(VNI=0, Port=0),  # flannel's "unset"
-    with_backend(GBP=True),  # a key leaseagent does not read
+    with_backend(VNI=None, Port=0),  # null: the default; Port 0: the kernel's 8472
+    with_backend(vni=1, mtu=None, directrouting=False),  # Go matches keys ignoring case
+    with_backend(Flavour=True),  # a key flannel's struct does not have: ignored, as by Go
     {**BASE, "EnableIPv4": True},
     {**BASE, "IPv6Network": "fd00:9::/48"},  # without EnableIPv6: only checked for form
 ])
@@ -123,7 +126,8 @@ def test_an_option_the_registry_does_not_name_is_a_rebuild(monkeypatch: pytest.M
                                                            ) -> None:
     vxlan = BACKEND_TYPES["vxlan"]
     monkeypatch.setitem(BACKEND_TYPES, "vxlan", type(vxlan)(
-        vxlan.name, vxlan.parse_options, vxlan.parse_lease_data))  # no option_keys
+        vxlan.name, vxlan.parse_options, vxlan.parse_lease_data,
+        option_keys={"MTU": "vni"}))  # MTU is read, but not said to set an attribute
     change = classify(config(BASE), config(with_backend(MTU=1400)))
     assert change.kind == REBUILD
     assert [f.name for f in change.fields] == ["Backend"]

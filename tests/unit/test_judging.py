@@ -295,3 +295,42 @@ def test_a_key_naming_our_ipv6_subnet_is_ours_to_refuse() -> None:
     assert (verdict.status, verdict.reason) == (INVALID, "own_subnet")
     assert "IPv6 subnet fd00:0:0:1::/64" in (verdict.detail or "")
     assert result.peers == {}
+
+
+def test_a_reservation_is_judged_by_the_rules_of_a_lease() -> None:
+    """Outside the network, another length, an unusable PublicIP, or naming a subnet a
+    valid lease holds (older or younger): not a valid reservation. The peers stay the
+    lease's, in judge and in the LeaseBook alike."""
+    bare = value("10.250.0.9")
+    items = [
+        KV(P + "10.9.1.0-24", bare, 2, 2, lease=0),
+        KV(P + "10.5.16.0-20", bare, 3, 3, lease=0),
+        KV(P + "10.5.40.0-24", value("127.0.0.1"), 4, 4, lease=0),
+        KV(P + "10.5.41.0-024", bare, 5, 5, lease=0),  # older than the lease it overlaps
+        KV(P + "10.5.41.0-24", value("10.250.0.3"), 6, 6),
+        KV(P + "10.5.42.0-24", value("10.250.0.4"), 7, 7),
+        KV(P + "10.5.42.0-24&fd00::-64", bare, 8, 8, lease=0),  # younger
+        KV(P + "10.5.43.0-24", bare, 9, 9, lease=0),  # a good one
+    ]
+    result = judge(items, layout=LAYOUT, network=NETWORK)
+    v = result.verdicts
+    assert v[P + "10.9.1.0-24"].reason == "subnet_outside_network"
+    assert "outside the network" in (v[P + "10.9.1.0-24"].detail or "")
+    assert v[P + "10.5.16.0-20"].reason == "subnet_outside_network"
+    assert v[P + "10.5.40.0-24"].reason == "bad_public_ip"
+    for key in (P + "10.5.41.0-024", P + "10.5.42.0-24&fd00::-64"):
+        assert v[key].status == DUPLICATE and not v[key].valid
+        assert "overlaps a lease" in (v[key].detail or "")
+    assert v[P + "10.5.43.0-24"].status == RESERVED and v[P + "10.5.43.0-24"].valid
+    assert all(not v[kv.key].valid for kv in items[:4])
+    assert list(v) == [kv.key for kv in items]  # oldest first, reservations too
+    assert {str(s) for s in result.peers} == {"10.5.41.0/24", "10.5.42.0/24"}
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity())
+    book.reset(items)
+    assert dict(book.peers) == result.peers
+    assert {r.key for r in book.rejected} == {kv.key for kv in items[:4]} | {items[6].key}
+    # The incremental path reports a reservation put over a held subnet, too.
+    book.reset(items[4:6])
+    book.put(items[3])
+    assert [r.key for r in book.rejected] == [items[3].key]
+    assert book.rejected[0].status == DUPLICATE

@@ -157,8 +157,9 @@ def test_vxlan_options_defaults_and_mtu() -> None:
         1, 8472, False, "flannel.1")
     assert opts.mtu_for(1500) == 1450
     custom = vxlan_options({"VNI": 42, "Port": 4789, "MTU": 1400, "DirectRouting": True})
+    # flannel's MTU is the path's: the device gets 50 less, whatever the underlay's.
     assert (custom.device_name, custom.port, custom.mtu_for(9000), custom.direct_routing) == (
-        "flannel.42", 4789, 1400, True)
+        "flannel.42", 4789, 1350, True)
 
 
 @pytest.mark.parametrize("backend", [
@@ -217,12 +218,12 @@ def test_host_gw_dual_stack_routes_via_the_public_addresses() -> None:
     assert len(flatten(plan_host_gw(OWN, by_subnet(peer), underlay_index=UL))) == 1
 
 
-def test_vxlan_mtu_over_ipv6_is_70_less_and_backend_mtu_sets_both() -> None:
+def test_vxlan_mtu_over_ipv6_is_70_less_and_backend_mtu_is_the_path_of_both() -> None:
     opts = vxlan_options({"Type": "vxlan"})
     assert (opts.mtu_for(1500), opts.mtu_for(1500, ipv6=True), opts.device_name6) == (
         1450, 1430, "flannel-v6.1")
     fixed = vxlan_options({"MTU": 1400})
-    assert fixed.mtu_for(9000) == fixed.mtu_for(9000, ipv6=True) == 1400
+    assert (fixed.mtu_for(9000), fixed.mtu_for(9000, ipv6=True)) == (1350, 1330)
 
 
 def test_a_device_address_is_judged_against_its_own_family_only() -> None:

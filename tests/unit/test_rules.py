@@ -285,3 +285,11 @@ def test_the_factory_names_the_missing_ipv6_program(monkeypatch: pytest.MonkeyPa
         firewall(nftables=False, family=6)
     fw = firewall(nftables=True, family=6)
     assert isinstance(fw, NftFirewall) and fw.table == "ip6 leaseagent"
+
+
+def test_our_forward_jump_goes_right_after_docker_users() -> None:
+    from leaseagent.core.rules import jump_index
+    assert jump_index("FORWARD", []) == 0
+    assert jump_index("FORWARD", ["DOCKER-USER", "DOCKER-FORWARD", None]) == 1
+    assert jump_index("FORWARD", [None, "DOCKER-USER", "DOCKER-ISOLATION-STAGE-1"]) == 2
+    assert jump_index("POSTROUTING", ["DOCKER-USER"]) == 0  # only FORWARD has it

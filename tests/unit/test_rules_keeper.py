@@ -6,10 +6,12 @@ counted. The real adapters are exercised in tests/e2e/test_traffic_rules.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+import pytest
 from memory_firewall import MemoryFirewall
 
 from leaseagent.core.rules import (
@@ -19,7 +21,12 @@ from leaseagent.core.rules import (
     compare,
     ruleset,
 )
-from leaseagent.dataplane.firewall import RETIRE_DELAY_SECONDS, RulesKeeper, foreign_change
+from leaseagent.dataplane.firewall import (
+    DEFAULT_CHECK_SECONDS,
+    RETIRE_DELAY_SECONDS,
+    RulesKeeper,
+    foreign_change,
+)
 
 NET = IPv4Network("10.5.0.0/16")
 POD = IPv4Network("10.5.34.0/24")
@@ -223,3 +230,38 @@ def test_the_rules_metrics_keep_their_series_and_sum_the_families() -> None:
     v6.in_sync = False
     assert value("leaseagent_rules_in_sync") == 0
     assert value("leaseagent_rules_in_sync", family="6") is None
+
+
+async def test_rules_that_cannot_be_written_are_an_error_naming_the_command_not_a_repair(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A write the tool refuses: not in sync, its message kept for /readyz and STATUS=, one
+    ERROR line however often it is retried, and the differences it leaves are neither
+    counted as repairs nor blamed on someone else; once the write works, it is said once."""
+    fw = MemoryFirewall()
+    fw.refuse = ("iptables-restore --noflush: iptables-restore v1.8.9 (nf_tables): "
+                 "Can't open socket to ipset.")
+    keeper = RulesKeeper(fw)
+    with caplog.at_level(logging.INFO, logger="leaseagent.dataplane.firewall"):
+        await keeper.sync(wanted(addresses(2)))
+        for _ in range(3):
+            await keeper.sync(repair=True)
+        assert not keeper.status.in_sync
+        assert keeper.status.last_error == fw.refuse
+        assert not keeper.status.repairs
+        assert keeper.retry_seconds <= DEFAULT_CHECK_SECONDS
+        lines = [r.getMessage() for r in caplog.records]
+        assert [m for m in lines if "cannot be applied" in m] == [
+            f"traffic rules cannot be applied: {fw.refuse} (retrying every {DEFAULT_CHECK_SECONDS:g}s)"]
+        assert not [m for m in lines if "someone else" in m]
+
+        caplog.clear()
+        fw.refuse = None
+        await keeper.sync(repair=True)
+        assert keeper.status.in_sync and keeper.status.last_error is None
+        assert not keeper.status.repairs
+        assert [r.getMessage() for r in caplog.records] == ["traffic rules in place again"]
+
+        await fw.remove()  # now someone else's doing: a repair, and said so
+        await keeper.sync(repair=True)
+        assert keeper.status.repairs and keeper.status.in_sync
+        assert any("changed by someone else" in r.getMessage() for r in caplog.records)

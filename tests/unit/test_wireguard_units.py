@@ -87,10 +87,10 @@ def test_every_option_of_flannels_documentation() -> None:
 @pytest.mark.parametrize(("backend", "message"), [
     ({"PSK": "not-a-key"}, "Backend.PSK: must be a WireGuard key"),
     ({"PSK": base64.b64encode(b"x" * 31).decode()}, "Backend.PSK: must be a WireGuard key"),
-    ({"ListenPort": 0}, "Backend.ListenPort=0: must be an integer in 1..65535"),
+    ({"ListenPort": 0}, "Backend.ListenPort=0: must be a whole JSON number in 1..65535"),
     ({"ListenPortV6": 70000}, "Backend.ListenPortV6=70000"),
     ({"PersistentKeepaliveInterval": 2.5}, "Backend.PersistentKeepaliveInterval=2.5"),
-    ({"Mode": "both"}, "Backend.Mode='both': must be one of separate, auto, ipv4, ipv6"),
+    ({"Mode": "both"}, 'Backend.Mode="both": must be one of separate, auto, ipv4, ipv6'),
     ({"MTU": 100}, "Backend.MTU=100: must be at least 148"),
     ({"Mode": "ipv6"}, 'Backend.Mode="ipv6" needs "EnableIPv6": true'),
 ])
@@ -505,3 +505,43 @@ def test_the_fingerprint_ignores_peer_order_and_counters_but_not_the_configurati
     assert fingerprint(one) == fingerprint(other_order)
     assert fingerprint(one) != fingerprint(moved)
     assert fingerprint(one) != fingerprint(swapped)
+
+
+def test_the_family_is_asked_for_by_name_not_dumped() -> None:
+    """CTRL_CMD_GETFAMILY with the name "wireguard", a plain request: the form that makes the
+    kernel load an installed but unloaded module (a dump loads nothing). The bytes as sent,
+    and as pyroute2's reading of the controller's messages has them."""
+    import socket as sockets
+
+    from pyroute2.netlink.generic import ctrlmsg
+
+    from leaseagent.dataplane.rtnl import NLM_F_DUMP, NLM_F_REQUEST, RtnlSocket
+    from leaseagent.dataplane.wgnetlink import GENL_ID_CTRL, encode_family_request
+
+    body = encode_family_request("wireguard")
+    assert body == (bytes([3, 1, 0, 0])  # cmd CTRL_CMD_GETFAMILY, version 1, reserved
+                    + struct.pack("=HH", 4 + 10, 2) + b"wireguard\0" + b"\0\0")  # padded to 4
+    a, b = sockets.socketpair(sockets.AF_UNIX, sockets.SOCK_DGRAM)
+    try:
+        seq, message = RtnlSocket(a).request_message(GENL_ID_CTRL, body)
+        length, kind, flags, sent_seq, pid = struct.unpack_from("=IHHII", message)
+        assert (length, kind, sent_seq, pid) == (len(message), GENL_ID_CTRL, seq, 0)
+        assert flags == NLM_F_REQUEST and not flags & NLM_F_DUMP
+    finally:
+        a.close()
+        b.close()
+    msg = ctrlmsg(message)
+    msg.decode()
+    assert msg["cmd"] == 3 and msg.get_attr("CTRL_ATTR_FAMILY_NAME") == "wireguard"  # type: ignore[index, attr-defined]
+
+
+def test_the_controllers_answer_gives_the_family_id_of_that_name_only() -> None:
+    from leaseagent.dataplane.wgnetlink import family_id
+
+    def answer(name: bytes, ident: int) -> bytes:
+        return (bytes([1, 2, 0, 0]) + struct.pack("=HHH2x", 6, 1, ident)
+                + struct.pack("=HH", 4 + len(name), 2) + name + b"\0" * (-len(name) % 4))
+
+    assert family_id(answer(b"wireguard\0", 33)) == 33
+    assert family_id(answer(b"nlctrl\0", 16)) is None
+    assert family_id(answer(b"nlctrl\0", 16), "nlctrl") == 16

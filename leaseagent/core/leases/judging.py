@@ -20,8 +20,13 @@ The rule, per key, oldest first (by create revision, then key name):
 
 A key with no etcd lease (lease id 0) is a reservation. One its host has not
 claimed yet (no BackendData and no NodeID: what `leasectl reserve` writes)
-is RESERVED: no peer (nobody is there yet), and no error either. A claimed
-reservation is judged like any other key.
+is RESERVED: no peer (nobody is there yet), and no error either, if it passes
+what a lease must (rules 1, 3 and, without backend data, 4: its subnet in the
+network with the SubnetLen, its IPv6 part in the IPv6 network, its PublicIP
+usable; `values.check_placement`) and no valid key of another holds its subnet
+(rule 5, whatever their ages: a reservation takes no subnet from a running
+host, and is a DUPLICATE instead). A claimed reservation is judged like any
+other key.
 
 Two valid keys naming one PublicIP (a leftover, or two agents with one
 identity) are both peers, but `Judgement.same_ip` names the younger with
@@ -45,7 +50,13 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Protocol
 
 from leaseagent.core.leases.keys import KeyLayout, SubnetKey
-from leaseagent.core.leases.values import LeaseValue, Peer, decode_lease_value, validate_peer
+from leaseagent.core.leases.values import (
+    LeaseValue,
+    Peer,
+    check_placement,
+    decode_lease_value,
+    validate_peer,
+)
 from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import InvalidLease
 
@@ -172,6 +183,8 @@ def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
         value = decode_lease_value(kv.value)
         if (not is_own and kv.lease == 0 and not value.backend_data and value.node_id is None
                 and not value.released):
+            if network is not None:
+                check_placement(subnet, value, network=network, ipv6_subnet=ipv6)
             return verdict(RESERVED, subnet, value=value)
         if network is None:
             return verdict(status, subnet, value=value)
@@ -206,6 +219,9 @@ def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfi
             if verdict.peer is not None:
                 out.peers[verdict.subnet] = verdict.peer
         out.verdicts[kv.key] = verdict
+    # Reservations come last from _elected; the verdicts are oldest first.
+    out.verdicts = dict(sorted(out.verdicts.items(),
+                               key=lambda item: (item[1].create_revision, item[0])))
     first_of_ip: dict[object, str] = {}
     for key in out.holders.values():  # oldest first
         value = out.verdicts[key].value
@@ -223,6 +239,7 @@ def _elected(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkCo
     DUPLICATE). One at a time: a caller that keeps only part of a verdict (LeaseBook)
     never holds thousands of them, with their decoded values, at once."""
     holders: dict[IPv4Network, str] = {}
+    reserved: list[tuple[RawLease, Verdict]] = []  # few: judged once every holder is known
     for kv in sorted(items, key=_age):
         verdict = classify(kv, layout=layout, network=network, identity=identity)
         subnet = verdict.subnet
@@ -232,7 +249,24 @@ def _elected(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkCo
                 verdict = _duplicate_of(verdict, holder)
             else:
                 holders[subnet] = kv.key
+        elif verdict.status == RESERVED and network is not None:
+            reserved.append((kv, verdict))
+            continue
         yield kv, verdict
+    for kv, verdict in reserved:
+        holder = holders.get(verdict.subnet) if verdict.subnet is not None else None
+        yield kv, (verdict if holder is None else _reserved_over(verdict, holder))
+
+
+def _reserved_over(verdict: Verdict, holder: str) -> Verdict:
+    """A reservation naming a subnet another host's valid key holds (rule 5 for a
+    reservation): a DUPLICATE, not a valid reservation."""
+    return Verdict(
+        key=verdict.key, status=DUPLICATE, subnet=verdict.subnet,
+        create_revision=verdict.create_revision, mod_revision=verdict.mod_revision,
+        lease=verdict.lease, value=verdict.value, reason="duplicate_subnet",
+        detail=f"reservation overlaps a lease: {verdict.subnet} is held under key {holder}",
+        ipv6_subnet=verdict.ipv6_subnet)
 
 
 @dataclass
@@ -416,6 +450,10 @@ class LeaseBook:
         if verdict.subnet is None:
             self._note_rejected(verdict)
             return PeerChanges()
+        if verdict.status == RESERVED:
+            holder = self._holders.get(verdict.subnet)
+            if holder is not None:
+                self._note_rejected(_reserved_over(verdict, holder))
         if valid:  # not among them: forgotten above
             self._valid[verdict.subnet] = (*self._valid.get(verdict.subnet, ()), kv.key)
         changes = self._elect(verdict.subnet)

@@ -3,6 +3,9 @@
     <prefix>/config                              the network config (JSON)
     <prefix>/subnets/<ipv4>-<len>                an IPv4 lease
     <prefix>/subnets/<ipv4>-<len>&<ipv6>-<len>   a dual-stack lease
+    <prefix>/metrics/<node id>                   ours: where a host's agent serves /metrics
+                                                 (leaseagent.core.monitoring); flanneld reads
+                                                 only <prefix>/config and <prefix>/subnets
 
 flannel names a lease `MakeSubnetKey` and reads it back with the regular
 expression `(\\d+\\.\\d+.\\d+.\\d+)-(\\d+)(?:&([a-f\\d:]+)-(\\d+))?$`
@@ -14,7 +17,9 @@ Where we are stricter than that expression (and so refuse, as invalid, a
 name flannel would accept): the whole name must match (flannel does not
 anchor the start), and each part must be a network address (no host bits).
 flannel never writes such names; an operator's typo is reported instead of
-guessed at. Leading zeros in a length (`10.5.1.0-024`) are accepted, as
+guessed at. Digits are ASCII digits only, as Go's `\\d` (Python's `\\d` and
+`int()` also take other scripts' digits: such a name is invalid).
+Leading zeros in a length (`10.5.1.0-024`) are accepted, as
 flannel's ParseUint does; such a key names the same subnet as `-24`, which
 is why judging a listing must decide which of two keys holds a subnet
 (leaseagent.core.leases.judging).
@@ -32,10 +37,12 @@ from leaseagent.core.network import IPV4_TEXT, ipv4_int
 
 DEFAULT_PREFIX = "/coreos.com/network"
 
-_NAME = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?")
+# re.ASCII: Go's \d is [0-9]; Python's would also take other scripts' digits (U+0661...),
+# which int() reads as numbers, so a key flannel ignores would name a subnet here.
+_NAME = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", re.ASCII)
 # An IPv4 key name as flannel writes it, the address as ipaddress reads it: read with
 # integer arithmetic (core.network.ipv4_int). Anything else takes the general path.
-_PLAIN = re.compile(rf"{IPV4_TEXT}-(\d{{1,3}})")
+_PLAIN = re.compile(rf"{IPV4_TEXT}-(\d{{1,3}})", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +107,13 @@ class KeyLayout:
     @property
     def subnets_prefix(self) -> str:
         return f"{self.prefix}/subnets/"
+
+    @property
+    def metrics_prefix(self) -> str:
+        return f"{self.prefix}/metrics/"
+
+    def metrics_key(self, node_id: str) -> str:
+        return self.metrics_prefix + node_id
 
     def lease_key(self, ipv4: IPv4Network, ipv6: IPv6Network | None = None) -> str:
         return self.subnets_prefix + key_name(ipv4, ipv6)

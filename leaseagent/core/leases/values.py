@@ -180,6 +180,29 @@ class Peer:
     data6: LeaseData | None = None
 
 
+def check_placement(subnet: IPv4Network, value: LeaseValue, *, network: NetworkConfig,
+                    ipv6_subnet: IPv6Network | None = None) -> None:
+    """The part of a lease's rules that a reservation (no etcd lease, no backend data
+    yet) must pass too: its subnet inside the network with the network's subnet length
+    (and its IPv6 part, when the network has IPv6, in the IPv6 network), its PublicIP
+    usable and outside the cluster network. InvalidLease says which failed."""
+    why = network.check_subnet(subnet)
+    if why:
+        raise InvalidLease("subnet_outside_network", why)
+    bad_ip = unusable_ip_reason(value.public_ip)
+    if bad_ip:
+        raise InvalidLease("bad_public_ip", f"PublicIP {value.public_ip} is {bad_ip}")
+    if value.public_ip in network.network:
+        # The underlay address inside the overlay: its packets would be sent into the
+        # overlay they carry (a route loop), and the lease's route would shadow a host.
+        raise InvalidLease("bad_public_ip", f"PublicIP {value.public_ip} is inside the cluster "
+                           f"network {network.network}")
+    if ipv6_subnet is not None and network.ipv6 is not None:
+        why = network.check_ipv6_subnet(ipv6_subnet)
+        if why:
+            raise InvalidLease("subnet_outside_network", why)
+
+
 def validate_peer(
     subnet: IPv4Network,
     value: LeaseValue,
@@ -196,12 +219,7 @@ def validate_peer(
     no IPv6 part is an IPv4-only peer either way (a mixed cluster works)."""
     if value.released:
         raise InvalidLease("released", "released by its agent (stopping with --release-on-exit)")
-    why = network.check_subnet(subnet)
-    if why:
-        raise InvalidLease("subnet_outside_network", why)
-    bad_ip = unusable_ip_reason(value.public_ip)
-    if bad_ip:
-        raise InvalidLease("bad_public_ip", f"PublicIP {value.public_ip} is {bad_ip}")
+    check_placement(subnet, value, network=network)
     if own_public_ip is not None and value.public_ip == own_public_ip:
         raise InvalidLease("public_ip_is_ours", f"PublicIP {value.public_ip} is this host's")
     kind = BACKEND_TYPES.get(value.backend_type)
@@ -221,6 +239,9 @@ def validate_peer(
     bad_ip = unusable_ip_reason(value.public_ipv6)
     if bad_ip:
         raise InvalidLease("bad_public_ip", f"PublicIPv6 {value.public_ipv6} is {bad_ip}")
+    if network.ipv6_network is not None and value.public_ipv6 in network.ipv6_network:
+        raise InvalidLease("bad_public_ip", f"PublicIPv6 {value.public_ipv6} is inside the "
+                           f"cluster network {network.ipv6_network}")
     try:
         data6 = kind.parse_lease_data(value.backend_v6_data)
     except InvalidLease as exc:

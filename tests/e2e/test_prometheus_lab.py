@@ -1,0 +1,163 @@
+"""A real Prometheus (Debian's) scraping a real lab: targets found through etcd, the
+shipped rules loaded, quiet while the cluster is healthy and through a normal restart,
+LeaseagentDown firing within its documented time when an agent stops and resolving when
+it is back; every query of the Grafana dashboard parses and returns data.
+
+Timings (leaseagent.lab.prometheus): scrape and evaluation every 2 s; LeaseagentDown has
+`for: 30s`, so it fires 30-34 s after the agent stops (asserted with 15 s of margin for a
+busy machine) and resolves within 4 s of the agent being back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from leaseagent.lab import Lab
+from leaseagent.lab.prometheus import SCRAPE_SECONDS
+
+T = TypeVar("T")
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "leaseagent-dashboard.json"
+DOWN_FOR = 30.0  # LeaseagentDown's for: in deploy/prometheus/leaseagent-rules.yml
+MARGIN = 15.0
+
+
+def _wait(what: str, check: Callable[[], T | None], timeout: float) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def lab(prometheus_lab: Lab) -> Lab:
+    return prometheus_lab
+
+
+def _all_up_and_ready(lab: Lab) -> bool:
+    prom = lab.prometheus_server
+    targets = prom.targets()
+    ready = prom.query('leaseagent_ready{job="leaseagent"} == 1')
+    return (len(targets) == len(lab.hosts) and all(t["health"] == "up" for t in targets)
+            and len(ready) == len(lab.hosts))
+
+
+def _firing(lab: Lab, alertname: str, node: str) -> bool:
+    return any(a["alertname"] == alertname and a.get("node") == node
+               for a in lab.prometheus_server.firing())
+
+
+@pytest.mark.root
+def test_every_host_is_discovered_and_up(lab: Lab) -> None:
+    prom = lab.prometheus_server
+    _wait("every target up and ready", lambda: _all_up_and_ready(lab), timeout=30)
+    targets = {t["labels"]["instance"]: t["labels"] for t in prom.targets()}
+    assert targets == {
+        f"{h.public_ip}:9464": {"instance": f"{h.public_ip}:9464", "job": "leaseagent",
+                                "node": lab.node_id(h), "public_ip": str(h.public_ip)}
+        for h in lab.hosts.values()}
+    groups = {g["name"]: g for g in prom.api("rules")["groups"]}
+    rules = groups["leaseagent"]["rules"]
+    assert len([r for r in rules if r["type"] == "alerting"]) >= 15
+    assert len([r for r in rules if r["type"] == "recording"]) >= 5
+    assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+
+
+@pytest.mark.root
+def test_a_healthy_cluster_has_not_even_a_pending_alert(lab: Lab) -> None:
+    """Ten seconds (five evaluations of every rule) with no alert firing or pending: no
+    rule's condition holds for a healthy cluster, whatever its `for:`."""
+    _wait("every target up and ready", lambda: _all_up_and_ready(lab), timeout=30)
+    time.sleep(2 * SCRAPE_SECONDS)  # the first ready scrape is evaluated
+    since = time.time()
+    time.sleep(10)
+    window = max(1, int(time.time() - since))
+    assert lab.prometheus_server.query(f"count_over_time(ALERTS[{window}s])") == []
+
+
+@pytest.mark.root
+def test_every_dashboard_query_parses_and_returns_data(lab: Lab) -> None:
+    """The dashboard's template variables stand for what Grafana puts there: all hosts,
+    and a rate window of a minute."""
+    _wait("every target up and ready", lambda: _all_up_and_ready(lab), timeout=30)
+    time.sleep(3 * SCRAPE_SECONDS)  # rate() needs two samples in its window
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [(panel["title"], target["expr"]) for panel in dashboard["panels"]
+               for target in panel.get("targets", [])]
+    assert len(queries) >= 20
+    empty: list[Any] = []
+    for title, expr in queries:
+        concrete = expr.replace("$__rate_interval", "1m").replace("$node", ".*")
+        assert "$" not in concrete, (title, expr)
+        if not lab.prometheus_server.query(concrete):  # a parse error raises LabError
+            empty.append((title, concrete))
+    assert empty == []
+    # The host variable's label_values(up{job="leaseagent"}, node), as Grafana asks for it.
+    nodes = lab.prometheus_server.api("label/node/values", **{"match[]": 'up{job="leaseagent"}'})
+    assert sorted(nodes) == sorted(lab.node_id(h) for h in lab.hosts.values())
+
+
+@pytest.mark.root
+def test_a_host_that_joins_is_scraped_and_one_removed_is_not(lab: Lab) -> None:
+    """Discovery follows etcd: a new host's agent publishes its address and is scraped
+    within seconds; a host removed from the cluster (its key deleted, as an operator
+    would) leaves the targets."""
+    prom = lab.prometheus_server
+    joined = time.monotonic()
+    host = lab.add_host(containers=0)
+    instance = f"{host.public_ip}:9464"
+    try:
+        _wait("the new host scraped", lambda: any(
+            t["labels"]["instance"] == instance and t["health"] == "up"
+            for t in prom.targets()), timeout=30)
+        print(f"a new host scraped {time.monotonic() - joined:.1f} s after add_host began")
+    finally:
+        lab.remove_host(host)
+    _wait("the removed host no longer a target", lambda: all(
+        t["labels"]["instance"] != instance for t in prom.targets()), timeout=30)
+
+
+@pytest.mark.root
+def test_a_normal_restart_fires_nothing(lab: Lab) -> None:
+    host = lab.hosts[2]
+    since = time.time()
+    lab.stop_agent(host)
+    lab.start_agent(host)
+    lab.wait_ready(host)
+    _wait("the restarted agent scraped and ready", lambda: _all_up_and_ready(lab), timeout=30)
+    time.sleep(3 * SCRAPE_SECONDS)
+    window = max(1, int(time.time() - since) + 1)
+    assert lab.prometheus_server.query(f'count_over_time(ALERTS{{alertstate="firing"}}[{window}s])'
+                                       ) == []
+
+
+@pytest.mark.root
+def test_a_stopped_agent_fires_its_alert_in_time_and_resolves_when_back(lab: Lab) -> None:
+    host = lab.hosts[3]
+    node = lab.node_id(host)
+    _wait("every target up and ready", lambda: _all_up_and_ready(lab), timeout=30)
+    lab.stop_agent(host)
+    stopped = time.monotonic()
+    try:
+        _wait("LeaseagentDown firing", lambda: _firing(lab, "LeaseagentDown", node),
+              timeout=DOWN_FOR + 2 * SCRAPE_SECONDS + MARGIN)
+        fired = time.monotonic() - stopped
+        print(f"LeaseagentDown fired {fired:.1f} s after the agent stopped")
+        assert fired >= DOWN_FOR - 1, fired  # its for: is honoured
+        others = [a for a in lab.prometheus_server.firing() if a.get("node") != node]
+        assert others == []
+    finally:
+        lab.start_agent(host)
+    lab.wait_ready(host)
+    back = time.monotonic()
+    _wait("LeaseagentDown resolved", lambda: not _firing(lab, "LeaseagentDown", node) or None,
+          timeout=2 * SCRAPE_SECONDS + MARGIN)
+    print(f"resolved {time.monotonic() - back:.1f} s after the agent was ready again")

@@ -1,0 +1,134 @@
+"""Hostile names and reservations in etcd, against a real etcd and real agent processes.
+
+- key names and NodeIDs holding a newline, ESC (a terminal control sequence) or a
+  right-to-left override: every agent log line and every leasectl line stays one line,
+  with no control character in it; what is stored is shown escaped;
+- a key name with non-ASCII digits (flannel's `\\d` is ASCII) is an invalid key, never a
+  subnet, for leasectl and the agents;
+- a reservation (no etcd lease) outside the Network, of another length than SubnetLen,
+  or overlapping another host's lease is not a valid `reserved` in `leasectl list`, and
+  an agent whose PublicIP such a reservation names does not take it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from etcd_server import PREFIX, put_config
+from leasectl_run import leasectl
+
+ALLOC = {"Network": "10.6.0.0/16", "SubnetLen": 24, "Backend": {"Type": "alloc"}}
+SUBNETS = f"{PREFIX}/subnets/"
+CONTROL = {chr(c) for c in range(0x20)} | {"\x7f", "\u202e", "\u2028"}
+FORGED = "2026-01-01 00:00:00,000 ERROR forged line"
+
+
+def _clean(text: str) -> None:
+    """No control character but the line breaks between lines, no forged line."""
+    for line in text.splitlines():
+        assert not (set(line) & CONTROL), repr(line)
+        assert not line.startswith(FORGED), repr(line)
+
+
+def _value(ip: str, node_id: str | None = None, **extra: object) -> str:
+    doc: dict[str, object] = {"PublicIP": ip, "PublicIPv6": None, "BackendType": "alloc", **extra}
+    if node_id is not None:
+        doc["NodeID"] = node_id
+    return json.dumps(doc)  # JSON escapes the controls; etcd stores the decoded text's escapes
+
+
+def test_names_with_newlines_and_escapes_never_reach_a_log_or_terminal_raw(etcd, agents):
+    put_config(etcd, ALLOC)
+    watcher = agents("w", "10.200.0.1", extra=["--log-format", "text"]).start(metrics=True)
+    watcher.wait_subnet()
+    evil_node = f"evil\n{FORGED}\x1b]0;owned\x07\x1b[2J\u202e"
+    # A valid peer whose NodeID is hostile, and keys whose names are.
+    etcd.etcdctl("put", SUBNETS + "10.6.77.0-24", _value("10.200.0.77", evil_node, BackendData={}))
+    etcd.etcdctl("put", SUBNETS + f"10.6.78.0-24\n{FORGED}\x1b[31m", _value("10.200.0.78"))
+    etcd.etcdctl("put", SUBNETS + "10.6.79.0-24\u202e42-", _value("10.200.0.79"))
+    # flannel's \d is ASCII: Arabic-Indic digits name no subnet (int() would read 8 and 24).
+    etcd.etcdctl("put", SUBNETS + "10.6.\u0668.0-\u0662\u0664", _value("10.200.0.80"))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if watcher.metric("leaseagent_invalid_leases_skipped_total", 'reason="bad_key"') == 3:
+            break
+        time.sleep(0.1)
+    assert watcher.metric("leaseagent_invalid_leases_skipped_total", 'reason="bad_key"') == 3
+    assert watcher.metric("leaseagent_peers", 'backend="alloc"') == 1  # 10.6.77.0 only
+    log = watcher.log()
+    _clean(log)
+    assert "10.6.78.0-24\\n2026-01-01" in log and "\\x1b[31m" in log  # shown, escaped
+    assert "\\u202e42-" in log
+
+    rows = json.loads(leasectl(etcd, "list", "--json").stdout)
+    by_subnet = {row["subnet"]: row for row in rows}
+    assert by_subnet["10.6.77.0/24"]["node_id"] == evil_node  # JSON: the stored text, escaped by JSON
+    assert by_subnet["10.6.77.0/24"]["valid"] is True
+    assert not by_subnet["10.6.\u0668.0-\u0662\u0664"]["valid"]
+    assert "10.6.8.0/24" not in by_subnet
+    for output in ("table", "wide"):
+        result = leasectl(etcd, "list", "-o", output)
+        assert result.returncode == 0, result.stderr
+        _clean(result.stdout)
+    wide = leasectl(etcd, "list", "-o", "wide").stdout
+    assert "evil\\n2026-01-01" in wide and "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in wide
+    # An error naming such a key is one line too.
+    shown = leasectl(etcd, "show", "10.6.78.0-24\nx")
+    _clean(shown.stderr)
+    assert len(shown.stderr.strip().splitlines()) == 1
+
+
+def test_reservations_are_judged_like_leases(etcd, agents):
+    put_config(etcd, ALLOC)
+    holder = agents("h", "10.200.0.1").start()
+    held = holder.wait_subnet().replace(".1/", ".0/")  # 10.6.X.0/24
+    octet = held.split(".")[2]
+    reservation = _value("10.200.0.9")
+    # What `leasectl reserve` refuses, written by hand: no etcd lease on any of them.
+    etcd.etcdctl("put", SUBNETS + "10.9.1.0-24", reservation)  # outside the Network
+    etcd.etcdctl("put", SUBNETS + "10.6.240.0-20", reservation)  # not a /24
+    etcd.etcdctl("put", SUBNETS + f"10.6.{octet}.0-024", reservation)  # another host's subnet
+    etcd.etcdctl("put", SUBNETS + "10.6.250.0-24", _value("10.200.0.10"))  # a good one
+    rows = {row["subnet"]: row for row in json.loads(leasectl(etcd, "list", "--json").stdout)}
+    good = rows["10.6.250.0/24"]
+    assert good["status"] == "reserved" and good["valid"] is True
+    outside, wrong_len = rows["10.9.1.0/24"], rows["10.6.240.0/20"]
+    for row in (outside, wrong_len):
+        assert row["reservation"] is True and row["valid"] is False and row["status"] == "invalid"
+    assert "outside the network" in outside["error"]
+    assert "not a /24" in wrong_len["error"]
+    over = [r for r in json.loads(leasectl(etcd, "list", "--json").stdout)
+            if r["subnet"] == held and r["reservation"]]
+    assert len(over) == 1 and over[0]["valid"] is False and over[0]["status"] == "duplicate"
+    assert "overlaps a lease" in over[0]["error"]
+    table = leasectl(etcd, "list").stdout
+    statuses = [line.split("never", 1)[1].split(":")[0].strip()
+                for line in table.splitlines() if "never" in line]
+    assert sorted(statuses) == ["duplicate", "invalid", "invalid", "reserved"], table
+
+    # The host all three name does not take any of them; it gets a subnet of its own.
+    nine = agents("n", "10.200.0.9").start()
+    got = nine.wait_subnet().replace(".1/", ".0/")
+    assert got not in (held, "10.9.1.0/24", "10.6.240.0/20")
+    assert "overlaps a lease" in nine.log()
+    assert holder.subnet_file.read_text().count(f"FLANNEL_SUBNET={held.replace('.0/', '.1/')}") == 1
+
+
+def test_a_lease_whose_public_ip_is_inside_the_network_is_invalid(etcd, agents):
+    """Found while trying more of the same kind: a PublicIP inside the cluster network
+    (the overlay carrying its own underlay: a route loop) was a valid peer."""
+    put_config(etcd, ALLOC)
+    watcher = agents("w", "10.200.0.1").start(metrics=True)
+    watcher.wait_subnet()
+    etcd.etcdctl("put", SUBNETS + "10.6.60.0-24", _value("10.6.61.7", "n", BackendData={}))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not watcher.metric(
+            "leaseagent_invalid_leases_skipped_total", 'reason="bad_public_ip"'):
+        time.sleep(0.1)
+    assert watcher.metric("leaseagent_invalid_leases_skipped_total", 'reason="bad_public_ip"') == 1
+    assert watcher.metric("leaseagent_peers", 'backend="alloc"') == 0
+    rows = {r["subnet"]: r for r in json.loads(leasectl(etcd, "list", "--json").stdout)}
+    row = rows["10.6.60.0/24"]
+    assert row["valid"] is False
+    assert row["error"] == "PublicIP 10.6.61.7 is inside the cluster network 10.6.0.0/16"

@@ -1,0 +1,27 @@
+"""The etcd adapter's error translation: transport hiccups are outages (retried), not
+errors that stop the agent."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc.aio import AioRpcError, Metadata
+
+from leaseagent.errors import StoreError, StoreUnavailable
+from leaseagent.store.etcd import _translate
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> AioRpcError:
+    return AioRpcError(code, Metadata(), Metadata(), details=details)
+
+
+@pytest.mark.parametrize("details", ["Internal error from Core", "Received RST_STREAM with error code 2",
+                                     "Stream removed", "GOAWAY received"])
+def test_an_internal_transport_error_is_an_outage(details: str) -> None:
+    err = _translate(_rpc_error(grpc.StatusCode.INTERNAL, details), "watch")
+    assert isinstance(err, StoreUnavailable)
+
+
+def test_another_internal_error_is_not_retried_as_an_outage() -> None:
+    err = _translate(_rpc_error(grpc.StatusCode.INTERNAL, "something else broke"), "list")
+    assert isinstance(err, StoreError) and not isinstance(err, StoreUnavailable)
