@@ -135,13 +135,13 @@ fi
 echo "build-box.sh: wheelhouse"
 rm -rf "$out/wheelhouse"
 mkdir -p "$out/wheelhouse"
-# leaseagent's wheel and its pinned dependencies, for CPython 3.11 (bookworm's):
-# the VMs install with PIP_NO_INDEX and PIP_FIND_LINKS, so no setuptools from an index.
+# The README's wheelhouse ("Installing offline"): the pinned dependencies, setuptools and
+# wheel, for CPython 3.11 (bookworm's); the VMs run install.sh --wheelhouse /wheelhouse.
 pip_log="$out/wheelhouse.log"
 python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
     || die "the wheelhouse needs Python 3.11 (bookworm's) on this machine; $(python3 --version) found"
 python3 -m pip wheel -q --disable-pip-version-check -c "$src/deploy/constraints.txt" \
-    -w "$out/wheelhouse" "$src" setuptools wheel >"$pip_log" 2>&1 \
+    -w "$out/wheelhouse" "$src" 'setuptools>=68' wheel >"$pip_log" 2>&1 \
     || die "pip wheel failed; see $pip_log"
 ls "$out/wheelhouse"/leaseagent-*.whl >/dev/null 2>&1 || die "no leaseagent wheel in $out/wheelhouse: $pip_log"
 

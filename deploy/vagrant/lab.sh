@@ -72,8 +72,7 @@ start_daemons() {
     elif ! same_netns "$pid"; then
         die "a libvirtd (PID $pid) runs outside namespace $ns: the lab's VMs would be on this machine's network; stop it first"
     fi
-    local i
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         virsh -c qemu:///system version >/dev/null 2>&1 && break
         sleep 0.2
     done
@@ -122,9 +121,9 @@ up() {
     start_daemons
     local start
     start=$(date +%s)
-    # --no-parallel: in parallel, vagrant-libvirt 0.11.2 defined the host domains here
-    # and then did nothing for minutes (none started, nothing logged); one VM after
-    # another is what was measured.
+    # --no-parallel: one VM at a time on a 2-core machine (in parallel, no host VM had
+    # started after 2.5 min here; each vagrant-libvirt step takes ~16 s of libvirt calls
+    # under TCG load, so it may only have been slow). One after another was measured.
     vagrant_in_ns up --provider=libvirt --no-parallel
     echo "lab.sh: vagrant up took $(( $(date +%s) - start )) s"
 }

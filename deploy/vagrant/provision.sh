@@ -46,12 +46,10 @@ provision_host() {
     local backend="${4:-vxlan}"
     local endpoints="http://${etcd_ip}:2379"
     need python3 docker dockerd iptables ipset busybox
-    local wheel
-    wheel="$(ls /wheelhouse/leaseagent-*.whl 2>/dev/null | sort -V | tail -n 1)"
-    [ -n "$wheel" ] || die "no leaseagent wheel in /wheelhouse (deploy/vagrant/build-box.sh makes it; vagrant rsync copies it)"
-    # The README's offline install: pip takes everything from the wheelhouse.
-    PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse \
-        bash /leaseagent/deploy/install.sh --docker --source /leaseagent --wheel "$wheel"
+    ls /wheelhouse/*.whl >/dev/null 2>&1 \
+        || die "no wheels in /wheelhouse (deploy/vagrant/build-box.sh makes them; vagrant rsync copies them)"
+    # The README's offline install: pip takes everything from the wheelhouse, builds the source tree.
+    bash /leaseagent/deploy/install.sh --docker --source /leaseagent --wheelhouse /wheelhouse
 
     # The interface by its address: the private NIC's name is the provider's business.
     cat >/etc/default/leaseagent <<CONF
@@ -60,7 +58,13 @@ LEASEAGENT_ETCD_ENDPOINTS=${endpoints}
 LEASEAGENT_IFACE=${ip}
 CONF
     # The first host to get here writes the network config; the others find it.
-    if ! leasectl --etcd-endpoints "$endpoints" config get >/dev/null 2>&1; then
+    # Only "is not set" means none: any other failure (etcd unreachable) is said.
+    local said
+    if said="$(leasectl --etcd-endpoints "$endpoints" config get 2>&1 >/dev/null)"; then
+        :
+    elif ! grep -q "is not set" <<<"$said"; then
+        die "leasectl config get: $said"
+    else
         local config
         config="$(mktemp)"
         case "$backend" in
