@@ -49,9 +49,19 @@ packages=(
     linux-image-amd64 initramfs-tools systemd-sysv udev dbus kmod procps iproute2
     ifupdown isc-dhcp-client netbase openssh-server sudo rsync ca-certificates
     python3 python3-venv docker.io iptables ipset busybox-static
+    # Debian's kernel enables AppArmor: without apparmor_parser, dockerd cannot load its
+    # docker-default profile and every `docker run` fails (exit 127 in check.sh before).
+    apparmor
     etcd-server etcd-client tcpdump wireguard-tools
 )
-if [ "$force" = 1 ] || [ ! -x "$rootfs/usr/bin/python3" ] || [ ! -e "$rootfs/vmlinuz" ]; then
+# A cached rootfs is used only if it holds every package above.
+missing=0
+if [ -e "$rootfs/vmlinuz" ]; then
+    for pkg in "${packages[@]}"; do
+        chroot "$rootfs" dpkg-query -W -f="\${Status}" "$pkg" 2>/dev/null | grep -q 'ok installed' || missing=1
+    done
+fi
+if [ "$force" = 1 ] || [ "$missing" = 1 ] || [ ! -e "$rootfs/vmlinuz" ]; then
     rm -rf "$rootfs"
     echo "build-box.sh: debootstrap bookworm into $rootfs"
     debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" \

@@ -141,7 +141,8 @@ if [ "$capture" = 1 ]; then
     command -v tcpdump >/dev/null || fail "--capture needs tcpdump on this machine"
     bridge="$(virsh -c qemu:///system net-info leaseagent-lab 2>/dev/null | awk '$1 == "Bridge:" {print $2}')"
     [ -n "$bridge" ] || fail "--capture: no bridge for the libvirt network leaseagent-lab here (run in libvirtd's namespace: lab.sh check)"
-    tcpdump -i "$bridge" -nn -p -U -w "$tmp/underlay.pcap" 2>"$tmp/tcpdump.err" &
+    # Promiscuous (no -p): frames the bridge forwards between two VMs are not its own.
+    tcpdump -i "$bridge" -nn -U -w "$tmp/underlay.pcap" 2>"$tmp/tcpdump.err" &
     tcpdump_pid=$!
     for _ in $(seq 1 50); do
         grep -q "listening on" "$tmp/tcpdump.err" && break
