@@ -80,6 +80,9 @@ def test_a_healthy_cluster_has_not_even_a_pending_alert(lab: Lab) -> None:
     since = time.time()
     time.sleep(10)
     window = max(1, int(time.time() - since))
+    left = lab.prometheus_server.query(
+        f"min(min_over_time(leaseagent:lease_remaining_seconds[{window}s]))")
+    print(f"least lease time left seen: {float(left[0]['value'][1]):.1f} s of {lab.lease_ttl}")
     assert lab.prometheus_server.query(f"count_over_time(ALERTS[{window}s])") == []
 
 
