@@ -136,8 +136,11 @@ MK_DOCKER_OPTS_ROWS = (
     Row("FLANNEL_IPV6_SUBNET", "ignored", "adds --ipv6 and --fixed-cidr-v6 (ours: Docker "
         "needs them for IPv6)", "tests/unit/test_dockeropts.py::"
         "test_ipv6_adds_ipv6_and_fixed_cidr_v6_in_name_order"),
-    Row("routing check", "exit 1 when `ip route` already routes the subnet via a gateway",
-        "not done (leasectl doctor checks the routes)", "-"),
+    Row("routing check", "after writing, exit 1 when `ip route` already routes the subnet "
+        "via a gateway (a grep, so 110.5.34.0/24 matches 10.5.34.0/24 too)", "the same, "
+        "for exactly that subnet (`leasectl docker-opts`; the agent's own file is not "
+        "checked)", "tests/e2e/test_flanneld_host.py::"
+        "test_docker_opts_refuses_a_subnet_the_host_routes_via_a_gateway"),
 )
 
 # flannel bugs that hurt users: the meaning kept, the bug not.

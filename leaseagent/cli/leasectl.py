@@ -49,7 +49,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -426,7 +426,37 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
             write_atomic(Path(dest), text.encode(), mode=0o644)
         except (OSError, ConfigError) as exc:
             raise LeaseagentError(f"cannot write {dest}: {exc}") from None
+    if args.output == "env":
+        # mk-docker-opts.sh's last step, after writing: a route to the subnet through a
+        # gateway means the subnet is routed elsewhere, and Docker's bridge would clash.
+        try:
+            subnet = IPv4Interface(env["FLANNEL_SUBNET"]).network
+        except ValueError:
+            raise LeaseagentError(f"{args.subnet_file}: FLANNEL_SUBNET="
+                                  f"{env['FLANNEL_SUBNET']!r} is not an IPv4 address/length"
+                                  ) from None
+        found = asyncio.run(_gateway_route_to(subnet))
+        if found is not None:
+            raise LeaseagentError(f"the routing table already routes {found.dst} via "
+                                  f"{found.gateway} (mk-docker-opts.sh's check)")
     return 0
+
+
+async def _gateway_route_to(subnet: IPv4Network) -> HostRoute | None:
+    """A main-table route to exactly `subnet` with a gateway, if this host has one."""
+    import socket
+
+    from leaseagent.dataplane.netlink import Netlink
+
+    found: list[HostRoute] = []
+    nl = await Netlink.open()
+    try:
+        # Protocol 0 is no route's: every route of the table reaches `others`.
+        await nl.scan_routes(lambda _: True, protocol=0, family=socket.AF_INET,
+                             others=found.append)
+    finally:
+        nl.close()
+    return next((r for r in found if r.dst == subnet and r.gateway is not None), None)
 
 
 COMMANDS = {"cleanup": cmd_cleanup_flannel, "list": cmd_list, "show": cmd_show,
