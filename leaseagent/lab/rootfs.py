@@ -42,10 +42,11 @@ from pathlib import Path
 
 from leaseagent.lab.commands import run, tool
 from leaseagent.lab.errors import LabError
+from leaseagent.lab.state import CACHE_ROOT
 
 log = logging.getLogger("leaseagent.lab")
 
-CACHE = Path("/var/cache/leaseagent-lab")
+CACHE = CACHE_ROOT
 SUITE = "bookworm"
 # systemd as PID 1, what the README's install steps need (python3-venv, iptables,
 # ipset, ca-certificates), Docker as Debian ships it, busybox-static for the
