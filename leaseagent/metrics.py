@@ -54,14 +54,21 @@ class _DataPlaneCollector(Collector):
         if status is None:
             return
         yield GaugeMetricFamily("leaseagent_dataplane_in_sync",
-                                "1 when the kernel matches the peer set",
+                                "1 when the kernel has this host's own objects and those of "
+                                "every peer it accepts (refused peers are counted apart)",
                                 value=1 if status.in_sync else 0)
+        yield GaugeMetricFamily("leaseagent_dataplane_refused_peers",
+                                "Peers some of whose kernel objects the kernel refused (host-gw: "
+                                "a PublicIP that is no gateway on the link): unreachable from "
+                                "this host, retried at every resync",
+                                value=len(status.refused_peers))
         yield GaugeMetricFamily("leaseagent_dataplane_foreign_peers",
                                 "Peers of another backend type: not programmed, unreachable "
                                 "from this host", value=status.foreign_peers)
         yield GaugeMetricFamily("leaseagent_dataplane_conflicting_peers",
-                                "Peers whose subnet overlaps a route or address of this host "
-                                "that is not the agent's: not programmed",
+                                "Peers not programmed here: their subnet overlaps a route or "
+                                "address of this host that is not the agent's, or they claim "
+                                "this host's or another peer's VtepMAC",
                                 value=len(status.conflicting_peers))
         for name, doc, counts, kinds in (
             ("leaseagent_dataplane_objects_added", "Kernel objects added", status.added,

@@ -87,7 +87,9 @@ from leaseagent.errors import (
     DataPlaneError,
     IdentityConflict,
     InvalidLease,
+    LeaseagentError,
     LeaseLost,
+    StoreAuthError,
     StoreError,
     StoreUnavailable,
     SubnetsExhausted,
@@ -104,7 +106,7 @@ from leaseagent.metrics import Metrics, zero
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import OPERATIONS, EventType, KeyValue, LeaseStore
 from leaseagent.store.settings import check_credential_files
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent")
 
@@ -285,6 +287,7 @@ class Agent:
         self._own_events: asyncio.Queue[OwnEvent] = asyncio.Queue()
         self.conflict: str | None = None  # set while another agent has this host's identity
         self.etcd_reachable = True  # as last found (leaseagent_etcd_up)
+        self.etcd_refusal: str | None = None  # why etcd refuses to list the leases, if it does
         self._probe: asyncio.Future[None] | None = None  # asks etcd while it is down
         # Keys this agent gave up on purpose (a config change moved it to a new subnet):
         # news of them as a twin's is stale.
@@ -384,6 +387,11 @@ class Agent:
         etcd = "; etcd unreachable (retrying)" if self.states.get("etcd") == "down" else ""
         if self.files_error is not None:
             etcd += f"; {self.files_error} (retrying)"
+        if self.etcd_refusal is not None:
+            etcd += f"; {self.etcd_refusal} (retrying)"
+        refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+        if refused:
+            etcd += f"; {refused} peer(s) refused by the kernel (unreachable)"
         if reason is None:
             return f"ready: {lease}, {peers} peers{etcd}"
         return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
@@ -394,7 +402,11 @@ class Agent:
         reason = self.not_ready_reason()
         if reason != self._not_ready:
             peers = len(self.watcher.peers) if self.watcher is not None else 0
-            if reason is None:
+            refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
+            if reason is None and refused:
+                log.info("ready: %d peers programmed, %d refused by the kernel (see the "
+                         "warnings above: unreachable from this host)", peers - refused, refused)
+            elif reason is None:
                 log.info("ready: %d peers programmed", peers)
             else:
                 log.warning("not ready: %s", reason)
@@ -694,6 +706,13 @@ class Agent:
                 log.info("peer removed: %s", p.subnet)
 
     def _etcd_down(self, exc: BaseException) -> None:
+        if isinstance(exc, StoreAuthError):
+            # etcd answers but refuses (a permission revoked): not an outage. The lease
+            # watcher retries its listing; what is programmed stays.
+            self.etcd_refusal = str(exc)
+            self.states.set("etcd-refusal", "refused", "%s (retrying; the data plane "
+                            "is kept as it is)", exc, level=logging.WARNING)
+            return
         self.etcd_reachable = False
         self.metrics.etcd_up.set(0)
         self.states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,
@@ -710,8 +729,8 @@ class Agent:
             await backoff.sleep()
             try:
                 await self.store.get(self.layout.config_key)
-            except StoreUnavailable:
-                continue
+            except LeaseagentError:
+                continue  # also a refusal (StoreAuthError): the supervised tasks report it
             self._etcd_up()
 
     def _etcd_up(self, *, listed: bool = False) -> None:
@@ -719,6 +738,9 @@ class Agent:
         list again)."""
         self.etcd_reachable = True
         self.metrics.etcd_up.set(1)
+        if listed and self.etcd_refusal is not None:
+            self.etcd_refusal = None
+            self.states.set("etcd-refusal", None, "etcd lists the leases again")
         if (self.states.set("etcd", "up", "etcd reachable") and self.watcher is not None
                 and not listed):
             # A stream that lived through the outage may be half-open: list again.
@@ -937,18 +959,9 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Start up, serve until `stop` is set; raise if a task fails."""
         # A stop during start-up (etcd unreachable, config missing) must not wait for it.
-        starting = asyncio.ensure_future(self.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not starting.done():
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-        if starting.cancelled():
+        which, _ = await first_to_end(self.start(), stop.wait())
+        if which == 1:
             return
-        starting.result()
         assert self.watcher is not None
         watcher = self.watcher
         self._spawn("watch", watcher.run())

@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from leaseagent.agent.logs import StateLog
-from leaseagent.agent.together import run_together
 from leaseagent.core.configchange import ConfigChange, classify
 from leaseagent.core.leases import KeyLayout
 from leaseagent.core.network import NetworkConfig, parse_network_config
@@ -41,7 +40,7 @@ from leaseagent.metrics import Metrics
 from leaseagent.retrying import retrying
 from leaseagent.store.base import EventType, KeyValue, LeaseStore
 from leaseagent.store.watching import ListWatch, Snapshot
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent.netconfig")
 
@@ -103,6 +102,7 @@ class Version:
     value: bytes | None
     revision: int
     seen: float = 0.0
+    too_large: bool = False  # a value too large to receive (`value` is empty)
 
 
 class ConfigFollower:
@@ -134,7 +134,7 @@ class ConfigFollower:
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
-        await run_together(self._follow(), self._apply_loop())
+        await first_to_end(self._follow(), self._apply_loop())
 
     # -- following the key -----------------------------------------------------------
 
@@ -142,6 +142,11 @@ class ConfigFollower:
         async for item in self._engine.stream():
             if isinstance(item, Snapshot):
                 found = [kv for kv in item.items if kv.key == self._key]
+                large = [kv for kv in item.oversize if kv.key == self._key]
+                if large:
+                    self._offer(Version(b"", large[0].mod_revision, time.monotonic(),
+                                        too_large=True))
+                    continue
                 self._offer(self._version(found[0] if found else None, item.revision))
                 continue
             for ev in item.events:
@@ -206,6 +211,10 @@ class ConfigFollower:
             self._ignored("missing", version.revision, f"{self._key} was deleted")
             return
         self._handled = version.revision
+        if version.too_large:
+            self._ignored("invalid", version.revision, f"{self._key}: the value is too large "
+                          "to receive (over gRPC's 4 MiB message limit)")
+            return
         try:
             network = validated(self._key, version.value, self._backends)
         except NetworkConfigError as exc:

@@ -45,7 +45,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
-from leaseagent.agent.together import run_together
 from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import (
@@ -61,7 +60,7 @@ from leaseagent.core.network import NetworkConfig
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent.watching")
 
@@ -74,8 +73,8 @@ RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "conf
 # changes within BURST_SECONDS; a pass in one waits BURST_GATHER_SECONDS first, so the
 # stream is read on and the pass takes more than the change or two a response brings.
 # Changes that come one at a time (a host joining, a client that writes after seeing the
-# last change programmed) are programmed at once. 4,900 deletions at once: the kernel
-# clean 1.74 s after a bare watch had the last of them before, 0.46-0.72 s with this.
+# last change programmed) are programmed at once (figures: docs/benchmarks.md, "Mass
+# removal").
 BURST_CHANGES = 3
 BURST_SECONDS = 0.005
 BURST_GATHER_SECONDS = 0.01
@@ -304,4 +303,4 @@ class LeaseWatcher:
                 self._queue(PeerChanges(removed=due), time.perf_counter())
 
     async def run(self) -> None:
-        await run_together(self._follow(), self._expire_held(), self._program())
+        await first_to_end(self._follow(), self._expire_held(), self._program())

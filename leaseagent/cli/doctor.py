@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leaseagent.config import (
     interface_choice,
@@ -55,6 +55,7 @@ from leaseagent.core.diagnosis import (
     check_subnet_env,
     device_problems,
     env_subnet,
+    gateway_problems,
     object_problems,
     pick_own_lease,
     problem,
@@ -72,6 +73,9 @@ from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoi
 from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
 from leaseagent.files import unwritable_reason
 from leaseagent.store.base import LeaseStore
+
+if TYPE_CHECKING:
+    from leaseagent.dataplane.leftovers import Leftover
 from leaseagent.waiting import within
 
 
@@ -106,6 +110,7 @@ def settings_from(ns: argparse.Namespace) -> DoctorSettings:
 class Report:
     problems: list[Problem] = field(default_factory=list)
     summary: str = ""
+    leftovers: list[Leftover] = field(default_factory=list)  # flanneld's, each also a problem
 
     @property
     def ok(self) -> bool:
@@ -243,12 +248,12 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     finally:
         await backend.close()
     comparison = compare(spec, observed)
-    for subnet, route in spec.skipped.items():  # the agent skips them too (core.plan)
+    for subnet, why in spec.skipped.items():  # the agent skips them too (dataplane)
         peer = peers[subnet]
         report.problems.append(problem(
-            "lease", str(subnet), f"overlaps {route.text}",
-            text=f"lease {subnet} ({peer.public_ip}) overlaps this host's {route.text}, which is "
-            "not the agent's: not programmed here; fix the lease or the host"))
+            "lease", str(subnet), why,
+            text=f"lease {subnet} ({peer.public_ip}) not programmed here: {why}; fix the lease "
+            "or the host"))
     # FLANNEL_MTU is the smallest MTU of the devices in use (the IPv6 one's, over IPv6).
     smallest = min(spec.devices, key=lambda d: d.mtu) if spec.devices else None
     mtu = smallest.mtu if smallest is not None else host.iface_mtu
@@ -261,7 +266,10 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     try:
         names = {link.index: link.name for link in await nl.links()}
         if network.backend_type == "host-gw" and host.iface_index:
-            addresses = {a.interface.ip for a in await nl.addresses(index=host.iface_index)}
+            interfaces = [a.interface for a in await nl.addresses(index=host.iface_index)]
+            report.problems += gateway_problems(
+                peers, on_link=[i.network for i in interfaces], iface=host.iface or "?")
+            addresses = {i.ip for i in interfaces}
             for ip in (host.public_ip, host.public_ipv6):
                 if ip is not None and ip not in addresses:
                     report.problems.append(problem(
@@ -275,6 +283,15 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
                                            current=observed.objects, peers=peers, names=names)
     if network.backend_type != "alloc":  # alloc keeps no data path, and no traffic rules
         report.problems += await _check_rules(settings, network, own_subnet, peers, own_ipv6)
+    from leaseagent.dataplane import leftovers
+
+    report.leftovers = await leftovers.find(
+        ours={d.name for d in spec.devices},
+        networks=[network.network, *([network.ipv6.network] if network.ipv6 else [])],
+        leased={*peers, *(p.ipv6_subnet for p in peers.values() if p.ipv6_subnet),
+                *(s for s in (own_subnet, own_ipv6) if s is not None)})
+    report.problems += [problem("flanneld", x.name, x.what, text=x.text)
+                        for x in report.leftovers]
     report.problems += check_subnet_env(
         env, path=str(settings.subnet_file), network=network.network, subnet=own_subnet,
         mtu=mtu, mtu_source=mtu_source, ipmasq=settings.traffic.ip_masq,

@@ -14,9 +14,11 @@
     leasectl doctor [-o text|json] [host flags]
     leasectl docker-opts [-f SUBNET_ENV] [-d FILE|-] [-o env|daemon-json] [-i] [-c] [-k KEY] [-m]
     leasectl cleanup [host flags]
+    leasectl cleanup --flannel [host flags]     (flanneld's leftovers; reads etcd)
     leasectl completion bash
 
-`docker-opts`, `cleanup` and `completion` need no etcd (and do not load its client).
+`docker-opts`, `cleanup` (without --flannel) and `completion` need no etcd (and do not
+load its client).
 
 Same etcd flags and LEASEAGENT_* variables as the agent. Errors are one
 line on stderr, never a traceback; exit status (also in --help): 0 done,
@@ -47,7 +49,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,7 @@ from leaseagent.errors import (
 from leaseagent.files import write_atomic
 from leaseagent.store.base import KeyValue, LeaseStore
 from leaseagent.store.settings import check_credential_files
+from leaseagent.waiting import first_to_end
 
 
 async def load_network(store: LeaseStore, layout: KeyLayout) -> NetworkConfig | None:
@@ -360,19 +363,24 @@ async def _until_stopped(work: Coroutine[Any, Any, None]) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    printer = asyncio.create_task(work)
-    stopper = asyncio.create_task(stop.wait())
     try:
-        done, _ = await asyncio.wait({printer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await first_to_end(work, stop.wait())  # an error that is not retried: one line, exit 1
     finally:
-        for task in (printer, stopper):
-            task.cancel()
-        await asyncio.gather(printer, stopper, return_exceptions=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    if printer in done and not printer.cancelled():
-        printer.result()  # an error that is not retried: one line, exit 1
     return 0
+
+
+async def cmd_cleanup_flannel(store: LeaseStore, layout: KeyLayout,
+                              args: argparse.Namespace) -> int:
+    """`cleanup --flannel`: remove the flanneld leftovers doctor names, nothing else."""
+    from leaseagent.dataplane import leftovers
+
+    report = await doctor.examine(store, layout, args.doctor_settings)
+    lines = await leftovers.remove(report.leftovers) or ["nothing of flanneld's to remove"]
+    for line in lines:
+        print(escaped(line))
+    return 1 if any(line.startswith("could not") for line in lines) else 0
 
 
 async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namespace) -> int:
@@ -418,10 +426,41 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
             write_atomic(Path(dest), text.encode(), mode=0o644)
         except (OSError, ConfigError) as exc:
             raise LeaseagentError(f"cannot write {dest}: {exc}") from None
+    if args.output == "env":
+        # mk-docker-opts.sh's last step, after writing: a route to the subnet through a
+        # gateway means the subnet is routed elsewhere, and Docker's bridge would clash.
+        try:
+            subnet = IPv4Interface(env["FLANNEL_SUBNET"]).network
+        except ValueError:
+            raise LeaseagentError(f"{args.subnet_file}: FLANNEL_SUBNET="
+                                  f"{env['FLANNEL_SUBNET']!r} is not an IPv4 address/length"
+                                  ) from None
+        found = asyncio.run(_gateway_route_to(subnet))
+        if found is not None:
+            raise LeaseagentError(f"the routing table already routes {found.dst} via "
+                                  f"{found.gateway} (mk-docker-opts.sh's check)")
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "config": cmd_config,
+async def _gateway_route_to(subnet: IPv4Network) -> HostRoute | None:
+    """A main-table route to exactly `subnet` with a gateway, if this host has one."""
+    import socket
+
+    from leaseagent.dataplane.netlink import Netlink
+
+    found: list[HostRoute] = []
+    nl = await Netlink.open()
+    try:
+        # Protocol 0 is no route's: every route of the table reaches `others`.
+        await nl.scan_routes(lambda _: True, protocol=0, family=socket.AF_INET,
+                             others=found.append)
+    finally:
+        nl.close()
+    return next((r for r in found if r.dst == subnet and r.gateway is not None), None)
+
+
+COMMANDS = {"cleanup": cmd_cleanup_flannel, "list": cmd_list, "show": cmd_show,
+            "config": cmd_config,
             "reserve": cmd_reserve, "release": cmd_release, "watch": cmd_watch,
             "doctor": cmd_doctor, "prometheus-targets": cmd_prometheus_targets}
 
@@ -578,6 +617,10 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                    "stops: routes with its protocol, its vxlan devices, its traffic rules\n"
                    "(nftables table, iptables chains, ipset). Stop the agent first. Needs no\n"
                    "etcd; the lease in etcd stays (leasectl release).")
+    p.add_argument("--flannel", action="store_true",
+                   help="instead, remove what flanneld left (its iptables chains and rules, "
+                   "nftables tables, devices and routes the agent does not use): run it with "
+                   "the agent running and ready; reads the network config and leases from etcd")
     envs.append(_EnvDefaults(p, environ))
     add_host_arguments(envs[-1])
     add_traffic_arguments(envs[-1])
@@ -662,6 +705,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"leasectl: warning: {warning}", file=sys.stderr)
         if args.cmd == "docker-opts":
             return cmd_docker_opts(args)
+        if args.cmd == "cleanup" and args.flannel:
+            args.doctor_settings = doctor.settings_from(args)
+            return asyncio.run(run(args))
         if args.cmd == "cleanup":
             from leaseagent.cli.cleanup import cleanup
 

@@ -384,3 +384,22 @@ def env_subnet(env: Mapping[str, str] | None) -> IPv4Network | None:
         return IPv4Interface(env["FLANNEL_SUBNET"]).network
     except ValueError:
         return None
+
+
+def gateway_problems(peers: Mapping[IPv4Network, Peer], *, on_link: Iterable[Network],
+                     iface: str) -> list[Problem]:
+    """host-gw: each peer whose PublicIP is in none of `on_link` (the underlay
+    interface's networks): the kernel refuses its route (no gateway on the link), so it
+    is unreachable from this host. Peers of other backend types are not programmed."""
+    out = []
+    networks = list(on_link)
+    for subnet, peer in sorted(peers.items(), key=lambda item: int(item[0].network_address)):
+        if peer.backend_type != "host-gw":
+            continue
+        if not any(peer.public_ip in network for network in networks):
+            out.append(problem(
+                "peer", str(subnet), f"PublicIP {peer.public_ip} not on {iface}'s link",
+                text=f"peer {subnet}: its PublicIP {peer.public_ip} is not on the link of "
+                     f"{iface}: the kernel refuses its host-gw route, unreachable from here "
+                     f"(host-gw needs every host on one L2 segment)"))
+    return out

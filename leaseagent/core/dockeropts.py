@@ -26,8 +26,9 @@ With IPv6 (FLANNEL_IPV6_SUBNET set) Docker also gets `--ipv6
 --fixed-cidr-v6=<FLANNEL_IPV6_SUBNET>` (DOCKER_OPT_IPV6, DOCKER_OPT_FIXED_CIDR_V6):
 ours, since mk-docker-opts.sh has no IPv6 options at all.
 
-Not done: the script's last step, refusing (exit 1) when the host's routing
-table already routes the subnet via a gateway; leasectl doctor checks the routes.
+The script's last step, exit 1 when the host's routing table already routes the
+subnet via a gateway (after writing), is `leasectl docker-opts`'s: it needs the
+kernel, and this module is pure.
 """
 
 from __future__ import annotations

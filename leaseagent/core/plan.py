@@ -633,6 +633,7 @@ class HostRoute:
     connected: bool = False
     address: bool = False
     ifindex: int = 0  # its device (for the message)
+    gateway: Address | None = None  # its gateway, if it has one
 
     @property
     def text(self) -> str:
@@ -658,21 +659,34 @@ def host_conflict(peer: Peer, routes: Collection[HostRoute]) -> HostRoute | None
     (or equal: programming it would replace that route) and with a connected route that
     holds it (the hosts on that link are reached directly). A broader route with a
     gateway is no conflict: the subnet's own route is more specific. `routes`: those
-    `cluster_relevant` kept, usually none, so this costs nothing per peer then."""
+    `cluster_relevant` kept, usually none, so this costs nothing per peer then.
+
+    No conflict: a route to exactly the peer's subnet through the gateway flanneld (or
+    this agent, under another route protocol) uses for that peer: the subnet's base
+    address (vxlan: `via <subnet base> dev flannel.<VNI> onlink`) or the peer's public
+    address (host-gw). It is the peer's route, left by flanneld on a host switching to
+    leaseagent; programming the peer replaces it (docs/flannel.md, "Migration")."""
     if not routes:
         return None
-    return subnet_conflict((peer.subnet, peer.ipv6_subnet), routes)
+    return subnet_conflict((peer.subnet, peer.ipv6_subnet), routes,
+                           publics=(peer.public_ip, peer.public_ipv6))
 
 
-def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRoute]
-                    ) -> HostRoute | None:
-    """`host_conflict` for bare subnets (a reservation's, say)."""
-    for subnet in subnets:
+def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRoute], *,
+                    publics: Iterable[Address | None] = ()) -> HostRoute | None:
+    """`host_conflict` for bare subnets (a reservation's, say); `publics`: the public
+    address of the host holding each subnet, in the same order, if known."""
+    known = list(publics)
+    for i, subnet in enumerate(subnets):
+        public = known[i] if i < len(known) else None
         if subnet is None:
             continue
         for route in routes:
             dst = route.dst
             if dst.version != subnet.version:
+                continue
+            if dst == subnet and route.gateway is not None and route.gateway in (
+                    subnet.network_address, public):
                 continue
             if dst.subnet_of(subnet) or (route.connected and subnet.subnet_of(dst)):  # type: ignore[arg-type]
                 return route
@@ -682,12 +696,13 @@ def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRo
 @dataclass(frozen=True)
 class BackendSpec:
     """Everything a backend wants in the kernel: its devices and, per peer, its objects.
-    `skipped`: the peers it will not program because their subnet would take over a
-    route or address of this host (`host_conflict`), with that route or address."""
+    `skipped`: the peers it will not program here, with why: their subnet would take
+    over a route or address of this host (`host_conflict`), or they claim what this
+    host or another peer holds (vxlan: a VtepMAC)."""
 
     devices: tuple[DeviceSpec, ...] = ()
     objects: PeerPlan = field(default_factory=dict)
-    skipped: Mapping[IPv4Network, HostRoute] = field(default_factory=dict)
+    skipped: Mapping[IPv4Network, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,46 @@
 """Data-plane backends, registered explicitly in BACKENDS (no import side effects).
 
-A backend's module is imported when its type is first looked up, not with this
+Each entry imports its backend's module when it is called, not with this
 package: an agent runs one backend, and the others' modules (wireguard's, with
-`cryptography`'s ~8 MiB) would only take memory (docs/benchmarks.md).
+`cryptography`'s ~8 MiB) would only take memory.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings
 
 Constructor = Callable[[DataPlaneSettings], DataPlane]
 
 
-class _Registry(Mapping[str, Constructor]):
-    """Backend type -> its class, imported from its module on first use."""
+def _alloc(settings: DataPlaneSettings) -> DataPlane:
+    from leaseagent.dataplane.alloc import AllocBackend
 
-    def __init__(self, where: Mapping[str, tuple[str, str]]) -> None:
-        self._where = dict(where)
-        self._loaded: dict[str, Constructor] = {}
-
-    def __getitem__(self, name: str) -> Constructor:
-        found = self._loaded.get(name)
-        if found is None:
-            module, attr = self._where[name]
-            found = self._loaded[name] = getattr(importlib.import_module(module), attr)
-        return found
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
+    return AllocBackend(settings)
 
 
-BACKENDS: Mapping[str, Constructor] = _Registry({
-    "alloc": ("leaseagent.dataplane.alloc", "AllocBackend"),
-    "vxlan": ("leaseagent.dataplane.vxlan", "VxlanBackend"),
-    "host-gw": ("leaseagent.dataplane.hostgw", "HostGwBackend"),
-    "wireguard": ("leaseagent.dataplane.wireguard", "WireguardBackend"),
-})
+def _vxlan(settings: DataPlaneSettings) -> DataPlane:
+    from leaseagent.dataplane.vxlan import VxlanBackend
+
+    return VxlanBackend(settings)
+
+
+def _host_gw(settings: DataPlaneSettings) -> DataPlane:
+    from leaseagent.dataplane.hostgw import HostGwBackend
+
+    return HostGwBackend(settings)
+
+
+def _wireguard(settings: DataPlaneSettings) -> DataPlane:
+    from leaseagent.dataplane.wireguard import WireguardBackend
+
+    return WireguardBackend(settings)
+
+
+BACKENDS: Mapping[str, Constructor] = {
+    "alloc": _alloc,
+    "vxlan": _vxlan,
+    "host-gw": _host_gw,
+    "wireguard": _wireguard,
+}

@@ -180,9 +180,15 @@ class DataPlaneStatus:
     repairs: Counter[str] = field(default_factory=Counter)
     reconciles: Durations = field(default_factory=Durations)
     foreign_peers: int = 0  # peers of another backend type: not programmed, unreachable
-    # Peers whose subnet would take over a route or address of this host that is not
-    # ours (core.plan.host_conflict): not programmed, each with what it overlaps.
+    # Peers not programmed here, with why: their subnet would take over a route or
+    # address of this host that is not ours (core.plan.host_conflict), or they claim
+    # what this host or another peer holds (vxlan: a VtepMAC).
     conflicting_peers: dict[IPv4Network, str] = field(default_factory=dict)
+    # Peers some of whose objects the kernel refused at the last attempt (host-gw: a
+    # gateway not on the link), each with what was refused and why: unreachable from
+    # this host, retried at every resync. They do not make the data plane out of sync:
+    # `in_sync` is about this host's own objects and every other peer's.
+    refused_peers: dict[IPv4Network, str] = field(default_factory=dict)
 
 
 class DataPlane(Protocol):

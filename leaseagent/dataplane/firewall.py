@@ -113,6 +113,16 @@ async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
     return code, out.decode(), err.decode()
 
 
+run_tool = _run  # for the other adapters of this package that run the same tools
+
+
+async def iptables_save(program: str, table: str, *, netns: str | None = None
+                        ) -> dict[str, list[str]]:
+    """`<program>-save -t <table>`: each chain's rules in order, as `-A CHAIN ...` lines."""
+    _, out, _ = await _run([f"{program}-save", "-t", table], netns=netns)
+    return _parse_save(out).rules
+
+
 class Firewall(Protocol):
     name: str  # the tool: nftables | iptables (ip6tables for IPv6)
     family: Family  # which family's rules it holds
@@ -490,8 +500,8 @@ class RulesKeeper:
                 found = compare(wanted, observed)
                 del observed
                 if deep:
-                    # A full read listed every peer of the set: with 5,000 of them its
-                    # text, lines and set were ~1.3 MiB that glibc kept (leaseagent.memory).
+                    # A full read listed every peer of the set: its text, lines and set
+                    # are freed now, and glibc would keep their pages (leaseagent.memory).
                     memory.trim()
                 if found:
                     # After a failed write the differences are that failure's, not someone

@@ -42,8 +42,8 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
 - A receive queue overflow (ENOBUFS) loses messages: the event socket is
   then reopened by its user and a full resync finds what was missed.
 
-Performance (5,000 peers = 15,000 objects, 2 cores): `apply` ~10 us per
-object (was ~200 us with one pyroute2 request per object). A full sync reads
+Performance: `apply` sends its requests in batches (rtnl), not one pyroute2
+request and reply per object (figures: docs/benchmarks.md). A full sync reads
 the tables with `scan_*`: each entry is told to the caller by its identity as
 its datagram arrives, and only an entry the caller does not know becomes an
 object, so comparing 15,000 entries with a plan makes no objects and keeps no
@@ -555,8 +555,8 @@ class Netlink:
         Failure and the rest go on.
         """
         remove = action is Action.REMOVE
-        # Encoded a send's worth at a time: 15,000 requests made at once (a join of
-        # 5,000 peers) were ~3 MiB more at the join's peak, which the allocator keeps.
+        # Encoded a send's worth at a time: all of a join's requests made at once would
+        # raise its peak memory, which the allocator keeps after.
         step = self._raw.chunk
         codes: list[int] = []
         try:

@@ -58,9 +58,14 @@ a vxlan host and a wireguard host cannot reach each other. Each is logged once
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
 
-Per-object refusals by the kernel never raise: they are logged (one line
-per pass), `status.in_sync` turns false with the error in
-`status.last_error`, and the next resync retries. DataPlaneError is raised
+Per-object refusals by the kernel never raise, and the next resync retries
+them. A refused object of a peer's (host-gw: its PublicIP is no gateway on
+the link) is that peer's problem: the peer goes to `status.refused_peers`
+with what was refused and why, logged once per peer and reason, and the
+data plane stays in sync for the others (one broken peer must not make every
+host unready). A refused object of this host's own (or a stale one's
+removal) is logged (one line per pass), turns `status.in_sync` false with
+the error in `status.last_error`. DataPlaneError is raised
 only when the data plane as a whole cannot work (no socket, device cannot be
 created). Failed resyncs and a broken event socket are retried with the
 project's backoff (leaseagent.retrying).
@@ -78,6 +83,7 @@ from itertools import chain
 from typing import Any
 
 from leaseagent import memory
+from leaseagent.core.diagnosis import render_object
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
     MAIN_TABLE,
@@ -110,7 +116,7 @@ from leaseagent.dataplane.netlink import (
 )
 from leaseagent.errors import DataPlaneError
 from leaseagent.retrying import Backoff
-from leaseagent.waiting import within
+from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +171,10 @@ class ReconcilingBackend:
         # peers they keep from being programmed (logged once each).
         self._host_routes: tuple[HostRoute, ...] | None = None
         self._dumped_routes: tuple[HostRoute, ...] = ()
-        self._conflicts_logged: set[tuple[IPv4Network, HostRoute]] = set()
+        self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
+        # What only one host may hold (vxlan: a VtepMAC), claimed by the programmed
+        # peers: claim -> (its holder's address, the peer's subnet). See `_claims`.
+        self._claimed: dict[str, tuple[str, IPv4Network]] = {}
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -295,29 +304,67 @@ class ReconcilingBackend:
             await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
             self._host_routes = self._dumped_routes
 
-    def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, HostRoute]:
-        """The peers whose subnet would take over a route or address of this host
-        (core.plan.host_conflict), each logged once; `status.conflicting_peers` says
-        them all."""
-        routes = self._host_routes or ()
-        out: dict[IPv4Network, HostRoute] = {}
-        if routes:
-            for subnet, peer in peers.items():
-                route = host_conflict(peer, routes)
-                if route is not None:
-                    out[subnet] = route
-                    self._log_conflict(peer, route)
-        self.status.conflicting_peers = {s: r.text for s, r in out.items()}
+    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
+        """What `peer` claims that only one host may hold, each with the address that
+        holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
+        with another host's VtepMAC would route its subnet to that host's VTEP, and give
+        that host an FDB entry for its own MAC)."""
+        return ()
+
+    def _own_claims(self) -> frozenset[str]:
+        """The claims this host holds itself (vxlan: its devices' MACs)."""
+        return frozenset()
+
+    def _conflict(self, peer: Peer, claimed: Mapping[str, tuple[str, IPv4Network]],
+                  own: frozenset[str]) -> str | None:
+        """Why `peer` must not be programmed here (None: it may): its subnet over a route
+        or address of this host (core.plan.host_conflict), or a claim of this host's or
+        of another programmed peer with another holder (`claimed`)."""
+        route = host_conflict(peer, self._host_routes or ())
+        if route is not None:
+            return f"its subnet overlaps this host's {route.text}, which is not the agent's"
+        for claim, holder in self._claims(peer):
+            if claim in own:
+                return f"it has {claim}, this host's own"
+            other = claimed.get(claim)
+            if other is not None and other[0] != holder and other[1] != peer.subnet:
+                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
+        return None
+
+    def _claim(self, peer: Peer, claimed: dict[str, tuple[str, IPv4Network]]) -> None:
+        for claim, holder in self._claims(peer):
+            claimed.setdefault(claim, (holder, peer.subnet))
+
+    def _unclaim(self, peer: Peer) -> None:
+        for claim, _holder in self._claims(peer):
+            if self._claimed.get(claim, (None, None))[1] == peer.subnet:
+                del self._claimed[claim]
+
+    def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, str]:
+        """The peers that must not be programmed here (`_conflict`, the first of the
+        peer set holding a claim), each logged once; `status.conflicting_peers` says
+        them all. Leaves `_claimed` as the allowed peers claim."""
+        out: dict[IPv4Network, str] = {}
+        claimed: dict[str, tuple[str, IPv4Network]] = {}
+        own = self._own_claims()
+        for subnet, peer in peers.items():
+            why = self._conflict(peer, claimed, own)
+            if why is not None:
+                out[subnet] = why
+                self._log_conflict(peer, why)
+            else:
+                self._claim(peer, claimed)
+        self._claimed = claimed
+        self.status.conflicting_peers = out
         return out
 
-    def _log_conflict(self, peer: Peer, route: HostRoute) -> None:
-        if (peer.subnet, route) in self._conflicts_logged:
+    def _log_conflict(self, peer: Peer, why: str) -> None:
+        if (peer.subnet, why) in self._conflicts_logged:
             return
-        self._conflicts_logged.add((peer.subnet, route))
+        self._conflicts_logged.add((peer.subnet, why))
         node = f", node {peer.node_id}" if peer.node_id else ""
-        log.error("peer %s (%s%s) not programmed: its subnet overlaps this host's %s, which "
-                  "is not the agent's; fix the lease or the host", peer.subnet, peer.public_ip,
-                  node, route.text)
+        log.error("peer %s (%s%s) not programmed: %s; fix the lease or the host",
+                  peer.subnet, peer.public_ip, node, why)
 
     def _peer_plans(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer]
                     ) -> Iterator[tuple[IPv4Network, frozenset[KernelObject]]]:
@@ -374,7 +421,10 @@ class ReconcilingBackend:
                 to_change = self._plan_update(changes, peers)
             finally:
                 await _done(ready)
-            failures = await self._apply(nl, to_change, repair=False)
+            affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+            failures = await self._apply(nl, to_change, repair=False, peers={
+                k: self._programmed[k] for k in affected if k in self._programmed},
+                decided=affected)
             if failures:
                 self.status.in_sync = False
 
@@ -382,26 +432,30 @@ class ReconcilingBackend:
         """What `update` changes in the kernel; `_programmed` and `_uses` say the plan
         with the changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+        own = self._own_claims()
         self._note_foreign(affected, peers)
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
         for subnet in affected:
             before = self._programmed.pop(subnet, None)
             if before is not None:
+                self._unclaim(before)
                 # Planned again as it was: what plans depend on besides the peer
                 # (device indexes) changes only with a full sync, which plans anew.
                 planned = self._plan_peer(before)
                 old |= planned
                 self._count(planned, -1)
             peer = peers.get(subnet)
-            conflict = host_conflict(peer, self._host_routes or ()) if peer is not None else None
+            conflict = (self._conflict(peer, self._claimed, own) if peer is not None
+                        else None)
             if conflict is not None:
                 assert peer is not None
                 self._log_conflict(peer, conflict)
-                self.status.conflicting_peers[subnet] = conflict.text
+                self.status.conflicting_peers[subnet] = conflict
             else:
                 self.status.conflicting_peers.pop(subnet, None)
             if peer is not None and subnet != self._own_subnet and conflict is None:
+                self._claim(peer, self._claimed)
                 after = self._plan_peer(peer)
                 self._programmed[subnet] = peer
                 self._count(after, +1)
@@ -416,18 +470,9 @@ class ReconcilingBackend:
         return PlanDiff(to_add, to_remove)
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
-        tasks = {asyncio.create_task(self._watch_events(), name="dataplane-events"),
-                 asyncio.create_task(self._resync_loop(get_peers), name="dataplane-resync"),
-                 *(asyncio.create_task(coro) for coro in self._watchers())}
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-            raise DataPlaneError("data-plane task ended unexpectedly")
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await first_to_end(self._watch_events(), self._resync_loop(get_peers),
+                           *self._watchers())
+        raise DataPlaneError("data-plane task ended unexpectedly")
 
     async def remove(self) -> None:
         async with self._lock:
@@ -511,7 +556,8 @@ class ReconcilingBackend:
                           uses: dict[int, int], changes: PlanDiff, *, repair: bool,
                           started: float) -> None:
         """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
-        failures = await self._apply(nl, changes, repair=repair)
+        failures = await self._apply(nl, changes, repair=repair, peers=self._programmed_of(peers),
+                                     decided=None)
         self._programmed = dict(peers)
         self._uses = uses
         self._synced = True
@@ -586,7 +632,58 @@ class ReconcilingBackend:
                             peer.backend_type, self.backend_type)
         self.status.foreign_peers = len(self._foreign)
 
-    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
+    def _programmed_of(self, peers: Mapping[IPv4Network, Peer]) -> Mapping[IPv4Network, Peer]:
+        """Of `peers`, those a plan gives objects (not our own subnet, not a peer of another
+        backend type or one in conflict with this host's routes)."""
+        return {k: p for k, p in peers.items()
+                if k != self._own_subnet and k not in self._foreign
+                and k not in self.status.conflicting_peers}
+
+    def _sort_refusals(self, failures: list[Failure], peers: Mapping[IPv4Network, Peer],
+                       decided: Iterable[IPv4Network] | None) -> list[Failure]:
+        """Put the refusals of `peers`' objects in `status.refused_peers` (which peer,
+        what, why; logged once per peer and reason) and return the others (this host's
+        own). `decided`: the peers this pass tried all of (None: every peer, so the
+        others are not refused any more); the rest keep their entries."""
+        by_peer: dict[IPv4Network, str] = {}
+        own: list[Failure] = []
+        if failures:
+            owner: dict[KernelObject, IPv4Network] = {}
+            for key, peer in peers.items():
+                for obj in self._plan_peer(peer):
+                    owner.setdefault(obj, key)
+            for failure in failures:
+                owned = owner.get(failure.obj)
+                if owned is None:
+                    own.append(failure)
+                else:
+                    key = owned
+                    host = self._settings.host
+                    shown = render_object(failure.obj, {host.iface_index: host.iface or "?"})
+                    why = str(failure.error).rsplit(": ", 1)[-1]  # the kernel's strerror
+                    by_peer.setdefault(key, f"{shown} ({why})")
+        refused = self.status.refused_peers
+        if decided is None:
+            before = dict(refused)
+            refused.clear()
+        else:
+            before = {key: refused.pop(key) for key in decided if key in refused}
+        refused.update(by_peer)
+        for key, why in by_peer.items():
+            if before.get(key) != why:
+                log.warning("peer %s (%s) cannot be programmed: the kernel refused %s; it is "
+                            "unreachable from this host, retried at every resync (the other "
+                            "peers are not affected)", key, peers[key].public_ip, why)
+        for key in before.keys() - by_peer.keys():
+            if key in peers:
+                log.info("peer %s programmed now (the kernel took what it refused)", key)
+        return own
+
+    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool,
+                     peers: Mapping[IPv4Network, Peer] | None = None,
+                     decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
+        """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
+        objects of `peers` in a pass that tried `decided`)."""
         self._removing.update(_neighbour_key(obj) for obj in changes.to_remove
                               if isinstance(obj, Neighbour))
         removed, added, failures = await self._program(nl, changes)
@@ -599,6 +696,7 @@ class ReconcilingBackend:
                     "data plane drift repaired: %s restored, %s removed",
                     objects_by_kind(added) or "nothing", objects_by_kind(removed) or "nothing",
                 )
+        failures = self._sort_refusals(failures, peers or {}, decided)
         if failures:
             self.status.last_error = str(failures[0].error)
             log.warning(
@@ -624,7 +722,8 @@ class ReconcilingBackend:
                 return
             nl = await self._netlink()
             ordered = diff(objects, ()).to_add  # neighbour -> FDB -> route
-            if await self._apply(nl, PlanDiff(ordered, ()), repair=True):
+            if await self._apply(nl, PlanDiff(ordered, ()), repair=True,
+                                 peers=self._programmed, decided=()):
                 self.status.in_sync = False
 
     async def _resync_loop(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:

@@ -47,7 +47,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
@@ -101,7 +101,7 @@ MAX_CHUNK = 2048
 # One datagram: the kernel sends a dump's messages in skbs of at most 32 KiB (netlink_dump
 # grows them up to that for a large reader) and every other message alone; iproute2
 # reads into 32 KiB. bytearray(n) writes n zeros, so a larger buffer is resident memory
-# for nothing (it was 1 MiB per socket).
+# for nothing.
 _RECV_SIZE = 64 * 1024
 
 
@@ -254,9 +254,12 @@ def host_route(data: bytes | memoryview, start: int, end: int) -> HostRoute | No
         prefix = network((int.from_bytes(dst) if dst else 0, dst_len))
     except ValueError:
         return None
+    gateway = attrs.get(RTA_GATEWAY)
     return HostRoute(prefix, connected=not local and scope == RT_SCOPE_LINK
                      and RTA_GATEWAY not in attrs, address=local,
-                     ifindex=_u32(attrs.get(RTA_OIF)))
+                     ifindex=_u32(attrs.get(RTA_OIF)),
+                     gateway=ip_address(bytes(gateway)) if gateway and len(gateway) in (4, 16)
+                     else None)
 
 
 def route_identity(data: bytes | memoryview, start: int, end: int) -> tuple[Ident | None, int]:

@@ -59,7 +59,7 @@ import secrets
 from ipaddress import ip_interface
 from pathlib import Path
 
-from leaseagent.core.backends import VxlanOptions, unicast_mac
+from leaseagent.core.backends import VxlanLeaseData, VxlanOptions, unicast_mac
 from leaseagent.core.leases import Peer
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
@@ -320,6 +320,17 @@ class VxlanBackend(ReconcilingBackend):
 
     def _is_direct(self, ip: Address) -> bool:
         return any(ip in net for net in self._direct_networks)  # `in` is False across families
+
+    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
+        out = []
+        if isinstance(peer.data, VxlanLeaseData):
+            out.append((f"VtepMAC {peer.data.vtep_mac}", str(peer.public_ip)))
+        if isinstance(peer.data6, VxlanLeaseData) and peer.public_ipv6 is not None:
+            out.append((f"VtepMAC {peer.data6.vtep_mac}", str(peer.public_ipv6)))
+        return tuple(out)
+
+    def _own_claims(self) -> frozenset[str]:
+        return frozenset(f"VtepMAC {vtep.mac}" for vtep in self._devices if vtep.mac)
 
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         if not self._v4.index:

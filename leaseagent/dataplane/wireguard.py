@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -430,7 +430,9 @@ class WireguardBackend(ReconcilingBackend):
             elif snap is not None:
                 self._found_clean[device.name] = snap.fingerprint
 
-    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool) -> list[Failure]:
+    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool,
+                     peers: Mapping[IPv4Network, Peer] | None = None,
+                     decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
         self._found_clean.clear()
-        return await super()._apply(nl, changes, repair=repair)
+        return await super()._apply(nl, changes, repair=repair, peers=peers, decided=decided)
 

@@ -261,9 +261,12 @@ class Lab:
 
     def remove_host(self, host: Host) -> None:
         """Stop the host's agent (SIGKILL: what happens to a host that dies) and what it
-        started (wireguard-go), and delete its namespaces; its lease stays in etcd until
-        TTL or `delete_lease`."""
+        started (wireguard-go), delete its published metrics address and its namespaces;
+        its lease stays in etcd until TTL or `delete_lease`."""
         self.stop_agent(host, sig=signal.SIGKILL, grace=5)
+        # Decommissioned, as an operator would: no longer a Prometheus target (its
+        # metrics key has no TTL; leaseagent.core.monitoring).
+        self.etcdctl("del", self.keys.metrics_key(self.node_id(host)))
         teardown.stop_strays([host.ns], self.state)
         self.topology.remove_host(host)
         del self.hosts[host.index]
@@ -329,10 +332,14 @@ class Lab:
 
     # ---------------------------------------------------------------- agents
 
+    def node_id(self, host: Host) -> str:
+        """The host's agent's --node-id: unique across labs sharing a machine."""
+        return f"{self.name}-{host.name}"
+
     def agent_argv(self, host: Host) -> list[str]:
         return agents.argv(
             host, command=self.agent_command or [tool("leaseagent")], endpoints=self.endpoints,
-            prefix=ETCD_PREFIX, lease_ttl=self.lease_ttl, node_id=f"{self.name}-{host.name}",
+            prefix=ETCD_PREFIX, lease_ttl=self.lease_ttl, node_id=self.node_id(host),
             extra=["--docker-opts-file", str(self.dockerd(host).options_file),
                    *(["--ip-masq"] if self.ip_masq else []),
                    *self.agent_args, *self.host_agent_args.get(host.index, ())],

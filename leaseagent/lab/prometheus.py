@@ -13,9 +13,10 @@ on the underlay (la-<name>-prom, 10.250.0.3):
 - a forwarder (leaseagent.lab.forward) from 127.0.0.1:<free port> on this
   machine to it: the URL `deploy/lab up` prints.
 
-Intervals: scrape and rule evaluation every second (SCRAPE_SECONDS), so an
-alert fires one scrape plus one evaluation (2 s at most) after its `for:` has
-passed; the rules' `for:` stay as shipped (LeaseagentDown: 30 s). Everything
+Intervals: scrape and rule evaluation every 2 s (SCRAPE_SECONDS; the scrape
+timeout as long, so a machine busy for a second does not make a target look
+down), so an alert fires one scrape plus one evaluation (4 s at most) after its
+`for:` has passed; the rules' `for:` stay as shipped (LeaseagentDown: 30 s). Everything
 lives in <state dir>/prometheus/ (config, targets, data, logs, pid files) and
 goes with `down`.
 """
@@ -40,7 +41,7 @@ from leaseagent.lab.state import PROMETHEUS_PID_FILES
 from leaseagent.lab.topology import PROMETHEUS_IP
 
 PORT = 9090  # alone in its namespace: free
-SCRAPE_SECONDS = 1
+SCRAPE_SECONDS = 2
 JOB = "leaseagent"
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "leaseagent-rules.yml"
 

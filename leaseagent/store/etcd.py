@@ -40,7 +40,8 @@ each continuing after the last key, all at the first page's revision): gRPC
 receives at most 4 MiB in one message, which a large cluster or large lease
 values exceed. A page over it is asked for again with fewer keys; a single
 value over it is skipped and named (`Listing.oversize`). A watch response over
-it cannot be received either: the watch ends and the caller lists again.
+it cannot be received either: the watch raises TooLarge (not resumed: it would
+bring the same response again) and the caller lists again.
 
 Every call has a deadline (`timeout`), so a member that holds the
 connection open without answering (SIGSTOP) costs a bounded wait, after
@@ -82,6 +83,7 @@ from leaseagent.errors import (
     StoreAuthError,
     StoreError,
     StoreUnavailable,
+    TooLarge,
 )
 from leaseagent.retrying import Backoff
 from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
@@ -195,11 +197,6 @@ def _token_problem(exc: BaseException) -> bool:
 
 def _wrong_password(exc: BaseException) -> bool:
     return "authentication failed" in _details(exc)
-
-
-class _ListAgain(StoreUnavailable):
-    """The watch cannot go on where it is (a response too large to receive): the caller
-    lists again (a listing skips the large value) and watches from there."""
 
 
 def _code(exc: BaseException) -> grpc.StatusCode | None:
@@ -605,8 +602,6 @@ class EtcdStore:
                     next_revision = max(next_revision, revision + 1)
                     if events:
                         yield events
-            except _ListAgain:
-                raise  # resumed, the stream would bring the same response again
             except StoreUnavailable:
                 if backoff.failures >= WATCH_RESUMES:
                     raise
@@ -677,7 +672,7 @@ class EtcdStore:
                 yield events, seen
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             if _too_large(exc):
-                raise _ListAgain(f"a watch response on {prefix} was over gRPC's receive "
+                raise TooLarge(f"a watch response on {prefix} was over gRPC's receive "
                                  f"limit (a value over 4 MiB): listing again") from exc
             raise _translate(exc, f"watch {prefix}") from exc
         finally:

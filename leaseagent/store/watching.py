@@ -22,7 +22,11 @@ are ~2 MiB).
 
 Failed listings are retried with the project's policy (leaseagent.retrying);
 `on_unavailable(exc)` is told of every failed attempt (log it once per
-state, not per attempt). Errors other than an unreachable etcd propagate.
+state, not per attempt). Before the first complete listing, errors other
+than an unreachable etcd propagate (a wrong setting is said at once); after
+it, no store error stops the stream (a permission revoked, a response etcd
+cannot give): it is reported and the listing retried, the consumer keeps
+what it has. A ConfigError (the password no longer valid) still propagates.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
-from leaseagent.errors import Compacted, StoreUnavailable
+from leaseagent.errors import Compacted, StoreError, StoreUnavailable, TooLarge
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore, Listing, WatchEvent
+from leaseagent.waiting import first_to_end
 
 # Why the engine lists again by itself (`Snapshot.reason` past the first, "start").
 ENGINE_REASONS = ("compacted", "stream_lost", "stream_ended")
@@ -68,6 +74,7 @@ class ListWatch:
         self._relist = asyncio.Event()
         self._relist_reason = "requested"
         self._backoff = Backoff()
+        self._listed = False  # a complete listing was had (given or made)
 
     def request_relist(self, reason: str) -> None:
         """List again as soon as the consumer asks for the next item."""
@@ -75,14 +82,18 @@ class ListWatch:
         self._relist.set()
 
     async def _list(self) -> Listing:
-        async for attempt in retrying(on_retry=self._on_unavailable):
+        retry_on = (StoreError,) if self._listed else (StoreUnavailable,)
+        async for attempt in retrying(on_retry=self._on_unavailable, retry_on=retry_on):
             with attempt:
-                return await self._store.list_prefix(self._prefix)
-        raise AssertionError("unreachable")
+                listing = await self._store.list_prefix(self._prefix)
+        self._listed = True
+        return listing
 
     async def stream(self) -> AsyncIterator[Snapshot | Events]:
         reason = "start"
         while True:
+            if self._first is not None:
+                self._listed = True
             listing, self._first = self._first or await self._list(), None
             self._relist.clear()
             revision = listing.revision
@@ -104,7 +115,9 @@ class ListWatch:
                 reason = "stream_ended"
             except Compacted:
                 reason = "compacted"
-            except StoreUnavailable as exc:
+            except TooLarge:
+                reason = "stream_lost"  # a listing skips what the stream cannot bring
+            except StoreError as exc:  # StoreUnavailable, or a refusal (after a listing)
                 reason = "stream_lost"
                 if self._on_unavailable is not None:
                     self._on_unavailable(exc)
@@ -114,15 +127,6 @@ class ListWatch:
 
     async def _next(self, watch: AsyncIterator[list[WatchEvent]]) -> list[WatchEvent] | None:
         """The next batch, or None when a re-list was requested first."""
-        nxt = asyncio.ensure_future(anext(watch))
-        relist = asyncio.ensure_future(self._relist.wait())
-        try:
-            await asyncio.wait({nxt, relist}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            relist.cancel()
-            if not nxt.done():
-                nxt.cancel()
-                await asyncio.gather(nxt, return_exceptions=True)
-        if nxt.cancelled():
-            return None
-        return nxt.result()
+        # A batch that arrived in the same step as the request is returned, not lost.
+        which, batch = await first_to_end(anext(watch), self._relist.wait())
+        return cast("list[WatchEvent]", batch) if which == 0 else None

@@ -511,6 +511,31 @@ async def test_host_gw_routes_and_refusal(lab: Underlay, tmp_path: Path) -> None
         await HostGwBackend(wrong).prepare()
 
 
+async def test_peer_counts_follow_a_full_sync(lab: Underlay, tmp_path: Path) -> None:
+    """foreign_peers and refused_peers tell what is true after each full sync: a peer of
+    another backend type, or one whose gateway is not on the link (refused, the data
+    plane still in sync for the rest), that a listing no longer has is no longer
+    counted."""
+    ns = lab.hosts[0]
+    backend = HostGwBackend(await make_settings(ns, tmp_path, backend={"Type": "host-gw"}))
+    await backend.prepare()
+    await backend.start(OWN)
+    gw = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "host-gw", NoLeaseData())
+    off_link = Peer(IPv4Network("10.5.4.0/24"), IPv4Address("192.0.2.77"), "host-gw",
+                    NoLeaseData())
+    try:
+        await backend.sync(peers_of(gw, off_link, FAR_PEER))  # FAR_PEER runs vxlan
+        status = backend.status
+        assert (status.foreign_peers, list(status.refused_peers)) == (1, [off_link.subnet])
+        assert "Network is unreachable" in status.refused_peers[off_link.subnet]
+        assert status.in_sync, status.last_error
+        assert {r["dst"] for r in await routes(ns)} == {"10.5.2.0/24"}
+        await backend.sync(peers_of(gw))
+        assert (status.foreign_peers, status.refused_peers, status.in_sync) == (0, {}, True)
+    finally:
+        await backend.close()
+
+
 async def test_resolve_host(lab: Underlay) -> None:
     ns = lab.hosts[1]
     with pytest.raises(ConfigError, match="no IPv4 default route"):

@@ -10,10 +10,13 @@ has eth0 (10.99.0.1/24), `uplink1` (172.31.5.1/24, a veth) with a route to
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from netns import Underlay, ash, underlay
+from netns import Underlay, ash, sh, underlay
 
 from leaseagent.dataplane.base import InterfaceChoice
 from leaseagent.dataplane.host import resolve_host
@@ -73,3 +76,29 @@ async def test_iface_choice_in_flannels_order(lab: Underlay) -> None:
     assert text.startswith("no interface matches --iface eth9: no such interface")
     assert "--iface-regex ^nope: matches no interface" in text
     assert "--iface-can-reach 203.0.113.1: no route to it" in text and "\n" not in text
+
+
+def test_docker_opts_refuses_a_subnet_the_host_routes_via_a_gateway(lab: Underlay,
+                                                                     tmp_path: Path) -> None:
+    """mk-docker-opts.sh's last step: the options are written, then exit 1 when the routing
+    table already routes FLANNEL_SUBNET's subnet through a gateway."""
+    ns = lab.hosts[0]
+    subnet_env = tmp_path / "subnet.env"
+    subnet_env.write_text("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.34.1/24\n"
+                          "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+    out = tmp_path / "docker_opts.env"
+
+    def docker_opts() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m",
+                               "leaseagent.cli.leasectl", "docker-opts", "-f", str(subnet_env),
+                               "-d", str(out)], capture_output=True, text=True, timeout=60,
+                              check=False)
+
+    assert docker_opts().returncode == 0
+    sh("ip", "-n", ns, "route", "add", "10.5.34.0/24", "via", "10.99.0.254")
+    out.unlink()
+    refused = docker_opts()
+    assert refused.returncode == 1
+    assert refused.stderr == ("leasectl: error: the routing table already routes 10.5.34.0/24 "
+                              "via 10.99.0.254 (mk-docker-opts.sh's check)\n")
+    assert out.read_text().startswith('DOCKER_OPT_BIP="--bip=10.5.34.1/24"')

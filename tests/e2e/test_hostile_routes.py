@@ -179,13 +179,14 @@ def test_a_lease_over_a_hosts_own_route_or_address_is_skipped_there_only(lab: La
             assert lab.metrics(h).get("leaseagent_dataplane_conflicting_peers") == expected, h.name
         log1 = h1.log_file.read_text()
         assert log1.count(f"peer {ROUTED} (10.250.0.98, node planted) not programmed") == 1
-        assert f"overlaps this host's route {ROUTED}" in log1
+        assert f"its subnet overlaps this host's route {ROUTED}" in log1
         log2 = h2.log_file.read_text()
         assert f"peer {ADDRESSED} (10.250.0.97, node planted) not programmed" in log2
         assert (f"connected route {ADDRESSED}" in log2 or "address 10.244.251.5" in log2), log2
         doc = _doctor(lab, h1)
         assert doc.returncode == 1, doc.stdout + doc.stderr
-        assert f"lease {ROUTED} (10.250.0.98) overlaps this host's route {ROUTED}" in doc.stdout
+        assert (f"lease {ROUTED} (10.250.0.98) not programmed here: its subnet overlaps this "
+                f"host's route {ROUTED}") in doc.stdout
         # leasectl list on h1 says it; on h3 the same key is what it is (no etcd lease).
         for h, status in ((h1, "conflict"), (h3, "reserved")):  # planted with no etcd lease
             listed = _leasectl(lab, h, "list", "--json")
@@ -214,3 +215,42 @@ def test_a_lease_over_a_hosts_own_route_or_address_is_skipped_there_only(lab: La
     finally:
         lab.host_run(h1, ["ip", "route", "del", ROUTED, "proto", "static"])
         lab.host_run(h2, ["ip", "link", "del", "hostile0"])
+
+
+def test_a_lease_with_another_hosts_vtep_mac_is_not_programmed(lab: Lab) -> None:
+    """Found trying more of the same kind (vxlan): a lease planted with a running host's
+    VtepMAC and another PublicIP was programmed everywhere: the other hosts routed the
+    planted subnet to the victim's VTEP (a neighbour entry with its MAC), and the victim
+    got an FDB entry for its own MAC pointing at the planted address. Now the first peer
+    holding a VtepMAC keeps it: the planted lease is skipped everywhere (on the victim,
+    as its own MAC)."""
+    if lab.backend != "vxlan":
+        pytest.skip("VtepMACs are vxlan's")
+    h1, h2, h3 = _hosts(lab)
+    value = lab.lease_value(h1)
+    assert value is not None
+    mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]
+    planted = "10.244.249.0/24"
+    lab.etcdctl("put", lab.keys.subnets_prefix + planted.replace("/", "-"),
+                _value("10.250.0.96", "vxlan", mac))
+    try:
+        for h in (h1, h2, h3):
+            _wait(f"{h.name} skips the planted lease", lambda h=h: lab.metrics(h).get(
+                "leaseagent_dataplane_conflicting_peers") == 1.0)
+        time.sleep(1.0)
+        for h in (h1, h2, h3):
+            fdb = lab.kernel_state(h)["fdb"]
+            assert not [line for line in fdb if "10.250.0.96" in line], (h.name, fdb)
+            assert not _route(lab, h, planted), h.name
+        for h in (h2, h3):
+            assert [line for line in lab.kernel_state(h)["fdb"] if line.startswith(mac)] == [
+                f"{mac} dst {h1.public_ip} self permanent"], h.name
+            assert f"it has VtepMAC {mac}, which peer" in h.log_file.read_text()
+        assert f"it has VtepMAC {mac}, this host's own" in h1.log_file.read_text()
+        assert lab.wait_reachable(timeout=10).all_ok
+    finally:
+        lab.etcdctl("del", lab.keys.subnets_prefix + planted.replace("/", "-"))
+    for h in (h1, h2, h3):
+        _wait(f"{h.name} clean", lambda h=h: lab.metrics(h).get(
+            "leaseagent_dataplane_conflicting_peers") == 0.0)
+    assert lab.wait_reachable(timeout=10).all_ok

@@ -274,3 +274,23 @@ def test_json_logs_are_one_object_per_line_and_state_changes_are_logged_once(etc
     assert sum(m.startswith("lease held:") for m in messages) == 1
     assert sum(m == "etcd reachable" for m in messages) == 1
     assert not any("renew" in m for m in messages)
+
+
+def test_the_agent_and_config_set_say_the_same_of_a_config_flanneld_refuses(etcd, agents,
+                                                                            tmp_path):
+    """One validator: what flanneld's Go decoder refuses (a number given as a string), and
+    what leaseagent refuses of flanneld's meaning (an MTU leaving the device below 68), is
+    refused by `leasectl config set` and by the agent in the same words."""
+    from leasectl_run import leasectl
+
+    a = agents("a", "10.200.0.1").start()
+    a.wait_log(f"waiting for a usable network config: {PREFIX}/config is missing")
+    for doc in ({"network": "10.6.0.0/16", "subnetlen": "24"},
+                {"Network": "10.6.0.0/16", "backend": {"type": "vxlan", "mtu": 0}}):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(doc))
+        refused = leasectl(etcd, "config", "set", str(bad))
+        assert refused.returncode == 2
+        said = refused.stderr.strip().split(f"{bad}: ", 1)[1].split("; etcd left unchanged")[0]
+        put_config(etcd, doc)
+        a.wait_log(f"waiting for a usable network config: {PREFIX}/config: {said}")

@@ -164,7 +164,8 @@ def test_version_and_help_show_defaults_variables_and_exit_codes(etcd):
     version = leasectl(etcd, "--version")
     assert version.returncode == 0 and version.stdout.startswith("leasectl ")
     helped = " ".join(leasectl(etcd, "doctor", "--help").stdout.split())
-    assert "[default: /run/leaseagent/subnet.env; $LEASEAGENT_SUBNET_FILE]" in helped
+    assert ("[default: /run/leaseagent/subnet.env; $LEASEAGENT_SUBNET_FILE, "
+            "$FLANNELD_SUBNET_FILE]") in helped
     assert "exit status:" in helped
     typo = leasectl(etcd, "list", "--outptu", "json")
     assert typo.returncode == 2 and one_line_error(typo).endswith("(see leasectl --help)")

@@ -10,6 +10,9 @@ simple tokens unused for a second expire, so every renewal (every 2 s at
   seen by both (their watches resumed on new tokens); no lease lost, no ERROR;
 - an agent started while etcd is down waits and leases when it is up (as
   without auth), instead of exiting;
+- a permission revoked under a running agent (the role no longer reads the
+  prefix) when it must list again: it keeps running and its data plane, says so
+  once, and lists again once the permission is back;
 - the password changed in etcd under a running agent: it goes on while it needs
   no new token (renewals, open watches); at the next authentication (here after
   an etcd restart) one line, exit 2 (a wrong password, as at start).
@@ -150,3 +153,32 @@ def test_a_password_changed_under_a_running_agent_is_one_line_and_exit_2(
     assert s.password not in a.log() and new not in a.log()
     print(f"\nauth tokens: password changed under a running agent: exit 2: "
           f"{line.split(' ', 2)[-1]}")
+
+
+def test_a_permission_revoked_under_a_running_agent_stops_nothing(short_token_etcd, tmp_path):
+    s = short_token_etcd
+    put_config(s)
+    a = agent(s, tmp_path, "a", [*s.tls_flags(), *s.auth_flags()], ttl=TTL)
+    try:
+        a.start(metrics=True)
+        a.wait_subnet()
+        a.wait_log("ready:")
+        before = leases(s)
+        ctl = s.cluster.etcdctl
+        ctl("role", "revoke-permission", "leaseagent", "--prefix=true", f"{PREFIX}/")
+        s.cluster.restart(0)  # the open watches end: the agent must list again, and may not
+        wait_for("the refusal reported", lambda: "permission denied" in a.log(), 20)
+        time.sleep(3)
+        assert a.proc is not None and a.proc.alive, a.log()
+        assert a.metric("leaseagent_etcd_up") == 1  # it answers: a refusal is no outage
+        ctl("role", "grant-permission", "leaseagent", "--prefix=true", "readwrite",
+            f"{PREFIX}/")
+        back = wait_for("listing again", lambda: "etcd lists the leases again" in a.log(), 20)
+        assert a.proc.alive and leases(s) == before, a.log()
+        log = a.log()
+        assert "Traceback" not in log and " ERROR " not in log, log
+        assert log.count("permission denied") == 1, log
+    finally:
+        a.stop()
+    print(f"\nauth: a permission revoked under a running agent: it kept running (logged once), "
+          f"listed again {back:.2f}s after the grant, same lease")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
+from pathlib import Path
+
 import pytest
 
 from leaseagent.core.backends import BACKEND_TYPES, backend_type
+from leaseagent.core.network import network_config_from_dict
 from leaseagent.dataplane import BACKENDS
+from leaseagent.dataplane.base import DataPlaneSettings, DataPlaneStatus, HostInfo
 from leaseagent.errors import NetworkConfigError
 
 
@@ -19,6 +24,12 @@ def test_an_unknown_type_names_the_supported_ones() -> None:
     assert str(err.value) == "Backend.Type='udp': not supported (supported: alloc, host-gw, vxlan, wireguard)"
 
 
-def test_every_registered_backend_resolves_to_its_class() -> None:
+def test_every_registered_backend_builds_a_data_plane_of_its_type(tmp_path: Path) -> None:
     for name in BACKENDS:
-        assert callable(BACKENDS[name]), name
+        network = network_config_from_dict({"Network": "10.5.0.0/16", "Backend": {"Type": name}})
+        settings = DataPlaneSettings(network=network, host=HostInfo(IPv4Address("127.0.0.1")),
+                                     state_dir=tmp_path)
+        backend = BACKENDS[name](settings)
+        # Each name builds its own backend (VxlanBackend for "vxlan", HostGwBackend ...).
+        assert type(backend).__name__.lower() == name.replace("-", "") + "backend", name
+        assert isinstance(backend.status, DataPlaneStatus), name

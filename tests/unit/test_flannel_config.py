@@ -210,3 +210,8 @@ def test_ipv6_network_without_enable_ipv6_is_decoded_and_checked_but_unused() ->
 def test_struct_fields_keeps_the_last_and_drops_the_rest() -> None:
     obj = gojson.loads('{"a": 1, "B": 2, "A": 3, "c": null}')
     assert gojson.struct_fields(obj, ["A", "b", "C"]) == {"b": 2, "A": 3, "C": None}
+
+
+def test_a_network_with_host_bits_is_refused() -> None:
+    # flanneld masks them off (net.ParseCIDR); a typo there is refused here instead.
+    assert refused({"Network": "10.5.3.7/16"}).startswith('Network="10.5.3.7/16": is not')

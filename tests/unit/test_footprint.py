@@ -1,4 +1,4 @@
-"""What the agent imports: only what it runs (docs/benchmarks.md, "Memory").
+"""What the agent imports: only what it runs.
 
 Each check imports in a fresh interpreter, so what this test process has
 imported already does not count.
@@ -20,7 +20,7 @@ def _modules_after(code: str) -> set[str]:
 
 AGENT = ("import leaseagent.agent.main\n"
          "from leaseagent.dataplane import BACKENDS\n"
-         "BACKENDS['vxlan']\n")
+         "import leaseagent.dataplane.vxlan\n")
 
 
 def test_a_vxlan_agent_does_not_import_the_other_backends() -> None:
@@ -30,40 +30,9 @@ def test_a_vxlan_agent_does_not_import_the_other_backends() -> None:
     assert not any(m.split(".")[0] == "cryptography" for m in loaded)
 
 
-def test_the_agent_imports_parts_of_pyroute2_and_prometheus_client_not_all() -> None:
-    loaded = _modules_after(AGENT + "import leaseagent.agent.http\n")
-    assert "pyroute2.iproute.linux" in loaded and "prometheus_client.metrics" in loaded
-    for whole_library in ("pyroute2.ndb", "pyroute2.ipdb", "sqlite3", "prometheus_client.gc_collector",
-                          "prometheus_client.bridge"):
-        assert not any(m == whole_library or m.startswith(whole_library + ".") for m in loaded), \
-            whole_library
-
-
-def test_the_agent_does_not_import_importlib_metadata() -> None:
-    # Its version is read from METADATA (leaseagent.imports.installed_version), and
-    # etcd3aio's __init__, which asks importlib.metadata for its own, does not run.
-    loaded = _modules_after(AGENT + "import leaseagent.store.etcd\n")
-    assert "etcd3aio.client" in loaded
-    assert "importlib.metadata" not in loaded and "zipfile" not in loaded
-
-
-def test_installed_version_answers_as_importlib_metadata() -> None:
-    from importlib.metadata import version
-
-    from leaseagent.imports import installed_version
-
-    for name in ("leaseagent", "grpcio", "prometheus-client", "prometheus_client", "etcd3aio"):
-        assert installed_version(name) == version(name)
-    assert installed_version("no-such-distribution-here") is None
-
-
-def test_a_lean_package_is_whole_again_when_asked_for_what_its_init_defines() -> None:
-    loaded = _modules_after("import leaseagent\n"
-                            "from pyroute2 import IPRoute, AsyncIPRoute\n"
-                            "from prometheus_client import REGISTRY, generate_latest\n"
-                            "from etcd3aio import Lock\n"
-                            "import pyroute2, prometheus_client, etcd3aio\n"
-                            "assert pyroute2.__version__ and prometheus_client.Counter\n"
-                            "assert etcd3aio.__version__\n")
-    assert "pyroute2.ndb" in loaded and "prometheus_client.gc_collector" in loaded
-    assert "etcd3aio.concurrency" in loaded
+def test_importing_the_package_imports_no_library_and_patches_no_import() -> None:
+    """The package's `__init__` only says its version: the lab imports it on a bare python3."""
+    loaded = _modules_after("import sys\nfinders = list(sys.meta_path)\nimport leaseagent\n"
+                            "assert sys.meta_path == finders, sys.meta_path\n")
+    for library in ("pyroute2", "prometheus_client", "etcd3aio", "grpc", "tenacity"):
+        assert library not in loaded, library

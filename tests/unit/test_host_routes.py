@@ -87,3 +87,16 @@ def test_only_routes_overlapping_the_cluster_network_are_kept_never_a_default_ro
               HostRoute(IPv4Network("10.0.0.0/8")), HostRoute(IPv4Network("10.244.3.0/24"))]
     kept = cluster_relevant(routes, [IPv4Network("10.244.0.0/16")])
     assert [str(r.dst) for r in kept] == ["10.0.0.0/8", "10.244.3.0/24"]
+
+
+def test_flanneld_route_for_the_peer_itself_is_no_conflict() -> None:
+    """flanneld's route to a peer (vxlan: via the subnet's base; host-gw: via its
+    PublicIP) is replaced when the peer is programmed; any other gateway is a conflict."""
+    vxlan = HostRoute(IPv4Network("10.244.7.0/24"), gateway=IPv4Address("10.244.7.0"))
+    hostgw = HostRoute(IPv4Network("10.244.7.0/24"), gateway=IPv4Address("10.250.0.9"))
+    other = HostRoute(IPv4Network("10.244.7.0/24"), gateway=IPv4Address("10.250.0.1"))
+    inner = HostRoute(IPv4Network("10.244.7.128/25"), gateway=IPv4Address("10.244.7.128"))
+    assert host_conflict(_peer("10.244.7.0/24"), (vxlan,)) is None
+    assert host_conflict(_peer("10.244.7.0/24"), (hostgw,)) is None
+    assert host_conflict(_peer("10.244.7.0/24"), (other,)) == other
+    assert host_conflict(_peer("10.244.7.0/24"), (inner,)) == inner

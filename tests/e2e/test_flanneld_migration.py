@@ -1,0 +1,222 @@
+"""A host switched from flanneld to leaseagent while its containers talk: nothing lost.
+
+The namespace lab (two hosts, a container each; namespace containers, not Docker:
+a dockerd per host would double the run time and changes nothing in the data
+path) is first turned into what flanneld leaves running on a host, as flanneld
+makes it (flannel's sources: pkg/subnet, pkg/backend/vxlan, pkg/trafficmngr):
+
+- etcd: the network config as an operator wrote it for flanneld (lower-case keys,
+  `"mtu": 1400`, which flanneld reads as the path MTU: a 1350 device), and each
+  host's lease in flannel's form (no NodeID) on a 24-hour etcd lease;
+- the kernel: flannel.1 with its MAC, neighbour and FDB entries, routes to the
+  peers with the kernel's default protocol (flanneld sets none), flanneld's
+  iptables chains FLANNEL-POSTRTG and FLANNEL-FWD with its rules and jumps, an
+  nftables table `ip flannel-ipv4` from an nftables-mode run, a stale device
+  flannel.9 and a stale route to a subnet nobody holds; FORWARD's policy DROP and
+  Docker's DOCKER-USER chain (first in FORWARD) with an operator's rule dropping
+  echo requests from the container on h2 to the one on h1.
+
+Then, with a ping running between the containers, each host starts leaseagent
+with flanneld's own flags in Go's syntax (one host's --ip-masq as FLANNELD_IP_MASQ)
+and `leasectl cleanup --flannel` removes flanneld's leftovers. Checked: the same
+subnets, lease keys and VtepMACs, FLANNEL_MTU 1350 (as flanneld's), no leftover
+that doctor names, the DOCKER-USER rule still in effect, and no ping lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.dataplane.firewall import IptablesFirewall
+from leaseagent.lab import (
+    CONTAINER_NETWORK,
+    ETCD_PREFIX,
+    Host,
+    Lab,
+    parse_ping_summary,
+    run,
+    tool,
+)
+from leaseagent.lab import agents as lab_agents
+from leaseagent.lab.agents import METRICS_ADDR
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
+
+FLANNEL_CONFIG = {"Network": str(CONTAINER_NETWORK), "subnetLen": 24,
+                  "backend": {"type": "vxlan", "vni": 1, "mtu": 1400}}
+FLANNEL_MTU = 1350  # flanneld: Backend.MTU 1400 is the path's; the device gets 50 less
+STALE_SUBNET = "10.244.250.0/24"  # a peer that left while flanneld ran
+
+
+class FlannelConfigLab(Lab):
+    def network_config(self) -> dict[str, object]:
+        return FLANNEL_CONFIG
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    lab = FlannelConfigLab(f"fm{os.getpid() % 100000}", ip_masq=True, lease_ttl=30)
+    try:
+        lab.up(2, 1)
+        for host in lab.hosts.values():
+            lab.wait_ready(host, timeout=30)
+        assert lab.wait_reachable(timeout=15).all_ok
+        yield lab
+    finally:
+        warnings = lab.down()
+        assert not warnings, warnings
+
+
+def sh(host: Host, *argv: str, check: bool = True) -> str:
+    return run(["ip", "netns", "exec", host.ns, *argv], check=check)
+
+
+def become_flanneld_host(lab: Lab, host: Host) -> dict[str, str]:
+    """Leave `host` as flanneld leaves it (see the module docstring); its lease value."""
+    assert host.subnet is not None
+    pod, net = str(host.subnet.network), str(CONTAINER_NETWORK)
+    lab.stop_agent(host)  # SIGTERM: device, entries and routes stay
+    asyncio.run(IptablesFirewall(netns=host.ns).remove())  # flanneld has none of ours
+    # flanneld's routes: the same, with the kernel's default protocol (it sets none).
+    for route in json.loads(run(["ip", "-j", "-n", host.ns, "route", "show", "proto", "76"])):
+        run(["ip", "-n", host.ns, "route", "replace", route["dst"], "via", route["gateway"],
+             "dev", route["dev"], *(["onlink"] if "onlink" in route.get("flags", []) else []),
+             "proto", "boot"])
+    masq = [f"-s {pod} -d {net} -j RETURN", f"-s {net} -d {pod} -j RETURN",
+            f"! -s {net} -d {pod} -j RETURN", f"-s {net} ! -d 224.0.0.0/4 -j MASQUERADE "
+            "--random-fully", f"! -s {net} -d {net} -j MASQUERADE --random-fully"]
+    rules = ["*nat", ":FLANNEL-POSTRTG - [0:0]",
+             '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
+             '-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment '
+             '"flanneld masq" -j RETURN',
+             *(f'-A FLANNEL-POSTRTG {r.split(" -j ")[0]} -m comment --comment "flanneld masq" '
+               f'-j {r.split(" -j ")[1]}' for r in masq),
+             "COMMIT", "*filter", ":FLANNEL-FWD - [0:0]", ":DOCKER-USER - [0:0]",
+             "-P FORWARD DROP",
+             '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
+             "-I FORWARD 1 -j DOCKER-USER",
+             f'-A FLANNEL-FWD -s {net} -m comment --comment "flanneld forward" -j ACCEPT',
+             f'-A FLANNEL-FWD -d {net} -m comment --comment "flanneld forward" -j ACCEPT',
+             "-A DOCKER-USER -j RETURN", "COMMIT", ""]
+    subprocess.run(["ip", "netns", "exec", host.ns, "iptables-restore", "--noflush"],
+                   input="\n".join(rules), text=True, check=True)
+    sh(host, "nft", "add table ip flannel-ipv4")
+    sh(host, "nft", "add chain ip flannel-ipv4 forward "
+       "{ type filter hook forward priority filter; policy accept; }")
+    sh(host, "ip", "link", "add", "flannel.9", "type", "vxlan", "id", "9", "dstport", "4789",
+       "dev", "eth0", "local", str(host.public_ip), "nolearning")
+    sh(host, "ip", "route", "add", STALE_SUBNET, "via", STALE_SUBNET.split("/")[0], "dev",
+       "flannel.1", "onlink", "proto", "boot")
+    # Its lease as flanneld writes it: no NodeID, a 24-hour etcd lease.
+    key = lab.lease_key(host)
+    value = lab.lease_value(host)
+    assert value is not None
+    flannel_value = json.dumps({"PublicIP": value["PublicIP"], "PublicIPv6": None,
+                                "BackendType": "vxlan", "BackendData": value["BackendData"]},
+                               separators=(",", ":"))
+    lease = lab.etcdctl("lease", "grant", "86400").split()[1]
+    lab.etcdctl("put", f"--lease={lease}", key, flannel_value)
+    return {"key": key, "value": flannel_value}
+
+
+def flanneld_argv(lab: Lab, host: Host) -> list[str]:
+    """flanneld's flags, in Go's syntax, plus what leaseagent needs on top in the lab
+    (its state dir and node id; /healthz where the lab looks)."""
+    ip, port = METRICS_ADDR.split(":")
+    return [
+        tool("leaseagent"),
+        f"-etcd-endpoints={lab.endpoints}", "-etcd-prefix", ETCD_PREFIX,
+        "-iface", "nosuch9", "--iface=eth0",  # flanneld takes the first that matches
+        f"-subnet-file={host.subnet_file}", "-public-ip", str(host.public_ip),
+        "-iptables-resync=2", "--iptables-forward-rules=true",
+        f"-healthz-ip={ip}", f"-healthz-port={port}", "-subnet-lease-renew-margin=60",
+        "-v=0", "--kube-subnet-mgr=false",
+        "--state-dir", str(host.dir / "state"), "--node-id", f"{lab.name}-{host.name}",
+    ]
+
+
+def doctor_argv(lab: Lab, host: Host) -> list[str]:
+    return [tool("leasectl"), "--etcd-endpoints", lab.endpoints, "doctor", "--iface", "eth0",
+            "--public-ip", str(host.public_ip), "--subnet-file", str(host.subnet_file),
+            "--state-dir", str(host.dir / "state"), "--ip-masq"]
+
+
+def test_flanneld_host_switched_to_leaseagent_loses_nothing(lab: Lab) -> None:
+    h1, h2 = lab.hosts[1], lab.hosts[2]
+    c1, c2 = h1.containers[0], h2.containers[0]
+    before = {h.index: (parse_subnet_env(h.subnet_file.read_text()),
+                        sh(h, "cat", "/sys/class/net/flannel.1/address").strip())
+              for h in (h1, h2)}
+    assert {e["FLANNEL_MTU"] for e, _ in before.values()} == {str(FLANNEL_MTU)}
+    leases = {h.index: become_flanneld_host(lab, h) for h in (h1, h2)}
+    sh(h1, "iptables", "-I", "DOCKER-USER", "1", "-s", str(c2.ip), "-d", str(c1.ip), "-p",
+       "icmp", "--icmp-type", "echo-request", "-j", "DROP")
+    # flanneld's data plane carries the traffic; DOCKER-USER already drops c2 -> c1.
+    assert lab.ping(c1.ns, c2.ip, count=2, wait=2)
+    assert not lab.ping(c2.ns, c1.ip, count=1, wait=1)
+
+    ping = lab.ping_background(c1.ns, c2.ip, count=300, interval=0.05)  # 15 s
+    try:
+        for host in (h1, h2):
+            env = ["env", "FLANNELD_IP_MASQ=true"] if host is h2 else []
+            argv = flanneld_argv(lab, host) + ([] if host is h2 else ["-ip-masq"])
+            lab_agents.start(host, [*env, *argv])
+        for host in (h1, h2):
+            lab.wait_ready(host, timeout=30)
+        # doctor names each leftover, one line each (and so is not "ok").
+        named = lab.host_run(h1, doctor_argv(lab, h1))
+        assert named.returncode == 1, named.stdout + named.stderr
+        for thing in ("iptables nat chain FLANNEL-POSTRTG", "iptables filter chain FLANNEL-FWD",
+                      '-j FLANNEL-POSTRTG', '-j FLANNEL-FWD', "nftables table ip flannel-ipv4",
+                      "device flannel.9", f"route {STALE_SUBNET} via"):
+            assert any(line.startswith("flanneld leftover: ") and thing in line
+                       for line in named.stdout.splitlines()), (thing, named.stdout)
+        cleaned = {}
+        for host in (h1, h2):
+            result = lab.host_run(host, [tool("leasectl"), "--etcd-endpoints", lab.endpoints,
+                                         "cleanup", "--flannel", "--iface", "eth0",
+                                         "--public-ip", str(host.public_ip), "--subnet-file",
+                                         str(host.subnet_file), "--state-dir",
+                                         str(host.dir / "state"), "--ip-masq"])
+            assert result.returncode == 0, result.stdout + result.stderr
+            cleaned[host.name] = result.stdout.splitlines()
+    finally:
+        out, _ = ping.communicate(timeout=60)
+    sent, received = parse_ping_summary(out)
+    assert sent == 300 and received == 300, out
+    print(f"\nping c1 -> c2 across the switch: {received}/{sent}; cleanup: "
+          + json.dumps(cleaned))
+
+    for host in (h1, h2):
+        removed = cleaned[host.name]
+        for thing in ("iptables nat chain FLANNEL-POSTRTG", "iptables filter chain FLANNEL-FWD",
+                      "nftables table ip flannel-ipv4", "device flannel.9",
+                      f"route {STALE_SUBNET} via"):
+            assert any(thing in line for line in removed), (thing, removed)
+        assert not any("device flannel.1" in line for line in removed)  # ours now
+        env = parse_subnet_env(host.subnet_file.read_text())
+        old_env, old_mac = before[host.index]
+        assert env["FLANNEL_SUBNET"] == old_env["FLANNEL_SUBNET"]  # the same subnet
+        assert env["FLANNEL_MTU"] == str(FLANNEL_MTU)  # the MTU flanneld gave it
+        assert sh(host, "cat", "/sys/class/net/flannel.1/mtu").strip() == str(FLANNEL_MTU)
+        assert sh(host, "cat", "/sys/class/net/flannel.1/address").strip() == old_mac
+        assert lab.lease_key(host) == leases[host.index]["key"]
+        value = lab.lease_value(host)
+        assert value is not None and value["BackendData"]["VtepMAC"] == old_mac
+        saved = sh(host, "iptables-save")
+        assert "FLANNEL-" not in saved and "flanneld" not in saved
+        assert "flannel-ipv4" not in sh(host, "nft", "list", "tables")
+        assert STALE_SUBNET not in run(["ip", "-n", host.ns, "route"])
+        doctor = lab.host_run(host, doctor_argv(lab, host))
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    # The operator's DOCKER-USER rule still drops c2 -> c1; everything else flows.
+    assert not lab.ping(c2.ns, c1.ip, count=2, wait=1)
+    assert lab.ping(c1.ns, c2.ip, count=2, wait=2)
