@@ -225,3 +225,10 @@ def test_the_dashboard_is_laid_out_and_asks_only_for_what_exists() -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["node"]["definition"] == 'label_values(up{job="leaseagent"}, node)'
+
+
+def test_every_recorded_series_is_read_by_an_alert_or_the_dashboard() -> None:
+    readers = " ".join(rule["expr"] for rule in _alerts()) + DASHBOARD.read_text()
+    recorded = [rule["record"] for rule in _rules() if "record" in rule]
+    assert recorded
+    assert [name for name in recorded if name not in readers] == []
