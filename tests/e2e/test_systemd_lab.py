@@ -10,7 +10,7 @@ Skipped, with the reason, where the machine cannot: not root, no
 systemd-nspawn or debootstrap, no cgroup hierarchy, or no Debian mirror to build
 the root filesystem from (built once, ~1 minute here, then cached in
 /var/cache/leaseagent-lab/). With a cached root filesystem the module takes
-about a minute.
+1-2 minutes here.
 """
 
 from __future__ import annotations
