@@ -10,6 +10,7 @@ catches only these.
      |-- StoreError
      |    |-- StoreUnavailable   etcd unreachable or timing out; retryable
      |    |-- StoreAuthError     TLS/credentials refused; not retryable
+     |    |-- TooLarge           a watch response over gRPC's receive limit; list again
      |    '-- Compacted          a watch asked for history etcd no longer has; re-list
      |-- SubnetsExhausted        no free subnet in [SubnetMin, SubnetMax]; not retryable
      |-- LeaseLost               our etcd lease or our key is gone
@@ -45,6 +46,11 @@ class StoreUnavailable(StoreError):
 
 class StoreAuthError(StoreError):
     """The store refused our credentials or certificate."""
+
+
+class TooLarge(StoreError):
+    """A watch response too large to receive (a value over gRPC's 4 MiB limit): the
+    stream cannot go on past it; a listing (which skips such a value) can."""
 
 
 class Compacted(StoreError):

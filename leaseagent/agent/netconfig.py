@@ -102,6 +102,7 @@ class Version:
     value: bytes | None
     revision: int
     seen: float = 0.0
+    too_large: bool = False  # a value too large to receive (`value` is empty)
 
 
 class ConfigFollower:
@@ -141,6 +142,11 @@ class ConfigFollower:
         async for item in self._engine.stream():
             if isinstance(item, Snapshot):
                 found = [kv for kv in item.items if kv.key == self._key]
+                large = [kv for kv in item.oversize if kv.key == self._key]
+                if large:
+                    self._offer(Version(b"", large[0].mod_revision, time.monotonic(),
+                                        too_large=True))
+                    continue
                 self._offer(self._version(found[0] if found else None, item.revision))
                 continue
             for ev in item.events:
@@ -205,6 +211,10 @@ class ConfigFollower:
             self._ignored("missing", version.revision, f"{self._key} was deleted")
             return
         self._handled = version.revision
+        if version.too_large:
+            self._ignored("invalid", version.revision, f"{self._key}: the value is too large "
+                          "to receive (over gRPC's 4 MiB message limit)")
+            return
         try:
             network = validated(self._key, version.value, self._backends)
         except NetworkConfigError as exc:

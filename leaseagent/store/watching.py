@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from leaseagent.errors import Compacted, StoreError, StoreUnavailable
+from leaseagent.errors import Compacted, StoreError, StoreUnavailable, TooLarge
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.waiting import first_to_end
@@ -115,6 +115,8 @@ class ListWatch:
                 reason = "stream_ended"
             except Compacted:
                 reason = "compacted"
+            except TooLarge:
+                reason = "stream_lost"  # a listing skips what the stream cannot bring
             except StoreError as exc:  # StoreUnavailable, or a refusal (after a listing)
                 reason = "stream_lost"
                 if self._on_unavailable is not None:

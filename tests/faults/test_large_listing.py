@@ -9,7 +9,9 @@ lease of 5 MiB:
 - an agent (in-process, tests/faults/inproc.py) starts, counts 100 peers and the
   5 MiB lease as invalid (too_large), and goes on;
 - a second 5 MiB value written while it runs (a watch response it cannot receive)
-  makes it list again, not stop; a peer written after that is seen.
+  makes it list again, not stop; a peer written after that is seen;
+- a 5 MiB network config under a running agent is ignored as invalid (too large),
+  the last good one kept.
 """
 
 from __future__ import annotations
@@ -121,4 +123,27 @@ async def test_a_listing_in_pages_is_the_listing_in_one(etcd):
         paged = await store.list_prefix("/paging/")
         assert paged == whole and len(paged.items) == 10 and not paged.oversize
     finally:
+        await store.close()
+
+
+async def test_a_network_config_too_large_to_receive_is_ignored(roomy_etcd, tmp_path: Path):
+    etcd = roomy_etcd
+    put_config(etcd, ALLOC)
+    store = await EtcdStore.connect(EtcdSettings(endpoints=etcd.endpoints, timeout=10))
+    a = await make_agent(tmp_path, "a", "10.200.0.1", endpoints=etcd.endpoints,
+                         extra=["--etcd-timeout", "10"])
+    try:
+        a.start()
+        await wait_all([a], lambda x: x.ready, timeout=30, what="agent ready")
+        network = a.agent.network
+        big = json.dumps({**ALLOC, "Pad": "x" * HUGE}).encode()
+        await store.put(f"{SUBNETS.rsplit('/', 2)[0]}/config", big)
+        await wait_for("the config ignored as invalid", lambda: gauge(
+            a, "leaseagent_network_config_ignored_total", reason="invalid") == 1, 30)
+        assert gauge(a, "leaseagent_etcd_up") == 1  # a value too large is no outage
+        await asyncio.sleep(1)
+        assert a.task is not None and not a.task.done()
+        assert a.agent.network == network
+    finally:
+        await a.close()
         await store.close()

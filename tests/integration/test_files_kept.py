@@ -8,14 +8,16 @@ tmpfs, a read-only bind mount of a temp dir) and unmounts in a finalizer:
 - subnet.env deleted and the disk full while running: the write is retried and
   reported (metrics, STATUS=, one log line, `leasectl doctor`), the lease is renewed meanwhile; once
   there is room the file is back within the resync period;
-- subnet.env and docker_opts.env deleted or changed: put back within the resync
-  period; never written when unchanged (same inode across several periods).
+- subnet.env and docker_opts.env deleted (docker_opts.env with its directory) or
+  changed: put back within the resync period; never written when unchanged (same
+  inode across several periods).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -166,7 +168,7 @@ def test_a_full_disk_while_running_keeps_the_lease_retries_and_reports(etcd, age
 def test_deleted_or_changed_files_are_put_back_and_unchanged_ones_never_written(
         etcd, agents, workdir):
     put_config(etcd, ALLOC)
-    opts = workdir / "docker_opts.env"
+    opts = workdir / "docker" / "docker_opts.env"
     a = agents("a", "10.200.0.1", extra=["--docker-opts-file", str(opts),
                                          "--resync-interval", f"{RESYNC:g}"])
     a.start(metrics=True)
@@ -181,12 +183,16 @@ def test_deleted_or_changed_files_are_put_back_and_unchanged_ones_never_written(
         p.unlink()
         took.append(wait_for(f"{p.name} put back", p.exists, RESYNC + 2))
         assert p.read_bytes() == want[p]
+    shutil.rmtree(opts.parent)  # its directory too (a cleanup of /run gone wrong)
+    took.append(wait_for("docker_opts.env and its directory put back", opts.exists, RESYNC + 2))
+    assert opts.read_bytes() == want[opts]
     a.subnet_file.write_text("FLANNEL_SUBNET=10.99.0.1/24\n")
     took.append(wait_for("subnet.env corrected", lambda: a.subnet_file.read_bytes()
                          == want[a.subnet_file], RESYNC + 2))
     assert a.metric("leaseagent_file_repairs_total", 'file="subnet.env"') == 2
-    assert a.metric("leaseagent_file_repairs_total", 'file="docker_opts.env"') == 1
+    assert a.metric("leaseagent_file_repairs_total", 'file="docker_opts.env"') == 2
     assert a.metric("leaseagent_files_in_sync") == 1
-    print(f"\nfiles: deleted subnet.env / docker_opts.env and a changed subnet.env put back "
+    print(f"\nfiles: deleted subnet.env, docker_opts.env, its directory and a changed "
+          f"subnet.env put back "
           f"{', '.join(f'{t:.2f}' for t in took)} s after (resync {RESYNC:g} s); unchanged "
           f"files kept their inode over {3 * RESYNC:g} s")

@@ -135,6 +135,9 @@ def test_every_alert_has_a_severity_and_says_where_and_what_to_do() -> None:
         # The host: its target (and node) or, for a cluster-wide alert, what collides.
         assert re.search(r"\$labels\.(instance|node_id|subnet)|no leaseagent target",
                          summary), alert["alert"]
+        # ... and, after a colon, what to do (the description says more).
+        what, _, action = summary.rpartition(": ")
+        assert what and len(action.split()) >= 3, alert["alert"]
         assert len(description) > 60, alert["alert"]
 
 
@@ -225,3 +228,10 @@ def test_the_dashboard_is_laid_out_and_asks_only_for_what_exists() -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["node"]["definition"] == 'label_values(up{job="leaseagent"}, node)'
+
+
+def test_every_recorded_series_is_read_by_an_alert_or_the_dashboard() -> None:
+    readers = " ".join(rule["expr"] for rule in _alerts()) + DASHBOARD.read_text()
+    recorded = [rule["record"] for rule in _rules() if "record" in rule]
+    assert recorded
+    assert [name for name in recorded if name not in readers] == []
