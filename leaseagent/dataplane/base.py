@@ -56,6 +56,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from pathlib import Path
 from typing import Any, Protocol
 
+from leaseagent.core.backends import backend_type
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.plan import BackendSpec, Observation
@@ -143,6 +144,14 @@ class DataPlaneSettings:
     route_protocol: int = DEFAULT_ROUTE_PROTOCOL
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
     netns: str | None = None  # for tests and the lab: program another namespace
+
+    @property
+    def flannel_mtu(self) -> int:
+        """FLANNEL_MTU on this host: its backend type's rule (core.backends, `mtu`) for
+        the underlay's MTU and the devices in use."""
+        rule = backend_type(self.network.backend_type).mtu
+        assert rule is not None, self.network.backend_type  # every type we run has one
+        return rule(self.network.options, self.host.iface_mtu, self.ipv6_enabled)
 
     @property
     def ipv6_enabled(self) -> bool:

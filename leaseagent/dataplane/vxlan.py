@@ -17,7 +17,7 @@ appears. Backend.MTU, when set, is flannel's: the MTU of the path under both
 devices, each device taking its overhead off it (flannel's cfg.MTU - 50).
 FLANNEL_MTU (`BackendAttrs.mtu`) is
 the smallest MTU of the devices in use, so a container's packet fits either
-tunnel.
+tunnel (the rule's one home: core.backends, the type's `mtu`).
 
 Why 70 and not flannel's 50: VXLAN over IPv6 puts an outer IPv6 header (40
 bytes, not IPv4's 20) + UDP 8 + VXLAN 8 + the inner Ethernet header 14 in
@@ -269,7 +269,7 @@ class VxlanBackend(ReconcilingBackend):
             await self._refresh(nl)
         return BackendAttrs(
             backend_type="vxlan",
-            mtu=min(vtep.mtu for vtep in self._devices),
+            mtu=self._settings.flannel_mtu,
             backend_data=self._v4.lease_data,
             backend_v6_data=self._v6.lease_data if self._v6 is not None else {},
         )

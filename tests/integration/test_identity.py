@@ -55,6 +55,10 @@ def test_a_second_agent_with_our_identity_is_recognised_not_fought(etcd, agents)
     assert code == 503 and "identity conflict" in body
     assert first.metric("leaseagent_identity_conflict") == 1.0
     assert second.http("/readyz")[0] == 200
+    # leaseagent_ready says what /readyz says (the alert rules read it), and the lease
+    # TTL is exported for "about to expire" (a fraction of it).
+    assert (first.metric("leaseagent_ready"), second.metric("leaseagent_ready")) == (0.0, 1.0)
+    assert second.metric("leaseagent_lease_ttl_seconds") == float(second.ttl)
 
     # The second one goes (with its lease): the first takes the subnet back by itself.
     second.stop()

@@ -135,6 +135,9 @@ def test_every_alert_has_a_severity_and_says_where_and_what_to_do() -> None:
         # The host: its target (and node) or, for a cluster-wide alert, what collides.
         assert re.search(r"\$labels\.(instance|node_id|subnet)|no leaseagent target",
                          summary), alert["alert"]
+        # ... and, after a colon, what to do (the description says more).
+        what, _, action = summary.rpartition(": ")
+        assert what and len(action.split()) >= 3, alert["alert"]
         assert len(description) > 60, alert["alert"]
 
 
