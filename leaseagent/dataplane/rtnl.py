@@ -1,9 +1,10 @@
 """Raw rtnetlink for the hot paths: batched requests, table dumps, event reading.
 
 pyroute2 builds and parses every message through a generic, attribute-by-
-attribute object model and waits for each request's reply; that costs
-~200 us per kernel object, so 15,000 objects (5,000 vxlan peers) take three
-seconds and a periodic dump of them a second of CPU. The three message
+attribute object model and waits for each request's reply: over ten times
+the CPU of packing with `struct` for the messages below, encoding or
+decoding (bench/netlink_codec.py; docs/benchmarks.md, "Netlink codec"),
+and a round trip per object. The three message
 types the data plane sends in bulk (routes, neighbours and vxlan FDB
 entries, each with an IPv4 or an IPv6 address) are small and fixed, so they
 are packed here with `struct`. The family is the only difference: an

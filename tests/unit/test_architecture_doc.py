@@ -2,7 +2,8 @@
 
 Every backtick span of the page's prose that looks like code is checked:
 
-- `leaseagent.x.y` and `leaseagent.x.y.name`: the module imports and has the name;
+- `leaseagent.x.y` and `leaseagent.x.y.name` (or `x.y.name`, for a module of the
+  package): the module imports and has the name;
 - a file (`core/plan.py`, `deploy/prometheus/leaseagent-rules.yml`): some file of
   the repository has that path, or ends with it (the page writes package paths
   from `leaseagent/`);
@@ -103,6 +104,12 @@ def _dotted_exists(name: str) -> bool:
     return False
 
 
+def _is_ours(module: str) -> bool:
+    """Whether `module` is a module of the package written without `leaseagent.`
+    (`core.rules.jump_index`)."""
+    return importlib.util.find_spec(f"leaseagent.{module}") is not None
+
+
 def _file_exists(path: str) -> bool:
     if (ROOT / path).exists() or (ROOT / "leaseagent" / path).exists():
         return True
@@ -123,7 +130,7 @@ def missing(index: Index, text: str | None = None) -> list[str]:
             continue  # a command, a flag, a key template: not a name of code
         name = span.removesuffix("()")
         head, _, attr = name.rpartition(".")
-        if name.startswith("leaseagent.") or name.startswith("dataplane."):
+        if name.startswith("leaseagent.") or (head and _is_ours(name.split(".")[0])):
             full = name if name.startswith("leaseagent.") else "leaseagent." + name
             if not _dotted_exists(full):
                 wrong.append(f"module or symbol {span}")
@@ -151,12 +158,13 @@ def test_the_check_finds_names_that_do_not_exist() -> None:
     page = ("`leaseagent.core.plan.compare` and `core/plan.py` exist, `KeyLayout` and\n"
             "`Agent.not_ready_reason` too; `leaseagent.core.plan.plan_nothing` does not,\n"
             "nor `core/no_such.py`, `Agent.no_such`, `no_such_function()`, `_private`\n"
-            "or `NoSuchClass`.\n```\n`ignored in a code block`\n```\n")
+            "`core.rules.no_such` or `NoSuchClass`.\n```\n`ignored in a code block`\n```\n")
     assert sorted(missing(Index(), page)) == sorted([
         "private name without its class or module: _private",
         "attribute Agent.no_such",
         "name NoSuchClass",
         "file core/no_such.py",
         "module or symbol leaseagent.core.plan.plan_nothing",
+        "module or symbol core.rules.no_such",
         "function no_such_function()",
     ])
