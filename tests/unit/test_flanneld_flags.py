@@ -221,5 +221,5 @@ def test_an_unknown_flag_in_go_syntax_is_refused_naming_it(
 def test_leasectl_refuses_flanneld_password_variable_too() -> None:
     from leaseagent.cli.leasectl import build_parser
 
-    with pytest.raises(ConfigError, match="^FLANNELD_ETCD_PASSWORD: leaseagent reads"):
+    with pytest.raises(ConfigError, match=r"^FLANNELD_ETCD_PASSWORD: leaseagent reads"):
         build_parser({"FLANNELD_ETCD_PASSWORD": "hunter2"})
