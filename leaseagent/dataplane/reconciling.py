@@ -184,7 +184,7 @@ class ReconcilingBackend:
         self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
         # What only one host may hold (vxlan: a VtepMAC), claimed by the programmed
         # peers: claim -> (its holder's address, the peer's subnet). See `_claims`.
-        self._claimed: dict[str, tuple[str, IPv4Network]] = {}
+        self._claimed: dict[str, tuple[object, IPv4Network]] = {}
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -314,7 +314,7 @@ class ReconcilingBackend:
             await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
             self._host_routes = self._dumped_routes
 
-    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
+    def _claims(self, peer: Peer) -> tuple[tuple[str, object], ...]:
         """What `peer` claims that only one host may hold, each with the address that
         holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
         with another host's VtepMAC would route its subnet to that host's VTEP, and give
@@ -325,7 +325,8 @@ class ReconcilingBackend:
         """The claims this host holds itself (vxlan: its devices' MACs)."""
         return frozenset()
 
-    def _conflict(self, peer: Peer, claimed: Mapping[str, tuple[str, IPv4Network]],
+    def _conflict(self, peer: Peer, claims: tuple[tuple[str, object], ...],
+                  claimed: Mapping[str, tuple[object, IPv4Network]],
                   own: frozenset[str]) -> str | None:
         """Why `peer` must not be programmed here (None: it may): its subnet over a route
         or address of this host (core.plan.host_conflict), or a claim of this host's or
@@ -333,7 +334,7 @@ class ReconcilingBackend:
         route = host_conflict(peer, self._host_routes or ())
         if route is not None:
             return f"its subnet overlaps this host's {route.text}, which is not the agent's"
-        for claim, holder in self._claims(peer):
+        for claim, holder in claims:
             if claim in own:
                 return f"it has {claim}, this host's own"
             other = claimed.get(claim)
@@ -341,8 +342,10 @@ class ReconcilingBackend:
                 return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
         return None
 
-    def _claim(self, peer: Peer, claimed: dict[str, tuple[str, IPv4Network]]) -> None:
-        for claim, holder in self._claims(peer):
+    @staticmethod
+    def _claim(peer: Peer, claims: tuple[tuple[str, object], ...],
+               claimed: dict[str, tuple[object, IPv4Network]]) -> None:
+        for claim, holder in claims:
             claimed.setdefault(claim, (holder, peer.subnet))
 
     def _unclaim(self, peer: Peer) -> None:
@@ -355,15 +358,16 @@ class ReconcilingBackend:
         peer set holding a claim), each logged once; `status.conflicting_peers` says
         them all. Leaves `_claimed` as the allowed peers claim."""
         out: dict[IPv4Network, str] = {}
-        claimed: dict[str, tuple[str, IPv4Network]] = {}
+        claimed: dict[str, tuple[object, IPv4Network]] = {}
         own = self._own_claims()
         for subnet, peer in peers.items():
-            why = self._conflict(peer, claimed, own)
+            claims = self._claims(peer)
+            why = self._conflict(peer, claims, claimed, own)
             if why is not None:
                 out[subnet] = why
                 self._log_conflict(peer, why)
             else:
-                self._claim(peer, claimed)
+                self._claim(peer, claims, claimed)
         self._claimed = claimed
         self.status.conflicting_peers = out
         return out
@@ -462,7 +466,8 @@ class ReconcilingBackend:
                 # What was kept for it goes with a full pass (nothing here knows it).
                 self._full_resync_needed = True
                 self._wake.set()
-            conflict = (self._conflict(peer, self._claimed, own) if peer is not None
+            claims = self._claims(peer) if peer is not None else ()
+            conflict = (self._conflict(peer, claims, self._claimed, own) if peer is not None
                         else None)
             if conflict is not None:
                 assert peer is not None
@@ -471,7 +476,7 @@ class ReconcilingBackend:
             else:
                 self.status.conflicting_peers.pop(subnet, None)
             if peer is not None and subnet != self._own_subnet and conflict is None:
-                self._claim(peer, self._claimed)
+                self._claim(peer, claims, self._claimed)
                 after = self._plan_peer(peer)
                 self._programmed[subnet] = peer
                 self._count(after, +1)

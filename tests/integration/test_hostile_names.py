@@ -173,3 +173,17 @@ def test_a_huge_or_non_utf8_key_name_is_shown_short_and_can_be_released(etcd, ag
                            "--keys-only", SUBNETS + "10.6.71"], capture_output=True, timeout=30)
     assert keys.stdout.strip() == b""
     assert watcher.proc is not None and watcher.proc.alive
+
+
+def test_an_agent_refuses_to_start_on_a_network_holding_its_public_ip(etcd, agents):
+    """The Network is read by the agent: one holding this host's PublicIP is refused at
+    start, exit 2 in one line, nothing taken in etcd (on a running agent it is ignored
+    as unusable: tests/e2e/test_hostile_routes.py)."""
+    put_config(etcd, {"Network": "10.200.0.0/16", "Backend": {"Type": "alloc"}})
+    agent = agents("a", "10.200.0.1").start()
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=30) == 2
+    lines = [line for line in agent.log().splitlines() if line.strip()]
+    assert len(lines) >= 1 and "Traceback" not in agent.log()
+    assert "Network 10.200.0.0/16 holds 10.200.0.1, this host's PublicIP" in lines[-1]
+    assert etcd.etcdctl("get", "--prefix", "--keys-only", SUBNETS).strip() == ""
