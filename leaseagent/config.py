@@ -182,7 +182,17 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return out
 
 
+# flanneld's --etcd-password (and FLANNELD_ETCD_PASSWORD): refused, never echoed.
+PASSWORD_FLAG = "--etcd-password"
+PASSWORD_REFUSAL = ("{}: leaseagent reads the etcd password only from a file; put it in a "
+                    "file only root can read and pass --etcd-password-file")
+
+
 def add_etcd_arguments(env: _EnvDefaults) -> None:
+    """The etcd flags (the agent's and leasectl's); flanneld's FLANNELD_ETCD_PASSWORD is
+    refused here, for both (its flag, --etcd-password, in go_style)."""
+    if env._environ.get(flannel_env_name(PASSWORD_FLAG)):
+        raise ConfigError(PASSWORD_REFUSAL.format(flannel_env_name(PASSWORD_FLAG)))
     env.add("--etcd-endpoints", default=DEFAULT_ENDPOINTS, flannel=True,
             help="comma-separated etcd URLs (http:// or https://); fails over between them")
     env.add("--etcd-prefix", default=DEFAULT_PREFIX, flannel=True, help="etcd key prefix (flannel's)")
@@ -573,12 +583,6 @@ def go_style(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
     return out
 
 
-# flanneld's --etcd-password (and FLANNELD_ETCD_PASSWORD): refused, never echoed.
-PASSWORD_FLAG = "--etcd-password"
-PASSWORD_REFUSAL = ("{}: leaseagent reads the etcd password only from a file; put it in a "
-                    "file only root can read and pass --etcd-password-file")
-
-
 def _go_int(name: str, raw: object) -> int:
     """An int flag as Go's flag package reads it (strconv.ParseInt, base 0)."""
     try:
@@ -631,8 +635,6 @@ def _flanneld_settings(ns: argparse.Namespace) -> dict[str, object]:
 
 def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> AgentConfig:
     environ = os.environ if environ is None else environ
-    if environ.get(flannel_env_name(PASSWORD_FLAG)):
-        raise ConfigError(PASSWORD_REFUSAL.format(flannel_env_name(PASSWORD_FLAG)))
     parser = agent_parser(environ)
     argv = go_style(argv, parser)
     ns = parser.parse_args(argv)

@@ -64,11 +64,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+# Characters of a message shown in a text line: a key name from etcd may be a megabyte.
+MESSAGE_LIMIT = 4096
+
+
 class TextFormatter(logging.Formatter):
     """`time LEVEL message`, the message escaped (a traceback, ours, follows as is)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = escaped(record.message)
+        record.message = escaped(record.message, limit=MESSAGE_LIMIT)
         return super().formatMessage(record)
 
 

@@ -233,9 +233,9 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     from leaseagent.dataplane import BACKENDS
     from leaseagent.dataplane.netlink import Netlink
 
-    backend = BACKENDS[network.backend_type](DataPlaneSettings(
-        network=network, host=host, state_dir=settings.state_dir,
-        route_protocol=settings.route_protocol))
+    dp_settings = DataPlaneSettings(network=network, host=host, state_dir=settings.state_dir,
+                                    route_protocol=settings.route_protocol)
+    backend = BACKENDS[network.backend_type](dp_settings)
     mtu_notes: dict[str, str] = {}
     driver = ""
     try:
@@ -254,9 +254,8 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
             "lease", str(subnet), why,
             text=f"lease {subnet} ({peer.public_ip}) not programmed here: {why}; fix the lease "
             "or the host"))
-    # FLANNEL_MTU is the smallest MTU of the devices in use (the IPv6 one's, over IPv6).
-    smallest = min(spec.devices, key=lambda d: d.mtu) if spec.devices else None
-    mtu = smallest.mtu if smallest is not None else host.iface_mtu
+    mtu = dp_settings.flannel_mtu  # named after the device that has it, if one does
+    smallest = next((d for d in spec.devices if d.mtu == mtu), None)
     mtu_source = f"device {smallest.name}" if smallest is not None else f"interface {host.iface}"
     if network.backend_type == "vxlan":
         report.problems += _vxlan_checks(settings, network, host, own, observed.devices,

@@ -676,7 +676,9 @@ async def check_against_this_host(network: NetworkConfig) -> list[str]:
         raise UsageError(f"{why} (checked on this host, interface {host.iface}); agents there "
                          "would refuse it; etcd left unchanged (--no-host-check if leasectl runs "
                          "outside the cluster)")
-    return []
+    addresses = ", ".join(str(a) for a in host.underlay) or str(host.public_ip)
+    return [f"note: Network checked against this host's interface {host.iface} ({addresses}); "
+            "every agent checks its own"]
 
 
 async def run(args: argparse.Namespace) -> int:

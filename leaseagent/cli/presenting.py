@@ -136,6 +136,9 @@ def rows_of(items: Sequence[KeyValue], layout: KeyLayout, network: NetworkConfig
     return rows
 
 
+CELL_LIMIT = 300  # characters of a table cell (a key name may be a megabyte; JSON has it all)
+
+
 def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
     """A table; the IPv6 columns only when some lease has an IPv6 part, the public key
     (wide) only when some lease is a WireGuard one."""
@@ -156,7 +159,8 @@ def format_table(rows: list[dict[str, Any]], *, wide: bool) -> str:
         elif row["expires_in"] is not None:
             cells["expires_in"] = f"{row['expires_in']}s"
         cells["status"] = row["status"] + (f": {row['error']}" if row["error"] else "")
-        lines.append({c: "-" if cells.get(c) is None else escaped(cells[c]) for c in cols})
+        lines.append({c: "-" if cells.get(c) is None else escaped(cells[c], limit=CELL_LIMIT)
+                      for c in cols})
     widths = {c: max([len(heads[c])] + [len(line[c]) for line in lines]) for c in cols}
     out = ["  ".join(heads[c].ljust(widths[c]) for c in cols).rstrip()]
     out += ["  ".join(line[c].ljust(widths[c]) for c in cols).rstrip() for line in lines]
@@ -174,9 +178,9 @@ def watch_header() -> str:
 def format_watch_line(event: str, row: dict[str, Any], *, when: float) -> str:
     status = row["status"] + (f": {row['error']}" if row["error"] else "")
     cells = [time.strftime("%H:%M:%S", time.localtime(when)), event]
-    cells += ["-" if row[k] is None else escaped(row[k]) for k in ("subnet", "public_ip", "backend",
-                                                                     "node_id")]
-    cells.append(escaped(status))
+    cells += ["-" if row[k] is None else escaped(row[k], limit=CELL_LIMIT)
+              for k in ("subnet", "public_ip", "backend", "node_id")]
+    cells.append(escaped(status, limit=CELL_LIMIT))
     return "".join(c.ljust(w) for c, w in zip(cells, WATCH_WIDTHS, strict=False)).rstrip()
 
 

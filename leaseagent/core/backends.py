@@ -365,16 +365,10 @@ def _underlay_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int
     return underlay_mtu
 
 
-def _vxlan_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int:
-    """FLANNEL_MTU with vxlan: the smaller MTU of the devices in use."""
-    assert isinstance(options, VxlanOptions)
-    return min(options.mtu_for(underlay_mtu, ipv6=six) for six in ((False, True) if ipv6
-                                                                     else (False,)))
-
-
-def _wireguard_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int:
-    """FLANNEL_MTU with wireguard: the smaller MTU of the devices in use."""
-    assert isinstance(options, WireguardOptions)
+def _smallest_device_mtu(options: BackendOptions, underlay_mtu: int, ipv6: bool) -> int:
+    """FLANNEL_MTU of a backend with a device per family (vxlan, wireguard): the smaller
+    MTU of the devices in use (the IPv6 one only with `ipv6`)."""
+    assert isinstance(options, VxlanOptions | WireguardOptions)
     return min(options.mtu_for(underlay_mtu, ipv6=six) for six in ((False, True) if ipv6
                                                                      else (False,)))
 
@@ -404,7 +398,7 @@ BACKEND_TYPES: dict[str, BackendType] = {
         # VNI names the devices (flannel.<VNI>) and is published in BackendData: a rebuild.
         # GBP and Learning are fixed at the device's creation: it is made again in place.
         in_place=frozenset({"Port", "MTU", "DirectRouting", "GBP", "Learning"}),
-        mtu=_vxlan_mtu),
+        mtu=_smallest_device_mtu),
     "host-gw": BackendType("host-gw", _no_options, _no_lease_data),
     "wireguard": BackendType(
         "wireguard", wireguard_options, wireguard_lease_data,
@@ -415,7 +409,7 @@ BACKEND_TYPES: dict[str, BackendType] = {
         # the devices: rebuilds. The PSK, keepalive and MTU are the peers' and devices'
         # settings, reconciled like any other.
         in_place=frozenset({"PSK", "PersistentKeepaliveInterval", "MTU"}),
-        mtu=_wireguard_mtu, check_network=check_wireguard_mode),
+        mtu=_smallest_device_mtu, check_network=check_wireguard_mode),
     "alloc": BackendType("alloc", _no_options, _no_lease_data),
 }
 

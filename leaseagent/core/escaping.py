@@ -11,7 +11,10 @@ Escaped: every character `str.isprintable` refuses (C0 and C1 controls, DEL,
 line and paragraph separators, format characters such as U+202E, unassigned
 and surrogate code points) as `\\n`, `\\r`, `\\t`, `\\xNN`, `\\uNNNN` or
 `\\UNNNNNNNN`, and the backslash itself as `\\\\`, so an escape shown is never
-ambiguous with text that looks like one. Printable non-ASCII letters are kept
+ambiguous with text that looks like one. A key that is not UTF-8 is read with
+surrogateescape (leaseagent.store.etcd): its odd bytes show as `\\udcNN`.
+Long text can be cut (`limit`): a log line or a table cell stays readable
+whatever length a key name has. Printable non-ASCII letters are kept
 (a NodeID may be a host name in any script).
 
 Used at every place such text reaches a person: the agent's text log lines
@@ -41,12 +44,17 @@ def _escape_char(char: str) -> str:
     return f"\\U{code:08x}"
 
 
-def escaped(text: object) -> str:
-    """`text` (str() of it) in one line with nothing a terminal or a log reader acts on."""
+def escaped(text: object, *, limit: int | None = None) -> str:
+    """`text` (str() of it) in one line with nothing a terminal or a log reader acts on;
+    with `limit`, at most that many characters of it and a note of how many more (a key
+    name may be a megabyte long)."""
     string = text if isinstance(text, str) else str(text)
-    if string.isprintable() and "\\" not in string:
-        return string  # the usual case, at no cost
-    return "".join(_escape_char(char) for char in string)
+    more = 0
+    if limit is not None and len(string) > limit:
+        string, more = string[:limit], len(string) - limit
+    if not (string.isprintable() and "\\" not in string):
+        string = "".join(_escape_char(char) for char in string)
+    return f"{string}... ({more} more characters)" if more else string
 
 
 def escaped_lines(text: str) -> str:

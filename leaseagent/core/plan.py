@@ -432,6 +432,25 @@ def plan_wireguard_peer(peer: Peer, options: WireguardOptions, *, ipv4: bool = T
     return frozenset(objects)
 
 
+def peer_keys(peer: Peer) -> frozenset[Address | Network]:
+    """What the kernel objects serving `peer` are keyed on, whichever backend made
+    them: its subnets (routes), their base addresses (vxlan's neighbour entries) and
+    its public addresses (vxlan's FDB entries)."""
+    keys: set[Address | Network] = {peer.subnet, peer.subnet.network_address, peer.public_ip}
+    v6 = ipv6_part(peer)
+    if v6 is not None:
+        keys |= {v6.subnet, v6.subnet.network_address, v6.public_ip}
+    return frozenset(keys)
+
+
+def serves(obj: KernelObject, keys: Collection[Address | Network]) -> bool:
+    """Whether `obj` is a route, neighbour or FDB entry of a peer whose `peer_keys` are
+    among `keys` (what a roll-out keeps for a peer still on the old backend)."""
+    if isinstance(obj, (Route, Neighbour, Fdb)):
+        return obj.dst in keys
+    return False
+
+
 def flatten(plan: PeerPlan) -> frozenset[KernelObject]:
     """All objects of a per-peer plan as one set."""
     out: set[KernelObject] = set()
@@ -634,6 +653,14 @@ class HostRoute:
     address: bool = False
     ifindex: int = 0  # its device (for the message)
     gateway: Address | None = None  # its gateway, if it has one
+    # dst's first and last address as numbers: compared with every peer of a full pass
+    # (ipaddress's subnet_of made a pass of 5,000 peers ~45 ms slower per such route).
+    first: int = field(init=False, repr=False, compare=False)
+    last: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "first", int(self.dst.network_address))
+        object.__setattr__(self, "last", int(self.dst.broadcast_address))
 
     @property
     def text(self) -> str:
@@ -681,14 +708,16 @@ def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRo
         public = known[i] if i < len(known) else None
         if subnet is None:
             continue
+        version = subnet.version
+        first, last = int(subnet.network_address), int(subnet.broadcast_address)
         for route in routes:
-            dst = route.dst
-            if dst.version != subnet.version:
+            if route.dst.version != version:
                 continue
-            if dst == subnet and route.gateway is not None and route.gateway in (
-                    subnet.network_address, public):
+            if (route.first == first and route.last == last and route.gateway is not None
+                    and route.gateway in (subnet.network_address, public)):
                 continue
-            if dst.subnet_of(subnet) or (route.connected and subnet.subnet_of(dst)):  # type: ignore[arg-type]
+            if (first <= route.first and route.last <= last) or (
+                    route.connected and route.first <= first and last <= route.last):
                 return route
     return None
 

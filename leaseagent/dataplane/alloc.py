@@ -17,7 +17,7 @@ class AllocBackend:
         self.status = DataPlaneStatus()
 
     async def prepare(self) -> BackendAttrs:
-        return BackendAttrs(backend_type="alloc", mtu=self._settings.host.iface_mtu)
+        return BackendAttrs(backend_type="alloc", mtu=self._settings.flannel_mtu)
 
     async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
                     ) -> None:
@@ -44,7 +44,7 @@ class AllocBackend:
     async def observe(self) -> Observation:
         return Observation()
 
-    async def remove(self) -> None:
+    async def remove(self, *, objects: bool = True) -> None:
         return None
 
     async def close(self) -> None:

@@ -14,8 +14,13 @@ Life cycle, driven by the agent (leaseagent.agent):
 
 On a network config change (docs/architecture.md, "Config changes") the
 agent closes the running instance and starts a new one on the new settings,
-which adopts the kernel state and reconciles it (in place); for a rebuild
-(another backend type) it first calls
+which adopts the kernel state and reconciles it (in place). For a rebuild
+(another backend type) whose devices the new one does not share, the new one
+is built beside the old and takes its routes over (a route replace), then
+
+    await dp.remove(objects=False)      # the old backend's devices, with what is on them
+
+once no peer runs the old type any more; with a device shared (one name), first
 
     await dp.remove()                   # the backend's kernel objects and devices, all gone
 
@@ -56,6 +61,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from pathlib import Path
 from typing import Any, Protocol
 
+from leaseagent.core.backends import backend_type
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.plan import BackendSpec, Observation
@@ -145,6 +151,14 @@ class DataPlaneSettings:
     netns: str | None = None  # for tests and the lab: program another namespace
 
     @property
+    def flannel_mtu(self) -> int:
+        """FLANNEL_MTU on this host: its backend type's rule (core.backends, `mtu`) for
+        the underlay's MTU and the devices in use."""
+        rule = backend_type(self.network.backend_type).mtu
+        assert rule is not None, self.network.backend_type  # every type we run has one
+        return rule(self.network.options, self.host.iface_mtu, self.ipv6_enabled)
+
+    @property
     def ipv6_enabled(self) -> bool:
         """Whether the data plane works in IPv6 too: the network has an IPv6 range
         and this host a PublicIPv6."""
@@ -212,6 +226,6 @@ class DataPlane(Protocol):
 
     async def observe(self) -> Observation: ...
 
-    async def remove(self) -> None: ...
+    async def remove(self, *, objects: bool = True) -> None: ...
 
     async def close(self) -> None: ...

@@ -50,10 +50,18 @@ one more device. Nothing below depends on the family:
 - `remove()`: for a rebuild onto another backend (docs/architecture.md,
   "Config changes"): every object of ours the kernel has (`current`), then
   the devices of `_device_specs`. The instance is done with afterwards.
+  `remove(objects=False)`: only the devices (what is on them goes with them),
+  once the new backend has taken the routes over (make before break).
 
 Peers of another backend type are planned nothing (flannel does the same):
 a vxlan host and a wireguard host cannot reach each other. Each is logged once
-(a warning naming both types) and counted in `status.foreign_peers`.
+(a warning naming both types) and counted in `status.foreign_peers`. What the
+kernel already has for such a peer (`core.plan.serves`: its routes, neighbour
+and FDB entries, made by the backend this host ran before a rebuild, or by this
+one before the peer switched) is left in place, not removed as stale: during a
+roll-out of another backend type the hosts still reach each other the old way
+until both have switched, when the new objects replace the old ones (a route
+replace is atomic). Once a foreign peer is gone, a full pass removes them.
 
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
@@ -101,6 +109,8 @@ from leaseagent.core.plan import (
     diff,
     diff_found,
     host_conflict,
+    peer_keys,
+    serves,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.netlink import (
@@ -174,7 +184,7 @@ class ReconcilingBackend:
         self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
         # What only one host may hold (vxlan: a VtepMAC), claimed by the programmed
         # peers: claim -> (its holder's address, the peer's subnet). See `_claims`.
-        self._claimed: dict[str, tuple[str, IPv4Network]] = {}
+        self._claimed: dict[str, tuple[object, IPv4Network]] = {}
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -304,7 +314,7 @@ class ReconcilingBackend:
             await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
             self._host_routes = self._dumped_routes
 
-    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
+    def _claims(self, peer: Peer) -> tuple[tuple[str, object], ...]:
         """What `peer` claims that only one host may hold, each with the address that
         holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
         with another host's VtepMAC would route its subnet to that host's VTEP, and give
@@ -315,7 +325,8 @@ class ReconcilingBackend:
         """The claims this host holds itself (vxlan: its devices' MACs)."""
         return frozenset()
 
-    def _conflict(self, peer: Peer, claimed: Mapping[str, tuple[str, IPv4Network]],
+    def _conflict(self, peer: Peer, claims: tuple[tuple[str, object], ...],
+                  claimed: Mapping[str, tuple[object, IPv4Network]],
                   own: frozenset[str]) -> str | None:
         """Why `peer` must not be programmed here (None: it may): its subnet over a route
         or address of this host (core.plan.host_conflict), or a claim of this host's or
@@ -323,7 +334,7 @@ class ReconcilingBackend:
         route = host_conflict(peer, self._host_routes or ())
         if route is not None:
             return f"its subnet overlaps this host's {route.text}, which is not the agent's"
-        for claim, holder in self._claims(peer):
+        for claim, holder in claims:
             if claim in own:
                 return f"it has {claim}, this host's own"
             other = claimed.get(claim)
@@ -331,8 +342,10 @@ class ReconcilingBackend:
                 return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
         return None
 
-    def _claim(self, peer: Peer, claimed: dict[str, tuple[str, IPv4Network]]) -> None:
-        for claim, holder in self._claims(peer):
+    @staticmethod
+    def _claim(peer: Peer, claims: tuple[tuple[str, object], ...],
+               claimed: dict[str, tuple[object, IPv4Network]]) -> None:
+        for claim, holder in claims:
             claimed.setdefault(claim, (holder, peer.subnet))
 
     def _unclaim(self, peer: Peer) -> None:
@@ -345,15 +358,16 @@ class ReconcilingBackend:
         peer set holding a claim), each logged once; `status.conflicting_peers` says
         them all. Leaves `_claimed` as the allowed peers claim."""
         out: dict[IPv4Network, str] = {}
-        claimed: dict[str, tuple[str, IPv4Network]] = {}
+        claimed: dict[str, tuple[object, IPv4Network]] = {}
         own = self._own_claims()
         for subnet, peer in peers.items():
-            why = self._conflict(peer, claimed, own)
+            claims = self._claims(peer)
+            why = self._conflict(peer, claims, claimed, own)
             if why is not None:
                 out[subnet] = why
                 self._log_conflict(peer, why)
             else:
-                self._claim(peer, claimed)
+                self._claim(peer, claims, claimed)
         self._claimed = claimed
         self.status.conflicting_peers = out
         return out
@@ -433,20 +447,27 @@ class ReconcilingBackend:
         with the changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
         own = self._own_claims()
+        was_foreign = self._foreign & affected
         self._note_foreign(affected, peers)
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
         for subnet in affected:
             before = self._programmed.pop(subnet, None)
+            peer = peers.get(subnet)
             if before is not None:
                 self._unclaim(before)
                 # Planned again as it was: what plans depend on besides the peer
                 # (device indexes) changes only with a full sync, which plans anew.
                 planned = self._plan_peer(before)
-                old |= planned
+                if subnet not in self._foreign:  # switched to another type: kept meanwhile
+                    old |= planned
                 self._count(planned, -1)
-            peer = peers.get(subnet)
-            conflict = (self._conflict(peer, self._claimed, own) if peer is not None
+            elif subnet in was_foreign and subnet not in self._foreign and peer is None:
+                # What was kept for it goes with a full pass (nothing here knows it).
+                self._full_resync_needed = True
+                self._wake.set()
+            claims = self._claims(peer) if peer is not None else ()
+            conflict = (self._conflict(peer, claims, self._claimed, own) if peer is not None
                         else None)
             if conflict is not None:
                 assert peer is not None
@@ -455,7 +476,7 @@ class ReconcilingBackend:
             else:
                 self.status.conflicting_peers.pop(subnet, None)
             if peer is not None and subnet != self._own_subnet and conflict is None:
-                self._claim(peer, self._claimed)
+                self._claim(peer, claims, self._claimed)
                 after = self._plan_peer(peer)
                 self._programmed[subnet] = peer
                 self._count(after, +1)
@@ -474,11 +495,12 @@ class ReconcilingBackend:
                            *self._watchers())
         raise DataPlaneError("data-plane task ended unexpectedly")
 
-    async def remove(self) -> None:
+    async def remove(self, *, objects: bool = True) -> None:
         async with self._lock:
             nl = await self._netlink()
-            current = await self.current(nl)
-            await self._apply(nl, diff((), current), repair=False)
+            if objects:
+                current = await self.current(nl)
+                await self._apply(nl, diff((), current), repair=False)
             for spec in self._device_specs(self._own_subnet, self._own_ipv6):
                 state = await nl.device_state(spec.name)
                 if state is not None:
@@ -581,6 +603,10 @@ class ReconcilingBackend:
             return False
 
         stale = await self._scan(nl, known)  # read_again's retries come from in here
+        if self._foreign and stale:  # kept while their peers run another type
+            keys = frozenset(chain.from_iterable(peer_keys(peers[s]) for s in self._foreign
+                                                 if s in peers))
+            stale = [obj for obj in stale if not serves(obj, keys)]
         lacking = dict.fromkeys(missing.values())
         everything = len(missing) == len(desired)
         if everything:

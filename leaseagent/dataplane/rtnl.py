@@ -1,9 +1,10 @@
 """Raw rtnetlink for the hot paths: batched requests, table dumps, event reading.
 
 pyroute2 builds and parses every message through a generic, attribute-by-
-attribute object model and waits for each request's reply; that costs
-~200 us per kernel object, so 15,000 objects (5,000 vxlan peers) take three
-seconds and a periodic dump of them a second of CPU. The three message
+attribute object model and waits for each request's reply: over ten times
+the CPU of packing with `struct` for the messages below, encoding or
+decoding (bench/netlink_codec.py; docs/benchmarks.md, "Netlink codec"),
+and a round trip per object. The three message
 types the data plane sends in bulk (routes, neighbours and vxlan FDB
 entries, each with an IPv4 or an IPv6 address) are small and fixed, so they
 are packed here with `struct`. The family is the only difference: an
@@ -93,7 +94,9 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table proto s
 _NDMSG = struct.Struct("=BxxxiHBB")  # family ifindex state flags type
 _IFINFO = struct.Struct("=BxHiII")  # family type index flags change
 _ERR = struct.Struct("=i")
-_ATTR = struct.Struct("=HH")
+_ATTR = struct.Struct("=HH")  # nlattr: len, type
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF  # the type without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 _U32 = struct.Struct("=I")
 _ZERO_MAC = b"\0" * 6
 ACK_TRUESIZE = 1024  # receive-buffer bytes one queued ack costs (skb truesize, rounded up)
@@ -105,9 +108,16 @@ MAX_CHUNK = 2048
 _RECV_SIZE = 64 * 1024
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
+def attribute(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute, rtnetlink's or generic netlink's alike: length, type,
+    payload, zeros to a 4-byte boundary."""
     n = 4 + len(payload)
     return _ATTR.pack(n, kind) + payload + b"\0" * (-n & 3)
+
+
+def nest(kind: int, members: bytes) -> bytes:
+    """An attribute holding attributes (NLA_F_NESTED set, as the kernel's nla_nest_start)."""
+    return attribute(kind | NLA_F_NESTED, members)
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -147,27 +157,27 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
             RT_SCOPE_NOWHERE if remove else obj.scope, RTN_UNICAST,
             RTNH_F_ONLINK if obj.onlink else 0,
         )
-        body += _attr(RTA_DST, obj.dst.network_address.packed)
+        body += attribute(RTA_DST, obj.dst.network_address.packed)
         if obj.gateway is not None:
-            body += _attr(RTA_GATEWAY, obj.gateway.packed)
+            body += attribute(RTA_GATEWAY, obj.gateway.packed)
         if obj.ifindex:
-            body += _attr(RTA_OIF, _U32.pack(obj.ifindex))
+            body += attribute(RTA_OIF, _U32.pack(obj.ifindex))
         if obj.metric:
-            body += _attr(RTA_PRIORITY, _U32.pack(obj.metric))
+            body += attribute(RTA_PRIORITY, _U32.pack(obj.metric))
         if remove:
             return RTM_DELROUTE, 0, body
         return RTM_NEWROUTE, NLM_F_REPLACE | NLM_F_CREATE, body
     if isinstance(obj, Neighbour):
         body = _NDMSG.pack(family_of(obj.dst), obj.ifindex, NUD_PERMANENT, 0, 0)
-        body += _attr(NDA_DST, obj.dst.packed)
+        body += attribute(NDA_DST, obj.dst.packed)
         if remove:
             return RTM_DELNEIGH, 0, body
-        body += _attr(NDA_LLADDR, _mac_bytes(obj.lladdr))
+        body += attribute(NDA_LLADDR, _mac_bytes(obj.lladdr))
         return RTM_NEWNEIGH, NLM_F_REPLACE | NLM_F_CREATE, body
     if not isinstance(obj, Fdb):
         raise TypeError(f"not an rtnetlink object: {obj!r}")
     body = _NDMSG.pack(AF_BRIDGE, obj.ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
-    body += _attr(NDA_LLADDR, _mac_bytes(obj.lladdr)) + _attr(NDA_DST, obj.dst.packed)
+    body += attribute(NDA_LLADDR, _mac_bytes(obj.lladdr)) + attribute(NDA_DST, obj.dst.packed)
     if remove:
         return RTM_DELNEIGH, 0, body
     # APPEND: adds this remote to the MAC and is idempotent (REPLACE would
@@ -178,13 +188,33 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
 # -- decoding -------------------------------------------------------------------
 
 
+def attributes(data: bytes | memoryview, start: int = 0, end: int | None = None
+               ) -> list[tuple[int, bytes]]:
+    """Every attribute from `start` to `end` (the data's end: None) in order, as (type
+    without its flags, payload); repeated types are kept (the members of a generic
+    netlink nest are often all of type 0). A malformed length ends the list."""
+    # Slices of bytes are bytes: a memoryview is copied once, not once per attribute.
+    raw = data if isinstance(data, bytes) else bytes(data)
+    end = len(raw) if end is None else end
+    out = []
+    while start + 4 <= end:
+        n, kind = _ATTR.unpack_from(raw, start)
+        if n < 4:
+            break
+        out.append((kind & NLA_TYPE_MASK, raw[start + 4:start + n]))
+        start += (n + 3) & ~3
+    return out
+
+
 def _attrs(data: bytes | memoryview, start: int, end: int) -> dict[int, bytes]:
+    """`attributes` by type (an rtnetlink message carries each type once), without the
+    list: this reads every entry of a table dump."""
     out: dict[int, bytes] = {}
     while start + 4 <= end:
         n, kind = _ATTR.unpack_from(data, start)
         if n < 4:
             break
-        out[kind & 0x3FFF] = bytes(data[start + 4:start + n])
+        out[kind & NLA_TYPE_MASK] = bytes(data[start + 4:start + n])
         start += (n + 3) & ~3
     return out
 

@@ -17,7 +17,7 @@ appears. Backend.MTU, when set, is flannel's: the MTU of the path under both
 devices, each device taking its overhead off it (flannel's cfg.MTU - 50).
 FLANNEL_MTU (`BackendAttrs.mtu`) is
 the smallest MTU of the devices in use, so a container's packet fits either
-tunnel.
+tunnel (the rule's one home: core.backends, the type's `mtu`).
 
 Why 70 and not flannel's 50: VXLAN over IPv6 puts an outer IPv6 header (40
 bytes, not IPv4's 20) + UDP 8 + VXLAN 8 + the inner Ethernet header 14 in
@@ -269,7 +269,7 @@ class VxlanBackend(ReconcilingBackend):
             await self._refresh(nl)
         return BackendAttrs(
             backend_type="vxlan",
-            mtu=min(vtep.mtu for vtep in self._devices),
+            mtu=self._settings.flannel_mtu,
             backend_data=self._v4.lease_data,
             backend_v6_data=self._v6.lease_data if self._v6 is not None else {},
         )
@@ -321,13 +321,16 @@ class VxlanBackend(ReconcilingBackend):
     def _is_direct(self, ip: Address) -> bool:
         return any(ip in net for net in self._direct_networks)  # `in` is False across families
 
-    def _claims(self, peer: Peer) -> tuple[tuple[str, str], ...]:
-        out = []
-        if isinstance(peer.data, VxlanLeaseData):
-            out.append((f"VtepMAC {peer.data.vtep_mac}", str(peer.public_ip)))
-        if isinstance(peer.data6, VxlanLeaseData) and peer.public_ipv6 is not None:
-            out.append((f"VtepMAC {peer.data6.vtep_mac}", str(peer.public_ipv6)))
-        return tuple(out)
+    def _claims(self, peer: Peer) -> tuple[tuple[str, object], ...]:
+        # The holder as the address object: str() of one costs a microsecond, and a
+        # full pass asks this of every peer.
+        data, data6 = peer.data, peer.data6
+        if not isinstance(data, VxlanLeaseData):
+            return ()
+        if isinstance(data6, VxlanLeaseData) and peer.public_ipv6 is not None:
+            return ((f"VtepMAC {data.vtep_mac}", peer.public_ip),
+                    (f"VtepMAC {data6.vtep_mac}", peer.public_ipv6))
+        return ((f"VtepMAC {data.vtep_mac}", peer.public_ip),)
 
     def _own_claims(self) -> frozenset[str]:
         return frozenset(f"VtepMAC {vtep.mac}" for vtep in self._devices if vtep.mac)

@@ -6,9 +6,10 @@ flannel-wg type wireguard` makes it) and configured with the family's two
 commands (include/uapi/linux/wireguard.h): WG_CMD_GET_DEVICE, a dump whose
 messages each carry part of the peers (a peer's allowed IPs may continue in
 the next message under the same public key), and WG_CMD_SET_DEVICE. The
-messages are packed here with `struct`, as leaseagent.dataplane.rtnl packs
-routes, and sent on the same kind of raw socket (NETLINK_GENERIC), so a set
-of many peers is a few messages, not one request per peer.
+messages are packed with leaseagent.dataplane.rtnl's attribute codec (one
+for rtnetlink and generic netlink: `attribute`, `nest`, `attributes`) and sent on the
+same kind of raw socket (NETLINK_GENERIC), so a set of many peers is a few
+messages, not one request per peer.
 
 The family is found by name: a CTRL_CMD_GETFAMILY request carrying
 CTRL_ATTR_FAMILY_NAME "wireguard", not a dump. Only that form makes the kernel
@@ -40,7 +41,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_network
 from leaseagent.core.backends import PresharedKey
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import Endpoint, WgPeer
-from leaseagent.dataplane.rtnl import Request, RtnlSocket
+from leaseagent.dataplane.rtnl import Request, RtnlSocket, attribute, attributes, nest
 from leaseagent.dataplane.wgdevice import (
     DeviceConfig,
     DeviceWrite,
@@ -66,22 +67,15 @@ WG_CMD_GET_DEVICE, WG_CMD_SET_DEVICE = 0, 1
  WGPEER_A_TX_BYTES, WGPEER_A_ALLOWEDIPS, WGPEER_A_PROTOCOL_VERSION) = range(1, 11)
 WGALLOWEDIP_A_FAMILY, WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = 1, 2, 3
 WGPEER_F_REMOVE_ME, WGPEER_F_REPLACE_ALLOWEDIPS, WGPEER_F_UPDATE_ONLY = 0x1, 0x2, 0x4
-NLA_F_NESTED = 0x8000
 # Peers per WG_CMD_SET_DEVICE message: ~160 bytes each keeps a message near 16 KiB.
 PEERS_PER_MESSAGE = 100
 
 _GENL = struct.Struct("=BBH")  # cmd, version, reserved
-_ATTR = struct.Struct("=HH")
 _U16, _U32, _U64 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("=Q")
 _SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family, port (network order), address
 _SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # family, port, flowinfo, address, scope id
 _TIMESPEC = struct.Struct("=qq")
 _ZERO_KEY = bytes(32)
-
-
-def _attr(kind: int, payload: bytes, *, nested: bool = False) -> bytes:
-    n = 4 + len(payload)
-    return _ATTR.pack(n, kind | (NLA_F_NESTED if nested else 0)) + payload + b"\0" * (-n & 3)
 
 
 def _key(base64_key: str) -> bytes:
@@ -100,77 +94,63 @@ def sockaddr(endpoint: Endpoint) -> bytes:
 
 def _allowed_ip(net: Network) -> bytes:
     family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-    return _attr(0, _attr(WGALLOWEDIP_A_FAMILY, _U16.pack(family))
-                 + _attr(WGALLOWEDIP_A_IPADDR, net.network_address.packed)
-                 + _attr(WGALLOWEDIP_A_CIDR_MASK, bytes([net.prefixlen])), nested=True)
+    return nest(0, attribute(WGALLOWEDIP_A_FAMILY, _U16.pack(family))
+                   + attribute(WGALLOWEDIP_A_IPADDR, net.network_address.packed)
+                   + attribute(WGALLOWEDIP_A_CIDR_MASK, bytes([net.prefixlen])))
 
 
 def encode_peer(update: PeerUpdate) -> bytes:
     """One peer of a WG_CMD_SET_DEVICE (nested, type 0 as wg(8) sends it)."""
-    body = _attr(WGPEER_A_PUBLIC_KEY, _key(update.public_key))
+    body = attribute(WGPEER_A_PUBLIC_KEY, _key(update.public_key))
     flags = (WGPEER_F_REMOVE_ME if update.remove else 0) | (
         WGPEER_F_REPLACE_ALLOWEDIPS if update.replace_allowed_ips else 0) | (
         WGPEER_F_UPDATE_ONLY if update.peer is None and not update.remove else 0)
-    body += _attr(WGPEER_A_FLAGS, _U32.pack(flags))
+    body += attribute(WGPEER_A_FLAGS, _U32.pack(flags))
     peer = update.peer
     if peer is not None and not update.remove:
-        body += _attr(WGPEER_A_PRESHARED_KEY, peer.psk.raw if peer.psk else _ZERO_KEY)
+        body += attribute(WGPEER_A_PRESHARED_KEY, peer.psk.raw if peer.psk else _ZERO_KEY)
         if peer.endpoint is not None:
-            body += _attr(WGPEER_A_ENDPOINT, sockaddr(peer.endpoint))
+            body += attribute(WGPEER_A_ENDPOINT, sockaddr(peer.endpoint))
         keepalive = update.keepalive if update.keepalive is not None else peer.keepalive
-        body += _attr(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, _U16.pack(keepalive))
+        body += attribute(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, _U16.pack(keepalive))
     if update.allowed_ips and not update.remove:
-        body += _attr(WGPEER_A_ALLOWEDIPS, b"".join(_allowed_ip(n) for n in update.allowed_ips),
-                      nested=True)
-    return _attr(0, body, nested=True)
+        body += nest(WGPEER_A_ALLOWEDIPS, b"".join(_allowed_ip(n) for n in update.allowed_ips))
+    return nest(0, body)
 
 
 def encode_set(device: str, change: DeviceWrite) -> list[bytes]:
     """WG_CMD_SET_DEVICE bodies (genlmsghdr and attributes) for `change`: the device's
     settings in the first, at most PEERS_PER_MESSAGE peers in each."""
     head = _GENL.pack(WG_CMD_SET_DEVICE, WG_GENL_VERSION, 0)
-    head += _attr(WGDEVICE_A_IFNAME, device.encode() + b"\0")
+    head += attribute(WGDEVICE_A_IFNAME, device.encode() + b"\0")
     first = head
     if change.private_key is not None:
-        first += _attr(WGDEVICE_A_PRIVATE_KEY, change.private_key)
+        first += attribute(WGDEVICE_A_PRIVATE_KEY, change.private_key)
     if change.listen_port is not None:
-        first += _attr(WGDEVICE_A_LISTEN_PORT, _U16.pack(change.listen_port))
+        first += attribute(WGDEVICE_A_LISTEN_PORT, _U16.pack(change.listen_port))
     peers = [encode_peer(u) for u in change.peers]
     bodies = []
     for start in range(0, max(len(peers), 1), PEERS_PER_MESSAGE):
         chunk = peers[start:start + PEERS_PER_MESSAGE]
         body = first if start == 0 else head
         if chunk:
-            body += _attr(WGDEVICE_A_PEERS, b"".join(chunk), nested=True)
+            body += nest(WGDEVICE_A_PEERS, b"".join(chunk))
         bodies.append(body)
     return bodies
 
 
 def encode_get(device: str) -> bytes:
-    return _GENL.pack(WG_CMD_GET_DEVICE, WG_GENL_VERSION, 0) + _attr(
+    return _GENL.pack(WG_CMD_GET_DEVICE, WG_GENL_VERSION, 0) + attribute(
         WGDEVICE_A_IFNAME, device.encode() + b"\0")
 
 
 def encode_family_request(name: str) -> bytes:
     """CTRL_CMD_GETFAMILY for one family by name (which loads its module on demand)."""
-    return _GENL.pack(CTRL_CMD_GETFAMILY, 1, 0) + _attr(CTRL_ATTR_FAMILY_NAME,
+    return _GENL.pack(CTRL_CMD_GETFAMILY, 1, 0) + attribute(CTRL_ATTR_FAMILY_NAME,
                                                         name.encode() + b"\0")
 
 
 # -- decoding ------------------------------------------------------------------------
-
-
-def _attrs(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, bytes]]:
-    """Every attribute in order (repeated types kept: the peers of a nest are all type 0)."""
-    end = len(data) if end is None else end
-    out = []
-    while start + 4 <= end:
-        n, kind = _ATTR.unpack_from(data, start)
-        if n < 4:
-            break
-        out.append((kind & 0x3FFF, data[start + 4:start + n]))
-        start += (n + 3) & ~3
-    return out
 
 
 def _endpoint(raw: bytes) -> Endpoint | None:
@@ -189,8 +169,8 @@ def _endpoint(raw: bytes) -> Endpoint | None:
 
 def _allowed_ips(raw: bytes) -> list[Network]:
     out: list[Network] = []
-    for _, nest in _attrs(raw):
-        fields = dict(_attrs(nest))
+    for _, members in attributes(raw):
+        fields = dict(attributes(members))
         addr, mask = fields.get(WGALLOWEDIP_A_IPADDR), fields.get(WGALLOWEDIP_A_CIDR_MASK)
         if addr is None or not mask or len(addr) not in (4, 16):
             continue
@@ -205,14 +185,14 @@ def decode_device(device: str, bodies: Iterable[bytes]) -> DeviceConfig:
     listen_port = 0
     peers: dict[str, dict[str, object]] = {}
     for body in bodies:
-        for kind, value in _attrs(body, _GENL.size):
+        for kind, value in attributes(body, _GENL.size):
             if kind == WGDEVICE_A_PRIVATE_KEY and value != _ZERO_KEY:
                 public_key = public_key_of(value)
             elif kind == WGDEVICE_A_LISTEN_PORT:
                 listen_port = _U16.unpack(value)[0]
             elif kind == WGDEVICE_A_PEERS:
-                for _, nest in _attrs(value):
-                    _merge_peer(peers, dict(_attrs(nest)))
+                for _, members in attributes(value):
+                    _merge_peer(peers, dict(attributes(members)))
     states = tuple(_peer_state(device, key, fields) for key, fields in peers.items())
     return DeviceConfig(public_key, listen_port, states)
 
@@ -251,7 +231,7 @@ def _peer_state(device: str, key: str, fields: dict[str, object]) -> PeerState:
 
 def family_id(body: bytes, name: str = WG_GENL_NAME) -> int | None:
     """The id in the controller's answer about family `name`, None if it is not that."""
-    fields = dict(_attrs(body, _GENL.size))
+    fields = dict(attributes(body, _GENL.size))
     if fields.get(CTRL_ATTR_FAMILY_NAME, b"").rstrip(b"\0") != name.encode():
         return None
     ident = fields.get(CTRL_ATTR_FAMILY_ID)

@@ -20,7 +20,7 @@ MTU. WireGuard adds 60 bytes over IPv4 (outer IP 20, UDP 8, message header
 16, authentication tag 16) and 80 over IPv6; flannel subtracts 80 for both,
 which costs IPv4 20 bytes of every full packet. Padding to a multiple of 16
 never grows a packet beyond the device MTU. FLANNEL_MTU is the smallest
-device MTU.
+device MTU (core.backends, the type's `mtu`).
 
 Which WireGuard. Chosen once, at the first look at the devices, and logged:
 an existing `flannel-wg` of kind wireguard is the kernel's; one of kind tun
@@ -154,7 +154,7 @@ class WireguardBackend(ReconcilingBackend):
         v4, *v6 = self._devices
         return BackendAttrs(
             backend_type="wireguard",
-            mtu=min(d.mtu for d in self._devices),
+            mtu=self._settings.flannel_mtu,
             backend_data=v4.lease_data(key.public_key),
             backend_v6_data=v6[0].lease_data(key.public_key) if v6 else {},
         )

@@ -52,9 +52,10 @@ from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY
 from leaseagent.lab import processes
 from leaseagent.lab.commands import run, tool
 from leaseagent.lab.errors import DockerError, LabError
+from leaseagent.lab.state import CACHE_ROOT
 
 IMAGE = "leaseagent-lab/busybox"
-IMAGE_CACHE = Path("/var/cache/leaseagent-lab")
+IMAGE_CACHE = CACHE_ROOT
 APPLETS = ("sh", "ping", "ip", "nc", "sleep", "cat", "ls", "hostname", "wget")
 # Debian's docker.io client matches its dockerd (20.10); another `docker` on PATH may not.
 DOCKER_CLIENTS = ("/usr/bin/docker",)
@@ -227,7 +228,9 @@ def image_tarball() -> Path:
 
 
 def purge_image_cache() -> None:
-    shutil.rmtree(IMAGE_CACHE, ignore_errors=True)
+    """Remove the image tarballs (the systemd lab's root filesystem beside them stays)."""
+    for tarball in IMAGE_CACHE.glob("busybox-*"):
+        tarball.unlink(missing_ok=True)
 
 
 def forward_accept(ns: str, network: str) -> None:

@@ -9,6 +9,7 @@ only if all pass; `down` removes everything (exit 1 if something is left);
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 
@@ -58,7 +59,7 @@ def hosts(args: argparse.Namespace) -> int:
         lab.up(args.hosts)
     except LabExists:
         raise
-    except LabError as exc:
+    except (LabError, OSError, subprocess.SubprocessError) as exc:
         print(f"lab: hosts up failed: {exc}", file=sys.stderr)
         if args.hosts_command == "run" and not args.keep:
             _down(lab)

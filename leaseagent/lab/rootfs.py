@@ -36,15 +36,17 @@ import shutil
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from leaseagent.lab.commands import run, tool
 from leaseagent.lab.errors import LabError
+from leaseagent.lab.state import CACHE_ROOT
 
 log = logging.getLogger("leaseagent.lab")
 
-CACHE = Path("/var/cache/leaseagent-lab")
+CACHE = CACHE_ROOT
 SUITE = "bookworm"
 # systemd as PID 1, what the README's install steps need (python3-venv, iptables,
 # ipset, ca-certificates), Docker as Debian ships it, busybox-static for the
@@ -103,6 +105,7 @@ def rootfs(*, cache: Path = CACHE, mirror: str | None = None) -> Path:
     target = cache / f"rootfs-{SUITE}-{rootfs_key(mirror)}"
     if (target / "etc" / "os-release").exists():
         return target
+    _check_mirror(mirror)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ def rootfs(*, cache: Path = CACHE, mirror: str | None = None) -> Path:
              SUITE, mirror, target)
     try:
         run([tool("debootstrap"), "--variant=minbase", f"--include={','.join(PACKAGES)}",
-             SUITE, str(partial), mirror], timeout=1800)
+             SUITE, str(partial), mirror], timeout=900)
     except LabError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise LabError(f"debootstrap failed (is {mirror} reachable?): "
@@ -120,6 +123,17 @@ def rootfs(*, cache: Path = CACHE, mirror: str | None = None) -> Path:
     partial.rename(target)
     log.info("root filesystem built in %.0fs", time.monotonic() - started)
     return target
+
+
+def _check_mirror(mirror: str, *, timeout: float = 15) -> None:
+    """LabError unless the mirror serves the suite's Release file within `timeout` s:
+    debootstrap on a machine that cannot reach it may hang for many minutes."""
+    url = f"{mirror}/dists/{SUITE}/Release"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            answer.read(1)
+    except (OSError, ValueError) as exc:
+        raise LabError(f"Debian mirror {mirror} not reachable ({url}: {exc})") from exc
 
 
 def _prepare(tree: Path) -> None:

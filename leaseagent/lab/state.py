@@ -36,6 +36,9 @@ from leaseagent.lab.topology import Host, Topology
 PROMETHEUS_PID_FILES = ("forward.pid", "prometheus.pid", "targets.pid")
 
 STATE_ROOT = Path("/run/leaseagent-lab")
+# What outlives a lab: the Docker lab's container image (leaseagent.lab.docker), the
+# systemd lab's root filesystem and wheelhouse (leaseagent.lab.rootfs).
+CACHE_ROOT = Path("/var/cache/leaseagent-lab")
 
 
 @dataclass

@@ -217,12 +217,15 @@ def _compacted(exc: BaseException) -> bool:
 
 
 def _as_bytes(data: str | bytes) -> bytes:
-    return data.encode() if isinstance(data, str) else data
+    """A key as etcd holds it. Keys are read with surrogateescape (`_kv`): a key that
+    is not UTF-8 (anyone may write one) comes back as the same bytes, so it can be
+    judged, shown (escaped) and deleted like any other."""
+    return data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
 
 
 def _kv(pb: Any) -> KeyValue:
     return KeyValue(
-        key=pb.key.decode(errors="replace"),
+        key=pb.key.decode("utf-8", "surrogateescape"),
         value=bytes(pb.value),
         create_revision=pb.create_revision,
         mod_revision=pb.mod_revision,
@@ -378,7 +381,7 @@ class EtcdStore:
         return {int(m.ID): (list(m.clientURLs) or [m.name])[0] for m in resp.members}
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._call(f"get {key}", lambda: self._kvs.get(key, timeout=self._timeout))
+        resp = await self._call(f"get {key}", lambda: self._kvs.get(_as_bytes(key), timeout=self._timeout))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def list_prefix(self, prefix: str) -> Listing:
@@ -398,7 +401,7 @@ class EtcdStore:
 
     async def _list_pages(self, prefix: str) -> Listing:
         end = _as_bytes(prefix_range_end(prefix))
-        start, revision = prefix.encode(), 0
+        start, revision = _as_bytes(prefix), 0
         items: list[KeyValue] = []
         oversize: list[KeyValue] = []
         limit = self.page
@@ -427,7 +430,7 @@ class EtcdStore:
             start = bytes(resp.kvs[-1].key) + b"\0"  # the next key after the last one
 
     async def put(self, key: str, value: bytes) -> None:
-        await self._call(f"put {key}", lambda: self._kvs.put(key, value, timeout=self._timeout))
+        await self._call(f"put {key}", lambda: self._kvs.put(_as_bytes(key), value, timeout=self._timeout))
 
     async def _txn(self, what: str, compare: Any, key: str, value: bytes, lease: int
                    ) -> tuple[bool, KeyValue | None]:
@@ -436,7 +439,7 @@ class EtcdStore:
             what,
             lambda: kv.txn(
                 [compare],
-                [kv.txn_op_put(key, value, lease=lease), kv.txn_op_get(key)],
+                [kv.txn_op_put(_as_bytes(key), value, lease=lease), kv.txn_op_get(_as_bytes(key))],
                 [kv.txn_op_get(key)],
                 timeout=self._timeout,
             ),
@@ -452,7 +455,7 @@ class EtcdStore:
 
         if guard is None:
             return self._kvs.txn_compare_create_revision(key, 0)
-        return Compare(result=Compare.EQUAL, target=Compare.CREATE, key=guard.encode(),
+        return Compare(result=Compare.EQUAL, target=Compare.CREATE, key=_as_bytes(guard),
                        range_end=_as_bytes(prefix_range_end(guard)), create_revision=0)
 
     async def create(self, key: str, value: bytes, *, lease: int, guard: str | None = None
@@ -480,11 +483,11 @@ class EtcdStore:
         for key, prefix in reversed(list(zip(keys, prefixes, strict=True))):
             chain = TxnRequest(
                 compare=[self._absent(key, prefix)],
-                success=[kv.txn_op_put(key, value, lease=lease), kv.txn_op_get(key)],
+                success=[kv.txn_op_put(_as_bytes(key), value, lease=lease), kv.txn_op_get(_as_bytes(key))],
                 failure=[RequestOp(request_txn=chain)] if chain is not None else [],
             )
         assert chain is not None
-        guard = [Compare(result=Compare.NOT_EQUAL, target=Compare.LEASE, key=key.encode(),
+        guard = [Compare(result=Compare.NOT_EQUAL, target=Compare.LEASE, key=_as_bytes(key),
                          lease=lease) for key in keys] if lease else []
         resp = await self._call(
             f"allocate {keys[0]}",
@@ -511,7 +514,7 @@ class EtcdStore:
     ) -> tuple[bool, KeyValue | None]:
         from etcd3aio._protobuf import Compare
 
-        compare = Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(),
+        compare = Compare(result=Compare.EQUAL, target=Compare.MOD, key=_as_bytes(key),
                           mod_revision=mod_revision)
         return await self._txn(f"replace {key}", compare, key, value, lease)
 
@@ -521,13 +524,13 @@ class EtcdStore:
         from etcd3aio._protobuf import Compare
 
         kv = self._kvs
-        compare = [Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(),
+        compare = [Compare(result=Compare.EQUAL, target=Compare.MOD, key=_as_bytes(key),
                            mod_revision=mod_revision),
                    kv.txn_compare_create_revision(new_key, 0)]
         resp = await self._call(
             f"move {key}",
             lambda: kv.txn(compare,
-                   [kv.txn_op_delete(key), kv.txn_op_put(new_key, value, lease=lease),
+                   [kv.txn_op_delete(_as_bytes(key)), kv.txn_op_put(_as_bytes(new_key), value, lease=lease),
                     kv.txn_op_get(new_key)],
                    [kv.txn_op_get(new_key)], timeout=self._timeout),
         )
@@ -538,15 +541,15 @@ class EtcdStore:
     async def delete(self, key: str, *, mod_revision: int | None = None) -> bool:
         kv = self._kvs
         if mod_revision is None:
-            resp = await self._call(f"delete {key}", lambda: kv.delete(key, timeout=self._timeout))
+            resp = await self._call(f"delete {key}", lambda: kv.delete(_as_bytes(key), timeout=self._timeout))
             return bool(resp.deleted)
         from etcd3aio._protobuf import Compare
 
-        compare = Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(),
+        compare = Compare(result=Compare.EQUAL, target=Compare.MOD, key=_as_bytes(key),
                           mod_revision=mod_revision)
         resp = await self._call(
             f"delete {key}",
-            lambda: kv.txn([compare], [kv.txn_op_delete(key)], [], timeout=self._timeout),
+            lambda: kv.txn([compare], [kv.txn_op_delete(_as_bytes(key))], [], timeout=self._timeout),
         )
         return bool(resp.succeeded and resp.responses[0].response_delete_range.deleted)
 
@@ -627,7 +630,7 @@ class EtcdStore:
         probe_after = max(WATCH_PROBE_AFTER, 2 * self._timeout)
         try:
             await within(call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
-                key=prefix.encode(), range_end=_as_bytes(prefix_range_end(prefix)),
+                key=_as_bytes(prefix), range_end=_as_bytes(prefix_range_end(prefix)),
                 start_revision=start_revision))), self._timeout)
             probing = False
             while True:

@@ -80,6 +80,9 @@ def test_a_healthy_cluster_has_not_even_a_pending_alert(lab: Lab) -> None:
     since = time.time()
     time.sleep(10)
     window = max(1, int(time.time() - since))
+    left = lab.prometheus_server.query(
+        f"min(min_over_time(leaseagent:lease_remaining_seconds[{window}s]))")
+    print(f"least lease time left seen: {float(left[0]['value'][1]):.1f} s of {lab.lease_ttl}")
     assert lab.prometheus_server.query(f"count_over_time(ALERTS[{window}s])") == []
 
 
@@ -144,14 +147,14 @@ def test_a_stopped_agent_fires_its_alert_in_time_and_resolves_when_back(lab: Lab
     host = lab.hosts[3]
     node = lab.node_id(host)
     _wait("every target up and ready", lambda: _all_up_and_ready(lab), timeout=30)
+    stopped = time.monotonic()  # before: the scrapes may fail while it stops
     lab.stop_agent(host)
-    stopped = time.monotonic()
     try:
         _wait("LeaseagentDown firing", lambda: _firing(lab, "LeaseagentDown", node),
               timeout=DOWN_FOR + 2 * SCRAPE_SECONDS + MARGIN)
         fired = time.monotonic() - stopped
         print(f"LeaseagentDown fired {fired:.1f} s after the agent stopped")
-        assert fired >= DOWN_FOR - 1, fired  # its for: is honoured
+        assert fired >= DOWN_FOR - 0.5, fired  # its for: is honoured
         others = [a for a in lab.prometheus_server.firing() if a.get("node") != node]
         assert others == []
     finally:

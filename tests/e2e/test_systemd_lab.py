@@ -10,7 +10,7 @@ Skipped, with the reason, where the machine cannot: not root, no
 systemd-nspawn or debootstrap, no cgroup hierarchy, or no Debian mirror to build
 the root filesystem from (built once, ~1 minute here, then cached in
 /var/cache/leaseagent-lab/). With a cached root filesystem the module takes
-about a minute.
+1-2 minutes here.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_checks_are_all_here():
     assert [name for name, _ in CHECKS] == [
         "forward policy", "cross-host pings", "status line", "journal", "restart, 0 pings lost",
         "watchdog",
-        "config error", "reboot"]
+        "config error", "docker without the agent", "reboot"]
 
 
 def test_hosts_are_installed_by_the_readme(host_lab: HostLab):
@@ -102,6 +102,10 @@ def test_sigstopped_agent_is_restarted_by_the_watchdog(host_lab: HostLab):
 
 def test_config_error_exits_2_and_docker_keeps_running(host_lab: HostLab):
     run_check(host_lab, "config error")
+
+
+def test_docker_restarts_without_the_agent(host_lab: HostLab):
+    run_check(host_lab, "docker without the agent")
 
 
 def test_reboot_takes_back_its_subnet(host_lab: HostLab):

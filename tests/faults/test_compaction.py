@@ -154,4 +154,9 @@ def test_compaction_and_defrag_during_watch_and_churn_miss_nothing(etcd_cluster,
           f"4 watchers' peer gauges ({replayed} also by log replay) equal etcd's {keys} keys "
           f"(converged {took:.2f}s after the last "
           f"fault); relists: {', '.join(f'{k} {int(v)}' for k, v in relists.items())}")
-    assert relists["compacted"] >= 1, "a watch resumed from a compacted revision must re-list"
+    # A watcher that missed history re-lists: on the compacted revision its resume meets,
+    # or first on etcd_recovered when its probe of etcd notices the outage's end before the
+    # watch resumes (a race the machine's load decides). The compacted path alone is
+    # asserted deterministically in tests/integration/test_agent.py.
+    assert relists["compacted"] + relists["etcd_recovered"] >= 1, (
+        "a watcher that missed history must re-list")

@@ -147,3 +147,30 @@ async def test_a_network_config_too_large_to_receive_is_ignored(roomy_etcd, tmp_
     finally:
         await a.close()
         await store.close()
+
+
+async def test_a_listing_whose_revision_is_compacted_between_pages_starts_again(etcd):
+    store = await EtcdStore.connect(EtcdSettings(endpoints=etcd.endpoints, timeout=5))
+    try:
+        for n in range(6):
+            await store.put(f"/paging/k{n}", b"v")
+        store.page = 2
+        lists = 0
+
+        def compact_after_the_first_page(operation: str, _seconds: float) -> None:
+            nonlocal lists
+            if operation != "list":
+                return
+            lists += 1
+            if lists == 1:  # between the first page and the second: history goes
+                etcd.etcdctl("put", "/paging/k9", "late")
+                revision = json.loads(etcd.etcdctl("get", "/paging/k9", "-w", "json"))
+                etcd.etcdctl("compact", str(revision["header"]["revision"]))
+
+        store.observer = compact_after_the_first_page
+        listing = await store.list_prefix("/paging/")
+        assert [kv.key for kv in listing.items] == [*(f"/paging/k{n}" for n in range(6)),
+                                                    "/paging/k9"]
+        assert lists > 4  # the first attempt's pages, then all 4 again
+    finally:
+        await store.close()

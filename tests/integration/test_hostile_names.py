@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from etcd_server import PREFIX, put_config
@@ -132,3 +133,57 @@ def test_a_lease_whose_public_ip_is_inside_the_network_is_invalid(etcd, agents):
     row = rows["10.6.60.0/24"]
     assert row["valid"] is False
     assert row["error"] == "PublicIP 10.6.61.7 is inside the cluster network 10.6.0.0/16"
+
+
+def test_a_huge_or_non_utf8_key_name_is_shown_short_and_can_be_released(etcd, agents):
+    """Found trying more of the same kind: a 100,000-character key name made a 200 KB log
+    line and a 200 KB table row; a key that is not UTF-8 was read with its odd bytes
+    replaced, so `leasectl release` could never delete it ("changed while releasing it")."""
+    import subprocess
+
+    from leaseagent.lab.etcd import tool
+
+    put_config(etcd, ALLOC)
+    watcher = agents("w", "10.200.0.1", extra=["--log-format", "text"]).start(metrics=True)
+    watcher.wait_subnet()
+    etcd.etcdctl("put", SUBNETS + "10.6.70.0-24" + "x" * 100_000, _value("10.200.0.70"))
+    raw = SUBNETS.encode() + b"10.6.71.0-24\xff\xfe"
+    put = subprocess.run([tool("etcdctl"), "--endpoints", etcd.url, "put", raw, b"{}"],
+                         capture_output=True, timeout=30)
+    assert put.returncode == 0, put.stderr
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and watcher.metric(
+            "leaseagent_invalid_leases_skipped_total", 'reason="bad_key"') != 2:
+        time.sleep(0.1)
+    assert watcher.metric("leaseagent_invalid_leases_skipped_total", 'reason="bad_key"') == 2
+    log = watcher.log()
+    _clean(log)
+    assert max(len(line) for line in log.splitlines()) < 4500
+    assert "more characters)" in log and "10.6.71.0-24\\udcff\\udcfe" in log
+    table = leasectl(etcd, "list")
+    assert table.returncode == 0, table.stderr
+    _clean(table.stdout)
+    assert max(len(line) for line in table.stdout.splitlines()) < 1000
+    # The odd key is released by its name as the shell passes it (the same bytes).
+    argv = [sys.executable, "-m", "leaseagent.cli.leasectl", "--etcd-endpoints", etcd.url,
+            "release", b"10.6.71.0-24\xff\xfe"]
+    released = subprocess.run(argv, capture_output=True, timeout=60)
+    assert released.returncode == 0, released.stderr
+    keys = subprocess.run([tool("etcdctl"), "--endpoints", etcd.url, "get", "--prefix",
+                           "--keys-only", SUBNETS + "10.6.71"], capture_output=True, timeout=30)
+    assert keys.stdout.strip() == b""
+    assert watcher.proc is not None and watcher.proc.alive
+
+
+def test_an_agent_refuses_to_start_on_a_network_holding_its_public_ip(etcd, agents):
+    """The Network is read by the agent: one holding this host's PublicIP is refused at
+    start, exit 2 in one line, nothing taken in etcd (on a running agent it is ignored
+    as unusable: tests/e2e/test_hostile_routes.py)."""
+    put_config(etcd, {"Network": "10.200.0.0/16", "Backend": {"Type": "alloc"}})
+    agent = agents("a", "10.200.0.1").start()
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=30) == 2
+    lines = [line for line in agent.log().splitlines() if line.strip()]
+    assert len(lines) >= 1 and "Traceback" not in agent.log()
+    assert "Network 10.200.0.0/16 holds 10.200.0.1, this host's PublicIP" in lines[-1]
+    assert etcd.etcdctl("get", "--prefix", "--keys-only", SUBNETS).strip() == ""

@@ -216,3 +216,10 @@ def test_an_unknown_flag_in_go_syntax_is_refused_naming_it(
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert "--no-such-flag" in err and "secret" not in err and err.count("\n") == 1
+
+
+def test_leasectl_refuses_flanneld_password_variable_too() -> None:
+    from leaseagent.cli.leasectl import build_parser
+
+    with pytest.raises(ConfigError, match=r"^FLANNELD_ETCD_PASSWORD: leaseagent reads"):
+        build_parser({"FLANNELD_ETCD_PASSWORD": "hunter2"})

@@ -146,3 +146,10 @@ def test_nspawn_gets_what_a_host_needs_here(tmp_path: Path):
     other = Machine(name="hosts-h2", ns="x", dir=tmp_path, rootfs=tmp_path)
     assert f"--uuid={m.uuid}" in argv and again.uuid == m.uuid != other.uuid
     assert m.root_upper("/etc/hostname") == tmp_path / "h1" / "upper" / "etc" / "hostname"
+
+
+def test_an_unreachable_mirror_is_one_line_before_debootstrap_runs(tmp_path: Path):
+    cache = tmp_path / "cache"
+    with pytest.raises(LabError, match=r"Debian mirror http://127\.0\.0\.1:9/debian not reachable"):
+        rootfs.rootfs(cache=cache, mirror="http://127.0.0.1:9/debian")
+    assert not cache.exists()

@@ -39,13 +39,13 @@ _ITEM = re.compile(r"^      - (record|alert): (\S+)\n(.*?)(?=^      - |^  - name
 def _rules() -> list[dict[str, Any]]:
     rules = []
     for kind, name, body in _ITEM.findall(RULES.read_text()):
-        expr = re.search(r"^        expr: (.*)$", body, re.M)
+        expr = re.search(r"^        expr: (?:>-\n((?:          .*\n?)+)|(.*)$)", body, re.M)
         severity = re.search(r"^          severity: (\S+)$", body, re.M)
         summary = re.search(r'^          summary: "(.*)"$', body, re.M)
         description = re.search(r"^          description: >-\n((?:            .*\n?)+)", body,
                                 re.M)
         rules.append({
-            kind: name, "expr": expr.group(1) if expr else "",
+            kind: name, "expr": " ".join((expr.group(1) or expr.group(2)).split()) if expr else "",
             "severity": severity.group(1) if severity else None,
             "summary": summary.group(1) if summary else "",
             "description": " ".join(description.group(1).split()) if description else "",
@@ -135,6 +135,9 @@ def test_every_alert_has_a_severity_and_says_where_and_what_to_do() -> None:
         # The host: its target (and node) or, for a cluster-wide alert, what collides.
         assert re.search(r"\$labels\.(instance|node_id|subnet)|no leaseagent target",
                          summary), alert["alert"]
+        # ... and, after a colon, what to do (the description says more).
+        what, _, action = summary.rpartition(": ")
+        assert what and len(action.split()) >= 3, alert["alert"]
         assert len(description) > 60, alert["alert"]
 
 

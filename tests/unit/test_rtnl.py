@@ -199,3 +199,17 @@ def test_events_of_ipv6_routes_and_neighbours_carry_the_object() -> None:
     _, _, body = rtnl.encode_object(Fdb(8, MAC, V6_PUBLIC), remove=False, protocol=PROTO)
     event = event_from_message(rtnl.RTM_DELNEIGH, 0, body)
     assert (event.kind, event.obj) == ("fdb", Fdb(8, MAC, V6_PUBLIC))
+
+
+def test_attributes_are_padded_read_in_order_and_a_nest_is_flagged() -> None:
+    """The one attribute codec of rtnetlink and generic netlink (wgnetlink uses it)."""
+    one = rtnl.attribute(1, b"abc")  # 4 + 3 bytes, padded to 8
+    assert one == struct.pack("=HH", 7, 1) + b"abc\0"
+    members = rtnl.attribute(0, b"x") + rtnl.attribute(0, b"yz")  # repeated type 0
+    nested = rtnl.nest(9, members)
+    assert struct.unpack_from("=HH", nested) == (4 + len(members), 9 | 0x8000)
+    data = one + nested + rtnl.attribute(2, b"")
+    assert rtnl.attributes(data) == [(1, b"abc"), (9, members), (2, b"")]  # flag stripped
+    assert rtnl.attributes(members) == [(0, b"x"), (0, b"yz")]  # order and repeats kept
+    assert rtnl.attributes(data, len(one), len(one) + len(nested)) == [(9, members)]
+    assert rtnl.attributes(one + struct.pack("=HH", 2, 5) + b"junk") == [(1, b"abc")]
