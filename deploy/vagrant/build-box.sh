@@ -6,7 +6,8 @@
 # PyPI (or pip's configured index) for the wheelhouse. Nothing is downloaded
 # by the VMs later: they have no network but the lab's.
 #
-#   deploy/vagrant/build-box.sh [--force]
+#   deploy/vagrant/build-box.sh [--force]      (with the lab down: the VMs' disks are
+#                                               snapshots of the box it replaces)
 #
 # Writes into $LEASEAGENT_VAGRANT_DIR (default /var/tmp/leaseagent-vagrant):
 #   rootfs/                  the debootstrap tree (kept: a rebuild reuses it unless --force)
@@ -141,6 +142,8 @@ if command -v virsh >/dev/null && virsh -c qemu:///system pool-info leaseagent >
         virsh -c qemu:///system vol-delete --pool leaseagent "$vol" >/dev/null || true
     done
 fi
+# With libvirtd stopped (lab.sh down), the old upload is a file in the lab's pool directory.
+rm -f "$out/pool/${box_name}_vagrant_box_image_"*
 
 echo "build-box.sh: wheelhouse"
 rm -rf "$out/wheelhouse"
