@@ -10,8 +10,9 @@
     to fail stops the agent with a clear message and exit status 1.
 
 A network config change is applied by `apply_config` (docs/architecture.md,
-"Config changes"): a new backend instance on the new settings (the old one's
-kernel objects removed first for a rebuild), the lease fitted by the holder
+"Config changes"): a new backend instance on the new settings (for a rebuild
+built beside the old one, whose devices go once no peer runs its type; the old
+one's objects removed first only if the two share a device), the lease fitted by the holder
 task (the one writer of our key), subnet.env, the traffic rules' keepers,
 then every lease judged again under the new config. What this host cannot
 run is refused and the last good config put back.
@@ -299,6 +300,9 @@ class Agent:
         self._tasks_changed = asyncio.Event()
         self.config_revision = 0  # etcd revision of the network config in force
         self._foreign = 0  # peers of another backend type, as last reported
+        # The backend a rebuild replaced, its devices kept while peers still run its type
+        # (make before break: `_switch`, `_finish_rollout`).
+        self._leaving: DataPlane | None = None
         self.ready_sent = False  # READY=1 went to systemd (once: the start is over)
         self._reporting = False  # the start-up line is done: `_report` owns STATUS=
         self._status_text = ""  # the last STATUS= sent
@@ -661,6 +665,7 @@ class Agent:
                 self.metrics.peer_programming_seconds.observe(time.perf_counter() - started)
         self._log_peer_changes(changes, len(peers))
         self._report_rollout()
+        await self._finish_rollout()
         if self._reporting:
             self._report()  # the peer count in STATUS= at once
 
@@ -1087,8 +1092,18 @@ class Agent:
                 self.leasing.reconfigure(network, self._lease_value(network, host, attrs))
                 self.metrics.set_identity(public_ip=str(host.public_ip),
                                           node_id=self.cfg.node_id, backend=network.backend_type)
+                # A rebuild whose devices are not shared: make before break. The new
+                # backend is built beside the old one and its first pass replaces the
+                # old routes (and keeps those of peers still on the old type); the old
+                # devices go once no peer runs the old type (`_finish_rollout`).
+                beside = (change.kind == REBUILD
+                          and not _device_names(old) & _device_names(new))
                 try:
-                    await self._retire(old, rebuild=change.kind == REBUILD)
+                    if beside:
+                        await self._drop_leaving()  # a roll-out replaced before it ended
+                        self._leaving = old
+                    else:
+                        await self._retire(old, rebuild=change.kind == REBUILD)
                 except Exception:
                     self._spawn_dataplane()  # the new one runs; apply_config switches back
                     raise
@@ -1098,6 +1113,8 @@ class Agent:
                 await self._replace_rules(rules)
                 self.watcher.set_network(network)
                 await self._program_all()  # the peers as known: traffic back at once
+            self._report_rollout()
+            await self._finish_rollout()
         await self.watcher.relist("config_changed")  # then every lease judged anew
 
     async def _prepared(self, network: NetworkConfig, host: HostInfo
@@ -1112,6 +1129,26 @@ class Agent:
             self.metrics.export_dataplane(self.backend.status)
             await new.close()
             raise
+
+    async def _finish_rollout(self) -> None:
+        """Remove the devices of the backend a rebuild replaced once no peer runs another
+        type than ours: every route through them has been replaced by then."""
+        assert self.backend is not None
+        if self._leaving is not None and not self.backend.status.foreign_peers:
+            async with self._plane:
+                await self._drop_leaving()
+
+    async def _drop_leaving(self) -> None:
+        """The replaced backend's devices removed (what is on them goes with them)."""
+        leaving, self._leaving = self._leaving, None
+        if leaving is None:
+            return
+        assert self.backend is not None
+        try:
+            if not _device_names(leaving) & _device_names(self.backend):
+                await leaving.remove(objects=False)
+        finally:
+            await leaving.close()
 
     async def _retire(self, old: DataPlane, *, rebuild: bool) -> None:
         """Done with `old` (a stopped data plane the new one replaces): for a rebuild its
@@ -1152,9 +1189,10 @@ class Agent:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
-        if self.backend is not None:
-            with contextlib.suppress(Exception):
-                await self.backend.close()
+        for backend in (self.backend, self._leaving):
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    await backend.close()
         own = self.own
         if (self.cfg.release_on_exit and own is not None and not own.reservation
                 and self.conflict is None):

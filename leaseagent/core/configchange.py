@@ -18,8 +18,10 @@ of its most disruptive field):
   transaction if its IPv6 part changes); one whose subnet no longer fits
   takes a new one and gives the old up.
 - `rebuild`: the backend changed identity (its type, or an option its type
-  does not apply in place, such as vxlan's VNI): the old backend's kernel
-  objects are removed and the new backend's built.
+  does not apply in place, such as vxlan's VNI): the new backend is built
+  beside the old one and takes its routes over, the old one's devices go
+  once no peer runs the old type (when they share a device: the old one's
+  objects are removed first).
 
 Which backend options are in place is the backend type's to say
 (`BackendType.in_place` in leaseagent.core.backends); an option change the
@@ -87,8 +89,9 @@ FIELDS: tuple[Field, ...] = (
     Field("EnableNFTables", IN_PLACE, lambda c: c.enable_nftables,
           "the traffic rules are removed from one tool and written with the other"),
     Field("Backend.Type", REBUILD, lambda c: c.backend_type,
-          "the old backend's kernel objects are removed, the new one's built; the lease "
-          "value is rewritten; hosts on different types do not reach each other meanwhile"),
+          "the new backend is built beside the old one and takes its routes over; the lease "
+          "value is rewritten; hosts on different types reach each other the old way until "
+          "both have switched, then the old devices are removed"),
 )
 
 _OPTION_EFFECT = {

@@ -432,6 +432,25 @@ def plan_wireguard_peer(peer: Peer, options: WireguardOptions, *, ipv4: bool = T
     return frozenset(objects)
 
 
+def peer_keys(peer: Peer) -> frozenset[Address | Network]:
+    """What the kernel objects serving `peer` are keyed on, whichever backend made
+    them: its subnets (routes), their base addresses (vxlan's neighbour entries) and
+    its public addresses (vxlan's FDB entries)."""
+    keys: set[Address | Network] = {peer.subnet, peer.subnet.network_address, peer.public_ip}
+    v6 = ipv6_part(peer)
+    if v6 is not None:
+        keys |= {v6.subnet, v6.subnet.network_address, v6.public_ip}
+    return frozenset(keys)
+
+
+def serves(obj: KernelObject, keys: Collection[Address | Network]) -> bool:
+    """Whether `obj` is a route, neighbour or FDB entry of a peer whose `peer_keys` are
+    among `keys` (what a roll-out keeps for a peer still on the old backend)."""
+    if isinstance(obj, (Route, Neighbour, Fdb)):
+        return obj.dst in keys
+    return False
+
+
 def flatten(plan: PeerPlan) -> frozenset[KernelObject]:
     """All objects of a per-peer plan as one set."""
     out: set[KernelObject] = set()

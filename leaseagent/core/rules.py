@@ -319,10 +319,12 @@ def compare(wanted: Ruleset, observed: ObservedRules) -> list[RuleDifference]:
 
 
 def admitted(peer: Peer, family: int = 4) -> Address | None:
-    """The address the peer filter of `family` admits for `peer`: a vxlan peer's PublicIP,
-    or its PublicIPv6 (VXLAN over the IPv6 underlay; None for a peer with no IPv6 part)."""
-    if peer.backend_type != "vxlan":
-        return None
+    """The address the peer filter of `family` admits for `peer`: its PublicIP, or its
+    PublicIPv6 (VXLAN over the IPv6 underlay; None for a peer with no IPv6 part). Any
+    backend type's: a peer in the middle of a rebuild's roll-out (its lease already says
+    host-gw, say) still sends VXLAN through the device it keeps until this host has
+    switched too (docs/architecture.md, "Config changes"); what the filter keeps out is
+    whoever holds no lease."""
     return peer.public_ip if family == 4 else peer.public_ipv6
 
 

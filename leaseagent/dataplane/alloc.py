@@ -44,7 +44,7 @@ class AllocBackend:
     async def observe(self) -> Observation:
         return Observation()
 
-    async def remove(self) -> None:
+    async def remove(self, *, objects: bool = True) -> None:
         return None
 
     async def close(self) -> None:

@@ -14,8 +14,13 @@ Life cycle, driven by the agent (leaseagent.agent):
 
 On a network config change (docs/architecture.md, "Config changes") the
 agent closes the running instance and starts a new one on the new settings,
-which adopts the kernel state and reconciles it (in place); for a rebuild
-(another backend type) it first calls
+which adopts the kernel state and reconciles it (in place). For a rebuild
+(another backend type) whose devices the new one does not share, the new one
+is built beside the old and takes its routes over (a route replace), then
+
+    await dp.remove(objects=False)      # the old backend's devices, with what is on them
+
+once no peer runs the old type any more; with a device shared (one name), first
 
     await dp.remove()                   # the backend's kernel objects and devices, all gone
 
@@ -221,6 +226,6 @@ class DataPlane(Protocol):
 
     async def observe(self) -> Observation: ...
 
-    async def remove(self) -> None: ...
+    async def remove(self, *, objects: bool = True) -> None: ...
 
     async def close(self) -> None: ...

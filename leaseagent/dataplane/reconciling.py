@@ -50,10 +50,18 @@ one more device. Nothing below depends on the family:
 - `remove()`: for a rebuild onto another backend (docs/architecture.md,
   "Config changes"): every object of ours the kernel has (`current`), then
   the devices of `_device_specs`. The instance is done with afterwards.
+  `remove(objects=False)`: only the devices (what is on them goes with them),
+  once the new backend has taken the routes over (make before break).
 
 Peers of another backend type are planned nothing (flannel does the same):
 a vxlan host and a wireguard host cannot reach each other. Each is logged once
-(a warning naming both types) and counted in `status.foreign_peers`.
+(a warning naming both types) and counted in `status.foreign_peers`. What the
+kernel already has for such a peer (`core.plan.serves`: its routes, neighbour
+and FDB entries, made by the backend this host ran before a rebuild, or by this
+one before the peer switched) is left in place, not removed as stale: during a
+roll-out of another backend type the hosts still reach each other the old way
+until both have switched, when the new objects replace the old ones (a route
+replace is atomic). Once a foreign peer is gone, a full pass removes them.
 
 One asyncio.Lock serialises sync, update and resync: a sync's dump and its
 diff must not interleave with an update's changes.
@@ -101,6 +109,8 @@ from leaseagent.core.plan import (
     diff,
     diff_found,
     host_conflict,
+    peer_keys,
+    serves,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.netlink import (
@@ -437,19 +447,25 @@ class ReconcilingBackend:
         with the changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
         own = self._own_claims()
+        was_foreign = self._foreign & affected
         self._note_foreign(affected, peers)
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
         for subnet in affected:
             before = self._programmed.pop(subnet, None)
+            peer = peers.get(subnet)
             if before is not None:
                 self._unclaim(before)
                 # Planned again as it was: what plans depend on besides the peer
                 # (device indexes) changes only with a full sync, which plans anew.
                 planned = self._plan_peer(before)
-                old |= planned
+                if subnet not in self._foreign:  # switched to another type: kept meanwhile
+                    old |= planned
                 self._count(planned, -1)
-            peer = peers.get(subnet)
+            if peer is None and subnet in was_foreign:
+                # What was kept for it goes with a full pass (nothing here knows it).
+                self._full_resync_needed = True
+                self._wake.set()
             claims = self._claims(peer) if peer is not None else ()
             conflict = (self._conflict(peer, claims, self._claimed, own) if peer is not None
                         else None)
@@ -479,11 +495,12 @@ class ReconcilingBackend:
                            *self._watchers())
         raise DataPlaneError("data-plane task ended unexpectedly")
 
-    async def remove(self) -> None:
+    async def remove(self, *, objects: bool = True) -> None:
         async with self._lock:
             nl = await self._netlink()
-            current = await self.current(nl)
-            await self._apply(nl, diff((), current), repair=False)
+            if objects:
+                current = await self.current(nl)
+                await self._apply(nl, diff((), current), repair=False)
             for spec in self._device_specs(self._own_subnet, self._own_ipv6):
                 state = await nl.device_state(spec.name)
                 if state is not None:
@@ -586,6 +603,10 @@ class ReconcilingBackend:
             return False
 
         stale = await self._scan(nl, known)  # read_again's retries come from in here
+        if self._foreign and stale:  # kept while their peers run another type
+            keys = frozenset(chain.from_iterable(peer_keys(peers[s]) for s in self._foreign
+                                                 if s in peers))
+            stale = [obj for obj in stale if not serves(obj, keys)]
         lacking = dict.fromkeys(missing.values())
         everything = len(missing) == len(desired)
         if everything:

@@ -330,6 +330,47 @@ def test_vxlan_to_host_gw_and_back_rebuilds_with_reachability_restored(
         assert env_of(host)["FLANNEL_MTU"] == "1450"
         assert lab.metrics(host)['leaseagent_network_config_changes_total{class="rebuild"}'] == 2
     print(f"rebuild pings lost: {lost_there} (to host-gw), {pings.lost} (back to vxlan)")
+    for host in hosts:  # make before break: the device went once every peer had switched
+        log = host.log_file.read_text()
+        over = log.rindex("backend roll-out over: every peer runs host-gw")
+        assert log.index("removed flannel.1 (the backend is rebuilt)", over) > over
+
+
+def test_a_vni_change_builds_the_new_device_beside_the_old(lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+
+    def on_vni(vni: int) -> Callable[[], bool]:
+        other = 2 if vni == 1 else 1
+        return lambda: (all(device_mtu(h, f"flannel.{vni}") == 1450
+                            and device_mtu(h, f"flannel.{other}") is None for h in hosts)
+                        and lab.reachability(wait=0.2).all_ok)
+
+    _, there = change(lab, base_config(lab, VNI=2), on_vni(2), what="VNI 1 -> 2",
+                      kind="rebuild")
+    for host in hosts:
+        value = lab.lease_value(host)
+        assert value is not None and value["BackendData"]["VNI"] == 2  # type: ignore[index]
+    _, back = change(lab, lab.network_config(), on_vni(1), what="VNI 2 -> 1", kind="rebuild")
+    print(f"rebuild pings lost: {there.lost} (VNI 1 -> 2), {back.lost} (back to 1)")
+
+
+def test_a_vxlan_port_change_remakes_the_device_in_place(lab: FixedSubnetLab) -> None:
+    hosts = list(lab.hosts.values())
+
+    def on_port(port: int) -> Callable[[], bool]:
+        def check() -> bool:
+            for h in hosts:
+                out = run(["ip", "-n", h.ns, "-d", "link", "show", "flannel.1"], check=False)
+                if f"dstport {port} " not in out:
+                    return False
+            return lab.reachability(wait=0.2).all_ok
+        return check
+
+    _, there = change(lab, base_config(lab, Port=4789), on_port(4789),
+                      what="vxlan Port 8472 -> 4789", kind="in-place")
+    _, back = change(lab, lab.network_config(), on_port(8472), what="vxlan Port 4789 -> 8472",
+                     kind="in-place")
+    print(f"port change pings lost: {there.lost} (to 4789), {back.lost} (back to 8472)")
 
 
 # ------------------------------------------------------------------ refused

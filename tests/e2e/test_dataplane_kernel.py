@@ -244,6 +244,52 @@ async def test_sync_removes_stale_entries_and_leaves_foreign_ones(
         await backend.close()
 
 
+async def test_a_backend_built_beside_another_takes_its_routes_over_peer_by_peer(
+        lab: Underlay, tmp_path: Path) -> None:
+    """A rebuild's roll-out, make before break: a host-gw backend built beside the
+    running vxlan one replaces the routes of peers that switched, keeps what vxlan made
+    for a peer still on vxlan, replaces that too once it switches; the vxlan device then
+    goes alone (its neighbour and FDB entries with it). A vanished foreign peer's kept
+    objects go with the next full pass."""
+    ns = lab.hosts[0]
+    vxlan, _ = await started(await make_settings(ns, tmp_path), peers_of(PEER, FAR_PEER))
+    hostgw = HostGwBackend(await make_settings(ns, tmp_path, backend={"Type": "host-gw"}))
+    near = Peer(PEER.subnet, PEER.public_ip, "host-gw", NoLeaseData())
+    far = Peer(FAR_PEER.subnet, FAR_PEER.public_ip, "host-gw", NoLeaseData())
+    on_vxlan = {"10.5.3.0/24 via 10.5.3.0 dev flannel.1 ['onlink']"}
+    try:
+        await hostgw.prepare()
+        await hostgw.start(OWN)
+        await hostgw.sync(peers_of(near, FAR_PEER))
+        rs, neigh, fdbs = await peer_state(ns)
+        assert rs == {"10.5.2.0/24 via 10.99.0.2 dev eth0 []", *on_vxlan}
+        assert ("10.5.3.0", "02:00:00:00:00:03") in neigh
+        assert ("02:00:00:00:00:03", "10.99.0.3") in fdbs
+        assert hostgw.status.foreign_peers == 1 and hostgw.status.in_sync
+        await hostgw.update(PeerChanges(changed=[far]), peers_of(near, far))
+        assert (await peer_state(ns))[0] == {"10.5.2.0/24 via 10.99.0.2 dev eth0 []",
+                                             "10.5.3.0/24 via 10.99.0.3 dev eth0 []"}
+        await vxlan.remove(objects=False)
+        assert {f"{r['dst']} via {r['gateway']} dev {r['dev']}" for r in await routes(ns)} == {
+            "10.5.2.0/24 via 10.99.0.2 dev eth0", "10.5.3.0/24 via 10.99.0.3 dev eth0"}
+        assert await ajson("ip", "-j", "-n", ns, "link", "show", "type", "vxlan") == []
+        # A peer that switches away meanwhile keeps its route; once gone, a pass removes it.
+        await hostgw.update(PeerChanges(changed=[FAR_PEER]), peers_of(near, FAR_PEER))
+        assert "10.5.3.0/24" in {r["dst"] for r in await routes(ns)}
+        peers = peers_of(near, FAR_PEER)
+        async with running(hostgw, peers):  # type: ignore[arg-type]
+            del peers[FAR_PEER.subnet]
+            await hostgw.update(PeerChanges(removed=[FAR_PEER]), peers)
+
+            async def only_near() -> bool:
+                return [r["dst"] for r in await routes(ns)] == ["10.5.2.0/24"]
+
+            await eventually(only_near, within=2.0)
+    finally:
+        await vxlan.close()
+        await hostgw.close()
+
+
 async def test_update_converges_to_what_sync_produces(lab: Underlay, tmp_path: Path) -> None:
     ns = lab.hosts[0]
     settings = await make_settings(ns, tmp_path)

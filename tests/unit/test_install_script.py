@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).parents[2]
 SCRIPT = REPO / "deploy" / "install.sh"
-SCRIPTS = [SCRIPT, REPO / "deploy" / "vagrant" / "provision.sh", REPO / "deploy" / "vagrant" / "check.sh"]
+SCRIPTS = [SCRIPT, *(REPO / "deploy" / "vagrant" / name
+                     for name in ("provision.sh", "check.sh", "lab.sh", "build-box.sh"))]
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, ...]]:

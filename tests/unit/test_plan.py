@@ -21,8 +21,10 @@ from leaseagent.core.plan import (
     compare_device,
     diff,
     flatten,
+    peer_keys,
     plan_host_gw,
     plan_vxlan,
+    serves,
 )
 from leaseagent.errors import NetworkConfigError
 
@@ -75,6 +77,16 @@ def test_own_subnet_and_foreign_backends_are_not_planned() -> None:
     plan = plan_vxlan(OWN, peers, vxlan_index=VX, underlay_index=UL)
     assert OWN not in plan
     assert flatten(plan) == frozenset()
+
+
+def test_what_serves_a_peer_is_told_whichever_backend_made_it() -> None:
+    peer, other = vx_peer(2), vx_peer(3)
+    keys = peer_keys(peer)
+    vxlan = plan_vxlan(OWN, by_subnet(peer, other), vxlan_index=VX, underlay_index=UL)
+    host_gw = plan_host_gw(OWN, by_subnet(gw_peer(2), gw_peer(3)), underlay_index=UL)
+    assert vxlan[peer.subnet] and all(serves(o, keys) for o in vxlan[peer.subnet])
+    assert host_gw[peer.subnet] and all(serves(o, keys) for o in host_gw[peer.subnet])
+    assert not any(serves(o, keys) for o in vxlan[other.subnet] | host_gw[other.subnet])
 
 
 def test_direct_routing_uses_plain_route_only_for_directly_connected_peers() -> None:

@@ -172,12 +172,14 @@ def test_peer_admission_follows_changes_like_a_recount_of_all_peers(family: int)
     assert admission.reset(peers.values()) == peer_addresses(peers.values(), family)
 
 
-def test_each_family_admits_its_own_public_address_of_a_vxlan_peer() -> None:
+def test_each_family_admits_its_own_public_address_of_a_peer() -> None:
     dual, v4_only, hostgw = _peer(1, 1, ip6=1), _peer(2, 2), _peer(3, 3, "host-gw", ip6=3)
     assert admitted(dual) == admitted(dual, 4) == IPv4Address("10.250.0.1")
     assert admitted(dual, 6) == IPv6Address("fd00:99::1")
     assert admitted(v4_only, 6) is None  # sends no VXLAN over IPv6
-    assert admitted(hostgw, 4) is None and admitted(hostgw, 6) is None
+    # A peer rolling out another backend type still sends VXLAN from its kept device.
+    assert admitted(hostgw, 4) == IPv4Address("10.250.0.3")
+    assert admitted(hostgw, 6) == IPv6Address("fd00:99::3")
 
 
 # ------------------------------------------------------------------ IPv6
