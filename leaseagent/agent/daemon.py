@@ -682,8 +682,9 @@ class Agent:
 
     def _report_rollout(self) -> None:
         """Say when peers start or stop running another backend type than this host (a
-        rebuild rolling out: they are not programmed meanwhile; the data plane names each
-        one and counts them, `DataPlaneStatus.foreign_peers`)."""
+        rebuild rolling out: they are not programmed meanwhile, what the kernel has for
+        them is kept; the data plane names each one and counts them,
+        `DataPlaneStatus.foreign_peers`)."""
         assert self.network is not None and self.backend is not None
         foreign = self.backend.status.foreign_peers
         if (foreign > 0) == (self._foreign > 0):
@@ -691,8 +692,8 @@ class Agent:
             return
         if foreign:
             log.info("backend roll-out: %d peer(s) run another backend type than this host's "
-                     "%s: not reachable from here until they switch", foreign,
-                     self.network.backend_type)
+                     "%s: reached the old way, where this host had programmed them, until "
+                     "they switch", foreign, self.network.backend_type)
         else:
             log.info("backend roll-out over: every peer runs %s", self.network.backend_type)
         self._foreign = foreign
