@@ -12,4 +12,4 @@ echo "== mypy"
 echo "== import-linter (layering)"
 .venv/bin/lint-imports --no-cache
 echo "== pytest"
-.venv/bin/pytest -q -rs -p no:cacheprovider "$@"   # -rs: each skip with its reason
+.venv/bin/pytest -q -rfEs --durations=15 -p no:cacheprovider "$@"   # -rfEs: each failure, error and skip (with its reason) in the summary

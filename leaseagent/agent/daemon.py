@@ -303,6 +303,7 @@ class Agent:
         # The backend a rebuild replaced, its devices kept while peers still run its type
         # (make before break: `_switch`, `_finish_rollout`).
         self._leaving: DataPlane | None = None
+        self._leaving_timer: asyncio.Future[None] | None = None  # its removal, when due
         self.ready_sent = False  # READY=1 went to systemd (once: the start is over)
         self._reporting = False  # the start-up line is done: `_report` owns STATUS=
         self._status_text = ""  # the last STATUS= sent
@@ -681,8 +682,9 @@ class Agent:
 
     def _report_rollout(self) -> None:
         """Say when peers start or stop running another backend type than this host (a
-        rebuild rolling out: they are not programmed meanwhile; the data plane names each
-        one and counts them, `DataPlaneStatus.foreign_peers`)."""
+        rebuild rolling out: they are not programmed meanwhile, what the kernel has for
+        them is kept; the data plane names each one and counts them,
+        `DataPlaneStatus.foreign_peers`)."""
         assert self.network is not None and self.backend is not None
         foreign = self.backend.status.foreign_peers
         if (foreign > 0) == (self._foreign > 0):
@@ -690,8 +692,8 @@ class Agent:
             return
         if foreign:
             log.info("backend roll-out: %d peer(s) run another backend type than this host's "
-                     "%s: not reachable from here until they switch", foreign,
-                     self.network.backend_type)
+                     "%s: reached the old way, where this host had programmed them, until "
+                     "they switch", foreign, self.network.backend_type)
         else:
             log.info("backend roll-out over: every peer runs %s", self.network.backend_type)
         self._foreign = foreign
@@ -1100,6 +1102,7 @@ class Agent:
                           and not _device_names(old) & _device_names(new))
                 try:
                     if beside:
+                        await self._stop_leaving_timer()
                         await self._drop_leaving()  # a roll-out replaced before it ended
                         self._leaving = old
                     else:
@@ -1132,11 +1135,32 @@ class Agent:
 
     async def _finish_rollout(self) -> None:
         """Remove the devices of the backend a rebuild replaced once no peer runs another
-        type than ours: every route through them has been replaced by then."""
+        type than ours, --peer-hold-time later: every route of ours through them has been
+        replaced by then, and a peer that has not yet read our new lease (or its VNI) goes
+        on sending through them meanwhile."""
         assert self.backend is not None
-        if self._leaving is not None and not self.backend.status.foreign_peers:
+        if (self._leaving is not None and not self.backend.status.foreign_peers
+                and self._leaving_timer is None):
+            self._leaving_timer = asyncio.ensure_future(self._drop_leaving_later(self._leaving))
+
+    async def _stop_leaving_timer(self) -> None:
+        timer, self._leaving_timer = self._leaving_timer, None
+        if timer is not None:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+
+    async def _drop_leaving_later(self, leaving: DataPlane) -> None:
+        try:
+            await asyncio.sleep(self.cfg.peer_hold_time)
             async with self._plane:
-                await self._drop_leaving()
+                assert self.backend is not None
+                if self._leaving is leaving and not self.backend.status.foreign_peers:
+                    await self._drop_leaving()
+        except (ConfigError, DataPlaneError) as exc:
+            log.warning("could not remove the replaced backend's devices: %s", exc)
+        finally:
+            if self._leaving_timer is asyncio.current_task():
+                self._leaving_timer = None
 
     async def _drop_leaving(self) -> None:
         """The replaced backend's devices removed (what is on them goes with them)."""
@@ -1189,6 +1213,7 @@ class Agent:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
+        await self._stop_leaving_timer()
         for backend in (self.backend, self._leaving):
             if backend is not None:
                 with contextlib.suppress(Exception):

@@ -159,6 +159,12 @@ BUG_ROWS = (
         "programmed; stale ones removed by `leasectl cleanup --flannel`",
         "tests/e2e/test_flanneld_migration.py::"
         "test_flanneld_host_switched_to_leaseagent_loses_nothing"),
+    Row("Docker on a host switching over", "dockerd runs on the file `mk-docker-opts.sh -k "
+        "DOCKER_NETWORK_OPTIONS` wrote", "--docker-opts-file at that file rewrites it byte "
+        "for byte (no dockerd restart): the same dockerd and containers run on; Docker's "
+        "FORWARD, DOCKER-USER, DOCKER and DOCKER-ISOLATION chains stay as dockerd made them",
+        "tests/e2e/test_flanneld_migration.py::"
+        "test_a_docker_host_switched_from_flanneld_keeps_its_containers_and_loses_nothing"),
     Row("FORWARD order", "its FLANNEL-FWD jump appended", "our jump right after Docker's "
         "DOCKER-USER: the operator's rules there keep their effect",
         "tests/e2e/test_traffic_rules.py::test_an_operators_docker_user_rule_keeps_its_effect"),

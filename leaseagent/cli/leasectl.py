@@ -49,7 +49,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +124,10 @@ async def list_rows(store: LeaseStore, layout: KeyLayout, *, route_protocol: obj
         print(f"leasectl: warning: {escaped(kv.key)}: its value is too large to receive "
               f"(over gRPC's 4 MiB message limit); an invalid lease (too_large), not listed",
               file=sys.stderr)
-    routes = await this_host_routes(network, route_protocol) if route_protocol else ()
+    routes, addresses = (await this_host_routes(network, route_protocol) if route_protocol
+                         else ((), frozenset()))
     return rows_of(listing.items, layout, network, await _ttls(store, listing.items),
-                   host_routes=routes)
+                   host_routes=routes, host_addresses=addresses)
 
 
 async def _find(store: LeaseStore, layout: KeyLayout, text: str
@@ -261,7 +262,7 @@ async def cmd_reserve(store: LeaseStore, layout: KeyLayout, args: argparse.Names
             raise UsageError(f"--ipv6-subnet {args.ipv6_subnet}: {why}")
         ipv6 = named6
     conflict = subnet_conflict((subnet, ipv6),
-                               await this_host_routes(network, args.route_protocol))
+                               (await this_host_routes(network, args.route_protocol))[0])
     if conflict is not None and not args.force:
         raise UsageError(f"{subnet} overlaps this host's {conflict.text}, which is not the "
                          "agent's: its agent would not program the subnet (--force reserves "
@@ -496,12 +497,14 @@ def _route_protocol_argument(p: argparse.ArgumentParser, environ: dict[str, str]
 
 
 async def this_host_routes(network: NetworkConfig | None, protocol: object
-                           ) -> tuple[HostRoute, ...]:
+                           ) -> tuple[tuple[HostRoute, ...], frozenset[IPv4Address | IPv6Address]]:
     """The routes and addresses of the host leasectl runs on that overlap the cluster
     network and are not the agent's (`protocol`), read as the agents read theirs
-    (core.plan.cluster_relevant); none when the kernel cannot be asked."""
+    (core.plan.cluster_relevant), and every address of the host (a lease naming one as
+    its PublicIP is this host's own: its agent does not judge it as a peer); none when
+    the kernel cannot be asked."""
     if network is None:
-        return ()
+        return (), frozenset()
     from leaseagent.dataplane.netlink import Netlink
 
     ours = parse_route_protocol(protocol)
@@ -509,17 +512,18 @@ async def this_host_routes(network: NetworkConfig | None, protocol: object
     try:
         nl = await Netlink.open()
     except (DataPlaneError, OSError):
-        return ()
+        return (), frozenset()
     try:
         await nl.scan_routes(lambda _ident: True, protocol=ours, others=seen.append)
     except (DataPlaneError, OSError):
-        return ()
+        return (), frozenset()
     finally:
         nl.close()
     networks: list[IPv4Network | IPv6Network] = [network.network]
     if network.ipv6_network is not None:
         networks.append(network.ipv6_network)
-    return cluster_relevant(seen, networks)
+    addresses = frozenset(r.dst.network_address for r in seen if r.address)
+    return cluster_relevant(seen, networks), addresses
 
 
 def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:

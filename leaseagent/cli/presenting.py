@@ -109,11 +109,13 @@ def row_of(verdict: Verdict, layout: KeyLayout, *, expires_in: int | None,
 
 
 def rows_of(items: Sequence[KeyValue], layout: KeyLayout, network: NetworkConfig | None,
-            ttl_of: dict[int, int], *, host_routes: Collection[HostRoute] = ()
-            ) -> list[dict[str, Any]]:
+            ttl_of: dict[int, int], *, host_routes: Collection[HostRoute] = (),
+            host_addresses: Collection[object] = ()) -> list[dict[str, Any]]:
     """Every key of a listing, judged as one, in subnet order. `host_routes`: the routes
     and addresses of the host leasectl runs on (not the agent's): a valid lease over one
-    is shown `conflict` (its agent here does not program it; core.plan.host_conflict)."""
+    is shown `conflict` (its agent here does not program it; core.plan.host_conflict),
+    unless it is this host's own lease (its PublicIP is one of `host_addresses`), whose
+    subnet is on this host's own devices by design."""
     result = judge(items, layout=layout, network=network)
 
     def order(kv: KeyValue) -> tuple[int, int, int, str]:
@@ -127,7 +129,10 @@ def rows_of(items: Sequence[KeyValue], layout: KeyLayout, network: NetworkConfig
         verdict = result.verdicts[kv.key]
         row = row_of(verdict, layout, expires_in=ttl_of.get(kv.lease, -1),
                      same_ip_as=result.same_ip.get(kv.key))
-        conflict = host_conflict(verdict.peer, host_routes) if verdict.peer else None
+        peer = verdict.peer
+        own = peer is not None and (peer.public_ip in host_addresses
+                                    or peer.public_ipv6 in host_addresses)
+        conflict = host_conflict(peer, host_routes) if peer and not own else None
         if conflict is not None and row["status"] in ("ok", "reserved"):
             row["status"] = "conflict"
             row["error"] = (f"overlaps this host's {conflict.text}, not the agent's: not "

@@ -405,10 +405,14 @@ BACKEND_TYPES: dict[str, BackendType] = {
         option_keys={"ListenPort": "listen_port", "ListenPortV6": "listen_port_v6",
                      "PSK": "psk", "PersistentKeepaliveInterval": "keepalive", "MTU": "mtu",
                      "Mode": "mode"},
-        # The ports are published in BackendData (a new lease value) and Mode shapes
-        # the devices: rebuilds. The PSK, keepalive and MTU are the peers' and devices'
-        # settings, reconciled like any other.
-        in_place=frozenset({"PSK", "PersistentKeepaliveInterval", "MTU"}),
+        # All in place: the PSK, keepalive and MTU are the peers' and devices' settings;
+        # a port is set on the running device (`wg set ... listen-port`: its peers and
+        # sessions kept) and published in BackendData, peers moving their endpoint when
+        # they read it (or at once, by WireGuard's roaming, on our next packet). Mode
+        # changes no device in any config `check_wireguard_mode` lets run (IPv4-only:
+        # every mode is flannel's one; dual-stack: only "separate").
+        in_place=frozenset({"PSK", "PersistentKeepaliveInterval", "MTU", "ListenPort",
+                            "ListenPortV6", "Mode"}),
         mtu=_smallest_device_mtu, check_network=check_wireguard_mode),
     "alloc": BackendType("alloc", _no_options, _no_lease_data),
 }

@@ -462,7 +462,7 @@ class ReconcilingBackend:
                 if subnet not in self._foreign:  # switched to another type: kept meanwhile
                     old |= planned
                 self._count(planned, -1)
-            elif subnet in was_foreign and subnet not in self._foreign and peer is None:
+            if peer is None and subnet in was_foreign:
                 # What was kept for it goes with a full pass (nothing here knows it).
                 self._full_resync_needed = True
                 self._wake.set()

@@ -62,6 +62,7 @@ class Lab:
         nftables: bool = False,
         ipv6: bool = False,
         prometheus: bool = False,
+        forwarding: bool = True,
     ) -> None:
         # Checks the name: everything below carries it. Knows whether the lab is
         # dual-stack (`ipv6`): the underlay, hosts and containers then carry IPv6 too.
@@ -73,6 +74,9 @@ class Lab:
         self.docker = docker  # a real dockerd per host (leaseagent.lab.docker)
         self.ip_masq = ip_masq  # the agents masquerade what leaves the cluster network
         self.nftables = nftables  # the network config says EnableNFTables
+        # The hosts forward from the start; else (with Docker) dockerd turns forwarding
+        # on, and so sets FORWARD's policy to DROP, as on a host where nothing else did.
+        self.forwarding = forwarding
         self.lease_ttl = lease_ttl
         self.agent_args = list(agent_args)
         # Extra flags for one host's agent (by host index), after `agent_args`, so
@@ -134,7 +138,8 @@ class Lab:
         self.state.save(name=self.name, backend=self.backend, lease_ttl=self.lease_ttl,
                         containers_per_host=self.containers_per_host,
                         hosts=self.hosts.values(), docker=self.docker, ip_masq=self.ip_masq,
-                        nftables=self.nftables, ipv6=self.ipv6, prometheus=self.prometheus)
+                        nftables=self.nftables, ipv6=self.ipv6, prometheus=self.prometheus,
+                        forwarding=self.forwarding)
 
     @classmethod
     def load(cls, name: str, *, state_root: Path = STATE_ROOT) -> Lab:
@@ -144,7 +149,7 @@ class Lab:
         lab.backend, lab.lease_ttl = saved.backend, saved.lease_ttl
         lab.containers_per_host = saved.containers_per_host
         lab.docker, lab.ip_masq, lab.nftables = saved.docker, saved.ip_masq, saved.nftables
-        lab.prometheus = saved.prometheus
+        lab.prometheus, lab.forwarding = saved.prometheus, saved.forwarding
         lab.hosts = {h.index: h for h in saved.hosts}
         if lab.docker:
             for host in lab.hosts.values():
@@ -202,7 +207,7 @@ class Lab:
         host.dir.mkdir(parents=True, exist_ok=True)
         self.hosts[index] = host
         self._save()
-        self.topology.make_host(host)
+        self.topology.make_host(host, forwarding=self.forwarding)
         return host
 
     def _wire_containers(self, host: Host, *, count: int | None = None,

@@ -54,6 +54,7 @@ class Saved:
     nftables: bool = False
     ipv6: bool = False
     prometheus: bool = False
+    forwarding: bool = True
 
 
 class StateDir:
@@ -96,7 +97,8 @@ class StateDir:
 
     def save(self, *, name: str, backend: str, lease_ttl: int, containers_per_host: int,
              hosts: Iterable[Host], docker: bool = False, ip_masq: bool = False,
-             nftables: bool = False, ipv6: bool = False, prometheus: bool = False) -> None:
+             nftables: bool = False, ipv6: bool = False, prometheus: bool = False,
+             forwarding: bool = True) -> None:
         doc = {
             "name": name,
             "backend": backend,
@@ -105,6 +107,7 @@ class StateDir:
             "nftables": nftables,
             "ipv6": ipv6,
             "prometheus": prometheus,
+            "forwarding": forwarding,
             "lease_ttl": lease_ttl,
             "containers_per_host": containers_per_host,
             "hosts": [
@@ -145,4 +148,5 @@ class StateDir:
                      docker=bool(doc.get("docker", False)),
                      ip_masq=bool(doc.get("ip_masq", False)),
                      nftables=bool(doc.get("nftables", False)),
-                     ipv6=topology.ipv6, prometheus=bool(doc.get("prometheus", False)))
+                     ipv6=topology.ipv6, prometheus=bool(doc.get("prometheus", False)),
+                     forwarding=bool(doc.get("forwarding", True)))

@@ -4,7 +4,9 @@
     EtcdConnectionError, EtcdTransientError,
     TimeoutError, AioRpcError UNAVAILABLE/
     DEADLINE_EXCEEDED, INTERNAL of a stream
-    reset by a member shutting down            -> StoreUnavailable (retryable)
+    reset by a member shutting down, a watch
+    stream's UsageError ("RPC already
+    finished": the server ended it)            -> StoreUnavailable (retryable)
     "invalid auth token", "revision of auth
     store is old" (a token lost in an etcd
     restart or expired)                        -> authenticate again, send again
@@ -673,6 +675,11 @@ class EtcdStore:
                 else:
                     seen = int(resp.header.revision)  # a progress report: all sent up to here
                 yield events, seen
+        except grpc.aio.UsageError as exc:
+            # A write (the progress probe) or read on a stream the server has already
+            # ended ("RPC already finished": etcd restarted or stopped under it): the
+            # stream is gone, and is resumed like any lost stream.
+            raise StoreUnavailable(f"etcd ended the watch stream of {prefix}: {exc}") from exc
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             if _too_large(exc):
                 raise TooLarge(f"a watch response on {prefix} was over gRPC's receive "

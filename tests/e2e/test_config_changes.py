@@ -29,6 +29,7 @@ import pytest
 from polling import wait_for
 from switching_lab import SwitchingLab, give_containers_ipv6
 
+from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.lab import Lab, netns, parse_ping_summary, run
 from leaseagent.lab.topology import Host
 
@@ -37,6 +38,9 @@ pytestmark = [pytest.mark.root,
 
 PING_INTERVAL = 0.02
 CONVERGE_SECONDS = 5.0  # the issue's bound, from the write to every host converged
+# The agents' --peer-hold-time (its default): a rebuild's old device stays that long after
+# the roll-out.
+PEER_HOLD_SECONDS = DEFAULT_PEER_HOLD_SECONDS
 
 
 class FixedSubnetLab(SwitchingLab):
@@ -310,7 +314,8 @@ def test_vxlan_to_host_gw_and_back_rebuilds_with_reachability_restored(
         return lab.reachability(wait=0.2).all_ok
 
     def on_host_gw() -> bool:
-        return all(device_mtu(h, "flannel.1") is None for h in hosts) and reachable()
+        return all(lab.lease_value(h)["BackendType"] == "host-gw"  # type: ignore[index]
+                   for h in hosts) and reachable()
 
     def on_vxlan() -> bool:
         return all(device_mtu(h, "flannel.1") == 1450 for h in hosts) and reachable()
@@ -322,6 +327,9 @@ def test_vxlan_to_host_gw_and_back_rebuilds_with_reachability_restored(
         assert value is not None and value["BackendType"] == "host-gw"
         assert env_of(host)["FLANNEL_MTU"] == "1500"
     lost_there = pings.lost
+    # The old device stays --peer-hold-time after the roll-out (peers still on their way).
+    wait_for(lambda: all(device_mtu(h, "flannel.1") is None for h in hosts),
+             timeout=PEER_HOLD_SECONDS + 5, what="flannel.1 removed")
     _, pings = change(lab, lab.network_config(), on_vxlan, what="host-gw -> vxlan",
                       kind="rebuild")
     for host in hosts:
@@ -340,17 +348,21 @@ def test_a_vni_change_builds_the_new_device_beside_the_old(lab: FixedSubnetLab) 
     hosts = list(lab.hosts.values())
 
     def on_vni(vni: int) -> Callable[[], bool]:
-        other = 2 if vni == 1 else 1
-        return lambda: (all(device_mtu(h, f"flannel.{vni}") == 1450
-                            and device_mtu(h, f"flannel.{other}") is None for h in hosts)
+        return lambda: (all(device_mtu(h, f"flannel.{vni}") == 1450 for h in hosts)
                         and lab.reachability(wait=0.2).all_ok)
+
+    def removed(vni: int) -> None:  # --peer-hold-time after the roll-out
+        wait_for(lambda: all(device_mtu(h, f"flannel.{vni}") is None for h in hosts),
+                 timeout=PEER_HOLD_SECONDS + 5, what=f"flannel.{vni} removed")
 
     _, there = change(lab, base_config(lab, VNI=2), on_vni(2), what="VNI 1 -> 2",
                       kind="rebuild")
+    removed(1)
     for host in hosts:
         value = lab.lease_value(host)
         assert value is not None and value["BackendData"]["VNI"] == 2  # type: ignore[index]
     _, back = change(lab, lab.network_config(), on_vni(1), what="VNI 2 -> 1", kind="rebuild")
+    removed(2)
     print(f"rebuild pings lost: {there.lost} (VNI 1 -> 2), {back.lost} (back to 1)")
 
 

@@ -1,9 +1,13 @@
 """A host switched from flanneld to leaseagent while its containers talk: nothing lost.
 
-The namespace lab (two hosts, a container each; namespace containers, not Docker:
-a dockerd per host would double the run time and changes nothing in the data
-path) is first turned into what flanneld leaves running on a host, as flanneld
-makes it (flannel's sources: pkg/subnet, pkg/backend/vxlan, pkg/trafficmngr):
+Twice: on the namespace lab (two hosts, a namespace container each), and on the
+lab with real Docker (leaseagent.lab.docker: a dockerd per host on the options
+file, written as `mk-docker-opts.sh -k DOCKER_NETWORK_OPTIONS` writes it, a
+busybox container each from `docker run`; the hosts forward only once dockerd
+turns it on, so dockerd sets FORWARD's policy to DROP itself; skipped, with the
+reason, where dockerd cannot run). Each lab is first
+turned into what flanneld leaves running on a host, as flanneld makes it
+(flannel's sources: pkg/subnet, pkg/backend/vxlan, pkg/trafficmngr):
 
 - etcd: the network config as an operator wrote it for flanneld (lower-case keys,
   `"mtu": 1400`, which flanneld reads as the path MTU: a 1350 device), and each
@@ -14,13 +18,21 @@ makes it (flannel's sources: pkg/subnet, pkg/backend/vxlan, pkg/trafficmngr):
   nftables table `ip flannel-ipv4` from an nftables-mode run, a stale device
   flannel.9 and a stale route to a subnet nobody holds; FORWARD's policy DROP and
   Docker's DOCKER-USER chain (first in FORWARD) with an operator's rule dropping
-  echo requests from the container on h2 to the one on h1.
+  echo requests from the container on h2 to the one on h1. With Docker, FORWARD,
+  DOCKER-USER, DOCKER and the DOCKER-ISOLATION chains are dockerd's own (flanneld's
+  FLANNEL-FWD jump comes after Docker's rules, as flanneld appends it); only the
+  operator's rule is the test's.
 
 Then, with a ping running between the containers, each host starts leaseagent
 with flanneld's own flags in Go's syntax (one host's --ip-masq as FLANNELD_IP_MASQ)
 and `leasectl cleanup --flannel` removes flanneld's leftovers. Checked: the same
 subnets, lease keys and VtepMACs, FLANNEL_MTU 1350 (as flanneld's), no leftover
-that doctor names, the DOCKER-USER rule still in effect, and no ping lost.
+that doctor names, the DOCKER-USER rule still in effect, and no ping lost. With
+Docker also: the agent, given the options file dockerd runs on, writes it byte
+for byte as it was (so the restart hook, which restarts dockerd on a change, does
+nothing), the same dockerd and the same containers (ids, start times, PIDs) run
+throughout, Docker's own FORWARD rules are as dockerd left them, in their order,
+with the agent's jump right after DOCKER-USER's.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -46,6 +59,7 @@ from leaseagent.lab import (
 )
 from leaseagent.lab import agents as lab_agents
 from leaseagent.lab.agents import METRICS_ADDR
+from leaseagent.lab.docker import unavailable as docker_unavailable
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
@@ -61,18 +75,33 @@ class FlannelConfigLab(Lab):
         return FLANNEL_CONFIG
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    lab = FlannelConfigLab(f"fm{os.getpid() % 100000}", ip_masq=True, lease_ttl=30)
+def flannel_lab(tag: str, *, docker: bool) -> Iterator[Lab]:
+    if docker and (why := docker_unavailable()):
+        pytest.skip(f"dockerd cannot run here: {why}")
+    # With Docker the hosts do not forward until dockerd turns it on: it then sets
+    # FORWARD's policy to DROP itself, as on a host where nothing did before.
+    lab = FlannelConfigLab(f"{tag}{os.getpid() % 100000}", ip_masq=True, lease_ttl=30,
+                           docker=docker, forwarding=not docker)
     try:
         lab.up(2, 1)
         for host in lab.hosts.values():
             lab.wait_ready(host, timeout=30)
-        assert lab.wait_reachable(timeout=15).all_ok
+        reach = lab.wait_reachable(timeout=15)
+        assert reach.all_ok, reach.format()
         yield lab
     finally:
         warnings = lab.down()
         assert not warnings, warnings
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    yield from flannel_lab("fm", docker=False)
+
+
+@pytest.fixture
+def docker_lab() -> Iterator[Lab]:
+    yield from flannel_lab("fd", docker=True)
 
 
 def sh(host: Host, *argv: str, check: bool = True) -> str:
@@ -80,7 +109,8 @@ def sh(host: Host, *argv: str, check: bool = True) -> str:
 
 
 def become_flanneld_host(lab: Lab, host: Host) -> dict[str, str]:
-    """Leave `host` as flanneld leaves it (see the module docstring); its lease value."""
+    """Leave `host` as flanneld leaves it (see the module docstring); its lease value.
+    FORWARD's policy and DOCKER-USER are made here only where no dockerd made them."""
     assert host.subnet is not None
     pod, net = str(host.subnet.network), str(CONTAINER_NETWORK)
     lab.stop_agent(host)  # SIGTERM: device, entries and routes stay
@@ -99,13 +129,15 @@ def become_flanneld_host(lab: Lab, host: Host) -> dict[str, str]:
              '"flanneld masq" -j RETURN',
              *(f'-A FLANNEL-POSTRTG {r.split(" -j ")[0]} -m comment --comment "flanneld masq" '
                f'-j {r.split(" -j ")[1]}' for r in masq),
-             "COMMIT", "*filter", ":FLANNEL-FWD - [0:0]", ":DOCKER-USER - [0:0]",
-             "-P FORWARD DROP",
+             "COMMIT", "*filter", ":FLANNEL-FWD - [0:0]",
+             # Declaring DOCKER-USER would flush dockerd's: only where there is none.
+             *([] if lab.docker else [":DOCKER-USER - [0:0]", "-P FORWARD DROP",
+                                      "-I FORWARD 1 -j DOCKER-USER",
+                                      "-A DOCKER-USER -j RETURN"]),
              '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
-             "-I FORWARD 1 -j DOCKER-USER",
              f'-A FLANNEL-FWD -s {net} -m comment --comment "flanneld forward" -j ACCEPT',
              f'-A FLANNEL-FWD -d {net} -m comment --comment "flanneld forward" -j ACCEPT',
-             "-A DOCKER-USER -j RETURN", "COMMIT", ""]
+             "COMMIT", ""]
     subprocess.run(["ip", "netns", "exec", host.ns, "iptables-restore", "--noflush"],
                    input="\n".join(rules), text=True, check=True)
     sh(host, "nft", "add table ip flannel-ipv4")
@@ -149,25 +181,70 @@ def doctor_argv(lab: Lab, host: Host) -> list[str]:
             "--state-dir", str(host.dir / "state"), "--ip-masq"]
 
 
+def docker_forward(host: Host) -> list[str]:
+    """Docker's part of FORWARD and its chains, as `iptables -S` lists them (the
+    agent's and flanneld's jumps left out), in order."""
+    lines = []
+    for chain in ("FORWARD", "DOCKER-USER", "DOCKER", "DOCKER-ISOLATION-STAGE-1",
+                  "DOCKER-ISOLATION-STAGE-2"):
+        lines += [line for line in sh(host, "iptables", "-S", chain).splitlines()
+                  if "LEASEAGENT-" not in line and "FLANNEL-" not in line]
+    return lines
+
+
+def docker_identity(lab: Lab, host: Host) -> dict[str, str]:
+    """What changes if dockerd or a container restarts: dockerd's PID, each container's
+    id, start time and PID, and Docker's options file."""
+    dockerd = lab.dockerd(host)
+    running = dockerd.running()
+    assert running is not None, host.name
+    out = {"dockerd": str(running.pid), "options": dockerd.options_file.read_text()}
+    for c in host.containers:
+        out[f"c{c.index}"] = dockerd.docker(
+            "inspect", "-f", "{{.Id}} {{.State.StartedAt}} {{.State.Pid}} {{.State.Running}}",
+            f"c{c.index}").strip()
+    return out
+
+
 def test_flanneld_host_switched_to_leaseagent_loses_nothing(lab: Lab) -> None:
+    switch_from_flanneld(lab)
+
+
+def test_a_docker_host_switched_from_flanneld_keeps_its_containers_and_loses_nothing(
+        docker_lab: Lab) -> None:
+    switch_from_flanneld(docker_lab)
+
+
+def switch_from_flanneld(lab: Lab) -> None:
     h1, h2 = lab.hosts[1], lab.hosts[2]
     c1, c2 = h1.containers[0], h2.containers[0]
     before = {h.index: (parse_subnet_env(h.subnet_file.read_text()),
                         sh(h, "cat", "/sys/class/net/flannel.1/address").strip())
               for h in (h1, h2)}
     assert {e["FLANNEL_MTU"] for e, _ in before.values()} == {str(FLANNEL_MTU)}
+    if lab.docker:
+        docker_before = {h.index: docker_forward(h) for h in (h1, h2)}
+        for lines in docker_before.values():  # dockerd's own FORWARD, as it makes it
+            assert lines[0] == "-P FORWARD DROP", lines
+            for rule in ("-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1",
+                         "-A FORWARD -o docker0 -j DOCKER", "-A DOCKER-USER -j RETURN"):
+                assert rule in lines, (rule, lines)
+        identity = {h.index: docker_identity(lab, h) for h in (h1, h2)}
     leases = {h.index: become_flanneld_host(lab, h) for h in (h1, h2)}
     sh(h1, "iptables", "-I", "DOCKER-USER", "1", "-s", str(c2.ip), "-d", str(c1.ip), "-p",
        "icmp", "--icmp-type", "echo-request", "-j", "DROP")
     # flanneld's data plane carries the traffic; DOCKER-USER already drops c2 -> c1.
-    assert lab.ping(c1.ns, c2.ip, count=2, wait=2)
-    assert not lab.ping(c2.ns, c1.ip, count=1, wait=1)
+    assert lab.ping(c1, c2.ip, count=2, wait=2)
+    assert not lab.ping(c2, c1.ip, count=1, wait=1)
 
-    ping = lab.ping_background(c1.ns, c2.ip, count=300, interval=0.05)  # 15 s
+    ping = lab.ping_background(c1, c2.ip, count=300, interval=0.05)  # 15 s
+    started = time.monotonic()
     try:
         for host in (h1, h2):
             env = ["env", "FLANNELD_IP_MASQ=true"] if host is h2 else []
             argv = flanneld_argv(lab, host) + ([] if host is h2 else ["-ip-masq"])
+            if lab.docker:  # the file dockerd runs on
+                argv += ["--docker-opts-file", str(lab.dockerd(host).options_file)]
             lab_agents.start(host, [*env, *argv])
         for host in (h1, h2):
             lab.wait_ready(host, timeout=30)
@@ -188,12 +265,15 @@ def test_flanneld_host_switched_to_leaseagent_loses_nothing(lab: Lab) -> None:
                                          str(host.dir / "state"), "--ip-masq"])
             assert result.returncode == 0, result.stdout + result.stderr
             cleaned[host.name] = result.stdout.splitlines()
+        switched = time.monotonic() - started
+        # The pings counted cover the whole switch: still running once cleanup is done.
+        assert ping.poll() is None, f"the ping ended before the switch was done ({switched:.1f}s)"
     finally:
         out, _ = ping.communicate(timeout=60)
     sent, received = parse_ping_summary(out)
     assert sent == 300 and received == 300, out
-    print(f"\nping c1 -> c2 across the switch: {received}/{sent}; cleanup: "
-          + json.dumps(cleaned))
+    print(f"\nping c1 -> c2 across the switch{' (Docker)' if lab.docker else ''}: "
+          f"{received}/{sent}; switched in {switched:.1f}s; cleanup: " + json.dumps(cleaned))
 
     for host in (h1, h2):
         removed = cleaned[host.name]
@@ -217,6 +297,15 @@ def test_flanneld_host_switched_to_leaseagent_loses_nothing(lab: Lab) -> None:
         assert STALE_SUBNET not in run(["ip", "-n", host.ns, "route"])
         doctor = lab.host_run(host, doctor_argv(lab, host))
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        if lab.docker:
+            # The same dockerd, the same containers, the options file as it was.
+            assert docker_identity(lab, host) == identity[host.index]
+            now = docker_forward(host)
+            operator = [line for line in now if "--icmp-type" in line]
+            assert [line for line in now if line not in operator] == docker_before[host.index]
+            forward = sh(host, "iptables", "-S", "FORWARD").splitlines()
+            assert forward[1] == "-A FORWARD -j DOCKER-USER", forward
+            assert forward[2].endswith("-j LEASEAGENT-FORWARD"), forward
     # The operator's DOCKER-USER rule still drops c2 -> c1; everything else flows.
-    assert not lab.ping(c2.ns, c1.ip, count=2, wait=1)
-    assert lab.ping(c1.ns, c2.ip, count=2, wait=2)
+    assert not lab.ping(c2, c1.ip, count=2, wait=1)
+    assert lab.ping(c1, c2.ip, count=2, wait=2)

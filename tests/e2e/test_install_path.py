@@ -96,8 +96,11 @@ def world(tmp_path: Path) -> Iterator[dict[str, object]]:
             assert time.monotonic() < deadline, "unshare --mount did not take effect"
             time.sleep(0.01)
         for d in (*PRIVATE_DIRS, *INSTALLED_DIRS):
-            subprocess.run(["nsenter", f"--mount={mnt}", "mount", "-t", "tmpfs", "tmpfs", d],
-                           check=True)
+            # The modes the unit gives them (StateDirectoryMode=0700, RuntimeDirectoryMode=
+            # 0755): a bare tmpfs is 1777, which the agent refuses for its state dir.
+            mode = "0700" if d == "/var/lib/leaseagent" else "0755"
+            subprocess.run(["nsenter", f"--mount={mnt}", "mount", "-t", "tmpfs", "-o",
+                            f"mode={mode}", "tmpfs", d], check=True)
         yield {"host_ns": host_ns, "etcd": etcd, "mnt": mnt}
     finally:
         if holder is not None:

@@ -20,7 +20,7 @@ import signal
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -291,6 +291,51 @@ def test_a_vxlan_lease_is_refused_with_one_line_per_host(lab: Lab) -> None:
     for host in lab.hosts.values():
         wait_for("counted no more",
                  lambda h=host: lab.metrics(h).get("leaseagent_dataplane_foreign_peers") == 0, 3)
+
+
+def _config_change(lab: Lab, backend: dict[str, object], what: str,
+                   converged: Callable[[], bool]) -> int:
+    """Write the config in force with `backend` merged in while every container pings the
+    next host's every 20 ms for 4 s; the pings lost (printed with how long it took)."""
+    hosts = list(lab.hosts.values())
+    config = json.loads(lab.etcdctl("get", lab.keys.config_key, "--print-value-only"))
+    config["Backend"] = {**config["Backend"], **backend}
+    procs = [lab.ping_background(h.containers[0], hosts[(i + 1) % len(hosts)].containers[0].ip,
+                                 count=200, interval=0.02) for i, h in enumerate(hosts)]
+    try:
+        time.sleep(0.3)
+        lab.etcdctl("put", lab.keys.config_key, json.dumps(config))
+        revision = int(json.loads(lab.etcdctl("get", lab.keys.config_key, "-w", "json")
+                                  )["kvs"][0]["mod_revision"])
+        took = wait_for(what, lambda: all(
+            lab.metrics(h).get("leaseagent_network_config_revision") == revision
+            for h in hosts) and converged(), 10)
+    finally:
+        outcomes = [parse_ping_summary(p.communicate(timeout=60)[0]) for p in procs]
+    lost = sum(sent - got for sent, got in outcomes)
+    print(f"\nconfig change {what}: converged in {took:.2f} s, {lost} of "
+          f"{sum(sent for sent, _ in outcomes)} pings lost")
+    return lost
+
+
+def test_listen_port_and_mode_changes_while_pinging(lab: Lab) -> None:
+    """Backend.ListenPort and Mode changed in running agents: each device takes the new
+    port, each lease publishes it, every pair reaches again; the pings lost printed."""
+    hosts = list(lab.hosts.values())
+
+    def port_is(port: int) -> Callable[[], bool]:
+        return lambda: all(wg(lab, h, "show", "flannel-wg", "listen-port").strip() == str(port)
+                           and lab.lease_value(h)["BackendData"]["Port"] == port  # type: ignore[index]
+                           for h in hosts) and lab.reachability(wait=0.2).all_ok
+
+    lost = [_config_change(lab, {"ListenPort": 51830}, "ListenPort 51820 -> 51830",
+                           port_is(51830)),
+            _config_change(lab, {"ListenPort": 51820}, "ListenPort 51830 -> 51820",
+                           port_is(51820)),
+            _config_change(lab, {"Mode": "auto"}, "Mode separate -> auto", port_is(51820)),
+            _config_change(lab, {"Mode": "separate"}, "Mode auto -> separate",
+                           port_is(51820))]
+    print(f"wireguard config change pings lost: {lost}")
 
 
 def test_dual_stack_reaches_over_both_families() -> None:

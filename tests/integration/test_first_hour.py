@@ -94,7 +94,8 @@ def test_docker_opts_daemon_json_goes_to_stdout_unless_a_file_is_named(tmp_path)
                         "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
     cmd = [sys.executable, "-m", "leaseagent.cli.leasectl", "docker-opts", "-f", str(env_file)]
     out = subprocess.run([*cmd, "--daemon-json"], capture_output=True, text=True, check=False)
-    assert out.returncode == 0 and json.loads(out.stdout) == {"bip": "10.5.34.1/24", "mtu": 1450}
+    assert out.returncode == 0 and json.loads(out.stdout) == {"bip": "10.5.34.1/24", "mtu": 1450,
+                                                             "ip-masq": True}
     target = tmp_path / "daemon.json"
     assert subprocess.run([*cmd, "-o", "daemon-json", "-d", str(target)],
                           check=False).returncode == 0

@@ -68,9 +68,9 @@ CASES = [
     ("Backend.PersistentKeepaliveInterval", WG, with_wireguard(PersistentKeepaliveInterval=25),
      IN_PLACE),
     ("Backend.MTU", WG, with_wireguard(MTU=1400), IN_PLACE),
-    ("Backend.ListenPort", WG, with_wireguard(ListenPort=5000), REBUILD),
-    ("Backend.ListenPortV6", WG, with_wireguard(ListenPortV6=5001), REBUILD),
-    ("Backend.Mode", WG, with_wireguard(Mode="auto"), REBUILD),
+    ("Backend.ListenPort", WG, with_wireguard(ListenPort=5000), IN_PLACE),
+    ("Backend.ListenPortV6", WG, with_wireguard(ListenPortV6=5001), IN_PLACE),
+    ("Backend.Mode", WG, with_wireguard(Mode="auto"), IN_PLACE),
 ]
 
 
