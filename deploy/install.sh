@@ -197,6 +197,14 @@ for cmd in leaseagent leasectl; do
 done
 install -m 0644 "$source_dir/systemd/leaseagent.service" "$dest/etc/systemd/system/leaseagent.service"
 if [ "$docker" = 1 ]; then
+    # docker.io only recommends apparmor: on a kernel with AppArmor on (Debian's), a
+    # dockerd without apparmor_parser cannot load its docker-default profile and every
+    # `docker run` fails (seen in the Vagrant lab's VMs). Checked on the host the
+    # install is for: LEASEAGENT_APPARMOR_ENABLED names the kernel's flag file (tests).
+    aa_flag="${LEASEAGENT_APPARMOR_ENABLED:-/sys/module/apparmor/parameters/enabled}"
+    if [ "$(cat "$aa_flag" 2>/dev/null)" = Y ] && ! PATH="$dest/usr/sbin:$dest/sbin:$PATH" command -v apparmor_parser >/dev/null; then
+        echo "install.sh: warning: the kernel has AppArmor on but apparmor_parser is missing: every 'docker run' will fail; install it: apt-get install --no-install-recommends apparmor" >&2
+    fi
     # The restart hook: installed, not enabled (restarting docker restarts its containers).
     for hook in leaseagent-docker-restart.path leaseagent-docker-restart.service; do
         install -m 0644 "$source_dir/systemd/$hook" "$dest/etc/systemd/system/$hook"

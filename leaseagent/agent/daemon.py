@@ -220,6 +220,11 @@ def _device_names(backend: DataPlane) -> set[str]:
     return {device.name for device in backend.spec(None, {}).devices}
 
 
+
+def _peers(count: int) -> str:
+    """'1 peer', '2 peers': the count as STATUS= and the log say it."""
+    return f"{count} peer" if count == 1 else f"{count} peers"
+
 class Agent:
     def __init__(
         self,
@@ -396,10 +401,10 @@ class Agent:
             etcd += f"; {self.etcd_refusal} (retrying)"
         refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
         if refused:
-            etcd += f"; {refused} peer(s) refused by the kernel (unreachable)"
+            etcd += f"; {_peers(refused)} refused by the kernel (unreachable)"
         if reason is None:
-            return f"ready: {lease}, {peers} peers{etcd}"
-        return f"not ready: {reason} ({lease}, {peers} peers){etcd}"
+            return f"ready: {lease}, {_peers(peers)}{etcd}"
+        return f"not ready: {reason} ({lease}, {_peers(peers)}){etcd}"
 
     def _report(self) -> None:
         """Readiness to systemd and the log, from state: READY=1 the first time the agent
@@ -409,10 +414,11 @@ class Agent:
             peers = len(self.watcher.peers) if self.watcher is not None else 0
             refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
             if reason is None and refused:
-                log.info("ready: %d peers programmed, %d refused by the kernel (see the "
-                         "warnings above: unreachable from this host)", peers - refused, refused)
+                log.info("ready: %s programmed, %d refused by the kernel (see the "
+                         "warnings above: unreachable from this host)", _peers(peers - refused),
+                         refused)
             elif reason is None:
-                log.info("ready: %d peers programmed", peers)
+                log.info("ready: %s programmed", _peers(peers))
             else:
                 log.warning("not ready: %s", reason)
             self._not_ready = reason

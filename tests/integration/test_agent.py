@@ -163,7 +163,7 @@ def test_malformed_peer_data_is_skipped_and_counted(etcd, agents):
                  json.dumps({"PublicIP": "10.200.9.6", "BackendType": "alloc", "NodeID": "y"}))
     a = agents("a", "10.200.0.1").start(metrics=True)
     a.wait_subnet()
-    a.wait_log("ready: 1 peers")
+    a.wait_log("ready: 1 peer programmed")
     counts = {
         reason: a.metric("leaseagent_invalid_leases_skipped_total", f'reason="{reason}"')
         for reason in ("malformed_json", "bad_public_ip", "subnet_outside_network",
@@ -186,7 +186,7 @@ def test_compaction_during_a_watch_misses_no_add_or_remove(etcd, agents):
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.100.0-24", json.dumps({**peer, "PublicIP": "10.200.9.1"}))
     a = agents("a", "10.200.0.1", ttl=30).start(metrics=True)
     a.wait_subnet()
-    a.wait_log("ready: 1 peers")
+    a.wait_log("ready: 1 peer programmed")
     # Freeze the agent, break its watch stream (restart etcd), change the leases
     # and compact the history it would need; then let it run again.
     a.signal(signal.SIGSTOP)

@@ -147,9 +147,9 @@ def test_status_tells_the_current_peer_count_as_peers_join_and_leave(etcd, agent
 
         status_until(", 0 peers")
         b = agents("b", "10.200.0.2").start()
-        status_until(", 1 peers")
+        status_until(", 1 peer")
         c = agents("c", "10.200.0.3", extra=["--release-on-exit"]).start()
         status_until(", 2 peers")
         c.stop()  # releases its lease: gone from a's peers at once
-        status_until(", 1 peers")
+        status_until(", 1 peer")
         assert b.proc is not None and b.proc.alive

@@ -7,6 +7,7 @@ download the dependencies); the real system is never touched.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import stat
 import subprocess
@@ -155,3 +156,30 @@ def test_vagrantfile_is_valid(tmp_path: Path):
         assert result.returncode == 0, result.stderr
     else:
         pytest.skip("neither vagrant nor ruby installed")
+
+
+def test_docker_without_apparmor_parser_on_an_apparmor_kernel_is_warned(tmp_path: Path):
+    """docker.io only recommends apparmor: with AppArmor on in the kernel and no
+    apparmor_parser, every `docker run` fails (the Vagrant lab's VMs); install.sh says so."""
+    flag = tmp_path / "enabled"
+    root = tmp_path / "root"
+    root.mkdir()
+
+    def run(state: str) -> str:
+        flag.write_text(f"{state}\n")
+        out = subprocess.run(["bash", str(SCRIPT), "--root", str(root), "--no-venv", "--docker"],
+                             capture_output=True, text=True, timeout=60, check=False,
+                             env={**os.environ, "LEASEAGENT_APPARMOR_ENABLED": str(flag),
+                                  "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    if shutil.which("apparmor_parser", path="/usr/bin:/bin"):
+        pytest.skip("apparmor_parser is installed on this machine")
+    assert "AppArmor on but apparmor_parser is missing" in run("Y")
+    assert "apparmor" not in run("N")
+    parser = root / "usr/sbin/apparmor_parser"
+    parser.parent.mkdir(parents=True, exist_ok=True)
+    parser.write_text("#!/bin/sh\n")
+    parser.chmod(0o755)
+    assert "apparmor" not in run("Y")
