@@ -253,8 +253,13 @@ class NftFirewall:
         await self.apply(Ruleset(family=self.family))
 
     async def events(self) -> asyncio.subprocess.Process:
-        """`nft monitor`, whose every line is a ruleset change somewhere."""
+        """`nft monitor`, whose every line is a ruleset change somewhere. It must not
+        outlive the agent: one killed with SIGKILL (a crash, the lab's host removal) left
+        it running for ever, so util-linux's setpriv gives it SIGTERM when its parent
+        (this agent) dies (PR_SET_PDEATHSIG, kept across exec)."""
         argv = ["nft", "monitor"]
+        if shutil.which("setpriv"):
+            argv = ["setpriv", "--pdeathsig", "TERM", "--", *argv]
         full = ["ip", "netns", "exec", self._netns, *argv] if self._netns else argv
         return await asyncio.create_subprocess_exec(
             *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
