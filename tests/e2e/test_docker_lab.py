@@ -53,10 +53,14 @@ def subnet_env(host: Host) -> dict[str, str]:
     return parse_subnet_env(host.subnet_file.read_text())
 
 
-def docker0_address(host: Host) -> str:
+def docker0_address(host: Host) -> str | None:
+    """docker0's IPv4 address, or None while it has none (a restarting dockerd has made
+    the bridge but not yet given it its --bip)."""
     out = json.loads(run(["ip", "-n", host.ns, "-j", "-4", "addr", "show", "docker0"]))
-    info = out[0]["addr_info"][0]
-    return f"{info['local']}/{info['prefixlen']}"
+    infos = out[0]["addr_info"] if out else []
+    if not infos:
+        return None
+    return f"{infos[0]['local']}/{infos[0]['prefixlen']}"
 
 
 def assert_docker_follows_subnet_env(lab: Lab) -> None:
