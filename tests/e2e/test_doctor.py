@@ -18,13 +18,12 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+from labdoctor import doctor
 
-from leaseagent.lab import Host, Lab, tool
+from leaseagent.lab import Host, Lab
 
 pytestmark = pytest.mark.root
 
-DOCTOR_FLAGS = ("--etcd-endpoints", "--etcd-prefix", "--iface", "--public-ip", "--subnet-file",
-                "--state-dir")
 # Nobody holds it (the lab's hosts get random subnets of 10.244.0.0/16 in 10.244.1-255.x):
 # 10.244.0.0/24 is below SubnetMin, so it can only be a leftover.
 STALE_SUBNET = "10.244.0.0/24"
@@ -44,21 +43,6 @@ def lab() -> Iterator[Lab]:
         warnings = lab.down()
         assert not warnings, warnings
 
-
-def doctor(lab: Lab, host: Host, *extra: str, overrides: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess[str]:
-    """`leasectl doctor` in the host's namespace with the flags its agent runs with."""
-    argv = lab.agent_argv(host)
-    flags: dict[str, str] = {}
-    for i, arg in enumerate(argv):
-        if arg in DOCTOR_FLAGS:
-            flags[arg] = argv[i + 1]
-    flags.update(overrides or {})
-    cmd = ["ip", "netns", "exec", host.ns, tool("leasectl"), "doctor", *extra]
-    for flag, value in flags.items():
-        cmd += [flag, value]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
 
 
 def wait_healthy(lab: Lab, host: Host, timeout: float = 10) -> subprocess.CompletedProcess[str]:

@@ -26,13 +26,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from labdoctor import doctor
 
 from leaseagent.lab import Host, Lab, tool
 
 pytestmark = pytest.mark.root
 
-DOCTOR_FLAGS = ("--etcd-endpoints", "--etcd-prefix", "--iface", "--public-ip", "--subnet-file",
-                "--state-dir")
 ROUTED = "10.244.250.0/24"  # a static route on h1 (as a VPN would add)
 ADDRESSED = "10.244.251.0/24"  # an address on a device of h2 (a bridge: no dummy module here)
 MACS = {ROUTED: "0a:44:00:00:fa:01", ADDRESSED: "0a:44:00:00:fb:01"}
@@ -86,16 +85,6 @@ def _value(ip: str, backend: str, mac: str) -> str:
 def _leasectl(lab: Lab, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
     return lab.host_run(host, [tool("leasectl"), "--etcd-endpoints", lab.endpoints,
                                "--etcd-prefix", lab.keys.prefix, *args])
-
-
-def _doctor(lab: Lab, host: Host) -> subprocess.CompletedProcess[str]:
-    argv = lab.agent_argv(host)
-    cmd = ["ip", "netns", "exec", host.ns, tool("leasectl"), "doctor"]
-    for i, arg in enumerate(argv):
-        if arg in DOCTOR_FLAGS:
-            cmd += [arg, argv[i + 1]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
 
 
 def test_a_network_or_lease_over_the_underlay_leaves_the_underlay_alone(lab: Lab) -> None:
@@ -183,7 +172,7 @@ def test_a_lease_over_a_hosts_own_route_or_address_is_skipped_there_only(lab: La
         log2 = h2.log_file.read_text()
         assert f"peer {ADDRESSED} (10.250.0.97, node planted) not programmed" in log2
         assert (f"connected route {ADDRESSED}" in log2 or "address 10.244.251.5" in log2), log2
-        doc = _doctor(lab, h1)
+        doc = doctor(lab, h1)
         assert doc.returncode == 1, doc.stdout + doc.stderr
         assert (f"lease {ROUTED} (10.250.0.98) not programmed here: its subnet overlaps this "
                 f"host's route {ROUTED}") in doc.stdout

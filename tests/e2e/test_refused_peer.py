@@ -19,21 +19,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
+from labdoctor import doctor
 
-from leaseagent.lab import Host, Lab, tool
+from leaseagent.lab import Lab
 
 pytestmark = pytest.mark.root
 
 SUBNET = "10.244.249.0/24"
 GATEWAY = "192.0.2.77"  # TEST-NET-1: on no host's link
 RESYNC = 1.0
-DOCTOR_FLAGS = ("--etcd-endpoints", "--etcd-prefix", "--iface", "--public-ip", "--subnet-file",
-                "--state-dir")
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +59,6 @@ def _wait(what: str, check, timeout: float = 15.0) -> float:  # type: ignore[no-
     return time.monotonic() - started
 
 
-def _doctor(lab: Lab, host: Host) -> subprocess.CompletedProcess[str]:
-    argv = lab.agent_argv(host)
-    cmd = ["ip", "netns", "exec", host.ns, tool("leasectl"), "doctor"]
-    for i, arg in enumerate(argv):
-        if arg in DOCTOR_FLAGS:
-            cmd += [arg, argv[i + 1]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
-
-
 def test_one_refused_peer_leaves_every_host_ready_and_is_named(lab: Lab) -> None:
     hosts = sorted(lab.hosts.values(), key=lambda h: h.index)
     key = lab.keys.subnets_prefix + SUBNET.replace("/", "-")
@@ -94,9 +82,9 @@ def test_one_refused_peer_leaves_every_host_ready_and_is_named(lab: Lab) -> None
             assert "not ready" not in log, log
         reach = lab.wait_reachable(timeout=10)
         assert reach.all_ok, "\n" + reach.format()
-        doctor = _doctor(lab, hosts[0])
+        doc = doctor(lab, hosts[0])
         assert (f"peer {SUBNET}: its PublicIP {GATEWAY} is not on the link of eth0"
-                in doctor.stdout), doctor.stdout + doctor.stderr
+                in doc.stdout), doc.stdout + doc.stderr
 
         h1 = hosts[0]
         lab.stop_agent(h1, sig=signal.SIGTERM)

@@ -25,6 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
+from labdoctor import doctor_flags
 
 from leaseagent.lab import CONTAINER_NETWORK, UNDERLAY, Host, Lab, parse_ping_summary, run, tool
 
@@ -32,8 +33,6 @@ pytestmark = pytest.mark.root
 
 WG_PORT = 51820
 HOLD = 1  # --peer-hold-time: a vanished host leaves its peers' devices 1 s after its lease
-DOCTOR_FLAGS = ("--etcd-endpoints", "--etcd-prefix", "--iface", "--public-ip", "--subnet-file",
-                "--state-dir")
 
 
 def _lab(tag: str, *, hosts: int, ipv6: bool = False) -> Iterator[Lab]:
@@ -74,9 +73,7 @@ def public_key(lab: Lab, host: Host) -> str:
 
 def doctor(lab: Lab, host: Host) -> subprocess.CompletedProcess[str]:
     """`leasectl doctor` on the host, with its agent's flags and its /run/wireguard."""
-    argv = lab.agent_argv(host)
-    flags = [x for i, arg in enumerate(argv) if arg in DOCTOR_FLAGS for x in (arg, argv[i + 1])]
-    return lab.host_run(host, [tool("leasectl"), "doctor", *flags], timeout=60)
+    return lab.host_run(host, [tool("leasectl"), "doctor", *doctor_flags(lab, host)], timeout=60)
 
 
 def wait_for(what: str, check: object, timeout: float) -> float:

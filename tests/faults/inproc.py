@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -114,3 +115,18 @@ async def wait_all(agents: list[InProcAgent], cond: Callable[[InProcAgent], bool
             raise AssertionError(f"{what}: {missing} of {len(agents)} not there in {timeout}s")
         await asyncio.sleep(0.05)
     return loop.time() - start
+
+
+def gauge(agent: InProcAgent, name: str, **labels: str) -> float | None:
+    """A sample of the in-process agent's own metrics registry."""
+    return agent.agent.metrics.registry.get_sample_value(name, labels or None)
+
+
+async def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> float:  # noqa: ASYNC109
+    """Seconds until `cond()` holds; AssertionError naming `what` after `timeout`."""
+    started = time.monotonic()
+    while not cond():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started

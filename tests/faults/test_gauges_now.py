@@ -19,22 +19,9 @@ from pathlib import Path
 
 from etcd_cluster import pause_member, resume_member
 from faultkit import ALLOC, SUBNETS, put_config
-from inproc import make_agent, wait_all
+from inproc import gauge, make_agent, wait_all, wait_for
 
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
-
-
-def gauge(agent, name: str, **labels: str) -> float | None:  # type: ignore[no-untyped-def]
-    return agent.agent.metrics.registry.get_sample_value(name, labels or None)
-
-
-async def wait_for(what: str, cond, timeout: float) -> float:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
-    started = time.monotonic()
-    while not cond():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def test_peers_gauge_follows_removals_that_are_held_down(etcd, tmp_path: Path):

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from etcd_cluster import EtcdCluster
 from faultkit import ALLOC, SUBNETS, put_config
-from inproc import make_agent, wait_all
+from inproc import gauge, make_agent, wait_all, wait_for
 
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
@@ -48,19 +48,6 @@ def roomy_etcd() -> Iterator[EtcdCluster]:
 def lease_value(n: int, pad: int) -> bytes:
     return json.dumps({"PublicIP": f"10.210.{n // 200}.{n % 200 + 1}", "BackendType": "alloc",
                        "NodeID": f"peer{n}", "Pad": "x" * pad}).encode()
-
-
-def gauge(agent, name: str, **labels: str) -> float | None:  # type: ignore[no-untyped-def]
-    return agent.agent.metrics.registry.get_sample_value(name, labels or None)
-
-
-async def wait_for(what: str, cond, timeout: float) -> float:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
-    started = time.monotonic()
-    while not cond():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def test_a_listing_over_4_mib_and_values_too_large_to_receive(roomy_etcd, tmp_path: Path):
