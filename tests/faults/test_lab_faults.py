@@ -399,7 +399,10 @@ def test_kernel_drift_storm_is_repaired_every_round() -> None:
         assert kinds.get("route", 0) >= DRIFT_ROUNDS, kinds
 
         # Still responsive: a new peer (a hand-written lease) appears and goes.
-        fake = IPv4Network("10.244.250.0/24")
+        # A subnet no lab host holds (theirs are random in the Network).
+        held = {h.subnet.network for h in lab.hosts.values() if h.subnet is not None}
+        fake = next(n for n in (IPv4Network(f"10.244.{i}.0/24") for i in range(250, 256))
+                    if n not in held)
         assert fake.subnet_of(CONTAINER_NETWORK)
         key = lab.keys.lease_key(fake)
         value = {"PublicIP": FAKE_IP, "PublicIPv6": None, "BackendType": "vxlan",

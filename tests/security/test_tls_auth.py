@@ -81,7 +81,11 @@ def test_agent_and_leasectl_work_over_tls_with_auth_and_never_show_the_password(
         rows = leasectl(secure_etcd, "list", "--json")
         assert rows.returncode == 0, rows.stderr
         assert [r["subnet"] for r in json.loads(rows.stdout)] == [subnet.replace(".1/", ".0/")]
-        r = leasectl(secure_etcd, "show", "10.6.250.0/24")
+        # A subnet nobody holds: the agent's own subnet is random (it was 10.6.250.0/24 once,
+        # which made a fixed choice here fail 1 run in 255).
+        leased = subnet.replace(".1/", ".0/")
+        free = next(s for s in ("10.6.250.0/24", "10.6.251.0/24") if s != leased)
+        r = leasectl(secure_etcd, "show", free)
         assert r.returncode == 1 and "no lease" in one_line_error(r.stderr)
     finally:
         a.stop()
