@@ -4,21 +4,20 @@ Runs doctor inside a host namespace with that host's agent flags (taken from
 Lab.agent_argv), as an operator would on the host. The drift is made by hand
 while the host's agent is stopped (SIGTERM keeps the kernel state), so the
 agent cannot repair it before doctor looks; restarting the agent repairs it
-and doctor is quiet again. The lab is always taken down.
+and doctor is quiet again, leaving the shared lab as it was.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 from labdoctor import doctor
+from subnets import lab_free
 
 from leaseagent.lab import Host, Lab
 
@@ -29,20 +28,10 @@ pytestmark = pytest.mark.root
 STALE_SUBNET = "10.244.0.0/24"
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    lab = Lab(f"doc{os.getpid() % 100000}", backend="vxlan")
-    try:
-        lab.up(3, 0)
-        for host in lab.hosts.values():
-            lab.wait_ready(host, timeout=20)
-        yield lab
-    finally:
-        warnings = lab.down()
-        assert not warnings, warnings
-
+@pytest.fixture
+def lab(vxlan_lab: Lab) -> Lab:
+    """The shared vxlan lab (tests/e2e/conftest.py): 3 hosts, every agent ready."""
+    return vxlan_lab
 
 
 def wait_healthy(lab: Lab, host: Host, timeout: float = 10) -> subprocess.CompletedProcess[str]:
@@ -127,9 +116,7 @@ def test_two_keys_for_one_subnet_agent_leasectl_and_doctor_agree(lab: Lab) -> No
     """One rule for every tool: the older key holds the subnet. The agent programs it,
     `leasectl list` calls the younger a duplicate of it, doctor finds the host healthy."""
     host = lab.hosts[1]
-    taken = {h.subnet.network for h in lab.hosts.values() if h.subnet is not None}
-    subnet = next(IPv4Network(f"10.244.{n}.0/24") for n in range(34, 250)
-                  if IPv4Network(f"10.244.{n}.0/24") not in taken)
+    subnet = lab_free(lab, first=34)[0]  # no host's: theirs are random
     older_key = lab.keys.lease_key(subnet)
     younger_key = older_key + "&fd00::-64"
     older = {"PublicIP": "10.250.0.200", "PublicIPv6": None, "BackendType": "vxlan",
