@@ -255,6 +255,10 @@ class Netlink:
         self._ipr.close()
         self._raw.close()
 
+    async def events(self) -> NetlinkEvents:
+        """A new subscription to this namespace's broadcasts (NetlinkEvents)."""
+        return await NetlinkEvents.open(self.netns)
+
     # -- links ---------------------------------------------------------------
 
     async def links(self) -> list[Link]:
@@ -568,15 +572,24 @@ class Netlink:
         except OSError as exc:
             error = _error(f"{action.value} of {len(objects)} objects", exc)
             return [], [Failure(action, obj, error) for obj in objects]
-        done: list[KernelObject] = []
-        failures: list[Failure] = []
-        for obj, code in zip(objects, codes, strict=True):
-            if code == 0 or (remove and code in _GONE):
-                done.append(obj)
-            else:
-                failures.append(Failure(
-                    action, obj, DataPlaneError(f"{action.value} {obj}: {os.strerror(code)}")))
-        return done, failures
+        return outcomes(action, objects, codes)
+
+
+def outcomes(action: Action, objects: Iterable[KernelObject], codes: Iterable[int]
+             ) -> tuple[list[KernelObject], list[Failure]]:
+    """`apply`'s result from the kernel's answer to each request (an errno, 0: done):
+    a removal of what is not there (ENOENT, ESRCH) is done too. Every adapter of the
+    kernel port (kernelport) answers so."""
+    remove = action is Action.REMOVE
+    done: list[KernelObject] = []
+    failures: list[Failure] = []
+    for obj, code in zip(objects, codes, strict=True):
+        if code == 0 or (remove and code in _GONE):
+            done.append(obj)
+        else:
+            failures.append(Failure(
+                action, obj, DataPlaneError(f"{action.value} {obj}: {os.strerror(code)}")))
+    return done, failures
 
 
 def _neighbour_event(kind: int, body: bytes, sender: int) -> NetlinkEvent:
