@@ -8,15 +8,16 @@ behaves as the real kernel does where the data plane can tell (checked by
 tests/contract/test_reconciler_contract.py, which runs one suite on both):
 
 - routes are keyed by (family, dst, metric), neighbour entries by (device,
-  address), FDB entries by (device, MAC, remote): a replace overwrites the
-  entry of that key; NLM_F_EXCL on an existing key answers EEXIST; an FDB
-  append adds a remote, an FDB replace overwrites the MAC's first remote;
+  address), FDB entries by (device, MAC) (a unicast MAC has one remote): a
+  replace overwrites the entry of that key; NLM_F_EXCL on an existing key
+  answers EEXIST; an FDB append to an existing MAC answers 0 and changes
+  nothing;
 - deleting what is not there answers ESRCH (a route) or ENOENT (a neighbour or
   FDB entry), which `apply` counts as done, as netlink.outcomes says; a link
   of an existing name answers EEXIST;
 - a route through a missing device answers ENODEV, through a down device
   (IPv4) ENETDOWN, via a gateway not on the device's networks (without
-  onlink) EINVAL (IPv4) or EHOSTUNREACH (IPv6); an FDB entry on a device
+  onlink) ENETUNREACH (IPv4) or EHOSTUNREACH (IPv6); an FDB entry on a device
   that is not a vxlan device EOPNOTSUPP;
 - a device going down takes its routes with it, a deleted device its routes,
   addresses and entries, without a route notification (only the link's);
@@ -148,7 +149,7 @@ class FakeKernel:
         self._route_protocol = route_protocol
         self._protocols: dict[tuple[int, int, int, int], int] = {}
         self._neighbours: dict[tuple[int, int, int], Neighbour] = {}
-        self._fdb: dict[Any, Fdb] = {}  # by identity
+        self._fdb: dict[tuple[int, str], Fdb] = {}  # by device and MAC
         self._subscribers: list[FakeEvents] = []
         self._generation = 0  # changes of the tables, for dumps
         self._interrupts = 0
@@ -304,7 +305,7 @@ class FakeKernel:
         if route.dst.version == 4 and not link.up:
             return errno.ENETDOWN
         if route.gateway is not None and not route.onlink and not self._on_link(route):
-            return errno.EINVAL if route.dst.version == 4 else errno.EHOSTUNREACH
+            return errno.ENETUNREACH if route.dst.version == 4 else errno.EHOSTUNREACH
         key = self._store_route(route)
         if protocol != self._route_protocol:
             self._protocols[key] = protocol
@@ -338,10 +339,10 @@ class FakeKernel:
 
     def _fdb_request(self, entry: Fdb, remove: bool, replace: bool, append: bool,
                      exclusive: bool) -> int:
-        key = entry._ident
+        key = (entry.ifindex, entry.lladdr)  # one remote per unicast MAC
         have = self._fdb.get(key)
         if remove:
-            if have is None:
+            if have is None or have.dst != entry.dst:
                 return errno.ENOENT
             del self._fdb[key]
             self._changed()
@@ -353,14 +354,10 @@ class FakeKernel:
         if link.kind != "vxlan":
             return errno.EOPNOTSUPP
         if have is not None:
-            return errno.EEXIST if exclusive else 0
-        if not append:  # a create or replace: the MAC's first remote, if it has one
-            first = next((k for k, f in self._fdb.items()
-                          if f.ifindex == entry.ifindex and f.lladdr == entry.lladdr), None)
-            if first is not None:
-                if exclusive or not replace:
-                    return errno.EEXIST
-                del self._fdb[first]
+            if exclusive:
+                return errno.EEXIST
+            if append or not replace or have == entry:
+                return 0  # an append to a unicast MAC: accepted, nothing changes
         self._fdb[self._canonical(key)] = self._canonical(entry)
         self._changed()
         self._broadcast(lambda: NetlinkEvent("fdb", False, entry.ifindex, 0, obj=entry))
@@ -459,8 +456,8 @@ class FakeNetlink:
         kernel._flush_routes(index)
         for key in [k for k, n in kernel._neighbours.items() if n.ifindex == index]:
             del kernel._neighbours[key]
-        for key in [k for k, f in kernel._fdb.items() if f.ifindex == index]:
-            del kernel._fdb[key]
+        for mac in [k for k, f in kernel._fdb.items() if f.ifindex == index]:
+            del kernel._fdb[mac]
         kernel._broadcast(lambda: NetlinkEvent("link", True, index, self.port_id,
                                                ifname=link.name, up=False), self.port_id)
 
@@ -588,16 +585,16 @@ class FakeNetlink:
 
     async def apply(self, action: Action, objects: Sequence[KernelObject], *, protocol: int
                     ) -> tuple[list[KernelObject], list[Failure]]:
-        """As Netlink.apply: routes and neighbours replaced, FDB entries appended (what
-        rtnl.encode_object asks), in order; never raises for one object."""
+        """As Netlink.apply: every object replaced or removed (what rtnl.encode_object
+        asks), in order; never raises for one object."""
         if self._closed:
             error = DataPlaneError(f"{action.value} of {len(objects)} objects: "
                                    f"{_netlink_error(errno.EBADF)}")
             return [], [Failure(action, obj, error) for obj in objects]
         remove = action is Action.REMOVE
         request = self.kernel.request
-        codes = [request(obj, remove=remove, append=isinstance(obj, Fdb), protocol=protocol,
-                         sender=self.port_id) for obj in objects]
+        codes = [request(obj, remove=remove, protocol=protocol, sender=self.port_id)
+                 for obj in objects]
         await asyncio.sleep(0)  # the batch's round trip
         return outcomes(action, objects, codes)
 

@@ -28,8 +28,10 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
 
 - Deleting a missing route answers ESRCH, a missing neighbour/FDB entry
   ENOENT; `apply` treats both as success (the goal was "gone").
-- RTM_NEWNEIGH with NLM_F_REPLACE on AF_BRIDGE/vxlan replaces the first
-  remote of an existing MAC; NLM_F_APPEND adds a remote and is idempotent.
+- A vxlan device keeps one remote per unicast MAC: RTM_NEWNEIGH with
+  NLM_F_REPLACE on AF_BRIDGE replaces it; NLM_F_APPEND adds a remote only to
+  the all-zeros or a multicast MAC, and to an existing unicast MAC answers 0
+  and changes nothing (checked on Linux 6.18).
 - A deleted device takes its routes with it without RTM_DELROUTE
   notifications; only RTM_DELLINK tells.
 - An IPv6 route added without a metric gets 1024 (core.plan.Route says so).

@@ -16,7 +16,7 @@ one more device. Nothing below depends on the family:
 
 - `sync(peers)`: level-triggered. Plan the whole peer set, read what we own
   and apply the difference (`core.plan.diff`), make before break: additions
-  first (neighbour -> FDB -> route, each a replace or an FDB append), then
+  first (neighbour -> FDB -> route, each a replace), then
   removals (route -> neighbour -> FDB), so a peer whose objects change
   (DirectRouting turned on, a new PublicIP) is never without a path in
   between. The tables are read as they stream in (`_scan`): each dumped entry
