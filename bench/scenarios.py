@@ -230,9 +230,11 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
         "start_to_ready_s": ready_at - started,
         "start_to_first_object_s": probe.first_at - started,
         "programming_s": programming,
-        "agent_rate": objects / programming,
+        # A small join may arrive in one read of the probe (first == last): no rate.
+        "agent_rate": objects / programming if programming > 0 else float("nan"),
         "reference": reference,
-        "rate_ratio": (objects / programming) / reference["rate"],
+        "rate_ratio": (objects / programming / reference["rate"] if programming > 0
+                       else float("nan")),
         "start_to_objects_vs_reference": (in_place - started) / reference["seconds"],
         "start_to_device_s": device_at - started,
         "device_to_objects_s": from_device,
