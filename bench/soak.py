@@ -189,18 +189,33 @@ class Soak:
     samples: list[dict[str, Any]] = field(default_factory=list)
     done: int = 0  # churn events applied
     phase: str = "join"
+    scrape_failures: int = 0
     began: float = field(default_factory=time.perf_counter)
 
     async def _metric(self, name: str) -> float | None:
         """The agent's metric `name`, all its series added."""
         return await asyncio.to_thread(agent_metric, self.port, name, summed=True)
 
-    async def sample(self) -> dict[str, Any]:
+    async def _tasks(self) -> float | None:
+        """The agent's asyncio task count; None when the scrape failed (an agent busy with
+        the churn on a starved machine may not answer within its timeout): the RSS,
+        fds and threads of the sample stand without it, and the failures are counted."""
+        try:
+            return await self._metric(TASKS)
+        except OSError as exc:
+            self.scrape_failures += 1
+            print(f"  soak: scrape failed at {self.done:,} events: {exc}", file=sys.stderr)
+            return None
+
+    async def sample(self, *, need_tasks: bool = False) -> dict[str, Any]:
         assert self.agent is not None
         if not self.agent.alive():
             raise RuntimeError(f"the agent died; see {self.agent.log}")
         p = proc_sample(self.agent.pid)
-        tasks = await self._metric(TASKS)
+        tasks = await self._tasks()
+        while tasks is None and need_tasks:
+            await asyncio.sleep(1.0)
+            tasks = await self._tasks()
         s = {"t": time.perf_counter() - self.began, "phase": self.phase, "events": self.done,
              "rss_mib": p["rss"] / 2**20, "rss_anon_mib": p["rss_anon"] / 2**20,
              "fds": int(p["fds"]), "threads": int(p["threads"]),
@@ -503,7 +518,7 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         assert soak.agent is not None
         await after_resync(soak.agent, soak.port, limit=sizes.timeout + sizes.resync)
         soak.phase = "baseline"
-        baseline = await soak.sample()
+        baseline = await soak.sample(need_tasks=True)
         reconciles = await soak._metric(RECONCILES) or 0.0
         soak.phase = "churn"
         sampler = asyncio.ensure_future(_guarded(soak.sampling()))
@@ -522,6 +537,7 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         results["baseline"] = baseline
         results |= settled
         results["rss"] = rss_trend(soak.samples, sizes.warmup_events)
+        results["scrape_failures"] = soak.scrape_failures
         results["samples"] = soak.samples
     except BaseException:
         if soak.agent is not None and soak.agent.log.exists():

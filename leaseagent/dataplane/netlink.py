@@ -27,8 +27,10 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
 
 - Deleting a missing route answers ESRCH, a missing neighbour/FDB entry
   ENOENT; `apply` treats both as success (the goal was "gone").
-- RTM_NEWNEIGH with NLM_F_REPLACE on AF_BRIDGE/vxlan replaces the first
-  remote of an existing MAC; NLM_F_APPEND adds a remote and is idempotent.
+- A vxlan device keeps one remote per unicast MAC: RTM_NEWNEIGH with
+  NLM_F_REPLACE on AF_BRIDGE replaces it; NLM_F_APPEND adds a remote only to
+  the all-zeros or a multicast MAC, and to an existing unicast MAC answers 0
+  and changes nothing (checked on Linux 6.18).
 - A deleted device takes its routes with it without RTM_DELROUTE
   notifications; only RTM_DELLINK tells.
 - An IPv6 route added without a metric gets 1024 (core.plan.Route says so).
@@ -225,6 +227,10 @@ class Netlink:
     def close(self) -> None:
         self._links.close()
         self._raw.close()
+
+    async def events(self) -> NetlinkEvents:
+        """A new subscription to this namespace's broadcasts (NetlinkEvents)."""
+        return await NetlinkEvents.open(self.netns)
 
     async def _call(self, kind: int, flags: int, body: bytes) -> None:
         async with self._turn:
@@ -529,15 +535,24 @@ class Netlink:
         except OSError as exc:
             error = _error(f"{action.value} of {len(objects)} objects", exc)
             return [], [Failure(action, obj, error) for obj in objects]
-        done: list[KernelObject] = []
-        failures: list[Failure] = []
-        for obj, code in zip(objects, codes, strict=True):
-            if code == 0 or (remove and code in _GONE):
-                done.append(obj)
-            else:
-                failures.append(Failure(
-                    action, obj, DataPlaneError(f"{action.value} {obj}: {os.strerror(code)}")))
-        return done, failures
+        return outcomes(action, objects, codes)
+
+
+def outcomes(action: Action, objects: Iterable[KernelObject], codes: Iterable[int]
+             ) -> tuple[list[KernelObject], list[Failure]]:
+    """`apply`'s result from the kernel's answer to each request (an errno, 0: done):
+    a removal of what is not there (ENOENT, ESRCH) is done too. Every adapter of the
+    kernel port (kernelport) answers so."""
+    remove = action is Action.REMOVE
+    done: list[KernelObject] = []
+    failures: list[Failure] = []
+    for obj, code in zip(objects, codes, strict=True):
+        if code == 0 or (remove and code in _GONE):
+            done.append(obj)
+        else:
+            failures.append(Failure(
+                action, obj, DataPlaneError(f"{action.value} {obj}: {os.strerror(code)}")))
+    return done, failures
 
 
 def _neighbour_event(kind: int, body: bytes, sender: int) -> NetlinkEvent:

@@ -200,9 +200,9 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
     body += attribute(NDA_LLADDR, _mac_bytes(obj.lladdr)) + attribute(NDA_DST, obj.dst.packed)
     if remove:
         return RTM_DELNEIGH, 0, body
-    # APPEND: adds this remote to the MAC and is idempotent (REPLACE would
-    # overwrite the MAC's first remote).
-    return RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, body
+    # REPLACE: a unicast MAC has one remote, which a peer's new PublicIP replaces
+    # (APPEND would answer 0 and keep the old one: netlink.py's quirks).
+    return RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body
 
 
 # -- decoding -------------------------------------------------------------------

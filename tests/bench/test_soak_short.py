@@ -44,8 +44,8 @@ def test_short_soak_returns_to_baseline(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError(f"soak still running after 150 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stdout + stderr[-3000:]
-    for figure in ("RSS slope", "MiB / 10k events (95 % CI)", "fds: baseline -> end", "tasks: baseline -> end",
-                   "etcd restart at event", "kernel vs final etcd set"):
+    for figure in ("RSS slope", "MiB / 10k events (95 % CI)", "fds: baseline -> end",
+                   "tasks: baseline -> end", "etcd restart at event", "kernel vs final etcd set"):
         assert figure in stdout, stdout
     results = json.loads(out.read_text())
     churn = results["churn"]

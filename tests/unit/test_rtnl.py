@@ -152,14 +152,14 @@ def test_an_ipv6_neighbour_is_the_kernels_struct_byte_for_byte() -> None:
 
 
 def test_an_fdb_entry_to_an_ipv6_remote_is_the_kernels_struct_byte_for_byte() -> None:
-    """`bridge fdb append 02:00:00:00:00:02 dev <8> dst fd00:250::2 self permanent`."""
+    """`bridge fdb replace 02:00:00:00:00:02 dev <8> dst fd00:250::2 self permanent`."""
     by_hand = (
         ndmsg(rtnl.AF_BRIDGE, 8, rtnl.NUD_PERMANENT | rtnl.NUD_NOARP, rtnl.NTF_SELF)
         + attr(rtnl.NDA_LLADDR, MAC_BYTES)
         + attr(rtnl.NDA_DST, V6_PUBLIC.packed)
     )
     assert rtnl.encode_object(Fdb(8, MAC, V6_PUBLIC), remove=False, protocol=PROTO) == (
-        rtnl.RTM_NEWNEIGH, rtnl.NLM_F_CREATE | rtnl.NLM_F_APPEND, by_hand)
+        rtnl.RTM_NEWNEIGH, rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE, by_hand)
     assert decode(Fdb, by_hand) == Fdb(8, MAC, V6_PUBLIC)
 
 
