@@ -76,7 +76,7 @@ from leaseagent.core.network import NetworkConfig, host_overlap
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
     SubnetEnv,
-    parse_subnet_env,
+    parse_environment_file,
     previous_ipv6_subnet,
     previous_subnet,
 )
@@ -596,7 +596,7 @@ class Agent:
         files = {"subnet.env": (self.cfg.subnet_file, env.encode())}
         if self.cfg.docker_opts_file is not None:
             # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
-            docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
+            docker_env = render_docker_env(parse_environment_file(env), combined_key=DOCKER_OPTIONS_KEY)
             files["docker_opts.env"] = (self.cfg.docker_opts_file, docker_env.encode())
         self._files = files
         self._write_files(start=first)
