@@ -183,6 +183,9 @@ _NEIGH4 = struct.Struct("=BxxxiHBB" "HHI")  # ndmsg, DST
 _NEIGH4_MAC = struct.Struct("=BxxxiHBB" "HHI" "HH6sxx")  # ndmsg, DST, LLADDR
 _FDB4 = struct.Struct("=BxxxiHBB" "HH6sxx" "HHI")  # ndmsg, LLADDR, DST
 _htonl = socket.htonl
+# REPLACE: a unicast MAC has one remote, which a peer's new PublicIP replaces
+# (APPEND would answer 0 and keep the old one: netlink.py's quirks).
+_FDB_ADD_FLAGS = NLM_F_CREATE | NLM_F_REPLACE
 
 
 def _encode_ipv4(ident: tuple[Any, ...], remove: bool, protocol: int
@@ -217,7 +220,7 @@ def _encode_ipv4(ident: tuple[Any, ...], remove: bool, protocol: int
                       10, NDA_LLADDR, _mac_bytes(ident[3]), 8, NDA_DST, _htonl(ident[4]))
     if remove:
         return RTM_DELNEIGH, 0, body
-    return RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, body
+    return RTM_NEWNEIGH, _FDB_ADD_FLAGS, body
 
 
 def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[int, int, bytes]:
@@ -256,9 +259,7 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
     body += attribute(NDA_LLADDR, _mac_bytes(obj.lladdr)) + attribute(NDA_DST, obj.dst.packed)
     if remove:
         return RTM_DELNEIGH, 0, body
-    # REPLACE: a unicast MAC has one remote, which a peer's new PublicIP replaces
-    # (APPEND would answer 0 and keep the old one: netlink.py's quirks).
-    return RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body
+    return RTM_NEWNEIGH, _FDB_ADD_FLAGS, body
 
 
 # -- decoding -------------------------------------------------------------------
