@@ -100,8 +100,8 @@ _ports = itertools.count(1_000_000)  # port ids of fake sockets (never 0: the ke
 
 
 def _netlink_error(code: int) -> str:
-    """What pyroute2's NetlinkError says (the real adapter's messages carry it)."""
-    return f"({code}, {os.strerror(code)!r})"
+    """What the kernel's refusal says as an OSError (the real adapter's messages carry it)."""
+    return str(OSError(code, os.strerror(code)))
 
 
 class _Link:
