@@ -39,13 +39,12 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from leaseagent import __version__
 from leaseagent.agent.etcdhealth import EtcdHealth
+from leaseagent.agent.filewriting import FILES, FileWriter
 from leaseagent.agent.holder import LeaseHolder
 from leaseagent.agent.leasing import CANDIDATES_PER_TXN, Leasing, OwnLease
 from leaseagent.agent.logs import StateLog, set_context
@@ -55,13 +54,13 @@ from leaseagent.agent.netconfig import (
     wait_for_network_config,
 )
 from leaseagent.agent.notify import sd_notify, watchdog_interval
+from leaseagent.agent.readiness import FamilyRules, Readiness, not_ready_reason
+from leaseagent.agent.supervision import Tasks
 from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
 from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
-from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
-from leaseagent.core.escaping import escaped
 from leaseagent.core.leases import (
     REASONS,
     KeyLayout,
@@ -74,8 +73,6 @@ from leaseagent.core.monitoring import MetricsTarget, published_address
 from leaseagent.core.network import NetworkConfig, host_overlap
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
-    SubnetEnv,
-    parse_subnet_env,
     previous_ipv6_subnet,
     previous_subnet,
 )
@@ -95,32 +92,17 @@ from leaseagent.files import (
     read_text_if_exists,
     refuse_non_regular,
     refuse_symlink,
-    write_if_changed,
 )
 from leaseagent.metrics import Metrics, zero
-from leaseagent.retrying import Backoff, retrying
+from leaseagent.retrying import retrying
 from leaseagent.store.base import OPERATIONS, EventType, LeaseStore
 from leaseagent.store.settings import check_credential_files
 from leaseagent.waiting import first_to_end, within
 
 log = logging.getLogger("leaseagent")
 
-@dataclass(frozen=True)
-class FamilyRules:
-    """One address family's traffic rules: their keeper, and which peers the peer filter
-    admits (leaseagent.core.rules.PeerAdmission, kept per change)."""
-
-    family: int
-    keeper: RulesKeeper
-    admission: PeerAdmission
-    nftables: bool = False  # which tool the keeper writes with
-
-
-# The files the agent writes (the `file` label of their metrics) and the flag naming each.
-FILES = {"subnet.env": "--subnet-file", "docker_opts.env": "--docker-opts-file"}
 RELEASE_SECONDS = 10.0  # how long --release-on-exit keeps trying to release the lease
-# How often readiness is looked at once started (STATUS=, READY=1): it is cheap (state only).
-READINESS_SECONDS = 0.5
+
 
 async def preflight(cfg: AgentConfig) -> HostInfo | None:
     """Every check that needs no etcd, before the first etcd request: the paths we write
@@ -198,11 +180,6 @@ def _device_names(backend: DataPlane) -> set[str]:
     return {device.name for device in backend.spec(None, {}).devices}
 
 
-
-def _peers(count: int) -> str:
-    """'1 peer', '2 peers': the count as STATUS= and the log say it."""
-    return f"{count} peer" if count == 1 else f"{count} peers"
-
 class Agent:
     def __init__(
         self,
@@ -244,7 +221,9 @@ class Agent:
         self._notify = notify
         self._host = host
         self._rng = rng or random.Random()
-        self.states = StateLog(log, on_change=self._on_state_change)
+        self.readiness = Readiness(self, notify)
+        self.states = StateLog(log, on_change=self.readiness.on_state_change)
+        self.files = FileWriter(cfg, metrics=self.metrics, states=self.states)
         self.layout = KeyLayout(cfg.prefix)
         self.holder: LeaseHolder | None = None  # once a lease is acquired
         self.etcd = EtcdHealth(store, probe_key=self.layout.config_key, states=self.states,
@@ -257,26 +236,16 @@ class Agent:
         self.vxlan_port: int | None = None
         self.watcher: LeaseWatcher | None = None
         self.mtu = 0
-        self.subnet_env_written = False
-        # What each file the agent writes must hold (FILES' names -> path, content), kept
-        # there by `_keep_files`; why the last write of them failed, if it did.
-        self._files: dict[str, tuple[Path, bytes]] = {}
-        self.files_error: str | None = None
         # Held while the backend or the traffic rules are programmed or replaced.
         self._plane = asyncio.Lock()
-        # The supervised tasks by name (run); a config change replaces some of them.
-        self._tasks: dict[asyncio.Task[None], str] = {}
-        self._tasks_changed = asyncio.Event()
+        # The supervised tasks (run); a config change replaces some of them.
+        self.tasks = Tasks()
         self.config_revision = 0  # etcd revision of the network config in force
         self._foreign = 0  # peers of another backend type, as last reported
         # The backend a rebuild replaced, its devices kept while peers still run its type
         # (make before break: `_switch`, `_finish_rollout`).
         self._leaving: DataPlane | None = None
         self._leaving_timer: asyncio.Future[None] | None = None  # its removal, when due
-        self.ready_sent = False  # READY=1 went to systemd (once: the start is over)
-        self._reporting = False  # the start-up line is done: `_report` owns STATUS=
-        self._status_text = ""  # the last STATUS= sent
-        self._not_ready: str | None = "starting"  # the reason last reported
 
     # --- the lease holder's state, as the rest of the agent reads it -------------
 
@@ -297,33 +266,20 @@ class Agent:
         """Why the lease is given up, while another agent has this host's identity."""
         return self.holder.conflict if self.holder is not None else None
 
+    @property
+    def subnet_env_written(self) -> bool:
+        return self.files.written
+
+    def not_ready_reason(self) -> str | None:
+        """Why the agent is not ready (None: it is; leaseagent.agent.readiness)."""
+        return not_ready_reason(self)
+
     def _etcd_recovered(self) -> None:
         if self.watcher is not None:
             # A stream that lived through the outage may be half-open: list again.
             self.watcher.request_relist("etcd_recovered")
 
     # --- readiness, for /readyz --------------------------------------------------
-
-    def not_ready_reason(self) -> str | None:
-        if self.conflict is not None:
-            return f"identity conflict: {self.conflict}"
-        if self.own is None:
-            return "no lease held yet"
-        if not self.subnet_env_written:
-            return "subnet.env not written yet"
-        if self.watcher is None or not self.watcher.synced.is_set():
-            return "peer list not complete yet"
-        if not self.lease_held:
-            return "lease not held (lost; taking it back)"
-        if self.backend is None or not self.backend.status.in_sync:
-            error = self.backend.status.last_error if self.backend is not None else None
-            return "data plane not in sync" + (f": {error}" if error else "")
-        for rules in self.rules:
-            if not rules.keeper.status.in_sync:
-                error = rules.keeper.status.last_error
-                return (f"{rules.keeper.fw.family.shown}traffic rules not in place"
-                        + (f": {error}" if error else ""))
-        return None
 
     def _traffic_rules(self, network: NetworkConfig,
                        running: Iterable[FamilyRules] = ()) -> list[FamilyRules]:
@@ -362,80 +318,15 @@ class Agent:
         return ruleset(self.traffic, network=network, own_subnet=own_subnet,
                        vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
 
-    def _status(self, text: str) -> None:
-        """What the agent is doing, for `systemctl status` (STATUS=, one line: escaped, so
-        a name from etcd cannot add a line such as READY=1 or MAINPID= to the message)."""
-        text = escaped(text)[:200]
-        self._status_text = text
-        self._notify("STATUS=" + text)
-
-    def _on_state_change(self, text: str) -> None:
-        """A state change StateLog logged: STATUS= says it during the start-up; after it,
-        the summary (which holds etcd's state as well) says what is."""
-        if self._reporting:
-            self._report()
-        else:
-            self._status(text)
-
-    def summary(self) -> str:
-        """One line for STATUS=: ready or why not, the lease, the current peer count."""
-        reason = self.not_ready_reason()
-        peers = len(self.watcher.peers) if self.watcher is not None else 0
-        lease = f"lease {self.own.subnet}" if self.own is not None else "no lease"
-        etcd = "; etcd unreachable (retrying)" if self.etcd.down_now else ""
-        if self.files_error is not None:
-            etcd += f"; {self.files_error} (retrying)"
-        if self.etcd.refusal is not None:
-            etcd += f"; {self.etcd.refusal} (retrying)"
-        refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
-        if refused:
-            etcd += f"; {_peers(refused)} refused by the kernel (unreachable)"
-        if reason is None:
-            return f"ready: {lease}, {_peers(peers)}{etcd}"
-        return f"not ready: {reason} ({lease}, {_peers(peers)}){etcd}"
-
-    def _report(self) -> None:
-        """Readiness to systemd and the log, from state: READY=1 the first time the agent
-        is ready; a line when it stops or starts being ready; STATUS= when it changes."""
-        reason = self.not_ready_reason()
-        if reason != self._not_ready:
-            peers = len(self.watcher.peers) if self.watcher is not None else 0
-            refused = len(self.backend.status.refused_peers) if self.backend is not None else 0
-            if reason is None and refused:
-                log.info("ready: %s programmed, %d refused by the kernel (see the "
-                         "warnings above: unreachable from this host)", _peers(peers - refused),
-                         refused)
-            elif reason is None:
-                log.info("ready: %s programmed", _peers(peers))
-            else:
-                log.warning("not ready: %s", reason)
-            self._not_ready = reason
-        if reason is None and not self.ready_sent:
-            self._notify("READY=1")
-            self.ready_sent = True
-        text = self.summary()
-        if escaped(text)[:200] != self._status_text:  # as `_status` sends it
-            self._status(text)
-
-    async def _readiness(self) -> None:
-        """Report readiness (`_report`) every READINESS_SECONDS: the data plane's and the
-        rules' keepers change their state in their own tasks."""
-        self._reporting = True
-        while True:
-            self._report()
-            await asyncio.sleep(READINESS_SECONDS)
-
     # --- start-up ------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self) -> tuple[LeaseHolder, LeaseWatcher]:
+        """The start-up line (see the module's docstring), up to the lease watcher: the
+        lease holder and the watcher, for `run` to start."""
         cfg = self.cfg
         # Before anything is taken in etcd (preflight ran before etcd was asked anything
-        # when started by main; tests may start an Agent directly): a symlink planted at a
-        # path we write as root is refused (write_atomic checks again at each write).
-        for path in (cfg.subnet_file.parent, cfg.state_dir):
-            refuse_symlink(path)
-        for path in (cfg.subnet_file, *((cfg.docker_opts_file,) if cfg.docker_opts_file else ())):
-            refuse_non_regular(path)
+        # when started by main; tests may start an Agent directly).
+        self.files.refuse_planted_paths()
         network, self.config_revision = await wait_for_network_config(
             self.store, self.layout, self.states, backends=self._backends)
         self._use_network(network)
@@ -464,14 +355,14 @@ class Agent:
             metrics=self.metrics, rng=self._rng, choose=self._choose,
             candidates_per_txn=self._per_txn)
         old_env = read_text_if_exists(cfg.subnet_file) or ""
-        self._status(f"acquiring a lease in {network.network}")
+        self.readiness.status(f"acquiring a lease in {network.network}")
         own: OwnLease = await retrying(on_retry=self.etcd.down)(
             leasing.acquire, keep_listing=True, previous=previous_subnet(old_env),
             previous_ipv6=previous_ipv6_subnet(old_env))
         self.etcd.up()
         self.holder = holder = LeaseHolder(
             own, leasing, self.store, etcd=self.etcd, metrics=self.metrics, states=self.states,
-            adopt=self._adopt, status=self._status, renew_margin=cfg.renew_margin)
+            adopt=self._adopt, status=self.readiness.status, renew_margin=cfg.renew_margin)
         await holder.take(own, first=True)
         await self._publish_metrics_target(host)
         self.watcher = LeaseWatcher(
@@ -482,6 +373,7 @@ class Agent:
             on_unavailable=self.etcd.down, on_listed=lambda: self.etcd.up(listed=True),
             on_own=holder.own_key_seen, node_id=cfg.node_id, on_twin=holder.twin_seen,
             hold_seconds=cfg.peer_hold_time, first=leasing.take_listing())
+        return holder, self.watcher
 
     async def _publish_metrics_target(self, host: HostInfo) -> None:
         """Say in etcd where this agent's /metrics is, for `leasectl prometheus-targets`
@@ -544,17 +436,7 @@ class Agent:
         """Adopt the lease the holder took: subnet.env, the backend's own address,
         metrics, one log line (`first`: at start; `changed`: another key than before)."""
         assert self.network is not None and self.backend is not None
-        env = SubnetEnv(network=self.network.network, subnet=own.subnet, mtu=self.mtu,
-                        ipmasq=self.cfg.traffic.ip_masq, ipv6_network=self.network.ipv6_network,
-                        ipv6_subnet=own.ipv6_subnet).render()
-        files = {"subnet.env": (self.cfg.subnet_file, env.encode())}
-        if self.cfg.docker_opts_file is not None:
-            # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
-            docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
-            files["docker_opts.env"] = (self.cfg.docker_opts_file, docker_env.encode())
-        self._files = files
-        self._write_files(start=first)
-        self.subnet_env_written = True
+        self.files.lease(self.network, own, self.mtu, first=first)
         await self.backend.start(own.subnet, own_ipv6=own.ipv6_subnet)
         set_context(subnet=own.subnet)
         self.metrics.set_lease(subnet=str(own.subnet))
@@ -564,51 +446,6 @@ class Agent:
                      "" if own.reservation else f", ttl {own.ttl}s", self.cfg.subnet_file)
         if changed and self.watcher is not None:
             self.watcher.request_relist("own_subnet_changed")
-
-    def _write_files(self, *, start: bool = False, repair: bool = False) -> None:
-        """Make each file hold what it must, written only when it does not (a restart hook
-        watching them, systemd's leaseagent-docker-restart.path, restarts Docker for a
-        real change only). At start a failure is a ConfigError (exit 2) naming the path
-        and the OS error; later it is reported (log once, metrics, STATUS=) and retried
-        by `_keep_files`: the lease and the data plane are kept. `repair`: a write puts
-        back what something else removed or changed."""
-        errors = []
-        for name, (path, data) in self._files.items():
-            try:
-                written = write_if_changed(path, data, mode=0o644)
-            except (OSError, ConfigError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                if start:
-                    raise ConfigError(f"{FILES[name]}: cannot write {path}: {why}") from None
-                self.metrics.file_write_failures.labels(file=name).inc()
-                errors.append(f"cannot write {path}: {why}")
-                continue
-            if written and repair:
-                self.metrics.file_repairs.labels(file=name).inc()
-                log.warning("%s %s was missing or changed; written again", name, path)
-        error = "; ".join(errors) or None
-        if error is not None:
-            self.states.set("files", error, "%s (retrying; the lease and the data plane are kept)",
-                            error, level=logging.WARNING)
-        elif self.files_error is not None:
-            self.states.set("files", None, "%s written again", ", ".join(
-                str(path) for path, _ in self._files.values()))
-        self.files_error = error
-        self.metrics.files_in_sync.set(0 if error else 1)
-
-    async def _keep_files(self) -> None:
-        """Level-triggered like the routes: every resync period each file is checked and
-        put back if it was removed or changed; a failed write is retried sooner (capped,
-        jittered backoff up to the resync period)."""
-        period = self.cfg.resync_interval
-        backoff = Backoff(cap=period)
-        while True:
-            if self.files_error is None:
-                backoff.reset()
-                await asyncio.sleep(period)
-            else:
-                await backoff.sleep()
-            self._write_files(repair=self.files_error is None)
 
     async def _on_peers(self, changes: PeerChanges, full: bool, started: float) -> None:
         assert self.backend is not None and self.watcher is not None
@@ -627,8 +464,8 @@ class Agent:
         self._log_peer_changes(changes, len(peers))
         self._report_rollout()
         await self._finish_rollout()
-        if self._reporting:
-            self._report()  # the peer count in STATUS= at once
+        if self.readiness.reporting:
+            self.readiness.report()  # the peer count in STATUS= at once
 
     async def _program_all(self) -> None:
         """Every family's traffic rules and the data plane for the whole peer set, the
@@ -686,76 +523,31 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Start up, serve until `stop` is set; raise if a task fails."""
         # A stop during start-up (etcd unreachable, config missing) must not wait for it.
-        which, _ = await first_to_end(self.start(), stop.wait())
+        which, started = await first_to_end(self.start(), stop.wait())
         if which == 1:
             return
-        assert self.watcher is not None
-        watcher = self.watcher
-        self._spawn("watch", watcher.run())
-        assert self.holder is not None
-        self._spawn("hold", self.holder.run())
-        self._spawn("watchdog", self._watchdog())
-        self._spawn("files", self._keep_files())
-        synced = asyncio.ensure_future(watcher.synced.wait())
-        stopping = asyncio.ensure_future(stop.wait())
+        holder, watcher = started
+        tasks = self.tasks
         try:
-            await asyncio.wait({synced, stopping, *self._tasks},
-                               return_when=asyncio.FIRST_COMPLETED)
-            self._check_tasks()
-            if synced.done():
+            tasks.spawn("watch", watcher.run())
+            tasks.spawn("hold", holder.run())
+            tasks.spawn("watchdog", self._watchdog())
+            tasks.spawn("files", self.files.keep())
+            which, _ = await first_to_end(watcher.synced.wait(), stop.wait(), tasks.failure())
+            if which == 0:
                 self._spawn_dataplane()
                 for rules in self.rules:
-                    self._spawn(f"rules-ipv{rules.family}", rules.keeper.run())
-                self._spawn("config", self._config_follower().run())
-                self._spawn("readiness", self._readiness())  # READY=1 once all holds
-                await self._supervise(stopping)
+                    tasks.spawn(f"rules-ipv{rules.family}", rules.keeper.run())
+                tasks.spawn("config", self._config_follower().run())
+                tasks.spawn("readiness", self.readiness.run())  # READY=1 once all holds
+                await first_to_end(stop.wait(), tasks.failure())
         finally:
-            tasks = [synced, stopping, *self._tasks]
-            self._tasks.clear()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _spawn(self, name: str, coro: Awaitable[None]) -> None:
-        """Run `coro` as a supervised task named `name` (see `run`)."""
-        self._tasks[asyncio.ensure_future(coro)] = name
-        self._tasks_changed.set()
+            await tasks.cancel_all()
 
     def _spawn_dataplane(self) -> None:
         assert self.backend is not None and self.watcher is not None
         watcher = self.watcher
-        self._spawn("dataplane", self.backend.run(lambda: watcher.peers))
-
-    async def _stop_task(self, name: str) -> None:
-        """Stop the supervised task `name` (if it runs) on purpose: no failure."""
-        for task, task_name in list(self._tasks.items()):
-            if task_name == name:
-                del self._tasks[task]
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
-    async def _supervise(self, stopping: asyncio.Future[Literal[True]]) -> None:
-        """Until `stopping`: raise as soon as a task fails or ends (the set of tasks may
-        change meanwhile: a config change replaces the data plane's and the rules')."""
-        while not stopping.done():
-            self._tasks_changed.clear()
-            changed = asyncio.ensure_future(self._tasks_changed.wait())
-            waiting: set[asyncio.Future[Any]] = {stopping, changed, *self._tasks}
-            try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                changed.cancel()
-            self._check_tasks()
-
-    def _check_tasks(self) -> None:
-        for task, name in self._tasks.items():
-            if task.done() and not task.cancelled():
-                exc = task.exception()
-                if isinstance(exc, ConfigError):
-                    raise exc  # a setting to fix (a password changed in etcd): exit 2
-                if exc is not None:
-                    raise RuntimeError(f"task {name} failed: {exc}") from exc
-                raise RuntimeError(f"task {name} ended unexpectedly")
+        self.tasks.spawn("dataplane", self.backend.run(lambda: watcher.peers))
 
     # --- network config changes ------------------------------------------------------
 
@@ -801,7 +593,7 @@ class Agent:
         rules = self._traffic_rules(network, running=self.rules)
         async with self.watcher.gate:  # no lease event is judged while our key may change
             async with self._plane:
-                await self._stop_task("dataplane")
+                await self.tasks.stop("dataplane")
                 old = self.backend
                 assert old is not None
                 try:
@@ -911,7 +703,7 @@ class Agent:
         turned off, nftables for iptables, alloc), a new one started. Under `_plane`."""
         for old in self.rules:
             if old not in rules:
-                await self._stop_task(f"rules-ipv{old.family}")
+                await self.tasks.stop(f"rules-ipv{old.family}")
                 try:
                     await old.keeper.fw.remove()
                 except (ConfigError, DataPlaneError) as exc:
@@ -920,7 +712,7 @@ class Agent:
         started = [r for r in rules if r not in self.rules]
         self._install_rules(rules)
         for new in started:
-            self._spawn(f"rules-ipv{new.family}", new.keeper.run())
+            self.tasks.spawn(f"rules-ipv{new.family}", new.keeper.run())
 
     async def shutdown(self) -> None:
         """Stop without touching kernel state; revoke the lease only if asked to."""
