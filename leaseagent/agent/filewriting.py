@@ -22,7 +22,7 @@ from leaseagent.agent.logs import StateLog
 from leaseagent.config import AgentConfig
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY, render_docker_env
 from leaseagent.core.network import NetworkConfig
-from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env
+from leaseagent.core.subnetenv import SubnetEnv, parse_environment_file
 from leaseagent.errors import ConfigError
 from leaseagent.files import refuse_non_regular, refuse_symlink, write_if_changed
 from leaseagent.metrics import Metrics
@@ -63,7 +63,7 @@ class FileWriter:
         files = {"subnet.env": (cfg.subnet_file, env.encode())}
         if cfg.docker_opts_file is not None:
             # Kept with subnet.env, so a changed subnet reaches Docker's next start too.
-            docker_env = render_docker_env(parse_subnet_env(env), combined_key=DOCKER_OPTIONS_KEY)
+            docker_env = render_docker_env(parse_environment_file(env), combined_key=DOCKER_OPTIONS_KEY)
             files["docker_opts.env"] = (cfg.docker_opts_file, docker_env.encode())
         self._files = files
         self.write(start=first)
