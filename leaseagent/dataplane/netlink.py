@@ -529,7 +529,7 @@ class Netlink:
         try:
             for first in range(0, len(objects), step):
                 codes += await self._raw.batch([
-                    rtnl.Request(*rtnl.encode_object(obj, remove=remove, protocol=protocol))
+                    rtnl.encode_object(obj, remove=remove, protocol=protocol)
                     for obj in objects[first:first + step]
                 ])
         except OSError as exc:

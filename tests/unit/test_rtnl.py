@@ -94,6 +94,20 @@ def test_removal_names_the_object_in_its_family(obj: KernelObject) -> None:
         assert rtnl.decode_neighbour(body, 0, len(body)).dst == obj.dst
 
 
+@pytest.mark.parametrize("remove", [False, True])
+@pytest.mark.parametrize("obj", [*OBJECTS, Route(IPv4Network("10.5.9.0/24"), None, 2),
+                                 Route(IPv4Network("10.5.8.0/24"), IPv4Address("10.99.0.8"), 0)],
+                         ids=repr)
+def test_the_ipv4_fast_path_packs_the_same_bytes_as_the_general_encoding(
+        obj: KernelObject, remove: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    shaped = obj._ident[1] == 4 and not (isinstance(obj, Route) and (
+        obj.gateway is None or obj.metric or not obj.ifindex))
+    assert (rtnl._encode_ipv4(obj._ident, remove, PROTO) is not None) == shaped
+    fast = rtnl.encode_object(obj, remove=remove, protocol=PROTO)
+    monkeypatch.setattr(rtnl, "_encode_ipv4", lambda *_: None)
+    assert fast == rtnl.encode_object(obj, remove=remove, protocol=PROTO)
+
+
 def test_an_ipv6_route_is_the_kernels_struct_byte_for_byte() -> None:
     """`ip -6 route replace fd00:5:2::/64 via fd00:5:2:: dev <8> onlink proto 76`."""
     route = Route(V6_NET, V6_BASE, 8, onlink=True)
