@@ -30,7 +30,7 @@ from faultkit import ALLOC, SUBNETS, put_config
 from inproc import gauge, make_agent, wait_all, wait_for
 from subnets import free_subnet
 
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 PEERS = 100
@@ -90,7 +90,7 @@ async def test_a_listing_over_4_mib_and_values_too_large_to_receive(roomy_etcd, 
             a, "leaseagent_invalid_leases_skipped_total", reason="too_large") == 2, 30)
         assert (gauge(a, "leaseagent_watch_relists_total", reason="stream_lost") or 0) > relists
         # A subnet the agent does not hold (its own is random in SubnetMin..SubnetMax).
-        own = IPv4Interface(parse_subnet_env((tmp_path / "a.env").read_text())["FLANNEL_SUBNET"])
+        own = IPv4Interface(parse_environment_file((tmp_path / "a.env").read_text())["FLANNEL_SUBNET"])
         later = free_subnet(IPv4Network(ALLOC["Network"]), [own.network], first=99)
         await store.put(f"{SUBNETS}{later.network_address}-24", lease_value(99, 10))
         seen = await wait_for("a peer after it", lambda: gauge(
