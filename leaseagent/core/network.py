@@ -56,6 +56,15 @@ IPV4_TEXT = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
 _IPV4_TEXT = re.compile(IPV4_TEXT, re.ASCII)  # ASCII digits only (int() reads any script's)
 
 
+def span(network: Network) -> tuple[int, int]:
+    """The first and the last address of `network` as numbers. Not ipaddress's
+    `broadcast_address`, which caches itself and the hostmask on the object: two more
+    addresses and a larger `__dict__` on each of thousands of peers' subnets (~290 B
+    a peer; docs/benchmarks.md, "Memory at 5,000 peers")."""
+    first = int(network.network_address)
+    return first, first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
+
+
 def ipv4_int(a: str, b: str, c: str, d: str) -> int:
     """The address of four octets matched by IPV4_TEXT."""
     return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)

@@ -74,7 +74,7 @@ from leaseagent.core.backends import (
     WireguardOptions,
 )
 from leaseagent.core.leases import Peer
-from leaseagent.core.network import Address, Network
+from leaseagent.core.network import Address, Network, span
 
 MAIN_TABLE = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
@@ -661,8 +661,9 @@ class HostRoute:
     last: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "first", int(self.dst.network_address))
-        object.__setattr__(self, "last", int(self.dst.broadcast_address))
+        first, last = span(self.dst)
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "last", last)
 
     @property
     def text(self) -> str:
@@ -711,7 +712,7 @@ def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRo
         if subnet is None:
             continue
         version = subnet.version
-        first, last = int(subnet.network_address), int(subnet.broadcast_address)
+        first, last = span(subnet)
         for route in routes:
             if route.dst.version != version:
                 continue
