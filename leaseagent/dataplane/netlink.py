@@ -84,6 +84,7 @@ from leaseagent.core.plan import (
     Route,
     VxlanAttrs,
 )
+from leaseagent.core.profiles import vxlan as vxlan_profile
 from leaseagent.dataplane import rtnl
 from leaseagent.dataplane.rtnl import RtnlSocket
 from leaseagent.errors import DataPlaneError
@@ -196,7 +197,7 @@ def _link_from_msg(msg: Any) -> Link:
     info = msg.get("linkinfo")
     kind = info.get("kind") if info is not None else None
     vxlan = None
-    if kind == "vxlan":
+    if kind == vxlan_profile.DEVICE_KIND:
         data = info.get("data")
         local4 = data.get("vxlan_local") if data is not None else None
         local6 = data.get("vxlan_local6") if data is not None else None
@@ -310,7 +311,7 @@ class Netlink:
         outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""
         spec: dict[str, Any] = {
             "ifname": name,
-            "kind": "vxlan",
+            "kind": vxlan_profile.DEVICE_KIND,
             "vxlan_id": vni,
             "vxlan_port": port,
             "vxlan_local" if local.version == 4 else "vxlan_local6": str(local),

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 
-from leaseagent.core.backends import VxlanLeaseData
+from planning import plan_vxlan
+
 from leaseagent.core.diagnosis import (
     check_subnet_env,
     device_problems,
@@ -24,8 +25,8 @@ from leaseagent.core.plan import (
     compare_device,
     diff,
     flatten,
-    plan_vxlan,
 )
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 
 NAMES = {2: "eth0", 5: "flannel.1"}
 MAC = "0a:00:00:00:00:01"

@@ -6,8 +6,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
+from planning import plan_host_gw, plan_vxlan
 
-from leaseagent.core.backends import NoLeaseData, VxlanLeaseData, vxlan_options
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import (
     ADD_ADDRESS,
@@ -22,10 +22,10 @@ from leaseagent.core.plan import (
     diff,
     flatten,
     peer_keys,
-    plan_host_gw,
-    plan_vxlan,
     serves,
 )
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData, vxlan_options
 from leaseagent.errors import NetworkConfigError
 
 VX = 10  # vxlan device index
