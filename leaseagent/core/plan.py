@@ -384,8 +384,9 @@ class VxlanAttrs:
     port: int
     local: Address | None  # IPv4 for flannel.<VNI>, IPv6 for flannel-v6.<VNI>
     link: int  # underlay ifindex; 0 when not bound to one
-    learning: bool
-    gbp: bool = False  # the Group Based Policy extension (IFLA_VXLAN_GBP)
+    # The device's flags, fixed at its creation, in the vxlan profile's order (its
+    # DEVICE_FLAGS): (name as a difference shows it, on). A flag not named is off.
+    flags: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,11 +481,13 @@ def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDi
         if have is None:
             return [differ("vxlan settings", None, want, RECREATE)]
         for what, got, wanted in (("VNI", have.vni, want.vni), ("port", have.port, want.port),
-                                  ("local address", have.local, want.local),
-                                  ("learning", have.learning, want.learning),
-                                  ("GBP", have.gbp, want.gbp)):
+                                  ("local address", have.local, want.local)):
             if got != wanted:
                 out.append(differ(what, got, wanted, RECREATE))
+        have_flags = dict(have.flags)
+        for what, wanted in want.flags:
+            if have_flags.get(what, False) != wanted:
+                out.append(differ(what, have_flags.get(what, False), wanted, RECREATE))
         if want.link and have.link != want.link:
             out.append(differ("underlay link", have.link, want.link, RECREATE))
     if spec.wireguard is not None:

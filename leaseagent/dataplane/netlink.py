@@ -208,8 +208,9 @@ def _link_from_msg(msg: Any) -> Link:
             port=int(data.get("vxlan_port") or 0),
             local=local,
             link=int(data.get("vxlan_link") or 0),
-            learning=bool(data.get("vxlan_learning")),
-            gbp=data.get("vxlan_gbp") is not None,
+            flags=tuple((flag.shown, data.get(flag.netlink) is not None if flag.presence
+                         else bool(data.get(flag.netlink)))
+                        for flag in vxlan_profile.DEVICE_FLAGS),
         )
     return Link(
         index=int(msg["index"]),
@@ -304,8 +305,7 @@ class Netlink:
         link: int,
         mtu: int,
         mac: str,
-        learning: bool = False,
-        gbp: bool = False,
+        flags: tuple[tuple[str, bool], ...] = (),
     ) -> Link:
         """A vxlan device whose VTEP is `local`, an IPv4 or an IPv6 address (the
         outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""
@@ -315,14 +315,17 @@ class Netlink:
             "vxlan_id": vni,
             "vxlan_port": port,
             "vxlan_local" if local.version == 4 else "vxlan_local6": str(local),
-            "vxlan_learning": int(learning),
             "mtu": mtu,
             "address": mac,
         }
         if link:
             spec["vxlan_link"] = link
-        if gbp:
-            spec["vxlan_gbp"] = True
+        on = dict(flags)
+        for flag in vxlan_profile.DEVICE_FLAGS:
+            if not flag.presence:
+                spec[flag.netlink] = int(on.get(flag.shown, False))
+            elif on.get(flag.shown, False):
+                spec[flag.netlink] = True
         try:
             await self._ipr.link("add", **spec)
         except (NetlinkError, OSError) as exc:

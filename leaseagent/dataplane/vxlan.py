@@ -131,12 +131,11 @@ class Vtep:
     settings, and the index and MAC it has once made or adopted."""
 
     def __init__(self, name: str, local: Address, *, vni: int, port: int, link: int, mtu: int,
-                 mac_file: str, state_dir: Path, learning: bool = False,
-                 gbp: bool = False) -> None:
+                 mac_file: str, state_dir: Path,
+                 flags: tuple[tuple[str, bool], ...] = ()) -> None:
         self.name = name
         self.local = local
-        self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, learning=learning,
-                                gbp=gbp)
+        self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, flags=flags)
         self.mtu = mtu
         self.mac_file = mac_file
         self._state_dir = state_dir
@@ -201,7 +200,7 @@ class Vtep:
                      self.attrs.vni, self.attrs.port, self.local, mac)
         await nl.create_vxlan(self.name, vni=self.attrs.vni, port=self.attrs.port,
                               local=self.local, link=self.attrs.link, mtu=self.mtu, mac=mac,
-                              learning=self.attrs.learning, gbp=self.attrs.gbp)
+                              flags=self.attrs.flags)
         self.mac = mac
         created = await nl.device_state(self.name)
         if created is None:
@@ -253,7 +252,7 @@ class VxlanBackend(ReconcilingBackend):
             mtu=options.mtu_for(host.iface_mtu, ipv6=ipv6),
             mac_file=VTEP_MAC_V6_FILE if ipv6 else VTEP_MAC_FILE,
             state_dir=self._settings.state_dir,
-            learning=options.learning, gbp=options.gbp,
+            flags=vxlan.device_flags(options),
         )
 
     @property

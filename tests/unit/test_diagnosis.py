@@ -101,13 +101,13 @@ def test_ipv6_objects_are_named_in_iproute2_form_and_judged_by_the_ipv6_lease():
 
 
 SPEC = DeviceSpec(name="flannel.1", kind="vxlan", mtu=1450,
-                  vxlan=VxlanAttrs(1, 8472, IPv4Address("10.250.0.11"), 2, False),
+                  vxlan=VxlanAttrs(1, 8472, IPv4Address("10.250.0.11"), 2),
                   address=IPv4Interface("10.5.1.0/32"))
 
 
 def test_device_with_wrong_mtu_and_vni_and_a_missing_address():
     state = DeviceState(name="flannel.1", index=5, kind="vxlan", up=True, mac="0a:00:00:00:00:99",
-                        mtu=1400, vxlan=VxlanAttrs(2, 8472, IPv4Address("10.250.0.11"), 2, False))
+                        mtu=1400, vxlan=VxlanAttrs(2, 8472, IPv4Address("10.250.0.11"), 2))
     texts = " | ".join(p.text for p in device_problems(
         compare_device(SPEC, state), mtu_notes={"flannel.1": "underlay MTU 1500 - 50"}))
     assert "device flannel.1 VNI is 2, want 1" in texts

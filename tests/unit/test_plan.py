@@ -242,7 +242,7 @@ def test_a_device_address_is_judged_against_its_own_family_only() -> None:
     """The IPv6 device keeps an IPv4 address someone gave it, and the IPv4 device an
     IPv6 one (flannel's Ensure*AddressOnLink each look at one family)."""
     want = IPv6Interface("fd00:5:1::/128")
-    attrs = VxlanAttrs(1, 8472, IPv6Address("fd00:250::1"), 2, False)
+    attrs = VxlanAttrs(1, 8472, IPv6Address("fd00:250::1"), 2)
     spec = DeviceSpec("flannel-v6.1", "vxlan", 1430, attrs, address=want)
     other = IPv6Interface("fd00:5:9::/128")
     state = DeviceState("flannel-v6.1", 11, "vxlan", True, None, 1430,

@@ -107,6 +107,29 @@ class VxlanOptions(BackendOptions):
         return path - (VXLAN6_OVERHEAD if ipv6 else VXLAN_OVERHEAD)
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceFlag:
+    """A vxlan option that is a flag of the kernel device, set at its creation (a
+    device whose flag differs is made again, with its MAC)."""
+
+    attribute: str  # the VxlanOptions field that holds it
+    shown: str  # its name in the device's VxlanAttrs.flags, as a difference shows it
+    netlink: str  # pyroute2's name of its IFLA_VXLAN_* attribute
+    presence: bool = False  # True: a flag attribute, there when on; False: a u8, 0 or 1
+
+
+# The device's flags, as flannel sets them (the kernel's default for any not given: off).
+DEVICE_FLAGS = (
+    DeviceFlag("learning", "learning", "vxlan_learning"),
+    DeviceFlag("gbp", "GBP", "vxlan_gbp", presence=True),
+)
+
+
+def device_flags(options: VxlanOptions) -> tuple[tuple[str, bool], ...]:
+    """The device's flags (VxlanAttrs.flags) that `options` ask for."""
+    return tuple((flag.shown, bool(getattr(options, flag.attribute))) for flag in DEVICE_FLAGS)
+
+
 # Any VNI's device of either family, as device_name and device_name6 make them.
 VXLAN_DEVICE_NAME = re.compile(r"flannel(-v6)?\.\d+")
 
