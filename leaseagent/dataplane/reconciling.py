@@ -16,7 +16,7 @@ one more device. Nothing below depends on the family:
 
 - `sync(peers)`: level-triggered. Plan the whole peer set, read what we own
   and apply the difference (`core.plan.diff`), make before break: additions
-  first (neighbour -> FDB -> route, each a replace or an FDB append), then
+  first (neighbour -> FDB -> route, each a replace), then
   removals (route -> neighbour -> FDB), so a peer whose objects change
   (DirectRouting turned on, a new PublicIP) is never without a path in
   between. The tables are read as they stream in (`_scan`): each dumped entry
@@ -113,13 +113,12 @@ from leaseagent.core.plan import (
     serves,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
+from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import (
     Action,
     Failure,
     Known,
-    Netlink,
     NetlinkEvent,
-    NetlinkEvents,
     nothing_known,
     objects_by_kind,
     read_again,
@@ -155,7 +154,7 @@ class ReconcilingBackend:
         self._settings = settings
         self.status = DataPlaneStatus()
         self._rng = rng or random.Random()
-        self._nl: Netlink | None = None
+        self._nl: Kernel | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._own_subnet: IPv4Network | None = None
@@ -206,28 +205,28 @@ class ReconcilingBackend:
         """The devices the backend wants (none by default)."""
         return ()
 
-    async def _converge_devices(self, nl: Netlink, *, repair: bool = False) -> bool:
+    async def _converge_devices(self, nl: Kernel, *, repair: bool = False) -> bool:
         """Make the backend's devices what `_device_specs` says; True if anything changed."""
         return False
 
-    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+    async def _scan(self, nl: Kernel, known: Known) -> list[KernelObject]:
         """Read what the kernel has of ours: each entry's identity is told to `known`,
         and the entries it does not know are returned as objects (Netlink.scan_routes).
         DumpInterrupted: read again."""
         raise NotImplementedError
 
-    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+    async def _observe_devices(self, nl: Kernel) -> dict[str, DeviceState | None]:
         """The backend's devices as the kernel has them, by name (None: absent)."""
         return {}
 
-    async def _ensure_ready(self, nl: Netlink) -> bool:
+    async def _ensure_ready(self, nl: Kernel) -> bool:
         """Repair the backend's device/address if needed; True if something was repaired."""
         return False
 
-    async def _refresh(self, nl: Netlink) -> None:
+    async def _refresh(self, nl: Kernel) -> None:
         """Re-read host facts the plan depends on (called before each full sync)."""
 
-    async def _program(self, nl: Netlink, changes: PlanDiff
+    async def _program(self, nl: Kernel, changes: PlanDiff
                        ) -> tuple[list[KernelObject], list[KernelObject], list[Failure]]:
         """Make `changes` in the kernel: (removed, added, failures). By default all are
         rtnetlink objects, added first, then removed (each list already in order)."""
@@ -279,7 +278,7 @@ class ReconcilingBackend:
         )
 
     # -- this host's own routes and addresses ------------------------------------
-    async def _scan_routes(self, nl: Netlink, known: Known) -> list[Route]:
+    async def _scan_routes(self, nl: Kernel, known: Known) -> list[Route]:
         """Our routes (see Netlink.scan_routes), and from the same dump the host's other
         routes and addresses that overlap the cluster network (`_dumped_routes`, for
         `host_conflict`): every backend's `_scan` reads routes through here."""
@@ -307,7 +306,7 @@ class ReconcilingBackend:
         self._host_routes = tuple(routes)
         return True
 
-    async def _read_host_routes(self, nl: Netlink) -> None:
+    async def _read_host_routes(self, nl: Kernel) -> None:
         """Read the host's routes once, before anything is planned (later passes use
         their own dump's)."""
         if self._host_routes is None:
@@ -399,7 +398,7 @@ class ReconcilingBackend:
         peer = peers.get(key)
         return self._plan_peer(peer) if peer is not None else frozenset()
 
-    async def current(self, nl: Netlink) -> set[KernelObject]:
+    async def current(self, nl: Kernel) -> set[KernelObject]:
         """Everything of ours the kernel has, as objects."""
         return set(await read_again(lambda: self._scan(nl, nothing_known)))
 
@@ -517,12 +516,12 @@ class ReconcilingBackend:
 
     # -- mechanics ---------------------------------------------------------------
 
-    async def _netlink(self) -> Netlink:
+    async def _netlink(self) -> Kernel:
         if self._nl is None:
-            self._nl = await Netlink.open(self._settings.netns)
+            self._nl = await self._settings.open_kernel()
         return self._nl
 
-    async def _full_sync(self, nl: Netlink, peers: Mapping[IPv4Network, Peer], *,
+    async def _full_sync(self, nl: Kernel, peers: Mapping[IPv4Network, Peer], *,
                          repair: bool, ready: Awaitable[object] | None = None,
                          started: float | None = None) -> None:
         """Plan the whole peer set, compare with the kernel, then (once `ready` is done)
@@ -551,7 +550,7 @@ class ReconcilingBackend:
         del plan, changes
         memory.trim()
 
-    async def _full_plan(self, nl: Netlink, peers: Mapping[IPv4Network, Peer]
+    async def _full_plan(self, nl: Kernel, peers: Mapping[IPv4Network, Peer]
                          ) -> tuple[dict[int, int], PlanDiff]:
         """A full sync's counts of wanting peers per object (`_uses` once applied), and how
         the kernel differs from the plan (nothing changed yet).
@@ -574,7 +573,7 @@ class ReconcilingBackend:
         self._removing.clear()  # echoes of earlier removals have come by now
         return uses, await read_again(lambda: self._compare(nl, peers, desired))
 
-    async def _full_apply(self, nl: Netlink, peers: Mapping[IPv4Network, Peer],
+    async def _full_apply(self, nl: Kernel, peers: Mapping[IPv4Network, Peer],
                           uses: dict[int, int], changes: PlanDiff, *, repair: bool,
                           started: float) -> None:
         """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
@@ -588,7 +587,7 @@ class ReconcilingBackend:
             self.status.last_error = None
         self.status.reconciles.observe(time.monotonic() - started)
 
-    async def _compare(self, nl: Netlink, peers: Mapping[IPv4Network, Peer],
+    async def _compare(self, nl: Kernel, peers: Mapping[IPv4Network, Peer],
                        desired: dict[Ident, IPv4Network]) -> PlanDiff:
         """How the kernel differs from the plan whose identities `desired` holds (with
         the key each was planned under), read as it streams in (`_scan`). When the
@@ -705,7 +704,7 @@ class ReconcilingBackend:
                 log.info("peer %s programmed now (the kernel took what it refused)", key)
         return own
 
-    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool,
+    async def _apply(self, nl: Kernel, changes: PlanDiff, *, repair: bool,
                      peers: Mapping[IPv4Network, Peer] | None = None,
                      decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
         """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
@@ -825,7 +824,7 @@ class ReconcilingBackend:
         first = True
         while True:
             try:
-                events = await NetlinkEvents.open(self._settings.netns)
+                events = await (await self._netlink()).events()
             except DataPlaneError as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot watch netlink events (retrying in %.1fs): %s", delay, exc)

@@ -78,7 +78,8 @@ from leaseagent.core.profiles import vxlan
 from leaseagent.core.profiles.vxlan import VxlanLeaseData, VxlanOptions, unicast_mac
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DoctorFindings
 from leaseagent.dataplane.devices import fix_in_place
-from leaseagent.dataplane.netlink import Known, Netlink, NetlinkEvent
+from leaseagent.dataplane.kernelport import Kernel
+from leaseagent.dataplane.netlink import Known, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.rtnl import family_of
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -152,7 +153,7 @@ class Vtep:
         return DeviceSpec(name=self.name, kind=vxlan.DEVICE_KIND, mtu=self.mtu, vxlan=self.attrs,
                           mac=self.mac, address=host_address(own) if own else None)
 
-    async def observe(self, nl: Netlink) -> DeviceState | None:
+    async def observe(self, nl: Kernel) -> DeviceState | None:
         """The device as the kernel has it; a backend that never prepared (doctor)
         plans with the index found."""
         state = await nl.device_state(self.name)
@@ -160,7 +161,7 @@ class Vtep:
             self.index = state.index
         return state
 
-    async def converge(self, nl: Netlink, own: Network | None, *, repair: bool = False) -> bool:
+    async def converge(self, nl: Kernel, own: Network | None, *, repair: bool = False) -> bool:
         """Make the device what `spec` says: adopt, adjust in place, or (re)create it;
         True if anything changed. The first time, the device's MAC is adopted. A
         `repair` (someone changed the device) is logged at INFO, setting it up at DEBUG."""
@@ -185,7 +186,7 @@ class Vtep:
             store_vtep_mac(self._state_dir, self.mac, self.mac_file)
         return changed
 
-    async def _create(self, nl: Netlink, state: DeviceState | None,
+    async def _create(self, nl: Kernel, state: DeviceState | None,
                       differences: list[DeviceDifference]) -> DeviceState:
         """Delete a device that cannot be adopted and create it as specified, keeping a
         MAC in this order: ours, the old device's, the stored one, a new random one."""
@@ -282,10 +283,10 @@ class VxlanBackend(ReconcilingBackend):
                       ) -> tuple[DeviceSpec, ...]:
         return tuple(vtep.spec(own) for vtep, own in self._with_own(own_subnet, own_ipv6))
 
-    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+    async def _observe_devices(self, nl: Kernel) -> dict[str, DeviceState | None]:
         return {vtep.name: await vtep.observe(nl) for vtep in self._devices}
 
-    async def _converge_devices(self, nl: Netlink, *, repair: bool = False) -> bool:
+    async def _converge_devices(self, nl: Kernel, *, repair: bool = False) -> bool:
         changed = False
         for vtep, own in self._with_own(self._own_subnet, self._own_ipv6):
             changed = await vtep.converge(nl, own, repair=repair) or changed
@@ -293,7 +294,7 @@ class VxlanBackend(ReconcilingBackend):
             changed = await self._remove_unused_v6(nl) or changed
         return changed
 
-    async def _remove_unused_v6(self, nl: Netlink) -> bool:
+    async def _remove_unused_v6(self, nl: Kernel) -> bool:
         """Delete flannel-v6.<VNI> left from a dual-stack run (IPv6 turned off since, in
         a running agent or across a restart); its neighbour and FDB entries go with it,
         its routes are ours and go with the next sync. True if it was there."""
@@ -326,14 +327,14 @@ class VxlanBackend(ReconcilingBackend):
                 stored_mac=stored, state_file=str(self._settings.state_dir / vtep.mac_file))
         return DoctorFindings(found)
 
-    async def _ensure_ready(self, nl: Netlink) -> bool:
+    async def _ensure_ready(self, nl: Kernel) -> bool:
         if not self._v4.index:
             return False  # not prepared yet: nothing to repair
         return await self._converge_devices(nl, repair=True)
 
     # -- plan --------------------------------------------------------------------
 
-    async def _refresh(self, nl: Netlink) -> None:
+    async def _refresh(self, nl: Kernel) -> None:
         host = self._settings.host
         if self._options.direct_routing and host.iface_index:
             self._direct_networks = tuple(
@@ -370,7 +371,7 @@ class VxlanBackend(ReconcilingBackend):
             vxlan6_index=self._v6.index if self._v6 is not None else 0,
         )
 
-    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+    async def _scan(self, nl: Kernel, known: Known) -> list[KernelObject]:
         # Routes of both families: an IPv6 route of ours left from a dual-stack run
         # is found (and removed) on an IPv4-only one too.
         found: list[KernelObject] = []

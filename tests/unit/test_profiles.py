@@ -127,8 +127,8 @@ def test_every_device_flag_is_an_option_set_by_its_key_and_applied_in_place() ->
     for flag in DEVICE_FLAGS:
         assert flag.attribute in attributes
         assert by_attribute[flag.attribute] in profile.in_place
-        assert flag.netlink.startswith("vxlan_")
     assert len({f.shown for f in DEVICE_FLAGS}) == len(DEVICE_FLAGS)
+    assert len({f.ifla for f in DEVICE_FLAGS}) == len(DEVICE_FLAGS)
 
 
 @pytest.mark.parametrize("key", ["GBP", "Learning"])

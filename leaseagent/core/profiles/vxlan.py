@@ -114,14 +114,14 @@ class DeviceFlag:
 
     attribute: str  # the VxlanOptions field that holds it
     shown: str  # its name in the device's VxlanAttrs.flags, as a difference shows it
-    netlink: str  # pyroute2's name of its IFLA_VXLAN_* attribute
+    ifla: int  # its IFLA_VXLAN_* attribute (linux/if_link.h)
     presence: bool = False  # True: a flag attribute, there when on; False: a u8, 0 or 1
 
 
 # The device's flags, as flannel sets them (the kernel's default for any not given: off).
 DEVICE_FLAGS = (
-    DeviceFlag("learning", "learning", "vxlan_learning"),
-    DeviceFlag("gbp", "GBP", "vxlan_gbp", presence=True),
+    DeviceFlag("learning", "learning", 7),  # IFLA_VXLAN_LEARNING
+    DeviceFlag("gbp", "GBP", 23, presence=True),  # IFLA_VXLAN_GBP
 )
 
 
