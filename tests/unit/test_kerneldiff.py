@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
-from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.kerneldiff import AppliedPlan, FullPass, Verdict, judge_event, neighbour_key
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import Fdb, KernelObject, Neighbour, Route
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 
 VX = 5
 
