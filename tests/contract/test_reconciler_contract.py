@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 from netns import underlay
 
-from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import network_config_from_dict
 from leaseagent.core.plan import KernelObject, Neighbour, Route, compare
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
 from leaseagent.dataplane.fakenetlink import FakeKernel
 from leaseagent.dataplane.host import resolve_host

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
-from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.kerneldiff import (
     Admission,
     AppliedPlan,
@@ -15,6 +14,7 @@ from leaseagent.core.kerneldiff import (
 )
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import Fdb, HostRoute, KernelObject, Neighbour, Route
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 
 VX = 5
 
