@@ -17,7 +17,8 @@ objects is decided here, and unit-tested without a kernel:
   only when the kernel holds objects it does not want (which another object
   replaces: `core.plan.diff_found`).
 - `judge_event`: what a kernel notification of someone else calls for: a
-  targeted repair of exactly that object, a full pass, or nothing.
+  targeted repair of exactly that object, a full pass, or nothing; `Work`
+  collects the verdicts for the resync loop.
 - `Admission`: which peers may be planned at all: none whose subnet would take
   over a route or address of this host that is not ours (`core.plan.
   host_conflict`), none claiming what this host or another planned peer holds
@@ -222,6 +223,43 @@ def judge_event(kind: str, *, deleted: bool, obj: KernelObject | None, planned: 
         # own echoes too; a foreign remote is for the periodic pass).
         return Verdict.IGNORE
     return Verdict.FULL  # one of ours changed by someone else
+
+
+class Work:
+    """What the event watcher hands the resync loop (`repairs`: objects to put back;
+    `full`: a full pass), and the neighbour entries we are removing ourselves
+    (`removing`, for `judge_event`)."""
+
+    __slots__ = ("full", "removing", "repairs")
+
+    def __init__(self) -> None:
+        self.repairs: set[KernelObject] = set()
+        self.full = False
+        self.removing: set[int] = set()
+
+    def note(self, kind: str, *, deleted: bool, obj: KernelObject | None,
+             planned: AppliedPlan) -> bool:
+        """A notification of drift of `kind` (judge_event); True if it calls for work."""
+        verdict = judge_event(kind, deleted=deleted, obj=obj, planned=planned,
+                              removing=self.removing)
+        if verdict is Verdict.IGNORE:
+            return False
+        if verdict is Verdict.REPAIR:
+            assert obj is not None
+            self.repairs.add(obj)
+        else:
+            self.full = True
+        return True
+
+    def removes(self, objects: Iterable[KernelObject]) -> None:
+        """We are about to remove `objects`: their neighbour entries' deletions are ours."""
+        self.removing.update(neighbour_key(obj) for obj in objects if isinstance(obj, Neighbour))
+
+    def take(self) -> tuple[bool, set[KernelObject]]:
+        """The work queued (whether a full pass, the objects to repair), emptied."""
+        full, repairs = self.full, self.repairs
+        self.full, self.repairs = False, set()
+        return full, repairs
 
 
 class Admission:

@@ -95,9 +95,7 @@ from leaseagent.core.kerneldiff import (
     AppliedPlan,
     Claims,
     FullPass,
-    Verdict,
-    judge_event,
-    neighbour_key,
+    Work,
 )
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
@@ -107,7 +105,6 @@ from leaseagent.core.plan import (
     DeviceState,
     HostRoute,
     KernelObject,
-    Neighbour,
     Observation,
     PlanDiff,
     Route,
@@ -160,13 +157,8 @@ class ReconcilingBackend:
         self._own_ipv6: IPv6Network | None = None  # the lease's IPv6 part, when dual-stack
         self._synced = False
         self._applied = AppliedPlan()  # the last applied plan (core.kerneldiff)
-        # Neighbour entries being removed by us, by the hash of their key: the kernel
-        # tells of a neighbour's deletion with port id 0 and without its MAC, so our own
-        # removals are told from someone else's by this.
-        self._removing: set[int] = set()
-        # Work the event watcher hands to the resync loop: objects to put back.
-        self._pending_repairs: set[KernelObject] = set()
-        self._full_resync_needed = False
+        # Work the event watcher hands to the resync loop (core.kerneldiff.Work).
+        self._work = Work()
         # Peers of another backend type: their subnets, and what was logged of them.
         self._foreign: set[IPv4Network] = set()
         self._foreign_logged: set[tuple[IPv4Network, str]] = set()
@@ -409,7 +401,7 @@ class ReconcilingBackend:
                     old |= planned
             if peer is None and subnet in was_foreign:
                 # What was kept for it goes with a full pass (nothing here knows it).
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             claims = self._claims(peer) if peer is not None else ()
             conflict = (self._admission.conflict(peer, claims, own) if peer is not None
@@ -478,7 +470,7 @@ class ReconcilingBackend:
             # The host's routes changed since the last pass: plan again with them (a peer
             # may conflict now, or no longer), level-triggered like everything else.
             self._admission.host_routes = self._dumped_routes
-            self._full_resync_needed = True
+            self._work.full = True
             self._wake.set()
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
         # The pass's dumps, plan and changes were its peak: what glibc keeps of them
@@ -501,7 +493,7 @@ class ReconcilingBackend:
         self._foreign.clear()
         self._note_foreign(peers, peers)
         full = FullPass(self._peer_plans(self._own_subnet, peers))
-        self._removing.clear()  # echoes of earlier removals have come by now
+        self._work.removing.clear()  # echoes of earlier removals have come by now
         return full.uses, await read_again(lambda: self._compare(nl, peers, full))
 
     async def _full_apply(self, nl: Kernel, peers: Mapping[IPv4Network, Peer],
@@ -607,8 +599,7 @@ class ReconcilingBackend:
                      decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
         """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
         objects of `peers` in a pass that tried `decided`)."""
-        self._removing.update(neighbour_key(obj) for obj in changes.to_remove
-                              if isinstance(obj, Neighbour))
+        self._work.removes(changes.to_remove)
         removed, added, failures = await self._program(nl, changes)
         self.status.removed.update(objects_by_kind(removed))
         self.status.added.update(objects_by_kind(added))
@@ -662,9 +653,8 @@ class ReconcilingBackend:
                 periodic = True
             # Cleared before the pass: an event during it triggers another one.
             self._wake.clear()
-            full = periodic or self._full_resync_needed
-            repairs, self._pending_repairs = self._pending_repairs, set()
-            self._full_resync_needed = False
+            full, repairs = self._work.take()
+            full = full or periodic
             try:
                 if full:
                     await self._resync(get_peers)
@@ -676,7 +666,7 @@ class ReconcilingBackend:
                 delay = backoff.next_delay()
                 log.warning("data plane resync failed (retrying in %.1fs): %s", delay, exc)
                 await asyncio.sleep(delay)
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             else:
                 backoff.reset()
@@ -685,21 +675,15 @@ class ReconcilingBackend:
         """Queue the work an event of someone else calls for, and wake the loop."""
         if (event.host_route is not None and event.protocol != self._settings.route_protocol
                 and self._note_host_route(event.host_route, deleted=event.deleted)):
-            self._full_resync_needed = True
+            self._work.full = True
             self._wake.set()
             return
         kind = self._drift_kind(event)
         if kind is None:
             return
-        verdict = judge_event(kind, deleted=event.deleted, obj=event.obj, planned=self._applied,
-                              removing=self._removing)
-        if verdict is Verdict.IGNORE:
+        if not self._work.note(kind, deleted=event.deleted, obj=event.obj,
+                               planned=self._applied):
             return
-        if verdict is Verdict.REPAIR:
-            assert event.obj is not None
-            self._pending_repairs.add(event.obj)
-        else:
-            self._full_resync_needed = True
         log.debug("netlink event %s: %s drift", event, kind)
         self._wake.set()
 
@@ -716,7 +700,7 @@ class ReconcilingBackend:
                 continue
             if not first:
                 # Whatever happened while we were deaf is found by a full resync.
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             first = False
             try:

@@ -9,6 +9,7 @@ from leaseagent.core.kerneldiff import (
     AppliedPlan,
     FullPass,
     Verdict,
+    Work,
     judge_event,
     neighbour_key,
 )
@@ -213,3 +214,18 @@ def test_host_routes_noted_only_once_read() -> None:
     assert admission.conflict(peer(3), (), frozenset()) is not None
     assert admission.note_host_route(route, deleted=True)
     assert admission.host_routes == ()
+
+
+def test_work_collects_verdicts_for_the_resync_loop() -> None:
+    applied = applied_with(peer(2))
+    work = Work()
+    route = Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.5.2.0"), VX, onlink=True)
+    neighbour = Neighbour(VX, IPv4Address("10.5.9.0"), "02:00:00:00:00:09")
+    work.removes([neighbour, route])
+    assert work.note("route", deleted=True, obj=route, planned=applied)  # a repair
+    assert not work.note("neighbour", deleted=True, obj=Neighbour(VX, neighbour.dst, ""),
+                         planned=applied)  # our own removal's echo
+    assert work.take() == (False, {route})
+    assert work.note("device", deleted=True, obj=None, planned=applied)
+    assert work.take() == (True, set())
+    assert work.take() == (False, set())
