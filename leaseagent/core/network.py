@@ -12,7 +12,7 @@ flannel's rules, kept exactly (pkg/subnet/config.go; docs/architecture.md, "Wire
   clash with the network address), SubnetMax to the last; both must lie in
   Network and sit on a SubnetLen boundary.
 - Backend.Type defaults to "vxlan" (flannel's code says udp, its docs vxlan)
-  and must be a type of leaseagent.core.backends, whose options are checked
+  and must be a type of leaseagent.core.profiles, whose options are checked
   here too: a config this module accepts is one every agent can run.
 
 Dual-stack (flannel's `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`,
@@ -39,7 +39,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from leaseagent.core import gojson
-from leaseagent.core.backends import DEFAULT_BACKEND, BackendOptions, backend_type
+from leaseagent.core.profiles import DEFAULT_BACKEND, backend_type
+from leaseagent.core.profiles.base import BackendOptions, BackendProfile
 from leaseagent.errors import NetworkConfigError
 
 Address = IPv4Address | IPv6Address
@@ -54,15 +55,6 @@ Network = IPv4Network | IPv6Network
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4_TEXT = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
 _IPV4_TEXT = re.compile(IPV4_TEXT, re.ASCII)  # ASCII digits only (int() reads any script's)
-
-
-def span(network: Network) -> tuple[int, int]:
-    """The first and the last address of `network` as numbers. Not ipaddress's
-    `broadcast_address`, which caches itself and the hostmask on the object: two more
-    addresses and a larger `__dict__` on each of thousands of peers' subnets (~290 B
-    a peer; docs/benchmarks.md, "Memory at 5,000 peers")."""
-    first = int(network.network_address)
-    return first, first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
 
 
 def ipv4_int(a: str, b: str, c: str, d: str) -> int:
@@ -201,10 +193,15 @@ class NetworkConfig:
 
     ipv4: SubnetRange
     backend_type: str
-    options: BackendOptions  # the Backend object read by its type's rules (core.backends)
+    options: BackendOptions  # the Backend object read by its type's profile (core.profiles)
     backend: Mapping[str, Any] = field(default_factory=dict)
     enable_nftables: bool = False  # flannel's EnableNFTables: traffic rules with nftables
     ipv6: SubnetRange | None = None
+
+    @property
+    def profile(self) -> BackendProfile:
+        """The profile of the backend type: what the rest of the code asks about it."""
+        return backend_type(self.backend_type)
 
     # The IPv4 range's facts under the names the code used before dual-stack.
     @property
