@@ -49,10 +49,10 @@ from leaseagent.agent.switching import ConfigSwitch
 from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
 from leaseagent.core.allocation import Chooser, candidates
-from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.configchange import CLASSES
 from leaseagent.core.leases import REASONS, KeyLayout, LeaseValue, PeerChanges, unusable_ip_reason
 from leaseagent.core.network import NetworkConfig
+from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.core.subnetenv import previous_ipv6_subnet, previous_subnet
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import BackendAttrs, DataPlane, DataPlaneSettings, HostInfo
@@ -230,7 +230,7 @@ class Agent:
         cfg = self.cfg
         host = await resolve_host(cfg, network, self._host)
         why = unusable_ip_reason(host.public_ip)
-        if network.backend_type != "alloc" and why:
+        if network.profile.data_path and why:
             raise ConfigError(f"PublicIP {host.public_ip} is {why}: peers would refuse it "
                               f"(--allow-any-public-ip is for alloc only)")
         log.info("leaseagent %s: backend %s, interface %s, PublicIP %s%s, node id %s, etcd %s",

@@ -22,7 +22,6 @@ from ipaddress import IPv4Network
 from leaseagent.agent.leasing import OwnLease
 from leaseagent.agent.supervision import Tasks
 from leaseagent.config import AgentConfig
-from leaseagent.core.backends import VxlanOptions
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
@@ -79,8 +78,7 @@ class Plane:
         """Program for `network` from now on (the rules' tool and the VXLAN port)."""
         self.network = network
         self.traffic = replace(self._cfg.traffic, nftables=network.enable_nftables)
-        options = network.options
-        self.vxlan_port = options.port if isinstance(options, VxlanOptions) else None
+        self.vxlan_port = network.profile.peer_filter_port(network.options)
 
     def new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
         """A data plane of `network`'s backend type for `host`, its status exported."""
@@ -97,7 +95,7 @@ class Plane:
         """A keeper of the traffic rules per family the network uses (none for alloc: it
         has no data path): a `running` one where it writes with the same tool, else a new
         one. ConfigError when a program they need is missing."""
-        if network.backend_type == "alloc":
+        if not network.profile.data_path:
             return []
         nftables = network.enable_nftables
         reuse = {(r.nftables, r.family): r for r in running}

@@ -83,7 +83,7 @@ async def _resolve_host(cfg: AgentConfig, network: NetworkConfig,
     want_ipv6 = network.ipv6 is not None
     if host is not None and (host.public_ipv6 is not None or not want_ipv6):
         return host
-    if network.backend_type == "alloc" and cfg.public_ip is not None and not cfg.iface:
+    if not network.profile.data_path and cfg.public_ip is not None and not cfg.iface:
         return HostInfo(public_ip=cfg.public_ip, public_ipv6=cfg.public_ipv6)
     from leaseagent.dataplane.host import resolve_host as resolve
 
