@@ -24,12 +24,10 @@ one more device. Nothing below depends on the family:
   object; nothing of a dump is kept. Marks the backend synced; nothing is
   ever removed before the first sync.
 - `update(changes, peers)`: incremental, no table dump. The last applied
-  plan is kept small: per peer subnet the peer it was planned from
-  (`_programmed`, the watcher's own object), planned again when it changes
-  or goes, and per object a count of the peers that want it, by hash
-  (`_uses`: an object two peers want, two leases with one VtepMAC share an
-  FDB entry, stays while one does). It converges to what `sync` would
-  produce; `run` heals any divergence.
+  plan is kept small (`core.kerneldiff.AppliedPlan`: per peer subnet the
+  peer it was planned from, the watcher's own object, and per object a count
+  of the peers that want it). It converges to what `sync` would produce;
+  `run` heals any divergence.
 - `run(get_peers)`: two tasks. A netlink event watcher and a resync loop.
   The watcher looks at every broadcast: one of our routes or FDB entries
   deleted by someone else is queued for a *targeted* repair (exactly that
@@ -92,6 +90,13 @@ from typing import Any
 
 from leaseagent import memory
 from leaseagent.core.diagnosis import render_object
+from leaseagent.core.kerneldiff import (
+    Admission,
+    AppliedPlan,
+    Claims,
+    FullPass,
+    Work,
+)
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
     MAIN_TABLE,
@@ -99,16 +104,12 @@ from leaseagent.core.plan import (
     DeviceSpec,
     DeviceState,
     HostRoute,
-    Ident,
     KernelObject,
-    Neighbour,
     Observation,
     PlanDiff,
     Route,
     cluster_relevant,
     diff,
-    diff_found,
-    host_conflict,
     peer_keys,
     serves,
 )
@@ -135,11 +136,6 @@ async def _done(ready: Awaitable[object] | None) -> None:
         await ready
 
 
-def _neighbour_key(obj: Neighbour) -> int:
-    """A neighbour entry's key (the kernel's: device and address), hashed."""
-    return hash((obj.ifindex, obj.dst.version, int(obj.dst)))
-
-
 # Collect a burst of events (a device deletion brings several) into one resync.
 DEBOUNCE_SECONDS = 0.01
 RESYNC_JITTER = 0.2
@@ -160,30 +156,18 @@ class ReconcilingBackend:
         self._own_subnet: IPv4Network | None = None
         self._own_ipv6: IPv6Network | None = None  # the lease's IPv6 part, when dual-stack
         self._synced = False
-        # The last applied plan, kept small (see the module docstring): per peer subnet
-        # the peer it was planned from; per object hash, how many peers (or the backend
-        # itself) want that object.
-        self._programmed: dict[IPv4Network, Peer] = {}
-        self._uses: dict[int, int] = {}
-        # Neighbour entries being removed by us, by the hash of their key: the kernel
-        # tells of a neighbour's deletion with port id 0 and without its MAC, so our own
-        # removals are told from someone else's by this.
-        self._removing: set[int] = set()
-        # Work the event watcher hands to the resync loop: objects to put back.
-        self._pending_repairs: set[KernelObject] = set()
-        self._full_resync_needed = False
+        self._applied = AppliedPlan()  # the last applied plan (core.kerneldiff)
+        # Work the event watcher hands to the resync loop (core.kerneldiff.Work).
+        self._work = Work()
         # Peers of another backend type: their subnets, and what was logged of them.
         self._foreign: set[IPv4Network] = set()
         self._foreign_logged: set[tuple[IPv4Network, str]] = set()
-        # This host's routes and addresses that are not ours and overlap the cluster
-        # network, from the last complete route dump (None: not read yet), and the
-        # peers they keep from being programmed (logged once each).
-        self._host_routes: tuple[HostRoute, ...] | None = None
+        # Which peers may be planned (core.kerneldiff): the host's routes and addresses
+        # that are not ours, from the last complete route dump, and what planned peers
+        # claim; the peers kept out are logged once each.
+        self._admission = Admission()
         self._dumped_routes: tuple[HostRoute, ...] = ()
         self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
-        # What only one host may hold (vxlan: a VtepMAC), claimed by the programmed
-        # peers: claim -> (its holder's address, the peer's subnet). See `_claims`.
-        self._claimed: dict[str, tuple[object, IPv4Network]] = {}
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -298,22 +282,18 @@ class ReconcilingBackend:
         """A route or address of someone else came or went (a netlink event): from now
         on peers are judged with it, at once (a lease arriving next must not replace a
         route just added), and a full pass plans them all again. True if it matters."""
-        if self._host_routes is None or not cluster_relevant((route,), self._networks()):
+        if not cluster_relevant((route,), self._networks()):
             return False
-        routes = [r for r in self._host_routes if r != route]
-        if not deleted:
-            routes.append(route)
-        self._host_routes = tuple(routes)
-        return True
+        return self._admission.note_host_route(route, deleted=deleted)
 
     async def _read_host_routes(self, nl: Kernel) -> None:
         """Read the host's routes once, before anything is planned (later passes use
         their own dump's)."""
-        if self._host_routes is None:
+        if self._admission.host_routes is None:
             await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
-            self._host_routes = self._dumped_routes
+            self._admission.host_routes = self._dumped_routes
 
-    def _claims(self, peer: Peer) -> tuple[tuple[str, object], ...]:
+    def _claims(self, peer: Peer) -> Claims:
         """What `peer` claims that only one host may hold, each with the address that
         holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
         with another host's VtepMAC would route its subnet to that host's VTEP, and give
@@ -324,50 +304,12 @@ class ReconcilingBackend:
         """The claims this host holds itself (vxlan: its devices' MACs)."""
         return frozenset()
 
-    def _conflict(self, peer: Peer, claims: tuple[tuple[str, object], ...],
-                  claimed: Mapping[str, tuple[object, IPv4Network]],
-                  own: frozenset[str]) -> str | None:
-        """Why `peer` must not be programmed here (None: it may): its subnet over a route
-        or address of this host (core.plan.host_conflict), or a claim of this host's or
-        of another programmed peer with another holder (`claimed`)."""
-        route = host_conflict(peer, self._host_routes or ())
-        if route is not None:
-            return f"its subnet overlaps this host's {route.text}, which is not the agent's"
-        for claim, holder in claims:
-            if claim in own:
-                return f"it has {claim}, this host's own"
-            other = claimed.get(claim)
-            if other is not None and other[0] != holder and other[1] != peer.subnet:
-                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
-        return None
-
-    @staticmethod
-    def _claim(peer: Peer, claims: tuple[tuple[str, object], ...],
-               claimed: dict[str, tuple[object, IPv4Network]]) -> None:
-        for claim, holder in claims:
-            claimed.setdefault(claim, (holder, peer.subnet))
-
-    def _unclaim(self, peer: Peer) -> None:
-        for claim, _holder in self._claims(peer):
-            if self._claimed.get(claim, (None, None))[1] == peer.subnet:
-                del self._claimed[claim]
-
     def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, str]:
-        """The peers that must not be programmed here (`_conflict`, the first of the
-        peer set holding a claim), each logged once; `status.conflicting_peers` says
-        them all. Leaves `_claimed` as the allowed peers claim."""
-        out: dict[IPv4Network, str] = {}
-        claimed: dict[str, tuple[object, IPv4Network]] = {}
-        own = self._own_claims()
-        for subnet, peer in peers.items():
-            claims = self._claims(peer)
-            why = self._conflict(peer, claims, claimed, own)
-            if why is not None:
-                out[subnet] = why
-                self._log_conflict(peer, why)
-            else:
-                self._claim(peer, claims, claimed)
-        self._claimed = claimed
+        """The peers that must not be programmed here (Admission.judge), each logged
+        once; `status.conflicting_peers` says them all."""
+        out = self._admission.judge(peers, self._claims, self._own_claims())
+        for subnet, why in out.items():
+            self._log_conflict(peers[subnet], why)
         self.status.conflicting_peers = out
         return out
 
@@ -408,7 +350,7 @@ class ReconcilingBackend:
             devices = await self._observe_devices(nl)
             await self._refresh(nl)
             objects = frozenset(await self.current(nl))
-            self._host_routes = self._dumped_routes  # what `spec` judges peers by now
+            self._admission.host_routes = self._dumped_routes  # what `spec` judges peers by
             return Observation(devices=devices, objects=objects)
 
     async def sync(self, peers: Mapping[IPv4Network, Peer], *,
@@ -436,14 +378,14 @@ class ReconcilingBackend:
                 await _done(ready)
             affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
             failures = await self._apply(nl, to_change, repair=False, peers={
-                k: self._programmed[k] for k in affected if k in self._programmed},
+                k: self._applied.peers[k] for k in affected if k in self._applied.peers},
                 decided=affected)
             if failures:
                 self.status.in_sync = False
 
     def _plan_update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> PlanDiff:
-        """What `update` changes in the kernel; `_programmed` and `_uses` say the plan
-        with the changes from now on."""
+        """What `update` changes in the kernel; `_applied` says the plan with the
+        changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
         own = self._own_claims()
         was_foreign = self._foreign & affected
@@ -451,22 +393,18 @@ class ReconcilingBackend:
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
         for subnet in affected:
-            before = self._programmed.pop(subnet, None)
+            before, planned = self._applied.drop(subnet, self._plan_peer)
             peer = peers.get(subnet)
             if before is not None:
-                self._unclaim(before)
-                # Planned again as it was: what plans depend on besides the peer
-                # (device indexes) changes only with a full sync, which plans anew.
-                planned = self._plan_peer(before)
+                self._admission.unclaim(before, self._claims(before))
                 if subnet not in self._foreign:  # switched to another type: kept meanwhile
                     old |= planned
-                self._count(planned, -1)
             if peer is None and subnet in was_foreign:
                 # What was kept for it goes with a full pass (nothing here knows it).
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             claims = self._claims(peer) if peer is not None else ()
-            conflict = (self._conflict(peer, claims, self._claimed, own) if peer is not None
+            conflict = (self._admission.conflict(peer, claims, own) if peer is not None
                         else None)
             if conflict is not None:
                 assert peer is not None
@@ -475,19 +413,9 @@ class ReconcilingBackend:
             else:
                 self.status.conflicting_peers.pop(subnet, None)
             if peer is not None and subnet != self._own_subnet and conflict is None:
-                self._claim(peer, claims, self._claimed)
-                after = self._plan_peer(peer)
-                self._programmed[subnet] = peer
-                self._count(after, +1)
-                new |= after
-        to_add, to_remove = diff(new, old)
-        # An object another (unaffected) peer still needs stays; nothing goes
-        # before the first full sync has shown which peers are really gone.
-        if self._synced:
-            to_remove = tuple(o for o in to_remove if hash(o) not in self._uses)
-        else:
-            to_remove = ()
-        return PlanDiff(to_add, to_remove)
+                self._admission.claim(peer, claims)
+                new |= self._applied.add(peer, self._plan_peer)
+        return self._applied.change(old, new, synced=self._synced)
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         await first_to_end(self._watch_events(), self._resync_loop(get_peers),
@@ -505,7 +433,7 @@ class ReconcilingBackend:
                 if state is not None:
                     await nl.delete_link(state.index)
                     log.info("removed %s (the backend is rebuilt)", spec.name)
-            self._programmed, self._uses = {}, {}
+            self._applied.clear()
             self._synced = False
             self.status.in_sync = False
 
@@ -538,11 +466,11 @@ class ReconcilingBackend:
             plan, changes = await self._full_plan(nl, peers)
         finally:
             await _done(ready)
-        if self._dumped_routes != self._host_routes:
+        if self._dumped_routes != self._admission.host_routes:
             # The host's routes changed since the last pass: plan again with them (a peer
             # may conflict now, or no longer), level-triggered like everything else.
-            self._host_routes = self._dumped_routes
-            self._full_resync_needed = True
+            self._admission.host_routes = self._dumped_routes
+            self._work.full = True
             self._wake.set()
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
         # The pass's dumps, plan and changes were its peak: what glibc keeps of them
@@ -552,7 +480,7 @@ class ReconcilingBackend:
 
     async def _full_plan(self, nl: Kernel, peers: Mapping[IPv4Network, Peer]
                          ) -> tuple[dict[int, int], PlanDiff]:
-        """A full sync's counts of wanting peers per object (`_uses` once applied), and how
+        """A full sync's counts of wanting peers per object (`_applied` once applied), and how
         the kernel differs from the plan (nothing changed yet).
 
         The plan is made a peer at a time and only each object's identity is kept, with
@@ -564,14 +492,9 @@ class ReconcilingBackend:
         await self._refresh(nl)
         self._foreign.clear()
         self._note_foreign(peers, peers)
-        desired: dict[Ident, IPv4Network] = {}
-        uses: dict[int, int] = {}
-        for key, objects in self._peer_plans(self._own_subnet, peers):
-            for obj in objects:
-                desired[obj._ident] = key
-                uses[hash(obj)] = uses.get(hash(obj), 0) + 1
-        self._removing.clear()  # echoes of earlier removals have come by now
-        return uses, await read_again(lambda: self._compare(nl, peers, desired))
+        full = FullPass(self._peer_plans(self._own_subnet, peers))
+        self._work.removing.clear()  # echoes of earlier removals have come by now
+        return full.uses, await read_again(lambda: self._compare(nl, peers, full))
 
     async def _full_apply(self, nl: Kernel, peers: Mapping[IPv4Network, Peer],
                           uses: dict[int, int], changes: PlanDiff, *, repair: bool,
@@ -579,65 +502,32 @@ class ReconcilingBackend:
         """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
         failures = await self._apply(nl, changes, repair=repair, peers=self._programmed_of(peers),
                                      decided=None)
-        self._programmed = dict(peers)
-        self._uses = uses
+        self._applied.replace(peers, uses)
         self._synced = True
         self.status.in_sync = not failures
         if not failures:
             self.status.last_error = None
         self.status.reconciles.observe(time.monotonic() - started)
 
-    async def _compare(self, nl: Kernel, peers: Mapping[IPv4Network, Peer],
-                       desired: dict[Ident, IPv4Network]) -> PlanDiff:
-        """How the kernel differs from the plan whose identities `desired` holds (with
-        the key each was planned under), read as it streams in (`_scan`). When the
-        kernel has none of them (a join), `desired` is emptied once the tables are read:
-        every object is planned again, and 15,000 identities are not held beside them."""
-        missing = dict(desired)
-
-        def known(ident: Ident) -> bool:
-            if ident in desired:
-                missing.pop(ident, None)
-                return True
-            return False
-
-        stale = await self._scan(nl, known)  # read_again's retries come from in here
+    async def _compare(self, nl: Kernel, peers: Mapping[IPv4Network, Peer], full: FullPass
+                       ) -> PlanDiff:
+        """How the kernel differs from `full`'s plan, read as it streams in (`_scan`;
+        core.kerneldiff.Reading)."""
+        reading = full.reading()
+        stale = await self._scan(nl, reading.known)  # read_again's retries come from in here
         if self._foreign and stale:  # kept while their peers run another type
             keys = frozenset(chain.from_iterable(peer_keys(peers[s]) for s in self._foreign
                                                  if s in peers))
             stale = [obj for obj in stale if not serves(obj, keys)]
-        lacking = dict.fromkeys(missing.values())
-        everything = len(missing) == len(desired)
-        if everything:
-            missing.clear()
-            desired.clear()
-        # Two peers may plan one object: it is added once (dict.fromkeys, by identity).
-        to_add = list(dict.fromkeys(obj for key in lacking
-                                    for obj in self._planned_again(key, peers)
-                                    if everything or obj._ident in missing))
-        missing.clear()
-        planned: list[KernelObject] = []
-        if stale:  # which of them another object replaces: the whole plan's keys
-            planned = [obj for _key, objects in self._peer_plans(self._own_subnet, peers)
-                       for obj in objects]
-        return diff_found(planned, to_add, stale)
-
-    def _count(self, objects: Iterable[KernelObject], delta: int) -> None:
-        """Count `objects` as wanted by one more (delta +1) or one fewer (-1) peer."""
-        uses = self._uses
-        for obj in objects:
-            key = hash(obj)
-            n = uses.get(key, 0) + delta
-            if n > 0:
-                uses[key] = n
-            else:
-                uses.pop(key, None)
+        return reading.finish(
+            stale, planned_again=lambda key: self._planned_again(key, peers),
+            whole_plan=lambda: (obj for _key, objects in self._peer_plans(self._own_subnet, peers)
+                                for obj in objects))
 
     def planned(self) -> Iterator[KernelObject]:
         """The objects of the last applied plan (planned again from its peers)."""
         yield from self._own_objects()
-        for peer in self._programmed.values():
-            yield from self._plan_peer(peer)
+        yield from self._applied.objects(self._plan_peer)
 
     def _note_foreign(self, subnets: Iterable[IPv4Network],
                       peers: Mapping[IPv4Network, Peer]) -> None:
@@ -709,8 +599,7 @@ class ReconcilingBackend:
                      decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
         """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
         objects of `peers` in a pass that tried `decided`)."""
-        self._removing.update(_neighbour_key(obj) for obj in changes.to_remove
-                              if isinstance(obj, Neighbour))
+        self._work.removes(changes.to_remove)
         removed, added, failures = await self._program(nl, changes)
         self.status.removed.update(objects_by_kind(removed))
         self.status.added.update(objects_by_kind(added))
@@ -742,13 +631,13 @@ class ReconcilingBackend:
     async def _repair(self, objects: set[KernelObject]) -> None:
         """Put back those of `objects` the last applied plan still holds (no dump)."""
         async with self._lock:
-            objects = {obj for obj in objects if hash(obj) in self._uses}
+            objects = {obj for obj in objects if self._applied.wants(obj)}
             if not objects:
                 return
             nl = await self._netlink()
             ordered = diff(objects, ()).to_add  # neighbour -> FDB -> route
             if await self._apply(nl, PlanDiff(ordered, ()), repair=True,
-                                 peers=self._programmed, decided=()):
+                                 peers=self._applied.peers, decided=()):
                 self.status.in_sync = False
 
     async def _resync_loop(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
@@ -764,9 +653,8 @@ class ReconcilingBackend:
                 periodic = True
             # Cleared before the pass: an event during it triggers another one.
             self._wake.clear()
-            full = periodic or self._full_resync_needed
-            repairs, self._pending_repairs = self._pending_repairs, set()
-            self._full_resync_needed = False
+            full, repairs = self._work.take()
+            full = full or periodic
             try:
                 if full:
                     await self._resync(get_peers)
@@ -778,7 +666,7 @@ class ReconcilingBackend:
                 delay = backoff.next_delay()
                 log.warning("data plane resync failed (retrying in %.1fs): %s", delay, exc)
                 await asyncio.sleep(delay)
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             else:
                 backoff.reset()
@@ -787,35 +675,15 @@ class ReconcilingBackend:
         """Queue the work an event of someone else calls for, and wake the loop."""
         if (event.host_route is not None and event.protocol != self._settings.route_protocol
                 and self._note_host_route(event.host_route, deleted=event.deleted)):
-            self._full_resync_needed = True
+            self._work.full = True
             self._wake.set()
             return
         kind = self._drift_kind(event)
         if kind is None:
             return
-        obj = event.obj
-        if kind in ("route", "neighbour", "fdb") and obj is not None:
-            planned = hash(obj) in self._uses
-            if event.deleted and planned:
-                self._pending_repairs.add(obj)  # the notification is the object itself
-            elif event.deleted and isinstance(obj, Neighbour):
-                key = _neighbour_key(obj)
-                if key in self._removing:
-                    self._removing.discard(key)
-                    return  # our own removal (told without its MAC)
-                self._full_resync_needed = True  # someone else's: which of ours, a pass sees
-            elif event.deleted:
-                if kind == "fdb":
-                    return  # not planned: our own removal (told with port id 0), or stale
-                self._full_resync_needed = True  # a route of our protocol, not as planned
-            elif planned or kind == "fdb":
-                # Exactly ours again, or an FDB entry (told with port id 0 whoever made it,
-                # our own echoes too; a foreign remote is for the periodic pass).
-                return
-            else:
-                self._full_resync_needed = True  # one of ours changed by someone else
-        else:
-            self._full_resync_needed = True
+        if not self._work.note(kind, deleted=event.deleted, obj=event.obj,
+                               planned=self._applied):
+            return
         log.debug("netlink event %s: %s drift", event, kind)
         self._wake.set()
 
@@ -832,7 +700,7 @@ class ReconcilingBackend:
                 continue
             if not first:
                 # Whatever happened while we were deaf is found by a full resync.
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             first = False
             try:

@@ -1,0 +1,333 @@
+"""A kernel backend's desired-versus-observed diff, pure: no I/O, no event loop.
+
+The reconciler (leaseagent.dataplane.reconciling) composes these with the
+kernel port (leaseagent.dataplane.kernelport); everything it decides about
+objects is decided here, and unit-tested without a kernel:
+
+- `AppliedPlan`: the last applied plan, kept small. Per peer subnet the peer
+  it was planned from (planned again when it changes or goes) and per object
+  a count of the peers that want it, by hash (an object two peers want, two
+  leases with one VtepMAC share an FDB entry, stays while one does).
+  `AppliedPlan.change` is an incremental update's diff (no table dump).
+- `FullPass`: a full sync's diff, made as the kernel's tables stream in. Only
+  each planned object's identity is kept, with the key it was planned under;
+  each dumped entry is told by its identity (`Reading.known`), and only one
+  the plan does not hold becomes an object. The objects the kernel lacks are
+  planned again afterwards (usually none but at a join), and the whole plan
+  only when the kernel holds objects it does not want (which another object
+  replaces: `core.plan.diff_found`).
+- `judge_event`: what a kernel notification of someone else calls for: a
+  targeted repair of exactly that object, a full pass, or nothing; `Work`
+  collects the verdicts for the resync loop.
+- `Admission`: which peers may be planned at all: none whose subnet would take
+  over a route or address of this host that is not ours (`core.plan.
+  host_conflict`), none claiming what this host or another planned peer holds
+  (vxlan: a VtepMAC).
+
+Order of application and identity are `core.plan`'s (`diff`, `diff_found`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from enum import Enum
+from ipaddress import IPv4Network
+from typing import TYPE_CHECKING
+
+from leaseagent.core.plan import (
+    HostRoute,
+    Ident,
+    KernelObject,
+    Neighbour,
+    PlanDiff,
+    diff,
+    diff_found,
+    host_conflict,
+)
+
+if TYPE_CHECKING:
+    from leaseagent.core.leases import Peer
+
+Plans = Iterable[tuple[IPv4Network, frozenset[KernelObject]]]  # per key, its objects
+# What a peer claims that only one host may hold, each with the address that holds it.
+Claims = tuple[tuple[str, object], ...]
+Claimed = dict[str, tuple[object, IPv4Network]]  # claim -> (its holder, the peer's subnet)
+
+
+class AppliedPlan:
+    """The plan last applied to the kernel (see the module docstring)."""
+
+    __slots__ = ("peers", "uses")
+
+    def __init__(self) -> None:
+        self.peers: dict[IPv4Network, Peer] = {}
+        self.uses: dict[int, int] = {}
+
+    def wants(self, obj: KernelObject) -> bool:
+        """Whether some peer (or the backend itself) of the plan wants `obj`."""
+        return hash(obj) in self.uses
+
+    def replace(self, peers: Mapping[IPv4Network, Peer], uses: dict[int, int]) -> None:
+        """A full pass applied: its peers and counts are the plan from now on."""
+        self.peers = dict(peers)
+        self.uses = uses
+
+    def clear(self) -> None:
+        self.peers, self.uses = {}, {}
+
+    def count(self, objects: Iterable[KernelObject], delta: int) -> None:
+        """Count `objects` as wanted by one more (delta +1) or one fewer (-1) peer."""
+        uses = self.uses
+        for obj in objects:
+            key = hash(obj)
+            n = uses.get(key, 0) + delta
+            if n > 0:
+                uses[key] = n
+            else:
+                uses.pop(key, None)
+
+    def drop(self, subnet: IPv4Network, plan: Callable[[Peer], frozenset[KernelObject]]
+             ) -> tuple[Peer | None, frozenset[KernelObject]]:
+        """Take `subnet`'s peer out of the plan: the peer it had (None: none) and its
+        objects, planned again as they were (what plans depend on besides the peer,
+        device indexes, changes only with a full pass, which plans anew)."""
+        before = self.peers.pop(subnet, None)
+        if before is None:
+            return None, frozenset()
+        planned = plan(before)
+        self.count(planned, -1)
+        return before, planned
+
+    def add(self, peer: Peer, plan: Callable[[Peer], frozenset[KernelObject]]
+            ) -> frozenset[KernelObject]:
+        """Put `peer` in the plan; its objects."""
+        after = plan(peer)
+        self.peers[peer.subnet] = peer
+        self.count(after, +1)
+        return after
+
+    def change(self, old: Iterable[KernelObject], new: Iterable[KernelObject], *,
+               synced: bool) -> PlanDiff:
+        """An incremental update's diff once its peers were dropped and added: `new` is
+        added; of `old`, what no peer of the plan still wants is removed, and nothing
+        before the first full pass has shown which peers are really gone (`synced`)."""
+        to_add, to_remove = diff(new, old)
+        if not synced:
+            return PlanDiff(to_add, ())
+        return PlanDiff(to_add, tuple(o for o in to_remove if hash(o) not in self.uses))
+
+    def objects(self, plan: Callable[[Peer], frozenset[KernelObject]]
+                ) -> Iterator[KernelObject]:
+        """The objects of its peers, planned again."""
+        for peer in self.peers.values():
+            yield from plan(peer)
+
+
+class FullPass:
+    """A full sync's plan, kept as identities (see the module docstring)."""
+
+    __slots__ = ("desired", "uses")
+
+    def __init__(self, plans: Plans) -> None:
+        self.desired: dict[Ident, IPv4Network] = {}
+        self.uses: dict[int, int] = {}  # AppliedPlan.uses once applied
+        for key, objects in plans:
+            for obj in objects:
+                self.desired[obj._ident] = key
+                self.uses[hash(obj)] = self.uses.get(hash(obj), 0) + 1
+
+    def reading(self) -> Reading:
+        """One reading of the kernel's tables against the plan (a dump interrupted and
+        read again starts a new one)."""
+        return Reading(self.desired)
+
+
+class Reading:
+    """The kernel's entries told one by one (`known`), then `finish`ed into the diff."""
+
+    __slots__ = ("desired", "missing")
+
+    def __init__(self, desired: dict[Ident, IPv4Network]) -> None:
+        self.desired = desired
+        self.missing = dict(desired)
+
+    def known(self, ident: Ident) -> bool:
+        """Whether the plan holds the dumped entry of identity `ident`."""
+        if ident in self.desired:
+            self.missing.pop(ident, None)
+            return True
+        return False
+
+    def finish(self, stale: list[KernelObject], *,
+               planned_again: Callable[[IPv4Network], frozenset[KernelObject]],
+               whole_plan: Callable[[], Iterable[KernelObject]]) -> PlanDiff:
+        """The diff, from the entries the plan does not hold (`stale`, objects), the
+        objects planned again under a key (`planned_again`) and the whole plan (asked
+        only when something is stale). When the kernel has none of the plan (a join),
+        the identities are dropped once read: every object is planned again, and 15,000
+        identities are not held beside them."""
+        missing, desired = self.missing, self.desired
+        lacking = dict.fromkeys(missing.values())
+        everything = len(missing) == len(desired)
+        if everything:
+            missing.clear()
+            desired.clear()
+        # Two peers may plan one object: it is added once (dict.fromkeys, by identity).
+        to_add = list(dict.fromkeys(obj for key in lacking for obj in planned_again(key)
+                                    if everything or obj._ident in missing))
+        missing.clear()
+        planned: list[KernelObject] = list(whole_plan()) if stale else []
+        return diff_found(planned, to_add, stale)
+
+
+def neighbour_key(obj: Neighbour) -> int:
+    """A neighbour entry's key (the kernel's: device and address), hashed."""
+    return hash((obj.ifindex, obj.dst.version, int(obj.dst)))
+
+
+class Verdict(Enum):
+    """What a notification of someone else calls for."""
+
+    IGNORE = "ignore"
+    REPAIR = "repair"  # put exactly that object back (no table dump)
+    FULL = "full"  # a full pass: device first, then a level-triggered sync
+
+
+OBJECT_KINDS = ("route", "neighbour", "fdb")
+
+
+def judge_event(kind: str, *, deleted: bool, obj: KernelObject | None, planned: AppliedPlan,
+                removing: set[int]) -> Verdict:
+    """The verdict on a notification of drift of `kind` ("route", "neighbour", "fdb", or
+    "device"/"link"/...: always a full pass) about `obj`. `removing`: the neighbour
+    keys (`neighbour_key`) we are removing ourselves; the kernel tells of a
+    neighbour's deletion with port id 0 and without its MAC, so our own removals
+    are told from someone else's by this (and each is taken out as seen)."""
+    if kind not in OBJECT_KINDS or obj is None:
+        return Verdict.FULL
+    wanted = planned.wants(obj)
+    if deleted and wanted:
+        return Verdict.REPAIR  # the notification is the object itself
+    if deleted and isinstance(obj, Neighbour):
+        key = neighbour_key(obj)
+        if key in removing:
+            removing.discard(key)
+            return Verdict.IGNORE  # our own removal (told without its MAC)
+        return Verdict.FULL  # someone else's: which of ours, a pass sees
+    if deleted:
+        # Not planned: an FDB entry is our own removal (told with port id 0) or stale;
+        # a route of our protocol not as planned.
+        return Verdict.IGNORE if kind == "fdb" else Verdict.FULL
+    if wanted or kind == "fdb":
+        # Exactly ours again, or an FDB entry (told with port id 0 whoever made it, our
+        # own echoes too; a foreign remote is for the periodic pass).
+        return Verdict.IGNORE
+    return Verdict.FULL  # one of ours changed by someone else
+
+
+class Work:
+    """What the event watcher hands the resync loop (`repairs`: objects to put back;
+    `full`: a full pass), and the neighbour entries we are removing ourselves
+    (`removing`, for `judge_event`)."""
+
+    __slots__ = ("full", "removing", "repairs")
+
+    def __init__(self) -> None:
+        self.repairs: set[KernelObject] = set()
+        self.full = False
+        self.removing: set[int] = set()
+
+    def note(self, kind: str, *, deleted: bool, obj: KernelObject | None,
+             planned: AppliedPlan) -> bool:
+        """A notification of drift of `kind` (judge_event); True if it calls for work."""
+        verdict = judge_event(kind, deleted=deleted, obj=obj, planned=planned,
+                              removing=self.removing)
+        if verdict is Verdict.IGNORE:
+            return False
+        if verdict is Verdict.REPAIR:
+            assert obj is not None
+            self.repairs.add(obj)
+        else:
+            self.full = True
+        return True
+
+    def removes(self, objects: Iterable[KernelObject]) -> None:
+        """We are about to remove `objects`: their neighbour entries' deletions are ours."""
+        self.removing.update(neighbour_key(obj) for obj in objects if isinstance(obj, Neighbour))
+
+    def take(self) -> tuple[bool, set[KernelObject]]:
+        """The work queued (whether a full pass, the objects to repair), emptied."""
+        full, repairs = self.full, self.repairs
+        self.full, self.repairs = False, set()
+        return full, repairs
+
+
+class Admission:
+    """Which peers may be planned here (see the module docstring).
+
+    `host_routes`: this host's routes and addresses that are not ours and overlap the
+    cluster network (None: not read yet). `claimed`: what the planned peers claim."""
+
+    __slots__ = ("claimed", "host_routes")
+
+    def __init__(self) -> None:
+        self.host_routes: tuple[HostRoute, ...] | None = None
+        self.claimed: Claimed = {}
+
+    def note_host_route(self, route: HostRoute, *, deleted: bool) -> bool:
+        """A route or address of someone else (one that overlaps the cluster network)
+        came or went: peers are judged with it from now on. False if the routes were
+        not read yet (the first read will see it)."""
+        if self.host_routes is None:
+            return False
+        routes = [r for r in self.host_routes if r != route]
+        if not deleted:
+            routes.append(route)
+        self.host_routes = tuple(routes)
+        return True
+
+    def conflict(self, peer: Peer, claims: Claims, own: frozenset[str],
+                 claimed: Claimed | None = None) -> str | None:
+        """Why `peer` must not be planned here (None: it may): its subnet over a route or
+        address of this host, or a claim this host holds (`own`) or another planned
+        peer holds with another holder (`claimed`, by default the admitted peers')."""
+        route = host_conflict(peer, self.host_routes or ())
+        if route is not None:
+            return f"its subnet overlaps this host's {route.text}, which is not the agent's"
+        claimed = self.claimed if claimed is None else claimed
+        for claim, holder in claims:
+            if claim in own:
+                return f"it has {claim}, this host's own"
+            other = claimed.get(claim)
+            if other is not None and other[0] != holder and other[1] != peer.subnet:
+                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
+        return None
+
+    def claim(self, peer: Peer, claims: Claims, claimed: Claimed | None = None) -> None:
+        """`peer` is admitted: what it claims is held (the first holder keeps a claim)."""
+        claimed = self.claimed if claimed is None else claimed
+        for claim, holder in claims:
+            claimed.setdefault(claim, (holder, peer.subnet))
+
+    def unclaim(self, peer: Peer, claims: Claims) -> None:
+        """`peer` is planned no more: what it held is free."""
+        for claim, _holder in claims:
+            if self.claimed.get(claim, (None, None))[1] == peer.subnet:
+                del self.claimed[claim]
+
+    def judge(self, peers: Mapping[IPv4Network, Peer], claims_of: Callable[[Peer], Claims],
+              own: frozenset[str]) -> dict[IPv4Network, str]:
+        """Of a whole peer set, those that must not be planned, with why (of peers
+        claiming one thing, the first of the set keeps it); `claimed` is then what the
+        admitted ones claim."""
+        out: dict[IPv4Network, str] = {}
+        claimed: Claimed = {}
+        for subnet, peer in peers.items():
+            claims = claims_of(peer)
+            why = self.conflict(peer, claims, own, claimed)
+            if why is not None:
+                out[subnet] = why
+            else:
+                self.claim(peer, claims, claimed)
+        self.claimed = claimed
+        return out
