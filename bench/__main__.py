@@ -8,8 +8,8 @@ for the record only (machines are noisy). See docs/benchmarks.md.
                 times (3): the join from the vxlan device's creation to the last of
                 the 3n objects in the kernel, vs `ip -batch` + `bridge -batch`
                 programming them into a fresh namespace; then every peer's lease
-                expiring at once (one shared etcd lease revoked) from the revoke's
-                reply to the kernel clean, vs `ip -batch` + `bridge -batch` deleting
+                expiring at once (one shared etcd lease revoked) from the revoke
+                request to the kernel clean, vs `ip -batch` + `bridge -batch` deleting
                 them there; median ratio and spread (--pace-only: just this part)
     join        the agent starting into N peers (leases in etcd, vxlan) until all
                 3N kernel objects are in place / READY, vs `ip -batch` + `bridge
@@ -310,7 +310,7 @@ def pace_rows(pace: dict[int, dict[str, Any]]) -> list[Row]:
                                   ("removal", "ip/bridge -batch del", "removal_ratio")):
             ratio = p[f"{what}_ratio"]
             label = ("device -> all objects" if what == "join"
-                     else "all leases expire at once: in etcd -> kernel clean")
+                     else "all leases expire at once: revoke -> kernel clean")
             rows.append((f"{what} {n} peers ({runs} runs): {label}",
                          _fmt(p[f"{what}_s"], " s"), f"{ref} {_fmt(p[f'{what}_reference_s'], ' s')}",
                          f"{_fmt(ratio)} ({_fmt(p[f'{what}_ratio_min'])}-"

@@ -732,8 +732,8 @@ async def _put_leased(store: EtcdStore, first: int, last: int, stack: Stack) -> 
 async def removal(store: EtcdStore, probe: KernelProbe, lease: int, *, n: int, limit: float,
                   stack: Stack, reference_ns: str, pid: int) -> dict[str, Any]:
     """Every peer's lease expires at once (their shared etcd lease revoked: n deletions
-    in one revision); time from the revoke's reply (every deletion is in etcd) until
-    the kernel holds none of their objects, beside when a bare watch had the last
+    in one revision); time from the revoke sent until the kernel holds none of their
+    objects, beside when a bare watch had the last
     deletion and iproute2 deleting the same objects (`reference_delete`). Also the
     agent's (`pid`) CPU from the revoke to the kernel clean, and iproute2's."""
     prefix = stack.layout.subnets_prefix
@@ -753,13 +753,16 @@ async def removal(store: EtcdStore, probe: KernelProbe, lease: int, *, n: int, l
         seen.cancel()
         await asyncio.gather(seen, return_exceptions=True)
     ref = reference_delete(stack, reference_ns, 1, n)
-    agent = done - in_etcd
+    agent = done - started
     return {
         "removed_peers": n, "objects": stack.per_peer * n,
         "revoke_s": in_etcd - started,
-        # The figure: from every deletion being in etcd to the kernel clean.
+        # The figure: from the revoke sent (etcd deletes every key in one revision
+        # before it replies) to the kernel clean. Its reply is no start: a small
+        # removal can be clean in the kernel before this process has read it.
         "seconds": agent,
-        "watch_last_deletion_s": last_event - in_etcd,
+        "after_reply_s": done - in_etcd,
+        "watch_last_deletion_s": last_event - started,
         "after_watch_s": done - last_event,
         "reference": ref,
         "ratio": ref["seconds"] / agent,
