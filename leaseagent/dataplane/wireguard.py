@@ -435,7 +435,7 @@ class WireguardBackend(ReconcilingBackend):
                     await self._check_peers(await self._netlink())
             except DataPlaneError as exc:
                 log.debug("WireGuard peer check failed: %s", exc)
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
 
     async def _check_peers(self, nl: Kernel) -> None:
@@ -448,7 +448,7 @@ class WireguardBackend(ReconcilingBackend):
             config = snap.config if snap is not None else None
             if config is None or config.listen_port != device.listen_port or (
                     self._key is not None and config.public_key != self._key.public_key):
-                self._full_resync_needed = True  # the device itself: set right or made anew
+                self._work.full = True  # the device itself: set right or made anew
                 self._wake.set()
                 continue
             if wanted is None:
@@ -458,8 +458,8 @@ class WireguardBackend(ReconcilingBackend):
                         wanted[obj.device].add(obj)
             to_add, to_remove = diff(wanted[device.name], config.objects())
             if to_remove:
-                self._full_resync_needed = True
-            self._pending_repairs.update(to_add)
+                self._work.full = True
+            self._work.repairs.update(to_add)
             if to_add or to_remove:
                 log.debug("WireGuard drift on %s: %d to restore, %d not ours", device.name,
                           len(to_add), len(to_remove))
