@@ -83,6 +83,15 @@ RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 # The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER).
 IPV6_DEFAULT_METRIC = 1024
 
+
+def span(network: Network) -> tuple[int, int]:
+    """The first and the last address of `network` as numbers. Not ipaddress's
+    `broadcast_address`, which caches itself and the hostmask on the object: two more
+    addresses and a larger `__dict__` on each of thousands of peers' subnets (~290 B
+    a peer; docs/benchmarks.md, "Memory at 5,000 peers")."""
+    first = int(network.network_address)
+    return first, first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
+
 Interface = IPv4Interface | IPv6Interface
 
 
@@ -539,8 +548,9 @@ class HostRoute:
     last: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "first", int(self.dst.network_address))
-        object.__setattr__(self, "last", int(self.dst.broadcast_address))
+        first, last = span(self.dst)
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "last", last)
 
     @property
     def text(self) -> str:
@@ -589,7 +599,7 @@ def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRo
         if subnet is None:
             continue
         version = subnet.version
-        first, last = int(subnet.network_address), int(subnet.broadcast_address)
+        first, last = span(subnet)
         for route in routes:
             if route.dst.version != version:
                 continue
