@@ -432,7 +432,7 @@ class FakeNetlink:
         return made
 
     async def create_vxlan(self, name: str, *, vni: int, port: int, local: Address, link: int,
-                           mtu: int, mac: str, flags: tuple[tuple[str, bool], ...] = ()
+                           mtu: int, mac: str, flags: frozenset[str] = frozenset()
                            ) -> Link:
         self._check(f"cannot create vxlan device {name}")
         made = self._new_link(
