@@ -29,7 +29,8 @@ from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
 from polling import wait_for as _wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root,
+              pytest.mark.shared_etcd]  # tests/conftest.py: one etcd, emptied before each test
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 RESYNC = 1.0  # --resync-interval of these agents

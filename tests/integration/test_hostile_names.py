@@ -17,9 +17,13 @@ import sys
 import time
 from ipaddress import IPv4Interface, IPv4Network
 
+import pytest
 from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
 from subnets import free_subnet
+
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
+
 
 ALLOC = {"Network": "10.6.0.0/16", "SubnetLen": 24, "Backend": {"Type": "alloc"}}
 NETWORK = IPv4Network(ALLOC["Network"])

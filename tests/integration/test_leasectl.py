@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from ipaddress import IPv4Interface, IPv4Network
 
+import pytest
 from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
 from subnets import free_subnet
+
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
+
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 FIELDS = ["subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "vtep_mac", "public_key",
@@ -81,6 +85,7 @@ def test_config_set_validates_first_and_leaves_etcd_untouched(etcd, tmp_path):
     assert "cannot read" in one_line_error(missing)
 
 
+@pytest.mark.fresh_etcd  # stops it
 def test_errors_are_one_line_without_traceback(etcd):  # etcd stopped: local checks first
     etcd.stop()
     assert "etcd" in one_line_error(leasectl(etcd, "--etcd-timeout", "2", "list"))

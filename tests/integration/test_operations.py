@@ -12,6 +12,9 @@ from etcd_server import put_config
 
 from leaseagent.agent.notify import sd_notify
 
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
+
+
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 
 

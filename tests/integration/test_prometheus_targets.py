@@ -23,6 +23,8 @@ from leasectl_run import leasectl
 from leaseagent.core.leases import KeyLayout
 from leaseagent.core.monitoring import MetricsTarget
 
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
+
 LAYOUT = KeyLayout(PREFIX)
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 
