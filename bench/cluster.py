@@ -563,7 +563,7 @@ class Run:
     limit: float
     etcd_timeout: float
     via: str = "etcd"
-    channel: str = "worker"
+    channel: str = "host"
     share_parsing: bool = True
     max_rss_mib: float = 0.0  # all workers together; 0: no limit
     restart: bool = True  # the steady state and restart phases after the cold start
@@ -705,7 +705,7 @@ class Run:
 
 def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
-            channel: str = "worker", share_parsing: bool = True,
+            channel: str = "host", share_parsing: bool = True,
             max_rss_mib: float = 0.0, restart: bool = True) -> dict[str, Any]:
     """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
     base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{via}-{hosts}-",
@@ -900,9 +900,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--via", default="etcd",
                    help="comma-separated: etcd (agents talk to the 3 members), proxy (to one "
                         "`etcd grpc-proxy start` in front of them)")
-    p.add_argument("--channel", choices=("worker", "host"), default="worker",
-                   help="one gRPC channel per worker process, shared by its hosts (default), "
-                        "or one per host")
+    p.add_argument("--channel", choices=("host", "worker"), default="host",
+                   help="one gRPC channel per host, as a real fleet (default), or one per "
+                        "worker process, shared by its hosts (one HTTP/2 connection per "
+                        "member: its flow-control window too, see docs/benchmarks.md)")
     p.add_argument("--no-share-parsing", dest="share_parsing", action="store_false",
                    help="each host parses its own copy of every key and value")
     p.add_argument("--cold-only", action="store_true",

@@ -1,16 +1,20 @@
-"""The cluster-scale benchmark at 20 hosts: both patterns run all three phases to the end.
+"""The cluster-scale benchmark at 20 hosts: both patterns run all three phases to the end;
+and at 10 hosts through `etcd grpc-proxy`.
 
-`python -m bench.cluster` as a subprocess (it starts its own 3-member etcd
-and worker processes, and stops them by PID). No timing is asserted: every
-host holds a distinct lease and sees the 19 others after the cold start and
-after the restart, every watcher gets the restart's last write, and only
-flannel's pattern sends TimeToLive requests.
+`python -m bench.cluster` as a subprocess (it starts its own 3-member etcd,
+the proxy and worker processes, and stops them by PID). No timing is
+asserted: every host holds a distinct lease and sees the others after the
+cold start and after the restart, every watcher gets the restart's last
+write, only flannel's pattern sends TimeToLive requests, and through the
+proxy the members send fewer watch events than the agents receive (the
+proxy coalesces the agents' identical watches).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,19 +28,25 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="needs etcd (Debian etcd-server)")
 
 
-def test_cluster_bench_both_patterns_converge(tmp_path: Path) -> None:
-    out = tmp_path / "cluster.json"
+def bench(out: Path, *args: str) -> str:
+    """`python -m bench.cluster ARGS --json OUT`; its stdout."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cluster", "--hosts", str(HOSTS), "--workers", "2",
-         "--steady", "1", "--restart-spread", "1", "--limit", "30", "--json", str(out)],
+        [sys.executable, "-m", "bench.cluster", *args, "--steady", "1", "--restart-spread", "1",
+         "--limit", "30", "--json", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
-        proc.terminate()  # its finally stops the workers and etcd
-        stdout, stderr = proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGINT)  # its finally stops the workers, the proxy and etcd
+        stdout, stderr = proc.communicate(timeout=120)
         raise AssertionError(f"still running after 150 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def test_cluster_bench_both_patterns_converge(tmp_path: Path) -> None:
+    out = tmp_path / "cluster.json"
+    stdout = bench(out, "--hosts", str(HOSTS), "--workers", "2")
     results = {r["pattern"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(results) == {"leaseagent", "flannel"}
     for pattern, r in results.items():
@@ -52,3 +62,22 @@ def test_cluster_bench_both_patterns_converge(tmp_path: Path) -> None:
            for p, r in results.items()}
     assert ttl["leaseagent"] == 0
     assert ttl["flannel"] >= HOSTS  # at least one per lease listed
+
+
+def test_cluster_bench_through_the_grpc_proxy(tmp_path: Path) -> None:
+    out = tmp_path / "proxy.json"
+    hosts = 10
+    bench(out, "--hosts", str(hosts), "--workers", "1", "--patterns", "leaseagent",
+          "--via", "proxy")
+    (r,) = json.loads(out.read_text())["runs"]
+    assert r["via"] == "proxy"
+    for phase in ("cold", "restart"):
+        got = r[phase]
+        assert got["converged"]["reached"] == hosts, (phase, got)
+        assert got["distinct_subnets"] == got["leases"] == hosts, (phase, got)
+        assert not got["errors"], (phase, got["errors"])
+        # Each agent got every other's lease as an event or in its listing; the members
+        # sent each event once per proxy watcher, not once per agent.
+        assert got["etcd"]["watch_events_sent"] < got["events_received"], (phase, got)
+        assert got["proxy"]["cpu_seconds"] > 0, (phase, got["proxy"])
+    assert r["restart"]["settled"]["reached"] == hosts
