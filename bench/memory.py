@@ -3,7 +3,9 @@
 The same measurement as the suite's --join-sizes (scenarios.join_sizes): for each
 size, a fresh agent joins that many vxlan peers; its RSS after the join and after its
 first periodic full resync (every 3 s here), and the bytes per added peer from the
-smallest size to the largest. Several rounds (--rounds, each its own namespaces and
+smallest size to the largest; beside them, in the same round, the RSS of an interpreter
+that only imported the agent's modules ("imports alone", scenarios.python_baseline_rss).
+Several rounds (--rounds, each its own namespaces and
 etcd) show the spread. The agent's
 environment is this process's, so `MALLOC_ARENA_MAX=2 python -m bench.memory` measures
 the agent with that setting. The package's bytecode is compiled first, as an install
@@ -27,23 +29,27 @@ from bench.env import World, as_bench_process, in_world
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 
-async def join(world: World, sizes: list[int], limit: float) -> dict[int, dict[str, Any]]:
+async def join(world: World, sizes: list[int], limit: float) -> dict[Any, dict[str, Any]]:
     world.start_etcd()
     store = await EtcdStore.connect(EtcdSettings(endpoints=world.endpoint, timeout=30))
     try:
         await scenarios.put_network_config(store)
-        return await scenarios.join_sizes(world, store, sizes, limit=limit)
+        out: dict[Any, dict[str, Any]] = dict(
+            await scenarios.join_sizes(world, store, sizes, limit=limit))
     finally:
         await store.close()
+    out["imports"] = {"rss_mib": scenarios.python_baseline_rss(world) / 2**20}
+    return out
 
 
-def summary(sizes: list[int], runs: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
+def summary(sizes: list[int], runs: list[dict[Any, dict[str, Any]]]) -> dict[str, Any]:
     small, large = min(sizes), max(sizes)
     out: dict[str, Any] = {"sizes": sizes, "rounds": []}
     for r in runs:
         row: dict[Any, Any] = {
             n: {"after_join_mib": r[n]["rss_after_join_mib"],
                 "after_resync_mib": r[n]["rss_after_resync_mib"]} for n in sizes}
+        row["imports_alone_mib"] = r["imports"]["rss_mib"]
         if large > small:
             row["per_peer_bytes"] = {
                 k: (r[large][f"rss_{k}_mib"] - r[small][f"rss_{k}_mib"]) * 2**20
@@ -67,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     results = summary(sizes, runs)
     print(json.dumps(results, indent=1))
     for r in results["rounds"]:
-        print("  ".join(f"{n}: {r[n]['after_join_mib']:.1f} / {r[n]['after_resync_mib']:.1f} MiB"
-                        for n in sizes)
+        print(f"imports alone: {r['imports_alone_mib']:.1f} MiB  "
+              + "  ".join(f"{n}: {r[n]['after_join_mib']:.1f} / {r[n]['after_resync_mib']:.1f} MiB"
+                          for n in sizes)
               + ("  per peer: {after_join:.0f} / {after_resync:.0f} B".format(**r["per_peer_bytes"])
                  if "per_peer_bytes" in r else ""))
     return 0

@@ -15,12 +15,14 @@ import itertools
 import json
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -228,9 +230,11 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
         "start_to_ready_s": ready_at - started,
         "start_to_first_object_s": probe.first_at - started,
         "programming_s": programming,
-        "agent_rate": objects / programming,
+        # A small join may arrive in one read of the probe (first == last): no rate.
+        "agent_rate": objects / programming if programming > 0 else float("nan"),
         "reference": reference,
-        "rate_ratio": (objects / programming) / reference["rate"],
+        "rate_ratio": (objects / programming / reference["rate"] if programming > 0
+                       else float("nan")),
         "start_to_objects_vs_reference": (in_place - started) / reference["seconds"],
         "start_to_device_s": device_at - started,
         "device_to_objects_s": from_device,
@@ -692,3 +696,106 @@ async def traffic_rules(n: int, *, checks: int = 20) -> dict[str, Any]:
                         "deep_interval_s": deep_interval,
                         "core_percent": share / 1000 * 100}
     return out
+
+
+# -- join and mass removal at small sizes, repeated ------------------------------------
+
+
+async def _put_leased(store: EtcdStore, first: int, last: int, stack: Stack) -> int:
+    """Peers first..last's leases, all attached to one etcd lease (returned): revoking it
+    deletes them all in one revision, as a mass expiry does."""
+    lease, _ttl = await store.grant(3600)
+    await _bounded(store.create(stack.key(i), stack.value(i), lease=lease)
+                   for i in range(first, last + 1))
+    return lease
+
+
+async def removal(store: EtcdStore, probe: KernelProbe, lease: int, *, n: int, limit: float,
+                  stack: Stack, reference_ns: str) -> dict[str, Any]:
+    """Every peer's lease expires at once (their shared etcd lease revoked: n deletions
+    in one revision); time from the revoke's reply (every deletion is in etcd) until
+    the kernel holds none of their objects, beside when a bare watch had the last
+    deletion and iproute2 deleting the same objects (`reference_delete`)."""
+    prefix = stack.layout.subnets_prefix
+    revision = (await store.list_prefix(prefix)).revision + 1
+    keys = {stack.key(i) for i in range(1, n + 1)}
+    seen = asyncio.ensure_future(_last_deletion(store, keys, prefix, revision))
+    gone = probe.wait_counts(stack.at_most(0))
+    started = time.perf_counter()
+    try:
+        await store.revoke(lease)
+        in_etcd = time.perf_counter()
+        done = await asyncio.wait_for(gone, limit)
+        last_event = await asyncio.wait_for(seen, limit)
+    finally:
+        seen.cancel()
+        await asyncio.gather(seen, return_exceptions=True)
+    ref = reference_delete(stack, reference_ns, 1, n)
+    agent = done - in_etcd
+    return {
+        "removed_peers": n, "objects": stack.per_peer * n,
+        "revoke_s": in_etcd - started,
+        # The figure: from every deletion being in etcd to the kernel clean.
+        "seconds": agent,
+        "watch_last_deletion_s": last_event - in_etcd,
+        "after_watch_s": done - last_event,
+        "reference": ref,
+        "ratio": ref["seconds"] / agent,
+    }
+
+
+async def pace(world: World, store: EtcdStore, sizes: Sequence[int], *, repeats: int,
+               limit: float) -> dict[int, dict[str, Any]]:
+    """Join and mass removal with each of `sizes` peers, `repeats` times each, every time
+    beside its own `ip -batch` + `bridge -batch` reference in a fresh namespace:
+    join = the vxlan device's creation -> the last of the 3n objects in the kernel;
+    removal = `removal`. Each run has its own agent (lease released when it stops),
+    probe and reference namespace; the leases are put again for each run. Medians and
+    spreads of the ratios per size."""
+    out: dict[int, dict[str, Any]] = {}
+    for n in sizes:
+        runs: list[dict[str, Any]] = []
+        for r in range(repeats):
+            stack = replace(IPV4, agent_name=f"agent-p{n}-{r}", reference=f"p{n}x{r}")
+            lease = await _put_leased(store, 1, n, stack)
+            probe = KernelProbe()
+            probe.start()
+            agent: Proc | None = None
+            try:
+                joined, agent, _port, _ = await join(
+                    world, probe, n, limit=limit, stack=stack, resync=600.0,
+                    extra_args=["--release-on-exit"])
+                removed = await removal(store, probe, lease, n=n, limit=limit, stack=stack,
+                                        reference_ns=joined["reference"]["namespace"])
+                if not agent.alive():
+                    raise RuntimeError(f"the agent died; see {agent.log}")
+            finally:
+                if agent is not None:
+                    agent.stop()
+                await probe.stop()
+                sh("ip", "link", "del", "flannel.1", check=False)
+            run = {"join_s": joined["device_to_objects_s"],
+                   "join_reference_s": joined["reference"]["seconds"],
+                   "join_ratio": joined["device_rate_ratio"],
+                   "differences_from_reference": joined["differences_from_reference"],
+                   "removal": removed}
+            runs.append(run)
+            print(f"  pace {n} #{r + 1}: join {run['join_s']:.3f}s vs ip -batch "
+                  f"{run['join_reference_s']:.3f}s ({run['join_ratio']:.2f}); removal "
+                  f"{removed['seconds']:.3f}s vs {removed['reference']['seconds']:.3f}s "
+                  f"({removed['ratio']:.2f}; bare watch "
+                  f"{removed['watch_last_deletion_s']:.3f}s)", file=sys.stderr)
+        out[n] = {"peers": n, "runs": runs,
+                  **_spread("join", [x["join_ratio"] for x in runs]),
+                  **_spread("removal", [x["removal"]["ratio"] for x in runs]),
+                  "join_s": statistics.median(x["join_s"] for x in runs),
+                  "join_reference_s": statistics.median(x["join_reference_s"] for x in runs),
+                  "removal_s": statistics.median(x["removal"]["seconds"] for x in runs),
+                  "removal_reference_s": statistics.median(
+                      x["removal"]["reference"]["seconds"] for x in runs)}
+    return out
+
+
+def _spread(name: str, ratios: list[float]) -> dict[str, float]:
+    return {f"{name}_ratio": statistics.median(ratios), f"{name}_ratio_min": min(ratios),
+            f"{name}_ratio_max": max(ratios)}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -97,6 +98,7 @@ class Sizes:
     warmup_events: int = 10_000
     settle: float = 60.0  # seconds the end may take to come back to the baseline
     timeout: float = 120.0  # seconds the join, the agent's return or the kernel may take
+    max_seconds: float = 0.0  # the churn ends here if its events are not done (0: never)
     seed: int = 1
 
 
@@ -187,18 +189,33 @@ class Soak:
     samples: list[dict[str, Any]] = field(default_factory=list)
     done: int = 0  # churn events applied
     phase: str = "join"
+    scrape_failures: int = 0
     began: float = field(default_factory=time.perf_counter)
 
     async def _metric(self, name: str) -> float | None:
         """The agent's metric `name`, all its series added."""
         return await asyncio.to_thread(agent_metric, self.port, name, summed=True)
 
-    async def sample(self) -> dict[str, Any]:
+    async def _tasks(self) -> float | None:
+        """The agent's asyncio task count; None when the scrape failed (an agent busy with
+        the churn on a starved machine may not answer within its timeout): the RSS,
+        fds and threads of the sample stand without it, and the failures are counted."""
+        try:
+            return await self._metric(TASKS)
+        except OSError as exc:
+            self.scrape_failures += 1
+            print(f"  soak: scrape failed at {self.done:,} events: {exc}", file=sys.stderr)
+            return None
+
+    async def sample(self, *, need_tasks: bool = False) -> dict[str, Any]:
         assert self.agent is not None
         if not self.agent.alive():
             raise RuntimeError(f"the agent died; see {self.agent.log}")
         p = proc_sample(self.agent.pid)
-        tasks = await self._metric(TASKS)
+        tasks = await self._tasks()
+        while tasks is None and need_tasks:
+            await asyncio.sleep(1.0)
+            tasks = await self._tasks()
         s = {"t": time.perf_counter() - self.began, "phase": self.phase, "events": self.done,
              "rss_mib": p["rss"] / 2**20, "rss_anon_mib": p["rss_anon"] / 2**20,
              "fds": int(p["fds"]), "threads": int(p["threads"]),
@@ -303,6 +320,8 @@ class Soak:
         k = 0
         waiting = 0.0  # time spent beyond the schedule waiting for a free slot
         while k < sizes.events:
+            if sizes.max_seconds and loop.time() - started > sizes.max_seconds:
+                break
             if k in restarts_at:
                 await drain()
                 restarts.append(await self.restart_etcd(churn))
@@ -396,16 +415,41 @@ def kernel_sets() -> dict[str, set[tuple[str, ...]]]:
 # -- the figures ---------------------------------------------------------------------------
 
 
+def t_quantile(df: float, p: float = 0.975) -> float:
+    """Student's t quantile (Cornish-Fisher expansion around the normal one: within 1 %
+    of the table from 3 degrees of freedom on)."""
+    z = statistics.NormalDist().inv_cdf(p)
+    if df <= 0:
+        return float("nan")
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
 def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
-    """Least squares y = a + b x: the slope b, its standard error, and the residuals'
-    standard deviation and spread (max - min): the noise a slope is judged against."""
+    """Least squares y = a + b x: the slope b, its standard error and 95 % confidence
+    interval, and the residuals' standard deviation and spread (max - min): the noise a
+    slope is judged against.
+
+    RSS samples are not independent (memory held a while is held in the next sample
+    too): the residuals' lag-1 autocorrelation r widens the standard error by
+    sqrt((1 + r) / (1 - r)) and shrinks the samples to an effective n (1 - r) / (1 + r),
+    whose degrees of freedom give the t quantile (the usual AR(1) correction)."""
     slope, intercept = statistics.linear_regression(xs, ys)
     residuals = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
     n = len(xs)
     sd = math.sqrt(sum(r * r for r in residuals) / (n - 2)) if n > 2 else float("nan")
     sxx = sum((x - statistics.fmean(xs)) ** 2 for x in xs)
-    return {"slope": slope, "intercept": intercept, "slope_se": sd / math.sqrt(sxx) if sxx
-            else float("nan"), "residual_sd": sd,
+    se = sd / math.sqrt(sxx) if sxx else float("nan")
+    ss = sum(r * r for r in residuals)
+    r1 = (sum(a * b for a, b in itertools.pairwise(residuals)) / ss
+          if ss and n > 3 else 0.0)
+    r1 = min(max(r1, 0.0), 0.99)  # a negative one would narrow the interval: not taken
+    widen = math.sqrt((1 + r1) / (1 - r1))
+    effective = n * (1 - r1) / (1 + r1)
+    half = t_quantile(effective - 2) * se * widen
+    return {"slope": slope, "intercept": intercept, "slope_se": se,
+            "slope_ci95": half, "residual_lag1_autocorrelation": r1,
+            "effective_samples": effective, "residual_sd": sd,
             "residual_spread": max(residuals) - min(residuals), "samples": n}
 
 
@@ -434,6 +478,9 @@ def rss_trend(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "samples": len(window), "from_events": window[0]["events"],
         "to_events": window[-1]["events"], "hours": (window[-1]["t"] - window[0]["t"]) / 3600,
         "mib_per_10k_events": by_events["slope"], "mib_per_10k_events_se": by_events["slope_se"],
+        "mib_per_10k_events_ci95": by_events["slope_ci95"],
+        "effective_samples": by_events["effective_samples"],
+        "residual_lag1_autocorrelation": by_events["residual_lag1_autocorrelation"],
         "mib_per_hour": by_time["slope"], "mib_per_hour_se": by_time["slope_se"],
         "growth_over_window_mib": growth, "residual_sd_mib": noise,
         "residual_spread_mib": by_events["residual_spread"],
@@ -455,7 +502,8 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
                   sample_interval=args.sample_interval,
                   warmup_events=args.warmup_events if args.warmup_events >= 0
                   else args.events // 10,
-                  settle=args.settle, timeout=args.timeout, seed=args.seed)
+                  settle=args.settle, timeout=args.timeout, seed=args.seed,
+                  max_seconds=args.max_seconds)
     results: dict[str, Any] = {"machine": machine(), "parameters": vars(args).copy(),
                                "sizes": vars(sizes).copy(),
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -470,7 +518,7 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         assert soak.agent is not None
         await after_resync(soak.agent, soak.port, limit=sizes.timeout + sizes.resync)
         soak.phase = "baseline"
-        baseline = await soak.sample()
+        baseline = await soak.sample(need_tasks=True)
         reconciles = await soak._metric(RECONCILES) or 0.0
         soak.phase = "churn"
         sampler = asyncio.ensure_future(_guarded(soak.sampling()))
@@ -489,6 +537,7 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         results["baseline"] = baseline
         results |= settled
         results["rss"] = rss_trend(soak.samples, sizes.warmup_events)
+        results["scrape_failures"] = soak.scrape_failures
         results["samples"] = soak.samples
     except BaseException:
         if soak.agent is not None and soak.agent.log.exists():
@@ -523,8 +572,11 @@ def table(results: dict[str, Any]) -> str:
     flat = {True: "flat within noise", False: "GROWS", None: "-"}[r.get("flat")]
     if r.get("samples", 0) >= 3:
         rows.append((f"RSS slope after {r['from_events']:,} events ({r['samples']} samples)",
-                     f"{r['mib_per_10k_events']:+.3f} MiB / 10k events",
-                     f"+-{r['mib_per_10k_events_se']:.3f} (1 se)", flat))
+                     f"{r['mib_per_10k_events']:+.4f} +- {r['mib_per_10k_events_ci95']:.4f}"
+                     " MiB / 10k events (95 % CI)",
+                     f"1 se {r['mib_per_10k_events_se']:.4f}; residuals' lag-1 autocorrelation "
+                     f"{r['residual_lag1_autocorrelation']:.2f}, effective samples "
+                     f"{r['effective_samples']:.0f}", flat))
         rows.append(("RSS slope per hour", f"{r['mib_per_hour']:+.2f} MiB/h",
                      f"+-{r['mib_per_hour_se']:.2f} (1 se)", f"over {r['hours'] * 60:.1f} min"))
         rows.append(("RSS growth the fit predicts over the window",
@@ -590,6 +642,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help="seconds the join, the agent's return after a restart or the "
                         "kernel's convergence may take")
+    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
+                   help="end the churn after this many seconds even if fewer than --events "
+                        "were made (0: no limit); the figures say how many were")
     p.add_argument("--seed", type=int, default=d.seed, help="the churn's random seed")
     p.add_argument("--json", type=Path, default=Path("soak-results.json"), help="output file")
     p.add_argument("--agent-log", type=Path, help="keep a copy of the agent's log here")

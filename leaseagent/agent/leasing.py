@@ -128,6 +128,11 @@ class Leasing:
         self._listing: Listing | None = None  # see take_listing
         self._listing_names: set[str] = set()  # its keys that name this host
 
+    @property
+    def network(self) -> NetworkConfig:
+        """The network config leased under (`reconfigure` changes it)."""
+        return self._network
+
     def reconfigure(self, network: NetworkConfig, value: LeaseValue) -> None:
         """From now on, lease under `network` and publish `value` (a config change)."""
         self._network = network

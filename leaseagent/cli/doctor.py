@@ -68,7 +68,7 @@ from leaseagent.core.network import Network, NetworkConfig, parse_network_config
 from leaseagent.core.plan import DeviceState, compare, flatten, needs_recreate
 from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoice
 from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
 from leaseagent.files import unwritable_reason
@@ -122,7 +122,7 @@ class Report:
 
 def _read_env(path: Path) -> dict[str, str] | None:
     try:
-        return parse_subnet_env(path.read_text())
+        return parse_environment_file(path.read_text())
     except (OSError, UnicodeDecodeError):
         return None
 

@@ -85,7 +85,7 @@ from leaseagent.core.escaping import escaped, escaped_lines
 from leaseagent.core.leases import PEER, KeyLayout, LeaseValue, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig, host_overlap, parse_network_config
 from leaseagent.core.plan import HostRoute, cluster_relevant, subnet_conflict
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.dataplane.base import DEFAULT_ROUTE_PROTOCOL
 from leaseagent.errors import (
     ConfigError,
@@ -401,7 +401,7 @@ DOCKER_OPTS_FILE = "/run/docker_opts.env"  # mk-docker-opts.sh's default
 
 def cmd_docker_opts(args: argparse.Namespace) -> int:
     try:
-        env = parse_subnet_env(Path(args.subnet_file).read_text())
+        env = parse_environment_file(Path(args.subnet_file).read_text())
     except (OSError, UnicodeDecodeError) as exc:
         raise LeaseagentError(f"cannot read {args.subnet_file}: {exc}") from None
     if not env.get("FLANNEL_SUBNET"):

@@ -23,6 +23,8 @@ import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from leaseagent.core.subnetenv import parse_environment_file
+
 UNIT = Path("/etc/systemd/system/leaseagent.service")  # where install.sh puts it
 
 
@@ -34,21 +36,6 @@ def unit_files(unit: Path = UNIT) -> list[Path]:
     except OSError:
         found = []
     return [unit, *found]
-
-
-def read_environment_file(text: str) -> dict[str, str]:
-    """KEY=VALUE lines of an EnvironmentFile= (comments and blank lines skipped)."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")) or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        out[key.strip()] = value
-    return out
 
 
 def unit_environment(files: Iterable[Path]) -> dict[str, str]:
@@ -77,7 +64,7 @@ def unit_environment(files: Iterable[Path]) -> dict[str, str]:
                 env_files.append(Path(value.removeprefix("-")))
     for path in env_files:
         try:
-            env.update(read_environment_file(path.read_text()))
+            env.update(parse_environment_file(path.read_text()))
         except (OSError, UnicodeDecodeError):
             continue
     return env

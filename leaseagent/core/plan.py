@@ -36,9 +36,11 @@ apart for a *replace* (RTM_NEWROUTE/RTM_NEWNEIGH with NLM_F_REPLACE):
   1024 (IP6_RT_PRIO_USER), so `Route` says so itself: what we plan is what a
   dump reads back.
 - Neighbour: (ifindex, dst). A new lladdr replaces the entry.
-- Fdb: the whole object (ifindex, lladdr, dst). A vxlan FDB entry may hold
-  several remote destinations for one MAC; a stale one is removed on its own
-  after the new one is appended.
+- Fdb: (ifindex, lladdr). The kernel keeps one remote per unicast MAC of a
+  vxlan device (several only for the all-zeros and multicast MACs, which are
+  not ours): a new remote replaces the old one in place (NLM_F_REPLACE;
+  NLM_F_APPEND to an existing unicast MAC is accepted and changes nothing,
+  and removing the old remote afterwards would take the MAC's only entry).
 - WgPeer: (device, public key): WireGuard knows a peer by its key. A new
   endpoint, PSK or keepalive is set in place; a new key is another peer.
 - AllowedIP: (device, network): a device routes a network to exactly one peer;
@@ -202,7 +204,7 @@ class Fdb:
 
     @property
     def key(self) -> tuple[object, ...]:
-        return ("fdb", self.ifindex, self.lladdr, self.dst)
+        return ("fdb", self.ifindex, self.lladdr)
 
     kind = "fdb"
 

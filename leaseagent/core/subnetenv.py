@@ -48,21 +48,27 @@ class SubnetEnv:
                        f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n")
 
 
-def parse_subnet_env(text: str) -> dict[str, str]:
-    """KEY=VALUE lines into a dict; blank lines and # comments are skipped."""
+def parse_environment_file(text: str) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (and a shell sourcing
+    subnet.env, as flannel's mk-docker-opts.sh does): blank lines and `#`/`;` comments
+    skipped, a line without `=` ignored, one pair of surrounding quotes taken off the
+    value. subnet.env, docker_opts.env and /etc/default/leaseagent are read with this."""
     out: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
+        if not line or line.startswith(("#", ";")) or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        out[key.strip()] = value.strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
     return out
 
 
 def previous_subnet(text: str) -> IPv4Network | None:
     """The lease subnet recorded in an old subnet.env, or None if absent or unreadable."""
-    value = parse_subnet_env(text).get("FLANNEL_SUBNET")
+    value = parse_environment_file(text).get("FLANNEL_SUBNET")
     try:
         return IPv4Interface(value).network if value else None
     except ValueError:
@@ -71,7 +77,7 @@ def previous_subnet(text: str) -> IPv4Network | None:
 
 def previous_ipv6_subnet(text: str) -> IPv6Network | None:
     """The IPv6 subnet recorded in an old subnet.env, or None if absent or unreadable."""
-    value = parse_subnet_env(text).get("FLANNEL_IPV6_SUBNET")
+    value = parse_environment_file(text).get("FLANNEL_IPV6_SUBNET")
     try:
         return IPv6Interface(value).network if value else None
     except ValueError:

@@ -59,12 +59,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from leaseagent.core.backends import backend_type
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.plan import BackendSpec, Observation
+
+if TYPE_CHECKING:
+    from leaseagent.dataplane.kernelport import Kernel, KernelOpener
 
 # rtnetlink protocol number on every route we add. iproute2's rt_protos names
 # 0-4 (kernel, boot, static), 8-19 and 42 onwards for routing daemons (bird 12,
@@ -149,6 +152,17 @@ class DataPlaneSettings:
     route_protocol: int = DEFAULT_ROUTE_PROTOCOL
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
     netns: str | None = None  # for tests and the lab: program another namespace
+    # How the backend opens the kernel (leaseagent.dataplane.kernelport); None: the real
+    # one over netlink. A simulation or a test passes FakeNetlink's (fakenetlink.py).
+    kernel: KernelOpener | None = None
+
+    async def open_kernel(self) -> Kernel:
+        """A request socket of `netns`, through `kernel` (None: rtnetlink)."""
+        if self.kernel is not None:
+            return await self.kernel(self.netns)
+        from leaseagent.dataplane.netlink import Netlink
+
+        return await Netlink.open(self.netns)
 
     @property
     def flannel_mtu(self) -> int:

@@ -28,13 +28,13 @@ from leaseagent.core.plan import (
     DeviceState,
     Interface,
 )
-from leaseagent.dataplane.netlink import Netlink
+from leaseagent.dataplane.kernelport import Kernel
 
 log = logging.getLogger("leaseagent.dataplane")
 
 
 async def fix_in_place(
-    nl: Netlink,
+    nl: Kernel,
     state: DeviceState,
     spec: DeviceSpec,
     differences: Iterable[DeviceDifference],

@@ -21,7 +21,8 @@ from leaseagent.core.leases import Peer
 from leaseagent.core.network import Address
 from leaseagent.core.plan import KernelObject, plan_host_gw_peer
 from leaseagent.dataplane.base import BackendAttrs
-from leaseagent.dataplane.netlink import Known, Netlink
+from leaseagent.dataplane.kernelport import Kernel
+from leaseagent.dataplane.netlink import Known
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.errors import ConfigError
 
@@ -57,5 +58,5 @@ class HostGwBackend(ReconcilingBackend):
         return plan_host_gw_peer(peer, self._settings.host.iface_index,
                                  ipv6=self._settings.ipv6_enabled)
 
-    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+    async def _scan(self, nl: Kernel, known: Known) -> list[KernelObject]:
         return list(await self._scan_routes(nl, known))

@@ -1,11 +1,11 @@
-"""The netlink adapter: every pyroute2 call of the data plane lives here.
+"""The netlink adapter: every rtnetlink request of the data plane lives here.
 
-Three sockets, opened inside a named network namespace when `netns=` is
-given (the agent itself never changes namespace):
+Three raw sockets (leaseagent.dataplane.rtnl), opened inside a named network
+namespace when `netns=` is given (the agent itself never changes namespace):
 
-- `Netlink`, pyroute2 `AsyncIPRoute` (rtnetlink): links and addresses, the
-  few, rare requests where pyroute2's convenience is worth its cost.
-- `Netlink`'s raw socket (leaseagent.dataplane.rtnl): the hot paths. Routes,
+- `Netlink`'s link socket: links and addresses, the few, rare requests, one
+  at a time, each waiting for its answer.
+- `Netlink`'s raw socket: the hot paths. Routes,
   neighbours and FDB entries are replaced/removed in batches (many requests
   per send, acks collected after and matched by sequence number) and dumped
   with a parser that filters on fixed offsets before decoding anything.
@@ -17,9 +17,8 @@ given (the agent itself never changes namespace):
   a batch of 15,000 changes costs the watcher almost nothing and is never
   mistaken for drift.
 
-Errors: pyroute2's `NetlinkError` and `OSError` are translated here into
-`leaseagent.errors.DataPlaneError` (`raise ... from exc`); nothing above
-this module sees a pyroute2 type. The kernel objects are the frozen
+Errors: the kernel's refusals (`OSError` with its errno) are translated here
+into `leaseagent.errors.DataPlaneError` (`raise ... from exc`). The kernel objects are the frozen
 dataclasses of `leaseagent.core.plan`, IPv4 or IPv6 alike: every call takes
 and returns both families (a dual-stack host has two vxlan devices and routes
 in both tables).
@@ -28,8 +27,10 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
 
 - Deleting a missing route answers ESRCH, a missing neighbour/FDB entry
   ENOENT; `apply` treats both as success (the goal was "gone").
-- RTM_NEWNEIGH with NLM_F_REPLACE on AF_BRIDGE/vxlan replaces the first
-  remote of an existing MAC; NLM_F_APPEND adds a remote and is idempotent.
+- A vxlan device keeps one remote per unicast MAC: RTM_NEWNEIGH with
+  NLM_F_REPLACE on AF_BRIDGE replaces it; NLM_F_APPEND adds a remote only to
+  the all-zeros or a multicast MAC, and to an existing unicast MAC answers 0
+  and changes nothing (checked on Linux 6.18).
 - A deleted device takes its routes with it without RTM_DELROUTE
   notifications; only RTM_DELLINK tells.
 - An IPv6 route added without a metric gets 1024 (core.plan.Route says so).
@@ -42,8 +43,8 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
 - A receive queue overflow (ENOBUFS) loses messages: the event socket is
   then reopened by its user and a full resync finds what was missed.
 
-Performance: `apply` sends its requests in batches (rtnl), not one pyroute2
-request and reply per object (figures: docs/benchmarks.md). A full sync reads
+Performance: `apply` sends its requests in batches (rtnl), not one request
+and reply per object (figures: docs/benchmarks.md). A full sync reads
 the tables with `scan_*`: each entry is told to the caller by its identity as
 its datagram arrives, and only an entry the caller does not know becomes an
 object, so comparing 15,000 entries with a plan makes no objects and keeps no
@@ -52,6 +53,7 @@ dump (`routes`/`neighbours`/`fdb` return all of them, for doctor and tests).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -59,17 +61,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from ipaddress import (
-    IPv4Address,
     IPv4Interface,
-    IPv6Address,
     IPv6Interface,
-    ip_address,
     ip_interface,
 )
-from typing import Any, TypeVar
-
-from pyroute2.iproute.linux import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TypeVar
 
 from leaseagent.core.network import Address
 from leaseagent.core.plan import (
@@ -100,6 +96,8 @@ _GONE = (errno.ENOENT, errno.ESRCH)
 # Broadcasts of others' changes (and of FDB changes, whoever made them) must
 # not overflow the event socket; SO_RCVBUFFORCE lifts net.core.rmem_max (root).
 _EVENT_RCVBUF = 8 * 1024 * 1024
+# The link socket reads one answer or one dump at a time, as it streams.
+_LINKS_RCVBUF = 256 * 1024
 
 
 def _error(what: str, exc: BaseException) -> DataPlaneError:
@@ -192,94 +190,97 @@ class NetlinkEvent:
     host_route: HostRoute | None = None
 
 
-def _link_from_msg(msg: Any) -> Link:
-    info = msg.get("linkinfo")
-    kind = info.get("kind") if info is not None else None
-    vxlan = None
-    if kind == "vxlan":
-        data = info.get("data")
-        local4 = data.get("vxlan_local") if data is not None else None
-        local6 = data.get("vxlan_local6") if data is not None else None
-        local: Address | None = (
-            IPv4Address(local4) if local4 else IPv6Address(local6) if local6 else None)
-        vxlan = VxlanAttrs(
-            vni=int(data.get("vxlan_id") or 0),
-            port=int(data.get("vxlan_port") or 0),
-            local=local,
-            link=int(data.get("vxlan_link") or 0),
-            learning=bool(data.get("vxlan_learning")),
-            gbp=data.get("vxlan_gbp") is not None,
-        )
-    return Link(
-        index=int(msg["index"]),
-        name=str(msg.get("ifname")),
-        kind=kind,
-        mtu=int(msg.get("mtu") or 0),
-        address=msg.get("address"),
-        up=bool(msg["flags"] & IFF_UP),
-        vxlan=vxlan,
-    )
+def _link(m: rtnl.LinkMessage) -> Link:
+    return Link(index=m.index, name=str(m.name), kind=m.kind, mtu=m.mtu, address=m.address,
+                up=bool(m.flags & IFF_UP), vxlan=m.vxlan)
 
 
 class Netlink:
-    """Request socket of one network namespace (None: the agent's own)."""
+    """Request sockets of one network namespace (None: the agent's own)."""
 
-    def __init__(self, ipr: Any, raw: RtnlSocket, netns: str | None) -> None:
-        self._ipr = ipr
+    def __init__(self, links: RtnlSocket, raw: RtnlSocket, netns: str | None) -> None:
+        self._links = links
+        # The rare requests take turns on their own socket (one reply read at a time).
+        self._turn = asyncio.Lock()
         self._raw = raw
         self.netns = netns
 
     @classmethod
     async def open(cls, netns: str | None = None) -> Netlink:
+        where = f" in netns {netns}" if netns else ""
         try:
-            ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
-            # Bind now (no groups) so port_id is known for filtering echoes.
-            await ipr.bind(groups=0)
-        except (NetlinkError, OSError) as exc:
-            where = f" in netns {netns}" if netns else ""
+            links = RtnlSocket.open(netns, rcvbuf=_LINKS_RCVBUF)
+        except OSError as exc:
             raise _error(f"cannot open an rtnetlink socket{where}", exc) from exc
         try:
             raw = RtnlSocket.open(netns)
         except OSError as exc:
-            ipr.close()
-            where = f" in netns {netns}" if netns else ""
+            links.close()
             raise _error(f"cannot open a raw rtnetlink socket{where}", exc) from exc
-        return cls(ipr, raw, netns)
+        return cls(links, raw, netns)
 
     @property
     def port_ids(self) -> frozenset[int]:
         """The netlink port ids the kernel puts in notifications our requests cause."""
-        return frozenset({int(self._ipr.getsockname()[0]), self._raw.port_id})
+        return frozenset({self._links.port_id, self._raw.port_id})
 
     def close(self) -> None:
-        self._ipr.close()
+        self._links.close()
         self._raw.close()
+
+    async def events(self) -> NetlinkEvents:
+        """A new subscription to this namespace's broadcasts (NetlinkEvents)."""
+        return await NetlinkEvents.open(self.netns)
+
+    async def _call(self, kind: int, flags: int, body: bytes) -> None:
+        async with self._turn:
+            await self._links.call(kind, flags, body)
+
+    async def _get(self, kind: int, body: bytes) -> bytes:
+        async with self._turn:
+            return await self._links.get(kind, body)
+
+    async def _dump(self, kind: int, body: bytes) -> list[tuple[int, bytes]]:
+        """A whole dump of links, addresses or routes; again while it is interrupted by a
+        change (DUMP_ATTEMPTS), and the last one taken as it is."""
+        async with self._turn:
+            for _ in range(DUMP_ATTEMPTS - 1):
+                try:
+                    return await self._links.dump(kind, body)
+                except InterruptedError:
+                    continue
+            out: list[tuple[int, bytes]] = []
+            try:
+                await self._links.scan(kind, body, lambda mkind, data, start, end: out.append(
+                    (mkind, bytes(data[start:end]))))
+            except InterruptedError:
+                pass
+            return out
 
     # -- links ---------------------------------------------------------------
 
     async def links(self) -> list[Link]:
         try:
-            return [_link_from_msg(m) async for m in await self._ipr.link("dump")]
-        except (NetlinkError, OSError) as exc:
+            msgs = await self._dump(rtnl.RTM_GETLINK, rtnl.link_request())
+        except OSError as exc:
             raise _error("cannot list links", exc) from exc
+        return [_link(rtnl.decode_link_message(m, 0, len(m))) for _, m in msgs]
 
     async def link_by_name(self, name: str) -> Link | None:
-        return await self._link_get(name, ifname=name)
+        return await self._link_get(name, rtnl.link_request(name=name))
 
     async def link_by_index(self, index: int) -> Link | None:
-        return await self._link_get(str(index), index=index)
+        return await self._link_get(str(index), rtnl.link_request(index=index))
 
-    async def _link_get(self, label: str, **query: object) -> Link | None:
-        """The link `query` names, or None when there is no such link."""
+    async def _link_get(self, label: str, body: bytes) -> Link | None:
+        """The link `body` names, or None when there is no such link."""
         try:
-            msgs = await self._ipr.link("get", **query)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
+            m = await self._get(rtnl.RTM_GETLINK, body)
+        except OSError as exc:
+            if exc.errno in (errno.ENODEV, errno.ENOENT):
                 return None
             raise _error(f"cannot read link {label}", exc) from exc
-        except OSError as exc:
-            raise _error(f"cannot read link {label}", exc) from exc
-        return _link_from_msg(msgs[0]) if msgs else None
+        return _link(rtnl.decode_link_message(m, 0, len(m)))
 
     async def device_state(self, name: str) -> DeviceState | None:
         """The device `name` with its addresses of both families but IPv6 link-local
@@ -308,23 +309,13 @@ class Netlink:
     ) -> Link:
         """A vxlan device whose VTEP is `local`, an IPv4 or an IPv6 address (the
         outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""
-        spec: dict[str, Any] = {
-            "ifname": name,
-            "kind": "vxlan",
-            "vxlan_id": vni,
-            "vxlan_port": port,
-            "vxlan_local" if local.version == 4 else "vxlan_local6": str(local),
-            "vxlan_learning": int(learning),
-            "mtu": mtu,
-            "address": mac,
-        }
-        if link:
-            spec["vxlan_link"] = link
-        if gbp:
-            spec["vxlan_gbp"] = True
+        data = rtnl.vxlan_data(VxlanAttrs(vni=vni, port=port, local=local, link=link,
+                                          learning=learning, gbp=gbp))
         try:
-            await self._ipr.link("add", **spec)
-        except (NetlinkError, OSError) as exc:
+            await self._call(rtnl.RTM_NEWLINK, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
+                             rtnl.link_request(name=name, mtu=mtu, mac=mac, kind="vxlan",
+                                               data=data))
+        except OSError as exc:
             raise _error(f"cannot create vxlan device {name} (VNI {vni}, local {local})", exc) \
                 from exc
         created = await self.link_by_name(name)
@@ -336,31 +327,26 @@ class Netlink:
         """A link of `kind` with no settings of its own (a WireGuard device); EOPNOTSUPP
         when the kernel has no such kind."""
         try:
-            await self._ipr.link("add", ifname=name, kind=kind)
-        except (NetlinkError, OSError) as exc:
+            await self._call(rtnl.RTM_NEWLINK, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
+                             rtnl.link_request(name=name, kind=kind))
+        except OSError as exc:
             raise _error(f"cannot create {kind} device {name}", exc) from exc
 
     async def delete_link(self, index: int) -> None:
         try:
-            await self._ipr.link("del", index=index)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENODEV, errno.ENOENT):
-                raise _error(f"cannot delete link {index}", exc) from exc
+            await self._call(rtnl.RTM_DELLINK, 0, rtnl.link_request(index=index))
         except OSError as exc:
-            raise _error(f"cannot delete link {index}", exc) from exc
+            if exc.errno not in (errno.ENODEV, errno.ENOENT):
+                raise _error(f"cannot delete link {index}", exc) from exc
 
     async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
                        mac: str | None = None) -> None:
-        spec: dict[str, Any] = {}
-        if mtu is not None:
-            spec["mtu"] = mtu
-        if mac is not None:
-            spec["address"] = mac
-        if up is not None:
-            spec["state"] = "up" if up else "down"
         try:
-            await self._ipr.link("set", index=index, **spec)
-        except (NetlinkError, OSError) as exc:
+            await self._call(rtnl.RTM_NEWLINK, 0,
+                             rtnl.link_request(index=index, mtu=mtu, mac=mac, up=up))
+        except OSError as exc:
+            spec = {k: v for k, v in (("mtu", mtu), ("address", mac), ("up", up))
+                    if v is not None}
             raise _error(f"cannot set {spec} on link {index}", exc) from exc
 
     # -- addresses and routes that are not ours -------------------------------
@@ -369,17 +355,17 @@ class Netlink:
                         ) -> list[Addr]:
         """Every address of `family` (AF_UNSPEC: both), or those of one link."""
         try:
-            msgs = [m async for m in await self._ipr.addr("dump", family=family)]
-        except (NetlinkError, OSError) as exc:
+            msgs = await self._dump(rtnl.RTM_GETADDR, rtnl.address_dump_request(family))
+        except OSError as exc:
             raise _error("cannot list addresses", exc) from exc
         out = []
-        for m in msgs:
-            if m["family"] not in _FAMILIES or (index is not None and m["index"] != index):
+        for _, m in msgs:
+            if m[0] not in _FAMILIES:
                 continue
-            # IFA_FLAGS holds all 32 flag bits; the header's byte only the first 8.
-            flags = m.get("IFA_FLAGS")
-            out.append(Addr(int(m["index"]), ip_interface(f"{m.get('address')}/{m['prefixlen']}"),
-                            int(m["scope"]), int(flags if flags is not None else m["flags"])))
+            at, prefixlen, scope, flags, ip = rtnl.decode_address(m, 0, len(m))
+            if ip is None or (index is not None and at != index):
+                continue
+            out.append(Addr(at, ip_interface((ip, prefixlen)), scope, flags))
         return out
 
     async def ipv4_addresses(self, index: int | None = None) -> list[tuple[int, IPv4Interface]]:
@@ -390,63 +376,44 @@ class Netlink:
     async def add_address(self, index: int, address: Interface) -> None:
         """Add (or keep) `address`; an IPv6 one without duplicate address detection
         (see the module docstring)."""
-        extra = {"flags": IFA_F_NODAD} if isinstance(address, IPv6Interface) else {}
+        flags = IFA_F_NODAD if isinstance(address, IPv6Interface) else 0
         try:
-            await self._ipr.addr(
-                "replace", index=index, address=str(address.ip),
-                prefixlen=address.network.prefixlen, **extra,
-            )
-        except (NetlinkError, OSError) as exc:
+            await self._call(rtnl.RTM_NEWADDR, rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE,
+                             rtnl.address_request(index, address, flags=flags))
+        except OSError as exc:
             raise _error(f"cannot add address {address} to link {index}", exc) from exc
 
     async def delete_address(self, index: int, address: Interface) -> None:
         try:
-            await self._ipr.addr(
-                "del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
-            )
-        except NetlinkError as exc:
-            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
-                raise _error(f"cannot remove address {address} from link {index}", exc) from exc
+            await self._call(rtnl.RTM_DELADDR, 0, rtnl.address_request(index, address))
         except OSError as exc:
-            raise _error(f"cannot remove address {address} from link {index}", exc) from exc
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                raise _error(f"cannot remove address {address} from link {index}", exc) \
+                    from exc
 
     async def default_route_ifindex(self) -> int | None:
         """The output interface of the IPv4 default route in the main table, if any."""
         try:
-            msgs = [
-                m async for m in await self._ipr.route("dump", family=socket.AF_INET)
-                if m.get("dst_len") == 0 and m.get("table") == MAIN_TABLE
-            ]
-        except (NetlinkError, OSError) as exc:
+            msgs = await self._dump(rtnl.RTM_GETROUTE, rtnl.route_dump_request(socket.AF_INET))
+        except OSError as exc:
             raise _error("cannot read the routing table", exc) from exc
-        for m in msgs:
-            oif = m.get("oif")
-            if oif:
-                return int(oif)
-            for hop in m.get("multipath") or ():
-                if hop.get("oif"):
-                    return int(hop["oif"])
+        for _, m in msgs:
+            table, dst_len, oif, _ = rtnl.route_output(m, 0, len(m))
+            if dst_len == 0 and table == MAIN_TABLE and oif:
+                return oif
         return None
 
     async def route_to(self, destination: Address) -> tuple[int, Address | None] | None:
         """The output interface and preferred source address the kernel picks for
         `destination` (`ip route get`), or None if it has no route to it."""
-        family = socket.AF_INET if destination.version == 4 else socket.AF_INET6
         try:
-            got = await self._ipr.route("get", dst=str(destination), family=family)
-            msgs = list(got) if isinstance(got, (list, tuple)) else [m async for m in got]
-        except NetlinkError as exc:
-            if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            m = await self._get(rtnl.RTM_GETROUTE, rtnl.route_get_request(destination))
+        except OSError as exc:
+            if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
                 return None
             raise _error(f"cannot look up the route to {destination}", exc) from exc
-        except OSError as exc:
-            raise _error(f"cannot look up the route to {destination}", exc) from exc
-        for m in msgs:
-            oif = m.get("RTA_OIF") or m.get("oif")
-            if oif:
-                src = m.get("RTA_PREFSRC") or m.get("prefsrc")
-                return int(oif), ip_address(src) if src else None
-        return None
+        _, _, oif, src = rtnl.route_output(m, 0, len(m))
+        return (oif, src) if oif else None
 
     # -- the objects we own ----------------------------------------------------
 
@@ -562,21 +529,30 @@ class Netlink:
         try:
             for first in range(0, len(objects), step):
                 codes += await self._raw.batch([
-                    rtnl.Request(*rtnl.encode_object(obj, remove=remove, protocol=protocol))
+                    rtnl.encode_object(obj, remove=remove, protocol=protocol)
                     for obj in objects[first:first + step]
                 ])
         except OSError as exc:
             error = _error(f"{action.value} of {len(objects)} objects", exc)
             return [], [Failure(action, obj, error) for obj in objects]
-        done: list[KernelObject] = []
-        failures: list[Failure] = []
-        for obj, code in zip(objects, codes, strict=True):
-            if code == 0 or (remove and code in _GONE):
-                done.append(obj)
-            else:
-                failures.append(Failure(
-                    action, obj, DataPlaneError(f"{action.value} {obj}: {os.strerror(code)}")))
-        return done, failures
+        return outcomes(action, objects, codes)
+
+
+def outcomes(action: Action, objects: Iterable[KernelObject], codes: Iterable[int]
+             ) -> tuple[list[KernelObject], list[Failure]]:
+    """`apply`'s result from the kernel's answer to each request (an errno, 0: done):
+    a removal of what is not there (ENOENT, ESRCH) is done too. Every adapter of the
+    kernel port (kernelport) answers so."""
+    remove = action is Action.REMOVE
+    done: list[KernelObject] = []
+    failures: list[Failure] = []
+    for obj, code in zip(objects, codes, strict=True):
+        if code == 0 or (remove and code in _GONE):
+            done.append(obj)
+        else:
+            failures.append(Failure(
+                action, obj, DataPlaneError(f"{action.value} {obj}: {os.strerror(code)}")))
+    return done, failures
 
 
 def _neighbour_event(kind: int, body: bytes, sender: int) -> NetlinkEvent:

@@ -16,7 +16,7 @@ one more device. Nothing below depends on the family:
 
 - `sync(peers)`: level-triggered. Plan the whole peer set, read what we own
   and apply the difference (`core.plan.diff`), make before break: additions
-  first (neighbour -> FDB -> route, each a replace or an FDB append), then
+  first (neighbour -> FDB -> route, each a replace), then
   removals (route -> neighbour -> FDB), so a peer whose objects change
   (DirectRouting turned on, a new PublicIP) is never without a path in
   between. The tables are read as they stream in (`_scan`): each dumped entry
@@ -24,12 +24,10 @@ one more device. Nothing below depends on the family:
   object; nothing of a dump is kept. Marks the backend synced; nothing is
   ever removed before the first sync.
 - `update(changes, peers)`: incremental, no table dump. The last applied
-  plan is kept small: per peer subnet the peer it was planned from
-  (`_programmed`, the watcher's own object), planned again when it changes
-  or goes, and per object a count of the peers that want it, by hash
-  (`_uses`: an object two peers want, two leases with one VtepMAC share an
-  FDB entry, stays while one does). It converges to what `sync` would
-  produce; `run` heals any divergence.
+  plan is kept small (`core.kerneldiff.AppliedPlan`: per peer subnet the
+  peer it was planned from, the watcher's own object, and per object a count
+  of the peers that want it). It converges to what `sync` would produce;
+  `run` heals any divergence.
 - `run(get_peers)`: two tasks. A netlink event watcher and a resync loop.
   The watcher looks at every broadcast: one of our routes or FDB entries
   deleted by someone else is queued for a *targeted* repair (exactly that
@@ -92,6 +90,7 @@ from typing import Any
 
 from leaseagent import memory
 from leaseagent.core.diagnosis import render_object
+from leaseagent.core.kerneldiff import AppliedPlan, FullPass, Verdict, judge_event, neighbour_key
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
     MAIN_TABLE,
@@ -99,7 +98,6 @@ from leaseagent.core.plan import (
     DeviceSpec,
     DeviceState,
     HostRoute,
-    Ident,
     KernelObject,
     Neighbour,
     Observation,
@@ -107,19 +105,17 @@ from leaseagent.core.plan import (
     Route,
     cluster_relevant,
     diff,
-    diff_found,
     host_conflict,
     peer_keys,
     serves,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
+from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import (
     Action,
     Failure,
     Known,
-    Netlink,
     NetlinkEvent,
-    NetlinkEvents,
     nothing_known,
     objects_by_kind,
     read_again,
@@ -136,11 +132,6 @@ async def _done(ready: Awaitable[object] | None) -> None:
         await ready
 
 
-def _neighbour_key(obj: Neighbour) -> int:
-    """A neighbour entry's key (the kernel's: device and address), hashed."""
-    return hash((obj.ifindex, obj.dst.version, int(obj.dst)))
-
-
 # Collect a burst of events (a device deletion brings several) into one resync.
 DEBOUNCE_SECONDS = 0.01
 RESYNC_JITTER = 0.2
@@ -155,17 +146,13 @@ class ReconcilingBackend:
         self._settings = settings
         self.status = DataPlaneStatus()
         self._rng = rng or random.Random()
-        self._nl: Netlink | None = None
+        self._nl: Kernel | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._own_subnet: IPv4Network | None = None
         self._own_ipv6: IPv6Network | None = None  # the lease's IPv6 part, when dual-stack
         self._synced = False
-        # The last applied plan, kept small (see the module docstring): per peer subnet
-        # the peer it was planned from; per object hash, how many peers (or the backend
-        # itself) want that object.
-        self._programmed: dict[IPv4Network, Peer] = {}
-        self._uses: dict[int, int] = {}
+        self._applied = AppliedPlan()  # the last applied plan (core.kerneldiff)
         # Neighbour entries being removed by us, by the hash of their key: the kernel
         # tells of a neighbour's deletion with port id 0 and without its MAC, so our own
         # removals are told from someone else's by this.
@@ -206,28 +193,28 @@ class ReconcilingBackend:
         """The devices the backend wants (none by default)."""
         return ()
 
-    async def _converge_devices(self, nl: Netlink, *, repair: bool = False) -> bool:
+    async def _converge_devices(self, nl: Kernel, *, repair: bool = False) -> bool:
         """Make the backend's devices what `_device_specs` says; True if anything changed."""
         return False
 
-    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+    async def _scan(self, nl: Kernel, known: Known) -> list[KernelObject]:
         """Read what the kernel has of ours: each entry's identity is told to `known`,
         and the entries it does not know are returned as objects (Netlink.scan_routes).
         DumpInterrupted: read again."""
         raise NotImplementedError
 
-    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+    async def _observe_devices(self, nl: Kernel) -> dict[str, DeviceState | None]:
         """The backend's devices as the kernel has them, by name (None: absent)."""
         return {}
 
-    async def _ensure_ready(self, nl: Netlink) -> bool:
+    async def _ensure_ready(self, nl: Kernel) -> bool:
         """Repair the backend's device/address if needed; True if something was repaired."""
         return False
 
-    async def _refresh(self, nl: Netlink) -> None:
+    async def _refresh(self, nl: Kernel) -> None:
         """Re-read host facts the plan depends on (called before each full sync)."""
 
-    async def _program(self, nl: Netlink, changes: PlanDiff
+    async def _program(self, nl: Kernel, changes: PlanDiff
                        ) -> tuple[list[KernelObject], list[KernelObject], list[Failure]]:
         """Make `changes` in the kernel: (removed, added, failures). By default all are
         rtnetlink objects, added first, then removed (each list already in order)."""
@@ -279,7 +266,7 @@ class ReconcilingBackend:
         )
 
     # -- this host's own routes and addresses ------------------------------------
-    async def _scan_routes(self, nl: Netlink, known: Known) -> list[Route]:
+    async def _scan_routes(self, nl: Kernel, known: Known) -> list[Route]:
         """Our routes (see Netlink.scan_routes), and from the same dump the host's other
         routes and addresses that overlap the cluster network (`_dumped_routes`, for
         `host_conflict`): every backend's `_scan` reads routes through here."""
@@ -307,7 +294,7 @@ class ReconcilingBackend:
         self._host_routes = tuple(routes)
         return True
 
-    async def _read_host_routes(self, nl: Netlink) -> None:
+    async def _read_host_routes(self, nl: Kernel) -> None:
         """Read the host's routes once, before anything is planned (later passes use
         their own dump's)."""
         if self._host_routes is None:
@@ -399,7 +386,7 @@ class ReconcilingBackend:
         peer = peers.get(key)
         return self._plan_peer(peer) if peer is not None else frozenset()
 
-    async def current(self, nl: Netlink) -> set[KernelObject]:
+    async def current(self, nl: Kernel) -> set[KernelObject]:
         """Everything of ours the kernel has, as objects."""
         return set(await read_again(lambda: self._scan(nl, nothing_known)))
 
@@ -437,14 +424,14 @@ class ReconcilingBackend:
                 await _done(ready)
             affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
             failures = await self._apply(nl, to_change, repair=False, peers={
-                k: self._programmed[k] for k in affected if k in self._programmed},
+                k: self._applied.peers[k] for k in affected if k in self._applied.peers},
                 decided=affected)
             if failures:
                 self.status.in_sync = False
 
     def _plan_update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> PlanDiff:
-        """What `update` changes in the kernel; `_programmed` and `_uses` say the plan
-        with the changes from now on."""
+        """What `update` changes in the kernel; `_applied` says the plan with the
+        changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
         own = self._own_claims()
         was_foreign = self._foreign & affected
@@ -452,16 +439,12 @@ class ReconcilingBackend:
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
         for subnet in affected:
-            before = self._programmed.pop(subnet, None)
+            before, planned = self._applied.drop(subnet, self._plan_peer)
             peer = peers.get(subnet)
             if before is not None:
                 self._unclaim(before)
-                # Planned again as it was: what plans depend on besides the peer
-                # (device indexes) changes only with a full sync, which plans anew.
-                planned = self._plan_peer(before)
                 if subnet not in self._foreign:  # switched to another type: kept meanwhile
                     old |= planned
-                self._count(planned, -1)
             if peer is None and subnet in was_foreign:
                 # What was kept for it goes with a full pass (nothing here knows it).
                 self._full_resync_needed = True
@@ -477,18 +460,8 @@ class ReconcilingBackend:
                 self.status.conflicting_peers.pop(subnet, None)
             if peer is not None and subnet != self._own_subnet and conflict is None:
                 self._claim(peer, claims, self._claimed)
-                after = self._plan_peer(peer)
-                self._programmed[subnet] = peer
-                self._count(after, +1)
-                new |= after
-        to_add, to_remove = diff(new, old)
-        # An object another (unaffected) peer still needs stays; nothing goes
-        # before the first full sync has shown which peers are really gone.
-        if self._synced:
-            to_remove = tuple(o for o in to_remove if hash(o) not in self._uses)
-        else:
-            to_remove = ()
-        return PlanDiff(to_add, to_remove)
+                new |= self._applied.add(peer, self._plan_peer)
+        return self._applied.change(old, new, synced=self._synced)
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         await first_to_end(self._watch_events(), self._resync_loop(get_peers),
@@ -506,7 +479,7 @@ class ReconcilingBackend:
                 if state is not None:
                     await nl.delete_link(state.index)
                     log.info("removed %s (the backend is rebuilt)", spec.name)
-            self._programmed, self._uses = {}, {}
+            self._applied.clear()
             self._synced = False
             self.status.in_sync = False
 
@@ -517,12 +490,12 @@ class ReconcilingBackend:
 
     # -- mechanics ---------------------------------------------------------------
 
-    async def _netlink(self) -> Netlink:
+    async def _netlink(self) -> Kernel:
         if self._nl is None:
-            self._nl = await Netlink.open(self._settings.netns)
+            self._nl = await self._settings.open_kernel()
         return self._nl
 
-    async def _full_sync(self, nl: Netlink, peers: Mapping[IPv4Network, Peer], *,
+    async def _full_sync(self, nl: Kernel, peers: Mapping[IPv4Network, Peer], *,
                          repair: bool, ready: Awaitable[object] | None = None,
                          started: float | None = None) -> None:
         """Plan the whole peer set, compare with the kernel, then (once `ready` is done)
@@ -551,9 +524,9 @@ class ReconcilingBackend:
         del plan, changes
         memory.trim()
 
-    async def _full_plan(self, nl: Netlink, peers: Mapping[IPv4Network, Peer]
+    async def _full_plan(self, nl: Kernel, peers: Mapping[IPv4Network, Peer]
                          ) -> tuple[dict[int, int], PlanDiff]:
-        """A full sync's counts of wanting peers per object (`_uses` once applied), and how
+        """A full sync's counts of wanting peers per object (`_applied` once applied), and how
         the kernel differs from the plan (nothing changed yet).
 
         The plan is made a peer at a time and only each object's identity is kept, with
@@ -565,80 +538,42 @@ class ReconcilingBackend:
         await self._refresh(nl)
         self._foreign.clear()
         self._note_foreign(peers, peers)
-        desired: dict[Ident, IPv4Network] = {}
-        uses: dict[int, int] = {}
-        for key, objects in self._peer_plans(self._own_subnet, peers):
-            for obj in objects:
-                desired[obj._ident] = key
-                uses[hash(obj)] = uses.get(hash(obj), 0) + 1
+        full = FullPass(self._peer_plans(self._own_subnet, peers))
         self._removing.clear()  # echoes of earlier removals have come by now
-        return uses, await read_again(lambda: self._compare(nl, peers, desired))
+        return full.uses, await read_again(lambda: self._compare(nl, peers, full))
 
-    async def _full_apply(self, nl: Netlink, peers: Mapping[IPv4Network, Peer],
+    async def _full_apply(self, nl: Kernel, peers: Mapping[IPv4Network, Peer],
                           uses: dict[int, int], changes: PlanDiff, *, repair: bool,
                           started: float) -> None:
         """Make the changes of a full sync and keep its plan (its peers, `uses`)."""
         failures = await self._apply(nl, changes, repair=repair, peers=self._programmed_of(peers),
                                      decided=None)
-        self._programmed = dict(peers)
-        self._uses = uses
+        self._applied.replace(peers, uses)
         self._synced = True
         self.status.in_sync = not failures
         if not failures:
             self.status.last_error = None
         self.status.reconciles.observe(time.monotonic() - started)
 
-    async def _compare(self, nl: Netlink, peers: Mapping[IPv4Network, Peer],
-                       desired: dict[Ident, IPv4Network]) -> PlanDiff:
-        """How the kernel differs from the plan whose identities `desired` holds (with
-        the key each was planned under), read as it streams in (`_scan`). When the
-        kernel has none of them (a join), `desired` is emptied once the tables are read:
-        every object is planned again, and 15,000 identities are not held beside them."""
-        missing = dict(desired)
-
-        def known(ident: Ident) -> bool:
-            if ident in desired:
-                missing.pop(ident, None)
-                return True
-            return False
-
-        stale = await self._scan(nl, known)  # read_again's retries come from in here
+    async def _compare(self, nl: Kernel, peers: Mapping[IPv4Network, Peer], full: FullPass
+                       ) -> PlanDiff:
+        """How the kernel differs from `full`'s plan, read as it streams in (`_scan`;
+        core.kerneldiff.Reading)."""
+        reading = full.reading()
+        stale = await self._scan(nl, reading.known)  # read_again's retries come from in here
         if self._foreign and stale:  # kept while their peers run another type
             keys = frozenset(chain.from_iterable(peer_keys(peers[s]) for s in self._foreign
                                                  if s in peers))
             stale = [obj for obj in stale if not serves(obj, keys)]
-        lacking = dict.fromkeys(missing.values())
-        everything = len(missing) == len(desired)
-        if everything:
-            missing.clear()
-            desired.clear()
-        # Two peers may plan one object: it is added once (dict.fromkeys, by identity).
-        to_add = list(dict.fromkeys(obj for key in lacking
-                                    for obj in self._planned_again(key, peers)
-                                    if everything or obj._ident in missing))
-        missing.clear()
-        planned: list[KernelObject] = []
-        if stale:  # which of them another object replaces: the whole plan's keys
-            planned = [obj for _key, objects in self._peer_plans(self._own_subnet, peers)
-                       for obj in objects]
-        return diff_found(planned, to_add, stale)
-
-    def _count(self, objects: Iterable[KernelObject], delta: int) -> None:
-        """Count `objects` as wanted by one more (delta +1) or one fewer (-1) peer."""
-        uses = self._uses
-        for obj in objects:
-            key = hash(obj)
-            n = uses.get(key, 0) + delta
-            if n > 0:
-                uses[key] = n
-            else:
-                uses.pop(key, None)
+        return reading.finish(
+            stale, planned_again=lambda key: self._planned_again(key, peers),
+            whole_plan=lambda: (obj for _key, objects in self._peer_plans(self._own_subnet, peers)
+                                for obj in objects))
 
     def planned(self) -> Iterator[KernelObject]:
         """The objects of the last applied plan (planned again from its peers)."""
         yield from self._own_objects()
-        for peer in self._programmed.values():
-            yield from self._plan_peer(peer)
+        yield from self._applied.objects(self._plan_peer)
 
     def _note_foreign(self, subnets: Iterable[IPv4Network],
                       peers: Mapping[IPv4Network, Peer]) -> None:
@@ -705,12 +640,12 @@ class ReconcilingBackend:
                 log.info("peer %s programmed now (the kernel took what it refused)", key)
         return own
 
-    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool,
+    async def _apply(self, nl: Kernel, changes: PlanDiff, *, repair: bool,
                      peers: Mapping[IPv4Network, Peer] | None = None,
                      decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
         """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
         objects of `peers` in a pass that tried `decided`)."""
-        self._removing.update(_neighbour_key(obj) for obj in changes.to_remove
+        self._removing.update(neighbour_key(obj) for obj in changes.to_remove
                               if isinstance(obj, Neighbour))
         removed, added, failures = await self._program(nl, changes)
         self.status.removed.update(objects_by_kind(removed))
@@ -743,13 +678,13 @@ class ReconcilingBackend:
     async def _repair(self, objects: set[KernelObject]) -> None:
         """Put back those of `objects` the last applied plan still holds (no dump)."""
         async with self._lock:
-            objects = {obj for obj in objects if hash(obj) in self._uses}
+            objects = {obj for obj in objects if self._applied.wants(obj)}
             if not objects:
                 return
             nl = await self._netlink()
             ordered = diff(objects, ()).to_add  # neighbour -> FDB -> route
             if await self._apply(nl, PlanDiff(ordered, ()), repair=True,
-                                 peers=self._programmed, decided=()):
+                                 peers=self._applied.peers, decided=()):
                 self.status.in_sync = False
 
     async def _resync_loop(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
@@ -794,27 +729,13 @@ class ReconcilingBackend:
         kind = self._drift_kind(event)
         if kind is None:
             return
-        obj = event.obj
-        if kind in ("route", "neighbour", "fdb") and obj is not None:
-            planned = hash(obj) in self._uses
-            if event.deleted and planned:
-                self._pending_repairs.add(obj)  # the notification is the object itself
-            elif event.deleted and isinstance(obj, Neighbour):
-                key = _neighbour_key(obj)
-                if key in self._removing:
-                    self._removing.discard(key)
-                    return  # our own removal (told without its MAC)
-                self._full_resync_needed = True  # someone else's: which of ours, a pass sees
-            elif event.deleted:
-                if kind == "fdb":
-                    return  # not planned: our own removal (told with port id 0), or stale
-                self._full_resync_needed = True  # a route of our protocol, not as planned
-            elif planned or kind == "fdb":
-                # Exactly ours again, or an FDB entry (told with port id 0 whoever made it,
-                # our own echoes too; a foreign remote is for the periodic pass).
-                return
-            else:
-                self._full_resync_needed = True  # one of ours changed by someone else
+        verdict = judge_event(kind, deleted=event.deleted, obj=event.obj, planned=self._applied,
+                              removing=self._removing)
+        if verdict is Verdict.IGNORE:
+            return
+        if verdict is Verdict.REPAIR:
+            assert event.obj is not None
+            self._pending_repairs.add(event.obj)
         else:
             self._full_resync_needed = True
         log.debug("netlink event %s: %s drift", event, kind)
@@ -825,7 +746,7 @@ class ReconcilingBackend:
         first = True
         while True:
             try:
-                events = await NetlinkEvents.open(self._settings.netns)
+                events = await (await self._netlink()).events()
             except DataPlaneError as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot watch netlink events (retrying in %.1fs): %s", delay, exc)

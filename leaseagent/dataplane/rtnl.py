@@ -1,4 +1,6 @@
-"""Raw rtnetlink for the hot paths: batched requests, table dumps, event reading.
+"""Raw rtnetlink: batched requests, table dumps, event reading; and the few link,
+address and route look-up requests (`link_request`, `address_request`,
+`route_get_request`), so that the agent needs no netlink library.
 
 pyroute2 builds and parses every message through a generic, attribute-by-
 attribute object model and waits for each request's reply: over ten times
@@ -12,13 +14,17 @@ rtmsg/ndmsg's family byte (AF_INET or AF_INET6; AF_BRIDGE for FDB entries,
 whatever the remote's family) and 4- or 16-byte RTA_DST/RTA_GATEWAY/NDA_DST.
 
 - `RtnlSocket.batch(requests)`: many requests per `send()` (one skb; the
-  kernel runs them in order, each under RTNL, synchronously inside the send
-  and queues one NLMSG_ERROR ack per request with NLM_F_ACK); the acks are
-  read after and matched to their requests by sequence number. A refused
-  request does not stop the ones after it. Chunks are sized from the
-  socket's receive buffer (an ack skb costs ~1 KiB of it) so acks are never
-  dropped; if the kernel still reports ENOBUFS the unanswered requests are
-  failures (the next resync retries them), never silent successes.
+  kernel runs them in order, each under RTNL, synchronously inside the send).
+  No request asks for an ack: the kernel answers only refusals (an
+  NLMSG_ERROR each, matched to its request by sequence number), and a last
+  NLMSG_NOOP in the send asks for one ack, which comes after every answer
+  before it: a join of 15,000 objects reads a few datagrams instead of
+  15,000 acks, and the kernel makes no ack skb per object. A refused request
+  does not stop the ones after it. Chunks are sized from the socket's
+  receive buffer (an answer skb costs ~1 KiB of it) so answers are never
+  dropped, even if every request is refused; if the kernel still reports
+  ENOBUFS the unanswered requests of that send are failures (the next resync
+  retries them), never silent successes.
 - `RtnlSocket.scan(...)`: one dump request, each message handed over as its
   datagram arrives, to be filtered on fixed offsets (family, table, protocol,
   ifindex) before any attribute is parsed, and read into an identity
@@ -48,7 +54,16 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+)
+from typing import Any, NamedTuple
 
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
@@ -59,6 +74,7 @@ from leaseagent.core.plan import (
     KernelObject,
     Neighbour,
     Route,
+    VxlanAttrs,
     fdb_ident,
     neighbour_ident,
     route_ident,
@@ -69,16 +85,22 @@ NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
-NLM_F_REPLACE, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x400, 0x800
-RTM_NEWLINK, RTM_DELLINK = 16, 17
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x100, 0x200, 0x400, 0x800
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 # RTMGRP_NEIGH carries neighbours of every family and FDB entries alike.
 RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x1, 0x4, 0x40, 0x400
 AF_BRIDGE = 7
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE = (
+    1, 4, 5, 6, 7, 9, 15)
 NDA_DST, NDA_LLADDR = 1, 2
-IFLA_IFNAME = 3
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 1, 3, 4, 18
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING = 1, 3, 4, 7
+IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6, IFLA_VXLAN_GBP = 15, 17, 23
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
 RTNH_F_ONLINK = 4
@@ -93,6 +115,9 @@ _HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table proto scope type flags
 _NDMSG = struct.Struct("=BxxxiHBB")  # family ifindex state flags type
 _IFINFO = struct.Struct("=BxHiII")  # family type index flags change
+_IFADDR = struct.Struct("=BBBBi")  # family prefixlen flags scope index
+_RTNEXTHOP = struct.Struct("=HBBi")  # len flags hops ifindex
+_BE16 = struct.Struct("!H")
 _ERR = struct.Struct("=i")
 _ATTR = struct.Struct("=HH")  # nlattr: len, type
 NLA_F_NESTED = 0x8000
@@ -149,8 +174,62 @@ def _address(raw: bytes) -> Address | None:
 # -- encoding -------------------------------------------------------------------
 
 
+# The IPv4 shapes a join or a mass removal sends by the thousand, each packed by one
+# struct call from the object's identity (core.plan: ints, no ipaddress object touched);
+# the same bytes as the general encoding below (tests/unit/test_rtnl.py). Addresses
+# are in network order: htonl'd, then packed native.
+_ROUTE4_VIA = struct.Struct("=BBBBBBBBI" "HHI" "HHI" "HHI")  # rtmsg, DST, GATEWAY, OIF
+_NEIGH4 = struct.Struct("=BxxxiHBB" "HHI")  # ndmsg, DST
+_NEIGH4_MAC = struct.Struct("=BxxxiHBB" "HHI" "HH6sxx")  # ndmsg, DST, LLADDR
+_FDB4 = struct.Struct("=BxxxiHBB" "HH6sxx" "HHI")  # ndmsg, LLADDR, DST
+_htonl = socket.htonl
+# REPLACE: a unicast MAC has one remote, which a peer's new PublicIP replaces
+# (APPEND would answer 0 and keep the old one: netlink.py's quirks).
+_FDB_ADD_FLAGS = NLM_F_CREATE | NLM_F_REPLACE
+
+
+def _encode_ipv4(ident: tuple[Any, ...], remove: bool, protocol: int
+                 ) -> tuple[int, int, bytes] | None:
+    """`encode_object` for the common IPv4 shapes, from the identity; None for others."""
+    kind = ident[0]
+    if ident[1] != 4:
+        return None
+    if kind == 0:  # (0, 4, dst, prefixlen, gateway, ifindex, onlink, metric, scope)
+        _k, _v, dst, prefixlen, gateway, ifindex, onlink, metric, scope = ident
+        if gateway < 0 or not ifindex or metric:
+            return None
+        body = _ROUTE4_VIA.pack(
+            socket.AF_INET, prefixlen, 0, 0, MAIN_TABLE, protocol,
+            RT_SCOPE_NOWHERE if remove else scope, RTN_UNICAST,
+            RTNH_F_ONLINK if onlink else 0,
+            8, RTA_DST, _htonl(dst), 8, RTA_GATEWAY, _htonl(gateway), 8, RTA_OIF, ifindex)
+        if remove:
+            return RTM_DELROUTE, 0, body
+        return RTM_NEWROUTE, NLM_F_REPLACE | NLM_F_CREATE, body
+    if kind == 1:  # (1, 4, ifindex, dst, lladdr)
+        if remove:
+            return RTM_DELNEIGH, 0, _NEIGH4.pack(socket.AF_INET, ident[2], NUD_PERMANENT, 0, 0,
+                                                 8, NDA_DST, _htonl(ident[3]))
+        return RTM_NEWNEIGH, NLM_F_REPLACE | NLM_F_CREATE, _NEIGH4_MAC.pack(
+            socket.AF_INET, ident[2], NUD_PERMANENT, 0, 0, 8, NDA_DST, _htonl(ident[3]),
+            10, NDA_LLADDR, _mac_bytes(ident[4]))
+    if kind != 2:
+        return None
+    # (2, 4, ifindex, lladdr, dst)
+    body = _FDB4.pack(AF_BRIDGE, ident[2], NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0,
+                      10, NDA_LLADDR, _mac_bytes(ident[3]), 8, NDA_DST, _htonl(ident[4]))
+    if remove:
+        return RTM_DELNEIGH, 0, body
+    return RTM_NEWNEIGH, _FDB_ADD_FLAGS, body
+
+
 def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[int, int, bytes]:
     """(message type, flags, body without the nlmsghdr) for replacing/removing `obj`."""
+    ident = getattr(obj, "_ident", None)  # a Route, Neighbour or Fdb has one
+    if ident is not None:
+        fast = _encode_ipv4(ident, remove, protocol)
+        if fast is not None:
+            return fast
     if isinstance(obj, Route):
         body = _RTMSG.pack(
             family_of(obj.dst), obj.dst.prefixlen, 0, 0, MAIN_TABLE, protocol,
@@ -180,9 +259,7 @@ def encode_object(obj: KernelObject, *, remove: bool, protocol: int) -> tuple[in
     body += attribute(NDA_LLADDR, _mac_bytes(obj.lladdr)) + attribute(NDA_DST, obj.dst.packed)
     if remove:
         return RTM_DELNEIGH, 0, body
-    # APPEND: adds this remote to the MAC and is idempotent (REPLACE would
-    # overwrite the MAC's first remote).
-    return RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND, body
+    return RTM_NEWNEIGH, _FDB_ADD_FLAGS, body
 
 
 # -- decoding -------------------------------------------------------------------
@@ -356,6 +433,145 @@ def decode_link(data: bytes | memoryview, start: int, end: int) -> tuple[int, in
     return index, flags, name.rstrip(b"\0").decode(errors="replace") if name else None
 
 
+# -- links and addresses: few, rare requests ------------------------------------
+
+
+def link_request(*, index: int = 0, name: str | None = None, up: bool | None = None,
+                 mtu: int | None = None, mac: str | None = None, kind: str | None = None,
+                 data: bytes = b"") -> bytes:
+    """The body of an RTM_NEWLINK (create or set), RTM_DELLINK or RTM_GETLINK: the link
+    `index` or `name`; IFF_UP set or cleared only when `up` is given; `kind` and its
+    IFLA_INFO_DATA (`vxlan_data`) for a new device."""
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, IFF_UP if up else 0,
+                        0 if up is None else IFF_UP)
+    if name is not None:
+        body += attribute(IFLA_IFNAME, name.encode() + b"\0")
+    if mtu is not None:
+        body += attribute(IFLA_MTU, _U32.pack(mtu))
+    if mac is not None:
+        body += attribute(IFLA_ADDRESS, _mac_bytes(mac))
+    if kind is not None:
+        info = attribute(IFLA_INFO_KIND, kind.encode())
+        if data:
+            info += nest(IFLA_INFO_DATA, data)
+        body += nest(IFLA_LINKINFO, info)
+    return body
+
+
+def vxlan_data(vxlan: VxlanAttrs) -> bytes:
+    """IFLA_INFO_DATA of a vxlan device: its VNI, UDP port, local VTEP (IPv4 or IPv6),
+    underlay link (0: none), learning, GBP."""
+    assert vxlan.local is not None
+    out = (attribute(IFLA_VXLAN_ID, _U32.pack(vxlan.vni))
+           + attribute(IFLA_VXLAN_PORT, _BE16.pack(vxlan.port))
+           + attribute(IFLA_VXLAN_LOCAL if vxlan.local.version == 4 else IFLA_VXLAN_LOCAL6,
+                       vxlan.local.packed)
+           + attribute(IFLA_VXLAN_LEARNING, bytes([int(vxlan.learning)])))
+    if vxlan.link:
+        out += attribute(IFLA_VXLAN_LINK, _U32.pack(vxlan.link))
+    if vxlan.gbp:
+        out += attribute(IFLA_VXLAN_GBP, b"")
+    return out
+
+
+@dataclass(frozen=True)
+class LinkMessage:
+    """What the data plane reads of an RTM_NEWLINK."""
+
+    index: int
+    flags: int  # IFF_*
+    name: str | None
+    mtu: int
+    address: str | None  # the link-layer address, as "aa:bb:..."; None if it has none
+    kind: str | None  # IFLA_INFO_KIND: "vxlan", "wireguard", ...; None for a plain device
+    vxlan: VxlanAttrs | None
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
+def _vxlan_attrs(data: bytes) -> VxlanAttrs:
+    a = _attrs(data, 0, len(data))
+    local = a.get(IFLA_VXLAN_LOCAL) or a.get(IFLA_VXLAN_LOCAL6)
+    port = a.get(IFLA_VXLAN_PORT)
+    learning = a.get(IFLA_VXLAN_LEARNING)
+    return VxlanAttrs(vni=_u32(a.get(IFLA_VXLAN_ID)),
+                      port=_BE16.unpack(port)[0] if port else 0,
+                      local=_address(local) if local else None,
+                      link=_u32(a.get(IFLA_VXLAN_LINK)),
+                      learning=bool(learning and learning[0]),
+                      gbp=IFLA_VXLAN_GBP in a)
+
+
+def decode_link_message(data: bytes | memoryview, start: int, end: int) -> LinkMessage:
+    _, _, index, flags, _ = _IFINFO.unpack_from(data, start)
+    a = _attrs(data, start + _IFINFO.size, end)
+    name, mtu, address = a.get(IFLA_IFNAME), a.get(IFLA_MTU), a.get(IFLA_ADDRESS)
+    kind, vxlan = None, None
+    if (linkinfo := a.get(IFLA_LINKINFO)) is not None:
+        info = _attrs(linkinfo, 0, len(linkinfo))
+        kind = _text(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else None
+        if kind == "vxlan":
+            vxlan = _vxlan_attrs(info.get(IFLA_INFO_DATA, b""))
+    return LinkMessage(index, flags, _text(name) if name else None, _u32(mtu),
+                       _mac_str(address) if address is not None else None, kind, vxlan)
+
+
+def address_request(index: int, address: IPv4Interface | IPv6Interface, *,
+                    flags: int = 0) -> bytes:
+    """The body of an RTM_NEWADDR or RTM_DELADDR of `address` on link `index` (IFA_F_*
+    `flags`); an IPv4 one with IFA_LOCAL too, as `ip address` sends it."""
+    ip = address.ip
+    body = _IFADDR.pack(family_of(ip), address.network.prefixlen, flags & 0xFF, 0, index)
+    if ip.version == 4:
+        body += attribute(IFA_LOCAL, ip.packed)
+    body += attribute(IFA_ADDRESS, ip.packed)
+    if flags:
+        body += attribute(IFA_FLAGS, _U32.pack(flags))
+    return body
+
+
+def address_dump_request(family: int) -> bytes:
+    return _IFADDR.pack(family, 0, 0, 0, 0)
+
+
+def decode_address(data: bytes | memoryview, start: int, end: int
+                   ) -> tuple[int, int, int, int, Address | None]:
+    """(index, prefix length, scope, IFA_F_* flags, address) of an ifaddrmsg: the flags
+    from IFA_FLAGS (all 32 bits) when present, else the header's 8; the address is
+    IFA_ADDRESS (a point-to-point link's peer), else IFA_LOCAL."""
+    _, prefixlen, flags, scope, index = _IFADDR.unpack_from(data, start)
+    a = _attrs(data, start + _IFADDR.size, end)
+    if IFA_FLAGS in a:
+        flags = _u32(a[IFA_FLAGS])
+    raw = a.get(IFA_ADDRESS) or a.get(IFA_LOCAL)
+    return index, prefixlen, scope, flags, _address(raw) if raw else None
+
+
+def route_get_request(destination: Address) -> bytes:
+    """The body of an RTM_GETROUTE for one destination (`ip route get`)."""
+    return (_RTMSG.pack(family_of(destination), destination.max_prefixlen, 0, 0, 0, 0, 0, 0, 0)
+            + attribute(RTA_DST, destination.packed))
+
+
+def route_output(data: bytes | memoryview, start: int, end: int
+                 ) -> tuple[int, int, int, Address | None]:
+    """(table, destination prefix length, output ifindex, preferred source) of an rtmsg;
+    the ifindex of a multipath route's first hop that has one."""
+    _, dst_len, table, _, _, _, _, attrs = _route_parts(data, start, end)
+    oif = _u32(attrs.get(RTA_OIF))
+    hops = attrs.get(RTA_MULTIPATH, b"")
+    at = 0
+    while not oif and at + _RTNEXTHOP.size <= len(hops):
+        size, _, _, oif = _RTNEXTHOP.unpack_from(hops, at)
+        if size < _RTNEXTHOP.size:
+            break
+        at += (size + 3) & ~3
+    src = attrs.get(RTA_PREFSRC)
+    return table, dst_len, oif, _address(src) if src else None
+
+
 # -- the socket -------------------------------------------------------------------
 
 
@@ -403,8 +619,11 @@ def _new_socket(netns: str | None, protocol: int = NETLINK_ROUTE) -> socket.sock
     return result[0]
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    """One request of a batch: message type, flags (NLM_F_REQUEST is added), body without
+    the nlmsghdr; `encode_object`'s tuple is one. A tuple: a join makes 15,000, and a
+    frozen dataclass's __init__ cost more than encoding them."""
+
     kind: int
     flags: int
     body: bytes
@@ -469,27 +688,37 @@ class RtnlSocket:
 
     # -- requests ------------------------------------------------------------------
 
-    async def batch(self, requests: Sequence[Request]) -> list[int]:
-        """Send every request with NLM_F_ACK, in order; per request 0 or a positive errno.
+    async def batch(self, requests: Sequence[tuple[int, int, bytes]]) -> list[int]:
+        """Send every request, in order; per request 0 or a positive errno.
 
-        A request whose ack was lost (receive buffer overflow) gets ENOBUFS.
+        A request is sent without NLM_F_ACK: the kernel answers only a refusal (an
+        NLMSG_ERROR with the request's sequence number). Each send ends with an
+        NLMSG_NOOP that asks for an ack, which the kernel gives after every request
+        before it was run, so once it is read every refusal has been; a request with
+        no answer by then was done. If the kernel reports ENOBUFS (an answer lost),
+        every request of that send without an answer gets ENOBUFS: a failure, never a
+        silent success.
         """
         results: list[int] = []
         for first in range(0, len(requests), self.chunk):
             chunk = requests[first:first + self.chunk]
             parts = []
             seqs: dict[int, int] = {}
-            for i, req in enumerate(chunk):
-                seq = self._next_seq()
+            pack = _HDR.pack
+            seq = self._seq
+            for i, (kind, flags, body) in enumerate(chunk):
+                seq = seq % 0xFFFFFFF0 + 1
                 seqs[seq] = i
-                parts.append(_HDR.pack(16 + len(req.body), req.kind,
-                                       req.flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0))
-                parts.append(req.body)
-            answers: list[int | None] = [None] * len(chunk)
-            pending = len(chunk)
+                parts.append(pack(16 + len(body), kind, flags | NLM_F_REQUEST, seq, 0))
+                parts.append(body)
+            self._seq = seq
+            end = self._next_seq()
+            parts.append(_HDR.pack(16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, end, 0))
+            answers: list[int] = [0] * len(chunk)
+            answered = [False] * len(chunk)
             self._sock.send(b"".join(parts))
-            lost = False
-            while pending:
+            lost = ended = False
+            while not ended:
                 data: memoryview | None
                 try:
                     # After an overflow only what is still queued can come.
@@ -501,13 +730,20 @@ class RtnlSocket:
                     continue
                 if data is None:
                     break
-                for kind, _flags, seq, _pid, start, _end in messages(data):
-                    at = seqs.get(seq)
-                    if at is None or kind != NLMSG_ERROR or answers[at] is not None:
+                for kind, _flags, mseq, _pid, start, _end in messages(data):
+                    if kind != NLMSG_ERROR:
+                        continue
+                    if mseq == end:
+                        ended = True
+                        continue
+                    at = seqs.get(mseq)
+                    if at is None or answered[at]:
                         continue
                     answers[at] = -_ERR.unpack_from(data, start)[0]
-                    pending -= 1
-            results.extend(errno.ENOBUFS if a is None else a for a in answers)
+                    answered[at] = True
+            if lost:
+                answers = [a if done else errno.ENOBUFS for a, done in zip(answers, answered, strict=True)]
+            results.extend(answers)
         return results
 
     def request_message(self, kind: int, body: bytes) -> tuple[int, bytes]:
@@ -530,6 +766,13 @@ class RtnlSocket:
                     code = -_ERR.unpack_from(data, start)[0] or errno.EPROTO
                     raise OSError(code, os.strerror(code))
                 return bytes(data[start:end])
+
+    async def call(self, kind: int, flags: int, body: bytes) -> None:
+        """One request (`batch`: the kernel answers a refusal only). OSError with the
+        kernel's errno when it refuses."""
+        code = (await self.batch([Request(kind, flags, body)]))[0]
+        if code:
+            raise OSError(code, os.strerror(code))
 
     async def scan(self, kind: int, body: bytes,
                    visit: Callable[[int, memoryview, int, int], None]) -> None:

@@ -75,7 +75,8 @@ from leaseagent.core.plan import (
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.devices import fix_in_place
-from leaseagent.dataplane.netlink import Known, Netlink, NetlinkEvent
+from leaseagent.dataplane.kernelport import Kernel
+from leaseagent.dataplane.netlink import Known, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.rtnl import family_of
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -150,7 +151,7 @@ class Vtep:
         return DeviceSpec(name=self.name, kind="vxlan", mtu=self.mtu, vxlan=self.attrs,
                           mac=self.mac, address=host_address(own) if own else None)
 
-    async def observe(self, nl: Netlink) -> DeviceState | None:
+    async def observe(self, nl: Kernel) -> DeviceState | None:
         """The device as the kernel has it; a backend that never prepared (doctor)
         plans with the index found."""
         state = await nl.device_state(self.name)
@@ -158,7 +159,7 @@ class Vtep:
             self.index = state.index
         return state
 
-    async def converge(self, nl: Netlink, own: Network | None, *, repair: bool = False) -> bool:
+    async def converge(self, nl: Kernel, own: Network | None, *, repair: bool = False) -> bool:
         """Make the device what `spec` says: adopt, adjust in place, or (re)create it;
         True if anything changed. The first time, the device's MAC is adopted. A
         `repair` (someone changed the device) is logged at INFO, setting it up at DEBUG."""
@@ -183,7 +184,7 @@ class Vtep:
             store_vtep_mac(self._state_dir, self.mac, self._mac_file)
         return changed
 
-    async def _create(self, nl: Netlink, state: DeviceState | None,
+    async def _create(self, nl: Kernel, state: DeviceState | None,
                       differences: list[DeviceDifference]) -> DeviceState:
         """Delete a device that cannot be adopted and create it as specified, keeping a
         MAC in this order: ours, the old device's, the stored one, a new random one."""
@@ -280,10 +281,10 @@ class VxlanBackend(ReconcilingBackend):
                       ) -> tuple[DeviceSpec, ...]:
         return tuple(vtep.spec(own) for vtep, own in self._with_own(own_subnet, own_ipv6))
 
-    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+    async def _observe_devices(self, nl: Kernel) -> dict[str, DeviceState | None]:
         return {vtep.name: await vtep.observe(nl) for vtep in self._devices}
 
-    async def _converge_devices(self, nl: Netlink, *, repair: bool = False) -> bool:
+    async def _converge_devices(self, nl: Kernel, *, repair: bool = False) -> bool:
         changed = False
         for vtep, own in self._with_own(self._own_subnet, self._own_ipv6):
             changed = await vtep.converge(nl, own, repair=repair) or changed
@@ -291,7 +292,7 @@ class VxlanBackend(ReconcilingBackend):
             changed = await self._remove_unused_v6(nl) or changed
         return changed
 
-    async def _remove_unused_v6(self, nl: Netlink) -> bool:
+    async def _remove_unused_v6(self, nl: Kernel) -> bool:
         """Delete flannel-v6.<VNI> left from a dual-stack run (IPv6 turned off since, in
         a running agent or across a restart); its neighbour and FDB entries go with it,
         its routes are ours and go with the next sync. True if it was there."""
@@ -303,14 +304,14 @@ class VxlanBackend(ReconcilingBackend):
         await nl.delete_link(state.index)
         return True
 
-    async def _ensure_ready(self, nl: Netlink) -> bool:
+    async def _ensure_ready(self, nl: Kernel) -> bool:
         if not self._v4.index:
             return False  # not prepared yet: nothing to repair
         return await self._converge_devices(nl, repair=True)
 
     # -- plan --------------------------------------------------------------------
 
-    async def _refresh(self, nl: Netlink) -> None:
+    async def _refresh(self, nl: Kernel) -> None:
         host = self._settings.host
         if self._options.direct_routing and host.iface_index:
             self._direct_networks = tuple(
@@ -347,7 +348,7 @@ class VxlanBackend(ReconcilingBackend):
             vxlan6_index=self._v6.index if self._v6 is not None else 0,
         )
 
-    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+    async def _scan(self, nl: Kernel, known: Known) -> list[KernelObject]:
         # Routes of both families: an IPv6 route of ours left from a dual-stack run
         # is found (and removed) on an IPv4-only one too.
         found: list[KernelObject] = []

@@ -80,7 +80,8 @@ from leaseagent.core.plan import (
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.devices import fix_in_place
-from leaseagent.dataplane.netlink import Action, Failure, Known, Netlink, NetlinkEvent
+from leaseagent.dataplane.kernelport import Kernel
+from leaseagent.dataplane.netlink import Action, Failure, Known, NetlinkEvent
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.vxlan import host_address
 from leaseagent.dataplane.wgdevice import (
@@ -186,12 +187,12 @@ class WireguardBackend(ReconcilingBackend):
 
     # -- which WireGuard ---------------------------------------------------------
 
-    async def _driver(self, nl: Netlink) -> WireguardControl:
+    async def _driver(self, nl: Kernel) -> WireguardControl:
         if self._control is None:
             self._control = await self._choose_driver(nl)
         return self._control
 
-    async def _choose_driver(self, nl: Netlink) -> WireguardControl:
+    async def _choose_driver(self, nl: Kernel) -> WireguardControl:
         netns = self._settings.netns
         userspace = WireguardGo(netns=netns)
         first = self._devices[0].name
@@ -229,7 +230,7 @@ class WireguardBackend(ReconcilingBackend):
                   ) -> list[tuple[WgDevice, Network | None]]:
         return [(d, own_ipv6 if d.ipv6 else own_subnet) for d in self._devices]
 
-    async def _device_state(self, nl: Netlink, device: WgDevice,
+    async def _device_state(self, nl: Kernel, device: WgDevice,
                             config: DeviceConfig | None = None) -> DeviceState | None:
         """The device as netlink has it, with what its WireGuard control says (none: it
         does not answer); its index is learnt on the way."""
@@ -246,16 +247,16 @@ class WireguardBackend(ReconcilingBackend):
         attrs = WireguardAttrs(config.listen_port, config.public_key) if config else None
         return replace(state, wireguard=attrs)
 
-    async def _observe_devices(self, nl: Netlink) -> dict[str, DeviceState | None]:
+    async def _observe_devices(self, nl: Kernel) -> dict[str, DeviceState | None]:
         return {d.name: await self._device_state(nl, d) for d in self._devices}
 
-    async def _converge_devices(self, nl: Netlink, *, repair: bool = False) -> bool:
+    async def _converge_devices(self, nl: Kernel, *, repair: bool = False) -> bool:
         changed = False
         for device, own in self._with_own(self._own_subnet, self._own_ipv6):
             changed = await self._converge(nl, device, own, repair=repair) or changed
         return changed
 
-    async def _converge(self, nl: Netlink, device: WgDevice, own: Network | None, *,
+    async def _converge(self, nl: Kernel, device: WgDevice, own: Network | None, *,
                         repair: bool) -> bool:
         """Make one device what its spec says: adopt, set in place, or make it anew."""
         control = await self._driver(nl)
@@ -284,7 +285,7 @@ class WireguardBackend(ReconcilingBackend):
         return await fix_in_place(nl, state, spec, differences, repair=repair,
                                   other=set_wireguard) or changed
 
-    async def _create(self, nl: Netlink, control: WireguardControl, device: WgDevice,
+    async def _create(self, nl: Kernel, control: WireguardControl, device: WgDevice,
                       state: DeviceState | None, differences: list[DeviceDifference]
                       ) -> DeviceState:
         if state is not None:
@@ -300,7 +301,7 @@ class WireguardBackend(ReconcilingBackend):
                                  "was created")
         return created
 
-    async def _ensure_ready(self, nl: Netlink) -> bool:
+    async def _ensure_ready(self, nl: Kernel) -> bool:
         if not self._devices[0].index:
             return False  # not prepared yet: nothing to repair
         return await self._converge_devices(nl, repair=True)
@@ -321,7 +322,7 @@ class WireguardBackend(ReconcilingBackend):
                   None, d.index, scope=RT_SCOPE_LINK)
             for d in self._devices if d.index)
 
-    async def _scan(self, nl: Netlink, known: Known) -> list[KernelObject]:
+    async def _scan(self, nl: Kernel, known: Known) -> list[KernelObject]:
         found: list[KernelObject] = []
         found += await self._scan_routes(nl, known)
         control = await self._driver(nl)
@@ -333,7 +334,7 @@ class WireguardBackend(ReconcilingBackend):
 
     # -- programming -------------------------------------------------------------------
 
-    async def _program(self, nl: Netlink, changes: PlanDiff
+    async def _program(self, nl: Kernel, changes: PlanDiff
                        ) -> tuple[list[KernelObject], list[KernelObject], list[Failure]]:
         """rtnetlink's objects as every backend's; the peers in one write per device."""
         routes = PlanDiff(*(tuple(o for o in objs if not isinstance(o, WIREGUARD_OBJECTS))
@@ -401,7 +402,7 @@ class WireguardBackend(ReconcilingBackend):
                 self._full_resync_needed = True
                 self._wake.set()
 
-    async def _check_peers(self, nl: Netlink) -> None:
+    async def _check_peers(self, nl: Kernel) -> None:
         control = await self._driver(nl)
         wanted: dict[str, set[KernelObject]] | None = None  # the plan's, when first needed
         for device in self._devices:
@@ -430,7 +431,7 @@ class WireguardBackend(ReconcilingBackend):
             elif snap is not None:
                 self._found_clean[device.name] = snap.fingerprint
 
-    async def _apply(self, nl: Netlink, changes: PlanDiff, *, repair: bool,
+    async def _apply(self, nl: Kernel, changes: PlanDiff, *, repair: bool,
                      peers: Mapping[IPv4Network, Peer] | None = None,
                      decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
         self._found_clean.clear()

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.lab import processes
 from leaseagent.lab.errors import LabError
 from leaseagent.lab.probes import http_get
@@ -109,7 +109,7 @@ def wait_subnet(host: Host, *, timeout: float = 30, ipv6: bool = False) -> None:
     while True:
         try:
             text = host.subnet_file.read_text()
-            env = parse_subnet_env(text)
+            env = parse_environment_file(text)
             host.subnet = IPv4Interface(env["FLANNEL_SUBNET"])
             host.mtu = int(env["FLANNEL_MTU"])
         except (OSError, KeyError, ValueError):

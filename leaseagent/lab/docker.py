@@ -49,6 +49,7 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from leaseagent.core.dockeropts import DOCKER_OPTIONS_KEY
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.lab import processes
 from leaseagent.lab.commands import run, tool
 from leaseagent.lab.errors import DockerError, LabError
@@ -73,25 +74,9 @@ def unavailable() -> str | None:
     return None
 
 
-def environment_file(path: Path) -> dict[str, str]:
-    """A file as systemd's EnvironmentFile= reads it: KEY=value lines, # comments, the
-    value's surrounding quotes removed."""
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")) or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[key.strip()] = value
-    return out
-
-
 def network_options(options_file: Path) -> list[str]:
     """The words `$DOCKER_NETWORK_OPTIONS` puts on dockerd's command line."""
-    return environment_file(options_file).get(DOCKER_OPTIONS_KEY, "").split()
+    return parse_environment_file(options_file.read_text()).get(DOCKER_OPTIONS_KEY, "").split()
 
 
 def docker_client() -> str:

@@ -36,6 +36,7 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--peers", "200", "--join-sizes", "100",
+         "--pace-sizes", "50", "--pace-repeats", "1",
          "--small-peers", "20",
          "--events", "50", "--agents", "20", "--alloc-rounds", "1", "--idle", "2",
          "--timeout", "30", "--dual-peers", "200", "--dual-small-peers", "20",
@@ -52,7 +53,9 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError(f"bench still running after 240 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
-    for figure in ("programming rate", "device -> all", "event p99", "txn/acquisition", "RSS",
+    for figure in ("join 50 peers (1 runs): device -> all objects",
+                   "removal 50 peers (1 runs): all leases expire at once",
+                   "programming rate", "device -> all", "event p99", "txn/acquisition", "RSS",
                    "bytes per added peer", "until the kernel is clean", "idle CPU",
                    "etcd unary requests at start", "iptables: one check",
                    "iptables: one full check", "nftables: one full check",
@@ -67,6 +70,13 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     assert wg["lab"]["throughput"]["wireguard"]["bits_per_second"] > 0
     assert wg["lab"]["throughput"]["vxlan"]["bits_per_second"] > 0
     assert len(wg["lab"]["rotations"]) == 1 and len(wg["lab"]["removals_ms"]) == 1
+    # Join and mass removal at a pace size, each beside ip/bridge -batch.
+    pace = results["pace"]["50"]
+    assert len(pace["runs"]) == 1 and pace["join_ratio"] > 0 and pace["removal_ratio"] > 0
+    assert set(pace["runs"][0]["differences_from_reference"].values()) == {0}
+    removal = pace["runs"][0]["removal"]
+    assert removal["objects"] == 150 and removal["reference"]["objects"] == 150
+    assert removal["seconds"] > 0 and removal["watch_last_deletion_s"] > -1
     assert results["join"]["objects"] == 600
     assert results["join"]["reference"]["objects"] == 600
     assert set(results["join"]["differences_from_reference"].values()) == {0}

@@ -44,12 +44,13 @@ def test_short_soak_returns_to_baseline(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError(f"soak still running after 150 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stdout + stderr[-3000:]
-    for figure in ("RSS slope", "fds: baseline -> end", "tasks: baseline -> end",
-                   "etcd restart at event", "kernel vs final etcd set"):
+    for figure in ("RSS slope", "MiB / 10k events (95 % CI)", "fds: baseline -> end",
+                   "tasks: baseline -> end", "etcd restart at event", "kernel vs final etcd set"):
         assert figure in stdout, stdout
     results = json.loads(out.read_text())
     churn = results["churn"]
     assert churn["events"] == 3000
+    assert results["rss"]["mib_per_10k_events_ci95"] > 0
     assert all(churn["kinds"][k] > 0 for k in ("added", "changed", "removed"))
     assert churn["full_resyncs"] >= 1
     (restart,) = churn["etcd_restarts"]

@@ -18,7 +18,7 @@ from ipaddress import IPv4Interface
 
 import pytest
 
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.lab import Host, Lab, processes, run
 from leaseagent.lab.docker import unavailable
 
@@ -50,7 +50,7 @@ def hostgw_docker() -> Iterator[Lab]:
 
 
 def subnet_env(host: Host) -> dict[str, str]:
-    return parse_subnet_env(host.subnet_file.read_text())
+    return parse_environment_file(host.subnet_file.read_text())
 
 
 def docker0_address(host: Host) -> str | None:

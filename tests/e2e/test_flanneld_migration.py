@@ -46,7 +46,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.dataplane.firewall import IptablesFirewall
 from leaseagent.lab import (
     CONTAINER_NETWORK,
@@ -218,7 +218,7 @@ def test_a_docker_host_switched_from_flanneld_keeps_its_containers_and_loses_not
 def switch_from_flanneld(lab: Lab) -> None:
     h1, h2 = lab.hosts[1], lab.hosts[2]
     c1, c2 = h1.containers[0], h2.containers[0]
-    before = {h.index: (parse_subnet_env(h.subnet_file.read_text()),
+    before = {h.index: (parse_environment_file(h.subnet_file.read_text()),
                         sh(h, "cat", "/sys/class/net/flannel.1/address").strip())
               for h in (h1, h2)}
     assert {e["FLANNEL_MTU"] for e, _ in before.values()} == {str(FLANNEL_MTU)}
@@ -282,7 +282,7 @@ def switch_from_flanneld(lab: Lab) -> None:
                       f"route {STALE_SUBNET} via"):
             assert any(thing in line for line in removed), (thing, removed)
         assert not any("device flannel.1" in line for line in removed)  # ours now
-        env = parse_subnet_env(host.subnet_file.read_text())
+        env = parse_environment_file(host.subnet_file.read_text())
         old_env, old_mac = before[host.index]
         assert env["FLANNEL_SUBNET"] == old_env["FLANNEL_SUBNET"]  # the same subnet
         assert env["FLANNEL_MTU"] == str(FLANNEL_MTU)  # the MTU flanneld gave it

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from leaseagent.cli.unitenv import read_environment_file, unit_environment
+from leaseagent.cli.unitenv import unit_environment
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.lab import etcd as lab_etcd
 from leaseagent.lab import netns, processes
 
@@ -181,7 +182,7 @@ def test_the_readme_install_path_works_as_written(world: dict[str, object], tmp_
     listener.settimeout(60)
     # What systemd gives it: the unit's Environment=, then its EnvironmentFile= (the one
     # the root holds: this process is outside the mount namespace that has it at /etc).
-    env = {**unit_environment([unit]), **read_environment_file(default_file.read_text()),
+    env = {**unit_environment([unit]), **parse_environment_file(default_file.read_text()),
            "NOTIFY_SOCKET": str(notify)}
     agent = processes.spawn(
         ["nsenter", f"--mount={mnt}", f"--net=/run/netns/{host_ns}", "env", "-i",

@@ -40,7 +40,7 @@ import pytest
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.network import network_config_from_dict
-from leaseagent.core.subnetenv import SubnetEnv, parse_subnet_env
+from leaseagent.core.subnetenv import SubnetEnv, parse_environment_file
 from leaseagent.lab import CONTAINER_NETWORK6, UNDERLAY6, Container, Host, Lab, LabError, run
 from leaseagent.lab.agents import wait_subnet
 from leaseagent.lab.cli import _parser
@@ -77,7 +77,7 @@ def assert_dual_stack(lab: Lab) -> None:
     """Both families' subnets as the agents wrote them, their PublicIPv6 in etcd, and every
     container reaching every other over IPv4 and IPv6."""
     for host in lab.hosts.values():
-        env = parse_subnet_env(host.subnet_file.read_text())
+        env = parse_environment_file(host.subnet_file.read_text())
         assert env["FLANNEL_IPV6_NETWORK"] == str(CONTAINER_NETWORK6), host.name
         assert host.subnet6 == IPv6Interface(env["FLANNEL_IPV6_SUBNET"]), host.name
         value = lab.lease_value(host)

@@ -48,7 +48,7 @@ import pytest
 from labfaults import cut_etcd, heal_etcd, pause_etcd, resume_etcd, start_etcd, stop_etcd
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, parse_ping_summary, run
 
 pytestmark = pytest.mark.root
@@ -146,7 +146,7 @@ def metric(lab: Lab, host: Host, name: str) -> float | None:
 
 def env_subnet(host: Host) -> IPv4Interface | None:
     try:
-        return IPv4Interface(parse_subnet_env(host.subnet_file.read_text())["FLANNEL_SUBNET"])
+        return IPv4Interface(parse_environment_file(host.subnet_file.read_text())["FLANNEL_SUBNET"])
     except (OSError, KeyError, ValueError):
         return None
 

@@ -75,27 +75,29 @@ def test_a_route_of_ours_for_a_subnet_nobody_holds_is_stale():
 
 
 def test_ipv6_objects_are_named_in_iproute2_form_and_judged_by_the_ipv6_lease():
-    """A dual-stack peer: its IPv6 route missing; stale: an IPv6 route and neighbour
-    nobody's lease explains, an FDB entry of its IPv6 VtepMAC to an old remote."""
+    """A dual-stack peer: its IPv6 route missing, the FDB entry of its IPv6 VtepMAC to
+    an old remote (a MAC has one); stale: an IPv6 route and neighbour nobody's lease
+    explains."""
     mac6 = "0a:00:00:00:06:01"
     peer = replace(next(iter(_peers().values())), ipv6_subnet=IPv6Network("fd00:5:0:3::/64"),
                    public_ipv6=IPv6Address("fd00:250::12"), data6=VxlanLeaseData(mac6))
     peers = {peer.subnet: peer}
     plan = plan_vxlan(IPv4Network("10.5.1.0/24"), peers, vxlan_index=5, underlay_index=2,
                       vxlan6_index=6)
-    current = [o for objs in plan.values() for o in objs if o.kind != "route" or o.dst.version == 4]
+    current = [o for objs in plan.values() for o in objs
+               if (o.kind != "route" or o.dst.version == 4) and (o.kind != "fdb" or o.ifindex != 6)]
     current += [Fdb(6, mac6, IPv6Address("fd00:250::99")),
                 Neighbour(6, IPv6Address("fd00:5:0:9::"), mac6),
                 Route(IPv6Network("fd00:5:0:9::/64"), None, 2)]
     problems = compare_objects(plan, current, peers=peers, names={**NAMES, 6: "flannel-v6.1"})
     assert [p.text for p in problems] == [
+        "wrong fdb 0a:00:00:00:06:01 dst fd00:250::99 dev flannel-v6.1 (want fdb "
+        "0a:00:00:00:06:01 dst fd00:250::12 dev flannel-v6.1; peer 10.250.0.12, node h2)",
         "missing route fd00:5:0:3::/64 via fd00:5:0:3:: dev flannel-v6.1 onlink metric 1024 "
         "(peer 10.250.0.12, node h2)",
         "stale route fd00:5:0:9::/64 dev eth0 metric 1024 (no valid lease holds fd00:5:0:9::/64)",
         "stale neighbour fd00:5:0:9:: lladdr 0a:00:00:00:06:01 dev flannel-v6.1 "
         "(no valid lease holds a subnet at fd00:5:0:9::)",
-        "stale fdb 0a:00:00:00:06:01 dst fd00:250::99 dev flannel-v6.1 "
-        "(no valid lease has this VtepMAC at this address)",
     ]
 
 

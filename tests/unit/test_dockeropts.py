@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from leaseagent.core.dockeropts import docker_options, render_daemon_json, render_docker_env
-from leaseagent.core.subnetenv import parse_subnet_env
+from leaseagent.core.subnetenv import parse_environment_file
 
 ENV = {"FLANNEL_NETWORK": "10.5.0.0/16", "FLANNEL_SUBNET": "10.5.34.1/24",
        "FLANNEL_MTU": "1450", "FLANNEL_IPMASQ": "false"}
@@ -127,7 +127,7 @@ def test_daemon_json():
 def test_subnet_env_as_the_agent_writes_it_round_trips():
     text = "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.34.1/24\nFLANNEL_MTU=1450\n" \
            "FLANNEL_IPMASQ=false\n"
-    assert parse_subnet_env(text) == ENV
+    assert parse_environment_file(text) == ENV
 
 
 def _leasectl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -143,7 +143,7 @@ def test_leasectl_docker_opts_as_a_process(tmp_path: Path):
     out = tmp_path / "docker_opts.env"
     result = _leasectl("docker-opts", "-f", str(subnet_env), "-d", str(out))
     assert result.returncode == 0, result.stderr
-    assert out.read_text() == render_docker_env(parse_subnet_env(subnet_env.read_text()))
+    assert out.read_text() == render_docker_env(parse_environment_file(subnet_env.read_text()))
     assert out.stat().st_mode & 0o777 == 0o644
     stdout = _leasectl("docker-opts", "-f", str(subnet_env), "-d", "-", "-c", "-k", "OPTS", "-m")
     assert stdout.stdout == 'OPTS=" --bip=10.5.34.1/24 --mtu=1450"\n'

@@ -94,6 +94,20 @@ def test_removal_names_the_object_in_its_family(obj: KernelObject) -> None:
         assert rtnl.decode_neighbour(body, 0, len(body)).dst == obj.dst
 
 
+@pytest.mark.parametrize("remove", [False, True])
+@pytest.mark.parametrize("obj", [*OBJECTS, Route(IPv4Network("10.5.9.0/24"), None, 2),
+                                 Route(IPv4Network("10.5.8.0/24"), IPv4Address("10.99.0.8"), 0)],
+                         ids=repr)
+def test_the_ipv4_fast_path_packs_the_same_bytes_as_the_general_encoding(
+        obj: KernelObject, remove: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    shaped = obj._ident[1] == 4 and not (isinstance(obj, Route) and (
+        obj.gateway is None or obj.metric or not obj.ifindex))
+    assert (rtnl._encode_ipv4(obj._ident, remove, PROTO) is not None) == shaped
+    fast = rtnl.encode_object(obj, remove=remove, protocol=PROTO)
+    monkeypatch.setattr(rtnl, "_encode_ipv4", lambda *_: None)
+    assert fast == rtnl.encode_object(obj, remove=remove, protocol=PROTO)
+
+
 def test_an_ipv6_route_is_the_kernels_struct_byte_for_byte() -> None:
     """`ip -6 route replace fd00:5:2::/64 via fd00:5:2:: dev <8> onlink proto 76`."""
     route = Route(V6_NET, V6_BASE, 8, onlink=True)
@@ -152,14 +166,14 @@ def test_an_ipv6_neighbour_is_the_kernels_struct_byte_for_byte() -> None:
 
 
 def test_an_fdb_entry_to_an_ipv6_remote_is_the_kernels_struct_byte_for_byte() -> None:
-    """`bridge fdb append 02:00:00:00:00:02 dev <8> dst fd00:250::2 self permanent`."""
+    """`bridge fdb replace 02:00:00:00:00:02 dev <8> dst fd00:250::2 self permanent`."""
     by_hand = (
         ndmsg(rtnl.AF_BRIDGE, 8, rtnl.NUD_PERMANENT | rtnl.NUD_NOARP, rtnl.NTF_SELF)
         + attr(rtnl.NDA_LLADDR, MAC_BYTES)
         + attr(rtnl.NDA_DST, V6_PUBLIC.packed)
     )
     assert rtnl.encode_object(Fdb(8, MAC, V6_PUBLIC), remove=False, protocol=PROTO) == (
-        rtnl.RTM_NEWNEIGH, rtnl.NLM_F_CREATE | rtnl.NLM_F_APPEND, by_hand)
+        rtnl.RTM_NEWNEIGH, rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE, by_hand)
     assert decode(Fdb, by_hand) == Fdb(8, MAC, V6_PUBLIC)
 
 
@@ -213,3 +227,76 @@ def test_attributes_are_padded_read_in_order_and_a_nest_is_flagged() -> None:
     assert rtnl.attributes(members) == [(0, b"x"), (0, b"yz")]  # order and repeats kept
     assert rtnl.attributes(data, len(one), len(one) + len(nested)) == [(9, members)]
     assert rtnl.attributes(one + struct.pack("=HH", 2, 5) + b"junk") == [(1, b"abc")]
+
+
+# -- links, addresses, route look-ups (include/uapi/linux/if_link.h, if_addr.h) ------------
+
+
+def ifinfomsg(index: int, flags: int, change: int) -> bytes:
+    """struct ifinfomsg: family (u8), pad (u8), type (u16), index (s32), flags, change (u32)."""
+    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
+
+
+def ifaddrmsg(family: int, prefixlen: int, flags: int, scope: int, index: int) -> bytes:
+    """struct ifaddrmsg: family, prefixlen, flags, scope (u8 each), index (u32)."""
+    return struct.pack("=BBBBI", family, prefixlen, flags, scope, index)
+
+
+def test_a_vxlan_device_request_is_the_kernels_struct_byte_for_byte() -> None:
+    from leaseagent.core.plan import VxlanAttrs
+
+    vxlan = VxlanAttrs(vni=1, port=8472, local=IPv4Address("10.99.0.1"), link=2, learning=False,
+                       gbp=True)
+    body = rtnl.link_request(name="flannel.1", mtu=1450, mac=MAC, kind="vxlan",
+                             data=rtnl.vxlan_data(vxlan))
+    data = (attr(1, struct.pack("=I", 1)) + attr(15, struct.pack("!H", 8472))
+            + attr(4, IPv4Address("10.99.0.1").packed) + attr(7, b"\0")
+            + attr(3, struct.pack("=I", 2)) + attr(23, b""))
+    linkinfo = attr(1, b"vxlan") + attr(2 | 0x8000, data)
+    assert body == (ifinfomsg(0, 0, 0) + attr(3, b"flannel.1\0") + attr(4, struct.pack("=I", 1450))
+                    + attr(1, MAC_BYTES) + attr(18 | 0x8000, linkinfo))
+    # The kernel answers with the same attributes (and more): read back as sent.
+    m = rtnl.decode_link_message(ifinfomsg(7, 0x1, 0) + body[16:], 0, len(body))
+    assert (m.index, m.name, m.mtu, m.address, m.kind, m.vxlan) == (
+        7, "flannel.1", 1450, MAC, "vxlan", vxlan)
+    v6 = VxlanAttrs(vni=2, port=4789, local=V6_PUBLIC, link=0, learning=True)
+    m = rtnl.decode_link_message(rtnl.link_request(kind="vxlan", data=rtnl.vxlan_data(v6)), 0,
+                                 len(rtnl.link_request(kind="vxlan", data=rtnl.vxlan_data(v6))))
+    assert m.vxlan == v6 and m.name is None and m.address is None
+
+
+def test_setting_a_link_up_or_down_changes_only_iff_up() -> None:
+    assert rtnl.link_request(index=3, up=True) == ifinfomsg(3, 0x1, 0x1)
+    assert rtnl.link_request(index=3, up=False) == ifinfomsg(3, 0, 0x1)
+    assert rtnl.link_request(index=3, mtu=1400) == ifinfomsg(3, 0, 0) + attr(
+        4, struct.pack("=I", 1400))
+
+
+def test_address_requests_as_ip_address_sends_them() -> None:
+    from ipaddress import IPv4Interface, IPv6Interface
+
+    v4 = IPv4Interface("10.5.2.0/32")
+    assert rtnl.address_request(4, v4) == (ifaddrmsg(socket.AF_INET, 32, 0, 0, 4)
+                                           + attr(2, v4.ip.packed) + attr(1, v4.ip.packed))
+    v6 = IPv6Interface("fd00:5:2::/128")
+    assert rtnl.address_request(4, v6, flags=0x02) == (
+        ifaddrmsg(socket.AF_INET6, 128, 0x02, 0, 4) + attr(1, v6.ip.packed)
+        + attr(8, struct.pack("=I", 0x02)))
+    # IFA_FLAGS, when the kernel sends it, holds the flags beyond the header's 8 bits.
+    dumped = ifaddrmsg(socket.AF_INET6, 64, 0, 253, 9) + attr(1, V6_BASE.packed) + attr(
+        8, struct.pack("=I", 0x280))
+    assert rtnl.decode_address(dumped, 0, len(dumped)) == (9, 64, 253, 0x280, V6_BASE)
+
+
+def test_a_route_look_up_reads_the_output_link_and_source_or_the_first_hop() -> None:
+    dst = IPv4Address("10.99.0.7")
+    assert rtnl.route_get_request(dst) == rtmsg(socket.AF_INET, 32, 0, 0, 0, 0, 0) + attr(
+        1, dst.packed)
+    answer = (rtmsg(socket.AF_INET, 32, MAIN_TABLE, 2, 0, 1, 0) + attr(1, dst.packed)
+              + attr(4, struct.pack("=I", 2)) + attr(7, IPv4Address("10.99.0.1").packed))
+    assert rtnl.route_output(answer, 0, len(answer)) == (
+        MAIN_TABLE, 32, 2, IPv4Address("10.99.0.1"))
+    hops = struct.pack("=HBBi", 8, 0, 0, 0) + struct.pack("=HBBi", 16, 0, 0, 5) + attr(
+        5, IPv4Address("10.99.0.254").packed)
+    default = rtmsg(socket.AF_INET, 0, MAIN_TABLE, 3, 0, 1, 0) + attr(9, hops)
+    assert rtnl.route_output(default, 0, len(default)) == (MAIN_TABLE, 0, 5, None)

@@ -8,7 +8,7 @@ import pytest
 
 from leaseagent.core.subnetenv import (
     SubnetEnv,
-    parse_subnet_env,
+    parse_environment_file,
     previous_ipv6_subnet,
     previous_subnet,
 )
@@ -109,6 +109,6 @@ def test_previous_subnet_is_none_when_absent_or_unreadable(text: str) -> None:
     assert previous_subnet(text) is None
 
 
-def test_parse_subnet_env_skips_blank_comment_and_malformed_lines() -> None:
+def test_parse_environment_file_skips_blank_comment_and_malformed_lines() -> None:
     text = "# c\n\nA=1\n  B = two words \nno equals sign\nC=x=y\n"
-    assert parse_subnet_env(text) == {"A": "1", "B": "two words", "C": "x=y"}
+    assert parse_environment_file(text) == {"A": "1", "B": "two words", "C": "x=y"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leaseagent.cli.unitenv import host_environment, read_environment_file, unit_environment, unit_files
+from leaseagent.cli.unitenv import host_environment, unit_environment, unit_files
+from leaseagent.core.subnetenv import parse_environment_file
 
 REPO = Path(__file__).parents[2]
 
@@ -60,5 +61,5 @@ def test_no_unit_installed_gives_the_shell_alone(tmp_path: Path) -> None:
 def test_environment_file_syntax() -> None:
     text = ('# comment\n; another\n\nA=1\n B = two words \nC="quoted value"\n'
             "D='single'\nnot a setting\nE=\n")
-    assert read_environment_file(text) == {"A": "1", "B": "two words", "C": "quoted value",
+    assert parse_environment_file(text) == {"A": "1", "B": "two words", "C": "quoted value",
                                            "D": "single", "E": ""}

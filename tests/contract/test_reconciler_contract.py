@@ -1,0 +1,420 @@
+"""One contract for the reconciler and its kernel, run against FakeNetlink and a real kernel.
+
+Whatever a test or a simulation learns from the fake kernel must hold on the
+real one: every test here runs on both (the `subject` fixture) and must pass
+on both, with the vxlan and the host-gw backend. The fake needs no root; the
+real kernel is a network namespace this module creates (tests/netns.py, a
+unique name, deleted afterwards) and is skipped without root.
+
+The kernel is read back through a second socket of the same adapter (`hand`,
+someone else's: its changes are drift to the backend). The e2e tests
+(tests/e2e/test_dataplane_kernel.py) read the real kernel with iproute2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from pathlib import Path
+
+import pytest
+from netns import underlay
+
+from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
+from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.network import network_config_from_dict
+from leaseagent.core.plan import KernelObject, Neighbour, Route, compare
+from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
+from leaseagent.dataplane.fakenetlink import FakeKernel
+from leaseagent.dataplane.host import resolve_host
+from leaseagent.dataplane.hostgw import HostGwBackend
+from leaseagent.dataplane.kernelport import Kernel, KernelOpener
+from leaseagent.dataplane.netlink import DUMP_ATTEMPTS, Action, Netlink
+from leaseagent.dataplane.reconciling import ReconcilingBackend
+from leaseagent.dataplane.vxlan import VxlanBackend
+from leaseagent.errors import DataPlaneError
+
+PROTOCOL = 76
+OWN = IPv4Network("10.5.1.0/24")
+# Deadlines: a repair takes milliseconds; the margin is for a loaded 2-core CI machine.
+WITHIN = 10.0
+
+
+@dataclass
+class Subject:
+    """A kernel under test: its name, the namespace's host facts, how a backend opens it
+    (None: the real adapter), and the fake itself when it is one."""
+
+    name: str
+    netns: str | None
+    host: HostInfo
+    opener: KernelOpener | None
+    fake: FakeKernel | None = None
+
+    async def hand(self) -> Kernel:
+        """Someone else's socket on the same kernel."""
+        if self.fake is not None:
+            return self.fake.socket()
+        return await Netlink.open(self.netns)
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    with underlay(1, prefix="lakc") as lab:
+        yield lab.hosts[0]
+
+
+@pytest.fixture(params=["fake", pytest.param("kernel", marks=pytest.mark.root)])
+async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
+    if request.param == "fake":
+        fake = FakeKernel()
+        yield Subject("fake", None, fake.underlay("eth0", "10.99.0.1/24"), fake.open, fake)
+        return
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    ns: str = request.getfixturevalue("namespace")
+    yield Subject("kernel", ns, await resolve_host("eth0", None, netns=ns), None)
+
+
+def vxlan_peer(i: int, public: str | None = None, mac: str | None = None) -> Peer:
+    return Peer(IPv4Network(f"10.5.{i}.0/24"), IPv4Address(public or f"10.99.0.{i}"), "vxlan",
+                VxlanLeaseData(mac or f"02:00:00:00:00:{i:02x}"))
+
+
+def host_gw_peer(i: int, public: str | None = None) -> Peer:
+    return Peer(IPv4Network(f"10.5.{i}.0/24"), IPv4Address(public or f"10.99.0.{i}"), "host-gw",
+                NoLeaseData())
+
+
+BACKENDS: dict[str, tuple[type[ReconcilingBackend], Callable[..., Peer]]] = {
+    "vxlan": (VxlanBackend, vxlan_peer),
+    "host-gw": (HostGwBackend, host_gw_peer),
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend_type(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def peers_of(*peers: Peer) -> dict[IPv4Network, Peer]:
+    return {p.subnet: p for p in peers}
+
+
+def settings(subject: Subject, backend_type: str, state_dir: Path, *, resync: float = 30.0
+             ) -> DataPlaneSettings:
+    config = network_config_from_dict({"Network": "10.5.0.0/16", "Backend": {"Type": backend_type}})
+    return DataPlaneSettings(network=config, host=subject.host, state_dir=state_dir,
+                             netns=subject.netns, resync_seconds=resync, kernel=subject.opener)
+
+
+@asynccontextmanager
+async def started(subject: Subject, backend_type: str, state_dir: Path,
+                  peers: dict[IPv4Network, Peer], *, resync: float = 30.0
+                  ) -> AsyncIterator[ReconcilingBackend]:
+    """The backend prepared, holding OWN, synced with `peers`; closed afterwards."""
+    cls = BACKENDS[backend_type][0]
+    backend = cls(settings(subject, backend_type, state_dir, resync=resync))
+    try:
+        await backend.prepare()
+        await backend.start(OWN)
+        await backend.sync(peers)
+        yield backend
+    finally:
+        await backend.close()
+
+
+@asynccontextmanager
+async def running(backend: ReconcilingBackend, peers: dict[IPv4Network, Peer]
+                  ) -> AsyncIterator[None]:
+    runner = asyncio.create_task(backend.run(lambda: peers))
+    try:
+        await asyncio.sleep(0.2)  # let run() subscribe
+        yield
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def in_sync(backend: ReconcilingBackend, peers: dict[IPv4Network, Peer]) -> bool:
+    """The kernel holds exactly what the backend wants (core.plan.compare finds nothing)."""
+    return not compare(backend.spec(OWN, peers), await backend.observe())
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = WITHIN) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {within}s")
+        await asyncio.sleep(0.02)
+
+
+async def ours(backend: ReconcilingBackend) -> set[KernelObject]:
+    return set((await backend.observe()).objects)
+
+
+def planned(backend: ReconcilingBackend, peers: dict[IPv4Network, Peer]) -> set[KernelObject]:
+    return {obj for objects in backend.spec(OWN, peers).objects.values() for obj in objects}
+
+
+# --- join, leave, replace -------------------------------------------------------------
+
+
+async def test_join_programs_every_peer_and_nothing_else(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2), make(3), make(4))
+    async with started(subject, backend_type, tmp_path, peers) as backend:
+        assert await in_sync(backend, peers)
+        objects = await ours(backend)
+        assert objects == planned(backend, peers)
+        assert len(objects) == (9 if backend_type == "vxlan" else 3)
+        routes = {r for r in objects if isinstance(r, Route)}
+        assert {r.dst for r in routes} == set(peers)
+        assert backend.status.in_sync and backend.status.added["route"] == 3
+
+
+async def test_leave_removes_the_peer_and_keeps_the_others(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2), make(3))
+    async with started(subject, backend_type, tmp_path, peers) as backend:
+        gone = peers.pop(IPv4Network("10.5.3.0/24"))
+        await backend.update(PeerChanges(removed=[gone]), peers)
+        assert await in_sync(backend, peers)
+        assert {r.dst for r in await ours(backend) if isinstance(r, Route)} == set(peers)
+
+
+async def test_a_peer_that_moves_is_replaced_in_place(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2), make(3))
+    async with started(subject, backend_type, tmp_path, peers) as backend:
+        moved = make(3, public="10.99.0.33")
+        peers[moved.subnet] = moved
+        await backend.update(PeerChanges(changed=[moved]), peers)
+        assert await in_sync(backend, peers)
+        objects = await ours(backend)
+        assert objects == planned(backend, peers)
+        # One route per subnet: replaced, never a second one beside the first.
+        assert sorted(str(r.dst) for r in objects if isinstance(r, Route)) == [
+            "10.5.2.0/24", "10.5.3.0/24"]
+
+
+async def test_a_full_sync_removes_what_no_peer_wants(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2), make(3), make(4))
+    async with started(subject, backend_type, tmp_path, peers) as backend:
+        del peers[IPv4Network("10.5.4.0/24")]
+        await backend.sync(peers)
+        assert await in_sync(backend, peers)
+        assert backend.status.removed["route"] == 1
+
+
+# --- drift ------------------------------------------------------------------------------
+
+
+async def test_a_route_someone_deletes_is_put_back(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2), make(3))
+    async with started(subject, backend_type, tmp_path, peers) as backend, \
+            running(backend, peers):
+        hand = await subject.hand()
+        try:
+            victim = next(r for r in planned(backend, peers) if isinstance(r, Route))
+            done, failed = await hand.apply(Action.REMOVE, [victim], protocol=PROTOCOL)
+            assert done == [victim] and not failed
+            await eventually(lambda: in_sync(backend, peers))
+            assert backend.status.repairs["route"] >= 1
+        finally:
+            hand.close()
+
+
+async def test_a_route_someone_changes_is_put_right(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2), make(3))
+    async with started(subject, backend_type, tmp_path, peers) as backend, \
+            running(backend, peers):
+        hand = await subject.hand()
+        try:
+            wrong = Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.77"),
+                          subject.host.iface_index)
+            done, failed = await hand.apply(Action.REPLACE, [wrong], protocol=PROTOCOL)
+            assert done == [wrong] and not failed
+            await eventually(lambda: in_sync(backend, peers))
+        finally:
+            hand.close()
+
+
+async def test_a_stale_route_of_ours_goes_at_the_next_pass(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2))
+    async with started(subject, backend_type, tmp_path, peers, resync=0.3) as backend, \
+            running(backend, peers):
+        hand = await subject.hand()
+        try:
+            stale = Route(IPv4Network("10.5.9.0/24"), IPv4Address("10.99.0.9"),
+                          subject.host.iface_index)
+            await hand.apply(Action.REPLACE, [stale], protocol=PROTOCOL)
+            await eventually(lambda: in_sync(backend, peers))
+            assert stale not in await hand.routes(protocol=PROTOCOL)
+        finally:
+            hand.close()
+
+
+async def test_the_vxlan_device_deleted_comes_back_with_every_peer(
+        subject: Subject, tmp_path: Path) -> None:
+    peers = peers_of(vxlan_peer(2), vxlan_peer(3))
+    async with started(subject, "vxlan", tmp_path, peers) as backend, running(backend, peers):
+        hand = await subject.hand()
+        try:
+            device = await hand.link_by_name("flannel.1")
+            assert device is not None and device.up
+            await hand.delete_link(device.index)
+            assert not {r for r in await hand.routes(protocol=PROTOCOL)
+                        if r.ifindex == device.index}  # gone with the device, untold
+            await eventually(lambda: in_sync(backend, peers))
+            again = await hand.link_by_name("flannel.1")
+            assert again is not None and again.address == device.address  # the same VtepMAC
+            assert backend.status.repairs["device"] >= 1
+        finally:
+            hand.close()
+
+
+async def test_the_underlay_down_and_up_again_gets_its_routes_back(
+        subject: Subject, tmp_path: Path) -> None:
+    peers = peers_of(host_gw_peer(2), host_gw_peer(3))
+    async with started(subject, "host-gw", tmp_path, peers) as backend, running(backend, peers):
+        hand = await subject.hand()
+        try:
+            await hand.set_link(subject.host.iface_index, up=False)
+            await eventually(lambda: _no_routes(hand))  # the kernel drops them
+            await hand.set_link(subject.host.iface_index, up=True)
+            await eventually(lambda: in_sync(backend, peers))
+        finally:
+            hand.close()
+
+
+async def _no_routes(hand: Kernel) -> bool:
+    return not await hand.routes(protocol=PROTOCOL)  # type: ignore[attr-defined]
+
+
+# --- the kernel's answers, as the port gives them ------------------------------------------
+
+
+async def test_removing_what_is_not_there_is_done(subject: Subject, tmp_path: Path) -> None:
+    async with started(subject, "vxlan", tmp_path, {}) as backend:
+        hand = await subject.hand()
+        try:
+            device = await hand.link_by_name("flannel.1")
+            assert device is not None
+            missing: list[KernelObject] = [
+                Route(IPv4Network("10.5.7.0/24"), IPv4Address("10.99.0.7"),
+                      subject.host.iface_index),
+                Neighbour(device.index, IPv4Address("10.5.7.0"), "02:00:00:00:00:07"),
+            ]
+            done, failed = await hand.apply(Action.REMOVE, missing, protocol=PROTOCOL)
+            assert done == missing and not failed
+            assert await in_sync(backend, {})
+        finally:
+            hand.close()
+
+
+async def test_a_device_of_an_existing_name_is_refused(subject: Subject, tmp_path: Path) -> None:
+    async with started(subject, "vxlan", tmp_path, {}):
+        hand = await subject.hand()
+        try:
+            with pytest.raises(DataPlaneError, match=os.strerror(errno.EEXIST)):
+                await hand.create_vxlan("flannel.1", vni=7, port=8472,
+                                        local=subject.host.public_ip,
+                                        link=subject.host.iface_index, mtu=1450,
+                                        mac="02:00:00:00:01:07")
+        finally:
+            hand.close()
+
+
+async def test_a_gateway_off_the_link_is_refused_for_that_peer_only(
+        subject: Subject, tmp_path: Path) -> None:
+    peers = peers_of(host_gw_peer(2), host_gw_peer(3, public="10.98.0.3"))
+    async with started(subject, "host-gw", tmp_path, peers) as backend:
+        refused = backend.status.refused_peers
+        assert list(refused) == [IPv4Network("10.5.3.0/24")]
+        assert os.strerror(errno.ENETUNREACH) in refused[IPv4Network("10.5.3.0/24")]
+        assert {r.dst for r in await ours(backend)} == {IPv4Network("10.5.2.0/24")}
+        assert backend.status.in_sync  # one broken peer does not make the host unready
+
+
+async def test_a_replace_keeps_one_entry_per_key(subject: Subject, tmp_path: Path) -> None:
+    async with started(subject, "vxlan", tmp_path, {}):
+        hand = await subject.hand()
+        try:
+            device = await hand.link_by_name("flannel.1")
+            assert device is not None
+            dst = ip_address("10.5.8.0")
+            first = Neighbour(device.index, dst, "02:00:00:00:00:08")
+            second = Neighbour(device.index, dst, "02:00:00:00:00:09")
+            for entry in (first, second):
+                done, failed = await hand.apply(Action.REPLACE, [entry], protocol=PROTOCOL)
+                assert done == [entry] and not failed
+            assert await hand.neighbours(device.index) == {second}  # type: ignore[attr-defined]
+        finally:
+            hand.close()
+
+
+# --- an interrupted dump: the fake's (the real kernel cannot be made to) -------------------
+
+
+def fake_subject() -> Subject:
+    fake = FakeKernel()
+    return Subject("fake", None, fake.underlay("eth0", "10.99.0.1/24"), fake.open, fake)
+
+
+@pytest.mark.parametrize("backend_type", list(BACKENDS))
+async def test_an_interrupted_dump_is_read_again(backend_type: str, tmp_path: Path) -> None:
+    subject = fake_subject()
+    assert subject.fake is not None
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2), make(3))
+    async with started(subject, backend_type, tmp_path, peers) as backend:
+        peers[IPv4Network("10.5.4.0/24")] = make(4)
+        subject.fake.interrupt_dumps(DUMP_ATTEMPTS - 1)
+        await backend.sync(peers)
+        assert await in_sync(backend, peers)
+
+
+async def test_a_dump_interrupted_every_time_fails_the_pass(tmp_path: Path) -> None:
+    subject = fake_subject()
+    assert subject.fake is not None
+    peers = peers_of(vxlan_peer(2))
+    async with started(subject, "vxlan", tmp_path, peers) as backend:
+        subject.fake.interrupt_dumps(DUMP_ATTEMPTS)
+        with pytest.raises(DataPlaneError, match="changed during the dump"):
+            await backend.sync(peers_of(vxlan_peer(2), vxlan_peer(3)))
+
+
+async def test_a_table_changed_during_a_dump_interrupts_it(tmp_path: Path) -> None:
+    subject = fake_subject()
+    assert subject.fake is not None
+    hand = await subject.hand()
+    many = [Route(IPv4Network(f"10.6.{i // 256}.{i % 256}/32"), None, subject.host.iface_index)
+            for i in range(2000)]
+    await hand.apply(Action.REPLACE, many, protocol=PROTOCOL)
+
+    async def change() -> None:
+        await asyncio.sleep(0)
+        await hand.apply(Action.REMOVE, many[:1], protocol=PROTOCOL)
+
+    changing = asyncio.create_task(change())
+    with pytest.raises(DataPlaneError, match="changed during the dump"):
+        await hand.scan_routes(lambda _ident: False, protocol=PROTOCOL)
+    await changing

@@ -1,0 +1,165 @@
+"""core.kerneldiff: the reconciler's diff, without a kernel."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+from leaseagent.core.backends import VxlanLeaseData
+from leaseagent.core.kerneldiff import AppliedPlan, FullPass, Verdict, judge_event, neighbour_key
+from leaseagent.core.leases import Peer
+from leaseagent.core.plan import Fdb, KernelObject, Neighbour, Route
+
+VX = 5
+
+
+def peer(i: int, *, mac: str | None = None, ip: str | None = None) -> Peer:
+    return Peer(IPv4Network(f"10.5.{i}.0/24"), IPv4Address(ip or f"192.168.0.{i}"), "vxlan",
+                VxlanLeaseData(mac or f"02:00:00:00:00:{i:02x}"))
+
+
+def plan(p: Peer) -> frozenset[KernelObject]:
+    assert isinstance(p.data, VxlanLeaseData)
+    base = p.subnet.network_address
+    return frozenset({Neighbour(VX, base, p.data.vtep_mac), Fdb(VX, p.data.vtep_mac, p.public_ip),
+                      Route(p.subnet, base, VX, onlink=True)})
+
+
+def applied_with(*peers: Peer) -> AppliedPlan:
+    applied = AppliedPlan()
+    for p in peers:
+        applied.add(p, plan)
+    return applied
+
+
+# --- AppliedPlan: an incremental update's diff ---------------------------------------
+
+
+def test_a_peer_added_is_all_added_and_counted() -> None:
+    applied = applied_with(peer(2))
+    new = applied.add(peer(3), plan)
+    changes = applied.change((), new, synced=True)
+    assert set(changes.to_add) == plan(peer(3))
+    assert [o.kind for o in changes.to_add] == ["neighbour", "fdb", "route"]  # make before break
+    assert all(applied.wants(o) for o in plan(peer(2)) | plan(peer(3)))
+
+
+def test_a_peer_removed_goes_but_what_another_peer_shares_stays() -> None:
+    # Two leases of one host: one VtepMAC at one address, so one FDB entry for both.
+    a, b = peer(2, mac="02:00:00:00:00:aa", ip="192.168.0.9"), peer(3, mac="02:00:00:00:00:aa",
+                                                                    ip="192.168.0.9")
+    applied = applied_with(a, b)
+    before, old = applied.drop(b.subnet, plan)
+    assert before == b
+    changes = applied.change(old, (), synced=True)
+    assert [o.kind for o in changes.to_remove] == ["route", "neighbour"]  # FDB entry kept
+    assert applied.wants(Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.9")))
+
+
+def test_nothing_is_removed_before_the_first_full_pass() -> None:
+    applied = applied_with(peer(2))
+    _, old = applied.drop(IPv4Network("10.5.2.0/24"), plan)
+    assert applied.change(old, (), synced=False).to_remove == ()
+    assert applied.peers == {} and applied.uses == {}
+
+
+def test_a_moved_peer_replaces_its_fdb_remote_in_place() -> None:
+    applied = applied_with(peer(2))
+    _, old = applied.drop(IPv4Network("10.5.2.0/24"), plan)
+    new = applied.add(peer(2, ip="192.168.0.99"), plan)
+    changes = applied.change(old, new, synced=True)
+    assert changes.to_add == (Fdb(VX, "02:00:00:00:00:02", IPv4Address("192.168.0.99")),)
+    assert changes.to_remove == ()  # the MAC's one remote is replaced, not removed after
+
+
+# --- FullPass: a full sync's diff as the tables stream in ----------------------------------
+
+
+def plans_of(*peers: Peer) -> list[tuple[IPv4Network, frozenset[KernelObject]]]:
+    return [(p.subnet, plan(p)) for p in peers]
+
+
+def read(full: FullPass, kernel: set[KernelObject], peers: dict[IPv4Network, Peer]
+         ) -> tuple[tuple[KernelObject, ...], tuple[KernelObject, ...]]:
+    reading = full.reading()
+    stale = [obj for obj in kernel if not reading.known(obj._ident)]
+    return reading.finish(stale, planned_again=lambda key: plan(peers[key]),
+                          whole_plan=lambda: (o for p in peers.values() for o in plan(p)))
+
+
+def test_a_join_plans_every_object_again_and_drops_the_identities() -> None:
+    peers = {p.subnet: p for p in (peer(2), peer(3))}
+    full = FullPass(plans_of(*peers.values()))
+    assert len(full.desired) == 6
+    to_add, to_remove = read(full, set(), peers)
+    assert set(to_add) == plan(peer(2)) | plan(peer(3)) and to_remove == ()
+    assert full.desired == {}  # not held beside the objects once read
+    assert set(full.uses) == {hash(o) for o in to_add}
+
+
+def test_only_what_the_kernel_lacks_is_added_and_only_what_no_plan_keys_is_removed() -> None:
+    peers = {p.subnet: p for p in (peer(2), peer(3))}
+    full = FullPass(plans_of(*peers.values()))
+    wrong_route = Route(IPv4Network("10.5.3.0/24"), IPv4Address("192.168.0.77"), 2)
+    gone_peer = plan(peer(9))
+    kernel = set(plan(peer(2))) | {wrong_route} | gone_peer
+    to_add, to_remove = read(full, kernel, peers)
+    assert set(to_add) == plan(peer(3))
+    # The wrong route is replaced by the planned one (same key), not removed.
+    assert set(to_remove) == gone_peer
+    assert [o.kind for o in to_remove] == ["route", "neighbour", "fdb"]
+
+
+def test_an_object_two_peers_plan_is_added_once() -> None:
+    a, b = peer(2, mac="02:00:00:00:00:aa", ip="192.168.0.9"), peer(3, mac="02:00:00:00:00:aa",
+                                                                    ip="192.168.0.9")
+    peers = {a.subnet: a, b.subnet: b}
+    full = FullPass(plans_of(a, b))
+    to_add, _ = read(full, set(), peers)
+    assert len(to_add) == 5
+    assert full.uses[hash(Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.9")))] == 2
+
+
+def test_a_reading_again_starts_from_the_whole_plan() -> None:
+    peers = {p.subnet: p for p in (peer(2),)}
+    full = FullPass(plans_of(*peers.values()))
+    first = full.reading()
+    for obj in plan(peer(2)):
+        first.known(obj._ident)  # an interrupted dump told all of them
+    to_add, _ = read(full, set(), peers)  # read again: the kernel has nothing now
+    assert set(to_add) == plan(peer(2))
+
+
+# --- judge_event --------------------------------------------------------------------------
+
+
+def test_verdicts_on_notifications_of_someone_else() -> None:
+    applied = applied_with(peer(2))
+    route = Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.5.2.0"), VX, onlink=True)
+    other = Route(IPv4Network("10.5.2.0/24"), IPv4Address("192.168.0.77"), 2)
+    fdb = Fdb(VX, "02:00:00:00:00:02", IPv4Address("192.168.0.2"))
+    foreign_fdb = Fdb(VX, "02:00:00:00:00:99", IPv4Address("192.168.0.99"))
+    removing: set[int] = set()
+
+    def judge(kind: str, obj: KernelObject | None, deleted: bool) -> Verdict:
+        return judge_event(kind, deleted=deleted, obj=obj, planned=applied, removing=removing)
+
+    assert judge("route", route, True) is Verdict.REPAIR
+    assert judge("fdb", fdb, True) is Verdict.REPAIR
+    assert judge("route", route, False) is Verdict.IGNORE  # exactly ours again
+    assert judge("route", other, False) is Verdict.FULL  # ours changed by someone else
+    assert judge("route", other, True) is Verdict.FULL  # of our protocol, not as planned
+    assert judge("fdb", foreign_fdb, True) is Verdict.IGNORE
+    assert judge("fdb", foreign_fdb, False) is Verdict.IGNORE  # for the periodic pass
+    assert judge("device", None, True) is Verdict.FULL
+    assert judge("route", None, True) is Verdict.FULL
+
+
+def test_a_neighbour_deletion_is_ours_once_if_we_are_removing_it() -> None:
+    applied = AppliedPlan()
+    told = Neighbour(VX, IPv4Address("10.5.7.0"), "")  # a deletion names no MAC
+    removing = {neighbour_key(Neighbour(VX, IPv4Address("10.5.7.0"), "02:00:00:00:00:07"))}
+    assert judge_event("neighbour", deleted=True, obj=told, planned=applied,
+                       removing=removing) is Verdict.IGNORE
+    assert removing == set()
+    assert judge_event("neighbour", deleted=True, obj=told, planned=applied,
+                       removing=removing) is Verdict.FULL  # now someone else's
