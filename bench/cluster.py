@@ -57,7 +57,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,9 @@ from leaseagent.agent.daemon import Agent
 from leaseagent.config import parse_agent_config
 from leaseagent.core.leases import KeyLayout, LeaseValue
 from leaseagent.dataplane.base import HostInfo
+from leaseagent.dataplane.fakefirewall import MemoryFirewall
+from leaseagent.dataplane.fakenetlink import FakeKernel
+from leaseagent.dataplane.vxlan import VxlanBackend
 from leaseagent.errors import StoreError
 from leaseagent.lab import processes
 from leaseagent.lab.commands import tool
@@ -79,11 +82,14 @@ PREFIX = "/bench-cluster/network"
 VIAS = ("etcd", "proxy")  # the agents' endpoints: the members, or one `etcd grpc-proxy`
 
 
-def network_config(hosts: int) -> dict[str, Any]:
+BACKENDS = ("vxlan", "alloc")
+
+
+def network_config(hosts: int, backend: str = "vxlan") -> dict[str, Any]:
     """/24s, at least twice as many as hosts (2,047 up to 1,000 hosts: flannel's "first
     100 free" stays cheap to list; 32,767 for 10,000)."""
     prefix = min(13, 24 - (2 * hosts).bit_length())
-    return {"Network": f"10.0.0.0/{prefix}", "SubnetLen": 24, "Backend": {"Type": "alloc"}}
+    return {"Network": f"10.0.0.0/{prefix}", "SubnetLen": 24, "Backend": {"Type": backend}}
 
 
 UNDERLAY_BASE = int(IPv4Address("172.20.0.0"))
@@ -165,6 +171,8 @@ class Host:
     index: int
     name: str
     public_ip: IPv4Address
+    kernel: FakeKernel | None = None  # vxlan: its kernel, kept across the agent's restarts
+    info: HostInfo | None = None
     store: PatternStore | None = None
     agent: Any = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -225,6 +233,7 @@ class Worker:
         self.channel: EtcdStore | None = None  # the one gRPC channel its hosts share
         self.max_rss = float(spec.get("max_rss_mib", 0)) * 2**20
         self.out_of_memory = False
+        self.intern: dict[Any, Any] = {}  # the hosts' fake kernels' equal objects, held once
         self.hosts_total = int(spec["hosts"])
         self.flannel = spec["pattern"] == "flannel"
         self.dir = Path(spec["dir"])
@@ -241,6 +250,18 @@ class Worker:
             "--node-id", host.name, "--public-ip", str(host.public_ip),
             "--allow-any-public-ip"], environ={})
 
+    def _data_plane(self, host: Host) -> dict[str, Any]:
+        """alloc: no data path, no firewall. vxlan: the real backend (planning, reconciling)
+        on the host's fake kernel, its traffic rules in a memory firewall."""
+        if self.spec.get("backend", "alloc") == "alloc":
+            return {"firewalls": _refuse_firewall}
+        if host.kernel is None:
+            host.kernel = FakeKernel(host.name, intern=self.intern)
+            host.info = host.kernel.underlay("eth0", f"{host.public_ip}/16")
+        kernel = host.kernel
+        return {"backends": {"vxlan": lambda s: VxlanBackend(replace(s, kernel=kernel.open))},
+                "firewalls": lambda _nftables, family: MemoryFirewall(family)}
+
     def _settings(self) -> EtcdSettings:
         return EtcdSettings(endpoints=self.spec["endpoints"], timeout=self.spec["etcd_timeout"])
 
@@ -256,9 +277,11 @@ class Worker:
         policy: dict[str, Any] = (
             {"choose": flannel_candidates, "candidates_per_txn": 1} if self.flannel else {})
         host.stop = asyncio.Event()
-        host.agent = Agent(cfg, host.store, host=HostInfo(public_ip=host.public_ip),  # type: ignore[arg-type]
-                           notify=lambda _: None, firewalls=_refuse_firewall,
-                           rng=random.Random(self.rng.random()), **policy)
+        data_plane = self._data_plane(host)
+        host.agent = Agent(cfg, host.store,  # type: ignore[arg-type]
+                           host=host.info or HostInfo(public_ip=host.public_ip),
+                           notify=lambda _: None, rng=random.Random(self.rng.random()),
+                           **data_plane, **policy)
         host.task = asyncio.ensure_future(host.agent.run(host.stop))
         host.pending = False
 
@@ -301,8 +324,9 @@ class Worker:
                 h.error = f"{h.name} stopped: {exc!r}"
 
             if (h.converged_at is None and a.own is not None and a.watcher is not None
-                    and len(a.watcher.peers) == self.hosts_total - 1):
-                h.converged_at = now
+                    and len(a.watcher.peers) == self.hosts_total - 1
+                    and (h.kernel is None or len(h.kernel.fdb()) == self.hosts_total - 1)):
+                h.converged_at = now  # vxlan: and its kernel has every peer's FDB entry
             if (settle_at is not None and h.settled_at is None and h.converged_at is not None
                     and h.store is not None and h.store.delivered >= settle_at):
                 h.settled_at = now
@@ -567,6 +591,7 @@ class Run:
     share_parsing: bool = True
     max_rss_mib: float = 0.0  # all workers together; 0: no limit
     restart: bool = True  # the steady state and restart phases after the cold start
+    backend: str = "vxlan"
     seed: int = 1
     procs: list[WorkerProc] = field(default_factory=list)
     etcd: Etcd | None = None
@@ -621,7 +646,7 @@ class Run:
         self.etcd = Etcd(self.dir / "etcd", 3)
         self.etcd.start()
         self.etcd.etcdctl("put", KeyLayout(PREFIX).config_key,
-                          json.dumps(network_config(self.hosts)))
+                          json.dumps(network_config(self.hosts, self.backend)))
         endpoints = self.start_proxy() if self.via == "proxy" else self.etcd.endpoints
         per = -(-self.hosts // self.workers)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -635,7 +660,7 @@ class Run:
                     "first": first, "count": count, "endpoints": endpoints,
                     "seed": self.seed * 1000 + k, "etcd_timeout": self.etcd_timeout,
                     "channel": self.channel, "share_parsing": self.share_parsing,
-                    "max_rss_mib": self.max_rss_mib / self.workers}
+                    "backend": self.backend, "max_rss_mib": self.max_rss_mib / self.workers}
             logf = self.dir / f"w{k}.log"
             with logf.open("w") as errs:
                 proc = subprocess.Popen(
@@ -647,7 +672,7 @@ class Run:
             w.answer()  # imported and listening
         out: dict[str, Any] = {"hosts": self.hosts, "pattern": self.pattern, "via": self.via,
                                "channel": self.channel, "share_parsing": self.share_parsing,
-                               "workers": len(self.procs),
+                               "backend": self.backend, "workers": len(self.procs),
                                "agents_rss_idle_mib": sum(rss_bytes(w.proc.pid)
                                                           for w in self.procs) / 2**20}
         idle0 = self._sample()
@@ -706,13 +731,14 @@ class Run:
 def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
             channel: str = "host", share_parsing: bool = True,
-            max_rss_mib: float = 0.0, restart: bool = True) -> dict[str, Any]:
+            max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan"
+            ) -> dict[str, Any]:
     """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
     base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{via}-{hosts}-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
               channel=channel, share_parsing=share_parsing, max_rss_mib=max_rss_mib,
-              restart=restart)
+              restart=restart, backend=backend)
     try:
         return run.execute()
     finally:
@@ -906,6 +932,9 @@ def main(argv: list[str] | None = None) -> int:
                         "member: its flow-control window too, see docs/benchmarks.md)")
     p.add_argument("--no-share-parsing", dest="share_parsing", action="store_false",
                    help="each host parses its own copy of every key and value")
+    p.add_argument("--backend", choices=BACKENDS, default="vxlan",
+                   help="vxlan: the real backend on a fake kernel per host (planning and "
+                        "reconciling run); alloc: a lease and subnet.env only")
     p.add_argument("--cold-only", action="store_true",
                    help="the cold start only (no steady state, no restart)")
     p.add_argument("--max-rss-gib", type=float, default=16.0,
@@ -942,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
                     spread=args.restart_spread, limit=args.limit,
                     etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
                     share_parsing=args.share_parsing, max_rss_mib=args.max_rss_gib * 1024,
-                    restart=not args.cold_only))
+                    restart=not args.cold_only, backend=args.backend))
                 args.json.write_text(json.dumps(results, indent=1))
                 for line in summary_lines(results[-1:]):
                     print(line, flush=True)
