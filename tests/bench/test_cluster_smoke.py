@@ -1,5 +1,5 @@
-"""The cluster-scale benchmark at 20 hosts: both patterns run all three phases to the end;
-and at 10 hosts through `etcd grpc-proxy`.
+"""The cluster-scale benchmark at 20 hosts (alloc backend): both patterns run all three
+phases to the end; and at 10 hosts (vxlan on the fake kernel) through `etcd grpc-proxy`.
 
 `python -m bench.cluster` as a subprocess (it starts its own 3-member etcd,
 the proxy and worker processes, and stops them by PID). No timing is
@@ -46,7 +46,7 @@ def bench(out: Path, *args: str) -> str:
 
 def test_cluster_bench_both_patterns_converge(tmp_path: Path) -> None:
     out = tmp_path / "cluster.json"
-    stdout = bench(out, "--hosts", str(HOSTS), "--workers", "2")
+    stdout = bench(out, "--hosts", str(HOSTS), "--workers", "2", "--backend", "alloc")
     results = {r["pattern"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(results) == {"leaseagent", "flannel"}
     for pattern, r in results.items():
