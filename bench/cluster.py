@@ -2,19 +2,30 @@
 
     python -m bench.cluster [--hosts 250,500,1000] [--workers 4] [--steady 30]
                             [--restart-spread 10] [--limit 150] [--json FILE]
+                            [--via etcd,proxy] [--backend vxlan|alloc] [--cold-only]
 
-Each host is a real `Agent` (alloc backend: a lease and subnet.env, no data
-path) with its own `EtcdStore` (its own gRPC channel, its own etcd lease and
-watch), run in-process: `--workers` processes hold H/workers agents each on
-one event loop. The agents never touch the machine's firewall (alloc keeps
-no traffic rules; the firewall factory they get refuses to make one) nor
-its kernel. etcd is a fresh 3-member cluster on 127.0.0.1 per run, from
-the project's one launcher (leaseagent.lab.etcd).
+Each host is a real `Agent` with its own `EtcdStore` (its own gRPC channel,
+its own etcd lease and watches; `--channel worker`: one channel per worker
+process, each host its own streams on it), run in-process: `--workers`
+processes hold H/workers agents each on one event loop. With `--backend
+vxlan` (the default) each host runs the real vxlan backend, planning and
+reconciling included, on a fake kernel of its own (FakeKernel, kept across
+the agent's restarts as a host's kernel is; the hosts of a worker share
+one intern dict, so equal kernel objects are held once), its traffic rules
+in a memory firewall; with `alloc`, a lease and subnet.env only. Neither
+touches the machine's kernel or firewall. What a worker's hosts would
+parse alike (a key at one revision, a lease value, a key name) is parsed
+once and shared (`share_parsed_leases`); each host still receives and
+judges every event itself. etcd is a fresh 3-member cluster on 127.0.0.1
+per run, from the project's one launcher (leaseagent.lab.etcd); `--via
+proxy` puts one `etcd grpc-proxy start` in front of it (the agents'
+only endpoint), which coalesces the agents' identical watches.
 
 A run (one H, one pattern) has three phases, each measured from the
 members' own /metrics and /proc:
  1. cold start: every host starts in the same instant; done when every host
-    holds a lease and its watcher has every other host as a peer (H-1);
+    holds a lease and its watcher has every other host as a peer (H-1), and
+    (vxlan) its kernel every other host's FDB entry;
  2. steady state: `--steady` seconds of nothing happening;
  3. cluster-wide restart: every agent stopped (the lease kept, as a restart
     keeps it) and started again after a random pause in [0, --restart-spread]
@@ -50,6 +61,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -960,6 +972,9 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(args.worker)
         return 0
     limit = raise_fd_limit()
+    # SIGTERM (or SIGINT, which a shell's background job ignores) ends the run through its
+    # `finally`: workers, the proxy and etcd stopped by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     for hosts in (int(h) for h in args.hosts.split(",")):
         for pattern in args.patterns.split(","):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ def bench(out: Path, *args: str) -> str:
     try:
         stdout, stderr = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)  # its finally stops the workers, the proxy and etcd
+        proc.terminate()  # its finally stops the workers, the proxy and etcd
         stdout, stderr = proc.communicate(timeout=120)
         raise AssertionError(f"still running after 150 s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
