@@ -66,7 +66,6 @@ from bench.env import (
 )
 from bench.scenarios import (
     ReadyListener,
-    after_resync,
     agent_metric,
     put_network_config,
     put_peers,
@@ -193,29 +192,40 @@ class Soak:
     began: float = field(default_factory=time.perf_counter)
 
     async def _metric(self, name: str) -> float | None:
-        """The agent's metric `name`, all its series added."""
-        return await asyncio.to_thread(agent_metric, self.port, name, summed=True)
-
-    async def _tasks(self) -> float | None:
-        """The agent's asyncio task count; None when the scrape failed (an agent busy with
-        the churn on a starved machine may not answer within its timeout): the RSS,
-        fds and threads of the sample stand without it, and the failures are counted."""
+        """The agent's metric `name`, all its series added; None when the scrape failed
+        (an agent busy with the churn on a starved machine may not answer within its
+        timeout): the failures are counted, and nothing else is lost."""
         try:
-            return await self._metric(TASKS)
+            return await asyncio.to_thread(agent_metric, self.port, name, summed=True)
         except OSError as exc:
             self.scrape_failures += 1
             print(f"  soak: scrape failed at {self.done:,} events: {exc}", file=sys.stderr)
             return None
+
+    async def resync_passed(self) -> None:
+        """Until the agent's next full resync pass has ended (scenarios.after_resync, with
+        failed scrapes tried again)."""
+        deadline = time.perf_counter() + self.sizes.timeout + self.sizes.resync
+        before = None
+        while True:
+            now = await self._metric(RECONCILES)
+            if before is None:
+                before = now
+            elif now is not None and now > before:
+                return
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"no full resync within {self.sizes.timeout + self.sizes.resync}s")
+            await asyncio.sleep(0.2)
 
     async def sample(self, *, need_tasks: bool = False) -> dict[str, Any]:
         assert self.agent is not None
         if not self.agent.alive():
             raise RuntimeError(f"the agent died; see {self.agent.log}")
         p = proc_sample(self.agent.pid)
-        tasks = await self._tasks()
+        tasks = await self._metric(TASKS)
         while tasks is None and need_tasks:
             await asyncio.sleep(1.0)
-            tasks = await self._tasks()
+            tasks = await self._metric(TASKS)
         s = {"t": time.perf_counter() - self.began, "phase": self.phase, "events": self.done,
              "rss_mib": p["rss"] / 2**20, "rss_anon_mib": p["rss_anon"] / 2**20,
              "fds": int(p["fds"]), "threads": int(p["threads"]),
@@ -268,7 +278,7 @@ class Soak:
         and timed until its route is in the kernel."""
         etcd = self.world.etcd
         assert etcd is not None
-        relists = await self._metric(RELISTS) or 0.0
+        relists = await self._metric(RELISTS)
         t0 = time.perf_counter()
         await asyncio.to_thread(etcd.stop_member, 0)
         await asyncio.sleep(self.sizes.etcd_down)
@@ -285,9 +295,10 @@ class Soak:
                                    f"{self.sizes.timeout}s of etcd's restart")
             await asyncio.sleep(0.05)
         back = time.perf_counter()
+        after = await self._metric(RELISTS)
         return {"at_event": self.done, "stopped_to_healthy_s": healthy - t0,
                 "healthy_to_peer_in_kernel_s": back - healthy,
-                "relists": (await self._metric(RELISTS) or 0.0) - relists}
+                "relists": None if relists is None or after is None else after - relists}
 
     async def churn(self, churn: Churn) -> dict[str, Any]:
         sizes = self.sizes
@@ -386,7 +397,7 @@ class Soak:
             await asyncio.sleep(0.5)
         matched = time.perf_counter() - t0
         assert self.agent is not None
-        await after_resync(self.agent, self.port, limit=self.sizes.timeout + self.sizes.resync)
+        await self.resync_passed()
         deadline = time.perf_counter() + self.sizes.settle
         while True:
             end = await self.sample()
@@ -516,10 +527,10 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         print(f"  soak: agent ready with {sizes.peers} peers in "
               f"{results['join']['start_to_ready_s']:.2f}s", file=sys.stderr)
         assert soak.agent is not None
-        await after_resync(soak.agent, soak.port, limit=sizes.timeout + sizes.resync)
+        await soak.resync_passed()
         soak.phase = "baseline"
         baseline = await soak.sample(need_tasks=True)
-        reconciles = await soak._metric(RECONCILES) or 0.0
+        reconciles = await soak._metric(RECONCILES)
         soak.phase = "churn"
         sampler = asyncio.ensure_future(_guarded(soak.sampling()))
         churn = Churn(present=sizes.peers, pool=sizes.pool,
@@ -527,7 +538,9 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         results["churn"] = await soak.churn(churn)
         if sampler.done():
             sampler.result()  # it failed: the agent died, or its /proc could not be read
-        results["churn"]["full_resyncs"] = (await soak._metric(RECONCILES) or 0.0) - reconciles
+        resyncs = await soak._metric(RECONCILES)
+        results["churn"]["full_resyncs"] = (None if resyncs is None or reconciles is None
+                                            else resyncs - reconciles)
         print(f"  soak: {results['churn']['events']} events in "
               f"{results['churn']['seconds']:.0f}s", file=sys.stderr)
         sampler.cancel()

@@ -13,7 +13,6 @@ variable; a mistyped flag is one line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import socket
@@ -176,6 +175,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     out = []
     for name in sorted(environ):
         if name.startswith(("LEASEAGENT_", "FLANNELD_")) and name not in known:
+            import difflib  # only for a mistyped variable: not in every agent's memory
+
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             out.append(f"ignoring {name}: no such setting{hint}")

@@ -59,7 +59,6 @@ from leaseagent.agent.supervision import Tasks
 from leaseagent.agent.watching import RELIST_REASONS, LeaseWatcher
 from leaseagent.config import AgentConfig
 from leaseagent.core.allocation import Chooser, candidates
-from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions
 from leaseagent.core.configchange import CLASSES, REBUILD, ConfigChange, classify
 from leaseagent.core.leases import (
     REASONS,
@@ -71,6 +70,7 @@ from leaseagent.core.leases import (
 )
 from leaseagent.core.monitoring import MetricsTarget, published_address
 from leaseagent.core.network import NetworkConfig, host_overlap
+from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
 from leaseagent.core.subnetenv import (
     previous_ipv6_subnet,
@@ -166,7 +166,7 @@ async def _resolve_host(cfg: AgentConfig, network: NetworkConfig,
     want_ipv6 = network.ipv6 is not None
     if host is not None and (host.public_ipv6 is not None or not want_ipv6):
         return host
-    if network.backend_type == "alloc" and cfg.public_ip is not None and not cfg.iface:
+    if not network.profile.data_path and cfg.public_ip is not None and not cfg.iface:
         return HostInfo(public_ip=cfg.public_ip, public_ipv6=cfg.public_ipv6)
     from leaseagent.dataplane.host import resolve_host as resolve
 
@@ -286,7 +286,7 @@ class Agent:
         """A keeper of the traffic rules per family the network uses (none for alloc: it
         has no data path): a `running` one where it writes with the same tool, else a new
         one. ConfigError when a program they need is missing."""
-        if network.backend_type == "alloc":
+        if not network.profile.data_path:
             return []
         nftables = network.enable_nftables
         reuse = {(r.nftables, r.family): r for r in running}
@@ -305,8 +305,7 @@ class Agent:
         """Make `network` the config the agent works with, and what depends on it alone."""
         self.network = network
         self.traffic = replace(self.cfg.traffic, nftables=network.enable_nftables)
-        options = network.options
-        self.vxlan_port = options.port if isinstance(options, VxlanOptions) else None
+        self.vxlan_port = network.profile.peer_filter_port(network.options)
 
     def _ruleset(self, rules: FamilyRules, peers: Iterable[Peer]) -> Ruleset:
         """Everything `rules`' family wants (the whole peer set counted again)."""
@@ -334,7 +333,7 @@ class Agent:
         log.info("network %s, /%d subnets in %s-%s, backend %s", network.network,
                  network.subnet_len, network.subnet_min, network.subnet_max, network.backend_type)
         host = await resolve_host(cfg, network, self._host)
-        if network.backend_type != "alloc" and unusable_ip_reason(host.public_ip):
+        if network.profile.data_path and unusable_ip_reason(host.public_ip):
             raise ConfigError(f"PublicIP {host.public_ip} is {unusable_ip_reason(host.public_ip)}: "
                               f"peers would refuse it (--allow-any-public-ip is for alloc only)")
         log.info("leaseagent %s: backend %s, interface %s, PublicIP %s%s, node id %s, etcd %s",

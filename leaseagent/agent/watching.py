@@ -45,7 +45,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
-from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import (
     Identity,
@@ -57,6 +56,7 @@ from leaseagent.core.leases import (
     Verdict,
 )
 from leaseagent.core.network import NetworkConfig
+from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot

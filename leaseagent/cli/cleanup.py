@@ -4,10 +4,11 @@ What the agent leaves in place when it stops (on purpose: traffic keeps
 flowing across a restart) is removed here, and nothing else:
 
 - every route carrying its route protocol (`--route-protocol`, 76);
-- its vxlan devices (`flannel.<VNI>`, `flannel-v6.<VNI>`, kind vxlan), which takes their
-  neighbour and FDB entries with them;
-- its WireGuard devices (`flannel-wg`, `flannel-wg-v6`, kind wireguard, or kind tun
-  when wireguard-go serves them: wireguard-go ends when its device is gone);
+- every backend profile's devices (`BackendProfile.owns_link`, leaseagent.core.profiles):
+  vxlan's (`flannel.<VNI>`, `flannel-v6.<VNI>`, kind vxlan), which takes their
+  neighbour and FDB entries with them; WireGuard's (`flannel-wg`, `flannel-wg-v6`,
+  kind wireguard, or kind tun when wireguard-go serves them: wireguard-go ends when
+  its device is gone);
 - its traffic rules of both families: the nftables tables `ip leaseagent` and
   `ip6 leaseagent`, the iptables and ip6tables chains LEASEAGENT-* with their
   jumps, the ipsets of VXLAN peers (whichever exist; a host without IPv6 or
@@ -20,8 +21,8 @@ back. Needs no etcd. The lease in etcd is not touched: `leasectl release`.
 from __future__ import annotations
 
 from leaseagent.cli.doctor import DoctorSettings
-from leaseagent.core.backends import VXLAN_DEVICE_NAME, WIREGUARD_DEVICE, WIREGUARD_DEVICE6
 from leaseagent.core.plan import Route
+from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.core.rules import FAMILIES, ObservedRules
 from leaseagent.dataplane.firewall import Firewall, IptablesFirewall, NftFirewall
 from leaseagent.dataplane.netlink import Action, Netlink
@@ -38,9 +39,7 @@ async def cleanup(settings: DoctorSettings) -> list[str]:
         done += [f"removed route {r.dst}" for r in removed if isinstance(r, Route)]
         done += [f"could not remove route {f.obj}: {f.error}" for f in failed]
         for link in await nl.links():
-            if (link.kind == "vxlan" and VXLAN_DEVICE_NAME.fullmatch(link.name)) or (
-                    link.kind in ("wireguard", "tun")
-                    and link.name in (WIREGUARD_DEVICE, WIREGUARD_DEVICE6)):
+            if any(p.owns_link(link.kind, link.name) for p in BACKEND_TYPES.values()):
                 await nl.delete_link(link.index)
                 done.append(f"removed device {link.name}")
     finally:

@@ -49,28 +49,23 @@ from leaseagent.config import (
     source,
     traffic_settings,
 )
-from leaseagent.core.backends import WireguardLeaseData
 from leaseagent.core.diagnosis import (
     Problem,
     check_subnet_env,
     device_problems,
     env_subnet,
-    gateway_problems,
     object_problems,
     pick_own_lease,
     problem,
-    stalled_peer_problems,
-    vtep_mac_problems,
-    wireguard_key_problems,
 )
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import Network, NetworkConfig, parse_network_config
-from leaseagent.core.plan import DeviceState, compare, flatten, needs_recreate
+from leaseagent.core.plan import compare, flatten, needs_recreate
 from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoice
-from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease, NetworkConfigError
+from leaseagent.errors import ConfigError, DataPlaneError, NetworkConfigError
 from leaseagent.files import unwritable_reason
 from leaseagent.store.base import LeaseStore
 
@@ -129,7 +124,7 @@ def _read_env(path: Path) -> dict[str, str] | None:
 
 async def _host(settings: DoctorSettings, network: NetworkConfig) -> HostInfo:
     # As the agent does: alloc with --public-ip needs no interface.
-    if network.backend_type == "alloc" and settings.public_ip and not settings.iface:
+    if not network.profile.data_path and settings.public_ip and not settings.iface:
         return HostInfo(public_ip=IPv4Address(settings.public_ip),
                         public_ipv6=IPv6Address(settings.public_ipv6)
                         if settings.public_ipv6 else None)
@@ -236,15 +231,10 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     dp_settings = DataPlaneSettings(network=network, host=host, state_dir=settings.state_dir,
                                     route_protocol=settings.route_protocol)
     backend = BACKENDS[network.backend_type](dp_settings)
-    mtu_notes: dict[str, str] = {}
-    driver = ""
     try:
         observed = await backend.observe()
         spec = backend.spec(own_subnet, peers, own_ipv6=own_ipv6)
-        if network.backend_type == "wireguard":
-            report.problems += await _wireguard_checks(backend, settings, network, host, own,
-                                                       observed.devices, peers, mtu_notes)
-            driver = _wireguard_summary(backend, settings)
+        found = await backend.doctor(own.value if own is not None else None, peers, observed)
     finally:
         await backend.close()
     comparison = compare(spec, observed)
@@ -257,30 +247,19 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     mtu = dp_settings.flannel_mtu  # named after the device that has it, if one does
     smallest = next((d for d in spec.devices if d.mtu == mtu), None)
     mtu_source = f"device {smallest.name}" if smallest is not None else f"interface {host.iface}"
-    if network.backend_type == "vxlan":
-        report.problems += _vxlan_checks(settings, network, host, own, observed.devices,
-                                         mtu_notes)
+    report.problems += found.problems
+    mtu_notes = network.profile.mtu_notes(network.options, host.iface_mtu,
+                                          dp_settings.ipv6_enabled)
     report.problems += device_problems(comparison.devices, mtu_notes=mtu_notes)
     nl = await Netlink.open()
     try:
         names = {link.index: link.name for link in await nl.links()}
-        if network.backend_type == "host-gw" and host.iface_index:
-            interfaces = [a.interface for a in await nl.addresses(index=host.iface_index)]
-            report.problems += gateway_problems(
-                peers, on_link=[i.network for i in interfaces], iface=host.iface or "?")
-            addresses = {i.ip for i in interfaces}
-            for ip in (host.public_ip, host.public_ipv6):
-                if ip is not None and ip not in addresses:
-                    report.problems.append(problem(
-                        "host", str(ip), f"not an address of {host.iface}",
-                        text=f"host-gw: PublicIP {ip} is not an address of {host.iface}; "
-                        "peers cannot route to it"))
     finally:
         nl.close()
     if not needs_recreate(comparison.devices):  # no device: no entries could be on it
         report.problems += object_problems(comparison.objects, plan=spec.objects,
                                            current=observed.objects, peers=peers, names=names)
-    if network.backend_type != "alloc":  # alloc keeps no data path, and no traffic rules
+    if network.profile.data_path:  # no data path (alloc): no traffic rules either
         report.problems += await _check_rules(settings, network, own_subnet, peers, own_ipv6)
     from leaseagent.dataplane import leftovers
 
@@ -305,102 +284,8 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
                 "keeps retrying; it cannot start so)"))
     matched = len(flatten(spec.objects) & observed.objects)
     report.summary = (f"lease {own_subnet} for {host.public_ip}, backend {network.backend_type}"
-                      f"{driver}, {len(peers)} valid peers, {matched} kernel entries as planned")
+                      f"{found.summary}, {len(peers)} valid peers, {matched} kernel entries as planned")
     return report
-
-
-async def _wireguard_checks(backend: Any, settings: DoctorSettings, network: NetworkConfig,
-                            host: HostInfo, own: Verdict | None,
-                            devices: Mapping[str, DeviceState | None],
-                            peers: Mapping[IPv4Network, Peer], mtu_notes: dict[str, str]
-                            ) -> list[Problem]:
-    """The public key three ways per device, where each device's MTU comes from, and
-    peers that never completed a handshake."""
-    from leaseagent.core.backends import (
-        WIREGUARD6_OVERHEAD,
-        WIREGUARD_OVERHEAD,
-        WireguardOptions,
-        wireguard_lease_data,
-    )
-    from leaseagent.dataplane.wgkeys import key_path, load_private_key
-
-    options = network.options
-    assert isinstance(options, WireguardOptions)
-    found: list[Problem] = []
-    try:
-        stored = load_private_key(settings.state_dir)
-    except ConfigError as exc:
-        found.append(problem("state", str(key_path(settings.state_dir)), str(exc),
-                             text=f"state {exc}"))
-        stored = None
-    value = own.value if own is not None else None
-    for six in (False, True) if network.ipv6 is not None and host.public_ipv6 else (False,):
-        name = options.device_name_for(ipv6=six)
-        overhead = WIREGUARD6_OVERHEAD if six else WIREGUARD_OVERHEAD
-        mtu_notes[name] = (f"underlay MTU {host.iface_mtu} - {overhead}" if options.mtu is None
-                           else f"Backend.MTU {options.mtu} - {overhead}")
-        device = devices.get(name)
-        if device is None or device.wireguard is None:
-            continue
-        data = (value.backend_v6_data if six else value.backend_data) if value else {}
-        try:
-            lease = wireguard_lease_data(data) if data else None
-        except InvalidLease:
-            lease = None  # the lease check has said so
-        found += wireguard_key_problems(
-            device=name, device_key=device.wireguard.public_key, lease_data=lease,
-            stored_key=stored.public_key if stored else None,
-            state_file=str(key_path(settings.state_dir)))
-    owners = {d.public_key: p for p in peers.values() for d in (p.data, p.data6)
-              if isinstance(d, WireguardLeaseData)}
-    found += stalled_peer_problems(await backend.handshakes(), owners)
-    return found
-
-
-def _wireguard_summary(backend: Any, settings: DoctorSettings) -> str:
-    """`, wireguard-go, public key <key>` for doctor's ok line."""
-    from leaseagent.dataplane.wgkeys import load_private_key
-
-    control = backend.control
-    try:
-        stored = load_private_key(settings.state_dir)
-    except ConfigError:
-        stored = None
-    return (f" ({control.name if control is not None else 'no device'}"
-            f"{f', public key {stored.public_key}' if stored else ''})")
-
-
-def _vxlan_checks(settings: DoctorSettings, network: NetworkConfig, host: HostInfo,
-                  own: Verdict | None, devices: Mapping[str, DeviceState | None],
-                  mtu_notes: dict[str, str]) -> list[Problem]:
-    """Each vxlan device's VtepMAC three ways (device, lease, state file); where each
-    device's MTU comes from (into `mtu_notes`)."""
-    from leaseagent.core.backends import VXLAN6_OVERHEAD, VXLAN_OVERHEAD, VxlanOptions
-    from leaseagent.dataplane.vxlan import VTEP_MAC_FILE, VTEP_MAC_V6_FILE, load_vtep_mac
-
-    options = network.options
-    assert isinstance(options, VxlanOptions)
-    value = own.value if own is not None else None
-    families = [(options.device_name, VXLAN_OVERHEAD, VTEP_MAC_FILE,
-                 value.backend_data if value is not None else {})]
-    if network.ipv6 is not None and host.public_ipv6 is not None:
-        families.append((options.device_name6, VXLAN6_OVERHEAD, VTEP_MAC_V6_FILE,
-                         value.backend_v6_data if value is not None else {}))
-    found: list[Problem] = []
-    for name, overhead, state_file, data in families:
-        mtu_notes[name] = (f"underlay MTU {host.iface_mtu} - {overhead}" if options.mtu is None
-                           else "Backend.MTU")
-        device = devices.get(name)
-        if device is None or device.kind != "vxlan":
-            continue
-        lease_mac = data.get("VtepMAC") if isinstance(data.get("VtepMAC"), str) else None
-        try:
-            stored = load_vtep_mac(settings.state_dir, state_file)
-        except DataPlaneError:
-            stored = None
-        found += vtep_mac_problems(device=device.name, device_mac=device.mac, lease_mac=lease_mac,
-                                   stored_mac=stored, state_file=str(settings.state_dir / state_file))
-    return found
 
 
 async def _check_rules(settings: DoctorSettings, network: NetworkConfig,
@@ -409,12 +294,10 @@ async def _check_rules(settings: DoctorSettings, network: NetworkConfig,
     """The traffic rules the agent keeps (same flags, same config) against the firewall:
     missing, extra or reordered rules, a chain not hooked in first, the peer set. For
     each family the config has; an IPv6 problem says so (its object and its line)."""
-    from leaseagent.core.backends import VxlanOptions
     from leaseagent.dataplane.firewall import firewall
 
     traffic = replace(settings.traffic, nftables=network.enable_nftables)
-    options = network.options
-    port = options.port if isinstance(options, VxlanOptions) else None
+    port = network.profile.peer_filter_port(network.options)
     families: list[tuple[Network, Network | None]] = [(network.network, own_subnet)]
     if network.ipv6 is not None:
         families.append((network.ipv6.network, own_ipv6_subnet))

@@ -2,7 +2,7 @@
 
 Rendered from the code: the config fields are leaseagent.core.network's
 CONFIG_FIELDS, the backend fields each backend type's `option_keys`
-(leaseagent.core.backends), the flags and variables leaseagent.config's
+(leaseagent.core.profiles), the flags and variables leaseagent.config's
 FLANNEL_FLAGS. The rows below add what each means; a unit test
 (tests/unit/test_flannel_doc.py) fails when a field, option or flag has no
 row, a row names a test that does not exist, or the committed docs/flannel.md
@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from leaseagent.config import FLANNEL_FLAGS, flannel_env_name
+from leaseagent.core.profiles import alloc, hostgw, vxlan, wireguard
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ CONFIG_ROWS = (
 )
 
 BACKEND_ROWS = {
-    "vxlan": (
+    vxlan.NAME: (
         Row("Type", "\"vxlan\", any case", "the same",
             f"{CF}::test_backend_keys_and_type_value_ignore_case"),
         Row("VNI", "int, default 1 (absent/null); 0 is VNI 0, device flannel.0", "the same",
@@ -81,11 +82,11 @@ BACKEND_ROWS = {
         Row("DirectRouting", "bool: a peer on the same L2 gets a plain route", "the same",
             f"{KERNEL}::test_direct_routing_uses_underlay_route_for_same_segment"),
     ),
-    "host-gw": (
+    hostgw.NAME: (
         Row("Type", "\"host-gw\": one route per peer via its PublicIP", "the same",
             f"{KERNEL}::test_host_gw_routes_and_refusal"),
     ),
-    "wireguard": (
+    wireguard.NAME: (
         Row("Type", "\"wireguard\"", "the same", "tests/e2e/test_wireguard.py::"
             "test_containers_reach_each_other_and_the_underlay_carries_only_wireguard"),
         Row("ListenPort", "int, default 51820", "the same; 0 refused (flanneld would publish "
@@ -104,13 +105,13 @@ BACKEND_ROWS = {
             "dual-stack runs only separate (refused otherwise)",
             "tests/unit/test_wireguard_units.py::test_bad_options_are_refused_naming_the_field"),
     ),
-    "alloc": (
+    alloc.NAME: (
         Row("Type", "\"alloc\": a lease, no data path", "the same",
             "tests/unit/test_backends.py::test_every_backend_type_has_an_implementation_and_the_reverse"),
     ),
 }
 
-# flanneld's other backend types: refused by name (core.backends.backend_type).
+# flanneld's other backend types: refused by name (core.profiles.backend_type).
 REFUSED_TYPES = ("udp", "ipip", "ipsec", "extension", "tencent-vpc")
 
 MK_DOCKER_OPTS_ROWS = (

@@ -24,7 +24,7 @@ of its most disruptive field):
   objects are removed first).
 
 Which backend options are in place is the backend type's to say
-(`BackendType.in_place` in leaseagent.core.backends); an option change the
+(`BackendProfile.in_place` in leaseagent.core.profiles); an option change the
 registry does not name is a rebuild, the safe side.
 
 Values are compared as the agents read them (flannel's defaults applied), so
@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
-from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.network import NetworkConfig, SubnetRange
+from leaseagent.core.profiles import BACKEND_TYPES
 
 NONE = "none"
 IN_PLACE = "in-place"

@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 
-from leaseagent.core.backends import VxlanLeaseData, WireguardLeaseData
 from leaseagent.core.leases import LeaseValue, Peer
 from leaseagent.core.network import Network
 from leaseagent.core.plan import (
@@ -47,6 +46,8 @@ from leaseagent.core.plan import (
     Route,
     WgPeer,
 )
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
+from leaseagent.core.profiles.wireguard import WireguardLeaseData
 from leaseagent.core.subnetenv import first_address
 
 
@@ -388,14 +389,12 @@ def env_subnet(env: Mapping[str, str] | None) -> IPv4Network | None:
 
 def gateway_problems(peers: Mapping[IPv4Network, Peer], *, on_link: Iterable[Network],
                      iface: str) -> list[Problem]:
-    """host-gw: each peer whose PublicIP is in none of `on_link` (the underlay
-    interface's networks): the kernel refuses its route (no gateway on the link), so it
-    is unreachable from this host. Peers of other backend types are not programmed."""
+    """host-gw: each of the host-gw `peers` whose PublicIP is in none of `on_link` (the
+    underlay interface's networks): the kernel refuses its route (no gateway on the
+    link), so it is unreachable from this host."""
     out = []
     networks = list(on_link)
     for subnet, peer in sorted(peers.items(), key=lambda item: int(item[0].network_address)):
-        if peer.backend_type != "host-gw":
-            continue
         if not any(peer.public_ip in network for network in networks):
             out.append(problem(
                 "peer", str(subnet), f"PublicIP {peer.public_ip} not on {iface}'s link",

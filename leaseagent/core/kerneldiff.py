@@ -17,7 +17,12 @@ objects is decided here, and unit-tested without a kernel:
   only when the kernel holds objects it does not want (which another object
   replaces: `core.plan.diff_found`).
 - `judge_event`: what a kernel notification of someone else calls for: a
-  targeted repair of exactly that object, a full pass, or nothing.
+  targeted repair of exactly that object, a full pass, or nothing; `Work`
+  collects the verdicts for the resync loop.
+- `Admission`: which peers may be planned at all: none whose subnet would take
+  over a route or address of this host that is not ours (`core.plan.
+  host_conflict`), none claiming what this host or another planned peer holds
+  (vxlan: a VtepMAC).
 
 Order of application and identity are `core.plan`'s (`diff`, `diff_found`).
 """
@@ -29,12 +34,24 @@ from enum import Enum
 from ipaddress import IPv4Network
 from typing import TYPE_CHECKING
 
-from leaseagent.core.plan import Ident, KernelObject, Neighbour, PlanDiff, diff, diff_found
+from leaseagent.core.plan import (
+    HostRoute,
+    Ident,
+    KernelObject,
+    Neighbour,
+    PlanDiff,
+    diff,
+    diff_found,
+    host_conflict,
+)
 
 if TYPE_CHECKING:
     from leaseagent.core.leases import Peer
 
 Plans = Iterable[tuple[IPv4Network, frozenset[KernelObject]]]  # per key, its objects
+# What a peer claims that only one host may hold, each with the address that holds it.
+Claims = tuple[tuple[str, object], ...]
+Claimed = dict[str, tuple[object, IPv4Network]]  # claim -> (its holder, the peer's subnet)
 
 
 class AppliedPlan:
@@ -206,3 +223,111 @@ def judge_event(kind: str, *, deleted: bool, obj: KernelObject | None, planned: 
         # own echoes too; a foreign remote is for the periodic pass).
         return Verdict.IGNORE
     return Verdict.FULL  # one of ours changed by someone else
+
+
+class Work:
+    """What the event watcher hands the resync loop (`repairs`: objects to put back;
+    `full`: a full pass), and the neighbour entries we are removing ourselves
+    (`removing`, for `judge_event`)."""
+
+    __slots__ = ("full", "removing", "repairs")
+
+    def __init__(self) -> None:
+        self.repairs: set[KernelObject] = set()
+        self.full = False
+        self.removing: set[int] = set()
+
+    def note(self, kind: str, *, deleted: bool, obj: KernelObject | None,
+             planned: AppliedPlan) -> bool:
+        """A notification of drift of `kind` (judge_event); True if it calls for work."""
+        verdict = judge_event(kind, deleted=deleted, obj=obj, planned=planned,
+                              removing=self.removing)
+        if verdict is Verdict.IGNORE:
+            return False
+        if verdict is Verdict.REPAIR:
+            assert obj is not None
+            self.repairs.add(obj)
+        else:
+            self.full = True
+        return True
+
+    def removes(self, objects: Iterable[KernelObject]) -> None:
+        """We are about to remove `objects`: their neighbour entries' deletions are ours."""
+        self.removing.update(neighbour_key(obj) for obj in objects if isinstance(obj, Neighbour))
+
+    def take(self) -> tuple[bool, set[KernelObject]]:
+        """The work queued (whether a full pass, the objects to repair), emptied."""
+        full, repairs = self.full, self.repairs
+        self.full, self.repairs = False, set()
+        return full, repairs
+
+
+class Admission:
+    """Which peers may be planned here (see the module docstring).
+
+    `host_routes`: this host's routes and addresses that are not ours and overlap the
+    cluster network (None: not read yet). `claimed`: what the planned peers claim."""
+
+    __slots__ = ("claimed", "host_routes")
+
+    def __init__(self) -> None:
+        self.host_routes: tuple[HostRoute, ...] | None = None
+        self.claimed: Claimed = {}
+
+    def note_host_route(self, route: HostRoute, *, deleted: bool) -> bool:
+        """A route or address of someone else (one that overlaps the cluster network)
+        came or went: peers are judged with it from now on. False if the routes were
+        not read yet (the first read will see it)."""
+        if self.host_routes is None:
+            return False
+        routes = [r for r in self.host_routes if r != route]
+        if not deleted:
+            routes.append(route)
+        self.host_routes = tuple(routes)
+        return True
+
+    def conflict(self, peer: Peer, claims: Claims, own: frozenset[str],
+                 claimed: Claimed | None = None) -> str | None:
+        """Why `peer` must not be planned here (None: it may): its subnet over a route or
+        address of this host, or a claim this host holds (`own`) or another planned
+        peer holds with another holder (`claimed`, by default the admitted peers')."""
+        route = host_conflict(peer, self.host_routes or ())
+        if route is not None:
+            return f"its subnet overlaps this host's {route.text}, which is not the agent's"
+        claimed = self.claimed if claimed is None else claimed
+        for claim, holder in claims:
+            if claim in own:
+                return f"it has {claim}, this host's own"
+            other = claimed.get(claim)
+            if other is not None and other[0] != holder and other[1] != peer.subnet:
+                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
+        return None
+
+    def claim(self, peer: Peer, claims: Claims, claimed: Claimed | None = None) -> None:
+        """`peer` is admitted: what it claims is held (the first holder keeps a claim)."""
+        claimed = self.claimed if claimed is None else claimed
+        for claim, holder in claims:
+            claimed.setdefault(claim, (holder, peer.subnet))
+
+    def unclaim(self, peer: Peer, claims: Claims) -> None:
+        """`peer` is planned no more: what it held is free."""
+        for claim, _holder in claims:
+            if self.claimed.get(claim, (None, None))[1] == peer.subnet:
+                del self.claimed[claim]
+
+    def judge(self, peers: Mapping[IPv4Network, Peer], claims_of: Callable[[Peer], Claims],
+              own: frozenset[str]) -> dict[IPv4Network, str]:
+        """Of a whole peer set, those that must not be planned, with why (of peers
+        claiming one thing, the first of the set keeps it); `claimed` is then what the
+        admitted ones claim."""
+        out: dict[IPv4Network, str] = {}
+        claimed: Claimed = {}
+        for subnet, peer in peers.items():
+            claims = claims_of(peer)
+            why = self.conflict(peer, claims, own, claimed)
+            if why is not None:
+                out[subnet] = why
+            else:
+                self.claim(peer, claims, claimed)
+        self.claimed = claimed
+        return out

@@ -12,7 +12,7 @@ flannel's rules, kept exactly (pkg/subnet/config.go; docs/architecture.md, "Wire
   clash with the network address), SubnetMax to the last; both must lie in
   Network and sit on a SubnetLen boundary.
 - Backend.Type defaults to "vxlan" (flannel's code says udp, its docs vxlan)
-  and must be a type of leaseagent.core.backends, whose options are checked
+  and must be a type of leaseagent.core.profiles, whose options are checked
   here too: a config this module accepts is one every agent can run.
 
 Dual-stack (flannel's `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`,
@@ -39,7 +39,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from leaseagent.core import gojson
-from leaseagent.core.backends import DEFAULT_BACKEND, BackendOptions, backend_type
+from leaseagent.core.profiles import DEFAULT_BACKEND, backend_type
+from leaseagent.core.profiles.base import BackendOptions, BackendProfile
 from leaseagent.errors import NetworkConfigError
 
 Address = IPv4Address | IPv6Address
@@ -192,10 +193,15 @@ class NetworkConfig:
 
     ipv4: SubnetRange
     backend_type: str
-    options: BackendOptions  # the Backend object read by its type's rules (core.backends)
+    options: BackendOptions  # the Backend object read by its type's profile (core.profiles)
     backend: Mapping[str, Any] = field(default_factory=dict)
     enable_nftables: bool = False  # flannel's EnableNFTables: traffic rules with nftables
     ipv6: SubnetRange | None = None
+
+    @property
+    def profile(self) -> BackendProfile:
+        """The profile of the backend type: what the rest of the code asks about it."""
+        return backend_type(self.backend_type)
 
     # The IPv4 range's facts under the names the code used before dual-stack.
     @property

@@ -2,7 +2,7 @@
 
 Pure: no I/O, no netlink. A backend (leaseagent.dataplane) describes what it
 wants as a `BackendSpec` (its devices as `DeviceSpec`s, its per-peer objects
-from `plan_vxlan_peer` / `plan_host_gw_peer`) and reads what the kernel has
+from its profile's `plan_peer`, leaseagent.core.profiles) and reads what the kernel has
 into an `Observation` of the same shapes; `compare` says what differs. The
 backend's reconcile acts on the differences, `leasectl doctor` prints them,
 the tests assert on them: one comparison for all three.
@@ -60,26 +60,37 @@ route never points at a neighbour that is not there yet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
-from ipaddress import IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
-from typing import NamedTuple
-
-from leaseagent.core.backends import (
-    LeaseData,
-    PresharedKey,
-    VxlanLeaseData,
-    WireguardLeaseData,
-    WireguardOptions,
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
 )
-from leaseagent.core.leases import Peer
-from leaseagent.core.network import Address, Network
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # types only: the profiles below the lease model import this module
+    from leaseagent.core.leases import Peer
+    from leaseagent.core.network import Address, Network
+    from leaseagent.core.profiles.base import LeaseData
+    from leaseagent.core.profiles.wireguard import PresharedKey
 
 MAIN_TABLE = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 # The metric the kernel gives an IPv6 route added without one (IP6_RT_PRIO_USER).
 IPV6_DEFAULT_METRIC = 1024
+
+
+def span(network: Network) -> tuple[int, int]:
+    """The first and the last address of `network` as numbers. Not ipaddress's
+    `broadcast_address`, which caches itself and the hostmask on the object: two more
+    addresses and a larger `__dict__` on each of thousands of peers' subnets (~290 B
+    a peer; docs/benchmarks.md, "Memory at 5,000 peers")."""
+    first = int(network.network_address)
+    return first, first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
 
 Interface = IPv4Interface | IPv6Interface
 
@@ -209,7 +220,7 @@ class Fdb:
     kind = "fdb"
 
 
-Endpoint = tuple[Address, int]  # a WireGuard peer's IP address and UDP port
+Endpoint = tuple[IPv4Address | IPv6Address, int]  # a WireGuard peer's IP address and UDP port
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -309,131 +320,6 @@ def ipv6_part(peer: Peer) -> IPv6Part | None:
     return IPv6Part(peer.ipv6_subnet, peer.public_ipv6, peer.data6)
 
 
-def _vxlan_family(
-    subnet: Network,
-    public_ip: Address,
-    data: LeaseData,
-    device_index: int,
-    *,
-    underlay_index: int,
-    direct_routing: bool,
-    is_direct: Callable[[Address], bool],
-) -> tuple[KernelObject, ...]:
-    """One family's objects of a vxlan peer, on that family's device (flannel's
-    layout, the same for both families)."""
-    if not isinstance(data, VxlanLeaseData):
-        return ()
-    if direct_routing and is_direct(public_ip):
-        return (Route(subnet, public_ip, underlay_index),)
-    gateway = subnet.network_address
-    return (
-        Neighbour(device_index, gateway, data.vtep_mac),
-        Fdb(device_index, data.vtep_mac, public_ip),
-        Route(subnet, gateway, device_index, onlink=True),
-    )
-
-
-def plan_vxlan_peer(
-    peer: Peer,
-    vxlan_index: int,
-    *,
-    underlay_index: int,
-    direct_routing: bool,
-    is_direct: Callable[[Address], bool],
-    vxlan6_index: int = 0,
-) -> frozenset[KernelObject]:
-    """The objects one vxlan peer needs (empty if it cannot be served by vxlan):
-    its IPv4 objects, and its IPv6 ones when it is dual-stack and this host has an
-    IPv6 device (`vxlan6_index`, 0: none)."""
-    if peer.backend_type != "vxlan":
-        return frozenset()
-    family = partial(_vxlan_family, underlay_index=underlay_index,
-                     direct_routing=direct_routing, is_direct=is_direct)
-    objects = family(peer.subnet, peer.public_ip, peer.data, vxlan_index)
-    if not objects:
-        return frozenset()
-    v6 = ipv6_part(peer)
-    if vxlan6_index and v6 is not None:
-        objects += family(v6.subnet, v6.public_ip, v6.data, vxlan6_index)
-    return frozenset(objects)
-
-
-def plan_vxlan(
-    own_subnet: IPv4Network | None,
-    peers: Mapping[IPv4Network, Peer],
-    *,
-    vxlan_index: int,
-    underlay_index: int,
-    direct_routing: bool = False,
-    is_direct: Callable[[Address], bool] = lambda _ip: False,
-    vxlan6_index: int = 0,
-) -> dict[IPv4Network, frozenset[KernelObject]]:
-    """Per peer subnet, the objects the vxlan backend wants in the kernel."""
-    return {
-        subnet: plan_vxlan_peer(
-            peer, vxlan_index,
-            underlay_index=underlay_index, direct_routing=direct_routing, is_direct=is_direct,
-            vxlan6_index=vxlan6_index,
-        )
-        for subnet, peer in peers.items()
-        if subnet != own_subnet
-    }
-
-
-def plan_host_gw_peer(peer: Peer, underlay_index: int, *, ipv6: bool = False
-                      ) -> frozenset[KernelObject]:
-    """The routes a host-gw peer needs: IPv4, and IPv6 when it is dual-stack and this
-    host has an IPv6 underlay address (`ipv6`); empty for a peer of another backend."""
-    if peer.backend_type != "host-gw":
-        return frozenset()
-    routes = {Route(peer.subnet, peer.public_ip, underlay_index)}
-    v6 = ipv6_part(peer)
-    if ipv6 and v6 is not None:
-        routes.add(Route(v6.subnet, v6.public_ip, underlay_index))
-    return frozenset(routes)
-
-
-def plan_host_gw(
-    own_subnet: IPv4Network | None,
-    peers: Mapping[IPv4Network, Peer],
-    *,
-    underlay_index: int,
-    ipv6: bool = False,
-) -> dict[IPv4Network, frozenset[KernelObject]]:
-    """Per peer subnet, the routes the host-gw backend wants in the kernel."""
-    return {
-        subnet: plan_host_gw_peer(peer, underlay_index, ipv6=ipv6)
-        for subnet, peer in peers.items()
-        if subnet != own_subnet
-    }
-
-
-def plan_wireguard_peer(peer: Peer, options: WireguardOptions, *, ipv4: bool = True,
-                        ipv6: bool = False) -> frozenset[KernelObject]:
-    """A wireguard peer's objects on the devices this host has (`ipv4`: flannel-wg,
-    `ipv6`: flannel-wg-v6): per family, the peer with its endpoint <public address>:
-    <Port> (0: our own ListenPort of that family, flannel's rule) and its subnet as
-    an allowed IP. Empty for a peer of another backend."""
-    if peer.backend_type != "wireguard":
-        return frozenset()
-    families: list[tuple[bool, Network, Address, LeaseData]] = []
-    if ipv4:
-        families.append((False, peer.subnet, peer.public_ip, peer.data))
-    v6 = ipv6_part(peer)
-    if ipv6 and v6 is not None:
-        families.append((True, v6.subnet, v6.public_ip, v6.data))
-    objects: set[KernelObject] = set()
-    for six, subnet, public_ip, data in families:
-        if not isinstance(data, WireguardLeaseData):
-            continue
-        device = options.device_name_for(ipv6=six)
-        port = data.port or options.port_for(ipv6=six)
-        objects.add(WgPeer(device, data.public_key, (public_ip, port), options.psk,
-                           options.keepalive))
-        objects.add(AllowedIP(device, subnet, data.public_key))
-    return frozenset(objects)
-
-
 def peer_keys(peer: Peer) -> frozenset[Address | Network]:
     """What the kernel objects serving `peer` are keyed on, whichever backend made
     them: its subnets (routes), their base addresses (vxlan's neighbour entries) and
@@ -509,8 +395,9 @@ class VxlanAttrs:
     port: int
     local: Address | None  # IPv4 for flannel.<VNI>, IPv6 for flannel-v6.<VNI>
     link: int  # underlay ifindex; 0 when not bound to one
-    learning: bool
-    gbp: bool = False  # the Group Based Policy extension (IFLA_VXLAN_GBP)
+    # The device's flags, fixed at its creation, in the vxlan profile's order (its
+    # DEVICE_FLAGS): (name as a difference shows it, on). A flag not named is off.
+    flags: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -605,11 +492,13 @@ def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDi
         if have is None:
             return [differ("vxlan settings", None, want, RECREATE)]
         for what, got, wanted in (("VNI", have.vni, want.vni), ("port", have.port, want.port),
-                                  ("local address", have.local, want.local),
-                                  ("learning", have.learning, want.learning),
-                                  ("GBP", have.gbp, want.gbp)):
+                                  ("local address", have.local, want.local)):
             if got != wanted:
                 out.append(differ(what, got, wanted, RECREATE))
+        have_flags = dict(have.flags)
+        for what, wanted in want.flags:
+            if have_flags.get(what, False) != wanted:
+                out.append(differ(what, have_flags.get(what, False), wanted, RECREATE))
         if want.link and have.link != want.link:
             out.append(differ("underlay link", have.link, want.link, RECREATE))
     if spec.wireguard is not None:
@@ -661,8 +550,9 @@ class HostRoute:
     last: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "first", int(self.dst.network_address))
-        object.__setattr__(self, "last", int(self.dst.broadcast_address))
+        first, last = span(self.dst)
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "last", last)
 
     @property
     def text(self) -> str:
@@ -711,7 +601,7 @@ def subnet_conflict(subnets: Iterable[Network | None], routes: Collection[HostRo
         if subnet is None:
             continue
         version = subnet.version
-        first, last = int(subnet.network_address), int(subnet.broadcast_address)
+        first, last = span(subnet)
         for route in routes:
             if route.dst.version != version:
                 continue

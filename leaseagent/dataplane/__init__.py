@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from leaseagent.core.profiles import alloc, hostgw, vxlan, wireguard
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings
 
 Constructor = Callable[[DataPlaneSettings], DataPlane]
@@ -39,8 +40,8 @@ def _wireguard(settings: DataPlaneSettings) -> DataPlane:
 
 
 BACKENDS: Mapping[str, Constructor] = {
-    "alloc": _alloc,
-    "vxlan": _vxlan,
-    "host-gw": _host_gw,
-    "wireguard": _wireguard,
+    alloc.NAME: _alloc,
+    vxlan.NAME: _vxlan,
+    hostgw.NAME: _host_gw,
+    wireguard.NAME: _wireguard,
 }

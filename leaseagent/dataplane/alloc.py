@@ -6,18 +6,21 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Network, IPv6Network
 
-from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.leases import LeaseValue, Peer, PeerChanges
 from leaseagent.core.plan import BackendSpec, Observation
-from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
+from leaseagent.core.profiles import alloc
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus, DoctorFindings
 
 
 class AllocBackend:
+    backend_type = alloc.NAME
+
     def __init__(self, settings: DataPlaneSettings) -> None:
         self._settings = settings
         self.status = DataPlaneStatus()
 
     async def prepare(self) -> BackendAttrs:
-        return BackendAttrs(backend_type="alloc", mtu=self._settings.flannel_mtu)
+        return BackendAttrs(backend_type=self.backend_type, mtu=self._settings.flannel_mtu)
 
     async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
                     ) -> None:
@@ -46,6 +49,10 @@ class AllocBackend:
 
     async def remove(self, *, objects: bool = True) -> None:
         return None
+
+    async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
+                     observed: Observation) -> DoctorFindings:
+        return DoctorFindings()  # no data path: nothing of its own to check
 
     async def close(self) -> None:
         return None

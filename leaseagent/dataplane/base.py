@@ -61,8 +61,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from leaseagent.core.backends import backend_type
-from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.diagnosis import Problem
+from leaseagent.core.leases import LeaseValue, Peer, PeerChanges
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.plan import BackendSpec, Observation
 
@@ -166,11 +166,10 @@ class DataPlaneSettings:
 
     @property
     def flannel_mtu(self) -> int:
-        """FLANNEL_MTU on this host: its backend type's rule (core.backends, `mtu`) for
-        the underlay's MTU and the devices in use."""
-        rule = backend_type(self.network.backend_type).mtu
-        assert rule is not None, self.network.backend_type  # every type we run has one
-        return rule(self.network.options, self.host.iface_mtu, self.ipv6_enabled)
+        """FLANNEL_MTU on this host: its backend profile's rule (core.profiles, `mtu`)
+        for the underlay's MTU and the devices in use."""
+        return self.network.profile.mtu(self.network.options, self.host.iface_mtu,
+                                        self.ipv6_enabled)
 
     @property
     def ipv6_enabled(self) -> bool:
@@ -219,6 +218,15 @@ class DataPlaneStatus:
     refused_peers: dict[IPv4Network, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DoctorFindings:
+    """What a backend's own doctor checks found (`DataPlane.doctor`): its problems, and
+    what doctor's ok line adds about it (wireguard: the driver and the public key)."""
+
+    problems: list[Problem] = field(default_factory=list)
+    summary: str = ""
+
+
 class DataPlane(Protocol):
     status: DataPlaneStatus
 
@@ -241,5 +249,12 @@ class DataPlane(Protocol):
     async def observe(self) -> Observation: ...
 
     async def remove(self, *, objects: bool = True) -> None: ...
+
+    async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
+                     observed: Observation) -> DoctorFindings:
+        """`leasectl doctor`'s checks of this backend beyond the comparison of `spec` and
+        `observe` (given `own`, this host's lease value, and `observed`): what needs the
+        kernel or the state directory and is the backend's alone."""
+        ...
 
     async def close(self) -> None: ...

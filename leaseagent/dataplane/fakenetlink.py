@@ -75,6 +75,8 @@ from leaseagent.core.plan import (
     Route,
     VxlanAttrs,
 )
+from leaseagent.core.profiles import vxlan as vxlan_profile
+from leaseagent.core.profiles import wireguard as wireguard_profile
 from leaseagent.dataplane.base import HostInfo
 from leaseagent.dataplane.netlink import (
     Action,
@@ -351,7 +353,7 @@ class FakeKernel:
         link = self._links.get(entry.ifindex)
         if link is None:
             return errno.ENODEV
-        if link.kind != "vxlan":
+        if link.kind != vxlan_profile.DEVICE_KIND:
             return errno.EOPNOTSUPP
         if have is not None:
             if exclusive:
@@ -430,19 +432,18 @@ class FakeNetlink:
         return made
 
     async def create_vxlan(self, name: str, *, vni: int, port: int, local: Address, link: int,
-                           mtu: int, mac: str, learning: bool = False, gbp: bool = False
+                           mtu: int, mac: str, flags: tuple[tuple[str, bool], ...] = ()
                            ) -> Link:
         self._check(f"cannot create vxlan device {name}")
         made = self._new_link(
-            f"cannot create vxlan device {name} (VNI {vni}, local {local})", name, "vxlan",
-            mtu=mtu, mac=mac.lower(), link=link,
-            vxlan=VxlanAttrs(vni=vni, port=port, local=local, link=link, learning=learning,
-                             gbp=gbp))
+            f"cannot create vxlan device {name} (VNI {vni}, local {local})", name,
+            vxlan_profile.DEVICE_KIND, mtu=mtu, mac=mac.lower(), link=link,
+            vxlan=VxlanAttrs(vni=vni, port=port, local=local, link=link, flags=flags))
         return made.public()
 
     async def create_link(self, name: str, kind: str) -> None:
         self._check(f"cannot create {kind} device {name}")
-        mac = None if kind == "wireguard" else "02:fe:00:00:00:01"
+        mac = None if kind == wireguard_profile.DEVICE_KIND else "02:fe:00:00:00:01"
         self._new_link(f"cannot create {kind} device {name}", name, kind, mac=mac)
 
     async def delete_link(self, index: int) -> None:

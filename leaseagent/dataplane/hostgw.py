@@ -17,10 +17,15 @@ which puts them back once it is up again.
 
 from __future__ import annotations
 
-from leaseagent.core.leases import Peer
+from collections.abc import Mapping
+from ipaddress import IPv4Network
+
+from leaseagent.core.diagnosis import Problem, gateway_problems, problem
+from leaseagent.core.leases import LeaseValue, Peer
 from leaseagent.core.network import Address
-from leaseagent.core.plan import KernelObject, plan_host_gw_peer
-from leaseagent.dataplane.base import BackendAttrs
+from leaseagent.core.plan import KernelObject, Observation
+from leaseagent.core.profiles import hostgw
+from leaseagent.dataplane.base import BackendAttrs, DoctorFindings
 from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import Known
 from leaseagent.dataplane.reconciling import ReconcilingBackend
@@ -30,7 +35,7 @@ from leaseagent.errors import ConfigError
 class HostGwBackend(ReconcilingBackend):
     """flannel's host-gw backend, with resync and drift repair."""
 
-    backend_type = "host-gw"
+    backend_type = hostgw.NAME
 
     async def prepare(self) -> BackendAttrs:
         host = self._settings.host
@@ -52,11 +57,34 @@ class HostGwBackend(ReconcilingBackend):
                     f"all hosts on one L2 segment (set {flag} to an address of the interface "
                     "or use the vxlan backend)"
                 )
-        return BackendAttrs(backend_type="host-gw", mtu=link.mtu)
+        return BackendAttrs(backend_type=self.backend_type, mtu=link.mtu)
+
+    async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
+                     observed: Observation) -> DoctorFindings:
+        """Each host-gw peer's PublicIP on the underlay's link (else the kernel refuses
+        its route), and this host's public addresses on the interface (else peers route
+        to an address that is not ours)."""
+        host = self._settings.host
+        if not host.iface_index:
+            return DoctorFindings()
+        async with self._lock:
+            nl = await self._netlink()
+            interfaces = [a.interface for a in await nl.addresses(index=host.iface_index)]
+        ours = {subnet: p for subnet, p in peers.items() if p.backend_type == self.backend_type}
+        found: list[Problem] = gateway_problems(
+            ours, on_link=[i.network for i in interfaces], iface=host.iface or "?")
+        addresses = {i.ip for i in interfaces}
+        for ip in (host.public_ip, host.public_ipv6):
+            if ip is not None and ip not in addresses:
+                found.append(problem(
+                    "host", str(ip), f"not an address of {host.iface}",
+                    text=f"host-gw: PublicIP {ip} is not an address of {host.iface}; "
+                    "peers cannot route to it"))
+        return DoctorFindings(found)
 
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
-        return plan_host_gw_peer(peer, self._settings.host.iface_index,
-                                 ipv6=self._settings.ipv6_enabled)
+        return hostgw.plan_peer(peer, self._settings.host.iface_index,
+                                ipv6=self._settings.ipv6_enabled)
 
     async def _scan(self, nl: Kernel, known: Known) -> list[KernelObject]:
         return list(await self._scan_routes(nl, known))

@@ -80,6 +80,7 @@ from leaseagent.core.plan import (
     Route,
     VxlanAttrs,
 )
+from leaseagent.core.profiles import vxlan as vxlan_profile
 from leaseagent.dataplane import rtnl
 from leaseagent.dataplane.rtnl import RtnlSocket
 from leaseagent.errors import DataPlaneError
@@ -304,16 +305,15 @@ class Netlink:
         link: int,
         mtu: int,
         mac: str,
-        learning: bool = False,
-        gbp: bool = False,
+        flags: tuple[tuple[str, bool], ...] = (),
     ) -> Link:
         """A vxlan device whose VTEP is `local`, an IPv4 or an IPv6 address (the
         outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""
         data = rtnl.vxlan_data(VxlanAttrs(vni=vni, port=port, local=local, link=link,
-                                          learning=learning, gbp=gbp))
+                                          flags=flags))
         try:
             await self._call(rtnl.RTM_NEWLINK, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
-                             rtnl.link_request(name=name, mtu=mtu, mac=mac, kind="vxlan",
+                             rtnl.link_request(name=name, mtu=mtu, mac=mac, kind=vxlan_profile.DEVICE_KIND,
                                                data=data))
         except OSError as exc:
             raise _error(f"cannot create vxlan device {name} (VNI {vni}, local {local})", exc) \

@@ -90,7 +90,13 @@ from typing import Any
 
 from leaseagent import memory
 from leaseagent.core.diagnosis import render_object
-from leaseagent.core.kerneldiff import AppliedPlan, FullPass, Verdict, judge_event, neighbour_key
+from leaseagent.core.kerneldiff import (
+    Admission,
+    AppliedPlan,
+    Claims,
+    FullPass,
+    Work,
+)
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.plan import (
     MAIN_TABLE,
@@ -99,13 +105,11 @@ from leaseagent.core.plan import (
     DeviceState,
     HostRoute,
     KernelObject,
-    Neighbour,
     Observation,
     PlanDiff,
     Route,
     cluster_relevant,
     diff,
-    host_conflict,
     peer_keys,
     serves,
 )
@@ -153,25 +157,17 @@ class ReconcilingBackend:
         self._own_ipv6: IPv6Network | None = None  # the lease's IPv6 part, when dual-stack
         self._synced = False
         self._applied = AppliedPlan()  # the last applied plan (core.kerneldiff)
-        # Neighbour entries being removed by us, by the hash of their key: the kernel
-        # tells of a neighbour's deletion with port id 0 and without its MAC, so our own
-        # removals are told from someone else's by this.
-        self._removing: set[int] = set()
-        # Work the event watcher hands to the resync loop: objects to put back.
-        self._pending_repairs: set[KernelObject] = set()
-        self._full_resync_needed = False
+        # Work the event watcher hands to the resync loop (core.kerneldiff.Work).
+        self._work = Work()
         # Peers of another backend type: their subnets, and what was logged of them.
         self._foreign: set[IPv4Network] = set()
         self._foreign_logged: set[tuple[IPv4Network, str]] = set()
-        # This host's routes and addresses that are not ours and overlap the cluster
-        # network, from the last complete route dump (None: not read yet), and the
-        # peers they keep from being programmed (logged once each).
-        self._host_routes: tuple[HostRoute, ...] | None = None
+        # Which peers may be planned (core.kerneldiff): the host's routes and addresses
+        # that are not ours, from the last complete route dump, and what planned peers
+        # claim; the peers kept out are logged once each.
+        self._admission = Admission()
         self._dumped_routes: tuple[HostRoute, ...] = ()
         self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
-        # What only one host may hold (vxlan: a VtepMAC), claimed by the programmed
-        # peers: claim -> (its holder's address, the peer's subnet). See `_claims`.
-        self._claimed: dict[str, tuple[object, IPv4Network]] = {}
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -286,22 +282,18 @@ class ReconcilingBackend:
         """A route or address of someone else came or went (a netlink event): from now
         on peers are judged with it, at once (a lease arriving next must not replace a
         route just added), and a full pass plans them all again. True if it matters."""
-        if self._host_routes is None or not cluster_relevant((route,), self._networks()):
+        if not cluster_relevant((route,), self._networks()):
             return False
-        routes = [r for r in self._host_routes if r != route]
-        if not deleted:
-            routes.append(route)
-        self._host_routes = tuple(routes)
-        return True
+        return self._admission.note_host_route(route, deleted=deleted)
 
     async def _read_host_routes(self, nl: Kernel) -> None:
         """Read the host's routes once, before anything is planned (later passes use
         their own dump's)."""
-        if self._host_routes is None:
+        if self._admission.host_routes is None:
             await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
-            self._host_routes = self._dumped_routes
+            self._admission.host_routes = self._dumped_routes
 
-    def _claims(self, peer: Peer) -> tuple[tuple[str, object], ...]:
+    def _claims(self, peer: Peer) -> Claims:
         """What `peer` claims that only one host may hold, each with the address that
         holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
         with another host's VtepMAC would route its subnet to that host's VTEP, and give
@@ -312,50 +304,12 @@ class ReconcilingBackend:
         """The claims this host holds itself (vxlan: its devices' MACs)."""
         return frozenset()
 
-    def _conflict(self, peer: Peer, claims: tuple[tuple[str, object], ...],
-                  claimed: Mapping[str, tuple[object, IPv4Network]],
-                  own: frozenset[str]) -> str | None:
-        """Why `peer` must not be programmed here (None: it may): its subnet over a route
-        or address of this host (core.plan.host_conflict), or a claim of this host's or
-        of another programmed peer with another holder (`claimed`)."""
-        route = host_conflict(peer, self._host_routes or ())
-        if route is not None:
-            return f"its subnet overlaps this host's {route.text}, which is not the agent's"
-        for claim, holder in claims:
-            if claim in own:
-                return f"it has {claim}, this host's own"
-            other = claimed.get(claim)
-            if other is not None and other[0] != holder and other[1] != peer.subnet:
-                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
-        return None
-
-    @staticmethod
-    def _claim(peer: Peer, claims: tuple[tuple[str, object], ...],
-               claimed: dict[str, tuple[object, IPv4Network]]) -> None:
-        for claim, holder in claims:
-            claimed.setdefault(claim, (holder, peer.subnet))
-
-    def _unclaim(self, peer: Peer) -> None:
-        for claim, _holder in self._claims(peer):
-            if self._claimed.get(claim, (None, None))[1] == peer.subnet:
-                del self._claimed[claim]
-
     def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, str]:
-        """The peers that must not be programmed here (`_conflict`, the first of the
-        peer set holding a claim), each logged once; `status.conflicting_peers` says
-        them all. Leaves `_claimed` as the allowed peers claim."""
-        out: dict[IPv4Network, str] = {}
-        claimed: dict[str, tuple[object, IPv4Network]] = {}
-        own = self._own_claims()
-        for subnet, peer in peers.items():
-            claims = self._claims(peer)
-            why = self._conflict(peer, claims, claimed, own)
-            if why is not None:
-                out[subnet] = why
-                self._log_conflict(peer, why)
-            else:
-                self._claim(peer, claims, claimed)
-        self._claimed = claimed
+        """The peers that must not be programmed here (Admission.judge), each logged
+        once; `status.conflicting_peers` says them all."""
+        out = self._admission.judge(peers, self._claims, self._own_claims())
+        for subnet, why in out.items():
+            self._log_conflict(peers[subnet], why)
         self.status.conflicting_peers = out
         return out
 
@@ -396,7 +350,7 @@ class ReconcilingBackend:
             devices = await self._observe_devices(nl)
             await self._refresh(nl)
             objects = frozenset(await self.current(nl))
-            self._host_routes = self._dumped_routes  # what `spec` judges peers by now
+            self._admission.host_routes = self._dumped_routes  # what `spec` judges peers by
             return Observation(devices=devices, objects=objects)
 
     async def sync(self, peers: Mapping[IPv4Network, Peer], *,
@@ -442,15 +396,15 @@ class ReconcilingBackend:
             before, planned = self._applied.drop(subnet, self._plan_peer)
             peer = peers.get(subnet)
             if before is not None:
-                self._unclaim(before)
+                self._admission.unclaim(before, self._claims(before))
                 if subnet not in self._foreign:  # switched to another type: kept meanwhile
                     old |= planned
             if peer is None and subnet in was_foreign:
                 # What was kept for it goes with a full pass (nothing here knows it).
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             claims = self._claims(peer) if peer is not None else ()
-            conflict = (self._conflict(peer, claims, self._claimed, own) if peer is not None
+            conflict = (self._admission.conflict(peer, claims, own) if peer is not None
                         else None)
             if conflict is not None:
                 assert peer is not None
@@ -459,7 +413,7 @@ class ReconcilingBackend:
             else:
                 self.status.conflicting_peers.pop(subnet, None)
             if peer is not None and subnet != self._own_subnet and conflict is None:
-                self._claim(peer, claims, self._claimed)
+                self._admission.claim(peer, claims)
                 new |= self._applied.add(peer, self._plan_peer)
         return self._applied.change(old, new, synced=self._synced)
 
@@ -512,11 +466,11 @@ class ReconcilingBackend:
             plan, changes = await self._full_plan(nl, peers)
         finally:
             await _done(ready)
-        if self._dumped_routes != self._host_routes:
+        if self._dumped_routes != self._admission.host_routes:
             # The host's routes changed since the last pass: plan again with them (a peer
             # may conflict now, or no longer), level-triggered like everything else.
-            self._host_routes = self._dumped_routes
-            self._full_resync_needed = True
+            self._admission.host_routes = self._dumped_routes
+            self._work.full = True
             self._wake.set()
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
         # The pass's dumps, plan and changes were its peak: what glibc keeps of them
@@ -539,7 +493,7 @@ class ReconcilingBackend:
         self._foreign.clear()
         self._note_foreign(peers, peers)
         full = FullPass(self._peer_plans(self._own_subnet, peers))
-        self._removing.clear()  # echoes of earlier removals have come by now
+        self._work.removing.clear()  # echoes of earlier removals have come by now
         return full.uses, await read_again(lambda: self._compare(nl, peers, full))
 
     async def _full_apply(self, nl: Kernel, peers: Mapping[IPv4Network, Peer],
@@ -645,8 +599,7 @@ class ReconcilingBackend:
                      decided: Iterable[IPv4Network] | None = ()) -> list[Failure]:
         """Make `changes`; the refusals that are not a peer's (`_sort_refusals`, for the
         objects of `peers` in a pass that tried `decided`)."""
-        self._removing.update(neighbour_key(obj) for obj in changes.to_remove
-                              if isinstance(obj, Neighbour))
+        self._work.removes(changes.to_remove)
         removed, added, failures = await self._program(nl, changes)
         self.status.removed.update(objects_by_kind(removed))
         self.status.added.update(objects_by_kind(added))
@@ -700,9 +653,8 @@ class ReconcilingBackend:
                 periodic = True
             # Cleared before the pass: an event during it triggers another one.
             self._wake.clear()
-            full = periodic or self._full_resync_needed
-            repairs, self._pending_repairs = self._pending_repairs, set()
-            self._full_resync_needed = False
+            full, repairs = self._work.take()
+            full = full or periodic
             try:
                 if full:
                     await self._resync(get_peers)
@@ -714,7 +666,7 @@ class ReconcilingBackend:
                 delay = backoff.next_delay()
                 log.warning("data plane resync failed (retrying in %.1fs): %s", delay, exc)
                 await asyncio.sleep(delay)
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             else:
                 backoff.reset()
@@ -723,21 +675,15 @@ class ReconcilingBackend:
         """Queue the work an event of someone else calls for, and wake the loop."""
         if (event.host_route is not None and event.protocol != self._settings.route_protocol
                 and self._note_host_route(event.host_route, deleted=event.deleted)):
-            self._full_resync_needed = True
+            self._work.full = True
             self._wake.set()
             return
         kind = self._drift_kind(event)
         if kind is None:
             return
-        verdict = judge_event(kind, deleted=event.deleted, obj=event.obj, planned=self._applied,
-                              removing=self._removing)
-        if verdict is Verdict.IGNORE:
+        if not self._work.note(kind, deleted=event.deleted, obj=event.obj,
+                               planned=self._applied):
             return
-        if verdict is Verdict.REPAIR:
-            assert event.obj is not None
-            self._pending_repairs.add(event.obj)
-        else:
-            self._full_resync_needed = True
         log.debug("netlink event %s: %s drift", event, kind)
         self._wake.set()
 
@@ -754,7 +700,7 @@ class ReconcilingBackend:
                 continue
             if not first:
                 # Whatever happened while we were deaf is found by a full resync.
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
             first = False
             try:

@@ -79,6 +79,7 @@ from leaseagent.core.plan import (
     neighbour_ident,
     route_ident,
 )
+from leaseagent.core.profiles import vxlan as vxlan_profile
 
 NETLINK_ROUTE = 0
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
@@ -98,8 +99,8 @@ RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TAB
 NDA_DST, NDA_LLADDR = 1, 2
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 1, 3, 4, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
-IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING = 1, 3, 4, 7
-IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6, IFLA_VXLAN_GBP = 15, 17, 23
+IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL = 1, 3, 4
+IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6 = 15, 17  # the flags' numbers: the vxlan profile's DEVICE_FLAGS
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
@@ -460,17 +461,21 @@ def link_request(*, index: int = 0, name: str | None = None, up: bool | None = N
 
 def vxlan_data(vxlan: VxlanAttrs) -> bytes:
     """IFLA_INFO_DATA of a vxlan device: its VNI, UDP port, local VTEP (IPv4 or IPv6),
-    underlay link (0: none), learning, GBP."""
+    underlay link (0: none), then its flags as the vxlan profile's DEVICE_FLAGS encode
+    them (a u8 0/1, or a flag attribute there only when on)."""
     assert vxlan.local is not None
     out = (attribute(IFLA_VXLAN_ID, _U32.pack(vxlan.vni))
            + attribute(IFLA_VXLAN_PORT, _BE16.pack(vxlan.port))
            + attribute(IFLA_VXLAN_LOCAL if vxlan.local.version == 4 else IFLA_VXLAN_LOCAL6,
-                       vxlan.local.packed)
-           + attribute(IFLA_VXLAN_LEARNING, bytes([int(vxlan.learning)])))
+                       vxlan.local.packed))
     if vxlan.link:
         out += attribute(IFLA_VXLAN_LINK, _U32.pack(vxlan.link))
-    if vxlan.gbp:
-        out += attribute(IFLA_VXLAN_GBP, b"")
+    on = dict(vxlan.flags)
+    for flag in vxlan_profile.DEVICE_FLAGS:
+        if not flag.presence:
+            out += attribute(flag.ifla, bytes([int(on.get(flag.shown, False))]))
+        elif on.get(flag.shown, False):
+            out += attribute(flag.ifla, b"")
     return out
 
 
@@ -495,13 +500,14 @@ def _vxlan_attrs(data: bytes) -> VxlanAttrs:
     a = _attrs(data, 0, len(data))
     local = a.get(IFLA_VXLAN_LOCAL) or a.get(IFLA_VXLAN_LOCAL6)
     port = a.get(IFLA_VXLAN_PORT)
-    learning = a.get(IFLA_VXLAN_LEARNING)
+    flags = tuple((flag.shown, flag.ifla in a if flag.presence
+                   else bool((value := a.get(flag.ifla)) and value[0]))
+                  for flag in vxlan_profile.DEVICE_FLAGS)
     return VxlanAttrs(vni=_u32(a.get(IFLA_VXLAN_ID)),
                       port=_BE16.unpack(port)[0] if port else 0,
                       local=_address(local) if local else None,
                       link=_u32(a.get(IFLA_VXLAN_LINK)),
-                      learning=bool(learning and learning[0]),
-                      gbp=IFLA_VXLAN_GBP in a)
+                      flags=flags)
 
 
 def decode_link_message(data: bytes | memoryview, start: int, end: int) -> LinkMessage:
@@ -512,7 +518,7 @@ def decode_link_message(data: bytes | memoryview, start: int, end: int) -> LinkM
     if (linkinfo := a.get(IFLA_LINKINFO)) is not None:
         info = _attrs(linkinfo, 0, len(linkinfo))
         kind = _text(info[IFLA_INFO_KIND]) if IFLA_INFO_KIND in info else None
-        if kind == "vxlan":
+        if kind == vxlan_profile.DEVICE_KIND:
             vxlan = _vxlan_attrs(info.get(IFLA_INFO_DATA, b""))
     return LinkMessage(index, flags, _text(name) if name else None, _u32(mtu),
                        _mac_str(address) if address is not None else None, kind, vxlan)

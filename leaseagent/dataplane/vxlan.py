@@ -17,7 +17,7 @@ appears. Backend.MTU, when set, is flannel's: the MTU of the path under both
 devices, each device taking its overhead off it (flannel's cfg.MTU - 50).
 FLANNEL_MTU (`BackendAttrs.mtu`) is
 the smallest MTU of the devices in use, so a container's packet fits either
-tunnel (the rule's one home: core.backends, the type's `mtu`).
+tunnel (the rule's one home: core.profiles.vxlan, the profile's `mtu`).
 
 Why 70 and not flannel's 50: VXLAN over IPv6 puts an outer IPv6 header (40
 bytes, not IPv4's 20) + UDP 8 + VXLAN 8 + the inner Ethernet header 14 in
@@ -56,11 +56,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from ipaddress import ip_interface
+from collections.abc import Mapping
+from ipaddress import IPv4Network, ip_interface
 from pathlib import Path
 
-from leaseagent.core.backends import VxlanLeaseData, VxlanOptions, unicast_mac
-from leaseagent.core.leases import Peer
+from leaseagent.core.diagnosis import Problem, vtep_mac_problems
+from leaseagent.core.leases import LeaseValue, Peer
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
     DeviceDifference,
@@ -68,12 +69,14 @@ from leaseagent.core.plan import (
     DeviceState,
     Interface,
     KernelObject,
+    Observation,
     VxlanAttrs,
     compare_device,
     needs_recreate,
-    plan_vxlan_peer,
 )
-from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+from leaseagent.core.profiles import vxlan
+from leaseagent.core.profiles.vxlan import VxlanLeaseData, VxlanOptions, unicast_mac
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DoctorFindings
 from leaseagent.dataplane.devices import fix_in_place
 from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import Known, NetlinkEvent
@@ -129,14 +132,13 @@ class Vtep:
     settings, and the index and MAC it has once made or adopted."""
 
     def __init__(self, name: str, local: Address, *, vni: int, port: int, link: int, mtu: int,
-                 mac_file: str, state_dir: Path, learning: bool = False,
-                 gbp: bool = False) -> None:
+                 mac_file: str, state_dir: Path,
+                 flags: tuple[tuple[str, bool], ...] = ()) -> None:
         self.name = name
         self.local = local
-        self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, learning=learning,
-                                gbp=gbp)
+        self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, flags=flags)
         self.mtu = mtu
-        self._mac_file = mac_file
+        self.mac_file = mac_file
         self._state_dir = state_dir
         self.index = 0  # 0: no device known yet
         self.mac: str | None = None
@@ -148,14 +150,14 @@ class Vtep:
         return {"VNI": self.attrs.vni, "VtepMAC": self.mac}
 
     def spec(self, own: Network | None) -> DeviceSpec:
-        return DeviceSpec(name=self.name, kind="vxlan", mtu=self.mtu, vxlan=self.attrs,
+        return DeviceSpec(name=self.name, kind=vxlan.DEVICE_KIND, mtu=self.mtu, vxlan=self.attrs,
                           mac=self.mac, address=host_address(own) if own else None)
 
     async def observe(self, nl: Kernel) -> DeviceState | None:
         """The device as the kernel has it; a backend that never prepared (doctor)
         plans with the index found."""
         state = await nl.device_state(self.name)
-        if not self.index and state is not None and state.kind == "vxlan":
+        if not self.index and state is not None and state.kind == vxlan.DEVICE_KIND:
             self.index = state.index
         return state
 
@@ -180,16 +182,16 @@ class Vtep:
             changed = changed or bool(self.index)
             self.index = state.index
         changed = await fix_in_place(nl, state, spec, differences, repair=repair) or changed
-        if load_vtep_mac(self._state_dir, self._mac_file) != self.mac:
-            store_vtep_mac(self._state_dir, self.mac, self._mac_file)
+        if load_vtep_mac(self._state_dir, self.mac_file) != self.mac:
+            store_vtep_mac(self._state_dir, self.mac, self.mac_file)
         return changed
 
     async def _create(self, nl: Kernel, state: DeviceState | None,
                       differences: list[DeviceDifference]) -> DeviceState:
         """Delete a device that cannot be adopted and create it as specified, keeping a
         MAC in this order: ours, the old device's, the stored one, a new random one."""
-        reuse = unicast_mac(state.mac) if state is not None and state.kind == "vxlan" else None
-        mac = (self.mac or reuse or load_vtep_mac(self._state_dir, self._mac_file)
+        reuse = unicast_mac(state.mac) if state is not None and state.kind == vxlan.DEVICE_KIND else None
+        mac = (self.mac or reuse or load_vtep_mac(self._state_dir, self.mac_file)
                or random_vtep_mac())
         if state is not None:
             log.warning("recreating %s: %s", self.name, "; ".join(d.text for d in differences))
@@ -199,7 +201,7 @@ class Vtep:
                      self.attrs.vni, self.attrs.port, self.local, mac)
         await nl.create_vxlan(self.name, vni=self.attrs.vni, port=self.attrs.port,
                               local=self.local, link=self.attrs.link, mtu=self.mtu, mac=mac,
-                              learning=self.attrs.learning, gbp=self.attrs.gbp)
+                              flags=self.attrs.flags)
         self.mac = mac
         created = await nl.device_state(self.name)
         if created is None:
@@ -227,7 +229,7 @@ class Vtep:
 class VxlanBackend(ReconcilingBackend):
     """flannel's vxlan backend, with resync and drift repair, in one or both families."""
 
-    backend_type = "vxlan"
+    backend_type = vxlan.NAME
 
     def __init__(self, settings: DataPlaneSettings) -> None:
         super().__init__(settings)
@@ -251,7 +253,7 @@ class VxlanBackend(ReconcilingBackend):
             mtu=options.mtu_for(host.iface_mtu, ipv6=ipv6),
             mac_file=VTEP_MAC_V6_FILE if ipv6 else VTEP_MAC_FILE,
             state_dir=self._settings.state_dir,
-            learning=options.learning, gbp=options.gbp,
+            flags=vxlan.device_flags(options),
         )
 
     @property
@@ -269,7 +271,7 @@ class VxlanBackend(ReconcilingBackend):
             await self._converge_devices(nl)
             await self._refresh(nl)
         return BackendAttrs(
-            backend_type="vxlan",
+            backend_type=self.backend_type,
             mtu=self._settings.flannel_mtu,
             backend_data=self._v4.lease_data,
             backend_v6_data=self._v6.lease_data if self._v6 is not None else {},
@@ -298,11 +300,32 @@ class VxlanBackend(ReconcilingBackend):
         its routes are ours and go with the next sync. True if it was there."""
         name = self._options.device_name6
         state = await nl.device_state(name)
-        if state is None or state.kind != "vxlan":
+        if state is None or state.kind != vxlan.DEVICE_KIND:
             return False
         log.info("removing %s: the network config has no IPv6 now", name)
         await nl.delete_link(state.index)
         return True
+
+    async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
+                     observed: Observation) -> DoctorFindings:
+        """Each device's VtepMAC three ways: the device's, the lease's, the one kept in
+        the state directory."""
+        found: list[Problem] = []
+        for vtep in self._devices:
+            device = observed.devices.get(vtep.name)
+            if device is None or device.kind != vxlan.DEVICE_KIND:
+                continue
+            data = {} if own is None else (
+                own.backend_v6_data if vtep.local.version == 6 else own.backend_data)
+            lease_mac = data.get("VtepMAC") if isinstance(data.get("VtepMAC"), str) else None
+            try:
+                stored = load_vtep_mac(self._settings.state_dir, vtep.mac_file)
+            except DataPlaneError:
+                stored = None
+            found += vtep_mac_problems(
+                device=device.name, device_mac=device.mac, lease_mac=lease_mac,
+                stored_mac=stored, state_file=str(self._settings.state_dir / vtep.mac_file))
+        return DoctorFindings(found)
 
     async def _ensure_ready(self, nl: Kernel) -> bool:
         if not self._v4.index:
@@ -339,7 +362,7 @@ class VxlanBackend(ReconcilingBackend):
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         if not self._v4.index:
             return frozenset()  # no device (not prepared, or doctor found none): nothing to plan
-        return plan_vxlan_peer(
+        return vxlan.plan_peer(
             peer,
             self._v4.index,
             underlay_index=self._settings.host.iface_index,

@@ -37,7 +37,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from leaseagent.core.backends import wireguard_key
+from leaseagent.core.profiles.wireguard import wireguard_key
 from leaseagent.errors import ConfigError
 from leaseagent.files import refuse_non_regular, write_atomic
 

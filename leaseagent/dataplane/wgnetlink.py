@@ -38,9 +38,9 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address, ip_network
 
-from leaseagent.core.backends import PresharedKey
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import Endpoint, WgPeer
+from leaseagent.core.profiles.wireguard import DEVICE_KIND, PresharedKey
 from leaseagent.dataplane.rtnl import Request, RtnlSocket, attribute, attributes, nest
 from leaseagent.dataplane.wgdevice import (
     DeviceConfig,
@@ -262,7 +262,7 @@ class KernelWireguard:
     `create_link` makes a link of kind wireguard (rtnetlink, the backend's socket)."""
 
     name = "kernel"
-    link_kind = "wireguard"
+    link_kind = DEVICE_KIND
 
     def __init__(self, family: int, create_link: Callable[[str], Awaitable[None]], *,
                  netns: str | None = None) -> None:

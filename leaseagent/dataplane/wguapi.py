@@ -49,9 +49,9 @@ import time
 from ipaddress import IPv6Address, ip_address, ip_network
 from pathlib import Path
 
-from leaseagent.core.backends import PresharedKey
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import Endpoint, WgPeer
+from leaseagent.core.profiles.wireguard import USERSPACE_DEVICE_KIND, PresharedKey
 from leaseagent.dataplane.wgdevice import (
     DeviceConfig,
     DeviceWrite,
@@ -282,7 +282,7 @@ class WireguardGo:
     """The `WireguardControl` of wireguard-go devices (leaseagent.dataplane.wgdevice)."""
 
     name = "wireguard-go"
-    link_kind = "tun"
+    link_kind = USERSPACE_DEVICE_KIND
 
     def __init__(self, *, netns: str | None = None, socket_dir: Path = SOCKET_DIR) -> None:
         self._netns = netns

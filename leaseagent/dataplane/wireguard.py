@@ -14,13 +14,13 @@ Both devices hold this host's one private key (leaseagent.dataplane.wgkeys);
 the lease publishes its public key and each device's port (BackendData,
 BackendV6Data). Per peer and family: the peer (its public key, endpoint
 <public address>:<Port or our port>, the config's PSK and keepalive) with its
-subnet as allowed IP (core.plan.plan_wireguard_peer).
+subnet as allowed IP (core.profiles.wireguard.plan_peer).
 
 MTU. WireGuard adds 60 bytes over IPv4 (outer IP 20, UDP 8, message header
 16, authentication tag 16) and 80 over IPv6; flannel subtracts 80 for both,
 which costs IPv4 20 bytes of every full packet. Padding to a multiple of 16
 never grows a packet beyond the device MTU. FLANNEL_MTU is the smallest
-device MTU (core.backends, the type's `mtu`).
+device MTU (core.profiles.wireguard, the profile's `mtu`).
 
 Which WireGuard. Chosen once, at the first look at the devices, and logged:
 an existing `flannel-wg` of kind wireguard is the kernel's; one of kind tun
@@ -58,8 +58,8 @@ from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from leaseagent.core.backends import WireguardOptions
-from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.diagnosis import Problem, problem, stalled_peer_problems, wireguard_key_problems
+from leaseagent.core.leases import LeaseValue, Peer, PeerChanges
 from leaseagent.core.network import Network
 from leaseagent.core.plan import (
     RT_SCOPE_LINK,
@@ -69,6 +69,7 @@ from leaseagent.core.plan import (
     DeviceSpec,
     DeviceState,
     KernelObject,
+    Observation,
     PlanDiff,
     Route,
     WgPeer,
@@ -76,9 +77,10 @@ from leaseagent.core.plan import (
     compare_device,
     diff,
     needs_recreate,
-    plan_wireguard_peer,
 )
-from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
+from leaseagent.core.profiles import wireguard
+from leaseagent.core.profiles.wireguard import WireguardLeaseData, WireguardOptions, wireguard_lease_data
+from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DoctorFindings
 from leaseagent.dataplane.devices import fix_in_place
 from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import Action, Failure, Known, NetlinkEvent
@@ -91,10 +93,10 @@ from leaseagent.dataplane.wgdevice import (
     restore_keepalive,
     updates,
 )
-from leaseagent.dataplane.wgkeys import PrivateKey, load_or_create_private_key
+from leaseagent.dataplane.wgkeys import PrivateKey, key_path, load_or_create_private_key, load_private_key
 from leaseagent.dataplane.wgnetlink import KernelWireguard, find_family
 from leaseagent.dataplane.wguapi import WireguardGo
-from leaseagent.errors import ConfigError, DataPlaneError
+from leaseagent.errors import ConfigError, DataPlaneError, InvalidLease
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ class WgDevice:
 class WireguardBackend(ReconcilingBackend):
     """flannel's wireguard backend (Mode separate), with resync and drift repair."""
 
-    backend_type = "wireguard"
+    backend_type = wireguard.NAME
 
     def __init__(self, settings: DataPlaneSettings) -> None:
         super().__init__(settings)
@@ -154,7 +156,7 @@ class WireguardBackend(ReconcilingBackend):
             await self._converge_devices(nl)
         v4, *v6 = self._devices
         return BackendAttrs(
-            backend_type="wireguard",
+            backend_type=self.backend_type,
             mtu=self._settings.flannel_mtu,
             backend_data=v4.lease_data(key.public_key),
             backend_v6_data=v6[0].lease_data(key.public_key) if v6 else {},
@@ -179,6 +181,40 @@ class WireguardBackend(ReconcilingBackend):
                 out += [(device.name, p.peer.public_key, p.last_handshake, p.rx_bytes,
                          p.tx_bytes) for p in (config.peers if config else ())]
             return out
+
+    async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
+                     observed: Observation) -> DoctorFindings:
+        """The public key three ways per device (the device's, the lease's PublicKey, the
+        key file's) and peers that never completed a handshake; the summary names the
+        driver (kernel or wireguard-go) and the public key."""
+        state_dir = self._settings.state_dir
+        found: list[Problem] = []
+        try:
+            stored = load_private_key(state_dir)
+        except ConfigError as exc:
+            found.append(problem("state", str(key_path(state_dir)), str(exc), text=f"state {exc}"))
+            stored = None
+        for device in self._devices:
+            state = observed.devices.get(device.name)
+            if state is None or state.wireguard is None:
+                continue
+            data = {} if own is None else (
+                own.backend_v6_data if device.ipv6 else own.backend_data)
+            try:
+                lease = wireguard_lease_data(data) if data else None
+            except InvalidLease:
+                lease = None  # the lease check has said so
+            found += wireguard_key_problems(
+                device=device.name, device_key=state.wireguard.public_key, lease_data=lease,
+                stored_key=stored.public_key if stored else None,
+                state_file=str(key_path(state_dir)))
+        owners = {d.public_key: p for p in peers.values() for d in (p.data, p.data6)
+                  if isinstance(d, WireguardLeaseData)}
+        found += stalled_peer_problems(await self.handshakes(), owners)
+        control = self.control
+        summary = (f" ({control.name if control is not None else 'no device'}"
+                   f"{f', public key {stored.public_key}' if stored else ''})")
+        return DoctorFindings(found, summary)
 
     async def close(self) -> None:
         await super().close()
@@ -207,7 +243,7 @@ class WireguardBackend(ReconcilingBackend):
             log.info("WireGuard: the kernel module (generic netlink family %d)", family)
 
             async def create_link(name: str) -> None:
-                await nl.create_link(name, "wireguard")
+                await nl.create_link(name, wireguard.DEVICE_KIND)
 
             return KernelWireguard(family, create_link, netns=netns)
         log.info("WireGuard: wireguard-go (this kernel has no WireGuard module)")
@@ -216,7 +252,7 @@ class WireguardBackend(ReconcilingBackend):
     # -- devices -------------------------------------------------------------------
 
     def _device_spec(self, device: WgDevice, own: Network | None) -> DeviceSpec:
-        kind = self._control.link_kind if self._control is not None else "wireguard"
+        kind = self._control.link_kind if self._control is not None else wireguard.DEVICE_KIND
         public_key = self._key.public_key if self._key is not None else None
         return DeviceSpec(name=device.name, kind=kind, mtu=device.mtu,
                           address=host_address(own) if own else None,
@@ -312,7 +348,7 @@ class WireguardBackend(ReconcilingBackend):
         v4, *v6 = self._devices
         if not v4.index:
             return frozenset()  # no device (not prepared, or doctor found none)
-        return plan_wireguard_peer(peer, self._options, ipv6=bool(v6 and v6[0].index))
+        return wireguard.plan_peer(peer, self._options, ipv6=bool(v6 and v6[0].index))
 
     def _own_objects(self) -> frozenset[KernelObject]:
         """Per device, the route to the whole network of its family (flannel's)."""
@@ -399,7 +435,7 @@ class WireguardBackend(ReconcilingBackend):
                     await self._check_peers(await self._netlink())
             except DataPlaneError as exc:
                 log.debug("WireGuard peer check failed: %s", exc)
-                self._full_resync_needed = True
+                self._work.full = True
                 self._wake.set()
 
     async def _check_peers(self, nl: Kernel) -> None:
@@ -412,7 +448,7 @@ class WireguardBackend(ReconcilingBackend):
             config = snap.config if snap is not None else None
             if config is None or config.listen_port != device.listen_port or (
                     self._key is not None and config.public_key != self._key.public_key):
-                self._full_resync_needed = True  # the device itself: set right or made anew
+                self._work.full = True  # the device itself: set right or made anew
                 self._wake.set()
                 continue
             if wanted is None:
@@ -422,8 +458,8 @@ class WireguardBackend(ReconcilingBackend):
                         wanted[obj.device].add(obj)
             to_add, to_remove = diff(wanted[device.name], config.objects())
             if to_remove:
-                self._full_resync_needed = True
-            self._pending_repairs.update(to_add)
+                self._work.full = True
+            self._work.repairs.update(to_add)
             if to_add or to_remove:
                 log.debug("WireGuard drift on %s: %d to restore, %d not ours", device.name,
                           len(to_add), len(to_remove))

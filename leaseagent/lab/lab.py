@@ -20,8 +20,8 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from types import TracebackType
 
-from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.leases import DEFAULT_PREFIX, KeyLayout
+from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.lab import agents, docker, netns, probes, processes, teardown
 from leaseagent.lab.commands import tool
 from leaseagent.lab.errors import LabError, LabExists

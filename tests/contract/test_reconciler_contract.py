@@ -19,17 +19,18 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 
 import pytest
-from netns import underlay
+from netns import sh, underlay
 
-from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import network_config_from_dict
 from leaseagent.core.plan import KernelObject, Neighbour, Route, compare
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
 from leaseagent.dataplane.fakenetlink import FakeKernel
 from leaseagent.dataplane.host import resolve_host
@@ -64,17 +65,23 @@ class Subject:
         return await Netlink.open(self.netns)
 
 
+UNDERLAY6 = "fd00:250::1"  # eth0's IPv6 address (nodad: no second of DAD)
+
+
 @pytest.fixture
 def namespace() -> Iterator[str]:
     with underlay(1, prefix="lakc") as lab:
-        yield lab.hosts[0]
+        ns = lab.hosts[0]
+        sh("ip", "-n", ns, "addr", "add", f"{UNDERLAY6}/64", "dev", "eth0", "nodad")
+        yield ns
 
 
 @pytest.fixture(params=["fake", pytest.param("kernel", marks=pytest.mark.root)])
 async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     if request.param == "fake":
         fake = FakeKernel()
-        yield Subject("fake", None, fake.underlay("eth0", "10.99.0.1/24"), fake.open, fake)
+        host = replace(fake.underlay("eth0", "10.99.0.1/24", f"{UNDERLAY6}/64"), public_ipv6=None)
+        yield Subject("fake", None, host, fake.open, fake)
         return
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces)")
@@ -107,23 +114,40 @@ def peers_of(*peers: Peer) -> dict[IPv4Network, Peer]:
     return {p.subnet: p for p in peers}
 
 
-def settings(subject: Subject, backend_type: str, state_dir: Path, *, resync: float = 30.0
-             ) -> DataPlaneSettings:
-    config = network_config_from_dict({"Network": "10.5.0.0/16", "Backend": {"Type": backend_type}})
-    return DataPlaneSettings(network=config, host=subject.host, state_dir=state_dir,
-                             netns=subject.netns, resync_seconds=resync, kernel=subject.opener)
+OWN6 = IPv6Network("fd00:5:0:1::/64")
+
+
+def dual(p: Peer) -> Peer:
+    """`p` dual-stack: fd00:5:0:<i>::/64 at fd00:250::<i> (on eth0's network)."""
+    i = int(p.subnet.network_address.packed[2])
+    data6 = VxlanLeaseData(f"02:00:00:00:06:{i:02x}") if p.backend_type == "vxlan" else p.data
+    return replace(p, ipv6_subnet=IPv6Network(f"fd00:5:0:{i}::/64"),
+                   public_ipv6=IPv6Address(f"fd00:250::{i}"), data6=data6)
+
+
+def settings(subject: Subject, backend_type: str, state_dir: Path, *, resync: float = 30.0,
+             ipv6: bool = False) -> DataPlaneSettings:
+    net: dict[str, object] = {"Network": "10.5.0.0/16", "Backend": {"Type": backend_type}}
+    host = subject.host
+    if ipv6:
+        net |= {"EnableIPv6": True, "IPv6Network": "fd00:5::/48"}
+        host = replace(host, public_ipv6=IPv6Address(UNDERLAY6))
+    return DataPlaneSettings(network=network_config_from_dict(net), host=host,
+                             state_dir=state_dir, netns=subject.netns, resync_seconds=resync,
+                             kernel=subject.opener)
 
 
 @asynccontextmanager
 async def started(subject: Subject, backend_type: str, state_dir: Path,
-                  peers: dict[IPv4Network, Peer], *, resync: float = 30.0
+                  peers: dict[IPv4Network, Peer], *, resync: float = 30.0, ipv6: bool = False
                   ) -> AsyncIterator[ReconcilingBackend]:
-    """The backend prepared, holding OWN, synced with `peers`; closed afterwards."""
+    """The backend prepared, holding OWN (and OWN6 with `ipv6`), synced with `peers`;
+    closed afterwards."""
     cls = BACKENDS[backend_type][0]
-    backend = cls(settings(subject, backend_type, state_dir, resync=resync))
+    backend = cls(settings(subject, backend_type, state_dir, resync=resync, ipv6=ipv6))
     try:
         await backend.prepare()
-        await backend.start(OWN)
+        await backend.start(OWN, own_ipv6=OWN6)
         await backend.sync(peers)
         yield backend
     finally:
@@ -144,7 +168,7 @@ async def running(backend: ReconcilingBackend, peers: dict[IPv4Network, Peer]
 
 async def in_sync(backend: ReconcilingBackend, peers: dict[IPv4Network, Peer]) -> bool:
     """The kernel holds exactly what the backend wants (core.plan.compare finds nothing)."""
-    return not compare(backend.spec(OWN, peers), await backend.observe())
+    return not compare(backend.spec(OWN, peers, own_ipv6=OWN6), await backend.observe())
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = WITHIN) -> None:
@@ -160,7 +184,8 @@ async def ours(backend: ReconcilingBackend) -> set[KernelObject]:
 
 
 def planned(backend: ReconcilingBackend, peers: dict[IPv4Network, Peer]) -> set[KernelObject]:
-    return {obj for objects in backend.spec(OWN, peers).objects.values() for obj in objects}
+    return {obj for objects in backend.spec(OWN, peers, own_ipv6=OWN6).objects.values()
+            for obj in objects}
 
 
 # --- join, leave, replace -------------------------------------------------------------
@@ -216,6 +241,52 @@ async def test_a_full_sync_removes_what_no_peer_wants(
         await backend.sync(peers)
         assert await in_sync(backend, peers)
         assert backend.status.removed["route"] == 1
+
+
+async def test_dual_stack_peers_join_move_and_leave_in_both_families(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(dual(make(2)), dual(make(3)))
+    async with started(subject, backend_type, tmp_path, peers, ipv6=True) as backend:
+        assert await in_sync(backend, peers)
+        routes = {r.dst for r in await ours(backend) if isinstance(r, Route)}
+        assert routes == {*peers, IPv6Network("fd00:5:0:2::/64"), IPv6Network("fd00:5:0:3::/64")}
+        assert all(r.metric == 1024 for r in await ours(backend)
+                   if isinstance(r, Route) and r.dst.version == 6)  # the kernel's default
+        moved = replace(peers[IPv4Network("10.5.3.0/24")], public_ipv6=IPv6Address("fd00:250::33"))
+        peers[moved.subnet] = moved
+        await backend.update(PeerChanges(changed=[moved]), peers)
+        assert await in_sync(backend, peers)
+        gone = peers.pop(IPv4Network("10.5.2.0/24"))
+        await backend.update(PeerChanges(removed=[gone]), peers)
+        assert await in_sync(backend, peers)
+        assert len(await ours(backend)) == (6 if backend_type == "vxlan" else 2)
+
+
+async def test_an_ipv6_gateway_off_the_link_is_refused(subject: Subject, tmp_path: Path) -> None:
+    peers = peers_of(dual(host_gw_peer(2)),
+                     replace(dual(host_gw_peer(3)), public_ipv6=IPv6Address("fd00:251::3")))
+    async with started(subject, "host-gw", tmp_path, peers, ipv6=True) as backend:
+        refused = backend.status.refused_peers
+        assert list(refused) == [IPv4Network("10.5.3.0/24")]
+        assert os.strerror(errno.EHOSTUNREACH) in refused[IPv4Network("10.5.3.0/24")]
+
+
+async def test_our_own_changes_are_not_drift(
+        subject: Subject, backend_type: str, tmp_path: Path) -> None:
+    make = BACKENDS[backend_type][1]
+    peers = peers_of(make(2))
+    async with started(subject, backend_type, tmp_path, peers) as backend, \
+            running(backend, peers):
+        joined = [make(3), make(4)]
+        peers.update(peers_of(*joined))
+        await backend.update(PeerChanges(added=joined), peers)
+        gone = peers.pop(IPv4Network("10.5.2.0/24"))
+        await backend.update(PeerChanges(removed=[gone]), peers)
+        await asyncio.sleep(0.5)  # the echoes of our requests have come by now
+        assert await in_sync(backend, peers)
+        assert sum(backend.status.repairs.values()) == 0
+        assert backend.status.reconciles.count == 1  # no pass but the first sync
 
 
 # --- drift ------------------------------------------------------------------------------

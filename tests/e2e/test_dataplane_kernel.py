@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 from netns import Underlay, ajson, ash, sh, underlay
 
-from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import network_config_from_dict
 from leaseagent.core.plan import Comparison, Route, compare
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings
 from leaseagent.dataplane.host import resolve_host
 from leaseagent.dataplane.hostgw import HostGwBackend

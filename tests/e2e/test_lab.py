@@ -8,16 +8,15 @@ host whose lease is gone leaves nothing behind in its peers' kernels within
 
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import time
 
 import pytest
+from subnets import lab_free
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.lab import Container, Host, Lab, parse_ping_summary, run
-from leaseagent.lab.topology import CONTAINER_NETWORK
 
 CONVERGE = 2.0  # seconds: the promise for joins and removals (after the hold-down)
 
@@ -138,9 +137,7 @@ def test_start_removes_what_vanished_while_down_and_leaves_foreign_routes(vxlan_
         assert lab.wait_reachable(timeout=5).all_ok
         # Two /24s no host of the lab holds (fixed ones clashed with a host's lease: the
         # route add failed with "File exists").
-        held = {h.subnet.network for h in lab.hosts.values() if h.subnet is not None}
-        stale, foreign = (str(n) for n in itertools.islice(
-            (n for n in CONTAINER_NETWORK.subnets(new_prefix=24) if n not in held), 250, 252))
+        stale, foreign = (str(n) for n in lab_free(lab, 2))
         value = lab.lease_value(victim)
         assert value is not None and victim.subnet is not None
         mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]

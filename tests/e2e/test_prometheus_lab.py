@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from polling import wait_value
 
 from leaseagent.lab import Lab
 from leaseagent.lab.prometheus import SCRAPE_SECONDS
@@ -28,13 +29,7 @@ MARGIN = 15.0
 
 
 def _wait(what: str, check: Callable[[], T | None], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
-        time.sleep(0.2)
+    return wait_value(check, timeout=timeout, what=what, every=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from labdoctor import doctor_flags
+from polling import wait_for as _wait_for
 
 from leaseagent.lab import CONTAINER_NETWORK, UNDERLAY, Host, Lab, parse_ping_summary, run, tool
 
@@ -76,13 +77,9 @@ def doctor(lab: Lab, host: Host) -> subprocess.CompletedProcess[str]:
     return lab.host_run(host, [tool("leasectl"), "doctor", *doctor_flags(lab, host)], timeout=60)
 
 
-def wait_for(what: str, check: object, timeout: float) -> float:
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
     """Seconds until `check()` is true; AssertionError naming `what` after `timeout`."""
-    started = time.monotonic()
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout}s"
-        time.sleep(0.01)
-    return time.monotonic() - started
+    return _wait_for(check, timeout=timeout, what=what, every=0.01)
 
 
 # -- a capture of the underlay -------------------------------------------------------
@@ -293,7 +290,8 @@ def test_a_vxlan_lease_is_refused_with_one_line_per_host(lab: Lab) -> None:
 def _config_change(lab: Lab, backend: dict[str, object], what: str,
                    converged: Callable[[], bool]) -> int:
     """Write the config in force with `backend` merged in while every container pings the
-    next host's every 20 ms for 4 s; the pings lost (printed with how long it took)."""
+    next host's every 20 ms (for at most 4 s: the pings stop 0.3 s after it converged);
+    the pings lost (printed with how long it took)."""
     hosts = list(lab.hosts.values())
     config = json.loads(lab.etcdctl("get", lab.keys.config_key, "--print-value-only"))
     config["Backend"] = {**config["Backend"], **backend}
@@ -307,7 +305,11 @@ def _config_change(lab: Lab, backend: dict[str, object], what: str,
         took = wait_for(what, lambda: all(
             lab.metrics(h).get("leaseagent_network_config_revision") == revision
             for h in hosts) and converged(), 10)
+        time.sleep(0.3)
     finally:
+        for p in procs:  # SIGINT: ping stops and prints its summary
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
         outcomes = [parse_ping_summary(p.communicate(timeout=60)[0]) for p in procs]
     lost = sum(sent - got for sent, got in outcomes)
     print(f"\nconfig change {what}: converged in {took:.2f} s, {lost} of "

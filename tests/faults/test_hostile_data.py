@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 from inproc import InProcAgent, make_agent, wait_all
 from leasectl_run import leasectl
 
-from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.store.memory import MemoryStore
 

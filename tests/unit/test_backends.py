@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from leaseagent.core.backends import BACKEND_TYPES, backend_type
 from leaseagent.core.network import network_config_from_dict
+from leaseagent.core.profiles import BACKEND_TYPES, backend_type
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlaneSettings, DataPlaneStatus, HostInfo
 from leaseagent.errors import NetworkConfigError

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.configchange import (
     FIELDS,
     IN_PLACE,
@@ -23,6 +22,7 @@ from leaseagent.core.configchange import (
     lease_impact,
 )
 from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.profiles import BACKEND_TYPES
 
 BASE: dict[str, Any] = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}
 DUAL: dict[str, Any] = {**BASE, "EnableIPv6": True, "IPv6Network": "fd00:5::/48"}

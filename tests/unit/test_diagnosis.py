@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 
-from leaseagent.core.backends import VxlanLeaseData
+from planning import plan_vxlan
+
 from leaseagent.core.diagnosis import (
     check_subnet_env,
     device_problems,
@@ -24,8 +25,8 @@ from leaseagent.core.plan import (
     compare_device,
     diff,
     flatten,
-    plan_vxlan,
 )
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 
 NAMES = {2: "eth0", 5: "flannel.1"}
 MAC = "0a:00:00:00:00:01"
@@ -102,13 +103,13 @@ def test_ipv6_objects_are_named_in_iproute2_form_and_judged_by_the_ipv6_lease():
 
 
 SPEC = DeviceSpec(name="flannel.1", kind="vxlan", mtu=1450,
-                  vxlan=VxlanAttrs(1, 8472, IPv4Address("10.250.0.11"), 2, False),
+                  vxlan=VxlanAttrs(1, 8472, IPv4Address("10.250.0.11"), 2),
                   address=IPv4Interface("10.5.1.0/32"))
 
 
 def test_device_with_wrong_mtu_and_vni_and_a_missing_address():
     state = DeviceState(name="flannel.1", index=5, kind="vxlan", up=True, mac="0a:00:00:00:00:99",
-                        mtu=1400, vxlan=VxlanAttrs(2, 8472, IPv4Address("10.250.0.11"), 2, False))
+                        mtu=1400, vxlan=VxlanAttrs(2, 8472, IPv4Address("10.250.0.11"), 2))
     texts = " | ".join(p.text for p in device_problems(
         compare_device(SPEC, state), mtu_notes={"flannel.1": "underlay MTU 1500 - 50"}))
     assert "device flannel.1 VNI is 2, want 1" in texts

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 from leaseagent.core import gojson
-from leaseagent.core.backends import BACKEND_TYPES, VxlanOptions, WireguardOptions
 from leaseagent.core.configchange import FIELDS
 from leaseagent.core.network import CONFIG_FIELDS, NetworkConfig, parse_network_config
+from leaseagent.core.profiles import BACKEND_TYPES
+from leaseagent.core.profiles.vxlan import VxlanOptions
+from leaseagent.core.profiles.wireguard import WireguardOptions
 from leaseagent.errors import NetworkConfigError
 
 BASE = {"Network": "10.5.0.0/16"}

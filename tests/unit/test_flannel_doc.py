@@ -7,8 +7,8 @@ from pathlib import Path
 
 from leaseagent.cli.flanneltable import BACKEND_ROWS, CONFIG_ROWS, REFUSED_TYPES, render
 from leaseagent.config import FLANNEL_FLAGS
-from leaseagent.core.backends import BACKEND_TYPES
 from leaseagent.core.network import CONFIG_FIELDS
+from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.errors import NetworkConfigError
 
 REPO = Path(__file__).parents[2]

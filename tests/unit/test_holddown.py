@@ -7,10 +7,10 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 
 from leaseagent.agent.watching import LeaseWatcher
-from leaseagent.core.backends import NoLeaseData
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import KeyLayout, LeaseValue, Peer, PeerChanges
 from leaseagent.core.network import parse_network_config
+from leaseagent.core.profiles.base import NoLeaseData
 from leaseagent.metrics import Metrics
 from leaseagent.store.memory import MemoryStore
 

@@ -7,10 +7,10 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
-from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.leases import Peer
 from leaseagent.core.network import host_overlap, parse_network_config
 from leaseagent.core.plan import HostRoute, cluster_relevant, host_conflict
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.errors import NetworkConfigError
 
 

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
-from leaseagent.core.backends import VxlanLeaseData
-from leaseagent.core.kerneldiff import AppliedPlan, FullPass, Verdict, judge_event, neighbour_key
+from leaseagent.core.kerneldiff import (
+    Admission,
+    AppliedPlan,
+    FullPass,
+    Verdict,
+    Work,
+    judge_event,
+    neighbour_key,
+)
 from leaseagent.core.leases import Peer
-from leaseagent.core.plan import Fdb, KernelObject, Neighbour, Route
+from leaseagent.core.plan import Fdb, HostRoute, KernelObject, Neighbour, Route
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 
 VX = 5
 
@@ -163,3 +171,61 @@ def test_a_neighbour_deletion_is_ours_once_if_we_are_removing_it() -> None:
     assert removing == set()
     assert judge_event("neighbour", deleted=True, obj=told, planned=applied,
                        removing=removing) is Verdict.FULL  # now someone else's
+
+
+# --- Admission: which peers may be planned ------------------------------------------------
+
+
+def claims_of(p: Peer) -> tuple[tuple[str, object], ...]:
+    assert isinstance(p.data, VxlanLeaseData)
+    return ((f"VtepMAC {p.data.vtep_mac}", p.public_ip),)
+
+
+def test_a_peer_over_a_route_of_the_host_is_not_admitted() -> None:
+    admission = Admission()
+    admission.host_routes = (HostRoute(IPv4Network("10.5.3.0/25"), ifindex=7),)
+    out = admission.judge({p.subnet: p for p in (peer(2), peer(3))}, claims_of, frozenset())
+    assert list(out) == [IPv4Network("10.5.3.0/24")]
+    assert "overlaps this host's route 10.5.3.0/25 (link 7)" in out[IPv4Network("10.5.3.0/24")]
+
+
+def test_the_first_peer_keeps_a_claim_and_an_own_claim_is_refused() -> None:
+    admission = Admission()
+    first, thief = peer(2), peer(3, mac="02:00:00:00:00:02", ip="192.168.0.3")
+    same_host = peer(4, mac="02:00:00:00:00:02", ip="192.168.0.2")  # a leftover lease of it
+    mine = peer(5, mac="02:00:00:00:00:ee")
+    peers = {p.subnet: p for p in (first, thief, same_host, mine)}
+    out = admission.judge(peers, claims_of, frozenset({"VtepMAC 02:00:00:00:00:ee"}))
+    assert out == {
+        thief.subnet: "it has VtepMAC 02:00:00:00:00:02, which peer 10.5.2.0/24 (192.168.0.2) has",
+        mine.subnet: "it has VtepMAC 02:00:00:00:00:ee, this host's own",
+    }
+    # The claim goes with its holder: the other one may have it then.
+    admission.unclaim(first, claims_of(first))
+    assert admission.conflict(thief, claims_of(thief), frozenset()) is None
+
+
+def test_host_routes_noted_only_once_read() -> None:
+    admission = Admission()
+    route = HostRoute(IPv4Network("10.5.3.0/25"))
+    assert not admission.note_host_route(route, deleted=False)
+    admission.host_routes = ()
+    assert admission.note_host_route(route, deleted=False)
+    assert admission.conflict(peer(3), (), frozenset()) is not None
+    assert admission.note_host_route(route, deleted=True)
+    assert admission.host_routes == ()
+
+
+def test_work_collects_verdicts_for_the_resync_loop() -> None:
+    applied = applied_with(peer(2))
+    work = Work()
+    route = Route(IPv4Network("10.5.2.0/24"), IPv4Address("10.5.2.0"), VX, onlink=True)
+    neighbour = Neighbour(VX, IPv4Address("10.5.9.0"), "02:00:00:00:00:09")
+    work.removes([neighbour, route])
+    assert work.note("route", deleted=True, obj=route, planned=applied)  # a repair
+    assert not work.note("neighbour", deleted=True, obj=Neighbour(VX, neighbour.dst, ""),
+                         planned=applied)  # our own removal's echo
+    assert work.take() == (False, {route})
+    assert work.note("device", deleted=True, obj=None, planned=applied)
+    assert work.take() == (True, set())
+    assert work.take() == (False, set())

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
 from leaseagent.core.leases import (
     MAX_VALUE_BYTES,
     REASONS,
@@ -22,6 +21,8 @@ from leaseagent.core.leases import (
     validate_peer,
 )
 from leaseagent.core.network import parse_network_config
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.errors import InvalidLease
 
 NETWORK = parse_network_config(b'{"Network": "10.5.0.0/16"}')

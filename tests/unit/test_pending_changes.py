@@ -13,8 +13,8 @@ from ipaddress import IPv4Address, IPv4Network
 from hypothesis import given
 from hypothesis import strategies as st
 
-from leaseagent.core.backends import NoLeaseData
 from leaseagent.core.leases import Peer, PeerChanges, PendingChanges
+from leaseagent.core.profiles.base import NoLeaseData
 
 SUBNETS = [IPv4Network(f"10.5.{i}.0/24") for i in range(1, 5)]
 

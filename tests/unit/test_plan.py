@@ -6,8 +6,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
+from planning import plan_host_gw, plan_vxlan
 
-from leaseagent.core.backends import NoLeaseData, VxlanLeaseData, vxlan_options
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import (
     ADD_ADDRESS,
@@ -22,10 +22,10 @@ from leaseagent.core.plan import (
     diff,
     flatten,
     peer_keys,
-    plan_host_gw,
-    plan_vxlan,
     serves,
 )
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData, vxlan_options
 from leaseagent.errors import NetworkConfigError
 
 VX = 10  # vxlan device index
@@ -244,7 +244,7 @@ def test_a_device_address_is_judged_against_its_own_family_only() -> None:
     """The IPv6 device keeps an IPv4 address someone gave it, and the IPv4 device an
     IPv6 one (flannel's Ensure*AddressOnLink each look at one family)."""
     want = IPv6Interface("fd00:5:1::/128")
-    attrs = VxlanAttrs(1, 8472, IPv6Address("fd00:250::1"), 2, False)
+    attrs = VxlanAttrs(1, 8472, IPv6Address("fd00:250::1"), 2)
     spec = DeviceSpec("flannel-v6.1", "vxlan", 1430, attrs, address=want)
     other = IPv6Interface("fd00:5:9::/128")
     state = DeviceState("flannel-v6.1", 11, "vxlan", True, None, 1430,

@@ -245,13 +245,13 @@ def ifaddrmsg(family: int, prefixlen: int, flags: int, scope: int, index: int) -
 def test_a_vxlan_device_request_is_the_kernels_struct_byte_for_byte() -> None:
     from leaseagent.core.plan import VxlanAttrs
 
-    vxlan = VxlanAttrs(vni=1, port=8472, local=IPv4Address("10.99.0.1"), link=2, learning=False,
-                       gbp=True)
+    vxlan = VxlanAttrs(vni=1, port=8472, local=IPv4Address("10.99.0.1"), link=2,
+                       flags=(("learning", False), ("GBP", True)))
     body = rtnl.link_request(name="flannel.1", mtu=1450, mac=MAC, kind="vxlan",
                              data=rtnl.vxlan_data(vxlan))
     data = (attr(1, struct.pack("=I", 1)) + attr(15, struct.pack("!H", 8472))
-            + attr(4, IPv4Address("10.99.0.1").packed) + attr(7, b"\0")
-            + attr(3, struct.pack("=I", 2)) + attr(23, b""))
+            + attr(4, IPv4Address("10.99.0.1").packed) + attr(3, struct.pack("=I", 2))
+            + attr(7, b"\0") + attr(23, b""))
     linkinfo = attr(1, b"vxlan") + attr(2 | 0x8000, data)
     assert body == (ifinfomsg(0, 0, 0) + attr(3, b"flannel.1\0") + attr(4, struct.pack("=I", 1450))
                     + attr(1, MAC_BYTES) + attr(18 | 0x8000, linkinfo))
@@ -259,7 +259,8 @@ def test_a_vxlan_device_request_is_the_kernels_struct_byte_for_byte() -> None:
     m = rtnl.decode_link_message(ifinfomsg(7, 0x1, 0) + body[16:], 0, len(body))
     assert (m.index, m.name, m.mtu, m.address, m.kind, m.vxlan) == (
         7, "flannel.1", 1450, MAC, "vxlan", vxlan)
-    v6 = VxlanAttrs(vni=2, port=4789, local=V6_PUBLIC, link=0, learning=True)
+    v6 = VxlanAttrs(vni=2, port=4789, local=V6_PUBLIC, link=0,
+                    flags=(("learning", True), ("GBP", False)))
     m = rtnl.decode_link_message(rtnl.link_request(kind="vxlan", data=rtnl.vxlan_data(v6)), 0,
                                  len(rtnl.link_request(kind="vxlan", data=rtnl.vxlan_data(v6))))
     assert m.vxlan == v6 and m.name is None and m.address is None

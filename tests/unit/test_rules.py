@@ -9,9 +9,10 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
-from leaseagent.core.backends import NoLeaseData, VxlanLeaseData
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import Address, Network
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.core.rules import (
     EXTRA,
     MISSING,

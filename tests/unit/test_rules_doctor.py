@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from leaseagent.cli.doctor import DoctorSettings, _check_rules
-from leaseagent.core.backends import VxlanLeaseData
 from leaseagent.core.leases import Peer
 from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.core.rules import ObservedRules, Ruleset, TrafficSettings, ruleset
 from leaseagent.dataplane import firewall as firewall_module
 from leaseagent.errors import ConfigError

@@ -16,12 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from leaseagent.core.backends import (
-    PresharedKey,
-    WireguardLeaseData,
-    WireguardOptions,
-    wireguard_lease_data,
-)
 from leaseagent.core.diagnosis import object_problems, stalled_peer_problems, wireguard_key_problems
 from leaseagent.core.leases import LeaseValue, Peer, decode_lease_value, validate_peer
 from leaseagent.core.network import parse_network_config
@@ -35,8 +29,14 @@ from leaseagent.core.plan import (
     compare,
     compare_device,
     diff,
-    plan_wireguard_peer,
 )
+from leaseagent.core.profiles.wireguard import (
+    PresharedKey,
+    WireguardLeaseData,
+    WireguardOptions,
+    wireguard_lease_data,
+)
+from leaseagent.core.profiles.wireguard import plan_peer as plan_wireguard_peer
 from leaseagent.dataplane.wgdevice import (
     DeviceConfig,
     DeviceWrite,

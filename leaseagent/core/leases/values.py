@@ -21,7 +21,7 @@ a few seconds in case its owner takes it back; leaseagent.core.holddown).
 usable with InvalidLease (a short reason for metrics, a detail for people),
 never another exception: a hostile value in etcd costs one skipped lease.
 What BackendData must hold is the backend type's rule
-(leaseagent.core.backends).
+(leaseagent.core.profiles).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
-from leaseagent.core.backends import BACKEND_TYPES, LeaseData
 from leaseagent.core.network import ipv4_address
+from leaseagent.core.profiles import BACKEND_TYPES
+from leaseagent.core.profiles.base import LeaseData
 from leaseagent.errors import InvalidLease
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def unusable_ip_reason(ip: IPv4Address | IPv6Address) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Peer:
     """Another host's valid lease, as the data plane needs it. `data` is what the
-    backend type reads from BackendData (leaseagent.core.backends)."""
+    backend type reads from BackendData (leaseagent.core.profiles)."""
 
     subnet: IPv4Network
     public_ip: IPv4Address
