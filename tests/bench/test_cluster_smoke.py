@@ -60,7 +60,7 @@ def test_cluster_bench_both_patterns_converge(tmp_path: Path) -> None:
             assert not got["errors"], (pattern, phase, got["errors"])
         assert r["restart"]["settled"]["reached"] == HOSTS, pattern
         assert r["steady"]["etcd"]["watchers"] >= HOSTS, pattern  # one watch per agent at least
-        assert f"H={HOSTS} {pattern}: cold start all converged" in stdout
+        assert f"H={HOSTS} {pattern} via etcd: cold start all converged" in stdout
     ttl = {p: r["cold"]["etcd"]["unary_requests"].get("LeaseTimeToLive", 0)
            for p, r in results.items()}
     assert ttl["leaseagent"] == 0
