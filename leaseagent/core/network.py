@@ -73,8 +73,8 @@ class HashedIPv4Network(IPv4Network):
 
     __slots__ = ("_hash",)
 
-    def __init__(self, address: object, strict: bool = True) -> None:
-        super().__init__(address, strict)  # type: ignore[arg-type]
+    def __init__(self, address: Any, strict: bool = True) -> None:
+        super().__init__(address, strict)
         self._hash = IPv4Network.__hash__(self)
 
     def __hash__(self) -> int:
