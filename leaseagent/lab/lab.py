@@ -389,6 +389,12 @@ class Lab:
                         interval: float) -> subprocess.Popen[str]:
         return probes.ping_background(from_ns, to_ip, count=count, interval=interval)
 
+    def ping_run(self, from_ns: Source, to_ip: Address | str, *,
+                 interval: float) -> probes.PingRun:
+        """Pings until `stop()` (a namespace or namespace container as source), every reply
+        by number: see `probes.PingRun`."""
+        return probes.PingRun(from_ns, to_ip, interval=interval)
+
     def pairs(self) -> list[tuple[Container, Host]]:
         """Every container, to the first container of every other host."""
         return probes.pairs(list(self.hosts.values()))

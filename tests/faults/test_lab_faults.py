@@ -44,7 +44,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from ipaddress import IPv4Interface
-from subprocess import Popen
 
 import pytest
 from labfaults import cut_etcd, heal_etcd, pause_etcd, resume_etcd, start_etcd, stop_etcd
@@ -53,7 +52,8 @@ from subnets import lab_free
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.subnetenv import parse_environment_file
-from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, parse_ping_summary, run
+from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, run
+from leaseagent.lab.probes import REPLY_WAIT, PingRun
 
 pytestmark = pytest.mark.root
 
@@ -125,39 +125,20 @@ def plain_lab() -> Iterator[Lab]:
         yield lab
 
 
-def ring_pings(lab: Lab, seconds: float) -> list[Popen[str]]:
-    """One ping per host: its first container -> the next host's first container."""
+def ring_pings(lab: Lab) -> list[PingRun]:
+    """One ping per host, every PING_INTERVAL s until stopped: its first container ->
+    the next host's first container."""
     hosts = list(lab.hosts.values())
-    return [
-        lab.ping_background(src.containers[0].ns, dst.containers[0].ip,
-                            count=int(seconds / PING_INTERVAL), interval=PING_INTERVAL)
-        for src, dst in zip(hosts, hosts[1:] + hosts[:1], strict=True)
-    ]
+    return [lab.ping_run(src.containers[0].ns, dst.containers[0].ip, interval=PING_INTERVAL)
+            for src, dst in zip(hosts, hosts[1:] + hosts[:1], strict=True)]
 
 
-def ping_totals(pings: list[Popen[str]], *, timeout: float) -> tuple[int, int, list[str]]:
-    """Wait for every ping; (sent, received, outputs). Kills what is still running."""
-    sent = received = 0
-    outs = []
-    try:
-        for p in pings:
-            out, _ = p.communicate(timeout=timeout)
-            s, r = parse_ping_summary(out)
-            sent, received = sent + s, received + r
-            outs.append(out)
-    finally:
-        for p in pings:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return sent, received, outs
-
-
-def kill_all(pings: list[Popen[str]]) -> None:
-    for p in pings:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+def stop_pings(pings: list[PingRun]) -> tuple[int, list[int], list[str]]:
+    """Stop every ping: (sent in all, the numbers never answered, the outputs); the
+    last REPLY_WAIT s of each is counted neither way (see PingRun.stop)."""
+    stopped = [p.stop() for p in pings]
+    return (sum(sent for sent, _, _ in stopped),
+            [n for _, lost, _ in stopped for n in lost], [out for _, _, out in stopped])
 
 
 def metric(lab: Lab, host: Host, name: str) -> float | None:
@@ -204,7 +185,7 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
     before_subnets = {h.name: env_subnet(h) for h in hosts}
     for h in hosts:
         assert metric(lab, h, "leaseagent_etcd_up") == 1, h.name
-    pings = ring_pings(lab, outage + 12)
+    pings = ring_pings(lab)
     try:
         time.sleep(1)
         (pause_etcd if pause else stop_etcd)(lab)
@@ -234,13 +215,16 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
 
         recovery = wait_for("every agent etcd_up 1 and renewing", recovered,
                             RECOVERY_BOUND, step=0.1)
-        sent, received, outs = ping_totals(pings, timeout=outage + 30)
+        # Past the peer hold time: a peer held down over an expiry (the paused case) whose
+        # lease did not come back would go now, and its pings with it.
+        time.sleep(DEFAULT_PEER_HOLD_SECONDS + REPLY_WAIT + 0.5)
+        assert all(p.running() for p in pings), "a ping stopped by itself"
     finally:
         resume_etcd(lab)
-        kill_all(pings)
+        sent, lost, outs = stop_pings(pings)
 
     assert seen_down == {h.name for h in hosts}, f"etcd_up never 0 on {seen_down ^ set(readyz)}"
-    assert sent > 0 and received == sent, outs  # paused too: the hold-down bridges the expiry
+    assert sent > 0 and lost == [], outs  # paused too: the hold-down bridges the expiry
     for h in hosts:
         assert env_subnet(h) == before_subnets[h.name], h.name
         value = lab.lease_value(h)
@@ -251,7 +235,7 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
     no_tracebacks(lab)
     taken_back = sum("taken back" in h.log_file.read_text()[logged[h.name]:] for h in hosts)
     return (f"{'paused' if pause else 'stopped'} etcd {outage:.0f}s (ttl {lab.lease_ttl}): "
-            f"{sent} pings sent, {sent - received} lost; kernel entries unchanged on "
+            f"{sent} pings sent, {len(lost)} lost; kernel entries unchanged on "
             f"{len(hosts)} hosts; etcd_up 0 seen on {len(seen_down)}/{len(hosts)}; "
             f"renewal failures {sum(failures.values()):.0f}; /readyz codes during outage "
             f"{sorted(set().union(*readyz.values()))}; all renewing {recovery:.2f}s after "
@@ -278,8 +262,7 @@ def test_agent_sigkill_and_restart_keeps_subnet_mac_and_packets(plain_lab: Lab) 
     victim = hosts[0]
     subnet, mac = env_subnet(victim), vtep_mac(lab, victim)
     assert device_mac(victim) == mac
-    window = 3.0 + 2.5 * KILL_ROUNDS
-    pings = ring_pings(lab, window)
+    pings = ring_pings(lab)  # until the rounds are over, however long they take
     took = []
     try:
         time.sleep(0.5)
@@ -292,15 +275,15 @@ def test_agent_sigkill_and_restart_keeps_subnet_mac_and_packets(plain_lab: Lab) 
             assert env_subnet(victim) == subnet
             assert vtep_mac(lab, victim) == mac
             assert device_mac(victim) == mac
-        assert all(p.poll() is None for p in pings), "restarts outlasted the ping window"
-        sent, received, outs = ping_totals(pings, timeout=window + 10)
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the rounds is settled
+        assert all(p.running() for p in pings), "a ping stopped by itself"
     finally:
-        kill_all(pings)
-    assert sent > 0 and received == sent, outs
+        sent, lost, outs = stop_pings(pings)
+    assert sent > 0 and lost == [], outs
     assert "took over this host's lease" in victim.log_file.read_text()
     no_tracebacks(lab)
     print(f"\nscenario 3: {KILL_ROUNDS} SIGKILL+restart of {victim.name} (kill to ready "
-          f"{max(took):.2f}s worst): {sent} pings sent, {sent - received} lost; "
+          f"{max(took):.2f}s worst): {sent} pings sent, {len(lost)} lost; "
           f"subnet {subnet.network if subnet else None} and VtepMAC {mac} kept")
 
 
@@ -375,9 +358,7 @@ def test_kernel_drift_storm_is_repaired_every_round(plain_lab: Lab) -> None:
     lab = plain_lab
     target = lab.hosts[1]
     others = [h for h in lab.hosts.values() if h is not target]
-    # Far more pings than the storm needs; stopped with SIGINT (ping then prints its
-    # summary; the one reply in flight may be counted lost).
-    pings = ring_pings(lab, DRIFT_ROUNDS * 10 + 60)
+    pings = ring_pings(lab)  # for the whole storm
     worst = {"flush": 0.0, "delete": 0.0}
     try:
         time.sleep(0.5)
@@ -401,12 +382,9 @@ def test_kernel_drift_storm_is_repaired_every_round(plain_lab: Lab) -> None:
             time.sleep(0.3)  # traffic between rounds
         status, body = lab.http_get(target, "/healthz")
         assert status == 200, body
-        time.sleep(0.5)
-        for p in pings:
-            p.send_signal(signal.SIGINT)
-        sent, received, _ = ping_totals(pings, timeout=10)
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the storm is settled
     finally:
-        kill_all(pings)
+        sent, lost, _ = stop_pings(pings)
     kinds = {k.split('kind="')[1].rstrip('"}'): v for k, v in lab.metrics(target).items()
              if k.startswith("leaseagent_dataplane_drift_repairs_total{")}
     repairs = sum(kinds.values())
@@ -436,6 +414,6 @@ def test_kernel_drift_storm_is_repaired_every_round(plain_lab: Lab) -> None:
           f"(worst {worst['flush']:.2f}s after a flush, {worst['delete']:.2f}s after a "
           f"deletion); drift repairs counted {repairs:.0f} "
           f"({', '.join(f'{k} {v:.0f}' for k, v in sorted(kinds.items()))}); "
-          f"ping {sent} sent, {sent - received} lost "
-          f"({100 * (sent - received) / max(sent, 1):.1f}%); /healthz 200; new peer "
+          f"ping {sent} sent, {len(lost)} lost "
+          f"({100 * len(lost) / max(sent, 1):.1f}%); /healthz 200; new peer "
           f"programmed {added:.2f}s after its lease")
