@@ -4,6 +4,13 @@ Prints a table and writes JSON (--json). Each timing is taken next to its
 reference in the same run and reported as a ratio; absolute times are noted
 for the record only (machines are noisy). See docs/benchmarks.md.
 
+    pace        first, at each of --pace-sizes (500, 1,000, 2,000, 5,000), --pace-repeats
+                times (3): the join from the vxlan device's creation to the last of
+                the 3n objects in the kernel, vs `ip -batch` + `bridge -batch`
+                programming them into a fresh namespace; then every peer's lease
+                expiring at once (one shared etcd lease revoked) from the revoke
+                request to the kernel clean, vs `ip -batch` + `bridge -batch` deleting
+                them there; median ratio and spread (--pace-only: just this part)
     join        the agent starting into N peers (leases in etcd, vxlan) until all
                 3N kernel objects are in place / READY, vs `ip -batch` + `bridge
                 -batch` programming the same objects into a fresh namespace; counted
@@ -303,13 +310,18 @@ def pace_rows(pace: dict[int, dict[str, Any]]) -> list[Row]:
                                   ("removal", "ip/bridge -batch del", "removal_ratio")):
             ratio = p[f"{what}_ratio"]
             label = ("device -> all objects" if what == "join"
-                     else "all leases expire at once: in etcd -> kernel clean")
+                     else "all leases expire at once: revoke -> kernel clean")
             rows.append((f"{what} {n} peers ({runs} runs): {label}",
                          _fmt(p[f"{what}_s"], " s"), f"{ref} {_fmt(p[f'{what}_reference_s'], ' s')}",
                          f"{_fmt(ratio)} ({_fmt(p[f'{what}_ratio_min'])}-"
                          f"{_fmt(p[f'{what}_ratio_max'])})",
                          f">= {TARGETS[target]}",
                          "met" if ratio >= TARGETS[target] else "NOT met"))
+            # The same span's CPU (user + kernel), agent vs iproute2's processes.
+            rows.append(("  ... its CPU, agent vs iproute2", _fmt(p[f"{what}_cpu_s"], " s"),
+                         f"{ref} {_fmt(p[f'{what}_reference_cpu_s'], ' s')}",
+                         f"{_fmt(p[f'{what}_cpu_ratio'])} ({_fmt(p[f'{what}_cpu_ratio_min'])}-"
+                         f"{_fmt(p[f'{what}_cpu_ratio_max'])})", "-", "-"))
     return rows
 
 

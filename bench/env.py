@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -362,6 +363,7 @@ class KernelProbe:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.device_at: dict[str, float] = {}
+        self.on_device: Callable[[str], None] | None = None  # told each new device's name
         self._waiters: dict[tuple[str, bool, object], asyncio.Future[float]] = {}
         self._count_waiters: list[tuple[Callable[[dict[str, int]], bool], asyncio.Future[float]]] \
             = []
@@ -416,8 +418,10 @@ class KernelProbe:
             for kind, _pid, body in events:
                 if kind == rtnl.RTM_NEWLINK:
                     name = rtnl.decode_link(body, 0, len(body))[2]
-                    if name is not None:
-                        self.device_at.setdefault(name, now)
+                    if name is not None and name not in self.device_at:
+                        self.device_at[name] = now
+                        if self.on_device is not None:
+                            self.on_device(name)
                 elif kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
                     if body[5] != ROUTE_PROTOCOL:
                         continue
@@ -471,6 +475,26 @@ def kernel_listing(stack: Stack, ns: str | None = None) -> dict[str, list[str]]:
 def kernel_objects(stack: Stack, ns: str | None = None) -> dict[str, int]:
     """How many objects of each kind `kernel_listing` finds."""
     return {k: len(v) for k, v in kernel_listing(stack, ns).items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of `pid`'s live threads so far, user and kernel (/proc/PID/task/*/schedstat:
+    nanoseconds on a CPU; the kernel's work for its netlink requests runs in its
+    sendmsg, so it counts here). A count of work that a machine shared with other
+    load does not stretch as it stretches wall time."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+    return total / 1e9
+
+
+def children_cpu_seconds() -> float:
+    """CPU time (user and kernel) of this process's children that have ended (`sh`'s)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def proc_sample(pid: int) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import random
 import socket
 import statistics
@@ -39,6 +40,8 @@ from bench.env import (
     Proc,
     Stack,
     World,
+    children_cpu_seconds,
+    cpu_seconds,
     free_port,
     ipv4_sized,
     kernel_listing,
@@ -131,16 +134,17 @@ def reference_batch(world: World, n: int, *, own: int, stack: Stack = IPV4) -> d
         path.write_text("".join(lines))
         program = ["bridge"] if name == "fdb" else ["ip", "-6"] if name.endswith("6") else ["ip"]
         commands.append([program[0], "-n", ns, *program[1:], "-batch", str(path)])
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu_seconds()
     for argv in commands:
         sh(*argv)
     elapsed = time.perf_counter() - started
+    cpu = children_cpu_seconds() - cpu
     counted = kernel_objects(stack, ns)
     if any(counted[k] != n for k in stack.kinds):
         raise RuntimeError(f"reference: {counted} after ip -batch, expected {n} of each")
     objects = stack.per_peer * n
     return {"objects": sum(counted.values()), "kernel_objects": counted, "seconds": elapsed,
-            "rate": objects / elapsed, "commands": len(commands), "namespace": ns}
+            "cpu_s": cpu, "rate": objects / elapsed, "commands": len(commands), "namespace": ns}
 
 
 def differences(stack: Stack, ns: str) -> dict[str, int]:
@@ -200,8 +204,16 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
     all_in = probe.wait_counts(stack.at_least(n))
     started = time.perf_counter()
     agent.start()
+    cpu_at_device: dict[str, float] = {}
+
+    def device_made(name: str) -> None:
+        if name in stack.devices:
+            cpu_at_device.setdefault(name, cpu_seconds(agent.pid))
+
+    probe.on_device = device_made
     try:
         in_place = await asyncio.wait_for(asyncio.shield(all_in), limit)
+        cpu_in_place = cpu_seconds(agent.pid)
         ready_at = await asyncio.wait_for(asyncio.shield(ready.ready), limit)
     except TimeoutError:
         kernel = kernel_objects(stack)
@@ -211,13 +223,15 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
                            f"{tail}") from None
     finally:
         ready.close()
+        probe.on_device = None
     after_ready = world.etcd_metrics()
     rss = proc_sample(agent.pid)["rss"]
     assert probe.first_at is not None
     programming = in_place - probe.first_at
     # From the first vxlan device's creation: the listing, its judging, planning and
     # the traffic rules count too (the agent makes its device before its lease).
-    device_at = min(probe.device_at[d] for d in stack.devices if d in probe.device_at)
+    device_at, first_device = min((probe.device_at[d], d) for d in stack.devices
+                                  if d in probe.device_at)
     from_device = in_place - device_at
     objects = stack.per_peer * n
     result = {
@@ -241,6 +255,10 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
         "device_to_first_object_s": probe.first_at - device_at,
         # The rate counted from the device's creation, as a share of the reference's.
         "device_rate_ratio": reference["seconds"] / from_device,
+        # The agent's CPU (user and kernel) from the device's creation (as the probe saw
+        # it) to all objects, and the reference's as a share of it.
+        "device_to_objects_cpu_s": (cpu_in_place - cpu_at_device[first_device]
+                                    if first_device in cpu_at_device else None),
         "rss_at_ready_mib": rss / 2**20,
     }
     start_cost = _etcd_delta(before, after_ready)
@@ -430,17 +448,18 @@ def reference_delete(stack: Stack, ns: str, first: int, last: int) -> dict[str, 
             program = ["bridge"] if name == "fdb" else ["ip", "-6"] if name.endswith("6") \
                 else ["ip"]
             commands.append(([program[0], "-n", ns, *program[1:], "-batch", str(path)], path))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu_seconds()
     for argv, _ in commands:
         sh(*argv)
     elapsed = time.perf_counter() - started
+    cpu = children_cpu_seconds() - cpu
     for _, path in commands:
         path.unlink()
     left = kernel_objects(stack, ns)
     if any(left[k] != first - 1 for k in stack.kinds):
         raise RuntimeError(f"reference: {left} left after ip -batch del, expected {first - 1}")
     objects = stack.per_peer * (last - first + 1)
-    return {"objects": objects, "seconds": elapsed, "rate": objects / elapsed}
+    return {"objects": objects, "seconds": elapsed, "cpu_s": cpu, "rate": objects / elapsed}
 
 
 async def shrink(store: EtcdStore, probe: KernelProbe, *, to: int, n: int, limit: float,
@@ -711,36 +730,44 @@ async def _put_leased(store: EtcdStore, first: int, last: int, stack: Stack) -> 
 
 
 async def removal(store: EtcdStore, probe: KernelProbe, lease: int, *, n: int, limit: float,
-                  stack: Stack, reference_ns: str) -> dict[str, Any]:
+                  stack: Stack, reference_ns: str, pid: int) -> dict[str, Any]:
     """Every peer's lease expires at once (their shared etcd lease revoked: n deletions
-    in one revision); time from the revoke's reply (every deletion is in etcd) until
-    the kernel holds none of their objects, beside when a bare watch had the last
-    deletion and iproute2 deleting the same objects (`reference_delete`)."""
+    in one revision); time from the revoke sent until the kernel holds none of their
+    objects, beside when a bare watch had the last
+    deletion and iproute2 deleting the same objects (`reference_delete`). Also the
+    agent's (`pid`) CPU from the revoke to the kernel clean, and iproute2's."""
     prefix = stack.layout.subnets_prefix
     revision = (await store.list_prefix(prefix)).revision + 1
     keys = {stack.key(i) for i in range(1, n + 1)}
     seen = asyncio.ensure_future(_last_deletion(store, keys, prefix, revision))
     gone = probe.wait_counts(stack.at_most(0))
+    cpu = cpu_seconds(pid)
     started = time.perf_counter()
     try:
         await store.revoke(lease)
         in_etcd = time.perf_counter()
         done = await asyncio.wait_for(gone, limit)
+        cpu = cpu_seconds(pid) - cpu
         last_event = await asyncio.wait_for(seen, limit)
     finally:
         seen.cancel()
         await asyncio.gather(seen, return_exceptions=True)
     ref = reference_delete(stack, reference_ns, 1, n)
-    agent = done - in_etcd
+    agent = done - started
     return {
         "removed_peers": n, "objects": stack.per_peer * n,
         "revoke_s": in_etcd - started,
-        # The figure: from every deletion being in etcd to the kernel clean.
+        # The figure: from the revoke sent (etcd deletes every key in one revision
+        # before it replies) to the kernel clean. Its reply is no start: a small
+        # removal can be clean in the kernel before this process has read it.
         "seconds": agent,
-        "watch_last_deletion_s": last_event - in_etcd,
+        "after_reply_s": done - in_etcd,
+        "watch_last_deletion_s": last_event - started,
         "after_watch_s": done - last_event,
         "reference": ref,
         "ratio": ref["seconds"] / agent,
+        "cpu_s": cpu,
+        "cpu_ratio": ref["cpu_s"] / cpu if cpu > 0 else float("nan"),
     }
 
 
@@ -766,7 +793,8 @@ async def pace(world: World, store: EtcdStore, sizes: Sequence[int], *, repeats:
                     world, probe, n, limit=limit, stack=stack, resync=600.0,
                     extra_args=["--release-on-exit"])
                 removed = await removal(store, probe, lease, n=n, limit=limit, stack=stack,
-                                        reference_ns=joined["reference"]["namespace"])
+                                        reference_ns=joined["reference"]["namespace"],
+                                        pid=agent.pid)
                 if not agent.alive():
                     raise RuntimeError(f"the agent died; see {agent.log}")
             finally:
@@ -777,6 +805,11 @@ async def pace(world: World, store: EtcdStore, sizes: Sequence[int], *, repeats:
             run = {"join_s": joined["device_to_objects_s"],
                    "join_reference_s": joined["reference"]["seconds"],
                    "join_ratio": joined["device_rate_ratio"],
+                   "join_cpu_s": joined["device_to_objects_cpu_s"],
+                   "join_reference_cpu_s": joined["reference"]["cpu_s"],
+                   "join_cpu_ratio": (joined["reference"]["cpu_s"]
+                                      / joined["device_to_objects_cpu_s"]
+                                      if joined["device_to_objects_cpu_s"] else float("nan")),
                    "differences_from_reference": joined["differences_from_reference"],
                    "removal": removed}
             runs.append(run)
@@ -788,11 +821,19 @@ async def pace(world: World, store: EtcdStore, sizes: Sequence[int], *, repeats:
         out[n] = {"peers": n, "runs": runs,
                   **_spread("join", [x["join_ratio"] for x in runs]),
                   **_spread("removal", [x["removal"]["ratio"] for x in runs]),
+                  **_spread("join_cpu", [x["join_cpu_ratio"] for x in runs]),
+                  **_spread("removal_cpu", [x["removal"]["cpu_ratio"] for x in runs]),
                   "join_s": statistics.median(x["join_s"] for x in runs),
                   "join_reference_s": statistics.median(x["join_reference_s"] for x in runs),
                   "removal_s": statistics.median(x["removal"]["seconds"] for x in runs),
                   "removal_reference_s": statistics.median(
-                      x["removal"]["reference"]["seconds"] for x in runs)}
+                      x["removal"]["reference"]["seconds"] for x in runs),
+                  "join_cpu_s": statistics.median(x["join_cpu_s"] or math.nan for x in runs),
+                  "join_reference_cpu_s": statistics.median(
+                      x["join_reference_cpu_s"] for x in runs),
+                  "removal_cpu_s": statistics.median(x["removal"]["cpu_s"] for x in runs),
+                  "removal_reference_cpu_s": statistics.median(
+                      x["removal"]["reference"]["cpu_s"] for x in runs)}
     return out
 
 

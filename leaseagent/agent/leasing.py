@@ -44,7 +44,7 @@ machine, or the agent started twice) takes the lease over by rule 1 when it
 starts; the first then finds its key held by another etcd lease under its
 own identity and `reclaim` raises IdentityConflict instead of taking it
 back (which would make the two fight, a write each per round trip). The
-agent steps back (leaseagent.agent.daemon) and only reads until the key is
+agent steps back (leaseagent.agent.holder) and only reads until the key is
 free again.
 
 Every write is a transaction: create-if-absent, or fenced on the mod_revision
@@ -62,9 +62,9 @@ import random
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
-from leaseagent.core.allocation import Chooser, candidates, range_candidates
+from leaseagent.agent.placement import Placement, Survey
+from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.leases import (
-    DUPLICATE,
     KeyLayout,
     LeaseValue,
     Verdict,
@@ -72,7 +72,7 @@ from leaseagent.core.leases import (
     judge,
 )
 from leaseagent.core.network import NetworkConfig
-from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost, SubnetsExhausted
+from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import KeyValue, LeaseStore, Listing
 
@@ -116,14 +116,12 @@ class Leasing:
     ) -> None:
         self._store = store
         self.layout = layout
-        self._network = network
-        self._value = value
+        self._rng = rng or random.Random()
+        self._place = Placement(layout=layout, network=network, value=value, rng=self._rng,
+                                choose=choose, candidates_per_txn=candidates_per_txn)
         self.value_bytes = value.encode()
         self._ttl = ttl
         self._metrics = metrics
-        self._rng = rng or random.Random()
-        self._choose = choose  # the allocation policy (the benchmark swaps in flannel's)
-        self._per_txn = max(1, candidates_per_txn)
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
         self._listing: Listing | None = None  # see take_listing
         self._listing_names: set[str] = set()  # its keys that name this host
@@ -131,60 +129,27 @@ class Leasing:
     @property
     def network(self) -> NetworkConfig:
         """The network config leased under (`reconfigure` changes it)."""
-        return self._network
+        return self._place.network
+
+    @property
+    def value(self) -> LeaseValue:
+        """What this host publishes in its lease."""
+        return self._place.value
 
     def reconfigure(self, network: NetworkConfig, value: LeaseValue) -> None:
         """From now on, lease under `network` and publish `value` (a config change)."""
-        self._network = network
-        self._value = value
+        self._place.network = network
+        self._place.value = value
         self.value_bytes = value.encode()
 
     def key_for(self, subnet: IPv4Network, ipv6: IPv6Network | None = None) -> str:
-        return self.layout.lease_key(subnet, ipv6)
+        return self._place.key_for(subnet, ipv6)
 
     def _own(self, current: KeyValue, lease_id: int, ttl: int, how: str) -> OwnLease:
         """Our lease as `current` (the key as etcd has it now) shows it."""
         named = self.layout.parse_lease_key(current.key)
         return OwnLease(named.ipv4, current.key, current.value, lease_id, ttl,
                         current.mod_revision, how, current.create_revision, named.ipv6)
-
-    def _ipv6_for(self, subnet: IPv4Network, taken6: set[IPv6Network],
-                  previous: IPv6Network | None = None) -> IPv6Network | None:
-        """The IPv6 subnet to pair with `subnet` (None without IPv6): `previous` if it fits
-        and is free, else the one at the same position (see the module docstring), else a
-        random free one. SubnetsExhausted when the IPv6 range is full."""
-        six = self._network.ipv6
-        if six is None:
-            return None
-        if previous is not None and six.in_range(previous) and previous not in taken6:
-            return previous
-        v4 = self._network.ipv4
-        index = (int(subnet.network_address) - int(v4.subnet_min)) // v4.subnet_size
-        if six.capacity >= v4.capacity and 0 <= index < six.capacity:
-            paired = six.subnet_at(index)
-            if paired not in taken6:
-                assert isinstance(paired, IPv6Network)
-                return paired
-        for pick in range_candidates(six, taken6, self._rng):
-            assert isinstance(pick, IPv6Network)
-            return pick
-        raise SubnetsExhausted(
-            f"no free IPv6 subnet in {six.network} (range {six.subnet_min}-{six.subnet_max}): "
-            f"all {six.capacity} are taken")
-
-    def _fitting_key(self, verdict: Verdict, taken6: set[IPv6Network]) -> str:
-        """The key this host's lease should have under the config: the same IPv4 subnet,
-        its IPv6 subnet kept if it fits (a new one when IPv6 is on and it has none or a
-        misfit, none when IPv6 is off)."""
-        assert verdict.subnet is not None
-        six = self._network.ipv6
-        if six is None:
-            return self.key_for(verdict.subnet)
-        kept = verdict.ipv6_subnet
-        if self._network.ipv6_part_fits(kept):
-            return self.key_for(verdict.subnet, kept)
-        return self.key_for(verdict.subnet, self._ipv6_for(verdict.subnet, taken6 - {kept}
-                                                           if kept else taken6))
 
     async def _rekey(self, kv: KeyValue, new_key: str, lease_id: int) -> KeyValue | None:
         """Write our value over `kv` (fenced), under `new_key` if it differs (moved in one
@@ -200,8 +165,7 @@ class Leasing:
             if won:
                 log.info("lease %s moved to %s (same IPv4 subnet; the network config's IPv6 "
                          "changed)", self.layout.name_of(kv.key), self.layout.name_of(new_key))
-        if won or self._is_ours(current, lease_id):
-            assert current is not None
+        if current is not None and (won or self._is_ours(current, lease_id)):
             return current
         return None
 
@@ -228,8 +192,7 @@ class Leasing:
         self.transactions += 1
         won, current = await self._store.create(key, self.value_bytes, lease=lease_id,
                                                 guard=self._guard(key))
-        if won or self._is_ours(current, lease_id):
-            assert current is not None
+        if current is not None and (won or self._is_ours(current, lease_id)):
             return self._own(current, lease_id, ttl, how)
         self._metrics.allocation_conflicts.inc()
         return None
@@ -275,115 +238,28 @@ class Leasing:
         listing, self._listing = self._listing, None
         return listing
 
-    def _survey(self, items: list[KeyValue]
-                ) -> tuple[set[IPv4Network], set[IPv6Network], list[Verdict]]:
-        """The subnets the keys name (IPv4, IPv6), and the verdicts, oldest first, on the
-        keys whose value may name this host's PublicIP: only those are decoded (by the
-        lease layer, with no network: a reservation carries no backend data yet, so it
-        would not pass as a peer; it only has to fit the network). A value names our
-        PublicIP only if its text does, unless JSON escapes spell it out."""
-        needle = str(self._value.public_ip).encode()
-        taken: set[IPv4Network] = set()
-        taken6: set[IPv6Network] = set()
-        ours = []
-        for kv in items:
-            try:
-                named = self.layout.parse_lease_key(kv.key)
-            except ValueError:
-                continue
-            taken.add(named.ipv4)
-            if named.ipv6 is not None:
-                taken6.add(named.ipv6)
-            if needle in kv.value or b"\\u" in kv.value:
-                ours.append(kv)
-        verdicts = judge(ours, layout=self.layout, network=None).verdicts
-        return taken, taken6, list(verdicts.values())
-
-    def _reservation_usable(self, verdict: Verdict, items: list[KeyValue]) -> bool:
-        """Whether a reservation naming this host is one the lease layer calls valid
-        among the keys naming its subnet (it may overlap another host's lease:
-        core.leases.judging, rule 5). Scans the listing: only for a reservation of ours."""
-        rivals = [kv for kv in items if kv.key != verdict.key and self._names(kv, verdict.subnet)]
-        if not rivals:
-            return True
-        kv = next(kv for kv in items if kv.key == verdict.key)
-        judged = judge([kv, *rivals], layout=self.layout, network=self._network).verdicts[kv.key]
-        if judged.status == DUPLICATE:
-            log.error("reservation %s for this host overlaps a lease (%s): not taken",
-                      verdict.key, judged.detail)
-            return False
-        return True
-
-    def _names(self, kv: KeyValue, subnet: IPv4Network | None) -> bool:
-        try:
-            return self.layout.parse_lease_key(kv.key).ipv4 == subnet
-        except ValueError:
-            return False
-
     async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None,
                             previous_ipv6: IPv6Network | None, keep_listing: bool) -> OwnLease:
+        place = self._place
         while True:
             listing = await self._store.list_prefix(self.layout.subnets_prefix)
-            taken, taken6, verdicts = self._survey(listing.items)
+            survey = place.survey(listing.items)
             self._listing = listing if keep_listing else None
-            self._listing_names = {v.key for v in verdicts if v.value is not None
-                                   and v.value.public_ip == self._value.public_ip}
-            by_key = {kv.key: kv for kv in listing.items}
-            named: list[Verdict] = []
-            reserved: list[Verdict] = []
-            for verdict in verdicts:
-                value, subnet = verdict.value, verdict.subnet
-                if value is None or subnet is None or value.public_ip != self._value.public_ip:
-                    continue
-                if not self._network.keeps(subnet):
-                    continue
-                if verdict.reservation:
-                    if self._reservation_usable(verdict, listing.items):
-                        reserved.append(verdict)
-                elif value.node_id in (None, self._value.node_id):
-                    named.append(verdict)
-
-            for verdict in named:
-                kv = by_key[verdict.key]
-                current = await self._rekey(kv, self._fitting_key(verdict, taken6), lease_id)
-                if current is not None:
-                    if kv.lease != lease_id:
-                        await self._revoke_quietly(kv.lease)
-                    return self._own(current, lease_id, ttl, "took over this host's lease")
-
-            for verdict in reserved:
-                kv = by_key[verdict.key]
-                fitting = self._fitting_key(verdict, taken6)
-                if kv.value == self.value_bytes and fitting == kv.key:
-                    return self._own(kv, 0, 0, "reservation")
-                current = await self._rekey(kv, fitting, 0)
-                if current is not None:
-                    return self._own(current, 0, 0, "reservation")
-
-            if previous is not None and self._network.in_range(previous) and previous not in taken:
-                wanted = self.key_for(previous, self._ipv6_for(previous, taken6, previous_ipv6))
+            self._listing_names = {v.key for v in survey.verdicts if v.value is not None
+                                   and v.value.public_ip == self.value.public_ip}
+            own = await self._take_ours(survey, {kv.key: kv for kv in listing.items},
+                                        lease_id, ttl)
+            if own is not None:
+                return own
+            taken, taken6 = survey.taken, survey.taken6
+            if previous is not None and self.network.in_range(previous) and previous not in taken:
+                wanted = self.key_for(previous, place.ipv6_for(previous, taken6, previous_ipv6))
                 own = await self._create(wanted, lease_id, ttl, "previous subnet.env")
                 if own is not None:
                     return own
                 taken.add(previous)
             previous = None
-
-            in_range = sum(1 for s in taken if self._network.in_range(s))
-            pool = self._choose(self._network, taken, self._rng)
-            picks = [s for _, s in zip(range(self._per_txn), pool, strict=False)]
-            if not picks:
-                raise SubnetsExhausted(
-                    f"no free subnet in network {self._network.network} "
-                    f"(range {self._network.subnet_min}-{self._network.subnet_max}): "
-                    f"all {self._network.capacity} subnets are taken ({in_range} leases)"
-                )
-            keys = []
-            for pick in picks:
-                ipv6 = self._ipv6_for(pick, taken6)
-                keys.append(self.key_for(pick, ipv6))
-                if ipv6 is not None:
-                    taken6.add(ipv6)  # two candidates of one transaction never share one
-            own = await self._create_first(keys, lease_id, ttl)
+            own = await self._create_first(place.candidate_keys(taken, taken6), lease_id, ttl)
             if own is not None:
                 return own
             # Lost a race: others start now too. The other candidates of this
@@ -391,6 +267,27 @@ class Leasing:
             # of its rivals), so list again (a read, no transaction) after a
             # jitter that spreads the losers out so they see each other's picks.
             await asyncio.sleep(self._rng.uniform(0, RETRY_JITTER_SECONDS))
+
+    async def _take_ours(self, survey: Survey, by_key: dict[str, KeyValue], lease_id: int,
+                         ttl: int) -> OwnLease | None:
+        """A lease of this host's taken over (rule 1), else a reservation for it (rule 2)."""
+        for verdict, subnet in _with_subnets(survey.named):
+            kv = by_key[verdict.key]
+            fitting = self._place.fitting_key(verdict, subnet, survey.taken6)
+            current = await self._rekey(kv, fitting, lease_id)
+            if current is not None:
+                if kv.lease != lease_id:
+                    await self._revoke_quietly(kv.lease)
+                return self._own(current, lease_id, ttl, "took over this host's lease")
+        for verdict, subnet in _with_subnets(survey.reserved):
+            kv = by_key[verdict.key]
+            fitting = self._place.fitting_key(verdict, subnet, survey.taken6)
+            if kv.value == self.value_bytes and fitting == kv.key:
+                return self._own(kv, 0, 0, "reservation")
+            current = await self._rekey(kv, fitting, 0)
+            if current is not None:
+                return self._own(current, 0, 0, "reservation")
+        return None
 
     async def reclaim(self, own: OwnLease, why: str) -> OwnLease:
         """Our lease or key is gone: take the same subnet back, else a new one.
@@ -442,8 +339,8 @@ class Leasing:
 
     def is_twin(self, value: LeaseValue) -> bool:
         """Whether `value` names this host's identity (PublicIP and NodeID)."""
-        return (value.public_ip == self._value.public_ip and value.node_id is not None
-                and value.node_id == self._value.node_id)
+        return (value.public_ip == self.value.public_ip and value.node_id is not None
+                and value.node_id == self.value.node_id)
 
     async def refit(self, own: OwnLease) -> OwnLease:
         """Our lease under the network config and value in force (`reconfigure`): `own`
@@ -452,7 +349,7 @@ class Leasing:
         subnet, a new subnet acquired and then `own` given up. A fenced write that loses
         leaves `own` as it is: someone changed our key, and the holder sees that and
         takes it back as after any loss."""
-        if not self._network.keeps(own.subnet):
+        if not self.network.keeps(own.subnet):
             new = await self.acquire()
             await self.give_up(own)
             return new
@@ -462,7 +359,7 @@ class Leasing:
         if kv is None or kv.value != own.value or kv.lease != own.lease_id:
             return own
         taken6 = {v.ipv6_subnet for v in verdicts.values() if v.ipv6_subnet is not None}
-        fitting = self._fitting_key(verdicts[own.key], taken6)
+        fitting = self._place.fitting_key(verdicts[own.key], own.subnet, taken6)
         if fitting == own.key and kv.value == self.value_bytes:
             return own
         current = await self._rekey(kv, fitting, own.lease_id)
@@ -480,7 +377,7 @@ class Leasing:
     async def release(self, own: OwnLease) -> None:
         """Give the lease up on purpose (--release-on-exit): mark the value released (fenced),
         so peers remove this host at once instead of holding its entries, then revoke."""
-        released = replace(self._value, released=True).encode()
+        released = replace(self.value, released=True).encode()
         await self._store.replace(own.key, released, mod_revision=own.mod_revision,
                                   lease=own.lease_id)
         await self._store.revoke(own.lease_id)
@@ -491,3 +388,8 @@ class Leasing:
         if ttl <= 0:
             raise LeaseLost(f"etcd lease {own.lease_id:x} expired or was revoked")
         return ttl
+
+
+def _with_subnets(verdicts: list[Verdict]) -> list[tuple[Verdict, IPv4Network]]:
+    """`verdicts` with the IPv4 subnet each names (those that name none left out)."""
+    return [(v, v.subnet) for v in verdicts if v.subnet is not None]

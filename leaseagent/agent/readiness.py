@@ -14,34 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from leaseagent.agent.etcdhealth import EtcdHealth
 from leaseagent.agent.filewriting import FileWriter
 from leaseagent.agent.leasing import OwnLease
+from leaseagent.agent.plane import FamilyRules
 from leaseagent.agent.watching import LeaseWatcher
 from leaseagent.core.escaping import escaped
-from leaseagent.core.rules import PeerAdmission
 from leaseagent.dataplane.base import DataPlane
-from leaseagent.dataplane.firewall import RulesKeeper
 
 log = logging.getLogger("leaseagent")
 
 # How often readiness is looked at once started (STATUS=, READY=1): it is cheap (state only).
 READINESS_SECONDS = 0.5
 STATUS_LIMIT = 200  # STATUS= is one line of at most this many characters
-
-
-@dataclass(frozen=True)
-class FamilyRules:
-    """One address family's traffic rules: their keeper, and which peers the peer filter
-    admits (leaseagent.core.rules.PeerAdmission, kept per change)."""
-
-    family: int
-    keeper: RulesKeeper
-    admission: PeerAdmission
-    nftables: bool = False  # which tool the keeper writes with
 
 
 class Observed(Protocol):

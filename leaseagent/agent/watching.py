@@ -220,17 +220,26 @@ class LeaseWatcher:
         started = time.perf_counter()
         own_key = self._own_key()  # the book learns a new one at the re-list that follows
         changes = PendingChanges()
+        puts = 0  # the events counted by type once per batch (a mass expiry is thousands)
         for ev in batch:
-            self._metrics.watch_events.labels(type=ev.type.value).inc()
+            puts += ev.type is EventType.PUT
             if ev.key == own_key:
                 self._on_own(ev.kv if ev.type is EventType.PUT else None, ev.revision)
                 continue
             if ev.type is EventType.PUT and ev.kv is not None:
                 # A key changed to something that is no peer (invalid, released): at once.
-                changes.add(self._held(self.book.put(ev.kv), hold_removals=False))
+                changed = self._held(self.book.put(ev.kv), hold_removals=False)
             else:
-                changes.add(self._held(self.book.delete(ev.key), hold_removals=True))
-            self._report_rejected()
+                changed = self.book.delete(ev.key)
+                if changed:
+                    changed = self._held(changed, hold_removals=True)
+            if changed:
+                changes.add(changed)
+            if self.book.rejected:
+                self._report_rejected()
+        for etype, count in ((EventType.PUT, puts), (EventType.DELETE, len(batch) - puts)):
+            if count:
+                self._metrics.watch_events.labels(type=etype.value).inc(count)
         # The counts change with no change to program too (a removal held down).
         self._update_gauges()
         if changes:

@@ -14,17 +14,21 @@ agent does. It decides nothing on its own:
   what it wants (`spec`) and reads what the kernel has (`observe`), and
   `core.plan.compare` finds the differences, as the backend's reconcile
   does; leaseagent.core.diagnosis turns them into lines;
-- files: subnet.env (network, subnet, MTU) and, for vxlan, the stored VtepMAC; whether
-  the directories of subnet.env and the state can be written (read-only, full);
+- files: subnet.env (network, subnet, MTU, where each device's MTU comes from: the
+  profile's `mtu_notes`); whether the directories of subnet.env and the state can
+  be written (read-only, full);
 - the agent (with `--metrics-addr`, as the unit sets it): its /readyz, whose
   reason when it is not ready names what fails (a traffic rule that cannot be
   written: the command and what the tool or kernel said);
-- wireguard: the public key three ways (each device's, the lease's PublicKey,
-  the key file's), which WireGuard drives the devices (kernel or wireguard-go),
-  and each peer that was sent packets but never completed a handshake (a key
-  or PSK that does not match the other side's). A peer's PSK that is not the
-  network config's shows as a wrong peer, like any other setting. Run it where
-  the agent runs: wireguard-go's control socket is in /var/run/wireguard.
+- the backend's own checks (`DataPlane.doctor`, in its data-plane module): vxlan's
+  VtepMAC three ways (device, lease, state file); host-gw's gateways on the link
+  and this host's addresses on the interface; wireguard's public key three ways
+  (each device's, the lease's PublicKey, the key file's), which WireGuard drives
+  the devices (kernel or wireguard-go), and each peer that was sent packets but
+  never completed a handshake (a key or PSK that does not match the other
+  side's). A peer's PSK that is not the network config's shows as a wrong peer,
+  like any other setting. Run it where the agent runs: wireguard-go's control
+  socket is in /var/run/wireguard.
 
 It may run while the agent is running: a peer that joins or leaves during
 the few milliseconds of the check can show as one missing or stale entry.

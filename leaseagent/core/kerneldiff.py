@@ -19,10 +19,11 @@ objects is decided here, and unit-tested without a kernel:
 - `judge_event`: what a kernel notification of someone else calls for: a
   targeted repair of exactly that object, a full pass, or nothing; `Work`
   collects the verdicts for the resync loop.
-- `Admission`: which peers may be planned at all: none whose subnet would take
-  over a route or address of this host that is not ours (`core.plan.
-  host_conflict`), none claiming what this host or another planned peer holds
-  (vxlan: a VtepMAC).
+- `Admission`: which peers may be planned at all: none of another backend
+  type (what the kernel has for them is kept meanwhile: a roll-out), none whose
+  subnet would take over a route or address of this host that is not ours
+  (`core.plan.host_conflict`), none claiming what this host or another planned
+  peer holds (vxlan: a VtepMAC).
 
 Order of application and identity are `core.plan`'s (`diff`, `diff_found`).
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import Enum
 from ipaddress import IPv4Network
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from leaseagent.core.plan import (
@@ -43,6 +45,8 @@ from leaseagent.core.plan import (
     diff,
     diff_found,
     host_conflict,
+    peer_keys,
+    serves,
 )
 
 if TYPE_CHECKING:
@@ -266,13 +270,41 @@ class Admission:
     """Which peers may be planned here (see the module docstring).
 
     `host_routes`: this host's routes and addresses that are not ours and overlap the
-    cluster network (None: not read yet). `claimed`: what the planned peers claim."""
+    cluster network (None: not read yet), as peers are judged by them; `dumped`: the
+    same from the last route dump. `claimed`: what the planned peers claim.
+    `foreign`: the subnets of peers of another backend type."""
 
-    __slots__ = ("claimed", "host_routes")
+    __slots__ = ("claimed", "dumped", "foreign", "host_routes")
 
     def __init__(self) -> None:
         self.host_routes: tuple[HostRoute, ...] | None = None
+        self.dumped: tuple[HostRoute, ...] = ()
         self.claimed: Claimed = {}
+        self.foreign: set[IPv4Network] = set()
+
+    def note_foreign(self, subnets: Iterable[IPv4Network], peers: Mapping[IPv4Network, Peer],
+                     backend_type: str) -> list[Peer]:
+        """Keep `foreign` right for `subnets`; the peers among them of another type."""
+        out: list[Peer] = []
+        for subnet in subnets:
+            peer = peers.get(subnet)
+            if peer is None or peer.backend_type == backend_type:
+                self.foreign.discard(subnet)
+            else:
+                self.foreign.add(subnet)
+                out.append(peer)
+        return out
+
+    def not_kept(self, stale: list[KernelObject], peers: Mapping[IPv4Network, Peer]
+                 ) -> list[KernelObject]:
+        """Of the kernel's objects no plan wants, those to remove: not what serves a
+        peer of another type (made by the backend this host ran before, kept while the
+        peer runs the other type; core.plan.serves)."""
+        if not self.foreign or not stale:
+            return stale
+        keys = frozenset(chain.from_iterable(peer_keys(peers[s]) for s in self.foreign
+                                             if s in peers))
+        return [obj for obj in stale if not serves(obj, keys)]
 
     def note_host_route(self, route: HostRoute, *, deleted: bool) -> bool:
         """A route or address of someone else (one that overlaps the cluster network)

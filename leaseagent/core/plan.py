@@ -395,9 +395,9 @@ class VxlanAttrs:
     port: int
     local: Address | None  # IPv4 for flannel.<VNI>, IPv6 for flannel-v6.<VNI>
     link: int  # underlay ifindex; 0 when not bound to one
-    # The device's flags, fixed at its creation, in the vxlan profile's order (its
-    # DEVICE_FLAGS): (name as a difference shows it, on). A flag not named is off.
-    flags: tuple[tuple[str, bool], ...] = ()
+    # The device's flags that are on (the vxlan profile's DEVICE_FLAGS, by the name a
+    # difference shows), fixed at its creation; a flag not named is off.
+    flags: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,10 +495,8 @@ def compare_device(spec: DeviceSpec, state: DeviceState | None) -> list[DeviceDi
                                   ("local address", have.local, want.local)):
             if got != wanted:
                 out.append(differ(what, got, wanted, RECREATE))
-        have_flags = dict(have.flags)
-        for what, wanted in want.flags:
-            if have_flags.get(what, False) != wanted:
-                out.append(differ(what, have_flags.get(what, False), wanted, RECREATE))
+        for what in sorted(have.flags ^ want.flags):
+            out.append(differ(what, what in have.flags, what in want.flags, RECREATE))
         if want.link and have.link != want.link:
             out.append(differ("underlay link", have.link, want.link, RECREATE))
     if spec.wireguard is not None:

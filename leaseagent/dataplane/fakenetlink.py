@@ -24,6 +24,8 @@ tests/contract/test_reconciler_contract.py, which runs one suite on both):
 - every change is broadcast with the port id of the socket that asked for it;
   FDB changes and neighbour deletions with port id 0, the deleted
   neighbour's notification without its MAC;
+- a subscription that holds EVENT_QUEUE_LIMIT unread broadcasts overflows:
+  its next receive fails (ENOBUFS), as the real socket's does;
 - a dump yields to the event loop every DUMP_CHUNK entries, and a table
   changed meanwhile makes it fail with DumpInterrupted (NLM_F_DUMP_INTR);
   `interrupt_dumps(n)` makes the next n dumps fail so, for tests.
@@ -96,6 +98,10 @@ if TYPE_CHECKING:
     from leaseagent.dataplane.kernelport import KernelOpener
 
 DUMP_CHUNK = 256  # entries a dump reads between two yields to the event loop
+# Broadcasts a subscription holds unread before it overflows (the real socket's
+# receive buffer): then it fails with ENOBUFS, as NetlinkEvents does, and its user
+# opens another and makes a full pass.
+EVENT_QUEUE_LIMIT = 65536
 KERNEL_PROTOCOL = 2  # RTPROT_KERNEL: a connected route of an address
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _ports = itertools.count(1_000_000)  # port ids of fake sockets (never 0: the kernel's)
@@ -432,7 +438,7 @@ class FakeNetlink:
         return made
 
     async def create_vxlan(self, name: str, *, vni: int, port: int, local: Address, link: int,
-                           mtu: int, mac: str, flags: tuple[tuple[str, bool], ...] = ()
+                           mtu: int, mac: str, flags: frozenset[str] = frozenset()
                            ) -> Link:
         self._check(f"cannot create vxlan device {name}")
         made = self._new_link(
@@ -610,19 +616,24 @@ class FakeEvents:
         self._ready = asyncio.Event()
         self._ignore: frozenset[int] = frozenset()
         self._closed = False
+        self._overflowed = False
 
     def _put(self, make: Callable[[], NetlinkEvent], sender: int) -> None:
-        if sender and sender in self._ignore:
+        if (sender and sender in self._ignore) or self._overflowed:
             return
-        self._queue.append(make)
+        if len(self._queue) >= EVENT_QUEUE_LIMIT:
+            self._overflowed = True  # what was queued is lost
+            self._queue.clear()
+        else:
+            self._queue.append(make)
         self._ready.set()
 
     async def receive(self, *, ignore: frozenset[int] = frozenset()) -> list[NetlinkEvent]:
         self._ignore = ignore
         while True:
-            if self._closed:
-                raise DataPlaneError(f"rtnetlink event socket failed: "
-                                     f"{_netlink_error(errno.EBADF)}")
+            if self._closed or self._overflowed:
+                code = errno.EBADF if self._closed else errno.ENOBUFS
+                raise DataPlaneError(f"rtnetlink event socket failed: {_netlink_error(code)}")
             if self._queue:
                 out = [make() for make in self._queue]
                 self._queue.clear()

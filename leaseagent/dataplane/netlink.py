@@ -305,7 +305,7 @@ class Netlink:
         link: int,
         mtu: int,
         mac: str,
-        flags: tuple[tuple[str, bool], ...] = (),
+        flags: frozenset[str] = frozenset(),
     ) -> Link:
         """A vxlan device whose VTEP is `local`, an IPv4 or an IPv6 address (the
         outer header's family: IFLA_VXLAN_LOCAL or IFLA_VXLAN_LOCAL6)."""

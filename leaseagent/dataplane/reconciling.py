@@ -110,8 +110,6 @@ from leaseagent.core.plan import (
     Route,
     cluster_relevant,
     diff,
-    peer_keys,
-    serves,
 )
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.kernelport import Kernel
@@ -159,15 +157,11 @@ class ReconcilingBackend:
         self._applied = AppliedPlan()  # the last applied plan (core.kerneldiff)
         # Work the event watcher hands to the resync loop (core.kerneldiff.Work).
         self._work = Work()
-        # Peers of another backend type: their subnets, and what was logged of them.
-        self._foreign: set[IPv4Network] = set()
-        self._foreign_logged: set[tuple[IPv4Network, str]] = set()
-        # Which peers may be planned (core.kerneldiff): the host's routes and addresses
-        # that are not ours, from the last complete route dump, and what planned peers
-        # claim; the peers kept out are logged once each.
+        # Which peers may be planned (core.kerneldiff): not those of another backend
+        # type, over the host's routes and addresses that are not ours, or claiming
+        # what another holds. Each peer kept out is logged once per reason (`_logged`).
         self._admission = Admission()
-        self._dumped_routes: tuple[HostRoute, ...] = ()
-        self._conflicts_logged: set[tuple[IPv4Network, str]] = set()
+        self._logged: set[tuple[IPv4Network, str]] = set()
 
     # -- policy hooks ----------------------------------------------------------
 
@@ -264,12 +258,12 @@ class ReconcilingBackend:
     # -- this host's own routes and addresses ------------------------------------
     async def _scan_routes(self, nl: Kernel, known: Known) -> list[Route]:
         """Our routes (see Netlink.scan_routes), and from the same dump the host's other
-        routes and addresses that overlap the cluster network (`_dumped_routes`, for
+        routes and addresses that overlap the cluster network (`Admission.dumped`, for
         `host_conflict`): every backend's `_scan` reads routes through here."""
         seen: list[HostRoute] = []
         routes = await nl.scan_routes(known, protocol=self._settings.route_protocol,
                                       others=seen.append)
-        self._dumped_routes = cluster_relevant(seen, self._networks())
+        self._admission.dumped = cluster_relevant(seen, self._networks())
         return routes
 
     def _networks(self) -> list[IPv4Network | IPv6Network]:
@@ -291,7 +285,7 @@ class ReconcilingBackend:
         their own dump's)."""
         if self._admission.host_routes is None:
             await read_again(lambda: self._scan_routes(nl, lambda _ident: True))
-            self._admission.host_routes = self._dumped_routes
+            self._admission.host_routes = self._admission.dumped
 
     def _claims(self, peer: Peer) -> Claims:
         """What `peer` claims that only one host may hold, each with the address that
@@ -314,9 +308,9 @@ class ReconcilingBackend:
         return out
 
     def _log_conflict(self, peer: Peer, why: str) -> None:
-        if (peer.subnet, why) in self._conflicts_logged:
+        if (peer.subnet, why) in self._logged:
             return
-        self._conflicts_logged.add((peer.subnet, why))
+        self._logged.add((peer.subnet, why))
         node = f", node {peer.node_id}" if peer.node_id else ""
         log.error("peer %s (%s%s) not programmed: %s; fix the lease or the host",
                   peer.subnet, peer.public_ip, node, why)
@@ -350,7 +344,7 @@ class ReconcilingBackend:
             devices = await self._observe_devices(nl)
             await self._refresh(nl)
             objects = frozenset(await self.current(nl))
-            self._admission.host_routes = self._dumped_routes  # what `spec` judges peers by
+            self._admission.host_routes = self._admission.dumped  # what `spec` judges peers by
             return Observation(devices=devices, objects=objects)
 
     async def sync(self, peers: Mapping[IPv4Network, Peer], *,
@@ -388,7 +382,7 @@ class ReconcilingBackend:
         changes from now on."""
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
         own = self._own_claims()
-        was_foreign = self._foreign & affected
+        was_foreign = self._admission.foreign & affected
         self._note_foreign(affected, peers)
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
@@ -397,7 +391,7 @@ class ReconcilingBackend:
             peer = peers.get(subnet)
             if before is not None:
                 self._admission.unclaim(before, self._claims(before))
-                if subnet not in self._foreign:  # switched to another type: kept meanwhile
+                if subnet not in self._admission.foreign:  # another type now: kept meanwhile
                     old |= planned
             if peer is None and subnet in was_foreign:
                 # What was kept for it goes with a full pass (nothing here knows it).
@@ -466,10 +460,10 @@ class ReconcilingBackend:
             plan, changes = await self._full_plan(nl, peers)
         finally:
             await _done(ready)
-        if self._dumped_routes != self._admission.host_routes:
+        if self._admission.dumped != self._admission.host_routes:
             # The host's routes changed since the last pass: plan again with them (a peer
             # may conflict now, or no longer), level-triggered like everything else.
-            self._admission.host_routes = self._dumped_routes
+            self._admission.host_routes = self._admission.dumped
             self._work.full = True
             self._wake.set()
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
@@ -490,7 +484,7 @@ class ReconcilingBackend:
         objects, their per-peer sets and a second index of them were the largest part
         of every pass's peak, which the allocator keeps."""
         await self._refresh(nl)
-        self._foreign.clear()
+        self._admission.foreign.clear()
         self._note_foreign(peers, peers)
         full = FullPass(self._peer_plans(self._own_subnet, peers))
         self._work.removing.clear()  # echoes of earlier removals have come by now
@@ -515,10 +509,7 @@ class ReconcilingBackend:
         core.kerneldiff.Reading)."""
         reading = full.reading()
         stale = await self._scan(nl, reading.known)  # read_again's retries come from in here
-        if self._foreign and stale:  # kept while their peers run another type
-            keys = frozenset(chain.from_iterable(peer_keys(peers[s]) for s in self._foreign
-                                                 if s in peers))
-            stale = [obj for obj in stale if not serves(obj, keys)]
+        stale = self._admission.not_kept(stale, peers)
         return reading.finish(
             stale, planned_again=lambda key: self._planned_again(key, peers),
             whole_plan=lambda: (obj for _key, objects in self._peer_plans(self._own_subnet, peers)
@@ -531,27 +522,22 @@ class ReconcilingBackend:
 
     def _note_foreign(self, subnets: Iterable[IPv4Network],
                       peers: Mapping[IPv4Network, Peer]) -> None:
-        """Keep `_foreign` right for `subnets` (peers of another backend type); log each
-        such peer once."""
-        for subnet in subnets:
-            peer = peers.get(subnet)
-            if peer is None or peer.backend_type == self.backend_type:
-                self._foreign.discard(subnet)
-                continue
-            self._foreign.add(subnet)
-            if (subnet, peer.backend_type) not in self._foreign_logged:
-                self._foreign_logged.add((subnet, peer.backend_type))
+        """Keep `Admission.foreign` right for `subnets` (peers of another backend type);
+        log each such peer once."""
+        for peer in self._admission.note_foreign(subnets, peers, self.backend_type):
+            if (peer.subnet, peer.backend_type) not in self._logged:
+                self._logged.add((peer.subnet, peer.backend_type))
                 node = f", node {peer.node_id}" if peer.node_id else ""
                 log.warning("peer %s (%s%s) runs the %s backend and this host %s: they cannot "
-                            "reach each other; not programmed", subnet, peer.public_ip, node,
-                            peer.backend_type, self.backend_type)
-        self.status.foreign_peers = len(self._foreign)
+                            "reach each other; not programmed", peer.subnet, peer.public_ip,
+                            node, peer.backend_type, self.backend_type)
+        self.status.foreign_peers = len(self._admission.foreign)
 
     def _programmed_of(self, peers: Mapping[IPv4Network, Peer]) -> Mapping[IPv4Network, Peer]:
         """Of `peers`, those a plan gives objects (not our own subnet, not a peer of another
         backend type or one in conflict with this host's routes)."""
         return {k: p for k, p in peers.items()
-                if k != self._own_subnet and k not in self._foreign
+                if k != self._own_subnet and k not in self._admission.foreign
                 and k not in self.status.conflicting_peers}
 
     def _sort_refusals(self, failures: list[Failure], peers: Mapping[IPv4Network, Peer],

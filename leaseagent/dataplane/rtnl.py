@@ -470,11 +470,10 @@ def vxlan_data(vxlan: VxlanAttrs) -> bytes:
                        vxlan.local.packed))
     if vxlan.link:
         out += attribute(IFLA_VXLAN_LINK, _U32.pack(vxlan.link))
-    on = dict(vxlan.flags)
     for flag in vxlan_profile.DEVICE_FLAGS:
         if not flag.presence:
-            out += attribute(flag.ifla, bytes([int(on.get(flag.shown, False))]))
-        elif on.get(flag.shown, False):
+            out += attribute(flag.ifla, bytes([flag.shown in vxlan.flags]))
+        elif flag.shown in vxlan.flags:
             out += attribute(flag.ifla, b"")
     return out
 
@@ -500,9 +499,9 @@ def _vxlan_attrs(data: bytes) -> VxlanAttrs:
     a = _attrs(data, 0, len(data))
     local = a.get(IFLA_VXLAN_LOCAL) or a.get(IFLA_VXLAN_LOCAL6)
     port = a.get(IFLA_VXLAN_PORT)
-    flags = tuple((flag.shown, flag.ifla in a if flag.presence
-                   else bool((value := a.get(flag.ifla)) and value[0]))
-                  for flag in vxlan_profile.DEVICE_FLAGS)
+    flags = frozenset(flag.shown for flag in vxlan_profile.DEVICE_FLAGS
+                      if (flag.ifla in a if flag.presence
+                          else (value := a.get(flag.ifla)) and value[0]))
     return VxlanAttrs(vni=_u32(a.get(IFLA_VXLAN_ID)),
                       port=_BE16.unpack(port)[0] if port else 0,
                       local=_address(local) if local else None,

@@ -133,7 +133,7 @@ class Vtep:
 
     def __init__(self, name: str, local: Address, *, vni: int, port: int, link: int, mtu: int,
                  mac_file: str, state_dir: Path,
-                 flags: tuple[tuple[str, bool], ...] = ()) -> None:
+                 flags: frozenset[str] = frozenset()) -> None:
         self.name = name
         self.local = local
         self.attrs = VxlanAttrs(vni=vni, port=port, local=local, link=link, flags=flags)

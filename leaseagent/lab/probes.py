@@ -12,7 +12,9 @@ same pairs, each container's address of that family, `ping -6` for IPv6.
 
 from __future__ import annotations
 
+import math
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from leaseagent.lab import netns
-from leaseagent.lab.commands import run
+from leaseagent.lab.commands import run, tool
 from leaseagent.lab.errors import LabError
 from leaseagent.lab.topology import (
     CONTAINER_NETWORK,
@@ -62,9 +64,15 @@ def check_target(ip: Address | str) -> Address:
 Source = str | Container  # a namespace, or a container (Docker's too)
 
 
-def _ping_argv(source: Source, to_ip: Address | str, *options: str) -> list[str]:
+def _ping_words(to_ip: Address | str, *options: str, quiet: bool = True) -> list[str]:
     target = check_target(to_ip)
-    argv = ["ping", *(["-6"] if target.version == 6 else []), "-n", "-q", *options, str(target)]
+    return ["ping", *(["-6"] if target.version == 6 else []), "-n", *(["-q"] if quiet else []),
+            *options, str(target)]
+
+
+def _ping_argv(source: Source, to_ip: Address | str, *options: str,
+               quiet: bool = True) -> list[str]:
+    argv = _ping_words(to_ip, *options, quiet=quiet)
     if isinstance(source, Container):
         return source.exec_argv(argv)
     return netns.exec_argv(source, argv)
@@ -76,15 +84,65 @@ def ping(source: Source, to_ip: Address | str, *, count: int = 1, wait: float = 
     return proc.returncode == 0
 
 
+REPLY_WAIT = 1  # s: a background ping's -W
+
+
 def ping_background(source: Source, to_ip: Address | str, *, count: int,
                     interval: float) -> subprocess.Popen[str]:
     """`count` pings, one every `interval` s (root may go below 0.2 s); read the
     outcome with `parse_ping_summary` on its stdout. A count, not a deadline, so
     the last reply is waited for instead of being counted lost."""
     return subprocess.Popen(
-        _ping_argv(source, to_ip, "-c", str(count), "-i", str(interval), "-W", "1"),
+        _ping_argv(source, to_ip, "-c", str(count), "-i", str(interval), "-W", str(REPLY_WAIT)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
     )
+
+
+_REPLY_RE = re.compile(r"icmp_seq=(\d+)")
+
+
+class PingRun:
+    """A ping every `interval` s from a namespace (or a namespace container) until `stop`,
+    each reply listed by number: what was lost is known exactly, however long it ran,
+    so a test stops it once what it watches is over instead of waiting out a count."""
+
+    def __init__(self, source: Source, to_ip: Address | str, *, interval: float,
+                 netns_path: str | None = None) -> None:
+        """`netns_path`: for a Docker container, its network namespace
+        (`/proc/<its pid>/ns/net`), where the host's ping runs: docker exec does not pass
+        SIGINT on to ping."""
+        options = ("-i", str(interval), "-W", str(REPLY_WAIT))
+        if netns_path is not None:
+            argv = [tool("nsenter"), f"--net={netns_path}",
+                    *_ping_words(to_ip, *options, quiet=False)]
+        elif isinstance(source, Container) and source.via is not None:
+            raise LabError("PingRun: a Docker container needs its netns_path (docker exec "
+                           "does not pass SIGINT on to ping)")
+        else:
+            argv = _ping_argv(source, to_ip, *options, quiet=False)
+        self.interval = interval
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> tuple[int, list[int], str]:
+        """SIGINT (ping then prints its summary): (pings sent, the numbers of those sent
+        more than REPLY_WAIT s before the stop that were never answered, the output).
+        The pings of that last second may still be on their way: neither counted lost
+        nor answered. Stop it at least that long after what it watches."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        sent, _ = parse_ping_summary(out)
+        answered = {int(n) for n in _REPLY_RE.findall(out)}
+        settled = sent - math.ceil(REPLY_WAIT / self.interval)
+        return sent, [n for n in range(1, settled + 1) if n not in answered], out
 
 
 # --------------------------------------------------------------------------- reachability

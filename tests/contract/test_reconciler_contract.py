@@ -32,7 +32,7 @@ from leaseagent.core.plan import KernelObject, Neighbour, Route, compare
 from leaseagent.core.profiles.base import NoLeaseData
 from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo
-from leaseagent.dataplane.fakenetlink import FakeKernel
+from leaseagent.dataplane.fakenetlink import EVENT_QUEUE_LIMIT, FakeKernel
 from leaseagent.dataplane.host import resolve_host
 from leaseagent.dataplane.hostgw import HostGwBackend
 from leaseagent.dataplane.kernelport import Kernel, KernelOpener
@@ -489,3 +489,22 @@ async def test_a_table_changed_during_a_dump_interrupts_it(tmp_path: Path) -> No
     with pytest.raises(DataPlaneError, match="changed during the dump"):
         await hand.scan_routes(lambda _ident: False, protocol=PROTOCOL)
     await changing
+
+
+async def test_an_overflowed_subscription_fails_and_a_new_one_works(tmp_path: Path) -> None:
+    """As the real socket with ENOBUFS: what was queued is lost and receive fails (the
+    reconciler then opens another subscription and makes a full pass)."""
+    subject = fake_subject()
+    assert subject.fake is not None
+    hand = await subject.hand()
+    events = await hand.events()
+    many = [Route(IPv4Network((0x0A060000 + i, 32)), None, subject.host.iface_index)
+            for i in range(EVENT_QUEUE_LIMIT + 1)]
+    await hand.apply(Action.REPLACE, many, protocol=PROTOCOL)
+    with pytest.raises(DataPlaneError, match=os.strerror(errno.ENOBUFS)):
+        await events.receive()
+    events.close()
+    again = await hand.events()
+    await hand.apply(Action.REMOVE, many[:1], protocol=PROTOCOL)
+    assert [e.obj for e in await again.receive()] == many[:1]
+    again.close()

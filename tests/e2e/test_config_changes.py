@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
@@ -30,7 +30,8 @@ from polling import wait_for
 from switching_lab import SwitchingLab, give_containers_ipv6
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
-from leaseagent.lab import Lab, netns, parse_ping_summary, run
+from leaseagent.lab import Lab, netns, run
+from leaseagent.lab.probes import REPLY_WAIT
 from leaseagent.lab.topology import Host
 
 pytestmark = [pytest.mark.root,
@@ -100,35 +101,32 @@ def applied(lab: Lab, revision: int) -> bool:
 
 @dataclass
 class Pings:
-    """Every container pings the next host's container until stopped."""
+    """What the pings of a `pinging` block sent and lost."""
 
-    outcomes: list[str] = field(default_factory=list)
-
-    @property
-    def sent(self) -> int:
-        return sum(parse_ping_summary(o)[0] for o in self.outcomes)
-
-    @property
-    def lost(self) -> int:
-        return sum(s - r for s, r in map(parse_ping_summary, self.outcomes))
+    sent: int = 0
+    lost: int = 0
 
 
 @contextmanager
-def pinging(lab: Lab, seconds: float, pairs: list[tuple[Host, Host]] | None = None
-            ) -> Iterator[Pings]:
+def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None) -> Iterator[Pings]:
     """Each host of `pairs` (default: every host, to the next one) pings the other's
-    container from its own for `seconds`; the outcome once the block is left."""
+    container from its own, from 0.3 s before the block until every ping sent during it
+    is answered or lost (PingRun); the outcome once the block is left."""
     hosts = list(lab.hosts.values())
     pairs = pairs or [(h, hosts[(i + 1) % len(hosts)]) for i, h in enumerate(hosts)]
-    count = int(seconds / PING_INTERVAL)
-    procs = [lab.ping_background(a.containers[0], b.containers[0].ip, count=count,
-                                 interval=PING_INTERVAL) for a, b in pairs]
+    runs = [lab.ping_run(a.containers[0], b.containers[0].ip, interval=PING_INTERVAL)
+            for a, b in pairs]
     pings = Pings()
     try:
         time.sleep(0.3)  # pinging before the change
         yield pings
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the block is settled
+        assert all(r.running() for r in runs), "a ping stopped by itself"
     finally:
-        pings.outcomes = [p.communicate(timeout=seconds + 30)[0] for p in procs]
+        for each in runs:
+            sent, lost, _ = each.stop()
+            pings.sent += sent
+            pings.lost += len(lost)
 
 
 def report(what: str, kind: str, took: float, pings: Pings) -> None:
@@ -137,10 +135,10 @@ def report(what: str, kind: str, took: float, pings: Pings) -> None:
 
 
 def change(lab: Lab, config: dict[str, Any], converged: Callable[[], bool], *,
-           what: str, kind: str, seconds: float = 4.0) -> tuple[float, Pings]:
+           what: str, kind: str) -> tuple[float, Pings]:
     """Write `config` while pinging; (seconds from the write until every agent has it in
     force and `converged()`, the pings)."""
-    with pinging(lab, seconds) as pings:
+    with pinging(lab) as pings:
         revision = write_config(lab, config)
         began = time.monotonic()
         wait_for(lambda: applied(lab, revision) and converged(), timeout=CONVERGE_SECONDS + 5,
@@ -216,11 +214,11 @@ def test_enable_nftables_moves_the_traffic_rules_to_the_other_tool(lab: FixedSub
     assert all(rules_in(h) == (True, False) for h in hosts)
     _, pings = change(lab, {**lab.network_config(), "EnableNFTables": True},
                       lambda: all(rules_in(h) == (False, True) for h in hosts),
-                      what="EnableNFTables on", kind="in-place", seconds=2.0)
+                      what="EnableNFTables on", kind="in-place")
     assert pings.lost == 0
     _, pings = change(lab, lab.network_config(),
                       lambda: all(rules_in(h) == (True, False) for h in hosts),
-                      what="EnableNFTables off", kind="in-place", seconds=2.0)
+                      what="EnableNFTables off", kind="in-place")
     assert pings.lost == 0
     for host in hosts:
         assert lab.metrics(host)["leaseagent_rules_in_sync"] == 1
@@ -274,7 +272,7 @@ def test_shrinking_the_network_moves_only_the_hosts_outside_it(lab: FixedSubnetL
         return IPv4Interface(env_of(h3)["FLANNEL_SUBNET"]).network.subnet_of(half)
 
     # Pings between the hosts that stay: not one lost.
-    with pinging(lab, 4.0, [(h1, h2), (h2, h1)]) as pings:
+    with pinging(lab, [(h1, h2), (h2, h1)]) as pings:
         revision = write_config(lab, shrunk)
         took = wait_for(lambda: applied(lab, revision) and moved(), timeout=10,
                         what="host 3 moved")
@@ -394,7 +392,7 @@ def test_an_invalid_config_written_with_etcdctl_is_ignored_and_counted(
     good = json.loads(lab.etcdctl("get", lab.keys.config_key, "--print-value-only"))
     before = {h.index: lab.metrics(h).get(
         'leaseagent_network_config_ignored_total{reason="invalid"}', 0) for h in hosts}
-    with pinging(lab, 2.0) as pings:
+    with pinging(lab) as pings:
         lab.etcdctl("put", lab.keys.config_key,
                     json.dumps({**good, "Backend": {"Type": "vxlan", "MTU": 20}}))
         wait_for(lambda: all(lab.metrics(h).get(

@@ -4,21 +4,20 @@ Runs doctor inside a host namespace with that host's agent flags (taken from
 Lab.agent_argv), as an operator would on the host. The drift is made by hand
 while the host's agent is stopped (SIGTERM keeps the kernel state), so the
 agent cannot repair it before doctor looks; restarting the agent repairs it
-and doctor is quiet again. The lab is always taken down.
+and doctor is quiet again, leaving the shared lab as it was.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 from labdoctor import doctor
+from subnets import lab_free
 
 from leaseagent.lab import Host, Lab
 
@@ -29,20 +28,10 @@ pytestmark = pytest.mark.root
 STALE_SUBNET = "10.244.0.0/24"
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    lab = Lab(f"doc{os.getpid() % 100000}", backend="vxlan")
-    try:
-        lab.up(3, 0)
-        for host in lab.hosts.values():
-            lab.wait_ready(host, timeout=20)
-        yield lab
-    finally:
-        warnings = lab.down()
-        assert not warnings, warnings
-
+@pytest.fixture
+def lab(vxlan_lab: Lab) -> Lab:
+    """The shared vxlan lab (tests/e2e/conftest.py): 3 hosts, every agent ready."""
+    return vxlan_lab
 
 
 def wait_healthy(lab: Lab, host: Host, timeout: float = 10) -> subprocess.CompletedProcess[str]:
@@ -73,6 +62,15 @@ def test_drift_is_named_line_by_line_and_fixed_by_the_agent(lab: Lab, tmp_path: 
     gw = peer_net.network_address
     assert wait_healthy(lab, host).returncode == 0
 
+    kv = json.loads(lab.etcdctl("get", lab.lease_key(host), "-w", "json"))["kvs"][0]
+    lease = format(int(kv["lease"]), "x")
+
+    def renewed() -> Lab:
+        """The stopped agent's renewal, done by hand: on a busy machine the doctor runs
+        below outlast the lease's TTL, and doctor would rightly find no lease."""
+        lab.etcdctl("lease", "keep-alive", "--once", lease)
+        return lab
+
     lab.stop_agent(host)  # SIGTERM: the kernel state stays, nobody repairs it
     try:
         ns = host.ns
@@ -86,7 +84,7 @@ def test_drift_is_named_line_by_line_and_fixed_by_the_agent(lab: Lab, tmp_path: 
         wrong_env = tmp_path / "subnet.env"
         wrong_env.write_text(env)
 
-        result = doctor(lab, host)
+        result = doctor(renewed(), host)
         assert result.returncode == 1, result.stdout + result.stderr
         lines = result.stdout.splitlines()
         assert any(line.startswith(f"missing route {peer_net} via {gw} dev flannel.1 onlink")
@@ -97,7 +95,7 @@ def test_drift_is_named_line_by_line_and_fixed_by_the_agent(lab: Lab, tmp_path: 
         assert result.stderr == ""
         print("doctor after drift:\n" + result.stdout)
 
-        as_json = doctor(lab, host, "--json")
+        as_json = doctor(renewed(), host, "--json")
         assert as_json.returncode == 1
         report = json.loads(as_json.stdout)
         assert report["ok"] is False
@@ -105,7 +103,7 @@ def test_drift_is_named_line_by_line_and_fixed_by_the_agent(lab: Lab, tmp_path: 
         assert f"route {peer_net} via {gw} dev flannel.1 onlink" in [p["object"] for p in missing]
         assert all(set(p) == {"kind", "object", "detail"} for p in report["problems"])
 
-        env_result = doctor(lab, host, overrides={"--subnet-file": str(wrong_env)})
+        env_result = doctor(renewed(), host, overrides={"--subnet-file": str(wrong_env)})
         assert (f"subnet.env FLANNEL_SUBNET=10.244.0.1/24 but the lease is {host.subnet.network}"
                 in env_result.stdout), env_result.stdout
     finally:
@@ -127,9 +125,7 @@ def test_two_keys_for_one_subnet_agent_leasectl_and_doctor_agree(lab: Lab) -> No
     """One rule for every tool: the older key holds the subnet. The agent programs it,
     `leasectl list` calls the younger a duplicate of it, doctor finds the host healthy."""
     host = lab.hosts[1]
-    taken = {h.subnet.network for h in lab.hosts.values() if h.subnet is not None}
-    subnet = next(IPv4Network(f"10.244.{n}.0/24") for n in range(34, 250)
-                  if IPv4Network(f"10.244.{n}.0/24") not in taken)
+    subnet = lab_free(lab, first=34)[0]  # no host's: theirs are random
     older_key = lab.keys.lease_key(subnet)
     younger_key = older_key + "&fd00::-64"
     older = {"PublicIP": "10.250.0.200", "PublicIPv6": None, "BackendType": "vxlan",

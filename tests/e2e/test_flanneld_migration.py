@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from subnets import lab_free
 
 from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.dataplane.firewall import IptablesFirewall
@@ -53,13 +54,14 @@ from leaseagent.lab import (
     ETCD_PREFIX,
     Host,
     Lab,
-    parse_ping_summary,
     run,
     tool,
 )
 from leaseagent.lab import agents as lab_agents
 from leaseagent.lab.agents import METRICS_ADDR
 from leaseagent.lab.docker import unavailable as docker_unavailable
+from leaseagent.lab.probes import REPLY_WAIT
+from leaseagent.lab.topology import Container
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
@@ -67,7 +69,6 @@ pytestmark = [pytest.mark.root,
 FLANNEL_CONFIG = {"Network": str(CONTAINER_NETWORK), "subnetLen": 24,
                   "backend": {"type": "vxlan", "vni": 1, "mtu": 1400}}
 FLANNEL_MTU = 1350  # flanneld: Backend.MTU 1400 is the path's; the device gets 50 less
-STALE_SUBNET = "10.244.250.0/24"  # a peer that left while flanneld ran
 
 
 class FlannelConfigLab(Lab):
@@ -108,9 +109,10 @@ def sh(host: Host, *argv: str, check: bool = True) -> str:
     return run(["ip", "netns", "exec", host.ns, *argv], check=check)
 
 
-def become_flanneld_host(lab: Lab, host: Host) -> dict[str, str]:
-    """Leave `host` as flanneld leaves it (see the module docstring); its lease value.
-    FORWARD's policy and DOCKER-USER are made here only where no dockerd made them."""
+def become_flanneld_host(lab: Lab, host: Host, stale: str) -> dict[str, str]:
+    """Leave `host` as flanneld leaves it (see the module docstring), with a route to
+    `stale` (a peer that left while flanneld ran); its lease value. FORWARD's policy
+    and DOCKER-USER are made here only where no dockerd made them."""
     assert host.subnet is not None
     pod, net = str(host.subnet.network), str(CONTAINER_NETWORK)
     lab.stop_agent(host)  # SIGTERM: device, entries and routes stay
@@ -145,7 +147,7 @@ def become_flanneld_host(lab: Lab, host: Host) -> dict[str, str]:
        "{ type filter hook forward priority filter; policy accept; }")
     sh(host, "ip", "link", "add", "flannel.9", "type", "vxlan", "id", "9", "dstport", "4789",
        "dev", "eth0", "local", str(host.public_ip), "nolearning")
-    sh(host, "ip", "route", "add", STALE_SUBNET, "via", STALE_SUBNET.split("/")[0], "dev",
+    sh(host, "ip", "route", "add", stale, "via", stale.split("/")[0], "dev",
        "flannel.1", "onlink", "proto", "boot")
     # Its lease as flanneld writes it: no NodeID, a 24-hour etcd lease.
     key = lab.lease_key(host)
@@ -206,6 +208,22 @@ def docker_identity(lab: Lab, host: Host) -> dict[str, str]:
     return out
 
 
+class SwitchPings:
+    """A ping every 50 ms across the switch, until `stop`, however long the switch takes
+    (PingRun, every reply by number; from a Docker container, in its network namespace)."""
+
+    def __init__(self, lab: Lab, source: Container, target: Container) -> None:
+        self.run = lab.ping_run(source, target.ip, interval=0.05)
+
+    def running(self) -> bool:
+        return self.run.running()
+
+    def stop(self) -> tuple[int, int, str]:
+        """(sent, lost, ping's output); see PingRun.stop for the last second's pings."""
+        sent, lost, out = self.run.stop()
+        return sent, len(lost), out
+
+
 def test_flanneld_host_switched_to_leaseagent_loses_nothing(lab: Lab) -> None:
     switch_from_flanneld(lab)
 
@@ -230,14 +248,15 @@ def switch_from_flanneld(lab: Lab) -> None:
                          "-A FORWARD -o docker0 -j DOCKER", "-A DOCKER-USER -j RETURN"):
                 assert rule in lines, (rule, lines)
         identity = {h.index: docker_identity(lab, h) for h in (h1, h2)}
-    leases = {h.index: become_flanneld_host(lab, h) for h in (h1, h2)}
+    stale = str(lab_free(lab)[0])  # no host's: theirs are random in the same range
+    leases = {h.index: become_flanneld_host(lab, h, stale) for h in (h1, h2)}
     sh(h1, "iptables", "-I", "DOCKER-USER", "1", "-s", str(c2.ip), "-d", str(c1.ip), "-p",
        "icmp", "--icmp-type", "echo-request", "-j", "DROP")
     # flanneld's data plane carries the traffic; DOCKER-USER already drops c2 -> c1.
     assert lab.ping(c1, c2.ip, count=2, wait=2)
     assert not lab.ping(c2, c1.ip, count=1, wait=1)
 
-    ping = lab.ping_background(c1, c2.ip, count=300, interval=0.05)  # 15 s
+    pings = SwitchPings(lab, c1, c2)
     started = time.monotonic()
     try:
         for host in (h1, h2):
@@ -253,7 +272,7 @@ def switch_from_flanneld(lab: Lab) -> None:
         assert named.returncode == 1, named.stdout + named.stderr
         for thing in ("iptables nat chain FLANNEL-POSTRTG", "iptables filter chain FLANNEL-FWD",
                       '-j FLANNEL-POSTRTG', '-j FLANNEL-FWD', "nftables table ip flannel-ipv4",
-                      "device flannel.9", f"route {STALE_SUBNET} via"):
+                      "device flannel.9", f"route {stale} via"):
             assert any(line.startswith("flanneld leftover: ") and thing in line
                        for line in named.stdout.splitlines()), (thing, named.stdout)
         cleaned = {}
@@ -266,20 +285,20 @@ def switch_from_flanneld(lab: Lab) -> None:
             assert result.returncode == 0, result.stdout + result.stderr
             cleaned[host.name] = result.stdout.splitlines()
         switched = time.monotonic() - started
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the switch is settled
         # The pings counted cover the whole switch: still running once cleanup is done.
-        assert ping.poll() is None, f"the ping ended before the switch was done ({switched:.1f}s)"
+        assert pings.running(), f"the ping ended before the switch was done ({switched:.1f}s)"
     finally:
-        out, _ = ping.communicate(timeout=60)
-    sent, received = parse_ping_summary(out)
-    assert sent == 300 and received == 300, out
+        sent, lost, out = pings.stop()
+    assert sent > 0 and lost == 0, out
     print(f"\nping c1 -> c2 across the switch{' (Docker)' if lab.docker else ''}: "
-          f"{received}/{sent}; switched in {switched:.1f}s; cleanup: " + json.dumps(cleaned))
+          f"{sent - lost}/{sent}; switched in {switched:.1f}s; cleanup: " + json.dumps(cleaned))
 
     for host in (h1, h2):
         removed = cleaned[host.name]
         for thing in ("iptables nat chain FLANNEL-POSTRTG", "iptables filter chain FLANNEL-FWD",
                       "nftables table ip flannel-ipv4", "device flannel.9",
-                      f"route {STALE_SUBNET} via"):
+                      f"route {stale} via"):
             assert any(thing in line for line in removed), (thing, removed)
         assert not any("device flannel.1" in line for line in removed)  # ours now
         env = parse_environment_file(host.subnet_file.read_text())
@@ -294,7 +313,7 @@ def switch_from_flanneld(lab: Lab) -> None:
         saved = sh(host, "iptables-save")
         assert "FLANNEL-" not in saved and "flanneld" not in saved
         assert "flannel-ipv4" not in sh(host, "nft", "list", "tables")
-        assert STALE_SUBNET not in run(["ip", "-n", host.ns, "route"])
+        assert stale not in run(["ip", "-n", host.ns, "route"])
         doctor = lab.host_run(host, doctor_argv(lab, host))
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         if lab.docker:

@@ -20,37 +20,27 @@ Three hosts with real agents, a real etcd, real kernels (vxlan and host-gw):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 from labdoctor import doctor
+from polling import wait_for
+from subnets import lab_free, lab_free6
 
 from leaseagent.lab import Host, Lab, tool
 
 pytestmark = pytest.mark.root
 
-ROUTED = "10.244.250.0/24"  # a static route on h1 (as a VPN would add)
-ADDRESSED = "10.244.251.0/24"  # an address on a device of h2 (a bridge: no dummy module here)
-MACS = {ROUTED: "0a:44:00:00:fa:01", ADDRESSED: "0a:44:00:00:fb:01"}
 
 
-@pytest.fixture(scope="module", params=["vxlan", "host-gw"])
-def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    tag = "hv" if request.param == "vxlan" else "hg"
-    lab = Lab(f"{tag}{os.getpid() % 100000}", backend=request.param)
-    try:
-        lab.up(3, 1)
-        for host in lab.hosts.values():
-            lab.wait_ready(host, timeout=20)
-        yield lab
-    finally:
-        warnings = lab.down()
-        assert not warnings, warnings
+@pytest.fixture(params=["vxlan_lab", "hostgw_lab"], ids=["vxlan", "host-gw"])
+def lab(request: pytest.FixtureRequest) -> Lab:
+    """The shared 3-host lab of each backend (tests/e2e/conftest.py); each test leaves
+    it as it found it."""
+    return request.getfixturevalue(request.param)  # type: ignore[no-any-return]
 
 
 def _hosts(lab: Lab) -> list[Host]:
@@ -67,13 +57,8 @@ def _route(lab: Lab, host: Host, dst: str) -> str:
     return _ip(lab, host, "-4", "route", "show", "table", "main", "exact", dst).strip()
 
 
-def _wait(what: str, check, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    assert check(), f"not within {timeout}s: {what}"
+def _wait(what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
+    wait_for(check, timeout=timeout, what=what, every=0.1)
 
 
 def _value(ip: str, backend: str, mac: str) -> str:
@@ -143,66 +128,71 @@ def test_leasectl_config_set_refuses_a_network_holding_this_hosts_network(lab: L
 
 def test_a_lease_over_a_hosts_own_route_or_address_is_skipped_there_only(lab: Lab) -> None:
     h1, h2, h3 = _hosts(lab)
-    _ip(lab, h1, "route", "add", ROUTED, "via", "10.250.0.1", "proto", "static")
+    # Subnets no host holds (theirs are random in the same range): a static route on h1
+    # (as a VPN would add), an address on a device of h2 (a bridge: no dummy module here).
+    routed, addressed = (str(n) for n in lab_free(lab, 2))
+    address = addressed.replace(".0/24", ".5")
+    macs = {routed: "0a:44:00:00:fa:01", addressed: "0a:44:00:00:fb:01"}
+    _ip(lab, h1, "route", "add", routed, "via", "10.250.0.1", "proto", "static")
     _ip(lab, h2, "link", "add", "hostile0", "type", "bridge")
     try:
-        _ip(lab, h2, "addr", "add", "10.244.251.5/24", "dev", "hostile0")
+        _ip(lab, h2, "addr", "add", f"{address}/24", "dev", "hostile0")
         _ip(lab, h2, "link", "set", "hostile0", "up")
-        before = {ROUTED: _route(lab, h1, ROUTED), ADDRESSED: _route(lab, h2, ADDRESSED)}
-        assert "proto static" in before[ROUTED] and "proto kernel" in before[ADDRESSED]
-        for subnet, ip in ((ROUTED, "10.250.0.98"), (ADDRESSED, "10.250.0.97")):
+        before = {routed: _route(lab, h1, routed), addressed: _route(lab, h2, addressed)}
+        assert "proto static" in before[routed] and "proto kernel" in before[addressed]
+        for subnet, ip in ((routed, "10.250.0.98"), (addressed, "10.250.0.97")):
             lab.etcdctl("put", lab.keys.subnets_prefix + subnet.replace("/", "-"),
-                        _value(ip, lab.backend, MACS[subnet]))
+                        _value(ip, lab.backend, macs[subnet]))
         # The hosts without a conflict program both; each conflicted host only the other.
-        programmed = ((h3, (ROUTED, ADDRESSED)), (h1, (ADDRESSED,)), (h2, (ROUTED,)))
+        programmed = ((h3, (routed, addressed)), (h1, (addressed,)), (h2, (routed,)))
         for h, subnets in programmed:
             for subnet in subnets:
                 _wait(f"{h.name} programs {subnet}",
                       lambda h=h, subnet=subnet: "proto" in _route(lab, h, subnet)
                       and _route(lab, h, subnet) != before.get(subnet))
         time.sleep(1.0)
-        assert _route(lab, h1, ROUTED) == before[ROUTED]
-        assert _route(lab, h2, ADDRESSED) == before[ADDRESSED]
-        assert "10.244.251.5" in _ip(lab, h2, "-4", "addr", "show", "dev", "hostile0")
+        assert _route(lab, h1, routed) == before[routed]
+        assert _route(lab, h2, addressed) == before[addressed]
+        assert address in _ip(lab, h2, "-4", "addr", "show", "dev", "hostile0")
         for h, expected in ((h1, 1.0), (h2, 1.0), (h3, 0.0)):
             assert lab.metrics(h).get("leaseagent_dataplane_conflicting_peers") == expected, h.name
         log1 = h1.log_file.read_text()
-        assert log1.count(f"peer {ROUTED} (10.250.0.98, node planted) not programmed") == 1
-        assert f"its subnet overlaps this host's route {ROUTED}" in log1
+        assert log1.count(f"peer {routed} (10.250.0.98, node planted) not programmed") == 1
+        assert f"its subnet overlaps this host's route {routed}" in log1
         log2 = h2.log_file.read_text()
-        assert f"peer {ADDRESSED} (10.250.0.97, node planted) not programmed" in log2
-        assert (f"connected route {ADDRESSED}" in log2 or "address 10.244.251.5" in log2), log2
+        assert f"peer {addressed} (10.250.0.97, node planted) not programmed" in log2
+        assert (f"connected route {addressed}" in log2 or f"address {address}" in log2), log2
         doc = doctor(lab, h1)
         assert doc.returncode == 1, doc.stdout + doc.stderr
-        assert (f"lease {ROUTED} (10.250.0.98) not programmed here: its subnet overlaps this "
-                f"host's route {ROUTED}") in doc.stdout
+        assert (f"lease {routed} (10.250.0.98) not programmed here: its subnet overlaps this "
+                f"host's route {routed}") in doc.stdout
         # leasectl list on h1 says it; on h3 the same key is what it is (no etcd lease).
         for h, status in ((h1, "conflict"), (h3, "reserved")):  # planted with no etcd lease
             listed = _leasectl(lab, h, "list", "--json")
             assert listed.returncode == 0, listed.stderr
-            row = next(r for r in json.loads(listed.stdout) if r["subnet"] == ROUTED)
+            row = next(r for r in json.loads(listed.stdout) if r["subnet"] == routed)
             assert row["status"] == status and row["valid"] is True, row
             if status == "conflict":
-                assert row["error"].startswith(f"overlaps this host's route {ROUTED}")
+                assert row["error"].startswith(f"overlaps this host's route {routed}")
         # Gone again: the programmed entries go, the host's own stay, nothing breaks.
-        for subnet in (ROUTED, ADDRESSED):
+        for subnet in (routed, addressed):
             lab.etcdctl("del", lab.keys.subnets_prefix + subnet.replace("/", "-"))
         for h in (h1, h2, h3):
             _wait(f"{h.name} clean", lambda h=h: lab.metrics(h).get(
                 "leaseagent_dataplane_conflicting_peers") == 0.0)
-        _wait("h3 removed both", lambda: not _route(lab, h3, ROUTED) and not _route(lab, h3,
-                                                                                  ADDRESSED))
-        assert _route(lab, h1, ROUTED) == before[ROUTED]
-        assert _route(lab, h2, ADDRESSED) == before[ADDRESSED]
+        _wait("h3 removed both", lambda: not _route(lab, h3, routed) and not _route(lab, h3,
+                                                                                  addressed))
+        assert _route(lab, h1, routed) == before[routed]
+        assert _route(lab, h2, addressed) == before[addressed]
         assert lab.wait_reachable(timeout=10).all_ok
         # `leasectl reserve` on h1 refuses the subnet over its route; on h3 it may.
-        refused = _leasectl(lab, h1, "reserve", ROUTED, "--public-ip", "10.250.0.55")
+        refused = _leasectl(lab, h1, "reserve", routed, "--public-ip", "10.250.0.55")
         assert refused.returncode == 2
-        assert f"overlaps this host's route {ROUTED}" in refused.stderr.strip(), refused.stderr
-        assert _leasectl(lab, h3, "reserve", ROUTED, "--public-ip", "10.250.0.55").returncode == 0
-        assert _leasectl(lab, h3, "release", ROUTED).returncode == 0
+        assert f"overlaps this host's route {routed}" in refused.stderr.strip(), refused.stderr
+        assert _leasectl(lab, h3, "reserve", routed, "--public-ip", "10.250.0.55").returncode == 0
+        assert _leasectl(lab, h3, "release", routed).returncode == 0
     finally:
-        lab.host_run(h1, ["ip", "route", "del", ROUTED, "proto", "static"])
+        lab.host_run(h1, ["ip", "route", "del", routed, "proto", "static"])
         lab.host_run(h2, ["ip", "link", "del", "hostile0"])
 
 
@@ -219,7 +209,7 @@ def test_a_lease_with_another_hosts_vtep_mac_is_not_programmed(lab: Lab) -> None
     value = lab.lease_value(h1)
     assert value is not None
     mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]
-    planted = "10.244.249.0/24"
+    planted = str(lab_free(lab)[0])
     lab.etcdctl("put", lab.keys.subnets_prefix + planted.replace("/", "-"),
                 _value("10.250.0.96", "vxlan", mac))
     try:
@@ -249,18 +239,20 @@ def _route6(lab: Lab, host: Host, dst: str) -> str:
     return _ip(lab, host, "-6", "route", "show", "table", "main", "exact", dst).strip()
 
 
-@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
-def test_the_ipv6_part_of_a_lease_over_a_hosts_own_route_is_skipped_there(backend: str,
-                                                                          request) -> None:
+@pytest.mark.parametrize("lab6", ["vxlan_lab6", "hostgw_lab6"], ids=["vxlan", "host-gw"])
+def test_the_ipv6_part_of_a_lease_over_a_hosts_own_route_is_skipped_there(
+        lab6: str, request: pytest.FixtureRequest) -> None:
     """The same rule for the IPv6 side: a dual-stack lease whose IPv6 subnet covers a
     route of one host (proto static) is not programmed there (neither family), and is
     programmed, both families, on the others."""
-    lab = request.getfixturevalue("vxlan_lab6" if backend == "vxlan" else "hostgw_lab6")
+    lab: Lab = request.getfixturevalue(lab6)
+    backend = lab.backend
     h1, h2, _h3 = _hosts(lab)
-    routed6 = "fd00:244:0:f8::/64"
+    # A subnet of each family no host holds (theirs are random in the same ranges).
+    routed4, routed6 = str(lab_free(lab)[0]), str(lab_free6(lab)[0])
     via6 = str(h2.public_ipv6)
     _ip(lab, h1, "-6", "route", "add", routed6, "via", via6, "proto", "static")
-    key = lab.keys.subnets_prefix + "10.244.248.0-24&fd00:244:0:f8::-64"
+    key = lab.keys.lease_key(IPv4Network(routed4), IPv6Network(routed6))
     data = {"VNI": 1, "VtepMAC": "0a:44:00:00:f8:01"} if backend == "vxlan" else {}
     data6 = {"VNI": 1, "VtepMAC": "0a:44:00:00:f8:02"} if backend == "vxlan" else {}
     value = {"PublicIP": "10.250.0.95", "PublicIPv6": "fd00:250::95", "BackendType": backend,
@@ -270,13 +262,13 @@ def test_the_ipv6_part_of_a_lease_over_a_hosts_own_route_is_skipped_there(backen
         before = _route6(lab, h1, routed6)
         assert "proto static" in before
         lab.etcdctl("put", key, json.dumps(value))
-        _wait("h2 programs both families", lambda: "proto" in _route(lab, h2, "10.244.248.0/24")
+        _wait("h2 programs both families", lambda: "proto" in _route(lab, h2, routed4)
               and "proto" in _route6(lab, h2, routed6))
         _wait("h1 counts the conflict", lambda: lab.metrics(h1).get(
             "leaseagent_dataplane_conflicting_peers") == 1.0)
         time.sleep(1.0)
         assert _route6(lab, h1, routed6) == before
-        assert not _route(lab, h1, "10.244.248.0/24")
+        assert not _route(lab, h1, routed4)
         assert f"overlaps this host's route {routed6}" in h1.log_file.read_text()
     finally:
         lab.etcdctl("del", key)

@@ -32,11 +32,11 @@ from ipaddress import (
     IPv4Network,
     IPv6Address,
     IPv6Interface,
-    IPv6Network,
 )
 from pathlib import Path
 
 import pytest
+from subnets import lab_free, lab_free6
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.network import network_config_from_dict
@@ -393,7 +393,7 @@ FLANNELD_VALUE = ('{"PublicIP":"10.250.0.99","PublicIPv6":"fd00:250::99","Backen
 
 def test_a_flanneld_dual_stack_lease_is_programmed_over_both_families(vxlan_lab6: Lab) -> None:
     lab = vxlan_lab6
-    v4, v6 = IPv4Network("10.244.250.0/24"), IPv6Network("fd00:244:0:fa::/64")
+    v4, v6 = lab_free(lab)[0], lab_free6(lab)[0]  # no host's: theirs are random
     key = lab.keys.lease_key(v4, v6)
     lab.etcdctl("put", key, FLANNELD_VALUE)
     try:
@@ -410,7 +410,7 @@ def test_a_flanneld_dual_stack_lease_is_programmed_over_both_families(vxlan_lab6
         assert all(len(e) == 3 for e in found.values()), found  # route, neighbour, FDB
         h1 = next(iter(lab.hosts.values()))
         text = "\n".join(found[f"{h1.name} IPv6"])
-        assert "fd00:244:0:fa::/64 via fd00:244:0:fa:: dev flannel-v6.1" in text
+        assert f"{v6} via {v6.network_address} dev flannel-v6.1" in text
         assert "dst fd00:250::99" in text  # the FDB entry to its PublicIPv6
     finally:
         lab.etcdctl("del", key)

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 
 import pytest
+from polling import wait_for, wait_value
 
 from leaseagent.lab import Lab, run
-
-
-def _wait(what: str, check, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
-        time.sleep(0.05)
 
 
 @pytest.mark.root
@@ -34,8 +24,9 @@ def test_metric_families_move_with_their_events(vxlan_lab: Lab) -> None:
 
     joiner = lab.add_host(containers=1)
     try:
-        after = _wait("the new peer in the metrics", lambda: (
-            m if (m := lab.metrics(watcher)).get(peers_key, 0) == before[peers_key] + 1 else None))
+        after = wait_value(lambda: (
+            m if (m := lab.metrics(watcher)).get(peers_key, 0) == before[peers_key] + 1 else None),
+            timeout=5, what="the new peer in the metrics", every=0.05)
 
         def grew(name: str) -> bool:
             return after.get(name, 0) > before.get(name, 0)
@@ -51,10 +42,12 @@ def test_metric_families_move_with_their_events(vxlan_lab: Lab) -> None:
         subnet = str(joiner.subnet.network)
         repairs = 'leaseagent_dataplane_drift_repairs_total{kind="route"}'
         run(["ip", "-n", watcher.ns, "route", "del", subnet])
-        _wait("the route back", lambda: subnet in run(["ip", "-n", watcher.ns, "route", "show"]),
-              timeout=1.0 + 1.0)  # 1 s promise, plus a second of margin for a busy machine
-        repaired = _wait("the repair counted", lambda: (
-            m if (m := lab.metrics(watcher)).get(repairs, 0) > before.get(repairs, 0) else None))
+        wait_for(lambda: subnet in run(["ip", "-n", watcher.ns, "route", "show"]),
+                 what="the route back", every=0.05,
+                 timeout=1.0 + 1.0)  # 1 s promise, plus a second of margin for a busy machine
+        repaired = wait_value(lambda: (
+            m if (m := lab.metrics(watcher)).get(repairs, 0) > before.get(repairs, 0) else None),
+            timeout=5, what="the repair counted", every=0.05)
         assert repaired[repairs] >= 1
     finally:
         lab.remove_host(joiner)

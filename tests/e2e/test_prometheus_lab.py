@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from polling import wait_value
 
 from leaseagent.lab import Lab
 from leaseagent.lab.prometheus import SCRAPE_SECONDS
@@ -28,13 +29,7 @@ MARGIN = 15.0
 
 
 def _wait(what: str, check: Callable[[], T | None], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
-        time.sleep(0.2)
+    return wait_value(check, timeout=timeout, what=what, every=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +86,28 @@ def test_every_dashboard_query_parses_and_returns_data(lab: Lab) -> None:
     """The dashboard's template variables stand for what Grafana puts there: all hosts,
     and a rate window of a minute."""
     _wait("every target up and ready", lambda: _all_up_and_ready(lab), timeout=30)
-    time.sleep(3 * SCRAPE_SECONDS)  # rate() needs two samples in its window
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [(panel["title"], target["expr"]) for panel in dashboard["panels"]
                for target in panel.get("targets", [])]
     assert len(queries) >= 20
-    empty: list[Any] = []
-    for title, expr in queries:
-        concrete = expr.replace("$__rate_interval", "1m").replace("$node", ".*")
-        assert "$" not in concrete, (title, expr)
-        if not lab.prometheus_server.query(concrete):  # a parse error raises LabError
-            empty.append((title, concrete))
-    assert empty == []
+
+    def empty() -> list[Any]:
+        without: list[Any] = []
+        for title, expr in queries:
+            concrete = expr.replace("$__rate_interval", "1m").replace("$node", ".*")
+            assert "$" not in concrete, (title, expr)
+            if not lab.prometheus_server.query(concrete):  # a parse error raises LabError
+                without.append((title, concrete))
+        return without
+
+    # rate() needs two samples in its window: within 3 scrapes of the targets being up
+    # (at once when earlier tests ran that long).
+    left = empty()
+    deadline = time.monotonic() + 3 * SCRAPE_SECONDS
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = empty()
+    assert left == []
     # The host variable's label_values(up{job="leaseagent"}, node), as Grafana asks for it.
     nodes = lab.prometheus_server.api("label/node/values", **{"match[]": 'up{job="leaseagent"}'})
     assert sorted(nodes) == sorted(lab.node_id(h) for h in lab.hosts.values())

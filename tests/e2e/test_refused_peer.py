@@ -20,16 +20,17 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from labdoctor import doctor
+from polling import wait_for
+from subnets import lab_free
 
 from leaseagent.lab import Lab
 
 pytestmark = pytest.mark.root
 
-SUBNET = "10.244.249.0/24"
 GATEWAY = "192.0.2.77"  # TEST-NET-1: on no host's link
 RESYNC = 1.0
 
@@ -50,18 +51,14 @@ def lab() -> Iterator[Lab]:
         assert not warnings, warnings
 
 
-def _wait(what: str, check, timeout: float = 15.0) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.1)
-    return time.monotonic() - started
+def _wait(what: str, check: Callable[[], bool], timeout: float = 15.0) -> float:
+    return wait_for(check, timeout=timeout, what=what, every=0.1)
 
 
 def test_one_refused_peer_leaves_every_host_ready_and_is_named(lab: Lab) -> None:
     hosts = sorted(lab.hosts.values(), key=lambda h: h.index)
-    key = lab.keys.subnets_prefix + SUBNET.replace("/", "-")
+    subnet = lab_free(lab)[0]  # no host's: theirs are random in the same range
+    key = lab.keys.lease_key(subnet)
     lab.etcdctl("put", key, json.dumps({"PublicIP": GATEWAY, "PublicIPv6": None,
                                         "BackendType": "host-gw", "BackendData": {},
                                         "NodeID": "unreachable"}))
@@ -75,15 +72,15 @@ def test_one_refused_peer_leaves_every_host_ready_and_is_named(lab: Lab) -> None
             assert metrics.get("leaseagent_dataplane_in_sync") == 1.0, h.name
             log = h.log_file.read_text()
             named = [line for line in log.splitlines()
-                     if f"peer {SUBNET} ({GATEWAY}) cannot be programmed" in line]
+                     if f"peer {subnet} ({GATEWAY}) cannot be programmed" in line]
             assert len(named) == 1, log
-            assert f"route {SUBNET} via {GATEWAY} dev eth0" in named[0], named[0]
+            assert f"route {subnet} via {GATEWAY} dev eth0" in named[0], named[0]
             assert "Network is unreachable" in named[0], named[0]
             assert "not ready" not in log, log
         reach = lab.wait_reachable(timeout=10)
         assert reach.all_ok, "\n" + reach.format()
         doc = doctor(lab, hosts[0])
-        assert (f"peer {SUBNET}: its PublicIP {GATEWAY} is not on the link of eth0"
+        assert (f"peer {subnet}: its PublicIP {GATEWAY} is not on the link of eth0"
                 in doc.stdout), doc.stdout + doc.stderr
 
         h1 = hosts[0]

@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address
 
 import pytest
+from polling import wait_for
 
 from leaseagent.core.rules import TrafficSettings, compare, ruleset
 from leaseagent.dataplane.firewall import IptablesFirewall, NftFirewall
-from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, parse_ping_summary, run, tool
+from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, run, tool
+from leaseagent.lab.probes import REPLY_WAIT
 from leaseagent.lab.topology import OUTSIDE_IP
 
 pytestmark = [pytest.mark.root,
@@ -222,9 +224,11 @@ def test_vxlan_from_a_non_peer_is_dropped_while_peers_traffic_flows(rules_lab: L
         got_control = forge(lab, intruder, h2, h1.subnet.ip + 100)
         assert got_control > 0, "the forged frames do not even reach an unfiltered host"
         assert got_filtered == 0
-        time.sleep(REPAIR_BOUND[mode(lab)] + 0.5)  # the counter is read at each check
+        # The counter is read at each check (iptables: every IPTABLES_RESYNC s).
+        wait_for(lambda: lab.metrics(h1)["leaseagent_vxlan_peer_filter_dropped_packets_total"]
+                 - dropped_before >= 20, timeout=REPAIR_BOUND[mode(lab)] + 0.5,
+                 what="the forged frames counted as dropped", every=0.2)
         dropped = lab.metrics(h1)["leaseagent_vxlan_peer_filter_dropped_packets_total"]
-        assert dropped - dropped_before >= 20
         assert lab.wait_reachable(timeout=5).all_ok
         print(f"\n{mode(lab)}: forged VXLAN to h1 (filtered): {got_filtered} received, "
               f"{dropped - dropped_before:.0f} dropped; to h2 (no filter): {got_control}/20")
@@ -252,14 +256,17 @@ def test_a_joining_peer_is_reachable_at_once_and_never_dropped(rules_lab: Lab) -
 def test_an_agent_restart_under_ping_loses_nothing(rules_lab: Lab) -> None:
     lab = rules_lab
     h1, h2 = lab.hosts[1], lab.hosts[2]
-    ping = lab.ping_background(h2.containers[0], h1.containers[0].ip, count=80, interval=0.05)
-    time.sleep(0.5)
-    lab.stop_agent(h1)
-    lab.start_agent(h1)
-    lab.wait_ready(h1, timeout=20)
-    out, _ = ping.communicate(timeout=30)
-    sent, received = parse_ping_summary(out)
-    assert sent == 80 and received == 80, out
+    pings = lab.ping_run(h2.containers[0], h1.containers[0].ip, interval=0.05)
+    try:
+        time.sleep(0.5)
+        lab.stop_agent(h1)
+        lab.start_agent(h1)
+        lab.wait_ready(h1, timeout=20)
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the restart is settled
+        assert pings.running(), "the ping stopped by itself"
+    finally:
+        sent, lost, out = pings.stop()
+    assert sent > 0 and lost == [], out
 
 
 def test_doctor_names_a_missing_rule_and_cleanup_removes_everything(rules_lab: Lab) -> None:

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import pytest
 from labdoctor import doctor_flags
+from polling import wait_for as _wait_for
 
 from leaseagent.lab import CONTAINER_NETWORK, UNDERLAY, Host, Lab, parse_ping_summary, run, tool
+from leaseagent.lab.probes import REPLY_WAIT
 
 pytestmark = pytest.mark.root
 
@@ -76,13 +78,9 @@ def doctor(lab: Lab, host: Host) -> subprocess.CompletedProcess[str]:
     return lab.host_run(host, [tool("leasectl"), "doctor", *doctor_flags(lab, host)], timeout=60)
 
 
-def wait_for(what: str, check: object, timeout: float) -> float:
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
     """Seconds until `check()` is true; AssertionError naming `what` after `timeout`."""
-    started = time.monotonic()
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout}s"
-        time.sleep(0.01)
-    return time.monotonic() - started
+    return _wait_for(check, timeout=timeout, what=what, every=0.01)
 
 
 # -- a capture of the underlay -------------------------------------------------------
@@ -163,15 +161,17 @@ def test_doctor_is_quiet_and_shows_the_public_key(lab: Lab) -> None:
 def test_an_agent_killed_and_restarted_keeps_its_key_and_loses_no_ping(lab: Lab) -> None:
     h1, h2 = lab.hosts[1], lab.hosts[2]
     key, pid = public_key(lab, h1), lab.host_run(h1, ["pgrep", "-x", "wireguard-go"]).stdout
-    pings = lab.ping_background(h2.containers[0].ns, h1.containers[0].ip, count=150,
-                                interval=0.02)
-    time.sleep(0.5)
-    lab.stop_agent(h1, sig=signal.SIGKILL)
-    lab.start_agent(h1)
-    lab.wait_ready(h1)
-    out, _ = pings.communicate(timeout=30)
-    sent, received = parse_ping_summary(out)
-    assert (sent, received) == (150, 150), out
+    pings = lab.ping_run(h2.containers[0].ns, h1.containers[0].ip, interval=0.02)
+    try:
+        time.sleep(0.5)
+        lab.stop_agent(h1, sig=signal.SIGKILL)
+        lab.start_agent(h1)
+        lab.wait_ready(h1)
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the restart is settled
+        assert pings.running(), "the ping stopped by itself"
+    finally:
+        sent, lost, out = pings.stop()
+    assert sent > 0 and lost == [], out
     assert public_key(lab, h1) == key
     assert key in peer_keys(lab, h2)
     # The device is the one from before: the same wireguard-go kept it.
@@ -293,7 +293,8 @@ def test_a_vxlan_lease_is_refused_with_one_line_per_host(lab: Lab) -> None:
 def _config_change(lab: Lab, backend: dict[str, object], what: str,
                    converged: Callable[[], bool]) -> int:
     """Write the config in force with `backend` merged in while every container pings the
-    next host's every 20 ms for 4 s; the pings lost (printed with how long it took)."""
+    next host's every 20 ms (for at most 4 s: the pings stop 0.3 s after it converged);
+    the pings lost (printed with how long it took)."""
     hosts = list(lab.hosts.values())
     config = json.loads(lab.etcdctl("get", lab.keys.config_key, "--print-value-only"))
     config["Backend"] = {**config["Backend"], **backend}
@@ -307,7 +308,11 @@ def _config_change(lab: Lab, backend: dict[str, object], what: str,
         took = wait_for(what, lambda: all(
             lab.metrics(h).get("leaseagent_network_config_revision") == revision
             for h in hosts) and converged(), 10)
+        time.sleep(0.3)
     finally:
+        for p in procs:  # SIGINT: ping stops and prints its summary
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
         outcomes = [parse_ping_summary(p.communicate(timeout=60)[0]) for p in procs]
     lost = sum(sent - got for sent, got in outcomes)
     print(f"\nconfig change {what}: converged in {took:.2f} s, {lost} of "

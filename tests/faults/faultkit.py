@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Interface
 
@@ -12,6 +11,7 @@ from agentproc import AgentProc
 from etcd_cluster import EtcdCluster
 from etcd_server import PREFIX
 from etcd_server import put_config as put_config  # the fault tests' one import for it
+from polling import wait_for
 
 from leaseagent.core.leases import KeyLayout
 
@@ -65,13 +65,7 @@ def check_no_lease_lost_or_duplicated(cluster: EtcdCluster, running: Iterable[Ag
 
 def wait_until(what: str, cond: Callable[[], bool], timeout: float, step: float = 0.05) -> float:
     """Seconds until cond() holds; AssertionError naming `what` after `timeout`."""
-    start = time.monotonic()
-    while True:
-        if cond():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(step)
+    return wait_for(cond, timeout=timeout, what=what, every=step)
 
 
 def renewals(agent: AgentProc) -> float:

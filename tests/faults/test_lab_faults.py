@@ -25,8 +25,10 @@ kernel, real etcd; docs/architecture.md, "Fault rules").
     end. Ping loss during the storm is reported, not asserted (deleting the
     device drops packets until it is back).
 
-Each test builds its own lab (named after the pytest PID) and takes it down in
-a finally, also on failure. Every test prints one summary line (pytest -s).
+Scenario 1's two variants share a lab, as do 3 and 7; each leaves it as it found it.
+Scenario 4 builds its own (its victim runs a shorter TTL). Labs are named after the
+pytest PID and taken down in a finally, also on failure. Every test prints one
+summary line (pytest -s).
 
 Lengths: the default is the CI variant (the whole file in about 2 minutes).
 LEASEAGENT_FULL=1 runs the full lengths (about 4 minutes): a 30 s etcd outage
@@ -41,15 +43,17 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from ipaddress import IPv4Interface, IPv4Network
-from subprocess import Popen
+from ipaddress import IPv4Interface
 
 import pytest
 from labfaults import cut_etcd, heal_etcd, pause_etcd, resume_etcd, start_etcd, stop_etcd
+from polling import wait_for as _wait_for
+from subnets import lab_free
 
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.subnetenv import parse_environment_file
-from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, parse_ping_summary, run
+from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, run
+from leaseagent.lab.probes import REPLY_WAIT, PingRun
 
 pytestmark = pytest.mark.root
 
@@ -66,7 +70,7 @@ OUTAGE_TTL = 6
 OUTAGE_SECONDS = 30.0 if FULL else 8.0
 # SIGSTOP variant: the same TTL, paused past it (a paused etcd expires the leases
 # when it resumes; the agents take their subnets back).
-PAUSE_TTL = 6
+PAUSE_TTL = OUTAGE_TTL  # the two share a lab
 PAUSE_SECONDS = 30.0 if FULL else 10.0
 # Scenario 3.
 KILL_ROUNDS = 10 if FULL else 3
@@ -105,39 +109,36 @@ def built_lab(tag: str, *, hosts: int = 3, containers: int = 1, lease_ttl: int =
         assert not warnings, warnings
 
 
-def ring_pings(lab: Lab, seconds: float) -> list[Popen[str]]:
-    """One ping per host: its first container -> the next host's first container."""
+@pytest.fixture(scope="module")
+def outage_lab() -> Iterator[Lab]:
+    """The lab of the etcd outage and pause scenarios (lease TTL OUTAGE_TTL); each leaves
+    it as it found it (asserted: the same subnets, leases and kernel entries)."""
+    with built_lab("o", lease_ttl=OUTAGE_TTL) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def plain_lab() -> Iterator[Lab]:
+    """The lab of the agent-kill and drift-storm scenarios; each leaves it with its three
+    hosts healthy and reachable."""
+    with built_lab("k") as lab:
+        yield lab
+
+
+def ring_pings(lab: Lab) -> list[PingRun]:
+    """One ping per host, every PING_INTERVAL s until stopped: its first container ->
+    the next host's first container."""
     hosts = list(lab.hosts.values())
-    return [
-        lab.ping_background(src.containers[0].ns, dst.containers[0].ip,
-                            count=int(seconds / PING_INTERVAL), interval=PING_INTERVAL)
-        for src, dst in zip(hosts, hosts[1:] + hosts[:1], strict=True)
-    ]
+    return [lab.ping_run(src.containers[0].ns, dst.containers[0].ip, interval=PING_INTERVAL)
+            for src, dst in zip(hosts, hosts[1:] + hosts[:1], strict=True)]
 
 
-def ping_totals(pings: list[Popen[str]], *, timeout: float) -> tuple[int, int, list[str]]:
-    """Wait for every ping; (sent, received, outputs). Kills what is still running."""
-    sent = received = 0
-    outs = []
-    try:
-        for p in pings:
-            out, _ = p.communicate(timeout=timeout)
-            s, r = parse_ping_summary(out)
-            sent, received = sent + s, received + r
-            outs.append(out)
-    finally:
-        for p in pings:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return sent, received, outs
-
-
-def kill_all(pings: list[Popen[str]]) -> None:
-    for p in pings:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+def stop_pings(pings: list[PingRun]) -> tuple[int, list[int], list[str]]:
+    """Stop every ping: (sent in all, the numbers never answered, the outputs); the
+    last REPLY_WAIT s of each is counted neither way (see PingRun.stop)."""
+    stopped = [p.stop() for p in pings]
+    return (sum(sent for sent, _, _ in stopped),
+            [n for _, lost, _ in stopped for n in lost], [out for _, _, out in stopped])
 
 
 def metric(lab: Lab, host: Host, name: str) -> float | None:
@@ -153,12 +154,7 @@ def env_subnet(host: Host) -> IPv4Interface | None:
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float, step: float = 0.05) -> float:
     """Seconds until cond() holds; AssertionError naming `what` after `timeout`."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - start
+    return _wait_for(cond, timeout=timeout, what=what, every=step)
 
 
 def vtep_mac(lab: Lab, host: Host) -> str:
@@ -189,7 +185,7 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
     before_subnets = {h.name: env_subnet(h) for h in hosts}
     for h in hosts:
         assert metric(lab, h, "leaseagent_etcd_up") == 1, h.name
-    pings = ring_pings(lab, outage + 12)
+    pings = ring_pings(lab)
     try:
         time.sleep(1)
         (pause_etcd if pause else stop_etcd)(lab)
@@ -219,13 +215,16 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
 
         recovery = wait_for("every agent etcd_up 1 and renewing", recovered,
                             RECOVERY_BOUND, step=0.1)
-        sent, received, outs = ping_totals(pings, timeout=outage + 30)
+        # Past the peer hold time: a peer held down over an expiry (the paused case) whose
+        # lease did not come back would go now, and its pings with it.
+        time.sleep(DEFAULT_PEER_HOLD_SECONDS + REPLY_WAIT + 0.5)
+        assert all(p.running() for p in pings), "a ping stopped by itself"
     finally:
         resume_etcd(lab)
-        kill_all(pings)
+        sent, lost, outs = stop_pings(pings)
 
     assert seen_down == {h.name for h in hosts}, f"etcd_up never 0 on {seen_down ^ set(readyz)}"
-    assert sent > 0 and received == sent, outs  # paused too: the hold-down bridges the expiry
+    assert sent > 0 and lost == [], outs  # paused too: the hold-down bridges the expiry
     for h in hosts:
         assert env_subnet(h) == before_subnets[h.name], h.name
         value = lab.lease_value(h)
@@ -236,7 +235,7 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
     no_tracebacks(lab)
     taken_back = sum("taken back" in h.log_file.read_text()[logged[h.name]:] for h in hosts)
     return (f"{'paused' if pause else 'stopped'} etcd {outage:.0f}s (ttl {lab.lease_ttl}): "
-            f"{sent} pings sent, {sent - received} lost; kernel entries unchanged on "
+            f"{sent} pings sent, {len(lost)} lost; kernel entries unchanged on "
             f"{len(hosts)} hosts; etcd_up 0 seen on {len(seen_down)}/{len(hosts)}; "
             f"renewal failures {sum(failures.values()):.0f}; /readyz codes during outage "
             f"{sorted(set().union(*readyz.values()))}; all renewing {recovery:.2f}s after "
@@ -244,49 +243,48 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
             f"{taken_back}/{len(hosts)} hosts")
 
 
-def test_etcd_outage_longer_than_three_renewals_keeps_the_data_plane() -> None:
-    with built_lab("o", lease_ttl=OUTAGE_TTL) as lab:
-        print("\nscenario 1:", _etcd_outage(lab, outage=OUTAGE_SECONDS, pause=False))
+def test_etcd_outage_longer_than_three_renewals_keeps_the_data_plane(outage_lab: Lab) -> None:
+    lab = outage_lab
+    print("\nscenario 1:", _etcd_outage(lab, outage=OUTAGE_SECONDS, pause=False))
 
 
-def test_etcd_paused_keeps_the_data_plane() -> None:
-    with built_lab("p", lease_ttl=PAUSE_TTL) as lab:
-        print("\nscenario 1 (SIGSTOP):", _etcd_outage(lab, outage=PAUSE_SECONDS, pause=True))
+def test_etcd_paused_keeps_the_data_plane(outage_lab: Lab) -> None:
+    lab = outage_lab
+    print("\nscenario 1 (SIGSTOP):", _etcd_outage(lab, outage=PAUSE_SECONDS, pause=True))
 
 
 # --------------------------------------------------------------------------- scenario 3
 
 
-def test_agent_sigkill_and_restart_keeps_subnet_mac_and_packets() -> None:
-    with built_lab("k") as lab:
-        hosts = list(lab.hosts.values())
-        victim = hosts[0]
-        subnet, mac = env_subnet(victim), vtep_mac(lab, victim)
-        assert device_mac(victim) == mac
-        window = 3.0 + 2.5 * KILL_ROUNDS
-        pings = ring_pings(lab, window)
-        took = []
-        try:
-            time.sleep(0.5)
-            for _ in range(KILL_ROUNDS):
-                started = time.monotonic()
-                lab.stop_agent(victim, sig=signal.SIGKILL)
-                lab.start_agent(victim)
-                lab.wait_ready(victim, timeout=15)
-                took.append(time.monotonic() - started)
-                assert env_subnet(victim) == subnet
-                assert vtep_mac(lab, victim) == mac
-                assert device_mac(victim) == mac
-            assert all(p.poll() is None for p in pings), "restarts outlasted the ping window"
-            sent, received, outs = ping_totals(pings, timeout=window + 10)
-        finally:
-            kill_all(pings)
-        assert sent > 0 and received == sent, outs
-        assert "took over this host's lease" in victim.log_file.read_text()
-        no_tracebacks(lab)
-        print(f"\nscenario 3: {KILL_ROUNDS} SIGKILL+restart of {victim.name} (kill to ready "
-              f"{max(took):.2f}s worst): {sent} pings sent, {sent - received} lost; "
-              f"subnet {subnet.network if subnet else None} and VtepMAC {mac} kept")
+def test_agent_sigkill_and_restart_keeps_subnet_mac_and_packets(plain_lab: Lab) -> None:
+    lab = plain_lab
+    hosts = list(lab.hosts.values())
+    victim = hosts[0]
+    subnet, mac = env_subnet(victim), vtep_mac(lab, victim)
+    assert device_mac(victim) == mac
+    pings = ring_pings(lab)  # until the rounds are over, however long they take
+    took = []
+    try:
+        time.sleep(0.5)
+        for _ in range(KILL_ROUNDS):
+            started = time.monotonic()
+            lab.stop_agent(victim, sig=signal.SIGKILL)
+            lab.start_agent(victim)
+            lab.wait_ready(victim, timeout=15)
+            took.append(time.monotonic() - started)
+            assert env_subnet(victim) == subnet
+            assert vtep_mac(lab, victim) == mac
+            assert device_mac(victim) == mac
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the rounds is settled
+        assert all(p.running() for p in pings), "a ping stopped by itself"
+    finally:
+        sent, lost, outs = stop_pings(pings)
+    assert sent > 0 and lost == [], outs
+    assert "took over this host's lease" in victim.log_file.read_text()
+    no_tracebacks(lab)
+    print(f"\nscenario 3: {KILL_ROUNDS} SIGKILL+restart of {victim.name} (kill to ready "
+          f"{max(took):.2f}s worst): {sent} pings sent, {len(lost)} lost; "
+          f"subnet {subnet.network if subnet else None} and VtepMAC {mac} kept")
 
 
 # --------------------------------------------------------------------------- scenario 4
@@ -356,74 +354,66 @@ def test_host_cut_off_past_its_ttl_moves_off_a_taken_subnet_on_heal() -> None:
 # --------------------------------------------------------------------------- scenario 7
 
 
-def test_kernel_drift_storm_is_repaired_every_round() -> None:
-    with built_lab("d") as lab:
-        target = lab.hosts[1]
-        others = [h for h in lab.hosts.values() if h is not target]
-        # Far more pings than the storm needs; stopped with SIGINT (ping then prints its
-        # summary; the one reply in flight may be counted lost).
-        pings = ring_pings(lab, DRIFT_ROUNDS * 10 + 60)
-        worst = {"flush": 0.0, "delete": 0.0}
-        try:
-            time.sleep(0.5)
-            for i in range(DRIFT_ROUNDS):
-                # Even rounds: the agent's routes flushed (targeted repair from netlink
-                # events). Odd rounds: the device's routes flushed and the device
-                # deleted (full resync: device, address, neighbours, FDB, routes).
-                if i % 2 == 0:
-                    what = "flush"
-                    run(["ip", "-n", target.ns, "route", "flush", "proto", "76"])
-                else:
-                    what = "delete"
-                    run(["ip", "-n", target.ns, "route", "flush", "dev", "flannel.1"])
-                    run(["ip", "-n", target.ns, "link", "del", "flannel.1"])
-                started = time.monotonic()
-                reach = lab.wait_reachable(timeout=REPAIR_BOUND, wait=0.2)
-                took = time.monotonic() - started
-                assert reach.all_ok, f"round {i + 1} ({what}), after {took:.2f}s:\n" + \
-                    reach.format()
-                worst[what] = max(worst[what], took)
-                time.sleep(0.3)  # traffic between rounds
-            status, body = lab.http_get(target, "/healthz")
-            assert status == 200, body
-            time.sleep(0.5)
-            for p in pings:
-                p.send_signal(signal.SIGINT)
-            sent, received, _ = ping_totals(pings, timeout=10)
-        finally:
-            kill_all(pings)
-        kinds = {k.split('kind="')[1].rstrip('"}'): v for k, v in lab.metrics(target).items()
-                 if k.startswith("leaseagent_dataplane_drift_repairs_total{")}
-        repairs = sum(kinds.values())
-        assert kinds.get("device", 0) >= DRIFT_ROUNDS // 2, kinds
-        assert kinds.get("route", 0) >= DRIFT_ROUNDS, kinds
+def test_kernel_drift_storm_is_repaired_every_round(plain_lab: Lab) -> None:
+    lab = plain_lab
+    target = lab.hosts[1]
+    others = [h for h in lab.hosts.values() if h is not target]
+    pings = ring_pings(lab)  # for the whole storm
+    worst = {"flush": 0.0, "delete": 0.0}
+    try:
+        time.sleep(0.5)
+        for i in range(DRIFT_ROUNDS):
+            # Even rounds: the agent's routes flushed (targeted repair from netlink
+            # events). Odd rounds: the device's routes flushed and the device
+            # deleted (full resync: device, address, neighbours, FDB, routes).
+            if i % 2 == 0:
+                what = "flush"
+                run(["ip", "-n", target.ns, "route", "flush", "proto", "76"])
+            else:
+                what = "delete"
+                run(["ip", "-n", target.ns, "route", "flush", "dev", "flannel.1"])
+                run(["ip", "-n", target.ns, "link", "del", "flannel.1"])
+            started = time.monotonic()
+            reach = lab.wait_reachable(timeout=REPAIR_BOUND, wait=0.2)
+            took = time.monotonic() - started
+            assert reach.all_ok, f"round {i + 1} ({what}), after {took:.2f}s:\n" + \
+                reach.format()
+            worst[what] = max(worst[what], took)
+            time.sleep(0.3)  # traffic between rounds
+        status, body = lab.http_get(target, "/healthz")
+        assert status == 200, body
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the storm is settled
+    finally:
+        sent, lost, _ = stop_pings(pings)
+    kinds = {k.split('kind="')[1].rstrip('"}'): v for k, v in lab.metrics(target).items()
+             if k.startswith("leaseagent_dataplane_drift_repairs_total{")}
+    repairs = sum(kinds.values())
+    assert kinds.get("device", 0) >= DRIFT_ROUNDS // 2, kinds
+    assert kinds.get("route", 0) >= DRIFT_ROUNDS, kinds
 
-        # Still responsive: a new peer (a hand-written lease) appears and goes.
-        # A subnet no lab host holds (theirs are random in the Network).
-        held = {h.subnet.network for h in lab.hosts.values() if h.subnet is not None}
-        fake = next(n for n in (IPv4Network(f"10.244.{i}.0/24") for i in range(250, 256))
-                    if n not in held)
-        assert fake.subnet_of(CONTAINER_NETWORK)
-        key = lab.keys.lease_key(fake)
-        value = {"PublicIP": FAKE_IP, "PublicIPv6": None, "BackendType": "vxlan",
-                 "BackendData": {"VNI": 1, "VtepMAC": FAKE_MAC}}
-        lab.etcdctl("put", key, json.dumps(value))
-        added = wait_for("the stormed host to program a new peer",
-                         lambda: len(lab.kernel_entries(target, fake, FAKE_MAC)) == 3, CONVERGE)
-        lab.etcdctl("del", key)  # held for --peer-hold-time in case it comes back, then gone
-        wait_for("the stormed host to remove it",
-                 lambda: not lab.kernel_entries(target, fake, FAKE_MAC),
-                 DEFAULT_PEER_HOLD_SECONDS + CONVERGE)
-        wait_for("the other hosts to remove it",
-                 lambda: not any(lab.kernel_entries(h, fake, FAKE_MAC) for h in others),
-                 DEFAULT_PEER_HOLD_SECONDS + CONVERGE)
-        assert lab.agent_alive(target)
-        no_tracebacks(lab)
-        print(f"\nscenario 7: {DRIFT_ROUNDS} rounds on {target.name} (half route flush, half "
-              f"route flush + flannel.1 deletion): all pairs reachable again after each "
-              f"(worst {worst['flush']:.2f}s after a flush, {worst['delete']:.2f}s after a "
-              f"deletion); drift repairs counted {repairs:.0f} "
-              f"({', '.join(f'{k} {v:.0f}' for k, v in sorted(kinds.items()))}); "
-              f"ping {sent} sent, {sent - received} lost "
-              f"({100 * (sent - received) / max(sent, 1):.1f}%); /healthz 200; new peer "
-              f"programmed {added:.2f}s after its lease")
+    # Still responsive: a new peer (a hand-written lease) appears and goes.
+    fake = lab_free(lab)[0]  # no lab host's (theirs are random in the Network)
+    assert fake.subnet_of(CONTAINER_NETWORK)
+    key = lab.keys.lease_key(fake)
+    value = {"PublicIP": FAKE_IP, "PublicIPv6": None, "BackendType": "vxlan",
+             "BackendData": {"VNI": 1, "VtepMAC": FAKE_MAC}}
+    lab.etcdctl("put", key, json.dumps(value))
+    added = wait_for("the stormed host to program a new peer",
+                     lambda: len(lab.kernel_entries(target, fake, FAKE_MAC)) == 3, CONVERGE)
+    lab.etcdctl("del", key)  # held for --peer-hold-time in case it comes back, then gone
+    wait_for("the stormed host to remove it",
+             lambda: not lab.kernel_entries(target, fake, FAKE_MAC),
+             DEFAULT_PEER_HOLD_SECONDS + CONVERGE)
+    wait_for("the other hosts to remove it",
+             lambda: not any(lab.kernel_entries(h, fake, FAKE_MAC) for h in others),
+             DEFAULT_PEER_HOLD_SECONDS + CONVERGE)
+    assert lab.agent_alive(target)
+    no_tracebacks(lab)
+    print(f"\nscenario 7: {DRIFT_ROUNDS} rounds on {target.name} (half route flush, half "
+          f"route flush + flannel.1 deletion): all pairs reachable again after each "
+          f"(worst {worst['flush']:.2f}s after a flush, {worst['delete']:.2f}s after a "
+          f"deletion); drift repairs counted {repairs:.0f} "
+          f"({', '.join(f'{k} {v:.0f}' for k, v in sorted(kinds.items()))}); "
+          f"ping {sent} sent, {len(lost)} lost "
+          f"({100 * len(lost) / max(sent, 1):.1f}%); /healthz 200; new peer "
+          f"programmed {added:.2f}s after its lease")

@@ -21,13 +21,16 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
 from etcd_cluster import EtcdCluster
 from faultkit import ALLOC, SUBNETS, put_config
 from inproc import gauge, make_agent, wait_all, wait_for
+from subnets import free_subnet
 
+from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 PEERS = 100
@@ -81,11 +84,15 @@ async def test_a_listing_over_4_mib_and_values_too_large_to_receive(roomy_etcd, 
         assert gauge(a, "leaseagent_invalid_leases_skipped_total", reason="too_large") == 1
 
         relists = gauge(a, "leaseagent_watch_relists_total", reason="stream_lost") or 0
+        # Above SubnetMax: no agent holds it.
         await store.put(f"{SUBNETS}10.6.251.0-24", lease_value(251, HUGE))
         await wait_for("the second huge value counted", lambda: gauge(
             a, "leaseagent_invalid_leases_skipped_total", reason="too_large") == 2, 30)
         assert (gauge(a, "leaseagent_watch_relists_total", reason="stream_lost") or 0) > relists
-        await store.put(f"{SUBNETS}10.6.99.0-24", lease_value(99, 10))
+        # A subnet the agent does not hold (its own is random in SubnetMin..SubnetMax).
+        own = IPv4Interface(parse_environment_file((tmp_path / "a.env").read_text())["FLANNEL_SUBNET"])
+        later = free_subnet(IPv4Network(ALLOC["Network"]), [own.network], first=99)
+        await store.put(f"{SUBNETS}{later.network_address}-24", lease_value(99, 10))
         seen = await wait_for("a peer after it", lambda: gauge(
             a, "leaseagent_peers", backend="alloc") == PEERS + 1, 30)
         assert a.task is not None and not a.task.done()

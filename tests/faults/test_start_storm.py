@@ -61,7 +61,7 @@ async def test_start_storm_100_agents_on_100_subnets(etcd_cluster):
                         assert len(by_key) == HOSTS
                         for a in fleet:
                             assert a.agent.own is not None
-                            assert by_key[a.agent.own.key] == str(a.agent.leasing._value.public_ip)
+                            assert by_key[a.agent.own.key] == str(a.agent.leasing.value.public_ip)
                         for a in fleet:
                             assert a.agent.leasing is not None
                             txns += a.agent.leasing.transactions

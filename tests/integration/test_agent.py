@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import signal
 import time
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv4Network
 
 from etcd_server import PREFIX, put_config
+from subnets import free_subnets
 
 ALLOC_30 = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.30.0",
             "Backend": {"Type": "alloc"}}
@@ -185,8 +186,10 @@ def test_compaction_during_a_watch_misses_no_add_or_remove(etcd, agents):
     peer = {"BackendType": "alloc", "NodeID": "x"}  # no etcd lease: a NodeID, or it is a reservation
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.100.0-24", json.dumps({**peer, "PublicIP": "10.200.9.1"}))
     a = agents("a", "10.200.0.1", ttl=30).start(metrics=True)
-    a.wait_subnet()
+    own = IPv4Interface(a.wait_subnet()).network
     a.wait_log("ready: 1 peer programmed")
+    # Two more peers, on subnets the agent does not hold (its own is random).
+    second, third = free_subnets(IPv4Network(ALLOC["Network"]), [own], 2, first=101)
     # Freeze the agent, break its watch stream (restart etcd), change the leases
     # and compact the history it would need; then let it run again.
     a.signal(signal.SIGSTOP)
@@ -194,18 +197,20 @@ def test_compaction_during_a_watch_misses_no_add_or_remove(etcd, agents):
         etcd.stop()
         etcd.start()
         etcd.etcdctl("del", f"{PREFIX}/subnets/10.6.100.0-24")
-        etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.101.0-24", json.dumps({**peer, "PublicIP": "10.200.9.2"}))
+        etcd.etcdctl("put", f"{PREFIX}/subnets/{second.network_address}-24",
+                     json.dumps({**peer, "PublicIP": "10.200.9.2"}))
         rev = json.loads(etcd.etcdctl("get", "/", "-w", "json"))["header"]["revision"]
         etcd.etcdctl("compact", str(rev))
     finally:
         a.signal(signal.SIGCONT)
     a.wait_log("peer removed: 10.6.100.0/24", timeout=20)
-    a.wait_log("peer added: 10.6.101.0/24", timeout=20)
+    a.wait_log(f"peer added: {second}", timeout=20)
     relisted = a.metric("leaseagent_watch_relists_total", 'reason="compacted"')
     assert relisted is not None and relisted >= 1
     # And the watch works again afterwards.
-    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.102.0-24", json.dumps({**peer, "PublicIP": "10.200.9.3"}))
-    a.wait_log("peer added: 10.6.102.0/24")
+    etcd.etcdctl("put", f"{PREFIX}/subnets/{third.network_address}-24",
+                 json.dumps({**peer, "PublicIP": "10.200.9.3"}))
+    a.wait_log(f"peer added: {third}")
 
 
 def test_a_revoked_lease_is_taken_back(etcd, agents):
@@ -253,8 +258,8 @@ def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents, workd
 def test_sigterm_while_waiting_for_etcd_exits_promptly(etcd, agents):
     etcd.stop()
     a = agents("a", "10.200.0.1").start()
-    time.sleep(1.5)
-    a.signal(signal.SIGTERM)
+    a.wait_log("etcd unreachable", timeout=30)  # waiting for etcd (a fixed 1.5 s sleep ended
+    a.signal(signal.SIGTERM)                     # before a loaded machine got there)
     started = time.monotonic()
     assert a.wait_exit(5) == 0
     assert time.monotonic() - started < 3

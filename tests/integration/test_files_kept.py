@@ -21,12 +21,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
+from polling import wait_for as _wait_for
 
 pytestmark = pytest.mark.root
 
@@ -80,13 +81,8 @@ def lease_keys(etcd) -> str:  # type: ignore[no-untyped-def]
     return etcd.etcdctl("get", "--prefix", "--keys-only", f"{PREFIX}/subnets/").strip()
 
 
-def wait_for(what: str, cond, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while not cond():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
-    return time.monotonic() - started
+def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> float:
+    return _wait_for(cond, timeout=timeout, what=what, every=0.05)
 
 
 @pytest.mark.parametrize("where", ["subnet_dir_read_only", "state_dir_full"])

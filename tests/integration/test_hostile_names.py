@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from ipaddress import IPv4Interface, IPv4Network
 
 from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
+from subnets import free_subnet
 
 ALLOC = {"Network": "10.6.0.0/16", "SubnetLen": 24, "Backend": {"Type": "alloc"}}
+NETWORK = IPv4Network(ALLOC["Network"])
 SUBNETS = f"{PREFIX}/subnets/"
 CONTROL = {chr(c) for c in range(0x20)} | {"\x7f", "\u202e", "\u2028"}
 FORGED = "2026-01-01 00:00:00,000 ERROR forged line"
@@ -42,10 +45,13 @@ def _value(ip: str, node_id: str | None = None, **extra: object) -> str:
 def test_names_with_newlines_and_escapes_never_reach_a_log_or_terminal_raw(etcd, agents):
     put_config(etcd, ALLOC)
     watcher = agents("w", "10.200.0.1", extra=["--log-format", "text"]).start(metrics=True)
-    watcher.wait_subnet()
+    own = IPv4Interface(watcher.wait_subnet()).network
     evil_node = f"evil\n{FORGED}\x1b]0;owned\x07\x1b[2J\u202e"
-    # A valid peer whose NodeID is hostile, and keys whose names are.
-    etcd.etcdctl("put", SUBNETS + "10.6.77.0-24", _value("10.200.0.77", evil_node, BackendData={}))
+    # A valid peer whose NodeID is hostile (on a subnet the watcher does not hold: its
+    # own is random), and keys whose names are.
+    peer = str(free_subnet(NETWORK, [own], first=77))
+    etcd.etcdctl("put", SUBNETS + peer.replace("/", "-"),
+                 _value("10.200.0.77", evil_node, BackendData={}))
     etcd.etcdctl("put", SUBNETS + f"10.6.78.0-24\n{FORGED}\x1b[31m", _value("10.200.0.78"))
     etcd.etcdctl("put", SUBNETS + "10.6.79.0-24\u202e42-", _value("10.200.0.79"))
     # flannel's \d is ASCII: Arabic-Indic digits name no subnet (int() would read 8 and 24).
@@ -56,7 +62,7 @@ def test_names_with_newlines_and_escapes_never_reach_a_log_or_terminal_raw(etcd,
             break
         time.sleep(0.1)
     assert watcher.metric("leaseagent_invalid_leases_skipped_total", 'reason="bad_key"') == 3
-    assert watcher.metric("leaseagent_peers", 'backend="alloc"') == 1  # 10.6.77.0 only
+    assert watcher.metric("leaseagent_peers", 'backend="alloc"') == 1  # the evil node only
     log = watcher.log()
     _clean(log)
     assert "10.6.78.0-24\\n2026-01-01" in log and "\\x1b[31m" in log  # shown, escaped
@@ -64,10 +70,11 @@ def test_names_with_newlines_and_escapes_never_reach_a_log_or_terminal_raw(etcd,
 
     rows = json.loads(leasectl(etcd, "list", "--json").stdout)
     by_subnet = {row["subnet"]: row for row in rows}
-    assert by_subnet["10.6.77.0/24"]["node_id"] == evil_node  # JSON: the stored text, escaped by JSON
-    assert by_subnet["10.6.77.0/24"]["valid"] is True
+    assert by_subnet[peer]["node_id"] == evil_node  # JSON: the stored text, escaped by JSON
+    assert by_subnet[peer]["valid"] is True
     assert not by_subnet["10.6.\u0668.0-\u0662\u0664"]["valid"]
-    assert "10.6.8.0/24" not in by_subnet
+    # Not read as 10.6.8.0/24 (which the watcher itself may hold).
+    assert by_subnet.get("10.6.8.0/24", {}).get("public_ip") != "10.200.0.80"
     for output in ("table", "wide"):
         result = leasectl(etcd, "list", "-o", output)
         assert result.returncode == 0, result.stderr
@@ -90,9 +97,10 @@ def test_reservations_are_judged_like_leases(etcd, agents):
     etcd.etcdctl("put", SUBNETS + "10.9.1.0-24", reservation)  # outside the Network
     etcd.etcdctl("put", SUBNETS + "10.6.240.0-20", reservation)  # not a /24
     etcd.etcdctl("put", SUBNETS + f"10.6.{octet}.0-024", reservation)  # another host's subnet
-    etcd.etcdctl("put", SUBNETS + "10.6.250.0-24", _value("10.200.0.10"))  # a good one
+    free = str(free_subnet(NETWORK, [IPv4Network(held)]))  # a good one
+    etcd.etcdctl("put", SUBNETS + free.replace("/", "-"), _value("10.200.0.10"))
     rows = {row["subnet"]: row for row in json.loads(leasectl(etcd, "list", "--json").stdout)}
-    good = rows["10.6.250.0/24"]
+    good = rows[free]
     assert good["status"] == "reserved" and good["valid"] is True
     outside, wrong_len = rows["10.9.1.0/24"], rows["10.6.240.0/20"]
     for row in (outside, wrong_len):
@@ -121,8 +129,9 @@ def test_a_lease_whose_public_ip_is_inside_the_network_is_invalid(etcd, agents):
     (the overlay carrying its own underlay: a route loop) was a valid peer."""
     put_config(etcd, ALLOC)
     watcher = agents("w", "10.200.0.1").start(metrics=True)
-    watcher.wait_subnet()
-    etcd.etcdctl("put", SUBNETS + "10.6.60.0-24", _value("10.6.61.7", "n", BackendData={}))
+    planted = str(free_subnet(NETWORK, [IPv4Interface(watcher.wait_subnet()).network], first=60))
+    etcd.etcdctl("put", SUBNETS + planted.replace("/", "-"),
+                 _value("10.6.61.7", "n", BackendData={}))
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not watcher.metric(
             "leaseagent_invalid_leases_skipped_total", 'reason="bad_public_ip"'):
@@ -130,7 +139,7 @@ def test_a_lease_whose_public_ip_is_inside_the_network_is_invalid(etcd, agents):
     assert watcher.metric("leaseagent_invalid_leases_skipped_total", 'reason="bad_public_ip"') == 1
     assert watcher.metric("leaseagent_peers", 'backend="alloc"') == 0
     rows = {r["subnet"]: r for r in json.loads(leasectl(etcd, "list", "--json").stdout)}
-    row = rows["10.6.60.0/24"]
+    row = rows[planted]
     assert row["valid"] is False
     assert row["error"] == "PublicIP 10.6.61.7 is inside the cluster network 10.6.0.0/16"
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from ipaddress import IPv4Interface, IPv4Network
 
 from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
+from subnets import free_subnet
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 FIELDS = ["subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "vtep_mac", "public_key",
@@ -24,7 +26,10 @@ def test_list_json_shows_every_agents_lease_with_exactly_the_documented_fields(e
     put_config(etcd, ALLOC)
     fleet = [agents(f"h{i}", f"10.200.0.{i}").start() for i in (1, 2, 3)]
     subnets = {a.public_ip: a.wait_subnet() for a in fleet}
-    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.250.0-24", "garbage")
+    # On a subnet no agent holds (theirs are random in the Network).
+    garbage = str(free_subnet(IPv4Network(ALLOC["Network"]),
+                              [IPv4Interface(s).network for s in subnets.values()]))
+    etcd.etcdctl("put", f"{PREFIX}/subnets/{garbage.replace('/', '-')}", "garbage")
     result = leasectl(etcd, "list", "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
@@ -38,7 +43,7 @@ def test_list_json_shows_every_agents_lease_with_exactly_the_documented_fields(e
         assert 0 < row["expires_in"] <= 10
         assert row["node_id"].startswith("h") and row["error"] is None and row["vtep_mac"] is None
     bad = [row for row in rows if not row["valid"]]
-    assert len(bad) == 1 and bad[0]["subnet"] == "10.6.250.0/24"
+    assert len(bad) == 1 and bad[0]["subnet"] == garbage
     assert bad[0]["error"] == "value is not valid JSON"
 
     table = leasectl(etcd, "list")
@@ -97,14 +102,15 @@ def test_list_marks_a_second_key_for_one_subnet_as_a_duplicate(etcd):
 
 def test_list_sorts_numerically_and_says_each_status(etcd, agents):
     put_config(etcd, ALLOC)
-    a = agents("a", "10.200.0.1").start()
-    own = a.wait_subnet().replace(".1/", ".0/")
     value = {"BackendType": "alloc", "NodeID": "n"}
     for name, ip in (("10.6.100.0-24", "10.200.0.100"), ("10.6.11.0-24", "10.200.0.11"),
                      ("10.6.2.0-24", "10.200.0.2"), ("10.6.12.0-24", "10.200.0.2")):
         etcd.etcdctl("put", f"{PREFIX}/subnets/{name}", json.dumps({**value, "PublicIP": ip}))
     assert leasectl(etcd, "reserve", "10.6.7.0/24", "--public-ip", "10.200.0.7").returncode == 0
     etcd.etcdctl("put", f"{PREFIX}/subnets/junk", "x")
+    # Started after them, so its random subnet is none of theirs.
+    a = agents("a", "10.200.0.1").start()
+    own = a.wait_subnet().replace(".1/", ".0/")
     rows = json.loads(leasectl(etcd, "list", "-o", "json").stdout)
     subnets = [r["subnet"] for r in rows]
     expected = sorted({own, "10.6.100.0/24", "10.6.11.0/24", "10.6.2.0/24", "10.6.12.0/24",

@@ -17,15 +17,18 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
 from etcd_server import PREFIX, EtcdServer, put_config
+from subnets import free_subnet
 
 from leaseagent.cli.watching import lease_events
 from leaseagent.store.memory import MemoryStore
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
+NETWORK = IPv4Network(ALLOC["Network"])
 JSON_FIELDS = ["event", "subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "node_id",
                "status", "valid", "error"]
 
@@ -108,17 +111,19 @@ def test_json_events_for_agents_and_hand_made_keys(etcd, agents, watching):
                   "public_ip": "10.200.0.1", "public_ipv6": None, "backend": "alloc",
                   "node_id": "a", "status": "ok", "valid": True, "error": None}
 
-    # By hand: a key appears, changes, goes (no etcd lease: "removed").
-    key = f"{PREFIX}/subnets/10.6.200.0-24"
+    # By hand: a key appears, changes, goes (no etcd lease: "removed"); on a subnet the
+    # agent does not hold (its own is random).
+    by_hand = str(free_subnet(NETWORK, [IPv4Network(subnet_a)], first=200))
+    key = f"{PREFIX}/subnets/{by_hand.replace('/', '-')}"
     etcd.etcdctl("put", key, json.dumps({"PublicIP": "10.200.0.50", "BackendType": "alloc"}))
     ev = w.next_json()
-    assert (ev["event"], ev["subnet"], ev["public_ip"]) == ("added", "10.6.200.0/24", "10.200.0.50")
+    assert (ev["event"], ev["subnet"], ev["public_ip"]) == ("added", by_hand, "10.200.0.50")
     etcd.etcdctl("put", key, "garbage")
     ev = w.next_json()
     assert (ev["event"], ev["valid"], ev["error"]) == ("changed", False, "value is not valid JSON")
     etcd.etcdctl("del", key)
     ev = w.next_json()
-    assert (ev["event"], ev["subnet"]) == ("removed", "10.6.200.0/24")
+    assert (ev["event"], ev["subnet"]) == ("removed", by_hand)
 
     # A live agent's key deleted by hand: its etcd lease lives on, so "removed";
     # the agent takes its subnet back at once: "added" again.
@@ -152,9 +157,10 @@ def test_table_lines_and_ctrl_c(etcd, agents, watching):
     subnet_b = subnet_of(b.wait_subnet())
     cells = w.next().split()
     assert cells[1:] == ["added", subnet_b, "10.200.0.2", "alloc", "b", "ok"], cells
-    etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.201.0-24", "{}")
+    by_hand = str(free_subnet(NETWORK, [IPv4Network(subnet_b)], first=201))  # not b's
+    etcd.etcdctl("put", f"{PREFIX}/subnets/{by_hand.replace('/', '-')}", "{}")
     cells = w.next().split(maxsplit=6)
-    assert cells[1:3] == ["added", "10.6.201.0/24"]
+    assert cells[1:3] == ["added", by_hand]
     assert cells[-1].startswith("invalid: ")
     code, err = w.stop(signal.SIGINT)
     assert code == 0 and "Traceback" not in err, err

@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 
+from polling import wait_for as _wait_for
 from test_tls_auth import agent, one_line_error, put_config
 
 PREFIX = "/coreos.com/network"
@@ -39,13 +41,8 @@ def leases(secure) -> dict[str, int]:  # type: ignore[no-untyped-def]
             for kv in out.get("kvs", [])}
 
 
-def wait_for(what: str, cond, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while not cond():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.1)
-    return time.monotonic() - started
+def wait_for(what: str, cond: Callable[[], bool], timeout: float) -> float:
+    return _wait_for(cond, timeout=timeout, what=what, every=0.1)
 
 
 def peers(a) -> float | None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 from leaseagent.core.kerneldiff import (
@@ -229,3 +230,16 @@ def test_work_collects_verdicts_for_the_resync_loop() -> None:
     assert work.note("device", deleted=True, obj=None, planned=applied)
     assert work.take() == (True, set())
     assert work.take() == (False, set())
+
+
+def test_what_serves_a_peer_of_another_type_is_kept_until_it_goes() -> None:
+    admission = Admission()
+    switched = replace(peer(3), backend_type="host-gw")
+    peers = {p.subnet: p for p in (peer(2), switched)}
+    assert admission.note_foreign(peers, peers, "vxlan") == [switched]
+    left_by_vxlan = sorted(plan(peer(3)), key=lambda o: o.kind)
+    stray = Route(IPv4Network("10.5.9.0/24"), IPv4Address("10.5.9.0"), VX, onlink=True)
+    assert admission.not_kept([*left_by_vxlan, stray], peers) == [stray]
+    del peers[switched.subnet]
+    assert admission.note_foreign([switched.subnet], peers, "vxlan") == []
+    assert admission.not_kept([*left_by_vxlan, stray], peers) == [*left_by_vxlan, stray]

@@ -246,7 +246,7 @@ def test_a_vxlan_device_request_is_the_kernels_struct_byte_for_byte() -> None:
     from leaseagent.core.plan import VxlanAttrs
 
     vxlan = VxlanAttrs(vni=1, port=8472, local=IPv4Address("10.99.0.1"), link=2,
-                       flags=(("learning", False), ("GBP", True)))
+                       flags=frozenset({"GBP"}))
     body = rtnl.link_request(name="flannel.1", mtu=1450, mac=MAC, kind="vxlan",
                              data=rtnl.vxlan_data(vxlan))
     data = (attr(1, struct.pack("=I", 1)) + attr(15, struct.pack("!H", 8472))
@@ -260,7 +260,7 @@ def test_a_vxlan_device_request_is_the_kernels_struct_byte_for_byte() -> None:
     assert (m.index, m.name, m.mtu, m.address, m.kind, m.vxlan) == (
         7, "flannel.1", 1450, MAC, "vxlan", vxlan)
     v6 = VxlanAttrs(vni=2, port=4789, local=V6_PUBLIC, link=0,
-                    flags=(("learning", True), ("GBP", False)))
+                    flags=frozenset({"learning"}))
     m = rtnl.decode_link_message(rtnl.link_request(kind="vxlan", data=rtnl.vxlan_data(v6)), 0,
                                  len(rtnl.link_request(kind="vxlan", data=rtnl.vxlan_data(v6))))
     assert m.vxlan == v6 and m.name is None and m.address is None

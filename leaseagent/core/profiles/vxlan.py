@@ -125,9 +125,9 @@ DEVICE_FLAGS = (
 )
 
 
-def device_flags(options: VxlanOptions) -> tuple[tuple[str, bool], ...]:
-    """The device's flags (VxlanAttrs.flags) that `options` ask for."""
-    return tuple((flag.shown, bool(getattr(options, flag.attribute))) for flag in DEVICE_FLAGS)
+def device_flags(options: VxlanOptions) -> frozenset[str]:
+    """The device's flags (VxlanAttrs.flags) that `options` turn on."""
+    return frozenset(flag.shown for flag in DEVICE_FLAGS if getattr(options, flag.attribute))
 
 
 # Any VNI's device of either family, as device_name and device_name6 make them.
