@@ -2,19 +2,30 @@
 
     python -m bench.cluster [--hosts 250,500,1000] [--workers 4] [--steady 30]
                             [--restart-spread 10] [--limit 150] [--json FILE]
+                            [--via etcd,proxy] [--backend vxlan|alloc] [--cold-only]
 
-Each host is a real `Agent` (alloc backend: a lease and subnet.env, no data
-path) with its own `EtcdStore` (its own gRPC channel, its own etcd lease and
-watch), run in-process: `--workers` processes hold H/workers agents each on
-one event loop. The agents never touch the machine's firewall (alloc keeps
-no traffic rules; the firewall factory they get refuses to make one) nor
-its kernel. etcd is a fresh 3-member cluster on 127.0.0.1 per run, from
-the project's one launcher (leaseagent.lab.etcd).
+Each host is a real `Agent` with its own `EtcdStore` (its own gRPC channel,
+its own etcd lease and watches; `--channel worker`: one channel per worker
+process, each host its own streams on it), run in-process: `--workers`
+processes hold H/workers agents each on one event loop. With `--backend
+vxlan` (the default) each host runs the real vxlan backend, planning and
+reconciling included, on a fake kernel of its own (FakeKernel, kept across
+the agent's restarts as a host's kernel is; the hosts of a worker share
+one intern dict, so equal kernel objects are held once), its traffic rules
+in a memory firewall; with `alloc`, a lease and subnet.env only. Neither
+touches the machine's kernel or firewall. What a worker's hosts would
+parse alike (a key at one revision, a lease value, a key name) is parsed
+once and shared (`share_parsed_leases`); each host still receives and
+judges every event itself. etcd is a fresh 3-member cluster on 127.0.0.1
+per run, from the project's one launcher (leaseagent.lab.etcd); `--via
+proxy` puts one `etcd grpc-proxy start` in front of it (the agents'
+only endpoint), which coalesces the agents' identical watches.
 
 A run (one H, one pattern) has three phases, each measured from the
 members' own /metrics and /proc:
  1. cold start: every host starts in the same instant; done when every host
-    holds a lease and its watcher has every other host as a peer (H-1);
+    holds a lease and its watcher has every other host as a peer (H-1), and
+    (vxlan) its kernel every other host's FDB entry;
  2. steady state: `--steady` seconds of nothing happening;
  3. cluster-wide restart: every agent stopped (the lease kept, as a restart
     keeps it) and started again after a random pause in [0, --restart-spread]
@@ -43,12 +54,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +69,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -64,16 +77,33 @@ from typing import Any
 from bench.scenarios import flannel_candidates
 from leaseagent.agent.daemon import Agent
 from leaseagent.config import parse_agent_config
-from leaseagent.core.leases import KeyLayout
+from leaseagent.core.leases import KeyLayout, LeaseValue
 from leaseagent.dataplane.base import HostInfo
+from leaseagent.dataplane.fakefirewall import MemoryFirewall
+from leaseagent.dataplane.fakenetlink import FakeKernel
+from leaseagent.dataplane.vxlan import VxlanBackend
 from leaseagent.errors import StoreError
-from leaseagent.lab.etcd import Etcd
-from leaseagent.store.base import EventType
+from leaseagent.lab import processes
+from leaseagent.lab.commands import tool
+from leaseagent.lab.etcd import Etcd, free_port
+from leaseagent.lab.processes import Process, log_tail
+from leaseagent.store.base import EventType, KeyValue
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 PREFIX = "/bench-cluster/network"
-# 2,047 /24s: room for 1,000 hosts, and flannel's "first 100 free" stays cheap to list.
-NETWORK_CONFIG = {"Network": "10.0.0.0/13", "SubnetLen": 24, "Backend": {"Type": "alloc"}}
+VIAS = ("etcd", "proxy")  # the agents' endpoints: the members, or one `etcd grpc-proxy`
+
+
+BACKENDS = ("vxlan", "alloc")
+
+
+def network_config(hosts: int, backend: str = "vxlan") -> dict[str, Any]:
+    """/24s, at least twice as many as hosts (2,047 up to 1,000 hosts: flannel's "first
+    100 free" stays cheap to list; 32,767 for 10,000)."""
+    prefix = min(13, 24 - (2 * hosts).bit_length())
+    return {"Network": f"10.0.0.0/{prefix}", "SubnetLen": 24, "Backend": {"Type": backend}}
+
+
 UNDERLAY_BASE = int(IPv4Address("172.20.0.0"))
 PATTERNS = ("leaseagent", "flannel")
 UNARY = ("Range", "Txn", "Put", "DeleteRange", "LeaseGrant", "LeaseRevoke", "LeaseTimeToLive")
@@ -104,6 +134,7 @@ class PatternStore:
         self.ttl_requests = 0
         self.ttl_errors = 0
         self.delivered = 0
+        self.events = 0  # watch events of the subnets received (deliveries, whatever the path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -142,6 +173,7 @@ class PatternStore:
                     if event.type is EventType.PUT and event.kv is not None:
                         await self._time_to_live(event.kv.lease)
             if batch:
+                self.events += len(batch)
                 self.delivered = max(self.delivered, batch[-1].revision)
             yield batch
 
@@ -151,6 +183,8 @@ class Host:
     index: int
     name: str
     public_ip: IPv4Address
+    kernel: FakeKernel | None = None  # vxlan: its kernel, kept across the agent's restarts
+    info: HostInfo | None = None
     store: PatternStore | None = None
     agent: Any = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -159,13 +193,59 @@ class Host:
     converged_at: float | None = None
     settled_at: float | None = None
     ttl_requests: int = 0  # of incarnations gone
+    events: int = 0  # watch events received by incarnations gone
     error: str | None = None
     pending: bool = True  # not (re)started yet: what it holds is not this phase's
+
+
+def share_parsed_leases() -> None:
+    """What every host of a worker would parse alike is parsed once and shared: the
+    KeyValue of a key at one mod revision (a listing's or a watch event's: each host
+    still receives and decodes its own gRPC message), the LeaseValue of the same value
+    bytes, the subnets a key name says. Pure functions, immutable results (frozen
+    dataclasses, networks), so sharing changes no behaviour; each host still judges
+    every key itself (its own LeaseBook: entries, Peer, holder, counts)."""
+    import leaseagent.store.etcd as etcd_adapter
+    from leaseagent.core.leases import judging, keys
+
+    make_kv, decode, parse_name = etcd_adapter._kv, judging.decode_lease_value, keys.parse_key_name
+    kvs: dict[bytes, KeyValue] = {}
+    values: dict[bytes, LeaseValue] = {}
+
+    def shared_kv(pb: Any) -> KeyValue:
+        kv = kvs.get(pb.key)
+        if (kv is None or kv.mod_revision != pb.mod_revision or kv.lease != pb.lease
+                or kv.version != pb.version):
+            kvs[pb.key] = kv = make_kv(pb)
+        return kv
+
+    def shared_value(raw: bytes) -> LeaseValue:
+        value = values.get(raw)
+        if value is None:
+            if len(values) > 100_000:
+                values.clear()
+            values[raw] = value = decode(raw)
+        return value
+
+    etcd_adapter._kv = shared_kv  # type: ignore[assignment]
+    judging.decode_lease_value = shared_value  # type: ignore[assignment]
+    keys.parse_key_name = functools.lru_cache(maxsize=65_536)(parse_name)  # type: ignore[assignment]
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 class Worker:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
+        self.channel: EtcdStore | None = None  # the one gRPC channel its hosts share
+        self.max_rss = float(spec.get("max_rss_mib", 0)) * 2**20
+        self.out_of_memory = False
+        self.intern: dict[Any, Any] = {}  # the hosts' fake kernels' equal objects, held once
         self.hosts_total = int(spec["hosts"])
         self.flannel = spec["pattern"] == "flannel"
         self.dir = Path(spec["dir"])
@@ -182,21 +262,38 @@ class Worker:
             "--node-id", host.name, "--public-ip", str(host.public_ip),
             "--allow-any-public-ip"], environ={})
 
+    def _data_plane(self, host: Host) -> dict[str, Any]:
+        """alloc: no data path, no firewall. vxlan: the real backend (planning, reconciling)
+        on the host's fake kernel, its traffic rules in a memory firewall."""
+        if self.spec.get("backend", "alloc") == "alloc":
+            return {"firewalls": _refuse_firewall}
+        if host.kernel is None:
+            host.kernel = FakeKernel(host.name, intern=self.intern)
+            host.info = host.kernel.underlay("eth0", f"{host.public_ip}/16")
+        kernel = host.kernel
+        return {"backends": {"vxlan": lambda s: VxlanBackend(replace(s, kernel=kernel.open))},
+                "firewalls": lambda _nftables, family: MemoryFirewall(family)}
+
+    def _settings(self) -> EtcdSettings:
+        return EtcdSettings(endpoints=self.spec["endpoints"], timeout=self.spec["etcd_timeout"])
+
     async def boot(self, host: Host, *, delay: float = 0.0) -> None:
         """Start (again) after `delay` s: a fresh store and agent, as a process would."""
         await asyncio.sleep(delay)
         host.started_at = time.time()
         host.converged_at = host.settled_at = None
         cfg = self._config(host)
-        raw = await EtcdStore.connect(EtcdSettings(endpoints=self.spec["endpoints"],
-                                                   timeout=self.spec["etcd_timeout"]))
+        raw = (self.channel.sharing_channel() if self.channel is not None
+               else await EtcdStore.connect(self._settings()))
         host.store = PatternStore(raw, flannel=self.flannel)
         policy: dict[str, Any] = (
             {"choose": flannel_candidates, "candidates_per_txn": 1} if self.flannel else {})
         host.stop = asyncio.Event()
-        host.agent = Agent(cfg, host.store, host=HostInfo(public_ip=host.public_ip),  # type: ignore[arg-type]
-                           notify=lambda _: None, firewalls=_refuse_firewall,
-                           rng=random.Random(self.rng.random()), **policy)
+        data_plane = self._data_plane(host)
+        host.agent = Agent(cfg, host.store,  # type: ignore[arg-type]
+                           host=host.info or HostInfo(public_ip=host.public_ip),
+                           notify=lambda _: None, rng=random.Random(self.rng.random()),
+                           **data_plane, **policy)
         host.task = asyncio.ensure_future(host.agent.run(host.stop))
         host.pending = False
 
@@ -209,6 +306,7 @@ class Worker:
             await host.agent.shutdown()
         if host.store is not None:
             host.ttl_requests += host.store.ttl_requests
+            host.events += host.store.events
             await host.store.close()
         host.task = host.agent = host.store = None
 
@@ -238,16 +336,21 @@ class Worker:
                 h.error = f"{h.name} stopped: {exc!r}"
 
             if (h.converged_at is None and a.own is not None and a.watcher is not None
-                    and len(a.watcher.peers) == self.hosts_total - 1):
-                h.converged_at = now
+                    and len(a.watcher.peers) == self.hosts_total - 1
+                    and (h.kernel is None or len(h.kernel.fdb()) == self.hosts_total - 1)):
+                h.converged_at = now  # vxlan: and its kernel has every peer's FDB entry
             if (settle_at is not None and h.settled_at is None and h.converged_at is not None
                     and h.store is not None and h.store.delivered >= settle_at):
                 h.settled_at = now
 
     async def wait(self, until: float, *, settle_at: int | None = None) -> None:
-        """Until every host converged (and settled, if asked), or wall clock `until`."""
+        """Until every host converged (and settled, if asked), or wall clock `until`, or
+        this process's RSS is over its share of --max-rss-gib (then the run stops)."""
         while time.time() < until:
             self._check(settle_at)
+            if self.max_rss and rss_bytes() > self.max_rss:
+                self.out_of_memory = True
+                return
             done = all(h.converged_at is not None and not h.pending
                        and (settle_at is None or h.settled_at is not None)
                        for h in self.hosts)
@@ -267,15 +370,23 @@ class Worker:
             "ttl_requests": sum(h.ttl_requests + (h.store.ttl_requests if h.store else 0)
                                 for h in self.hosts),
             "ttl_errors": sum(h.store.ttl_errors for h in self.hosts if h.store),
+            "events_received": sum(h.events + (h.store.events if h.store else 0)
+                                   for h in self.hosts),
             "transactions": sum(h.agent.leasing.transactions for h in self.hosts
                                 if h.agent is not None and h.agent.leasing is not None),
             "errors": [h.error for h in self.hosts if h.error][:5],
+            "rss_bytes": rss_bytes(),
+            "out_of_memory": self.out_of_memory,
         }
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        if self.spec.get("channel", "host") == "worker":
+            self.channel = await EtcdStore.connect(self._settings())
+        if self.spec.get("share_parsing"):
+            share_parsed_leases()
         _say({"ready": len(self.hosts)})
         try:
             while line := await reader.readline():
@@ -301,6 +412,8 @@ class Worker:
                 _say(self.report())
         finally:
             await asyncio.gather(*(self.halt(h) for h in self.hosts), return_exceptions=True)
+            if self.channel is not None:
+                await self.channel.close()
             _say({"stopped": True})
 
 
@@ -370,7 +483,8 @@ def member_sample(etcd: Etcd) -> list[dict[str, float]]:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name in ("grpc_server_handled_total", "grpc_server_started_total",
-                              "grpc_server_msg_received_total", "grpc_server_msg_sent_total"):
+                              "grpc_server_msg_received_total", "grpc_server_msg_sent_total") \
+                        and s.labels.get("grpc_service", "").startswith("etcdserverpb."):
                     key = f"{s.name}:{s.labels.get('grpc_method')}"
                     sample[key] = sample.get(key, 0.0) + s.value
                 elif s.name.startswith(("etcd_network_client_grpc", "etcd_network_peer_",
@@ -381,12 +495,26 @@ def member_sample(etcd: Etcd) -> list[dict[str, float]]:
         assert pid is not None
         stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         sample["cpu_seconds"] = (int(stat[11]) + int(stat[12])) / tick
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                sample["rss_bytes"] = int(line.split()[1]) * 1024
+        sample["rss_bytes"] = rss_bytes(pid)
         sample["at"] = time.monotonic()
         out.append(sample)
     return out
+
+
+def proxy_sample(pid: int) -> dict[str, float]:
+    """The proxy's CPU seconds and RSS (its /proc). etcd 3.4's proxy exports no metrics of
+    its own: its /metrics (listen or --metrics-addr) relays a member's."""
+    return {"cpu_seconds": cpu_seconds([pid]), "rss_bytes": rss_bytes(pid),
+            "at": time.monotonic()}
+
+
+def proxy_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """A phase's cost at the proxy: its CPU, its RSS at the end."""
+    seconds = after["at"] - before["at"]
+    cpu = after["cpu_seconds"] - before["cpu_seconds"]
+    return {"seconds": seconds, "cpu_seconds": cpu,
+            "cpu_percent_of_a_core": cpu / seconds * 100 if seconds else 0,
+            "rss_mib": after["rss_bytes"] / 2**20}
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -470,9 +598,56 @@ class Run:
     spread: float
     limit: float
     etcd_timeout: float
+    via: str = "etcd"
+    channel: str = "host"
+    share_parsing: bool = True
+    max_rss_mib: float = 0.0  # all workers together; 0: no limit
+    restart: bool = True  # the steady state and restart phases after the cold start
+    backend: str = "vxlan"
     seed: int = 1
     procs: list[WorkerProc] = field(default_factory=list)
     etcd: Etcd | None = None
+    proxy: Process | None = None
+
+    def start_proxy(self) -> str:
+        """`etcd grpc-proxy start` in front of the three members; its client URL."""
+        assert self.etcd is not None
+        listen = free_port()
+        pdir = self.dir / "proxy"
+        self.proxy = processes.spawn(
+            [tool("etcd"), "grpc-proxy", "start",
+             "--endpoints", ",".join(m.url.split("://", 1)[1] for m in self.etcd.members),
+             "--listen-addr", f"127.0.0.1:{listen}",
+             "--data-dir", str(pdir / "data")],
+            log_file=pdir / "proxy.log", pid_file=pdir / "proxy.pid")
+        url = f"http://127.0.0.1:{listen}"
+        deadline = time.monotonic() + 30
+        while self.etcd.etcdctl_run([url], "endpoint", "health", timeout=2).returncode != 0:
+            if not self.proxy.alive or time.monotonic() > deadline:
+                raise RuntimeError(f"etcd grpc-proxy not serving at {url}:\n"
+                                   + log_tail(pdir / "proxy.log"))
+            time.sleep(0.2)
+        return url
+
+    def _sample(self) -> tuple[list[dict[str, float]], dict[str, float] | None, float]:
+        """The members', the proxy's (if any) and the workers' CPU, now."""
+        assert self.etcd is not None
+        proxy = proxy_sample(self.proxy.pid) if self.proxy is not None else None
+        return member_sample(self.etcd), proxy, cpu_seconds([w.proc.pid for w in self.procs])
+
+    def _phase(self, before: tuple[Any, ...], after: tuple[Any, ...],
+               rep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"etcd": delta(before[0], after[0]),
+                               "agents_cpu_seconds": after[2] - before[2]}
+        if after[1] is not None:
+            out["proxy"] = proxy_delta(before[1], after[1])
+        if rep is not None:
+            received = sum(r["events_received"] for r in rep)
+            out["events_received_total"] = received  # since the workers started
+            out["agents_rss_mib"] = sum(r["rss_bytes"] for r in rep) / 2**20
+            if any(r["out_of_memory"] for r in rep):
+                out["out_of_memory"] = True
+        return out
 
     def _all(self, cmd: dict[str, Any]) -> list[dict[str, Any]]:
         for w in self.procs:
@@ -482,7 +657,9 @@ class Run:
     def execute(self) -> dict[str, Any]:
         self.etcd = Etcd(self.dir / "etcd", 3)
         self.etcd.start()
-        self.etcd.etcdctl("put", KeyLayout(PREFIX).config_key, json.dumps(NETWORK_CONFIG))
+        self.etcd.etcdctl("put", KeyLayout(PREFIX).config_key,
+                          json.dumps(network_config(self.hosts, self.backend)))
+        endpoints = self.start_proxy() if self.via == "proxy" else self.etcd.endpoints
         per = -(-self.hosts // self.workers)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         for k in range(self.workers):
@@ -492,8 +669,10 @@ class Run:
             wdir = self.dir / f"w{k}"
             wdir.mkdir()
             spec = {"hosts": self.hosts, "pattern": self.pattern, "dir": str(wdir),
-                    "first": first, "count": count, "endpoints": self.etcd.endpoints,
-                    "seed": self.seed * 1000 + k, "etcd_timeout": self.etcd_timeout}
+                    "first": first, "count": count, "endpoints": endpoints,
+                    "seed": self.seed * 1000 + k, "etcd_timeout": self.etcd_timeout,
+                    "channel": self.channel, "share_parsing": self.share_parsing,
+                    "backend": self.backend, "max_rss_mib": self.max_rss_mib / self.workers}
             logf = self.dir / f"w{k}.log"
             with logf.open("w") as errs:
                 proc = subprocess.Popen(
@@ -503,25 +682,30 @@ class Run:
             self.procs.append(WorkerProc(proc, logf))
         for w in self.procs:
             w.answer()  # imported and listening
-        out: dict[str, Any] = {"hosts": self.hosts, "pattern": self.pattern,
-                               "workers": len(self.procs)}
-        pids = [w.proc.pid for w in self.procs]
-        idle0 = member_sample(self.etcd)
+        out: dict[str, Any] = {"hosts": self.hosts, "pattern": self.pattern, "via": self.via,
+                               "channel": self.channel, "share_parsing": self.share_parsing,
+                               "backend": self.backend, "workers": len(self.procs),
+                               "agents_rss_idle_mib": sum(rss_bytes(w.proc.pid)
+                                                          for w in self.procs) / 2**20}
+        idle0 = self._sample()
         time.sleep(2)
-        s0, c0 = member_sample(self.etcd), cpu_seconds(pids)
-        out["etcd_before"] = delta(idle0, s0)
+        s0 = self._sample()
+        out["etcd_before"] = delta(idle0[0], s0[0])
 
         at = time.time() + 0.5
         rep = self._all({"do": "start", "at": at, "limit": self.limit})
-        s1, c1 = member_sample(self.etcd), cpu_seconds(pids)
+        s1 = self._sample()
         out["cold"] = {"converged": _times(rep, at, "converged"), **self._counts(rep),
-                       "etcd": delta(s0, s1), "agents_cpu_seconds": c1 - c0}
+                       **self._phase(s0, s1, rep)}
+        out["cold"]["events_received"] = out["cold"]["events_received_total"]
         if out["cold"]["converged"]["reached"] < self.hosts:
             out["stopped_after"] = "cold"
             return out
+        if not self.restart:
+            return out
         time.sleep(self.steady)
-        s2, c2 = member_sample(self.etcd), cpu_seconds(pids)
-        out["steady"] = {"etcd": delta(s1, s2), "agents_cpu_seconds": c2 - c1}
+        s2 = self._sample()
+        out["steady"] = self._phase(s1, s2)
 
         at = time.time() + 0.5
         rep = self._all({"do": "restart", "at": at, "spread": self.spread,
@@ -532,10 +716,11 @@ class Run:
             ["revision"])
         rep = self._all({"do": "settle", "revision": revision, "at": time.time(),
                          "limit": self.limit})
-        s3, c3 = member_sample(self.etcd), cpu_seconds(pids)
+        s3 = self._sample()
         out["restart"] = {"converged": converged, "settled": _times(rep, at, "settled"),
-                          **self._counts(rep), "etcd": delta(s2, s3),
-                          "agents_cpu_seconds": c3 - c2}
+                          **self._counts(rep), **self._phase(s2, s3, rep)}
+        out["restart"]["events_received"] = (out["restart"]["events_received_total"]
+                                             - out["cold"]["events_received_total"])
         return out
 
     def _counts(self, rep: list[dict[str, Any]]) -> dict[str, Any]:
@@ -549,16 +734,23 @@ class Run:
     def close(self) -> None:
         for w in self.procs:
             w.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
         if self.etcd is not None:
             self.etcd.close()
 
 
 def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
-            limit: float, etcd_timeout: float = 10.0) -> dict[str, Any]:
+            limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
+            channel: str = "host", share_parsing: bool = True,
+            max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan"
+            ) -> dict[str, Any]:
     """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
-    base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{hosts}-",
+    base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{via}-{hosts}-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout)
+    run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
+              channel=channel, share_parsing=share_parsing, max_rss_mib=max_rss_mib,
+              restart=restart, backend=backend)
     try:
         return run.execute()
     finally:
@@ -593,7 +785,7 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         cold = r["cold"]
         c = cold["converged"]
-        head = f"H={r['hosts']} {r['pattern']}:"
+        head = f"H={r['hosts']} {r['pattern']} via {r.get('via', 'etcd')}:"
         if c["reached"] < c["hosts"]:
             lines.append(f"{head} cold start: only {c['reached']}/{c['hosts']} hosts converged "
                          f"in the limit (last at {c.get('last_of_reached_s', 0):.1f} s; each sees "
@@ -606,6 +798,8 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
             f"(distinct subnets {cold['distinct_subnets']}/{r['hosts']}), "
             f"per host {_fmt(per_host(r, 'cold'))}, etcd CPU {cold['etcd']['cpu_seconds']:.1f} s, "
             f"RSS {cold['etcd']['rss_mib']:.0f} MiB (3 members)")
+        if "steady" not in r:
+            continue
         st = r["steady"]["etcd"]
         lines.append(f"{head} steady {st['seconds']:.0f} s: unary {sum(st['unary_requests'].values()):.0f}, "
                      f"watch msgs in {sum(st['stream_msgs_received'].values()):.0f}, "
@@ -616,6 +810,31 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
             f"settled {rs['settled'].get('all_s', float('nan')):.1f} s "
             f"({rs['settled']['reached']}/{r['hosts']}), per host {_fmt(per_host(r, 'restart'))}, "
             f"etcd CPU {rs['etcd']['cpu_seconds']:.1f} s")
+    return [*lines, *cost_lines(results)]
+
+
+def cost_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Per phase: etcd's and the proxy's CPU, the watch deliveries, the harness's own cost."""
+    lines = []
+    for r in results:
+        head = f"H={r['hosts']} {r['pattern']} via {r.get('via', 'etcd')}:"
+        for name in ("cold", "restart"):
+            if name not in r:
+                continue
+            ph = r[name]
+            e = ph["etcd"]
+            text = (f"{head} {name}: etcd CPU {e['cpu_seconds']:.1f} s, watch events sent by "
+                    f"the members {e['watch_events_sent']:,.0f}, received by the agents "
+                    f"{ph.get('events_received', 0):,.0f}")
+            if "proxy" in ph:
+                px = ph["proxy"]
+                text += f"; proxy CPU {px['cpu_seconds']:.1f} s, RSS {px['rss_mib']:.0f} MiB"
+            if "agents_rss_mib" in ph:
+                text += (f"; agents CPU {ph['agents_cpu_seconds']:.0f} s, "
+                         f"RSS {ph['agents_rss_mib']:,.0f} MiB")
+            if ph.get("out_of_memory"):
+                text += " (STOPPED: the workers' RSS went over --max-rss-gib)"
+            lines.append(text)
     return lines
 
 
@@ -636,7 +855,7 @@ def cpu_costs(results: list[dict[str, Any]]) -> tuple[float, float]:
     request: least squares without intercept over every phase that completed, both
     patterns (flannel's phases are mostly TimeToLives, ours mostly watch events)."""
     rows = [(p["watch_events"], p["unary_requests"], p["cpu_ms"])
-            for r in results for phase in ("cold", "restart")
+            for r in results if r.get("via", "etcd") == "etcd" for phase in ("cold", "restart")
             if phase in r and r[phase]["converged"]["reached"] == r["hosts"]
             for p in (per_host(r, phase),)]
     see = sum(e * e for e, _, _ in rows)
@@ -661,7 +880,7 @@ def extrapolate(results: list[dict[str, Any]], sizes: tuple[int, ...] = (5_000, 
     out: dict[str, Any] = {"etcd_cpu_ms_per_watch_event": per_event,
                            "etcd_cpu_ms_per_unary_request": per_request}
     for pattern in PATTERNS:
-        mine = [r for r in results if r["pattern"] == pattern]
+        mine = [r for r in results if r["pattern"] == pattern and r.get("via", "etcd") == "etcd"]
         for phase in ("cold", "restart"):
             done = [r for r in mine if phase in r
                     and r[phase]["converged"]["reached"] == r["hosts"]]
@@ -716,6 +935,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=float, default=150.0,
                    help="longest wait for a phase (s); a run that does not converge stops")
     p.add_argument("--etcd-timeout", type=float, default=10.0, help="each agent's --etcd-timeout")
+    p.add_argument("--via", default="etcd",
+                   help="comma-separated: etcd (agents talk to the 3 members), proxy (to one "
+                        "`etcd grpc-proxy start` in front of them)")
+    p.add_argument("--channel", choices=("host", "worker"), default="host",
+                   help="one gRPC channel per host, as a real fleet (default), or one per "
+                        "worker process, shared by its hosts (one HTTP/2 connection per "
+                        "member: its flow-control window too, see docs/benchmarks.md)")
+    p.add_argument("--no-share-parsing", dest="share_parsing", action="store_false",
+                   help="each host parses its own copy of every key and value")
+    p.add_argument("--backend", choices=BACKENDS, default="vxlan",
+                   help="vxlan: the real backend on a fake kernel per host (planning and "
+                        "reconciling run); alloc: a lease and subnet.env only")
+    p.add_argument("--cold-only", action="store_true",
+                   help="the cold start only (no steady state, no restart)")
+    p.add_argument("--max-rss-gib", type=float, default=16.0,
+                   help="the workers' RSS together; a phase stops (and the run) above it")
     p.add_argument("--json", type=Path, default=Path("bench-cluster.json"))
     p.add_argument("--report", type=Path, nargs="+",
                    help="print the figures of the JSON files this wrote, together; no run")
@@ -726,7 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.report:
             got = json.loads(path.read_text())
             results += got["runs"] if isinstance(got, dict) else got
-        results.sort(key=lambda r: (r["hosts"], PATTERNS.index(r["pattern"])))
+        results.sort(key=lambda r: (r["hosts"], PATTERNS.index(r["pattern"]),
+                                    VIAS.index(r.get("via", "etcd"))))
         for line in summary_lines(results):
             print(line)
         for line in extrapolation_lines(extrapolate(results)):
@@ -736,16 +972,24 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(args.worker)
         return 0
     limit = raise_fd_limit()
+    # SIGTERM (or SIGINT, which a shell's background job ignores) ends the run through its
+    # `finally`: workers, the proxy and etcd stopped by PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     for hosts in (int(h) for h in args.hosts.split(",")):
         for pattern in args.patterns.split(","):
-            print(f"H={hosts} {pattern}: running (fd limit {limit})", file=sys.stderr, flush=True)
-            results.append(run_one(hosts=hosts, pattern=pattern, workers=args.workers,
-                                   steady=args.steady, spread=args.restart_spread,
-                                   limit=args.limit, etcd_timeout=args.etcd_timeout))
-            args.json.write_text(json.dumps(results, indent=1))
-            for line in summary_lines(results[-1:]):
-                print(line, flush=True)
+            for via in args.via.split(","):
+                print(f"H={hosts} {pattern} via {via}: running (fd limit {limit})",
+                      file=sys.stderr, flush=True)
+                results.append(run_one(
+                    hosts=hosts, pattern=pattern, workers=args.workers, steady=args.steady,
+                    spread=args.restart_spread, limit=args.limit,
+                    etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
+                    share_parsing=args.share_parsing, max_rss_mib=args.max_rss_gib * 1024,
+                    restart=not args.cold_only, backend=args.backend))
+                args.json.write_text(json.dumps(results, indent=1))
+                for line in summary_lines(results[-1:]):
+                    print(line, flush=True)
     report(results, args.json)
     return 0
 

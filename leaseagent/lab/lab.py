@@ -391,9 +391,15 @@ class Lab:
 
     def ping_run(self, from_ns: Source, to_ip: Address | str, *,
                  interval: float) -> probes.PingRun:
-        """Pings until `stop()` (a namespace or namespace container as source), every reply
-        by number: see `probes.PingRun`."""
-        return probes.PingRun(from_ns, to_ip, interval=interval)
+        """Pings until `stop()`, every reply by number: see `probes.PingRun`. From a Docker
+        container, the host's ping runs in the container's network namespace."""
+        netns_path = None
+        if isinstance(from_ns, Container) and from_ns.via is not None:
+            host = next(h for h in self.hosts.values() if from_ns in h.containers)
+            pid = self.dockerd(host).docker("inspect", "-f", "{{.State.Pid}}",
+                                            f"c{from_ns.index}").strip()
+            netns_path = f"/proc/{int(pid)}/ns/net"
+        return probes.PingRun(from_ns, to_ip, interval=interval, netns_path=netns_path)
 
     def pairs(self) -> list[tuple[Container, Host]]:
         """Every container, to the first container of every other host."""

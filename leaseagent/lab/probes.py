@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from leaseagent.lab import netns
-from leaseagent.lab.commands import run
+from leaseagent.lab.commands import run, tool
 from leaseagent.lab.errors import LabError
 from leaseagent.lab.topology import (
     CONTAINER_NETWORK,
@@ -64,11 +64,15 @@ def check_target(ip: Address | str) -> Address:
 Source = str | Container  # a namespace, or a container (Docker's too)
 
 
+def _ping_words(to_ip: Address | str, *options: str, quiet: bool = True) -> list[str]:
+    target = check_target(to_ip)
+    return ["ping", *(["-6"] if target.version == 6 else []), "-n", *(["-q"] if quiet else []),
+            *options, str(target)]
+
+
 def _ping_argv(source: Source, to_ip: Address | str, *options: str,
                quiet: bool = True) -> list[str]:
-    target = check_target(to_ip)
-    argv = ["ping", *(["-6"] if target.version == 6 else []), "-n", *(["-q"] if quiet else []),
-            *options, str(target)]
+    argv = _ping_words(to_ip, *options, quiet=quiet)
     if isinstance(source, Container):
         return source.exec_argv(argv)
     return netns.exec_argv(source, argv)
@@ -102,15 +106,23 @@ class PingRun:
     each reply listed by number: what was lost is known exactly, however long it ran,
     so a test stops it once what it watches is over instead of waiting out a count."""
 
-    def __init__(self, source: Source, to_ip: Address | str, *, interval: float) -> None:
-        if isinstance(source, Container) and source.via is not None:
-            raise LabError("PingRun: a namespace source only (docker exec does not pass "
-                           "SIGINT on to ping)")
+    def __init__(self, source: Source, to_ip: Address | str, *, interval: float,
+                 netns_path: str | None = None) -> None:
+        """`netns_path`: for a Docker container, its network namespace
+        (`/proc/<its pid>/ns/net`), where the host's ping runs: docker exec does not pass
+        SIGINT on to ping."""
+        options = ("-i", str(interval), "-W", str(REPLY_WAIT))
+        if netns_path is not None:
+            argv = [tool("nsenter"), f"--net={netns_path}",
+                    *_ping_words(to_ip, *options, quiet=False)]
+        elif isinstance(source, Container) and source.via is not None:
+            raise LabError("PingRun: a Docker container needs its netns_path (docker exec "
+                           "does not pass SIGINT on to ping)")
+        else:
+            argv = _ping_argv(source, to_ip, *options, quiet=False)
         self.interval = interval
-        self.proc = subprocess.Popen(
-            _ping_argv(source, to_ip, "-i", str(interval), "-W", str(REPLY_WAIT), quiet=False),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True)
 
     def running(self) -> bool:
         return self.proc.poll() is None

@@ -254,6 +254,7 @@ class EtcdStore:
         # Told the member id whenever the member answering us changes.
         self.member_id = 0
         self.on_member: Callable[[int], None] | None = None
+        self._owns_client = True  # False for a store made by `sharing_channel`
 
     @classmethod
     async def connect(cls, settings: EtcdSettings) -> EtcdStore:
@@ -690,5 +691,17 @@ class EtcdStore:
                 read.cancel()
             call.cancel()
 
+    def sharing_channel(self) -> EtcdStore:
+        """Another store on this one's gRPC channel: its own calls, streams and watches,
+        one connection per member under them (HTTP/2 streams). Closing it leaves the
+        channel to this store. Without auth only (the token is the channel's). For
+        simulating thousands of hosts in one process (bench.cluster)."""
+        if self._credentials is not None:
+            raise ConfigError("a store sharing a channel cannot authenticate on its own")
+        store = EtcdStore(self._client, self._settings)
+        store._owns_client = False
+        return store
+
     async def close(self) -> None:
-        await self._client.close()
+        if self._owns_client:
+            await self._client.close()

@@ -450,3 +450,30 @@ async def test_memory_partition_ends_a_blocked_watch(subject: Subject) -> None:
         await watching
     store.set_available(True)
     assert await store.get(subject.prefix + "x") is None
+
+
+# --- etcd-only ------------------------------------------------------------------------
+
+
+async def test_stores_sharing_a_channel_watch_apart_and_close_apart(
+        etcd_server: EtcdServer) -> None:
+    """`sharing_channel` (the cluster bench's thousands of hosts in one process): each store
+    has its own calls and watches; closing a sharer leaves the owner's channel working."""
+    prefix = f"/contract/{uuid.uuid4().hex[:12]}/"
+    owner = await EtcdStore.connect(EtcdSettings(endpoints=etcd_server.url, timeout=5.0))
+    try:
+        sharers = [owner.sharing_channel() for _ in range(3)]
+        start = (await owner.list_prefix(prefix)).revision + 1
+        watches = [asyncio.create_task(collect(s.watch(prefix, start_revision=start), 2))
+                   for s in sharers]
+        await asyncio.sleep(0.2)
+        await sharers[0].put(prefix + "a", b"1")
+        await sharers[1].put(prefix + "b", b"2")
+        for got in await asyncio.gather(*watches):
+            assert [(e.key, e.kv.value if e.kv else None) for e in got] == [
+                (prefix + "a", b"1"), (prefix + "b", b"2")]
+        for s in sharers:
+            await s.close()
+        assert (await owner.get(prefix + "b")) is not None  # the channel is still open
+    finally:
+        await owner.close()

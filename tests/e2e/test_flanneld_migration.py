@@ -54,7 +54,6 @@ from leaseagent.lab import (
     ETCD_PREFIX,
     Host,
     Lab,
-    parse_ping_summary,
     run,
     tool,
 )
@@ -210,32 +209,19 @@ def docker_identity(lab: Lab, host: Host) -> dict[str, str]:
 
 
 class SwitchPings:
-    """A ping every 50 ms across the switch. From a namespace container: until `stop`,
-    however long the switch takes (PingRun, every reply by number). From a Docker
-    container (docker exec does not pass SIGINT on to ping): a count of 300, 15 s, which
-    must outlast the switch."""
+    """A ping every 50 ms across the switch, until `stop`, however long the switch takes
+    (PingRun, every reply by number; from a Docker container, in its network namespace)."""
 
     def __init__(self, lab: Lab, source: Container, target: Container) -> None:
-        self.run = None if lab.docker else lab.ping_run(source, target.ip, interval=0.05)
-        self.counted = (lab.ping_background(source, target.ip, count=300, interval=0.05)
-                        if lab.docker else None)
+        self.run = lab.ping_run(source, target.ip, interval=0.05)
 
     def running(self) -> bool:
-        if self.run is not None:
-            return self.run.running()
-        assert self.counted is not None
-        return self.counted.poll() is None
+        return self.run.running()
 
     def stop(self) -> tuple[int, int, str]:
         """(sent, lost, ping's output); see PingRun.stop for the last second's pings."""
-        if self.run is not None:
-            sent, lost, out = self.run.stop()
-            return sent, len(lost), out
-        assert self.counted is not None
-        out, _ = self.counted.communicate(timeout=60)
-        sent, received = parse_ping_summary(out)
-        assert sent == 300, out
-        return sent, sent - received, out
+        sent, lost, out = self.run.stop()
+        return sent, len(lost), out
 
 
 def test_flanneld_host_switched_to_leaseagent_loses_nothing(lab: Lab) -> None:
@@ -299,8 +285,7 @@ def switch_from_flanneld(lab: Lab) -> None:
             assert result.returncode == 0, result.stdout + result.stderr
             cleaned[host.name] = result.stdout.splitlines()
         switched = time.monotonic() - started
-        if not lab.docker:
-            time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the switch is settled
+        time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the switch is settled
         # The pings counted cover the whole switch: still running once cleanup is done.
         assert pings.running(), f"the ping ended before the switch was done ({switched:.1f}s)"
     finally:

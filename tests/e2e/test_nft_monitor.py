@@ -40,6 +40,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def test_nft_monitor_dies_with_the_agent_that_started_it() -> None:
     with netns.Namespaces() as made:
         ns = made.add(f"lanft{secrets.token_hex(3)}")
@@ -50,6 +57,14 @@ def test_nft_monitor_dies_with_the_agent_that_started_it() -> None:
             assert agent.stdout is not None
             monitor = int(agent.stdout.readline())
             assert _alive(monitor)
+            # Kill the agent once the child is `nft` itself: before that it is still `ip
+            # netns exec` / setpriv, and a parent that dies before setpriv's prctl sends no
+            # signal (a window of milliseconds at the agent's start; the test hit it on a
+            # loaded machine by killing at once).
+            deadline = time.monotonic() + 10
+            while _comm(monitor) != "nft" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _comm(monitor) == "nft", _comm(monitor)
             agent.send_signal(signal.SIGKILL)
             agent.wait(timeout=10)
             deadline = time.monotonic() + 5

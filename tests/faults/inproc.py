@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
-from memory_firewall import MemoryFirewall
-
 from leaseagent.agent.daemon import Agent
 from leaseagent.config import parse_agent_config
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
+from leaseagent.dataplane.fakefirewall import MemoryFirewall
 from leaseagent.store.base import LeaseStore
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 

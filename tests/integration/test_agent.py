@@ -258,8 +258,8 @@ def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents, workd
 def test_sigterm_while_waiting_for_etcd_exits_promptly(etcd, agents):
     etcd.stop()
     a = agents("a", "10.200.0.1").start()
-    time.sleep(1.5)
-    a.signal(signal.SIGTERM)
+    a.wait_log("etcd unreachable", timeout=30)  # waiting for etcd (a fixed 1.5 s sleep ended
+    a.signal(signal.SIGTERM)                     # before a loaded machine got there)
     started = time.monotonic()
     assert a.wait_exit(5) == 0
     assert time.monotonic() - started < 3

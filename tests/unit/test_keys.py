@@ -57,3 +57,21 @@ def test_our_names_are_flannels_and_read_back(v4, v4_len, v6, v6_len) -> None:  
     if ipv6 is not None:
         assert match.group(3) == str(ipv6.network_address) and int(match.group(4)) == v6_len
     assert parse_key_name(name) == SubnetKey(ipv4, ipv6)
+
+
+@given(v4=st.ip_addresses(v=4), v4_len=st.integers(0, 32), plain=st.booleans())
+def test_a_parsed_subnet_is_an_ipv4network_to_every_use(v4, v4_len, plain) -> None:  # type: ignore[no-untyped-def]
+    """The key's subnet (core.network.HashedIPv4Network, its hash computed once) is equal
+    to, hashed as, shown as and ordered as ipaddress's IPv4Network of the same text, so
+    dicts keyed by either find the other. `plain`: the dotted-quad fast path or the
+    general one (a leading zero in the length)."""
+    ipv4 = IPv4Network((int(v4), v4_len), strict=False)
+    name = f"{ipv4.network_address}-{'' if plain else '0'}{v4_len}"
+    parsed = parse_key_name(name).ipv4
+    assert isinstance(parsed, IPv4Network)
+    assert parsed == ipv4 and ipv4 == parsed and hash(parsed) == hash(ipv4)
+    assert {ipv4: 1}[parsed] == 1 and {parsed: 1}[ipv4] == 1
+    assert repr(parsed) == repr(ipv4) and str(parsed) == str(ipv4)
+    assert not parsed < ipv4 and not ipv4 < parsed
+    if v4_len:
+        assert parsed.supernet() == ipv4.supernet()

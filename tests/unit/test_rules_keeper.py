@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
-from memory_firewall import MemoryFirewall
 
 from leaseagent.core.rules import (
     FAMILIES,
@@ -21,6 +20,7 @@ from leaseagent.core.rules import (
     compare,
     ruleset,
 )
+from leaseagent.dataplane.fakefirewall import MemoryFirewall
 from leaseagent.dataplane.firewall import (
     DEFAULT_CHECK_SECONDS,
     RETIRE_DELAY_SECONDS,

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
-from leaseagent.core.network import IPV4_TEXT, ipv4_int
+from leaseagent.core.network import IPV4_TEXT, HashedIPv4Network, ipv4_int
 
 DEFAULT_PREFIX = "/coreos.com/network"
 
@@ -74,7 +74,7 @@ def parse_key_name(name: str) -> SubnetKey:
         # start-up, so no text is parsed twice here (the result is the same).
         a, b, c, d, length = plain.groups()
         try:
-            return SubnetKey(IPv4Network((ipv4_int(a, b, c, d), int(length))))
+            return SubnetKey(HashedIPv4Network((ipv4_int(a, b, c, d), int(length))))
         except ValueError:
             pass  # host bits set, a length over 32: said below as for any name
     match = _NAME.fullmatch(name)
@@ -82,7 +82,7 @@ def parse_key_name(name: str) -> SubnetKey:
         raise ValueError(f"key name {name!r} is not of the form ADDR-LEN or ADDR-LEN&ADDR6-LEN")
     v4, v4_len, v6, v6_len = match.groups()
     try:
-        ipv4 = IPv4Network(f"{v4}/{int(v4_len)}", strict=True)
+        ipv4 = HashedIPv4Network(f"{v4}/{int(v4_len)}", strict=True)
     except ValueError as exc:
         raise ValueError(f"key name {name!r} is not an IPv4 network: {exc}") from None
     ipv6 = None

@@ -1,8 +1,9 @@
 """An in-memory firewall that behaves like the real adapters (leaseagent.dataplane.firewall):
 rules and peer set written whole by apply, the set changed by element, read back in
 full or (iptables' shallow read) counted; every call recorded. For the keeper's unit
-tests, and for agents a test runs in its own process, which must not write rules into
-the machine's own firewall."""
+tests, for agents a test runs in its own process, which must not write rules into
+the machine's own firewall, and for the cluster bench's simulated hosts (beside the
+fake kernel, leaseagent.dataplane.fakenetlink)."""
 
 from __future__ import annotations
 
