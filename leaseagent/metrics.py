@@ -3,7 +3,7 @@
 One `Metrics` object per agent, each with its own CollectorRegistry, so
 several agents in one test process do not collide. Names follow Prometheus
 conventions: `leaseagent_` prefix, base units in the name, `_total` on
-counters (leaseagent.prometheus adds it).
+counters (prometheus-client adds it).
 
 Metrics are exported from state, never read back as state. The agent's own
 events are counted here directly; the data plane's are read at scrape time
@@ -22,20 +22,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+from prometheus_client.metrics import (
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
 from leaseagent.core.rules import KINDS
 from leaseagent.dataplane.base import DataPlaneStatus
 from leaseagent.dataplane.firewall import RulesStatus
-from leaseagent.prometheus import (
-    Collector,
-    CollectorRegistry,
-    Counter,
-    CounterMetricFamily,
-    Gauge,
-    GaugeMetricFamily,
-    Histogram,
-    HistogramMetricFamily,
-    Info,
-)
 
 OBJECT_KINDS = ("route", "neighbour", "fdb", "peer", "allowed-ip")  # peer: WireGuard's
 
@@ -161,6 +164,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         from leaseagent import __version__
 
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
         Info("leaseagent_build", "The running agent", registry=r).info({"version": __version__})

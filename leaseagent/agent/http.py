@@ -1,6 +1,6 @@
 """/metrics, /healthz and /readyz, served from the agent's own event loop.
 
-Served by asyncio itself (not a server thread) on purpose:
+Served by asyncio itself (not prometheus-client's thread server) on purpose:
 an answer from /healthz then proves the event loop is turning, which a
 server thread would not. /readyz is 200 only while the lease is held,
 subnet.env is written and the data plane is in sync; otherwise 503 with the
@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 from typing import Protocol
 
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
 from leaseagent.metrics import Metrics
-from leaseagent.prometheus import CONTENT_TYPE_LATEST, generate_latest
 from leaseagent.waiting import within
 
 MAX_REQUEST_LINE = 8192

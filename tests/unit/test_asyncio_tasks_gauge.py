@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client.exposition import generate_latest
+
 from leaseagent.metrics import Metrics
-from leaseagent.prometheus import generate_latest
 
 
 def _tasks(metrics: Metrics) -> float | None:
