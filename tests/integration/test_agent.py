@@ -1,7 +1,8 @@
 """The agent against a real etcd (alloc backend: no kernel needed).
 
-Each test starts etcd (tests/etcd_server.py) and agents as real processes,
-and stops them by PID whatever happens.
+Agents run as real processes against a real etcd (tests/etcd_server.py; one for the
+module, emptied before each test, and one of its own for a test that stops it), all
+stopped by PID whatever happens.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import signal
 import time
 from ipaddress import IPv4Interface, IPv4Network
 
+import pytest
 from etcd_server import PREFIX, put_config
 from subnets import free_subnets
+
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
 
 ALLOC_30 = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.30.0",
             "Backend": {"Type": "alloc"}}
@@ -181,6 +185,7 @@ def test_malformed_peer_data_is_skipped_and_counted(etcd, agents):
     assert "Traceback" not in a.log()
 
 
+@pytest.mark.fresh_etcd  # stops, restarts and compacts it
 def test_compaction_during_a_watch_misses_no_add_or_remove(etcd, agents):
     put_config(etcd, ALLOC)
     peer = {"BackendType": "alloc", "NodeID": "x"}  # no etcd lease: a NodeID, or it is a reservation
@@ -255,6 +260,7 @@ def test_a_subnet_taken_by_another_host_is_never_overwritten(etcd, agents, workd
         f'DOCKER_NETWORK_OPTIONS=" --bip={a.wait_subnet()} --ip-masq=true --mtu=1500"\n')
 
 
+@pytest.mark.fresh_etcd  # stops it
 def test_sigterm_while_waiting_for_etcd_exits_promptly(etcd, agents):
     etcd.stop()
     a = agents("a", "10.200.0.1").start()

@@ -11,9 +11,12 @@ import json
 import time
 from ipaddress import IPv4Interface, IPv4Network
 
+import pytest
 from etcd_server import PREFIX, put_config
 from leasectl_run import leasectl
 from polling import wait_for
+
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
 
 ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.200.0",
          "Backend": {"Type": "alloc"}}

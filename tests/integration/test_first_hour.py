@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from etcd_server import put_config
 
 from leaseagent.lab.probes import parse_metrics
+
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 
@@ -22,6 +25,7 @@ def run_agent(*args: str, env: dict[str, str] | None = None, timeout: float = 20
                           env={"PATH": "/usr/bin:/bin", **(env or {})})
 
 
+@pytest.mark.fresh_etcd  # stops it
 def test_local_mistakes_are_exit_2_before_etcd_is_asked(tmp_path, etcd):
     etcd.stop()  # nobody answers: only local checks can give a quick, clear answer
     common = ["--etcd-endpoints", etcd.url, "--subnet-file", str(tmp_path / "s.env"),

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from etcd_server import PREFIX, put_config
+
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
 
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 IP = "10.200.0.7"

@@ -27,6 +27,8 @@ from subnets import free_subnet
 from leaseagent.cli.watching import lease_events
 from leaseagent.store.memory import MemoryStore
 
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
+
 ALLOC = {"Network": "10.6.0.0/16", "Backend": {"Type": "alloc"}}
 NETWORK = IPv4Network(ALLOC["Network"])
 JSON_FIELDS = ["event", "subnet", "ipv6_subnet", "public_ip", "public_ipv6", "backend", "node_id",

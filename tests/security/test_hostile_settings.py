@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
+
 PASSWORD = "s3cret-Pw-9f2c"
 
 
