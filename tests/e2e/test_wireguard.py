@@ -243,8 +243,11 @@ def test_a_key_rotation_reaches_every_peer(lab: Lab) -> None:
     print(f"key rotation: {lost[0]} of {count} pings lost towards the rotating host, "
           f"{lost[1]} of {count} from it (one every {interval * 1000:.0f} ms)")
     # Usually none (docs/benchmarks.md has the figures of many rotations); the bound
-    # is WireGuard's own: a handshake retried after 5 s. Within it, all reach again.
-    assert lab.wait_reachable(timeout=6).all_ok
+    # is WireGuard's own: a handshake is retried after 5 s (plus up to 1/3 s of jitter).
+    # Two retries: one CI run lost 99 of 150 pings towards h1 and was not through
+    # within one (6 s); every run here since lost none.
+    reach = lab.wait_reachable(timeout=12)
+    assert reach.all_ok, reach.format()
     assert "now has public key " + new in h1.log_file.read_text()
 
 
