@@ -88,9 +88,8 @@ from leaseagent.dataplane.netlink import (
     Known,
     Link,
     NetlinkEvent,
-    nothing_known,
+    WholeTables,
     outcomes,
-    read_again,
 )
 from leaseagent.errors import DataPlaneError
 
@@ -372,7 +371,7 @@ class FakeKernel:
         return 0
 
 
-class FakeNetlink:
+class FakeNetlink(WholeTables):
     """A request socket on a FakeKernel: the kernel port as `Netlink` offers it."""
 
     def __init__(self, kernel: FakeKernel) -> None:
@@ -576,19 +575,6 @@ class FakeNetlink:
         entries = await self._dump(self.kernel._fdb.values(), f"FDB of link {ifindex}")
         return [f for f in entries if f.ifindex == ifindex and f.lladdr != own_mac
                 and not known(f._ident)]
-
-    async def routes(self, *, protocol: int, family: int = socket.AF_UNSPEC) -> set[Route]:
-        return set(await read_again(lambda: self.scan_routes(
-            nothing_known, protocol=protocol, family=family)))
-
-    async def neighbours(self, ifindex: int, *, family: int = socket.AF_UNSPEC
-                         ) -> set[Neighbour]:
-        return set(await read_again(lambda: self.scan_neighbours(
-            nothing_known, ifindex, family=family)))
-
-    async def fdb(self, ifindex: int, *, own_mac: str | None = None) -> set[Fdb]:
-        return set(await read_again(lambda: self.scan_fdb(
-            nothing_known, ifindex, own_mac=own_mac)))
 
     async def apply(self, action: Action, objects: Sequence[KernelObject], *, protocol: int
                     ) -> tuple[list[KernelObject], list[Failure]]:

@@ -196,7 +196,41 @@ def _link(m: rtnl.LinkMessage) -> Link:
                 up=bool(m.flags & IFF_UP), vxlan=m.vxlan)
 
 
-class Netlink:
+class WholeTables:
+    """Whole tables as sets, from a kernel adapter's `scan_*` readers (each read again
+    while the table changes under it): the same for the real adapter and the fake."""
+
+    async def scan_routes(self, known: Known, *, protocol: int,
+                          family: int = socket.AF_UNSPEC,
+                          others: Callable[[HostRoute], None] | None = None) -> list[Route]:
+        raise NotImplementedError
+
+    async def scan_neighbours(self, known: Known, ifindex: int, *,
+                              family: int = socket.AF_UNSPEC) -> list[Neighbour]:
+        raise NotImplementedError
+
+    async def scan_fdb(self, known: Known, ifindex: int, *, own_mac: str | None = None
+                       ) -> list[Fdb]:
+        raise NotImplementedError
+
+    async def routes(self, *, protocol: int, family: int = socket.AF_UNSPEC) -> set[Route]:
+        """Every route `scan_routes` reads."""
+        return set(await read_again(lambda: self.scan_routes(
+            nothing_known, protocol=protocol, family=family)))
+
+    async def neighbours(self, ifindex: int, *, family: int = socket.AF_UNSPEC
+                         ) -> set[Neighbour]:
+        """Every entry `scan_neighbours` reads."""
+        return set(await read_again(lambda: self.scan_neighbours(
+            nothing_known, ifindex, family=family)))
+
+    async def fdb(self, ifindex: int, *, own_mac: str | None = None) -> set[Fdb]:
+        """Every entry `scan_fdb` reads."""
+        return set(await read_again(lambda: self.scan_fdb(
+            nothing_known, ifindex, own_mac=own_mac)))
+
+
+class Netlink(WholeTables):
     """Request sockets of one network namespace (None: the agent's own)."""
 
     def __init__(self, links: RtnlSocket, raw: RtnlSocket, netns: str | None) -> None:
@@ -495,22 +529,6 @@ class Netlink:
 
         await self._scan(rtnl.RTM_GETNEIGH, rtnl.neighbour_dump_request(family), what, visit)
         return unknown
-
-    async def routes(self, *, protocol: int, family: int = socket.AF_UNSPEC) -> set[Route]:
-        """Every route `scan_routes` reads."""
-        return set(await read_again(lambda: self.scan_routes(
-            nothing_known, protocol=protocol, family=family)))
-
-    async def neighbours(self, ifindex: int, *, family: int = socket.AF_UNSPEC
-                         ) -> set[Neighbour]:
-        """Every entry `scan_neighbours` reads."""
-        return set(await read_again(lambda: self.scan_neighbours(
-            nothing_known, ifindex, family=family)))
-
-    async def fdb(self, ifindex: int, *, own_mac: str | None = None) -> set[Fdb]:
-        """Every entry `scan_fdb` reads."""
-        return set(await read_again(lambda: self.scan_fdb(
-            nothing_known, ifindex, own_mac=own_mac)))
 
     async def apply(
         self, action: Action, objects: Sequence[KernelObject], *, protocol: int
