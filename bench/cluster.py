@@ -596,6 +596,28 @@ def _times(report: list[dict[str, Any]], since: float, key: str) -> dict[str, An
     return out
 
 
+def start_proxy(etcd: Etcd, pdir: Path, reaper: Reaper | None) -> tuple[Process, str]:
+    """`etcd grpc-proxy start` in front of `etcd`'s members (told to the reaper before it
+    starts), serving once this returns; the process and its client URL."""
+    listen = free_port()
+    if reaper is not None:
+        reaper.watch_pid_file(pdir / "proxy.pid")
+    proxy = processes.spawn(
+        [tool("etcd"), "grpc-proxy", "start",
+         "--endpoints", ",".join(m.url.split("://", 1)[1] for m in etcd.members),
+         "--listen-addr", f"127.0.0.1:{listen}",
+         "--data-dir", str(pdir / "data")],
+        log_file=pdir / "proxy.log", pid_file=pdir / "proxy.pid")
+    url = f"http://127.0.0.1:{listen}"
+    deadline = time.monotonic() + 30
+    while etcd.etcdctl_run([url], "endpoint", "health", timeout=2).returncode != 0:
+        if not proxy.alive or time.monotonic() > deadline:
+            raise RuntimeError(f"etcd grpc-proxy not serving at {url}:\n"
+                               + log_tail(pdir / "proxy.log"))
+        time.sleep(0.2)
+    return proxy, url
+
+
 @dataclass
 class Run:
     hosts: int
@@ -622,23 +644,7 @@ class Run:
     def start_proxy(self) -> str:
         """`etcd grpc-proxy start` in front of the three members; its client URL."""
         assert self.etcd is not None
-        listen = free_port()
-        pdir = self.dir / "proxy"
-        if self.reaper is not None:
-            self.reaper.watch_pid_file(pdir / "proxy.pid")
-        self.proxy = processes.spawn(
-            [tool("etcd"), "grpc-proxy", "start",
-             "--endpoints", ",".join(m.url.split("://", 1)[1] for m in self.etcd.members),
-             "--listen-addr", f"127.0.0.1:{listen}",
-             "--data-dir", str(pdir / "data")],
-            log_file=pdir / "proxy.log", pid_file=pdir / "proxy.pid")
-        url = f"http://127.0.0.1:{listen}"
-        deadline = time.monotonic() + 30
-        while self.etcd.etcdctl_run([url], "endpoint", "health", timeout=2).returncode != 0:
-            if not self.proxy.alive or time.monotonic() > deadline:
-                raise RuntimeError(f"etcd grpc-proxy not serving at {url}:\n"
-                                   + log_tail(pdir / "proxy.log"))
-            time.sleep(0.2)
+        self.proxy, url = start_proxy(self.etcd, self.dir / "proxy", self.reaper)
         return url
 
     def _sample(self) -> tuple[list[dict[str, float]], dict[str, float] | None, float]:
