@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -636,6 +636,7 @@ class Run:
     backend: str = "vxlan"
     profile: str = ""  # a directory: each worker's cProfile stats written there
     reaper: Reaper | None = None  # told every process as it starts
+    progress: Callable[[dict[str, Any]], None] = lambda _: None  # each phase's figures, as done
     seed: int = 1
     procs: list[WorkerProc] = field(default_factory=list)
     etcd: Etcd | None = None
@@ -723,6 +724,7 @@ class Run:
         out["cold"] = {"converged": _times(rep, at, "converged"), **self._counts(rep),
                        **self._phase(s0, s1, rep)}
         out["cold"]["events_received"] = out["cold"]["events_received_total"]
+        self.progress(out)
         if out["cold"]["converged"]["reached"] < self.hosts:
             out["stopped_after"] = "cold"
             return out
@@ -731,6 +733,7 @@ class Run:
         time.sleep(self.steady)
         s2 = self._sample()
         out["steady"] = self._phase(s1, s2)
+        self.progress(out)
 
         at = time.time() + 0.5
         rep = self._all({"do": "restart", "at": at, "spread": self.spread,
@@ -834,7 +837,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
             channel: str = "host", share_parsing: bool = True,
             max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan",
-            profile: str = "") -> dict[str, Any]:
+            profile: str = "", progress: Callable[[dict[str, Any]], None] = lambda _: None
+            ) -> dict[str, Any]:
     """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
     base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{via}-{hosts}-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
@@ -842,7 +846,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
     reaper = Reaper(base)
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
               channel=channel, share_parsing=share_parsing, max_rss_mib=max_rss_mib,
-              restart=restart, backend=backend, profile=profile, reaper=reaper)
+              restart=restart, backend=backend, profile=profile, reaper=reaper,
+              progress=progress)
     try:
         return run.execute()
     finally:
@@ -1082,13 +1087,19 @@ def main(argv: list[str] | None = None) -> int:
             for via in args.via.split(","):
                 print(f"H={hosts} {pattern} via {via}: running (fd limit {limit})",
                       file=sys.stderr, flush=True)
+                def save(partial: dict[str, Any], done: list[dict[str, Any]] = results) -> None:
+                    """A run's phases so far, kept beside the finished runs (a run stopped
+                    in its restart keeps its cold start)."""
+                    args.json.write_text(json.dumps([*done, partial], indent=1))
+
                 results.append(run_one(
                     hosts=hosts, pattern=pattern, workers=args.workers, steady=args.steady,
                     spread=args.restart_spread, limit=args.limit,
                     etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
                     share_parsing=args.share_parsing, max_rss_mib=args.max_rss_gib * 1024,
                     restart=not args.cold_only, backend=args.backend,
-                    profile=str(args.profile.resolve()) if args.profile else ""))
+                    profile=str(args.profile.resolve()) if args.profile else "",
+                    progress=save))
                 args.json.write_text(json.dumps(results, indent=1))
                 for line in summary_lines(results[-1:]):
                     print(line, flush=True)
