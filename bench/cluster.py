@@ -467,15 +467,29 @@ class WorkerProc:
             raise RuntimeError(f"worker {self.proc.pid} exited ({self.proc.poll()}):\n{tail}")
         return dict(json.loads(line))
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(OSError, ValueError):
                 self.send({"do": "stop"})
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self, deadline: float | None = None) -> None:
+        """Asked to stop, and killed if not gone by `deadline` (monotonic; 60 s from now)."""
+        self.ask_to_stop()
+        try:
+            self.proc.wait(timeout=max(0.0, (deadline or time.monotonic() + 60)
+                                       - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stop_workers(procs: list[WorkerProc]) -> None:
+    """Every worker asked at once, then each given what is left of 60 s."""
+    for w in procs:
+        w.ask_to_stop()
+    deadline = time.monotonic() + 60
+    for w in procs:
+        w.stop(deadline)
 
 
 def member_sample(etcd: Etcd) -> list[dict[str, float]]:
@@ -760,8 +774,7 @@ class Run:
                 "errors": [e for r in rep for e in r["errors"]][:5]}
 
     def close(self) -> None:
-        for w in self.procs:
-            w.stop()
+        stop_workers(self.procs)
         if self.proxy is not None:
             self.proxy.stop()
         if self.etcd is not None:

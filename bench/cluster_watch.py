@@ -64,9 +64,11 @@ from bench.cluster import (
     raise_fd_limit,
     rss_bytes,
     start_proxy,
+    stop_workers,
 )
 from leaseagent.config import DEFAULT_LEASE_TTL
 from leaseagent.core.leases import KeyLayout, LeaseValue
+from leaseagent.errors import StoreUnavailable
 from leaseagent.lab import processes
 from leaseagent.lab.etcd import Etcd
 from leaseagent.lab.processes import Process
@@ -175,19 +177,33 @@ async def write_leases(endpoints: str, writes: int, backend: str) -> dict[str, A
     queue = list(range(writes))
     started = time.monotonic()
 
+    retries = 0
+
+    async def retried(what: Any) -> Any:
+        """A request etcd timed out is sent again, as the agent does (up to 10 a write)."""
+        nonlocal retries
+        while True:
+            try:
+                return await what()
+            except StoreUnavailable:
+                retries += 1
+                if retries > 10 * writes:
+                    raise
+
     async def writer() -> None:
         while queue:
             i = queue.pop()
-            lease, _ttl = await store.grant(DEFAULT_LEASE_TTL)
-            made, _ = await store.create(layout.lease_key(subnets[i + 1]),
-                                         lease_value(i, backend), lease=lease)
-            assert made, i
+            key = layout.lease_key(subnets[i + 1])
+            lease, _ttl = await retried(lambda: store.grant(DEFAULT_LEASE_TTL))
+            made, held = await retried(
+                lambda: store.create(key, lease_value(i, backend), lease=lease))  # noqa: B023
+            assert made or (held is not None and held.lease == lease), (i, held)
 
     try:
         await asyncio.gather(*(writer() for _ in range(WRITERS)))
     finally:
         await store.close()
-    return {"writes_s": time.monotonic() - started}
+    return {"writes_s": time.monotonic() - started, "write_retries": retries}
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -279,8 +295,7 @@ def run_one(*, watchers: int, writes: int, via: str, workers: int, limit: float,
         return out
     finally:
         try:
-            for w in procs:
-                w.stop()
+            stop_workers(procs)
             if proxy is not None:
                 proxy.stop()
             if etcd is not None:
@@ -295,7 +310,8 @@ def line(r: dict[str, Any]) -> str:
     d = max(1, r["deliveries"])
     text = (f"H={r['watchers']:,} watchers via {r['via']}, {r['writes']:,} writes: "
             f"{r['watchers_complete']:,}/{r['watchers']:,} got every write, last at "
-            f"{r['delivered_s']:.1f} s (writes {r['writes_s']:.1f} s); deliveries "
+            f"{r['delivered_s']:.1f} s (writes {r['writes_s']:.1f} s, "
+            f"{r.get('write_retries', 0)} timed out and retried); deliveries "
             f"{r['deliveries']:,}; members sent {e['watch_events_sent']:,.0f} events, "
             f"CPU {e['cpu_seconds']:.1f} s ({r['etcd_cpu_above_idle_s']:.1f} above idle: "
             f"{r['etcd_cpu_above_idle_s'] / d * 1e6:.2f} us a delivery), client bytes "
