@@ -495,9 +495,10 @@ class RulesKeeper:
     def __init__(self, fw: Firewall, *, check_seconds: float | None = None) -> None:
         self.fw = fw
         self.status = RulesStatus()
-        self._base: Ruleset | None = None  # the rules and port of the last sync
-        self._peers: set[Address] = set()  # the peer set wanted, kept per change
-        self._wanted: Ruleset | None = None  # _base with _peers, made when asked for
+        # The rules and port of the last sync, without its peers: the peer set is kept
+        # once, here, per change (`wanted` puts them together when asked for).
+        self._base: Ruleset | None = None
+        self._peers: set[Address] = set()
         self._check_seconds = check_interval(fw) if check_seconds is None else check_seconds
         self._counted = 0  # the peer filter's counter as last read (it restarts on a rewrite)
         self._lock = asyncio.Lock()
@@ -514,7 +515,7 @@ class RulesKeeper:
         counted, not listed, unless a full read is due."""
         async with self._lock:
             if wanted is not None:
-                self._base, self._peers, self._wanted = wanted, set(wanted.peers), wanted
+                self._base, self._peers = replaced(wanted, peers=frozenset()), set(wanted.peers)
             wanted = self.wanted
             if wanted is None:
                 return []
@@ -575,10 +576,12 @@ class RulesKeeper:
 
     @property
     def wanted(self) -> Ruleset | None:
-        """Everything to hold now: the last sync's rules with the current peer set."""
-        if self._wanted is None and self._base is not None:
-            self._wanted = replaced(self._base, peers=frozenset(self._peers))
-        return self._wanted
+        """Everything to hold now: the last sync's rules with the current peer set (made
+        anew at each call, not kept: a 5,000-peer set is ~0.3 ms to make, 256 KiB to keep;
+        docs/benchmarks.md, "Memory at 5,000 peers")."""
+        if self._base is None:
+            return None
+        return replaced(self._base, peers=frozenset(self._peers))
 
     async def update_peers(self, admit: Iterable[Address], retire: Iterable[Address]) -> None:
         """Change the peer filter's set by element (core.rules.PeerAdmission says which;
@@ -595,7 +598,6 @@ class RulesKeeper:
                 return
             self._peers |= admit
             self._peers -= retire
-            self._wanted = None
             fresh = admit - self._retiring  # a retiring one is still in the firewall
             self._retiring = (self._retiring - admit) | retire
             if self._retiring:
@@ -651,7 +653,7 @@ class RulesKeeper:
                 await asyncio.sleep(0.02)  # a burst of events, one check
             except TimeoutError:
                 woken = False
-            if self.wanted is None:  # nothing to hold yet
+            if self._base is None:  # nothing to hold yet
                 self._wake.clear()
                 check_due = time.monotonic() + self.retry_seconds
                 continue
