@@ -426,7 +426,15 @@ def worker_main(spec_text: str) -> None:
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     raise_fd_limit()
-    asyncio.run(Worker(json.loads(spec_text)).serve())
+    spec = json.loads(spec_text)
+    if not spec.get("profile"):
+        asyncio.run(Worker(spec).serve())
+        return
+    import cProfile  # --profile DIR: each worker's own CPU, by function
+
+    with cProfile.Profile() as prof:
+        asyncio.run(Worker(spec).serve())
+    prof.dump_stats(str(Path(spec["profile"]) / f"w{spec['first']}.prof"))
 
 
 def raise_fd_limit() -> int:
@@ -604,6 +612,8 @@ class Run:
     max_rss_mib: float = 0.0  # all workers together; 0: no limit
     restart: bool = True  # the steady state and restart phases after the cold start
     backend: str = "vxlan"
+    profile: str = ""  # a directory: each worker's cProfile stats written there
+    reaper: Reaper | None = None  # told every process as it starts
     seed: int = 1
     procs: list[WorkerProc] = field(default_factory=list)
     etcd: Etcd | None = None
@@ -614,6 +624,8 @@ class Run:
         assert self.etcd is not None
         listen = free_port()
         pdir = self.dir / "proxy"
+        if self.reaper is not None:
+            self.reaper.watch_pid_file(pdir / "proxy.pid")
         self.proxy = processes.spawn(
             [tool("etcd"), "grpc-proxy", "start",
              "--endpoints", ",".join(m.url.split("://", 1)[1] for m in self.etcd.members),
@@ -656,6 +668,9 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         self.etcd = Etcd(self.dir / "etcd", 3)
+        if self.reaper is not None:
+            for m in self.etcd.members:
+                self.reaper.watch_pid_file(m.pid_file)
         self.etcd.start()
         self.etcd.etcdctl("put", KeyLayout(PREFIX).config_key,
                           json.dumps(network_config(self.hosts, self.backend)))
@@ -672,7 +687,8 @@ class Run:
                     "first": first, "count": count, "endpoints": endpoints,
                     "seed": self.seed * 1000 + k, "etcd_timeout": self.etcd_timeout,
                     "channel": self.channel, "share_parsing": self.share_parsing,
-                    "backend": self.backend, "max_rss_mib": self.max_rss_mib / self.workers}
+                    "backend": self.backend, "max_rss_mib": self.max_rss_mib / self.workers,
+                    "profile": self.profile}
             logf = self.dir / f"w{k}.log"
             with logf.open("w") as errs:
                 proc = subprocess.Popen(
@@ -680,6 +696,9 @@ class Run:
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs, text=True,
                     env=env)
             self.procs.append(WorkerProc(proc, logf))
+            if self.reaper is not None:
+                self.reaper.watch_process(
+                    Process(proc.pid, processes.start_time(proc.pid) or 0))
         for w in self.procs:
             w.answer()  # imported and listening
         out: dict[str, Any] = {"hosts": self.hosts, "pattern": self.pattern, "via": self.via,
@@ -740,22 +759,92 @@ class Run:
             self.etcd.close()
 
 
+class Reaper:
+    """Stops a run's processes if the driver cannot: a child in its own session (a Ctrl-C
+    or a timeout's signal to the driver's group does not reach it) that is told, on a
+    pipe, the pid files of the etcd members and the proxy and the PIDs of the workers,
+    as soon as they are known, and the run's directory. When the pipe ends (the driver
+    is done, or gone however: SIGKILL, a crash, a timeout) it stops, by PID and start
+    time, each of those processes still running, and removes the directory. After a
+    clean run there is nothing left to stop."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.cluster", "--reaper"], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        self.tell("dir", str(run_dir))
+
+    def tell(self, kind: str, what: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{kind} {what}\n")
+        self.proc.stdin.flush()
+
+    def watch_pid_file(self, path: Path) -> None:
+        self.tell("pidfile", str(path))
+
+    def watch_process(self, proc: Process) -> None:
+        self.tell("pid", f"{proc.pid} {proc.start}")
+
+    def close(self) -> None:
+        """The driver is done: the reaper checks, and exits."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def reaper_main() -> None:
+    """The reaper's side (`--reaper`): collect what to stop until stdin ends, then stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it ends at EOF, having stopped them
+    pid_files: list[Path] = []
+    procs: list[Process] = []
+    dirs: list[Path] = []
+    for line in sys.stdin:
+        kind, _, what = line.rstrip("\n").partition(" ")
+        if kind == "pidfile":
+            pid_files.append(Path(what))
+        elif kind == "pid":
+            pid, start = what.split()
+            procs.append(Process(int(pid), int(start)))
+        elif kind == "dir":
+            dirs.append(Path(what))
+    procs += [p for p in map(Process.read, pid_files) if p is not None]
+    left = [p for p in procs if p.alive]
+    if left:
+        print(f"bench.cluster reaper: stopping {len(left)} processes the run left: "
+              f"{[p.pid for p in left]}", file=sys.stderr, flush=True)
+        processes.stop(left, grace=10)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
             channel: str = "host", share_parsing: bool = True,
-            max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan"
-            ) -> dict[str, Any]:
+            max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan",
+            profile: str = "") -> dict[str, Any]:
     """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
     base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{via}-{hosts}-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    print(f"run directory {base}", file=sys.stderr, flush=True)
+    reaper = Reaper(base)
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
               channel=channel, share_parsing=share_parsing, max_rss_mib=max_rss_mib,
-              restart=restart, backend=backend)
+              restart=restart, backend=backend, profile=profile, reaper=reaper)
     try:
         return run.execute()
     finally:
-        run.close()
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            run.close()
+            shutil.rmtree(base, ignore_errors=True)
+        finally:
+            reaper.close()
 
 
 # -- figures ----------------------------------------------------------------------------
@@ -951,10 +1040,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the cold start only (no steady state, no restart)")
     p.add_argument("--max-rss-gib", type=float, default=16.0,
                    help="the workers' RSS together; a phase stops (and the run) above it")
+    p.add_argument("--profile", type=Path,
+                   help="a directory: each worker's cProfile stats (w<first host>.prof)")
     p.add_argument("--json", type=Path, default=Path("bench-cluster.json"))
     p.add_argument("--report", type=Path, nargs="+",
                    help="print the figures of the JSON files this wrote, together; no run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--reaper", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.report:
         results = []
@@ -971,6 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker_main(args.worker)
         return 0
+    if args.reaper:
+        reaper_main()
+        return 0
     limit = raise_fd_limit()
     # SIGTERM (or SIGINT, which a shell's background job ignores) ends the run through its
     # `finally`: workers, the proxy and etcd stopped by PID.
@@ -986,7 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
                     spread=args.restart_spread, limit=args.limit,
                     etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
                     share_parsing=args.share_parsing, max_rss_mib=args.max_rss_gib * 1024,
-                    restart=not args.cold_only, backend=args.backend))
+                    restart=not args.cold_only, backend=args.backend,
+                    profile=str(args.profile.resolve()) if args.profile else ""))
                 args.json.write_text(json.dumps(results, indent=1))
                 for line in summary_lines(results[-1:]):
                     print(line, flush=True)

@@ -40,9 +40,11 @@ one more device. Nothing below depends on the family:
   ignored. Bursts are debounced a few ms.
   A full resync also runs every resync_seconds +-20%, which catches what no
   event tells (and FDB changes, which the kernel broadcasts with port id 0).
-  Everything a run-triggered pass adds or removes is counted as a drift
-  repair: peer changes reach us through `update`, so a difference found
-  afterwards is drift by definition.
+  What a run-triggered pass puts back of the applied plan, or removes
+  beyond it, is counted as a drift repair. The rest of its changes are peer
+  changes the watcher has not handed to `update` yet (a pass reads the
+  watcher's peers as they are now): under churn a pass often catches up with
+  a few, and they are not drift.
 - `close()`: closes sockets. Never removes peer state or the device (a
   restart must not break connectivity; docs/architecture.md, "Fault rules").
 - `remove()`: for a rebuild onto another backend (docs/architecture.md,
@@ -590,11 +592,15 @@ class ReconcilingBackend:
         self.status.removed.update(objects_by_kind(removed))
         self.status.added.update(objects_by_kind(added))
         if repair:
-            self.status.repairs.update(objects_by_kind(chain(added, removed)))
-            if added or removed:
+            # Still the plan before this pass: what it wanted and the kernel lost, or
+            # what the kernel held beyond it (the module docstring).
+            restored = [obj for obj in added if self._applied.wants(obj)]
+            cleared = [obj for obj in removed if not self._applied.wants(obj)]
+            self.status.repairs.update(objects_by_kind(chain(restored, cleared)))
+            if restored or cleared:
                 log.info(
                     "data plane drift repaired: %s restored, %s removed",
-                    objects_by_kind(added) or "nothing", objects_by_kind(removed) or "nothing",
+                    objects_by_kind(restored) or "nothing", objects_by_kind(cleared) or "nothing",
                 )
         failures = self._sort_refusals(failures, peers or {}, decided)
         if failures:

@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,11 @@ def bench(out: Path, *args: str) -> str:
         stdout, stderr = proc.communicate(timeout=HANG)
     except subprocess.TimeoutExpired:
         proc.terminate()  # its finally stops the workers, the proxy and etcd
-        stdout, stderr = proc.communicate(timeout=120)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its reaper stops them
+            stdout, stderr = proc.communicate()
         raise AssertionError(f"still running after {HANG} s:\n{stderr[-3000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
     return stdout
@@ -84,3 +89,45 @@ def test_cluster_bench_through_the_grpc_proxy(tmp_path: Path) -> None:
         assert got["etcd"]["watch_events_sent"] < got["events_received"], (phase, got)
         assert got["proxy"]["cpu_seconds"] > 0, (phase, got["proxy"])
     assert r["restart"]["settled"]["reached"] == hosts
+
+
+def test_a_killed_run_leaves_no_process(tmp_path: Path) -> None:
+    """SIGKILL to the driver (no `finally` runs) once the proxy is up: its reaper stops
+    the etcd members, the proxy and the workers by PID and removes the run directory."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.cluster", "--hosts", "2", "--workers", "1",
+         "--patterns", "leaseagent", "--via", "proxy", "--backend", "alloc", "--steady", "300",
+         "--json", str(tmp_path / "killed.json")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base: Path | None = None
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("run directory "):
+                base = Path(line.split(" ", 2)[2].strip())
+                break
+        assert base is not None, "the driver did not say its run directory"
+        deadline = time.monotonic() + HANG
+        while not running_in(base) >= 5:  # 3 members, the proxy, the worker
+            assert time.monotonic() < deadline and proc.poll() is None, running_in(base)
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while running_in(base) or base.exists():
+        assert time.monotonic() < deadline, f"left running: {running_in(base)}"
+        time.sleep(0.2)
+
+
+def running_in(base: Path) -> int:
+    """Processes whose command line names `base` (the run's members, proxy and workers)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            count += str(base).encode() in cmd
+    return count
