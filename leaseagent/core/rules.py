@@ -47,7 +47,6 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from ipaddress import IPv4Network, IPv6Network
 
 from leaseagent.core.leases import Peer, PeerChanges
@@ -159,9 +158,10 @@ class Ruleset:
     def tags(self) -> dict[str, list[str]]:
         return {c: [r.tag for r in self.chain(c)] for c in self.chains}
 
-    @cached_property
+    @property
     def peer_texts(self) -> frozenset[str]:
-        """The peers as text, as firewalls list them (made once per ruleset, not per check)."""
+        """The peers as text, as firewalls list them (made when compared, not kept: 5,000
+        peers' text is ~0.5 MiB that would stay between checks)."""
         return frozenset(map(str, self.peers))
 
 
@@ -259,6 +259,9 @@ class ObservedRules:
     peers: frozenset[str] | None = None  # addresses as text: thousands are read per check
     peer_count: int | None = None  # how many the set holds (None: no set)
     dropped: int = 0  # packets the peer filter dropped (its counter)
+    # The adapter's own reading (iptables: the saved tables and the set's members), for
+    # the write that may follow at once (Firewall.apply's `seen`): not read twice.
+    reading: object = field(default=None, compare=False, repr=False)
 
 
 # Kinds of difference (a metric label each).

@@ -16,9 +16,10 @@ step per change:
   LEASEAGENT-FORWARD and LEASEAGENT-INPUT (filter), each jumped to from the
   first rule of its built-in chain (in FORWARD, the first after Docker's
   DOCKER-USER jump, so the operator's rules there still apply:
-  core.rules.jump_index), written per table with `iptables-restore
-  --noflush` (declaring a chain flushes it, so the whole table's part is one
-  commit); the peer set is an ipset (`ipset restore`). iptables has no event
+  core.rules.jump_index), written by one `iptables-restore --noflush`, a
+  commit per table (declaring a chain flushes it, so the whole table's part is
+  one commit), after the peer set, an ipset (`ipset restore`, which makes it
+  too); the reads of a check or a write run at once. iptables has no event
   stream: `iptables-save` and the ipset's header (how many members: `ipset list
   -t`) are read every check interval, every member every DEEP_CHECK_SECONDS:
   with thousands of peers the listing is most of a check's cost, and a member
@@ -127,7 +128,10 @@ class Firewall(Protocol):
     name: str  # the tool: nftables | iptables (ip6tables for IPv6)
     family: Family  # which family's rules it holds
 
-    async def apply(self, wanted: Ruleset) -> None: ...
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
+        """Write `wanted`; `seen`: what `observe` read just before, if the caller has it
+        (an adapter may write from that reading instead of reading again)."""
+        ...
 
     async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None: ...
 
@@ -151,6 +155,10 @@ def _same_family(fw: Firewall, wanted: Ruleset) -> None:
     if wanted.family != fw.family:
         raise ValueError(f"an IPv{wanted.family.version} ruleset given to the "
                          f"IPv{fw.family.version} {fw.name} adapter")
+
+
+async def _nothing() -> frozenset[str] | None:
+    return None
 
 
 def _sorted(addresses: Iterable[Address]) -> list[Address]:
@@ -194,7 +202,7 @@ class NftFirewall:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    async def apply(self, wanted: Ruleset) -> None:
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
         _same_family(self, wanted)
         script = f"table {self.table}\ndelete table {self.table}\n"
         if wanted.rules:
@@ -319,6 +327,16 @@ def _comment(line: str) -> str | None:
     return m.group(1) if m and m.group(1).startswith("leaseagent:") else None
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """What IptablesFirewall.observe read: both tables (nat, filter) and, if `listed`,
+    the set's members (None: no set)."""
+
+    saves: list[_Saved]
+    members: frozenset[str] | None
+    listed: bool
+
+
 class IptablesFirewall:
     name = "iptables"
 
@@ -354,16 +372,29 @@ class IptablesFirewall:
         return frozenset(line[len(prefix):].split(" ", 1)[0] for line in out.splitlines()
                          if line.startswith(prefix))
 
-    async def apply(self, wanted: Ruleset) -> None:
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
+        # Two or three rounds of processes, not seven (at a join they are on the path to
+        # the first route: the data plane waits for the rules, Plane.program_all): the
+        # ipset's members and both tables read at once, unless `seen` (observe's reading
+        # just before) has them; the set made and filled by one `ipset restore`; both
+        # tables written by one `iptables-restore` (a commit per table, as before), after
+        # the set, which the peer filter names and must admit first.
         _same_family(self, wanted)
-        if wanted.peer_port is not None:
-            await _run(["ipset", "create", self.ipset, "hash:ip", "family", self.family.ipset_family,
-                        "-exist"], netns=self._netns)
-            have = frozenset(ip_address(ip) for ip in await self._ipset_members() or ())
-            await self.set_peers(wanted.peers - have, have - wanted.peers)
-        for table in ("nat", "filter"):
-            saved = await self._save(table)
-            lines = [f"*{table}"]
+        fill = wanted.peer_port is not None
+        tables = ("nat", "filter")
+        reading = seen.reading if seen is not None else None
+        if isinstance(reading, _Reading) and (reading.listed or not fill):
+            members, saves = reading.members, reading.saves
+        else:
+            members, saves = await asyncio.gather(
+                self._ipset_members() if fill else _nothing(),
+                asyncio.gather(*(self._save(t) for t in tables)))
+        if fill:
+            have = frozenset(ip_address(ip) for ip in members or ())
+            await self._restore_set(wanted.peers - have, have - wanted.peers, create=True)
+        lines = []
+        for table, saved in zip(tables, saves, strict=True):
+            lines.append(f"*{table}")
             for chain, (_, _, _, ipt_table, builtin) in CHAINS.items():
                 if ipt_table != table:
                     continue
@@ -387,13 +418,20 @@ class IptablesFirewall:
                 elif exists:
                     lines.append(f"-X {ours}")
             lines.append("COMMIT")
-            await _run([f"{self.family.iptables}-restore", "--noflush"], netns=self._netns,
-                       input="\n".join(lines) + "\n")
-        if wanted.peer_port is None:
+        await _run([f"{self.family.iptables}-restore", "--noflush"], netns=self._netns,
+                   input="\n".join(lines) + "\n")
+        if not fill:
             await _run(["ipset", "destroy", self.ipset], netns=self._netns, check=False)
 
     async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None:
-        script = "".join(f"add {self.ipset} {ip} -exist\n" for ip in _sorted(add))
+        await self._restore_set(add, remove)
+
+    async def _restore_set(self, add: Iterable[Address], remove: Iterable[Address], *,
+                           create: bool = False) -> None:
+        """One `ipset restore`: the set made first if `create` (kept if it exists)."""
+        script = (f"create {self.ipset} hash:ip family {self.family.ipset_family} -exist\n"
+                  if create else "")
+        script += "".join(f"add {self.ipset} {ip} -exist\n" for ip in _sorted(add))
         script += "".join(f"del {self.ipset} {ip} -exist\n" for ip in _sorted(remove))
         if script:
             await _run(["ipset", "restore"], netns=self._netns, input=script)
@@ -402,8 +440,16 @@ class IptablesFirewall:
         chains: dict[str, list[str | None]] = {}
         hooked: dict[str, bool] = {}
         dropped = 0
-        for table in ("nat", "filter"):
-            saved = await self._save(table)
+        tables = ("nat", "filter")
+        # Every read at once: one round of processes, not three.
+        saving = asyncio.gather(*(self._save(t) for t in tables))
+        peers: frozenset[str] | None = None
+        if deep:
+            peers, saves = await asyncio.gather(self._ipset_members(), saving)
+            count = None if peers is None else len(peers)
+        else:
+            count, saves = await asyncio.gather(self._ipset_count(), saving)
+        for table, saved in zip(tables, saves, strict=True):
             for chain, (_, _, _, ipt_table, builtin) in CHAINS.items():
                 if ipt_table != table:
                     continue
@@ -420,13 +466,8 @@ class IptablesFirewall:
                     dropped = sum(n for line, n in zip(saved.rules[ours], saved.counts.get(ours, []),
                                                        strict=False)
                                   if is_peer_filter(_comment(line)))
-        if deep:
-            peers = await self._ipset_members()
-            count = None if peers is None else len(peers)
-        else:
-            peers, count = None, await self._ipset_count()
         return ObservedRules(chains=chains, hooked=hooked, peers=peers, peer_count=count,
-                             dropped=dropped)
+                             dropped=dropped, reading=_Reading(saves, peers, deep))
 
     async def dropped(self) -> int:
         return (await self.observe(deep=False)).dropped  # what a check reads anyway
@@ -472,9 +513,10 @@ class RulesKeeper:
     def __init__(self, fw: Firewall, *, check_seconds: float | None = None) -> None:
         self.fw = fw
         self.status = RulesStatus()
-        self._base: Ruleset | None = None  # the rules and port of the last sync
-        self._peers: set[Address] = set()  # the peer set wanted, kept per change
-        self._wanted: Ruleset | None = None  # _base with _peers, made when asked for
+        # The rules and port of the last sync, without its peers: the peer set is kept
+        # once, here, per change (`wanted` puts them together when asked for).
+        self._base: Ruleset | None = None
+        self._peers: set[Address] = set()
         self._check_seconds = check_interval(fw) if check_seconds is None else check_seconds
         self._counted = 0  # the peer filter's counter as last read (it restarts on a rewrite)
         self._lock = asyncio.Lock()
@@ -491,7 +533,7 @@ class RulesKeeper:
         counted, not listed, unless a full read is due."""
         async with self._lock:
             if wanted is not None:
-                self._base, self._peers, self._wanted = wanted, set(wanted.peers), wanted
+                self._base, self._peers = replaced(wanted, peers=frozenset()), set(wanted.peers)
             wanted = self.wanted
             if wanted is None:
                 return []
@@ -503,11 +545,6 @@ class RulesKeeper:
                     self._deep_due = time.monotonic() + DEEP_CHECK_SECONDS
                 self._count_drops(observed.dropped)
                 found = compare(wanted, observed)
-                del observed
-                if deep:
-                    # A full read listed every peer of the set: its text, lines and set
-                    # are freed now, and glibc would keep their pages (leaseagent.memory).
-                    memory.trim()
                 if found:
                     # After a failed write the differences are that failure's, not someone
                     # else's doing: neither a repair nor a warning of its own.
@@ -517,8 +554,13 @@ class RulesKeeper:
                         log.warning("%straffic rules changed by someone else (%s); restoring "
                                     "them", self.fw.family.shown,
                                     "; ".join(d.text for d in found[:3]))
-                    await self.fw.apply(wanted)
+                    await self.fw.apply(wanted, seen=observed)
                     self._counted = 0
+                del observed
+                if deep:
+                    # A full read listed every peer of the set: its text, lines and set
+                    # are freed now, and glibc would keep their pages (leaseagent.memory).
+                    memory.trim()
                 if self.status.last_error is not None:
                     log.info("%straffic rules in place again", self.fw.family.shown)
                 self.status.in_sync, self.status.last_error = True, None
@@ -552,10 +594,12 @@ class RulesKeeper:
 
     @property
     def wanted(self) -> Ruleset | None:
-        """Everything to hold now: the last sync's rules with the current peer set."""
-        if self._wanted is None and self._base is not None:
-            self._wanted = replaced(self._base, peers=frozenset(self._peers))
-        return self._wanted
+        """Everything to hold now: the last sync's rules with the current peer set (made
+        anew at each call, not kept: a 5,000-peer set is ~0.3 ms to make, 256 KiB to keep;
+        docs/benchmarks.md, "Memory at 5,000 peers")."""
+        if self._base is None:
+            return None
+        return replaced(self._base, peers=frozenset(self._peers))
 
     async def update_peers(self, admit: Iterable[Address], retire: Iterable[Address]) -> None:
         """Change the peer filter's set by element (core.rules.PeerAdmission says which;
@@ -572,7 +616,6 @@ class RulesKeeper:
                 return
             self._peers |= admit
             self._peers -= retire
-            self._wanted = None
             fresh = admit - self._retiring  # a retiring one is still in the firewall
             self._retiring = (self._retiring - admit) | retire
             if self._retiring:
@@ -628,7 +671,7 @@ class RulesKeeper:
                 await asyncio.sleep(0.02)  # a burst of events, one check
             except TimeoutError:
                 woken = False
-            if self.wanted is None:  # nothing to hold yet
+            if self._base is None:  # nothing to hold yet
                 self._wake.clear()
                 check_due = time.monotonic() + self.retry_seconds
                 continue

@@ -252,10 +252,13 @@ class Etcd:
         m.paused = False
 
     def stop_all(self, *, grace: float = 10.0) -> None:
-        """Stop every member at once (data dirs stay)."""
-        processes.stop([m.process for m in self.members if m.process is not None], grace=grace)
-        for m in self.members:
-            m.paused = False
+        """Stop every member, one after the other (data dirs stay). Not all at once: a
+        leader told to stop hands its leadership to a connected member first and waits up
+        to etcd's request timeout (5 s + 2 election timeouts: 7 s) for it to take over,
+        which a member stopping too never does. One at a time (0.1-0.3 s each), a leader
+        hands over to a running member, and the last member has no peer left to wait for."""
+        for index in range(len(self.members)):
+            self.stop_member(index, grace=grace)
 
     def close(self) -> None:
         """Stop every member by PID and remove `dir`; safe to call twice."""

@@ -16,7 +16,8 @@ on the underlay (la-<name>-prom, 10.250.0.3):
 Intervals: scrape and rule evaluation every 2 s (SCRAPE_SECONDS; the scrape
 timeout as long, so a machine busy for a second does not make a target look
 down), so an alert fires one scrape plus one evaluation (4 s at most) after its
-`for:` has passed; the rules' `for:` stay as shipped (LeaseagentDown: 30 s). Everything
+`for:` has passed; the rules' `for:` stay as shipped (LeaseagentDown: 30 s; the
+test suite's Prometheus lab passes `rules=` a copy with a shorter one). Everything
 lives in <state dir>/prometheus/ (config, targets, data, logs, pid files) and
 goes with `down`.
 """
@@ -63,8 +64,10 @@ def config(*, rules: Path, targets: Path) -> str:
 class LabPrometheus:
     """The lab's Prometheus, its target writer and its forwarder, by their pid files."""
 
-    def __init__(self, dir: Path, *, ns: str, endpoints: str, prefix: str) -> None:
+    def __init__(self, dir: Path, *, ns: str, endpoints: str, prefix: str,
+                 rules: Path = RULES) -> None:
         self.dir = dir
+        self.rules = rules
         self.ns = ns
         self.endpoints = endpoints
         self.prefix = prefix
@@ -82,11 +85,11 @@ class LabPrometheus:
             raise LabError(f"the lab's Prometheus has no forwarder ({self.dir / 'port'})") from None
 
     def start(self, *, timeout: float = 30) -> None:
-        if not RULES.is_file():
-            raise LabError(f"no rules at {RULES} (the lab runs from the source tree)")
+        if not self.rules.is_file():
+            raise LabError(f"no rules at {self.rules} (the lab runs from the source tree)")
         self.dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.dir / "prometheus.yml",
-                     config(rules=RULES, targets=self.targets_file).encode())
+                     config(rules=self.rules, targets=self.targets_file).encode())
         processes.spawn(
             [tool("leasectl"), "--etcd-endpoints", self.endpoints, "--etcd-prefix", self.prefix,
              "prometheus-targets", str(self.targets_file)],

@@ -21,6 +21,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,8 @@ def require(backend: str) -> None:
 
 
 def _built(backend: str, *, tag: str, hosts: int, containers: int, ipv6: bool = False,
-           docker: bool = False, prometheus: bool = False) -> Iterator[Lab]:
+           docker: bool = False, prometheus: bool = False,
+           prometheus_rules: Path | None = None) -> Iterator[Lab]:
     require(backend)
     if docker and (why := docker_unavailable()):
         pytest.skip(f"dockerd cannot run here: {why}")
@@ -48,6 +50,8 @@ def _built(backend: str, *, tag: str, hosts: int, containers: int, ipv6: bool = 
         pytest.skip("prometheus (Debian: prometheus) missing")
     lab = Lab(f"e2e{tag}{os.getpid() % 100000}", backend=backend, ipv6=ipv6, docker=docker,
               prometheus=prometheus)
+    if prometheus_rules is not None:
+        lab.prometheus_server.rules = prometheus_rules
     try:
         lab.up(hosts, containers)
         yield lab
@@ -57,9 +61,18 @@ def _built(backend: str, *, tag: str, hosts: int, containers: int, ipv6: bool = 
 
 
 @pytest.fixture(scope="module")
-def prometheus_lab() -> Iterator[Lab]:
-    """3 hosts x 1 container on vxlan with the lab's Prometheus (`up --prometheus`)."""
-    yield from _built("vxlan", tag="p", hosts=3, containers=1, prometheus=True)
+def prometheus_rules() -> Path | None:
+    """The rules file the lab's Prometheus loads: None, the shipped one. A module may
+    override this fixture with a copy (tests/e2e/test_prometheus_lab.py does)."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def prometheus_lab(prometheus_rules: Path | None) -> Iterator[Lab]:
+    """3 hosts x 1 container on vxlan with the lab's Prometheus (`up --prometheus`),
+    loading `prometheus_rules`."""
+    yield from _built("vxlan", tag="p", hosts=3, containers=1, prometheus=True,
+                      prometheus_rules=prometheus_rules)
 
 
 @pytest.fixture(scope="module")

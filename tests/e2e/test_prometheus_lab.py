@@ -3,9 +3,13 @@ shipped rules loaded, quiet while the cluster is healthy and through a normal re
 LeaseagentDown firing within its documented time when an agent stops and resolving when
 it is back; every query of the Grafana dashboard parses and returns data.
 
-Timings (leaseagent.lab.prometheus): scrape and evaluation every 2 s; LeaseagentDown has
-`for: 30s`, so it fires 30-34 s after the agent stops (asserted with 15 s of margin for a
-busy machine) and resolves within 4 s of the agent being back.
+Timings (leaseagent.lab.prometheus): scrape and evaluation every 2 s. The lab loads a
+copy of the shipped rules that differs in one line: LeaseagentDown's `for: 30s` is
+`for: 12s` (DOWN_FOR), so it fires 12-16 s after the agent stops (asserted: not before
+DOWN_FOR, and with 15 s of margin for a busy machine) and resolves within 4 s of the agent
+being back. The shipped 30 s is what promtool's unit tests check against the shipped file
+(tests/unit/test_prometheus_rules.py); 12 s is still well past a lab agent's restart, which
+must fire nothing.
 """
 
 from __future__ import annotations
@@ -20,16 +24,29 @@ import pytest
 from polling import wait_value
 
 from leaseagent.lab import Lab
-from leaseagent.lab.prometheus import SCRAPE_SECONDS
+from leaseagent.lab.prometheus import RULES, SCRAPE_SECONDS
 
 T = TypeVar("T")
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "leaseagent-dashboard.json"
-DOWN_FOR = 30.0  # LeaseagentDown's for: in deploy/prometheus/leaseagent-rules.yml
+SHIPPED_DOWN = 'expr: up{job="leaseagent"} == 0\n        for: 30s\n'  # LeaseagentDown's
+DOWN_FOR = 12.0  # LeaseagentDown's for: in the lab's copy of the rules
 MARGIN = 15.0
 
 
 def _wait(what: str, check: Callable[[], T | None], timeout: float) -> T:
     return wait_value(check, timeout=timeout, what=what, every=0.2)
+
+
+@pytest.fixture(scope="module")
+def prometheus_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped rules with LeaseagentDown's `for:` at DOWN_FOR: the one line changed
+    (the lab's prometheus_lab fixture loads this file)."""
+    shipped = RULES.read_text()
+    assert shipped.count(SHIPPED_DOWN) == 1, "LeaseagentDown's for: is no longer 30s"
+    copy = tmp_path_factory.mktemp("prometheus") / RULES.name
+    copy.write_text(shipped.replace(SHIPPED_DOWN, SHIPPED_DOWN.replace(
+        "for: 30s", f"for: {DOWN_FOR:g}s")))
+    return copy
 
 
 @pytest.fixture(scope="module")
