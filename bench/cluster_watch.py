@@ -68,7 +68,7 @@ from bench.cluster import (
 )
 from leaseagent.config import DEFAULT_LEASE_TTL
 from leaseagent.core.leases import KeyLayout, LeaseValue
-from leaseagent.errors import StoreUnavailable
+from leaseagent.errors import StoreError
 from leaseagent.lab import processes
 from leaseagent.lab.etcd import Etcd
 from leaseagent.lab.processes import Process
@@ -89,6 +89,7 @@ class Watchers:
         self.channels: list[Any] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.errors: list[str] = []
+        self.own = bool(spec.get("own_connections", True))
 
     async def watch(self, i: int, target: str) -> None:
         """One client: its own channel, one Watch stream on the subnets prefix."""
@@ -96,7 +97,10 @@ class Watchers:
         from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 
         pb: Any = rpc_pb2
-        channel = grpc.aio.insecure_channel(target)
+        # Its own subchannel pool: its own TCP connection, as each host has (gRPC would
+        # otherwise share one connection among a process's channels to one address).
+        channel = grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)] if self.own else [])
         self.channels.append(channel)
         call = rpc_pb2_grpc.WatchStub(channel).Watch()
         await call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
@@ -185,7 +189,7 @@ async def write_leases(endpoints: str, writes: int, backend: str) -> dict[str, A
         while True:
             try:
                 return await what()
-            except StoreUnavailable:
+            except StoreError:  # UNAVAILABLE "request timed out", DEADLINE_EXCEEDED
                 retries += 1
                 if retries > 10 * writes:
                     raise
@@ -210,7 +214,7 @@ async def write_leases(endpoints: str, writes: int, backend: str) -> dict[str, A
 
 
 def run_one(*, watchers: int, writes: int, via: str, workers: int, limit: float,
-            backend: str) -> dict[str, Any]:
+            backend: str, own_connections: bool = True) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-watch-{via}-{watchers}-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     print(f"run directory {base}", file=sys.stderr, flush=True)
@@ -239,7 +243,7 @@ def run_one(*, watchers: int, writes: int, via: str, workers: int, limit: float,
             if count <= 0:
                 break
             spec = {"first": k * per, "count": count, "targets": targets,
-                    "start_revision": revision + 1}
+                    "start_revision": revision + 1, "own_connections": own_connections}
             logf = base / f"w{k}.log"
             with logf.open("w") as errs:
                 proc = subprocess.Popen(
@@ -254,6 +258,7 @@ def run_one(*, watchers: int, writes: int, via: str, workers: int, limit: float,
         if errors or sum(m["created"] for m in made) < watchers:
             raise RuntimeError(f"watches not created: {made}")
         out: dict[str, Any] = {"watchers": watchers, "writes": writes, "via": via,
+                               "own_connections": own_connections,
                                "workers": len(procs), "backend": backend,
                                "watches_opened_s": time.monotonic() - opened,
                                "value_bytes": len(lease_value(writes - 1, backend))}
@@ -337,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("alloc", "vxlan"), default="alloc",
                    help="the lease values' shape (vxlan: with a VtepMAC)")
     p.add_argument("--limit", type=float, default=900.0, help="longest wait for delivery (s)")
+    p.add_argument("--shared-connections", dest="own_connections", action="store_false",
+                   help="the clients of a process share one connection per address (gRPC's "
+                        "global subchannel pool) instead of one each")
     p.add_argument("--json", type=Path, default=Path("bench-cluster-watch.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -350,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         for via in args.via.split(","):
             results.append(run_one(watchers=watchers, writes=args.writes, via=via,
                                    workers=args.workers, limit=args.limit,
-                                   backend=args.backend))
+                                   backend=args.backend,
+                                   own_connections=args.own_connections))
             args.json.write_text(json.dumps(results, indent=1))
             print(line(results[-1]), flush=True)
     return 0
