@@ -126,7 +126,12 @@ class Watchers:
                 self.watch(i, targets[(first + i) % len(targets)])))
             if i % 100 == 99:
                 await asyncio.sleep(0)
+        deadline = time.monotonic() + float(self.spec.get("limit", 600))
         while self.created < len(self.counts) and not self.errors:
+            if time.monotonic() > deadline:
+                self.errors.append(f"{len(self.counts) - self.created} watches not created "
+                                   f"within {self.spec.get('limit', 600)} s")
+                break
             if any(t.done() for t in self.tasks):
                 self.errors += [repr(t.exception()) for t in self.tasks
                                 if t.done() and not t.cancelled() and t.exception()][:3]
@@ -243,7 +248,8 @@ def run_one(*, watchers: int, writes: int, via: str, workers: int, limit: float,
             if count <= 0:
                 break
             spec = {"first": k * per, "count": count, "targets": targets,
-                    "start_revision": revision + 1, "own_connections": own_connections}
+                    "start_revision": revision + 1, "own_connections": own_connections,
+                    "limit": limit}
             logf = base / f"w{k}.log"
             with logf.open("w") as errs:
                 proc = subprocess.Popen(
