@@ -185,8 +185,11 @@ class Reading:
 
 
 def neighbour_key(obj: Neighbour) -> int:
-    """A neighbour entry's key (the kernel's: device and address), hashed."""
-    return hash((obj.ifindex, obj.dst.version, int(obj.dst)))
+    """A neighbour entry's key (the kernel's: device and address), hashed; from its
+    identity (core.plan.neighbour_ident: kind, version, ifindex, address, MAC), no
+    ipaddress code run: a mass removal asks it of thousands."""
+    _, version, ifindex, dst, _ = obj._ident
+    return hash((ifindex, version, dst))
 
 
 class Verdict(Enum):

@@ -127,10 +127,11 @@ class SubnetRange:
 
     def in_range(self, subnet: Network) -> bool:
         """Whether `subnet` is one this range could hand out."""
+        version, low, high = self._range_ints
         return (
-            subnet.version == self.network.version
+            subnet.version == version
             and subnet.prefixlen == self.subnet_len
-            and self.subnet_min <= subnet.network_address <= self.subnet_max  # type: ignore[operator]
+            and low <= int(subnet.network_address) <= high
         )
 
     def check_subnet(self, subnet: Network) -> str | None:
@@ -147,6 +148,12 @@ class SubnetRange:
         if int(subnet.network_address) >> shift != prefix:
             return f"subnet {subnet} is outside the network {self.network}"
         return None
+
+    @cached_property
+    def _range_ints(self) -> tuple[int, int, int]:
+        """(version, SubnetMin, SubnetMax as numbers): `in_range` in integers, as it is
+        asked of every lease of a listing when a host takes a new subnet."""
+        return self.network.version, int(self.subnet_min), int(self.subnet_max)
 
     @cached_property
     def _network_bits(self) -> tuple[int, int, int]:

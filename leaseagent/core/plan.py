@@ -376,11 +376,10 @@ def diff_found(desired: Collection[KernelObject], missing: Iterable[KernelObject
                stale: Iterable[KernelObject]) -> PlanDiff:
     """`diff` once the kernel has been read against `desired`: `missing` are the objects
     of `desired` it lacks, `stale` those it has that are not in `desired`."""
-    stale = list(stale)
-    to_remove: list[KernelObject] = []
-    if stale:
+    to_remove = list(stale)
+    if to_remove and desired:  # nothing desired (a mass removal): every stale one goes
         desired_keys = {obj.key for obj in desired}
-        to_remove = [obj for obj in stale if obj.key not in desired_keys]
+        to_remove = [obj for obj in to_remove if obj.key not in desired_keys]
     return PlanDiff(_ordered(missing, _ADD_ORDER), _ordered(to_remove, _REMOVE_ORDER))
 
 

@@ -259,6 +259,9 @@ class ObservedRules:
     peers: frozenset[str] | None = None  # addresses as text: thousands are read per check
     peer_count: int | None = None  # how many the set holds (None: no set)
     dropped: int = 0  # packets the peer filter dropped (its counter)
+    # The adapter's own reading (iptables: the saved tables and the set's members), for
+    # the write that may follow at once (Firewall.apply's `seen`): not read twice.
+    reading: object = field(default=None, compare=False, repr=False)
 
 
 # Kinds of difference (a metric label each).

@@ -31,7 +31,7 @@ class MemoryFirewall:
     def watches(self) -> bool:
         return False
 
-    async def apply(self, want: Ruleset) -> None:
+    async def apply(self, want: Ruleset, seen: ObservedRules | None = None) -> None:
         self.calls.append("apply")
         if self.refuse is not None:
             raise DataPlaneError(self.refuse)

@@ -128,7 +128,10 @@ class Firewall(Protocol):
     name: str  # the tool: nftables | iptables (ip6tables for IPv6)
     family: Family  # which family's rules it holds
 
-    async def apply(self, wanted: Ruleset) -> None: ...
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
+        """Write `wanted`; `seen`: what `observe` read just before, if the caller has it
+        (an adapter may write from that reading instead of reading again)."""
+        ...
 
     async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None: ...
 
@@ -199,7 +202,7 @@ class NftFirewall:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    async def apply(self, wanted: Ruleset) -> None:
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
         _same_family(self, wanted)
         script = f"table {self.table}\ndelete table {self.table}\n"
         if wanted.rules:
@@ -324,6 +327,16 @@ def _comment(line: str) -> str | None:
     return m.group(1) if m and m.group(1).startswith("leaseagent:") else None
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """What IptablesFirewall.observe read: both tables (nat, filter) and, if `listed`,
+    the set's members (None: no set)."""
+
+    saves: list[_Saved]
+    members: frozenset[str] | None
+    listed: bool
+
+
 class IptablesFirewall:
     name = "iptables"
 
@@ -359,18 +372,23 @@ class IptablesFirewall:
         return frozenset(line[len(prefix):].split(" ", 1)[0] for line in out.splitlines()
                          if line.startswith(prefix))
 
-    async def apply(self, wanted: Ruleset) -> None:
-        # Three rounds of processes, not seven (at a join they are on the path to the
-        # first route: the data plane waits for the rules, Plane.program_all): the ipset's
-        # members and both tables read at once; the set made and filled by one `ipset
-        # restore`; both tables written by one `iptables-restore` (a commit per table, as
-        # before), after the set, which the peer filter names and must admit first.
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
+        # Two or three rounds of processes, not seven (at a join they are on the path to
+        # the first route: the data plane waits for the rules, Plane.program_all): the
+        # ipset's members and both tables read at once, unless `seen` (observe's reading
+        # just before) has them; the set made and filled by one `ipset restore`; both
+        # tables written by one `iptables-restore` (a commit per table, as before), after
+        # the set, which the peer filter names and must admit first.
         _same_family(self, wanted)
         fill = wanted.peer_port is not None
         tables = ("nat", "filter")
-        members, saves = await asyncio.gather(
-            self._ipset_members() if fill else _nothing(),
-            asyncio.gather(*(self._save(t) for t in tables)))
+        reading = seen.reading if seen is not None else None
+        if isinstance(reading, _Reading) and (reading.listed or not fill):
+            members, saves = reading.members, reading.saves
+        else:
+            members, saves = await asyncio.gather(
+                self._ipset_members() if fill else _nothing(),
+                asyncio.gather(*(self._save(t) for t in tables)))
         if fill:
             have = frozenset(ip_address(ip) for ip in members or ())
             await self._restore_set(wanted.peers - have, have - wanted.peers, create=True)
@@ -449,7 +467,7 @@ class IptablesFirewall:
                                                        strict=False)
                                   if is_peer_filter(_comment(line)))
         return ObservedRules(chains=chains, hooked=hooked, peers=peers, peer_count=count,
-                             dropped=dropped)
+                             dropped=dropped, reading=_Reading(saves, peers, deep))
 
     async def dropped(self) -> int:
         return (await self.observe(deep=False)).dropped  # what a check reads anyway
@@ -527,11 +545,6 @@ class RulesKeeper:
                     self._deep_due = time.monotonic() + DEEP_CHECK_SECONDS
                 self._count_drops(observed.dropped)
                 found = compare(wanted, observed)
-                del observed
-                if deep:
-                    # A full read listed every peer of the set: its text, lines and set
-                    # are freed now, and glibc would keep their pages (leaseagent.memory).
-                    memory.trim()
                 if found:
                     # After a failed write the differences are that failure's, not someone
                     # else's doing: neither a repair nor a warning of its own.
@@ -541,8 +554,13 @@ class RulesKeeper:
                         log.warning("%straffic rules changed by someone else (%s); restoring "
                                     "them", self.fw.family.shown,
                                     "; ".join(d.text for d in found[:3]))
-                    await self.fw.apply(wanted)
+                    await self.fw.apply(wanted, seen=observed)
                     self._counted = 0
+                del observed
+                if deep:
+                    # A full read listed every peer of the set: its text, lines and set
+                    # are freed now, and glibc would keep their pages (leaseagent.memory).
+                    memory.trim()
                 if self.status.last_error is not None:
                     log.info("%straffic rules in place again", self.fw.family.shown)
                 self.status.in_sync, self.status.last_error = True, None
