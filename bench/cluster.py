@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -467,15 +467,29 @@ class WorkerProc:
             raise RuntimeError(f"worker {self.proc.pid} exited ({self.proc.poll()}):\n{tail}")
         return dict(json.loads(line))
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(OSError, ValueError):
                 self.send({"do": "stop"})
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self, deadline: float | None = None) -> None:
+        """Asked to stop, and killed if not gone by `deadline` (monotonic; 60 s from now)."""
+        self.ask_to_stop()
+        try:
+            self.proc.wait(timeout=max(0.0, (deadline or time.monotonic() + 60)
+                                       - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stop_workers(procs: list[WorkerProc]) -> None:
+    """Every worker asked at once, then each given what is left of 60 s."""
+    for w in procs:
+        w.ask_to_stop()
+    deadline = time.monotonic() + 60
+    for w in procs:
+        w.stop(deadline)
 
 
 def member_sample(etcd: Etcd) -> list[dict[str, float]]:
@@ -596,6 +610,28 @@ def _times(report: list[dict[str, Any]], since: float, key: str) -> dict[str, An
     return out
 
 
+def start_proxy(etcd: Etcd, pdir: Path, reaper: Reaper | None) -> tuple[Process, str]:
+    """`etcd grpc-proxy start` in front of `etcd`'s members (told to the reaper before it
+    starts), serving once this returns; the process and its client URL."""
+    listen = free_port()
+    if reaper is not None:
+        reaper.watch_pid_file(pdir / "proxy.pid")
+    proxy = processes.spawn(
+        [tool("etcd"), "grpc-proxy", "start",
+         "--endpoints", ",".join(m.url.split("://", 1)[1] for m in etcd.members),
+         "--listen-addr", f"127.0.0.1:{listen}",
+         "--data-dir", str(pdir / "data")],
+        log_file=pdir / "proxy.log", pid_file=pdir / "proxy.pid")
+    url = f"http://127.0.0.1:{listen}"
+    deadline = time.monotonic() + 30
+    while etcd.etcdctl_run([url], "endpoint", "health", timeout=2).returncode != 0:
+        if not proxy.alive or time.monotonic() > deadline:
+            raise RuntimeError(f"etcd grpc-proxy not serving at {url}:\n"
+                               + log_tail(pdir / "proxy.log"))
+        time.sleep(0.2)
+    return proxy, url
+
+
 @dataclass
 class Run:
     hosts: int
@@ -614,6 +650,7 @@ class Run:
     backend: str = "vxlan"
     profile: str = ""  # a directory: each worker's cProfile stats written there
     reaper: Reaper | None = None  # told every process as it starts
+    progress: Callable[[dict[str, Any]], None] = lambda _: None  # each phase's figures, as done
     seed: int = 1
     procs: list[WorkerProc] = field(default_factory=list)
     etcd: Etcd | None = None
@@ -622,23 +659,7 @@ class Run:
     def start_proxy(self) -> str:
         """`etcd grpc-proxy start` in front of the three members; its client URL."""
         assert self.etcd is not None
-        listen = free_port()
-        pdir = self.dir / "proxy"
-        if self.reaper is not None:
-            self.reaper.watch_pid_file(pdir / "proxy.pid")
-        self.proxy = processes.spawn(
-            [tool("etcd"), "grpc-proxy", "start",
-             "--endpoints", ",".join(m.url.split("://", 1)[1] for m in self.etcd.members),
-             "--listen-addr", f"127.0.0.1:{listen}",
-             "--data-dir", str(pdir / "data")],
-            log_file=pdir / "proxy.log", pid_file=pdir / "proxy.pid")
-        url = f"http://127.0.0.1:{listen}"
-        deadline = time.monotonic() + 30
-        while self.etcd.etcdctl_run([url], "endpoint", "health", timeout=2).returncode != 0:
-            if not self.proxy.alive or time.monotonic() > deadline:
-                raise RuntimeError(f"etcd grpc-proxy not serving at {url}:\n"
-                                   + log_tail(pdir / "proxy.log"))
-            time.sleep(0.2)
+        self.proxy, url = start_proxy(self.etcd, self.dir / "proxy", self.reaper)
         return url
 
     def _sample(self) -> tuple[list[dict[str, float]], dict[str, float] | None, float]:
@@ -717,6 +738,7 @@ class Run:
         out["cold"] = {"converged": _times(rep, at, "converged"), **self._counts(rep),
                        **self._phase(s0, s1, rep)}
         out["cold"]["events_received"] = out["cold"]["events_received_total"]
+        self.progress(out)
         if out["cold"]["converged"]["reached"] < self.hosts:
             out["stopped_after"] = "cold"
             return out
@@ -725,6 +747,7 @@ class Run:
         time.sleep(self.steady)
         s2 = self._sample()
         out["steady"] = self._phase(s1, s2)
+        self.progress(out)
 
         at = time.time() + 0.5
         rep = self._all({"do": "restart", "at": at, "spread": self.spread,
@@ -751,8 +774,7 @@ class Run:
                 "errors": [e for r in rep for e in r["errors"]][:5]}
 
     def close(self) -> None:
-        for w in self.procs:
-            w.stop()
+        stop_workers(self.procs)
         if self.proxy is not None:
             self.proxy.stop()
         if self.etcd is not None:
@@ -828,7 +850,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
             channel: str = "host", share_parsing: bool = True,
             max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan",
-            profile: str = "") -> dict[str, Any]:
+            profile: str = "", progress: Callable[[dict[str, Any]], None] = lambda _: None
+            ) -> dict[str, Any]:
     """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
     base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{via}-{hosts}-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
@@ -836,7 +859,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
     reaper = Reaper(base)
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
               channel=channel, share_parsing=share_parsing, max_rss_mib=max_rss_mib,
-              restart=restart, backend=backend, profile=profile, reaper=reaper)
+              restart=restart, backend=backend, profile=profile, reaper=reaper,
+              progress=progress)
     try:
         return run.execute()
     finally:
@@ -1076,13 +1100,19 @@ def main(argv: list[str] | None = None) -> int:
             for via in args.via.split(","):
                 print(f"H={hosts} {pattern} via {via}: running (fd limit {limit})",
                       file=sys.stderr, flush=True)
+                def save(partial: dict[str, Any], done: list[dict[str, Any]] = results) -> None:
+                    """A run's phases so far, kept beside the finished runs (a run stopped
+                    in its restart keeps its cold start)."""
+                    args.json.write_text(json.dumps([*done, partial], indent=1))
+
                 results.append(run_one(
                     hosts=hosts, pattern=pattern, workers=args.workers, steady=args.steady,
                     spread=args.restart_spread, limit=args.limit,
                     etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
                     share_parsing=args.share_parsing, max_rss_mib=args.max_rss_gib * 1024,
                     restart=not args.cold_only, backend=args.backend,
-                    profile=str(args.profile.resolve()) if args.profile else ""))
+                    profile=str(args.profile.resolve()) if args.profile else "",
+                    progress=save))
                 args.json.write_text(json.dumps(results, indent=1))
                 for line in summary_lines(results[-1:]):
                     print(line, flush=True)

@@ -131,3 +131,22 @@ def running_in(base: Path) -> int:
                 continue
             count += str(base).encode() in cmd
     return count
+
+
+def test_watch_fan_out_bench(tmp_path: Path) -> None:
+    """`python -m bench.cluster_watch` at 20 watchers and 5 writes, direct and through the
+    proxy: every watcher gets every write; the proxy's members send one event per write
+    per proxy watch, fewer than the deliveries."""
+    out = tmp_path / "watch.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.cluster_watch", "--watchers", "20", "--writes", "5",
+         "--via", "etcd,proxy", "--workers", "1", "--limit", "60", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    direct, proxied = json.loads(out.read_text())
+    for r in (direct, proxied):
+        assert r["watchers_complete"] == 20 and r["deliveries"] == 100, r
+        assert not r["errors"], r["errors"]
+    assert direct["etcd"]["watch_events_sent"] == 100
+    assert proxied["etcd"]["watch_events_sent"] < 100
+    assert proxied["proxy"]["cpu_seconds"] > 0
