@@ -93,7 +93,8 @@ def machine() -> dict[str, Any]:
 async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
     began = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(), "parameters": vars(args).copy(),
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "host_namespace": world.host_ns}
     world.start_etcd()
     store = await EtcdStore.connect(EtcdSettings(endpoints=world.endpoint, timeout=30))
     probe: KernelProbe | None = None

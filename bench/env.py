@@ -238,7 +238,10 @@ class Proc:
 
 @dataclass
 class World:
-    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    # BENCH_TAG (6 hex digits) names the run's namespaces `lbench<tag>...`, so a caller can
+    # tell its own from a concurrent run's (the smoke test); random otherwise.
+    tag: str = field(default_factory=lambda: os.environ.get("BENCH_TAG")
+                     or secrets.token_hex(3))
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(
         prefix="leaseagent-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)))
     namespaces: netns.Namespaces = field(default_factory=netns.Namespaces)

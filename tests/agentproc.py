@@ -37,8 +37,12 @@ def agent_factory(workdir: Path, endpoints: str) -> Iterator[Callable[..., Agent
     try:
         yield make
     finally:
+        # All at once (SIGTERM to each, then the waits), not one after the other: each
+        # agent's shutdown (its lease kept or released, its watch closed) overlaps the
+        # others'.
+        processes.stop([a.proc for a in made if a.proc is not None])
         for agent in made:
-            agent.stop()
+            agent.proc = None
 
 
 @dataclass

@@ -145,12 +145,18 @@ class Plane:
 
     async def program_all(self, peers: Peers, own: OwnLease) -> None:
         """Every family's traffic rules and the data plane for the whole peer set, the
-        rules first (their peer filter admits before routes exist): their processes run
-        while the data plane plans and reads the kernel, and it changes nothing before
-        they are done (`ready`). Under `lock`."""
-        await self.backend.sync(peers, ready=asyncio.gather(*(
-            rules.keeper.sync(self._ruleset(rules, peers.values(), own))
-            for rules in self.rules)))
+        peer sets first (their filter admits before routes exist): the rules' processes
+        run while the data plane plans and reads the kernel, and it changes nothing
+        before every family's peer set is filled (`ready`); the chains (iptables) are
+        written beside the programming, which this waits for too. Under `lock`."""
+        admitted = [asyncio.Event() for _ in self.rules]
+        syncs = asyncio.gather(*(
+            rules.keeper.sync(self._ruleset(rules, peers.values(), own), admitted=event.set)
+            for rules, event in zip(self.rules, admitted, strict=True)))
+        try:
+            await self.backend.sync(peers, ready=asyncio.gather(*(e.wait() for e in admitted)))
+        finally:
+            await syncs
 
     async def peers_changed(self, changes: PeerChanges, peers: Peers, own: OwnLease, *,
                             full: bool, started: float) -> None:

@@ -7,7 +7,7 @@ fake kernel, leaseagent.dataplane.fakenetlink)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from leaseagent.core.network import Address
 from leaseagent.core.rules import FAMILIES, ObservedRules, Ruleset
@@ -31,7 +31,8 @@ class MemoryFirewall:
     def watches(self) -> bool:
         return False
 
-    async def apply(self, want: Ruleset, seen: ObservedRules | None = None) -> None:
+    async def apply(self, want: Ruleset, seen: ObservedRules | None = None,
+                    admitted: Callable[[], None] | None = None) -> None:
         self.calls.append("apply")
         if self.refuse is not None:
             raise DataPlaneError(self.refuse)

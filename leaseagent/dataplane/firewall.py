@@ -60,7 +60,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from dataclasses import replace as replaced
 from ipaddress import ip_address
@@ -128,9 +128,12 @@ class Firewall(Protocol):
     name: str  # the tool: nftables | iptables (ip6tables for IPv6)
     family: Family  # which family's rules it holds
 
-    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None,
+                    admitted: Callable[[], None] | None = None) -> None:
         """Write `wanted`; `seen`: what `observe` read just before, if the caller has it
-        (an adapter may write from that reading instead of reading again)."""
+        (an adapter may write from that reading instead of reading again); `admitted`
+        is called once the peer set holds `wanted`'s peers (iptables: before the chains
+        are written; nftables: one transaction writes both)."""
         ...
 
     async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None: ...
@@ -202,7 +205,8 @@ class NftFirewall:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
-    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None,
+                    admitted: Callable[[], None] | None = None) -> None:
         _same_family(self, wanted)
         script = f"table {self.table}\ndelete table {self.table}\n"
         if wanted.rules:
@@ -372,7 +376,8 @@ class IptablesFirewall:
         return frozenset(line[len(prefix):].split(" ", 1)[0] for line in out.splitlines()
                          if line.startswith(prefix))
 
-    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None) -> None:
+    async def apply(self, wanted: Ruleset, seen: ObservedRules | None = None,
+                    admitted: Callable[[], None] | None = None) -> None:
         # Two or three rounds of processes, not seven (at a join they are on the path to
         # the first route: the data plane waits for the rules, Plane.program_all): the
         # ipset's members and both tables read at once, unless `seen` (observe's reading
@@ -392,6 +397,8 @@ class IptablesFirewall:
         if fill:
             have = frozenset(ip_address(ip) for ip in members or ())
             await self._restore_set(wanted.peers - have, have - wanted.peers, create=True)
+        if admitted is not None:
+            admitted()  # the chains may follow beside the routes: the set admits already
         lines = []
         for table, saved in zip(tables, saves, strict=True):
             lines.append(f"*{table}")
@@ -527,10 +534,21 @@ class RulesKeeper:
         self._deep_asked = False  # an event touched the peer set's elements
 
     async def sync(self, wanted: Ruleset | None = None, *, repair: bool = False,
-                   deep: bool = True) -> list[RuleDifference]:
+                   deep: bool = True, admitted: Callable[[], None] | None = None
+                   ) -> list[RuleDifference]:
         """Make the firewall hold `wanted` (None: what it holds now, with the peers
         changed since); the differences found (and fixed). Not `deep`: the peer set is
-        counted, not listed, unless a full read is due."""
+        counted, not listed, unless a full read is due. `admitted` is called once the
+        peer set holds the peers (Firewall.apply), at the latest when the sync ends,
+        whether it succeeded or not."""
+        try:
+            return await self._sync(wanted, repair=repair, deep=deep, admitted=admitted)
+        finally:
+            if admitted is not None:
+                admitted()
+
+    async def _sync(self, wanted: Ruleset | None, *, repair: bool, deep: bool,
+                    admitted: Callable[[], None] | None) -> list[RuleDifference]:
         async with self._lock:
             if wanted is not None:
                 self._base, self._peers = replaced(wanted, peers=frozenset()), set(wanted.peers)
@@ -554,7 +572,7 @@ class RulesKeeper:
                         log.warning("%straffic rules changed by someone else (%s); restoring "
                                     "them", self.fw.family.shown,
                                     "; ".join(d.text for d in found[:3]))
-                    await self.fw.apply(wanted, seen=observed)
+                    await self.fw.apply(wanted, seen=observed, admitted=admitted)
                     self._counted = 0
                 del observed
                 if deep:

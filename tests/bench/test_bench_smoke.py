@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -26,13 +27,16 @@ pytestmark = [
 ]
 
 
-def _bench_namespaces() -> set[str]:
+def _bench_namespaces(tag: str) -> set[str]:
+    """The namespaces of the bench run tagged `tag` (not another run's beside it)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {line.split()[0] for line in out.stdout.splitlines() if line.startswith("lbench")}
+    return {line.split()[0] for line in out.stdout.splitlines()
+            if line.startswith(f"lbench{tag}")}
 
 
 def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
-    before = _bench_namespaces()
+    tag = secrets.token_hex(3)
+    assert not _bench_namespaces(tag)
     out = tmp_path / "bench.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "--peers", "200", "--join-sizes", "100",
@@ -44,6 +48,7 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
          "--throughput-seconds", "1", "--rotations", "1", "--removals", "1",
          "--json", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "BENCH_TAG": tag},
     )
     try:
         stdout, stderr = proc.communicate(timeout=240)
@@ -65,6 +70,7 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
                    "peer removed by hand"):
         assert figure in stdout, stdout
     results = json.loads(out.read_text())
+    assert results["host_namespace"] == f"lbench{tag}h"  # the run was the one tagged
     wg = results["wireguard"]
     assert wg["join"]["peers"] == 50 and wg["join"]["reference"]["peers"] == 50
     assert wg["lab"]["throughput"]["wireguard"]["bits_per_second"] > 0
@@ -120,4 +126,4 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     assert dual["events_large"]["peers_present"] == 200
     assert dual["events_small"]["peers_present"] == 20
     assert dual["shrink"]["removed_peers"] == 180
-    assert _bench_namespaces() == before  # its namespaces are gone
+    assert not _bench_namespaces(tag)  # its namespaces are gone

@@ -32,9 +32,10 @@ pytestmark = [pytest.mark.root,
 
 # Repair deadlines the issue sets (nftables: events; iptables: a check every
 # --iptables-resync seconds). The default is flanneld's 5 s; the lab's agents check
-# every IPTABLES_RESYNC s so the bound holds with a margin for the repair itself.
+# every IPTABLES_RESYNC s so the bound holds with a margin for the repair itself (and
+# the waits for "a check has seen it" are short).
 REPAIR_BOUND = {"nftables": 1.0, "iptables": 5.0}
-IPTABLES_RESYNC = "3"
+IPTABLES_RESYNC = "1"
 INTRUDER_INDEX = 90  # its namespace is la-<lab>-h90: a lab name, so `down` removes it
 
 

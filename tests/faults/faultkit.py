@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Interface
 
@@ -11,6 +10,7 @@ from agentproc import AgentProc
 from etcd_cluster import EtcdCluster
 from etcd_server import PREFIX
 from etcd_server import put_config as put_config  # the fault tests' one import for it
+from lengths import FULL as FULL  # LEASEAGENT_FULL=1: the long variants (docs/reliability.md)
 from polling import wait_for
 
 from leaseagent.core.leases import KeyLayout
@@ -20,8 +20,6 @@ SUBNETS = KEYS.subnets_prefix
 ALLOC = {"Network": "10.6.0.0/16", "SubnetMin": "10.6.1.0", "SubnetMax": "10.6.200.0",
          "Backend": {"Type": "alloc"}}
 
-# LEASEAGENT_FULL=1 runs the long variants (documented in docs/reliability.md).
-FULL = os.environ.get("LEASEAGENT_FULL", "") not in ("", "0")
 
 
 def key_of(subnet_line: str) -> str:

@@ -47,6 +47,7 @@ from ipaddress import IPv4Interface
 
 import pytest
 from labfaults import cut_etcd, heal_etcd, pause_etcd, resume_etcd, start_etcd, stop_etcd
+from lengths import FULL
 from polling import wait_for as _wait_for
 from subnets import lab_free
 
@@ -57,7 +58,6 @@ from leaseagent.lab.probes import REPLY_WAIT, PingRun
 
 pytestmark = pytest.mark.root
 
-FULL = os.environ.get("LEASEAGENT_FULL", "") not in ("", "0")
 
 PING_INTERVAL = 0.05
 RECOVERY_BOUND = 5.0  # etcd back -> every agent renewing again
