@@ -5,8 +5,9 @@
     TimeoutError, AioRpcError UNAVAILABLE/
     DEADLINE_EXCEEDED, INTERNAL of a stream
     reset by a member shutting down, a watch
-    stream's UsageError ("RPC already
-    finished": the server ended it)            -> StoreUnavailable (retryable)
+    stream's UsageError or InvalidStateError
+    ("RPC already finished": the server or
+    its proxy ended it)                        -> StoreUnavailable (retryable)
     "invalid auth token", "revision of auth
     store is old" (a token lost in an etcd
     restart or expired)                        -> authenticate again, send again
@@ -676,9 +677,10 @@ class EtcdStore:
                 else:
                     seen = int(resp.header.revision)  # a progress report: all sent up to here
                 yield events, seen
-        except grpc.aio.UsageError as exc:
-            # A write (the progress probe) or read on a stream the server has already
-            # ended ("RPC already finished": etcd restarted or stopped under it): the
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            # A write (the watch request, the progress probe) or read on a stream the
+            # server has already ended ("RPC already finished": etcd restarted or stopped
+            # under it, or its gRPC proxy ended it; gRPC's aio call raises either): the
             # stream is gone, and is resumed like any lost stream.
             raise StoreUnavailable(f"etcd ended the watch stream of {prefix}: {exc}") from exc
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
