@@ -38,6 +38,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/leaseagent")
 DEFAULT_LEASE_TTL = 24 * 3600
 MIN_LEASE_TTL = 2  # etcd refuses less
 DEFAULT_PEER_HOLD_SECONDS = 5.0
+# Between checks of the watcher's lease count against etcd's (leaseagent.agent.watching).
+DEFAULT_LEASE_CHECK_SECONDS = 300.0
 
 
 # Variables that are not flags but are read by our own scripts (deploy/lab, the tests).
@@ -262,6 +264,7 @@ class AgentConfig:
     resync_interval: float
     docker_opts_file: Path | None = None
     peer_hold_time: float = DEFAULT_PEER_HOLD_SECONDS
+    lease_check_interval: float = DEFAULT_LEASE_CHECK_SECONDS  # 0: never
     iptables_resync: float = DEFAULT_CHECK_SECONDS  # iptables: seconds between rule checks
     allow_any_public_ip: bool = False
     public_ipv6: IPv6Address | None = None  # used when the network config has IPv6
@@ -399,6 +402,9 @@ def agent_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     env.add("--peer-hold-time", default=f"{DEFAULT_PEER_HOLD_SECONDS:g}",
             help="seconds a peer whose lease vanished keeps its kernel entries in case it comes "
             "back (0: remove at once); a lease released on purpose is removed at once")
+    env.add("--lease-check-interval", default=f"{DEFAULT_LEASE_CHECK_SECONDS:g}",
+            help="seconds between checks of the leases known here against etcd's count (two "
+            "count-only requests; a watch that missed an event lists again; 0: never)")
     env.add("--allow-any-public-ip", default=False, flag_type="bool",
             help="with the alloc backend, publish --public-ip even if it is loopback, "
             "link-local, multicast, ... (peers will call the lease invalid)")
@@ -693,6 +699,8 @@ def parse_agent_config(argv: Sequence[str], environ: Mapping[str, str] | None = 
         resync_interval=_seconds(source(ns, "--resync-interval"), ns.resync_interval),
         docker_opts_file=Path(ns.docker_opts_file) if ns.docker_opts_file else None,
         peer_hold_time=_seconds(source(ns, "--peer-hold-time"), ns.peer_hold_time, zero=True),
+        lease_check_interval=_seconds(source(ns, "--lease-check-interval"),
+                                      ns.lease_check_interval, zero=True),
         iptables_resync=_seconds(source(ns, "--iptables-resync"), ns.iptables_resync),
         allow_any_public_ip=allow_any,
         traffic=traffic_settings(ns, nftables=False),

@@ -218,7 +218,8 @@ class Agent:
             # The watch is often the first to find etcd gone (renewals may be hours apart).
             on_unavailable=self.etcd.down, on_listed=lambda: self.etcd.up(listed=True),
             on_own=holder.own_key_seen, node_id=cfg.node_id, on_twin=holder.twin_seen,
-            hold_seconds=cfg.peer_hold_time, first=leasing.take_listing())
+            hold_seconds=cfg.peer_hold_time, first=leasing.take_listing(),
+            check_seconds=cfg.lease_check_interval)
         self.switch = switch = ConfigSwitch(
             plane, holder, watcher, revision=revision, metrics=self.metrics,
             resolve=lambda network: resolve_host(cfg, network, self._host),

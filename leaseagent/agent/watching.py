@@ -31,6 +31,15 @@ before its old ones go. `relist()` waits until such a listing is applied.
 agent takes it while it changes its own key on purpose, so no event is judged
 against a key that is about to change.
 
+Every `check_seconds` (+-20 %; 0: never) the watcher asks etcd how many keys the
+prefix held at the revision it has seen up to, and holds now (two count-only
+range requests, no keys or values), against the keys it knows. A watch stream
+that silently missed an event (seen behind etcd's gRPC proxy: etcd-io/etcd#9988,
+#21813) shows as a different count at that revision, or as etcd's count
+differing now while no event came for a whole check; two checks in a row that
+differ list the prefix again ("view_check"). A missed change to a key that
+stays (a new VtepMAC) changes no count and is not caught.
+
 A key naming this host's PublicIP *and* node id that is not ours is a second
 agent with this host's identity (a cloned machine, or the agent started
 twice): `on_twin` is told, once per key version.
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -57,6 +67,7 @@ from leaseagent.core.leases import (
 )
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.profiles import BACKEND_TYPES
+from leaseagent.errors import Compacted, StoreError
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
@@ -68,7 +79,11 @@ OnPeers = Callable[[PeerChanges, bool, float], Awaitable[None]]
 OnOwn = Callable[[KeyValue | None, int], None]
 OnTwin = Callable[[Verdict], None]
 # Why the prefix is listed again: the engine's reasons, and the agent's own requests.
-RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "config_changed")
+RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "config_changed",
+                  "view_check")
+# Checks in a row whose count differs from etcd's before the prefix is listed again: one
+# may be an event still on its way.
+VIEW_CHECK_STRIKES = 2
 # A burst (a mass expiry, the end of a partition) is BURST_CHANGES watch responses with
 # changes within BURST_SECONDS; a pass in one waits BURST_GATHER_SECONDS first, so the
 # stream is read on and the pass takes more than the change or two a response brings.
@@ -98,8 +113,13 @@ class LeaseWatcher:
         on_twin: OnTwin | None = None,
         hold_seconds: float = 0.0,
         first: Listing | None = None,
+        check_seconds: float = 0.0,
     ) -> None:
         self._layout = layout
+        self._store = store
+        self._check_seconds = check_seconds
+        self._seen = 0  # the revision the book is complete up to (listing, events)
+        self._own_present: str | None = None  # our own key, as the stream last said
         self._own_ip = own_public_ip
         self._own_key = own_key
         self._node_id = node_id
@@ -204,6 +224,8 @@ class LeaseWatcher:
         started = time.perf_counter()
         identity = self._identity()
         own = [kv for kv in snapshot.items if kv.key == identity.own_key]
+        self._seen = snapshot.revision
+        self._own_present = own[0].key if own else None
         if identity.own_key is not None:
             self._on_own(own[0] if own else None, snapshot.revision)
         changes = self._held(self.book.reset(
@@ -223,7 +245,9 @@ class LeaseWatcher:
         puts = 0  # the events counted by type once per batch (a mass expiry is thousands)
         for ev in batch:
             puts += ev.type is EventType.PUT
+            self._seen = max(self._seen, ev.revision)
             if ev.key == own_key:
+                self._own_present = own_key if ev.type is EventType.PUT else None
                 self._on_own(ev.kv if ev.type is EventType.PUT else None, ev.revision)
                 continue
             if ev.type is EventType.PUT and ev.kv is not None:
@@ -311,5 +335,40 @@ class LeaseWatcher:
                              peer.subnet, self.hold.seconds)
                 self._queue(PeerChanges(removed=due), time.perf_counter())
 
+    def _known_keys(self) -> int:
+        """The keys under the prefix the watcher knows of: the book's, our own, too large."""
+        return self.book.keys_known() + (self._own_present is not None) + len(self._oversize)
+
+    async def _check_view(self) -> None:
+        """Compare the keys known with etcd's count every check (the module docstring)."""
+        if self._check_seconds <= 0:
+            await asyncio.Event().wait()  # never
+        prefix = self._layout.subnets_prefix
+        strikes, last_seen = 0, -1
+        while True:
+            await asyncio.sleep(self._check_seconds * random.uniform(0.8, 1.2))
+            if not self.synced.is_set():
+                continue
+            async with self.gate:
+                seen, known = self._seen, self._known_keys()
+            try:
+                try:
+                    then, _ = await self._store.count(prefix, revision=seen)
+                except Compacted:
+                    then = known  # that history is gone: no word on it
+                now, _ = await self._store.count(prefix)
+            except StoreError:
+                continue  # etcd unreachable or refusing: the stream's own handling says so
+            differs = then != known or (now != known and seen == last_seen)
+            last_seen = seen
+            strikes = strikes + 1 if differs else 0
+            if strikes >= VIEW_CHECK_STRIKES:
+                strikes = 0
+                log.warning("the leases known here differ from etcd's (%d keys known at revision "
+                            "%d, etcd had %d then and has %d now): a watch event was missed; "
+                            "listing again", known, seen, then, now)
+                self.request_relist("view_check")
+
     async def run(self) -> None:
-        await first_to_end(self._follow(), self._expire_held(), self._program())
+        await first_to_end(self._follow(), self._expire_held(), self._program(),
+                           self._check_view())

@@ -75,6 +75,11 @@ class LeaseStore(Protocol):
         `oversize` instead of `items`."""
         ...
 
+    async def count(self, prefix: str, *, revision: int = 0) -> tuple[int, int]:
+        """How many keys are under prefix at `revision` (0: now), and that revision: one
+        request, no keys or values. Compacted when `revision`'s history is gone."""
+        ...
+
     async def put(self, key: str, value: bytes) -> None:
         """Unfenced write with no lease: only for operator-owned keys (config)."""
         ...

@@ -388,6 +388,18 @@ class EtcdStore:
         resp = await self._call(f"get {key}", lambda: self._kvs.get(_as_bytes(key), timeout=self._timeout))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
+    async def count(self, prefix: str, *, revision: int = 0) -> tuple[int, int]:
+        start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
+        try:
+            resp = await self._call(f"count {prefix}", partial(
+                self._kvs.get, start, end, revision=revision, count_only=True,
+                timeout=self._timeout))
+        except StoreError as exc:
+            if _compacted(exc):
+                raise Compacted(0) from exc  # a range error does not say the compact revision
+            raise
+        return int(resp.count), int(revision or resp.header.revision)
+
     async def list_prefix(self, prefix: str) -> Listing:
         """The prefix in pages of at most `self.page` keys, all read at the revision of the
         first page (one consistent view, as one range request would give): a listing of

@@ -45,6 +45,9 @@ class MemoryStore:
         self._revision = 1
         self._compacted = 0
         self._history: list[WatchEvent] = []
+        # Every write's (revision, key, exists after it), never compacted: `count` at a past
+        # revision replays it (the watch history above is cut at compaction, as etcd's).
+        self._ledger: list[tuple[int, str, bool]] = []
         self._leases: dict[int, _Lease] = {}
         self._lease_ids = itertools.count(0x1000)
         self._changed = asyncio.Event()
@@ -101,6 +104,7 @@ class MemoryStore:
         if lease:
             self._leases[lease].keys.add(key)
         self._history.append(WatchEvent(EventType.PUT, key, self._revision, kv))
+        self._ledger.append((self._revision, key, True))
         return kv
 
     def _remove(self, key: str, *, new_revision: bool = True) -> None:
@@ -110,6 +114,7 @@ class MemoryStore:
         if old.lease and old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
         self._history.append(WatchEvent(EventType.DELETE, key, self._revision))
+        self._ledger.append((self._revision, key, False))
 
     def _check_lease(self, lease: int) -> None:
         if lease and lease not in self._leases:
@@ -233,6 +238,22 @@ class MemoryStore:
     async def revoke(self, lease_id: int) -> None:
         self._check()
         await self._drop_lease(lease_id)
+
+    async def count(self, prefix: str, *, revision: int = 0) -> tuple[int, int]:
+        self._check()
+        if revision == 0:
+            return sum(1 for k in self._kv if k.startswith(prefix)), self._revision
+        if revision < self._compacted:
+            raise Compacted(self._compacted)
+        if revision > self._revision:
+            raise StoreError("memory store: required revision is a future revision")
+        exists: dict[str, bool] = {}
+        for rev, key, present in self._ledger:
+            if rev > revision:
+                break
+            if key.startswith(prefix):
+                exists[key] = present
+        return sum(exists.values()), revision
 
     async def compact(self, revision: int) -> None:
         self._check()

@@ -434,6 +434,35 @@ async def test_compacting_an_old_or_future_revision_is_an_error(subject: Subject
         await store.compact(now + 100)
 
 
+async def test_count_now_and_at_a_past_revision(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    assert await store.count(p) == (0, await current_revision(subject))
+    await store.put(p + "a", b"1")
+    await store.put(p + "b", b"1")
+    two = await current_revision(subject)
+    await store.put(p + "a", b"2")  # a change: still two keys
+    await store.delete(p + "b")
+    await store.put(p + "c", b"1")
+    await store.put(p + "d", b"1")
+    await store.put(p.rstrip("/") + "x/e", b"1")  # beside the prefix, not under it
+    now = await current_revision(subject)
+    assert await store.count(p) == (3, now)
+    assert await store.count(p, revision=two) == (2, two)
+    assert await store.count(p, revision=two + 2) == (1, two + 2)  # after b's deletion
+
+
+async def test_count_at_a_compacted_revision_raises_compacted(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    await store.put(p + "a", b"1")
+    before = await current_revision(subject)
+    await store.put(p + "b", b"1")
+    kept = await current_revision(subject)
+    await store.compact(kept)
+    assert await store.count(p, revision=kept) == (2, kept)  # the compact revision is kept
+    with pytest.raises(Compacted):
+        await store.count(p, revision=before)
+
+
 # --- fake-only controls ------------------------------------------------------------
 
 

@@ -218,6 +218,33 @@ def test_compaction_during_a_watch_misses_no_add_or_remove(etcd, agents):
     a.wait_log(f"peer added: {third}")
 
 
+def test_the_lease_count_check_finds_nothing_to_fix_in_a_watch_that_missed_nothing(
+        etcd, agents):
+    """--lease-check-interval against a real etcd: while peers join, change and leave (and
+    the agent renews its own key), every check agrees with etcd's count, so the prefix is
+    never listed again for it. (A watch that misses events: tests/unit/test_watching.py.)"""
+    put_config(etcd, ALLOC)
+    a = agents("a", "10.200.0.1", ttl=4, extra=["--lease-check-interval", "0.2"]).start(
+        metrics=True)
+    own = IPv4Interface(a.wait_subnet()).network
+    a.wait_log("ready:")
+    peer = {"BackendType": "alloc", "NodeID": "x"}
+    subnets = free_subnets(IPv4Network(ALLOC["Network"]), [own], 12, first=110)
+    for i, subnet in enumerate(subnets):
+        key = f"{PREFIX}/subnets/{subnet.network_address}-24"
+        etcd.etcdctl("put", key, json.dumps({**peer, "PublicIP": f"10.200.9.{i + 1}"}))
+        if i % 3 == 0:
+            etcd.etcdctl("put", key, json.dumps({**peer, "PublicIP": f"10.200.8.{i + 1}"}))
+        if i % 4 == 3:
+            etcd.etcdctl("del", f"{PREFIX}/subnets/{subnets[i - 2].network_address}-24")
+        time.sleep(0.1)
+    a.wait_log(f"peer added: {subnets[-1]}")
+    time.sleep(2.0)  # about ten checks with nothing changing (and a renewal of our key)
+    assert a.metric("leaseagent_peers", 'backend="alloc"') == 12 - 3
+    assert (a.metric("leaseagent_watch_relists_total", 'reason="view_check"') or 0) == 0
+    assert "differ from etcd" not in a.log()
+
+
 def test_a_revoked_lease_is_taken_back(etcd, agents):
     put_config(etcd, ALLOC)
     a = agents("a", "10.200.0.1", ttl=30).start()

@@ -149,3 +149,100 @@ async def test_a_burst_of_changes_is_programmed_in_gathered_passes_even_by_a_fas
         assert not watcher._in_burst()  # a lone change later is programmed at once
     finally:
         task.cancel()
+
+
+# --- the periodic check of the keys known against etcd's count -------------------------
+
+
+class Forgetful(MemoryStore):
+    """A store whose watch streams drop the events `forget` names, or (`stuck`) deliver
+    nothing at all: what a watch behind etcd's gRPC proxy was seen to do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forget: set[str] = set()
+        self.stuck = False
+
+    async def watch(self, prefix: str, *, start_revision: int):  # type: ignore[no-untyped-def]
+        async for batch in super().watch(prefix, start_revision=start_revision):
+            kept = [e for e in batch if e.key not in self.forget and not self.stuck]
+            if kept:
+                yield kept
+
+
+async def checking(store: MemoryStore, check: float = 0.02
+                   ) -> tuple[LeaseWatcher, Metrics, asyncio.Task[None]]:
+    metrics = Metrics()
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        return None
+
+    watcher = LeaseWatcher(
+        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
+        own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: PREFIX + "10.5.1.0-24",
+        metrics=metrics, on_peers=on_peers, on_own=lambda kv, rev: None, check_seconds=check)
+    task = asyncio.create_task(watcher.run())
+    await until(watcher.synced.is_set)
+    return watcher, metrics, task
+
+
+def view_checks(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value(
+        "leaseagent_watch_relists_total", {"reason": "view_check"}) or 0.0
+
+
+async def test_a_missed_join_and_a_missed_leave_are_listed_again() -> None:
+    store = Forgetful()
+    await store.put(PREFIX + "10.5.1.0-24", lease("10.250.0.1"))  # our own key: counted too
+    await store.put(PREFIX + "10.5.2.0-24", lease("10.250.0.2"))
+    watcher, metrics, task = await start_forgetful(store)
+    try:
+        store.forget = {PREFIX + "10.5.3.0-24"}
+        await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
+        await store.put(PREFIX + "10.5.4.0-24", lease("10.250.0.4"))  # seen: the stream goes on
+        await until(lambda: IPv4Network("10.5.4.0/24") in watcher.book.peers)
+        await until(lambda: SUBNET in watcher.book.peers)  # the missed one, by a new listing
+        assert view_checks(metrics) == 1
+        store.forget = {PREFIX + "10.5.2.0-24"}
+        await store.delete(PREFIX + "10.5.2.0-24")
+        await until(lambda: IPv4Network("10.5.2.0/24") not in watcher.book.peers)
+        assert view_checks(metrics) == 2
+    finally:
+        task.cancel()
+
+
+async def test_a_stream_that_delivers_nothing_more_is_listed_again() -> None:
+    store = Forgetful()
+    await store.put(PREFIX + "10.5.2.0-24", lease("10.250.0.2"))
+    watcher, metrics, task = await start_forgetful(store)
+    try:
+        store.stuck = True
+        await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
+        await until(lambda: SUBNET in watcher.book.peers)
+        assert view_checks(metrics) >= 1
+    finally:
+        task.cancel()
+
+
+async def test_a_watch_that_misses_nothing_is_never_listed_again() -> None:
+    store = Forgetful()
+    watcher, metrics, task = await start_forgetful(store)
+    try:
+        await store.put(PREFIX + "10.5.1.0-24", lease("10.250.0.1"))  # our own key
+        for i in range(2, 60):  # churn through many checks: joins, changes, leaves
+            await store.put(PREFIX + f"10.5.{i}.0-24", lease(f"10.250.0.{i}"))
+            if i % 3 == 0:
+                await store.put(PREFIX + f"10.5.{i}.0-24", lease(f"10.250.1.{i}"))
+            if i % 4 == 0:
+                await store.delete(PREFIX + f"10.5.{i - 2}.0-24")
+            await asyncio.sleep(0.005)
+        await store.put(PREFIX.rstrip("/") + "x/other", b"beside the prefix")
+        await asyncio.sleep(0.3)  # ~15 checks with nothing changing
+        assert view_checks(metrics) == 0
+        assert len(watcher.book.peers) == 58 - 14
+    finally:
+        task.cancel()
+
+
+async def start_forgetful(store: Forgetful) -> tuple[LeaseWatcher, Metrics, asyncio.Task[None]]:
+    return await checking(store)

@@ -390,6 +390,10 @@ class LeaseBook:
     def __len__(self) -> int:
         return len(self._peers)
 
+    def keys_known(self) -> int:
+        """How many keys the book holds (valid or not)."""
+        return len(self._entries)
+
     # -- whole listings ------------------------------------------------------------
 
     def reset(self, items: Iterable[RawLease], *, identity: Identity | None = None) -> PeerChanges:
