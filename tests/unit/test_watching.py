@@ -30,7 +30,9 @@ async def until(check, within: float = 2.0) -> None:  # type: ignore[no-untyped-
             await asyncio.sleep(0.005)
 
 
-async def start(store: MemoryStore) -> tuple[LeaseWatcher, Metrics, asyncio.Task[None]]:
+async def start(store: MemoryStore, *, check: float = 0.0
+                ) -> tuple[LeaseWatcher, Metrics, asyncio.Task[None]]:
+    """A watcher (own key 10.5.1.0/24) running and synced; `check`: its --lease-check-interval."""
     metrics = Metrics()
 
     async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
@@ -40,7 +42,7 @@ async def start(store: MemoryStore) -> tuple[LeaseWatcher, Metrics, asyncio.Task
         store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
         own_public_ip=IPv4Address("10.250.0.1"),
         own_key=lambda: PREFIX + "10.5.1.0-24", metrics=metrics, on_peers=on_peers,
-        on_own=lambda kv, rev: None)
+        on_own=lambda kv, rev: None, check_seconds=check)
     task = asyncio.create_task(watcher.run())
     await until(watcher.synced.is_set)
     return watcher, metrics, task
@@ -170,22 +172,6 @@ class Forgetful(MemoryStore):
                 yield kept
 
 
-async def checking(store: MemoryStore, check: float = 0.02
-                   ) -> tuple[LeaseWatcher, Metrics, asyncio.Task[None]]:
-    metrics = Metrics()
-
-    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
-        return None
-
-    watcher = LeaseWatcher(
-        store, layout=KeyLayout("/coreos.com/network"), network=NETWORK,
-        own_public_ip=IPv4Address("10.250.0.1"), own_key=lambda: PREFIX + "10.5.1.0-24",
-        metrics=metrics, on_peers=on_peers, on_own=lambda kv, rev: None, check_seconds=check)
-    task = asyncio.create_task(watcher.run())
-    await until(watcher.synced.is_set)
-    return watcher, metrics, task
-
-
 def view_checks(metrics: Metrics) -> float:
     return metrics.registry.get_sample_value(
         "leaseagent_watch_relists_total", {"reason": "view_check"}) or 0.0
@@ -195,7 +181,7 @@ async def test_a_missed_join_and_a_missed_leave_are_listed_again() -> None:
     store = Forgetful()
     await store.put(PREFIX + "10.5.1.0-24", lease("10.250.0.1"))  # our own key: counted too
     await store.put(PREFIX + "10.5.2.0-24", lease("10.250.0.2"))
-    watcher, metrics, task = await start_forgetful(store)
+    watcher, metrics, task = await start(store, check=0.02)
     try:
         store.forget = {PREFIX + "10.5.3.0-24"}
         await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
@@ -214,7 +200,7 @@ async def test_a_missed_join_and_a_missed_leave_are_listed_again() -> None:
 async def test_a_stream_that_delivers_nothing_more_is_listed_again() -> None:
     store = Forgetful()
     await store.put(PREFIX + "10.5.2.0-24", lease("10.250.0.2"))
-    watcher, metrics, task = await start_forgetful(store)
+    watcher, metrics, task = await start(store, check=0.02)
     try:
         store.stuck = True
         await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
@@ -226,7 +212,7 @@ async def test_a_stream_that_delivers_nothing_more_is_listed_again() -> None:
 
 async def test_a_watch_that_misses_nothing_is_never_listed_again() -> None:
     store = Forgetful()
-    watcher, metrics, task = await start_forgetful(store)
+    watcher, metrics, task = await start(store, check=0.02)
     try:
         await store.put(PREFIX + "10.5.1.0-24", lease("10.250.0.1"))  # our own key
         for i in range(2, 60):  # churn through many checks: joins, changes, leaves
@@ -243,6 +229,3 @@ async def test_a_watch_that_misses_nothing_is_never_listed_again() -> None:
     finally:
         task.cancel()
 
-
-async def start_forgetful(store: Forgetful) -> tuple[LeaseWatcher, Metrics, asyncio.Task[None]]:
-    return await checking(store)
