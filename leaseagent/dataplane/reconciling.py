@@ -291,13 +291,13 @@ class ReconcilingBackend:
 
     def _claims(self, peer: Peer) -> Claims:
         """What `peer` claims that only one host may hold, each with the address that
-        holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
-        with another host's VtepMAC would route its subnet to that host's VTEP, and give
-        that host an FDB entry for its own MAC)."""
+        holds it: (what, claim, holder; core.kerneldiff.Claims). Base: nothing; vxlan:
+        its VtepMACs (a lease planted with another host's VtepMAC would route its subnet
+        to that host's VTEP, and give that host an FDB entry for its own MAC)."""
         return ()
 
     def _own_claims(self) -> frozenset[str]:
-        """The claims this host holds itself (vxlan: its devices' MACs)."""
+        """The claimed values this host holds itself (vxlan: its devices' MACs)."""
         return frozenset()
 
     def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, str]:

@@ -61,6 +61,7 @@ from ipaddress import IPv4Network, ip_interface
 from pathlib import Path
 
 from leaseagent.core.diagnosis import Problem, vtep_mac_problems
+from leaseagent.core.kerneldiff import Claims
 from leaseagent.core.leases import LeaseValue, Peer
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
@@ -403,19 +404,20 @@ class VxlanBackend(ReconcilingBackend):
     def _is_direct(self, ip: Address) -> bool:
         return any(ip in net for net in self._direct_networks)  # `in` is False across families
 
-    def _claims(self, peer: Peer) -> tuple[tuple[str, object], ...]:
-        # The holder as the address object: str() of one costs a microsecond, and a
-        # full pass asks this of every peer.
+    def _claims(self, peer: Peer) -> Claims:
+        # The MAC and the holder as the peer holds them: no text made per peer (kept
+        # as the admission's keys) and no str() of an address (a microsecond; a full
+        # pass asks this of every peer).
         data, data6 = peer.data, peer.data6
         if not isinstance(data, VxlanLeaseData):
             return ()
         if isinstance(data6, VxlanLeaseData) and peer.public_ipv6 is not None:
-            return ((f"VtepMAC {data.vtep_mac}", peer.public_ip),
-                    (f"VtepMAC {data6.vtep_mac}", peer.public_ipv6))
-        return ((f"VtepMAC {data.vtep_mac}", peer.public_ip),)
+            return (("VtepMAC", data.vtep_mac, peer.public_ip),
+                    ("VtepMAC", data6.vtep_mac, peer.public_ipv6))
+        return (("VtepMAC", data.vtep_mac, peer.public_ip),)
 
     def _own_claims(self) -> frozenset[str]:
-        return frozenset(f"VtepMAC {vtep.mac}" for vtep in self._devices if vtep.mac)
+        return frozenset(vtep.mac for vtep in self._devices if vtep.mac)
 
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         if not self._v4.index:
