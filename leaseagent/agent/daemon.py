@@ -210,6 +210,7 @@ class Agent:
             candidates_per_txn=self._per_txn)
         self.holder = holder = await self._acquire(leasing, plane)
         await publish_metrics_target(self.store, self.layout, cfg, host, etcd=self.etcd)
+        first, parsed = leasing.take_listing()
         self.watcher = watcher = LeaseWatcher(
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: holder.own.key,
@@ -218,7 +219,7 @@ class Agent:
             # The watch is often the first to find etcd gone (renewals may be hours apart).
             on_unavailable=self.etcd.down, on_listed=lambda: self.etcd.up(listed=True),
             on_own=holder.own_key_seen, node_id=cfg.node_id, on_twin=holder.twin_seen,
-            hold_seconds=cfg.peer_hold_time, first=leasing.take_listing(),
+            hold_seconds=cfg.peer_hold_time, first=first, parsed=parsed,
             check_seconds=cfg.lease_check_interval)
         self.switch = switch = ConfigSwitch(
             plane, holder, watcher, revision=revision, metrics=self.metrics,
