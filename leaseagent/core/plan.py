@@ -70,6 +70,7 @@ from ipaddress import (
     IPv6Interface,
     IPv6Network,
 )
+from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # types only: the profiles below the lease model import this module
@@ -362,6 +363,9 @@ def flatten(plan: PeerPlan) -> frozenset[KernelObject]:
     return frozenset(out)
 
 
+_IDENT = attrgetter("_ident")
+
+
 def _ordered(objects: Iterable[KernelObject], order: Mapping[str, int]) -> tuple[KernelObject, ...]:
     """Grouped by kind in `order`; within a kind by identity (deterministic, no
     ipaddress comparisons: this runs over every object of a 5,000-peer sync)."""
@@ -370,7 +374,7 @@ def _ordered(objects: Iterable[KernelObject], order: Mapping[str, int]) -> tuple
         groups[order[obj.kind]].append(obj)
     out: list[KernelObject] = []
     for group in groups:
-        group.sort(key=lambda o: o._ident)
+        group.sort(key=_IDENT)
         out.extend(group)
     return tuple(out)
 
