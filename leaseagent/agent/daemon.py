@@ -204,6 +204,7 @@ class Agent:
         self.plane = plane = Plane(cfg, network, host, metrics=self.metrics, tasks=self.tasks,
                                    backends=self._backends, firewalls=self._firewalls)
         plane.read_rules_ahead()
+        await plane.backend.drop_aside()  # a Port change's old device, left by a stop
         attrs = await plane.backend.prepare()
         self.mtu = attrs.mtu
         leasing = Leasing(

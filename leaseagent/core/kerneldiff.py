@@ -53,8 +53,11 @@ if TYPE_CHECKING:
     from leaseagent.core.leases import Peer
 
 Plans = Iterable[tuple[IPv4Network, frozenset[KernelObject]]]  # per key, its objects
-# What a peer claims that only one host may hold, each with the address that holds it.
-Claims = tuple[tuple[str, object], ...]
+# What a peer claims that only one host may hold: (what it is, as messages name it; the
+# claimed value, e.g. a VtepMAC as the peer's lease data holds it; the address that holds
+# it). `Claimed` is keyed by the value itself: a string the peer already holds, not one
+# made per peer (5,000 "VtepMAC ..." texts were ~0.35 MiB).
+Claims = tuple[tuple[str, str, object], ...]
 Claimed = dict[str, tuple[object, IPv4Network]]  # claim -> (its holder, the peer's subnet)
 
 
@@ -330,23 +333,23 @@ class Admission:
         if route is not None:
             return f"its subnet overlaps this host's {route.text}, which is not the agent's"
         claimed = self.claimed if claimed is None else claimed
-        for claim, holder in claims:
+        for what, claim, holder in claims:
             if claim in own:
-                return f"it has {claim}, this host's own"
+                return f"it has {what} {claim}, this host's own"
             other = claimed.get(claim)
             if other is not None and other[0] != holder and other[1] != peer.subnet:
-                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
+                return f"it has {what} {claim}, which peer {other[1]} ({other[0]}) has"
         return None
 
     def claim(self, peer: Peer, claims: Claims, claimed: Claimed | None = None) -> None:
         """`peer` is admitted: what it claims is held (the first holder keeps a claim)."""
         claimed = self.claimed if claimed is None else claimed
-        for claim, holder in claims:
+        for _what, claim, holder in claims:
             claimed.setdefault(claim, (holder, peer.subnet))
 
     def unclaim(self, peer: Peer, claims: Claims) -> None:
         """`peer` is planned no more: what it held is free."""
-        for claim, _holder in claims:
+        for _what, claim, _holder in claims:
             if self.claimed.get(claim, (None, None))[1] == peer.subnet:
                 del self.claimed[claim]
 

@@ -8,6 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 from leaseagent.core.kerneldiff import (
     Admission,
     AppliedPlan,
+    Claims,
     FullPass,
     Verdict,
     Work,
@@ -177,9 +178,9 @@ def test_a_neighbour_deletion_is_ours_once_if_we_are_removing_it() -> None:
 # --- Admission: which peers may be planned ------------------------------------------------
 
 
-def claims_of(p: Peer) -> tuple[tuple[str, object], ...]:
+def claims_of(p: Peer) -> Claims:
     assert isinstance(p.data, VxlanLeaseData)
-    return ((f"VtepMAC {p.data.vtep_mac}", p.public_ip),)
+    return (("VtepMAC", p.data.vtep_mac, p.public_ip),)
 
 
 def test_a_peer_over_a_route_of_the_host_is_not_admitted() -> None:
@@ -196,7 +197,7 @@ def test_the_first_peer_keeps_a_claim_and_an_own_claim_is_refused() -> None:
     same_host = peer(4, mac="02:00:00:00:00:02", ip="192.168.0.2")  # a leftover lease of it
     mine = peer(5, mac="02:00:00:00:00:ee")
     peers = {p.subnet: p for p in (first, thief, same_host, mine)}
-    out = admission.judge(peers, claims_of, frozenset({"VtepMAC 02:00:00:00:00:ee"}))
+    out = admission.judge(peers, claims_of, frozenset({"02:00:00:00:00:ee"}))
     assert out == {
         thief.subnet: "it has VtepMAC 02:00:00:00:00:02, which peer 10.5.2.0/24 (192.168.0.2) has",
         mine.subnet: "it has VtepMAC 02:00:00:00:00:ee, this host's own",
