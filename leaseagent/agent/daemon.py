@@ -201,6 +201,7 @@ class Agent:
         host = await self._identify(network)
         self.plane = plane = Plane(cfg, network, host, metrics=self.metrics, tasks=self.tasks,
                                    backends=self._backends, firewalls=self._firewalls)
+        await plane.backend.drop_aside()  # a Port change's old device, left by a stop
         attrs = await plane.backend.prepare()
         self.mtu = attrs.mtu
         leasing = Leasing(

@@ -250,6 +250,22 @@ class DataPlane(Protocol):
 
     async def remove(self, *, objects: bool = True) -> None: ...
 
+    async def step_aside(self) -> bool:
+        """Before a rebuild to a new instance that wants this one's device names but
+        cannot adopt the devices (vxlan: another Port): rename them out of its way, in
+        use, so the new one is made beside them; `remove(objects=False)` takes them under
+        their new names. False when this backend cannot (nothing changed)."""
+        ...
+
+    async def step_back(self) -> None:
+        """Undo `step_aside` (the new instance could not be prepared)."""
+        ...
+
+    async def drop_aside(self) -> None:
+        """At start: remove devices an instance put aside (`step_aside`) and could not
+        remove before the agent stopped."""
+        ...
+
     async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
                      observed: Observation) -> DoctorFindings:
         """`leasectl doctor`'s checks of this backend beyond the comparison of `spec` and

@@ -433,6 +433,15 @@ class ReconcilingBackend:
             self._synced = False
             self.status.in_sync = False
 
+    async def step_aside(self) -> bool:
+        return False  # a backend whose devices can stand beside themselves overrides these
+
+    async def step_back(self) -> None:
+        return None
+
+    async def drop_aside(self) -> None:
+        return None
+
     async def close(self) -> None:
         if self._nl is not None:
             self._nl.close()

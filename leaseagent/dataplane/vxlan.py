@@ -227,6 +227,14 @@ class Vtep:
         return None
 
 
+async def _remove_vxlan(nl: Kernel, name: str, why: str) -> None:
+    """Delete the vxlan device `name` if there is one (its entries go with it)."""
+    state = await nl.device_state(name)
+    if state is not None and state.kind == vxlan.DEVICE_KIND:
+        log.info("removing %s (%s)", name, why)
+        await nl.delete_link(state.index)
+
+
 class VxlanBackend(ReconcilingBackend):
     """flannel's vxlan backend, with resync and drift repair, in one or both families."""
 
@@ -277,6 +285,56 @@ class VxlanBackend(ReconcilingBackend):
             backend_data=self._v4.lease_data,
             backend_v6_data=self._v6.lease_data if self._v6 is not None else {},
         )
+
+    # -- a Port change: the new device beside the old one --------------------------
+
+    async def step_aside(self) -> bool:
+        """Rename this backend's devices out of the way (`vxlan.aside_name`) for a new
+        instance on another Port, which makes its own of flannel's names beside them: a
+        device's port cannot be changed, and the same VNI may be on two ports. Renamed
+        running, a device keeps its routes, neighbour and FDB entries and its socket on
+        the old port, so peers not yet switched still reach this host, until
+        `remove(objects=False)` takes it. False, nothing changed, when a name would not
+        fit (the new instance then makes its device again in place)."""
+        asides = [vxlan.aside_name(vtep.name) for vtep in self._devices]
+        if None in asides:
+            return False
+        async with self._lock:
+            nl = await self._netlink()
+            for vtep, aside in zip(self._devices, asides, strict=True):
+                assert aside is not None
+                await _remove_vxlan(nl, aside, "put aside by an earlier Port change")
+                state = await nl.device_state(vtep.name)
+                if state is not None and state.kind == vxlan.DEVICE_KIND:
+                    await nl.rename_link(state.index, aside)
+                    log.info("%s renamed %s: kept beside the new device until no peer "
+                             "sends to its port", vtep.name, aside)
+                vtep.name = aside
+        return True
+
+    async def step_back(self) -> None:
+        """Undo `step_aside` (the new instance could not be prepared): each device gets
+        flannel's name back, a device of that name the new instance made removed first."""
+        async with self._lock:
+            nl = await self._netlink()
+            for vtep in self._devices:
+                name = self._options.device_name_for(ipv6=vtep.local.version == 6)
+                if vtep.name == name:
+                    continue
+                await _remove_vxlan(nl, name, "made for a config this host could not run")
+                state = await nl.device_state(vtep.name)
+                if state is not None:
+                    await nl.rename_link(state.index, name)
+                vtep.name = name
+
+    async def drop_aside(self) -> None:
+        """Remove this VNI's devices a Port change put aside and an agent stopped
+        within --peer-hold-time left (their routes were replaced; at start)."""
+        nl = await self._netlink()
+        for name in (self._options.device_name, self._options.device_name6):
+            aside = vxlan.aside_name(name)
+            if aside is not None:
+                await _remove_vxlan(nl, aside, "left by a Port change before a restart")
 
     # -- devices ---------------------------------------------------------------
 

@@ -318,8 +318,10 @@ def _config_change(lab: Lab, backend: dict[str, object], what: str,
                 p.send_signal(signal.SIGINT)
         outcomes = [parse_ping_summary(p.communicate(timeout=60)[0]) for p in procs]
     lost = sum(sent - got for sent, got in outcomes)
+    each = ", ".join(f"{h.name}->{hosts[(i + 1) % len(hosts)].name} {sent - got}/{sent}"
+                     for i, (h, (sent, got)) in enumerate(zip(hosts, outcomes, strict=True)))
     print(f"\nconfig change {what}: converged in {took:.2f} s, {lost} of "
-          f"{sum(sent for sent, _ in outcomes)} pings lost")
+          f"{sum(sent for sent, _ in outcomes)} pings lost ({each})")
     return lost
 
 
