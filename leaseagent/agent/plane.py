@@ -140,6 +140,13 @@ class Plane:
         """Stop the backend's task (its kernel state stays)."""
         await self._tasks.stop("dataplane")
 
+    def read_rules_ahead(self) -> None:
+        """Start reading every family's traffic rules now (at start, while the lease is
+        acquired): the first `program_all` compares with those readings
+        (RulesKeeper.read_ahead)."""
+        for rules in self.rules:
+            rules.keeper.read_ahead()
+
     def spawn_rules(self, rules: Iterable[FamilyRules]) -> None:
         for r in rules:
             self._tasks.spawn(f"rules-ipv{r.family}", r.keeper.run())

@@ -14,6 +14,7 @@ from leaseagent.core.kerneldiff import (
     Work,
     judge_event,
     neighbour_key,
+    use_key,
 )
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import Fdb, HostRoute, KernelObject, Neighbour, Route
@@ -103,7 +104,7 @@ def test_a_join_plans_every_object_again_and_drops_the_identities() -> None:
     to_add, to_remove = read(full, set(), peers)
     assert set(to_add) == plan(peer(2)) | plan(peer(3)) and to_remove == ()
     assert full.desired == {}  # not held beside the objects once read
-    assert set(full.uses) == {hash(o) for o in to_add}
+    assert set(full.uses) == {use_key(o) for o in to_add}
 
 
 def test_only_what_the_kernel_lacks_is_added_and_only_what_no_plan_keys_is_removed() -> None:
@@ -126,7 +127,7 @@ def test_an_object_two_peers_plan_is_added_once() -> None:
     full = FullPass(plans_of(a, b))
     to_add, _ = read(full, set(), peers)
     assert len(to_add) == 5
-    assert full.uses[hash(Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.9")))] == 2
+    assert full.uses[use_key(Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.9")))] == 2
 
 
 def test_a_reading_again_starts_from_the_whole_plan() -> None:
