@@ -109,13 +109,15 @@ class Pings:
 
 
 @contextmanager
-def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None) -> Iterator[Pings]:
+def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None, *, family: int = 4
+            ) -> Iterator[Pings]:
     """Each host of `pairs` (default: every host, to the next one) pings the other's
     container from its own, from 0.3 s before the block until every ping sent during it
     is answered or lost (PingRun); the outcome once the block is left."""
     hosts = list(lab.hosts.values())
     pairs = pairs or [(h, hosts[(i + 1) % len(hosts)]) for i, h in enumerate(hosts)]
-    runs = [lab.ping_run(a.containers[0], b.containers[0].ip, interval=PING_INTERVAL)
+    runs = [lab.ping_run(a.containers[0], b.containers[0].address(family),
+                         interval=PING_INTERVAL)
             for a, b in pairs]
     pings = Pings()
     try:
@@ -137,10 +139,10 @@ def report(what: str, kind: str, took: float, pings: Pings) -> None:
 
 
 def change(lab: Lab, config: dict[str, Any], converged: Callable[[], bool], *,
-           what: str, kind: str) -> tuple[float, Pings]:
-    """Write `config` while pinging; (seconds from the write until every agent has it in
-    force and `converged()`, the pings)."""
-    with pinging(lab) as pings:
+           what: str, kind: str, family: int = 4) -> tuple[float, Pings]:
+    """Write `config` while pinging (IPv`family`); (seconds from the write until every
+    agent has it in force and `converged()`, the pings)."""
+    with pinging(lab, family=family) as pings:
         revision = write_config(lab, config)
         began = time.monotonic()
         wait_for(lambda: applied(lab, revision) and converged(), timeout=CONVERGE_SECONDS + 5,
@@ -448,6 +450,29 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
         give_containers_ipv6(host)
     reach6 = lab.wait_reachable(timeout=CONVERGE_SECONDS, family=6)
     assert reach6.all_ok, reach6.format()
+
+    def on_port(port: int) -> Callable[[], bool]:  # both devices, beside their old ones
+        def check() -> bool:
+            for h in hosts:
+                for name in ("flannel.1", "flannel-v6.1"):
+                    out = run(["ip", "-n", h.ns, "-d", "link", "show", name], check=False)
+                    if f"dstport {port} " not in out:
+                        return False
+            return lab.reachability(wait=0.2, family=6).all_ok
+        return check
+
+    lost6 = []
+    for port in (4789, 8472):
+        config = lab.network_config()
+        config["Backend"] = {**config["Backend"], "Port": port}  # type: ignore[dict-item]
+        _, pings = change(lab, config, on_port(port), what=f"vxlan Port -> {port}, IPv6 pings",
+                          kind="rebuild", family=6)
+        lost6.append(pings.lost)
+    print(f"dual-stack port change IPv6 pings lost: {lost6}")
+    assert lost6 == [0, 0]
+    wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", name], check=False)
+                             for h in hosts for name in ("flaside.1", "flaside6.1")),
+             timeout=PEER_HOLD_SECONDS + 5, what="the devices put aside removed")
 
     def ipv4_only() -> bool:
         keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
