@@ -85,7 +85,8 @@ class Plane:
         cfg = self._cfg
         settings = DataPlaneSettings(
             network=network, host=host, state_dir=cfg.state_dir,
-            route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
+            route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval,
+            hold_seconds=cfg.peer_hold_time)
         backend = self._backends[network.backend_type](settings)
         self._metrics.export_dataplane(backend.status)
         return backend
