@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
@@ -216,10 +217,21 @@ class Leasing:
                       keep_listing: bool = False) -> OwnLease:
         """Take a subnet for this host (see the module docstring for the order).
         `keep_listing`: keep the listing it chose by, for `take_listing`."""
-        lease_id, ttl = await self._grant()
+        # The first listing is asked for with the grant, not after it: one round trip
+        # to etcd less (neither depends on the other).
+        listing = asyncio.ensure_future(self._store.list_prefix(self.layout.subnets_prefix))
         try:
-            own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6, keep_listing)
+            lease_id, ttl = await self._grant()
         except BaseException:
+            listing.cancel()
+            await asyncio.gather(listing, return_exceptions=True)
+            raise
+        try:
+            own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6, keep_listing,
+                                           listing)
+        except BaseException:
+            listing.cancel()
+            await asyncio.gather(listing, return_exceptions=True)
             self._listing, self._parsed = None, {}
             await self._revoke_quietly(lease_id)
             raise
@@ -244,10 +256,14 @@ class Leasing:
         return listing, parsed
 
     async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None,
-                            previous_ipv6: IPv6Network | None, keep_listing: bool) -> OwnLease:
+                            previous_ipv6: IPv6Network | None, keep_listing: bool,
+                            first: Awaitable[Listing] | None) -> OwnLease:
+        """`first`: the first listing, asked for already; each retry lists again."""
         place = self._place
         while True:
-            listing = await self._store.list_prefix(self.layout.subnets_prefix)
+            listing = await first if first is not None else await self._store.list_prefix(
+                self.layout.subnets_prefix)
+            first = None
             survey = place.survey(listing.items)
             self._listing = listing if keep_listing else None
             self._parsed = survey.names if keep_listing else {}

@@ -673,7 +673,7 @@ class RulesKeeper:
 
     async def _retire_now(self) -> None:
         """Take the departed peers out of the set (under the lock)."""
-        retiring, self._retiring = sorted(self._retiring - self._peers), set()
+        retiring, self._retiring = _sorted(self._retiring - self._peers), set()
         self._retire.clear()
         if retiring:
             await self.fw.set_peers([], retiring)
