@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
@@ -105,16 +105,19 @@ class Pings:
 
     sent: int = 0
     lost: int = 0
+    each: list[str] = field(default_factory=list)  # "h1->h2 0/120": per pair, lost/sent
 
 
 @contextmanager
-def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None) -> Iterator[Pings]:
+def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None, *, family: int = 4
+            ) -> Iterator[Pings]:
     """Each host of `pairs` (default: every host, to the next one) pings the other's
     container from its own, from 0.3 s before the block until every ping sent during it
     is answered or lost (PingRun); the outcome once the block is left."""
     hosts = list(lab.hosts.values())
     pairs = pairs or [(h, hosts[(i + 1) % len(hosts)]) for i, h in enumerate(hosts)]
-    runs = [lab.ping_run(a.containers[0], b.containers[0].ip, interval=PING_INTERVAL)
+    runs = [lab.ping_run(a.containers[0], b.containers[0].address(family),
+                         interval=PING_INTERVAL)
             for a, b in pairs]
     pings = Pings()
     try:
@@ -123,22 +126,23 @@ def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None) -> Iterator[
         time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the block is settled
         assert all(r.running() for r in runs), "a ping stopped by itself"
     finally:
-        for each in runs:
+        for (a, b), each in zip(pairs, runs, strict=True):
             sent, lost, _ = each.stop()
             pings.sent += sent
             pings.lost += len(lost)
+            pings.each.append(f"{a.name}->{b.name} {len(lost)}/{sent}")
 
 
 def report(what: str, kind: str, took: float, pings: Pings) -> None:
     print(f"\nconfig change {what} ({kind}): converged in {took:.2f} s, "
-          f"{pings.lost} of {pings.sent} pings lost")
+          f"{pings.lost} of {pings.sent} pings lost ({', '.join(pings.each)})")
 
 
 def change(lab: Lab, config: dict[str, Any], converged: Callable[[], bool], *,
-           what: str, kind: str) -> tuple[float, Pings]:
-    """Write `config` while pinging; (seconds from the write until every agent has it in
-    force and `converged()`, the pings)."""
-    with pinging(lab) as pings:
+           what: str, kind: str, family: int = 4) -> tuple[float, Pings]:
+    """Write `config` while pinging (IPv`family`); (seconds from the write until every
+    agent has it in force and `converged()`, the pings)."""
+    with pinging(lab, family=family) as pings:
         revision = write_config(lab, config)
         began = time.monotonic()
         wait_for(lambda: applied(lab, revision) and converged(), timeout=CONVERGE_SECONDS + 5,
@@ -364,7 +368,10 @@ def test_a_vni_change_builds_the_new_device_beside_the_old(lab: FixedSubnetLab) 
     print(f"rebuild pings lost: {there.lost} (VNI 1 -> 2), {back.lost} (back to 1)")
 
 
-def test_a_vxlan_port_change_remakes_the_device_in_place(lab: FixedSubnetLab) -> None:
+def test_a_vxlan_port_change_builds_the_new_device_beside_the_old(lab: FixedSubnetLab) -> None:
+    """The old flannel.1 is renamed flaside.1, running on the old port (peers not yet
+    switched still reach it), a new flannel.1 on the new port takes the routes, and
+    flaside.1 goes --peer-hold-time after."""
     hosts = list(lab.hosts.values())
 
     def on_port(port: int) -> Callable[[], bool]:
@@ -376,11 +383,18 @@ def test_a_vxlan_port_change_remakes_the_device_in_place(lab: FixedSubnetLab) ->
             return lab.reachability(wait=0.2).all_ok
         return check
 
+    def aside() -> list[str]:
+        return [run(["ip", "-n", h.ns, "-d", "link", "show", "flaside.1"], check=False)
+                for h in hosts]
+
     _, there = change(lab, base_config(lab, Port=4789), on_port(4789),
-                      what="vxlan Port 8472 -> 4789", kind="in-place")
+                      what="vxlan Port 8472 -> 4789", kind="rebuild")
+    assert any("dstport 8472 " in out for out in aside())  # kept beside, while in its hold
     _, back = change(lab, lab.network_config(), on_port(8472), what="vxlan Port 4789 -> 8472",
-                     kind="in-place")
+                     kind="rebuild")
+    wait_for(lambda: not any(aside()), timeout=PEER_HOLD_SECONDS + 5, what="flaside.1 removed")
     print(f"port change pings lost: {there.lost} (to 4789), {back.lost} (back to 8472)")
+    assert there.lost == 0 and back.lost == 0
 
 
 # ------------------------------------------------------------------ refused
@@ -436,6 +450,29 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
         give_containers_ipv6(host)
     reach6 = lab.wait_reachable(timeout=CONVERGE_SECONDS, family=6)
     assert reach6.all_ok, reach6.format()
+
+    def on_port(port: int) -> Callable[[], bool]:  # both devices, beside their old ones
+        def check() -> bool:
+            for h in hosts:
+                for name in ("flannel.1", "flannel-v6.1"):
+                    out = run(["ip", "-n", h.ns, "-d", "link", "show", name], check=False)
+                    if f"dstport {port} " not in out:
+                        return False
+            return lab.reachability(wait=0.2, family=6).all_ok
+        return check
+
+    lost6 = []
+    for port in (4789, 8472):
+        config = lab.network_config()
+        config["Backend"] = {**config["Backend"], "Port": port}  # type: ignore[dict-item]
+        _, pings = change(lab, config, on_port(port), what=f"vxlan Port -> {port}, IPv6 pings",
+                          kind="rebuild", family=6)
+        lost6.append(pings.lost)
+    print(f"dual-stack port change IPv6 pings lost: {lost6}")
+    assert lost6 == [0, 0]
+    wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", name], check=False)
+                             for h in hosts for name in ("flaside.1", "flaside6.1")),
+             timeout=PEER_HOLD_SECONDS + 5, what="the devices put aside removed")
 
     def ipv4_only() -> bool:
         keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
