@@ -38,17 +38,18 @@ def test_local_mistakes_are_exit_2_before_etcd_is_asked(tmp_path, etcd):
     assert time.monotonic() - started < 10
     planted = tmp_path / "planted"
     planted.symlink_to("/etc/passwd")
-    # The other mistakes at once: each is a Python process (~0.5 s of CPU before it exits),
-    # independent of the others.
+    # The other mistakes four at a time: each is a Python process (~0.5 s of CPU before it
+    # exits), independent of the others. 60 s: a hang guard for a loaded machine, not a bound.
     addresses = (("127.0.0.11", "loopback"), ("0.0.0.0", "unspecified"),
                  ("224.0.0.1", "multicast"), ("169.254.1.1", "link-local"))
-    with ThreadPoolExecutor(8) as pool:
-        by_ip = [(why, pool.submit(run_agent, *common, "--public-ip", ip))
+    with ThreadPoolExecutor(4) as pool:
+        by_ip = [(why, pool.submit(run_agent, *common, "--public-ip", ip, timeout=60))
                  for ip, why in addresses]
-        from_env_run = pool.submit(run_agent, *common, env={"LEASEAGENT_LEASE_TTL": "abc"})
+        from_env_run = pool.submit(run_agent, *common, env={"LEASEAGENT_LEASE_TTL": "abc"},
+                                   timeout=60)
         symlink_run = pool.submit(run_agent, *common[:2], "--subnet-file", str(planted),
-                                  "--public-ip", "10.200.0.1")
-        typo_run = pool.submit(run_agent, "--lease-tll", "5")
+                                  "--public-ip", "10.200.0.1", timeout=60)
+        typo_run = pool.submit(run_agent, "--lease-tll", "5", timeout=60)
     for why, running in by_ip:
         result = running.result()
         assert result.returncode == 2 and f"a {why} address" in result.stderr, result.stderr
