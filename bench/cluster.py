@@ -194,6 +194,7 @@ class Host:
     settled_at: float | None = None
     ttl_requests: int = 0  # of incarnations gone
     events: int = 0  # watch events received by incarnations gone
+    relists: dict[str, float] = field(default_factory=dict)  # by reason, incarnations gone
     error: str | None = None
     pending: bool = True  # not (re)started yet: what it holds is not this phase's
 
@@ -259,6 +260,12 @@ def share_judged_leases() -> None:
 
     judging.validate_peer = shared_peer  # type: ignore[assignment]
     judging._Entry = shared_entry  # type: ignore[assignment,misc]
+
+
+def relists(agent: Any) -> dict[str, float]:
+    """An agent's leaseagent_watch_relists_total by reason (the counts that are not 0)."""
+    return {s.labels["reason"]: s.value for metric in agent.metrics.relists.collect()
+            for s in metric.samples if s.name.endswith("_total") and s.value}
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -333,6 +340,8 @@ class Worker:
             await asyncio.gather(host.task, return_exceptions=True)
         if host.agent is not None:
             await host.agent.shutdown()
+            for reason, n in relists(host.agent).items():
+                host.relists[reason] = host.relists.get(reason, 0) + n
         if host.store is not None:
             host.ttl_requests += host.store.ttl_requests
             host.events += host.store.events
@@ -404,9 +413,20 @@ class Worker:
             "transactions": sum(h.agent.leasing.transactions for h in self.hosts
                                 if h.agent is not None and h.agent.leasing is not None),
             "errors": [h.error for h in self.hosts if h.error][:5],
+            "relists": self._relists(),
             "rss_bytes": rss_bytes(),
             "out_of_memory": self.out_of_memory,
         }
+
+    def _relists(self) -> dict[str, float]:
+        """The hosts' full re-listings of the lease prefix, by reason (their own
+        leaseagent_watch_relists_total), every incarnation."""
+        total: dict[str, float] = {}
+        for h in self.hosts:
+            for counts in (h.relists, relists(h.agent) if h.agent is not None else {}):
+                for reason, n in counts.items():
+                    total[reason] = total.get(reason, 0) + n
+        return total
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -709,6 +729,10 @@ class Run:
         if rep is not None:
             received = sum(r["events_received"] for r in rep)
             out["events_received_total"] = received  # since the workers started
+            out["relists_total"] = {}  # since the workers started, by reason
+            for r in rep:
+                for reason, n in r.get("relists", {}).items():
+                    out["relists_total"][reason] = out["relists_total"].get(reason, 0) + n
             out["agents_rss_mib"] = sum(r["rss_bytes"] for r in rep) / 2**20
             if any(r["out_of_memory"] for r in rep):
                 out["out_of_memory"] = True
@@ -980,6 +1004,8 @@ def cost_lines(results: list[dict[str, Any]]) -> list[str]:
             if "agents_rss_mib" in ph:
                 text += (f"; agents CPU {ph['agents_cpu_seconds']:.0f} s, "
                          f"RSS {ph['agents_rss_mib']:,.0f} MiB")
+            if ph.get("relists_total"):
+                text += f"; re-listings so far {ph['relists_total']}"
             if ph.get("out_of_memory"):
                 text += " (STOPPED: the workers' RSS went over --max-rss-gib)"
             lines.append(text)
