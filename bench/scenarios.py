@@ -180,15 +180,19 @@ class ReadyListener:
 def agent_metric(port: int, name: str, *, summed: bool = False) -> float | None:
     """The agent's metric `name` (its first series; with `summed`, all its series added:
     a labelled counter's total)."""
-    total: float | None = None
+    return agent_metrics(port, (name,), summed=summed)[name]
+
+
+def agent_metrics(port: int, names: Sequence[str], *, summed: bool = False
+                  ) -> dict[str, float | None]:
+    """Several of the agent's metrics from one scrape (as agent_metric; None: absent)."""
+    out: dict[str, float | None] = dict.fromkeys(names)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                value = float(line.rsplit(" ", 1)[1])
-                if not summed:
-                    return value
-                total = (total or 0.0) + value
-    return total
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in out and (summed or out[name] is None):
+                out[name] = (out[name] or 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack: Stack = IPV4,

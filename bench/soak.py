@@ -66,7 +66,7 @@ from bench.env import (
 )
 from bench.scenarios import (
     ReadyListener,
-    agent_metric,
+    agent_metrics,
     put_network_config,
     put_peers,
 )
@@ -77,6 +77,7 @@ from leaseagent.store.etcd import EtcdSettings, EtcdStore
 TASKS = "leaseagent_asyncio_tasks"
 RECONCILES = "leaseagent_reconcile_duration_seconds_count"
 RELISTS = "leaseagent_watch_relists_total"
+WATCHED = "leaseagent_watch_events_total"
 ADDED, CHANGED, REMOVED = "added", "changed", "removed"
 # Peer numbers the churn may use: peer_subnet(i) in the /9 (i < 32,768) and
 # churn_value's upper-half PublicIP in the underlay's /16.
@@ -189,18 +190,22 @@ class Soak:
     done: int = 0  # churn events applied
     phase: str = "join"
     scrape_failures: int = 0
+    watched_before: float | None = None  # the agent's watch events when the churn began
     began: float = field(default_factory=time.perf_counter)
 
     async def _metric(self, name: str) -> float | None:
         """The agent's metric `name`, all its series added; None when the scrape failed
         (an agent busy with the churn on a starved machine may not answer within its
         timeout): the failures are counted, and nothing else is lost."""
+        return (await self._metrics(name))[name]
+
+    async def _metrics(self, *names: str) -> dict[str, float | None]:
         try:
-            return await asyncio.to_thread(agent_metric, self.port, name, summed=True)
+            return await asyncio.to_thread(agent_metrics, self.port, names, summed=True)
         except OSError as exc:
             self.scrape_failures += 1
             print(f"  soak: scrape failed at {self.done:,} events: {exc}", file=sys.stderr)
-            return None
+            return dict.fromkeys(names)
 
     async def resync_passed(self) -> None:
         """Until the agent's next full resync pass has ended (scenarios.after_resync, with
@@ -222,14 +227,22 @@ class Soak:
         if not self.agent.alive():
             raise RuntimeError(f"the agent died; see {self.agent.log}")
         p = proc_sample(self.agent.pid)
-        tasks = await self._metric(TASKS)
-        while tasks is None and need_tasks:
+        done = self.done
+        got = await self._metrics(TASKS, WATCHED)
+        while got[TASKS] is None and need_tasks:
             await asyncio.sleep(1.0)
-            tasks = await self._metric(TASKS)
-        s = {"t": time.perf_counter() - self.began, "phase": self.phase, "events": self.done,
+            got = await self._metrics(TASKS, WATCHED)
+        tasks, watched = got[TASKS], got[WATCHED]
+        # The backlog: churn events etcd has taken that the agent's watch has not yet
+        # received (a relist after an etcd restart receives its changes as a listing,
+        # not as events: the figure is then high until the next restart's is).
+        backlog = (None if watched is None or self.watched_before is None
+                   else done - (watched - self.watched_before))
+        s = {"t": time.perf_counter() - self.began, "phase": self.phase, "events": done,
              "rss_mib": p["rss"] / 2**20, "rss_anon_mib": p["rss_anon"] / 2**20,
              "fds": int(p["fds"]), "threads": int(p["threads"]),
-             "tasks": None if tasks is None else int(tasks), "cpu_s": p["cpu"]}
+             "tasks": None if tasks is None else int(tasks), "cpu_s": p["cpu"],
+             "watch_events": watched, "backlog": backlog}
         self.samples.append(s)
         return s
 
@@ -472,6 +485,7 @@ def rss_trend(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     if len(window) < 3:
         return {"samples": len(window), "flat": None}
     rss = [s["rss_mib"] for s in window]
+    backlog = [s["backlog"] for s in window if s.get("backlog") is not None]
     by_events = fit([s["events"] / 10_000 for s in window], rss)
     by_time = fit([s["t"] / 3600 for s in window], rss)
     span = (window[-1]["events"] - window[0]["events"]) / 10_000
@@ -503,6 +517,14 @@ def rss_trend(samples: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         # The smallest slope this window could tell from its noise.
         "detectable_mib_per_10k_events": 2 * noise / span if span else None,
         "flat": abs(growth) <= 2 * noise,
+        # Whether the agent kept up: its CPU over the window (of one core) and the churn
+        # events it had not received yet, at the samples (a backlog is a peak of live
+        # objects pymalloc keeps its arenas for).
+        "agent_cpu_share": ((window[-1]["cpu_s"] - window[0]["cpu_s"])
+                            / (window[-1]["t"] - window[0]["t"])
+                            if window[-1]["t"] > window[0]["t"] else None),
+        "backlog_median": statistics.median(backlog) if backlog else None,
+        "backlog_max": max(backlog) if backlog else None,
     }
 
 
@@ -531,6 +553,7 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
         soak.phase = "baseline"
         baseline = await soak.sample(need_tasks=True)
         reconciles = await soak._metric(RECONCILES)
+        soak.watched_before = baseline["watch_events"]
         soak.phase = "churn"
         sampler = asyncio.ensure_future(_guarded(soak.sampling()))
         churn = Churn(present=sizes.peers, pool=sizes.pool,
@@ -601,6 +624,10 @@ def table(results: dict[str, Any]) -> str:
                      f"{_fmt(r['first_half_mib_per_10k_events'])} / "
                      f"{_fmt(r['second_half_mib_per_10k_events'])} MiB / 10k events",
                      "a leak keeps its slope", "-"))
+        rows.append(("agent kept up? CPU of a core; backlog median / max",
+                     f"{_fmt(r['agent_cpu_share'])}; {_fmt(r['backlog_median'])} / "
+                     f"{_fmt(r['backlog_max'])} events",
+                     "backlog: churn events not yet received by its watch", "-"))
         rows.append(("RSS in the window: min / max",
                      f"{_fmt(r['rss_min_mib'])} / {_fmt(r['rss_max_mib'], ' MiB')}",
                      f"quarters {_fmt(r['first_quarter_mean_mib'])} -> "

@@ -4,11 +4,12 @@ changes"): `ConfigSwitch.apply`.
 Everything that can refuse (the PublicIPv6, the programs of the traffic rules,
 the new backend's prepare) comes before anything is changed. Then a new backend
 instance on the new settings (for a rebuild built beside the old one, whose
-devices go once no peer runs its type; the old one's objects removed first
-only if the two share a device), the lease fitted by the lease holder (the one
-writer of our key), subnet.env, the traffic rules' keepers, then every lease
-judged again under the new config. What this host cannot run is refused and
-the last good config put back.
+devices go once no peer runs its type and --peer-hold-time after; a device of
+the same name renamed aside first when the old one can, vxlan on a new Port;
+the old one's objects removed first only if the two still share a device),
+the lease fitted by the lease holder (the one writer of our key), subnet.env,
+the traffic rules' keepers, then every lease judged again under the new config.
+What this host cannot run is refused and the last good config put back.
 """
 
 from __future__ import annotations
@@ -90,10 +91,22 @@ class ConfigSwitch:
         plane, watcher = self._plane, self._watcher
         await plane.stop()
         old = plane.backend
+        new = plane.new_backend(network, host)
+        # A rebuild wanting the old one's device names (vxlan: a Port change): the old
+        # devices renamed aside, in use, so the new ones are made beside them.
+        aside = False
         try:
-            new, attrs = await self._prepared(network, host)
+            if change.kind == REBUILD and device_names(old) & device_names(new):
+                await plane.stop_leaving_timer()
+                await plane.drop_leaving()  # an earlier roll-out's devices would be in the way
+                aside = await old.step_aside()
+            attrs = await self._prepared(new)
         except Exception:
-            plane.spawn(lambda: watcher.peers)  # the old one goes on (not when stopping)
+            try:
+                if aside:
+                    await old.step_back()
+            finally:
+                plane.spawn(lambda: watcher.peers)  # the old one goes on (not when stopping)
             raise
         plane.backend = new
         plane.use_network(network)
@@ -115,13 +128,11 @@ class ConfigSwitch:
             raise
         plane.spawn(lambda: watcher.peers)
 
-    async def _prepared(self, network: NetworkConfig, host: HostInfo
-                        ) -> tuple[DataPlane, BackendAttrs]:
-        """A data plane on `network`, prepared (it adopts the devices it shares with the
-        running one, and may refuse to run: then nothing has changed)."""
-        new = self._plane.new_backend(network, host)
+    async def _prepared(self, new: DataPlane) -> BackendAttrs:
+        """`new` prepared (it adopts the devices it shares with the running one, and may
+        refuse to run: then it is closed)."""
         try:
-            return new, await new.prepare()
+            return await new.prepare()
         except BaseException:
             self._metrics.export_dataplane(self._plane.backend.status)
             await new.close()

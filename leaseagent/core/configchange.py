@@ -18,10 +18,11 @@ of its most disruptive field):
   transaction if its IPv6 part changes); one whose subnet no longer fits
   takes a new one and gives the old up.
 - `rebuild`: the backend changed identity (its type, or an option its type
-  does not apply in place, such as vxlan's VNI): the new backend is built
-  beside the old one and takes its routes over, the old one's devices go
-  once no peer runs the old type (when they share a device: the old one's
-  objects are removed first).
+  does not apply in place, such as vxlan's VNI and Port): the new backend is
+  built beside the old one and takes its routes over, the old one's devices go
+  --peer-hold-time after no peer runs the old type (a device of the name the
+  new one wants is renamed aside first, vxlan's on a new Port; were one
+  shared, the old one's objects would be removed first).
 
 Which backend options are in place is the backend type's to say
 (`BackendProfile.in_place` in leaseagent.core.profiles); an option change the
@@ -97,7 +98,9 @@ FIELDS: tuple[Field, ...] = (
 _OPTION_EFFECT = {
     IN_PLACE: "the backend reconciles to it (devices and per-peer objects); FLANNEL_MTU "
               "rewritten if it changes",
-    REBUILD: "the backend is rebuilt (its devices are named or published by it)",
+    REBUILD: "the backend is rebuilt: the new devices made beside the old ones (a device of "
+             "the same name renamed aside first) take the routes over; the old ones are "
+             "removed --peer-hold-time later",
 }
 
 

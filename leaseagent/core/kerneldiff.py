@@ -53,9 +53,21 @@ if TYPE_CHECKING:
     from leaseagent.core.leases import Peer
 
 Plans = Iterable[tuple[IPv4Network, frozenset[KernelObject]]]  # per key, its objects
-# What a peer claims that only one host may hold, each with the address that holds it.
-Claims = tuple[tuple[str, object], ...]
+# What a peer claims that only one host may hold: (what it is, as messages name it; the
+# claimed value, e.g. a VtepMAC as the peer's lease data holds it; the address that holds
+# it). `Claimed` is keyed by the value itself: a string the peer already holds, not one
+# made per peer (5,000 "VtepMAC ..." texts were ~0.35 MiB).
+Claims = tuple[tuple[str, str, object], ...]
 Claimed = dict[str, tuple[object, IPv4Network]]  # claim -> (its holder, the peer's subnet)
+# The counts of wanting peers are kept by an object's hash cut to 60 bits: an int below
+# 2**60 takes 32 bytes, a full 64-bit hash 48 (15,000 of them with 5,000 vxlan peers:
+# 0.23 MiB); two planned objects would share a key with a chance of ~1e-10, not ~1e-11.
+_USE_BITS = (1 << 60) - 1
+
+
+def use_key(obj: KernelObject) -> int:
+    """`obj`'s key in the counts of wanting peers (AppliedPlan.uses, FullPass.uses)."""
+    return hash(obj) & _USE_BITS
 
 
 class AppliedPlan:
@@ -69,7 +81,7 @@ class AppliedPlan:
 
     def wants(self, obj: KernelObject) -> bool:
         """Whether some peer (or the backend itself) of the plan wants `obj`."""
-        return hash(obj) in self.uses
+        return use_key(obj) in self.uses
 
     def replace(self, peers: Mapping[IPv4Network, Peer], uses: dict[int, int]) -> None:
         """A full pass applied: its peers and counts are the plan from now on."""
@@ -83,7 +95,7 @@ class AppliedPlan:
         """Count `objects` as wanted by one more (delta +1) or one fewer (-1) peer."""
         uses = self.uses
         for obj in objects:
-            key = hash(obj)
+            key = use_key(obj)
             n = uses.get(key, 0) + delta
             if n > 0:
                 uses[key] = n
@@ -118,7 +130,7 @@ class AppliedPlan:
         to_add, to_remove = diff(new, old)
         if not synced:
             return PlanDiff(to_add, ())
-        return PlanDiff(to_add, tuple(o for o in to_remove if hash(o) not in self.uses))
+        return PlanDiff(to_add, tuple(o for o in to_remove if use_key(o) not in self.uses))
 
     def objects(self, plan: Callable[[Peer], frozenset[KernelObject]]
                 ) -> Iterator[KernelObject]:
@@ -138,7 +150,8 @@ class FullPass:
         for key, objects in plans:
             for obj in objects:
                 self.desired[obj._ident] = key
-                self.uses[hash(obj)] = self.uses.get(hash(obj), 0) + 1
+                use = use_key(obj)
+                self.uses[use] = self.uses.get(use, 0) + 1
 
     def reading(self) -> Reading:
         """One reading of the kernel's tables against the plan (a dump interrupted and
@@ -330,23 +343,23 @@ class Admission:
         if route is not None:
             return f"its subnet overlaps this host's {route.text}, which is not the agent's"
         claimed = self.claimed if claimed is None else claimed
-        for claim, holder in claims:
+        for what, claim, holder in claims:
             if claim in own:
-                return f"it has {claim}, this host's own"
+                return f"it has {what} {claim}, this host's own"
             other = claimed.get(claim)
             if other is not None and other[0] != holder and other[1] != peer.subnet:
-                return f"it has {claim}, which peer {other[1]} ({other[0]}) has"
+                return f"it has {what} {claim}, which peer {other[1]} ({other[0]}) has"
         return None
 
     def claim(self, peer: Peer, claims: Claims, claimed: Claimed | None = None) -> None:
         """`peer` is admitted: what it claims is held (the first holder keeps a claim)."""
         claimed = self.claimed if claimed is None else claimed
-        for claim, holder in claims:
+        for _what, claim, holder in claims:
             claimed.setdefault(claim, (holder, peer.subnet))
 
     def unclaim(self, peer: Peer, claims: Claims) -> None:
         """`peer` is planned no more: what it held is free."""
-        for claim, _holder in claims:
+        for _what, claim, _holder in claims:
             if self.claimed.get(claim, (None, None))[1] == peer.subnet:
                 del self.claimed[claim]
 

@@ -50,6 +50,15 @@ class AllocBackend:
     async def remove(self, *, objects: bool = True) -> None:
         return None
 
+    async def step_aside(self) -> bool:
+        return False
+
+    async def step_back(self) -> None:
+        return None
+
+    async def drop_aside(self) -> None:
+        return None
+
     async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
                      observed: Observation) -> DoctorFindings:
         return DoctorFindings()  # no data path: nothing of its own to check

@@ -151,6 +151,9 @@ class DataPlaneSettings:
     state_dir: Path
     route_protocol: int = DEFAULT_ROUTE_PROTOCOL
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    # --peer-hold-time: how long what a config change replaced stays (wireguard: a moved
+    # port's redirect, leaseagent.dataplane.portmove)
+    hold_seconds: float = 0.0
     netns: str | None = None  # for tests and the lab: program another namespace
     # How the backend opens the kernel (leaseagent.dataplane.kernelport); None: the real
     # one over netlink. A simulation or a test passes FakeNetlink's (fakenetlink.py).
@@ -249,6 +252,22 @@ class DataPlane(Protocol):
     async def observe(self) -> Observation: ...
 
     async def remove(self, *, objects: bool = True) -> None: ...
+
+    async def step_aside(self) -> bool:
+        """Before a rebuild to a new instance that wants this one's device names but
+        cannot adopt the devices (vxlan: another Port): rename them out of its way, in
+        use, so the new one is made beside them; `remove(objects=False)` takes them under
+        their new names. False when this backend cannot (nothing changed)."""
+        ...
+
+    async def step_back(self) -> None:
+        """Undo `step_aside` (the new instance could not be prepared)."""
+        ...
+
+    async def drop_aside(self) -> None:
+        """At start: remove devices an instance put aside (`step_aside`) and could not
+        remove before the agent stopped."""
+        ...
 
     async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
                      observed: Observation) -> DoctorFindings:

@@ -14,7 +14,9 @@ tests/contract/test_reconciler_contract.py, which runs one suite on both):
   nothing;
 - deleting what is not there answers ESRCH (a route) or ENOENT (a neighbour or
   FDB entry), which `apply` counts as done, as netlink.outcomes says; a link
-  of an existing name answers EEXIST;
+  of an existing name answers EEXIST, and so does a vxlan device of a VNI
+  another one of its family already has on its UDP port; a running link can
+  be renamed (Linux 6.2 and later), to a name no other link has (EEXIST);
 - a route through a missing device answers ENODEV, through a down device
   (IPv4) ENETDOWN, via a gateway not on the device's networks (without
   onlink) ENETUNREACH (IPv4) or EHOSTUNREACH (IPv6); an FDB entry on a device
@@ -440,6 +442,11 @@ class FakeNetlink(WholeTables):
                            mtu: int, mac: str, flags: frozenset[str] = frozenset()
                            ) -> Link:
         self._check(f"cannot create vxlan device {name}")
+        if any(other.vxlan is not None and other.vxlan.vni == vni and other.vxlan.port == port
+               and other.vxlan.local is not None and other.vxlan.local.version == local.version
+               for other in self.kernel._links.values()):
+            raise DataPlaneError(f"cannot create vxlan device {name} (VNI {vni}, local {local}): "
+                                 f"{_netlink_error(errno.EEXIST)}")
         made = self._new_link(
             f"cannot create vxlan device {name} (VNI {vni}, local {local})", name,
             vxlan_profile.DEVICE_KIND, mtu=mtu, mac=mac.lower(), link=link,
@@ -466,6 +473,22 @@ class FakeNetlink(WholeTables):
             del kernel._fdb[mac]
         kernel._broadcast(lambda: NetlinkEvent("link", True, index, self.port_id,
                                                ifname=link.name, up=False), self.port_id)
+
+    async def rename_link(self, index: int, name: str) -> None:
+        self._check(f"cannot rename link {index}")
+        kernel = self.kernel
+        link = kernel._links.get(index)
+        code = (errno.ENODEV if link is None
+                else errno.EEXIST if kernel._names.get(name, index) != index else 0)
+        if code:
+            raise DataPlaneError(f"cannot rename link {index} to {name}: {_netlink_error(code)}")
+        assert link is not None
+        del kernel._names[link.name]
+        kernel._names[name] = index
+        link.name = name
+        kernel._changed()
+        kernel._broadcast(lambda: NetlinkEvent("link", False, index, self.port_id,
+                                               ifname=name, up=link.up), self.port_id)
 
     async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
                        mac: str | None = None) -> None:

@@ -40,6 +40,11 @@ Quirks of the kernel worth knowing (all checked on Linux 6.x):
   "tentative", unusable as a source) unless added with IFA_F_NODAD. The
   vxlan device's address is unique by lease, so it is added with NODAD.
 - FDB notifications carry port id 0 whoever caused them.
+- A running device can be renamed since Linux 6.2 (its routes, neighbours,
+  FDB entries and, for vxlan, its socket stay); older kernels answer EBUSY,
+  and `rename_link` then sets it down, renames it and sets it up again.
+- Two vxlan devices of one family may have the same VNI only on different
+  UDP ports (EEXIST otherwise), and a vxlan device's port cannot be changed.
 - A receive queue overflow (ENOBUFS) loses messages: the event socket is
   then reopened by its user and a full resync finds what was missed.
 
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -84,6 +90,8 @@ from leaseagent.core.profiles import vxlan as vxlan_profile
 from leaseagent.dataplane import rtnl
 from leaseagent.dataplane.rtnl import RtnlSocket
 from leaseagent.errors import DataPlaneError
+
+log = logging.getLogger("leaseagent.dataplane")
 
 AF_BRIDGE = 7
 NUD_PERMANENT = 0x80
@@ -372,6 +380,27 @@ class Netlink(WholeTables):
         except OSError as exc:
             if exc.errno not in (errno.ENODEV, errno.ENOENT):
                 raise _error(f"cannot delete link {index}", exc) from exc
+
+    async def rename_link(self, index: int, name: str) -> None:
+        """Give link `index` the name `name`, running (Linux 6.2 and later); a kernel
+        that refuses to rename a running device (EBUSY) has it set down for the rename,
+        a moment without it, and up again."""
+        request = rtnl.link_request(index=index, name=name)
+        try:
+            await self._call(rtnl.RTM_NEWLINK, 0, request)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise _error(f"cannot rename link {index} to {name}", exc) from exc
+        log.warning("this kernel renames only a device that is down: link %d is set down to "
+                    "be renamed %s", index, name)
+        await self.set_link(index, up=False)
+        try:
+            await self._call(rtnl.RTM_NEWLINK, 0, request)
+        except OSError as exc:
+            raise _error(f"cannot rename link {index} to {name}", exc) from exc
+        finally:
+            await self.set_link(index, up=True)
 
     async def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
                        mac: str | None = None) -> None:

@@ -291,13 +291,13 @@ class ReconcilingBackend:
 
     def _claims(self, peer: Peer) -> Claims:
         """What `peer` claims that only one host may hold, each with the address that
-        holds it: (claim, holder). Base: nothing; vxlan: its VtepMACs (a lease planted
-        with another host's VtepMAC would route its subnet to that host's VTEP, and give
-        that host an FDB entry for its own MAC)."""
+        holds it: (what, claim, holder; core.kerneldiff.Claims). Base: nothing; vxlan:
+        its VtepMACs (a lease planted with another host's VtepMAC would route its subnet
+        to that host's VTEP, and give that host an FDB entry for its own MAC)."""
         return ()
 
     def _own_claims(self) -> frozenset[str]:
-        """The claims this host holds itself (vxlan: its devices' MACs)."""
+        """The claimed values this host holds itself (vxlan: its devices' MACs)."""
         return frozenset()
 
     def _conflicting(self, peers: Mapping[IPv4Network, Peer]) -> dict[IPv4Network, str]:
@@ -432,6 +432,15 @@ class ReconcilingBackend:
             self._applied.clear()
             self._synced = False
             self.status.in_sync = False
+
+    async def step_aside(self) -> bool:
+        return False  # a backend whose devices can stand beside themselves overrides these
+
+    async def step_back(self) -> None:
+        return None
+
+    async def drop_aside(self) -> None:
+        return None
 
     async def close(self) -> None:
         if self._nl is not None:

@@ -61,6 +61,7 @@ from ipaddress import IPv4Network, ip_interface
 from pathlib import Path
 
 from leaseagent.core.diagnosis import Problem, vtep_mac_problems
+from leaseagent.core.kerneldiff import Claims
 from leaseagent.core.leases import LeaseValue, Peer
 from leaseagent.core.network import Address, Network
 from leaseagent.core.plan import (
@@ -226,6 +227,14 @@ class Vtep:
         return None
 
 
+async def _remove_vxlan(nl: Kernel, name: str, why: str) -> None:
+    """Delete the vxlan device `name` if there is one (its entries go with it)."""
+    state = await nl.device_state(name)
+    if state is not None and state.kind == vxlan.DEVICE_KIND:
+        log.info("removing %s (%s)", name, why)
+        await nl.delete_link(state.index)
+
+
 class VxlanBackend(ReconcilingBackend):
     """flannel's vxlan backend, with resync and drift repair, in one or both families."""
 
@@ -276,6 +285,56 @@ class VxlanBackend(ReconcilingBackend):
             backend_data=self._v4.lease_data,
             backend_v6_data=self._v6.lease_data if self._v6 is not None else {},
         )
+
+    # -- a Port change: the new device beside the old one --------------------------
+
+    async def step_aside(self) -> bool:
+        """Rename this backend's devices out of the way (`vxlan.aside_name`) for a new
+        instance on another Port, which makes its own of flannel's names beside them: a
+        device's port cannot be changed, and the same VNI may be on two ports. Renamed
+        running, a device keeps its routes, neighbour and FDB entries and its socket on
+        the old port, so peers not yet switched still reach this host, until
+        `remove(objects=False)` takes it. False, nothing changed, when a name would not
+        fit (the new instance then makes its device again in place)."""
+        asides = [vxlan.aside_name(vtep.name) for vtep in self._devices]
+        if None in asides:
+            return False
+        async with self._lock:
+            nl = await self._netlink()
+            for vtep, aside in zip(self._devices, asides, strict=True):
+                assert aside is not None
+                await _remove_vxlan(nl, aside, "put aside by an earlier Port change")
+                state = await nl.device_state(vtep.name)
+                if state is not None and state.kind == vxlan.DEVICE_KIND:
+                    await nl.rename_link(state.index, aside)
+                    log.info("%s renamed %s: kept beside the new device until no peer "
+                             "sends to its port", vtep.name, aside)
+                vtep.name = aside
+        return True
+
+    async def step_back(self) -> None:
+        """Undo `step_aside` (the new instance could not be prepared): each device gets
+        flannel's name back, a device of that name the new instance made removed first."""
+        async with self._lock:
+            nl = await self._netlink()
+            for vtep in self._devices:
+                name = self._options.device_name_for(ipv6=vtep.local.version == 6)
+                if vtep.name == name:
+                    continue
+                await _remove_vxlan(nl, name, "made for a config this host could not run")
+                state = await nl.device_state(vtep.name)
+                if state is not None:
+                    await nl.rename_link(state.index, name)
+                vtep.name = name
+
+    async def drop_aside(self) -> None:
+        """Remove this VNI's devices a Port change put aside and an agent stopped
+        within --peer-hold-time left (their routes were replaced; at start)."""
+        nl = await self._netlink()
+        for name in (self._options.device_name, self._options.device_name6):
+            aside = vxlan.aside_name(name)
+            if aside is not None:
+                await _remove_vxlan(nl, aside, "left by a Port change before a restart")
 
     # -- devices ---------------------------------------------------------------
 
@@ -345,19 +404,20 @@ class VxlanBackend(ReconcilingBackend):
     def _is_direct(self, ip: Address) -> bool:
         return any(ip in net for net in self._direct_networks)  # `in` is False across families
 
-    def _claims(self, peer: Peer) -> tuple[tuple[str, object], ...]:
-        # The holder as the address object: str() of one costs a microsecond, and a
-        # full pass asks this of every peer.
+    def _claims(self, peer: Peer) -> Claims:
+        # The MAC and the holder as the peer holds them: no text made per peer (kept
+        # as the admission's keys) and no str() of an address (a microsecond; a full
+        # pass asks this of every peer).
         data, data6 = peer.data, peer.data6
         if not isinstance(data, VxlanLeaseData):
             return ()
         if isinstance(data6, VxlanLeaseData) and peer.public_ipv6 is not None:
-            return ((f"VtepMAC {data.vtep_mac}", peer.public_ip),
-                    (f"VtepMAC {data6.vtep_mac}", peer.public_ipv6))
-        return ((f"VtepMAC {data.vtep_mac}", peer.public_ip),)
+            return (("VtepMAC", data.vtep_mac, peer.public_ip),
+                    ("VtepMAC", data6.vtep_mac, peer.public_ipv6))
+        return (("VtepMAC", data.vtep_mac, peer.public_ip),)
 
     def _own_claims(self) -> frozenset[str]:
-        return frozenset(f"VtepMAC {vtep.mac}" for vtep in self._devices if vtep.mac)
+        return frozenset(vtep.mac for vtep in self._devices if vtep.mac)
 
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         if not self._v4.index:

@@ -35,3 +35,19 @@ def test_an_agent_writes_its_samples(tmp_path: Path) -> None:
 def test_another_interpreter_writes_none(tmp_path: Path) -> None:
     _run(["-c", "import time; time.sleep(0.3)"], tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_code_pages_leave_the_rss_and_come_back_on_use(tmp_path: Path) -> None:
+    # An interpreter that imported ssl (libcrypto's code) drops its code pages; it
+    # runs on (its code read again from the page cache) and says its RssFile after.
+    code = ("import hashlib, sys, sitecustomize; sitecustomize.drop_text(sys.argv[1], 0); "
+            "print(hashlib.sha256(b'x').hexdigest()[:8], flush=True)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench" / "memprobe"))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "2d711642\n", done.stderr
+    (written,) = tmp_path.glob("*-droptext.txt")
+    dropped = re.search(r"dropped (\d+)", written.read_text())
+    rss = re.search(r"RssFile (\d+) -> (\d+) kB", written.read_text())
+    assert dropped and int(dropped[1]) > 0
+    assert rss and int(rss[2]) < int(rss[1]) - 1024  # at least 1 MiB of code pages left

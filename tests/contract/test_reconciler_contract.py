@@ -440,6 +440,123 @@ async def test_a_device_of_an_existing_name_is_refused(subject: Subject, tmp_pat
             hand.close()
 
 
+async def test_a_vni_is_refused_on_a_port_it_has_and_made_on_another(
+        subject: Subject, tmp_path: Path) -> None:
+    async with started(subject, "vxlan", tmp_path, {}):
+        hand = await subject.hand()
+        try:
+            def made(name: str, port: int) -> Awaitable[object]:
+                return hand.create_vxlan(name, vni=1, port=port, local=subject.host.public_ip,
+                                         link=subject.host.iface_index, mtu=1450,
+                                         mac="02:00:00:00:01:07")
+            with pytest.raises(DataPlaneError, match=os.strerror(errno.EEXIST)):
+                await made("other.1", 8472)
+            await made("other.1", 4789)
+            other = await hand.link_by_name("other.1")
+            assert other is not None and other.vxlan is not None and other.vxlan.port == 4789
+        finally:
+            hand.close()
+
+
+async def test_a_running_device_renamed_keeps_its_index_and_entries(
+        subject: Subject, tmp_path: Path) -> None:
+    peers = peers_of(vxlan_peer(2), vxlan_peer(3))
+    async with started(subject, "vxlan", tmp_path, peers):
+        hand = await subject.hand()
+        try:
+            device = await hand.link_by_name("flannel.1")
+            assert device is not None and device.up
+            before = (await hand.routes(protocol=PROTOCOL), await hand.fdb(device.index))
+            await hand.rename_link(device.index, "flaside.1")
+            renamed = await hand.link_by_name("flaside.1")
+            assert renamed is not None and renamed.index == device.index and renamed.up
+            assert await hand.link_by_name("flannel.1") is None
+            assert (await hand.routes(protocol=PROTOCOL), await hand.fdb(device.index)) == before
+            with pytest.raises(DataPlaneError, match=os.strerror(errno.EEXIST)):
+                await hand.rename_link(device.index, "eth0")
+        finally:
+            hand.close()
+
+
+def port_settings(subject: Subject, state_dir: Path, port: int) -> DataPlaneSettings:
+    base = settings(subject, "vxlan", state_dir)
+    net = network_config_from_dict({"Network": "10.5.0.0/16",
+                                    "Backend": {"Type": "vxlan", "Port": port}})
+    return replace(base, network=net)
+
+
+async def test_a_port_change_makes_the_new_device_beside_the_old_one(
+        subject: Subject, tmp_path: Path) -> None:
+    """The old device renamed aside, running with its entries (peers not yet switched
+    still reach this host on the old port); the new one of flannel's name on the new
+    port, with the same VtepMAC, takes every route; the old one goes with
+    remove(objects=False)."""
+    peers = peers_of(vxlan_peer(2), vxlan_peer(3))
+    async with started(subject, "vxlan", tmp_path, peers) as old:
+        hand = await subject.hand()
+        new = VxlanBackend(port_settings(subject, tmp_path, 4789))
+        try:
+            device = await hand.link_by_name("flannel.1")
+            assert device is not None
+            entries = await hand.fdb(device.index)
+            assert await old.step_aside()
+            attrs = await new.prepare()
+            await new.start(OWN)
+            await new.sync(peers)
+            aside = await hand.link_by_name("flaside.1")
+            made = await hand.link_by_name("flannel.1")
+            assert aside is not None and aside.index == device.index and aside.up
+            assert aside.vxlan is not None and aside.vxlan.port == 8472
+            assert await hand.fdb(aside.index) == entries  # still there for the old port
+            assert made is not None and made.vxlan is not None and made.vxlan.port == 4789
+            assert made.up and made.address == device.address == attrs.backend_data["VtepMAC"]
+            assert {r.ifindex for r in await hand.routes(protocol=PROTOCOL)} == {made.index}
+            assert await in_sync(new, peers)
+            await old.remove(objects=False)
+            assert await hand.link_by_name("flaside.1") is None
+            assert await in_sync(new, peers)
+        finally:
+            await new.close()
+            hand.close()
+
+
+async def test_a_port_change_not_made_puts_the_old_device_back(
+        subject: Subject, tmp_path: Path) -> None:
+    peers = peers_of(vxlan_peer(2))
+    async with started(subject, "vxlan", tmp_path, peers) as old:
+        hand = await subject.hand()
+        new = VxlanBackend(port_settings(subject, tmp_path, 4789))
+        try:
+            device = await hand.link_by_name("flannel.1")
+            assert await old.step_aside()
+            await new.prepare()  # then refused later (a missing program, say)
+            await new.close()
+            await old.step_back()
+            back = await hand.link_by_name("flannel.1")
+            assert device is not None and back is not None and back.index == device.index
+            assert await hand.link_by_name("flaside.1") is None
+            assert await in_sync(old, peers)
+        finally:
+            hand.close()
+
+
+async def test_a_device_left_aside_by_a_stop_is_removed_at_start(
+        subject: Subject, tmp_path: Path) -> None:
+    async with started(subject, "vxlan", tmp_path, peers_of(vxlan_peer(2))) as old:
+        assert await old.step_aside()  # and the agent stops before the hold is over
+    restarted = VxlanBackend(port_settings(subject, tmp_path, 4789))
+    hand = await subject.hand()
+    try:
+        await restarted.drop_aside()
+        assert await hand.link_by_name("flaside.1") is None
+        await restarted.prepare()
+        made = await hand.link_by_name("flannel.1")
+        assert made is not None and made.vxlan is not None and made.vxlan.port == 4789
+    finally:
+        await restarted.close()
+        hand.close()
+
+
 async def test_a_gateway_off_the_link_is_refused_for_that_peer_only(
         subject: Subject, tmp_path: Path) -> None:
     peers = peers_of(host_gw_peer(2), host_gw_peer(3, public="10.98.0.3"))

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
@@ -105,6 +105,7 @@ class Pings:
 
     sent: int = 0
     lost: int = 0
+    each: list[str] = field(default_factory=list)  # "h1->h2 0/120": per pair, lost/sent
 
 
 @contextmanager
@@ -123,15 +124,16 @@ def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None) -> Iterator[
         time.sleep(REPLY_WAIT + 0.5)  # every ping sent during the block is settled
         assert all(r.running() for r in runs), "a ping stopped by itself"
     finally:
-        for each in runs:
+        for (a, b), each in zip(pairs, runs, strict=True):
             sent, lost, _ = each.stop()
             pings.sent += sent
             pings.lost += len(lost)
+            pings.each.append(f"{a.name}->{b.name} {len(lost)}/{sent}")
 
 
 def report(what: str, kind: str, took: float, pings: Pings) -> None:
     print(f"\nconfig change {what} ({kind}): converged in {took:.2f} s, "
-          f"{pings.lost} of {pings.sent} pings lost")
+          f"{pings.lost} of {pings.sent} pings lost ({', '.join(pings.each)})")
 
 
 def change(lab: Lab, config: dict[str, Any], converged: Callable[[], bool], *,
@@ -364,7 +366,10 @@ def test_a_vni_change_builds_the_new_device_beside_the_old(lab: FixedSubnetLab) 
     print(f"rebuild pings lost: {there.lost} (VNI 1 -> 2), {back.lost} (back to 1)")
 
 
-def test_a_vxlan_port_change_remakes_the_device_in_place(lab: FixedSubnetLab) -> None:
+def test_a_vxlan_port_change_builds_the_new_device_beside_the_old(lab: FixedSubnetLab) -> None:
+    """The old flannel.1 is renamed flaside.1, running on the old port (peers not yet
+    switched still reach it), a new flannel.1 on the new port takes the routes, and
+    flaside.1 goes --peer-hold-time after."""
     hosts = list(lab.hosts.values())
 
     def on_port(port: int) -> Callable[[], bool]:
@@ -376,11 +381,18 @@ def test_a_vxlan_port_change_remakes_the_device_in_place(lab: FixedSubnetLab) ->
             return lab.reachability(wait=0.2).all_ok
         return check
 
+    def aside() -> list[str]:
+        return [run(["ip", "-n", h.ns, "-d", "link", "show", "flaside.1"], check=False)
+                for h in hosts]
+
     _, there = change(lab, base_config(lab, Port=4789), on_port(4789),
-                      what="vxlan Port 8472 -> 4789", kind="in-place")
+                      what="vxlan Port 8472 -> 4789", kind="rebuild")
+    assert any("dstport 8472 " in out for out in aside())  # kept beside, while in its hold
     _, back = change(lab, lab.network_config(), on_port(8472), what="vxlan Port 4789 -> 8472",
-                     kind="in-place")
+                     kind="rebuild")
+    wait_for(lambda: not any(aside()), timeout=PEER_HOLD_SECONDS + 5, what="flaside.1 removed")
     print(f"port change pings lost: {there.lost} (to 4789), {back.lost} (back to 8472)")
+    assert there.lost == 0 and back.lost == 0
 
 
 # ------------------------------------------------------------------ refused

@@ -138,6 +138,9 @@ class RecordingDataPlane:
         self.status = DataPlaneStatus()
         RecordingDataPlane.instances.append(self)
 
+    async def drop_aside(self) -> None:
+        return None
+
     async def prepare(self) -> BackendAttrs:
         return BackendAttrs(backend_type="vxlan", mtu=1450,
                             backend_data={"VNI": 1, "VtepMAC": "0a:00:00:00:00:ff"},

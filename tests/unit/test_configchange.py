@@ -59,7 +59,7 @@ CASES = [
     ("Backend.Type", BASE, {**BASE, "Backend": {"Type": "host-gw"}}, REBUILD),
     ("Backend.Type", {**BASE, "Backend": {"Type": "alloc"}}, BASE, REBUILD),
     ("Backend.MTU", BASE, with_backend(MTU=1400), IN_PLACE),
-    ("Backend.Port", BASE, with_backend(Port=4789), IN_PLACE),
+    ("Backend.Port", BASE, with_backend(Port=4789), REBUILD),
     ("Backend.DirectRouting", BASE, with_backend(DirectRouting=True), IN_PLACE),
     ("Backend.VNI", BASE, with_backend(VNI=2), REBUILD),
     ("Backend.GBP", BASE, with_backend(GBP=True), IN_PLACE),

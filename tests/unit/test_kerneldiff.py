@@ -8,11 +8,13 @@ from ipaddress import IPv4Address, IPv4Network
 from leaseagent.core.kerneldiff import (
     Admission,
     AppliedPlan,
+    Claims,
     FullPass,
     Verdict,
     Work,
     judge_event,
     neighbour_key,
+    use_key,
 )
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import Fdb, HostRoute, KernelObject, Neighbour, Route
@@ -102,7 +104,7 @@ def test_a_join_plans_every_object_again_and_drops_the_identities() -> None:
     to_add, to_remove = read(full, set(), peers)
     assert set(to_add) == plan(peer(2)) | plan(peer(3)) and to_remove == ()
     assert full.desired == {}  # not held beside the objects once read
-    assert set(full.uses) == {hash(o) for o in to_add}
+    assert set(full.uses) == {use_key(o) for o in to_add}
 
 
 def test_only_what_the_kernel_lacks_is_added_and_only_what_no_plan_keys_is_removed() -> None:
@@ -125,7 +127,7 @@ def test_an_object_two_peers_plan_is_added_once() -> None:
     full = FullPass(plans_of(a, b))
     to_add, _ = read(full, set(), peers)
     assert len(to_add) == 5
-    assert full.uses[hash(Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.9")))] == 2
+    assert full.uses[use_key(Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.9")))] == 2
 
 
 def test_a_reading_again_starts_from_the_whole_plan() -> None:
@@ -177,9 +179,9 @@ def test_a_neighbour_deletion_is_ours_once_if_we_are_removing_it() -> None:
 # --- Admission: which peers may be planned ------------------------------------------------
 
 
-def claims_of(p: Peer) -> tuple[tuple[str, object], ...]:
+def claims_of(p: Peer) -> Claims:
     assert isinstance(p.data, VxlanLeaseData)
-    return ((f"VtepMAC {p.data.vtep_mac}", p.public_ip),)
+    return (("VtepMAC", p.data.vtep_mac, p.public_ip),)
 
 
 def test_a_peer_over_a_route_of_the_host_is_not_admitted() -> None:
@@ -196,7 +198,7 @@ def test_the_first_peer_keeps_a_claim_and_an_own_claim_is_refused() -> None:
     same_host = peer(4, mac="02:00:00:00:00:02", ip="192.168.0.2")  # a leftover lease of it
     mine = peer(5, mac="02:00:00:00:00:ee")
     peers = {p.subnet: p for p in (first, thief, same_host, mine)}
-    out = admission.judge(peers, claims_of, frozenset({"VtepMAC 02:00:00:00:00:ee"}))
+    out = admission.judge(peers, claims_of, frozenset({"02:00:00:00:00:ee"}))
     assert out == {
         thief.subnet: "it has VtepMAC 02:00:00:00:00:02, which peer 10.5.2.0/24 (192.168.0.2) has",
         mine.subnet: "it has VtepMAC 02:00:00:00:00:ee, this host's own",

@@ -68,7 +68,10 @@ def test_the_name_check_sees_a_branch() -> None:
 @pytest.mark.parametrize(("kind", "name", "owner"), [
     ("vxlan", "flannel.1", vxlan.NAME),
     ("vxlan", "flannel-v6.4096", vxlan.NAME),
+    ("vxlan", "flaside.1", vxlan.NAME),
+    ("vxlan", "flaside6.4096", vxlan.NAME),
     ("vxlan", "flannel.x", None),
+    ("vxlan", "flaside.x", None),
     ("vxlan", "vxlan0", None),
     ("bridge", "flannel.1", None),
     ("wireguard", "flannel-wg", wireguard.NAME),

@@ -22,7 +22,7 @@ peer's public address on a directly connected network, only Route(<subnet> via
 
 Traffic rules: the peer filter on the VXLAN port (VXLAN has no authentication).
 Doctor: the VtepMAC three ways (leaseagent.dataplane.vxlan). Cleanup: its devices
-of any VNI.
+of any VNI, and those a Port change put aside (`aside_name`).
 """
 
 from __future__ import annotations
@@ -130,8 +130,25 @@ def device_flags(options: VxlanOptions) -> frozenset[str]:
     return frozenset(flag.shown for flag in DEVICE_FLAGS if getattr(options, flag.attribute))
 
 
-# Any VNI's device of either family, as device_name and device_name6 make them.
-VXLAN_DEVICE_NAME = re.compile(r"flannel(-v6)?\.\d+")
+# A device put aside by a Port change (`aside_name`), kept --peer-hold-time beside the
+# new one of flannel's name: "flannel.<VNI>" -> "flaside.<VNI>", "flannel-v6.<VNI>" ->
+# "flaside6.<VNI>".
+_ASIDE = {"flannel.": "flaside.", "flannel-v6.": "flaside6."}
+IFNAMSIZ = 16  # a link name's bytes with its NUL (linux/if.h)
+
+# Any VNI's device of either family, as device_name and device_name6 make them, and
+# those devices put aside.
+VXLAN_DEVICE_NAME = re.compile(r"(flannel(-v6)?|flaside6?)\.\d+")
+
+
+def aside_name(name: str) -> str | None:
+    """The name a device of flannel's name (`name`) takes while a new one of its
+    name is made beside it (a Port change); None when it would not fit a link name."""
+    for prefix, aside in _ASIDE.items():
+        if name.startswith(prefix):
+            renamed = aside + name[len(prefix):]
+            return renamed if len(renamed) < IFNAMSIZ else None
+    return None
 
 
 def vxlan_options(backend: Mapping[str, Any]) -> VxlanOptions:
@@ -250,8 +267,11 @@ PROFILE = BackendProfile(
     option_keys={"VNI": "vni", "Port": "port", "MTU": "mtu", "DirectRouting": "direct_routing",
                  "GBP": "gbp", "Learning": "learning"},
     # VNI names the devices (flannel.<VNI>) and is published in BackendData: a rebuild.
-    # GBP and Learning are fixed at the device's creation: it is made again in place.
-    in_place=frozenset({"Port", "MTU", "DirectRouting", "GBP", "Learning"}),
+    # Port is fixed at the device's creation: a rebuild too, the new device made beside
+    # the old one, put aside under another name (VxlanBackend.step_aside). GBP and
+    # Learning are fixed at creation too, but a device of the same VNI and port with
+    # other flags cannot stand beside the old one: it is made again in place.
+    in_place=frozenset({"MTU", "DirectRouting", "GBP", "Learning"}),
     mtu=smallest_device_mtu(_device_mtu),
     mtu_notes=path_mtu_notes(_device_name, (VXLAN_OVERHEAD, VXLAN6_OVERHEAD),
                              lambda _mtu, _overhead: "Backend.MTU"),
