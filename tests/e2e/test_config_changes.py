@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -395,6 +397,47 @@ def test_a_vxlan_port_change_builds_the_new_device_beside_the_old(lab: FixedSubn
     wait_for(lambda: not any(aside()), timeout=PEER_HOLD_SECONDS + 5, what="flaside.1 removed")
     print(f"port change pings lost: {there.lost} (to 4789), {back.lost} (back to 8472)")
     assert there.lost == 0 and back.lost == 0
+
+
+def test_a_port_this_host_cannot_use_puts_its_old_device_back(lab: FixedSubnetLab) -> None:
+    """Someone holds UDP 4789 on host 1: its new vxlan device cannot come up there, so the
+    change is refused on that host and the device it had put aside gets its name back
+    (the others switch; the config is then put back for the next test)."""
+    hosts = list(lab.hosts.values())
+    first = hosts[0]
+    key = 'leaseagent_network_config_ignored_total{reason="unusable"}'
+    before = lab.metrics(first).get(key, 0)
+    holder = subprocess.Popen(netns.exec_argv(first.ns, [sys.executable, "-c", PORT_HOLDER]),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+        write_config(lab, base_config(lab, Port=4789))
+        wait_for(lambda: lab.metrics(first).get(key, 0) == before + 1,
+                 timeout=CONVERGE_SECONDS + 5, what="the change refused on host 1")
+        out = run(["ip", "-n", first.ns, "-d", "link", "show", "flannel.1"])
+        assert "dstport 8472 " in out
+        assert not run(["ip", "-n", first.ns, "link", "show", "flaside.1"], check=False)
+        log = first.log_file.read_text()
+        assert "flannel.1 renamed flaside.1" in log  # put aside, then back:
+        assert "removing flannel.1 (made for a config this host could not run)" in log
+        assert "Traceback" not in log
+    finally:
+        holder.kill()
+        holder.wait()
+    write_config(lab, lab.network_config())
+    wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", "flaside.1"], check=False)
+                             for h in hosts) and lab.reachability(wait=0.2).all_ok,
+             timeout=PEER_HOLD_SECONDS + 10, what="every host back on 8472, reachable")
+
+
+# Holds UDP 4789 (what another VXLAN user could) until killed.
+PORT_HOLDER = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 4789))
+print("bound", flush=True)
+time.sleep(120)
+"""
 
 
 # ------------------------------------------------------------------ refused
