@@ -79,6 +79,8 @@ class Started:
     watcher: LeaseWatcher
     plane: Plane
     switch: ConfigSwitch
+    # Where this agent's /metrics is, being written to etcd meanwhile (done before READY).
+    publishing: asyncio.Future[None]
 
 
 class Agent:
@@ -201,6 +203,7 @@ class Agent:
         host = await self._identify(network)
         self.plane = plane = Plane(cfg, network, host, metrics=self.metrics, tasks=self.tasks,
                                    backends=self._backends, firewalls=self._firewalls)
+        plane.read_rules_ahead()
         await plane.backend.drop_aside()  # a Port change's old device, left by a stop
         attrs = await plane.backend.prepare()
         self.mtu = attrs.mtu
@@ -210,7 +213,7 @@ class Agent:
             metrics=self.metrics, rng=self._rng, choose=self._choose,
             candidates_per_txn=self._per_txn)
         self.holder = holder = await self._acquire(leasing, plane)
-        await publish_metrics_target(self.store, self.layout, cfg, host, etcd=self.etcd)
+        first, parsed = leasing.take_listing()
         self.watcher = watcher = LeaseWatcher(
             self.store, layout=self.layout, network=network,
             own_public_ip=host.public_ip, own_key=lambda: holder.own.key,
@@ -219,13 +222,17 @@ class Agent:
             # The watch is often the first to find etcd gone (renewals may be hours apart).
             on_unavailable=self.etcd.down, on_listed=lambda: self.etcd.up(listed=True),
             on_own=holder.own_key_seen, node_id=cfg.node_id, on_twin=holder.twin_seen,
-            hold_seconds=cfg.peer_hold_time, first=leasing.take_listing(),
+            hold_seconds=cfg.peer_hold_time, first=first, parsed=parsed,
             check_seconds=cfg.lease_check_interval)
         self.switch = switch = ConfigSwitch(
             plane, holder, watcher, revision=revision, metrics=self.metrics,
             resolve=lambda network: resolve_host(cfg, network, self._host),
             adopt=functools.partial(self._use, leasing))
-        return Started(holder, watcher, plane, switch)
+        # Its round trips to etcd run while the first listing is judged and programmed
+        # (no await from here to the return: nothing is left running if start is cut short).
+        publishing = asyncio.ensure_future(
+            publish_metrics_target(self.store, self.layout, cfg, host, etcd=self.etcd))
+        return Started(holder, watcher, plane, switch, publishing)
 
     async def _identify(self, network: NetworkConfig) -> HostInfo:
         """This host under `network`: checked, logged, in the metrics' labels."""
@@ -327,7 +334,9 @@ class Agent:
             tasks.spawn("hold", holder.run())
             tasks.spawn("watchdog", self._watchdog())
             tasks.spawn("files", self.files.keep())
-            which, _ = await first_to_end(watcher.synced.wait(), stop.wait(), tasks.failure())
+            which, _ = await first_to_end(
+                asyncio.gather(watcher.synced.wait(), started.publishing), stop.wait(),
+                tasks.failure())
             if which == 0:
                 plane.spawn(lambda: watcher.peers)
                 plane.spawn_rules(plane.rules)
@@ -338,6 +347,8 @@ class Agent:
                 tasks.spawn("readiness", self.readiness.run())  # READY=1 once all holds
                 await first_to_end(stop.wait(), tasks.failure())
         finally:
+            started.publishing.cancel()
+            await asyncio.gather(started.publishing, return_exceptions=True)
             await tasks.cancel_all()
 
     async def shutdown(self) -> None:

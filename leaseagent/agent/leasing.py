@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
@@ -67,6 +68,7 @@ from leaseagent.core.allocation import Chooser, candidates
 from leaseagent.core.leases import (
     KeyLayout,
     LeaseValue,
+    SubnetKey,
     Verdict,
     decode_lease_value,
     judge,
@@ -124,6 +126,7 @@ class Leasing:
         self._metrics = metrics
         self.transactions = 0  # create/replace txns sent, for the efficiency figures
         self._listing: Listing | None = None  # see take_listing
+        self._parsed: dict[str, SubnetKey] = {}  # what each of its keys names
         self._listing_names: set[str] = set()  # its keys that name this host
 
     @property
@@ -214,37 +217,56 @@ class Leasing:
                       keep_listing: bool = False) -> OwnLease:
         """Take a subnet for this host (see the module docstring for the order).
         `keep_listing`: keep the listing it chose by, for `take_listing`."""
-        lease_id, ttl = await self._grant()
+        # The first listing is asked for with the grant, not after it: one round trip
+        # to etcd less (neither depends on the other).
+        listing = asyncio.ensure_future(self._store.list_prefix(self.layout.subnets_prefix))
         try:
-            own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6, keep_listing)
+            lease_id, ttl = await self._grant()
         except BaseException:
-            self._listing = None
+            listing.cancel()
+            await asyncio.gather(listing, return_exceptions=True)
+            raise
+        try:
+            own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6, keep_listing,
+                                           listing)
+        except BaseException:
+            listing.cancel()
+            await asyncio.gather(listing, return_exceptions=True)
+            self._listing, self._parsed = None, {}
             await self._revoke_quietly(lease_id)
             raise
         if self._listing_names - {own.key}:
             # A key of ours it names was moved or another is a twin's: what the listing
             # says of it is stale now, so the watcher lists afresh.
-            self._listing = None
+            self._listing, self._parsed = None, {}
         if own.reservation:
             await self._revoke_quietly(lease_id)
         return own
 
-    def take_listing(self) -> Listing | None:
-        """The listing the last `acquire(keep_listing=True)` chose by, once: the lease
-        watcher starts from it, so start-up lists the prefix once (its own key, created
-        after, comes as the watch's first event). None when the acquisition moved a key
-        of this host's or the listing holds another key naming it (what it says of those
-        is stale, and a key naming this host is judged a twin's)."""
-        listing, self._listing = self._listing, None
-        return listing
+    def take_listing(self) -> tuple[Listing | None, dict[str, SubnetKey]]:
+        """The listing the last `acquire(keep_listing=True)` chose by, once, with what
+        each of its keys names (parsed for the survey): the lease watcher starts from it,
+        so start-up lists the prefix once and parses each key once (its own key, created
+        after, comes as the watch's first event). None and nothing parsed when the
+        acquisition moved a key of this host's or the listing holds another key naming it
+        (what it says of those is stale, and a key naming this host is judged a
+        twin's)."""
+        listing, parsed = self._listing, self._parsed
+        self._listing, self._parsed = None, {}
+        return listing, parsed
 
     async def _acquire_with(self, lease_id: int, ttl: int, previous: IPv4Network | None,
-                            previous_ipv6: IPv6Network | None, keep_listing: bool) -> OwnLease:
+                            previous_ipv6: IPv6Network | None, keep_listing: bool,
+                            first: Awaitable[Listing] | None) -> OwnLease:
+        """`first`: the first listing, asked for already; each retry lists again."""
         place = self._place
         while True:
-            listing = await self._store.list_prefix(self.layout.subnets_prefix)
+            listing = await first if first is not None else await self._store.list_prefix(
+                self.layout.subnets_prefix)
+            first = None
             survey = place.survey(listing.items)
             self._listing = listing if keep_listing else None
+            self._parsed = survey.names if keep_listing else {}
             self._listing_names = {v.key for v in survey.verdicts if v.value is not None
                                    and v.value.public_ip == self.value.public_ip}
             own = await self._take_ours(survey, {kv.key: kv for kv in listing.items},

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from leaseagent.core.allocation import Chooser, range_candidates
-from leaseagent.core.leases import DUPLICATE, KeyLayout, LeaseValue, Verdict, judge
+from leaseagent.core.leases import DUPLICATE, KeyLayout, LeaseValue, SubnetKey, Verdict, judge
 from leaseagent.core.network import NetworkConfig
 from leaseagent.errors import SubnetsExhausted
 from leaseagent.store.base import KeyValue
@@ -30,6 +30,9 @@ class Survey:
     verdicts: list[Verdict]  # on the keys whose value may name our PublicIP, oldest first
     named: list[Verdict]  # this host's leases (attached to an etcd lease) that fit
     reserved: list[Verdict]  # reservations for this host that fit and are usable
+    # Every key that parsed, with what it names: the lease watcher's first judging of
+    # the same listing reads them here instead of parsing each key again.
+    names: dict[str, SubnetKey]
 
 
 class Placement:
@@ -55,18 +58,20 @@ class Placement:
         taken: set[IPv4Network] = set()
         taken6: set[IPv6Network] = set()
         maybe_ours = []
+        names: dict[str, SubnetKey] = {}
         for kv in items:
             try:
                 named = self.layout.parse_lease_key(kv.key)
             except ValueError:
                 continue
+            names[kv.key] = named
             taken.add(named.ipv4)
             if named.ipv6 is not None:
                 taken6.add(named.ipv6)
             if needle in kv.value or b"\\u" in kv.value:
                 maybe_ours.append(kv)
         verdicts = list(judge(maybe_ours, layout=self.layout, network=None).verdicts.values())
-        survey = Survey(taken, taken6, verdicts, [], [])
+        survey = Survey(taken, taken6, verdicts, [], [], names)
         for verdict in verdicts:
             value, subnet = verdict.value, verdict.subnet
             if value is None or subnet is None or value.public_ip != self.value.public_ip:

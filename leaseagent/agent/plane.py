@@ -85,7 +85,8 @@ class Plane:
         cfg = self._cfg
         settings = DataPlaneSettings(
             network=network, host=host, state_dir=cfg.state_dir,
-            route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval)
+            route_protocol=cfg.route_protocol, resync_seconds=cfg.resync_interval,
+            hold_seconds=cfg.peer_hold_time)
         backend = self._backends[network.backend_type](settings)
         self._metrics.export_dataplane(backend.status)
         return backend
@@ -138,6 +139,13 @@ class Plane:
     async def stop(self) -> None:
         """Stop the backend's task (its kernel state stays)."""
         await self._tasks.stop("dataplane")
+
+    def read_rules_ahead(self) -> None:
+        """Start reading every family's traffic rules now (at start, while the lease is
+        acquired): the first `program_all` compares with those readings
+        (RulesKeeper.read_ahead)."""
+        for rules in self.rules:
+            rules.keeper.read_ahead()
 
     def spawn_rules(self, rules: Iterable[FamilyRules]) -> None:
         for r in rules:

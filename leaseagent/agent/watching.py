@@ -63,6 +63,7 @@ from leaseagent.core.leases import (
     Peer,
     PeerChanges,
     PendingChanges,
+    SubnetKey,
     Verdict,
 )
 from leaseagent.core.network import NetworkConfig
@@ -113,6 +114,7 @@ class LeaseWatcher:
         on_twin: OnTwin | None = None,
         hold_seconds: float = 0.0,
         first: Listing | None = None,
+        parsed: Mapping[str, SubnetKey] | None = None,
         check_seconds: float = 0.0,
     ) -> None:
         self._layout = layout
@@ -131,6 +133,9 @@ class LeaseWatcher:
         self._on_own = on_own
         self._on_listed = on_listed
         self._oversize: dict[str, int] = {}  # keys too large to fetch, as last reported
+        # What the keys of `first` name, parsed already (Leasing.take_listing): read by the
+        # first listing's judging, then dropped.
+        self._parsed = parsed
         self.book = LeaseBook(layout=layout, network=network, identity=self._identity())
         self.synced = asyncio.Event()  # set after the first complete list is applied
         self.gate = asyncio.Lock()
@@ -228,9 +233,10 @@ class LeaseWatcher:
         self._own_present = own[0].key if own else None
         if identity.own_key is not None:
             self._on_own(own[0] if own else None, snapshot.revision)
+        parsed, self._parsed = self._parsed, None
         changes = self._held(self.book.reset(
-            [kv for kv in snapshot.items if kv.key != identity.own_key], identity=identity),
-            hold_removals=True)
+            [kv for kv in snapshot.items if kv.key != identity.own_key], identity=identity,
+            parsed=parsed), hold_removals=True)
         self._report_rejected()
         self._report_oversize(snapshot.oversize)
         self._update_gauges()
@@ -242,6 +248,10 @@ class LeaseWatcher:
         started = time.perf_counter()
         own_key = self._own_key()  # the book learns a new one at the re-list that follows
         changes = PendingChanges()
+        # Peers whose key was deleted, in a row: held down and gathered as one change, not
+        # one per event (a mass expiry is thousands of deletions in one batch). Added to
+        # `changes` before any other change, so that they are folded in order.
+        gone: list[Peer] = []
         puts = 0  # the events counted by type once per batch (a mass expiry is thousands)
         for ev in batch:
             puts += ev.type is EventType.PUT
@@ -252,15 +262,23 @@ class LeaseWatcher:
                 continue
             if ev.type is EventType.PUT and ev.kv is not None:
                 # A key changed to something that is no peer (invalid, released): at once.
-                changed = self._held(self.book.put(ev.kv), hold_removals=False)
+                changed = self.book.put(ev.kv)
+                hold_removals = False
             else:
                 changed = self.book.delete(ev.key)
-                if changed:
-                    changed = self._held(changed, hold_removals=True)
+                if not changed.added and not changed.changed and not self.book.rejected:
+                    gone += changed.removed  # nothing, for a key that named no peer
+                    continue
+                hold_removals = True
+            if gone:
+                changes.add(self._held(PeerChanges(removed=gone), hold_removals=True))
+                gone = []
             if changed:
-                changes.add(changed)
+                changes.add(self._held(changed, hold_removals=hold_removals))
             if self.book.rejected:
                 self._report_rejected()
+        if gone:
+            changes.add(self._held(PeerChanges(removed=gone), hold_removals=True))
         for etype, count in ((EventType.PUT, puts), (EventType.DELETE, len(batch) - puts)):
             if count:
                 self._metrics.watch_events.labels(type=etype.value).inc(count)

@@ -5,14 +5,18 @@ flowing across a restart) is removed here, and nothing else:
 
 - every route carrying its route protocol (`--route-protocol`, 76);
 - every backend profile's devices (`BackendProfile.owns_link`, leaseagent.core.profiles):
-  vxlan's (`flannel.<VNI>`, `flannel-v6.<VNI>`, kind vxlan), which takes their
+  vxlan's (`flannel.<VNI>`, `flannel-v6.<VNI>`, and `flaside.<VNI>`,
+  `flaside6.<VNI>` a Port change put aside; kind vxlan), which takes their
   neighbour and FDB entries with them; WireGuard's (`flannel-wg`, `flannel-wg-v6`,
   kind wireguard, or kind tun when wireguard-go serves them: wireguard-go ends when
   its device is gone);
 - its traffic rules of both families: the nftables tables `ip leaseagent` and
   `ip6 leaseagent`, the iptables and ip6tables chains LEASEAGENT-* with their
   jumps, the ipsets of VXLAN peers (whichever exist; a host without IPv6 or
-  without one of the tools has none of that kind).
+  without one of the tools has none of that kind);
+- the nftables table `inet leaseagent-ports`, a WireGuard ListenPort change's
+  redirect of the old port (leaseagent.dataplane.portmove), if an agent
+  stopped within --peer-hold-time of one.
 
 Stop the agent first (`systemctl disable --now leaseagent`), or it puts them
 back. Needs no etcd. The lease in etcd is not touched: `leasectl release`.
@@ -24,6 +28,7 @@ from leaseagent.cli.doctor import DoctorSettings
 from leaseagent.core.plan import Route
 from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.core.rules import FAMILIES, ObservedRules
+from leaseagent.dataplane import portmove
 from leaseagent.dataplane.firewall import Firewall, IptablesFirewall, NftFirewall
 from leaseagent.dataplane.netlink import Action, Netlink
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -59,4 +64,7 @@ async def cleanup(settings: DoctorSettings) -> list[str]:
                 done.append(f"could not remove the {what} rules: {exc}")
                 continue
             done.append(f"removed the {what} rules ({', '.join(sorted(observed.chains))})")
+    if await portmove.remove():
+        done.append(f"removed the nftables table {portmove.TABLE} (a WireGuard port change's "
+                    "redirect)")
     return done

@@ -70,6 +70,7 @@ from ipaddress import (
     IPv6Interface,
     IPv6Network,
 )
+from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # types only: the profiles below the lease model import this module
@@ -105,8 +106,12 @@ Interface = IPv4Interface | IPv6Interface
 # ...), which the raw rtnetlink reader calls too: a table dump is compared with
 # the plan identity by identity, without an object per entry
 # (leaseagent.dataplane.rtnl). Slots: no instance dict (docs/benchmarks.md).
+# Each writes its own `__init__`, every field set once (a dataclass's would set the
+# fields, then call `__post_init__` to set the identity: a plan makes three objects a
+# peer, twice at a join and again at a removal).
 
 Ident = tuple[object, ...]
+_set = object.__setattr__  # a frozen object's fields, set in its own __init__
 
 
 def route_ident(version: int, dst: int, prefixlen: int, gateway: int, ifindex: int,
@@ -126,7 +131,7 @@ def fdb_ident(version: int, ifindex: int, lladdr: str, dst: int) -> Ident:
     return (2, version, ifindex, lladdr, dst)
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(frozen=True, eq=False, slots=True, init=False)
 class Route:
     """A unicast route (IPv4 or IPv6) in the main table, carrying our protocol number."""
 
@@ -142,14 +147,19 @@ class Route:
     _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        ident = route_ident(self.dst.version, int(self.dst.network_address), self.dst.prefixlen,
-                            int(self.gateway) if self.gateway is not None else -1,
-                            self.ifindex, self.onlink, self.metric, self.scope)
-        object.__setattr__(self, "metric", ident[7])
-        object.__setattr__(self, "scope", ident[8])
-        object.__setattr__(self, "_ident", ident)
-        object.__setattr__(self, "_hash", hash(ident))
+    def __init__(self, dst: Network, gateway: Address | None, ifindex: int,
+                 onlink: bool = False, metric: int = 0, scope: int = RT_SCOPE_UNIVERSE) -> None:
+        ident = route_ident(dst.version, int(dst.network_address), dst.prefixlen,
+                            int(gateway) if gateway is not None else -1,
+                            ifindex, onlink, metric, scope)
+        _set(self, "dst", dst)
+        _set(self, "gateway", gateway)
+        _set(self, "ifindex", ifindex)
+        _set(self, "onlink", onlink)
+        _set(self, "metric", ident[7])
+        _set(self, "scope", ident[8])
+        _set(self, "_ident", ident)
+        _set(self, "_hash", hash(ident))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Route) and self._ident == other._ident
@@ -164,7 +174,7 @@ class Route:
     kind = "route"
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(frozen=True, eq=False, slots=True, init=False)
 class Neighbour:
     """A permanent neighbour entry: ARP (IPv4) or NDP (IPv6)."""
 
@@ -174,10 +184,13 @@ class Neighbour:
     _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        ident = neighbour_ident(self.dst.version, self.ifindex, int(self.dst), self.lladdr)
-        object.__setattr__(self, "_ident", ident)
-        object.__setattr__(self, "_hash", hash(ident))
+    def __init__(self, ifindex: int, dst: Address, lladdr: str) -> None:
+        ident = (1, dst.version, ifindex, int(dst), lladdr)  # neighbour_ident's
+        _set(self, "ifindex", ifindex)
+        _set(self, "dst", dst)
+        _set(self, "lladdr", lladdr)
+        _set(self, "_ident", ident)
+        _set(self, "_hash", hash(ident))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Neighbour) and self._ident == other._ident
@@ -192,7 +205,7 @@ class Neighbour:
     kind = "neighbour"
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(frozen=True, eq=False, slots=True, init=False)
 class Fdb:
     """A permanent bridge FDB entry on a vxlan device: MAC -> remote VTEP (IPv4 or IPv6)."""
 
@@ -202,10 +215,13 @@ class Fdb:
     _ident: tuple[object, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        ident = fdb_ident(self.dst.version, self.ifindex, self.lladdr, int(self.dst))
-        object.__setattr__(self, "_ident", ident)
-        object.__setattr__(self, "_hash", hash(ident))
+    def __init__(self, ifindex: int, lladdr: str, dst: Address) -> None:
+        ident = (2, dst.version, ifindex, lladdr, int(dst))  # fdb_ident's
+        _set(self, "ifindex", ifindex)
+        _set(self, "lladdr", lladdr)
+        _set(self, "dst", dst)
+        _set(self, "_ident", ident)
+        _set(self, "_hash", hash(ident))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Fdb) and self._ident == other._ident
@@ -347,6 +363,9 @@ def flatten(plan: PeerPlan) -> frozenset[KernelObject]:
     return frozenset(out)
 
 
+_IDENT = attrgetter("_ident")
+
+
 def _ordered(objects: Iterable[KernelObject], order: Mapping[str, int]) -> tuple[KernelObject, ...]:
     """Grouped by kind in `order`; within a kind by identity (deterministic, no
     ipaddress comparisons: this runs over every object of a 5,000-peer sync)."""
@@ -355,7 +374,7 @@ def _ordered(objects: Iterable[KernelObject], order: Mapping[str, int]) -> tuple
         groups[order[obj.kind]].append(obj)
     out: list[KernelObject] = []
     for group in groups:
-        group.sort(key=lambda o: o._ident)
+        group.sort(key=_IDENT)
         out.extend(group)
     return tuple(out)
 

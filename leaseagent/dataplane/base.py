@@ -151,6 +151,9 @@ class DataPlaneSettings:
     state_dir: Path
     route_protocol: int = DEFAULT_ROUTE_PROTOCOL
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    # --peer-hold-time: how long what a config change replaced stays (wireguard: a moved
+    # port's redirect, leaseagent.dataplane.portmove)
+    hold_seconds: float = 0.0
     netns: str | None = None  # for tests and the lab: program another namespace
     # How the backend opens the kernel (leaseagent.dataplane.kernelport); None: the real
     # one over netlink. A simulation or a test passes FakeNetlink's (fakenetlink.py).

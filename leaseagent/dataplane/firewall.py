@@ -92,6 +92,9 @@ DEFAULT_CHECK_SECONDS = 5.0  # iptables: seconds between reads of the chains (--
 WATCHED_CHECK_SECONDS = 30.0  # nftables: events tell of changes; a check now and then anyway
 DEEP_CHECK_SECONDS = 30.0  # how often a check reads every member of the peer set
 RETIRE_DELAY_SECONDS = 0.05  # departed peers leave the filter in batches this far apart
+# A reading started ahead of the first sync (`RulesKeeper.read_ahead`) is compared with
+# only if it was started at most this long before; else the firewall is read again.
+READ_AHEAD_SECONDS = 2.0
 _JUMP = "leaseagent:jump"
 
 
@@ -532,6 +535,30 @@ class RulesKeeper:
         self._retiring: set[Address] = set()  # departed peers still in the set
         self._retire = asyncio.Event()
         self._deep_asked = False  # an event touched the peer set's elements
+        self._ahead: tuple[float, asyncio.Future[ObservedRules]] | None = None  # read_ahead's
+
+    def read_ahead(self) -> None:
+        """Start reading the firewall now, for the next sync to compare with (the agent's
+        start: the rules' processes run while the lease is acquired, not after it, when
+        the data plane waits for the peer set). Used if that sync comes within
+        READ_AHEAD_SECONDS; a failed reading is read again then."""
+        task = asyncio.ensure_future(self.fw.observe(deep=True))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+        self._ahead = (time.monotonic(), task)
+
+    async def _observe(self, *, deep: bool) -> ObservedRules:
+        """The firewall as it is: the reading started ahead if there is a fresh one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            started, task = ahead
+            if time.monotonic() - started <= READ_AHEAD_SECONDS:
+                try:
+                    return await task
+                except DataPlaneError:
+                    pass  # said by the reading made now, if it fails too
+            else:
+                task.cancel()
+        return await self.fw.observe(deep=deep)
 
     async def sync(self, wanted: Ruleset | None = None, *, repair: bool = False,
                    deep: bool = True, admitted: Callable[[], None] | None = None
@@ -557,8 +584,8 @@ class RulesKeeper:
                 return []
             try:
                 await self._retire_now()
-                deep = deep or time.monotonic() >= self._deep_due
-                observed = await self.fw.observe(deep=deep)
+                deep = deep or time.monotonic() >= self._deep_due or self._ahead is not None
+                observed = await self._observe(deep=deep)
                 if deep:
                     self._deep_due = time.monotonic() + DEEP_CHECK_SECONDS
                 self._count_drops(observed.dropped)
@@ -646,7 +673,7 @@ class RulesKeeper:
 
     async def _retire_now(self) -> None:
         """Take the departed peers out of the set (under the lock)."""
-        retiring, self._retiring = sorted(self._retiring - self._peers), set()
+        retiring, self._retiring = _sorted(self._retiring - self._peers), set()
         self._retire.clear()
         if retiring:
             await self.fw.set_peers([], retiring)

@@ -40,6 +40,12 @@ another private key or port, or a device that does not answer, starts one too
 (the device is then set right or made anew). At start the full sync removes
 the peers of hosts that vanished while the agent was down.
 
+A ListenPort change is set on the running device (in place); a peer whose
+view of our lease is older still sends to the old port, where nothing
+listens then. So before the device moves, the old port's packets are
+redirected to the new one (leaseagent.dataplane.portmove: nftables, taking
+over only once nothing listens on the old port) for --peer-hold-time.
+
 Priming. A peer that an event adds (a host joined, or rotated its key) is
 written with a 1 s keepalive, then with its own: WireGuard sends a keepalive
 when one is turned on, which starts the handshake now. The other host has
@@ -80,10 +86,12 @@ from leaseagent.core.plan import (
 )
 from leaseagent.core.profiles import wireguard
 from leaseagent.core.profiles.wireguard import WireguardLeaseData, WireguardOptions, wireguard_lease_data
+from leaseagent.dataplane import portmove
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DoctorFindings
 from leaseagent.dataplane.devices import fix_in_place
 from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import Action, Failure, Known, NetlinkEvent
+from leaseagent.dataplane.portmove import Move
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.vxlan import host_address
 from leaseagent.dataplane.wgdevice import (
@@ -143,6 +151,11 @@ class WireguardBackend(ReconcilingBackend):
         # Per device, the fingerprint (Snapshot) of the configuration last found as
         # planned; forgotten whenever anything is applied (the plan or the device moved).
         self._found_clean: dict[str, bytes] = {}
+        # Ports this instance moved a device from, still redirected (portmove), and the
+        # task that ends that --peer-hold-time after the first full sync (the lease with
+        # the new port is out by then).
+        self._moves: frozenset[Move] = frozenset()
+        self._moves_timer: asyncio.Future[None] | None = None
 
     @property
     def control(self) -> WireguardControl | None:
@@ -153,6 +166,7 @@ class WireguardBackend(ReconcilingBackend):
         self._key = key = load_or_create_private_key(self._settings.state_dir)
         async with self._lock:
             nl = await self._netlink()
+            await self._move_ports(nl)
             await self._converge_devices(nl)
         v4, *v6 = self._devices
         return BackendAttrs(
@@ -161,6 +175,14 @@ class WireguardBackend(ReconcilingBackend):
             backend_data=v4.lease_data(key.public_key),
             backend_v6_data=v6[0].lease_data(key.public_key) if v6 else {},
         )
+
+    async def sync(self, peers: Mapping[IPv4Network, Peer], *,
+                   ready: Awaitable[object] | None = None) -> None:
+        await super().sync(peers, ready=ready)
+        if self._moves and self._moves_timer is None:
+            # The first full sync after prepare follows the lease with the new port: the
+            # hold of a port move counts from there.
+            self._moves_timer = asyncio.ensure_future(self._end_moves_later(self._moves))
 
     async def update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer], *,
                      ready: Awaitable[object] | None = None) -> None:
@@ -216,10 +238,60 @@ class WireguardBackend(ReconcilingBackend):
                    f"{f', public key {stored.public_key}' if stored else ''})")
         return DoctorFindings(found, summary)
 
+    async def remove(self, *, objects: bool = True) -> None:
+        await super().remove(objects=objects)
+        await portmove.remove(netns=self._settings.netns)  # no device left to redirect to
+
     async def close(self) -> None:
+        if self._moves_timer is not None:  # the next instance, or the next start, ends it
+            self._moves_timer.cancel()
+            await asyncio.gather(self._moves_timer, return_exceptions=True)
+            self._moves_timer = None
         await super().close()
         if self._control is not None:
             self._control.close()
+
+    # -- a ListenPort change: the old port kept reachable -------------------------
+
+    async def _move_ports(self, nl: Kernel) -> None:
+        """Before the devices take their ports: a device listening on another port than
+        its spec's (ListenPort changed) has its old port's packets redirected to the new
+        one (leaseagent.dataplane.portmove) for --peer-hold-time, so a peer that still
+        sends there (its lease view is older than ours) loses nothing. Moves an earlier
+        instance or run left are kept while they lead to a port in use (a fresh hold),
+        the others removed. Without nft the change goes on, unredirected."""
+        netns = self._settings.netns
+        ports = {6 if d.ipv6 else 4: d.listen_port for d in self._devices}
+        moves = {m for m in await portmove.observe(netns=netns) if ports.get(m.family) == m.new}
+        for device in self._devices:
+            state = await self._device_state(nl, device)
+            have = state.wireguard.listen_port if state is not None and state.wireguard else 0
+            if have and have != device.listen_port:
+                moves.add(Move(6 if device.ipv6 else 4, have, device.listen_port))
+        try:
+            await portmove.put(moves, netns=netns)
+        except DataPlaneError as exc:
+            log.warning("cannot keep the old WireGuard port reachable (%s): a peer still "
+                        "sending there loses packets until it reads this host's lease", exc)
+            return
+        for move in sorted(moves):
+            log.info("%s redirected for %gs: packets to the old port reach the new one",
+                     move.text, self._settings.hold_seconds)
+        self._moves = frozenset(moves)
+
+    async def _end_moves_later(self, moves: frozenset[Move]) -> None:
+        """--peer-hold-time after the lease with the new port: the redirect removed
+        (every peer has read that lease by then); only these moves, another instance's
+        kept."""
+        netns = self._settings.netns
+        await asyncio.sleep(self._settings.hold_seconds)
+        try:
+            await portmove.put(await portmove.observe(netns=netns) - moves, netns=netns)
+        except DataPlaneError as exc:
+            log.warning("could not remove the WireGuard port redirect: %s", exc)
+            return
+        log.info("%s no longer redirected", ", ".join(m.text for m in sorted(moves)))
+        self._moves = frozenset()
 
     # -- which WireGuard ---------------------------------------------------------
 

@@ -226,9 +226,14 @@ def _as_bytes(data: str | bytes) -> bytes:
     return data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
 
 
+def _key(pb: Any) -> str:
+    """A KeyValue message's key, as `_as_bytes` reads it back."""
+    return str(pb.key.decode("utf-8", "surrogateescape"))
+
+
 def _kv(pb: Any) -> KeyValue:
     return KeyValue(
-        key=pb.key.decode("utf-8", "surrogateescape"),
+        key=_key(pb),
         value=bytes(pb.value),
         create_revision=pb.create_revision,
         mod_revision=pb.mod_revision,
@@ -677,11 +682,12 @@ class EtcdStore:
                     raise StoreUnavailable(f"etcd canceled the watch: {resp.cancel_reason}")
                 events = []
                 for ev in resp.events:
-                    kv = _kv(ev.kv)
                     if ev.type == 0:
+                        kv = _kv(ev.kv)
                         events.append(WatchEvent(EventType.PUT, kv.key, kv.mod_revision, kv))
-                    else:
-                        events.append(WatchEvent(EventType.DELETE, kv.key, kv.mod_revision))
+                    else:  # the key and revision only (a mass expiry is thousands)
+                        events.append(WatchEvent(EventType.DELETE, _key(ev.kv),
+                                                 ev.kv.mod_revision))
                 if events:
                     seen = max(e.revision for e in events)
                 elif resp.created:

@@ -343,6 +343,15 @@ def test_listen_port_and_mode_changes_while_pinging(lab: Lab) -> None:
             _config_change(lab, {"Mode": "separate"}, "Mode auto -> separate",
                            port_is(51820))]
     print(f"wireguard config change pings lost: {lost}")
+    # The old port was redirected to the new one (a peer still sending there loses
+    # nothing), and the redirect is gone --peer-hold-time after.
+    for host in hosts:
+        log = host.log_file.read_text()
+        assert "IPv4 UDP 51820 -> 51830 redirected" in log
+        assert "IPv4 UDP 51830 -> 51820 redirected" in log
+    wait_for("the redirects removed", lambda: all(
+        lab.host_run(h, ["nft", "list", "table", "inet", "leaseagent-ports"]).returncode != 0
+        for h in hosts), HOLD + 5)
 
 
 def test_dual_stack_reaches_over_both_families() -> None:

@@ -129,7 +129,9 @@ async def test_an_agent_publishes_where_its_metrics_are_and_withdraws_it_on_rele
     """An agent on 0.0.0.0 publishes its PublicIP with the port (in this process: the
     address is published, nothing listens); stopping with --release-on-exit deletes the
     key with the lease. (A plain stop keeps it: the lab's stopped agent stays a target and
-    its LeaseagentDown fires, tests/e2e/test_prometheus_lab.py.)"""
+    its LeaseagentDown fires, tests/e2e/test_prometheus_lab.py.) The key is written while
+    the first listing is programmed, before READY=1: `ready` here is the first listing
+    programmed, so the key is waited for."""
     from faults.inproc import make_agent, wait_all
 
     put_config(etcd, ALLOC)
@@ -137,8 +139,10 @@ async def test_an_agent_publishes_where_its_metrics_are_and_withdraws_it_on_rele
                               extra=["--metrics-addr", "0.0.0.0:9643"])).start()
     try:
         await wait_all([agent], lambda a: a.ready, timeout=20, what="the agent ready")
-        kv = await agent.store.get(LAYOUT.metrics_key("pub"))
-        assert kv is not None and kv.lease == 0  # no TTL: it outlives a long outage
+        async with asyncio.timeout(10):
+            while (kv := await agent.store.get(LAYOUT.metrics_key("pub"))) is None:  # noqa: ASYNC110 - the key in etcd is the point
+                await asyncio.sleep(0.05)
+        assert kv.lease == 0  # no TTL: it outlives a long outage
         assert json.loads(kv.value) == {"Address": "10.200.0.7:9643", "NodeID": "pub",
                                         "PublicIP": "10.200.0.7"}
     finally:

@@ -574,12 +574,14 @@ async def test_the_listing_an_acquisition_chose_by_is_kept_once_for_the_watcher(
     await store.put(key("10.5.3.0/24"), lease_value("192.168.64.3", "node-b").encode())
     leasing = make_leasing(store)
     own = await leasing.acquire(keep_listing=True)
-    listing = leasing.take_listing()
+    listing, parsed = leasing.take_listing()
     assert listing is not None and [kv.key for kv in listing.items] == [key("10.5.3.0/24")]
     assert (await held_by(store, str(own.subnet))).mod_revision > listing.revision
-    assert leasing.take_listing() is None
+    # What its keys name, as the survey parsed them: the watcher does not parse them again.
+    assert parsed == {key("10.5.3.0/24"): KeyLayout(PREFIX).parse_lease_key(key("10.5.3.0/24"))}
+    assert leasing.take_listing() == (None, {})
     await leasing.acquire()
-    assert leasing.take_listing() is None  # only when asked for
+    assert leasing.take_listing() == (None, {})  # only when asked for
 
 
 async def test_a_taken_over_key_keeps_the_listing_a_moved_one_drops_it() -> None:
@@ -588,13 +590,13 @@ async def test_a_taken_over_key_keeps_the_listing_a_moved_one_drops_it() -> None
     await store.create(key("10.5.9.0/24"), lease_value().encode(), lease=old_lease)
     same = make_leasing(store)
     assert (await same.acquire(keep_listing=True)).key == key("10.5.9.0/24")
-    assert same.take_listing() is not None  # its own key is left out of the listing
+    assert same.take_listing()[0] is not None  # its own key is left out of the listing
     # IPv6 turned on: the key moves; the listing still has the old one, which names this
     # host and would be judged a twin's.
     moved = make_leasing(store, network=DUAL, value=dual_value())
     own = await moved.acquire(keep_listing=True)
     assert own.key != key("10.5.9.0/24")
-    assert moved.take_listing() is None
+    assert moved.take_listing() == (None, {})
 
 
 async def test_a_lease_naming_this_host_with_json_escapes_is_still_found() -> None:

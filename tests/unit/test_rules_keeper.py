@@ -20,6 +20,7 @@ from leaseagent.core.rules import (
     compare,
     ruleset,
 )
+from leaseagent.dataplane import firewall
 from leaseagent.dataplane.fakefirewall import MemoryFirewall
 from leaseagent.dataplane.firewall import (
     DEFAULT_CHECK_SECONDS,
@@ -27,6 +28,7 @@ from leaseagent.dataplane.firewall import (
     RulesKeeper,
     foreign_change,
 )
+from leaseagent.errors import DataPlaneError
 
 NET = IPv4Network("10.5.0.0/16")
 POD = IPv4Network("10.5.34.0/24")
@@ -265,3 +267,52 @@ async def test_rules_that_cannot_be_written_are_an_error_naming_the_command_not_
         await keeper.sync(repair=True)
         assert keeper.status.repairs and keeper.status.in_sync
         assert any("changed by someone else" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_reading_started_ahead_is_what_the_first_sync_compares_with() -> None:
+    """The agent starts reading the rules while it acquires its lease: the first sync
+    compares with that reading (one read in all), and writes what it lacked."""
+    fw = MemoryFirewall()
+    keeper = RulesKeeper(fw)
+    keeper.read_ahead()
+    await asyncio.sleep(0)  # the reading runs meanwhile
+    assert fw.calls == ["observe deep"]
+    await keeper.sync(wanted(addresses(3)))
+    assert fw.calls == ["observe deep", "apply"]
+    assert fw.members == {str(p) for p in addresses(3)}
+    await keeper.sync(wanted(addresses(3)))  # the next sync reads again
+    assert fw.calls == ["observe deep", "apply", "observe deep"]
+
+
+async def test_a_reading_started_too_long_ago_is_read_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A reading older than READ_AHEAD_SECONDS (a lease acquisition that took long) may
+    miss what changed since: the first sync reads the firewall again."""
+    fw = MemoryFirewall()
+    keeper = RulesKeeper(fw)
+    await keeper.sync(wanted(addresses(2)))
+    keeper.read_ahead()
+    await asyncio.sleep(0)
+    monkeypatch.setattr(firewall, "READ_AHEAD_SECONDS", 0.0)
+    await asyncio.sleep(0.01)
+    fw.members = set()  # someone flushed the set after the reading
+    calls = len(fw.calls)
+    await keeper.sync(wanted(addresses(2)))
+    assert fw.calls[calls:] == ["observe deep", "apply"]
+    assert fw.members == {str(p) for p in addresses(2)}
+
+
+async def test_a_failed_reading_ahead_is_read_again() -> None:
+    fw = MemoryFirewall()
+    keeper = RulesKeeper(fw)
+
+    async def broken(*, deep: bool = True) -> object:
+        raise DataPlaneError("iptables-save: cannot read")
+
+    real = fw.observe
+    fw.observe = broken  # type: ignore[method-assign]
+    keeper.read_ahead()
+    await asyncio.sleep(0)
+    fw.observe = real  # type: ignore[method-assign]
+    await keeper.sync(wanted(addresses(2)))
+    assert fw.calls == ["observe deep", "apply"]
+    assert keeper.status.in_sync and keeper.status.last_error is None

@@ -12,6 +12,7 @@ from leaseagent.agent.watching import LeaseWatcher
 from leaseagent.core.leases import KeyLayout, PeerChanges
 from leaseagent.core.network import parse_network_config
 from leaseagent.metrics import Metrics
+from leaseagent.store.base import EventType, KeyValue, WatchEvent
 from leaseagent.store.memory import MemoryStore
 
 PREFIX = "/coreos.com/network/subnets/"
@@ -229,3 +230,64 @@ async def test_a_watch_that_misses_nothing_is_never_listed_again() -> None:
     finally:
         task.cancel()
 
+
+
+async def test_the_first_listing_is_judged_with_the_keys_the_acquisition_parsed() -> None:
+    """The listing handed over by the lease acquisition (Leasing.take_listing) comes with
+    what its keys name: judged with those (not parsed again), the next listing parses."""
+    store = MemoryStore()
+    await store.put(PREFIX + "10.5.3.0-24", lease("192.168.64.3"))
+    layout = KeyLayout("/coreos.com/network")
+    listing = await store.list_prefix(layout.subnets_prefix)
+    parsed = {PREFIX + "10.5.3.0-24": layout.parse_lease_key(PREFIX + "10.5.3.0-24")}
+    watcher = LeaseWatcher(
+        store, layout=layout, network=NETWORK, own_public_ip=IPv4Address("10.250.0.1"),
+        own_key=lambda: None, metrics=Metrics(), on_peers=lambda *_: asyncio.sleep(0),
+        on_own=lambda kv, rev: None, first=listing, parsed=parsed)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await until(watcher.synced.is_set)
+        assert watcher.peers[SUBNET].subnet is parsed[PREFIX + "10.5.3.0-24"].ipv4
+        await watcher.relist("test")
+        assert watcher.peers[SUBNET].subnet == SUBNET
+        assert watcher.peers[SUBNET].subnet is not parsed[PREFIX + "10.5.3.0-24"].ipv4
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_batch_of_deletions_is_gathered_in_order_with_the_changes_around_it() -> None:
+    """The deletions in a row of one watch response are held down and folded as one
+    change (a mass expiry); a key written again later in the same response still ends as
+    a change of its peer, and one deleted after its new write as a removal."""
+    store = MemoryStore()
+    for n in (3, 4, 5, 6):
+        await store.put(PREFIX + f"10.5.{n}.0-24", lease(f"192.168.64.{n}"))
+    passes: list[PeerChanges] = []
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        passes.append(changes)
+
+    watcher = watcher_of(store, on_peers)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await until(watcher.synced.is_set)
+        lease_id, _ = await store.grant(60)
+        rewritten = KeyValue(PREFIX + "10.5.4.0-24", lease("192.168.64.44"), 20, 20, 1, lease_id)
+        batch = [WatchEvent(EventType.DELETE, PREFIX + f"10.5.{n}.0-24", 10 + n)
+                 for n in (3, 4, 5)]
+        batch += [WatchEvent(EventType.PUT, rewritten.key, 20, rewritten),
+                  WatchEvent(EventType.DELETE, PREFIX + "10.5.6.0-24", 21)]
+        async with watcher.gate:
+            watcher._apply_events(batch)
+        await until(lambda: len(passes) == 2)
+        last = passes[-1]
+        assert sorted(str(p.subnet) for p in last.removed) == [
+            "10.5.3.0/24", "10.5.5.0/24", "10.5.6.0/24"]
+        assert [(str(p.subnet), str(p.public_ip)) for p in last.changed] == [
+            ("10.5.4.0/24", "192.168.64.44")]
+        assert not last.added
+        assert sorted(str(s) for s in watcher.peers) == ["10.5.4.0/24"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

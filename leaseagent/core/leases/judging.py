@@ -151,9 +151,10 @@ def _own_subnets(layout: KeyLayout, own_key: str) -> SubnetKey | None:
 
 
 def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
-             identity: Identity) -> Verdict:
+             identity: Identity, named: SubnetKey | None = None) -> Verdict:
     """Rules 1-4 for one key: OWN, INVALID, or PEER meaning "valid" (rule 5, which key
-    of several holds a subnet, needs the others: see judge and LeaseBook)."""
+    of several holds a subnet, needs the others: see judge and LeaseBook). `named`:
+    what the key names, if the caller parsed it already (`layout.parse_lease_key`)."""
 
     ipv6: IPv6Network | None = None
 
@@ -164,10 +165,11 @@ def classify(kv: RawLease, *, layout: KeyLayout, network: NetworkConfig | None,
                        reason=error.reason if error else None,
                        detail=error.detail if error else None, ipv6_subnet=ipv6)
 
-    try:
-        named = layout.parse_lease_key(kv.key)
-    except ValueError as exc:
-        return verdict(INVALID, None, error=InvalidLease("bad_key", str(exc)))
+    if named is None:
+        try:
+            named = layout.parse_lease_key(kv.key)
+        except ValueError as exc:
+            return verdict(INVALID, None, error=InvalidLease("bad_key", str(exc)))
     subnet, ipv6 = named.ipv4, named.ipv6
     value: LeaseValue | None = None
     is_own = kv.key == identity.own_key
@@ -233,15 +235,19 @@ def judge(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfi
 
 
 def _elected(items: Iterable[RawLease], *, layout: KeyLayout, network: NetworkConfig | None,
-             identity: Identity) -> Iterator[tuple[RawLease, Verdict]]:
+             identity: Identity, parsed: Mapping[str, SubnetKey] | None = None
+             ) -> Iterator[tuple[RawLease, Verdict]]:
     """Each key with its verdict, oldest first: rules 1-4 (`classify`), then rule 5 (a
     valid key is a PEER, the holder of its subnet, if it is the first naming it, else a
     DUPLICATE). One at a time: a caller that keeps only part of a verdict (LeaseBook)
-    never holds thousands of them, with their decoded values, at once."""
+    never holds thousands of them, with their decoded values, at once. `parsed`: what
+    keys name, parsed already (a key not in it is parsed here)."""
     holders: dict[IPv4Network, str] = {}
     reserved: list[tuple[RawLease, Verdict]] = []  # few: judged once every holder is known
+    parsed = parsed or {}
     for kv in sorted(items, key=_age):
-        verdict = classify(kv, layout=layout, network=network, identity=identity)
+        verdict = classify(kv, layout=layout, network=network, identity=identity,
+                           named=parsed.get(kv.key))
         subnet = verdict.subnet
         if verdict.status == PEER and subnet is not None:
             holder = holders.get(subnet)
@@ -396,8 +402,10 @@ class LeaseBook:
 
     # -- whole listings ------------------------------------------------------------
 
-    def reset(self, items: Iterable[RawLease], *, identity: Identity | None = None) -> PeerChanges:
-        """Judge a complete listing; the changes against what the book held."""
+    def reset(self, items: Iterable[RawLease], *, identity: Identity | None = None,
+              parsed: Mapping[str, SubnetKey] | None = None) -> PeerChanges:
+        """Judge a complete listing; the changes against what the book held. `parsed`:
+        what its keys name, if parsed already (`KeyLayout.parse_lease_key`)."""
         if identity is not None:
             self.identity = identity
         self.rejected = []
@@ -408,7 +416,7 @@ class LeaseBook:
         # judge's rule, a verdict at a time (what `judge` would return is not kept: with
         # thousands of keys, their verdicts and decoded values were the start-up's peak).
         for kv, verdict in _elected(items, layout=self.layout, network=self.network,
-                                    identity=self.identity):
+                                    identity=self.identity, parsed=parsed):
             if verdict.status == PEER and verdict.subnet is not None:
                 holders[verdict.subnet] = kv.key
                 if verdict.peer is not None:

@@ -89,7 +89,9 @@ def decode_lease_value(raw: bytes) -> LeaseValue:
     if len(raw) > MAX_VALUE_BYTES:
         raise InvalidLease("too_large", f"value is {len(raw)} bytes (limit {MAX_VALUE_BYTES})")
     try:
-        doc = json.loads(raw)
+        # A value that opens with `{"` is UTF-8 by json's own detection: decoded here as
+        # json.loads would (its detection is a Python function, run for every lease).
+        doc = json.loads(raw.decode("utf-8", "surrogatepass") if raw[:2] == b'{"' else raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         # RecursionError: a deeply nested array/object fits well under the size limit.
         raise InvalidLease("malformed_json", "value is not valid JSON") from None
