@@ -224,7 +224,10 @@ def change_summary(current: KeyValue | None, new: NetworkConfig, listing: Sequen
         elif impact.rekeys:
             what.append("re-leases: its key moves, its subnet kept")
         if change.kind == REBUILD:
-            what.append(f"rebuilds its data plane ({old.backend_type} -> {new.backend_type})")
+            how = (f"{old.backend_type} -> {new.backend_type}"
+                   if old.backend_type != new.backend_type
+                   else f"{new.backend_type}: new devices beside the old ones")
+            what.append(f"rebuilds its data plane ({how})")
         if impact.restart_docker:
             what.append(f"restart Docker ({', '.join(impact.docker)})")
         if what:

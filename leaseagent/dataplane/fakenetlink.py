@@ -19,7 +19,9 @@ tests/contract/test_reconciler_contract.py, which runs one suite on both):
   be renamed (Linux 6.2 and later), to a name no other link has (EEXIST);
 - a route through a missing device answers ENODEV, through a down device
   (IPv4) ENETDOWN, via a gateway not on the device's networks (without
-  onlink) ENETUNREACH (IPv4) or EHOSTUNREACH (IPv6); an FDB entry on a device
+  onlink) ENETUNREACH (IPv4) or EHOSTUNREACH (IPv6); an IPv6 onlink route
+  whose gateway's best route (the default one aside) is on another device
+  EINVAL (so is one replacing, on a new device, a route holding its gateway); an FDB entry on a device
   that is not a vxlan device EOPNOTSUPP;
 - a device going down takes its routes with it, a deleted device its routes,
   addresses and entries, without a route notification (only the link's);
@@ -315,6 +317,15 @@ class FakeKernel:
             return errno.ENETDOWN
         if route.gateway is not None and not route.onlink and not self._on_link(route):
             return errno.ENETUNREACH if route.dst.version == 4 else errno.EHOSTUNREACH
+        if route.dst.version == 6 and route.onlink and route.gateway is not None:
+            # IPv6 looks the onlink gateway up: its best route (not the default one) must
+            # be on the same device.
+            gateway = route.gateway
+            best = max((r for r in self._routes.values() if r.dst.version == 6
+                        and r.dst.prefixlen and gateway in r.dst),
+                       key=lambda r: r.dst.prefixlen, default=None)
+            if best is not None and best.ifindex != route.ifindex:
+                return errno.EINVAL
         key = self._store_route(route)
         if protocol != self._route_protocol:
             self._protocols[key] = protocol

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 from collections.abc import Mapping
 from ipaddress import IPv4Network, ip_interface
 from pathlib import Path
@@ -71,6 +72,8 @@ from leaseagent.core.plan import (
     Interface,
     KernelObject,
     Observation,
+    PlanDiff,
+    Route,
     VxlanAttrs,
     compare_device,
     needs_recreate,
@@ -80,7 +83,14 @@ from leaseagent.core.profiles.vxlan import VxlanLeaseData, VxlanOptions, unicast
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DoctorFindings
 from leaseagent.dataplane.devices import fix_in_place
 from leaseagent.dataplane.kernelport import Kernel
-from leaseagent.dataplane.netlink import Known, NetlinkEvent
+from leaseagent.dataplane.netlink import (
+    Action,
+    Failure,
+    Known,
+    NetlinkEvent,
+    nothing_known,
+    read_again,
+)
 from leaseagent.dataplane.reconciling import ReconcilingBackend
 from leaseagent.dataplane.rtnl import family_of
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -442,6 +452,27 @@ class VxlanBackend(ReconcilingBackend):
                                                   family=family_of(vtep.local))
                 found += await nl.scan_fdb(known, vtep.index, own_mac=vtep.mac)
         return found
+
+    async def _program(self, nl: Kernel, changes: PlanDiff
+                       ) -> tuple[list[KernelObject], list[KernelObject], list[Failure]]:
+        """As every backend's, but an IPv6 route moving to a new device (a VNI or Port
+        change made beside the old one) is moved: IPv6 refuses an onlink route whose
+        gateway's route is on another device (EINVAL), and our route to the peer's
+        subnet, holding the gateway, is on the old one. That route is removed and the
+        new one added (microseconds apart)."""
+        removed, added, failures = await super()._program(nl, changes)
+        moving = {f.obj for f in failures if f.action is Action.REPLACE
+                  and isinstance(f.obj, Route) and f.obj.dst.version == 6 and f.obj.onlink}
+        if not moving:
+            return removed, added, failures
+        protocol = self._settings.route_protocol
+        where = {(r.dst, r.metric): r.ifindex for r in moving}
+        old = [r for r in await read_again(lambda: nl.scan_routes(
+                   nothing_known, protocol=protocol, family=socket.AF_INET6))
+               if where.get((r.dst, r.metric), r.ifindex) != r.ifindex]
+        await nl.apply(Action.REMOVE, old, protocol=protocol)
+        moved, still = await nl.apply(Action.REPLACE, sorted(moving, key=str), protocol=protocol)
+        return removed, added + moved, [f for f in failures if f.obj not in moving] + still
 
     def _drift_kind(self, event: NetlinkEvent) -> str | None:
         kind = super()._drift_kind(event)

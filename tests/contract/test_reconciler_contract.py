@@ -478,11 +478,13 @@ async def test_a_running_device_renamed_keeps_its_index_and_entries(
             hand.close()
 
 
-def port_settings(subject: Subject, state_dir: Path, port: int) -> DataPlaneSettings:
-    base = settings(subject, "vxlan", state_dir)
-    net = network_config_from_dict({"Network": "10.5.0.0/16",
-                                    "Backend": {"Type": "vxlan", "Port": port}})
-    return replace(base, network=net)
+def port_settings(subject: Subject, state_dir: Path, port: int, *, ipv6: bool = False
+                  ) -> DataPlaneSettings:
+    base = settings(subject, "vxlan", state_dir, ipv6=ipv6)
+    net: dict[str, object] = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "Port": port}}
+    if ipv6:
+        net |= {"EnableIPv6": True, "IPv6Network": "fd00:5::/48"}
+    return replace(base, network=network_config_from_dict(net))
 
 
 async def test_a_port_change_makes_the_new_device_beside_the_old_one(
@@ -514,6 +516,30 @@ async def test_a_port_change_makes_the_new_device_beside_the_old_one(
             assert await in_sync(new, peers)
             await old.remove(objects=False)
             assert await hand.link_by_name("flaside.1") is None
+            assert await in_sync(new, peers)
+        finally:
+            await new.close()
+            hand.close()
+
+
+async def test_a_dual_stack_port_change_puts_both_devices_aside(
+        subject: Subject, tmp_path: Path) -> None:
+    peers = peers_of(dual(vxlan_peer(2)))
+    async with started(subject, "vxlan", tmp_path, peers, ipv6=True) as old:
+        hand = await subject.hand()
+        new = VxlanBackend(port_settings(subject, tmp_path, 4789, ipv6=True))
+        try:
+            assert await old.step_aside()
+            await new.prepare()
+            await new.start(OWN, own_ipv6=OWN6)
+            await new.sync(peers)
+            for aside, name in (("flaside.1", "flannel.1"), ("flaside6.1", "flannel-v6.1")):
+                kept, made = await hand.link_by_name(aside), await hand.link_by_name(name)
+                assert kept is not None and kept.vxlan is not None and kept.vxlan.port == 8472
+                assert made is not None and made.vxlan is not None and made.vxlan.port == 4789
+            assert await in_sync(new, peers)
+            await old.remove(objects=False)
+            assert {await hand.link_by_name(n) for n in ("flaside.1", "flaside6.1")} == {None}
             assert await in_sync(new, peers)
         finally:
             await new.close()

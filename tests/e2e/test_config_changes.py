@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,13 +111,15 @@ class Pings:
 
 
 @contextmanager
-def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None) -> Iterator[Pings]:
+def pinging(lab: Lab, pairs: list[tuple[Host, Host]] | None = None, *, family: int = 4
+            ) -> Iterator[Pings]:
     """Each host of `pairs` (default: every host, to the next one) pings the other's
     container from its own, from 0.3 s before the block until every ping sent during it
     is answered or lost (PingRun); the outcome once the block is left."""
     hosts = list(lab.hosts.values())
     pairs = pairs or [(h, hosts[(i + 1) % len(hosts)]) for i, h in enumerate(hosts)]
-    runs = [lab.ping_run(a.containers[0], b.containers[0].ip, interval=PING_INTERVAL)
+    runs = [lab.ping_run(a.containers[0], b.containers[0].address(family),
+                         interval=PING_INTERVAL)
             for a, b in pairs]
     pings = Pings()
     try:
@@ -137,10 +141,10 @@ def report(what: str, kind: str, took: float, pings: Pings) -> None:
 
 
 def change(lab: Lab, config: dict[str, Any], converged: Callable[[], bool], *,
-           what: str, kind: str) -> tuple[float, Pings]:
-    """Write `config` while pinging; (seconds from the write until every agent has it in
-    force and `converged()`, the pings)."""
-    with pinging(lab) as pings:
+           what: str, kind: str, family: int = 4) -> tuple[float, Pings]:
+    """Write `config` while pinging (IPv`family`); (seconds from the write until every
+    agent has it in force and `converged()`, the pings)."""
+    with pinging(lab, family=family) as pings:
         revision = write_config(lab, config)
         began = time.monotonic()
         wait_for(lambda: applied(lab, revision) and converged(), timeout=CONVERGE_SECONDS + 5,
@@ -395,6 +399,47 @@ def test_a_vxlan_port_change_builds_the_new_device_beside_the_old(lab: FixedSubn
     assert there.lost == 0 and back.lost == 0
 
 
+def test_a_port_this_host_cannot_use_puts_its_old_device_back(lab: FixedSubnetLab) -> None:
+    """Someone holds UDP 4789 on host 1: its new vxlan device cannot come up there, so the
+    change is refused on that host and the device it had put aside gets its name back
+    (the others switch; the config is then put back for the next test)."""
+    hosts = list(lab.hosts.values())
+    first = hosts[0]
+    key = 'leaseagent_network_config_ignored_total{reason="unusable"}'
+    before = lab.metrics(first).get(key, 0)
+    holder = subprocess.Popen(netns.exec_argv(first.ns, [sys.executable, "-c", PORT_HOLDER]),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+        write_config(lab, base_config(lab, Port=4789))
+        wait_for(lambda: lab.metrics(first).get(key, 0) == before + 1,
+                 timeout=CONVERGE_SECONDS + 5, what="the change refused on host 1")
+        out = run(["ip", "-n", first.ns, "-d", "link", "show", "flannel.1"])
+        assert "dstport 8472 " in out
+        assert not run(["ip", "-n", first.ns, "link", "show", "flaside.1"], check=False)
+        log = first.log_file.read_text()
+        assert "flannel.1 renamed flaside.1" in log  # put aside, then back:
+        assert "removing flannel.1 (made for a config this host could not run)" in log
+        assert "Traceback" not in log
+    finally:
+        holder.kill()
+        holder.wait()
+    write_config(lab, lab.network_config())
+    wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", "flaside.1"], check=False)
+                             for h in hosts) and lab.reachability(wait=0.2).all_ok,
+             timeout=PEER_HOLD_SECONDS + 10, what="every host back on 8472, reachable")
+
+
+# Holds UDP 4789 (what another VXLAN user could) until killed.
+PORT_HOLDER = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 4789))
+print("bound", flush=True)
+time.sleep(120)
+"""
+
+
 # ------------------------------------------------------------------ refused
 
 
@@ -448,6 +493,29 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
         give_containers_ipv6(host)
     reach6 = lab.wait_reachable(timeout=CONVERGE_SECONDS, family=6)
     assert reach6.all_ok, reach6.format()
+
+    def on_port(port: int) -> Callable[[], bool]:  # both devices, beside their old ones
+        def check() -> bool:
+            for h in hosts:
+                for name in ("flannel.1", "flannel-v6.1"):
+                    out = run(["ip", "-n", h.ns, "-d", "link", "show", name], check=False)
+                    if f"dstport {port} " not in out:
+                        return False
+            return lab.reachability(wait=0.2, family=6).all_ok
+        return check
+
+    lost6 = []
+    for port in (4789, 8472):
+        config = lab.network_config()
+        config["Backend"] = {**config["Backend"], "Port": port}  # type: ignore[dict-item]
+        _, pings = change(lab, config, on_port(port), what=f"vxlan Port -> {port}, IPv6 pings",
+                          kind="rebuild", family=6)
+        lost6.append(pings.lost)
+    print(f"dual-stack port change IPv6 pings lost: {lost6}")
+    assert lost6 == [0, 0]
+    wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", name], check=False)
+                             for h in hosts for name in ("flaside.1", "flaside6.1")),
+             timeout=PEER_HOLD_SECONDS + 5, what="the devices put aside removed")
 
     def ipv4_only() -> bool:
         keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
