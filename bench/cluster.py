@@ -194,6 +194,7 @@ class Host:
     settled_at: float | None = None
     ttl_requests: int = 0  # of incarnations gone
     events: int = 0  # watch events received by incarnations gone
+    relists: dict[str, float] = field(default_factory=dict)  # by reason, incarnations gone
     error: str | None = None
     pending: bool = True  # not (re)started yet: what it holds is not this phase's
 
@@ -230,6 +231,41 @@ def share_parsed_leases() -> None:
     etcd_adapter._kv = shared_kv  # type: ignore[assignment]
     judging.decode_lease_value = shared_value  # type: ignore[assignment]
     keys.parse_key_name = functools.lru_cache(maxsize=65_536)(parse_name)  # type: ignore[assignment]
+
+
+def share_judged_leases() -> None:
+    """Each host of a worker still judges every key itself (classify, validate_peer,
+    placement, election: its own LeaseBook, its own dicts, its own verdicts and counts),
+    but the *results* that come out equal for every host (the `Peer` a valid lease
+    makes, the book's `_Entry` of a key at one revision: frozen, slotted, compared by
+    value) are then held once in the worker: each host's book points at the first equal
+    copy instead of keeping its own. What a host does is unchanged (the same calls, the
+    same values); what changes is that H hosts no longer hold H copies of one immutable
+    result, the cost that made 5,000 hosts not fit (docs/benchmarks.md). An equal
+    result is a value-equal one: a host whose judging differed (its own key, its own
+    PublicIP) gets a different object, never another host's."""
+    from leaseagent.core.leases import judging
+
+    validate, entry = judging.validate_peer, judging._Entry
+    peers: dict[Any, Any] = {}
+    entries: dict[Any, Any] = {}
+
+    def shared_peer(*args: Any, **kwargs: Any) -> Any:
+        peer = validate(*args, **kwargs)  # the host's own judging, every time
+        return peers.setdefault(peer, peer)
+
+    def shared_entry(*args: Any) -> Any:
+        made = entry(*args)
+        return entries.setdefault(made, made)
+
+    judging.validate_peer = shared_peer  # type: ignore[assignment]
+    judging._Entry = shared_entry  # type: ignore[assignment,misc]
+
+
+def relists(agent: Any) -> dict[str, float]:
+    """An agent's leaseagent_watch_relists_total by reason (the counts that are not 0)."""
+    return {s.labels["reason"]: s.value for metric in agent.metrics.relists.collect()
+            for s in metric.samples if s.name.endswith("_total") and s.value}
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -304,6 +340,8 @@ class Worker:
             await asyncio.gather(host.task, return_exceptions=True)
         if host.agent is not None:
             await host.agent.shutdown()
+            for reason, n in relists(host.agent).items():
+                host.relists[reason] = host.relists.get(reason, 0) + n
         if host.store is not None:
             host.ttl_requests += host.store.ttl_requests
             host.events += host.store.events
@@ -375,9 +413,20 @@ class Worker:
             "transactions": sum(h.agent.leasing.transactions for h in self.hosts
                                 if h.agent is not None and h.agent.leasing is not None),
             "errors": [h.error for h in self.hosts if h.error][:5],
+            "relists": self._relists(),
             "rss_bytes": rss_bytes(),
             "out_of_memory": self.out_of_memory,
         }
+
+    def _relists(self) -> dict[str, float]:
+        """The hosts' full re-listings of the lease prefix, by reason (their own
+        leaseagent_watch_relists_total), every incarnation."""
+        total: dict[str, float] = {}
+        for h in self.hosts:
+            for counts in (h.relists, relists(h.agent) if h.agent is not None else {}):
+                for reason, n in counts.items():
+                    total[reason] = total.get(reason, 0) + n
+        return total
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -387,6 +436,8 @@ class Worker:
             self.channel = await EtcdStore.connect(self._settings())
         if self.spec.get("share_parsing"):
             share_parsed_leases()
+        if self.spec.get("share_judged"):
+            share_judged_leases()
         _say({"ready": len(self.hosts)})
         try:
             while line := await reader.readline():
@@ -645,6 +696,7 @@ class Run:
     via: str = "etcd"
     channel: str = "host"
     share_parsing: bool = True
+    share_judged: bool = True
     max_rss_mib: float = 0.0  # all workers together; 0: no limit
     restart: bool = True  # the steady state and restart phases after the cold start
     backend: str = "vxlan"
@@ -677,6 +729,10 @@ class Run:
         if rep is not None:
             received = sum(r["events_received"] for r in rep)
             out["events_received_total"] = received  # since the workers started
+            out["relists_total"] = {}  # since the workers started, by reason
+            for r in rep:
+                for reason, n in r.get("relists", {}).items():
+                    out["relists_total"][reason] = out["relists_total"].get(reason, 0) + n
             out["agents_rss_mib"] = sum(r["rss_bytes"] for r in rep) / 2**20
             if any(r["out_of_memory"] for r in rep):
                 out["out_of_memory"] = True
@@ -708,7 +764,8 @@ class Run:
                     "first": first, "count": count, "endpoints": endpoints,
                     "seed": self.seed * 1000 + k, "etcd_timeout": self.etcd_timeout,
                     "channel": self.channel, "share_parsing": self.share_parsing,
-                    "backend": self.backend, "max_rss_mib": self.max_rss_mib / self.workers,
+                    "share_judged": self.share_judged, "backend": self.backend,
+                    "max_rss_mib": self.max_rss_mib / self.workers,
                     "profile": self.profile}
             logf = self.dir / f"w{k}.log"
             with logf.open("w") as errs:
@@ -724,7 +781,8 @@ class Run:
             w.answer()  # imported and listening
         out: dict[str, Any] = {"hosts": self.hosts, "pattern": self.pattern, "via": self.via,
                                "channel": self.channel, "share_parsing": self.share_parsing,
-                               "backend": self.backend, "workers": len(self.procs),
+                               "share_judged": self.share_judged, "backend": self.backend,
+                               "workers": len(self.procs),
                                "agents_rss_idle_mib": sum(rss_bytes(w.proc.pid)
                                                           for w in self.procs) / 2**20}
         idle0 = self._sample()
@@ -848,7 +906,7 @@ def reaper_main() -> None:
 
 def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
-            channel: str = "host", share_parsing: bool = True,
+            channel: str = "host", share_parsing: bool = True, share_judged: bool = True,
             max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan",
             profile: str = "", progress: Callable[[dict[str, Any]], None] = lambda _: None
             ) -> dict[str, Any]:
@@ -858,7 +916,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
     print(f"run directory {base}", file=sys.stderr, flush=True)
     reaper = Reaper(base)
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
-              channel=channel, share_parsing=share_parsing, max_rss_mib=max_rss_mib,
+              channel=channel, share_parsing=share_parsing, share_judged=share_judged,
+              max_rss_mib=max_rss_mib,
               restart=restart, backend=backend, profile=profile, reaper=reaper,
               progress=progress)
     try:
@@ -945,6 +1004,8 @@ def cost_lines(results: list[dict[str, Any]]) -> list[str]:
             if "agents_rss_mib" in ph:
                 text += (f"; agents CPU {ph['agents_cpu_seconds']:.0f} s, "
                          f"RSS {ph['agents_rss_mib']:,.0f} MiB")
+            if ph.get("relists_total"):
+                text += f"; re-listings so far {ph['relists_total']}"
             if ph.get("out_of_memory"):
                 text += " (STOPPED: the workers' RSS went over --max-rss-gib)"
             lines.append(text)
@@ -1057,6 +1118,10 @@ def main(argv: list[str] | None = None) -> int:
                         "member: its flow-control window too, see docs/benchmarks.md)")
     p.add_argument("--no-share-parsing", dest="share_parsing", action="store_false",
                    help="each host parses its own copy of every key and value")
+    p.add_argument("--no-share-judged", dest="share_judged", action="store_false",
+                   help="each host keeps its own copy of every judged result (Peer, the "
+                        "book's entry) instead of the worker's one equal copy; judging "
+                        "runs per host either way")
     p.add_argument("--backend", choices=BACKENDS, default="vxlan",
                    help="vxlan: the real backend on a fake kernel per host (planning and "
                         "reconciling run); alloc: a lease and subnet.env only")
@@ -1109,7 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
                     hosts=hosts, pattern=pattern, workers=args.workers, steady=args.steady,
                     spread=args.restart_spread, limit=args.limit,
                     etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
-                    share_parsing=args.share_parsing, max_rss_mib=args.max_rss_gib * 1024,
+                    share_parsing=args.share_parsing, share_judged=args.share_judged,
+                    max_rss_mib=args.max_rss_gib * 1024,
                     restart=not args.cold_only, backend=args.backend,
                     profile=str(args.profile.resolve()) if args.profile else "",
                     progress=save))

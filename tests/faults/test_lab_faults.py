@@ -51,7 +51,6 @@ from lengths import FULL
 from polling import wait_for as _wait_for
 from subnets import lab_free
 
-from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.lab import CONTAINER_NETWORK, Host, Lab, run
 from leaseagent.lab.probes import REPLY_WAIT, PingRun
@@ -64,6 +63,10 @@ RECOVERY_BOUND = 5.0  # etcd back -> every agent renewing again
 MOVE_BOUND = 10.0  # heal -> the cut host off the subnet it lost
 REPAIR_BOUND = 3.0  # drift round -> all pairs reachable again
 CONVERGE = 2.0  # a peer change -> programmed
+# The agents' --peer-hold-time in the shared labs: it bridges the 10-100 ms between a paused
+# etcd's expiry (DELETE) and the agent's PUT taking its subnet back, and the waits below are
+# this long, not the 5 s default's.
+PEER_HOLD = 2.0
 
 # Scenario 1: renew every TTL/3 = 2 s; the outage is > 3 renew intervals.
 OUTAGE_TTL = 6
@@ -94,10 +97,11 @@ def _require_root() -> None:
 
 @contextmanager
 def built_lab(tag: str, *, hosts: int = 3, containers: int = 1, lease_ttl: int = 10,
+              agent_args: Sequence[str] = (),
               host_agent_args: Mapping[int, Sequence[str]] | None = None) -> Iterator[Lab]:
     """A fresh vxlan lab, always taken down (agents, etcd, namespaces) on the way out."""
     _require_root()
-    lab = Lab(f"lf{tag}{os.getpid() % 100000}", lease_ttl=lease_ttl,
+    lab = Lab(f"lf{tag}{os.getpid() % 100000}", lease_ttl=lease_ttl, agent_args=agent_args,
               host_agent_args=host_agent_args)
     try:
         lab.up(hosts, containers)
@@ -113,7 +117,8 @@ def built_lab(tag: str, *, hosts: int = 3, containers: int = 1, lease_ttl: int =
 def outage_lab() -> Iterator[Lab]:
     """The lab of the etcd outage and pause scenarios (lease TTL OUTAGE_TTL); each leaves
     it as it found it (asserted: the same subnets, leases and kernel entries)."""
-    with built_lab("o", lease_ttl=OUTAGE_TTL) as lab:
+    with built_lab("o", lease_ttl=OUTAGE_TTL,
+                   agent_args=["--peer-hold-time", f"{PEER_HOLD:g}"]) as lab:
         yield lab
 
 
@@ -121,7 +126,7 @@ def outage_lab() -> Iterator[Lab]:
 def plain_lab() -> Iterator[Lab]:
     """The lab of the agent-kill and drift-storm scenarios; each leaves it with its three
     hosts healthy and reachable."""
-    with built_lab("k") as lab:
+    with built_lab("k", agent_args=["--peer-hold-time", f"{PEER_HOLD:g}"]) as lab:
         yield lab
 
 
@@ -217,7 +222,7 @@ def _etcd_outage(lab: Lab, *, outage: float, pause: bool) -> str:
                             RECOVERY_BOUND, step=0.1)
         # Past the peer hold time: a peer held down over an expiry (the paused case) whose
         # lease did not come back would go now, and its pings with it.
-        time.sleep(DEFAULT_PEER_HOLD_SECONDS + REPLY_WAIT + 0.5)
+        time.sleep(PEER_HOLD + REPLY_WAIT + 0.5)
         assert all(p.running() for p in pings), "a ping stopped by itself"
     finally:
         resume_etcd(lab)
@@ -403,10 +408,10 @@ def test_kernel_drift_storm_is_repaired_every_round(plain_lab: Lab) -> None:
     lab.etcdctl("del", key)  # held for --peer-hold-time in case it comes back, then gone
     wait_for("the stormed host to remove it",
              lambda: not lab.kernel_entries(target, fake, FAKE_MAC),
-             DEFAULT_PEER_HOLD_SECONDS + CONVERGE)
+             PEER_HOLD + CONVERGE)
     wait_for("the other hosts to remove it",
              lambda: not any(lab.kernel_entries(h, fake, FAKE_MAC) for h in others),
-             DEFAULT_PEER_HOLD_SECONDS + CONVERGE)
+             PEER_HOLD + CONVERGE)
     assert lab.agent_alive(target)
     no_tracebacks(lab)
     print(f"\nscenario 7: {DRIFT_ROUNDS} rounds on {target.name} (half route flush, half "

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from etcd_server import put_config
@@ -35,19 +36,30 @@ def test_local_mistakes_are_exit_2_before_etcd_is_asked(tmp_path, etcd):
     assert nosuch.returncode == 2, nosuch.stderr
     assert "--iface nosuch0: no such interface" in nosuch.stderr
     assert time.monotonic() - started < 10
-    for ip, why in (("127.0.0.11", "loopback"), ("0.0.0.0", "unspecified"),
-                    ("224.0.0.1", "multicast"), ("169.254.1.1", "link-local")):
-        result = run_agent(*common, "--public-ip", ip)
-        assert result.returncode == 2 and f"a {why} address" in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-    from_env = run_agent(*common, env={"LEASEAGENT_LEASE_TTL": "abc"})
-    assert from_env.returncode == 2
-    assert "LEASEAGENT_LEASE_TTL='abc': not a whole number" in from_env.stderr
     planted = tmp_path / "planted"
     planted.symlink_to("/etc/passwd")
-    symlink = run_agent(*common[:2], "--subnet-file", str(planted), "--public-ip", "10.200.0.1")
+    # The other mistakes four at a time: each is a Python process (~0.5 s of CPU before it
+    # exits), independent of the others. 60 s: a hang guard for a loaded machine, not a bound.
+    addresses = (("127.0.0.11", "loopback"), ("0.0.0.0", "unspecified"),
+                 ("224.0.0.1", "multicast"), ("169.254.1.1", "link-local"))
+    with ThreadPoolExecutor(4) as pool:
+        by_ip = [(why, pool.submit(run_agent, *common, "--public-ip", ip, timeout=60))
+                 for ip, why in addresses]
+        from_env_run = pool.submit(run_agent, *common, env={"LEASEAGENT_LEASE_TTL": "abc"},
+                                   timeout=60)
+        symlink_run = pool.submit(run_agent, *common[:2], "--subnet-file", str(planted),
+                                  "--public-ip", "10.200.0.1", timeout=60)
+        typo_run = pool.submit(run_agent, "--lease-tll", "5", timeout=60)
+    for why, running in by_ip:
+        result = running.result()
+        assert result.returncode == 2 and f"a {why} address" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    from_env = from_env_run.result()
+    assert from_env.returncode == 2
+    assert "LEASEAGENT_LEASE_TTL='abc': not a whole number" in from_env.stderr
+    symlink = symlink_run.result()
     assert symlink.returncode == 2 and "is a symlink" in symlink.stderr
-    typo = run_agent("--lease-tll", "5")
+    typo = typo_run.result()
     assert typo.returncode == 2
     assert typo.stderr.strip().splitlines() == [
         "leaseagent: error: unrecognized arguments: --lease-tll (see leaseagent --help)"]

@@ -7,7 +7,7 @@ from ipaddress import IPv4Interface, IPv4Network
 
 import pytest
 from etcd_server import PREFIX, put_config
-from leasectl_run import leasectl
+from leasectl_run import leasectl, leasectl_all
 from subnets import free_subnet
 
 pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
@@ -34,7 +34,7 @@ def test_list_json_shows_every_agents_lease_with_exactly_the_documented_fields(e
     garbage = str(free_subnet(IPv4Network(ALLOC["Network"]),
                               [IPv4Interface(s).network for s in subnets.values()]))
     etcd.etcdctl("put", f"{PREFIX}/subnets/{garbage.replace('/', '-')}", "garbage")
-    result = leasectl(etcd, "list", "--json")
+    result, table, wide = leasectl_all(etcd, ["list", "--json"], ["list"], ["list", "-o", "wide"])
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert all(list(row) == FIELDS for row in rows)
@@ -50,11 +50,9 @@ def test_list_json_shows_every_agents_lease_with_exactly_the_documented_fields(e
     assert len(bad) == 1 and bad[0]["subnet"] == garbage
     assert bad[0]["error"] == "value is not valid JSON"
 
-    table = leasectl(etcd, "list")
     assert table.returncode == 0
     assert "invalid: value is not valid JSON" in table.stdout
     assert all(line.replace(".1/", ".0/") in table.stdout for line in subnets.values())
-    wide = leasectl(etcd, "list", "-o", "wide")
     assert "NODE ID" in wide.stdout
 
 
@@ -88,9 +86,12 @@ def test_config_set_validates_first_and_leaves_etcd_untouched(etcd, tmp_path):
 @pytest.mark.fresh_etcd  # stops it
 def test_errors_are_one_line_without_traceback(etcd):  # etcd stopped: local checks first
     etcd.stop()
-    assert "etcd" in one_line_error(leasectl(etcd, "--etcd-timeout", "2", "list"))
-    assert "--etcd-endpoints" in one_line_error(leasectl(etcd, "--etcd-endpoints", "ftp://x", "list"))
-    assert "is not a subnet" in one_line_error(leasectl(etcd, "show", "10.6.9.300/24"))
+    down, scheme, subnet = leasectl_all(etcd, ["--etcd-timeout", "2", "list"],
+                                        ["--etcd-endpoints", "ftp://x", "list"],
+                                        ["show", "10.6.9.300/24"])
+    assert "etcd" in one_line_error(down)
+    assert "--etcd-endpoints" in one_line_error(scheme)
+    assert "is not a subnet" in one_line_error(subnet)
 
 
 def test_list_marks_a_second_key_for_one_subnet_as_a_duplicate(etcd):
@@ -146,8 +147,8 @@ def test_reserve_refuses_a_second_subnet_for_one_ip_or_one_outside_the_range(etc
 def test_every_form_of_subnet_names_the_same_lease_and_junk_goes_by_its_name(etcd):
     put_config(etcd, ALLOC)
     assert leasectl(etcd, "reserve", "10.6.34.1/24", "--public-ip", "10.200.0.34").returncode == 0
-    for form in ("10.6.34.0/24", "10.6.34.1/24", "10.6.34.0-24", "10.6.34.0"):
-        shown = leasectl(etcd, "show", form)
+    forms = ("10.6.34.0/24", "10.6.34.1/24", "10.6.34.0-24", "10.6.34.0")
+    for form, shown in zip(forms, leasectl_all(etcd, *(["show", f] for f in forms)), strict=True):
         assert shown.returncode == 0, (form, shown.stderr)
         assert json.loads(shown.stdout)["key"] == f"{PREFIX}/subnets/10.6.34.0-24"
     etcd.etcdctl("put", f"{PREFIX}/subnets/not-a-subnet", "x")
@@ -156,9 +157,10 @@ def test_every_form_of_subnet_names_the_same_lease_and_junk_goes_by_its_name(etc
     assert leasectl(etcd, "release", "not-a-subnet").returncode == 0
     assert leasectl(etcd, "release", "10.6.34.1/24").returncode == 0
     # One mistake, one exit status, whichever command makes it.
-    for command in (["show", "10.6.34.7-24"], ["release", "10.6.34.300/24"],
-                    ["reserve", "10.6.34.300/24", "--public-ip", "10.200.0.3"]):
-        assert leasectl(etcd, *command).returncode == 2, command
+    mistakes = (["show", "10.6.34.7-24"], ["release", "10.6.34.300/24"],
+                ["reserve", "10.6.34.300/24", "--public-ip", "10.200.0.3"])
+    for command, result in zip(mistakes, leasectl_all(etcd, *mistakes), strict=True):
+        assert result.returncode == 2, command
 
 
 def test_config_set_refuses_what_the_agents_would_refuse(etcd, tmp_path):
@@ -172,13 +174,13 @@ def test_config_set_refuses_what_the_agents_would_refuse(etcd, tmp_path):
 
 
 def test_version_and_help_show_defaults_variables_and_exit_codes(etcd):
-    version = leasectl(etcd, "--version")
+    version, doctor_help, typo = leasectl_all(etcd, ["--version"], ["doctor", "--help"],
+                                              ["list", "--outptu", "json"])
     assert version.returncode == 0 and version.stdout.startswith("leasectl ")
-    helped = " ".join(leasectl(etcd, "doctor", "--help").stdout.split())
+    helped = " ".join(doctor_help.stdout.split())
     assert ("[default: /run/leaseagent/subnet.env; $LEASEAGENT_SUBNET_FILE, "
             "$FLANNELD_SUBNET_FILE]") in helped
     assert "exit status:" in helped
-    typo = leasectl(etcd, "list", "--outptu", "json")
     assert typo.returncode == 2 and one_line_error(typo).endswith("(see leasectl --help)")
 
 
@@ -193,15 +195,17 @@ FLANNELD_DUAL = ('{"PublicIP":"10.200.0.7","PublicIPv6":"fd00:200::7","BackendTy
 def test_dual_stack_leases_show_both_families_and_are_found_by_either(etcd):
     put_config(etcd, DUAL_VXLAN)
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.6.7.0-24&fd00:6:0:7::-64", FLANNELD_DUAL)
-    rows = json.loads(leasectl(etcd, "list", "-o", "json").stdout)
+    names = ("fd00:6:0:7::/64", "fd00:6:0:7::1/64", "10.6.7.0/24", "10.6.7.0-24&fd00:6:0:7::-64")
+    listed, wide_run, *shows = leasectl_all(etcd, ["list", "-o", "json"], ["list", "-o", "wide"],
+                                            *(["show", name] for name in names))
+    rows = json.loads(listed.stdout)
     assert [(r["subnet"], r["ipv6_subnet"], r["public_ip"], r["public_ipv6"], r["status"])
             for r in rows] == [("10.6.7.0/24", "fd00:6:0:7::/64", "10.200.0.7", "fd00:200::7",
                                 "reserved")]  # put by hand: no etcd lease
-    wide = leasectl(etcd, "list", "-o", "wide").stdout
+    wide = wide_run.stdout
     assert "IPV6 SUBNET" in wide and "PUBLIC IPV6" in wide and "fd00:6:0:7::/64" in wide
-    for name in ("fd00:6:0:7::/64", "fd00:6:0:7::1/64", "10.6.7.0/24",
-                 "10.6.7.0-24&fd00:6:0:7::-64"):
-        shown = json.loads(leasectl(etcd, "show", name).stdout)
+    for name, show in zip(names, shows, strict=True):
+        shown = json.loads(show.stdout)
         assert shown["key"].endswith("10.6.7.0-24&fd00:6:0:7::-64"), name
 
     ok = leasectl(etcd, "reserve", "10.6.9.0/24", "--public-ip", "10.200.0.9",
@@ -209,11 +213,11 @@ def test_dual_stack_leases_show_both_families_and_are_found_by_either(etcd):
     assert ok.returncode == 0, ok.stderr
     assert "reserved 10.6.9.0/24 and fd00:6:0:9::/64 for 10.200.0.9" in ok.stdout
     # One subnet is never reserved twice, whatever IPv6 part the second key would have.
-    again = leasectl(etcd, "reserve", "10.6.7.0/24", "--public-ip", "10.200.0.10")
+    again, taken6, outside = leasectl_all(  # three refusals: none writes
+        etcd, ["reserve", "10.6.7.0/24", "--public-ip", "10.200.0.10"],
+        ["reserve", "10.6.11.0/24", "--public-ip", "10.200.0.11", "--ipv6-subnet",
+         "fd00:6:0:9::/64"],
+        ["reserve", "10.6.12.0/24", "--public-ip", "10.200.0.12", "--ipv6-subnet", "fd00:7::/64"])
     assert "already taken by 10.200.0.7" in one_line_error(again)
-    taken6 = leasectl(etcd, "reserve", "10.6.11.0/24", "--public-ip", "10.200.0.11",
-                      "--ipv6-subnet", "fd00:6:0:9::/64")
     assert "fd00:6:0:9::/64 is already taken" in one_line_error(taken6)
-    outside = leasectl(etcd, "reserve", "10.6.12.0/24", "--public-ip", "10.200.0.12",
-                       "--ipv6-subnet", "fd00:7::/64")
     assert "outside the network fd00:6::/48" in one_line_error(outside)
