@@ -249,6 +249,7 @@ class Plane:
             async with self.lock:
                 if self.leaving is leaving and not self.backend.status.foreign_peers:
                     await self.drop_leaving()
+                    await self._guard_ports()  # its port's rule goes with it
         except (ConfigError, DataPlaneError) as exc:
             log.warning("could not remove the replaced backend's devices: %s", exc)
         finally:
@@ -265,11 +266,12 @@ class Plane:
                 await leaving.remove(objects=False)
         finally:
             await leaving.close()
-        await self._guard_ports()
 
     async def _guard_ports(self) -> None:
         """The rules again when the ports the peer filter guards changed (a kept device
-        removed: its port's rule goes), the peers as admitted."""
+        removed: its port's rule goes), the peers as admitted. Not within a config
+        change (it drops a kept device before its new one is made: its `program_all`
+        follows, no rules written in between)."""
         own = self._own
         if own is None:
             return

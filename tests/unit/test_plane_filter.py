@@ -5,6 +5,7 @@ keeps), until that device is removed. On the fake kernel and the in-memory firew
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from ipaddress import IPv4Network
@@ -37,7 +38,8 @@ class Rig:
         self.firewall = MemoryFirewall(4)
         cfg = parse_agent_config([
             "--etcd-endpoints", "http://127.0.0.1:1", "--subnet-file", str(tmp_path / "s.env"),
-            "--state-dir", str(tmp_path), "--node-id", "h1"], environ={})
+            "--state-dir", str(tmp_path), "--node-id", "h1", "--peer-hold-time", "0.05"],
+            environ={})
         self.backends = {name: self._on_fake(make) for name, make in BACKENDS.items()}
         self.plane = Plane(cfg, config({"Type": "vxlan"}), self.host, metrics=Metrics(),
                            tasks=Tasks(), backends=self.backends,
@@ -59,6 +61,16 @@ class Rig:
         plane.leaving = old
         await plane.program_all({}, OWN)
         return old
+
+    async def hold_over(self) -> None:
+        """The roll-out over (no peer of another type) and --peer-hold-time past: the
+        kept device removed, and the rules made again."""
+        await self.plane.finish_rollout()
+        for _ in range(500):
+            if self.plane.leaving is None and self.plane._leaving_timer is None:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the kept device was not removed within 5 s")
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -84,7 +96,7 @@ async def test_a_port_change_guards_the_old_port_while_its_device_is_kept(
     held = rig.firewall.held
     assert held is not None and [r.tag for r in held.chain("input")] == [
         peer_filter_rules(port)[0].tag for port in (4789, 8472)]
-    await rig.plane.drop_leaving()  # --peer-hold-time after the roll-out
+    await rig.hold_over()
     assert rig.devices == {"flannel.1"}
     assert rig.ports == (4789,)
 
@@ -97,7 +109,7 @@ async def test_a_change_to_host_gw_guards_the_port_while_the_vxlan_device_is_kep
     await rig.plane.program_all({}, OWN)
     await rig.switch(config({"Type": "host-gw"}), aside=False)
     assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
-    await rig.plane.drop_leaving()
+    await rig.hold_over()
     assert rig.devices == set()
     held = rig.firewall.held
     assert held is not None and held.peer_ports == () and not held.chain("input")
