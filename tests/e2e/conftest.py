@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,14 +42,15 @@ def require(backend: str) -> None:
 
 def _built(backend: str, *, tag: str, hosts: int, containers: int, ipv6: bool = False,
            docker: bool = False, prometheus: bool = False,
-           prometheus_rules: Path | None = None) -> Iterator[Lab]:
+           prometheus_rules: Path | None = None, agent_args: Sequence[str] = ()
+           ) -> Iterator[Lab]:
     require(backend)
     if docker and (why := docker_unavailable()):
         pytest.skip(f"dockerd cannot run here: {why}")
     if prometheus and shutil.which("prometheus") is None:
         pytest.skip("prometheus (Debian: prometheus) missing")
     lab = Lab(f"e2e{tag}{os.getpid() % 100000}", backend=backend, ipv6=ipv6, docker=docker,
-              prometheus=prometheus)
+              prometheus=prometheus, agent_args=agent_args)
     if prometheus_rules is not None:
         lab.prometheus_server.rules = prometheus_rules
     try:
@@ -85,6 +86,9 @@ def docker_lab6() -> Iterator[Lab]:
 # -- the shared plain labs ---------------------------------------------------------
 
 # fixture name -> (backend, tag, IPv6): 3 hosts x 2 containers each.
+# Their agents hold a vanished peer 2 s (--peer-hold-time; the default is 5 s): tests that
+# remove a host or a planted lease wait the hold out (tests/peerhold.py says how long).
+SHARED_AGENT_ARGS = ("--peer-hold-time", "2")
 SHARED = {"vxlan_lab": ("vxlan", "v", False), "hostgw_lab": ("host-gw", "g", False),
           "vxlan_lab6": ("vxlan", "6v", True), "hostgw_lab6": ("host-gw", "6g", True)}
 
@@ -106,7 +110,8 @@ class _SharedLabs:
     def get(self, name: str) -> Lab:
         if name not in self.labs:
             backend, tag, ipv6 = SHARED[name]
-            built = _built(backend, tag=tag, hosts=3, containers=2, ipv6=ipv6)
+            built = _built(backend, tag=tag, hosts=3, containers=2, ipv6=ipv6,
+                           agent_args=SHARED_AGENT_ARGS)
             lab = next(built)
             try:
                 for host in lab.hosts.values():

@@ -229,7 +229,7 @@ def test_a_lease_with_another_hosts_vtep_mac_is_not_programmed(lab: Lab) -> None
         assert lab.wait_reachable(timeout=10).all_ok
     finally:
         lab.etcdctl("del", lab.keys.subnets_prefix + planted.replace("/", "-"))
-    for h in (h1, h2, h3):  # after the peer hold time (5 s); once seen slower under load
+    for h in (h1, h2, h3):  # after the peer hold time (2 s here); once seen slower under load
         _wait(f"{h.name} clean", lambda h=h: lab.metrics(h).get(
             "leaseagent_dataplane_conflicting_peers") == 0.0, timeout=30)
     assert lab.wait_reachable(timeout=10).all_ok

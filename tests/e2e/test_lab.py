@@ -13,9 +13,9 @@ import signal
 import time
 
 import pytest
+from peerhold import peer_hold
 from subnets import lab_free
 
-from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.lab import Container, Host, Lab, parse_ping_summary, run
 from leaseagent.lab.probes import REPLY_WAIT
 
@@ -83,16 +83,17 @@ def test_dead_host_leaves_nothing_in_peers_within_2s_of_the_hold_time(vxlan_lab:
         lab.delete_lease(victim)
         gone_at = time.monotonic()
         # Held for --peer-hold-time in case the lease comes back (it does not)...
-        time.sleep(DEFAULT_PEER_HOLD_SECONDS / 2)
+        hold = peer_hold(lab)
+        time.sleep(hold / 2)
         assert all(len(lab.kernel_entries(h, subnet, mac)) == 3 for h in others)
         # ...then removed everywhere.
         left = {h.name: lab.kernel_entries(h, subnet, mac) for h in others}
-        while any(left.values()) and time.monotonic() < gone_at + DEFAULT_PEER_HOLD_SECONDS + CONVERGE:
+        while any(left.values()) and time.monotonic() < gone_at + hold + CONVERGE:
             time.sleep(0.05)
             left = {h.name: lab.kernel_entries(h, subnet, mac) for h in others}
         assert not any(left.values()), left
         print(f"dead host's entries gone {time.monotonic() - gone_at:.2f}s after its lease "
-              f"(held {DEFAULT_PEER_HOLD_SECONDS:g}s)")
+              f"(held {hold:g}s)")
     finally:
         lab.remove_host(victim)
     assert lab.wait_reachable(timeout=5).all_ok

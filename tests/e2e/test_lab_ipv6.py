@@ -36,9 +36,9 @@ from ipaddress import (
 from pathlib import Path
 
 import pytest
+from peerhold import peer_hold
 from subnets import lab_free, lab_free6
 
-from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.network import network_config_from_dict
 from leaseagent.core.subnetenv import SubnetEnv, parse_environment_file
 from leaseagent.lab import CONTAINER_NETWORK6, UNDERLAY6, Container, Host, Lab, LabError, run
@@ -149,12 +149,12 @@ def test_dual_stack_host_joins_and_leaves_in_both_families(vxlan_lab6: Lab) -> N
         lab.delete_lease(host)  # the dual-stack key
         gone_at = time.monotonic()
         while any(entries().values()) and \
-                time.monotonic() < gone_at + DEFAULT_PEER_HOLD_SECONDS + CONVERGE:
+                time.monotonic() < gone_at + peer_hold(lab) + CONVERGE:
             time.sleep(0.05)
         assert not any(entries().values()), entries()
         print(f"\nnew host reachable over both families {joined:.2f}s after its lease; its "
               f"entries of both gone {time.monotonic() - gone_at:.2f}s after its lease "
-              f"(held {DEFAULT_PEER_HOLD_SECONDS:g}s)")
+              f"(held {peer_hold(lab):g}s)")
     finally:
         if host.index in lab.hosts:
             lab.remove_host(host)

@@ -13,7 +13,7 @@ from ipaddress import IPv4Interface, IPv4Network
 
 import pytest
 from etcd_server import PREFIX, put_config
-from leasectl_run import leasectl
+from leasectl_run import leasectl, leasectl_all
 from polling import wait_for
 
 pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
@@ -124,7 +124,10 @@ def test_leasectl_config_set_says_who_re_leases_and_restarts_docker(etcd, agents
     written = revision_of_config(etcd)
     shrunk = tmp_path / "shrunk.json"
     shrunk.write_text(json.dumps({**ALLOC, "Network": "10.6.0.0/17", "SubnetMax": "10.6.100.0"}))
-    dry = leasectl(etcd, "config", "set", "--dry-run", str(shrunk))
+    retyped = tmp_path / "vxlan.json"
+    retyped.write_text(json.dumps({**ALLOC, "Backend": {"Type": "vxlan"}}))
+    dry, dry_retyped = leasectl_all(etcd, ["config", "set", "--dry-run", str(shrunk)],
+                                    ["config", "set", "--dry-run", str(retyped)])
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines() == [
         "change: re-lease",
@@ -136,9 +139,7 @@ def test_leasectl_config_set_says_who_re_leases_and_restarts_docker(etcd, agents
     ]
     assert revision_of_config(etcd) == written  # a dry run writes nothing
 
-    retyped = tmp_path / "vxlan.json"
-    retyped.write_text(json.dumps({**ALLOC, "Backend": {"Type": "vxlan"}}))
-    dry = leasectl(etcd, "config", "set", "--dry-run", str(retyped))
+    dry = dry_retyped
     assert dry.stdout.splitlines()[:2] == ["change: rebuild", "  Backend.Type alloc -> vxlan (rebuild)"]
     assert ("  10.6.5.0/24 (10.200.0.1, node in): rebuilds its data plane (alloc -> vxlan); "
             "restart Docker (FLANNEL_MTU)") in dry.stdout.splitlines()

@@ -19,7 +19,7 @@ from ipaddress import IPv4Interface, IPv4Network
 
 import pytest
 from etcd_server import PREFIX, put_config
-from leasectl_run import leasectl
+from leasectl_run import leasectl, leasectl_all
 from subnets import free_subnet
 
 pytestmark = pytest.mark.shared_etcd  # tests/conftest.py: one etcd, emptied before each test
@@ -72,21 +72,22 @@ def test_names_with_newlines_and_escapes_never_reach_a_log_or_terminal_raw(etcd,
     assert "10.6.78.0-24\\n2026-01-01" in log and "\\x1b[31m" in log  # shown, escaped
     assert "\\u202e42-" in log
 
-    rows = json.loads(leasectl(etcd, "list", "--json").stdout)
+    listed, table, wide_run, shown = leasectl_all(  # reads only
+        etcd, ["list", "--json"], ["list", "-o", "table"], ["list", "-o", "wide"],
+        ["show", "10.6.78.0-24\nx"])
+    rows = json.loads(listed.stdout)
     by_subnet = {row["subnet"]: row for row in rows}
     assert by_subnet[peer]["node_id"] == evil_node  # JSON: the stored text, escaped by JSON
     assert by_subnet[peer]["valid"] is True
     assert not by_subnet["10.6.\u0668.0-\u0662\u0664"]["valid"]
     # Not read as 10.6.8.0/24 (which the watcher itself may hold).
     assert by_subnet.get("10.6.8.0/24", {}).get("public_ip") != "10.200.0.80"
-    for output in ("table", "wide"):
-        result = leasectl(etcd, "list", "-o", output)
+    for result in (table, wide_run):
         assert result.returncode == 0, result.stderr
         _clean(result.stdout)
-    wide = leasectl(etcd, "list", "-o", "wide").stdout
+    wide = wide_run.stdout
     assert "evil\\n2026-01-01" in wide and "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in wide
     # An error naming such a key is one line too.
-    shown = leasectl(etcd, "show", "10.6.78.0-24\nx")
     _clean(shown.stderr)
     assert len(shown.stderr.strip().splitlines()) == 1
 
@@ -103,7 +104,8 @@ def test_reservations_are_judged_like_leases(etcd, agents):
     etcd.etcdctl("put", SUBNETS + f"10.6.{octet}.0-024", reservation)  # another host's subnet
     free = str(free_subnet(NETWORK, [IPv4Network(held)]))  # a good one
     etcd.etcdctl("put", SUBNETS + free.replace("/", "-"), _value("10.200.0.10"))
-    rows = {row["subnet"]: row for row in json.loads(leasectl(etcd, "list", "--json").stdout)}
+    listed, table_run = leasectl_all(etcd, ["list", "--json"], ["list"])
+    rows = {row["subnet"]: row for row in json.loads(listed.stdout)}
     good = rows[free]
     assert good["status"] == "reserved" and good["valid"] is True
     outside, wrong_len = rows["10.9.1.0/24"], rows["10.6.240.0/20"]
@@ -111,11 +113,10 @@ def test_reservations_are_judged_like_leases(etcd, agents):
         assert row["reservation"] is True and row["valid"] is False and row["status"] == "invalid"
     assert "outside the network" in outside["error"]
     assert "not a /24" in wrong_len["error"]
-    over = [r for r in json.loads(leasectl(etcd, "list", "--json").stdout)
-            if r["subnet"] == held and r["reservation"]]
+    over = [r for r in json.loads(listed.stdout) if r["subnet"] == held and r["reservation"]]
     assert len(over) == 1 and over[0]["valid"] is False and over[0]["status"] == "duplicate"
     assert "overlaps a lease" in over[0]["error"]
-    table = leasectl(etcd, "list").stdout
+    table = table_run.stdout
     statuses = [line.split("never", 1)[1].split(":")[0].strip()
                 for line in table.splitlines() if "never" in line]
     assert sorted(statuses) == ["duplicate", "invalid", "invalid", "reserved"], table

@@ -7,13 +7,15 @@ with integer arithmetic where the text is in its usual form (docs/benchmarks.md,
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address, IPv4Network
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from leaseagent.core.leases import parse_key_name, unusable_ip_reason
+from leaseagent.core.leases import decode_lease_value, parse_key_name, unusable_ip_reason
 from leaseagent.core.network import ipv4_address, parse_network_config
+from leaseagent.errors import InvalidLease
 
 OCTET_TEXT = st.one_of(st.integers(0, 300).map(str), st.integers(0, 99).map(lambda n: f"0{n}"),
                        st.sampled_from(["", "00", "1e1", " 1", "+1"]))
@@ -83,3 +85,24 @@ def test_the_network_check_is_subnet_of(number: int, length: int) -> None:
         assert why == f"subnet {subnet} is not a /24"
     else:
         assert (why is not None) == outside
+
+
+@given(st.binary(max_size=40), st.sampled_from([b'{"', b'{"PublicIP":"10.0.0.1"', b"\xef\xbb\xbf{",
+                                                b"{\x00", b'"{']))
+def test_a_lease_value_is_decoded_as_json_reads_bytes(tail: bytes, head: bytes) -> None:
+    """decode_lease_value reads a value opening with `{"` as UTF-8 itself (json's
+    encoding detection skipped): it refuses as not JSON exactly what json.loads of the
+    bytes refuses (a UTF-8 BOM, UTF-16, invalid UTF-8, surrogates)."""
+    raw = head + tail
+    try:
+        json.loads(raw)
+        by_json = "read"
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        by_json = "malformed_json"
+    try:
+        decode_lease_value(raw)
+        decoded = "read"
+    except InvalidLease as exc:
+        # "not a JSON object" is read JSON refused by the lease rules
+        decoded = "malformed_json" if exc.detail == "value is not valid JSON" else "read"
+    assert decoded == by_json
