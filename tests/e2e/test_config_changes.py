@@ -336,9 +336,17 @@ def test_vxlan_to_host_gw_and_back_rebuilds_with_reachability_restored(
         assert value is not None and value["BackendType"] == "host-gw"
         assert env_of(host)["FLANNEL_MTU"] == "1500"
     lost_there = pings.lost
+    # While kept, flannel.1's port stays guarded by the peer filter (read, then the device
+    # seen still there: it was kept during the read).
+    guarded = peer_filter_ports(hosts[0], nftables=lab.nftables)[0]
+    if device_mtu(hosts[0], "flannel.1") is not None:
+        assert guarded == {8472}
+        print("vxlan -> host-gw: flannel.1 kept, its port 8472 guarded")
     # The old device stays --peer-hold-time after the roll-out (peers still on their way).
     wait_for(lambda: all(device_mtu(h, "flannel.1") is None for h in hosts),
              timeout=PEER_HOLD_SECONDS + 5, what="flannel.1 removed")
+    wait_for(lambda: not peer_filter_ports(hosts[0], nftables=lab.nftables)[0],
+             timeout=CONVERGE_SECONDS, what="host-gw: no peer filter once flannel.1 is gone")
     _, pings = change(lab, lab.network_config(), on_vxlan, what="host-gw -> vxlan",
                       kind="rebuild")
     for host in hosts:
