@@ -72,7 +72,7 @@ def wanted_on(lab: Lab, host: Host) -> object:
     peer_filter = host.index != 2
     peers = [h.public_ip for h in lab.hosts.values() if h is not host and h.index < INTRUDER_INDEX]
     return ruleset(TrafficSettings(ip_masq=True, peer_filter=peer_filter, nftables=lab.nftables),
-                   network=CONTAINER_NETWORK, own_subnet=host.subnet.network, vxlan_port=8472,
+                   network=CONTAINER_NETWORK, own_subnet=host.subnet.network, vxlan_ports=(8472,),
                    peers=peers)
 
 
