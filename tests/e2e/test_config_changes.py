@@ -598,17 +598,17 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
         return check
 
     lost6 = []
-    for port in (4789, 8472):
+    for port in (4789, 8472):  # each change after the last one's hold (see the Port test)
         config = lab.network_config()
         config["Backend"] = {**config["Backend"], "Port": port}  # type: ignore[dict-item]
         _, pings = change(lab, config, on_port(port), what=f"vxlan Port -> {port}, IPv6 pings",
                           kind="rebuild", family=6)
         lost6.append(pings.lost)
+        wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", name], check=False)
+                                 for h in hosts for name in ("flaside.1", "flaside6.1")),
+                 timeout=PEER_HOLD_SECONDS + 5, what="the devices put aside removed")
     print(f"dual-stack port change IPv6 pings lost: {lost6}")
     assert lost6 == [0, 0]
-    wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", name], check=False)
-                             for h in hosts for name in ("flaside.1", "flaside6.1")),
-             timeout=PEER_HOLD_SECONDS + 5, what="the devices put aside removed")
 
     def ipv4_only() -> bool:
         keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
