@@ -98,8 +98,12 @@ class ConfigSwitch:
         try:
             if change.kind == REBUILD and device_names(old) & device_names(new):
                 await plane.stop_leaving_timer()
-                await plane.drop_leaving()  # an earlier roll-out's devices would be in the way
+                # A device an earlier Port change put aside takes flannel's name back
+                # (the new one adopts it if it is on the port wanted again): the earlier
+                # roll-out's backend then goes without removing it (its names are the
+                # old one's now); any other is removed.
                 aside = await old.step_aside()
+                await plane.drop_leaving()
             attrs = await self._prepared(new)
         except Exception:
             try:

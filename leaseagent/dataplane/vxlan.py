@@ -304,8 +304,12 @@ class VxlanBackend(ReconcilingBackend):
         device's port cannot be changed, and the same VNI may be on two ports. Renamed
         running, a device keeps its routes, neighbour and FDB entries and its socket on
         the old port, so peers not yet switched still reach this host, until
-        `remove(objects=False)` takes it. False, nothing changed, when a name would not
-        fit (the new instance then makes its device again in place)."""
+        `remove(objects=False)` takes it. A device an earlier Port change put aside
+        (a change back within its hold) takes flannel's name back in the same step, by
+        way of `vxlan.back_name`: the new instance adopts it when it is what it wants
+        (the port wanted again), never a moment without a device on that port, and
+        makes it anew otherwise (`Vtep.converge`). False, nothing changed, when a name
+        would not fit (the new instance then makes its device again in place)."""
         asides = [vxlan.aside_name(vtep.name) for vtep in self._devices]
         if None in asides:
             return False
@@ -313,12 +317,18 @@ class VxlanBackend(ReconcilingBackend):
             nl = await self._netlink()
             for vtep, aside in zip(self._devices, asides, strict=True):
                 assert aside is not None
-                await _remove_vxlan(nl, aside, "put aside by an earlier Port change")
+                kept = await nl.device_state(aside)
+                if kept is not None and kept.kind == vxlan.DEVICE_KIND:
+                    await nl.rename_link(kept.index, vxlan.back_name(aside))
                 state = await nl.device_state(vtep.name)
                 if state is not None and state.kind == vxlan.DEVICE_KIND:
                     await nl.rename_link(state.index, aside)
                     log.info("%s renamed %s: kept beside the new device until no peer "
                              "sends to its port", vtep.name, aside)
+                if kept is not None and kept.kind == vxlan.DEVICE_KIND:
+                    await nl.rename_link(kept.index, vtep.name)
+                    log.info("%s (put aside by an earlier Port change) renamed %s: taken "
+                             "back if it is what the new config wants", aside, vtep.name)
                 vtep.name = aside
         return True
 
@@ -344,7 +354,8 @@ class VxlanBackend(ReconcilingBackend):
         for name in (self._options.device_name, self._options.device_name6):
             aside = vxlan.aside_name(name)
             if aside is not None:
-                await _remove_vxlan(nl, aside, "left by a Port change before a restart")
+                for left in (aside, vxlan.back_name(aside)):
+                    await _remove_vxlan(nl, left, "left by a Port change before a restart")
 
     # -- devices ---------------------------------------------------------------
 

@@ -135,10 +135,13 @@ def device_flags(options: VxlanOptions) -> frozenset[str]:
 # "flaside6.<VNI>".
 _ASIDE = {"flannel.": "flaside.", "flannel-v6.": "flaside6."}
 IFNAMSIZ = 16  # a link name's bytes with its NUL (linux/if.h)
+# The name a device put aside has for a moment while it takes flannel's name back (a
+# change back within the hold, `VxlanBackend.step_aside`): "flaside." -> "flback.".
+_BACK = ("flaside", "flback")
 
 # Any VNI's device of either family, as device_name and device_name6 make them, and
-# those devices put aside.
-VXLAN_DEVICE_NAME = re.compile(r"(flannel(-v6)?|flaside6?)\.\d+")
+# those devices put aside (or taking their name back).
+VXLAN_DEVICE_NAME = re.compile(r"(flannel(-v6)?|flaside6?|flback6?)\.\d+")
 
 
 def aside_name(name: str) -> str | None:
@@ -149,6 +152,12 @@ def aside_name(name: str) -> str | None:
             renamed = aside + name[len(prefix):]
             return renamed if len(renamed) < IFNAMSIZ else None
     return None
+
+
+def back_name(aside: str) -> str:
+    """The name the device put aside as `aside` has while it takes flannel's name back
+    (shorter than `aside`: it fits wherever `aside` does)."""
+    return _BACK[1] + aside.removeprefix(_BACK[0])
 
 
 def vxlan_options(backend: Mapping[str, Any]) -> VxlanOptions:
