@@ -6,7 +6,8 @@ flowing across a restart) is removed here, and nothing else:
 - every route carrying its route protocol (`--route-protocol`, 76);
 - every backend profile's devices (`BackendProfile.owns_link`, leaseagent.core.profiles):
   vxlan's (`flannel.<VNI>`, `flannel-v6.<VNI>`, and `flaside.<VNI>`,
-  `flaside6.<VNI>` a Port change put aside; kind vxlan), which takes their
+  `flaside6.<VNI>` a Port change put aside, `flback.<VNI>`, `flback6.<VNI>` one
+  taking its name back; kind vxlan), which takes their
   neighbour and FDB entries with them; WireGuard's (`flannel-wg`, `flannel-wg-v6`,
   kind wireguard, or kind tun when wireguard-go serves them: wireguard-go ends when
   its device is gone);

@@ -522,6 +522,45 @@ async def test_a_port_change_makes_the_new_device_beside_the_old_one(
             hand.close()
 
 
+async def test_a_port_change_back_within_the_hold_takes_the_aside_device_back(
+        subject: Subject, tmp_path: Path) -> None:
+    """8472 -> 4789 -> 8472 before flaside.1 is removed: flaside.1 (on 8472, the port
+    wanted again) takes flannel's name back and the third instance adopts it (the same
+    device, never a moment without one on 8472); the 4789 one is put aside instead."""
+    peers = peers_of(vxlan_peer(2))
+    async with started(subject, "vxlan", tmp_path, peers) as first:
+        hand = await subject.hand()
+        there = VxlanBackend(port_settings(subject, tmp_path, 4789))
+        back = VxlanBackend(port_settings(subject, tmp_path, 8472))
+        try:
+            device = await hand.link_by_name("flannel.1")
+            assert await first.step_aside()
+            await there.prepare()
+            await there.start(OWN)
+            await there.sync(peers)
+            made = await hand.link_by_name("flannel.1")
+            assert await there.step_aside()
+            await back.prepare()
+            await back.start(OWN)
+            await back.sync(peers)
+            again, aside = await hand.link_by_name("flannel.1"), await hand.link_by_name("flaside.1")
+            assert device is not None and made is not None
+            assert again is not None and again.index == device.index
+            assert again.vxlan is not None and again.vxlan.port == 8472
+            assert aside is not None and aside.index == made.index
+            assert await hand.link_by_name("flback.1") is None
+            assert await in_sync(back, peers)
+            await there.remove(objects=False)  # its hold over
+            assert await hand.link_by_name("flaside.1") is None
+            kept = await hand.link_by_name("flannel.1")
+            assert kept is not None and kept.index == device.index
+            assert await in_sync(back, peers)
+        finally:
+            await there.close()
+            await back.close()
+            hand.close()
+
+
 async def test_a_dual_stack_port_change_puts_both_devices_aside(
         subject: Subject, tmp_path: Path) -> None:
     peers = peers_of(dual(vxlan_peer(2)))

@@ -405,10 +405,8 @@ def test_a_vxlan_port_change_builds_the_new_device_beside_the_old(lab: FixedSubn
     _, there = change(lab, base_config(lab, Port=4789), on_port(4789),
                       what="vxlan Port 8472 -> 4789", kind="rebuild")
     assert any("dstport 8472 " in out for out in aside())  # kept beside, while in its hold
-    # As the VNI test: back only once the hold is over. A change back within the hold
-    # removes flaside.1 (on the port wanted again) before the new flannel.1 can take
-    # that port, so a peer that switched back first may lose a ping meanwhile (measured:
-    # 1 ping in about half the runs; docs/architecture.md).
+    # Back once the hold is over: flaside.1 removed, flannel.1 made anew on 8472 (a
+    # change back within the hold takes flaside.1 back instead: the test below).
     wait_for(lambda: not any(aside()), timeout=PEER_HOLD_SECONDS + 5, what="flaside.1 removed")
     _, back = change(lab, lab.network_config(), on_port(8472), what="vxlan Port 4789 -> 8472",
                      kind="rebuild")

@@ -70,6 +70,8 @@ def test_the_name_check_sees_a_branch() -> None:
     ("vxlan", "flannel-v6.4096", vxlan.NAME),
     ("vxlan", "flaside.1", vxlan.NAME),
     ("vxlan", "flaside6.4096", vxlan.NAME),
+    ("vxlan", "flback.1", vxlan.NAME),
+    ("vxlan", "flback6.4096", vxlan.NAME),
     ("vxlan", "flannel.x", None),
     ("vxlan", "flaside.x", None),
     ("vxlan", "vxlan0", None),
