@@ -684,7 +684,7 @@ async def traffic_rules(n: int, *, checks: int = 20) -> dict[str, Any]:
     out: dict[str, Any] = {"peers": n}
     for fw in (IptablesFirewall(), NftFirewall()):
         wanted = ruleset(TrafficSettings(ip_masq=True, nftables=fw.name == "nftables"),
-                         network=NETWORK, own_subnet=peer_subnet(1), vxlan_port=8472, peers=peers)
+                         network=NETWORK, own_subnet=peer_subnet(1), vxlan_ports=(8472,), peers=peers)
         t = time.perf_counter()
         await fw.apply(wanted)
         applied = time.perf_counter() - t

@@ -62,6 +62,7 @@ import random
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 from leaseagent.agent.placement import Placement, Survey
 from leaseagent.core.allocation import Chooser, candidates
@@ -223,15 +224,13 @@ class Leasing:
         try:
             lease_id, ttl = await self._grant()
         except BaseException:
-            listing.cancel()
-            await asyncio.gather(listing, return_exceptions=True)
+            await _cancel(listing)
             raise
         try:
             own = await self._acquire_with(lease_id, ttl, previous, previous_ipv6, keep_listing,
                                            listing)
         except BaseException:
-            listing.cancel()
-            await asyncio.gather(listing, return_exceptions=True)
+            await _cancel(listing)
             self._listing, self._parsed = None, {}
             await self._revoke_quietly(lease_id)
             raise
@@ -334,14 +333,8 @@ class Leasing:
             return taken_back
         await self._revoke_quietly(lease_id)
         holder = await self._store.get(own.key)
-        who = "unknown"
+        who, other = _holder(holder)
         if holder is not None:
-            try:
-                other = decode_lease_value(holder.value)
-                who = f"PublicIP {other.public_ip} (node {other.node_id or '?'})"
-            except InvalidLease:
-                who = "an invalid lease value"
-                other = None
             if holder.lease == own.lease_id and holder.value == own.value:
                 # Still ours (a false alarm, e.g. a keepalive that failed while the etcd
                 # lease lived on): acquire takes it over onto a fresh lease, fenced.
@@ -410,6 +403,23 @@ class Leasing:
         if ttl <= 0:
             raise LeaseLost(f"etcd lease {own.lease_id:x} expired or was revoked")
         return ttl
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it has ended (whatever it ended with is dropped)."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _holder(kv: KeyValue | None) -> tuple[str, LeaseValue | None]:
+    """Who holds a key, for the log ("unknown" when no one), and its value if valid."""
+    if kv is None:
+        return "unknown", None
+    try:
+        other = decode_lease_value(kv.value)
+    except InvalidLease:
+        return "an invalid lease value", None
+    return f"PublicIP {other.public_ip} (node {other.node_id or '?'})", other
 
 
 def _with_subnets(verdicts: list[Verdict]) -> list[tuple[Verdict, IPv4Network]]:

@@ -23,8 +23,8 @@ from leaseagent.agent.leasing import OwnLease
 from leaseagent.agent.supervision import Tasks
 from leaseagent.config import AgentConfig
 from leaseagent.core.leases import Peer, PeerChanges
-from leaseagent.core.network import NetworkConfig
-from leaseagent.core.rules import PeerAdmission, Ruleset, ruleset
+from leaseagent.core.network import Address, NetworkConfig
+from leaseagent.core.rules import PeerAdmission, Ruleset, receive_ports, ruleset
 from leaseagent.dataplane.base import DataPlane, DataPlaneSettings, HostInfo
 from leaseagent.dataplane.firewall import Firewall, RulesKeeper
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -71,14 +71,20 @@ class Plane:
         self.leaving: DataPlane | None = None
         self._leaving_timer: asyncio.Future[None] | None = None  # its removal, when due
         self._foreign = 0  # peers of another backend type, as last reported
+        self._own: OwnLease | None = None  # this host's lease, as last programmed
 
     # --- what the network config asks for ------------------------------------------------
 
     def use_network(self, network: NetworkConfig) -> None:
-        """Program for `network` from now on (the rules' tool and the VXLAN port)."""
+        """Program for `network` from now on (the rules' tool)."""
         self.network = network
         self.traffic = replace(self._cfg.traffic, nftables=network.enable_nftables)
-        self.vxlan_port = network.profile.peer_filter_port(network.options)
+
+    def filter_ports(self) -> tuple[int, ...]:
+        """The VXLAN ports the peer filter guards: each port a device of the backend, or
+        of the one a rebuild replaced and keeps (`leaving`), receives on."""
+        kept = (self.backend, self.leaving) if self.leaving is not None else (self.backend,)
+        return receive_ports(d for b in kept for d in b.spec(None, {}).devices)
 
     def new_backend(self, network: NetworkConfig, host: HostInfo) -> DataPlane:
         """A data plane of `network`'s backend type for `host`, its status exported."""
@@ -119,8 +125,8 @@ class Plane:
             self._metrics.export_rules(r.keeper.status, family=r.family)
         self.rules = rules
 
-    def _ruleset(self, rules: FamilyRules, peers: Iterable[Peer], own: OwnLease) -> Ruleset:
-        """Everything `rules`' family wants (the whole peer set counted again)."""
+    def _ruleset(self, rules: FamilyRules, peers: Iterable[Address], own: OwnLease) -> Ruleset:
+        """Everything `rules`' family wants, `peers` admitted."""
         network, own_subnet = (
             (self.network.network, own.subnet) if rules.family == 4
             else (self.network.ipv6_network, own.ipv6_subnet))
@@ -128,7 +134,7 @@ class Plane:
             raise ConfigError(f"IPv{rules.family} traffic rules without an IPv{rules.family} "
                               "network in the config")
         return ruleset(self.traffic, network=network, own_subnet=own_subnet,
-                       vxlan_port=self.vxlan_port, peers=rules.admission.reset(peers))
+                       vxlan_ports=self.filter_ports(), peers=peers)
 
     # --- programming the peers -----------------------------------------------------------
 
@@ -157,9 +163,11 @@ class Plane:
         run while the data plane plans and reads the kernel, and it changes nothing
         before every family's peer set is filled (`ready`); the chains (iptables) are
         written beside the programming, which this waits for too. Under `lock`."""
+        self._own = own
         admitted = [asyncio.Event() for _ in self.rules]
         syncs = asyncio.gather(*(
-            rules.keeper.sync(self._ruleset(rules, peers.values(), own), admitted=event.set)
+            rules.keeper.sync(self._ruleset(rules, rules.admission.reset(peers.values()), own),
+                              admitted=event.set)
             for rules, event in zip(self.rules, admitted, strict=True)))
         try:
             await self.backend.sync(peers, ready=asyncio.gather(*(e.wait() for e in admitted)))
@@ -241,6 +249,7 @@ class Plane:
             async with self.lock:
                 if self.leaving is leaving and not self.backend.status.foreign_peers:
                     await self.drop_leaving()
+                    await self._guard_ports()  # its port's rule goes with it
         except (ConfigError, DataPlaneError) as exc:
             log.warning("could not remove the replaced backend's devices: %s", exc)
         finally:
@@ -257,6 +266,20 @@ class Plane:
                 await leaving.remove(objects=False)
         finally:
             await leaving.close()
+
+    async def _guard_ports(self) -> None:
+        """The rules again when the ports the peer filter guards changed (a kept device
+        removed: its port's rule goes), the peers as admitted. Not within a config
+        change (it drops a kept device before its new one is made: its `program_all`
+        follows, no rules written in between)."""
+        own = self._own
+        if own is None:
+            return
+        for rules in self.rules:
+            held = rules.keeper.wanted
+            wanted = self._ruleset(rules, rules.admission.addresses(), own)
+            if held is not None and held.rules != wanted.rules:
+                await rules.keeper.sync(wanted)
 
     async def retire(self, old: DataPlane, *, rebuild: bool) -> None:
         """Done with `old` (a stopped data plane `backend` replaces): for a rebuild its

@@ -65,7 +65,14 @@ from leaseagent.core.diagnosis import (
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import Network, NetworkConfig, parse_network_config
 from leaseagent.core.plan import compare, flatten, needs_recreate
-from leaseagent.core.rules import FAMILIES, TrafficSettings, peer_addresses, ruleset
+from leaseagent.core.profiles import BACKEND_TYPES
+from leaseagent.core.rules import (
+    FAMILIES,
+    TrafficSettings,
+    peer_addresses,
+    receive_ports,
+    ruleset,
+)
 from leaseagent.core.rules import compare as compare_rules
 from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.dataplane.base import DataPlaneSettings, HostInfo, InterfaceChoice
@@ -257,14 +264,20 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     report.problems += device_problems(comparison.devices, mtu_notes=mtu_notes)
     nl = await Netlink.open()
     try:
-        names = {link.index: link.name for link in await nl.links()}
+        links = await nl.links()
     finally:
         nl.close()
+    names = {link.index: link.name for link in links}
     if not needs_recreate(comparison.devices):  # no device: no entries could be on it
         report.problems += object_problems(comparison.objects, plan=spec.objects,
                                            current=observed.objects, peers=peers, names=names)
     if network.profile.data_path:  # no data path (alloc): no traffic rules either
-        report.problems += await _check_rules(settings, network, own_subnet, peers, own_ipv6)
+        # The ports the agent's peer filter guards: its devices' and those of ours the
+        # kernel has besides (a rebuild's kept device, until the agent removes it).
+        kept = [link for link in links
+                if any(p.owns_link(link.kind, link.name) for p in BACKEND_TYPES.values())]
+        report.problems += await _check_rules(settings, network, own_subnet, peers, own_ipv6,
+                                              ports=receive_ports([*spec.devices, *kept]))
     from leaseagent.dataplane import leftovers
 
     report.leftovers = await leftovers.find(
@@ -294,21 +307,22 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
 
 async def _check_rules(settings: DoctorSettings, network: NetworkConfig,
                        own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer],
-                       own_ipv6_subnet: IPv6Network | None = None) -> list[Problem]:
+                       own_ipv6_subnet: IPv6Network | None = None, *,
+                       ports: tuple[int, ...] = ()) -> list[Problem]:
     """The traffic rules the agent keeps (same flags, same config) against the firewall:
     missing, extra or reordered rules, a chain not hooked in first, the peer set. For
-    each family the config has; an IPv6 problem says so (its object and its line)."""
+    each family the config has; an IPv6 problem says so (its object and its line).
+    `ports`: the VXLAN ports the peer filter guards (core.rules.receive_ports)."""
     from leaseagent.dataplane.firewall import firewall
 
     traffic = replace(settings.traffic, nftables=network.enable_nftables)
-    port = network.profile.peer_filter_port(network.options)
     families: list[tuple[Network, Network | None]] = [(network.network, own_subnet)]
     if network.ipv6 is not None:
         families.append((network.ipv6.network, own_ipv6_subnet))
     found: list[Problem] = []
     for net, own in families:
         shown = FAMILIES[net.version].shown
-        wanted = ruleset(traffic, network=net, own_subnet=own, vxlan_port=port,
+        wanted = ruleset(traffic, network=net, own_subnet=own, vxlan_ports=ports,
                          peers=peer_addresses(peers.values(), net.version))
         try:
             observed = await firewall(nftables=traffic.nftables, family=net.version).observe()

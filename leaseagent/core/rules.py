@@ -18,7 +18,8 @@ POD this host's subnet):
     postrouting !NET -> NET masquerade                       the host itself into the overlay
     forward     from NET accept; to NET accept               a FORWARD policy of DROP (Docker's)
                                                              must not cut the overlay
-    input       UDP to the VXLAN port, not from a peer: drop only current peers may inject frames
+    input       UDP to a VXLAN port, not from a peer: drop   only current peers may inject frames
+                (one rule per port a device of ours receives on)
 
 The masquerade rules are flannel's (pkg/trafficmngr/iptables), in its
 iptables form where its two implementations differ: the mark is matched
@@ -48,9 +49,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
+from typing import Protocol
 
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import Address, Network
+from leaseagent.core.plan import VxlanAttrs
 
 TABLE = "leaseagent"  # nftables: table ip leaseagent, table ip6 leaseagent
 PEER_SET = "vxlan_peers"  # nftables set name (in each family's table)
@@ -139,11 +142,11 @@ class Rule:
 
 @dataclass(frozen=True)
 class Ruleset:
-    """Everything wanted for one family, in order per chain. `peer_port`: the VXLAN port
-    the peer filter guards (None: no filter); `peers`: who may send to it."""
+    """Everything wanted for one family, in order per chain. `peer_ports`: the VXLAN
+    ports the peer filter guards (none: no filter); `peers`: who may send to them."""
 
     rules: tuple[Rule, ...] = ()
-    peer_port: int | None = None
+    peer_ports: tuple[int, ...] = ()
     peers: frozenset[Address] = frozenset()
     family: Family = IPV4
 
@@ -219,11 +222,12 @@ def peer_filter_rules(port: int, f: Family = IPV4) -> list[Rule]:
 
 
 def ruleset(settings: TrafficSettings, *, network: Network, own_subnet: Network | None,
-            vxlan_port: int | None, peers: Iterable[Address] = ()) -> Ruleset:
+            vxlan_ports: Iterable[int], peers: Iterable[Address] = ()) -> Ruleset:
     """Every rule wanted for the family of `network` (the IPv4 or the IPv6 cluster
-    network). Masquerade needs this host's subnet of that family; the peer filter a
-    VXLAN port (vxlan backend only). ValueError if the addresses mix families: one
-    family's table cannot hold the other's."""
+    network). Masquerade needs this host's subnet of that family; the peer filter the
+    VXLAN ports our devices receive on (`receive_ports`; none: no filter), a rule each
+    in port order. ValueError if the addresses mix families: one family's table cannot
+    hold the other's."""
     f = FAMILIES[network.version]
     chosen = frozenset(peers)
     strays = [a for a in (own_subnet, *chosen) if a is not None and a.version != f.version]
@@ -234,10 +238,24 @@ def ruleset(settings: TrafficSettings, *, network: Network, own_subnet: Network 
         rules += masquerade_rules(network, own_subnet, random_fully=settings.random_fully)
     if settings.forward:
         rules += forward_rules(network)
-    port = vxlan_port if settings.peer_filter else None
-    if port is not None:
+    ports = tuple(sorted(set(vxlan_ports))) if settings.peer_filter else ()
+    for port in ports:
         rules += peer_filter_rules(port, f)
-    return Ruleset(tuple(rules), port, chosen if port is not None else frozenset(), f)
+    return Ruleset(tuple(rules), ports, chosen if ports else frozenset(), f)
+
+
+class _Device(Protocol):
+    @property
+    def vxlan(self) -> VxlanAttrs | None: ...
+
+
+def receive_ports(devices: Iterable[_Device]) -> tuple[int, ...]:
+    """The UDP ports the peer filter guards: every port one of our vxlan `devices`
+    receives on (the agent: its backends' devices; doctor: those and the kernel's links
+    of ours). During a rebuild's roll-out that is the new device's and the kept one's
+    (a Port change's device put aside, the vxlan device a type change keeps) until the
+    kept one is removed."""
+    return tuple(sorted({d.vxlan.port for d in devices if d.vxlan is not None}))
 
 
 # ------------------------------------------------------------------ what is there
@@ -303,7 +321,7 @@ def compare(wanted: Ruleset, observed: ObservedRules) -> list[RuleDifference]:
         ours = [t for t in have if t in want]
         if ours != [t for t in want if t in have]:
             out.append(RuleDifference(REORDERED, chain, f"rules of {chain} out of order"))
-    if wanted.peer_port is not None:
+    if wanted.peer_ports:
         want_peers = wanted.peer_texts
         have_peers = observed.peers or frozenset()
         if observed.peers is None and observed.peer_count is None:

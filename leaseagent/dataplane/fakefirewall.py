@@ -37,7 +37,7 @@ class MemoryFirewall:
         if self.refuse is not None:
             raise DataPlaneError(self.refuse)
         self.held = want
-        self.members = set(want.peer_texts) if want.peer_port is not None else None
+        self.members = set(want.peer_texts) if want.peer_ports else None
 
     async def set_peers(self, add: Iterable[Address], remove: Iterable[Address]) -> None:
         add, remove = list(add), list(remove)

@@ -194,7 +194,7 @@ class NftFirewall:
     def render(self, wanted: Ruleset) -> str:
         """The whole table in nft syntax (what `nft list table` shows, too)."""
         lines = [f"table {self.table} {{"]
-        if wanted.peer_port is not None:
+        if wanted.peer_ports:
             lines += [f"\tset {PEER_SET} {{", f"\t\ttype {self.family.address_type}"]
             if wanted.peers:
                 lines.append(f"\t\telements = {{ {', '.join(map(str, _sorted(wanted.peers)))} }}")
@@ -388,7 +388,7 @@ class IptablesFirewall:
         # tables written by one `iptables-restore` (a commit per table, as before), after
         # the set, which the peer filter names and must admit first.
         _same_family(self, wanted)
-        fill = wanted.peer_port is not None
+        fill = bool(wanted.peer_ports)
         tables = ("nat", "filter")
         reading = seen.reading if seen is not None else None
         if isinstance(reading, _Reading) and (reading.listed or not fill):
@@ -653,7 +653,7 @@ class RulesKeeper:
         in one batch a moment later (`run`), so thousands of leases expiring together
         cost one call, not one each."""
         async with self._lock:
-            if self._base is None or self._base.peer_port is None:
+            if self._base is None or not self._base.peer_ports:
                 return
             admit = set(admit) - self._peers
             retire = set(retire) & self._peers

@@ -381,9 +381,9 @@ class Lab:
     # ---------------------------------------------------------------- probes
 
     def ping(self, from_ns: Source, to_ip: Address | str, *, count: int = 1,
-             wait: float = 1) -> bool:
+             wait: float = 1, interval: float = 1) -> bool:
         """Ping from a namespace or a container (Docker's too); IPv6 with `ping -6`."""
-        return probes.ping(from_ns, to_ip, count=count, wait=wait)
+        return probes.ping(from_ns, to_ip, count=count, wait=wait, interval=interval)
 
     def ping_background(self, from_ns: Source, to_ip: Address | str, *, count: int,
                         interval: float) -> subprocess.Popen[str]:

@@ -47,7 +47,7 @@ def wanted(family: int, peers: frozenset[IPv4Address] | frozenset[IPv6Address] |
            ) -> Ruleset:
     """All of one family's rules: masquerade, forward, the peer filter."""
     net, pod, default = (NET6, POD6, PEERS6) if family == 6 else (NET4, POD4, PEERS4)
-    return ruleset(TrafficSettings(ip_masq=True), network=net, own_subnet=pod, vxlan_port=PORT,
+    return ruleset(TrafficSettings(ip_masq=True), network=net, own_subnet=pod, vxlan_ports=(PORT,),
                    peers=default if peers is None else peers)
 
 

@@ -72,7 +72,7 @@ def wanted_on(lab: Lab, host: Host) -> object:
     peer_filter = host.index != 2
     peers = [h.public_ip for h in lab.hosts.values() if h is not host and h.index < INTRUDER_INDEX]
     return ruleset(TrafficSettings(ip_masq=True, peer_filter=peer_filter, nftables=lab.nftables),
-                   network=CONTAINER_NETWORK, own_subnet=host.subnet.network, vxlan_port=8472,
+                   network=CONTAINER_NETWORK, own_subnet=host.subnet.network, vxlan_ports=(8472,),
                    peers=peers)
 
 
@@ -333,7 +333,9 @@ def test_an_operators_docker_user_rule_keeps_its_effect(rules_lab: Lab) -> None:
     ipt("-I", "FORWARD", "-j", "DOCKER-USER")  # Docker keeps its jump first
     try:
         time.sleep(float(IPTABLES_RESYNC) + 1)  # a check of ours has seen it
-        assert not lab.ping(c2.ns, c1.ip, count=3, wait=1), "DOCKER-USER's DROP was bypassed"
+        # Pings that must go unanswered: 0.2 s apart, not 1 s (each such call waits them out).
+        assert not lab.ping(c2.ns, c1.ip, count=3, wait=1, interval=0.2), \
+            "DOCKER-USER's DROP was bypassed"
         assert lab.ping(c1.ns, c2.ip, count=1, wait=2)  # the other direction is not dropped
         assert source_seen(c1.ns, c2.ns, c1.ip) == str(c2.ip)  # nor is TCP
         assert repairs(lab, h1) == repairs_before and not differences(lab, h1)
@@ -348,7 +350,7 @@ def test_an_operators_docker_user_rule_keeps_its_effect(rules_lab: Lab) -> None:
             jumps = [line.split("-j ")[-1].split()[0] for line in ipt("-S", "FORWARD").splitlines()
                      if " -j " in line]
             assert jumps[:2] == ["DOCKER-USER", "LEASEAGENT-FORWARD"], jumps
-            assert not lab.ping(c2.ns, c1.ip, count=2, wait=1)
+            assert not lab.ping(c2.ns, c1.ip, count=2, wait=1, interval=0.2)
         print(f"\n{mode(lab)}: DOCKER-USER's DROP holds; FORWARD: "
               + " | ".join(ipt("-S", "FORWARD").splitlines()[1:]))
     finally:

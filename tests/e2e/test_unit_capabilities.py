@@ -47,7 +47,7 @@ async def main(tool):
                                    (6, "fd00:5::/48", "fd00:5:3::/64", "fd99::2")):
         wanted = ruleset(TrafficSettings(ip_masq=True, nftables=tool == "nftables"),
                          network=ip_network(net), own_subnet=ip_network(own),
-                         vxlan_port=8472, peers=frozenset({ip_address(peer)}))
+                         vxlan_ports=(8472,), peers=frozenset({ip_address(peer)}))
         keeper = RulesKeeper(firewall(nftables=tool == "nftables", family=family))
         await keeper.sync(wanted)
         left = await keeper.sync() if keeper.status.in_sync else None

@@ -35,8 +35,10 @@ from inproc import InProcAgent, make_agent, wait_all
 from leasectl_run import leasectl
 
 from leaseagent.core.leases import Peer, PeerChanges
+from leaseagent.core.plan import BackendSpec
 from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
+from leaseagent.dataplane.vxlan import VxlanBackend
 from leaseagent.store.memory import MemoryStore
 
 NETWORK = IPv4Network("10.5.0.0/16")
@@ -140,6 +142,11 @@ class RecordingDataPlane:
 
     async def drop_aside(self) -> None:
         return None
+
+    def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
+             own_ipv6: IPv6Network | None = None) -> BackendSpec:
+        """What the vxlan backend it stands for wants (pure: the peer filter's port)."""
+        return VxlanBackend(self.settings).spec(own_subnet, peers, own_ipv6=own_ipv6)
 
     async def prepare(self) -> BackendAttrs:
         return BackendAttrs(backend_type="vxlan", mtu=1450,

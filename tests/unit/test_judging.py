@@ -176,6 +176,17 @@ class Etcd:
         del self.kvs[key]
         return True
 
+    @classmethod
+    def after(cls, ops: list[tuple[str, str, bytes]]) -> Etcd:
+        """An etcd that has seen `ops` (put or delete, key name under P, value)."""
+        etcd = cls()
+        for op, name, raw in ops:
+            if op == "put":
+                etcd.put(P + name, raw)
+            else:
+                etcd.delete(P + name)
+        return etcd
+
 
 def apply_changes(table: dict[IPv4Network, Peer], changes: object) -> None:
     for peer in changes.removed:  # type: ignore[attr-defined]
@@ -200,12 +211,7 @@ def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
     our IPv6 subnet with another IPv4 one, IPv6 parts outside the network, bad PublicIPv6s."""
     net = network
     identity = Identity(public_ip=OWN_IP, own_key=P + own if own else None)
-    etcd = Etcd()
-    for op, name, raw in first:
-        if op == "put":
-            etcd.put(P + name, raw)
-        else:
-            etcd.delete(P + name)
+    etcd = Etcd.after(first)
     book = LeaseBook(layout=LAYOUT, network=net, identity=identity)
     table: dict[IPv4Network, Peer] = {}
     apply_changes(table, book.reset(list(etcd.kvs.values())))
@@ -239,12 +245,7 @@ def test_a_listing_judged_with_its_keys_parsed_already_is_judged_the_same(
     """The lease watcher's first listing comes with its keys parsed by the acquisition
     (`parsed`): every verdict, peer and holder as when the book parses them itself."""
     identity = Identity(public_ip=OWN_IP, own_key=P + own if own else None)
-    etcd = Etcd()
-    for op, name, raw in ops:
-        if op == "put":
-            etcd.put(P + name, raw)
-        else:
-            etcd.delete(P + name)
+    etcd = Etcd.after(ops)
     parsed = {}
     for key in etcd.kvs:
         try:

@@ -85,19 +85,6 @@ def test_cleanup_removes_a_link_exactly_when_a_profile_owns_it(kind: str | None,
     assert owners == ([owner] if owner else [])
 
 
-@pytest.mark.parametrize(("backend", "port"), [
-    ({"Type": "vxlan"}, 8472),
-    ({"Type": "vxlan", "Port": 0}, 8472),
-    ({"Type": "vxlan", "Port": 4789}, 4789),
-    ({"Type": "host-gw"}, None),
-    ({"Type": "wireguard"}, None),
-    ({"Type": "alloc"}, None),
-])
-def test_only_vxlan_needs_a_peer_filter(backend: dict[str, object], port: int | None) -> None:
-    network = parse_network_config(json.dumps({"Network": "10.5.0.0/16", "Backend": backend}))
-    assert network.profile.peer_filter_port(network.options) == port
-
-
 def test_only_alloc_has_no_data_path() -> None:
     assert [p.name for p in BACKEND_TYPES.values() if not p.data_path] == [alloc.NAME]
 

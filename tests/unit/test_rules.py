@@ -11,6 +11,7 @@ import pytest
 
 from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import Address, Network
+from leaseagent.core.plan import DeviceSpec, VxlanAttrs
 from leaseagent.core.profiles.base import NoLeaseData
 from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.core.rules import (
@@ -25,7 +26,9 @@ from leaseagent.core.rules import (
     TrafficSettings,
     admitted,
     compare,
+    is_peer_filter,
     peer_addresses,
+    receive_ports,
     ruleset,
 )
 from leaseagent.dataplane import firewall as firewall_module
@@ -46,7 +49,7 @@ def full(family: int = 4, **kw: bool) -> Ruleset:
     """Every rule of `family`, for the sample network, subnet and peers."""
     net, pod, peers = SAMPLES[family]
     return ruleset(TrafficSettings(ip_masq=True, **kw), network=net, own_subnet=pod,
-                   vxlan_port=8472, peers=peers)
+                   vxlan_ports=(8472,), peers=peers)
 
 
 def test_masquerade_is_flannels_in_its_iptables_form_and_order() -> None:
@@ -73,16 +76,51 @@ def test_forward_and_peer_filter_and_what_each_setting_leaves_out() -> None:
         "udp dport 8472 ip saddr != @vxlan_peers counter drop"]
     assert everything.peers == frozenset(PEERS_IPS)
     none = ruleset(TrafficSettings(forward=False, peer_filter=False), network=NET, own_subnet=POD,
-                   vxlan_port=8472)
-    assert none.rules == () and none.peer_port is None
-    hostgw = ruleset(TrafficSettings(), network=NET, own_subnet=POD, vxlan_port=None)
-    assert hostgw.chains == ["forward"] and hostgw.peer_port is None
+                   vxlan_ports=(8472,))
+    assert none.rules == () and none.peer_ports == ()
+    hostgw = ruleset(TrafficSettings(), network=NET, own_subnet=POD, vxlan_ports=())
+    assert hostgw.chains == ["forward"] and hostgw.peer_ports == ()
+
+
+def test_a_peer_filter_rule_per_port_a_device_receives_on() -> None:
+    """A rebuild's kept device (a Port change's flaside.<VNI>) receives on its old port
+    beside the new device: both ports guarded, a rule each in port order, one set; the
+    single-port rule is unchanged (its tag: test_ipv4_tags_are_those_...)."""
+    both = ruleset(TrafficSettings(), network=NET, own_subnet=POD, vxlan_ports=(8472, 4789, 8472),
+                   peers=PEERS_IPS)
+    assert both.peer_ports == (4789, 8472) and both.peers == frozenset(PEERS_IPS)
+    assert [r.nft for r in both.chain("input")] == [
+        "udp dport 4789 ip saddr != @vxlan_peers counter drop",
+        "udp dport 8472 ip saddr != @vxlan_peers counter drop"]
+    assert [r.iptables for r in both.chain("input")] == [
+        "-p udp -m udp --dport 4789 -m set ! --match-set leaseagent-vxlan-peers src -j DROP",
+        "-p udp -m udp --dport 8472 -m set ! --match-set leaseagent-vxlan-peers src -j DROP"]
+    tags = [r.tag for r in both.chain("input")]
+    assert all(map(is_peer_filter, tags)) and len(set(tags)) == 2
+    assert tags[1] == full().chain("input")[0].tag
+    # The kept device removed: its port's rule is no longer wanted (an extra one, found).
+    one = ruleset(TrafficSettings(), network=NET, own_subnet=POD, vxlan_ports=(8472,),
+                  peers=PEERS_IPS)
+    assert [d.text for d in compare(one, observed_as_written(both))] == [
+        f"extra rule in input: {tags[0]}"]
+    assert compare(both, observed_as_written(one))[0].text.startswith(
+        "missing rule vxlan-peers in input: -p udp -m udp --dport 4789 ")
+
+
+def test_the_ports_guarded_are_those_of_vxlan_devices() -> None:
+    def vxlan(name: str, port: int) -> DeviceSpec:
+        return DeviceSpec(name, "vxlan", 1450, VxlanAttrs(1, port, None, 0))
+
+    devices = [vxlan("flannel.1", 4789), vxlan("flannel-v6.1", 4789), vxlan("flaside.1", 8472),
+               DeviceSpec("wg0", "wireguard", 1420)]
+    assert receive_ports(devices) == (4789, 8472)
+    assert receive_ports([]) == ()
 
 
 def test_a_rule_tag_changes_with_its_text() -> None:
     one = full().chain("postrouting")[1]
     other = ruleset(TrafficSettings(ip_masq=True), network=NET, own_subnet=IPv4Network("10.5.9.0/24"),
-                    vxlan_port=8472).chain("postrouting")[1]
+                    vxlan_ports=(8472,)).chain("postrouting")[1]
     assert one.name == other.name and one.tag != other.tag
 
 
@@ -255,10 +293,10 @@ def test_compare_finds_ipv6_drift_and_an_ipv4_firewalls_rules_are_not_ipv6s() ->
 
 def test_a_ruleset_refuses_addresses_of_the_other_family() -> None:
     with pytest.raises(ValueError, match=r"IPv6 traffic rules given 10\.250\.0\.1[23]"):
-        ruleset(TrafficSettings(), network=NET6, own_subnet=None, vxlan_port=8472,
+        ruleset(TrafficSettings(), network=NET6, own_subnet=None, vxlan_ports=(8472,),
                 peers=PEERS_IPS)
     with pytest.raises(ValueError, match="IPv4 traffic rules given fd10:0:0:22::/64"):
-        ruleset(TrafficSettings(ip_masq=True), network=NET, own_subnet=POD6, vxlan_port=None)
+        ruleset(TrafficSettings(ip_masq=True), network=NET, own_subnet=POD6, vxlan_ports=())
 
 
 def test_the_ipv6_nft_table_is_table_ip6_with_an_ipv6_address_set() -> None:

@@ -45,7 +45,7 @@ def held(family: int) -> Ruleset:
     net = network.network if family == 4 else network.ipv6.network  # type: ignore[union-attr]
     peer_ip = PEER.public_ip if family == 4 else PEER.public_ipv6
     return ruleset(TrafficSettings(ip_masq=True), network=net, own_subnet=POD if family == 4 else POD6,
-                   vxlan_port=8472, peers=[peer_ip])  # type: ignore[list-item]
+                   vxlan_ports=(8472,), peers=[peer_ip])  # type: ignore[list-item]
 
 
 def as_written(wanted: Ruleset) -> ObservedRules:
@@ -78,7 +78,7 @@ async def test_both_families_in_place_no_problem(monkeypatch: pytest.MonkeyPatch
     asked = serve(monkeypatch, {4: lambda: Held(as_written(held(4))),
                                 6: lambda: Held(as_written(held(6)))})
     found = await _check_rules(SETTINGS, config(ipv6=True), POD, {PEER.subnet: PEER},
-                               own_ipv6_subnet=POD6)
+                               own_ipv6_subnet=POD6, ports=(8472,))
     assert found == [] and asked == [4, 6]
 
 
@@ -89,14 +89,15 @@ async def test_a_missing_ipv6_rule_is_named_as_ipv6(monkeypatch: pytest.MonkeyPa
                         6: lambda: Held(ObservedRules(chains=chains, hooked=v6.hooked,
                                                       peers=v6.peers))})
     found = await _check_rules(SETTINGS, config(ipv6=True), POD, {PEER.subnet: PEER},
-                               own_ipv6_subnet=POD6)
+                               own_ipv6_subnet=POD6, ports=(8472,))
     assert [(p.kind, p.object) for p in found] == [("rule", "IPv6 postrouting")]
     assert found[0].text.startswith("IPv6 rule missing rule masq-mark in postrouting: ")
 
 
 async def test_ipv4_only_config_checks_ipv4_only(monkeypatch: pytest.MonkeyPatch) -> None:
     asked = serve(monkeypatch, {4: lambda: Held(as_written(held(4)))})
-    assert await _check_rules(SETTINGS, config(ipv6=False), POD, {PEER.subnet: PEER}) == []
+    assert await _check_rules(SETTINGS, config(ipv6=False), POD, {PEER.subnet: PEER},
+                              ports=(8472,)) == []
     assert asked == [4]
 
 
@@ -107,7 +108,7 @@ async def test_an_unreadable_ipv6_firewall_leaves_the_ipv4_check(
 
     serve(monkeypatch, {4: lambda: Held(ObservedRules()), 6: missing})
     found = await _check_rules(SETTINGS, config(ipv6=True), POD, {PEER.subnet: PEER},
-                               own_ipv6_subnet=POD6)
+                               own_ipv6_subnet=POD6, ports=(8472,))
     assert found[-1].object == "IPv6 firewall"
     assert found[-1].text.startswith("IPv6 rule check impossible: IPv6 traffic rules need "
                                      "ip6tables-restore")

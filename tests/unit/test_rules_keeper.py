@@ -40,7 +40,7 @@ def addresses(n: int, first: int = 10) -> frozenset[IPv4Address]:
 
 
 def wanted(peers: Iterable[IPv4Address]) -> Ruleset:
-    return ruleset(TrafficSettings(ip_masq=True), network=NET, own_subnet=POD, vxlan_port=8472,
+    return ruleset(TrafficSettings(ip_masq=True), network=NET, own_subnet=POD, vxlan_ports=(8472,),
                    peers=peers)
 
 
@@ -195,7 +195,7 @@ async def test_an_ipv6_keeper_holds_its_ruleset_and_its_peer_set_like_ipv4s() ->
     fw = MemoryFirewall(6)
     keeper = RulesKeeper(fw, check_seconds=3600)
     want = ruleset(TrafficSettings(ip_masq=True), network=V6_NET, own_subnet=V6_POD,
-                   vxlan_port=8472, peers=addresses6(4))
+                   vxlan_ports=(8472,), peers=addresses6(4))
     assert await keeper.sync(want) != []  # nothing there yet: written
     assert keeper.wanted is not None and keeper.wanted.family == FAMILIES[6]
     async with running(keeper):

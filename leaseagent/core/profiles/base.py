@@ -14,9 +14,9 @@ of the code asks it and never compares the backend's name:
 - its FLANNEL_MTU for an underlay MTU (`mtu`) and, for doctor, where each of
   its devices' MTU comes from (`mtu_notes`);
 - whether it has a data path at all (`data_path`: devices, routes, traffic
-  rules, a PublicIP peers can reach), which UDP port the peer filter guards
-  (`peer_filter_port`), and which links are its devices (`owns_link`, for
-  `leasectl cleanup`).
+  rules, a PublicIP peers can reach), and which links are its devices
+  (`owns_link`, for `leasectl cleanup`, and the ports doctor's peer filter
+  check guards).
 
 The kernel objects per peer are each profile module's own function (their
 arguments differ: vxlan's device indexes, wireguard's options), called by its
@@ -144,10 +144,6 @@ def path_mtu_notes(devices: Callable[[Any, bool], str], overheads: tuple[int, in
 # ------------------------------------------------------------------ the profile
 
 
-def _no_port(options: BackendOptions) -> int | None:
-    return None
-
-
 def _no_link(kind: str | None, name: str) -> bool:
     return False
 
@@ -176,9 +172,7 @@ class BackendProfile:
     # False: no data path at all (alloc): no device, route or traffic rule; the host
     # needs no interface when given its PublicIP, and any PublicIP will do.
     data_path: bool = True
-    # The UDP port the peer filter guards, if the backend's packets need one (vxlan's:
-    # VXLAN has no authentication). None: no peer filter.
-    peer_filter_port: Callable[[BackendOptions], int | None] = _no_port
     # Whether a link (its kind, its name) is one of this backend's devices, of any
-    # config: what `leasectl cleanup` removes.
+    # config: what `leasectl cleanup` removes. The peer filter (core.rules) guards the
+    # port of each vxlan device among them (VXLAN has no authentication).
     owns_link: Callable[[str | None, str], bool] = _no_link

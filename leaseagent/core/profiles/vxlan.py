@@ -253,11 +253,6 @@ def _device_name(options: VxlanOptions, ipv6: bool) -> str:
     return options.device_name_for(ipv6=ipv6)
 
 
-def _peer_filter_port(options: BackendOptions) -> int | None:
-    assert isinstance(options, VxlanOptions)
-    return options.port
-
-
 def _owns_link(kind: str | None, name: str) -> bool:
     return kind == DEVICE_KIND and VXLAN_DEVICE_NAME.fullmatch(name) is not None
 
@@ -275,6 +270,5 @@ PROFILE = BackendProfile(
     mtu=smallest_device_mtu(_device_mtu),
     mtu_notes=path_mtu_notes(_device_name, (VXLAN_OVERHEAD, VXLAN6_OVERHEAD),
                              lambda _mtu, _overhead: "Backend.MTU"),
-    peer_filter_port=_peer_filter_port,
     owns_link=_owns_link,
 )

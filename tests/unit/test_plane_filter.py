@@ -1,0 +1,116 @@
+"""The agent's peer filter guards every port a vxlan device of its data plane receives on
+(leaseagent.agent.plane.Plane.filter_ports): during a rebuild's roll-out the kept
+device's too (a Port change's flaside.<VNI>, the vxlan device a change to host-gw
+keeps), until that device is removed. On the fake kernel and the in-memory firewall."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from leaseagent.agent.leasing import OwnLease
+from leaseagent.agent.plane import Plane
+from leaseagent.agent.supervision import Tasks
+from leaseagent.config import parse_agent_config
+from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.rules import peer_filter_rules
+from leaseagent.dataplane import BACKENDS
+from leaseagent.dataplane.base import DataPlane
+from leaseagent.dataplane.fakefirewall import MemoryFirewall
+from leaseagent.dataplane.fakenetlink import FakeKernel
+from leaseagent.metrics import Metrics
+
+OWN = OwnLease(IPv4Network("10.5.1.0/24"), "/coreos.com/network/subnets/10.5.1.0-24", b"{}",
+               lease_id=1, ttl=30, mod_revision=1, how="test")
+
+
+def config(backend: dict[str, object]) -> NetworkConfig:
+    return parse_network_config(json.dumps({"Network": "10.5.0.0/16", "Backend": backend}))
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        self.kernel = FakeKernel()
+        self.host = self.kernel.underlay("eth0", "10.99.0.1/24")
+        self.firewall = MemoryFirewall(4)
+        cfg = parse_agent_config([
+            "--etcd-endpoints", "http://127.0.0.1:1", "--subnet-file", str(tmp_path / "s.env"),
+            "--state-dir", str(tmp_path), "--node-id", "h1", "--peer-hold-time", "0.05"],
+            environ={})
+        self.backends = {name: self._on_fake(make) for name, make in BACKENDS.items()}
+        self.plane = Plane(cfg, config({"Type": "vxlan"}), self.host, metrics=Metrics(),
+                           tasks=Tasks(), backends=self.backends,
+                           firewalls=lambda _nftables, _family: self.firewall)
+
+    def _on_fake(self, make):  # type: ignore[no-untyped-def]
+        return lambda s: make(replace(s, kernel=self.kernel.open))
+
+    async def switch(self, network: NetworkConfig, *, aside: bool) -> DataPlane:
+        """What ConfigSwitcher._replace_backend does for a rebuild beside the old one."""
+        plane = self.plane
+        old, new = plane.backend, plane.new_backend(network, self.host)
+        if aside:
+            assert await old.step_aside()
+        await new.prepare()
+        await new.start(OWN.subnet)
+        plane.backend = new
+        plane.use_network(network)
+        plane.leaving = old
+        await plane.program_all({}, OWN)
+        return old
+
+    async def hold_over(self) -> None:
+        """The roll-out over (no peer of another type) and --peer-hold-time past: the
+        kept device removed, and the rules made again."""
+        await self.plane.finish_rollout()
+        for _ in range(500):
+            if self.plane.leaving is None and self.plane._leaving_timer is None:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the kept device was not removed within 5 s")
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        held = self.firewall.held
+        assert held is not None
+        return held.peer_ports
+
+    @property
+    def devices(self) -> set[str]:
+        return {link.name for link in self.kernel.links()} - {"lo", "eth0"}
+
+
+async def test_a_port_change_guards_the_old_port_while_its_device_is_kept(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({}, OWN)
+    assert rig.ports == (8472,) and rig.devices == {"flannel.1"}
+    await rig.switch(config({"Type": "vxlan", "Port": 4789}), aside=True)
+    assert rig.devices == {"flannel.1", "flaside.1"}
+    assert rig.ports == (4789, 8472)
+    held = rig.firewall.held
+    assert held is not None and [r.tag for r in held.chain("input")] == [
+        peer_filter_rules(port)[0].tag for port in (4789, 8472)]
+    await rig.hold_over()
+    assert rig.devices == {"flannel.1"}
+    assert rig.ports == (4789,)
+
+
+async def test_a_change_to_host_gw_guards_the_port_while_the_vxlan_device_is_kept(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({}, OWN)
+    await rig.switch(config({"Type": "host-gw"}), aside=False)
+    assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
+    await rig.hold_over()
+    assert rig.devices == set()
+    held = rig.firewall.held
+    assert held is not None and held.peer_ports == () and not held.chain("input")
+    assert rig.firewall.members is None  # no set without a filter
