@@ -347,16 +347,6 @@ class VxlanBackend(ReconcilingBackend):
                     await nl.rename_link(state.index, name)
                 vtep.name = name
 
-    async def drop_aside(self) -> None:
-        """Remove this VNI's devices a Port change put aside and an agent stopped
-        within --peer-hold-time left (their routes were replaced; at start)."""
-        nl = await self._netlink()
-        for name in (self._options.device_name, self._options.device_name6):
-            aside = vxlan.aside_name(name)
-            if aside is not None:
-                for left in (aside, vxlan.back_name(aside)):
-                    await _remove_vxlan(nl, left, "left by a Port change before a restart")
-
     # -- devices ---------------------------------------------------------------
 
     def _device_specs(self, own_subnet: Network | None, own_ipv6: Network | None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -488,6 +489,70 @@ def test_a_port_changes_old_port_stays_filtered_while_its_device_is_kept(
                  and not any(map(aside, hosts)) and lab.reachability(wait=0.2).all_ok,
                  timeout=PEER_HOLD_SECONDS + CONVERGE_SECONDS + 10,
                  what="every host back on 8472 (iptables), reachable, no flaside.1")
+
+
+@pytest.mark.parametrize(("what", "there", "kept", "tool", "sig"), [
+    ("vxlan -> host-gw", {"Type": "host-gw"}, "flannel.1", "nftables", signal.SIGKILL),
+    ("vxlan Port 8472 -> 4789", {"Type": "vxlan", "Port": 4789}, "flaside.1", "iptables",
+     signal.SIGTERM),
+])
+def test_an_agent_restarted_within_the_hold_keeps_the_old_device_guarded(
+        lab: FixedSubnetLab, what: str, there: dict[str, object], kept: str, tool: str,
+        sig: signal.Signals) -> None:
+    """Host 1's agent stopped (SIGTERM, or killed) as soon as it has switched, within the
+    hold of its old device, and started again: the new start takes the device over (the
+    same ifindex), its port's peer-filter rule stays, doctor names it `kept:` with no rule
+    missing, and it goes --peer-hold-time later with its port's rule. Before, the old
+    flannel.1 of a change to host-gw stayed for good with its port unguarded (doctor: a
+    rule missing), and a Port change's flaside.1 was removed at once."""
+    hosts = list(lab.hosts.values())
+    first = hosts[0]
+    nftables = tool == "nftables"
+    config = {**base_config(lab, **there), "EnableNFTables": nftables}
+    guarded = {8472, 4789} if "Port" in there else {8472}
+
+    def ports() -> set[int]:
+        return peer_filter_ports(first, nftables=nftables)[0]
+
+    try:
+        with pinging(lab) as pings:
+            revision = write_config(lab, config)
+            began = time.monotonic()
+            wait_for(lambda: lab.metrics(first).get("leaseagent_network_config_revision")
+                     == revision, timeout=CONVERGE_SECONDS + 5, what="host 1 switched")
+            lab.stop_agent(first, sig=sig)  # within the hold: it outlasts the roll-out
+            device = link_of(first, kept)
+            assert device is not None, f"{kept} gone before host 1's agent stopped"
+            lab.start_agent(first)
+            lab.wait_ready(first, timeout=30)
+            # Read at once: the new hold began with the first sync, before ready.
+            held, rules = link_of(first, kept), ports()
+            lines = doctor(lab, first).stdout.splitlines()
+            gone = link_of(first, kept) is None  # doctor's reading may follow the hold's end
+            wait_for(lambda: applied(lab, revision) and lab.reachability(wait=0.2).all_ok,
+                     timeout=CONVERGE_SECONDS + 5, what="every host switched, reachable")
+            took = time.monotonic() - began
+        report(f"{what}, host 1 restarted ({sig.name}) within the hold", "rebuild", took, pings)
+        assert held == device, f"{kept} taken over: {device} before, {held} after the restart"
+        assert rules == guarded, rules
+        assert gone or any(line.startswith(f"kept: device {kept} (vxlan VNI 1, UDP 8472)")
+                           for line in lines), lines
+        assert gone or not any("rule missing" in line for line in lines), lines
+        assert "taking over " + kept in first.log_file.read_text()
+        wait_for(lambda: link_of(first, kept) is None and ports() == guarded - {8472},
+                 timeout=PEER_HOLD_SECONDS + CONVERGE_SECONDS + 5,
+                 what=f"{kept} removed --peer-hold-time after the restart, its port's rule too")
+        assert pings.lost == 0
+    finally:  # the lab as it was, whatever failed
+        if not lab.agent_alive(first):
+            lab.start_agent(first)
+        write_config(lab, lab.network_config())
+        wait_for(lambda: peer_filter_ports(first, nftables=False)[0] == {8472}
+                 and all((link_of(h, "flannel.1") or (0, 0))[1] == 8472
+                         and not link_of(h, "flaside.1") for h in hosts)
+                 and lab.reachability(wait=0.2).all_ok,
+                 timeout=PEER_HOLD_SECONDS + CONVERGE_SECONDS + 10,
+                 what="every host back on vxlan 8472 (iptables), reachable, nothing kept")
 
 
 def test_a_port_this_host_cannot_use_puts_its_old_device_back(lab: FixedSubnetLab) -> None:
