@@ -650,28 +650,38 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
     reach6 = lab.wait_reachable(timeout=CONVERGE_SECONDS, family=6)
     assert reach6.all_ok, reach6.format()
 
-    def on_port(port: int) -> Callable[[], bool]:  # both devices, beside their old ones
+    names = ("flannel.1", "flannel-v6.1")
+
+    def on(backend: dict[str, int]) -> Callable[[], bool]:  # both devices, beside the old
+        port, vni = backend.get("Port", 8472), backend.get("VNI", 1)
+
         def check() -> bool:
             for h in hosts:
-                for name in ("flannel.1", "flannel-v6.1"):
-                    out = run(["ip", "-n", h.ns, "-d", "link", "show", name], check=False)
-                    if f"dstport {port} " not in out:
+                for name in (f"flannel.{vni}", f"flannel-v6.{vni}"):
+                    if (link_of(h, name) or (0, 0))[1] != port:
                         return False
             return lab.reachability(wait=0.2, family=6).all_ok
         return check
 
+    # Each change made and changed back as soon as it converged, within its hold: the
+    # devices kept from before are taken back (the same ifindex), in both families.
+    devices = {(h.name, n): link_of(h, n) for h in hosts for n in names}
     lost6 = []
-    for port in (4789, 8472):  # each change after the last one's hold (see the Port test)
-        config = lab.network_config()
-        config["Backend"] = {**config["Backend"], "Port": port}  # type: ignore[dict-item]
-        _, pings = change(lab, config, on_port(port), what=f"vxlan Port -> {port}, IPv6 pings",
-                          kind="rebuild", family=6)
-        lost6.append(pings.lost)
-        wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", name], check=False)
-                                 for h in hosts for name in ("flaside.1", "flaside6.1")),
-                 timeout=PEER_HOLD_SECONDS + 5, what="the devices put aside removed")
-    print(f"dual-stack port change IPv6 pings lost: {lost6}")
-    assert lost6 == [0, 0]
+    for what, there, kept in (("Port", {"Port": 4789}, ("flaside.1", "flaside6.1")),
+                              ("VNI", {"VNI": 2}, ("flannel.2", "flannel-v6.2"))):
+        for backend in (there, {}):
+            config = lab.network_config()
+            config["Backend"] = {**config["Backend"], **backend}  # type: ignore[dict-item]
+            _, pings = change(lab, config, on(backend), kind="rebuild", family=6,
+                              what=f"{what} {'there' if backend else 'back within the hold'}, "
+                              "IPv6 pings")
+            lost6.append(pings.lost)
+        assert all(link_of(h, k) for h in hosts for k in kept)  # the first change's, held
+        wait_for(lambda kept=kept: not any(link_of(h, k) for h in hosts for k in kept),
+                 timeout=PEER_HOLD_SECONDS + 5, what=f"{kept} removed")
+        assert {(h.name, n): link_of(h, n) for h in hosts for n in names} == devices
+    print(f"dual-stack Port and VNI changes and back within the hold, IPv6 pings lost: {lost6}")
+    assert lost6 == [0, 0, 0, 0]
 
     def ipv4_only() -> bool:
         keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
