@@ -695,6 +695,34 @@ async def test_a_device_left_aside_by_a_stop_is_taken_over_at_start(
         hand.close()
 
 
+async def test_an_ipv6_onlink_route_is_moved_to_another_device_in_one_step(
+        subject: Subject, tmp_path: Path) -> None:
+    """IPv6 refuses to replace our onlink route onto another device (its gateway's route
+    is the old one: EINVAL); `move` removes it and puts the new one in, one pair of
+    requests back to back; an old route already gone counts as removed."""
+    peers = peers_of(dual(vxlan_peer(2)))
+    async with started(subject, "vxlan", tmp_path, peers, ipv6=True):
+        hand = await subject.hand()
+        try:
+            other = await hand.create_vxlan(
+                "other.7", vni=7, port=4789, local=IPv6Address(UNDERLAY6),
+                link=subject.host.iface_index, mtu=1430, mac="02:00:00:00:07:07")
+            await hand.set_link(other.index, up=True)
+            old = next(r for r in await hand.routes(protocol=PROTOCOL) if r.dst.version == 6)
+            new = replace(old, ifindex=other.index)
+            done, failed = await hand.apply(Action.REPLACE, [new], protocol=PROTOCOL)
+            assert not done and failed and os.strerror(errno.EINVAL) in str(failed[0].error)
+            done, failed = await hand.move([(old, new)], protocol=PROTOCOL)
+            assert done == [new] and not failed
+            assert [r for r in await hand.routes(protocol=PROTOCOL) if r.dst.version == 6] \
+                == [new]
+            for _ in range(2):  # and back; the second time `new` is already gone
+                back, failed = await hand.move([(new, old)], protocol=PROTOCOL)
+                assert back == [old] and not failed
+        finally:
+            hand.close()
+
+
 async def test_a_device_in_the_way_of_a_wanted_one_is_removed_at_start(
         subject: Subject, tmp_path: Path) -> None:
     """Changed back to the old Port while the agent was down within the hold: flaside.1
