@@ -125,8 +125,10 @@ class Report:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "problems": [p.to_json() for p in self.problems],
-                "kept": self.kept}
+        out: dict[str, Any] = {"ok": self.ok, "problems": [p.to_json() for p in self.problems]}
+        if self.kept:  # only then: the usual answer stays as it was
+            out["kept"] = self.kept
+        return out
 
 
 def _read_env(path: Path) -> dict[str, str] | None:
