@@ -662,7 +662,8 @@ class FakeEvents:
             self._queue.append(make)
         self._ready.set()
 
-    async def receive(self, *, ignore: frozenset[int] = frozenset()) -> list[NetlinkEvent]:
+    async def receive(self, *, ignore: frozenset[int] = frozenset(),
+                      unsent_additions: bool = True) -> list[NetlinkEvent]:
         self._ignore = ignore
         while True:
             if self._closed or self._overflowed:
@@ -672,7 +673,9 @@ class FakeEvents:
                 out = [make() for make in self._queue]
                 self._queue.clear()
                 self._ready.clear()
-                events = [e for e in out if not (e.sender and e.sender in ignore)]
+                events = [e for e in out if not (e.sender and e.sender in ignore) and (
+                    unsent_additions or e.sender or e.deleted
+                    or e.kind not in ("neighbour", "fdb"))]
                 if events:
                     return events
                 continue

@@ -44,9 +44,12 @@ if TYPE_CHECKING:
 class KernelEvents(Protocol):
     """A subscription to link, neighbour (both families and the FDB) and route broadcasts."""
 
-    async def receive(self, *, ignore: frozenset[int] = frozenset()) -> list[NetlinkEvent]:
-        """The next events (one or more) not caused by a port in `ignore`; DataPlaneError
-        when the subscription is broken (close it and open another)."""
+    async def receive(self, *, ignore: frozenset[int] = frozenset(),
+                      unsent_additions: bool = True) -> list[NetlinkEvent]:
+        """The next events (one or more) not caused by a port in `ignore`, and unless
+        `unsent_additions` none of the neighbour and FDB additions told with port id 0
+        (the kernel's own, and every FDB addition: the kernel names no port for them);
+        DataPlaneError when the subscription is broken (close it and open another)."""
         ...
 
     def close(self) -> None: ...

@@ -509,14 +509,18 @@ class ReconcilingBackend:
 
         The plan is made a peer at a time and only each object's identity is kept, with
         the key it was planned under: the objects the kernel lacks are planned again
-        after the tables were read (usually none but at a join), and all of them only
-        when the kernel holds some that are not planned. With 5,000 peers the 15,000
+        after the tables were read (usually none), and all of them only when the kernel
+        holds some that are not planned. The first pass keeps the objects instead (at a
+        join the kernel lacks them all). With 5,000 peers the 15,000
         objects, their per-peer sets and a second index of them were the largest part
         of every pass's peak, which the allocator keeps."""
         await self._refresh(nl)
         self._admission.foreign.clear()
         self._note_foreign(peers, peers)
-        full = FullPass(self._peer_plans(self._own_subnet, peers))
+        # The first pass (a join, or a start over a kernel already programmed) keeps
+        # its objects: at a join the kernel lacks them all, and each would be planned
+        # again (its peak is that of the objects to add, held either way).
+        full = FullPass(self._peer_plans(self._own_subnet, peers), keep=not self._synced)
         self._work.removing.clear()  # echoes of earlier removals have come by now
         return full.uses, await read_again(lambda: self._compare(nl, peers, full))
 
@@ -725,10 +729,13 @@ class ReconcilingBackend:
             first = False
             try:
                 nl = await self._netlink()
-                # Echoes of our own requests are dropped unparsed (by port id).
+                # Echoes of our own requests are dropped unparsed (by port id), and so
+                # are neighbour and FDB additions told with port id 0 (every FDB echo of
+                # a join): no `_drift_kind` takes an addition without a sender.
                 own_ports = nl.port_ids
                 while True:
-                    for event in await events.receive(ignore=own_ports):
+                    for event in await events.receive(ignore=own_ports,
+                                                      unsent_additions=False):
                         self._note_event(event)
                     backoff.reset()
             except DataPlaneError as exc:
