@@ -502,7 +502,8 @@ def test_an_agent_restarted_within_the_hold_keeps_the_old_device_guarded(
     """Host 1's agent stopped (SIGTERM, or killed) as soon as it has switched, within the
     hold of its old device, and started again: the new start takes the device over (the
     same ifindex), its port's peer-filter rule stays, doctor names it `kept:` with no rule
-    missing, and it goes --peer-hold-time later with its port's rule. Before, the old
+    missing, and it goes --peer-hold-time later with its port's rule (the Port change is
+    changed back within that hold instead: the kept device is taken back). Before, the old
     flannel.1 of a change to host-gw stayed for good with its port unguarded (doctor: a
     rule missing), and a Port change's flaside.1 was removed at once."""
     hosts = list(lab.hosts.values())
@@ -539,10 +540,15 @@ def test_an_agent_restarted_within_the_hold_keeps_the_old_device_guarded(
                            for line in lines), lines
         assert gone or not any("rule missing" in line for line in lines), lines
         assert "taking over " + kept in first.log_file.read_text()
-        wait_for(lambda: link_of(first, kept) is None and ports() == guarded - {8472},
-                 timeout=PEER_HOLD_SECONDS + CONVERGE_SECONDS + 5,
-                 what=f"{kept} removed --peer-hold-time after the restart, its port's rule too")
         assert pings.lost == 0
+        if kept == "flaside.1":  # back to 8472 within the new hold: the kept device taken back
+            back = write_config(lab, lab.network_config())
+            wait_for(lambda: applied(lab, back) and link_of(first, "flannel.1") == device,
+                     timeout=CONVERGE_SECONDS + 5, what="host 1's kept device taken back")
+        else:
+            wait_for(lambda: link_of(first, kept) is None and ports() == guarded - {8472},
+                     timeout=PEER_HOLD_SECONDS + CONVERGE_SECONDS + 5,
+                     what=f"{kept} removed --peer-hold-time after the restart, its rule too")
     finally:  # the lab as it was, whatever failed
         if not lab.agent_alive(first):
             lab.start_agent(first)
@@ -667,8 +673,8 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
     # devices kept from before are taken back (the same ifindex), in both families.
     devices = {(h.name, n): link_of(h, n) for h in hosts for n in names}
     lost6 = []
-    for what, there, kept in (("Port", {"Port": 4789}, ("flaside.1", "flaside6.1")),
-                              ("VNI", {"VNI": 2}, ("flannel.2", "flannel-v6.2"))):
+    # (VNI 1 -> 2 -> 1 the same way: the contract test, on the real kernel too.)
+    for what, there, kept in (("Port", {"Port": 4789}, ("flaside.1", "flaside6.1")),):
         for backend in (there, {}):
             config = lab.network_config()
             config["Backend"] = {**config["Backend"], **backend}  # type: ignore[dict-item]
@@ -680,8 +686,8 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
         wait_for(lambda kept=kept: not any(link_of(h, k) for h in hosts for k in kept),
                  timeout=PEER_HOLD_SECONDS + 5, what=f"{kept} removed")
         assert {(h.name, n): link_of(h, n) for h in hosts for n in names} == devices
-    print(f"dual-stack Port and VNI changes and back within the hold, IPv6 pings lost: {lost6}")
-    assert lost6 == [0, 0, 0, 0]
+    print(f"dual-stack Port change and back within the hold, IPv6 pings lost: {lost6}")
+    assert lost6 == [0, 0]
 
     def ipv4_only() -> bool:
         keys = lab.etcdctl("get", "--prefix", "--keys-only", lab.keys.subnets_prefix).split()
