@@ -27,9 +27,8 @@ from __future__ import annotations
 
 from leaseagent.cli.doctor import DoctorSettings
 from leaseagent.core.plan import Route
-from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.core.rules import FAMILIES, ObservedRules
-from leaseagent.dataplane import portmove
+from leaseagent.dataplane import kept, portmove
 from leaseagent.dataplane.firewall import Firewall, IptablesFirewall, NftFirewall
 from leaseagent.dataplane.netlink import Action, Netlink
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -44,10 +43,9 @@ async def cleanup(settings: DoctorSettings) -> list[str]:
         removed, failed = await nl.apply(Action.REMOVE, routes, protocol=settings.route_protocol)
         done += [f"removed route {r.dst}" for r in removed if isinstance(r, Route)]
         done += [f"could not remove route {f.obj}: {f.error}" for f in failed]
-        for link in await nl.links():
-            if any(p.owns_link(link.kind, link.name) for p in BACKEND_TYPES.values()):
-                await nl.delete_link(link.index)
-                done.append(f"removed device {link.name}")
+        for link in kept.ours(await nl.links()):  # kept ones too, the agent being stopped
+            await nl.delete_link(link.index)
+            done.append(f"removed device {link.name}")
     finally:
         nl.close()
     firewalls: list[Firewall] = [kind(family=family) for family in FAMILIES

@@ -93,6 +93,7 @@ from leaseagent.dataplane.netlink import (
     Link,
     NetlinkEvent,
     WholeTables,
+    moved,
     outcomes,
 )
 from leaseagent.errors import DataPlaneError
@@ -624,6 +625,19 @@ class FakeNetlink(WholeTables):
                  for obj in objects]
         await asyncio.sleep(0)  # the batch's round trip
         return outcomes(action, objects, codes)
+
+    async def move(self, pairs: Sequence[tuple[KernelObject, KernelObject]], *, protocol: int
+                   ) -> tuple[list[KernelObject], list[Failure]]:
+        """As Netlink.move: each pair's removal and replace, one after the other."""
+        if self._closed:
+            error = DataPlaneError(f"move of {len(pairs)} objects: "
+                                   f"{_netlink_error(errno.EBADF)}")
+            return [], [Failure(Action.REPLACE, new, error) for _, new in pairs]
+        request = self.kernel.request
+        codes = [request(obj, remove=remove, protocol=protocol, sender=self.port_id)
+                 for old, new in pairs for obj, remove in ((old, True), (new, False))]
+        await asyncio.sleep(0)  # the batch's round trip
+        return moved(pairs, codes)
 
 
 class FakeEvents:

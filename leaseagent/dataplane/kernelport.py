@@ -72,6 +72,8 @@ class Kernel(Protocol):
         ...
 
     # links and addresses
+    async def links(self) -> list[Link]: ...
+
     async def link_by_name(self, name: str) -> Link | None: ...
 
     async def link_by_index(self, index: int) -> Link | None: ...
@@ -110,6 +112,14 @@ class Kernel(Protocol):
 
     async def apply(self, action: Action, objects: Sequence[KernelObject], *, protocol: int
                     ) -> tuple[list[KernelObject], list[Failure]]: ...
+
+    async def move(self, pairs: Sequence[tuple[KernelObject, KernelObject]], *, protocol: int
+                   ) -> tuple[list[KernelObject], list[Failure]]:
+        """Each (old, new): `old` removed and `new` put in, the two requests back to back
+        in one send (nothing of user space runs between them: a route the kernel will
+        not replace in place, IPv6's onlink route to a new device); (the new objects
+        put in, the failures of either step; an `old` already gone is removed)."""
+        ...
 
 
 # Opens a Kernel in a network namespace (None: the agent's own).

@@ -585,6 +585,29 @@ class Netlink(WholeTables):
             return [], [Failure(action, obj, error) for obj in objects]
         return outcomes(action, objects, codes)
 
+    async def move(self, pairs: Sequence[tuple[KernelObject, KernelObject]], *, protocol: int
+                   ) -> tuple[list[KernelObject], list[Failure]]:
+        step = max(1, self._raw.chunk // 2)  # a pair never split over two sends
+        codes: list[int] = []
+        try:
+            for first in range(0, len(pairs), step):
+                codes += await self._raw.batch([
+                    rtnl.encode_object(obj, remove=remove, protocol=protocol)
+                    for old, new in pairs[first:first + step]
+                    for obj, remove in ((old, True), (new, False))])
+        except OSError as exc:
+            error = _error(f"move of {len(pairs)} objects", exc)
+            return [], [Failure(Action.REPLACE, new, error) for _, new in pairs]
+        return moved(pairs, codes)
+
+
+def moved(pairs: Sequence[tuple[KernelObject, KernelObject]], codes: Sequence[int]
+          ) -> tuple[list[KernelObject], list[Failure]]:
+    """`move`'s result from the kernel's answer to each request (removal, replace, ...)."""
+    _, refused = outcomes(Action.REMOVE, [old for old, _ in pairs], codes[0::2])
+    done, failures = outcomes(Action.REPLACE, [new for _, new in pairs], codes[1::2])
+    return done, refused + failures
+
 
 def outcomes(action: Action, objects: Iterable[KernelObject], codes: Iterable[int]
              ) -> tuple[list[KernelObject], list[Failure]]:

@@ -85,7 +85,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from ipaddress import IPv4Network, IPv6Network
 from itertools import chain
 from typing import Any
@@ -113,7 +113,9 @@ from leaseagent.core.plan import (
     cluster_relevant,
     diff,
 )
+from leaseagent.dataplane import kept
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
+from leaseagent.dataplane.kept import KeptDevices
 from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import (
     Action,
@@ -439,8 +441,25 @@ class ReconcilingBackend:
     async def step_back(self) -> None:
         return None
 
-    async def drop_aside(self) -> None:
-        return None
+    async def clear_the_way(self) -> None:
+        wanted = self.spec(None, {}).devices
+        if not any(d.vxlan is not None for d in wanted):
+            return
+        nl = await self._netlink()
+        for link in kept.unused(await nl.links(), {d.name for d in wanted}):
+            if kept.in_the_way(link, wanted):
+                log.info("removing %s: a device the network config wants cannot stand beside "
+                         "it and receives on its port instead", kept.describe(link))
+                await nl.delete_link(link.index)
+
+    async def take_over(self, in_use: Callable[[], Collection[str]]) -> KeptDevices | None:
+        nl = await self._netlink()
+        found = kept.unused(await nl.links(), {d.name for d in self.spec(None, {}).devices})
+        for link in found:
+            log.info("taking over %s, a device of ours the network config does not use (a "
+                     "rebuild's, left by an agent stopped within its hold): kept, guarded, "
+                     "until --peer-hold-time after no peer runs another type", kept.describe(link))
+        return KeptDevices(self._settings, found, in_use) if found else None
 
     async def close(self) -> None:
         if self._nl is not None:
