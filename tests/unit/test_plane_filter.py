@@ -70,10 +70,12 @@ class Rig:
         old, new = plane.backend, plane.new_backend(network, self.host)
         if aside:
             assert await old.step_aside()
+            await plane.drop_leaving()
         await new.prepare()
         await new.start(OWN.subnet)
         plane.backend = new
         plane.use_network(network)
+        await plane.drop_leaving()  # a roll-out (or devices kept at start) replaced
         plane.leaving = old
         await plane.program_all({}, OWN)
         return old
@@ -177,3 +179,28 @@ async def test_a_device_in_the_way_of_a_wanted_one_is_removed_at_start(tmp_path:
     assert rig.plane.leaving is None
     made = rig.kernel.links()
     assert [link.vxlan.port for link in made if link.vxlan is not None] == [8472]
+
+
+async def test_a_kept_device_the_running_backend_takes_back_is_not_removed(
+        tmp_path: Path) -> None:
+    """Restarted within a vxlan -> host-gw hold (flannel.2 on 4789 left too, say from an
+    earlier VNI), then changed back to vxlan: the new backend adopts the kept flannel.1
+    (its name), so dropping the kept devices (the roll-out replaced) removes flannel.2
+    and its port's rule, but not flannel.1."""
+    rig = Rig(tmp_path)
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({}, OWN)
+    await rig.switch(config({"Type": "host-gw"}), aside=False)
+    hand = rig.kernel.socket()
+    await hand.create_vxlan("flannel.2", vni=2, port=4789, local=rig.host.public_ip,
+                            link=rig.host.iface_index, mtu=1450, mac="02:00:00:00:02:02")
+    await rig.restart(config({"Type": "host-gw"}))
+    assert rig.ports == (4789, 8472)
+    device = next(link.index for link in rig.kernel.links() if link.name == "flannel.1")
+    await rig.switch(config({"Type": "vxlan"}), aside=False)  # drops the kept ones first
+    assert [(link.name, link.index) for link in rig.kernel.links()
+            if link.name.startswith("flannel.")] == [("flannel.1", device)]
+    assert rig.ports == (8472,)
+    await rig.hold_over()
+    assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
