@@ -84,9 +84,8 @@ from leaseagent.dataplane.fakenetlink import FakeKernel
 from leaseagent.dataplane.vxlan import VxlanBackend
 from leaseagent.errors import StoreError
 from leaseagent.lab import processes
-from leaseagent.lab.commands import tool
-from leaseagent.lab.etcd import Etcd, free_port
-from leaseagent.lab.processes import Process, log_tail
+from leaseagent.lab.etcd import PROXY_PID_FILE, Etcd, start_grpc_proxy
+from leaseagent.lab.processes import Process
 from leaseagent.store.base import EventType, KeyValue
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
@@ -474,10 +473,10 @@ def _say(obj: dict[str, Any]) -> None:
 
 
 def worker_main(spec_text: str) -> None:
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr,
+    spec = json.loads(spec_text)
+    logging.basicConfig(level=spec.get("log_level", "ERROR"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     raise_fd_limit()
-    spec = json.loads(spec_text)
     if not spec.get("profile"):
         asyncio.run(Worker(spec).serve())
         return
@@ -664,23 +663,9 @@ def _times(report: list[dict[str, Any]], since: float, key: str) -> dict[str, An
 def start_proxy(etcd: Etcd, pdir: Path, reaper: Reaper | None) -> tuple[Process, str]:
     """`etcd grpc-proxy start` in front of `etcd`'s members (told to the reaper before it
     starts), serving once this returns; the process and its client URL."""
-    listen = free_port()
     if reaper is not None:
-        reaper.watch_pid_file(pdir / "proxy.pid")
-    proxy = processes.spawn(
-        [tool("etcd"), "grpc-proxy", "start",
-         "--endpoints", ",".join(m.url.split("://", 1)[1] for m in etcd.members),
-         "--listen-addr", f"127.0.0.1:{listen}",
-         "--data-dir", str(pdir / "data")],
-        log_file=pdir / "proxy.log", pid_file=pdir / "proxy.pid")
-    url = f"http://127.0.0.1:{listen}"
-    deadline = time.monotonic() + 30
-    while etcd.etcdctl_run([url], "endpoint", "health", timeout=2).returncode != 0:
-        if not proxy.alive or time.monotonic() > deadline:
-            raise RuntimeError(f"etcd grpc-proxy not serving at {url}:\n"
-                               + log_tail(pdir / "proxy.log"))
-        time.sleep(0.2)
-    return proxy, url
+        reaper.watch_pid_file(pdir / PROXY_PID_FILE)
+    return start_grpc_proxy(etcd, pdir)
 
 
 @dataclass
@@ -701,6 +686,8 @@ class Run:
     restart: bool = True  # the steady state and restart phases after the cold start
     backend: str = "vxlan"
     profile: str = ""  # a directory: each worker's cProfile stats written there
+    log_level: str = "ERROR"  # the workers' (the agents') log level
+    keep_logs: str = ""  # a directory: the workers' and the proxy's logs copied there
     reaper: Reaper | None = None  # told every process as it starts
     progress: Callable[[dict[str, Any]], None] = lambda _: None  # each phase's figures, as done
     seed: int = 1
@@ -766,7 +753,7 @@ class Run:
                     "channel": self.channel, "share_parsing": self.share_parsing,
                     "share_judged": self.share_judged, "backend": self.backend,
                     "max_rss_mib": self.max_rss_mib / self.workers,
-                    "profile": self.profile}
+                    "profile": self.profile, "log_level": self.log_level}
             logf = self.dir / f"w{k}.log"
             with logf.open("w") as errs:
                 proc = subprocess.Popen(
@@ -837,6 +824,17 @@ class Run:
             self.proxy.stop()
         if self.etcd is not None:
             self.etcd.close()
+        if self.keep_logs:
+            self._keep_logs(Path(self.keep_logs))
+
+    def _keep_logs(self, to: Path) -> None:
+        """The workers' logs and the proxy's, copied out of the run directory (removed at
+        the end) as <pattern>-<via>-<hosts>-<name>.log."""
+        to.mkdir(parents=True, exist_ok=True)
+        tag = f"{self.pattern}-{self.via}-{self.hosts}"
+        for src in [w.log for w in self.procs] + [self.dir / "proxy" / "proxy.log"]:
+            if src.exists():
+                shutil.copyfile(src, to / f"{tag}-{src.name}")
 
 
 class Reaper:
@@ -908,7 +906,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
             channel: str = "host", share_parsing: bool = True, share_judged: bool = True,
             max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan",
-            profile: str = "", progress: Callable[[dict[str, Any]], None] = lambda _: None
+            profile: str = "", log_level: str = "ERROR", keep_logs: str = "",
+            progress: Callable[[dict[str, Any]], None] = lambda _: None
             ) -> dict[str, Any]:
     """One run (a fresh etcd cluster, fresh workers), everything stopped at the end."""
     base = Path(tempfile.mkdtemp(prefix=f"leaseagent-cluster-{pattern}-{via}-{hosts}-",
@@ -918,7 +917,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
               channel=channel, share_parsing=share_parsing, share_judged=share_judged,
               max_rss_mib=max_rss_mib,
-              restart=restart, backend=backend, profile=profile, reaper=reaper,
+              restart=restart, backend=backend, profile=profile, log_level=log_level,
+              keep_logs=keep_logs, reaper=reaper,
               progress=progress)
     try:
         return run.execute()
@@ -1131,6 +1131,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the workers' RSS together; a phase stops (and the run) above it")
     p.add_argument("--profile", type=Path,
                    help="a directory: each worker's cProfile stats (w<first host>.prof)")
+    p.add_argument("--log-level", default="ERROR", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="the agents' log level in the workers (WARNING: every etcd outage "
+                        "an agent finds, with the error)")
+    p.add_argument("--keep-logs", type=Path,
+                   help="a directory: the workers' logs and the proxy's copied there at "
+                        "the end of each run (the run directory is removed)")
     p.add_argument("--json", type=Path, default=Path("bench-cluster.json"))
     p.add_argument("--report", type=Path, nargs="+",
                    help="print the figures of the JSON files this wrote, together; no run")
@@ -1178,6 +1185,8 @@ def main(argv: list[str] | None = None) -> int:
                     max_rss_mib=args.max_rss_gib * 1024,
                     restart=not args.cold_only, backend=args.backend,
                     profile=str(args.profile.resolve()) if args.profile else "",
+                    log_level=args.log_level,
+                    keep_logs=str(args.keep_logs.resolve()) if args.keep_logs else "",
                     progress=save))
                 args.json.write_text(json.dumps(results, indent=1))
                 for line in summary_lines(results[-1:]):

@@ -2,7 +2,8 @@
 the work are composed here (docs/architecture.md, "The agent's parts").
 
     connect to etcd -> wait for a valid <prefix>/config -> resolve this host
-    -> backend.prepare() (device, VtepMAC, MTU) -> acquire the lease
+    -> backend.prepare() (device, VtepMAC, MTU; devices of ours it does not use
+       kept, leaseagent.dataplane.kept) -> acquire the lease
     -> write subnet.env -> backend.start(subnet) -> first complete list
     -> backend.sync(peers) -> READY=1
     then tasks: hold (the lease holder: keepalive, take back a lost lease),
@@ -185,7 +186,7 @@ class Agent:
     def _etcd_recovered(self) -> None:
         if self.watcher is not None:
             # A stream that lived through the outage may be half-open: list again.
-            self.watcher.request_relist("etcd_recovered")
+            self.watcher.relist_after_outage(self.etcd.down_since)
 
     # --- start-up ---------------------------------------------------------------------
 
@@ -204,8 +205,7 @@ class Agent:
         self.plane = plane = Plane(cfg, network, host, metrics=self.metrics, tasks=self.tasks,
                                    backends=self._backends, firewalls=self._firewalls)
         plane.read_rules_ahead()
-        await plane.backend.drop_aside()  # a Port change's old device, left by a stop
-        attrs = await plane.backend.prepare()
+        attrs = await plane.prepare()  # and the devices a stop within a hold left, kept
         self.mtu = attrs.mtu
         leasing = Leasing(
             self.store, layout=self.layout, network=network,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from leaseagent.agent.logs import StateLog
@@ -30,6 +31,7 @@ class EtcdHealth:
         # etcd is back after an outage: a stream that lived through it may be half-open.
         self._on_recovered = on_recovered
         self.reachable = True  # as last found (leaseagent_etcd_up)
+        self.down_since = 0.0  # when it was last found unreachable (monotonic)
         self.refusal: str | None = None  # why etcd refuses to list the leases, if it does
         self._probe: asyncio.Future[None] | None = None  # asks etcd while it is down
 
@@ -46,6 +48,8 @@ class EtcdHealth:
             self._states.set("etcd-refusal", "refused", "%s (retrying; the data plane "
                              "is kept as it is)", exc, level=logging.WARNING)
             return
+        if self.reachable:
+            self.down_since = time.monotonic()
         self.reachable = False
         self._metrics.etcd_up.set(0)
         self._states.set("etcd", "down", "etcd unreachable: %s (retrying)", exc,

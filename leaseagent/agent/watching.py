@@ -121,6 +121,7 @@ class LeaseWatcher:
         self._store = store
         self._check_seconds = check_seconds
         self._seen = 0  # the revision the book is complete up to (listing, events)
+        self.heard_at = 0.0  # when the stream last brought a listing or events (monotonic)
         self._own_present: str | None = None  # our own key, as the stream last said
         self._own_ip = own_public_ip
         self._own_key = own_key
@@ -157,6 +158,14 @@ class LeaseWatcher:
 
     def request_relist(self, reason: str) -> None:
         self._engine.request_relist(reason)
+
+    def relist_after_outage(self, began: float) -> None:
+        """etcd answers again after an outage found at `began` (monotonic): a stream that
+        lived through it may be half-open, so list again, unless it has brought something
+        since (it is alive, and in order: another part found etcd down, e.g. the config
+        key's quiet watch given up on a starved host while this one delivered)."""
+        if self.heard_at < began:
+            self.request_relist("etcd_recovered")
 
     def set_network(self, network: NetworkConfig) -> None:
         """Judge with `network` from now on (events at once; `relist` so that every key
@@ -325,6 +334,7 @@ class LeaseWatcher:
 
     async def _follow(self) -> None:
         async for item in self._engine.stream():
+            self.heard_at = time.monotonic()
             async with self.gate:
                 if isinstance(item, Snapshot):
                     if item.reason != "start":

@@ -4,7 +4,8 @@ What the agent leaves in place when it stops (on purpose: traffic keeps
 flowing across a restart) is removed here, and nothing else:
 
 - every route carrying its route protocol (`--route-protocol`, 76);
-- every backend profile's devices (`BackendProfile.owns_link`, leaseagent.core.profiles):
+- every backend profile's devices (`BackendProfile.owns_link`, leaseagent.core.profiles;
+  `dataplane.kept.ours`, the rule the agent's start and doctor use), kept ones too:
   vxlan's (`flannel.<VNI>`, `flannel-v6.<VNI>`, and `flaside.<VNI>`,
   `flaside6.<VNI>` a Port change put aside, `flback.<VNI>`, `flback6.<VNI>` one
   taking its name back; kind vxlan), which takes their
@@ -27,9 +28,8 @@ from __future__ import annotations
 
 from leaseagent.cli.doctor import DoctorSettings
 from leaseagent.core.plan import Route
-from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.core.rules import FAMILIES, ObservedRules
-from leaseagent.dataplane import portmove
+from leaseagent.dataplane import kept, portmove
 from leaseagent.dataplane.firewall import Firewall, IptablesFirewall, NftFirewall
 from leaseagent.dataplane.netlink import Action, Netlink
 from leaseagent.errors import ConfigError, DataPlaneError
@@ -44,10 +44,9 @@ async def cleanup(settings: DoctorSettings) -> list[str]:
         removed, failed = await nl.apply(Action.REMOVE, routes, protocol=settings.route_protocol)
         done += [f"removed route {r.dst}" for r in removed if isinstance(r, Route)]
         done += [f"could not remove route {f.obj}: {f.error}" for f in failed]
-        for link in await nl.links():
-            if any(p.owns_link(link.kind, link.name) for p in BACKEND_TYPES.values()):
-                await nl.delete_link(link.index)
-                done.append(f"removed device {link.name}")
+        for link in kept.ours(await nl.links()):  # kept ones too, the agent being stopped
+            await nl.delete_link(link.index)
+            done.append(f"removed device {link.name}")
     finally:
         nl.close()
     firewalls: list[Firewall] = [kind(family=family) for family in FAMILIES

@@ -17,6 +17,10 @@ agent does. It decides nothing on its own:
 - files: subnet.env (network, subnet, MTU, where each device's MTU comes from: the
   profile's `mtu_notes`); whether the directories of subnet.env and the state can
   be written (read-only, full);
+- devices of ours (a backend profile's, leaseagent.dataplane.kept) that the network
+  config does not use: a `kept:` line each, not a problem (the agent keeps them for a
+  rebuild's hold, takes them over at its next start and removes them
+  --peer-hold-time later; their ports are guarded, so the rules check wants them);
 - the agent (with `--metrics-addr`, as the unit sets it): its /readyz, whose
   reason when it is not ready names what fails (a traffic rule that cannot be
   written: the command and what the tool or kernel said);
@@ -65,7 +69,6 @@ from leaseagent.core.diagnosis import (
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import Network, NetworkConfig, parse_network_config
 from leaseagent.core.plan import compare, flatten, needs_recreate
-from leaseagent.core.profiles import BACKEND_TYPES
 from leaseagent.core.rules import (
     FAMILIES,
     TrafficSettings,
@@ -117,13 +120,19 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     summary: str = ""
     leftovers: list[Leftover] = field(default_factory=list)  # flanneld's, each also a problem
+    # Devices of ours the network config does not use, kept by the agent for a rebuild's
+    # hold (leaseagent.dataplane.kept): a line each, not a problem.
+    kept: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "problems": [p.to_json() for p in self.problems]}
+        out: dict[str, Any] = {"ok": self.ok, "problems": [p.to_json() for p in self.problems]}
+        if self.kept:  # only then: the usual answer stays as it was
+            out["kept"] = self.kept
+        return out
 
 
 def _read_env(path: Path) -> dict[str, str] | None:
@@ -268,20 +277,30 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
     finally:
         nl.close()
     names = {link.index: link.name for link in links}
+    from leaseagent.dataplane import kept
+
+    ours = kept.ours(links)  # the rule `leasectl cleanup` and the agent's start use
+    wanted = {d.name for d in spec.devices}
+    for link in kept.unused(ours, wanted):
+        report.kept.append(
+            f"kept: device {kept.describe(link)}, which the network config does not use (a "
+            "rebuild's old device): the agent guards its port and removes it --peer-hold-time "
+            "after no peer runs another type (taking it over at its next start if it is "
+            "stopped)" if network.profile.data_path else
+            f"left: device {kept.describe(link)}, which the network config does not use: "
+            f"the agent ({network.backend_type}) does not remove it; `leasectl cleanup` does")
     if not needs_recreate(comparison.devices):  # no device: no entries could be on it
         report.problems += object_problems(comparison.objects, plan=spec.objects,
                                            current=observed.objects, peers=peers, names=names)
     if network.profile.data_path:  # no data path (alloc): no traffic rules either
         # The ports the agent's peer filter guards: its devices' and those of ours the
         # kernel has besides (a rebuild's kept device, until the agent removes it).
-        kept = [link for link in links
-                if any(p.owns_link(link.kind, link.name) for p in BACKEND_TYPES.values())]
         report.problems += await _check_rules(settings, network, own_subnet, peers, own_ipv6,
-                                              ports=receive_ports([*spec.devices, *kept]))
+                                              ports=receive_ports([*spec.devices, *ours]))
     from leaseagent.dataplane import leftovers
 
     report.leftovers = await leftovers.find(
-        ours={d.name for d in spec.devices},
+        ours=wanted | {link.name for link in ours},  # the agent's to remove, not flanneld's
         networks=[network.network, *([network.ipv6.network] if network.ipv6 else [])],
         leased={*peers, *(p.ipv6_subnet for p in peers.values() if p.ipv6_subnet),
                 *(s for s in (own_subnet, own_ipv6) if s is not None)})

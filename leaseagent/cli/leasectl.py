@@ -394,6 +394,8 @@ async def cmd_doctor(store: LeaseStore, layout: KeyLayout, args: argparse.Namesp
     else:
         for problem in report.problems:
             print(escaped(problem.text))
+        for line in report.kept:
+            print(escaped(line))
         if report.ok:
             print(f"ok: {escaped(report.summary)}")
     return 0 if report.ok else 1

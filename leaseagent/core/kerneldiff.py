@@ -13,9 +13,10 @@ objects is decided here, and unit-tested without a kernel:
   each planned object's identity is kept, with the key it was planned under;
   each dumped entry is told by its identity (`Reading.known`), and only one
   the plan does not hold becomes an object. The objects the kernel lacks are
-  planned again afterwards (usually none but at a join), and the whole plan
-  only when the kernel holds objects it does not want (which another object
-  replaces: `core.plan.diff_found`).
+  planned again afterwards (usually none), and the whole plan only when the
+  kernel holds objects it does not want (which another object
+  replaces: `core.plan.diff_found`). The first pass (`keep`: a join, where the
+  kernel lacks every object) keeps the objects instead and plans nothing again.
 - `judge_event`: what a kernel notification of someone else calls for: a
   targeted repair of exactly that object, a full pass, or nothing; `Work`
   collects the verdicts for the resync loop.
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import Enum
 from ipaddress import IPv4Network
 from itertools import chain
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from leaseagent.core.plan import (
     HostRoute,
@@ -127,10 +128,13 @@ class AppliedPlan:
         """An incremental update's diff once its peers were dropped and added: `new` is
         added; of `old`, what no peer of the plan still wants is removed, and nothing
         before the first full pass has shown which peers are really gone (`synced`)."""
+        uses = self.uses
+        if not new:  # only removals (a mass expiry): what no peer still wants, in order
+            return diff_found((), (), (o for o in old if use_key(o) not in uses) if synced else ())
         to_add, to_remove = diff(new, old)
         if not synced:
             return PlanDiff(to_add, ())
-        return PlanDiff(to_add, tuple(o for o in to_remove if use_key(o) not in self.uses))
+        return PlanDiff(to_add, tuple(o for o in to_remove if use_key(o) not in uses))
 
     def objects(self, plan: Callable[[Peer], frozenset[KernelObject]]
                 ) -> Iterator[KernelObject]:
@@ -140,32 +144,39 @@ class AppliedPlan:
 
 
 class FullPass:
-    """A full sync's plan, kept as identities (see the module docstring)."""
+    """A full sync's plan, kept as identities (see the module docstring), or with
+    `keep` as the objects themselves: for the first pass, usually a join, where the
+    kernel lacks them all and each would be planned again."""
 
-    __slots__ = ("desired", "uses")
+    __slots__ = ("desired", "kept", "uses")
 
-    def __init__(self, plans: Plans) -> None:
-        self.desired: dict[Ident, IPv4Network] = {}
+    def __init__(self, plans: Plans, *, keep: bool = False) -> None:
+        # Per identity the key it was planned under, or (kept) the object.
+        self.desired: dict[Ident, IPv4Network | KernelObject] = {}
+        self.kept = keep
         self.uses: dict[int, int] = {}  # AppliedPlan.uses once applied
+        desired, uses = self.desired, self.uses
         for key, objects in plans:
             for obj in objects:
-                self.desired[obj._ident] = key
+                desired[obj._ident] = obj if keep else key
                 use = use_key(obj)
-                self.uses[use] = self.uses.get(use, 0) + 1
+                uses[use] = uses.get(use, 0) + 1
 
     def reading(self) -> Reading:
         """One reading of the kernel's tables against the plan (a dump interrupted and
         read again starts a new one)."""
-        return Reading(self.desired)
+        return Reading(self.desired, kept=self.kept)
 
 
 class Reading:
     """The kernel's entries told one by one (`known`), then `finish`ed into the diff."""
 
-    __slots__ = ("desired", "missing")
+    __slots__ = ("desired", "kept", "missing")
 
-    def __init__(self, desired: dict[Ident, IPv4Network]) -> None:
+    def __init__(self, desired: dict[Ident, IPv4Network | KernelObject], *,
+                 kept: bool = False) -> None:
         self.desired = desired
+        self.kept = kept
         self.missing = dict(desired)
 
     def known(self, ident: Ident) -> bool:
@@ -182,15 +193,22 @@ class Reading:
         objects planned again under a key (`planned_again`) and the whole plan (asked
         only when something is stale). When the kernel has none of the plan (a join),
         the identities are dropped once read: every object is planned again, and 15,000
-        identities are not held beside them."""
+        identities are not held beside them. When the objects were kept, none is
+        planned again."""
         missing, desired = self.missing, self.desired
+        if self.kept:
+            objects = cast("dict[Ident, KernelObject]", desired)
+            to_add = list(cast("dict[Ident, KernelObject]", missing).values())
+            missing.clear()
+            return diff_found(list(objects.values()) if stale else [], to_add, stale)
         lacking = dict.fromkeys(missing.values())
         everything = len(missing) == len(desired)
         if everything:
             missing.clear()
             desired.clear()
         # Two peers may plan one object: it is added once (dict.fromkeys, by identity).
-        to_add = list(dict.fromkeys(obj for key in lacking for obj in planned_again(key)
+        to_add = list(dict.fromkeys(obj for key in lacking
+                                    for obj in planned_again(key)  # type: ignore[arg-type]
                                     if everything or obj._ident in missing))
         missing.clear()
         planned: list[KernelObject] = list(whole_plan()) if stale else []
@@ -359,8 +377,11 @@ class Admission:
 
     def unclaim(self, peer: Peer, claims: Claims) -> None:
         """`peer` is planned no more: what it held is free."""
+        subnet = peer.subnet
         for _what, claim, _holder in claims:
-            if self.claimed.get(claim, (None, None))[1] == peer.subnet:
+            held = self.claimed.get(claim)
+            # The subnet held is usually this very object (ipaddress compares in Python).
+            if held is not None and (held[1] is subnet or held[1] == subnet):
                 del self.claimed[claim]
 
     def judge(self, peers: Mapping[IPv4Network, Peer], claims_of: Callable[[Peer], Claims],

@@ -363,26 +363,30 @@ class PeerAdmission:
     def __init__(self, family: int = 4) -> None:
         self.family = FAMILIES[family].version
         self._of: dict[IPv4Network, Address] = {}
-        self._uses: Counter[Address] = Counter()
+        self._uses: dict[Address, int] = {}
 
     def reset(self, peers: Iterable[Peer]) -> frozenset[Address]:
         """Start again from the whole peer set; the addresses admitted."""
         self._of = {p.subnet: ip for p in peers if (ip := admitted(p, self.family)) is not None}
-        self._uses = Counter(self._of.values())
+        self._uses = dict(Counter(self._of.values()))
         return self.addresses()
 
     def apply(self, changes: PeerChanges) -> tuple[set[Address], set[Address]]:
         """Take in one batch of changes; the addresses newly admitted, and those no
-        peer uses any more."""
+        peer uses any more. (An address is hashed in Python, so each is looked up as
+        few times as it can be: a mass expiry drops thousands.)"""
         admit: set[Address] = set()
         retire: set[Address] = set()
+        of, uses = self._of, self._uses
 
         def drop(subnet: IPv4Network) -> None:
-            ip = self._of.pop(subnet, None)
+            ip = of.pop(subnet, None)
             if ip is not None:
-                self._uses[ip] -= 1
-                if self._uses[ip] <= 0:
-                    del self._uses[ip]
+                n = uses[ip] - 1
+                if n > 0:
+                    uses[ip] = n
+                else:
+                    del uses[ip]
                     retire.add(ip)
 
         for p in changes.removed:
@@ -391,10 +395,11 @@ class PeerAdmission:
             drop(p.subnet)
             ip = admitted(p, self.family)
             if ip is not None:
-                self._of[p.subnet] = ip
-                if self._uses[ip] == 0:
+                of[p.subnet] = ip
+                n = uses.get(ip, 0)
+                if n == 0:
                     admit.add(ip)
-                self._uses[ip] += 1
+                uses[ip] = n + 1
         return admit - retire, retire - admit
 
     def addresses(self) -> frozenset[Address]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from ipaddress import IPv4Network, IPv6Network
+from typing import TYPE_CHECKING
 
 from leaseagent.core.leases import LeaseValue, Peer, PeerChanges
 from leaseagent.core.plan import BackendSpec, Observation
 from leaseagent.core.profiles import alloc
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus, DoctorFindings
+
+if TYPE_CHECKING:
+    from leaseagent.dataplane.kept import KeptDevices
 
 
 class AllocBackend:
@@ -56,8 +60,11 @@ class AllocBackend:
     async def step_back(self) -> None:
         return None
 
-    async def drop_aside(self) -> None:
+    async def clear_the_way(self) -> None:
         return None
+
+    async def take_over(self, in_use: Callable[[], Collection[str]]) -> KeptDevices | None:
+        return None  # no kernel access: a device a rebuild to alloc kept stays (cleanup)
 
     async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],
                      observed: Observation) -> DoctorFindings:

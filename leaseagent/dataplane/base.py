@@ -24,6 +24,13 @@ once no peer runs the old type any more; with a device shared (one name), first
 
     await dp.remove()                   # the backend's kernel objects and devices, all gone
 
+An agent stopped before then leaves the old devices; the next start takes them over
+(leaseagent.dataplane.kept):
+
+    await dp.clear_the_way()            # one that would block a wanted device removed
+    attrs = await dp.prepare()
+    kept = await dp.take_over(in_use)   # the others, removed --peer-hold-time later
+
 Read-only, for `leasectl doctor` and the tests as much as for reconcile:
 
     dp.spec(own_subnet, peers, own_ipv6=own_ipv6)
@@ -55,7 +62,7 @@ from it (leaseagent.metrics).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
@@ -67,6 +74,7 @@ from leaseagent.core.network import NetworkConfig
 from leaseagent.core.plan import BackendSpec, Observation
 
 if TYPE_CHECKING:
+    from leaseagent.dataplane.kept import KeptDevices
     from leaseagent.dataplane.kernelport import Kernel, KernelOpener
 
 # rtnetlink protocol number on every route we add. iproute2's rt_protos names
@@ -264,9 +272,16 @@ class DataPlane(Protocol):
         """Undo `step_aside` (the new instance could not be prepared)."""
         ...
 
-    async def drop_aside(self) -> None:
-        """At start: remove devices an instance put aside (`step_aside`) and could not
-        remove before the agent stopped."""
+    async def clear_the_way(self) -> None:
+        """At start, before `prepare`: remove each device of ours that would keep one this
+        backend wants from being made (leaseagent.dataplane.kept)."""
+        ...
+
+    async def take_over(self, in_use: Callable[[], Collection[str]]) -> KeptDevices | None:
+        """At start, after `prepare`: the devices of ours this backend does not use (a
+        rebuild's, kept within its hold when the agent stopped), to keep as a rebuild
+        keeps the replaced backend's (leaseagent.dataplane.kept); `in_use`: the names
+        the running backend's devices have, whichever backend runs by then."""
         ...
 
     async def doctor(self, own: LeaseValue | None, peers: Mapping[IPv4Network, Peer],

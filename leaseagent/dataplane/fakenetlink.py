@@ -93,6 +93,7 @@ from leaseagent.dataplane.netlink import (
     Link,
     NetlinkEvent,
     WholeTables,
+    moved,
     outcomes,
 )
 from leaseagent.errors import DataPlaneError
@@ -625,6 +626,19 @@ class FakeNetlink(WholeTables):
         await asyncio.sleep(0)  # the batch's round trip
         return outcomes(action, objects, codes)
 
+    async def move(self, pairs: Sequence[tuple[KernelObject, KernelObject]], *, protocol: int
+                   ) -> tuple[list[KernelObject], list[Failure]]:
+        """As Netlink.move: each pair's removal and replace, one after the other."""
+        if self._closed:
+            error = DataPlaneError(f"move of {len(pairs)} objects: "
+                                   f"{_netlink_error(errno.EBADF)}")
+            return [], [Failure(Action.REPLACE, new, error) for _, new in pairs]
+        request = self.kernel.request
+        codes = [request(obj, remove=remove, protocol=protocol, sender=self.port_id)
+                 for old, new in pairs for obj, remove in ((old, True), (new, False))]
+        await asyncio.sleep(0)  # the batch's round trip
+        return moved(pairs, codes)
+
 
 class FakeEvents:
     """A subscription to a FakeKernel's broadcasts (NetlinkEvents' interface). The
@@ -648,7 +662,8 @@ class FakeEvents:
             self._queue.append(make)
         self._ready.set()
 
-    async def receive(self, *, ignore: frozenset[int] = frozenset()) -> list[NetlinkEvent]:
+    async def receive(self, *, ignore: frozenset[int] = frozenset(),
+                      unsent_additions: bool = True) -> list[NetlinkEvent]:
         self._ignore = ignore
         while True:
             if self._closed or self._overflowed:
@@ -658,7 +673,9 @@ class FakeEvents:
                 out = [make() for make in self._queue]
                 self._queue.clear()
                 self._ready.clear()
-                events = [e for e in out if not (e.sender and e.sender in ignore)]
+                events = [e for e in out if not (e.sender and e.sender in ignore) and (
+                    unsent_additions or e.sender or e.deleted
+                    or e.kind not in ("neighbour", "fdb"))]
                 if events:
                     return events
                 continue

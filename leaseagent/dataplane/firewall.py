@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -100,21 +101,45 @@ _JUMP = "leaseagent:jump"
 
 async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
                check: bool = True, started: set[int] | None = None) -> tuple[int, str, str]:
-    """Run `argv` (in `netns`); its exit code and output. `started` collects its PID."""
+    """Run `argv` (in `netns`); its exit code and output. `started` collects its PID.
+    `input` is read from a file written before the start, not a pipe the event loop
+    feeds: the program runs to its end while the loop is busy (at a join the data
+    plane plans 5,000 peers meanwhile; a pipe holds 64 KiB of their ipset script)."""
     full = ["ip", "netns", "exec", netns, *argv] if netns else argv
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *full, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdin = _input_file(input) if input is not None else asyncio.subprocess.DEVNULL
     except OSError as exc:
         raise DataPlaneError(f"cannot run {argv[0]}: {exc}") from exc
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *full, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise DataPlaneError(f"cannot run {argv[0]}: {exc}") from exc
+    finally:
+        if input is not None:
+            os.close(stdin)
     if started is not None:
         started.add(proc.pid)  # `ip netns exec` execs the program: the PID stays
-    out, err = await proc.communicate(input.encode() if input is not None else None)
+    out, err = await proc.communicate()
     code = proc.returncode if proc.returncode is not None else -1
     if check and code != 0:
         raise DataPlaneError(f"{' '.join(argv[:3])}: {err.decode().strip() or f'exit {code}'}")
     return code, out.decode(), err.decode()
+
+
+def _input_file(text: str) -> int:
+    """A descriptor of an unnamed file in memory holding `text`, read from its start."""
+    fd = os.memfd_create("leaseagent-input", os.MFD_CLOEXEC)
+    try:
+        data = text.encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 run_tool = _run  # for the other adapters of this package that run the same tools

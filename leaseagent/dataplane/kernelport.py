@@ -44,9 +44,12 @@ if TYPE_CHECKING:
 class KernelEvents(Protocol):
     """A subscription to link, neighbour (both families and the FDB) and route broadcasts."""
 
-    async def receive(self, *, ignore: frozenset[int] = frozenset()) -> list[NetlinkEvent]:
-        """The next events (one or more) not caused by a port in `ignore`; DataPlaneError
-        when the subscription is broken (close it and open another)."""
+    async def receive(self, *, ignore: frozenset[int] = frozenset(),
+                      unsent_additions: bool = True) -> list[NetlinkEvent]:
+        """The next events (one or more) not caused by a port in `ignore`, and unless
+        `unsent_additions` none of the neighbour and FDB additions told with port id 0
+        (the kernel's own, and every FDB addition: the kernel names no port for them);
+        DataPlaneError when the subscription is broken (close it and open another)."""
         ...
 
     def close(self) -> None: ...
@@ -69,6 +72,8 @@ class Kernel(Protocol):
         ...
 
     # links and addresses
+    async def links(self) -> list[Link]: ...
+
     async def link_by_name(self, name: str) -> Link | None: ...
 
     async def link_by_index(self, index: int) -> Link | None: ...
@@ -107,6 +112,14 @@ class Kernel(Protocol):
 
     async def apply(self, action: Action, objects: Sequence[KernelObject], *, protocol: int
                     ) -> tuple[list[KernelObject], list[Failure]]: ...
+
+    async def move(self, pairs: Sequence[tuple[KernelObject, KernelObject]], *, protocol: int
+                   ) -> tuple[list[KernelObject], list[Failure]]:
+        """Each (old, new): `old` removed and `new` put in, the two requests back to back
+        in one send (nothing of user space runs between them: a route the kernel will
+        not replace in place, IPv6's onlink route to a new device); (the new objects
+        put in, the failures of either step; an `old` already gone is removed)."""
+        ...
 
 
 # Opens a Kernel in a network namespace (None: the agent's own).

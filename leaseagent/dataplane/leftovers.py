@@ -14,10 +14,12 @@ flanneld (pkg/trafficmngr, pkg/backend) keeps, and leaves when it stops:
 - routes to the other hosts' subnets, with the kernel's default protocol
   (boot, 3): flanneld sets none.
 
-A device of those names that the agent's own backend uses (leaseagent names its
-devices as flanneld does and adopts flanneld's device, MAC and all) is not a
-leftover; nor is a route to the subnet of a host that holds a valid lease (the
-agent replaces it with its own as it programs that peer). The rest is: a stale
+A device of those names that a backend profile owns (its kind too: leaseagent
+names its devices as flanneld does and adopts flanneld's device, MAC and all; one
+its backend does not use it takes over at start and removes --peer-hold-time
+later, leaseagent.dataplane.kept) is not a leftover (doctor's `ours`); nor is a
+route to the subnet of a host that holds a valid lease (the agent replaces it
+with its own as it programs that peer). The rest is: a stale
 flanneld masquerade rule rewrites container traffic beside the agent's rules.
 
 Removal never cuts traffic the agent carries: run it with the agent running and
@@ -69,7 +71,7 @@ class Leftover:
 
 async def find(*, ours: Collection[str], networks: Iterable[Network],
                leased: Collection[Network], netns: str | None = None) -> list[Leftover]:
-    """flanneld's leftovers here. `ours`: the device names the agent's backend uses;
+    """flanneld's leftovers here. `ours`: the names of the devices the agent owns;
     `networks`: the cluster networks (IPv4, and IPv6 if any); `leased`: the subnets
     that hold a valid lease (their flanneld routes are the agent's to replace)."""
     found: list[Leftover] = []

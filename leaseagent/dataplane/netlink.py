@@ -71,7 +71,7 @@ from ipaddress import (
     IPv6Interface,
     ip_interface,
 )
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from leaseagent.core.network import Address
 from leaseagent.core.plan import (
@@ -182,9 +182,10 @@ class Failure:
     error: DataPlaneError
 
 
-@dataclass(frozen=True)
-class NetlinkEvent:
-    """One change the kernel broadcast; only the fields the data plane looks at."""
+class NetlinkEvent(NamedTuple):
+    """One change the kernel broadcast; only the fields the data plane looks at (a
+    tuple: a mass removal's echoes are thousands, and a frozen dataclass's __init__
+    cost a third of decoding one)."""
 
     kind: str  # "link" | "route" | "neighbour" | "fdb" | "other"
     deleted: bool
@@ -584,6 +585,29 @@ class Netlink(WholeTables):
             return [], [Failure(action, obj, error) for obj in objects]
         return outcomes(action, objects, codes)
 
+    async def move(self, pairs: Sequence[tuple[KernelObject, KernelObject]], *, protocol: int
+                   ) -> tuple[list[KernelObject], list[Failure]]:
+        step = max(1, self._raw.chunk // 2)  # a pair never split over two sends
+        codes: list[int] = []
+        try:
+            for first in range(0, len(pairs), step):
+                codes += await self._raw.batch([
+                    rtnl.encode_object(obj, remove=remove, protocol=protocol)
+                    for old, new in pairs[first:first + step]
+                    for obj, remove in ((old, True), (new, False))])
+        except OSError as exc:
+            error = _error(f"move of {len(pairs)} objects", exc)
+            return [], [Failure(Action.REPLACE, new, error) for _, new in pairs]
+        return moved(pairs, codes)
+
+
+def moved(pairs: Sequence[tuple[KernelObject, KernelObject]], codes: Sequence[int]
+          ) -> tuple[list[KernelObject], list[Failure]]:
+    """`move`'s result from the kernel's answer to each request (removal, replace, ...)."""
+    _, refused = outcomes(Action.REMOVE, [old for old, _ in pairs], codes[0::2])
+    done, failures = outcomes(Action.REPLACE, [new for _, new in pairs], codes[1::2])
+    return done, refused + failures
+
 
 def outcomes(action: Action, objects: Iterable[KernelObject], codes: Iterable[int]
              ) -> tuple[list[KernelObject], list[Failure]]:
@@ -604,19 +628,23 @@ def outcomes(action: Action, objects: Iterable[KernelObject], codes: Iterable[in
 
 def _neighbour_event(kind: int, body: bytes, sender: int) -> NetlinkEvent:
     deleted = kind == rtnl.RTM_DELNEIGH
-    n = rtnl.decode_neighbour(body, 0, len(body))
-    if n.family == AF_BRIDGE:
-        obj: KernelObject | None = (
-            Fdb(n.ifindex, n.lladdr, n.dst) if n.dst is not None and n.lladdr else None)
-        return NetlinkEvent("fdb", deleted, n.ifindex, sender, obj=obj)
-    if n.family not in _FAMILIES:
+    family, ifindex, _state, _flags, dst, lladdr = rtnl.decode_neighbour(body, 0, len(body))
+    if family == AF_BRIDGE:
+        obj: KernelObject | None = Fdb(ifindex, lladdr, dst) if dst is not None and lladdr else None
+        return NetlinkEvent("fdb", deleted, ifindex, sender, None, None, None, None, obj)
+    if family not in _FAMILIES:
         return NetlinkEvent("other", deleted, 0, sender)
-    obj = Neighbour(n.ifindex, n.dst, n.lladdr) if n.dst is not None else None
-    return NetlinkEvent("neighbour", deleted, n.ifindex, sender, obj=obj)
+    obj = Neighbour(ifindex, dst, lladdr) if dst is not None else None
+    return NetlinkEvent("neighbour", deleted, ifindex, sender, None, None, None, None, obj)
+
+
+_NEIGHBOUR_KINDS = frozenset((rtnl.RTM_NEWNEIGH, rtnl.RTM_DELNEIGH))
 
 
 def event_from_message(kind: int, sender: int, body: bytes) -> NetlinkEvent:
     """A NetlinkEvent from one raw rtnetlink broadcast (body without nlmsghdr)."""
+    if kind in _NEIGHBOUR_KINDS:  # the most of them: a mass removal's echoes
+        return _neighbour_event(kind, body, sender)
     if kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
         index, flags, name = rtnl.decode_link(body, 0, len(body))
         return NetlinkEvent("link", kind == rtnl.RTM_DELLINK, index, sender,
@@ -629,8 +657,6 @@ def event_from_message(kind: int, sender: int, body: bytes) -> NetlinkEvent:
         return NetlinkEvent("route", deleted, route.ifindex if route else 0, sender,
                             protocol=protocol, table=table, obj=route,
                             host_route=rtnl.host_route(body, 0, len(body)))
-    if kind in (rtnl.RTM_NEWNEIGH, rtnl.RTM_DELNEIGH):
-        return _neighbour_event(kind, body, sender)
     return NetlinkEvent("other", False, 0, sender)
 
 
@@ -652,13 +678,16 @@ class NetlinkEvents:
             raise _error("cannot subscribe to rtnetlink events", exc) from exc
         return cls(raw)
 
-    async def receive(self, *, ignore: frozenset[int] = frozenset()) -> list[NetlinkEvent]:
-        """The next batch of events (one or more) not caused by a port in `ignore`.
+    async def receive(self, *, ignore: frozenset[int] = frozenset(),
+                      unsent_additions: bool = True) -> list[NetlinkEvent]:
+        """The next batch of events (one or more) not caused by a port in `ignore`;
+        without neighbour and FDB additions told with port id 0 (dropped unparsed)
+        unless `unsent_additions` (kernelport.KernelEvents).
 
         Raises DataPlaneError when the socket is broken (e.g. overflowed):
         close it and open a new one."""
         try:
-            raw = await self._raw.read_events(ignore)
+            raw = await self._raw.read_events(ignore, unsent_additions=unsent_additions)
         except OSError as exc:
             raise _error("rtnetlink event socket failed", exc) from exc
         return [event_from_message(kind, sender, body) for kind, sender, body in raw]

@@ -85,7 +85,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from ipaddress import IPv4Network, IPv6Network
 from itertools import chain
 from typing import Any
@@ -113,7 +113,9 @@ from leaseagent.core.plan import (
     cluster_relevant,
     diff,
 )
+from leaseagent.dataplane import kept
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
+from leaseagent.dataplane.kept import KeptDevices
 from leaseagent.dataplane.kernelport import Kernel
 from leaseagent.dataplane.netlink import (
     Action,
@@ -439,8 +441,25 @@ class ReconcilingBackend:
     async def step_back(self) -> None:
         return None
 
-    async def drop_aside(self) -> None:
-        return None
+    async def clear_the_way(self) -> None:
+        wanted = self.spec(None, {}).devices
+        if not any(d.vxlan is not None for d in wanted):
+            return
+        nl = await self._netlink()
+        for link in kept.unused(await nl.links(), {d.name for d in wanted}):
+            if kept.in_the_way(link, wanted):
+                log.info("removing %s: a device the network config wants cannot stand beside "
+                         "it and receives on its port instead", kept.describe(link))
+                await nl.delete_link(link.index)
+
+    async def take_over(self, in_use: Callable[[], Collection[str]]) -> KeptDevices | None:
+        nl = await self._netlink()
+        found = kept.unused(await nl.links(), {d.name for d in self.spec(None, {}).devices})
+        for link in found:
+            log.info("taking over %s, a device of ours the network config does not use (a "
+                     "rebuild's, left by an agent stopped within its hold): kept, guarded, "
+                     "until --peer-hold-time after no peer runs another type", kept.describe(link))
+        return KeptDevices(self._settings, found, in_use) if found else None
 
     async def close(self) -> None:
         if self._nl is not None:
@@ -490,14 +509,18 @@ class ReconcilingBackend:
 
         The plan is made a peer at a time and only each object's identity is kept, with
         the key it was planned under: the objects the kernel lacks are planned again
-        after the tables were read (usually none but at a join), and all of them only
-        when the kernel holds some that are not planned. With 5,000 peers the 15,000
+        after the tables were read (usually none), and all of them only when the kernel
+        holds some that are not planned. The first pass keeps the objects instead (at a
+        join the kernel lacks them all). With 5,000 peers the 15,000
         objects, their per-peer sets and a second index of them were the largest part
         of every pass's peak, which the allocator keeps."""
         await self._refresh(nl)
         self._admission.foreign.clear()
         self._note_foreign(peers, peers)
-        full = FullPass(self._peer_plans(self._own_subnet, peers))
+        # The first pass (a join, or a start over a kernel already programmed) keeps
+        # its objects: at a join the kernel lacks them all, and each would be planned
+        # again (its peak is that of the objects to add, held either way).
+        full = FullPass(self._peer_plans(self._own_subnet, peers), keep=not self._synced)
         self._work.removing.clear()  # echoes of earlier removals have come by now
         return full.uses, await read_again(lambda: self._compare(nl, peers, full))
 
@@ -706,10 +729,13 @@ class ReconcilingBackend:
             first = False
             try:
                 nl = await self._netlink()
-                # Echoes of our own requests are dropped unparsed (by port id).
+                # Echoes of our own requests are dropped unparsed (by port id), and so
+                # are neighbour and FDB additions told with port id 0 (every FDB echo of
+                # a join): no `_drift_kind` takes an addition without a sender.
                 own_ports = nl.port_ids
                 while True:
-                    for event in await events.receive(ignore=own_ports):
+                    for event in await events.receive(ignore=own_ports,
+                                                      unsent_additions=False):
                         self._note_event(event)
                     backoff.reset()
             except DataPlaneError as exc:

@@ -35,7 +35,8 @@ whatever the remote's family) and 4- or 16-byte RTA_DST/RTA_GATEWAY/NDA_DST.
   where an AF_INET6 one would be refused.
 - `RtnlSocket.read_events(ignore=...)`: multicast messages whose sender port
   id is ours are dropped from the header alone, so the echoes of a big batch
-  cost almost nothing.
+  cost almost nothing (and, asked, neighbour and FDB additions told with port
+  id 0: the FDB's echoes carry no port id).
 
 Sockets are opened inside a named network namespace (`netns`, a name under
 /run/netns or a path) from a short-lived thread that `setns()`s itself; the
@@ -51,6 +52,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -110,6 +112,7 @@ NTF_SELF = 0x02
 IFF_UP = 0x1
 SOL_NETLINK = 270
 SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
 CLONE_NEWNET = 0x40000000
 
 _HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -386,8 +389,10 @@ def route_identity(data: bytes | memoryview, start: int, end: int) -> tuple[Iden
     return ident, table
 
 
-@dataclass(frozen=True)
-class RawNeighbour:
+class RawNeighbour(NamedTuple):
+    """A neighbour or FDB message's fields (a tuple: a mass removal's echoes decode
+    thousands)."""
+
     family: int
     ifindex: int
     state: int
@@ -396,15 +401,31 @@ class RawNeighbour:
     lladdr: str
 
 
+def _dst_and_lladdr(data: bytes | memoryview, start: int, end: int
+                    ) -> tuple[bytes | None, bytes | None]:
+    """A neighbour message's NDA_DST and NDA_LLADDR (None: absent), its other attributes
+    skipped uncopied (a mass removal's echoes are thousands)."""
+    dst = lladdr = None
+    while start + 4 <= end:
+        n, kind = _ATTR.unpack_from(data, start)
+        if n < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == NDA_DST:
+            dst = bytes(data[start + 4:start + n])
+        elif kind == NDA_LLADDR:
+            lladdr = bytes(data[start + 4:start + n])
+        start += (n + 3) & ~3
+    return dst, lladdr
+
+
 def decode_neighbour(data: bytes | memoryview, start: int, end: int) -> RawNeighbour:
     family, ifindex, state, flags, _ = _NDMSG.unpack_from(data, start)
-    attrs = _attrs(data, start + _NDMSG.size, end)
-    dst = attrs.get(NDA_DST)
-    lladdr = attrs.get(NDA_LLADDR)
+    dst, lladdr = _dst_and_lladdr(data, start + _NDMSG.size, end)
     return RawNeighbour(
         family, ifindex, state, flags,
-        _address(dst) if dst is not None else None,
-        _mac_str(lladdr) if lladdr and lladdr != _ZERO_MAC else "",
+        None if dst is None else IPv4Address(dst) if len(dst) == 4 else _address(dst),
+        lladdr.hex(":") if lladdr and lladdr != _ZERO_MAC else "",
     )
 
 
@@ -414,9 +435,7 @@ def neighbour_identity(data: bytes | memoryview, start: int, end: int
     `core.plan` gives it (None without a 4- or 16-byte destination or an address):
     a Neighbour's for an IPv4/IPv6 entry, an Fdb's for AF_BRIDGE."""
     family, ifindex, state, flags, _ = _NDMSG.unpack_from(data, start)
-    attrs = _attrs(data, start + _NDMSG.size, end)
-    dst = attrs.get(NDA_DST)
-    lladdr = attrs.get(NDA_LLADDR)
+    dst, lladdr = _dst_and_lladdr(data, start + _NDMSG.size, end)
     mac = _mac_str(lladdr) if lladdr and lladdr != _ZERO_MAC else ""
     raw = RawNeighbour(family, ifindex, state, flags, None, mac)
     if dst is None or len(dst) not in (4, 16) or not mac:
@@ -577,6 +596,48 @@ def route_output(data: bytes | memoryview, start: int, end: int
     return table, dst_len, oif, _address(src) if src else None
 
 
+# -- the event filter -------------------------------------------------------------
+
+# Classic BPF (linux/filter.h): a socket filter runs on each broadcast before it is
+# queued, on the skb from its nlmsghdr on (a broadcast is one message per skb).
+_BPF_LD_W_ABS, _BPF_LD_H_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x28, 0x15, 0x06
+_BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+_NLMSG_TYPE_AT, _NLMSG_PID_AT = 4, 12  # offsets in the nlmsghdr (_HDR)
+
+
+def _as_loaded(value: int, size: int) -> int:
+    """What a BPF load reads of `value` stored in host order (it reads big-endian)."""
+    return int.from_bytes(value.to_bytes(size, sys.byteorder), "big")
+
+
+def event_filter(ignore: frozenset[int], *, unsent_additions: bool = True
+                 ) -> list[tuple[int, int, int, int]]:
+    """The socket filter that drops in the kernel what `read_events` drops: messages
+    sent for a port in `ignore`, and unless `unsent_additions` neighbour and FDB
+    additions told with port id 0. (code, jt, jf, k) each; the last two return
+    "drop" (0) and "keep" (all of it)."""
+    body: list[tuple[int, int, int, int]] = [(_BPF_LD_W_ABS, 0, 0, _NLMSG_PID_AT)]
+    checks = sorted(ignore)
+    tail = 0 if unsent_additions else 3  # the RTM_NEWNEIGH test after the port ids
+    for i, port in enumerate(checks):
+        # Equal: to "drop"; else the next test.
+        to_drop = (len(checks) - 1 - i) + tail + 1
+        body.append((_BPF_JEQ_K, to_drop, 0, _as_loaded(port, 4)))
+    if not unsent_additions:
+        # Port id 0 and RTM_NEWNEIGH: drop; anything else: keep.
+        body.append((_BPF_JEQ_K, 0, 2, 0))
+        body.append((_BPF_LD_H_ABS, 0, 0, _NLMSG_TYPE_AT))
+        body.append((_BPF_JEQ_K, 1, 0, _as_loaded(RTM_NEWNEIGH, 2)))
+    return [*body, (_BPF_RET_K, 0, 0, 0xFFFFFFFF), (_BPF_RET_K, 0, 0, 0)]
+
+
+def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    code = b"".join(_BPF_INSN.pack(*insn) for insn in program)
+    buf = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(buf))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
+
+
 # -- the socket -------------------------------------------------------------------
 
 
@@ -643,6 +704,7 @@ class RtnlSocket:
         self._sock = sock
         self._seq = 0
         self._buf = bytearray(_RECV_SIZE)
+        self._filtered: tuple[frozenset[int], bool] | None = None  # read_events' filter
         rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         # A queued ack costs ~ACK_TRUESIZE of the receive buffer; keep half free.
         self.chunk = max(16, min(MAX_CHUNK, rcvbuf // (2 * ACK_TRUESIZE)))
@@ -820,19 +882,33 @@ class RtnlSocket:
 
     # -- events --------------------------------------------------------------------
 
-    async def read_events(self, ignore: frozenset[int]) -> list[tuple[int, int, bytes]]:
+    async def read_events(self, ignore: frozenset[int], *, unsent_additions: bool = True
+                          ) -> list[tuple[int, int, bytes]]:
         """Queued multicast messages as (type, sender port id, body), at least one.
 
         Messages sent because of requests of a port in `ignore` are dropped
-        unparsed. Raises OSError(ENOBUFS) when the queue overflowed.
+        unparsed, and so are neighbour and FDB additions told with port id 0 (the
+        kernel's own, and every FDB addition, whoever asked) unless `unsent_additions`:
+        by a socket filter in the kernel (`event_filter`: a join's or a mass removal's
+        thousands of echoes never wake the reader), and here again from the header.
+        Raises OSError(ENOBUFS) when the queue overflowed.
         """
+        if self._filtered != (ignore, unsent_additions):
+            try:
+                _attach_filter(self._sock, event_filter(ignore, unsent_additions=unsent_additions))
+            except OSError:
+                pass  # dropped here instead, as they come
+            self._filtered = (ignore, unsent_additions)
         while True:
             out: list[tuple[int, int, bytes]] = []
             data: memoryview | None = await self._recv()
             for left in range(256, 0, -1):  # drain what is queued, bounded
                 assert data is not None
                 for kind, _flags, _seq, pid, start, end in messages(data):
-                    if pid and pid in ignore:
+                    if pid:
+                        if pid in ignore:
+                            continue
+                    elif kind == RTM_NEWNEIGH and not unsent_additions:
                         continue
                     out.append((kind, pid, bytes(data[start:end])))
                 if left == 1:

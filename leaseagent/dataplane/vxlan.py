@@ -347,16 +347,6 @@ class VxlanBackend(ReconcilingBackend):
                     await nl.rename_link(state.index, name)
                 vtep.name = name
 
-    async def drop_aside(self) -> None:
-        """Remove this VNI's devices a Port change put aside and an agent stopped
-        within --peer-hold-time left (their routes were replaced; at start)."""
-        nl = await self._netlink()
-        for name in (self._options.device_name, self._options.device_name6):
-            aside = vxlan.aside_name(name)
-            if aside is not None:
-                for left in (aside, vxlan.back_name(aside)):
-                    await _remove_vxlan(nl, left, "left by a Port change before a restart")
-
     # -- devices ---------------------------------------------------------------
 
     def _device_specs(self, own_subnet: Network | None, own_ipv6: Network | None
@@ -470,19 +460,24 @@ class VxlanBackend(ReconcilingBackend):
         change made beside the old one) is moved: IPv6 refuses an onlink route whose
         gateway's route is on another device (EINVAL), and our route to the peer's
         subnet, holding the gateway, is on the old one. That route is removed and the
-        new one added (microseconds apart)."""
+        new one added, back to back in one send (`Kernel.move`: two sends let a loaded
+        host give the moment between them to other work, a window without the route)."""
         removed, added, failures = await super()._program(nl, changes)
         moving = {f.obj for f in failures if f.action is Action.REPLACE
                   and isinstance(f.obj, Route) and f.obj.dst.version == 6 and f.obj.onlink}
         if not moving:
             return removed, added, failures
         protocol = self._settings.route_protocol
-        where = {(r.dst, r.metric): r.ifindex for r in moving}
-        old = [r for r in await read_again(lambda: nl.scan_routes(
-                   nothing_known, protocol=protocol, family=socket.AF_INET6))
-               if where.get((r.dst, r.metric), r.ifindex) != r.ifindex]
-        await nl.apply(Action.REMOVE, old, protocol=protocol)
-        moved, still = await nl.apply(Action.REPLACE, sorted(moving, key=str), protocol=protocol)
+        new = {(r.dst, r.metric): r for r in moving}
+        pairs = [(r, new[(r.dst, r.metric)]) for r in await read_again(lambda: nl.scan_routes(
+                     nothing_known, protocol=protocol, family=socket.AF_INET6))
+                 if (r.dst, r.metric) in new and new[(r.dst, r.metric)].ifindex != r.ifindex]
+        paired = {n for _, n in pairs}
+        moved, still = await nl.move(sorted(pairs, key=str), protocol=protocol)
+        if moving - paired:  # its old route gone meanwhile: put in as it is
+            done, refused = await nl.apply(Action.REPLACE, sorted(moving - paired, key=str),
+                                           protocol=protocol)
+            moved, still = moved + done, still + refused
         return removed, added + moved, [f for f in failures if f.obj not in moving] + still
 
     def _drift_kind(self, event: NetlinkEvent) -> str | None:

@@ -299,3 +299,32 @@ class Etcd:
         if r.returncode != 0:
             raise LabError(f"etcdctl {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout
+
+
+PROXY_PID_FILE = "proxy.pid"  # under the proxy's directory: its PID and start time
+
+
+def start_grpc_proxy(etcd: Etcd, pdir: Path, *, timeout: float = 30.0) -> tuple[Process, str]:
+    """`etcd grpc-proxy start` in front of `etcd`'s members, on a free 127.0.0.1 port (the
+    caller's namespace), serving once this returns: the process (stop it by PID:
+    `.stop()`; also recorded in `<pdir>/proxy.pid`) and its client URL. Its data and log
+    (`proxy.log`) go under `pdir`."""
+    listen = free_port()
+    proxy = processes.spawn(
+        [tool("etcd"), "grpc-proxy", "start",
+         "--endpoints", ",".join(m.url.split("://", 1)[1] for m in etcd.members),
+         "--listen-addr", f"127.0.0.1:{listen}",
+         "--data-dir", str(pdir / "data")],
+        log_file=pdir / "proxy.log", pid_file=pdir / PROXY_PID_FILE)
+    url = f"http://127.0.0.1:{listen}"
+    deadline = time.monotonic() + timeout
+    try:
+        while etcd.etcdctl_run([url], "endpoint", "health", timeout=2).returncode != 0:
+            if not proxy.alive or time.monotonic() > deadline:
+                raise LabError(f"etcd grpc-proxy not serving at {url}:\n"
+                               + log_tail(pdir / "proxy.log"))
+            time.sleep(0.2)
+    except BaseException:
+        proxy.stop()
+        raise
+    return proxy, url

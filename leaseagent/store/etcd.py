@@ -28,10 +28,16 @@ Quirks of etcd3aio 0.3.0 handled here:
 - its watch helper logs a line per reconnect, leaks a task per dead stream
   and may resume past unsent events: `watch` here drives the raw stream
   itself, resumes from the last revision it saw, and probes a silent stream
-  with a progress request (half-open detection);
+  with a progress request (half-open detection); etcd's gRPC proxy drops
+  progress requests, so an unanswered probe on a single endpoint is checked
+  with a read on the same connection before the stream is given up;
 - its LeaseKeepalive helper shows a lost lease only through a flag and logs a
   traceback per failed attempt, so `keepalive` here is one request on the
-  raw stream, bounded by a timeout; the agent drives the loop;
+  raw stream, bounded by a timeout; the agent drives the loop. Its
+  `keep_alive` stream closes the client's side after the request, and
+  etcd's gRPC proxy then ends the stream before it forwards the answer
+  (every renewal failed with "context canceled"): ours writes the request
+  and keeps its side open until the answer is read;
 - gRPC's reconnect backoff (up to 120 s by default) is capped at 1 s, so a
   member that returns after an outage is used again within about a second;
 - endpoints are given to gRPC as an `ipv4:` target (round robin over
@@ -261,6 +267,9 @@ class EtcdStore:
         self.member_id = 0
         self.on_member: Callable[[int], None] | None = None
         self._owns_client = True  # False for a store made by `sharing_channel`
+        # One address to connect to (one member, or one proxy): every call on one
+        # connection (see `_answers_beside`).
+        self._one_target = False
 
     @classmethod
     async def connect(cls, settings: EtcdSettings) -> EtcdStore:
@@ -292,6 +301,7 @@ class EtcdStore:
         client._manager.grpc_options.extend(RECONNECT_BACKOFF_OPTIONS)
         await client.connect()
         store = cls(client, settings)
+        store._one_target = len(targets) == 1
         if settings.username:
             if settings.password_file is None:
                 await client.close()
@@ -579,14 +589,25 @@ class EtcdStore:
         return int(resp.ID), int(resp.TTL)
 
     async def keepalive(self, lease_id: int) -> int:
+        from etcd3aio._protobuf import LeaseKeepAliveRequest
+
         async def once() -> int:
-            stream = self._leases.keep_alive(lease_id)
+            # Our side of the stream stays open until the answer is read: etcd's gRPC
+            # proxy ends a stream whose client closed its side, before it forwards the
+            # answer ("context canceled"), which etcd3aio's keep_alive (a request
+            # iterator of one request) did at every renewal.
+            service: Any = self._leases
+            call = service._stub.LeaseKeepAlive(metadata=service._metadata or None)
             try:
-                async for resp in stream:
-                    return int(resp.TTL)
-                return 0
+                await call.write(LeaseKeepAliveRequest(ID=lease_id))
+                resp = await call.read()
+                return 0 if resp is grpc.aio.EOF else int(resp.TTL)
+            except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                # Written to a stream the server has already ended ("RPC already finished").
+                raise StoreUnavailable(f"etcd ended the keepalive stream of lease "
+                                       f"{lease_id:x}: {exc}") from exc
             finally:
-                stream.cancel()
+                call.cancel()
 
         return int(await self._call(f"keepalive lease {lease_id:x}", once))
 
@@ -638,7 +659,8 @@ class EtcdStore:
         A stream silent for WATCH_PROBE_AFTER seconds (at least twice the
         timeout) is asked for a progress report; no answer within the timeout
         (a member paused, or the connection half-open) raises StoreUnavailable
-        instead of waiting for gRPC keepalive to notice.
+        instead of waiting for gRPC keepalive to notice, unless the one endpoint
+        answers a read on the same connection (`_answers_beside`: a proxy).
         """
         from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2
 
@@ -660,6 +682,9 @@ class EtcdStore:
                 done, _ = await asyncio.wait({read}, timeout=self._timeout if probing else probe_after)
                 if not done:
                     if probing:
+                        if await self._answers_beside(prefix):
+                            probing = False  # a proxy that ignores progress requests
+                            continue
                         raise StoreUnavailable(
                             f"etcd did not answer on the watch of {prefix} within "
                             f"{self._timeout:g}s (member paused or connection half-open)")
@@ -711,6 +736,28 @@ class EtcdStore:
                 read.cancel()
             call.cancel()
 
+    async def _answers_beside(self, prefix: str) -> bool:
+        """Whether the server that left a watch's progress request unanswered answers a
+        read on the same connection: etcd's gRPC proxy does not implement progress
+        requests (it drops them; etcd-io/etcd#19710), so a silent watch through it would
+        be taken for half-open and made again every 3 x timeout, each time a new watcher
+        at the proxy and a permission-check Range at the members. With one endpoint the
+        read goes on the watch's own connection, so an answer shows the connection and
+        the server alive (the stream stays); with several, round robin may send it to
+        another member than the watch's (a paused one): no answer is trusted then.
+        A serializable count of the watched range, one key: the proxy answers it from
+        its cache, a member from its own store."""
+        if not self._one_target:
+            return False
+        start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
+        try:
+            await within(self._kvs.get(start, end, serializable=True, count_only=True,
+                                       limit=1, timeout=self._timeout, max_attempts=1),
+                         self._timeout)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError):
+            return False
+        return True
+
     def sharing_channel(self) -> EtcdStore:
         """Another store on this one's gRPC channel: its own calls, streams and watches,
         one connection per member under them (HTTP/2 streams). Closing it leaves the
@@ -720,6 +767,7 @@ class EtcdStore:
             raise ConfigError("a store sharing a channel cannot authenticate on its own")
         store = EtcdStore(self._client, self._settings)
         store._owns_client = False
+        store._one_target = self._one_target
         return store
 
     async def close(self) -> None:

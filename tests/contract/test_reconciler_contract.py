@@ -478,10 +478,11 @@ async def test_a_running_device_renamed_keeps_its_index_and_entries(
             hand.close()
 
 
-def port_settings(subject: Subject, state_dir: Path, port: int, *, ipv6: bool = False
-                  ) -> DataPlaneSettings:
+def port_settings(subject: Subject, state_dir: Path, port: int, *, ipv6: bool = False,
+                  vni: int = 1) -> DataPlaneSettings:
     base = settings(subject, "vxlan", state_dir, ipv6=ipv6)
-    net: dict[str, object] = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "Port": port}}
+    net: dict[str, object] = {"Network": "10.5.0.0/16",
+                              "Backend": {"Type": "vxlan", "Port": port, "VNI": vni}}
     if ipv6:
         net |= {"EnableIPv6": True, "IPv6Network": "fd00:5::/48"}
     return replace(base, network=network_config_from_dict(net))
@@ -561,6 +562,59 @@ async def test_a_port_change_back_within_the_hold_takes_the_aside_device_back(
             hand.close()
 
 
+@pytest.mark.parametrize(("there", "kept"), [
+    ({"port": 4789}, ("flaside.1", "flaside6.1")),
+    ({"port": 8472, "vni": 2}, ("flannel.2", "flannel-v6.2")),
+])
+async def test_a_dual_stack_change_back_within_the_hold_takes_both_devices_back(
+        subject: Subject, tmp_path: Path, there: dict[str, int], kept: tuple[str, str]) -> None:
+    """Port 8472 -> 4789 -> 8472 and VNI 1 -> 2 -> 1 on a dual-stack host, each back
+    before the first change's hold is over: flannel.1 and flannel-v6.1 are the devices
+    they were (same ifindex, port and VNI), every route of both families on them, the
+    first change's devices kept beside until their hold is over."""
+    peers = peers_of(dual(vxlan_peer(2)), dual(vxlan_peer(3)))
+    names = ("flannel.1", "flannel-v6.1")
+    async with started(subject, "vxlan", tmp_path, peers, ipv6=True) as first:
+        hand = await subject.hand()
+        went = VxlanBackend(port_settings(subject, tmp_path, ipv6=True, **there))
+        back = VxlanBackend(port_settings(subject, tmp_path, 8472, ipv6=True))
+        try:
+            before = {n: await hand.link_by_name(n) for n in names}
+            aside = "port" in there and there["port"] != 8472
+            if aside:
+                assert await first.step_aside()
+            await went.prepare()
+            await went.start(OWN, own_ipv6=OWN6)
+            await went.sync(peers)
+            assert await in_sync(went, peers)
+            # The first change's devices, by the names they are kept under.
+            made = {k: await hand.link_by_name(n)
+                    for k, n in zip(kept, names if aside else kept, strict=True)}
+            if aside:
+                assert await went.step_aside()
+            await back.prepare()
+            await back.start(OWN, own_ipv6=OWN6)
+            await back.sync(peers)
+            for name, link in before.items():
+                now = await hand.link_by_name(name)
+                assert link is not None and now is not None and now.index == link.index, name
+                assert now.vxlan is not None and (now.vxlan.port, now.vxlan.vni) == (8472, 1)
+            for name, link in made.items():  # the first change's, kept for its hold
+                now = await hand.link_by_name(name)
+                assert link is not None and now is not None and now.index == link.index, name
+            assert {await hand.link_by_name(n) for n in ("flback.1", "flback6.1")} == {None}
+            indexes = {link.index for link in before.values() if link is not None}
+            assert {r.ifindex for r in await hand.routes(protocol=PROTOCOL)} == indexes
+            assert await in_sync(back, peers)
+            await went.remove(objects=False)  # its hold over
+            assert {await hand.link_by_name(n) for n in kept} == {None}
+            assert await in_sync(back, peers)
+        finally:
+            await went.close()
+            await back.close()
+            hand.close()
+
+
 async def test_a_dual_stack_port_change_puts_both_devices_aside(
         subject: Subject, tmp_path: Path) -> None:
     peers = peers_of(dual(vxlan_peer(2)))
@@ -605,18 +659,123 @@ async def test_a_port_change_not_made_puts_the_old_device_back(
             hand.close()
 
 
-async def test_a_device_left_aside_by_a_stop_is_removed_at_start(
+async def test_a_device_left_aside_by_a_stop_is_taken_over_at_start(
         subject: Subject, tmp_path: Path) -> None:
-    async with started(subject, "vxlan", tmp_path, peers_of(vxlan_peer(2))) as old:
-        assert await old.step_aside()  # and the agent stops before the hold is over
-    restarted = VxlanBackend(port_settings(subject, tmp_path, 4789))
+    """An agent stopped within a Port change's hold: the next start's backend takes
+    flaside.1 over (`take_over`: still on its port, named by the kept devices' spec, so
+    the peer filter guards it) and `remove(objects=False)` deletes it once the hold is
+    over; flaside6.1 likewise on a dual-stack host."""
+    peers = peers_of(dual(vxlan_peer(2)))
+    async with started(subject, "vxlan", tmp_path, peers, ipv6=True) as old:
+        new = VxlanBackend(port_settings(subject, tmp_path, 4789, ipv6=True))
+        try:
+            assert await old.step_aside()
+            await new.prepare()
+        finally:
+            await new.close()  # and the agent stops before the hold is over
+    restarted = VxlanBackend(port_settings(subject, tmp_path, 4789, ipv6=True))
     hand = await subject.hand()
     try:
-        await restarted.drop_aside()
-        assert await hand.link_by_name("flaside.1") is None
+        aside = {n: await hand.link_by_name(n) for n in ("flaside.1", "flaside6.1")}
+        await restarted.clear_the_way()
         await restarted.prepare()
+        kept = await restarted.take_over(lambda: {"flannel.1", "flannel-v6.1"})
+        assert kept is not None
+        assert {(d.name, d.vxlan.port if d.vxlan else 0) for d in kept.spec(None, {}).devices} \
+            == {("flaside.1", 8472), ("flaside6.1", 8472)}
+        for name, link in aside.items():
+            now = await hand.link_by_name(name)
+            assert link is not None and now is not None and now.index == link.index
+        await kept.remove(objects=False)
+        assert {await hand.link_by_name(n) for n in aside} == {None}
         made = await hand.link_by_name("flannel.1")
         assert made is not None and made.vxlan is not None and made.vxlan.port == 4789
+    finally:
+        await restarted.close()
+        hand.close()
+
+
+async def test_an_ipv6_onlink_route_is_moved_to_another_device_in_one_step(
+        subject: Subject, tmp_path: Path) -> None:
+    """IPv6 refuses to replace our onlink route onto another device (its gateway's route
+    is the old one: EINVAL); `move` removes it and puts the new one in, one pair of
+    requests back to back; an old route already gone counts as removed."""
+    peers = peers_of(dual(vxlan_peer(2)))
+    async with started(subject, "vxlan", tmp_path, peers, ipv6=True):
+        hand = await subject.hand()
+        try:
+            other = await hand.create_vxlan(
+                "other.7", vni=7, port=4789, local=IPv6Address(UNDERLAY6),
+                link=subject.host.iface_index, mtu=1430, mac="02:00:00:00:07:07")
+            await hand.set_link(other.index, up=True)
+            old = next(r for r in await hand.routes(protocol=PROTOCOL) if r.dst.version == 6)
+            new = replace(old, ifindex=other.index)
+            done, failed = await hand.apply(Action.REPLACE, [new], protocol=PROTOCOL)
+            assert not done and failed and os.strerror(errno.EINVAL) in str(failed[0].error)
+            done, failed = await hand.move([(old, new)], protocol=PROTOCOL)
+            assert done == [new] and not failed
+            assert [r for r in await hand.routes(protocol=PROTOCOL) if r.dst.version == 6] \
+                == [new]
+            for _ in range(2):  # and back; the second time `new` is already gone
+                back, failed = await hand.move([(new, old)], protocol=PROTOCOL)
+                assert back == [old] and not failed
+        finally:
+            hand.close()
+
+
+async def test_a_device_in_the_way_of_a_wanted_one_is_removed_at_start(
+        subject: Subject, tmp_path: Path) -> None:
+    """Changed back to the old Port while the agent was down within the hold: flaside.1
+    is on the VNI and port flannel.1 wants again (the kernel refuses a second), so
+    `clear_the_way` removes it and flannel.1 is made on that port; nothing is kept."""
+    async with started(subject, "vxlan", tmp_path, peers_of(vxlan_peer(2))) as old:
+        new = VxlanBackend(port_settings(subject, tmp_path, 4789))
+        try:
+            assert await old.step_aside()
+            await new.prepare()
+        finally:
+            await new.close()
+    restarted = VxlanBackend(port_settings(subject, tmp_path, 8472))
+    hand = await subject.hand()
+    try:
+        await restarted.clear_the_way()
+        assert await hand.link_by_name("flaside.1") is None
+        await restarted.prepare()
+        assert await restarted.take_over(lambda: {"flannel.1"}) is None
+        made = await hand.link_by_name("flannel.1")
+        assert made is not None and made.vxlan is not None and made.vxlan.port == 8472
+    finally:
+        await restarted.close()
+        hand.close()
+
+
+async def test_a_host_gw_start_takes_over_the_vxlan_device_a_rebuild_kept(
+        subject: Subject, tmp_path: Path) -> None:
+    """Stopped within a vxlan -> host-gw hold: host-gw wants no device, so flannel.1 is
+    taken over as kept (guarded on 8472), with its entries, until its hold is over; a
+    device of another's (not of a backend profile's names) is never touched."""
+    peers = peers_of(vxlan_peer(2))
+    async with started(subject, "vxlan", tmp_path, peers):
+        pass  # changed to host-gw, then stopped within the hold
+    hand = await subject.hand()
+    restarted = HostGwBackend(settings(subject, "host-gw", tmp_path))
+    try:
+        await hand.create_vxlan("other.1", vni=1, port=4789, local=subject.host.public_ip,
+                                link=subject.host.iface_index, mtu=1450,
+                                mac="02:00:00:00:01:07")
+        device = await hand.link_by_name("flannel.1")
+        assert device is not None
+        entries = await hand.fdb(device.index)
+        await restarted.clear_the_way()
+        await restarted.prepare()
+        kept = await restarted.take_over(set)
+        assert kept is not None
+        assert [(d.name, d.vxlan.port if d.vxlan else 0)
+                for d in kept.spec(None, {}).devices] == [("flannel.1", 8472)]
+        assert await hand.fdb(device.index) == entries
+        await kept.remove(objects=False)
+        assert await hand.link_by_name("flannel.1") is None
+        assert await hand.link_by_name("other.1") is not None
     finally:
         await restarted.close()
         hand.close()

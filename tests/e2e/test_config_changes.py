@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -490,6 +491,76 @@ def test_a_port_changes_old_port_stays_filtered_while_its_device_is_kept(
                  what="every host back on 8472 (iptables), reachable, no flaside.1")
 
 
+@pytest.mark.parametrize(("what", "there", "kept", "tool", "sig"), [
+    ("vxlan -> host-gw", {"Type": "host-gw"}, "flannel.1", "nftables", signal.SIGKILL),
+    ("vxlan Port 8472 -> 4789", {"Type": "vxlan", "Port": 4789}, "flaside.1", "iptables",
+     signal.SIGTERM),
+])
+def test_an_agent_restarted_within_the_hold_keeps_the_old_device_guarded(
+        lab: FixedSubnetLab, what: str, there: dict[str, object], kept: str, tool: str,
+        sig: signal.Signals) -> None:
+    """Host 1's agent stopped (SIGTERM, or killed) as soon as it has switched, within the
+    hold of its old device, and started again: the new start takes the device over (the
+    same ifindex), its port's peer-filter rule stays, doctor names it `kept:` with no rule
+    missing, and it goes --peer-hold-time later with its port's rule (the Port change is
+    changed back within that hold instead: the kept device is taken back). Before, the old
+    flannel.1 of a change to host-gw stayed for good with its port unguarded (doctor: a
+    rule missing), and a Port change's flaside.1 was removed at once."""
+    hosts = list(lab.hosts.values())
+    first = hosts[0]
+    nftables = tool == "nftables"
+    config = {**base_config(lab, **there), "EnableNFTables": nftables}
+    guarded = {8472, 4789} if "Port" in there else {8472}
+
+    def ports() -> set[int]:
+        return peer_filter_ports(first, nftables=nftables)[0]
+
+    try:
+        with pinging(lab) as pings:
+            revision = write_config(lab, config)
+            began = time.monotonic()
+            wait_for(lambda: lab.metrics(first).get("leaseagent_network_config_revision")
+                     == revision, timeout=CONVERGE_SECONDS + 5, what="host 1 switched")
+            lab.stop_agent(first, sig=sig)  # within the hold: it outlasts the roll-out
+            device = link_of(first, kept)
+            assert device is not None, f"{kept} gone before host 1's agent stopped"
+            lab.start_agent(first)
+            lab.wait_ready(first, timeout=30)
+            # Read at once: the new hold began with the first sync, before ready.
+            held, rules = link_of(first, kept), ports()
+            lines = doctor(lab, first).stdout.splitlines()
+            gone = link_of(first, kept) is None  # doctor's reading may follow the hold's end
+            wait_for(lambda: applied(lab, revision) and lab.reachability(wait=0.2).all_ok,
+                     timeout=CONVERGE_SECONDS + 5, what="every host switched, reachable")
+            took = time.monotonic() - began
+        report(f"{what}, host 1 restarted ({sig.name}) within the hold", "rebuild", took, pings)
+        assert held == device, f"{kept} taken over: {device} before, {held} after the restart"
+        assert rules == guarded, rules
+        assert gone or any(line.startswith(f"kept: device {kept} (vxlan VNI 1, UDP 8472)")
+                           for line in lines), lines
+        assert gone or not any("rule missing" in line for line in lines), lines
+        assert "taking over " + kept in first.log_file.read_text()
+        assert pings.lost == 0
+        if kept == "flaside.1":  # back to 8472 within the new hold: the kept device taken back
+            back = write_config(lab, lab.network_config())
+            wait_for(lambda: applied(lab, back) and link_of(first, "flannel.1") == device,
+                     timeout=CONVERGE_SECONDS + 5, what="host 1's kept device taken back")
+        else:
+            wait_for(lambda: link_of(first, kept) is None and ports() == guarded - {8472},
+                     timeout=PEER_HOLD_SECONDS + CONVERGE_SECONDS + 5,
+                     what=f"{kept} removed --peer-hold-time after the restart, its rule too")
+    finally:  # the lab as it was, whatever failed
+        if not lab.agent_alive(first):
+            lab.start_agent(first)
+        write_config(lab, lab.network_config())
+        wait_for(lambda: peer_filter_ports(first, nftables=False)[0] == {8472}
+                 and all((link_of(h, "flannel.1") or (0, 0))[1] == 8472
+                         and not link_of(h, "flaside.1") for h in hosts)
+                 and lab.reachability(wait=0.2).all_ok,
+                 timeout=PEER_HOLD_SECONDS + CONVERGE_SECONDS + 10,
+                 what="every host back on vxlan 8472 (iptables), reachable, nothing kept")
+
+
 def test_a_port_this_host_cannot_use_puts_its_old_device_back(lab: FixedSubnetLab) -> None:
     """Someone holds UDP 4789 on host 1: its new vxlan device cannot come up there, so the
     change is refused on that host and the device it had put aside gets its name back
@@ -585,27 +656,37 @@ def test_turning_ipv6_on_and_off_in_running_agents(lab: FixedSubnetLab) -> None:
     reach6 = lab.wait_reachable(timeout=CONVERGE_SECONDS, family=6)
     assert reach6.all_ok, reach6.format()
 
-    def on_port(port: int) -> Callable[[], bool]:  # both devices, beside their old ones
+    names = ("flannel.1", "flannel-v6.1")
+
+    def on(backend: dict[str, int]) -> Callable[[], bool]:  # both devices, beside the old
+        port, vni = backend.get("Port", 8472), backend.get("VNI", 1)
+
         def check() -> bool:
             for h in hosts:
-                for name in ("flannel.1", "flannel-v6.1"):
-                    out = run(["ip", "-n", h.ns, "-d", "link", "show", name], check=False)
-                    if f"dstport {port} " not in out:
+                for name in (f"flannel.{vni}", f"flannel-v6.{vni}"):
+                    if (link_of(h, name) or (0, 0))[1] != port:
                         return False
             return lab.reachability(wait=0.2, family=6).all_ok
         return check
 
+    # Each change made and changed back as soon as it converged, within its hold: the
+    # devices kept from before are taken back (the same ifindex), in both families.
+    devices = {(h.name, n): link_of(h, n) for h in hosts for n in names}
     lost6 = []
-    for port in (4789, 8472):  # each change after the last one's hold (see the Port test)
-        config = lab.network_config()
-        config["Backend"] = {**config["Backend"], "Port": port}  # type: ignore[dict-item]
-        _, pings = change(lab, config, on_port(port), what=f"vxlan Port -> {port}, IPv6 pings",
-                          kind="rebuild", family=6)
-        lost6.append(pings.lost)
-        wait_for(lambda: not any(run(["ip", "-n", h.ns, "link", "show", name], check=False)
-                                 for h in hosts for name in ("flaside.1", "flaside6.1")),
-                 timeout=PEER_HOLD_SECONDS + 5, what="the devices put aside removed")
-    print(f"dual-stack port change IPv6 pings lost: {lost6}")
+    # (VNI 1 -> 2 -> 1 the same way: the contract test, on the real kernel too.)
+    for what, there, kept in (("Port", {"Port": 4789}, ("flaside.1", "flaside6.1")),):
+        for backend in (there, {}):
+            config = lab.network_config()
+            config["Backend"] = {**config["Backend"], **backend}  # type: ignore[dict-item]
+            _, pings = change(lab, config, on(backend), kind="rebuild", family=6,
+                              what=f"{what} {'there' if backend else 'back within the hold'}, "
+                              "IPv6 pings")
+            lost6.append(pings.lost)
+        assert all(link_of(h, k) for h in hosts for k in kept)  # the first change's, held
+        wait_for(lambda kept=kept: not any(link_of(h, k) for h in hosts for k in kept),
+                 timeout=PEER_HOLD_SECONDS + 5, what=f"{kept} removed")
+        assert {(h.name, n): link_of(h, n) for h in hosts for n in names} == devices
+    print(f"dual-stack Port change and back within the hold, IPv6 pings lost: {lost6}")
     assert lost6 == [0, 0]
 
     def ipv4_only() -> bool:

@@ -16,7 +16,9 @@ turned into what flanneld leaves running on a host, as flanneld makes it
   peers with the kernel's default protocol (flanneld sets none), flanneld's
   iptables chains FLANNEL-POSTRTG and FLANNEL-FWD with its rules and jumps, an
   nftables table `ip flannel-ipv4` from an nftables-mode run, a stale device
-  flannel.9 and a stale route to a subnet nobody holds; FORWARD's policy DROP and
+  flannel.9 (vxlan: of the names the agent owns, so it takes it over as a device
+  a rebuild kept, guards its port and removes it --peer-hold-time later; doctor
+  names it `kept:`) and a stale route to a subnet nobody holds; FORWARD's policy DROP and
   Docker's DOCKER-USER chain (first in FORWARD) with an operator's rule dropping
   echo requests from the container on h2 to the one on h1. With Docker, FORWARD,
   DOCKER-USER, DOCKER and the DOCKER-ISOLATION chains are dockerd's own (flanneld's
@@ -45,8 +47,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from polling import wait_for
 from subnets import lab_free
 
+from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.dataplane.firewall import IptablesFirewall
 from leaseagent.lab import (
@@ -272,9 +276,13 @@ def switch_from_flanneld(lab: Lab) -> None:
         assert named.returncode == 1, named.stdout + named.stderr
         for thing in ("iptables nat chain FLANNEL-POSTRTG", "iptables filter chain FLANNEL-FWD",
                       '-j FLANNEL-POSTRTG', '-j FLANNEL-FWD', "nftables table ip flannel-ipv4",
-                      "device flannel.9", f"route {stale} via"):
+                      f"route {stale} via"):
             assert any(line.startswith("flanneld leftover: ") and thing in line
                        for line in named.stdout.splitlines()), (thing, named.stdout)
+        lines = named.stdout.splitlines()
+        assert any(line.startswith("kept: device flannel.9 (vxlan VNI 9, UDP 4789)")
+                   for line in lines), named.stdout  # the agent's to remove, not flanneld's
+        assert not any("rule missing" in line for line in lines), named.stdout  # 4789 guarded
         cleaned = {}
         for host in (h1, h2):
             result = lab.host_run(host, [tool("leasectl"), "--etcd-endpoints", lab.endpoints,
@@ -297,10 +305,12 @@ def switch_from_flanneld(lab: Lab) -> None:
     for host in (h1, h2):
         removed = cleaned[host.name]
         for thing in ("iptables nat chain FLANNEL-POSTRTG", "iptables filter chain FLANNEL-FWD",
-                      "nftables table ip flannel-ipv4", "device flannel.9",
-                      f"route {stale} via"):
+                      "nftables table ip flannel-ipv4", f"route {stale} via"):
             assert any(thing in line for line in removed), (thing, removed)
-        assert not any("device flannel.1" in line for line in removed)  # ours now
+        assert not any("device flannel." in line for line in removed)  # ours now
+        # flannel.9 goes --peer-hold-time after the agent took it over.
+        wait_for(lambda h=host: not sh(h, "ip", "link", "show", "flannel.9", check=False),
+                 timeout=DEFAULT_PEER_HOLD_SECONDS + 10, what="flannel.9 removed by the agent")
         env = parse_environment_file(host.subnet_file.read_text())
         old_env, old_mac = before[host.index]
         assert env["FLANNEL_SUBNET"] == old_env["FLANNEL_SUBNET"]  # the same subnet

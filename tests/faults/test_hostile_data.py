@@ -140,7 +140,10 @@ class RecordingDataPlane:
         self.status = DataPlaneStatus()
         RecordingDataPlane.instances.append(self)
 
-    async def drop_aside(self) -> None:
+    async def clear_the_way(self) -> None:
+        return None
+
+    async def take_over(self, in_use: object) -> None:
         return None
 
     def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,

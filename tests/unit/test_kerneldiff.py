@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
+import pytest
+
 from leaseagent.core.kerneldiff import (
     Admission,
     AppliedPlan,
@@ -138,6 +140,29 @@ def test_a_reading_again_starts_from_the_whole_plan() -> None:
         first.known(obj._ident)  # an interrupted dump told all of them
     to_add, _ = read(full, set(), peers)  # read again: the kernel has nothing now
     assert set(to_add) == plan(peer(2))
+
+
+@pytest.mark.parametrize("kernel", ["empty", "part", "stale"])
+def test_a_first_pass_keeps_its_objects_and_finds_the_same_diff(kernel: str) -> None:
+    peers = {p.subnet: p for p in (peer(2), peer(3), peer(4))}
+    held: set[KernelObject] = {
+        "empty": set(), "part": set(plan(peer(2))),
+        "stale": set(plan(peer(3))) | {Route(IPv4Network("10.5.4.0/24"),
+                                             IPv4Address("192.168.0.77"), 2)} | plan(peer(9)),
+    }[kernel]
+    planned: list[IPv4Network] = []
+
+    def again(key: IPv4Network) -> frozenset[KernelObject]:
+        planned.append(key)
+        return plan(peers[key])
+
+    kept = FullPass(plans_of(*peers.values()), keep=True)
+    reading = kept.reading()
+    stale = [obj for obj in held if not reading.known(obj._ident)]
+    got = reading.finish(stale, planned_again=again, whole_plan=lambda: [])
+    assert got == read(FullPass(plans_of(*peers.values())), held, peers)  # same, same order
+    assert planned == []  # nothing planned again
+    assert kept.uses == FullPass(plans_of(*peers.values())).uses
 
 
 # --- judge_event --------------------------------------------------------------------------

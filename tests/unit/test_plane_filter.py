@@ -1,7 +1,9 @@
 """The agent's peer filter guards every port a vxlan device of its data plane receives on
 (leaseagent.agent.plane.Plane.filter_ports): during a rebuild's roll-out the kept
 device's too (a Port change's flaside.<VNI>, the vxlan device a change to host-gw
-keeps), until that device is removed. On the fake kernel and the in-memory firewall."""
+keeps), until that device is removed; after a restart within that hold, the devices
+of ours the new start's backend does not use, taken over as kept (`Plane.prepare`,
+leaseagent.dataplane.kept). On the fake kernel and the in-memory firewall."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import json
 from dataclasses import replace
 from ipaddress import IPv4Network
 from pathlib import Path
+
+import pytest
 
 from leaseagent.agent.leasing import OwnLease
 from leaseagent.agent.plane import Plane
@@ -40,10 +44,22 @@ class Rig:
             "--etcd-endpoints", "http://127.0.0.1:1", "--subnet-file", str(tmp_path / "s.env"),
             "--state-dir", str(tmp_path), "--node-id", "h1", "--peer-hold-time", "0.05"],
             environ={})
+        self.cfg = cfg
         self.backends = {name: self._on_fake(make) for name, make in BACKENDS.items()}
-        self.plane = Plane(cfg, config({"Type": "vxlan"}), self.host, metrics=Metrics(),
-                           tasks=Tasks(), backends=self.backends,
-                           firewalls=lambda _nftables, _family: self.firewall)
+        self.plane = self.new_plane(config({"Type": "vxlan"}))
+
+    def new_plane(self, network: NetworkConfig) -> Plane:
+        return Plane(self.cfg, network, self.host, metrics=Metrics(), tasks=Tasks(),
+                     backends=self.backends, firewalls=lambda _nftables, _family: self.firewall)
+
+    async def restart(self, network: NetworkConfig) -> None:
+        """The agent stopped (its kernel state kept) and started again on `network`: its
+        start-up's `Plane.prepare` and first programming."""
+        await self.plane.close()
+        self.plane = self.new_plane(network)
+        await self.plane.prepare()
+        await self.plane.backend.start(OWN.subnet)
+        await self.plane.program_all({}, OWN)
 
     def _on_fake(self, make):  # type: ignore[no-untyped-def]
         return lambda s: make(replace(s, kernel=self.kernel.open))
@@ -54,10 +70,12 @@ class Rig:
         old, new = plane.backend, plane.new_backend(network, self.host)
         if aside:
             assert await old.step_aside()
+            await plane.drop_leaving()
         await new.prepare()
         await new.start(OWN.subnet)
         plane.backend = new
         plane.use_network(network)
+        await plane.drop_leaving()  # a roll-out (or devices kept at start) replaced
         plane.leaving = old
         await plane.program_all({}, OWN)
         return old
@@ -114,3 +132,75 @@ async def test_a_change_to_host_gw_guards_the_port_while_the_vxlan_device_is_kep
     held = rig.firewall.held
     assert held is not None and held.peer_ports == () and not held.chain("input")
     assert rig.firewall.members is None  # no set without a filter
+
+
+@pytest.mark.parametrize(("there", "aside", "kept", "ports", "left"), [
+    ({"Type": "host-gw"}, False, "flannel.1", (8472,), ()),
+    ({"Type": "vxlan", "Port": 4789}, True, "flaside.1", (4789, 8472), (4789,)),
+    ({"Type": "vxlan", "VNI": 2}, False, "flannel.1", (8472,), (8472,)),  # flannel.2's too
+])
+async def test_a_restart_within_the_hold_keeps_the_old_device_guarded_until_it_ends(
+        tmp_path: Path, there: dict[str, object], aside: bool, kept: str,
+        ports: tuple[int, ...], left: tuple[int, ...]) -> None:
+    """The agent stopped within a rebuild's hold: the next start takes the old device
+    over (its port guarded, as before the stop) and removes it --peer-hold-time after
+    no peer runs another type, its port's rule with it. Before, a change to host-gw or
+    another VNI left it for good (unguarded on its own port), a Port change's was
+    removed at once."""
+    rig = Rig(tmp_path)
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({}, OWN)
+    network = config(there)
+    await rig.switch(network, aside=aside)
+    before = {link.name: link.index for link in rig.kernel.links()}
+    assert kept in before and rig.ports == ports
+    await rig.restart(network)
+    assert {link.name: link.index for link in rig.kernel.links()} == before  # adopted, kept
+    assert rig.ports == ports
+    await rig.hold_over()
+    assert kept not in rig.devices
+    assert rig.ports == left
+    held = rig.firewall.held
+    assert held is not None and len(held.chain("input")) == len(rig.ports)
+
+
+async def test_a_device_in_the_way_of_a_wanted_one_is_removed_at_start(tmp_path: Path) -> None:
+    """Changed back to Port 8472 while the agent was down within a Port change's hold:
+    flaside.1 (VNI 1 on 8472) would keep flannel.1 from being made there again, so it
+    is removed at start (the new flannel.1 receives on its port); nothing else is kept."""
+    rig = Rig(tmp_path)
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({}, OWN)
+    await rig.switch(config({"Type": "vxlan", "Port": 4789}), aside=True)
+    await rig.restart(config({"Type": "vxlan"}))
+    assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
+    assert rig.plane.leaving is None
+    made = rig.kernel.links()
+    assert [link.vxlan.port for link in made if link.vxlan is not None] == [8472]
+
+
+async def test_a_kept_device_the_running_backend_takes_back_is_not_removed(
+        tmp_path: Path) -> None:
+    """Restarted within a vxlan -> host-gw hold (flannel.2 on 4789 left too, say from an
+    earlier VNI), then changed back to vxlan: the new backend adopts the kept flannel.1
+    (its name), so dropping the kept devices (the roll-out replaced) removes flannel.2
+    and its port's rule, but not flannel.1."""
+    rig = Rig(tmp_path)
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({}, OWN)
+    await rig.switch(config({"Type": "host-gw"}), aside=False)
+    hand = rig.kernel.socket()
+    await hand.create_vxlan("flannel.2", vni=2, port=4789, local=rig.host.public_ip,
+                            link=rig.host.iface_index, mtu=1450, mac="02:00:00:00:02:02")
+    await rig.restart(config({"Type": "host-gw"}))
+    assert rig.ports == (4789, 8472)
+    device = next(link.index for link in rig.kernel.links() if link.name == "flannel.1")
+    await rig.switch(config({"Type": "vxlan"}), aside=False)  # drops the kept ones first
+    assert [(link.name, link.index) for link in rig.kernel.links()
+            if link.name.startswith("flannel.")] == [("flannel.1", device)]
+    assert rig.ports == (8472,)
+    await rig.hold_over()
+    assert rig.devices == {"flannel.1"} and rig.ports == (8472,)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -316,3 +318,45 @@ async def test_a_failed_reading_ahead_is_read_again() -> None:
     await keeper.sync(wanted(addresses(2)))
     assert fw.calls == ["observe deep", "apply"]
     assert keeper.status.in_sync and keeper.status.last_error is None
+
+
+class _Started(set[int]):
+    """The PIDs `firewall._run` started, with an event set at the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = asyncio.Event()
+
+    def add(self, pid: int) -> None:
+        super().add(pid)
+        self.event.set()
+
+
+def _hold_the_loop_until_it_ends(pid: int, seconds: float = 20) -> None:
+    """Block (the event loop with it) until process `pid` has ended."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+                return
+        except ChildProcessError:
+            return  # ended, and reaped already (asyncio's child watcher thread)
+        assert time.monotonic() < deadline, "the program did not end while the loop was held"
+        time.sleep(0.01)
+
+
+async def test_a_tool_reads_its_input_whole_while_the_loop_is_busy() -> None:
+    """firewall._run gives a program its input from a file written before the start (an
+    ipset script of 5,000 peers is more than a pipe holds): the program runs to its end
+    while the event loop is held by other work (the data plane's plan at a join)."""
+    text = "".join(f"add leaseagent-peers 10.{i >> 8 & 255}.{i & 255}.1 -exist\n"
+                   for i in range(5000))
+    assert len(text) > 64 * 1024
+    started = _Started()
+    run = asyncio.ensure_future(firewall._run(["wc", "-c"], netns=None, input=text,
+                                              started=started))
+    await started.event.wait()
+    # The loop held: a pipe fed by the loop would leave the program waiting for the rest.
+    _hold_the_loop_until_it_ends(next(iter(started)))
+    code, out, _ = await run
+    assert code == 0 and int(out) == len(text.encode())
