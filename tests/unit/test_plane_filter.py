@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
 
 from leaseagent.agent.leasing import OwnLease
-from leaseagent.agent.plane import Plane
+from leaseagent.agent.plane import Peers, Plane
 from leaseagent.agent.supervision import Tasks
 from leaseagent.config import parse_agent_config
+from leaseagent.core.leases import Peer
 from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.core.rules import peer_filter_rules
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane
@@ -52,19 +55,20 @@ class Rig:
         return Plane(self.cfg, network, self.host, metrics=Metrics(), tasks=Tasks(),
                      backends=self.backends, firewalls=lambda _nftables, _family: self.firewall)
 
-    async def restart(self, network: NetworkConfig) -> None:
+    async def restart(self, network: NetworkConfig, peers: Peers | None = None) -> None:
         """The agent stopped (its kernel state kept) and started again on `network`: its
-        start-up's `Plane.prepare` and first programming."""
+        start-up's `Plane.prepare` and first programming (then the roll-out followed)."""
         await self.plane.close()
         self.plane = self.new_plane(network)
         await self.plane.prepare()
         await self.plane.backend.start(OWN.subnet)
-        await self.plane.program_all({}, OWN)
+        await self.plane.program_all(peers or {}, OWN)
 
     def _on_fake(self, make):  # type: ignore[no-untyped-def]
         return lambda s: make(replace(s, kernel=self.kernel.open))
 
-    async def switch(self, network: NetworkConfig, *, aside: bool) -> DataPlane:
+    async def switch(self, network: NetworkConfig, *, aside: bool,
+                     peers: Peers | None = None) -> DataPlane:
         """What ConfigSwitcher._replace_backend does for a rebuild beside the old one."""
         plane = self.plane
         old, new = plane.backend, plane.new_backend(network, self.host)
@@ -77,7 +81,7 @@ class Rig:
         plane.use_network(network)
         await plane.drop_leaving()  # a roll-out (or devices kept at start) replaced
         plane.leaving = old
-        await plane.program_all({}, OWN)
+        await plane.program_all(peers or {}, OWN)
         return old
 
     async def hold_over(self) -> None:
@@ -204,3 +208,29 @@ async def test_a_kept_device_the_running_backend_takes_back_is_not_removed(
     assert rig.ports == (8472,)
     await rig.hold_over()
     assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
+
+
+async def test_a_peer_not_yet_switched_keeps_the_device_a_restart_took_over(
+        tmp_path: Path) -> None:
+    """Restarted within a vxlan -> host-gw roll-out, a peer still on vxlan: what it needs
+    stays (its route through flannel.1, flannel.1 with its entries, 8472 guarded) for as
+    long as it runs vxlan; once it has switched, the device goes --peer-hold-time later."""
+    rig = Rig(tmp_path)
+    peer = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "vxlan",
+                VxlanLeaseData("02:00:00:00:00:02"))
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({peer.subnet: peer}, OWN)
+    host_gw = config({"Type": "host-gw"})
+    await rig.switch(host_gw, aside=False, peers={peer.subnet: peer})
+    await rig.restart(host_gw, {peer.subnet: peer})
+    device = next(link.index for link in rig.kernel.links() if link.name == "flannel.1")
+    routes = await rig.kernel.socket().routes(protocol=76)
+    assert [(r.dst, r.ifindex) for r in routes] == [(peer.subnet, device)]
+    await rig.plane.finish_rollout()  # a peer of another type: no hold begins
+    await asyncio.sleep(0.2)  # --peer-hold-time 0.05 s, four times over
+    assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
+    switched = replace(peer, backend_type="host-gw", data=NoLeaseData())
+    await rig.plane.program_all({peer.subnet: switched}, OWN)
+    await rig.hold_over()
+    assert rig.devices == set() and rig.ports == ()
