@@ -12,9 +12,10 @@ echo "== mypy"
 echo "== import-linter (layering)"
 .venv/bin/lint-imports --no-cache
 echo "== pytest"
-# Two workers (pytest-xdist): the namespace labs, Docker, systemd hosts and benchmarks one
-# at a time in one, beside them the other modules, one module at a time (tests/conftest.py,
-# SERIAL_GROUP). Most tests wait on etcd, agents and timers more than they compute.
+# Two workers (pytest-xdist): the tests that run agents, Docker or systemd hosts in network
+# namespaces one at a time in one, the other modules beside them module by module
+# (tests/conftest.py, SERIAL_PATHS). Most tests wait on etcd, agents and timers more than
+# they compute.
 # LEASEAGENT_TEST_WORKERS=0 runs everything in this one process, one test at a time.
 workers="${LEASEAGENT_TEST_WORKERS:-2}"
 # -rfEs: each failure, error and skip (with its reason) in the summary

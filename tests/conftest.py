@@ -74,13 +74,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 # When pytest-xdist spreads the suite over workers (deploy/test.sh), these run one at a
-# time, in one worker, as without xdist: the tests that build namespace labs, run Docker or
-# systemd hosts, or run the benchmarks. They share the kernel's global locks and tables
-# (the xtables lock, Docker's), the e2e modules share their labs (tests/e2e/conftest.py),
-# and side by side one was seen to miss its time bound. Beside them, in the other worker,
-# the other modules (unit, contract, integration, etcd faults, security) run module by module.
-SERIAL_PATHS = ("tests/e2e/", "tests/bench/", "tests/faults/test_lab_faults.py")
-SERIAL_GROUP = "namespace labs, Docker, systemd hosts, benchmarks"
+# time, in one worker, as without xdist: the tests that run agents, Docker or systemd hosts
+# in network namespaces (the labs, the benchmarks on a real kernel). They share
+# the kernel's global locks and tables (the xtables lock, Docker's), the e2e modules share
+# their labs (tests/e2e/conftest.py), and side by side one was seen to miss its time bound.
+# Beside them, in the other worker, the other modules (unit, contract, integration, etcd
+# faults, security, the benchmarks on 127.0.0.1 and the fake kernel) run module by module.
+SERIAL_PATHS = ("tests/e2e/", "tests/bench/test_bench_smoke.py", "tests/bench/test_soak_short.py",
+                "tests/faults/test_lab_faults.py")
+SERIAL_GROUP = "agents in network namespaces"
 
 
 def work_unit(nodeid: str) -> str:
