@@ -12,4 +12,11 @@ echo "== mypy"
 echo "== import-linter (layering)"
 .venv/bin/lint-imports --no-cache
 echo "== pytest"
-.venv/bin/pytest -q -rfEs --durations=15 -p no:cacheprovider "$@"   # -rfEs: each failure, error and skip (with its reason) in the summary
+# Two workers (pytest-xdist): the tests that run agents, Docker or systemd hosts in network
+# namespaces one at a time in one, the other modules beside them module by module
+# (tests/conftest.py, SERIAL_PATHS). Most tests wait on etcd, agents and timers more than
+# they compute.
+# LEASEAGENT_TEST_WORKERS=0 runs everything in this one process, one test at a time.
+workers="${LEASEAGENT_TEST_WORKERS:-2}"
+# -rfEs: each failure, error and skip (with its reason) in the summary
+.venv/bin/pytest -q -rfEs --durations=15 -p no:cacheprovider -n "$workers" --dist loadfile "$@"

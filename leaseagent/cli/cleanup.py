@@ -4,7 +4,8 @@ What the agent leaves in place when it stops (on purpose: traffic keeps
 flowing across a restart) is removed here, and nothing else:
 
 - every route carrying its route protocol (`--route-protocol`, 76);
-- every backend profile's devices (`BackendProfile.owns_link`, leaseagent.core.profiles):
+- every backend profile's devices (`BackendProfile.owns_link`, leaseagent.core.profiles;
+  `dataplane.kept.ours`, the rule the agent's start and doctor use), kept ones too:
   vxlan's (`flannel.<VNI>`, `flannel-v6.<VNI>`, and `flaside.<VNI>`,
   `flaside6.<VNI>` a Port change put aside, `flback.<VNI>`, `flback6.<VNI>` one
   taking its name back; kind vxlan), which takes their

@@ -17,6 +17,10 @@ agent does. It decides nothing on its own:
 - files: subnet.env (network, subnet, MTU, where each device's MTU comes from: the
   profile's `mtu_notes`); whether the directories of subnet.env and the state can
   be written (read-only, full);
+- devices of ours (a backend profile's, leaseagent.dataplane.kept) that the network
+  config does not use: a `kept:` line each, not a problem (the agent keeps them for a
+  rebuild's hold, takes them over at its next start and removes them
+  --peer-hold-time later; their ports are guarded, so the rules check wants them);
 - the agent (with `--metrics-addr`, as the unit sets it): its /readyz, whose
   reason when it is not ready names what fails (a traffic rule that cannot be
   written: the command and what the tool or kernel said);

@@ -128,10 +128,13 @@ class AppliedPlan:
         """An incremental update's diff once its peers were dropped and added: `new` is
         added; of `old`, what no peer of the plan still wants is removed, and nothing
         before the first full pass has shown which peers are really gone (`synced`)."""
+        uses = self.uses
+        if not new:  # only removals (a mass expiry): what no peer still wants, in order
+            return diff_found((), (), (o for o in old if use_key(o) not in uses) if synced else ())
         to_add, to_remove = diff(new, old)
         if not synced:
             return PlanDiff(to_add, ())
-        return PlanDiff(to_add, tuple(o for o in to_remove if use_key(o) not in self.uses))
+        return PlanDiff(to_add, tuple(o for o in to_remove if use_key(o) not in uses))
 
     def objects(self, plan: Callable[[Peer], frozenset[KernelObject]]
                 ) -> Iterator[KernelObject]:
@@ -374,8 +377,11 @@ class Admission:
 
     def unclaim(self, peer: Peer, claims: Claims) -> None:
         """`peer` is planned no more: what it held is free."""
+        subnet = peer.subnet
         for _what, claim, _holder in claims:
-            if self.claimed.get(claim, (None, None))[1] == peer.subnet:
+            held = self.claimed.get(claim)
+            # The subnet held is usually this very object (ipaddress compares in Python).
+            if held is not None and (held[1] is subnet or held[1] == subnet):
                 del self.claimed[claim]
 
     def judge(self, peers: Mapping[IPv4Network, Peer], claims_of: Callable[[Peer], Claims],

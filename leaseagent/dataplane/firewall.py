@@ -106,7 +106,10 @@ async def _run(argv: list[str], *, netns: str | None, input: str | None = None,
     feeds: the program runs to its end while the loop is busy (at a join the data
     plane plans 5,000 peers meanwhile; a pipe holds 64 KiB of their ipset script)."""
     full = ["ip", "netns", "exec", netns, *argv] if netns else argv
-    stdin = _input_file(input) if input is not None else asyncio.subprocess.DEVNULL
+    try:
+        stdin = _input_file(input) if input is not None else asyncio.subprocess.DEVNULL
+    except OSError as exc:
+        raise DataPlaneError(f"cannot run {argv[0]}: {exc}") from exc
     try:
         proc = await asyncio.create_subprocess_exec(
             *full, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

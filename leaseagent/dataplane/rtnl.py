@@ -401,11 +401,27 @@ class RawNeighbour(NamedTuple):
     lladdr: str
 
 
+def _dst_and_lladdr(data: bytes | memoryview, start: int, end: int
+                    ) -> tuple[bytes | None, bytes | None]:
+    """A neighbour message's NDA_DST and NDA_LLADDR (None: absent), its other attributes
+    skipped uncopied (a mass removal's echoes are thousands)."""
+    dst = lladdr = None
+    while start + 4 <= end:
+        n, kind = _ATTR.unpack_from(data, start)
+        if n < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == NDA_DST:
+            dst = bytes(data[start + 4:start + n])
+        elif kind == NDA_LLADDR:
+            lladdr = bytes(data[start + 4:start + n])
+        start += (n + 3) & ~3
+    return dst, lladdr
+
+
 def decode_neighbour(data: bytes | memoryview, start: int, end: int) -> RawNeighbour:
     family, ifindex, state, flags, _ = _NDMSG.unpack_from(data, start)
-    attrs = _attrs(data, start + _NDMSG.size, end)
-    dst = attrs.get(NDA_DST)
-    lladdr = attrs.get(NDA_LLADDR)
+    dst, lladdr = _dst_and_lladdr(data, start + _NDMSG.size, end)
     return RawNeighbour(
         family, ifindex, state, flags,
         None if dst is None else IPv4Address(dst) if len(dst) == 4 else _address(dst),
@@ -419,9 +435,7 @@ def neighbour_identity(data: bytes | memoryview, start: int, end: int
     `core.plan` gives it (None without a 4- or 16-byte destination or an address):
     a Neighbour's for an IPv4/IPv6 entry, an Fdb's for AF_BRIDGE."""
     family, ifindex, state, flags, _ = _NDMSG.unpack_from(data, start)
-    attrs = _attrs(data, start + _NDMSG.size, end)
-    dst = attrs.get(NDA_DST)
-    lladdr = attrs.get(NDA_LLADDR)
+    dst, lladdr = _dst_and_lladdr(data, start + _NDMSG.size, end)
     mac = _mac_str(lladdr) if lladdr and lladdr != _ZERO_MAC else ""
     raw = RawNeighbour(family, ifindex, state, flags, None, mac)
     if dst is None or len(dst) not in (4, 16) or not mac:

@@ -22,7 +22,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,8 @@ import pytest
 from leaseagent.cli.unitenv import unit_environment
 from leaseagent.core.subnetenv import parse_environment_file
 from leaseagent.lab import etcd as lab_etcd
-from leaseagent.lab import netns, processes
+from leaseagent.lab import netns, processes, rootfs
+from leaseagent.lab.errors import LabError
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, mounts)")]
@@ -49,17 +49,15 @@ OFFLINE = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/s
 
 
 @pytest.fixture(scope="module")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheelhouse() -> Path:
     """The wheelhouse "Installing offline" makes (with this machine's own pip settings:
-    its index, or its mirror)."""
-    out = tmp_path_factory.mktemp("wheelhouse")
-    made = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out),
-                           "-c", str(REPO / "deploy/constraints.txt"), str(REPO),
-                           "setuptools>=68", "wheel"],
-                          capture_output=True, text=True, timeout=600, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"cannot make a wheelhouse here (no package index?): {made.stderr[-300:]}")
-    return out
+    its index, or its mirror): the systemd lab's (leaseagent.lab.rootfs.wheelhouse), made
+    by the same command and kept while pyproject.toml and the constraints stay the same,
+    so the suite makes it once, not once per module that installs offline."""
+    try:
+        return rootfs.wheelhouse(REPO)
+    except LabError as exc:
+        pytest.skip(f"cannot make a wheelhouse here (no package index?): {str(exc)[-300:]}")
 
 
 def install(*args: str | Path) -> subprocess.CompletedProcess[str]:

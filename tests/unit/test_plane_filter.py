@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
 
 from leaseagent.agent.leasing import OwnLease
-from leaseagent.agent.plane import Plane
+from leaseagent.agent.plane import Peers, Plane
 from leaseagent.agent.supervision import Tasks
 from leaseagent.config import parse_agent_config
+from leaseagent.core.leases import Peer
 from leaseagent.core.network import NetworkConfig, parse_network_config
+from leaseagent.core.profiles.base import NoLeaseData
+from leaseagent.core.profiles.vxlan import VxlanLeaseData
 from leaseagent.core.rules import peer_filter_rules
 from leaseagent.dataplane import BACKENDS
 from leaseagent.dataplane.base import DataPlane
@@ -52,30 +55,33 @@ class Rig:
         return Plane(self.cfg, network, self.host, metrics=Metrics(), tasks=Tasks(),
                      backends=self.backends, firewalls=lambda _nftables, _family: self.firewall)
 
-    async def restart(self, network: NetworkConfig) -> None:
+    async def restart(self, network: NetworkConfig, peers: Peers | None = None) -> None:
         """The agent stopped (its kernel state kept) and started again on `network`: its
-        start-up's `Plane.prepare` and first programming."""
+        start-up's `Plane.prepare` and first programming (then the roll-out followed)."""
         await self.plane.close()
         self.plane = self.new_plane(network)
         await self.plane.prepare()
         await self.plane.backend.start(OWN.subnet)
-        await self.plane.program_all({}, OWN)
+        await self.plane.program_all(peers or {}, OWN)
 
     def _on_fake(self, make):  # type: ignore[no-untyped-def]
         return lambda s: make(replace(s, kernel=self.kernel.open))
 
-    async def switch(self, network: NetworkConfig, *, aside: bool) -> DataPlane:
+    async def switch(self, network: NetworkConfig, *, aside: bool,
+                     peers: Peers | None = None) -> DataPlane:
         """What ConfigSwitcher._replace_backend does for a rebuild beside the old one."""
         plane = self.plane
         old, new = plane.backend, plane.new_backend(network, self.host)
         if aside:
             assert await old.step_aside()
+            await plane.drop_leaving()
         await new.prepare()
         await new.start(OWN.subnet)
         plane.backend = new
         plane.use_network(network)
+        await plane.drop_leaving()  # a roll-out (or devices kept at start) replaced
         plane.leaving = old
-        await plane.program_all({}, OWN)
+        await plane.program_all(peers or {}, OWN)
         return old
 
     async def hold_over(self) -> None:
@@ -163,17 +169,73 @@ async def test_a_restart_within_the_hold_keeps_the_old_device_guarded_until_it_e
     assert held is not None and len(held.chain("input")) == len(rig.ports)
 
 
-async def test_a_device_in_the_way_of_a_wanted_one_is_removed_at_start(tmp_path: Path) -> None:
+async def test_a_device_in_the_way_of_a_wanted_one_takes_its_name_back_at_start(
+        tmp_path: Path) -> None:
     """Changed back to Port 8472 while the agent was down within a Port change's hold:
-    flaside.1 (VNI 1 on 8472) would keep flannel.1 from being made there again, so it
-    is removed at start (the new flannel.1 receives on its port); nothing else is kept."""
+    flaside.1 (VNI 1 on 8472) cannot stand beside the flannel.1 wanted there again, so it
+    takes flannel's name back at start and the 4789 device is kept aside, guarded, until
+    its hold is over."""
     rig = Rig(tmp_path)
     await rig.plane.backend.prepare()
     await rig.plane.backend.start(OWN.subnet)
     await rig.plane.program_all({}, OWN)
+    first = next(link.index for link in rig.kernel.links() if link.name == "flannel.1")
     await rig.switch(config({"Type": "vxlan", "Port": 4789}), aside=True)
     await rig.restart(config({"Type": "vxlan"}))
+    now = {link.name: (link.index, link.vxlan.port if link.vxlan else 0)
+           for link in rig.kernel.links() if link.vxlan is not None}
+    assert now["flannel.1"] == (first, 8472) and now["flaside.1"][1] == 4789
+    assert rig.ports == (4789, 8472)
+    await rig.hold_over()
     assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
-    assert rig.plane.leaving is None
-    made = rig.kernel.links()
-    assert [link.vxlan.port for link in made if link.vxlan is not None] == [8472]
+
+
+async def test_a_kept_device_the_running_backend_takes_back_is_not_removed(
+        tmp_path: Path) -> None:
+    """Restarted within a vxlan -> host-gw hold (flannel.2 on 4789 left too, say from an
+    earlier VNI), then changed back to vxlan: the new backend adopts the kept flannel.1
+    (its name), so dropping the kept devices (the roll-out replaced) removes flannel.2
+    and its port's rule, but not flannel.1."""
+    rig = Rig(tmp_path)
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({}, OWN)
+    await rig.switch(config({"Type": "host-gw"}), aside=False)
+    hand = rig.kernel.socket()
+    await hand.create_vxlan("flannel.2", vni=2, port=4789, local=rig.host.public_ip,
+                            link=rig.host.iface_index, mtu=1450, mac="02:00:00:00:02:02")
+    await rig.restart(config({"Type": "host-gw"}))
+    assert rig.ports == (4789, 8472)
+    device = next(link.index for link in rig.kernel.links() if link.name == "flannel.1")
+    await rig.switch(config({"Type": "vxlan"}), aside=False)  # drops the kept ones first
+    assert [(link.name, link.index) for link in rig.kernel.links()
+            if link.name.startswith("flannel.")] == [("flannel.1", device)]
+    assert rig.ports == (8472,)
+    await rig.hold_over()
+    assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
+
+
+async def test_a_peer_not_yet_switched_keeps_the_device_a_restart_took_over(
+        tmp_path: Path) -> None:
+    """Restarted within a vxlan -> host-gw roll-out, a peer still on vxlan: what it needs
+    stays (its route through flannel.1, flannel.1 with its entries, 8472 guarded) for as
+    long as it runs vxlan; once it has switched, the device goes --peer-hold-time later."""
+    rig = Rig(tmp_path)
+    peer = Peer(IPv4Network("10.5.2.0/24"), IPv4Address("10.99.0.2"), "vxlan",
+                VxlanLeaseData("02:00:00:00:00:02"))
+    await rig.plane.backend.prepare()
+    await rig.plane.backend.start(OWN.subnet)
+    await rig.plane.program_all({peer.subnet: peer}, OWN)
+    host_gw = config({"Type": "host-gw"})
+    await rig.switch(host_gw, aside=False, peers={peer.subnet: peer})
+    await rig.restart(host_gw, {peer.subnet: peer})
+    device = next(link.index for link in rig.kernel.links() if link.name == "flannel.1")
+    routes = await rig.kernel.socket().routes(protocol=76)
+    assert [(r.dst, r.ifindex) for r in routes] == [(peer.subnet, device)]
+    await rig.plane.finish_rollout()  # a peer of another type: no hold begins
+    await asyncio.sleep(0.2)  # --peer-hold-time 0.05 s, four times over
+    assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
+    switched = replace(peer, backend_type="host-gw", data=NoLeaseData())
+    await rig.plane.program_all({peer.subnet: switched}, OWN)
+    await rig.hold_over()
+    assert rig.devices == set() and rig.ports == ()

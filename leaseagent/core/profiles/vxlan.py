@@ -30,7 +30,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from leaseagent.core.plan import Fdb, KernelObject, Neighbour, Route, ipv6_part
@@ -240,14 +239,16 @@ def plan_peer(
     IPv6 device (`vxlan6_index`, 0: none)."""
     if peer.backend_type != NAME:
         return frozenset()
-    family = partial(_family, underlay_index=underlay_index,
-                     direct_routing=direct_routing, is_direct=is_direct)
-    objects = family(peer.subnet, peer.public_ip, peer.data, vxlan_index)
+    objects = _family(peer.subnet, peer.public_ip, peer.data, vxlan_index,
+                      underlay_index=underlay_index, direct_routing=direct_routing,
+                      is_direct=is_direct)
     if not objects:
         return frozenset()
-    v6 = ipv6_part(peer)
-    if vxlan6_index and v6 is not None:
-        objects += family(v6.subnet, v6.public_ip, v6.data, vxlan6_index)
+    v6 = ipv6_part(peer) if vxlan6_index else None
+    if v6 is not None:
+        objects += _family(v6.subnet, v6.public_ip, v6.data, vxlan6_index,
+                           underlay_index=underlay_index, direct_routing=direct_routing,
+                           is_direct=is_direct)
     return frozenset(objects)
 
 
