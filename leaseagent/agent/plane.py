@@ -95,7 +95,8 @@ class Plane:
         over as kept (`leaving`, leaseagent.dataplane.kept): a rebuild's, left by an agent
         stopped within its hold, guarded and removed --peer-hold-time after no peer runs
         another type (`finish_rollout`), as if the rebuild had just been made; one that
-        would block a device the backend wants is removed first."""
+        would block a device the backend wants takes its name back first (or is removed,
+        `DataPlane.clear_the_way`)."""
         backend = self.backend
         await backend.clear_the_way()
         attrs = await backend.prepare()

@@ -27,7 +27,7 @@ once no peer runs the old type any more; with a device shared (one name), first
 An agent stopped before then leaves the old devices; the next start takes them over
 (leaseagent.dataplane.kept):
 
-    await dp.clear_the_way()            # one that would block a wanted device removed
+    await dp.clear_the_way()            # one that would block a wanted device: its name
     attrs = await dp.prepare()
     kept = await dp.take_over(in_use)   # the others, removed --peer-hold-time later
 
@@ -273,8 +273,9 @@ class DataPlane(Protocol):
         ...
 
     async def clear_the_way(self) -> None:
-        """At start, before `prepare`: remove each device of ours that would keep one this
-        backend wants from being made (leaseagent.dataplane.kept)."""
+        """At start, before `prepare`: each device of ours that would keep one this backend
+        wants from being made (leaseagent.dataplane.kept) takes that one's name (the
+        device of that name put aside), or is removed where it cannot."""
         ...
 
     async def take_over(self, in_use: Callable[[], Collection[str]]) -> KeptDevices | None:

@@ -12,8 +12,11 @@ doctor use) that the backend does not want is taken over as kept (`KeptDevices`,
 plane's `leaving`): its port is guarded, and it is removed --peer-hold-time after no
 peer runs another type, the hold counted again from the start. Only a device that
 cannot stand beside one the backend wants (`in_the_way`: a vxlan device on the same
-VNI and port in the same family, which the kernel refuses twice) is removed at once,
-before the backend prepares: the wanted device receives on that port instead.
+VNI and port in the same family, which the kernel refuses twice: the config changed
+back while the agent was down) takes that one's name before the backend prepares,
+the device of that name put aside and kept (`VxlanBackend.clear_the_way`, as a change
+back within the hold does); where a name will not fit it is removed, and the wanted
+device receives on that port instead.
 """
 
 from __future__ import annotations

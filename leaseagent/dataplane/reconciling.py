@@ -442,15 +442,7 @@ class ReconcilingBackend:
         return None
 
     async def clear_the_way(self) -> None:
-        wanted = self.spec(None, {}).devices
-        if not any(d.vxlan is not None for d in wanted):
-            return
-        nl = await self._netlink()
-        for link in kept.unused(await nl.links(), {d.name for d in wanted}):
-            if kept.in_the_way(link, wanted):
-                log.info("removing %s: a device the network config wants cannot stand beside "
-                         "it and receives on its port instead", kept.describe(link))
-                await nl.delete_link(link.index)
+        return None  # only vxlan devices can be in another's way (VxlanBackend)
 
     async def take_over(self, in_use: Callable[[], Collection[str]]) -> KeptDevices | None:
         nl = await self._netlink()

@@ -80,6 +80,7 @@ from leaseagent.core.plan import (
 )
 from leaseagent.core.profiles import vxlan
 from leaseagent.core.profiles.vxlan import VxlanLeaseData, VxlanOptions, unicast_mac
+from leaseagent.dataplane import kept
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DoctorFindings
 from leaseagent.dataplane.devices import fix_in_place
 from leaseagent.dataplane.kernelport import Kernel
@@ -87,6 +88,7 @@ from leaseagent.dataplane.netlink import (
     Action,
     Failure,
     Known,
+    Link,
     NetlinkEvent,
     nothing_known,
     read_again,
@@ -330,6 +332,46 @@ class VxlanBackend(ReconcilingBackend):
                     log.info("%s (put aside by an earlier Port change) renamed %s: taken "
                              "back if it is what the new config wants", aside, vtep.name)
                 vtep.name = aside
+        return True
+
+    async def clear_the_way(self) -> None:
+        """At start: a device of ours in the way of one this backend wants (`kept.in_the_way`:
+        its VNI, port and family; the config changed back while the agent was down within
+        a Port change's hold) takes flannel's name back, as a change back within the hold
+        does (`step_aside`): the device of that name, on the other port, goes aside
+        (`vxlan.aside_name`; taken over as kept after `prepare`), by way of
+        `vxlan.back_name` when the one in the way has the aside name. So it is adopted
+        with its entries, never a moment without a device on either port. Where a name
+        will not fit or is another device's, the one in the way is removed instead."""
+        nl = await self._netlink()
+        wanted = self.spec(None, {}).devices
+        for link in kept.unused(await nl.links(), {d.name for d in wanted}):
+            want = next((w for w in wanted if kept.in_the_way(link, [w])), None)
+            if want is None:
+                continue
+            if not await self._take_name_back(nl, link, want.name):
+                log.info("removing %s: a device the network config wants cannot stand "
+                         "beside it and receives on its port instead", kept.describe(link))
+                await nl.delete_link(link.index)
+
+    async def _take_name_back(self, nl: Kernel, link: Link, name: str) -> bool:
+        """`link` renamed `name`, the device of that name (if any) put aside; False when
+        that cannot be done (nothing changed)."""
+        current = await nl.link_by_name(name)
+        aside = vxlan.aside_name(name)
+        if current is not None:
+            other = await nl.link_by_name(aside) if aside is not None else None
+            if (aside is None or current.kind != vxlan.DEVICE_KIND
+                    or (other is not None and other.index != link.index)):
+                return False
+            if link.name == aside:
+                await nl.rename_link(link.index, vxlan.back_name(aside))
+            await nl.rename_link(current.index, aside)
+            log.info("%s renamed %s: kept beside the device the network config wants again",
+                     name, aside)
+        await nl.rename_link(link.index, name)
+        log.info("%s renamed %s: the network config wants it again (changed back while the "
+                 "agent was stopped)", kept.describe(link), name)
         return True
 
     async def step_back(self) -> None:

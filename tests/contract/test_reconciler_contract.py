@@ -723,27 +723,44 @@ async def test_an_ipv6_onlink_route_is_moved_to_another_device_in_one_step(
             hand.close()
 
 
-async def test_a_device_in_the_way_of_a_wanted_one_is_removed_at_start(
+async def test_a_device_in_the_way_of_a_wanted_one_takes_its_name_back_at_start(
         subject: Subject, tmp_path: Path) -> None:
     """Changed back to the old Port while the agent was down within the hold: flaside.1
     is on the VNI and port flannel.1 wants again (the kernel refuses a second), so
-    `clear_the_way` removes it and flannel.1 is made on that port; nothing is kept."""
-    async with started(subject, "vxlan", tmp_path, peers_of(vxlan_peer(2))) as old:
+    `clear_the_way` gives it flannel's name back (by way of flback.1) and puts the 4789
+    device aside, as a change back within the hold does: flannel.1 is adopted with its
+    entries, the other kept for its hold."""
+    peers = peers_of(vxlan_peer(2))
+    async with started(subject, "vxlan", tmp_path, peers) as old:
         new = VxlanBackend(port_settings(subject, tmp_path, 4789))
+        hand = await subject.hand()
         try:
+            device = await hand.link_by_name("flannel.1")
+            assert device is not None
+            entries = await hand.fdb(device.index)
             assert await old.step_aside()
             await new.prepare()
+            made = await hand.link_by_name("flannel.1")
         finally:
             await new.close()
     restarted = VxlanBackend(port_settings(subject, tmp_path, 8472))
-    hand = await subject.hand()
     try:
         await restarted.clear_the_way()
-        assert await hand.link_by_name("flaside.1") is None
+        back, aside = await hand.link_by_name("flannel.1"), await hand.link_by_name("flaside.1")
+        assert back is not None and back.index == device.index and back.vxlan is not None
+        assert back.vxlan.port == 8472 and await hand.fdb(back.index) == entries
+        assert made is not None and aside is not None and aside.index == made.index
+        assert await hand.link_by_name("flback.1") is None
         await restarted.prepare()
-        assert await restarted.take_over(lambda: {"flannel.1"}) is None
-        made = await hand.link_by_name("flannel.1")
-        assert made is not None and made.vxlan is not None and made.vxlan.port == 8472
+        await restarted.start(OWN)
+        await restarted.sync(peers)
+        adopted = await hand.link_by_name("flannel.1")
+        assert adopted is not None and adopted.index == device.index
+        kept = await restarted.take_over(lambda: {"flannel.1"})
+        assert kept is not None
+        assert [(d.name, d.vxlan.port if d.vxlan else 0)
+                for d in kept.spec(None, {}).devices] == [("flaside.1", 4789)]
+        assert await in_sync(restarted, peers)
     finally:
         await restarted.close()
         hand.close()

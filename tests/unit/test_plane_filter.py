@@ -169,20 +169,25 @@ async def test_a_restart_within_the_hold_keeps_the_old_device_guarded_until_it_e
     assert held is not None and len(held.chain("input")) == len(rig.ports)
 
 
-async def test_a_device_in_the_way_of_a_wanted_one_is_removed_at_start(tmp_path: Path) -> None:
+async def test_a_device_in_the_way_of_a_wanted_one_takes_its_name_back_at_start(
+        tmp_path: Path) -> None:
     """Changed back to Port 8472 while the agent was down within a Port change's hold:
-    flaside.1 (VNI 1 on 8472) would keep flannel.1 from being made there again, so it
-    is removed at start (the new flannel.1 receives on its port); nothing else is kept."""
+    flaside.1 (VNI 1 on 8472) cannot stand beside the flannel.1 wanted there again, so it
+    takes flannel's name back at start and the 4789 device is kept aside, guarded, until
+    its hold is over."""
     rig = Rig(tmp_path)
     await rig.plane.backend.prepare()
     await rig.plane.backend.start(OWN.subnet)
     await rig.plane.program_all({}, OWN)
+    first = next(link.index for link in rig.kernel.links() if link.name == "flannel.1")
     await rig.switch(config({"Type": "vxlan", "Port": 4789}), aside=True)
     await rig.restart(config({"Type": "vxlan"}))
+    now = {link.name: (link.index, link.vxlan.port if link.vxlan else 0)
+           for link in rig.kernel.links() if link.vxlan is not None}
+    assert now["flannel.1"] == (first, 8472) and now["flaside.1"][1] == 4789
+    assert rig.ports == (4789, 8472)
+    await rig.hold_over()
     assert rig.devices == {"flannel.1"} and rig.ports == (8472,)
-    assert rig.plane.leaving is None
-    made = rig.kernel.links()
-    assert [link.vxlan.port for link in made if link.vxlan is not None] == [8472]
 
 
 async def test_a_kept_device_the_running_backend_takes_back_is_not_removed(
