@@ -96,6 +96,19 @@ BURST_SECONDS = 0.005
 BURST_GATHER_SECONDS = 0.01
 
 
+def _log_held(changes: PeerChanges, out: PeerChanges, seconds: float) -> None:
+    """Say which removed peers the hold-down kept (one line for a crowd)."""
+    now_removed = {peer.subnet for peer in out.removed}
+    held = [peer for peer in changes.removed if peer.subnet not in now_removed]
+    if len(held) > 20:
+        log.info("%d peers gone; their entries are held for %gs in case they come back",
+                 len(held), seconds)
+        return
+    for peer in held:
+        log.info("peer %s gone; its entries are held for %gs in case it comes back",
+                 peer.subnet, seconds)
+
+
 class LeaseWatcher:
     def __init__(
         self,
@@ -219,15 +232,7 @@ class LeaseWatcher:
         if len(self.hold) != held_before:
             self._hold_changed.set()
         if len(out.removed) != len(changes.removed):
-            now_removed = {peer.subnet for peer in out.removed}
-            held = [peer for peer in changes.removed if peer.subnet not in now_removed]
-            if len(held) > 20:
-                log.info("%d peers gone; their entries are held for %gs in case they come back",
-                         len(held), self.hold.seconds)
-            else:
-                for peer in held:
-                    log.info("peer %s gone; its entries are held for %gs in case it comes back",
-                             peer.subnet, self.hold.seconds)
+            _log_held(changes, out, self.hold.seconds)
         return out
 
     def _update_gauges(self) -> None:

@@ -270,21 +270,13 @@ class HostLab:
         for i, m in self.machines.items():
             m.wait_booted(timeout=timeout)
             self.timing.boot[i] = time.monotonic() - boot_started
-        # Every host's steps up to the network config side by side; that step on host 1
-        # alone (it is once per cluster); then every host's remaining steps side by side:
-        # the agents wait for no config, and each host runs its steps in the README's order.
-        once = next((n for n, step in enumerate(self.steps) if step.once), len(self.steps))
-        self._on_every_host(self._install_steps, self.steps[:once], timeout=timeout)
-        self._install_steps(1, self.steps[once:once + 1], timeout=timeout)
-        self._on_every_host(self._install_steps, self.steps[once + 1:], timeout=timeout,
-                            containers=True)
-        self.timing.up = time.monotonic() - started
-
-    def _on_every_host(self, fn: Callable[..., None], *args: object, **kwargs: object) -> None:
-        """fn(i, *args, **kwargs) for every host at once; the first error raised."""
-        with ThreadPoolExecutor(max_workers=len(self.machines)) as pool:
-            for f in [pool.submit(fn, i, *args, **kwargs) for i in self.machines]:
+        # Host 1 first: it sets the network config the others wait for.
+        self._install(1, timeout=timeout)
+        with ThreadPoolExecutor(max_workers=max(1, hosts - 1)) as pool:
+            for f in [pool.submit(self._install, i, timeout=timeout) for i in self.machines
+                      if i != 1]:
                 f.result()
+        self.timing.up = time.monotonic() - started
 
     def _machine(self, host: Host, image: Path, wheels: Path, wheels_in_host: str) -> Machine:
         m = Machine(name=f"{self.name}-{host.name}", ns=host.ns, dir=host.dir, rootfs=image,
@@ -332,24 +324,16 @@ class HostLab:
         dropin.parent.mkdir(parents=True, exist_ok=True)
         dropin.write_text(content)
 
-    def _install_steps(self, i: int, steps: Sequence[Step], *, timeout: float,
-                       containers: bool = False) -> None:
-        """README steps on host i, in order (a once-per-cluster step on host 1 only); then,
-        with `containers`, its containers."""
+    def _install(self, i: int, *, timeout: float) -> None:
+        """The README's steps on host i, then its containers."""
         m = self.machines[i]
         started = time.monotonic()
-        for step in steps:
+        for step in self.steps:
             if step.once and i != 1:
                 continue
             log.info("h%d: README step %d", i, step.number)
             out = m.sh(step.script, timeout=timeout)
             log.debug("h%d: step %d:\n%s", i, step.number, out)
-        if containers:
-            self._start_containers(i)
-        self.timing.install[i] = self.timing.install.get(i, 0.0) + time.monotonic() - started
-
-    def _start_containers(self, i: int) -> None:
-        m = self.machines[i]
         # The image: the host's own busybox-static, as leaseagent.lab.docker makes it.
         applets = " ".join(docker.APPLETS)
         m.sh("img=$(mktemp -d) && mkdir \"$img/bin\" && cp /bin/busybox \"$img/bin/\" && "
@@ -358,6 +342,7 @@ class HostLab:
         for c in CONTAINERS:
             m.exec(["docker", "run", "-d", "--restart", "always", "--stop-timeout", "1",
                     "--name", c, "--hostname", f"h{i}-{c}", docker.IMAGE, "sleep", "1000000000"])
+        self.timing.install[i] = time.monotonic() - started
 
     # ---------------------------------------------------------------- queries
 
