@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from ipaddress import IPv4Interface
+from typing import Any
 
 from agentproc import AgentProc
 from etcd_cluster import EtcdCluster
@@ -77,3 +79,32 @@ def check_clean_log(name: str, log: str) -> None:
     """No traceback and no asyncio leak reports (one line per error; docs/architecture.md, "Fault rules")."""
     for bad in ("Traceback", "Task was destroyed", "never retrieved"):
         assert bad not in log, f"{name} logged {bad!r}:\n{log}"
+
+
+class WatchStub:
+    """The store's watch stub, wrapped: a subclass changes what `Watch` does."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+    def Watch(self, *args: Any, **kwargs: Any) -> Any:
+        return self._stub.Watch(*args, **kwargs)
+
+    @classmethod
+    def install(cls, store: Any) -> Any:
+        """Put a new one between `store` (an EtcdStore) and its etcd watch stub."""
+        service: Any = store._client.watch
+        service._stub = cls(service._stub)
+        return service._stub
+
+
+def first_batch(stream: AsyncIterator[list[Any]]) -> asyncio.Future[list[Any]]:
+    """The first batch `stream` delivers, read in the background."""
+    async def read() -> list[Any]:
+        async for batch in stream:
+            return batch
+        return []
+    return asyncio.ensure_future(read())

@@ -16,22 +16,18 @@ import uuid
 from typing import Any
 
 from etcd_server import EtcdServer
+from faultkit import WatchStub, first_batch
 
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 
 
-class FinishingFirstWatch:
+class FinishingFirstWatch(WatchStub):
     """The watch stub, whose first Watch call comes back already finished."""
 
-    def __init__(self, stub: Any) -> None:
-        self._stub = stub
-        self.finished = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stub, name)
+    finished = 0
 
     def Watch(self, *args: Any, **kwargs: Any) -> Any:
-        call = self._stub.Watch(*args, **kwargs)
+        call = super().Watch(*args, **kwargs)
         if not self.finished:
             call.cancel()
             self.finished += 1
@@ -42,18 +38,9 @@ async def test_a_watch_on_a_finished_stream_resumes(etcd_server: EtcdServer) -> 
     prefix = f"/finished/{uuid.uuid4().hex[:12]}/"
     store = await EtcdStore.connect(EtcdSettings(endpoints=etcd_server.url, timeout=5.0))
     try:
-        service: Any = store._client.watch
-        finishing = FinishingFirstWatch(service._stub)
-        service._stub = finishing
+        finishing = FinishingFirstWatch.install(store)
         start = (await store.list_prefix(prefix)).revision + 1
-        stream = store.watch(prefix, start_revision=start)
-
-        async def first_batch() -> list[Any]:
-            async for batch in stream:
-                return batch
-            return []
-
-        reading = asyncio.ensure_future(first_batch())
+        reading = first_batch(store.watch(prefix, start_revision=start))
         await store.put(prefix + "a", b"1")
         async with asyncio.timeout(15):
             batch = await reading

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from etcd_server import EtcdServer, put_config
+from faultkit import WatchStub, first_batch
 from inproc import gauge, make_agent, wait_all
 
 import leaseagent.store.etcd as etcd_module
@@ -78,19 +79,14 @@ async def test_renewals_through_the_proxy_keep_a_key(proxy_url: str,
         await store.close()
 
 
-class CountingWatch:
+class CountingWatch(WatchStub):
     """The watch stub, counting the Watch streams the store opens."""
 
-    def __init__(self, stub: Any) -> None:
-        self._stub = stub
-        self.opened = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stub, name)
+    opened = 0
 
     def Watch(self, *args: Any, **kwargs: Any) -> Any:
         self.opened += 1
-        return self._stub.Watch(*args, **kwargs)
+        return super().Watch(*args, **kwargs)
 
 
 async def test_a_silent_watch_through_the_proxy_is_kept(
@@ -103,18 +99,9 @@ async def test_a_silent_watch_through_the_proxy_is_kept(
     prefix = f"/proxy-silent/{uuid.uuid4().hex[:12]}/"
     store = await EtcdStore.connect(EtcdSettings(endpoints=proxy_url, timeout=0.5))
     try:
-        service: Any = store._client.watch
-        counting = CountingWatch(service._stub)
-        service._stub = counting
+        counting = CountingWatch.install(store)
         start = (await store.list_prefix(prefix)).revision + 1
-        stream = store.watch(prefix, start_revision=start)
-
-        async def first_batch() -> list[Any]:
-            async for batch in stream:
-                return batch
-            return []
-
-        reading = asyncio.ensure_future(first_batch())
+        reading = first_batch(store.watch(prefix, start_revision=start))
         await asyncio.sleep(5)  # three probes or more, each left unanswered
         await store.put(prefix + "a", b"1")
         async with asyncio.timeout(15):
