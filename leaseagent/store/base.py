@@ -32,7 +32,7 @@ OPERATIONS = ("get", "list", "put", "create", "allocate", "replace", "move", "de
               "grant", "keepalive", "time-to-live", "revoke", "compact", "members")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyValue:
     key: str
     value: bytes
