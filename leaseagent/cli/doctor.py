@@ -281,7 +281,7 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
 
     ours = kept.ours(links)  # the rule `leasectl cleanup` and the agent's start use
     wanted = {d.name for d in spec.devices}
-    for link in kept.unused(ours, wanted):
+    for link in kept.unused(links, wanted):
         report.kept.append(
             f"kept: device {kept.describe(link)}, which the network config does not use (a "
             "rebuild's old device): the agent guards its port and removes it --peer-hold-time "

@@ -424,8 +424,8 @@ def decode_neighbour(data: bytes | memoryview, start: int, end: int) -> RawNeigh
     dst, lladdr = _dst_and_lladdr(data, start + _NDMSG.size, end)
     return RawNeighbour(
         family, ifindex, state, flags,
-        None if dst is None else IPv4Address(dst) if len(dst) == 4 else _address(dst),
-        lladdr.hex(":") if lladdr and lladdr != _ZERO_MAC else "",
+        _address(dst) if dst is not None else None,
+        _mac_str(lladdr) if lladdr and lladdr != _ZERO_MAC else "",
     )
 
 

@@ -221,6 +221,12 @@ def _too_large(exc: BaseException) -> bool:
     return _code(exc) is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+# What gRPC's aio call raises on a write or read on a stream the server has already
+# ended ("RPC already finished": etcd restarted or stopped under it, or its gRPC proxy
+# ended it): the stream is gone, and a new one is made like for any lost stream.
+_FINISHED_STREAM = (grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
 def _compacted(exc: BaseException) -> bool:
     return "required revision has been compacted" in _details(exc.__cause__ or exc)
 
@@ -602,8 +608,7 @@ class EtcdStore:
                 await call.write(LeaseKeepAliveRequest(ID=lease_id))
                 resp = await call.read()
                 return 0 if resp is grpc.aio.EOF else int(resp.TTL)
-            except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                # Written to a stream the server has already ended ("RPC already finished").
+            except _FINISHED_STREAM as exc:
                 raise StoreUnavailable(f"etcd ended the keepalive stream of lease "
                                        f"{lease_id:x}: {exc}") from exc
             finally:
@@ -720,11 +725,7 @@ class EtcdStore:
                 else:
                     seen = int(resp.header.revision)  # a progress report: all sent up to here
                 yield events, seen
-        except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            # A write (the watch request, the progress probe) or read on a stream the
-            # server has already ended ("RPC already finished": etcd restarted or stopped
-            # under it, or its gRPC proxy ended it; gRPC's aio call raises either): the
-            # stream is gone, and is resumed like any lost stream.
+        except _FINISHED_STREAM as exc:  # the watch request, the progress probe, a read
             raise StoreUnavailable(f"etcd ended the watch stream of {prefix}: {exc}") from exc
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
             if _too_large(exc):
