@@ -476,10 +476,10 @@ class KernelProbe:
             if not got:
                 continue  # the receive timeout: look at `_closed` again
             now = time.perf_counter()
-            was_empty = not self._received
             self._received.extend((now, data) for data in got)
-            if was_empty:
-                loop.call_soon_threadsafe(self._arrived.set)
+            # Every time: the loop clears `_arrived` before it drains, so a batch added
+            # while it drains must wake it again.
+            loop.call_soon_threadsafe(self._arrived.set)
 
     def wait_object(self, kind: str, deleted: bool, ident: object) -> asyncio.Future[float]:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
