@@ -27,10 +27,23 @@ Quirks of etcd3aio 0.3.0 handled here:
   compact_revision set (and canceled): we raise Compacted on it;
 - its watch helper logs a line per reconnect, leaks a task per dead stream
   and may resume past unsent events: `watch` here drives the raw stream
-  itself, resumes from the last revision it saw, and probes a silent stream
-  with a progress request (half-open detection); etcd's gRPC proxy drops
-  progress requests, so an unanswered probe on a single endpoint is checked
-  with a read on the same connection before the stream is given up;
+  itself, resumes from the last event it received + 1, and probes a silent
+  stream with a progress request (half-open detection); etcd's gRPC proxy
+  drops progress requests, so an unanswered probe on a single endpoint is
+  checked with a read on the same connection before the stream is given up.
+  A progress report never moves the resume point: etcd before 3.4.25 / 3.5.8
+  answers a requested one with its current revision even while the watcher
+  still has events to send (etcd-io/etcd#15220; v3.4.23
+  etcdserver/api/v3rpc/watch.go:369-375), so a stream lost after such a
+  report would resume past them. A lost stream whose resume has more than
+  WATCH_CATCH_UP_REVS revisions to catch up (etcd's `created` answer says its
+  revision) is not resumed (Behind: list again): etcd sends a catch-up in
+  responses of at most that many revisions, each with its current revision
+  in the header, and its gRPC proxy (3.4.23,
+  and main as of this writing: watch_broadcast.go bcast) takes that header as
+  where the broadcast has got to and may then move the watcher onto another
+  broadcast that is already past the rest (watch_broadcasts.go coalesce): the
+  watcher misses every event between (tests/faults/test_watch_resume.py);
 - its LeaseKeepalive helper shows a lost lease only through a flag and logs a
   traceback per failed attempt, so `keepalive` here is one request on the
   raw stream, bounded by a timeout; the agent drives the loop. Its
@@ -86,6 +99,7 @@ from etcd3aio.errors import (
 from etcd3aio.kv import prefix_range_end
 
 from leaseagent.errors import (
+    Behind,
     Compacted,
     ConfigError,
     LeaseLost,
@@ -114,6 +128,9 @@ RECONNECT_BACKOFF_OPTIONS = [
 WATCH_PROBE_AFTER = 5.0
 # A lost watch stream is resumed this many times in a row before the caller must list again.
 WATCH_RESUMES = 3
+# The most revisions etcd sends a lagging watcher in one response (mvcc watchBatchMaxRevs):
+# a resume with more than this to catch up is listed again instead (Behind; module docstring).
+WATCH_CATCH_UP_REVS = 1000
 
 
 def _resolve(endpoint: Endpoint) -> list[str]:
@@ -639,28 +656,32 @@ class EtcdStore:
         etcd3aio's helper is not used: it logs a line per reconnect, leaks its
         request-iterator task every time a stream dies, and resumes from the
         header revision of a `created` response (which can skip events). Here
-        the stream is resumed from the last event's revision + 1 (or a progress
-        report's) up to WATCH_RESUMES times in a row, then StoreUnavailable
-        tells the caller to list again; Compacted when the history is gone.
+        the stream is resumed from the last event's revision + 1 up to
+        WATCH_RESUMES times in a row, then StoreUnavailable tells the caller to
+        list again; Compacted when the history is gone; Behind when a resume
+        has more than WATCH_CATCH_UP_REVS revisions to catch up (module docstring).
         """
         next_revision = start_revision
         backoff = Backoff()
+        resumed = False
         while True:
             try:
-                async for events, revision in self._watch_stream(prefix, next_revision):
+                async for events in self._watch_stream(prefix, next_revision, resumed=resumed):
                     backoff.reset()
-                    next_revision = max(next_revision, revision + 1)
-                    if events:
-                        yield events
+                    next_revision = max(next_revision, max(e.revision for e in events) + 1)
+                    yield events
             except StoreUnavailable:
                 if backoff.failures >= WATCH_RESUMES:
                     raise
                 await backoff.sleep()
+            resumed = True
 
-    async def _watch_stream(self, prefix: str, start_revision: int
-                            ) -> AsyncIterator[tuple[list[WatchEvent], int]]:
-        """One stream: (events, revision seen up to) per response.
+    async def _watch_stream(self, prefix: str, start_revision: int, *, resumed: bool
+                            ) -> AsyncIterator[list[WatchEvent]]:
+        """One stream: the events of each response that has some.
 
+        `resumed` (a lost stream made again): Behind if etcd's `created` answer
+        says more than WATCH_CATCH_UP_REVS revisions from start_revision on are due.
         A stream silent for WATCH_PROBE_AFTER seconds (at least twice the
         timeout) is asked for a progress report; no answer within the timeout
         (a member paused, or the connection half-open) raises StoreUnavailable
@@ -703,6 +724,11 @@ class EtcdStore:
                     raise StoreUnavailable(f"etcd ended the watch stream of {prefix}")
                 if resp.compact_revision > 0:
                     raise Compacted(int(resp.compact_revision))
+                if (resumed and resp.created
+                        and resp.header.revision - start_revision >= WATCH_CATCH_UP_REVS):
+                    raise Behind(f"the watch of {prefix} would resume "
+                                 f"{resp.header.revision - start_revision + 1} revisions behind "
+                                 f"etcd: listing again")
                 if resp.canceled:
                     if self._credentials is not None and any(
                             p in resp.cancel_reason for p in _TOKEN_PROBLEMS):
@@ -718,13 +744,8 @@ class EtcdStore:
                     else:  # the key and revision only (a mass expiry is thousands)
                         events.append(WatchEvent(EventType.DELETE, _key(ev.kv),
                                                  ev.kv.mod_revision))
-                if events:
-                    seen = max(e.revision for e in events)
-                elif resp.created:
-                    seen = 0  # says where etcd is now, not what it has sent us
-                else:
-                    seen = int(resp.header.revision)  # a progress report: all sent up to here
-                yield events, seen
+                if events:  # not `created` nor a progress report: where etcd is, not what it sent
+                    yield events
         except _FINISHED_STREAM as exc:  # the watch request, the progress probe, a read
             raise StoreUnavailable(f"etcd ended the watch stream of {prefix}: {exc}") from exc
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:
