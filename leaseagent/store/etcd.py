@@ -35,9 +35,9 @@ Quirks of etcd3aio 0.3.0 handled here:
   answers a requested one with its current revision even while the watcher
   still has events to send (etcd-io/etcd#15220; v3.4.23
   etcdserver/api/v3rpc/watch.go:369-375), so a stream lost after such a
-  report would resume past them. A lost stream whose resume has more than
+  report would resume past them. A stream (first or resumed) with more than
   WATCH_CATCH_UP_REVS revisions to catch up (etcd's `created` answer says its
-  revision) is not resumed (Behind: list again): etcd sends a catch-up in
+  revision) is not kept (Behind: list again, once in a row): etcd sends a catch-up in
   responses of at most that many revisions, each with its current revision
   in the header, and its gRPC proxy (3.4.23,
   and main as of this writing: watch_broadcast.go bcast) takes that header as
@@ -293,6 +293,9 @@ class EtcdStore:
         # One address to connect to (one member, or one proxy): every call on one
         # connection (see `_answers_beside`).
         self._one_target = False
+        # Prefixes whose watch raised Behind: their next watch (after the listing) is not
+        # held to the catch-up limit (`watch`).
+        self._listed_behind: set[str] = set()
 
     @classmethod
     async def connect(cls, settings: EtcdSettings) -> EtcdStore:
@@ -658,15 +661,19 @@ class EtcdStore:
         header revision of a `created` response (which can skip events). Here
         the stream is resumed from the last event's revision + 1 up to
         WATCH_RESUMES times in a row, then StoreUnavailable tells the caller to
-        list again; Compacted when the history is gone; Behind when a resume
-        has more than WATCH_CATCH_UP_REVS revisions to catch up (module docstring).
+        list again; Compacted when the history is gone; Behind when a stream
+        has more than WATCH_CATCH_UP_REVS revisions to catch up (module docstring),
+        unless it is the first after a listing that Behind asked for.
         """
         next_revision = start_revision
         backoff = Backoff()
-        resumed = False
+        # The first stream after a listing that Behind asked for is not held to the limit:
+        # a consumer that takes that long to apply a listing would list again for ever.
+        guard = prefix not in self._listed_behind
+        self._listed_behind.discard(prefix)
         while True:
             try:
-                async for events in self._watch_stream(prefix, next_revision, resumed=resumed):
+                async for events in self._watch_stream(prefix, next_revision, guard=guard):
                     backoff.reset()
                     next_revision = max(next_revision, max(e.revision for e in events) + 1)
                     yield events
@@ -674,14 +681,17 @@ class EtcdStore:
                 if backoff.failures >= WATCH_RESUMES:
                     raise
                 await backoff.sleep()
-            resumed = True
+            except Behind:
+                self._listed_behind.add(prefix)
+                raise
+            guard = True
 
-    async def _watch_stream(self, prefix: str, start_revision: int, *, resumed: bool
+    async def _watch_stream(self, prefix: str, start_revision: int, *, guard: bool
                             ) -> AsyncIterator[list[WatchEvent]]:
         """One stream: the events of each response that has some.
 
-        `resumed` (a lost stream made again): Behind if etcd's `created` answer
-        says more than WATCH_CATCH_UP_REVS revisions from start_revision on are due.
+        `guard`: Behind if etcd's `created` answer says more than
+        WATCH_CATCH_UP_REVS revisions from start_revision on are due.
         A stream silent for WATCH_PROBE_AFTER seconds (at least twice the
         timeout) is asked for a progress report; no answer within the timeout
         (a member paused, or the connection half-open) raises StoreUnavailable
@@ -724,9 +734,9 @@ class EtcdStore:
                     raise StoreUnavailable(f"etcd ended the watch stream of {prefix}")
                 if resp.compact_revision > 0:
                     raise Compacted(int(resp.compact_revision))
-                if (resumed and resp.created
+                if (guard and resp.created
                         and resp.header.revision - start_revision >= WATCH_CATCH_UP_REVS):
-                    raise Behind(f"the watch of {prefix} would resume "
+                    raise Behind(f"the watch of {prefix} would start "
                                  f"{resp.header.revision - start_revision + 1} revisions behind "
                                  f"etcd: listing again")
                 if resp.canceled:
