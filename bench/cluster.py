@@ -467,8 +467,9 @@ class Worker:
         """For up to `cap` hosts not converged: which peer keys of `keys` (the subnets'
         keys in etcd now, with their mod revisions) each lacks and which it holds that etcd
         does not, whether its book has the key (at which revision; judged a peer or not),
-        which of its watch streams covered the key's revision (started at or before it,
-        seen up to or past it), its re-listings by reason and its trace."""
+        which of its current incarnation's watch streams covered the key's revision (started
+        at or before it, seen up to or past it), its re-listings by reason and its trace."""
+        self._check(None)
         layout = KeyLayout(PREFIX)
         subnets = {layout.parse_lease_key(k).ipv4: (k, rev) for k, rev in keys.items()}
         out: list[dict[str, Any]] = []
@@ -481,6 +482,7 @@ class Worker:
             own = a.own.subnet if a.own is not None else None
             entries = watcher.book._entries if watcher is not None else {}
             trace = list(h.trace)
+            since = max((i for i, t in enumerate(trace) if "boot" in t), default=0)
             missing = []
             for subnet in sorted(set(subnets) - peers - {own}):
                 key, rev = subnets[subnet]
@@ -489,7 +491,7 @@ class Worker:
                     "key": layout.name_of(key), "mod_revision": rev,
                     "book": None if entry is None else
                     {"mod_revision": entry.mod_revision, "peer": entry.peer is not None},
-                    "covered_by": [i for i, t in enumerate(trace) if "stream" in t
+                    "covered_by": [i for i, t in enumerate(trace) if i > since and "stream" in t
                                    and t["stream"] <= rev <= t["seen"]]})
             out.append({"host": h.name, "own": str(own), "peers": len(peers),
                         "missing": missing[:8], "missing_count": len(missing),
@@ -778,6 +780,7 @@ class Run:
     share_judged: bool = True
     max_rss_mib: float = 0.0  # all workers together; 0: no limit
     restart: bool = True  # the steady state and restart phases after the cold start
+    restart_anyway: bool = False  # ... even if some hosts did not converge cold (explained)
     backend: str = "vxlan"
     profile: str = ""  # a directory: each worker's cProfile stats written there
     log_level: str = "ERROR"  # the workers' (the agents') log level
@@ -881,7 +884,8 @@ class Run:
         if out["cold"]["converged"]["reached"] < self.hosts:
             out["stopped_after"] = "cold"
             out["cold"]["unconverged"] = self.explain()
-            return out
+            if not (self.restart and self.restart_anyway):
+                return out
         if not self.restart:
             return out
         time.sleep(self.steady)
@@ -1012,7 +1016,8 @@ def reaper_main() -> None:
 def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
             channel: str = "host", share_parsing: bool = True, share_judged: bool = True,
-            max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan",
+            max_rss_mib: float = 0.0, restart: bool = True, restart_anyway: bool = False,
+            backend: str = "vxlan",
             profile: str = "", log_level: str = "ERROR", keep_logs: str = "",
             progress: Callable[[dict[str, Any]], None] = lambda _: None
             ) -> dict[str, Any]:
@@ -1024,7 +1029,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
               channel=channel, share_parsing=share_parsing, share_judged=share_judged,
               max_rss_mib=max_rss_mib,
-              restart=restart, backend=backend, profile=profile, log_level=log_level,
+              restart=restart, restart_anyway=restart_anyway, backend=backend,
+              profile=profile, log_level=log_level,
               keep_logs=keep_logs, reaper=reaper,
               progress=progress)
     try:
@@ -1072,12 +1078,12 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
                          f"{sum(cold['etcd']['unary_requests'].values()):.0f} unary requests, "
                          f"errors {cold['errors']}")
             lines += unconverged_lines(head + " cold:", cold.get("unconverged", []))
-            continue
-        lines.append(
-            f"{head} cold start all converged {c['all_s']:.1f} s "
-            f"(distinct subnets {cold['distinct_subnets']}/{r['hosts']}), "
-            f"per host {_fmt(per_host(r, 'cold'))}, etcd CPU {cold['etcd']['cpu_seconds']:.1f} s, "
-            f"RSS {cold['etcd']['rss_mib']:.0f} MiB (3 members)")
+        else:
+            lines.append(
+                f"{head} cold start all converged {c['all_s']:.1f} s "
+                f"(distinct subnets {cold['distinct_subnets']}/{r['hosts']}), per host "
+                f"{_fmt(per_host(r, 'cold'))}, etcd CPU {cold['etcd']['cpu_seconds']:.1f} s, "
+                f"RSS {cold['etcd']['rss_mib']:.0f} MiB (3 members)")
         if "steady" not in r:
             continue
         st = r["steady"]["etcd"]
@@ -1252,6 +1258,9 @@ def main(argv: list[str] | None = None) -> int:
                         "reconciling run); alloc: a lease and subnet.env only")
     p.add_argument("--cold-only", action="store_true",
                    help="the cold start only (no steady state, no restart)")
+    p.add_argument("--restart-anyway", action="store_true",
+                   help="go on to the restart when some hosts did not converge cold (they are "
+                        "explained first; the restart starts every agent afresh)")
     p.add_argument("--max-rss-gib", type=float, default=16.0,
                    help="the workers' RSS together; a phase stops (and the run) above it")
     p.add_argument("--profile", type=Path,
@@ -1308,7 +1317,8 @@ def main(argv: list[str] | None = None) -> int:
                     etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
                     share_parsing=args.share_parsing, share_judged=args.share_judged,
                     max_rss_mib=args.max_rss_gib * 1024,
-                    restart=not args.cold_only, backend=args.backend,
+                    restart=not args.cold_only, restart_anyway=args.restart_anyway,
+                    backend=args.backend,
                     profile=str(args.profile.resolve()) if args.profile else "",
                     log_level=args.log_level,
                     keep_logs=str(args.keep_logs.resolve()) if args.keep_logs else "",
