@@ -207,6 +207,7 @@ class Host:
     pending: bool = True  # not (re)started yet: what it holds is not this phase's
 
 
+COMMAND_LIMIT = 2**26  # a command line's bytes to a worker (explain: 10,000 keys ~ 0.6 MB)
 TRACE_LEN = 16  # a host's last listings and watch streams of the subnets kept (explain)
 
 
@@ -514,7 +515,7 @@ class Worker:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
+        reader = asyncio.StreamReader(limit=COMMAND_LIMIT)  # explain: every key, one line
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         if self.spec.get("channel", "host") == "worker":
             self.channel = await EtcdStore.connect(self._settings())
