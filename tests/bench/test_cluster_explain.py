@@ -12,6 +12,7 @@ Run in a child process (as a worker is: the harness patches the store's module).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -88,3 +89,19 @@ def test_explain_names_the_missing_key_its_revision_and_the_stream(tmp_path: Pat
     proc = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_a_worker_takes_an_explain_command_with_every_key(tmp_path: Path) -> None:
+    """The driver sends every subnet key in one command line (2,500 keys ~ 150 kB, more
+    than asyncio's 64 KiB default: it ended a 2,500-host run); a worker process reads it
+    and answers. No etcd is reached: its one host never started."""
+    spec = {"hosts": 2, "pattern": "leaseagent", "dir": str(tmp_path), "first": 0, "count": 1,
+            "endpoints": "http://127.0.0.1:9", "seed": 1, "etcd_timeout": 5, "backend": "alloc"}
+    keys = {f"/bench-cluster/network/subnets/10.{i // 256}.{i % 256}.0-24": i
+            for i in range(10_000)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", "--worker", json.dumps(spec)], cwd=ROOT,
+        input=json.dumps({"do": "explain", "keys": keys, "cap": 20}) + "\n"
+        + json.dumps({"do": "stop"}) + "\n", capture_output=True, text=True, timeout=120)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines == [{"ready": 1}, {"unconverged": []}, {"stopped": True}], proc.stderr[-3000:]
