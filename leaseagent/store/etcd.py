@@ -430,11 +430,15 @@ class EtcdStore:
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def count(self, prefix: str, *, revision: int = 0) -> tuple[int, int]:
+        """How many keys under `prefix` now, or at `revision`. A count at a revision is
+        read serializable: the history is the same on every member (one that has not
+        applied it yet refuses), and etcd's gRPC proxy then answers hosts asking at the
+        same revision from its cache (a count now is not: its cache would be stale)."""
         start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
         try:
             resp = await self._call(f"count {prefix}", partial(
                 self._kvs.get, start, end, revision=revision, count_only=True,
-                timeout=self._timeout))
+                serializable=revision > 0, timeout=self._timeout))
         except StoreError as exc:
             if _compacted(exc):
                 raise Compacted(0) from exc  # a range error does not say the compact revision
