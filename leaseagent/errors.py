@@ -11,7 +11,7 @@ catches only these.
      |    |-- StoreUnavailable   etcd unreachable or timing out; retryable
      |    |-- StoreAuthError     TLS/credentials refused; not retryable
      |    |-- TooLarge           a watch response over gRPC's receive limit; list again
-     |    |-- Behind             a lost watch would resume too far behind to trust; list again
+     |    |-- Behind             a watch too far behind to trust (behind a proxy); list again
      |    '-- Compacted          a watch asked for history etcd no longer has; re-list
      |-- SubnetsExhausted        no free subnet in [SubnetMin, SubnetMax]; not retryable
      |-- LeaseLost               our etcd lease or our key is gone
@@ -55,8 +55,8 @@ class TooLarge(StoreError):
 
 
 class Behind(StoreError):
-    """A lost watch stream would resume more revisions behind etcd than one catch-up
-    response brings (etcd's gRPC proxy can then skip events): list again instead."""
+    """A watch stream would start more revisions behind etcd than one catch-up response
+    brings (etcd's gRPC proxy can then skip events): list again instead."""
 
 
 class Compacted(StoreError):

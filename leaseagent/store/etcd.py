@@ -37,13 +37,13 @@ Quirks of etcd3aio 0.3.0 handled here:
   etcdserver/api/v3rpc/watch.go:369-375), so a stream lost after such a
   report would resume past them. A stream (first or resumed) with more than
   WATCH_CATCH_UP_REVS revisions to catch up (etcd's `created` answer says its
-  revision) is not kept (Behind: list again, once in a row): etcd sends a catch-up in
-  responses of at most that many revisions, each with its current revision
-  in the header, and its gRPC proxy (3.4.23,
-  and main as of this writing: watch_broadcast.go bcast) takes that header as
-  where the broadcast has got to and may then move the watcher onto another
-  broadcast that is already past the rest (watch_broadcasts.go coalesce): the
-  watcher misses every event between (tests/faults/test_watch_resume.py);
+  revision) is not kept (Behind: list again, once in a row): etcd sends a
+  catch-up in responses of at most that many revisions, each with its
+  current revision in the header, and its gRPC proxy (3.4.23, and main as of
+  this writing: watch_broadcast.go bcast) takes that header as where the
+  broadcast has got to and may then move the watcher onto another broadcast
+  that is already past the rest (watch_broadcasts.go coalesce): the watcher
+  misses every event between (tests/faults/test_watch_resume.py);
 - its LeaseKeepalive helper shows a lost lease only through a flag and logs a
   traceback per failed attempt, so `keepalive` here is one request on the
   raw stream, bounded by a timeout; the agent drives the loop. Its
