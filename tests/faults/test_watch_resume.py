@@ -13,8 +13,8 @@ reproduced here, and the self-repair that covers every other way:
   revisions a response, each with its *current* revision in the header: a
   watcher started more than 1,000 revisions behind is then moved onto a
   broadcast that is already past the rest, and misses them all (1,001
-  revisions behind: one event). The store lists again instead of resuming
-  that far behind (Behind);
+  revisions behind: one event). The store lists again instead of keeping a
+  stream that far behind (Behind), once in a row;
 - whatever lost an event, the lease count check finds it at its next check
   once the stream brought anything later (the book is complete up to that
   revision, so no event can be on its way) and lists again.
