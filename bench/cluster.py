@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -68,6 +69,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
@@ -126,10 +128,12 @@ class PatternStore:
     listing or event of the subnets it delivered (a watcher is settled once that reaches
     the last write; the config watch's listing and events do not count)."""
 
-    def __init__(self, store: Any, *, flannel: bool) -> None:
+    def __init__(self, store: Any, *, flannel: bool, trace: deque[dict[str, Any]] | None = None
+                 ) -> None:
         self._store = store
         self._flannel = flannel
         self._listings = 0
+        self._trace = trace  # the subnets' listings, for `Worker.explain`
         self.ttl_requests = 0
         self.ttl_errors = 0
         self.delivered = 0
@@ -160,6 +164,9 @@ class PatternStore:
                 for kv in each.items:
                     await self._time_to_live(kv.lease)
         self.delivered = max(self.delivered, listing.revision)
+        if self._trace is not None:
+            self._trace.append({"list": listing.revision, "keys": len(listing.items),
+                                "at": round(time.time(), 1)})
         return listing
 
     async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[Any]:
@@ -194,8 +201,46 @@ class Host:
     ttl_requests: int = 0  # of incarnations gone
     events: int = 0  # watch events received by incarnations gone
     relists: dict[str, float] = field(default_factory=dict)  # by reason, incarnations gone
+    # The last listings and watch streams of the subnets, every incarnation (`explain`).
+    trace: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=TRACE_LEN))
     error: str | None = None
     pending: bool = True  # not (re)started yet: what it holds is not this phase's
+
+
+COMMAND_LIMIT = 2**26  # a command line's bytes to a worker (explain: 10,000 keys ~ 0.6 MB)
+TRACE_LEN = 16  # a host's last listings and watch streams of the subnets kept (explain)
+
+
+def trace_watch(store: Any, trace: deque[dict[str, Any]]) -> None:
+    """Each stream of the subnets' watch `store` opens (the first, or a resume after a
+    lost stream, which the agent does not see) is logged in `trace`: the revision it
+    started from, the events it brought (how many, the first one's revision), the
+    revision it had seen up to (events or a progress report: what the store resumes
+    after) and how it ended. Wraps the store's one-stream reader on this instance
+    only; what it yields is unchanged."""
+    streams = store._watch_stream
+
+    async def traced(prefix: str, start_revision: int) -> AsyncIterator[Any]:
+        if prefix != SUBNETS:
+            async for item in streams(prefix, start_revision):
+                yield item
+            return
+        rec: dict[str, Any] = {"stream": start_revision, "at": round(time.time(), 1),
+                               "events": 0, "first": 0, "seen": 0, "end": None}
+        trace.append(rec)
+        try:
+            async for events, seen in streams(prefix, start_revision):
+                if events:
+                    rec["events"] += len(events)
+                    rec["first"] = rec["first"] or events[0].revision
+                rec["seen"] = max(rec["seen"], seen)
+                yield events, seen
+        except BaseException as exc:  # GeneratorExit: the watcher closed it (a relist, a stop)
+            rec["end"] = repr(exc)[:160]
+            raise
+        rec["end"] = "returned"
+
+    store._watch_stream = traced
 
 
 def share_parsed_leases() -> None:
@@ -320,7 +365,9 @@ class Worker:
         cfg = self._config(host)
         raw = (self.channel.sharing_channel() if self.channel is not None
                else await EtcdStore.connect(self._settings()))
-        host.store = PatternStore(raw, flannel=self.flannel)
+        host.trace.append({"boot": round(host.started_at, 1)})
+        trace_watch(raw, host.trace)
+        host.store = PatternStore(raw, flannel=self.flannel, trace=host.trace)
         policy: dict[str, Any] = (
             {"choose": flannel_candidates, "candidates_per_txn": 1} if self.flannel else {})
         host.stop = asyncio.Event()
@@ -417,6 +464,45 @@ class Worker:
             "out_of_memory": self.out_of_memory,
         }
 
+    def explain(self, keys: dict[str, int], cap: int) -> list[dict[str, Any]]:
+        """For up to `cap` hosts not converged: which peer keys of `keys` (the subnets'
+        keys in etcd now, with their mod revisions) each lacks and which it holds that etcd
+        does not, whether its book has the key (at which revision; judged a peer or not),
+        which of its current incarnation's watch streams covered the key's revision (started
+        at or before it, seen up to or past it), its re-listings by reason and its trace."""
+        self._check(None)
+        layout = KeyLayout(PREFIX)
+        subnets = {layout.parse_lease_key(k).ipv4: (k, rev) for k, rev in keys.items()}
+        out: list[dict[str, Any]] = []
+        for h in self.hosts:
+            a = h.agent
+            if h.converged_at is not None or h.pending or a is None or len(out) >= cap:
+                continue
+            watcher = a.watcher
+            peers = set(watcher.peers) if watcher is not None else set()
+            own = a.own.subnet if a.own is not None else None
+            entries = watcher.book._entries if watcher is not None else {}
+            trace = list(h.trace)
+            since = max((i for i, t in enumerate(trace) if "boot" in t), default=0)
+            missing = []
+            for subnet in sorted(set(subnets) - peers - {own}):
+                key, rev = subnets[subnet]
+                entry = entries.get(key)
+                missing.append({
+                    "key": layout.name_of(key), "mod_revision": rev,
+                    "book": None if entry is None else
+                    {"mod_revision": entry.mod_revision, "peer": entry.peer is not None},
+                    "covered_by": [i for i, t in enumerate(trace) if i > since and "stream" in t
+                                   and t["stream"] <= rev <= t["seen"]]})
+            out.append({"host": h.name, "own": str(own), "peers": len(peers),
+                        "missing": missing[:8], "missing_count": len(missing),
+                        "extra": sorted(str(s) for s in peers - set(subnets))[:8],
+                        "relists": {r: h.relists.get(r, 0) + now.get(r, 0)
+                                    for now in [relists(a)] for r in {*h.relists, *now}},
+                        "held": len(watcher.hold) if watcher is not None else 0,
+                        "error": h.error, "trace": trace})
+        return out
+
     def _relists(self) -> dict[str, float]:
         """The hosts' full re-listings of the lease prefix, by reason (their own
         leaseagent_watch_relists_total), every incarnation."""
@@ -429,7 +515,7 @@ class Worker:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
+        reader = asyncio.StreamReader(limit=COMMAND_LIMIT)  # explain: every key, one line
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         if self.spec.get("channel", "host") == "worker":
             self.channel = await EtcdStore.connect(self._settings())
@@ -457,6 +543,9 @@ class Worker:
                     await self.wait(at + limit)
                 elif cmd["do"] == "settle":
                     await self.wait(at + limit, settle_at=int(cmd["revision"]))
+                elif cmd["do"] == "explain":
+                    _say({"unconverged": self.explain(cmd["keys"], int(cmd["cap"]))})
+                    continue
                 elif cmd["do"] == "stop":
                     break
                 _say(self.report())
@@ -660,6 +749,14 @@ def _times(report: list[dict[str, Any]], since: float, key: str) -> dict[str, An
     return out
 
 
+def subnet_keys(etcd: Etcd) -> dict[str, int]:
+    """The subnets' keys in etcd now, with their mod revisions (read from a member)."""
+    listing = json.loads(etcd.etcdctl("get", SUBNETS, "--prefix", "--keys-only", "-w", "json",
+                                      timeout=30))
+    return {base64.b64decode(kv["key"]).decode(): int(kv["mod_revision"])
+            for kv in listing.get("kvs", [])}
+
+
 def start_proxy(etcd: Etcd, pdir: Path, reaper: Reaper | None) -> tuple[Process, str]:
     """`etcd grpc-proxy start` in front of `etcd`'s members (told to the reaper before it
     starts), serving once this returns; the process and its client URL."""
@@ -684,6 +781,7 @@ class Run:
     share_judged: bool = True
     max_rss_mib: float = 0.0  # all workers together; 0: no limit
     restart: bool = True  # the steady state and restart phases after the cold start
+    restart_anyway: bool = False  # ... even if some hosts did not converge cold (explained)
     backend: str = "vxlan"
     profile: str = ""  # a directory: each worker's cProfile stats written there
     log_level: str = "ERROR"  # the workers' (the agents') log level
@@ -786,7 +884,9 @@ class Run:
         self.progress(out)
         if out["cold"]["converged"]["reached"] < self.hosts:
             out["stopped_after"] = "cold"
-            return out
+            out["cold"]["unconverged"] = self.explain()
+            if not (self.restart and self.restart_anyway):
+                return out
         if not self.restart:
             return out
         time.sleep(self.steady)
@@ -798,6 +898,7 @@ class Run:
         rep = self._all({"do": "restart", "at": at, "spread": self.spread,
                          "limit": self.limit + self.spread})
         converged = _times(rep, at, "converged")
+        unconverged = self.explain() if converged["reached"] < self.hosts else None
         revision = int(json.loads(self.etcd.etcdctl(
             "endpoint", "status", "-w", "json", urls=[self.etcd.url]))[0]["Status"]["header"]
             ["revision"])
@@ -808,7 +909,18 @@ class Run:
                           **self._counts(rep), **self._phase(s2, s3, rep)}
         out["restart"]["events_received"] = (out["restart"]["events_received_total"]
                                              - out["cold"]["events_received_total"])
+        if unconverged is not None:
+            out["restart"]["unconverged"] = unconverged
         return out
+
+    def explain(self, cap: int = 20) -> list[dict[str, Any]]:
+        """Hosts not converged at a phase's end (up to `cap`): the subnets' keys in etcd
+        now (read from a member) against what each such host holds (`Worker.explain`)."""
+        assert self.etcd is not None
+        keys = subnet_keys(self.etcd)
+        found = [u for r in self._all({"do": "explain", "keys": keys, "cap": cap})
+                 for u in r["unconverged"]]
+        return found[:cap]
 
     def _counts(self, rep: list[dict[str, Any]]) -> dict[str, Any]:
         subnets = [s for r in rep for s in r["subnets"] if s is not None]
@@ -905,7 +1017,8 @@ def reaper_main() -> None:
 def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: float,
             limit: float, etcd_timeout: float = 10.0, via: str = "etcd",
             channel: str = "host", share_parsing: bool = True, share_judged: bool = True,
-            max_rss_mib: float = 0.0, restart: bool = True, backend: str = "vxlan",
+            max_rss_mib: float = 0.0, restart: bool = True, restart_anyway: bool = False,
+            backend: str = "vxlan",
             profile: str = "", log_level: str = "ERROR", keep_logs: str = "",
             progress: Callable[[dict[str, Any]], None] = lambda _: None
             ) -> dict[str, Any]:
@@ -917,7 +1030,8 @@ def run_one(*, hosts: int, pattern: str, workers: int, steady: float, spread: fl
     run = Run(hosts, pattern, workers, base, steady, spread, limit, etcd_timeout, via=via,
               channel=channel, share_parsing=share_parsing, share_judged=share_judged,
               max_rss_mib=max_rss_mib,
-              restart=restart, backend=backend, profile=profile, log_level=log_level,
+              restart=restart, restart_anyway=restart_anyway, backend=backend,
+              profile=profile, log_level=log_level,
               keep_logs=keep_logs, reaper=reaper,
               progress=progress)
     try:
@@ -964,12 +1078,13 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
                          f"{c.get('peers_seen_mean_share', 0):.0%} of the others on average); "
                          f"{sum(cold['etcd']['unary_requests'].values()):.0f} unary requests, "
                          f"errors {cold['errors']}")
-            continue
-        lines.append(
-            f"{head} cold start all converged {c['all_s']:.1f} s "
-            f"(distinct subnets {cold['distinct_subnets']}/{r['hosts']}), "
-            f"per host {_fmt(per_host(r, 'cold'))}, etcd CPU {cold['etcd']['cpu_seconds']:.1f} s, "
-            f"RSS {cold['etcd']['rss_mib']:.0f} MiB (3 members)")
+            lines += unconverged_lines(head + " cold:", cold.get("unconverged", []))
+        else:
+            lines.append(
+                f"{head} cold start all converged {c['all_s']:.1f} s "
+                f"(distinct subnets {cold['distinct_subnets']}/{r['hosts']}), per host "
+                f"{_fmt(per_host(r, 'cold'))}, etcd CPU {cold['etcd']['cpu_seconds']:.1f} s, "
+                f"RSS {cold['etcd']['rss_mib']:.0f} MiB (3 members)")
         if "steady" not in r:
             continue
         st = r["steady"]["etcd"]
@@ -982,7 +1097,24 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
             f"settled {rs['settled'].get('all_s', float('nan')):.1f} s "
             f"({rs['settled']['reached']}/{r['hosts']}), per host {_fmt(per_host(r, 'restart'))}, "
             f"etcd CPU {rs['etcd']['cpu_seconds']:.1f} s")
+        lines += unconverged_lines(head + " restart:", rs.get("unconverged", []))
     return [*lines, *cost_lines(results)]
+
+
+def unconverged_lines(head: str, hosts: list[dict[str, Any]]) -> list[str]:
+    """A line per host not converged (`Run.explain`): what it lacks, at which revision,
+    whether its book has it, and its watch streams (start revision..seen, events, end)."""
+    lines = []
+    for u in hosts:
+        lacks = ", ".join(f"{m['key']}@{m['mod_revision']} (book {m['book']}, streams "
+                          f"{m['covered_by']})" for m in u["missing"])
+        streams = "; ".join(f"{t['stream']}..{t['seen']} {t['events']} ev {t['end']}"
+                            if "stream" in t else f"list@{t['list']}" if "list" in t else "boot"
+                            for t in u["trace"])
+        lines.append(f"{head} {u['host']} ({u['own']}) has {u['peers']} peers, lacks "
+                     f"{u['missing_count']}: {lacks}; extra {u['extra']}; relists "
+                     f"{u['relists']}; held {u['held']}; error {u['error']}; trace: {streams}")
+    return lines
 
 
 def cost_lines(results: list[dict[str, Any]]) -> list[str]:
@@ -1127,6 +1259,9 @@ def main(argv: list[str] | None = None) -> int:
                         "reconciling run); alloc: a lease and subnet.env only")
     p.add_argument("--cold-only", action="store_true",
                    help="the cold start only (no steady state, no restart)")
+    p.add_argument("--restart-anyway", action="store_true",
+                   help="go on to the restart when some hosts did not converge cold (they are "
+                        "explained first; the restart starts every agent afresh)")
     p.add_argument("--max-rss-gib", type=float, default=16.0,
                    help="the workers' RSS together; a phase stops (and the run) above it")
     p.add_argument("--profile", type=Path,
@@ -1183,7 +1318,8 @@ def main(argv: list[str] | None = None) -> int:
                     etcd_timeout=args.etcd_timeout, via=via, channel=args.channel,
                     share_parsing=args.share_parsing, share_judged=args.share_judged,
                     max_rss_mib=args.max_rss_gib * 1024,
-                    restart=not args.cold_only, backend=args.backend,
+                    restart=not args.cold_only, restart_anyway=args.restart_anyway,
+                    backend=args.backend,
                     profile=str(args.profile.resolve()) if args.profile else "",
                     log_level=args.log_level,
                     keep_logs=str(args.keep_logs.resolve()) if args.keep_logs else "",

@@ -72,7 +72,6 @@ from leaseagent.core.plan import (
     MAIN_TABLE,
     RT_SCOPE_LINK,
     RT_SCOPE_UNIVERSE,
-    DeviceState,
     Fdb,
     HostRoute,
     Interface,
@@ -426,16 +425,6 @@ class FakeNetlink(WholeTables):
         self._check(f"cannot read link {index}")
         link = self.kernel._links.get(index)
         return link.public() if link is not None else None
-
-    async def device_state(self, name: str) -> DeviceState | None:
-        link = await self.link_by_name(name)
-        if link is None:
-            return None
-        addresses = tuple(a.interface for a in await self.addresses(index=link.index)
-                          if not a.is_ipv6_link_local)
-        return DeviceState(name=link.name, index=link.index, kind=link.kind, up=link.up,
-                           mac=(link.address or "").lower() or None, mtu=link.mtu,
-                           addresses=addresses, vxlan=link.vxlan)
 
     def _new_link(self, what: str, name: str, kind: str, *, mtu: int = 1500,
                   mac: str | None = None, link: int = 0, vxlan: VxlanAttrs | None = None

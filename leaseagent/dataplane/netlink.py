@@ -206,8 +206,9 @@ def _link(m: rtnl.LinkMessage) -> Link:
 
 
 class WholeTables:
-    """Whole tables as sets, from a kernel adapter's `scan_*` readers (each read again
-    while the table changes under it): the same for the real adapter and the fake."""
+    """What a kernel adapter builds from its own readers, the same for the real adapter
+    and the fake: whole tables as sets from the `scan_*` readers (each read again while
+    the table changes under it), and a device's state from its link and addresses."""
 
     async def scan_routes(self, known: Known, *, protocol: int,
                           family: int = socket.AF_UNSPEC,
@@ -237,6 +238,25 @@ class WholeTables:
         """Every entry `scan_fdb` reads."""
         return set(await read_again(lambda: self.scan_fdb(
             nothing_known, ifindex, own_mac=own_mac)))
+
+    async def link_by_name(self, name: str) -> Link | None:
+        raise NotImplementedError
+
+    async def addresses(self, family: int = socket.AF_UNSPEC, *, index: int | None = None
+                        ) -> list[Addr]:
+        raise NotImplementedError
+
+    async def device_state(self, name: str) -> DeviceState | None:
+        """The device `name` with its addresses of both families but IPv6 link-local
+        ones (the kernel's own), or None if there is none."""
+        link = await self.link_by_name(name)
+        if link is None:
+            return None
+        addresses = tuple(a.interface for a in await self.addresses(index=link.index)
+                          if not a.is_ipv6_link_local)
+        return DeviceState(name=link.name, index=link.index, kind=link.kind, up=link.up,
+                           mac=(link.address or "").lower() or None, mtu=link.mtu,
+                           addresses=addresses, vxlan=link.vxlan)
 
 
 class Netlink(WholeTables):
@@ -326,17 +346,6 @@ class Netlink(WholeTables):
             raise _error(f"cannot read link {label}", exc) from exc
         return _link(rtnl.decode_link_message(m, 0, len(m)))
 
-    async def device_state(self, name: str) -> DeviceState | None:
-        """The device `name` with its addresses of both families but IPv6 link-local
-        ones (the kernel's own), or None if there is none."""
-        link = await self.link_by_name(name)
-        if link is None:
-            return None
-        addresses = tuple(a.interface for a in await self.addresses(index=link.index)
-                          if not a.is_ipv6_link_local)
-        return DeviceState(name=link.name, index=link.index, kind=link.kind, up=link.up,
-                           mac=(link.address or "").lower() or None, mtu=link.mtu,
-                           addresses=addresses, vxlan=link.vxlan)
 
     async def create_vxlan(
         self,
