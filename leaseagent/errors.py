@@ -11,6 +11,7 @@ catches only these.
      |    |-- StoreUnavailable   etcd unreachable or timing out; retryable
      |    |-- StoreAuthError     TLS/credentials refused; not retryable
      |    |-- TooLarge           a watch response over gRPC's receive limit; list again
+     |    |-- Behind             a watch too far behind to trust (behind a proxy); list again
      |    '-- Compacted          a watch asked for history etcd no longer has; re-list
      |-- SubnetsExhausted        no free subnet in [SubnetMin, SubnetMax]; not retryable
      |-- LeaseLost               our etcd lease or our key is gone
@@ -51,6 +52,11 @@ class StoreAuthError(StoreError):
 class TooLarge(StoreError):
     """A watch response too large to receive (a value over gRPC's 4 MiB limit): the
     stream cannot go on past it; a listing (which skips such a value) can."""
+
+
+class Behind(StoreError):
+    """A watch stream would start more revisions behind etcd than one catch-up response
+    brings (etcd's gRPC proxy can then skip events): list again instead."""
 
 
 class Compacted(StoreError):

@@ -34,11 +34,18 @@ against a key that is about to change.
 Every `check_seconds` (+-20 %; 0: never) the watcher asks etcd how many keys the
 prefix held at the revision it has seen up to, and holds now (two count-only
 range requests, no keys or values), against the keys it knows. A watch stream
-that silently missed an event (seen behind etcd's gRPC proxy: etcd-io/etcd#9988,
-#21813) shows as a different count at that revision, or as etcd's count
-differing now while no event came for a whole check; two checks in a row that
-differ list the prefix again ("view_check"). A missed change to a key that
-stays (a new VtepMAC) changes no count and is not caught.
+that silently missed an event, whatever lost it (etcd's gRPC proxy, an etcd
+that answered a progress request ahead of its events: leaseagent.store.etcd),
+shows as a different count at that revision: the book is complete up to it,
+so no event can be on its way, and the prefix is listed again at once
+("view_check"). A miss after which no event came shows only as etcd's count
+differing now while the stream brought nothing for a whole check; that is
+asked again VIEW_CHECK_CONFIRM_SECONDS later (an event may have been on its
+way) and listed again if it still differs. So a missed join or leave is
+repaired within one check (+20 %) of the next event the stream brings, and
+within two checks (+20 %) and the confirmation if none comes. A missed change
+that keeps the count (a new VtepMAC; a key replaced by another in the same
+lost stretch) is not caught: it waits for the next listing.
 
 A key naming this host's PublicIP *and* node id that is not ours is a second
 agent with this host's identity (a cloned machine, or the agent started
@@ -82,9 +89,9 @@ OnTwin = Callable[[Verdict], None]
 # Why the prefix is listed again: the engine's reasons, and the agent's own requests.
 RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "config_changed",
                   "view_check")
-# Checks in a row whose count differs from etcd's before the prefix is listed again: one
-# may be an event still on its way.
-VIEW_CHECK_STRIKES = 2
+# A stream that brought nothing for a whole check while etcd's count differs now is asked
+# again this much later (an event may have been on its way) before the prefix is listed again.
+VIEW_CHECK_CONFIRM_SECONDS = 10.0
 # A burst (a mass expiry, the end of a partition) is BURST_CHANGES watch responses with
 # changes within BURST_SECONDS; a pass in one waits BURST_GATHER_SECONDS first, so the
 # stream is read on and the pass takes more than the change or two a response brings.
@@ -377,9 +384,10 @@ class LeaseWatcher:
         if self._check_seconds <= 0:
             await asyncio.Event().wait()  # never
         prefix = self._layout.subnets_prefix
-        strikes, last_seen = 0, -1
+        last_seen, confirming = -1, False
         while True:
-            await asyncio.sleep(self._check_seconds * random.uniform(0.8, 1.2))
+            await asyncio.sleep(min(VIEW_CHECK_CONFIRM_SECONDS, self._check_seconds) if confirming
+                                else self._check_seconds * random.uniform(0.8, 1.2))
             if not self.synced.is_set():
                 continue
             async with self.gate:
@@ -392,15 +400,16 @@ class LeaseWatcher:
                 now, _ = await self._store.count(prefix)
             except StoreError:
                 continue  # etcd unreachable or refusing: the stream's own handling says so
-            differs = then != known or (now != known and seen == last_seen)
-            last_seen = seen
-            strikes = strikes + 1 if differs else 0
-            if strikes >= VIEW_CHECK_STRIKES:
-                strikes = 0
+            quiet = now != known and seen == last_seen  # nothing came while etcd changed
+            if then != known or (quiet and confirming):
                 log.warning("the leases known here differ from etcd's (%d keys known at revision "
                             "%d, etcd had %d then and has %d now): a watch event was missed; "
                             "listing again", known, seen, then, now)
                 self.request_relist("view_check")
+                quiet = False
+            if not confirming:
+                last_seen = seen
+            confirming = quiet
 
     async def run(self) -> None:
         await first_to_end(self._follow(), self._expire_held(), self._program(),

@@ -27,10 +27,23 @@ Quirks of etcd3aio 0.3.0 handled here:
   compact_revision set (and canceled): we raise Compacted on it;
 - its watch helper logs a line per reconnect, leaks a task per dead stream
   and may resume past unsent events: `watch` here drives the raw stream
-  itself, resumes from the last revision it saw, and probes a silent stream
-  with a progress request (half-open detection); etcd's gRPC proxy drops
-  progress requests, so an unanswered probe on a single endpoint is checked
-  with a read on the same connection before the stream is given up;
+  itself, resumes from the last event it received + 1, and probes a silent
+  stream with a progress request (half-open detection); etcd's gRPC proxy
+  drops progress requests, so an unanswered probe on a single endpoint is
+  checked with a read on the same connection before the stream is given up.
+  A progress report never moves the resume point: etcd before 3.4.25 / 3.5.8
+  answers a requested one with its current revision even while the watcher
+  still has events to send (etcd-io/etcd#15220; v3.4.23
+  etcdserver/api/v3rpc/watch.go:369-375), so a stream lost after such a
+  report would resume past them. A stream (first or resumed) with more than
+  WATCH_CATCH_UP_REVS revisions to catch up (etcd's `created` answer says its
+  revision) is not kept (Behind: list again, once in a row): etcd sends a
+  catch-up in responses of at most that many revisions, each with its
+  current revision in the header, and its gRPC proxy (3.4.23, and main as of
+  this writing: watch_broadcast.go bcast) takes that header as where the
+  broadcast has got to and may then move the watcher onto another broadcast
+  that is already past the rest (watch_broadcasts.go coalesce): the watcher
+  misses every event between (tests/faults/test_watch_resume.py);
 - its LeaseKeepalive helper shows a lost lease only through a flag and logs a
   traceback per failed attempt, so `keepalive` here is one request on the
   raw stream, bounded by a timeout; the agent drives the loop. Its
@@ -86,6 +99,7 @@ from etcd3aio.errors import (
 from etcd3aio.kv import prefix_range_end
 
 from leaseagent.errors import (
+    Behind,
     Compacted,
     ConfigError,
     LeaseLost,
@@ -114,6 +128,9 @@ RECONNECT_BACKOFF_OPTIONS = [
 WATCH_PROBE_AFTER = 5.0
 # A lost watch stream is resumed this many times in a row before the caller must list again.
 WATCH_RESUMES = 3
+# The most revisions etcd sends a lagging watcher in one response (mvcc watchBatchMaxRevs):
+# a resume with more than this to catch up is listed again instead (Behind; module docstring).
+WATCH_CATCH_UP_REVS = 1000
 
 
 def _resolve(endpoint: Endpoint) -> list[str]:
@@ -276,6 +293,9 @@ class EtcdStore:
         # One address to connect to (one member, or one proxy): every call on one
         # connection (see `_answers_beside`).
         self._one_target = False
+        # Prefixes whose watch raised Behind: their next watch (after the listing) is not
+        # held to the catch-up limit (`watch`).
+        self._listed_behind: set[str] = set()
 
     @classmethod
     async def connect(cls, settings: EtcdSettings) -> EtcdStore:
@@ -410,11 +430,15 @@ class EtcdStore:
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def count(self, prefix: str, *, revision: int = 0) -> tuple[int, int]:
+        """How many keys under `prefix` now, or at `revision`. A count at a revision is
+        read serializable: the history is the same on every member (one that has not
+        applied it yet refuses), and etcd's gRPC proxy then answers hosts asking at the
+        same revision from its cache (a count now is not: its cache would be stale)."""
         start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
         try:
             resp = await self._call(f"count {prefix}", partial(
                 self._kvs.get, start, end, revision=revision, count_only=True,
-                timeout=self._timeout))
+                serializable=revision > 0, timeout=self._timeout))
         except StoreError as exc:
             if _compacted(exc):
                 raise Compacted(0) from exc  # a range error does not say the compact revision
@@ -639,28 +663,39 @@ class EtcdStore:
         etcd3aio's helper is not used: it logs a line per reconnect, leaks its
         request-iterator task every time a stream dies, and resumes from the
         header revision of a `created` response (which can skip events). Here
-        the stream is resumed from the last event's revision + 1 (or a progress
-        report's) up to WATCH_RESUMES times in a row, then StoreUnavailable
-        tells the caller to list again; Compacted when the history is gone.
+        the stream is resumed from the last event's revision + 1 up to
+        WATCH_RESUMES times in a row, then StoreUnavailable tells the caller to
+        list again; Compacted when the history is gone; Behind when a stream
+        has more than WATCH_CATCH_UP_REVS revisions to catch up (module docstring),
+        unless it is the first after a listing that Behind asked for.
         """
         next_revision = start_revision
         backoff = Backoff()
+        # The first stream after a listing that Behind asked for is not held to the limit:
+        # a consumer that takes that long to apply a listing would list again for ever.
+        guard = prefix not in self._listed_behind
+        self._listed_behind.discard(prefix)
         while True:
             try:
-                async for events, revision in self._watch_stream(prefix, next_revision):
+                async for events in self._watch_stream(prefix, next_revision, guard=guard):
                     backoff.reset()
-                    next_revision = max(next_revision, revision + 1)
-                    if events:
-                        yield events
+                    next_revision = max(next_revision, max(e.revision for e in events) + 1)
+                    yield events
             except StoreUnavailable:
                 if backoff.failures >= WATCH_RESUMES:
                     raise
                 await backoff.sleep()
+            except Behind:
+                self._listed_behind.add(prefix)
+                raise
+            guard = True
 
-    async def _watch_stream(self, prefix: str, start_revision: int
-                            ) -> AsyncIterator[tuple[list[WatchEvent], int]]:
-        """One stream: (events, revision seen up to) per response.
+    async def _watch_stream(self, prefix: str, start_revision: int, *, guard: bool
+                            ) -> AsyncIterator[list[WatchEvent]]:
+        """One stream: the events of each response that has some.
 
+        `guard`: Behind if etcd's `created` answer says more than
+        WATCH_CATCH_UP_REVS revisions from start_revision on are due.
         A stream silent for WATCH_PROBE_AFTER seconds (at least twice the
         timeout) is asked for a progress report; no answer within the timeout
         (a member paused, or the connection half-open) raises StoreUnavailable
@@ -703,6 +738,11 @@ class EtcdStore:
                     raise StoreUnavailable(f"etcd ended the watch stream of {prefix}")
                 if resp.compact_revision > 0:
                     raise Compacted(int(resp.compact_revision))
+                if (guard and resp.created
+                        and resp.header.revision - start_revision >= WATCH_CATCH_UP_REVS):
+                    raise Behind(f"the watch of {prefix} would start "
+                                 f"{resp.header.revision - start_revision + 1} revisions behind "
+                                 f"etcd: listing again")
                 if resp.canceled:
                     if self._credentials is not None and any(
                             p in resp.cancel_reason for p in _TOKEN_PROBLEMS):
@@ -718,13 +758,8 @@ class EtcdStore:
                     else:  # the key and revision only (a mass expiry is thousands)
                         events.append(WatchEvent(EventType.DELETE, _key(ev.kv),
                                                  ev.kv.mod_revision))
-                if events:
-                    seen = max(e.revision for e in events)
-                elif resp.created:
-                    seen = 0  # says where etcd is now, not what it has sent us
-                else:
-                    seen = int(resp.header.revision)  # a progress report: all sent up to here
-                yield events, seen
+                if events:  # not `created` nor a progress report: where etcd is, not what it sent
+                    yield events
         except _FINISHED_STREAM as exc:  # the watch request, the progress probe, a read
             raise StoreUnavailable(f"etcd ended the watch stream of {prefix}: {exc}") from exc
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as exc:

@@ -9,7 +9,9 @@ the same way). `ListWatch(store, prefix).stream()` yields, forever:
   agent's acquisition of its lease, so start-up lists the prefix once). `reason`
   says why it was taken: "start", "compacted" (the watch
   asked for history etcd no longer keeps), "stream_lost" (etcd went away and
-  the adapter could not resume the stream), "stream_ended", or the reason
+  the adapter could not resume the stream), "stream_behind" (a lost stream
+  would have resumed too far behind to trust: the adapter's Behind),
+  "stream_ended", or the reason
   given to `request_relist` (e.g. the caller knows etcd came back, so a
   stream that lived through the outage may be half-open);
 - `Events(events)`: a batch of watch events after the latest snapshot.
@@ -36,13 +38,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from leaseagent.errors import Compacted, StoreError, StoreUnavailable, TooLarge
+from leaseagent.errors import Behind, Compacted, StoreError, StoreUnavailable, TooLarge
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.waiting import first_to_end
 
 # Why the engine lists again by itself (`Snapshot.reason` past the first, "start").
-ENGINE_REASONS = ("compacted", "stream_lost", "stream_ended")
+ENGINE_REASONS = ("compacted", "stream_lost", "stream_behind", "stream_ended")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class ListWatch:
                 reason = "stream_ended"
             except Compacted:
                 reason = "compacted"
+            except Behind:
+                reason = "stream_behind"  # not an outage: etcd answered
             except TooLarge:
                 reason = "stream_lost"  # a listing skips what the stream cannot bring
             except StoreError as exc:  # StoreUnavailable, or a refusal (after a listing)
