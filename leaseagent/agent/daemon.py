@@ -2,10 +2,11 @@
 the work are composed here (docs/architecture.md, "The agent's parts").
 
     connect to etcd -> wait for a valid <prefix>/config -> resolve this host
-    -> backend.prepare() (device, VtepMAC, MTU; devices of ours it does not use
-       kept, leaseagent.dataplane.kept) -> acquire the lease
-    -> write subnet.env -> backend.start(subnet) -> first complete list
-    -> backend.sync(peers) -> READY=1
+    -> backend.prepare() (VtepMAC, MTU; a device there adopted, one not there left
+       to the first sync; devices of ours it does not use kept,
+       leaseagent.dataplane.kept) -> acquire the lease
+    -> write subnet.env -> backend.start(subnet) -> first complete list judged
+    -> backend.sync(peers) (the devices made, then the peers) -> READY=1
     then tasks: hold (the lease holder: keepalive, take back a lost lease),
     watch (peers), backend.run (resync, drift repair), the traffic rules'
     keepers, files (kept like the routes), config (follow <prefix>/config and
@@ -127,6 +128,8 @@ class Agent:
         self.holder: LeaseHolder | None = None
         self.watcher: LeaseWatcher | None = None
         self.switch: ConfigSwitch | None = None
+        # A lease this start made and never programmed (`run`): given back at stop.
+        self._unused_lease = False
 
     def _zero_metrics(self) -> None:
         """Every labelled series at 0 from the start (a rate() needs the first sample)."""
@@ -346,6 +349,13 @@ class Agent:
                     metrics=self.metrics, on_unavailable=self.etcd.down).run())
                 tasks.spawn("readiness", self.readiness.run())  # READY=1 once all holds
                 await first_to_end(stop.wait(), tasks.failure())
+        except Exception:
+            # Failed before the first sync, which makes the devices a fresh start lacks
+            # (one that cannot be made, say): a lease this start made names a VtepMAC no
+            # device has, and routes peers to nothing; `shutdown` gives it back. (The
+            # MAC stays stored: the next start makes the device with it.)
+            self._unused_lease = not watcher.synced.is_set() and holder.own.made
+            raise
         finally:
             started.publishing.cancel()
             await asyncio.gather(started.publishing, return_exceptions=True)
@@ -361,7 +371,8 @@ class Agent:
         if holder is None:
             return
         own = holder.own
-        if self.cfg.release_on_exit and not own.reservation and holder.conflict is None:
+        if ((self.cfg.release_on_exit or self._unused_lease) and not own.reservation
+                and holder.conflict is None):
             try:
                 # Retried for a few seconds: a revoke sent during a leader election or to a
                 # member that just died times out, and one try would leave the lease behind.

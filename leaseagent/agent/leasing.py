@@ -83,6 +83,9 @@ log = logging.getLogger("leaseagent.leasing")
 
 # Upper bound of the pause before listing again after a lost allocation race.
 RETRY_JITTER_SECONDS = 0.1
+# How a lease was come by (OwnLease.how) when the acquisition created its key.
+ALLOCATED, PREVIOUS = "allocated", "previous subnet.env"
+MADE = frozenset({ALLOCATED, PREVIOUS})
 CANDIDATES_PER_TXN = 8
 
 
@@ -101,6 +104,11 @@ class OwnLease:
     @property
     def reservation(self) -> bool:
         return self.lease_id == 0
+
+    @property
+    def made(self) -> bool:
+        """Created by this acquisition (not a lease of this host's taken over)."""
+        return self.how in MADE
 
 
 class Leasing:
@@ -203,7 +211,7 @@ class Leasing:
 
     async def _create_first(self, keys: list[str], lease_id: int, ttl: int) -> OwnLease | None:
         if len(keys) == 1:
-            return await self._create(keys[0], lease_id, ttl, "allocated")
+            return await self._create(keys[0], lease_id, ttl, ALLOCATED)
         self._metrics.allocation_attempts.inc()
         self.transactions += 1
         created = await self._store.create_first(keys, self.value_bytes, lease=lease_id,
@@ -211,7 +219,7 @@ class Leasing:
         if created is None or created.key not in keys:
             self._metrics.allocation_conflicts.inc()
             return None
-        return self._own(created, lease_id, ttl, "allocated")
+        return self._own(created, lease_id, ttl, ALLOCATED)
 
     async def acquire(self, *, previous: IPv4Network | None = None,
                       previous_ipv6: IPv6Network | None = None,
@@ -275,7 +283,7 @@ class Leasing:
             taken, taken6 = survey.taken, survey.taken6
             if previous is not None and self.network.in_range(previous) and previous not in taken:
                 wanted = self.key_for(previous, place.ipv6_for(previous, taken6, previous_ipv6))
-                own = await self._create(wanted, lease_id, ttl, "previous subnet.env")
+                own = await self._create(wanted, lease_id, ttl, PREVIOUS)
                 if own is not None:
                     return own
                 taken.add(previous)

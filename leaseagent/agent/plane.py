@@ -96,10 +96,11 @@ class Plane:
         stopped within its hold, guarded and removed --peer-hold-time after no peer runs
         another type (`finish_rollout`), as if the rebuild had just been made; one that
         would block a device the backend wants takes its name back first (or is removed,
-        `DataPlane.clear_the_way`)."""
+        `DataPlane.clear_the_way`). A device not there yet is made by the first sync,
+        after the lease (`DataPlane.prepare`)."""
         backend = self.backend
         await backend.clear_the_way()
-        attrs = await backend.prepare()
+        attrs = await backend.prepare(devices_at_sync=True)
         self.leaving = await backend.take_over(lambda: device_names(self.backend))
         return attrs
 

@@ -23,7 +23,7 @@ class AllocBackend:
         self._settings = settings
         self.status = DataPlaneStatus()
 
-    async def prepare(self) -> BackendAttrs:
+    async def prepare(self, *, devices_at_sync: bool = False) -> BackendAttrs:
         return BackendAttrs(backend_type=self.backend_type, mtu=self._settings.flannel_mtu)
 
     async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None

@@ -2,11 +2,13 @@
 
 Life cycle, driven by the agent (leaseagent.agent):
 
-    attrs = await dp.prepare()          # before the lease: devices, VtepMACs, MTU
+    attrs = await dp.prepare(devices_at_sync=True)
+                                        # before the lease: VtepMACs, MTU; devices
+                                        #   there adopted, the others left to sync
     await dp.start(own_subnet, own_ipv6=own_ipv6)
                                         # lease held: own addresses on the devices
-    await dp.sync(peers, ready=...)     # first complete list: full reconcile,
-                                        #   removes entries of vanished peers
+    await dp.sync(peers, ready=...)     # first complete list: devices made, full
+                                        #   reconcile, removes entries of vanished peers
     await dp.update(changes, peers, ready=...)
                                         # each pass of watch events
     task: await dp.run(get_peers)       # periodic resync + netlink drift repair
@@ -28,7 +30,7 @@ An agent stopped before then leaves the old devices; the next start takes them o
 (leaseagent.dataplane.kept):
 
     await dp.clear_the_way()            # one that would block a wanted device: its name
-    attrs = await dp.prepare()
+    attrs = await dp.prepare(devices_at_sync=True)
     kept = await dp.take_over(in_use)   # the others, removed --peer-hold-time later
 
 Read-only, for `leasectl doctor` and the tests as much as for reconcile:
@@ -241,7 +243,13 @@ class DoctorFindings:
 class DataPlane(Protocol):
     status: DataPlaneStatus
 
-    async def prepare(self) -> BackendAttrs: ...
+    async def prepare(self, *, devices_at_sync: bool = False) -> BackendAttrs:
+        """The devices made or adopted, what the lease publishes (VtepMAC, public key)
+        chosen. `devices_at_sync` (the agent's start): a device that is not there yet
+        may be left to the first `sync` to make, after the lease and its listing's
+        judging, with what `prepare` chose (vxlan: the stored or a new random MAC,
+        stored now); a config change makes them here, before anything changes."""
+        ...
 
     async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
                     ) -> None: ...

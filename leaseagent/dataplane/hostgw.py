@@ -37,7 +37,7 @@ class HostGwBackend(ReconcilingBackend):
 
     backend_type = hostgw.NAME
 
-    async def prepare(self) -> BackendAttrs:
+    async def prepare(self, *, devices_at_sync: bool = False) -> BackendAttrs:
         host = self._settings.host
         if not host.iface or not host.iface_index:
             raise ConfigError("host-gw needs the underlay interface (--iface)")

@@ -158,6 +158,8 @@ class ReconcilingBackend:
         self._own_subnet: IPv4Network | None = None
         self._own_ipv6: IPv6Network | None = None  # the lease's IPv6 part, when dual-stack
         self._synced = False
+        # Devices `prepare(devices_at_sync=True)` left to make: the first sync makes them.
+        self._make_at_sync = False
         self._applied = AppliedPlan()  # the last applied plan (core.kerneldiff)
         # Work the event watcher hands to the resync loop (core.kerneldiff.Work).
         self._work = Work()
@@ -169,7 +171,7 @@ class ReconcilingBackend:
 
     # -- policy hooks ----------------------------------------------------------
 
-    async def prepare(self) -> BackendAttrs:
+    async def prepare(self, *, devices_at_sync: bool = False) -> BackendAttrs:
         raise NotImplementedError
 
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
@@ -242,11 +244,13 @@ class ReconcilingBackend:
     async def start(self, own_subnet: IPv4Network, *, own_ipv6: IPv6Network | None = None
                     ) -> None:
         """The lease is held: its subnets give the devices their addresses. `own_ipv6`
-        counts only when the data plane works in IPv6 (DataPlaneSettings.ipv6_enabled)."""
+        counts only when the data plane works in IPv6 (DataPlaneSettings.ipv6_enabled).
+        Devices left to the first sync (`_make_at_sync`) get them there."""
         async with self._lock:
             self._own_subnet = own_subnet
             self._own_ipv6 = own_ipv6 if self._settings.ipv6_enabled else None
-            await self._converge_devices(await self._netlink())
+            if not self._make_at_sync:
+                await self._converge_devices(await self._netlink())
 
     def spec(self, own_subnet: IPv4Network | None, peers: Mapping[IPv4Network, Peer], *,
              own_ipv6: IPv6Network | None = None) -> BackendSpec:
@@ -476,6 +480,11 @@ class ReconcilingBackend:
         # after this pass, which must then find it not yet programmed.
         peers = {subnet: peer for subnet, peer in peers.items() if subnet != self._own_subnet}
         try:
+            if self._make_at_sync:
+                # The devices prepare left to make (the agent's start), with the MACs
+                # the lease names; the peers' objects need their indexes.
+                await self._converge_devices(nl)
+                self._make_at_sync = False
             await self._read_host_routes(nl)
             skipped = self._conflicting(peers)
             peers = {subnet: peer for subnet, peer in peers.items() if subnet not in skipped}

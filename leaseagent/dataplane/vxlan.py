@@ -199,13 +199,31 @@ class Vtep:
             store_vtep_mac(self._state_dir, self.mac, self.mac_file)
         return changed
 
+    async def converge_or_choose(self, nl: Kernel, own: Network | None) -> bool:
+        """At the agent's start, before the lease: a device of this name is made what
+        `spec` says (`converge`); with none, only its MAC is chosen (`_mac`) and stored
+        now, so the lease names the MAC that this and every later attempt make the device
+        with. True when the device is left to make (the first sync makes it)."""
+        if await nl.device_state(self.name) is not None:
+            await self.converge(nl, own)
+            return False
+        self.mac = self._mac(None)
+        if load_vtep_mac(self._state_dir, self.mac_file) != self.mac:
+            store_vtep_mac(self._state_dir, self.mac, self.mac_file)
+        return True
+
+    def _mac(self, reuse: str | None) -> str:
+        """The MAC a device made now gets, in this order: ours, the old device's
+        (`reuse`), the stored one, a new random one (as the kernel would choose)."""
+        return (self.mac or reuse or load_vtep_mac(self._state_dir, self.mac_file)
+                or random_vtep_mac())
+
     async def _create(self, nl: Kernel, state: DeviceState | None,
                       differences: list[DeviceDifference]) -> DeviceState:
-        """Delete a device that cannot be adopted and create it as specified, keeping a
-        MAC in this order: ours, the old device's, the stored one, a new random one."""
+        """Delete a device that cannot be adopted and create it as specified, with the
+        MAC `_mac` gives."""
         reuse = unicast_mac(state.mac) if state is not None and state.kind == vxlan.DEVICE_KIND else None
-        mac = (self.mac or reuse or load_vtep_mac(self._state_dir, self.mac_file)
-               or random_vtep_mac())
+        mac = self._mac(reuse)
         if state is not None:
             log.warning("recreating %s: %s", self.name, "; ".join(d.text for d in differences))
             await nl.delete_link(state.index)
@@ -286,10 +304,16 @@ class VxlanBackend(ReconcilingBackend):
         """Each device in use with the lease subnet of its family."""
         return zip(self._devices, (own_subnet, own_ipv6), strict=False)
 
-    async def prepare(self) -> BackendAttrs:
+    async def prepare(self, *, devices_at_sync: bool = False) -> BackendAttrs:
         async with self._lock:
             nl = await self._netlink()
-            await self._converge_devices(nl)
+            if devices_at_sync:
+                later = [await vtep.converge_or_choose(nl, None) for vtep in self._devices]
+                self._make_at_sync = any(later)
+                if self._v6 is None:
+                    await self._remove_unused_v6(nl)
+            else:
+                await self._converge_devices(nl)
             await self._refresh(nl)
         return BackendAttrs(
             backend_type=self.backend_type,

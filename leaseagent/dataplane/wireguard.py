@@ -162,7 +162,7 @@ class WireguardBackend(ReconcilingBackend):
         """The driver in use (None until the devices were first looked at)."""
         return self._control
 
-    async def prepare(self) -> BackendAttrs:
+    async def prepare(self, *, devices_at_sync: bool = False) -> BackendAttrs:
         self._key = key = load_or_create_private_key(self._settings.state_dir)
         async with self._lock:
             nl = await self._netlink()

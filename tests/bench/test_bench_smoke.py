@@ -79,6 +79,8 @@ def test_bench_runs_prints_and_writes_json(tmp_path: Path) -> None:
     # Join and mass removal at a pace size, each beside ip/bridge -batch.
     pace = results["pace"]["50"]
     assert len(pace["runs"]) == 1 and pace["join_ratio"] > 0 and pace["removal_ratio"] > 0
+    # From the agent's start: holds the span from the device and what comes before it.
+    assert pace["start_ratio"] > 0 and pace["runs"][0]["start_s"] > pace["runs"][0]["join_s"]
     assert set(pace["runs"][0]["differences_from_reference"].values()) == {0}
     removal = pace["runs"][0]["removal"]
     assert removal["objects"] == 150 and removal["reference"]["objects"] == 150

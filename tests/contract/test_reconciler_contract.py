@@ -427,6 +427,102 @@ async def test_removing_what_is_not_there_is_done(subject: Subject, tmp_path: Pa
             hand.close()
 
 
+# --- the agent's start: a missing device made by the first sync ---------------------
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "dual-stack"])
+async def test_a_start_leaves_a_missing_device_to_the_first_sync_with_the_mac_it_chose(
+        subject: Subject, tmp_path: Path, ipv6: bool) -> None:
+    """`prepare(devices_at_sync=True)` chooses and stores each VtepMAC for the lease and
+    makes no device; `start` (the lease held) makes none either; the first sync makes
+    each with its MAC and address, then the peers' objects on it."""
+    peers = peers_of(dual(vxlan_peer(2)) if ipv6 else vxlan_peer(2))
+    backend = VxlanBackend(settings(subject, "vxlan", tmp_path, ipv6=ipv6))
+    names = {"flannel.1": ("vtep-mac", "backend_data", OWN.network_address)}
+    if ipv6:
+        names["flannel-v6.1"] = ("vtep-mac-v6", "backend_v6_data", OWN6.network_address)
+    hand = await subject.hand()
+    try:
+        attrs = await backend.prepare(devices_at_sync=True)
+        await backend.start(OWN, own_ipv6=OWN6)
+        for name, (file, data, _) in names.items():
+            assert await hand.device_state(name) is None, name
+            mac = getattr(attrs, data)["VtepMAC"]
+            assert (tmp_path / file).read_text().strip() == mac
+        await backend.sync(peers)
+        for name, (_, data, address) in names.items():
+            state = await hand.device_state(name)
+            assert state is not None and state.up
+            assert state.mac == getattr(attrs, data)["VtepMAC"]
+            assert [a.ip for a in state.addresses] == [address]
+        assert await in_sync(backend, peers)
+        assert await ours(backend) == planned(backend, peers)
+    finally:
+        hand.close()
+        await backend.close()
+
+
+async def test_a_start_adopts_a_device_that_is_there_at_once(
+        subject: Subject, tmp_path: Path) -> None:
+    """A restart over its device: `prepare(devices_at_sync=True)` adopts it (its MAC is
+    the lease's) and `start` gives it its address, as before."""
+    peers = peers_of(vxlan_peer(2))
+    async with started(subject, "vxlan", tmp_path, peers):
+        pass
+    (tmp_path / "vtep-mac").unlink()  # the device's MAC wins over a lost state file
+    hand = await subject.hand()
+    backend = VxlanBackend(settings(subject, "vxlan", tmp_path))
+    try:
+        before = await hand.device_state("flannel.1")
+        assert before is not None
+        attrs = await backend.prepare(devices_at_sync=True)
+        assert attrs.backend_data["VtepMAC"] == before.mac
+        await backend.start(IPv4Network("10.5.9.0/24"))  # another lease: its address at once
+        after = await hand.device_state("flannel.1")
+        assert after is not None and after.index == before.index
+        assert [a.ip for a in after.addresses] == [IPv4Address("10.5.9.0")]
+    finally:
+        hand.close()
+        await backend.close()
+
+
+async def test_a_device_the_first_sync_cannot_make_keeps_the_lease_mac_for_the_next_start(
+        subject: Subject, tmp_path: Path) -> None:
+    """Someone else's vxlan device on the VNI and port: the first sync fails before
+    anything is programmed; the MAC the lease names stays stored, and the next start,
+    the way clear, makes the device with it."""
+    peers = peers_of(vxlan_peer(2))
+    hand = await subject.hand()
+    first = VxlanBackend(settings(subject, "vxlan", tmp_path))
+    try:
+        mac = (await first.prepare(devices_at_sync=True)).backend_data["VtepMAC"]
+        await first.start(OWN)
+        await hand.create_vxlan("other.1", vni=1, port=8472, local=subject.host.public_ip,
+                                link=subject.host.iface_index, mtu=1450,
+                                mac="02:00:00:00:01:07")
+        with pytest.raises(DataPlaneError, match=os.strerror(errno.EEXIST)):
+            await first.sync(peers)
+        assert await hand.device_state("flannel.1") is None
+        assert not await hand.routes(protocol=PROTOCOL)
+        await first.close()
+        other = await hand.link_by_name("other.1")
+        assert other is not None
+        await hand.delete_link(other.index)
+        again = VxlanBackend(settings(subject, "vxlan", tmp_path))
+        try:
+            assert (await again.prepare(devices_at_sync=True)).backend_data["VtepMAC"] == mac
+            await again.start(OWN)
+            await again.sync(peers)
+            state = await hand.device_state("flannel.1")
+            assert state is not None and state.mac == mac
+            assert await in_sync(again, peers)
+        finally:
+            await again.close()
+    finally:
+        hand.close()
+        await first.close()
+
+
 async def test_a_device_of_an_existing_name_is_refused(subject: Subject, tmp_path: Path) -> None:
     async with started(subject, "vxlan", tmp_path, {}):
         hand = await subject.hand()

@@ -65,6 +65,29 @@ def test_new_host_reachable_within_2s_of_its_lease(vxlan_lab: Lab) -> None:
 
 
 @pytest.mark.root
+def test_a_new_host_makes_its_device_after_its_lease_with_the_mac_it_names(
+        vxlan_lab: Lab) -> None:
+    """A fresh host's agent takes its lease (naming a VtepMAC it chose and stored) before
+    it makes flannel.1, with that MAC (leaseagent.agent.daemon): as its log tells it."""
+    lab = vxlan_lab
+    host = lab.add_host(containers=0)
+    try:
+        lab.wait_ready(host, timeout=10)
+        lines = host.log_file.read_text().splitlines()
+        held = next(i for i, line in enumerate(lines) if "lease held:" in line)
+        made = next(i for i, line in enumerate(lines) if "creating flannel.1" in line)
+        assert held < made, "\n".join(lines[min(held, made):max(held, made) + 1])
+        value = lab.lease_value(host)
+        assert value is not None
+        mac = value["BackendData"]["VtepMAC"]  # type: ignore[index]
+        [link] = json.loads(run(["ip", "-j", "-n", host.ns, "link", "show", "flannel.1"]))
+        assert link["address"] == mac and f"MAC {mac}" in lines[made]
+    finally:
+        lab.remove_host(host)
+        lab.delete_lease(host)
+
+
+@pytest.mark.root
 def test_dead_host_leaves_nothing_in_peers_within_2s_of_the_hold_time(vxlan_lab: Lab) -> None:
     lab = vxlan_lab
     victim = lab.add_host(containers=1)

@@ -151,7 +151,7 @@ class RecordingDataPlane:
         """What the vxlan backend it stands for wants (pure: the peer filter's port)."""
         return VxlanBackend(self.settings).spec(own_subnet, peers, own_ipv6=own_ipv6)
 
-    async def prepare(self) -> BackendAttrs:
+    async def prepare(self, *, devices_at_sync: bool = False) -> BackendAttrs:
         return BackendAttrs(backend_type="vxlan", mtu=1450,
                             backend_data={"VNI": 1, "VtepMAC": "0a:00:00:00:00:ff"},
                             backend_v6_data={"VNI": 1, "VtepMAC": "0a:00:00:00:06:ff"})
