@@ -214,27 +214,26 @@ TRACE_LEN = 16  # a host's last listings and watch streams of the subnets kept (
 def trace_watch(store: Any, trace: deque[dict[str, Any]]) -> None:
     """Each stream of the subnets' watch `store` opens (the first, or a resume after a
     lost stream, which the agent does not see) is logged in `trace`: the revision it
-    started from, the events it brought (how many, the first one's revision), the
-    revision it had seen up to (events or a progress report: what the store resumes
-    after) and how it ended. Wraps the store's one-stream reader on this instance
-    only; what it yields is unchanged."""
+    started from, the events it brought (how many, the first and last one's revision:
+    the store resumes after the last) and how it ended. Wraps the store's one-stream
+    reader on this instance only; what it yields is unchanged."""
     streams = store._watch_stream
 
-    async def traced(prefix: str, start_revision: int) -> AsyncIterator[Any]:
+    async def traced(prefix: str, start_revision: int, **how: Any) -> AsyncIterator[Any]:
         if prefix != SUBNETS:
-            async for item in streams(prefix, start_revision):
-                yield item
+            async for events in streams(prefix, start_revision, **how):
+                yield events
             return
         rec: dict[str, Any] = {"stream": start_revision, "at": round(time.time(), 1),
                                "events": 0, "first": 0, "seen": 0, "end": None}
         trace.append(rec)
         try:
-            async for events, seen in streams(prefix, start_revision):
+            async for events in streams(prefix, start_revision, **how):
                 if events:
                     rec["events"] += len(events)
                     rec["first"] = rec["first"] or events[0].revision
-                rec["seen"] = max(rec["seen"], seen)
-                yield events, seen
+                    rec["seen"] = max(rec["seen"], events[-1].revision)
+                yield events
         except BaseException as exc:  # GeneratorExit: the watcher closed it (a relist, a stop)
             rec["end"] = repr(exc)[:160]
             raise
@@ -469,7 +468,7 @@ class Worker:
         keys in etcd now, with their mod revisions) each lacks and which it holds that etcd
         does not, whether its book has the key (at which revision; judged a peer or not),
         which of its current incarnation's watch streams covered the key's revision (started
-        at or before it, seen up to or past it), its re-listings by reason and its trace."""
+        at or before it, its last event at or past it), its re-listings by reason and its trace."""
         self._check(None)
         layout = KeyLayout(PREFIX)
         subnets = {layout.parse_lease_key(k).ipv4: (k, rev) for k, rev in keys.items()}

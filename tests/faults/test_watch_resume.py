@@ -113,12 +113,12 @@ async def test_a_progress_report_ahead_of_the_events_does_not_move_the_resume_po
     the stream is lost right after. Every event must still come, from the resumed
     stream; before the fix none did (it resumed after the report's revision)."""
     store = await connect(etcd_server.url)
+    stub = ProgressFirst.install(store)
     try:
         for _ in range(3):  # etcd's 100 ms catch-up tick can beat the report: set up again
             prefix = f"/progress-first/{uuid.uuid4().hex[:12]}/"
             _, start = await store.count(prefix)
             await put_many(store, prefix, 600)
-            stub = ProgressFirst.install(store)
             got: list[int] = []
 
             async def read(at: str = prefix, first: int = start + 1, into: list[int] = got
