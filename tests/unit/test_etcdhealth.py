@@ -33,7 +33,11 @@ async def stop_probe(etcd: EtcdHealth) -> None:
 
 
 async def test_down_since_is_the_first_failure_of_an_outage() -> None:
-    etcd = health(MemoryStore())
+    store = MemoryStore()
+    # Unreachable for real while the outage lasts: the probe that down() starts must
+    # not find etcd back and end the outage between the two failures.
+    store.set_available(False)
+    etcd = health(store)
     try:
         assert etcd.down_since == 0.0
         before = time.monotonic()
@@ -43,6 +47,7 @@ async def test_down_since_is_the_first_failure_of_an_outage() -> None:
         await asyncio.sleep(0.01)
         etcd.down(StoreUnavailable("still no answer"))  # the same outage
         assert etcd.down_since == first
+        store.set_available(True)
         etcd.up()
         await asyncio.sleep(0.01)
         etcd.down(StoreUnavailable("a new outage"))
