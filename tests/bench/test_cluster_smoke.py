@@ -149,4 +149,7 @@ def test_watch_fan_out_bench(tmp_path: Path) -> None:
         assert not r["errors"], r["errors"]
     assert direct["etcd"]["watch_events_sent"] == 100
     assert proxied["etcd"]["watch_events_sent"] < 100
-    assert proxied["proxy"]["cpu_seconds"] > 0
+    # The proxy was sampled (its RSS read from its /proc). Its CPU for 5 writes can be
+    # under one clock tick (10 ms), so 0.0 is a true reading and only < 0 is wrong.
+    assert proxied["proxy"]["rss_mib"] > 0
+    assert proxied["proxy"]["cpu_seconds"] >= 0
