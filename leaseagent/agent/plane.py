@@ -242,9 +242,9 @@ class Plane:
             self._foreign = foreign
             return
         if foreign:
-            log.info("backend roll-out: %d peer(s) run another backend type than this host's "
-                     "%s: reached the old way, where this host had programmed them, until "
-                     "they switch", foreign, self.network.backend_type)
+            log.info("backend roll-out: %d peer(s) run another backend type (or VNI) than "
+                     "this host's %s: reached the old way, where this host had programmed "
+                     "them, until they switch", foreign, self.network.backend_type)
         else:
             log.info("backend roll-out over: every peer runs %s", self.network.backend_type)
         self._foreign = foreign

@@ -285,7 +285,7 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
         report.kept.append(
             f"kept: device {kept.describe(link)}, which the network config does not use (a "
             "rebuild's old device): the agent guards its port and removes it --peer-hold-time "
-            "after no peer runs another type (taking it over at its next start if it is "
+            "after no peer runs another type or VNI (taking it over at its next start if it is "
             "stopped)" if network.profile.data_path else
             f"left: device {kept.describe(link)}, which the network config does not use: "
             f"the agent ({network.backend_type}) does not remove it; `leasectl cleanup` does")

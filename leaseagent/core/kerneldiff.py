@@ -306,7 +306,7 @@ class Admission:
     `host_routes`: this host's routes and addresses that are not ours and overlap the
     cluster network (None: not read yet), as peers are judged by them; `dumped`: the
     same from the last route dump. `claimed`: what the planned peers claim.
-    `foreign`: the subnets of peers of another backend type."""
+    `foreign`: the subnets of peers of another backend type or variant (vxlan's VNI)."""
 
     __slots__ = ("claimed", "dumped", "foreign", "host_routes")
 
@@ -317,16 +317,19 @@ class Admission:
         self.foreign: set[IPv4Network] = set()
 
     def note_foreign(self, subnets: Iterable[IPv4Network], peers: Mapping[IPv4Network, Peer],
-                     backend_type: str) -> list[Peer]:
-        """Keep `foreign` right for `subnets`; the peers among them of another type."""
-        out: list[Peer] = []
+                     runs_other: Callable[[Peer], str | None]) -> list[tuple[Peer, str]]:
+        """Keep `foreign` right for `subnets`; the peers among them that run another type
+        or variant of the backend, with what they run (`runs_other`: this host's
+        backend's core.profiles.base.runs_other)."""
+        out: list[tuple[Peer, str]] = []
         for subnet in subnets:
             peer = peers.get(subnet)
-            if peer is None or peer.backend_type == backend_type:
+            other = runs_other(peer) if peer is not None else None
+            if peer is None or other is None:
                 self.foreign.discard(subnet)
             else:
                 self.foreign.add(subnet)
-                out.append(peer)
+                out.append((peer, other))
         return out
 
     def not_kept(self, stale: list[KernelObject], peers: Mapping[IPv4Network, Peer]

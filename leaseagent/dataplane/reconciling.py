@@ -54,8 +54,10 @@ one more device. Nothing below depends on the family:
   once the new backend has taken the routes over (make before break).
 
 Peers of another backend type are planned nothing (flannel does the same):
-a vxlan host and a wireguard host cannot reach each other. Each is logged once
-(a warning naming both types) and counted in `status.foreign_peers`. What the
+a vxlan host and a wireguard host cannot reach each other. Nor are vxlan peers
+whose lease names another VNI (core.profiles.base.runs_other, the one rule of a
+peer's profile identity). Each is logged once (a warning naming what it runs)
+and counted in `status.foreign_peers`. What the
 kernel already has for such a peer (`core.plan.serves`: its routes, neighbour
 and FDB entries, made by the backend this host ran before a rebuild, or by this
 one before the peer switched) is left in place, not removed as stale: during a
@@ -113,6 +115,7 @@ from leaseagent.core.plan import (
     cluster_relevant,
     diff,
 )
+from leaseagent.core.profiles.base import runs_other
 from leaseagent.dataplane import kept
 from leaseagent.dataplane.base import BackendAttrs, DataPlaneSettings, DataPlaneStatus
 from leaseagent.dataplane.kept import KeptDevices
@@ -559,14 +562,20 @@ class ReconcilingBackend:
                       peers: Mapping[IPv4Network, Peer]) -> None:
         """Keep `Admission.foreign` right for `subnets` (peers of another backend type);
         log each such peer once."""
-        for peer in self._admission.note_foreign(subnets, peers, self.backend_type):
-            if (peer.subnet, peer.backend_type) not in self._logged:
-                self._logged.add((peer.subnet, peer.backend_type))
+        for peer, other in self._admission.note_foreign(subnets, peers, self._runs_other):
+            if (peer.subnet, other) not in self._logged:
+                self._logged.add((peer.subnet, other))
                 node = f", node {peer.node_id}" if peer.node_id else ""
-                log.warning("peer %s (%s%s) runs the %s backend and this host %s: they cannot "
-                            "reach each other; not programmed", peer.subnet, peer.public_ip,
-                            node, peer.backend_type, self.backend_type)
+                log.warning("peer %s (%s%s) runs %s, which this host's %s backend does "
+                            "not serve: not programmed (what the kernel has for it is kept "
+                            "until it switches)", peer.subnet, peer.public_ip, node, other,
+                            self.backend_type)
         self.status.foreign_peers = len(self._admission.foreign)
+
+    def _runs_other(self, peer: Peer) -> str | None:
+        """What `peer` runs instead of this backend (None: this backend serves it;
+        core.profiles.base.runs_other, the one rule)."""
+        return runs_other(peer, self.backend_type, self._settings.network.options)
 
     def _programmed_of(self, peers: Mapping[IPv4Network, Peer]) -> Mapping[IPv4Network, Peer]:
         """Of `peers`, those a plan gives objects (not our own subnet, not a peer of another

@@ -499,6 +499,8 @@ class VxlanBackend(ReconcilingBackend):
     def _plan_peer(self, peer: Peer) -> frozenset[KernelObject]:
         if not self._v4.index:
             return frozenset()  # no device (not prepared, or doctor found none): nothing to plan
+        if self._runs_other(peer) is not None:
+            return frozenset()  # another VNI (or type): served the old way meanwhile
         return vxlan.plan_peer(
             peer,
             self._v4.index,

@@ -711,6 +711,68 @@ async def test_a_dual_stack_change_back_within_the_hold_takes_both_devices_back(
             hand.close()
 
 
+def on_vni(p: Peer, vni: int | None, mac: str) -> Peer:
+    """`p` (dual-stack) as its lease reads once its host runs VNI `vni` with VtepMAC
+    `mac` (BackendData and BackendV6Data both name the VNI, as flanneld writes them;
+    None: neither names one, as older flanneld wrote them)."""
+    assert isinstance(p.data6, VxlanLeaseData)
+    return replace(p, data=VxlanLeaseData(mac, vni), data6=VxlanLeaseData(p.data6.vtep_mac, vni))
+
+
+def families(p: Peer) -> tuple[IPv4Network, IPv6Network]:
+    assert p.ipv6_subnet is not None
+    return p.subnet, p.ipv6_subnet
+
+
+async def test_a_vni_change_moves_each_peer_once_its_lease_says_the_new_vni(
+        subject: Subject, tmp_path: Path) -> None:
+    """VNI 1 -> 2 on a dual-stack host: the new flannel.2 takes only the peers whose
+    lease says VNI 2 (or no VNI: any); a peer still on VNI 1 is planned nothing and
+    keeps its route, neighbour and FDB entries of both families on the kept flannel.1
+    (a send on VNI 2 would reach no device of its), through a full pass too, until its
+    lease says VNI 2: then its routes move onto the new devices in one replace each."""
+    slow, fast, silent = (on_vni(dual(vxlan_peer(i)), 1, f"02:00:00:00:00:{i:02x}")
+                          for i in (2, 3, 4))
+    async with started(subject, "vxlan", tmp_path, peers_of(slow, fast, silent),
+                       ipv6=True) as old:
+        hand = await subject.hand()
+        new = VxlanBackend(port_settings(subject, tmp_path, 8472, ipv6=True, vni=2))
+        try:
+            olds = [await hand.link_by_name(n) for n in ("flannel.1", "flannel-v6.1")]
+            old_index = [link.index for link in olds if link is not None]
+            kept = {i: (await hand.neighbours(i), await hand.fdb(i)) for i in old_index}
+            fast = on_vni(fast, 2, "02:00:00:00:02:03")  # switched before this host
+            silent = on_vni(silent, None, "02:00:00:00:02:04")
+            peers = peers_of(slow, fast, silent)
+            await new.prepare()
+            await new.start(OWN, own_ipv6=OWN6)
+            for _ in range(2):  # the first pass, and a full pass again
+                await new.sync(peers)
+                news = [await hand.link_by_name(n) for n in ("flannel.2", "flannel-v6.2")]
+                new_index = [link.index for link in news if link is not None]
+                on = {r.dst: r.ifindex for r in await hand.routes(protocol=PROTOCOL)}
+                assert [on[k] for k in families(slow)] == old_index
+                assert [on[k] for k in families(fast)] == [on[k] for k in families(silent)] \
+                    == new_index
+                for index, entries in kept.items():  # slow's among them
+                    assert (await hand.neighbours(index), await hand.fdb(index)) == entries
+                assert new.status.foreign_peers == 1
+                assert planned(new, peers) == planned(new, peers_of(fast, silent))
+            switched = on_vni(slow, 2, "02:00:00:00:02:02")
+            peers[slow.subnet] = switched
+            await new.update(PeerChanges(changed=[switched]), peers)
+            on = {r.dst: r.ifindex for r in await hand.routes(protocol=PROTOCOL)}
+            assert [on[k] for k in families(switched)] == new_index
+            assert new.status.foreign_peers == 0
+            await new.sync(peers)
+            assert await in_sync(new, peers)
+            await old.remove(objects=False)  # its hold over
+            assert await in_sync(new, peers)
+        finally:
+            await new.close()
+            hand.close()
+
+
 async def test_a_dual_stack_port_change_puts_both_devices_aside(
         subject: Subject, tmp_path: Path) -> None:
     peers = peers_of(dual(vxlan_peer(2)))

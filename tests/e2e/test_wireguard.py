@@ -277,7 +277,8 @@ def test_a_vxlan_lease_is_refused_with_one_line_per_host(lab: Lab) -> None:
              "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:99"}}
     lab.etcdctl("put", key, json.dumps(value))
     try:
-        line = "10.244.0.0/24 (10.250.0.99) runs the vxlan backend and this host wireguard"
+        line = ("10.244.0.0/24 (10.250.0.99) runs the vxlan backend, which this host's wireguard "
+                "backend does not serve")
         for host in lab.hosts.values():
             wait_for(f"{host.name} says so", lambda h=host: line in h.log_file.read_text(), 3)
             assert lab.metrics(host)["leaseagent_dataplane_foreign_peers"] == 1

@@ -20,7 +20,8 @@ from leaseagent.core.kerneldiff import (
 )
 from leaseagent.core.leases import Peer
 from leaseagent.core.plan import Fdb, HostRoute, KernelObject, Neighbour, Route
-from leaseagent.core.profiles.vxlan import VxlanLeaseData
+from leaseagent.core.profiles.base import runs_other
+from leaseagent.core.profiles.vxlan import VxlanLeaseData, VxlanOptions
 
 VX = 5
 
@@ -259,14 +260,47 @@ def test_work_collects_verdicts_for_the_resync_loop() -> None:
     assert work.take() == (False, set())
 
 
-def test_what_serves_a_peer_of_another_type_is_kept_until_it_goes() -> None:
+VNI1 = VxlanOptions(vni=1)
+
+
+def runs_other_than_vni1(p: Peer) -> str | None:
+    return runs_other(p, "vxlan", VNI1)
+
+
+@pytest.mark.parametrize(("switched", "runs"), [
+    (replace(peer(3), backend_type="host-gw"), "the host-gw backend"),
+    (replace(peer(3), data=VxlanLeaseData("02:00:00:00:02:03", 2)), "vxlan VNI 2"),
+])
+def test_what_serves_a_peer_of_another_type_or_vni_is_kept_until_it_goes(
+        switched: Peer, runs: str) -> None:
     admission = Admission()
-    switched = replace(peer(3), backend_type="host-gw")
     peers = {p.subnet: p for p in (peer(2), switched)}
-    assert admission.note_foreign(peers, peers, "vxlan") == [switched]
+    assert admission.note_foreign(peers, peers, runs_other_than_vni1) == [(switched, runs)]
     left_by_vxlan = sorted(plan(peer(3)), key=lambda o: o.kind)
     stray = Route(IPv4Network("10.5.9.0/24"), IPv4Address("10.5.9.0"), VX, onlink=True)
     assert admission.not_kept([*left_by_vxlan, stray], peers) == [stray]
     del peers[switched.subnet]
-    assert admission.note_foreign([switched.subnet], peers, "vxlan") == []
+    assert admission.note_foreign([switched.subnet], peers, runs_other_than_vni1) == []
     assert admission.not_kept([*left_by_vxlan, stray], peers) == [*left_by_vxlan, stray]
+
+
+def test_a_peer_on_another_vni_is_foreign_until_its_lease_says_ours() -> None:
+    """A vxlan peer's profile identity: its type and the VNI its lease names (either
+    family's); none named (older flanneld) matches any, and flanneld's uint16 VNI matches
+    ours truncated."""
+    def vni(v: int | None, v6: int | None = None) -> Peer:
+        return replace(peer(3), data=VxlanLeaseData("02:00:00:00:00:03", v),
+                       data6=VxlanLeaseData("02:00:00:00:06:03", v6))
+    assert runs_other_than_vni1(vni(2)) == "vxlan VNI 2"
+    assert runs_other_than_vni1(vni(None, 2)) == "vxlan VNI 2"  # BackendV6Data's
+    assert runs_other_than_vni1(vni(1, 1)) is None
+    assert runs_other_than_vni1(vni(None)) is None
+    assert runs_other(vni(1), "vxlan", VxlanOptions(vni=65537)) is None
+    assert runs_other(vni(1), "vxlan", VxlanOptions(vni=3)) == "vxlan VNI 1"
+    admission = Admission()
+    peers = {p.subnet: p for p in (peer(2), vni(2))}
+    admission.note_foreign(peers, peers, runs_other_than_vni1)
+    assert admission.foreign == {vni(2).subnet}
+    peers[vni(1).subnet] = vni(1)  # its lease says ours now
+    assert admission.note_foreign([vni(1).subnet], peers, runs_other_than_vni1) == []
+    assert admission.foreign == set()

@@ -153,8 +153,18 @@ def test_a_good_vxlan_peer_is_accepted_with_a_lowercased_mac() -> None:
     )
     assert peer == Peer(
         subnet=SUBNET, public_ip=IPv4Address("192.168.64.3"), backend_type="vxlan",
-        data=VxlanLeaseData(MAC),
+        data=VxlanLeaseData(MAC, 1),
     )
+
+
+@pytest.mark.parametrize(("vni", "read"), [(2, 2), (0, 0), (None, None), (True, None),
+                                            ("2", None), (2.0, None)])
+def test_the_vni_a_vxlan_lease_names_is_read_and_anything_else_names_none(
+        vni: object, read: int | None) -> None:
+    """A peer's VNI decides whether this host's backend serves it (profiles.base
+    .runs_other); absent, null or not an integer it names none (any VNI)."""
+    peer = validate_peer(SUBNET, vxlan_value(VNI=vni), network=NETWORK, own_public_ip=OWN_IP)
+    assert peer.data == VxlanLeaseData(MAC, read)
 
 
 def test_a_host_gw_peer_needs_no_mac() -> None:
@@ -293,7 +303,7 @@ def test_a_dual_stack_value_is_flanneld_s_bytes_and_reads_back() -> None:
     assert value.encode() == FLANNELD_DUAL  # byte for byte: names, order, compact JSON
     peer = validate_peer(SUBNET, value, network=DUAL, own_public_ip=OWN_IP, ipv6_subnet=SUBNET6)
     assert (peer.ipv6_subnet, peer.public_ipv6, peer.data6) == (
-        SUBNET6, IPv6Address("fd00:250::3"), VxlanLeaseData(MAC6))
+        SUBNET6, IPv6Address("fd00:250::3"), VxlanLeaseData(MAC6, 1))
 
 
 _ipv6 = st.ip_addresses(v=6).filter(lambda ip: unusable_ip_reason(ip) is None)

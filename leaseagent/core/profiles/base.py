@@ -34,14 +34,23 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leaseagent.errors import NetworkConfigError
+
+if TYPE_CHECKING:
+    from leaseagent.core.leases import Peer
 
 
 @dataclass(frozen=True, slots=True)
 class BackendOptions:
     """The parsed Backend object of a network config (each profile has its own)."""
+
+    def other_variant(self, data: LeaseData) -> str | None:
+        """What a peer of this backend type runs, by its lease data, that this host's
+        backend cannot serve (vxlan: "VNI 2"); None when it can, or the data does not
+        say (`runs_other`)."""
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +66,21 @@ class LeaseData:
 @dataclass(frozen=True, slots=True)
 class NoLeaseData(LeaseData):
     """A backend type whose peers need nothing beyond PublicIP (host-gw, alloc)."""
+
+
+def runs_other(peer: Peer, backend_type: str, options: BackendOptions) -> str | None:
+    """What `peer` runs instead of this host's backend (`backend_type` with `options`):
+    "the host-gw backend", "vxlan VNI 2"; None when this host's backend serves it. The
+    one rule of a peer's profile identity: such a peer is planned nothing, and what the
+    kernel has for it is kept, until its lease says ours (a roll-out; leaseagent.dataplane
+    .reconciling)."""
+    if peer.backend_type != backend_type:
+        return f"the {peer.backend_type} backend"
+    for data in (peer.data, peer.data6):
+        other = options.other_variant(data) if data is not None else None
+        if other is not None:
+            return f"{backend_type} {other}"
+    return None
 
 
 def no_options(backend: Mapping[str, Any]) -> NoOptions:

@@ -12,7 +12,12 @@ FLANNEL_MTU=1450, as flanneld does). GBP and Learning are the kernel device's fl
 Devices: `flannel.<VNI>` (IPv4) and, on a dual-stack network, `flannel-v6.<VNI>`.
 
 Lease data: `{"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}`; a peer needs a unicast,
-non-zero VtepMAC (the VNI is not checked: flannel does not either).
+non-zero VtepMAC. A peer whose lease names another VNI than ours (in BackendData or
+BackendV6Data) runs another variant of the backend (`VxlanOptions.other_variant`,
+`base.runs_other`): during a VNI change's roll-out it is served like a peer of another
+type, the old way, until its lease says our VNI. A lease without a VNI (older
+flanneld wrote none) or with a non-integer one matches any VNI; flanneld writes
+it as a uint16, so VNI 65537 publishes 1.
 
 Kernel objects per peer and family (`plan_peer`; docs/architecture.md, "Kernel
 objects"): Neighbour(<subnet base> -> VtepMAC), Fdb(VtepMAC -> public address),
@@ -90,6 +95,13 @@ class VxlanOptions(BackendOptions):
     @property
     def device_name(self) -> str:
         return f"flannel.{self.vni}"
+
+    def other_variant(self, data: LeaseData) -> str | None:
+        vni = data.vni if isinstance(data, VxlanLeaseData) else None
+        # flanneld publishes its VNI as a uint16 (vxlanLeaseAttrs.VNI).
+        if vni is None or vni in (self.vni, self.vni & 0xFFFF):
+            return None
+        return f"VNI {vni}"
 
     @property
     def device_name6(self) -> str:
@@ -188,6 +200,7 @@ def vxlan_options(backend: Mapping[str, Any]) -> VxlanOptions:
 @dataclass(frozen=True, slots=True)
 class VxlanLeaseData(LeaseData):
     vtep_mac: str  # lowercase, unicast
+    vni: int | None = None  # the VNI it publishes; None: it names none (any)
 
 
 def vxlan_lease_data(data: Mapping[str, Any]) -> VxlanLeaseData:
@@ -195,7 +208,8 @@ def vxlan_lease_data(data: Mapping[str, Any]) -> VxlanLeaseData:
     mac = unicast_mac(raw)
     if mac is None:
         raise InvalidLease("bad_vtep_mac", f"VtepMAC {raw!r} is not a unicast, non-zero MAC address")
-    return VxlanLeaseData(mac)
+    vni = data.get("VNI")
+    return VxlanLeaseData(mac, vni if type(vni) is int else None)  # not a bool, float or string
 
 
 # ------------------------------------------------------------------ kernel objects per peer
