@@ -384,6 +384,14 @@ def test_a_host_that_switches_its_vni_late_is_reached_on_the_old_one_meanwhile(
                      timeout=CONVERGE_SECONDS + 5, what="hosts 1 and 2 on VNI 2")
             time.sleep(LATE_SECONDS)  # the pings to and from host 3 meanwhile
             assert device_mtu(late, "flannel.2") is None
+            # doctor says what the agent keeps for host 3 (its entries on flannel.1), by
+            # the agent's own rule: a `kept:` line, not a stale entry each.
+            shown = doctor(lab, hosts[0]).stdout
+            assert late.subnet is not None
+            assert (f"kept: the entries for peer {late.subnet.network}" in shown
+                    and "which runs vxlan VNI 1" in shown), shown
+            assert not [line for line in shown.splitlines() if line.lstrip().startswith("stale")
+                        and str(late.subnet.network.network_address) in line], shown
         finally:
             os.kill(pid, signal.SIGCONT)
         wait_for(lambda: (applied(lab, revision)
