@@ -21,6 +21,9 @@ agent does. It decides nothing on its own:
   config does not use: a `kept:` line each, not a problem (the agent keeps them for a
   rebuild's hold, takes them over at its next start and removes them
   --peer-hold-time later; their ports are guarded, so the rules check wants them);
+  and the entries kept for a peer that still runs another backend type or VNI (a
+  roll-out, the agent's own rule: core.diagnosis.kept_for_roll_out): a `kept:` line
+  for the peer, not a stale entry each;
 - the agent (with `--metrics-addr`, as the unit sets it): its /readyz, whose
   reason when it is not ready names what fails (a traffic rule that cannot be
   written: the command and what the tool or kernel said);
@@ -62,6 +65,7 @@ from leaseagent.core.diagnosis import (
     check_subnet_env,
     device_problems,
     env_subnet,
+    kept_for_roll_out,
     object_problems,
     pick_own_lease,
     problem,
@@ -69,6 +73,7 @@ from leaseagent.core.diagnosis import (
 from leaseagent.core.leases import Identity, KeyLayout, Peer, Verdict, judge
 from leaseagent.core.network import Network, NetworkConfig, parse_network_config
 from leaseagent.core.plan import compare, flatten, needs_recreate
+from leaseagent.core.profiles.base import runs_other
 from leaseagent.core.rules import (
     FAMILIES,
     TrafficSettings,
@@ -290,7 +295,11 @@ async def examine(store: LeaseStore, layout: KeyLayout, settings: DoctorSettings
             f"left: device {kept.describe(link)}, which the network config does not use: "
             f"the agent ({network.backend_type}) does not remove it; `leasectl cleanup` does")
     if not needs_recreate(comparison.devices):  # no device: no entries could be on it
-        report.problems += object_problems(comparison.objects, plan=spec.objects,
+        objects, rolling = kept_for_roll_out(
+            comparison.objects, peers,
+            lambda peer: runs_other(peer, network.backend_type, network.options))
+        report.kept += rolling
+        report.problems += object_problems(objects, plan=spec.objects,
                                            current=observed.objects, peers=peers, names=names)
     if network.profile.data_path:  # no data path (alloc): no traffic rules either
         # The ports the agent's peer filter guards: its devices' and those of ours the

@@ -228,5 +228,6 @@ def fields_table() -> str:
     for type_name, kind in sorted(BACKEND_TYPES.items()):
         for key in kind.option_keys:
             cls = option_kind(type_name, key)
-            rows.append(f"| `Backend.{key}` ({type_name}) | {cls} | {_OPTION_EFFECT[cls]} |")
+            effect = kind.rebuild_effects.get(key, _OPTION_EFFECT[cls])
+            rows.append(f"| `Backend.{key}` ({type_name}) | {cls} | {effect} |")
     return "\n".join(rows) + "\n"

@@ -25,10 +25,11 @@ a problem too (`peer`): its key, PSK or endpoint do not match the other side.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 
+from leaseagent.core.kerneldiff import Admission
 from leaseagent.core.leases import LeaseValue, Peer
 from leaseagent.core.network import Network
 from leaseagent.core.plan import (
@@ -171,6 +172,22 @@ def object_problems(
     for obj in to_remove:
         out.append(problem("stale", render_object(obj, names), _stale_reason(obj, peers)))
     return out
+
+
+def kept_for_roll_out(changes: PlanDiff, peers: Mapping[IPv4Network, Peer],
+                      runs_other: Callable[[Peer], str | None]) -> tuple[PlanDiff, list[str]]:
+    """What the agent keeps during a roll-out, by its own rule (core.kerneldiff.Admission:
+    the kernel's entries for a peer that runs another type or variant, `runs_other`, stay
+    until its lease says ours): `changes` without them among the stale, and a `kept:`
+    line for each such peer instead of a problem."""
+    admission = Admission()
+    rolling = admission.note_foreign(peers, peers, runs_other)
+    if not rolling:
+        return changes, []
+    to_remove = tuple(admission.not_kept(list(changes.to_remove), peers))
+    return PlanDiff(changes.to_add, to_remove), [
+        f"kept: the entries for peer {peer.subnet} ({peer.public_ip}), which runs {other} "
+        "(a roll-out): the agent keeps them until its lease says ours" for peer, other in rolling]
 
 
 def _subnet(peer: Peer, version: int) -> Network | None:

@@ -362,6 +362,54 @@ def test_vxlan_to_host_gw_and_back_rebuilds_with_reachability_restored(
         assert log.index("removed flannel.1 (the backend is rebuilt)", over) > over
 
 
+LATE_SECONDS = 2.0  # how long host 3's agent is stopped through a VNI change
+
+
+def test_a_host_that_switches_its_vni_late_is_reached_on_the_old_one_meanwhile(
+        lab: FixedSubnetLab) -> None:
+    """VNI 1 -> 2 with host 3's agent stopped (SIGSTOP) for LATE_SECONDS from before the
+    write: the others switch, and reach it through their kept flannel.1 on VNI 1 (its
+    lease still names VNI 1, and it has no flannel.2) until its lease says VNI 2; not
+    one ping lost. Before, they moved it onto flannel.2 at once: every ping between it
+    and them was lost until it switched (the CI loss of 1 in 410 was this, by a few ms)."""
+    hosts = list(lab.hosts.values())
+    late, pid = hosts[2], lab.agent_pid(hosts[2])
+    assert pid is not None
+    with pinging(lab) as pings:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            revision = write_config(lab, base_config(lab, VNI=2))
+            began = time.monotonic()
+            wait_for(lambda: all(device_mtu(h, "flannel.2") == 1450 for h in hosts[:2]),
+                     timeout=CONVERGE_SECONDS + 5, what="hosts 1 and 2 on VNI 2")
+            time.sleep(LATE_SECONDS)  # the pings to and from host 3 meanwhile
+            assert device_mtu(late, "flannel.2") is None
+            # doctor says what the agent keeps for host 3 (its entries on flannel.1), by
+            # the agent's own rule: a `kept:` line, not a stale entry each.
+            shown = doctor(lab, hosts[0]).stdout
+            assert late.subnet is not None
+            assert (f"kept: the entries for peer {late.subnet.network}" in shown
+                    and "which runs vxlan VNI 1" in shown), shown
+            assert not [line for line in shown.splitlines() if line.lstrip().startswith("stale")
+                        and str(late.subnet.network.network_address) in line], shown
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: (applied(lab, revision)
+                          and all(device_mtu(h, "flannel.2") == 1450 for h in hosts)
+                          and lab.reachability(wait=0.2).all_ok),
+                 timeout=CONVERGE_SECONDS + 5, what="host 3 on VNI 2 too")
+        took = time.monotonic() - began
+    report(f"VNI 1 -> 2, host 3 late by {LATE_SECONDS:.0f} s", "rebuild", took, pings)
+    assert pings.lost == 0
+    for host in hosts[:2]:
+        assert "runs vxlan VNI 1, which this host's vxlan backend" in host.log_file.read_text()
+    change(lab, lab.network_config(), lambda: (
+        all(device_mtu(h, "flannel.1") == 1450 for h in hosts)
+        and lab.reachability(wait=0.2).all_ok), what="VNI 2 -> 1", kind="rebuild")
+    wait_for(lambda: all(device_mtu(h, "flannel.2") is None for h in hosts),
+             timeout=PEER_HOLD_SECONDS + 5, what="flannel.2 removed")
+
+
 def test_a_vni_change_builds_the_new_device_beside_the_old(lab: FixedSubnetLab) -> None:
     hosts = list(lab.hosts.values())
 

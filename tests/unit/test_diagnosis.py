@@ -10,6 +10,7 @@ from planning import plan_vxlan
 from leaseagent.core.diagnosis import (
     check_subnet_env,
     device_problems,
+    kept_for_roll_out,
     object_problems,
     pick_own_lease,
     vtep_mac_problems,
@@ -26,7 +27,8 @@ from leaseagent.core.plan import (
     diff,
     flatten,
 )
-from leaseagent.core.profiles.vxlan import VxlanLeaseData
+from leaseagent.core.profiles.base import runs_other
+from leaseagent.core.profiles.vxlan import VxlanLeaseData, VxlanOptions
 
 NAMES = {2: "eth0", 5: "flannel.1"}
 MAC = "0a:00:00:00:00:01"
@@ -174,3 +176,36 @@ def test_own_lease_prefers_the_subnet_env_one_and_reports_duplicates():
                                    env_subnet=IPv4Network("10.5.7.0/24"), holder_of_env_subnet=None)
     assert own is None and "lease missing" in problems[0].text
     assert "10.5.7.0/24 of subnet.env is free" in problems[0].text
+
+
+def test_a_roll_out_s_kept_entries_are_a_kept_line_not_stale():
+    """During a VNI change (ours 2), the kernel's entries for a peer whose lease still
+    names VNI 1 are what the agent keeps on the old device (its own rule): doctor says
+    `kept:` for that peer and reports only what nobody keeps as stale."""
+    late = Peer(IPv4Network("10.5.3.0/24"), IPv4Address("10.250.0.12"), "vxlan",
+                VxlanLeaseData(MAC, 1), node_id="h2")
+    switched = Peer(IPv4Network("10.5.4.0/24"), IPv4Address("10.250.0.13"), "vxlan",
+                    VxlanLeaseData("0a:00:00:00:00:02", 2), node_id="h3")
+    peers = {late.subnet: late, switched.subnet: switched}
+    plan = plan_vxlan(IPv4Network("10.5.1.0/24"), {switched.subnet: switched},
+                      vxlan_index=6, underlay_index=2)  # the new flannel.2 (6)
+    on_old = plan_vxlan(IPv4Network("10.5.1.0/24"), {late.subnet: late},
+                        vxlan_index=5, underlay_index=2)[late.subnet]  # the kept flannel.1 (5)
+    stray = Route(IPv4Network("10.5.9.0/24"), IPv4Address("10.5.9.0"), 5, onlink=True)
+    current = [*flatten(plan), *on_old, stray]
+    names = {**NAMES, 6: "flannel.2"}
+    changes = diff(flatten(plan), set(current))
+    assert len(changes.to_remove) == len(on_old) + 1  # without the rule: all stale
+
+    def rule(peer: Peer) -> str | None:
+        return runs_other(peer, "vxlan", VxlanOptions(vni=2))
+
+    kept_changes, lines = kept_for_roll_out(changes, peers, rule)
+    problems = object_problems(kept_changes, plan=plan, current=current, peers=peers,
+                               names=names)
+    assert [p.kind for p in problems] == ["stale"]
+    assert "10.5.9.0/24" in problems[0].text
+    assert lines == ["kept: the entries for peer 10.5.3.0/24 (10.250.0.12), which runs vxlan "
+                     "VNI 1 (a roll-out): the agent keeps them until its lease says ours"]
+    # No roll-out: nothing is kept, the changes are as they were.
+    assert kept_for_roll_out(changes, {switched.subnet: switched}, rule) == (changes, [])

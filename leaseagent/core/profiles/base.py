@@ -186,6 +186,9 @@ class BackendProfile:
     # The keys a running agent applies in place: the backend reconciles to the new
     # spec with its lease and devices kept. Any other option's change is a rebuild.
     in_place: frozenset[str] = frozenset()
+    # A rebuild option's own account of what a running agent does (the README's table,
+    # core.configchange.fields_table), where it differs from every rebuild's.
+    rebuild_effects: Mapping[str, str] = field(default_factory=dict)
     # FLANNEL_MTU for (options, underlay MTU, IPv6 devices too).
     mtu: Callable[[BackendOptions, int, bool], int] = underlay_mtu
     # Doctor: per device, where its MTU comes from (options, underlay MTU, IPv6 too).

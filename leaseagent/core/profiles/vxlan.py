@@ -291,6 +291,13 @@ PROFILE = BackendProfile(
     # Learning are fixed at creation too, but a device of the same VNI and port with
     # other flags cannot stand beside the old one: it is made again in place.
     in_place=frozenset({"MTU", "DirectRouting", "GBP", "Learning"}),
+    # The lease names its VNI (base.runs_other): each peer is moved when it has switched.
+    rebuild_effects={"VNI": "the backend is rebuilt: the new devices made beside the old "
+                            "ones (a device of the same name renamed aside first) take over "
+                            "the routes of the peers whose lease says the new VNI, each other "
+                            "peer's when its lease does (until then it is reached through the "
+                            "old device); the old ones are removed --peer-hold-time after no "
+                            "peer is on another VNI"},
     mtu=smallest_device_mtu(_device_mtu),
     mtu_notes=path_mtu_notes(_device_name, (VXLAN_OVERHEAD, VXLAN6_OVERHEAD),
                              lambda _mtu, _overhead: "Backend.MTU"),
