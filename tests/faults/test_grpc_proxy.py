@@ -14,10 +14,8 @@ silent stream for a paused member or a half-open connection (below).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +26,7 @@ from inproc import gauge, make_agent, wait_all
 
 import leaseagent.store.etcd as etcd_module
 from leaseagent.errors import LeaseLost
-from leaseagent.lab.etcd import start_grpc_proxy
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
-
-
-@pytest.fixture(scope="module")
-def proxy_url(etcd_server: EtcdServer) -> Iterator[str]:
-    """A grpc-proxy in front of the module's etcd, on a free 127.0.0.1 port; stopped by
-    PID afterwards."""
-    pdir = Path(tempfile.mkdtemp(prefix="leaseagent-grpc-proxy-"))
-    proxy, url = start_grpc_proxy(etcd_server, pdir)
-    try:
-        yield url
-    finally:
-        proxy.stop()
-        shutil.rmtree(pdir, ignore_errors=True)
 
 
 async def test_a_lease_is_renewed_through_the_proxy(proxy_url: str) -> None:

@@ -23,12 +23,8 @@ reproduced here, and the self-repair that covers every other way:
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 from typing import Any
 
 import grpc.aio
@@ -40,23 +36,11 @@ from leaseagent.agent.watching import LeaseWatcher
 from leaseagent.core.leases import KeyLayout, PeerChanges
 from leaseagent.core.network import parse_network_config
 from leaseagent.errors import Behind
-from leaseagent.lab.etcd import start_grpc_proxy
 from leaseagent.metrics import Metrics
 from leaseagent.store.etcd import WATCH_CATCH_UP_REVS, EtcdSettings, EtcdStore
 from leaseagent.store.watching import Events, ListWatch, Snapshot
 
 NETWORK = parse_network_config(b'{"Network": "10.5.0.0/16", "Backend": {"Type": "alloc"}}')
-
-
-@pytest.fixture(scope="module")
-def proxy_url(etcd_server: EtcdServer) -> Iterator[str]:
-    pdir = Path(tempfile.mkdtemp(prefix="leaseagent-grpc-proxy-"))
-    proxy, url = start_grpc_proxy(etcd_server, pdir)
-    try:
-        yield url
-    finally:
-        proxy.stop()
-        shutil.rmtree(pdir, ignore_errors=True)
 
 
 async def connect(url: str, *, etcd_timeout: float = 5.0) -> EtcdStore:
