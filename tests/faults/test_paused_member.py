@@ -19,7 +19,13 @@ import time
 from faultkit import ALLOC, check_no_lease_lost_or_duplicated, put_config, renewals, wait_until
 
 TTL = 6
-RENEWAL_GAP = 4.5
+# The channel balances round robin over the three endpoints, so until gRPC keepalive marks
+# the paused member down (10 s + 5 s) a renewal and its retry can both land on it: the
+# TTL/3 interval (2 s), two 1 s timeouts with the retry's backoff, and this sampler's own
+# latency (0.2 s sleeps, three scrapes, a leasectl run). Measured on a quiet machine:
+# 2.84-3.94 s; under a loaded CI run once 4.73 s. Still inside the TTL (6 s), and no
+# lease may be lost (checked below).
+RENEWAL_GAP = 5.0
 PEER_BOUND = 10.0
 LEASECTL_BOUND = 5.0
 PAUSED_FOR = 20.0  # longer than gRPC keepalive detection (10 s + 5 s)
