@@ -45,6 +45,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or does not answer in time."""
 
 
+class StoreTimeout(StoreUnavailable):
+    """The store did not answer within the timeout: the request waited that long already
+    (a paused member holds it while the connection stays open)."""
+
+
 class StoreAuthError(StoreError):
     """The store refused our credentials or certificate."""
 

@@ -11,6 +11,15 @@ Only the errors named in `retry_on` (by default StoreUnavailable) are
 retried; everything else (LeaseLost, StoreAuthError, ...) propagates at
 once. `on_retry` is told of every failed attempt so the caller can keep
 metrics and log a state change once, never a line per attempt.
+
+A caller with a deadline of its own (the lease renewal: the TTL) names the
+errors after which the next attempt goes at once (`at_once_after`: a
+StoreTimeout has waited the timeout already). gRPC balances requests round
+robin over the members, and a member paused with its connection open keeps
+its turn: an attempt sent at once takes the next member's turn, where one
+sent after the wait found what the failure set off meanwhile (etcd's health
+probe, the listing when it answers) had taken the healthy members' turns,
+and went back to the paused one.
 """
 
 from __future__ import annotations
@@ -32,8 +41,17 @@ def retrying(
     cap: float = CAP_SECONDS,
     on_retry: Callable[[BaseException], None] | None = None,
     retry_on: tuple[type[BaseException], ...] = (StoreUnavailable,),
+    at_once_after: tuple[type[BaseException], ...] = (),
 ) -> AsyncRetrying:
-    """Retry `retry_on` errors forever (`async for attempt in retrying(): with attempt: ...`)."""
+    """Retry `retry_on` errors forever (`async for attempt in retrying(): with attempt: ...`);
+    after an error of `at_once_after` without a wait."""
+    jitter = wait_random_exponential(multiplier=FIRST_SECONDS, max=cap)
+
+    def wait(state: RetryCallState) -> float:
+        if at_once_after and state.outcome is not None and isinstance(
+                state.outcome.exception(), at_once_after):
+            return 0.0
+        return float(jitter(state))
 
     def before_sleep(state: RetryCallState) -> None:
         if on_retry is not None and state.outcome is not None:
@@ -43,7 +61,7 @@ def retrying(
 
     return AsyncRetrying(
         retry=retry_if_exception_type(retry_on),
-        wait=wait_random_exponential(multiplier=FIRST_SECONDS, max=cap),
+        wait=wait,
         before_sleep=before_sleep,
         reraise=True,
     )

@@ -36,7 +36,7 @@ from leaseagent.agent.etcdhealth import EtcdHealth
 from leaseagent.agent.leasing import Leasing, OwnLease
 from leaseagent.agent.logs import StateLog
 from leaseagent.core.leases import Verdict, decode_lease_value
-from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost, StoreUnavailable
+from leaseagent.errors import IdentityConflict, InvalidLease, LeaseLost, StoreTimeout, StoreUnavailable
 from leaseagent.metrics import Metrics
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore
@@ -261,14 +261,16 @@ class LeaseHolder:
             self._etcd.down(exc)
 
         # Retry faster than the TTL runs out; keep trying past it (etcd then tells us it
-        # is gone).
+        # is gone). After a timeout at once: it waited the timeout already, and it then
+        # takes the next member's turn (leaseagent.retrying).
         ttl = 0
         sent = self._clock()
         runs_out = (asyncio.get_running_loop().call_later(
             self._runs_out - sent, self._run_out, own)
                     if math.isfinite(self._runs_out) else None)
         try:
-            async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry):
+            async for attempt in retrying(cap=max(0.5, min(5.0, own.ttl / 6)), on_retry=on_retry,
+                                          at_once_after=(StoreTimeout,)):
                 with attempt:
                     sent = self._clock()
                     ttl = await self.leasing.keepalive(own)

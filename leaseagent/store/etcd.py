@@ -105,6 +105,7 @@ from leaseagent.errors import (
     LeaseLost,
     StoreAuthError,
     StoreError,
+    StoreTimeout,
     StoreUnavailable,
     TooLarge,
 )
@@ -185,14 +186,15 @@ def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
     if isinstance(exc, (EtcdConnectionError, EtcdTransientError)):
         return StoreUnavailable(f"etcd unavailable during {what}: {exc}")
     if isinstance(exc, TimeoutError):
-        return StoreUnavailable(f"etcd did not answer {what} in time")
+        return StoreTimeout(f"etcd did not answer {what} in time")
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
         detail = exc.details() or code.name
         if "lease not found" in detail:
             return LeaseLost(f"etcd: {detail}")
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.CANCELLED) or (
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return StoreTimeout(f"etcd unavailable during {what}: {detail}")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
                 code is grpc.StatusCode.INTERNAL and any(s in detail for s in _STREAM_RESET)):
             return StoreUnavailable(f"etcd unavailable during {what}: {detail}")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

@@ -19,13 +19,16 @@ import time
 from faultkit import ALLOC, check_no_lease_lost_or_duplicated, put_config, renewals, wait_until
 
 TTL = 6
-# The channel balances round robin over the three endpoints, so until gRPC keepalive marks
-# the paused member down (10 s + 5 s) a renewal and its retry can both land on it: the
-# TTL/3 interval (2 s), two 1 s timeouts with the retry's backoff, and this sampler's own
-# latency (0.2 s sleeps, three scrapes, a leasectl run). Measured on a quiet machine:
-# 2.84-3.94 s; under a loaded CI run once 4.73 s. Still inside the TTL (6 s), and no
-# lease may be lost (checked below).
-RENEWAL_GAP = 5.0
+# The renewal is due 2 s (TTL/3) after the last one; one that goes to the paused member
+# first (gRPC balances round robin, and the member keeps its turn until keepalive gives it
+# up, 10 s + 5 s) times out (1 s) and is sent again at once, taking the next member's turn
+# (leaseagent.retrying): 3.0 s, plus this sampler's own latency (0.2 s sleeps, three
+# scrapes, a leasectl run). Measured: 2.86-3.15 s in 12 runs (load 1.2-6, 4 of them beside
+# two busy loops). Before, the retry waited its jitter first, and etcd's health probe and
+# the listing after it often took the healthy members' turns: a second or third timeout,
+# 4.1-5.3 s in 9 of 36 runs (4.73 s once in CI). Still inside the TTL, and no lease may be
+# lost (checked below).
+RENEWAL_GAP = 4.5
 PEER_BOUND = 10.0
 LEASECTL_BOUND = 5.0
 PAUSED_FOR = 20.0  # longer than gRPC keepalive detection (10 s + 5 s)

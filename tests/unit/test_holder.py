@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
@@ -29,8 +30,9 @@ from leaseagent.agent.leasing import Leasing, OwnLease
 from leaseagent.agent.logs import StateLog
 from leaseagent.core.leases import KeyLayout, LeaseValue, Verdict, decode_lease_value, judge
 from leaseagent.core.network import NetworkConfig, parse_network_config
-from leaseagent.errors import SubnetsExhausted
+from leaseagent.errors import StoreTimeout, SubnetsExhausted
 from leaseagent.metrics import Metrics
+from leaseagent.store.base import KeyValue, Listing
 from leaseagent.store.memory import MemoryStore
 
 PREFIX = "/coreos.com/network"
@@ -69,13 +71,14 @@ class Rig:
 
 async def rig(*, own: OwnLease | None = None, store: MemoryStore | None = None,
               clock: Clock | None = None, network: NetworkConfig = NETWORK,
-              margin: float | None = None) -> Rig:
+              margin: float | None = None,
+              on_recovered: Callable[[], object] = lambda: None) -> Rig:
     clock = clock or Clock()
     store = store or MemoryStore(clock=clock)
     metrics = Metrics()
     states = StateLog(log)
     etcd = EtcdHealth(store, probe_key=LAYOUT.config_key, states=states, metrics=metrics,
-                      on_recovered=lambda: None)
+                      on_recovered=on_recovered)
     leasing = Leasing(store, layout=LAYOUT, network=network, value=lease_value(), ttl=TTL,
                       metrics=metrics, rng=random.Random(1))
     if own is None:
@@ -203,6 +206,69 @@ async def test_a_renewal_within_the_ttl_keeps_the_lease_as_it_is() -> None:
     assert r.holder.own == before
     assert await r.store.get(before.key) is not None
     assert r.adopted == [(before, True, False)]
+
+
+class RoundRobin(MemoryStore):
+    """etcd behind gRPC's round robin over three members, the first paused (SIGSTOP: its
+    connection stays open, so it keeps its turn): each request takes the next member's
+    turn, and one at the paused member is never answered; the caller's timeout ends it
+    (the store's StoreTimeout, after TIMEOUT here)."""
+
+    TIMEOUT = 0.02
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.paused = False
+        self.turn = 0
+        self.timed_out: list[str] = []
+
+    async def _member(self, what: str) -> None:
+        paused = self.paused and self.turn % 3 == 0
+        self.turn += 1
+        if paused:
+            await asyncio.sleep(self.TIMEOUT)
+            self.timed_out.append(what)
+            raise StoreTimeout(f"etcd did not answer {what} in time")
+
+    async def keepalive(self, lease_id: int) -> int:
+        await self._member("keepalive")
+        return await super().keepalive(lease_id)
+
+    async def get(self, key: str) -> KeyValue | None:
+        await self._member("get")
+        return await super().get(key)
+
+    async def list_prefix(self, prefix: str) -> Listing:
+        await self._member("list")
+        return await super().list_prefix(prefix)
+
+
+async def test_a_renewal_timed_out_at_a_paused_member_is_sent_again_to_the_next() -> None:
+    """test_paused_member's second mode (a renewal gap of 4 s, not 3): the renewal's
+    first attempt timed out at the paused member, and its failure set off etcd's health
+    probe (a read) and, when a member answered it, the watcher's listing again; with the
+    retry's jittered wait those often went first, took the healthy members' turns, and
+    the retry went back to the paused member. The retry now goes at once: the next turn
+    is a healthy member's, every time."""
+    clock = Clock()
+    store = RoundRobin(clock)
+    relists: list[asyncio.Task[Listing]] = []  # the watcher lists again when etcd is back
+    r = await rig(store=store, clock=clock, on_recovered=lambda: relists.append(
+        asyncio.ensure_future(store.list_prefix(LAYOUT.subnets_prefix))))
+    store.paused = True
+    for _ in range(8):
+        store.turn = 0  # the paused member's turn comes first
+        # Before, the retry's wait grew (0-0.2 s, 0-0.4, ...) while each probe's first was
+        # 0-0.2 s again: the retry lost more races the longer it went on, and this
+        # renewal could go on failing until keepalive gave the paused member up.
+        async with asyncio.timeout(5):  # one timeout of 0.02 s; 5 s for a loaded CI machine
+            await r.holder.step(RenewalDue())
+        await asyncio.sleep(0.3)  # the probe (its first wait is at most 0.2 s) and what follows
+    await asyncio.gather(*relists)
+    assert store.timed_out.count("keepalive") == 8  # one timeout a renewal, not two
+    assert r.holder.state is HolderState.HELD and not r.holder.ran_out
+    assert r.gauge("leaseagent_lease_renewals_total") == 8
+    await r.close()
 
 
 # --- news of our key --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
-from leaseagent.errors import StoreError, StoreUnavailable
+from leaseagent.errors import StoreError, StoreTimeout, StoreUnavailable
 from leaseagent.store.etcd import _translate
 
 
@@ -25,3 +25,13 @@ def test_an_internal_transport_error_is_an_outage(details: str) -> None:
 def test_another_internal_error_is_not_retried_as_an_outage() -> None:
     err = _translate(_rpc_error(grpc.StatusCode.INTERNAL, "something else broke"), "list")
     assert isinstance(err, StoreError) and not isinstance(err, StoreUnavailable)
+
+
+@pytest.mark.parametrize("exc", [TimeoutError(), _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                            "Deadline Exceeded")])
+def test_no_answer_within_the_timeout_is_a_timeout_outage(exc: BaseException) -> None:
+    """A StoreTimeout has waited the timeout already: the renewal sends its retry at once
+    (leaseagent.retrying); a refused connection is an outage only."""
+    assert isinstance(_translate(exc, "keepalive lease 1"), StoreTimeout)
+    refused = _translate(_rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"), "get")
+    assert isinstance(refused, StoreUnavailable) and not isinstance(refused, StoreTimeout)
