@@ -37,6 +37,7 @@ from leaseagent.core.leases import KeyLayout, PeerChanges
 from leaseagent.core.network import parse_network_config
 from leaseagent.errors import Behind
 from leaseagent.metrics import Metrics
+from leaseagent.store.base import Census
 from leaseagent.store.etcd import WATCH_CATCH_UP_REVS, EtcdSettings, EtcdStore
 from leaseagent.store.watching import Events, ListWatch, Snapshot
 
@@ -320,20 +321,20 @@ def lease(ip: str) -> bytes:
 async def test_a_lost_event_is_found_at_the_first_check_after_a_later_one(
         etcd_server: EtcdServer) -> None:
     """A real etcd, a watch that loses one join (whatever lost it): once the stream
-    brings a later event, the next lease count check (two count-only requests) lists
-    again; the peer is there, and a second check was not needed (it was with the old
-    rule, two checks in a row)."""
+    brings a later event, the next lease check (two census requests) lists again; the
+    peer is there, and a second check was not needed (it was with the old rule, two
+    checks in a row)."""
     layout = KeyLayout(f"/drop/{uuid.uuid4().hex[:12]}")
     subnets = layout.subnets_prefix
     store = await connect(etcd_server.url)
     checked: list[int] = []  # the revision each check compared the keys known at
-    count = store.count
+    census = store.census
 
-    async def counting(prefix: str, *, revision: int = 0) -> tuple[int, int]:
+    async def counting(prefix: str, *, changed_after: int, revision: int = 0) -> Census:
         if revision:
             checked.append(revision)
-        return await count(prefix, revision=revision)
-    store.count = counting  # type: ignore[method-assign]
+        return await census(prefix, changed_after=changed_after, revision=revision)
+    store.census = counting  # type: ignore[method-assign]
     metrics = Metrics()
 
     async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
@@ -352,7 +353,7 @@ async def test_a_lost_event_is_found_at_the_first_check_after_a_later_one(
         dropping.drop = (subnets + "10.5.3.0-24").encode()
         await store.put(subnets + "10.5.3.0-24", lease("10.250.0.3"))  # lost
         await store.put(subnets + "10.5.4.0-24", lease("10.250.0.4"))  # seen
-        _, seen = await count(subnets)
+        _, seen = await store.count(subnets)
         async with asyncio.timeout(15):
             while IPv4Network("10.5.4.0/24") not in watcher.book.peers:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
@@ -361,6 +362,46 @@ async def test_a_lost_event_is_found_at_the_first_check_after_a_later_one(
             while IPv4Network("10.5.3.0/24") not in watcher.book.peers:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         assert len([r for r in checked if r >= seen]) == 1  # one check found it, not two
+        assert metrics.registry.get_sample_value(
+            "leaseagent_watch_relists_total", {"reason": "view_check"}) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+
+
+async def test_a_lost_change_of_a_lease_is_found_at_the_first_check(
+        etcd_server: EtcdServer) -> None:
+    """A real etcd, a watch that loses one write that changes a lease and keeps the
+    number of keys (a host's new PublicIP, as a new VtepMAC would be): the next check's
+    census, keys written since the check before, shows it and the prefix is listed again."""
+    layout = KeyLayout(f"/drop/{uuid.uuid4().hex[:12]}")
+    subnets = layout.subnets_prefix
+    store = await connect(etcd_server.url)
+    metrics = Metrics()
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        return None
+
+    watcher = LeaseWatcher(
+        store, layout=layout, network=NETWORK, own_public_ip=IPv4Address("10.250.0.1"),
+        own_key=lambda: None, metrics=metrics, on_peers=on_peers,
+        on_own=lambda kv, rev: None, check_seconds=1.0)
+    task = asyncio.ensure_future(watcher.run())
+    subnet = IPv4Network("10.5.3.0/24")
+    try:
+        dropping = DroppingOne.install(store)
+        await store.put(subnets + "10.5.3.0-24", lease("10.250.0.3"))
+        async with asyncio.timeout(15):
+            await watcher.synced.wait()
+            while subnet not in watcher.book.peers:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        dropping.drop = (subnets + "10.5.3.0-24").encode()
+        await store.put(subnets + "10.5.3.0-24", lease("10.250.9.3"))  # lost
+        await store.put(subnets + "10.5.4.0-24", lease("10.250.0.4"))  # seen
+        async with asyncio.timeout(15):  # about a second: the first check after it
+            while str(watcher.book.peers[subnet].public_ip) != "10.250.9.3":  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         assert metrics.registry.get_sample_value(
             "leaseagent_watch_relists_total", {"reason": "view_check"}) == 1
     finally:
