@@ -414,17 +414,32 @@ class Admission:
 
     def judge(self, peers: Mapping[IPv4Network, Peer], claims_of: Callable[[Peer], Claims],
               own: frozenset[str]) -> dict[IPv4Network, str]:
-        """Of a whole peer set, those that must not be planned, with why (of peers
-        claiming one thing, the first of the set keeps it); `claimed` is then what the
-        admitted ones claim."""
+        """Of a whole peer set, those that must not be planned, with why; `claimed` is
+        then what the admitted ones claim. Of peers claiming one thing, the one that
+        holds it now keeps it, as between passes (`claim`: the first holder keeps a
+        claim), else the first of the set: a pass must not hand a claim to another peer
+        because of the set's order (a planted lease older than its victim's key, taken
+        back after an etcd pause, would take the victim's VtepMAC)."""
         out: dict[IPv4Network, str] = {}
         claimed: Claimed = {}
-        for subnet, peer in peers.items():
-            claims = claims_of(peer)
+
+        def admit(subnet: IPv4Network, peer: Peer, claims: Claims) -> None:
             why = self.conflict(peer, claims, own, claimed)
             if why is not None:
                 out[subnet] = why
             else:
                 self.claim(peer, claims, claimed)
+
+        held = self.claimed
+        later: list[tuple[IPv4Network, Peer, Claims]] = []  # claimants holding nothing now
+        for subnet, peer in peers.items():
+            claims = claims_of(peer)
+            if held and claims and not any(held.get(claim) == (holder, subnet)
+                                  for _what, claim, holder in claims):
+                later.append((subnet, peer, claims))
+            else:
+                admit(subnet, peer, claims)
+        for subnet, peer, claims in later:
+            admit(subnet, peer, claims)
         self.claimed = claimed
         return out

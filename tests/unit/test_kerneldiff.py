@@ -257,6 +257,21 @@ def test_the_first_peer_keeps_a_claim_and_an_own_claim_is_refused() -> None:
     assert admission.conflict(thief, claims_of(thief), frozenset()) is None
 
 
+def test_a_pass_leaves_a_claim_with_its_holder_whatever_the_order() -> None:
+    """A whole pass admits the peer that holds a claim, as between passes, not the first
+    of the set (a planted lease held after its deletion came first; so does one older than
+    its victim's key taken back); the first of the set only when none holds it."""
+    admission = Admission()
+    owner, planted = peer(2), peer(9, mac="02:00:00:00:00:02", ip="192.168.0.9")
+    assert admission.judge({owner.subnet: owner, planted.subnet: planted}, claims_of,
+                           frozenset()) == {planted.subnet: (
+        "it has VtepMAC 02:00:00:00:00:02, which peer 10.5.2.0/24 (192.168.0.2) has")}
+    assert list(admission.judge({planted.subnet: planted, owner.subnet: owner}, claims_of,
+                                frozenset())) == [planted.subnet]
+    assert list(Admission().judge({planted.subnet: planted, owner.subnet: owner}, claims_of,
+                                  frozenset())) == [owner.subnet]  # nobody held it
+
+
 def test_host_routes_noted_only_once_read() -> None:
     admission = Admission()
     route = HostRoute(IPv4Network("10.5.3.0/25"))

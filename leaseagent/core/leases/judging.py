@@ -401,6 +401,12 @@ class LeaseBook:
         """How many keys the book holds (valid or not)."""
         return len(self._entries)
 
+    def written_after(self, revision: int) -> dict[str, int]:
+        """The keys the book holds (valid or not) last written after `revision`, with the
+        revision of that write."""
+        return {key: entry.mod_revision for key, entry in self._entries.items()
+                if entry.mod_revision > revision}
+
     # -- whole listings ------------------------------------------------------------
 
     def reset(self, items: Iterable[RawLease], *, identity: Identity | None = None,
