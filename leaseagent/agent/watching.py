@@ -283,8 +283,13 @@ class LeaseWatcher:
                 changes.add(self._held(changed, hold_removals=hold_removals))
             if self.book.rejected:
                 self._report_rejected()
+        only_gone = PeerChanges()
         if gone:
-            changes.add(self._held(PeerChanges(removed=gone), hold_removals=True))
+            held = self._held(PeerChanges(removed=gone), hold_removals=True)
+            if changes:
+                changes.add(held)
+            else:  # only deletions (a mass expiry): folded once, by `_queue`, not twice
+                only_gone = held
         for etype, count in ((EventType.PUT, puts), (EventType.DELETE, len(batch) - puts)):
             if count:
                 self._metrics.watch_events.labels(type=etype.value).inc(count)
@@ -292,6 +297,8 @@ class LeaseWatcher:
         self._update_gauges()
         if changes:
             self._queue(changes.take(), started)
+        elif only_gone:
+            self._queue(only_gone, started)
 
     def _queue(self, changes: PeerChanges, started: float, *, listing: bool = False) -> None:
         """Hand judged changes to `_program` (a listing makes its next pass a full one)."""

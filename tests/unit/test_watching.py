@@ -336,6 +336,38 @@ async def test_a_batch_of_deletions_is_gathered_in_order_with_the_changes_around
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def test_leases_expiring_together_are_one_pass_of_their_removals() -> None:
+    """A response of deletions only (an etcd lease revoked: its keys in one revision):
+    one pass removes each of their peers once, and the other peers stay."""
+    store = MemoryStore()
+    lease_id, _ = await store.grant(60)
+    for n in (3, 4, 5):
+        await store.create(PREFIX + f"10.5.{n}.0-24", lease(f"192.168.64.{n}"), lease=lease_id)
+    await store.put(PREFIX + "10.5.6.0-24", lease("192.168.64.6"))
+    passes: list[PeerChanges] = []
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        passes.append(changes)
+
+    watcher = watcher_of(store, on_peers)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await until(watcher.synced.is_set)
+        listed = len(passes)
+        await store.revoke(lease_id)
+        await until(lambda: len(passes) == listed + 1)
+        await asyncio.sleep(0.05)  # no second pass
+        assert len(passes) == listed + 1
+        gone = passes[-1]
+        assert sorted(str(p.subnet) for p in gone.removed) == [
+            "10.5.3.0/24", "10.5.4.0/24", "10.5.5.0/24"]
+        assert not gone.added and not gone.changed
+        assert sorted(str(s) for s in watcher.peers) == ["10.5.6.0/24"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def relists_of(metrics: Metrics, reason: str) -> float:
     return metrics.registry.get_sample_value(
         "leaseagent_watch_relists_total", {"reason": reason}) or 0.0
