@@ -397,15 +397,18 @@ class _Batches:
             self._msgs[i].hdr.iovlen = 1
         self._libc = ctypes.CDLL(None, use_errno=True)
 
-    def receive(self) -> list[bytes]:
-        """The datagrams queued (waits for one); [] when the receive timeout passed."""
+    def receive(self) -> tuple[float, list[bytes]]:
+        """When the datagrams queued were received (the clock read before they are
+        copied out), and they (waits for one); no datagram when the receive timeout
+        passed."""
         n = self._libc.recvmmsg(self._fd, self._msgs, self.COUNT, self.MSG_WAITFORONE, None)
+        now = time.perf_counter()
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EINTR):
-                return []
+                return now, []
             raise OSError(err, os.strerror(err))
-        return [ctypes.string_at(self._buffers[i], self._msgs[i].len) for i in range(n)]
+        return now, [ctypes.string_at(self._buffers[i], self._msgs[i].len) for i in range(n)]
 
 
 class KernelProbe:
@@ -488,7 +491,7 @@ class KernelProbe:
         untold = 0  # datagrams received since the loop was last told
         while not self._closed:
             try:
-                got = batches.receive()
+                now, got = batches.receive()
             except OSError as exc:  # ENOBUFS: the queue overflowed (the loop raises it)
                 if not self._closed:
                     self._failed = exc
@@ -499,7 +502,6 @@ class KernelProbe:
                     untold = 0
                     loop.call_soon_threadsafe(self._arrived.set)
                 continue
-            now = time.perf_counter()
             self._received.extend((now, data) for data in got)
             untold += len(got)
             if tell_at_once(got, untold):
