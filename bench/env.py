@@ -362,6 +362,21 @@ class _MMsgHdr(ctypes.Structure):
     _fields_ = [("hdr", _MsgHdr), ("len", ctypes.c_uint)]
 
 
+# The probe's loop decodes after a burst (this long without a message), at a device's
+# creation (the join's span starts there, and the agent's CPU is read then), or after
+# PROBE_BACKLOG messages.
+PROBE_QUIET_SECONDS = 0.005
+PROBE_BACKLOG = 100_000
+_NEWLINK = rtnl.RTM_NEWLINK.to_bytes(2, sys.byteorder)  # nlmsghdr's type, at bytes 4-5
+
+
+def tell_at_once(batch: Sequence[bytes], untold: int) -> bool:
+    """Whether the probe's reader wakes its loop for `batch` (`untold` messages not yet
+    told, the batch's among them) before the burst is over: for a device's creation,
+    or a backlog too large."""
+    return untold >= PROBE_BACKLOG or any(data[4:6] == _NEWLINK for data in batch)
+
+
 class _Batches:
     """Every datagram queued on a blocking socket in one recvmmsg(2) (MSG_WAITFORONE:
     it waits for the first only). ctypes lets the GIL go for the call, so another
@@ -382,15 +397,18 @@ class _Batches:
             self._msgs[i].hdr.iovlen = 1
         self._libc = ctypes.CDLL(None, use_errno=True)
 
-    def receive(self) -> list[bytes]:
-        """The datagrams queued (waits for one); [] when the receive timeout passed."""
+    def receive(self) -> tuple[float, list[bytes]]:
+        """When the datagrams queued were received (the clock read before they are
+        copied out), and they (waits for one); no datagram when the receive timeout
+        passed."""
         n = self._libc.recvmmsg(self._fd, self._msgs, self.COUNT, self.MSG_WAITFORONE, None)
+        now = time.perf_counter()
         if n < 0:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, errno.EINTR):
-                return []
+                return now, []
             raise OSError(err, os.strerror(err))
-        return [ctypes.string_at(self._buffers[i], self._msgs[i].len) for i in range(n)]
+        return now, [ctypes.string_at(self._buffers[i], self._msgs[i].len) for i in range(n)]
 
 
 class KernelProbe:
@@ -410,7 +428,11 @@ class KernelProbe:
     Each datagram is timestamped when it is received, by a thread that does nothing
     else (`_Batches`: it waits without the GIL and takes every datagram queued in one
     call; this process's GIL switch interval is 0.5 ms while a probe runs), and
-    decoded in the event loop after. Decoding a join's thousands of messages in
+    decoded in the event loop after, once the burst is over (`tell_at_once`): decoding
+    while it comes (~15 us a message: a 5,000-peer removal's 15,000 took as much CPU
+    as the agent) took the GIL and a core from the reader and from the agent, and the
+    last stamp came 9-95 ms after the agent's own mark of its last acknowledgement
+    (docs/benchmarks.md, "Round 7"). Decoding a join's thousands of messages in
     Python (~10 us each) falls behind the kernel, and a stamp taken when a message
     was decoded counted that backlog as the agent's: 16-23 ms at 500 peers, ~0.2 s of
     a mass removal at 5,000 (netlink has no timestamps of its own).
@@ -421,9 +443,10 @@ class KernelProbe:
         self._sock.setsockopt(socket.SOL_SOCKET, rtnl.SO_RCVBUFFORCE, 256 * 1024 * 1024)
         self._sock.bind((0, rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE
                          | rtnl.RTMGRP_IPV6_ROUTE))
-        # Blocking, with a receive timeout: the reader looks at `_closed` this often.
+        # Blocking, with a receive timeout: a burst is over after this long without a
+        # message (`tell_at_once`), and the reader looks at `_closed` this often.
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                              struct.pack("ll", 0, 100_000))
+                              struct.pack("ll", 0, int(PROBE_QUIET_SECONDS * 1e6)))
         self._received: collections.deque[tuple[float, bytes]] = collections.deque()
         self._arrived = asyncio.Event()
         self._reader: threading.Thread | None = None
@@ -465,21 +488,27 @@ class KernelProbe:
         """The reader thread: every datagram queued, each batch with the time it was
         received (`_Batches`: one recvmmsg, one GIL acquisition, per batch)."""
         batches = _Batches(self._sock)
+        untold = 0  # datagrams received since the loop was last told
         while not self._closed:
             try:
-                got = batches.receive()
+                now, got = batches.receive()
             except OSError as exc:  # ENOBUFS: the queue overflowed (the loop raises it)
                 if not self._closed:
                     self._failed = exc
                     loop.call_soon_threadsafe(self._arrived.set)
                 return
-            if not got:
-                continue  # the receive timeout: look at `_closed` again
-            now = time.perf_counter()
+            if not got:  # the receive timeout: a quiet moment (and `_closed` looked at)
+                if untold:
+                    untold = 0
+                    loop.call_soon_threadsafe(self._arrived.set)
+                continue
             self._received.extend((now, data) for data in got)
-            # Every time: the loop clears `_arrived` before it drains, so a batch added
-            # while it drains must wake it again.
-            loop.call_soon_threadsafe(self._arrived.set)
+            untold += len(got)
+            if tell_at_once(got, untold):
+                untold = 0
+                # The loop clears `_arrived` before it drains, so a batch added while it
+                # drains must wake it again.
+                loop.call_soon_threadsafe(self._arrived.set)
 
     def wait_object(self, kind: str, deleted: bool, ident: object) -> asyncio.Future[float]:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()

@@ -201,6 +201,19 @@ class Plane:
         async with self.lock:
             if full:
                 await self.program_all(peers, own)
+            elif not changes.added and not changes.changed:
+                # Only removals (a mass expiry): the kernel's objects first, then the peer
+                # filter's retirement (admitting before the routes is what matters; a
+                # gone peer's traffic has nowhere to go either way). Its thousands of
+                # address lookups, and a rules check holding the keeper, are not ahead
+                # of the kernel's work.
+                try:
+                    await self.backend.update(changes, peers)
+                finally:
+                    await asyncio.gather(*(
+                        rules.keeper.update_peers(*rules.admission.apply(changes))
+                        for rules in self.rules))
+                self._metrics.peer_programming_seconds.observe(time.perf_counter() - started)
             else:
                 # The peer filter admits a new peer before its routes exist: never a
                 # window where its VXLAN traffic is dropped. Both families at once, their

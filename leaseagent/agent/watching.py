@@ -31,21 +31,8 @@ before its old ones go. `relist()` waits until such a listing is applied.
 agent takes it while it changes its own key on purpose, so no event is judged
 against a key that is about to change.
 
-Every `check_seconds` (+-20 %; 0: never) the watcher asks etcd how many keys the
-prefix held at the revision it has seen up to, and holds now (two count-only
-range requests, no keys or values), against the keys it knows. A watch stream
-that silently missed an event, whatever lost it (etcd's gRPC proxy, an etcd
-that answered a progress request ahead of its events: leaseagent.store.etcd),
-shows as a different count at that revision: the book is complete up to it,
-so no event can be on its way, and the prefix is listed again at once
-("view_check"). A miss after which no event came shows only as etcd's count
-differing now while the stream brought nothing for a whole check; that is
-asked again VIEW_CHECK_CONFIRM_SECONDS later (an event may have been on its
-way) and listed again if it still differs. So a missed join or leave is
-repaired within one check (+20 %) of the next event the stream brings, and
-within two checks (+20 %) and the confirmation if none comes. A missed change
-that keeps the count (a new VtepMAC; a key replaced by another in the same
-lost stretch) is not caught: it waits for the next listing.
+Every `check_seconds` the watcher's view is checked against etcd, and listed again
+if a watch event was missed (leaseagent.agent.viewcheck).
 
 A key naming this host's PublicIP *and* node id that is not ours is a second
 agent with this host's identity (a cloned machine, or the agent started
@@ -56,12 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
+from leaseagent.agent.viewcheck import ViewCheck
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import (
     Identity,
@@ -75,7 +62,6 @@ from leaseagent.core.leases import (
 )
 from leaseagent.core.network import NetworkConfig
 from leaseagent.core.profiles import BACKEND_TYPES
-from leaseagent.errors import Compacted, StoreError
 from leaseagent.metrics import Metrics
 from leaseagent.store.base import EventType, KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.store.watching import ENGINE_REASONS, ListWatch, Snapshot
@@ -89,9 +75,6 @@ OnTwin = Callable[[Verdict], None]
 # Why the prefix is listed again: the engine's reasons, and the agent's own requests.
 RELIST_REASONS = (*ENGINE_REASONS, "etcd_recovered", "own_subnet_changed", "config_changed",
                   "view_check")
-# A stream that brought nothing for a whole check while etcd's count differs now is asked
-# again this much later (an event may have been on its way) before the prefix is listed again.
-VIEW_CHECK_CONFIRM_SECONDS = 10.0
 # A burst (a mass expiry, the end of a partition) is BURST_CHANGES watch responses with
 # changes within BURST_SECONDS; a pass in one waits BURST_GATHER_SECONDS first, so the
 # stream is read on and the pass takes more than the change or two a response brings.
@@ -141,8 +124,10 @@ class LeaseWatcher:
         self._store = store
         self._check_seconds = check_seconds
         self._seen = 0  # the revision the book is complete up to (listing, events)
+        self._listed_at = 0  # the revision of the last listing
         self.heard_at = 0.0  # when the stream last brought a listing or events (monotonic)
-        self._own_present: str | None = None  # our own key, as the stream last said
+        # Our own key and the revision of its last write, as the stream last said.
+        self._own_present: tuple[str, int] | None = None
         self._own_ip = own_public_ip
         self._own_key = own_key
         self._node_id = node_id
@@ -250,8 +235,8 @@ class LeaseWatcher:
         started = time.perf_counter()
         identity = self._identity()
         own = [kv for kv in snapshot.items if kv.key == identity.own_key]
-        self._seen = snapshot.revision
-        self._own_present = own[0].key if own else None
+        self._seen = self._listed_at = snapshot.revision
+        self._own_present = (own[0].key, own[0].mod_revision) if own else None
         if identity.own_key is not None:
             self._on_own(own[0] if own else None, snapshot.revision)
         parsed, self._parsed = self._parsed, None
@@ -278,7 +263,7 @@ class LeaseWatcher:
             puts += ev.type is EventType.PUT
             self._seen = max(self._seen, ev.revision)
             if ev.key == own_key:
-                self._own_present = own_key if ev.type is EventType.PUT else None
+                self._own_present = (own_key, ev.revision) if ev.type is EventType.PUT else None
                 self._on_own(ev.kv if ev.type is EventType.PUT else None, ev.revision)
                 continue
             if ev.type is EventType.PUT and ev.kv is not None:
@@ -298,8 +283,13 @@ class LeaseWatcher:
                 changes.add(self._held(changed, hold_removals=hold_removals))
             if self.book.rejected:
                 self._report_rejected()
+        only_gone = PeerChanges()
         if gone:
-            changes.add(self._held(PeerChanges(removed=gone), hold_removals=True))
+            held = self._held(PeerChanges(removed=gone), hold_removals=True)
+            if changes:
+                changes.add(held)
+            else:  # only deletions (a mass expiry): folded once, by `_queue`, not twice
+                only_gone = held
         for etype, count in ((EventType.PUT, puts), (EventType.DELETE, len(batch) - puts)):
             if count:
                 self._metrics.watch_events.labels(type=etype.value).inc(count)
@@ -307,6 +297,8 @@ class LeaseWatcher:
         self._update_gauges()
         if changes:
             self._queue(changes.take(), started)
+        elif only_gone:
+            self._queue(only_gone, started)
 
     def _queue(self, changes: PeerChanges, started: float, *, listing: bool = False) -> None:
         """Hand judged changes to `_program` (a listing makes its next pass a full one)."""
@@ -375,42 +367,22 @@ class LeaseWatcher:
                              peer.subnet, self.hold.seconds)
                 self._queue(PeerChanges(removed=due), time.perf_counter())
 
-    def _known_keys(self) -> int:
-        """The keys under the prefix the watcher knows of: the book's, our own, too large."""
-        return self.book.keys_known() + (self._own_present is not None) + len(self._oversize)
+    def view(self, after: int) -> tuple[int, int, dict[str, int]]:
+        """What the watcher knows (hold `gate`): the revision it is complete up to, how
+        many keys under the prefix (the book's, our own, too large), and those of them
+        last written after `after` with that write's revision."""
+        written = {key: rev for key, rev in self._oversize.items() if rev > after}
+        written.update(self.book.written_after(after))
+        if self._own_present is not None and self._own_present[1] > after:
+            written[self._own_present[0]] = self._own_present[1]
+        known = self.book.keys_known() + (self._own_present is not None) + len(self._oversize)
+        return self._seen, known, written
 
-    async def _check_view(self) -> None:
-        """Compare the keys known with etcd's count every check (the module docstring)."""
-        if self._check_seconds <= 0:
-            await asyncio.Event().wait()  # never
-        prefix = self._layout.subnets_prefix
-        last_seen, confirming = -1, False
-        while True:
-            await asyncio.sleep(min(VIEW_CHECK_CONFIRM_SECONDS, self._check_seconds) if confirming
-                                else self._check_seconds * random.uniform(0.8, 1.2))
-            if not self.synced.is_set():
-                continue
-            async with self.gate:
-                seen, known = self._seen, self._known_keys()
-            try:
-                try:
-                    then, _ = await self._store.count(prefix, revision=seen)
-                except Compacted:
-                    then = known  # that history is gone: no word on it
-                now, _ = await self._store.count(prefix)
-            except StoreError:
-                continue  # etcd unreachable or refusing: the stream's own handling says so
-            quiet = now != known and seen == last_seen  # nothing came while etcd changed
-            if then != known or (quiet and confirming):
-                log.warning("the leases known here differ from etcd's (%d keys known at revision "
-                            "%d, etcd had %d then and has %d now): a watch event was missed; "
-                            "listing again", known, seen, then, now)
-                self.request_relist("view_check")
-                quiet = False
-            if not confirming:
-                last_seen = seen
-            confirming = quiet
+    @property
+    def listed_at(self) -> int:
+        """The revision of the last listing."""
+        return self._listed_at
 
     async def run(self) -> None:
-        await first_to_end(self._follow(), self._expire_held(), self._program(),
-                           self._check_view())
+        check = ViewCheck(self, self._store, self._layout.subnets_prefix, self._check_seconds)
+        await first_to_end(self._follow(), self._expire_held(), self._program(), check.run())

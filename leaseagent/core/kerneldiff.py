@@ -115,6 +115,31 @@ class AppliedPlan:
         self.count(planned, -1)
         return before, planned
 
+    def drop_all(self, subnets: Iterable[IPv4Network],
+                 plan: Callable[[Peer], frozenset[KernelObject]]
+                 ) -> tuple[list[Peer], list[KernelObject]]:
+        """`drop` each of `subnets` (a mass expiry: thousands at once): the peers they
+        had, and the objects of theirs that no peer of the plan wants any more, each
+        once (one two of them shared goes too). What `drop` of each and then `change`
+        with no new objects give, each object's key taken once."""
+        peers, uses = self.peers, self.uses
+        gone: list[Peer] = []
+        planned: list[tuple[int, KernelObject]] = []
+        for subnet in subnets:
+            before = peers.pop(subnet, None)
+            if before is None:
+                continue
+            gone.append(before)
+            for obj in plan(before):
+                key = hash(obj) & _USE_BITS  # use_key's
+                n = uses.get(key, 0) - 1
+                if n > 0:
+                    uses[key] = n
+                else:
+                    uses.pop(key, None)
+                planned.append((key, obj))
+        return gone, list({obj: None for key, obj in planned if key not in uses})
+
     def add(self, peer: Peer, plan: Callable[[Peer], frozenset[KernelObject]]
             ) -> frozenset[KernelObject]:
         """Put `peer` in the plan; its objects."""

@@ -114,6 +114,7 @@ from leaseagent.core.plan import (
     Route,
     cluster_relevant,
     diff,
+    diff_found,
 )
 from leaseagent.core.profiles.base import runs_other
 from leaseagent.dataplane import kept
@@ -391,6 +392,9 @@ class ReconcilingBackend:
     def _plan_update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> PlanDiff:
         """What `update` changes in the kernel; `_applied` says the plan with the
         changes from now on."""
+        if not changes.added and not changes.changed and not any(
+                p.subnet in peers for p in changes.removed):
+            return self._plan_removal(changes.removed, peers)
         affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
         own = self._own_claims()
         was_foreign = self._admission.foreign & affected
@@ -421,6 +425,26 @@ class ReconcilingBackend:
                 self._admission.claim(peer, claims)
                 new |= self._applied.add(peer, self._plan_peer)
         return self._applied.change(old, new, synced=self._synced)
+
+    def _plan_removal(self, removed: list[Peer], peers: Mapping[IPv4Network, Peer]
+                      ) -> PlanDiff:
+        """`_plan_update` of changes that only remove peers `peers` no longer has (a mass
+        expiry), in fewer steps a peer (`AppliedPlan.drop_all`): the same bookkeeping
+        and the same objects removed."""
+        subnets = [p.subnet for p in removed]
+        was_foreign = self._admission.foreign.intersection(subnets)
+        self._note_foreign(subnets, peers)  # none of them is foreign now (not in `peers`)
+        if was_foreign:
+            # What was kept for them goes with a full pass (nothing here knows it).
+            self._work.full = True
+            self._wake.set()
+        conflicting = self.status.conflicting_peers
+        for subnet in subnets:
+            conflicting.pop(subnet, None)
+        gone, unwanted = self._applied.drop_all(subnets, self._plan_peer)
+        for before in gone:
+            self._admission.unclaim(before, self._claims(before))
+        return diff_found((), (), unwanted if self._synced else ())
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         await first_to_end(self._watch_events(), self._resync_loop(get_peers),

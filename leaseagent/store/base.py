@@ -55,6 +55,20 @@ class WatchEvent:
     kv: KeyValue | None = None  # set for PUT
 
 
+# The most changed keys one census answer holds (more are asked for in further answers):
+# ~100 bytes each (key, revisions, lease), ~1 MB, well under gRPC's 4 MiB receive limit.
+CENSUS_KEYS = 10_000
+
+
+@dataclass(frozen=True)
+class Census:
+    """A prefix at one revision without its values: how many keys it held, and the keys
+    last written after a given revision, with the revision of that write."""
+    count: int
+    changed: dict[str, int]
+    revision: int
+
+
 @dataclass(frozen=True)
 class Listing:
     items: list[KeyValue]
@@ -78,6 +92,12 @@ class LeaseStore(Protocol):
     async def count(self, prefix: str, *, revision: int = 0) -> tuple[int, int]:
         """How many keys are under prefix at `revision` (0: now), and that revision: one
         request, no keys or values. Compacted when `revision`'s history is gone."""
+        ...
+
+    async def census(self, prefix: str, *, changed_after: int, revision: int = 0) -> Census:
+        """The keys under prefix at `revision` (0: now): their count, and the keys whose last
+        write up to it came after `changed_after`: keys and revisions only, one request per
+        CENSUS_KEYS changed keys. Compacted when `revision`'s history is gone."""
         ...
 
     async def put(self, key: str, value: bytes) -> None:

@@ -110,7 +110,7 @@ from leaseagent.errors import (
     TooLarge,
 )
 from leaseagent.retrying import Backoff
-from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
+from leaseagent.store.base import CENSUS_KEYS, Census, EventType, KeyValue, Listing, WatchEvent
 from leaseagent.store.settings import Endpoint, EtcdSettings, parse_endpoints
 from leaseagent.waiting import within
 
@@ -281,6 +281,7 @@ class EtcdStore:
         self._settings = settings
         self._timeout = settings.timeout
         self.page = LIST_PAGE_KEYS  # keys per range request of a listing
+        self.census_limit = CENSUS_KEYS  # changed keys per census answer
         # (user, password) with auth on; a token is asked for at connect and again whenever
         # etcd refuses it (`_call`); the generation counts the tokens had so far.
         self._credentials: tuple[str, str] | None = None
@@ -446,6 +447,37 @@ class EtcdStore:
                 raise Compacted(0) from exc  # a range error does not say the compact revision
             raise
         return int(resp.count), int(revision or resp.header.revision)
+
+    async def census(self, prefix: str, *, changed_after: int, revision: int = 0) -> Census:
+        """Ranges at `revision`, keys only, filtered by etcd to the keys whose mod revision
+        is after `changed_after` (`min_mod_revision`: etcd filters before it applies the
+        limit, and counts every key of the range, filtered or not: `applyKV.Range`). At a
+        revision read serializable, like `count`, so the gRPC proxy caches it; more than
+        `census_limit` changed keys: the rest in further ranges after the last, at the
+        first one's revision."""
+        from etcd3aio._protobuf import RangeRequest
+
+        kvs: Any = self._kvs
+        start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
+        count, changed = -1, dict[str, int]()
+        while True:
+            request = RangeRequest(
+                key=start, range_end=end, revision=revision, serializable=revision > 0,
+                keys_only=True, limit=self.census_limit, min_mod_revision=changed_after + 1)
+            try:
+                resp = await self._call(f"count {prefix}", partial(
+                    kvs._rpc, kvs._stub.Range, request, operation="KV.Range",
+                    timeout=self._timeout))
+            except StoreError as exc:
+                if _compacted(exc):
+                    raise Compacted(0) from exc
+                raise
+            if count < 0:
+                count, revision = int(resp.count), revision or int(resp.header.revision)
+            changed.update((_key(kv), int(kv.mod_revision)) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return Census(count, changed, revision)
+            start = bytes(resp.kvs[-1].key) + b"\0"
 
     async def list_prefix(self, prefix: str) -> Listing:
         """The prefix in pages of at most `self.page` keys, all read at the revision of the

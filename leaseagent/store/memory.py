@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from leaseagent.errors import Compacted, LeaseLost, StoreError, StoreUnavailable
-from leaseagent.store.base import EventType, KeyValue, Listing, WatchEvent
+from leaseagent.store.base import Census, EventType, KeyValue, Listing, WatchEvent
 
 MIN_TTL = 2  # etcd's minimum lease TTL is about this
 
@@ -243,17 +243,31 @@ class MemoryStore:
         self._check()
         if revision == 0:
             return sum(1 for k in self._kv if k.startswith(prefix)), self._revision
+        return len(self._written(prefix, revision)), revision
+
+    async def census(self, prefix: str, *, changed_after: int, revision: int = 0) -> Census:
+        self._check()
+        revision = revision or self._revision
+        written = self._written(prefix, revision)
+        return Census(len(written), {key: rev for key, rev in written.items()
+                                     if rev > changed_after}, revision)
+
+    def _written(self, prefix: str, revision: int) -> dict[str, int]:
+        """The keys under prefix at `revision`, each with its last write's revision."""
         if revision < self._compacted:
             raise Compacted(self._compacted)
         if revision > self._revision:
             raise StoreError("memory store: required revision is a future revision")
-        exists: dict[str, bool] = {}
+        written: dict[str, int] = {}
         for rev, key, present in self._ledger:
             if rev > revision:
                 break
             if key.startswith(prefix):
-                exists[key] = present
-        return sum(exists.values()), revision
+                if present:
+                    written[key] = rev
+                else:
+                    written.pop(key, None)
+        return written
 
     async def compact(self, revision: int) -> None:
         self._check()

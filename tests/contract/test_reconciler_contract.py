@@ -216,6 +216,56 @@ async def test_leave_removes_the_peer_and_keeps_the_others(
         assert {r.dst for r in await ours(backend) if isinstance(r, Route)} == set(peers)
 
 
+async def test_a_mass_removal_frees_what_the_gone_peers_held(
+        subject: Subject, tmp_path: Path) -> None:
+    """Leases expiring together (one update removing several peers, the reconciler's
+    `_plan_removal`): an FDB entry a remaining peer shares stays; a removed peer that
+    was in conflict is no longer reported; a VtepMAC a removed peer held is free for the
+    next peer that claims it."""
+    shared, sharing = (vxlan_peer(i, public="10.99.0.20", mac="02:00:00:00:00:20")
+                       for i in (2, 3))  # one host's two leases: one FDB entry
+    holder = vxlan_peer(4, mac="02:00:00:00:00:40")
+    rival = vxlan_peer(5, mac="02:00:00:00:00:40")  # claims holder's VtepMAC: in conflict
+    peers = peers_of(shared, sharing, holder, rival)
+    async with started(subject, "vxlan", tmp_path, peers) as backend:
+        assert set(backend.status.conflicting_peers) == {rival.subnet}
+        gone = [peers.pop(p.subnet) for p in (shared, holder, rival)]
+        await backend.update(PeerChanges(removed=gone), peers)
+        # Asked before `in_sync`/`ours`, whose `spec` judges every peer again.
+        assert backend.status.conflicting_peers == {}
+        newcomer = vxlan_peer(6, mac="02:00:00:00:00:40")  # holder's VtepMAC, another host
+        peers[newcomer.subnet] = newcomer
+        await backend.update(PeerChanges(added=[newcomer]), peers)
+        assert backend.status.conflicting_peers == {}
+        assert await in_sync(backend, peers)
+        assert await ours(backend) == planned(backend, peers_of(sharing, newcomer))
+        assert len(await ours(backend)) == 6  # sharing's FDB entry stayed
+
+
+async def test_what_was_kept_for_a_removed_peer_of_another_type_goes_at_once(
+        subject: Subject, tmp_path: Path) -> None:
+    """A peer of another backend type is served the old way meanwhile (a roll-out: its
+    route, made before, is kept); when it is removed, a full pass removes that at once,
+    not at the next periodic one."""
+    other = host_gw_peer(3)
+    peers = peers_of(vxlan_peer(2), other)
+    hand = await subject.hand()
+    old_way = Route(other.subnet, other.public_ip, subject.host.iface_index)
+    try:
+        await hand.apply(Action.REPLACE, [old_way], protocol=PROTOCOL)
+        async with started(subject, "vxlan", tmp_path, peers, resync=600.0) as backend:
+            async with running(backend, peers):
+                assert backend.status.foreign_peers == 1
+                assert old_way in await ours(backend)
+                del peers[other.subnet]
+                await backend.update(PeerChanges(removed=[other]), peers)
+                assert backend.status.foreign_peers == 0
+                await eventually(lambda: in_sync(backend, peers))
+                assert old_way not in await ours(backend)
+    finally:
+        hand.close()
+
+
 async def test_a_peer_that_moves_is_replaced_in_place(
         subject: Subject, backend_type: str, tmp_path: Path) -> None:
     make = BACKENDS[backend_type][1]

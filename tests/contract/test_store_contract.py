@@ -20,7 +20,7 @@ import pytest
 from etcd_server import EtcdServer
 
 from leaseagent.errors import Compacted, LeaseLost, StoreError, StoreUnavailable
-from leaseagent.store.base import EventType, LeaseStore, WatchEvent
+from leaseagent.store.base import Census, EventType, LeaseStore, WatchEvent
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
 from leaseagent.store.memory import MemoryStore
 
@@ -461,6 +461,51 @@ async def test_count_at_a_compacted_revision_raises_compacted(subject: Subject) 
     assert await store.count(p, revision=kept) == (2, kept)  # the compact revision is kept
     with pytest.raises(Compacted):
         await store.count(p, revision=before)
+
+
+async def test_census_counts_and_names_the_keys_written_after_a_revision(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    await store.put(p + "a", b"1")
+    await store.put(p + "b", b"1")
+    await store.put(p + "gone", b"1")
+    before = await current_revision(subject)
+    await store.put(p + "a", b"2")  # a change: still the same keys
+    await store.delete(p + "gone")  # gone: in the count, not among the written
+    await store.put(p + "c", b"1")
+    await store.put(p.rstrip("/") + "x/e", b"1")  # beside the prefix, not under it
+    at = await current_revision(subject)
+    await store.put(p + "b", b"2")  # after `at`: not in a census at `at`
+    now = await current_revision(subject)
+    census = await store.census(p, revision=at, changed_after=before)
+    assert (census.count, census.revision) == (3, at)
+    assert census.changed == {p + "a": before + 1, p + "c": before + 3}
+    assert await store.census(p, revision=at, changed_after=at) == Census(3, {}, at)
+    latest = await store.census(p, changed_after=at)
+    assert (latest.count, latest.changed, latest.revision) == (3, {p + "b": now}, now)
+    everything = await store.census(p, revision=at, changed_after=0)
+    assert everything.changed == {p + "a": before + 1, p + "b": before - 1, p + "c": before + 3}
+
+
+async def test_census_of_more_keys_than_one_answer_holds(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    for i in range(7):
+        await store.put(p + f"k{i}", b"1")
+    at = await current_revision(subject)
+    if hasattr(store, "census_limit"):
+        store.census_limit = 3  # three answers of at most 3 keys
+    census = await store.census(p, revision=at, changed_after=0)
+    assert census.count == 7
+    assert census.changed == {p + f"k{i}": at - 6 + i for i in range(7)}
+
+
+async def test_census_at_a_compacted_revision_raises_compacted(subject: Subject) -> None:
+    store, p = subject.store, subject.prefix
+    await store.put(p + "a", b"1")
+    before = await current_revision(subject)
+    await store.put(p + "b", b"1")
+    await store.compact(await current_revision(subject))
+    with pytest.raises(Compacted):
+        await store.census(p, revision=before, changed_after=0)
 
 
 # --- fake-only controls ------------------------------------------------------------

@@ -23,7 +23,10 @@ reproduced here, and the self-repair that covers every other way:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -37,6 +40,7 @@ from leaseagent.core.leases import KeyLayout, PeerChanges
 from leaseagent.core.network import parse_network_config
 from leaseagent.errors import Behind
 from leaseagent.metrics import Metrics
+from leaseagent.store.base import Census
 from leaseagent.store.etcd import WATCH_CATCH_UP_REVS, EtcdSettings, EtcdStore
 from leaseagent.store.watching import Events, ListWatch, Snapshot
 
@@ -317,53 +321,91 @@ def lease(ip: str) -> bytes:
     return f'{{"PublicIP": "{ip}", "BackendType": "alloc", "NodeID": "{ip}"}}'.encode()
 
 
-async def test_a_lost_event_is_found_at_the_first_check_after_a_later_one(
-        etcd_server: EtcdServer) -> None:
-    """A real etcd, a watch that loses one join (whatever lost it): once the stream
-    brings a later event, the next lease count check (two count-only requests) lists
-    again; the peer is there, and a second check was not needed (it was with the old
-    rule, two checks in a row)."""
-    layout = KeyLayout(f"/drop/{uuid.uuid4().hex[:12]}")
-    subnets = layout.subnets_prefix
-    store = await connect(etcd_server.url)
-    checked: list[int] = []  # the revision each check compared the keys known at
-    count = store.count
+@dataclass
+class Dropped:
+    """A lease watcher (checking every second) on a real etcd whose watch streams drop
+    what `dropping.drop` names."""
+    watcher: LeaseWatcher
+    store: EtcdStore
+    dropping: DroppingOne
+    subnets: str  # the key prefix
+    metrics: Metrics
 
-    async def counting(prefix: str, *, revision: int = 0) -> tuple[int, int]:
-        if revision:
-            checked.append(revision)
-        return await count(prefix, revision=revision)
-    store.count = counting  # type: ignore[method-assign]
-    metrics = Metrics()
+    def view_checks(self) -> float | None:
+        return self.metrics.registry.get_sample_value(
+            "leaseagent_watch_relists_total", {"reason": "view_check"})
+
+
+@contextlib.asynccontextmanager
+async def dropping_watcher(etcd_server: EtcdServer) -> AsyncIterator[Dropped]:
+    layout = KeyLayout(f"/drop/{uuid.uuid4().hex[:12]}")
+    store = await connect(etcd_server.url)
 
     async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
         return None
 
+    metrics = Metrics()
     watcher = LeaseWatcher(
         store, layout=layout, network=NETWORK, own_public_ip=IPv4Address("10.250.0.1"),
         own_key=lambda: None, metrics=metrics, on_peers=on_peers,
         on_own=lambda kv, rev: None, check_seconds=1.0)
     task = asyncio.ensure_future(watcher.run())
     try:
-        dropping = DroppingOne.install(store)
-        await store.put(subnets + "10.5.2.0-24", lease("10.250.0.2"))
-        async with asyncio.timeout(15):
-            await watcher.synced.wait()
-        dropping.drop = (subnets + "10.5.3.0-24").encode()
-        await store.put(subnets + "10.5.3.0-24", lease("10.250.0.3"))  # lost
-        await store.put(subnets + "10.5.4.0-24", lease("10.250.0.4"))  # seen
-        _, seen = await count(subnets)
-        async with asyncio.timeout(15):
-            while IPv4Network("10.5.4.0/24") not in watcher.book.peers:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        assert IPv4Network("10.5.3.0/24") not in watcher.book.peers
-        async with asyncio.timeout(15):  # about a second: the first check after it
-            while IPv4Network("10.5.3.0/24") not in watcher.book.peers:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        assert len([r for r in checked if r >= seen]) == 1  # one check found it, not two
-        assert metrics.registry.get_sample_value(
-            "leaseagent_watch_relists_total", {"reason": "view_check"}) == 1
+        yield Dropped(watcher, store, DroppingOne.install(store), layout.subnets_prefix, metrics)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
+
+
+async def until_true(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(15):
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_a_lost_event_is_found_at_the_first_check_after_a_later_one(
+        etcd_server: EtcdServer) -> None:
+    """A real etcd, a watch that loses one join (whatever lost it): once the stream
+    brings a later event, the next lease check lists again; the peer is there, and a
+    second check was not needed (it was with the old rule, two checks in a row)."""
+    async with dropping_watcher(etcd_server) as d:
+        watcher, store, subnets = d.watcher, d.store, d.subnets
+        checked: list[int] = []  # the revision each check compared the keys known at
+        census = store.census
+
+        async def counting(prefix: str, *, changed_after: int, revision: int = 0) -> Census:
+            if revision:
+                checked.append(revision)
+            return await census(prefix, changed_after=changed_after, revision=revision)
+        store.census = counting  # type: ignore[method-assign]
+        await store.put(subnets + "10.5.2.0-24", lease("10.250.0.2"))
+        await until_true(watcher.synced.is_set)
+        d.dropping.drop = (subnets + "10.5.3.0-24").encode()
+        await store.put(subnets + "10.5.3.0-24", lease("10.250.0.3"))  # lost
+        await store.put(subnets + "10.5.4.0-24", lease("10.250.0.4"))  # seen
+        _, seen = await store.count(subnets)
+        await until_true(lambda: IPv4Network("10.5.4.0/24") in watcher.book.peers)
+        assert IPv4Network("10.5.3.0/24") not in watcher.book.peers
+        # about a second: the first check after it
+        await until_true(lambda: IPv4Network("10.5.3.0/24") in watcher.book.peers)
+        assert len([r for r in checked if r >= seen]) == 1  # one check found it, not two
+        assert d.view_checks() == 1
+
+
+async def test_a_lost_change_of_a_lease_is_found_at_the_first_check(
+        etcd_server: EtcdServer) -> None:
+    """A real etcd, a watch that loses one write that changes a lease and keeps the
+    number of keys (a host's new PublicIP, as a new VtepMAC would be): the next check's
+    census, keys written since the check before, shows it and the prefix is listed again."""
+    subnet = IPv4Network("10.5.3.0/24")
+    async with dropping_watcher(etcd_server) as d:
+        watcher, store, subnets = d.watcher, d.store, d.subnets
+        await store.put(subnets + "10.5.3.0-24", lease("10.250.0.3"))
+        await until_true(lambda: watcher.synced.is_set() and subnet in watcher.book.peers)
+        d.dropping.drop = (subnets + "10.5.3.0-24").encode()
+        await store.put(subnets + "10.5.3.0-24", lease("10.250.9.3"))  # lost
+        await store.put(subnets + "10.5.4.0-24", lease("10.250.0.4"))  # seen
+        # about a second: the first check after it
+        await until_true(lambda: str(watcher.book.peers[subnet].public_ip) == "10.250.9.3")
+        assert d.view_checks() == 1

@@ -69,6 +69,29 @@ def test_a_peer_removed_goes_but_what_another_peer_shares_stays() -> None:
     assert applied.wants(Fdb(VX, "02:00:00:00:00:aa", IPv4Address("192.168.0.9")))
 
 
+def test_peers_dropped_at_once_free_what_no_peer_left_wants_as_dropping_each_would() -> None:
+    # a and b share an FDB entry (one host's two leases), and so do c and d; a, b and c go.
+    a, b = peer(2, mac="02:00:00:00:00:aa", ip="192.168.0.9"), peer(3, mac="02:00:00:00:00:aa",
+                                                                    ip="192.168.0.9")
+    c, d = peer(4, mac="02:00:00:00:00:cc", ip="192.168.0.8"), peer(5, mac="02:00:00:00:00:cc",
+                                                                    ip="192.168.0.8")
+    gone = [a.subnet, b.subnet, c.subnet, IPv4Network("10.5.99.0/24")]  # the last one unknown
+    each = applied_with(a, b, c, d)
+    old: set[KernelObject] = set()
+    for subnet in gone:
+        old |= each.drop(subnet, plan)[1]
+    expected = each.change(old, (), synced=True).to_remove
+
+    at_once = applied_with(a, b, c, d)
+    peers, unwanted = at_once.drop_all(gone, plan)
+    assert peers == [a, b, c]
+    assert sorted(unwanted, key=lambda o: o._ident) == sorted(expected, key=lambda o: o._ident)
+    assert len(unwanted) == len(set(unwanted)) == 7  # a's and b's shared FDB entry once
+    assert Fdb(VX, "02:00:00:00:00:cc", IPv4Address("192.168.0.8")) not in unwanted  # d's
+    assert (at_once.peers, at_once.uses) == (each.peers, each.uses) == (
+        {d.subnet: d}, applied_with(d).uses)
+
+
 def test_nothing_is_removed_before_the_first_full_pass() -> None:
     applied = applied_with(peer(2))
     _, old = applied.drop(IPv4Network("10.5.2.0/24"), plan)

@@ -19,7 +19,7 @@ from leaseagent.agent.leasing import OwnLease
 from leaseagent.agent.plane import Peers, Plane
 from leaseagent.agent.supervision import Tasks
 from leaseagent.config import parse_agent_config
-from leaseagent.core.leases import Peer
+from leaseagent.core.leases import Peer, PeerChanges
 from leaseagent.core.network import NetworkConfig, parse_network_config
 from leaseagent.core.profiles.base import NoLeaseData
 from leaseagent.core.profiles.vxlan import VxlanLeaseData
@@ -239,3 +239,30 @@ async def test_a_peer_not_yet_switched_keeps_the_device_a_restart_took_over(
     await rig.plane.program_all({peer.subnet: switched}, OWN)
     await rig.hold_over()
     assert rig.devices == set() and rig.ports == ()
+
+
+async def test_a_removal_does_not_wait_for_the_rules_keeper(tmp_path: Path) -> None:
+    """Peers only removed (a mass expiry): their routes go first, the peer filter's
+    retirement after (the filter must admit before routes exist, not retire before they
+    go), so a rules check in progress (it holds the keeper) does not hold the kernel's
+    work back. Before, every update waited for the rules first."""
+    rig = Rig(tmp_path)
+    plane = rig.plane
+    await plane.backend.prepare()
+    await plane.backend.start(OWN.subnet)
+    stay, go = (Peer(IPv4Network(f"10.5.{i}.0/24"), IPv4Address(f"10.99.0.{i}"), "vxlan",
+                     VxlanLeaseData(f"02:00:00:00:00:{i:02x}")) for i in (2, 3))
+    await plane.peers_changed(PeerChanges(added=[stay, go]), {stay.subnet: stay, go.subnet: go},
+                              OWN, full=True, started=0.0)
+    assert {r.dst for r in rig.kernel.routes(76)} == {stay.subnet, go.subnet}
+    keeper = plane.rules[0].keeper
+    async with keeper._lock:  # a check in progress
+        removal = asyncio.ensure_future(plane.peers_changed(
+            PeerChanges(removed=[go]), {stay.subnet: stay}, OWN, full=False, started=0.0))
+        for _ in range(500):
+            if {r.dst for r in rig.kernel.routes(76)} == {stay.subnet}:
+                break
+            await asyncio.sleep(0.01)
+        assert {r.dst for r in rig.kernel.routes(76)} == {stay.subnet}
+        assert not removal.done()  # the retirement waits for the keeper
+    await asyncio.wait_for(removal, 5)

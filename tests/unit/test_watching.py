@@ -166,6 +166,11 @@ class Forgetful(MemoryStore):
         super().__init__()
         self.forget: set[str] = set()
         self.stuck = False
+        self.censuses = 0
+
+    async def census(self, prefix: str, *, changed_after: int, revision: int = 0):  # type: ignore[no-untyped-def]
+        self.censuses += 1
+        return await super().census(prefix, changed_after=changed_after, revision=revision)
 
     async def watch(self, prefix: str, *, start_revision: int):  # type: ignore[no-untyped-def]
         async for batch in super().watch(prefix, start_revision=start_revision):
@@ -199,6 +204,40 @@ async def test_a_missed_join_and_a_missed_leave_are_listed_again() -> None:
         task.cancel()
 
 
+async def test_a_missed_change_that_keeps_the_count_is_listed_again() -> None:
+    """A lost write that changes a lease (a new PublicIP, as a new VtepMAC would) keeps the
+    number of keys: the census's keys written since the last check show it."""
+    store = Forgetful()
+    await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
+    watcher, metrics, task = await start(store, check=0.02)
+    try:
+        await asyncio.sleep(0.1)  # a few checks with nothing to find
+        assert view_checks(metrics) == 0
+        store.forget = {PREFIX + "10.5.3.0-24"}
+        await store.put(PREFIX + "10.5.3.0-24", lease("10.250.9.3"))  # lost
+        await store.put(PREFIX + "10.5.4.0-24", lease("10.250.0.4"))  # seen
+        await until(lambda: str(watcher.book.peers[SUBNET].public_ip) == "10.250.9.3")
+        assert view_checks(metrics) == 1
+    finally:
+        task.cancel()
+
+
+async def test_a_missed_leave_and_join_in_one_stretch_are_listed_again() -> None:
+    """One host gone and another come in the same lost stretch: the count is the same."""
+    store = Forgetful()
+    await store.put(PREFIX + "10.5.2.0-24", lease("10.250.0.2"))
+    watcher, metrics, task = await start(store, check=0.02)
+    try:
+        store.forget = {PREFIX + "10.5.2.0-24", PREFIX + "10.5.3.0-24"}
+        await store.delete(PREFIX + "10.5.2.0-24")
+        await store.put(PREFIX + "10.5.3.0-24", lease("10.250.0.3"))
+        await until(lambda: SUBNET in watcher.book.peers
+                    and IPv4Network("10.5.2.0/24") not in watcher.book.peers)
+        assert view_checks(metrics) >= 1
+    finally:
+        task.cancel()
+
+
 async def test_a_stream_that_delivers_nothing_more_is_listed_again() -> None:
     store = Forgetful()
     await store.put(PREFIX + "10.5.2.0-24", lease("10.250.0.2"))
@@ -225,8 +264,11 @@ async def test_a_watch_that_misses_nothing_is_never_listed_again() -> None:
                 await store.delete(PREFIX + f"10.5.{i - 2}.0-24")
             await asyncio.sleep(0.005)
         await store.put(PREFIX.rstrip("/") + "x/other", b"beside the prefix")
+        await asyncio.sleep(0.1)
+        asked = store.censuses
         await asyncio.sleep(0.3)  # ~15 checks with nothing changing
         assert view_checks(metrics) == 0
+        assert store.censuses - asked <= 1  # a quiet prefix is asked its count alone
         assert len(watcher.book.peers) == 58 - 14
     finally:
         task.cancel()
@@ -289,6 +331,38 @@ async def test_a_batch_of_deletions_is_gathered_in_order_with_the_changes_around
             ("10.5.4.0/24", "192.168.64.44")]
         assert not last.added
         assert sorted(str(s) for s in watcher.peers) == ["10.5.4.0/24"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_leases_expiring_together_are_one_pass_of_their_removals() -> None:
+    """A response of deletions only (an etcd lease revoked: its keys in one revision):
+    one pass removes each of their peers once, and the other peers stay."""
+    store = MemoryStore()
+    lease_id, _ = await store.grant(60)
+    for n in (3, 4, 5):
+        await store.create(PREFIX + f"10.5.{n}.0-24", lease(f"192.168.64.{n}"), lease=lease_id)
+    await store.put(PREFIX + "10.5.6.0-24", lease("192.168.64.6"))
+    passes: list[PeerChanges] = []
+
+    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
+        passes.append(changes)
+
+    watcher = watcher_of(store, on_peers)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await until(watcher.synced.is_set)
+        listed = len(passes)
+        await store.revoke(lease_id)
+        await until(lambda: len(passes) == listed + 1)
+        await asyncio.sleep(0.05)  # no second pass
+        assert len(passes) == listed + 1
+        gone = passes[-1]
+        assert sorted(str(p.subnet) for p in gone.removed) == [
+            "10.5.3.0/24", "10.5.4.0/24", "10.5.5.0/24"]
+        assert not gone.added and not gone.changed
+        assert sorted(str(s) for s in watcher.peers) == ["10.5.6.0/24"]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

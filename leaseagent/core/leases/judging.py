@@ -401,6 +401,12 @@ class LeaseBook:
         """How many keys the book holds (valid or not)."""
         return len(self._entries)
 
+    def written_after(self, revision: int) -> dict[str, int]:
+        """The keys the book holds (valid or not) last written after `revision`, with the
+        revision of that write."""
+        return {key: entry.mod_revision for key, entry in self._entries.items()
+                if entry.mod_revision > revision}
+
     # -- whole listings ------------------------------------------------------------
 
     def reset(self, items: Iterable[RawLease], *, identity: Identity | None = None,
@@ -481,14 +487,15 @@ class LeaseBook:
         return changes
 
     def delete(self, key: str) -> PeerChanges:
-        """A key was deleted (by hand, or with its etcd lease)."""
-        self.rejected = []
+        """A key was deleted (by hand, or with its etcd lease). Thousands at once in a
+        mass expiry: the key's entry is looked up once."""
+        if self.rejected:
+            self.rejected = []
         self._rejected_at.pop(key, None)
-        entry = self._entries.get(key)
-        self._forget(key)
-        self._entries.pop(key, None)
+        entry = self._entries.pop(key, None)
         if entry is None or entry.subnet is None:
             return PeerChanges()
+        self._invalidate(key, entry.subnet)
         return self._elect(entry.subnet)
 
     # -- mechanics ----------------------------------------------------------------
@@ -502,13 +509,18 @@ class LeaseBook:
         entry = self._entries.get(key)
         if entry is None or entry.subnet is None:
             return
-        keys = self._valid.get(entry.subnet)
-        if keys is not None and key in keys:
-            left = tuple(k for k in keys if k != key)
-            if left:
-                self._valid[entry.subnet] = left
-            else:
-                del self._valid[entry.subnet]
+        self._invalidate(key, entry.subnet)
+
+    def _invalidate(self, key: str, subnet: IPv4Network) -> None:
+        """`key` no longer among `subnet`'s valid keys."""
+        keys = self._valid.get(subnet)
+        if keys is None:
+            return
+        if len(keys) == 1:  # the usual case: one key a subnet
+            if keys[0] == key:
+                del self._valid[subnet]
+        elif key in keys:
+            self._valid[subnet] = tuple(k for k in keys if k != key)
 
     def _elect(self, subnet: IPv4Network) -> PeerChanges:
         """Make the oldest valid key naming `subnet` its holder; the change to the peer."""
