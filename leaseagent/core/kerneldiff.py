@@ -325,6 +325,18 @@ class Work:
         return full, repairs
 
 
+def _holds(held: Claimed, peer: Peer, claims: Claims) -> bool:
+    """Whether `peer` holds one of its `claims` in `held` (Admission.claimed). Identity
+    first: the objects are usually the very ones claimed (ipaddress compares in Python)."""
+    subnet = peer.subnet
+    for _what, claim, holder in claims:
+        had = held.get(claim)
+        if had is not None and (had[1] is subnet or had[1] == subnet) and (
+                had[0] is holder or had[0] == holder):
+            return True
+    return False
+
+
 class Admission:
     """Which peers may be planned here (see the module docstring).
 
@@ -422,24 +434,23 @@ class Admission:
         back after an etcd pause, would take the victim's VtepMAC)."""
         out: dict[IPv4Network, str] = {}
         claimed: Claimed = {}
-
-        def admit(subnet: IPv4Network, peer: Peer, claims: Claims) -> None:
+        held = self.claimed
+        later: list[tuple[IPv4Network, Peer, Claims]] = []  # claimants holding nothing now
+        for subnet, peer in peers.items():
+            claims = claims_of(peer)
+            if held and claims and not _holds(held, peer, claims):
+                later.append((subnet, peer, claims))
+                continue
             why = self.conflict(peer, claims, own, claimed)
             if why is not None:
                 out[subnet] = why
             else:
                 self.claim(peer, claims, claimed)
-
-        held = self.claimed
-        later: list[tuple[IPv4Network, Peer, Claims]] = []  # claimants holding nothing now
-        for subnet, peer in peers.items():
-            claims = claims_of(peer)
-            if held and claims and not any(held.get(claim) == (holder, subnet)
-                                  for _what, claim, holder in claims):
-                later.append((subnet, peer, claims))
-            else:
-                admit(subnet, peer, claims)
         for subnet, peer, claims in later:
-            admit(subnet, peer, claims)
+            why = self.conflict(peer, claims, own, claimed)
+            if why is not None:
+                out[subnet] = why
+            else:
+                self.claim(peer, claims, claimed)
         self.claimed = claimed
         return out
