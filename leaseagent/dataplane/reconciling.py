@@ -410,8 +410,7 @@ class ReconcilingBackend:
                     old |= planned
             if peer is None and subnet in was_foreign:
                 # What was kept for it goes with a full pass (nothing here knows it).
-                self._work.full = True
-                self._wake.set()
+                self._ask_full_pass()
             claims = self._claims(peer) if peer is not None else ()
             conflict = (self._admission.conflict(peer, claims, own) if peer is not None
                         else None)
@@ -436,8 +435,7 @@ class ReconcilingBackend:
         self._note_foreign(subnets, peers)  # none of them is foreign now (not in `peers`)
         if was_foreign:
             # What was kept for them goes with a full pass (nothing here knows it).
-            self._work.full = True
-            self._wake.set()
+            self._ask_full_pass()
         conflicting = self.status.conflicting_peers
         for subnet in subnets:
             conflicting.pop(subnet, None)
@@ -445,6 +443,11 @@ class ReconcilingBackend:
         for before in gone:
             self._admission.unclaim(before, self._claims(before))
         return diff_found((), (), unwanted if self._synced else ())
+
+    def _ask_full_pass(self) -> None:
+        """Queue a full pass (what an event or a plan cannot mend alone) and wake the loop."""
+        self._work.full = True
+        self._wake.set()
 
     async def run(self, get_peers: Callable[[], Mapping[IPv4Network, Peer]]) -> None:
         await first_to_end(self._watch_events(), self._resync_loop(get_peers),
@@ -522,8 +525,7 @@ class ReconcilingBackend:
             # The host's routes changed since the last pass: plan again with them (a peer
             # may conflict now, or no longer), level-triggered like everything else.
             self._admission.host_routes = self._admission.dumped
-            self._work.full = True
-            self._wake.set()
+            self._ask_full_pass()
         await self._full_apply(nl, peers, plan, changes, repair=repair, started=started)
         # The pass's dumps, plan and changes were its peak: what glibc keeps of them
         # would stay in the RSS until the next pass (leaseagent.memory).
@@ -724,8 +726,7 @@ class ReconcilingBackend:
                 delay = backoff.next_delay()
                 log.warning("data plane resync failed (retrying in %.1fs): %s", delay, exc)
                 await asyncio.sleep(delay)
-                self._work.full = True
-                self._wake.set()
+                self._ask_full_pass()
             else:
                 backoff.reset()
 
@@ -733,8 +734,7 @@ class ReconcilingBackend:
         """Queue the work an event of someone else calls for, and wake the loop."""
         if (event.host_route is not None and event.protocol != self._settings.route_protocol
                 and self._note_host_route(event.host_route, deleted=event.deleted)):
-            self._work.full = True
-            self._wake.set()
+            self._ask_full_pass()
             return
         kind = self._drift_kind(event)
         if kind is None:
@@ -758,8 +758,7 @@ class ReconcilingBackend:
                 continue
             if not first:
                 # Whatever happened while we were deaf is found by a full resync.
-                self._work.full = True
-                self._wake.set()
+                self._ask_full_pass()
             first = False
             try:
                 nl = await self._netlink()
