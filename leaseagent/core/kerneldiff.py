@@ -120,8 +120,8 @@ class AppliedPlan:
                  ) -> tuple[list[Peer], list[KernelObject]]:
         """`drop` each of `subnets` (a mass expiry: thousands at once): the peers they
         had, and the objects of theirs that no peer of the plan wants any more, each
-        once (one two of them shared goes too). What `drop` of each and then `change`
-        with no new objects give, each object's key taken once."""
+        once (an object two of them shared, once). What `drop` of each and then
+        `change` with no new objects give, each object's key taken once."""
         peers, uses = self.peers, self.uses
         gone: list[Peer] = []
         planned: list[tuple[int, KernelObject]] = []
@@ -131,7 +131,7 @@ class AppliedPlan:
                 continue
             gone.append(before)
             for obj in plan(before):
-                key = hash(obj) & _USE_BITS  # use_key's
+                key = use_key(obj)
                 n = uses.get(key, 0) - 1
                 if n > 0:
                     uses[key] = n
@@ -435,18 +435,13 @@ class Admission:
         out: dict[IPv4Network, str] = {}
         claimed: Claimed = {}
         held = self.claimed
+        first: list[tuple[IPv4Network, Peer, Claims]] = []
         later: list[tuple[IPv4Network, Peer, Claims]] = []  # claimants holding nothing now
         for subnet, peer in peers.items():
             claims = claims_of(peer)
-            if held and claims and not _holds(held, peer, claims):
-                later.append((subnet, peer, claims))
-                continue
-            why = self.conflict(peer, claims, own, claimed)
-            if why is not None:
-                out[subnet] = why
-            else:
-                self.claim(peer, claims, claimed)
-        for subnet, peer, claims in later:
+            (later if held and claims and not _holds(held, peer, claims) else first).append(
+                (subnet, peer, claims))
+        for subnet, peer, claims in chain(first, later):
             why = self.conflict(peer, claims, own, claimed)
             if why is not None:
                 out[subnet] = why
