@@ -188,7 +188,7 @@ class Agent:
 
     def _etcd_recovered(self) -> None:
         if self.watcher is not None:
-            # A stream that lived through the outage may be half-open: list again.
+            # A stream that lived through the outage may be half-open (ViewCheck).
             self.watcher.relist_after_outage(self.etcd.down_since)
 
     # --- start-up ---------------------------------------------------------------------

@@ -25,6 +25,13 @@ brings, and within two checks (+20 %) and the confirmation if none comes. etcd r
 every key of the prefix to say which were written after a revision (~10 ms of a
 member's CPU at 5,000 keys, against ~2 for a count: README, "Large clusters"),
 which is why a quiet cluster is asked for a count alone.
+
+When etcd answers again after an outage through which the stream brought nothing
+(it may be half-open: LeaseWatcher.relist_after_outage), the same question is asked at
+once, and the prefix listed again ("etcd_recovered") only if etcd changed it since the
+revision seen: a renewal's timeout at a paused member no longer costs every host a
+listing of every lease. A half-open stream is the store's to end (its silent-stream
+probe, leaseagent.store.etcd); what it lost before that shows here or at the next check.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 from typing import Protocol
 
 from leaseagent.errors import Compacted, StoreError
 from leaseagent.store.base import Census, LeaseStore
+from leaseagent.waiting import within
 
 log = logging.getLogger("leaseagent.watching")
 
@@ -82,20 +91,38 @@ class ViewCheck:
         self._store = store
         self._prefix = prefix
         self._check_seconds = check_seconds
+        self._outage_ended = asyncio.Event()
+
+    def after_outage(self) -> None:
+        """etcd answers again after an outage through which the stream brought nothing
+        (it may be half-open): look at once (the module docstring)."""
+        self._outage_ended.set()
+
+    async def _wait(self, seconds: float) -> bool:
+        """Sleep `seconds` (0: until an outage ends); True if an outage's end cut it short."""
+        try:
+            await within(self._outage_ended.wait(), seconds or None)
+        except TimeoutError:
+            return False
+        self._outage_ended.clear()
+        return True
 
     async def run(self) -> None:
-        """Compare the keys known with etcd's every check (the module docstring)."""
-        if self._check_seconds <= 0:
-            await asyncio.Event().wait()  # never
-        watched, prefix = self._watched, self._prefix
+        """Compare the keys known with etcd's every check and after an outage (the module
+        docstring)."""
+        watched, prefix, every = self._watched, self._prefix, self._check_seconds
         last_seen, confirming, checked_to = -1, False, -1
         while True:
-            await asyncio.sleep(min(VIEW_CHECK_CONFIRM_SECONDS, self._check_seconds) if confirming
-                                else self._check_seconds * random.uniform(0.8, 1.2))
+            after_outage = await self._wait(
+                0.0 if every <= 0 else min(VIEW_CHECK_CONFIRM_SECONDS, every) if confirming
+                else every * random.uniform(0.8, 1.2))
             if not watched.synced.is_set():
                 continue
             if checked_to < 0:
                 checked_to = watched.listed_at  # the book was complete at that listing
+            if after_outage:
+                checked_to = await self._after_outage(checked_to)
+                continue
             async with watched.gate:
                 seen, known, written = watched.view(checked_to)
             missed = moved = ""
@@ -119,6 +146,23 @@ class ViewCheck:
             if not confirming:
                 last_seen = seen
             confirming = bool(moved)
+
+    async def _after_outage(self, checked_to: int) -> int:
+        """List again if etcd changed the prefix since the revision seen (a stream that
+        lived through an outage may be half-open and have lost it); the revision the
+        watcher is known complete up to."""
+        async with self._watched.gate:
+            seen, known, _ = self._watched.view(sys.maxsize)
+        try:
+            moved, complete_to = await self._moved(seen, known, max(checked_to, seen))
+        except StoreError:
+            return checked_to  # down again: its end is looked at again
+        if moved:
+            log.info("etcd answers again and changed while the watch brought nothing (%s): "
+                     "listing again", moved)
+            self._watched.request_relist("etcd_recovered")
+            return checked_to
+        return max(checked_to, complete_to)
 
     async def _moved(self, seen: int, known: int, checked_to: int) -> tuple[str, int]:
         """Whether etcd changed the prefix after `seen`, in words ("" for no), and the

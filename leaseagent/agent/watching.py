@@ -12,8 +12,9 @@ Invalid and duplicate keys are skipped, counted once per key version and
 logged once. Events on this host's own key go to `on_own` (the lease holder
 decides), with the revision they were seen at (the event's, or the
 listing's), so the holder can ignore news older than its own last write.
-When our own subnet changes, or etcd comes back after an outage (a stream
-that lived through it may be half-open), the prefix is listed again.
+When our own subnet changes the prefix is listed again; when etcd comes back
+after an outage through which the stream brought nothing (it may be half-open),
+if etcd changed the prefix meanwhile (leaseagent.agent.viewcheck).
 
 A peer whose key is deleted, or that a listing no longer has, is held in the
 kernel for `--peer-hold-time` seconds (leaseagent.core.holddown): a lease
@@ -122,7 +123,7 @@ class LeaseWatcher:
     ) -> None:
         self._layout = layout
         self._store = store
-        self._check_seconds = check_seconds
+        self._check = ViewCheck(self, store, layout.subnets_prefix, check_seconds)
         self._seen = 0  # the revision the book is complete up to (listing, events)
         self._listed_at = 0  # the revision of the last listing
         self.heard_at = 0.0  # when the stream last brought a listing or events (monotonic)
@@ -166,11 +167,13 @@ class LeaseWatcher:
 
     def relist_after_outage(self, began: float) -> None:
         """etcd answers again after an outage found at `began` (monotonic): a stream that
-        lived through it may be half-open, so list again, unless it has brought something
+        lived through it may be half-open, so the prefix is listed again if etcd changed
+        it since the revision seen (ViewCheck.after_outage: a count, and the keys written
+        since only if etcd's revision moved), unless the stream has brought something
         since (it is alive, and in order: another part found etcd down, e.g. the config
         key's quiet watch given up on a starved host while this one delivered)."""
         if self.heard_at < began:
-            self.request_relist("etcd_recovered")
+            self._check.after_outage()
 
     def set_network(self, network: NetworkConfig) -> None:
         """Judge with `network` from now on (events at once; `relist` so that every key
@@ -384,5 +387,5 @@ class LeaseWatcher:
         return self._listed_at
 
     async def run(self) -> None:
-        check = ViewCheck(self, self._store, self._layout.subnets_prefix, self._check_seconds)
-        await first_to_end(self._follow(), self._expire_held(), self._program(), check.run())
+        await first_to_end(self._follow(), self._expire_held(), self._program(),
+                           self._check.run())

@@ -224,8 +224,10 @@ async def test_a_watch_far_behind_the_proxy_lists_again(
         tasks.append(asyncio.ensure_future(
             keys_seen(ListWatch(host, prefix), view, reasons, applied)))
         await put_many(direct, prefix + "a/", 10)
-        async with asyncio.timeout(15):
-            while len(view) < 10 if how == "lost" else not reasons:  # noqa: ASYNC110
+        async with asyncio.timeout(15):  # `lost`: all 10 seen and the stream made (a
+            # listing after the puts has them all before its stream is)
+            while (len(view) < 10 or not pausable.calls if how == "lost"  # noqa: ASYNC110
+                   else not reasons):
                 await asyncio.sleep(0.02)
         if how == "lost":
             pausable.lose()
