@@ -37,6 +37,7 @@ from switching_lab import SwitchingLab, give_containers_ipv6
 from leaseagent.config import DEFAULT_PEER_HOLD_SECONDS
 from leaseagent.core.rules import peer_filter_rules
 from leaseagent.dataplane.firewall import IptablesFirewall, NftFirewall
+from leaseagent.errors import DataPlaneError
 from leaseagent.lab import Lab, netns, run
 from leaseagent.lab.probes import REPLY_WAIT
 from leaseagent.lab.topology import Host
@@ -468,7 +469,16 @@ def peer_filter_ports(host: Host, *, nftables: bool) -> tuple[set[int], int]:
     """The ports `host`'s firewall has a peer filter rule of ours for (their tags, as
     core.rules makes them for each port a device could use), and what they dropped."""
     fw = (NftFirewall if nftables else IptablesFirewall)(netns=host.ns)
-    observed = asyncio.run(fw.observe(deep=False))
+    for attempt in range(5):
+        try:
+            observed = asyncio.run(fw.observe(deep=False))
+            break
+        except DataPlaneError as exc:
+            # Read while the agent removes its rules and set: iptables-save can list a rule
+            # and then find its set gone ("Set with index 0 in kernel doesn't exist").
+            if "doesn't exist" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.1)
     tags = set(observed.chains.get("input", []))
     return {p for p in (8472, 4789) if peer_filter_rules(p)[0].tag in tags}, observed.dropped
 
