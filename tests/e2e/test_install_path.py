@@ -60,9 +60,12 @@ def wheelhouse() -> Path:
         pytest.skip(f"cannot make a wheelhouse here (no package index?): {str(exc)[-300:]}")
 
 
-def install(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """install.sh offline, from a shell with nothing of ours set."""
+def install(*args: str | Path, tmp: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """install.sh offline, from a shell with nothing of ours set (`tmp`: its TMPDIR, where
+    a failed pip's words are kept)."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", **OFFLINE}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
     return subprocess.run(["bash", str(REPO / "deploy/install.sh"), *map(str, args)],
                           capture_output=True, text=True, timeout=600, check=False, env=env)
 
@@ -115,10 +118,12 @@ def world(tmp_path: Path) -> Iterator[dict[str, object]]:
 def test_an_offline_install_says_in_one_line_what_is_missing(tmp_path: Path) -> None:
     empty = tmp_path / "wheels"
     empty.mkdir()
-    step = install("--root", tmp_path, "--wheelhouse", empty)
+    step = install("--root", tmp_path, "--wheelhouse", empty, tmp=tmp_path)
     assert step.returncode == 1
     assert step.stderr.startswith(f"install.sh: setuptools>=68 is not in the wheelhouse {empty} ")
     assert len(step.stderr.strip().splitlines()) == 1, step.stderr
+    kept = list(tmp_path.glob("leaseagent-install-pip.*"))  # pip's words, named in the line
+    assert len(kept) == 1 and str(kept[0]) in step.stderr
     step = install("--root", tmp_path, "--no-venv", "--wheelhouse", tmp_path / "none")
     assert step.stderr == f"install.sh: --wheelhouse {tmp_path / 'none'}: no such directory\n"
 
