@@ -401,11 +401,14 @@ class ReconcilingBackend:
         self._note_foreign(affected, peers)
         old: set[KernelObject] = set()
         new: set[KernelObject] = set()
+        released: set[str] = set()  # the claims of peers gone or changed
         for subnet in affected:
             before, planned = self._applied.drop(subnet, self._plan_peer)
             peer = peers.get(subnet)
             if before is not None:
-                self._admission.unclaim(before, self._claims(before))
+                held = self._claims(before)
+                released.update(claim for _what, claim, _holder in held)
+                self._admission.unclaim(before, held)
                 if subnet not in self._admission.foreign:  # another type now: kept meanwhile
                     old |= planned
             if peer is None and subnet in was_foreign:
@@ -423,6 +426,7 @@ class ReconcilingBackend:
             if peer is not None and subnet != self._own_subnet and conflict is None:
                 self._admission.claim(peer, claims)
                 new |= self._applied.add(peer, self._plan_peer)
+        self._reconsider_refused(released, peers, affected)
         return self._applied.change(old, new, synced=self._synced)
 
     def _plan_removal(self, removed: list[Peer], peers: Mapping[IPv4Network, Peer]
@@ -440,12 +444,33 @@ class ReconcilingBackend:
         for subnet in subnets:
             conflicting.pop(subnet, None)
         gone, unwanted = self._applied.drop_all(subnets, self._plan_peer)
+        released: set[str] = set()
         for before in gone:
-            self._admission.unclaim(before, self._claims(before))
+            held = self._claims(before)
+            released.update(claim for _what, claim, _holder in held)
+            self._admission.unclaim(before, held)
+        self._reconsider_refused(released, peers, ())
         return diff_found((), (), unwanted if self._synced else ())
 
+    def _reconsider_refused(self, released: set[str], peers: Mapping[IPv4Network, Peer],
+                            judged: Iterable[IPv4Network]) -> None:
+        """A full pass if a peer refused for a claim (a VtepMAC another peer held) wants one
+        of the `released` claims: it may have it now, at once rather than at the next
+        periodic pass. Peers just `judged` are not asked about."""
+        if not released:
+            return
+        skip = set(judged)
+        for subnet in self.status.conflicting_peers.keys() - skip:
+            peer = peers.get(subnet)
+            if peer is not None and any(claim in released
+                                        for _what, claim, _holder in self._claims(peer)):
+                self._ask_full_pass()
+                return
+
     def _ask_full_pass(self) -> None:
-        """Queue a full pass (what an event or a plan cannot mend alone) and wake the loop."""
+        """Queue a full pass (what an event or a plan cannot mend alone: a peer refused
+        for a claim another held, once that one is gone or changed; `Admission`) and wake
+        the loop."""
         self._work.full = True
         self._wake.set()
 
