@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -142,83 +144,30 @@ OWNER, PLANTED = IPv4Network("10.5.2.0/24"), IPv4Network("10.5.9.0/24")
 MAC = "02:00:00:00:00:02"  # the owner's VtepMAC, which the planted lease names too
 
 
-@pytest.mark.parametrize("order", ["planted deleted", "owner's key taken back"])
-async def test_a_full_pass_leaves_a_vtep_mac_with_its_holder(order: str, tmp_path: Path) -> None:
-    """Found by test_hostile_routes' planted-VtepMAC test (it failed once in CI): a lease
-    planted with a running host's VtepMAC is skipped, and once it is deleted it is held.
-    A full pass (the periodic resync) judged the peer set in its order, held peers first,
-    so within the hold the planted lease took the MAC: it was programmed (the MAC's FDB
-    entry pointing at it) and the owner was not, and the owner stayed unprogrammed and
-    counted in conflict after the hold, until the next full pass (30 s +- 20 %). The same
-    when the owner's key is taken back (an etcd pause's expiry): the planted key is older
-    then. A pass now leaves a claim with the peer that holds it."""
-    store = MemoryStore()
-    await store.put(LAYOUT.lease_key(OWNER), vxlan_value("10.99.0.2", MAC))
-    fake = FakeKernel()
-    backend = VxlanBackend(DataPlaneSettings(
-        network=VXLAN, host=fake.underlay("eth0", "10.99.0.1/24"), state_dir=tmp_path,
-        kernel=fake.open))
-    await backend.prepare()
-    await backend.start(IPv4Network("10.5.1.0/24"))
+@dataclass
+class MacLab:
+    """An owner's lease with VtepMAC `MAC`, a lease watcher (hold 0.3 s) and the vxlan
+    backend on the fake kernel, its updates and full passes driven by the watcher."""
+    store: MemoryStore
+    fake: FakeKernel
+    backend: VxlanBackend
     watcher: LeaseWatcher
 
-    async def on_peers(changes: PeerChanges, full: bool, started: float) -> None:
-        if full:
-            await backend.sync(watcher.peers)
-        else:
-            await backend.update(changes, watcher.peers)
-
-    watcher = LeaseWatcher(store, layout=LAYOUT, network=VXLAN,
-                           own_public_ip=IPv4Address("10.99.0.1"), own_key=lambda: None,
-                           metrics=Metrics(), on_peers=on_peers, on_own=lambda kv, rev: None,
-                           hold_seconds=0.3)
-    task = asyncio.create_task(watcher.run())
-
-    def programmed() -> set[str]:  # where the MAC's FDB entry points
-        return {str(f.dst) for f in fake.fdb() if f.lladdr == MAC}
-
-    async def until(done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 5  # milliseconds here; the margin is for a loaded CI
-        while not done():
-            assert time.monotonic() < deadline, "not within 5 s"
-            await asyncio.sleep(0.01)
-
-    try:
-        await until(watcher.synced.is_set)
-        await store.put(LAYOUT.lease_key(PLANTED), vxlan_value("10.99.0.9", MAC))
-        await until(lambda: PLANTED in backend.status.conflicting_peers)
-        assert programmed() == {"10.99.0.2"}
-        if order == "planted deleted":
-            await store.delete(LAYOUT.lease_key(PLANTED))
-            await asyncio.sleep(0.05)
-            assert PLANTED in watcher.peers  # held
-        else:
-            await store.delete(LAYOUT.lease_key(OWNER))
-            await asyncio.sleep(0.05)
-            await store.put(LAYOUT.lease_key(OWNER), vxlan_value("10.99.0.2", MAC))
-            await until(lambda: watcher.book.holder(OWNER) is not None)
-        await backend.sync(watcher.peers)  # a full pass (the resync's)
-        assert list(backend.status.conflicting_peers) == [PLANTED]
-        assert programmed() == {"10.99.0.2"}
-        if order != "planted deleted":
-            await store.delete(LAYOUT.lease_key(PLANTED))
-        await until(lambda: PLANTED not in watcher.peers)  # the hold is over
-        await until(lambda: PLANTED not in backend.status.conflicting_peers)
-        assert backend.status.conflicting_peers == {}
-        assert programmed() == {"10.99.0.2"}
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await backend.close()
+    def programmed(self) -> set[str]:
+        """Where the MAC's FDB entry points."""
+        return {str(f.dst) for f in self.fake.fdb() if f.lladdr == MAC}
 
 
-@pytest.mark.parametrize("how", ["removed", "changed"])
-async def test_a_peer_refused_for_a_vtep_mac_has_it_once_its_holder_is_gone(
-        how: str, tmp_path: Path) -> None:
-    """Two leases name one VtepMAC: the first holds it and the second is refused. Once the
-    holder is gone (its lease expired, held, then removed) or names another MAC, the
-    refused peer is programmed at once, by a full pass the release asks for, not at the
-    next periodic one (30 s +- 20 %; an hour here)."""
+async def until(done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5  # milliseconds here; the margin is for a loaded CI
+    while not done():
+        assert time.monotonic() < deadline, "not within 5 s"
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def mac_lab(tmp_path: Path, *, resync: bool) -> AsyncIterator[MacLab]:
+    """`resync`: the backend's own loop runs too (a full pass an hour, and those asked for)."""
     store = MemoryStore()
     await store.put(LAYOUT.lease_key(OWNER), vxlan_value("10.99.0.2", MAC))
     fake = FakeKernel()
@@ -239,31 +188,67 @@ async def test_a_peer_refused_for_a_vtep_mac_has_it_once_its_holder_is_gone(
                            own_public_ip=IPv4Address("10.99.0.1"), own_key=lambda: None,
                            metrics=Metrics(), on_peers=on_peers, on_own=lambda kv, rev: None,
                            hold_seconds=0.3)
-    tasks = [asyncio.create_task(watcher.run()),
-             asyncio.create_task(backend.run(lambda: watcher.peers))]
-
-    def programmed() -> set[str]:  # where the MAC's FDB entry points
-        return {str(f.dst) for f in fake.fdb() if f.lladdr == MAC}
-
-    async def until(done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 5  # milliseconds here; the margin is for a loaded CI
-        while not done():
-            assert time.monotonic() < deadline, "not within 5 s"
-            await asyncio.sleep(0.01)
-
+    tasks = [asyncio.create_task(watcher.run())]
+    if resync:
+        tasks.append(asyncio.create_task(backend.run(lambda: watcher.peers)))
     try:
         await until(watcher.synced.is_set)
         await store.put(LAYOUT.lease_key(PLANTED), vxlan_value("10.99.0.9", MAC))
         await until(lambda: PLANTED in backend.status.conflicting_peers)
-        assert programmed() == {"10.99.0.2"}
-        if how == "removed":
-            await store.delete(LAYOUT.lease_key(OWNER))
-        else:
-            await store.put(LAYOUT.lease_key(OWNER), vxlan_value("10.99.0.2", "02:00:00:00:00:22"))
-        await until(lambda: programmed() == {"10.99.0.9"})
-        assert backend.status.conflicting_peers == {}
+        yield MacLab(store, fake, backend, watcher)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await backend.close()
+
+
+@pytest.mark.parametrize("order", ["planted deleted", "owner's key taken back"])
+async def test_a_full_pass_leaves_a_vtep_mac_with_its_holder(order: str, tmp_path: Path) -> None:
+    """Found by test_hostile_routes' planted-VtepMAC test (it failed once in CI): a lease
+    planted with a running host's VtepMAC is skipped, and once it is deleted it is held.
+    A full pass (the periodic resync) judged the peer set in its order, held peers first,
+    so within the hold the planted lease took the MAC: it was programmed (the MAC's FDB
+    entry pointing at it) and the owner was not, and the owner stayed unprogrammed and
+    counted in conflict after the hold, until the next full pass (30 s +- 20 %). The same
+    when the owner's key is taken back (an etcd pause's expiry): the planted key is older
+    then. A pass now leaves a claim with the peer that holds it."""
+    async with mac_lab(tmp_path, resync=False) as lab:
+        store, backend, watcher = lab.store, lab.backend, lab.watcher
+        assert lab.programmed() == {"10.99.0.2"}
+        if order == "planted deleted":
+            await store.delete(LAYOUT.lease_key(PLANTED))
+            await asyncio.sleep(0.05)
+            assert PLANTED in watcher.peers  # held
+        else:
+            await store.delete(LAYOUT.lease_key(OWNER))
+            await asyncio.sleep(0.05)
+            await store.put(LAYOUT.lease_key(OWNER), vxlan_value("10.99.0.2", MAC))
+            await until(lambda: watcher.book.holder(OWNER) is not None)
+        await backend.sync(watcher.peers)  # a full pass (the resync's)
+        assert list(backend.status.conflicting_peers) == [PLANTED]
+        assert lab.programmed() == {"10.99.0.2"}
+        if order != "planted deleted":
+            await store.delete(LAYOUT.lease_key(PLANTED))
+        await until(lambda: PLANTED not in watcher.peers)  # the hold is over
+        await until(lambda: PLANTED not in backend.status.conflicting_peers)
+        assert backend.status.conflicting_peers == {}
+        assert lab.programmed() == {"10.99.0.2"}
+
+
+@pytest.mark.parametrize("how", ["removed", "changed"])
+async def test_a_peer_refused_for_a_vtep_mac_has_it_once_its_holder_is_gone(
+        how: str, tmp_path: Path) -> None:
+    """Two leases name one VtepMAC: the first holds it and the second is refused. Once the
+    holder is gone (its lease expired, held, then removed) or names another MAC, the
+    refused peer is programmed at once, by a full pass the release asks for, not at the
+    next periodic one (30 s +- 20 %; an hour here)."""
+    async with mac_lab(tmp_path, resync=True) as lab:
+        assert lab.programmed() == {"10.99.0.2"}
+        if how == "removed":
+            await lab.store.delete(LAYOUT.lease_key(OWNER))
+        else:
+            await lab.store.put(LAYOUT.lease_key(OWNER),
+                                vxlan_value("10.99.0.2", "02:00:00:00:00:22"))
+        await until(lambda: lab.programmed() == {"10.99.0.9"})
+        assert lab.backend.status.conflicting_peers == {}
