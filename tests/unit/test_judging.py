@@ -234,6 +234,7 @@ def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
     book = LeaseBook(layout=LAYOUT, network=net, identity=identity)
     table: dict[IPv4Network, Peer] = {}
     apply_changes(table, book.reset(list(etcd.kvs.values())))
+    reported = {v.key: (v.reason, v.mod_revision) for v in book.rejected}
     for op, name, raw in then:
         key = P + name
         if key == identity.own_key:
@@ -242,7 +243,11 @@ def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
             apply_changes(table, book.put(etcd.put(key, raw)))
         elif etcd.delete(key):
             apply_changes(table, book.delete(key))
+        reported.update({v.key: (v.reason, v.mod_revision) for v in book.rejected})
     final = judge(etcd.kvs.values(), layout=LAYOUT, network=net, identity=identity)
+    for verdict in final.verdicts.values():  # each valid duplicate was reported as one
+        if verdict.status == DUPLICATE and verdict.peer is not None:
+            assert reported.get(verdict.key) == ("duplicate_subnet", verdict.mod_revision)
     assert dict(book.peers) == final.peers
     own6 = LAYOUT.parse_lease_key(identity.own_key).ipv6 if identity.own_key else None
     for peer in final.peers.values():
