@@ -123,6 +123,25 @@ def test_book_promotes_the_next_key_when_the_holder_goes_without_a_listing() -> 
     assert book.holder(IPv4Network("10.5.3.0/24")) == P + "10.5.3.0-024"
 
 
+def test_book_keeps_one_subnet_object_for_a_changed_lease() -> None:
+    """A change of a lease's value leaves its subnet as one object: the one the book's
+    dicts are keyed by is the changed Peer's (a second, equal copy a changed peer, kept
+    until it left, was part of the soak's RSS climb)."""
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
+    book.put(KV(P + "10.5.3.0-24", value("10.250.0.3"), 2, 2))
+    (first,) = book.peers
+    changes = book.put(KV(P + "10.5.3.0-24", value("10.250.0.4"), 2, 3))
+    (peer,) = changes.changed
+    assert peer.public_ip == IPv4Address("10.250.0.4")
+    assert peer.subnet is first and book.peers[first].subnet is first
+    assert next(iter(book.peers)) is first
+    assert book.holder(first) == P + "10.5.3.0-24"
+    # A key that was not a valid peer is parsed as before.
+    book.put(KV(P + "10.5.4.0-24", b"{", 4, 4))
+    changes = book.put(KV(P + "10.5.4.0-24", value("10.250.0.5"), 4, 5))
+    assert [p.subnet for p in changes.added] == [IPv4Network("10.5.4.0/24")]
+
+
 def test_book_reports_a_rejected_key_once_per_version() -> None:
     book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
     book.reset([KV(P + "10.5.3.0-24", b"{", 2, 2)])

@@ -458,7 +458,16 @@ class LeaseBook:
     def put(self, kv: RawLease) -> PeerChanges:
         """A key was written (created or changed)."""
         self.rejected = []
-        verdict = classify(kv, layout=self.layout, network=self.network, identity=self.identity)
+        before = self._entries.get(kv.key)
+        # A key names the same subnets at every write: a changed lease's Peer gets the
+        # subnet the book's dicts are already keyed by, not an equal copy parsed again
+        # (a dict keeps its first key: each changed peer held two, ~270 bytes more,
+        # until it left; docs/benchmarks.md, "Soak (no leak)").
+        named = (SubnetKey(before.subnet, before.peer.ipv6_subnet)
+                 if before is not None and before.subnet is not None and before.peer is not None
+                 else None)
+        verdict = classify(kv, layout=self.layout, network=self.network, identity=self.identity,
+                           named=named)
         valid = verdict.status == PEER and verdict.peer is not None
         previous = None if verdict.subnet is None else self.holder(verdict.subnet)
         self._forget(kv.key)
