@@ -33,6 +33,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -82,6 +83,13 @@ ADDED, CHANGED, REMOVED = "added", "changed", "removed"
 # Peer numbers the churn may use: peer_subnet(i) in the /9 (i < 32,768) and
 # churn_value's upper-half PublicIP in the underlay's /16.
 MAX_POOL = 32_500
+# What the churn is measured on (--subject), to tell which part of the agent makes a
+# growth: the agent as it runs (vxlan, default traffic rules); without its traffic
+# rules; with the `alloc` backend (no data plane: the store, the lease book, leasing,
+# the view check, metrics); the bare watch of bench/soakwatch.py (no agent at all).
+SUBJECTS = {"agent": (), "no-rules": ("--no-vxlan-peer-filter", "--no-iptables-forward-rules"),
+            "alloc": (), "watch": ()}
+KERNEL_SUBJECTS = ("agent", "no-rules")  # those that program the kernel
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class Sizes:
     timeout: float = 120.0  # seconds the join, the agent's return or the kernel may take
     max_seconds: float = 0.0  # the churn ends here if its events are not done (0: never)
     seed: int = 1
+    subject: str = "agent"  # what the churn is measured on: one of SUBJECTS
 
 
 # -- the churn's leases ------------------------------------------------------------------
@@ -207,9 +216,17 @@ class Soak:
             print(f"  soak: scrape failed at {self.done:,} events: {exc}", file=sys.stderr)
             return dict.fromkeys(names)
 
+    @property
+    def programs(self) -> bool:
+        """Whether the subject programs the kernel (and makes full resyncs)."""
+        return self.sizes.subject in KERNEL_SUBJECTS
+
     async def resync_passed(self) -> None:
         """Until the agent's next full resync pass has ended (scenarios.after_resync, with
-        failed scrapes tried again)."""
+        failed scrapes tried again); a subject without a data plane: one --resync."""
+        if not self.programs:
+            await asyncio.sleep(min(self.sizes.resync, 5.0))
+            return
         deadline = time.perf_counter() + self.sizes.timeout + self.sizes.resync
         before = None
         while True:
@@ -259,12 +276,25 @@ class Soak:
 
     async def start_agent(self) -> dict[str, Any]:
         n = self.sizes.peers
-        await put_network_config(self.store)
+        subject = self.sizes.subject
+        if subject == "alloc":
+            await self.store.put(IPV4.layout.config_key, json.dumps(
+                IPV4.network_config() | {"Backend": {"Type": "alloc"}}).encode())
+        else:
+            await put_network_config(self.store)
         await put_peers(self.store, 1, n)
         ready = ReadyListener(self.world.dir / "soak-notify.sock")
         self.port = free_port()
-        self.agent = self.world.agent(extra_env={"NOTIFY_SOCKET": str(ready.path)},
-                                      metrics_port=self.port, resync=self.sizes.resync)
+        env = {"NOTIFY_SOCKET": str(ready.path)}
+        if subject == "watch":
+            self.agent = Proc([sys.executable, "-m", "bench.soakwatch", self.world.endpoint,
+                               IPV4.layout.subnets_prefix, str(self.port)],
+                              self.world.dir / "soakwatch.log", env={**os.environ, **env})
+            self.world.procs.append(self.agent)
+        else:
+            self.agent = self.world.agent(extra_env=env, metrics_port=self.port,
+                                          resync=self.sizes.resync,
+                                          extra_args=SUBJECTS[subject])
         started = time.perf_counter()
         self.agent.start()
         try:
@@ -272,8 +302,8 @@ class Soak:
         finally:
             ready.close()
         joined = time.perf_counter() - started
-        counted = kernel_objects(IPV4)
-        if any(counted[k] != n for k in IPV4.kinds):
+        counted = kernel_objects(IPV4) if self.programs else {}
+        if counted and any(counted[k] != n for k in IPV4.kinds):
             raise RuntimeError(f"after READY the kernel holds {counted}, expected {n} of each")
         return {"peers": n, "start_to_ready_s": joined}
 
@@ -302,7 +332,8 @@ class Soak:
         await self.apply(kind, i, churn.generation[i])
         self.done += 1
         subnet = peer_subnet(i)
-        while not sh("ip", "-4", "route", "show", str(subnet), "proto", "76").strip():
+        while self.programs and not sh("ip", "-4", "route", "show", str(subnet), "proto",
+                                       "76").strip():
             if time.perf_counter() - healthy > self.sizes.timeout:
                 raise RuntimeError(f"the agent did not program {subnet} within "
                                    f"{self.sizes.timeout}s of etcd's restart")
@@ -404,7 +435,7 @@ class Soak:
         fds and tasks are back at the baseline (or `settle` s have passed)."""
         self.phase = "settle"
         t0 = time.perf_counter()
-        while not (match := await self.kernel_matches())["equal"]:
+        while self.programs and not (match := await self.kernel_matches())["equal"]:
             if time.perf_counter() - t0 > self.sizes.timeout:
                 break
             await asyncio.sleep(0.5)
@@ -418,8 +449,10 @@ class Soak:
             if all(back.values()) or time.perf_counter() > deadline:
                 break
             await asyncio.sleep(min(1.0, self.sizes.sample_interval))
+        kernel = (None if not self.programs
+                  else await self.kernel_matches() if match["equal"] else match)
         return {"kernel_matched_after_s": matched, "end": end, "returned": back,
-                "kernel": await self.kernel_matches() if match["equal"] else match}
+                "kernel": kernel}
 
 
 def kernel_sets() -> dict[str, set[tuple[str, ...]]]:
@@ -536,7 +569,7 @@ async def run(args: argparse.Namespace, world: World) -> dict[str, Any]:
                   warmup_events=args.warmup_events if args.warmup_events >= 0
                   else args.events // 10,
                   settle=args.settle, timeout=args.timeout, seed=args.seed,
-                  max_seconds=args.max_seconds)
+                  max_seconds=args.max_seconds, subject=args.subject)
     results: dict[str, Any] = {"machine": machine(), "parameters": vars(args).copy(),
                                "sizes": vars(sizes).copy(),
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -648,6 +681,10 @@ def table(results: dict[str, Any]) -> str:
                      f"etcd down->healthy {_fmt(x['stopped_to_healthy_s'], ' s')}",
                      f"{_fmt(x['relists'])} relists"))
     kinds = ("route", "neighbour", "fdb")
+    if k is None:
+        subject = results["sizes"]["subject"]
+        rows.append(("kernel vs final etcd set", "-", f"not checked: --subject {subject}", "-"))
+        return render_table(("figure", "value", "beside", ""), rows, results["machine"])
     rows.append((f"kernel vs final etcd set ({k['peers']} peers): {'/'.join(kinds)}",
                  "/".join(str(k["objects"][x]) for x in kinds),
                  "missing " + "/".join(str(k["missing"][x]) for x in kinds)
@@ -687,6 +724,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "were made (0: no limit); the figures say how many were")
     p.add_argument("--seed", type=int, default=d.seed, help="the churn's random seed")
     p.add_argument("--json", type=Path, default=Path("soak-results.json"), help="output file")
+    p.add_argument("--subject", choices=SUBJECTS, default=d.subject,
+                   help="what the churn is measured on: the agent (vxlan), the agent without "
+                        "traffic rules (no-rules), with the alloc backend (no data plane), or "
+                        "a bare watch of the prefix (bench/soakwatch.py)")
     p.add_argument("--agent-log", type=Path, help="keep a copy of the agent's log here")
     args = p.parse_args(argv)
     if not args.peers + 100 <= args.pool <= MAX_POOL:
@@ -702,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table(results))
     print(f"\nJSON: {args.json}")
-    return 0 if results["kernel"]["equal"] else 1
+    return 0 if results["kernel"] is None or results["kernel"]["equal"] else 1
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(args: list[str], out: Path) -> None:
+def _run(args: list[str], out: Path, **extra: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bench" / "memprobe"), MEMPROBE_DIR=str(out),
-               MEMPROBE_EVERY="0.02")
+               MEMPROBE_EVERY="0.02", **extra)
     subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, timeout=60)
 
 
@@ -30,6 +30,31 @@ def test_an_agent_writes_its_samples(tmp_path: Path) -> None:
     assert "<malloc version=" in first.with_suffix(".minfo").read_text()
     assert re.search(r"^\s*\d+ \S+ [0-9a-f]+-[0-9a-f]+$", first.with_suffix(".smaps").read_text(),
                      re.M)
+    assert re.search(r"^mallinfo2 uordblks \d+ hblkhd \d+ fordblks \d+ arena \d+$",
+                     texts[0].read_text(), re.M)
+
+
+def test_object_types_on_request(tmp_path: Path) -> None:
+    _run(["-m", "leaseagent.agent", "--etcd-endpoints", ""], tmp_path, MEMPROBE_TYPES="1")
+    last = sorted(tmp_path.glob("*.types"))[-1].read_text().splitlines()
+    assert any(line.split()[1:] == ["dict"] and int(line.split()[0]) > 0 for line in last), last
+
+
+def test_holders_counted_by_kind_and_container(tmp_path: Path) -> None:
+    # Five objects in one list that a dict holds, one more in a set: the holders say so.
+    code = ("import sys, sitecustomize\n"
+            "class Thing: pass\n"
+            "things = {'five': [Thing() for _ in range(5)], 'one': {Thing()}}\n"
+            "sitecustomize._owners(sys.argv[1], 'Thing')\n")
+    path = tmp_path / "owners"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bench" / "memprobe"))
+    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = path.read_text().splitlines()
+    assert lines[0] == "6 of Thing, 0 unheld"
+    assert "     5 held by ('list',)" in lines and "     1 held by ('set',)" in lines
+    assert "     5 in a container of 5 held by [\"dict['five', 'one']\"]" in lines
 
 
 def test_another_interpreter_writes_none(tmp_path: Path) -> None:

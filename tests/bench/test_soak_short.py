@@ -65,3 +65,21 @@ def test_short_soak_returns_to_baseline(tmp_path: Path) -> None:
     assert kernel["equal"], kernel
     assert kernel["objects"] == dict.fromkeys(("route", "neighbour", "fdb"), kernel["peers"])
     assert all(s["tasks"] is not None for s in results["samples"])
+
+
+def test_a_bare_watch_as_the_subject(tmp_path: Path) -> None:
+    """`--subject watch` (bench/soakwatch.py: the store's watch and nothing else) takes
+    the same churn: the watch receives every event, and nothing is said of a kernel."""
+    out = tmp_path / "soak.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--subject", "watch", "--peers", "300",
+         "--events", "600", "--rate", "200", "--etcd-restarts", "0", "--resync", "2",
+         "--sample-interval", "0.5", "--settle", "10", "--timeout", "30", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "not checked: --subject watch" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["churn"]["events"] == 600 and results["kernel"] is None
+    assert results["end"]["watch_events"] - results["baseline"]["watch_events"] == 600
+    assert results["returned"] == {"fds": True, "tasks": True}

@@ -123,6 +123,25 @@ def test_book_promotes_the_next_key_when_the_holder_goes_without_a_listing() -> 
     assert book.holder(IPv4Network("10.5.3.0/24")) == P + "10.5.3.0-024"
 
 
+def test_book_keeps_one_subnet_object_for_a_changed_lease() -> None:
+    """A change of a lease's value leaves its subnet as one object: the one the book's
+    dicts are keyed by is the changed Peer's (a second, equal copy a changed peer, kept
+    until it left, was part of the soak's RSS climb)."""
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
+    book.put(KV(P + "10.5.3.0-24", value("10.250.0.3"), 2, 2))
+    (first,) = book.peers
+    changes = book.put(KV(P + "10.5.3.0-24", value("10.250.0.4"), 2, 3))
+    (peer,) = changes.changed
+    assert peer.public_ip == IPv4Address("10.250.0.4")
+    assert peer.subnet is first and book.peers[first].subnet is first
+    assert next(iter(book.peers)) is first
+    assert book.holder(first) == P + "10.5.3.0-24"
+    # A key that was not a valid peer is parsed as before.
+    book.put(KV(P + "10.5.4.0-24", b"{", 4, 4))
+    changes = book.put(KV(P + "10.5.4.0-24", value("10.250.0.5"), 4, 5))
+    assert [p.subnet for p in changes.added] == [IPv4Network("10.5.4.0/24")]
+
+
 def test_book_reports_a_rejected_key_once_per_version() -> None:
     book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
     book.reset([KV(P + "10.5.3.0-24", b"{", 2, 2)])
@@ -215,6 +234,7 @@ def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
     book = LeaseBook(layout=LAYOUT, network=net, identity=identity)
     table: dict[IPv4Network, Peer] = {}
     apply_changes(table, book.reset(list(etcd.kvs.values())))
+    reported = {v.key: (v.reason, v.mod_revision) for v in book.rejected}
     for op, name, raw in then:
         key = P + name
         if key == identity.own_key:
@@ -223,7 +243,11 @@ def test_incremental_events_end_in_the_same_result_as_judging_the_final_listing(
             apply_changes(table, book.put(etcd.put(key, raw)))
         elif etcd.delete(key):
             apply_changes(table, book.delete(key))
+        reported.update({v.key: (v.reason, v.mod_revision) for v in book.rejected})
     final = judge(etcd.kvs.values(), layout=LAYOUT, network=net, identity=identity)
+    for verdict in final.verdicts.values():  # each valid duplicate was reported as one
+        if verdict.status == DUPLICATE and verdict.peer is not None:
+            assert reported.get(verdict.key) == ("duplicate_subnet", verdict.mod_revision)
     assert dict(book.peers) == final.peers
     own6 = LAYOUT.parse_lease_key(identity.own_key).ipv6 if identity.own_key else None
     for peer in final.peers.values():

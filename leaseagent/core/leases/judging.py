@@ -379,10 +379,10 @@ class LeaseBook:
         self.identity = identity
         self._entries: dict[str, _Entry] = {}
         self._peers: dict[IPv4Network, Peer] = {}
-        self._holders: dict[IPv4Network, str] = {}
-        # The valid keys per subnet, holder included: nearly always one, so a tuple (a
-        # set per subnet took ~200 bytes more a peer).
-        self._valid: dict[IPv4Network, tuple[str, ...]] = {}
+        # The valid keys per subnet, the holder first: nearly always one, so that key
+        # itself, and a tuple only when several name the subnet (a set per subnet took
+        # ~200 bytes more a peer, a 1-tuple ~60, a map of holders beside it ~50).
+        self._valid: dict[IPv4Network, str | tuple[str, ...]] = {}
         self._rejected_at: dict[str, int] = {}  # key -> the mod revision reported
         self.rejected: list[Verdict] = []
         self.counts: dict[str, int] = {}  # peers per backend type
@@ -392,7 +392,8 @@ class LeaseBook:
         return self._peers
 
     def holder(self, subnet: IPv4Network) -> str | None:
-        return self._holders.get(subnet)
+        keys = self._valid.get(subnet)
+        return keys if keys is None or isinstance(keys, str) else keys[0]
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -419,21 +420,18 @@ class LeaseBook:
         seen: dict[str, int] = {}
         self._entries, self._valid = {}, {}
         peers: dict[IPv4Network, Peer] = {}
-        holders: dict[IPv4Network, str] = {}
         # judge's rule, a verdict at a time (what `judge` would return is not kept: with
         # thousands of keys, their verdicts and decoded values were the start-up's peak).
         for kv, verdict in _elected(items, layout=self.layout, network=self.network,
                                     identity=self.identity, parsed=parsed):
-            if verdict.status == PEER and verdict.subnet is not None:
-                holders[verdict.subnet] = kv.key
-                if verdict.peer is not None:
-                    peers[verdict.subnet] = verdict.peer
+            if verdict.status == PEER and verdict.subnet is not None and verdict.peer is not None:
+                peers[verdict.subnet] = verdict.peer
             valid = verdict.status in (PEER, DUPLICATE) and verdict.peer is not None
             self._entries[kv.key] = _Entry(verdict.subnet, kv.create_revision, kv.mod_revision,
                                            verdict.peer if valid else None)
-            if valid:
+            if valid:  # oldest first: the holder (a PEER) before its duplicates
                 assert verdict.subnet is not None
-                self._valid[verdict.subnet] = (*self._valid.get(verdict.subnet, ()), kv.key)
+                self._add_valid(verdict.subnet, kv.key)
             if verdict.status in (INVALID, DUPLICATE):
                 seen[kv.key] = kv.mod_revision
                 if self._rejected_at.get(kv.key) != kv.mod_revision:
@@ -450,7 +448,6 @@ class LeaseBook:
             elif old_peer != new:
                 changes.changed.append(new)
         self._peers = peers
-        self._holders = holders
         self.counts = {}
         for peer in self._peers.values():
             self._count(peer, 1)
@@ -461,8 +458,18 @@ class LeaseBook:
     def put(self, kv: RawLease) -> PeerChanges:
         """A key was written (created or changed)."""
         self.rejected = []
-        verdict = classify(kv, layout=self.layout, network=self.network, identity=self.identity)
+        before = self._entries.get(kv.key)
+        # A key names the same subnets at every write: a changed lease's Peer gets the
+        # subnet the book's dicts are already keyed by, not an equal copy parsed again
+        # (a dict keeps its first key: each changed peer held two, ~270 bytes more,
+        # until it left; docs/benchmarks.md, "Soak (no leak)").
+        named = (SubnetKey(before.subnet, before.peer.ipv6_subnet)
+                 if before is not None and before.subnet is not None and before.peer is not None
+                 else None)
+        verdict = classify(kv, layout=self.layout, network=self.network, identity=self.identity,
+                           named=named)
         valid = verdict.status == PEER and verdict.peer is not None
+        previous = None if verdict.subnet is None else self.holder(verdict.subnet)
         self._forget(kv.key)
         self._entries[kv.key] = _Entry(verdict.subnet, kv.create_revision, kv.mod_revision,
                                        verdict.peer if valid else None)
@@ -470,13 +477,13 @@ class LeaseBook:
             self._note_rejected(verdict)
             return PeerChanges()
         if verdict.status == RESERVED:
-            holder = self._holders.get(verdict.subnet)
+            holder = self.holder(verdict.subnet)
             if holder is not None:
                 self._note_rejected(_reserved_over(verdict, holder))
         if valid:  # not among them: forgotten above
-            self._valid[verdict.subnet] = (*self._valid.get(verdict.subnet, ()), kv.key)
-        changes = self._elect(verdict.subnet)
-        holder = self._holders.get(verdict.subnet)
+            self._add_valid(verdict.subnet, kv.key)
+        changes = self._elect(verdict.subnet, previous)
+        holder = self.holder(verdict.subnet)
         if valid and holder != kv.key:
             assert holder is not None
             self._note_rejected(_duplicate_of(verdict, holder))
@@ -496,7 +503,7 @@ class LeaseBook:
         if entry is None or entry.subnet is None:
             return PeerChanges()
         self._invalidate(key, entry.subnet)
-        return self._elect(entry.subnet)
+        return self._elect(entry.subnet, None)  # no holder is displaced by a deletion
 
     # -- mechanics ----------------------------------------------------------------
 
@@ -511,42 +518,55 @@ class LeaseBook:
             return
         self._invalidate(key, entry.subnet)
 
+    def _add_valid(self, subnet: IPv4Network, key: str) -> None:
+        """`key` among `subnet`'s valid keys, after those there."""
+        keys = self._valid.get(subnet)
+        if keys is None:  # the usual case: one key a subnet
+            self._valid[subnet] = key
+        else:
+            self._valid[subnet] = (keys, key) if isinstance(keys, str) else (*keys, key)
+
     def _invalidate(self, key: str, subnet: IPv4Network) -> None:
         """`key` no longer among `subnet`'s valid keys."""
         keys = self._valid.get(subnet)
         if keys is None:
             return
-        if len(keys) == 1:  # the usual case: one key a subnet
-            if keys[0] == key:
+        if isinstance(keys, str):
+            if keys == key:
                 del self._valid[subnet]
         elif key in keys:
-            self._valid[subnet] = tuple(k for k in keys if k != key)
+            rest = tuple(k for k in keys if k != key)
+            self._valid[subnet] = rest[0] if len(rest) == 1 else rest
 
-    def _elect(self, subnet: IPv4Network) -> PeerChanges:
-        """Make the oldest valid key naming `subnet` its holder; the change to the peer."""
+    def _elect(self, subnet: IPv4Network, previous: str | None) -> PeerChanges:
+        """Make the oldest valid key naming `subnet` its holder (first among its valid
+        keys); the change to the peer. `previous`: the holder before this change."""
         before = self._peers.get(subnet)
-        previous = self._holders.get(subnet)
         keys = self._valid.get(subnet)
-        if not keys:
-            self._holders.pop(subnet, None)
+        if keys is None:
             if before is None:
                 return PeerChanges()
             del self._peers[subnet]
             self._count(before, -1)
             return PeerChanges(removed=[before])
-        winner = min(keys, key=lambda k: (self._entries[k].create_revision, k))
-        if previous is not None and previous != winner and previous in keys:
-            # An older key became valid: the previous holder is a duplicate now.
-            entry = self._entries[previous]
-            assert entry.peer is not None
-            self._note_rejected(Verdict(
-                key=previous, status=DUPLICATE, subnet=subnet, create_revision=entry.create_revision,
-                mod_revision=entry.mod_revision, lease=0, peer=entry.peer,
-                reason="duplicate_subnet", detail=f"duplicate: {subnet} is held under key {winner}",
-                ipv6_subnet=entry.peer.ipv6_subnet))
+        if isinstance(keys, str):
+            winner = keys
+        else:
+            winner = min(keys, key=lambda k: (self._entries[k].create_revision, k))
+            if keys[0] != winner:
+                self._valid[subnet] = (winner, *(k for k in keys if k != winner))
+            if previous is not None and previous != winner and previous in keys:
+                # An older key became valid: the previous holder is a duplicate now.
+                entry = self._entries[previous]
+                assert entry.peer is not None
+                self._note_rejected(Verdict(
+                    key=previous, status=DUPLICATE, subnet=subnet,
+                    create_revision=entry.create_revision, mod_revision=entry.mod_revision,
+                    lease=0, peer=entry.peer, reason="duplicate_subnet",
+                    detail=f"duplicate: {subnet} is held under key {winner}",
+                    ipv6_subnet=entry.peer.ipv6_subnet))
         after = self._entries[winner].peer
         assert after is not None
-        self._holders[subnet] = winner
         self._peers[subnet] = after
         if before is None:
             self._count(after, 1)
