@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -366,6 +366,9 @@ class _MMsgHdr(ctypes.Structure):
 # creation (the join's span starts there, and the agent's CPU is read then), or after
 # PROBE_BACKLOG messages.
 PROBE_QUIET_SECONDS = 0.005
+# The reader thread's SCHED_FIFO priority (the kernel's RT throttling keeps 5 % of each
+# second for everything else; the thread sleeps in recvmmsg between batches).
+PROBE_PRIORITY = 10
 PROBE_BACKLOG = 100_000
 _NEWLINK = rtnl.RTM_NEWLINK.to_bytes(2, sys.byteorder)  # nlmsghdr's type, at bytes 4-5
 
@@ -435,11 +438,20 @@ class KernelProbe:
     (docs/benchmarks.md, "Round 7"). Decoding a join's thousands of messages in
     Python (~10 us each) falls behind the kernel, and a stamp taken when a message
     was decoded counted that backlog as the agent's: 16-23 ms at 500 peers, ~0.2 s of
-    a mass removal at 5,000 (netlink has no timestamps of its own).
+    a mass removal at 5,000 (netlink has no timestamps of its own). The reader runs
+    real-time (SCHED_FIFO, where allowed): at the ordinary priority it waited for a
+    core behind the agent's own work after its last acknowledgement, and stamped a
+    5,000-peer removal 34-57 ms late under load ~3 (up to ~1 s under load 30), while
+    iproute2's processes, done, left the cores free (docs/benchmarks.md, "Round 8").
+    `netns`: a probe of another namespace (iproute2's reference, timed the same way:
+    scenarios.run_reference).
     """
 
-    def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, rtnl.NETLINK_ROUTE)
+    def __init__(self, netns: str | None = None) -> None:
+        # In `netns` (None: this process's namespace): iproute2's reference namespace is
+        # watched as the agent's is, so both are timed to the same kind of stamp.
+        self._sock = rtnl.new_socket(netns)
+        self._sock.setblocking(True)
         self._sock.setsockopt(socket.SOL_SOCKET, rtnl.SO_RCVBUFFORCE, 256 * 1024 * 1024)
         self._sock.bind((0, rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_ROUTE
                          | rtnl.RTMGRP_IPV6_ROUTE))
@@ -487,6 +499,12 @@ class KernelProbe:
     def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         """The reader thread: every datagram queued, each batch with the time it was
         received (`_Batches`: one recvmmsg, one GIL acquisition, per batch)."""
+        try:
+            # Real-time: it wakes as a batch comes, ahead of whatever keeps the cores
+            # busy (the agent's own work after its last acknowledgement, other load).
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PROBE_PRIORITY))
+        except OSError:
+            pass  # not allowed here: stamped at the ordinary priority
         batches = _Batches(self._sock)
         untold = 0  # datagrams received since the loop was last told
         while not self._closed:
@@ -509,6 +527,13 @@ class KernelProbe:
                 # The loop clears `_arrived` before it drains, so a batch added while it
                 # drains must wake it again.
                 loop.call_soon_threadsafe(self._arrived.set)
+
+    def holding(self, objects: Iterable[tuple[str, object]]) -> None:
+        """Count `objects` ((kind, identity), as Stack.objects names them) as present: what
+        the namespace held before the probe was made, so that their deletions count."""
+        for kind, ident in objects:
+            self.present[kind].add(ident)
+        self.counts = {k: len(v) for k, v in self.present.items()}
 
     def wait_object(self, kind: str, deleted: bool, ident: object) -> asyncio.Future[float]:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()

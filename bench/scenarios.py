@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -94,10 +94,38 @@ async def delete_peers(store: EtcdStore, first: int, last: int, stack: Stack = I
 # -- 1. join at scale --------------------------------------------------------------
 
 
-def reference_batch(world: World, n: int, *, own: int, stack: Stack = IPV4) -> dict[str, Any]:
+async def run_reference(commands: Sequence[Sequence[str]], ns: str,
+                        done: Callable[[dict[str, int]], bool], *, limit: float,
+                        present: Iterable[tuple[str, object]] = ()
+                        ) -> tuple[float, float, float]:
+    """Run iproute2's `commands` in the reference namespace `ns`, timed as the agent is:
+    from the first command's start until a probe in `ns` (KernelProbe, `present`: what
+    the namespace holds already) stamps the notification that meets `done`. The agent's
+    end is that stamp too: a probe that lags behind a burst (its reader waiting for a
+    core) delays both alike, and the kernel tells a listener in both namespaces. Also
+    the commands' CPU (kernel time included) and their own wall time, until the last
+    one exited. (seconds, CPU seconds, the commands' seconds)"""
+    probe = KernelProbe(netns=ns)
+    probe.holding(present)
+    probe.start()
+    try:
+        met = probe.wait_counts(done)
+        started, cpu = time.perf_counter(), children_cpu_seconds()
+        for argv in commands:
+            sh(*argv)  # the loop waits; the probe's reader stamps meanwhile
+        exited, cpu = time.perf_counter(), children_cpu_seconds() - cpu
+        at = await asyncio.wait_for(met, limit)
+    finally:
+        await probe.stop()
+    return at - started, cpu, exited - started
+
+
+async def reference_batch(world: World, n: int, *, own: int, stack: Stack = IPV4,
+                          limit: float = 60.0) -> dict[str, Any]:
     """iproute2 programming the same objects as the agent (3n, dual-stack 6n) into a
-    fresh reference namespace with the same vxlan device(s); `own` is the number of
-    the subnet the devices get their address from. The objects are counted after."""
+    fresh reference namespace with the same vxlan device(s), timed by `run_reference`;
+    `own` is the number of the subnet the devices get their address from. The objects
+    are counted after."""
     ns = world.reference_ns(stack)
     # Per family: suffix, device, local address, MTU overhead, a peer's subnet,
     # VtepMAC, PublicIP and the route's metric (an IPv6 route's is 1024 always).
@@ -134,16 +162,13 @@ def reference_batch(world: World, n: int, *, own: int, stack: Stack = IPV4) -> d
         path.write_text("".join(lines))
         program = ["bridge"] if name == "fdb" else ["ip", "-6"] if name.endswith("6") else ["ip"]
         commands.append([program[0], "-n", ns, *program[1:], "-batch", str(path)])
-    started, cpu = time.perf_counter(), children_cpu_seconds()
-    for argv in commands:
-        sh(*argv)
-    elapsed = time.perf_counter() - started
-    cpu = children_cpu_seconds() - cpu
+    elapsed, cpu, exited = await run_reference(commands, ns, stack.at_least(n), limit=limit)
     counted = kernel_objects(stack, ns)
     if any(counted[k] != n for k in stack.kinds):
         raise RuntimeError(f"reference: {counted} after ip -batch, expected {n} of each")
     objects = stack.per_peer * n
     return {"objects": sum(counted.values()), "kernel_objects": counted, "seconds": elapsed,
+            "commands_s": exited,
             "cpu_s": cpu, "rate": objects / elapsed, "commands": len(commands), "namespace": ns}
 
 
@@ -199,7 +224,7 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
                resync: float = 30.0, extra_args: Sequence[str] = ()
                ) -> tuple[dict[str, Any], Proc, int, dict[str, float]]:
     """Start the agent of `stack` into n peers; time objects in place and READY."""
-    reference = reference_batch(world, n, own=n + 1, stack=stack)
+    reference = await reference_batch(world, n, own=n + 1, stack=stack, limit=limit)
     ready = ReadyListener(world.dir / f"{stack.agent_name}-notify.sock")
     metrics_port = free_port()
     agent = world.agent(extra_env={"NOTIFY_SOCKET": str(ready.path)}, metrics_port=metrics_port,
@@ -426,10 +451,30 @@ async def _last_deletion(store: EtcdStore, keys: set[str], prefix: str, revision
     raise RuntimeError("the watch ended")
 
 
-def reference_delete(stack: Stack, ns: str, first: int, last: int) -> dict[str, Any]:
+async def reference_delete(stack: Stack, ns: str, first: int, last: int, *,
+                           limit: float = 60.0) -> dict[str, Any]:
     """iproute2 removing peers first..last's objects from the reference namespace `ns`
     (programmed by `reference_batch`), as the agent removes them: routes, then
-    neighbours, then FDB entries, each kind one batch."""
+    neighbours, then FDB entries, each kind one batch; timed by `run_reference`."""
+    commands = _delete_batches(stack, ns, first, last)
+    try:
+        elapsed, cpu, exited = await run_reference(
+            [argv for argv, _ in commands], ns, stack.at_most(0), limit=limit,
+            present=[o for i in range(first, last + 1) for o in stack.objects(i)])
+    finally:
+        for _, path in commands:
+            path.unlink()
+    left = kernel_objects(stack, ns)
+    if any(left[k] != first - 1 for k in stack.kinds):
+        raise RuntimeError(f"reference: {left} left after ip -batch del, expected {first - 1}")
+    objects = stack.per_peer * (last - first + 1)
+    return {"objects": objects, "seconds": elapsed, "commands_s": exited, "cpu_s": cpu,
+            "rate": objects / elapsed}
+
+
+def _delete_batches(stack: Stack, ns: str, first: int, last: int
+                    ) -> list[tuple[list[str], Path]]:
+    """`reference_delete`'s commands, each with its batch file (written here)."""
     families: list[tuple[str, str, Callable[[int], IPv4Network | IPv6Network],
                          Callable[[int], str], Callable[[int], IPv4Address | IPv6Address]]] = [
         ("", "flannel.1", peer_subnet, peer_mac, peer_ip)]
@@ -444,7 +489,7 @@ def reference_delete(stack: Stack, ns: str, first: int, last: int) -> dict[str, 
             lines["route" + six].append(f"route del {sub} proto {ROUTE_PROTOCOL}\n")
             lines["neigh" + six].append(f"neigh del {sub.network_address} dev {dev}\n")
             lines["fdb"].append(f"fdb del {mac_of(i)} dev {dev} dst {ip_of(i)} self\n")
-    commands = []
+    commands: list[tuple[list[str], Path]] = []
     for name, batch in lines.items():
         if batch:
             path = Path(tempfile.mkstemp(prefix=f"ref-del-{name}-", suffix=".batch")[1])
@@ -452,18 +497,7 @@ def reference_delete(stack: Stack, ns: str, first: int, last: int) -> dict[str, 
             program = ["bridge"] if name == "fdb" else ["ip", "-6"] if name.endswith("6") \
                 else ["ip"]
             commands.append(([program[0], "-n", ns, *program[1:], "-batch", str(path)], path))
-    started, cpu = time.perf_counter(), children_cpu_seconds()
-    for argv, _ in commands:
-        sh(*argv)
-    elapsed = time.perf_counter() - started
-    cpu = children_cpu_seconds() - cpu
-    for _, path in commands:
-        path.unlink()
-    left = kernel_objects(stack, ns)
-    if any(left[k] != first - 1 for k in stack.kinds):
-        raise RuntimeError(f"reference: {left} left after ip -batch del, expected {first - 1}")
-    objects = stack.per_peer * (last - first + 1)
-    return {"objects": objects, "seconds": elapsed, "cpu_s": cpu, "rate": objects / elapsed}
+    return commands
 
 
 async def shrink(store: EtcdStore, probe: KernelProbe, *, to: int, n: int, limit: float,
@@ -494,7 +528,7 @@ async def shrink(store: EtcdStore, probe: KernelProbe, *, to: int, n: int, limit
         "after_last_deletion_s": done - last_event,
     }
     if reference_ns is not None:
-        ref = reference_delete(stack, reference_ns, to + 1, n)
+        ref = await reference_delete(stack, reference_ns, to + 1, n, limit=limit)
         out["reference"] = ref
         # The agent's pace from the first deletion it could see, as a share of iproute2's.
         out["rate_ratio"] = ref["seconds"] / (done - started)
@@ -756,7 +790,7 @@ async def removal(store: EtcdStore, probe: KernelProbe, lease: int, *, n: int, l
     finally:
         seen.cancel()
         await asyncio.gather(seen, return_exceptions=True)
-    ref = reference_delete(stack, reference_ns, 1, n)
+    ref = await reference_delete(stack, reference_ns, 1, n, limit=limit)
     agent = done - started
     return {
         "removed_peers": n, "objects": stack.per_peer * n,

@@ -1,4 +1,5 @@
-"""Giving freed memory back to the system (docs/benchmarks.md, "Memory at 5,000 peers").
+"""Giving freed memory back to the system (docs/benchmarks.md, "Memory at 5,000 peers"),
+and no cyclic collection while a burst's objects live (`collector_paused`).
 
 Python hands its freed objects of more than 512 bytes back to the C allocator,
 glibc's malloc, which keeps the pages of its heap unless asked: the dicts, lists
@@ -13,7 +14,9 @@ malloc_trim) it does nothing.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 _trim: Callable[[int], int] | None = None
 _looked_up = False
@@ -30,3 +33,21 @@ def trim() -> None:
             _trim = None
     if _trim is not None:
         _trim(0)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic collection inside: a burst (a mass expiry's thousands of deletions judged,
+    planned and sent) makes tens of thousands of objects that live until it ends, and
+    each young collection traversed them (10 collections, 14-24 ms of ~110-150 for
+    5,000 peers in memory; docs/benchmarks.md, "Round 8"). Reference counting still
+    frees everything that is no cycle; the collector runs again after (nested: the
+    outermost pause ends it)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
+from leaseagent import memory
 from leaseagent.agent.viewcheck import ViewCheck
 from leaseagent.core.holddown import HoldDown
 from leaseagent.core.leases import (
@@ -349,7 +350,8 @@ class LeaseWatcher:
                         log.info("listing leases again (%s)", item.reason.replace("_", " "))
                     self._apply_listing(item)
                 else:
-                    self._apply_events(item.events)
+                    with memory.collector_paused():  # a mass expiry: thousands judged
+                        self._apply_events(item.events)
             del item  # a listing is not kept while the stream waits
 
     async def _expire_held(self) -> None:

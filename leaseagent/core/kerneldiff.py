@@ -67,8 +67,9 @@ _USE_BITS = (1 << 60) - 1
 
 
 def use_key(obj: KernelObject) -> int:
-    """`obj`'s key in the counts of wanting peers (AppliedPlan.uses, FullPass.uses)."""
-    return hash(obj) & _USE_BITS
+    """`obj`'s key in the counts of wanting peers (AppliedPlan.uses, FullPass.uses): its
+    hash, as the object keeps it (`hash(obj)` would call its Python `__hash__`)."""
+    return obj._hash & _USE_BITS
 
 
 class AppliedPlan:
@@ -138,7 +139,8 @@ class AppliedPlan:
                 else:
                     uses.pop(key, None)
                 planned.append((key, obj))
-        return gone, list({obj: None for key, obj in planned if key not in uses})
+        # Each once, by its key (an int, hashed in C; the objects' hash is Python code).
+        return gone, list({key: obj for key, obj in planned if key not in uses}.values())
 
     def add(self, peer: Peer, plan: Callable[[Peer], frozenset[KernelObject]]
             ) -> frozenset[KernelObject]:

@@ -27,7 +27,8 @@ one more device. Nothing below depends on the family:
   plan is kept small (`core.kerneldiff.AppliedPlan`: per peer subnet the
   peer it was planned from, the watcher's own object, and per object a count
   of the peers that want it). It converges to what `sync` would produce;
-  `run` heals any divergence.
+  `run` heals any divergence. The cyclic collector waits meanwhile (a mass
+  expiry's thousands of objects; leaseagent.memory.collector_paused).
 - `run(get_peers)`: two tasks. A netlink event watcher and a resync loop.
   The watcher looks at every broadcast: one of our routes or FDB entries
   deleted by someone else is queued for a *targeted* repair (exactly that
@@ -376,18 +377,23 @@ class ReconcilingBackend:
             await _done(ready)
             return
         async with self._lock:
-            try:
-                nl = await self._netlink()
-                await self._read_host_routes(nl)
-                to_change = self._plan_update(changes, peers)
-            finally:
-                await _done(ready)
-            affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
-            failures = await self._apply(nl, to_change, repair=False, peers={
-                k: self._applied.peers[k] for k in affected if k in self._applied.peers},
-                decided=affected)
-            if failures:
-                self.status.in_sync = False
+            with memory.collector_paused():
+                await self._update(changes, peers, ready)
+
+    async def _update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer],
+                      ready: Awaitable[object] | None) -> None:
+        try:
+            nl = await self._netlink()
+            await self._read_host_routes(nl)
+            to_change = self._plan_update(changes, peers)
+        finally:
+            await _done(ready)
+        affected = {p.subnet for p in chain(changes.added, changes.changed, changes.removed)}
+        failures = await self._apply(nl, to_change, repair=False, peers={
+            k: self._applied.peers[k] for k in affected if k in self._applied.peers},
+            decided=affected)
+        if failures:
+            self.status.in_sync = False
 
     def _plan_update(self, changes: PeerChanges, peers: Mapping[IPv4Network, Peer]) -> PlanDiff:
         """What `update` changes in the kernel; `_applied` says the plan with the

@@ -652,7 +652,9 @@ def _netns_path(netns: str) -> str:
     return netns if netns.startswith("/") else f"/run/netns/{netns}"
 
 
-def _new_socket(netns: str | None, protocol: int = NETLINK_ROUTE) -> socket.socket:
+def new_socket(netns: str | None, protocol: int = NETLINK_ROUTE) -> socket.socket:
+    """A raw, non-blocking netlink socket of `protocol` in `netns` (made by a thread that
+    enters the namespace and ends), or in this thread's namespace (None)."""
     def make() -> socket.socket:
         return socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
@@ -712,7 +714,7 @@ class RtnlSocket:
     @classmethod
     def open(cls, netns: str | None = None, *, groups: int = 0,
              rcvbuf: int = 4 * 1024 * 1024, protocol: int = NETLINK_ROUTE) -> RtnlSocket:
-        sock = _new_socket(netns, protocol)
+        sock = new_socket(netns, protocol)
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)

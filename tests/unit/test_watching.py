@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -338,7 +339,8 @@ async def test_a_batch_of_deletions_is_gathered_in_order_with_the_changes_around
 
 async def test_leases_expiring_together_are_one_pass_of_their_removals() -> None:
     """A response of deletions only (an etcd lease revoked: its keys in one revision):
-    one pass removes each of their peers once, and the other peers stay."""
+    one pass removes each of their peers once, and the other peers stay; they are judged
+    with the cyclic collector paused."""
     store = MemoryStore()
     lease_id, _ = await store.grant(60)
     for n in (3, 4, 5):
@@ -350,6 +352,14 @@ async def test_leases_expiring_together_are_one_pass_of_their_removals() -> None
         passes.append(changes)
 
     watcher = watcher_of(store, on_peers)
+    collecting: list[bool] = []  # whether the cyclic collector ran as each was judged
+    delete = watcher.book.delete
+
+    def spying(key: str) -> PeerChanges:
+        collecting.append(gc.isenabled())
+        return delete(key)
+
+    watcher.book.delete = spying  # type: ignore[method-assign]
     task = asyncio.create_task(watcher.run())
     try:
         await until(watcher.synced.is_set)
@@ -363,6 +373,10 @@ async def test_leases_expiring_together_are_one_pass_of_their_removals() -> None
             "10.5.3.0/24", "10.5.4.0/24", "10.5.5.0/24"]
         assert not gone.added and not gone.changed
         assert sorted(str(s) for s in watcher.peers) == ["10.5.6.0/24"]
+        # Judged with the collector paused (leaseagent.memory.collector_paused), and it
+        # runs again after.
+        assert collecting == [False] * 3
+        assert gc.isenabled()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
