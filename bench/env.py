@@ -367,8 +367,12 @@ class _MMsgHdr(ctypes.Structure):
 # PROBE_BACKLOG messages.
 PROBE_QUIET_SECONDS = 0.005
 # The reader thread's SCHED_FIFO priority (the kernel's RT throttling keeps 5 % of each
-# second for everything else; the thread sleeps in recvmmsg between batches).
+# second for everything else; the thread sleeps between batches), and how long it lets
+# a burst gather after each batch: real-time, it would wake for every message, and take
+# the core from a sender of one message a syscall (iproute2) at each, which its own
+# time then counted (0.32-0.52 s for 500 peers' removal against 36 ms unwatched).
 PROBE_PRIORITY = 10
+PROBE_GATHER_SECONDS = 0.001
 PROBE_BACKLOG = 100_000
 _NEWLINK = rtnl.RTM_NEWLINK.to_bytes(2, sys.byteorder)  # nlmsghdr's type, at bytes 4-5
 
@@ -442,7 +446,9 @@ class KernelProbe:
     real-time (SCHED_FIFO, where allowed): at the ordinary priority it waited for a
     core behind the agent's own work after its last acknowledgement, and stamped a
     5,000-peer removal 34-57 ms late under load ~3 (up to ~1 s under load 30), while
-    iproute2's processes, done, left the cores free (docs/benchmarks.md, "Round 8").
+    iproute2's processes, done, left the cores free (docs/benchmarks.md, "Round 8");
+    after each batch it sleeps PROBE_GATHER_SECONDS, so that a burst wakes it about
+    once a millisecond, not at every message.
     `netns`: a probe of another namespace (iproute2's reference, timed the same way:
     scenarios.run_reference).
     """
@@ -527,6 +533,7 @@ class KernelProbe:
                 # The loop clears `_arrived` before it drains, so a batch added while it
                 # drains must wake it again.
                 loop.call_soon_threadsafe(self._arrived.set)
+            time.sleep(PROBE_GATHER_SECONDS)  # the next batch is stamped <= this late
 
     def holding(self, objects: Iterable[tuple[str, object]]) -> None:
         """Count `objects` ((kind, identity), as Stack.objects names them) as present: what

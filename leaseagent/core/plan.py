@@ -60,7 +60,7 @@ route never points at a neighbour that is not there yet.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import (
     IPv4Address,
@@ -108,10 +108,17 @@ Interface = IPv4Interface | IPv6Interface
 # (leaseagent.dataplane.rtnl). Slots: no instance dict (docs/benchmarks.md).
 # Each writes its own `__init__`, every field set once (a dataclass's would set the
 # fields, then call `__post_init__` to set the identity: a plan makes three objects a
-# peer, twice at a join and again at a removal).
+# peer, twice at a join and again at a removal), through its slot's own setter
+# (`_setters`): `object.__setattr__`, which a frozen object needs otherwise, looks each
+# name up (a fifth of making a Route).
 
 Ident = tuple[object, ...]
-_set = object.__setattr__  # a frozen object's fields, set in its own __init__
+_Setter = Callable[[object, object], None]
+
+
+def _setters(cls: type, *names: str) -> tuple[_Setter, ...]:
+    """The setters of `cls`'s slots `names` (which its frozen `__setattr__` refuses)."""
+    return tuple(getattr(cls, name).__set__ for name in names)
 
 
 def route_ident(version: int, dst: int, prefixlen: int, gateway: int, ifindex: int,
@@ -152,14 +159,16 @@ class Route:
         ident = route_ident(dst.version, int(dst.network_address), dst.prefixlen,
                             int(gateway) if gateway is not None else -1,
                             ifindex, onlink, metric, scope)
-        _set(self, "dst", dst)
-        _set(self, "gateway", gateway)
-        _set(self, "ifindex", ifindex)
-        _set(self, "onlink", onlink)
-        _set(self, "metric", ident[7])
-        _set(self, "scope", ident[8])
-        _set(self, "_ident", ident)
-        _set(self, "_hash", hash(ident))
+        set_dst, set_gateway, set_ifindex, set_onlink, set_metric, set_scope, set_ident, \
+            set_hash = _ROUTE_SETTERS
+        set_dst(self, dst)
+        set_gateway(self, gateway)
+        set_ifindex(self, ifindex)
+        set_onlink(self, onlink)
+        set_metric(self, ident[7])
+        set_scope(self, ident[8])
+        set_ident(self, ident)
+        set_hash(self, hash(ident))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Route) and self._ident == other._ident
@@ -186,11 +195,12 @@ class Neighbour:
 
     def __init__(self, ifindex: int, dst: Address, lladdr: str) -> None:
         ident = (1, dst.version, ifindex, int(dst), lladdr)  # neighbour_ident's
-        _set(self, "ifindex", ifindex)
-        _set(self, "dst", dst)
-        _set(self, "lladdr", lladdr)
-        _set(self, "_ident", ident)
-        _set(self, "_hash", hash(ident))
+        set_ifindex, set_dst, set_lladdr, set_ident, set_hash = _NEIGHBOUR_SETTERS
+        set_ifindex(self, ifindex)
+        set_dst(self, dst)
+        set_lladdr(self, lladdr)
+        set_ident(self, ident)
+        set_hash(self, hash(ident))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Neighbour) and self._ident == other._ident
@@ -217,11 +227,12 @@ class Fdb:
 
     def __init__(self, ifindex: int, lladdr: str, dst: Address) -> None:
         ident = (2, dst.version, ifindex, lladdr, int(dst))  # fdb_ident's
-        _set(self, "ifindex", ifindex)
-        _set(self, "lladdr", lladdr)
-        _set(self, "dst", dst)
-        _set(self, "_ident", ident)
-        _set(self, "_hash", hash(ident))
+        set_ifindex, set_lladdr, set_dst, set_ident, set_hash = _FDB_SETTERS
+        set_ifindex(self, ifindex)
+        set_lladdr(self, lladdr)
+        set_dst(self, dst)
+        set_ident(self, ident)
+        set_hash(self, hash(ident))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Fdb) and self._ident == other._ident
@@ -235,6 +246,11 @@ class Fdb:
 
     kind = "fdb"
 
+
+_ROUTE_SETTERS = _setters(Route, "dst", "gateway", "ifindex", "onlink", "metric", "scope",
+                          "_ident", "_hash")
+_NEIGHBOUR_SETTERS = _setters(Neighbour, "ifindex", "dst", "lladdr", "_ident", "_hash")
+_FDB_SETTERS = _setters(Fdb, "ifindex", "lladdr", "dst", "_ident", "_hash")
 
 Endpoint = tuple[IPv4Address | IPv6Address, int]  # a WireGuard peer's IP address and UDP port
 

@@ -251,3 +251,26 @@ def test_a_device_address_is_judged_against_its_own_family_only() -> None:
                         (IPv4Interface("10.1.1.1/32"), other), attrs)
     assert [(d.fix, d.have, d.want) for d in compare_device(spec, state)] == [
         (ADD_ADDRESS, None, want), (REMOVE_ADDRESS, other, None)]
+
+
+def test_kernel_objects_hold_what_they_were_given_and_stay_frozen() -> None:
+    """Each object's `__init__` sets its fields through its slots' own setters (core.plan
+    `_setters`): the fields are what was given (an IPv6 route's metric as the kernel keeps
+    it), the identity and hash follow them, and nothing can be set afterwards."""
+    from dataclasses import FrozenInstanceError
+
+    net, gw = IPv6Network("fd00:5:0:2::/64"), IPv6Address("fd00:5:0:2::")
+    route = Route(net, gw, 7, onlink=True)
+    assert (route.dst, route.gateway, route.ifindex, route.onlink, route.metric,
+            route.scope) == (net, gw, 7, True, 1024, 0)
+    neighbour = Neighbour(7, IPv4Address("10.5.2.0"), "02:00:00:00:00:02")
+    fdb = Fdb(7, "02:00:00:00:00:02", IPv4Address("10.99.0.2"))
+    assert (neighbour.ifindex, neighbour.dst, neighbour.lladdr) == (
+        7, IPv4Address("10.5.2.0"), "02:00:00:00:00:02")
+    assert (fdb.ifindex, fdb.lladdr, fdb.dst) == (7, "02:00:00:00:00:02",
+                                                  IPv4Address("10.99.0.2"))
+    for obj in (route, neighbour, fdb):
+        assert hash(obj) == hash(obj._ident)
+        with pytest.raises(FrozenInstanceError):
+            obj.ifindex = 8  # type: ignore[misc]
+    assert route == Route(net, gw, 7, onlink=True, metric=1024)
