@@ -103,9 +103,28 @@ def _probe(out: str, every: float) -> None:
         with open("/proc/self/smaps_rollup") as f:
             rollup = f.read()
         if os.environ.get("MEMPROBE_COLLECT"):
+            # =save: what the collection finds is kept (gc.DEBUG_SAVEALL) and its objects
+            # counted by type, the largest containers first, then freed.
+            save = os.environ["MEMPROBE_COLLECT"] == "save"
+            if save:
+                gc.set_debug(gc.DEBUG_SAVEALL)
             collected = gc.collect()
             with open(base + ".collected", "w") as f:
                 f.write(f"{collected}\n")
+                if save:
+                    import collections
+
+                    found = collections.Counter(type(o).__qualname__ for o in gc.garbage)
+                    f.writelines(f"{n:8d} {name}\n" for name, n in found.most_common(25))
+                    sized = sorted(((len(o), type(o).__qualname__) for o in gc.garbage
+                                    if isinstance(o, dict | list | set | tuple)), reverse=True)
+                    f.write(f"largest: {sized[:10]}\n")
+                    frames = collections.Counter(
+                        f"{o.f_code.co_filename}:{o.f_code.co_name}" for o in gc.garbage
+                        if type(o).__name__ == "frame")
+                    f.writelines(f"{n:8d} frame {name}\n" for name, n in frames.most_common(15))
+                    gc.garbage.clear()
+                    gc.set_debug(0)
         if os.environ.get("MEMPROBE_TYPES"):
             import collections
 

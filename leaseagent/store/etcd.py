@@ -75,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
@@ -258,8 +259,11 @@ def _as_bytes(data: str | bytes) -> bytes:
 
 
 def _key(pb: Any) -> str:
-    """A KeyValue message's key, as `_as_bytes` reads it back."""
-    return str(pb.key.decode("utf-8", "surrogateescape"))
+    """A KeyValue message's key, as `_as_bytes` reads it back; one string object for
+    every read of the same key while any is alive (interned: a changed lease's key
+    from the watch is the object the lease book's dicts already hold, not a copy kept
+    beside it until the lease leaves; docs/benchmarks.md, "Soak (no leak)")."""
+    return sys.intern(str(pb.key.decode("utf-8", "surrogateescape")))
 
 
 def _kv(pb: Any) -> KeyValue:

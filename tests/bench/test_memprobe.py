@@ -76,3 +76,11 @@ def test_code_pages_leave_the_rss_and_come_back_on_use(tmp_path: Path) -> None:
     rss = re.search(r"RssFile (\d+) -> (\d+) kB", written.read_text())
     assert dropped and int(dropped[1]) > 0
     assert rss and int(rss[2]) < int(rss[1]) - 1024  # at least 1 MiB of code pages left
+
+
+def test_a_full_collection_and_what_it_found_on_request(tmp_path: Path) -> None:
+    _run(["-m", "leaseagent.agent", "--etcd-endpoints", ""], tmp_path, MEMPROBE_COLLECT="save")
+    found = sorted(tmp_path.glob("*.collected"))
+    assert found, "no collection written"
+    lines = found[0].read_text().splitlines()
+    assert int(lines[0]) >= 0 and any(line.startswith("largest: [") for line in lines), lines
