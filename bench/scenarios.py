@@ -240,9 +240,10 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
             cpu_at_device.setdefault(name, cpu_seconds(agent.pid))
 
     probe.on_device = device_made
+    probe.cpu_of, probe.burst_cpu = partial(cpu_seconds, agent.pid), None
     try:
         in_place = await asyncio.wait_for(asyncio.shield(all_in), limit)
-        cpu_in_place = cpu_seconds(agent.pid)
+        cpu_in_place = probe.burst_cpu if probe.burst_cpu is not None else cpu_seconds(agent.pid)
         ready_at = await asyncio.wait_for(asyncio.shield(ready.ready), limit)
     except TimeoutError:
         kernel = kernel_objects(stack)
@@ -252,7 +253,7 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
                            f"{tail}") from None
     finally:
         ready.close()
-        probe.on_device = None
+        probe.on_device = probe.cpu_of = None
     after_ready = world.etcd_metrics()
     rss = proc_sample(agent.pid)["rss"]
     assert probe.first_at is not None
@@ -780,14 +781,17 @@ async def removal(store: EtcdStore, probe: KernelProbe, lease: int, *, n: int, l
     seen = asyncio.ensure_future(_last_deletion(store, keys, prefix, revision))
     gone = probe.wait_counts(stack.at_most(0))
     cpu = cpu_seconds(pid)
+    probe.cpu_of, probe.burst_cpu = partial(cpu_seconds, pid), None
     started = time.perf_counter()
     try:
         await store.revoke(lease)
         in_etcd = time.perf_counter()
         done = await asyncio.wait_for(gone, limit)
-        cpu = cpu_seconds(pid) - cpu
+        # At the end of the burst that cleaned the kernel (KernelProbe.cpu_of).
+        cpu = (probe.burst_cpu if probe.burst_cpu is not None else cpu_seconds(pid)) - cpu
         last_event = await asyncio.wait_for(seen, limit)
     finally:
+        probe.cpu_of = None
         seen.cancel()
         await asyncio.gather(seen, return_exceptions=True)
     ref = await reference_delete(stack, reference_ns, 1, n, limit=limit)
