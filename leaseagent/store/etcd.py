@@ -4,7 +4,10 @@
     EtcdConnectionError, EtcdTransientError,
     TimeoutError, AioRpcError UNAVAILABLE/
     DEADLINE_EXCEEDED, INTERNAL of a stream
-    reset by a member shutting down, a watch
+    reset by a member shutting down, etcd's
+    "leader changed", "no leader", "request
+    timed out"... whatever the code (its
+    proxy sends them as UNKNOWN), a watch
     stream's UsageError or InvalidStateError
     ("RPC already finished": the server or
     its proxy ended it)                        -> StoreUnavailable (retryable)
@@ -171,6 +174,15 @@ def _tls_refused(detail: str, what: str) -> StoreAuthError | None:
 # Core" (seen once on a config watch during a compaction test): an outage or a transport
 # hiccup, not an error of ours, so retried like one.
 _STREAM_RESET = ("RST_STREAM", "Stream removed", "GOAWAY", "Internal error from Core")
+# etcd's own errors of a cluster between two states (an election, a member stopping, a
+# request that outlived its leader, overload): UNAVAILABLE from a member, but etcd
+# 3.4's gRPC proxy passes them on as UNKNOWN with the same text, so matched by it.
+# An agent whose listing met "leader changed" through the proxy stopped (a 5,000-host
+# simulation's restart, docs/benchmarks.md); each is an outage to wait out.
+_CLUSTER_IN_TRANSITION = ("etcdserver: leader changed", "etcdserver: no leader",
+                          "etcdserver: not leader", "etcdserver: server stopped",
+                          "etcdserver: request timed out", "etcdserver: unhealthy cluster",
+                          "etcdserver: too many requests")
 
 
 def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
@@ -195,7 +207,8 @@ def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return StoreTimeout(f"etcd unavailable during {what}: {detail}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
-                code is grpc.StatusCode.INTERNAL and any(s in detail for s in _STREAM_RESET)):
+                code is grpc.StatusCode.INTERNAL and any(s in detail for s in _STREAM_RESET)) or (
+                any(detail.startswith(s) for s in _CLUSTER_IN_TRANSITION)):
             return StoreUnavailable(f"etcd unavailable during {what}: {detail}")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return StoreAuthError(f"etcd refused {what}: {detail}")
