@@ -185,6 +185,11 @@ _CLUSTER_IN_TRANSITION = ("etcdserver: leader changed", "etcdserver: no leader",
                           "etcdserver: too many requests")
 
 
+def _in_transition(detail: str) -> bool:
+    """etcd said the cluster is between two states (`_CLUSTER_IN_TRANSITION`)."""
+    return detail.startswith(_CLUSTER_IN_TRANSITION)
+
+
 def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
     if isinstance(exc, (EtcdUnauthenticatedError, EtcdPermissionDeniedError)):
         return StoreAuthError(f"etcd refused {what}: {exc}")
@@ -208,7 +213,7 @@ def _translate(exc: BaseException, what: str) -> StoreError | LeaseLost:
             return StoreTimeout(f"etcd unavailable during {what}: {detail}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
                 code is grpc.StatusCode.INTERNAL and any(s in detail for s in _STREAM_RESET)) or (
-                any(detail.startswith(s) for s in _CLUSTER_IN_TRANSITION)):
+                _in_transition(detail)):
             return StoreUnavailable(f"etcd unavailable during {what}: {detail}")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return StoreAuthError(f"etcd refused {what}: {detail}")
@@ -240,17 +245,22 @@ def _wrong_password(exc: BaseException) -> bool:
     return "authentication failed" in _details(exc)
 
 
-def _code(exc: BaseException) -> grpc.StatusCode | None:
-    """The gRPC status of a translated error's cause (or of the error itself)."""
+def _rpc_error(exc: BaseException) -> grpc.aio.AioRpcError | None:
+    """The gRPC error of a translated error's cause (or the error itself)."""
     for e in (exc, exc.__cause__):
         if isinstance(e, grpc.aio.AioRpcError):
-            return e.code()
+            return e
     return None
 
 
 def _too_large(exc: BaseException) -> bool:
-    """A response over gRPC's receive limit (4 MiB by default)."""
-    return _code(exc) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    """A response over gRPC's receive limit (4 MiB by default). etcd's "too many requests"
+    (a member whose applied index lags its commits) comes with the same status,
+    RESOURCE_EXHAUSTED: it is an overload to wait out (`_translate`), not a page to cut,
+    which would end at one key listed as oversize and a watch re-listed at once."""
+    rpc = _rpc_error(exc)
+    return (rpc is not None and rpc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            and not _in_transition(rpc.details() or ""))
 
 
 # What gRPC's aio call raises on a write or read on a stream the server has already

@@ -3,12 +3,16 @@ errors that stop the agent."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
 from leaseagent.errors import StoreError, StoreTimeout, StoreUnavailable
-from leaseagent.store.etcd import _translate
+from leaseagent.store.etcd import EtcdStore, _too_large, _translate
+from leaseagent.store.settings import EtcdSettings
 
 
 def _rpc_error(code: grpc.StatusCode, details: str) -> AioRpcError:
@@ -53,3 +57,60 @@ def test_another_etcd_error_still_stops() -> None:
     err = _translate(_rpc_error(grpc.StatusCode.UNKNOWN, "etcdserver: mvcc: database space "
                                 "exceeded"), "put")
     assert isinstance(err, StoreError) and not isinstance(err, StoreUnavailable)
+
+
+def _as_raised(exc: BaseException) -> StoreError:
+    """`exc` as the adapter raises it: translated, with it as the cause."""
+    try:
+        raise _translate(exc, "list /coreos.com/network/subnets/") from exc
+    except StoreError as translated:
+        return translated
+
+
+def test_a_response_over_the_receive_limit_is_too_large() -> None:
+    over = _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "Received message larger than max (5242880 vs. 4194304)")
+    assert _too_large(_as_raised(over))
+
+
+def test_etcds_overload_has_the_same_code_but_is_an_outage_not_a_size() -> None:
+    """etcd's "too many requests" comes as RESOURCE_EXHAUSTED, gRPC's code for a message
+    over the receive limit: it is waited out, not answered by cutting a listing's pages
+    (which ends at one key listed as oversize) or by re-listing a watch at once."""
+    busy = _as_raised(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 "etcdserver: too many requests"))
+    assert isinstance(busy, StoreUnavailable)
+    assert not _too_large(busy)
+
+
+class _BusyThenServing:
+    """A KV service that answers its first `busy` range requests with etcd's overload
+    error, then one page holding every key."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.limits: list[int] = []
+
+    async def get(self, *args: Any, limit: int = 0, keys_only: bool = False,
+                  **kwargs: Any) -> Any:
+        self.limits.append(limit)
+        if self.busy:
+            self.busy -= 1
+            raise _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: too many requests")
+        kv = SimpleNamespace(key=b"/coreos.com/network/subnets/10.5.1.0-24", value=b"{}",
+                             create_revision=2, mod_revision=2, version=1, lease=0)
+        return SimpleNamespace(kvs=[kv], more=False, header=SimpleNamespace(revision=2,
+                                                                            member_id=0))
+
+
+async def test_a_listing_that_meets_an_overloaded_etcd_fails_as_an_outage() -> None:
+    """Not halved page by page down to one key listed as oversize: the caller's retry
+    policy waits the overload out and lists again, whole."""
+    kv = _BusyThenServing(busy=1)
+    store = EtcdStore(SimpleNamespace(kv=kv), EtcdSettings())  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        await store.list_prefix("/coreos.com/network/subnets/")
+    assert kv.limits == [store.page]
+    listing = await store.list_prefix("/coreos.com/network/subnets/")
+    assert [item.key for item in listing.items] == ["/coreos.com/network/subnets/10.5.1.0-24"]
+    assert listing.oversize == []
