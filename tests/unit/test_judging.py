@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -136,10 +136,25 @@ def test_book_keeps_one_subnet_object_for_a_changed_lease() -> None:
     assert peer.subnet is first and book.peers[first].subnet is first
     assert next(iter(book.peers)) is first
     assert book.holder(first) == P + "10.5.3.0-24"
-    # A key that was not a valid peer is parsed as before.
+    # A key that was not a valid peer keeps its subnet object too.
     book.put(KV(P + "10.5.4.0-24", b"{", 4, 4))
+    (rejected,) = book.rejected
     changes = book.put(KV(P + "10.5.4.0-24", value("10.250.0.5"), 4, 5))
     assert [p.subnet for p in changes.added] == [IPv4Network("10.5.4.0/24")]
+    assert changes.added[0].subnet is rejected.subnet
+
+
+def test_a_changed_key_keeps_its_ipv6_part_in_an_ipv4_only_network() -> None:
+    """The subnet object is reused on a change, but the verdict still says what the key
+    names: its IPv6 part too, which the Peer of an IPv4-only network does not carry."""
+    book = LeaseBook(layout=LAYOUT, network=NETWORK, identity=Identity(public_ip=OWN_IP))
+    book.put(KV(P + "10.5.3.0-24", value("10.250.0.3"), 2, 2))
+    twin = P + "10.5.3.0-24&fd00:0:0:3::-64"
+    for version in (3, 4):  # created, then changed: the same verdict each time
+        book.put(KV(twin, value(f"10.250.0.{version}"), 3, version))
+        (duplicate,) = book.rejected
+        assert duplicate.reason == "duplicate_subnet"
+        assert duplicate.ipv6_subnet == IPv6Network("fd00:0:0:3::/64"), version
 
 
 def test_book_reports_a_rejected_key_once_per_version() -> None:

@@ -462,10 +462,11 @@ class LeaseBook:
         # A key names the same subnets at every write: a changed lease's Peer gets the
         # subnet the book's dicts are already keyed by, not an equal copy parsed again
         # (a dict keeps its first key: each changed peer held two, ~270 bytes more,
-        # until it left; docs/benchmarks.md, "Soak (no leak)").
-        named = (SubnetKey(before.subnet, before.peer.ipv6_subnet)
-                 if before is not None and before.subnet is not None and before.peer is not None
-                 else None)
+        # until it left; docs/benchmarks.md, "Soak (no leak)"). The key is parsed again
+        # for its IPv6 part, which a Peer of an IPv4-only network does not carry.
+        named = None
+        if before is not None and before.subnet is not None:
+            named = SubnetKey(before.subnet, self.layout.parse_lease_key(kv.key).ipv6)
         verdict = classify(kv, layout=self.layout, network=self.network, identity=self.identity,
                            named=named)
         valid = verdict.status == PEER and verdict.peer is not None
