@@ -10,7 +10,6 @@ reason in the body.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -27,12 +26,14 @@ class ServedAgent(Protocol):
     def not_ready_reason(self) -> str | None: ...
 
 
-def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    head = (
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", *,
+              head: bool = False) -> bytes:
+    """The whole answer; to a HEAD request (`head`) the same headers and no body."""
+    lines = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    return head.encode() + body
+    return lines.encode() if head else lines.encode() + body
 
 
 async def _handle(agent: ServedAgent, reader: asyncio.StreamReader,
@@ -48,26 +49,33 @@ async def _handle(agent: ServedAgent, reader: asyncio.StreamReader,
         if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
             writer.write(_response("405 Method Not Allowed", b"only GET\n"))
             return
+        head = parts[0] == "HEAD"
         path = parts[1].split("?", 1)[0]
         if path == "/metrics":
             writer.write(_response("200 OK", generate_latest(agent.metrics.registry),
-                                   CONTENT_TYPE_LATEST))
+                                   CONTENT_TYPE_LATEST, head=head))
         elif path == "/healthz":
-            writer.write(_response("200 OK", b"ok\n"))
+            writer.write(_response("200 OK", b"ok\n", head=head))
         elif path == "/readyz":
             reason = agent.not_ready_reason()
             if reason is None:
-                writer.write(_response("200 OK", b"ready\n"))
+                writer.write(_response("200 OK", b"ready\n", head=head))
             else:
-                writer.write(_response("503 Service Unavailable", f"{reason}\n".encode()))
+                writer.write(_response("503 Service Unavailable", f"{reason}\n".encode(),
+                                       head=head))
         else:
-            writer.write(_response("404 Not Found", b"not found\n"))
+            writer.write(_response("404 Not Found", b"not found\n", head=head))
     except (TimeoutError, ConnectionError, UnicodeDecodeError):
         return
     finally:
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+        # The answer sent and the transport released now (not at a gc pass), or, from a
+        # client that does not read it, dropped after the same 5 s.
+        try:
+            await within(writer.drain(), 5)
+            writer.close()
+            await within(writer.wait_closed(), 5)
+        except (TimeoutError, ConnectionError):
+            writer.transport.abort()
 
 
 async def serve_metrics(agent: ServedAgent, host: str, port: int) -> asyncio.Server:
