@@ -562,6 +562,17 @@ class KernelProbe:
         self._waiters[(kind, deleted, ident)] = fut
         return fut
 
+    def track_cpu(self, of: Callable[[], float] | None) -> None:
+        """Read `of()` (a process's CPU seconds) at each burst's end from now on (None: stop)."""
+        self.cpu_of, self.burst_cpu = of, None
+
+    def cpu_at_burst_end(self) -> float:
+        """`track_cpu`'s reading at the last burst's end, or now if none was taken."""
+        if self.burst_cpu is not None:
+            return self.burst_cpu
+        assert self.cpu_of is not None, "track_cpu first"
+        return self.cpu_of()
+
     def wait_counts(self, check: Callable[[dict[str, int]], bool]) -> asyncio.Future[float]:
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         if check(self.counts):

@@ -240,10 +240,10 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
             cpu_at_device.setdefault(name, cpu_seconds(agent.pid))
 
     probe.on_device = device_made
-    probe.cpu_of, probe.burst_cpu = partial(cpu_seconds, agent.pid), None
+    probe.track_cpu(partial(cpu_seconds, agent.pid))
     try:
         in_place = await asyncio.wait_for(asyncio.shield(all_in), limit)
-        cpu_in_place = probe.burst_cpu if probe.burst_cpu is not None else cpu_seconds(agent.pid)
+        cpu_in_place = probe.cpu_at_burst_end()
         ready_at = await asyncio.wait_for(asyncio.shield(ready.ready), limit)
     except TimeoutError:
         kernel = kernel_objects(stack)
@@ -253,7 +253,8 @@ async def join(world: World, probe: KernelProbe, n: int, *, limit: float, stack:
                            f"{tail}") from None
     finally:
         ready.close()
-        probe.on_device = probe.cpu_of = None
+        probe.on_device = None
+        probe.track_cpu(None)
     after_ready = world.etcd_metrics()
     rss = proc_sample(agent.pid)["rss"]
     assert probe.first_at is not None
@@ -781,17 +782,16 @@ async def removal(store: EtcdStore, probe: KernelProbe, lease: int, *, n: int, l
     seen = asyncio.ensure_future(_last_deletion(store, keys, prefix, revision))
     gone = probe.wait_counts(stack.at_most(0))
     cpu = cpu_seconds(pid)
-    probe.cpu_of, probe.burst_cpu = partial(cpu_seconds, pid), None
+    probe.track_cpu(partial(cpu_seconds, pid))
     started = time.perf_counter()
     try:
         await store.revoke(lease)
         in_etcd = time.perf_counter()
         done = await asyncio.wait_for(gone, limit)
-        # At the end of the burst that cleaned the kernel (KernelProbe.cpu_of).
-        cpu = (probe.burst_cpu if probe.burst_cpu is not None else cpu_seconds(pid)) - cpu
+        cpu = probe.cpu_at_burst_end() - cpu  # of the burst that cleaned the kernel
         last_event = await asyncio.wait_for(seen, limit)
     finally:
-        probe.cpu_of = None
+        probe.track_cpu(None)
         seen.cancel()
         await asyncio.gather(seen, return_exceptions=True)
     ref = await reference_delete(stack, reference_ns, 1, n, limit=limit)

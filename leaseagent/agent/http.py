@@ -18,6 +18,7 @@ from leaseagent.metrics import Metrics
 from leaseagent.waiting import within
 
 MAX_REQUEST_LINE = 8192
+TEXT = "text/plain; charset=utf-8"
 
 
 class ServedAgent(Protocol):
@@ -26,7 +27,7 @@ class ServedAgent(Protocol):
     def not_ready_reason(self) -> str | None: ...
 
 
-def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", *,
+def _response(status: str, body: bytes, content_type: str = TEXT, *,
               head: bool = False) -> bytes:
     """The whole answer; to a HEAD request (`head`) the same headers and no body."""
     lines = (
@@ -49,22 +50,20 @@ async def _handle(agent: ServedAgent, reader: asyncio.StreamReader,
         if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
             writer.write(_response("405 Method Not Allowed", b"only GET\n"))
             return
-        head = parts[0] == "HEAD"
         path = parts[1].split("?", 1)[0]
+        content_type = TEXT
         if path == "/metrics":
-            writer.write(_response("200 OK", generate_latest(agent.metrics.registry),
-                                   CONTENT_TYPE_LATEST, head=head))
+            status, body = "200 OK", generate_latest(agent.metrics.registry)
+            content_type = CONTENT_TYPE_LATEST
         elif path == "/healthz":
-            writer.write(_response("200 OK", b"ok\n", head=head))
+            status, body = "200 OK", b"ok\n"
         elif path == "/readyz":
             reason = agent.not_ready_reason()
-            if reason is None:
-                writer.write(_response("200 OK", b"ready\n", head=head))
-            else:
-                writer.write(_response("503 Service Unavailable", f"{reason}\n".encode(),
-                                       head=head))
+            status, body = (("200 OK", b"ready\n") if reason is None
+                            else ("503 Service Unavailable", f"{reason}\n".encode()))
         else:
-            writer.write(_response("404 Not Found", b"not found\n", head=head))
+            status, body = "404 Not Found", b"not found\n"
+        writer.write(_response(status, body, content_type, head=parts[0] == "HEAD"))
     except (TimeoutError, ConnectionError, UnicodeDecodeError):
         return
     finally:

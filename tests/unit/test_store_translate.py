@@ -91,8 +91,7 @@ class _BusyThenServing:
         self.busy = busy
         self.limits: list[int] = []
 
-    async def get(self, *args: Any, limit: int = 0, keys_only: bool = False,
-                  **kwargs: Any) -> Any:
+    async def get(self, *args: Any, limit: int = 0, **kwargs: Any) -> Any:
         self.limits.append(limit)
         if self.busy:
             self.busy -= 1
