@@ -64,6 +64,11 @@ class Behind(StoreError):
     brings (etcd's gRPC proxy can then skip events): list again instead."""
 
 
+class Missed(StoreError):
+    """A silent watch stream is past a change of its range that it did not send (a
+    shared watch of etcd's gRPC proxy that stopped delivering): list again."""
+
+
 class Compacted(StoreError):
     """A watch asked for a revision the store has compacted away."""
 

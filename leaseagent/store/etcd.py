@@ -106,6 +106,7 @@ from leaseagent.errors import (
     Compacted,
     ConfigError,
     LeaseLost,
+    Missed,
     StoreAuthError,
     StoreError,
     StoreTimeout,
@@ -773,18 +774,29 @@ class EtcdStore:
                 key=_as_bytes(prefix), range_end=_as_bytes(prefix_range_end(prefix)),
                 start_revision=start_revision))), self._timeout)
             probing = False
+            # Where the stream has got to (the next revision it owes us), and the store's
+            # revision up to which a check beside it found nothing it failed to send.
+            after, checked = start_revision, 0
             while True:
                 if read is None:
                     read = asyncio.ensure_future(call.read())
                 done, _ = await asyncio.wait({read}, timeout=self._timeout if probing else probe_after)
                 if not done:
                     if probing:
-                        if await self._answers_beside(prefix):
-                            probing = False  # a proxy that ignores progress requests
-                            continue
-                        raise StoreUnavailable(
-                            f"etcd did not answer on the watch of {prefix} within "
-                            f"{self._timeout:g}s (member paused or connection half-open)")
+                        probing = False
+                        beside = await self._answers_beside(prefix, after, checked)
+                        if beside is None:
+                            raise StoreUnavailable(
+                                f"etcd did not answer on the watch of {prefix} within "
+                                f"{self._timeout:g}s (member paused or connection half-open)")
+                        checked, missed = beside
+                        if missed is not None and not (await asyncio.wait(
+                                {read}, timeout=self._timeout))[0]:
+                            raise Missed(
+                                f"the watch of {prefix} is silent past a change it did not "
+                                f"send ({missed.key} at revision {missed.mod_revision}; "
+                                f"the stream is at {after}): listing again")
+                        continue  # a proxy that ignores progress requests, answering beside
                     await within(
                         call.write(pb.WatchRequest(progress_request=pb.WatchProgressRequest())),
                         self._timeout)
@@ -816,6 +828,7 @@ class EtcdStore:
                         events.append(WatchEvent(EventType.DELETE, _key(ev.kv),
                                                  ev.kv.mod_revision))
                 if events:  # not `created` nor a progress report: where etcd is, not what it sent
+                    after = max(after, events[-1].revision + 1)
                     yield events
         except _FINISHED_STREAM as exc:  # the watch request, the progress probe, a read
             raise StoreUnavailable(f"etcd ended the watch stream of {prefix}: {exc}") from exc
@@ -829,27 +842,47 @@ class EtcdStore:
                 read.cancel()
             call.cancel()
 
-    async def _answers_beside(self, prefix: str) -> bool:
-        """Whether the server that left a watch's progress request unanswered answers a
-        read on the same connection: etcd's gRPC proxy does not implement progress
-        requests (it drops them; etcd-io/etcd#19710), so a silent watch through it would
-        be taken for half-open and made again every 3 x timeout, each time a new watcher
-        at the proxy and a permission-check Range at the members. With one endpoint the
-        read goes on the watch's own connection, so an answer shows the connection and
-        the server alive (the stream stays); with several, round robin may send it to
-        another member than the watch's (a paused one): no answer is trusted then.
-        A serializable count of the watched range, one key: the proxy answers it from
-        its cache, a member from its own store."""
+    async def _answers_beside(self, prefix: str, after: int, checked: int
+                              ) -> tuple[int, KeyValue | None] | None:
+        """Whether the server that left a watch's progress request unanswered answers
+        reads on the same connection, and if so whether the watch owes a change.
+
+        etcd's gRPC proxy does not implement progress requests (it drops them;
+        etcd-io/etcd#19710), so a silent watch through it would be taken for half-open
+        and made again every 3 x timeout, each time a new watcher at the proxy and a
+        permission-check Range at the members. With one endpoint the reads go on the
+        watch's own connection, so an answer shows the connection and the server alive;
+        with several, round robin may send them to another member than the watch's (a
+        paused one): no answer is trusted then (None).
+
+        An answer is (the store's revision checked up to, a key of the prefix changed at
+        or after `after`, or None). A shared watch of the proxy can stop delivering while
+        the proxy answers reads (issue 25's 5,000 hosts: 219 streams open and silent past
+        hundreds of new leases), so silence is checked against the store: a linearizable
+        count of the range (etcd counts from its index, nothing cached) says the store's
+        revision; only when that moved past both `after` and `checked` is the range read
+        at that revision, keys only, for one key changed since `after` (`min_mod_revision`
+        makes etcd read every key of the range, so a quiet cluster never pays it; a
+        deleted key is not found this way: the lease count check finds that)."""
         if not self._one_target:
-            return False
+            return None
         start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
+        kvs: Any = self._kvs
         try:
-            await within(self._kvs.get(start, end, serializable=True, count_only=True,
-                                       limit=1, timeout=self._timeout, max_attempts=1),
-                         self._timeout)
+            resp = await within(kvs.get(start, end, count_only=True, limit=1,
+                                        timeout=self._timeout, max_attempts=1), self._timeout)
+            revision = int(resp.header.revision)
+            if revision < max(after, checked + 1):
+                return max(checked, revision), None
+            from etcd3aio._protobuf import RangeRequest
+
+            request = RangeRequest(key=start, range_end=end, revision=revision, keys_only=True,
+                                   limit=1, min_mod_revision=after)
+            resp = await within(kvs._rpc(kvs._stub.Range, request, operation="KV.Range",
+                                         timeout=self._timeout, max_attempts=1), self._timeout)
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError):
-            return False
-        return True
+            return None
+        return revision, (_kv(resp.kvs[0]) if resp.kvs else None)
 
     def sharing_channel(self) -> EtcdStore:
         """Another store on this one's gRPC channel: its own calls, streams and watches,

@@ -11,6 +11,8 @@ the same way). `ListWatch(store, prefix).stream()` yields, forever:
   asked for history etcd no longer keeps), "stream_lost" (etcd went away and
   the adapter could not resume the stream), "stream_behind" (a lost stream
   would have resumed too far behind to trust: the adapter's Behind),
+  "stream_missed" (a silent stream is past a change it did not send: the
+  adapter's Missed),
   "stream_ended", or the reason
   given to `request_relist` (e.g. the caller knows etcd came back, so a
   stream that lived through the outage may be half-open);
@@ -38,13 +40,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from leaseagent.errors import Behind, Compacted, StoreError, StoreUnavailable, TooLarge
+from leaseagent.errors import Behind, Compacted, Missed, StoreError, StoreUnavailable, TooLarge
 from leaseagent.retrying import Backoff, retrying
 from leaseagent.store.base import KeyValue, LeaseStore, Listing, WatchEvent
 from leaseagent.waiting import first_to_end
 
 # Why the engine lists again by itself (`Snapshot.reason` past the first, "start").
-ENGINE_REASONS = ("compacted", "stream_lost", "stream_behind", "stream_ended")
+ENGINE_REASONS = ("compacted", "stream_lost", "stream_behind", "stream_missed", "stream_ended")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class ListWatch:
                 reason = "compacted"
             except Behind:
                 reason = "stream_behind"  # not an outage: etcd answered
+            except Missed:
+                reason = "stream_missed"  # nor this one
             except TooLarge:
                 reason = "stream_lost"  # a listing skips what the stream cannot bring
             except StoreError as exc:  # StoreUnavailable, or a refusal (after a listing)

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc.aio
 import pytest
 from etcd_server import EtcdServer, put_config
 from faultkit import WatchStub, first_batch
@@ -27,6 +28,7 @@ from inproc import gauge, make_agent, wait_all
 import leaseagent.store.etcd as etcd_module
 from leaseagent.errors import LeaseLost
 from leaseagent.store.etcd import EtcdSettings, EtcdStore
+from leaseagent.store.watching import ListWatch, Snapshot
 
 
 async def test_a_lease_is_renewed_through_the_proxy(proxy_url: str) -> None:
@@ -73,12 +75,39 @@ class CountingWatch(WatchStub):
         return super().Watch(*args, **kwargs)
 
 
+class StalledWatch(WatchStub):
+    """The watch stub, each stream stalled once it is made: its events never reach the
+    store, while the stream stays open and the proxy goes on answering reads. So behaved
+    one of the proxy's shared watches in the 5,000-host bench (round 7): 219 streams
+    open and silent past hundreds of new leases."""
+
+    def Watch(self, *args: Any, **kwargs: Any) -> Any:
+        return _Stalled(super().Watch(*args, **kwargs))
+
+
+class _Stalled:
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    async def read(self) -> Any:
+        while True:
+            resp = await self._call.read()
+            if resp is grpc.aio.EOF or not resp.events:
+                return resp  # `created`, the end: passed on; events: dropped
+
+
+@pytest.mark.parametrize("writes_elsewhere", [0, 3])
 async def test_a_silent_watch_through_the_proxy_is_kept(
-        proxy_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        writes_elsewhere: int, proxy_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The proxy drops a watch's progress requests (etcd-io/etcd#19710): a silent watch
     through it was taken for half-open after probe + timeout and made again, each time
     a new watcher at the proxy and a Range at the members. It stays now (the proxy
-    answers a read on the same connection), and still delivers."""
+    answers a read on the same connection), and still delivers; so it does when keys
+    outside its prefix are written meanwhile (the store's revision moves: the check
+    beside the stream reads the prefix and finds nothing it owes)."""
     monkeypatch.setattr(etcd_module, "WATCH_PROBE_AFTER", 1.0)  # probed after 1 s silent
     prefix = f"/proxy-silent/{uuid.uuid4().hex[:12]}/"
     store = await EtcdStore.connect(EtcdSettings(endpoints=proxy_url, timeout=0.5))
@@ -86,12 +115,58 @@ async def test_a_silent_watch_through_the_proxy_is_kept(
         counting = CountingWatch.install(store)
         start = (await store.list_prefix(prefix)).revision + 1
         reading = first_batch(store.watch(prefix, start_revision=start))
+        for i in range(writes_elsewhere):
+            await store.put(f"{prefix[:-1]}-elsewhere/{i}", b"1")
+            await asyncio.sleep(1.6)  # a probe (1 s silent + 0.5 s unanswered) after each
         await asyncio.sleep(5)  # three probes or more, each left unanswered
         await store.put(prefix + "a", b"1")
         async with asyncio.timeout(15):
             batch = await reading
         assert [e.key for e in batch] == [prefix + "a"]
         assert counting.opened == 1
+    finally:
+        await store.close()
+
+
+async def test_a_watch_the_proxy_stopped_feeding_lists_again(
+        proxy_url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its stream open and silent, the proxy answering reads: before, the check beside
+    the stream (a count) kept it, and the keys written meanwhile stayed unseen until the
+    lease count check (300 s). Now the check finds a key of the prefix changed after the
+    stream's last event, waits one more timeout for it, and the engine lists again."""
+    monkeypatch.setattr(etcd_module, "WATCH_PROBE_AFTER", 1.0)
+    prefix = f"/proxy-stalled/{uuid.uuid4().hex[:12]}/"
+    store = await EtcdStore.connect(EtcdSettings(endpoints=proxy_url, timeout=0.5))
+    view: dict[str, int] = {}
+    reasons: list[str] = []
+    try:
+        await store.put(prefix + "before", b"1")
+        StalledWatch.install(store)
+
+        async def follow() -> None:
+            async for item in ListWatch(store, prefix).stream():
+                if isinstance(item, Snapshot):
+                    reasons.append(item.reason)
+                    view.clear()
+                    view.update({kv.key: kv.mod_revision for kv in item.items})
+                else:
+                    view.update({e.key: e.revision for e in item.events})
+
+        following = asyncio.ensure_future(follow())
+        try:
+            async with asyncio.timeout(10):
+                while not reasons:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            await store.put(prefix + "unseen", b"1")
+            async with asyncio.timeout(15):  # probe 1 s + 0.5 s unanswered + 0.5 s for it
+                while prefix + "unseen" not in view:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        finally:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+        assert reasons[:2] == ["start", "stream_missed"]
+        listing = await store.list_prefix(prefix)
+        assert view == {kv.key: kv.mod_revision for kv in listing.items}
     finally:
         await store.close()
 
