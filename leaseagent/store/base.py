@@ -154,7 +154,9 @@ class LeaseStore(Protocol):
     async def revoke(self, lease_id: int) -> None: ...
 
     def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        """Event batches under prefix from start_revision; raises Compacted."""
+        """Event batches under prefix from start_revision; raises Compacted, and may
+        raise StoreUnavailable, Behind, TooLarge or Missed (each: list again;
+        leaseagent.store.watching)."""
         ...
 
     async def compact(self, revision: int) -> None: ...

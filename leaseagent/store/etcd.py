@@ -33,7 +33,9 @@ Quirks of etcd3aio 0.3.0 handled here:
   itself, resumes from the last event it received + 1, and probes a silent
   stream with a progress request (half-open detection); etcd's gRPC proxy
   drops progress requests, so an unanswered probe on a single endpoint is
-  checked with a read on the same connection before the stream is given up.
+  checked with a read on the same connection before the stream is given up,
+  and that read also finds a change of the prefix the silent stream did not
+  send (a shared watch of the proxy that stopped: Missed, list again).
   A progress report never moves the resume point: etcd before 3.4.25 / 3.5.8
   answers a requested one with its current revision even while the watcher
   still has events to send (etcd-io/etcd#15220; v3.4.23
@@ -725,7 +727,9 @@ class EtcdStore:
         WATCH_RESUMES times in a row, then StoreUnavailable tells the caller to
         list again; Compacted when the history is gone; Behind when a stream
         has more than WATCH_CATCH_UP_REVS revisions to catch up (module docstring),
-        unless it is the first after a listing that Behind asked for.
+        unless it is the first after a listing that Behind asked for; Missed when a
+        silent stream on one endpoint is past a change it did not send
+        (`_answers_beside`).
         """
         next_revision = start_revision
         backoff = Backoff()
@@ -758,7 +762,9 @@ class EtcdStore:
         timeout) is asked for a progress report; no answer within the timeout
         (a member paused, or the connection half-open) raises StoreUnavailable
         instead of waiting for gRPC keepalive to notice, unless the one endpoint
-        answers a read on the same connection (`_answers_beside`: a proxy).
+        answers a read on the same connection (`_answers_beside`: a proxy); when that
+        read finds a change the stream has not sent, and the stream still sends nothing
+        for one more timeout, Missed.
         """
         from etcd3aio.proto.etcd.api.etcdserverpb import rpc_pb2
 
