@@ -79,8 +79,18 @@ def test_code_pages_leave_the_rss_and_come_back_on_use(tmp_path: Path) -> None:
 
 
 def test_a_full_collection_and_what_it_found_on_request(tmp_path: Path) -> None:
-    _run(["-m", "leaseagent.agent", "--etcd-endpoints", ""], tmp_path, MEMPROBE_COLLECT="save")
-    found = sorted(tmp_path.glob("*.collected"))
+    # 50 objects in reference cycles, the automatic collector off, then the probe (it
+    # starts by itself in an agent only): its collection finds them, counts them by type
+    # and names the largest containers.
+    code = ("import gc, sys, threading, time, sitecustomize\ngc.disable()\n"
+            "class Knot:\n    def __init__(self):\n        self.me = [self]\n"
+            "for _ in range(50):\n    Knot()\nthreading.Thread(target=sitecustomize._probe, "
+            "args=(sys.argv[1], 0.02), daemon=True).start()\ntime.sleep(0.5)\n")
+    _run(["-c", code, str(tmp_path)], tmp_path, MEMPROBE_COLLECT="save")
+    found = [f.read_text().splitlines() for f in sorted(tmp_path.glob("*.collected"))]
     assert found, "no collection written"
-    lines = found[0].read_text().splitlines()
-    assert int(lines[0]) >= 0 and any(line.startswith("largest: [") for line in lines), lines
+    knots = [lines for lines in found if "      50 Knot" in lines]
+    assert knots, found[-1]
+    assert int(knots[0][0]) >= 100  # the 50 knots and their 50 lists
+    assert "      50 list" in knots[0]
+    assert any(line.startswith("largest: [") and "(1, 'list')" in line for line in knots[0])
