@@ -863,8 +863,9 @@ class EtcdStore:
 
         An answer is (the store's revision checked up to, a key of the prefix changed at
         or after `after`, or None). A shared watch of the proxy can stop delivering while
-        the proxy answers reads (5,000 simulated hosts, docs/benchmarks.md: 219 streams open, silent past
-        hundreds of new leases), so silence is checked against the store. A serializable
+        the proxy answers reads (5,000 simulated hosts, docs/benchmarks.md: 219 streams
+        open, silent past hundreds of new leases), so silence is checked against the
+        store. A serializable
         count of the range says a revision: the proxy answers it from its cache, which
         drops the entry when a write through it touches the range, so the revision is past
         every change of the range written through that proxy (a count at a member: its
