@@ -53,6 +53,21 @@ def test_a_cluster_between_two_states_is_an_outage_whatever_the_code(
     assert isinstance(err, StoreUnavailable)
 
 
+@pytest.mark.parametrize(("details", "timed_out"), [("context deadline exceeded", True),
+                                                    ("context canceled", False)])
+def test_a_request_context_ended_at_the_server_is_an_outage_whatever_the_code(
+        details: str, timed_out: bool) -> None:
+    """etcd 3.4 passes Go's context errors on as UNKNOWN: at a 5,000-host restart straight
+    to the members, 49 agents stopped on "context deadline exceeded" from their lease's
+    replace. A timeout (the renewal's retry is sent at once) or an outage."""
+    for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                 grpc.StatusCode.CANCELLED):
+        err = _translate(_rpc_error(code, details), "replace /coreos.com/network/subnets/x")
+        assert isinstance(err, StoreUnavailable)
+        if code is grpc.StatusCode.UNKNOWN:
+            assert isinstance(err, StoreTimeout) is timed_out
+
+
 def test_another_etcd_error_still_stops() -> None:
     err = _translate(_rpc_error(grpc.StatusCode.UNKNOWN, "etcdserver: mvcc: database space "
                                 "exceeded"), "put")
