@@ -113,6 +113,14 @@ async def test_a_silent_watch_through_the_proxy_is_kept(
     store = await EtcdStore.connect(EtcdSettings(endpoints=proxy_url, timeout=0.5))
     try:
         counting = CountingWatch.install(store)
+        checks: list[tuple[int, Any] | None] = []
+        check = store._answers_beside
+
+        async def recorded(*args: Any) -> tuple[int, Any] | None:
+            checks.append(answer := await check(*args))
+            return answer
+
+        monkeypatch.setattr(store, "_answers_beside", recorded)
         start = (await store.list_prefix(prefix)).revision + 1
         reading = first_batch(store.watch(prefix, start_revision=start))
         for i in range(writes_elsewhere):
@@ -124,12 +132,18 @@ async def test_a_silent_watch_through_the_proxy_is_kept(
             batch = await reading
         assert [e.key for e in batch] == [prefix + "a"]
         assert counting.opened == 1
+        assert len(checks) >= 3 and None not in checks
+        # With writes elsewhere the store's revision passed the stream's: the prefix was
+        # read at it and nothing was found missing; without, only counted.
+        read = [c for c in checks if c is not None and c[0] >= start]
+        assert bool(read) == bool(writes_elsewhere)
+        assert all(c is not None and c[1] is None for c in checks)
     finally:
         await store.close()
 
 
 async def test_a_watch_the_proxy_stopped_feeding_lists_again(
-        proxy_url: str, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        proxy_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its stream open and silent, the proxy answering reads: before, the check beside
     the stream (a count) kept it, and the keys written meanwhile stayed unseen until the
     lease count check (300 s). Now the check finds a key of the prefix changed after the
