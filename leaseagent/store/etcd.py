@@ -284,6 +284,12 @@ def _compacted(exc: BaseException) -> bool:
     return "required revision has been compacted" in _details(exc.__cause__ or exc)
 
 
+def _past(events: list[WatchEvent], revision: int) -> int:
+    """The revision a stream owes next once it sent `events` (a batch in revision order),
+    having owed `revision` before."""
+    return max(revision, events[-1].revision + 1)
+
+
 def _as_bytes(data: str | bytes) -> bytes:
     """A key as etcd holds it. Keys are read with surrogateescape (`_kv`): a key that
     is not UTF-8 (anyone may write one) comes back as the same bytes, so it can be
@@ -482,6 +488,21 @@ class EtcdStore:
             raise
         return int(resp.count), int(revision or resp.header.revision)
 
+    def _changed_keys(self, start: bytes, end: bytes, *, since: int, revision: int,
+                      limit: int, serializable: bool, max_attempts: int | None = None
+                      ) -> Awaitable[Any]:
+        """The range [start, end) at `revision`, keys only, filtered by etcd to the keys
+        whose mod revision is `since` or later (`min_mod_revision`, which etcd3aio's `get`
+        does not take: a Range of our own)."""
+        from etcd3aio._protobuf import RangeRequest
+
+        kvs: Any = self._kvs
+        request = RangeRequest(key=start, range_end=end, revision=revision,
+                               serializable=serializable, keys_only=True, limit=limit,
+                               min_mod_revision=since)
+        return kvs._rpc(kvs._stub.Range, request, operation="KV.Range", timeout=self._timeout,
+                        max_attempts=max_attempts)
+
     async def census(self, prefix: str, *, changed_after: int, revision: int = 0) -> Census:
         """Ranges at `revision`, keys only, filtered by etcd to the keys whose mod revision
         is after `changed_after` (`min_mod_revision`: etcd filters before it applies the
@@ -489,19 +510,13 @@ class EtcdStore:
         revision read serializable, like `count`, so the gRPC proxy caches it; more than
         `census_limit` changed keys: the rest in further ranges after the last, at the
         first one's revision."""
-        from etcd3aio._protobuf import RangeRequest
-
-        kvs: Any = self._kvs
         start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
         count, changed = -1, dict[str, int]()
         while True:
-            request = RangeRequest(
-                key=start, range_end=end, revision=revision, serializable=revision > 0,
-                keys_only=True, limit=self.census_limit, min_mod_revision=changed_after + 1)
             try:
                 resp = await self._call(f"count {prefix}", partial(
-                    kvs._rpc, kvs._stub.Range, request, operation="KV.Range",
-                    timeout=self._timeout))
+                    self._changed_keys, start, end, since=changed_after + 1,
+                    revision=revision, limit=self.census_limit, serializable=revision > 0))
             except StoreError as exc:
                 if _compacted(exc):
                     raise Compacted(0) from exc
@@ -749,7 +764,7 @@ class EtcdStore:
             try:
                 async for events in self._watch_stream(prefix, next_revision, guard=guard):
                     backoff.reset()
-                    next_revision = max(next_revision, max(e.revision for e in events) + 1)
+                    next_revision = _past(events, next_revision)
                     yield events
             except StoreUnavailable:
                 if backoff.failures >= WATCH_RESUMES:
@@ -842,7 +857,7 @@ class EtcdStore:
                         events.append(WatchEvent(EventType.DELETE, _key(ev.kv),
                                                  ev.kv.mod_revision))
                 if events:  # not `created` nor a progress report: where etcd is, not what it sent
-                    after = max(after, events[-1].revision + 1)
+                    after = _past(events, after)
                     yield events
         except _FINISHED_STREAM as exc:  # the watch request, the progress probe, a read
             raise StoreUnavailable(f"etcd ended the watch stream of {prefix}: {exc}") from exc
@@ -886,19 +901,16 @@ class EtcdStore:
         if not self._one_target:
             return None
         start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
-        kvs: Any = self._kvs
         try:
-            resp = await within(kvs.get(start, end, serializable=True, count_only=True, limit=1,
-                                        timeout=self._timeout, max_attempts=1), self._timeout)
+            resp = await within(self._kvs.get(start, end, serializable=True, count_only=True,
+                                              limit=1, timeout=self._timeout, max_attempts=1),
+                                self._timeout)
             revision = int(resp.header.revision)
             if revision < max(after, checked + 1):
                 return max(checked, revision), None
-            from etcd3aio._protobuf import RangeRequest
-
-            request = RangeRequest(key=start, range_end=end, revision=revision, keys_only=True,
-                                   limit=1, min_mod_revision=after)
-            resp = await within(kvs._rpc(kvs._stub.Range, request, operation="KV.Range",
-                                         timeout=self._timeout, max_attempts=1), self._timeout)
+            resp = await within(self._changed_keys(
+                start, end, since=after, revision=revision, limit=1, serializable=False,
+                max_attempts=1), self._timeout)
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError):
             return None
         return revision, (_kv(resp.kvs[0]) if resp.kvs else None)
