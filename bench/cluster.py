@@ -134,6 +134,10 @@ class PatternStore:
         self._flannel = flannel
         self._listings = 0
         self._trace = trace  # the subnets' listings, for `Worker.explain`
+        # The lease check's reads of the subnets (count, census), the last few: when, at
+        # which revision, what etcd said or the error (`Worker.explain`).
+        self.checks: deque[dict[str, Any]] = deque(maxlen=CHECKS_LEN)
+        self.check_errors = 0
         self.ttl_requests = 0
         self.ttl_errors = 0
         self.delivered = 0
@@ -150,6 +154,27 @@ class PatternStore:
             await self._store.time_to_live(lease)
         except StoreError:
             self.ttl_errors += 1  # flannel logs it and goes on (getSubnets: "Could not read ttl")
+
+    async def _checked(self, what: str, read: Any, prefix: str, **how: Any) -> Any:
+        rec: dict[str, Any] = {what: how.get("revision", 0), "at": round(time.time(), 1)}
+        if prefix == SUBNETS:
+            self.checks.append(rec)
+        try:
+            result = await read(prefix, **how)
+        except BaseException as exc:
+            self.check_errors += prefix == SUBNETS
+            rec["error"] = repr(exc)[:120]
+            raise
+        rec["took"] = round(time.time() - rec["at"], 1)
+        rec["result"] = (list(result) if isinstance(result, tuple)
+                         else [result.count, len(result.changed), result.revision])
+        return result
+
+    async def count(self, prefix: str, **how: Any) -> Any:
+        return await self._checked("count", self._store.count, prefix, **how)
+
+    async def census(self, prefix: str, **how: Any) -> Any:
+        return await self._checked("census", self._store.census, prefix, **how)
 
     async def list_prefix(self, prefix: str) -> Any:
         listing = await self._store.list_prefix(prefix)
@@ -209,6 +234,7 @@ class Host:
 
 COMMAND_LIMIT = 2**26  # a command line's bytes to a worker (explain: 10,000 keys ~ 0.6 MB)
 TRACE_LEN = 16  # a host's last listings and watch streams of the subnets kept (explain)
+CHECKS_LEN = 8  # a host's last lease-check reads kept (explain)
 
 
 def trace_watch(store: Any, trace: deque[dict[str, Any]]) -> None:
@@ -233,6 +259,7 @@ def trace_watch(store: Any, trace: deque[dict[str, Any]]) -> None:
                     rec["events"] += len(events)
                     rec["first"] = rec["first"] or events[0].revision
                     rec["seen"] = max(rec["seen"], events[-1].revision)
+                    rec["last_at"] = round(time.time(), 1)
                 yield events
         except BaseException as exc:  # GeneratorExit: the watcher closed it (a relist, a stop)
             rec["end"] = repr(exc)[:160]
@@ -499,6 +526,9 @@ class Worker:
                         "relists": {r: h.relists.get(r, 0) + now.get(r, 0)
                                     for now in [relists(a)] for r in {*h.relists, *now}},
                         "held": len(watcher.hold) if watcher is not None else 0,
+                        "synced": watcher is not None and watcher.synced.is_set(),
+                        "check_errors": h.store.check_errors if h.store else None,
+                        "checks": list(h.store.checks) if h.store else [],
                         "error": h.error, "trace": trace})
         return out
 
@@ -1112,7 +1142,9 @@ def unconverged_lines(head: str, hosts: list[dict[str, Any]]) -> list[str]:
                             for t in u["trace"])
         lines.append(f"{head} {u['host']} ({u['own']}) has {u['peers']} peers, lacks "
                      f"{u['missing_count']}: {lacks}; extra {u['extra']}; relists "
-                     f"{u['relists']}; held {u['held']}; error {u['error']}; trace: {streams}")
+                     f"{u['relists']}; held {u['held']}; error {u['error']}; trace: {streams}; "
+                     f"synced {u.get('synced')}, lease-check read errors "
+                     f"{u.get('check_errors')}, last reads {u.get('checks')}")
     return lines
 
 
