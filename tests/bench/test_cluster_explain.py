@@ -6,6 +6,8 @@ peer and converges; host 0's own judging refuses it (a PublicIP that is its own)
 host 0 lacks one peer. `explain` must name that key at its mod revision, say host 0's
 book holds it at that revision but not as a peer, and that a watch stream of host 0's
 covered that revision (started at or before it, seen up to it); host 1 is not listed.
+The lease check's reads of host 0 (a count, a census, one that fails) are in its account
+with what etcd said or the error.
 
 Run in a child process (as a worker is: the harness patches the store's module).
 """
@@ -30,6 +32,7 @@ import asyncio, json, sys, time
 from pathlib import Path
 
 from bench.cluster import PREFIX, SUBNETS, Worker, network_config, subnet_keys
+from leaseagent.errors import StoreError
 from leaseagent.core.leases import KeyLayout
 from leaseagent.lab.etcd import Etcd
 
@@ -62,13 +65,23 @@ try:
             worker._check(None)
             await asyncio.sleep(0.1)
         assert h0.converged_at is None
+        # The lease check's reads, as the agent makes them: recorded with what etcd said;
+        # one at a revision etcd has not reached fails, and is recorded with its error.
+        count, now = await h0.store.count(SUBNETS)
+        await h0.store.census(SUBNETS, changed_after=0, revision=now)
+        try:
+            await h0.store.census(SUBNETS, changed_after=0, revision=now + 1000)
+        except StoreError:
+            pass
+        else:
+            raise AssertionError("a census at a future revision was answered")
         keys = subnet_keys(etcd)
         found = worker.explain(keys, cap=5)
         for h in worker.hosts:
             await worker.halt(h)
-        return [found, key, keys[key]]
+        return [found, key, keys[key], count, now]
 
-    found, key, revision = asyncio.run(main())
+    found, key, revision, count, now = asyncio.run(main())
     (u,) = found
     assert u["host"] == "h0" and u["peers"] == 1 and u["missing_count"] == 1, u
     (m,) = u["missing"]
@@ -79,6 +92,12 @@ try:
     assert stream["stream"] <= revision <= stream["seen"] and stream["events"] >= 1, stream
     assert any("list" in t for t in u["trace"]) and u["trace"][0].get("boot"), u["trace"]
     assert u["extra"] == [] and u["error"] is None, u
+    assert stream["last_at"] >= stream["at"], stream
+    assert u["synced"] is True and u["check_errors"] == 1, u
+    c, k, f = u["checks"]
+    assert c["count"] == 0 and c["result"] == [count, now], c
+    assert k["census"] == now and k["result"][0] == count and k["result"][2] == now, k
+    assert f["census"] == now + 1000 and "error" in f and "result" not in f, f
 finally:
     etcd.close()
 print("ok")
