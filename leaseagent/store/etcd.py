@@ -885,19 +885,19 @@ class EtcdStore:
         paused one): no answer is trusted then (None).
 
         An answer is (the store's revision checked up to, a key of the prefix changed at
-        or after `after`, or None). A shared watch of the proxy can stop delivering while
-        the proxy answers reads (5,000 simulated hosts, docs/benchmarks.md: 219 streams
-        open, silent past hundreds of new leases), so silence is checked against the
-        store. A serializable count of the range says a revision: the proxy answers it
-        from its cache, which drops the entry when a write through it touches the range,
-        so the revision is past every change of the range written through that proxy (a
-        count at a member: its own revision). Only when that moved past both `after` and
-        `checked` is the range read at that revision, keys only, for one key changed
-        since `after` (`min_mod_revision` makes etcd read every key of the range, so a
-        quiet cluster never pays it). Not found this way, and left to the lease count check: a deleted
-        key, and a change written through another proxy or a member while the cached
-        count stands. (A linearizable count would see those too: measured at 1,000
-        quiet hosts, 68 Ranges a second at the members, +3.7 % of a core.)"""
+        or after `after`, or None). A stream can be silent past a change while the server
+        answers reads (a proxy's shared watch that lost it: docs/reliability.md), so
+        silence is checked against the store. A serializable count of the range says a
+        revision: the proxy answers it from its cache, which drops the entry when a write
+        through it touches the range, so the revision is past every change of the range
+        written through that proxy (a count at a member: its own revision). Only when
+        that moved past both `after` and `checked` is the range read at that revision,
+        keys only, for one key changed since `after` (`min_mod_revision` makes etcd read
+        every key of the range, so a quiet cluster never pays it). Not found this way,
+        and left to the lease count check: a deleted key, and a change written through
+        another proxy or a member while the cached count stands. (A linearizable count
+        would see those too: measured at 1,000 quiet hosts, 68 Ranges a second at the
+        members, +3.7 % of a core.)"""
         if not self._one_target:
             return None
         start, end = _as_bytes(prefix), _as_bytes(prefix_range_end(prefix))
