@@ -156,13 +156,14 @@ class PatternStore:
             self.ttl_errors += 1  # flannel logs it and goes on (getSubnets: "Could not read ttl")
 
     async def _checked(self, what: str, read: Any, prefix: str, **how: Any) -> Any:
+        if prefix != SUBNETS:
+            return await read(prefix, **how)
         rec: dict[str, Any] = {what: how.get("revision", 0), "at": round(time.time(), 1)}
-        if prefix == SUBNETS:
-            self.checks.append(rec)
+        self.checks.append(rec)
         try:
             result = await read(prefix, **how)
-        except BaseException as exc:
-            self.check_errors += prefix == SUBNETS
+        except Exception as exc:  # not a cancellation (a stop): its record says neither
+            self.check_errors += 1
             rec["error"] = repr(exc)[:120]
             raise
         rec["took"] = round(time.time() - rec["at"], 1)
@@ -1132,12 +1133,14 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
 
 def unconverged_lines(head: str, hosts: list[dict[str, Any]]) -> list[str]:
     """A line per host not converged (`Run.explain`): what it lacks, at which revision,
-    whether its book has it, and its watch streams (start revision..seen, events, end)."""
+    whether its book has it, its watch streams (start revision..seen, events, when the
+    last came, end) and its lease check's last reads."""
     lines = []
     for u in hosts:
         lacks = ", ".join(f"{m['key']}@{m['mod_revision']} (book {m['book']}, streams "
                           f"{m['covered_by']})" for m in u["missing"])
-        streams = "; ".join(f"{t['stream']}..{t['seen']} {t['events']} ev {t['end']}"
+        streams = "; ".join(f"{t['stream']}..{t['seen']} {t['events']} ev (last at "
+                            f"{t.get('last_at')}) {t['end']}"
                             if "stream" in t else f"list@{t['list']}" if "list" in t else "boot"
                             for t in u["trace"])
         lines.append(f"{head} {u['host']} ({u['own']}) has {u['peers']} peers, lacks "
